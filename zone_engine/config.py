@@ -1,0 +1,123 @@
+"""Configuration: every number of ZONE (../shared/ZONE.md) as small frozen dataclasses.
+
+Defaults follow the authors' reference implementation; where the paper differs, its value is a
+documented option (`threshold_rule="paper"`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal
+
+from .errors import ConfigError
+
+
+class Action(str, Enum):
+    """What the instruction does to the image; decides the MagicBrush blend weight and SAM's input."""
+
+    CHANGE = "change"
+    ADD = "add"
+    REMOVE = "remove"
+
+
+# Output order of the reference action classifier's logits (ckpts/action_classifier.pth).
+CLASSIFIER_ACTIONS: tuple[Action, ...] = (Action.CHANGE, Action.ADD, Action.REMOVE)
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """segment-anything `SamAutomaticMaskGenerator` settings (its own defaults)."""
+
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = 0
+    crop_nms_thresh: float = 0.7
+    min_mask_region_area: int = 0
+
+    @classmethod
+    def for_random_weights(cls) -> SamConfig:
+        """Thresholds low enough that a randomly initialised SAM still yields segments (tests, demo)."""
+        return cls(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """One edit's settings. Every field has the reference implementation's default."""
+
+    # Denoising (ZONE.md sections 0 and 1).
+    steps: int = 20
+    text_guidance: float = 7.5
+    image_guidance: float = 1.5
+    seed: int = 42
+    beta_remove: float = 0.2
+    beta_add_change: float = 0.01
+
+    # Action (section 2): None classifies the instruction; an Action forces it.
+    action: Action | None = None
+    action_rule: Literal["intended", "reference"] = "intended"
+
+    # Working size (section 0): shrink the longest side to at most `max_side`, pad to `size_multiple`.
+    max_side: int = 512
+    size_multiple: int = 32
+
+    # Localization (section 3).
+    threshold_rule: Literal["reference", "paper"] = "reference"
+    reference_threshold: int = 108  # M_b where min(2*d, 255) <= 108
+    paper_threshold: int = 128  # M_b where d < T
+    min_region_area: int = 64
+
+    # Refinement (section 4).
+    sam: SamConfig = field(default_factory=SamConfig)
+    dilate_kernel: int = 3
+    dilate_iterations: int = 4
+
+    # Blending (section 5).
+    fft_radius: int = 200
+    fft_threshold: int = 30
+    close_kernel: int = 21
+    seam_alpha: float = 0.6
+
+    def __post_init__(self) -> None:
+        if isinstance(self.action, str) and not isinstance(self.action, Action):
+            object.__setattr__(self, "action", parse_action(self.action))
+        checks = [
+            (1 <= self.steps <= 1000, "steps must be between 1 and 1000"),
+            (self.beta_remove >= 0 and self.beta_add_change >= 0, "beta values must be >= 0"),
+            (self.action_rule in ("intended", "reference"), "action_rule must be 'intended' or 'reference'"),
+            (self.threshold_rule in ("reference", "paper"), "threshold_rule must be 'reference' or 'paper'"),
+            (self.max_side >= self.size_multiple, "max_side must be at least size_multiple"),
+            (self.size_multiple > 0 and self.size_multiple % 32 == 0, "size_multiple must be a multiple of 32"),
+            (0.0 <= self.seam_alpha <= 1.0, "seam_alpha must be between 0 and 1"),
+            (self.min_region_area >= 0, "min_region_area must be >= 0"),
+            (self.dilate_kernel >= 1 and self.close_kernel >= 1, "kernel sizes must be >= 1"),
+            (0 <= self.seed < 2**63, "seed must be a non-negative 64-bit integer"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def beta_for(self, action: Action) -> float:
+        """MagicBrush blend weight for an action (ZONE.md section 1)."""
+        return self.beta_remove if action is Action.REMOVE else self.beta_add_change
+
+    def replace(self, **changes: object) -> EditConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def parse_action(value: str | Action | None) -> Action | None:
+    """'auto'/None -> None (classify); 'add'/'change'/'remove' in any case -> Action."""
+    if value is None or isinstance(value, Action):
+        return value
+    name = str(value).strip().lower()
+    if name in ("", "auto"):
+        return None
+    try:
+        return Action(name)
+    except ValueError:
+        raise ConfigError(f"unknown action {value!r}: use auto, add, change or remove") from None

@@ -1,0 +1,30 @@
+"""User-facing errors.
+
+Every mistake a user can make (a bad image, a missing checkpoint, an impossible option) raises a
+`ZoneError` subclass with a message that says what is wrong and what to do. The CLI prints that one
+line and exits with code 2; anything else is a bug and keeps its traceback.
+"""
+
+
+class ZoneError(Exception):
+    """Base class: a problem with the user's input or setup, never a bug in the engine."""
+
+
+class InputImageError(ZoneError):
+    """The image cannot be read or is not usable (corrupt, unsupported mode, too small or too large)."""
+
+
+class InstructionError(ZoneError):
+    """The instruction is empty or not text."""
+
+
+class CheckpointError(ZoneError):
+    """A model checkpoint is missing, unreadable or does not match what was expected."""
+
+
+class DeviceError(ZoneError):
+    """The requested device or dtype is not available on this machine."""
+
+
+class ConfigError(ZoneError):
+    """An option has an impossible value."""
