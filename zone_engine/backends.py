@@ -1,0 +1,67 @@
+"""The one place that decides device, dtype and which implementation runs each heavy stage.
+
+Stages never test `torch.cuda.is_available()` themselves; they receive what this module built.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import SamConfig
+from .denoise import Denoiser, SequentialDenoiser
+from .errors import DeviceError
+from .models import ZoneModels
+from .refine import Segmenter, TorchSamSegmenter
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DENOISERS = ("eager",)
+SEGMENTERS = ("torch",)
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """'auto' -> cuda when available else cpu; 'cuda' without CUDA is a clear DeviceError."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = name.strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("--device cuda was asked for but this machine has no CUDA GPU: use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"{name} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise DeviceError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp32 by default (the reference precision); fp16/bf16 only on CUDA."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype.strip().lower() not in DTYPES:
+            raise DeviceError(f"unknown dtype {dtype!r}: use fp32, fp16 or bf16")
+        dtype = DTYPES[dtype.strip().lower()]
+    if dtype not in DTYPES.values():
+        raise DeviceError(f"dtype {dtype} is not supported: use fp32, fp16 or bf16")
+    if dtype != torch.float32 and device.type != "cuda":
+        raise DeviceError(f"{dtype} runs only on CUDA here; on the CPU use fp32")
+    return dtype
+
+
+def make_denoiser(models: ZoneModels, kind: str = "eager") -> Denoiser:
+    if kind == "eager":
+        return SequentialDenoiser(models.ip2p_unet, models.mb_unet, models.scheduler_config)
+    raise DeviceError(f"unknown denoiser backend {kind!r}: available {', '.join(DENOISERS)}")
+
+
+def make_segmenter(models: ZoneModels, config: SamConfig, kind: str = "torch") -> Segmenter:
+    if kind == "torch":
+        return TorchSamSegmenter(models.sam, config)
+    raise DeviceError(f"unknown refinement backend {kind!r}: available {', '.join(SEGMENTERS)}")

@@ -1,0 +1,180 @@
+"""The `zone` command line: `zone edit` for real checkpoints, `zone demo` for a zero-setup run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import Action, EditConfig, parse_action
+from .errors import ZoneError
+from .models import IP2P_ID, MAGICBRUSH_ID
+
+RANDOM_WEIGHTS_NOTICE = (
+    "note: the demo runs tiny RANDOM models, so the edit itself is meaningless; it shows that every stage runs.\n"
+    "      For real edits get the checkpoints (see README, 'Real checkpoints') and run:\n"
+    '      zone edit photo.jpg -i "make the dog a golden statue" -o edited.png --sam sam_vit_h_4b8939.pth'
+)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _add_edit_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("edit options")
+    group.add_argument("--action", default="auto", choices=["auto", *(a.value for a in Action)],
+                       help="force the action instead of classifying the instruction (default: auto)")
+    group.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20)")
+    group.add_argument("--seed", type=int, default=None, help="seed of the initial noise (default: 42)")
+    group.add_argument("--threshold-rule", choices=["reference", "paper"], default="reference",
+                       help="M_b rule: reference min(2d,255)<=108 (default) or the paper's d<128")
+    group.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    group.add_argument("--save-masks", type=Path, metavar="DIR",
+                       help="also write mask_b.png, mask_f.png, region.png, styled.png and heatmap.png to DIR")
+    group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zone",
+        description="ZONE: zero-shot instruction-guided local image editing. Give an image and an "
+        "instruction; only the region the instruction is about changes, every other pixel stays as it was.",
+        epilog="Exit codes: 0 success, 2 bad input or setup (one line on stderr says what to do).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    edit = commands.add_parser(
+        "edit", help="edit an image with real checkpoints",
+        description="Edit IMAGE as INSTRUCTION says and write the result to OUT. Models load from local "
+        "folders or the offline Hugging Face cache; nothing is downloaded.",
+    )
+    edit.add_argument("image", type=Path, help="input image (PNG, JPEG, WebP, TIFF, ...)")
+    edit.add_argument("-i", "--instruction", required=True, help='what to do, e.g. "make the dog a golden statue"')
+    edit.add_argument("-o", "--output", type=Path, required=True, help="where to write the edited image")
+    models = edit.add_argument_group("models")
+    models.add_argument("--ip2p", default=IP2P_ID, help=f"InstructPix2Pix folder or cached id (default: {IP2P_ID})")
+    models.add_argument("--magicbrush", default=MAGICBRUSH_ID,
+                        help=f"MagicBrush folder or cached id (default: {MAGICBRUSH_ID})")
+    models.add_argument("--sam", type=Path, default=Path("ckpts/sam_vit_h_4b8939.pth"),
+                        help="SAM checkpoint .pth (default: ckpts/sam_vit_h_4b8939.pth)")
+    models.add_argument("--sam-type", choices=["vit_h", "vit_l", "vit_b"],
+                        help="SAM size, when the file name does not say it")
+    models.add_argument("--action-classifier", type=Path,
+                        help="ZONE's ckpts/action_classifier.pth; without it a keyword rule decides the action")
+    models.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                        help="precision of the diffusion models (fp16/bf16 need CUDA; default fp32)")
+    models.add_argument("--tiny", action="store_true", help="use tiny random models instead (for trying the CLI)")
+    _add_edit_options(edit)
+
+    demo = commands.add_parser(
+        "demo", help="run every stage on tiny random models and a built-in image (no checkpoints needed)",
+        description="Zero-setup run: tiny random models and a sample image generated in code. Writes "
+        "input.png, output.png, mask_b.png, mask_f.png, region.png, styled.png, heatmap.png and timings.json.",
+    )
+    demo.add_argument("--out", type=Path, required=True, help="folder to write the results to")
+    demo.add_argument("-i", "--instruction", default="make the house a golden statue", help="instruction to run")
+    _add_edit_options(demo)
+    return parser
+
+
+def _edit_config(args: argparse.Namespace, base: EditConfig) -> EditConfig:
+    changes = {"action": parse_action(args.action), "threshold_rule": args.threshold_rule}
+    if args.steps is not None:
+        changes["steps"] = args.steps
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    return base.replace(**changes)
+
+
+def _check_output_path(path: Path) -> None:
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ZoneError(f"output {path} has no image extension: use one of {', '.join(IMAGE_SUFFIXES)}")
+    if path.is_dir():
+        raise ZoneError(f"output {path} is a folder: give a file name such as {path / 'edited.png'}")
+
+
+def _save_outputs(result, folder: Path, names: Sequence[str]) -> None:
+    from .image_io import save_image
+
+    for name in names:
+        save_image(getattr(result, name), folder / f"{name}.png")
+
+
+def _print_summary(result) -> None:
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+    print(f"action: {result.action.value}; edited pixels: {int(result.region.sum())}; {stages}", file=sys.stderr)
+    if result.used_fallback:
+        print("warning: no SAM segment overlapped the attention mask; the attention mask was used", file=sys.stderr)
+
+
+def run_edit(args: argparse.Namespace) -> None:
+    from .image_io import load_image, save_image
+    from .pipeline import ZonePipeline
+
+    _check_output_path(args.output)
+    image = load_image(args.image)  # fail on a bad image before loading gigabytes of weights
+    if args.tiny:
+        pipe = ZonePipeline.tiny(device=args.device)
+    else:
+        pipe = ZonePipeline.from_pretrained(
+            ip2p=args.ip2p, magicbrush=args.magicbrush, sam=args.sam, sam_type=args.sam_type,
+            action_classifier=args.action_classifier, device=args.device, dtype=args.dtype,
+        )
+    result = pipe.edit(image, args.instruction, _edit_config(args, pipe.default_config), progress=not args.no_progress)
+    save_image(result.image, args.output)
+    if args.save_masks:
+        _save_outputs(result, args.save_masks, ("mask_b", "mask_f", "region", "styled", "heatmap"))
+    _print_summary(result)
+    print(args.output)
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from .image_io import make_sample_image, save_image
+    from .pipeline import ZonePipeline
+
+    print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
+    pipe = ZonePipeline.tiny(device=args.device)
+    image = make_sample_image()
+    result = pipe.edit(image, args.instruction, _edit_config(args, pipe.default_config), progress=not args.no_progress)
+    save_image(image, args.out / "input.png")
+    save_image(result.image, args.out / "output.png")
+    _save_outputs(result, args.save_masks or args.out, ("mask_b", "mask_f", "region", "styled", "heatmap"))
+    summary = {"action": result.action.value, "used_fallback": result.used_fallback, "timings": result.timings,
+               "random_weights": True}
+    (args.out / "timings.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _print_summary(result)
+    print(args.out)
+
+
+def _quiet_libraries() -> None:
+    """Our own warnings as one line each; the libraries' deprecation chatter hidden."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.showwarning = lambda message, *_args, **_kw: print(f"warning: {message}", file=sys.stderr)
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        {"edit": run_edit, "demo": run_demo}[args.command](args)
+    except ZoneError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

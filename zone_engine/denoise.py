@@ -1,0 +1,102 @@
+"""Action-aware dual-trajectory denoising (ZONE.md section 1) — the plain sequential reference.
+
+Both trajectories start from the same noise. Each step: MagicBrush's step on z_mb, IP2P's step on
+z_ip, then z_ip <- (z_ip + beta * z_mb) / (1 + beta). z_mb is never overwritten by the blend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .config import EditConfig
+
+
+@dataclass(frozen=True)
+class DenoiseInputs:
+    """Everything the loop needs, computed once per edit and shared by both UNets."""
+
+    context: torch.Tensor  # (3, 77, C): [c_T, empty, empty]
+    image_latents: torch.Tensor  # (3, 4, h, w): [image, image, zeros]
+    noise: torch.Tensor  # (1, 4, h, w): z_T, shared by both trajectories
+
+
+class Denoiser(Protocol):
+    """The narrow backend interface: run the whole dual loop and return the final z_ip (1, 4, h, w).
+
+    The eager sequential reference below implements it; batched, compiled and TensorRT denoisers
+    implement the same call.
+    """
+
+    def __call__(
+        self, inputs: DenoiseInputs, config: EditConfig, beta: float,
+        on_step: Callable[[int], None] | None = None,
+    ) -> torch.Tensor: ...
+
+
+def make_scheduler(scheduler_config: dict):
+    """DPMSolverMultistep from IP2P's scheduler config; one instance per trajectory (it keeps history).
+
+    diffusers 0.18, which the reference ran, used dpmsolver++ order 2 with linspace spacing
+    (timesteps 999, 949, ..., 50 for 20 steps); those are pinned so newer configs keep them.
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config(
+        scheduler_config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="linspace"
+    )
+
+
+def initial_noise(seed: int, latent_size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """z_T drawn on the CPU from `seed`, so every device gets the same noise (as diffusers does)."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn((1, 4, *latent_size), generator=generator, dtype=torch.float32)
+    return noise.to(device=device, dtype=dtype)
+
+
+def guided_noise(eps: torch.Tensor, text_scale: float, image_scale: float) -> torch.Tensor:
+    """IP2P's two-way classifier-free guidance on (3, 4, h, w) [text, image, uncond] -> (1, 4, h, w)."""
+    eps_text, eps_image, eps_uncond = eps.chunk(3)
+    return eps_uncond + text_scale * (eps_text - eps_image) + image_scale * (eps_image - eps_uncond)
+
+
+def blend_latents(z_ip: torch.Tensor, z_mb: torch.Tensor, beta: float) -> torch.Tensor:
+    return (z_ip + beta * z_mb) / (1 + beta)
+
+
+def trajectory_step(unet, scheduler, latents: torch.Tensor, t: torch.Tensor, inputs: DenoiseInputs,
+                    config: EditConfig) -> torch.Tensor:
+    """One guided UNet evaluation and scheduler step of one trajectory, as diffusers' IP2P pipeline."""
+    model_input = scheduler.scale_model_input(torch.cat([latents] * 3), t)
+    model_input = torch.cat([model_input, inputs.image_latents], dim=1)
+    eps = unet(model_input, t, encoder_hidden_states=inputs.context, return_dict=False)[0]
+    noise = guided_noise(eps, config.text_guidance, config.image_guidance)
+    return scheduler.step(noise, t, latents, return_dict=False)[0]
+
+
+class SequentialDenoiser:
+    """The plain reference: MagicBrush's step, then IP2P's, then the blend, one UNet call each."""
+
+    def __init__(self, ip2p_unet, mb_unet, scheduler_config: dict) -> None:
+        self.ip2p_unet = ip2p_unet
+        self.mb_unet = mb_unet
+        self.scheduler_config = scheduler_config
+
+    @torch.inference_mode()
+    def __call__(self, inputs: DenoiseInputs, config: EditConfig, beta: float,
+                 on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+        ip2p_scheduler, mb_scheduler = (make_scheduler(self.scheduler_config) for _ in range(2))
+        device = inputs.noise.device
+        ip2p_scheduler.set_timesteps(config.steps, device=device)
+        mb_scheduler.set_timesteps(config.steps, device=device)
+        z_ip = z_mb = inputs.noise * ip2p_scheduler.init_noise_sigma
+        for index, t in enumerate(ip2p_scheduler.timesteps):
+            z_mb = trajectory_step(self.mb_unet, mb_scheduler, z_mb, t, inputs, config)
+            z_ip = trajectory_step(self.ip2p_unet, ip2p_scheduler, z_ip, t, inputs, config)
+            z_ip = blend_latents(z_ip, z_mb, beta)
+            if on_step is not None:
+                on_step(index)
+        return z_ip

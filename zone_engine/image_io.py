@@ -1,0 +1,352 @@
+"""Reading, writing and resizing images: every image enters the engine through `load_image`.
+
+Images are uint8 RGB numpy arrays of shape (H, W, 3); masks are bool arrays of shape (H, W).
+
+Working geometry (ZONE.md section 0): the reference shrinks the longest side to at most 512 and pads
+with black, centred, to multiples of 32, then never removes the padding (a defect). The engine works
+at the same padded size, then crops the padding away and maps results back to the input size.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from zone_engine.errors import InputImageError, ZoneError
+
+MIN_SIDE = 8
+MAX_PIXELS = 100_000_000
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
+_ACCEPTED_ARRAYS = (
+    "uint8 or uint16 arrays of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
+    "or float arrays with values in [0, 1]"
+)
+
+ImageSource = str | os.PathLike | Image.Image | np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_image(source: ImageSource) -> np.ndarray:
+    """Load an image file, PIL image or numpy array as contiguous uint8 RGB of shape (H, W, 3).
+
+    Files and PIL images are decoded fully, turned upright by their EXIF orientation, and use their
+    first frame. Transparency is composited over black with a warning. Anything unusable raises
+    `InputImageError` with a one-line message that says what is wrong and what to do.
+    """
+    if isinstance(source, np.ndarray):
+        name, (rgb, had_alpha) = "the given array", _array_to_rgb(source)
+    elif isinstance(source, Image.Image):
+        name, (rgb, had_alpha) = "the given PIL image", _pil_to_rgb(source, "the given PIL image")
+    elif isinstance(source, str | os.PathLike):
+        name, (rgb, had_alpha) = str(source), _load_file(Path(source))
+    else:
+        raise InputImageError(
+            f"cannot use a {type(source).__name__} as an image; "
+            "pass a file path, a PIL image or a numpy array"
+        )
+    if had_alpha:
+        warnings.warn(
+            f"{name} has transparency; it was dropped (transparent areas become black)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return rgb
+
+
+def _load_file(path: Path) -> tuple[np.ndarray, bool]:
+    if not path.exists():
+        raise InputImageError(f"image not found: {path}")
+    if path.is_dir():
+        raise InputImageError(f"{path} is a directory; pass the path of an image file")
+    with warnings.catch_warnings():
+        # `_check_size` applies our own MAX_PIXELS before decoding, so PIL's own (lower) warning
+        # threshold is silenced; its hard limit (DecompressionBombError) is turned into our error.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as img:
+                _check_size(*img.size[::-1], name=str(path))
+                return _pil_to_rgb(img, str(path))
+        except Image.DecompressionBombError:
+            raise InputImageError(_too_large_message(str(path), None)) from None
+        except UnidentifiedImageError:
+            raise InputImageError(
+                f"cannot read {path}: not an image file in a format Pillow can read; "
+                "convert it to PNG or JPEG"
+            ) from None
+        except (OSError, SyntaxError, ValueError) as error:
+            raise InputImageError(
+                f"cannot read {path}: the file is unreadable, corrupt or truncated ({_one_line(error)}); "
+                "re-export or re-download it"
+            ) from None
+
+
+def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, bool]:
+    """Decode a PIL image (first frame), make it upright, convert to uint8 RGB (H, W, 3).
+
+    Also returns whether some transparency was composited away.
+    """
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError:
+        raise InputImageError(_too_large_message(name, None)) from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise InputImageError(
+            f"cannot read {name}: the image data is corrupt or truncated ({_one_line(error)}); "
+            "re-export or re-download it"
+        ) from None
+    _check_size(img.height, img.width, name=name)
+
+    mode = img.mode
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in img.info):
+        return _composite_over_black(np.asarray(img.convert("RGBA")))
+    if mode == "RGB":
+        rgb = np.asarray(img)
+    elif mode == "F":
+        raise InputImageError(
+            f"{name} has floating-point pixels (mode F), which have no standard 8-bit meaning; "
+            "convert it to 8-bit RGB first"
+        )
+    elif mode.startswith("I;16"):
+        # (H, W) uint16, either byte order.
+        rgb = _gray_to_rgb((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
+    elif mode == "I":
+        rgb = _gray_to_rgb(_int32_to_uint8(np.asarray(img), name))
+    else:
+        try:
+            rgb = np.asarray(img.convert("RGB"))
+        except (OSError, ValueError) as error:
+            raise InputImageError(
+                f"{name} has pixel mode {mode}, which cannot be converted to RGB ({_one_line(error)}); "
+                "convert it to 8-bit RGB first"
+            ) from None
+    return np.array(rgb, dtype=np.uint8, order="C"), False  # a writable copy
+
+
+def _int32_to_uint8(values: np.ndarray, name: str) -> np.ndarray:
+    """Mode I (H, W) int32 -> uint8, scaled by the bit depth the values actually use."""
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high > 65535:
+        raise InputImageError(
+            f"{name} has 32-bit integer pixels in {low}..{high}, outside 0..65535; "
+            "convert it to 8-bit RGB first"
+        )
+    if high <= 255:
+        return values.astype(np.uint8)
+    return (values >> 8).astype(np.uint8)
+
+
+def _array_to_rgb(array: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Numpy image (see `_ACCEPTED_ARRAYS`) -> new contiguous uint8 RGB (H, W, 3), had-transparency."""
+    received = f"an array of shape {array.shape} and dtype {array.dtype}"
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise InputImageError(f"cannot use {received} as an image; accepted: {_ACCEPTED_ARRAYS}")
+
+    if array.dtype == np.uint8:
+        pixels = array
+    elif array.dtype == np.uint16:
+        pixels = (array >> 8).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if array.size and not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
+            raise InputImageError(
+                f"cannot use {received} as an image: float pixels must be finite and in [0, 1] "
+                f"(scale them, or pass uint8); accepted: {_ACCEPTED_ARRAYS}"
+            )
+        pixels = np.rint(array.astype(np.float64) * 255.0).astype(np.uint8)
+    else:
+        raise InputImageError(f"cannot use {received} as an image; accepted: {_ACCEPTED_ARRAYS}")
+
+    _check_size(pixels.shape[0], pixels.shape[1], name="the given array")
+    if pixels.ndim == 2 or pixels.shape[2] == 1:
+        return _gray_to_rgb(pixels.reshape(pixels.shape[:2])), False
+    if pixels.shape[2] == 4:
+        return _composite_over_black(pixels)
+    return np.array(pixels, dtype=np.uint8, order="C"), False
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 -> (H, W, 3) uint8."""
+    return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+
+
+def _composite_over_black(rgba: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(H, W, 4) uint8 -> (H, W, 3) uint8 colour x alpha (rounded), and whether any pixel was transparent."""
+    alpha = rgba[:, :, 3:].astype(np.uint16)
+    rgb = (rgba[:, :, :3].astype(np.uint16) * alpha + 127) // 255
+    return np.ascontiguousarray(rgb, dtype=np.uint8), bool((alpha < 255).any())
+
+
+def _check_size(height: int, width: int, *, name: str) -> None:
+    if min(height, width) < MIN_SIDE:
+        raise InputImageError(
+            f"{name}: image is {width}x{height}; at least {MIN_SIDE} pixels per side are needed"
+        )
+    if height * width > MAX_PIXELS:
+        raise InputImageError(_too_large_message(name, (height, width)))
+
+
+def _too_large_message(name: str, size: tuple[int, int] | None) -> str:
+    shown = f"is {size[1]}x{size[0]} ({size[0] * size[1]:,} pixels)" if size else "is too large"
+    return (
+        f"{name}: image {shown}; at most {MAX_PIXELS:,} pixels are accepted "
+        "(the engine works at 512 px anyway), so downscale it first"
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------------
+# Working geometry
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an input image maps onto the padded working canvas. All sizes are (H, W)."""
+
+    input_size: tuple[int, int]
+    scaled_size: tuple[int, int]  # after shrinking the longest side to at most max_side
+    padded_size: tuple[int, int]  # scaled_size rounded up to multiples of `multiple`
+    pad_top: int
+    pad_left: int
+
+
+def working_geometry(height: int, width: int, max_side: int = 512, multiple: int = 32) -> Geometry:
+    """The reference's shrink (longest side -> max_side, truncating; never enlarges) and centred pad."""
+    if min(height, width, max_side, multiple) < 1:
+        raise ValueError(f"sizes must be positive, got {height=}, {width=}, {max_side=}, {multiple=}")
+    scaled_h, scaled_w = height, width
+    if max(height, width) > max_side:
+        # Same expressions as the reference (float product, then int()), so sizes match exactly.
+        if width > height:
+            scaled_h, scaled_w = max(1, int(height * max_side / width)), max_side
+        else:
+            scaled_h, scaled_w = max_side, max(1, int(width * max_side / height))
+    padded_h = -(-scaled_h // multiple) * multiple
+    padded_w = -(-scaled_w // multiple) * multiple
+    return Geometry(
+        input_size=(height, width),
+        scaled_size=(scaled_h, scaled_w),
+        padded_size=(padded_h, padded_w),
+        pad_top=(padded_h - scaled_h) // 2,
+        pad_left=(padded_w - scaled_w) // 2,
+    )
+
+
+def to_working(image: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """uint8 RGB (H, W, 3) at the input size -> uint8 (padded_h, padded_w, 3), black padding."""
+    if image.shape != (*geometry.input_size, 3) or image.dtype != np.uint8:
+        raise ValueError(
+            f"expected uint8 image of shape {(*geometry.input_size, 3)}, got {image.dtype} {image.shape}"
+        )
+    scaled_h, scaled_w = geometry.scaled_size
+    if geometry.scaled_size != geometry.input_size:
+        image = np.asarray(
+            Image.fromarray(image).resize((scaled_w, scaled_h), resample=Image.Resampling.BICUBIC)
+        )
+    canvas = np.zeros((*geometry.padded_size, 3), dtype=np.uint8)
+    canvas[_scaled_region(geometry)] = image
+    return canvas
+
+
+def crop_padding(array: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """(padded_h, padded_w[, C]) -> (scaled_h, scaled_w[, C]), a contiguous copy."""
+    if array.shape[:2] != geometry.padded_size:
+        raise ValueError(f"expected an array of size {geometry.padded_size}, got shape {array.shape}")
+    return array[_scaled_region(geometry)].copy()
+
+
+def to_input_size(array: np.ndarray, geometry: Geometry, *, is_mask: bool) -> np.ndarray:
+    """Crop the padding, then undo the shrink.
+
+    Masks (padded_h, padded_w), nonzero = True -> bool (H, W), resized with NEAREST.
+    Images uint8 (padded_h, padded_w, 3) -> uint8 (H, W, 3), resized with BICUBIC.
+    """
+    cropped = crop_padding(array, geometry)
+    height, width = geometry.input_size
+    if is_mask:
+        mask = cropped.astype(bool)
+        if geometry.scaled_size == geometry.input_size:
+            return mask
+        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize(
+            (width, height), resample=Image.Resampling.NEAREST
+        )
+        return np.asarray(resized) > 127
+    if cropped.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {cropped.dtype}")
+    if geometry.scaled_size == geometry.input_size:
+        return cropped
+    resized = Image.fromarray(cropped).resize((width, height), resample=Image.Resampling.BICUBIC)
+    return np.asarray(resized).copy()
+
+
+def _scaled_region(geometry: Geometry) -> tuple[slice, slice]:
+    scaled_h, scaled_w = geometry.scaled_size
+    return (
+        slice(geometry.pad_top, geometry.pad_top + scaled_h),
+        slice(geometry.pad_left, geometry.pad_left + scaled_w),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving and the built-in sample
+# ---------------------------------------------------------------------------------------------------
+
+
+def save_image(array: np.ndarray, path: str | os.PathLike) -> None:
+    """Write uint8 RGB (H, W, 3), a bool mask (H, W) as 0/255, or a uint8 (H, W) mask as is.
+
+    The format follows the file's suffix (PNG when it has none); parent folders are created.
+    """
+    if array.ndim == 2 and array.dtype == bool:
+        pixels = array.astype(np.uint8) * 255
+    elif array.dtype == np.uint8 and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+        pixels = array
+    else:
+        raise ValueError(f"cannot save an array of shape {array.shape} and dtype {array.dtype} as an image")
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(pixels)).save(path, format=None if path.suffix else "PNG")
+    except (OSError, ValueError) as error:
+        raise ZoneError(f"cannot write {path}: {_one_line(error)}") from None
+
+
+def make_sample_image(height: int = 256, width: int = 256) -> np.ndarray:
+    """A built-in test picture, uint8 RGB (height, width, 3): sky, grass, a sun and a red-roofed house.
+
+    Deterministic and drawn in code, so `zone demo` needs no files.
+    """
+    rows = np.linspace(0.0, 1.0, height, dtype=np.float64)[:, None, None]  # (H, 1, 1)
+    y, x = np.mgrid[0:height, 0:width]
+    horizon = 0.62
+    sky = (1 - rows) * np.array([70, 130, 220]) + rows * np.array([190, 220, 250])
+    grass = (1 - rows) * np.array([90, 170, 70]) + rows * np.array([40, 110, 40])
+    image = np.where(rows < horizon, sky, grass) * np.ones((1, width, 1))
+
+    sun_y, sun_x, sun_r = 0.2 * height, 0.78 * width, 0.1 * min(height, width)
+    image[(y - sun_y) ** 2 + (x - sun_x) ** 2 <= sun_r**2] = (250, 210, 60)
+
+    wall_top, wall_bottom = int(0.45 * height), int(0.8 * height)
+    wall_left, wall_right = int(0.2 * width), int(0.5 * width)
+    image[wall_top:wall_bottom, wall_left:wall_right] = (225, 200, 160)
+    roof_peak, centre, half = int(0.3 * height), (wall_left + wall_right) / 2, (wall_right - wall_left) * 0.6
+    rise = np.clip((y - roof_peak) / max(wall_top - roof_peak, 1), 0.0, 1.0)
+    image[(y >= roof_peak) & (y < wall_top) & (np.abs(x - centre) <= half * rise)] = (180, 50, 40)
+    door_w = max(1, (wall_right - wall_left) // 5)
+    door_left = int(centre) - door_w // 2
+    image[int(0.62 * height) : wall_bottom, door_left : door_left + door_w] = (110, 70, 40)
+    return np.ascontiguousarray(np.rint(image).astype(np.uint8))

@@ -1,0 +1,197 @@
+"""Instruction-guided localization (ZONE.md section 3): IP2P's cross-attention -> edit mask M_b.
+
+Two halves:
+- capture: an attention processor on the few cross-attention layers ZONE reads (those at 1/32 of
+  the image size) that adds softmax(Q K^T) of the empty-prompt rows to one running (N, 77) sum. It
+  never keeps a per-layer or per-step map, and its output is the plain SDPA output, unchanged.
+- mask math: normalise, truncate, saturating subtract, bicubic resize, threshold, small-region
+  removal — plain functions with the reference's exact integer semantics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .masks import remove_small_regions
+
+# Rows of IP2P's UNet batch [c_T+image, empty+image, empty+zero] whose attention ZONE reads: the two
+# empty-prompt branches (the reference keeps P[heads:] of the (3*heads, N, 77) probabilities).
+EMPTY_PROMPT_ROWS = slice(1, 3)
+
+
+# ---------------------------------------------------------------------------------------------- capture
+
+
+class AttentionAccumulator:
+    """Running sum of cross-attention probabilities over (steps, layers, kept rows)."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None  # (N, 77) float32
+        self.rows = 0
+
+    def add(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        """query (R, heads, N, d), key (R, heads, 77, d): add sum_rows softmax(q k^T * scale)."""
+        summed = attention_probability_sum(query, key, scale)
+        self.total = summed if self.total is None else self.total.add_(summed)
+        self.rows += query.shape[0] * query.shape[1]
+
+    def average(self) -> torch.Tensor:
+        """Mean attention map (N, 77) over every recorded step, layer and row."""
+        if self.total is None:
+            raise RuntimeError("no cross-attention was recorded: the UNet has no layer at 1/32 of the image size")
+        return self.total / self.rows
+
+
+def attention_probability_sum(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain-torch reference for the fused accumulation kernel: (R, H, N, d), (R, H, K, d) -> (N, K) fp32."""
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    return scores.softmax(dim=-1).sum(dim=(0, 1))
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    batch, length, width = x.shape
+    return x.view(batch, length, heads, width // heads).transpose(1, 2)  # (B, heads, length, d)
+
+
+class RecordingAttnProcessor:
+    """Cross-attention computed with SDPA, as diffusers' AttnProcessor2_0, plus recording.
+
+    The recorded probabilities are computed from the same Q and K beside the SDPA call, so the
+    layer's output is exactly the fast path's.
+    """
+
+    def __init__(self, accumulator: AttentionAccumulator, kept_rows: slice = EMPTY_PROMPT_ROWS) -> None:
+        self.accumulator = accumulator
+        self.kept_rows = kept_rows
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
+        if hidden_states.ndim != 3 or attention_mask is not None or encoder_hidden_states is None:
+            raise ValueError("RecordingAttnProcessor handles unmasked cross-attention on (B, N, C) states only")
+        batch = hidden_states.shape[0]
+        context = encoder_hidden_states
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query = _split_heads(attn.to_q(hidden_states), attn.heads)
+        key = _split_heads(attn.to_k(context), attn.heads)
+        value = _split_heads(attn.to_v(context), attn.heads)
+        self.accumulator.add(query[self.kept_rows], key[self.kept_rows], attn.scale)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, query.shape[1] * query.shape[3]).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def _halve(size: tuple[int, int], times: int) -> tuple[int, int]:
+    height, width = size
+    for _ in range(times):  # a stride-2, padding-1, 3x3 convolution: ceil(s / 2)
+        height, width = -(-height // 2), -(-width // 2)
+    return height, width
+
+
+def cross_attention_sizes(unet) -> dict[str, int]:
+    """Name of every down/up block cross-attention layer -> how many times its input was halved."""
+    levels: dict[str, int] = {}
+    level = 0
+    for i, block in enumerate(unet.down_blocks):
+        for name, module in block.named_modules():
+            if name.endswith("attn2"):
+                levels[f"down_blocks.{i}.{name}"] = level
+        level += block.downsamplers is not None
+    for i, block in enumerate(unet.up_blocks):
+        for name, module in block.named_modules():
+            if name.endswith("attn2"):
+                levels[f"up_blocks.{i}.{name}"] = level
+        level -= block.upsamplers is not None
+    return levels
+
+
+def recorded_layers(unet, latent_size: tuple[int, int], grid: tuple[int, int]) -> list[str]:
+    """The cross-attention layers whose query grid is `grid` (ceil(H/32) x ceil(W/32)).
+
+    In SD1.5 at 512x512 these are 2 down and 3 up layers at 16x16; the mid block is not read.
+    """
+    return [name for name, level in cross_attention_sizes(unet).items() if _halve(latent_size, level) == grid]
+
+
+@contextmanager
+def record_cross_attention(
+    unet, latent_size: tuple[int, int], grid: tuple[int, int]
+) -> Iterator[AttentionAccumulator]:
+    """Install recording processors for one edit; the UNet's own processors come back afterwards."""
+    accumulator = AttentionAccumulator()
+    modules = {name: unet.get_submodule(name) for name in recorded_layers(unet, latent_size, grid)}
+    originals = {name: module.processor for name, module in modules.items()}
+    try:
+        for module in modules.values():
+            module.set_processor(RecordingAttnProcessor(accumulator))
+        yield accumulator
+    finally:
+        for name, module in modules.items():
+            module.set_processor(originals[name])
+
+
+# -------------------------------------------------------------------------------------------- mask math
+
+
+@dataclass(frozen=True)
+class Localization:
+    mask_b: np.ndarray  # bool (H, W): the edit region, small components removed
+    difference: np.ndarray  # uint8 (H, W): d = max(a1 - aL, 0) resized, for the heatmap view
+
+
+def token_map_uint8(token_map: torch.Tensor) -> np.ndarray:
+    """uint8(255 * m / max m) with the reference's truncating cast, computed in float32."""
+    token_map = token_map.float().cpu()
+    return (255 * token_map / token_map.max()).to(torch.uint8).numpy()
+
+
+def difference_map(average: torch.Tensor, grid: tuple[int, int], last_token: int) -> np.ndarray:
+    """d = saturate(a1 - aL) on the attention grid: average (N, 77) -> uint8 (h, w)."""
+    maps = average.reshape(*grid, average.shape[-1])
+    first = token_map_uint8(maps[..., 0]).astype(np.int16)
+    last = token_map_uint8(maps[..., last_token]).astype(np.int16)
+    return np.clip(first - last, 0, 255).astype(np.uint8)
+
+
+def resize_bicubic(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (h, w) -> (H, W) with PIL's bicubic filter, the reference's resize."""
+    height, width = size
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC))
+
+
+def threshold_difference(
+    difference: np.ndarray, rule: Literal["reference", "paper"], reference_threshold: int = 108,
+    paper_threshold: int = 128,
+) -> np.ndarray:
+    """Binary edit mask from d (uint8): reference min(2d, 255) <= 108; paper d < T."""
+    if rule == "reference":
+        return np.minimum(2 * difference.astype(np.int32), 255) <= reference_threshold
+    return difference < paper_threshold
+
+
+def localize(
+    average: torch.Tensor, grid: tuple[int, int], last_token: int, size: tuple[int, int], *,
+    rule: Literal["reference", "paper"] = "reference", reference_threshold: int = 108,
+    paper_threshold: int = 128, min_area: int = 64,
+) -> Localization:
+    """M_b at `size` (the padded working size) from the averaged attention map."""
+    difference = resize_bicubic(difference_map(average, grid, last_token), size)
+    mask = threshold_difference(difference, rule, reference_threshold, paper_threshold)
+    return Localization(mask_b=remove_small_regions(mask, min_area), difference=difference)
+
+
+def heatmap_overlay(image: np.ndarray, difference: np.ndarray, opacity: float = 0.5) -> np.ndarray:
+    """The attention difference map as a JET heatmap over the image (both (H, W[, 3]) uint8)."""
+    colours = cv2.cvtColor(cv2.applyColorMap(difference, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    return cv2.addWeighted(image, 1 - opacity, colours, opacity, 0)

@@ -1,0 +1,353 @@
+"""The networks ZONE needs, loaded from local checkpoints or built tiny and random for tests.
+
+Real and tiny models come from the same classes; they differ only in numbers (STYLE.md). Nothing
+here ever downloads: Hugging Face ids resolve from the local cache only (`local_files_only=True`).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+IP2P_ID = "timbrooks/instruct-pix2pix"
+MAGICBRUSH_ID = "vinesmsuic/magicbrush-jul7"
+SAM_URLS = {
+    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+}
+ACTION_CLASSIFIER_SOURCE = "ckpts/action_classifier.pth in the ZONE reference repository (lsl001006/ZONE)"
+
+
+class ActionClassifier(nn.Module):
+    """ZONE's action classifier: a 2-layer MLP applied to every CLIP token state (768 -> 128 -> 3).
+
+    Attribute names match the reference checkpoint's state dict (fc1, fc2).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int = 128, num_classes: int = 3) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(input_size, hidden_size)
+        self.fc2 = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, token_states: torch.Tensor) -> torch.Tensor:
+        """(B, 77, C) -> logits (B, 77, 3)."""
+        return self.fc2(torch.relu(self.fc1(token_states)))
+
+
+@dataclass
+class ZoneModels:
+    """Every network of one ZONE pipeline. Text encoder and VAE are IP2P's, shared by both UNets."""
+
+    tokenizer: Any  # transformers CLIPTokenizer
+    text_encoder: nn.Module  # transformers CLIPTextModel
+    vae: nn.Module  # diffusers AutoencoderKL
+    ip2p_unet: nn.Module  # diffusers UNet2DConditionModel, 8 input channels
+    mb_unet: nn.Module  # MagicBrush: same architecture, other weights
+    scheduler_config: dict
+    sam: nn.Module  # segment_anything Sam
+    action_classifier: ActionClassifier | None
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> ZoneModels:
+        for net in (self.text_encoder, self.vae, self.ip2p_unet, self.mb_unet):
+            net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        # SAM and the classifier stay fp32: the mask generator's thresholds are tuned on fp32 scores.
+        for net in (self.sam, self.action_classifier):
+            if net is not None:
+                net.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny random models (tests, demo). SD1.5's block topology, so the recorded layers are the real ones.
+
+
+def _bytes_to_unicode() -> list[str]:
+    """CLIP's byte-level BPE alphabet (256 printable stand-ins for the 256 byte values)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(c) for c in printable] + [chr(256 + i) for i in range(len(extra))]
+
+
+TINY_MERGES = ("t h", "th e</w>", "a n", "an d</w>", "i n", "m a", "ma k", "mak e</w>", "d o", "do g</w>")
+
+
+def build_tiny_tokenizer(folder: Path | None = None) -> Any:
+    """A real CLIPTokenizer over a tiny byte-level vocabulary, written as vocab.json + merges.txt."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder or tempfile.mkdtemp(prefix="zone-tiny-tokenizer-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = _bytes_to_unicode()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [m.replace(" ", "") for m in TINY_MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(TINY_MERGES) + "\n")
+    return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
+
+
+def build_tiny_unet() -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=8,  # 4 noisy latent + 4 image latent, as IP2P
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=2,
+        cross_attention_dim=32,
+        attention_head_dim=2,  # SD1.5's config key: it is the number of heads
+        norm_num_groups=8,
+    )
+
+
+def build_tiny_components(seed: int = 0) -> ZoneModels:
+    """Tiny random ZONE models, entirely offline; the same seed gives the same weights."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # 4 blocks: SD's 8x downsampling
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    ip2p_unet = build_tiny_unet()
+    mb_unet = build_tiny_unet()
+    scheduler_config = dict(DPMSolverMultistepScheduler().config)
+    return ZoneModels(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        ip2p_unet=ip2p_unet,
+        mb_unet=mb_unet,
+        scheduler_config=scheduler_config,
+        sam=build_sam("tiny"),
+        action_classifier=ActionClassifier(input_size=32),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# SAM: one builder for every size (segment-anything's registry numbers, plus a tiny one).
+
+SAM_SIZES: dict[str, dict[str, Any]] = {
+    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+    "tiny": dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=64, window_size=2,
+                 prompt_dim=32, mask_in_chans=8, mlp_dim=64, decoder_heads=2, iou_hidden=32),
+}
+
+
+def build_sam(model_type: str) -> nn.Module:
+    """An uninitialised-weights SAM of the given size (vit_h, vit_l, vit_b or tiny)."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    size = SAM_SIZES[model_type]
+    img_size, prompt_dim = size.get("img_size", 1024), size.get("prompt_dim", 256)
+    embedding_side = img_size // 16
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=size["depth"],
+            embed_dim=size["embed_dim"],
+            img_size=img_size,
+            mlp_ratio=4,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            num_heads=size["num_heads"],
+            patch_size=16,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=size["global_attn_indexes"],
+            window_size=size.get("window_size", 14),
+            out_chans=prompt_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_dim,
+            image_embedding_size=(embedding_side, embedding_side),
+            input_image_size=(img_size, img_size),
+            mask_in_chans=size.get("mask_in_chans", 16),
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=2, embedding_dim=prompt_dim, mlp_dim=size.get("mlp_dim", 2048),
+                num_heads=size.get("decoder_heads", 8),
+            ),
+            transformer_dim=prompt_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=size.get("iou_hidden", 256),
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
+def sam_type_from_path(path: Path) -> str | None:
+    """'vit_h' for sam_vit_h_4b8939.pth etc.; None when the name does not say."""
+    return next((name for name in ("vit_h", "vit_l", "vit_b") if name in path.name), None)
+
+
+def load_sam(checkpoint: str | Path, model_type: str | None = None) -> nn.Module:
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise CheckpointError(
+            f"SAM checkpoint not found: {path}. Download {SAM_URLS['vit_h']} (or the vit_l / vit_b file) "
+            "and pass its path with --sam."
+        )
+    model_type = model_type or sam_type_from_path(path)
+    if model_type not in ("vit_h", "vit_l", "vit_b"):
+        raise CheckpointError(
+            f"cannot tell the SAM model type of {path.name}: pass --sam-type vit_h, vit_l or vit_b"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and I/O errors all mean the same to the user
+        raise CheckpointError(f"cannot read SAM checkpoint {path}: {error}") from None
+    sam = build_sam(model_type)
+    try:
+        sam.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise CheckpointError(
+            f"{path.name} is not a SAM {model_type} checkpoint ({str(error).splitlines()[0]}); "
+            "check --sam-type"
+        ) from None
+    return sam
+
+
+# --------------------------------------------------------------------------------------------------
+# InstructPix2Pix, MagicBrush and the action classifier from local folders or the offline HF cache.
+
+
+def _missing_model_message(what: str, source: str, hub_id: str, flag: str) -> str:
+    return (
+        f"{what} weights not found at '{source}' (local folder or offline Hugging Face cache). "
+        f"On a machine with internet run `huggingface-cli download {hub_id}` (or `git clone` the "
+        f"model repo) and pass the folder with {flag}."
+    )
+
+
+def load_ip2p(source: str, dtype: torch.dtype = torch.float32) -> Any:
+    """IP2P's diffusers pipeline (tokenizer, text encoder, VAE, UNet, scheduler), from disk only."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    try:
+        return StableDiffusionInstructPix2PixPipeline.from_pretrained(
+            source, safety_checker=None, requires_safety_checker=False, local_files_only=True, torch_dtype=dtype
+        )
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise CheckpointError(_missing_model_message("InstructPix2Pix", source, IP2P_ID, "--ip2p")) from error
+
+
+def load_magicbrush_unet(source: str, ip2p: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """MagicBrush's UNet, loaded through the IP2P pipeline class.
+
+    Its hub folder is tagged StableDiffusionPipeline, so a generic loader would pick the wrong
+    class. IP2P's text encoder, tokenizer and VAE are passed in so MagicBrush's own copies are never
+    loaded: ZONE uses IP2P's for both trajectories.
+    """
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    try:
+        pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+            source,
+            text_encoder=ip2p.text_encoder,
+            tokenizer=ip2p.tokenizer,
+            vae=ip2p.vae,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            local_files_only=True,
+            torch_dtype=dtype,
+        )
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise CheckpointError(
+            _missing_model_message("MagicBrush", source, MAGICBRUSH_ID, "--magicbrush")
+        ) from error
+    check_same_unet(ip2p.unet, pipe.unet, source)
+    return pipe.unet
+
+
+def check_same_unet(reference: nn.Module, other: nn.Module, source: str) -> None:
+    """MagicBrush must be an IP2P fine-tune: same UNet config and the same state-dict shapes."""
+    keys = ("in_channels", "out_channels", "block_out_channels", "cross_attention_dim", "down_block_types",
+            "up_block_types", "layers_per_block", "attention_head_dim")
+    differing = [k for k in keys if reference.config.get(k) != other.config.get(k)]
+    ref_shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    other_shapes = {k: tuple(v.shape) for k, v in other.state_dict().items()}
+    if differing or ref_shapes != other_shapes:
+        detail = f"config differs in {', '.join(differing)}" if differing else "state-dict shapes differ"
+        raise CheckpointError(
+            f"the MagicBrush UNet at '{source}' does not match InstructPix2Pix's architecture ({detail}); "
+            f"expected an IP2P fine-tune such as {MAGICBRUSH_ID}"
+        )
+
+
+def load_action_classifier(checkpoint: str | Path | None, hidden_size: int) -> ActionClassifier | None:
+    """The reference action classifier, or None (then the keyword rule is used, with a warning)."""
+    if checkpoint is None:
+        warnings.warn(
+            f"no action classifier given: actions come from the keyword rule. For the learned classifier "
+            f"get {ACTION_CLASSIFIER_SOURCE} and pass --action-classifier PATH.",
+            stacklevel=3,
+        )
+        return None
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"action classifier not found: {path}. Get {ACTION_CLASSIFIER_SOURCE}.")
+    classifier = ActionClassifier(input_size=hidden_size)
+    try:
+        classifier.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as error:
+        raise CheckpointError(
+            f"{path} is not the ZONE action classifier for a {hidden_size}-wide text encoder ({error})"
+        ) from None
+    return classifier
+
+
+def load_pretrained(
+    ip2p: str, magicbrush: str, sam: str | Path, action_classifier: str | Path | None = None,
+    sam_type: str | None = None, dtype: torch.dtype = torch.float32,
+) -> ZoneModels:
+    sam_model = load_sam(sam, sam_type)  # cheapest check first: fail before loading two UNets
+    ip2p_pipe = load_ip2p(ip2p, dtype)
+    return ZoneModels(
+        tokenizer=ip2p_pipe.tokenizer,
+        text_encoder=ip2p_pipe.text_encoder,
+        vae=ip2p_pipe.vae,
+        ip2p_unet=ip2p_pipe.unet,
+        mb_unet=load_magicbrush_unet(magicbrush, ip2p_pipe, dtype),
+        scheduler_config=dict(ip2p_pipe.scheduler.config),
+        sam=sam_model,
+        action_classifier=load_action_classifier(action_classifier, ip2p_pipe.text_encoder.config.hidden_size),
+    )

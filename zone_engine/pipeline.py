@@ -1,0 +1,195 @@
+"""ZonePipeline: ZONE's stages composed into one edit (ZONE.md sections 0-5)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import blend, image_io
+from .action import classify_action
+from .backends import make_denoiser, make_segmenter, resolve_device, resolve_dtype
+from .config import Action, EditConfig, SamConfig
+from .denoise import DenoiseInputs, initial_noise
+from .localize import heatmap_overlay, localize, record_cross_attention
+from .models import IP2P_ID, MAGICBRUSH_ID, ZoneModels, build_tiny_components, load_pretrained
+from .refine import Segmenter, refine_with_sam
+from .text import check_instruction, encode_instruction
+from .timing import Stopwatch
+
+STAGES = ("text", "action", "vae_encode", "denoise", "localize", "vae_decode", "refine", "blend")
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """One edit's output, every array at the input image's size."""
+
+    image: np.ndarray  # uint8 (H, W, 3): the edited image; pixels outside region are the input's
+    mask_b: np.ndarray  # bool (H, W): attention-derived edit mask
+    mask_f: np.ndarray  # bool (H, W): SAM-refined mask
+    region: np.ndarray  # bool (H, W): R, where the FFT edge smoother found a real change
+    seam: np.ndarray  # bool (H, W): R without M_f, where styled and input are mixed
+    styled: np.ndarray  # uint8 (H, W, 3): I_sty, the full denoised image
+    heatmap: np.ndarray  # uint8 (H, W, 3): attention difference map over the input
+    action: Action
+    used_fallback: bool  # no SAM segment overlapped M_b, so M_f = M_b
+    instruction_truncated: bool
+    timings: dict[str, float]  # seconds per stage, plus "total"
+
+
+def image_to_tensor(image: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (H, W, 3) -> (1, 3, H, W) in [-1, 1], as diffusers' VaeImageProcessor."""
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+    return (2.0 * pixels - 1.0).to(device=device, dtype=dtype)
+
+
+@torch.inference_mode()
+def encode_image_latents(vae, image: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """IP2P's image conditioning (3, 4, h, w): [latents, latents, zeros], unscaled latent_dist.mode()."""
+    device = next(vae.parameters()).device
+    latents = vae.encode(image_to_tensor(image, device, dtype)).latent_dist.mode()
+    return torch.cat([latents, latents, torch.zeros_like(latents)])
+
+
+@torch.inference_mode()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """(1, 4, h, w) -> float (1, 3, H, W) in [0, 1]."""
+    image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def to_uint8_image(pixels: torch.Tensor) -> np.ndarray:
+    """float (1, 3, H, W) in [0, 1] -> uint8 (H, W, 3), rounding as diffusers' numpy_to_pil."""
+    return (pixels[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+class ZonePipeline:
+    """Zero-shot instruction-guided local editing: `pipe.edit(image, "make the dog a golden statue")`."""
+
+    def __init__(
+        self, models: ZoneModels, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
+        default_config: EditConfig | None = None, denoiser: str = "eager", segmenter: str = "torch",
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.models = models.to(self.device, self.dtype)
+        self.default_config = default_config or EditConfig()
+        self.denoiser = make_denoiser(self.models, denoiser)
+        self.segmenter_kind = segmenter
+        self._segmenters: dict[SamConfig, Segmenter] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls, ip2p: str = IP2P_ID, magicbrush: str = MAGICBRUSH_ID, sam: str | Path = "ckpts/sam_vit_h_4b8939.pth",
+        action_classifier: str | Path | None = None, device: str | torch.device = "auto",
+        dtype: str | torch.dtype | None = None, sam_type: str | None = None, **kwargs,
+    ) -> ZonePipeline:
+        """Real checkpoints from local folders, the offline Hugging Face cache, and a SAM .pth file."""
+        target = resolve_device(device)
+        load_dtype = resolve_dtype(dtype, target)
+        models = load_pretrained(ip2p, magicbrush, sam, action_classifier, sam_type, load_dtype)
+        return cls(models, target, load_dtype, **kwargs)
+
+    @classmethod
+    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", **kwargs) -> ZonePipeline:
+        """Tiny random models, built offline in seconds: for tests and the demo (the edit is meaningless)."""
+        config = EditConfig(sam=SamConfig.for_random_weights())
+        return cls(build_tiny_components(seed), device, default_config=config, **kwargs)
+
+    def segmenter(self, config: SamConfig) -> Segmenter:
+        if config not in self._segmenters:
+            self._segmenters[config] = make_segmenter(self.models, config, self.segmenter_kind)
+        return self._segmenters[config]
+
+    def edit(
+        self, image, instruction: str, config: EditConfig | None = None, *, progress: bool = False
+    ) -> EditResult:
+        """Edit `image` (path, PIL image or array) as `instruction` says; only the edited region changes."""
+        config = config or self.default_config
+        models, watch = self.models, Stopwatch(self.device)
+        started = time.perf_counter()
+
+        # 1. Check inputs; shrink and pad to the working size.
+        original = image_io.load_image(image)
+        instruction = check_instruction(instruction)
+        geometry = image_io.working_geometry(*original.shape[:2], config.max_side, config.size_multiple)
+        working = image_io.to_working(original, geometry)
+        padded_h, padded_w = geometry.padded_size
+        latent_size = (padded_h // 8, padded_w // 8)
+        grid = (padded_h // 32, padded_w // 32)
+
+        # 2. Encode the instruction once, for both UNets.
+        with watch("text"):
+            encoded = encode_instruction(models.tokenizer, models.text_encoder, instruction)
+
+        # 3. Decide the action.
+        with watch("action"):
+            action = config.action or classify_action(
+                instruction, models.tokenizer, models.text_encoder, models.action_classifier,
+                config.action_rule,
+            )
+
+        # 4. Image latents and the shared initial noise.
+        with watch("vae_encode"):
+            inputs = DenoiseInputs(
+                context=encoded.context,
+                image_latents=encode_image_latents(models.vae, working, self.dtype),
+                noise=initial_noise(config.seed, latent_size, self.device, self.dtype),
+            )
+
+        # 5. Dual denoising, recording IP2P's cross-attention on the way.
+        with watch("denoise"), tqdm(total=config.steps, desc="denoising", unit="step", disable=not progress) as bar, \
+                record_cross_attention(models.ip2p_unet, latent_size, grid) as attention:
+            latents = self.denoiser(inputs, config, config.beta_for(action), on_step=lambda _: bar.update(1))
+
+        # 6. Localization: the edit mask M_b.
+        with watch("localize"):
+            located = localize(
+                attention.average(), grid, encoded.token_count - 1, geometry.padded_size,
+                rule=config.threshold_rule, reference_threshold=config.reference_threshold,
+                paper_threshold=config.paper_threshold, min_area=config.min_region_area,
+            )
+
+        # 7. Decode I_sty.
+        with watch("vae_decode"):
+            styled = to_uint8_image(decode_latents(models.vae, latents))
+
+        # 8. Refine M_b with SAM (on the input for REMOVE: the object is gone from I_sty).
+        with watch("refine"):
+            segmented = working if action is Action.REMOVE else styled
+            refined = refine_with_sam(self.segmenter(config.sam), segmented, located.mask_b, config)
+
+        # 9. Blend: find R at the working size, composite at the input size.
+        with watch("blend"):
+            region = blend.fft_edit_region(
+                styled, working, refined.dilated, radius=config.fft_radius, threshold=config.fft_threshold,
+                close_kernel=config.close_kernel,
+            )
+            at_input = {
+                name: image_io.to_input_size(mask, geometry, is_mask=True)
+                for name, mask in (("mask_b", located.mask_b), ("mask_f", refined.mask_f), ("region", region))
+            }
+            styled_input = image_io.to_input_size(styled, geometry, is_mask=False)
+            edited = blend.composite(
+                original, styled_input, at_input["region"], at_input["mask_f"], alpha=config.seam_alpha
+            )
+
+        timings = {stage: watch.seconds.get(stage, 0.0) for stage in STAGES}
+        timings["total"] = time.perf_counter() - started
+        return EditResult(
+            image=edited,
+            mask_b=at_input["mask_b"],
+            mask_f=at_input["mask_f"],
+            region=at_input["region"],
+            seam=blend.seam(at_input["region"], at_input["mask_f"]),
+            styled=styled_input,
+            heatmap=image_io.to_input_size(heatmap_overlay(working, located.difference), geometry, is_mask=False),
+            action=action,
+            used_fallback=refined.used_fallback,
+            instruction_truncated=encoded.truncated,
+            timings=timings,
+        )

@@ -1,0 +1,62 @@
+"""Instruction encoding: computed once with IP2P's tokenizer and text encoder, shared by both UNets."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InstructionError
+
+MAX_TOKENS = 77
+MAX_CHARACTERS = 10_000  # far beyond 77 CLIP tokens: anything longer is not an instruction
+
+
+@dataclass(frozen=True)
+class EncodedInstruction:
+    context: torch.Tensor  # (3, 77, C): [c_T, empty, empty] — IP2P's guidance branch order
+    token_count: int  # L: tokens of c_T including start and end, at most 77
+    truncated: bool
+
+
+def check_instruction(instruction: object) -> str:
+    """The instruction as a stripped string, or a clear InstructionError."""
+    if not isinstance(instruction, str):
+        raise InstructionError(f"the instruction must be text, got {type(instruction).__name__}")
+    text = instruction.strip()
+    if not text:
+        raise InstructionError('the instruction is empty: say what to edit, e.g. -i "make the dog a golden statue"')
+    if len(text) > MAX_CHARACTERS:
+        raise InstructionError(
+            f"the instruction is {len(text)} characters long; CLIP reads only {MAX_TOKENS} tokens, so keep it short"
+        )
+    return text
+
+
+def count_tokens(tokenizer, text: str) -> tuple[int, bool]:
+    """(L, truncated): tokens of `text` with start and end, capped at 77 as CLIP truncates."""
+    full = len(tokenizer(text, truncation=False).input_ids)
+    return min(full, MAX_TOKENS), full > MAX_TOKENS
+
+
+def padded_ids(tokenizer, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (len(texts), 77)."""
+    batch = tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+    return batch.input_ids.to(device), batch.attention_mask.to(device)
+
+
+@torch.inference_mode()
+def encode_instruction(tokenizer, text_encoder, instruction: str) -> EncodedInstruction:
+    """Encode c_T and the empty prompt as diffusers' IP2P pipeline does (no attention mask)."""
+    text = check_instruction(instruction)
+    token_count, truncated = count_tokens(tokenizer, text)
+    if truncated:
+        warnings.warn(
+            f"the instruction is longer than {MAX_TOKENS} CLIP tokens and was truncated", stacklevel=3
+        )
+    device = next(text_encoder.parameters()).device
+    ids, _ = padded_ids(tokenizer, [text, ""], device)
+    states = text_encoder(ids)[0]  # (2, 77, C)
+    context = torch.stack([states[0], states[1], states[1]])
+    return EncodedInstruction(context=context, token_count=token_count, truncated=truncated)
