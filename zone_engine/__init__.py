@@ -2,7 +2,16 @@
 
 from .config import Action, EditConfig, SamConfig
 from .errors import ZoneError
-from .pipeline import EditResult, ZonePipeline
 
 __all__ = ["Action", "EditConfig", "EditResult", "SamConfig", "ZoneError", "ZonePipeline"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The pipeline pulls in torch, diffusers and segment-anything: import it only when asked for,
+    # so `zone --help` and the pure-numpy stages stay light.
+    if name in ("ZonePipeline", "EditResult"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'zone_engine' has no attribute {name!r}")

@@ -1,0 +1,571 @@
+"""zone_engine.image_io: every pixel mode, every kind of bad input, the working geometry, saving."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zone_engine import image_io
+from zone_engine.errors import InputImageError, ZoneError
+from zone_engine.image_io import (
+    Geometry,
+    crop_padding,
+    load_image,
+    make_sample_image,
+    save_image,
+    to_input_size,
+    to_working,
+    working_geometry,
+)
+
+RNG = np.random.default_rng(0)
+
+
+def random_rgb(height: int, width: int, low: int = 0) -> np.ndarray:
+    return RNG.integers(low, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def load_quietly(source) -> np.ndarray:
+    """Load and fail on any warning (transparency warnings must only come from alpha inputs)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return load_image(source)
+
+
+def load_refused(source) -> str:
+    """Load, expect InputImageError, return its message (checked to be one line)."""
+    with pytest.raises(InputImageError) as caught:
+        load_image(source)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def assert_rgb(array: np.ndarray, height: int, width: int) -> None:
+    assert array.shape == (height, width, 3)
+    assert array.dtype == np.uint8
+    assert array.flags.c_contiguous
+    assert array.flags.writeable
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pixel modes, from files
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_rgb_png_loads_unchanged(tmp_path):
+    pixels = random_rgb(12, 20)
+    Image.fromarray(pixels).save(tmp_path / "rgb.png")
+    loaded = load_quietly(tmp_path / "rgb.png")
+    assert_rgb(loaded, 12, 20)
+    np.testing.assert_array_equal(loaded, pixels)
+
+
+def test_path_may_be_a_string(tmp_path):
+    pixels = random_rgb(9, 9)
+    Image.fromarray(pixels).save(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(load_quietly(str(tmp_path / "rgb.png")), pixels)
+
+
+def test_grayscale_png_is_repeated_over_channels(tmp_path):
+    gray = RNG.integers(0, 256, size=(10, 14), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "l.png")
+    loaded = load_quietly(tmp_path / "l.png")
+    assert_rgb(loaded, 10, 14)
+    np.testing.assert_array_equal(loaded, np.repeat(gray[:, :, None], 3, axis=2))
+
+
+def test_one_bit_png_gives_black_and_white(tmp_path):
+    bits = (np.indices((8, 12)).sum(axis=0) % 2).astype(bool)
+    Image.fromarray(bits).save(tmp_path / "1.png")
+    loaded = load_quietly(tmp_path / "1.png")
+    assert_rgb(loaded, 8, 12)
+    np.testing.assert_array_equal(loaded[:, :, 0], bits.astype(np.uint8) * 255)
+
+
+def palette_image(indices: np.ndarray) -> Image.Image:
+    img = Image.frombytes("P", indices.shape[::-1], indices.astype(np.uint8).tobytes())
+    img.putpalette([10, 20, 30, 200, 100, 50, 0, 255, 0] + [0] * (256 * 3 - 9))
+    return img
+
+
+def test_palette_png_looks_up_colours(tmp_path):
+    indices = RNG.integers(0, 3, size=(9, 11))
+    palette_image(indices).save(tmp_path / "p.png")
+    loaded = load_quietly(tmp_path / "p.png")
+    colours = np.array([[10, 20, 30], [200, 100, 50], [0, 255, 0]], dtype=np.uint8)
+    np.testing.assert_array_equal(loaded, colours[indices])
+
+
+def test_palette_png_with_transparency_warns_and_blackens(tmp_path):
+    indices = RNG.integers(0, 3, size=(9, 11))
+    indices[0, 0] = 1
+    palette_image(indices).save(tmp_path / "pt.png", transparency=1)
+    with pytest.warns(UserWarning, match="transparency"):
+        loaded = load_image(tmp_path / "pt.png")
+    np.testing.assert_array_equal(loaded[indices == 1], 0)
+    assert (loaded[indices == 2] == [0, 255, 0]).all()
+
+
+def test_rgba_png_composites_over_black_and_warns(tmp_path):
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., :3] = (200, 100, 50)
+    rgba[0, :, 3] = 255
+    rgba[1, :, 3] = 0
+    rgba[2:, :, 3] = 128
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    with pytest.warns(UserWarning, match="transparency"):
+        loaded = load_image(tmp_path / "rgba.png")
+    assert_rgb(loaded, 8, 8)
+    np.testing.assert_array_equal(loaded[0], np.broadcast_to([200, 100, 50], (8, 3)))
+    np.testing.assert_array_equal(loaded[1], 0)
+    np.testing.assert_array_equal(loaded[2], np.broadcast_to([100, 50, 25], (8, 3)))  # round(c*128/255)
+
+
+def test_opaque_rgba_does_not_warn(tmp_path):
+    rgba = np.dstack([random_rgb(8, 9), np.full((8, 9), 255, dtype=np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "opaque.png")
+    np.testing.assert_array_equal(load_quietly(tmp_path / "opaque.png"), rgba[..., :3])
+
+
+def test_gray_alpha_png_composites(tmp_path):
+    Image.new("LA", (9, 8), (100, 0)).save(tmp_path / "la.png")
+    img = Image.open(tmp_path / "la.png")
+    img.putpixel((0, 0), (100, 255))
+    img.save(tmp_path / "la.png")
+    with pytest.warns(UserWarning, match="transparency"):
+        loaded = load_image(tmp_path / "la.png")
+    assert_rgb(loaded, 8, 9)
+    np.testing.assert_array_equal(loaded[0, 0], [100, 100, 100])
+    np.testing.assert_array_equal(loaded[1:], 0)
+
+
+@pytest.mark.parametrize("suffix", ["tif", "jpg"])
+def test_cmyk_is_converted(tmp_path, suffix):
+    Image.new("CMYK", (10, 8), (0, 255, 0, 0)).save(tmp_path / f"cmyk.{suffix}")
+    loaded = load_quietly(tmp_path / f"cmyk.{suffix}")
+    assert_rgb(loaded, 8, 10)
+    tolerance = 0 if suffix == "tif" else 3  # JPEG is lossy
+    assert np.abs(loaded.astype(int) - [255, 0, 255]).max() <= tolerance
+
+
+def test_sixteen_bit_png_keeps_the_high_byte(tmp_path):
+    values = np.array([[0, 255, 256, 1000], [32768, 65280, 65534, 65535]] * 4, dtype=np.uint16)
+    values = np.tile(values, (1, 2))  # (8, 8)
+    Image.fromarray(values).save(tmp_path / "i16.png")
+    assert Image.open(tmp_path / "i16.png").mode == "I;16"
+    loaded = load_quietly(tmp_path / "i16.png")
+    assert_rgb(loaded, 8, 8)
+    np.testing.assert_array_equal(loaded[0, :4, 0], [0, 0, 1, 3])
+    np.testing.assert_array_equal(loaded[1, :4, 0], [128, 255, 255, 255])
+
+
+@pytest.mark.parametrize(
+    ("high", "expected_high"),
+    [(200, 200), (65535, 255)],
+    ids=["8-bit range taken as is", "16-bit range shifted"],
+)
+def test_thirty_two_bit_integer_tiff_scales_by_actual_depth(tmp_path, high, expected_high):
+    values = np.zeros((8, 8), dtype=np.int32)
+    values[0, 0] = high
+    Image.fromarray(values).save(tmp_path / "i.tif")
+    assert Image.open(tmp_path / "i.tif").mode == "I"
+    loaded = load_quietly(tmp_path / "i.tif")
+    assert_rgb(loaded, 8, 8)
+    assert loaded[0, 0, 0] == expected_high
+    assert loaded[1:].max() == 0
+
+
+@pytest.mark.parametrize("bad", [70000, -1])
+def test_thirty_two_bit_integer_out_of_range_is_refused(tmp_path, bad):
+    values = np.zeros((8, 8), dtype=np.int32)
+    values[0, 0] = bad
+    Image.fromarray(values).save(tmp_path / "i.tif")
+    message = load_refused(tmp_path / "i.tif")
+    assert "0..65535" in message and "8-bit RGB" in message
+
+
+def test_float_tiff_is_refused(tmp_path):
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(tmp_path / "f.tif")
+    message = load_refused(tmp_path / "f.tif")
+    assert "floating-point" in message and "convert it to 8-bit RGB" in message
+
+
+def test_multi_frame_tiff_uses_first_frame(tmp_path):
+    first, second = Image.new("RGB", (9, 8), (255, 0, 0)), Image.new("RGB", (9, 8), (0, 0, 255))
+    first.save(tmp_path / "frames.tif", save_all=True, append_images=[second])
+    np.testing.assert_array_equal(load_quietly(tmp_path / "frames.tif")[0, 0], [255, 0, 0])
+
+
+def test_animated_gif_uses_first_frame(tmp_path):
+    first, second = Image.new("RGB", (9, 8), (255, 0, 0)), Image.new("RGB", (9, 8), (0, 0, 255))
+    first.save(tmp_path / "anim.gif", save_all=True, append_images=[second])
+    loaded = load_quietly(tmp_path / "anim.gif")
+    assert_rgb(loaded, 8, 9)
+    np.testing.assert_array_equal(loaded[0, 0], [255, 0, 0])
+
+
+@pytest.mark.parametrize(("orientation", "shape"), [(1, (10, 20, 3)), (6, (20, 10, 3))])
+def test_exif_orientation_is_applied(tmp_path, orientation, shape):
+    img = Image.new("RGB", (20, 10), (120, 60, 30))
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.save(tmp_path / "phone.jpg", exif=exif)
+    assert load_quietly(tmp_path / "phone.jpg").shape == shape
+
+
+# ---------------------------------------------------------------------------------------------------
+# PIL images passed directly
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["YCbCr", "HSV", "LAB", "CMYK", "RGBX"])
+def test_pil_colour_modes_convert_to_rgb(mode):
+    img = Image.fromarray(random_rgb(8, 9)).convert(mode) if mode != "LAB" else Image.new("LAB", (9, 8))
+    loaded = load_quietly(img)
+    assert_rgb(loaded, 8, 9)
+    np.testing.assert_array_equal(loaded, np.asarray(img.convert("RGB")))
+
+
+def test_pil_palette_alpha_composites_and_warns():
+    img = Image.new("PA", (9, 8))
+    with pytest.warns(UserWarning, match="transparency"):
+        assert_rgb(load_image(img), 8, 9)
+
+
+def test_pil_float_image_is_refused():
+    assert "floating-point" in load_refused(Image.new("F", (9, 9)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files that are not usable images
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    assert load_refused(tmp_path / "nowhere.png") == f"image not found: {tmp_path / 'nowhere.png'}"
+
+
+def test_directory(tmp_path):
+    assert "is a directory" in load_refused(tmp_path)
+
+
+def test_random_bytes_named_png(tmp_path):
+    (tmp_path / "noise.png").write_bytes(RNG.integers(0, 256, 500, dtype=np.uint8).tobytes())
+    message = load_refused(tmp_path / "noise.png")
+    assert "cannot read" in message and "noise.png" in message and "PNG or JPEG" in message
+
+
+def test_text_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("a photo of a cat\n")
+    assert "not an image file" in load_refused(tmp_path / "notes.txt")
+
+
+def test_truncated_png(tmp_path):
+    Image.fromarray(random_rgb(64, 64)).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "half.png").write_bytes(data[: len(data) // 2])
+    message = load_refused(tmp_path / "half.png")
+    assert "truncated" in message and "re-export or re-download" in message
+
+
+def test_corrupt_pixel_data_in_a_valid_header(tmp_path):
+    Image.fromarray(random_rgb(32, 32)).save(tmp_path / "full.png")
+    data = bytearray((tmp_path / "full.png").read_bytes())
+    data[60:200] = bytes(140)  # inside the compressed IDAT stream
+    (tmp_path / "bad.png").write_bytes(bytes(data))
+    assert "cannot read" in load_refused(tmp_path / "bad.png")
+
+
+def test_unsupported_source_type():
+    assert "file path, a PIL image or a numpy array" in load_refused(42)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Size limits
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_tiny_file_is_refused(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "tiny.png")
+    message = load_refused(tmp_path / "tiny.png")
+    assert "image is 4x4; at least 8 pixels per side are needed" in message
+
+
+def test_tiny_array_reports_width_by_height():
+    assert "image is 9x5" in load_refused(np.zeros((5, 9, 3), dtype=np.uint8))
+
+
+def test_over_limit_file_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(image_io, "MAX_PIXELS", 100)
+    Image.new("RGB", (16, 16)).save(tmp_path / "big.png")
+    message = load_refused(tmp_path / "big.png")
+    assert "16x16" in message and "downscale" in message
+
+
+def test_over_limit_array_is_refused(monkeypatch):
+    monkeypatch.setattr(image_io, "MAX_PIXELS", 100)
+    assert "downscale" in load_refused(np.zeros((16, 16, 3), dtype=np.uint8))
+
+
+def test_pil_decompression_bomb_becomes_our_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # PIL refuses above 2 x 50
+    Image.new("RGB", (16, 16)).save(tmp_path / "bomb.png")
+    assert "downscale" in load_refused(tmp_path / "bomb.png")
+
+
+def test_pil_bomb_warning_does_not_leak_below_our_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # PIL warns at 81 > 50; ours is 100 M
+    Image.new("RGB", (9, 9)).save(tmp_path / "fine.png")
+    assert_rgb(load_quietly(tmp_path / "fine.png"), 9, 9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Numpy inputs
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_uint8_rgb_array_is_copied():
+    pixels = random_rgb(8, 10)
+    loaded = load_quietly(pixels)
+    np.testing.assert_array_equal(loaded, pixels)
+    loaded[0, 0] = 7
+    assert not np.shares_memory(loaded, pixels)
+
+
+@pytest.mark.parametrize("shape", [(8, 10), (8, 10, 1)])
+def test_uint8_gray_array(shape):
+    gray = RNG.integers(0, 256, size=shape, dtype=np.uint8)
+    loaded = load_quietly(gray)
+    assert_rgb(loaded, 8, 10)
+    np.testing.assert_array_equal(loaded, np.repeat(gray.reshape(8, 10, 1), 3, axis=2))
+
+
+def test_uint8_rgba_array_composites():
+    rgba = np.dstack([np.full((8, 8, 3), 200, dtype=np.uint8), np.full((8, 8), 255, dtype=np.uint8)])
+    np.testing.assert_array_equal(load_quietly(rgba), 200)
+    rgba[..., 3] = 0
+    with pytest.warns(UserWarning, match="transparency"):
+        np.testing.assert_array_equal(load_image(rgba), 0)
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (8, 8, 1), (8, 8, 3), (8, 8, 4)])
+def test_uint16_array_keeps_the_high_byte(shape):
+    values = np.full(shape, 65535, dtype=np.uint16)
+    values[0, 0] = 511
+    if shape[-1] == 4:
+        values[0, 0, 3] = 65535  # keep the alpha channel opaque
+    loaded = load_quietly(values)
+    assert_rgb(loaded, 8, 8)
+    np.testing.assert_array_equal(loaded[0, 0], [1, 1, 1])
+    assert (loaded[1:] == 255).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_float_array_in_unit_range(dtype):
+    values = np.zeros((8, 8, 3), dtype=dtype)
+    values[0, 0] = (1.0, 0.5, 0.25)
+    loaded = load_quietly(values)
+    assert_rgb(loaded, 8, 8)
+    np.testing.assert_array_equal(loaded[0, 0], [255, 128, 64])
+
+
+def test_non_contiguous_array_gives_contiguous_result():
+    pixels = random_rgb(10, 12)
+    assert_rgb(load_quietly(pixels.transpose(1, 0, 2)), 12, 10)
+    assert_rgb(load_quietly(pixels[::-1, ::-1]), 10, 12)
+
+
+@pytest.mark.parametrize(
+    ("array", "words"),
+    [
+        (np.zeros(64, dtype=np.uint8), "shape (64,)"),
+        (np.zeros((2, 8, 8, 3), dtype=np.uint8), "shape (2, 8, 8, 3)"),
+        (np.zeros((8, 8, 2), dtype=np.uint8), "shape (8, 8, 2)"),
+        (np.zeros((8, 8, 5), dtype=np.uint8), "shape (8, 8, 5)"),
+        (np.zeros((8, 8, 3), dtype=np.int32), "dtype int32"),
+        (np.zeros((8, 8, 3), dtype=np.int64), "dtype int64"),
+        (np.zeros((8, 8), dtype=bool), "dtype bool"),
+        (np.full((8, 8, 3), -0.1, dtype=np.float32), "[0, 1]"),
+        (np.full((8, 8, 3), 1.5, dtype=np.float32), "[0, 1]"),
+        (np.full((8, 8, 3), np.nan, dtype=np.float32), "finite"),
+        (np.full((8, 8, 3), 255.0, dtype=np.float64), "[0, 1]"),
+    ],
+    ids=["1d", "4d", "2ch", "5ch", "int32", "int64", "bool", "negative", "above-one", "nan", "0-255-float"],
+)
+def test_rejected_arrays_name_what_was_received(array, words):
+    message = load_refused(array)
+    assert words in message and "accepted" in message
+
+
+# ---------------------------------------------------------------------------------------------------
+# Working geometry
+# ---------------------------------------------------------------------------------------------------
+
+GEOMETRY_CASES = [
+    # (H, W) -> scaled (H, W), padded (H, W), pad_top, pad_left
+    ((512, 512), (512, 512), (512, 512), 0, 0),
+    ((600, 400), (512, 341), (512, 352), 0, 5),
+    ((400, 600), (341, 512), (352, 512), 5, 0),
+    ((100, 37), (100, 37), (128, 64), 14, 13),
+    ((1024, 2048), (256, 512), (256, 512), 0, 0),
+    ((33, 33), (33, 33), (64, 64), 15, 15),
+    ((513, 513), (512, 512), (512, 512), 0, 0),
+    ((767, 1023), (383, 512), (384, 512), 0, 0),
+    ((1000, 8), (512, 4), (512, 32), 0, 14),
+    ((300, 500), (300, 500), (320, 512), 10, 6),
+    ((8, 8), (8, 8), (32, 32), 12, 12),
+]
+GEOMETRY_IDS = [f"{h}x{w}" for (h, w), *_ in GEOMETRY_CASES]
+
+
+@pytest.mark.parametrize(("size", "scaled", "padded", "top", "left"), GEOMETRY_CASES, ids=GEOMETRY_IDS)
+def test_working_geometry(size, scaled, padded, top, left):
+    assert working_geometry(*size) == Geometry(size, scaled, padded, top, left)
+
+
+@pytest.mark.parametrize(("size", "scaled", "padded", "top", "left"), GEOMETRY_CASES, ids=GEOMETRY_IDS)
+def test_geometry_invariants(size, scaled, padded, top, left):
+    geometry = working_geometry(*size)
+    assert max(geometry.scaled_size) == min(max(size), 512)
+    for axis, pad_before in enumerate((geometry.pad_top, geometry.pad_left)):
+        total = geometry.padded_size[axis] - geometry.scaled_size[axis]
+        assert geometry.padded_size[axis] % 32 == 0 and 0 <= total < 32
+        assert pad_before == total // 2  # an odd pixel goes after
+
+
+def test_geometry_options():
+    geometry = working_geometry(600, 400, max_side=256, multiple=8)
+    assert geometry.scaled_size == (256, 170) and geometry.padded_size == (256, 176)
+    with pytest.raises(ValueError):
+        working_geometry(0, 10)
+
+
+@pytest.mark.parametrize(("size", "scaled", "padded", "top", "left"), GEOMETRY_CASES, ids=GEOMETRY_IDS)
+def test_to_working_pads_black_around_the_shrunk_image(size, scaled, padded, top, left):
+    image = random_rgb(*size, low=1)  # no black pixels, so padding is recognisable
+    geometry = working_geometry(*size)
+    working = to_working(image, geometry)
+    assert working.shape == (*padded, 3) and working.dtype == np.uint8
+
+    expected = image
+    if scaled != size:
+        expected = np.asarray(Image.fromarray(image).resize(scaled[::-1], Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(crop_padding(working, geometry), expected)
+    np.testing.assert_array_equal(working[top : top + scaled[0], left : left + scaled[1]], expected)
+
+    padding = np.ones(padded, dtype=bool)
+    padding[top : top + scaled[0], left : left + scaled[1]] = False
+    assert (working[padding] == 0).all()
+
+
+@pytest.mark.parametrize(("size", "scaled", "padded", "top", "left"), GEOMETRY_CASES, ids=GEOMETRY_IDS)
+def test_to_input_size_returns_input_shape(size, scaled, padded, top, left):
+    geometry = working_geometry(*size)
+    working = to_working(random_rgb(*size), geometry)
+    image = to_input_size(working, geometry, is_mask=False)
+    assert image.shape == (*size, 3) and image.dtype == np.uint8
+    mask = to_input_size(working[..., 0] > 127, geometry, is_mask=True)
+    assert mask.shape == size and mask.dtype == bool
+
+
+@pytest.mark.parametrize("size", [(100, 37), (33, 33), (512, 512), (300, 500)])
+def test_round_trip_is_exact_without_shrink(size):
+    image = random_rgb(*size)
+    geometry = working_geometry(*size)
+    back = to_input_size(to_working(image, geometry), geometry, is_mask=False)
+    np.testing.assert_array_equal(back, image)
+    mask = image[..., 0] > 127
+    padded_mask = np.zeros(geometry.padded_size, dtype=bool)
+    padded_mask[geometry.pad_top :, geometry.pad_left :][: size[0], : size[1]] = mask
+    np.testing.assert_array_equal(to_input_size(padded_mask, geometry, is_mask=True), mask)
+
+
+def test_mask_upscale_is_nearest():
+    geometry = working_geometry(1024, 1024)  # exactly 2x shrink, no padding
+    small = RNG.random((512, 512)) > 0.5
+    big = to_input_size(small, geometry, is_mask=True)
+    np.testing.assert_array_equal(big, np.repeat(np.repeat(small, 2, axis=0), 2, axis=1))
+
+
+def test_uint8_mask_counts_nonzero_as_true():
+    geometry = working_geometry(32, 32)
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[3, 4] = 255
+    mask[5, 6] = 1
+    back = to_input_size(mask, geometry, is_mask=True)
+    assert back.dtype == bool and back.sum() == 2
+
+
+def test_shape_mismatches_are_bugs():
+    geometry = working_geometry(100, 37)
+    with pytest.raises(ValueError):
+        to_working(random_rgb(37, 100), geometry)
+    with pytest.raises(ValueError):
+        to_working(random_rgb(100, 37).astype(np.float32), geometry)
+    with pytest.raises(ValueError):
+        crop_padding(np.zeros((100, 37)), geometry)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_save_rgb_round_trip_creates_folders(tmp_path):
+    pixels = random_rgb(9, 13)
+    path = tmp_path / "out" / "nested" / "edited.png"
+    save_image(pixels, path)
+    np.testing.assert_array_equal(load_quietly(path), pixels)
+
+
+def test_save_masks(tmp_path):
+    mask = RNG.random((9, 13)) > 0.5
+    save_image(mask, tmp_path / "mask.png")
+    saved = Image.open(tmp_path / "mask.png")
+    assert saved.mode == "L"
+    np.testing.assert_array_equal(np.asarray(saved), mask.astype(np.uint8) * 255)
+    save_image(mask.astype(np.uint8) * 7, tmp_path / "labels.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "labels.png")), mask * 7)
+
+
+def test_save_without_suffix_writes_png(tmp_path):
+    save_image(random_rgb(8, 8), tmp_path / "result")
+    assert Image.open(tmp_path / "result").format == "PNG"
+
+
+@pytest.mark.parametrize("name", ["file.txt/out.png", "out.unknownext"])
+def test_unwritable_path_is_a_zone_error(tmp_path, name):
+    (tmp_path / "file.txt").write_text("not a folder")
+    with pytest.raises(ZoneError, match="cannot write") as caught:
+        save_image(random_rgb(8, 8), tmp_path / name)
+    assert not isinstance(caught.value, InputImageError)
+
+
+def test_save_rejects_arrays_that_are_not_images(tmp_path):
+    with pytest.raises(ValueError):
+        save_image(np.zeros((8, 8, 3), dtype=np.float32), tmp_path / "x.png")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Built-in sample
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_sample_image_is_deterministic_and_varied():
+    sample = make_sample_image()
+    assert_rgb(sample, 256, 256)
+    np.testing.assert_array_equal(sample, make_sample_image())
+    assert len(np.unique(sample.reshape(-1, 3), axis=0)) > 50
+    assert ((sample == (250, 210, 60)).all(axis=2)).any()  # the sun
+    assert ((sample == (180, 50, 40)).all(axis=2)).any()  # the roof
+
+
+@pytest.mark.parametrize("size", [(100, 300), (300, 100), (8, 8)])
+def test_sample_image_any_size(size):
+    sample = make_sample_image(*size)
+    assert_rgb(sample, *size)
+    np.testing.assert_array_equal(load_quietly(sample), sample)

@@ -1,0 +1,181 @@
+"""ZONE.md section 3: attention capture and the mask math, against independent implementations."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from zone_engine.localize import (
+    attention_probability_sum,
+    difference_map,
+    localize,
+    record_cross_attention,
+    recorded_layers,
+)
+from zone_engine.models import build_tiny_unet
+
+
+class StoreEverything:
+    """Brute force, like the reference's AttentionStore: keep every layer's full probabilities."""
+
+    def __init__(self, name: str, store: dict):
+        self.name, self.store = name, store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(query, key, None)  # (3*heads, N, 77), batch-major rows
+        self.store.setdefault(self.name, []).append(probs)
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _unet_inputs(latent_size, seed):
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(3, 8, *latent_size, generator=generator)
+    context = torch.randn(3, 77, 32, generator=generator)
+    return sample, context
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return build_tiny_unet().eval()
+
+
+@pytest.mark.parametrize("latent_size", [(8, 8), (12, 8), (8, 16)])
+def test_capture_does_not_change_unet_output(unet, latent_size):
+    sample, context = _unet_inputs(latent_size, 0)
+    with torch.inference_mode():
+        plain = unet(sample, 500, encoder_hidden_states=context).sample
+        grid = (latent_size[0] // 4, latent_size[1] // 4)
+        with record_cross_attention(unet, latent_size, grid) as accumulator:
+            recorded = unet(sample, 500, encoder_hidden_states=context).sample
+    assert accumulator.rows > 0
+    assert (plain - recorded).abs().max().item() <= 1e-5
+    # The UNet's own processors come back afterwards.
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in unet.attn_processors.values())
+
+
+@pytest.mark.parametrize("latent_size", [(8, 8), (12, 8)])
+def test_capture_records_exactly_zone_layers_and_rows(unet, latent_size):
+    grid = (latent_size[0] // 4, latent_size[1] // 4)
+    steps = [_unet_inputs(latent_size, seed) for seed in (1, 2)]
+
+    store: dict[str, list[torch.Tensor]] = {}
+    names = [n for n in unet.attn_processors if "attn2" in n and "mid_block" not in n]
+    originals = unet.attn_processors
+    unet.set_attn_processor({n: (StoreEverything(n, store) if n in names else p) for n, p in originals.items()})
+    with torch.inference_mode():
+        for sample, context in steps:
+            unet(sample, 900, encoder_hidden_states=context)
+    unet.set_attn_processor(originals)
+
+    # The reference's aggregation: every down/up cross-attention map with N == h*w queries,
+    # rows P[heads:] (the two empty-prompt branches), averaged over steps, layers and rows.
+    heads = 2
+    matching = [n for n in names if store[n][0].shape[1] == grid[0] * grid[1]]
+    assert len(matching) == 5  # SD1.5 topology: 2 down + 3 up layers
+    per_layer = [torch.stack(store[n]).mean(0)[heads:] for n in matching]  # average over steps
+    expected = torch.cat(per_layer).mean(0)
+
+    with torch.inference_mode(), record_cross_attention(unet, latent_size, grid) as accumulator:
+        for sample, context in steps:
+            unet(sample, 900, encoder_hidden_states=context)
+    assert {n.removesuffix(".processor") for n in matching} == set(recorded_layers(unet, latent_size, grid))
+    assert accumulator.rows == 2 * 5 * 2 * heads  # steps x layers x kept batch rows x heads
+    assert (accumulator.average() - expected).abs().max().item() <= 1e-6
+
+
+def test_attention_probability_sum_matches_softmax():
+    rng = torch.Generator().manual_seed(0)
+    query, key = torch.randn(2, 3, 5, 4, generator=rng), torch.randn(2, 3, 7, 4, generator=rng)
+    expected = torch.zeros(5, 7)
+    for r in range(2):
+        for h in range(3):
+            expected += torch.softmax(query[r, h] @ key[r, h].T * 0.5, dim=-1)
+    assert torch.allclose(attention_probability_sum(query, key, 0.5), expected, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ mask math, independently
+
+
+def _components_4(mask: np.ndarray) -> list[list[tuple[int, int]]]:
+    seen = np.zeros_like(mask, dtype=bool)
+    regions = []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        queue, region = deque([start]), []
+        seen[start] = True
+        while queue:
+            y, x = queue.popleft()
+            region.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        regions.append(region)
+    return regions
+
+
+def reference_mask(average: np.ndarray, grid, last_token, size, rule, min_area=64):
+    """ZONE's reference mask code path, re-written from the reference: numpy float32, cv2, PIL on RGB."""
+    maps = average.reshape(*grid, 77).astype(np.float32)
+    images = []
+    for token in (0, last_token):
+        m = maps[:, :, token]
+        m = np.float32(255) * m / m.max()
+        images.append(np.repeat(m[:, :, None], 3, axis=2).astype(np.uint8))
+    diff = cv2.subtract(images[0], images[1])
+    diff = np.array(Image.fromarray(diff).resize((size[1], size[0])))
+    if rule == "reference":
+        scaled = cv2.convertScaleAbs(diff, alpha=2, beta=0)
+        binary = cv2.bitwise_not(np.where(scaled <= 108, 0, 255).astype(np.uint8))[:, :, 0] > 0
+    else:
+        binary = diff[:, :, 0] < 128
+    out = binary.copy()
+    for region in _components_4(binary):
+        if len(region) < min_area:
+            for y, x in region:
+                out[y, x] = False
+    return out, diff[:, :, 0]
+
+
+@pytest.mark.parametrize("grid,size", [((2, 2), (64, 64)), ((3, 2), (96, 64)), ((4, 6), (128, 192)), ((5, 3), (160, 96))])
+@pytest.mark.parametrize("rule", ["reference", "paper"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mask_math_matches_reference(grid, size, rule, seed):
+    rng = np.random.default_rng(seed)
+    # Smooth-ish maps so the threshold cuts through real regions, plus noise.
+    average = rng.random((grid[0] * grid[1], 77)).astype(np.float32) ** 3
+    last_token = int(rng.integers(2, 77))
+    expected_mask, expected_diff = reference_mask(average, grid, last_token, size, rule)
+    result = localize(torch.from_numpy(average), grid, last_token, size, rule=rule)
+    assert np.array_equal(result.difference, expected_diff)
+    assert np.array_equal(result.mask_b, expected_mask)
+
+
+def test_difference_is_saturating_and_uses_token_l_minus_1():
+    average = torch.zeros(4, 77)
+    average[:, 0] = torch.tensor([1.0, 0.5, 0.25, 0.1])
+    average[:, 5] = torch.tensor([0.1, 0.5, 1.0, 0.1])  # L - 1 = 5
+    average[:, 6] = 1.0  # a later token must be ignored
+    d = difference_map(average, (2, 2), last_token=5)
+    a1 = (255 * average[:, 0] / average[:, 0].max()).to(torch.uint8).int()
+    a_l = (255 * average[:, 5] / average[:, 5].max()).to(torch.uint8).int()
+    assert d.reshape(-1).tolist() == torch.clamp(a1 - a_l, min=0).tolist()
+    assert d.reshape(-1)[2] == 0  # negative difference saturates at 0, not 256 - x
+
+
+def test_truncating_cast_not_rounding():
+    from zone_engine.localize import token_map_uint8
+
+    # 255 * 0.999 = 254.745 -> 254 when truncated (rounding would give 255).
+    assert token_map_uint8(torch.tensor([1.0, 0.999])).tolist() == [255, 254]

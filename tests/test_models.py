@@ -1,0 +1,109 @@
+"""Loading real checkpoints: exercised on tiny models saved to disk in the diffusers layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusionInstructPix2PixPipeline
+
+from zone_engine.errors import CheckpointError
+from zone_engine.models import (
+    ActionClassifier,
+    build_sam,
+    build_tiny_components,
+    build_tiny_unet,
+    load_action_classifier,
+    load_ip2p,
+    load_magicbrush_unet,
+    load_sam,
+    sam_type_from_path,
+)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Tiny IP2P and MagicBrush folders as diffusers writes them, and SAM / classifier files."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    models = build_tiny_components(seed=3)
+    from diffusers import DPMSolverMultistepScheduler
+
+    def save(unet, folder):
+        StableDiffusionInstructPix2PixPipeline(
+            vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=unet,
+            scheduler=DPMSolverMultistepScheduler.from_config(models.scheduler_config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        ).save_pretrained(root / folder)
+
+    save(models.ip2p_unet, "ip2p")
+    save(models.mb_unet, "magicbrush")
+    torch.save(build_sam("vit_b").state_dict(), root / "sam_vit_b_test.pth")
+    torch.save(ActionClassifier(32).state_dict(), root / "action_classifier.pth")
+    return root, models
+
+
+def test_ip2p_and_magicbrush_load_from_folders(saved):
+    root, models = saved
+    ip2p = load_ip2p(str(root / "ip2p"))
+    unet = load_magicbrush_unet(str(root / "magicbrush"), ip2p)
+    for name, tensor in models.mb_unet.state_dict().items():
+        assert torch.equal(unet.state_dict()[name], tensor)
+    assert ip2p.tokenizer("the dog").input_ids == models.tokenizer("the dog").input_ids
+
+
+def test_magicbrush_with_other_architecture_is_refused(saved, tmp_path):
+    root, models = saved
+    ip2p = load_ip2p(str(root / "ip2p"))
+    from diffusers import UNet2DConditionModel
+
+    other = UNet2DConditionModel(**{**build_tiny_unet().config, "block_out_channels": (16, 16, 32, 64)})
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(root / "magicbrush", local_files_only=True,
+                                                                  safety_checker=None)
+    pipe.unet = other
+    pipe.save_pretrained(tmp_path / "wrong")
+    with pytest.raises(CheckpointError, match="does not match InstructPix2Pix"):
+        load_magicbrush_unet(str(tmp_path / "wrong"), ip2p)
+
+
+def test_missing_models_say_how_to_get_them(tmp_path):
+    with pytest.raises(CheckpointError, match="huggingface-cli download timbrooks/instruct-pix2pix"):
+        load_ip2p(str(tmp_path / "nothing-here"))
+    with pytest.raises(CheckpointError, match="--ip2p"):
+        load_ip2p("someone/not-in-the-cache")
+    with pytest.raises(CheckpointError, match="sam_vit_h_4b8939.pth"):
+        load_sam(tmp_path / "sam_vit_h_4b8939.pth")
+    with pytest.raises(CheckpointError, match="action_classifier.pth"):
+        load_action_classifier(tmp_path / "action_classifier.pth", 768)
+
+
+def test_sam_loads_and_checks_its_type(saved, tmp_path):
+    root, _ = saved
+    sam = load_sam(root / "sam_vit_b_test.pth")
+    assert sam.image_encoder.patch_embed.proj.out_channels == 768
+    with pytest.raises(CheckpointError, match="is not a SAM vit_l checkpoint"):
+        load_sam(root / "sam_vit_b_test.pth", "vit_l")
+    unnamed = tmp_path / "weights.pth"
+    unnamed.write_bytes((root / "sam_vit_b_test.pth").read_bytes())
+    with pytest.raises(CheckpointError, match="--sam-type"):
+        load_sam(unnamed)
+    corrupt = tmp_path / "sam_vit_b_corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read SAM checkpoint"):
+        load_sam(corrupt)
+    assert sam_type_from_path(root / "sam_vit_h_4b8939.pth") == "vit_h"
+
+
+def test_action_classifier_loads_and_checks_width(saved):
+    root, _ = saved
+    assert isinstance(load_action_classifier(root / "action_classifier.pth", 32), ActionClassifier)
+    with pytest.raises(CheckpointError, match="768-wide"):
+        load_action_classifier(root / "action_classifier.pth", 768)
+    with pytest.warns(UserWarning, match="keyword rule"):
+        assert load_action_classifier(None, 768) is None
+
+
+def test_tiny_components_are_reproducible():
+    a, b = build_tiny_components(seed=5), build_tiny_components(seed=5)
+    for x, y in zip(a.ip2p_unet.parameters(), b.ip2p_unet.parameters()):
+        assert torch.equal(x, y)
+    assert a.tokenizer.model_max_length == 77
+    assert not torch.equal(next(a.ip2p_unet.parameters()), next(build_tiny_components(seed=6).ip2p_unet.parameters()))

@@ -1,0 +1,81 @@
+"""ZONE.md section 1 with beta = 0 is plain InstructPix2Pix: the engine must equal diffusers' pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import smooth_image
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionInstructPix2PixPipeline
+
+from zone_engine.config import Action, EditConfig
+from zone_engine.denoise import DenoiseInputs, SequentialDenoiser, initial_noise, make_scheduler
+from zone_engine.pipeline import decode_latents, encode_image_latents
+from zone_engine.text import encode_instruction
+
+INSTRUCTION = "make the dog a golden statue"
+STEPS = 4
+
+
+
+def _reference(tiny_models, image, output_type):
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=tiny_models.vae, text_encoder=tiny_models.text_encoder, tokenizer=tiny_models.tokenizer,
+        unet=tiny_models.ip2p_unet, scheduler=DPMSolverMultistepScheduler.from_config(tiny_models.scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    from PIL import Image
+
+    return pipe(
+        INSTRUCTION, image=Image.fromarray(image), num_inference_steps=STEPS, guidance_scale=7.5,
+        image_guidance_scale=1.5, generator=torch.Generator().manual_seed(42), output_type=output_type,
+    ).images
+
+
+def test_scheduler_timesteps_match_reference_diffusers():
+    scheduler = make_scheduler(dict(DPMSolverMultistepScheduler().config))
+    scheduler.set_timesteps(20)
+    expected = [999, 949, 899, 849, 799, 749, 699, 649, 599, 549, 500, 450, 400, 350, 300, 250, 200, 150, 100, 50]
+    assert scheduler.timesteps.tolist() == expected
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 64)])
+def test_ip2p_trajectory_equals_diffusers(tiny_models, size):
+    image = smooth_image(*size)
+    config = EditConfig(steps=STEPS, seed=42)
+    encoded = encode_instruction(tiny_models.tokenizer, tiny_models.text_encoder, INSTRUCTION)
+    inputs = DenoiseInputs(
+        context=encoded.context,
+        image_latents=encode_image_latents(tiny_models.vae, image, torch.float32),
+        noise=initial_noise(42, (size[0] // 8, size[1] // 8), torch.device("cpu"), torch.float32),
+    )
+    denoiser = SequentialDenoiser(tiny_models.ip2p_unet, tiny_models.mb_unet, tiny_models.scheduler_config)
+    latents = denoiser(inputs, config, beta=0.0)
+
+    expected_latents = _reference(tiny_models, image, "latent")
+    assert (latents - expected_latents).abs().max().item() <= 1e-4
+
+    pixels = decode_latents(tiny_models.vae, latents)
+    expected_pixels = _reference(tiny_models, image, "pt")
+    assert (pixels - expected_pixels).abs().max().item() <= 1e-4
+
+
+def test_whole_edit_styled_image_equals_diffusers(tiny_pipe):
+    image = smooth_image(64, 96)
+    config = tiny_pipe.default_config.replace(steps=STEPS, beta_add_change=0.0, action=Action.CHANGE)
+    result = tiny_pipe.edit(image, INSTRUCTION, config)
+    expected = np.asarray(_reference(tiny_pipe.models, image, "pil")[0])
+    # Rounding to uint8 may differ by one level where fp32 noise straddles a .5 boundary.
+    assert np.abs(result.styled.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_magicbrush_blend_changes_ip2p_trajectory(tiny_models):
+    """beta > 0 must pull z_ip toward MagicBrush's trajectory (the blend is not a no-op)."""
+    image = smooth_image(64, 64)
+    encoded = encode_instruction(tiny_models.tokenizer, tiny_models.text_encoder, INSTRUCTION)
+    inputs = DenoiseInputs(encoded.context, encode_image_latents(tiny_models.vae, image, torch.float32),
+                           initial_noise(1, (8, 8), torch.device("cpu"), torch.float32))
+    denoiser = SequentialDenoiser(tiny_models.ip2p_unet, tiny_models.mb_unet, tiny_models.scheduler_config)
+    config = EditConfig(steps=2)
+    assert not torch.allclose(denoiser(inputs, config, 0.0), denoiser(inputs, config, 0.2))
