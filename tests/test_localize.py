@@ -109,7 +109,7 @@ def test_attention_probability_sum_matches_softmax():
 def _components_4(mask: np.ndarray) -> list[list[tuple[int, int]]]:
     seen = np.zeros_like(mask, dtype=bool)
     regions = []
-    for start in zip(*np.nonzero(mask)):
+    for start in zip(*np.nonzero(mask), strict=True):
         if seen[start]:
             continue
         queue, region = deque([start]), []
@@ -148,7 +148,9 @@ def reference_mask(average: np.ndarray, grid, last_token, size, rule, min_area=6
     return out, diff[:, :, 0]
 
 
-@pytest.mark.parametrize("grid,size", [((2, 2), (64, 64)), ((3, 2), (96, 64)), ((4, 6), (128, 192)), ((5, 3), (160, 96))])
+@pytest.mark.parametrize(
+    "grid,size", [((2, 2), (64, 64)), ((3, 2), (96, 64)), ((4, 6), (128, 192)), ((5, 3), (160, 96))]
+)
 @pytest.mark.parametrize("rule", ["reference", "paper"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_mask_math_matches_reference(grid, size, rule, seed):

@@ -103,7 +103,7 @@ def test_action_classifier_loads_and_checks_width(saved):
 
 def test_tiny_components_are_reproducible():
     a, b = build_tiny_components(seed=5), build_tiny_components(seed=5)
-    for x, y in zip(a.ip2p_unet.parameters(), b.ip2p_unet.parameters()):
+    for x, y in zip(a.ip2p_unet.parameters(), b.ip2p_unet.parameters(), strict=True):
         assert torch.equal(x, y)
     assert a.tokenizer.model_max_length == 77
     assert not torch.equal(next(a.ip2p_unet.parameters()), next(build_tiny_components(seed=6).ip2p_unet.parameters()))

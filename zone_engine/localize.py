@@ -104,12 +104,12 @@ def cross_attention_sizes(unet) -> dict[str, int]:
     levels: dict[str, int] = {}
     level = 0
     for i, block in enumerate(unet.down_blocks):
-        for name, module in block.named_modules():
+        for name, _ in block.named_modules():
             if name.endswith("attn2"):
                 levels[f"down_blocks.{i}.{name}"] = level
         level += block.downsamplers is not None
     for i, block in enumerate(unet.up_blocks):
-        for name, module in block.named_modules():
+        for name, _ in block.named_modules():
             if name.endswith("attn2"):
                 levels[f"up_blocks.{i}.{name}"] = level
         level -= block.upsamplers is not None

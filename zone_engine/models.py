@@ -265,7 +265,7 @@ def load_ip2p(source: str, dtype: torch.dtype = torch.float32) -> Any:
         return StableDiffusionInstructPix2PixPipeline.from_pretrained(
             source, safety_checker=None, requires_safety_checker=False, local_files_only=True, torch_dtype=dtype
         )
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         raise CheckpointError(_missing_model_message("InstructPix2Pix", source, IP2P_ID, "--ip2p")) from error
 
 
@@ -290,7 +290,7 @@ def load_magicbrush_unet(source: str, ip2p: Any, dtype: torch.dtype = torch.floa
             local_files_only=True,
             torch_dtype=dtype,
         )
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         raise CheckpointError(
             _missing_model_message("MagicBrush", source, MAGICBRUSH_ID, "--magicbrush")
         ) from error

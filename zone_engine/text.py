@@ -56,7 +56,7 @@ def encode_instruction(tokenizer, text_encoder, instruction: str) -> EncodedInst
             f"the instruction is longer than {MAX_TOKENS} CLIP tokens and was truncated", stacklevel=3
         )
     device = next(text_encoder.parameters()).device
-    ids, _ = padded_ids(tokenizer, [text, ""], device)
-    states = text_encoder(ids)[0]  # (2, 77, C)
-    context = torch.stack([states[0], states[1], states[1]])
+    # Two calls, as diffusers and the reference encode them: a batch of two rounds differently.
+    prompt, empty = (text_encoder(padded_ids(tokenizer, [t], device)[0])[0] for t in (text, ""))
+    context = torch.cat([prompt, empty, empty])  # (3, 77, C)
     return EncodedInstruction(context=context, token_count=token_count, truncated=truncated)

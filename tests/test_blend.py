@@ -1,0 +1,341 @@
+"""ZONE.md section 5: the FFT edit region and the composites, against independent numpy versions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+
+from zone_engine.blend import composite, fft_edit_region, frequency_disc, luma, plain_composite, seam
+from zone_engine.config import Action
+
+SIZES = [(64, 96), (80, 48), (64, 64)]  # (H, W), non-square both ways
+
+
+# ---------------------------------------------------------------------------------------------------
+# Independent reference implementations
+# ---------------------------------------------------------------------------------------------------
+
+
+def reference_luma(image: np.ndarray) -> np.ndarray:
+    red, green, blue = (image[..., c].astype(np.float64) for c in range(3))
+    return 0.299 * red + 0.587 * green + 0.114 * blue
+
+
+def brute_force_disc(rows: int, cols: int, radius: int, centre: tuple[int, int]) -> np.ndarray:
+    """Pixels whose distance to centre = (row, col) is at most radius, one by one."""
+    disc = np.zeros((rows, cols), dtype=bool)
+    for row in range(rows):
+        for col in range(cols):
+            disc[row, col] = (row - centre[0]) ** 2 + (col - centre[1]) ** 2 <= radius**2
+    return disc
+
+
+def _window_op(mask: np.ndarray, kernel: int, pad_value: bool, reduce) -> np.ndarray:
+    half = kernel // 2
+    padded = np.pad(mask, half, constant_values=pad_value)
+    return reduce(sliding_window_view(padded, (kernel, kernel)), axis=(-2, -1))
+
+
+def close_square(mask: np.ndarray, kernel: int) -> np.ndarray:
+    """Binary closing with a kernel x kernel square; outside the image never dilates nor erodes."""
+    dilated = _window_op(mask, kernel, False, np.any)
+    return _window_op(dilated, kernel, True, np.all)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Background pixels not 4-connected to the image border become foreground (flood fill)."""
+    rows, cols = mask.shape
+    outside = np.zeros_like(mask)
+    stack = [(r, c) for r in range(rows) for c in (0, cols - 1)]
+    stack += [(r, c) for r in (0, rows - 1) for c in range(cols)]
+    while stack:
+        r, c = stack.pop()
+        if 0 <= r < rows and 0 <= c < cols and not mask[r, c] and not outside[r, c]:
+            outside[r, c] = True
+            stack.extend(((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)))
+    return ~outside
+
+
+def reference_energy(styled, original, dilated, radius, centre=None) -> np.ndarray:
+    """E = |ifft(disc * (fft(S) - fft(G)))| as float64, the disc at `centre` (row, col)."""
+    rows, cols = dilated.shape
+    centre = (rows // 2, cols // 2) if centre is None else centre
+    s = reference_luma(styled * dilated[..., None])
+    g = reference_luma(original * dilated[..., None])
+    spectrum = np.fft.fftshift(np.fft.fft2(s)) - np.fft.fftshift(np.fft.fft2(g))
+    spectrum = spectrum * brute_force_disc(rows, cols, radius, centre)
+    return np.abs(np.fft.ifft2(np.fft.ifftshift(spectrum)))
+
+
+def reference_region(styled, original, dilated, radius=200, threshold=30, close_kernel=21, *, wrap=False,
+                     centre=None) -> np.ndarray:
+    """R the intended way; wrap=True / centre=(cols//2, rows//2) reproduce the reference's defects."""
+    energy = reference_energy(styled, original, dilated, radius, centre)
+    energy = np.floor(energy) % 256 if wrap else np.floor(np.minimum(energy, 255))
+    return fill_holes(close_square(energy > threshold, close_kernel))
+
+
+def reference_composite(original, styled, region, fine_mask, alpha=0.6) -> np.ndarray:
+    out = np.empty_like(original)
+    rows, cols = region.shape
+    for r in range(rows):
+        for c in range(cols):
+            for ch in range(3):
+                o, s = float(original[r, c, ch]), float(styled[r, c, ch])
+                if region[r, c] and not fine_mask[r, c]:
+                    out[r, c, ch] = int(alpha * s + (1 - alpha) * o)  # int() truncates toward zero
+                elif region[r, c]:
+                    out[r, c, ch] = styled[r, c, ch]
+                else:
+                    out[r, c, ch] = original[r, c, ch]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Synthetic inputs
+# ---------------------------------------------------------------------------------------------------
+
+
+def rectangle(height: int, width: int, top: int, left: int, bottom: int, right: int) -> np.ndarray:
+    mask = np.zeros((height, width), dtype=bool)
+    mask[top:bottom, left:right] = True
+    return mask
+
+
+def edited_pair(height: int, width: int, seed: int = 0):
+    """Random original; styled differs from it only inside a central rectangle. Returns both and the box."""
+    rng = np.random.default_rng(seed)
+    original = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    box = rectangle(height, width, height // 4, width // 4, height // 2 + 4, width // 2 + 6)
+    styled = original.copy()
+    styled[box] = rng.integers(0, 256, size=(int(box.sum()), 3), dtype=np.uint8)
+    return original, styled, box
+
+
+def grow(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """Square growth by `pixels`, written without cv2."""
+    return _window_op(mask, 2 * pixels + 1, False, np.any)
+
+
+# ---------------------------------------------------------------------------------------------------
+# luma and the frequency disc
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_luma_uses_rgb_weights():
+    red = np.zeros((2, 3, 3), np.uint8)
+    red[..., 0] = 255
+    blue = np.zeros((2, 3, 3), np.uint8)
+    blue[..., 2] = 255
+    assert luma(red).dtype == np.float64
+    np.testing.assert_allclose(luma(red), 0.299 * 255)
+    np.testing.assert_allclose(luma(blue), 0.114 * 255)
+
+
+def test_luma_matches_formula():
+    image = np.random.default_rng(1).integers(0, 256, size=(7, 11, 3), dtype=np.uint8)
+    out = luma(image)
+    assert out.shape == (7, 11)
+    np.testing.assert_allclose(out, reference_luma(image), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("size", SIZES + [(33, 47)])
+@pytest.mark.parametrize("radius", [0, 3, 10, 25, 200])
+def test_frequency_disc_is_centred_at_rows_cols_half(size, radius):
+    rows, cols = size
+    expected = brute_force_disc(rows, cols, radius, (rows // 2, cols // 2))
+    np.testing.assert_array_equal(frequency_disc(size, radius), expected)
+
+
+def test_red_edit_is_found_blue_edit_is_not():
+    """Pure blue has luma 29.07 (<= 30) and pure red 76.2: with BGR weights the two would swap."""
+    height, width = 64, 80
+    box = rectangle(height, width, 22, 24, 42, 56)  # over 21 px from the border: closing keeps it a box
+    dilated = grow(box, 4)
+    original = np.zeros((height, width, 3), np.uint8)
+    for channel, found in ((0, True), (2, False)):
+        styled = original.copy()
+        styled[box, channel] = 255
+        region = fft_edit_region(styled, original, dilated)  # radius 200 keeps every frequency here
+        np.testing.assert_array_equal(region, box if found else np.zeros_like(box))
+
+
+# ---------------------------------------------------------------------------------------------------
+# fft_edit_region
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_region_matches_independent_implementation(size):
+    original, styled, box = edited_pair(*size)
+    dilated = grow(box, 4)
+    region = fft_edit_region(styled, original, dilated)
+    assert region.dtype == bool and region.shape == size
+    np.testing.assert_array_equal(region, reference_region(styled, original, dilated))
+    assert region[box].mean() > 0.95  # the edit is found
+
+
+@pytest.mark.parametrize("size", [(64, 96), (96, 64)])
+def test_low_pass_disc_is_centred_on_non_square_images(size):
+    """A small disc at the spectrum's true centre; the reference's (row, col) centre gives another R."""
+    rows, cols = size
+    original, styled, box = edited_pair(rows, cols, seed=3)
+    dilated = grow(box, 4)
+    radius = 12
+    region = fft_edit_region(styled, original, dilated, radius=radius, threshold=10, close_kernel=3)
+    expected = reference_region(styled, original, dilated, radius, threshold=10, close_kernel=3)
+    swapped = reference_region(styled, original, dilated, radius, threshold=10, close_kernel=3,
+                               centre=(cols // 2, rows // 2))
+    assert expected.any()
+    assert not np.array_equal(expected, swapped)  # the test can tell the two centres apart
+    np.testing.assert_array_equal(region, expected)
+
+
+def test_energy_above_255_is_clipped_not_wrapped():
+    """Bright stripes against black, low-passed to DC + fundamental, overshoot 255 (E up to ~290).
+
+    A wrapping cast maps E in (255, 286] to 0..30 and loses those pixels; with no closing
+    (close_kernel=1) the loss cuts each stripe in three, which the contour fill does not repair.
+    """
+    height, width, period = 48, 128, 64
+    stripes = np.zeros((height, width), dtype=bool)
+    stripes[:, (np.arange(width) % period) < period // 2] = True
+    original = np.zeros((height, width, 3), np.uint8)
+    styled = np.where(stripes[..., None], np.uint8(255), original)
+    dilated = np.ones((height, width), dtype=bool)
+    radius = 3  # keeps DC and the stripes' fundamental (2 cycles across), drops the 3rd harmonic
+
+    energy = reference_energy(styled, original, dilated, radius)
+    assert energy.max() > 280
+    clipped = reference_region(styled, original, dilated, radius, close_kernel=1)
+    wrapped = reference_region(styled, original, dilated, radius, close_kernel=1, wrap=True)
+    lost = clipped & ~wrapped
+    assert lost.any() and np.all(energy[lost] > 255)  # only overshooting pixels tell the two apart
+
+    region = fft_edit_region(styled, original, dilated, radius=radius, close_kernel=1)
+    np.testing.assert_array_equal(region, clipped)
+    assert region[lost].all()
+
+
+def test_bright_block_overshoot_is_inside_region():
+    """A large white block on black: E overshoots 255 inside it, and all of it is in R."""
+    height, width = 64, 64
+    box = rectangle(height, width, 13, 13, 51, 51)
+    original = np.zeros((height, width, 3), np.uint8)
+    styled = np.where(box[..., None], np.uint8(255), original)
+    dilated = grow(box, 4)
+    energy = reference_energy(styled, original, dilated, 14)
+    assert energy.max() > 255
+    region = fft_edit_region(styled, original, dilated, radius=14)
+    np.testing.assert_array_equal(region, reference_region(styled, original, dilated, 14))
+    assert region[energy > 255].all()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_identical_images_give_empty_region_and_unchanged_output(size):
+    original, _, box = edited_pair(*size)
+    region = fft_edit_region(original, original.copy(), grow(box, 4))
+    assert not region.any()
+    out = composite(original, original.copy(), region, box)
+    np.testing.assert_array_equal(out, original)
+
+
+# ---------------------------------------------------------------------------------------------------
+# composite and seam
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_composite_end_to_end(size):
+    """R from the FFT, then the composite: styled in R minus the seam, 0.6/0.4 on the seam, else original."""
+    original, styled, box = edited_pair(*size, seed=5)
+    height, width = size
+    fine_mask = box.copy()
+    fine_mask[height // 4] = False  # the box's top row left to the seam
+    fine_mask[height - 3:, width - 5:] = True  # M_f pixels outside R: must stay the original's
+    region = fft_edit_region(styled, original, grow(box, 4))
+    assert not region[height - 3:, width - 5:].any()
+
+    out = composite(original, styled, region, fine_mask)
+    assert out.dtype == np.uint8 and out.shape == original.shape
+    np.testing.assert_array_equal(out, reference_composite(original, styled, region, fine_mask))
+
+    border = region & ~fine_mask
+    assert border.any()
+    np.testing.assert_array_equal(out[~region], original[~region])
+    np.testing.assert_array_equal(out[region & fine_mask], styled[region & fine_mask])
+    mix = np.trunc(0.6 * styled[border].astype(float) + 0.4 * original[border].astype(float))
+    np.testing.assert_array_equal(out[border], mix.astype(np.uint8))
+
+
+def test_seam_is_region_and_not_fine_mask_not_xor():
+    region = rectangle(20, 30, 5, 5, 15, 20)
+    fine_mask = rectangle(20, 30, 8, 10, 18, 28)  # sticks out of R below and to the right
+    expected = region.copy()
+    expected[8:15, 10:20] = False
+    np.testing.assert_array_equal(seam(region, fine_mask), expected)
+    assert not seam(region, fine_mask)[fine_mask & ~region].any()  # xor would include these
+
+    rng = np.random.default_rng(7)
+    original = rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    styled = rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    out = composite(original, styled, region, fine_mask)
+    np.testing.assert_array_equal(out[fine_mask & ~region], original[fine_mask & ~region])
+    np.testing.assert_array_equal(out, reference_composite(original, styled, region, fine_mask))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.35, 0.6, 1.0])
+def test_composite_alpha(alpha):
+    rng = np.random.default_rng(11)
+    original = rng.integers(0, 256, size=(12, 17, 3), dtype=np.uint8)
+    styled = rng.integers(0, 256, size=(12, 17, 3), dtype=np.uint8)
+    region = rectangle(12, 17, 2, 3, 10, 14)
+    fine_mask = rectangle(12, 17, 4, 5, 8, 12)
+    out = composite(original, styled, region, fine_mask, alpha=alpha)
+    np.testing.assert_array_equal(out, reference_composite(original, styled, region, fine_mask, alpha))
+
+
+@pytest.mark.parametrize("action", list(Action))
+@pytest.mark.parametrize("size", SIZES[:2])
+def test_plain_composite(action, size):
+    original, styled, box = edited_pair(*size, seed=2)
+    fine_mask = box
+    dilated = grow(box, 4)
+    out = plain_composite(original, styled, fine_mask, dilated, action)
+    taken = dilated if action is Action.REMOVE else fine_mask
+    expected = original.copy()
+    for r, c in zip(*np.nonzero(taken), strict=True):
+        expected[r, c] = styled[r, c]
+    np.testing.assert_array_equal(out, expected)
+    assert out.dtype == np.uint8
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_shape_mismatch_raises():
+    image = np.zeros((16, 24, 3), np.uint8)
+    other = np.zeros((24, 16, 3), np.uint8)
+    mask = np.zeros((16, 24), bool)
+    wrong_mask = np.zeros((16, 25), bool)
+    with pytest.raises(ValueError, match="same height and width"):
+        fft_edit_region(image, other, mask)
+    with pytest.raises(ValueError, match="same height and width"):
+        fft_edit_region(image, image, wrong_mask)
+    with pytest.raises(ValueError, match="same height and width"):
+        composite(image, image, mask, wrong_mask)
+    with pytest.raises(ValueError, match="same height and width"):
+        composite(image, other, mask, mask)
+    with pytest.raises(ValueError, match="same height and width"):
+        plain_composite(image, image, mask, wrong_mask, Action.REMOVE)
+    with pytest.raises(ValueError, match="same height and width"):
+        seam(mask, wrong_mask)
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        composite(image[..., 0], image[..., 0], mask, mask)
+    with pytest.raises(ValueError, match=r"\(H, W\)"):
+        composite(image, image, image, mask)
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        luma(image[..., :2])

@@ -1,0 +1,153 @@
+"""Layer blending (ZONE.md section 5): the FFT edit region R and the final composite.
+
+Pure numpy/cv2 functions. Images are uint8 RGB arrays of shape (H, W, 3); masks are bool (H, W);
+every function checks that its inputs share one size. Where the reference has a defect (ZONE.md's
+table), the comment at that line says what the reference did.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .config import Action
+
+# ITU-R BT.601 luma weights for R, G, B.
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
+
+
+def _check_image(image: np.ndarray, name: str) -> None:
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"{name} must be an RGB image of shape (H, W, 3), got shape {image.shape}")
+
+
+def _check_same_size(images: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> None:
+    """Every image (H, W, 3) and every mask (H, W) must share one (H, W)."""
+    for name, image in images.items():
+        _check_image(image, name)
+    shapes = {name: image.shape[:2] for name, image in images.items()}
+    for name, mask in masks.items():
+        if mask.ndim != 2:
+            raise ValueError(f"{name} must be a mask of shape (H, W), got shape {mask.shape}")
+        shapes[name] = mask.shape
+    if len(set(shapes.values())) > 1:
+        sizes = ", ".join(f"{name} {height}x{width}" for name, (height, width) in shapes.items())
+        raise ValueError(f"images and masks must have the same height and width, got {sizes}")
+
+
+def luma(image: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma of an RGB image: (H, W, 3) uint8 -> (H, W) float64.
+
+    The reference ran cv2's RGB->gray on BGR-ordered data, swapping the R and B weights (a defect);
+    this weights the channels as RGB.
+    """
+    image = np.asarray(image)
+    _check_image(image, "image")
+    return image.astype(np.float64) @ LUMA_WEIGHTS
+
+
+def frequency_disc(shape: tuple[int, int], radius: int) -> np.ndarray:
+    """Bool (rows, cols): the filled disc of `radius` px centred at (rows // 2, cols // 2), inclusive.
+
+    cv2.circle takes its centre as (x, y) = (col, row); the reference passed (row, col), which puts
+    the disc off-centre on non-square images (a defect).
+    """
+    rows, cols = shape
+    disc = np.zeros((rows, cols), np.uint8)
+    cv2.circle(disc, (cols // 2, rows // 2), int(radius), 1, thickness=-1)
+    return disc.astype(bool)
+
+
+def fft_edit_region(
+    styled: np.ndarray,
+    original: np.ndarray,
+    dilated: np.ndarray,
+    *,
+    radius: int = 200,
+    threshold: int = 30,
+    close_kernel: int = 21,
+) -> np.ndarray:
+    """Region R where the edit really changed the image, from a low-passed luma difference.
+
+    styled, original: uint8 (H, W, 3) RGB (I_sty, I_G); dilated: bool (H, W), D.
+    Returns bool (H, W): R, filled external contours of the closed |low-pass(S - G)| > threshold.
+    """
+    styled, original, dilated = np.asarray(styled), np.asarray(original), np.asarray(dilated, dtype=bool)
+    _check_same_size({"styled": styled, "original": original}, {"dilated": dilated})
+
+    inside = dilated[..., None]
+    styled_luma = luma(np.where(inside, styled, 0))  # S (H, W)
+    original_luma = luma(np.where(inside, original, 0))  # G (H, W)
+    spectrum = np.fft.fftshift(np.fft.fft2(styled_luma)) - np.fft.fftshift(np.fft.fft2(original_luma))
+    spectrum *= frequency_disc(dilated.shape, radius)
+    energy = np.abs(np.fft.ifft2(np.fft.ifftshift(spectrum)))  # E (H, W) float64
+
+    # The reference's astype(uint8) wrapped values above 255 (a defect): clip first, then truncate
+    # to an integer as that cast did.
+    energy = np.clip(energy, 0, 255).astype(np.uint8)
+    changed = (energy > threshold).astype(np.uint8) * 255
+    kernel = np.ones((close_kernel, close_kernel), np.uint8)
+    changed = cv2.morphologyEx(changed, cv2.MORPH_CLOSE, kernel)
+    contours, _ = cv2.findContours(changed, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    region = np.zeros_like(changed)
+    cv2.drawContours(region, contours, -1, 255, thickness=cv2.FILLED)
+    return region > 0
+
+
+def seam(region: np.ndarray, fine_mask: np.ndarray) -> np.ndarray:
+    """Seam B = R and not M_f: bool (H, W), where styled and original are mixed.
+
+    The reference computed R - M_f in uint8, so 0 - 255 wrapped to 1 and the seam became R xor M_f
+    (a defect): pixels of M_f outside R must stay the original's.
+    """
+    region, fine_mask = np.asarray(region, dtype=bool), np.asarray(fine_mask, dtype=bool)
+    _check_same_size({}, {"region": region, "fine_mask": fine_mask})
+    return region & ~fine_mask
+
+
+def composite(
+    original: np.ndarray,
+    styled: np.ndarray,
+    region: np.ndarray,
+    fine_mask: np.ndarray,
+    *,
+    alpha: float = 0.6,
+) -> np.ndarray:
+    """The engine's final image: styled inside R, an alpha mix on the seam, the original elsewhere.
+
+    original, styled: uint8 (H, W, 3) RGB; region (R), fine_mask (M_f): bool (H, W).
+    Returns uint8 (H, W, 3); every pixel outside R is exactly the original's.
+    """
+    original, styled = np.asarray(original), np.asarray(styled)
+    region, fine_mask = np.asarray(region, dtype=bool), np.asarray(fine_mask, dtype=bool)
+    _check_same_size({"original": original, "styled": styled}, {"region": region, "fine_mask": fine_mask})
+
+    out = original.copy()
+    out[region] = styled[region]
+    border = seam(region, fine_mask)
+    mix = alpha * styled[border].astype(np.float64) + (1.0 - alpha) * original[border].astype(np.float64)
+    # Truncate toward zero, as the reference's float64 -> uint8 assignment did.
+    out[border] = mix.astype(np.uint8)
+    return out
+
+
+def plain_composite(
+    original: np.ndarray,
+    styled: np.ndarray,
+    fine_mask: np.ndarray,
+    dilated: np.ndarray,
+    action: Action,
+) -> np.ndarray:
+    """The reference's plain composite (`composite/NAME.png`): styled where M_f, or where D for REMOVE.
+
+    original, styled: uint8 (H, W, 3) RGB; fine_mask (M_f), dilated (D): bool (H, W).
+    Returns uint8 (H, W, 3).
+    """
+    original, styled = np.asarray(original), np.asarray(styled)
+    fine_mask, dilated = np.asarray(fine_mask, dtype=bool), np.asarray(dilated, dtype=bool)
+    _check_same_size({"original": original, "styled": styled}, {"fine_mask": fine_mask, "dilated": dilated})
+
+    taken = dilated if Action(action) is Action.REMOVE else fine_mask
+    out = original.copy()
+    out[taken] = styled[taken]
+    return out
