@@ -78,13 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _edit_config(args: argparse.Namespace, base: EditConfig) -> EditConfig:
+def _config_changes(args: argparse.Namespace) -> dict:
+    """The EditConfig fields the command line sets; validated at once, before any weights load."""
     changes = {"action": parse_action(args.action), "threshold_rule": args.threshold_rule}
     if args.steps is not None:
         changes["steps"] = args.steps
     if args.seed is not None:
         changes["seed"] = args.seed
-    return base.replace(**changes)
+    EditConfig(**changes)
+    return changes
 
 
 def _check_output_path(path: Path) -> None:
@@ -111,9 +113,13 @@ def _print_summary(result) -> None:
 def run_edit(args: argparse.Namespace) -> None:
     from .image_io import load_image, save_image
     from .pipeline import ZonePipeline
+    from .text import check_instruction
 
+    # Every check that can fail runs before gigabytes of weights load.
     _check_output_path(args.output)
-    image = load_image(args.image)  # fail on a bad image before loading gigabytes of weights
+    image = load_image(args.image)
+    instruction = check_instruction(args.instruction)
+    changes = _config_changes(args)
     if args.tiny:
         pipe = ZonePipeline.tiny(device=args.device)
     else:
@@ -121,7 +127,8 @@ def run_edit(args: argparse.Namespace) -> None:
             ip2p=args.ip2p, magicbrush=args.magicbrush, sam=args.sam, sam_type=args.sam_type,
             action_classifier=args.action_classifier, device=args.device, dtype=args.dtype,
         )
-    result = pipe.edit(image, args.instruction, _edit_config(args, pipe.default_config), progress=not args.no_progress)
+    config = pipe.default_config.replace(**changes)
+    result = pipe.edit(image, instruction, config, progress=not args.no_progress)
     save_image(result.image, args.output)
     if args.save_masks:
         _save_outputs(result, args.save_masks, ("mask_b", "mask_f", "region", "styled", "heatmap"))
@@ -134,9 +141,10 @@ def run_demo(args: argparse.Namespace) -> None:
     from .pipeline import ZonePipeline
 
     print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
+    changes = _config_changes(args)
     pipe = ZonePipeline.tiny(device=args.device)
     image = make_sample_image()
-    result = pipe.edit(image, args.instruction, _edit_config(args, pipe.default_config), progress=not args.no_progress)
+    result = pipe.edit(image, args.instruction, pipe.default_config.replace(**changes), progress=not args.no_progress)
     save_image(image, args.out / "input.png")
     save_image(result.image, args.out / "output.png")
     _save_outputs(result, args.save_masks or args.out, ("mask_b", "mask_f", "region", "styled", "heatmap"))

@@ -60,7 +60,9 @@ class ZoneModels:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> ZoneModels:
         for net in (self.text_encoder, self.vae, self.ip2p_unet, self.mb_unet):
-            net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+            net.to(device=device).eval().requires_grad_(False)
+            if next(net.parameters()).dtype != dtype:  # diffusers warns on any dtype cast, even a no-op
+                net.to(dtype=dtype)
         # SAM and the classifier stay fp32: the mask generator's thresholds are tuned on fp32 scores.
         for net in (self.sam, self.action_classifier):
             if net is not None:

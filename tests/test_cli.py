@@ -1,0 +1,131 @@
+"""The command line and the API on bad input: one clear line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import smooth_image
+from PIL import Image
+
+from zone_engine import ZonePipeline
+from zone_engine.cli import main
+from zone_engine.errors import ConfigError, DeviceError, InputImageError, InstructionError, ZoneError
+
+
+@pytest.fixture
+def photo(tmp_path):
+    path = tmp_path / "photo.png"
+    Image.fromarray(smooth_image(64, 96)).save(path)
+    return path
+
+
+def _fails_cleanly(capsys, argv, *words):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert code == 2, err
+    assert len(errors) == 1 and "Traceback" not in "\n".join(err)
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+def test_help_explains_commands():
+    out = subprocess.run([sys.executable, "-m", "zone_engine.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "edit" in out.stdout and "demo" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "zone_engine.cli", "edit", "--help"], capture_output=True, text=True)
+    for option in ("--ip2p", "--magicbrush", "--sam", "--action", "--steps", "--seed", "--device", "--save-masks"):
+        assert option in out.stdout
+
+
+def test_demo_writes_every_file(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--no-progress"]) == 0
+    names = {p.name for p in (tmp_path / "demo").iterdir()}
+    assert {"input.png", "output.png", "mask_b.png", "mask_f.png", "region.png", "timings.json"} <= names
+    summary = json.loads((tmp_path / "demo" / "timings.json").read_text())
+    assert summary["random_weights"] is True and "denoise" in summary["timings"]
+    assert "RANDOM" in capsys.readouterr().err
+    assert Image.open(tmp_path / "demo" / "output.png").size == Image.open(tmp_path / "demo" / "input.png").size
+
+
+def test_edit_with_tiny_models_and_masks(photo, tmp_path):
+    out, masks = tmp_path / "out" / "edited.png", tmp_path / "masks"
+    argv = ["edit", str(photo), "-i", "add a hat", "-o", str(out), "--tiny", "--steps", "2", "--seed", "3",
+            "--save-masks", str(masks), "--no-progress"]
+    assert main(argv) == 0
+    assert Image.open(out).size == (96, 64)
+    expected = {f"{n}.png" for n in ("mask_b", "mask_f", "region", "styled", "heatmap")}
+    assert {p.name for p in masks.iterdir()} == expected
+    first = np.asarray(Image.open(out))
+    assert main(argv) == 0 and np.array_equal(first, np.asarray(Image.open(out)))  # same seed, same file
+
+
+def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "rgba.png"
+    rgba = np.dstack([smooth_image(64, 64), np.full((64, 64), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(path)
+    assert main(["edit", str(path), "-i", "make it red", "-o", str(tmp_path / "o.png"), "--tiny", "--steps", "1",
+                 "--no-progress"]) == 0
+    assert "transparen" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize(
+    "make_argv,words",
+    [
+        (lambda p, t: ["edit", str(t / "missing.png"), "-i", "x", "-o", str(t / "o.png"), "--tiny"], ["not found"]),
+        (lambda p, t: ["edit", str(p), "-i", "   ", "-o", str(t / "o.png"), "--tiny"], ["empty"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.txt"), "--tiny"], ["extension"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--steps", "0"], ["steps"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--sam", str(t / "sam_vit_h.pth")],
+         ["SAM checkpoint not found", "--sam"]),
+    ],
+    ids=["missing-image", "empty-instruction", "bad-output", "zero-steps", "missing-sam"],
+)
+def test_cli_bad_input(capsys, photo, tmp_path, make_argv, words):
+    _fails_cleanly(capsys, make_argv(photo, tmp_path), *words)
+
+
+def test_cli_corrupt_image(capsys, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+    _fails_cleanly(capsys, ["edit", str(bad), "-i", "x", "-o", str(tmp_path / "o.png"), "--tiny"], "bad.png")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cli_cuda_without_gpu(capsys, photo, tmp_path):
+    _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", str(tmp_path / "o.png"), "--tiny",
+                            "--device", "cuda"], "no CUDA", "--device cpu")
+
+
+def test_cli_missing_ip2p_names_the_model(capsys, photo, tmp_path):
+    sam = tmp_path / "sam_vit_b.pth"
+    from zone_engine.models import build_sam
+
+    torch.save(build_sam("vit_b").state_dict(), sam)
+    _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", str(tmp_path / "o.png"), "--sam", str(sam),
+                            "--ip2p", str(tmp_path / "no-ip2p")], "InstructPix2Pix", "huggingface-cli download")
+
+
+def test_api_bad_input(tiny_pipe):
+    image = smooth_image(64, 64)
+    with pytest.raises(InputImageError):
+        tiny_pipe.edit(np.zeros((4, 4, 3), np.uint8), "x")
+    with pytest.raises(InputImageError):
+        tiny_pipe.edit(np.zeros((64, 64, 5), np.uint8), "x")
+    with pytest.raises(InstructionError, match="empty"):
+        tiny_pipe.edit(image, "")
+    with pytest.raises(InstructionError, match="text"):
+        tiny_pipe.edit(image, 42)
+    with pytest.raises(ConfigError):
+        tiny_pipe.default_config.replace(seam_alpha=2.0)
+    with pytest.raises(DeviceError, match="fp32"):
+        ZonePipeline(tiny_pipe.models, device="cpu", dtype="fp16")
+    with pytest.raises(DeviceError, match="unknown dtype"):
+        ZonePipeline(tiny_pipe.models, device="cpu", dtype="int8")
+    with pytest.raises(DeviceError, match="unknown device"):
+        ZonePipeline(tiny_pipe.models, device="tpu")
+    assert issubclass(DeviceError, ZoneError)

@@ -1,0 +1,103 @@
+"""End to end with ZonePipeline.tiny(): sizes, determinism, locality, timings (ZONE.md sections 0-5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import smooth_image
+
+from zone_engine import Action, EditResult
+from zone_engine.pipeline import STAGES
+
+INSTRUCTION = "make the house golden"
+
+
+def _edit(pipe, image, **changes) -> EditResult:
+    return pipe.edit(image, INSTRUCTION, pipe.default_config.replace(steps=2, **changes))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (77, 51), (33, 130), (600, 380)])
+def test_outputs_have_the_input_size(tiny_pipe, size):
+    result = _edit(tiny_pipe, smooth_image(*size))
+    assert result.image.shape == (*size, 3) and result.image.dtype == np.uint8
+    assert result.styled.shape == result.heatmap.shape == (*size, 3)
+    for mask in (result.mask_b, result.mask_f, result.region, result.seam):
+        assert mask.shape == size and mask.dtype == bool
+
+
+def test_same_seed_same_output_and_other_seed_differs(tiny_pipe):
+    image = smooth_image(64, 96, seed=3)
+    first, second = _edit(tiny_pipe, image, seed=7), _edit(tiny_pipe, image, seed=7)
+    assert np.array_equal(first.image, second.image) and np.array_equal(first.mask_b, second.mask_b)
+    assert not np.array_equal(first.styled, _edit(tiny_pipe, image, seed=8).styled)
+
+
+def test_timings_cover_every_stage(tiny_pipe):
+    timings = _edit(tiny_pipe, smooth_image(64, 64)).timings
+    assert set(timings) == {*STAGES, "total"}
+    assert all(value >= 0 for value in timings.values())
+    assert timings["total"] >= sum(timings[stage] for stage in STAGES) * 0.99
+
+
+class OneSquare:
+    """A segmenter that finds one 24x24 square: makes M_f, and so the edit, small and known."""
+
+    def segment(self, image):
+        mask = np.zeros(image.shape[:2], dtype=bool)
+        mask[20:44, 30:54] = True
+        return [mask]
+
+
+@pytest.mark.parametrize("action", [Action.CHANGE, Action.ADD, Action.REMOVE])
+def test_pixels_outside_the_region_are_untouched(tiny_pipe, monkeypatch, action):
+    monkeypatch.setattr(tiny_pipe, "segmenter", lambda config: OneSquare())
+    image = smooth_image(64, 96, seed=5)
+    result = _edit(tiny_pipe, image, action=action)
+    assert 0 < result.region.mean() < 0.5  # a real, local edit
+    outside = ~(result.region | result.seam)
+    assert np.array_equal(result.image[outside], image[outside])
+    inside = result.region & ~result.seam
+    assert np.array_equal(result.image[inside], result.styled[inside])
+    assert not result.used_fallback and result.mask_f[20:44, 30:54].all()
+
+
+def test_untouched_pixels_are_exact_after_a_shrink(tiny_pipe, monkeypatch):
+    """Images over 512 px run shrunk; the composite happens at the input size, so outside R is exact."""
+    monkeypatch.setattr(tiny_pipe, "segmenter", lambda config: OneSquare())
+    image = smooth_image(700, 530, seed=2)
+    result = _edit(tiny_pipe, image)
+    outside = ~(result.region | result.seam)
+    assert outside.any() and np.array_equal(result.image[outside], image[outside])
+
+
+def test_no_overlapping_segment_falls_back_to_mask_b(tiny_pipe, monkeypatch):
+    class Nothing:
+        def segment(self, image):
+            return []
+
+    monkeypatch.setattr(tiny_pipe, "segmenter", lambda config: Nothing())
+    result = _edit(tiny_pipe, smooth_image(64, 64))
+    assert result.used_fallback
+    assert np.array_equal(result.mask_f, result.mask_b)
+
+
+def test_remove_segments_the_input_not_the_styled_image(tiny_pipe, monkeypatch):
+    seen = []
+
+    class Recorder(OneSquare):
+        def segment(self, image):
+            seen.append(image.copy())
+            return super().segment(image)
+
+    monkeypatch.setattr(tiny_pipe, "segmenter", lambda config: Recorder())
+    image = smooth_image(64, 64, seed=1)
+    _edit(tiny_pipe, image, action=Action.REMOVE)
+    change = _edit(tiny_pipe, image, action=Action.CHANGE)
+    assert np.array_equal(seen[0], image)  # 64x64 needs neither shrink nor padding
+    assert np.array_equal(seen[1], change.styled)
+
+
+def test_long_instruction_is_truncated_with_a_warning(tiny_pipe):
+    with pytest.warns(UserWarning, match="truncated"):
+        result = tiny_pipe.edit(smooth_image(64, 64), "make it red " * 40, tiny_pipe.default_config.replace(steps=1))
+    assert result.instruction_truncated
