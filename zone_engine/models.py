@@ -84,18 +84,18 @@ def _bytes_to_unicode() -> list[str]:
 TINY_MERGES = ("t h", "th e</w>", "a n", "an d</w>", "i n", "m a", "ma k", "mak e</w>", "d o", "do g</w>")
 
 
-def build_tiny_tokenizer(folder: Path | None = None) -> Any:
-    """A real CLIPTokenizer over a tiny byte-level vocabulary, written as vocab.json + merges.txt."""
+def build_tiny_tokenizer() -> Any:
+    """A real CLIPTokenizer over a tiny byte-level vocabulary, read from vocab.json + merges.txt."""
     from transformers import CLIPTokenizer
 
-    folder = Path(folder or tempfile.mkdtemp(prefix="zone-tiny-tokenizer-"))
-    folder.mkdir(parents=True, exist_ok=True)
     alphabet = _bytes_to_unicode()
     tokens = alphabet + [c + "</w>" for c in alphabet] + [m.replace(" ", "") for m in TINY_MERGES]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(TINY_MERGES) + "\n")
-    return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
+    with tempfile.TemporaryDirectory(prefix="zone-tiny-tokenizer-") as name:
+        folder = Path(name)
+        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(TINY_MERGES) + "\n")
+        return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
 
 
 def build_tiny_unet() -> nn.Module:
