@@ -9,13 +9,14 @@ import torch
 
 from .config import SamConfig
 from .denoise import Denoiser, SequentialDenoiser
+from .dual_step import FusedDualDenoiser
 from .errors import DeviceError
 from .models import ZoneModels
 from .refine import Segmenter, TorchSamSegmenter
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-DENOISERS = ("eager",)
+DENOISERS = ("eager", "fused", "compile")
 SEGMENTERS = ("torch",)
 
 
@@ -56,8 +57,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def make_denoiser(models: ZoneModels, kind: str = "eager") -> Denoiser:
+    """eager: the sequential reference; fused: one dual step of tensor ops; compile: fused + torch.compile."""
     if kind == "eager":
         return SequentialDenoiser(models.ip2p_unet, models.mb_unet, models.scheduler_config)
+    if kind in ("fused", "compile"):
+        return FusedDualDenoiser(models.ip2p_unet, models.mb_unet, models.scheduler_config, compile=kind == "compile")
     raise DeviceError(f"unknown denoiser backend {kind!r}: available {', '.join(DENOISERS)}")
 
 

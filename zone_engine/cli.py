@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from .backends import DENOISERS
 from .config import Action, EditConfig, parse_action
 from .errors import ZoneError
 from .models import IP2P_ID, MAGICBRUSH_ID
@@ -30,6 +31,9 @@ def _add_edit_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threshold-rule", choices=["reference", "paper"], default="reference",
                        help="M_b rule: reference min(2d,255)<=108 (default) or the paper's d<128")
     group.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    group.add_argument("--denoiser", default="eager", choices=DENOISERS,
+                       help="eager: sequential reference (default); fused: one fused dual step of tensor ops; "
+                       "compile: fused + torch.compile (slow first edit)")
     group.add_argument("--save-masks", type=Path, metavar="DIR",
                        help="also write mask_b.png, mask_f.png, region.png, styled.png and heatmap.png to DIR")
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -121,11 +125,12 @@ def run_edit(args: argparse.Namespace) -> None:
     instruction = check_instruction(args.instruction)
     changes = _config_changes(args)
     if args.tiny:
-        pipe = ZonePipeline.tiny(device=args.device)
+        pipe = ZonePipeline.tiny(device=args.device, denoiser=args.denoiser)
     else:
         pipe = ZonePipeline.from_pretrained(
             ip2p=args.ip2p, magicbrush=args.magicbrush, sam=args.sam, sam_type=args.sam_type,
             action_classifier=args.action_classifier, device=args.device, dtype=args.dtype,
+            denoiser=args.denoiser,
         )
     config = pipe.default_config.replace(**changes)
     result = pipe.edit(image, instruction, config, progress=not args.no_progress)
@@ -142,7 +147,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
     print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
     changes = _config_changes(args)
-    pipe = ZonePipeline.tiny(device=args.device)
+    pipe = ZonePipeline.tiny(device=args.device, denoiser=args.denoiser)
     image = make_sample_image()
     result = pipe.edit(image, args.instruction, pipe.default_config.replace(**changes), progress=not args.no_progress)
     save_image(image, args.out / "input.png")
