@@ -101,3 +101,30 @@ def test_long_instruction_is_truncated_with_a_warning(tiny_pipe):
     with pytest.warns(UserWarning, match="truncated"):
         result = tiny_pipe.edit(smooth_image(64, 64), "make it red " * 40, tiny_pipe.default_config.replace(steps=1))
     assert result.instruction_truncated
+
+
+def test_fp16_vae_overflow_is_decoded_again_in_fp32(tiny_models, monkeypatch):
+    """SD's VAE overflows in fp16; the decode must come back finite (simulated: fp16 decode returns inf)."""
+    import torch
+
+    from zone_engine.pipeline import decode_latents
+
+    vae = tiny_models.vae
+    original = vae.decode
+
+    def overflowing(latents, return_dict=False):
+        out = original(latents, return_dict=False)[0]
+        if next(vae.parameters()).dtype == torch.float16:
+            out = torch.full_like(out, float("inf"))
+        return (out,)
+
+    monkeypatch.setattr(vae, "decode", overflowing)
+    vae.to(torch.float16)
+    try:
+        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        pixels = decode_latents(vae, latents.half())
+        assert torch.isfinite(pixels).all() and next(vae.parameters()).dtype == torch.float16
+    finally:
+        vae.to(torch.float32)
+    expected = decode_latents(vae, latents)
+    assert (pixels - expected).abs().max().item() <= 1e-3  # fp16 latents in, fp32 decoder

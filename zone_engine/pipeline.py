@@ -61,8 +61,19 @@ def encode_image_latents(vae, image: np.ndarray, dtype: torch.dtype) -> torch.Te
 
 @torch.inference_mode()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """(1, 4, h, w) -> float (1, 3, H, W) in [0, 1]."""
+    """(1, 4, h, w) -> float (1, 3, H, W) in [0, 1].
+
+    SD's VAE can overflow in fp16 (inf/NaN activations in the decoder). Decoding stays in the
+    chosen precision; only when the result is not finite is it decoded again in fp32.
+    """
     image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    if image.dtype == torch.float16 and not torch.isfinite(image).all():
+        half = next(vae.parameters()).dtype
+        vae.to(torch.float32)
+        try:
+            image = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
+        finally:
+            vae.to(half)
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
