@@ -12,6 +12,7 @@ from zone_engine import Action, ZonePipeline
 from zone_engine.config import EditConfig, SamConfig
 from zone_engine.denoise import DenoiseInputs, SequentialDenoiser, initial_noise, make_scheduler
 from zone_engine.dual_step import FusedDualDenoiser
+from zone_engine.localize import AttentionAccumulator
 from zone_engine.pipeline import encode_image_latents
 from zone_engine.solver import data_prediction, solver_schedule, solver_update
 from zone_engine.text import encode_instruction
@@ -59,10 +60,12 @@ def test_fused_step_equals_sequential_reference(tiny_models, denoise_inputs, act
     beta = config.beta_for(action)
     reference = SequentialDenoiser(tiny_models.ip2p_unet, tiny_models.mb_unet, tiny_models.scheduler_config)
     fused = FusedDualDenoiser(tiny_models.ip2p_unet, tiny_models.mb_unet, tiny_models.scheduler_config)
-    expected, got = reference(inputs, config, beta), fused(inputs, config, beta)
+    expected_attention, got_attention = AttentionAccumulator(), AttentionAccumulator()
+    expected, got = reference(inputs, config, beta, expected_attention), fused(inputs, config, beta, got_attention)
     # Bit-identical on the CPU: the same float32 operations in the same order (the solver's scalars
     # are computed exactly as diffusers computes them).
     assert torch.equal(got, expected)
+    assert torch.equal(got_attention.total, expected_attention.total) and got_attention.rows == expected_attention.rows
 
 
 def test_whole_edit_is_the_same_with_either_denoiser(tiny_models):

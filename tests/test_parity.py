@@ -10,6 +10,7 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionInstructPix2Pi
 
 from zone_engine.config import Action, EditConfig
 from zone_engine.denoise import DenoiseInputs, SequentialDenoiser, initial_noise, make_scheduler
+from zone_engine.localize import AttentionAccumulator
 from zone_engine.pipeline import decode_latents, encode_image_latents
 from zone_engine.text import encode_instruction
 
@@ -51,7 +52,7 @@ def test_ip2p_trajectory_equals_diffusers(tiny_models, size):
         noise=initial_noise(42, (size[0] // 8, size[1] // 8), torch.device("cpu"), torch.float32),
     )
     denoiser = SequentialDenoiser(tiny_models.ip2p_unet, tiny_models.mb_unet, tiny_models.scheduler_config)
-    latents = denoiser(inputs, config, beta=0.0)
+    latents = denoiser(inputs, config, 0.0, AttentionAccumulator())
 
     expected_latents = _reference(tiny_models, image, "latent")
     assert (latents - expected_latents).abs().max().item() <= 1e-4
@@ -78,4 +79,6 @@ def test_magicbrush_blend_changes_ip2p_trajectory(tiny_models):
                            initial_noise(1, (8, 8), torch.device("cpu"), torch.float32))
     denoiser = SequentialDenoiser(tiny_models.ip2p_unet, tiny_models.mb_unet, tiny_models.scheduler_config)
     config = EditConfig(steps=2)
-    assert not torch.allclose(denoiser(inputs, config, 0.0), denoiser(inputs, config, 0.2))
+    assert not torch.allclose(
+        denoiser(inputs, config, 0.0, AttentionAccumulator()), denoiser(inputs, config, 0.2, AttentionAccumulator())
+    )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+import torch
 from conftest import smooth_image
 
-from zone_engine import Action, EditResult
+from zone_engine import Action, EditConfig, EditResult, SamConfig, ZonePipeline
 from zone_engine.pipeline import STAGES
 
 INSTRUCTION = "make the house golden"
@@ -128,3 +131,16 @@ def test_fp16_vae_overflow_is_decoded_again_in_fp32(tiny_models, monkeypatch):
         vae.to(torch.float32)
     expected = decode_latents(vae, latents)
     assert (pixels - expected).abs().max().item() <= 1e-3  # fp16 latents in, fp32 decoder
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="Triton runs only compiled on CUDA or under TRITON_INTERPRET=1 (as CI runs the suite)",
+)
+def test_triton_localization_kernels_give_the_same_edit(tiny_models):
+    image = smooth_image(64, 96, seed=6)
+    config = EditConfig(steps=2, sam=SamConfig.for_random_weights())
+    torch_path = ZonePipeline(tiny_models, device="cpu", kernels="torch").edit(image, INSTRUCTION, config)
+    triton_path = ZonePipeline(tiny_models, device="cpu", kernels="triton").edit(image, INSTRUCTION, config)
+    assert np.array_equal(torch_path.mask_b, triton_path.mask_b)
+    assert np.array_equal(torch_path.image, triton_path.image)

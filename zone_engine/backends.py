@@ -11,6 +11,7 @@ from .config import SamConfig
 from .denoise import Denoiser, SequentialDenoiser
 from .dual_step import FusedDualDenoiser
 from .errors import DeviceError
+from .localize import Accumulate, Binarize, accumulate_attention_probabilities, binarize_reference
 from .models import ZoneModels
 from .refine import Segmenter, TorchSamSegmenter
 
@@ -18,6 +19,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 DENOISERS = ("eager", "fused", "compile")
 SEGMENTERS = ("torch",)
+LOCALIZATION_KERNELS = ("auto", "torch", "triton")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -69,3 +71,21 @@ def make_segmenter(models: ZoneModels, config: SamConfig, kind: str = "torch") -
     if kind == "torch":
         return TorchSamSegmenter(models.sam, config)
     raise DeviceError(f"unknown refinement backend {kind!r}: available {', '.join(SEGMENTERS)}")
+
+
+def make_localization_kernels(kind: str, device: torch.device) -> tuple[Accumulate, Binarize]:
+    """(accumulate, binarize) for localization: the fused Triton kernels, or the plain-torch reference.
+
+    auto: Triton on CUDA, torch elsewhere. The kernels fall back to torch by themselves where Triton
+    cannot run, and ZONE_DISABLE_TRITON=1 switches them off.
+    """
+    if kind == "auto":
+        kind = "triton" if device.type == "cuda" else "torch"
+    if kind == "torch":
+        return accumulate_attention_probabilities, binarize_reference
+    if kind == "triton":
+        from kernels.attn_accumulate import attn_accumulate_
+        from kernels.mask_binarize import binarize_mask
+
+        return attn_accumulate_, binarize_mask
+    raise DeviceError(f"unknown localization kernels {kind!r}: available {', '.join(LOCALIZATION_KERNELS)}")

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .backends import DENOISERS
+from .backends import DENOISERS, LOCALIZATION_KERNELS
 from .config import Action, EditConfig, parse_action
 from .errors import ZoneError
 from .models import IP2P_ID, MAGICBRUSH_ID
@@ -34,6 +34,8 @@ def _add_edit_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--denoiser", default="eager", choices=DENOISERS,
                        help="eager: sequential reference (default); fused: one fused dual step of tensor ops; "
                        "compile: fused + torch.compile (slow first edit)")
+    group.add_argument("--kernels", default="auto", choices=LOCALIZATION_KERNELS,
+                       help="localization math: triton (fused kernels), torch (reference); auto = triton on CUDA")
     group.add_argument("--save-masks", type=Path, metavar="DIR",
                        help="also write mask_b.png, mask_f.png, region.png, styled.png and heatmap.png to DIR")
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -125,12 +127,12 @@ def run_edit(args: argparse.Namespace) -> None:
     instruction = check_instruction(args.instruction)
     changes = _config_changes(args)
     if args.tiny:
-        pipe = ZonePipeline.tiny(device=args.device, denoiser=args.denoiser)
+        pipe = ZonePipeline.tiny(device=args.device, denoiser=args.denoiser, kernels=args.kernels)
     else:
         pipe = ZonePipeline.from_pretrained(
             ip2p=args.ip2p, magicbrush=args.magicbrush, sam=args.sam, sam_type=args.sam_type,
             action_classifier=args.action_classifier, device=args.device, dtype=args.dtype,
-            denoiser=args.denoiser,
+            denoiser=args.denoiser, kernels=args.kernels,
         )
     config = pipe.default_config.replace(**changes)
     result = pipe.edit(image, instruction, config, progress=not args.no_progress)
@@ -147,7 +149,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
     print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
     changes = _config_changes(args)
-    pipe = ZonePipeline.tiny(device=args.device, denoiser=args.denoiser)
+    pipe = ZonePipeline.tiny(device=args.device, denoiser=args.denoiser, kernels=args.kernels)
     image = make_sample_image()
     result = pipe.edit(image, args.instruction, pipe.default_config.replace(**changes), progress=not args.no_progress)
     save_image(image, args.out / "input.png")

@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from .config import EditConfig
+from .localize import AttentionAccumulator, attention_grid, record_cross_attention
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,14 @@ class DenoiseInputs:
 class Denoiser(Protocol):
     """The narrow backend interface: run the whole dual loop and return the final z_ip (1, 4, h, w).
 
-    The eager sequential reference below implements it; batched, compiled and TensorRT denoisers
-    implement the same call.
+    Each step must also add IP2P's cross-attention (ZONE.md section 3) into `attention`: PyTorch
+    denoisers install recording processors (`record_cross_attention`), an exported engine adds its
+    attention output. The eager sequential reference below implements it; the fused, compiled and
+    TensorRT denoisers implement the same call.
     """
 
     def __call__(
-        self, inputs: DenoiseInputs, config: EditConfig, beta: float,
+        self, inputs: DenoiseInputs, config: EditConfig, beta: float, attention: AttentionAccumulator,
         on_step: Callable[[int], None] | None = None,
     ) -> torch.Tensor: ...
 
@@ -86,8 +89,14 @@ class SequentialDenoiser:
         self.scheduler_config = scheduler_config
 
     @torch.inference_mode()
-    def __call__(self, inputs: DenoiseInputs, config: EditConfig, beta: float,
+    def __call__(self, inputs: DenoiseInputs, config: EditConfig, beta: float, attention: AttentionAccumulator,
                  on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+        latent_size = tuple(inputs.noise.shape[-2:])
+        with record_cross_attention(self.ip2p_unet, latent_size, attention_grid(latent_size), attention):
+            return self._loop(inputs, config, beta, on_step)
+
+    def _loop(self, inputs: DenoiseInputs, config: EditConfig, beta: float,
+              on_step: Callable[[int], None] | None) -> torch.Tensor:
         ip2p_scheduler, mb_scheduler = (make_scheduler(self.scheduler_config) for _ in range(2))
         device = inputs.noise.device
         ip2p_scheduler.set_timesteps(config.steps, device=device)

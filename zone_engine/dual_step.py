@@ -23,6 +23,7 @@ from torch import nn
 
 from .config import EditConfig
 from .denoise import DenoiseInputs, guided_noise, make_scheduler
+from .localize import AttentionAccumulator, attention_grid, record_cross_attention
 from .solver import SolverSchedule, data_prediction, solver_schedule, solver_update
 
 
@@ -99,8 +100,14 @@ class FusedDualDenoiser:
         return self._schedules[key]
 
     @torch.inference_mode()
-    def __call__(self, inputs: DenoiseInputs, config: EditConfig, beta: float,
+    def __call__(self, inputs: DenoiseInputs, config: EditConfig, beta: float, attention: AttentionAccumulator,
                  on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+        latent_size = tuple(inputs.noise.shape[-2:])
+        with record_cross_attention(self.unet.ip2p_unet, latent_size, attention_grid(latent_size), attention):
+            return self._loop(inputs, config, beta, on_step)
+
+    def _loop(self, inputs: DenoiseInputs, config: EditConfig, beta: float,
+              on_step: Callable[[int], None] | None) -> torch.Tensor:
         device = inputs.noise.device
         schedule = self.schedule(config.steps, device)
         state = DualState.start(inputs.noise)

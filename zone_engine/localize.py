@@ -10,7 +10,7 @@ Two halves:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -31,17 +31,27 @@ EMPTY_PROMPT_ROWS = slice(1, 3)
 # ---------------------------------------------------------------------------------------------- capture
 
 
-class AttentionAccumulator:
-    """Running sum of cross-attention probabilities over (steps, layers, kept rows)."""
+# accumulate(total, query, key, scale): add sum over (R, heads) of softmax(q k^T * scale) into total, in place.
+Accumulate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], None]
 
-    def __init__(self) -> None:
+
+class AttentionAccumulator:
+    """Running sum of cross-attention probabilities over (steps, layers, kept rows).
+
+    `accumulate` does the in-place add; the default is the plain-torch reference, and the fused
+    Triton kernel (kernels/attn_accumulate.py) has the same signature.
+    """
+
+    def __init__(self, accumulate: Accumulate | None = None) -> None:
+        self.accumulate = accumulate or accumulate_attention_probabilities
         self.total: torch.Tensor | None = None  # (N, 77) float32
         self.rows = 0
 
     def add(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
         """query (R, heads, N, d), key (R, heads, 77, d): add sum_rows softmax(q k^T * scale)."""
-        summed = attention_probability_sum(query, key, scale)
-        self.total = summed if self.total is None else self.total.add_(summed)
+        if self.total is None:
+            self.total = torch.zeros(query.shape[2], key.shape[2], dtype=torch.float32, device=query.device)
+        self.accumulate(self.total, query, key, scale)
         self.rows += query.shape[0] * query.shape[1]
 
     def average(self) -> torch.Tensor:
@@ -55,6 +65,13 @@ def attention_probability_sum(query: torch.Tensor, key: torch.Tensor, scale: flo
     """Plain-torch reference for the fused accumulation kernel: (R, H, N, d), (R, H, K, d) -> (N, K) fp32."""
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
     return scores.softmax(dim=-1).sum(dim=(0, 1))
+
+
+def accumulate_attention_probabilities(
+    total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float
+) -> None:
+    """Plain-torch reference of the in-place accumulation: total (N, K) fp32 += attention_probability_sum."""
+    total.add_(attention_probability_sum(query, key, scale))
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -124,12 +141,17 @@ def recorded_layers(unet, latent_size: tuple[int, int], grid: tuple[int, int]) -
     return [name for name, level in cross_attention_sizes(unet).items() if _halve(latent_size, level) == grid]
 
 
+def attention_grid(latent_size: tuple[int, int]) -> tuple[int, int]:
+    """The query grid ZONE reads: ceil(H/32) x ceil(W/32), i.e. the latent halved twice."""
+    return _halve(latent_size, 2)
+
+
 @contextmanager
 def record_cross_attention(
-    unet, latent_size: tuple[int, int], grid: tuple[int, int]
+    unet, latent_size: tuple[int, int], grid: tuple[int, int], accumulator: AttentionAccumulator | None = None
 ) -> Iterator[AttentionAccumulator]:
     """Install recording processors for one edit; the UNet's own processors come back afterwards."""
-    accumulator = AttentionAccumulator()
+    accumulator = accumulator if accumulator is not None else AttentionAccumulator()
     modules = {name: unet.get_submodule(name) for name in recorded_layers(unet, latent_size, grid)}
     originals = {name: module.processor for name, module in modules.items()}
     try:
@@ -180,15 +202,34 @@ def threshold_difference(
     return difference < paper_threshold
 
 
+def binarize_reference(
+    average: torch.Tensor, grid: tuple[int, int], last_token: int, size: tuple[int, int], *,
+    rule: Literal["reference", "paper"] = "reference", reference_threshold: int = 108,
+    paper_threshold: int = 128,
+) -> tuple[np.ndarray, np.ndarray]:
+    """M_b before small-region removal (bool (H, W)) and the resized difference d (uint8 (H, W)).
+
+    The reference composition; the fused kernel (kernels/mask_binarize.py) is bit-identical.
+    """
+    difference = resize_bicubic(difference_map(average, grid, last_token), size)
+    return threshold_difference(difference, rule, reference_threshold, paper_threshold), difference
+
+
+# binarize(average, grid, last_token, size, *, rule, reference_threshold, paper_threshold) -> (mask, difference)
+Binarize = Callable[..., tuple[np.ndarray, np.ndarray]]
+
+
 def localize(
     average: torch.Tensor, grid: tuple[int, int], last_token: int, size: tuple[int, int], *,
     rule: Literal["reference", "paper"] = "reference", reference_threshold: int = 108,
-    paper_threshold: int = 128, min_area: int = 64,
+    paper_threshold: int = 128, min_area: int = 64, binarize: Binarize = binarize_reference,
 ) -> Localization:
     """M_b at `size` (the padded working size) from the averaged attention map."""
-    difference = resize_bicubic(difference_map(average, grid, last_token), size)
-    mask = threshold_difference(difference, rule, reference_threshold, paper_threshold)
-    return Localization(mask_b=remove_small_regions(mask, min_area), difference=difference)
+    mask, difference = binarize(
+        average, grid, last_token, size, rule=rule, reference_threshold=reference_threshold,
+        paper_threshold=paper_threshold,
+    )
+    return Localization(mask_b=remove_small_regions(np.asarray(mask, dtype=bool), min_area), difference=difference)
 
 
 def heatmap_overlay(image: np.ndarray, difference: np.ndarray, opacity: float = 0.5) -> np.ndarray:

@@ -12,10 +12,10 @@ from tqdm.auto import tqdm
 
 from . import blend, image_io
 from .action import classify_action
-from .backends import make_denoiser, make_segmenter, resolve_device, resolve_dtype
+from .backends import make_denoiser, make_localization_kernels, make_segmenter, resolve_device, resolve_dtype
 from .config import Action, EditConfig, SamConfig
 from .denoise import DenoiseInputs, initial_noise
-from .localize import heatmap_overlay, localize, record_cross_attention
+from .localize import AttentionAccumulator, attention_grid, heatmap_overlay, localize
 from .models import IP2P_ID, MAGICBRUSH_ID, ZoneModels, build_tiny_components, load_pretrained
 from .refine import Segmenter, refine_with_sam
 from .text import check_instruction, encode_instruction
@@ -88,12 +88,14 @@ class ZonePipeline:
     def __init__(
         self, models: ZoneModels, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
         default_config: EditConfig | None = None, denoiser: str = "eager", segmenter: str = "torch",
+        kernels: str = "auto",
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.models = models.to(self.device, self.dtype)
         self.default_config = default_config or EditConfig()
         self.denoiser = make_denoiser(self.models, denoiser)
+        self.accumulate, self.binarize = make_localization_kernels(kernels, self.device)
         self.segmenter_kind = segmenter
         self._segmenters: dict[SamConfig, Segmenter] = {}
 
@@ -135,7 +137,7 @@ class ZonePipeline:
         working = image_io.to_working(original, geometry)
         padded_h, padded_w = geometry.padded_size
         latent_size = (padded_h // 8, padded_w // 8)
-        grid = (padded_h // 32, padded_w // 32)
+        grid = attention_grid(latent_size)
 
         # 2. Encode the instruction once, for both UNets.
         with watch("text"):
@@ -157,16 +159,16 @@ class ZonePipeline:
             )
 
         # 5. Dual denoising, recording IP2P's cross-attention on the way.
-        with watch("denoise"), tqdm(total=config.steps, desc="denoising", unit="step", disable=not progress) as bar, \
-                record_cross_attention(models.ip2p_unet, latent_size, grid) as attention:
-            latents = self.denoiser(inputs, config, config.beta_for(action), on_step=lambda _: bar.update(1))
+        attention = AttentionAccumulator(self.accumulate)
+        with watch("denoise"), tqdm(total=config.steps, desc="denoising", unit="step", disable=not progress) as bar:
+            latents = self.denoiser(inputs, config, config.beta_for(action), attention, on_step=lambda _: bar.update(1))
 
         # 6. Localization: the edit mask M_b.
         with watch("localize"):
             located = localize(
                 attention.average(), grid, encoded.token_count - 1, geometry.padded_size,
                 rule=config.threshold_rule, reference_threshold=config.reference_threshold,
-                paper_threshold=config.paper_threshold, min_area=config.min_region_area,
+                paper_threshold=config.paper_threshold, min_area=config.min_region_area, binarize=self.binarize,
             )
 
         # 7. Decode I_sty.

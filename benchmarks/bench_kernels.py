@@ -1,0 +1,54 @@
+"""The two fused localization kernels against (a) the reference-style path and (b) the torch reference.
+
+    python -m benchmarks.bench_kernels
+
+SD1.5 shapes at 512x512: kernel 1 with 5 layers of 2 kept rows x 8 heads, N = 256, d = 160, 77
+keys (fp16 on CUDA); kernel 2 from a 16x16 map to a 512x512 mask. On a CUDA GPU each row carries
+the do_bench median (ms), the modelled memory traffic, their ratios to the kernel, and a quality
+figure; on the CPU the kernels run under TRITON_INTERPRET=1 and only the quality figures mean
+anything (timings need a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+
+def _table(title: str, rows: list[dict], quality: str) -> str:
+    kernel = rows[-1]
+    lines = [title, f"  {'variant':<46} {'time ms':>9} {'x kernel':>9} {'MB moved':>9} {'x kernel':>9}  {quality}"]
+    for row in rows:
+        timed = row["time_ms"] is not None
+        time_ms = f"{row['time_ms']:.4f}" if timed else "n/a"
+        time_ratio = f"{row['time_ms'] / kernel['time_ms']:.1f}" if timed else "n/a"
+        lines.append(f"  {row['name']:<46} {time_ms:>9} {time_ratio:>9} {row['bytes'] / 1e6:>9.2f} "
+                     f"{row['bytes'] / kernel['bytes']:>9.1f}  {row[quality]:.3g}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules import triton
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        print("TRITON_INTERPRET=1 on a CUDA machine would time the interpreter: unset it", file=sys.stderr)
+        return 2
+    from kernels import attn_accumulate, mask_binarize
+
+    device = torch.device("cuda" if cuda else "cpu")
+    name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)"
+    print(f"device: {name}")
+    if not cuda:
+        print("timings need a GPU: this run checks correctness only (bytes are the traffic model)")
+    print(_table("kernel 1: attention-map accumulation, 5 layers x 16 rows x 256 x 77, d = 160",
+                 attn_accumulate.benchmark(device), "max_abs_diff"))
+    print(_table("kernel 2: mask binarization, 16x16 -> 512x512",
+                 mask_binarize.benchmark(device), "mismatched_pixels"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Kernel 1: fused cross-attention map accumulation (ZONE.md section 3), in place.
+
+For one recorded layer and one step, with query (R, H, N, d) and key (R, H, K, d) of the kept rows:
+
+    total (N, K) fp32 += sum over (R, H) of softmax(q k^T * scale)
+
+without ever writing the (R*H, N, K) probabilities: one program per block of BLOCK_N queries loops
+over the R*H rows, computes the scores with tl.dot, the softmax in fp32, sums in registers, and adds
+its block to the accumulator once. One launch per call; deterministic (no atomics).
+
+The kernel adds the *sum* over rows; `AttentionAccumulator` counts the rows and divides by the total
+count at the end. sum-then-divide-once equals the reference's pooled mean over (steps, layers,
+rows) exactly, even when layers have different head counts (a per-layer mean would weight them
+differently).
+
+Public API:
+    attn_accumulate_(total, query, key, scale)          guarded: kernel when usable, else reference
+    attn_accumulate_triton(total, query, key, scale)     the launcher (always launches)
+    attn_accumulate_reference(total, query, key, scale)  plain torch (zone_engine.localize)
+    torch.ops.zone.attn_accumulate_                      the custom op (fake impl registered)
+    benchmark(...)                                       (a) store-all, (b) torch, (c) kernel
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.runtime import can_launch, is_interpreted
+from zone_engine.localize import accumulate_attention_probabilities
+
+MAX_KEYS = 128  # keys are padded to one BLOCK_K tile; CLIP's 77 tokens fit
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attn_accumulate_kernel(
+    total_ptr, q_ptr, k_ptr,
+    N, K, D, HEADS, ROWS, scale_log2e,
+    stride_qr, stride_qh, stride_qn,
+    stride_kr, stride_kh, stride_kn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_in = offs_n < N
+    k_in = offs_k < K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # sum over rows of the probabilities
+    for row in range(ROWS):
+        r = row // HEADS
+        h = row - r * HEADS
+        q_row = q_ptr + r * stride_qr + h * stride_qh
+        k_row = k_ptr + r * stride_kr + h * stride_kh
+        scores = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d_in = (d0 + offs_d) < D
+            q = tl.load(q_row + offs_n[:, None] * stride_qn + (d0 + offs_d)[None, :],
+                        mask=n_in[:, None] & d_in[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+            # K^T loaded directly (as Triton's fused-attention tutorial does), not tl.trans'd.
+            kt = tl.load(k_row + offs_k[None, :] * stride_kn + (d0 + offs_d)[:, None],
+                         mask=k_in[None, :] & d_in[:, None], other=0.0)  # (BLOCK_D, BLOCK_K)
+            scores = tl.dot(q, kt, scores, input_precision=DOT_PRECISION)
+        # Padded keys get -inf (probability 0); padded queries see zeros (a finite, discarded row).
+        scores = tl.where(k_in[None, :], scores * scale_log2e, float("-inf"))
+        p = tl.exp2(scores - tl.max(scores, axis=1)[:, None])
+        acc += p / tl.sum(p, axis=1)[:, None]
+    # Each program owns its BLOCK_N rows of the accumulator: a plain read-add-write, no atomics.
+    ptrs = total_ptr + offs_n[:, None] * K + offs_k[None, :]
+    inside = n_in[:, None] & k_in[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=inside, other=0.0) + acc, mask=inside)
+
+
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_arguments(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:
+    """ValueError unless query (R, H, N, d), key (R, H, K, d), total (N, K) fp32 fit together."""
+    if query.ndim != 4 or key.ndim != 4:
+        raise ValueError(f"query and key must be (R, heads, N, d) and (R, heads, K, d); got {tuple(query.shape)} "
+                         f"and {tuple(key.shape)}")
+    rows, heads, queries, dim = query.shape
+    if key.shape[0] != rows or key.shape[1] != heads or key.shape[3] != dim:
+        raise ValueError(f"key {tuple(key.shape)} does not match query {tuple(query.shape)} in (R, heads, d)")
+    keys = key.shape[2]
+    if not 1 <= keys <= MAX_KEYS:
+        raise ValueError(f"the kernel takes 1 to {MAX_KEYS} keys, got {keys}")
+    if query.dtype not in _INPUT_DTYPES or key.dtype != query.dtype:
+        raise ValueError(f"query and key must share one dtype of fp16, bf16, fp32; got {query.dtype}, {key.dtype}")
+    if query.stride(-1) != 1 or key.stride(-1) != 1:
+        raise ValueError("query and key need a contiguous last (d) dimension (stride 1); other strides are free")
+    if total.dtype != torch.float32 or total.shape != (queries, keys) or not total.is_contiguous():
+        raise ValueError(f"the accumulator must be a contiguous float32 ({queries}, {keys}) tensor; got "
+                         f"{total.dtype} {tuple(total.shape)}{'' if total.is_contiguous() else ' non-contiguous'}")
+    if not (total.device == query.device == key.device):
+        raise ValueError(f"total, query and key must be on one device; got {total.device}, {query.device}, "
+                         f"{key.device}")
+
+
+def attn_accumulate_triton(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+    """Launch the kernel: total (N, K) fp32 += sum_{R, H} softmax(query key^T * scale), in place."""
+    _check_arguments(total, query, key)
+    rows, heads, queries, dim = query.shape
+    keys = key.shape[2]
+    if rows * heads == 0 or queries == 0:
+        return
+    # 16 queries per program (tl.dot's smallest tile) keeps 16 programs busy at SD1.5's N = 256; the
+    # interpreter prefers fewer, larger programs. d is walked in chunks of at most 64 so a 160-dim
+    # head wastes 17 % (3 x 64) instead of 37 % (256) and the K tile stays at 16 KB in fp16.
+    block_n = 64 if is_interpreted(_attn_accumulate_kernel) else 16
+    block_d = min(64, triton.next_power_of_2(max(dim, 16)))
+    grid = (triton.cdiv(queries, block_n),)
+    _attn_accumulate_kernel[grid](
+        total, query, key,
+        queries, keys, dim, heads, rows * heads, float(scale) * LOG2E,
+        query.stride(0), query.stride(1), query.stride(2),
+        key.stride(0), key.stride(1), key.stride(2),
+        BLOCK_N=block_n, BLOCK_K=max(16, triton.next_power_of_2(keys)), BLOCK_D=block_d,
+        # fp32 inputs: "ieee", no tf32 rounding, as the fp32 reference; fp16/bf16 products are exact
+        # in the fp32 accumulator whatever the setting ("tf32" is Triton's default).
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+    )
+
+
+# The plain-torch reference: the same in-place contract, from the engine's localization stage.
+attn_accumulate_reference = accumulate_attention_probabilities
+
+
+@torch.library.custom_op("zone::attn_accumulate_", mutates_args=("total",))
+def _attn_accumulate_op(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+    if can_launch(_attn_accumulate_kernel, query.device, (query.dtype,)):
+        attn_accumulate_triton(total, query, key, scale)
+    else:
+        attn_accumulate_reference(total, query, key, scale)
+
+
+@_attn_accumulate_op.register_fake
+def _(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+    _check_arguments(total, query, key)
+
+
+def attn_accumulate_(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+    """total (N, K) fp32 += sum over (R, H) of softmax(query key^T * scale), in place.
+
+    query (R, H, N, d) and key (R, H, K, d), fp16/bf16/fp32, any strides but a contiguous last dim.
+    Runs the kernel (through the `zone::attn_accumulate_` custom op, so torch.compile and CUDA-graph
+    capture see one opaque mutating op) when Triton can run here; otherwise the torch reference.
+    """
+    _check_arguments(total, query, key)
+    if can_launch(_attn_accumulate_kernel, query.device, (query.dtype,)):
+        torch.ops.zone.attn_accumulate_(total, query, key, float(scale))
+    else:
+        attn_accumulate_reference(total, query, key, scale)
+
+
+# ------------------------------------------------------------------------------------------- benchmark
+
+
+def attention_sum_fp64(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """sum over (R, H) of softmax(q k^T * scale) in float64: the accuracy yardstick, (N, K)."""
+    scores = torch.matmul(query.double(), key.double().transpose(-1, -2)) * scale
+    return scores.softmax(dim=-1).sum(dim=(0, 1))
+
+
+def _store_all(layers: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> torch.Tensor:
+    """(a) the reference's AttentionStore: materialise every layer's probabilities, average later."""
+    store = []
+    for query, key in layers:
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+        store.append(scores.softmax(dim=-1).flatten(0, 1))  # (R*H, N, K) kept in memory
+    return torch.cat(store).mean(0)
+
+
+def benchmark(
+    device: str | torch.device | None = None, *, layers: int = 5, rows: int = 2, heads: int = 8,
+    queries: int = 256, dim: int = 160, keys: int = 77, dtype: torch.dtype | None = None, seed: int = 0,
+) -> list[dict]:
+    """SD1.5 at 512x512 by default: 5 layers of 2 kept rows x 8 heads, N = 256, d = 160, 77 keys.
+
+    Returns one dict per variant: name, time_ms (do_bench median on CUDA, None elsewhere), bytes
+    (a model of the DRAM traffic, see below), max_abs_diff against the fp64 average.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    scale = 1.0 / math.sqrt(dim)
+    # (B, N, heads*d) projections viewed as (B, heads, N, d), kept rows 1:3, as the recording processor.
+    inputs = []
+    for _ in range(layers):
+        q = torch.randn(rows + 1, queries, heads * dim, generator=generator).to(device, dtype)
+        k = torch.randn(rows + 1, keys, heads * dim, generator=generator).to(device, dtype)
+        q = q.view(rows + 1, queries, heads, dim).transpose(1, 2)[1:]
+        k = k.view(rows + 1, keys, heads, dim).transpose(1, 2)[1:]
+        inputs.append((q, k))
+    count = layers * rows * heads
+    exact = sum(attention_sum_fp64(q, k, scale) for q, k in inputs) / count
+
+    def reference() -> torch.Tensor:
+        total = torch.zeros(queries, keys, device=device)
+        for q, k in inputs:
+            attn_accumulate_reference(total, q, k, scale)
+        return total / count
+
+    def fused() -> torch.Tensor:
+        total = torch.zeros(queries, keys, device=device)
+        for q, k in inputs:
+            attn_accumulate_(total, q, k, scale)
+        return total / count
+
+    element = torch.finfo(dtype).bits // 8
+    qk_bytes = layers * rows * heads * (queries + keys) * dim * element
+    probs = layers * rows * heads * queries * keys * 4
+    # Traffic model: every variant reads Q and K once. The torch paths also write and re-read fp32
+    # copies of Q, K (.float()), then write/read the scores about 4 times (matmul out, scale, softmax
+    # in/out); the store keeps every probability and re-reads it for the mean; the torch reference
+    # re-reads it once for the sum. The kernel adds only the accumulator's read-modify-write.
+    upcast = 2 * qk_bytes * 4 // element
+    variants = {
+        "a: store all, average later": (lambda: _store_all(inputs, scale), qk_bytes + upcast + 5 * probs),
+        "b: torch reference, in place": (reference, qk_bytes + upcast + 5 * probs + layers * 3 * queries * keys * 4),
+        "c: fused Triton kernel": (fused, qk_bytes + layers * 2 * queries * keys * 4),
+    }
+    results = []
+    for name, (run, traffic) in variants.items():
+        out = run()
+        time_ms = None
+        if device.type == "cuda":
+            time_ms = triton.testing.do_bench(run, return_mode="median")
+        results.append({"name": name, "time_ms": time_ms, "bytes": traffic,
+                        "max_abs_diff": (out.double() - exact).abs().max().item()})
+    return results

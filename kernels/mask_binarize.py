@@ -1,0 +1,379 @@
+"""Kernel 2: the edit mask M_b from the averaged attention map (ZONE.md section 3), in place.
+
+From the averaged map (N, K) fp32, the grid (h, w) with h*w == N and the token L-1, writes into
+preallocated (H, W) uint8 buffers
+    mask        1 where the rule keeps the pixel (reference: min(2d, 255) <= 108; paper: d < T)
+    difference  (optional) the resized d itself, for the heatmap view
+bit-identical to the reference composition `zone_engine.localize.binarize_reference`:
+    a_t = uint8(255 * A[:, t] / max A[:, t])      fp32, multiply then divide, truncating cast
+    d   = max(a_1 - a_L, 0)                       saturating, on the h x w grid
+    d   = PIL bicubic resize of the uint8 image d to H x W
+PIL's bicubic resize of an 8-bit image is separable fixed-point arithmetic (libImaging/Resample.c):
+per output pixel, a window of inputs with integer weights kk (the a = -0.5 cubic evaluated in
+double, normalised to sum 1, scaled by 2^22 and rounded half away from zero), and
+    out = clip8((2^21 + sum in * kk) >> 22)
+once per axis, horizontal pass first into a uint8 intermediate, then vertical; an axis whose size
+does not change is skipped (an identity table here: (2^21 + v * 2^22) >> 22 == v).
+
+Two launches:
+    1. `_difference_rows_kernel`: the two column maxima, normalise, truncate, subtract, and the
+       horizontal pass over all h grid rows -> intermediate (h, W) uint8 (a few KB);
+    2. `_vertical_threshold_kernel`: the vertical pass, the threshold, the uint8 stores.
+The weight tables are computed on the host in float64 exactly as Pillow does, cached per
+(in size, out size, device), and passed as int32 tensors: the kernels only do integer MACs.
+
+Only enlarging the height (H >= h) is fused: Pillow 13 runs the vertical pass first when the height
+shrinks by more than twice as many pixels as the width, older Pillows never do, so a shrinking
+height has no single bit-exact answer; ZONE's map is 1/32 of the image and only ever grows.
+
+Public API:
+    mask_binarize_(average, grid, last_token, mask, *, rule, reference_threshold, paper_threshold,
+                   difference=None)            guarded: kernels when usable, else reference
+    binarize_mask(average, grid, last_token, size, *, rule, ...) -> (mask bool, difference uint8)
+                                               numpy results: the `binarize=` callable of localize()
+    mask_binarize_triton(...)                  the launcher (always launches)
+    mask_binarize_reference_(...)              plain torch/numpy/PIL, same in-place contract
+    bicubic_coefficients(in_size, out_size)    Pillow's integer weight tables
+    torch.ops.zone.mask_binarize_              the custom op (fake impl registered)
+    benchmark(...)                             (a) reference code path, (b) engine reference, (c) kernels
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from kernels.runtime import can_launch, is_interpreted
+from zone_engine.localize import binarize_reference
+
+PRECISION_BITS = 22  # Pillow's 8-bit resampling precision: 32 - 8 bits of result - 2 bits of headroom
+
+
+@triton.jit
+def _difference_rows_kernel(
+    average_ptr, starts_ptr, weights_ptr, rows_ptr,
+    N, GRID_H, GRID_W, OUT_W, last_token, stride_an, stride_ak,
+    BLOCK_MAP: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_W: tl.constexpr, TAPS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Column maxima over the whole map, in every program: N is a few hundred floats, cheaper than
+    # a third launch. max is exact, so the order of the reduction does not matter.
+    cells = tl.arange(0, BLOCK_MAP)
+    first_max = tl.max(tl.load(average_ptr + cells * stride_an, mask=cells < N, other=float("-inf")), axis=0)
+    last_max = tl.max(tl.load(average_ptr + cells * stride_an + last_token * stride_ak, mask=cells < N,
+                              other=float("-inf")), axis=0)
+
+    ys = tl.arange(0, BLOCK_ROWS)
+    xs = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    inside = (ys < GRID_H)[:, None] & (xs < OUT_W)[None, :]
+    starts = tl.load(starts_ptr + xs, mask=xs < OUT_W, other=0)
+    acc = tl.full((BLOCK_ROWS, BLOCK_W), 1 << (PRECISION - 1), tl.int32)
+    for t in tl.static_range(TAPS):
+        weight = tl.load(weights_ptr + xs * TAPS + t, mask=xs < OUT_W, other=0)  # 0 past the window
+        column = tl.minimum(starts + t, GRID_W - 1)
+        cell = ys[:, None] * GRID_W + column[None, :]
+        first = tl.load(average_ptr + cell * stride_an, mask=inside, other=0.0)
+        last = tl.load(average_ptr + cell * stride_an + last_token * stride_ak, mask=inside, other=0.0)
+        # uint8(255 * a / max a): fp32 multiply, IEEE-rounded divide (div_rn: Triton's `/` is an
+        # approximate division on NVIDIA GPUs), truncating cast, as torch does on the CPU.
+        first_u8 = tl.math.div_rn(first * 255.0, first_max).to(tl.int32)
+        last_u8 = tl.math.div_rn(last * 255.0, last_max).to(tl.int32)
+        acc += tl.maximum(first_u8 - last_u8, 0) * weight[None, :]
+    rows = tl.minimum(tl.maximum(acc >> PRECISION, 0), 255)
+    tl.store(rows_ptr + ys[:, None] * OUT_W + xs[None, :], rows.to(tl.uint8), mask=inside)
+
+
+@triton.jit
+def _vertical_threshold_kernel(
+    rows_ptr, starts_ptr, weights_ptr, mask_ptr, difference_ptr,
+    GRID_H, OUT_H, OUT_W, threshold,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, TAPS: tl.constexpr, PRECISION: tl.constexpr,
+    PAPER: tl.constexpr, STORE_DIFFERENCE: tl.constexpr,
+):
+    ys = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    xs = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    inside = (ys < OUT_H)[:, None] & (xs < OUT_W)[None, :]
+    starts = tl.load(starts_ptr + ys, mask=ys < OUT_H, other=0)
+    acc = tl.full((BLOCK_H, BLOCK_W), 1 << (PRECISION - 1), tl.int32)
+    for t in tl.static_range(TAPS):
+        weight = tl.load(weights_ptr + ys * TAPS + t, mask=ys < OUT_H, other=0)
+        row = tl.minimum(starts + t, GRID_H - 1)
+        value = tl.load(rows_ptr + row[:, None] * OUT_W + xs[None, :], mask=inside, other=0)
+        acc += value.to(tl.int32) * weight[:, None]
+    difference = tl.minimum(tl.maximum(acc >> PRECISION, 0), 255)
+    keep = (difference < threshold) if PAPER else (tl.minimum(2 * difference, 255) <= threshold)
+    offsets = ys[:, None] * OUT_W + xs[None, :]
+    tl.store(mask_ptr + offsets, keep.to(tl.uint8), mask=inside)
+    if STORE_DIFFERENCE:
+        tl.store(difference_ptr + offsets, difference.to(tl.uint8), mask=inside)
+
+
+def _bicubic_filter(x: float) -> float:
+    a = -0.5
+    x = abs(x)
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    if x < 2.0:
+        return (((x - 5) * x + 8) * x - 4) * a
+    return 0.0
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's integer bicubic tables for one axis: starts int32 (out,), weights int32 (out, taps).
+
+    Output pixel i reads inputs starts[i] + t with weight weights[i, t] (zero-padded past its
+    window). Python floats are C doubles and int() truncates toward zero as C's cast does, so this
+    is precompute_coeffs + normalize_coeffs_8bpc step for step. An unchanged size gives the identity.
+    """
+    if in_size == out_size:
+        return np.arange(out_size, dtype=np.int32), np.full((out_size, 1), 1 << PRECISION_BITS, np.int32)
+    scale = in_size / out_size  # box = (0, in_size): in1 - in0 is exact in float
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale  # the bicubic filter's support is 2
+    starts, windows = [], []
+    for i in range(out_size):
+        center = (i + 0.5) * scale
+        start = max(int(center - support + 0.5), 0)
+        count = min(int(center + support + 0.5), in_size) - start
+        weights = [_bicubic_filter((x + start - center + 0.5) * (1.0 / filterscale)) for x in range(count)]
+        total = 0.0
+        for w in weights:
+            total += w
+        if total != 0.0:
+            weights = [w / total for w in weights]
+        starts.append(start)
+        windows.append([int((-0.5 if w < 0 else 0.5) + w * (1 << PRECISION_BITS)) for w in weights])
+    table = np.zeros((out_size, max(len(w) for w in windows)), np.int32)
+    for i, window in enumerate(windows):
+        table[i, : len(window)] = window
+    return np.asarray(starts, np.int32), table
+
+
+_DEVICE_TABLES: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _device_coefficients(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached on the device: after one warm-up call no host-to-device copy happens (CUDA-graph safe).
+    key = (in_size, out_size, device)
+    if key not in _DEVICE_TABLES:
+        starts, weights = bicubic_coefficients(in_size, out_size)
+        _DEVICE_TABLES[key] = (torch.from_numpy(starts).to(device), torch.from_numpy(weights).to(device))
+    return _DEVICE_TABLES[key]
+
+
+def _check_arguments(
+    average: torch.Tensor, grid: tuple[int, int], last_token: int, mask: torch.Tensor,
+    difference: torch.Tensor | None, rule: str,
+) -> None:
+    """ValueError unless the map, grid, token, rule and output buffers fit together."""
+    if average.ndim != 2 or average.dtype != torch.float32:
+        raise ValueError(f"average must be a float32 (N, K) map; got {average.dtype} {tuple(average.shape)}")
+    height, width = grid
+    if height < 1 or width < 1 or height * width != average.shape[0]:
+        raise ValueError(f"grid {tuple(grid)} does not hold the map's {average.shape[0]} query positions")
+    if not 0 <= last_token < average.shape[1]:
+        raise ValueError(f"token index {last_token} is outside the map's {average.shape[1]} tokens")
+    if rule not in ("reference", "paper"):
+        raise ValueError(f"unknown threshold rule {rule!r}: use 'reference' or 'paper'")
+    for name, buffer in (("mask", mask), ("difference", difference)):
+        if buffer is None:
+            continue
+        if buffer.dtype != torch.uint8 or buffer.ndim != 2 or not buffer.is_contiguous() or buffer.numel() == 0:
+            raise ValueError(f"{name} must be a contiguous, non-empty uint8 (H, W) buffer; got {buffer.dtype} "
+                             f"{tuple(buffer.shape)}")
+        if buffer.device != average.device:
+            raise ValueError(f"{name} is on {buffer.device} but the map is on {average.device}")
+    if difference is not None and difference.shape != mask.shape:
+        raise ValueError(f"difference {tuple(difference.shape)} and mask {tuple(mask.shape)} differ in shape")
+
+
+def _threshold(rule: str, reference_threshold: int, paper_threshold: int) -> int:
+    return paper_threshold if rule == "paper" else reference_threshold
+
+
+def mask_binarize_triton(
+    average: torch.Tensor, grid: tuple[int, int], last_token: int, mask: torch.Tensor, *,
+    rule: Literal["reference", "paper"] = "reference", reference_threshold: int = 108,
+    paper_threshold: int = 128, difference: torch.Tensor | None = None,
+) -> None:
+    """Launch both kernels: write M_b (uint8 0/1) into `mask` and, if given, d into `difference`."""
+    _check_arguments(average, grid, last_token, mask, difference, rule)
+    grid_h, grid_w = grid
+    out_h, out_w = mask.shape
+    if out_h < grid_h:
+        raise ValueError(f"the fused path only enlarges the height ({grid_h} -> {out_h} shrinks it): "
+                         "Pillow's pass order for a shrinking height depends on its version")
+    x_starts, x_weights = _device_coefficients(grid_w, out_w, average.device)
+    y_starts, y_weights = _device_coefficients(grid_h, out_h, average.device)
+    rows = torch.empty(grid_h, out_w, dtype=torch.uint8, device=average.device)  # (h, W) after the x pass
+    block_w = 128
+    _difference_rows_kernel[(triton.cdiv(out_w, block_w),)](
+        average, x_starts, x_weights, rows,
+        average.shape[0], grid_h, grid_w, out_w, last_token, average.stride(0), average.stride(1),
+        BLOCK_MAP=triton.next_power_of_2(average.shape[0]), BLOCK_ROWS=triton.next_power_of_2(grid_h),
+        BLOCK_W=block_w, TAPS=x_weights.shape[1], PRECISION=PRECISION_BITS,
+    )
+    # 16 x 128 tiles: 128 programs at 512 x 512, one wave on an H100; the interpreter prefers fewer.
+    block_h = 64 if is_interpreted(_vertical_threshold_kernel) else 16
+    _vertical_threshold_kernel[(triton.cdiv(out_h, block_h), triton.cdiv(out_w, block_w))](
+        rows, y_starts, y_weights, mask, mask if difference is None else difference,
+        grid_h, out_h, out_w, _threshold(rule, reference_threshold, paper_threshold),
+        BLOCK_H=block_h, BLOCK_W=block_w, TAPS=y_weights.shape[1], PRECISION=PRECISION_BITS,
+        PAPER=rule == "paper", STORE_DIFFERENCE=difference is not None,
+    )
+
+
+def mask_binarize_reference_(
+    average: torch.Tensor, grid: tuple[int, int], last_token: int, mask: torch.Tensor, *,
+    rule: Literal["reference", "paper"] = "reference", reference_threshold: int = 108,
+    paper_threshold: int = 128, difference: torch.Tensor | None = None,
+) -> None:
+    """The same in-place contract on the reference composition (numpy + PIL on the host)."""
+    binary, resized = binarize_reference(
+        average, tuple(grid), last_token, tuple(mask.shape), rule=rule,
+        reference_threshold=reference_threshold, paper_threshold=paper_threshold,
+    )
+    mask.copy_(torch.from_numpy(binary.astype(np.uint8)))
+    if difference is not None:
+        difference.copy_(torch.from_numpy(np.array(resized)))  # PIL's array is read-only
+
+
+@torch.library.custom_op("zone::mask_binarize_", mutates_args=("mask", "difference"))
+def _mask_binarize_op(
+    average: torch.Tensor, grid_h: int, grid_w: int, last_token: int, paper: bool, threshold: int,
+    mask: torch.Tensor, difference: torch.Tensor | None,
+) -> None:
+    rule = "paper" if paper else "reference"
+    if _fusable(average, (grid_h, grid_w), mask):
+        mask_binarize_triton(average, (grid_h, grid_w), last_token, mask, rule=rule, reference_threshold=threshold,
+                             paper_threshold=threshold, difference=difference)
+    else:
+        mask_binarize_reference_(average, (grid_h, grid_w), last_token, mask, rule=rule,
+                                 reference_threshold=threshold, paper_threshold=threshold, difference=difference)
+
+
+@_mask_binarize_op.register_fake
+def _(average, grid_h, grid_w, last_token, paper, threshold, mask, difference) -> None:
+    _check_arguments(average, (grid_h, grid_w), last_token, mask, difference, "paper" if paper else "reference")
+
+
+def _fusable(average: torch.Tensor, grid: tuple[int, int], mask: torch.Tensor) -> bool:
+    return mask.shape[0] >= grid[0] and can_launch(_difference_rows_kernel, average.device)
+
+
+def mask_binarize_(
+    average: torch.Tensor, grid: tuple[int, int], last_token: int, mask: torch.Tensor, *,
+    rule: Literal["reference", "paper"] = "reference", reference_threshold: int = 108,
+    paper_threshold: int = 128, difference: torch.Tensor | None = None,
+) -> None:
+    """Write M_b before small-region removal into `mask` (uint8 (H, W), 0/1), in place.
+
+    average: (h*w, K) float32, the accumulator's mean; grid (h, w); last_token = L - 1. When given,
+    `difference` (uint8 (H, W)) receives the resized d. Bit-identical to the reference composition;
+    the kernels run (through the `zone::mask_binarize_` custom op) when Triton can run here and the
+    height does not shrink, otherwise the reference does.
+    """
+    _check_arguments(average, grid, last_token, mask, difference, rule)
+    if _fusable(average, grid, mask):
+        torch.ops.zone.mask_binarize_(average, grid[0], grid[1], last_token, rule == "paper",
+                                      _threshold(rule, reference_threshold, paper_threshold), mask, difference)
+    else:
+        mask_binarize_reference_(average, grid, last_token, mask, rule=rule, reference_threshold=reference_threshold,
+                                 paper_threshold=paper_threshold, difference=difference)
+
+
+def binarize_mask(
+    average: torch.Tensor, grid: tuple[int, int], last_token: int, size: tuple[int, int], *,
+    rule: Literal["reference", "paper"] = "reference", reference_threshold: int = 108,
+    paper_threshold: int = 128,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`localize(..., binarize=binarize_mask)`: (M_b bool (H, W), d uint8 (H, W)) as numpy arrays."""
+    mask = torch.empty(size, dtype=torch.uint8, device=average.device)
+    difference = torch.empty_like(mask)
+    mask_binarize_(average, grid, last_token, mask, rule=rule, reference_threshold=reference_threshold,
+                   paper_threshold=paper_threshold, difference=difference)
+    return mask.cpu().numpy().astype(bool), difference.cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------- benchmark
+
+
+def _reference_code_path(average: torch.Tensor, grid: tuple[int, int], last_token: int, size: tuple[int, int]):
+    """(a) the reference implementation's own steps: host copy, 3-channel images, cv2, PIL on RGB."""
+    import cv2
+    from PIL import Image
+
+    maps = average.cpu().numpy().reshape(*grid, average.shape[-1])
+    images = []
+    for token in (0, last_token):
+        m = np.float32(255) * maps[:, :, token] / maps[:, :, token].max()
+        images.append(np.repeat(m[:, :, None], 3, axis=2).astype(np.uint8))
+    difference = np.array(Image.fromarray(cv2.subtract(images[0], images[1])).resize((size[1], size[0])))
+    scaled = cv2.convertScaleAbs(difference, alpha=2, beta=0)
+    return cv2.bitwise_not(np.where(scaled <= 108, 0, 255).astype(np.uint8))[:, :, 0] > 0
+
+
+def benchmark(
+    device: str | torch.device | None = None, *, grid: tuple[int, int] = (16, 16), size: tuple[int, int] = (512, 512),
+    tokens: int = 77, seed: int = 0,
+) -> list[dict]:
+    """SD1.5 at 512x512 by default: a 16x16 map -> 512x512 M_b (reference rule).
+
+    Returns one dict per variant: name, time_ms (on CUDA: do_bench medians for the kernels, host
+    clock medians for the CPU paths, which include the device-to-host copy; None elsewhere), bytes
+    (a model of the memory traffic, see below), mismatched_pixels against (b).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    generator = torch.Generator().manual_seed(seed)
+    average = (torch.rand(grid[0] * grid[1], tokens, generator=generator) ** 3).to(device)
+    last_token = 5
+    mask = torch.empty(size, dtype=torch.uint8, device=device)
+    difference = torch.empty_like(mask)
+
+    def engine_reference():
+        return binarize_reference(average, grid, last_token, size)[0]
+
+    def fused():
+        mask_binarize_(average, grid, last_token, mask, difference=difference)
+        return mask
+
+    pixels, cells = size[0] * size[1], grid[0] * grid[1]
+    # Traffic model: the host paths copy the map to the host (N*K*4), then make about 6 passes over
+    # an H*W image (resize out, threshold in/out, bool out; the reference's RGB path 3x more); the
+    # kernels read two map columns, write and re-read the (h, W) intermediate, and write mask + d.
+    variants = {
+        "a: reference code path (numpy/cv2/PIL RGB)": (lambda: _reference_code_path(average, grid, last_token, size),
+                                                       cells * tokens * 4 + 18 * pixels),
+        "b: engine reference (numpy/PIL)": (engine_reference, cells * tokens * 4 + 6 * pixels),
+        "c: fused Triton kernels": (fused, 2 * cells * 4 + 2 * grid[0] * size[1] + 2 * pixels),
+    }
+    expected = engine_reference()
+    results = []
+    for name, (run, traffic) in variants.items():
+        out = run()
+        out = out.cpu().numpy().astype(bool) if isinstance(out, torch.Tensor) else out
+        time_ms = None
+        if device.type == "cuda":
+            time_ms = (triton.testing.do_bench(run, return_mode="median") if name.startswith("c")
+                       else _host_median_ms(run))
+        results.append({"name": name, "time_ms": time_ms, "bytes": traffic,
+                        "mismatched_pixels": int((out != expected).sum())})
+    return results
+
+
+def _host_median_ms(run, repeats: int = 20) -> float:
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))

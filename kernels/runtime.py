@@ -1,0 +1,35 @@
+"""When a Triton kernel may run: the one switch the kernel modules consult, read at call time.
+
+- `ZONE_DISABLE_TRITON=1` turns every kernel off (the torch references run instead).
+- A kernel defined while `TRITON_INTERPRET=1` was set is an interpreted function: it runs on CPU
+  tensors through numpy (the CI path), and cannot take bf16 (the interpreter has no bf16).
+- Otherwise a kernel runs compiled, on CUDA tensors only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DISABLE_ENV = "ZONE_DISABLE_TRITON"
+
+
+def triton_disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def is_interpreted(kernel) -> bool:
+    """True when `kernel` was built by `triton.jit` under TRITON_INTERPRET=1."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernel, InterpretedFunction)
+
+
+def can_launch(kernel, device: torch.device, dtypes: tuple[torch.dtype, ...] = ()) -> bool:
+    """Whether `kernel` can run on tensors of `device` with these dtypes, here and now."""
+    if triton_disabled():
+        return False
+    if is_interpreted(kernel):
+        return torch.bfloat16 not in dtypes
+    return device.type == "cuda"

@@ -1,0 +1,298 @@
+"""Kernel 1 (fused attention-map accumulation) against its torch reference, under TRITON_INTERPRET=1.
+
+Tolerance (flash-attention's rule): with `exact` the float64 softmax sum of the same input values and
+`torch_same` torch computing at the input precision (fp16: matmul and softmax in fp16; fp32: the
+fp32 reference), require  max|kernel - exact| <= 2 * max|torch_same - exact| + atol.
+The kernel's products of fp16/bf16 values are exact in its fp32 tl.dot accumulator and its softmax
+and row sum run in fp32, so it is far inside that bound (measured: 2e-7 against torch fp16's 5e-4 at
+SD1.5 shapes). atol = 1e-6 per summed row covers fp32 rounding (~6e-8 relative per addition of values
+<= 1) and the GPU's approximate exp2 (ex2.approx, 2 ulp) where torch happens to be exact.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or the kernels are imported
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kernels.attn_accumulate as attn_module  # noqa: E402
+from kernels.attn_accumulate import (  # noqa: E402
+    attention_sum_fp64,
+    attn_accumulate_,
+    attn_accumulate_reference,
+    attn_accumulate_triton,
+)
+from kernels.runtime import DISABLE_ENV, is_interpreted  # noqa: E402
+from zone_engine.localize import AttentionAccumulator  # noqa: E402
+
+INTERPRETED = is_interpreted(attn_module._attn_accumulate_kernel)
+
+
+def _inputs(rows, heads, queries, dim, keys, dtype, device="cpu", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(rows, heads, queries, dim, generator=generator)
+    key = torch.randn(rows, heads, keys, dim, generator=generator)
+    return query.to(device, dtype), key.to(device, dtype)
+
+
+def _torch_same_precision(query, key, scale):
+    """softmax(q k^T * scale) computed at the inputs' precision, summed in fp32 (the error yardstick)."""
+    if query.dtype == torch.float32:
+        return attention_probability_sum_fp32(query, key, scale)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    return scores.softmax(dim=-1).float().sum(dim=(0, 1))
+
+
+def attention_probability_sum_fp32(query, key, scale):
+    total = torch.zeros(query.shape[2], key.shape[2], device=query.device)
+    attn_accumulate_reference(total, query, key, scale)
+    return total
+
+
+def _assert_within_rule(query, key, scale, got):
+    exact = attention_sum_fp64(query, key, scale)
+    torch_error = (_torch_same_precision(query, key, scale).double() - exact).abs().max().item()
+    kernel_error = (got.double() - exact).abs().max().item()
+    atol = 1e-6 * query.shape[0] * query.shape[1]
+    assert kernel_error <= 2 * torch_error + atol, (kernel_error, torch_error)
+
+
+# (rows, heads, N, d, K): N off the block size (1, 6, 37, 100) and on it (256), heads 1/5/8/20,
+# d 8/40/80/160, CLIP's 77 keys plus a few and a full 128-key tile.
+SHAPES = [
+    (2, 8, 256, 160, 77),  # SD1.5 at 512x512
+    (2, 1, 1, 8, 77),
+    (2, 5, 37, 40, 77),
+    (1, 20, 100, 80, 77),
+    (2, 8, 6, 160, 77),
+    (3, 2, 37, 80, 5),
+    (1, 2, 17, 16, 128),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_matches_reference(shape, dtype):
+    rows, heads, queries, dim, keys = shape
+    query, key = _inputs(rows, heads, queries, dim, keys, dtype)
+    scale = dim**-0.5
+    total = torch.zeros(queries, keys)
+    attn_accumulate_triton(total, query, key, scale)
+    _assert_within_rule(query, key, scale, total)
+    if dtype == torch.float32:
+        expected = torch.zeros(queries, keys)
+        attn_accumulate_reference(expected, query, key, scale)
+        assert torch.allclose(total, expected, rtol=0, atol=1e-6 * rows * heads)
+
+
+def test_accumulates_in_place_across_calls():
+    query, key = _inputs(2, 5, 37, 40, 77, torch.float32, seed=1)
+    query2, key2 = _inputs(2, 5, 37, 40, 77, torch.float32, seed=2)
+    total = torch.zeros(37, 77)
+    storage = total.data_ptr()
+    attn_accumulate_(total, query, key, 0.2)
+    attn_accumulate_(total, query2, key2, 0.2)
+    assert total.data_ptr() == storage
+    expected = torch.zeros(37, 77)
+    attn_accumulate_reference(expected, query, key, 0.2)
+    attn_accumulate_reference(expected, query2, key2, 0.2)
+    assert torch.allclose(total, expected, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_strided_inputs_as_the_recording_processor_passes_them(dtype):
+    # (B, N, heads*d) projections viewed as (B, heads, N, d) and sliced to the kept rows 1:3.
+    batch, queries, keys, heads, dim = 3, 37, 77, 5, 40
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(batch, queries, heads * dim, generator=generator).to(dtype)
+    k = torch.randn(batch, keys, heads * dim, generator=generator).to(dtype)
+    query = q.view(batch, queries, heads, dim).transpose(1, 2)[1:3]
+    key = k.view(batch, keys, heads, dim).transpose(1, 2)[1:3]
+    assert not query.is_contiguous() and not key.is_contiguous()
+    total = torch.zeros(queries, keys)
+    attn_accumulate_(total, query, key, dim**-0.5)
+    _assert_within_rule(query.contiguous(), key.contiguous(), dim**-0.5, total)
+
+
+def test_accumulator_with_the_kernel_matches_the_default():
+    fused, plain = AttentionAccumulator(attn_accumulate_), AttentionAccumulator()
+    for seed in (4, 5):
+        query, key = _inputs(2, 8, 16, 40, 77, torch.float32, seed=seed)
+        fused.add(query, key, 0.3)
+        plain.add(query, key, 0.3)
+    assert fused.rows == plain.rows == 32
+    assert torch.allclose(fused.average(), plain.average(), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda t, q, k: (t, q[0], k), "must be \\(R, heads, N, d\\)"),
+        (lambda t, q, k: (t, q, k[:, :1]), "does not match query"),
+        (lambda t, q, k: (t, q, k[..., :8]), "does not match query"),
+        (lambda t, q, k: (torch.zeros(37, 129), q, torch.zeros(2, 5, 129, 40)), "1 to 128 keys"),
+        (lambda t, q, k: (t, q.half(), k), "share one dtype"),
+        (lambda t, q, k: (t, q.long(), k.long()), "share one dtype"),
+        (lambda t, q, k: (t.half(), q, k), "contiguous float32"),
+        (lambda t, q, k: (t[:, :77].t().contiguous().t(), q, k), "contiguous float32"),
+        (lambda t, q, k: (torch.zeros(36, 77), q, k), "contiguous float32"),
+        (lambda t, q, k: (t, q.transpose(2, 3).contiguous().transpose(2, 3), k), "contiguous last"),
+        (lambda t, q, k: (t.to("meta"), q, k), "one device"),
+    ],
+)
+def test_clear_errors(change, message):
+    query, key = _inputs(2, 5, 37, 40, 77, torch.float32)
+    total = torch.zeros(37, 77)
+    args = change(total, query, key)
+    for function in (attn_accumulate_, attn_accumulate_triton):
+        with pytest.raises(ValueError, match=message):
+            function(*args, 0.1)
+
+
+def _spy(monkeypatch):
+    calls = []
+    for name in ("attn_accumulate_triton", "attn_accumulate_reference"):
+        original = getattr(attn_module, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(attn_module, name, spy)
+    return calls
+
+
+def test_environment_variable_switches_the_kernel_off(monkeypatch):
+    query, key = _inputs(2, 5, 6, 40, 77, torch.float32)
+    calls = _spy(monkeypatch)
+    attn_accumulate_(torch.zeros(6, 77), query, key, 0.1)
+    assert calls == ["attn_accumulate_triton"]
+    calls.clear()
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    total = torch.zeros(6, 77)
+    attn_accumulate_(total, query, key, 0.1)
+    assert calls == ["attn_accumulate_reference"]
+    _assert_within_rule(query, key, 0.1, total)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's bf16 fallback")
+def test_bf16_falls_back_to_torch_under_the_interpreter(monkeypatch):
+    query, key = _inputs(2, 5, 6, 40, 77, torch.bfloat16)
+    calls = _spy(monkeypatch)
+    total = torch.zeros(6, 77)
+    attn_accumulate_(total, query, key, 0.1)
+    assert calls == ["attn_accumulate_reference"]
+
+
+def test_custom_op_opcheck_and_fake_tensors():
+    query, key = _inputs(2, 3, 37, 40, 77, torch.float32)
+    torch.library.opcheck(torch.ops.zone.attn_accumulate_.default, (torch.zeros(37, 77), query, key, 0.1))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        total, query, key = torch.empty(37, 77), torch.empty(2, 3, 37, 40), torch.empty(2, 3, 77, 40)
+        attn_accumulate_(total, query, key, 0.1)  # runs the fake implementation: no kernel, no error
+        with pytest.raises(ValueError, match="contiguous float32"):
+            torch.ops.zone.attn_accumulate_(torch.empty(36, 77), query, key, 0.1)
+
+
+def test_traceable_by_torch_compile():
+    query, key = _inputs(2, 3, 6, 16, 77, torch.float32)
+
+    def step(total, query, key):
+        attn_accumulate_(total, query, key, 0.25)
+        return total * 2
+
+    total, expected = torch.zeros(6, 77), torch.zeros(6, 77)
+    out = torch.compile(step, backend="aot_eager", fullgraph=True)(total, query, key)
+    attn_accumulate_reference(expected, query, key, 0.25)
+    assert torch.allclose(total, expected, atol=1e-6) and torch.allclose(out, 2 * expected, atol=2e-6)
+
+
+def test_capture_on_a_tiny_unet_gives_the_same_mask_b():
+    """Recording through the kernel (strided views of real projections) and binarizing with kernel 2
+    give the torch path's attention map and the identical M_b."""
+    from kernels.mask_binarize import binarize_mask
+    from zone_engine.localize import localize, record_cross_attention
+    from zone_engine.models import build_tiny_unet
+
+    torch.manual_seed(0)
+    unet = build_tiny_unet().eval()
+    latent_size, grid, size = (8, 12), (2, 3), (64, 96)
+    generator = torch.Generator().manual_seed(0)
+    steps = [(torch.randn(3, 8, *latent_size, generator=generator), torch.randn(3, 77, 32, generator=generator))
+             for _ in range(2)]
+    averages = []
+    for accumulate in (None, attn_accumulate_):
+        recorder = record_cross_attention(unet, latent_size, grid, AttentionAccumulator(accumulate))
+        with torch.inference_mode(), recorder as accumulator:
+            for sample, context in steps:
+                unet(sample, 900, encoder_hidden_states=context)
+        averages.append(accumulator.average())
+    plain, fused = averages
+    assert torch.allclose(fused, plain, rtol=0, atol=1e-6)
+    for rule in ("reference", "paper"):
+        expected = localize(plain, grid, 7, size, rule=rule, min_area=0)
+        got = localize(fused, grid, 7, size, rule=rule, min_area=0, binarize=binarize_mask)
+        assert np.array_equal(got.mask_b, expected.mask_b)
+        assert np.array_equal(got.difference, expected.difference)
+
+
+# --------------------------------------------------------------------------------- compiled, on a GPU
+
+
+@pytest.fixture(scope="class")
+def compiled_run():
+    """Under the interpreter, run TestCompiledOnGPU once more in a process with TRITON_INTERPRET=0."""
+    if not INTERPRETED:
+        return None
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::TestCompiledOnGPU"],
+        env={**os.environ, "TRITON_INTERPRET": "0"}, cwd=Path(__file__).parents[1], capture_output=True, text=True,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled Triton kernels need a CUDA GPU")
+class TestCompiledOnGPU:
+    """The compiled kernel (no interpreter), bf16 included; reruns itself without the interpreter."""
+
+    @pytest.fixture(autouse=True)
+    def _compiled_process(self, compiled_run):
+        if compiled_run is not None:
+            assert compiled_run.returncode == 0, compiled_run.stdout[-6000:] + compiled_run.stderr[-2000:]
+            pytest.skip("this process interprets: the class passed compiled in a TRITON_INTERPRET=0 subprocess")
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+    @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+    def test_matches_reference(self, shape, dtype):
+        rows, heads, queries, dim, keys = shape
+        query, key = _inputs(rows, heads, queries, dim, keys, dtype, device="cuda")
+        total = torch.zeros(queries, keys, device="cuda")
+        attn_accumulate_(total, query, key, dim**-0.5)
+        _assert_within_rule(query, key, dim**-0.5, total)
+
+    def test_strided_and_cuda_graph_capture(self):
+        batch, queries, keys, heads, dim = 3, 256, 77, 8, 160
+        q = torch.randn(batch, queries, heads * dim, device="cuda", dtype=torch.float16)
+        k = torch.randn(batch, keys, heads * dim, device="cuda", dtype=torch.float16)
+        query = q.view(batch, queries, heads, dim).transpose(1, 2)[1:3]
+        key = k.view(batch, keys, heads, dim).transpose(1, 2)[1:3]
+        total = torch.zeros(queries, keys, device="cuda")
+        attn_accumulate_(total, query, key, dim**-0.5)  # warm-up: compiles outside the capture
+        total.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            attn_accumulate_(total, query, key, dim**-0.5)
+        graph.replay()
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_within_rule(query, key, dim**-0.5, total / 2)
