@@ -129,3 +129,14 @@ def test_api_bad_input(tiny_pipe):
     with pytest.raises(DeviceError, match="unknown device"):
         ZonePipeline(tiny_pipe.models, device="tpu")
     assert issubclass(DeviceError, ZoneError)
+
+
+def test_export_and_build_engine_commands_fail_cleanly(capsys, tmp_path):
+    _fails_cleanly(capsys, ["export", "unet", "--tiny", "--bf16", "--out", str(tmp_path / "x")], "bf16")
+    _fails_cleanly(capsys, ["export", "unet", "--tiny", "--height", "50", "--out", str(tmp_path / "x")], "32")
+    _fails_cleanly(capsys, ["build-engine", str(tmp_path / "nothing")])  # no TensorRT here, or no such folder
+
+
+def test_tensorrt_denoiser_without_engines_folder(capsys, photo, tmp_path):
+    _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", str(tmp_path / "o.png"), "--tiny",
+                            "--denoiser", "tensorrt"], "--engines")

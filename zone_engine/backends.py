@@ -5,6 +5,8 @@ Stages never test `torch.cuda.is_available()` themselves; they receive what this
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .config import SamConfig
@@ -17,7 +19,7 @@ from .refine import Segmenter, TorchSamSegmenter
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-DENOISERS = ("eager", "fused", "compile")
+DENOISERS = ("eager", "fused", "compile", "tensorrt")
 SEGMENTERS = ("torch",)
 LOCALIZATION_KERNELS = ("auto", "torch", "triton")
 
@@ -58,12 +60,21 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return dtype
 
 
-def make_denoiser(models: ZoneModels, kind: str = "eager") -> Denoiser:
-    """eager: the sequential reference; fused: one dual step of tensor ops; compile: fused + torch.compile."""
+def make_denoiser(
+    models: ZoneModels, kind: str = "eager", device: torch.device | None = None, engines: Path | None = None
+) -> Denoiser:
+    """eager: the sequential reference; fused: one dual step of tensor ops; compile: fused + torch.compile;
+    tensorrt: the exported dual step run by TensorRT (`engines`: a `zone export unet` folder)."""
     if kind == "eager":
         return SequentialDenoiser(models.ip2p_unet, models.mb_unet, models.scheduler_config)
     if kind in ("fused", "compile"):
         return FusedDualDenoiser(models.ip2p_unet, models.mb_unet, models.scheduler_config, compile=kind == "compile")
+    if kind == "tensorrt":
+        if engines is None:
+            raise DeviceError("--denoiser tensorrt needs --engines DIR: a folder written by `zone export unet`")
+        from .tensorrt_denoiser import TensorRTDenoiser
+
+        return TensorRTDenoiser.from_export(Path(engines), models.scheduler_config, device=device or "cuda")
     raise DeviceError(f"unknown denoiser backend {kind!r}: available {', '.join(DENOISERS)}")
 
 

@@ -33,7 +33,9 @@ def _add_edit_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     group.add_argument("--denoiser", default="eager", choices=DENOISERS,
                        help="eager: sequential reference (default); fused: one fused dual step of tensor ops; "
-                       "compile: fused + torch.compile (slow first edit)")
+                       "compile: fused + torch.compile (slow first edit); tensorrt: exported engine (see --engines)")
+    group.add_argument("--engines", type=Path, metavar="DIR",
+                       help="with --denoiser tensorrt: the folder written by `zone export unet`")
     group.add_argument("--kernels", default="auto", choices=LOCALIZATION_KERNELS,
                        help="localization math: triton (fused kernels), torch (reference); auto = triton on CUDA")
     group.add_argument("--save-masks", type=Path, metavar="DIR",
@@ -81,7 +83,41 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, required=True, help="folder to write the results to")
     demo.add_argument("-i", "--instruction", default="make the house a golden statue", help="instruction to run")
     _add_edit_options(demo)
+    _add_export_commands(commands)
     return parser
+
+
+def _add_export_commands(commands) -> None:
+    from export.engine import add_build_engine_arguments
+    from export.unet import add_export_unet_arguments
+
+    export = commands.add_parser(
+        "export", help="export networks to ONNX for TensorRT / ONNX Runtime",
+        description="Export networks to ONNX, validated against PyTorch with ONNX Runtime before they are kept.",
+    )
+    targets = export.add_subparsers(dest="target", required=True, metavar="TARGET")
+    add_export_unet_arguments(targets.add_parser(
+        "unet", help="the dual-UNet step (both weight sets, guidance, attention output) and the VAE",
+        description="Export the dual-UNet step and the VAE encoder/decoder to ONNX, with a manifest.",
+    ))
+    add_build_engine_arguments(commands.add_parser(
+        "build-engine", help="build TensorRT engines from a `zone export unet` folder (needs TensorRT and a GPU)",
+        description="Build (or reuse from the cache) TensorRT engines for an export folder. Engines are keyed by "
+        "model checksums, shapes, precision, TensorRT version and GPU; a stale or foreign engine is rebuilt.",
+    ))
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from export.unet import run_export_unet
+
+    print({"unet": run_export_unet}[args.target](args))
+
+
+def run_build_engine(args: argparse.Namespace) -> None:
+    from export.engine import run_build_engine as build
+
+    for path in build(args):
+        print(path)
 
 
 def _config_changes(args: argparse.Namespace) -> dict:
@@ -127,12 +163,12 @@ def run_edit(args: argparse.Namespace) -> None:
     instruction = check_instruction(args.instruction)
     changes = _config_changes(args)
     if args.tiny:
-        pipe = ZonePipeline.tiny(device=args.device, denoiser=args.denoiser, kernels=args.kernels)
+        pipe = ZonePipeline.tiny(device=args.device, denoiser=args.denoiser, kernels=args.kernels, engines=args.engines)
     else:
         pipe = ZonePipeline.from_pretrained(
             ip2p=args.ip2p, magicbrush=args.magicbrush, sam=args.sam, sam_type=args.sam_type,
             action_classifier=args.action_classifier, device=args.device, dtype=args.dtype,
-            denoiser=args.denoiser, kernels=args.kernels,
+            denoiser=args.denoiser, kernels=args.kernels, engines=args.engines,
         )
     config = pipe.default_config.replace(**changes)
     result = pipe.edit(image, instruction, config, progress=not args.no_progress)
@@ -149,7 +185,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
     print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
     changes = _config_changes(args)
-    pipe = ZonePipeline.tiny(device=args.device, denoiser=args.denoiser, kernels=args.kernels)
+    pipe = ZonePipeline.tiny(device=args.device, denoiser=args.denoiser, kernels=args.kernels, engines=args.engines)
     image = make_sample_image()
     result = pipe.edit(image, args.instruction, pipe.default_config.replace(**changes), progress=not args.no_progress)
     save_image(image, args.out / "input.png")
@@ -181,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        {"edit": run_edit, "demo": run_demo}[args.command](args)
+        {"edit": run_edit, "demo": run_demo, "export": run_export, "build-engine": run_build_engine}[args.command](args)
     except ZoneError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -88,13 +88,13 @@ class ZonePipeline:
     def __init__(
         self, models: ZoneModels, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
         default_config: EditConfig | None = None, denoiser: str = "eager", segmenter: str = "torch",
-        kernels: str = "auto",
+        kernels: str = "auto", engines: str | Path | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.models = models.to(self.device, self.dtype)
         self.default_config = default_config or EditConfig()
-        self.denoiser = make_denoiser(self.models, denoiser)
+        self.denoiser = make_denoiser(self.models, denoiser, self.device, engines)
         self.accumulate, self.binarize = make_localization_kernels(kernels, self.device)
         self.segmenter_kind = segmenter
         self._segmenters: dict[SamConfig, Segmenter] = {}

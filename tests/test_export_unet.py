@@ -1,0 +1,602 @@
+"""The dual-UNet step and the VAE exported to ONNX (export/unet.py), the engine cache (export/engine.py) and
+the TensorRT denoiser (zone_engine/tensorrt_denoiser.py).
+
+Tiny random models, ONNX Runtime on the CPU; one dynamic export (32x32 to 96x64, opt 64x64) serves the module.
+Tolerances, |onnxruntime - torch| <= atol + rtol * max|torch|:
+- guided noise, fp32: 1e-4 + 1e-4 x max. Both runtimes compute in fp32 and differ only in fusion and summation
+  order (~1e-6 relative per layer); guidance then multiplies branch differences by up to 14 (measured ~1e-5
+  on values ~10).
+- attention sums, fp32: 1e-5 absolute. Softmax probabilities summed over 20 rows, values ~0.3; the two
+  runtimes agree to ~1e-7.
+- fp16 graphs: 2e-2 + 2e-2 x max against the fp32 model: fp16 weights and activations (eps 1e-3). ONNX
+  Runtime's CPU provider runs fp16 nodes through inserted fp32 casts, so this checks the graph and its rounded
+  weights; the TensorRT class below checks fp16 arithmetic on a GPU.
+The TensorRT class runs only where `tensorrt` and CUDA are present (never on our machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from conftest import smooth_image  # noqa: E402
+
+from export import engine as engine_module  # noqa: E402
+from export import unet as export_module  # noqa: E402
+from export.engine import EngineCache, add_build_engine_arguments, build_engine, engine_cache_key, run_build_engine  # noqa: E402
+from export.unet import (  # noqa: E402
+    MANIFEST_FILE,
+    DualStepForExport,
+    ShapeProfile,
+    add_export_unet_arguments,
+    export_dual_step,
+    export_vae,
+    latent_size,
+    parse_dynamic_shapes,
+    run_export_unet,
+    weights_sha256,
+)
+from zone_engine import __version__  # noqa: E402
+from zone_engine.config import EditConfig  # noqa: E402
+from zone_engine.denoise import DenoiseInputs, guided_noise, initial_noise  # noqa: E402
+from zone_engine.dual_step import DualUNet, FusedDualDenoiser  # noqa: E402
+from zone_engine.errors import ConfigError, DeviceError, ZoneError  # noqa: E402
+from zone_engine.localize import AttentionAccumulator, attention_grid, localize, record_cross_attention  # noqa: E402
+from zone_engine.models import build_tiny_components  # noqa: E402
+
+PROFILE = "32x32:64x64:96x64"
+SIZES = [(64, 64), (96, 64), (32, 32)]  # opt (the export size), then the other sizes of the profile
+EPS_TOLERANCE = dict(atol=1e-4, rtol=1e-4)
+ATTENTION_ATOL = 1e-5
+FP16_TOLERANCE = dict(atol=2e-2, rtol=2e-2)
+
+
+def grid_of(size) -> tuple[int, int]:
+    """The attention grid of an image size (height, width): 1/32 of it."""
+    return attention_grid(latent_size(size))
+
+
+def export_args(out: Path, *extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_export_unet_arguments(parser)
+    return parser.parse_args(["--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def models():
+    """The tiny models `--tiny` exports (same seed: same weights), in fp32 on the CPU."""
+    models = build_tiny_components(export_module.TINY_SEED)
+    for net in (models.ip2p_unet, models.mb_unet, models.vae):
+        net.eval().requires_grad_(False)
+    return models
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """`zone export unet --tiny --dynamic-shapes 32x32:64x64:96x64`: the dual step and the VAE."""
+    out = tmp_path_factory.mktemp("export") / "unet"
+    return run_export_unet(export_args(out, "--tiny", "--dynamic-shapes", PROFILE))
+
+
+@pytest.fixture(scope="module")
+def manifest(exported) -> dict:
+    return json.loads((exported / MANIFEST_FILE).read_text())
+
+
+def session(path: Path):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads would starve torch
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def dual_step_session(exported):
+    return session(exported / "dual_step.onnx")
+
+
+def step_inputs(models, size, seed=0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(6, 8, *latent_size(size), generator=generator),
+        "timestep": torch.tensor([949.0]),
+        "context": torch.randn(3, 77, models.ip2p_unet.config.cross_attention_dim, generator=generator),
+        "guidance": torch.tensor([7.5, 1.5]),
+    }
+
+
+def assert_close(got, want, atol, rtol=0.0):
+    got = torch.as_tensor(got)
+    assert got.shape == want.shape
+    difference = (got - want).abs().max().item()
+    assert difference <= atol + rtol * want.abs().max().item(), difference
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_dual_step_graph_matches_pytorch(models, dual_step_session, size):
+    inputs = step_inputs(models, size, seed=size[0] + size[1])
+    with torch.no_grad():
+        expected = DualStepForExport(models.ip2p_unet, models.mb_unet, size)(**inputs)
+    outputs = dual_step_session.run(None, {k: v.numpy() for k, v in inputs.items()})
+    eps_mb, eps_ip2p, attention = (torch.from_numpy(o) for o in outputs)
+    assert eps_mb.shape == eps_ip2p.shape == (1, 4, *latent_size(size))
+    assert attention.shape == (grid_of(size)[0] * grid_of(size)[1], 77)
+    assert_close(eps_mb, expected[0], **EPS_TOLERANCE)
+    assert_close(eps_ip2p, expected[1], **EPS_TOLERANCE)
+    assert_close(attention, expected[2], ATTENTION_ATOL)
+
+
+def test_attention_output_is_the_accumulators_step_sum(models, dual_step_session, manifest):
+    """The graph's attention = what `record_cross_attention` adds in one eager DualUNet call (dual_step.py's)."""
+    size = (96, 64)
+    inputs = step_inputs(models, size, seed=5)
+    with torch.no_grad(), record_cross_attention(models.ip2p_unet, latent_size(size), grid_of(size)) as acc:
+        eps = DualUNet(models.mb_unet, models.ip2p_unet)(
+            inputs["sample"], torch.tensor([949]), inputs["context"]).float()  # int64, as dual_step passes it
+    with torch.no_grad():
+        eps_mb, eps_ip2p, attention = DualStepForExport(models.ip2p_unet, models.mb_unet, size)(**inputs)
+    assert torch.equal(attention, acc.total)  # the same processor and accumulator: bit for bit
+    assert torch.equal(eps_mb, guided_noise(eps[:3], 7.5, 1.5))
+    assert torch.equal(eps_ip2p, guided_noise(eps[3:], 7.5, 1.5))
+    rows_per_step = manifest["graphs"]["dual_step"]["attention"]["rows_per_step"]
+    assert rows_per_step == acc.rows == 5 * 2 * 2  # layers x kept batch rows x heads
+    onnx_attention = dual_step_session.run(["attention"], {k: v.numpy() for k, v in inputs.items()})[0]
+    assert_close(torch.from_numpy(onnx_attention), acc.total, ATTENTION_ATOL)
+    # The mask's average follows: total / rows, as AttentionAccumulator.average.
+    assert_close(torch.from_numpy(onnx_attention) / acc.rows, acc.average(), ATTENTION_ATOL / acc.rows)
+
+
+def test_manifest_records_what_the_engine_depends_on(models, exported, manifest):
+    graph = manifest["graphs"]["dual_step"]
+    assert manifest["format"] == 1 and set(manifest["graphs"]) == {"dual_step", "vae_encoder", "vae_decoder"}
+    assert graph["weights_sha256"] == {"ip2p_unet": weights_sha256(models.ip2p_unet),
+                                       "mb_unet": weights_sha256(models.mb_unet)}
+    assert graph["weights_sha256"]["ip2p_unet"] != graph["weights_sha256"]["mb_unet"]
+    assert manifest["graphs"]["vae_decoder"]["weights_sha256"] == {"vae": weights_sha256(models.vae)}
+    assert graph["precision"] == "fp32" and graph["opset"] == 19 and graph["io_dtype"] == "float32"
+    assert graph["image_sizes"] == {"min": [32, 32], "opt": [64, 64], "max": [96, 64]}
+    assert graph["profile"]["sample"] == [[6, 8, 4, 4], [6, 8, 8, 8], [6, 8, 12, 8]]
+    assert graph["profile"]["context"] == [[3, 77, 32]] * 3
+    assert all(side // 32 % 2 == 1 for side in graph["traced_at"])  # see ShapeProfile.trace_size
+    assert len(graph["attention"]["recorded_layers"]) == 5
+    assert graph["zone_engine_version"] == __version__ and graph["torch_version"] == torch.__version__
+    assert graph["sources"] == {"ip2p": "tiny:seed=0", "magicbrush": "tiny:seed=0"}
+    for entry in manifest["graphs"].values():
+        assert set(entry["validation"]) == {"tolerance", "64x64", "32x32", "96x64"}
+        for name, sha in entry["files"].items():
+            assert engine_module.file_sha256(exported / name) == sha
+    assert sorted(p.name for p in exported.iterdir()) == sorted(
+        [MANIFEST_FILE, "dual_step.onnx", "vae_encoder.onnx", "vae_decoder.onnx"])  # no staging left behind
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_vae_graphs_match_pytorch(models, exported, size):
+    generator = torch.Generator().manual_seed(size[0])
+    image = torch.rand(1, 3, *size, generator=generator) * 2 - 1
+    latent = torch.randn(1, 4, *latent_size(size), generator=generator)
+    with torch.no_grad():
+        want_latent = models.vae.encode(image).latent_dist.mode()
+        want_image = models.vae.decode(latent / models.vae.config.scaling_factor, return_dict=False)[0]
+    got_latent = session(exported / "vae_encoder.onnx").run(None, {"image": image.numpy()})[0]
+    got_image = session(exported / "vae_decoder.onnx").run(None, {"latent": latent.numpy()})[0]
+    assert_close(got_latent, want_latent, **EPS_TOLERANCE)
+    assert_close(got_image, want_image, **EPS_TOLERANCE)
+
+
+def test_fp16_export_keeps_float32_io_and_half_weights(models, tmp_path):
+    out = export_vae(models, tmp_path / "fp16", height=64, width=64, dtype="fp16")
+    model = onnx.load(str(out / "vae_decoder.onnx"))
+    assert {i.type.tensor_type.elem_type for i in model.graph.input} == {onnx.TensorProto.FLOAT}
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer) > 10
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = models.vae.decode(latent / models.vae.config.scaling_factor, return_dict=False)[0]
+    assert_close(session(out / "vae_decoder.onnx").run(None, {"latent": latent.numpy()})[0], want, **FP16_TOLERANCE)
+    assert next(models.vae.parameters()).dtype == torch.float32  # the caller's model is left as it was
+    assert json.loads((out / MANIFEST_FILE).read_text())["graphs"]["vae_encoder"]["precision"] == "fp16"
+
+
+def test_an_export_that_fails_validation_writes_nothing(models, tmp_path, monkeypatch):
+    monkeypatch.setitem(export_module.TOLERANCES, "fp32", dict(atol=-1.0, rtol=0.0))
+    with pytest.raises(ZoneError, match="differs from PyTorch .* nothing was written"):
+        export_vae(models, tmp_path / "bad", height=32, width=32)
+    assert list((tmp_path / "bad").iterdir()) == []
+
+
+def test_bf16_is_refused_with_the_reason(models, tmp_path):
+    with pytest.raises(ConfigError, match="opset 22.*--fp16"):
+        export_dual_step(models, tmp_path, height=32, width=32, dtype="bf16")
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+
+
+def test_dynamic_shapes_parse():
+    profile = parse_dynamic_shapes("256x256:512x512:768x640")
+    assert (profile.min, profile.opt, profile.max) == ((256, 256), (512, 512), (768, 640))
+    assert profile.trace_size() == (480, 480)  # nearest odd multiples of 32 to opt
+    assert ShapeProfile.static(512, 512).trace_size() == (512, 512)
+    assert parse_dynamic_shapes(" 64X64 : 64x64 : 64x96 ").trace_size() == (64, 96)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("512x512", "three sizes MIN:OPT:MAX"),
+    ("256x256:512x512", "three sizes MIN:OPT:MAX"),
+    ("256:512:768", "HEIGHTxWIDTH"),
+    ("256x256:500x512:768x768", "multiple of 32"),
+    ("0x256:256x256:256x256", "multiple of 32"),
+    ("512x512:256x256:768x768", "min <= opt <= max"),
+    ("256x256:512x512:768xabc", "HEIGHTxWIDTH"),
+])
+def test_bad_dynamic_shapes_are_clear_errors(text, words):
+    with pytest.raises(ConfigError, match=words):
+        parse_dynamic_shapes(text)
+
+
+def test_command_line_checks_run_before_any_model_loads(tmp_path):
+    with pytest.raises(ConfigError, match="either --height/--width or --dynamic-shapes"):
+        run_export_unet(export_args(tmp_path, "--height", "512", "--dynamic-shapes", "256x256:512x512:512x512"))
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        run_export_unet(export_args(tmp_path, "--height", "500"))
+    with pytest.raises(ConfigError, match="--tiny exports random weights"):
+        run_export_unet(export_args(tmp_path, "--tiny", "--ip2p", "some/model"))
+    with pytest.raises(ConfigError, match="bf16"):
+        run_export_unet(export_args(tmp_path, "--bf16", "--tiny"))
+    with pytest.raises(ConfigError, match="opsets 14 to 20"):
+        run_export_unet(export_args(tmp_path, "--tiny", "--opset", "21"))
+    with pytest.raises(SystemExit):
+        export_args(tmp_path, "--fp16", "--bf16")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ engine cache
+
+
+KEY_INPUTS = dict(
+    onnx_manifest={"files": {"dual_step.onnx": "ab" * 32}, "precision": "fp16", "opset": 19,
+                   "weights_sha256": {"ip2p_unet": "1" * 64, "mb_unet": "2" * 64},
+                   "image_sizes": {"min": [256, 256], "opt": [512, 512], "max": [512, 512]},
+                   "attention": {"rows_per_step": 80}, "torch_version": "2.14.1"},
+    profile={"sample": [[6, 8, 32, 32], [6, 8, 64, 64], [6, 8, 64, 64]], "timestep": [[1], [1], [1]]},
+    precision="fp16", tensorrt_version="10.13.0", gpu_name="NVIDIA H100 80GB HBM3 sm_90",
+)
+
+
+def _changed(inputs: dict, path: tuple, value) -> dict:
+    inputs = copy.deepcopy(inputs)
+    target = inputs
+    for part in path[:-1]:
+        target = target[part]
+    target[path[-1]] = value
+    return inputs
+
+
+@pytest.mark.parametrize("path, value", [
+    (("onnx_manifest", "files", "dual_step.onnx"), "cd" * 32),
+    (("onnx_manifest", "precision"), "fp32"),
+    (("onnx_manifest", "opset"), 17),
+    (("onnx_manifest", "weights_sha256", "mb_unet"), "3" * 64),
+    (("onnx_manifest", "image_sizes", "max"), [768, 768]),
+    (("onnx_manifest", "attention", "rows_per_step"), 96),
+    (("onnx_manifest", "torch_version"), "2.15.0"),
+    (("onnx_manifest", "new_field"), 1),
+    (("profile", "sample"), [[6, 8, 32, 32], [6, 8, 48, 48], [6, 8, 64, 64]]),
+    (("profile", "guidance"), [[2], [2], [2]]),
+    (("precision",), "fp32"),
+    (("tensorrt_version",), "10.13.1"),
+    (("gpu_name",), "NVIDIA H200 sm_90"),
+], ids=lambda v: "/".join(v) if isinstance(v, tuple) else None)
+def test_cache_key_changes_with_every_input(path, value):
+    assert engine_cache_key(**_changed(KEY_INPUTS, path, value)) != engine_cache_key(**KEY_INPUTS)
+
+
+def test_cache_key_is_stable_for_equal_inputs():
+    key = engine_cache_key(**KEY_INPUTS)
+    reordered = copy.deepcopy(KEY_INPUTS)
+    reordered["onnx_manifest"] = dict(reversed(list(reordered["onnx_manifest"].items())))
+    reordered["profile"] = {name: tuple(tuple(s) for s in shapes) for name, shapes in reordered["profile"].items()}
+    assert engine_cache_key(**reordered) == key == engine_cache_key(**copy.deepcopy(KEY_INPUTS))
+    assert len(key) == 64 and int(key, 16) >= 0
+
+
+DESCRIPTION = {"graph": "dual_step", "precision": "fp16", "tensorrt_version": "10.13.0",
+               "gpu_name": "NVIDIA H100 80GB HBM3 sm_90"}
+
+
+def _fake_build(calls: list):
+    def build(path: Path) -> None:
+        calls.append(path)
+        path.write_bytes(b"engine %d" % len(calls))
+    return build
+
+
+def test_engine_cache_builds_once_then_loads(tmp_path):
+    cache, calls = EngineCache(tmp_path), []
+    key = engine_cache_key(**KEY_INPUTS)
+    path, reason = cache.get_or_build("dual_step", key, DESCRIPTION, _fake_build(calls))
+    assert reason == "no engine built yet" and path.read_bytes() == b"engine 1"
+    sidecar = json.loads(cache.sidecar_path(path).read_text())
+    assert sidecar["key"] == key and sidecar["gpu_name"] == DESCRIPTION["gpu_name"]
+    assert cache.get_or_build("dual_step", key, DESCRIPTION, _fake_build(calls)) == (path, None)
+    assert len(calls) == 1
+    assert cache.get_or_build("dual_step", key, DESCRIPTION, _fake_build(calls), force=True)[1] == "rebuild asked for"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial files left
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda path, sidecar: sidecar.unlink(), "missing or unreadable"),
+    (lambda path, sidecar: sidecar.write_text("{"), "missing or unreadable"),
+    (lambda path, sidecar: _edit(sidecar, key="0" * 64), "its key differs"),
+    (lambda path, sidecar: _edit(sidecar, tensorrt_version="10.8.0"), "tensorrt_version '10.8.0'"),
+    (lambda path, sidecar: _edit(sidecar, gpu_name="NVIDIA A100 sm_80"), "gpu_name 'NVIDIA A100 sm_80'"),
+    (lambda path, sidecar: path.write_bytes(b"someone else's engine"), "not the one its sidecar describes"),
+], ids=["no-sidecar", "bad-sidecar", "other-key", "other-tensorrt", "other-gpu", "replaced-engine"])
+def test_stale_or_foreign_engines_are_rebuilt_never_loaded(tmp_path, damage, words):
+    cache, calls = EngineCache(tmp_path), []
+    key = engine_cache_key(**KEY_INPUTS)
+    path, _ = cache.get_or_build("dual_step", key, DESCRIPTION, _fake_build(calls))
+    damage(path, cache.sidecar_path(path))
+    assert words in cache.stale_reason("dual_step", key, DESCRIPTION)
+    rebuilt, reason = cache.get_or_build("dual_step", key, DESCRIPTION, _fake_build(calls))
+    assert rebuilt == path and words in reason and path.read_bytes() == b"engine 2"
+    assert cache.stale_reason("dual_step", key, DESCRIPTION) is None
+
+
+def _edit(sidecar: Path, **changes) -> None:
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), **changes}))
+
+
+# ------------------------------------------------------------------------------------------------ without TensorRT
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    """Make `import tensorrt` fail, whether or not it is installed."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+
+
+def test_build_engine_without_tensorrt_says_what_to_install(no_tensorrt, exported, tmp_path):
+    with pytest.raises(DeviceError, match=r"TensorRT is not installed: install NVIDIA TensorRT 10") as error:
+        build_engine(exported / "dual_step.onnx", tmp_path / "x.plan", {}, "fp16")
+    assert "metapackage" in str(error.value) and "tensorrt-cu12" in str(error.value)
+    parser = argparse.ArgumentParser()
+    add_build_engine_arguments(parser)
+    with pytest.raises(DeviceError, match="TensorRT is not installed"):
+        run_build_engine(parser.parse_args([str(exported)]))
+    assert not (exported / "engines").exists()
+
+
+def test_tensorrt_denoiser_without_tensorrt_is_a_clear_device_error(no_tensorrt, models, manifest, tmp_path):
+    from zone_engine.tensorrt_denoiser import TensorRTDenoiser
+
+    with pytest.raises(DeviceError, match="tensorrt denoiser cannot run: TensorRT is not installed") as error:
+        TensorRTDenoiser(tmp_path / "dual_step.plan", manifest["graphs"]["dual_step"], models.scheduler_config)
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in str(error.value)
+    with pytest.raises(DeviceError, match="TensorRT is not installed"):
+        TensorRTDenoiser.from_export(tmp_path, models.scheduler_config)
+
+
+def test_zone_engine_imports_without_tensorrt():
+    code = ("import sys; sys.modules['tensorrt'] = None; import zone_engine, zone_engine.tensorrt_denoiser, "
+            "zone_engine.backends, zone_engine.cli, export.engine; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).parents[1])
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    assert "tensorrt" not in importlib.import_module("zone_engine.tensorrt_denoiser").__dict__
+
+
+# ------------------------------------------------------------------------------------- the loop, with a stand-in
+
+
+class StandInTensorRT:
+    """The few TensorRT 10 names the denoiser and ensure_engine use, with ONNX Runtime (CPU) as the "engine".
+
+    An engine file holds the ONNX path it was "built" from. Tensor addresses are resolved back to the
+    denoiser's buffers, so the stand-in reads and writes exactly the memory TensorRT would.
+    """
+
+    __version__ = "10.99.0-stand-in"
+    DataType = type("DataType", (), {"FLOAT": "float32"})
+    Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+
+    class Runtime:
+        def __init__(self, logger) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, data: bytes):
+            return StandInEngine(session(Path(data.decode())))
+
+
+class StandInEngine:
+    def __init__(self, onnx_session) -> None:
+        self.session = onnx_session
+        self.names = [t.name for t in (*onnx_session.get_inputs(), *onnx_session.get_outputs())]
+        self.num_io_tensors = len(self.names)
+        self.contexts = []
+
+    def get_tensor_name(self, index: int) -> str:
+        return self.names[index]
+
+    def get_tensor_dtype(self, name: str) -> str:
+        return "float32"
+
+    def create_execution_context(self):
+        self.contexts.append(StandInContext(self.session))
+        return self.contexts[-1]
+
+
+class StandInContext:
+    def __init__(self, onnx_session) -> None:
+        self.session, self.addresses, self.memory = onnx_session, {}, []  # memory: tensors that may be bound
+
+    def set_input_shape(self, name: str, shape: tuple) -> bool:
+        return True
+
+    def set_tensor_address(self, name: str, address: int) -> None:
+        self.addresses[name] = address
+
+    def execute_async_v3(self, stream: int) -> bool:
+        tensors = {t.data_ptr(): t for t in self.memory}
+        bound = {name: tensors[address] for name, address in self.addresses.items()}
+        inputs = {i.name: bound[i.name].cpu().numpy() for i in self.session.get_inputs()}
+        names = [o.name for o in self.session.get_outputs()]
+        for name, value in zip(names, self.session.run(names, inputs), strict=True):
+            bound[name].copy_(torch.from_numpy(value))
+        return True
+
+
+@pytest.fixture
+def stand_in_tensorrt(monkeypatch):
+    """TensorRT and the GPU replaced by ONNX Runtime and the CPU, for everything around the engine calls."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from zone_engine import tensorrt_denoiser
+
+    def build(onnx_path, engine_path, profile, precision):
+        Path(engine_path).write_bytes(str(onnx_path).encode())
+
+    monkeypatch.setattr(tensorrt_denoiser, "require_tensorrt_runtime", lambda device: StandInTensorRT)
+    monkeypatch.setattr(engine_module, "import_tensorrt", lambda: StandInTensorRT)
+    monkeypatch.setattr(engine_module, "gpu_name", lambda device=None: "stand-in GPU sm_00")
+    monkeypatch.setattr(engine_module, "build_engine", build)
+    monkeypatch.setattr(torch.cuda, "device", contextlib.nullcontext)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
+
+
+def test_tensorrt_denoiser_loop_equals_the_fused_denoiser(models, exported, stand_in_tensorrt, tmp_path):
+    """Everything but the TensorRT calls: engine cache, buffers, solver, blend, attention into the accumulator."""
+    from zone_engine.pipeline import encode_image_latents
+    from zone_engine.tensorrt_denoiser import TensorRTDenoiser
+    from zone_engine.text import encode_instruction
+
+    size = (96, 64)  # the profile's max: neither the size it was traced (32x32) nor tuned (64x64) at
+    encoded = encode_instruction(models.tokenizer, models.text_encoder, "make the dog a golden statue")
+    inputs = DenoiseInputs(
+        context=encoded.context,
+        image_latents=encode_image_latents(models.vae, smooth_image(*size, seed=2), torch.float32),
+        noise=initial_noise(42, latent_size(size), torch.device("cpu"), torch.float32),
+    )
+    config, beta = EditConfig(steps=4), 0.2
+    eager_attention = AttentionAccumulator()
+    eager = FusedDualDenoiser(models.ip2p_unet, models.mb_unet, models.scheduler_config)(
+        inputs, config, beta, eager_attention)
+
+    denoiser = TensorRTDenoiser.from_export(exported, models.scheduler_config, device="cpu", cache_root=tmp_path)
+    assert [p.suffix for p in sorted(tmp_path.iterdir())] == [".plan", ".json"]  # built into the cache
+    denoiser.context.memory = list(denoiser.buffers(latent_size(size), 32).values())
+    engine_attention, steps = AttentionAccumulator(), []
+    latents = denoiser(inputs, config, beta, engine_attention, on_step=steps.append)
+
+    assert steps == [0, 1, 2, 3]
+    assert engine_attention.rows == eager_attention.rows == 4 * 20
+    # ONNX Runtime vs torch, both fp32: ~1e-5 on the guided noise per step, carried through 4 solver steps.
+    assert_close(latents, eager, 1e-4, 1e-4)
+    assert_close(engine_attention.average(), eager_attention.average(), 1e-6)
+    masks = [localize(acc.average(), grid_of(size), encoded.token_count - 1, size).mask_b
+             for acc in (eager_attention, engine_attention)]
+    assert np.array_equal(*masks)
+    with pytest.raises(ConfigError, match="serves images from 32x32 to 96x64, not 128x64"):
+        denoiser.buffers((16, 8), 32)
+
+
+# ------------------------------------------------------------------------------------------------ TensorRT
+
+
+def _tensorrt_missing() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "tensorrt is not installed (it cannot be on our machines): run where NVIDIA TensorRT 10+ is"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU: TensorRT engines run on NVIDIA GPUs only"
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_tensorrt_missing() is not None, reason=str(_tensorrt_missing()))
+class TestTensorRT:
+    """Engines built from the tiny fp16 export on a GPU, against PyTorch fp16 on the same GPU.
+
+    Tolerance on one step's outputs, flash-attention style: |engine - fp32| <= 2 |torch fp16 - fp32| + 1e-3
+    (TensorRT may fuse and order fp16 arithmetic differently from PyTorch, but should be no less accurate).
+    Over a whole denoise the latents may drift by fp16 rounding, so they are compared at 5e-2 x max; M_b, the
+    thresholded attention difference, must be identical.
+    """
+
+    SIZE = (64, 96)
+
+    @pytest.fixture(scope="class")
+    def fp16_export(self, models, tmp_path_factory):
+        out = tmp_path_factory.mktemp("trt") / "unet"
+        profile = ShapeProfile((32, 32), (64, 96), (96, 96))
+        export_dual_step(models, out, dtype="fp16", dynamic=profile)
+        return out
+
+    @pytest.fixture(scope="class")
+    def cuda_models(self, models):
+        return {dtype: tuple(copy.deepcopy(unet).to("cuda", dtype) for unet in (models.ip2p_unet, models.mb_unet))
+                for dtype in (torch.float16, torch.float32)}
+
+    def test_engine_step_matches_pytorch_fp16(self, models, fp16_export, cuda_models, monkeypatch):
+        from zone_engine.tensorrt_denoiser import TensorRTDenoiser
+
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        denoiser = TensorRTDenoiser.from_export(fp16_export, models.scheduler_config, device="cuda")
+        inputs = {k: v.cuda() for k, v in step_inputs(models, self.SIZE, seed=3).items()}
+        buffers = denoiser.buffers(latent_size(self.SIZE), inputs["context"].shape[-1])
+        for name in ("sample", "timestep", "context", "guidance"):
+            buffers[name].copy_(inputs[name])
+        assert denoiser.context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        with torch.no_grad():
+            half = DualStepForExport(*cuda_models[torch.float16], self.SIZE)(**inputs)
+            full = DualStepForExport(*cuda_models[torch.float32], self.SIZE)(**inputs)
+        for name, want16, want32 in zip(("eps_mb", "eps_ip2p", "attention"), half, full, strict=True):
+            engine_error = (buffers[name] - want32).abs().max().item()
+            torch_error = (want16 - want32).abs().max().item()
+            assert engine_error <= 2 * torch_error + 1e-3, (name, engine_error, torch_error)
+
+    def test_whole_denoise_gives_the_same_mask(self, models, fp16_export, cuda_models):
+        from zone_engine.pipeline import encode_image_latents
+        from zone_engine.tensorrt_denoiser import TensorRTDenoiser
+        from zone_engine.text import encode_instruction
+
+        vae = copy.deepcopy(models.vae).to("cuda", torch.float16)
+        text_encoder = copy.deepcopy(models.text_encoder).to("cuda", torch.float16)
+        encoded = encode_instruction(models.tokenizer, text_encoder, "make the dog a golden statue")
+        inputs = DenoiseInputs(
+            context=encoded.context,
+            image_latents=encode_image_latents(vae, smooth_image(*self.SIZE, seed=2), torch.float16),
+            noise=initial_noise(42, latent_size(self.SIZE), torch.device("cuda"), torch.float16),
+        )
+        config, beta = EditConfig(steps=6), 0.01
+        ip2p, mb = cuda_models[torch.float16]
+        eager_attention = AttentionAccumulator()
+        eager = FusedDualDenoiser(ip2p, mb, models.scheduler_config)(inputs, config, beta, eager_attention)
+        for cuda_graph in (False, True):
+            engine_attention = AttentionAccumulator()
+            denoiser = TensorRTDenoiser.from_export(fp16_export, models.scheduler_config, cuda_graph=cuda_graph)
+            latents = denoiser(inputs, config, beta, engine_attention)
+            assert engine_attention.rows == eager_attention.rows
+            assert_close(latents.float(), eager.float(), 0.0, 5e-2)
+            masks = [localize(acc.average(), grid_of(self.SIZE), encoded.token_count - 1, self.SIZE).mask_b
+                     for acc in (eager_attention, engine_attention)]
+            assert np.array_equal(*masks)
