@@ -140,3 +140,11 @@ def test_export_and_build_engine_commands_fail_cleanly(capsys, tmp_path):
 def test_tensorrt_denoiser_without_engines_folder(capsys, photo, tmp_path):
     _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", str(tmp_path / "o.png"), "--tiny",
                             "--denoiser", "tensorrt"], "--engines")
+
+
+def test_onnx_segmenter_without_export_folder(capsys, photo, tmp_path):
+    _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", str(tmp_path / "o.png"), "--tiny",
+                            "--segmenter", "onnx", "--steps", "1", "--no-progress"], "--sam-onnx")
+    _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", str(tmp_path / "o.png"), "--tiny",
+                            "--segmenter", "onnx", "--sam-onnx", str(tmp_path / "none"), "--steps", "1",
+                            "--no-progress"], "zone export sam")

@@ -12,7 +12,7 @@ import torch
 from .config import SamConfig
 from .denoise import Denoiser, SequentialDenoiser
 from .dual_step import FusedDualDenoiser
-from .errors import DeviceError
+from .errors import ConfigError, DeviceError
 from .localize import Accumulate, Binarize, accumulate_attention_probabilities, binarize_reference
 from .models import ZoneModels
 from .refine import Segmenter, TorchSamSegmenter
@@ -20,7 +20,7 @@ from .refine import Segmenter, TorchSamSegmenter
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 DENOISERS = ("eager", "fused", "compile", "tensorrt")
-SEGMENTERS = ("torch",)
+SEGMENTERS = ("torch", "onnx")
 LOCALIZATION_KERNELS = ("auto", "torch", "triton")
 
 
@@ -78,9 +78,23 @@ def make_denoiser(
     raise DeviceError(f"unknown denoiser backend {kind!r}: available {', '.join(DENOISERS)}")
 
 
-def make_segmenter(models: ZoneModels, config: SamConfig, kind: str = "torch") -> Segmenter:
+def make_segmenter(
+    models: ZoneModels, config: SamConfig, kind: str = "torch", device: torch.device | None = None,
+    sam_onnx: Path | None = None,
+) -> Segmenter:
+    """torch: segment-anything's generator on the PyTorch SAM; onnx: the same generator on an exported
+    SAM (`sam_onnx`: a `zone export sam` folder) run by ONNX Runtime (TensorRT EP > CUDA EP > CPU EP)."""
     if kind == "torch":
+        if models.sam is None:
+            raise ConfigError("refinement with --segmenter torch needs a SAM checkpoint: pass --sam CKPT")
         return TorchSamSegmenter(models.sam, config)
+    if kind == "onnx":
+        if sam_onnx is None:
+            raise ConfigError("--segmenter onnx needs --sam-onnx DIR: a folder written by `zone export sam`")
+        from .sam_onnx import OnnxSamSegmenter
+
+        on_gpu = device is not None and device.type == "cuda"
+        return OnnxSamSegmenter(Path(sam_onnx), config, providers=None if on_gpu else ["CPUExecutionProvider"])
     raise DeviceError(f"unknown refinement backend {kind!r}: available {', '.join(SEGMENTERS)}")
 
 

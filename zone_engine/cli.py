@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .backends import DENOISERS, LOCALIZATION_KERNELS
+from .backends import DENOISERS, LOCALIZATION_KERNELS, SEGMENTERS
 from .config import Action, EditConfig, parse_action
 from .errors import ZoneError
 from .models import IP2P_ID, MAGICBRUSH_ID
@@ -36,6 +36,10 @@ def _add_edit_options(parser: argparse.ArgumentParser) -> None:
                        "compile: fused + torch.compile (slow first edit); tensorrt: exported engine (see --engines)")
     group.add_argument("--engines", type=Path, metavar="DIR",
                        help="with --denoiser tensorrt: the folder written by `zone export unet`")
+    group.add_argument("--segmenter", default="torch", choices=SEGMENTERS,
+                       help="refinement SAM: torch (segment-anything, default) or onnx (exported, see --sam-onnx)")
+    group.add_argument("--sam-onnx", type=Path, metavar="DIR",
+                       help="with --segmenter onnx: the folder written by `zone export sam` (then --sam is not read)")
     group.add_argument("--kernels", default="auto", choices=LOCALIZATION_KERNELS,
                        help="localization math: triton (fused kernels), torch (reference); auto = triton on CUDA")
     group.add_argument("--save-masks", type=Path, metavar="DIR",
@@ -89,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_export_commands(commands) -> None:
     from export.engine import add_build_engine_arguments
+    from export.sam import add_export_sam_arguments
     from export.unet import add_export_unet_arguments
 
     export = commands.add_parser(
@@ -100,6 +105,11 @@ def _add_export_commands(commands) -> None:
         "unet", help="the dual-UNet step (both weight sets, guidance, attention output) and the VAE",
         description="Export the dual-UNet step and the VAE encoder/decoder to ONNX, with a manifest.",
     ))
+    add_export_sam_arguments(targets.add_parser(
+        "sam", help="SAM's image encoder and batched prompt decoder (for --segmenter onnx)",
+        description="Export SAM to ONNX: the image encoder and a prompt decoder that takes a whole batch of "
+        "points per call, with a manifest (model type, input size, opset, precision, checksums).",
+    ))
     add_build_engine_arguments(commands.add_parser(
         "build-engine", help="build TensorRT engines from a `zone export unet` folder (needs TensorRT and a GPU)",
         description="Build (or reuse from the cache) TensorRT engines for an export folder. Engines are keyed by "
@@ -108,9 +118,10 @@ def _add_export_commands(commands) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
+    from export.sam import run_export_sam
     from export.unet import run_export_unet
 
-    print({"unet": run_export_unet}[args.target](args))
+    print({"unet": run_export_unet, "sam": run_export_sam}[args.target](args))
 
 
 def run_build_engine(args: argparse.Namespace) -> None:
@@ -118,6 +129,11 @@ def run_build_engine(args: argparse.Namespace) -> None:
 
     for path in build(args):
         print(path)
+
+
+def _backend_options(args: argparse.Namespace) -> dict:
+    return dict(denoiser=args.denoiser, kernels=args.kernels, engines=args.engines, segmenter=args.segmenter,
+                sam_onnx=args.sam_onnx)
 
 
 def _config_changes(args: argparse.Namespace) -> dict:
@@ -163,12 +179,13 @@ def run_edit(args: argparse.Namespace) -> None:
     instruction = check_instruction(args.instruction)
     changes = _config_changes(args)
     if args.tiny:
-        pipe = ZonePipeline.tiny(device=args.device, denoiser=args.denoiser, kernels=args.kernels, engines=args.engines)
+        pipe = ZonePipeline.tiny(device=args.device, **_backend_options(args))
     else:
         pipe = ZonePipeline.from_pretrained(
-            ip2p=args.ip2p, magicbrush=args.magicbrush, sam=args.sam, sam_type=args.sam_type,
+            ip2p=args.ip2p, magicbrush=args.magicbrush, sam=None if args.segmenter == "onnx" else args.sam,
+            sam_type=args.sam_type,
             action_classifier=args.action_classifier, device=args.device, dtype=args.dtype,
-            denoiser=args.denoiser, kernels=args.kernels, engines=args.engines,
+            **_backend_options(args),
         )
     config = pipe.default_config.replace(**changes)
     result = pipe.edit(image, instruction, config, progress=not args.no_progress)
@@ -185,7 +202,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
     print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
     changes = _config_changes(args)
-    pipe = ZonePipeline.tiny(device=args.device, denoiser=args.denoiser, kernels=args.kernels, engines=args.engines)
+    pipe = ZonePipeline.tiny(device=args.device, **_backend_options(args))
     image = make_sample_image()
     result = pipe.edit(image, args.instruction, pipe.default_config.replace(**changes), progress=not args.no_progress)
     save_image(image, args.out / "input.png")

@@ -55,7 +55,7 @@ class ZoneModels:
     ip2p_unet: nn.Module  # diffusers UNet2DConditionModel, 8 input channels
     mb_unet: nn.Module  # MagicBrush: same architecture, other weights
     scheduler_config: dict
-    sam: nn.Module  # segment_anything Sam
+    sam: nn.Module | None  # segment_anything Sam; None when refinement runs on an exported SAM
     action_classifier: ActionClassifier | None
 
     def to(self, device: torch.device, dtype: torch.dtype) -> ZoneModels:
@@ -71,7 +71,8 @@ class ZoneModels:
 
 
 # --------------------------------------------------------------------------------------------------
-# Tiny random models (tests, demo). SD1.5's block topology, so the recorded layers are the real ones.
+# Random-weight models: tiny (tests, demo) and SD1.5-sized (benchmarks), one builder. SD1.5's block
+# topology in both, so the recorded layers are the real ones.
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -98,25 +99,74 @@ def build_tiny_tokenizer() -> Any:
         return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
 
 
-def build_tiny_unet() -> nn.Module:
+@dataclass(frozen=True)
+class ModelPreset:
+    """The numbers that tell SD1.5-sized ZONE models from tiny test ones; the code path is the same.
+
+    `unet_heads` is SD1.5's `attention_head_dim` config key, which diffusers reads as the number of
+    heads. `text_vocab` None means the tokenizer's own length.
+    """
+
+    unet_channels: tuple[int, ...]
+    unet_heads: int
+    unet_groups: int
+    unet_sample_size: int
+    context_dim: int  # CLIP hidden size = the UNet's cross_attention_dim
+    text_intermediate: int
+    text_layers: int
+    text_heads: int
+    text_projection: int
+    text_vocab: int | None
+    vae_channels: tuple[int, ...]
+    vae_layers: int
+    vae_groups: int
+    vae_sample_size: int
+    sam_type: str
+
+
+PRESETS: dict[str, ModelPreset] = {
+    "tiny": ModelPreset(
+        unet_channels=(16, 16, 32, 32), unet_heads=2, unet_groups=8, unet_sample_size=8,
+        context_dim=32, text_intermediate=37, text_layers=2, text_heads=4, text_projection=512, text_vocab=None,
+        vae_channels=(8, 16, 16, 16), vae_layers=1, vae_groups=8, vae_sample_size=64, sam_type="tiny",
+    ),
+    # timbrooks/instruct-pix2pix: SD1.5's UNet with 8 input channels, SD's VAE, CLIP ViT-L/14's text tower.
+    "sd15": ModelPreset(
+        unet_channels=(320, 640, 1280, 1280), unet_heads=8, unet_groups=32, unet_sample_size=64,
+        context_dim=768, text_intermediate=3072, text_layers=12, text_heads=12, text_projection=768, text_vocab=49408,
+        vae_channels=(128, 256, 512, 512), vae_layers=2, vae_groups=32, vae_sample_size=512, sam_type="vit_h",
+    ),
+}
+
+
+def build_unet(preset: ModelPreset) -> nn.Module:
+    """IP2P's UNet topology (SD1.5's blocks, 8 input channels) with the preset's widths."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=8,
+        sample_size=preset.unet_sample_size,
         in_channels=8,  # 4 noisy latent + 4 image latent, as IP2P
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(16, 16, 32, 32),
+        block_out_channels=preset.unet_channels,
         layers_per_block=2,
-        cross_attention_dim=32,
-        attention_head_dim=2,  # SD1.5's config key: it is the number of heads
-        norm_num_groups=8,
+        cross_attention_dim=preset.context_dim,
+        attention_head_dim=preset.unet_heads,
+        norm_num_groups=preset.unet_groups,
     )
 
 
-def build_tiny_components(seed: int = 0) -> ZoneModels:
-    """Tiny random ZONE models, entirely offline; the same seed gives the same weights."""
+def build_tiny_unet() -> nn.Module:
+    return build_unet(PRESETS["tiny"])
+
+
+def build_components(preset: ModelPreset, seed: int = 0, sam_type: str | None = None) -> ZoneModels:
+    """Random-weight ZONE models of the preset's sizes, entirely offline; the same seed gives the same weights.
+
+    The tokenizer is always the tiny one: its ids all fall inside any vocabulary, and tokenization
+    costs nothing next to the networks. Default initialisation: cost does not depend on weight values.
+    """
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -124,12 +174,14 @@ def build_tiny_components(seed: int = 0) -> ZoneModels:
     tokenizer = build_tiny_tokenizer()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
+            vocab_size=preset.text_vocab or len(tokenizer),
+            hidden_size=preset.context_dim,
+            intermediate_size=preset.text_intermediate,
+            num_attention_heads=preset.text_heads,
+            num_hidden_layers=preset.text_layers,
             max_position_embeddings=77,
+            projection_dim=preset.text_projection,
+            hidden_act="quick_gelu",
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -140,13 +192,14 @@ def build_tiny_components(seed: int = 0) -> ZoneModels:
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,  # 4 blocks: SD's 8x downsampling
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
+        block_out_channels=preset.vae_channels,
+        layers_per_block=preset.vae_layers,
         latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
+        norm_num_groups=preset.vae_groups,
+        sample_size=preset.vae_sample_size,
     )
-    ip2p_unet = build_tiny_unet()
-    mb_unet = build_tiny_unet()
+    ip2p_unet = build_unet(preset)
+    mb_unet = build_unet(preset)
     scheduler_config = dict(DPMSolverMultistepScheduler().config)
     return ZoneModels(
         tokenizer=tokenizer,
@@ -155,9 +208,26 @@ def build_tiny_components(seed: int = 0) -> ZoneModels:
         ip2p_unet=ip2p_unet,
         mb_unet=mb_unet,
         scheduler_config=scheduler_config,
-        sam=build_sam("tiny"),
-        action_classifier=ActionClassifier(input_size=32),
+        sam=build_sam(sam_type or preset.sam_type),
+        action_classifier=ActionClassifier(input_size=preset.context_dim),
     )
+
+
+def build_tiny_components(seed: int = 0) -> ZoneModels:
+    """Tiny random ZONE models, built in seconds (tests, demo)."""
+    return build_components(PRESETS["tiny"], seed)
+
+
+def build_random_components(preset: str = "sd15", seed: int = 0, sam_type: str = "vit_b") -> ZoneModels:
+    """Real-size architectures with random weights (benchmarks): `preset` names an entry of PRESETS.
+
+    sd15 allocates about 3.5 GB of fp32 weights for the two UNets alone.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}: use one of {', '.join(PRESETS)}")
+    if sam_type not in SAM_SIZES:
+        raise ValueError(f"unknown SAM type {sam_type!r}: use one of {', '.join(SAM_SIZES)}")
+    return build_components(PRESETS[preset], seed, sam_type)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,10 +408,11 @@ def load_action_classifier(checkpoint: str | Path | None, hidden_size: int) -> A
 
 
 def load_pretrained(
-    ip2p: str, magicbrush: str, sam: str | Path, action_classifier: str | Path | None = None,
+    ip2p: str, magicbrush: str, sam: str | Path | None, action_classifier: str | Path | None = None,
     sam_type: str | None = None, dtype: torch.dtype = torch.float32,
 ) -> ZoneModels:
-    sam_model = load_sam(sam, sam_type)  # cheapest check first: fail before loading two UNets
+    """sam None: no PyTorch SAM (refinement then runs on an exported SAM, `zone export sam`)."""
+    sam_model = None if sam is None else load_sam(sam, sam_type)  # cheapest check first
     ip2p_pipe = load_ip2p(ip2p, dtype)
     return ZoneModels(
         tokenizer=ip2p_pipe.tokenizer,

@@ -15,6 +15,7 @@ from .action import classify_action
 from .backends import make_denoiser, make_localization_kernels, make_segmenter, resolve_device, resolve_dtype
 from .config import Action, EditConfig, SamConfig
 from .denoise import DenoiseInputs, initial_noise
+from .errors import ConfigError
 from .localize import AttentionAccumulator, attention_grid, heatmap_overlay, localize
 from .models import IP2P_ID, MAGICBRUSH_ID, ZoneModels, build_tiny_components, load_pretrained
 from .refine import Segmenter, refine_with_sam
@@ -88,7 +89,7 @@ class ZonePipeline:
     def __init__(
         self, models: ZoneModels, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
         default_config: EditConfig | None = None, denoiser: str = "eager", segmenter: str = "torch",
-        kernels: str = "auto", engines: str | Path | None = None,
+        kernels: str = "auto", engines: str | Path | None = None, sam_onnx: str | Path | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -96,16 +97,22 @@ class ZonePipeline:
         self.default_config = default_config or EditConfig()
         self.denoiser = make_denoiser(self.models, denoiser, self.device, engines)
         self.accumulate, self.binarize = make_localization_kernels(kernels, self.device)
-        self.segmenter_kind = segmenter
+        self.segmenter_kind, self.sam_onnx = segmenter, sam_onnx
+        if segmenter == "torch" and models.sam is None:
+            raise ConfigError("no SAM checkpoint was loaded: pass sam=CKPT, or segmenter='onnx' with sam_onnx=DIR")
         self._segmenters: dict[SamConfig, Segmenter] = {}
 
     @classmethod
     def from_pretrained(
-        cls, ip2p: str = IP2P_ID, magicbrush: str = MAGICBRUSH_ID, sam: str | Path = "ckpts/sam_vit_h_4b8939.pth",
-        action_classifier: str | Path | None = None, device: str | torch.device = "auto",
-        dtype: str | torch.dtype | None = None, sam_type: str | None = None, **kwargs,
+        cls, ip2p: str = IP2P_ID, magicbrush: str = MAGICBRUSH_ID,
+        sam: str | Path | None = "ckpts/sam_vit_h_4b8939.pth", action_classifier: str | Path | None = None,
+        device: str | torch.device = "auto", dtype: str | torch.dtype | None = None, sam_type: str | None = None,
+        **kwargs,
     ) -> ZonePipeline:
-        """Real checkpoints from local folders, the offline Hugging Face cache, and a SAM .pth file."""
+        """Real checkpoints from local folders, the offline Hugging Face cache, and a SAM .pth file.
+
+        With `segmenter="onnx", sam_onnx=DIR` pass `sam=None`: the PyTorch SAM is then never loaded.
+        """
         target = resolve_device(device)
         load_dtype = resolve_dtype(dtype, target)
         models = load_pretrained(ip2p, magicbrush, sam, action_classifier, sam_type, load_dtype)
@@ -119,7 +126,9 @@ class ZonePipeline:
 
     def segmenter(self, config: SamConfig) -> Segmenter:
         if config not in self._segmenters:
-            self._segmenters[config] = make_segmenter(self.models, config, self.segmenter_kind)
+            self._segmenters[config] = make_segmenter(
+                self.models, config, self.segmenter_kind, self.device, self.sam_onnx
+            )
         return self._segmenters[config]
 
     def edit(

@@ -1,0 +1,140 @@
+"""Refinement latency: segment-anything's `SamAutomaticMaskGenerator` in PyTorch vs the ONNX Runtime backend.
+
+    python -m benchmarks.bench_refine [--model-type vit_b] [--size 512] [--points-per-side 32]
+    python -m benchmarks.bench_refine --model-type vit_h --fp16    # on a GPU: TensorRT / CUDA providers
+
+Builds a SAM of the given size with random weights, exports it to a temporary folder, and times both
+backends on the same image in the same run (one warm-up, then the median of --repeats). Each row
+carries its quality: mask count and IoU against the PyTorch masks. The image-encoder share is timed
+inside the same runs (SamPredictor.set_image), so no extra passes.
+
+Random weights give almost no masks at segment-anything's default thresholds, so both thresholds are
+0 here (`SamConfig(pred_iou_thresh=0, stability_score_thresh=0)`): every decoded mask then goes
+through stability scoring, box NMS and RLE encoding, as many do with real weights and real thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.sam import export_sam
+from zone_engine.backends import resolve_device
+from zone_engine.config import SamConfig
+from zone_engine.image_io import make_sample_image
+from zone_engine.models import SAM_SIZES, build_sam
+from zone_engine.refine import TorchSamSegmenter
+from zone_engine.sam_onnx import OnnxSamSegmenter
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_refine", description=__doc__.split("\n")[0])
+    parser.add_argument("--model-type", default="vit_b", choices=list(SAM_SIZES), help="SAM size (default: vit_b)")
+    parser.add_argument("--size", type=int, default=512, help="square image side in pixels (default: 512)")
+    parser.add_argument("--points-per-side", type=int,
+                        help="grid side (default: SAM's 32 on CUDA; 8 on the CPU, where one 64-prompt vit_b "
+                        "decoder run takes ~10 s on 2 cores)")
+    parser.add_argument("--points-per-batch", type=int, default=64, help="prompts per decoder run (default: 64)")
+    parser.add_argument("--repeats", type=int, help="timed runs per backend after one warm-up (default: 3 on CUDA, "
+                        "1 on the CPU)")
+    parser.add_argument("--fp16", action="store_true", help="export the ONNX graphs in fp16 (GPU providers)")
+    parser.add_argument("--device", default="auto", help="PyTorch baseline device: auto, cpu, cuda")
+    parser.add_argument("--providers", nargs="+", help="ONNX Runtime providers (default: TensorRT, CUDA, CPU)")
+    return parser.parse_args(argv)
+
+
+def timed_runs(segment: Callable[[np.ndarray], list[np.ndarray]], predictor, image: np.ndarray, repeats: int):
+    """One warm-up, then `repeats` runs: masks, median total seconds, median image-encoder seconds."""
+    encoder_seconds: list[float] = []
+    set_image = predictor.set_image
+
+    def timed_set_image(*args, **kwargs):
+        start = time.perf_counter()
+        set_image(*args, **kwargs)
+        if predictor.features.is_cuda:
+            torch.cuda.synchronize()
+        encoder_seconds.append(time.perf_counter() - start)
+
+    predictor.set_image = timed_set_image  # the generator calls it once per crop: once here
+    masks = segment(image)
+    encoder_seconds.clear()
+    totals = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        masks = segment(image)  # bool numpy masks: the device work is done when it returns
+        totals.append(time.perf_counter() - start)
+    del predictor.set_image
+    return masks, statistics.median(totals), statistics.median(encoder_seconds)
+
+
+def mask_agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[float, float]:
+    """Mean and smallest IoU of each reference mask with its best match among `other` (1.0 when both empty)."""
+    if not reference or not other:
+        return (1.0, 1.0) if len(reference) == len(other) else (0.0, 0.0)
+    best = []
+    for mask in reference:
+        ious = [np.logical_and(mask, o).sum() / max(np.logical_or(mask, o).sum(), 1) for o in other]
+        best.append(max(ious))
+    return float(np.mean(best)), float(np.min(best))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    on_gpu = device.type == "cuda"
+    args.points_per_side = args.points_per_side or (32 if on_gpu else 8)
+    args.repeats = args.repeats or (3 if on_gpu else 1)
+    config = SamConfig(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
+                       pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    image = make_sample_image(args.size, args.size)
+    torch.manual_seed(0)
+    sam = build_sam(args.model_type).eval().to(device)  # export traces on the device too: faster for vit_h
+
+    with tempfile.TemporaryDirectory(prefix="zone-bench-sam-") as folder:
+        started = time.perf_counter()
+        export_sam(sam, args.model_type, Path(folder), fp16=args.fp16)
+        export_seconds = time.perf_counter() - started
+        onnx_segmenter = OnnxSamSegmenter(Path(folder), config, providers=args.providers)
+        onnx_masks, onnx_total, onnx_encoder = timed_runs(
+            onnx_segmenter.segment, onnx_segmenter.generator.predictor, image, args.repeats)
+        providers = onnx_segmenter.providers
+        del onnx_segmenter
+
+    torch_segmenter = TorchSamSegmenter(sam, config)
+    torch_masks, torch_total, torch_encoder = timed_runs(
+        torch_segmenter.segment, torch_segmenter.generator.predictor, image, args.repeats)
+
+    mean_iou, min_iou = mask_agreement(torch_masks, onnx_masks)
+    threads = torch.get_num_threads()
+    precision = "fp16" if args.fp16 else "fp32"
+    print(f"refinement: SAM {args.model_type} (random weights, input {sam.image_encoder.img_size}), image "
+          f"{args.size}x{args.size}, {args.points_per_side}x{args.points_per_side} points, batch "
+          f"{args.points_per_batch}; median of {args.repeats} after 1 warm-up")
+    print("config: SamConfig(pred_iou_thresh=0, stability_score_thresh=0): random weights give few masks at the "
+          "default thresholds; with none filtered the post-processing cost is realistic")
+    print(f"export (not timed below): {export_seconds:.1f} s, {precision}")
+    print()
+    header = f"{'backend':<44} {'total ms':>10} {'encoder ms':>11} {'masks':>6} {'IoU mean/min vs torch':>22}"
+    print(header)
+    print("-" * len(header))
+    torch_name = f"torch SamAutomaticMaskGenerator fp32 ({device.type}, {threads} thr)"
+    print(f"{torch_name:<44} {1e3 * torch_total:>10.1f} {1e3 * torch_encoder:>11.1f} {len(torch_masks):>6} "
+          f"{'reference':>22}")
+    onnx_name = f"onnx {precision} ({providers[0]})"
+    print(f"{onnx_name:<44} {1e3 * onnx_total:>10.1f} {1e3 * onnx_encoder:>11.1f} {len(onnx_masks):>6} "
+          f"{f'{mean_iou:.4f} / {min_iou:.4f}':>22}")
+    print()
+    print(f"speed-up onnx vs torch: {torch_total / onnx_total:.2f}x total, "
+          f"{torch_encoder / onnx_encoder:.2f}x image encoder, "
+          f"{(torch_total - torch_encoder) / max(onnx_total - onnx_encoder, 1e-9):.2f}x decoding + post-processing")
+
+
+if __name__ == "__main__":
+    main()

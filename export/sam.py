@@ -1,0 +1,301 @@
+"""`zone export sam`: SAM's two networks as ONNX graphs for the `onnx` refinement backend.
+
+One folder holds:
+- image_encoder.onnx: image (1, 3, S, S) float32, already normalised and padded (`Sam.preprocess`)
+  -> image_embeddings (1, C, S/16, S/16) float32.
+- mask_decoder.onnx: image_embeddings (1, C, S/16, S/16), point_coords (B, P, 2) float32 in the S-scale
+  input frame (`ResizeLongestSide.apply_coords`), point_labels (B, P) float32 (1 foreground, 0 background)
+  -> low_res_logits (B, 3, S/4, S/4), iou_predictions (B, 3): `SamPredictor.predict_torch`'s multimask
+  output before upscaling. B and P are dynamic, so a whole batch of grid points is one decoder run.
+- manifest.json: what `zone_engine.sam_onnx.OnnxSamSegmenter` checks before it loads anything.
+
+Inputs and outputs are float32 whatever the precision: with --fp16 the casts sit inside the graphs, so
+the runtime and its post-processing do not change. Each graph is compared with PyTorch on ONNX Runtime
+(CPU) before it is kept; nothing is written to the output folder unless both pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zone_engine import __version__
+from zone_engine.errors import ConfigError, ZoneError
+from zone_engine.sam_onnx import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, MANIFEST_FORMAT, file_sha256
+
+TINY_SEED = 0
+# A protobuf message cannot pass 2 GiB: larger weights (vit_h's fp32 encoder, 2.5 GB) go to one
+# `<graph>.onnx.data` file beside the graph, listed and checksummed in the manifest like the graphs.
+EXTERNAL_DATA_BYTES = 2**31 - 2**26
+
+# Export check, |onnxruntime - torch| <= atol + rtol * max|torch| on every output, against the fp32 model:
+# - fp32: both sides compute in fp32 and differ only in fusion and summation order (ORT fuses LayerNorm,
+#   attention, GELU). Measured max differences: tiny 2e-6 (encoder) / 1e-7 (decoder), random-weight
+#   vit_b 5e-6 / 4e-7. 1e-4 absolute leaves room for other CPUs' kernels; the relative term for
+#   real-weight logits of magnitude ~10-30.
+# - fp16: weights and activations rounded to fp16 (eps 1e-3) through every block. Measured: tiny
+#   2e-3 / 3e-4, vit_b 3e-3 / 5e-4. On the CPU, ONNX Runtime lacks most fp16 kernels and inserts casts
+#   to fp32, so this checks the graph and its rounded weights, not a GPU's fp16 arithmetic: check fp16
+#   masks on the GPU with `python -m benchmarks.bench_refine --fp16` (it reports mask agreement).
+TOLERANCES = {"fp32": dict(atol=1e-4, rtol=1e-4), "fp16": dict(atol=2e-2, rtol=2e-2)}
+
+
+class ImageEncoderGraph(nn.Module):
+    """`Sam.image_encoder` with float32 input and output."""
+
+    def __init__(self, sam: nn.Module) -> None:
+        super().__init__()
+        self.image_encoder = sam.image_encoder
+        self.dtype = next(sam.image_encoder.parameters()).dtype
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """(1, 3, S, S) float32, `Sam.preprocess`ed -> embeddings (1, C, S/16, S/16) float32."""
+        return self.image_encoder(image.to(self.dtype)).float()
+
+
+class MaskDecoderGraph(nn.Module):
+    """Prompt encoder + mask decoder for a batch of point prompts, no box or mask input, multimask output.
+
+    Follows `SamPredictor.predict_torch(points, labels, multimask_output=True)`; the point embedding is
+    `PromptEncoder._embed_points` without boolean-index assignment, as segment-anything's own
+    `SamOnnxModel._embed_points`, which takes one prompt set with an orig_im_size instead of a batch.
+    The prompt encoder stays fp32 under --fp16: its Fourier features of pixel coordinates need fp32.
+    """
+
+    def __init__(self, sam: nn.Module) -> None:
+        super().__init__()
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder = sam.mask_decoder
+        self.img_size = sam.image_encoder.img_size
+        self.dtype = next(sam.mask_decoder.parameters()).dtype
+
+    def embed_points(self, point_coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
+        """(B, P, 2), (B, P) -> sparse prompt embeddings (B, P + 1, C)."""
+        prompts = self.prompt_encoder
+        # Point-only prompts get one padding point (label -1), as PromptEncoder adds when boxes is None.
+        point_coords = torch.cat([point_coords, torch.zeros_like(point_coords[:, :1])], dim=1)
+        point_labels = torch.cat([point_labels, -torch.ones_like(point_labels[:, :1])], dim=1)
+        embedding = prompts.pe_layer._pe_encoding((point_coords + 0.5) / self.img_size)  # (B, P + 1, C)
+        labels = point_labels.unsqueeze(-1)  # (B, P + 1, 1)
+        embedding = embedding * (labels != -1) + prompts.not_a_point_embed.weight * (labels == -1)
+        embedding = embedding + prompts.point_embeddings[0].weight * (labels == 0)
+        return embedding + prompts.point_embeddings[1].weight * (labels == 1)
+
+    def forward(
+        self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, C, h, w), (B, P, 2), (B, P) -> low-res logits (B, 3, 4h, 4w), IoU predictions (B, 3)."""
+        sparse = self.embed_points(point_coords, point_labels)
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # broadcasts over (B, C, h, w)
+        masks, iou_predictions = self.mask_decoder.predict_masks(
+            image_embeddings=image_embeddings.to(self.dtype),
+            image_pe=self.prompt_encoder.get_dense_pe().to(self.dtype),
+            sparse_prompt_embeddings=sparse.to(self.dtype),
+            dense_prompt_embeddings=dense.to(self.dtype),
+        )
+        # multimask_output=True: MaskDecoder.forward keeps outputs 1..3 and drops the single-mask output 0.
+        return masks[:, 1:].float(), iou_predictions[:, 1:].float()
+
+
+def export_sam(
+    sam: nn.Module,
+    model_type: str,
+    out_dir: Path,
+    *,
+    fp16: bool = False,
+    opset: int = 17,
+    checkpoint: Path | None = None,
+) -> Path:
+    """Write image_encoder.onnx, mask_decoder.onnx and manifest.json to `out_dir`; returns `out_dir`.
+
+    `sam`: a segment-anything `Sam` on any device (put in eval mode, weights untouched); `checkpoint`:
+    the .pth it was loaded from, whose sha256 goes into the manifest (None: "random:<model_type>").
+    Raises ZoneError when an exported graph does not match PyTorch; `out_dir` then keeps whatever it
+    held before (and is removed if this call created it).
+    """
+    out_dir = Path(out_dir)
+    precision = "fp16" if fp16 else "fp32"
+    reference = sam.eval()
+    if fp16:
+        sam = copy.deepcopy(reference)
+        sam.image_encoder.half()
+        sam.mask_decoder.half()
+    size, device = sam.image_encoder.img_size, sam.device
+    metadata = {"zone.model_type": model_type, "zone.precision": precision, "zone.version": __version__}
+
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))  # same filesystem: os.replace below
+    try:
+        generator = torch.Generator().manual_seed(0)
+        image = torch.randn(1, 3, size, size, generator=generator).to(device)
+        _export_graph(ImageEncoderGraph(sam), (image,), staging / ENCODER_FILE, opset,
+                      input_names=["image"], output_names=["image_embeddings"], dynamic_axes=None,
+                      metadata={**metadata, "zone.part": "image_encoder"})
+        with torch.inference_mode():
+            embeddings = reference.image_encoder(image)
+        points, labels = _sample_points(2, 1, size, generator, device)
+        _export_graph(MaskDecoderGraph(sam), (embeddings, points, labels), staging / DECODER_FILE, opset,
+                      input_names=["image_embeddings", "point_coords", "point_labels"],
+                      output_names=["low_res_logits", "iou_predictions"],
+                      dynamic_axes={"point_coords": {0: "batch", 1: "points"},
+                                    "point_labels": {0: "batch", 1: "points"},
+                                    "low_res_logits": {0: "batch"}, "iou_predictions": {0: "batch"}},
+                      metadata={**metadata, "zone.part": "mask_decoder"})
+
+        # Compare with the fp32 model run as SamPredictor.predict_torch runs it (segment-anything's own
+        # prompt encoder, not the graph's rewrite), at other batch and point counts than traced with.
+        tolerance = TOLERANCES[precision]
+        report = {"tolerance": tolerance, ENCODER_FILE: _compare(
+            staging / ENCODER_FILE, {"image": image}, [embeddings], tolerance)}
+        for batch, count in ((5, 1), (3, 3)):
+            points, labels = _sample_points(batch, count, size, generator, device)
+            with torch.inference_mode():
+                sparse, dense = reference.prompt_encoder(points=(points, labels.int()), boxes=None, masks=None)
+                expected = reference.mask_decoder(
+                    image_embeddings=embeddings, image_pe=reference.prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
+                )
+            inputs = {"image_embeddings": embeddings, "point_coords": points, "point_labels": labels}
+            report[f"{DECODER_FILE} B={batch} P={count}"] = _compare(
+                staging / DECODER_FILE, inputs, list(expected), tolerance)
+
+        files = sorted(path.name for path in staging.iterdir())
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "model_type": model_type,
+            "input_size": size,
+            "embedding_shape": list(embeddings.shape[1:]),  # (C, S/16, S/16)
+            "low_res_size": 4 * embeddings.shape[-1],
+            "opset": opset,
+            "precision": precision,
+            "pixel_mean": sam.pixel_mean.flatten().tolist(),
+            "pixel_std": sam.pixel_std.flatten().tolist(),
+            "mask_threshold": float(sam.mask_threshold),
+            "image_format": sam.image_format,
+            "files": {name: file_sha256(staging / name) for name in files},
+            "checkpoint": checkpoint.name if checkpoint else None,
+            "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else f"random:{model_type}",
+            "zone_engine_version": __version__,
+            "torch_version": torch.__version__,
+            "onnxruntime_version": _onnxruntime().__version__,
+            "validation": report,
+        }
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        for name in [*files, MANIFEST_FILE]:  # the manifest last: it vouches for the files before it
+            os.replace(staging / name, out_dir / name)
+    except BaseException:
+        shutil.rmtree(out_dir if created else staging, ignore_errors=True)
+        raise
+    shutil.rmtree(staging)
+    return out_dir
+
+
+def _sample_points(
+    batch: int, count: int, size: int, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random point prompts: coords (B, P, 2) in [0, size), labels (B, P) in {0, 1}, the first foreground."""
+    points = torch.rand(batch, count, 2, generator=generator) * size
+    labels = torch.randint(0, 2, (batch, count), generator=generator).float()
+    labels[:, 0] = 1.0
+    return points.to(device), labels.to(device)
+
+
+def _export_graph(
+    module: nn.Module, args: tuple, path: Path, opset: int, *, input_names: list[str], output_names: list[str],
+    dynamic_axes: dict | None, metadata: dict[str, str],
+) -> None:
+    """Trace `module` to `path`, then re-save it with `metadata`; big weights go to `path`.data."""
+    import onnx
+
+    raw = path.parent / f"raw-{path.stem}" / path.name
+    raw.parent.mkdir()
+    # The legacy TorchScript exporter (dynamo=False), as segment-anything's own export script: it writes
+    # the opset asked for. The dynamo exporter (torch 2.14) implements opset >= 18 only, and when asked
+    # for 17 its down-conversion of SAM's graphs fails and it silently keeps 18, so --opset and the
+    # manifest would not say what the file holds (older onnxruntime/TensorRT builds need <= 17).
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # Shapes the tracer freezes are static here (one input size S per export); B and P stay symbolic.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=opset, do_constant_folding=True,
+                          input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)
+    model = onnx.load(str(raw))  # pulls in the per-tensor files the exporter writes past protobuf's 2 GB
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    external = sum(len(tensor.raw_data) for tensor in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data")
+    shutil.rmtree(raw.parent)
+
+
+def _compare(path: Path, inputs: dict[str, torch.Tensor], expected: list[torch.Tensor], tolerance: dict) -> float:
+    """Run `path` on ONNX Runtime (CPU) and check every output against `expected`; the largest difference."""
+    ort = _onnxruntime()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {name: tensor.cpu().numpy() for name, tensor in inputs.items()})
+    worst = 0.0
+    for output, want in zip(outputs, expected, strict=True):
+        got, want = torch.from_numpy(output), want.cpu()
+        if got.shape != want.shape:
+            raise ZoneError(f"exported {path.name} gives shape {tuple(got.shape)}, PyTorch {tuple(want.shape)}")
+        difference = (got - want).abs().max().item()
+        allowed = tolerance["atol"] + tolerance["rtol"] * want.abs().max().item()
+        if not difference <= allowed:
+            raise ZoneError(
+                f"exported {path.name} differs from PyTorch by {difference:.3g} (allowed {allowed:.3g}); "
+                "nothing was written. Try another --opset or onnxruntime version."
+            )
+        worst = max(worst, difference)
+    return worst
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ZoneError("exporting SAM needs onnx and onnxruntime: pip install -e '.[onnx]'") from None
+    return onnxruntime
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line: `zone export sam` (zone_engine.cli wires these two in).
+
+
+def add_export_sam_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, help="SAM checkpoint .pth (e.g. sam_vit_h_4b8939.pth)")
+    parser.add_argument("--model-type", choices=["vit_h", "vit_l", "vit_b"],
+                        help="SAM size (default: read from the checkpoint's file name)")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write the ONNX files and manifest to")
+    parser.add_argument("--fp16", action="store_true", help="half-precision graphs (for GPUs; fp32 in and out)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    parser.add_argument("--tiny", action="store_true",
+                        help=f"export a tiny random SAM (seed {TINY_SEED}) instead of a checkpoint: tests and demos")
+
+
+def run_export_sam(args: argparse.Namespace) -> Path:
+    """`zone export sam`: load (or build, with --tiny) SAM and export it; returns the output folder."""
+    from zone_engine.models import build_sam, load_sam, sam_type_from_path
+
+    if args.tiny:
+        if args.checkpoint is not None:
+            raise ConfigError("--tiny exports random weights: leave out --checkpoint")
+        with torch.random.fork_rng(devices=[]):  # a fixed seed without touching the caller's RNG
+            torch.manual_seed(TINY_SEED)
+            sam = build_sam("tiny")
+        model_type, checkpoint = "tiny", None
+    else:
+        if args.checkpoint is None:
+            raise ConfigError("zone export sam needs --checkpoint SAM.pth (or --tiny for a random test model)")
+        checkpoint = Path(args.checkpoint).expanduser()
+        sam = load_sam(checkpoint, args.model_type)
+        model_type = args.model_type or sam_type_from_path(checkpoint)
+    return export_sam(sam, model_type, args.out, fp16=args.fp16, opset=args.opset, checkpoint=checkpoint)

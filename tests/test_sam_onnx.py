@@ -1,0 +1,428 @@
+"""SAM exported to ONNX (export/sam.py) and the `onnx` refinement backend (zone_engine/sam_onnx.py).
+
+Tiny random SAM, onnxruntime on the CPU. Tolerances, |onnxruntime - torch| on every output:
+- fp32: 1e-4 absolute. Both sides compute in fp32 and differ only in fusion and summation order
+  (measured ~2e-6 on the tiny encoder, ~1e-7 on the decoder); 1e-4 leaves room for other CPUs' kernels.
+- fp16: 2e-2 absolute + 2e-2 x max|torch|: fp16 weights and activations (eps 1e-3) through every block.
+  ONNX Runtime's CPU provider runs most fp16 nodes through inserted fp32 casts, so this checks the graph
+  and its rounded weights, not a GPU's fp16 arithmetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from conftest import smooth_image  # noqa: E402
+
+from export import sam as export_module  # noqa: E402
+from export.sam import add_export_sam_arguments, export_sam, run_export_sam  # noqa: E402
+from zone_engine import __version__  # noqa: E402
+from zone_engine.config import SamConfig  # noqa: E402
+from zone_engine.errors import CheckpointError, ConfigError, DeviceError, ZoneError  # noqa: E402
+from zone_engine.models import SAM_SIZES, build_sam  # noqa: E402
+from zone_engine.refine import TorchSamSegmenter, refine_mask  # noqa: E402
+from zone_engine.sam_onnx import (  # noqa: E402
+    DECODER_FILE,
+    ENCODER_FILE,
+    MANIFEST_FILE,
+    OnnxSamSegmenter,
+    choose_providers,
+    file_sha256,
+)
+
+CONFIGS = {
+    "random-weights": SamConfig.for_random_weights(),
+    # Looser NMS keeps more overlapping segments: more masks to compare, and harder tie orders.
+    "loose-nms": SamConfig(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.95),
+}
+IMAGES = {
+    "smooth-64x96": lambda: smooth_image(64, 96, seed=0),
+    "smooth-80x48": lambda: smooth_image(80, 48, seed=1),
+    "noise-96x64": lambda: np.random.default_rng(2).integers(0, 256, size=(96, 64, 3), dtype=np.uint8),
+}
+
+
+def tiny_sam(seed: int = 2) -> torch.nn.Module:
+    torch.manual_seed(seed)  # seed 2 gives the most segments at random-weights thresholds
+    return build_sam("tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def sam() -> torch.nn.Module:
+    return tiny_sam()
+
+
+@pytest.fixture(scope="module")
+def exported(sam, tmp_path_factory) -> Path:
+    return export_sam(sam, "tiny", tmp_path_factory.mktemp("export") / "sam")
+
+
+@pytest.fixture
+def folder_copy(exported, tmp_path) -> Path:
+    """A copy of the export that a test may damage."""
+    return Path(shutil.copytree(exported, tmp_path / "copy"))
+
+
+def read_manifest(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST_FILE).read_text())
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def rectangle(height: int, width: int, top: int, left: int, bottom: int, right: int) -> np.ndarray:
+    mask = np.zeros((height, width), dtype=bool)
+    mask[top:bottom, left:right] = True
+    return mask
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The graphs against PyTorch
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_encoder_matches_pytorch(sam, exported):
+    session = ort.InferenceSession(str(exported / ENCODER_FILE), providers=["CPUExecutionProvider"])
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    (got,) = session.run(None, {"image": image.numpy()})
+    with torch.inference_mode():
+        want = sam.image_encoder(image)
+    assert got.shape == (1, 32, 4, 4)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("batch", "count"), [(1, 1), (7, 1), (64, 1), (3, 2)])
+def test_decoder_matches_sam_prompt_encoder_and_mask_decoder(sam, exported, batch, count):
+    """Against segment-anything's own modules, as SamPredictor.predict_torch calls them; dynamic B and P."""
+    session = ort.InferenceSession(str(exported / DECODER_FILE), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(batch)
+    with torch.inference_mode():
+        embeddings = sam.image_encoder(torch.randn(1, 3, 64, 64, generator=generator))
+    coords = torch.rand(batch, count, 2, generator=generator) * 64
+    labels = torch.ones(batch, count, dtype=torch.int)
+    labels[:, 1:] = 0  # background points after the first
+    with torch.inference_mode():
+        sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        want_logits, want_iou = sam.mask_decoder(
+            image_embeddings=embeddings, image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
+        )
+    got_logits, got_iou = session.run(None, {"image_embeddings": embeddings.numpy(), "point_coords": coords.numpy(),
+                                             "point_labels": labels.float().numpy()})
+    assert got_logits.shape == (batch, 3, 16, 16) and got_iou.shape == (batch, 3)
+    np.testing.assert_allclose(got_logits, want_logits.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got_iou, want_iou.numpy(), atol=1e-4, rtol=0)
+
+
+def test_fp16_export_stays_within_its_tolerance(sam, tmp_path):
+    folder = export_sam(sam, "tiny", tmp_path / "fp16", fp16=True)
+    manifest = read_manifest(folder)
+    assert manifest["precision"] == "fp16"
+    assert manifest["validation"]["tolerance"] == {"atol": 2e-2, "rtol": 2e-2}
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    session = ort.InferenceSession(str(folder / ENCODER_FILE), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"image": image.numpy()})
+    assert got.dtype == np.float32  # fp32 in and out: the runtime does not change with precision
+    with torch.inference_mode():
+        want = sam.image_encoder(image).numpy()
+    assert np.abs(got - want).max() <= 2e-2 + 2e-2 * np.abs(want).max()
+    import onnx
+
+    weights = onnx.load(str(folder / ENCODER_FILE)).graph.initializer
+    assert sum(w.data_type == onnx.TensorProto.FLOAT16 for w in weights) > len(weights) // 2
+    assert OnnxSamSegmenter(folder, CONFIGS["random-weights"]).segment(smooth_image(64, 96))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The segmenter against segment-anything's generator
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("image_name", list(IMAGES))
+def test_onnx_segments_equal_torch_segments(sam, exported, config_name, image_name):
+    config, image = CONFIGS[config_name], IMAGES[image_name]()
+    height, width = image.shape[:2]
+    torch_segments = TorchSamSegmenter(sam, config).segment(image)
+    onnx_segments = OnnxSamSegmenter(exported, config).segment(image)
+    assert torch_segments, "the tiny SAM should yield segments at these thresholds"
+    assert len(onnx_segments) == len(torch_segments)
+    for torch_mask, onnx_mask in zip(torch_segments, onnx_segments, strict=True):
+        assert onnx_mask.dtype == bool and onnx_mask.shape == (height, width)
+        assert iou(torch_mask, onnx_mask) >= 0.99
+
+    # M_f and D from either backend's segments, for several M_b.
+    masks_b = [rectangle(height, width, 8, 8, height // 2, width // 2),
+               rectangle(height, width, height // 3, width // 4, height, width),
+               torch_segments[-1]]
+    for mask_b in masks_b:
+        from_torch, from_onnx = refine_mask(mask_b, torch_segments), refine_mask(mask_b, onnx_segments)
+        np.testing.assert_array_equal(from_onnx.mask_f, from_torch.mask_f)
+        np.testing.assert_array_equal(from_onnx.dilated, from_torch.dilated)
+        assert from_onnx.used_fallback == from_torch.used_fallback
+
+
+def test_sessions_are_created_once(exported, monkeypatch):
+    created = []
+    real = ort.InferenceSession
+
+    def counting(*args, **kwargs):
+        created.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", counting)
+    segmenter = OnnxSamSegmenter(exported, CONFIGS["random-weights"])
+    for name in IMAGES:
+        segmenter.segment(IMAGES[name]())
+    assert sorted(Path(path).name for path in created) == [ENCODER_FILE, DECODER_FILE]
+
+
+def test_segment_rejects_non_rgb(exported):
+    segmenter = OnnxSamSegmenter(exported, CONFIGS["random-weights"])
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        segmenter.segment(np.zeros((64, 64), np.uint8))
+    predictor = segmenter.generator.predictor
+    predictor.set_image(smooth_image(64, 64))
+    with pytest.raises(NotImplementedError, match="point prompts"):
+        predictor.predict_torch(None, None, boxes=torch.zeros(1, 4))
+
+
+def test_providers_follow_tensorrt_cuda_cpu_order():
+    class FakeOrt:
+        @staticmethod
+        def get_available_providers():
+            return ["CPUExecutionProvider", "CUDAExecutionProvider", "AzureExecutionProvider"]
+
+    assert choose_providers(FakeOrt, None) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers(FakeOrt, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    with pytest.raises(DeviceError, match="TensorrtExecutionProvider"):
+        choose_providers(FakeOrt, ["TensorrtExecutionProvider"])
+
+
+def test_missing_onnxruntime_says_what_to_install(exported, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(DeviceError, match=r"pip install -e '\.\[onnx\]'"):
+        OnnxSamSegmenter(exported, SamConfig())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad folders
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="not found.*zone export sam"):
+        OnnxSamSegmenter(tmp_path / "nowhere", SamConfig())
+
+
+def test_missing_or_unreadable_manifest(folder_copy):
+    (folder_copy / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot read.*zone export sam"):
+        OnnxSamSegmenter(folder_copy, SamConfig())
+    (folder_copy / MANIFEST_FILE).unlink()
+    with pytest.raises(CheckpointError, match="no manifest.json.*zone export sam"):
+        OnnxSamSegmenter(folder_copy, SamConfig())
+
+
+def test_manifest_without_required_fields(folder_copy):
+    manifest = read_manifest(folder_copy)
+    del manifest["input_size"]
+    write_manifest(folder_copy, manifest)
+    with pytest.raises(CheckpointError, match="lacks input_size"):
+        OnnxSamSegmenter(folder_copy, SamConfig())
+
+
+def test_missing_onnx_file(folder_copy):
+    (folder_copy / DECODER_FILE).unlink()
+    with pytest.raises(CheckpointError, match=f"{DECODER_FILE} is missing.*zone export sam"):
+        OnnxSamSegmenter(folder_copy, SamConfig())
+
+
+def test_corrupt_onnx_file_fails_its_checksum(folder_copy):
+    data = bytearray((folder_copy / ENCODER_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights
+    (folder_copy / ENCODER_FILE).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{ENCODER_FILE} does not match its sha256.*zone export sam"):
+        OnnxSamSegmenter(folder_copy, SamConfig())
+
+
+def test_unloadable_onnx_file_with_matching_checksum(folder_copy):
+    """A truncated file whose manifest was rewritten to match: ONNX Runtime's error, as a CheckpointError."""
+    path = folder_copy / DECODER_FILE
+    path.write_bytes(path.read_bytes()[:1000])
+    manifest = read_manifest(folder_copy)
+    manifest["files"][DECODER_FILE] = file_sha256(path)
+    write_manifest(folder_copy, manifest)
+    with pytest.raises(CheckpointError, match=f"cannot load .*{DECODER_FILE}.*zone export sam"):
+        OnnxSamSegmenter(folder_copy, SamConfig())
+
+
+def test_manifest_model_type_disagreeing_with_the_graphs(folder_copy):
+    manifest = read_manifest(folder_copy)
+    manifest["model_type"] = "vit_b"
+    write_manifest(folder_copy, manifest)
+    with pytest.raises(CheckpointError, match="exported from a tiny SAM but manifest.json says vit_b.*zone export sam"):
+        OnnxSamSegmenter(folder_copy, SamConfig())
+
+
+def test_mismatched_encoder_decoder_pair(folder_copy, tmp_path, monkeypatch):
+    """A decoder of a wider SAM next to this encoder (manifest checksums made to match): named clearly."""
+    monkeypatch.setitem(SAM_SIZES, "tiny_wide", {**SAM_SIZES["tiny"], "prompt_dim": 48})
+    torch.manual_seed(0)
+    other = export_sam(build_sam("tiny_wide").eval(), "tiny_wide", tmp_path / "wide")
+    shutil.copy(other / DECODER_FILE, folder_copy / DECODER_FILE)
+    manifest = read_manifest(folder_copy)
+    manifest["files"][DECODER_FILE] = file_sha256(folder_copy / DECODER_FILE)
+    write_manifest(folder_copy, manifest)
+    with pytest.raises(CheckpointError) as error:
+        OnnxSamSegmenter(folder_copy, SamConfig())
+    message = str(error.value)
+    assert "does not hold one matching SAM export" in message
+    assert f"{DECODER_FILE} was exported from a tiny_wide SAM" in message
+    assert "[1, 32, 4, 4]" in message and "[1, 48, 4, 4]" in message  # the embedding shapes disagree
+    assert "zone export sam" in message
+
+
+def test_swapped_files_are_named(folder_copy):
+    encoder, decoder = folder_copy / ENCODER_FILE, folder_copy / DECODER_FILE
+    encoder_bytes = encoder.read_bytes()
+    encoder.write_bytes(decoder.read_bytes())
+    decoder.write_bytes(encoder_bytes)
+    manifest = read_manifest(folder_copy)
+    manifest["files"] = {name: file_sha256(folder_copy / name) for name in manifest["files"]}
+    write_manifest(folder_copy, manifest)
+    with pytest.raises(CheckpointError, match=f"{ENCODER_FILE} is not a SAM image encoder"):
+        OnnxSamSegmenter(folder_copy, SamConfig())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Export: manifest, command line, failure
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_manifest_records_the_export(exported):
+    manifest = read_manifest(exported)
+    assert manifest["format"] == 1
+    assert manifest["model_type"] == "tiny"
+    assert manifest["input_size"] == 64
+    assert manifest["embedding_shape"] == [32, 4, 4] and manifest["low_res_size"] == 16
+    assert manifest["opset"] == 17 and manifest["precision"] == "fp32"
+    assert manifest["pixel_mean"] == pytest.approx([123.675, 116.28, 103.53])
+    assert manifest["pixel_std"] == pytest.approx([58.395, 57.12, 57.375])
+    assert manifest["mask_threshold"] == 0.0 and manifest["image_format"] == "RGB"
+    assert manifest["files"] == {name: file_sha256(exported / name) for name in (DECODER_FILE, ENCODER_FILE)}
+    assert manifest["checkpoint_sha256"] == "random:tiny" and manifest["checkpoint"] is None
+    assert manifest["zone_engine_version"] == __version__
+    assert manifest["torch_version"] == torch.__version__
+    assert manifest["onnxruntime_version"] == ort.__version__
+    validation = manifest["validation"]
+    assert validation["tolerance"] == {"atol": 1e-4, "rtol": 1e-4}
+    assert all(value <= 1e-4 for key, value in validation.items() if key != "tolerance")
+    assert sorted(path.name for path in exported.iterdir()) == sorted([ENCODER_FILE, DECODER_FILE, MANIFEST_FILE])
+
+
+def test_manifest_records_the_checkpoint_checksum(sam, tmp_path):
+    checkpoint = tmp_path / "sam_tiny.pth"
+    torch.save(sam.state_dict(), checkpoint)
+    folder = export_sam(sam, "tiny", tmp_path / "out", checkpoint=checkpoint, opset=18)
+    manifest = read_manifest(folder)
+    assert manifest["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert manifest["checkpoint"] == "sam_tiny.pth"
+    assert manifest["opset"] == 18
+
+
+def test_run_export_sam_tiny_from_the_command_line(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_export_sam_arguments(parser)
+    args = parser.parse_args(["--tiny", "--out", str(tmp_path / "a")])
+    assert (args.fp16, args.opset, args.checkpoint, args.model_type) == (False, 17, None, None)
+    folder = run_export_sam(args)
+    assert folder == tmp_path / "a"
+    assert read_manifest(folder)["checkpoint_sha256"] == "random:tiny"
+    assert OnnxSamSegmenter(folder, CONFIGS["random-weights"]).segment(smooth_image(64, 96)) is not None
+
+    # A fixed seed: a second --tiny export has the same weights, and leaves torch's global RNG alone.
+    state = torch.random.get_rng_state()
+    again = run_export_sam(argparse.Namespace(tiny=True, checkpoint=None, model_type=None, out=tmp_path / "b",
+                                              fp16=False, opset=17))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    segments_a = OnnxSamSegmenter(folder, CONFIGS["loose-nms"]).segment(smooth_image(80, 48, seed=1))
+    segments_b = OnnxSamSegmenter(again, CONFIGS["loose-nms"]).segment(smooth_image(80, 48, seed=1))
+    assert len(segments_a) == len(segments_b)
+    assert all(np.array_equal(a, b) for a, b in zip(segments_a, segments_b, strict=True))
+
+
+def test_run_export_sam_argument_errors(tmp_path):
+    with pytest.raises(ConfigError, match="--checkpoint"):
+        run_export_sam(argparse.Namespace(tiny=False, checkpoint=None, model_type=None, out=tmp_path,
+                                          fp16=False, opset=17))
+    with pytest.raises(ConfigError, match="leave out --checkpoint"):
+        run_export_sam(argparse.Namespace(tiny=True, checkpoint=tmp_path / "x.pth", model_type=None, out=tmp_path,
+                                          fp16=False, opset=17))
+    with pytest.raises(CheckpointError, match="not found"):
+        run_export_sam(argparse.Namespace(tiny=False, checkpoint=tmp_path / "sam_vit_b.pth", model_type=None,
+                                          out=tmp_path, fp16=False, opset=17))
+
+
+def test_weights_in_external_data_files(sam, tmp_path, monkeypatch):
+    """As vit_h's 2.5 GB fp32 encoder is written: weights in `<graph>.onnx.data`, checksummed too."""
+    monkeypatch.setattr(export_module, "EXTERNAL_DATA_BYTES", 0)
+    folder = export_sam(sam, "tiny", tmp_path / "external")
+    data_files = [f"{DECODER_FILE}.data", f"{ENCODER_FILE}.data"]
+    assert sorted(read_manifest(folder)["files"]) == sorted([DECODER_FILE, ENCODER_FILE, *data_files])
+    assert (folder / ENCODER_FILE).stat().st_size < (folder / data_files[1]).stat().st_size
+    image = smooth_image(80, 48, seed=1)
+    config = CONFIGS["loose-nms"]
+    segments = OnnxSamSegmenter(folder, config).segment(image)
+    assert [m.sum() for m in segments] == [m.sum() for m in TorchSamSegmenter(sam, config).segment(image)]
+    (folder / data_files[1]).unlink()
+    with pytest.raises(CheckpointError, match=f"{ENCODER_FILE}.data is missing"):
+        OnnxSamSegmenter(folder, config)
+
+
+def test_failed_validation_writes_nothing(sam, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier contents")
+    monkeypatch.setitem(export_module.TOLERANCES, "fp32", {"atol": -1.0, "rtol": 0.0})
+    with pytest.raises(ZoneError, match=f"exported {ENCODER_FILE} differs from PyTorch.*nothing was written"):
+        export_sam(sam, "tiny", out)
+    assert sorted(path.name for path in out.iterdir()) == ["keep.txt"]
+    with pytest.raises(ZoneError, match="differs from PyTorch"):
+        export_sam(sam, "tiny", tmp_path / "new" / "out")
+    assert not (tmp_path / "new" / "out").exists()
+
+
+def test_pipeline_mask_f_is_identical_with_either_refinement_backend(tmp_path):
+    """The pipeline's M_f is the same with --segmenter torch and --segmenter onnx."""
+    from zone_engine import EditConfig, SamConfig, ZonePipeline
+    from zone_engine.models import build_tiny_components
+
+    models = build_tiny_components(seed=0)
+    folder = export_sam(models.sam, "tiny", tmp_path / "sam")
+    config = EditConfig(steps=2, sam=SamConfig.for_random_weights())
+    image = smooth_image(64, 96, seed=2)
+    results = [
+        ZonePipeline(models, device="cpu", **options).edit(image, "make the house golden", config)
+        for options in ({"segmenter": "torch"}, {"segmenter": "onnx", "sam_onnx": folder})
+    ]
+    assert np.array_equal(results[0].mask_f, results[1].mask_f)
+    assert np.array_equal(results[0].image, results[1].image)

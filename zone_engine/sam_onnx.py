@@ -1,0 +1,287 @@
+"""The `onnx` refinement backend: SAM's automatic mask generation with its networks on ONNX Runtime.
+
+Only the two network calls differ from `TorchSamSegmenter`. segment-anything's own
+`SamAutomaticMaskGenerator` still builds the point grid, batches it, filters by predicted IoU and
+stability, runs box NMS and encodes the masks; its `SamPredictor.set_image` still resizes the image;
+`Sam.preprocess` and `Sam.postprocess_masks` still normalise and pad the image and upscale the logits.
+`OnnxSamPredictor` swaps the image encoder and the prompt encoder + mask decoder for the graphs that
+`zone export sam` writes (export/sam.py), so the masks match PyTorch's up to the networks' rounding.
+
+No shortcut is taken: every grid point is decoded and every segment is returned, as the generator does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+from segment_anything.modeling import Sam
+
+from .config import SamConfig
+from .errors import CheckpointError, DeviceError
+from .refine import TorchSamSegmenter
+
+ENCODER_FILE = "image_encoder.onnx"
+DECODER_FILE = "mask_decoder.onnx"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+MANIFEST_KEYS = ("format", "model_type", "input_size", "embedding_shape", "low_res_size", "precision",
+                 "pixel_mean", "pixel_std", "mask_threshold", "image_format", "files")
+PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+RE_EXPORT = "re-run `zone export sam --checkpoint SAM.pth --out FOLDER` to write a fresh folder"
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+class OnnxSamSegmenter(TorchSamSegmenter):
+    """segment-anything's `SamAutomaticMaskGenerator` with both networks on ONNX Runtime.
+
+    `folder`: written by `zone export sam`; checked (manifest, checksums, encoder/decoder pair) before
+    use. `providers`: ONNX Runtime execution providers to try, in order (default: TensorRT, CUDA, CPU,
+    whichever the installed onnxruntime offers). Both sessions are created here, once. `segment` is
+    `TorchSamSegmenter.segment`: same input check, same generator, same output order.
+    """
+
+    def __init__(self, folder: Path, config: SamConfig, providers: list[str] | None = None) -> None:
+        # TorchSamSegmenter.__init__ would want a torch Sam: only its `segment` is inherited.
+        ort = _import_onnxruntime()
+        self.folder = Path(folder).expanduser()
+        self.manifest = read_manifest(self.folder)
+        requested = choose_providers(ort, providers)
+        encoder = self._session(ort, ENCODER_FILE, requested, config)
+        decoder = self._session(ort, DECODER_FILE, requested, config)
+        check_pair(self.folder, self.manifest, encoder, decoder)
+        self.providers = decoder.get_providers()  # what ORT kept: a provider that fails to start drops out
+
+        frame = SamFrame(self.manifest, session_device(decoder))
+        self.generator = SamAutomaticMaskGenerator(frame, **dataclasses.asdict(config))
+        self.generator.predictor = OnnxSamPredictor(
+            frame, OrtGraph(encoder, session_device(encoder)), OrtGraph(decoder, frame.device), self.manifest
+        )
+
+    def _session(self, ort: Any, name: str, providers: list[str], config: SamConfig) -> Any:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # ORT warns about every node it leaves on the CPU
+        # Idle ORT threads would spin between decoder runs and starve torch's post-processing on the CPU.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        path = self.folder / name
+        try:
+            return ort.InferenceSession(
+                str(path), options, providers=providers,
+                provider_options=[self._provider_options(provider, name, config) for provider in providers],
+            )
+        except Exception as error:  # ORT raises its own Fail/InvalidProtobuf/... types
+            raise CheckpointError(f"ONNX Runtime cannot load {path}: {str(error).strip()[:300]}; {RE_EXPORT}") from None
+
+    def _provider_options(self, provider: str, name: str, config: SamConfig) -> dict[str, Any]:
+        if provider != "TensorrtExecutionProvider":
+            return {}
+        # TensorRT builds an engine per input shape: cache them beside the graphs, and give the decoder
+        # one profile for every batch size the generator sends (the last batch may be smaller).
+        options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(self.folder / "trt_cache"),
+                   "trt_fp16_enable": self.manifest["precision"] == "fp16"}
+        if name == DECODER_FILE:
+            embedding = "x".join(str(d) for d in (1, *self.manifest["embedding_shape"]))
+            for bound, batch in (("min", 1), ("opt", config.points_per_batch), ("max", config.points_per_batch)):
+                options[f"trt_profile_{bound}_shapes"] = (
+                    f"image_embeddings:{embedding},point_coords:{batch}x1x2,point_labels:{batch}x1"
+                )
+        return options
+
+
+class SamFrame:
+    """What segment-anything reads from a `Sam` besides its networks: sizes, normalisation, threshold.
+
+    `preprocess` and `postprocess_masks` are `Sam`'s own methods, so the image normalisation and the
+    logit upscaling are the very code PyTorch runs; the numbers come from the export's manifest.
+    """
+
+    preprocess = Sam.preprocess
+    postprocess_masks = Sam.postprocess_masks
+
+    def __init__(self, manifest: dict[str, Any], device: torch.device) -> None:
+        self.image_encoder = SimpleNamespace(img_size=manifest["input_size"])
+        self.pixel_mean = torch.tensor(manifest["pixel_mean"], device=device).view(-1, 1, 1)
+        self.pixel_std = torch.tensor(manifest["pixel_std"], device=device).view(-1, 1, 1)
+        self.mask_threshold = float(manifest["mask_threshold"])
+        self.image_format = manifest["image_format"]
+        self.device = device
+
+
+class OrtGraph:
+    """One ONNX Runtime session run on torch tensors of `device` in place (IOBinding: no copies)."""
+
+    def __init__(self, session: Any, device: torch.device) -> None:
+        self.session = session
+        self.device = device
+
+    def __call__(self, output_shapes: dict[str, tuple[int, ...]], **inputs: torch.Tensor) -> list[torch.Tensor]:
+        """float32 inputs by name -> float32 outputs of the given shapes, in `output_shapes`' order."""
+        binding = self.session.io_binding()
+        kept = []  # the bound buffers must outlive the run
+        for name, tensor in inputs.items():
+            tensor = tensor.to(self.device, torch.float32).contiguous()
+            kept.append(tensor)
+            binding.bind_input(name, self.device.type, self.device.index or 0, np.float32, tuple(tensor.shape),
+                               tensor.data_ptr())
+        outputs = [torch.empty(shape, dtype=torch.float32, device=self.device) for shape in output_shapes.values()]
+        for name, tensor in zip(output_shapes, outputs, strict=True):
+            binding.bind_output(name, self.device.type, self.device.index or 0, np.float32, tuple(tensor.shape),
+                                tensor.data_ptr())
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # ORT runs on its own stream
+        self.session.run_with_iobinding(binding)  # returns once ORT's stream is done
+        return outputs
+
+
+class OnnxSamPredictor(SamPredictor):
+    """`SamPredictor` whose image encoder and prompt encoder + mask decoder run on ONNX Runtime.
+
+    `set_image` and `reset_image` are SamPredictor's; `set_torch_image` and `predict_torch` mirror
+    SamPredictor's with the two network calls replaced. Point prompts with multimask output only: all
+    that `SamAutomaticMaskGenerator` asks for.
+    """
+
+    def __init__(self, frame: SamFrame, encoder: OrtGraph, decoder: OrtGraph, manifest: dict[str, Any]) -> None:
+        super().__init__(frame)
+        self.encoder, self.decoder = encoder, decoder
+        self.embedding_shape = (1, *manifest["embedding_shape"])  # (1, C, S/16, S/16)
+        self.low_res_size = manifest["low_res_size"]  # S/4
+
+    @torch.no_grad()
+    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
+        """transformed_image: uint8 (1, 3, h, w), longest side S; original_image_size: (H, W)."""
+        self.reset_image()
+        self.original_size = original_image_size
+        self.input_size = tuple(transformed_image.shape[-2:])
+        image = self.model.preprocess(transformed_image)  # (1, 3, S, S) float32
+        (self.features,) = self.encoder({"image_embeddings": self.embedding_shape}, image=image)
+        self.is_image_set = True
+
+    @torch.no_grad()
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """point_coords (B, P, 2) in the S-scale input frame, point_labels (B, P) -> masks (B, 3, H, W),
+        IoU predictions (B, 3), low-res logits (B, 3, S/4, S/4)."""
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        if point_coords is None or boxes is not None or mask_input is not None or not multimask_output:
+            raise NotImplementedError("the exported SAM decoder takes point prompts and gives multimask output only")
+        batch, side = point_coords.shape[0], self.low_res_size
+        # The coordinates go in as float32; PyTorch's prompt encoder adds the half-pixel offset in the
+        # generator's float64 before its own cast: a 1e-7 relative difference, far inside the tolerance.
+        low_res_masks, iou_predictions = self.decoder(
+            {"low_res_logits": (batch, 3, side, side), "iou_predictions": (batch, 3)},
+            image_embeddings=self.features, point_coords=point_coords, point_labels=point_labels,
+        )
+        masks = self.model.postprocess_masks(low_res_masks, self.input_size, self.original_size)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, iou_predictions, low_res_masks
+
+
+# --------------------------------------------------------------------------------------------------
+# Checking an export folder.
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The folder's manifest, after checking that every file it lists is there with its checksum."""
+    if not folder.is_dir():
+        raise CheckpointError(f"SAM ONNX folder not found: {folder}; write one with `zone export sam "
+                              f"--checkpoint SAM.pth --out {folder}`")
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {MANIFEST_FILE}: not a `zone export sam` folder, or the export "
+                              f"did not finish; {RE_EXPORT}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read {path} ({error}); {RE_EXPORT}") from None
+    missing = [key for key in MANIFEST_KEYS if not isinstance(manifest, dict) or key not in manifest]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; {RE_EXPORT}")
+    if manifest["format"] != MANIFEST_FORMAT:
+        raise CheckpointError(f"{path} has format {manifest['format']}, this zone-engine reads format "
+                              f"{MANIFEST_FORMAT}; {RE_EXPORT}")
+    files = manifest["files"]
+    for name in (ENCODER_FILE, DECODER_FILE):
+        if name not in files:
+            raise CheckpointError(f"{path} does not list {name}; {RE_EXPORT}")
+    for name, expected in files.items():
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder / name} is missing; {RE_EXPORT}")
+        if file_sha256(folder / name) != expected:
+            raise CheckpointError(f"{folder / name} does not match its sha256 in {MANIFEST_FILE}: the file is "
+                                  f"corrupt, truncated or from another export; {RE_EXPORT}")
+    return manifest
+
+
+def check_pair(folder: Path, manifest: dict[str, Any], encoder: Any, decoder: Any) -> None:
+    """The two sessions are the encoder and decoder of one SAM, the one the manifest describes."""
+
+    def fail(problems: list[str]) -> None:
+        if problems:
+            raise CheckpointError(f"{folder} does not hold one matching SAM export: {'; '.join(problems)}; {RE_EXPORT}")
+
+    parts = ((ENCODER_FILE, encoder, "image_encoder"), (DECODER_FILE, decoder, "mask_decoder"))
+    metadata = {name: session.get_modelmeta().custom_metadata_map for name, session, _ in parts}
+    fail([f"{name} is not a SAM {part.replace('_', ' ')} (it says {metadata[name].get('zone.part')!r})"
+          for name, _, part in parts if metadata[name].get("zone.part") != part])
+
+    problems = [f"{name} was exported from a {metadata[name].get('zone.model_type')} SAM but {MANIFEST_FILE} "
+                f"says {manifest['model_type']}"
+                for name, _, _ in parts if metadata[name].get("zone.model_type") != manifest["model_type"]]
+    embeddings_out = encoder.get_outputs()[0].shape
+    embeddings_in = decoder.get_inputs()[0].shape  # image_embeddings, as export/sam.py orders the inputs
+    if list(embeddings_out) != list(embeddings_in):
+        problems.append(f"{ENCODER_FILE} gives embeddings {embeddings_out} but {DECODER_FILE} takes {embeddings_in}")
+    elif list(embeddings_out[1:]) != list(manifest["embedding_shape"]):
+        problems.append(f"the graphs' embeddings {embeddings_out} differ from {MANIFEST_FILE}'s "
+                        f"{manifest['embedding_shape']}")
+    size = manifest["input_size"]
+    if list(encoder.get_inputs()[0].shape) != [1, 3, size, size]:
+        problems.append(f"{ENCODER_FILE} takes {encoder.get_inputs()[0].shape}, not a (1, 3, {size}, {size}) image")
+    fail(problems)
+
+
+def session_device(session: Any) -> torch.device:
+    """Where a session reads its inputs and writes its outputs: the GPU for TensorRT and CUDA."""
+    return torch.device("cuda", 0) if session.get_providers()[0] in GPU_PROVIDERS else torch.device("cpu")
+
+
+def choose_providers(ort: Any, requested: list[str] | None) -> list[str]:
+    """The requested providers (default: TensorRT, CUDA, CPU) that this onnxruntime offers, in order."""
+    available = ort.get_available_providers()
+    wanted = list(requested) if requested is not None else list(PROVIDER_ORDER)
+    chosen = [provider for provider in wanted if provider in available]
+    if not chosen:
+        raise DeviceError(f"none of the ONNX Runtime providers {', '.join(wanted)} is available here "
+                          f"(this onnxruntime offers {', '.join(available)})")
+    return chosen
+
+
+def _import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise DeviceError("the onnx refinement backend needs onnxruntime: pip install -e '.[onnx]' "
+                          "(onnxruntime-gpu for CUDA and TensorRT)") from None
+    return onnxruntime
