@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one call of the lent device machine (see ../.library/device/):
+# the GPU test classes (compiled Triton kernels, bf16, fp16 vs fp32), the kernel and refinement
+# benchmarks and the per-stage benchmark, with logs under $OUT. The device image has torch, triton,
+# onnx/onnxruntime and transformers but not diffusers or segment-anything: they travel as wheels.
+#
+# Once, on the development machine, in the repo root:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers segment-anything
+# Then: device run with carry [".whl"] and command `bash benchmarks/gpu_session.sh [quick]`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/zone-out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+
+# 1. Correctness on the GPU: the whole suite (GPU classes included), kernels compiled (no interpreter).
+python3 -m pytest -q -x tests 2>&1 | tee "$OUT/tests.log" | tail -5
+
+[ "${1:-}" = "quick" ] && exit 0
+
+# 2. Kernel and refinement benchmarks (do_bench medians on CUDA).
+python3 -m benchmarks.bench_kernels 2>&1 | tee "$OUT/bench_kernels.log" | tail -20
+python3 -m benchmarks.bench_refine --model-type vit_h --size 512 --points-per-side 32 2>&1 \
+    | tee "$OUT/bench_refine.log" | tail -15
+
+# 3. Per-stage latency, baseline vs engine backends, 512², 20 steps, fp16.
+python3 -m benchmarks --preset gpu-512 --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -30
