@@ -1,0 +1,446 @@
+"""`zone bench` / `python -m benchmarks`: the reference-style baseline and every engine backend, one run.
+
+One process builds the random-weight models once, then times (a) the baseline (benchmarks/baseline.py)
+and (b) the engine with each backend in `zone_engine.backends.DENOISERS`, on the same image, seed,
+steps and forced action; compares their outputs; and writes JSON, markdown and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zone_engine.action import classify_action
+from zone_engine.backends import DENOISERS, DTYPES, resolve_device, resolve_dtype
+from zone_engine.config import Action, EditConfig, SamConfig, parse_action
+from zone_engine.errors import ZoneError
+from zone_engine.image_io import make_sample_image, working_geometry
+from zone_engine.models import PRESETS as MODEL_PRESETS
+from zone_engine.models import SAM_SIZES, ZoneModels, build_random_components
+from zone_engine.pipeline import STAGES, EditResult, ZonePipeline
+from zone_engine.timing import Stopwatch
+
+from .baseline import ReferenceStyleZone
+from .measure import (
+    PeakMemory,
+    StepClock,
+    StepTimedDenoiser,
+    machine_info,
+    matmul_peak,
+    process_peak_rss_bytes,
+    summarize,
+    unet_flops_per_row,
+)
+from .report import markdown, write_reports
+
+ROWS_PER_STEP = 6  # 2 UNets x 3 guidance branches (ZONE.md cost model)
+# Backends whose first edit builds something (torch.compile, CUDA-graph capture, TensorRT engines):
+# they always get at least one warm-up edit, so the build never lands in the timed numbers, and the
+# CPU presets leave them out (inductor's CPU build of two SD1.5 UNets takes many minutes).
+BUILDING_BACKENDS = ("compile", "cuda-graphs", "cudagraphs", "tensorrt")
+NO_BUILD_BACKENDS = tuple(kind for kind in DENOISERS if kind not in BUILDING_BACKENDS)
+REFERENCE_SAM = SamConfig()  # segment-anything's defaults, as the reference ran them
+SMOKE_SAM = SamConfig(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything one benchmark run needs; the presets below are named instances."""
+
+    preset: str
+    models: str = "sd15"  # a zone_engine.models.PRESETS name
+    resolution: int = 256
+    steps: int = 20
+    dtype: str = "fp32"  # the engine's; the baseline always runs fp32, the reference precision
+    sam_type: str = "vit_b"
+    sam: SamConfig = REFERENCE_SAM
+    repeats: int = 1
+    warmup: int = 0
+    device: str = "auto"
+    seed: int = 42
+    model_seed: int = 0
+    instruction: str = "make the dog a golden statue"
+    action: Action = Action.CHANGE
+    backends: tuple[str, ...] = DENOISERS
+    out: Path = Path("benchmarks/out")
+
+
+PRESETS: dict[str, BenchConfig] = {
+    # Tests: tiny models, seconds. SAM thresholds at zero so random weights still give segments.
+    "tiny-smoke": BenchConfig("tiny-smoke", models="tiny", resolution=64, steps=2, sam_type="tiny",
+                              sam=SamConfig.for_random_weights(), device="cpu", backends=NO_BUILD_BACKENDS),
+    # CI: proves the harness works on real-size architectures; about 3 minutes on 2 cores. No speed claim.
+    "cpu-smoke": BenchConfig("cpu-smoke", resolution=128, steps=2, sam=SMOKE_SAM, device="cpu",
+                             backends=NO_BUILD_BACKENDS),
+    # The issue's CPU target (256², fp32, 2 cores): about 30 minutes on 2 cores, most of it SAM's
+    # 1,024 prompts and 20 steps of two SD1.5 UNets, for each implementation.
+    "cpu-256": BenchConfig("cpu-256", resolution=256, steps=20, repeats=2, device="cpu", backends=NO_BUILD_BACKENDS),
+    "gpu-512": BenchConfig("gpu-512", resolution=512, steps=20, dtype="fp16", sam_type="vit_h", repeats=5,
+                           warmup=1, device="cuda"),
+    "gpu-throughput": BenchConfig("gpu-throughput", resolution=512, steps=20, dtype="fp16", sam_type="vit_h",
+                                  repeats=16, warmup=2, device="cuda"),
+}
+
+THROUGHPUT_LABEL = ("sequential: the timed edits served one after another, edits ÷ wall time "
+                    "(no batched or concurrent serving path in the engine yet)")
+
+Progress = Callable[[str], None]
+EditRun = Callable[[], tuple[EditResult, dict[str, float], list[float]]]
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+@torch.inference_mode()
+def prime(models: ZoneModels, latent_size: tuple[int, int], device: torch.device) -> None:
+    """One untimed call of each network at the edit's shapes: CPU kernels are built on first use.
+
+    Used instead of warm-up edits when `warmup` is 0, so that one-time costs land on no implementation.
+    """
+    dtype = next(models.ip2p_unet.parameters()).dtype
+    context = models.text_encoder(torch.zeros(3, 77, dtype=torch.long, device=device))[0]
+    pixels = torch.zeros(1, 3, latent_size[0] * 8, latent_size[1] * 8, device=device, dtype=dtype)
+    latents = models.vae.encode(pixels).latent_dist.mode()
+    sample = torch.randn(3, 8, *latent_size, device=device, dtype=dtype)
+    for unet in (models.mb_unet, models.ip2p_unet):
+        unet(sample, torch.tensor(999, device=device), encoder_hidden_states=context)
+    models.vae.decode(latents)
+
+
+@dataclass
+class Implementation:
+    """One row of the report: a name, the dtype it runs in, and how to run one edit."""
+
+    name: str
+    dtype: str
+    edit: EditRun
+    warmup_s: list[float] = dataclasses.field(default_factory=list)
+    timings: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    steps: list[list[float]] = dataclasses.field(default_factory=list)
+    peak_memory: list[dict] = dataclasses.field(default_factory=list)
+    walls: list[float] = dataclasses.field(default_factory=list)
+    result: EditResult | None = None
+
+
+def measure(implementations: list[Implementation], config: BenchConfig, device: torch.device,
+            progress: Progress) -> None:
+    """Warm-up edits (untimed) for each, then `repeats` rounds of one timed edit of each, in turn.
+
+    Interleaving the rounds spreads any drift of the machine (other processes, clocks, heat) over
+    every implementation instead of charging it to whichever ran during it.
+    """
+    for impl in implementations:
+        warmup = max(config.warmup, 1) if impl.name.removeprefix("engine:") in BUILDING_BACKENDS else config.warmup
+        for index in range(warmup):
+            started = time.perf_counter()
+            impl.edit()
+            impl.warmup_s.append(time.perf_counter() - started)
+            progress(f"{impl.name}: warm-up {index + 1}/{warmup} {impl.warmup_s[-1]:.1f} s")
+    for index in range(config.repeats):
+        for impl in implementations:
+            with PeakMemory(device) as memory:
+                started = time.perf_counter()
+                impl.result, timings, step_seconds = impl.edit()
+                impl.walls.append(time.perf_counter() - started)
+            impl.timings.append(timings)
+            impl.steps.append(step_seconds)
+            impl.peak_memory.append(memory.report())
+            progress(f"{impl.name}: edit {index + 1}/{config.repeats} {timings['total']:.2f} s")
+            _release(device)
+
+
+def summarize_run(impl: Implementation, config: BenchConfig, device: torch.device) -> dict:
+    """Per-stage statistics, per-step time, peak memory and throughput of one implementation."""
+    stages = {stage: summarize([t[stage] for t in impl.timings]) for stage in (*STAGES, "total")}
+    if all(len(s) == config.steps for s in impl.steps):
+        per_step = summarize([s for run in impl.steps for s in run])
+        source = "on_step marks per step" + (" (CUDA events)" if device.type == "cuda" else "")
+    else:  # the backend does not report steps: the mean is all there is
+        per_step = summarize([t["denoise"] / config.steps for t in impl.timings])
+        source = "denoise ÷ steps (the backend reports no per-step marks)"
+    memory = max(impl.peak_memory, key=lambda m: m["bytes"] or 0)
+    return {
+        "name": impl.name,
+        "dtype": impl.dtype,
+        "stages": stages,
+        "per_step": per_step,
+        "per_step_source": source,
+        "warmup_s": impl.warmup_s,  # the first one holds any compilation or engine build
+        "peak_memory": memory,
+        "throughput": {"edits_per_s": len(impl.walls) / sum(impl.walls), "requests": len(impl.walls),
+                       "wall_s": sum(impl.walls), "label": THROUGHPUT_LABEL},
+        "used_fallback": impl.result.used_fallback,
+        "mask_b_fraction": float(impl.result.mask_b.mean()),
+        "mask_f_fraction": float(impl.result.mask_f.mean()),
+        "region_fraction": float(impl.result.region.mean()),
+    }
+
+
+def baseline_edit(baseline: ReferenceStyleZone, image: np.ndarray, config: BenchConfig, edit_config: EditConfig,
+                  device: torch.device) -> EditRun:
+    clock = StepClock(device)
+
+    def edit():
+        result = baseline.edit(image, config.instruction, edit_config, step_clock=clock)
+        return result, dict(result.timings), clock.seconds()
+
+    return edit
+
+
+def engine_edit(pipe: ZonePipeline, image: np.ndarray, config: BenchConfig, edit_config: EditConfig) -> EditRun:
+    """An engine edit with the action forced (as the baseline's) and classification timed beside it."""
+    clock = StepClock(pipe.device)
+    pipe.denoiser = StepTimedDenoiser(pipe.denoiser, clock)
+    models = pipe.models
+
+    def edit():
+        watch = Stopwatch(pipe.device)
+        with watch("action"):
+            classify_action(config.instruction, models.tokenizer, models.text_encoder, models.action_classifier,
+                            edit_config.action_rule)
+        result = pipe.edit(image, config.instruction, edit_config)
+        timings = dict(result.timings)
+        timings["action"] += watch.seconds["action"]
+        timings["total"] += watch.seconds["action"]
+        return result, timings, clock.seconds()
+
+    return edit
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def compare(result: EditResult, reference: EditResult, dtype: str) -> dict:
+    """How far an output is from the baseline's: max pixel differences and mask IoUs."""
+    def max_diff(a, b):
+        return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+    return {
+        "dtype": dtype,
+        "max_pixel_diff_image": max_diff(result.image, reference.image),
+        "max_pixel_diff_styled": max_diff(result.styled, reference.styled),
+        "iou_mask_b": _iou(result.mask_b, reference.mask_b),
+        "mask_b_identical": bool(np.array_equal(result.mask_b, reference.mask_b)),
+        "iou_mask_f": _iou(result.mask_f, reference.mask_f),
+        "mask_f_identical": bool(np.array_equal(result.mask_f, reference.mask_f)),
+        "iou_region": _iou(result.region, reference.region),
+        "used_fallback": result.used_fallback,
+        "baseline_used_fallback": reference.used_fallback,
+    }
+
+
+def ceiling_dtypes(device: torch.device, engine_dtype: torch.dtype) -> list[torch.dtype]:
+    """The run's dtype, and on CUDA also bf16: ZONE.md's floor is dense bf16."""
+    if device.type == "cuda" and engine_dtype != torch.bfloat16:
+        return [engine_dtype, torch.bfloat16]
+    return [engine_dtype]
+
+
+def cost_floor(models: ZoneModels, latent_size: tuple[int, int], config: BenchConfig, device: torch.device,
+               ceilings_at_start: list[dict], runs: list[dict]) -> dict:
+    """UNet FLOPs per step x 6 rows ÷ measured matmul rate, and each row's denoise time over it.
+
+    The matmul rate is measured before the edits and again after them; the better of the two is
+    the ceiling (a busy moment can only make a measurement slower).
+    """
+    flops = unet_flops_per_row(dict(models.ip2p_unet.config), latent_size, models.text_encoder.config.hidden_size)
+    ceilings = []
+    for at_start in ceilings_at_start:
+        at_end = matmul_peak(device, DTYPES[at_start["dtype"]])
+        ceiling = max(at_start, at_end, key=lambda c: c["flops_per_s"])
+        step_floor = ROWS_PER_STEP * flops / ceiling["flops_per_s"]
+        ceilings.append({
+            **ceiling,
+            "measured_flops_per_s": {"before": at_start["flops_per_s"], "after": at_end["flops_per_s"]},
+            "step_floor_s": step_floor,
+            "denoise_floor_s": step_floor * config.steps,
+            "gap": {run["name"]: run["stages"]["denoise"]["median"] / (step_floor * config.steps)
+                    for run in runs if "skipped" not in run},
+        })
+    return {"unet_gflop_per_row": flops / 1e9, "rows_per_step": ROWS_PER_STEP,
+            "denoise_tflop": flops * ROWS_PER_STEP * config.steps / 1e12, "latent_size": list(latent_size),
+            "ceilings": ceilings}
+
+
+def _parameter_counts(models: ZoneModels) -> dict[str, int]:
+    nets = {"ip2p_unet": models.ip2p_unet, "mb_unet": models.mb_unet, "vae": models.vae,
+            "text_encoder": models.text_encoder, "sam": models.sam}
+    return {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items()}
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> dict:
+    """Run the whole benchmark in this process and return its record (what the JSON file holds)."""
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    device = resolve_device(config.device)
+    engine_dtype = resolve_dtype(config.dtype, device)
+    unknown = [kind for kind in config.backends if kind not in DENOISERS]
+    if unknown:
+        raise ZoneError(f"unknown backend(s) {', '.join(unknown)}: available {', '.join(DENOISERS)}")
+
+    ceilings_at_start = [matmul_peak(device, dtype) for dtype in ceiling_dtypes(device, engine_dtype)]
+    progress(f"building {config.models} models with random weights (SAM {config.sam_type})")
+    build_started = time.perf_counter()
+    models = build_random_components(config.models, config.model_seed, config.sam_type).to(device, torch.float32)
+    build_s = time.perf_counter() - build_started
+    progress(f"models built in {build_s:.1f} s")
+
+    image = make_sample_image(config.resolution, config.resolution)
+    geometry = working_geometry(*image.shape[:2])
+    latent_size = (geometry.padded_size[0] // 8, geometry.padded_size[1] // 8)
+    edit_config = EditConfig(steps=config.steps, seed=config.seed, action=config.action, sam=config.sam)
+    priming = "none: warm-up edits instead"
+    if config.warmup == 0:
+        primed = time.perf_counter()
+        prime(models, latent_size, device)
+        priming = f"no warm-up edit; each network called once untimed first ({time.perf_counter() - primed:.1f} s)"
+
+    baseline = Implementation("baseline", "fp32",
+                              baseline_edit(ReferenceStyleZone(models, device), image, config, edit_config, device))
+    skipped = [{"name": f"engine:{kind}", "skipped": f"not in this preset's backends (add --backends ...,{kind})"}
+               for kind in DENOISERS if kind not in config.backends]
+
+    def engines(dtype: torch.dtype) -> list[Implementation]:
+        built = []
+        for kind in config.backends:
+            try:
+                pipe = ZonePipeline(models, device, dtype, default_config=edit_config, denoiser=kind)
+            except (ZoneError, ImportError, RuntimeError) as error:  # a backend this machine does not have
+                skipped.append({"name": f"engine:{kind}", "skipped": str(error).splitlines()[0]})
+                continue
+            built.append(Implementation(f"engine:{kind}", config.dtype, engine_edit(pipe, image, config, edit_config)))
+        return built
+
+    # 1. fp32: every implementation in each round, engines first (with no warm-up edit, any one-time
+    #    cost left lands on an engine). Half precision: the engine casts the shared weights in place,
+    #    so the fp32 baseline runs first, then one untimed fp32 engine edit for the parity check.
+    if engine_dtype == torch.float32:
+        timed = [*engines(engine_dtype), baseline]
+        measure(timed, config, device, progress)
+        parity_impl = next((impl for impl in timed if impl is not baseline), None)
+        parity_name, parity_result = (parity_impl.name, parity_impl.result) if parity_impl else (None, None)
+    else:
+        measure([baseline], config, device, progress)
+        parity_name = "engine:eager (fp32, untimed)"
+        parity_result = ZonePipeline(models, device, torch.float32, default_config=edit_config).edit(
+            image, config.instruction, edit_config)
+        timed = [baseline, *engines(engine_dtype)]
+        measure(timed[1:], config, device, progress)
+    timed.sort(key=lambda impl: impl is not baseline)
+    runs = [summarize_run(impl, config, device) for impl in timed] + skipped
+
+    # 2. Same seed, same inputs: how far is every output from the baseline's?
+    reference = baseline.result
+    quality = {impl.name: compare(impl.result, reference, impl.dtype) for impl in timed if impl is not baseline}
+    parity = {"name": parity_name, **compare(parity_result, reference, "fp32")} if parity_result else None
+    base_total = runs[0]["stages"]["total"]["median"]
+    speedup = {run["name"]: base_total / run["stages"]["total"]["median"] for run in runs if "skipped" not in run}
+
+    progress("measuring the matmul ceiling and counting UNet FLOPs")
+    floor = cost_floor(models, latent_size, config, device, ceilings_at_start, runs)
+
+    return {
+        "schema": 1,
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(device),
+        "config": {
+            **{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ("sam", "out")},
+            "action": config.action.value, "backends": list(config.backends), "sam": dataclasses.asdict(config.sam),
+            "priming": priming, "image": f"make_sample_image({config.resolution}, {config.resolution})",
+        },
+        "model_parameters": _parameter_counts(models),
+        "model_build_s": build_s,
+        "runs": runs,
+        "quality": quality,
+        "parity": parity,
+        "speedup": speedup,
+        "floor": floor,
+        "process_peak_rss_bytes": process_peak_rss_bytes(),
+        # Other processes on the machine skew CPU timings: the 1-minute load average before and after.
+        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None) -> BenchConfig:
+    parser = argparse.ArgumentParser(
+        prog="zone bench",
+        description="Per-stage latency of the ZONE engine against a reference-style baseline, in one run "
+                    "on random-weight models of real size. Writes JSON, markdown and a PNG chart.",
+    )
+    parser.add_argument("--preset", choices=PRESETS, default="cpu-smoke", help="named settings (default cpu-smoke)")
+    parser.add_argument("--models", choices=MODEL_PRESETS, help="architecture sizes: sd15 (real) or tiny (tests)")
+    parser.add_argument("--resolution", type=int, help="side of the square test image, pixels")
+    parser.add_argument("--steps", type=int, help="denoising steps")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="engine precision (baseline: fp32)")
+    parser.add_argument("--sam-type", choices=SAM_SIZES, help="SAM size")
+    parser.add_argument("--sam-points", type=int, help="SAM automatic generator points per side")
+    parser.add_argument("--repeats", type=int, help="timed edits per implementation")
+    parser.add_argument("--warmup", type=int, help="untimed edits before them")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to run")
+    parser.add_argument("--backends", help=f"comma-separated engine denoisers (default all: {','.join(DENOISERS)})")
+    parser.add_argument("--action", choices=("add", "change", "remove"), help="forced action (default change)")
+    parser.add_argument("--seed", type=int, help="edit seed (default 42)")
+    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/out)")
+    args = parser.parse_args(argv)
+
+    config = PRESETS[args.preset]
+    changes = {name: value for name, value in (
+        ("models", args.models), ("resolution", args.resolution), ("steps", args.steps), ("dtype", args.dtype),
+        ("sam_type", args.sam_type), ("repeats", args.repeats), ("warmup", args.warmup), ("device", args.device),
+        ("seed", args.seed), ("out", args.out),
+    ) if value is not None}
+    if args.models == "tiny" and args.sam_type is None:
+        changes["sam_type"] = "tiny"
+    if args.sam_points is not None:
+        changes["sam"] = dataclasses.replace(config.sam, points_per_side=args.sam_points)
+    if args.backends is not None:
+        changes["backends"] = tuple(kind.strip() for kind in args.backends.split(",") if kind.strip())
+    if args.action is not None:
+        changes["action"] = parse_action(args.action)
+    config = dataclasses.replace(config, **changes)
+    if config.repeats < 1 or config.warmup < 0 or config.steps < 1 or config.resolution < 32:
+        parser.error("need --repeats >= 1, --warmup >= 0, --steps >= 1, --resolution >= 32")
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m benchmarks` and `zone bench`; returns the exit status."""
+    config = parse_args(argv)
+
+    def progress(message: str) -> None:
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+    try:
+        record = run_benchmark(config, progress)
+    except ZoneError as error:
+        print(f"zone bench: {error}", file=sys.stderr)
+        return 2
+    record["command"] = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
+    paths = write_reports(record, config.out)
+    print(markdown(record))
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0

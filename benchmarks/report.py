@@ -1,0 +1,150 @@
+"""Turning a benchmark record (a dict, see harness.run_benchmark) into JSON, markdown and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from zone_engine.pipeline import STAGES
+
+COLUMNS = (*STAGES[:4], "per_step", *STAGES[4:], "total")
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds >= 10:
+        return f"{seconds:.1f} s"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    return f"{seconds * 1e3:.1f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} µs"
+
+
+def format_bytes(count: int | None) -> str:
+    return "–" if count is None else f"{count / 2**30:.2f} GiB"
+
+
+def _cell(stats: dict) -> str:
+    if stats["n"] > 1:
+        return f"{format_seconds(stats['median'])} [{format_seconds(stats['min'])}–{format_seconds(stats['max'])}]"
+    return format_seconds(stats["median"])
+
+
+def markdown(record: dict) -> str:
+    """The report as markdown: setup, per-stage latency, output agreement, floor."""
+    config, machine = record["config"], record["machine"]
+    lines = [
+        f"# zone bench: {config['preset']}",
+        "",
+        f"- finished (UTC): {record['created_utc']}; wall time of the whole run {format_seconds(record['wall_s'])} "
+        f"(model build {format_seconds(record['model_build_s'])}); 1-min load average "
+        f"{record['load_average_1min']['before']:.2f} before, {record['load_average_1min']['after']:.2f} after",
+        f"- machine: {machine['cpu_model']}, {machine['cpu_cores']} cores (torch threads {machine['torch_threads']}); "
+        f"device {machine['device']} ({machine['device_name']})",
+        f"- versions: torch {machine['torch']} (built for CUDA {machine['cuda']}), diffusers {machine['diffusers']}, "
+        f"transformers {machine['transformers']}, segment-anything {machine['segment-anything']}",
+        f"- models: {config['models']} architectures with random weights, SAM {config['sam_type']}; "
+        f"image {config['resolution']}², {config['steps']} steps, engine dtype {config['dtype']}, baseline fp32; "
+        f"SAM {config['sam']['points_per_side']}² points, pred_iou_thresh {config['sam']['pred_iou_thresh']}, "
+        f"stability_score_thresh {config['sam']['stability_score_thresh']}",
+        f"- warm-up edits {config['warmup']} ({config['priming']}), timed edits {config['repeats']}; "
+        f"action forced to {config['action']} (classification timed beside each edit)",
+        "",
+        "## Per-stage latency (median; [min–max] over the timed edits)",
+        "",
+        "| implementation | " + " | ".join(COLUMNS) + " | speed-up | peak memory | edits/s |",
+        "|" + "---|" * (len(COLUMNS) + 4),
+    ]
+    for run in record["runs"]:
+        if "skipped" in run:
+            lines.append(f"| {run['name']} | skipped: {run['skipped']} |")
+            continue
+        cells = [_cell(run["stages"][column] if column != "per_step" else run["per_step"]) for column in COLUMNS]
+        speedup = record["speedup"].get(run["name"])
+        lines.append(
+            f"| {run['name']} ({run['dtype']}) | " + " | ".join(cells)
+            + f" | {'–' if speedup is None else f'{speedup:.2f}×'} | {format_bytes(run['peak_memory']['bytes'])}"
+            + f" | {run['throughput']['edits_per_s']:.3g} |"
+        )
+    first = next(run for run in record["runs"] if "skipped" not in run)
+    lines += [
+        "",
+        f"Speed-up: baseline total median ÷ row total median. Peak memory: {first['peak_memory']['label']}. "
+        f"edits/s: {first['throughput']['label']}. per_step: {first['per_step_source']}.",
+        "",
+        "## Output agreement with the baseline (same seed, same inputs)",
+        "",
+        "| implementation | dtype | max px diff (image) | max px diff (styled) | IoU M_b | M_b identical "
+        "| IoU M_f | IoU R | SAM fallback (row / baseline) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, quality in record["quality"].items():
+        lines.append(
+            f"| {name} | {quality['dtype']} | {quality['max_pixel_diff_image']} | {quality['max_pixel_diff_styled']} "
+            f"| {quality['iou_mask_b']:.4f} | {quality['mask_b_identical']} | {quality['iou_mask_f']:.4f} "
+            f"| {quality['iou_region']:.4f} | {quality['used_fallback']} / {quality['baseline_used_fallback']} |"
+        )
+    parity = record["parity"]
+    lines += [
+        "",
+        f"fp32 parity ({parity['name']}): max pixel difference {parity['max_pixel_diff_image']} (image), "
+        f"{parity['max_pixel_diff_styled']} (styled); IoU M_b {parity['iou_mask_b']:.4f}, "
+        f"M_f {parity['iou_mask_f']:.4f}.",
+    ]
+    floor = record.get("floor")
+    if floor:
+        lines += ["", "## Cost-model floor of the denoise stage", ""]
+        lines.append(
+            f"UNet {floor['unet_gflop_per_row']:.1f} GFLOP per row × {floor['rows_per_step']} rows × "
+            f"{config['steps']} steps = {floor['denoise_tflop']:.2f} TFLOP."
+        )
+        for ceiling in floor["ceilings"]:
+            gaps = ", ".join(f"{name} {gap:.1f}×" for name, gap in ceiling["gap"].items())
+            measured = ceiling["measured_flops_per_s"]
+            lines.append(
+                f"- measured {ceiling['dtype']} matmul {ceiling['flops_per_s'] / 1e12:.3g} TFLOP/s (best of "
+                f"{measured['before'] / 1e12:.3g} before the edits and {measured['after'] / 1e12:.3g} after) → "
+                f"floor {format_seconds(ceiling['denoise_floor_s'])} per edit "
+                f"({format_seconds(ceiling['step_floor_s'])} per step); denoise measured / floor: {gaps}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_chart(record: dict, path: Path) -> None:
+    """Stacked bars of median per-stage seconds, one bar per implementation (baseline first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [run for run in record["runs"] if "skipped" not in run]
+    names = [f"{run['name']}\n{run['dtype']}" for run in runs]
+    figure, axes = plt.subplots(figsize=(2.2 + 1.6 * len(runs), 5))
+    bottoms = [0.0] * len(runs)
+    colours = plt.get_cmap("tab10").colors
+    for index, stage in enumerate(STAGES):
+        heights = [run["stages"][stage]["median"] for run in runs]
+        axes.bar(names, heights, bottom=bottoms, label=stage, color=colours[index % len(colours)], width=0.6)
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    for position, run in enumerate(runs):
+        axes.annotate(format_seconds(run["stages"]["total"]["median"]), (position, bottoms[position]),
+                      ha="center", va="bottom", fontsize=9)
+    config = record["config"]
+    axes.set_ylabel("median seconds per edit")
+    axes.set_title(f"zone bench {config['preset']}: {config['resolution']}², {config['steps']} steps, "
+                   f"{record['machine']['device_name']}", fontsize=10)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_reports(record: dict, out: Path) -> dict[str, Path]:
+    """bench.json, bench.md and bench.png under `out`, named after the preset."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-{record['config']['preset']}"
+    paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md", "chart": out / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(record, indent=2) + "\n")
+    paths["markdown"].write_text(markdown(record))
+    write_chart(record, paths["chart"])
+    return paths

@@ -1,0 +1,88 @@
+"""The benchmark harness on tiny models: it runs end to end, writes its reports, and its baseline
+computes what the engine computes (ZONE.md), by the reference's road."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from diffusers.models.attention_processor import Attention
+
+from benchmarks.baseline import STORED_MAX_QUERIES, ReferenceStyleZone
+from benchmarks.harness import main
+from zone_engine import Action, ZonePipeline
+from zone_engine.image_io import make_sample_image
+from zone_engine.pipeline import STAGES
+
+INSTRUCTION = "make the dog a golden statue"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    # Tiny models seed 2: its attention maps give a partial M_b once the threshold is lowered, so
+    # mask equality below is a real check, not two all-true masks.
+    return ZonePipeline.tiny(seed=2)
+
+
+@pytest.fixture(scope="module")
+def baseline(pipe):
+    return ReferenceStyleZone(pipe.models, pipe.device)
+
+
+def test_harness_runs_end_to_end_and_writes_reports(tmp_path):
+    assert main(["--preset", "tiny-smoke", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "bench-tiny-smoke.json").read_text())
+    timed = [run for run in record["runs"] if "skipped" not in run]
+    assert [run["name"] for run in timed][0] == "baseline" and len(timed) >= 2
+    for run in timed:
+        assert set(run["stages"]) == {*STAGES, "total"}
+        assert all(run["stages"][stage]["median"] >= 0 for stage in STAGES)
+        assert run["per_step"]["n"] == 2  # one mark per step, 2 steps
+        assert run["peak_memory"]["bytes"] > 0 and run["throughput"]["edits_per_s"] > 0
+    assert record["parity"]["mask_b_identical"] and record["parity"]["max_pixel_diff_styled"] <= 1
+    assert record["floor"]["unet_gflop_per_row"] > 0 and record["machine"]["torch"]
+    table = (tmp_path / "bench-tiny-smoke.md").read_text()
+    assert "| baseline (fp32) |" in table and "engine:eager" in table
+    assert (tmp_path / "bench-tiny-smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("action", "threshold"), [(Action.CHANGE, 2), (Action.REMOVE, 0)])
+def test_baseline_gives_the_engines_masks_and_image(pipe, baseline, action, threshold):
+    image = make_sample_image(64, 64)
+    config = pipe.default_config.replace(steps=2, action=action, reference_threshold=threshold)
+    engine, reference = pipe.edit(image, INSTRUCTION, config), baseline.edit(image, INSTRUCTION, config)
+
+    assert np.array_equal(engine.mask_b, reference.mask_b)
+    if threshold < 108:
+        assert 0.0 < engine.mask_b.mean() < 1.0
+    # The baseline's IP2P UNet runs attention as baddbmm + softmax + bmm, the engine's as SDPA: the
+    # same fp32 function with other rounding, so a pixel may land one uint8 level apart where the
+    # value straddles a .5 boundary (the engine's own parity test with diffusers allows the same).
+    assert np.abs(engine.styled.astype(int) - reference.styled.astype(int)).max() <= 1
+    assert np.abs(engine.image.astype(int) - reference.image.astype(int)).max() <= 1
+    assert np.array_equal(engine.mask_f, reference.mask_f)
+    assert np.array_equal(engine.region, reference.region)
+    assert engine.used_fallback == reference.used_fallback
+
+
+def test_baseline_store_holds_every_attention_layer_every_step(pipe, baseline):
+    steps = 2
+    baseline.edit(make_sample_image(64, 64), INSTRUCTION, pipe.default_config.replace(steps=steps,
+                                                                                      action=Action.CHANGE))
+    store = baseline.last_store
+    layers = [m for m in pipe.models.ip2p_unet.modules() if isinstance(m, Attention)]
+    assert len(layers) == 32  # SD1.5's 16 transformer blocks, a self and a cross attention each
+    # At 64x64 every layer has at most 32^2 queries, so every one is kept: self and cross, all places.
+    assert store.stored_layer_count() == len(layers) and store.num_att_layers == len(layers)
+    counts = {key: len(maps) for key, maps in store.attention_store.items()}
+    assert counts == {"down_cross": 6, "down_self": 6, "mid_cross": 1, "mid_self": 1, "up_cross": 9, "up_self": 9}
+    assert store.cur_step == steps
+    heads = pipe.models.ip2p_unet.config.attention_head_dim  # SD1.5's key for the number of heads
+    for key, maps in store.attention_store.items():
+        for probabilities in maps:  # the two empty-prompt branches, P[heads:] of (3 * heads, N, K)
+            assert probabilities.shape[0] == 2 * heads and probabilities.shape[1] <= STORED_MAX_QUERIES
+            # running sums over the steps of probability rows that each sum to 1
+            assert np.allclose(probabilities.sum(-1).numpy(), steps, atol=1e-4), key
+    # The UNet is shared with the engine: its own processors must be back.
+    assert not any(type(p).__name__ == "StoringAttnProcessor" for p in pipe.models.ip2p_unet.attn_processors.values())
