@@ -33,3 +33,18 @@ def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
     return cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+def rerun_compiled(test_file: str, class_name: str):
+    """Run `class_name` of `test_file` again in a process with TRITON_INTERPRET=0 (kernels compiled).
+
+    Under the interpreter a kernel module cannot also compile; the GPU classes check this run.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{test_file}::{class_name}"],
+        env={**os.environ, "TRITON_INTERPRET": "0"}, cwd=Path(test_file).parents[1], capture_output=True, text=True,
+    )

@@ -15,13 +15,11 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or the kernels are imported
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import rerun_compiled  # noqa: E402
 
 import kernels.attn_accumulate as attn_module  # noqa: E402
 from kernels.attn_accumulate import (  # noqa: E402
@@ -254,10 +252,7 @@ def compiled_run():
     """Under the interpreter, run TestCompiledOnGPU once more in a process with TRITON_INTERPRET=0."""
     if not INTERPRETED:
         return None
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::TestCompiledOnGPU"],
-        env={**os.environ, "TRITON_INTERPRET": "0"}, cwd=Path(__file__).parents[1], capture_output=True, text=True,
-    )
+    return rerun_compiled(__file__, "TestCompiledOnGPU")
 
 
 @pytest.mark.gpu

@@ -72,9 +72,15 @@ def dual_step(
     model_input = torch.cat([latents, image_latents.repeat(2, 1, 1, 1)], dim=1)  # (6, 8, h, w)
     eps = unet(model_input, schedule.timesteps.index_select(0, state.step), context).float()
     text_scale, image_scale = guidance[0], guidance[1]
+    advance(schedule, state, guided_noise(eps[:3], text_scale, image_scale),
+            guided_noise(eps[3:], text_scale, image_scale), beta)
 
-    x0_mb = data_prediction(schedule, state.step, state.z_mb, guided_noise(eps[:3], text_scale, image_scale))
-    x0_ip = data_prediction(schedule, state.step, state.z_ip, guided_noise(eps[3:], text_scale, image_scale))
+
+def advance(schedule: SolverSchedule, state: DualState, eps_mb: torch.Tensor, eps_ip: torch.Tensor,
+            beta: torch.Tensor) -> None:
+    """Both solver updates from the guided noises (1, 4, h, w) each, then the blend; state in place."""
+    x0_mb = data_prediction(schedule, state.step, state.z_mb, eps_mb)
+    x0_ip = data_prediction(schedule, state.step, state.z_ip, eps_ip)
     z_mb = solver_update(schedule, state.step, state.z_mb, x0_mb, state.x0_mb)
     z_ip = solver_update(schedule, state.step, state.z_ip, x0_ip, state.x0_ip)
     state.z_ip.copy_((z_ip + beta * z_mb) / (1 + beta))

@@ -26,10 +26,10 @@ import torch
 
 from .config import EditConfig
 from .denoise import DenoiseInputs, make_scheduler
-from .dual_step import DualState
+from .dual_step import DualState, advance
 from .errors import ConfigError, DeviceError, ZoneError
 from .localize import AttentionAccumulator
-from .solver import SolverSchedule, data_prediction, solver_schedule, solver_update
+from .solver import SolverSchedule, solver_schedule
 
 INPUTS = ("sample", "timestep", "context", "guidance")
 OUTPUTS = ("eps_mb", "eps_ip2p", "attention")
@@ -162,15 +162,7 @@ class TensorRTDenoiser:
         buffers["timestep"].copy_(schedule.timesteps.index_select(0, state.step))
         if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise ZoneError("TensorRT could not run the dual-step engine (see TensorRT's messages above)")
-        x0_mb = data_prediction(schedule, state.step, state.z_mb, buffers["eps_mb"])
-        x0_ip = data_prediction(schedule, state.step, state.z_ip, buffers["eps_ip2p"])
-        z_mb = solver_update(schedule, state.step, state.z_mb, x0_mb, state.x0_mb)
-        z_ip = solver_update(schedule, state.step, state.z_ip, x0_ip, state.x0_ip)
-        state.z_ip.copy_((z_ip + beta * z_mb) / (1 + beta))
-        state.z_mb.copy_(z_mb)
-        state.x0_mb.copy_(x0_mb)
-        state.x0_ip.copy_(x0_ip)
-        state.step.add_(1)
+        advance(schedule, state, buffers["eps_mb"], buffers["eps_ip2p"], beta)
         attention_total.add_(buffers["attention"])
 
     @torch.inference_mode()
