@@ -91,6 +91,8 @@ class ZonePipeline:
         default_config: EditConfig | None = None, denoiser: str = "eager", segmenter: str = "torch",
         kernels: str = "auto", engines: str | Path | None = None, sam_onnx: str | Path | None = None,
     ) -> None:
+        if segmenter == "torch" and models.sam is None:
+            raise ConfigError("no SAM checkpoint was loaded: pass sam=CKPT, or segmenter='onnx' with sam_onnx=DIR")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.models = models.to(self.device, self.dtype)
@@ -98,8 +100,6 @@ class ZonePipeline:
         self.denoiser = make_denoiser(self.models, denoiser, self.device, engines)
         self.accumulate, self.binarize = make_localization_kernels(kernels, self.device)
         self.segmenter_kind, self.sam_onnx = segmenter, sam_onnx
-        if segmenter == "torch" and models.sam is None:
-            raise ConfigError("no SAM checkpoint was loaded: pass sam=CKPT, or segmenter='onnx' with sam_onnx=DIR")
         self._segmenters: dict[SamConfig, Segmenter] = {}
 
     @classmethod
