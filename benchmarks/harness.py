@@ -80,11 +80,13 @@ PRESETS: dict[str, BenchConfig] = {
     # Tests: tiny models, seconds. SAM thresholds at zero so random weights still give segments.
     "tiny-smoke": BenchConfig("tiny-smoke", models="tiny", resolution=64, steps=2, sam_type="tiny",
                               sam=SamConfig.for_random_weights(), device="cpu", backends=NO_BUILD_BACKENDS),
-    # CI: proves the harness works on real-size architectures; about 3 minutes on 2 cores. No speed claim.
+    # CI: proves the harness works on real-size architectures: ~1 minute on 2 idle cores including the
+    # model build (up to 4.6 minutes measured on a busy shared machine), 11 GiB peak RSS. No speed claim.
     "cpu-smoke": BenchConfig("cpu-smoke", resolution=128, steps=2, sam=SMOKE_SAM, device="cpu",
                              backends=NO_BUILD_BACKENDS),
-    # The CPU target (256², fp32, 2 cores): about 30 minutes on 2 cores, most of it SAM's
-    # 1,024 prompts and 20 steps of two SD1.5 UNets, for each implementation.
+    # The CPU target (256², fp32, 2 cores): two rounds of three ~3-minute edits, ~20 minutes
+    # on 2 idle cores (41.8 measured on a busy shared machine); most of an edit is SAM's 1,024
+    # prompts and 20 steps of two SD1.5 UNets.
     "cpu-256": BenchConfig("cpu-256", resolution=256, steps=20, repeats=2, device="cpu", backends=NO_BUILD_BACKENDS),
     "gpu-512": BenchConfig("gpu-512", resolution=512, steps=20, dtype="fp16", sam_type="vit_h", repeats=5,
                            warmup=1, device="cuda"),
