@@ -48,3 +48,19 @@ def rerun_compiled(test_file: str, class_name: str):
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{test_file}::{class_name}"],
         env={**os.environ, "TRITON_INTERPRET": "0"}, cwd=Path(test_file).parents[1], capture_output=True, text=True,
     )
+
+
+@pytest.fixture(scope="class")
+def compiled_run(request):
+    """Under the interpreter, run the requesting GPU class once more with the kernels compiled."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    return rerun_compiled(str(request.path), request.cls.__name__)
+
+
+@pytest.fixture
+def skip_if_compiled_elsewhere(compiled_run):
+    """A GPU class in an interpreting process: its compiled rerun must pass, then this copy skips."""
+    if compiled_run is not None:
+        assert compiled_run.returncode == 0, compiled_run.stdout[-6000:] + compiled_run.stderr[-2000:]
+        pytest.skip("this process interprets: the class passed compiled in a TRITON_INTERPRET=0 subprocess")

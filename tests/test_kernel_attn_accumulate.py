@@ -19,7 +19,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or the kernels a
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import rerun_compiled  # noqa: E402
 
 import kernels.attn_accumulate as attn_module  # noqa: E402
 from kernels.attn_accumulate import (  # noqa: E402
@@ -247,24 +246,12 @@ def test_capture_on_a_tiny_unet_gives_the_same_mask_b():
 # --------------------------------------------------------------------------------- compiled, on a GPU
 
 
-@pytest.fixture(scope="class")
-def compiled_run():
-    """Under the interpreter, run TestCompiledOnGPU once more in a process with TRITON_INTERPRET=0."""
-    if not INTERPRETED:
-        return None
-    return rerun_compiled(__file__, "TestCompiledOnGPU")
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled Triton kernels need a CUDA GPU")
+@pytest.mark.usefixtures("skip_if_compiled_elsewhere")
 class TestCompiledOnGPU:
     """The compiled kernel (no interpreter), bf16 included; reruns itself without the interpreter."""
 
-    @pytest.fixture(autouse=True)
-    def _compiled_process(self, compiled_run):
-        if compiled_run is not None:
-            assert compiled_run.returncode == 0, compiled_run.stdout[-6000:] + compiled_run.stderr[-2000:]
-            pytest.skip("this process interprets: the class passed compiled in a TRITON_INTERPRET=0 subprocess")
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
     @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -35,7 +35,3 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
-
-def to_png_array(mask: np.ndarray) -> np.ndarray:
-    """Boolean mask -> uint8 0/255, the form masks are saved in."""
-    return np.asarray(mask, dtype=np.uint8) * 255
