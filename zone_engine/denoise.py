@@ -6,9 +6,9 @@ z_ip, then z_ip <- (z_ip + beta * z_mb) / (1 + beta). z_mb is never overwritten 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -24,6 +24,15 @@ class DenoiseInputs:
     image_latents: torch.Tensor  # (3, 4, h, w): [image, image, zeros]
     noise: torch.Tensor  # (1, 4, h, w): z_T, shared by both trajectories
 
+    @classmethod
+    def stack(cls, edits: Sequence[DenoiseInputs]) -> DenoiseInputs:
+        """B edits of one latent size as one batch: context (3B, 77, C), image latents (3B, ...), noise (B, ...)."""
+        return cls(
+            context=torch.cat([edit.context for edit in edits]),
+            image_latents=torch.cat([edit.image_latents for edit in edits]),
+            noise=torch.cat([edit.noise for edit in edits]),
+        )
+
 
 class Denoiser(Protocol):
     """The narrow backend interface: run the whole dual loop and return the final z_ip (1, 4, h, w).
@@ -38,6 +47,20 @@ class Denoiser(Protocol):
         self, inputs: DenoiseInputs, config: EditConfig, beta: float, attention: AttentionAccumulator,
         on_step: Callable[[int], None] | None = None,
     ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class BatchDenoiser(Denoiser, Protocol):
+    """A denoiser that can also run B edits of one latent size, steps and guidance as one batch.
+
+    Each edit gets its own noise, beta and attention accumulator, and the same result it would get
+    alone (the same arithmetic on a larger batch; see tests/test_batching.py for the tolerance).
+    """
+
+    def denoise_batch(
+        self, inputs: Sequence[DenoiseInputs], config: EditConfig, betas: Sequence[float],
+        attention: Sequence[AttentionAccumulator], on_step: Callable[[int], None] | None = None,
+    ) -> list[torch.Tensor]: ...
 
 
 def make_scheduler(scheduler_config: dict):
@@ -61,8 +84,8 @@ def initial_noise(seed: int, latent_size: tuple[int, int], device: torch.device,
 
 
 def guided_noise(eps: torch.Tensor, text_scale: float, image_scale: float) -> torch.Tensor:
-    """IP2P's two-way classifier-free guidance on (3, 4, h, w) [text, image, uncond] -> (1, 4, h, w)."""
-    eps_text, eps_image, eps_uncond = eps.chunk(3)
+    """IP2P's two-way classifier-free guidance: (3B, 4, h, w), B groups [text, image, uncond] -> (B, 4, h, w)."""
+    eps_text, eps_image, eps_uncond = eps.unflatten(0, (-1, 3)).unbind(1)
     return eps_uncond + text_scale * (eps_text - eps_image) + image_scale * (eps_image - eps_uncond)
 
 

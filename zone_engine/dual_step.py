@@ -15,7 +15,7 @@ capture need.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +28,7 @@ from .solver import SolverSchedule, data_prediction, solver_schedule, solver_upd
 
 
 class DualUNet(nn.Module):
-    """Both UNets (same architecture, two weight sets) on one 6-row batch [MagicBrush x3, IP2P x3].
+    """Both UNets (same architecture, two weight sets) on one batch [MagicBrush x3B, IP2P x3B].
 
     Two calls of the real UNets, in order; this is the seam where other ways to evaluate two weight
     sets (stacked weights, grouped kernels, streams) plug in.
@@ -39,17 +39,18 @@ class DualUNet(nn.Module):
         self.mb_unet, self.ip2p_unet = mb_unet, ip2p_unet
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """sample (6, 8, h, w), timestep (1,), context (3, 77, C) -> eps (6, 4, h, w)."""
-        mb = self.mb_unet(sample[:3], timestep, encoder_hidden_states=context, return_dict=False)[0]
-        ip2p = self.ip2p_unet(sample[3:], timestep, encoder_hidden_states=context, return_dict=False)[0]
+        """sample (6B, 8, h, w), timestep (1,), context (3B, 77, C) -> eps (6B, 4, h, w), for B edits."""
+        mb_sample, ip2p_sample = sample.chunk(2)
+        mb = self.mb_unet(mb_sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
+        ip2p = self.ip2p_unet(ip2p_sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
         return torch.cat([mb, ip2p])
 
 
 @dataclass
 class DualState:
-    """Persistent device buffers of the loop, updated in place every step."""
+    """Persistent device buffers of the loop for B edits, updated in place every step."""
 
-    z_mb: torch.Tensor  # (1, 4, h, w) float32
+    z_mb: torch.Tensor  # (B, 4, h, w) float32
     z_ip: torch.Tensor
     x0_mb: torch.Tensor  # previous data predictions, for the second-order update
     x0_ip: torch.Tensor
@@ -66,19 +67,23 @@ def dual_step(
     unet: DualUNet, schedule: SolverSchedule, state: DualState, image_latents: torch.Tensor,
     context: torch.Tensor, guidance: torch.Tensor, beta: torch.Tensor,
 ) -> None:
-    """Advance both trajectories by one step, in place. guidance (2,) = (text, image) scales; beta (1,)."""
+    """Advance both trajectories of B edits by one step, in place.
+
+    image_latents (3B, 4, h, w) and context (3B, 77, C): each edit's 3 guidance rows in turn;
+    guidance (2,) = (text, image) scales, shared; beta (B, 1, 1, 1), one per edit.
+    """
     model_dtype = image_latents.dtype
-    latents = torch.cat([state.z_mb.expand(3, -1, -1, -1), state.z_ip.expand(3, -1, -1, -1)]).to(model_dtype)
-    model_input = torch.cat([latents, image_latents.repeat(2, 1, 1, 1)], dim=1)  # (6, 8, h, w)
-    eps = unet(model_input, schedule.timesteps.index_select(0, state.step), context).float()
+    latents = torch.cat([state.z_mb.repeat_interleave(3, 0), state.z_ip.repeat_interleave(3, 0)]).to(model_dtype)
+    model_input = torch.cat([latents, image_latents.repeat(2, 1, 1, 1)], dim=1)  # (6B, 8, h, w)
+    eps_mb, eps_ip = unet(model_input, schedule.timesteps.index_select(0, state.step), context).float().chunk(2)
     text_scale, image_scale = guidance[0], guidance[1]
-    advance(schedule, state, guided_noise(eps[:3], text_scale, image_scale),
-            guided_noise(eps[3:], text_scale, image_scale), beta)
+    advance(schedule, state, guided_noise(eps_mb, text_scale, image_scale),
+            guided_noise(eps_ip, text_scale, image_scale), beta)
 
 
 def advance(schedule: SolverSchedule, state: DualState, eps_mb: torch.Tensor, eps_ip: torch.Tensor,
             beta: torch.Tensor) -> None:
-    """Both solver updates from the guided noises (1, 4, h, w) each, then the blend; state in place."""
+    """Both solver updates from the guided noises (B, 4, h, w) each, then the blend; state in place."""
     x0_mb = data_prediction(schedule, state.step, state.z_mb, eps_mb)
     x0_ip = data_prediction(schedule, state.step, state.z_ip, eps_ip)
     z_mb = solver_update(schedule, state.step, state.z_mb, x0_mb, state.x0_mb)
@@ -108,19 +113,29 @@ class FusedDualDenoiser:
     @torch.inference_mode()
     def __call__(self, inputs: DenoiseInputs, config: EditConfig, beta: float, attention: AttentionAccumulator,
                  on_step: Callable[[int], None] | None = None) -> torch.Tensor:
-        latent_size = tuple(inputs.noise.shape[-2:])
-        with record_cross_attention(self.unet.ip2p_unet, latent_size, attention_grid(latent_size), attention):
-            return self._loop(inputs, config, beta, on_step)
+        return self.denoise_batch([inputs], config, [beta], [attention], on_step)[0]
 
-    def _loop(self, inputs: DenoiseInputs, config: EditConfig, beta: float,
+    @torch.inference_mode()
+    def denoise_batch(
+        self, inputs: Sequence[DenoiseInputs], config: EditConfig, betas: Sequence[float],
+        attention: Sequence[AttentionAccumulator], on_step: Callable[[int], None] | None = None,
+    ) -> list[torch.Tensor]:
+        """B edits of one latent size as one batch (6B UNet rows a step); each edit's final z_ip (1, 4, h, w)."""
+        batch = DenoiseInputs.stack(inputs)
+        latent_size = tuple(batch.noise.shape[-2:])
+        with record_cross_attention(self.unet.ip2p_unet, latent_size, attention_grid(latent_size), attention):
+            latents = self._loop(batch, config, betas, on_step)
+        return list(latents.to(batch.noise.dtype).split(1))
+
+    def _loop(self, batch: DenoiseInputs, config: EditConfig, betas: Sequence[float],
               on_step: Callable[[int], None] | None) -> torch.Tensor:
-        device = inputs.noise.device
+        device = batch.noise.device
         schedule = self.schedule(config.steps, device)
-        state = DualState.start(inputs.noise)
+        state = DualState.start(batch.noise)
         guidance = torch.tensor([config.text_guidance, config.image_guidance], device=device)
-        beta_tensor = torch.tensor([beta], device=device)
+        beta_tensor = torch.tensor(betas, device=device).view(-1, 1, 1, 1)
         for index in range(schedule.steps):
-            self.step_fn(self.unet, schedule, state, inputs.image_latents, inputs.context, guidance, beta_tensor)
+            self.step_fn(self.unet, schedule, state, batch.image_latents, batch.context, guidance, beta_tensor)
             if on_step is not None:
                 on_step(index)
-        return state.z_ip.to(inputs.noise.dtype)
+        return state.z_ip

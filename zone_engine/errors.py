@@ -28,3 +28,7 @@ class DeviceError(ZoneError):
 
 class ConfigError(ZoneError):
     """An option has an impossible value."""
+
+
+class EditCancelled(ZoneError):
+    """The edit was cancelled (its caller gave up on it, e.g. a server request timed out)."""

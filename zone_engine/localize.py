@@ -10,7 +10,7 @@ Two halves:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -82,25 +82,30 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 class RecordingAttnProcessor:
     """Cross-attention computed with SDPA, as diffusers' AttnProcessor2_0, plus recording.
 
-    The recorded probabilities are computed from the same Q and K beside the SDPA call, so the
-    layer's output is exactly the fast path's.
+    The batch holds one group of 3 rows [c_T+image, empty+image, empty+zero] per edit; group b's
+    kept rows go to `accumulators[b]`, so edits denoised together are recorded apart. The recorded
+    probabilities are computed from the same Q and K beside the SDPA call, so the layer's output is
+    exactly the fast path's.
     """
 
-    def __init__(self, accumulator: AttentionAccumulator, kept_rows: slice = EMPTY_PROMPT_ROWS) -> None:
-        self.accumulator = accumulator
+    def __init__(self, accumulators: Sequence[AttentionAccumulator], kept_rows: slice = EMPTY_PROMPT_ROWS) -> None:
+        self.accumulators = list(accumulators)
         self.kept_rows = kept_rows
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
         if hidden_states.ndim != 3 or attention_mask is not None or encoder_hidden_states is None:
             raise ValueError("RecordingAttnProcessor handles unmasked cross-attention on (B, N, C) states only")
         batch = hidden_states.shape[0]
+        if batch != 3 * len(self.accumulators):
+            raise ValueError(f"a batch of {batch} rows is not 3 rows for each of {len(self.accumulators)} edits")
         context = encoder_hidden_states
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         query = _split_heads(attn.to_q(hidden_states), attn.heads)
         key = _split_heads(attn.to_k(context), attn.heads)
         value = _split_heads(attn.to_v(context), attn.heads)
-        self.accumulator.add(query[self.kept_rows], key[self.kept_rows], attn.scale)
+        for accumulator, edit_query, edit_key in zip(self.accumulators, query.split(3), key.split(3), strict=True):
+            accumulator.add(edit_query[self.kept_rows], edit_key[self.kept_rows], attn.scale)
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, -1, query.shape[1] * query.shape[3]).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -148,15 +153,21 @@ def attention_grid(latent_size: tuple[int, int]) -> tuple[int, int]:
 
 @contextmanager
 def record_cross_attention(
-    unet, latent_size: tuple[int, int], grid: tuple[int, int], accumulator: AttentionAccumulator | None = None
-) -> Iterator[AttentionAccumulator]:
-    """Install recording processors for one edit; the UNet's own processors come back afterwards."""
+    unet, latent_size: tuple[int, int], grid: tuple[int, int],
+    accumulator: AttentionAccumulator | Sequence[AttentionAccumulator] | None = None,
+) -> Iterator[AttentionAccumulator | Sequence[AttentionAccumulator]]:
+    """Install recording processors; the UNet's own processors come back afterwards.
+
+    One accumulator records one edit (a batch of 3 rows); a sequence of B accumulators records B
+    edits denoised together (3B rows), each into its own. Yields what it records into.
+    """
     accumulator = accumulator if accumulator is not None else AttentionAccumulator()
+    accumulators = [accumulator] if isinstance(accumulator, AttentionAccumulator) else accumulator
     modules = {name: unet.get_submodule(name) for name in recorded_layers(unet, latent_size, grid)}
     originals = {name: module.processor for name, module in modules.items()}
     try:
         for module in modules.values():
-            module.set_processor(RecordingAttnProcessor(accumulator))
+            module.set_processor(RecordingAttnProcessor(accumulators))
         yield accumulator
     finally:
         for name, module in modules.items():

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -14,13 +17,15 @@ from . import blend, image_io
 from .action import classify_action
 from .backends import make_denoiser, make_localization_kernels, make_segmenter, resolve_device, resolve_dtype
 from .config import Action, EditConfig, SamConfig
-from .denoise import DenoiseInputs, initial_noise
-from .errors import ConfigError
+from .denoise import BatchDenoiser, DenoiseInputs, initial_noise
+from .errors import ConfigError, EditCancelled
 from .localize import AttentionAccumulator, attention_grid, heatmap_overlay, localize
 from .models import IP2P_ID, MAGICBRUSH_ID, ZoneModels, build_tiny_components, load_pretrained
 from .refine import Segmenter, refine_with_sam
-from .text import check_instruction, encode_instruction
+from .text import EncodedInstruction, check_instruction, encode_instruction
 from .timing import Stopwatch
+
+T = TypeVar("T")
 
 STAGES = ("text", "action", "vae_encode", "denoise", "localize", "vae_decode", "refine", "blend")
 
@@ -40,6 +45,58 @@ class EditResult:
     used_fallback: bool  # no SAM segment overlapped M_b, so M_f = M_b
     instruction_truncated: bool
     timings: dict[str, float]  # seconds per stage, plus "total"
+
+
+class BatchKey(NamedTuple):
+    """What edits denoised in one batch must share; seeds, actions and everything after denoising may differ."""
+
+    latent_size: tuple[int, int]
+    steps: int
+    text_guidance: float
+    image_guidance: float
+
+
+def batch_key(image_size: tuple[int, int], config: EditConfig) -> BatchKey:
+    """The batch key of an edit of an (H, W) image: known before any model runs (a server buckets by it)."""
+    padded_h, padded_w = image_io.working_geometry(*image_size, config.max_side, config.size_multiple).padded_size
+    return BatchKey((padded_h // 8, padded_w // 8), config.steps, config.text_guidance, config.image_guidance)
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One edit of `edit_batch`; setting `cancel` stops its work at the next step boundary."""
+
+    image: Any  # path, PIL image or array, as `edit` takes
+    instruction: str
+    config: EditConfig | None = None
+    cancel: threading.Event | None = None
+
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+
+@dataclass(frozen=True)
+class PreparedEdit:
+    """An edit after steps 1-4, ready to be denoised (alone or in a batch) and finished."""
+
+    original: np.ndarray
+    working: np.ndarray
+    geometry: image_io.Geometry
+    config: EditConfig
+    encoded: EncodedInstruction
+    action: Action
+    inputs: DenoiseInputs
+    attention: AttentionAccumulator
+    watch: Stopwatch
+    started: float
+
+    @property
+    def batch_key(self) -> BatchKey:
+        return batch_key(self.geometry.input_size, self.config)
+
+    def restart(self) -> PreparedEdit:
+        """The same edit with an empty attention record, to denoise it again."""
+        return replace(self, attention=AttentionAccumulator(self.attention.accumulate))
 
 
 def image_to_tensor(image: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -135,6 +192,68 @@ class ZonePipeline:
         self, image, instruction: str, config: EditConfig | None = None, *, progress: bool = False
     ) -> EditResult:
         """Edit `image` (path, PIL image or array) as `instruction` says; only the edited region changes."""
+        prepared = self.prepare(image, instruction, config)
+        (latents,) = self.denoise([prepared], progress=progress)
+        return self.finish(prepared, latents)
+
+    def edit_batch(
+        self, requests: Sequence[EditRequest], *, progress: bool = False, return_exceptions: bool = False
+    ) -> list[EditResult | Exception]:
+        """Several edits, those of one batch key denoised together; results in the order of `requests`.
+
+        Each edit gets the result it would get from `edit` alone (tests/test_batching.py: same seed,
+        same image). With `return_exceptions`, a request that fails (bad input, cancelled, a fault
+        in its own work) has its exception in its place and the others go on; else the first raises.
+        """
+        outcomes: list[EditResult | Exception | None] = [None] * len(requests)
+        groups: dict[BatchKey, list[tuple[int, PreparedEdit]]] = {}
+        for index, request in enumerate(requests):
+            outcomes[index] = self._attempt(request, lambda r=request: self.prepare(r.image, r.instruction, r.config))
+            if isinstance(outcomes[index], PreparedEdit):
+                groups.setdefault(outcomes[index].batch_key, []).append((index, outcomes[index]))
+        for members in groups.values():
+            finished = self._denoise_and_finish([requests[i] for i, _ in members], [p for _, p in members], progress)
+            for (index, _), outcome in zip(members, finished, strict=True):
+                outcomes[index] = outcome
+        if not return_exceptions:
+            for outcome in outcomes:
+                if isinstance(outcome, Exception):
+                    raise outcome
+        return outcomes
+
+    def _denoise_and_finish(
+        self, requests: list[EditRequest], prepared: list[PreparedEdit], progress: bool
+    ) -> list[EditResult | Exception]:
+        """One group of one batch key. If the batched denoise fails, each edit is retried alone, so a
+        fault that belongs to one request fails that request only."""
+        def all_cancelled() -> bool:
+            return all(request.cancelled() for request in requests)
+
+        try:
+            latents = self.denoise(prepared, progress=progress, stop=all_cancelled)
+        except EditCancelled as error:
+            return [error] * len(requests)
+        except Exception as error:
+            if len(prepared) == 1:
+                return [error]
+            return [outcome for request, edit in zip(requests, prepared, strict=True)
+                    for outcome in self._denoise_and_finish([request], [edit.restart()], progress)]
+        return [
+            self._attempt(request, lambda e=edit, z=z: self.finish(e, z))
+            for request, edit, z in zip(requests, prepared, latents, strict=True)
+        ]
+
+    @staticmethod
+    def _attempt(request: EditRequest, work: Callable[[], T]) -> T | Exception:
+        if request.cancelled():
+            return EditCancelled("the edit was cancelled before it finished")
+        try:
+            return work()
+        except Exception as error:  # one request's fault stays with that request
+            return error
+
+    def prepare(self, image, instruction: str, config: EditConfig | None = None) -> PreparedEdit:
+        """Steps 1-4 of one edit: check the inputs, encode the instruction, pick the action, encode the image."""
         config = config or self.default_config
         models, watch = self.models, Stopwatch(self.device)
         started = time.perf_counter()
@@ -146,7 +265,6 @@ class ZonePipeline:
         working = image_io.to_working(original, geometry)
         padded_h, padded_w = geometry.padded_size
         latent_size = (padded_h // 8, padded_w // 8)
-        grid = attention_grid(latent_size)
 
         # 2. Encode the instruction once, for both UNets.
         with watch("text"):
@@ -166,16 +284,56 @@ class ZonePipeline:
                 image_latents=encode_image_latents(models.vae, working, self.dtype),
                 noise=initial_noise(config.seed, latent_size, self.device, self.dtype),
             )
+        return PreparedEdit(
+            original, working, geometry, config, encoded, action, inputs, AttentionAccumulator(self.accumulate),
+            watch, started,
+        )
 
-        # 5. Dual denoising, recording IP2P's cross-attention on the way.
-        attention = AttentionAccumulator(self.accumulate)
-        with watch("denoise"), tqdm(total=config.steps, desc="denoising", unit="step", disable=not progress) as bar:
-            latents = self.denoiser(inputs, config, config.beta_for(action), attention, on_step=lambda _: bar.update(1))
+    def denoise(
+        self, edits: Sequence[PreparedEdit], *, progress: bool = False, stop: Callable[[], bool] | None = None
+    ) -> list[torch.Tensor]:
+        """Step 5 for edits of one batch key: dual denoising, recording IP2P's cross-attention into
+        each edit's accumulator. One batched loop if the denoiser can batch, else one loop an edit.
+        `stop` is polled after every step; when it says so, the loop ends with `EditCancelled`."""
+        if len({edit.batch_key for edit in edits}) != 1:
+            raise ValueError("edits denoised together need one batch key (latent size, steps, guidance)")
+        config = edits[0].config
+        runs = [list(edits)] if isinstance(self.denoiser, BatchDenoiser) and len(edits) > 1 else [[e] for e in edits]
+        watch, latents = Stopwatch(self.device), []
+        with watch("denoise"), tqdm(
+            total=config.steps * len(runs), desc="denoising", unit="step", disable=not progress
+        ) as bar:
+            def on_step(_: int) -> None:
+                bar.update(1)
+                if stop is not None and stop():
+                    raise EditCancelled("the edit was cancelled while denoising")
+
+            for run in runs:
+                latents += self._denoise_run(run, config, on_step)
+        for edit in edits:
+            edit.watch.seconds["denoise"] = watch.seconds["denoise"]  # the wall time each edit waited for
+        return latents
+
+    def _denoise_run(self, run: list[PreparedEdit], config: EditConfig,
+                     on_step: Callable[[int], None]) -> list[torch.Tensor]:
+        betas = [config.beta_for(edit.action) for edit in run]
+        if len(run) == 1:
+            edit = run[0]
+            return [self.denoiser(edit.inputs, config, betas[0], edit.attention, on_step=on_step)]
+        return self.denoiser.denoise_batch([e.inputs for e in run], config, betas, [e.attention for e in run],
+                                           on_step=on_step)
+
+    def finish(self, edit: PreparedEdit, latents: torch.Tensor) -> EditResult:
+        """Steps 6-9 of one edit: localize, decode, refine, blend; results at the input size."""
+        models, watch, config, geometry = self.models, edit.watch, edit.config, edit.geometry
+        action, working = edit.action, edit.working
+        padded_h, padded_w = geometry.padded_size
+        grid = attention_grid((padded_h // 8, padded_w // 8))
 
         # 6. Localization: the edit mask M_b.
         with watch("localize"):
             located = localize(
-                attention.average(), grid, encoded.token_count - 1, geometry.padded_size,
+                edit.attention.average(), grid, edit.encoded.token_count - 1, geometry.padded_size,
                 rule=config.threshold_rule, reference_threshold=config.reference_threshold,
                 paper_threshold=config.paper_threshold, min_area=config.min_region_area, binarize=self.binarize,
             )
@@ -201,11 +359,11 @@ class ZonePipeline:
             }
             styled_input = image_io.to_input_size(styled, geometry, is_mask=False)
             edited = blend.composite(
-                original, styled_input, at_input["region"], at_input["mask_f"], alpha=config.seam_alpha
+                edit.original, styled_input, at_input["region"], at_input["mask_f"], alpha=config.seam_alpha
             )
 
         timings = {stage: watch.seconds.get(stage, 0.0) for stage in STAGES}
-        timings["total"] = time.perf_counter() - started
+        timings["total"] = time.perf_counter() - edit.started
         return EditResult(
             image=edited,
             mask_b=at_input["mask_b"],
@@ -216,6 +374,6 @@ class ZonePipeline:
             heatmap=image_io.to_input_size(heatmap_overlay(working, located.difference), geometry, is_mask=False),
             action=action,
             used_fallback=refined.used_fallback,
-            instruction_truncated=encoded.truncated,
+            instruction_truncated=edit.encoded.truncated,
             timings=timings,
         )

@@ -1,0 +1,158 @@
+"""Several edits denoised as one batch (issue: serving, dynamic batching) get exactly their own results."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import smooth_image
+
+from zone_engine import Action, ZonePipeline
+from zone_engine.config import EditConfig, SamConfig
+from zone_engine.denoise import DenoiseInputs, initial_noise
+from zone_engine.dual_step import FusedDualDenoiser
+from zone_engine.errors import EditCancelled, InputImageError, InstructionError
+from zone_engine.localize import AttentionAccumulator, RecordingAttnProcessor
+from zone_engine.pipeline import EditRequest, batch_key, encode_image_latents
+from zone_engine.text import encode_instruction
+
+# (instruction, seed, image seed): different texts, noises, images and actions in one batch.
+EDITS = [("make the dog a golden statue", 1, 5), ("add a red hat", 2, 6), ("remove the cup", 3, 7)]
+# The fp32 bound for "batched == alone" (latents): a larger batch may take other CPU kernel blockings;
+# measured 0.0 on this machine (oneDNN computes each row alike), so the bound only allows reordering.
+LATENT_TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def fused_pipe(tiny_models):
+    return ZonePipeline(tiny_models, device="cpu", denoiser="fused",
+                        default_config=EditConfig(steps=3, sam=SamConfig.for_random_weights()))
+
+
+def edit_inputs(models, instruction: str, seed: int, image_seed: int, size=(64, 96)) -> DenoiseInputs:
+    encoded = encode_instruction(models.tokenizer, models.text_encoder, instruction)
+    return DenoiseInputs(
+        context=encoded.context,
+        image_latents=encode_image_latents(models.vae, smooth_image(*size, seed=image_seed), torch.float32),
+        noise=initial_noise(seed, (size[0] // 8, size[1] // 8), torch.device("cpu"), torch.float32),
+    )
+
+
+def test_denoise_batch_gives_each_edit_its_own_latents_and_attention(tiny_models):
+    config = EditConfig(steps=4)
+    denoiser = FusedDualDenoiser(tiny_models.ip2p_unet, tiny_models.mb_unet, tiny_models.scheduler_config)
+    inputs = [edit_inputs(tiny_models, *edit) for edit in EDITS]
+    betas = [config.beta_for(action) for action in (Action.CHANGE, Action.ADD, Action.REMOVE)]
+    alone_attention = [AttentionAccumulator() for _ in EDITS]
+    alone = [denoiser(x, config, beta, acc) for x, beta, acc in zip(inputs, betas, alone_attention, strict=True)]
+    batched_attention = [AttentionAccumulator() for _ in EDITS]
+    batched = denoiser.denoise_batch(inputs, config, betas, batched_attention)
+    for got, expected in zip(batched, alone, strict=True):
+        assert got.shape == expected.shape == (1, 4, 8, 12)
+        assert (got - expected).abs().max() <= LATENT_TOLERANCE
+    for got, expected in zip(batched_attention, alone_attention, strict=True):
+        assert got.rows == expected.rows
+        assert torch.allclose(got.total, expected.total, rtol=0, atol=LATENT_TOLERANCE)
+    # The edits really differ, so a mix-up would show.
+    assert (batched[0] - batched[1]).abs().max() > 1e-2
+
+
+def test_recording_refuses_a_batch_that_does_not_match_its_accumulators(tiny_models):
+    processor = RecordingAttnProcessor([AttentionAccumulator(), AttentionAccumulator()])
+    attn = tiny_models.ip2p_unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    states, context = torch.zeros(3, 4, attn.to_q.in_features), torch.zeros(3, 77, attn.to_k.in_features)
+    with pytest.raises(ValueError, match="3 rows for each of 2 edits"):
+        processor(attn, states, context)
+
+
+def test_edit_batch_equals_each_edit_alone_in_request_order(fused_pipe):
+    images = {"wide": smooth_image(64, 96, seed=5), "tall": smooth_image(96, 64, seed=6)}
+    requests = [
+        EditRequest(images["wide"], "make the dog a golden statue", fused_pipe.default_config.replace(seed=1)),
+        EditRequest(images["tall"], "add a red hat", fused_pipe.default_config.replace(seed=2)),
+        EditRequest(images["wide"], "remove the cup", fused_pipe.default_config.replace(seed=3)),
+    ]
+    batched = fused_pipe.edit_batch(requests)
+    for request, result in zip(requests, batched, strict=True):
+        alone = fused_pipe.edit(request.image, request.instruction, request.config)
+        assert result.image.shape == request.image.shape
+        assert np.array_equal(result.image, alone.image)
+        assert np.array_equal(result.mask_b, alone.mask_b) and np.array_equal(result.mask_f, alone.mask_f)
+        assert result.action is alone.action
+    assert not np.array_equal(batched[0].styled, batched[2].styled)
+
+
+def test_batch_key_groups_what_can_share_a_denoising_loop():
+    config = EditConfig()
+    assert batch_key((512, 384), config) == batch_key((500, 380), config.replace(seed=9, action=Action.ADD))
+    assert batch_key((512, 384), config) != batch_key((384, 512), config)
+    assert batch_key((512, 384), config) != batch_key((512, 384), config.replace(steps=10))
+    assert batch_key((1024, 768), config) == batch_key((512, 384), config)  # both shrink to the same canvas
+
+
+def test_a_bad_request_fails_alone_and_the_others_finish(fused_pipe):
+    good = EditRequest(smooth_image(64, 64, seed=1), "add a hat")
+    requests = [good, EditRequest(np.zeros((2, 2, 3), np.uint8), "add a hat"), EditRequest(good.image, "  "), good]
+    outcomes = fused_pipe.edit_batch(requests, return_exceptions=True)
+    assert isinstance(outcomes[1], InputImageError) and isinstance(outcomes[2], InstructionError)
+    assert np.array_equal(outcomes[0].image, outcomes[3].image)
+    with pytest.raises(InputImageError):
+        fused_pipe.edit_batch(requests)
+
+
+def test_a_fault_in_the_batched_loop_is_retried_alone_and_stays_with_its_edit(fused_pipe, monkeypatch):
+    poisoned_seed = 13
+    real_batch = fused_pipe.denoiser.denoise_batch
+
+    def flaky_batch(inputs, *args, **kwargs):
+        # The whole batch fails while the poisoned edit is in it; alone, only the poisoned one fails.
+        if len(inputs) > 1:
+            raise RuntimeError("one bad member breaks the batched loop")
+        noise = inputs[0].noise
+        if torch.equal(noise, initial_noise(poisoned_seed, tuple(noise.shape[-2:]), noise.device, noise.dtype)):
+            raise RuntimeError("the poisoned edit")
+        return real_batch(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(fused_pipe.denoiser, "denoise_batch", flaky_batch)
+    image, config = smooth_image(64, 64, seed=2), fused_pipe.default_config
+    outcomes = fused_pipe.edit_batch(
+        [EditRequest(image, "add a hat", config.replace(seed=seed)) for seed in (1, poisoned_seed, 2)],
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[1], RuntimeError) and str(outcomes[1]) == "the poisoned edit"
+    monkeypatch.undo()
+    assert np.array_equal(outcomes[0].image, fused_pipe.edit(image, "add a hat", config.replace(seed=1)).image)
+    assert np.array_equal(outcomes[2].image, fused_pipe.edit(image, "add a hat", config.replace(seed=2)).image)
+
+
+def test_cancelled_edits_stop_and_say_so(fused_pipe):
+    image = smooth_image(64, 64, seed=3)
+    cancelled, live = threading.Event(), threading.Event()
+    cancelled.set()
+    outcomes = fused_pipe.edit_batch(
+        [EditRequest(image, "add a hat", cancel=cancelled), EditRequest(image, "add a hat", cancel=live)],
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[0], EditCancelled)
+    assert outcomes[1].image.shape == image.shape
+
+    # Cancelled while denoising: the loop stops at the next step once every member is cancelled.
+    steps_run, event = [], threading.Event()
+    real_denoise = fused_pipe.denoiser.denoise_batch
+
+    def count_steps(*args, on_step=None, **kwargs):
+        def tick(index):
+            steps_run.append(index)
+            event.set()
+            on_step(index)
+        return real_denoise(*args, on_step=tick, **kwargs)
+
+    fused_pipe.denoiser.denoise_batch = count_steps
+    try:
+        outcomes = fused_pipe.edit_batch([EditRequest(image, "add a hat", cancel=event)] * 2, return_exceptions=True)
+    finally:
+        del fused_pipe.denoiser.denoise_batch
+    assert all(isinstance(outcome, EditCancelled) for outcome in outcomes)
+    assert steps_run == [0]
