@@ -22,7 +22,7 @@ RANDOM_WEIGHTS_NOTICE = (
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
-def _add_edit_options(parser: argparse.ArgumentParser) -> None:
+def _add_request_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("edit options")
     group.add_argument("--action", default="auto", choices=["auto", *(a.value for a in Action)],
                        help="force the action instead of classifying the instruction (default: auto)")
@@ -30,10 +30,15 @@ def _add_edit_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=None, help="seed of the initial noise (default: 42)")
     group.add_argument("--threshold-rule", choices=["reference", "paper"], default="reference",
                        help="M_b rule: reference min(2d,255)<=108 (default) or the paper's d<128")
+
+
+def _add_backend_options(parser: argparse.ArgumentParser, denoiser: str = "eager") -> None:
+    group = parser.add_argument_group("backends")
     group.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    group.add_argument("--denoiser", default="eager", choices=DENOISERS,
-                       help="eager: sequential reference (default); fused: one fused dual step of tensor ops; "
-                       "compile: fused + torch.compile (slow first edit); tensorrt: exported engine (see --engines)")
+    group.add_argument("--denoiser", default=denoiser, choices=DENOISERS,
+                       help=f"eager: sequential reference; fused: one fused dual step of tensor ops (batches "
+                       "several edits); compile: fused + torch.compile (slow first edit); tensorrt: exported "
+                       f"engine (see --engines). Default: {denoiser}")
     group.add_argument("--engines", type=Path, metavar="DIR",
                        help="with --denoiser tensorrt: the folder written by `zone export unet`")
     group.add_argument("--segmenter", default="torch", choices=SEGMENTERS,
@@ -42,9 +47,35 @@ def _add_edit_options(parser: argparse.ArgumentParser) -> None:
                        help="with --segmenter onnx: the folder written by `zone export sam` (then --sam is not read)")
     group.add_argument("--kernels", default="auto", choices=LOCALIZATION_KERNELS,
                        help="localization math: triton (fused kernels), torch (reference); auto = triton on CUDA")
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output")
     group.add_argument("--save-masks", type=Path, metavar="DIR",
                        help="also write mask_b.png, mask_f.png, region.png, styled.png and heatmap.png to DIR")
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _add_edit_options(parser: argparse.ArgumentParser) -> None:
+    _add_request_options(parser)
+    _add_backend_options(parser)
+    _add_output_options(parser)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    models = parser.add_argument_group("models")
+    models.add_argument("--ip2p", default=IP2P_ID, help=f"InstructPix2Pix folder or cached id (default: {IP2P_ID})")
+    models.add_argument("--magicbrush", default=MAGICBRUSH_ID,
+                        help=f"MagicBrush folder or cached id (default: {MAGICBRUSH_ID})")
+    models.add_argument("--sam", type=Path, default=Path("ckpts/sam_vit_h_4b8939.pth"),
+                        help="SAM checkpoint .pth (default: ckpts/sam_vit_h_4b8939.pth)")
+    models.add_argument("--sam-type", choices=["vit_h", "vit_l", "vit_b"],
+                        help="SAM size, when the file name does not say it")
+    models.add_argument("--action-classifier", type=Path,
+                        help="ZONE's ckpts/action_classifier.pth; without it a keyword rule decides the action")
+    models.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                        help="precision of the diffusion models (fp16/bf16 need CUDA; default fp32)")
+    models.add_argument("--tiny", action="store_true", help="use tiny random models instead (for trying the CLI)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,19 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("image", type=Path, help="input image (PNG, JPEG, WebP, TIFF, ...)")
     edit.add_argument("-i", "--instruction", required=True, help='what to do, e.g. "make the dog a golden statue"')
     edit.add_argument("-o", "--output", type=Path, required=True, help="where to write the edited image")
-    models = edit.add_argument_group("models")
-    models.add_argument("--ip2p", default=IP2P_ID, help=f"InstructPix2Pix folder or cached id (default: {IP2P_ID})")
-    models.add_argument("--magicbrush", default=MAGICBRUSH_ID,
-                        help=f"MagicBrush folder or cached id (default: {MAGICBRUSH_ID})")
-    models.add_argument("--sam", type=Path, default=Path("ckpts/sam_vit_h_4b8939.pth"),
-                        help="SAM checkpoint .pth (default: ckpts/sam_vit_h_4b8939.pth)")
-    models.add_argument("--sam-type", choices=["vit_h", "vit_l", "vit_b"],
-                        help="SAM size, when the file name does not say it")
-    models.add_argument("--action-classifier", type=Path,
-                        help="ZONE's ckpts/action_classifier.pth; without it a keyword rule decides the action")
-    models.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
-                        help="precision of the diffusion models (fp16/bf16 need CUDA; default fp32)")
-    models.add_argument("--tiny", action="store_true", help="use tiny random models instead (for trying the CLI)")
+    _add_model_options(edit)
     _add_edit_options(edit)
 
     demo = commands.add_parser(
@@ -87,11 +106,43 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, required=True, help="folder to write the results to")
     demo.add_argument("-i", "--instruction", default="make the house a golden statue", help="instruction to run")
     _add_edit_options(demo)
+    _add_serve_command(commands)
     _add_export_commands(commands)
     commands.add_parser(
         "bench", add_help=False, help="per-stage latency: baseline vs engine backends (`zone bench --help`)",
     )
     return parser
+
+
+def _add_serve_command(commands) -> None:
+    serve = commands.add_parser(
+        "serve", help="run the HTTP edit service (dynamic batching; Ray Serve with --ray)",
+        description="Serve POST /v1/edit (multipart: image, instruction[, action, steps, seed, return=png|json]), "
+        "GET /healthz, /readyz, /metrics and /docs. Concurrent edits of one image size are denoised as one "
+        "batch (up to --max-batch, waiting at most --max-wait-ms). A full queue answers 503 with Retry-After; "
+        "an edit over --timeout-s answers 504 and is cancelled. Edit options below set the server's defaults.",
+    )
+    server = serve.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    server.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    server.add_argument("--max-batch", type=int, default=4, help="most edits denoised together (default: 4)")
+    server.add_argument("--max-wait-ms", type=float, default=10.0,
+                        help="longest a request waits for others to batch with (default: 10)")
+    server.add_argument("--queue-size", type=int, default=32, help="most edits waiting; more get 503 (default: 32)")
+    server.add_argument("--timeout-s", type=float, default=120.0,
+                        help="per-request limit, queueing included; then 504 and the edit is cancelled (default: 120)")
+    server.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default: 20)")
+    server.add_argument("--max-pixels", type=int, default=25_000_000, help="largest image accepted (default: 25M)")
+    server.add_argument("--max-steps", type=int, default=100, help="most steps a request may ask for (default: 100)")
+    server.add_argument("--no-warmup", action="store_true", help="be ready without a warm-up edit")
+    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    scale = serve.add_argument_group("Ray Serve")
+    scale.add_argument("--ray", action="store_true",
+                       help="run as a Ray Serve deployment (one replica per GPU; needs `pip install 'ray[serve]'`)")
+    scale.add_argument("--replicas", type=int, default=1, help="with --ray: number of replicas (default: 1)")
+    _add_model_options(serve)
+    _add_request_options(serve)
+    _add_backend_options(serve, denoiser="fused")
 
 
 def _add_export_commands(commands) -> None:
@@ -139,6 +190,15 @@ def _backend_options(args: argparse.Namespace) -> dict:
                 sam_onnx=args.sam_onnx)
 
 
+def _pipeline_spec(args: argparse.Namespace):
+    from .serving.settings import PipelineSpec
+
+    return PipelineSpec(
+        tiny=args.tiny, ip2p=args.ip2p, magicbrush=args.magicbrush, sam=args.sam, sam_type=args.sam_type,
+        action_classifier=args.action_classifier, device=args.device, dtype=args.dtype, **_backend_options(args),
+    )
+
+
 def _config_changes(args: argparse.Namespace) -> dict:
     """The EditConfig fields the command line sets; validated at once, before any weights load."""
     changes = {"action": parse_action(args.action), "threshold_rule": args.threshold_rule}
@@ -173,7 +233,6 @@ def _print_summary(result) -> None:
 
 def run_edit(args: argparse.Namespace) -> None:
     from .image_io import load_image, save_image
-    from .pipeline import ZonePipeline
     from .text import check_instruction
 
     # Every check that can fail runs before gigabytes of weights load.
@@ -181,15 +240,7 @@ def run_edit(args: argparse.Namespace) -> None:
     image = load_image(args.image)
     instruction = check_instruction(args.instruction)
     changes = _config_changes(args)
-    if args.tiny:
-        pipe = ZonePipeline.tiny(device=args.device, **_backend_options(args))
-    else:
-        pipe = ZonePipeline.from_pretrained(
-            ip2p=args.ip2p, magicbrush=args.magicbrush, sam=None if args.segmenter == "onnx" else args.sam,
-            sam_type=args.sam_type,
-            action_classifier=args.action_classifier, device=args.device, dtype=args.dtype,
-            **_backend_options(args),
-        )
+    pipe = _pipeline_spec(args).build()
     config = pipe.default_config.replace(**changes)
     result = pipe.edit(image, instruction, config, progress=not args.no_progress)
     save_image(result.image, args.output)
@@ -218,6 +269,27 @@ def run_demo(args: argparse.Namespace) -> None:
     print(args.out)
 
 
+def run_serve(args: argparse.Namespace) -> None:
+    from .serving import LocalEditService, ServeSettings, run_server
+
+    changes = _config_changes(args)
+    if args.port < 0 or args.port > 65535:
+        raise ZoneError(f"--port {args.port} is not a TCP port (0..65535)")
+    spec = _pipeline_spec(args)
+    settings = ServeSettings(
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, timeout_s=args.timeout_s,
+        max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, max_steps=args.max_steps,
+        warmup=not args.no_warmup, edit_changes=tuple(changes.items()),
+    )
+    if args.ray:
+        from .serving.ray_serve import run_ray
+
+        run_ray(spec, settings, host=args.host, port=args.port, replicas=args.replicas)
+    else:
+        pipe = spec.build()  # before binding the port: a missing checkpoint is one `error:` line, exit 2
+        run_server(LocalEditService(lambda: pipe, settings), args.host, args.port, args.log_level)
+
+
 def _quiet_libraries() -> None:
     """Our own warnings as one line each; the libraries' deprecation chatter hidden."""
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -242,7 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        {"edit": run_edit, "demo": run_demo, "export": run_export, "build-engine": run_build_engine}[args.command](args)
+        commands = {"edit": run_edit, "demo": run_demo, "serve": run_serve, "export": run_export,
+                    "build-engine": run_build_engine}
+        commands[args.command](args)
     except ZoneError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,371 @@
+"""The HTTP edit service (issue: serving), over real loopback HTTP against tiny models on the CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from conftest import smooth_image
+from PIL import Image
+
+from zone_engine import ZonePipeline
+from zone_engine.config import EditConfig, SamConfig
+from zone_engine.errors import EditCancelled
+from zone_engine.pipeline import EditRequest
+from zone_engine.serving import LocalEditService, ServeSettings, create_app
+from zone_engine.serving.batcher import DynamicBatcher, QueueFull, ShuttingDown
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models):
+    return ZonePipeline(tiny_models, device="cpu", denoiser="fused",
+                        default_config=EditConfig(steps=STEPS, sam=SamConfig.for_random_weights()))
+
+
+@contextmanager
+def serving(pipeline, **settings):
+    """A real uvicorn server on a free loopback port, in a thread; yields (base URL, service)."""
+    service = LocalEditService(lambda: pipeline, ServeSettings(**{"warmup": False, **settings}))
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", timeout_graceful_shutdown=30))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not (server.started and service.ready):
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield base, service
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def post_edit(base: str, image: np.ndarray | bytes, instruction: str = "add a red hat", timeout: float = 120,
+              **fields) -> httpx.Response:
+    data = image if isinstance(image, bytes) else png(image)
+    form = {"instruction": instruction, **{k: str(v) for k, v in fields.items()}}
+    return httpx.post(f"{base}/v1/edit", files={"image": ("in.png", data, "image/png")}, data=form, timeout=timeout)
+
+
+async def post_concurrently(base: str, jobs: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        async def one(job: dict) -> httpx.Response:
+            form = {"instruction": job["instruction"], "seed": str(job["seed"]), "return": job.get("return", "png")}
+            return await client.post(f"{base}/v1/edit", data=form,
+                                     files={"image": ("in.png", png(job["image"]), "image/png")})
+
+        return await asyncio.gather(*(one(job) for job in jobs))
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample line `name value` of a Prometheus exposition."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+class GatedPipeline:
+    """The real pipeline behind a gate: batches wait until `release` is set (to fill queues, force
+    timeouts, inject faults); it records what it was asked."""
+
+    def __init__(self, pipeline: ZonePipeline, fail_on: str | None = None) -> None:
+        self.pipeline, self.fail_on = pipeline, fail_on
+        self.release, self.entered = threading.Event(), threading.Event()
+        self.seen: list[EditRequest] = []
+        self.outcomes: list = []
+        self.default_config = pipeline.default_config
+
+    def edit_batch(self, requests, **kwargs):
+        self.seen += requests
+        self.entered.set()
+        assert self.release.wait(60)
+        outcomes = self.pipeline.edit_batch(requests, **kwargs)
+        outcomes = [RuntimeError("injected fault") if r.instruction == self.fail_on else o
+                    for r, o in zip(requests, outcomes, strict=True)]
+        self.outcomes += outcomes
+        return outcomes
+
+
+# ---------------------------------------------------------------------------------------- contract
+
+
+def test_edit_returns_a_png_of_the_input_size_and_json_has_every_field(pipe):
+    image = smooth_image(70, 90, seed=1)
+    with serving(pipe) as (base, _):
+        response = post_edit(base, image, seed=7)
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+        edited = decode_png(response.content)
+        assert edited.shape == image.shape
+        assert np.array_equal(edited, pipe.edit(image, "add a red hat", pipe.default_config.replace(seed=7)).image)
+
+        body = post_edit(base, image, seed=7, **{"return": "json"}).json()
+        assert set(body) >= {"request_id", "action", "width", "height", "image", "mask_b", "mask_f", "region",
+                             "used_fallback", "instruction_truncated", "timings"}
+        assert (body["width"], body["height"], body["action"]) == (90, 70, "add")
+        assert np.array_equal(decode_png(base64.b64decode(body["image"])), edited)
+        assert decode_png(base64.b64decode(body["mask_f"])).shape == (70, 90)
+        assert body["timings"]["denoise"] > 0 and body["timings"]["total"] >= body["timings"]["denoise"]
+
+        forced = post_edit(base, image, action="remove", steps=2, **{"return": "json"})
+        assert forced.json()["action"] == "remove" and forced.headers["X-Zone-Action"] == "remove"
+
+
+def test_health_readiness_metrics_and_openapi(pipe):
+    with serving(pipe) as (base, _):
+        assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+        assert httpx.get(f"{base}/readyz").status_code == 200
+        assert post_edit(base, smooth_image(64, 64)).status_code == 200
+        text = httpx.get(f"{base}/metrics").text
+        assert metric(text, 'zone_requests_total{outcome="ok"}') == 1
+        assert metric(text, "zone_batch_size_count") == 1
+        assert metric(text, 'zone_stage_seconds_count{stage="refine"}') == 1
+        assert metric(text, "zone_queue_depth") == 0
+        schema = httpx.get(f"{base}/openapi.json").json()
+        assert {"/v1/edit", "/healthz", "/readyz", "/metrics"} <= set(schema["paths"])
+        form = schema["components"]["schemas"][
+            schema["paths"]["/v1/edit"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+            .rsplit("/", 1)[-1]]
+        assert {"image", "instruction", "action", "steps", "seed", "return"} <= set(form["properties"])
+        assert {"413", "503", "504"} <= set(schema["paths"]["/v1/edit"]["post"]["responses"])
+
+
+def test_not_ready_until_loaded_and_warmed_up(pipe):
+    gate = threading.Event()
+
+    def slow_load():
+        assert gate.wait(60)
+        return pipe
+
+    service = LocalEditService(slow_load, ServeSettings(warmup=True))
+    with serving_service(service) as base:
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        assert httpx.get(f"{base}/readyz").status_code == 503
+        refused = post_edit(base, smooth_image(64, 64))
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
+        gate.set()
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{base}/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert post_edit(base, smooth_image(64, 64)).status_code == 200
+
+
+@contextmanager
+def serving_service(service: LocalEditService):
+    """Like `serving`, for a service built by the test; does not wait for readiness."""
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+# ---------------------------------------------------------------------------------------- bad requests
+
+
+def test_bad_requests_get_the_right_4xx_and_a_json_error_and_the_server_keeps_serving(pipe):
+    image = smooth_image(64, 64)
+    with serving(pipe, max_pixels=100 * 100, max_upload_mb=0.05, max_instruction_chars=200) as (base, _):
+        cases = {
+            "no image": (httpx.post(f"{base}/v1/edit", data={"instruction": "add a hat"},
+                                    files={"other": ("x.txt", b"1", "text/plain")}), 422, "image"),
+            "no instruction": (httpx.post(f"{base}/v1/edit", files={"image": ("in.png", png(image), "image/png")}),
+                               422, "instruction"),
+            "corrupt image": (post_edit(base, b"\x89PNG\r\n\x1a\n not really"), 400, "image"),
+            "text as image": (post_edit(base, b"hello"), 400, "image"),
+            "empty file": (post_edit(base, b""), 400, "empty"),
+            "too many pixels": (post_edit(base, png(smooth_image(101, 100))), 413, "pixels"),
+            "upload too large": (post_edit(base, np.random.default_rng(0).bytes(60_000)), 413, "bytes"),
+            "empty instruction": (post_edit(base, image, instruction="   "), 422, "instruction"),
+            "instruction too long": (post_edit(base, image, instruction="add a hat " * 30), 422, "characters"),
+            "bad action": (post_edit(base, image, action="paint"), 422, "action"),
+            "bad steps": (post_edit(base, image, steps=0), 422, "steps"),
+            "bad return": (post_edit(base, image, **{"return": "gif"}), 422, "return"),
+            "json body": (httpx.post(f"{base}/v1/edit", json={"instruction": "add a hat"}), 415, "multipart"),
+        }
+        for name, (response, status, word) in cases.items():
+            assert response.status_code == status, (name, response.text)
+            error = response.json()["error"]
+            assert error["code"] and word in error["message"].lower(), (name, error)
+        assert post_edit(base, image).status_code == 200
+        text = httpx.get(f"{base}/metrics").text
+        assert metric(text, 'zone_requests_total{outcome="bad_request"}') == len(cases)
+
+
+# ---------------------------------------------------------------------------------------- batching
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_result(pipe):
+    images = [smooth_image(64, 96, seed=2), smooth_image(96, 64, seed=3)]
+    jobs = [{"image": images[i % 2], "instruction": text, "seed": seed}
+            for i, (text, seed) in enumerate([("add a red hat", 1), ("make it gold", 2), ("remove the cup", 3),
+                                              ("add a red hat", 4), ("make it gold", 5), ("add snow", 6)])]
+    with serving(pipe, max_batch=3, max_wait_ms=500) as (base, _):
+        responses = asyncio.run(post_concurrently(base, jobs))
+        batches = metric(httpx.get(f"{base}/metrics").text, "zone_batch_size_count")
+    assert all(response.status_code == 200 for response in responses)
+    assert batches < len(jobs)  # some edits shared a batch
+    for job, response in zip(jobs, responses, strict=True):
+        alone = pipe.edit(job["image"], job["instruction"], pipe.default_config.replace(seed=job["seed"]))
+        assert np.array_equal(decode_png(response.content), alone.image)  # exact: see tests/test_batching.py
+
+
+def test_a_request_that_fails_inside_a_batch_fails_alone(pipe):
+    gated = GatedPipeline(pipe, fail_on="explode")
+    gated.release.set()
+    image = smooth_image(64, 64, seed=4)
+    jobs = [{"image": image, "instruction": text, "seed": 1} for text in ("add a hat", "explode", "add a scarf")]
+    with serving(gated, max_batch=3, max_wait_ms=500) as (base, _):
+        responses = asyncio.run(post_concurrently(base, jobs))
+        assert len(gated.seen) == 3
+        assert [r.status_code for r in responses] == [200, 500, 200]
+        assert responses[1].json()["error"]["code"] == "internal_error"
+        assert post_edit(base, image).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------- backpressure
+
+
+def test_a_full_queue_answers_503_with_retry_after(pipe):
+    gated = GatedPipeline(pipe)
+    image = smooth_image(64, 64, seed=5)
+    with (serving(gated, max_batch=1, max_wait_ms=0, queue_size=1) as (base, service),
+          httpx.Client(timeout=120) as client, ThreadPoolExecutor(2) as pool):
+        running = pool.submit(post_edit, base, image)
+        assert gated.entered.wait(30)  # the first edit runs (blocked in the model thread)
+        queued = pool.submit(post_edit, base, image, seed=2)
+        while service.batcher.queued < 1:
+            time.sleep(0.01)
+        refused = post_edit(base, image)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "queue_full"
+        assert int(refused.headers["Retry-After"]) >= 1
+        gated.release.set()
+        assert running.result().status_code == 200 and queued.result().status_code == 200
+        assert metric(client.get(f"{base}/metrics").text, 'zone_requests_total{outcome="queue_full"}') == 1
+
+
+def test_a_request_over_its_timeout_gets_504_and_its_work_is_cancelled(pipe):
+    gated = GatedPipeline(pipe)
+    image = smooth_image(64, 64, seed=6)
+    with serving(gated, timeout_s=0.5) as (base, _):
+        response = post_edit(base, image)
+        assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+        assert gated.seen[0].cancelled()
+        gated.release.set()
+        deadline = time.monotonic() + 60
+        while not gated.outcomes:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert isinstance(gated.outcomes[0], EditCancelled)  # the pipeline stopped it and did no more work
+        text = httpx.get(f"{base}/metrics").text
+        assert metric(text, 'zone_requests_total{outcome="timeout"}') == 1
+
+
+# ---------------------------------------------------------------------------------------- the batcher
+
+
+def run_batcher(coroutine_factory):
+    return asyncio.run(coroutine_factory())
+
+
+def test_batcher_buckets_by_key_respects_max_batch_and_keeps_order():
+    calls: list[list[str]] = []
+
+    def run_batch(requests):
+        calls.append([r.instruction for r in requests])
+        return [f"done {r.instruction}" for r in requests]
+
+    async def scenario():
+        batcher = DynamicBatcher(run_batch, max_batch=2, max_wait_s=0.2, queue_size=10)
+        batcher.start()
+        keys = ["a", "b", "a", "a", "b"]
+        results = await asyncio.gather(*(
+            batcher.submit(EditRequest(None, f"{key}{i}"), key) for i, key in enumerate(keys)
+        ))
+        await batcher.close()
+        return results
+
+    results = run_batcher(scenario)
+    assert results == ["done a0", "done b1", "done a2", "done a3", "done b4"]
+    assert sorted(calls) == [["a0", "a2"], ["a3"], ["b1", "b4"]]
+
+
+def test_batcher_close_rejects_queued_jobs_and_finishes_the_running_one():
+    started, release = threading.Event(), threading.Event()
+
+    def run_batch(requests):
+        started.set()
+        assert release.wait(10)
+        return ["ok"] * len(requests)
+
+    async def scenario():
+        batcher = DynamicBatcher(run_batch, max_batch=1, max_wait_s=0, queue_size=10)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(EditRequest(None, "first"), "k"))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        waiting = asyncio.ensure_future(batcher.submit(EditRequest(None, "second"), "k"))
+        await asyncio.sleep(0.05)
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.05)
+        release.set()
+        await closing
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(EditRequest(None, "late"), "k")
+        return await running, await asyncio.gather(waiting, return_exceptions=True)
+
+    first, (second,) = run_batcher(scenario)
+    assert first == "ok" and isinstance(second, ShuttingDown)
+
+
+def test_batcher_refuses_beyond_its_queue_bound():
+    release = threading.Event()
+
+    async def scenario():
+        batcher = DynamicBatcher(lambda rs: [release.wait(10)] * len(rs), max_batch=1, max_wait_s=0, queue_size=1)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(EditRequest(None, "1"), "k"))
+        await asyncio.sleep(0.05)  # the first is running, so the queue is empty again
+        second = asyncio.ensure_future(batcher.submit(EditRequest(None, "2"), "k"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull):
+            await batcher.submit(EditRequest(None, "3"), "k")
+        release.set()
+        results = await asyncio.gather(first, second)
+        await batcher.close()
+        return results
+
+    assert run_batcher(scenario) == [True, True]

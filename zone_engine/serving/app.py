@@ -1,0 +1,407 @@
+"""The HTTP edit service: FastAPI routes over one `EditService` (pipeline + batcher + metrics).
+
+The routes reach the service through `request.app.state.service`, so the same app serves in one
+process (`create_app`, uvicorn) and inside each Ray Serve replica (ray_serve.py), which installs its
+own service. Errors are JSON `{"error": {"code", "message"}, "request_id"}` with the right status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field
+
+from ..config import EditConfig, parse_action
+from ..errors import ConfigError, EditCancelled, InputImageError, InstructionError, ZoneError
+from ..image_io import load_image, make_sample_image
+from ..pipeline import BatchKey, EditRequest, EditResult, ZonePipeline, batch_key
+from ..text import check_instruction
+from .batcher import DynamicBatcher, QueueFull, ShuttingDown
+from .metrics import ServeMetrics
+from .settings import ServeSettings
+
+log = logging.getLogger("zone_engine.serving")
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+
+class ServeError(Exception):
+    """A request that gets an error answer: HTTP status, a stable code, a message saying what to do."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def error_response(error: ServeError, request_id: str | None) -> JSONResponse:
+    body = {"error": {"code": error.code, "message": error.message}, "request_id": request_id}
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def as_serve_error(error: BaseException, service: EditService) -> ServeError:
+    """What the client is told about an edit that did not succeed."""
+    if isinstance(error, ServeError):
+        return error
+    if isinstance(error, QueueFull):
+        return ServeError(503, "queue_full", str(error), {"Retry-After": str(error.retry_after_s)})
+    if isinstance(error, ShuttingDown):
+        return ServeError(503, "unavailable", str(error), {"Retry-After": "5"})
+    if isinstance(error, asyncio.TimeoutError):
+        return ServeError(504, "timeout", f"the edit did not finish within {service.settings.timeout_s:g} s; "
+                          "it was cancelled. Retry later or with fewer steps")
+    if isinstance(error, EditCancelled):
+        return ServeError(503, "cancelled", str(error), {"Retry-After": "5"})
+    if isinstance(error, InputImageError):
+        return ServeError(400, "bad_image", str(error))
+    if isinstance(error, InstructionError | ConfigError):
+        return ServeError(422, "invalid_request", str(error))
+    if isinstance(error, ZoneError):
+        return ServeError(400, "bad_request", str(error))
+    return ServeError(500, "internal_error", "the edit failed inside the engine; the server log has the details")
+
+
+OUTCOME_BY_STATUS = {503: "queue_full", 504: "timeout", 500: "error"}
+
+
+def outcome_of(error: ServeError) -> str:
+    if error.code in ("unavailable", "cancelled"):
+        return "cancelled"
+    return OUTCOME_BY_STATUS.get(error.status, "bad_request")
+
+
+# ---------------------------------------------------------------------------------------- service
+
+
+class EditService:
+    """One model instance behind the routes: loads and warms the pipeline, runs edits in batches.
+
+    Subclasses choose how requests are gathered into batches (`submit`): `LocalEditService` with
+    this package's `DynamicBatcher`, the Ray Serve replica with `@serve.batch`.
+    """
+
+    def __init__(self, build_pipeline: Callable[[], ZonePipeline], settings: ServeSettings) -> None:
+        self.build_pipeline, self.settings = build_pipeline, settings
+        self.metrics = ServeMetrics()
+        self.pipeline: ZonePipeline | None = None
+        self.ready = False
+        self.load_error: str | None = None
+
+    def load(self) -> None:
+        """Build the pipeline and run one warm-up edit (first-call costs: allocations, compilation)."""
+        self.pipeline = self.build_pipeline()
+        if self.settings.warmup:
+            self.pipeline.edit(make_sample_image(128, 128), "make the house a golden statue",
+                               self.edit_config().replace(steps=2))
+
+    def edit_config(self) -> EditConfig:
+        return self.pipeline.default_config.replace(**dict(self.settings.edit_changes))
+
+    def run_batch(self, requests: Sequence[EditRequest]) -> list[EditResult | Exception]:
+        """Model thread: one batch through the pipeline; a failing request fails alone."""
+        outcomes = self.pipeline.edit_batch(requests, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, Exception) and not isinstance(outcome, ZoneError):
+                log.error("edit failed", exc_info=outcome)
+        return outcomes
+
+    async def submit(self, request: EditRequest, key: BatchKey) -> Any:
+        raise NotImplementedError
+
+    async def edit(self, image: np.ndarray, instruction: str, changes: dict[str, Any]) -> EditResult:
+        """One edit, within the request timeout; on timeout its work is cancelled and TimeoutError raised."""
+        config = self.edit_config().replace(**changes)
+        request = EditRequest(image, instruction, config, cancel=threading.Event())
+        try:
+            outcome = await asyncio.wait_for(self.submit(request, batch_key(image.shape[:2], config)),
+                                             self.settings.timeout_s)
+        except asyncio.TimeoutError:
+            request.cancel.set()
+            raise
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+class LocalEditService(EditService):
+    """The single-process service: `DynamicBatcher` and one model thread."""
+
+    def __init__(self, build_pipeline: Callable[[], ZonePipeline], settings: ServeSettings) -> None:
+        super().__init__(build_pipeline, settings)
+        self.batcher = DynamicBatcher(
+            self.run_batch, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
+            queue_size=settings.queue_size, metrics=self.metrics,
+        )
+
+    async def start(self) -> None:
+        """Start batching, load and warm up in the model thread, then be ready (or record why not)."""
+        self.batcher.start()
+        try:
+            await self.batcher.run_in_model_thread(self.load)
+        except Exception as error:
+            self.load_error = str(error) if isinstance(error, ZoneError) else f"{type(error).__name__}: {error}"
+            log.exception("loading the models failed; /readyz stays 503")
+            return
+        self.ready = True
+        log.info("zone service ready")
+
+    async def close(self) -> None:
+        self.ready = False
+        await self.batcher.close()
+
+    async def submit(self, request: EditRequest, key: BatchKey) -> Any:
+        return await self.batcher.submit(request, key)
+
+
+# ---------------------------------------------------------------------------------------- inputs
+
+
+def decode_upload(data: bytes, settings: ServeSettings) -> np.ndarray:
+    """The uploaded file as uint8 RGB; its pixel count checked from the header before decoding."""
+    if not data:
+        raise ServeError(400, "bad_image", "the image file is empty")
+    if len(data) > settings.max_upload_bytes:  # a chunked upload has no Content-Length to check first
+        raise ServeError(413, "upload_too_large", f"the upload is {len(data):,} bytes; this server takes at most "
+                         f"{settings.max_upload_bytes:,}")
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            pixels = header.width * header.height
+            if pixels > settings.max_pixels:
+                raise ServeError(413, "image_too_large", f"the image has {pixels:,} pixels "
+                                 f"({header.width}x{header.height}); this server takes at most "
+                                 f"{settings.max_pixels:,}: downscale it first")
+            return load_image(header)
+    except UnidentifiedImageError:
+        raise ServeError(400, "bad_image", "the upload is not an image in a format this server can read; "
+                         "send a PNG, JPEG or WebP file") from None
+    except Image.DecompressionBombError:
+        raise ServeError(413, "image_too_large", "the image is too large to decode: downscale it first") from None
+    except OSError as error:
+        raise ServeError(400, "bad_image", f"the image data is corrupt or truncated ({error}); "
+                         "re-export it as PNG or JPEG") from None
+
+
+def check_request_fields(instruction: str, action: str | None, steps: int | None, seed: int | None,
+                         settings: ServeSettings) -> tuple[str, dict[str, Any]]:
+    """The instruction and the EditConfig changes of one request, or a 422 naming the field."""
+    if len(instruction) > settings.max_instruction_chars:
+        raise ServeError(422, "invalid_request", f"instruction: {len(instruction)} characters; at most "
+                         f"{settings.max_instruction_chars} are accepted (and only 77 tokens are read)")
+    try:
+        instruction = check_instruction(instruction)
+    except InstructionError as error:
+        raise ServeError(422, "invalid_request", f"instruction: {error}") from None
+    changes: dict[str, Any] = {}
+    if action is not None:
+        try:
+            changes["action"] = parse_action(action)
+        except ZoneError as error:
+            raise ServeError(422, "invalid_request", f"action: {error}") from None
+    if steps is not None:
+        if not 1 <= steps <= settings.max_steps:
+            raise ServeError(422, "invalid_request", f"steps: {steps} is outside 1..{settings.max_steps}")
+        changes["steps"] = steps
+    if seed is not None:
+        changes["seed"] = seed
+    return instruction, changes
+
+
+# ---------------------------------------------------------------------------------------- outputs
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    image = Image.fromarray(array.astype(np.uint8) * 255 if array.dtype == bool else array)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_base64(array: np.ndarray) -> str:
+    return base64.b64encode(png_bytes(array)).decode("ascii")
+
+
+class EditResponse(BaseModel):
+    request_id: str
+    action: Literal["change", "add", "remove"] = Field(description="the action the edit used (beta follows it)")
+    width: int
+    height: int
+    image: str = Field(description="the edited image, base64 PNG, the input's size")
+    mask_b: str = Field(description="attention edit mask M_b, base64 PNG (white = edit)")
+    mask_f: str = Field(description="SAM-refined mask M_f, base64 PNG")
+    region: str = Field(description="where pixels changed (R), base64 PNG")
+    used_fallback: bool = Field(description="no SAM segment overlapped M_b, so M_f = M_b")
+    instruction_truncated: bool = Field(description="the instruction was longer than CLIP's 77 tokens")
+    timings: dict[str, float] = Field(description="seconds per pipeline stage, and total")
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+    request_id: str | None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "unreadable image", 413: "upload or image too large", 415: "not multipart/form-data",
+        422: "missing or invalid field", 500: "engine fault", 503: "queue full or shutting down (Retry-After)",
+        504: "timed out (the edit was cancelled)",
+    }.items()
+}
+
+
+# ---------------------------------------------------------------------------------------- the app
+
+def create_app(service: LocalEditService | None = None) -> FastAPI:
+    """The ASGI app. With `service` it also owns the service's start and close (single process):
+    the models load in the background, so /healthz answers at once and /readyz once they are warm.
+    Without, whoever hosts the app installs `app.state.service` (a Ray Serve replica does)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if service is None:
+            yield
+            return
+        app.state.service = service
+        loading = asyncio.create_task(service.start())
+        try:
+            yield
+        finally:
+            await loading
+            await service.close()
+
+    app = FastAPI(
+        title="zone-engine", version="0.1.0", lifespan=lifespan,
+        description="ZONE zero-shot instruction-guided local image editing as a service: only the region "
+        "the instruction is about changes. Concurrent edits of one size are denoised together.",
+    )
+    add_routes(app)
+    return app
+
+
+def add_routes(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.middleware("http")(_limit_body_size)
+
+    @app.post("/v1/edit", responses={200: {"content": {"image/png": {}, "application/json": {
+        "schema": EditResponse.model_json_schema()}}, "description": "the edit (PNG) or its details (JSON)"},
+        **ERROR_RESPONSES}, summary="Edit an image as an instruction says")
+    async def edit(
+        request: Request,
+        image: Annotated[UploadFile, File(description="the image to edit (PNG, JPEG, WebP, ...)")],
+        instruction: Annotated[str, Form(description='what to do, e.g. "make the dog a golden statue"')],
+        action: Annotated[str | None, Form(description="force change, add or remove (default: classified)")] = None,
+        steps: Annotated[int | None, Form(description="denoising steps (default: the server's)", ge=1)] = None,
+        seed: Annotated[int | None, Form(description="seed of the initial noise (default: the server's)")] = None,
+        return_: Annotated[Literal["png", "json"], Form(alias="return", description="png: the edited image; "
+                           "json: image and masks as base64 PNG, action and timings")] = "png",
+    ) -> Response:
+        service: EditService = request.app.state.service
+        request_id, started = uuid.uuid4().hex, time.perf_counter()
+        try:
+            if not service.ready:
+                raise ServeError(503, "unavailable", "the models are still loading; retry shortly",
+                                 {"Retry-After": "5"})
+            text, changes = check_request_fields(instruction, action, steps, seed, service.settings)
+            data = await image.read()
+            pixels = await asyncio.to_thread(decode_upload, data, service.settings)
+            result = await service.edit(pixels, text, changes)
+        except Exception as error:
+            serve_error = as_serve_error(error, service)
+            service.metrics.count(outcome_of(serve_error))
+            return error_response(serve_error, request_id)
+        service.metrics.count("ok")
+        service.metrics.latency.observe(time.perf_counter() - started)
+        service.metrics.observe_stages(result.timings)
+        headers = {"X-Request-Id": request_id, "X-Zone-Action": result.action.value}
+        if return_ == "png":
+            return Response(await asyncio.to_thread(png_bytes, result.image), media_type="image/png",
+                            headers=headers)
+        body = await asyncio.to_thread(edit_response, result, request_id)
+        return JSONResponse(body.model_dump(), headers=headers)
+
+    @app.get("/healthz", summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Models loaded and warmed up", responses={503: {"model": ErrorResponse}})
+    async def readyz(request: Request) -> Response:
+        service: EditService | None = getattr(request.app.state, "service", None)
+        if service is None or not service.ready:
+            reason = service.load_error if service is not None and service.load_error else None
+            message = f"loading the models failed: {reason}" if reason else "the models are still loading"
+            return error_response(ServeError(503, "unavailable", message), None)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    async def metrics(request: Request) -> Response:
+        service: EditService = request.app.state.service
+        return Response(service.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+
+def edit_response(result: EditResult, request_id: str) -> EditResponse:
+    height, width = result.image.shape[:2]
+    return EditResponse(
+        request_id=request_id, action=result.action.value, width=width, height=height,
+        image=png_base64(result.image), mask_b=png_base64(result.mask_b), mask_f=png_base64(result.mask_f),
+        region=png_base64(result.region), used_fallback=result.used_fallback,
+        instruction_truncated=result.instruction_truncated, timings=result.timings,
+    )
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's field errors in this API's error shape; a non-multipart body is a 415."""
+    service = getattr(request.app.state, "service", None)
+    content_type = request.headers.get("content-type", "")
+    if request.url.path == "/v1/edit" and not content_type.startswith("multipart/form-data"):
+        problem = ServeError(415, "unsupported_media_type", f"got content type {content_type or 'none'!r}; send "
+                             "multipart/form-data with an `image` file and an `instruction` field")
+    else:
+        fields = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc'] if part != 'body')}: {item['msg']}"
+            for item in error.errors()
+        )
+        problem = ServeError(422, "invalid_request", fields)
+    if service is not None:
+        service.metrics.count("bad_request")
+    return error_response(problem, None)
+
+
+async def _limit_body_size(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """Refuse an upload over the limit from its Content-Length, before reading it."""
+    service = getattr(request.app.state, "service", None)
+    length = request.headers.get("content-length")
+    if service is not None and length is not None and length.isdigit():
+        limit = service.settings.max_upload_bytes
+        if int(length) > limit:
+            service.metrics.count("bad_request")
+            return error_response(ServeError(413, "upload_too_large", f"the upload is {int(length):,} bytes; "
+                                             f"this server takes at most {limit:,}"), None)
+    return await call_next(request)
+
+
+def run_server(service: LocalEditService, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve in this process until SIGINT/SIGTERM. On shutdown uvicorn stops accepting, lets open
+    requests finish (up to the request timeout), then the service rejects whatever still waits."""
+    import uvicorn
+
+    uvicorn.run(create_app(service), host=host, port=port, log_level=log_level,
+                timeout_graceful_shutdown=int(service.settings.timeout_s) + 1)

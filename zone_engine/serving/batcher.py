@@ -1,0 +1,181 @@
+"""Dynamic batching: concurrent edits of one batch key gathered into one denoising batch.
+
+A bounded queue of jobs, bucketed by `BatchKey` (latent size, steps, guidance). One worker takes the
+bucket of the oldest waiting job, waits until that bucket holds `max_batch` jobs or the oldest job
+has waited `max_wait_s`, and runs the batch in a single model thread (one batch on the device at a
+time). Each job's own future gets its own result or exception; every job accepted ends with one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..pipeline import EditRequest
+from .metrics import ServeMetrics
+
+# run_batch(requests) -> one result or exception per request, in order; runs in the model thread.
+RunBatch = Callable[[Sequence[EditRequest]], Sequence[Any]]
+
+
+class QueueFull(Exception):
+    """The queue is at its bound; the client should retry after `retry_after_s`."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"the edit queue is full; retry in about {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDown(Exception):
+    """The server is stopping and did not start this edit."""
+
+
+@dataclass(eq=False)
+class Job:
+    request: EditRequest
+    key: Hashable
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class DynamicBatcher:
+    def __init__(self, run_batch: RunBatch, *, max_batch: int, max_wait_s: float, queue_size: int,
+                 metrics: ServeMetrics | None = None) -> None:
+        self.run_batch, self.max_batch, self.max_wait_s, self.queue_size = run_batch, max_batch, max_wait_s, queue_size
+        self.metrics = metrics or ServeMetrics()
+        self._buckets: dict[Hashable, deque[Job]] = {}
+        self._changed: asyncio.Condition | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zone-model")
+        self._closing = False
+        self._batch_seconds = 0.0  # moving average, for Retry-After
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the worker on the running event loop."""
+        self._changed = asyncio.Condition()
+        self._worker = asyncio.get_running_loop().create_task(self._work(), name="zone-batcher")
+
+    async def run_in_model_thread(self, work: Callable[[], Any]) -> Any:
+        """Run `work` in the model thread (loading, warm-up): never beside a batch."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+    async def close(self) -> None:
+        """Reject what waits (ShuttingDown), let the running batch finish, stop the worker."""
+        self._closing = True
+        for bucket in self._buckets.values():
+            for job in bucket:
+                if not job.future.done():
+                    job.future.set_exception(ShuttingDown("the server is shutting down; the edit was not started"))
+        self._buckets.clear()
+        self.metrics.queue_depth.set(0)
+        if self._worker is not None:
+            async with self._changed:
+                self._changed.notify_all()
+            await self._worker
+        self._executor.shutdown(wait=True)
+
+    # ------------------------------------------------------------------------------------ submitting
+
+    @property
+    def queued(self) -> int:
+        return sum(len(bucket) for bucket in self._buckets.values())
+
+    def retry_after_s(self) -> int:
+        """About how long until a queue slot frees: the batches ahead times a batch's duration."""
+        batches_ahead = self.queued / self.max_batch + 1
+        return max(1, math.ceil(batches_ahead * self._batch_seconds))
+
+    async def submit(self, request: EditRequest, key: Hashable) -> Any:
+        """Queue one edit and wait for its result. Cancelling the caller (e.g. `asyncio.wait_for`
+        timing out) withdraws the edit: out of the queue, or cancelled at its next step."""
+        if self._closing or self._worker is None:
+            raise ShuttingDown("the server is not accepting edits (starting up or shutting down)")
+        if self.queued >= self.queue_size:
+            raise QueueFull(self.retry_after_s())
+        job = Job(request, key, asyncio.get_running_loop().create_future())
+        self._buckets.setdefault(key, deque()).append(job)
+        self.metrics.queue_depth.set(self.queued)
+        async with self._changed:
+            self._changed.notify_all()
+        try:
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            self._withdraw(job)
+            raise
+
+    def _withdraw(self, job: Job) -> None:
+        """Stop a job nobody waits for: out of the queue if still there, else its work cancelled."""
+        bucket = self._buckets.get(job.key)
+        if bucket is not None and job in bucket:
+            bucket.remove(job)
+            self.metrics.queue_depth.set(self.queued)
+        if job.request.cancel is not None:
+            job.request.cancel.set()
+        job.future.cancel()
+
+    # ------------------------------------------------------------------------------------ the worker
+
+    async def _work(self) -> None:
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(lambda: self._closing or self.queued > 0)
+                if self._closing:
+                    return
+                key = min(
+                    (key for key, bucket in self._buckets.items() if bucket),
+                    key=lambda k: self._buckets[k][0].enqueued,
+                )
+                await self._gather(key)
+                batch = self._take(key)
+            if batch:
+                await self._run(batch)
+
+    async def _gather(self, key: Hashable) -> None:
+        """Wait (holding the condition's lock between checks) until the bucket is full or its oldest is due."""
+        deadline = self._buckets[key][0].enqueued + self.max_wait_s
+        while not self._closing and 0 < len(self._buckets.get(key, ())) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _take(self, key: Hashable) -> list[Job]:
+        bucket = self._buckets.get(key, deque())
+        batch = [bucket.popleft() for _ in range(min(self.max_batch, len(bucket)))]
+        if not bucket:
+            self._buckets.pop(key, None)
+        self.metrics.queue_depth.set(self.queued)
+        return [job for job in batch if not job.future.done()]
+
+    async def _run(self, batch: list[Job]) -> None:
+        started = time.monotonic()
+        for job in batch:
+            self.metrics.queue_wait.observe(started - job.enqueued)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.running.set(len(batch))
+        try:
+            outcomes = await self.run_in_model_thread(lambda: self.run_batch([job.request for job in batch]))
+        except Exception as error:  # the runner itself failed: every job of the batch learns it
+            outcomes = [error] * len(batch)
+        finally:
+            self.metrics.running.set(0)
+        elapsed = time.monotonic() - started
+        self._batch_seconds = elapsed if self._batch_seconds == 0 else 0.8 * self._batch_seconds + 0.2 * elapsed
+        for job, outcome in zip(batch, outcomes, strict=True):
+            if job.future.done():  # withdrawn while running
+                continue
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)

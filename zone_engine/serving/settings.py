@@ -1,0 +1,72 @@
+"""What a server is built from: how to load the pipeline, and the service's limits. Both plain data,
+so a Ray Serve replica can rebuild the same service in its own process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..models import IP2P_ID, MAGICBRUSH_ID
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """How to build a `ZonePipeline`: tiny random models, or real checkpoints from local paths."""
+
+    tiny: bool = False
+    ip2p: str = IP2P_ID
+    magicbrush: str = MAGICBRUSH_ID
+    sam: Path | None = Path("ckpts/sam_vit_h_4b8939.pth")
+    sam_type: str | None = None
+    action_classifier: Path | None = None
+    device: str = "auto"
+    dtype: str = "fp32"
+    denoiser: str = "fused"
+    kernels: str = "auto"
+    engines: Path | None = None
+    segmenter: str = "torch"
+    sam_onnx: Path | None = None
+
+    def build(self):
+        from ..pipeline import ZonePipeline
+
+        backends = dict(denoiser=self.denoiser, kernels=self.kernels, engines=self.engines, segmenter=self.segmenter,
+                        sam_onnx=self.sam_onnx)
+        if self.tiny:
+            return ZonePipeline.tiny(device=self.device, **backends)
+        return ZonePipeline.from_pretrained(
+            ip2p=self.ip2p, magicbrush=self.magicbrush, sam=None if self.segmenter == "onnx" else self.sam,
+            sam_type=self.sam_type, action_classifier=self.action_classifier, device=self.device, dtype=self.dtype,
+            **backends,
+        )
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The service's batching, backpressure and input limits (`zone serve --help` explains each)."""
+
+    max_batch: int = 4
+    max_wait_ms: float = 10.0
+    queue_size: int = 32
+    timeout_s: float = 120.0
+    max_upload_mb: float = 20.0
+    max_pixels: int = 25_000_000
+    max_instruction_chars: int = 1000
+    max_steps: int = 100
+    warmup: bool = True
+    # EditConfig fields every request starts from, over the pipeline's defaults (e.g. (("steps", 10),)).
+    edit_changes: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "queue_size", "max_pixels", "max_instruction_chars", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_wait_ms", "timeout_s", "max_upload_mb"):
+            if not getattr(self, name) >= 0 or (name != "max_wait_ms" and getattr(self, name) == 0):
+                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
