@@ -11,6 +11,8 @@ import asyncio
 import base64
 import io
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -35,6 +37,7 @@ from .metrics import ServeMetrics
 from .settings import ServeSettings
 
 log = logging.getLogger("zone_engine.serving")
+REPLICA = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (several under Ray)
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -331,7 +334,7 @@ def add_routes(app: FastAPI) -> None:
         service.metrics.count("ok")
         service.metrics.latency.observe(time.perf_counter() - started)
         service.metrics.observe_stages(result.timings)
-        headers = {"X-Request-Id": request_id, "X-Zone-Action": result.action.value}
+        headers = {"X-Request-Id": request_id, "X-Zone-Action": result.action.value, "X-Zone-Replica": REPLICA}
         if return_ == "png":
             return Response(await asyncio.to_thread(png_bytes, result.image), media_type="image/png",
                             headers=headers)

@@ -1,0 +1,55 @@
+"""`zone serve --ray`: a 2-replica Ray Serve deployment on the CPU answers the same HTTP contract."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpx
+import numpy as np
+import pytest
+from conftest import smooth_image
+from test_serving import decode_png, post_concurrently, post_edit
+
+pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'ray[serve]')")
+
+from zone_engine.serving import PipelineSpec, ServeSettings  # noqa: E402
+from zone_engine.serving.ray_serve import deploy, shutdown  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_base():
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        deploy(PipelineSpec(tiny=True, device="cpu"), ServeSettings(max_batch=4, max_wait_ms=200, warmup=False,
+                                                                    edit_changes=(("steps", 3),)),
+               host="127.0.0.1", port=port, replicas=2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        shutdown()
+
+
+def test_two_replicas_answer_the_same_contract(ray_base):
+    image = smooth_image(70, 90, seed=1)
+    assert httpx.get(f"{ray_base}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{ray_base}/readyz").status_code == 200
+    response = post_edit(ray_base, image, seed=7)
+    assert response.status_code == 200 and decode_png(response.content).shape == image.shape
+    body = post_edit(ray_base, image, seed=7, **{"return": "json"}).json()
+    assert (body["width"], body["height"]) == (90, 70) and {"mask_b", "mask_f", "timings"} <= set(body)
+    bad = post_edit(ray_base, b"not an image")
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_image"
+    assert "zone_requests_total" in httpx.get(f"{ray_base}/metrics").text
+    assert "/v1/edit" in httpx.get(f"{ray_base}/openapi.json").json()["paths"]
+
+    # Concurrent requests spread over both replicas; the same seed gives the same image on either.
+    jobs = [{"image": image, "instruction": "add a red hat", "seed": 7} for _ in range(8)]
+    responses = asyncio.run(post_concurrently(ray_base, jobs))
+    assert all(r.status_code == 200 for r in responses)
+    assert len({r.headers["X-Zone-Replica"] for r in responses}) == 2
+    assert all(np.array_equal(decode_png(r.content), decode_png(response.content)) for r in responses)

@@ -1,0 +1,110 @@
+"""`zone serve --ray`: the same HTTP app as a Ray Serve deployment, one replica per GPU.
+
+Each replica loads its own pipeline and builds the app of app.py (`__serve_build_asgi_app__`), so
+routes, limits, errors and metrics are the single-process ones. Batching is Ray Serve's own
+`@serve.batch` (its size and wait set from `ServeSettings` at start); the queue bound is Serve's
+`max_queued_requests` (Serve answers 503 beyond it). Needs `pip install 'ray[serve]'`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ray import serve
+
+from ..errors import ConfigError
+from ..pipeline import BatchKey, EditRequest, ZonePipeline
+from .app import EditService, create_app
+from .settings import PipelineSpec, ServeSettings
+
+
+class RayEditService(EditService):
+    """Requests go through the replica's `@serve.batch` method; Serve gathers them into batches."""
+
+    def __init__(self, build_pipeline: Callable[[], ZonePipeline], settings: ServeSettings,
+                 batched: Callable[[EditRequest], Awaitable[Any]]) -> None:
+        super().__init__(build_pipeline, settings)
+        self.batched = batched
+
+    async def submit(self, request: EditRequest, key: BatchKey) -> Any:
+        # A batch may mix batch keys; `edit_batch` denoises each key's edits together.
+        return await self.batched(request)
+
+
+@serve.deployment(graceful_shutdown_wait_loop_s=0.5, health_check_period_s=5)
+@serve.ingress()
+class ZoneReplica:
+    def __init__(self, spec: PipelineSpec, settings: ServeSettings) -> None:
+        self._edit_batch.set_max_batch_size(settings.max_batch)
+        self._edit_batch.set_batch_wait_timeout_s(settings.max_wait_ms / 1000)
+        self.service = RayEditService(spec.build, settings, self._edit_batch)
+        self.service.load()  # the replica is healthy (routed to) only once this returns
+        self.service.ready = True
+
+    def __serve_build_asgi_app__(self):
+        app = create_app()
+        app.state.service = self.service
+        return app
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def _edit_batch(self, requests: list[EditRequest]) -> list[Any]:
+        # Outcomes are returned, exceptions included, so one failing request fails alone.
+        self.service.metrics.batch_size.observe(len(requests))
+        return await asyncio.to_thread(self.service.run_batch, requests)
+
+
+def replica_resources(spec: PipelineSpec, replicas: int) -> dict[str, float]:
+    """One GPU per replica when the pipeline runs on CUDA (and enough GPUs exist), else one CPU."""
+    import torch
+
+    if spec.device == "cpu" or (spec.device == "auto" and not torch.cuda.is_available()):
+        return {"num_cpus": 1, "num_gpus": 0}
+    available = torch.cuda.device_count()
+    if replicas > available:
+        raise ConfigError(f"--replicas {replicas} needs {replicas} GPUs (one each); this machine has {available}")
+    return {"num_cpus": 1, "num_gpus": 1}
+
+
+def deploy(spec: PipelineSpec, settings: ServeSettings, *, host: str, port: int, replicas: int) -> None:
+    """Start Ray (or join the cluster in RAY_ADDRESS) and Serve, and deploy; returns once replicas are up."""
+    import ray
+
+    if replicas < 1:
+        raise ConfigError(f"--replicas must be at least 1, got {replicas}")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    resources = replica_resources(spec, replicas)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level="WARNING")
+    serve.start(http_options={"host": host, "port": port})
+    deployment = ZoneReplica.options(
+        num_replicas=replicas, ray_actor_options=resources,
+        max_ongoing_requests=2 * settings.max_batch, max_queued_requests=settings.queue_size,
+    )
+    serve.run(deployment.bind(spec, settings), name="zone", route_prefix="/",
+              logging_config={"log_level": "WARNING", "enable_access_log": False})
+
+
+def shutdown() -> None:
+    import ray
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def run_ray(spec: PipelineSpec, settings: ServeSettings, *, host: str, port: int, replicas: int) -> None:
+    """Deploy, serve until SIGINT/SIGTERM, then shut Serve and Ray down."""
+    deploy(spec, settings, host=host, port=port, replicas=replicas)
+    print(f"zone: serving on http://{host}:{port} with {replicas} Ray Serve replica(s); Ctrl-C stops")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutdown()
