@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -148,3 +149,55 @@ def test_onnx_segmenter_without_export_folder(capsys, photo, tmp_path):
     _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", str(tmp_path / "o.png"), "--tiny",
                             "--segmenter", "onnx", "--sam-onnx", str(tmp_path / "none"), "--steps", "1",
                             "--no-progress"], "zone export sam")
+
+
+def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "zone_engine.cli", "serve", "--help"], capture_output=True, text=True)
+    for option in ("--port", "--max-batch", "--max-wait-ms", "--queue-size", "--timeout-s", "--ray", "--replicas",
+                   "--tiny", "--ip2p"):
+        assert option in out.stdout
+    _fails_cleanly(capsys, ["serve", "--tiny", "--max-batch", "0"], "max-batch")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--timeout-s", "0"], "timeout-s")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--port", "70000"], "port")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--device", "cuda"], "no CUDA")
+    _fails_cleanly(capsys, ["serve", "--ip2p", str(tmp_path / "no-ip2p"), "--sam", str(tmp_path / "no-sam.pth")],
+                   "not found")
+
+
+def test_serve_runs_answers_and_stops_on_sigterm(tmp_path):
+    import signal
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "zone_engine.cli", "serve", "--tiny", "--device", "cpu", "--port", str(port),
+         "--steps", "2", "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+            try:
+                if httpx.get(f"{base}/readyz").status_code == 200:
+                    break
+            except httpx.ConnectError:
+                pass
+            time.sleep(0.2)
+        path = tmp_path / "in.png"
+        Image.fromarray(smooth_image(48, 80)).save(path)
+        response = httpx.post(f"{base}/v1/edit", files={"image": ("in.png", path.read_bytes(), "image/png")},
+                              data={"instruction": "add a hat"}, timeout=120)
+        assert response.status_code == 200
+        assert Image.open(io.BytesIO(response.content)).size == (80, 48)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(60)
+    # uvicorn shuts down gracefully, then re-raises the signal it caught, as a killed process would exit.
+    errors = server.stderr.read()
+    assert code in (0, -signal.SIGTERM) and "Traceback" not in errors, errors

@@ -164,7 +164,7 @@ def test_not_ready_until_loaded_and_warmed_up(pipe):
         return pipe
 
     service = LocalEditService(slow_load, ServeSettings(warmup=True))
-    with serving_service(service) as base:
+    with serving_service(service) as (base, _):
         assert httpx.get(f"{base}/healthz").status_code == 200
         assert httpx.get(f"{base}/readyz").status_code == 503
         refused = post_edit(base, smooth_image(64, 64))
@@ -179,7 +179,7 @@ def test_not_ready_until_loaded_and_warmed_up(pipe):
 
 @contextmanager
 def serving_service(service: LocalEditService):
-    """Like `serving`, for a service built by the test; does not wait for readiness."""
+    """Like `serving`, for a service built by the test; does not wait for readiness. Yields (URL, server)."""
     server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -188,10 +188,30 @@ def serving_service(service: LocalEditService):
     while not server.started:
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
     finally:
         server.should_exit = True
         thread.join(60)
+
+
+def test_graceful_shutdown_finishes_the_edits_it_accepted_and_takes_no_new_ones(pipe):
+    gated = GatedPipeline(pipe)
+    image = smooth_image(64, 64, seed=8)
+    service = LocalEditService(lambda: gated, ServeSettings(warmup=False, max_batch=1, max_wait_ms=0))
+    with ThreadPoolExecutor(2) as pool, serving_service(service) as (base, server):
+        while not service.ready:
+            time.sleep(0.02)
+        running = pool.submit(post_edit, base, image)
+        assert gated.entered.wait(30)
+        queued = pool.submit(post_edit, base, image, seed=2)
+        while service.batcher.queued < 1:
+            time.sleep(0.01)
+        server.should_exit = True  # what SIGTERM does
+        time.sleep(0.3)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{base}/healthz")
+        gated.release.set()
+        assert running.result().status_code == 200 and queued.result().status_code == 200
 
 
 # ---------------------------------------------------------------------------------------- bad requests

@@ -269,7 +269,18 @@ def run_demo(args: argparse.Namespace) -> None:
     print(args.out)
 
 
+def _require(module: str, extra: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ZoneError(f"`zone serve` needs {module}: pip install 'zone-engine[{extra}]'")
+
+
 def run_serve(args: argparse.Namespace) -> None:
+    for module in ("fastapi", "uvicorn", "multipart", "prometheus_client"):
+        _require(module, "serve")
+    if args.ray:
+        _require("ray", "ray")
     from .serving import LocalEditService, ServeSettings, run_server
 
     changes = _config_changes(args)
