@@ -94,8 +94,8 @@ PRESETS: dict[str, BenchConfig] = {
                                   repeats=16, warmup=2, device="cuda"),
 }
 
-THROUGHPUT_LABEL = ("sequential: the timed edits served one after another, edits ÷ wall time "
-                    "(no batched or concurrent serving path in the engine yet)")
+THROUGHPUT_LABEL = ("sequential: the timed edits run one after another, edits ÷ wall time "
+                    "(concurrent, batched serving: python -m benchmarks.load_test)")
 
 Progress = Callable[[str], None]
 EditRun = Callable[[], tuple[EditResult, dict[str, float], list[float]]]

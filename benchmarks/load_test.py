@@ -1,0 +1,520 @@
+"""`python -m benchmarks.load_test`: throughput and latency of `zone serve` under concurrent load, with and
+without dynamic batching, over loopback HTTP.
+
+    python -m benchmarks.load_test --out /tmp/loadrun                  # two tiny-model CPU servers, ~2 min
+    python -m benchmarks.load_test --url http://127.0.0.1:8000 --out results/   # a server already running
+
+By default it starts `zone serve` as a child process twice, one after the other, on a free loopback
+port: "batching" (--max-batch 8 --max-wait-ms 20) and "no-batching" (--max-batch 1 --max-wait-ms 0).
+After warm-up edits, for each concurrency level that many client workers send edits of one seeded
+random image, each edit with its own seed, until --requests were sent or --duration-s has passed: no
+request starts after that, those in flight finish (each within --timeout-s). Writes load.json and
+load.png to --out and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+INSTRUCTION = "make the house a golden statue"
+MODES = ("batching", "no-batching")
+
+Progress = Callable[[str], None]
+
+
+class LoadTestError(Exception):
+    """The load test cannot go on (a server did not start, a warm-up edit failed); the message says why."""
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """Everything one load test needs (the command line's options)."""
+
+    out: Path
+    concurrency: tuple[int, ...] = (1, 2, 4, 8)
+    requests: int = 32
+    duration_s: float = 60.0
+    size: tuple[int, int] = (64, 64)  # height, width
+    steps: int = 4
+    timeout_s: float = 120.0
+    warmup: int = 2
+    seed: int = 0
+    instruction: str = INSTRUCTION
+    url: str | None = None  # measure this server instead of starting two
+    max_batch: int = 8
+    max_wait_ms: float = 20.0
+    tiny: bool = True
+    device: str = "cpu"
+    server_args: tuple[str, ...] = ()
+    ready_timeout_s: float = 300.0
+
+
+# ------------------------------------------------------------------------------------------ servers
+
+
+def server_command(config: LoadConfig, mode: str, port: int) -> list[str]:
+    """`zone serve` for one mode; --server-arg values come last, so they override ours."""
+    batching = {"batching": ["--max-batch", str(config.max_batch), "--max-wait-ms", f"{config.max_wait_ms:g}"],
+                "no-batching": ["--max-batch", "1", "--max-wait-ms", "0"]}[mode]
+    return [sys.executable, "-m", "zone_engine.cli", "serve", *(["--tiny"] if config.tiny else []),
+            "--device", config.device, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+            *batching, *config.server_args]
+
+
+def free_port() -> int:
+    """A loopback port that is free now (another process could take it before the server binds: rare)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_ready(base: str, process: subprocess.Popen, timeout_s: float, log_path: Path) -> None:
+    """Poll /readyz until it answers 200; fail early if the server exits, or at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LoadTestError(f"the server exited with status {process.returncode} before it was ready; "
+                                f"end of {log_path}:\n{_log_tail(log_path)}")
+        with suppress(httpx.TransportError):  # not listening yet
+            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                return
+        time.sleep(0.25)
+    raise LoadTestError(f"the server was not ready within {timeout_s:g} s (--ready-timeout-s); "
+                        f"end of {log_path}:\n{_log_tail(log_path)}")
+
+
+def stop(process: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM (uvicorn finishes open requests and exits), then SIGKILL if it is still there after `grace_s`."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(grace_s)
+    finally:  # past the grace period, or a second Ctrl-C while waiting
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def local_server(command: list[str], port: int, log_path: Path, ready_timeout_s: float) -> Iterator[str]:
+    """Run a server command until its /readyz answers; yields its base URL; always stops it on the way out."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_ready(base, process, ready_timeout_s, log_path)
+            yield base
+        finally:
+            stop(process)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Unwind on SIGTERM (`timeout`, a job manager) as on Ctrl-C, so the child servers are stopped too."""
+    def interrupt(signum, frame) -> None:
+        on_sigint = signal.getsignal(signal.SIGINT)
+        if callable(on_sigint):  # Python's (raises KeyboardInterrupt) or asyncio.run's (cancels its task first)
+            on_sigint(signum, frame)
+        else:  # SIGINT ignored, as in a background job
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ------------------------------------------------------------------------------------------- client
+
+
+def seeded_png(height: int, width: int, seed: int) -> bytes:
+    """A smooth random RGB image as PNG: seeded colours on a 4x4 grid, upsampled (photo-like, compresses)."""
+    coarse = np.random.default_rng(seed).integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(coarse).resize((width, height), Image.BICUBIC).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition as {sample name with its labels: value}; lines that are not samples skipped."""
+    samples = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name and not line.startswith("#"):
+            with suppress(ValueError):
+                samples[name] = float(value)
+    return samples
+
+
+async def scrape(client: httpx.AsyncClient, base: str) -> dict[str, float] | None:
+    """The server's metrics now; None when it has none to give (then no batch sizes are reported)."""
+    try:
+        response = await client.get(f"{base}/metrics")
+    except httpx.HTTPError:
+        return None
+    return parse_metrics(response.text) if response.status_code == 200 else None
+
+
+def server_side(before: dict[str, float] | None, after: dict[str, float] | None) -> dict:
+    """Batches run and outcomes counted by the server between two scrapes (others' requests included)."""
+    if before is None or after is None:
+        return {"batches": None, "mean_batch_size": None, "server_outcomes": None}
+    delta = {name: value - before.get(name, 0.0) for name, value in after.items()}
+    batches = int(delta.get("zone_batch_size_count", 0))
+    outcomes = {name.split('"')[1]: int(value) for name, value in delta.items()
+                if name.startswith('zone_requests_total{outcome="')}
+    return {"batches": batches, "mean_batch_size": delta["zone_batch_size_sum"] / batches if batches else None,
+            "server_outcomes": outcomes}
+
+
+async def post_edit(client: httpx.AsyncClient, base: str, image: bytes, config: LoadConfig,
+                    seed: int) -> httpx.Response:
+    form = {"instruction": config.instruction, "seed": str(seed), "steps": str(config.steps), "return": "png"}
+    return await client.post(f"{base}/v1/edit", data=form, files={"image": ("load.png", image, "image/png")})
+
+
+@dataclass
+class Tally:
+    sent: int = 0
+    latencies_s: list[float] = field(default_factory=list)  # successful edits only
+    errors: Counter = field(default_factory=Counter)  # "HTTP 503", or the exception's name when no answer came
+
+
+async def send_one(client: httpx.AsyncClient, base: str, image: bytes, config: LoadConfig, seed: int,
+                   tally: Tally) -> None:
+    started = time.perf_counter()
+    try:
+        response = await post_edit(client, base, image, config, seed)
+    except httpx.HTTPError as error:  # refused, reset, or over --timeout-s
+        tally.errors[type(error).__name__] += 1
+        return
+    if response.status_code == 200:
+        tally.latencies_s.append(time.perf_counter() - started)
+    else:
+        tally.errors[f"HTTP {response.status_code}"] += 1
+
+
+def _percentiles_ms(latencies_s: list[float]) -> dict[str, float | None]:
+    if not latencies_s:
+        return {"p50": None, "p95": None, "p99": None, "mean": None, "max": None}
+    values = np.asarray(latencies_s) * 1e3
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "mean": float(values.mean()),
+            "max": float(values.max())}
+
+
+async def measure_level(base: str, concurrency: int, config: LoadConfig, image: bytes) -> dict:
+    """`concurrency` closed-loop workers until `config.requests` are sent or `config.duration_s` has passed."""
+    tally = Tally()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=config.timeout_s, limits=limits) as client:
+        before = await scrape(client, base)
+        started = time.perf_counter()
+        deadline = started + config.duration_s
+
+        async def worker() -> None:
+            while tally.sent < config.requests and time.perf_counter() < deadline:
+                seed = config.seed + tally.sent  # the same seeds at every level and mode: the same work
+                tally.sent += 1
+                await send_one(client, base, image, config, seed, tally)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall_s = time.perf_counter() - started
+        after = await scrape(client, base)
+    return {
+        "concurrency": concurrency,
+        "sent": tally.sent,
+        "ok": len(tally.latencies_s),
+        "errors": dict(sorted(tally.errors.items())),
+        "stopped_by": "requests" if tally.sent >= config.requests else "duration",
+        "wall_s": wall_s,
+        "edits_per_s": len(tally.latencies_s) / wall_s,
+        "latency_ms": _percentiles_ms(tally.latencies_s),
+        **server_side(before, after),
+    }
+
+
+async def warm_up(base: str, config: LoadConfig, image: bytes) -> None:
+    """Untimed edits at the measured size and steps, so first-call costs land on no level."""
+    async with httpx.AsyncClient(timeout=config.timeout_s) as client:
+        for index in range(config.warmup):
+            response = await post_edit(client, base, image, config, seed=config.seed + config.requests + index)
+            if response.status_code != 200:
+                raise LoadTestError(f"the warm-up edit at {base} failed: HTTP {response.status_code} "
+                                    f"{response.text[:500]}")
+
+
+async def measure_server(base: str, mode: str, config: LoadConfig, progress: Progress) -> dict:
+    """Warm-up, then one measurement per concurrency level, against the server at `base`."""
+    image = seeded_png(*config.size, config.seed)
+    await warm_up(base, config, image)
+    levels = []
+    for concurrency in config.concurrency:
+        level = await measure_level(base, concurrency, config, image)
+        progress(f"{mode} concurrency {concurrency}: {level['ok']}/{level['sent']} ok, "
+                 f"{level['edits_per_s']:.2f} edits/s, p95 {_ms(level['latency_ms']['p95'])} ms")
+        levels.append(level)
+    return {"mode": mode, "url": base, "levels": levels}
+
+
+# -------------------------------------------------------------------------------------------- a run
+
+
+def _cpu_model() -> str:
+    with suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info(config: LoadConfig) -> dict:
+    """The client's machine (also the servers' when this script starts them); torch is not imported here."""
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = None
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_model": _cpu_model(),
+            "cpu_count": os.cpu_count(), "torch": torch_version,
+            "server_device": config.device if config.url is None else "unknown (external server)"}
+
+
+def throughput_ratio(results: list[dict]) -> dict[str, float | None]:
+    """Batching ÷ no-batching edits/s at each concurrency both measured."""
+    by_mode = {result["mode"]: {level["concurrency"]: level["edits_per_s"] for level in result["levels"]}
+               for result in results}
+    if not set(MODES) <= set(by_mode):
+        return {}
+    batching, alone = by_mode["batching"], by_mode["no-batching"]
+    return {str(c): batching[c] / alone[c] if alone[c] else None for c in batching if c in alone}
+
+
+def measure_local(config: LoadConfig, mode: str, progress: Progress) -> dict:
+    """Start this mode's server, measure it, stop it: one server at a time, as they would share the device."""
+    port = free_port()
+    command = server_command(config, mode, port)
+    log_path = config.out / f"server-{mode}.log"
+    progress(f"{mode}: starting {' '.join(command[1:])}")
+    with local_server(command, port, log_path, config.ready_timeout_s) as base:
+        result = asyncio.run(measure_server(base, mode, config, progress))
+    return {**result, "server_command": command, "server_log": str(log_path)}
+
+
+def run_load_test(config: LoadConfig, progress: Progress = lambda _: None) -> dict:
+    """Measure the external server, or start, measure and stop each mode's server in turn; returns the record."""
+    started, load_before = time.perf_counter(), os.getloadavg()
+    config.out.mkdir(parents=True, exist_ok=True)
+    if config.url is not None:
+        results = [asyncio.run(measure_server(config.url.rstrip("/"), "external", config, progress))]
+    else:
+        results = [measure_local(config, mode, progress) for mode in MODES]
+    return {
+        "schema": 1,
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(config),
+        "settings": {**asdict(config), "out": str(config.out)},
+        "results": results,
+        "throughput_ratio": throughput_ratio(results),
+        # Client and servers share this machine's cores, and so does anything else running on it.
+        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
+def table(record: dict) -> str:
+    """The results as a markdown table, and the batching ÷ no-batching throughput line."""
+    settings = record["settings"]
+    lines = [
+        f"zone serve load test: {settings['size'][0]}x{settings['size'][1]} image, {settings['steps']} steps, "
+        f"up to {settings['requests']} requests or {settings['duration_s']:g} s per level; "
+        f"{record['machine']['cpu_model']}, {record['machine']['cpu_count']} cores",
+        "",
+        "| mode | concurrency | sent | ok | errors | edits/s | p50 ms | p95 ms | p99 ms | mean batch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in record["results"]:
+        for level in result["levels"]:
+            errors = ", ".join(f"{kind}: {count}" for kind, count in level["errors"].items()) or "0"
+            latency, batch = level["latency_ms"], level["mean_batch_size"]
+            lines.append(
+                f"| {result['mode']} | {level['concurrency']} | {level['sent']} | {level['ok']} | {errors} "
+                f"| {level['edits_per_s']:.2f} | {_ms(latency['p50'])} | {_ms(latency['p95'])} "
+                f"| {_ms(latency['p99'])} | {'–' if batch is None else f'{batch:.2f}'} |"
+            )
+    if record["throughput_ratio"]:
+        ratios = ", ".join(f"{c}: {'–' if r is None else f'{r:.2f}×'}" for c, r in record["throughput_ratio"].items())
+        lines += ["", f"batching ÷ no-batching throughput by concurrency: {ratios}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_plot(record: dict, path: Path) -> bool:
+    """Throughput and p95 latency against concurrency, one line per mode; False without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (speed, latency) = plt.subplots(1, 2, figsize=(10, 4))
+    for result in record["results"]:
+        levels = [level["concurrency"] for level in result["levels"]]
+        speed.plot(levels, [level["edits_per_s"] for level in result["levels"]], marker="o", label=result["mode"])
+        p95 = [level["latency_ms"]["p95"] for level in result["levels"]]
+        latency.plot(levels, [np.nan if v is None else v for v in p95], marker="o", label=result["mode"])
+    levels = sorted({level["concurrency"] for result in record["results"] for level in result["levels"]})
+    for axes, label in ((speed, "successful edits/s"), (latency, "p95 latency, ms")):
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(levels, [str(level) for level in levels])
+        axes.minorticks_off()
+        axes.set_ylim(bottom=0)
+        axes.set_xlabel("concurrent clients")
+        axes.set_ylabel(label)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    settings = record["settings"]
+    figure.suptitle(f"zone serve: {settings['size'][0]}x{settings['size'][1]}, {settings['steps']} steps, "
+                    f"server device {record['machine']['server_device']}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 1,2,4,8, got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"every concurrency must be at least 1, got {text!r}")
+    return levels
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 64x64, got {text!r}") from None
+    if min(height, width) < 1:
+        raise argparse.ArgumentTypeError(f"height and width must be positive, got {text!r}")
+    return height, width
+
+
+def parse_args(argv: list[str] | None) -> LoadConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.load_test",
+        description="Throughput and latency of `zone serve` under concurrent load, with dynamic batching and "
+                    "without: starts two servers (tiny models on the CPU by default), or measures --url.",
+        epilog="Real checkpoints on a GPU: --no-tiny --device cuda --server-arg=--ip2p=DIR "
+               "--server-arg=--magicbrush=DIR --server-arg=--sam=FILE.pth (write --server-arg=VALUE when the value "
+               "starts with a dash). Exit codes: 0 done, 2 a server did not start or a warm-up edit failed.",
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="folder for load.json, load.png and server logs")
+    parser.add_argument("--url", metavar="URL",
+                        help="measure this running server (label 'external') instead of starting two")
+    parser.add_argument("--concurrency", type=_levels, default=(1, 2, 4, 8), metavar="LIST",
+                        help="comma-separated numbers of concurrent clients (default: 1,2,4,8)")
+    parser.add_argument("--requests", type=int, default=32, metavar="N",
+                        help="requests per level at most (default: 32)")
+    parser.add_argument("--duration-s", type=float, default=60.0,
+                        help="no request starts after this many seconds of a level (default: 60)")
+    parser.add_argument("--size", type=_size, default=(64, 64), metavar="HxW",
+                        help="image height x width (default: 64x64)")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps per edit (default: 4)")
+    parser.add_argument("--timeout-s", type=float, default=120.0, help="client limit per request (default: 120)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed edits per server first (default: 2)")
+    parser.add_argument("--seed", type=int, default=0, help="image seed and first edit seed (default: 0)")
+    parser.add_argument("--instruction", default=INSTRUCTION, help=f"edit instruction (default: {INSTRUCTION!r})")
+    server = parser.add_argument_group("servers started by the load test (ignored with --url)")
+    server.add_argument("--max-batch", type=int, default=8, help="the batching server's --max-batch (default: 8)")
+    server.add_argument("--max-wait-ms", type=float, default=20.0,
+                        help="the batching server's --max-wait-ms (default: 20)")
+    server.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=True,
+                        help="tiny random models (default); --no-tiny for real checkpoints via --server-arg")
+    server.add_argument("--device", default="cpu", help="the servers' --device (default: cpu)")
+    server.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                        help="one more `zone serve` argument, repeatable, after the load test's own")
+    server.add_argument("--ready-timeout-s", type=float, default=300.0,
+                        help="longest wait for a server's /readyz (default: 300)")
+    args = parser.parse_args(argv)
+    if args.requests < 1 or args.steps < 1 or args.warmup < 0 or min(args.duration_s, args.timeout_s) <= 0:
+        parser.error("need --requests >= 1, --steps >= 1, --warmup >= 0, --duration-s > 0, --timeout-s > 0")
+    return LoadConfig(
+        out=args.out, concurrency=args.concurrency, requests=args.requests, duration_s=args.duration_s,
+        size=args.size, steps=args.steps, timeout_s=args.timeout_s, warmup=args.warmup, seed=args.seed,
+        instruction=args.instruction, url=args.url, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        tiny=args.tiny, device=args.device, server_args=tuple(args.server_arg), ready_timeout_s=args.ready_timeout_s,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m benchmarks.load_test`; returns the exit status."""
+    config = parse_args(argv)
+
+    def progress(message: str) -> None:
+        print(f"[load] {message}", file=sys.stderr, flush=True)
+
+    try:
+        with sigterm_as_interrupt():
+            record = run_load_test(config, progress)
+    except LoadTestError as error:
+        print(f"load test: {error}", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as error:
+        print(f"load test: no answer from the server ({type(error).__name__}: {error})", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("load test: interrupted", file=sys.stderr)
+        return 130
+    record["command"] = " ".join(["python -m benchmarks.load_test", *(sys.argv[1:] if argv is None else argv)])
+    (config.out / "load.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(table(record))
+    print(f"json: {config.out / 'load.json'}")
+    if write_plot(record, config.out / "load.png"):
+        print(f"chart: {config.out / 'load.png'}")
+    else:
+        print("chart: skipped, matplotlib is not installed (pip install 'zone-engine[bench]')")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

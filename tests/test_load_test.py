@@ -1,0 +1,101 @@
+"""The serving load test (benchmarks/load_test.py): against an in-process server of tiny models its record
+adds up, it stops by itself, counts what fails, and stops the servers it starts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import httpx
+import pytest
+from test_serving import serving
+
+from benchmarks.load_test import (
+    LoadConfig,
+    LoadTestError,
+    free_port,
+    local_server,
+    main,
+    measure_level,
+    parse_args,
+    seeded_png,
+)
+from zone_engine import ZonePipeline
+from zone_engine.config import EditConfig, SamConfig
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models):
+    return ZonePipeline(tiny_models, device="cpu", denoiser="fused",
+                        default_config=EditConfig(steps=2, sam=SamConfig.for_random_weights()))
+
+
+def test_against_a_running_server_the_record_adds_up(pipe, tmp_path):
+    with serving(pipe, max_batch=4, max_wait_ms=20) as (base, _):
+        status = main(["--url", base, "--concurrency", "1,2", "--requests", "4", "--steps", "2", "--warmup", "1",
+                       "--out", str(tmp_path)])
+    assert status == 0
+    record = json.loads((tmp_path / "load.json").read_text())
+    assert {"settings", "machine", "created_utc", "results", "command"} <= set(record)
+    assert record["machine"]["cpu_count"] and record["settings"]["url"] == base
+    (result,) = record["results"]
+    assert result["mode"] == "external" and [level["concurrency"] for level in result["levels"]] == [1, 2]
+    for level in result["levels"]:
+        assert level["sent"] == level["ok"] + sum(level["errors"].values()) == 4
+        assert level["ok"] == 4 and level["stopped_by"] == "requests" and level["edits_per_s"] > 0
+        latency = level["latency_ms"]
+        assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
+        assert level["server_outcomes"]["ok"] == 4  # the server counted what the client sent, nothing else
+        assert level["batches"] >= 1 and 1 <= level["mean_batch_size"] <= level["concurrency"]
+    assert record["throughput_ratio"] == {}  # one mode only
+    assert (tmp_path / "load.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_the_client_stops_by_duration_when_requests_are_many(pipe, tmp_path):
+    config = LoadConfig(out=tmp_path, requests=10_000, duration_s=1.0, steps=2)
+    with serving(pipe) as (base, _):
+        started = time.monotonic()
+        level = asyncio.run(measure_level(base, 2, config, seeded_png(64, 64, 0)))
+        elapsed = time.monotonic() - started
+    assert level["stopped_by"] == "duration" and 0 < level["sent"] < 10_000
+    assert level["sent"] == level["ok"] + sum(level["errors"].values())
+    assert elapsed < 10  # the deadline, plus the edits in flight then
+
+
+def test_no_answer_is_counted_by_exception_type(tmp_path):
+    config = LoadConfig(out=tmp_path, requests=3, timeout_s=5)
+    level = asyncio.run(measure_level(f"http://127.0.0.1:{free_port()}", 1, config, seeded_png(8, 8, 0)))
+    assert level["sent"] == 3 and level["ok"] == 0 and level["errors"] == {"ConnectError": 3}
+    assert level["edits_per_s"] == 0 and level["latency_ms"]["p95"] is None and level["mean_batch_size"] is None
+
+
+def test_a_started_server_is_waited_for_and_always_stopped(tmp_path):
+    (tmp_path / "readyz").write_text("ready")  # http.server answers GET /readyz from this file
+    port = free_port()
+    command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)]
+    with local_server(command, port, tmp_path / "server.log", ready_timeout_s=30) as base:
+        assert httpx.get(f"{base}/readyz").status_code == 200
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{base}/readyz")
+
+    crashing = [sys.executable, "-c", "import sys; print('no models here'); sys.exit(3)"]
+    with (pytest.raises(LoadTestError, match="status 3(.|\n)*no models here"),
+          local_server(crashing, free_port(), tmp_path / "crash.log", ready_timeout_s=30)):
+        pass
+
+
+def test_options_parse_and_help_exits_cleanly(tmp_path, capsys):
+    config = parse_args(["--out", str(tmp_path), "--size", "96x64", "--concurrency", "1,3",
+                         "--server-arg=--denoiser=eager", "--no-tiny", "--device", "cuda"])
+    assert (config.size, config.concurrency, config.server_args, config.tiny) == ((96, 64), (1, 3),
+                                                                                   ("--denoiser=eager",), False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0 and "--server-arg" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--out", str(tmp_path), "--size", "64"])
+    assert exit_.value.code == 2
