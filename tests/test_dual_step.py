@@ -79,3 +79,46 @@ def test_whole_edit_is_the_same_with_either_denoiser(tiny_models):
     # uint8 rounding of values that differ in the last float bit can move a pixel by one level.
     assert np.abs(results["eager"].styled.astype(int) - results["fused"].styled.astype(int)).max() <= 1
     assert np.abs(results["eager"].image.astype(int) - results["fused"].image.astype(int)).max() <= 1
+
+
+def test_cuda_graphs_are_refused_off_cuda_and_by_the_eager_reference(tiny_models):
+    from zone_engine.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="CUDA graphs need a CUDA device"):
+        ZonePipeline(tiny_models, device="cpu", denoiser="fused", cuda_graphs=True)
+    assert ZonePipeline(tiny_models, device="cpu", denoiser="fused").denoiser.cuda_graphs is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA GPU")
+def test_cuda_graph_replay_equals_eager_and_captures_once_per_shape(tiny_models):
+    import copy
+
+    device = torch.device("cuda")
+    ip2p, mb = copy.deepcopy(tiny_models.ip2p_unet).to(device), copy.deepcopy(tiny_models.mb_unet).to(device)
+    eager = FusedDualDenoiser(ip2p, mb, tiny_models.scheduler_config)
+    graphed = FusedDualDenoiser(ip2p, mb, tiny_models.scheduler_config, cuda_graphs=True)
+    config = EditConfig(steps=4)
+
+    def inputs(seed, size=(64, 96)):
+        encoded = encode_instruction(tiny_models.tokenizer, tiny_models.text_encoder, f"add hat number {seed}")
+        return DenoiseInputs(
+            context=encoded.context.to(device),
+            image_latents=encode_image_latents(tiny_models.vae, smooth_image(*size, seed=seed), torch.float32)
+            .to(device),
+            noise=initial_noise(seed, (size[0] // 8, size[1] // 8), device, torch.float32),
+        )
+
+    # Two shapes (one edit, a batch of two), each run twice with new inputs: 2 captures, not 4.
+    for batch in ([inputs(1)], [inputs(2), inputs(3)], [inputs(4)], [inputs(5), inputs(6)]):
+        betas = [0.01, 0.2][: len(batch)]
+        expected_attention = [AttentionAccumulator() for _ in batch]
+        got_attention = [AttentionAccumulator() for _ in batch]
+        expected = eager.denoise_batch(batch, config, betas, expected_attention)
+        got = graphed.denoise_batch(batch, config, betas, got_attention)
+        # The same kernels on the same inputs; 1e-5 leaves room for cuDNN picking another algorithm at capture.
+        for g, e in zip(got, expected, strict=True):
+            assert (g - e).abs().max().item() <= 1e-5
+        for g, e in zip(got_attention, expected_attention, strict=True):
+            assert g.rows == e.rows and torch.allclose(g.total, e.total, rtol=0, atol=1e-5)
+    assert graphed.captures == 2

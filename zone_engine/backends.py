@@ -61,20 +61,30 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def make_denoiser(
-    models: ZoneModels, kind: str = "eager", device: torch.device | None = None, engines: Path | None = None
+    models: ZoneModels, kind: str = "eager", device: torch.device | None = None, engines: Path | None = None,
+    cuda_graphs: bool | None = None,
 ) -> Denoiser:
     """eager: the sequential reference; fused: one dual step of tensor ops; compile: fused + torch.compile;
-    tensorrt: the exported dual step run by TensorRT (`engines`: a `zone export unet` folder)."""
+    tensorrt: the exported dual step run by TensorRT (`engines`: a `zone export unet` folder).
+    `cuda_graphs` (fused, compile, tensorrt): replay each step from a CUDA graph; None = on for CUDA."""
+    on_cuda = device is not None and device.type == "cuda"
+    if cuda_graphs and not on_cuda:
+        raise DeviceError("CUDA graphs need a CUDA device; drop --cuda-graphs or use --device cuda")
+    graphs = on_cuda if cuda_graphs is None else cuda_graphs
     if kind == "eager":
+        if cuda_graphs:
+            raise DeviceError("the eager reference denoiser has no CUDA-graph path: use --denoiser fused")
         return SequentialDenoiser(models.ip2p_unet, models.mb_unet, models.scheduler_config)
     if kind in ("fused", "compile"):
-        return FusedDualDenoiser(models.ip2p_unet, models.mb_unet, models.scheduler_config, compile=kind == "compile")
+        return FusedDualDenoiser(models.ip2p_unet, models.mb_unet, models.scheduler_config, compile=kind == "compile",
+                                 cuda_graphs=graphs)
     if kind == "tensorrt":
         if engines is None:
             raise DeviceError("--denoiser tensorrt needs --engines DIR: a folder written by `zone export unet`")
         from .tensorrt_denoiser import TensorRTDenoiser
 
-        return TensorRTDenoiser.from_export(Path(engines), models.scheduler_config, device=device or "cuda")
+        return TensorRTDenoiser.from_export(Path(engines), models.scheduler_config, device=device or "cuda",
+                                            cuda_graph=graphs)
     raise DeviceError(f"unknown denoiser backend {kind!r}: available {', '.join(DENOISERS)}")
 
 

@@ -41,6 +41,9 @@ def _add_backend_options(parser: argparse.ArgumentParser, denoiser: str = "eager
                        f"engine (see --engines). Default: {denoiser}")
     group.add_argument("--engines", type=Path, metavar="DIR",
                        help="with --denoiser tensorrt: the folder written by `zone export unet`")
+    group.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                       help="replay each denoising step from a captured CUDA graph (fused, compile, tensorrt); "
+                       "default: on with CUDA")
     group.add_argument("--segmenter", default="torch", choices=SEGMENTERS,
                        help="refinement SAM: torch (segment-anything, default) or onnx (exported, see --sam-onnx)")
     group.add_argument("--sam-onnx", type=Path, metavar="DIR",
@@ -187,7 +190,7 @@ def run_build_engine(args: argparse.Namespace) -> None:
 
 def _backend_options(args: argparse.Namespace) -> dict:
     return dict(denoiser=args.denoiser, kernels=args.kernels, engines=args.engines, segmenter=args.segmenter,
-                sam_onnx=args.sam_onnx)
+                sam_onnx=args.sam_onnx, cuda_graphs=args.cuda_graphs)
 
 
 def _pipeline_spec(args: argparse.Namespace):

@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import EditConfig
 from .denoise import DenoiseInputs, guided_noise, make_scheduler
-from .localize import AttentionAccumulator, attention_grid, record_cross_attention
+from .localize import Accumulate, AttentionAccumulator, attention_grid, record_cross_attention
 from .solver import SolverSchedule, data_prediction, solver_schedule, solver_update
 
 
@@ -95,14 +95,37 @@ def advance(schedule: SolverSchedule, state: DualState, eps_mb: torch.Tensor, ep
     state.step.add_(1)
 
 
-class FusedDualDenoiser:
-    """The `Denoiser` built on `dual_step`; `compile=True` runs the step through torch.compile."""
+@dataclass
+class CapturedStep:
+    """One dual step recorded as a CUDA graph over static buffers, for one (batch, latent size, steps).
 
-    def __init__(self, ip2p_unet: nn.Module, mb_unet: nn.Module, scheduler_config: dict, compile: bool = False):
+    Replays read `state.step` on the device, so one graph serves every step. What the graph reads
+    is copied into `inputs`, `state`, `guidance` and `beta` before an edit; what it writes (the
+    trajectories, each edit's attention sum in `attention`) is read after.
+    """
+
+    graph: torch.cuda.CUDAGraph
+    inputs: DenoiseInputs
+    state: DualState
+    guidance: torch.Tensor
+    beta: torch.Tensor
+    attention: list[AttentionAccumulator]
+    rows_per_step: list[int]
+
+
+class FusedDualDenoiser:
+    """The `Denoiser` built on `dual_step`; `compile=True` runs the step through torch.compile;
+    `cuda_graphs=True` (on CUDA) captures the step once per (batch, latent size, steps) and replays it."""
+
+    def __init__(self, ip2p_unet: nn.Module, mb_unet: nn.Module, scheduler_config: dict, compile: bool = False,
+                 cuda_graphs: bool = False):
         self.unet = DualUNet(mb_unet, ip2p_unet)
         self.scheduler_config = scheduler_config
         self.step_fn = torch.compile(dual_step, dynamic=False) if compile else dual_step
+        self.cuda_graphs = cuda_graphs
         self._schedules: dict[tuple[int, torch.device], SolverSchedule] = {}
+        self._graphs: dict[tuple, CapturedStep] = {}
+        self.captures = 0  # graphs recorded so far: one per new shape, never one per edit
 
     def schedule(self, steps: int, device: torch.device) -> SolverSchedule:
         key = (steps, device)
@@ -122,20 +145,80 @@ class FusedDualDenoiser:
     ) -> list[torch.Tensor]:
         """B edits of one latent size as one batch (6B UNet rows a step); each edit's final z_ip (1, 4, h, w)."""
         batch = DenoiseInputs.stack(inputs)
-        latent_size = tuple(batch.noise.shape[-2:])
-        with record_cross_attention(self.unet.ip2p_unet, latent_size, attention_grid(latent_size), attention):
-            latents = self._loop(batch, config, betas, on_step)
-        return list(latents.to(batch.noise.dtype).split(1))
-
-    def _loop(self, batch: DenoiseInputs, config: EditConfig, betas: Sequence[float],
-              on_step: Callable[[int], None] | None) -> torch.Tensor:
         device = batch.noise.device
         schedule = self.schedule(config.steps, device)
-        state = DualState.start(batch.noise)
         guidance = torch.tensor([config.text_guidance, config.image_guidance], device=device)
         beta_tensor = torch.tensor(betas, device=device).view(-1, 1, 1, 1)
+        if self.cuda_graphs and device.type == "cuda":
+            latents = self._replay(batch, schedule, guidance, beta_tensor, attention, on_step)
+        else:
+            latent_size = tuple(batch.noise.shape[-2:])
+            with record_cross_attention(self.unet.ip2p_unet, latent_size, attention_grid(latent_size), attention):
+                latents = self._loop(batch, schedule, DualState.start(batch.noise), guidance, beta_tensor, on_step)
+        return list(latents.to(batch.noise.dtype).split(1))
+
+    def _loop(self, batch: DenoiseInputs, schedule: SolverSchedule, state: DualState, guidance: torch.Tensor,
+              beta: torch.Tensor, on_step: Callable[[int], None] | None) -> torch.Tensor:
         for index in range(schedule.steps):
-            self.step_fn(self.unet, schedule, state, batch.image_latents, batch.context, guidance, beta_tensor)
+            self.step_fn(self.unet, schedule, state, batch.image_latents, batch.context, guidance, beta)
             if on_step is not None:
                 on_step(index)
         return state.z_ip
+
+    def _replay(self, batch: DenoiseInputs, schedule: SolverSchedule, guidance: torch.Tensor, beta: torch.Tensor,
+                attention: Sequence[AttentionAccumulator], on_step: Callable[[int], None] | None) -> torch.Tensor:
+        key = (tuple(batch.noise.shape), batch.context.shape, batch.image_latents.dtype, schedule.steps)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(batch, schedule, guidance, beta, attention[0].accumulate)
+        captured = self._graphs[key]
+        load_static(captured, batch, guidance, beta)
+        for index in range(schedule.steps):
+            captured.graph.replay()
+            if on_step is not None:
+                on_step(index)
+        for edit, static, rows in zip(attention, captured.attention, captured.rows_per_step, strict=True):
+            edit.add_sum(static.total.clone(), rows * schedule.steps)
+        return captured.state.z_ip.clone()
+
+    def _capture(self, batch: DenoiseInputs, schedule: SolverSchedule, guidance: torch.Tensor,
+                 beta: torch.Tensor, accumulate: Accumulate) -> CapturedStep:
+        """Warm up on a side stream (allocations, autotuning happen outside the graph), then record one step."""
+        static = DenoiseInputs(batch.context.clone(), batch.image_latents.clone(), batch.noise.clone())
+        state = DualState.start(static.noise)
+        accumulators = [AttentionAccumulator(accumulate) for _ in range(batch.noise.shape[0])]
+        args = (self.unet, schedule, state, static.image_latents, static.context, guidance.clone(), beta.clone())
+        latent_size = tuple(batch.noise.shape[-2:])
+        with record_cross_attention(self.unet.ip2p_unet, latent_size, attention_grid(latent_size), accumulators):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
+                    state.step.zero_()
+                    self.step_fn(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            rows_per_step = [accumulator.rows // WARMUP_STEPS for accumulator in accumulators]
+            state.step.zero_()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.step_fn(*args)
+        self.captures += 1
+        return CapturedStep(graph, static, state, args[5], args[6], accumulators, rows_per_step)
+
+
+WARMUP_STEPS = 3  # eager steps before capture, as torch.cuda.graphs' documentation advises
+
+
+def load_static(captured: CapturedStep, batch: DenoiseInputs, guidance: torch.Tensor, beta: torch.Tensor) -> None:
+    """Copy one edit batch into a captured step's static buffers and reset its loop state."""
+    captured.inputs.context.copy_(batch.context)
+    captured.inputs.image_latents.copy_(batch.image_latents)
+    state = captured.state
+    state.z_mb.copy_(batch.noise)
+    state.z_ip.copy_(batch.noise)
+    state.x0_mb.zero_()
+    state.x0_ip.zero_()
+    state.step.zero_()
+    captured.guidance.copy_(guidance)
+    captured.beta.copy_(beta)
+    for accumulator in captured.attention:
+        accumulator.total.zero_()

@@ -54,6 +54,13 @@ class AttentionAccumulator:
         self.accumulate(self.total, query, key, scale)
         self.rows += query.shape[0] * query.shape[1]
 
+    def add_sum(self, total: torch.Tensor, rows: int) -> None:
+        """Add an already-summed map (N, 77) holding `rows` rows (from an engine or a CUDA-graph replay)."""
+        if self.total is None:
+            self.total = torch.zeros_like(total, dtype=torch.float32)
+        self.total.add_(total)
+        self.rows += rows
+
     def average(self) -> torch.Tensor:
         """Mean attention map (N, 77) over every recorded step, layer and row."""
         if self.total is None:

@@ -147,6 +147,7 @@ class ZonePipeline:
         self, models: ZoneModels, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
         default_config: EditConfig | None = None, denoiser: str = "eager", segmenter: str = "torch",
         kernels: str = "auto", engines: str | Path | None = None, sam_onnx: str | Path | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         if segmenter == "torch" and models.sam is None:
             raise ConfigError("no SAM checkpoint was loaded: pass sam=CKPT, or segmenter='onnx' with sam_onnx=DIR")
@@ -154,7 +155,7 @@ class ZonePipeline:
         self.dtype = resolve_dtype(dtype, self.device)
         self.models = models.to(self.device, self.dtype)
         self.default_config = default_config or EditConfig()
-        self.denoiser = make_denoiser(self.models, denoiser, self.device, engines)
+        self.denoiser = make_denoiser(self.models, denoiser, self.device, engines, cuda_graphs)
         self.accumulate, self.binarize = make_localization_kernels(kernels, self.device)
         self.segmenter_kind, self.sam_onnx = segmenter, sam_onnx
         self._segmenters: dict[SamConfig, Segmenter] = {}

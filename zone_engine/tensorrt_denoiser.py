@@ -55,14 +55,6 @@ def import_tensorrt() -> Any:
     return tensorrt
 
 
-def add_attention_sum(accumulator: AttentionAccumulator, total: torch.Tensor, rows: int) -> None:
-    """Add an already-summed attention map (N, 77) fp32 holding `rows` rows to the accumulator."""
-    if accumulator.total is None:
-        accumulator.total = torch.zeros_like(total, dtype=torch.float32)
-    accumulator.total.add_(total)
-    accumulator.rows += rows
-
-
 def require_tensorrt_runtime(device: torch.device) -> Any:
     """The tensorrt module when it and a CUDA device are there; else one DeviceError naming all that is missing."""
     problems = []
@@ -194,5 +186,5 @@ class TensorRTDenoiser:
                         self.step(schedule, state, buffers, beta_tensor, total)
             if on_step is not None:
                 on_step(index)
-        add_attention_sum(attention, total, self.rows_per_step * schedule.steps)
+        attention.add_sum(total, self.rows_per_step * schedule.steps)
         return state.z_ip.to(inputs.noise.dtype)

@@ -28,12 +28,13 @@ class PipelineSpec:
     engines: Path | None = None
     segmenter: str = "torch"
     sam_onnx: Path | None = None
+    cuda_graphs: bool | None = None
 
     def build(self):
         from ..pipeline import ZonePipeline
 
         backends = dict(denoiser=self.denoiser, kernels=self.kernels, engines=self.engines, segmenter=self.segmenter,
-                        sam_onnx=self.sam_onnx)
+                        sam_onnx=self.sam_onnx, cuda_graphs=self.cuda_graphs)
         if self.tiny:
             return ZonePipeline.tiny(device=self.device, **backends)
         return ZonePipeline.from_pretrained(
