@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import subprocess
@@ -151,6 +152,12 @@ def test_onnx_segmenter_without_export_folder(capsys, photo, tmp_path):
                             "--no-progress"], "zone export sam")
 
 
+SERVE_MISSING = [m for m in ("fastapi", "uvicorn", "httpx", "multipart", "prometheus_client")
+                 if importlib.util.find_spec(m) is None]
+requires_serve = pytest.mark.skipif(bool(SERVE_MISSING), reason=f"needs the serve extra (missing {SERVE_MISSING})")
+
+
+@requires_serve
 def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path):
     out = subprocess.run([sys.executable, "-m", "zone_engine.cli", "serve", "--help"], capture_output=True, text=True)
     for option in ("--port", "--max-batch", "--max-wait-ms", "--queue-size", "--timeout-s", "--ray", "--replicas",
@@ -164,6 +171,7 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path):
                    "not found")
 
 
+@requires_serve
 def test_serve_runs_answers_and_stops_on_sigterm(tmp_path):
     import signal
     import socket

@@ -3,13 +3,17 @@ adds up, it stops by itself, counts what fails, and stops the servers it starts.
 
 from __future__ import annotations
 
+import pytest
+
+for _module in ("fastapi", "uvicorn", "httpx", "multipart", "prometheus_client"):
+    pytest.importorskip(_module, reason="the service needs the serve extra: pip install -e '.[serve]'")
+
 import asyncio
 import json
 import sys
 import time
 
 import httpx
-import pytest
 from test_serving import serving
 
 from benchmarks.load_test import (

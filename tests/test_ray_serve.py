@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install -e '.[ray]'")
+
 import asyncio
 import socket
 
 import httpx
 import numpy as np
-import pytest
 from conftest import smooth_image
 from test_serving import decode_png, post_concurrently, post_edit
 
-pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'ray[serve]')")
-
-from zone_engine.serving import PipelineSpec, ServeSettings  # noqa: E402
-from zone_engine.serving.ray_serve import deploy, shutdown  # noqa: E402
+from zone_engine.serving import PipelineSpec, ServeSettings
+from zone_engine.serving.ray_serve import deploy, shutdown
 
 
 @pytest.fixture(scope="module")

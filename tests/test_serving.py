@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
+for _module in ("fastapi", "uvicorn", "httpx", "multipart", "prometheus_client"):
+    pytest.importorskip(_module, reason="the service needs the serve extra: pip install -e '.[serve]'")
+
 import asyncio
 import base64
 import io
@@ -13,7 +18,6 @@ from contextlib import contextmanager
 
 import httpx
 import numpy as np
-import pytest
 import uvicorn
 from conftest import smooth_image
 from PIL import Image
