@@ -122,3 +122,30 @@ def test_cuda_graph_replay_equals_eager_and_captures_once_per_shape(tiny_models)
         for g, e in zip(got_attention, expected_attention, strict=True):
             assert g.rows == e.rows and torch.allclose(g.total, e.total, rtol=0, atol=1e-5)
     assert graphed.captures == 2
+
+
+def test_xformers_is_refused_with_a_reason_where_it_cannot_run(tiny_models):
+    from zone_engine.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="needs a CUDA device"):
+        ZonePipeline(tiny_models, device="cpu", attention="xformers")
+    with pytest.raises(DeviceError, match="unknown attention backend"):
+        ZonePipeline(tiny_models, device="cpu", attention="flash")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers attention needs a CUDA GPU")
+def test_xformers_attention_matches_sdpa(tiny_models):
+    pytest.importorskip("xformers", reason="xformers is not installed")
+    import copy
+
+    image = smooth_image(64, 96, seed=9)
+    config = EditConfig(steps=3, sam=SamConfig.for_random_weights())
+    results = {
+        kind: ZonePipeline(copy.deepcopy(tiny_models), device="cuda", denoiser="fused", attention=kind).edit(
+            image, "add a hat", config)
+        for kind in ("sdpa", "xformers")
+    }
+    # Different attention kernels, fp32: the styled images agree to a few uint8 levels.
+    difference = np.abs(results["sdpa"].styled.astype(int) - results["xformers"].styled.astype(int))
+    assert difference.max() <= 3

@@ -22,6 +22,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 DENOISERS = ("eager", "fused", "compile", "tensorrt")
 SEGMENTERS = ("torch", "onnx")
 LOCALIZATION_KERNELS = ("auto", "torch", "triton")
+ATTENTION = ("sdpa", "xformers")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -86,6 +87,24 @@ def make_denoiser(
         return TensorRTDenoiser.from_export(Path(engines), models.scheduler_config, device=device or "cuda",
                                             cuda_graph=graphs)
     raise DeviceError(f"unknown denoiser backend {kind!r}: available {', '.join(DENOISERS)}")
+
+
+def configure_attention(models: ZoneModels, kind: str, device: torch.device) -> None:
+    """sdpa: PyTorch's scaled_dot_product_attention (diffusers' default processor); xformers: its
+    memory-efficient kernels in both UNets and the VAE (CUDA only). The few cross-attention layers
+    that localization records keep their recording SDPA processor while denoising either way."""
+    if kind == "sdpa":
+        return
+    if kind != "xformers":
+        raise DeviceError(f"unknown attention backend {kind!r}: available {', '.join(ATTENTION)}")
+    if device.type != "cuda":
+        raise DeviceError("--attention xformers needs a CUDA device; on the CPU use --attention sdpa")
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:
+        raise DeviceError("--attention xformers needs xformers: pip install xformers (or use --attention sdpa)")
+    for module in (models.ip2p_unet, models.mb_unet, models.vae):
+        module.enable_xformers_memory_efficient_attention()
 
 
 def make_segmenter(

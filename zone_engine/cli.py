@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .backends import DENOISERS, LOCALIZATION_KERNELS, SEGMENTERS
+from .backends import ATTENTION, DENOISERS, LOCALIZATION_KERNELS, SEGMENTERS
 from .config import Action, EditConfig, parse_action
 from .errors import ZoneError
 from .models import IP2P_ID, MAGICBRUSH_ID
@@ -41,6 +41,9 @@ def _add_backend_options(parser: argparse.ArgumentParser, denoiser: str = "eager
                        f"engine (see --engines). Default: {denoiser}")
     group.add_argument("--engines", type=Path, metavar="DIR",
                        help="with --denoiser tensorrt: the folder written by `zone export unet`")
+    group.add_argument("--attention", default="sdpa", choices=ATTENTION,
+                       help="attention kernels of the UNets and VAE: sdpa (PyTorch, default) or xformers (CUDA, "
+                       "needs `pip install xformers`)")
     group.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="replay each denoising step from a captured CUDA graph (fused, compile, tensorrt); "
                        "default: on with CUDA")
@@ -190,7 +193,7 @@ def run_build_engine(args: argparse.Namespace) -> None:
 
 def _backend_options(args: argparse.Namespace) -> dict:
     return dict(denoiser=args.denoiser, kernels=args.kernels, engines=args.engines, segmenter=args.segmenter,
-                sam_onnx=args.sam_onnx, cuda_graphs=args.cuda_graphs)
+                sam_onnx=args.sam_onnx, cuda_graphs=args.cuda_graphs, attention=args.attention)
 
 
 def _pipeline_spec(args: argparse.Namespace):

@@ -15,7 +15,14 @@ from tqdm.auto import tqdm
 
 from . import blend, image_io
 from .action import classify_action
-from .backends import make_denoiser, make_localization_kernels, make_segmenter, resolve_device, resolve_dtype
+from .backends import (
+    configure_attention,
+    make_denoiser,
+    make_localization_kernels,
+    make_segmenter,
+    resolve_device,
+    resolve_dtype,
+)
 from .config import Action, EditConfig, SamConfig
 from .denoise import BatchDenoiser, DenoiseInputs, initial_noise
 from .errors import ConfigError, EditCancelled
@@ -147,12 +154,13 @@ class ZonePipeline:
         self, models: ZoneModels, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
         default_config: EditConfig | None = None, denoiser: str = "eager", segmenter: str = "torch",
         kernels: str = "auto", engines: str | Path | None = None, sam_onnx: str | Path | None = None,
-        cuda_graphs: bool | None = None,
+        cuda_graphs: bool | None = None, attention: str = "sdpa",
     ) -> None:
         if segmenter == "torch" and models.sam is None:
             raise ConfigError("no SAM checkpoint was loaded: pass sam=CKPT, or segmenter='onnx' with sam_onnx=DIR")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        configure_attention(models, attention, self.device)  # checked before gigabytes move
         self.models = models.to(self.device, self.dtype)
         self.default_config = default_config or EditConfig()
         self.denoiser = make_denoiser(self.models, denoiser, self.device, engines, cuda_graphs)

@@ -29,12 +29,14 @@ class PipelineSpec:
     segmenter: str = "torch"
     sam_onnx: Path | None = None
     cuda_graphs: bool | None = None
+    attention: str = "sdpa"
 
     def build(self):
         from ..pipeline import ZonePipeline
 
         backends = dict(denoiser=self.denoiser, kernels=self.kernels, engines=self.engines, segmenter=self.segmenter,
-                        sam_onnx=self.sam_onnx, cuda_graphs=self.cuda_graphs)
+                        sam_onnx=self.sam_onnx, cuda_graphs=self.cuda_graphs,
+                        attention=self.attention)
         if self.tiny:
             return ZonePipeline.tiny(device=self.device, **backends)
         return ZonePipeline.from_pretrained(
