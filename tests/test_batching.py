@@ -156,3 +156,20 @@ def test_cancelled_edits_stop_and_say_so(fused_pipe):
         del fused_pipe.denoiser.denoise_batch
     assert all(isinstance(outcome, EditCancelled) for outcome in outcomes)
     assert steps_run == [0]
+
+
+def test_a_denoiser_that_cannot_batch_runs_the_edits_one_by_one(tiny_pipe):
+    image, config = smooth_image(64, 64, seed=4), tiny_pipe.default_config.replace(steps=2)
+    requests = [EditRequest(image, "add a hat", config.replace(seed=seed)) for seed in (1, 2)]
+    results = tiny_pipe.edit_batch(requests)
+    for request, result in zip(requests, results, strict=True):
+        assert np.array_equal(result.image, tiny_pipe.edit(request.image, request.instruction, request.config).image)
+
+    polls = []
+
+    def stop() -> bool:
+        polls.append(1)
+        return False
+
+    tiny_pipe.denoise([tiny_pipe.prepare(image, "add a hat", config) for _ in range(2)], stop=stop)
+    assert len(polls) == 2 * config.steps  # one loop per edit, polled after every step
