@@ -2,7 +2,9 @@
 
 One process builds the random-weight models once, then times (a) the baseline (benchmarks/baseline.py)
 and (b) the engine with each backend in `zone_engine.backends.DENOISERS`, on the same image, seed,
-steps and forced action; compares their outputs; and writes JSON, markdown and a PNG chart.
+steps and forced action; with `batch` > 1 it also times batches of concurrent edits
+(`ZonePipeline.edit_batch`) on every engine backend that denoises a batch as one; compares their
+outputs; and writes JSON, markdown and a PNG chart.
 """
 
 from __future__ import annotations
@@ -24,21 +26,22 @@ import torch
 from zone_engine.action import classify_action
 from zone_engine.backends import DENOISERS, DTYPES, resolve_device, resolve_dtype
 from zone_engine.config import Action, EditConfig, SamConfig, parse_action
+from zone_engine.denoise import BatchDenoiser
 from zone_engine.errors import ZoneError
 from zone_engine.image_io import make_sample_image, working_geometry
 from zone_engine.models import PRESETS as MODEL_PRESETS
 from zone_engine.models import SAM_SIZES, ZoneModels, build_random_components
-from zone_engine.pipeline import STAGES, EditResult, ZonePipeline
+from zone_engine.pipeline import STAGES, EditRequest, EditResult, ZonePipeline
 from zone_engine.timing import Stopwatch
 
 from .baseline import ReferenceStyleZone
 from .measure import (
     PeakMemory,
     StepClock,
-    StepTimedDenoiser,
     machine_info,
     matmul_peak,
     process_peak_rss_bytes,
+    step_timed,
     summarize,
     unet_flops_per_row,
 )
@@ -73,15 +76,18 @@ class BenchConfig:
     instruction: str = "make the dog a golden statue"
     action: Action = Action.CHANGE
     backends: tuple[str, ...] = DENOISERS
+    batch: int = 1  # > 1: also time batches of this many concurrent edits (edit_batch); 1: sequential only
     out: Path = Path("benchmarks/out")
 
 
 PRESETS: dict[str, BenchConfig] = {
     # Tests: tiny models, seconds. SAM thresholds at zero so random weights still give segments.
     "tiny-smoke": BenchConfig("tiny-smoke", models="tiny", resolution=64, steps=2, sam_type="tiny",
-                              sam=SamConfig.for_random_weights(), device="cpu", backends=NO_BUILD_BACKENDS),
+                              sam=SamConfig.for_random_weights(), device="cpu", backends=NO_BUILD_BACKENDS, batch=2),
     # CI: proves the harness works on real-size architectures: ~1 minute on 2 idle cores including the
     # model build (up to 4.6 minutes measured on a busy shared machine), 11 GiB peak RSS. No speed claim.
+    # No batch: tiny-smoke covers the batched path, and a batch of 2 here (~+30 s, most of it SAM's
+    # refine of each edit) shows nothing on 2 cores; `--batch 2` measures it.
     "cpu-smoke": BenchConfig("cpu-smoke", resolution=128, steps=2, sam=SMOKE_SAM, device="cpu",
                              backends=NO_BUILD_BACKENDS),
     # The issue's CPU target (256², fp32, 2 cores): two rounds of three ~3-minute edits, ~20 minutes
@@ -89,13 +95,17 @@ PRESETS: dict[str, BenchConfig] = {
     # prompts and 20 steps of two SD1.5 UNets.
     "cpu-256": BenchConfig("cpu-256", resolution=256, steps=20, repeats=2, device="cpu", backends=NO_BUILD_BACKENDS),
     "gpu-512": BenchConfig("gpu-512", resolution=512, steps=20, dtype="fp16", sam_type="vit_h", repeats=5,
-                           warmup=1, device="cuda"),
+                           warmup=1, device="cuda", batch=4),
     "gpu-throughput": BenchConfig("gpu-throughput", resolution=512, steps=20, dtype="fp16", sam_type="vit_h",
-                                  repeats=16, warmup=2, device="cuda"),
+                                  repeats=16, warmup=2, device="cuda", batch=8),
 }
 
-THROUGHPUT_LABEL = ("sequential: the timed edits run one after another, edits ÷ wall time "
-                    "(concurrent, batched serving: python -m benchmarks.load_test)")
+THROUGHPUT_LABEL = ("sequential: the timed edits run one after another, edits ÷ wall time (batches of "
+                    "concurrent edits: batched_throughput, --batch N; batched serving over HTTP: "
+                    "python -m benchmarks.load_test)")
+BATCHED_THROUGHPUT_LABEL = ("batched: rounds of one ZonePipeline.edit_batch of B concurrent requests (same image "
+                            "and instruction, seeds seed..seed+B-1; each request's classification paid for, as in a "
+                            "sequential edit), their denoising one batched dual-UNet loop; edits ÷ wall time")
 
 Progress = Callable[[str], None]
 EditRun = Callable[[], tuple[EditResult, dict[str, float], list[float]]]
@@ -133,6 +143,23 @@ class Implementation:
     peak_memory: list[dict] = dataclasses.field(default_factory=list)
     walls: list[float] = dataclasses.field(default_factory=list)
     result: EditResult | None = None
+    pipe: ZonePipeline | None = None  # engine rows: their pipeline, for the batched measurement
+    batched: BatchedRun | None = None
+    batched_skip: str | None = None  # why this row has no batched measurement (with batch > 1)
+
+
+@dataclass
+class BatchedRun:
+    """Timed `edit_batch` calls of one engine row: `batch` requests each, one call per round."""
+
+    batch: int
+    warmup_s: list[float] = dataclasses.field(default_factory=list)
+    walls: list[float] = dataclasses.field(default_factory=list)
+    steps: list[list[float]] = dataclasses.field(default_factory=list)  # batched step marks, per call
+    peak_memory: list[dict] = dataclasses.field(default_factory=list)
+    denoise_runs: list[list[int]] = dataclasses.field(default_factory=list)  # loop sizes the denoiser saw
+    first_vs_sequential: dict | None = None  # the batch's first edit against the sequential timed edit
+    error: str | None = None
 
 
 def measure(implementations: list[Implementation], config: BenchConfig, device: torch.device,
@@ -162,6 +189,114 @@ def measure(implementations: list[Implementation], config: BenchConfig, device: 
             _release(device)
 
 
+def batch_requests(image: np.ndarray, config: BenchConfig, edit_config: EditConfig) -> list[EditRequest]:
+    """`config.batch` concurrent edits of the benchmark's image and instruction, seeds seed, seed+1, ...
+
+    The first is the sequential timed edit (same seed and inputs), so its result must be the same.
+    """
+    return [EditRequest(image, config.instruction, edit_config.replace(seed=config.seed + index))
+            for index in range(config.batch)]
+
+
+def measure_batched(implementations: list[Implementation], config: BenchConfig, image: np.ndarray,
+                    edit_config: EditConfig, device: torch.device, progress: Progress) -> None:
+    """With `config.batch` > 1, after the per-stage rounds: `repeats` rounds of one timed `edit_batch`
+    of `config.batch` requests for each engine row whose denoiser batches (a `BatchDenoiser`).
+
+    One untimed warm-up batch first when the run has warm-up edits, or when the backend builds
+    something per shape (torch.compile, CUDA graphs: a new batch size is a new shape). Rows without
+    a batched denoiser get `batched_skip` instead. A batch that fails (e.g. out of memory) is
+    recorded as the row's `error`; the rest of the run goes on.
+    """
+    if config.batch < 2:
+        return
+    requests = batch_requests(image, config, edit_config)
+    batchers = []
+    for impl in implementations:
+        denoiser = impl.pipe.denoiser if impl.pipe is not None else None
+        if denoiser is None:
+            impl.batched_skip = "the reference-style baseline edits one image at a time"
+        elif not isinstance(denoiser, BatchDenoiser):
+            impl.batched_skip = (f"{type(denoiser.denoiser).__name__} is no BatchDenoiser: "
+                                 "edit_batch would denoise its edits one after another")
+        else:
+            impl.batched = BatchedRun(config.batch)
+            batchers.append(impl)
+
+    def run_batch(impl: Implementation) -> list[EditResult]:
+        models = impl.pipe.models
+        for request in requests:  # paid for, as beside each sequential edit (the action is forced)
+            classify_action(request.instruction, models.tokenizer, models.text_encoder, models.action_classifier,
+                            request.config.action_rule)
+        return impl.pipe.edit_batch(requests)
+
+    def failed(impl: Implementation, error: Exception) -> None:
+        impl.batched.error = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+        progress(f"{impl.name}: batch of {config.batch} failed: {impl.batched.error}")
+        batchers.remove(impl)
+        _release(device)
+
+    for impl in list(batchers):
+        builds = (impl.name.removeprefix("engine:") in BUILDING_BACKENDS
+                  or getattr(impl.pipe.denoiser.denoiser, "cuda_graphs", False) and device.type == "cuda")
+        if config.warmup > 0 or builds:
+            started = time.perf_counter()
+            try:
+                run_batch(impl)
+            except Exception as error:  # noqa: BLE001 - recorded in the report, the run goes on
+                failed(impl, error)
+                continue
+            impl.batched.warmup_s.append(time.perf_counter() - started)
+            progress(f"{impl.name}: warm-up batch of {config.batch} {impl.batched.warmup_s[-1]:.1f} s")
+    for index in range(config.repeats):
+        for impl in list(batchers):
+            run, denoiser = impl.batched, impl.pipe.denoiser
+            denoiser.runs.clear()
+            try:
+                with PeakMemory(device) as memory:
+                    started = time.perf_counter()
+                    results = run_batch(impl)
+                    run.walls.append(time.perf_counter() - started)
+            except Exception as error:  # noqa: BLE001 - recorded in the report, the run goes on
+                failed(impl, error)
+                continue
+            run.steps.append(denoiser.clock.seconds())
+            run.peak_memory.append(memory.report())
+            run.denoise_runs.append(list(denoiser.runs))
+            run.first_vs_sequential = agreement(results[0], impl.result)
+            progress(f"{impl.name}: batch of {config.batch} {index + 1}/{config.repeats} {run.walls[-1]:.2f} s "
+                     f"({config.batch / run.walls[-1]:.3g} edits/s)")
+            _release(device)
+
+
+def summarize_batched(run: BatchedRun, sequential: dict, config: BenchConfig) -> dict:
+    """batched_throughput of one row: edits/s over the timed batches, and against the sequential edits/s."""
+    edits_per_s = run.batch * len(run.walls) / sum(run.walls) if run.walls else None
+    steps = [s for marks in run.steps for s in marks]
+    record = {
+        "batch": run.batch,
+        "batches": len(run.walls),
+        "edits_per_s": edits_per_s,
+        "wall_s_per_batch": summarize(run.walls),
+        "speedup_vs_sequential": edits_per_s / sequential["edits_per_s"] if edits_per_s else None,
+        # one step of the batched loop (all B edits), from the denoiser's step marks
+        "per_step": summarize(steps) if all(len(marks) == config.steps for marks in run.steps) else None,
+        "peak_memory": max(run.peak_memory, key=lambda m: m["bytes"] or 0) if run.peak_memory else None,
+        "warmup_s": run.warmup_s,
+        # the denoising loops of each timed batch: [B] when the batch was denoised as one
+        "denoise_runs": run.denoise_runs,
+        "denoised_as_one_batch": bool(run.denoise_runs) and all(r == [run.batch] for r in run.denoise_runs),
+        "first_vs_sequential": run.first_vs_sequential,
+        "label": BATCHED_THROUGHPUT_LABEL,
+    }
+    if record["peak_memory"] is not None:
+        record["peak_memory"] = {**record["peak_memory"],
+                                 "label": record["peak_memory"]["label"].replace("timed edits", "timed batches")}
+    if run.error:
+        record["error"] = run.error
+    return record
+
+
 def summarize_run(impl: Implementation, config: BenchConfig, device: torch.device) -> dict:
     """Per-stage statistics, per-step time, peak memory and throughput of one implementation."""
     stages = {stage: summarize([t[stage] for t in impl.timings]) for stage in (*STAGES, "total")}
@@ -172,7 +307,9 @@ def summarize_run(impl: Implementation, config: BenchConfig, device: torch.devic
         per_step = summarize([t["denoise"] / config.steps for t in impl.timings])
         source = "denoise ÷ steps (the backend reports no per-step marks)"
     memory = max(impl.peak_memory, key=lambda m: m["bytes"] or 0)
-    return {
+    throughput = {"edits_per_s": len(impl.walls) / sum(impl.walls), "requests": len(impl.walls),
+                  "wall_s": sum(impl.walls), "label": THROUGHPUT_LABEL}
+    record = {
         "name": impl.name,
         "dtype": impl.dtype,
         "stages": stages,
@@ -180,13 +317,18 @@ def summarize_run(impl: Implementation, config: BenchConfig, device: torch.devic
         "per_step_source": source,
         "warmup_s": impl.warmup_s,  # the first one holds any compilation or engine build
         "peak_memory": memory,
-        "throughput": {"edits_per_s": len(impl.walls) / sum(impl.walls), "requests": len(impl.walls),
-                       "wall_s": sum(impl.walls), "label": THROUGHPUT_LABEL},
+        "throughput": throughput,
         "used_fallback": impl.result.used_fallback,
         "mask_b_fraction": float(impl.result.mask_b.mean()),
         "mask_f_fraction": float(impl.result.mask_f.mean()),
         "region_fraction": float(impl.result.region.mean()),
     }
+    # With batch > 1 every row says how it batches: measured, or why not (not_applicable).
+    if impl.batched is not None:
+        record["batched_throughput"] = summarize_batched(impl.batched, throughput, config)
+    elif impl.batched_skip is not None:
+        record["batched_throughput"] = {"batch": config.batch, "not_applicable": impl.batched_skip}
+    return record
 
 
 def baseline_edit(baseline: ReferenceStyleZone, image: np.ndarray, config: BenchConfig, edit_config: EditConfig,
@@ -203,7 +345,7 @@ def baseline_edit(baseline: ReferenceStyleZone, image: np.ndarray, config: Bench
 def engine_edit(pipe: ZonePipeline, image: np.ndarray, config: BenchConfig, edit_config: EditConfig) -> EditRun:
     """An engine edit with the action forced (as the baseline's) and classification timed beside it."""
     clock = StepClock(pipe.device)
-    pipe.denoiser = StepTimedDenoiser(pipe.denoiser, clock)
+    pipe.denoiser = step_timed(pipe.denoiser, clock)
     models = pipe.models
 
     def edit():
@@ -225,15 +367,26 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
+def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def agreement(result: EditResult, reference: EditResult) -> dict:
+    """A batched edit against the same edit run alone: both should be the same image (0 on the CPU, fp32)."""
+    return {
+        "max_pixel_diff_image": _max_diff(result.image, reference.image),
+        "max_pixel_diff_styled": _max_diff(result.styled, reference.styled),
+        "mask_b_identical": bool(np.array_equal(result.mask_b, reference.mask_b)),
+        "mask_f_identical": bool(np.array_equal(result.mask_f, reference.mask_f)),
+    }
+
+
 def compare(result: EditResult, reference: EditResult, dtype: str) -> dict:
     """How far an output is from the baseline's: max pixel differences and mask IoUs."""
-    def max_diff(a, b):
-        return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
-
     return {
         "dtype": dtype,
-        "max_pixel_diff_image": max_diff(result.image, reference.image),
-        "max_pixel_diff_styled": max_diff(result.styled, reference.styled),
+        "max_pixel_diff_image": _max_diff(result.image, reference.image),
+        "max_pixel_diff_styled": _max_diff(result.styled, reference.styled),
         "iou_mask_b": _iou(result.mask_b, reference.mask_b),
         "mask_b_identical": bool(np.array_equal(result.mask_b, reference.mask_b)),
         "iou_mask_f": _iou(result.mask_f, reference.mask_f),
@@ -329,7 +482,8 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
             except (ZoneError, ImportError, RuntimeError) as error:  # a backend this machine does not have
                 skipped.append({"name": f"engine:{kind}", "skipped": str(error).splitlines()[0]})
                 continue
-            built.append(Implementation(f"engine:{kind}", config.dtype, engine_edit(pipe, image, config, edit_config)))
+            built.append(Implementation(f"engine:{kind}", config.dtype, engine_edit(pipe, image, config, edit_config),
+                                        pipe=pipe))
         return built
 
     # 1. fp32: every implementation in each round, engines first (with no warm-up edit, any one-time
@@ -347,6 +501,8 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
             image, config.instruction, edit_config)
         timed = [baseline, *engines(engine_dtype)]
         measure(timed[1:], config, device, progress)
+    # Batches of concurrent edits, after the per-stage rounds (each row's sequential result is its check).
+    measure_batched(timed, config, image, edit_config, device, progress)
     timed.sort(key=lambda impl: impl is not baseline)
     runs = [summarize_run(impl, config, device) for impl in timed] + skipped
 
@@ -405,6 +561,8 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     parser.add_argument("--backends", help=f"comma-separated engine denoisers (default all: {','.join(DENOISERS)})")
     parser.add_argument("--action", choices=("add", "change", "remove"), help="forced action (default change)")
     parser.add_argument("--seed", type=int, help="edit seed (default 42)")
+    parser.add_argument("--batch", type=int, help="also time batches of N concurrent edits (edit_batch) on every "
+                                                  "backend that batches; 1 = sequential only (preset's default)")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/out)")
     args = parser.parse_args(argv)
 
@@ -412,7 +570,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     changes = {name: value for name, value in (
         ("models", args.models), ("resolution", args.resolution), ("steps", args.steps), ("dtype", args.dtype),
         ("sam_type", args.sam_type), ("repeats", args.repeats), ("warmup", args.warmup), ("device", args.device),
-        ("seed", args.seed), ("out", args.out),
+        ("seed", args.seed), ("batch", args.batch), ("out", args.out),
     ) if value is not None}
     if args.models == "tiny" and args.sam_type is None:
         changes["sam_type"] = "tiny"
@@ -423,8 +581,8 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     if args.action is not None:
         changes["action"] = parse_action(args.action)
     config = dataclasses.replace(config, **changes)
-    if config.repeats < 1 or config.warmup < 0 or config.steps < 1 or config.resolution < 32:
-        parser.error("need --repeats >= 1, --warmup >= 0, --steps >= 1, --resolution >= 32")
+    if config.repeats < 1 or config.warmup < 0 or config.steps < 1 or config.resolution < 32 or config.batch < 1:
+        parser.error("need --repeats >= 1, --warmup >= 0, --steps >= 1, --resolution >= 32, --batch >= 1")
     return config
 
 

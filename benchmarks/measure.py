@@ -16,6 +16,8 @@ from importlib import metadata
 import numpy as np
 import torch
 
+from zone_engine.denoise import BatchDenoiser
+
 
 def summarize(samples: list[float]) -> dict:
     """Median and spread of a list of seconds: median, min, max, q1, q3, n, and the samples."""
@@ -61,13 +63,20 @@ class StepClock:
 
 
 class StepTimedDenoiser:
-    """Wraps any engine denoiser (the `Denoiser` protocol) to mark each step through its `on_step`."""
+    """Wraps any engine denoiser (the `Denoiser` protocol) to mark each step through its `on_step`.
+
+    `runs` lists the size of every denoising loop since the last `runs.clear()`: 1 for a lone edit,
+    B for a batch, so a caller can tell a batched loop from edits run one after another. Build it
+    with `step_timed`, which keeps a batch denoiser's `denoise_batch` (and so the pipeline's
+    `isinstance(denoiser, BatchDenoiser)` answer).
+    """
 
     def __init__(self, denoiser, clock: StepClock) -> None:
         self.denoiser = denoiser
         self.clock = clock
+        self.runs: list[int] = []
 
-    def __call__(self, *args, on_step=None, **kwargs):
+    def _ticking(self, on_step):
         self.clock.start()
 
         def tick(index: int) -> None:
@@ -75,7 +84,25 @@ class StepTimedDenoiser:
             if on_step is not None:
                 on_step(index)
 
-        return self.denoiser(*args, on_step=tick, **kwargs)
+        return tick
+
+    def __call__(self, *args, on_step=None, **kwargs):
+        self.runs.append(1)
+        return self.denoiser(*args, on_step=self._ticking(on_step), **kwargs)
+
+
+class BatchStepTimedDenoiser(StepTimedDenoiser):
+    """`StepTimedDenoiser` of a batch denoiser: one mark per batched step (all B edits' step)."""
+
+    def denoise_batch(self, inputs, *args, on_step=None, **kwargs):
+        self.runs.append(len(inputs))
+        return self.denoiser.denoise_batch(inputs, *args, on_step=self._ticking(on_step), **kwargs)
+
+
+def step_timed(denoiser, clock: StepClock) -> StepTimedDenoiser:
+    """`denoiser` with its steps marked on `clock`; a batch denoiser stays one (zone_engine.denoise.BatchDenoiser)."""
+    wrapper = BatchStepTimedDenoiser if isinstance(denoiser, BatchDenoiser) else StepTimedDenoiser
+    return wrapper(denoiser, clock)
 
 
 # -------------------------------------------------------------------------------------------- memory

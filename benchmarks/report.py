@@ -31,8 +31,10 @@ def _cell(stats: dict) -> str:
 
 
 def markdown(record: dict) -> str:
-    """The report as markdown: setup, per-stage latency, output agreement, floor."""
+    """The report as markdown: setup, per-stage latency, batched throughput, output agreement, floor."""
     config, machine = record["config"], record["machine"]
+    batch = config.get("batch", 1)  # records older than the batched measurement have none
+    batches = f", then {config['repeats']} timed batches of {batch} per batching backend" if batch > 1 else ""
     lines = [
         f"# zone bench: {config['preset']}",
         "",
@@ -47,7 +49,7 @@ def markdown(record: dict) -> str:
         f"image {config['resolution']}², {config['steps']} steps, engine dtype {config['dtype']}, baseline fp32; "
         f"SAM {config['sam']['points_per_side']}² points, pred_iou_thresh {config['sam']['pred_iou_thresh']}, "
         f"stability_score_thresh {config['sam']['stability_score_thresh']}",
-        f"- warm-up edits {config['warmup']} ({config['priming']}), timed edits {config['repeats']}; "
+        f"- warm-up edits {config['warmup']} ({config['priming']}), timed edits {config['repeats']}{batches}; "
         f"action forced to {config['action']} (classification timed beside each edit)",
         "",
         "## Per-stage latency (median; [min–max] over the timed edits)",
@@ -71,6 +73,9 @@ def markdown(record: dict) -> str:
         "",
         f"Speed-up: baseline total median ÷ row total median. Peak memory: {first['peak_memory']['label']}. "
         f"edits/s: {first['throughput']['label']}. per_step: {first['per_step_source']}.",
+    ]
+    lines += batched_table(record)
+    lines += [
         "",
         "## Output agreement with the baseline (same seed, same inputs)",
         "",
@@ -108,6 +113,51 @@ def markdown(record: dict) -> str:
                 f"({format_seconds(ceiling['step_floor_s'])} per step); denoise measured / floor: {gaps}"
             )
     return "\n".join(lines) + "\n"
+
+
+def batched_table(record: dict) -> list[str]:
+    """"Throughput: sequential vs batched" (markdown lines), when the run timed batches (`--batch N` > 1)."""
+    rows = [run for run in record["runs"] if "batched_throughput" in run]
+    if not rows:
+        return []
+    batch = rows[0]["batched_throughput"]["batch"]
+    lines = [
+        "",
+        f"## Throughput: sequential vs batched (batches of {batch} concurrent edits)",
+        "",
+        "| implementation | sequential edits/s | batched edits/s | wall per batch | batched step | "
+        "speed-up vs sequential | peak memory (batched) | first edit vs sequential: max px diff (image / styled) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    label = None
+    for run in rows:
+        batched, sequential = run["batched_throughput"], run["throughput"]["edits_per_s"]
+        head = f"| {run['name']} ({run['dtype']}) | {sequential:.3g} |"
+        if "not_applicable" in batched:
+            lines.append(f"{head} not applicable: {batched['not_applicable']} |")
+            continue
+        label = batched["label"]
+        if batched["edits_per_s"] is None:
+            lines.append(f"{head} failed: {batched.get('error')} |")
+            continue
+        first = batched["first_vs_sequential"]
+        step = _cell(batched["per_step"]) if batched["per_step"] else "–"
+        memory = batched["peak_memory"]["bytes"] if batched["peak_memory"] else None
+        speedup = f"{batched['speedup_vs_sequential']:.2f}×"
+        if not batched["denoised_as_one_batch"]:
+            speedup += f" (denoising loops {batched['denoise_runs']}, not one batch)"
+        if batched.get("error"):
+            speedup += f" (then failed: {batched['error']})"
+        lines.append(
+            f"{head} {batched['edits_per_s']:.3g} | {_cell(batched['wall_s_per_batch'])} | {step} | {speedup} "
+            f"| {format_bytes(memory)} | {first['max_pixel_diff_image']} / {first['max_pixel_diff_styled']} |"
+        )
+    if label:
+        lines += ["", f"Batched edits/s: {label.removeprefix('batched: ')}. Batched step: one step of the "
+                      "batched dual-UNet loop (all the batch's edits). First edit: the batch's first request is "
+                      "the sequential timed edit (same seed and inputs): the same image, up to a batch size's other "
+                      "kernel rounding (fp32 on the CPU: 0 or 1 level measured)."]
+    return lines
 
 
 def write_chart(record: dict, path: Path) -> None:

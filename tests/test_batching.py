@@ -20,8 +20,9 @@ from zone_engine.text import encode_instruction
 
 # (instruction, seed, image seed): different texts, noises, images and actions in one batch.
 EDITS = [("make the dog a golden statue", 1, 5), ("add a red hat", 2, 6), ("remove the cup", 3, 7)]
-# The fp32 bound for "batched == alone" (latents): a larger batch may take other CPU kernel blockings;
-# measured 0.0 on this machine (oneDNN computes each row alike), so the bound only allows reordering.
+# The fp32 bound for "batched == alone", relative to the latents' magnitude: the CPU's matmul library
+# may choose another kernel for more rows, which rounds differently (measured: 0.0 at 64x96; ~2e-6
+# relative where a layer sees 3 rows alone but 6 batched, e.g. the tiny UNet's 1x1 level at 64x64).
 LATENT_TOLERANCE = 1e-5
 
 
@@ -51,10 +52,10 @@ def test_denoise_batch_gives_each_edit_its_own_latents_and_attention(tiny_models
     batched = denoiser.denoise_batch(inputs, config, betas, batched_attention)
     for got, expected in zip(batched, alone, strict=True):
         assert got.shape == expected.shape == (1, 4, 8, 12)
-        assert (got - expected).abs().max() <= LATENT_TOLERANCE
+        assert (got - expected).abs().max() <= LATENT_TOLERANCE * expected.abs().max()
     for got, expected in zip(batched_attention, alone_attention, strict=True):
         assert got.rows == expected.rows
-        assert torch.allclose(got.total, expected.total, rtol=0, atol=LATENT_TOLERANCE)
+        assert torch.allclose(got.total, expected.total, rtol=LATENT_TOLERANCE, atol=0)
     # The edits really differ, so a mix-up would show.
     assert (batched[0] - batched[1]).abs().max() > 1e-2
 
@@ -78,7 +79,8 @@ def test_edit_batch_equals_each_edit_alone_in_request_order(fused_pipe):
     for request, result in zip(requests, batched, strict=True):
         alone = fused_pipe.edit(request.image, request.instruction, request.config)
         assert result.image.shape == request.image.shape
-        assert np.array_equal(result.image, alone.image)
+        # Rounding (see LATENT_TOLERANCE) can move a pixel by one uint8 level; masks must not change.
+        assert np.abs(result.image.astype(int) - alone.image.astype(int)).max() <= 1
         assert np.array_equal(result.mask_b, alone.mask_b) and np.array_equal(result.mask_f, alone.mask_f)
         assert result.action is alone.action
     assert not np.array_equal(batched[0].styled, batched[2].styled)

@@ -3,6 +3,7 @@ computes what the engine computes (ZONE.md), by the reference's road."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 from diffusers.models.attention_processor import Attention
 
 from benchmarks.baseline import STORED_MAX_QUERIES, ReferenceStyleZone
-from benchmarks.harness import main
+from benchmarks.harness import PRESETS, main, parse_args, run_benchmark
+from benchmarks.report import markdown
 from zone_engine import Action, ZonePipeline
 from zone_engine.image_io import make_sample_image
 from zone_engine.pipeline import STAGES
@@ -47,6 +49,50 @@ def test_harness_runs_end_to_end_and_writes_reports(tmp_path):
     table = (tmp_path / "bench-tiny-smoke.md").read_text()
     assert "| baseline (fp32) |" in table and "engine:eager" in table
     assert (tmp_path / "bench-tiny-smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Batches of concurrent edits (the preset's batch of 2): measured where the denoiser batches.
+    assert record["config"]["batch"] == 2
+    fused = next(run for run in timed if run["name"] == "engine:fused")["batched_throughput"]
+    assert fused["batch"] == 2 and fused["batches"] == record["config"]["repeats"] and "error" not in fused
+    assert fused["edits_per_s"] > 0 and fused["wall_s_per_batch"]["n"] == fused["batches"]
+    assert fused["speedup_vs_sequential"] == pytest.approx(
+        fused["edits_per_s"] / next(run for run in timed if run["name"] == "engine:fused")["throughput"]["edits_per_s"])
+    assert fused["denoised_as_one_batch"] and fused["denoise_runs"] == [[2]] * fused["batches"]
+    assert fused["per_step"]["n"] == 2 * fused["batches"] and fused["peak_memory"]["bytes"] > 0
+    # At 64² the tiny UNet's innermost level is 1x1, where BLAS picks another kernel for 3 rows
+    # than for 6: fp32 rounding, one uint8 level here. At 128² it is exact (next test).
+    assert fused["first_vs_sequential"]["max_pixel_diff_image"] <= 1
+    for name in ("baseline", "engine:eager"):  # no batched path: marked, not measured
+        batched = next(run for run in timed if run["name"] == name)["batched_throughput"]
+        assert set(batched) == {"batch", "not_applicable"} and batched["batch"] == 2
+    assert "## Throughput: sequential vs batched (batches of 2 concurrent edits)" in table
+    assert "| engine:eager (fp32) |" in table.split("## Throughput")[1].split("##")[0]
+
+
+@pytest.fixture(scope="module")
+def batched_record():
+    """tiny-smoke at 128² with the fused backend only and batches of 3."""
+    return run_benchmark(dataclasses.replace(PRESETS["tiny-smoke"], resolution=128, backends=("fused",), batch=3))
+
+
+def test_batched_first_edit_is_the_sequential_edit(batched_record):
+    """The batch's first request is the sequential timed edit: the same image on the CPU in fp32."""
+    batched = next(run for run in batched_record["runs"] if run["name"] == "engine:fused")["batched_throughput"]
+    assert batched["batch"] == 3 and batched["denoised_as_one_batch"] and batched["edits_per_s"] > 0
+    assert batched["first_vs_sequential"] == {"max_pixel_diff_image": 0, "max_pixel_diff_styled": 0,
+                                              "mask_b_identical": True, "mask_f_identical": True}
+
+
+def test_batch_option_and_no_batched_report_without_it(batched_record):
+    assert parse_args(["--preset", "tiny-smoke", "--batch", "5"]).batch == 5
+    assert parse_args(["--preset", "cpu-smoke"]).batch == 1 and PRESETS["gpu-throughput"].batch > 1
+    with pytest.raises(SystemExit):
+        parse_args(["--batch", "0"])
+    assert "## Throughput: sequential vs batched (batches of 3" in markdown(batched_record)
+    # batch 1 (or a record from before the batched measurement): no table
+    sequential_only = {**batched_record, "runs": [{k: v for k, v in run.items() if k != "batched_throughput"}
+                                                  for run in batched_record["runs"]]}
+    assert "Throughput: sequential vs batched" not in markdown(sequential_only)
 
 
 @pytest.mark.parametrize(("action", "threshold"), [(Action.CHANGE, 2), (Action.REMOVE, 0)])
