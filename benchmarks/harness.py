@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.sam import export_sam
 from zone_engine.action import classify_action
 from zone_engine.backends import DENOISERS, DTYPES, resolve_device, resolve_dtype
 from zone_engine.config import Action, EditConfig, SamConfig, parse_action
@@ -77,13 +78,15 @@ class BenchConfig:
     action: Action = Action.CHANGE
     backends: tuple[str, ...] = DENOISERS
     batch: int = 1  # > 1: also time batches of this many concurrent edits (edit_batch); 1: sequential only
+    sam_onnx: bool = False  # also an engine row refining with SAM exported to ONNX and run on ONNX Runtime
     out: Path = Path("benchmarks/out")
 
 
 PRESETS: dict[str, BenchConfig] = {
     # Tests: tiny models, seconds. SAM thresholds at zero so random weights still give segments.
     "tiny-smoke": BenchConfig("tiny-smoke", models="tiny", resolution=64, steps=2, sam_type="tiny",
-                              sam=SamConfig.for_random_weights(), device="cpu", backends=NO_BUILD_BACKENDS, batch=2),
+                              sam=SamConfig.for_random_weights(), device="cpu", backends=NO_BUILD_BACKENDS, batch=2,
+                              sam_onnx=True),
     # CI: proves the harness works on real-size architectures: ~1 minute on 2 idle cores including the
     # model build (up to 4.6 minutes measured on a busy shared machine), 11 GiB peak RSS. No speed claim.
     # No batch: tiny-smoke covers the batched path, and a batch of 2 here (~+30 s, most of it SAM's
@@ -92,10 +95,11 @@ PRESETS: dict[str, BenchConfig] = {
                              backends=NO_BUILD_BACKENDS),
     # The issue's CPU target (256², fp32, 2 cores): two rounds of three ~3-minute edits, ~20 minutes
     # on 2 idle cores (41.8 measured on a busy shared machine); most of an edit is SAM's 1,024
-    # prompts and 20 steps of two SD1.5 UNets.
-    "cpu-256": BenchConfig("cpu-256", resolution=256, steps=20, repeats=2, device="cpu", backends=NO_BUILD_BACKENDS),
+    # prompts and 20 steps of two SD1.5 UNets; the ONNX Runtime row adds a fourth edit per round.
+    "cpu-256": BenchConfig("cpu-256", resolution=256, steps=20, repeats=2, device="cpu", backends=NO_BUILD_BACKENDS,
+                           sam_onnx=True),
     "gpu-512": BenchConfig("gpu-512", resolution=512, steps=20, dtype="fp16", sam_type="vit_h", repeats=5,
-                           warmup=1, device="cuda", batch=4),
+                           warmup=1, device="cuda", batch=4, sam_onnx=True),
     "gpu-throughput": BenchConfig("gpu-throughput", resolution=512, steps=20, dtype="fp16", sam_type="vit_h",
                                   repeats=16, warmup=2, device="cuda", batch=8),
 }
@@ -474,6 +478,8 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
     skipped = [{"name": f"engine:{kind}", "skipped": f"not in this preset's backends (add --backends ...,{kind})"}
                for kind in DENOISERS if kind not in config.backends]
 
+    sam_export: dict = {}  # the ONNX export of the run's SAM, made on first use: folder and seconds
+
     def engines(dtype: torch.dtype) -> list[Implementation]:
         built = []
         for kind in config.backends:
@@ -484,7 +490,26 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
                 continue
             built.append(Implementation(f"engine:{kind}", config.dtype, engine_edit(pipe, image, config, edit_config),
                                         pipe=pipe))
+        if config.sam_onnx:
+            built += onnx_refine_engine(dtype)
         return built
+
+    def onnx_refine_engine(dtype: torch.dtype) -> list[Implementation]:
+        """The first fused-family denoiser with refinement on ONNX Runtime (SAM exported here, once)."""
+        kind = next((k for k in config.backends if k in ("fused", "compile")), config.backends[0])
+        name = f"engine:{kind}+sam-onnx"
+        try:
+            if "folder" not in sam_export:
+                started = time.perf_counter()
+                folder = config.out / f"sam-onnx-{config.sam_type}"
+                sam_export["folder"] = export_sam(models.sam, config.sam_type, folder)
+                sam_export["seconds"] = time.perf_counter() - started
+            pipe = ZonePipeline(models, device, dtype, default_config=edit_config, denoiser=kind, segmenter="onnx",
+                                sam_onnx=sam_export["folder"])
+        except (ZoneError, ImportError, RuntimeError) as error:  # no onnx/onnxruntime, or no provider for it
+            skipped.append({"name": name, "skipped": str(error).splitlines()[0]})
+            return []
+        return [Implementation(name, config.dtype, engine_edit(pipe, image, config, edit_config), pipe=pipe)]
 
     # 1. fp32: every implementation in each round, engines first (with no warm-up edit, any one-time
     #    cost left lands on an engine). Half precision: the engine casts the shared weights in place,
@@ -527,6 +552,7 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
         },
         "model_parameters": _parameter_counts(models),
         "model_build_s": build_s,
+        "sam_onnx_export_s": sam_export.get("seconds"),
         "runs": runs,
         "quality": quality,
         "parity": parity,
@@ -563,6 +589,8 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     parser.add_argument("--seed", type=int, help="edit seed (default 42)")
     parser.add_argument("--batch", type=int, help="also time batches of N concurrent edits (edit_batch) on every "
                                                   "backend that batches; 1 = sequential only (preset's default)")
+    parser.add_argument("--sam-onnx", action=argparse.BooleanOptionalAction, default=None,
+                        help="also an engine row refining on ONNX Runtime (SAM exported in the run; preset's default)")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/out)")
     args = parser.parse_args(argv)
 
@@ -570,7 +598,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     changes = {name: value for name, value in (
         ("models", args.models), ("resolution", args.resolution), ("steps", args.steps), ("dtype", args.dtype),
         ("sam_type", args.sam_type), ("repeats", args.repeats), ("warmup", args.warmup), ("device", args.device),
-        ("seed", args.seed), ("batch", args.batch), ("out", args.out),
+        ("seed", args.seed), ("batch", args.batch), ("sam_onnx", args.sam_onnx), ("out", args.out),
     ) if value is not None}
     if args.models == "tiny" and args.sam_type is None:
         changes["sam_type"] = "tiny"

@@ -68,6 +68,11 @@ def test_harness_runs_end_to_end_and_writes_reports(tmp_path):
     assert "## Throughput: sequential vs batched (batches of 2 concurrent edits)" in table
     assert "| engine:eager (fp32) |" in table.split("## Throughput")[1].split("##")[0]
 
+    # The ONNX Runtime refinement row (SAM exported in the run): the same output as the baseline's.
+    assert record["sam_onnx_export_s"] > 0
+    assert record["quality"]["engine:fused+sam-onnx"]["mask_b_identical"]
+    assert record["quality"]["engine:fused+sam-onnx"]["iou_mask_f"] == 1.0
+
 
 @pytest.fixture(scope="module")
 def batched_record():
