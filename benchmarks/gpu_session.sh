@@ -33,5 +33,10 @@ python3 -m benchmarks.bench_kernels 2>&1 | tee "$OUT/bench_kernels.log" | tail -
 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 --points-per-side 32 2>&1 \
     | tee "$OUT/bench_refine.log" | tail -15
 
+# 2b. Two weight sets per step: two calls vs vmap over stacked weights vs two streams, against one UNet call.
+python3 -m benchmarks.bench_dual_unet --resolution 512 --dtype fp16 --repeats 20 2>&1 | tee "$OUT/bench_dual_unet.log"
+python3 -m benchmarks.bench_dual_unet --resolution 512 --dtype fp16 --repeats 20 --batch 4 2>&1 \
+    | tee -a "$OUT/bench_dual_unet.log"
+
 # 3. Per-stage latency, baseline vs engine backends, 512², 20 steps, fp16.
 python3 -m benchmarks --preset gpu-512 --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -30

@@ -139,3 +139,14 @@ def test_baseline_store_holds_every_attention_layer_every_step(pipe, baseline):
             assert np.allclose(probabilities.sum(-1).numpy(), steps, atol=1e-4), key
     # The UNet is shared with the engine: its own processors must be back.
     assert not any(type(p).__name__ == "StoringAttnProcessor" for p in pipe.models.ip2p_unet.attn_processors.values())
+
+
+def test_dual_unet_techniques_agree_and_are_all_timed(capsys):
+    from benchmarks.bench_dual_unet import main as bench_dual_unet
+
+    assert bench_dual_unet(["--models", "tiny", "--resolution", "64", "--repeats", "1", "--device", "cpu"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.split() and line.split()[0] in ("single", "two-calls", "vmap")}
+    assert set(rows) == {"single", "two-calls", "vmap"}
+    assert float(rows["vmap"][3]) <= 1e-5  # the stacked-weights call computes the same eps as two calls
+    assert float(rows["single"][2]) == 1.0 and float(rows["two-calls"][2]) > 0
