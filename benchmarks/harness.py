@@ -446,6 +446,14 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def onnxruntime_has_cuda() -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> dict:
     """Run the whole benchmark in this process and return its record (what the JSON file holds)."""
     started = time.perf_counter()
@@ -499,6 +507,9 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
         kind = next((k for k in config.backends if k in ("fused", "compile")), config.backends[0])
         name = f"engine:{kind}+sam-onnx"
         try:
+            if device.type == "cuda" and not onnxruntime_has_cuda():
+                raise ZoneError("this onnxruntime has no CUDA provider: SAM on its CPU provider would not be "
+                                "comparable (install onnxruntime-gpu)")
             if "folder" not in sam_export:
                 started = time.perf_counter()
                 folder = config.out / f"sam-onnx-{config.sam_type}"
