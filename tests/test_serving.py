@@ -394,3 +394,23 @@ def test_batcher_refuses_beyond_its_queue_bound():
         return results
 
     assert run_batcher(scenario) == [True, True]
+
+
+def test_a_worker_that_dies_fails_waiting_and_new_jobs_at_once():
+    async def scenario():
+        batcher = DynamicBatcher(lambda rs: ["ok"] * len(rs), max_batch=2, max_wait_s=5, queue_size=10)
+
+        def broken_take(key):
+            raise RuntimeError("a bug in the worker")
+
+        batcher._take = broken_take
+        batcher.start()
+        waiting = asyncio.ensure_future(batcher.submit(EditRequest(None, "a"), "k"))
+        outcome = (await asyncio.gather(asyncio.wait_for(waiting, 30), return_exceptions=True))[0]
+        assert not batcher.healthy
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(EditRequest(None, "b"), "k")
+        await batcher.close()
+        return outcome
+
+    assert isinstance(run_batcher(scenario), ShuttingDown)

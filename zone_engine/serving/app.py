@@ -122,6 +122,11 @@ class EditService:
                 log.error("edit failed", exc_info=outcome)
         return outcomes
 
+    @property
+    def healthy(self) -> bool:
+        """Able to run edits (the single-process batcher's worker is alive)."""
+        return True
+
     async def submit(self, request: EditRequest, key: BatchKey) -> Any:
         raise NotImplementedError
 
@@ -165,6 +170,10 @@ class LocalEditService(EditService):
     async def close(self) -> None:
         self.ready = False
         await self.batcher.close()
+
+    @property
+    def healthy(self) -> bool:
+        return self.batcher.healthy
 
     async def submit(self, request: EditRequest, key: BatchKey) -> Any:
         return await self.batcher.submit(request, key)
@@ -348,6 +357,9 @@ def add_routes(app: FastAPI) -> None:
     @app.get("/readyz", summary="Models loaded and warmed up", responses={503: {"model": ErrorResponse}})
     async def readyz(request: Request) -> Response:
         service: EditService | None = getattr(request.app.state, "service", None)
+        if service is not None and service.ready and not service.healthy:
+            return error_response(ServeError(503, "unavailable", "the batching worker stopped; restart the server"),
+                                  None)
         if service is None or not service.ready:
             reason = service.load_error if service is not None and service.load_error else None
             message = f"loading the models failed: {reason}" if reason else "the models are still loading"

@@ -9,6 +9,7 @@ time). Each job's own future gets its own result or exception; every job accepte
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -19,6 +20,8 @@ from typing import Any
 
 from ..pipeline import EditRequest
 from .metrics import ServeMetrics
+
+log = logging.getLogger("zone_engine.serving")
 
 # run_batch(requests) -> one result or exception per request, in order; runs in the model thread.
 RunBatch = Callable[[Sequence[EditRequest]], Sequence[Any]]
@@ -62,6 +65,19 @@ class DynamicBatcher:
         """Start the worker on the running event loop."""
         self._changed = asyncio.Condition()
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="zone-batcher")
+        self._worker.add_done_callback(self._worker_stopped)
+
+    @property
+    def healthy(self) -> bool:
+        return self._worker is not None and not self._worker.done()
+
+    def _worker_stopped(self, worker: asyncio.Task) -> None:
+        """A worker that died of a bug must not leave requests waiting for their timeout."""
+        if worker.cancelled() or worker.exception() is None:
+            return
+        log.error("the batching worker stopped", exc_info=worker.exception())
+        self._closing = True
+        self._reject_queued(ShuttingDown("the batching worker stopped unexpectedly; see the server log"))
 
     async def run_in_model_thread(self, work: Callable[[], Any]) -> Any:
         """Run `work` in the model thread (loading, warm-up): never beside a batch."""
@@ -70,17 +86,20 @@ class DynamicBatcher:
     async def close(self) -> None:
         """Reject what waits (ShuttingDown), let the running batch finish, stop the worker."""
         self._closing = True
-        for bucket in self._buckets.values():
-            for job in bucket:
-                if not job.future.done():
-                    job.future.set_exception(ShuttingDown("the server is shutting down; the edit was not started"))
-        self._buckets.clear()
-        self.metrics.queue_depth.set(0)
-        if self._worker is not None:
+        self._reject_queued(ShuttingDown("the server is shutting down; the edit was not started"))
+        if self._worker is not None and not self._worker.done():
             async with self._changed:
                 self._changed.notify_all()
             await self._worker
         self._executor.shutdown(wait=True)
+
+    def _reject_queued(self, error: Exception) -> None:
+        for bucket in self._buckets.values():
+            for job in bucket:
+                if not job.future.done():
+                    job.future.set_exception(error)
+        self._buckets.clear()
+        self.metrics.queue_depth.set(0)
 
     # ------------------------------------------------------------------------------------ submitting
 
