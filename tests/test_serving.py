@@ -137,6 +137,10 @@ def test_edit_returns_a_png_of_the_input_size_and_json_has_every_field(pipe):
         assert decode_png(base64.b64decode(body["mask_f"])).shape == (70, 90)
         assert body["timings"]["denoise"] > 0 and body["timings"]["total"] >= body["timings"]["denoise"]
 
+        traced = httpx.post(f"{base}/v1/edit", files={"image": ("in.png", png(image), "image/png")},
+                            data={"instruction": "add a hat", "return": "json"}, headers={"X-Request-Id": "abc-123"},
+                            timeout=120)
+        assert traced.headers["X-Request-Id"] == traced.json()["request_id"] == "abc-123"
         forced = post_edit(base, image, action="remove", steps=2, **{"return": "json"})
         assert forced.json()["action"] == "remove" and forced.headers["X-Zone-Action"] == "remove"
 

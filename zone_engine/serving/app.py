@@ -12,6 +12,7 @@ import base64
 import io
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -53,7 +54,8 @@ class ServeError(Exception):
 
 def error_response(error: ServeError, request_id: str | None) -> JSONResponse:
     body = {"error": {"code": error.code, "message": error.message}, "request_id": request_id}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+    headers = {**error.headers, **({"X-Request-Id": request_id} if request_id else {})}
+    return JSONResponse(body, status_code=error.status, headers=headers)
 
 
 def as_serve_error(error: BaseException, service: EditService) -> ServeError:
@@ -327,7 +329,7 @@ def add_routes(app: FastAPI) -> None:
                            "json: image and masks as base64 PNG, action and timings")] = "png",
     ) -> Response:
         service: EditService = request.app.state.service
-        request_id, started = uuid.uuid4().hex, time.perf_counter()
+        request_id, started = client_request_id(request) or uuid.uuid4().hex, time.perf_counter()
         try:
             if not service.ready:
                 raise ServeError(503, "unavailable", "the models are still loading; retry shortly",
@@ -370,6 +372,15 @@ def add_routes(app: FastAPI) -> None:
     async def metrics(request: Request) -> Response:
         service: EditService = request.app.state.service
         return Response(service.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def client_request_id(request: Request) -> str | None:
+    """The caller's X-Request-Id when it is a sane token (so logs can be joined across proxies)."""
+    given = request.headers.get("x-request-id", "")
+    return given if REQUEST_ID.fullmatch(given) else None
 
 
 def edit_response(result: EditResult, request_id: str) -> EditResponse:
