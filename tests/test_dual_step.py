@@ -149,3 +149,46 @@ def test_xformers_attention_matches_sdpa(tiny_models):
     # Different attention kernels, fp32: the styled images agree to a few uint8 levels.
     difference = np.abs(results["sdpa"].styled.astype(int) - results["xformers"].styled.astype(int))
     assert difference.max() <= 3
+
+
+def _cuda_copy(tiny_models):
+    import copy
+
+    return copy.deepcopy(tiny_models)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16/bf16 run only on CUDA")
+@pytest.mark.parametrize("dtype, tolerance", [("fp16", 2e-2), ("bf16", 8e-2)])
+def test_half_precision_denoising_stays_close_to_fp32(tiny_models, dtype, tolerance):
+    """Final latents of the fused loop in fp16/bf16 against fp32, relative to their magnitude.
+
+    Tolerance: fp16 keeps 11 significant bits (~5e-4 per rounding) and bf16 8 (~4e-3); 20 guided
+    steps of two UNets compound them. Bounds to be confirmed on the first GPU run.
+    """
+    config = EditConfig(steps=20, sam=SamConfig.for_random_weights())
+    image = smooth_image(64, 96, seed=11)
+    latents = {}
+    for precision in ("fp32", dtype):
+        pipe = ZonePipeline(_cuda_copy(tiny_models), device="cuda", dtype=precision, denoiser="fused")
+        prepared = pipe.prepare(image, "add a hat", config)
+        (latents[precision],) = pipe.denoise([prepared])
+        assert torch.isfinite(latents[precision]).all()
+    reference = latents["fp32"].float()
+    assert (latents[dtype].float() - reference).abs().max() <= tolerance * reference.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled CUDA graphs need a CUDA GPU")
+def test_compiled_step_is_compiled_and_captured_once_for_many_edits(tiny_models):
+    from torch._dynamo.utils import counters
+
+    pipe = ZonePipeline(_cuda_copy(tiny_models), device="cuda", denoiser="compile",
+                        default_config=EditConfig(steps=3, sam=SamConfig.for_random_weights()))
+    image = smooth_image(64, 96, seed=12)
+    pipe.edit(image, "add a hat")
+    compiled_frames, captures = counters["frames"]["ok"], pipe.denoiser.captures
+    for seed in (1, 2, 3):
+        pipe.edit(image, "add a scarf", pipe.default_config.replace(seed=seed))
+    assert counters["frames"]["ok"] == compiled_frames  # no recompilation after the first edit
+    assert pipe.denoiser.captures == captures == 1
