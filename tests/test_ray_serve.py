@@ -14,8 +14,9 @@ import numpy as np
 from conftest import smooth_image
 from test_serving import decode_png, post_concurrently, post_edit
 
+from zone_engine.errors import ConfigError
 from zone_engine.serving import PipelineSpec, ServeSettings
-from zone_engine.serving.ray_serve import deploy, shutdown
+from zone_engine.serving.ray_serve import deploy, replica_resources, shutdown
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +55,12 @@ def test_two_replicas_answer_the_same_contract(ray_base):
     assert all(r.status_code == 200 for r in responses)
     assert len({r.headers["X-Zone-Replica"] for r in responses}) == 2
     assert all(np.array_equal(decode_png(r.content), decode_png(response.content)) for r in responses)
+
+
+def test_replicas_get_one_gpu_each_where_the_cluster_has_them():
+    cpu, gpu = PipelineSpec(tiny=True, device="cpu"), PipelineSpec(device="cuda")
+    assert replica_resources(cpu, 2, {"CPU": 2.0, "GPU": 4.0}) == {"num_cpus": 1, "num_gpus": 0}
+    assert replica_resources(PipelineSpec(device="auto"), 2, {"CPU": 2.0}) == {"num_cpus": 1, "num_gpus": 0}
+    assert replica_resources(gpu, 4, {"CPU": 64.0, "GPU": 4.0}) == {"num_cpus": 1, "num_gpus": 1}
+    with pytest.raises(ConfigError, match="needs 5 GPUs"):
+        replica_resources(gpu, 5, {"CPU": 64.0, "GPU": 4.0})

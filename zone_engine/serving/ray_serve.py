@@ -58,15 +58,14 @@ class ZoneReplica:
         return await asyncio.to_thread(self.service.run_batch, requests)
 
 
-def replica_resources(spec: PipelineSpec, replicas: int) -> dict[str, float]:
-    """One GPU per replica when the pipeline runs on CUDA (and enough GPUs exist), else one CPU."""
-    import torch
-
-    if spec.device == "cpu" or (spec.device == "auto" and not torch.cuda.is_available()):
+def replica_resources(spec: PipelineSpec, replicas: int, cluster: dict[str, float]) -> dict[str, float]:
+    """One GPU per replica when the pipeline runs on CUDA, else one CPU. `cluster`: Ray's resource
+    totals (this machine's, or the cluster's in RAY_ADDRESS), so GPUs on other nodes count too."""
+    gpus = int(cluster.get("GPU", 0))
+    if spec.device == "cpu" or (spec.device == "auto" and gpus == 0):
         return {"num_cpus": 1, "num_gpus": 0}
-    available = torch.cuda.device_count()
-    if replicas > available:
-        raise ConfigError(f"--replicas {replicas} needs {replicas} GPUs (one each); this machine has {available}")
+    if replicas > gpus:
+        raise ConfigError(f"--replicas {replicas} needs {replicas} GPUs (one each); the Ray cluster has {gpus}")
     return {"num_cpus": 1, "num_gpus": 1}
 
 
@@ -77,9 +76,9 @@ def deploy(spec: PipelineSpec, settings: ServeSettings, *, host: str, port: int,
     if replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    resources = replica_resources(spec, replicas)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level="WARNING")
+    resources = replica_resources(spec, replicas, ray.cluster_resources())
     serve.start(http_options={"host": host, "port": port})
     deployment = ZoneReplica.options(
         num_replicas=replicas, ray_actor_options=resources,
