@@ -209,3 +209,22 @@ def test_serve_runs_answers_and_stops_on_sigterm(tmp_path):
     # uvicorn shuts down gracefully, then re-raises the signal it caught, as a killed process would exit.
     errors = server.stderr.read()
     assert code in (0, -signal.SIGTERM) and "Traceback" not in errors, errors
+
+
+def test_random_weights_build_real_size_architectures_with_the_reference_settings(monkeypatch, capsys):
+    import zone_engine.models
+    from zone_engine.config import EditConfig
+    from zone_engine.serving.settings import PipelineSpec
+
+    calls = []
+
+    def fake_build(preset, seed, sam_type):  # the real one allocates ~4 GB: same call, tiny models
+        calls.append((preset, seed, sam_type))
+        return zone_engine.models.build_tiny_components(seed)
+
+    monkeypatch.setattr(zone_engine.models, "build_random_components", fake_build)
+    pipe = PipelineSpec(random_weights="sd15", device="cpu", denoiser="fused").build()
+    assert calls == [("sd15", 0, "vit_b")]
+    assert pipe.default_config == EditConfig()  # the reference SAM settings: a load test pays real costs
+    if not SERVE_MISSING:
+        _fails_cleanly(capsys, ["serve", "--tiny", "--random-weights", "sd15"], "exclude each other")

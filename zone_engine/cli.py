@@ -82,6 +82,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="precision of the diffusion models (fp16/bf16 need CUDA; default fp32)")
     models.add_argument("--tiny", action="store_true", help="use tiny random models instead (for trying the CLI)")
+    models.add_argument("--random-weights", choices=["sd15"], help="SD1.5-sized architectures (and SAM --sam-type, "
+                        "default vit_b) with random weights: real costs, meaningless edits; for load tests")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,7 +202,8 @@ def _pipeline_spec(args: argparse.Namespace):
     from .serving.settings import PipelineSpec
 
     return PipelineSpec(
-        tiny=args.tiny, ip2p=args.ip2p, magicbrush=args.magicbrush, sam=args.sam, sam_type=args.sam_type,
+        tiny=args.tiny, random_weights=args.random_weights, ip2p=args.ip2p, magicbrush=args.magicbrush, sam=args.sam,
+        sam_type=args.sam_type,
         action_classifier=args.action_classifier, device=args.device, dtype=args.dtype, **_backend_options(args),
     )
 

@@ -13,9 +13,11 @@ from ..models import IP2P_ID, MAGICBRUSH_ID
 
 @dataclass(frozen=True)
 class PipelineSpec:
-    """How to build a `ZonePipeline`: tiny random models, or real checkpoints from local paths."""
+    """How to build a `ZonePipeline`: tiny random models, real-size architectures with random weights
+    (`random_weights="sd15"`: costs as real, edits meaningless; for load tests), or real checkpoints."""
 
     tiny: bool = False
+    random_weights: str | None = None
     ip2p: str = IP2P_ID
     magicbrush: str = MAGICBRUSH_ID
     sam: Path | None = Path("ckpts/sam_vit_h_4b8939.pth")
@@ -37,8 +39,17 @@ class PipelineSpec:
         backends = dict(denoiser=self.denoiser, kernels=self.kernels, engines=self.engines, segmenter=self.segmenter,
                         sam_onnx=self.sam_onnx, cuda_graphs=self.cuda_graphs,
                         attention=self.attention)
+        if self.tiny and self.random_weights:
+            raise ConfigError("--tiny and --random-weights exclude each other: choose one")
         if self.tiny:
             return ZonePipeline.tiny(device=self.device, **backends)
+        if self.random_weights:
+            from ..models import build_random_components
+
+            if self.random_weights != "sd15":
+                raise ConfigError(f"--random-weights {self.random_weights}: only sd15 (real-size architectures)")
+            models = build_random_components(self.random_weights, 0, self.sam_type or "vit_b")
+            return ZonePipeline(models, self.device, self.dtype, **backends)
         return ZonePipeline.from_pretrained(
             ip2p=self.ip2p, magicbrush=self.magicbrush, sam=None if self.segmenter == "onnx" else self.sam,
             sam_type=self.sam_type, action_classifier=self.action_classifier, device=self.device, dtype=self.dtype,
