@@ -8,7 +8,10 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers segment-anything
-# Then: device run with carry [".whl"] and command `bash benchmarks/gpu_session.sh [quick]`.
+# For the serving load test (step 4) also, the same way, with their dependencies (drop --no-deps):
+#   fastapi uvicorn python-multipart prometheus-client httpx
+# Then: device run with carry [".whl"] and command `bash benchmarks/gpu_session.sh [quick|serve]`
+# (quick: the tests only; serve: the load test only; nothing: everything but the load test).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/zone-out}"
@@ -22,6 +25,16 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+
+if [ "${1:-}" = "serve" ]; then
+    # 4. The HTTP service under load, batching on vs off: SD1.5-sized random weights, fp16, 512², 20 steps.
+    python3 -c "import fastapi, uvicorn, multipart, prometheus_client, httpx" || {
+        echo "the serving wheels are not carried (see the header)"; exit 1; }
+    python3 -m benchmarks.load_test --no-tiny --device cuda --server-arg=--random-weights=sd15 \
+        --server-arg=--dtype=fp16 --size 512x512 --steps 20 --concurrency 1,2,4,8 --requests 16 \
+        --duration-s 100 --out "$OUT/load" 2>&1 | tee "$OUT/load.log" | tail -20
+    exit 0
+fi
 
 # 1. Correctness on the GPU: the whole suite (GPU classes included), kernels compiled (no interpreter).
 python3 -m pytest -q -x tests 2>&1 | tee "$OUT/tests.log" | tail -5
