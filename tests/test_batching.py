@@ -175,3 +175,29 @@ def test_a_denoiser_that_cannot_batch_runs_the_edits_one_by_one(tiny_pipe):
 
     tiny_pipe.denoise([tiny_pipe.prepare(image, "add a hat", config) for _ in range(2)], stop=stop)
     assert len(polls) == 2 * config.steps  # one loop per edit, polled after every step
+
+
+def test_padded_batches_run_a_power_of_two_and_return_only_the_real_edits(tiny_models):
+    config = EditConfig(steps=3)
+    plain = FusedDualDenoiser(tiny_models.ip2p_unet, tiny_models.mb_unet, tiny_models.scheduler_config)
+    padded = FusedDualDenoiser(tiny_models.ip2p_unet, tiny_models.mb_unet, tiny_models.scheduler_config,
+                               pad_batches=True)
+    assert not plain.pad_batches
+    batch_sizes = []
+    real_step = padded.step_fn
+
+    def spy(unet, schedule, state, *args):
+        batch_sizes.append(state.z_mb.shape[0])
+        real_step(unet, schedule, state, *args)
+
+    padded.step_fn = spy
+    inputs = [edit_inputs(tiny_models, *edit) for edit in EDITS]
+    betas = [0.01, 0.01, 0.2]
+    alone_attention, padded_attention = [AttentionAccumulator() for _ in EDITS], [AttentionAccumulator() for _ in EDITS]
+    alone = [plain(x, config, beta, acc) for x, beta, acc in zip(inputs, betas, alone_attention, strict=True)]
+    got = padded.denoise_batch(inputs, config, betas, padded_attention)
+    assert batch_sizes == [4] * config.steps and len(got) == 3
+    for g, e in zip(got, alone, strict=True):
+        assert (g - e).abs().max() <= LATENT_TOLERANCE * e.abs().max()
+    for g, e in zip(padded_attention, alone_attention, strict=True):
+        assert g.rows == e.rows and torch.allclose(g.total, e.total, rtol=LATENT_TOLERANCE, atol=0)

@@ -115,14 +115,17 @@ class CapturedStep:
 
 class FusedDualDenoiser:
     """The `Denoiser` built on `dual_step`; `compile=True` runs the step through torch.compile;
-    `cuda_graphs=True` (on CUDA) captures the step once per (batch, latent size, steps) and replays it."""
+    `cuda_graphs=True` (on CUDA) captures the step once per (batch, latent size, steps) and replays it;
+    `pad_batches` (default: with either) rounds batch sizes up to powers of two."""
 
     def __init__(self, ip2p_unet: nn.Module, mb_unet: nn.Module, scheduler_config: dict, compile: bool = False,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, pad_batches: bool | None = None):
         self.unet = DualUNet(mb_unet, ip2p_unet)
         self.scheduler_config = scheduler_config
         self.step_fn = torch.compile(dual_step, dynamic=False) if compile else dual_step
         self.cuda_graphs = cuda_graphs
+        # Shapes are what compilation and capture are keyed by: bound them unless told otherwise.
+        self.pad_batches = compile or cuda_graphs if pad_batches is None else pad_batches
         self._schedules: dict[tuple[int, torch.device], SolverSchedule] = {}
         self._graphs: dict[tuple, CapturedStep] = {}
         self.captures = 0  # graphs recorded so far: one per new shape, never one per edit
@@ -143,7 +146,18 @@ class FusedDualDenoiser:
         self, inputs: Sequence[DenoiseInputs], config: EditConfig, betas: Sequence[float],
         attention: Sequence[AttentionAccumulator], on_step: Callable[[int], None] | None = None,
     ) -> list[torch.Tensor]:
-        """B edits of one latent size as one batch (6B UNet rows a step); each edit's final z_ip (1, 4, h, w)."""
+        """B edits of one latent size as one batch (6B UNet rows a step); each edit's final z_ip (1, 4, h, w).
+
+        With `pad_batches`, B is rounded up to a power of two with copies of the last edit whose
+        results are dropped: a server's batches of 1..N then need log2(N) + 1 compiled graphs or
+        CUDA-graph captures per size, not N.
+        """
+        edits = len(inputs)
+        if self.pad_batches:
+            padding = (1 << (edits - 1).bit_length()) - edits
+            inputs = [*inputs, *[inputs[-1]] * padding]
+            betas = [*betas, *[betas[-1]] * padding]
+            attention = [*attention, *(AttentionAccumulator(attention[-1].accumulate) for _ in range(padding))]
         batch = DenoiseInputs.stack(inputs)
         device = batch.noise.device
         schedule = self.schedule(config.steps, device)
@@ -155,7 +169,7 @@ class FusedDualDenoiser:
             latent_size = tuple(batch.noise.shape[-2:])
             with record_cross_attention(self.unet.ip2p_unet, latent_size, attention_grid(latent_size), attention):
                 latents = self._loop(batch, schedule, DualState.start(batch.noise), guidance, beta_tensor, on_step)
-        return list(latents.to(batch.noise.dtype).split(1))
+        return list(latents.to(batch.noise.dtype).split(1))[:edits]
 
     def _loop(self, batch: DenoiseInputs, schedule: SolverSchedule, state: DualState, guidance: torch.Tensor,
               beta: torch.Tensor, on_step: Callable[[int], None] | None) -> torch.Tensor:
