@@ -15,7 +15,7 @@ from conftest import smooth_image
 from PIL import Image
 
 from zone_engine import ZonePipeline
-from zone_engine.cli import main
+from zone_engine.cli import SERVE_MODULES, main
 from zone_engine.errors import ConfigError, DeviceError, InputImageError, InstructionError, ZoneError
 
 
@@ -152,8 +152,7 @@ def test_onnx_segmenter_without_export_folder(capsys, photo, tmp_path):
                             "--no-progress"], "zone export sam")
 
 
-SERVE_MISSING = [m for m in ("fastapi", "uvicorn", "httpx", "multipart", "prometheus_client")
-                 if importlib.util.find_spec(m) is None]
+SERVE_MISSING = [m for m in (*SERVE_MODULES, "httpx") if importlib.util.find_spec(m) is None]
 requires_serve = pytest.mark.skipif(bool(SERVE_MISSING), reason=f"needs the serve extra (missing {SERVE_MISSING})")
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-for _module in ("fastapi", "uvicorn", "httpx", "multipart", "prometheus_client"):
+from zone_engine.cli import SERVE_MODULES
+
+for _module in (*SERVE_MODULES, "httpx"):
     pytest.importorskip(_module, reason="the service needs the serve extra: pip install -e '.[serve]'")
 
 import asyncio

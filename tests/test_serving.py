@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-for _module in ("fastapi", "uvicorn", "httpx", "multipart", "prometheus_client"):
+from zone_engine.cli import SERVE_MODULES
+
+for _module in (*SERVE_MODULES, "httpx"):
     pytest.importorskip(_module, reason="the service needs the serve extra: pip install -e '.[serve]'")
 
 import asyncio
@@ -22,6 +24,7 @@ import uvicorn
 from conftest import smooth_image
 from PIL import Image
 
+from benchmarks.load_test import parse_metrics
 from zone_engine import ZonePipeline
 from zone_engine.config import EditConfig, SamConfig
 from zone_engine.errors import EditCancelled
@@ -39,25 +42,36 @@ def pipe(tiny_models):
 
 
 @contextmanager
-def serving(pipeline, **settings):
-    """A real uvicorn server on a free loopback port, in a thread; yields (base URL, service)."""
-    service = LocalEditService(lambda: pipeline, ServeSettings(**{"warmup": False, **settings}))
+def serving_service(service: LocalEditService):
+    """A real uvicorn server for `service` on a free loopback port, in a thread; yields (URL, server)
+    once it accepts connections (the models may still be loading)."""
     server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", timeout_graceful_shutdown=30))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
-    while not (server.started and service.ready):
+    while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.02)
     try:
-        yield base, service
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
     finally:
         server.should_exit = True
         thread.join(60)
         sock.close()
+
+
+@contextmanager
+def serving(pipeline, **settings):
+    """`pipeline` served with these settings (no warm-up), once ready; yields (base URL, service)."""
+    service = LocalEditService(lambda: pipeline, ServeSettings(**{"warmup": False, **settings}))
+    with serving_service(service) as (base, _):
+        deadline = time.monotonic() + 60
+        while not service.ready:
+            assert time.monotonic() < deadline, "the service did not become ready"
+            time.sleep(0.02)
+        yield base, service
 
 
 def png(image: np.ndarray) -> bytes:
@@ -84,11 +98,10 @@ async def post_concurrently(base: str, jobs: list[dict]) -> list[httpx.Response]
 
 
 def metric(text: str, name: str) -> float:
-    """The value of one sample line `name value` of a Prometheus exposition."""
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in /metrics")
+    """The value of one sample (`name` with its labels) of a Prometheus exposition."""
+    samples = parse_metrics(text)
+    assert name in samples, f"{name} not in /metrics"
+    return samples[name]
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -183,23 +196,6 @@ def test_not_ready_until_loaded_and_warmed_up(pipe):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert post_edit(base, smooth_image(64, 64)).status_code == 200
-
-
-@contextmanager
-def serving_service(service: LocalEditService):
-    """Like `serving`, for a service built by the test; does not wait for readiness. Yields (URL, server)."""
-    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
-    finally:
-        server.should_exit = True
-        thread.join(60)
 
 
 def test_graceful_shutdown_finishes_the_edits_it_accepted_and_takes_no_new_ones(pipe):

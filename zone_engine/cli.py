@@ -278,6 +278,10 @@ def run_demo(args: argparse.Namespace) -> None:
     print(args.out)
 
 
+# What `zone serve` imports (module names, not package names); the tests skip without them.
+SERVE_MODULES = ("fastapi", "uvicorn", "multipart", "prometheus_client")
+
+
 def _require(module: str, extra: str) -> None:
     import importlib.util
 
@@ -286,7 +290,7 @@ def _require(module: str, extra: str) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    for module in ("fastapi", "uvicorn", "multipart", "prometheus_client"):
+    for module in SERVE_MODULES:
         _require(module, "serve")
     if args.ray:
         _require("ray", "ray")

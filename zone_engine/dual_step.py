@@ -58,9 +58,18 @@ class DualState:
 
     @classmethod
     def start(cls, noise: torch.Tensor) -> DualState:
-        z = noise.float()  # init_noise_sigma is 1 for DPM-Solver
-        zeros = torch.zeros_like(z)
-        return cls(z.clone(), z.clone(), zeros, zeros.clone(), torch.zeros(1, dtype=torch.long, device=z.device))
+        buffers = [torch.empty_like(noise, dtype=torch.float32) for _ in range(4)]
+        state = cls(*buffers, torch.empty(1, dtype=torch.long, device=noise.device))
+        state.reset_(noise)
+        return state
+
+    def reset_(self, noise: torch.Tensor) -> None:
+        """Both trajectories at z_T (init_noise_sigma is 1 for DPM-Solver), no history, step 0; in place."""
+        self.z_mb.copy_(noise)
+        self.z_ip.copy_(noise)
+        self.x0_mb.zero_()
+        self.x0_ip.zero_()
+        self.step.zero_()
 
 
 def dual_step(
@@ -226,12 +235,7 @@ def load_static(captured: CapturedStep, batch: DenoiseInputs, guidance: torch.Te
     """Copy one edit batch into a captured step's static buffers and reset its loop state."""
     captured.inputs.context.copy_(batch.context)
     captured.inputs.image_latents.copy_(batch.image_latents)
-    state = captured.state
-    state.z_mb.copy_(batch.noise)
-    state.z_ip.copy_(batch.noise)
-    state.x0_mb.zero_()
-    state.x0_ip.zero_()
-    state.step.zero_()
+    captured.state.reset_(batch.noise)
     captured.guidance.copy_(guidance)
     captured.beta.copy_(beta)
     for accumulator in captured.attention:
