@@ -210,9 +210,10 @@ class ZonePipeline:
     ) -> list[EditResult | Exception]:
         """Several edits, those of one batch key denoised together; results in the order of `requests`.
 
-        Each edit gets the result it would get from `edit` alone (tests/test_batching.py: same seed,
-        same image). With `return_exceptions`, a request that fails (bad input, cancelled, a fault
-        in its own work) has its exception in its place and the others go on; else the first raises.
+        Each edit gets the result it would get from `edit` alone, up to float rounding of a larger
+        batch (tests/test_batching.py: masks identical, images within one uint8 level). With
+        `return_exceptions`, a request that fails (bad input, cancelled, a fault in its own work)
+        has its exception in its place and the others go on; else the first raises.
         """
         outcomes: list[EditResult | Exception | None] = [None] * len(requests)
         groups: dict[BatchKey, list[tuple[int, PreparedEdit]]] = {}
