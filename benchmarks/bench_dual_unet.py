@@ -11,8 +11,12 @@ For B edits each model gets 3B rows (IP2P's guidance triple). Variants:
 - vmap:      `torch.func.stack_module_state` + `functional_call` + `torch.vmap` over a leading model
              dimension: one traced call over stacked weights (a second copy of the weights).
 - streams:   (CUDA only) the two calls on two CUDA streams, joined before the solver math.
-Each row: median wall time over --repeats after one warm-up, ratio to `single`, max |difference|
-from two-calls (same inputs), peak CUDA memory.
+- step:      the engine's whole `dual_step` (both UNets, guidance, both solver updates, the blend).
+On CUDA each variant but vmap is also timed replayed from a CUDA graph ("+graph"), as the engine
+runs it: eager diffusers UNets at these sizes are bound by kernel launches on the host, so only the
+graph rows say what the GPU work costs. Each row: median wall time over --repeats after one
+warm-up, ratio to `single` (eager) and to `single+graph`, max |difference| from two-calls (same
+inputs), peak CUDA memory.
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from zone_engine.backends import DTYPES, resolve_device
-from zone_engine.dual_step import DualUNet
+from zone_engine.backends import DTYPES, make_localization_kernels, resolve_device
+from zone_engine.denoise import make_scheduler
+from zone_engine.dual_step import DualState, DualUNet, dual_step
+from zone_engine.localize import AttentionAccumulator, attention_grid, record_cross_attention
 from zone_engine.models import PRESETS, build_unet
+from zone_engine.solver import solver_schedule
 
 Variant = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -68,6 +75,49 @@ def streams_variant(mb_unet: nn.Module, ip2p_unet: nn.Module) -> Variant:
         return torch.cat([mb, ip2p])
 
     return run
+
+
+def step_variant(unet: DualUNet, sample: torch.Tensor, context: torch.Tensor) -> Variant:
+    """The whole fused step at the same rows, cross-attention recorded as in an edit (the engine's
+    kernels for this device); its step counter rewound each call (one step, timed)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    rows, device = context.shape[0], sample.device
+    accumulate, _ = make_localization_kernels("auto", device)
+    accumulators = [AttentionAccumulator(accumulate) for _ in range(rows // 3)]
+    latent_size = tuple(sample.shape[-2:])
+    schedule = solver_schedule(make_scheduler(dict(DPMSolverMultistepScheduler().config)), 20).to(device)
+    state = DualState.start(sample[: rows // 3, :4].float())
+    image_latents = sample[:rows, 4:].contiguous()
+    guidance = torch.tensor([7.5, 1.5], device=device)
+    beta = torch.full((rows // 3, 1, 1, 1), 0.2, device=device)
+
+    def run(*_: torch.Tensor) -> torch.Tensor:
+        state.step.zero_()
+        with record_cross_attention(unet.ip2p_unet, latent_size, attention_grid(latent_size), accumulators):
+            dual_step(unet, schedule, state, image_latents, context, guidance, beta)
+        return state.z_ip
+
+    return run
+
+
+def graphed(run: Variant, inputs: tuple) -> Variant:
+    """`run` on these fixed inputs recorded once as a CUDA graph; each call replays it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up outside the capture: allocator, cuDNN/cuBLAS choices
+            run(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = run(*inputs)
+
+    def replay(*_: torch.Tensor) -> torch.Tensor:
+        graph.replay()
+        return output
+
+    return replay
 
 
 def time_variant(run: Variant, inputs: tuple, device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
@@ -116,10 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     def single(sample, timestep, context):
         return ip2p_unet(sample, timestep, encoder_hidden_states=torch.cat([context, context]), return_dict=False)[0]
 
-    variants: dict[str, Variant] = {"single": single, "two-calls": DualUNet(mb_unet, ip2p_unet),
-                                    "vmap": vmap_variant(mb_unet, ip2p_unet)}
+    dual = DualUNet(mb_unet, ip2p_unet)
+    variants: dict[str, Variant] = {"single": single, "two-calls": dual, "vmap": vmap_variant(mb_unet, ip2p_unet),
+                                    "step": step_variant(dual, sample, context)}
     if device.type == "cuda":
         variants["streams"] = streams_variant(mb_unet, ip2p_unet)
+        inputs = (sample, timestep, context)
+        with torch.inference_mode():
+            for label in ("single", "two-calls", "streams", "step"):
+                variants[f"{label}+graph"] = graphed(variants[label], inputs)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {name}, {args.models} UNets, {args.resolution}² ({latent}² latent), {2 * rows} rows "
           f"(B = {args.batch}), {args.dtype}, median of {args.repeats}")
@@ -136,12 +191,17 @@ def main(argv: list[str] | None = None) -> int:
             results[label] = (seconds, output, memory)
     for warning in {str(w.message).split(".")[0] for w in caught if "batching rule" in str(w.message)}:
         print(f"note (vmap): {warning}")  # e.g. no vmap rule for the CPU's fused SDPA: a per-model loop
-    print(f"{'variant':<10} {'median':>10} {'x single':>9} {'max |diff| vs two-calls':>24} {'peak GiB':>9}")
+    graph_yardstick = results.get("single+graph", results["single"])[0]
+    print(f"{'variant':<16} {'median':>10} {'x single':>9} {'x single+graph':>15} {'max |diff| vs two-calls':>24} "
+          f"{'peak GiB':>9}")
     for label, (seconds, output, memory) in results.items():
-        difference = "n/a (other rows)" if label == "single" else f"{(output - reference).abs().max().item():.3g}"
+        if label.startswith(("single", "step")):
+            difference = "n/a (other rows)" if label.startswith("single") else "n/a (whole step)"
+        else:
+            difference = f"{(output - reference).abs().max().item():.3g}"
         peak = f"{memory:.2f}" if memory is not None else "n/a"
-        print(f"{label:<10} {seconds * 1e3:>8.1f}ms {seconds / results['single'][0]:>9.2f} {difference:>24} "
-              f"{peak:>9}")
+        print(f"{label:<16} {seconds * 1e3:>8.2f}ms {seconds / results['single'][0]:>9.2f} "
+              f"{seconds / graph_yardstick:>15.2f} {difference:>24} {peak:>9}")
     return 0
 
 

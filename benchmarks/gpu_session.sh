@@ -7,11 +7,14 @@
 # Once, on the development machine, in the repo root:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers segment-anything
-# For the serving load test (step 4) also, the same way, with their dependencies (drop --no-deps):
-#   fastapi uvicorn python-multipart prometheus-client httpx
-# Then: device run with carry [".whl"] and command `bash benchmarks/gpu_session.sh [quick|serve]`
-# (quick: the tests only; serve: the load test only; nothing: everything but the load test).
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
+#       diffusers==0.42.1 segment-anything importlib_metadata
+# For the serving load test also these (the image has prometheus-client, httpx, anyio, h11, click):
+#   fastapi uvicorn python-multipart starlette pydantic pydantic-core annotated-types typing-inspection
+#   opentelemetry-api typing_extensions
+# Then: device run with carry [".whl"] and command `bash benchmarks/gpu_session.sh [STAGE ...]`: stages
+# tests kernels dual bench (the default, in that order), breaks (compile's graph breaks), suite (the whole suite), serve (the load test).
+# At most 8 files come back from $OUT: each stage writes one log, bench three more files (JSON, md, PNG).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/zone-out}"
@@ -26,30 +29,38 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
-if [ "${1:-}" = "serve" ]; then
-    # 4. The HTTP service under load, batching on vs off: SD1.5-sized random weights, fp16, 512², 20 steps.
-    python3 -c "import fastapi, uvicorn, multipart, prometheus_client, httpx" || {
-        echo "the serving wheels are not carried (see the header)"; exit 1; }
-    python3 -m benchmarks.load_test --no-tiny --device cuda --server-arg=--random-weights=sd15 \
-        --server-arg=--dtype=fp16 --size 512x512 --steps 20 --concurrency 1,2,4,8 --requests 16 \
-        --duration-s 100 --out "$OUT/load" 2>&1 | tee "$OUT/load.log" | tail -20
-    exit 0
-fi
-
-# 1. Correctness on the GPU: the whole suite (GPU classes included), kernels compiled (no interpreter).
-python3 -m pytest -q -x tests 2>&1 | tee "$OUT/tests.log" | tail -5
-
-[ "${1:-}" = "quick" ] && exit 0
-
-# 2. Kernel and refinement benchmarks (do_bench medians on CUDA).
-python3 -m benchmarks.bench_kernels 2>&1 | tee "$OUT/bench_kernels.log" | tail -20
-python3 -m benchmarks.bench_refine --model-type vit_h --size 512 --points-per-side 32 2>&1 \
-    | tee "$OUT/bench_refine.log" | tail -15
-
-# 2b. Two weight sets per step: two calls vs vmap over stacked weights vs two streams, against one UNet call.
-python3 -m benchmarks.bench_dual_unet --resolution 512 --dtype fp16 --repeats 20 2>&1 | tee "$OUT/bench_dual_unet.log"
-python3 -m benchmarks.bench_dual_unet --resolution 512 --dtype fp16 --repeats 20 --batch 4 2>&1 \
-    | tee -a "$OUT/bench_dual_unet.log"
-
-# 3. Per-stage latency, baseline vs engine backends, 512², 20 steps, fp16.
-python3 -m benchmarks --preset gpu-512 --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -30
+# Each stage is bounded (the device allows 10 minutes a command): a stage that runs over is cut off,
+# its log kept, and the next one runs.
+stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, its output in $OUT/NAME.log
+    local name=$1 limit=$2; shift 2
+    echo "== $name (limit ${limit}s)"
+    local started=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "== $name: rc $? after $((SECONDS - started))s"; tail -n "${TAIL:-12}" "$OUT/$name.log"
+}
+run_stage() {
+    case $1 in
+    tests)  # Correctness on the GPU: the GPU test classes (compiled Triton, bf16, fp16 vs fp32, CUDA graphs).
+        stage gpu_tests 180 python3 -m pytest -q -m gpu -rs --durations=8 tests ;;
+    kernels)  # Kernel benchmarks: do_bench medians against the reference-style store and the torch references.
+        stage bench_kernels 50 python3 -m benchmarks.bench_kernels ;;
+    dual)  # Two weight sets per step: one UNet call at batch 6 vs the dual-step variants, eager and graphed.
+        stage bench_dual_unet 100 python3 -m benchmarks.bench_dual_unet --resolution 512 --dtype fp16 --repeats 20 ;;
+    breaks)  # torch.compile's graph breaks in the dual step, SD1.5 size, fp16 (none is the goal).
+        stage graph_breaks 90 python3 -m benchmarks.graph_breaks --device cuda --dtype fp16 ;;
+    bench)  # Per-stage latency, baseline vs engine backends, 512², 20 steps, fp16 (BACKENDS: the engine rows).
+        TAIL=45 stage bench 300 python3 -m benchmarks --preset gpu-512 \
+            --backends "${BACKENDS:-eager,fused,compile}" --out "$OUT" ;;
+    suite)  # The whole suite on the GPU machine, in parallel processes.
+        stage tests 400 python3 -m pytest -q -n 8 -rf tests ;;
+    serve)  # The HTTP service under load, batching on vs off: SD1.5-sized random weights, fp16, 512², 20 steps.
+        python3 -c "import fastapi, uvicorn, multipart, prometheus_client, httpx" || {
+            echo "the serving wheels are not carried (see the header)"; return 1; }
+        stage load 420 python3 -m benchmarks.load_test --no-tiny --device cuda \
+            --server-arg=--random-weights=sd15 --server-arg=--dtype=fp16 --size 512x512 --steps 20 \
+            --concurrency 1,2,4,8 --requests 16 --duration-s 100 --out "$OUT/load" ;;
+    *) echo "unknown stage $1: tests, kernels, dual, breaks, bench, suite, serve"; return 1 ;;
+    esac
+}
+[ $# -gt 0 ] || set -- tests kernels dual bench
+for name in "$@"; do run_stage "$name"; done

@@ -2,7 +2,9 @@
 
 - `ZONE_DISABLE_TRITON=1` turns every kernel off (the torch references run instead).
 - A kernel defined while `TRITON_INTERPRET=1` was set is an interpreted function: it runs on CPU
-  tensors through numpy (the CI path), and cannot take bf16 (the interpreter has no bf16).
+  tensors through numpy (the CI path), and cannot take bf16 (the interpreter has no bf16). CUDA
+  tensors get the torch reference: interpreting over device memory would copy every launch to the
+  host and back (and the interpreter of triton 3.6 fails on it).
 - Otherwise a kernel runs compiled, on CUDA tensors only.
 """
 
@@ -31,5 +33,5 @@ def can_launch(kernel, device: torch.device, dtypes: tuple[torch.dtype, ...] = (
     if triton_disabled():
         return False
     if is_interpreted(kernel):
-        return torch.bfloat16 not in dtypes
+        return device.type == "cpu" and torch.bfloat16 not in dtypes
     return device.type == "cuda"

@@ -9,6 +9,7 @@ from conftest import smooth_image
 from diffusers import DPMSolverMultistepScheduler
 
 from zone_engine import Action, ZonePipeline
+from zone_engine.backends import make_localization_kernels
 from zone_engine.config import EditConfig, SamConfig
 from zone_engine.denoise import DenoiseInputs, SequentialDenoiser, initial_noise, make_scheduler
 from zone_engine.dual_step import FusedDualDenoiser
@@ -89,41 +90,6 @@ def test_cuda_graphs_are_refused_off_cuda_and_by_the_eager_reference(tiny_models
     assert ZonePipeline(tiny_models, device="cpu", denoiser="fused").denoiser.cuda_graphs is False
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA GPU")
-def test_cuda_graph_replay_equals_eager_and_captures_once_per_shape(tiny_models):
-    import copy
-
-    device = torch.device("cuda")
-    ip2p, mb = copy.deepcopy(tiny_models.ip2p_unet).to(device), copy.deepcopy(tiny_models.mb_unet).to(device)
-    eager = FusedDualDenoiser(ip2p, mb, tiny_models.scheduler_config)
-    graphed = FusedDualDenoiser(ip2p, mb, tiny_models.scheduler_config, cuda_graphs=True)
-    config = EditConfig(steps=4)
-
-    def inputs(seed, size=(64, 96)):
-        encoded = encode_instruction(tiny_models.tokenizer, tiny_models.text_encoder, f"add hat number {seed}")
-        return DenoiseInputs(
-            context=encoded.context.to(device),
-            image_latents=encode_image_latents(tiny_models.vae, smooth_image(*size, seed=seed), torch.float32)
-            .to(device),
-            noise=initial_noise(seed, (size[0] // 8, size[1] // 8), device, torch.float32),
-        )
-
-    # Two shapes (one edit, a batch of two), each run twice with new inputs: 2 captures, not 4.
-    for batch in ([inputs(1)], [inputs(2), inputs(3)], [inputs(4)], [inputs(5), inputs(6)]):
-        betas = [0.01, 0.2][: len(batch)]
-        expected_attention = [AttentionAccumulator() for _ in batch]
-        got_attention = [AttentionAccumulator() for _ in batch]
-        expected = eager.denoise_batch(batch, config, betas, expected_attention)
-        got = graphed.denoise_batch(batch, config, betas, got_attention)
-        # The same kernels on the same inputs; 1e-5 leaves room for cuDNN picking another algorithm at capture.
-        for g, e in zip(got, expected, strict=True):
-            assert (g - e).abs().max().item() <= 1e-5
-        for g, e in zip(got_attention, expected_attention, strict=True):
-            assert g.rows == e.rows and torch.allclose(g.total, e.total, rtol=0, atol=1e-5)
-    assert graphed.captures == 2
-
-
 def test_xformers_is_refused_with_a_reason_where_it_cannot_run(tiny_models):
     from zone_engine.errors import DeviceError
 
@@ -133,24 +99,6 @@ def test_xformers_is_refused_with_a_reason_where_it_cannot_run(tiny_models):
         ZonePipeline(tiny_models, device="cpu", attention="flash")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers attention needs a CUDA GPU")
-def test_xformers_attention_matches_sdpa(tiny_models):
-    pytest.importorskip("xformers", reason="xformers is not installed")
-    import copy
-
-    image = smooth_image(64, 96, seed=9)
-    config = EditConfig(steps=3, sam=SamConfig.for_random_weights())
-    results = {
-        kind: ZonePipeline(copy.deepcopy(tiny_models), device="cuda", denoiser="fused", attention=kind).edit(
-            image, "add a hat", config)
-        for kind in ("sdpa", "xformers")
-    }
-    # Different attention kernels, fp32: the styled images agree to a few uint8 levels.
-    difference = np.abs(results["sdpa"].styled.astype(int) - results["xformers"].styled.astype(int))
-    assert difference.max() <= 3
-
-
 def _cuda_copy(tiny_models):
     import copy
 
@@ -158,37 +106,86 @@ def _cuda_copy(tiny_models):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16/bf16 run only on CUDA")
-@pytest.mark.parametrize("dtype, tolerance", [("fp16", 2e-2), ("bf16", 8e-2)])
-def test_half_precision_denoising_stays_close_to_fp32(tiny_models, dtype, tolerance):
-    """Final latents of the fused loop in fp16/bf16 against fp32, relative to their magnitude.
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs, fp16/bf16, xformers, compiled kernels: CUDA")
+@pytest.mark.usefixtures("skip_if_compiled_elsewhere")
+class TestOnGPU:
+    """The denoiser on CUDA, with the Triton kernels compiled: reruns itself without the interpreter."""
 
-    Tolerance: fp16 keeps 11 significant bits (~5e-4 per rounding) and bf16 8 (~4e-3); 20 guided
-    steps of two UNets compound them. Bounds to be confirmed on the first GPU run.
-    """
-    config = EditConfig(steps=20, sam=SamConfig.for_random_weights())
-    image = smooth_image(64, 96, seed=11)
-    latents = {}
-    for precision in ("fp32", dtype):
-        pipe = ZonePipeline(_cuda_copy(tiny_models), device="cuda", dtype=precision, denoiser="fused")
-        prepared = pipe.prepare(image, "add a hat", config)
-        (latents[precision],) = pipe.denoise([prepared])
-        assert torch.isfinite(latents[precision]).all()
-    reference = latents["fp32"].float()
-    assert (latents[dtype].float() - reference).abs().max() <= tolerance * reference.abs().max()
+    def test_cuda_graph_replay_equals_eager_and_captures_once_per_shape(self, tiny_models):
+        import copy
 
+        device = torch.device("cuda")
+        ip2p, mb = copy.deepcopy(tiny_models.ip2p_unet).to(device), copy.deepcopy(tiny_models.mb_unet).to(device)
+        eager = FusedDualDenoiser(ip2p, mb, tiny_models.scheduler_config)
+        graphed = FusedDualDenoiser(ip2p, mb, tiny_models.scheduler_config, cuda_graphs=True)
+        config = EditConfig(steps=4)
+        accumulate, _ = make_localization_kernels("auto", device)  # the compiled Triton kernel, as in an edit
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled CUDA graphs need a CUDA GPU")
-def test_compiled_step_is_compiled_and_captured_once_for_many_edits(tiny_models):
-    from torch._dynamo.utils import counters
+        def inputs(seed, size=(64, 96)):
+            encoded = encode_instruction(tiny_models.tokenizer, tiny_models.text_encoder, f"add hat number {seed}")
+            return DenoiseInputs(
+                context=encoded.context.to(device),
+                image_latents=encode_image_latents(tiny_models.vae, smooth_image(*size, seed=seed), torch.float32)
+                .to(device),
+                noise=initial_noise(seed, (size[0] // 8, size[1] // 8), device, torch.float32),
+            )
 
-    pipe = ZonePipeline(_cuda_copy(tiny_models), device="cuda", denoiser="compile",
-                        default_config=EditConfig(steps=3, sam=SamConfig.for_random_weights()))
-    image = smooth_image(64, 96, seed=12)
-    pipe.edit(image, "add a hat")
-    compiled_frames, captures = counters["frames"]["ok"], pipe.denoiser.captures
-    for seed in (1, 2, 3):
-        pipe.edit(image, "add a scarf", pipe.default_config.replace(seed=seed))
-    assert counters["frames"]["ok"] == compiled_frames  # no recompilation after the first edit
-    assert pipe.denoiser.captures == captures == 1
+        # Two shapes (one edit, a batch of two), each run twice with new inputs: 2 captures, not 4.
+        for batch in ([inputs(1)], [inputs(2), inputs(3)], [inputs(4)], [inputs(5), inputs(6)]):
+            betas = [0.01, 0.2][: len(batch)]
+            expected_attention = [AttentionAccumulator(accumulate) for _ in batch]
+            got_attention = [AttentionAccumulator(accumulate) for _ in batch]
+            expected = eager.denoise_batch(batch, config, betas, expected_attention)
+            got = graphed.denoise_batch(batch, config, betas, got_attention)
+            # The same kernels on the same inputs; 1e-5 leaves room for cuDNN picking another algorithm at capture.
+            for g, e in zip(got, expected, strict=True):
+                assert (g - e).abs().max().item() <= 1e-5
+            for g, e in zip(got_attention, expected_attention, strict=True):
+                assert g.rows == e.rows and torch.allclose(g.total, e.total, rtol=0, atol=1e-5)
+        assert graphed.captures == 2
+
+    def test_xformers_attention_matches_sdpa(self, tiny_models):
+        pytest.importorskip("xformers", reason="xformers is not installed")
+        import copy
+
+        image = smooth_image(64, 96, seed=9)
+        config = EditConfig(steps=3, sam=SamConfig.for_random_weights())
+        results = {
+            kind: ZonePipeline(copy.deepcopy(tiny_models), device="cuda", denoiser="fused", attention=kind).edit(
+                image, "add a hat", config)
+            for kind in ("sdpa", "xformers")
+        }
+        # Different attention kernels, fp32: the styled images agree to a few uint8 levels.
+        difference = np.abs(results["sdpa"].styled.astype(int) - results["xformers"].styled.astype(int))
+        assert difference.max() <= 3
+
+    @pytest.mark.parametrize("dtype, tolerance", [("fp16", 2e-2), ("bf16", 8e-2)])
+    def test_half_precision_denoising_stays_close_to_fp32(self, tiny_models, dtype, tolerance):
+        """Final latents of the fused loop in fp16/bf16 against fp32, relative to their magnitude.
+
+        Tolerance: fp16 keeps 11 significant bits (~5e-4 per rounding) and bf16 8 (~4e-3); 20 guided
+        steps of two UNets compound them. Bounds to be confirmed on the first GPU run.
+        """
+        config = EditConfig(steps=20, sam=SamConfig.for_random_weights())
+        image = smooth_image(64, 96, seed=11)
+        latents = {}
+        for precision in ("fp32", dtype):
+            pipe = ZonePipeline(_cuda_copy(tiny_models), device="cuda", dtype=precision, denoiser="fused")
+            prepared = pipe.prepare(image, "add a hat", config)
+            (latents[precision],) = pipe.denoise([prepared])
+            assert torch.isfinite(latents[precision]).all()
+        reference = latents["fp32"].float()
+        assert (latents[dtype].float() - reference).abs().max() <= tolerance * reference.abs().max()
+
+    def test_compiled_step_is_compiled_and_captured_once_for_many_edits(self, tiny_models):
+        from torch._dynamo.utils import counters
+
+        pipe = ZonePipeline(_cuda_copy(tiny_models), device="cuda", denoiser="compile",
+                            default_config=EditConfig(steps=3, sam=SamConfig.for_random_weights()))
+        image = smooth_image(64, 96, seed=12)
+        pipe.edit(image, "add a hat")
+        compiled_frames, captures = counters["frames"]["ok"], pipe.denoiser.captures
+        for seed in (1, 2, 3):
+            pipe.edit(image, "add a scarf", pipe.default_config.replace(seed=seed))
+        assert counters["frames"]["ok"] == compiled_frames  # no recompilation after the first edit
+        assert pipe.denoiser.captures == captures == 1

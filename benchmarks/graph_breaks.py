@@ -1,0 +1,63 @@
+"""Where torch.compile breaks the engine's dual step into pieces: `torch._dynamo.explain` of one step.
+
+    python -m benchmarks.graph_breaks                         # SD1.5-sized random UNets, CPU, fp32
+    python -m benchmarks.graph_breaks --device cuda --dtype fp16
+
+One graph and no breaks is what the compile backend needs: every break is a Python frame that
+dynamo traces and guards on its own (and recompiles per shape: a UNet's blocks all differ).
+Runs with cross-attention recorded by the engine's localization kernels for the device, as in an edit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from zone_engine.backends import DTYPES, LOCALIZATION_KERNELS, make_localization_kernels, resolve_device
+from zone_engine.denoise import make_scheduler
+from zone_engine.dual_step import DualState, DualUNet, dual_step
+from zone_engine.localize import AttentionAccumulator, attention_grid, record_cross_attention
+from zone_engine.models import PRESETS, build_unet
+from zone_engine.solver import solver_schedule
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.graph_breaks", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", choices=PRESETS, default="sd15", help="UNet size (default sd15: real size)")
+    parser.add_argument("--resolution", type=int, default=512, help="image side; the latent is 1/8 (default 512)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--kernels", choices=LOCALIZATION_KERNELS, default="auto", help="attention recording")
+    args = parser.parse_args(argv)
+    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    from diffusers import DPMSolverMultistepScheduler
+
+    torch.manual_seed(0)
+    mb_unet, ip2p_unet = (build_unet(PRESETS[args.models]).to(device, dtype).eval() for _ in range(2))
+    latent = (args.resolution // 8, args.resolution // 8)
+    schedule = solver_schedule(make_scheduler(dict(DPMSolverMultistepScheduler().config)), 20).to(device)
+    state = DualState.start(torch.randn(1, 4, *latent, device=device))
+    image_latents = torch.randn(3, 4, *latent, device=device, dtype=dtype)
+    context = torch.randn(3, 77, mb_unet.config.cross_attention_dim, device=device, dtype=dtype)
+    guidance, beta = torch.tensor([7.5, 1.5], device=device), torch.full((1, 1, 1, 1), 0.2, device=device)
+    accumulators = [AttentionAccumulator(make_localization_kernels(args.kernels, device)[0])]
+    with torch.inference_mode(), record_cross_attention(ip2p_unet, latent, attention_grid(latent), accumulators):
+        explained = torch._dynamo.explain(dual_step)(DualUNet(mb_unet, ip2p_unet), schedule, state, image_latents,
+                                                     context, guidance, beta)
+    print(f"torch {torch.__version__}, {device.type}, {args.dtype}, kernels {args.kernels}: "
+          f"{explained.graph_count} graph(s), {explained.graph_break_count} break(s)")
+    seen: set[str] = set()
+    for broken in explained.break_reasons:
+        if broken.reason in seen:
+            continue
+        seen.add(broken.reason)
+        print(f"- {broken.reason[:800]}")
+        for frame in broken.user_stack[-3:]:
+            print(f"    {str(frame)[:300]}")
+    return 0 if explained.graph_break_count == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
