@@ -10,8 +10,10 @@ For B edits each model gets 3B rows (IP2P's guidance triple). Variants:
              IP2P on its 3B rows; each weight set resident once, the recording processors work.
 - vmap:      `torch.func.stack_module_state` + `functional_call` + `torch.vmap` over a leading model
              dimension: one traced call over stacked weights (a second copy of the weights).
-- streams:   (CUDA only) the two calls on two CUDA streams, joined before the solver math.
-- step:      the engine's whole `dual_step` (both UNets, guidance, both solver updates, the blend).
+- streams:   (CUDA only) `DualUNet(streams=True)`: the two calls on two CUDA streams, joined before
+             the solver math — what the engine runs under CUDA graphs.
+- step:      the engine's whole `dual_step` (both UNets — on two streams on CUDA —, guidance, both
+             solver updates, the blend).
 On CUDA each variant but vmap is also timed replayed from a CUDA graph ("+graph"), as the engine
 runs it: eager diffusers UNets at these sizes are bound by kernel launches on the host, so only the
 graph rows say what the GPU work costs. Each row: median wall time over --repeats after one
@@ -56,23 +58,6 @@ def vmap_variant(mb_unet: nn.Module, ip2p_unet: nn.Module) -> Variant:
 
     def run(sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return batched(params, buffers, torch.stack(sample.chunk(2)), timestep, context).flatten(0, 1)
-
-    return run
-
-
-def streams_variant(mb_unet: nn.Module, ip2p_unet: nn.Module) -> Variant:
-    """The two calls overlapped on two CUDA streams."""
-    side = torch.cuda.Stream()
-
-    def run(sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        mb_sample, ip2p_sample = sample.chunk(2)
-        main = torch.cuda.current_stream()
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            mb = mb_unet(mb_sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
-        ip2p = ip2p_unet(ip2p_sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
-        main.wait_stream(side)
-        return torch.cat([mb, ip2p])
 
     return run
 
@@ -166,11 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     def single(sample, timestep, context):
         return ip2p_unet(sample, timestep, encoder_hidden_states=torch.cat([context, context]), return_dict=False)[0]
 
-    dual = DualUNet(mb_unet, ip2p_unet)
-    variants: dict[str, Variant] = {"single": single, "two-calls": dual, "vmap": vmap_variant(mb_unet, ip2p_unet),
-                                    "step": step_variant(dual, sample, context)}
-    if device.type == "cuda":
-        variants["streams"] = streams_variant(mb_unet, ip2p_unet)
+    on_cuda = device.type == "cuda"
+    engine_unet = DualUNet(mb_unet, ip2p_unet, streams=on_cuda)
+    variants: dict[str, Variant] = {"single": single, "two-calls": DualUNet(mb_unet, ip2p_unet),
+                                    "vmap": vmap_variant(mb_unet, ip2p_unet),
+                                    "step": step_variant(engine_unet, sample, context)}
+    if on_cuda:
+        variants["streams"] = DualUNet(mb_unet, ip2p_unet, streams=True)
         inputs = (sample, timestep, context)
         with torch.inference_mode():
             for label in ("single", "two-calls", "streams", "step"):

@@ -13,7 +13,7 @@
 #   fastapi uvicorn python-multipart starlette pydantic pydantic-core annotated-types typing-inspection
 #   opentelemetry-api typing_extensions
 # Then: device run with carry [".whl"] and command `bash benchmarks/gpu_session.sh [STAGE ...]`: stages
-# tests kernels dual bench (the default, in that order), breaks (compile's graph breaks), suite (the whole suite), serve (the load test).
+# tests kernels dual bench (the default, in that order), compile (the torch.compile test), breaks (compile's graph breaks), suite (the whole suite), serve (the load test).
 # At most 8 files come back from $OUT: each stage writes one log, bench three more files (JSON, md, PNG).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,8 +40,13 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, its output i
 }
 run_stage() {
     case $1 in
-    tests)  # Correctness on the GPU: the GPU test classes (compiled Triton, bf16, fp16 vs fp32, CUDA graphs).
-        stage gpu_tests 180 python3 -m pytest -q -m gpu -rs --durations=8 tests ;;
+    tests)  # Correctness on the GPU: the GPU test classes (compiled Triton, bf16, fp16 vs fp32, CUDA graphs),
+        # in this process (TRITON_INTERPRET=0: no interpreted copy that reruns itself compiled).
+        TRITON_INTERPRET=0 stage gpu_tests 150 python3 -m pytest -q -m gpu -rs --durations=8 -k "not compiled_step" \
+            tests ;;
+    compile)  # The torch.compile test alone, with dynamo's graph breaks and recompilations logged.
+        TRITON_INTERPRET=0 TORCH_LOGS=graph_breaks,recompiles stage compile_test 150 python3 -m pytest -q -m gpu \
+            -k compiled_step tests/test_dual_step.py ;;
     kernels)  # Kernel benchmarks: do_bench medians against the reference-style store and the torch references.
         stage bench_kernels 50 python3 -m benchmarks.bench_kernels ;;
     dual)  # Two weight sets per step: one UNet call at batch 6 vs the dual-step variants, eager and graphed.
@@ -59,7 +64,7 @@ run_stage() {
         stage load 420 python3 -m benchmarks.load_test --no-tiny --device cuda \
             --server-arg=--random-weights=sd15 --server-arg=--dtype=fp16 --size 512x512 --steps 20 \
             --concurrency 1,2,4,8 --requests 16 --duration-s 100 --out "$OUT/load" ;;
-    *) echo "unknown stage $1: tests, kernels, dual, breaks, bench, suite, serve"; return 1 ;;
+    *) echo "unknown stage $1: tests, compile, kernels, dual, breaks, bench, suite, serve"; return 1 ;;
     esac
 }
 [ $# -gt 0 ] || set -- tests kernels dual bench
