@@ -2,10 +2,12 @@
 
     python -m benchmarks.bench_refine [--model-type vit_b] [--size 512] [--points-per-side 32]
     python -m benchmarks.bench_refine --model-type vit_h --fp16    # on a GPU: TensorRT / CUDA providers
+    python -m benchmarks.bench_refine --model-type vit_h --no-onnx --sam-precision bf16   # PyTorch only
 
 Builds a SAM of the given size with random weights, exports it to a temporary folder, and times both
-backends on the same image in the same run (one warm-up, then the median of --repeats). Each row
-carries its quality: mask count and IoU against the PyTorch masks. The image-encoder share is timed
+backends on the same image in the same run (one warm-up, then the median of --repeats); with
+`--sam-precision`, also the PyTorch generator with SAM's image encoder in bf16/fp16. Each row carries
+its quality: mask count and IoU against the fp32 PyTorch masks. The image-encoder share is timed
 inside the same runs (SamPredictor.set_image), so no extra passes.
 
 Random weights give almost no masks at segment-anything's default thresholds, so both thresholds are
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from export.sam import export_sam
-from zone_engine.backends import resolve_device
+from zone_engine.backends import DTYPES, resolve_device
 from zone_engine.config import SamConfig
 from zone_engine.image_io import make_sample_image
 from zone_engine.models import SAM_SIZES, build_sam
@@ -47,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fp16", action="store_true", help="export the ONNX graphs in fp16 (GPU providers)")
     parser.add_argument("--device", default="auto", help="PyTorch baseline device: auto, cpu, cuda")
     parser.add_argument("--providers", nargs="+", help="ONNX Runtime providers (default: TensorRT, CUDA, CPU)")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the export and the ONNX Runtime row")
+    parser.add_argument("--sam-precision", choices=("bf16", "fp16"),
+                        help="also time the PyTorch generator with SAM's image encoder in this precision")
     return parser.parse_args(argv)
 
 
@@ -97,43 +102,53 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     sam = build_sam(args.model_type).eval().to(device)  # export traces on the device too: faster for vit_h
 
-    with tempfile.TemporaryDirectory(prefix="zone-bench-sam-") as folder:
-        started = time.perf_counter()
-        export_sam(sam, args.model_type, Path(folder), fp16=args.fp16)
-        export_seconds = time.perf_counter() - started
-        onnx_segmenter = OnnxSamSegmenter(Path(folder), config, providers=args.providers)
-        onnx_masks, onnx_total, onnx_encoder = timed_runs(
-            onnx_segmenter.segment, onnx_segmenter.generator.predictor, image, args.repeats)
-        providers = onnx_segmenter.providers
-        del onnx_segmenter
+    onnx_rows = []  # (name, masks, total s, encoder s)
+    export_seconds = None
+    if not args.no_onnx:
+        with tempfile.TemporaryDirectory(prefix="zone-bench-sam-") as folder:
+            started = time.perf_counter()
+            export_sam(sam, args.model_type, Path(folder), fp16=args.fp16)
+            export_seconds = time.perf_counter() - started
+            onnx_segmenter = OnnxSamSegmenter(Path(folder), config, providers=args.providers)
+            onnx_rows.append((f"onnx {'fp16' if args.fp16 else 'fp32'} ({onnx_segmenter.providers[0]})",
+                              *timed_runs(onnx_segmenter.segment, onnx_segmenter.generator.predictor, image,
+                                          args.repeats)))
+            del onnx_segmenter
 
-    torch_segmenter = TorchSamSegmenter(sam, config)
-    torch_masks, torch_total, torch_encoder = timed_runs(
-        torch_segmenter.segment, torch_segmenter.generator.predictor, image, args.repeats)
-
-    mean_iou, min_iou = mask_agreement(torch_masks, onnx_masks)
     threads = torch.get_num_threads()
-    precision = "fp16" if args.fp16 else "fp32"
+    segmenters = {f"torch SamAutomaticMaskGenerator fp32 ({device.type}, {threads} thr)":
+                  TorchSamSegmenter(sam, config)}
+    if args.sam_precision:
+        segmenters[f"torch, image encoder {args.sam_precision} (autocast)"] = TorchSamSegmenter(
+            sam, config, DTYPES[args.sam_precision])
+    rows = [(name, *timed_runs(segmenter.segment, segmenter.generator.predictor, image, args.repeats))
+            for name, segmenter in segmenters.items()]
+    print_report(args, sam, rows + onnx_rows, export_seconds)
+
+
+def print_report(args: argparse.Namespace, sam, rows: list[tuple], export_seconds: float | None) -> None:
+    """The table (first row: fp32 PyTorch, the reference) and each row's speed-up over it."""
     print(f"refinement: SAM {args.model_type} (random weights, input {sam.image_encoder.img_size}), image "
           f"{args.size}x{args.size}, {args.points_per_side}x{args.points_per_side} points, batch "
           f"{args.points_per_batch}; median of {args.repeats} after 1 warm-up")
     print("config: SamConfig(pred_iou_thresh=0, stability_score_thresh=0): random weights give few masks at the "
           "default thresholds; with none filtered the post-processing cost is realistic")
-    print(f"export (not timed below): {export_seconds:.1f} s, {precision}")
+    if export_seconds is not None:
+        print(f"export (not timed below): {export_seconds:.1f} s, {'fp16' if args.fp16 else 'fp32'}")
     print()
     header = f"{'backend':<44} {'total ms':>10} {'encoder ms':>11} {'masks':>6} {'IoU mean/min vs torch':>22}"
     print(header)
     print("-" * len(header))
-    torch_name = f"torch SamAutomaticMaskGenerator fp32 ({device.type}, {threads} thr)"
-    print(f"{torch_name:<44} {1e3 * torch_total:>10.1f} {1e3 * torch_encoder:>11.1f} {len(torch_masks):>6} "
-          f"{'reference':>22}")
-    onnx_name = f"onnx {precision} ({providers[0]})"
-    print(f"{onnx_name:<44} {1e3 * onnx_total:>10.1f} {1e3 * onnx_encoder:>11.1f} {len(onnx_masks):>6} "
-          f"{f'{mean_iou:.4f} / {min_iou:.4f}':>22}")
+    reference_masks = rows[0][1]
+    for index, (name, masks, total, encoder) in enumerate(rows):
+        mean_iou, min_iou = mask_agreement(reference_masks, masks)
+        quality = "reference" if index == 0 else f"{mean_iou:.4f} / {min_iou:.4f}"
+        print(f"{name:<44} {1e3 * total:>10.1f} {1e3 * encoder:>11.1f} {len(masks):>6} {quality:>22}")
     print()
-    print(f"speed-up onnx vs torch: {torch_total / onnx_total:.2f}x total, "
-          f"{torch_encoder / onnx_encoder:.2f}x image encoder, "
-          f"{(torch_total - torch_encoder) / max(onnx_total - onnx_encoder, 1e-9):.2f}x decoding + post-processing")
+    _, _, base_total, base_encoder = rows[0]
+    for name, _, total, encoder in rows[1:]:
+        print(f"speed-up {name} vs torch fp32: {base_total / total:.2f}x total, {base_encoder / encoder:.2f}x image "
+              f"encoder, {(base_total - base_encoder) / max(total - encoder, 1e-9):.2f}x decoding + post-processing")
 
 
 if __name__ == "__main__":

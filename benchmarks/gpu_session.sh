@@ -13,7 +13,7 @@
 #   fastapi uvicorn python-multipart starlette pydantic pydantic-core annotated-types typing-inspection
 #   opentelemetry-api typing_extensions
 # Then: device run with carry [".whl"] and command `bash benchmarks/gpu_session.sh [STAGE ...]`: stages
-# tests kernels dual bench (the default, in that order), compile (the torch.compile test), breaks (compile's graph breaks), suite (the whole suite), serve (the load test).
+# tests kernels refine dual bench (the default, in that order), compile (the torch.compile test), breaks (compile's graph breaks), suite (the whole suite), serve (the load test).
 # At most 8 files come back from $OUT: each stage writes one log, bench three more files (JSON, md, PNG).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +49,9 @@ run_stage() {
             -k compiled_step tests/test_dual_step.py ;;
     kernels)  # Kernel benchmarks: do_bench medians against the reference-style store and the torch references.
         stage bench_kernels 50 python3 -m benchmarks.bench_kernels ;;
+    refine)  # PyTorch SAM vit_h refinement: fp32 vs the image encoder in bf16 (no ONNX: no CUDA provider there).
+        stage bench_refine 150 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 --no-onnx \
+            --sam-precision bf16 ;;
     dual)  # Two weight sets per step: one UNet call at batch 6 vs the dual-step variants, eager and graphed.
         stage bench_dual_unet 100 python3 -m benchmarks.bench_dual_unet --resolution 512 --dtype fp16 --repeats 20 ;;
     breaks)  # torch.compile's graph breaks in the dual step, SD1.5 size, fp16 (none is the goal).
@@ -64,8 +67,8 @@ run_stage() {
         stage load 420 python3 -m benchmarks.load_test --no-tiny --device cuda \
             --server-arg=--random-weights=sd15 --server-arg=--dtype=fp16 --size 512x512 --steps 20 \
             --concurrency 1,2,4,8 --requests 16 --duration-s 100 --out "$OUT/load" ;;
-    *) echo "unknown stage $1: tests, compile, kernels, dual, breaks, bench, suite, serve"; return 1 ;;
+    *) echo "unknown stage $1: tests, compile, kernels, refine, dual, breaks, bench, suite, serve"; return 1 ;;
     esac
 }
-[ $# -gt 0 ] || set -- tests kernels dual bench
+[ $# -gt 0 ] || set -- tests kernels refine dual bench
 for name in "$@"; do run_stage "$name"; done

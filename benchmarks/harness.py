@@ -79,6 +79,7 @@ class BenchConfig:
     backends: tuple[str, ...] = DENOISERS
     batch: int = 1  # > 1: also time batches of this many concurrent edits (edit_batch); 1: sequential only
     sam_onnx: bool = False  # also an engine row refining with SAM exported to ONNX and run on ONNX Runtime
+    sam_precision: str | None = None  # bf16/fp16: also an engine row with SAM's image encoder in that precision
     out: Path = Path("benchmarks/out")
 
 
@@ -86,7 +87,7 @@ PRESETS: dict[str, BenchConfig] = {
     # Tests: tiny models, seconds. SAM thresholds at zero so random weights still give segments.
     "tiny-smoke": BenchConfig("tiny-smoke", models="tiny", resolution=64, steps=2, sam_type="tiny",
                               sam=SamConfig.for_random_weights(), device="cpu", backends=NO_BUILD_BACKENDS, batch=2,
-                              sam_onnx=True),
+                              sam_onnx=True, sam_precision="bf16"),
     # CI: proves the harness works on real-size architectures: ~1 minute on 2 idle cores including the
     # model build (up to 4.6 minutes measured on a busy shared machine), 11 GiB peak RSS. No speed claim.
     # No batch: tiny-smoke covers the batched path, and a batch of 2 here (~+30 s, most of it SAM's
@@ -99,7 +100,7 @@ PRESETS: dict[str, BenchConfig] = {
     "cpu-256": BenchConfig("cpu-256", resolution=256, steps=20, repeats=2, device="cpu", backends=NO_BUILD_BACKENDS,
                            sam_onnx=True),
     "gpu-512": BenchConfig("gpu-512", resolution=512, steps=20, dtype="fp16", sam_type="vit_h", repeats=5,
-                           warmup=1, device="cuda", batch=4, sam_onnx=True),
+                           warmup=1, device="cuda", batch=4, sam_onnx=True, sam_precision="bf16"),
     "gpu-throughput": BenchConfig("gpu-throughput", resolution=512, steps=20, dtype="fp16", sam_type="vit_h",
                                   repeats=16, warmup=2, device="cuda", batch=8),
 }
@@ -499,25 +500,30 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
             built.append(Implementation(f"engine:{kind}", config.dtype, engine_edit(pipe, image, config, edit_config),
                                         pipe=pipe))
         if config.sam_onnx:
-            built += onnx_refine_engine(dtype)
+            built += refine_variant_engine(dtype, "sam-onnx", onnx_refine_options)
+        if config.sam_precision:
+            built += refine_variant_engine(dtype, f"sam-{config.sam_precision}",
+                                           lambda: {"sam_precision": config.sam_precision})
         return built
 
-    def onnx_refine_engine(dtype: torch.dtype) -> list[Implementation]:
-        """The first fused-family denoiser with refinement on ONNX Runtime (SAM exported here, once)."""
+    def onnx_refine_options() -> dict:
+        """Refinement on ONNX Runtime, SAM exported here once."""
+        if device.type == "cuda" and not onnxruntime_has_cuda():
+            raise ZoneError("this onnxruntime has no CUDA provider: SAM on its CPU provider would not be "
+                            "comparable (install onnxruntime-gpu)")
+        if "folder" not in sam_export:
+            started = time.perf_counter()
+            sam_export["folder"] = export_sam(models.sam, config.sam_type, config.out / f"sam-onnx-{config.sam_type}")
+            sam_export["seconds"] = time.perf_counter() - started
+        return {"segmenter": "onnx", "sam_onnx": sam_export["folder"]}
+
+    def refine_variant_engine(dtype: torch.dtype, suffix: str, options: Callable[[], dict]) -> list[Implementation]:
+        """The first fused-family denoiser with another refinement backend (`options`: ZonePipeline's)."""
         kind = next((k for k in config.backends if k in ("fused", "compile")), config.backends[0])
-        name = f"engine:{kind}+sam-onnx"
+        name = f"engine:{kind}+{suffix}"
         try:
-            if device.type == "cuda" and not onnxruntime_has_cuda():
-                raise ZoneError("this onnxruntime has no CUDA provider: SAM on its CPU provider would not be "
-                                "comparable (install onnxruntime-gpu)")
-            if "folder" not in sam_export:
-                started = time.perf_counter()
-                folder = config.out / f"sam-onnx-{config.sam_type}"
-                sam_export["folder"] = export_sam(models.sam, config.sam_type, folder)
-                sam_export["seconds"] = time.perf_counter() - started
-            pipe = ZonePipeline(models, device, dtype, default_config=edit_config, denoiser=kind, segmenter="onnx",
-                                sam_onnx=sam_export["folder"])
-        except (ZoneError, ImportError, RuntimeError) as error:  # no onnx/onnxruntime, or no provider for it
+            pipe = ZonePipeline(models, device, dtype, default_config=edit_config, denoiser=kind, **options())
+        except (ZoneError, ImportError, RuntimeError) as error:  # a backend or provider this machine lacks
             skipped.append({"name": name, "skipped": str(error).splitlines()[0]})
             return []
         return [Implementation(name, config.dtype, engine_edit(pipe, image, config, edit_config), pipe=pipe)]
@@ -602,6 +608,9 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
                                                   "backend that batches; 1 = sequential only (preset's default)")
     parser.add_argument("--sam-onnx", action=argparse.BooleanOptionalAction, default=None,
                         help="also an engine row refining on ONNX Runtime (SAM exported in the run; preset's default)")
+    parser.add_argument("--sam-precision", choices=("none", "bf16", "fp16"),
+                        help="also an engine row with SAM's image encoder in bf16/fp16 (none: no such row; "
+                        "preset's default)")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/out)")
     args = parser.parse_args(argv)
 
@@ -619,6 +628,8 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         changes["backends"] = tuple(kind.strip() for kind in args.backends.split(",") if kind.strip())
     if args.action is not None:
         changes["action"] = parse_action(args.action)
+    if args.sam_precision is not None:
+        changes["sam_precision"] = None if args.sam_precision == "none" else args.sam_precision
     config = dataclasses.replace(config, **changes)
     if config.repeats < 1 or config.warmup < 0 or config.steps < 1 or config.resolution < 32 or config.batch < 1:
         parser.error("need --repeats >= 1, --warmup >= 0, --steps >= 1, --resolution >= 32, --batch >= 1")

@@ -72,6 +72,11 @@ def test_harness_runs_end_to_end_and_writes_reports(tmp_path):
     assert record["sam_onnx_export_s"] > 0
     assert record["quality"]["engine:fused+sam-onnx"]["mask_b_identical"]
     assert record["quality"]["engine:fused+sam-onnx"]["iou_mask_f"] == 1.0
+    # The row with SAM's image encoder in bf16: timed, its masks compared with the baseline's in the run.
+    bf16_sam = next(run for run in timed if run["name"] == "engine:fused+sam-bf16")
+    assert bf16_sam["stages"]["refine"]["median"] > 0
+    assert record["quality"]["engine:fused+sam-bf16"]["mask_b_identical"]  # localization does not use SAM
+    assert 0.0 <= record["quality"]["engine:fused+sam-bf16"]["iou_mask_f"] <= 1.0
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +151,22 @@ def test_dual_unet_techniques_agree_and_are_all_timed(capsys):
 
     assert bench_dual_unet(["--models", "tiny", "--resolution", "64", "--repeats", "1", "--device", "cpu"]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
-            if line.split() and line.split()[0] in ("single", "two-calls", "vmap")}
-    assert set(rows) == {"single", "two-calls", "vmap"}
-    assert float(rows["vmap"][3]) <= 1e-5  # the stacked-weights call computes the same eps as two calls
-    assert float(rows["single"][2]) == 1.0 and float(rows["two-calls"][2]) > 0
+            if line.split() and line.split()[0] in ("single", "two-calls", "vmap", "step")}
+    assert set(rows) == {"single", "two-calls", "vmap", "step"}  # no CUDA: no streams and no graph rows
+    assert float(rows["vmap"][4]) <= 1e-5  # the stacked-weights call computes the same eps as two calls
+    assert float(rows["single"][2]) == 1.0 and float(rows["two-calls"][2]) > 0 and float(rows["step"][2]) > 0
+
+
+def test_refine_benchmark_rows_and_their_agreement(capsys):
+    """bench_refine on a tiny SAM: fp32 torch first (the reference), the bf16-encoder row with its IoU."""
+    from benchmarks.bench_refine import main as bench_refine
+
+    bench_refine(["--model-type", "tiny", "--size", "96", "--points-per-side", "8", "--repeats", "1",
+                  "--device", "cpu", "--no-onnx", "--sam-precision", "bf16"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith("torch")]
+    assert len(rows) == 2 and rows[0].endswith("reference") and "bf16" in rows[1]
+    mean_iou = float(rows[1].split()[-3])
+    assert 0.9 <= mean_iou <= 1.0
+    assert not any(line.startswith("onnx") for line in lines) and any("speed-up torch, image encoder bf16" in line
+                                                                        for line in lines)

@@ -220,3 +220,49 @@ def test_torch_sam_segmenter_rejects_non_rgb():
     segmenter = TorchSamSegmenter(tiny_random_sam(), SamConfig.for_random_weights())
     with pytest.raises(ValueError, match="uint8 RGB"):
         segmenter.segment(np.zeros((64, 64), np.uint8))
+
+
+def test_bf16_image_encoder_runs_in_bf16_and_keeps_the_masks():
+    """The encoder really runs in bf16 (its linear layers' outputs), the decoder gets fp32 features,
+    and the masks stay those of fp32 SAM: mean IoU of each fp32 mask with its best bf16 match >= 0.95.
+
+    Tolerance: bf16 keeps 8 significant bits, so logits near SAM's 0 threshold move a few boundary
+    pixels; random weights put many logits there (tiny random SAMs of three seeds: 0.978 to 0.999).
+    """
+    import dataclasses
+
+    from conftest import smooth_image
+
+    from benchmarks.bench_refine import mask_agreement
+
+    torch.manual_seed(0)
+    sam = tiny_random_sam()
+    image = smooth_image(96, 128, seed=0)
+    config = dataclasses.replace(SamConfig.for_random_weights(), points_per_side=16)
+    encoder_out: list[torch.dtype] = []
+    decoder_in: set[torch.dtype] = set()
+    hooks = [
+        sam.image_encoder.blocks[0].attn.qkv.register_forward_hook(lambda _m, _i, out: encoder_out.append(out.dtype)),
+        sam.mask_decoder.register_forward_pre_hook(
+            lambda _m, _a, kwargs: decoder_in.add(kwargs["image_embeddings"].dtype), with_kwargs=True),
+    ]
+    reference = TorchSamSegmenter(sam, config).segment(image)
+    masks = TorchSamSegmenter(sam, config, torch.bfloat16).segment(image)
+    for hook in hooks:
+        hook.remove()
+    assert encoder_out == [torch.float32, torch.bfloat16] and decoder_in == {torch.float32}
+    assert masks and mask_agreement(reference, masks)[0] >= 0.95
+
+
+def test_sam_precision_is_checked_before_anything_loads(tiny_models):
+    from zone_engine import ZonePipeline
+    from zone_engine.errors import ConfigError, DeviceError
+
+    with pytest.raises(DeviceError, match="fp16 runs only on CUDA"):
+        ZonePipeline(tiny_models, device="cpu", sam_precision="fp16")
+    with pytest.raises(DeviceError, match="unknown SAM precision"):
+        ZonePipeline(tiny_models, device="cpu", sam_precision="int8")
+    with pytest.raises(ConfigError, match="for --segmenter torch"):
+        ZonePipeline(tiny_models, device="cpu", segmenter="onnx", sam_onnx="x", sam_precision="bf16")
+    pipe = ZonePipeline(tiny_models, device="cpu", sam_precision="bf16")
+    assert pipe.segmenter(pipe.default_config.sam).generator.predictor.__class__.__name__ == "AutocastEncoderPredictor"

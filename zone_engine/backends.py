@@ -23,6 +23,7 @@ DENOISERS = ("eager", "fused", "compile", "tensorrt")
 SEGMENTERS = ("torch", "onnx")
 LOCALIZATION_KERNELS = ("auto", "torch", "triton")
 ATTENTION = ("sdpa", "xformers")
+SAM_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -107,16 +108,29 @@ def configure_attention(models: ZoneModels, kind: str, device: torch.device) -> 
         module.enable_xformers_memory_efficient_attention()
 
 
+def resolve_sam_precision(precision: str, segmenter: str, device: torch.device) -> torch.dtype:
+    """The PyTorch SAM image encoder's precision: fp32 (the reference), bf16, or fp16 (CUDA only)."""
+    if precision not in SAM_PRECISIONS:
+        raise DeviceError(f"unknown SAM precision {precision!r}: use {', '.join(SAM_PRECISIONS)}")
+    if precision != "fp32" and segmenter != "torch":
+        raise ConfigError(f"--sam-precision {precision} is for --segmenter torch; an ONNX export has its own "
+                          "precision (zone export sam --fp16)")
+    if precision == "fp16" and device.type != "cuda":
+        raise DeviceError("--sam-precision fp16 runs only on CUDA; on the CPU use fp32 or bf16")
+    return DTYPES[precision]
+
+
 def make_segmenter(
     models: ZoneModels, config: SamConfig, kind: str = "torch", device: torch.device | None = None,
-    sam_onnx: Path | None = None,
+    sam_onnx: Path | None = None, sam_dtype: torch.dtype = torch.float32,
 ) -> Segmenter:
-    """torch: segment-anything's generator on the PyTorch SAM; onnx: the same generator on an exported
-    SAM (`sam_onnx`: a `zone export sam` folder) run by ONNX Runtime (TensorRT EP > CUDA EP > CPU EP)."""
+    """torch: segment-anything's generator on the PyTorch SAM (its image encoder in `sam_dtype`); onnx:
+    the same generator on an exported SAM (`sam_onnx`: a `zone export sam` folder) run by ONNX Runtime
+    (TensorRT EP > CUDA EP > CPU EP)."""
     if kind == "torch":
         if models.sam is None:
             raise ConfigError("refinement with --segmenter torch needs a SAM checkpoint: pass --sam CKPT")
-        return TorchSamSegmenter(models.sam, config)
+        return TorchSamSegmenter(models.sam, config, sam_dtype)
     if kind == "onnx":
         if sam_onnx is None:
             raise ConfigError("--segmenter onnx needs --sam-onnx DIR: a folder written by `zone export sam`")

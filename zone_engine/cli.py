@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .backends import ATTENTION, DENOISERS, LOCALIZATION_KERNELS, SEGMENTERS
+from .backends import ATTENTION, DENOISERS, LOCALIZATION_KERNELS, SAM_PRECISIONS, SEGMENTERS
 from .config import Action, EditConfig, parse_action
 from .errors import ZoneError
 from .models import IP2P_ID, MAGICBRUSH_ID
@@ -51,6 +51,10 @@ def _add_backend_options(parser: argparse.ArgumentParser, denoiser: str = "eager
                        help="refinement SAM: torch (segment-anything, default) or onnx (exported, see --sam-onnx)")
     group.add_argument("--sam-onnx", type=Path, metavar="DIR",
                        help="with --segmenter onnx: the folder written by `zone export sam` (then --sam is not read)")
+    group.add_argument("--sam-precision", default="fp32", choices=SAM_PRECISIONS,
+                       help="with --segmenter torch: precision of SAM's image encoder (nearly all its FLOPs); "
+                       "prompt decoding, scores and thresholds stay fp32. fp32 (default, the reference), bf16, "
+                       "fp16 (CUDA only): faster, masks may differ slightly")
     group.add_argument("--kernels", default="auto", choices=LOCALIZATION_KERNELS,
                        help="localization math: triton (fused kernels), torch (reference); auto = triton on CUDA")
 
@@ -195,7 +199,8 @@ def run_build_engine(args: argparse.Namespace) -> None:
 
 def _backend_options(args: argparse.Namespace) -> dict:
     return dict(denoiser=args.denoiser, kernels=args.kernels, engines=args.engines, segmenter=args.segmenter,
-                sam_onnx=args.sam_onnx, cuda_graphs=args.cuda_graphs, attention=args.attention)
+                sam_onnx=args.sam_onnx, cuda_graphs=args.cuda_graphs, attention=args.attention,
+                sam_precision=args.sam_precision)
 
 
 def _pipeline_spec(args: argparse.Namespace):

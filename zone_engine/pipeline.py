@@ -22,6 +22,7 @@ from .backends import (
     make_segmenter,
     resolve_device,
     resolve_dtype,
+    resolve_sam_precision,
 )
 from .config import Action, EditConfig, SamConfig
 from .denoise import BatchDenoiser, DenoiseInputs, initial_noise
@@ -154,12 +155,13 @@ class ZonePipeline:
         self, models: ZoneModels, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
         default_config: EditConfig | None = None, denoiser: str = "eager", segmenter: str = "torch",
         kernels: str = "auto", engines: str | Path | None = None, sam_onnx: str | Path | None = None,
-        cuda_graphs: bool | None = None, attention: str = "sdpa",
+        cuda_graphs: bool | None = None, attention: str = "sdpa", sam_precision: str = "fp32",
     ) -> None:
         if segmenter == "torch" and models.sam is None:
             raise ConfigError("no SAM checkpoint was loaded: pass sam=CKPT, or segmenter='onnx' with sam_onnx=DIR")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.sam_dtype = resolve_sam_precision(sam_precision, segmenter, self.device)
         configure_attention(models, attention, self.device)  # checked before gigabytes move
         self.models = models.to(self.device, self.dtype)
         self.default_config = default_config or EditConfig()
@@ -193,7 +195,7 @@ class ZonePipeline:
     def segmenter(self, config: SamConfig) -> Segmenter:
         if config not in self._segmenters:
             self._segmenters[config] = make_segmenter(
-                self.models, config, self.segmenter_kind, self.device, self.sam_onnx
+                self.models, config, self.segmenter_kind, self.device, self.sam_onnx, self.sam_dtype
             )
         return self._segmenters[config]
 

@@ -27,12 +27,19 @@ class Segmenter(Protocol):
 
 
 class TorchSamSegmenter:
-    """segment-anything's `SamAutomaticMaskGenerator` on a PyTorch SAM model."""
+    """segment-anything's `SamAutomaticMaskGenerator` on a PyTorch SAM model.
 
-    def __init__(self, sam: torch.nn.Module, config: SamConfig) -> None:
+    `encoder_dtype` fp16/bf16 runs SAM's image encoder (nearly all of its FLOPs: one ViT pass over a
+    1024² input) under autocast; the embedding comes back as fp32, so prompt decoding, the predicted
+    IoU and stability scores and every threshold stay in fp32 as segment-anything computes them.
+    """
+
+    def __init__(self, sam: torch.nn.Module, config: SamConfig, encoder_dtype: torch.dtype = torch.float32) -> None:
         from segment_anything import SamAutomaticMaskGenerator
 
         self.generator = SamAutomaticMaskGenerator(sam, **dataclasses.asdict(config))
+        if encoder_dtype != torch.float32:
+            self.generator.predictor = autocast_encoder_predictor(sam, encoder_dtype)
 
     def segment(self, image: np.ndarray) -> list[np.ndarray]:
         """uint8 RGB (H, W, 3) -> list of bool (H, W) segment masks, in the generator's order."""
@@ -42,6 +49,19 @@ class TorchSamSegmenter:
         with torch.inference_mode():
             records = self.generator.generate(image)
         return [np.asarray(record["segmentation"], dtype=bool) for record in records]
+
+
+def autocast_encoder_predictor(sam: torch.nn.Module, dtype: torch.dtype):
+    """A `SamPredictor` whose image encoder runs under autocast in `dtype`, its embedding cast to fp32."""
+    from segment_anything import SamPredictor
+
+    class AutocastEncoderPredictor(SamPredictor):
+        def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
+            with torch.autocast(transformed_image.device.type, dtype=dtype):
+                super().set_torch_image(transformed_image, original_image_size)
+            self.features = self.features.float()
+
+    return AutocastEncoderPredictor(sam)
 
 
 @dataclass(frozen=True)
