@@ -48,7 +48,7 @@ run_stage() {
         TRITON_INTERPRET=0 TORCH_LOGS=graph_breaks,recompiles stage compile_test 150 python3 -m pytest -q -m gpu \
             -k compiled_step tests/test_dual_step.py ;;
     kernels)  # Kernel benchmarks: do_bench medians against the reference-style store and the torch references.
-        stage bench_kernels 50 python3 -m benchmarks.bench_kernels ;;
+        TAIL=16 stage bench_kernels 50 python3 -m benchmarks.bench_kernels ;;
     refine)  # PyTorch SAM vit_h refinement: fp32 vs the image encoder in bf16 (no ONNX: no CUDA provider there).
         stage bench_refine 150 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 --no-onnx \
             --sam-precision bf16 ;;
