@@ -62,20 +62,27 @@ def vmap_variant(mb_unet: nn.Module, ip2p_unet: nn.Module) -> Variant:
     return run
 
 
-def step_variant(unet: DualUNet, sample: torch.Tensor, context: torch.Tensor) -> Variant:
-    """The whole fused step at the same rows, cross-attention recorded as in an edit (the engine's
-    kernels for this device); its step counter rewound each call (one step, timed)."""
+def step_arguments(sample: torch.Tensor, context: torch.Tensor) -> tuple:
+    """`dual_step`'s other arguments for the B edits of a UNet batch sample (6B, 8, h, w) and context
+    (3B, 77, C): (schedule, state, image_latents, guidance, beta), a 20-step schedule at its first step."""
     from diffusers import DPMSolverMultistepScheduler
 
     rows, device = context.shape[0], sample.device
-    accumulate, _ = make_localization_kernels("auto", device)
-    accumulators = [AttentionAccumulator(accumulate) for _ in range(rows // 3)]
-    latent_size = tuple(sample.shape[-2:])
     schedule = solver_schedule(make_scheduler(dict(DPMSolverMultistepScheduler().config)), 20).to(device)
     state = DualState.start(sample[: rows // 3, :4].float())
     image_latents = sample[:rows, 4:].contiguous()
     guidance = torch.tensor([7.5, 1.5], device=device)
     beta = torch.full((rows // 3, 1, 1, 1), 0.2, device=device)
+    return schedule, state, image_latents, guidance, beta
+
+
+def step_variant(unet: DualUNet, sample: torch.Tensor, context: torch.Tensor) -> Variant:
+    """The whole fused step at the same rows, cross-attention recorded as in an edit (the engine's
+    kernels for this device); its step counter rewound each call (one step, timed)."""
+    accumulate, _ = make_localization_kernels("auto", sample.device)
+    accumulators = [AttentionAccumulator(accumulate) for _ in range(context.shape[0] // 3)]
+    latent_size = tuple(sample.shape[-2:])
+    schedule, state, image_latents, guidance, beta = step_arguments(sample, context)
 
     def run(*_: torch.Tensor) -> torch.Tensor:
         state.step.zero_()

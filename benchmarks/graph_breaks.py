@@ -15,12 +15,11 @@ import sys
 
 import torch
 
+from benchmarks.bench_dual_unet import step_arguments
 from zone_engine.backends import DTYPES, LOCALIZATION_KERNELS, make_localization_kernels, resolve_device
-from zone_engine.denoise import make_scheduler
-from zone_engine.dual_step import DualState, DualUNet, dual_step
+from zone_engine.dual_step import DualUNet, dual_step
 from zone_engine.localize import AttentionAccumulator, attention_grid, record_cross_attention
 from zone_engine.models import PRESETS, build_unet
-from zone_engine.solver import solver_schedule
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,16 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", choices=LOCALIZATION_KERNELS, default="auto", help="attention recording")
     args = parser.parse_args(argv)
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
-    from diffusers import DPMSolverMultistepScheduler
-
     torch.manual_seed(0)
     mb_unet, ip2p_unet = (build_unet(PRESETS[args.models]).to(device, dtype).eval() for _ in range(2))
     latent = (args.resolution // 8, args.resolution // 8)
-    schedule = solver_schedule(make_scheduler(dict(DPMSolverMultistepScheduler().config)), 20).to(device)
-    state = DualState.start(torch.randn(1, 4, *latent, device=device))
-    image_latents = torch.randn(3, 4, *latent, device=device, dtype=dtype)
+    sample = torch.randn(6, 8, *latent, device=device, dtype=dtype)  # one edit: 6 UNet rows
     context = torch.randn(3, 77, mb_unet.config.cross_attention_dim, device=device, dtype=dtype)
-    guidance, beta = torch.tensor([7.5, 1.5], device=device), torch.full((1, 1, 1, 1), 0.2, device=device)
+    schedule, state, image_latents, guidance, beta = step_arguments(sample, context)
     accumulators = [AttentionAccumulator(make_localization_kernels(args.kernels, device)[0])]
     with torch.inference_mode(), record_cross_attention(ip2p_unet, latent, attention_grid(latent), accumulators):
         explained = torch._dynamo.explain(dual_step)(DualUNet(mb_unet, ip2p_unet), schedule, state, image_latents,

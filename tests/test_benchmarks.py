@@ -170,3 +170,11 @@ def test_refine_benchmark_rows_and_their_agreement(capsys):
     assert 0.9 <= mean_iou <= 1.0
     assert not any(line.startswith("onnx") for line in lines) and any("speed-up torch, image encoder bf16" in line
                                                                         for line in lines)
+
+
+def test_dual_step_traces_as_one_graph(capsys):
+    """benchmarks.graph_breaks: dynamo sees the whole dual step (tiny UNets, recording on) as one graph."""
+    from benchmarks.graph_breaks import main as graph_breaks
+
+    assert graph_breaks(["--models", "tiny", "--resolution", "64", "--device", "cpu"]) == 0
+    assert "1 graph(s), 0 break(s)" in capsys.readouterr().out
