@@ -7,17 +7,22 @@
 Builds a SAM of the given size with random weights, exports it to a temporary folder, and times both
 backends on the same image in the same run (one warm-up, then the median of --repeats); with
 `--sam-precision`, also the PyTorch generator with SAM's image encoder in bf16/fp16. Each row carries
-its quality: mask count and IoU against the fp32 PyTorch masks. The image-encoder share is timed
+its quality: mask count and IoU against the fp32 PyTorch masks. A second table times what the engine
+asks of each PyTorch segmenter, the one segment that best overlaps M_b (`select`, the on-device
+search of sam_torch.py), against listing every segment and choosing (`segment` + `choose_segment`),
+and checks that both choose the same segment. The image-encoder share is timed
 inside the same runs (SamPredictor.set_image), so no extra passes.
 
 Random weights give almost no masks at segment-anything's default thresholds, so both thresholds are
-0 here (`SamConfig(pred_iou_thresh=0, stability_score_thresh=0)`): every decoded mask then goes
-through stability scoring, box NMS and RLE encoding, as many do with real weights and real thresholds.
+0 here by default (`SamConfig(pred_iou_thresh=0, stability_score_thresh=0)`): every decoded mask then
+goes through stability scoring, box NMS and RLE encoding, as many do with real weights and real
+thresholds. `--thresholds sam` keeps segment-anything's, as `zone bench` runs them: no mask survives.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -32,8 +37,9 @@ from zone_engine.backends import DTYPES, resolve_device
 from zone_engine.config import SamConfig
 from zone_engine.image_io import make_sample_image
 from zone_engine.models import SAM_SIZES, build_sam
-from zone_engine.refine import TorchSamSegmenter
+from zone_engine.refine import Selection, choose_segment
 from zone_engine.sam_onnx import OnnxSamSegmenter
+from zone_engine.sam_torch import TorchSamSegmenter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="PyTorch baseline device: auto, cpu, cuda")
     parser.add_argument("--providers", nargs="+", help="ONNX Runtime providers (default: TensorRT, CUDA, CPU)")
     parser.add_argument("--no-onnx", action="store_true", help="skip the export and the ONNX Runtime row")
+    parser.add_argument("--thresholds", choices=("zero", "sam"), default="zero",
+                        help="zero (default): keep every mask, as real weights keep many; sam: segment-anything's "
+                        "0.88 / 0.95, which a random SAM never passes (times decoding and filtering alone)")
     parser.add_argument("--sam-precision", choices=("bf16", "fp16"),
                         help="also time the PyTorch generator with SAM's image encoder in this precision")
     return parser.parse_args(argv)
@@ -96,8 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     on_gpu = device.type == "cuda"
     args.points_per_side = args.points_per_side or (32 if on_gpu else 8)
     args.repeats = args.repeats or (3 if on_gpu else 1)
-    config = SamConfig(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
-                       pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    config = SamConfig(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch)
+    if args.thresholds == "zero":
+        config = dataclasses.replace(config, pred_iou_thresh=0.0, stability_score_thresh=0.0)
     image = make_sample_image(args.size, args.size)
     torch.manual_seed(0)
     sam = build_sam(args.model_type).eval().to(device)  # export traces on the device too: faster for vit_h
@@ -123,16 +133,61 @@ def main(argv: list[str] | None = None) -> None:
             sam, config, DTYPES[args.sam_precision])
     rows = [(name, *timed_runs(segmenter.segment, segmenter.generator.predictor, image, args.repeats))
             for name, segmenter in segmenters.items()]
-    print_report(args, sam, rows + onnx_rows, export_seconds)
+    searches = search_rows(segmenters, rows, image, args.repeats)
+    print_report(args, sam, rows + onnx_rows, export_seconds, searches)
 
 
-def print_report(args: argparse.Namespace, sam, rows: list[tuple], export_seconds: float | None) -> None:
+def centre_mask(size: tuple[int, int]) -> np.ndarray:
+    """The M_b the search rows look for: the image's central quarter."""
+    height, width = size
+    mask = np.zeros(size, dtype=bool)
+    mask[height // 4: height // 4 + height // 2, width // 4: width // 4 + width // 2] = True
+    return mask
+
+
+def search_rows(segmenters: dict, rows: list[tuple], image: np.ndarray, repeats: int) -> list[tuple]:
+    """What the engine runs: each PyTorch segmenter's `select` (the on-device search for M_b's segment),
+    timed like its `segment` row, against that row's time plus `choose_segment` on its masks, and
+    whether both chose the same segment."""
+    mask_b = centre_mask(image.shape[:2])
+    searches = []
+    for (name, segmenter), (_, masks, list_total, _) in zip(segmenters.items(), rows, strict=True):
+        found: list[Selection] = []
+
+        def select(image: np.ndarray, segmenter=segmenter, found=found) -> list[np.ndarray]:
+            found.append(segmenter.select(image, mask_b))
+            return [] if found[-1].segment is None else [found[-1].segment]
+
+        choose_seconds = []
+        for _ in range(3):
+            start = time.perf_counter()
+            expected = choose_segment(mask_b, masks)
+            choose_seconds.append(time.perf_counter() - start)
+        _, total, encoder = timed_runs(select, segmenter.generator.predictor, image, repeats)
+        same = all(selection_equal(selection, expected) for selection in found)
+        searches.append((name, list_total + statistics.median(choose_seconds), total, encoder, same))
+    return searches
+
+
+def selection_equal(a: Selection, b: Selection) -> bool:
+    segments_equal = (a.segment is None and b.segment is None) or (
+        a.segment is not None and b.segment is not None and np.array_equal(a.segment, b.segment))
+    return segments_equal and (a.iou, a.segment_count) == (b.iou, b.segment_count)
+
+
+def print_report(
+    args: argparse.Namespace, sam, rows: list[tuple], export_seconds: float | None, searches: list[tuple]
+) -> None:
     """The table (first row: fp32 PyTorch, the reference) and each row's speed-up over it."""
     print(f"refinement: SAM {args.model_type} (random weights, input {sam.image_encoder.img_size}), image "
           f"{args.size}x{args.size}, {args.points_per_side}x{args.points_per_side} points, batch "
           f"{args.points_per_batch}; median of {args.repeats} after 1 warm-up")
-    print("config: SamConfig(pred_iou_thresh=0, stability_score_thresh=0): random weights give few masks at the "
-          "default thresholds; with none filtered the post-processing cost is realistic")
+    if args.thresholds == "zero":
+        print("config: SamConfig(pred_iou_thresh=0, stability_score_thresh=0): random weights give few masks at "
+              "the default thresholds; with none filtered the post-processing cost is realistic")
+    else:
+        print("config: segment-anything's thresholds (0.88 / 0.95): a random SAM keeps no mask, so this times the "
+              "encoder, the decoder and the filtering alone")
     if export_seconds is not None:
         print(f"export (not timed below): {export_seconds:.1f} s, {'fp16' if args.fp16 else 'fp32'}")
     print()
@@ -149,6 +204,18 @@ def print_report(args: argparse.Namespace, sam, rows: list[tuple], export_second
     for name, _, total, encoder in rows[1:]:
         print(f"speed-up {name} vs torch fp32: {base_total / total:.2f}x total, {base_encoder / encoder:.2f}x image "
               f"encoder, {(base_total - base_encoder) / max(total - encoder, 1e-9):.2f}x decoding + post-processing")
+
+    print()
+    print("the engine's question, M_b = the central quarter: list every segment then choose (`segment` +")
+    print("choose_segment) vs search on the device (`select`), same segmenter, same run")
+    header = f"{'segmenter':<44} {'list ms':>9} {'search ms':>10} {'speed-up':>9} {'encoder ms':>11} {'same':>5}"
+    print(header)
+    print("-" * len(header))
+    for name, list_total, total, encoder, same in searches:
+        print(f"{name:<44} {1e3 * list_total:>9.1f} {1e3 * total:>10.1f} {list_total / total:>8.2f}x "
+              f"{1e3 * encoder:>11.1f} {'yes' if same else 'NO':>5}")
+    if not all(same for *_, same in searches):
+        raise SystemExit("the search chose another segment than the generator's list: a bug, see the table")
 
 
 if __name__ == "__main__":

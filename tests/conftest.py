@@ -35,6 +35,14 @@ def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
 
 
+def assert_same_selection(found, expected) -> None:
+    """Two `refine.Selection`s are the same: segment pixel for pixel, IoU exactly, segment count."""
+    assert (found.iou, found.segment_count) == (expected.iou, expected.segment_count)
+    assert (found.segment is None) == (expected.segment is None)
+    if expected.segment is not None:
+        assert found.segment.dtype == bool and np.array_equal(found.segment, expected.segment)
+
+
 def rerun_compiled(test_file: str, class_name: str):
     """Run `class_name` of `test_file` again in a process with TRITON_INTERPRET=0 (kernels compiled).
 

@@ -158,18 +158,24 @@ def test_dual_unet_techniques_agree_and_are_all_timed(capsys):
 
 
 def test_refine_benchmark_rows_and_their_agreement(capsys):
-    """bench_refine on a tiny SAM: fp32 torch first (the reference), the bf16-encoder row with its IoU."""
+    """bench_refine on a tiny SAM: fp32 torch first (the reference), the bf16-encoder row with its IoU,
+    and the search table."""
     from benchmarks.bench_refine import main as bench_refine
 
     bench_refine(["--model-type", "tiny", "--size", "96", "--points-per-side", "8", "--repeats", "1",
                   "--device", "cpu", "--no-onnx", "--sam-precision", "bf16"])
-    lines = capsys.readouterr().out.splitlines()
+    output = capsys.readouterr().out
+    lists, searches = output.split("the engine's question")
+    lines = lists.splitlines()
     rows = [line for line in lines if line.startswith("torch")]
     assert len(rows) == 2 and rows[0].endswith("reference") and "bf16" in rows[1]
     mean_iou = float(rows[1].split()[-3])
     assert 0.9 <= mean_iou <= 1.0
     assert not any(line.startswith("onnx") for line in lines) and any("speed-up torch, image encoder bf16" in line
                                                                         for line in lines)
+    # The search rows: one per PyTorch segmenter, each choosing what its list gives (else it exits 1).
+    search_rows = [line for line in searches.splitlines() if line.startswith("torch")]
+    assert len(search_rows) == 2 and all(line.endswith("yes") for line in search_rows)
 
 
 def test_dual_step_traces_as_one_graph(capsys):

@@ -11,6 +11,7 @@ from conftest import smooth_image
 
 from zone_engine import Action, EditConfig, EditResult, SamConfig, ZonePipeline
 from zone_engine.pipeline import STAGES
+from zone_engine.refine import ListSegmenter
 
 INSTRUCTION = "make the house golden"
 
@@ -42,7 +43,7 @@ def test_timings_cover_every_stage(tiny_pipe):
     assert timings["total"] >= sum(timings[stage] for stage in STAGES) * 0.99
 
 
-class OneSquare:
+class OneSquare(ListSegmenter):
     """A segmenter that finds one 24x24 square: makes M_f, and so the edit, small and known."""
 
     def segment(self, image):
@@ -74,7 +75,7 @@ def test_untouched_pixels_are_exact_after_a_shrink(tiny_pipe, monkeypatch):
 
 
 def test_no_overlapping_segment_falls_back_to_mask_b(tiny_pipe, monkeypatch):
-    class Nothing:
+    class Nothing(ListSegmenter):
         def segment(self, image):
             return []
 

@@ -10,13 +10,15 @@ import torch
 
 from zone_engine.config import EditConfig, SamConfig
 from zone_engine.refine import (
+    ListSegmenter,
     Refinement,
     Segmenter,
-    TorchSamSegmenter,
+    choose_segment,
     refine_mask,
     refine_with_sam,
     select_best_segment,
 )
+from zone_engine.sam_torch import TorchSamSegmenter
 
 SIZES = [(64, 96), (80, 48), (64, 64)]  # (H, W)
 
@@ -94,7 +96,7 @@ def test_refine_picks_best_segment_and_drops_small_components(size):
     best = rectangle(height, width, 12, 12, 40, 40)
     speck = rectangle(height, width, height - 6, width - 6, height - 1, width - 1)  # 25 px < 64
     segments = [rectangle(height, width, 0, 0, 5, 5), best | speck, rectangle(height, width, 30, 30, 50, 45)]
-    refined = refine_mask(mask_b, segments)
+    refined = refine_mask(mask_b, choose_segment(mask_b, segments))
     assert isinstance(refined, Refinement)
     assert not refined.used_fallback
     assert refined.segment_count == 3
@@ -111,7 +113,7 @@ def test_no_overlap_falls_back_to_mask_b(segments):
     mask_b = big | small
     if segments == "disjoint":
         segments = [rectangle(height, width, 30, 30, 48, 48), rectangle(height, width, 0, 40, 10, 64)]
-    refined = refine_mask(mask_b, segments)
+    refined = refine_mask(mask_b, choose_segment(mask_b, segments))
     assert refined.used_fallback
     assert refined.iou == 0.0
     assert refined.segment_count == len(segments)
@@ -123,7 +125,7 @@ def test_small_components_use_their_own_area():
     segment = np.zeros((40, 40), dtype=bool)
     segment[2:9, 2:11] = True  # 63 px
     segment[20:28, 20:28] = True  # 64 px
-    refined = refine_mask(segment, [segment])
+    refined = refine_mask(segment, choose_segment(segment, [segment]))
     expected = np.zeros_like(segment)
     expected[20:28, 20:28] = True
     np.testing.assert_array_equal(refined.mask_f, expected)
@@ -135,7 +137,7 @@ def test_dilation_grows_a_pixel_to_a_9x9_square(size):
     row, col = height // 2, width // 3
     mask_b = np.zeros(size, dtype=bool)
     mask_b[row, col] = True
-    refined = refine_mask(mask_b, [], min_area=0, dilate_kernel=3, dilate_iterations=4)
+    refined = refine_mask(mask_b, choose_segment(mask_b, []), min_area=0, dilate_kernel=3, dilate_iterations=4)
     np.testing.assert_array_equal(refined.mask_f, mask_b)
     square = rectangle(height, width, row - 4, col - 4, row + 5, col + 5)
     np.testing.assert_array_equal(refined.dilated, square)
@@ -146,7 +148,7 @@ def test_dilation_grows_a_pixel_to_a_9x9_square(size):
 # ---------------------------------------------------------------------------------------------------
 
 
-class FakeSegmenter:
+class FakeSegmenter(ListSegmenter):
     """Returns fixed segments and records the image it was given."""
 
     def __init__(self, segments: list[np.ndarray]) -> None:
@@ -265,4 +267,4 @@ def test_sam_precision_is_checked_before_anything_loads(tiny_models):
     with pytest.raises(ConfigError, match="for --segmenter torch"):
         ZonePipeline(tiny_models, device="cpu", segmenter="onnx", sam_onnx="x", sam_precision="bf16")
     pipe = ZonePipeline(tiny_models, device="cpu", sam_precision="bf16")
-    assert pipe.segmenter(pipe.default_config.sam).generator.predictor.__class__.__name__ == "AutocastEncoderPredictor"
+    assert pipe.segmenter(pipe.default_config.sam).generator.predictor.encoder_dtype == torch.bfloat16

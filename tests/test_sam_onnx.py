@@ -24,7 +24,7 @@ import torch
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from conftest import smooth_image  # noqa: E402
+from conftest import assert_same_selection, smooth_image  # noqa: E402
 
 from export import sam as export_module  # noqa: E402
 from export.sam import add_export_sam_arguments, export_sam, run_export_sam  # noqa: E402
@@ -32,7 +32,7 @@ from zone_engine import __version__  # noqa: E402
 from zone_engine.config import SamConfig  # noqa: E402
 from zone_engine.errors import CheckpointError, ConfigError, DeviceError, ZoneError  # noqa: E402
 from zone_engine.models import SAM_SIZES, build_sam  # noqa: E402
-from zone_engine.refine import TorchSamSegmenter, refine_mask  # noqa: E402
+from zone_engine.refine import choose_segment, refine_mask  # noqa: E402
 from zone_engine.sam_onnx import (  # noqa: E402
     DECODER_FILE,
     ENCODER_FILE,
@@ -41,6 +41,7 @@ from zone_engine.sam_onnx import (  # noqa: E402
     choose_providers,
     file_sha256,
 )
+from zone_engine.sam_torch import TorchSamSegmenter  # noqa: E402
 
 CONFIGS = {
     "random-weights": SamConfig.for_random_weights(),
@@ -162,7 +163,8 @@ def test_onnx_segments_equal_torch_segments(sam, exported, config_name, image_na
     config, image = CONFIGS[config_name], IMAGES[image_name]()
     height, width = image.shape[:2]
     torch_segments = TorchSamSegmenter(sam, config).segment(image)
-    onnx_segments = OnnxSamSegmenter(exported, config).segment(image)
+    onnx_segmenter = OnnxSamSegmenter(exported, config)
+    onnx_segments = onnx_segmenter.segment(image)
     assert torch_segments, "the tiny SAM should yield segments at these thresholds"
     assert len(onnx_segments) == len(torch_segments)
     for torch_mask, onnx_mask in zip(torch_segments, onnx_segments, strict=True):
@@ -174,10 +176,13 @@ def test_onnx_segments_equal_torch_segments(sam, exported, config_name, image_na
                rectangle(height, width, height // 3, width // 4, height, width),
                torch_segments[-1]]
     for mask_b in masks_b:
-        from_torch, from_onnx = refine_mask(mask_b, torch_segments), refine_mask(mask_b, onnx_segments)
+        from_torch = refine_mask(mask_b, choose_segment(mask_b, torch_segments))
+        from_onnx = refine_mask(mask_b, choose_segment(mask_b, onnx_segments))
         np.testing.assert_array_equal(from_onnx.mask_f, from_torch.mask_f)
         np.testing.assert_array_equal(from_onnx.dilated, from_torch.dilated)
         assert from_onnx.used_fallback == from_torch.used_fallback
+        # The on-device search, with ORT's decoder, finds what choosing among ORT's own segments does.
+        assert_same_selection(onnx_segmenter.select(image, mask_b), choose_segment(mask_b, onnx_segments))
 
 
 def test_sessions_are_created_once(exported, monkeypatch):

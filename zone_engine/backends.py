@@ -15,7 +15,7 @@ from .dual_step import FusedDualDenoiser
 from .errors import ConfigError, DeviceError
 from .localize import Accumulate, Binarize, accumulate_attention_probabilities, binarize_reference
 from .models import ZoneModels
-from .refine import Segmenter, TorchSamSegmenter
+from .refine import Segmenter
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -126,10 +126,12 @@ def make_segmenter(
 ) -> Segmenter:
     """torch: segment-anything's generator on the PyTorch SAM (its image encoder in `sam_dtype`); onnx:
     the same generator on an exported SAM (`sam_onnx`: a `zone export sam` folder) run by ONNX Runtime
-    (TensorRT EP > CUDA EP > CPU EP)."""
+    (TensorRT EP > CUDA EP > CPU EP). Both search for M_b's segment on their device (sam_torch.py)."""
     if kind == "torch":
         if models.sam is None:
             raise ConfigError("refinement with --segmenter torch needs a SAM checkpoint: pass --sam CKPT")
+        from .sam_torch import TorchSamSegmenter
+
         return TorchSamSegmenter(models.sam, config, sam_dtype)
     if kind == "onnx":
         if sam_onnx is None:

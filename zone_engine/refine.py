@@ -1,67 +1,59 @@
 """Mask refinement (ZONE.md section 4): SAM's segments -> fine mask M_f and its dilation D.
 
-The segmentation backend sits behind the narrow `Segmenter` protocol (image in, bool masks out), so
-the PyTorch SAM here and an exported one are interchangeable; the mask math is plain numpy.
+The segmentation backend sits behind the narrow `Segmenter` protocol (image and M_b in, the segment
+that best overlaps M_b out), so the PyTorch SAM (sam_torch.py) and an exported one (sam_onnx.py) are
+interchangeable; the mask math is plain numpy.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import torch
 
-from .config import EditConfig, SamConfig
+from .config import EditConfig
 from .masks import dilate, iou, remove_small_regions
 
 
-class Segmenter(Protocol):
-    """Automatic segmentation backend."""
+@dataclass(frozen=True)
+class Selection:
+    """What refinement needs from a segmentation: the segment chosen for M_b, and how it was chosen."""
 
-    def segment(self, image: np.ndarray) -> list[np.ndarray]:
-        """uint8 RGB (H, W, 3) -> list of bool (H, W) segment masks."""
+    segment: np.ndarray | None  # bool (H, W): the segment with the largest IoU with M_b; None if none overlaps
+    iou: float  # that IoU; 0.0 when segment is None
+    segment_count: int  # segments the segmenter found
+
+
+class Segmenter(Protocol):
+    """Automatic segmentation backend: the segment that best overlaps M_b."""
+
+    def select(self, image: np.ndarray, mask_b: np.ndarray) -> Selection:
+        """uint8 RGB (H, W, 3) and bool (H, W) M_b -> the segment with the largest IoU with M_b."""
         ...
 
 
-class TorchSamSegmenter:
-    """segment-anything's `SamAutomaticMaskGenerator` on a PyTorch SAM model.
-
-    `encoder_dtype` fp16/bf16 runs SAM's image encoder (nearly all of its FLOPs: one ViT pass over a
-    1024² input) under autocast; the embedding comes back as fp32, so prompt decoding, the predicted
-    IoU and stability scores and every threshold stay in fp32 as segment-anything computes them.
-    """
-
-    def __init__(self, sam: torch.nn.Module, config: SamConfig, encoder_dtype: torch.dtype = torch.float32) -> None:
-        from segment_anything import SamAutomaticMaskGenerator
-
-        self.generator = SamAutomaticMaskGenerator(sam, **dataclasses.asdict(config))
-        if encoder_dtype != torch.float32:
-            self.generator.predictor = autocast_encoder_predictor(sam, encoder_dtype)
+class ListSegmenter:
+    """A segmenter that lists every segment (`segment`); `select` chooses among them."""
 
     def segment(self, image: np.ndarray) -> list[np.ndarray]:
-        """uint8 RGB (H, W, 3) -> list of bool (H, W) segment masks, in the generator's order."""
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"SAM expects a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}")
-        with torch.inference_mode():
-            records = self.generator.generate(image)
-        return [np.asarray(record["segmentation"], dtype=bool) for record in records]
+        """uint8 RGB (H, W, 3) -> list of bool (H, W) segment masks."""
+        raise NotImplementedError
+
+    def select(self, image: np.ndarray, mask_b: np.ndarray) -> Selection:
+        check_segment_inputs(image, mask_b)
+        return choose_segment(mask_b, self.segment(image))
 
 
-def autocast_encoder_predictor(sam: torch.nn.Module, dtype: torch.dtype):
-    """A `SamPredictor` whose image encoder runs under autocast in `dtype`, its embedding cast to fp32."""
-    from segment_anything import SamPredictor
-
-    class AutocastEncoderPredictor(SamPredictor):
-        def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
-            with torch.autocast(transformed_image.device.type, dtype=dtype):
-                super().set_torch_image(transformed_image, original_image_size)
-            self.features = self.features.float()
-
-    return AutocastEncoderPredictor(sam)
+def check_segment_inputs(image: np.ndarray, mask_b: np.ndarray | None = None) -> np.ndarray:
+    """The image as a uint8 RGB array, after checking it (and M_b's shape, when given)."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"SAM expects a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}")
+    if mask_b is not None and np.shape(mask_b) != image.shape[:2]:
+        raise ValueError(f"M_b has shape {np.shape(mask_b)}, the image to segment {image.shape[:2]}")
+    return image
 
 
 @dataclass(frozen=True)
@@ -92,31 +84,39 @@ def select_best_segment(mask_b: np.ndarray, segments: Sequence[np.ndarray]) -> t
     return best_index, best_iou
 
 
+def choose_segment(mask_b: np.ndarray, segments: Sequence[np.ndarray]) -> Selection:
+    """The segment with the largest IoU with M_b (bool (H, W)) among `segments` (bool (H, W) each)."""
+    index, best_iou = select_best_segment(mask_b, segments)
+    chosen = None if index is None else np.asarray(segments[index], dtype=bool)
+    return Selection(chosen, best_iou, len(segments))
+
+
 def refine_mask(
     mask_b: np.ndarray,
-    segments: Sequence[np.ndarray],
+    selection: Selection,
     *,
     min_area: int = 64,
     dilate_kernel: int = 3,
     dilate_iterations: int = 4,
 ) -> Refinement:
-    """M_b and SAM's segments -> M_f (best segment, components < min_area dropped) and D.
+    """M_b and the segment chosen for it -> M_f (that segment, components < min_area dropped) and D.
 
-    mask_b: bool (H, W); segments: bool (H, W) each.
+    mask_b: bool (H, W); selection: `choose_segment`'s or a segmenter's `select`'s.
     """
     mask_b = np.asarray(mask_b, dtype=bool)
     if mask_b.ndim != 2:
         raise ValueError(f"M_b must be a mask of shape (H, W), got shape {mask_b.shape}")
-    index, best_iou = select_best_segment(mask_b, segments)
+    if selection.segment is not None and selection.segment.shape != mask_b.shape:
+        raise ValueError(f"the chosen segment has shape {selection.segment.shape}, M_b has shape {mask_b.shape}")
     # The reference crashed when no segment overlapped M_b; M_b is the best mask there is then.
-    chosen = mask_b if index is None else np.asarray(segments[index], dtype=bool)
+    chosen = mask_b if selection.segment is None else selection.segment
     mask_f = remove_small_regions(chosen, min_area)
     return Refinement(
         mask_f=mask_f,
         dilated=dilate(mask_f, dilate_kernel, dilate_iterations),
-        iou=best_iou,
-        used_fallback=index is None,
-        segment_count=len(segments),
+        iou=selection.iou,
+        used_fallback=selection.segment is None,
+        segment_count=selection.segment_count,
     )
 
 
@@ -124,10 +124,9 @@ def refine_with_sam(
     segmenter: Segmenter, image: np.ndarray, mask_b: np.ndarray, config: EditConfig
 ) -> Refinement:
     """Segment `image` (uint8 RGB (H, W, 3): I_sty, or I_G for REMOVE) and refine M_b (bool (H, W))."""
-    segments = segmenter.segment(image)
     return refine_mask(
         mask_b,
-        segments,
+        segmenter.select(image, mask_b),
         min_area=config.min_region_area,
         dilate_kernel=config.dilate_kernel,
         dilate_iterations=config.dilate_iterations,

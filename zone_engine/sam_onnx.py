@@ -1,6 +1,7 @@
 """The `onnx` refinement backend: SAM's automatic mask generation with its networks on ONNX Runtime.
 
-Only the two network calls differ from `TorchSamSegmenter`. segment-anything's own
+Only the two network calls differ from `TorchSamSegmenter`: its `select` (the search for M_b's
+segment, sam_torch.best_segment) and its `segment` run here unchanged. segment-anything's own
 `SamAutomaticMaskGenerator` still builds the point grid, batches it, filters by predicted IoU and
 stability, runs box NMS and encodes the masks; its `SamPredictor.set_image` still resizes the image;
 `Sam.preprocess` and `Sam.postprocess_masks` still normalise and pad the image and upscale the logits.
@@ -26,7 +27,7 @@ from segment_anything.modeling import Sam
 
 from .config import SamConfig
 from .errors import CheckpointError, DeviceError
-from .refine import TorchSamSegmenter
+from .sam_torch import TorchSamSegmenter
 
 ENCODER_FILE = "image_encoder.onnx"
 DECODER_FILE = "mask_decoder.onnx"
@@ -50,11 +51,11 @@ class OnnxSamSegmenter(TorchSamSegmenter):
     `folder`: written by `zone export sam`; checked (manifest, checksums, encoder/decoder pair) before
     use. `providers`: ONNX Runtime execution providers to try, in order (default: TensorRT, CUDA, CPU,
     whichever the installed onnxruntime offers). Both sessions are created here, once. `segment` is
-    `TorchSamSegmenter.segment`: same input check, same generator, same output order.
+    `TorchSamSegmenter`'s `segment` and `select`: same input checks, same generator, same order.
     """
 
     def __init__(self, folder: Path, config: SamConfig, providers: list[str] | None = None) -> None:
-        # TorchSamSegmenter.__init__ would want a torch Sam: only its `segment` is inherited.
+        # TorchSamSegmenter.__init__ would want a torch Sam: only `segment` and `select` are inherited.
         ort = _import_onnxruntime()
         self.folder = Path(folder).expanduser()
         self.manifest = read_manifest(self.folder)
@@ -185,6 +186,16 @@ class OnnxSamPredictor(SamPredictor):
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
         if point_coords is None or boxes is not None or mask_input is not None or not multimask_output:
             raise NotImplementedError("the exported SAM decoder takes point prompts and gives multimask output only")
+        low_res_masks, iou_predictions = self.predict_low_res(point_coords, point_labels)
+        masks = self.model.postprocess_masks(low_res_masks, self.input_size, self.original_size)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, iou_predictions, low_res_masks
+
+    def predict_low_res(
+        self, point_coords: torch.Tensor, point_labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder graph alone: low-res logits (B, 3, S/4, S/4) and IoU predictions (B, 3)."""
         batch, side = point_coords.shape[0], self.low_res_size
         # The coordinates go in as float32; PyTorch's prompt encoder adds the half-pixel offset in the
         # generator's float64 before its own cast: a 1e-7 relative difference, far inside the tolerance.
@@ -192,10 +203,7 @@ class OnnxSamPredictor(SamPredictor):
             {"low_res_logits": (batch, 3, side, side), "iou_predictions": (batch, 3)},
             image_embeddings=self.features, point_coords=point_coords, point_labels=point_labels,
         )
-        masks = self.model.postprocess_masks(low_res_masks, self.input_size, self.original_size)
-        if not return_logits:
-            masks = masks > self.model.mask_threshold
-        return masks, iou_predictions, low_res_masks
+        return low_res_masks, iou_predictions
 
 
 # --------------------------------------------------------------------------------------------------

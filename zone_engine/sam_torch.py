@@ -1,0 +1,162 @@
+"""The `torch` refinement backend: SAM's automatic masks, and the search for the one segment ZONE keeps.
+
+ZONE asks segment-anything's `SamAutomaticMaskGenerator` for every segment of an image, then keeps
+the one with the largest IoU with M_b (ZONE.md section 4). The generator answers a wider question
+than that: it upscales the logits of all 3 masks of every point prompt to the image size before the
+predicted-IoU filter drops most of them, run-length encodes each kept mask on the host, and the
+caller decodes them all again to measure overlaps. `best_segment` asks the narrow question with the
+generator's own settings, steps and functions, on the generator's device:
+
+- the predicted-IoU filter runs on the low-resolution logits, so only masks that pass are upscaled
+  (upscaling is per mask, so a mask's pixels do not depend on which others are upscaled with it);
+- each kept mask's intersection and union with M_b are counted where the mask is, and only its
+  low-resolution logits are kept (256², whatever the image size);
+- box NMS runs on the same boxes and scores, in the same order, as the generator's;
+- the chosen segment alone is upscaled again and copied to the host.
+
+It returns exactly the segment, IoU and segment count that `choose_segment(mask_b, generator's
+masks)` does (tested mask for mask on random SAMs), for the settings it supports: one crop
+(`crop_n_layers=0`) and no small-region post-processing (`min_mask_region_area=0`), segment-anything's
+defaults and ZONE's. Other settings go through the generator itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+from segment_anything.utils.amg import batch_iterator, batched_mask_to_box, calculate_stability_score
+from torchvision.ops.boxes import batched_nms
+
+from .config import SamConfig
+from .refine import ListSegmenter, Selection, check_segment_inputs
+
+
+class TorchSamPredictor(SamPredictor):
+    """segment-anything's `SamPredictor`, plus the decoder's raw outputs and an optional low-precision encoder.
+
+    `encoder_dtype` fp16/bf16 runs SAM's image encoder (nearly all of its FLOPs: one ViT pass over a
+    1024² input) under autocast; the embedding comes back as fp32, so prompt decoding, the predicted
+    IoU and stability scores and every threshold stay in fp32 as segment-anything computes them.
+    """
+
+    def __init__(self, sam: torch.nn.Module, encoder_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(sam)
+        self.encoder_dtype = encoder_dtype
+
+    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
+        if self.encoder_dtype == torch.float32:
+            super().set_torch_image(transformed_image, original_image_size)
+            return
+        with torch.autocast(transformed_image.device.type, dtype=self.encoder_dtype):
+            super().set_torch_image(transformed_image, original_image_size)
+        self.features = self.features.float()
+
+    def predict_low_res(
+        self, point_coords: torch.Tensor, point_labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`predict_torch(points, multimask_output=True)` before its upscaling: low-res logits
+        (B, 3, S/4, S/4) and predicted IoUs (B, 3), from the same two network calls."""
+        sparse, dense = self.model.prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)
+        return self.model.mask_decoder(
+            image_embeddings=self.features, image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
+        )
+
+
+class TorchSamSegmenter(ListSegmenter):
+    """SAM's automatic segments on a PyTorch SAM (`segment`: the generator's own list, the reference),
+    and the segment ZONE keeps (`select`: `best_segment` where it applies, the list otherwise)."""
+
+    def __init__(self, sam: torch.nn.Module, config: SamConfig, encoder_dtype: torch.dtype = torch.float32) -> None:
+        self.generator = SamAutomaticMaskGenerator(sam, **dataclasses.asdict(config))
+        self.generator.predictor = TorchSamPredictor(sam, encoder_dtype)
+
+    def segment(self, image: np.ndarray) -> list[np.ndarray]:
+        """uint8 RGB (H, W, 3) -> list of bool (H, W) segment masks, in the generator's order."""
+        image = check_segment_inputs(image)
+        with torch.inference_mode():
+            records = self.generator.generate(image)
+        return [np.asarray(record["segmentation"], dtype=bool) for record in records]
+
+    def select(self, image: np.ndarray, mask_b: np.ndarray) -> Selection:
+        """The segment with the largest IoU with M_b (bool (H, W)), as `choose_segment` finds it."""
+        if not searchable(self.generator):
+            return super().select(image, mask_b)
+        image = check_segment_inputs(image, mask_b)
+        with torch.inference_mode():
+            return best_segment(self.generator, image, np.asarray(mask_b, dtype=bool))
+
+
+def searchable(generator: SamAutomaticMaskGenerator) -> bool:
+    """Whether `best_segment` reproduces this generator: one crop, no small-region post-processing."""
+    return generator.crop_n_layers == 0 and generator.min_mask_region_area == 0
+
+
+def best_segment(generator: SamAutomaticMaskGenerator, image: np.ndarray, mask_b: np.ndarray) -> Selection:
+    """`choose_segment(mask_b, masks of generator.generate(image))`, computed on the generator's device.
+
+    image: uint8 RGB (H, W, 3); mask_b: bool (H, W). The generator's predictor must offer
+    `predict_low_res` (TorchSamPredictor, OnnxSamPredictor); `searchable(generator)` must hold.
+    """
+    predictor = generator.predictor
+    size = image.shape[:2]
+    predictor.set_image(image)
+    try:
+        target = torch.from_numpy(np.ascontiguousarray(mask_b)).to(predictor.device)
+        points = generator.point_grids[0] * np.array(size)[None, ::-1]  # (x, y) in pixels, as the generator
+        scored = [_score_batch(generator, batch, size, target)
+                  for (batch,) in batch_iterator(generator.points_per_batch, points)]
+        candidates = {key: torch.cat([batch[key] for batch in scored]) for key in scored[0]}
+        if not len(candidates["scores"]):
+            return Selection(None, 0.0, 0)
+        kept = batched_nms(candidates["boxes"].float(), candidates["scores"],
+                           torch.zeros(len(candidates["boxes"])),  # one category, as the generator passes it
+                           iou_threshold=generator.box_nms_thresh)
+        intersection, union = candidates["intersection"][kept].double(), candidates["union"][kept].double()
+        ious = torch.where(union > 0, intersection / union.clamp(min=1), 0.0)
+        best_iou = float(ious.max())
+        if best_iou <= 0.0:
+            return Selection(None, 0.0, len(kept))
+        best = int(torch.nonzero(ious == best_iou)[0, 0])  # the first of equals, in the generator's order
+        chosen = _upscale(predictor, candidates["low_res"][kept[best]][None])[0] > predictor.model.mask_threshold
+        return Selection(chosen.cpu().numpy(), best_iou, len(kept))
+    finally:
+        predictor.reset_image()
+
+
+def _score_batch(
+    generator: SamAutomaticMaskGenerator, points: np.ndarray, size: tuple[int, int], target: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """`SamAutomaticMaskGenerator._process_batch` for one crop, keeping what the search needs.
+
+    Returns, for each mask that passes both filters: its low-res logits, predicted IoU (the NMS
+    score), box, and pixel counts of its intersection and union with `target`.
+    """
+    predictor, threshold = generator.predictor, generator.predictor.model.mask_threshold
+    coords = torch.as_tensor(predictor.transform.apply_coords(points, size), device=predictor.device)
+    labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
+    low_res, scores = predictor.predict_low_res(coords[:, None, :], labels[:, None])
+    low_res, scores = low_res.flatten(0, 1), scores.flatten(0, 1)
+    if generator.pred_iou_thresh > 0.0:
+        keep = scores > generator.pred_iou_thresh
+        low_res, scores = low_res[keep], scores[keep]
+    logits = _upscale(predictor, low_res)
+    if generator.stability_score_thresh > 0.0:
+        keep = calculate_stability_score(logits, threshold, generator.stability_score_offset) >= \
+            generator.stability_score_thresh
+        low_res, scores, logits = low_res[keep], scores[keep], logits[keep]
+    masks = logits > threshold
+    # The generator's next filter drops boxes near a crop edge that is not an image edge: with one
+    # crop, the whole image, it drops nothing.
+    return {"low_res": low_res, "scores": scores, "boxes": batched_mask_to_box(masks),
+            "intersection": (masks & target).flatten(1).sum(1), "union": (masks | target).flatten(1).sum(1)}
+
+
+def _upscale(predictor: SamPredictor, low_res: torch.Tensor) -> torch.Tensor:
+    """Low-res logits (M, S/4, S/4) -> logits at the image size (M, H, W), as predict_torch upscales them."""
+    if not len(low_res):  # interpolate refuses empty batches
+        return low_res.new_empty(0, *predictor.original_size)
+    return predictor.model.postprocess_masks(low_res[None], predictor.input_size, predictor.original_size)[0]
