@@ -120,3 +120,72 @@ def test_search_leaves_the_predictor_reset(sam):
     segmenter = TorchSamSegmenter(sam, CONFIGS["random-weights"])
     segmenter.select(smooth_image(64, 96), np.ones((64, 96), bool))
     assert not segmenter.generator.predictor.is_image_set and segmenter.generator.predictor.features is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# TorchSamPredictor.predict_passing: the decoder with its image side shared, upscaling only what passes
+# ---------------------------------------------------------------------------------------------------
+
+
+def decoder_inputs(sam: torch.nn.Module, device: str, prompts: int = 37):
+    """A predictor with an image set, and `prompts` point prompts in its input frame (one short batch)."""
+    from zone_engine.sam_torch import TorchSamPredictor
+
+    predictor = TorchSamPredictor(sam.to(device))
+    predictor.set_image(smooth_image(80, 112, seed=3))
+    generator = torch.Generator().manual_seed(1)
+    coords = torch.rand(prompts, 1, 2, generator=generator, dtype=torch.float64) * torch.tensor([112.0, 80.0])
+    coords = torch.as_tensor(predictor.transform.apply_coords(coords.numpy(), (80, 112)), device=device)
+    return predictor, coords, torch.ones(prompts, 1, dtype=torch.int, device=device)
+
+
+def passing_reference(predictor, coords, labels, min_score: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """segment-anything's own decoder call, flattened and filtered as the generator does."""
+    _, scores, low_res = predictor.predict_torch(coords, labels, multimask_output=True, return_logits=True)
+    low_res, scores = low_res.flatten(0, 1), scores.flatten(0, 1)
+    keep = scores > min_score if min_score > 0.0 else torch.ones_like(scores, dtype=torch.bool)
+    return low_res[keep], scores[keep]
+
+
+@pytest.mark.parametrize("quantile", [None, 0.3, 0.7, 1.0], ids=["all", "most", "some", "none"])
+def test_predict_passing_equals_sams_decoder_bit_for_bit_on_the_cpu(sam, quantile):
+    predictor, coords, labels = decoder_inputs(sam, "cpu")
+    with torch.inference_mode():
+        _, all_scores = passing_reference(predictor, coords, labels, 0.0)
+        if quantile is None:
+            min_score = 0.0  # no filter
+        elif quantile == 1.0:
+            min_score = float(all_scores.max()) + 1e-3  # nothing passes
+        else:  # just under one of the predictions, so that it passes and those below it do not
+            min_score = float(torch.quantile(all_scores, quantile)) - 1e-6
+        low_res, scores = predictor.predict_passing(coords, labels, min_score)
+        expected_low_res, expected_scores = passing_reference(predictor, coords, labels, min_score)
+    assert low_res.shape == expected_low_res.shape and low_res.shape[1:] == (4 * 4, 4 * 4)
+    assert (len(scores) == 0) == (quantile == 1.0)
+    assert torch.equal(scores, expected_scores) and torch.equal(low_res, expected_low_res)
+
+
+def test_predict_passing_upscales_only_prompts_with_a_passing_mask(sam, monkeypatch):
+    predictor, coords, labels = decoder_inputs(sam, "cpu")
+    upscaling = predictor.model.mask_decoder.output_upscaling
+    batches: list[int] = []
+    upscaling.register_forward_pre_hook(lambda _module, args: batches.append(len(args[0])))
+    with torch.inference_mode():
+        _, scores, _ = predictor.predict_torch(coords, labels, multimask_output=True, return_logits=True)
+        min_score = float(scores.max(1).values.median())  # about half the prompts have a mask over it
+        batches.clear()
+        predictor.predict_passing(coords, labels, min_score)
+    assert batches == [int((scores > min_score).any(1).sum())] and 0 < batches[0] < len(coords)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the decoder's CUDA kernels: needs CUDA")
+def test_predict_passing_on_cuda_agrees_with_sams_decoder():
+    """On CUDA a kernel may pick another summation order for another batch size: logits within 1e-4
+    (fp32 sums of a few hundred products of O(1) terms), IoU predictions within 1e-5, same masks kept."""
+    predictor, coords, labels = decoder_inputs(tiny_random_sam(), "cuda")  # not the module's CPU SAM
+    with torch.inference_mode():
+        low_res, scores = predictor.predict_passing(coords, labels, 0.0)
+        expected_low_res, expected_scores = passing_reference(predictor, coords, labels, 0.0)
+    torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-5)
+    torch.testing.assert_close(low_res, expected_low_res, rtol=0, atol=1e-4)

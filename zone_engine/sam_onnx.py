@@ -192,6 +192,17 @@ class OnnxSamPredictor(SamPredictor):
             masks = masks > self.model.mask_threshold
         return masks, iou_predictions, low_res_masks
 
+    def predict_passing(
+        self, point_coords: torch.Tensor, point_labels: torch.Tensor, min_score: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`TorchSamPredictor.predict_passing` on the decoder graph: the multimask outputs whose
+        predicted IoU is over `min_score` (all when it is <= 0), as (M, S/4, S/4) logits and (M,) IoUs."""
+        low_res_masks, iou_predictions = self.predict_low_res(point_coords, point_labels)
+        if min_score <= 0.0:
+            return low_res_masks.flatten(0, 1), iou_predictions.flatten(0, 1)
+        passing = iou_predictions > min_score
+        return low_res_masks[passing], iou_predictions[passing]
+
     def predict_low_res(
         self, point_coords: torch.Tensor, point_labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,15 +7,18 @@ predicted-IoU filter drops most of them, run-length encodes each kept mask on th
 caller decodes them all again to measure overlaps. `best_segment` asks the narrow question with the
 generator's own settings, steps and functions, on the generator's device:
 
-- the predicted-IoU filter runs on the low-resolution logits, so only masks that pass are upscaled
-  (upscaling is per mask, so a mask's pixels do not depend on which others are upscaled with it);
+- the decoder runs the image side of its first attention layer once, not once per prompt, and
+  skips its output upscaling for prompts whose 3 masks all fail the predicted-IoU filter
+  (`TorchSamPredictor.predict_passing`);
+- only masks that pass that filter are upscaled to the image size (upscaling is per mask, so a
+  mask's pixels do not depend on which others are upscaled with it);
 - each kept mask's intersection and union with M_b are counted where the mask is, and only its
   low-resolution logits are kept (256², whatever the image size);
 - box NMS runs on the same boxes and scores, in the same order, as the generator's;
 - the chosen segment alone is upscaled again and copied to the host.
 
-It returns exactly the segment, IoU and segment count that `choose_segment(mask_b, generator's
-masks)` does (tested mask for mask on random SAMs), for the settings it supports: one crop
+It returns the segment, IoU and segment count that `choose_segment(mask_b, generator's masks)` does
+(on the CPU bit for bit: tested mask for mask on random SAMs), for the settings it supports: one crop
 (`crop_n_layers=0`) and no small-region post-processing (`min_mask_region_area=0`), segment-anything's
 defaults and ZONE's. Other settings go through the generator itself.
 """
@@ -54,16 +57,36 @@ class TorchSamPredictor(SamPredictor):
             super().set_torch_image(transformed_image, original_image_size)
         self.features = self.features.float()
 
-    def predict_low_res(
-        self, point_coords: torch.Tensor, point_labels: torch.Tensor
+    def predict_passing(
+        self, point_coords: torch.Tensor, point_labels: torch.Tensor, min_score: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`predict_torch(points, multimask_output=True)` before its upscaling: low-res logits
-        (B, 3, S/4, S/4) and predicted IoUs (B, 3), from the same two network calls."""
-        sparse, dense = self.model.prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)
-        return self.model.mask_decoder(
-            image_embeddings=self.features, image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
-        )
+        """One point prompt each (B, 1, 2), (B, 1) -> the multimask outputs whose predicted IoU is over
+        `min_score` (all of them when it is <= 0): low-res logits (M, S/4, S/4) and predicted IoUs (M,),
+        prompt by prompt, as the generator flattens and filters `predict_torch`'s outputs.
+
+        SAM's decoder (MaskDecoder.predict_masks) copies the image embedding once per prompt and its
+        first attention layer projects every copy the same way. The image side enters that layer as
+        one (1, HW, C) tensor here and broadcasts over the prompts, so those projections run once. The
+        predicted IoUs come from the transformer's tokens alone, so the output upscaling (two
+        transposed convolutions at 4x the embedding's size) runs only for prompts with a mask that
+        passes. Same modules, same weights, same operations per prompt: bit-identical to `predict_torch`
+        on the CPU (tested), equal up to float rounding where kernels depend on the batch size.
+        """
+        decoder, prompt_encoder = self.model.mask_decoder, self.model.prompt_encoder
+        sparse, dense = prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)
+        tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight]).expand(len(sparse), -1, -1)
+        # Without a mask prompt the dense embedding is one learnt vector for every prompt.
+        image = self.features + dense[:1]
+        tokens = torch.cat((tokens, sparse), 1)
+        tokens_out, image_out = decoder.transformer(image, prompt_encoder.get_dense_pe(), tokens)
+        scores = decoder.iou_prediction_head(tokens_out[:, 0])[:, 1:]  # (B, 3): the multimask outputs
+        passing = scores > min_score if min_score > 0.0 else torch.ones_like(scores, dtype=torch.bool)
+        prompts = passing.any(1)
+        image_out, mask_tokens = image_out[prompts], tokens_out[prompts, 2:2 + scores.shape[1]]
+        upscaled = decoder.output_upscaling(image_out.transpose(1, 2).reshape(len(image_out), *image.shape[1:]))
+        hyper = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps[1:])], 1)
+        masks = (hyper @ upscaled.flatten(2)).unflatten(2, upscaled.shape[2:])  # (P, 3, S/4, S/4)
+        return masks[passing[prompts]], scores[passing]
 
 
 class TorchSamSegmenter(ListSegmenter):
@@ -99,7 +122,7 @@ def best_segment(generator: SamAutomaticMaskGenerator, image: np.ndarray, mask_b
     """`choose_segment(mask_b, masks of generator.generate(image))`, computed on the generator's device.
 
     image: uint8 RGB (H, W, 3); mask_b: bool (H, W). The generator's predictor must offer
-    `predict_low_res` (TorchSamPredictor, OnnxSamPredictor); `searchable(generator)` must hold.
+    `predict_passing` (TorchSamPredictor, OnnxSamPredictor); `searchable(generator)` must hold.
     """
     predictor = generator.predictor
     size = image.shape[:2]
@@ -138,11 +161,7 @@ def _score_batch(
     predictor, threshold = generator.predictor, generator.predictor.model.mask_threshold
     coords = torch.as_tensor(predictor.transform.apply_coords(points, size), device=predictor.device)
     labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
-    low_res, scores = predictor.predict_low_res(coords[:, None, :], labels[:, None])
-    low_res, scores = low_res.flatten(0, 1), scores.flatten(0, 1)
-    if generator.pred_iou_thresh > 0.0:
-        keep = scores > generator.pred_iou_thresh
-        low_res, scores = low_res[keep], scores[keep]
+    low_res, scores = predictor.predict_passing(coords[:, None, :], labels[:, None], generator.pred_iou_thresh)
     logits = _upscale(predictor, low_res)
     if generator.stability_score_thresh > 0.0:
         keep = calculate_stability_score(logits, threshold, generator.stability_score_offset) >= \
