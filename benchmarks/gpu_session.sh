@@ -49,9 +49,12 @@ run_stage() {
             -k compiled_step tests/test_dual_step.py ;;
     kernels)  # Kernel benchmarks: do_bench medians against the reference-style store and the torch references.
         TAIL=16 stage bench_kernels 50 python3 -m benchmarks.bench_kernels ;;
-    refine)  # PyTorch SAM vit_h refinement: fp32 vs the image encoder in bf16 (no ONNX: no CUDA provider there).
-        stage bench_refine 150 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 --no-onnx \
-            --sam-precision bf16 ;;
+    refine)  # PyTorch SAM vit_h refinement: fp32 vs the image encoder in bf16 (no ONNX: no CUDA provider there),
+        # and the engine's search for M_b's segment vs the generator's list; every mask kept, then none.
+        TAIL=16 stage bench_refine 150 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 --no-onnx \
+            --sam-precision bf16
+        TAIL=16 stage bench_refine_sam_thresholds 120 python3 -m benchmarks.bench_refine --model-type vit_h \
+            --size 512 --no-onnx --sam-precision bf16 --thresholds sam ;;
     dual)  # Two weight sets per step: one UNet call at batch 6 vs the dual-step variants, eager and graphed.
         stage bench_dual_unet 100 python3 -m benchmarks.bench_dual_unet --resolution 512 --dtype fp16 --repeats 20 ;;
     breaks)  # torch.compile's graph breaks in the dual step, SD1.5 size, fp16 (none is the goal).
