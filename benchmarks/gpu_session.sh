@@ -55,8 +55,10 @@ run_stage() {
             --sam-precision bf16
         TAIL=16 stage bench_refine_sam_thresholds 120 python3 -m benchmarks.bench_refine --model-type vit_h \
             --size 512 --no-onnx --sam-precision bf16 --thresholds sam ;;
-    dual)  # Two weight sets per step: one UNet call at batch 6 vs the dual-step variants, eager and graphed.
-        stage bench_dual_unet 100 python3 -m benchmarks.bench_dual_unet --resolution 512 --dtype fp16 --repeats 20 ;;
+    dual)  # Two weight sets per step: one UNet call at batch 6 vs the dual-step variants, eager and graphed,
+        # and on channels-last copies of the UNets.
+        stage bench_dual_unet 130 python3 -m benchmarks.bench_dual_unet --resolution 512 --dtype fp16 --repeats 20 \
+            --channels-last ;;
     breaks)  # torch.compile's graph breaks in the dual step, SD1.5 size, fp16 (none is the goal).
         stage graph_breaks 90 python3 -m benchmarks.graph_breaks --device cuda --dtype fp16 ;;
     bench)  # Per-stage latency, baseline vs engine backends, 512², 20 steps, fp16. BACKENDS: the engine rows
