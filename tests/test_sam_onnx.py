@@ -11,6 +11,7 @@ Tiny random SAM, onnxruntime on the CPU. Tolerances, |onnxruntime - torch| on ev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -183,6 +184,20 @@ def test_onnx_segments_equal_torch_segments(sam, exported, config_name, image_na
         assert from_onnx.used_fallback == from_torch.used_fallback
         # The on-device search, with ORT's decoder, finds what choosing among ORT's own segments does.
         assert_same_selection(onnx_segmenter.select(image, mask_b), choose_segment(mask_b, onnx_segments))
+
+
+def test_search_with_the_onnx_decoder_filters_as_the_generator(exported):
+    """The ORT predictor's `predict_passing` filters by predicted IoU: with a threshold that drops about
+    half the masks, the search still chooses what choosing among the generator's own segments does."""
+    image = smooth_image(80, 48, seed=1)
+    keep_all = CONFIGS["loose-nms"]
+    scores = [record["predicted_iou"] for record in OnnxSamSegmenter(exported, keep_all).generator.generate(image)]
+    config = dataclasses.replace(keep_all, pred_iou_thresh=float(np.median(scores)))
+    segmenter = OnnxSamSegmenter(exported, config)
+    segments = segmenter.segment(image)
+    assert 0 < len(segments) < len(scores)
+    for mask_b in [*segments[:3], rectangle(80, 48, 10, 5, 60, 40)]:
+        assert_same_selection(segmenter.select(image, mask_b), choose_segment(mask_b, segments))
 
 
 def test_sessions_are_created_once(exported, monkeypatch):
