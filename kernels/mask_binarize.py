@@ -15,12 +15,13 @@ double, normalised to sum 1, scaled by 2^22 and rounded half away from zero), an
 once per axis, horizontal pass first into a uint8 intermediate, then vertical; an axis whose size
 does not change is skipped (an identity table here: (2^21 + v * 2^22) >> 22 == v).
 
-Two launches:
-    1. `_difference_rows_kernel`: the two column maxima, normalise, truncate, subtract, and the
-       horizontal pass over all h grid rows -> intermediate (h, W) uint8 (a few KB);
-    2. `_vertical_threshold_kernel`: the vertical pass, the threshold, the uint8 stores.
+One launch, `_binarize_kernel`, one program per output tile: the two column maxima (every program
+reads the whole map: a few hundred floats), then per vertical tap the horizontal pass of the grid
+row it reads (normalise, truncate, subtract, the integer MACs, Pillow's uint8 intermediate: recomputed
+in registers per tile, never stored), the vertical MACs, the threshold, the uint8 stores. At SD1.5's
+16x16 -> 512x512 that is 5 x 5 taps, 50 reads of the L1-resident map per output pixel.
 The weight tables are computed on the host in float64 exactly as Pillow does, cached per
-(in size, out size, device), and passed as int32 tensors: the kernels only do integer MACs.
+(in size, out size, device), and passed as int32 tensors: the kernel only does integer MACs.
 
 Only enlarging the height (H >= h) is fused: Pillow 13 runs the vertical pass first when the height
 shrinks by more than twice as many pixels as the width, older Pillows never do, so a shrinking
@@ -56,56 +57,44 @@ PRECISION_BITS = 22  # Pillow's 8-bit resampling precision: 32 - 8 bits of resul
 
 
 @triton.jit
-def _difference_rows_kernel(
-    average_ptr, starts_ptr, weights_ptr, rows_ptr,
-    N, GRID_H, GRID_W, OUT_W, last_token, stride_an, stride_ak,
-    BLOCK_MAP: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_W: tl.constexpr, TAPS: tl.constexpr,
-    PRECISION: tl.constexpr,
+def _binarize_kernel(
+    average_ptr, x_starts_ptr, x_weights_ptr, y_starts_ptr, y_weights_ptr, mask_ptr, difference_ptr,
+    N, GRID_H, GRID_W, OUT_H, OUT_W, last_token, stride_an, stride_ak, threshold,
+    BLOCK_MAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, TAPS_X: tl.constexpr,
+    TAPS_Y: tl.constexpr, PRECISION: tl.constexpr, PAPER: tl.constexpr, STORE_DIFFERENCE: tl.constexpr,
 ):
     # Column maxima over the whole map, in every program: N is a few hundred floats, cheaper than
-    # a third launch. max is exact, so the order of the reduction does not matter.
+    # another launch. max is exact, so the order of the reduction does not matter.
     cells = tl.arange(0, BLOCK_MAP)
     first_max = tl.max(tl.load(average_ptr + cells * stride_an, mask=cells < N, other=float("-inf")), axis=0)
     last_max = tl.max(tl.load(average_ptr + cells * stride_an + last_token * stride_ak, mask=cells < N,
                               other=float("-inf")), axis=0)
 
-    ys = tl.arange(0, BLOCK_ROWS)
-    xs = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
-    inside = (ys < GRID_H)[:, None] & (xs < OUT_W)[None, :]
-    starts = tl.load(starts_ptr + xs, mask=xs < OUT_W, other=0)
-    acc = tl.full((BLOCK_ROWS, BLOCK_W), 1 << (PRECISION - 1), tl.int32)
-    for t in tl.static_range(TAPS):
-        weight = tl.load(weights_ptr + xs * TAPS + t, mask=xs < OUT_W, other=0)  # 0 past the window
-        column = tl.minimum(starts + t, GRID_W - 1)
-        cell = ys[:, None] * GRID_W + column[None, :]
-        first = tl.load(average_ptr + cell * stride_an, mask=inside, other=0.0)
-        last = tl.load(average_ptr + cell * stride_an + last_token * stride_ak, mask=inside, other=0.0)
-        # uint8(255 * a / max a): fp32 multiply, IEEE-rounded divide (div_rn: Triton's `/` is an
-        # approximate division on NVIDIA GPUs), truncating cast, as torch does on the CPU.
-        first_u8 = tl.math.div_rn(first * 255.0, first_max).to(tl.int32)
-        last_u8 = tl.math.div_rn(last * 255.0, last_max).to(tl.int32)
-        acc += tl.maximum(first_u8 - last_u8, 0) * weight[None, :]
-    rows = tl.minimum(tl.maximum(acc >> PRECISION, 0), 255)
-    tl.store(rows_ptr + ys[:, None] * OUT_W + xs[None, :], rows.to(tl.uint8), mask=inside)
-
-
-@triton.jit
-def _vertical_threshold_kernel(
-    rows_ptr, starts_ptr, weights_ptr, mask_ptr, difference_ptr,
-    GRID_H, OUT_H, OUT_W, threshold,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, TAPS: tl.constexpr, PRECISION: tl.constexpr,
-    PAPER: tl.constexpr, STORE_DIFFERENCE: tl.constexpr,
-):
     ys = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     xs = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     inside = (ys < OUT_H)[:, None] & (xs < OUT_W)[None, :]
-    starts = tl.load(starts_ptr + ys, mask=ys < OUT_H, other=0)
+    y_starts = tl.load(y_starts_ptr + ys, mask=ys < OUT_H, other=0)
+    x_starts = tl.load(x_starts_ptr + xs, mask=xs < OUT_W, other=0)
     acc = tl.full((BLOCK_H, BLOCK_W), 1 << (PRECISION - 1), tl.int32)
-    for t in tl.static_range(TAPS):
-        weight = tl.load(weights_ptr + ys * TAPS + t, mask=ys < OUT_H, other=0)
-        row = tl.minimum(starts + t, GRID_H - 1)
-        value = tl.load(rows_ptr + row[:, None] * OUT_W + xs[None, :], mask=inside, other=0)
-        acc += value.to(tl.int32) * weight[:, None]
+    for ty in tl.static_range(TAPS_Y):
+        # The horizontal pass of the grid row this tap reads, at this tile's columns: Pillow's uint8
+        # intermediate, recomputed per tile instead of stored (it is a few multiply-adds a pixel).
+        y_weight = tl.load(y_weights_ptr + ys * TAPS_Y + ty, mask=ys < OUT_H, other=0)  # 0 past the window
+        grid_row = tl.minimum(y_starts + ty, GRID_H - 1)
+        row_acc = tl.full((BLOCK_H, BLOCK_W), 1 << (PRECISION - 1), tl.int32)
+        for tx in tl.static_range(TAPS_X):
+            x_weight = tl.load(x_weights_ptr + xs * TAPS_X + tx, mask=xs < OUT_W, other=0)
+            grid_column = tl.minimum(x_starts + tx, GRID_W - 1)
+            cell = grid_row[:, None] * GRID_W + grid_column[None, :]
+            first = tl.load(average_ptr + cell * stride_an, mask=inside, other=0.0)
+            last = tl.load(average_ptr + cell * stride_an + last_token * stride_ak, mask=inside, other=0.0)
+            # uint8(255 * a / max a): fp32 multiply, IEEE-rounded divide (div_rn: Triton's `/` is an
+            # approximate division on NVIDIA GPUs), truncating cast, as torch does on the CPU.
+            first_u8 = tl.math.div_rn(first * 255.0, first_max).to(tl.int32)
+            last_u8 = tl.math.div_rn(last * 255.0, last_max).to(tl.int32)
+            row_acc += tl.maximum(first_u8 - last_u8, 0) * x_weight[None, :]
+        row = tl.minimum(tl.maximum(row_acc >> PRECISION, 0), 255)
+        acc += row * y_weight[:, None]
     difference = tl.minimum(tl.maximum(acc >> PRECISION, 0), 255)
     keep = (difference < threshold) if PAPER else (tl.minimum(2 * difference, 255) <= threshold)
     offsets = ys[:, None] * OUT_W + xs[None, :]
@@ -203,7 +192,7 @@ def mask_binarize_triton(
     rule: Literal["reference", "paper"] = "reference", reference_threshold: int = 108,
     paper_threshold: int = 128, difference: torch.Tensor | None = None,
 ) -> None:
-    """Launch both kernels: write M_b (uint8 0/1) into `mask` and, if given, d into `difference`."""
+    """Launch the kernel: write M_b (uint8 0/1) into `mask` and, if given, d into `difference`."""
     _check_arguments(average, grid, last_token, mask, difference, rule)
     grid_h, grid_w = grid
     out_h, out_w = mask.shape
@@ -212,20 +201,14 @@ def mask_binarize_triton(
                          "Pillow's pass order for a shrinking height depends on its version")
     x_starts, x_weights = _device_coefficients(grid_w, out_w, average.device)
     y_starts, y_weights = _device_coefficients(grid_h, out_h, average.device)
-    rows = torch.empty(grid_h, out_w, dtype=torch.uint8, device=average.device)  # (h, W) after the x pass
-    block_w = 128
-    _difference_rows_kernel[(triton.cdiv(out_w, block_w),)](
-        average, x_starts, x_weights, rows,
-        average.shape[0], grid_h, grid_w, out_w, last_token, average.stride(0), average.stride(1),
-        BLOCK_MAP=triton.next_power_of_2(average.shape[0]), BLOCK_ROWS=triton.next_power_of_2(grid_h),
-        BLOCK_W=block_w, TAPS=x_weights.shape[1], PRECISION=PRECISION_BITS,
-    )
     # 16 x 128 tiles: 128 programs at 512 x 512, one wave on an H100; the interpreter prefers fewer.
-    block_h = 64 if is_interpreted(_vertical_threshold_kernel) else 16
-    _vertical_threshold_kernel[(triton.cdiv(out_h, block_h), triton.cdiv(out_w, block_w))](
-        rows, y_starts, y_weights, mask, mask if difference is None else difference,
-        grid_h, out_h, out_w, _threshold(rule, reference_threshold, paper_threshold),
-        BLOCK_H=block_h, BLOCK_W=block_w, TAPS=y_weights.shape[1], PRECISION=PRECISION_BITS,
+    block_h, block_w = (128, 256) if is_interpreted(_binarize_kernel) else (16, 128)
+    _binarize_kernel[(triton.cdiv(out_h, block_h), triton.cdiv(out_w, block_w))](
+        average, x_starts, x_weights, y_starts, y_weights, mask, mask if difference is None else difference,
+        average.shape[0], grid_h, grid_w, out_h, out_w, last_token, average.stride(0), average.stride(1),
+        _threshold(rule, reference_threshold, paper_threshold),
+        BLOCK_MAP=triton.next_power_of_2(average.shape[0]), BLOCK_H=block_h, BLOCK_W=block_w,
+        TAPS_X=x_weights.shape[1], TAPS_Y=y_weights.shape[1], PRECISION=PRECISION_BITS,
         PAPER=rule == "paper", STORE_DIFFERENCE=difference is not None,
     )
 
@@ -265,7 +248,7 @@ def _(average, grid_h, grid_w, last_token, paper, threshold, mask, difference) -
 
 
 def _fusable(average: torch.Tensor, grid: tuple[int, int], mask: torch.Tensor) -> bool:
-    return mask.shape[0] >= grid[0] and can_launch(_difference_rows_kernel, average.device)
+    return mask.shape[0] >= grid[0] and can_launch(_binarize_kernel, average.device)
 
 
 def mask_binarize_(
@@ -347,12 +330,12 @@ def benchmark(
     pixels, cells = size[0] * size[1], grid[0] * grid[1]
     # Traffic model: the host paths copy the map to the host (N*K*4), then make about 6 passes over
     # an H*W image (resize out, threshold in/out, bool out; the reference's RGB path 3x more); the
-    # kernels read two map columns, write and re-read the (h, W) intermediate, and write mask + d.
+    # kernel reads two map columns (each program reads them again from cache) and writes mask + d.
     variants = {
         "a: reference code path (numpy/cv2/PIL RGB)": (lambda: _reference_code_path(average, grid, last_token, size),
                                                        cells * tokens * 4 + 18 * pixels),
         "b: engine reference (numpy/PIL)": (engine_reference, cells * tokens * 4 + 6 * pixels),
-        "c: fused Triton kernels": (fused, 2 * cells * 4 + 2 * grid[0] * size[1] + 2 * pixels),
+        "c: fused Triton kernel": (fused, 2 * cells * 4 + 2 * pixels),
     }
     expected = engine_reference()
     results = []

@@ -29,7 +29,7 @@ from kernels.mask_binarize import (  # noqa: E402
 from kernels.runtime import DISABLE_ENV, is_interpreted  # noqa: E402
 from zone_engine.localize import binarize_reference, localize  # noqa: E402
 
-INTERPRETED = is_interpreted(binarize_module._difference_rows_kernel)
+INTERPRETED = is_interpreted(binarize_module._binarize_kernel)
 
 
 def _map(grid, kind: str, seed: int, tokens: int = 77) -> torch.Tensor:
