@@ -7,7 +7,8 @@ keys (fp16 on CUDA); kernel 2 from a 16x16 map to a 512x512 mask. On a CUDA GPU 
 the do_bench median (ms), the modelled memory traffic, their ratios to the kernel launched eagerly,
 and a quality figure; two more rows time the kernel's launcher called directly (no custom-op
 dispatch) and the kernel replayed from a CUDA graph (do_bench_cudagraph: the device's time without
-the host's launch cost). On the CPU the kernels run under
+the host's launch cost), and a last line puts that against the kernel's memory floor: its modelled
+bytes at the rate of a 1 GiB device copy measured in the same run. On the CPU the kernels run under
 TRITON_INTERPRET=1 and only the quality figures mean anything (timings need a GPU).
 """
 
@@ -31,6 +32,27 @@ def _table(title: str, rows: list[dict], quality: str) -> str:
     return "\n".join(lines)
 
 
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write), do_bench median: the floor's rate."""
+    import triton
+
+    source = torch.empty(2**28, dtype=torch.float32, device="cuda")
+    target = torch.empty_like(source)
+    seconds = triton.testing.do_bench(lambda: target.copy_(source), return_mode="median") / 1e3
+    return 2 * source.nbytes / seconds
+
+
+def floor_line(rows: list[dict], bandwidth: float) -> str:
+    """The kernel's memory floor (its modelled bytes at the measured copy rate) and how far the
+    graph-replayed kernel (the device's time alone) is from it."""
+    kernel = next(row for row in rows if row["name"].startswith("c:"))
+    replayed = next(row for row in rows if "CUDA graph" in row["name"])
+    floor_us = kernel["bytes"] / bandwidth * 1e6
+    return (f"  memory floor: {floor_us:.2f} us ({kernel['bytes'] / 1e6:.2f} MB at {bandwidth / 1e9:.0f} GB/s "
+            f"measured); replayed from a CUDA graph: {replayed['time_ms'] * 1e3:.2f} us = "
+            f"{replayed['time_ms'] * 1e3 / floor_us:.1f}x the floor")
+
+
 def main() -> int:
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -45,10 +67,15 @@ def main() -> int:
     print(f"device: {name}")
     if not cuda:
         print("timings need a GPU: this run checks correctness only (bytes are the traffic model)")
-    print(_table("kernel 1: attention-map accumulation, 5 layers x 16 rows x 256 x 77, d = 160",
-                 attn_accumulate.benchmark(device), "max_abs_diff"))
-    print(_table("kernel 2: mask binarization, 16x16 -> 512x512",
-                 mask_binarize.benchmark(device), "mismatched_pixels"))
+    bandwidth = copy_bandwidth() if cuda else None
+    for title, rows, quality in (
+        ("kernel 1: attention-map accumulation, 5 layers x 16 rows x 256 x 77, d = 160",
+         attn_accumulate.benchmark(device), "max_abs_diff"),
+        ("kernel 2: mask binarization, 16x16 -> 512x512", mask_binarize.benchmark(device), "mismatched_pixels"),
+    ):
+        print(_table(title, rows, quality))
+        if bandwidth is not None:
+            print(floor_line(rows, bandwidth))
     return 0
 
 
