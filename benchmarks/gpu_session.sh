@@ -15,6 +15,8 @@
 # Then: device run with carry [".whl"] and command `bash benchmarks/gpu_session.sh [STAGE ...]`: stages
 # tests kernels refine dual bench (the default, in that order), compile (the torch.compile test), breaks (compile's graph breaks), suite (the whole suite), serve (the load test).
 # At most 8 files come back from $OUT: each stage writes one log, bench three more files (JSON, md, PNG).
+# A device call runs at most 600 s and the stage limits of the default list add up to more (150 + 50 +
+# 270 + 130 + 360 s at most), so split them over calls: `tests kernels refine`, then `dual bench`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/zone-out}"
