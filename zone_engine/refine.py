@@ -42,6 +42,7 @@ class ListSegmenter:
         raise NotImplementedError
 
     def select(self, image: np.ndarray, mask_b: np.ndarray) -> Selection:
+        """`choose_segment` among all of `segment(image)`'s segments."""
         check_segment_inputs(image, mask_b)
         return choose_segment(mask_b, self.segment(image))
 
