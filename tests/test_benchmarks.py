@@ -181,9 +181,10 @@ def test_refine_benchmark_rows_and_their_agreement(capsys):
     assert 0.9 <= mean_iou <= 1.0
     assert not any(line.startswith("onnx") for line in lines) and any("speed-up torch, image encoder bf16" in line
                                                                         for line in lines)
-    # The search rows: one per PyTorch segmenter, each choosing what its list gives (else it exits 1).
+    # The search rows: one per PyTorch segmenter, each choosing what its list gives (on the CPU it exits 1
+    # otherwise).
     search_rows = [line for line in searches.splitlines() if line.startswith("torch")]
-    assert len(search_rows) == 2 and all(line.endswith("yes") for line in search_rows)
+    assert len(search_rows) == 2 and all(line.endswith("same") for line in search_rows)
 
 
 def test_dual_step_traces_as_one_graph(capsys):
@@ -215,3 +216,18 @@ def test_kernel_benchmark_on_the_cpu_checks_correctness():
     assert len(kernel_1) == 3 and len(kernel_2) == 3 and all(row[-5:-3] == ["n/a", "n/a"] for row in rows)
     assert all(float(row[-1]) < 1e-6 for row in kernel_1)
     assert all(row[-1] == "0" for row in kernel_2)
+
+
+def test_selection_agreement_names_the_same_choice_or_measures_the_difference():
+    from benchmarks.bench_refine import selection_agreement
+    from zone_engine.refine import Selection
+
+    square = np.zeros((8, 8), bool)
+    square[2:6, 2:6] = True  # 16 px
+    wider = square.copy()
+    wider[2:6, 6] = True  # 20 px
+    assert selection_agreement(Selection(square, 0.5, 3), Selection(square.copy(), 0.5, 3)) == "same"
+    assert selection_agreement(Selection(None, 0.0, 3), Selection(None, 0.0, 3)) == "same"
+    assert selection_agreement(Selection(square, 0.5, 3), Selection(wider, 0.4, 3)) == 16 / 20
+    assert selection_agreement(Selection(square, 0.5, 3), Selection(None, 0.0, 3)) == 0.0
+    assert selection_agreement(Selection(square, 0.5, 3), Selection(square, 0.5, 4)) == 1.0  # counts differ
