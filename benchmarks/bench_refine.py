@@ -10,8 +10,9 @@ backends on the same image in the same run (one warm-up, then the median of --re
 its quality: mask count and IoU against the fp32 PyTorch masks. A second table times what the engine
 asks of each PyTorch segmenter, the one segment that best overlaps M_b (`select`, the on-device
 search of sam_torch.py), against listing every segment and choosing (`segment` + `choose_segment`),
-and checks that both choose the same segment. The image-encoder share is timed
-inside the same runs (SamPredictor.set_image), so no extra passes.
+and checks that both choose the same segment (on the CPU they must, bit for bit; on CUDA the table
+gives the two segments' IoU where they differ). The image-encoder share is timed inside the same
+runs (SamPredictor.set_image), so no extra passes.
 
 Random weights give almost no masks at segment-anything's default thresholds, so both thresholds are
 0 here by default (`SamConfig(pred_iou_thresh=0, stability_score_thresh=0)`): every decoded mask then
