@@ -31,6 +31,7 @@ from torch import nn
 from zone_engine import __version__
 from zone_engine.errors import ConfigError, ZoneError
 from zone_engine.sam_onnx import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, MANIFEST_FORMAT, file_sha256
+from zone_engine.sam_torch import decode_masks, decode_tokens
 
 TINY_SEED = 0
 # A protobuf message cannot pass 2 GiB: larger weights (vit_h's fp32 encoder, 2.5 GB) go to one
@@ -65,7 +66,8 @@ class ImageEncoderGraph(nn.Module):
 class MaskDecoderGraph(nn.Module):
     """Prompt encoder + mask decoder for a batch of point prompts, no box or mask input, multimask output.
 
-    Follows `SamPredictor.predict_torch(points, labels, multimask_output=True)`; the point embedding is
+    Computes `SamPredictor.predict_torch(points, labels, multimask_output=True)`'s low-res outputs, the
+    decoder as the engine runs it (sam_torch.decode_tokens / decode_masks); the point embedding is
     `PromptEncoder._embed_points` without boolean-index assignment, as segment-anything's own
     `SamOnnxModel._embed_points`, which takes one prompt set with an orig_im_size instead of a batch.
     The prompt encoder stays fp32 under --fp16: its Fourier features of pixel coordinates need fp32.
@@ -95,15 +97,15 @@ class MaskDecoderGraph(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, C, h, w), (B, P, 2), (B, P) -> low-res logits (B, 3, 4h, 4w), IoU predictions (B, 3)."""
         sparse = self.embed_points(point_coords, point_labels)
-        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # broadcasts over (B, C, h, w)
-        masks, iou_predictions = self.mask_decoder.predict_masks(
-            image_embeddings=image_embeddings.to(self.dtype),
-            image_pe=self.prompt_encoder.get_dense_pe().to(self.dtype),
-            sparse_prompt_embeddings=sparse.to(self.dtype),
-            dense_prompt_embeddings=dense.to(self.dtype),
-        )
-        # multimask_output=True: MaskDecoder.forward keeps outputs 1..3 and drops the single-mask output 0.
-        return masks[:, 1:].float(), iou_predictions[:, 1:].float()
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # the same for every prompt
+        image = (image_embeddings + dense).to(self.dtype)
+        # The engine's decoding (zone_engine.sam_torch): the image side enters the transformer once and
+        # broadcasts over the prompts, where MaskDecoder.predict_masks repeats it per prompt; outputs
+        # 1..3 only (multimask_output=True drops the single-mask output 0).
+        tokens_out, image_out, iou_predictions = decode_tokens(
+            self.mask_decoder, image, self.prompt_encoder.get_dense_pe().to(self.dtype), sparse.to(self.dtype))
+        masks = decode_masks(self.mask_decoder, tokens_out, image_out, image.shape[1:])
+        return masks.float(), iou_predictions.float()
 
 
 def export_sam(

@@ -74,19 +74,40 @@ class TorchSamPredictor(SamPredictor):
         """
         decoder, prompt_encoder = self.model.mask_decoder, self.model.prompt_encoder
         sparse, dense = prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)
-        tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight]).expand(len(sparse), -1, -1)
         # Without a mask prompt the dense embedding is one learnt vector for every prompt.
-        image = self.features + dense[:1]
-        tokens = torch.cat((tokens, sparse), 1)
-        tokens_out, image_out = decoder.transformer(image, prompt_encoder.get_dense_pe(), tokens)
-        scores = decoder.iou_prediction_head(tokens_out[:, 0])[:, 1:]  # (B, 3): the multimask outputs
+        tokens_out, image_out, scores = decode_tokens(decoder, self.features + dense[:1],
+                                                      prompt_encoder.get_dense_pe(), sparse)
         passing = scores > min_score if min_score > 0.0 else torch.ones_like(scores, dtype=torch.bool)
         prompts = passing.any(1)
-        image_out, mask_tokens = image_out[prompts], tokens_out[prompts, 2:2 + scores.shape[1]]
-        upscaled = decoder.output_upscaling(image_out.transpose(1, 2).reshape(len(image_out), *image.shape[1:]))
-        hyper = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps[1:])], 1)
-        masks = (hyper @ upscaled.flatten(2)).unflatten(2, upscaled.shape[2:])  # (P, 3, S/4, S/4)
+        masks = decode_masks(decoder, tokens_out[prompts], image_out[prompts], self.features.shape[1:])
         return masks[passing[prompts]], scores[passing]
+
+
+def decode_tokens(
+    decoder: torch.nn.Module, image: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`MaskDecoder.predict_masks` up to its output upscaling, the image side shared by the prompts.
+
+    image: (1, C, h, w), the image embedding plus the dense prompt embedding; image_pe: (1, C, h, w);
+    sparse: (B, P, C) prompt embeddings. Returns the transformer's tokens (B, T, C) and image side
+    (B, hw, C), and the predicted IoUs of the 3 multimask outputs (B, 3). SAM's decoder repeats
+    `image` once per prompt; here it enters the transformer once and broadcasts in its first layer.
+    """
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight])
+    tokens = torch.cat((output_tokens.expand(sparse.shape[0], -1, -1), sparse), 1)
+    tokens_out, image_out = decoder.transformer(image, image_pe, tokens)
+    return tokens_out, image_out, decoder.iou_prediction_head(tokens_out[:, 0])[:, 1:]
+
+
+def decode_masks(
+    decoder: torch.nn.Module, tokens_out: torch.Tensor, image_out: torch.Tensor, embedding_shape: torch.Size
+) -> torch.Tensor:
+    """The rest of `MaskDecoder.predict_masks` for the 3 multimask outputs: upscale the image side
+    (B, hw, C) to (B, C', 4h, 4w), dot it with each output token's hypernetwork -> logits (B, 3, 4h, 4w).
+    embedding_shape: (C, h, w)."""
+    upscaled = decoder.output_upscaling(image_out.transpose(1, 2).reshape(-1, *embedding_shape))
+    hyper = torch.stack([mlp(tokens_out[:, 2 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps[1:])], 1)
+    return (hyper @ upscaled.flatten(2)).unflatten(2, upscaled.shape[2:])
 
 
 class TorchSamSegmenter(ListSegmenter):
