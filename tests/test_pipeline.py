@@ -85,6 +85,21 @@ def test_no_overlapping_segment_falls_back_to_mask_b(tiny_pipe, monkeypatch):
     assert np.array_equal(result.mask_f, result.mask_b)
 
 
+@pytest.mark.parametrize("progress", [False, True])
+def test_progress_reaches_the_segmenter(tiny_pipe, monkeypatch, progress):
+    """`edit(progress=True)` shows refinement's bar too (a minute or more of SAM on a CPU)."""
+    seen = []
+
+    class Recorder(OneSquare):
+        def select(self, image, mask_b, *, progress=False):
+            seen.append(progress)
+            return super().select(image, mask_b)
+
+    monkeypatch.setattr(tiny_pipe, "segmenter", lambda config: Recorder())
+    tiny_pipe.edit(smooth_image(64, 64), INSTRUCTION, tiny_pipe.default_config.replace(steps=2), progress=progress)
+    assert seen == [progress]
+
+
 def test_remove_segments_the_input_not_the_styled_image(tiny_pipe, monkeypatch):
     seen = []
 

@@ -190,3 +190,13 @@ def test_predict_passing_on_cuda_agrees_with_sams_decoder():
         expected_low_res, expected_scores = passing_reference(predictor, coords, labels, 0.0)
     torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-5)
     torch.testing.assert_close(low_res, expected_low_res, rtol=0, atol=2e-3)
+
+
+def test_search_shows_a_progress_bar_when_asked(sam, capsys):
+    segmenter = TorchSamSegmenter(sam, CONFIGS["filtered"])  # 64 prompts in batches of 20: 4 batches
+    image, mask_b = smooth_image(80, 112, seed=3), rectangle(80, 112, 10, 10, 50, 40)
+    quiet = segmenter.select(image, mask_b)
+    assert capsys.readouterr().err == ""
+    shown = segmenter.select(image, mask_b, progress=True)
+    assert "segmenting" in (bar := capsys.readouterr().err) and "5/5" in bar  # the encoder, then 4 batches
+    assert_same_selection(shown, quiet)

@@ -205,7 +205,7 @@ class ZonePipeline:
         """Edit `image` (path, PIL image or array) as `instruction` says; only the edited region changes."""
         prepared = self.prepare(image, instruction, config)
         (latents,) = self.denoise([prepared], progress=progress)
-        return self.finish(prepared, latents)
+        return self.finish(prepared, latents, progress=progress)
 
     def edit_batch(
         self, requests: Sequence[EditRequest], *, progress: bool = False, return_exceptions: bool = False
@@ -251,7 +251,7 @@ class ZonePipeline:
             return [outcome for request, edit in zip(requests, prepared, strict=True)
                     for outcome in self._denoise_and_finish([request], [edit.restart()], progress)]
         return [
-            self._attempt(request, lambda e=edit, z=z: self.finish(e, z))
+            self._attempt(request, lambda e=edit, z=z: self.finish(e, z, progress=progress))
             for request, edit, z in zip(requests, prepared, latents, strict=True)
         ]
 
@@ -335,7 +335,7 @@ class ZonePipeline:
         return self.denoiser.denoise_batch([e.inputs for e in run], config, betas, [e.attention for e in run],
                                            on_step=on_step)
 
-    def finish(self, edit: PreparedEdit, latents: torch.Tensor) -> EditResult:
+    def finish(self, edit: PreparedEdit, latents: torch.Tensor, *, progress: bool = False) -> EditResult:
         """Steps 6-9 of one edit: localize, decode, refine, blend; results at the input size."""
         models, watch, config, geometry = self.models, edit.watch, edit.config, edit.geometry
         action, working = edit.action, edit.working
@@ -357,7 +357,7 @@ class ZonePipeline:
         # 8. Refine M_b with SAM (on the input for REMOVE: the object is gone from I_sty).
         with watch("refine"):
             segmented = working if action is Action.REMOVE else styled
-            refined = refine_with_sam(self.segmenter(config.sam), segmented, located.mask_b, config)
+            refined = refine_with_sam(self.segmenter(config.sam), segmented, located.mask_b, config, progress=progress)
 
         # 9. Blend: find R at the working size, composite at the input size.
         with watch("blend"):

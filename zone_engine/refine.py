@@ -29,8 +29,9 @@ class Selection:
 class Segmenter(Protocol):
     """Automatic segmentation backend: the segment that best overlaps M_b."""
 
-    def select(self, image: np.ndarray, mask_b: np.ndarray) -> Selection:
-        """uint8 RGB (H, W, 3) and bool (H, W) M_b -> the segment with the largest IoU with M_b."""
+    def select(self, image: np.ndarray, mask_b: np.ndarray, *, progress: bool = False) -> Selection:
+        """uint8 RGB (H, W, 3) and bool (H, W) M_b -> the segment with the largest IoU with M_b;
+        `progress`: show a progress bar where the work is long."""
         ...
 
 
@@ -41,8 +42,8 @@ class ListSegmenter:
         """uint8 RGB (H, W, 3) -> list of bool (H, W) segment masks."""
         raise NotImplementedError
 
-    def select(self, image: np.ndarray, mask_b: np.ndarray) -> Selection:
-        """`choose_segment` among all of `segment(image)`'s segments."""
+    def select(self, image: np.ndarray, mask_b: np.ndarray, *, progress: bool = False) -> Selection:
+        """`choose_segment` among all of `segment(image)`'s segments (one call: no progress bar)."""
         check_segment_inputs(image, mask_b)
         return choose_segment(mask_b, self.segment(image))
 
@@ -122,12 +123,12 @@ def refine_mask(
 
 
 def refine_with_sam(
-    segmenter: Segmenter, image: np.ndarray, mask_b: np.ndarray, config: EditConfig
+    segmenter: Segmenter, image: np.ndarray, mask_b: np.ndarray, config: EditConfig, *, progress: bool = False
 ) -> Refinement:
     """Segment `image` (uint8 RGB (H, W, 3): I_sty, or I_G for REMOVE) and refine M_b (bool (H, W))."""
     return refine_mask(
         mask_b,
-        segmenter.select(image, mask_b),
+        segmenter.select(image, mask_b, progress=progress),
         min_area=config.min_region_area,
         dilate_kernel=config.dilate_kernel,
         dilate_iterations=config.dilate_iterations,

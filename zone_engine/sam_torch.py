@@ -32,6 +32,7 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.utils.amg import batch_iterator, batched_mask_to_box, calculate_stability_score
 from torchvision.ops.boxes import batched_nms
+from tqdm.auto import tqdm
 
 from .config import SamConfig
 from .refine import ListSegmenter, Selection, check_segment_inputs
@@ -125,13 +126,13 @@ class TorchSamSegmenter(ListSegmenter):
             records = self.generator.generate(image)
         return [np.asarray(record["segmentation"], dtype=bool) for record in records]
 
-    def select(self, image: np.ndarray, mask_b: np.ndarray) -> Selection:
+    def select(self, image: np.ndarray, mask_b: np.ndarray, *, progress: bool = False) -> Selection:
         """The segment with the largest IoU with M_b (bool (H, W)), as `choose_segment` finds it."""
         if not searchable(self.generator):
             return super().select(image, mask_b)
         image = check_segment_inputs(image, mask_b)
         with torch.inference_mode():
-            return best_segment(self.generator, image, np.asarray(mask_b, dtype=bool))
+            return best_segment(self.generator, image, np.asarray(mask_b, dtype=bool), progress=progress)
 
 
 def searchable(generator: SamAutomaticMaskGenerator) -> bool:
@@ -139,36 +140,52 @@ def searchable(generator: SamAutomaticMaskGenerator) -> bool:
     return generator.crop_n_layers == 0 and generator.min_mask_region_area == 0
 
 
-def best_segment(generator: SamAutomaticMaskGenerator, image: np.ndarray, mask_b: np.ndarray) -> Selection:
+def best_segment(
+    generator: SamAutomaticMaskGenerator, image: np.ndarray, mask_b: np.ndarray, *, progress: bool = False
+) -> Selection:
     """`choose_segment(mask_b, masks of generator.generate(image))`, computed on the generator's device.
 
     image: uint8 RGB (H, W, 3); mask_b: bool (H, W). The generator's predictor must offer
     `predict_passing` (TorchSamPredictor, OnnxSamPredictor); `searchable(generator)` must hold.
+    `progress`: a bar over the image encoder and the prompt batches (a minute or more on a CPU).
     """
     predictor = generator.predictor
     size = image.shape[:2]
-    predictor.set_image(image)
-    try:
-        target = torch.from_numpy(np.ascontiguousarray(mask_b)).to(predictor.device)
-        points = generator.point_grids[0] * np.array(size)[None, ::-1]  # (x, y) in pixels, as the generator
-        scored = [_score_batch(generator, batch, size, target)
-                  for (batch,) in batch_iterator(generator.points_per_batch, points)]
-        candidates = {key: torch.cat([batch[key] for batch in scored]) for key in scored[0]}
-        if not len(candidates["scores"]):
-            return Selection(None, 0.0, 0)
-        kept = batched_nms(candidates["boxes"].float(), candidates["scores"],
-                           torch.zeros(len(candidates["boxes"])),  # one category, as the generator passes it
-                           iou_threshold=generator.box_nms_thresh)
-        intersection, union = candidates["intersection"][kept].double(), candidates["union"][kept].double()
-        ious = torch.where(union > 0, intersection / union.clamp(min=1), 0.0)
-        best_iou = float(ious.max())
-        if best_iou <= 0.0:
-            return Selection(None, 0.0, len(kept))
-        best = int(torch.nonzero(ious == best_iou)[0, 0])  # the first of equals, in the generator's order
-        chosen = _upscale(predictor, candidates["low_res"][kept[best]][None])[0] > predictor.model.mask_threshold
-        return Selection(chosen.cpu().numpy(), best_iou, len(kept))
-    finally:
-        predictor.reset_image()
+    points = generator.point_grids[0] * np.array(size)[None, ::-1]  # (x, y) in pixels, as the generator
+    batches = -(-len(points) // generator.points_per_batch)
+    with tqdm(total=1 + batches, desc="segmenting", unit="pass", disable=not progress) as bar:
+        predictor.set_image(image)
+        bar.update()
+        try:
+            return _search(generator, points, size, mask_b, bar)
+        finally:
+            predictor.reset_image()
+
+
+def _search(
+    generator: SamAutomaticMaskGenerator, points: np.ndarray, size: tuple[int, int], mask_b: np.ndarray, bar: tqdm
+) -> Selection:
+    """`best_segment` once the image is set: the prompt batches, NMS, the choice."""
+    predictor = generator.predictor
+    target = torch.from_numpy(np.ascontiguousarray(mask_b)).to(predictor.device)
+    scored = []
+    for (batch,) in batch_iterator(generator.points_per_batch, points):
+        scored.append(_score_batch(generator, batch, size, target))
+        bar.update()
+    candidates = {key: torch.cat([batch[key] for batch in scored]) for key in scored[0]}
+    if not len(candidates["scores"]):
+        return Selection(None, 0.0, 0)
+    kept = batched_nms(candidates["boxes"].float(), candidates["scores"],
+                       torch.zeros(len(candidates["boxes"])),  # one category, as the generator passes it
+                       iou_threshold=generator.box_nms_thresh)
+    intersection, union = candidates["intersection"][kept].double(), candidates["union"][kept].double()
+    ious = torch.where(union > 0, intersection / union.clamp(min=1), 0.0)
+    best_iou = float(ious.max())
+    if best_iou <= 0.0:
+        return Selection(None, 0.0, len(kept))
+    best = int(torch.nonzero(ious == best_iou)[0, 0])  # the first of equals, in the generator's order
+    chosen = _upscale(predictor, candidates["low_res"][kept[best]][None])[0] > predictor.model.mask_threshold
+    return Selection(chosen.cpu().numpy(), best_iou, len(kept))
 
 
 def _score_batch(
