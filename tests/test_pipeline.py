@@ -160,3 +160,23 @@ def test_triton_localization_kernels_give_the_same_edit(tiny_models):
     triton_path = ZonePipeline(tiny_models, device="cpu", kernels="triton").edit(image, INSTRUCTION, config)
     assert np.array_equal(torch_path.mask_b, triton_path.mask_b)
     assert np.array_equal(torch_path.image, triton_path.image)
+
+
+def test_the_empty_prompt_is_encoded_once_per_pipeline(tiny_pipe):
+    """Its embedding does not depend on the instruction: later edits encode c_T alone, same context."""
+    from zone_engine.text import encode_instruction, padded_ids
+
+    models = tiny_pipe.models
+    empty_ids = padded_ids(models.tokenizer, [""], tiny_pipe.device)[0]
+    encoded: list[bool] = []  # per text-encoder call: was it the empty prompt?
+    hook = models.text_encoder.register_forward_pre_hook(
+        lambda _module, args: encoded.append(torch.equal(args[0], empty_ids)))
+    try:
+        tiny_pipe.prepare(smooth_image(64, 64), "make the dog a golden statue")
+        encoded.clear()
+        prepared = tiny_pipe.prepare(smooth_image(64, 64), "add a hat")
+        assert encoded and not any(encoded)  # c_T (and the action classifier's c_T), never "" again
+    finally:
+        hook.remove()
+    fresh = encode_instruction(models.tokenizer, models.text_encoder, "add a hat")  # encodes "" itself
+    assert torch.equal(prepared.encoded.context, fresh.context)

@@ -30,7 +30,7 @@ from .errors import ConfigError, EditCancelled
 from .localize import AttentionAccumulator, attention_grid, heatmap_overlay, localize
 from .models import IP2P_ID, MAGICBRUSH_ID, ZoneModels, build_tiny_components, load_pretrained
 from .refine import Segmenter, refine_with_sam
-from .text import EncodedInstruction, check_instruction, encode_instruction
+from .text import EncodedInstruction, check_instruction, encode_instruction, encode_prompt
 from .timing import Stopwatch
 
 T = TypeVar("T")
@@ -169,6 +169,7 @@ class ZonePipeline:
         self.accumulate, self.binarize = make_localization_kernels(kernels, self.device)
         self.segmenter_kind, self.sam_onnx = segmenter, sam_onnx
         self._segmenters: dict[SamConfig, Segmenter] = {}
+        self._empty_prompt: torch.Tensor | None = None
 
     @classmethod
     def from_pretrained(
@@ -191,6 +192,12 @@ class ZonePipeline:
         """Tiny random models, built offline in seconds: for tests and the demo (the edit is meaningless)."""
         config = EditConfig(sam=SamConfig.for_random_weights())
         return cls(build_tiny_components(seed), device, default_config=config, **kwargs)
+
+    def empty_prompt(self) -> torch.Tensor:
+        """The empty prompt's text embedding (1, 77, C): the same for every edit, so encoded once."""
+        if self._empty_prompt is None:
+            self._empty_prompt = encode_prompt(self.models.tokenizer, self.models.text_encoder, "")
+        return self._empty_prompt
 
     def segmenter(self, config: SamConfig) -> Segmenter:
         if config not in self._segmenters:
@@ -280,7 +287,7 @@ class ZonePipeline:
 
         # 2. Encode the instruction once, for both UNets.
         with watch("text"):
-            encoded = encode_instruction(models.tokenizer, models.text_encoder, instruction)
+            encoded = encode_instruction(models.tokenizer, models.text_encoder, instruction, self.empty_prompt())
 
         # 3. Decide the action.
         with watch("action"):

@@ -47,16 +47,29 @@ def padded_ids(tokenizer, texts: list[str], device: torch.device) -> tuple[torch
 
 
 @torch.inference_mode()
-def encode_instruction(tokenizer, text_encoder, instruction: str) -> EncodedInstruction:
-    """Encode c_T and the empty prompt as diffusers' IP2P pipeline does (no attention mask)."""
+def encode_prompt(tokenizer, text_encoder, text: str) -> torch.Tensor:
+    """One prompt alone (1, 77, C), as diffusers' IP2P pipeline encodes it (no attention mask)."""
+    device = next(text_encoder.parameters()).device
+    return text_encoder(padded_ids(tokenizer, [text], device)[0])[0]
+
+
+@torch.inference_mode()
+def encode_instruction(
+    tokenizer, text_encoder, instruction: str, empty: torch.Tensor | None = None
+) -> EncodedInstruction:
+    """Encode c_T and the empty prompt as diffusers' IP2P pipeline does (no attention mask).
+
+    `empty`: `encode_prompt(tokenizer, text_encoder, "")` computed before, which is the same for every
+    instruction (the pipeline keeps it); None encodes it here.
+    """
     text = check_instruction(instruction)
     token_count, truncated = count_tokens(tokenizer, text)
     if truncated:
         warnings.warn(
             f"the instruction is longer than {MAX_TOKENS} CLIP tokens and was truncated", stacklevel=3
         )
-    device = next(text_encoder.parameters()).device
-    # Two calls, as diffusers and the reference encode them: a batch of two rounds differently.
-    prompt, empty = (text_encoder(padded_ids(tokenizer, [t], device)[0])[0] for t in (text, ""))
+    # One call each, as diffusers and the reference encode them: a batch of two rounds differently.
+    prompt = encode_prompt(tokenizer, text_encoder, text)
+    empty = encode_prompt(tokenizer, text_encoder, "") if empty is None else empty
     context = torch.cat([prompt, empty, empty])  # (3, 77, C)
     return EncodedInstruction(context=context, token_count=token_count, truncated=truncated)
