@@ -20,8 +20,13 @@ import sys
 import torch
 
 
+def _eager_kernel(rows: list[dict]) -> dict:
+    """The row of the kernel launched eagerly: the first "c:" row, what the others are compared with."""
+    return next(row for row in rows if row["name"].startswith("c:"))
+
+
 def _table(title: str, rows: list[dict], quality: str) -> str:
-    kernel = next(row for row in rows if row["name"].startswith("c:"))  # the eagerly launched kernel
+    kernel = _eager_kernel(rows)
     lines = [title, f"  {'variant':<46} {'time ms':>9} {'x kernel':>9} {'MB moved':>9} {'x kernel':>9}  {quality}"]
     for row in rows:
         timed = row["time_ms"] is not None
@@ -45,7 +50,7 @@ def copy_bandwidth() -> float:
 def floor_line(rows: list[dict], bandwidth: float) -> str:
     """The kernel's memory floor (its modelled bytes at the measured copy rate) and how far the
     graph-replayed kernel (the device's time alone) is from it."""
-    kernel = next(row for row in rows if row["name"].startswith("c:"))
+    kernel = _eager_kernel(rows)
     replayed = next(row for row in rows if "CUDA graph" in row["name"])
     floor_us = kernel["bytes"] / bandwidth * 1e6
     return (f"  memory floor: {floor_us:.2f} us ({kernel['bytes'] / 1e6:.2f} MB at {bandwidth / 1e9:.0f} GB/s "

@@ -37,6 +37,7 @@ from export.sam import export_sam
 from zone_engine.backends import DTYPES, resolve_device
 from zone_engine.config import SamConfig
 from zone_engine.image_io import make_sample_image
+from zone_engine.masks import iou
 from zone_engine.models import SAM_SIZES, build_sam
 from zone_engine.refine import Selection, choose_segment
 from zone_engine.sam_onnx import OnnxSamSegmenter
@@ -95,7 +96,7 @@ def mask_agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> tupl
         return (1.0, 1.0) if len(reference) == len(other) else (0.0, 0.0)
     best = []
     for mask in reference:
-        ious = [np.logical_and(mask, o).sum() / max(np.logical_or(mask, o).sum(), 1) for o in other]
+        ious = [iou(mask, o) for o in other]
         best.append(max(ious))
     return float(np.mean(best)), float(np.min(best))
 
@@ -179,7 +180,7 @@ def selection_agreement(a: Selection, b: Selection) -> float | str:
         return "same" if a.segment is b.segment and a.segment_count == b.segment_count else 0.0
     if np.array_equal(a.segment, b.segment) and (a.iou, a.segment_count) == (b.iou, b.segment_count):
         return "same"
-    return float(np.logical_and(a.segment, b.segment).sum() / max(np.logical_or(a.segment, b.segment).sum(), 1))
+    return iou(a.segment, b.segment)
 
 
 def print_report(

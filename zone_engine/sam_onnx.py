@@ -27,7 +27,7 @@ from segment_anything.modeling import Sam
 
 from .config import SamConfig
 from .errors import CheckpointError, DeviceError
-from .sam_torch import TorchSamSegmenter
+from .sam_torch import TorchSamSegmenter, passing_masks
 
 ENCODER_FILE = "image_encoder.onnx"
 DECODER_FILE = "mask_decoder.onnx"
@@ -198,9 +198,7 @@ class OnnxSamPredictor(SamPredictor):
         """`TorchSamPredictor.predict_passing` on the decoder graph: the multimask outputs whose
         predicted IoU is over `min_score` (all when it is <= 0), as (M, S/4, S/4) logits and (M,) IoUs."""
         low_res_masks, iou_predictions = self.predict_low_res(point_coords, point_labels)
-        if min_score <= 0.0:
-            return low_res_masks.flatten(0, 1), iou_predictions.flatten(0, 1)
-        passing = iou_predictions > min_score
+        passing = passing_masks(iou_predictions, min_score)
         return low_res_masks[passing], iou_predictions[passing]
 
     def predict_low_res(

@@ -78,10 +78,16 @@ class TorchSamPredictor(SamPredictor):
         # Without a mask prompt the dense embedding is one learnt vector for every prompt.
         tokens_out, image_out, scores = decode_tokens(decoder, self.features + dense[:1],
                                                       prompt_encoder.get_dense_pe(), sparse)
-        passing = scores > min_score if min_score > 0.0 else torch.ones_like(scores, dtype=torch.bool)
+        passing = passing_masks(scores, min_score)
         prompts = passing.any(1)
         masks = decode_masks(decoder, tokens_out[prompts], image_out[prompts], self.features.shape[1:])
         return masks[passing[prompts]], scores[passing]
+
+
+def passing_masks(scores: torch.Tensor, min_score: float) -> torch.Tensor:
+    """The generator's predicted-IoU filter: bool, where a score is over `min_score` (everywhere when
+    `min_score` <= 0, as the generator then skips the filter)."""
+    return scores > min_score if min_score > 0.0 else torch.ones_like(scores, dtype=torch.bool)
 
 
 def decode_tokens(
