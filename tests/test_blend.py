@@ -4,12 +4,35 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from zone_engine.blend import composite, fft_edit_region, frequency_disc, luma, plain_composite, seam
+from zone_engine.blend import (
+    composite,
+    fft_edit_region,
+    frequency_disc,
+    low_pass_energy,
+    low_pass_energy_torch,
+    luma,
+    plain_composite,
+    seam,
+)
 from zone_engine.config import Action
 
 SIZES = [(64, 96), (80, 48), (64, 64)]  # (H, W), non-square both ways
+
+# Where fft_edit_region computes its FFTs: numpy (None, the reference) or torch on a device.
+FFT_DEVICES = [
+    None,
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="torch's CUDA FFT: needs CUDA")]),
+]
+
+
+@pytest.fixture(params=FFT_DEVICES, ids=["numpy", "torch-cpu", "torch-cuda"])
+def fft_device(request):
+    return request.param
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,7 +171,7 @@ def test_frequency_disc_is_centred_at_rows_cols_half(size, radius):
     np.testing.assert_array_equal(frequency_disc(size, radius), expected)
 
 
-def test_red_edit_is_found_blue_edit_is_not():
+def test_red_edit_is_found_blue_edit_is_not(fft_device):
     """Pure blue has luma 29.07 (<= 30) and pure red 76.2: with BGR weights the two would swap."""
     height, width = 64, 80
     box = rectangle(height, width, 22, 24, 42, 56)  # over 21 px from the border: closing keeps it a box
@@ -157,7 +180,8 @@ def test_red_edit_is_found_blue_edit_is_not():
     for channel, found in ((0, True), (2, False)):
         styled = original.copy()
         styled[box, channel] = 255
-        region = fft_edit_region(styled, original, dilated)  # radius 200 keeps every frequency here
+        # radius 200 keeps every frequency here
+        region = fft_edit_region(styled, original, dilated, device=fft_device)
         np.testing.assert_array_equal(region, box if found else np.zeros_like(box))
 
 
@@ -167,23 +191,24 @@ def test_red_edit_is_found_blue_edit_is_not():
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_region_matches_independent_implementation(size):
+def test_region_matches_independent_implementation(size, fft_device):
     original, styled, box = edited_pair(*size)
     dilated = grow(box, 4)
-    region = fft_edit_region(styled, original, dilated)
+    region = fft_edit_region(styled, original, dilated, device=fft_device)
     assert region.dtype == bool and region.shape == size
     np.testing.assert_array_equal(region, reference_region(styled, original, dilated))
     assert region[box].mean() > 0.95  # the edit is found
 
 
 @pytest.mark.parametrize("size", [(64, 96), (96, 64)])
-def test_low_pass_disc_is_centred_on_non_square_images(size):
+def test_low_pass_disc_is_centred_on_non_square_images(size, fft_device):
     """A small disc at the spectrum's true centre; the reference's (row, col) centre gives another R."""
     rows, cols = size
     original, styled, box = edited_pair(rows, cols, seed=3)
     dilated = grow(box, 4)
     radius = 12
-    region = fft_edit_region(styled, original, dilated, radius=radius, threshold=10, close_kernel=3)
+    region = fft_edit_region(styled, original, dilated, radius=radius, threshold=10, close_kernel=3,
+                             device=fft_device)
     expected = reference_region(styled, original, dilated, radius, threshold=10, close_kernel=3)
     swapped = reference_region(styled, original, dilated, radius, threshold=10, close_kernel=3,
                                centre=(cols // 2, rows // 2))
@@ -192,7 +217,7 @@ def test_low_pass_disc_is_centred_on_non_square_images(size):
     np.testing.assert_array_equal(region, expected)
 
 
-def test_energy_above_255_is_clipped_not_wrapped():
+def test_energy_above_255_is_clipped_not_wrapped(fft_device):
     """Bright stripes against black, low-passed to DC + fundamental, overshoot 255 (E up to ~290).
 
     A wrapping cast maps E in (255, 286] to 0..30 and loses those pixels; with no closing
@@ -213,12 +238,12 @@ def test_energy_above_255_is_clipped_not_wrapped():
     lost = clipped & ~wrapped
     assert lost.any() and np.all(energy[lost] > 255)  # only overshooting pixels tell the two apart
 
-    region = fft_edit_region(styled, original, dilated, radius=radius, close_kernel=1)
+    region = fft_edit_region(styled, original, dilated, radius=radius, close_kernel=1, device=fft_device)
     np.testing.assert_array_equal(region, clipped)
     assert region[lost].all()
 
 
-def test_bright_block_overshoot_is_inside_region():
+def test_bright_block_overshoot_is_inside_region(fft_device):
     """A large white block on black: E overshoots 255 inside it, and all of it is in R."""
     height, width = 64, 64
     box = rectangle(height, width, 13, 13, 51, 51)
@@ -227,18 +252,40 @@ def test_bright_block_overshoot_is_inside_region():
     dilated = grow(box, 4)
     energy = reference_energy(styled, original, dilated, 14)
     assert energy.max() > 255
-    region = fft_edit_region(styled, original, dilated, radius=14)
+    region = fft_edit_region(styled, original, dilated, radius=14, device=fft_device)
     np.testing.assert_array_equal(region, reference_region(styled, original, dilated, 14))
     assert region[energy > 255].all()
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_identical_images_give_empty_region_and_unchanged_output(size):
+def test_identical_images_give_empty_region_and_unchanged_output(size, fft_device):
     original, _, box = edited_pair(*size)
-    region = fft_edit_region(original, original.copy(), grow(box, 4))
+    region = fft_edit_region(original, original.copy(), grow(box, 4), device=fft_device)
     assert not region.any()
     out = composite(original, original.copy(), region, box)
     np.testing.assert_array_equal(out, original)
+
+
+@pytest.mark.parametrize("device", [d for d in FFT_DEVICES if d is not None])
+@pytest.mark.parametrize(("size", "radius"), [((64, 96), 200), ((81, 47), 9), ((33, 128), 20), ((1, 5), 1)])
+def test_low_pass_energy_torch_agrees_with_numpy(device, size, radius):
+    """Same float64 arithmetic, another FFT library (pocketfft/MKL/cuFFT): E within 1e-9 (its range
+    is 0..~300; the libraries' rounding is ~1e-13 of it), and the truncated levels R is cut from equal
+    except where E is an integer in exact arithmetic: there either library may land a hair below it
+    (with every frequency kept, E = |S - G|, and some luma differences are whole numbers)."""
+    rng = np.random.default_rng(sum(size) + radius)
+    original = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    styled = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    dilated = rng.random(size) < 0.6
+    expected = low_pass_energy(styled, original, dilated, radius)
+    energy = low_pass_energy_torch(styled, original, dilated, radius, device)
+    assert energy.dtype == np.float64 and energy.shape == size
+    np.testing.assert_allclose(energy, expected, rtol=0, atol=1e-9)
+    assert expected.max() > 30  # the test compares energies that matter to R
+    levels, expected_levels = (np.clip(e, 0, 255).astype(np.uint8) for e in (energy, expected))
+    differ = levels != expected_levels
+    assert differ.mean() < 0.01
+    np.testing.assert_allclose(expected[differ], np.round(expected[differ]), rtol=0, atol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -247,14 +294,14 @@ def test_identical_images_give_empty_region_and_unchanged_output(size):
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_composite_end_to_end(size):
+def test_composite_end_to_end(size, fft_device):
     """R from the FFT, then the composite: styled in R minus the seam, 0.6/0.4 on the seam, else original."""
     original, styled, box = edited_pair(*size, seed=5)
     height, width = size
     fine_mask = box.copy()
     fine_mask[height // 4] = False  # the box's top row left to the seam
     fine_mask[height - 3:, width - 5:] = True  # M_f pixels outside R: must stay the original's
-    region = fft_edit_region(styled, original, grow(box, 4))
+    region = fft_edit_region(styled, original, grow(box, 4), device=fft_device)
     assert not region[height - 3:, width - 5:].any()
 
     out = composite(original, styled, region, fine_mask)

@@ -366,11 +366,11 @@ class ZonePipeline:
             segmented = working if action is Action.REMOVE else styled
             refined = refine_with_sam(self.segmenter(config.sam), segmented, located.mask_b, config, progress=progress)
 
-        # 9. Blend: find R at the working size, composite at the input size.
+        # 9. Blend: find R at the working size (its FFTs on the pipeline's device), composite at the input size.
         with watch("blend"):
             region = blend.fft_edit_region(
                 styled, working, refined.dilated, radius=config.fft_radius, threshold=config.fft_threshold,
-                close_kernel=config.close_kernel,
+                close_kernel=config.close_kernel, device=self.device,
             )
             at_input = {
                 name: image_io.to_input_size(mask, geometry, is_mask=True)
