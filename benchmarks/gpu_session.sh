@@ -13,10 +13,12 @@
 #   fastapi uvicorn python-multipart starlette pydantic pydantic-core annotated-types typing-inspection
 #   opentelemetry-api typing_extensions
 # Then: device run with carry [".whl"] and command `bash benchmarks/gpu_session.sh [STAGE ...]`: stages
-# tests kernels refine dual bench (the default, in that order), compile (the torch.compile test), breaks (compile's graph breaks), suite (the whole suite), serve (the load test).
+# tests kernels refine dual bench (the default, in that order), bench-cl (bench with channels-last UNets and VAE),
+# compile (the torch.compile test), breaks (compile's graph breaks), suite (the whole suite), serve (the load test).
 # At most 8 files come back from $OUT: each stage writes one log, bench three more files (JSON, md, PNG).
 # A device call runs at most 600 s and the stage limits of the default list add up to more (150 + 50 +
-# 270 + 130 + 360 s at most), so split them over calls: `tests kernels refine`, then `dual bench`.
+# 270 + 130 + 240 s at most), so split them over calls: `tests kernels refine`, then `dual bench bench-cl`
+# (130 + 240 + 200 s at most; gpu-512's eager,fused run took 111 s on the H100).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/zone-out}"
@@ -65,8 +67,13 @@ run_stage() {
         stage graph_breaks 90 python3 -m benchmarks.graph_breaks --device cuda --dtype fp16 ;;
     bench)  # Per-stage latency, baseline vs engine backends, 512², 20 steps, fp16. BACKENDS: the engine rows
         # (default eager,fused; BACKENDS=eager,fused,compile adds ~150 s of compilation on the warm-up).
-        TAIL=50 stage bench 360 python3 -m benchmarks --preset gpu-512 \
+        TAIL=50 stage bench 240 python3 -m benchmarks --preset gpu-512 \
             --backends "${BACKENDS:-eager,fused}" --out "$OUT" ;;
+    bench-cl)  # The same with every engine row's UNets and VAE channels-last (fused rows only, no batches):
+        # decides `--channels-last`. Its markdown alone comes back (8 files at most return from $OUT).
+        TAIL=50 stage bench_cl 200 python3 -m benchmarks --preset gpu-512 --backends fused --batch 1 \
+            --channels-last --out /tmp/zone-bench-cl
+        cp /tmp/zone-bench-cl/bench-gpu-512.md "$OUT/bench_cl.md" ;;
     suite)  # The whole suite on the GPU machine, in parallel processes.
         stage tests 400 python3 -m pytest -q -n 8 -rf tests ;;
     serve)  # The HTTP service under load, batching on vs off: SD1.5-sized random weights, fp16, 512², 20 steps.
@@ -75,7 +82,7 @@ run_stage() {
         stage load 420 python3 -m benchmarks.load_test --no-tiny --device cuda \
             --server-arg=--random-weights=sd15 --server-arg=--dtype=fp16 --size 512x512 --steps 20 \
             --concurrency 1,2,4,8 --requests 16 --duration-s 100 --out "$OUT/load" ;;
-    *) echo "unknown stage $1: tests, compile, kernels, refine, dual, breaks, bench, suite, serve"; return 1 ;;
+    *) echo "unknown stage $1: tests, compile, kernels, refine, dual, breaks, bench, bench-cl, suite, serve"; return 1 ;;
     esac
 }
 [ $# -gt 0 ] || set -- tests kernels refine dual bench

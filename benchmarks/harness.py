@@ -80,6 +80,7 @@ class BenchConfig:
     batch: int = 1  # > 1: also time batches of this many concurrent edits (edit_batch); 1: sequential only
     sam_onnx: bool = False  # also an engine row refining with SAM exported to ONNX and run on ONNX Runtime
     sam_precision: str | None = None  # bf16/fp16: also an engine row with SAM's image encoder in that precision
+    channels_last: bool = False  # every engine row's UNets and VAE in NHWC (half precision only: see parse_args)
     out: Path = Path("benchmarks/out")
 
 
@@ -493,7 +494,8 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
         built = []
         for kind in config.backends:
             try:
-                pipe = ZonePipeline(models, device, dtype, default_config=edit_config, denoiser=kind)
+                pipe = ZonePipeline(models, device, dtype, default_config=edit_config, denoiser=kind,
+                                    channels_last=config.channels_last)
             except (ZoneError, ImportError, RuntimeError) as error:  # a backend this machine does not have
                 skipped.append({"name": f"engine:{kind}", "skipped": str(error).splitlines()[0]})
                 continue
@@ -522,7 +524,8 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
         kind = next((k for k in config.backends if k in ("fused", "compile")), config.backends[0])
         name = f"engine:{kind}+{suffix}"
         try:
-            pipe = ZonePipeline(models, device, dtype, default_config=edit_config, denoiser=kind, **options())
+            pipe = ZonePipeline(models, device, dtype, default_config=edit_config, denoiser=kind,
+                                channels_last=config.channels_last, **options())
         except (ZoneError, ImportError, RuntimeError) as error:  # a backend or provider this machine lacks
             skipped.append({"name": name, "skipped": str(error).splitlines()[0]})
             return []
@@ -611,6 +614,9 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     parser.add_argument("--sam-precision", choices=("none", "bf16", "fp16"),
                         help="also an engine row with SAM's image encoder in bf16/fp16 (none: no such row; "
                         "preset's default)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="every engine row's UNets and VAE in the channels-last layout (zone edit "
+                        "--channels-last); needs --dtype fp16 or bf16")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/out)")
     args = parser.parse_args(argv)
 
@@ -619,6 +625,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         ("models", args.models), ("resolution", args.resolution), ("steps", args.steps), ("dtype", args.dtype),
         ("sam_type", args.sam_type), ("repeats", args.repeats), ("warmup", args.warmup), ("device", args.device),
         ("seed", args.seed), ("batch", args.batch), ("sam_onnx", args.sam_onnx), ("out", args.out),
+        ("channels_last", args.channels_last or None),
     ) if value is not None}
     if args.models == "tiny" and args.sam_type is None:
         changes["sam_type"] = "tiny"
@@ -633,6 +640,10 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     config = dataclasses.replace(config, **changes)
     if config.repeats < 1 or config.warmup < 0 or config.steps < 1 or config.resolution < 32 or config.batch < 1:
         parser.error("need --repeats >= 1, --warmup >= 0, --steps >= 1, --resolution >= 32, --batch >= 1")
+    if config.channels_last and config.dtype == "fp32":
+        # fp32 engine rows share the weights with the baseline's rows, round by round: the layout would
+        # change the baseline too. Half-precision engine rows convert them once the baseline's rounds are done.
+        parser.error("--channels-last needs --dtype fp16 or bf16 (fp32 engine rows share the baseline's weights)")
     return config
 
 

@@ -46,7 +46,8 @@ def markdown(record: dict) -> str:
         f"- versions: torch {machine['torch']} (built for CUDA {machine['cuda']}), diffusers {machine['diffusers']}, "
         f"transformers {machine['transformers']}, segment-anything {machine['segment-anything']}",
         f"- models: {config['models']} architectures with random weights, SAM {config['sam_type']}; "
-        f"image {config['resolution']}², {config['steps']} steps, engine dtype {config['dtype']}, baseline fp32; "
+        f"image {config['resolution']}², {config['steps']} steps, engine dtype {config['dtype']}"
+        f"{' (UNets and VAE channels-last)' if config.get('channels_last') else ''}, baseline fp32; "
         f"SAM {config['sam']['points_per_side']}² points, pred_iou_thresh {config['sam']['pred_iou_thresh']}, "
         f"stability_score_thresh {config['sam']['stability_score_thresh']}",
         f"- warm-up edits {config['warmup']} ({config['priming']}), timed edits {config['repeats']}{batches}; "

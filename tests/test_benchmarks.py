@@ -102,6 +102,9 @@ def test_batch_option_and_no_batched_report_without_it(batched_record):
     assert parse_args(["--preset", "cpu-smoke"]).batch == 1 and PRESETS["gpu-throughput"].batch > 1
     with pytest.raises(SystemExit):
         parse_args(["--batch", "0"])
+    assert parse_args(["--preset", "gpu-512", "--channels-last"]).channels_last
+    with pytest.raises(SystemExit):  # fp32 engine rows share the baseline's weights: the layout would change it
+        parse_args(["--preset", "cpu-256", "--channels-last"])
     assert "## Throughput: sequential vs batched (batches of 3" in markdown(batched_record)
     # batch 1 (or a record from before the batched measurement): no table
     sequential_only = {**batched_record, "runs": [{k: v for k, v in run.items() if k != "batched_throughput"}

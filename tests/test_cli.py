@@ -66,6 +66,21 @@ def test_edit_with_tiny_models_and_masks(photo, tmp_path):
     assert main(argv) == 0 and np.array_equal(first, np.asarray(Image.open(out)))  # same seed, same file
 
 
+def test_channels_last_option_reaches_the_models(photo, tmp_path, monkeypatch):
+    from zone_engine.models import ZoneModels
+
+    layouts, move = [], ZoneModels.to
+    monkeypatch.setattr(ZoneModels, "to", lambda self, *args: layouts.append(args[2:]) or move(self, *args))
+    outputs = []
+    for option in ([], ["--channels-last"]):
+        out = tmp_path / f"edited{len(option)}.png"
+        assert main(["edit", str(photo), "-i", "add a hat", "-o", str(out), "--tiny", "--steps", "2",
+                     "--no-progress", *option]) == 0
+        outputs.append(np.asarray(Image.open(out)).astype(int))
+    assert layouts == [(False,), (True,)]
+    assert np.abs(outputs[1] - outputs[0]).max() <= 1  # a layout: the same edit up to convolution rounding
+
+
 def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
     path = tmp_path / "rgba.png"
     rgba = np.dstack([smooth_image(64, 64), np.full((64, 64), 128, np.uint8)])

@@ -159,6 +159,20 @@ class TestOnGPU:
         difference = np.abs(results["sdpa"].styled.astype(int) - results["xformers"].styled.astype(int))
         assert difference.max() <= 3
 
+    def test_channels_last_captured_edit_matches_contiguous(self, tiny_models):
+        """NHWC weights under the captured fused step, in fp16: the same edit up to cuDNN choosing other
+        convolution algorithms (fp16 sums in another order). Bounds to be confirmed on the first GPU run."""
+        image = smooth_image(64, 96, seed=12)
+        config = EditConfig(steps=3, sam=SamConfig.for_random_weights())
+        results = [
+            ZonePipeline(_cuda_copy(tiny_models), device="cuda", dtype="fp16", denoiser="fused",
+                         channels_last=layout).edit(image, "add a hat", config)
+            for layout in (False, True)
+        ]
+        assert np.abs(results[1].styled.astype(int) - results[0].styled.astype(int)).max() <= 4
+        overlap = (results[0].mask_b & results[1].mask_b).sum() / max((results[0].mask_b | results[1].mask_b).sum(), 1)
+        assert overlap >= 0.9
+
     @pytest.mark.parametrize("dtype, tolerance", [("fp16", 2e-2), ("bf16", 8e-2)])
     def test_half_precision_denoising_stays_close_to_fp32(self, tiny_models, dtype, tolerance):
         """Final latents of the fused loop in fp16/bf16 against fp32, relative to their magnitude.

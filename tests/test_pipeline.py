@@ -180,3 +180,20 @@ def test_the_empty_prompt_is_encoded_once_per_pipeline(tiny_pipe):
         hook.remove()
     fresh = encode_instruction(models.tokenizer, models.text_encoder, "add a hat")  # encodes "" itself
     assert torch.equal(prepared.encoded.context, fresh.context)
+
+
+def test_channels_last_converts_the_convolutions_and_keeps_the_edit(tiny_pipe):
+    """NHWC is a layout, not other math: the same edit up to the convolution kernels' summation order
+    (oneDNN's NHWC and NCHW kernels: latents within ~1e-6, so pixels within one level, M_b the same)."""
+    nhwc = ZonePipeline.tiny(seed=0, channels_last=True)  # its own models: tiny_pipe's stay contiguous
+    def kernels(pipe):  # every convolution weight of both UNets and the VAE
+        nets = (pipe.models.ip2p_unet, pipe.models.mb_unet, pipe.models.vae)
+        return [p for net in nets for p in net.parameters() if p.ndim == 4 and p.shape[-1] > 1]
+
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels(nhwc))
+    assert not any(p.is_contiguous(memory_format=torch.channels_last) for p in kernels(tiny_pipe))
+    image = smooth_image(64, 96, seed=8)
+    expected, result = _edit(tiny_pipe, image), _edit(nhwc, image)
+    assert np.array_equal(result.mask_b, expected.mask_b)
+    assert np.abs(result.styled.astype(int) - expected.styled).max() <= 1
+    assert np.abs(result.image.astype(int) - expected.image).max() <= 1

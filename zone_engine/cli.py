@@ -47,6 +47,9 @@ def _add_backend_options(parser: argparse.ArgumentParser, denoiser: str = "eager
     group.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="replay each denoising step from a captured CUDA graph (fused, compile, tensorrt); "
                        "default: on with CUDA")
+    group.add_argument("--channels-last", action="store_true",
+                       help="run the UNets' and the VAE's convolutions in the channels-last (NHWC) layout, where "
+                       "GPUs have their fastest fp16/bf16 convolution kernels (default: off; slower on CPUs)")
     group.add_argument("--segmenter", default="torch", choices=SEGMENTERS,
                        help="refinement SAM: torch (segment-anything, default) or onnx (exported, see --sam-onnx)")
     group.add_argument("--sam-onnx", type=Path, metavar="DIR",
@@ -200,7 +203,7 @@ def run_build_engine(args: argparse.Namespace) -> None:
 def _backend_options(args: argparse.Namespace) -> dict:
     return dict(denoiser=args.denoiser, kernels=args.kernels, engines=args.engines, segmenter=args.segmenter,
                 sam_onnx=args.sam_onnx, cuda_graphs=args.cuda_graphs, attention=args.attention,
-                sam_precision=args.sam_precision)
+                sam_precision=args.sam_precision, channels_last=args.channels_last)
 
 
 def _pipeline_spec(args: argparse.Namespace):

@@ -58,11 +58,16 @@ class ZoneModels:
     sam: nn.Module | None  # segment_anything Sam; None when refinement runs on an exported SAM
     action_classifier: ActionClassifier | None
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> ZoneModels:
+    def to(self, device: torch.device, dtype: torch.dtype, channels_last: bool = False) -> ZoneModels:
+        """In place: every network to `device`; the diffusion networks to `dtype`, and their convolution
+        weights to the channels-last (NHWC) layout or back to the contiguous one."""
         for net in (self.text_encoder, self.vae, self.ip2p_unet, self.mb_unet):
             net.to(device=device).eval().requires_grad_(False)
             if next(net.parameters()).dtype != dtype:  # diffusers warns on any dtype cast, even a no-op
                 net.to(dtype=dtype)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        for net in (self.vae, self.ip2p_unet, self.mb_unet):
+            net.to(memory_format=layout)
         # SAM and the classifier stay fp32: the mask generator's thresholds are tuned on fp32 scores.
         for net in (self.sam, self.action_classifier):
             if net is not None:

@@ -156,6 +156,7 @@ class ZonePipeline:
         default_config: EditConfig | None = None, denoiser: str = "eager", segmenter: str = "torch",
         kernels: str = "auto", engines: str | Path | None = None, sam_onnx: str | Path | None = None,
         cuda_graphs: bool | None = None, attention: str = "sdpa", sam_precision: str = "fp32",
+        channels_last: bool = False,
     ) -> None:
         if segmenter == "torch" and models.sam is None:
             raise ConfigError("no SAM checkpoint was loaded: pass sam=CKPT, or segmenter='onnx' with sam_onnx=DIR")
@@ -163,7 +164,9 @@ class ZonePipeline:
         self.dtype = resolve_dtype(dtype, self.device)
         self.sam_dtype = resolve_sam_precision(sam_precision, segmenter, self.device)
         configure_attention(models, attention, self.device)  # checked before gigabytes move
-        self.models = models.to(self.device, self.dtype)
+        # channels_last: convolutions in NHWC, where GPUs have their fastest fp16/bf16 kernels. Off by
+        # default until measured end to end (benchmarks/RESULTS.md); the models are converted in place.
+        self.models = models.to(self.device, self.dtype, channels_last)
         self.default_config = default_config or EditConfig()
         self.denoiser = make_denoiser(self.models, denoiser, self.device, engines, cuda_graphs)
         self.accumulate, self.binarize = make_localization_kernels(kernels, self.device)

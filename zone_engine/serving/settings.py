@@ -33,13 +33,14 @@ class PipelineSpec:
     cuda_graphs: bool | None = None
     attention: str = "sdpa"
     sam_precision: str = "fp32"
+    channels_last: bool = False
 
     def build(self):
         from ..pipeline import ZonePipeline
 
         backends = dict(denoiser=self.denoiser, kernels=self.kernels, engines=self.engines, segmenter=self.segmenter,
                         sam_onnx=self.sam_onnx, cuda_graphs=self.cuda_graphs,
-                        attention=self.attention, sam_precision=self.sam_precision)
+                        attention=self.attention, sam_precision=self.sam_precision, channels_last=self.channels_last)
         if self.tiny and self.random_weights:
             raise ConfigError("--tiny and --random-weights exclude each other: choose one")
         if self.tiny:
