@@ -288,6 +288,15 @@ def test_low_pass_energy_torch_agrees_with_numpy(device, size, radius):
     np.testing.assert_allclose(expected[differ], np.round(expected[differ]), rtol=0, atol=1e-9)
 
 
+def test_region_of_flipped_views_on_the_device_path():
+    """Views with negative strides (a flipped image or mask) are accepted as numpy accepts them."""
+    original, styled, box = edited_pair(64, 96, seed=4)
+    dilated = grow(box, 4)
+    expected = fft_edit_region(styled, original, dilated)[::-1, ::-1]
+    region = fft_edit_region(styled[::-1, ::-1], original[::-1, ::-1], dilated[::-1, ::-1], device="cpu")
+    np.testing.assert_array_equal(region, expected)
+
+
 # ---------------------------------------------------------------------------------------------------
 # composite and seam
 # ---------------------------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def low_pass_energy_torch(
     """
     pair = torch.from_numpy(np.stack([styled, original])).to(device)  # (2, H, W, 3) uint8
     weights = torch.tensor(LUMA_WEIGHTS, dtype=torch.float64, device=pair.device)
-    inside = torch.from_numpy(dilated).to(pair.device)
+    inside = torch.from_numpy(np.ascontiguousarray(dilated)).to(pair.device)  # from_numpy refuses negative strides
     lumas = (pair.double() @ weights) * inside  # (2, H, W): S, G
     spectra = torch.fft.fft2(lumas)
     disc = torch.from_numpy(np.fft.ifftshift(frequency_disc(dilated.shape, radius))).to(pair.device)
