@@ -10,9 +10,11 @@ backends on the same image in the same run (one warm-up, then the median of --re
 its quality: mask count and IoU against the fp32 PyTorch masks. A second table times what the engine
 asks of each PyTorch segmenter, the one segment that best overlaps M_b (`select`, the on-device
 search of sam_torch.py), against listing every segment and choosing (`segment` + `choose_segment`),
-and checks that both choose the same segment (on the CPU they must, bit for bit; on CUDA the table
-gives the two segments' IoU where they differ). The image-encoder share is timed inside the same
-runs (SamPredictor.set_image), so no extra passes.
+and checks that both choose the same segment (the table gives the two segments' IoU where they
+differ: the search's decoder is SAM's up to float rounding). The image-encoder share is timed inside
+the same runs (SamPredictor.set_image), so no extra passes. A third table times the decoder's
+two-way transformer on one batch of prompts: SAM's module against the engine's factored form
+(sam_decoder.py), with their largest difference.
 
 Random weights give almost no masks at segment-anything's default thresholds, so both thresholds are
 0 here by default (`SamConfig(pred_iou_thresh=0, stability_score_thresh=0)`): every decoded mask then
@@ -40,6 +42,7 @@ from zone_engine.image_io import make_sample_image
 from zone_engine.masks import iou
 from zone_engine.models import SAM_SIZES, build_sam
 from zone_engine.refine import Selection, choose_segment
+from zone_engine.sam_decoder import two_way_transformer
 from zone_engine.sam_onnx import OnnxSamSegmenter
 from zone_engine.sam_torch import TorchSamSegmenter
 
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, segmenter in segmenters.items()]
     searches = search_rows(segmenters, rows, image, args.repeats)
     print_report(args, sam, rows + onnx_rows, export_seconds, searches)
+    print_transformer_rows(sam, args.points_per_batch, max(args.repeats, 3))
 
 
 def centre_mask(size: tuple[int, int]) -> np.ndarray:
@@ -224,10 +228,41 @@ def print_report(
         print(f"{name:<44} {1e3 * list_total:>9.1f} {1e3 * total:>10.1f} {list_total / total:>8.2f}x "
               f"{1e3 * encoder:>11.1f} {agreement if agreement == 'same' else f'IoU {agreement:.4f}':>15}")
     if any(agreement != "same" for *_, agreement in searches):
-        if args.device_type == "cpu":  # bit-identical there (tests/test_sam_torch.py): anything else is a bug
-            raise SystemExit("the search chose another segment than the generator's list: a bug, see the table")
-        print("the chosen segments differ: on CUDA the two decoders may round differently (batch-size dependent "
-              "kernels, TF32 convolutions), moving logits that sit at SAM's threshold")
+        print("the chosen segments differ: the two decoders round differently (the factored transformer; on CUDA "
+              "also batch-size dependent kernels, TF32 convolutions), moving masks that sit at a threshold")
+
+
+def print_transformer_rows(sam: torch.nn.Module, prompts: int, repeats: int) -> None:
+    """SAM's two-way transformer on one batch of prompts, as SAM's module runs it (the image broadcast over
+    the prompts in its first layer) and factored (sam_decoder.py): median seconds of `repeats` after a
+    warm-up, and the largest difference of the image side relative to its magnitude."""
+    decoder, device = sam.mask_decoder, sam.device
+    generator = torch.Generator().manual_seed(0)
+    channels, (h, w) = decoder.transformer_dim, sam.prompt_encoder.image_embedding_size
+    image, image_pe = (torch.randn(1, channels, h, w, generator=generator).to(device) for _ in range(2))
+    tokens = torch.randn(prompts, 7, channels, generator=generator).to(device)
+    variants = {"SAM's TwoWayTransformer": lambda: decoder.transformer(image, image_pe, tokens),
+                "factored (sam_decoder.py)": lambda: two_way_transformer(decoder.transformer, image, image_pe, tokens)}
+    timings, outputs = {}, {}
+    with torch.inference_mode():
+        for name, run in variants.items():
+            outputs[name] = run()
+            seconds = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds.append(time.perf_counter() - start)
+            timings[name] = statistics.median(seconds)
+    reference, factored = (outputs[name][1] for name in variants)
+    difference = float((factored - reference).abs().max() / reference.abs().max())
+    print()
+    print(f"the decoder's two-way transformer, {prompts} prompts on one {h}x{w} embedding; median of {repeats}")
+    (plain, plain_s), (fast, fast_s) = timings.items()
+    print(f"{plain:<28} {1e3 * plain_s:>9.1f} ms")
+    print(f"{fast:<28} {1e3 * fast_s:>9.1f} ms  {plain_s / fast_s:.2f}x; max |difference| {difference:.1e} of the "
+          "image side's magnitude")
 
 
 if __name__ == "__main__":

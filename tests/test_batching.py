@@ -99,7 +99,10 @@ def test_a_bad_request_fails_alone_and_the_others_finish(fused_pipe):
     requests = [good, EditRequest(np.zeros((2, 2, 3), np.uint8), "add a hat"), EditRequest(good.image, "  "), good]
     outcomes = fused_pipe.edit_batch(requests, return_exceptions=True)
     assert isinstance(outcomes[1], InputImageError) and isinstance(outcomes[2], InstructionError)
-    assert np.array_equal(outcomes[0].image, outcomes[3].image)
+    # The two good edits share one batch, so rows 0 and 1 of its UNet calls: the CPU's convolution kernels
+    # may round those rows differently (seen on an AMD EPYC: one level), so the bound of the test above.
+    assert np.abs(outcomes[0].image.astype(int) - outcomes[3].image.astype(int)).max() <= 1
+    assert np.array_equal(outcomes[0].mask_b, outcomes[3].mask_b)
     with pytest.raises(InputImageError):
         fused_pipe.edit_batch(requests)
 

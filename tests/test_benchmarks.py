@@ -90,11 +90,13 @@ def batched_record():
 
 
 def test_batched_first_edit_is_the_sequential_edit(batched_record):
-    """The batch's first request is the sequential timed edit: the same image on the CPU in fp32."""
+    """The batch's first request is the sequential timed edit: the same image on the CPU in fp32, up to one
+    level where the CPU's kernels round a row of a larger batch differently (seen on an AMD EPYC)."""
     batched = next(run for run in batched_record["runs"] if run["name"] == "engine:fused")["batched_throughput"]
     assert batched["batch"] == 3 and batched["denoised_as_one_batch"] and batched["edits_per_s"] > 0
-    assert batched["first_vs_sequential"] == {"max_pixel_diff_image": 0, "max_pixel_diff_styled": 0,
-                                              "mask_b_identical": True, "mask_f_identical": True}
+    first = batched["first_vs_sequential"]
+    assert first["mask_b_identical"] and first["mask_f_identical"]
+    assert first["max_pixel_diff_image"] <= 1 and first["max_pixel_diff_styled"] <= 1
 
 
 def test_batch_option_and_no_batched_report_without_it(batched_record):
@@ -176,7 +178,8 @@ def test_refine_benchmark_rows_and_their_agreement(capsys):
     bench_refine(["--model-type", "tiny", "--size", "96", "--points-per-side", "8", "--repeats", "1",
                   "--device", "cpu", "--no-onnx", "--sam-precision", "bf16"])
     output = capsys.readouterr().out
-    lists, searches = output.split("the engine's question")
+    lists, rest = output.split("the engine's question")
+    searches, transformer = rest.split("the decoder's two-way transformer")
     lines = lists.splitlines()
     rows = [line for line in lines if line.startswith("torch")]
     assert len(rows) == 2 and rows[0].endswith("reference") and "bf16" in rows[1]
@@ -184,10 +187,12 @@ def test_refine_benchmark_rows_and_their_agreement(capsys):
     assert 0.9 <= mean_iou <= 1.0
     assert not any(line.startswith("onnx") for line in lines) and any("speed-up torch, image encoder bf16" in line
                                                                         for line in lines)
-    # The search rows: one per PyTorch segmenter, each choosing what its list gives (on the CPU it exits 1
-    # otherwise).
+    # The search rows: one per PyTorch segmenter, each choosing what its list gives on this image.
     search_rows = [line for line in searches.splitlines() if line.startswith("torch")]
     assert len(search_rows) == 2 and all(line.endswith("same") for line in search_rows)
+    # The transformer table: SAM's module, then the factored form with its difference (rounding alone).
+    plain, factored = (line for line in transformer.splitlines() if line.startswith(("SAM's", "factored")))
+    assert float(factored.split("max |difference| ")[1].split()[0]) < 1e-5 and " ms" in plain
 
 
 def test_dual_step_traces_as_one_graph(capsys):

@@ -5,7 +5,9 @@ The reference is segment-anything's `SamAutomaticMaskGenerator.generate` followe
 (both are ratios of the same integer pixel counts) and the same segment count. Tiny random SAMs give
 few segments at SAM's default settings, so the configurations below loosen the thresholds and NMS to
 keep dozens to hundreds of segments, some filtered by predicted IoU and by stability, many duplicated
-(ties, decided by order).
+(ties, decided by order). The search's decoder is SAM's up to float rounding (~3e-7 of its outputs'
+magnitude: sam_decoder.py), the generator's SAM's own: on these images no mask's filter decisions or
+pixels lie that close to a threshold, so the integer counts and the choice come out exactly equal.
 """
 
 from __future__ import annotations
@@ -148,7 +150,11 @@ def passing_reference(predictor, coords, labels, min_score: float) -> tuple[torc
 
 
 @pytest.mark.parametrize("quantile", [None, 0.3, 0.7, 1.0], ids=["all", "most", "some", "none"])
-def test_predict_passing_equals_sams_decoder_bit_for_bit_on_the_cpu(sam, quantile):
+def test_predict_passing_agrees_with_sams_decoder(sam, quantile):
+    """The same masks pass the filter and come out as SAM's decoder gives them, up to the factored
+    transformer's rounding (sam_decoder.py: ~3e-7 of the outputs' magnitude, bounded against float64 in
+    test_sam_decoder.py): checked at 1e-5 of the magnitude. The thresholds sit 1e-6 under a prediction,
+    far over that rounding, so the two filters keep the same masks."""
     predictor, coords, labels = decoder_inputs(sam, "cpu")
     with torch.inference_mode():
         _, all_scores = passing_reference(predictor, coords, labels, 0.0)
@@ -162,7 +168,10 @@ def test_predict_passing_equals_sams_decoder_bit_for_bit_on_the_cpu(sam, quantil
         expected_low_res, expected_scores = passing_reference(predictor, coords, labels, min_score)
     assert low_res.shape == expected_low_res.shape and low_res.shape[1:] == (4 * 4, 4 * 4)
     assert (len(scores) == 0) == (quantile == 1.0)
-    assert torch.equal(scores, expected_scores) and torch.equal(low_res, expected_low_res)
+    if len(scores):
+        torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-5 * float(expected_scores.abs().max()))
+        torch.testing.assert_close(low_res, expected_low_res, rtol=0,
+                                   atol=1e-5 * float(expected_low_res.abs().max()))
 
 
 def test_predict_passing_upscales_only_prompts_with_a_passing_mask(sam, monkeypatch):
@@ -181,14 +190,14 @@ def test_predict_passing_upscales_only_prompts_with_a_passing_mask(sam, monkeypa
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the decoder's CUDA kernels: needs CUDA")
 def test_predict_passing_on_cuda_agrees_with_sams_decoder():
-    """On CUDA a kernel may pick another algorithm for another batch size: IoU predictions (fp32
-    matmuls) within 1e-5; logits within 2e-3, as the output upscaling's transposed convolutions may
+    """On CUDA: IoU predictions (fp32 matmuls, the transformer factored: sam_decoder.py) within 1e-4,
+    10x the CPU's bound; logits within 2e-3, as the output upscaling's transposed convolutions may
     run in TF32 (cuDNN's default), one algorithm rounding to TF32 where another does not."""
     predictor, coords, labels = decoder_inputs(tiny_random_sam(), "cuda")  # not the module's CPU SAM
     with torch.inference_mode():
         low_res, scores = predictor.predict_passing(coords, labels, 0.0)
         expected_low_res, expected_scores = passing_reference(predictor, coords, labels, 0.0)
-    torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-4)
     torch.testing.assert_close(low_res, expected_low_res, rtol=0, atol=2e-3)
 
 

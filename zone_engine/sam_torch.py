@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .config import SamConfig
 from .refine import ListSegmenter, Selection, check_segment_inputs
+from .sam_decoder import two_way_transformer
 
 
 class TorchSamPredictor(SamPredictor):
@@ -102,7 +103,7 @@ def decode_tokens(
     """
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight])
     tokens = torch.cat((output_tokens.expand(sparse.shape[0], -1, -1), sparse), 1)
-    tokens_out, image_out = decoder.transformer(image, image_pe, tokens)
+    tokens_out, image_out = two_way_transformer(decoder.transformer, image, image_pe, tokens)
     return tokens_out, image_out, decoder.iou_prediction_head(tokens_out[:, 0])[:, 1:]
 
 
