@@ -13,12 +13,15 @@
 #   fastapi uvicorn python-multipart starlette pydantic pydantic-core annotated-types typing-inspection
 #   opentelemetry-api typing_extensions
 # Then: device run with carry [".whl"] and command `bash benchmarks/gpu_session.sh [STAGE ...]`: stages
-# tests kernels refine dual bench (the default, in that order), bench-cl (bench with channels-last UNets and VAE),
+# tests kernels refine bench (the default, in that order), refine-zero (refine keeping every mask), dual (the
+# dual-step variants), bench-cl (bench with channels-last UNets and VAE),
 # compile (the torch.compile test), breaks (compile's graph breaks), suite (the whole suite), serve (the load test).
 # At most 8 files come back from $OUT: each stage writes one log, bench three more files (JSON, md, PNG).
-# A device call runs at most 600 s and the stage limits of the default list add up to more (150 + 50 +
-# 270 + 130 + 240 s at most), so split them over calls: `tests kernels refine`, then `dual bench bench-cl`
-# (130 + 240 + 200 s at most; gpu-512's eager,fused run took 111 s on the H100).
+# A lease now has 15 minutes of device time in all, a machine's start (a minute or two) included, and a call
+# runs at most 600 s: the default list (tests kernels refine bench, BACKENDS=fused) fits one call, its stage
+# limits adding up to 150 + 50 + 120 + 240 = 560 s (on the H100: tests 55 s, gpu-512 eager,fused 111 s).
+# Run it with timeout_s 590, then give the machine back. dual, bench-cl, compile, breaks, suite and serve
+# are for a lease with time left after that.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/zone-out}"
@@ -53,12 +56,14 @@ run_stage() {
             -k compiled_step tests/test_dual_step.py ;;
     kernels)  # Kernel benchmarks: do_bench medians against the reference-style store and the torch references.
         TAIL=16 stage bench_kernels 50 python3 -m benchmarks.bench_kernels ;;
-    refine)  # PyTorch SAM vit_h refinement: fp32 vs the image encoder in bf16 (no ONNX: no CUDA provider there),
-        # and the engine's search for M_b's segment vs the generator's list; every mask kept, then none.
-        TAIL=16 stage bench_refine 150 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 --no-onnx \
-            --sam-precision bf16
-        TAIL=16 stage bench_refine_sam_thresholds 120 python3 -m benchmarks.bench_refine --model-type vit_h \
-            --size 512 --no-onnx --sam-precision bf16 --thresholds sam ;;
+    refine)  # PyTorch SAM vit_h refinement at ZONE's settings (1,024 prompts, SAM's thresholds): fp32 vs the image
+        # encoder in bf16 (no ONNX: no CUDA provider there), the engine's search for M_b's segment vs the
+        # generator's list, and SAM's decoder transformer vs the factored one (sam_decoder.py).
+        TAIL=24 stage bench_refine 120 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 --no-onnx \
+            --sam-precision bf16 --thresholds sam ;;
+    refine-zero)  # The same with every mask kept (thresholds 0): post-processing exercised as real weights would.
+        TAIL=24 stage bench_refine_zero 150 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 \
+            --no-onnx --sam-precision bf16 ;;
     dual)  # Two weight sets per step: one UNet call at batch 6 vs the dual-step variants, eager and graphed,
         # and on channels-last copies of the UNets.
         stage bench_dual_unet 130 python3 -m benchmarks.bench_dual_unet --resolution 512 --dtype fp16 --repeats 20 \
@@ -66,9 +71,9 @@ run_stage() {
     breaks)  # torch.compile's graph breaks in the dual step, SD1.5 size, fp16 (none is the goal).
         stage graph_breaks 90 python3 -m benchmarks.graph_breaks --device cuda --dtype fp16 ;;
     bench)  # Per-stage latency, baseline vs engine backends, 512², 20 steps, fp16. BACKENDS: the engine rows
-        # (default eager,fused; BACKENDS=eager,fused,compile adds ~150 s of compilation on the warm-up).
+        # (default fused; eager,fused adds ~30 s; eager,fused,compile ~150 s more of compilation on the warm-up).
         TAIL=50 stage bench 240 python3 -m benchmarks --preset gpu-512 \
-            --backends "${BACKENDS:-eager,fused}" --out "$OUT" ;;
+            --backends "${BACKENDS:-fused}" --out "$OUT" ;;
     bench-cl)  # The same with every engine row's UNets and VAE channels-last (fused rows only, no batches):
         # decides `--channels-last`. Its markdown alone comes back (8 files at most return from $OUT).
         TAIL=50 stage bench_cl 200 python3 -m benchmarks --preset gpu-512 --backends fused --batch 1 \
@@ -82,8 +87,9 @@ run_stage() {
         stage load 420 python3 -m benchmarks.load_test --no-tiny --device cuda \
             --server-arg=--random-weights=sd15 --server-arg=--dtype=fp16 --size 512x512 --steps 20 \
             --concurrency 1,2,4,8 --requests 16 --duration-s 100 --out "$OUT/load" ;;
-    *) echo "unknown stage $1: tests, compile, kernels, refine, dual, breaks, bench, bench-cl, suite, serve"; return 1 ;;
+    *) echo "unknown stage $1: tests, compile, kernels, refine, refine-zero, dual, breaks, bench, bench-cl, suite, serve"
+        return 1 ;;
     esac
 }
-[ $# -gt 0 ] || set -- tests kernels refine dual bench
+[ $# -gt 0 ] || set -- tests kernels refine bench
 for name in "$@"; do run_stage "$name"; done

@@ -99,9 +99,9 @@ class MaskDecoderGraph(nn.Module):
         sparse = self.embed_points(point_coords, point_labels)
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # the same for every prompt
         image = (image_embeddings + dense).to(self.dtype)
-        # The engine's decoding (zone_engine.sam_torch): the image side enters the transformer once and
-        # broadcasts over the prompts, where MaskDecoder.predict_masks repeats it per prompt; outputs
-        # 1..3 only (multimask_output=True drops the single-mask output 0).
+        # The engine's decoding (zone_engine.sam_torch): the image side enters the factored transformer
+        # (sam_decoder.py) once, where MaskDecoder.predict_masks repeats it per prompt; outputs 1..3 only
+        # (multimask_output=True drops the single-mask output 0).
         tokens_out, image_out, iou_predictions = decode_tokens(
             self.mask_decoder, image, self.prompt_encoder.get_dense_pe().to(self.dtype), sparse.to(self.dtype))
         masks = decode_masks(self.mask_decoder, tokens_out, image_out, image.shape[1:])

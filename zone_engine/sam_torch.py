@@ -7,9 +7,9 @@ predicted-IoU filter drops most of them, run-length encodes each kept mask on th
 caller decodes them all again to measure overlaps. `best_segment` asks the narrow question with the
 generator's own settings, steps and functions, on the generator's device:
 
-- the decoder runs the image side of its first attention layer once, not once per prompt, and
-  skips its output upscaling for prompts whose 3 masks all fail the predicted-IoU filter
-  (`TorchSamPredictor.predict_passing`);
+- the decoder runs its two-way transformer factored for prompts sharing one image (sam_decoder.py:
+  no per-prompt projection of the image side is stored), and skips its output upscaling for prompts
+  whose 3 masks all fail the predicted-IoU filter (`TorchSamPredictor.predict_passing`);
 - only masks that pass that filter are upscaled to the image size (upscaling is per mask, so a
   mask's pixels do not depend on which others are upscaled with it);
 - each kept mask's intersection and union with M_b are counted where the mask is, and only its
@@ -17,8 +17,9 @@ generator's own settings, steps and functions, on the generator's device:
 - box NMS runs on the same boxes and scores, in the same order, as the generator's;
 - the chosen segment alone is upscaled again and copied to the host.
 
-It returns the segment, IoU and segment count that `choose_segment(mask_b, generator's masks)` does
-(on the CPU bit for bit: tested mask for mask on random SAMs), for the settings it supports: one crop
+It returns the segment, IoU and segment count that `choose_segment(mask_b, generator's masks)` does,
+up to the decoder's float rounding (~3e-7 of its outputs: a mask at a threshold within that could
+flip; tested mask for mask on random SAMs, where none does), for the settings it supports: one crop
 (`crop_n_layers=0`) and no small-region post-processing (`min_mask_region_area=0`), segment-anything's
 defaults and ZONE's. Other settings go through the generator itself.
 """
@@ -66,13 +67,12 @@ class TorchSamPredictor(SamPredictor):
         `min_score` (all of them when it is <= 0): low-res logits (M, S/4, S/4) and predicted IoUs (M,),
         prompt by prompt, as the generator flattens and filters `predict_torch`'s outputs.
 
-        SAM's decoder (MaskDecoder.predict_masks) copies the image embedding once per prompt and its
-        first attention layer projects every copy the same way. The image side enters that layer as
-        one (1, HW, C) tensor here and broadcasts over the prompts, so those projections run once. The
-        predicted IoUs come from the transformer's tokens alone, so the output upscaling (two
-        transposed convolutions at 4x the embedding's size) runs only for prompts with a mask that
-        passes. Same modules, same weights, same operations per prompt: bit-identical to `predict_torch`
-        on the CPU (tested), equal up to float rounding where kernels depend on the batch size.
+        SAM's decoder (MaskDecoder.predict_masks) copies the image embedding once per prompt and
+        projects every copy in every attention layer; here the transformer is factored for prompts
+        that share the image (`decode_tokens`). The predicted IoUs come from the transformer's tokens
+        alone, so the output upscaling (two transposed convolutions at 4x the embedding's size) runs
+        only for prompts with a mask that passes. Same modules and weights: equal to `predict_torch` up
+        to float rounding (tested within 1e-5 of the outputs' magnitude).
         """
         decoder, prompt_encoder = self.model.mask_decoder, self.model.prompt_encoder
         sparse, dense = prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)
@@ -99,7 +99,7 @@ def decode_tokens(
     image: (1, C, h, w), the image embedding plus the dense prompt embedding; image_pe: (1, C, h, w);
     sparse: (B, P, C) prompt embeddings. Returns the transformer's tokens (B, T, C) and image side
     (B, hw, C), and the predicted IoUs of the 3 multimask outputs (B, 3). SAM's decoder repeats
-    `image` once per prompt; here it enters the transformer once and broadcasts in its first layer.
+    `image` once per prompt; here it enters the factored transformer (sam_decoder.py) once.
     """
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight])
     tokens = torch.cat((output_tokens.expand(sparse.shape[0], -1, -1), sparse), 1)
