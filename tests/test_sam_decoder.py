@@ -30,12 +30,23 @@ SHAPES = {
 
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_factored_transformer_is_as_accurate_as_sams_in_float32(name):
+    check_against_float64(name, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's matmul and softmax kernels: needs CUDA")
+@pytest.mark.parametrize("name", ["odd-map", "one-head-deep", "sam"])
+def test_factored_transformer_on_cuda_is_as_accurate_as_sams_in_float32(name):
+    check_against_float64(name, "cuda")
+
+
+def check_against_float64(name: str, device: str) -> None:
     channels, heads, mlp, depth, downsample, (h, w), prompts = SHAPES[name]
     torch.manual_seed(len(name))
     transformer = TwoWayTransformer(depth=depth, embedding_dim=channels, mlp_dim=mlp, num_heads=heads,
-                                    attention_downsample_rate=downsample).eval()
-    image, image_pe = torch.randn(1, channels, h, w), torch.randn(1, channels, h, w)
-    tokens = torch.randn(prompts, 7, channels)
+                                    attention_downsample_rate=downsample).eval().to(device)
+    image, image_pe = (torch.randn(1, channels, h, w, device=device) for _ in range(2))
+    tokens = torch.randn(prompts, 7, channels, device=device)
     untouched = image.clone()
     with torch.inference_mode():
         reference = copy.deepcopy(transformer).double()(
