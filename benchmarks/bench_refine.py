@@ -12,9 +12,10 @@ asks of each PyTorch segmenter, the one segment that best overlaps M_b (`select`
 search of sam_torch.py), against listing every segment and choosing (`segment` + `choose_segment`),
 and checks that both choose the same segment (the table gives the two segments' IoU where they
 differ: the search's decoder is SAM's up to float rounding). The image-encoder share is timed inside
-the same runs (SamPredictor.set_image), so no extra passes. A third table times the decoder's
-two-way transformer on one batch of prompts: SAM's module against the engine's factored form
-(sam_decoder.py), with their largest difference.
+the same runs (SamPredictor.set_image), so no extra passes. Last, SAM's image encoder and its
+decoder's two-way transformer (one batch of prompts), each as SAM's module runs it against the
+engine's form (attention through SDPA: sam_encoder.py; factored: sam_decoder.py), with their largest
+difference. The segmenter rows above use the engine's encoder (TorchSamPredictor).
 
 Random weights give almost no masks at segment-anything's default thresholds, so both thresholds are
 0 here by default (`SamConfig(pred_iou_thresh=0, stability_score_thresh=0)`): every decoded mask then
@@ -43,6 +44,7 @@ from zone_engine.masks import iou
 from zone_engine.models import SAM_SIZES, build_sam
 from zone_engine.refine import Selection, choose_segment
 from zone_engine.sam_decoder import two_way_transformer
+from zone_engine.sam_encoder import encode_image
 from zone_engine.sam_onnx import OnnxSamSegmenter
 from zone_engine.sam_torch import TorchSamSegmenter
 
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, segmenter in segmenters.items()]
     searches = search_rows(segmenters, rows, image, args.repeats)
     print_report(args, sam, rows + onnx_rows, export_seconds, searches)
-    print_transformer_rows(sam, args.points_per_batch, max(args.repeats, 3))
+    print_network_rows(sam, args.points_per_batch, max(args.repeats, 3))
 
 
 def centre_mask(size: tuple[int, int]) -> np.ndarray:
@@ -232,37 +234,45 @@ def print_report(
               "also batch-size dependent kernels, TF32 convolutions), moving masks that sit at a threshold")
 
 
-def print_transformer_rows(sam: torch.nn.Module, prompts: int, repeats: int) -> None:
-    """SAM's two-way transformer on one batch of prompts, as SAM's module runs it (the image broadcast over
-    the prompts in its first layer) and factored (sam_decoder.py): median seconds of `repeats` after a
-    warm-up, and the largest difference of the image side relative to its magnitude."""
-    decoder, device = sam.mask_decoder, sam.device
+def print_network_rows(sam: torch.nn.Module, prompts: int, repeats: int) -> None:
+    """SAM's image encoder and its decoder's two-way transformer (one batch of prompts), each as SAM's
+    module runs it and as the engine does (sam_encoder.py, sam_decoder.py): median seconds of `repeats`
+    after a warm-up, and the largest difference of the outputs relative to their magnitude."""
+    encoder, decoder, device = sam.image_encoder, sam.mask_decoder, sam.device
     generator = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, encoder.img_size, encoder.img_size, generator=generator).to(device)
     channels, (h, w) = decoder.transformer_dim, sam.prompt_encoder.image_embedding_size
-    image, image_pe = (torch.randn(1, channels, h, w, generator=generator).to(device) for _ in range(2))
+    embedding, image_pe = (torch.randn(1, channels, h, w, generator=generator).to(device) for _ in range(2))
     tokens = torch.randn(prompts, 7, channels, generator=generator).to(device)
-    variants = {"SAM's TwoWayTransformer": lambda: decoder.transformer(image, image_pe, tokens),
-                "factored (sam_decoder.py)": lambda: two_way_transformer(decoder.transformer, image, image_pe, tokens)}
-    timings, outputs = {}, {}
+    print()
+    print(f"SAM's networks, SAM's module vs the engine's; median of {repeats} after 1 warm-up")
+    compare(f"image encoder, one {encoder.img_size}² image", repeats, device,
+            ("SAM's ImageEncoderViT", lambda: encoder(image)),
+            ("attention through SDPA (sam_encoder.py)", lambda: encode_image(encoder, image)))
+    compare(f"decoder transformer, {prompts} prompts on one {h}x{w} embedding", repeats, device,
+            ("SAM's TwoWayTransformer", lambda: decoder.transformer(embedding, image_pe, tokens)[1]),
+            ("factored (sam_decoder.py)", lambda: two_way_transformer(decoder.transformer, embedding, image_pe,
+                                                                       tokens)[1]))
+
+
+def compare(what: str, repeats: int, device: torch.device, *variants: tuple[str, Callable[[], torch.Tensor]]) -> None:
+    """Time SAM's variant (first) and the engine's; print both, the ratio and their largest difference."""
+    outputs, seconds = [], []
     with torch.inference_mode():
-        for name, run in variants.items():
-            outputs[name] = run()
-            seconds = []
+        for _, run in variants:
+            outputs.append(run())
+            timings = []
             for _ in range(repeats):
                 start = time.perf_counter()
                 run()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                seconds.append(time.perf_counter() - start)
-            timings[name] = statistics.median(seconds)
-    reference, factored = (outputs[name][1] for name in variants)
-    difference = float((factored - reference).abs().max() / reference.abs().max())
-    print()
-    print(f"the decoder's two-way transformer, {prompts} prompts on one {h}x{w} embedding; median of {repeats}")
-    (plain, plain_s), (fast, fast_s) = timings.items()
-    print(f"{plain:<28} {1e3 * plain_s:>9.1f} ms")
-    print(f"{fast:<28} {1e3 * fast_s:>9.1f} ms  {plain_s / fast_s:.2f}x; max |difference| {difference:.1e} of the "
-          "image side's magnitude")
+                timings.append(time.perf_counter() - start)
+            seconds.append(statistics.median(timings))
+    (plain, engine), (reference, result) = (name for name, _ in variants), outputs
+    difference = float((result - reference).abs().max() / reference.abs().max())
+    print(f"{what}: {plain} {1e3 * seconds[0]:.1f} ms, {engine} {1e3 * seconds[1]:.1f} ms = "
+          f"{seconds[0] / seconds[1]:.2f}x; max |difference| {difference:.1e} of the output's magnitude")
 
 
 if __name__ == "__main__":

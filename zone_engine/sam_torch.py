@@ -38,10 +38,12 @@ from tqdm.auto import tqdm
 from .config import SamConfig
 from .refine import ListSegmenter, Selection, check_segment_inputs
 from .sam_decoder import two_way_transformer
+from .sam_encoder import encode_image
 
 
 class TorchSamPredictor(SamPredictor):
-    """segment-anything's `SamPredictor`, plus the decoder's raw outputs and an optional low-precision encoder.
+    """segment-anything's `SamPredictor`, plus the decoder's raw outputs and an optional low-precision encoder;
+    its image encoder runs SAM's weights with the attention through SDPA (sam_encoder.py).
 
     `encoder_dtype` fp16/bf16 runs SAM's image encoder (nearly all of its FLOPs: one ViT pass over a
     1024² input) under autocast; the embedding comes back as fp32, so prompt decoding, the predicted
@@ -53,12 +55,17 @@ class TorchSamPredictor(SamPredictor):
         self.encoder_dtype = encoder_dtype
 
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
-        if self.encoder_dtype == torch.float32:
-            super().set_torch_image(transformed_image, original_image_size)
-            return
-        with torch.autocast(transformed_image.device.type, dtype=self.encoder_dtype):
-            super().set_torch_image(transformed_image, original_image_size)
-        self.features = self.features.float()
+        """`SamPredictor.set_torch_image`, the encoder's attention through SDPA (sam_encoder.py)."""
+        size = self.model.image_encoder.img_size
+        if transformed_image.ndim != 4 or transformed_image.shape[1] != 3 or max(transformed_image.shape[2:]) != size:
+            raise ValueError(f"set_torch_image takes a (1, 3, H, W) image with long side {size}, got "
+                             f"{tuple(transformed_image.shape)}")
+        self.reset_image()
+        self.original_size, self.input_size = original_image_size, tuple(transformed_image.shape[-2:])
+        image = self.model.preprocess(transformed_image)
+        with torch.autocast(image.device.type, dtype=self.encoder_dtype, enabled=self.encoder_dtype != torch.float32):
+            self.features = encode_image(self.model.image_encoder, image).float()
+        self.is_image_set = True
 
     def predict_passing(
         self, point_coords: torch.Tensor, point_labels: torch.Tensor, min_score: float
