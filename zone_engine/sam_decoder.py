@@ -5,7 +5,7 @@ ZONE asks SAM's decoder about 1,024 point prompts on one image. SAM's `TwoWayTra
 image side of (B, hw, C) = (B, 4096, 256) per prompt through its layers, and every attention layer
 adds the positional encoding to it and projects it (keys, values, queries) before attending to the
 prompt's 7 tokens. Those tensors are large and the arithmetic on them small, so the decoder is bound
-by memory traffic (on a 2-core CPU: ~2.5 s per batch of 64 prompts against ~0.15 s of matmuls).
+by memory traffic (on a 2-core CPU: 2.5 to 5.5 s per batch of 64 prompts, a small part of it matmuls).
 
 Attention to or from 7 tokens is low-rank, so the projections of the image side fold into the
 tokens' side (T tokens, H heads, c = C'/H channels a head):
