@@ -66,6 +66,18 @@ def test_edit_with_tiny_models_and_masks(photo, tmp_path):
     assert main(argv) == 0 and np.array_equal(first, np.asarray(Image.open(out)))  # same seed, same file
 
 
+def test_every_entry_point_defaults_to_the_fused_denoiser(tiny_models):
+    from zone_engine.cli import build_parser
+    from zone_engine.dual_step import FusedDualDenoiser
+    from zone_engine.serving.settings import PipelineSpec
+
+    parser = build_parser()
+    for command in (["edit", "x.png", "-i", "add a hat", "-o", "y.png"], ["demo", "--out", "d"], ["serve"]):
+        assert parser.parse_args(command).denoiser == "fused", command
+    assert PipelineSpec().denoiser == "fused"
+    assert isinstance(ZonePipeline(tiny_models, device="cpu").denoiser, FusedDualDenoiser)
+
+
 def test_channels_last_option_reaches_the_models(photo, tmp_path, monkeypatch):
     from zone_engine.models import ZoneModels
 

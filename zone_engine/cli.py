@@ -32,13 +32,13 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
                        help="M_b rule: reference min(2d,255)<=108 (default) or the paper's d<128")
 
 
-def _add_backend_options(parser: argparse.ArgumentParser, denoiser: str = "eager") -> None:
+def _add_backend_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("backends")
     group.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    group.add_argument("--denoiser", default=denoiser, choices=DENOISERS,
-                       help=f"eager: sequential reference; fused: one fused dual step of tensor ops (batches "
-                       "several edits); compile: fused + torch.compile (slow first edit); tensorrt: exported "
-                       f"engine (see --engines). Default: {denoiser}")
+    group.add_argument("--denoiser", default="fused", choices=DENOISERS,
+                       help="fused (default): one fused dual step of tensor ops, the same edit as eager on the "
+                       "CPU, CUDA graphs on a GPU, batches several edits; eager: the sequential reference; "
+                       "compile: fused + torch.compile (slow first edit); tensorrt: exported engine (see --engines)")
     group.add_argument("--engines", type=Path, metavar="DIR",
                        help="with --denoiser tensorrt: the folder written by `zone export unet`")
     group.add_argument("--attention", default="sdpa", choices=ATTENTION,
@@ -157,7 +157,7 @@ def _add_serve_command(commands) -> None:
     scale.add_argument("--replicas", type=int, default=1, help="with --ray: number of replicas (default: 1)")
     _add_model_options(serve)
     _add_request_options(serve)
-    _add_backend_options(serve, denoiser="fused")
+    _add_backend_options(serve)
 
 
 def _add_export_commands(commands) -> None:

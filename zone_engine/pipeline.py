@@ -153,7 +153,7 @@ class ZonePipeline:
 
     def __init__(
         self, models: ZoneModels, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
-        default_config: EditConfig | None = None, denoiser: str = "eager", segmenter: str = "torch",
+        default_config: EditConfig | None = None, denoiser: str = "fused", segmenter: str = "torch",
         kernels: str = "auto", engines: str | Path | None = None, sam_onnx: str | Path | None = None,
         cuda_graphs: bool | None = None, attention: str = "sdpa", sam_precision: str = "fp32",
         channels_last: bool = False,
