@@ -21,7 +21,8 @@
 # runs at most 600 s: the default list (tests kernels refine bench, BACKENDS=fused) fits one call, its stage
 # limits adding up to 150 + 50 + 120 + 240 = 560 s (on the H100: tests 55 s, gpu-512 eager,fused 111 s).
 # Run it with timeout_s 590, then give the machine back. dual, bench-cl, compile, breaks, suite and serve
-# are for a lease with time left after that.
+# are for a lease with time left after that; so is the compile backend end to end, in a call of its own:
+# `BACKENDS=fused,compile BENCH_LIMIT=560 bash benchmarks/gpu_session.sh bench` (~150 s of compilation).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/zone-out}"
@@ -72,7 +73,7 @@ run_stage() {
         stage graph_breaks 90 python3 -m benchmarks.graph_breaks --device cuda --dtype fp16 ;;
     bench)  # Per-stage latency, baseline vs engine backends, 512², 20 steps, fp16. BACKENDS: the engine rows
         # (default fused; eager,fused adds ~30 s; eager,fused,compile ~150 s more of compilation on the warm-up).
-        TAIL=50 stage bench 240 python3 -m benchmarks --preset gpu-512 \
+        TAIL=50 stage bench "${BENCH_LIMIT:-240}" python3 -m benchmarks --preset gpu-512 \
             --backends "${BACKENDS:-fused}" --out "$OUT" ;;
     bench-cl)  # The same with every engine row's UNets and VAE channels-last (fused rows only, no batches):
         # decides `--channels-last`. Its markdown alone comes back (8 files at most return from $OUT).

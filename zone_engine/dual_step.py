@@ -147,6 +147,8 @@ class FusedDualDenoiser:
                  cuda_graphs: bool = False, pad_batches: bool | None = None):
         self.unet = DualUNet(mb_unet, ip2p_unet, streams=cuda_graphs and not compile)
         self.scheduler_config = scheduler_config
+        if compile:
+            allow_recompiles(COMPILE_RECOMPILE_LIMIT)
         self.step_fn = torch.compile(dual_step, dynamic=False) if compile else dual_step
         self.cuda_graphs = cuda_graphs
         # Shapes are what compilation and capture are keyed by: bound them unless told otherwise.
@@ -242,6 +244,18 @@ class FusedDualDenoiser:
                 self.step_fn(*args)
         self.captures += 1
         return CapturedStep(graph, static, state, args[5], args[6], accumulators, rows_per_step)
+
+
+# On the H100's torch 2.11, dynamo split the UNet at a graph break into per-block frames, and
+# ResnetBlock2D.forward needs one compiled entry per (channels, size) of SD1.5's blocks (about 16):
+# past dynamo's default limit of 8 the rest of the UNet ran eager. Our torch 2.14 traces one graph.
+COMPILE_RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles(limit: int) -> None:
+    """Raise dynamo's per-frame recompile limit to `limit` (never lower one the process set higher)."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, limit)
 
 
 WARMUP_STEPS = 3  # eager steps before capture, as torch.cuda.graphs' documentation advises
