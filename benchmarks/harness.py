@@ -542,7 +542,7 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
     else:
         measure([baseline], config, device, progress)
         parity_name = "engine:eager (fp32, untimed)"
-        parity_result = ZonePipeline(models, device, torch.float32, default_config=edit_config).edit(
+        parity_result = ZonePipeline(models, device, torch.float32, default_config=edit_config, denoiser="eager").edit(
             image, config.instruction, edit_config)
         timed = [baseline, *engines(engine_dtype)]
         measure(timed[1:], config, device, progress)
