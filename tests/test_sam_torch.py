@@ -175,10 +175,14 @@ def test_predict_passing_agrees_with_sams_decoder(sam, quantile):
 
 
 def test_predict_passing_upscales_only_prompts_with_a_passing_mask(sam, monkeypatch):
+    from zone_engine import sam_torch
+
     predictor, coords, labels = decoder_inputs(sam, "cpu")
-    upscaling = predictor.model.mask_decoder.output_upscaling
     batches: list[int] = []
-    upscaling.register_forward_pre_hook(lambda _module, args: batches.append(len(args[0])))
+    upscale = sam_torch.decode_masks
+    monkeypatch.setattr(sam_torch, "decode_masks",
+                        lambda decoder, tokens, image, shape: batches.append(len(tokens)) or upscale(
+                            decoder, tokens, image, shape))
     with torch.inference_mode():
         _, scores, _ = predictor.predict_torch(coords, labels, multimask_output=True, return_logits=True)
         min_score = float(scores.max(1).values.median())  # about half the prompts have a mask over it
@@ -210,3 +214,48 @@ def test_search_shows_a_progress_bar_when_asked(sam, capsys):
     shown = segmenter.select(image, mask_b, progress=True)
     assert "segmenting" in (bar := capsys.readouterr().err) and "5/5" in bar  # the encoder, then 4 batches
     assert_same_selection(shown, quiet)
+
+
+# Mask arithmetic of the search: the same integers as torch's bool reductions and segment-anything's
+# own functions, exactly (no tolerance: counts and box edges are integers, the stability score one
+# float32 quotient of the same two integers).
+MASK_SHAPES = [(5, 77, 53), (3, 8, 8), (1, 1, 1), (4, 33, 131), (2, 512, 512), (0, 16, 24)]
+
+
+def random_masks(shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    masks = torch.rand(shape, generator=generator) < torch.rand(shape[0], 1, 1, generator=generator)
+    if len(masks) > 2:
+        masks[1] = False  # an empty mask
+        masks[2] = True  # a full one
+    return masks
+
+
+@pytest.mark.parametrize("shape", MASK_SHAPES)
+def test_count_true_counts_as_torch_sums_bools(shape):
+    from zone_engine.sam_torch import count_true
+
+    masks, within = random_masks(shape, seed=1), random_masks((1, *shape[1:]), seed=2)[0]
+    assert torch.equal(count_true(masks), masks.flatten(1).sum(1))
+    assert torch.equal(count_true(masks, within=within), (masks & within).flatten(1).sum(1))
+    if len(masks) > 1:  # a view that starts mid-storage, and a transposed (non-contiguous) one
+        assert torch.equal(count_true(masks[1:]), masks[1:].flatten(1).sum(1))
+        assert torch.equal(count_true(masks.transpose(1, 2)), masks.flatten(1).sum(1))
+
+
+@pytest.mark.parametrize("shape", MASK_SHAPES)
+def test_mask_boxes_and_stability_score_equal_segment_anythings(shape):
+    from segment_anything.utils.amg import batched_mask_to_box, calculate_stability_score
+
+    from zone_engine.sam_torch import mask_boxes, stability_score
+
+    masks = random_masks(shape, seed=3)
+    if shape[0]:  # segment-anything returns float zeros for no masks; the search concatenates either
+        assert torch.equal(mask_boxes(masks), batched_mask_to_box(masks))
+        window = torch.zeros(shape, dtype=torch.bool)  # one box each, inside the image
+        window[:, shape[1] // 3: shape[1] - 1, shape[2] // 4: shape[2] // 2 + 1] = True
+        assert torch.equal(mask_boxes(window), batched_mask_to_box(window))
+    logits = torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 3
+    ours, theirs = stability_score(logits, 0.0, 1.0), calculate_stability_score(logits, 0.0, 1.0)
+    assert ours.dtype == theirs.dtype and torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())

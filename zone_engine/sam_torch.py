@@ -30,8 +30,9 @@ import dataclasses
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
-from segment_anything.utils.amg import batch_iterator, batched_mask_to_box, calculate_stability_score
+from segment_anything.utils.amg import batch_iterator
 from torchvision.ops.boxes import batched_nms
 from tqdm.auto import tqdm
 
@@ -118,11 +119,35 @@ def decode_masks(
     decoder: torch.nn.Module, tokens_out: torch.Tensor, image_out: torch.Tensor, embedding_shape: torch.Size
 ) -> torch.Tensor:
     """The rest of `MaskDecoder.predict_masks` for the 3 multimask outputs: upscale the image side
-    (B, hw, C) to (B, C', 4h, 4w), dot it with each output token's hypernetwork -> logits (B, 3, 4h, 4w).
-    embedding_shape: (C, h, w)."""
-    upscaled = decoder.output_upscaling(image_out.transpose(1, 2).reshape(-1, *embedding_shape))
-    hyper = torch.stack([mlp(tokens_out[:, 2 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps[1:])], 1)
-    return (hyper @ upscaled.flatten(2)).unflatten(2, upscaled.shape[2:])
+    (B, hw, C) 4x, dot it with each output token's hypernetwork -> logits (B, 3, 4h, 4w).
+    embedding_shape: (C, h, w).
+
+    SAM's upscaling is two 2x2 transposed convolutions of stride 2 with a LayerNorm2d and GELUs between:
+    each output pixel is a linear map of one input pixel's channels, and the norm and GELUs act on each
+    pixel's channels alone. So the image side stays as it comes, channels last: each convolution is one
+    matmul into each pixel's 2x2 block (the blocks' pixels kept in block order), the norm one
+    `layer_norm` over the channels, and only the 3 masks' logits are put into rows and columns at the
+    end. SAM's module stores its (B, C/4, 2h, 2w) and (B, C/8, 4h, 4w) activations channels first and
+    normalises over them in six elementwise passes; the products are the same up to float rounding.
+    """
+    conv1, norm, gelu1, conv2, gelu2 = decoder.output_upscaling
+    batch, (_, h, w) = image_out.shape[0], embedding_shape
+    upscaled = gelu1(F.layer_norm(_blockwise(conv1, image_out), norm.weight.shape, norm.weight, norm.bias, norm.eps))
+    upscaled = gelu2(_blockwise(conv2, upscaled))  # (B, hw * 16, C/8): pixels (y, x, dy1, dx1, dy2, dx2)
+    hyper = torch.stack([mlp(tokens_out[:, 2 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps[1:])], 2)
+    logits = (upscaled @ hyper).reshape(batch, h, w, 2, 2, 2, 2, hyper.shape[-1])  # (B, 3) masks last
+    # row 4y + 2 dy1 + dy2, column 4x + 2 dx1 + dx2
+    return logits.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(batch, hyper.shape[-1], 4 * h, 4 * w)
+
+
+def _blockwise(conv: torch.nn.ConvTranspose2d, pixels: torch.Tensor) -> torch.Tensor:
+    """A 2x2, stride-2 transposed convolution on pixels (B, P, C_in), channels last -> (B, 4P, C_out):
+    each input pixel's 2x2 output block, in the order (pixel, dy, dx)."""
+    if conv.kernel_size != (2, 2) or conv.stride != (2, 2) or conv.padding != (0, 0) or conv.groups != 1:
+        raise ValueError(f"expected SAM's 2x2 stride-2 output upscaling, got {conv}")
+    weight = conv.weight.permute(2, 3, 1, 0).reshape(-1, conv.in_channels)  # (dy * dx * C_out, C_in)
+    blocks = F.linear(pixels, weight, conv.bias.repeat(4))  # (B, P, dy * dx * C_out)
+    return blocks.reshape(pixels.shape[0], 4 * pixels.shape[1], conv.out_channels)
 
 
 class TorchSamSegmenter(ListSegmenter):
@@ -216,14 +241,71 @@ def _score_batch(
     low_res, scores = predictor.predict_passing(coords[:, None, :], labels[:, None], generator.pred_iou_thresh)
     logits = _upscale(predictor, low_res)
     if generator.stability_score_thresh > 0.0:
-        keep = calculate_stability_score(logits, threshold, generator.stability_score_offset) >= \
+        keep = stability_score(logits, threshold, generator.stability_score_offset) >= \
             generator.stability_score_thresh
         low_res, scores, logits = low_res[keep], scores[keep], logits[keep]
     masks = logits > threshold
+    area, intersection = count_true(masks), count_true(masks, within=target)
     # The generator's next filter drops boxes near a crop edge that is not an image edge: with one
     # crop, the whole image, it drops nothing.
-    return {"low_res": low_res, "scores": scores, "boxes": batched_mask_to_box(masks),
-            "intersection": (masks & target).flatten(1).sum(1), "union": (masks | target).flatten(1).sum(1)}
+    return {"low_res": low_res, "scores": scores, "boxes": mask_boxes(masks),
+            "intersection": intersection, "union": area + count_true(target[None]) - intersection}
+
+
+# Counting set pixels 8 at a time: each int64 word of a bool mask holds 8 pixels, one byte (0 or 1)
+# each. Summing up to 127 words adds each byte lane on its own (a lane reaches at most 127: no carry
+# into the next lane, no signed overflow), then the lanes are unpacked and added. torch reduces bool
+# tensors a byte at a time, about 15x slower on a CPU; the counts are the same integers.
+WORDS_PER_SUM = 127
+BYTE_SHIFTS = torch.arange(0, 64, 8)
+
+
+def count_true(masks: torch.Tensor, within: torch.Tensor | None = None) -> torch.Tensor:
+    """Set pixels of each bool mask (M, H, W) -> int64 (M,); of `masks & within` when a bool (H, W)
+    `within` is given (each mask's intersection with it). Exact."""
+    words = _words(masks)  # (M, n)
+    if within is not None:
+        words = words & _words(within[None])
+    chunks = words.shape[1] // WORDS_PER_SUM
+    lanes = torch.cat([words[:, :chunks * WORDS_PER_SUM].unflatten(1, (chunks, WORDS_PER_SUM)).sum(-1),
+                       words[:, chunks * WORDS_PER_SUM:].sum(-1, keepdim=True)], 1)  # (M, chunks + 1): lanes <= 127
+    return ((lanes[..., None] >> BYTE_SHIFTS.to(lanes.device)) & 0xFF).sum((1, 2))
+
+
+def _words(masks: torch.Tensor) -> torch.Tensor:
+    """bool (M, H, W) -> int64 (M, ceil(HW / 8)): the masks' bytes, zero-padded to whole words."""
+    flat = masks.flatten(1).view(torch.uint8)
+    if flat.shape[1] % 8 or not flat.is_contiguous() or flat.storage_offset() % 8:  # words need whole, aligned rows
+        whole = flat.new_zeros(len(flat), -(-flat.shape[1] // 8) * 8)
+        whole[:, :flat.shape[1]] = flat
+        flat = whole
+    return flat.view(torch.int64)
+
+
+def stability_score(logits: torch.Tensor, mask_threshold: float, offset: float) -> torch.Tensor:
+    """segment-anything's `calculate_stability_score` for logits (M, H, W): the same integer counts
+    (counted with `count_true`), the same float32 quotient."""
+    inner, outer = count_true(logits > mask_threshold + offset), count_true(logits > mask_threshold - offset)
+    return inner.int() / outer.int()
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """segment-anything's `batched_mask_to_box` for bool masks (M, H, W): XYXY int64 (M, 4) around
+    each mask, [0, 0, 0, 0] for an empty one. Its row and column maxima over bool tensors are
+    computed here over their uint8 view (vectorised; a bool max runs a byte at a time)."""
+    as_bytes = masks.view(torch.uint8)
+    rows, cols = as_bytes.amax(2).bool(), as_bytes.amax(1).bool()  # (M, H), (M, W): any pixel set
+    top, bottom = _first_and_last(rows)
+    left, right = _first_and_last(cols)
+    boxes = torch.stack([left, top, right, bottom], -1)
+    return boxes * rows.any(1, keepdim=True)
+
+
+def _first_and_last(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool (M, N) -> int64 (M,) indices of the first and the last True of each row (0 where none)."""
+    first = present.byte().argmax(1)
+    last = present.shape[1] - 1 - present.flip(1).byte().argmax(1)
+    return first, last
 
 
 def _upscale(predictor: SamPredictor, low_res: torch.Tensor) -> torch.Tensor:
