@@ -9,24 +9,27 @@ generator's own settings, steps and functions, on the generator's device:
 
 - the decoder runs its two-way transformer factored for prompts sharing one image (sam_decoder.py:
   no per-prompt projection of the image side is stored), and skips its output upscaling for prompts
-  whose 3 masks all fail the predicted-IoU filter (`TorchSamPredictor.predict_passing`);
+  whose 3 masks all fail the predicted-IoU filter (`TorchSamPredictor.predict_passing`); the output
+  upscaling runs channels last, its transposed convolutions as matmuls (`decode_masks`);
 - only masks that pass that filter are upscaled to the image size (upscaling is per mask, so a
-  mask's pixels do not depend on which others are upscaled with it);
-- each kept mask's intersection and union with M_b are counted where the mask is, and only its
-  low-resolution logits are kept (256², whatever the image size);
+  mask's pixels do not depend on which others are upscaled with it), with segment-anything's two
+  bilinear resizes composed into one matrix per axis (`_upscale`: no 1024² intermediate);
+- each kept mask's intersection and union with M_b are counted where the mask is, 8 pixels a machine
+  word (`count_true`), and only its low-resolution logits are kept (256², whatever the image size);
 - box NMS runs on the same boxes and scores, in the same order, as the generator's;
 - the chosen segment alone is upscaled again and copied to the host.
 
 It returns the segment, IoU and segment count that `choose_segment(mask_b, generator's masks)` does,
-up to the decoder's float rounding (~3e-7 of its outputs: a mask at a threshold within that could
-flip; tested mask for mask on random SAMs, where none does), for the settings it supports: one crop
-(`crop_n_layers=0`) and no small-region post-processing (`min_mask_region_area=0`), segment-anything's
-defaults and ZONE's. Other settings go through the generator itself.
+up to the decoder's and the upscaling's float rounding (~3e-7 of their outputs: a pixel at a threshold
+within that could flip; tested mask for mask on random SAMs, where none does), for the settings it
+supports: one crop (`crop_n_layers=0`) and no small-region post-processing (`min_mask_region_area=0`),
+segment-anything's defaults and ZONE's. Other settings go through the generator itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import torch
@@ -309,7 +312,33 @@ def _first_and_last(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _upscale(predictor: SamPredictor, low_res: torch.Tensor) -> torch.Tensor:
-    """Low-res logits (M, S/4, S/4) -> logits at the image size (M, H, W), as predict_torch upscales them."""
-    if not len(low_res):  # interpolate refuses empty batches
-        return low_res.new_empty(0, *predictor.original_size)
-    return predictor.model.postprocess_masks(low_res[None], predictor.input_size, predictor.original_size)[0]
+    """Low-res logits (M, S/4, S/4) -> logits at the image size (M, H, W), as `Sam.postprocess_masks`
+    upscales them, without its (M, S, S) intermediate (805 MB for 192 masks at S = 1024).
+
+    postprocess_masks resizes bilinearly to the encoder's S x S, crops the padding and resizes to the
+    image size: along each axis a linear map of the low-res logits, the same for every row or column.
+    `_resize_map` composes the two steps into one matrix per axis, so the whole is two products.
+    Equal up to float rounding (~2e-7 of the logits' magnitude; tested against postprocess_masks).
+    """
+    axes = zip(low_res.shape[-2:], predictor.input_size, predictor.original_size, strict=True)
+    rows, columns = (_resize_map(low, predictor.model.image_encoder.img_size, kept, size, low_res.device)
+                     for low, kept, size in axes)
+    return rows @ (low_res @ columns.T)
+
+
+@functools.lru_cache(maxsize=16)
+def _resize_map(low: int, padded: int, kept: int, size: int, device: torch.device) -> torch.Tensor:
+    """float32 (size, low): bilinear resize low -> padded, its first `kept` entries, resized to `size`.
+
+    Each step's weights are F.interpolate's own: an identity resized in float32, as the logits are
+    (its source positions are computed in the input's precision); composed in float64.
+    """
+    composed = _linear_resize(kept, size) @ _linear_resize(low, padded)[:kept]
+    return composed.to(device, torch.float32)
+
+
+def _linear_resize(length: int, size: int) -> torch.Tensor:
+    """float64 (size, length): the weights of F.interpolate's 1-D linear resize (align_corners=False) of
+    float32 data, the per-axis weights of its bilinear mode."""
+    identity = torch.eye(length)[None]  # (1, length, length): the basis vectors as channels
+    return F.interpolate(identity, size=size, mode="linear", align_corners=False)[0].T.double()
