@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
             for name, segmenter in segmenters.items()]
     searches = search_rows(segmenters, rows, image, args.repeats)
     print_report(args, sam, rows + onnx_rows, export_seconds, searches)
+    if device.type == "cuda":
+        print_search_batching(next(iter(segmenters.values())), image, args.repeats)
     print_network_rows(sam, args.points_per_batch, max(args.repeats, 3))
 
 
@@ -232,6 +234,29 @@ def print_report(
     if any(agreement != "same" for *_, agreement in searches):
         print("the chosen segments differ: the two decoders round differently (the factored transformer; on CUDA "
               "also batch-size dependent kernels, TF32 convolutions), moving masks that sit at a threshold")
+
+
+def print_search_batching(segmenter: TorchSamSegmenter, image: np.ndarray, repeats: int) -> None:
+    """On CUDA: the search in the runs it takes there (as many prompts as half the free memory holds)
+    against runs of points_per_batch, as on the CPU; the same segment either way is checked."""
+    predictor, per_batch = segmenter.generator.predictor, segmenter.generator.points_per_batch
+    mask_b, timings, found = centre_mask(image.shape[:2]), {}, {}
+    prompts = len(segmenter.generator.point_grids[0])
+    per_run = predictor.prompts_per_run(per_batch, prompts, image.shape[:2])
+    for label, size in ((f"runs of {per_run} (default on CUDA)", per_run), (f"runs of {per_batch}", per_batch)):
+        predictor.prompts_per_run = lambda *_, size=size: size
+        segmenter.select(image, mask_b)  # warm-up
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            found[label] = segmenter.select(image, mask_b)
+            seconds.append(time.perf_counter() - start)
+        timings[label] = statistics.median(seconds)
+    del predictor.prompts_per_run  # the class's method again
+    (fast, fast_s), (slow, slow_s) = timings.items()
+    agreement = selection_agreement(*found.values())
+    print(f"search of {prompts} prompts, {fast} {1e3 * fast_s:.1f} ms vs {slow} {1e3 * slow_s:.1f} ms = "
+          f"{slow_s / fast_s:.2f}x; chosen segment {agreement if agreement == 'same' else f'IoU {agreement:.4f}'}")
 
 
 def print_network_rows(sam: torch.nn.Module, prompts: int, repeats: int) -> None:

@@ -216,8 +216,85 @@ def test_search_shows_a_progress_bar_when_asked(sam, capsys):
     quiet = segmenter.select(image, mask_b)
     assert capsys.readouterr().err == ""
     shown = segmenter.select(image, mask_b, progress=True)
-    assert "segmenting" in (bar := capsys.readouterr().err) and "5/5" in bar  # the encoder, then 4 batches
+    assert "segmenting" in (bar := capsys.readouterr().err) and "65/65" in bar  # the encoder, then 64 prompts
     assert_same_selection(shown, quiet)
+
+
+def test_search_decodes_prompts_per_run_as_the_predictor_says_with_the_same_answer(sam, monkeypatch):
+    """Larger runs than points_per_batch (what CUDA gets when memory allows) choose the same segment."""
+    from zone_engine import sam_torch
+
+    config = CONFIGS["filtered"]  # points_per_batch 20
+    segmenter = TorchSamSegmenter(sam, config)
+    predictor = segmenter.generator.predictor
+    assert predictor.prompts_per_run(config.points_per_batch, 64, (80, 112)) == 20  # the CPU keeps SAM's batches
+    image, mask_b = smooth_image(80, 112, seed=3), rectangle(80, 112, 10, 10, 50, 40)
+    runs: list[int] = []
+    score = sam_torch._score_batch
+    monkeypatch.setattr(sam_torch, "_score_batch",
+                        lambda generator, points, *args: runs.append(len(points)) or score(generator, points, *args))
+    in_batches_of_20 = segmenter.select(image, mask_b)
+    assert runs == [20, 20, 20, 4]
+    runs.clear()
+    monkeypatch.setattr(predictor, "prompts_per_run", lambda *_: 64)
+    assert_same_selection(segmenter.select(image, mask_b), in_batches_of_20)
+    assert runs == [64]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the search's CUDA batching: needs CUDA")
+@pytest.mark.parametrize("size", SIZES)
+def test_search_on_cuda_in_one_run_finds_what_choosing_among_the_generators_segments_finds(size, monkeypatch):
+    """On CUDA the search takes all 64 prompts in one run (points_per_batch 20) and chooses as the generator's
+    list does. cuDNN's TF32 is off here: the generator's transposed convolutions would otherwise round to
+    TF32 (~1e-3) where the search's matmuls do not, and move pixels at the threshold."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    segmenter = TorchSamSegmenter(tiny_random_sam().cuda(), CONFIGS["filtered"])
+    assert segmenter.generator.predictor.prompts_per_run(20, 64, size) == 64
+    image = smooth_image(*size, seed=3)
+    segments = segmenter.segment(image)
+    for mask_b in masks_b_for(segments, size):
+        assert_same_selection(segmenter.select(image, mask_b), choose_segment(mask_b, segments))
+
+
+def test_search_halves_its_runs_when_the_device_runs_out_of_memory(sam, monkeypatch):
+    """An out-of-memory error in a run larger than points_per_batch retries it halved (never below
+    points_per_batch, where the error is the user's to see), with the same answer."""
+    from zone_engine import sam_torch
+
+    config = CONFIGS["filtered"]
+    segmenter = TorchSamSegmenter(sam, config)
+    image, mask_b = smooth_image(80, 112, seed=3), rectangle(80, 112, 10, 10, 50, 40)
+    expected = segmenter.select(image, mask_b)
+    runs: list[int] = []
+    score = sam_torch._score_batch
+
+    def scarce(generator, points, *args):  # room for 30 prompts at a time
+        runs.append(len(points))
+        if len(points) > 30:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return score(generator, points, *args)
+
+    monkeypatch.setattr(sam_torch, "_score_batch", scarce)
+    monkeypatch.setattr(segmenter.generator.predictor, "prompts_per_run", lambda *_: 64)
+    assert_same_selection(segmenter.select(image, mask_b), expected)
+    assert runs == [64, 32, 20, 20, 20, 4]  # 64 and 32 fail; then runs of max(32 // 2, 20)
+    monkeypatch.setattr(segmenter.generator, "points_per_batch", 64)
+    with pytest.raises(torch.OutOfMemoryError):
+        segmenter.select(image, mask_b)
+
+
+def test_search_batch_estimate_on_cuda_grows_with_free_memory(sam, monkeypatch):
+    """prompts_per_run on CUDA, with the free memory given: between points_per_batch and all prompts."""
+    from zone_engine import sam_torch
+
+    predictor = sam_torch.TorchSamPredictor(sam)
+    monkeypatch.setattr(sam_torch.TorchSamPredictor, "device", torch.device("cuda"))
+    per_prompt = sam_torch.search_bytes_per_prompt(32, (4, 4), (512, 512))
+    for free, expected in ((0, 64), (200 * per_prompt, 100), (1000 * per_prompt, 500), (10**15, 1024)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 2 * free))
+        assert predictor.prompts_per_run(64, 1024, (512, 512)) == expected
+    assert sam_torch.search_bytes_per_prompt(256, (64, 64), (512, 512)) / 1e6 == pytest.approx(72, abs=1)
 
 
 # Mask arithmetic of the search: the same integers as torch's bool reductions and segment-anything's

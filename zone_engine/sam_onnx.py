@@ -192,6 +192,10 @@ class OnnxSamPredictor(SamPredictor):
             masks = masks > self.model.mask_threshold
         return masks, iou_predictions, low_res_masks
 
+    def prompts_per_run(self, points_per_batch: int, prompts: int, image_size: tuple[int, int]) -> int:
+        """`points_per_batch`: the TensorRT provider's decoder profile stops at that batch size."""
+        return points_per_batch
+
     def predict_passing(
         self, point_coords: torch.Tensor, point_labels: torch.Tensor, min_score: float
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
-from segment_anything.utils.amg import batch_iterator
 from torchvision.ops.boxes import batched_nms
 from tqdm.auto import tqdm
 
@@ -71,6 +70,23 @@ class TorchSamPredictor(SamPredictor):
             self.features = encode_image(self.model.image_encoder, image).float()
         self.is_image_set = True
 
+    def prompts_per_run(self, points_per_batch: int, prompts: int, image_size: tuple[int, int]) -> int:
+        """Prompts the search decodes at a time: `points_per_batch` on a CPU, where the decoder is bound
+        by memory traffic and a larger batch gains nothing; on CUDA as many as `SEARCH_MEMORY_SHARE` of
+        the free memory holds (by `search_bytes_per_prompt`), from `points_per_batch` up to all of them.
+
+        On a GPU a batch costs ~450 operator launches and ~15 host syncs (counted on the CPU for 64
+        prompts) whatever its size, so ZONE's 1,024 prompts in batches of 64 would leave the device
+        waiting on the host; the prompts are independent, so the batching changes no result.
+        """
+        if self.device.type != "cuda":
+            return points_per_batch
+        free, _ = torch.cuda.mem_get_info(self.device)
+        channels = self.model.prompt_encoder.embed_dim
+        fitting = int(free * SEARCH_MEMORY_SHARE) // search_bytes_per_prompt(
+            channels, self.model.prompt_encoder.image_embedding_size, image_size)
+        return max(points_per_batch, min(prompts, fitting))
+
     def predict_passing(
         self, point_coords: torch.Tensor, point_labels: torch.Tensor, min_score: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +110,20 @@ class TorchSamPredictor(SamPredictor):
         prompts = passing.any(1)
         masks = decode_masks(decoder, tokens_out[prompts], image_out[prompts], self.features.shape[1:])
         return masks[passing[prompts]], scores[passing]
+
+
+SEARCH_MEMORY_SHARE = 0.5  # of the device's free memory, for one batch of the search on CUDA
+
+
+def search_bytes_per_prompt(channels: int, embedding_size: tuple[int, int], image_size: tuple[int, int]) -> int:
+    """An upper estimate of what one prompt holds at the peak of a search batch (fp32): six copies of
+    its image side in the factored transformer, the output upscaling's activations (three of each
+    size) and its 3 masks at the image size (logits, the upscaling's intermediate, comparisons).
+    For SAM at 512²: ~72 MB."""
+    pixels = embedding_size[0] * embedding_size[1]
+    transformer = 6 * pixels * channels
+    upscaling = 3 * (4 * pixels * channels // 4) + 3 * (16 * pixels * channels // 8)
+    return 4 * (transformer + upscaling) + 3 * 12 * image_size[0] * image_size[1]
 
 
 def passing_masks(scores: torch.Tensor, min_score: float) -> torch.Tensor:
@@ -194,26 +224,35 @@ def best_segment(
     predictor = generator.predictor
     size = image.shape[:2]
     points = generator.point_grids[0] * np.array(size)[None, ::-1]  # (x, y) in pixels, as the generator
-    batches = -(-len(points) // generator.points_per_batch)
-    with tqdm(total=1 + batches, desc="segmenting", unit="pass", disable=not progress) as bar:
+    per_run = predictor.prompts_per_run(generator.points_per_batch, len(points), size)
+    with tqdm(total=1 + len(points), desc="segmenting", unit="prompt", disable=not progress) as bar:
         predictor.set_image(image)
-        bar.update()
+        bar.update()  # the image encoder, counted as one
         try:
-            return _search(generator, points, size, mask_b, bar)
+            return _search(generator, points, size, mask_b, per_run, bar)
         finally:
             predictor.reset_image()
 
 
 def _search(
-    generator: SamAutomaticMaskGenerator, points: np.ndarray, size: tuple[int, int], mask_b: np.ndarray, bar: tqdm
+    generator: SamAutomaticMaskGenerator, points: np.ndarray, size: tuple[int, int], mask_b: np.ndarray,
+    per_run: int, bar: tqdm,
 ) -> Selection:
-    """`best_segment` once the image is set: the prompt batches, NMS, the choice."""
+    """`best_segment` once the image is set: the prompts `per_run` at a time, NMS, the choice."""
     predictor = generator.predictor
     target = torch.from_numpy(np.ascontiguousarray(mask_b)).to(predictor.device)
-    scored = []
-    for (batch,) in batch_iterator(generator.points_per_batch, points):
-        scored.append(_score_batch(generator, batch, size, target))
-        bar.update()
+    scored, start = [], 0
+    while start < len(points):
+        batch = points[start:start + per_run]
+        try:
+            scored.append(_score_batch(generator, batch, size, target))
+        except torch.OutOfMemoryError:  # the free-memory estimate was wrong: smaller runs, down to SAM's
+            if per_run <= generator.points_per_batch:
+                raise
+            per_run = max(per_run // 2, generator.points_per_batch)
+            continue
+        start += len(batch)
+        bar.update(len(batch))
     candidates = {key: torch.cat([batch[key] for batch in scored]) for key in scored[0]}
     if not len(candidates["scores"]):
         return Selection(None, 0.0, 0)
