@@ -82,18 +82,19 @@ def test_whole_edit_is_the_same_with_either_denoiser(tiny_models):
     assert np.abs(results["eager"].image.astype(int) - results["fused"].image.astype(int)).max() <= 1
 
 
-def test_compile_backend_raises_dynamos_recompile_limit_but_never_lowers_it(tiny_models, monkeypatch):
+def test_compile_backend_raises_dynamos_recompile_limit_but_never_lowers_it(tiny_models):
     from zone_engine.dual_step import COMPILE_RECOMPILE_LIMIT
 
     config = torch._dynamo.config
-    monkeypatch.setattr(config, "recompile_limit", 8)  # dynamo's default; restored after the test
-    ZonePipeline(tiny_models, device="cpu", denoiser="fused")
-    assert config.recompile_limit == 8  # only the compile backend touches it
-    ZonePipeline(tiny_models, device="cpu", denoiser="compile")
-    assert config.recompile_limit == COMPILE_RECOMPILE_LIMIT
-    monkeypatch.setattr(config, "recompile_limit", 1000)
-    ZonePipeline(tiny_models, device="cpu", denoiser="compile")
-    assert config.recompile_limit == 1000
+    # config.patch restores the value after (pytest's monkeypatch would delete the entry, hiding it)
+    with config.patch(recompile_limit=8):  # dynamo's default
+        ZonePipeline(tiny_models, device="cpu", denoiser="fused")
+        assert config.recompile_limit == 8  # only the compile backend touches it
+        ZonePipeline(tiny_models, device="cpu", denoiser="compile")
+        assert config.recompile_limit == COMPILE_RECOMPILE_LIMIT
+    with config.patch(recompile_limit=1000):
+        ZonePipeline(tiny_models, device="cpu", denoiser="compile")
+        assert config.recompile_limit == 1000
 
 
 def test_cuda_graphs_are_refused_off_cuda_and_by_the_eager_reference(tiny_models):
