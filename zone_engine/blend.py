@@ -161,8 +161,7 @@ def composite(
     region, fine_mask = np.asarray(region, dtype=bool), np.asarray(fine_mask, dtype=bool)
     _check_same_size({"original": original, "styled": styled}, {"region": region, "fine_mask": fine_mask})
 
-    out = original.copy()
-    out[region] = styled[region]
+    out = np.where(region[..., None], styled, original)  # one pass (a boolean-index copy is ~3x slower)
     border = seam(region, fine_mask)
     mix = alpha * styled[border].astype(np.float64) + (1.0 - alpha) * original[border].astype(np.float64)
     # Truncate toward zero, as the reference's float64 -> uint8 assignment did.
