@@ -59,7 +59,8 @@ run_stage() {
         TAIL=16 stage bench_kernels 50 python3 -m benchmarks.bench_kernels ;;
     refine)  # PyTorch SAM vit_h refinement at ZONE's settings (1,024 prompts, SAM's thresholds): fp32 vs the image
         # encoder in bf16 (no ONNX: no CUDA provider there), the engine's search for M_b's segment vs the
-        # generator's list, and SAM's decoder transformer vs the factored one (sam_decoder.py).
+        # generator's list, the search in its CUDA runs (prompts_per_run) vs runs of 64, and SAM's decoder
+        # transformer vs the factored one (sam_decoder.py).
         TAIL=24 stage bench_refine 120 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 --no-onnx \
             --sam-precision bf16 --thresholds sam ;;
     refine-zero)  # The same with every mask kept (thresholds 0): post-processing exercised as real weights would.
