@@ -331,7 +331,9 @@ def test_mask_boxes_and_stability_score_equal_segment_anythings(shape):
     from zone_engine.sam_torch import mask_boxes, stability_score
 
     masks = random_masks(shape, seed=3)
-    if shape[0]:  # segment-anything returns float zeros for no masks; the search concatenates either
+    if not shape[0]:  # segment-anything returns float zeros (0, 4) here; the search concatenates either
+        assert mask_boxes(masks).shape == (0, 4)
+    else:
         assert torch.equal(mask_boxes(masks), batched_mask_to_box(masks))
         window = torch.zeros(shape, dtype=torch.bool)  # one box each, inside the image
         window[:, shape[1] // 3: shape[1] - 1, shape[2] // 4: shape[2] // 2 + 1] = True
