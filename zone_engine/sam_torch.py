@@ -218,7 +218,8 @@ def best_segment(
     """`choose_segment(mask_b, masks of generator.generate(image))`, computed on the generator's device.
 
     image: uint8 RGB (H, W, 3); mask_b: bool (H, W). The generator's predictor must offer
-    `predict_passing` (TorchSamPredictor, OnnxSamPredictor); `searchable(generator)` must hold.
+    `predict_passing` and `prompts_per_run` (TorchSamPredictor, OnnxSamPredictor); `searchable(generator)`
+    must hold.
     `progress`: a bar over the image encoder and the prompt batches (a minute or more on a CPU).
     """
     predictor = generator.predictor
@@ -259,7 +260,8 @@ def _search(
     kept = batched_nms(candidates["boxes"].float(), candidates["scores"],
                        torch.zeros(len(candidates["boxes"])),  # one category, as the generator passes it
                        iou_threshold=generator.box_nms_thresh)
-    intersection, union = candidates["intersection"][kept].double(), candidates["union"][kept].double()
+    intersection, area = candidates["intersection"][kept].double(), candidates["area"][kept].double()
+    union = area + float(count_true(target[None])) - intersection  # |A or M_b|, from the same integer counts
     ious = torch.where(union > 0, intersection / union.clamp(min=1), 0.0)
     best_iou = float(ious.max())
     if best_iou <= 0.0:
@@ -275,7 +277,7 @@ def _score_batch(
     """`SamAutomaticMaskGenerator._process_batch` for one crop, keeping what the search needs.
 
     Returns, for each mask that passes both filters: its low-res logits, predicted IoU (the NMS
-    score), box, and pixel counts of its intersection and union with `target`.
+    score), box, and pixel counts of itself and of its intersection with `target`.
     """
     predictor, threshold = generator.predictor, generator.predictor.model.mask_threshold
     coords = torch.as_tensor(predictor.transform.apply_coords(points, size), device=predictor.device)
@@ -287,11 +289,10 @@ def _score_batch(
             generator.stability_score_thresh
         low_res, scores, logits = low_res[keep], scores[keep], logits[keep]
     masks = logits > threshold
-    area, intersection = count_true(masks), count_true(masks, within=target)
     # The generator's next filter drops boxes near a crop edge that is not an image edge: with one
     # crop, the whole image, it drops nothing.
     return {"low_res": low_res, "scores": scores, "boxes": mask_boxes(masks),
-            "intersection": intersection, "union": area + count_true(target[None]) - intersection}
+            "area": count_true(masks), "intersection": count_true(masks, within=target)}
 
 
 # Counting set pixels 8 at a time: each int64 word of a bool mask holds 8 pixels, one byte (0 or 1)
@@ -336,17 +337,17 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     each mask, [0, 0, 0, 0] for an empty one. Its row and column maxima over bool tensors are
     computed here over their uint8 view (vectorised; a bool max runs a byte at a time)."""
     as_bytes = masks.view(torch.uint8)
-    rows, cols = as_bytes.amax(2).bool(), as_bytes.amax(1).bool()  # (M, H), (M, W): any pixel set
+    rows, cols = as_bytes.amax(2), as_bytes.amax(1)  # uint8 (M, H), (M, W): 1 where any pixel is set
     top, bottom = _first_and_last(rows)
     left, right = _first_and_last(cols)
     boxes = torch.stack([left, top, right, bottom], -1)
-    return boxes * rows.any(1, keepdim=True)
+    return boxes * rows.amax(1, keepdim=True)
 
 
 def _first_and_last(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool (M, N) -> int64 (M,) indices of the first and the last True of each row (0 where none)."""
-    first = present.byte().argmax(1)
-    last = present.shape[1] - 1 - present.flip(1).byte().argmax(1)
+    """uint8 0/1 (M, N) -> int64 (M,) indices of the first and the last 1 of each row (0 where none)."""
+    first = present.argmax(1)
+    last = present.shape[1] - 1 - present.flip(1).argmax(1)
     return first, last
 
 
