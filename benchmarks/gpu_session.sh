@@ -73,7 +73,7 @@ run_stage() {
     breaks)  # torch.compile's graph breaks in the dual step, SD1.5 size, fp16 (none is the goal).
         stage graph_breaks 90 python3 -m benchmarks.graph_breaks --device cuda --dtype fp16 ;;
     bench)  # Per-stage latency, baseline vs engine backends, 512², 20 steps, fp16. BACKENDS: the engine rows
-        # (default fused; eager,fused adds ~30 s; eager,fused,compile ~150 s more of compilation on the warm-up).
+        # (default fused; eager,fused took 111 s in all on the H100; compile adds its 149 s of compilation to the warm-up).
         TAIL=50 stage bench "${BENCH_LIMIT:-240}" python3 -m benchmarks --preset gpu-512 \
             --backends "${BACKENDS:-fused}" --out "$OUT" ;;
     bench-cl)  # The same with every engine row's UNets and VAE channels-last (fused rows only, no batches):
