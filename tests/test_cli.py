@@ -130,6 +130,12 @@ def test_cli_cuda_without_gpu(capsys, photo, tmp_path):
                             "--device", "cuda"], "no CUDA", "--device cpu")
 
 
+def test_cli_half_precision_on_the_cpu_is_refused_for_tiny_models_too(capsys, photo, tmp_path):
+    """--tiny used to drop --dtype and run fp32 without a word."""
+    _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", str(tmp_path / "o.png"), "--tiny", "--device", "cpu",
+                            "--dtype", "fp16"], "runs only on CUDA", "fp32")
+
+
 def test_cli_missing_ip2p_names_the_model(capsys, photo, tmp_path):
     sam = tmp_path / "sam_vit_b.pth"
     from zone_engine.models import build_sam

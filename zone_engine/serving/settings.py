@@ -44,7 +44,7 @@ class PipelineSpec:
         if self.tiny and self.random_weights:
             raise ConfigError("--tiny and --random-weights exclude each other: choose one")
         if self.tiny:
-            return ZonePipeline.tiny(device=self.device, **backends)
+            return ZonePipeline.tiny(device=self.device, dtype=self.dtype, **backends)
         if self.random_weights:
             from ..models import build_random_components
 
