@@ -145,7 +145,7 @@ def time_variant(run: Variant, inputs: tuple, device: torch.device, repeats: int
     return sorted(seconds)[len(seconds) // 2], output
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_dual_unet", description=__doc__.split("\n")[0])
     parser.add_argument("--models", choices=PRESETS, default="sd15", help="UNet size (default sd15: real size)")
     parser.add_argument("--resolution", type=int, default=256, help="image side; the latent is 1/8 (default 256)")
@@ -155,10 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per variant (default 3)")
     parser.add_argument("--channels-last", action="store_true",
                         help="also time two-calls and step on channels-last copies of the UNets")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     if dtype != torch.float32 and device.type != "cuda":
-        parser.error("fp16/bf16 need CUDA")
+        print("error: fp16/bf16 need CUDA: use --dtype fp32 on the CPU", file=sys.stderr)
+        return 2
 
     import diffusers
 

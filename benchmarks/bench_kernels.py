@@ -14,6 +14,7 @@ TRITON_INTERPRET=1 and only the quality figures mean anything (timings need a GP
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -58,7 +59,16 @@ def floor_line(rows: list[dict], bandwidth: float) -> str:
             f"{replayed['time_ms'] * 1e3 / floor_us:.1f}x the floor")
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """No options: the shapes are SD1.5's at 512x512 (`--help` says so rather than running)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_kernels", description=__doc__.split("\n")[0],
+                                     epilog="SD1.5 shapes at 512x512; timings need a CUDA GPU, the CPU checks "
+                                            "correctness under TRITON_INTERPRET=1")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules import triton

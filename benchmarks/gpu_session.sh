@@ -23,24 +23,33 @@
 # Run it with timeout_s 590, then give the machine back. dual, bench-cl, compile, breaks, suite and serve
 # are for a lease with time left after that; so is the compile backend end to end, in a call of its own:
 # `BACKENDS=fused,compile BENCH_LIMIT=560 bash benchmarks/gpu_session.sh bench` (~150 s of compilation).
+# DRY_RUN=1 prints each stage's command instead of running it, with nothing installed: the suite parses
+# them with their tools' own parsers (tests/test_gpu_session.py), so no lease is spent on a stale flag.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/zone-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
+DRY_RUN="${DRY_RUN:-0}"
+if [ "$DRY_RUN" = 1 ]; then
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+elif [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+if [ "$DRY_RUN" != 1 ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+        | tee -a "$OUT/gpu.txt"
+fi
 
 # Each stage is bounded (the device allows 10 minutes a command): a stage that runs over is cut off,
 # its log kept, and the next one runs.
 stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, its output in $OUT/NAME.log
     local name=$1 limit=$2; shift 2
+    if [ "$DRY_RUN" = 1 ]; then printf 'DRY-RUN %s:' "$name"; printf ' %q' "$@"; echo; return 0; fi
     echo "== $name (limit ${limit}s)"
     local started=$SECONDS
     timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -80,7 +89,7 @@ run_stage() {
         # decides `--channels-last`. Its markdown alone comes back (8 files at most return from $OUT).
         TAIL=50 stage bench_cl 200 python3 -m benchmarks --preset gpu-512 --backends fused --batch 1 \
             --channels-last --out /tmp/zone-bench-cl
-        cp /tmp/zone-bench-cl/bench-gpu-512.md "$OUT/bench_cl.md" ;;
+        [ "$DRY_RUN" = 1 ] || cp /tmp/zone-bench-cl/bench-gpu-512.md "$OUT/bench_cl.md" ;;
     suite)  # The whole suite on the GPU machine, in parallel processes.
         stage tests 400 python3 -m pytest -q -n 8 -rf tests ;;
     serve)  # The HTTP service under load, batching on vs off: SD1.5-sized random weights, fp16, 512², 20 steps.

@@ -22,14 +22,18 @@ from zone_engine.localize import AttentionAccumulator, attention_grid, record_cr
 from zone_engine.models import PRESETS, build_unet
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.graph_breaks", description=__doc__.split("\n")[0])
     parser.add_argument("--models", choices=PRESETS, default="sd15", help="UNet size (default sd15: real size)")
     parser.add_argument("--resolution", type=int, default=512, help="image side; the latent is 1/8 (default 512)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--kernels", choices=LOCALIZATION_KERNELS, default="auto", help="attention recording")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)
     mb_unet, ip2p_unet = (build_unet(PRESETS[args.models]).to(device, dtype).eval() for _ in range(2))

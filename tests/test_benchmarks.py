@@ -170,6 +170,21 @@ def test_dual_unet_techniques_agree_and_are_all_timed(capsys):
     assert float(rows["single"][2]) == 1.0 and float(rows["two-calls"][2]) > 0 and float(rows["step"][2]) > 0
 
 
+def test_dual_unet_benchmark_refuses_half_precision_on_the_cpu_in_one_line(capsys):
+    from benchmarks.bench_dual_unet import main as bench_dual_unet
+
+    assert bench_dual_unet(["--models", "tiny", "--dtype", "fp16", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == "error: fp16/bf16 need CUDA: use --dtype fp32 on the CPU\n"
+
+
+def test_kernel_benchmark_help_explains_instead_of_running(capsys):
+    from benchmarks.bench_kernels import main as bench_kernels
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_kernels(["--help"])
+    assert exit_info.value.code == 0 and "SD1.5 shapes" in capsys.readouterr().out
+
+
 def test_refine_benchmark_rows_and_their_agreement(capsys):
     """bench_refine on a tiny SAM: fp32 torch first (the reference), the bf16-encoder row with its IoU,
     and the search table."""

@@ -1,0 +1,88 @@
+"""benchmarks/gpu_session.sh, dry: every stage's command is one its tool accepts.
+
+A lease of the GPU machine is short and rare; a flag renamed in a benchmark since the script was
+written would cost a whole stage of it. The script's DRY_RUN=1 prints the commands; each is parsed
+here by its tool's own parser (pytest's: its paths, markers and -k names exist).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_dual_unet, bench_kernels, bench_refine, graph_breaks, harness, load_test
+from zone_engine.backends import DENOISERS
+
+ROOT = Path(__file__).parents[1]
+STAGES = ("tests", "compile", "kernels", "refine", "refine-zero", "dual", "breaks", "bench", "bench-cl", "suite",
+          "serve")
+PARSERS = {"benchmarks": harness.parse_args, "benchmarks.bench_refine": bench_refine.parse_args,
+           "benchmarks.bench_dual_unet": bench_dual_unet.parse_args, "benchmarks.graph_breaks": graph_breaks.parse_args,
+           "benchmarks.bench_kernels": bench_kernels.parse_args, "benchmarks.load_test": load_test.parse_args}
+
+
+def dry_run(*stages: str, **env: str) -> subprocess.CompletedProcess:
+    # python3 must be this interpreter: the serve stage checks its wheels with it.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return subprocess.run(["bash", "benchmarks/gpu_session.sh", *stages], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PATH": path, "DRY_RUN": "1", **env})
+
+
+def commands(output: str) -> dict[str, list[str]]:
+    """Stage log name -> the command's words, from the dry run's `DRY-RUN name: command` lines."""
+    found = {}
+    for line in output.splitlines():
+        if line.startswith("DRY-RUN "):
+            name, command = line.removeprefix("DRY-RUN ").split(":", 1)
+            found[name] = shlex.split(command)
+    return found
+
+
+@pytest.fixture(scope="module")
+def every_stage(tmp_path_factory) -> dict[str, list[str]]:
+    run = dry_run(*STAGES, OUT=str(tmp_path_factory.mktemp("out")), BACKENDS="fused,compile")
+    assert run.returncode == 0, run.stdout + run.stderr
+    return commands(run.stdout)
+
+
+def test_the_dry_run_prints_one_command_a_stage_and_runs_none(every_stage, tmp_path):
+    assert len(every_stage) == len(STAGES)
+    assert all(words[:2] == ["python3", "-m"] for words in every_stage.values())
+    run = dry_run(OUT=str(tmp_path))  # the default stages
+    assert list(commands(run.stdout)) == ["gpu_tests", "bench_kernels", "bench_refine", "bench"]
+    assert list(tmp_path.iterdir()) == []  # no log, no gpu.txt: nothing ran
+
+
+def test_the_benchmark_stages_pass_their_tools_parsers(every_stage):
+    parsed = 0
+    for name, words in every_stage.items():
+        module, arguments = words[2], words[3:]
+        if module == "pytest":
+            continue
+        assert module in PARSERS, f"stage {name} runs {module}, which this test does not know"
+        PARSERS[module](arguments)  # argparse exits (SystemExit 2) on an unknown flag or a bad value
+        parsed += 1
+    assert parsed == 8
+    bench = harness.parse_args(every_stage["bench"][3:])
+    assert bench.backends == ("fused", "compile") and set(bench.backends) <= set(DENOISERS)
+
+
+def test_the_pytest_stages_name_paths_markers_and_tests_that_exist(every_stage, pytestconfig):
+    markers = {entry.split(":")[0] for entry in pytestconfig.getini("markers")}
+    test_source = "\n".join(path.read_text() for path in (ROOT / "tests").glob("test_*.py"))
+    pytest_stages = {name: words[3:] for name, words in every_stage.items() if words[2] == "pytest"}
+    assert set(pytest_stages) == {"gpu_tests", "compile_test", "tests"}
+    for name, arguments in pytest_stages.items():
+        values = dict(zip(arguments, arguments[1:], strict=False))
+        paths = [word for word, before in zip(arguments, ["", *arguments[:-1]], strict=True)
+                 if not word.startswith("-") and before not in ("-m", "-k", "-n")]
+        assert paths and all((ROOT / path).exists() for path in paths), name
+        assert "-m" not in values or values["-m"] in markers, name
+        names = set(re.findall(r"\w+", values.get("-k", ""))) - {"not", "and", "or"}
+        assert all(re.search(rf"def test_\w*{word}", test_source) for word in names), name
