@@ -22,7 +22,8 @@
 # limits adding up to 150 + 50 + 120 + 240 = 560 s (on the H100: tests 55 s, gpu-512 eager,fused 111 s).
 # Run it with timeout_s 590, then give the machine back. dual, bench-cl, compile, breaks, suite and serve
 # are for a lease with time left after that; so is the compile backend end to end, in a call of its own:
-# `BACKENDS=fused,compile BENCH_LIMIT=560 bash benchmarks/gpu_session.sh bench` (~150 s of compilation).
+# `BACKENDS=fused,compile BENCH_LIMIT=560 bash benchmarks/gpu_session.sh bench` (~150 s of compilation; its
+# sam-bf16 row is then compile's denoiser with SAM's encoder in bf16: the fastest combination there is).
 # DRY_RUN=1 prints each stage's command instead of running it, with nothing installed: the suite parses
 # them with their tools' own parsers (tests/test_gpu_session.py), so no lease is spent on a stale flag.
 set -uo pipefail

@@ -170,6 +170,13 @@ def test_dual_unet_techniques_agree_and_are_all_timed(capsys):
     assert float(rows["single"][2]) == 1.0 and float(rows["two-calls"][2]) > 0 and float(rows["step"][2]) > 0
 
 
+def test_refinement_variants_run_on_the_fastest_fused_family_denoiser():
+    from benchmarks.harness import variant_denoiser
+
+    assert variant_denoiser(("eager", "fused", "compile")) == "compile"
+    assert variant_denoiser(("eager", "fused")) == "fused" and variant_denoiser(("eager",)) == "eager"
+
+
 def test_dual_unet_benchmark_refuses_half_precision_on_the_cpu_in_one_line(capsys):
     from benchmarks.bench_dual_unet import main as bench_dual_unet
 

@@ -105,6 +105,20 @@ def test_cuda_graphs_are_refused_off_cuda_and_by_the_eager_reference(tiny_models
     assert ZonePipeline(tiny_models, device="cpu", denoiser="fused").denoiser.cuda_graphs is False
 
 
+def test_pipelines_can_share_one_denoiser_instance_but_not_reconfigure_it(tiny_models):
+    from zone_engine.errors import ConfigError
+
+    first = ZonePipeline(tiny_models, device="cpu", denoiser="fused")
+    second = ZonePipeline(tiny_models, device="cpu", denoiser=first.denoiser)
+    assert second.denoiser is first.denoiser
+    image, config = smooth_image(64, 64, seed=4), EditConfig(steps=2, sam=SamConfig.for_random_weights())
+    assert np.array_equal(second.edit(image, "add a hat", config).image, first.edit(image, "add a hat", config).image)
+    with pytest.raises(ConfigError, match="comes configured"):
+        ZonePipeline(tiny_models, device="cpu", denoiser=first.denoiser, cuda_graphs=False)
+    with pytest.raises(ConfigError, match="a backend name .* or a Denoiser, got int"):
+        ZonePipeline(tiny_models, device="cpu", denoiser=3)
+
+
 def test_xformers_is_refused_with_a_reason_where_it_cannot_run(tiny_models):
     from zone_engine.errors import DeviceError
 

@@ -63,12 +63,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def make_denoiser(
-    models: ZoneModels, kind: str = "eager", device: torch.device | None = None, engines: Path | None = None,
-    cuda_graphs: bool | None = None,
+    models: ZoneModels, kind: str | Denoiser = "eager", device: torch.device | None = None,
+    engines: Path | None = None, cuda_graphs: bool | None = None,
 ) -> Denoiser:
     """eager: the sequential reference; fused: one dual step of tensor ops; compile: fused + torch.compile;
     tensorrt: the exported dual step run by TensorRT (`engines`: a `zone export unet` folder).
-    `cuda_graphs` (fused, compile, tensorrt): replay each step from a CUDA graph; None = on for CUDA."""
+    `cuda_graphs` (fused, compile, tensorrt): replay each step from a CUDA graph; None = on for CUDA.
+    A `Denoiser` instance is used as it is: pipelines over the same models can share one (its
+    compilation, CUDA graphs and engines are built once)."""
+    if not isinstance(kind, str):
+        if engines is not None or cuda_graphs is not None:
+            raise ConfigError("engines and cuda_graphs configure a denoiser named by its backend; a Denoiser "
+                              "instance comes configured: pass neither with it")
+        if not callable(kind):
+            raise ConfigError(f"denoiser must be a backend name ({', '.join(DENOISERS)}) or a Denoiser, got "
+                              f"{type(kind).__name__}")
+        return kind
     on_cuda = device is not None and device.type == "cuda"
     if cuda_graphs and not on_cuda:
         raise DeviceError("CUDA graphs need a CUDA device; drop --cuda-graphs or use --device cuda")

@@ -25,7 +25,7 @@ from .backends import (
     resolve_sam_precision,
 )
 from .config import Action, EditConfig, SamConfig
-from .denoise import BatchDenoiser, DenoiseInputs, initial_noise
+from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
 from .errors import ConfigError, EditCancelled
 from .localize import AttentionAccumulator, attention_grid, heatmap_overlay, localize
 from .models import IP2P_ID, MAGICBRUSH_ID, ZoneModels, build_tiny_components, load_pretrained
@@ -153,7 +153,7 @@ class ZonePipeline:
 
     def __init__(
         self, models: ZoneModels, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
-        default_config: EditConfig | None = None, denoiser: str = "fused", segmenter: str = "torch",
+        default_config: EditConfig | None = None, denoiser: str | Denoiser = "fused", segmenter: str = "torch",
         kernels: str = "auto", engines: str | Path | None = None, sam_onnx: str | Path | None = None,
         cuda_graphs: bool | None = None, attention: str = "sdpa", sam_precision: str = "fp32",
         channels_last: bool = False,
