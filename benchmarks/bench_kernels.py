@@ -4,11 +4,12 @@
 
 SD1.5 shapes at 512x512: kernel 1 with 5 layers of 2 kept rows x 8 heads, N = 256, d = 160, 77
 keys (fp16 on CUDA); kernel 2 from a 16x16 map to a 512x512 mask. On a CUDA GPU each row carries
-the do_bench median (ms), the modelled memory traffic, their ratios to the kernel launched eagerly,
-and a quality figure; two more rows time the kernel's launcher called directly (no custom-op
-dispatch) and the kernel replayed from a CUDA graph (do_bench_cudagraph: the device's time without
-the host's launch cost), and a last line puts that against the kernel's memory floor: its modelled
-bytes at the rate of a 1 GiB device copy measured in the same run. On the CPU the kernels run under
+the do_bench median (ms), the modelled memory traffic, their ratios to the kernel launched eagerly
+(the guarded call, as the engine makes it: no custom-op dispatch), and a quality figure; two more
+rows time it through the custom op (as torch.compile calls it) and replayed from a CUDA graph
+(do_bench_cudagraph: the device's time without the host's launch cost), and a last line puts that
+against the kernel's memory floor: its modelled bytes at the rate of a 1 GiB device copy measured
+in the same run. On the CPU the kernels run under
 TRITON_INTERPRET=1 and only the quality figures mean anything (timings need a GPU).
 """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -41,6 +42,34 @@ def assert_same_selection(found, expected) -> None:
     assert (found.segment is None) == (expected.segment is None)
     if expected.segment is not None:
         assert found.segment.dtype == bool and np.array_equal(found.segment, expected.segment)
+
+
+def dispatched_ops(call: Callable[[], object]) -> list[str]:
+    """The names of the operators `call()` dispatches (aten and custom ops alike)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        call()
+    return seen
+
+
+def compiled_graph(function: Callable, *args) -> str:
+    """The FX graph that torch.compile (fullgraph) traces from `function(*args)`, as text; the call runs."""
+    graphs: list[str] = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(str(graph_module.graph))
+        return graph_module
+
+    torch.compile(function, backend=backend, fullgraph=True)(*args)
+    return graphs[0]
 
 
 def rerun_compiled(test_file: str, class_name: str):

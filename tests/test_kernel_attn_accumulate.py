@@ -19,6 +19,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or the kernels a
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import compiled_graph, dispatched_ops  # noqa: E402
 
 import kernels.attn_accumulate as attn_module  # noqa: E402
 from kernels.attn_accumulate import (  # noqa: E402
@@ -156,7 +157,7 @@ def test_clear_errors(change, message):
 
 def _spy(monkeypatch):
     calls = []
-    for name in ("attn_accumulate_triton", "attn_accumulate_reference"):
+    for name in ("_launch", "attn_accumulate_reference"):
         original = getattr(attn_module, name)
 
         def spy(*args, _name=name, _original=original, **kwargs):
@@ -171,7 +172,7 @@ def test_environment_variable_switches_the_kernel_off(monkeypatch):
     query, key = _inputs(2, 5, 6, 40, 77, torch.float32)
     calls = _spy(monkeypatch)
     attn_accumulate_(torch.zeros(6, 77), query, key, 0.1)
-    assert calls == ["attn_accumulate_triton"]
+    assert calls == ["_launch"]
     calls.clear()
     monkeypatch.setenv(DISABLE_ENV, "1")
     total = torch.zeros(6, 77)
@@ -199,6 +200,17 @@ def test_custom_op_opcheck_and_fake_tensors():
         attn_accumulate_(total, query, key, 0.1)  # runs the fake implementation: no kernel, no error
         with pytest.raises(ValueError, match="contiguous float32"):
             torch.ops.zone.attn_accumulate_(torch.empty(36, 77), query, key, 0.1)
+
+
+def test_only_traced_calls_go_through_the_custom_op():
+    """Eager calls launch directly (no dispatcher host time); torch.compile sees the opaque op."""
+    query, key = _inputs(2, 3, 6, 16, 77, torch.float32)
+    total = torch.zeros(6, 77)
+    assert not any(op.startswith("zone.") for op in dispatched_ops(lambda: attn_accumulate_(total, query, key, 0.25)))
+    assert dispatched_ops(lambda: torch.ops.zone.attn_accumulate_(total, query, key, 0.25)) == [
+        "zone.attn_accumulate_.default"]
+    graph = compiled_graph(lambda total, q, k: attn_accumulate_(total, q, k, 0.25), torch.zeros(6, 77), query, key)
+    assert "zone.attn_accumulate_" in graph
 
 
 def test_traceable_by_torch_compile():

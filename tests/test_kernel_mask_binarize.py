@@ -15,6 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or the kernels a
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import compiled_graph, dispatched_ops  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import kernels.mask_binarize as binarize_module  # noqa: E402
@@ -179,7 +180,7 @@ def test_clear_errors(change, message):
 
 def test_environment_variable_switches_the_kernels_off(monkeypatch):
     calls = []
-    for name in ("mask_binarize_triton", "mask_binarize_reference_"):
+    for name in ("_launch", "mask_binarize_reference_"):
         original = getattr(binarize_module, name)
 
         def spy(*args, _name=name, _original=original, **kwargs):
@@ -190,7 +191,7 @@ def test_environment_variable_switches_the_kernels_off(monkeypatch):
     grid, size, average = (3, 2), (96, 64), _map((3, 2), "random", 7)
     mask = torch.empty(size, dtype=torch.uint8)
     mask_binarize_(average, grid, 5, mask)
-    assert calls == ["mask_binarize_triton"]
+    assert calls == ["_launch"]
     calls.clear()
     monkeypatch.setenv(DISABLE_ENV, "1")
     mask_binarize_(average, grid, 5, mask)
@@ -220,6 +221,15 @@ def test_custom_op_opcheck_and_fake_tensors():
         mask_binarize_(average, (3, 2), 5, mask)  # the fake implementation: no kernel, no error
         with pytest.raises(ValueError, match="does not hold"):
             op(average, 2, 2, 5, False, 108, mask, None)
+
+
+def test_only_traced_calls_go_through_the_custom_op():
+    """Eager calls launch directly (no dispatcher host time); torch.compile sees the opaque op."""
+    grid, average = (3, 2), _map((3, 2), "random", 7)
+    mask = torch.empty(96, 64, dtype=torch.uint8)
+    assert not any(op.startswith("zone.") for op in dispatched_ops(lambda: mask_binarize_(average, grid, 5, mask)))
+    graph = compiled_graph(lambda a, m: mask_binarize_(a, grid, 5, m), average, mask)
+    assert "zone.mask_binarize_" in graph
 
 
 def test_traceable_by_torch_compile():
