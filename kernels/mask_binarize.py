@@ -20,8 +20,9 @@ reads the whole map: a few hundred floats), then per vertical tap the horizontal
 row it reads (normalise, truncate, subtract, the integer MACs, Pillow's uint8 intermediate: recomputed
 in registers per tile, never stored), the vertical MACs, the threshold, the uint8 stores. At SD1.5's
 16x16 -> 512x512 that is 5 x 5 taps, 50 reads of the L1-resident map per output pixel.
-The weight tables are computed on the host in float64 exactly as Pillow does, cached per
-(in size, out size, device), and passed as int32 tensors: the kernel only does integer MACs.
+The weight tables are computed on the host in float64 exactly as Pillow does
+(`zone_engine.pillow_resize`, shared with SAM's input resize on CUDA), cached per (in size, out
+size, device), and passed as int32 tensors: the kernel only does integer MACs.
 
 Only enlarging the height (H >= h) is fused: Pillow 13 runs the vertical pass first when the height
 shrinks by more than twice as many pixels as the width, older Pillows never do, so a shrinking
@@ -34,14 +35,13 @@ Public API:
                                                numpy results: the `binarize=` callable of localize()
     mask_binarize_triton(...)                  the launcher (always launches)
     mask_binarize_reference_(...)              plain torch/numpy/PIL, same in-place contract
-    bicubic_coefficients(in_size, out_size)    Pillow's integer weight tables
+    bicubic_coefficients(in_size, out_size)    Pillow's integer weight tables (zone_engine.pillow_resize)
     torch.ops.zone.mask_binarize_              the custom op (fake impl registered)
     benchmark(...)                             (a) reference code path, (b) engine reference, (c) kernels
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Literal
 
@@ -52,8 +52,8 @@ import triton.language as tl
 
 from kernels.runtime import can_launch, is_interpreted, traced
 from zone_engine.localize import binarize_reference
-
-PRECISION_BITS = 22  # Pillow's 8-bit resampling precision: 32 - 8 bits of result - 2 bits of headroom
+from zone_engine.pillow_resize import PRECISION_BITS
+from zone_engine.pillow_resize import pillow_coefficients as bicubic_coefficients
 
 
 @triton.jit
@@ -101,48 +101,6 @@ def _binarize_kernel(
     tl.store(mask_ptr + offsets, keep.to(tl.uint8), mask=inside)
     if STORE_DIFFERENCE:
         tl.store(difference_ptr + offsets, difference.to(tl.uint8), mask=inside)
-
-
-def _bicubic_filter(x: float) -> float:
-    a = -0.5
-    x = abs(x)
-    if x < 1.0:
-        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
-    if x < 2.0:
-        return (((x - 5) * x + 8) * x - 4) * a
-    return 0.0
-
-
-@functools.lru_cache(maxsize=64)
-def bicubic_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pillow's integer bicubic tables for one axis: starts int32 (out,), weights int32 (out, taps).
-
-    Output pixel i reads inputs starts[i] + t with weight weights[i, t] (zero-padded past its
-    window). Python floats are C doubles and int() truncates toward zero as C's cast does, so this
-    is precompute_coeffs + normalize_coeffs_8bpc step for step. An unchanged size gives the identity.
-    """
-    if in_size == out_size:
-        return np.arange(out_size, dtype=np.int32), np.full((out_size, 1), 1 << PRECISION_BITS, np.int32)
-    scale = in_size / out_size  # box = (0, in_size): in1 - in0 is exact in float
-    filterscale = max(scale, 1.0)
-    support = 2.0 * filterscale  # the bicubic filter's support is 2
-    starts, windows = [], []
-    for i in range(out_size):
-        center = (i + 0.5) * scale
-        start = max(int(center - support + 0.5), 0)
-        count = min(int(center + support + 0.5), in_size) - start
-        weights = [_bicubic_filter((x + start - center + 0.5) * (1.0 / filterscale)) for x in range(count)]
-        total = 0.0
-        for w in weights:
-            total += w
-        if total != 0.0:
-            weights = [w / total for w in weights]
-        starts.append(start)
-        windows.append([int((-0.5 if w < 0 else 0.5) + w * (1 << PRECISION_BITS)) for w in weights])
-    table = np.zeros((out_size, max(len(w) for w in windows)), np.int32)
-    for i, window in enumerate(windows):
-        table[i, : len(window)] = window
-    return np.asarray(starts, np.int32), table
 
 
 _DEVICE_TABLES: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}

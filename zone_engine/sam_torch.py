@@ -17,7 +17,9 @@ generator's own settings, steps and functions, on the generator's device:
 - each kept mask's intersection and union with M_b are counted where the mask is, 8 pixels a machine
   word (`count_true`), and only its low-resolution logits are kept (256², whatever the image size);
 - box NMS runs on the same boxes and scores, in the same order, as the generator's;
-- the chosen segment alone is upscaled again and copied to the host.
+- the chosen segment alone is upscaled again and copied to the host;
+- on CUDA, the image is resized to SAM's input on the device, byte for byte as segment-anything's
+  Pillow resize does it on the host (`TorchSamPredictor.resized_input`, pillow_resize.py).
 
 It returns the segment, IoU and segment count that `choose_segment(mask_b, generator's masks)` does,
 up to the decoder's and the upscaling's float rounding (~3e-7 of their outputs: a pixel at a threshold
@@ -39,6 +41,7 @@ from torchvision.ops.boxes import batched_nms
 from tqdm.auto import tqdm
 
 from .config import SamConfig
+from .pillow_resize import resize_uint8
 from .refine import ListSegmenter, Selection, check_segment_inputs
 from .sam_decoder import two_way_transformer
 from .sam_encoder import encode_image
@@ -56,6 +59,28 @@ class TorchSamPredictor(SamPredictor):
     def __init__(self, sam: torch.nn.Module, encoder_dtype: torch.dtype = torch.float32) -> None:
         super().__init__(sam)
         self.encoder_dtype = encoder_dtype
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """`SamPredictor.set_image`; on CUDA SAM's input is resized on the device (`resized_input`)."""
+        if self.device.type != "cuda":
+            return super().set_image(image, image_format)
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be RGB or BGR, got {image_format!r}")
+        if image_format != self.model.image_format:
+            image = image[..., ::-1]
+        self.set_torch_image(self.resized_input(image), image.shape[:2])
+
+    def resized_input(self, image: np.ndarray) -> torch.Tensor:
+        """The (1, 3, h, w) uint8 input `SamPredictor.set_image` builds from a uint8 (H, W, 3) image with
+        Pillow on the host, built on this predictor's device instead, identical to the byte
+        (pillow_resize.py): no host resize and a 4x smaller copy. A shrinking height (an image over
+        1,024 pixels high) goes through Pillow."""
+        size = self.transform.get_preprocess_shape(*image.shape[:2], self.transform.target_length)
+        if size[0] < image.shape[0]:
+            resized = torch.as_tensor(self.transform.apply_image(image), device=self.device)
+        else:
+            resized = resize_uint8(torch.from_numpy(np.ascontiguousarray(image)).to(self.device), size, "bilinear")
+        return resized.permute(2, 0, 1).contiguous()[None]
 
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
         """`SamPredictor.set_torch_image`, the encoder's attention through SDPA (sam_encoder.py)."""
