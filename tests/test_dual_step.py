@@ -82,6 +82,33 @@ def test_whole_edit_is_the_same_with_either_denoiser(tiny_models):
     assert np.abs(results["eager"].image.astype(int) - results["fused"].image.astype(int)).max() <= 1
 
 
+def test_a_compiled_step_is_traced_once_for_every_step_of_every_edit(tiny_models, denoise_inputs):
+    """torch.compile reads no Python number that changes from step to step (the attention's row count
+    is a device tensor) and the same code from the first call on (the sums are allocated before it):
+    one trace for two edits of 3 steps. Until this held, every step of an edit recompiled."""
+    from zone_engine.dual_step import dual_step
+
+    traces = []
+
+    def backend(graph_module, example_inputs):
+        traces.append(graph_module)
+        return graph_module  # runs the traced graph as it is: seconds, where inductor takes minutes
+
+    models, config, inputs = tiny_models, EditConfig(steps=3), denoise_inputs((64, 96), seed=5)
+    compiled = FusedDualDenoiser(models.ip2p_unet, models.mb_unet, models.scheduler_config)
+    compiled.step_fn = torch.compile(dual_step, backend=backend, dynamic=False)
+    plain = FusedDualDenoiser(models.ip2p_unet, models.mb_unet, models.scheduler_config)
+    expected_attention = AttentionAccumulator()
+    expected = plain(inputs, config, 0.01, expected_attention)
+    for _ in range(2):
+        attention = AttentionAccumulator()
+        latents = compiled(inputs, config, 0.01, attention)
+        assert torch.allclose(latents, expected, rtol=0, atol=1e-6)
+        assert attention.rows == expected_attention.rows == 3 * 5 * 2 * 2  # steps x layers x kept rows x heads
+        assert torch.allclose(attention.average(), expected_attention.average(), rtol=0, atol=1e-7)
+    assert len(traces) == 1
+
+
 def test_compile_backend_raises_dynamos_recompile_limit_but_never_lowers_it(tiny_models):
     from zone_engine.dual_step import COMPILE_RECOMPILE_LIMIT
 

@@ -193,10 +193,18 @@ class FusedDualDenoiser:
         if self.cuda_graphs and device.type == "cuda":
             latents = self._replay(batch, schedule, guidance, beta_tensor, attention, on_step)
         else:
-            latent_size = tuple(batch.noise.shape[-2:])
-            with record_cross_attention(self.unet.ip2p_unet, latent_size, attention_grid(latent_size), attention):
+            with self._recording(batch, attention):
                 latents = self._loop(batch, schedule, DualState.start(batch.noise), guidance, beta_tensor, on_step)
         return list(latents.to(batch.noise.dtype).split(1))[:edits]
+
+    def _recording(self, batch: DenoiseInputs, accumulators: Sequence[AttentionAccumulator]):
+        """Record IP2P's cross-attention into `accumulators`, their sums allocated first: a compiled
+        step then traces one code path from its first call on (one compilation, not two)."""
+        latent_size = tuple(batch.noise.shape[-2:])
+        grid = attention_grid(latent_size)
+        for accumulator in accumulators:
+            accumulator.reserve(grid[0] * grid[1], batch.context.shape[1], batch.noise.device)
+        return record_cross_attention(self.unet.ip2p_unet, latent_size, grid, accumulators)
 
     def _loop(self, batch: DenoiseInputs, schedule: SolverSchedule, state: DualState, guidance: torch.Tensor,
               beta: torch.Tensor, on_step: Callable[[int], None] | None) -> torch.Tensor:
@@ -228,8 +236,7 @@ class FusedDualDenoiser:
         state = DualState.start(static.noise)
         accumulators = [AttentionAccumulator(accumulate) for _ in range(batch.noise.shape[0])]
         args = (self.unet, schedule, state, static.image_latents, static.context, guidance.clone(), beta.clone())
-        latent_size = tuple(batch.noise.shape[-2:])
-        with record_cross_attention(self.unet.ip2p_unet, latent_size, attention_grid(latent_size), accumulators):
+        with self._recording(static, accumulators):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

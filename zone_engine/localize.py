@@ -39,33 +39,46 @@ class AttentionAccumulator:
     """Running sum of cross-attention probabilities over (steps, layers, kept rows).
 
     `accumulate` does the in-place add; the default is the plain-torch reference, and the fused
-    Triton kernel (kernels/attn_accumulate.py) has the same signature.
+    Triton kernel (kernels/attn_accumulate.py) has the same signature. The sum and its row count are
+    device tensors updated in place: a compiled step reads no Python number that changes from call to
+    call (torch.compile guards on such numbers, so a Python row count recompiled the step every step),
+    and a captured CUDA graph updates both on replay.
     """
 
     def __init__(self, accumulate: Accumulate | None = None) -> None:
         self.accumulate = accumulate or accumulate_attention_probabilities
         self.total: torch.Tensor | None = None  # (N, 77) float32
-        self.rows = 0
+        self.count: torch.Tensor | None = None  # () int64: rows summed into total
+
+    def reserve(self, queries: int, keys: int, device: torch.device) -> None:
+        """Allocate the (queries, keys) sum and its count unless they exist. A compiled step's caller
+        reserves before the first call, so that every call traces the same code."""
+        if self.total is None:
+            self.total = torch.zeros(queries, keys, dtype=torch.float32, device=device)
+            self.count = torch.zeros((), dtype=torch.int64, device=device)
+
+    @property
+    def rows(self) -> int:
+        """Rows summed so far (read from the device)."""
+        return 0 if self.count is None else int(self.count)
 
     def add(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
         """query (R, heads, N, d), key (R, heads, 77, d): add sum_rows softmax(q k^T * scale)."""
-        if self.total is None:
-            self.total = torch.zeros(query.shape[2], key.shape[2], dtype=torch.float32, device=query.device)
+        self.reserve(query.shape[2], key.shape[2], query.device)
         self.accumulate(self.total, query, key, scale)
-        self.rows += query.shape[0] * query.shape[1]
+        self.count += query.shape[0] * query.shape[1]
 
     def add_sum(self, total: torch.Tensor, rows: int) -> None:
         """Add an already-summed map (N, 77) holding `rows` rows (from an engine or a CUDA-graph replay)."""
-        if self.total is None:
-            self.total = torch.zeros_like(total, dtype=torch.float32)
+        self.reserve(*total.shape, total.device)
         self.total.add_(total)
-        self.rows += rows
+        self.count += rows
 
     def average(self) -> torch.Tensor:
         """Mean attention map (N, 77) over every recorded step, layer and row."""
         if self.total is None:
             raise RuntimeError("no cross-attention was recorded: the UNet has no layer at 1/32 of the image size")
-        return self.total / self.rows
+        return self.total / self.count
 
 
 def attention_probability_sum(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
