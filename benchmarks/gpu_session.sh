@@ -22,8 +22,8 @@
 # limits adding up to 150 + 50 + 120 + 240 = 560 s (on the H100: tests 55 s, gpu-512 eager,fused 111 s).
 # Run it with timeout_s 590, then give the machine back. dual, bench-cl, compile, breaks, suite and serve
 # are for a lease with time left after that; so is the compile backend end to end, in a call of its own:
-# `BACKENDS=fused,compile BENCH_LIMIT=560 bash benchmarks/gpu_session.sh bench` (~150 s of compilation; its
-# sam-bf16 row is then compile's denoiser with SAM's encoder in bf16: the fastest combination there is).
+# `BACKENDS=fused,compile BENCH_LIMIT=560 bash benchmarks/gpu_session.sh bench` (149 s of compilation before
+# 3173f92; its sam-bf16 row is then compile's denoiser with SAM's encoder in bf16: the fastest combination).
 # DRY_RUN=1 prints each stage's command instead of running it, with nothing installed: the suite parses
 # them with their tools' own parsers (tests/test_gpu_session.py), so no lease is spent on a stale flag.
 set -uo pipefail
@@ -83,7 +83,8 @@ run_stage() {
     breaks)  # torch.compile's graph breaks in the dual step, SD1.5 size, fp16 (none is the goal).
         stage graph_breaks 90 python3 -m benchmarks.graph_breaks --device cuda --dtype fp16 ;;
     bench)  # Per-stage latency, baseline vs engine backends, 512², 20 steps, fp16. BACKENDS: the engine rows
-        # (default fused; eager,fused took 111 s in all on the H100; compile adds its 149 s of compilation to the warm-up).
+        # (default fused; eager,fused took 111 s in all on the H100; compile's warm-up took 149 s there when it compiled
+        # once per warm-up step and capture, 4 times a shape: once since 3173f92, and again for the batch of 4).
         TAIL=50 stage bench "${BENCH_LIMIT:-240}" python3 -m benchmarks --preset gpu-512 \
             --backends "${BACKENDS:-fused}" --out "$OUT" ;;
     bench-cl)  # The same with every engine row's UNets and VAE channels-last (fused rows only, no batches):
