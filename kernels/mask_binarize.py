@@ -35,7 +35,6 @@ Public API:
                                                numpy results: the `binarize=` callable of localize()
     mask_binarize_triton(...)                  the launcher (always launches)
     mask_binarize_reference_(...)              plain torch/numpy/PIL, same in-place contract
-    bicubic_coefficients(in_size, out_size)    Pillow's integer weight tables (zone_engine.pillow_resize)
     torch.ops.zone.mask_binarize_              the custom op (fake impl registered)
     benchmark(...)                             (a) reference code path, (b) engine reference, (c) kernels
 """
@@ -52,8 +51,7 @@ import triton.language as tl
 
 from kernels.runtime import can_launch, is_interpreted, traced
 from zone_engine.localize import binarize_reference
-from zone_engine.pillow_resize import PRECISION_BITS
-from zone_engine.pillow_resize import pillow_coefficients as bicubic_coefficients
+from zone_engine.pillow_resize import PRECISION_BITS, device_coefficients
 
 
 @triton.jit
@@ -101,18 +99,6 @@ def _binarize_kernel(
     tl.store(mask_ptr + offsets, keep.to(tl.uint8), mask=inside)
     if STORE_DIFFERENCE:
         tl.store(difference_ptr + offsets, difference.to(tl.uint8), mask=inside)
-
-
-_DEVICE_TABLES: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _device_coefficients(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Cached on the device: after one warm-up call no host-to-device copy happens (CUDA-graph safe).
-    key = (in_size, out_size, device)
-    if key not in _DEVICE_TABLES:
-        starts, weights = bicubic_coefficients(in_size, out_size)
-        _DEVICE_TABLES[key] = (torch.from_numpy(starts).to(device), torch.from_numpy(weights).to(device))
-    return _DEVICE_TABLES[key]
 
 
 def _check_arguments(
@@ -165,8 +151,8 @@ def _launch(
 ) -> None:
     grid_h, grid_w = grid
     out_h, out_w = mask.shape
-    x_starts, x_weights = _device_coefficients(grid_w, out_w, average.device)
-    y_starts, y_weights = _device_coefficients(grid_h, out_h, average.device)
+    x_starts, x_weights = device_coefficients(grid_w, out_w, "bicubic", average.device)
+    y_starts, y_weights = device_coefficients(grid_h, out_h, "bicubic", average.device)
     # 16 x 128 tiles: 128 programs at 512 x 512, one wave on an H100; the interpreter prefers fewer.
     block_h, block_w = (128, 256) if is_interpreted(_binarize_kernel) else (16, 128)
     _binarize_kernel[(triton.cdiv(out_h, block_h), triton.cdiv(out_w, block_w))](

@@ -21,7 +21,6 @@ from PIL import Image  # noqa: E402
 import kernels.mask_binarize as binarize_module  # noqa: E402
 from kernels.mask_binarize import (  # noqa: E402
     PRECISION_BITS,
-    bicubic_coefficients,
     binarize_mask,
     mask_binarize_,
     mask_binarize_reference_,
@@ -29,6 +28,7 @@ from kernels.mask_binarize import (  # noqa: E402
 )
 from kernels.runtime import DISABLE_ENV, is_interpreted  # noqa: E402
 from zone_engine.localize import binarize_reference, localize  # noqa: E402
+from zone_engine.pillow_resize import pillow_coefficients  # noqa: E402
 
 INTERPRETED = is_interpreted(binarize_module._binarize_kernel)
 
@@ -113,7 +113,7 @@ def test_coefficient_tables_reproduce_pillow_on_images():
         image = rng.integers(0, 256, (height, width), dtype=np.uint8)
         rows = image.astype(np.int64)
         for axis, (source, target) in ((1, (width, out_w)), (0, (height, out_h))):
-            starts, weights = bicubic_coefficients(source, target)
+            starts, weights = pillow_coefficients(source, target, "bicubic")
             acc = np.full((rows.shape[0], target) if axis else (target, rows.shape[1]), 1 << (PRECISION_BITS - 1))
             for t in range(weights.shape[1]):
                 index = np.minimum(starts + t, source - 1)

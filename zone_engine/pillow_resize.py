@@ -77,6 +77,16 @@ def pillow_coefficients(in_size: int, out_size: int, filter: Filter = "bicubic")
     return np.asarray(starts, np.int32), table
 
 
+@functools.lru_cache(maxsize=64)
+def device_coefficients(
+    in_size: int, out_size: int, filter: Filter, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pillow_coefficients` as int32 tensors on `device`, cached: after the first call for a size no
+    host-to-device copy happens (so a kernel that reads them can be captured in a CUDA graph)."""
+    starts, weights = pillow_coefficients(in_size, out_size, filter)
+    return torch.from_numpy(starts).to(device), torch.from_numpy(weights).to(device)
+
+
 def resize_uint8(image: torch.Tensor, size: tuple[int, int], filter: Filter = "bilinear") -> torch.Tensor:
     """uint8 (H, W, C) -> uint8 (*size, C), each channel on its own: `Image.resize((size[1], size[0]),
     filter)` of an L (C = 1) or RGB (C = 3) image, identical to the byte, where the tensor lives (RGBA
@@ -94,8 +104,7 @@ def _resample(pixels: torch.Tensor, size: int, axis: int, filter: Filter) -> tor
     """One pass along `axis` of int32 (H, W, C) values 0..255: int32 results 0..255 (Pillow's clip8)."""
     if pixels.shape[axis] == size:
         return pixels
-    starts, weights = (torch.from_numpy(table).to(pixels.device)
-                       for table in pillow_coefficients(pixels.shape[axis], size, filter))
+    starts, weights = device_coefficients(pixels.shape[axis], size, filter, pixels.device)
     taps = torch.arange(weights.shape[1], device=pixels.device)
     # Past a window the weight is 0, so a clamped index reads any valid pixel harmlessly.
     sources = (starts[:, None] + taps).clamp(max=pixels.shape[axis] - 1)  # (size, taps)
