@@ -1,0 +1,207 @@
+"""Where one edit's time goes inside each stage: device-busy time, launches and the longest device work.
+
+    python -m benchmarks.profile_edit                              # CUDA: SD1.5 + SAM vit_h, 512², 20 steps, fp16
+    python -m benchmarks.profile_edit --models tiny --device cpu --resolution 64 --steps 2
+
+`zone bench` says how long each stage takes; this says why. After warm-up edits (CUDA-graph capture,
+SAM's first call), one edit runs under `torch.profiler`. The engine's stopwatch marks each stage
+(`zone.<stage>` ranges); inside a stage's range the profiler's device activities give the device's
+busy time (overlaps counted once) and their number, and the host side the torch ops dispatched from
+Python and the CUDA-graph launches. A stage whose device is busy for a small share of its wall time
+is bound by the host (Python, launches, synchronisations), not by the GPU: capturing it in a graph or
+compiling it would pay; a busy one needs less arithmetic or better kernels. The profiler slows the
+host side, so the walls here are above `zone bench`'s: read shares and counts, not latencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from zone_engine.backends import DENOISERS, SAM_PRECISIONS, resolve_device, resolve_dtype
+from zone_engine.config import EditConfig, SamConfig
+from zone_engine.errors import ZoneError
+from zone_engine.image_io import make_sample_image
+from zone_engine.models import PRESETS, SAM_SIZES, build_random_components
+from zone_engine.pipeline import STAGES, ZonePipeline
+from zone_engine.timing import RANGE_PREFIX
+
+Window = tuple[float, float]  # microseconds on the profiler's clock
+
+
+@dataclass(frozen=True)
+class StageProfile:
+    stage: str
+    wall_us: float
+    device_busy_us: float | None  # None: no device activity was traced (a CPU run)
+    device_ops: int  # kernels, copies and sets on the device
+    graph_launches: int
+    torch_ops: int  # aten ops called from outside another aten op: what Python dispatched
+    in_torch_ops_us: float  # host time inside those ops; the rest of the wall is Python, waits and syncs
+    longest: tuple[tuple[str, float], ...]  # the device work (or, on a CPU, the torch ops) taking most time
+
+    @property
+    def busy_share(self) -> float | None:
+        return None if self.device_busy_us is None else self.device_busy_us / max(self.wall_us, 1e-9)
+
+    @property
+    def torch_ops_share(self) -> float:
+        return self.in_torch_ops_us / max(self.wall_us, 1e-9)
+
+
+def covered(intervals: Iterable[Window], window: Window) -> float:
+    """How much of `window` lies under at least one interval (overlapping intervals counted once)."""
+    low, high = window
+    clipped = sorted((max(start, low), min(end, high)) for start, end in intervals if end > low and start < high)
+    total, reached = 0.0, low
+    for start, end in clipped:
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total
+
+
+def _span(event) -> Window:
+    return event.time_range.start, event.time_range.end
+
+
+def _inside(event, windows: Sequence[Window]) -> bool:
+    return any(low <= event.time_range.start < high for low, high in windows)
+
+
+def _is_dispatched_op(event) -> bool:
+    parent = event.cpu_parent
+    return event.name.startswith("aten::") and not (parent is not None and parent.name.startswith("aten::"))
+
+
+def _longest(pairs: Iterable[tuple[str, float]], count: int) -> tuple[tuple[str, float], ...]:
+    totals: Counter[str] = Counter()
+    for name, duration in pairs:
+        totals[name] += duration
+    return tuple(totals.most_common(count))
+
+
+def stage_profiles(events: Sequence, stages: Sequence[str] = STAGES, longest: int = 3) -> list[StageProfile]:
+    """One StageProfile per stage that has a `zone.<stage>` range among the profiler's `events`."""
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    device = [e for e in events if e.device_type != DeviceType.CPU and not e.is_user_annotation]
+    profiles = []
+    for stage in stages:
+        windows = [_span(e) for e in host if e.is_user_annotation and e.name == RANGE_PREFIX + stage]
+        if not windows:
+            continue
+        on_device = [e for e in device if _inside(e, windows)]
+        dispatched = [e for e in host if _is_dispatched_op(e) and _inside(e, windows)]
+        work = on_device or dispatched
+        profiles.append(StageProfile(
+            stage=stage,
+            wall_us=sum(high - low for low, high in windows),
+            device_busy_us=sum(covered(map(_span, on_device), w) for w in windows) if device else None,
+            device_ops=len(on_device),
+            graph_launches=sum(e.name == "cudaGraphLaunch" and _inside(e, windows) for e in host),
+            torch_ops=len(dispatched),
+            in_torch_ops_us=sum(covered(map(_span, dispatched), w) for w in windows),
+            longest=_longest(((e.name, e.time_range.elapsed_us()) for e in work), longest),
+        ))
+    return profiles
+
+
+def _ms(us: float | None) -> str:
+    return "—" if us is None else f"{us / 1000:.2f} ms"
+
+
+def _percent(share: float | None) -> str:
+    return "—" if share is None else f"{100 * share:.0f} %"
+
+
+def stage_table(profiles: Sequence[StageProfile]) -> str:
+    on_device = any(p.device_busy_us is not None for p in profiles)
+    work = "longest device work" if on_device else "longest torch ops (CPU)"
+    lines = [f"| stage | wall | device busy | busy share | device ops | graph launches | torch ops | in torch ops "
+             f"| {work} |", "|---|---|---|---|---|---|---|---|---|"]
+    for p in profiles:
+        top = "; ".join(f"{name[:60]} {_ms(us)}" for name, us in p.longest)
+        lines.append(f"| {p.stage} | {_ms(p.wall_us)} | {_ms(p.device_busy_us)} | {_percent(p.busy_share)} | "
+                     f"{p.device_ops} | {p.graph_launches} | {p.torch_ops} | "
+                     f"{_percent(p.torch_ops_share)} | {top} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_edit", description=__doc__.split("\n")[0],
+                                     epilog="The walls are inflated by the profiler; zone bench measures latency.")
+    parser.add_argument("--models", choices=PRESETS, default="sd15", help="architecture sizes (default sd15)")
+    parser.add_argument("--sam-type", choices=SAM_SIZES, help="SAM size (default vit_h; tiny with --models tiny)")
+    parser.add_argument("--resolution", type=int, default=512, help="side of the square test image (default 512)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
+                        help="engine precision (default fp16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--denoiser", choices=DENOISERS, default="fused", help="denoiser backend (default fused)")
+    parser.add_argument("--sam-precision", choices=SAM_PRECISIONS, default="fp32",
+                        help="SAM image encoder precision (default fp32)")
+    parser.add_argument("--channels-last", action="store_true", help="UNets and VAE in the channels-last layout")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed edits before the profiled one (default 1)")
+    parser.add_argument("--rows", type=int, default=25, help="rows of the whole edit's op table (default 25)")
+    parser.add_argument("--trace", type=Path, help="also write the profiled edit as a Chrome trace (JSON) here")
+    args = parser.parse_args(argv)
+    if args.resolution < 32 or args.steps < 1 or args.warmup < 0 or args.rows < 0:
+        parser.error("need --resolution >= 32, --steps >= 1, --warmup >= 0, --rows >= 0")
+    if args.sam_type is None:
+        args.sam_type = "tiny" if args.models == "tiny" else "vit_h"
+    return args
+
+
+def profile_edit(args: argparse.Namespace) -> tuple[list[StageProfile], str]:
+    """Build the random-weight models, run the warm-up edits, profile one edit: (stages, op table)."""
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"), device)
+    print(f"[profile] building {args.models} models with random weights (SAM {args.sam_type})", file=sys.stderr)
+    models = build_random_components(args.models, 0, args.sam_type).to(device, torch.float32)
+    pipe = ZonePipeline(models, device, dtype, denoiser=args.denoiser, sam_precision=args.sam_precision,
+                        channels_last=args.channels_last)
+    # ZONE's SAM settings; a random tiny SAM keeps no mask at them, so the tiny models get the tests' settings.
+    sam = SamConfig.for_random_weights() if args.sam_type == "tiny" else SamConfig()
+    config = EditConfig(steps=args.steps, sam=sam)  # the action classified, as in a user's edit
+    image = make_sample_image(args.resolution, args.resolution)
+    for index in range(args.warmup):
+        print(f"[profile] warm-up edit {index + 1} of {args.warmup}", file=sys.stderr)
+        pipe.edit(image, "make the house a golden statue", config)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    print("[profile] profiled edit", file=sys.stderr)
+    with profile(activities=activities) as profiler:
+        pipe.edit(image, "make the house a golden statue", config)
+    if args.trace is not None:
+        profiler.export_chrome_trace(str(args.trace))
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return stage_profiles(profiler.events()), profiler.key_averages().table(sort_by=sort_by, row_limit=args.rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        profiles, ops = profile_edit(args)
+    except ZoneError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"One edit, {args.models} (SAM {args.sam_type}), {args.resolution}², {args.steps} steps, "
+          f"denoiser {args.denoiser}, torch {torch.__version__}:\n")
+    print(stage_table(profiles))
+    if args.rows:
+        print(f"\nThe whole edit, top {args.rows} ops by self time:\n\n{ops}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

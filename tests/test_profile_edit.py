@@ -1,0 +1,80 @@
+"""benchmarks/profile_edit.py: per-stage device-busy time and launches from torch.profiler's events."""
+
+from __future__ import annotations
+
+import pytest
+from torch.autograd import DeviceType
+from torch.autograd.profiler_util import FunctionEvent
+
+from benchmarks import profile_edit
+from benchmarks.profile_edit import covered, stage_profiles
+from zone_engine.pipeline import STAGES
+from zone_engine.timing import RANGE_PREFIX
+
+
+@pytest.mark.parametrize(("intervals", "window", "expected"), [
+    ([], (0, 100), 0),
+    ([(10, 30), (20, 50)], (0, 100), 40),  # overlapping: counted once
+    ([(10, 30), (40, 50)], (0, 100), 30),
+    ([(-10, 10), (90, 120)], (0, 100), 20),  # clipped to the window
+    ([(20, 30), (0, 100), (40, 60)], (0, 100), 100),  # one interval covering the others
+    ([(100, 120), (-5, 0)], (0, 100), 0),  # touching the window only at its ends
+])
+def test_covered_counts_each_instant_of_the_window_once(intervals, window, expected):
+    assert covered(intervals, window) == pytest.approx(expected)
+
+
+def _event(name: str, start: float, end: float, device: bool = False, annotation: bool = False,
+           parent: FunctionEvent | None = None) -> FunctionEvent:
+    event = FunctionEvent(id=0, name=name, thread=0, start_us=start, end_us=end,
+                          device_type=DeviceType.CUDA if device else DeviceType.CPU, is_user_annotation=annotation)
+    if parent is not None:
+        event.set_cpu_parent(parent)
+    return event
+
+
+def test_stage_profiles_attribute_device_work_and_dispatched_ops_to_the_stage_they_started_in():
+    conv = _event("aten::conv2d", 5, 60)
+    events = [
+        _event(RANGE_PREFIX + "denoise", 0, 100, annotation=True),
+        _event(RANGE_PREFIX + "denoise", 0, 100, device=True, annotation=True),  # the GPU copy of the range
+        conv, _event("aten::convolution", 6, 59, parent=conv),  # called by conv2d: not dispatched from Python
+        _event("aten::add", 70, 80),
+        _event("cudaGraphLaunch", 81, 82),
+        _event("sm90_gemm", 10, 30, device=True), _event("sm90_gemm", 20, 50, device=True),
+        _event("softmax", 90, 120, device=True),  # launched in the stage, finishing after it
+        _event(RANGE_PREFIX + "refine", 200, 300, annotation=True),
+        _event("aten::mm", 210, 290),
+        _event("sm90_gemm", 150, 160, device=True),  # between the stages: no stage's
+    ]
+    denoise, refine = stage_profiles(events, ("text", "denoise", "refine"))  # no text range: no text row
+    assert (denoise.stage, denoise.wall_us, denoise.device_busy_us, denoise.device_ops) == ("denoise", 100, 50, 3)
+    assert (denoise.torch_ops, denoise.in_torch_ops_us, denoise.graph_launches) == (2, 65, 1)
+    assert denoise.longest[0] == ("sm90_gemm", 50)
+    assert denoise.busy_share == pytest.approx(0.5)
+    assert (refine.device_busy_us, refine.device_ops, refine.torch_ops) == (0, 0, 1)
+
+
+def test_a_cpu_run_has_no_device_busy_time_and_ranks_its_torch_ops():
+    events = [_event(RANGE_PREFIX + "blend", 0, 10, annotation=True), _event("aten::fft_fft2", 1, 4),
+              _event("aten::abs", 5, 6), _event("aten::fft_fft2", 7, 9)]
+    (blend,) = stage_profiles(events)
+    assert blend.device_busy_us is None and blend.busy_share is None
+    assert blend.longest == (("aten::fft_fft2", 5), ("aten::abs", 1))
+    assert blend.torch_ops_share == pytest.approx(0.6)
+
+
+def test_profiling_a_tiny_edit_reports_every_stage(capsys):
+    assert profile_edit.main(["--models", "tiny", "--device", "cpu", "--resolution", "64", "--steps", "2",
+                              "--warmup", "0", "--rows", "5"]) == 0
+    table = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert set(STAGES) <= set(rows)
+    denoise_ops = int(rows["denoise"].split("|")[7])
+    assert denoise_ops > int(rows["blend"].split("|")[7]) > 0  # two UNets x 2 steps dispatch the most
+    assert "top 5 ops by self time" in table
+
+
+def test_half_precision_on_the_cpu_is_a_one_line_error(capsys):
+    assert profile_edit.main(["--models", "tiny", "--device", "cpu", "--dtype", "fp16", "--warmup", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
