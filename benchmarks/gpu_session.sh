@@ -21,8 +21,10 @@
 # A lease now has 15 minutes of device time in all, a machine's start (a minute or two) included, and a call
 # runs at most 600 s: the default list (tests kernels refine bench, BACKENDS=fused) fits one call, its stage
 # limits adding up to 150 + 50 + 120 + 240 = 560 s (on the H100: tests 55 s, gpu-512 eager,fused 111 s).
-# Run it with timeout_s 590, then give the machine back. dual, bench-cl, compile, breaks, profile, suite and serve
-# are for a lease with time left after that; so is the compile backend end to end, in a call of its own:
+# Run it with timeout_s 590; the machine stays warm a short while after a call, so the ~3 minutes the lease
+# has left then fit `bash benchmarks/gpu_session.sh profile` (limit 150 s, timeout_s 170) at once, no new
+# start; then give the machine back. dual, bench-cl, compile, breaks, suite and serve are for a lease with
+# time left after that; so is the compile backend end to end, in a call of its own:
 # `BACKENDS=fused,compile BENCH_LIMIT=560 bash benchmarks/gpu_session.sh bench` (149 s of compilation before
 # 3173f92; its sam-bf16 row is then compile's denoiser with SAM's encoder in bf16: the fastest combination).
 # DRY_RUN=1 prints each stage's command instead of running it, with nothing installed: the suite parses
