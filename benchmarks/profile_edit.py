@@ -163,8 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def profile_edit(args: argparse.Namespace) -> tuple[list[StageProfile], str]:
-    """Build the random-weight models, run the warm-up edits, profile one edit: (stages, op table)."""
+def profile_edit(args: argparse.Namespace) -> tuple[torch.device, list[StageProfile], str]:
+    """Build the random-weight models, run the warm-up edits, profile one edit: (device, stages, op table)."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"), device)
     print(f"[profile] building {args.models} models with random weights (SAM {args.sam_type})", file=sys.stderr)
@@ -190,21 +190,28 @@ def profile_edit(args: argparse.Namespace) -> tuple[list[StageProfile], str]:
     if args.trace is not None:
         profiler.export_chrome_trace(str(args.trace))
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return stage_profiles(profiler.events()), profiler.key_averages().table(sort_by=sort_by, row_limit=args.rows)
+    return device, stage_profiles(profiler.events()), profiler.key_averages().table(sort_by=sort_by,
+                                                                                     row_limit=args.rows)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        profiles, ops = profile_edit(args)
+        device, profiles, ops = profile_edit(args)
     except ZoneError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"One edit, {args.models} (SAM {args.sam_type}), {args.resolution}², {args.steps} steps, "
-          f"denoiser {args.denoiser}, torch {torch.__version__}:\n")
+          f"denoiser {args.denoiser}, {_device_name(device)}, torch {torch.__version__}:\n")
     print(stage_table(profiles))
     untraced = [p.stage for p in profiles if p.graph_launches and not p.device_ops]
-    if untraced:
+    if device.type == "cuda" and all(p.device_busy_us is None for p in profiles):
+        print("\nThe profiler traced no device activity at all (is CUPTI unavailable here?): no busy times.")
+    elif untraced:
         print(f"\nNo device work was traced in {', '.join(untraced)} although CUDA graphs were launched there: "
               "this profiler missed the graphs' kernels, so those rows' busy times are not real.")
     if args.rows:
