@@ -158,6 +158,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.resolution < 32 or args.steps < 1 or args.warmup < 0 or args.rows < 0:
         parser.error("need --resolution >= 32, --steps >= 1, --warmup >= 0, --rows >= 0")
+    if args.trace is not None and not args.trace.parent.is_dir():
+        parser.error(f"--trace {args.trace}: no folder {args.trace.parent} to write it in")
     if args.sam_type is None:
         args.sam_type = "tiny" if args.models == "tiny" else "vit_h"
     return args

@@ -78,3 +78,9 @@ def test_profiling_a_tiny_edit_reports_every_stage(capsys):
 def test_half_precision_on_the_cpu_is_a_one_line_error(capsys):
     assert profile_edit.main(["--models", "tiny", "--device", "cpu", "--dtype", "fp16", "--warmup", "0"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_a_trace_path_without_its_folder_is_refused_before_any_work(tmp_path):
+    with pytest.raises(SystemExit):
+        profile_edit.parse_args(["--trace", str(tmp_path / "missing" / "trace.json")])
+    assert profile_edit.parse_args(["--trace", str(tmp_path / "trace.json")]).trace == tmp_path / "trace.json"
