@@ -106,7 +106,7 @@ def stage_profiles(events: Sequence, stages: Sequence[str] = STAGES, longest: in
             wall_us=sum(high - low for low, high in windows),
             device_busy_us=sum(covered(map(_span, on_device), w) for w in windows) if device else None,
             device_ops=len(on_device),
-            graph_launches=sum(e.name == "cudaGraphLaunch" and _inside(e, windows) for e in host),
+            graph_launches=sum(e.name.startswith("cudaGraphLaunch") and _inside(e, windows) for e in host),
             torch_ops=len(dispatched),
             in_torch_ops_us=sum(covered(map(_span, dispatched), w) for w in windows),
             longest=_longest(((e.name, e.time_range.elapsed_us()) for e in work), longest),

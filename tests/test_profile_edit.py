@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 
@@ -84,3 +85,17 @@ def test_a_trace_path_without_its_folder_is_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit):
         profile_edit.parse_args(["--trace", str(tmp_path / "missing" / "trace.json")])
     assert profile_edit.parse_args(["--trace", str(tmp_path / "trace.json")]).trace == tmp_path / "trace.json"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a profile's device side: needs CUDA")
+def test_a_cuda_profile_sees_the_kernels_of_the_replayed_denoising_graph():
+    args = profile_edit.parse_args(["--models", "tiny", "--device", "cuda", "--resolution", "64", "--steps", "3",
+                                    "--rows", "0"])
+    _, profiles, _ = profile_edit.profile_edit(args)
+    stages = {p.stage: p for p in profiles}
+    assert set(STAGES) <= set(stages)
+    denoise = stages["denoise"]
+    assert denoise.graph_launches == 3  # one replay a step, captured in the warm-up edit
+    assert denoise.device_ops > 0 and 0 < denoise.busy_share <= 1
+    assert all(p.device_busy_us is not None for p in profiles)
