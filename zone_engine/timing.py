@@ -15,8 +15,9 @@ RANGE_PREFIX = "zone."  # each stage is a profiler range named zone.<stage> (ben
 class Stopwatch:
     """Accumulates seconds per named stage; synchronises CUDA so a stage's queued work counts to it.
 
-    Each stage is also a `torch.profiler` range (a few microseconds when no profiler runs), closed after
-    the synchronisation, so a profile attributes the stage's device work to it.
+    Each stage is also a `torch.profiler` range, closed after the synchronisation, so a profile
+    attributes the stage's device work to it (with no profiler running, ~17 us a range on the 2-core
+    CPU: eight an edit).
     """
 
     def __init__(self, device: torch.device) -> None:
