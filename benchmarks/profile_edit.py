@@ -1,7 +1,8 @@
 """Where one edit's time goes inside each stage: device-busy time, launches and the longest device work.
 
-    python -m benchmarks.profile_edit                              # CUDA: SD1.5 + SAM vit_h, 512², 20 steps, fp16
-    python -m benchmarks.profile_edit --models tiny --device cpu --resolution 64 --steps 2
+    zone profile                      # CUDA: SD1.5 + SAM vit_h, 512², 20 steps, fp16, the fused denoiser
+    zone profile --models tiny --device cpu --resolution 64 --steps 2
+    python -m benchmarks.profile_edit ...   # the same
 
 `zone bench` says how long each stage takes; this says why. After warm-up edits (CUDA-graph capture,
 SAM's first call), one edit runs under `torch.profiler`. The engine's stopwatch marks each stage
@@ -139,7 +140,7 @@ def stage_table(profiles: Sequence[StageProfile]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_edit", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="zone profile", description=__doc__.split("\n")[0],
                                      epilog="The walls are inflated by the profiler; zone bench measures latency.")
     parser.add_argument("--models", choices=PRESETS, default="sd15", help="architecture sizes (default sd15)")
     parser.add_argument("--sam-type", choices=SAM_SIZES, help="SAM size (default vit_h; tiny with --models tiny)")

@@ -260,3 +260,12 @@ def test_random_weights_build_real_size_architectures_with_the_reference_setting
     assert pipe.default_config == EditConfig()  # the reference SAM settings: a load test pays real costs
     if not SERVE_MISSING:
         _fails_cleanly(capsys, ["serve", "--tiny", "--random-weights", "sd15"], "exclude each other")
+
+
+def test_zone_profile_and_zone_bench_hand_their_options_to_the_benchmark_tools(capsys):
+    assert main(["profile", "--models", "tiny", "--device", "cpu", "--resolution", "64", "--steps", "2",
+                 "--warmup", "0", "--rows", "0"]) == 0
+    assert "| denoise |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--help"])
+    assert exited.value.code == 0 and "zone bench" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import warnings
@@ -125,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_commands(commands)
     commands.add_parser(
         "bench", add_help=False, help="per-stage latency: baseline vs engine backends (`zone bench --help`)",
+    )
+    commands.add_parser(
+        "profile", add_help=False,
+        help="one edit under torch.profiler: per stage, device-busy share and launches (`zone profile --help`)",
     )
     return parser
 
@@ -337,12 +342,13 @@ def _quiet_libraries() -> None:
         pass
 
 
+TOOLS = {"bench": "benchmarks.harness", "profile": "benchmarks.profile_edit"}  # `zone NAME` runs NAME's main
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # the benchmark harness owns its options
-        from benchmarks.harness import main as bench
-
-        return bench(argv[1:])
+    if argv[:1] and argv[0] in TOOLS:  # the benchmark tools own their options
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
