@@ -15,9 +15,11 @@ import gc
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +154,7 @@ class Implementation:
     pipe: ZonePipeline | None = None  # engine rows: their pipeline, for the batched measurement
     batched: BatchedRun | None = None
     batched_skip: str | None = None  # why this row has no batched measurement (with batch > 1)
+    failure: str | None = None  # an engine row whose edit raised: reported in its place, the run goes on
 
 
 @dataclass
@@ -173,26 +176,54 @@ def measure(implementations: list[Implementation], config: BenchConfig, device: 
     """Warm-up edits (untimed) for each, then `repeats` rounds of one timed edit of each, in turn.
 
     Interleaving the rounds spreads any drift of the machine (other processes, clocks, heat) over
-    every implementation instead of charging it to whichever ran during it.
+    every implementation instead of charging it to whichever ran during it. An engine row whose edit
+    raises gets its `failure` (the traceback goes to `progress`) and leaves the rounds: one broken
+    backend costs its own row, not the run (on a lent GPU, the whole lease). The baseline's raises.
     """
-    for impl in implementations:
+    def warm_up(impl: Implementation) -> None:
         warmup = max(config.warmup, 1) if impl.name.removeprefix("engine:") in BUILDING_BACKENDS else config.warmup
         for index in range(warmup):
             started = time.perf_counter()
             impl.edit()
             impl.warmup_s.append(time.perf_counter() - started)
             progress(f"{impl.name}: warm-up {index + 1}/{warmup} {impl.warmup_s[-1]:.1f} s")
+
+    def timed_edit(impl: Implementation, index: int) -> None:
+        with PeakMemory(device) as memory:
+            started = time.perf_counter()
+            impl.result, timings, step_seconds = impl.edit()
+            impl.walls.append(time.perf_counter() - started)
+        impl.timings.append(timings)
+        impl.steps.append(step_seconds)
+        impl.peak_memory.append(memory.report())
+        progress(f"{impl.name}: edit {index + 1}/{config.repeats} {timings['total']:.2f} s")
+
+    for impl in implementations:
+        _isolated(impl, "warm-up", partial(warm_up, impl), device, progress)
     for index in range(config.repeats):
         for impl in implementations:
-            with PeakMemory(device) as memory:
-                started = time.perf_counter()
-                impl.result, timings, step_seconds = impl.edit()
-                impl.walls.append(time.perf_counter() - started)
-            impl.timings.append(timings)
-            impl.steps.append(step_seconds)
-            impl.peak_memory.append(memory.report())
-            progress(f"{impl.name}: edit {index + 1}/{config.repeats} {timings['total']:.2f} s")
-            _release(device)
+            if impl.failure is None:
+                _isolated(impl, f"timed edit {index + 1}", partial(timed_edit, impl, index), device, progress)
+                _release(device)
+
+
+def _isolated(impl: Implementation, what: str, work: Callable[[], None], device: torch.device,
+              progress: Progress) -> None:
+    """Run `work`; if an engine row's work raises, record it as the row's `failure` instead."""
+    try:
+        work()
+    except Exception as error:  # noqa: BLE001 - reported in the row's place, the run goes on
+        if impl.name == "baseline":
+            raise
+        impl.failure = _failure(impl.name, what, error, progress)
+        _release(device)
+
+
+def _failure(name: str, what: str, error: Exception, progress: Progress) -> str:
+    """One line for the report; the traceback goes to `progress` (the log)."""
+    line = f"{what} failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+    progress(f"{name}: {line}\n{traceback.format_exc()}")
+    return line
 
 
 def batch_requests(image: np.ndarray, config: BenchConfig, edit_config: EditConfig) -> list[EditRequest]:
@@ -237,8 +268,7 @@ def measure_batched(implementations: list[Implementation], config: BenchConfig, 
         return impl.pipe.edit_batch(requests)
 
     def failed(impl: Implementation, error: Exception) -> None:
-        impl.batched.error = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
-        progress(f"{impl.name}: batch of {config.batch} failed: {impl.batched.error}")
+        impl.batched.error = _failure(impl.name, f"batch of {config.batch}", error, progress)
         batchers.remove(impl)
         _release(device)
 
@@ -540,21 +570,27 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
             return []
         return [Implementation(name, config.dtype, engine_edit(pipe, image, config, edit_config), pipe=pipe)]
 
+    parity_failure = None
     # 1. fp32: every implementation in each round, engines first (with no warm-up edit, any one-time
     #    cost left lands on an engine). Half precision: the engine casts the shared weights in place,
     #    so the fp32 baseline runs first, then one untimed fp32 engine edit for the parity check.
     if engine_dtype == torch.float32:
         timed = [*engines(engine_dtype), baseline]
         measure(timed, config, device, progress)
-        parity_impl = next((impl for impl in timed if impl is not baseline), None)
+        parity_impl = next((impl for impl in timed if impl is not baseline and impl.failure is None), None)
         parity_name, parity_result = (parity_impl.name, parity_impl.result) if parity_impl else (None, None)
     else:
         measure([baseline], config, device, progress)
-        parity_name = "engine:eager (fp32, untimed)"
-        parity_result = ZonePipeline(models, device, torch.float32, default_config=edit_config, denoiser="eager").edit(
-            image, config.instruction, edit_config)
+        parity_name, parity_result = "engine:eager (fp32, untimed)", None
+        try:
+            parity_result = ZonePipeline(models, device, torch.float32, default_config=edit_config,
+                                         denoiser="eager").edit(image, config.instruction, edit_config)
+        except Exception as error:  # noqa: BLE001 - reported as the parity line, the engine rows still run
+            parity_failure = _failure(parity_name, "edit", error, progress)
         timed = [baseline, *engines(engine_dtype)]
         measure(timed[1:], config, device, progress)
+    skipped += [{"name": impl.name, "skipped": impl.failure} for impl in timed if impl.failure]
+    timed = [impl for impl in timed if impl.failure is None]
     # Batches of concurrent edits, after the per-stage rounds (each row's sequential result is its check).
     measure_batched(timed, config, image, edit_config, device, progress)
     timed.sort(key=lambda impl: impl is not baseline)
@@ -563,7 +599,8 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
     # 2. Same seed, same inputs: how far is every output from the baseline's?
     reference = baseline.result
     quality = {impl.name: compare(impl.result, reference, impl.dtype) for impl in timed if impl is not baseline}
-    parity = {"name": parity_name, **compare(parity_result, reference, "fp32")} if parity_result else None
+    parity = ({"name": parity_name, **compare(parity_result, reference, "fp32")} if parity_result is not None
+              else {"name": parity_name, "failed": parity_failure} if parity_failure else None)
     base_total = runs[0]["stages"]["total"]["median"]
     speedup = {run["name"]: base_total / run["stages"]["total"]["median"] for run in runs if "skipped" not in run}
 

@@ -30,6 +30,16 @@ def _cell(stats: dict) -> str:
     return format_seconds(stats["median"])
 
 
+def _parity_line(parity: dict | None) -> str:
+    if parity is None:
+        return "fp32 parity: no engine row ran in fp32."
+    if "failed" in parity:
+        return f"fp32 parity ({parity['name']}): {parity['failed']}."
+    return (f"fp32 parity ({parity['name']}): max pixel difference {parity['max_pixel_diff_image']} (image), "
+            f"{parity['max_pixel_diff_styled']} (styled); IoU M_b {parity['iou_mask_b']:.4f}, "
+            f"M_f {parity['iou_mask_f']:.4f}.")
+
+
 def markdown(record: dict) -> str:
     """The report as markdown: setup, per-stage latency, batched throughput, output agreement, floor."""
     config, machine = record["config"], record["machine"]
@@ -90,13 +100,7 @@ def markdown(record: dict) -> str:
             f"| {quality['iou_mask_b']:.4f} | {quality['mask_b_identical']} | {quality['iou_mask_f']:.4f} "
             f"| {quality['iou_region']:.4f} | {quality['used_fallback']} / {quality['baseline_used_fallback']} |"
         )
-    parity = record["parity"]
-    lines += [
-        "",
-        f"fp32 parity ({parity['name']}): max pixel difference {parity['max_pixel_diff_image']} (image), "
-        f"{parity['max_pixel_diff_styled']} (styled); IoU M_b {parity['iou_mask_b']:.4f}, "
-        f"M_f {parity['iou_mask_f']:.4f}.",
-    ]
+    lines += ["", _parity_line(record["parity"])]
     floor = record.get("floor")
     if floor:
         lines += ["", "## Cost-model floor of the denoise stage", ""]
@@ -139,7 +143,7 @@ def batched_table(record: dict) -> list[str]:
             continue
         label = batched["label"]
         if batched["edits_per_s"] is None:
-            lines.append(f"{head} failed: {batched.get('error')} |")
+            lines.append(f"{head} {batched.get('error')} |")
             continue
         first = batched["first_vs_sequential"]
         step = _cell(batched["per_step"]) if batched["per_step"] else "–"
@@ -148,7 +152,7 @@ def batched_table(record: dict) -> list[str]:
         if not batched["denoised_as_one_batch"]:
             speedup += f" (denoising loops {batched['denoise_runs']}, not one batch)"
         if batched.get("error"):
-            speedup += f" (then failed: {batched['error']})"
+            speedup += f" (then: {batched['error']})"
         lines.append(
             f"{head} {batched['edits_per_s']:.3g} | {_cell(batched['wall_s_per_batch'])} | {step} | {speedup} "
             f"| {format_bytes(memory)} | {first['max_pixel_diff_image']} / {first['max_pixel_diff_styled']} |"

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 from diffusers.models.attention_processor import Attention
 
+from benchmarks import harness
 from benchmarks.baseline import STORED_MAX_QUERIES, ReferenceStyleZone
 from benchmarks.harness import PRESETS, main, parse_args, run_benchmark
 from benchmarks.report import markdown
 from zone_engine import Action, ZonePipeline
+from zone_engine.denoise import BatchDenoiser
 from zone_engine.image_io import make_sample_image
 from zone_engine.pipeline import STAGES
 
@@ -112,6 +114,43 @@ def test_batch_option_and_no_batched_report_without_it(batched_record):
     sequential_only = {**batched_record, "runs": [{k: v for k, v in run.items() if k != "batched_throughput"}
                                                   for run in batched_record["runs"]]}
     assert "Throughput: sequential vs batched" not in markdown(sequential_only)
+
+
+def failing_when_batching(monkeypatch, message: str) -> None:
+    """Make the engine rows whose denoiser batches (fused) raise `message` in every edit."""
+    def engine_edit(pipe, *args):
+        edit = harness.engine_edit_unpatched(pipe, *args)
+        if not isinstance(pipe.denoiser.denoiser, BatchDenoiser):
+            return edit
+
+        def broken():
+            raise RuntimeError(message)
+        return broken
+    monkeypatch.setattr(harness, "engine_edit_unpatched", harness.engine_edit, raising=False)
+    monkeypatch.setattr(harness, "engine_edit", engine_edit)
+
+
+def test_an_engine_row_that_fails_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    failing_when_batching(monkeypatch, "CUDA error: an illegal memory access\nmore lines")
+    assert main(["--preset", "tiny-smoke", "--backends", "eager,fused", "--no-sam-onnx", "--sam-precision", "none",
+                 "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "bench-tiny-smoke.json").read_text())
+    runs = {run["name"]: run for run in record["runs"]}
+    assert runs["engine:fused"] == {"name": "engine:fused",
+                                    "skipped": "timed edit 1 failed: RuntimeError: CUDA error: an illegal memory access"}
+    assert runs["engine:eager"]["stages"]["total"]["n"] == 1 and set(record["quality"]) == {"engine:eager"}
+    assert record["parity"]["name"] == "engine:eager" and "engine:fused" not in record["speedup"]
+    table = (tmp_path / "bench-tiny-smoke.md").read_text()
+    assert "| engine:fused | skipped: timed edit 1 failed: RuntimeError: CUDA error" in table
+    record["parity"] = {"name": "engine:eager (fp32, untimed)", "failed": "edit failed: RuntimeError: boom"}
+    assert "fp32 parity (engine:eager (fp32, untimed)): edit failed: RuntimeError: boom." in markdown(record)
+
+
+def test_a_baseline_that_fails_ends_the_run(monkeypatch):
+    monkeypatch.setattr(ReferenceStyleZone, "edit", lambda *args, **kwargs: (_ for _ in ()).throw(ValueError("x")))
+    with pytest.raises(ValueError):
+        run_benchmark(dataclasses.replace(PRESETS["tiny-smoke"], backends=("eager",), batch=1, sam_onnx=False,
+                                          sam_precision=None))
 
 
 @pytest.mark.parametrize(("action", "threshold"), [(Action.CHANGE, 2), (Action.REMOVE, 0)])
