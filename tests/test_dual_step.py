@@ -186,7 +186,7 @@ class TestOnGPU:
                 noise=initial_noise(seed, (size[0] // 8, size[1] // 8), device, torch.float32),
             )
 
-        # Two shapes (one edit, a batch of two), each run twice with new inputs: 2 captures, not 4.
+        # Two shapes (one edit, a batch of two), each run twice with new inputs, interleaved: 2 captures, not 4.
         for batch in ([inputs(1)], [inputs(2), inputs(3)], [inputs(4)], [inputs(5), inputs(6)]):
             betas = [0.01, 0.2][: len(batch)]
             expected_attention = [AttentionAccumulator(accumulate) for _ in batch]
@@ -199,6 +199,8 @@ class TestOnGPU:
             for g, e in zip(got_attention, expected_attention, strict=True):
                 assert g.rows == e.rows and torch.allclose(g.total, e.total, rtol=0, atol=1e-5)
         assert graphed.captures == 2
+        # Both shapes' graphs allocate from one pool (replayed interleaved above, each equal to eager).
+        assert len({captured.graph.pool() for captured in graphed._graphs.values()}) == 1
 
     def test_xformers_attention_matches_sdpa(self, tiny_models):
         pytest.importorskip("xformers", reason="xformers is not installed")

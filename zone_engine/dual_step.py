@@ -155,6 +155,7 @@ class FusedDualDenoiser:
         self.pad_batches = compile or cuda_graphs if pad_batches is None else pad_batches
         self._schedules: dict[tuple[int, torch.device], SolverSchedule] = {}
         self._graphs: dict[tuple, CapturedStep] = {}
+        self._graph_pool: tuple[int, int] | None = None  # the memory pool every captured step shares
         self.captures = 0  # graphs recorded so far: one per new shape, never one per edit
 
     def schedule(self, steps: int, device: torch.device) -> SolverSchedule:
@@ -231,7 +232,16 @@ class FusedDualDenoiser:
 
     def _capture(self, batch: DenoiseInputs, schedule: SolverSchedule, guidance: torch.Tensor,
                  beta: torch.Tensor, accumulate: Accumulate) -> CapturedStep:
-        """Warm up on a side stream (allocations, autotuning happen outside the graph), then record one step."""
+        """Warm up on a side stream (allocations, autotuning happen outside the graph), then record one step.
+
+        Every captured step allocates from one shared memory pool. What a step reads and writes across
+        replays (inputs, trajectories, attention sums) lives in static buffers made before its capture, so
+        whatever it allocates while captured is a temporary, dead by the step's end: steps of different
+        shapes can then reuse each other's memory and replay in any order. A server's graphs (each image
+        size by each padded batch size) hold the largest step's temporaries, not the sum of them all.
+        """
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
         static = DenoiseInputs(batch.context.clone(), batch.image_latents.clone(), batch.noise.clone())
         state = DualState.start(static.noise)
         accumulators = [AttentionAccumulator(accumulate) for _ in range(batch.noise.shape[0])]
@@ -247,7 +257,7 @@ class FusedDualDenoiser:
             rows_per_step = [accumulator.rows // WARMUP_STEPS for accumulator in accumulators]
             state.step.zero_()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=self._graph_pool):
                 self.step_fn(*args)
         self.captures += 1
         return CapturedStep(graph, static, state, args[5], args[6], accumulators, rows_per_step)
