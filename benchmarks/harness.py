@@ -10,6 +10,7 @@ outputs; and writes JSON, markdown and a PNG chart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import os
@@ -216,7 +217,8 @@ def _isolated(impl: Implementation, what: str, work: Callable[[], None], device:
         if impl.name == "baseline":
             raise
         impl.failure = _failure(impl.name, what, error, progress)
-        _release(device)
+        with contextlib.suppress(Exception):  # a device error can outlive the edit that raised it
+            _release(device)
 
 
 def _failure(name: str, what: str, error: Exception, progress: Progress) -> str:
@@ -605,7 +607,11 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
     speedup = {run["name"]: base_total / run["stages"]["total"]["median"] for run in runs if "skipped" not in run}
 
     progress("measuring the matmul ceiling and counting UNet FLOPs")
-    floor = cost_floor(models, latent_size, config, device, ceilings_at_start, runs)
+    try:
+        floor = cost_floor(models, latent_size, config, device, ceilings_at_start, runs)
+    except Exception as error:  # noqa: BLE001 - e.g. a device left unusable by a failed row: report the rest
+        _failure("floor", "measurement", error, progress)
+        floor = None
 
     return {
         "schema": 1,

@@ -132,6 +132,7 @@ def failing_when_batching(monkeypatch, message: str) -> None:
 
 def test_an_engine_row_that_fails_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
     failing_when_batching(monkeypatch, "CUDA error: an illegal memory access\nmore lines")
+    monkeypatch.setattr(harness, "cost_floor", lambda *args: 1 / 0)  # as on a device such an error leaves unusable
     assert main(["--preset", "tiny-smoke", "--backends", "eager,fused", "--no-sam-onnx", "--sam-precision", "none",
                  "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "bench-tiny-smoke.json").read_text())
@@ -142,6 +143,7 @@ def test_an_engine_row_that_fails_is_reported_and_the_run_goes_on(tmp_path, monk
     assert record["parity"]["name"] == "engine:eager" and "engine:fused" not in record["speedup"]
     table = (tmp_path / "bench-tiny-smoke.md").read_text()
     assert "| engine:fused | skipped: timed edit 1 failed: RuntimeError: CUDA error" in table
+    assert record["floor"] is None and "Cost-model floor" not in table
     record["parity"] = {"name": "engine:eager (fp32, untimed)", "failed": "edit failed: RuntimeError: boom"}
     assert "fp32 parity (engine:eager (fp32, untimed)): edit failed: RuntimeError: boom." in markdown(record)
 
