@@ -30,8 +30,10 @@ import dataclasses
 import statistics
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -134,18 +136,38 @@ def main(argv: list[str] | None = None) -> None:
             del onnx_segmenter
 
     threads = torch.get_num_threads()
-    segmenters = {f"torch SamAutomaticMaskGenerator fp32 ({device.type}, {threads} thr)":
-                  TorchSamSegmenter(sam, config)}
-    if args.sam_precision:
-        segmenters[f"torch, image encoder {args.sam_precision} (autocast)"] = TorchSamSegmenter(
-            sam, config, DTYPES[args.sam_precision])
-    rows = [(name, *timed_runs(segmenter.segment, segmenter.generator.predictor, image, args.repeats))
-            for name, segmenter in segmenters.items()]
-    searches = search_rows(segmenters, rows, image, args.repeats)
+    reference = TorchSamSegmenter(sam, config)
+    rows = [(f"torch SamAutomaticMaskGenerator fp32 ({device.type}, {threads} thr)",
+             *timed_runs(reference.segment, reference.generator.predictor, image, args.repeats))]
+    segmenters = {rows[0][0]: reference}
+    if args.sam_precision:  # a variant that fails loses its own rows only (as every part after the reference)
+        name = f"torch, image encoder {args.sam_precision} (autocast)"
+        segmenters[name] = TorchSamSegmenter(sam, config, DTYPES[args.sam_precision])
+        row = guarded(f"{name}: its runs", lambda: timed_runs(segmenters[name].segment,
+                                                              segmenters[name].generator.predictor, image,
+                                                              args.repeats))
+        if row is None:
+            del segmenters[name]
+        else:
+            rows.append((name, *row))
+    searches = guarded("the search rows", lambda: search_rows(segmenters, rows, image, args.repeats)) or []
     print_report(args, sam, rows + onnx_rows, export_seconds, searches)
     if device.type == "cuda":
-        print_search_batching(next(iter(segmenters.values())), image, args.repeats)
-    print_network_rows(sam, args.points_per_batch, max(args.repeats, 3))
+        guarded("the search's CUDA runs", lambda: print_search_batching(reference, image, args.repeats))
+    guarded("the network rows", lambda: print_network_rows(sam, args.points_per_batch, max(args.repeats, 3)))
+
+
+T = TypeVar("T")
+
+
+def guarded(what: str, work: Callable[[], T]) -> T | None:
+    """`work()`, or None after printing its traceback: a part that fails (on a lent GPU, a path no CPU
+    runs) costs its own rows, not the parts after it."""
+    try:
+        return work()
+    except Exception:  # noqa: BLE001 - printed, and the benchmark goes on
+        print(f"\n{what} failed:\n{traceback.format_exc()}", flush=True)
+        return None
 
 
 def centre_mask(size: tuple[int, int]) -> np.ndarray:

@@ -259,6 +259,21 @@ def test_refine_benchmark_rows_and_their_agreement(capsys):
         assert float(line.split("max |difference| ")[1].split()[0]) < 1e-5 and line.count(" ms") == 2
 
 
+def test_a_refine_benchmark_part_that_fails_costs_its_own_rows(capsys, monkeypatch):
+    from benchmarks import bench_refine
+
+    def broken(*args):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+    monkeypatch.setattr(bench_refine, "search_rows", broken)
+    bench_refine.main(["--model-type", "tiny", "--size", "64", "--points-per-side", "4", "--repeats", "1",
+                       "--device", "cpu", "--no-onnx"])
+    output = capsys.readouterr().out
+    assert "the search rows failed:" in output and "RuntimeError: CUDA error: device-side assert" in output
+    lists, networks = output.split("the engine's question")[0], output.split("SAM's networks")[1]
+    assert any(line.endswith("reference") for line in lists.splitlines())  # printed after the failure
+    assert any(line.startswith("image encoder") for line in networks.splitlines())
+
+
 def test_dual_step_traces_as_one_graph(capsys):
     """benchmarks.graph_breaks: dynamo sees the whole dual step (tiny UNets, recording on) as one graph."""
     from benchmarks.graph_breaks import main as graph_breaks
