@@ -30,10 +30,8 @@ import dataclasses
 import statistics
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -49,6 +47,8 @@ from zone_engine.sam_decoder import two_way_transformer
 from zone_engine.sam_encoder import encode_image
 from zone_engine.sam_onnx import OnnxSamSegmenter
 from zone_engine.sam_torch import TorchSamSegmenter
+
+from .measure import guarded
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -156,18 +156,6 @@ def main(argv: list[str] | None = None) -> None:
         guarded("the search's CUDA runs", lambda: print_search_batching(reference, image, args.repeats))
     guarded("the network rows", lambda: print_network_rows(sam, args.points_per_batch, max(args.repeats, 3)))
 
-
-T = TypeVar("T")
-
-
-def guarded(what: str, work: Callable[[], T]) -> T | None:
-    """`work()`, or None after printing its traceback: a part that fails (on a lent GPU, a path no CPU
-    runs) costs its own rows, not the parts after it."""
-    try:
-        return work()
-    except Exception:  # noqa: BLE001 - printed, and the benchmark goes on
-        print(f"\n{what} failed:\n{traceback.format_exc()}", flush=True)
-        return None
 
 
 def centre_mask(size: tuple[int, int]) -> np.ndarray:

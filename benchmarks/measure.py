@@ -1,4 +1,4 @@
-"""Measuring tools for the harness: statistics, per-step clocks, peak memory, the machine, the floor.
+"""Measuring tools for the benchmarks: statistics, per-step clocks, peak memory, the machine, the floor.
 
 Every clock here is honest on asynchronous devices: per-step marks are CUDA events on CUDA (read
 after the edit's own synchronisation), host clocks elsewhere.
@@ -11,7 +11,10 @@ import platform
 import resource
 import threading
 import time
+import traceback
+from collections.abc import Callable
 from importlib import metadata
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +30,19 @@ def summarize(samples: list[float]) -> dict:
     q1, median, q3 = np.percentile(values, [25, 50, 75])
     return {"n": int(values.size), "median": float(median), "min": float(values.min()),
             "max": float(values.max()), "q1": float(q1), "q3": float(q3), "samples": [float(v) for v in values]}
+
+
+T = TypeVar("T")
+
+
+def guarded(what: str, work: Callable[[], T]) -> T | None:
+    """`work()`, or None after printing its traceback: a part of a benchmark that fails (on a lent GPU,
+    a path no CPU runs) costs its own rows, not the parts after it."""
+    try:
+        return work()
+    except Exception:  # noqa: BLE001 - printed, and the benchmark goes on
+        print(f"\n{what} failed:\n{traceback.format_exc()}", flush=True)
+        return None
 
 
 # ------------------------------------------------------------------------------------------ per step

@@ -305,6 +305,20 @@ def test_kernel_benchmark_on_the_cpu_checks_correctness():
     assert all(row[-1] == "0" for row in kernel_2)
 
 
+def test_a_kernel_benchmark_that_fails_spares_the_other(capsys, monkeypatch):
+    from benchmarks.bench_kernels import main as bench_kernels
+    from kernels import attn_accumulate
+
+    def broken(device):
+        raise RuntimeError("triton compilation failed")
+    monkeypatch.setattr(attn_accumulate, "benchmark", broken)
+    assert bench_kernels([]) == 0
+    output = capsys.readouterr().out
+    assert "kernel 1: attention-map accumulation" in output and "RuntimeError: triton compilation failed" in output
+    assert "kernel 2: mask binarization" in output.split("triton compilation failed")[-1]
+    assert "c: fused Triton kernel" in output
+
+
 def test_selection_agreement_names_the_same_choice_or_measures_the_difference():
     from benchmarks.bench_refine import selection_agreement
     from zone_engine.refine import Selection
