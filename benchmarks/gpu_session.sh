@@ -16,15 +16,16 @@
 # tests kernels refine bench (the default, in that order), refine-zero (refine keeping every mask), dual (the
 # dual-step variants), bench-cl (bench with channels-last UNets and VAE),
 # compile (the torch.compile test), breaks (compile's graph breaks), profile (one edit under torch.profiler: each
-# stage's device-busy share and launches), suite (the whole suite), serve (the load test).
+# stage's device-busy share and launches), graph-memory (captured steps' memory, shared pool vs one each),
+# suite (the whole suite), serve (the load test).
 # At most 8 files come back from $OUT: each stage writes one log, bench three more files (JSON, md, PNG).
 # A lease now has 15 minutes of device time in all, a machine's start (a minute or two) included, and a call
 # runs at most 600 s: the default list (tests kernels refine bench, BACKENDS=fused) fits one call, its stage
 # limits adding up to 150 + 50 + 120 + 240 = 560 s (on the H100: tests 55 s, gpu-512 eager,fused 111 s).
 # Run it with timeout_s 590; the machine stays warm a short while after a call, so the ~3 minutes the lease
 # has left then fit `bash benchmarks/gpu_session.sh profile` (limit 150 s, timeout_s 170) at once, no new
-# start; then give the machine back. dual, bench-cl, compile, breaks, suite and serve are for a lease with
-# time left after that; so is the compile backend end to end, in a call of its own:
+# start; then give the machine back. dual, bench-cl, compile, breaks, graph-memory, suite and serve are for a
+# lease with time left after that; so is the compile backend end to end, in a call of its own:
 # `BACKENDS=fused,compile BENCH_LIMIT=560 bash benchmarks/gpu_session.sh bench` (149 s of compilation before
 # 3173f92; its sam-bf16 row is then compile's denoiser with SAM's encoder in bf16: the fastest combination).
 # DRY_RUN=1 prints each stage's command instead of running it, with nothing installed: the suite parses
@@ -90,6 +91,9 @@ run_stage() {
         # once per warm-up step and capture, 4 times a shape: once since 3173f92, and again for the batch of 4).
         TAIL=50 stage bench "${BENCH_LIMIT:-240}" python3 -m benchmarks --preset gpu-512 \
             --backends "${BACKENDS:-fused}" --out "$OUT" ;;
+    graph-memory)  # Device memory of the captured dual steps of a server's shapes (4 sizes x batches 1, 2, 4):
+        # one shared pool (the engine's) against a pool per graph; and that both give the same latents.
+        stage graph_memory 150 python3 -m benchmarks.graph_memory ;;
     profile)  # Why each stage of a gpu-512 edit takes its time: device-busy share, launches, longest kernels
         # (torch.profiler over one fused edit after a warm-up; a host-bound stage has a small busy share).
         TAIL=40 stage profile 150 python3 -m benchmarks.profile_edit --rows 30 ;;
@@ -106,8 +110,8 @@ run_stage() {
         stage load 420 python3 -m benchmarks.load_test --no-tiny --device cuda \
             --server-arg=--random-weights=sd15 --server-arg=--dtype=fp16 --size 512x512 --steps 20 \
             --concurrency 1,2,4,8 --requests 16 --duration-s 100 --out "$OUT/load" ;;
-    *) echo "unknown stage $1: tests, compile, kernels, refine, refine-zero, dual, breaks, profile, bench, bench-cl," \
-            "suite, serve"
+    *) echo "unknown stage $1: tests, compile, kernels, refine, refine-zero, dual, breaks, profile, graph-memory," \
+            "bench, bench-cl, suite, serve"
         return 1 ;;
     esac
 }

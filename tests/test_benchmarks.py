@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from diffusers.models.attention_processor import Attention
 
 from benchmarks import harness
@@ -317,6 +318,20 @@ def test_a_kernel_benchmark_that_fails_spares_the_other(capsys, monkeypatch):
     assert "kernel 1: attention-map accumulation" in output and "RuntimeError: triton compilation failed" in output
     assert "kernel 2: mask binarization" in output.split("triton compilation failed")[-1]
     assert "c: fused Triton kernel" in output
+
+
+def test_graph_memory_reads_its_shapes_and_needs_a_gpu(capsys):
+    from benchmarks import graph_memory
+
+    args = graph_memory.parse_args(["--sizes", "512x384,256x512", "--batches", "1,4"])
+    assert args.shapes == [(1, 512, 384), (1, 256, 512), (4, 512, 384), (4, 256, 512)]
+    for bad in (["--sizes", "500x512"], ["--sizes", "512"], ["--batches", "0"], ["--steps", "0"]):
+        with pytest.raises(SystemExit):
+            graph_memory.parse_args(bad)
+    capsys.readouterr()
+    if not torch.cuda.is_available():
+        assert graph_memory.main([]) == 2
+        assert capsys.readouterr().err.startswith("error: CUDA graphs need a CUDA GPU")
 
 
 def test_selection_agreement_names_the_same_choice_or_measures_the_difference():

@@ -16,16 +16,25 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_dual_unet, bench_kernels, bench_refine, graph_breaks, harness, load_test, profile_edit
+from benchmarks import (
+    bench_dual_unet,
+    bench_kernels,
+    bench_refine,
+    graph_breaks,
+    graph_memory,
+    harness,
+    load_test,
+    profile_edit,
+)
 from zone_engine.backends import DENOISERS
 
 ROOT = Path(__file__).parents[1]
-STAGES = ("tests", "compile", "kernels", "refine", "refine-zero", "dual", "breaks", "profile", "bench", "bench-cl",
-          "suite", "serve")
+STAGES = ("tests", "compile", "kernels", "refine", "refine-zero", "dual", "breaks", "profile", "graph-memory", "bench",
+          "bench-cl", "suite", "serve")
 PARSERS = {"benchmarks": harness.parse_args, "benchmarks.bench_refine": bench_refine.parse_args,
            "benchmarks.bench_dual_unet": bench_dual_unet.parse_args, "benchmarks.graph_breaks": graph_breaks.parse_args,
            "benchmarks.bench_kernels": bench_kernels.parse_args, "benchmarks.load_test": load_test.parse_args,
-           "benchmarks.profile_edit": profile_edit.parse_args}
+           "benchmarks.profile_edit": profile_edit.parse_args, "benchmarks.graph_memory": graph_memory.parse_args}
 
 
 def dry_run(*stages: str, **env: str) -> subprocess.CompletedProcess:
@@ -69,7 +78,7 @@ def test_the_benchmark_stages_pass_their_tools_parsers(every_stage):
         assert module in PARSERS, f"stage {name} runs {module}, which this test does not know"
         PARSERS[module](arguments)  # argparse exits (SystemExit 2) on an unknown flag or a bad value
         parsed += 1
-    assert parsed == 9
+    assert parsed == 10
     bench = harness.parse_args(every_stage["bench"][3:])
     assert bench.backends == ("fused", "compile") and set(bench.backends) <= set(DENOISERS)
 

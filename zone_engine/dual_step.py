@@ -140,11 +140,13 @@ class CapturedStep:
 class FusedDualDenoiser:
     """The `Denoiser` built on `dual_step`; `compile=True` runs the step through torch.compile;
     `cuda_graphs=True` (on CUDA) captures the step once per (batch, latent size, steps) and replays it;
-    `pad_batches` (default: with either) rounds batch sizes up to powers of two. Under CUDA graphs
-    without compile, the two UNets run on two streams inside the graph (DualUNet)."""
+    `pad_batches` (default: with either) rounds batch sizes up to powers of two; `shared_graph_pool`
+    (default) lets every captured step allocate from one memory pool (`_capture`), False gives each its
+    own as PyTorch does by default (to measure the difference: benchmarks/graph_memory.py). Under CUDA
+    graphs without compile, the two UNets run on two streams inside the graph (DualUNet)."""
 
     def __init__(self, ip2p_unet: nn.Module, mb_unet: nn.Module, scheduler_config: dict, compile: bool = False,
-                 cuda_graphs: bool = False, pad_batches: bool | None = None):
+                 cuda_graphs: bool = False, pad_batches: bool | None = None, shared_graph_pool: bool = True):
         self.unet = DualUNet(mb_unet, ip2p_unet, streams=cuda_graphs and not compile)
         self.scheduler_config = scheduler_config
         if compile:
@@ -155,6 +157,7 @@ class FusedDualDenoiser:
         self.pad_batches = compile or cuda_graphs if pad_batches is None else pad_batches
         self._schedules: dict[tuple[int, torch.device], SolverSchedule] = {}
         self._graphs: dict[tuple, CapturedStep] = {}
+        self.shared_graph_pool = shared_graph_pool
         self._graph_pool: tuple[int, int] | None = None  # the memory pool every captured step shares
         self.captures = 0  # graphs recorded so far: one per new shape, never one per edit
 
@@ -240,7 +243,7 @@ class FusedDualDenoiser:
         shapes can then reuse each other's memory and replay in any order. A server's graphs (each image
         size by each padded batch size) hold the largest step's temporaries, not the sum of them all.
         """
-        if self._graph_pool is None:
+        if self._graph_pool is None and self.shared_graph_pool:
             self._graph_pool = torch.cuda.graph_pool_handle()
         static = DenoiseInputs(batch.context.clone(), batch.image_latents.clone(), batch.noise.clone())
         state = DualState.start(static.noise)
