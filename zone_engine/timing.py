@@ -16,8 +16,8 @@ class Stopwatch:
     """Accumulates seconds per named stage; synchronises CUDA so a stage's queued work counts to it.
 
     Each stage is also a `torch.profiler` range, closed after the synchronisation, so a profile
-    attributes the stage's device work to it (with no profiler running, ~17 us a range on the 2-core
-    CPU: eight an edit).
+    attributes the stage's device work to it (with no profiler running, 9-12 us a range on the idle
+    2-core CPU: eight an edit).
     """
 
     def __init__(self, device: torch.device) -> None:
