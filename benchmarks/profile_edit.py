@@ -128,12 +128,22 @@ def stage_table(profiles: Sequence[StageProfile]) -> str:
     work = "longest device work" if on_device else "longest torch ops (CPU)"
     lines = [f"| stage | wall | device busy | busy share | device ops | graph launches | torch ops | in torch ops "
              f"| {work} |", "|---|---|---|---|---|---|---|---|---|"]
-    for p in profiles:
+    for p in [*profiles, *([all_stages(profiles)] if profiles else [])]:
         top = "; ".join(f"{name[:60]} {_ms(us)}" for name, us in p.longest)
         lines.append(f"| {p.stage} | {_ms(p.wall_us)} | {_ms(p.device_busy_us)} | {_percent(p.busy_share)} | "
                      f"{p.device_ops} | {p.graph_launches} | {p.torch_ops} | "
                      f"{_percent(p.torch_ops_share)} | {top} |")
     return "\n".join(lines)
+
+
+def all_stages(profiles: Sequence[StageProfile]) -> StageProfile:
+    """The stages summed (what lies between them, e.g. loading the image, is not in it); no longest work."""
+    busy = [p.device_busy_us for p in profiles if p.device_busy_us is not None]
+    return StageProfile(
+        stage="all stages", wall_us=sum(p.wall_us for p in profiles), device_busy_us=sum(busy) if busy else None,
+        device_ops=sum(p.device_ops for p in profiles), graph_launches=sum(p.graph_launches for p in profiles),
+        torch_ops=sum(p.torch_ops for p in profiles), in_torch_ops_us=sum(p.in_torch_ops_us for p in profiles),
+        longest=())
 
 
 # ---------------------------------------------------------------------------------------------- CLI

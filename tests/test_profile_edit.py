@@ -8,7 +8,7 @@ from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 
 from benchmarks import profile_edit
-from benchmarks.profile_edit import covered, stage_profiles
+from benchmarks.profile_edit import all_stages, covered, stage_profiles, stage_table
 from zone_engine.pipeline import STAGES
 from zone_engine.timing import RANGE_PREFIX
 
@@ -54,6 +54,10 @@ def test_stage_profiles_attribute_device_work_and_dispatched_ops_to_the_stage_th
     assert denoise.longest[0] == ("sm90_gemm", 50)
     assert denoise.busy_share == pytest.approx(0.5)
     assert (refine.device_busy_us, refine.device_ops, refine.torch_ops) == (0, 0, 1)
+    total = all_stages([denoise, refine])
+    assert (total.wall_us, total.device_busy_us, total.device_ops, total.torch_ops) == (200, 50, 3, 3)
+    assert total.busy_share == pytest.approx(0.25) and "| all stages | 0.20 ms | 0.05 ms | 25 % |" in stage_table(
+        [denoise, refine])
 
 
 def test_a_cpu_run_has_no_device_busy_time_and_ranks_its_torch_ops():
