@@ -142,20 +142,17 @@ def main(argv: list[str] | None = None) -> None:
     segmenters = {rows[0][0]: reference}
     if args.sam_precision:  # a variant that fails loses its own rows only (as every part after the reference)
         name = f"torch, image encoder {args.sam_precision} (autocast)"
-        segmenters[name] = TorchSamSegmenter(sam, config, DTYPES[args.sam_precision])
-        row = guarded(f"{name}: its runs", lambda: timed_runs(segmenters[name].segment,
-                                                              segmenters[name].generator.predictor, image,
-                                                              args.repeats))
-        if row is None:
-            del segmenters[name]
-        else:
+        variant = TorchSamSegmenter(sam, config, DTYPES[args.sam_precision])
+        row = guarded(f"{name}: its runs",
+                      lambda: timed_runs(variant.segment, variant.generator.predictor, image, args.repeats))
+        if row is not None:
+            segmenters[name] = variant
             rows.append((name, *row))
     searches = guarded("the search rows", lambda: search_rows(segmenters, rows, image, args.repeats)) or []
     print_report(args, sam, rows + onnx_rows, export_seconds, searches)
     if device.type == "cuda":
         guarded("the search's CUDA runs", lambda: print_search_batching(reference, image, args.repeats))
     guarded("the network rows", lambda: print_network_rows(sam, args.points_per_batch, max(args.repeats, 3)))
-
 
 
 def centre_mask(size: tuple[int, int]) -> np.ndarray:
