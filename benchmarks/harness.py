@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -117,6 +118,7 @@ BATCHED_THROUGHPUT_LABEL = ("batched: rounds of one ZonePipeline.edit_batch of B
                             "sequential edit), their denoising one batched dual-UNet loop; edits ÷ wall time")
 
 Progress = Callable[[str], None]
+T = TypeVar("T")
 EditRun = Callable[[], tuple[EditResult, dict[str, float], list[float]]]
 
 
@@ -211,14 +213,21 @@ def measure(implementations: list[Implementation], config: BenchConfig, device: 
 def _isolated(impl: Implementation, what: str, work: Callable[[], None], device: torch.device,
               progress: Progress) -> None:
     """Run `work`; if an engine row's work raises, record it as the row's `failure` instead."""
-    try:
+    if impl.name == "baseline":  # nothing to compare against without it
         work()
-    except Exception as error:  # noqa: BLE001 - reported in the row's place, the run goes on
-        if impl.name == "baseline":
-            raise
-        impl.failure = _failure(impl.name, what, error, progress)
+        return
+    _, impl.failure = _attempt(impl.name, what, work, progress)
+    if impl.failure is not None:
         with contextlib.suppress(Exception):  # a device error can outlive the edit that raised it
             _release(device)
+
+
+def _attempt(name: str, what: str, work: Callable[[], T], progress: Progress) -> tuple[T | None, str | None]:
+    """(work(), None), or (None, the failure's line) when it raises: reported, and the run goes on."""
+    try:
+        return work(), None
+    except Exception as error:  # noqa: BLE001 - reported in the report, the traceback in the log
+        return None, _failure(name, what, error, progress)
 
 
 def _failure(name: str, what: str, error: Exception, progress: Progress) -> str:
@@ -583,12 +592,13 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
         parity_name, parity_result = (parity_impl.name, parity_impl.result) if parity_impl else (None, None)
     else:
         measure([baseline], config, device, progress)
-        parity_name, parity_result = "engine:eager (fp32, untimed)", None
-        try:
-            parity_result = ZonePipeline(models, device, torch.float32, default_config=edit_config,
-                                         denoiser="eager").edit(image, config.instruction, edit_config)
-        except Exception as error:  # noqa: BLE001 - reported as the parity line, the engine rows still run
-            parity_failure = _failure(parity_name, "edit", error, progress)
+        parity_name = "engine:eager (fp32, untimed)"
+
+        def parity_edit() -> EditResult:
+            pipe = ZonePipeline(models, device, torch.float32, default_config=edit_config, denoiser="eager")
+            return pipe.edit(image, config.instruction, edit_config)
+
+        parity_result, parity_failure = _attempt(parity_name, "edit", parity_edit, progress)
         timed = [baseline, *engines(engine_dtype)]
         measure(timed[1:], config, device, progress)
     skipped += [{"name": impl.name, "skipped": impl.failure} for impl in timed if impl.failure]
@@ -607,11 +617,9 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
     speedup = {run["name"]: base_total / run["stages"]["total"]["median"] for run in runs if "skipped" not in run}
 
     progress("measuring the matmul ceiling and counting UNet FLOPs")
-    try:
-        floor = cost_floor(models, latent_size, config, device, ceilings_at_start, runs)
-    except Exception as error:  # noqa: BLE001 - e.g. a device left unusable by a failed row: report the rest
-        _failure("floor", "measurement", error, progress)
-        floor = None
+    # A device left unusable by a failed row loses the floor, not the report.
+    floor, _ = _attempt("floor", "measurement", lambda: cost_floor(models, latent_size, config, device,
+                                                                    ceilings_at_start, runs), progress)
 
     return {
         "schema": 1,
