@@ -36,6 +36,7 @@ from zone_engine.pipeline import STAGES, ZonePipeline
 from zone_engine.timing import RANGE_PREFIX
 
 Window = tuple[float, float]  # microseconds on the profiler's clock
+INSTRUCTION = "make the house a golden statue"
 
 
 @dataclass(frozen=True)
@@ -196,15 +197,15 @@ def profile_edit(args: argparse.Namespace) -> tuple[torch.device, list[StageProf
         pass
     for index in range(args.warmup):
         print(f"[profile] warm-up edit {index + 1} of {args.warmup}", file=sys.stderr)
-        pipe.edit(image, "make the house a golden statue", config)
+        pipe.edit(image, INSTRUCTION, config)
     print("[profile] profiled edit", file=sys.stderr)
     with profile(activities=activities) as profiler:
-        pipe.edit(image, "make the house a golden statue", config)
+        pipe.edit(image, INSTRUCTION, config)
     if args.trace is not None:
         profiler.export_chrome_trace(str(args.trace))
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return device, stage_profiles(profiler.events()), profiler.key_averages().table(sort_by=sort_by,
-                                                                                     row_limit=args.rows)
+    ops = profiler.key_averages().table(sort_by=sort_by, row_limit=args.rows) if args.rows else ""
+    return device, stage_profiles(profiler.events()), ops
 
 
 def _device_name(device: torch.device) -> str:
