@@ -19,7 +19,7 @@ from benchmarks import harness
 from benchmarks.baseline import STORED_MAX_QUERIES, ReferenceStyleZone
 from benchmarks.harness import PRESETS, main, parse_args, run_benchmark
 from benchmarks.report import markdown
-from zone_engine import Action, ZonePipeline
+from zone_engine import Action, ZonePipeline, backends, pipeline
 from zone_engine.denoise import BatchDenoiser
 from zone_engine.image_io import make_sample_image
 from zone_engine.pipeline import STAGES
@@ -147,6 +147,31 @@ def test_an_engine_row_that_fails_is_reported_and_the_run_goes_on(tmp_path, monk
     assert record["floor"] is None and "Cost-model floor" not in table
     record["parity"] = {"name": "engine:eager (fp32, untimed)", "failed": "edit failed: RuntimeError: boom"}
     assert "fp32 parity (engine:eager (fp32, untimed)): edit failed: RuntimeError: boom." in markdown(record)
+
+
+def test_a_half_precision_run_times_the_fp32_baseline_first_then_checks_fp32_parity(tmp_path, monkeypatch):
+    """The gpu-512 flow (the engine in half precision) on the CPU in bf16: the baseline's fp32 edits, one
+    untimed fp32 engine:eager edit for parity, then the engine rows in bf16 on the same (now cast) weights.
+    Only a GPU runs this flow for real, and a lease lost to a bug in it is a lease lost."""
+    cuda_rules = backends.resolve_dtype
+    monkeypatch.setattr(harness, "resolve_dtype", lambda dtype, _: cuda_rules(dtype, torch.device("cuda")))
+    monkeypatch.setattr(pipeline, "resolve_dtype", lambda dtype, _: cuda_rules(dtype, torch.device("cuda")))
+
+    def matmul_peak(_, dtype: torch.dtype) -> dict:  # bf16 products of 2048² take minutes on a CPU without bf16
+        return {"dtype": str(dtype).removeprefix("torch."), "n": 1, "flops_per_s": 1e9, "median_flops_per_s": 1e9}
+    monkeypatch.setattr(harness, "matmul_peak", matmul_peak)
+    config = dataclasses.replace(PRESETS["tiny-smoke"], dtype="bf16", backends=("fused",), sam_onnx=False,
+                                 sam_precision=None, out=tmp_path)
+    record = run_benchmark(config)
+
+    runs = {run["name"]: run for run in record["runs"] if "skipped" not in run}
+    assert list(runs) == ["baseline", "engine:fused"] and runs["baseline"]["dtype"] == "fp32"
+    assert runs["engine:fused"]["dtype"] == "bf16" and runs["engine:fused"]["batched_throughput"]["edits_per_s"] > 0
+    parity = record["parity"]
+    assert parity["name"] == "engine:eager (fp32, untimed)" and parity["dtype"] == "fp32"
+    assert parity["mask_b_identical"] and parity["max_pixel_diff_image"] <= 1  # fp32 against fp32
+    assert record["quality"]["engine:fused"]["dtype"] == "bf16" and record["floor"]["unet_gflop_per_row"] > 0
+    assert "| engine:fused (bf16) |" in markdown(record)
 
 
 def test_a_baseline_that_fails_ends_the_run(monkeypatch):
