@@ -246,19 +246,9 @@ def batch_requests(image: np.ndarray, config: BenchConfig, edit_config: EditConf
             for index in range(config.batch)]
 
 
-def measure_batched(implementations: list[Implementation], config: BenchConfig, image: np.ndarray,
-                    edit_config: EditConfig, device: torch.device, progress: Progress) -> None:
-    """With `config.batch` > 1, after the per-stage rounds: `repeats` rounds of one timed `edit_batch`
-    of `config.batch` requests for each engine row whose denoiser batches (a `BatchDenoiser`).
-
-    One untimed warm-up batch first when the run has warm-up edits, or when the backend builds
-    something per shape (torch.compile, CUDA graphs: a new batch size is a new shape). Rows without
-    a batched denoiser get `batched_skip` instead. A batch that fails (e.g. out of memory) is
-    recorded as the row's `error`; the rest of the run goes on.
-    """
-    if config.batch < 2:
-        return
-    requests = batch_requests(image, config, edit_config)
+def batching_rows(implementations: list[Implementation], batch: int) -> list[Implementation]:
+    """The rows whose denoiser batches (a `BatchDenoiser`), each given its `BatchedRun`; the others get
+    `batched_skip`, the reason they have no batched measurement."""
     batchers = []
     for impl in implementations:
         denoiser = impl.pipe.denoiser if impl.pipe is not None else None
@@ -268,8 +258,25 @@ def measure_batched(implementations: list[Implementation], config: BenchConfig, 
             impl.batched_skip = (f"{type(denoiser.denoiser).__name__} is no BatchDenoiser: "
                                  "edit_batch would denoise its edits one after another")
         else:
-            impl.batched = BatchedRun(config.batch)
+            impl.batched = BatchedRun(batch)
             batchers.append(impl)
+    return batchers
+
+
+def measure_batched(implementations: list[Implementation], config: BenchConfig, image: np.ndarray,
+                    edit_config: EditConfig, device: torch.device, progress: Progress) -> None:
+    """With `config.batch` > 1, after the per-stage rounds: `repeats` rounds of one timed `edit_batch`
+    of `config.batch` requests for each engine row whose denoiser batches (a `BatchDenoiser`).
+
+    One untimed warm-up batch first when the run has warm-up edits, or when the backend builds
+    something per shape (torch.compile, CUDA graphs: a new batch size is a new shape). Rows without
+    a batched denoiser get `batched_skip` instead. A batch that fails (e.g. out of memory) is
+    recorded as the row's `error`, and the row leaves the rounds; the rest of the run goes on.
+    """
+    if config.batch < 2:
+        return
+    requests = batch_requests(image, config, edit_config)
+    batchers = batching_rows(implementations, config.batch)
 
     def run_batch(impl: Implementation) -> list[EditResult]:
         models = impl.pipe.models
@@ -278,42 +285,40 @@ def measure_batched(implementations: list[Implementation], config: BenchConfig, 
                             request.config.action_rule)
         return impl.pipe.edit_batch(requests)
 
-    def failed(impl: Implementation, error: Exception) -> None:
-        impl.batched.error = _failure(impl.name, f"batch of {config.batch}", error, progress)
-        batchers.remove(impl)
+    def warm_up(impl: Implementation) -> None:
+        started = time.perf_counter()
+        run_batch(impl)
+        impl.batched.warmup_s.append(time.perf_counter() - started)
+        progress(f"{impl.name}: warm-up batch of {config.batch} {impl.batched.warmup_s[-1]:.1f} s")
+
+    def timed_batch(impl: Implementation, index: int) -> None:
+        run, denoiser = impl.batched, impl.pipe.denoiser
+        denoiser.runs.clear()
+        with PeakMemory(device) as memory:
+            started = time.perf_counter()
+            results = run_batch(impl)
+            run.walls.append(time.perf_counter() - started)
+        run.steps.append(denoiser.clock.seconds())
+        run.peak_memory.append(memory.report())
+        run.denoise_runs.append(list(denoiser.runs))
+        run.first_vs_sequential = agreement(results[0], impl.result)
+        progress(f"{impl.name}: batch of {config.batch} {index + 1}/{config.repeats} {run.walls[-1]:.2f} s "
+                 f"({config.batch / run.walls[-1]:.3g} edits/s)")
+
+    def attempt(impl: Implementation, work: Callable[[], None]) -> None:
+        _, impl.batched.error = _attempt(impl.name, f"batch of {config.batch}", work, progress)
+        if impl.batched.error is not None:
+            batchers.remove(impl)
         _release(device)
 
     for impl in list(batchers):
         builds = (impl.name.removeprefix("engine:") in BUILDING_BACKENDS
                   or getattr(impl.pipe.denoiser.denoiser, "cuda_graphs", False) and device.type == "cuda")
         if config.warmup > 0 or builds:
-            started = time.perf_counter()
-            try:
-                run_batch(impl)
-            except Exception as error:  # noqa: BLE001 - recorded in the report, the run goes on
-                failed(impl, error)
-                continue
-            impl.batched.warmup_s.append(time.perf_counter() - started)
-            progress(f"{impl.name}: warm-up batch of {config.batch} {impl.batched.warmup_s[-1]:.1f} s")
+            attempt(impl, partial(warm_up, impl))
     for index in range(config.repeats):
         for impl in list(batchers):
-            run, denoiser = impl.batched, impl.pipe.denoiser
-            denoiser.runs.clear()
-            try:
-                with PeakMemory(device) as memory:
-                    started = time.perf_counter()
-                    results = run_batch(impl)
-                    run.walls.append(time.perf_counter() - started)
-            except Exception as error:  # noqa: BLE001 - recorded in the report, the run goes on
-                failed(impl, error)
-                continue
-            run.steps.append(denoiser.clock.seconds())
-            run.peak_memory.append(memory.report())
-            run.denoise_runs.append(list(denoiser.runs))
-            run.first_vs_sequential = agreement(results[0], impl.result)
-            progress(f"{impl.name}: batch of {config.batch} {index + 1}/{config.repeats} {run.walls[-1]:.2f} s "
-                     f"({config.batch / run.walls[-1]:.3g} edits/s)")
-            _release(device)
+            attempt(impl, partial(timed_batch, impl, index))
 
 
 def summarize_batched(run: BatchedRun, sequential: dict, config: BenchConfig) -> dict:
@@ -503,6 +508,108 @@ def variant_denoiser(backends: Sequence[str]) -> str:
     return next((kind for kind in ("compile", "fused") if kind in backends), backends[0])
 
 
+@dataclass
+class EngineRows:
+    """Builds the engine rows of one run, on the run's shared models, image and settings. A backend (or
+    refinement provider) this machine lacks becomes a row in `skipped` with its reason."""
+
+    config: BenchConfig
+    models: ZoneModels
+    device: torch.device
+    image: np.ndarray
+    edit_config: EditConfig
+    skipped: list[dict] = dataclasses.field(default_factory=list)
+    sam_export: dict = dataclasses.field(default_factory=dict)  # SAM's ONNX export, made on first use
+    denoisers: dict[str, Denoiser] = dataclasses.field(default_factory=dict)  # shared by the variant rows
+
+    def build(self, dtype: torch.dtype) -> list[Implementation]:
+        """One row per backend of the preset, then the refinement variants of the fastest fused-family one."""
+        built = [row for kind in self.config.backends if (row := self._row(f"engine:{kind}", dtype, kind, dict))]
+        if self.config.sam_onnx:
+            built += self._refine_variant(dtype, "sam-onnx", self._onnx_refine_options)
+        if self.config.sam_precision:
+            built += self._refine_variant(dtype, f"sam-{self.config.sam_precision}",
+                                          lambda: {"sam_precision": self.config.sam_precision})
+        return built
+
+    def _row(self, name: str, dtype: torch.dtype, denoiser: str | Denoiser,
+             options: Callable[[], dict]) -> Implementation | None:
+        """`options`: more ZonePipeline arguments, asked for inside the check (they may need an export)."""
+        try:
+            pipe = ZonePipeline(self.models, self.device, dtype, default_config=self.edit_config, denoiser=denoiser,
+                                channels_last=self.config.channels_last, **options())
+        except (ZoneError, ImportError, RuntimeError) as error:  # a backend or provider this machine lacks
+            self.skipped.append({"name": name, "skipped": str(error).splitlines()[0]})
+            return None
+        if isinstance(denoiser, str):
+            self.denoisers[denoiser] = pipe.denoiser
+        return Implementation(name, self.config.dtype, engine_edit(pipe, self.image, self.config, self.edit_config),
+                              pipe=pipe)
+
+    def _refine_variant(self, dtype: torch.dtype, suffix: str, options: Callable[[], dict]) -> list[Implementation]:
+        """The variant denoiser's row with another refinement backend, on the same denoiser object as that
+        row: compiled and captured once."""
+        kind = variant_denoiser(self.config.backends)
+        row = self._row(f"engine:{kind}+{suffix}", dtype, self.denoisers.get(kind, kind), options)
+        return [row] if row else []
+
+    def _onnx_refine_options(self) -> dict:
+        """Refinement on ONNX Runtime, SAM exported here once."""
+        if self.device.type == "cuda" and not onnxruntime_has_cuda():
+            raise ZoneError("this onnxruntime has no CUDA provider: SAM on its CPU provider would not be "
+                            "comparable (install onnxruntime-gpu)")
+        if "folder" not in self.sam_export:
+            started = time.perf_counter()
+            folder = self.config.out / f"sam-onnx-{self.config.sam_type}"
+            self.sam_export["folder"] = export_sam(self.models.sam, self.config.sam_type, folder)
+            self.sam_export["seconds"] = time.perf_counter() - started
+        return {"segmenter": "onnx", "sam_onnx": self.sam_export["folder"]}
+
+
+@dataclass
+class Parity:
+    """An engine edit in fp32, compared with the baseline's: its row's name and result, or why it failed."""
+
+    name: str | None
+    result: EditResult | None = None
+    failure: str | None = None
+
+    def report(self, reference: EditResult) -> dict | None:
+        if self.result is not None:
+            return {"name": self.name, **compare(self.result, reference, "fp32")}
+        return {"name": self.name, "failed": self.failure} if self.failure else None
+
+
+def timed_rows(baseline: Implementation, rows: EngineRows, engine_dtype: torch.dtype,
+               progress: Progress) -> tuple[list[Implementation], Parity]:
+    """Every row's warm-up and timed edits, and the fp32 parity edit; the rows that failed join `skipped`.
+
+    fp32: every implementation in each round, engines first (with no warm-up edit, any one-time cost left
+    lands on an engine), and the first engine row that ran is the parity edit. Half precision: the engine
+    casts the shared weights in place, so the fp32 baseline runs first, then one untimed fp32 engine:eager
+    edit for parity, then the engine rows.
+    """
+    config, device = rows.config, rows.device
+    if engine_dtype == torch.float32:
+        timed = [*rows.build(engine_dtype), baseline]
+        measure(timed, config, device, progress)
+        first = next((impl for impl in timed if impl is not baseline and impl.failure is None), None)
+        parity = Parity(first.name, first.result) if first else Parity(None)
+    else:
+        measure([baseline], config, device, progress)
+        parity = Parity("engine:eager (fp32, untimed)")
+
+        def parity_edit() -> EditResult:
+            pipe = ZonePipeline(rows.models, device, torch.float32, default_config=rows.edit_config, denoiser="eager")
+            return pipe.edit(rows.image, config.instruction, rows.edit_config)
+
+        parity.result, parity.failure = _attempt(parity.name, "edit", parity_edit, progress)
+        timed = [baseline, *rows.build(engine_dtype)]
+        measure(timed[1:], config, device, progress)
+    rows.skipped += [{"name": impl.name, "skipped": impl.failure} for impl in timed if impl.failure]
+    return [impl for impl in timed if impl.failure is None], parity
+
+
 def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> dict:
     """Run the whole benchmark in this process and return its record (what the JSON file holds)."""
     started = time.perf_counter()
@@ -532,87 +639,18 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
 
     baseline = Implementation("baseline", "fp32",
                               baseline_edit(ReferenceStyleZone(models, device), image, config, edit_config, device))
-    skipped = [{"name": f"engine:{kind}", "skipped": f"not in this preset's backends (add --backends ...,{kind})"}
-               for kind in DENOISERS if kind not in config.backends]
-
-    sam_export: dict = {}  # the ONNX export of the run's SAM, made on first use: folder and seconds
-    denoisers: dict[str, Denoiser] = {}  # each engine row's denoiser, shared by the refinement-variant rows
-
-    def engines(dtype: torch.dtype) -> list[Implementation]:
-        built = []
-        for kind in config.backends:
-            try:
-                pipe = ZonePipeline(models, device, dtype, default_config=edit_config, denoiser=kind,
-                                    channels_last=config.channels_last)
-            except (ZoneError, ImportError, RuntimeError) as error:  # a backend this machine does not have
-                skipped.append({"name": f"engine:{kind}", "skipped": str(error).splitlines()[0]})
-                continue
-            denoisers[kind] = pipe.denoiser
-            built.append(Implementation(f"engine:{kind}", config.dtype, engine_edit(pipe, image, config, edit_config),
-                                        pipe=pipe))
-        if config.sam_onnx:
-            built += refine_variant_engine(dtype, "sam-onnx", onnx_refine_options)
-        if config.sam_precision:
-            built += refine_variant_engine(dtype, f"sam-{config.sam_precision}",
-                                           lambda: {"sam_precision": config.sam_precision})
-        return built
-
-    def onnx_refine_options() -> dict:
-        """Refinement on ONNX Runtime, SAM exported here once."""
-        if device.type == "cuda" and not onnxruntime_has_cuda():
-            raise ZoneError("this onnxruntime has no CUDA provider: SAM on its CPU provider would not be "
-                            "comparable (install onnxruntime-gpu)")
-        if "folder" not in sam_export:
-            started = time.perf_counter()
-            sam_export["folder"] = export_sam(models.sam, config.sam_type, config.out / f"sam-onnx-{config.sam_type}")
-            sam_export["seconds"] = time.perf_counter() - started
-        return {"segmenter": "onnx", "sam_onnx": sam_export["folder"]}
-
-    def refine_variant_engine(dtype: torch.dtype, suffix: str, options: Callable[[], dict]) -> list[Implementation]:
-        """The variant denoiser's row with another refinement backend (`options`: ZonePipeline's), on the
-        same denoiser object as that row: compiled and captured once."""
-        kind = variant_denoiser(config.backends)
-        name = f"engine:{kind}+{suffix}"
-        try:
-            pipe = ZonePipeline(models, device, dtype, default_config=edit_config, denoiser=denoisers.get(kind, kind),
-                                channels_last=config.channels_last, **options())
-        except (ZoneError, ImportError, RuntimeError) as error:  # a backend or provider this machine lacks
-            skipped.append({"name": name, "skipped": str(error).splitlines()[0]})
-            return []
-        return [Implementation(name, config.dtype, engine_edit(pipe, image, config, edit_config), pipe=pipe)]
-
-    parity_failure = None
-    # 1. fp32: every implementation in each round, engines first (with no warm-up edit, any one-time
-    #    cost left lands on an engine). Half precision: the engine casts the shared weights in place,
-    #    so the fp32 baseline runs first, then one untimed fp32 engine edit for the parity check.
-    if engine_dtype == torch.float32:
-        timed = [*engines(engine_dtype), baseline]
-        measure(timed, config, device, progress)
-        parity_impl = next((impl for impl in timed if impl is not baseline and impl.failure is None), None)
-        parity_name, parity_result = (parity_impl.name, parity_impl.result) if parity_impl else (None, None)
-    else:
-        measure([baseline], config, device, progress)
-        parity_name = "engine:eager (fp32, untimed)"
-
-        def parity_edit() -> EditResult:
-            pipe = ZonePipeline(models, device, torch.float32, default_config=edit_config, denoiser="eager")
-            return pipe.edit(image, config.instruction, edit_config)
-
-        parity_result, parity_failure = _attempt(parity_name, "edit", parity_edit, progress)
-        timed = [baseline, *engines(engine_dtype)]
-        measure(timed[1:], config, device, progress)
-    skipped += [{"name": impl.name, "skipped": impl.failure} for impl in timed if impl.failure]
-    timed = [impl for impl in timed if impl.failure is None]
+    rows = EngineRows(config, models, device, image, edit_config,
+                      skipped=[{"name": f"engine:{kind}", "skipped": f"not in this preset's backends (add --backends "
+                                f"...,{kind})"} for kind in DENOISERS if kind not in config.backends])
+    timed, parity = timed_rows(baseline, rows, engine_dtype, progress)
     # Batches of concurrent edits, after the per-stage rounds (each row's sequential result is its check).
     measure_batched(timed, config, image, edit_config, device, progress)
     timed.sort(key=lambda impl: impl is not baseline)
-    runs = [summarize_run(impl, config, device) for impl in timed] + skipped
+    runs = [summarize_run(impl, config, device) for impl in timed] + rows.skipped
 
-    # 2. Same seed, same inputs: how far is every output from the baseline's?
+    # Same seed, same inputs: how far is every output from the baseline's?
     reference = baseline.result
     quality = {impl.name: compare(impl.result, reference, impl.dtype) for impl in timed if impl is not baseline}
-    parity = ({"name": parity_name, **compare(parity_result, reference, "fp32")} if parity_result is not None
-              else {"name": parity_name, "failed": parity_failure} if parity_failure else None)
     base_total = runs[0]["stages"]["total"]["median"]
     speedup = {run["name"]: base_total / run["stages"]["total"]["median"] for run in runs if "skipped" not in run}
 
@@ -632,10 +670,10 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
         },
         "model_parameters": _parameter_counts(models),
         "model_build_s": build_s,
-        "sam_onnx_export_s": sam_export.get("seconds"),
+        "sam_onnx_export_s": rows.sam_export.get("seconds"),
         "runs": runs,
         "quality": quality,
-        "parity": parity,
+        "parity": parity.report(reference),
         "speedup": speedup,
         "floor": floor,
         "process_peak_rss_bytes": process_peak_rss_bytes(),

@@ -149,6 +149,20 @@ def test_an_engine_row_that_fails_is_reported_and_the_run_goes_on(tmp_path, monk
     assert "fp32 parity (engine:eager (fp32, untimed)): edit failed: RuntimeError: boom." in markdown(record)
 
 
+def test_a_batch_that_fails_is_reported_and_the_rows_stay(monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(ZonePipeline, "edit_batch", out_of_memory)
+    record = run_benchmark(dataclasses.replace(PRESETS["tiny-smoke"], backends=("fused",), sam_onnx=False,
+                                               sam_precision=None, warmup=1))
+    fused = next(run for run in record["runs"] if run["name"] == "engine:fused")
+    assert fused["stages"]["total"]["n"] == 1 and record["quality"]["engine:fused"]["mask_b_identical"]
+    batched = fused["batched_throughput"]
+    assert batched["error"] == "batch of 2 failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert batched["batches"] == 0 and batched["warmup_s"] == [] and batched["edits_per_s"] is None
+    assert "batch of 2 failed: OutOfMemoryError" in markdown(record)
+
+
 def test_a_half_precision_run_times_the_fp32_baseline_first_then_checks_fp32_parity(tmp_path, monkeypatch):
     """The gpu-512 flow (the engine in half precision) on the CPU in bf16: the baseline's fp32 edits, one
     untimed fp32 engine:eager edit for parity, then the engine rows in bf16 on the same (now cast) weights.
