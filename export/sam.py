@@ -22,22 +22,19 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from zone_engine import __version__
-from zone_engine.errors import ConfigError, ZoneError
+from zone_engine.errors import ConfigError
 from zone_engine.sam_onnx import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, MANIFEST_FORMAT, file_sha256
 from zone_engine.sam_torch import decode_masks, decode_tokens
 
-TINY_SEED = 0
-# A protobuf message cannot pass 2 GiB: larger weights (vit_h's fp32 encoder, 2.5 GB) go to one
-# `<graph>.onnx.data` file beside the graph, listed and checksummed in the manifest like the graphs.
-EXTERNAL_DATA_BYTES = 2**31 - 2**26
+from .onnx_graph import compare, export_graph, require, session
 
+TINY_SEED = 0
 # Export check, |onnxruntime - torch| <= atol + rtol * max|torch| on every output, against the fp32 model:
 # - fp32: both sides compute in fp32 and differ only in fusion and summation order (ORT fuses LayerNorm,
 #   attention, GELU). Measured max differences: tiny 2e-6 (encoder) / 1e-7 (decoder), random-weight
@@ -48,6 +45,8 @@ EXTERNAL_DATA_BYTES = 2**31 - 2**26
 #   to fp32, so this checks the graph and its rounded weights, not a GPU's fp16 arithmetic: check fp16
 #   masks on the GPU with `python -m benchmarks.bench_refine --fp16` (it reports mask agreement).
 TOLERANCES = {"fp32": dict(atol=1e-4, rtol=1e-4), "fp16": dict(atol=2e-2, rtol=2e-2)}
+ENCODER_OUTPUTS = ["image_embeddings"]
+DECODER_OUTPUTS = ["low_res_logits", "iou_predictions"]
 
 
 class ImageEncoderGraph(nn.Module):
@@ -140,25 +139,25 @@ def export_sam(
     try:
         generator = torch.Generator().manual_seed(0)
         image = torch.randn(1, 3, size, size, generator=generator).to(device)
-        _export_graph(ImageEncoderGraph(sam), (image,), staging / ENCODER_FILE, opset,
-                      input_names=["image"], output_names=["image_embeddings"], dynamic_axes=None,
-                      metadata={**metadata, "zone.part": "image_encoder"})
+        export_graph(ImageEncoderGraph(sam), (image,), staging / ENCODER_FILE, opset,
+                     input_names=["image"], output_names=ENCODER_OUTPUTS, dynamic_axes=None,
+                     metadata={**metadata, "zone.part": "image_encoder"})
         with torch.inference_mode():
             embeddings = reference.image_encoder(image)
         points, labels = _sample_points(2, 1, size, generator, device)
-        _export_graph(MaskDecoderGraph(sam), (embeddings, points, labels), staging / DECODER_FILE, opset,
-                      input_names=["image_embeddings", "point_coords", "point_labels"],
-                      output_names=["low_res_logits", "iou_predictions"],
-                      dynamic_axes={"point_coords": {0: "batch", 1: "points"},
-                                    "point_labels": {0: "batch", 1: "points"},
-                                    "low_res_logits": {0: "batch"}, "iou_predictions": {0: "batch"}},
-                      metadata={**metadata, "zone.part": "mask_decoder"})
+        export_graph(MaskDecoderGraph(sam), (embeddings, points, labels), staging / DECODER_FILE, opset,
+                     input_names=["image_embeddings", "point_coords", "point_labels"], output_names=DECODER_OUTPUTS,
+                     dynamic_axes={"point_coords": {0: "batch", 1: "points"},
+                                   "point_labels": {0: "batch", 1: "points"},
+                                   "low_res_logits": {0: "batch"}, "iou_predictions": {0: "batch"}},
+                     metadata={**metadata, "zone.part": "mask_decoder"})
 
         # Compare with the fp32 model run as SamPredictor.predict_torch runs it (segment-anything's own
         # prompt encoder, not the graph's rewrite), at other batch and point counts than traced with.
         tolerance = TOLERANCES[precision]
-        report = {"tolerance": tolerance, ENCODER_FILE: _compare(
-            staging / ENCODER_FILE, {"image": image}, [embeddings], tolerance)}
+        encoder, decoder = session(staging / ENCODER_FILE), session(staging / DECODER_FILE)
+        report = {"tolerance": tolerance, ENCODER_FILE: max(compare(
+            encoder, ENCODER_FILE, {"image": image}, [embeddings], ENCODER_OUTPUTS, tolerance).values())}
         for batch, count in ((5, 1), (3, 3)):
             points, labels = _sample_points(batch, count, size, generator, device)
             with torch.inference_mode():
@@ -168,8 +167,10 @@ def export_sam(
                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
                 )
             inputs = {"image_embeddings": embeddings, "point_coords": points, "point_labels": labels}
-            report[f"{DECODER_FILE} B={batch} P={count}"] = _compare(
-                staging / DECODER_FILE, inputs, list(expected), tolerance)
+            where = f" for {batch} prompts of {count} point(s)"
+            report[f"{DECODER_FILE} B={batch} P={count}"] = max(compare(
+                decoder, DECODER_FILE, inputs, list(expected), DECODER_OUTPUTS, tolerance, where).values())
+        del encoder, decoder  # ONNX Runtime holds the files open (and their weights in memory) until then
 
         files = sorted(path.name for path in staging.iterdir())
         manifest = {
@@ -189,7 +190,7 @@ def export_sam(
             "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else f"random:{model_type}",
             "zone_engine_version": __version__,
             "torch_version": torch.__version__,
-            "onnxruntime_version": _onnxruntime().__version__,
+            "onnxruntime_version": require("onnxruntime").__version__,
             "validation": report,
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -210,62 +211,6 @@ def _sample_points(
     labels = torch.randint(0, 2, (batch, count), generator=generator).float()
     labels[:, 0] = 1.0
     return points.to(device), labels.to(device)
-
-
-def _export_graph(
-    module: nn.Module, args: tuple, path: Path, opset: int, *, input_names: list[str], output_names: list[str],
-    dynamic_axes: dict | None, metadata: dict[str, str],
-) -> None:
-    """Trace `module` to `path`, then re-save it with `metadata`; big weights go to `path`.data."""
-    import onnx
-
-    raw = path.parent / f"raw-{path.stem}" / path.name
-    raw.parent.mkdir()
-    # The legacy TorchScript exporter (dynamo=False), as segment-anything's own export script: it writes
-    # the opset asked for. The dynamo exporter (torch 2.14) implements opset >= 18 only, and when asked
-    # for 17 its down-conversion of SAM's graphs fails and it silently keeps 18, so --opset and the
-    # manifest would not say what the file holds (older onnxruntime/TensorRT builds need <= 17).
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        # Shapes the tracer freezes are static here (one input size S per export); B and P stay symbolic.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=opset, do_constant_folding=True,
-                          input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)
-    model = onnx.load(str(raw))  # pulls in the per-tensor files the exporter writes past protobuf's 2 GB
-    for key, value in metadata.items():
-        model.metadata_props.add(key=key, value=value)
-    external = sum(len(tensor.raw_data) for tensor in model.graph.initializer) > EXTERNAL_DATA_BYTES
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data")
-    shutil.rmtree(raw.parent)
-
-
-def _compare(path: Path, inputs: dict[str, torch.Tensor], expected: list[torch.Tensor], tolerance: dict) -> float:
-    """Run `path` on ONNX Runtime (CPU) and check every output against `expected`; the largest difference."""
-    ort = _onnxruntime()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {name: tensor.cpu().numpy() for name, tensor in inputs.items()})
-    worst = 0.0
-    for output, want in zip(outputs, expected, strict=True):
-        got, want = torch.from_numpy(output), want.cpu()
-        if got.shape != want.shape:
-            raise ZoneError(f"exported {path.name} gives shape {tuple(got.shape)}, PyTorch {tuple(want.shape)}")
-        difference = (got - want).abs().max().item()
-        allowed = tolerance["atol"] + tolerance["rtol"] * want.abs().max().item()
-        if not difference <= allowed:
-            raise ZoneError(
-                f"exported {path.name} differs from PyTorch by {difference:.3g} (allowed {allowed:.3g}); "
-                "nothing was written. Try another --opset or onnxruntime version."
-            )
-        worst = max(worst, difference)
-    return worst
-
-
-def _onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ZoneError("exporting SAM needs onnx and onnxruntime: pip install -e '.[onnx]'") from None
-    return onnxruntime
 
 
 # --------------------------------------------------------------------------------------------------

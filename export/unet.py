@@ -34,7 +34,6 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,8 @@ from zone_engine.errors import ConfigError, ZoneError
 from zone_engine.localize import EMPTY_PROMPT_ROWS, attention_grid, record_cross_attention, recorded_layers
 from zone_engine.models import ZoneModels
 from zone_engine.sam_onnx import file_sha256
+
+from .onnx_graph import compare, export_graph, require, session
 
 DUAL_STEP = "dual_step"
 VAE_ENCODER = "vae_encoder"
@@ -396,7 +397,7 @@ def _in_precision(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 def _export(out_dir: Path, specs: list[GraphSpec], profile: ShapeProfile, precision: str, opset: int,
             sources: dict[str, str] | None) -> Path:
     """Trace, validate at every profile size, then move the files and the manifest entries into `out_dir`."""
-    ort = _onnxruntime()
+    ort, onnx = require("onnxruntime"), require("onnx")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))  # same filesystem: os.replace below
@@ -406,20 +407,21 @@ def _export(out_dir: Path, specs: list[GraphSpec], profile: ShapeProfile, precis
             generator = torch.Generator().manual_seed(0)
             trace_inputs = spec.make_inputs(profile.trace_size(), generator)
             metadata = {"zone.graph": spec.name, "zone.precision": precision, "zone.version": __version__}
-            files = _export_graph(spec.module, trace_inputs, staging / spec.file, opset,
-                                  spec.output_names, spec.dynamic_axes if profile.dynamic else None, metadata)
+            files = export_graph(spec.module, tuple(trace_inputs.values()), staging / spec.file, opset,
+                                 input_names=list(trace_inputs), output_names=spec.output_names,
+                                 dynamic_axes=spec.dynamic_axes if profile.dynamic else None, metadata=metadata)
             report = {"tolerance": TOLERANCES[precision]}
             shapes = {}
-            session = _session(ort, staging / spec.file)
+            graph = session(staging / spec.file)
             for size in profile.sizes():
                 inputs = spec.make_inputs(size, generator)
                 with torch.no_grad():
                     expected = spec.reference(**inputs)
                 expected = list(expected) if isinstance(expected, tuple) else [expected]
-                report[f"{size[0]}x{size[1]}"] = _compare(session, spec.file, inputs, expected, spec.output_names,
-                                                          TOLERANCES[precision])
+                report[f"{size[0]}x{size[1]}"] = compare(graph, spec.file, inputs, expected, spec.output_names,
+                                                         TOLERANCES[precision], f" at input size {size[0]}x{size[1]}")
                 shapes[size] = {name: list(t.shape) for name, t in inputs.items()}
-            del session  # ONNX Runtime holds the file open (and its weights in memory) until then
+            del graph  # ONNX Runtime holds the file open (and its weights in memory) until then
             entries[spec.name] = {
                 "files": {name: file_sha256(staging / name) for name in files},
                 "onnx": spec.file,
@@ -439,7 +441,7 @@ def _export(out_dir: Path, specs: list[GraphSpec], profile: ShapeProfile, precis
                 "validation": report,
                 "zone_engine_version": __version__,
                 "torch_version": torch.__version__,
-                "onnx_version": _onnx().__version__,
+                "onnx_version": onnx.__version__,
                 "onnxruntime_version": ort.__version__,
             }
         manifest = _read_manifest_for_update(out_dir)
@@ -484,80 +486,6 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not manifest.get("graphs"):
         raise ZoneError(f"{path} is not a format-{MANIFEST_FORMAT} `zone export unet` manifest; {again}")
     return manifest
-
-
-def _export_graph(module: nn.Module, inputs: dict[str, torch.Tensor], path: Path, opset: int,
-                  output_names: list[str], dynamic_axes: dict | None, metadata: dict[str, str]) -> list[str]:
-    """Trace `module` to `path` with `metadata`; returns the files written (the graph, and its weights past 2 GB)."""
-    onnx = _onnx()
-    raw = path.parent / f"raw-{path.stem}" / path.name
-    raw.parent.mkdir()
-    # The legacy TorchScript exporter (dynamo=False), at opset 19 by default as NVIDIA's diffusion demo
-    # uses it: the dynamo exporter (torch.onnx.export's default now) has failed on the UNet with dynamic
-    # axes, while the tracer keeps the latent sizes symbolic through every reshape and upsampling.
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        # Shape checks the tracer freezes hold for every size of the profile (validated below).
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # strided slices stay as they are
-        torch.onnx.export(module, tuple(inputs.values()), str(raw), dynamo=False, opset_version=opset,
-                          do_constant_folding=True, input_names=list(inputs), output_names=output_names,
-                          dynamic_axes=dynamic_axes)
-    model = onnx.load(str(raw))  # pulls in the per-tensor files the exporter writes past protobuf's 2 GB
-    for key, value in metadata.items():
-        model.metadata_props.add(key=key, value=value)
-    # Past protobuf's 2 GB (SD1.5's two UNets: 3.4 GB in fp16) the exporter already wrote the weights as
-    # external data; keep them so, in one file beside the graph, where TensorRT's parse_from_file and ONNX
-    # Runtime find it.
-    external = len(list(raw.parent.iterdir())) > 1
-    data = f"{path.name}.data"
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=data)
-    shutil.rmtree(raw.parent)
-    return [path.name, data] if external else [path.name]
-
-
-def _session(ort: Any, path: Path) -> Any:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # ORT warns about every fp16 node it runs through fp32 casts
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads would starve torch
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _compare(session: Any, file: str, inputs: dict[str, torch.Tensor], expected: list[torch.Tensor],
-             names: list[str], tolerance: dict[str, float]) -> dict[str, float]:
-    """Run the graph on ONNX Runtime (CPU), check every output against `expected`; the largest differences."""
-    outputs = session.run(names, {name: tensor.numpy() for name, tensor in inputs.items()})
-    report = {}
-    for name, output, want in zip(names, outputs, expected, strict=True):
-        got = torch.from_numpy(output)
-        if got.shape != want.shape:
-            raise ZoneError(f"exported {file} gives {name} of shape {tuple(got.shape)}, PyTorch "
-                            f"{tuple(want.shape)}; nothing was written")
-        difference = (got - want.float()).abs().max().item()
-        allowed = tolerance["atol"] + tolerance["rtol"] * want.abs().max().item()
-        if not difference <= allowed:
-            size = "x".join(str(d) for d in next(iter(inputs.values())).shape[-2:])
-            raise ZoneError(
-                f"exported {file} differs from PyTorch on {name} by {difference:.3g} (allowed {allowed:.3g}) "
-                f"at input size {size}; nothing was written. Try another --opset or onnxruntime version."
-            )
-        report[name] = difference
-    return report
-
-
-def _onnx():
-    try:
-        import onnx
-    except ImportError:
-        raise ZoneError("exporting needs onnx and onnxruntime: pip install -e '.[onnx]'") from None
-    return onnx
-
-
-def _onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ZoneError("exporting needs onnx and onnxruntime: pip install -e '.[onnx]'") from None
-    return onnxruntime
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from conftest import assert_same_selection, smooth_image  # noqa: E402
 
+from export import onnx_graph  # noqa: E402
 from export import sam as export_module  # noqa: E402
 from export.sam import add_export_sam_arguments, export_sam, run_export_sam  # noqa: E402
 from zone_engine import __version__  # noqa: E402
@@ -404,7 +405,7 @@ def test_run_export_sam_argument_errors(tmp_path):
 
 def test_weights_in_external_data_files(sam, tmp_path, monkeypatch):
     """As vit_h's 2.5 GB fp32 encoder is written: weights in `<graph>.onnx.data`, checksummed too."""
-    monkeypatch.setattr(export_module, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_BYTES", 0)
     folder = export_sam(sam, "tiny", tmp_path / "external")
     data_files = [f"{DECODER_FILE}.data", f"{ENCODER_FILE}.data"]
     assert sorted(read_manifest(folder)["files"]) == sorted([DECODER_FILE, ENCODER_FILE, *data_files])

@@ -1,0 +1,91 @@
+"""What `zone export unet` and `zone export sam` share: tracing a module to one ONNX file (its weights
+beside it past protobuf's 2 GB), checking the file on ONNX Runtime against PyTorch, and importing onnx /
+onnxruntime only when an export runs (they are the `[onnx]` extra)."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from zone_engine.errors import ZoneError
+
+# A protobuf message cannot pass 2 GiB: larger weights (two SD1.5 UNets, 3.4 GB in fp16; vit_h's fp32
+# encoder, 2.5 GB) go to one `<graph>.onnx.data` file beside the graph, where TensorRT's parse_from_file
+# and ONNX Runtime find it; the manifests list and checksum it like the graphs.
+EXTERNAL_DATA_BYTES = 2**31 - 2**26
+
+
+def require(module: str) -> ModuleType:
+    """onnx or onnxruntime, or a ZoneError that says how to install them."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ZoneError("exporting needs onnx and onnxruntime: pip install -e '.[onnx]'") from None
+
+
+def export_graph(module: nn.Module, args: tuple, path: Path, opset: int, *, input_names: list[str],
+                 output_names: list[str], dynamic_axes: dict | None, metadata: dict[str, str]) -> list[str]:
+    """Trace `module` on `args` to `path` with `metadata`; the files written (the graph, and its weights
+    when they pass EXTERNAL_DATA_BYTES)."""
+    onnx = require("onnx")
+    raw = path.parent / f"raw-{path.stem}" / path.name
+    raw.parent.mkdir()
+    # The legacy TorchScript exporter (dynamo=False), as NVIDIA's diffusion demo and segment-anything's own
+    # export script use it. It writes the opset asked for and keeps the latent sizes symbolic through every
+    # reshape and upsampling; the dynamo exporter (torch 2.14) has failed on the UNet with dynamic axes,
+    # implements opset >= 18 only, and when asked for 17 silently keeps 18 after its down-conversion of
+    # SAM's graphs fails, so --opset and the manifest would not say what the file holds.
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # Shapes the tracer freezes hold for every size the caller validates (one size per SAM export).
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # strided slices stay
+        torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=opset, do_constant_folding=True,
+                          input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)
+    model = onnx.load(str(raw))  # pulls in the per-tensor files the exporter writes past protobuf's 2 GB
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    external = (len(list(raw.parent.iterdir())) > 1  # the exporter already had to write them apart
+                or sum(len(tensor.raw_data) for tensor in model.graph.initializer) > EXTERNAL_DATA_BYTES)
+    data = f"{path.name}.data"
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=data)
+    shutil.rmtree(raw.parent)
+    return [path.name, data] if external else [path.name]
+
+
+def session(path: Path) -> Any:
+    """An ONNX Runtime session on the CPU provider, quiet and without spinning threads."""
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # ORT warns about every fp16 node it runs through fp32 casts
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads would starve torch
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def compare(graph: Any, file: str, inputs: dict[str, torch.Tensor], expected: list[torch.Tensor],
+            names: list[str], tolerance: dict[str, float], where: str = "") -> dict[str, float]:
+    """Run `graph` (a session of `file`) and check each output against PyTorch's `expected`:
+    |onnxruntime - torch| <= atol + rtol * max|torch|. The largest difference of each output, by name;
+    a ZoneError naming the output (and `where`, e.g. the input size) when one is off."""
+    outputs = graph.run(names, {name: tensor.detach().cpu().numpy() for name, tensor in inputs.items()})
+    report = {}
+    for name, output, want in zip(names, outputs, expected, strict=True):
+        got, want = torch.from_numpy(output), want.detach().cpu().float()
+        if got.shape != want.shape:
+            raise ZoneError(f"exported {file} gives {name} of shape {tuple(got.shape)}, PyTorch "
+                            f"{tuple(want.shape)}; nothing was written")
+        difference = (got - want).abs().max().item()
+        allowed = tolerance["atol"] + tolerance["rtol"] * want.abs().max().item()
+        if not difference <= allowed:
+            raise ZoneError(
+                f"exported {file} differs from PyTorch on {name} by {difference:.3g} (allowed {allowed:.3g})"
+                f"{where}; nothing was written. Try another --opset or onnxruntime version."
+            )
+        report[name] = difference
+    return report
