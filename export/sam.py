@@ -152,26 +152,7 @@ def export_sam(
                                    "low_res_logits": {0: "batch"}, "iou_predictions": {0: "batch"}},
                      metadata={**metadata, "zone.part": "mask_decoder"})
 
-        # Compare with the fp32 model run as SamPredictor.predict_torch runs it (segment-anything's own
-        # prompt encoder, not the graph's rewrite), at other batch and point counts than traced with.
-        tolerance = TOLERANCES[precision]
-        encoder, decoder = session(staging / ENCODER_FILE), session(staging / DECODER_FILE)
-        report = {"tolerance": tolerance, ENCODER_FILE: max(compare(
-            encoder, ENCODER_FILE, {"image": image}, [embeddings], ENCODER_OUTPUTS, tolerance).values())}
-        for batch, count in ((5, 1), (3, 3)):
-            points, labels = _sample_points(batch, count, size, generator, device)
-            with torch.inference_mode():
-                sparse, dense = reference.prompt_encoder(points=(points, labels.int()), boxes=None, masks=None)
-                expected = reference.mask_decoder(
-                    image_embeddings=embeddings, image_pe=reference.prompt_encoder.get_dense_pe(),
-                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
-                )
-            inputs = {"image_embeddings": embeddings, "point_coords": points, "point_labels": labels}
-            where = f" for {batch} prompts of {count} point(s)"
-            report[f"{DECODER_FILE} B={batch} P={count}"] = max(compare(
-                decoder, DECODER_FILE, inputs, list(expected), DECODER_OUTPUTS, tolerance, where).values())
-        del encoder, decoder  # ONNX Runtime holds the files open (and their weights in memory) until then
-
+        report = _validate(reference, staging, image, embeddings, generator, TOLERANCES[precision])
         files = sorted(path.name for path in staging.iterdir())
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -201,6 +182,30 @@ def export_sam(
         raise
     shutil.rmtree(staging)
     return out_dir
+
+
+def _validate(reference: nn.Module, folder: Path, image: torch.Tensor, embeddings: torch.Tensor,
+              generator: torch.Generator, tolerance: dict[str, float]) -> dict:
+    """Both graphs in `folder` against the fp32 model run as SamPredictor.predict_torch runs it
+    (segment-anything's own prompt encoder, not the graph's rewrite), the decoder at other batch and point
+    counts than traced with; the largest difference of each check, for the manifest."""
+    size, device = image.shape[-1], image.device
+    encoder, decoder = session(folder / ENCODER_FILE), session(folder / DECODER_FILE)
+    report = {"tolerance": tolerance, ENCODER_FILE: max(compare(
+        encoder, ENCODER_FILE, {"image": image}, [embeddings], ENCODER_OUTPUTS, tolerance).values())}
+    for batch, count in ((5, 1), (3, 3)):
+        points, labels = _sample_points(batch, count, size, generator, device)
+        with torch.inference_mode():
+            sparse, dense = reference.prompt_encoder(points=(points, labels.int()), boxes=None, masks=None)
+            expected = reference.mask_decoder(
+                image_embeddings=embeddings, image_pe=reference.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
+            )
+        inputs = {"image_embeddings": embeddings, "point_coords": points, "point_labels": labels}
+        where = f" for {batch} prompts of {count} point(s)"
+        report[f"{DECODER_FILE} B={batch} P={count}"] = max(compare(
+            decoder, DECODER_FILE, inputs, list(expected), DECODER_OUTPUTS, tolerance, where).values())
+    return report  # the sessions close here: ONNX Runtime holds the files open until then
 
 
 def _sample_points(
