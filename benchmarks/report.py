@@ -42,10 +42,17 @@ def _parity_line(parity: dict | None) -> str:
 
 def markdown(record: dict) -> str:
     """The report as markdown: setup, per-stage latency, batched throughput, output agreement, floor."""
+    lines = [*setup_lines(record), *stage_table(record), *batched_table(record), *agreement_table(record),
+             *floor_lines(record)]
+    return "\n".join(lines) + "\n"
+
+
+def setup_lines(record: dict) -> list[str]:
+    """The title and what ran where: time, machine, versions, models, settings."""
     config, machine = record["config"], record["machine"]
     batch = config.get("batch", 1)  # records older than the batched measurement have none
     batches = f", then {config['repeats']} timed batches of {batch} per batching backend" if batch > 1 else ""
-    lines = [
+    return [
         f"# zone bench: {config['preset']}",
         "",
         f"- finished (UTC): {record['created_utc']}; wall time of the whole run {format_seconds(record['wall_s'])} "
@@ -62,6 +69,12 @@ def markdown(record: dict) -> str:
         f"stability_score_thresh {config['sam']['stability_score_thresh']}",
         f"- warm-up edits {config['warmup']} ({config['priming']}), timed edits {config['repeats']}{batches}; "
         f"action forced to {config['action']} (classification timed beside each edit)",
+    ]
+
+
+def stage_table(record: dict) -> list[str]:
+    """Per-stage medians and spreads of every row (a skipped row says why), speed-up, memory, edits/s."""
+    lines = [
         "",
         "## Per-stage latency (median; [min–max] over the timed edits)",
         "",
@@ -80,13 +93,16 @@ def markdown(record: dict) -> str:
             + f" | {run['throughput']['edits_per_s']:.3g} |"
         )
     first = next(run for run in record["runs"] if "skipped" not in run)
-    lines += [
+    return lines + [
         "",
         f"Speed-up: baseline total median ÷ row total median. Peak memory: {first['peak_memory']['label']}. "
         f"edits/s: {first['throughput']['label']}. per_step: {first['per_step_source']}.",
     ]
-    lines += batched_table(record)
-    lines += [
+
+
+def agreement_table(record: dict) -> list[str]:
+    """Every row's output against the baseline's (same seed), then the fp32 parity line."""
+    lines = [
         "",
         "## Output agreement with the baseline (same seed, same inputs)",
         "",
@@ -100,24 +116,29 @@ def markdown(record: dict) -> str:
             f"| {quality['iou_mask_b']:.4f} | {quality['mask_b_identical']} | {quality['iou_mask_f']:.4f} "
             f"| {quality['iou_region']:.4f} | {quality['used_fallback']} / {quality['baseline_used_fallback']} |"
         )
-    lines += ["", _parity_line(record["parity"])]
+    return lines + ["", _parity_line(record["parity"])]
+
+
+def floor_lines(record: dict) -> list[str]:
+    """The denoise stage's cost-model floor at each measured ceiling, and each row's distance from it."""
     floor = record.get("floor")
-    if floor:
-        lines += ["", "## Cost-model floor of the denoise stage", ""]
+    if not floor:
+        return []
+    lines = [
+        "", "## Cost-model floor of the denoise stage", "",
+        f"UNet {floor['unet_gflop_per_row']:.1f} GFLOP per row × {floor['rows_per_step']} rows × "
+        f"{record['config']['steps']} steps = {floor['denoise_tflop']:.2f} TFLOP.",
+    ]
+    for ceiling in floor["ceilings"]:
+        gaps = ", ".join(f"{name} {gap:.1f}×" for name, gap in ceiling["gap"].items())
+        measured = ceiling["measured_flops_per_s"]
         lines.append(
-            f"UNet {floor['unet_gflop_per_row']:.1f} GFLOP per row × {floor['rows_per_step']} rows × "
-            f"{config['steps']} steps = {floor['denoise_tflop']:.2f} TFLOP."
+            f"- measured {ceiling['dtype']} matmul {ceiling['flops_per_s'] / 1e12:.3g} TFLOP/s (best of "
+            f"{measured['before'] / 1e12:.3g} before the edits and {measured['after'] / 1e12:.3g} after) → "
+            f"floor {format_seconds(ceiling['denoise_floor_s'])} per edit "
+            f"({format_seconds(ceiling['step_floor_s'])} per step); denoise measured / floor: {gaps}"
         )
-        for ceiling in floor["ceilings"]:
-            gaps = ", ".join(f"{name} {gap:.1f}×" for name, gap in ceiling["gap"].items())
-            measured = ceiling["measured_flops_per_s"]
-            lines.append(
-                f"- measured {ceiling['dtype']} matmul {ceiling['flops_per_s'] / 1e12:.3g} TFLOP/s (best of "
-                f"{measured['before'] / 1e12:.3g} before the edits and {measured['after'] / 1e12:.3g} after) → "
-                f"floor {format_seconds(ceiling['denoise_floor_s'])} per edit "
-                f"({format_seconds(ceiling['step_floor_s'])} per step); denoise measured / floor: {gaps}"
-            )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def batched_table(record: dict) -> list[str]:
