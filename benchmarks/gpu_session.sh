@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call of the lent device machine (see ../.library/device/):
-# the GPU test classes (compiled Triton kernels, bf16, fp16 vs fp32), the kernel and refinement
-# benchmarks and the per-stage benchmark, with logs under $OUT. The device image has torch, triton,
-# onnx/onnxruntime and transformers but not diffusers or segment-anything: they travel as wheels.
+# Everything that needs a GPU, in one call of the lent device machine (see ../.library/device/): the GPU
+# test classes (compiled Triton kernels, bf16, fp16 vs fp32), the kernel, refinement and per-stage
+# benchmarks, the profile and more, their logs packed into $OUT/logs.tar.gz. The device image has torch,
+# triton, onnx/onnxruntime and transformers but not diffusers or segment-anything: they travel as wheels.
 #
 # Once, on the development machine, in the repo root:
 #   echo /.whl/ >> .git/info/exclude
@@ -18,14 +18,17 @@
 # compile (the torch.compile test), breaks (compile's graph breaks), profile (one edit under torch.profiler: each
 # stage's device-busy share and launches), graph-memory (captured steps' memory, shared pool vs one each),
 # suite (the whole suite), serve (the load test).
-# At most 8 files come back from $OUT: each stage writes one log, bench three more files (JSON, md, PNG).
+# At most 8 files come back from $OUT: every stage's log goes into $OUT/logs.tar.gz (rewritten after each
+# stage, so a call cut short still returns what ran), bench adds its JSON, markdown and PNG, bench-cl its
+# markdown.
 # A lease now has 15 minutes of device time in all, a machine's start (a minute or two) included, and a call
-# runs at most 600 s: the default list (tests kernels refine bench, BACKENDS=fused) fits one call, its stage
-# limits adding up to 150 + 50 + 120 + 240 = 560 s (on the H100: tests 55 s, gpu-512 eager,fused 111 s).
-# Run it with timeout_s 590; the machine stays warm a short while after a call, so the ~3 minutes the lease
-# has left then fit `bash benchmarks/gpu_session.sh profile` (limit 150 s, timeout_s 170) at once, no new
-# start; then give the machine back. dual, bench-cl, compile, breaks, graph-memory, suite and serve are for a
-# lease with time left after that; so is the compile backend end to end, in a call of its own:
+# runs at most 600 s. The machine goes back 30 s after a call, so the default list is as much as one call can
+# hold, most needed first: tests kernels refine bench profile graph-memory dual. A stage starts only while the
+# call's budget (BUDGET, default 570 s from the script's start) still holds its whole limit, else it says it was
+# skipped: a cut-off benchmark reports nothing. Limits 150 + 50 + 120 + 240 = 560 s for the first four; on the
+# H100 tests took 55 s and gpu-512 with eager,fused 111 s, so profile (150) and more usually fit behind them.
+# Run it with timeout_s 590, then give the machine back. bench-cl, compile, breaks, refine-zero, suite and serve
+# are for a lease with time left; so is the compile backend end to end, in a call of its own:
 # `BACKENDS=fused,compile BENCH_LIMIT=560 bash benchmarks/gpu_session.sh bench` (149 s of compilation before
 # 3173f92; its sam-bf16 row is then compile's denoiser with SAM's encoder in bf16: the fastest combination).
 # DRY_RUN=1 prints each stage's command instead of running it, with nothing installed: the suite parses
@@ -33,6 +36,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/zone-out}"
+LOGS="${LOGS:-/tmp/zone-logs}"  # the stages' logs, packed into $OUT/logs.tar.gz after each stage
+BUDGET="${BUDGET:-570}"  # seconds this call may spend on its stages (the device runs a command 600 s at most)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 DRY_RUN="${DRY_RUN:-0}"
@@ -45,20 +50,28 @@ else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if [ "$DRY_RUN" != 1 ]; then
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+    mkdir -p "$LOGS"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOGS/gpu.txt"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
-        | tee -a "$OUT/gpu.txt"
+        | tee -a "$LOGS/gpu.txt"
+    tar czf "$OUT/logs.tar.gz" -C "$LOGS" .
 fi
 
 # Each stage is bounded (the device allows 10 minutes a command): a stage that runs over is cut off,
-# its log kept, and the next one runs.
-stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, its output in $OUT/NAME.log
+# its log kept, and the next one runs; one whose limit the call's budget no longer holds does not start.
+stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, its output in $LOGS/NAME.log
     local name=$1 limit=$2; shift 2
     if [ "$DRY_RUN" = 1 ]; then printf 'DRY-RUN %s:' "$name"; printf ' %q' "$@"; echo; return 0; fi
+    local left=$((BUDGET - SECONDS))
+    if [ "$left" -lt "$limit" ]; then
+        echo "== $name: skipped, ${left}s of the call's budget of ${BUDGET}s left and its limit is ${limit}s"
+        return 0
+    fi
     echo "== $name (limit ${limit}s)"
     local started=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-    echo "== $name: rc $? after $((SECONDS - started))s"; tail -n "${TAIL:-12}" "$OUT/$name.log"
+    timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    echo "== $name: rc $? after $((SECONDS - started))s"; tail -n "${TAIL:-12}" "$LOGS/$name.log"
+    tar czf "$OUT/logs.tar.gz" -C "$LOGS" .
 }
 run_stage() {
     case $1 in
@@ -101,7 +114,7 @@ run_stage() {
         # decides `--channels-last`. Its markdown alone comes back (8 files at most return from $OUT).
         TAIL=50 stage bench_cl 200 python3 -m benchmarks --preset gpu-512 --backends fused --batch 1 \
             --channels-last --out /tmp/zone-bench-cl
-        [ "$DRY_RUN" = 1 ] || cp /tmp/zone-bench-cl/bench-gpu-512.md "$OUT/bench_cl.md" ;;
+        [ ! -f /tmp/zone-bench-cl/bench-gpu-512.md ] || cp /tmp/zone-bench-cl/bench-gpu-512.md "$OUT/bench_cl.md" ;;
     suite)  # The whole suite on the GPU machine, in parallel processes.
         stage tests 400 python3 -m pytest -q -n 8 -rf tests ;;
     serve)  # The HTTP service under load, batching on vs off: SD1.5-sized random weights, fp16, 512², 20 steps.
@@ -115,5 +128,5 @@ run_stage() {
         return 1 ;;
     esac
 }
-[ $# -gt 0 ] || set -- tests kernels refine bench
+[ $# -gt 0 ] || set -- tests kernels refine bench profile graph-memory dual
 for name in "$@"; do run_stage "$name"; done

@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -65,8 +66,24 @@ def test_the_dry_run_prints_one_command_a_stage_and_runs_none(every_stage, tmp_p
     assert len(every_stage) == len(STAGES)
     assert all(words[:2] == ["python3", "-m"] for words in every_stage.values())
     run = dry_run(OUT=str(tmp_path))  # the default stages
-    assert list(commands(run.stdout)) == ["gpu_tests", "bench_kernels", "bench_refine", "bench"]
+    assert list(commands(run.stdout)) == ["gpu_tests", "bench_kernels", "bench_refine", "bench", "profile",
+                                          "graph_memory", "bench_dual_unet"]
     assert list(tmp_path.iterdir()) == []  # no log, no gpu.txt: nothing ran
+
+
+def test_a_stage_starts_only_while_the_budget_holds_its_limit_and_its_log_comes_back_packed(tmp_path):
+    """Not dry: graph-memory (limit 150 s) runs, and on this CPU says it needs a GPU; bench (240 s) no longer
+    fits a budget of 200 s and is skipped. The logs come back in one archive ($OUT returns 8 files at most)."""
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    run = dry_run("graph-memory", "bench", DRY_RUN="0", BUDGET="200", OUT=str(out), LOGS=str(logs))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "== graph_memory: rc 2 after" in run.stdout and "error: CUDA graphs need a CUDA GPU" in run.stdout
+    assert re.search(r"== bench: skipped, 1\d\ds of the call's budget of 200s left and its limit is 240s", run.stdout)
+    assert [path.name for path in out.iterdir()] == ["logs.tar.gz"]
+    with tarfile.open(out / "logs.tar.gz") as archive:
+        names = {Path(name).name for name in archive.getnames()}
+        assert {"gpu.txt", "graph_memory.log"} <= names and "bench.log" not in names
+        assert b"torch" in archive.extractfile("./gpu.txt").read()
 
 
 def test_the_benchmark_stages_pass_their_tools_parsers(every_stage):
