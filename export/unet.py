@@ -397,67 +397,76 @@ def _in_precision(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 def _export(out_dir: Path, specs: list[GraphSpec], profile: ShapeProfile, precision: str, opset: int,
             sources: dict[str, str] | None) -> Path:
     """Trace, validate at every profile size, then move the files and the manifest entries into `out_dir`."""
-    ort, onnx = require("onnxruntime"), require("onnx")
+    require("onnx"), require("onnxruntime")  # before any tracing: both are needed, and the [onnx] extra
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))  # same filesystem: os.replace below
-    entries = {}
     try:
-        for spec in specs:
-            generator = torch.Generator().manual_seed(0)
-            trace_inputs = spec.make_inputs(profile.trace_size(), generator)
-            metadata = {"zone.graph": spec.name, "zone.precision": precision, "zone.version": __version__}
-            files = export_graph(spec.module, tuple(trace_inputs.values()), staging / spec.file, opset,
-                                 input_names=list(trace_inputs), output_names=spec.output_names,
-                                 dynamic_axes=spec.dynamic_axes if profile.dynamic else None, metadata=metadata)
-            report = {"tolerance": TOLERANCES[precision]}
-            shapes = {}
-            graph = session(staging / spec.file)
-            for size in profile.sizes():
-                inputs = spec.make_inputs(size, generator)
-                with torch.no_grad():
-                    expected = spec.reference(**inputs)
-                expected = list(expected) if isinstance(expected, tuple) else [expected]
-                report[f"{size[0]}x{size[1]}"] = compare(graph, spec.file, inputs, expected, spec.output_names,
-                                                         TOLERANCES[precision], f" at input size {size[0]}x{size[1]}")
-                shapes[size] = {name: list(t.shape) for name, t in inputs.items()}
-            del graph  # ONNX Runtime holds the file open (and its weights in memory) until then
-            entries[spec.name] = {
-                "files": {name: file_sha256(staging / name) for name in files},
-                "onnx": spec.file,
-                "precision": precision,
-                "opset": opset,
-                "inputs": list(trace_inputs),
-                "outputs": spec.output_names,
-                "io_dtype": "float32",
-                "image_sizes": profile.to_json(),
-                "traced_at": list(profile.trace_size()),
-                # TensorRT's optimization profile: input name -> [min, opt, max] shapes.
-                "profile": {name: [shapes[profile.min][name], shapes[profile.opt][name], shapes[profile.max][name]]
-                            for name in trace_inputs},
-                "weights_sha256": spec.weights,
-                "sources": sources or {},
-                **spec.extra(),
-                "validation": report,
-                "zone_engine_version": __version__,
-                "torch_version": torch.__version__,
-                "onnx_version": onnx.__version__,
-                "onnxruntime_version": ort.__version__,
-            }
-        manifest = _read_manifest_for_update(out_dir)
-        for name, entry in entries.items():
-            for old in manifest["graphs"].get(name, {}).get("files", {}):  # a re-export may drop its .data file
-                if old not in entry["files"] and (out_dir / old).is_file():
-                    (out_dir / old).unlink()
-            for file in entry["files"]:
-                os.replace(staging / file, out_dir / file)
-            manifest["graphs"][name] = entry
-        # The manifest last: it vouches for the files before it.
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(staging / MANIFEST_FILE, out_dir / MANIFEST_FILE)
+        entries = {spec.name: _export_spec(spec, staging, profile, precision, opset, sources) for spec in specs}
+        _install(entries, staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _export_spec(spec: GraphSpec, staging: Path, profile: ShapeProfile, precision: str, opset: int,
+                 sources: dict[str, str] | None) -> dict[str, Any]:
+    """One graph traced into `staging` and checked at every size of the profile; its manifest entry."""
+    generator = torch.Generator().manual_seed(0)
+    trace_inputs = spec.make_inputs(profile.trace_size(), generator)
+    metadata = {"zone.graph": spec.name, "zone.precision": precision, "zone.version": __version__}
+    files = export_graph(spec.module, tuple(trace_inputs.values()), staging / spec.file, opset,
+                         input_names=list(trace_inputs), output_names=spec.output_names,
+                         dynamic_axes=spec.dynamic_axes if profile.dynamic else None, metadata=metadata)
+    report = {"tolerance": TOLERANCES[precision]}
+    shapes = {}
+    graph = session(staging / spec.file)
+    for size in profile.sizes():
+        inputs = spec.make_inputs(size, generator)
+        with torch.no_grad():
+            expected = spec.reference(**inputs)
+        expected = list(expected) if isinstance(expected, tuple) else [expected]
+        report[f"{size[0]}x{size[1]}"] = compare(graph, spec.file, inputs, expected, spec.output_names,
+                                                 TOLERANCES[precision], f" at input size {size[0]}x{size[1]}")
+        shapes[size] = {name: list(t.shape) for name, t in inputs.items()}
+    del graph  # ONNX Runtime holds the file open (and its weights in memory) until then
+    return {
+        "files": {name: file_sha256(staging / name) for name in files},
+        "onnx": spec.file,
+        "precision": precision,
+        "opset": opset,
+        "inputs": list(trace_inputs),
+        "outputs": spec.output_names,
+        "io_dtype": "float32",
+        "image_sizes": profile.to_json(),
+        "traced_at": list(profile.trace_size()),
+        # TensorRT's optimization profile: input name -> [min, opt, max] shapes.
+        "profile": {name: [shapes[profile.min][name], shapes[profile.opt][name], shapes[profile.max][name]]
+                    for name in trace_inputs},
+        "weights_sha256": spec.weights,
+        "sources": sources or {},
+        **spec.extra(),
+        "validation": report,
+        "zone_engine_version": __version__,
+        "torch_version": torch.__version__,
+        "onnx_version": require("onnx").__version__,
+        "onnxruntime_version": require("onnxruntime").__version__,
+    }
+
+
+def _install(entries: dict[str, dict[str, Any]], staging: Path, out_dir: Path) -> None:
+    """Move the graphs' files from `staging` into `out_dir` and add their entries to its manifest, the
+    manifest last: it vouches for the files before it."""
+    manifest = _read_manifest_for_update(out_dir)
+    for name, entry in entries.items():
+        for old in manifest["graphs"].get(name, {}).get("files", {}):  # a re-export may drop its .data file
+            if old not in entry["files"] and (out_dir / old).is_file():
+                (out_dir / old).unlink()
+        for file in entry["files"]:
+            os.replace(staging / file, out_dir / file)
+        manifest["graphs"][name] = entry
+    (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(staging / MANIFEST_FILE, out_dir / MANIFEST_FILE)
 
 
 def _read_manifest_for_update(out_dir: Path) -> dict[str, Any]:
