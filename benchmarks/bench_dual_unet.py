@@ -164,7 +164,30 @@ def main(argv: list[str] | None = None) -> int:
     if dtype != torch.float32 and device.type != "cuda":
         print("error: fp16/bf16 need CUDA: use --dtype fp32 on the CPU", file=sys.stderr)
         return 2
+    variants, inputs = build_variants(args, device, dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    latent, rows = args.resolution // 8, 6 * args.batch
+    print(f"device {name}, {args.models} UNets, {args.resolution}² ({latent}² latent), {rows} rows "
+          f"(B = {args.batch}), {args.dtype}, median of {args.repeats}")
+    results = {}
+    with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for label, run in variants.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds, output = time_variant(run, inputs, device, args.repeats)
+            memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            results[label] = (seconds, output, memory)
+    for warning in {str(w.message).split(".")[0] for w in caught if "batching rule" in str(w.message)}:
+        print(f"note (vmap): {warning}")  # e.g. no vmap rule for the CPU's fused SDPA: a per-model loop
+    print_results(results)
+    return 0
 
+
+def build_variants(args: argparse.Namespace, device: torch.device,
+                   dtype: torch.dtype) -> tuple[dict[str, Variant], tuple[torch.Tensor, ...]]:
+    """Two random UNets of the preset's size and every way of evaluating them (graphed too, on CUDA),
+    with the inputs they take: (sample (6B, 8, h, w), timestep, context (3B, 77, C))."""
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()  # casting random-weight UNets: nothing to keep in fp32
@@ -188,28 +211,19 @@ def main(argv: list[str] | None = None) -> int:
                                     "step": step_variant(engine_unet, sample, context)}
     if args.channels_last:
         variants.update(channels_last_variants(mb_unet, ip2p_unet, sample, context, streams=on_cuda))
+    inputs = (sample, timestep, context)
     if on_cuda:
         variants["streams"] = DualUNet(mb_unet, ip2p_unet, streams=True)
-        inputs = (sample, timestep, context)
         with torch.inference_mode():
             for label in [label for label in variants if label != "vmap"]:
                 variants[f"{label}+graph"] = graphed(variants[label], inputs)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device {name}, {args.models} UNets, {args.resolution}² ({latent}² latent), {2 * rows} rows "
-          f"(B = {args.batch}), {args.dtype}, median of {args.repeats}")
-    results, reference = {}, None
-    with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for label, run in variants.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            seconds, output = time_variant(run, (sample, timestep, context), device, args.repeats)
-            memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            if label == "two-calls":
-                reference = output
-            results[label] = (seconds, output, memory)
-    for warning in {str(w.message).split(".")[0] for w in caught if "batching rule" in str(w.message)}:
-        print(f"note (vmap): {warning}")  # e.g. no vmap rule for the CPU's fused SDPA: a per-model loop
+    return variants, inputs
+
+
+def print_results(results: dict[str, tuple[float, torch.Tensor, float | None]]) -> None:
+    """The table: each variant's median, against one UNet call (eager and graphed), its eps against the
+    two-calls reference, and its peak memory."""
+    reference = results["two-calls"][1]
     graph_yardstick = results.get("single+graph", results["single"])[0]
     print(f"{'variant':<16} {'median':>10} {'x single':>9} {'x single+graph':>15} {'max |diff| vs two-calls':>24} "
           f"{'peak GiB':>9}")
@@ -221,7 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         peak = f"{memory:.2f}" if memory is not None else "n/a"
         print(f"{label:<16} {seconds * 1e3:>8.2f}ms {seconds / results['single'][0]:>9.2f} "
               f"{seconds / graph_yardstick:>15.2f} {difference:>24} {peak:>9}")
-    return 0
 
 
 if __name__ == "__main__":
