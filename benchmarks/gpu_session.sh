@@ -4,17 +4,12 @@
 # benchmarks, the profile and more, their logs packed into $OUT/logs.tar.gz. The device image has torch,
 # triton, onnx/onnxruntime and transformers but not diffusers or segment-anything: they travel as wheels.
 #
-# Once, on the development machine, in the repo root:
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
-#       diffusers==0.42.1 segment-anything importlib_metadata
-# For the serving load test also these (the image has prometheus-client, httpx, anyio, h11, click):
-#   fastapi uvicorn python-multipart starlette pydantic pydantic-core annotated-types typing-inspection
-#   opentelemetry-api typing_extensions
+# Before a lease, on the development machine, in the repo root: `bash benchmarks/gpu_session.sh fetch-wheels`
+# (adds /.whl/ to .git/info/exclude and downloads diffusers, segment-anything and importlib_metadata into .whl;
+# `fetch-wheels serve` also the serving load test's: the image has prometheus-client, httpx, anyio, h11, click).
 # Then: device run with carry [".whl"] and command `bash benchmarks/gpu_session.sh [STAGE ...]`: stages
-# tests kernels refine bench (the default, in that order), refine-zero (refine keeping every mask), dual (the
-# dual-step variants), bench-cl (bench with channels-last UNets and VAE),
+# tests kernels refine bench profile graph-memory dual (the default, in that order), refine-zero (refine
+# keeping every mask), dual (the dual-step variants), bench-cl (bench with channels-last UNets and VAE),
 # compile (the torch.compile test), breaks (compile's graph breaks), profile (one edit under torch.profiler: each
 # stage's device-busy share and launches), graph-memory (captured steps' memory, shared pool vs one each),
 # suite (the whole suite), serve (the load test).
@@ -35,6 +30,17 @@
 # them with their tools' own parsers (tests/test_gpu_session.py), so no lease is spent on a stale flag.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = fetch-wheels ]; then  # here, not on the device: the packages its image lacks, as wheels
+    wheels=(diffusers==0.42.1 segment-anything importlib_metadata)
+    [ "${2:-}" != serve ] || wheels+=(fastapi uvicorn python-multipart starlette pydantic pydantic-core
+        annotated-types typing-inspection opentelemetry-api typing_extensions)
+    command=(python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl "${wheels[@]}")
+    if [ "${DRY_RUN:-0}" = 1 ]; then printf 'DRY-RUN fetch-wheels:'; printf ' %q' "${command[@]}"; echo; exit 0; fi
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude  # never committed
+    "${command[@]}" && ls .whl
+    exit
+fi
 OUT="${OUT:-/tmp/zone-out}"
 LOGS="${LOGS:-/tmp/zone-logs}"  # the stages' logs, packed into $OUT/logs.tar.gz after each stage
 BUDGET="${BUDGET:-570}"  # seconds this call may spend on its stages (the device runs a command 600 s at most)

@@ -71,6 +71,16 @@ def test_the_dry_run_prints_one_command_a_stage_and_runs_none(every_stage, tmp_p
     assert list(tmp_path.iterdir()) == []  # no log, no gpu.txt: nothing ran
 
 
+def test_fetch_wheels_downloads_what_the_device_image_lacks():
+    exclude = (ROOT / ".git" / "info" / "exclude")
+    before = exclude.read_text() if exclude.exists() else None
+    words = commands(dry_run("fetch-wheels", "serve").stdout)["fetch-wheels"]
+    assert words[:4] == ["python3", "-m", "pip", "download"] and "--no-deps" in words and ".whl" in words
+    assert {"diffusers==0.42.1", "segment-anything", "fastapi", "uvicorn"} <= set(words)
+    assert "fastapi" not in commands(dry_run("fetch-wheels").stdout)["fetch-wheels"]
+    assert (exclude.read_text() if exclude.exists() else None) == before  # a dry run writes nothing
+
+
 def test_a_stage_starts_only_while_the_budget_holds_its_limit_and_its_log_comes_back_packed(tmp_path):
     """Not dry: graph-memory (limit 150 s) runs, and on this CPU says it needs a GPU; bench (240 s) no longer
     fits a budget of 200 s and is skipped. The logs come back in one archive ($OUT returns 8 files at most)."""
