@@ -15,7 +15,7 @@
 # suite (the whole suite), serve (the load test).
 # At most 8 files come back from $OUT: every stage's log goes into $OUT/logs.tar.gz (rewritten after each
 # stage, so a call cut short still returns what ran), bench adds its JSON, markdown and PNG, bench-cl its
-# markdown.
+# markdown. The output ends with a summary: how each stage ended, then bench's per-stage latency table.
 # A lease now has 15 minutes of device time in all, a machine's start (a minute or two) included, and a call
 # runs at most 600 s. The machine goes back 30 s after a call, so the default list is as much as one call can
 # hold, most needed first: tests kernels refine bench profile graph-memory dual. A stage starts only while the
@@ -71,14 +71,18 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, its output i
     local left=$((BUDGET - SECONDS))
     if [ "$left" -lt "$limit" ]; then
         echo "== $name: skipped, ${left}s of the call's budget of ${BUDGET}s left and its limit is ${limit}s"
+        SUMMARY+=("$name: skipped (${left}s left, limit ${limit}s)")
         return 0
     fi
     echo "== $name (limit ${limit}s)"
-    local started=$SECONDS
+    local started=$SECONDS rc
     timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
-    echo "== $name: rc $? after $((SECONDS - started))s"; tail -n "${TAIL:-12}" "$LOGS/$name.log"
+    rc=$?
+    echo "== $name: rc $rc after $((SECONDS - started))s"; tail -n "${TAIL:-12}" "$LOGS/$name.log"
+    SUMMARY+=("$name: rc $rc after $((SECONDS - started))s$(case $rc in 124|137) echo ' (cut off at its limit)';; esac)")
     tar czf "$OUT/logs.tar.gz" -C "$LOGS" .
 }
+SUMMARY=()
 run_stage() {
     case $1 in
     tests)  # Correctness on the GPU: the GPU test classes (compiled Triton, bf16, fp16 vs fp32, CUDA graphs),
@@ -136,3 +140,11 @@ run_stage() {
 }
 [ $# -gt 0 ] || set -- tests kernels refine bench profile graph-memory dual
 for name in "$@"; do run_stage "$name"; done
+# Last, as the reply carries the end of the output: how each stage ended, and the per-stage latency table.
+if [ "$DRY_RUN" != 1 ]; then
+    echo "== summary (${SECONDS}s of the budget of ${BUDGET}s; every log in logs.tar.gz)"
+    printf '%s\n' "${SUMMARY[@]}"
+    for table in "$OUT"/bench-*.md; do
+        [ -f "$table" ] && sed -n '/^## Per-stage latency/,/^Speed-up/p' "$table"
+    done
+fi

@@ -83,12 +83,15 @@ def test_fetch_wheels_downloads_what_the_device_image_lacks():
 
 def test_a_stage_starts_only_while_the_budget_holds_its_limit_and_its_log_comes_back_packed(tmp_path):
     """Not dry: graph-memory (limit 150 s) runs, and on this CPU says it needs a GPU; bench (240 s) no longer
-    fits a budget of 200 s and is skipped. The logs come back in one archive ($OUT returns 8 files at most)."""
+    fits a budget of 200 s and is skipped; a summary of both ends the output. The logs come back in one
+    archive ($OUT returns 8 files at most)."""
     out, logs = tmp_path / "out", tmp_path / "logs"
     run = dry_run("graph-memory", "bench", DRY_RUN="0", BUDGET="200", OUT=str(out), LOGS=str(logs))
     assert run.returncode == 0, run.stdout + run.stderr
     assert "== graph_memory: rc 2 after" in run.stdout and "error: CUDA graphs need a CUDA GPU" in run.stdout
     assert re.search(r"== bench: skipped, 1\d\ds of the call's budget of 200s left and its limit is 240s", run.stdout)
+    summary = run.stdout.split("== summary (")[1].splitlines()  # last: the reply carries the end of the output
+    assert summary[1].startswith("graph_memory: rc 2 after") and summary[2].startswith("bench: skipped (1")
     assert [path.name for path in out.iterdir()] == ["logs.tar.gz"]
     with tarfile.open(out / "logs.tar.gz") as archive:
         names = {Path(name).name for name in archive.getnames()}
