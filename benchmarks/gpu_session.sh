@@ -145,6 +145,6 @@ if [ "$DRY_RUN" != 1 ]; then
     echo "== summary (${SECONDS}s of the budget of ${BUDGET}s; every log in logs.tar.gz)"
     printf '%s\n' "${SUMMARY[@]}"
     for table in "$OUT"/bench-*.md; do
-        [ -f "$table" ] && sed -n '/^## Per-stage latency/,/^Speed-up/p' "$table"
+        if [ -f "$table" ]; then sed -n '/^## Per-stage latency/,/^Speed-up/p' "$table"; fi
     done
 fi
