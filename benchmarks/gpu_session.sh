@@ -127,12 +127,13 @@ run_stage() {
         [ ! -f /tmp/zone-bench-cl/bench-gpu-512.md ] || cp /tmp/zone-bench-cl/bench-gpu-512.md "$OUT/bench_cl.md" ;;
     suite)  # The whole suite on the GPU machine, in parallel processes.
         stage tests 400 python3 -m pytest -q -n 8 -rf tests ;;
-    serve)  # The HTTP service under load, batching on vs off: SD1.5-sized random weights, fp16, 512², 20 steps.
+    serve)  # The HTTP service under load, batching on vs off: SD1.5-sized random weights, fp16, 512², 20 steps
+        # (its load.json and load.png go into the logs archive).
         python3 -c "import fastapi, uvicorn, multipart, prometheus_client, httpx" || {
             echo "the serving wheels are not carried (see the header)"; return 1; }
         stage load 420 python3 -m benchmarks.load_test --no-tiny --device cuda \
             --server-arg=--random-weights=sd15 --server-arg=--dtype=fp16 --size 512x512 --steps 20 \
-            --concurrency 1,2,4,8 --requests 16 --duration-s 100 --out "$OUT/load" ;;
+            --concurrency 1,2,4,8 --requests 16 --duration-s 100 --out "$LOGS/load" ;;
     *) echo "unknown stage $1: tests, compile, kernels, refine, refine-zero, dual, breaks, profile, graph-memory," \
             "bench, bench-cl, suite, serve"
         return 1 ;;
