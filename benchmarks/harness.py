@@ -16,7 +16,6 @@ import gc
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -43,6 +42,7 @@ from .baseline import ReferenceStyleZone
 from .measure import (
     PeakMemory,
     StepClock,
+    attempt,
     machine_info,
     matmul_peak,
     process_peak_rss_bytes,
@@ -223,18 +223,9 @@ def _isolated(impl: Implementation, what: str, work: Callable[[], None], device:
 
 
 def _attempt(name: str, what: str, work: Callable[[], T], progress: Progress) -> tuple[T | None, str | None]:
-    """(work(), None), or (None, the failure's line) when it raises: reported, and the run goes on."""
-    try:
-        return work(), None
-    except Exception as error:  # noqa: BLE001 - reported in the report, the traceback in the log
-        return None, _failure(name, what, error, progress)
-
-
-def _failure(name: str, what: str, error: Exception, progress: Progress) -> str:
-    """One line for the report; the traceback goes to `progress` (the log)."""
-    line = f"{what} failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
-    progress(f"{name}: {line}\n{traceback.format_exc()}")
-    return line
+    """`measure.attempt` with the row's name before what it reports: the line goes in the report, the
+    traceback to `progress` (the log), and the run goes on."""
+    return attempt(what, work, lambda message: progress(f"{name}: {message}"))
 
 
 def batch_requests(image: np.ndarray, config: BenchConfig, edit_config: EditConfig) -> list[EditRequest]:

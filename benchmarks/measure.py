@@ -35,14 +35,22 @@ def summarize(samples: list[float]) -> dict:
 T = TypeVar("T")
 
 
-def guarded(what: str, work: Callable[[], T]) -> T | None:
-    """`work()`, or None after printing its traceback: a part of a benchmark that fails (on a lent GPU,
-    a path no CPU runs) costs its own rows, not the parts after it."""
+def attempt(what: str, work: Callable[[], T],
+            report: Callable[[str], None] = print) -> tuple[T | None, str | None]:
+    """(work(), None), or (None, one line saying what failed) after giving `report` that line and the
+    traceback: a part of a benchmark that fails (on a lent GPU, a path no CPU runs) costs its own rows,
+    not the parts after it."""
     try:
-        return work()
-    except Exception:  # noqa: BLE001 - printed, and the benchmark goes on
-        print(f"\n{what} failed:\n{traceback.format_exc()}", flush=True)
-        return None
+        return work(), None
+    except Exception as error:  # noqa: BLE001 - reported, and the benchmark goes on
+        line = f"{what} failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+        report(f"{line}\n{traceback.format_exc()}")
+        return None, line
+
+
+def guarded(what: str, work: Callable[[], T]) -> T | None:
+    """`work()`, or None after printing what failed and its traceback."""
+    return attempt(what, work, lambda message: print(f"\n{message}", flush=True))[0]
 
 
 # ------------------------------------------------------------------------------------------ per step
