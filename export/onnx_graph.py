@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import importlib
 import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,6 +31,24 @@ def require(module: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError:
         raise ZoneError("exporting needs onnx and onnxruntime: pip install -e '.[onnx]'") from None
+
+
+@contextmanager
+def staging_folder(out_dir: Path) -> Iterator[Path]:
+    """A scratch folder inside `out_dir` for the files of one export, removed on exit. Inside `out_dir`, so
+    on its filesystem: os.replace then moves each finished file in at once, and a failed export leaves
+    `out_dir` as it was (removed, when this call created it)."""
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    try:
+        yield staging
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_graph(module: nn.Module, args: tuple, path: Path, opset: int, *, input_names: list[str],

@@ -20,8 +20,6 @@ import argparse
 import copy
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,7 +30,7 @@ from zone_engine.errors import ConfigError
 from zone_engine.sam_onnx import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, MANIFEST_FORMAT, file_sha256
 from zone_engine.sam_torch import decode_masks, decode_tokens
 
-from .onnx_graph import compare, export_graph, require, session
+from .onnx_graph import compare, export_graph, require, session, staging_folder
 
 TINY_SEED = 0
 # Export check, |onnxruntime - torch| <= atol + rtol * max|torch| on every output, against the fp32 model:
@@ -130,58 +128,61 @@ def export_sam(
         sam = copy.deepcopy(reference)
         sam.image_encoder.half()
         sam.mask_decoder.half()
-    size, device = sam.image_encoder.img_size, sam.device
-    metadata = {"zone.model_type": model_type, "zone.precision": precision, "zone.version": __version__}
-
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))  # same filesystem: os.replace below
-    try:
+    with staging_folder(out_dir) as staging:
         generator = torch.Generator().manual_seed(0)
-        image = torch.randn(1, 3, size, size, generator=generator).to(device)
-        export_graph(ImageEncoderGraph(sam), (image,), staging / ENCODER_FILE, opset,
-                     input_names=["image"], output_names=ENCODER_OUTPUTS, dynamic_axes=None,
-                     metadata={**metadata, "zone.part": "image_encoder"})
-        with torch.inference_mode():
-            embeddings = reference.image_encoder(image)
-        points, labels = _sample_points(2, 1, size, generator, device)
-        export_graph(MaskDecoderGraph(sam), (embeddings, points, labels), staging / DECODER_FILE, opset,
-                     input_names=["image_embeddings", "point_coords", "point_labels"], output_names=DECODER_OUTPUTS,
-                     dynamic_axes={"point_coords": {0: "batch", 1: "points"},
-                                   "point_labels": {0: "batch", 1: "points"},
-                                   "low_res_logits": {0: "batch"}, "iou_predictions": {0: "batch"}},
-                     metadata={**metadata, "zone.part": "mask_decoder"})
-
-        report = _validate(reference, staging, image, embeddings, generator, TOLERANCES[precision])
+        image = torch.randn(1, 3, sam.image_encoder.img_size, sam.image_encoder.img_size, generator=generator)
+        embeddings = _trace(sam, reference, staging, image.to(sam.device), generator, opset,
+                            {"zone.model_type": model_type, "zone.precision": precision, "zone.version": __version__})
+        report = _validate(reference, staging, image.to(sam.device), embeddings, generator, TOLERANCES[precision])
         files = sorted(path.name for path in staging.iterdir())
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "model_type": model_type,
-            "input_size": size,
-            "embedding_shape": list(embeddings.shape[1:]),  # (C, S/16, S/16)
-            "low_res_size": 4 * embeddings.shape[-1],
-            "opset": opset,
-            "precision": precision,
-            "pixel_mean": sam.pixel_mean.flatten().tolist(),
-            "pixel_std": sam.pixel_std.flatten().tolist(),
-            "mask_threshold": float(sam.mask_threshold),
-            "image_format": sam.image_format,
-            "files": {name: file_sha256(staging / name) for name in files},
-            "checkpoint": checkpoint.name if checkpoint else None,
-            "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else f"random:{model_type}",
-            "zone_engine_version": __version__,
-            "torch_version": torch.__version__,
-            "onnxruntime_version": require("onnxruntime").__version__,
-            "validation": report,
-        }
+        manifest = {**_manifest(sam, model_type, precision, opset, embeddings, checkpoint),
+                    "files": {name: file_sha256(staging / name) for name in files}, "validation": report}
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         for name in [*files, MANIFEST_FILE]:  # the manifest last: it vouches for the files before it
             os.replace(staging / name, out_dir / name)
-    except BaseException:
-        shutil.rmtree(out_dir if created else staging, ignore_errors=True)
-        raise
-    shutil.rmtree(staging)
     return out_dir
+
+
+def _trace(sam: nn.Module, reference: nn.Module, staging: Path, image: torch.Tensor, generator: torch.Generator,
+           opset: int, metadata: dict[str, str]) -> torch.Tensor:
+    """Both graphs of `sam` into `staging`; the fp32 `reference`'s embeddings of `image` (the decoder's
+    trace input, and the validation's)."""
+    export_graph(ImageEncoderGraph(sam), (image,), staging / ENCODER_FILE, opset,
+                 input_names=["image"], output_names=ENCODER_OUTPUTS, dynamic_axes=None,
+                 metadata={**metadata, "zone.part": "image_encoder"})
+    with torch.inference_mode():
+        embeddings = reference.image_encoder(image)
+    points, labels = _sample_points(2, 1, sam.image_encoder.img_size, generator, image.device)
+    export_graph(MaskDecoderGraph(sam), (embeddings, points, labels), staging / DECODER_FILE, opset,
+                 input_names=["image_embeddings", "point_coords", "point_labels"], output_names=DECODER_OUTPUTS,
+                 dynamic_axes={"point_coords": {0: "batch", 1: "points"}, "point_labels": {0: "batch", 1: "points"},
+                               "low_res_logits": {0: "batch"}, "iou_predictions": {0: "batch"}},
+                 metadata={**metadata, "zone.part": "mask_decoder"})
+    return embeddings
+
+
+def _manifest(sam: nn.Module, model_type: str, precision: str, opset: int, embeddings: torch.Tensor,
+              checkpoint: Path | None) -> dict:
+    """What OnnxSamSegmenter checks and needs besides the graphs: SAM's pre- and post-processing
+    constants, and where the graphs came from."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "model_type": model_type,
+        "input_size": sam.image_encoder.img_size,
+        "embedding_shape": list(embeddings.shape[1:]),  # (C, S/16, S/16)
+        "low_res_size": 4 * embeddings.shape[-1],
+        "opset": opset,
+        "precision": precision,
+        "pixel_mean": sam.pixel_mean.flatten().tolist(),
+        "pixel_std": sam.pixel_std.flatten().tolist(),
+        "mask_threshold": float(sam.mask_threshold),
+        "image_format": sam.image_format,
+        "checkpoint": checkpoint.name if checkpoint else None,
+        "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else f"random:{model_type}",
+        "zone_engine_version": __version__,
+        "torch_version": torch.__version__,
+        "onnxruntime_version": require("onnxruntime").__version__,
+    }
 
 
 def _validate(reference: nn.Module, folder: Path, image: torch.Tensor, embeddings: torch.Tensor,

@@ -32,8 +32,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +48,7 @@ from zone_engine.localize import EMPTY_PROMPT_ROWS, attention_grid, record_cross
 from zone_engine.models import ZoneModels
 from zone_engine.sam_onnx import file_sha256
 
-from .onnx_graph import compare, export_graph, require, session
+from .onnx_graph import compare, export_graph, require, session, staging_folder
 
 DUAL_STEP = "dual_step"
 VAE_ENCODER = "vae_encoder"
@@ -399,13 +397,9 @@ def _export(out_dir: Path, specs: list[GraphSpec], profile: ShapeProfile, precis
     """Trace, validate at every profile size, then move the files and the manifest entries into `out_dir`."""
     require("onnx"), require("onnxruntime")  # before any tracing: both are needed, and the [onnx] extra
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))  # same filesystem: os.replace below
-    try:
+    with staging_folder(out_dir) as staging:
         entries = {spec.name: _export_spec(spec, staging, profile, precision, opset, sources) for spec in specs}
         _install(entries, staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

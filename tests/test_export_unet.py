@@ -213,9 +213,15 @@ def test_fp16_export_keeps_float32_io_and_half_weights(models, tmp_path):
 
 def test_an_export_that_fails_validation_writes_nothing(models, tmp_path, monkeypatch):
     monkeypatch.setitem(export_module.TOLERANCES, "fp32", dict(atol=-1.0, rtol=0.0))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier contents")
     with pytest.raises(ZoneError, match="differs from PyTorch .* nothing was written"):
-        export_vae(models, tmp_path / "bad", height=32, width=32)
-    assert list((tmp_path / "bad").iterdir()) == []
+        export_vae(models, out, height=32, width=32)
+    assert sorted(path.name for path in out.iterdir()) == ["keep.txt"]
+    with pytest.raises(ZoneError, match="differs from PyTorch"):
+        export_vae(models, tmp_path / "new", height=32, width=32)
+    assert not (tmp_path / "new").exists()  # the folder this call created goes with its files
 
 
 def test_bf16_is_refused_with_the_reason(models, tmp_path):
