@@ -39,9 +39,13 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _attn_accumulate_kernel(
     total_ptr, q_ptr, k_ptr,
-    N, K, D, HEADS, ROWS, scale_log2e,
+    N, K, scale_log2e,
     stride_qr, stride_qh, stride_qn,
     stride_kr, stride_kh, stride_kn,
+    # Loop bounds as constants: a layer's head count and width never change within a model (SD1.5: 8
+    # heads, 3 widths, so 3 compilations), the loops compile with known trip counts, and triton 3.6's
+    # interpreter fails on a loop bound passed at run time (int() of a 1-element array, under NumPy 2.4).
+    D: tl.constexpr, HEADS: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -119,9 +123,10 @@ def _launch(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: 
     grid = (triton.cdiv(queries, block_n),)
     _attn_accumulate_kernel[grid](
         total, query, key,
-        queries, keys, dim, heads, rows * heads, float(scale) * LOG2E,
+        queries, keys, float(scale) * LOG2E,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
+        D=dim, HEADS=heads, ROWS=rows * heads,
         BLOCK_N=block_n, BLOCK_K=max(16, triton.next_power_of_2(keys)), BLOCK_D=block_d,
         # fp32 inputs: "ieee", no tf32 rounding, as the fp32 reference; fp16/bf16 products are exact
         # in the fp32 accumulator whatever the setting ("tf32" is Triton's default).
