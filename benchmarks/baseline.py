@@ -238,6 +238,26 @@ def subtract_fft_images(styled_masked: np.ndarray, original_masked: np.ndarray, 
     return region[..., 0]
 
 
+def paste_region(original: np.ndarray, working: np.ndarray, style_image: np.ndarray, dilated: np.ndarray,
+                 mask_b: np.ndarray, mask_f: np.ndarray, geometry: image_io.Geometry,
+                 config: EditConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The reference's blending: R from the FFT of both images inside the dilated mask, I_sty pasted over
+    R and alpha-blended on R's seam outside M_f, at the input size. Returns the composite and the masks
+    (mask_b, mask_f, region, seam) and styled image at the input size."""
+    sty_edge, gt_edge = style_image.copy(), working.copy()
+    sty_edge[dilated == 0] = 0
+    gt_edge[dilated == 0] = 0
+    region = subtract_fft_images(sty_edge, gt_edge, config)
+    at_input = {name: image_io.to_input_size(mask, geometry, is_mask=True)
+                for name, mask in (("mask_b", mask_b), ("mask_f", mask_f), ("region", region))}
+    styled = image_io.to_input_size(style_image, geometry, is_mask=False)
+    seam = at_input["region"] & ~at_input["mask_f"]
+    canvas = original.copy()
+    canvas[at_input["region"]] = styled[at_input["region"]]
+    canvas[seam] = styled[seam] * config.seam_alpha + original[seam] * (1 - config.seam_alpha)
+    return canvas, {**at_input, "seam": seam, "styled": styled}
+
+
 # ----------------------------------------------------------------------------------------- pipeline
 
 
@@ -391,19 +411,7 @@ class ReferenceStyleZone:
             dilated = cv2.dilate(mask_f, kernel, iterations=config.dilate_iterations)
 
         with watch("blend"):
-            sty_edge, gt_edge = style_image.copy(), working.copy()
-            sty_edge[dilated == 0] = 0
-            gt_edge[dilated == 0] = 0
-            region = subtract_fft_images(sty_edge, gt_edge, config)
-            to_input = {
-                name: image_io.to_input_size(mask, geometry, is_mask=True)
-                for name, mask in (("mask_b", mask_b), ("mask_f", mask_f), ("region", region))
-            }
-            styled = image_io.to_input_size(style_image, geometry, is_mask=False)
-            seam = to_input["region"] & ~to_input["mask_f"]
-            canvas = original.copy()
-            canvas[to_input["region"]] = styled[to_input["region"]]
-            canvas[seam] = styled[seam] * config.seam_alpha + original[seam] * (1 - config.seam_alpha)
+            canvas, at_input = paste_region(original, working, style_image, dilated, mask_b, mask_f, geometry, config)
 
         colours = cv2.cvtColor(cv2.applyColorMap(difference, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
         heatmap = cv2.addWeighted(working, 0.5, colours, 0.5, 0)
@@ -411,11 +419,7 @@ class ReferenceStyleZone:
         timings["total"] = time.perf_counter() - started
         return EditResult(
             image=canvas,
-            mask_b=to_input["mask_b"],
-            mask_f=to_input["mask_f"],
-            region=to_input["region"],
-            seam=seam,
-            styled=styled,
+            **at_input,
             heatmap=image_io.to_input_size(heatmap, geometry, is_mask=False),
             action=action,
             used_fallback=used_fallback,
