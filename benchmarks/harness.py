@@ -622,12 +622,7 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
     geometry = working_geometry(*image.shape[:2])
     latent_size = (geometry.padded_size[0] // 8, geometry.padded_size[1] // 8)
     edit_config = EditConfig(steps=config.steps, seed=config.seed, action=config.action, sam=config.sam)
-    priming = "none: warm-up edits instead"
-    if config.warmup == 0:
-        primed = time.perf_counter()
-        prime(models, latent_size, device)
-        priming = f"no warm-up edit; each network called once untimed first ({time.perf_counter() - primed:.1f} s)"
-
+    priming = _prime_unless_warming_up(config, models, latent_size, device)
     baseline = Implementation("baseline", "fp32",
                               baseline_edit(ReferenceStyleZone(models, device), image, config, edit_config, device))
     rows = EngineRows(config, models, device, image, edit_config,
@@ -654,11 +649,7 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
         "schema": 1,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         "machine": machine_info(device),
-        "config": {
-            **{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ("sam", "out")},
-            "action": config.action.value, "backends": list(config.backends), "sam": dataclasses.asdict(config.sam),
-            "priming": priming, "image": f"make_sample_image({config.resolution}, {config.resolution})",
-        },
+        "config": _config_record(config, priming),
         "model_parameters": _parameter_counts(models),
         "model_build_s": build_s,
         "sam_onnx_export_s": rows.sam_export.get("seconds"),
@@ -671,6 +662,26 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
         # Other processes on the machine skew CPU timings: the 1-minute load average before and after.
         "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "wall_s": time.perf_counter() - started,
+    }
+
+
+def _prime_unless_warming_up(config: BenchConfig, models: ZoneModels, latent_size: tuple[int, int],
+                             device: torch.device) -> str:
+    """Without warm-up edits, call each network once untimed (first calls allocate and pick kernels);
+    what was done, for the record."""
+    if config.warmup > 0:
+        return "none: warm-up edits instead"
+    started = time.perf_counter()
+    prime(models, latent_size, device)
+    return f"no warm-up edit; each network called once untimed first ({time.perf_counter() - started:.1f} s)"
+
+
+def _config_record(config: BenchConfig, priming: str) -> dict:
+    """The run's settings as the JSON file keeps them."""
+    return {
+        **{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ("sam", "out")},
+        "action": config.action.value, "backends": list(config.backends), "sam": dataclasses.asdict(config.sam),
+        "priming": priming, "image": f"make_sample_image({config.resolution}, {config.resolution})",
     }
 
 

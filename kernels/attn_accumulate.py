@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import can_launch, is_interpreted, traced
+from kernels.runtime import can_launch, is_interpreted, launch_cost_rows, traced
 from zone_engine.localize import accumulate_attention_probabilities
 
 MAX_KEYS = 128  # keys are padded to one BLOCK_K tile; CLIP's 77 tokens fit
@@ -235,24 +235,20 @@ def benchmark(
         "b: torch reference, in place": (reference, qk_bytes + upcast + 5 * probs + layers * 3 * queries * keys * 4),
         "c: fused Triton kernel": (fused, qk_bytes + layers * 2 * queries * keys * 4),
     }
+    def check(out: torch.Tensor) -> dict:
+        return {"max_abs_diff": (out.double() - exact).abs().max().item()}
+
+    def through_the_op() -> torch.Tensor:
+        total = torch.zeros(queries, keys, device=device)
+        for q, k in inputs:
+            torch.ops.zone.attn_accumulate_(total, q, k, scale)
+        return total / count
+
     results = []
     for name, (run, traffic) in variants.items():
-        out = run()
-        time_ms = None
-        if device.type == "cuda":
-            time_ms = triton.testing.do_bench(run, return_mode="median")
-        results.append({"name": name, "time_ms": time_ms, "bytes": traffic,
-                        "max_abs_diff": (out.double() - exact).abs().max().item()})
+        quality = check(run())  # the first call (compilation) before any timing
+        time_ms = triton.testing.do_bench(run, return_mode="median") if device.type == "cuda" else None
+        results.append({"name": name, "time_ms": time_ms, "bytes": traffic, **quality})
     if device.type == "cuda":  # where the host's launch cost goes, and the device's time without it
-        def through_the_op() -> torch.Tensor:
-            total = torch.zeros(queries, keys, device=device)
-            for q, k in inputs:
-                torch.ops.zone.attn_accumulate_(total, q, k, scale)
-            return total / count
-
-        results.append({**results[-1], "name": "c: through the custom op (as torch.compile calls it)",
-                        "time_ms": triton.testing.do_bench(through_the_op, return_mode="median"),
-                        "max_abs_diff": (through_the_op().double() - exact).abs().max().item()})
-        results.append({**results[-2], "name": "c: the same, replayed from a CUDA graph",
-                        "time_ms": triton.testing.do_bench_cudagraph(fused, return_mode="median")})
+        results += launch_cost_rows(results[-1], fused, through_the_op, check)
     return results

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import can_launch, is_interpreted, traced
+from kernels.runtime import can_launch, is_interpreted, launch_cost_rows, traced
 from zone_engine.localize import binarize_reference
 from zone_engine.pillow_resize import PRECISION_BITS, device_coefficients
 
@@ -293,26 +293,25 @@ def benchmark(
         "c: fused Triton kernel": (fused, 2 * cells * 4 + 2 * pixels),
     }
     expected = engine_reference()
+
+    def check(out: torch.Tensor | np.ndarray) -> dict:
+        out = out.cpu().numpy().astype(bool) if isinstance(out, torch.Tensor) else out
+        return {"mismatched_pixels": int((out != expected).sum())}
+
+    def through_the_op() -> torch.Tensor:
+        torch.ops.zone.mask_binarize_(average, grid[0], grid[1], last_token, False, 108, mask, difference)
+        return mask
+
     results = []
     for name, (run, traffic) in variants.items():
-        out = run()
-        out = out.cpu().numpy().astype(bool) if isinstance(out, torch.Tensor) else out
+        quality = check(run())  # the first call (compilation) before any timing
         time_ms = None
         if device.type == "cuda":
             time_ms = (triton.testing.do_bench(run, return_mode="median") if name.startswith("c")
                        else _host_median_ms(run))
-        results.append({"name": name, "time_ms": time_ms, "bytes": traffic,
-                        "mismatched_pixels": int((out != expected).sum())})
+        results.append({"name": name, "time_ms": time_ms, "bytes": traffic, **quality})
     if device.type == "cuda":  # where the host's launch cost goes, and the device's time without it
-        def through_the_op() -> torch.Tensor:
-            torch.ops.zone.mask_binarize_(average, grid[0], grid[1], last_token, False, 108, mask, difference)
-            return mask
-
-        results.append({**results[-1], "name": "c: through the custom op (as torch.compile calls it)",
-                        "time_ms": triton.testing.do_bench(through_the_op, return_mode="median"),
-                        "mismatched_pixels": int((through_the_op().cpu().numpy().astype(bool) != expected).sum())})
-        results.append({**results[-2], "name": "c: the same, replayed from a CUDA graph",
-                        "time_ms": triton.testing.do_bench_cudagraph(fused, return_mode="median")})
+        results += launch_cost_rows(results[-1], fused, through_the_op, check)
     return results
 
 

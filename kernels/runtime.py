@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -45,3 +47,18 @@ def can_launch(kernel, device: torch.device, dtypes: tuple[torch.dtype, ...] = (
     if is_interpreted(kernel):
         return device.type == "cpu" and torch.bfloat16 not in dtypes
     return device.type == "cuda"
+
+
+def launch_cost_rows(kernel_row: dict, direct: Callable[[], Any], through_op: Callable[[], Any],
+                     check: Callable[[Any], dict]) -> list[dict]:
+    """A kernel benchmark's CUDA-only rows, beside its row `kernel_row` (the direct launch): the same work
+    through the custom op (as torch.compile calls it: the dispatcher's host time added, its output checked
+    by `check`), and the direct launch replayed from a CUDA graph (the device's time, no launch cost)."""
+    import triton.testing
+
+    return [
+        {**kernel_row, "name": "c: through the custom op (as torch.compile calls it)",
+         "time_ms": triton.testing.do_bench(through_op, return_mode="median"), **check(through_op())},
+        {**kernel_row, "name": "c: the same, replayed from a CUDA graph",
+         "time_ms": triton.testing.do_bench_cudagraph(direct, return_mode="median")},
+    ]

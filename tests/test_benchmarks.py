@@ -345,6 +345,32 @@ def test_kernel_benchmark_on_the_cpu_checks_correctness():
     assert all(row[-1] == "0" for row in kernel_2)
 
 
+def test_launch_cost_rows_check_the_op_and_replay_the_direct_launch(monkeypatch):
+    """The kernels' CUDA-only rows (do_bench stubbed: CUDA is not here): the custom-op row times and checks
+    the op's output, the graph row replays the direct launch and keeps the kernel row's check."""
+    import triton.testing
+
+    from kernels.runtime import launch_cost_rows
+
+    timed = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: timed.append(("op", fn)) or 1.5)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **_: timed.append(("graph", fn)) or 0.5)
+
+    def direct():
+        return 0
+
+    def through_op():
+        return 3
+
+    kernel_row = {"name": "c: fused Triton kernel", "time_ms": 9.0, "bytes": 10, "diff": 0}
+    rows = launch_cost_rows(kernel_row, direct, through_op, lambda out: {"diff": out})
+    assert rows == [
+        {"name": "c: through the custom op (as torch.compile calls it)", "time_ms": 1.5, "bytes": 10, "diff": 3},
+        {"name": "c: the same, replayed from a CUDA graph", "time_ms": 0.5, "bytes": 10, "diff": 0},
+    ]
+    assert timed == [("op", through_op), ("graph", direct)]
+
+
 def test_a_kernel_benchmark_that_fails_spares_the_other(capsys, monkeypatch):
     from benchmarks.bench_kernels import main as bench_kernels
     from kernels import attn_accumulate
