@@ -314,7 +314,11 @@ def create_app(service: LocalEditService | None = None) -> FastAPI:
 def add_routes(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.middleware("http")(_limit_body_size)
+    _add_edit_route(app)
+    _add_probe_routes(app)
 
+
+def _add_edit_route(app: FastAPI) -> None:
     @app.post("/v1/edit", responses={200: {"content": {"image/png": {}, "application/json": {
         "schema": EditResponse.model_json_schema()}}, "description": "the edit (PNG) or its details (JSON)"},
         **ERROR_RESPONSES}, summary="Edit an image as an instruction says")
@@ -351,6 +355,10 @@ def add_routes(app: FastAPI) -> None:
                             headers=headers)
         body = await asyncio.to_thread(edit_response, result, request_id)
         return JSONResponse(body.model_dump(), headers=headers)
+
+
+def _add_probe_routes(app: FastAPI) -> None:
+    """Liveness, readiness and metrics: what an orchestrator and Prometheus poll."""
 
     @app.get("/healthz", summary="The process is up")
     async def healthz() -> dict[str, str]:
