@@ -186,6 +186,14 @@ def _store_all(layers: list[tuple[torch.Tensor, torch.Tensor]], scale: float) ->
     return torch.cat(store).mean(0)
 
 
+def _kept_rows(rows: int, length: int, heads: int, dim: int, generator: torch.Generator, device: torch.device,
+               dtype: torch.dtype) -> torch.Tensor:
+    """A random (rows + 1, length, heads * dim) projection viewed as (rows + 1, heads, length, d), rows 1:
+    kept: the strided view the recording processor hands the kernel."""
+    projection = torch.randn(rows + 1, length, heads * dim, generator=generator).to(device, dtype)
+    return projection.view(rows + 1, length, heads, dim).transpose(1, 2)[1:]
+
+
 def benchmark(
     device: str | torch.device | None = None, *, layers: int = 5, rows: int = 2, heads: int = 8,
     queries: int = 256, dim: int = 160, keys: int = 77, dtype: torch.dtype | None = None, seed: int = 0,
@@ -197,16 +205,10 @@ def benchmark(
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    generator = torch.Generator().manual_seed(seed)
     scale = 1.0 / math.sqrt(dim)
-    # (B, N, heads*d) projections viewed as (B, heads, N, d), kept rows 1:3, as the recording processor.
-    inputs = []
-    for _ in range(layers):
-        q = torch.randn(rows + 1, queries, heads * dim, generator=generator).to(device, dtype)
-        k = torch.randn(rows + 1, keys, heads * dim, generator=generator).to(device, dtype)
-        q = q.view(rows + 1, queries, heads, dim).transpose(1, 2)[1:]
-        k = k.view(rows + 1, keys, heads, dim).transpose(1, 2)[1:]
-        inputs.append((q, k))
+    generator = torch.Generator().manual_seed(seed)
+    inputs = [(_kept_rows(rows, queries, heads, dim, generator, device, dtype),
+               _kept_rows(rows, keys, heads, dim, generator, device, dtype)) for _ in range(layers)]
     count = layers * rows * heads
     exact = sum(attention_sum_fp64(q, k, scale) for q, k in inputs) / count
 
