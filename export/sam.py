@@ -130,10 +130,11 @@ def export_sam(
         sam.mask_decoder.half()
     with staging_folder(out_dir) as staging:
         generator = torch.Generator().manual_seed(0)
-        image = torch.randn(1, 3, sam.image_encoder.img_size, sam.image_encoder.img_size, generator=generator)
-        embeddings = _trace(sam, reference, staging, image.to(sam.device), generator, opset,
+        size = sam.image_encoder.img_size
+        image = torch.randn(1, 3, size, size, generator=generator).to(sam.device)
+        embeddings = _trace(sam, reference, staging, image, generator, opset,
                             {"zone.model_type": model_type, "zone.precision": precision, "zone.version": __version__})
-        report = _validate(reference, staging, image.to(sam.device), embeddings, generator, TOLERANCES[precision])
+        report = _validate(reference, staging, image, embeddings, generator, TOLERANCES[precision])
         files = sorted(path.name for path in staging.iterdir())
         manifest = {**_manifest(sam, model_type, precision, opset, embeddings, checkpoint),
                     "files": {name: file_sha256(staging / name) for name in files}, "validation": report}
