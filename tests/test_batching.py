@@ -86,6 +86,18 @@ def test_edit_batch_equals_each_edit_alone_in_request_order(fused_pipe):
     assert not np.array_equal(batched[0].styled, batched[2].styled)
 
 
+def test_each_edit_of_a_batch_blends_with_its_own_beta(fused_pipe):
+    """beta is not part of the batch key: two REMOVE edits with different beta_remove share a batch,
+    and each must be blended with its own (the second must not take the first's)."""
+    image, config = smooth_image(64, 64, seed=8), fused_pipe.default_config.replace(action=Action.REMOVE)
+    configs = [config, config.replace(beta_remove=5.0)]
+    batched = fused_pipe.edit_batch([EditRequest(image, "remove the cup", c) for c in configs])
+    alone = [fused_pipe.edit(image, "remove the cup", c) for c in configs]
+    for got, expected in zip(batched, alone, strict=True):
+        assert np.abs(got.styled.astype(int) - expected.styled.astype(int)).max() <= 1
+    assert np.abs(alone[0].styled.astype(int) - alone[1].styled.astype(int)).max() > 8  # beta matters here
+
+
 def test_batch_key_groups_what_can_share_a_denoising_loop():
     config = EditConfig()
     assert batch_key((512, 384), config) == batch_key((500, 380), config.replace(seed=9, action=Action.ADD))

@@ -331,18 +331,18 @@ class ZonePipeline:
                     raise EditCancelled("the edit was cancelled while denoising")
 
             for run in runs:
-                latents += self._denoise_run(run, config, on_step)
+                latents += self._denoise_run(run, on_step)
         for edit in edits:
             edit.watch.seconds["denoise"] = watch.seconds["denoise"]  # the wall time each edit waited for
         return latents
 
-    def _denoise_run(self, run: list[PreparedEdit], config: EditConfig,
-                     on_step: Callable[[int], None]) -> list[torch.Tensor]:
-        betas = [config.beta_for(edit.action) for edit in run]
+    def _denoise_run(self, run: list[PreparedEdit], on_step: Callable[[int], None]) -> list[torch.Tensor]:
+        betas = [edit.config.beta_for(edit.action) for edit in run]  # each edit's own: beta is not in the key
         if len(run) == 1:
             edit = run[0]
-            return [self.denoiser(edit.inputs, config, betas[0], edit.attention, on_step=on_step)]
-        return self.denoiser.denoise_batch([e.inputs for e in run], config, betas, [e.attention for e in run],
+            return [self.denoiser(edit.inputs, edit.config, betas[0], edit.attention, on_step=on_step)]
+        # A denoiser reads only the batch key's fields of a config (steps, guidance): the first edit's serves all.
+        return self.denoiser.denoise_batch([e.inputs for e in run], run[0].config, betas, [e.attention for e in run],
                                            on_step=on_step)
 
     def finish(self, edit: PreparedEdit, latents: torch.Tensor, *, progress: bool = False) -> EditResult:
