@@ -21,11 +21,12 @@ What is reference-style (the costs the engine is measured against):
 What is NOT the reference: the semantics. Where ZONE.md's defects table says the engine fixes a
 reference defect, this baseline implements the *engine's* fixed behaviour, so that its output is
 comparable pixel for pixel and any speed-up can be checked against the same result:
-seam = R and not M_f (not the uint8 wrap), E clipped to 0..255 before the threshold, the FFT disc
-centred at (rows/2, cols/2), luma with RGB weights, small components dropped exactly (their own
-pixels, 4-connectivity, true area < 64), no crash when no segment overlaps M_b (M_b is used and
-flagged), the empty-prompt rows P[heads:] recorded, the padding cropped away at the end. The action
-is forced (the reference classifier still runs, so its cost is measured, but its answer is not used).
+seam = R and not M_f (not the uint8 wrap), E clipped to 0..255 before the threshold (and its whole
+numbers kept whole, not left to FFT rounding), the FFT disc centred at (rows/2, cols/2), luma with
+RGB weights, small components dropped exactly (their own pixels, 4-connectivity, true area < 64), no
+crash when no segment overlaps M_b (M_b is used and flagged), the empty-prompt rows P[heads:]
+recorded, the padding cropped away at the end. The action is forced (the reference classifier
+still runs, so its cost is measured, but its answer is not used).
 MagicBrush's own text encoder and VAE are not loaded: both pipelines get IP2P's (the reference
 loaded and never used MagicBrush's copies, which only costs memory). Left out as well: the files
 and visualisations the reference writes (per-token attention images, intermediate masks) and its
@@ -218,9 +219,8 @@ def get_finemask_everything(
 
 def subtract_fft_images(styled_masked: np.ndarray, original_masked: np.ndarray, config: EditConfig) -> np.ndarray:
     """Region R (uint8 0/255) from two RGB images already zeroed outside D."""
-    def gray(image):
-        image = image.astype(np.float64)
-        return 0.299 * image[..., 0] + 0.587 * image[..., 1] + 0.114 * image[..., 2]
+    def gray(image):  # the reference's cv2 call, on RGB data (its BGR data swapped the R and B weights)
+        return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
 
     f1 = np.fft.fftshift(np.fft.fft2(gray(styled_masked)))
     f2 = np.fft.fftshift(np.fft.fft2(gray(original_masked)))
@@ -228,7 +228,8 @@ def subtract_fft_images(styled_masked: np.ndarray, original_masked: np.ndarray, 
     disc = np.zeros((rows, cols), np.uint8)
     cv2.circle(disc, (cols // 2, rows // 2), config.fft_radius, 1, -1)
     energy = np.abs(np.fft.ifft2(np.fft.ifftshift(f1 * disc - f2 * disc)))
-    energy = np.clip(energy, 0, 255).astype(np.uint8)
+    whole = np.rint(energy)  # E within 1e-6 of a whole number is whole, as the engine decides (see blend.py)
+    energy = np.clip(np.where(np.abs(energy - whole) < 1e-6, whole, energy), 0, 255).astype(np.uint8)
     energy[energy > config.fft_threshold] = 255
     energy[energy <= config.fft_threshold] = 0
     energy = cv2.morphologyEx(energy, cv2.MORPH_CLOSE, np.ones((config.close_kernel, config.close_kernel), np.uint8))
@@ -284,7 +285,8 @@ class ReferenceStyleZone:
         def pipeline(unet):
             # diffusers 0.18 (the reference's) defaults, as ZONE.md section 0 pins them.
             scheduler = DPMSolverMultistepScheduler.from_config(
-                models.scheduler_config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="linspace"
+                models.scheduler_config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="linspace",
+                final_sigmas_type="sigma_min",  # 0.18's last step: to timestep 0, not to sigma 0
             )
             pipe = StableDiffusionInstructPix2PixPipeline(
                 vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=unet,

@@ -12,6 +12,7 @@ from zone_engine.config import Action, EditConfig
 from zone_engine.denoise import DenoiseInputs, SequentialDenoiser, initial_noise, make_scheduler
 from zone_engine.localize import AttentionAccumulator
 from zone_engine.pipeline import decode_latents, encode_image_latents
+from zone_engine.solver import solver_schedule
 from zone_engine.text import encode_instruction
 
 INSTRUCTION = "make the dog a golden statue"
@@ -22,7 +23,7 @@ STEPS = 4
 def _reference(tiny_models, image, output_type):
     pipe = StableDiffusionInstructPix2PixPipeline(
         vae=tiny_models.vae, text_encoder=tiny_models.text_encoder, tokenizer=tiny_models.tokenizer,
-        unet=tiny_models.ip2p_unet, scheduler=DPMSolverMultistepScheduler.from_config(tiny_models.scheduler_config),
+        unet=tiny_models.ip2p_unet, scheduler=make_scheduler(tiny_models.scheduler_config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -39,6 +40,23 @@ def test_scheduler_timesteps_match_reference_diffusers():
     scheduler.set_timesteps(20)
     expected = [999, 949, 899, 849, 799, 749, 699, 649, 599, 549, 500, 450, 400, 350, 300, 250, 200, 150, 100, 50]
     assert scheduler.timesteps.tolist() == expected
+
+
+@pytest.mark.parametrize(("steps", "second_order"), [(20, True), (15, True), (14, False), (4, False)])
+def test_last_step_goes_to_timestep_zero_as_diffusers_018(steps, second_order):
+    """diffusers 0.18's step(): prev_timestep = 0 at the last step (sigma of alphas_cumprod[0], not 0),
+    first order there only below 15 steps (lower_order_final). Newer defaults jump to sigma 0."""
+    # SD1.5's betas, as IP2P's scheduler config has them (without the "_use_default_values" that
+    # would make from_config reset them to the defaults).
+    defaults = {key: value for key, value in DPMSolverMultistepScheduler().config.items() if not key.startswith("_")}
+    config = dict(defaults, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    scheduler = make_scheduler(config)
+    scheduler.set_timesteps(steps)
+    first = scheduler.alphas_cumprod[0]
+    assert scheduler.sigmas[-1].item() == pytest.approx(((1 - first) / first).sqrt().item(), rel=1e-6)
+    assert scheduler.sigmas[-1].item() > 0.02
+    last_is_second_order = solver_schedule(make_scheduler(config), steps).correction_scale[-1].item() != 0
+    assert last_is_second_order == second_order
 
 
 @pytest.mark.parametrize("size", [(64, 64), (96, 64)])

@@ -49,12 +49,14 @@ def test_two_replicas_answer_the_same_contract(ray_base):
     assert "zone_requests_total" in httpx.get(f"{ray_base}/metrics").text
     assert "/v1/edit" in httpx.get(f"{ray_base}/openapi.json").json()["paths"]
 
-    # Concurrent requests spread over both replicas; the same seed gives the same image on either.
+    # Concurrent requests spread over both replicas; the same seed gives the same image on either, up to
+    # the rounding of a larger batch (edit_batch's bound, tests/test_batching.py: one uint8 level).
     jobs = [{"image": image, "instruction": "add a red hat", "seed": 7} for _ in range(8)]
     responses = asyncio.run(post_concurrently(ray_base, jobs))
     assert all(r.status_code == 200 for r in responses)
     assert len({r.headers["X-Zone-Replica"] for r in responses}) == 2
-    assert all(np.array_equal(decode_png(r.content), decode_png(response.content)) for r in responses)
+    alone = decode_png(response.content).astype(int)
+    assert all(np.abs(decode_png(r.content).astype(int) - alone).max() <= 1 for r in responses)
 
 
 def test_replicas_get_one_gpu_each_where_the_cluster_has_them():

@@ -16,8 +16,13 @@ import torch
 
 from .config import Action
 
-# ITU-R BT.601 luma weights for R, G, B.
-LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
+# The reference's gray image is OpenCV's 8-bit RGB->gray: ITU-R BT.601 weights for R, G, B in 15-bit
+# fixed point, rounded to uint8 (round(0.299 * 2**15), ...); the torch path does the same integer sums.
+LUMA_WEIGHTS_Q15 = (9798, 19235, 3735)
+LUMA_SHIFT = 15
+# E this close to a whole number is taken as whole (energy_levels): far above the FFTs' rounding of E
+# (~1e-13 of its 0..~300 range), far below the gaps between E's values that are not whole.
+WHOLE_TOLERANCE = 1e-6
 
 
 def _check_image(image: np.ndarray, name: str) -> None:
@@ -40,14 +45,21 @@ def _check_same_size(images: dict[str, np.ndarray], masks: dict[str, np.ndarray]
 
 
 def luma(image: np.ndarray) -> np.ndarray:
-    """ITU-R 601 luma of an RGB image: (H, W, 3) uint8 -> (H, W) float64.
+    """ITU-R 601 luma of an RGB image, as the reference's cv2.cvtColor computes it: (H, W, 3) uint8 ->
+    (H, W) uint8, rounded.
 
     The reference ran cv2's RGB->gray on BGR-ordered data, swapping the R and B weights (a defect);
     this weights the channels as RGB.
     """
     image = np.asarray(image)
     _check_image(image, "image")
-    return image.astype(np.float64) @ LUMA_WEIGHTS
+    return cv2.cvtColor(np.ascontiguousarray(image, dtype=np.uint8), cv2.COLOR_RGB2GRAY)
+
+
+def luma_torch(pixels: torch.Tensor) -> torch.Tensor:
+    """`luma` on a device: (..., 3) uint8 RGB -> (...) int32, bit-identical to OpenCV's fixed point."""
+    weights = torch.tensor(LUMA_WEIGHTS_Q15, dtype=torch.int32, device=pixels.device)
+    return ((pixels.int() * weights).sum(-1) + (1 << (LUMA_SHIFT - 1))) >> LUMA_SHIFT
 
 
 def frequency_disc(shape: tuple[int, int], radius: int) -> np.ndarray:
@@ -108,23 +120,33 @@ def low_pass_energy_torch(
 
     The disc is shifted once instead of both spectra twice (a permutation: the same products), and
     the two forward FFTs run as one batched call. Only the FFT library's rounding differs from the
-    reference (about 1e-13 of E's range); R can differ only where E lies that close to an integer.
+    reference (about 1e-13 of E's range), below what `energy_levels` resolves.
     """
     pair = torch.from_numpy(np.stack([styled, original])).to(device)  # (2, H, W, 3) uint8
-    weights = torch.tensor(LUMA_WEIGHTS, dtype=torch.float64, device=pair.device)
     inside = torch.from_numpy(np.ascontiguousarray(dilated)).to(pair.device)  # from_numpy refuses negative strides
-    lumas = (pair.double() @ weights) * inside  # (2, H, W): S, G
+    lumas = luma_torch(pair).double() * inside  # (2, H, W): S, G
     spectra = torch.fft.fft2(lumas)
     disc = torch.from_numpy(np.fft.ifftshift(frequency_disc(dilated.shape, radius))).to(pair.device)
     return torch.fft.ifft2((spectra[0] - spectra[1]) * disc).abs().cpu().numpy()
 
 
+def energy_levels(energy: np.ndarray) -> np.ndarray:
+    """float64 E (H, W) -> uint8 levels, truncated as the reference's astype(uint8) did, with two changes.
+
+    - Clipped to 0..255 first: the reference's cast wrapped values above 255 (a defect).
+    - A value within WHOLE_TOLERANCE of a whole number is that number. S and G are whole (uint8
+      lumas), so where the disc keeps every frequency (half-diagonal <= 200 px: up to 282 x 282)
+      E = |S - G|, and the FFT's rounding (~1e-13) would put it a hair above or below: truncation
+      would then choose between two levels by noise, differently in numpy and cuFFT.
+    """
+    whole = np.rint(energy)
+    energy = np.where(np.abs(energy - whole) < WHOLE_TOLERANCE, whole, energy)
+    return np.clip(energy, 0, 255).astype(np.uint8)
+
+
 def changed_region(energy: np.ndarray, threshold: int, close_kernel: int) -> np.ndarray:
-    """float64 E (H, W) -> bool R (H, W): E > threshold, closed, external contours filled."""
-    # The reference's astype(uint8) wrapped values above 255 (a defect): clip first, then truncate
-    # to an integer as that cast did.
-    energy = np.clip(energy, 0, 255).astype(np.uint8)
-    changed = (energy > threshold).astype(np.uint8) * 255
+    """float64 E (H, W) -> bool R (H, W): E's levels > threshold, closed, external contours filled."""
+    changed = (energy_levels(energy) > threshold).astype(np.uint8) * 255
     kernel = np.ones((close_kernel, close_kernel), np.uint8)
     changed = cv2.morphologyEx(changed, cv2.MORPH_CLOSE, kernel)
     contours, _ = cv2.findContours(changed, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)

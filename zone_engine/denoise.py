@@ -63,17 +63,22 @@ class BatchDenoiser(Denoiser, Protocol):
     ) -> list[torch.Tensor]: ...
 
 
+# diffusers 0.18's DPMSolverMultistep as the reference ran it (make_scheduler).
+REFERENCE_SCHEDULER = dict(algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="linspace",
+                           final_sigmas_type="sigma_min")
+
+
 def make_scheduler(scheduler_config: dict):
     """DPMSolverMultistep from IP2P's scheduler config; one instance per trajectory (it keeps history).
 
     diffusers 0.18, which the reference ran, used dpmsolver++ order 2 with linspace spacing
-    (timesteps 999, 949, ..., 50 for 20 steps); those are pinned so newer configs keep them.
+    (timesteps 999, 949, ..., 50 for 20 steps), and its last step went to timestep 0 (sigma_min, not
+    zero; second order from 15 steps on). Those are pinned so newer diffusers keep them: since 0.26
+    the default last step jumps, first order, to sigma 0 (final_sigmas_type="zero").
     """
     from diffusers import DPMSolverMultistepScheduler
 
-    return DPMSolverMultistepScheduler.from_config(
-        scheduler_config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="linspace"
-    )
+    return DPMSolverMultistepScheduler.from_config(scheduler_config, **REFERENCE_SCHEDULER)
 
 
 def initial_noise(seed: int, latent_size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
