@@ -35,6 +35,7 @@ from zone_engine.errors import ZoneError
 from zone_engine.image_io import make_sample_image, working_geometry
 from zone_engine.models import PRESETS as MODEL_PRESETS
 from zone_engine.models import SAM_SIZES, ZoneModels, build_random_components
+from zone_engine.paths import check_output_folder
 from zone_engine.pipeline import STAGES, EditRequest, EditResult, ZonePipeline
 from zone_engine.timing import Stopwatch
 
@@ -738,8 +739,16 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     if args.sam_precision is not None:
         changes["sam_precision"] = None if args.sam_precision == "none" else args.sam_precision
     config = dataclasses.replace(config, **changes)
-    if config.repeats < 1 or config.warmup < 0 or config.steps < 1 or config.resolution < 32 or config.batch < 1:
-        parser.error("need --repeats >= 1, --warmup >= 0, --steps >= 1, --resolution >= 32, --batch >= 1")
+    if (config.repeats < 1 or config.warmup < 0 or config.steps < 1 or config.resolution < 32 or config.batch < 1
+            or config.sam.points_per_side < 1):
+        parser.error("need --repeats >= 1, --warmup >= 0, --steps >= 1, --resolution >= 32, --batch >= 1, "
+                     "--sam-points >= 1")
+    if not config.backends:
+        parser.error(f"--backends names no denoiser: give one or more of {','.join(DENOISERS)}")
+    try:
+        check_output_folder(config.out, "--out")  # before the run: its reports must have somewhere to go
+    except ZoneError as error:
+        parser.error(str(error))
     if config.channels_last and config.dtype == "fp32":
         # fp32 engine rows share the weights with the baseline's rows, round by round: the layout would
         # change the baseline too. Half-precision engine rows convert them once the baseline's rounds are done.

@@ -32,6 +32,7 @@ from zone_engine.config import EditConfig, SamConfig
 from zone_engine.errors import ZoneError
 from zone_engine.image_io import make_sample_image
 from zone_engine.models import PRESETS, SAM_SIZES, build_random_components
+from zone_engine.paths import check_output_file
 from zone_engine.pipeline import STAGES, ZonePipeline
 from zone_engine.timing import RANGE_PREFIX
 
@@ -172,6 +173,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("need --resolution >= 32, --steps >= 1, --warmup >= 0, --rows >= 0")
     if args.trace is not None and not args.trace.parent.is_dir():
         parser.error(f"--trace {args.trace}: no folder {args.trace.parent} to write it in")
+    try:  # the profiler's writer would replace a folder by the file, and only log what it cannot write
+        if args.trace is not None:
+            check_output_file(args.trace, "--trace")
+    except ZoneError as error:
+        parser.error(str(error))
     if args.sam_type is None:
         args.sam_type = "tiny" if args.models == "tiny" else "vit_h"
     return args

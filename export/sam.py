@@ -27,6 +27,7 @@ from torch import nn
 
 from zone_engine import __version__
 from zone_engine.errors import ConfigError
+from zone_engine.paths import check_output_folder
 from zone_engine.sam_onnx import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, MANIFEST_FORMAT, file_sha256
 from zone_engine.sam_torch import decode_masks, decode_tokens
 
@@ -239,6 +240,7 @@ def run_export_sam(args: argparse.Namespace) -> Path:
     """`zone export sam`: load (or build, with --tiny) SAM and export it; returns the output folder."""
     from zone_engine.models import build_sam, load_sam, sam_type_from_path
 
+    check_output_folder(args.out, "--out")
     if args.tiny:
         if args.checkpoint is not None:
             raise ConfigError("--tiny exports random weights: leave out --checkpoint")
@@ -250,6 +252,6 @@ def run_export_sam(args: argparse.Namespace) -> Path:
         if args.checkpoint is None:
             raise ConfigError("zone export sam needs --checkpoint SAM.pth (or --tiny for a random test model)")
         checkpoint = Path(args.checkpoint).expanduser()
-        sam = load_sam(checkpoint, args.model_type)
+        sam = load_sam(checkpoint, args.model_type, flags=("--checkpoint", "--model-type"))
         model_type = args.model_type or sam_type_from_path(checkpoint)
     return export_sam(sam, model_type, args.out, fp16=args.fp16, opset=args.opset, checkpoint=checkpoint)

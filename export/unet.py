@@ -46,6 +46,7 @@ from zone_engine.dual_step import DualUNet
 from zone_engine.errors import ConfigError, ZoneError
 from zone_engine.localize import EMPTY_PROMPT_ROWS, attention_grid, record_cross_attention, recorded_layers
 from zone_engine.models import ZoneModels
+from zone_engine.paths import check_output_folder
 from zone_engine.sam_onnx import file_sha256
 
 from .onnx_graph import compare, export_graph, require, session, staging_folder
@@ -529,6 +530,7 @@ def run_export_unet(args: argparse.Namespace) -> Path:
     from zone_engine.models import IP2P_ID, MAGICBRUSH_ID, build_tiny_components, load_ip2p, load_magicbrush_unet
 
     profile = profile_from_args(args)  # every check that can fail runs before gigabytes of weights load
+    check_output_folder(args.out, "--out")
     precision = _precision("bf16" if args.bf16 else "fp16" if args.fp16 else "fp32")
     _check_opset(args.opset)
     if args.tiny:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import socket
 import subprocess
 import sys
 
@@ -107,15 +108,52 @@ def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
     [
         (lambda p, t: ["edit", str(t / "missing.png"), "-i", "x", "-o", str(t / "o.png"), "--tiny"], ["not found"]),
         (lambda p, t: ["edit", str(p), "-i", "   ", "-o", str(t / "o.png"), "--tiny"], ["empty"]),
-        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.txt"), "--tiny"], ["extension"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.txt"), "--tiny"], ["suffix"]),
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--steps", "0"], ["steps"]),
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--sam", str(t / "sam_vit_h.pth")],
          ["SAM checkpoint not found", "--sam"]),
+        # Bytes the terminal could not decode reach Python as lone surrogates.
+        (lambda p, t: ["edit", str(p), "-i", "make the caf\udce9 red", "-o", str(t / "o.png"), "--tiny"], ["UTF-8"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(p), "--tiny"], ["is the input image"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(p / "o.png"), "--tiny"], ["is a file, not a folder"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--save-masks", str(p)],
+         ["--save-masks", "is a file"]),
+        (lambda p, t: ["demo", "--out", str(p)], ["--out", "is a file"]),
+        (lambda p, t: ["export", "unet", "--tiny", "--out", str(p)], ["--out", "is a file"]),
+        (lambda p, t: ["export", "sam", "--tiny", "--out", str(p)], ["--out", "is a file"]),
+        (lambda p, t: ["export", "sam", "--checkpoint", str(t / "nope_vit_b.pth"), "--out", str(t / "x")],
+         ["not found", "--checkpoint"]),
+        (lambda p, t: ["export", "sam", "--checkpoint", str(p), "--out", str(t / "x")], ["--model-type"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--segmenter", "onnx",
+                       "--sam-onnx", str(p)], ["--sam-onnx", "is a file"]),
     ],
-    ids=["missing-image", "empty-instruction", "bad-output", "zero-steps", "missing-sam"],
+    ids=["missing-image", "empty-instruction", "bad-output", "zero-steps", "missing-sam", "undecodable-instruction",
+         "output-is-input", "output-under-a-file", "masks-into-a-file", "demo-into-a-file", "export-unet-into-a-file",
+         "export-sam-into-a-file", "export-sam-missing-checkpoint", "export-sam-unknown-type", "onnx-folder-is-file"],
 )
 def test_cli_bad_input(capsys, photo, tmp_path, make_argv, words):
     _fails_cleanly(capsys, make_argv(photo, tmp_path), *words)
+
+
+def test_corrupt_sam_checkpoint_is_one_line_naming_the_download(capsys, photo, tmp_path):
+    fake = tmp_path / "sam_vit_b_fake.pth"
+    fake.write_bytes(photo.read_bytes())
+    _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", str(tmp_path / "o.png"), "--sam", str(fake)],
+                   "cannot read SAM checkpoint", "sam_vit_b_01ec64.pth")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["bench", "--preset", "tiny-smoke", "--backends", ","], "--backends names no denoiser"),
+    (["bench", "--preset", "tiny-smoke", "--sam-points", "0"], "--sam-points >= 1"),
+    (["bench", "--preset", "tiny-smoke", "--out", "{photo}"], "is a file, not a folder"),
+    (["profile", "--models", "tiny", "--trace", "{folder}"], "is a folder"),
+], ids=["no-backends", "no-sam-points", "bench-out-is-a-file", "trace-is-a-folder"])
+def test_benchmark_tools_refuse_bad_options_before_running(capsys, photo, tmp_path, argv, words):
+    argv = [arg.format(photo=photo, folder=tmp_path) for arg in argv]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and words in err and "Traceback" not in err
 
 
 def test_cli_corrupt_image(capsys, tmp_path):
@@ -198,6 +236,12 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path):
     _fails_cleanly(capsys, ["serve", "--tiny", "--max-batch", "0"], "max-batch")
     _fails_cleanly(capsys, ["serve", "--tiny", "--timeout-s", "0"], "timeout-s")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "70000"], "port")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--host", "999.1.1.1"], "--host 999.1.1.1")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        _fails_cleanly(capsys, ["serve", "--tiny", "--port", str(port)], f"cannot listen on 127.0.0.1:{port}")
     _fails_cleanly(capsys, ["serve", "--tiny", "--device", "cuda"], "no CUDA")
     _fails_cleanly(capsys, ["serve", "--ip2p", str(tmp_path / "no-ip2p"), "--sam", str(tmp_path / "no-sam.pth")],
                    "not found")

@@ -130,6 +130,15 @@ def resolve_sam_precision(precision: str, segmenter: str, device: torch.device) 
     return DTYPES[precision]
 
 
+def check_onnx_segmenter(sam_onnx: str | Path | None) -> None:
+    """ConfigError / CheckpointError unless `sam_onnx` looks like a `zone export sam` folder."""
+    if sam_onnx is None:
+        raise ConfigError("--segmenter onnx needs --sam-onnx DIR: a folder written by `zone export sam`")
+    from .sam_onnx import check_export_folder
+
+    check_export_folder(Path(sam_onnx))
+
+
 def make_segmenter(
     models: ZoneModels, config: SamConfig, kind: str = "torch", device: torch.device | None = None,
     sam_onnx: Path | None = None, sam_dtype: torch.dtype = torch.float32,
@@ -144,8 +153,7 @@ def make_segmenter(
 
         return TorchSamSegmenter(models.sam, config, sam_dtype)
     if kind == "onnx":
-        if sam_onnx is None:
-            raise ConfigError("--segmenter onnx needs --sam-onnx DIR: a folder written by `zone export sam`")
+        check_onnx_segmenter(sam_onnx)
         from .sam_onnx import OnnxSamSegmenter
 
         on_gpu = device is not None and device.type == "cuda"

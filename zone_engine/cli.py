@@ -14,6 +14,7 @@ from .backends import ATTENTION, DENOISERS, LOCALIZATION_KERNELS, SAM_PRECISIONS
 from .config import Action, EditConfig, parse_action
 from .errors import ZoneError
 from .models import IP2P_ID, MAGICBRUSH_ID
+from .paths import check_output_file, check_output_folder
 
 RANDOM_WEIGHTS_NOTICE = (
     "note: the demo runs tiny RANDOM models, so the edit itself is meaningless; it shows that every stage runs.\n"
@@ -232,11 +233,15 @@ def _config_changes(args: argparse.Namespace) -> dict:
     return changes
 
 
-def _check_output_path(path: Path) -> None:
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ZoneError(f"output {path} has no image extension: use one of {', '.join(IMAGE_SUFFIXES)}")
+def _check_output_path(path: Path, image: Path) -> None:
     if path.is_dir():
         raise ZoneError(f"output {path} is a folder: give a file name such as {path / 'edited.png'}")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ZoneError(f"output {path} does not end in an image format's suffix: use one of "
+                        f"{', '.join(IMAGE_SUFFIXES)}")
+    if path.exists() and image.exists() and path.samefile(image):
+        raise ZoneError(f"output {path} is the input image: write the edit to another file, the input stays as it is")
+    check_output_file(path, "output")
 
 
 def _save_outputs(result, folder: Path, names: Sequence[str]) -> None:
@@ -258,7 +263,9 @@ def run_edit(args: argparse.Namespace) -> None:
     from .text import check_instruction
 
     # Every check that can fail runs before gigabytes of weights load.
-    _check_output_path(args.output)
+    _check_output_path(args.output, args.image)
+    if args.save_masks:
+        check_output_folder(args.save_masks, "--save-masks")
     image = load_image(args.image)
     instruction = check_instruction(args.instruction)
     changes = _config_changes(args)
@@ -277,6 +284,9 @@ def run_demo(args: argparse.Namespace) -> None:
     from .pipeline import ZonePipeline
 
     print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
+    for folder, what in ((args.out, "--out"), (args.save_masks, "--save-masks")):
+        if folder is not None:
+            check_output_folder(folder, what)
     changes = _config_changes(args)
     pipe = ZonePipeline.tiny(device=args.device, **_backend_options(args))
     image = make_sample_image()
@@ -312,6 +322,7 @@ def run_serve(args: argparse.Namespace) -> None:
     changes = _config_changes(args)
     if args.port < 0 or args.port > 65535:
         raise ZoneError(f"--port {args.port} is not a TCP port (0..65535)")
+    _check_listen_address(args.host, args.port)
     spec = _pipeline_spec(args)
     settings = ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, timeout_s=args.timeout_s,
@@ -325,6 +336,23 @@ def run_serve(args: argparse.Namespace) -> None:
     else:
         pipe = spec.build()  # before binding the port: a missing checkpoint is one `error:` line, exit 2
         run_server(LocalEditService(lambda: pipe, settings), args.host, args.port, args.log_level)
+
+
+def _check_listen_address(host: str, port: int) -> None:
+    """ZoneError unless the server could listen on host:port now (checked before the models load)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise ZoneError(f"--host {host}: {error.strerror}; give an address of this machine, e.g. 127.0.0.1") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise ZoneError(f"cannot listen on {host}:{port}: {error.strerror}; choose another --port or --host, "
+                            "or stop what uses it") from None
 
 
 def _quiet_libraries() -> None:

@@ -295,29 +295,35 @@ def sam_type_from_path(path: Path) -> str | None:
     return next((name for name in ("vit_h", "vit_l", "vit_b") if name in path.name), None)
 
 
-def load_sam(checkpoint: str | Path, model_type: str | None = None) -> nn.Module:
-    path = Path(checkpoint).expanduser()
+def load_sam(checkpoint: str | Path, model_type: str | None = None, *,
+             flags: tuple[str, str] = ("--sam", "--sam-type")) -> nn.Module:
+    """SAM from a segment-anything .pth; `flags`: the caller's options for the path and the model type,
+    which the errors name."""
+    path, path_flag, type_flag = Path(checkpoint).expanduser(), *flags
     if not path.is_file():
         raise CheckpointError(
             f"SAM checkpoint not found: {path}. Download {SAM_URLS['vit_h']} (or the vit_l / vit_b file) "
-            "and pass its path with --sam."
+            f"and pass its path with {path_flag}."
         )
     model_type = model_type or sam_type_from_path(path)
     if model_type not in ("vit_h", "vit_l", "vit_b"):
         raise CheckpointError(
-            f"cannot tell the SAM model type of {path.name}: pass --sam-type vit_h, vit_l or vit_b"
+            f"cannot tell the SAM model type of {path.name}: pass {type_flag} vit_h, vit_l or vit_b"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and I/O errors all mean the same to the user
-        raise CheckpointError(f"cannot read SAM checkpoint {path}: {error}") from None
+        raise CheckpointError(
+            f"cannot read SAM checkpoint {path}: not a PyTorch checkpoint, or corrupt or truncated "
+            f"({type(error).__name__}); download it again from {SAM_URLS[model_type]}"
+        ) from None
     sam = build_sam(model_type)
     try:
         sam.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as error:
         raise CheckpointError(
             f"{path.name} is not a SAM {model_type} checkpoint ({str(error).splitlines()[0]}); "
-            "check --sam-type"
+            f"check {type_flag}"
         ) from None
     return sam
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from . import blend, image_io
 from .action import classify_action
 from .backends import (
+    check_onnx_segmenter,
     configure_attention,
     make_denoiser,
     make_localization_kernels,
@@ -160,6 +161,8 @@ class ZonePipeline:
     ) -> None:
         if segmenter == "torch" and models.sam is None:
             raise ConfigError("no SAM checkpoint was loaded: pass sam=CKPT, or segmenter='onnx' with sam_onnx=DIR")
+        if segmenter == "onnx":  # its sessions open at the first edit: a wrong folder is said now
+            check_onnx_segmenter(sam_onnx)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.sam_dtype = resolve_sam_precision(sam_precision, segmenter, self.device)

@@ -223,8 +223,11 @@ class OnnxSamPredictor(SamPredictor):
 # Checking an export folder.
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """The folder's manifest, after checking that every file it lists is there with its checksum."""
+def check_export_folder(folder: Path) -> Path:
+    """The folder's manifest path, if `folder` looks like a `zone export sam` folder (the quick checks, for
+    a server before it opens its port; read_manifest checks the files themselves)."""
+    if folder.is_file():
+        raise CheckpointError(f"--sam-onnx {folder} is a file: pass the folder `zone export sam --out` wrote")
     if not folder.is_dir():
         raise CheckpointError(f"SAM ONNX folder not found: {folder}; write one with `zone export sam "
                               f"--checkpoint SAM.pth --out {folder}`")
@@ -232,6 +235,12 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {MANIFEST_FILE}: not a `zone export sam` folder, or the export "
                               f"did not finish; {RE_EXPORT}")
+    return path
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The folder's manifest, after checking that every file it lists is there with its checksum."""
+    path = check_export_folder(folder)
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -25,6 +25,10 @@ def check_instruction(instruction: object) -> str:
     if not isinstance(instruction, str):
         raise InstructionError(f"the instruction must be text, got {type(instruction).__name__}")
     text = instruction.strip()
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the command line could not decode arrive as lone surrogates
+        raise InstructionError("the instruction is not valid UTF-8 text: check the terminal's encoding") from None
     if not text:
         raise InstructionError('the instruction is empty: say what to edit, e.g. -i "make the dog a golden statue"')
     if len(text) > MAX_CHARACTERS:

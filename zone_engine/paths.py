@@ -1,0 +1,39 @@
+"""Where results go: checked before any work runs, so a bad output path never costs a finished edit,
+benchmark or export."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import ZoneError
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Why nothing could be written in `folder` (created if missing), or None if it could."""
+    folder = Path(folder).absolute()
+    existing = next((candidate for candidate in (folder, *folder.parents) if candidate.exists()), Path.cwd())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write in {existing} (read-only or not yours)"
+    return None
+
+
+def check_output_folder(path: Path, what: str) -> None:
+    """ZoneError unless `path` is a folder, or can be created as one, that this process may write into."""
+    problem = _folder_problem(path)
+    if problem:
+        raise ZoneError(f"{what} {path}: {problem}; choose another path")
+
+
+def check_output_file(path: Path, what: str) -> None:
+    """ZoneError unless a file can be written (or overwritten) at `path`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ZoneError(f"{what} {path} is a folder: give a file name inside it")
+    problem = _folder_problem(path.parent)
+    if problem is None and path.exists() and not os.access(path, os.W_OK):
+        problem = "it exists and cannot be overwritten"
+    if problem:
+        raise ZoneError(f"{what} {path}: {problem}; choose another path")
