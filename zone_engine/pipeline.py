@@ -161,11 +161,11 @@ class ZonePipeline:
     ) -> None:
         if segmenter == "torch" and models.sam is None:
             raise ConfigError("no SAM checkpoint was loaded: pass sam=CKPT, or segmenter='onnx' with sam_onnx=DIR")
-        if segmenter == "onnx":  # its sessions open at the first edit: a wrong folder is said now
-            check_onnx_segmenter(sam_onnx)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.sam_dtype = resolve_sam_precision(sam_precision, segmenter, self.device)
+        if segmenter == "onnx":  # its sessions open at the first edit: a wrong folder is said now
+            check_onnx_segmenter(sam_onnx)
         configure_attention(models, attention, self.device)  # checked before gigabytes move
         # channels_last: convolutions in NHWC, where GPUs have their fastest fp16/bf16 kernels. Off by
         # default until measured end to end (benchmarks/RESULTS.md); the models are converted in place.
