@@ -73,8 +73,8 @@ def make_scheduler(scheduler_config: dict):
 
     diffusers 0.18, which the reference ran, used dpmsolver++ order 2 with linspace spacing
     (timesteps 999, 949, ..., 50 for 20 steps), and its last step went to timestep 0 (sigma_min, not
-    zero; second order from 15 steps on). Those are pinned so newer diffusers keep them: since 0.26
-    the default last step jumps, first order, to sigma 0 (final_sigmas_type="zero").
+    zero; second order from 15 steps on). Those are pinned so newer diffusers keep them: their default
+    last step (0.42 here) jumps, first order, to sigma 0 (final_sigmas_type="zero").
     """
     from diffusers import DPMSolverMultistepScheduler
 
