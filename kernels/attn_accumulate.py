@@ -151,6 +151,11 @@ def _(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float)
     _check_arguments(total, query, key)
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernel can launch on `device` here (else `attn_accumulate_` runs the reference)."""
+    return can_launch(_attn_accumulate_kernel, device)
+
+
 def attn_accumulate_(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
     """total (N, K) fp32 += sum over (R, H) of softmax(query key^T * scale), in place.
 

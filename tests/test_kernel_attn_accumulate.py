@@ -181,6 +181,20 @@ def test_environment_variable_switches_the_kernel_off(monkeypatch):
     _assert_within_rule(query, key, 0.1, total)
 
 
+def test_asking_for_triton_where_it_cannot_run_says_so(monkeypatch):
+    import warnings
+
+    from zone_engine.backends import make_localization_kernels
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # where the kernels can run (the interpreter on the CPU): no warning
+        if INTERPRETED:
+            make_localization_kernels("triton", torch.device("cpu"))
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    with pytest.warns(UserWarning, match="--kernels triton cannot run on cpu here.*the torch reference runs"):
+        make_localization_kernels("triton", torch.device("cpu"))
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="the interpreter's bf16 fallback")
 def test_bf16_falls_back_to_torch_under_the_interpreter(monkeypatch):
     query, key = _inputs(2, 5, 6, 40, 77, torch.bfloat16)

@@ -5,6 +5,7 @@ Stages never test `torch.cuda.is_available()` themselves; they receive what this
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -172,8 +173,12 @@ def make_localization_kernels(kind: str, device: torch.device) -> tuple[Accumula
     if kind == "torch":
         return accumulate_attention_probabilities, binarize_reference
     if kind == "triton":
-        from kernels.attn_accumulate import attn_accumulate_
+        from kernels.attn_accumulate import attn_accumulate_, runs_on
         from kernels.mask_binarize import binarize_mask
 
+        if not runs_on(device):  # both kernels share the rule (kernels/runtime.py)
+            warnings.warn(f"--kernels triton cannot run on {device.type} here (Triton needs CUDA, or "
+                          "TRITON_INTERPRET=1 on the CPU, and ZONE_DISABLE_TRITON unset): the torch reference runs",
+                          stacklevel=2)
         return attn_accumulate_, binarize_mask
     raise DeviceError(f"unknown localization kernels {kind!r}: available {', '.join(LOCALIZATION_KERNELS)}")
