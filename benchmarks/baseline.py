@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 
 from zone_engine import image_io
+from zone_engine.blend import energy_levels
 from zone_engine.config import Action, EditConfig
 from zone_engine.models import ZoneModels
 from zone_engine.pipeline import STAGES, EditResult
@@ -228,8 +229,7 @@ def subtract_fft_images(styled_masked: np.ndarray, original_masked: np.ndarray, 
     disc = np.zeros((rows, cols), np.uint8)
     cv2.circle(disc, (cols // 2, rows // 2), config.fft_radius, 1, -1)
     energy = np.abs(np.fft.ifft2(np.fft.ifftshift(f1 * disc - f2 * disc)))
-    whole = np.rint(energy)  # E within 1e-6 of a whole number is whole, as the engine decides (see blend.py)
-    energy = np.clip(np.where(np.abs(energy - whole) < 1e-6, whole, energy), 0, 255).astype(np.uint8)
+    energy = energy_levels(energy)  # clipped, and whole numbers kept whole, as the engine decides
     energy[energy > config.fft_threshold] = 255
     energy[energy <= config.fft_threshold] = 0
     energy = cv2.morphologyEx(energy, cv2.MORPH_CLOSE, np.ones((config.close_kernel, config.close_kernel), np.uint8))

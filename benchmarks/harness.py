@@ -297,7 +297,7 @@ def measure_batched(implementations: list[Implementation], config: BenchConfig, 
         progress(f"{impl.name}: batch of {config.batch} {index + 1}/{config.repeats} {run.walls[-1]:.2f} s "
                  f"({config.batch / run.walls[-1]:.3g} edits/s)")
 
-    def attempt(impl: Implementation, work: Callable[[], None]) -> None:
+    def attempt_batch(impl: Implementation, work: Callable[[], None]) -> None:
         _, impl.batched.error = _attempt(impl.name, f"batch of {config.batch}", work, progress)
         if impl.batched.error is not None:
             batchers.remove(impl)
@@ -307,10 +307,10 @@ def measure_batched(implementations: list[Implementation], config: BenchConfig, 
         builds = (impl.name.removeprefix("engine:") in BUILDING_BACKENDS
                   or getattr(impl.pipe.denoiser.denoiser, "cuda_graphs", False) and device.type == "cuda")
         if config.warmup > 0 or builds:
-            attempt(impl, partial(warm_up, impl))
+            attempt_batch(impl, partial(warm_up, impl))
     for index in range(config.repeats):
         for impl in list(batchers):
-            attempt(impl, partial(timed_batch, impl, index))
+            attempt_batch(impl, partial(timed_batch, impl, index))
 
 
 def summarize_batched(run: BatchedRun, sequential: dict, config: BenchConfig) -> dict:

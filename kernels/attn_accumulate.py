@@ -242,6 +242,7 @@ def benchmark(
         "b: torch reference, in place": (reference, qk_bytes + upcast + 5 * probs + layers * 3 * queries * keys * 4),
         "c: fused Triton kernel": (fused, qk_bytes + layers * 2 * queries * keys * 4),
     }
+
     def check(out: torch.Tensor) -> dict:
         return {"max_abs_diff": (out.double() - exact).abs().max().item()}
 
