@@ -126,10 +126,17 @@ def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
         (lambda p, t: ["export", "sam", "--checkpoint", str(p), "--out", str(t / "x")], ["--model-type"]),
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--segmenter", "onnx",
                        "--sam-onnx", str(p)], ["--sam-onnx", "is a file"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--ip2p", str(t), "--sam", str(p)],
+         ["--tiny builds random models", "drop --ip2p, --sam"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--random-weights", "sd15",
+                       "--action-classifier", str(p)], ["--random-weights sd15", "drop --action-classifier"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--seed", str(2**63)],
+         ["seed must be between 0 and 9223372036854775807"]),
     ],
     ids=["missing-image", "empty-instruction", "bad-output", "zero-steps", "missing-sam", "undecodable-instruction",
          "output-is-input", "output-under-a-file", "masks-into-a-file", "demo-into-a-file", "export-unet-into-a-file",
-         "export-sam-into-a-file", "export-sam-missing-checkpoint", "export-sam-unknown-type", "onnx-folder-is-file"],
+         "export-sam-into-a-file", "export-sam-missing-checkpoint", "export-sam-unknown-type", "onnx-folder-is-file",
+         "tiny-with-checkpoints", "random-weights-with-classifier", "seed-too-large"],
 )
 def test_cli_bad_input(capsys, photo, tmp_path, make_argv, words):
     _fails_cleanly(capsys, make_argv(photo, tmp_path), *words)
@@ -235,6 +242,7 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path):
         assert option in out.stdout
     _fails_cleanly(capsys, ["serve", "--tiny", "--max-batch", "0"], "max-batch")
     _fails_cleanly(capsys, ["serve", "--tiny", "--timeout-s", "0"], "timeout-s")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--max-steps", "1001"], "max-steps must be at most 1000")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "70000"], "port")
     _fails_cleanly(capsys, ["serve", "--tiny", "--host", "999.1.1.1"], "--host 999.1.1.1")
     with socket.socket() as taken:

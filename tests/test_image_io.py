@@ -194,18 +194,19 @@ def test_float_tiff_is_refused(tmp_path):
     assert "floating-point" in message and "convert it to 8-bit RGB" in message
 
 
-def test_multi_frame_tiff_uses_first_frame(tmp_path):
+@pytest.mark.parametrize("name", ["frames.tif", "anim.gif"])
+def test_multi_frame_file_uses_first_frame_and_says_so(tmp_path, name):
     first, second = Image.new("RGB", (9, 8), (255, 0, 0)), Image.new("RGB", (9, 8), (0, 0, 255))
-    first.save(tmp_path / "frames.tif", save_all=True, append_images=[second])
-    np.testing.assert_array_equal(load_quietly(tmp_path / "frames.tif")[0, 0], [255, 0, 0])
-
-
-def test_animated_gif_uses_first_frame(tmp_path):
-    first, second = Image.new("RGB", (9, 8), (255, 0, 0)), Image.new("RGB", (9, 8), (0, 0, 255))
-    first.save(tmp_path / "anim.gif", save_all=True, append_images=[second])
-    loaded = load_quietly(tmp_path / "anim.gif")
+    first.save(tmp_path / name, save_all=True, append_images=[second])
+    with pytest.warns(UserWarning, match="has 2 frames .* only the first is edited"):
+        loaded = load_image(tmp_path / name)
     assert_rgb(loaded, 8, 9)
     np.testing.assert_array_equal(loaded[0, 0], [255, 0, 0])
+
+
+def test_single_frame_gif_loads_without_warning(tmp_path):
+    Image.new("RGB", (9, 8), (255, 0, 0)).save(tmp_path / "still.gif")
+    np.testing.assert_array_equal(load_quietly(tmp_path / "still.gif")[0, 0], [255, 0, 0])
 
 
 @pytest.mark.parametrize(("orientation", "shape"), [(1, (10, 20, 3)), (6, (20, 10, 3))])

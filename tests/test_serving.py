@@ -234,7 +234,8 @@ def test_bad_requests_get_the_right_4xx_and_a_json_error_and_the_server_keeps_se
             "empty file": (post_edit(base, b""), 400, "empty"),
             "too many pixels": (post_edit(base, png(smooth_image(101, 100))), 413, "pixels"),
             "upload too large": (post_edit(base, np.random.default_rng(0).bytes(60_000)), 413, "bytes"),
-            "empty instruction": (post_edit(base, image, instruction="   "), 422, "instruction"),
+            "blank instruction": (post_edit(base, image, instruction="   "), 422, "empty"),
+            "empty instruction": (post_edit(base, image, instruction=""), 422, "empty"),
             "instruction too long": (post_edit(base, image, instruction="add a hat " * 30), 422, "characters"),
             "bad action": (post_edit(base, image, action="paint"), 422, "action"),
             "bad steps": (post_edit(base, image, steps=0), 422, "steps"),
@@ -245,9 +246,14 @@ def test_bad_requests_get_the_right_4xx_and_a_json_error_and_the_server_keeps_se
             assert response.status_code == status, (name, response.text)
             error = response.json()["error"]
             assert error["code"] and word in error["message"].lower(), (name, error)
+            # Every error carries a request id for the logs, in the body and the header alike.
+            assert response.json()["request_id"] and response.headers["X-Request-Id"] == response.json()["request_id"]
+        traced = httpx.post(f"{base}/v1/edit", data={"instruction": "add a hat"}, headers={"X-Request-Id": "trace-7"},
+                            files={"other": ("x.txt", b"1", "text/plain")})
+        assert traced.status_code == 422 and traced.json()["request_id"] == "trace-7"
         assert post_edit(base, image).status_code == 200
         text = httpx.get(f"{base}/metrics").text
-        assert metric(text, 'zone_requests_total{outcome="bad_request"}') == len(cases)
+        assert metric(text, 'zone_requests_total{outcome="bad_request"}') == len(cases) + 1
 
 
 # ---------------------------------------------------------------------------------------- batching

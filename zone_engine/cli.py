@@ -12,8 +12,8 @@ from pathlib import Path
 
 from .backends import ATTENTION, DENOISERS, LOCALIZATION_KERNELS, SAM_PRECISIONS, SEGMENTERS
 from .config import Action, EditConfig, parse_action
-from .errors import ZoneError
-from .models import IP2P_ID, MAGICBRUSH_ID
+from .errors import ConfigError, ZoneError
+from .models import DEFAULT_SAM, IP2P_ID, MAGICBRUSH_ID
 from .paths import check_output_file, check_output_folder
 
 RANDOM_WEIGHTS_NOTICE = (
@@ -79,11 +79,10 @@ def _add_edit_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     models = parser.add_argument_group("models")
-    models.add_argument("--ip2p", default=IP2P_ID, help=f"InstructPix2Pix folder or cached id (default: {IP2P_ID})")
-    models.add_argument("--magicbrush", default=MAGICBRUSH_ID,
-                        help=f"MagicBrush folder or cached id (default: {MAGICBRUSH_ID})")
-    models.add_argument("--sam", type=Path, default=Path("ckpts/sam_vit_h_4b8939.pth"),
-                        help="SAM checkpoint .pth (default: ckpts/sam_vit_h_4b8939.pth)")
+    # No argparse defaults: PipelineSpec holds them, and --tiny/--random-weights must see what was given.
+    models.add_argument("--ip2p", help=f"InstructPix2Pix folder or cached id (default: {IP2P_ID})")
+    models.add_argument("--magicbrush", help=f"MagicBrush folder or cached id (default: {MAGICBRUSH_ID})")
+    models.add_argument("--sam", type=Path, help=f"SAM checkpoint .pth (default: {DEFAULT_SAM})")
     models.add_argument("--sam-type", choices=["vit_h", "vit_l", "vit_b"],
                         help="SAM size, when the file name does not say it")
     models.add_argument("--action-classifier", type=Path,
@@ -154,7 +153,8 @@ def _add_serve_command(commands) -> None:
                         help="per-request limit, queueing included; then 504 and the edit is cancelled (default: 120)")
     server.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default: 20)")
     server.add_argument("--max-pixels", type=int, default=25_000_000, help="largest image accepted (default: 25M)")
-    server.add_argument("--max-steps", type=int, default=100, help="most steps a request may ask for (default: 100)")
+    server.add_argument("--max-steps", type=int, default=100,
+                        help="most steps a request may ask for (default: 100; at most 1000)")
     server.add_argument("--no-warmup", action="store_true", help="be ready without a warm-up edit")
     server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     scale = serve.add_argument_group("Ray Serve")
@@ -212,14 +212,19 @@ def _backend_options(args: argparse.Namespace) -> dict:
                 sam_precision=args.sam_precision, channels_last=args.channels_last)
 
 
+CHECKPOINT_OPTIONS = ("ip2p", "magicbrush", "sam", "action_classifier")
+
+
 def _pipeline_spec(args: argparse.Namespace):
     from .serving.settings import PipelineSpec
 
-    return PipelineSpec(
-        tiny=args.tiny, random_weights=args.random_weights, ip2p=args.ip2p, magicbrush=args.magicbrush, sam=args.sam,
-        sam_type=args.sam_type,
-        action_classifier=args.action_classifier, device=args.device, dtype=args.dtype, **_backend_options(args),
-    )
+    given = {name: getattr(args, name) for name in CHECKPOINT_OPTIONS if getattr(args, name) is not None}
+    random_models = "--tiny" if args.tiny else args.random_weights and f"--random-weights {args.random_weights}"
+    if random_models and given:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        raise ConfigError(f"{random_models} builds random models and reads no checkpoint: drop {flags}")
+    return PipelineSpec(tiny=args.tiny, random_weights=args.random_weights, sam_type=args.sam_type, device=args.device,
+                        dtype=args.dtype, **given, **_backend_options(args))
 
 
 def _config_changes(args: argparse.Namespace) -> dict:

@@ -22,6 +22,9 @@ class Action(str, Enum):
     REMOVE = "remove"
 
 
+# The scheduler's training timesteps: a step count above this has no timesteps to use.
+MAX_STEPS = 1000
+
 # Output order of the reference action classifier's logits (ckpts/action_classifier.pth).
 CLASSIFIER_ACTIONS: tuple[Action, ...] = (Action.CHANGE, Action.ADD, Action.REMOVE)
 
@@ -87,7 +90,7 @@ class EditConfig:
         if isinstance(self.action, str) and not isinstance(self.action, Action):
             object.__setattr__(self, "action", parse_action(self.action))
         checks = [
-            (1 <= self.steps <= 1000, "steps must be between 1 and 1000"),
+            (1 <= self.steps <= MAX_STEPS, f"steps must be between 1 and {MAX_STEPS}"),
             (self.beta_remove >= 0 and self.beta_add_change >= 0, "beta values must be >= 0"),
             (self.action_rule in ("intended", "reference"), "action_rule must be 'intended' or 'reference'"),
             (self.threshold_rule in ("reference", "paper"), "threshold_rule must be 'reference' or 'paper'"),
@@ -96,7 +99,7 @@ class EditConfig:
             (0.0 <= self.seam_alpha <= 1.0, "seam_alpha must be between 0 and 1"),
             (self.min_region_area >= 0, "min_region_area must be >= 0"),
             (self.dilate_kernel >= 1 and self.close_kernel >= 1, "kernel sizes must be >= 1"),
-            (0 <= self.seed < 2**63, "seed must be a non-negative 64-bit integer"),
+            (0 <= self.seed < 2**63, f"seed must be between 0 and {2**63 - 1} (2**63 - 1)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -40,7 +40,8 @@ def load_image(source: ImageSource) -> np.ndarray:
     """Load an image file, PIL image or numpy array as contiguous uint8 RGB of shape (H, W, 3).
 
     Files and PIL images are decoded fully, turned upright by their EXIF orientation, and use their
-    first frame. Transparency is composited over black with a warning. Anything unusable raises
+    first frame (with a warning when there are more). Transparency is composited over black with a
+    warning. Anything unusable raises
     `InputImageError` with a one-line message that says what is wrong and what to do.
     """
     if isinstance(source, np.ndarray):
@@ -95,6 +96,10 @@ def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, bool]:
 
     Also returns whether some transparency was composited away.
     """
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        warnings.warn(f"{name} has {frames} frames (an animation or a multi-page file); only the first is edited",
+                      UserWarning, stacklevel=3)
     try:
         img.load()
         img = ImageOps.exif_transpose(img)

@@ -29,7 +29,7 @@ from .config import Action, EditConfig, SamConfig
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
 from .errors import ConfigError, EditCancelled
 from .localize import AttentionAccumulator, attention_grid, heatmap_overlay, localize
-from .models import IP2P_ID, MAGICBRUSH_ID, ZoneModels, build_tiny_components, load_pretrained
+from .models import DEFAULT_SAM, IP2P_ID, MAGICBRUSH_ID, ZoneModels, build_tiny_components, load_pretrained
 from .refine import Segmenter, refine_with_sam
 from .text import EncodedInstruction, check_instruction, encode_instruction, encode_prompt
 from .timing import Stopwatch
@@ -180,7 +180,7 @@ class ZonePipeline:
     @classmethod
     def from_pretrained(
         cls, ip2p: str = IP2P_ID, magicbrush: str = MAGICBRUSH_ID,
-        sam: str | Path | None = "ckpts/sam_vit_h_4b8939.pth", action_classifier: str | Path | None = None,
+        sam: str | Path | None = DEFAULT_SAM, action_classifier: str | Path | None = None,
         device: str | torch.device = "auto", dtype: str | torch.dtype | None = None, sam_type: str | None = None,
         **kwargs,
     ) -> ZonePipeline:

@@ -30,7 +30,7 @@ def check_instruction(instruction: object) -> str:
     except UnicodeEncodeError:  # bytes the command line could not decode arrive as lone surrogates
         raise InstructionError("the instruction is not valid UTF-8 text: check the terminal's encoding") from None
     if not text:
-        raise InstructionError('the instruction is empty: say what to edit, e.g. -i "make the dog a golden statue"')
+        raise InstructionError('the instruction is empty: say what to edit, e.g. "make the dog a golden statue"')
     if len(text) > MAX_CHARACTERS:
         raise InstructionError(
             f"the instruction is {len(text)} characters long; CLIP reads only {MAX_TOKENS} tokens, so keep it short"

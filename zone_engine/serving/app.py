@@ -52,9 +52,9 @@ class ServeError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
 
-def error_response(error: ServeError, request_id: str | None) -> JSONResponse:
+def error_response(error: ServeError, request_id: str) -> JSONResponse:
     body = {"error": {"code": error.code, "message": error.message}, "request_id": request_id}
-    headers = {**error.headers, **({"X-Request-Id": request_id} if request_id else {})}
+    headers = {**error.headers, "X-Request-Id": request_id}
     return JSONResponse(body, status_code=error.status, headers=headers)
 
 
@@ -269,7 +269,7 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
-    request_id: str | None
+    request_id: str
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -333,7 +333,7 @@ def _add_edit_route(app: FastAPI) -> None:
                            "json: image and masks as base64 PNG, action and timings")] = "png",
     ) -> Response:
         service: EditService = request.app.state.service
-        request_id, started = client_request_id(request) or uuid.uuid4().hex, time.perf_counter()
+        request_id, started = request_id_of(request), time.perf_counter()
         try:
             if not service.ready:
                 raise ServeError(503, "unavailable", "the models are still loading; retry shortly",
@@ -369,11 +369,11 @@ def _add_probe_routes(app: FastAPI) -> None:
         service: EditService | None = getattr(request.app.state, "service", None)
         if service is not None and service.ready and not service.healthy:
             return error_response(ServeError(503, "unavailable", "the batching worker stopped; restart the server"),
-                                  None)
+                                  request_id_of(request))
         if service is None or not service.ready:
             reason = service.load_error if service is not None and service.load_error else None
             message = f"loading the models failed: {reason}" if reason else "the models are still loading"
-            return error_response(ServeError(503, "unavailable", message), None)
+            return error_response(ServeError(503, "unavailable", message), request_id_of(request))
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
@@ -385,10 +385,10 @@ def _add_probe_routes(app: FastAPI) -> None:
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def client_request_id(request: Request) -> str | None:
-    """The caller's X-Request-Id when it is a sane token (so logs can be joined across proxies)."""
+def request_id_of(request: Request) -> str:
+    """The caller's X-Request-Id when it is a sane token (so logs can be joined across proxies), else a new one."""
     given = request.headers.get("x-request-id", "")
-    return given if REQUEST_ID.fullmatch(given) else None
+    return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 def edit_response(result: EditResult, request_id: str) -> EditResponse:
@@ -410,13 +410,18 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
                              "multipart/form-data with an `image` file and an `instruction` field")
     else:
         fields = "; ".join(
-            f"{'.'.join(str(part) for part in item['loc'] if part != 'body')}: {item['msg']}"
+            f"{'.'.join(str(part) for part in item['loc'] if part != 'body')}: {_field_problem(item)}"
             for item in error.errors()
         )
         problem = ServeError(422, "invalid_request", fields)
     if service is not None:
         service.metrics.count("bad_request")
-    return error_response(problem, None)
+    return error_response(problem, request_id_of(request))
+
+
+def _field_problem(item: dict[str, Any]) -> str:
+    # Multipart parsing drops a blank field, so "Field required" also answers a whitespace-only value.
+    return "missing or empty" if item["type"] == "missing" else item["msg"]
 
 
 async def _limit_body_size(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -428,7 +433,7 @@ async def _limit_body_size(request: Request, call_next: Callable[[Request], Awai
         if int(length) > limit:
             service.metrics.count("bad_request")
             return error_response(ServeError(413, "upload_too_large", f"the upload is {int(length):,} bytes; "
-                                             f"this server takes at most {limit:,}"), None)
+                                             f"this server takes at most {limit:,}"), request_id_of(request))
     return await call_next(request)
 
 

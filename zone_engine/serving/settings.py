@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import MAX_STEPS
 from ..errors import ConfigError
-from ..models import IP2P_ID, MAGICBRUSH_ID
+from ..models import DEFAULT_SAM, IP2P_ID, MAGICBRUSH_ID
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class PipelineSpec:
     random_weights: str | None = None
     ip2p: str = IP2P_ID
     magicbrush: str = MAGICBRUSH_ID
-    sam: Path | None = Path("ckpts/sam_vit_h_4b8939.pth")
+    sam: Path | None = DEFAULT_SAM
     sam_type: str | None = None
     action_classifier: Path | None = None
     device: str = "auto"
@@ -79,6 +80,8 @@ class ServeSettings:
         for name in ("max_batch", "queue_size", "max_pixels", "max_instruction_chars", "max_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps > MAX_STEPS:
+            raise ConfigError(f"max-steps must be at most {MAX_STEPS} (the engine's limit), got {self.max_steps}")
         for name in ("max_wait_ms", "timeout_s", "max_upload_mb"):
             if not getattr(self, name) >= 0 or (name != "max_wait_ms" and getattr(self, name) == 0):
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
