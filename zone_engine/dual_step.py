@@ -32,7 +32,7 @@ class DualUNet(nn.Module):
 
     Two calls of the real UNets; with `streams` (CUDA), MagicBrush's runs on a side stream beside
     IP2P's, joined before the outputs are concatenated. Measured on an H100 at 512² fp16, replayed
-    from a CUDA graph: 26.4 ms for two streams, 31.0 ms for two calls in order, 23.2 ms for ONE UNet
+    from a CUDA graph: 26.5 ms for two streams, 31.0 ms for two calls in order, 23.2 ms for ONE UNet
     on all 6 rows (benchmarks/RESULTS.md); stacked weights under vmap were slower than either.
     """
 

@@ -28,9 +28,9 @@ from .backends import (
 from .config import Action, EditConfig, SamConfig
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
 from .errors import ConfigError, EditCancelled
-from .localize import AttentionAccumulator, attention_grid, heatmap_overlay, localize
+from .localize import AttentionAccumulator, Localization, attention_grid, heatmap_overlay, localize
 from .models import DEFAULT_SAM, IP2P_ID, MAGICBRUSH_ID, ZoneModels, build_tiny_components, load_pretrained
-from .refine import Segmenter, refine_with_sam
+from .refine import Refinement, Segmenter, refine_with_sam
 from .text import EncodedInstruction, check_instruction, encode_instruction, encode_prompt
 from .timing import Stopwatch
 
@@ -350,55 +350,43 @@ class ZonePipeline:
 
     def finish(self, edit: PreparedEdit, latents: torch.Tensor, *, progress: bool = False) -> EditResult:
         """Steps 6-9 of one edit: localize, decode, refine, blend; results at the input size."""
-        models, watch, config, geometry = self.models, edit.watch, edit.config, edit.geometry
-        action, working = edit.action, edit.working
-        padded_h, padded_w = geometry.padded_size
-        grid = attention_grid((padded_h // 8, padded_w // 8))
-
-        # 6. Localization: the edit mask M_b.
-        with watch("localize"):
-            located = localize(
-                edit.attention.average(), grid, edit.encoded.token_count - 1, geometry.padded_size,
-                rule=config.threshold_rule, reference_threshold=config.reference_threshold,
-                paper_threshold=config.paper_threshold, min_area=config.min_region_area, binarize=self.binarize,
-            )
-
-        # 7. Decode I_sty.
-        with watch("vae_decode"):
-            styled = to_uint8_image(decode_latents(models.vae, latents))
-
-        # 8. Refine M_b with SAM (on the input for REMOVE: the object is gone from I_sty).
-        with watch("refine"):
-            segmented = working if action is Action.REMOVE else styled
+        config, watch = edit.config, edit.watch
+        with watch("localize"):  # 6. The edit mask M_b.
+            located = self._localize(edit)
+        with watch("vae_decode"):  # 7. I_sty.
+            styled = to_uint8_image(decode_latents(self.models.vae, latents))
+        with watch("refine"):  # 8. Refine M_b with SAM (on the input for REMOVE: the object is gone from I_sty).
+            segmented = edit.working if edit.action is Action.REMOVE else styled
             refined = refine_with_sam(self.segmenter(config.sam), segmented, located.mask_b, config, progress=progress)
-
-        # 9. Blend: find R at the working size (its FFTs on the pipeline's device), composite at the input size.
-        with watch("blend"):
-            region = blend.fft_edit_region(
-                styled, working, refined.dilated, radius=config.fft_radius, threshold=config.fft_threshold,
-                close_kernel=config.close_kernel, device=self.device,
-            )
-            at_input = {
-                name: image_io.to_input_size(mask, geometry, is_mask=True)
-                for name, mask in (("mask_b", located.mask_b), ("mask_f", refined.mask_f), ("region", region))
-            }
-            styled_input = image_io.to_input_size(styled, geometry, is_mask=False)
-            edited = blend.composite(
-                edit.original, styled_input, at_input["region"], at_input["mask_f"], alpha=config.seam_alpha
-            )
-
+        with watch("blend"):  # 9. Find R at the working size, composite at the input size.
+            blended = self._blend(edit, styled, located.mask_b, refined)
         timings = {stage: watch.seconds.get(stage, 0.0) for stage in STAGES}
         timings["total"] = time.perf_counter() - edit.started
+        heatmap = heatmap_overlay(edit.working, located.difference)
         return EditResult(
-            image=edited,
-            mask_b=at_input["mask_b"],
-            mask_f=at_input["mask_f"],
-            region=at_input["region"],
-            seam=blend.seam(at_input["region"], at_input["mask_f"]),
-            styled=styled_input,
-            heatmap=image_io.to_input_size(heatmap_overlay(working, located.difference), geometry, is_mask=False),
-            action=action,
-            used_fallback=refined.used_fallback,
-            instruction_truncated=edit.encoded.truncated,
-            timings=timings,
+            **blended, heatmap=image_io.to_input_size(heatmap, edit.geometry, is_mask=False), action=edit.action,
+            used_fallback=refined.used_fallback, instruction_truncated=edit.encoded.truncated, timings=timings,
         )
+
+    def _localize(self, edit: PreparedEdit) -> Localization:
+        config, (padded_h, padded_w) = edit.config, edit.geometry.padded_size
+        return localize(
+            edit.attention.average(), attention_grid((padded_h // 8, padded_w // 8)), edit.encoded.token_count - 1,
+            (padded_h, padded_w), rule=config.threshold_rule, reference_threshold=config.reference_threshold,
+            paper_threshold=config.paper_threshold, min_area=config.min_region_area, binarize=self.binarize,
+        )
+
+    def _blend(self, edit: PreparedEdit, styled: np.ndarray, mask_b: np.ndarray,
+               refined: Refinement) -> dict[str, np.ndarray]:
+        """The edited image and the masks EditResult holds, at the input size. R is found at the working
+        size (its FFTs on the pipeline's device); the composite is made at the input size."""
+        config, geometry = edit.config, edit.geometry
+        region = blend.fft_edit_region(
+            styled, edit.working, refined.dilated, radius=config.fft_radius, threshold=config.fft_threshold,
+            close_kernel=config.close_kernel, device=self.device,
+        )
+        masks = {name: image_io.to_input_size(mask, geometry, is_mask=True)
+                 for name, mask in (("mask_b", mask_b), ("mask_f", refined.mask_f), ("region", region))}
+        styled = image_io.to_input_size(styled, geometry, is_mask=False)
+        image = blend.composite(edit.original, styled, masks["region"], masks["mask_f"], alpha=config.seam_alpha)
+        return dict(image=image, styled=styled, seam=blend.seam(masks["region"], masks["mask_f"]), **masks)
