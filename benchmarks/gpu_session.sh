@@ -20,7 +20,9 @@
 # runs at most 600 s. The machine goes back 30 s after a call, so the default list is as much as one call can
 # hold, most needed first: tests kernels refine bench profile graph-memory dual. A stage starts only while the
 # call's budget (BUDGET, default 570 s from the script's start) still holds its whole limit, else it says it was
-# skipped: a cut-off benchmark reports nothing. Limits 150 + 50 + 120 + 240 = 560 s for the first four; on the
+# skipped. A stage that reaches its limit is sent SIGTERM: bench then starts nothing more and writes its reports
+# of the edits it timed (its own --time-limit, 20 s under the stage's, stops it starting edits before that).
+# Limits 150 + 50 + 120 + 240 = 560 s for the first four; on the
 # H100 tests took 55 s and gpu-512 with eager,fused 111 s, so profile (150) and more usually fit behind them.
 # Run it with timeout_s 590, then give the machine back. bench-cl, compile, breaks, refine-zero, suite and serve
 # are for a lease with time left; so is the compile backend end to end, in a call of its own:
@@ -113,7 +115,7 @@ run_stage() {
         # (default fused; eager,fused took 111 s in all on the H100; compile's warm-up took 149 s there when it compiled
         # once per warm-up step and capture, 4 times a shape: once since 3173f92, and again for the batch of 4).
         TAIL=50 stage bench "${BENCH_LIMIT:-240}" python3 -m benchmarks --preset gpu-512 \
-            --backends "${BACKENDS:-fused}" --out "$OUT" ;;
+            --backends "${BACKENDS:-fused}" --time-limit $((${BENCH_LIMIT:-240} - 20)) --out "$OUT" ;;
     graph-memory)  # Device memory of the captured dual steps of a server's shapes (4 sizes x batches 1, 2, 4):
         # one shared pool (the engine's) against a pool per graph; and that both give the same latents.
         stage graph_memory 150 python3 -m benchmarks.graph_memory ;;
@@ -123,7 +125,7 @@ run_stage() {
     bench-cl)  # The same with every engine row's UNets and VAE channels-last (fused rows only, no batches):
         # decides `--channels-last`. Its markdown alone comes back (8 files at most return from $OUT).
         TAIL=50 stage bench_cl 200 python3 -m benchmarks --preset gpu-512 --backends fused --batch 1 \
-            --channels-last --out /tmp/zone-bench-cl
+            --channels-last --time-limit 180 --out /tmp/zone-bench-cl
         [ ! -f /tmp/zone-bench-cl/bench-gpu-512.md ] || cp /tmp/zone-bench-cl/bench-gpu-512.md "$OUT/bench_cl.md" ;;
     suite)  # The whole suite on the GPU machine, in parallel processes.
         stage tests 400 python3 -m pytest -q -n 8 -rf tests ;;

@@ -41,6 +41,8 @@ from zone_engine.timing import Stopwatch
 
 from .baseline import ReferenceStyleZone
 from .measure import (
+    Deadline,
+    OutOfTime,  # noqa: F401 - tests raise it as the SIGTERM handler does
     PeakMemory,
     StepClock,
     attempt,
@@ -86,6 +88,7 @@ class BenchConfig:
     sam_onnx: bool = False  # also an engine row refining with SAM exported to ONNX and run on ONNX Runtime
     sam_precision: str | None = None  # bf16/fp16: also an engine row with SAM's image encoder in that precision
     channels_last: bool = False  # every engine row's UNets and VAE in NHWC (half precision only: see parse_args)
+    time_limit_s: float | None = None  # no edit or batch starts after this many seconds; the rest is reported
     out: Path = Path("benchmarks/out")
 
 
@@ -176,13 +179,14 @@ class BatchedRun:
 
 
 def measure(implementations: list[Implementation], config: BenchConfig, device: torch.device,
-            progress: Progress) -> None:
+            progress: Progress, deadline: Deadline) -> None:
     """Warm-up edits (untimed) for each, then `repeats` rounds of one timed edit of each, in turn.
 
     Interleaving the rounds spreads any drift of the machine (other processes, clocks, heat) over
     every implementation instead of charging it to whichever ran during it. An engine row whose edit
     raises gets its `failure` (the traceback goes to `progress`) and leaves the rounds: one broken
     backend costs its own row, not the run (on a lent GPU, the whole lease). The baseline's raises.
+    Every edit starts through `deadline`: once the time is up, the rounds stop where they are.
     """
     def warm_up(impl: Implementation) -> None:
         warmup = max(config.warmup, 1) if impl.name.removeprefix("engine:") in BUILDING_BACKENDS else config.warmup
@@ -203,11 +207,12 @@ def measure(implementations: list[Implementation], config: BenchConfig, device: 
         progress(f"{impl.name}: edit {index + 1}/{config.repeats} {timings['total']:.2f} s")
 
     for impl in implementations:
-        _isolated(impl, "warm-up", partial(warm_up, impl), device, progress)
+        deadline.run(partial(_isolated, impl, "warm-up", partial(warm_up, impl), device, progress))
     for index in range(config.repeats):
         for impl in implementations:
-            if impl.failure is None:
-                _isolated(impl, f"timed edit {index + 1}", partial(timed_edit, impl, index), device, progress)
+            if impl.failure is None and not deadline.expired():
+                deadline.run(partial(_isolated, impl, f"timed edit {index + 1}", partial(timed_edit, impl, index),
+                                     device, progress))
                 _release(device)
 
 
@@ -256,14 +261,15 @@ def batching_rows(implementations: list[Implementation], batch: int) -> list[Imp
 
 
 def measure_batched(implementations: list[Implementation], config: BenchConfig, image: np.ndarray,
-                    edit_config: EditConfig, device: torch.device, progress: Progress) -> None:
+                    edit_config: EditConfig, device: torch.device, progress: Progress, deadline: Deadline) -> None:
     """With `config.batch` > 1, after the per-stage rounds: `repeats` rounds of one timed `edit_batch`
     of `config.batch` requests for each engine row whose denoiser batches (a `BatchDenoiser`).
 
     One untimed warm-up batch first when the run has warm-up edits, or when the backend builds
     something per shape (torch.compile, CUDA graphs: a new batch size is a new shape). Rows without
     a batched denoiser get `batched_skip` instead. A batch that fails (e.g. out of memory) is
-    recorded as the row's `error`, and the row leaves the rounds; the rest of the run goes on.
+    recorded as the row's `error`, and the row leaves the rounds; the rest of the run goes on. No batch
+    starts once `deadline` says the time is up.
     """
     if config.batch < 2:
         return
@@ -298,7 +304,8 @@ def measure_batched(implementations: list[Implementation], config: BenchConfig, 
                  f"({config.batch / run.walls[-1]:.3g} edits/s)")
 
     def attempt_batch(impl: Implementation, work: Callable[[], None]) -> None:
-        _, impl.batched.error = _attempt(impl.name, f"batch of {config.batch}", work, progress)
+        _, impl.batched.error = deadline.run(partial(_attempt, impl.name, f"batch of {config.batch}", work,
+                                                     progress)) or (None, None)
         if impl.batched.error is not None:
             batchers.remove(impl)
         _release(device)
@@ -310,7 +317,11 @@ def measure_batched(implementations: list[Implementation], config: BenchConfig, 
             attempt_batch(impl, partial(warm_up, impl))
     for index in range(config.repeats):
         for impl in list(batchers):
-            attempt_batch(impl, partial(timed_batch, impl, index))
+            if not deadline.expired():
+                attempt_batch(impl, partial(timed_batch, impl, index))
+    for impl in batchers:
+        if not impl.batched.walls:
+            impl.batched.error = f"no timed batch: the run was cut short ({deadline.reason})"
 
 
 def summarize_batched(run: BatchedRun, sequential: dict, config: BenchConfig) -> dict:
@@ -572,9 +583,10 @@ class Parity:
         return {"name": self.name, "failed": self.failure} if self.failure else None
 
 
-def timed_rows(baseline: Implementation, rows: EngineRows, engine_dtype: torch.dtype,
-               progress: Progress) -> tuple[list[Implementation], Parity]:
-    """Every row's warm-up and timed edits, and the fp32 parity edit; the rows that failed join `skipped`.
+def timed_rows(baseline: Implementation, rows: EngineRows, engine_dtype: torch.dtype, progress: Progress,
+               deadline: Deadline) -> tuple[list[Implementation], Parity]:
+    """Every row's warm-up and timed edits, and the fp32 parity edit; the rows that failed, or that the
+    deadline left without a timed edit, join `skipped`.
 
     fp32: every implementation in each round, engines first (with no warm-up edit, any one-time cost left
     lands on an engine), and the first engine row that ran is the parity edit. Half precision: the engine
@@ -584,26 +596,39 @@ def timed_rows(baseline: Implementation, rows: EngineRows, engine_dtype: torch.d
     config, device = rows.config, rows.device
     if engine_dtype == torch.float32:
         timed = [*rows.build(engine_dtype), baseline]
-        measure(timed, config, device, progress)
+        measure(timed, config, device, progress, deadline)
         first = next((impl for impl in timed if impl is not baseline and impl.failure is None), None)
         parity = Parity(first.name, first.result) if first else Parity(None)
     else:
-        measure([baseline], config, device, progress)
+        measure([baseline], config, device, progress, deadline)
         parity = Parity("engine:eager (fp32, untimed)")
 
         def parity_edit() -> EditResult:
             pipe = ZonePipeline(rows.models, device, torch.float32, default_config=rows.edit_config, denoiser="eager")
             return pipe.edit(rows.image, config.instruction, rows.edit_config)
 
-        parity.result, parity.failure = _attempt(parity.name, "edit", parity_edit, progress)
+        parity.result, parity.failure = deadline.run(partial(_attempt, parity.name, "edit", parity_edit, progress)) \
+            or (None, f"not run: the run was cut short ({deadline.reason})")
         timed = [baseline, *rows.build(engine_dtype)]
-        measure(timed[1:], config, device, progress)
-    rows.skipped += [{"name": impl.name, "skipped": impl.failure} for impl in timed if impl.failure]
-    return [impl for impl in timed if impl.failure is None], parity
+        measure(timed[1:], config, device, progress, deadline)
+    if not baseline.timings:
+        raise ZoneError(f"the run was cut short before the baseline's first timed edit ({deadline.reason}): "
+                        "nothing to compare; give it more time")
+    rows.skipped += [{"name": impl.name, "skipped": impl.failure or f"no timed edit: the run was cut short "
+                      f"({deadline.reason})"} for impl in timed if impl.failure or not impl.timings]
+    return [impl for impl in timed if impl.failure is None and impl.timings], parity
 
 
 def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> dict:
-    """Run the whole benchmark in this process and return its record (what the JSON file holds)."""
+    """Run the whole benchmark in this process and return its record (what the JSON file holds).
+    Past `config.time_limit_s`, or on SIGTERM (the `timeout` around a device stage), no more edits
+    start and what was timed by then is reported (the record's `cut_short` says why)."""
+    deadline = Deadline(config.time_limit_s)
+    with deadline.stopping_on_sigterm():
+        return _measure_and_record(config, deadline, progress)
+
+
+def _measure_and_record(config: BenchConfig, deadline: Deadline, progress: Progress) -> dict:
     started = time.perf_counter()
     load_before = os.getloadavg()
     device = resolve_device(config.device)
@@ -629,9 +654,11 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
     rows = EngineRows(config, models, device, image, edit_config,
                       skipped=[{"name": f"engine:{kind}", "skipped": f"not in this preset's backends (add --backends "
                                 f"...,{kind})"} for kind in DENOISERS if kind not in config.backends])
-    timed, parity = timed_rows(baseline, rows, engine_dtype, progress)
+    timed, parity = timed_rows(baseline, rows, engine_dtype, progress, deadline)
     # Batches of concurrent edits, after the per-stage rounds (each row's sequential result is its check).
-    measure_batched(timed, config, image, edit_config, device, progress)
+    measure_batched(timed, config, image, edit_config, device, progress, deadline)
+    if deadline.reason:
+        progress(f"cut short: {deadline.reason}; reporting what was measured")
     timed.sort(key=lambda impl: impl is not baseline)
     runs = [summarize_run(impl, config, device) for impl in timed] + rows.skipped
 
@@ -642,9 +669,9 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
     speedup = {run["name"]: base_total / run["stages"]["total"]["median"] for run in runs if "skipped" not in run}
 
     progress("measuring the matmul ceiling and counting UNet FLOPs")
-    # A device left unusable by a failed row loses the floor, not the report.
-    floor, _ = _attempt("floor", "measurement", lambda: cost_floor(models, latent_size, config, device,
-                                                                    ceilings_at_start, runs), progress)
+    # A device left unusable by a failed row loses the floor, not the report; so does a run cut short.
+    floor, _ = deadline.run(partial(_attempt, "floor", "measurement", lambda: cost_floor(
+        models, latent_size, config, device, ceilings_at_start, runs), progress)) or (None, None)
 
     return {
         "schema": 1,
@@ -659,6 +686,7 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
         "parity": parity.report(reference),
         "speedup": speedup,
         "floor": floor,
+        "cut_short": deadline.reason,  # None, or why no more work started (rows have fewer timed edits)
         "process_peak_rss_bytes": process_peak_rss_bytes(),
         # Other processes on the machine skew CPU timings: the 1-minute load average before and after.
         "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
@@ -718,6 +746,9 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     parser.add_argument("--channels-last", action="store_true",
                         help="every engine row's UNets and VAE in the channels-last layout (zone edit "
                         "--channels-last); needs --dtype fp16 or bf16")
+    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
+                        help="start no edit or batch after this many seconds from the start; report what was "
+                        "measured by then (SIGTERM does the same at once; default: no limit)")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/out)")
     args = parser.parse_args(argv)
 
@@ -726,7 +757,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         ("models", args.models), ("resolution", args.resolution), ("steps", args.steps), ("dtype", args.dtype),
         ("sam_type", args.sam_type), ("repeats", args.repeats), ("warmup", args.warmup), ("device", args.device),
         ("seed", args.seed), ("batch", args.batch), ("sam_onnx", args.sam_onnx), ("out", args.out),
-        ("channels_last", args.channels_last or None),
+        ("channels_last", args.channels_last or None), ("time_limit_s", args.time_limit),
     ) if value is not None}
     if args.models == "tiny" and args.sam_type is None:
         changes["sam_type"] = "tiny"
@@ -740,9 +771,9 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         changes["sam_precision"] = None if args.sam_precision == "none" else args.sam_precision
     config = dataclasses.replace(config, **changes)
     if (config.repeats < 1 or config.warmup < 0 or config.steps < 1 or config.resolution < 32 or config.batch < 1
-            or config.sam.points_per_side < 1):
+            or config.sam.points_per_side < 1 or (config.time_limit_s is not None and not config.time_limit_s > 0)):
         parser.error("need --repeats >= 1, --warmup >= 0, --steps >= 1, --resolution >= 32, --batch >= 1, "
-                     "--sam-points >= 1")
+                     "--sam-points >= 1, --time-limit > 0")
     if not config.backends:
         parser.error(f"--backends names no denoiser: give one or more of {','.join(DENOISERS)}")
     try:

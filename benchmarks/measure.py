@@ -6,13 +6,15 @@ after the edit's own synchronisation), host clocks elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
+import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from typing import TypeVar
 
@@ -46,6 +48,61 @@ def attempt(what: str, work: Callable[[], T],
         line = f"{what} failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
         report(f"{line}\n{traceback.format_exc()}")
         return None, line
+
+
+class OutOfTime(BaseException):
+    """Raised inside a benchmark's work when its time is up (`Deadline.stop`). A BaseException, so that
+    `attempt` never takes it for one row's failure."""
+
+
+class Deadline:
+    """When a benchmark stops starting new work: once `seconds` have passed since it was made (None:
+    never), or once `stop` was called (on SIGTERM, under `stopping_on_sigterm`). A device lease is short
+    and a stage cut off by its `timeout` used to report nothing: now its finished edits are reported."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.end = None if seconds is None else time.monotonic() + seconds
+        self.reason: str | None = None  # why the time is up; None while it is not
+        self._running = 0  # pieces of work under way (`run`), which `stop` interrupts
+
+    def expired(self) -> bool:
+        if self.reason is None and self.end is not None and time.monotonic() >= self.end:
+            self.reason = f"its --time-limit of {self.seconds:g} s ran out"
+        return self.reason is not None
+
+    def run(self, work: Callable[[], T]) -> T | None:
+        """`work()`, or None: without running it once the time is up, or when the time ran out inside it."""
+        if self.expired():
+            return None
+        self._running += 1
+        try:
+            return work()
+        except OutOfTime as stop:
+            self.reason = self.reason or str(stop)
+            return None
+        finally:
+            self._running -= 1
+
+    def stop(self, reason: str) -> None:
+        """No work starts from now on; work under way is interrupted (OutOfTime, in this thread)."""
+        self.reason = self.reason or reason
+        if self._running:
+            raise OutOfTime(reason)
+
+    @contextlib.contextmanager
+    def stopping_on_sigterm(self) -> Iterator[None]:
+        """Inside, SIGTERM (what `timeout` sends first) calls `stop`. Python runs the handler between two
+        of its operations in the main thread, so work already launched (a kernel, a matmul) ends first.
+        Elsewhere than in the main thread signals cannot be caught: nothing is installed."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: self.stop("it was sent SIGTERM"))
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def guarded(what: str, work: Callable[[], T]) -> T | None:

@@ -69,6 +69,9 @@ def setup_lines(record: dict) -> list[str]:
         f"stability_score_thresh {config['sam']['stability_score_thresh']}",
         f"- warm-up edits {config['warmup']} ({config['priming']}), timed edits {config['repeats']}{batches}; "
         f"action forced to {config['action']} (classification timed beside each edit)",
+        *([f"- **cut short**: {record['cut_short']}; no edit or batch started after it, so rows may have fewer "
+           "timed edits than asked (their count is `n` in the JSON) and rows without one are listed as skipped"]
+          if record.get("cut_short") else []),
     ]
 
 

@@ -195,6 +195,62 @@ def test_a_baseline_that_fails_ends_the_run(monkeypatch):
                                           sam_precision=None))
 
 
+def test_a_run_cut_short_reports_the_edits_it_timed(monkeypatch):
+    """SIGTERM (what the device stage's `timeout` sends) inside fused's second timed edit: rounds stop there,
+    no batch or floor starts, and what was timed before it is reported; nothing started after it."""
+    def engine_edit(pipe, *args):
+        edit = harness.engine_edit_unpatched(pipe, *args)
+        if not isinstance(pipe.denoiser.denoiser, BatchDenoiser):
+            return edit
+        calls = []
+
+        def second_is_cut():
+            calls.append(1)
+            if len(calls) == 2:
+                raise harness.OutOfTime("it was sent SIGTERM")
+            return edit()
+        return second_is_cut
+    monkeypatch.setattr(harness, "engine_edit_unpatched", harness.engine_edit, raising=False)
+    monkeypatch.setattr(harness, "engine_edit", engine_edit)
+    record = run_benchmark(dataclasses.replace(PRESETS["tiny-smoke"], backends=("eager", "fused"), repeats=2,
+                                               sam_onnx=False, sam_precision=None))
+    # fp32 rounds run the engine rows, then the baseline: round 2 stopped inside fused, before the baseline.
+    counts = {run["name"]: run["stages"]["total"]["n"] for run in record["runs"] if "stages" in run}
+    assert counts == {"engine:eager": 2, "engine:fused": 1, "baseline": 1}
+    assert record["cut_short"] == "it was sent SIGTERM" and record["floor"] is None
+    fused = next(run for run in record["runs"] if run["name"] == "engine:fused")
+    assert fused["batched_throughput"]["batches"] == 0 and "cut short" in fused["batched_throughput"]["error"]
+    assert record["quality"]["engine:fused"]["mask_b_identical"]  # its first edit still compared
+    assert "**cut short**: it was sent SIGTERM" in markdown(record)
+
+
+def test_a_time_limit_spent_before_the_baseline_ends_the_run_in_one_line(capsys, tmp_path):
+    assert main(["--preset", "tiny-smoke", "--backends", "eager", "--no-sam-onnx", "--time-limit", "1e-6",
+                 "--out", str(tmp_path)]) == 2
+    assert "cut short before the baseline's first timed edit (its --time-limit of 1e-06 s ran out)" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--time-limit", "0"])
+
+
+def test_sigterm_stops_a_real_run_which_reports_what_it_timed(tmp_path):
+    """The whole path, as `timeout` on the device machine drives it: a run asked for 200 rounds, sent
+    SIGTERM once the baseline finished its first, exits 0 with its reports written."""
+    command = [sys.executable, "-m", "benchmarks", "--preset", "tiny-smoke", "--backends", "eager", "--batch", "1",
+               "--no-sam-onnx", "--sam-precision", "none", "--repeats", "200", "--out", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    for line in process.stderr:
+        if "baseline: edit 1/200" in line:
+            process.terminate()
+            break
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    record = json.loads((tmp_path / "bench-tiny-smoke.json").read_text())
+    assert record["cut_short"] == "it was sent SIGTERM"
+    assert 1 <= next(run for run in record["runs"] if run["name"] == "baseline")["stages"]["total"]["n"] < 200
+
+
 @pytest.mark.parametrize(("action", "threshold"), [(Action.CHANGE, 2), (Action.REMOVE, 0)])
 def test_baseline_gives_the_engines_masks_and_image(pipe, baseline, action, threshold):
     image = make_sample_image(64, 64)
