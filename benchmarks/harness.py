@@ -180,7 +180,9 @@ class BatchedRun:
 
 def measure(implementations: list[Implementation], config: BenchConfig, device: torch.device,
             progress: Progress, deadline: Deadline) -> None:
-    """Warm-up edits (untimed) for each, then `repeats` rounds of one timed edit of each, in turn.
+    """`repeats` rounds of one timed edit of each implementation, in turn; in the first round each one's
+    warm-up edits (untimed) come right before its timed edit, so a run cut short during a long warm-up
+    (a compilation) keeps the rows timed before it.
 
     Interleaving the rounds spreads any drift of the machine (other processes, clocks, heat) over
     every implementation instead of charging it to whichever ran during it. An engine row whose edit
@@ -206,10 +208,10 @@ def measure(implementations: list[Implementation], config: BenchConfig, device: 
         impl.peak_memory.append(memory.report())
         progress(f"{impl.name}: edit {index + 1}/{config.repeats} {timings['total']:.2f} s")
 
-    for impl in implementations:
-        deadline.run(partial(_isolated, impl, "warm-up", partial(warm_up, impl), device, progress))
     for index in range(config.repeats):
         for impl in implementations:
+            if index == 0:
+                deadline.run(partial(_isolated, impl, "warm-up", partial(warm_up, impl), device, progress))
             if impl.failure is None and not deadline.expired():
                 deadline.run(partial(_isolated, impl, f"timed edit {index + 1}", partial(timed_edit, impl, index),
                                      device, progress))
