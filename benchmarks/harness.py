@@ -42,7 +42,6 @@ from zone_engine.timing import Stopwatch
 from .baseline import ReferenceStyleZone
 from .measure import (
     Deadline,
-    OutOfTime,  # noqa: F401 - tests raise it as the SIGTERM handler does
     PeakMemory,
     StepClock,
     attempt,

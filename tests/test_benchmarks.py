@@ -18,6 +18,7 @@ from diffusers.models.attention_processor import Attention
 from benchmarks import harness
 from benchmarks.baseline import STORED_MAX_QUERIES, ReferenceStyleZone
 from benchmarks.harness import PRESETS, main, parse_args, run_benchmark
+from benchmarks.measure import OutOfTime
 from benchmarks.report import markdown
 from zone_engine import Action, ZonePipeline, backends, pipeline
 from zone_engine.denoise import BatchDenoiser
@@ -207,7 +208,7 @@ def test_a_run_cut_short_reports_the_edits_it_timed(monkeypatch):
         def second_is_cut():
             calls.append(1)
             if len(calls) == 2:
-                raise harness.OutOfTime("it was sent SIGTERM")
+                raise OutOfTime("it was sent SIGTERM")
             return edit()
         return second_is_cut
     monkeypatch.setattr(harness, "engine_edit_unpatched", harness.engine_edit, raising=False)
