@@ -31,7 +31,7 @@ from zone_engine.backends import DENOISERS
 
 ROOT = Path(__file__).parents[1]
 STAGES = ("tests", "compile", "kernels", "refine", "refine-zero", "dual", "breaks", "profile", "graph-memory", "bench",
-          "bench-cl", "suite", "serve")
+          "bench-cl", "bench-compile", "suite", "serve")
 PARSERS = {"benchmarks": harness.parse_args, "benchmarks.bench_refine": bench_refine.parse_args,
            "benchmarks.bench_dual_unet": bench_dual_unet.parse_args, "benchmarks.graph_breaks": graph_breaks.parse_args,
            "benchmarks.bench_kernels": bench_kernels.parse_args, "benchmarks.load_test": load_test.parse_args,
@@ -108,9 +108,11 @@ def test_the_benchmark_stages_pass_their_tools_parsers(every_stage):
         assert module in PARSERS, f"stage {name} runs {module}, which this test does not know"
         PARSERS[module](arguments)  # argparse exits (SystemExit 2) on an unknown flag or a bad value
         parsed += 1
-    assert parsed == 10
+    assert parsed == 11
     bench = harness.parse_args(every_stage["bench"][3:])
     assert bench.backends == ("fused", "compile") and set(bench.backends) <= set(DENOISERS)
+    compiled = harness.parse_args(every_stage["bench_compile"][3:])
+    assert compiled.backends == ("fused", "compile") and compiled.batch == 1 and compiled.time_limit_s == 160
 
 
 def test_the_pytest_stages_name_paths_markers_and_tests_that_exist(every_stage, pytestconfig):
