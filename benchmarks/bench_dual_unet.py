@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds, output = time_variant(run, inputs, device, args.repeats)
             memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             results[label] = (seconds, output, memory)
+            # As it goes, to stderr: a device stage cut off at its limit still shows what it measured.
+            print(f"[dual] {label}: {seconds * 1e3:.2f} ms", file=sys.stderr, flush=True)
     for warning in {str(w.message).split(".")[0] for w in caught if "batching rule" in str(w.message)}:
         print(f"note (vmap): {warning}")  # e.g. no vmap rule for the CPU's fused SDPA: a per-model loop
     print_results(results)

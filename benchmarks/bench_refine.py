@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -73,8 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def timed_runs(segment: Callable[[np.ndarray], list[np.ndarray]], predictor, image: np.ndarray, repeats: int):
-    """One warm-up, then `repeats` runs: masks, median total seconds, median image-encoder seconds."""
+def timed_runs(name: str, segment: Callable[[np.ndarray], list[np.ndarray]], predictor, image: np.ndarray,
+               repeats: int):
+    """One warm-up, then `repeats` runs: masks, median total seconds, median image-encoder seconds. Each
+    run is logged to stderr as it ends (a device stage cut off at its limit still shows how far it got)."""
     encoder_seconds: list[float] = []
     set_image = predictor.set_image
 
@@ -89,10 +92,11 @@ def timed_runs(segment: Callable[[np.ndarray], list[np.ndarray]], predictor, ima
     masks = segment(image)
     encoder_seconds.clear()
     totals = []
-    for _ in range(repeats):
+    for index in range(repeats):
         start = time.perf_counter()
         masks = segment(image)  # bool numpy masks: the device work is done when it returns
         totals.append(time.perf_counter() - start)
+        print(f"[refine] {name}: run {index + 1}/{repeats} {1e3 * totals[-1]:.1f} ms", file=sys.stderr, flush=True)
     del predictor.set_image
     return masks, statistics.median(totals), statistics.median(encoder_seconds)
 
@@ -130,21 +134,21 @@ def main(argv: list[str] | None = None) -> None:
             export_sam(sam, args.model_type, Path(folder), fp16=args.fp16)
             export_seconds = time.perf_counter() - started
             onnx_segmenter = OnnxSamSegmenter(Path(folder), config, providers=args.providers)
-            onnx_rows.append((f"onnx {'fp16' if args.fp16 else 'fp32'} ({onnx_segmenter.providers[0]})",
-                              *timed_runs(onnx_segmenter.segment, onnx_segmenter.generator.predictor, image,
-                                          args.repeats)))
+            name = f"onnx {'fp16' if args.fp16 else 'fp32'} ({onnx_segmenter.providers[0]})"
+            onnx_rows.append((name, *timed_runs(name, onnx_segmenter.segment, onnx_segmenter.generator.predictor,
+                                                image, args.repeats)))
             del onnx_segmenter
 
     threads = torch.get_num_threads()
     reference = TorchSamSegmenter(sam, config)
-    rows = [(f"torch SamAutomaticMaskGenerator fp32 ({device.type}, {threads} thr)",
-             *timed_runs(reference.segment, reference.generator.predictor, image, args.repeats))]
+    name = f"torch SamAutomaticMaskGenerator fp32 ({device.type}, {threads} thr)"
+    rows = [(name, *timed_runs(name, reference.segment, reference.generator.predictor, image, args.repeats))]
     segmenters = {rows[0][0]: reference}
     if args.sam_precision:  # a variant that fails loses its own rows only (as every part after the reference)
         name = f"torch, image encoder {args.sam_precision} (autocast)"
         variant = TorchSamSegmenter(sam, config, DTYPES[args.sam_precision])
         row = guarded(f"{name}: its runs",
-                      lambda: timed_runs(variant.segment, variant.generator.predictor, image, args.repeats))
+                      lambda: timed_runs(name, variant.segment, variant.generator.predictor, image, args.repeats))
         if row is not None:
             segmenters[name] = variant
             rows.append((name, *row))
@@ -181,7 +185,7 @@ def search_rows(segmenters: dict, rows: list[tuple], image: np.ndarray, repeats:
             start = time.perf_counter()
             expected = choose_segment(mask_b, masks)
             choose_seconds.append(time.perf_counter() - start)
-        _, total, encoder = timed_runs(select, segmenter.generator.predictor, image, repeats)
+        _, total, encoder = timed_runs(f"{name}, search", select, segmenter.generator.predictor, image, repeats)
         agreements = [selection_agreement(selection, expected) for selection in found]
         differing = [value for value in agreements if value != "same"]
         agreement = min(differing) if differing else "same"
