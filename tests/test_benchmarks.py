@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +17,10 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
-from benchmarks import harness
+from benchmarks import harness, measure
 from benchmarks.baseline import STORED_MAX_QUERIES, ReferenceStyleZone
 from benchmarks.harness import PRESETS, main, parse_args, run_benchmark
-from benchmarks.measure import OutOfTime
+from benchmarks.measure import Deadline, OutOfTime
 from benchmarks.report import markdown
 from zone_engine import Action, ZonePipeline, backends, pipeline
 from zone_engine.denoise import BatchDenoiser
@@ -223,6 +225,29 @@ def test_a_run_cut_short_reports_the_edits_it_timed(monkeypatch):
     assert fused["batched_throughput"]["batches"] == 0 and "cut short" in fused["batched_throughput"]["error"]
     assert record["quality"]["engine:fused"]["mask_b_identical"]  # its first edit still compared
     assert "**cut short**: it was sent SIGTERM" in markdown(record)
+
+
+def test_a_deadline_starts_no_work_once_its_time_is_up_and_interrupts_work_on_sigterm(monkeypatch):
+    now = [100.0]
+    with monkeypatch.context() as patched:  # the clock of the time module itself: undone at once
+        patched.setattr(measure.time, "monotonic", lambda: now[0])
+        deadline = Deadline(10)
+        assert deadline.run(lambda: "ran") == "ran" and deadline.reason is None
+        now[0] = 110.0
+        assert deadline.run(lambda: 1 / 0) is None and deadline.reason == "its --time-limit of 10 s ran out"
+
+    unlimited = Deadline(None)
+    unlimited.stop("asked to")  # idle: nothing to interrupt, but nothing starts any more
+    assert unlimited.run(lambda: "ran") is None and unlimited.reason == "asked to"
+
+    signalled, before = Deadline(None), signal.getsignal(signal.SIGTERM)
+    with signalled.stopping_on_sigterm():
+        def work_until_signalled() -> str:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler's OutOfTime ends the sleep at once
+            return "finished"
+        assert signalled.run(work_until_signalled) is None
+    assert signalled.reason == "it was sent SIGTERM" and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_time_limit_spent_before_the_baseline_ends_the_run_in_one_line(capsys, tmp_path):
