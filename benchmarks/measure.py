@@ -75,8 +75,8 @@ class Deadline:
         """`work()`, or None: without running it once the time is up, or when the time ran out inside it."""
         if self.expired():
             return None
-        self._running += 1
         try:
+            self._running += 1  # inside the try: a signal just before it finds nothing running to interrupt
             return work()
         except OutOfTime as stop:
             self.reason = self.reason or str(stop)
