@@ -589,14 +589,16 @@ def timed_rows(baseline: Implementation, rows: EngineRows, engine_dtype: torch.d
     """Every row's warm-up and timed edits, and the fp32 parity edit; the rows that failed, or that the
     deadline left without a timed edit, join `skipped`.
 
-    fp32: every implementation in each round, engines first (with no warm-up edit, any one-time cost left
-    lands on an engine), and the first engine row that ran is the parity edit. Half precision: the engine
+    fp32: every implementation in each round, an engine row first (with no warm-up edit, any one-time cost
+    left lands on an engine), then the baseline (a run cut short early still has it to compare with), then
+    the other engine rows; the first engine row that ran is the parity edit. Half precision: the engine
     casts the shared weights in place, so the fp32 baseline runs first, then one untimed fp32 engine:eager
     edit for parity, then the engine rows.
     """
     config, device = rows.config, rows.device
     if engine_dtype == torch.float32:
-        timed = [*rows.build(engine_dtype), baseline]
+        engines = rows.build(engine_dtype)
+        timed = [*engines[:1], baseline, *engines[1:]]
         measure(timed, config, device, progress, deadline)
         first = next((impl for impl in timed if impl is not baseline and impl.failure is None), None)
         parity = Parity(first.name, first.result) if first else Parity(None)

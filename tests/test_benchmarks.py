@@ -217,9 +217,9 @@ def test_a_run_cut_short_reports_the_edits_it_timed(monkeypatch):
     monkeypatch.setattr(harness, "engine_edit", engine_edit)
     record = run_benchmark(dataclasses.replace(PRESETS["tiny-smoke"], backends=("eager", "fused"), repeats=2,
                                                sam_onnx=False, sam_precision=None))
-    # fp32 rounds run the engine rows, then the baseline: round 2 stopped inside fused, before the baseline.
+    # fp32 rounds run eager, the baseline, then fused: round 2 stopped inside fused.
     counts = {run["name"]: run["stages"]["total"]["n"] for run in record["runs"] if "stages" in run}
-    assert counts == {"engine:eager": 2, "engine:fused": 1, "baseline": 1}
+    assert counts == {"engine:eager": 2, "engine:fused": 1, "baseline": 2}
     assert record["cut_short"] == "it was sent SIGTERM" and record["floor"] is None
     fused = next(run for run in record["runs"] if run["name"] == "engine:fused")
     assert fused["batched_throughput"]["batches"] == 0 and "cut short" in fused["batched_throughput"]["error"]
