@@ -47,6 +47,7 @@ from PIL import Image
 from zone_engine import image_io
 from zone_engine.blend import energy_levels
 from zone_engine.config import Action, EditConfig
+from zone_engine.denoise import REFERENCE_SCHEDULER
 from zone_engine.models import ZoneModels
 from zone_engine.pipeline import STAGES, EditResult
 from zone_engine.timing import Stopwatch
@@ -283,11 +284,8 @@ class ReferenceStyleZone:
         self.device = device
 
         def pipeline(unet):
-            # diffusers 0.18 (the reference's) defaults, as ZONE.md section 0 pins them.
-            scheduler = DPMSolverMultistepScheduler.from_config(
-                models.scheduler_config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="linspace",
-                final_sigmas_type="sigma_min",  # 0.18's last step: to timestep 0, not to sigma 0
-            )
+            # diffusers 0.18 (the reference's) defaults, as ZONE.md section 0 pins them (tests/test_parity.py).
+            scheduler = DPMSolverMultistepScheduler.from_config(models.scheduler_config, **REFERENCE_SCHEDULER)
             pipe = StableDiffusionInstructPix2PixPipeline(
                 vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=unet,
                 scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -41,8 +41,8 @@ def load_image(source: ImageSource) -> np.ndarray:
 
     Files and PIL images are decoded fully, turned upright by their EXIF orientation, and use their
     first frame (with a warning when there are more). Transparency is composited over black with a
-    warning. Anything unusable raises
-    `InputImageError` with a one-line message that says what is wrong and what to do.
+    warning. Anything unusable raises `InputImageError` with a one-line message that says what is
+    wrong and what to do.
     """
     if isinstance(source, np.ndarray):
         name, (rgb, had_alpha) = "the given array", _array_to_rgb(source)

@@ -420,7 +420,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 
 def _field_problem(item: dict[str, Any]) -> str:
-    # Multipart parsing drops a blank field, so "Field required" also answers a whitespace-only value.
+    # An empty form field arrives as missing, so "Field required" also answers instruction="".
     return "missing or empty" if item["type"] == "missing" else item["msg"]
 
 
