@@ -132,11 +132,23 @@ def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
                        "--action-classifier", str(p)], ["--random-weights sd15", "drop --action-classifier"]),
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--seed", str(2**63)],
          ["seed must be between 0 and 9223372036854775807"]),
+        # Options their backend would not read: refused, not silently ignored; those of the real-checkpoint
+        # runs before any weights load (the missing IP2P would be said otherwise).
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--sam-type", "vit_h"],
+         ["--tiny builds its own tiny SAM", "drop --sam-type vit_h"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--engines", str(t)],
+         ["--engines is read by --denoiser tensorrt only"]),
+        (lambda p, t: ["demo", "--out", str(t / "d"), "--sam-onnx", str(t)],
+         ["--sam-onnx is read by --segmenter onnx only"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--segmenter", "onnx", "--sam-onnx", str(t),
+                       "--sam", str(p), "--sam-type", "vit_b"],
+         ["reads no SAM checkpoint", "drop --sam, --sam-type"]),
     ],
     ids=["missing-image", "empty-instruction", "bad-output", "zero-steps", "missing-sam", "undecodable-instruction",
          "output-is-input", "output-under-a-file", "masks-into-a-file", "demo-into-a-file", "export-unet-into-a-file",
          "export-sam-into-a-file", "export-sam-missing-checkpoint", "export-sam-unknown-type", "onnx-folder-is-file",
-         "tiny-with-checkpoints", "random-weights-with-classifier", "seed-too-large"],
+         "tiny-with-checkpoints", "random-weights-with-classifier", "seed-too-large", "tiny-with-sam-type",
+         "engines-without-tensorrt", "sam-onnx-without-onnx", "onnx-with-sam-checkpoint"],
 )
 def test_cli_bad_input(capsys, photo, tmp_path, make_argv, words):
     _fails_cleanly(capsys, make_argv(photo, tmp_path), *words)

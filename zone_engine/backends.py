@@ -119,16 +119,26 @@ def configure_attention(models: ZoneModels, kind: str, device: torch.device) -> 
         module.enable_xformers_memory_efficient_attention()
 
 
-def resolve_sam_precision(precision: str, segmenter: str, device: torch.device) -> torch.dtype:
-    """The PyTorch SAM image encoder's precision: fp32 (the reference), bf16, or fp16 (CUDA only)."""
-    if precision not in SAM_PRECISIONS:
-        raise DeviceError(f"unknown SAM precision {precision!r}: use {', '.join(SAM_PRECISIONS)}")
-    if precision != "fp32" and segmenter != "torch":
-        raise ConfigError(f"--sam-precision {precision} is for --segmenter torch; an ONNX export has its own "
+def check_backend_options(
+    device: torch.device, denoiser: str | Denoiser = "fused", engines: Path | None = None, segmenter: str = "torch",
+    sam_onnx: str | Path | None = None, sam_precision: str = "fp32", **_other_options,
+) -> None:
+    """ConfigError / DeviceError for a backend option its backend would not read (silently ignored
+    otherwise) or cannot run; cheap, so said before any weights load."""
+    # The PyTorch SAM image encoder's precision: fp32 (the reference), bf16, or fp16 (CUDA only).
+    if sam_precision not in SAM_PRECISIONS:
+        raise DeviceError(f"unknown SAM precision {sam_precision!r}: use {', '.join(SAM_PRECISIONS)}")
+    if sam_precision != "fp32" and segmenter != "torch":
+        raise ConfigError(f"--sam-precision {sam_precision} is for --segmenter torch; an ONNX export has its own "
                           "precision (zone export sam --fp16)")
-    if precision == "fp16" and device.type != "cuda":
+    if sam_precision == "fp16" and device.type != "cuda":
         raise DeviceError("--sam-precision fp16 runs only on CUDA; on the CPU use fp32 or bf16")
-    return DTYPES[precision]
+    if engines is not None and denoiser != "tensorrt":
+        raise ConfigError("--engines is read by --denoiser tensorrt only: add --denoiser tensorrt, or drop --engines")
+    if segmenter == "onnx":  # its sessions open at the first edit: a wrong folder is said now
+        check_onnx_segmenter(sam_onnx)
+    elif sam_onnx is not None:
+        raise ConfigError("--sam-onnx is read by --segmenter onnx only: add --segmenter onnx, or drop --sam-onnx")
 
 
 def check_onnx_segmenter(sam_onnx: str | Path | None) -> None:

@@ -55,7 +55,7 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--segmenter", default="torch", choices=SEGMENTERS,
                        help="refinement SAM: torch (segment-anything, default) or onnx (exported, see --sam-onnx)")
     group.add_argument("--sam-onnx", type=Path, metavar="DIR",
-                       help="with --segmenter onnx: the folder written by `zone export sam` (then --sam is not read)")
+                       help="with --segmenter onnx: the folder written by `zone export sam` (it replaces --sam)")
     group.add_argument("--sam-precision", default="fp32", choices=SAM_PRECISIONS,
                        help="with --segmenter torch: precision of SAM's image encoder (nearly all its FLOPs); "
                        "prompt decoding, scores and thresholds stay fp32. fp32 (default, the reference), bf16, "
@@ -82,7 +82,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     # No argparse defaults: PipelineSpec holds them, and --tiny/--random-weights must see what was given.
     models.add_argument("--ip2p", help=f"InstructPix2Pix folder or cached id (default: {IP2P_ID})")
     models.add_argument("--magicbrush", help=f"MagicBrush folder or cached id (default: {MAGICBRUSH_ID})")
-    models.add_argument("--sam", type=Path, help=f"SAM checkpoint .pth (default: {DEFAULT_SAM})")
+    models.add_argument("--sam", type=Path, help=f"SAM checkpoint .pth, for --segmenter torch (default: {DEFAULT_SAM})")
     models.add_argument("--sam-type", choices=["vit_h", "vit_l", "vit_b"],
                         help="SAM size, when the file name does not say it")
     models.add_argument("--action-classifier", type=Path,

@@ -16,14 +16,14 @@ from tqdm.auto import tqdm
 from . import blend, image_io
 from .action import classify_action
 from .backends import (
-    check_onnx_segmenter,
+    DTYPES,
+    check_backend_options,
     configure_attention,
     make_denoiser,
     make_localization_kernels,
     make_segmenter,
     resolve_device,
     resolve_dtype,
-    resolve_sam_precision,
 )
 from .config import Action, EditConfig, SamConfig
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
@@ -149,6 +149,18 @@ def to_uint8_image(pixels: torch.Tensor) -> np.ndarray:
     return (pixels[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
+def _sam_checkpoint(sam: str | Path | None, sam_type: str | None, segmenter: str) -> str | Path | None:
+    """The SAM .pth to load: none for the ONNX segmenter (its export names its own model), where a
+    given checkpoint or type would be silently unread; else `sam`, by default `DEFAULT_SAM`."""
+    if segmenter != "onnx":
+        return DEFAULT_SAM if sam is None else sam
+    given = [flag for flag, value in (("--sam", sam), ("--sam-type", sam_type)) if value is not None]
+    if given:
+        raise ConfigError(f"--segmenter onnx runs the export in --sam-onnx and reads no SAM checkpoint: drop "
+                          f"{', '.join(given)}")
+    return None
+
+
 class ZonePipeline:
     """Zero-shot instruction-guided local editing: `pipe.edit(image, "make the dog a golden statue")`."""
 
@@ -163,9 +175,8 @@ class ZonePipeline:
             raise ConfigError("no SAM checkpoint was loaded: pass sam=CKPT, or segmenter='onnx' with sam_onnx=DIR")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.sam_dtype = resolve_sam_precision(sam_precision, segmenter, self.device)
-        if segmenter == "onnx":  # its sessions open at the first edit: a wrong folder is said now
-            check_onnx_segmenter(sam_onnx)
+        check_backend_options(self.device, denoiser, engines, segmenter, sam_onnx, sam_precision)
+        self.sam_dtype = DTYPES[sam_precision]
         configure_attention(models, attention, self.device)  # checked before gigabytes move
         # channels_last: convolutions in NHWC, where GPUs have their fastest fp16/bf16 kernels. Off by
         # default until measured end to end (benchmarks/RESULTS.md); the models are converted in place.
@@ -180,16 +191,17 @@ class ZonePipeline:
     @classmethod
     def from_pretrained(
         cls, ip2p: str = IP2P_ID, magicbrush: str = MAGICBRUSH_ID,
-        sam: str | Path | None = DEFAULT_SAM, action_classifier: str | Path | None = None,
+        sam: str | Path | None = None, action_classifier: str | Path | None = None,
         device: str | torch.device = "auto", dtype: str | torch.dtype | None = None, sam_type: str | None = None,
         **kwargs,
     ) -> ZonePipeline:
-        """Real checkpoints from local folders, the offline Hugging Face cache, and a SAM .pth file.
-
-        With `segmenter="onnx", sam_onnx=DIR` pass `sam=None`: the PyTorch SAM is then never loaded.
-        """
+        """Real checkpoints from local folders, the offline Hugging Face cache, and a SAM .pth file
+        (`sam`, default `DEFAULT_SAM`). With `segmenter="onnx", sam_onnx=DIR` the PyTorch SAM is never
+        loaded: pass neither `sam` nor `sam_type` then."""
+        sam = _sam_checkpoint(sam, sam_type, kwargs.get("segmenter", "torch"))
         target = resolve_device(device)
         load_dtype = resolve_dtype(dtype, target)
+        check_backend_options(target, **kwargs)
         models = load_pretrained(ip2p, magicbrush, sam, action_classifier, sam_type, load_dtype)
         return cls(models, target, load_dtype, **kwargs)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..config import MAX_STEPS
 from ..errors import ConfigError
-from ..models import DEFAULT_SAM, IP2P_ID, MAGICBRUSH_ID
+from ..models import IP2P_ID, MAGICBRUSH_ID
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class PipelineSpec:
     random_weights: str | None = None
     ip2p: str = IP2P_ID
     magicbrush: str = MAGICBRUSH_ID
-    sam: Path | None = DEFAULT_SAM
+    sam: Path | None = None  # None: DEFAULT_SAM for --segmenter torch, none for onnx
     sam_type: str | None = None
     action_classifier: Path | None = None
     device: str = "auto"
@@ -45,6 +45,8 @@ class PipelineSpec:
         if self.tiny and self.random_weights:
             raise ConfigError("--tiny and --random-weights exclude each other: choose one")
         if self.tiny:
+            if self.sam_type:
+                raise ConfigError(f"--tiny builds its own tiny SAM: drop --sam-type {self.sam_type}")
             return ZonePipeline.tiny(device=self.device, dtype=self.dtype, **backends)
         if self.random_weights:
             from ..models import build_random_components
@@ -54,7 +56,7 @@ class PipelineSpec:
             models = build_random_components(self.random_weights, 0, self.sam_type or "vit_b")
             return ZonePipeline(models, self.device, self.dtype, **backends)
         return ZonePipeline.from_pretrained(
-            ip2p=self.ip2p, magicbrush=self.magicbrush, sam=None if self.segmenter == "onnx" else self.sam,
+            ip2p=self.ip2p, magicbrush=self.magicbrush, sam=self.sam,
             sam_type=self.sam_type, action_classifier=self.action_classifier, device=self.device, dtype=self.dtype,
             **backends,
         )
