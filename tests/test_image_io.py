@@ -254,6 +254,12 @@ def test_directory(tmp_path):
     assert "is a directory" in load_refused(tmp_path)
 
 
+def test_empty_file(tmp_path):
+    empty = tmp_path / "photo.jpg"
+    empty.write_bytes(b"")
+    assert load_refused(empty) == f"{empty} is empty (0 bytes): copy or export the image again"
+
+
 def test_random_bytes_named_png(tmp_path):
     (tmp_path / "noise.png").write_bytes(RNG.integers(0, 256, 500, dtype=np.uint8).tobytes())
     message = load_refused(tmp_path / "noise.png")

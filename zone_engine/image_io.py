@@ -69,6 +69,8 @@ def _load_file(path: Path) -> tuple[np.ndarray, bool]:
         raise InputImageError(f"image not found: {path}")
     if path.is_dir():
         raise InputImageError(f"{path} is a directory; pass the path of an image file")
+    if path.stat().st_size == 0:  # e.g. an interrupted copy: say so, not "not an image"
+        raise InputImageError(f"{path} is empty (0 bytes): copy or export the image again")
     with warnings.catch_warnings():
         # `_check_size` applies our own MAX_PIXELS before decoding, so PIL's own (lower) warning
         # threshold is silenced; its hard limit (DecompressionBombError) is turned into our error.
