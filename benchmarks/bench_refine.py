@@ -297,6 +297,8 @@ def compare(what: str, repeats: int, device: torch.device, *variants: tuple[str,
     with torch.inference_mode():
         for _, run in variants:
             outputs.append(run())
+            if device.type == "cuda":  # the warm-up's queued work stays out of the first timing
+                torch.cuda.synchronize()
             timings = []
             for _ in range(repeats):
                 start = time.perf_counter()

@@ -201,10 +201,11 @@ def measure(implementations: list[Implementation], config: BenchConfig, device: 
         with PeakMemory(device) as memory:
             started = time.perf_counter()
             impl.result, timings, step_seconds = impl.edit()
-            impl.walls.append(time.perf_counter() - started)
+            wall = time.perf_counter() - started
         impl.timings.append(timings)
         impl.steps.append(step_seconds)
         impl.peak_memory.append(memory.report())
+        impl.walls.append(wall)  # last: a run cut short in between leaves no edit counted half-recorded
         progress(f"{impl.name}: edit {index + 1}/{config.repeats} {timings['total']:.2f} s")
 
     for index in range(config.repeats):
@@ -225,8 +226,7 @@ def _isolated(impl: Implementation, what: str, work: Callable[[], None], device:
         return
     _, impl.failure = _attempt(impl.name, what, work, progress)
     if impl.failure is not None:
-        with contextlib.suppress(Exception):  # a device error can outlive the edit that raised it
-            _release(device)
+        _release(device)
 
 
 def _attempt(name: str, what: str, work: Callable[[], T], progress: Progress) -> tuple[T | None, str | None]:
@@ -296,11 +296,12 @@ def measure_batched(implementations: list[Implementation], config: BenchConfig, 
         with PeakMemory(device) as memory:
             started = time.perf_counter()
             results = run_batch(impl)
-            run.walls.append(time.perf_counter() - started)
+            wall = time.perf_counter() - started
         run.steps.append(denoiser.clock.seconds())
         run.peak_memory.append(memory.report())
         run.denoise_runs.append(list(denoiser.runs))
         run.first_vs_sequential = agreement(results[0], impl.result)
+        run.walls.append(wall)  # last: a run cut short in between leaves no batch counted half-recorded
         progress(f"{impl.name}: batch of {config.batch} {index + 1}/{config.repeats} {run.walls[-1]:.2f} s "
                  f"({config.batch / run.walls[-1]:.3g} edits/s)")
 
@@ -495,7 +496,10 @@ def _parameter_counts(models: ZoneModels) -> dict[str, int]:
 def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        # A device error (an illegal address, say) outlives the edit that raised it, and empty_cache
+        # raises it again: that row has its failure recorded already, and the run goes on.
+        with contextlib.suppress(Exception):
+            torch.cuda.empty_cache()
 
 
 def onnxruntime_has_cuda() -> bool:
@@ -614,12 +618,12 @@ def timed_rows(baseline: Implementation, rows: EngineRows, engine_dtype: torch.d
             or (None, f"not run: the run was cut short ({deadline.reason})")
         timed = [baseline, *rows.build(engine_dtype)]
         measure(timed[1:], config, device, progress, deadline)
-    if not baseline.timings:
+    if not baseline.walls:
         raise ZoneError(f"the run was cut short before the baseline's first timed edit ({deadline.reason}): "
                         "nothing to compare; give it more time")
     rows.skipped += [{"name": impl.name, "skipped": impl.failure or f"no timed edit: the run was cut short "
-                      f"({deadline.reason})"} for impl in timed if impl.failure or not impl.timings]
-    return [impl for impl in timed if impl.failure is None and impl.timings], parity
+                      f"({deadline.reason})"} for impl in timed if impl.failure or not impl.walls]
+    return [impl for impl in timed if impl.failure is None and impl.walls], parity
 
 
 def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> dict:

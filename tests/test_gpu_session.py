@@ -66,7 +66,7 @@ def test_the_dry_run_prints_one_command_a_stage_and_runs_none(every_stage, tmp_p
     assert len(every_stage) == len(STAGES)
     assert all(words[:2] == ["python3", "-m"] for words in every_stage.values())
     run = dry_run(OUT=str(tmp_path))  # the default stages
-    assert list(commands(run.stdout)) == ["gpu_tests", "bench_kernels", "bench_refine", "bench", "profile",
+    assert list(commands(run.stdout)) == ["gpu_tests", "bench", "bench_kernels", "bench_refine", "profile",
                                           "graph_memory", "bench_dual_unet"]
     assert list(tmp_path.iterdir()) == []  # no log, no gpu.txt: nothing ran
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -160,6 +161,20 @@ def test_triton_localization_kernels_give_the_same_edit(tiny_models):
     triton_path = ZonePipeline(tiny_models, device="cpu", kernels="triton").edit(image, INSTRUCTION, config)
     assert np.array_equal(torch_path.mask_b, triton_path.mask_b)
     assert np.array_equal(torch_path.image, triton_path.image)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (a pipeline on cuda:1)")
+def test_a_pipeline_on_the_second_gpu_runs_there_while_the_first_is_current(tiny_models):
+    """Streams, CUDA graphs and Triton launch on the current device: the pipeline makes its own current
+    (copies: a pipeline moves its models in place)."""
+    image, config = smooth_image(64, 64, seed=2), EditConfig(steps=2, sam=SamConfig.for_random_weights())
+    first = ZonePipeline(copy.deepcopy(tiny_models), device="cuda:0").edit(image, INSTRUCTION, config)
+    assert torch.cuda.current_device() == 0
+    second = ZonePipeline(copy.deepcopy(tiny_models), device="cuda:1").edit(image, INSTRUCTION, config)
+    assert torch.cuda.current_device() == 0
+    assert np.array_equal(first.mask_b, second.mask_b)
+    assert np.abs(first.image.astype(int) - second.image.astype(int)).max() <= 1  # same GPU model, same kernels
 
 
 def test_the_empty_prompt_is_encoded_once_per_pipeline(tiny_pipe):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -149,6 +150,19 @@ def to_uint8_image(pixels: torch.Tensor) -> np.ndarray:
     return (pixels[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
+def _on_own_device(method: Callable[..., T]) -> Callable[..., T]:
+    """Run a pipeline method with the pipeline's CUDA device current: CUDA streams, graphs and Triton
+    launches use the current device, so a pipeline on cuda:1 would otherwise launch on cuda:0."""
+    @functools.wraps(method)
+    def on_device(self: ZonePipeline, *args, **kwargs) -> T:
+        if self.device.type != "cuda":
+            return method(self, *args, **kwargs)
+        with torch.cuda.device(self.device):
+            return method(self, *args, **kwargs)
+
+    return on_device
+
+
 def _sam_checkpoint(sam: str | Path | None, sam_type: str | None, segmenter: str) -> str | Path | None:
     """The SAM .pth to load: none for the ONNX segmenter (its export names its own model), where a
     given checkpoint or type would be silently unread; else `sam`, by default `DEFAULT_SAM`."""
@@ -289,6 +303,7 @@ class ZonePipeline:
         except Exception as error:  # one request's fault stays with that request
             return error
 
+    @_on_own_device
     def prepare(self, image, instruction: str, config: EditConfig | None = None) -> PreparedEdit:
         """Steps 1-4 of one edit: check the inputs, encode the instruction, pick the action, encode the image."""
         config = config or self.default_config
@@ -326,6 +341,7 @@ class ZonePipeline:
             watch, started,
         )
 
+    @_on_own_device
     def denoise(
         self, edits: Sequence[PreparedEdit], *, progress: bool = False, stop: Callable[[], bool] | None = None
     ) -> list[torch.Tensor]:
@@ -360,6 +376,7 @@ class ZonePipeline:
         return self.denoiser.denoise_batch([e.inputs for e in run], run[0].config, betas, [e.attention for e in run],
                                            on_step=on_step)
 
+    @_on_own_device
     def finish(self, edit: PreparedEdit, latents: torch.Tensor, *, progress: bool = False) -> EditResult:
         """Steps 6-9 of one edit: localize, decode, refine, blend; results at the input size."""
         config, watch = edit.config, edit.watch

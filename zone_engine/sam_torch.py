@@ -283,7 +283,9 @@ def _search(
     if not len(candidates["scores"]):
         return Selection(None, 0.0, 0)
     kept = batched_nms(candidates["boxes"].float(), candidates["scores"],
-                       torch.zeros(len(candidates["boxes"])),  # one category, as the generator passes it
+                       # one category, on the boxes' device as the generator makes it (torchvision's
+                       # per-category path indexes the ids with device indices above ~25k boxes)
+                       torch.zeros_like(candidates["scores"]),
                        iou_threshold=generator.box_nms_thresh)
     intersection, area = candidates["intersection"][kept].double(), candidates["area"][kept].double()
     union = area + float(count_true(target[None])) - intersection  # |A or M_b|, from the same integer counts
