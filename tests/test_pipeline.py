@@ -163,6 +163,19 @@ def test_triton_localization_kernels_give_the_same_edit(tiny_models):
     assert np.array_equal(torch_path.image, triton_path.image)
 
 
+def test_threads_sharing_a_pipeline_get_the_edits_they_would_get_alone(tiny_pipe):
+    """The VAE, the denoiser's buffers and SAM's predictor hold one edit's state at a time: threads take turns."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = EditConfig(steps=2, sam=SamConfig.for_random_weights())
+    images = [smooth_image(64, 64, seed=seed) for seed in range(4)]
+    alone = [tiny_pipe.edit(image, INSTRUCTION, config) for image in images]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda image: tiny_pipe.edit(image, INSTRUCTION, config), images))
+    for expected, result in zip(alone, together, strict=True):
+        assert np.array_equal(expected.mask_f, result.mask_f) and np.array_equal(expected.image, result.image)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (a pipeline on cuda:1)")
 def test_a_pipeline_on_the_second_gpu_runs_there_while_the_first_is_current(tiny_models):

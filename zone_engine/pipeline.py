@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -150,17 +151,18 @@ def to_uint8_image(pixels: torch.Tensor) -> np.ndarray:
     return (pixels[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def _on_own_device(method: Callable[..., T]) -> Callable[..., T]:
-    """Run a pipeline method with the pipeline's CUDA device current: CUDA streams, graphs and Triton
-    launches use the current device, so a pipeline on cuda:1 would otherwise launch on cuda:0."""
+def _stage_of_an_edit(method: Callable[..., T]) -> Callable[..., T]:
+    """Run a pipeline method (prepare, denoise, finish) holding the pipeline's lock, with its CUDA
+    device current. The lock: the VAE (its fp32 decode fallback), the denoiser's static buffers and
+    CUDA graphs and SAM's predictor hold one edit's state at a time, so threads sharing a pipeline
+    take turns. The device: CUDA streams, graphs and Triton launch on the current device, so a
+    pipeline on cuda:1 would otherwise launch on cuda:0."""
     @functools.wraps(method)
-    def on_device(self: ZonePipeline, *args, **kwargs) -> T:
-        if self.device.type != "cuda":
-            return method(self, *args, **kwargs)
-        with torch.cuda.device(self.device):
+    def stage(self: ZonePipeline, *args, **kwargs) -> T:
+        with self._lock, torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             return method(self, *args, **kwargs)
 
-    return on_device
+    return stage
 
 
 def _sam_checkpoint(sam: str | Path | None, sam_type: str | None, segmenter: str) -> str | Path | None:
@@ -201,6 +203,7 @@ class ZonePipeline:
         self.segmenter_kind, self.sam_onnx = segmenter, sam_onnx
         self._segmenters: dict[SamConfig, Segmenter] = {}
         self._empty_prompt: torch.Tensor | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -303,7 +306,7 @@ class ZonePipeline:
         except Exception as error:  # one request's fault stays with that request
             return error
 
-    @_on_own_device
+    @_stage_of_an_edit
     def prepare(self, image, instruction: str, config: EditConfig | None = None) -> PreparedEdit:
         """Steps 1-4 of one edit: check the inputs, encode the instruction, pick the action, encode the image."""
         config = config or self.default_config
@@ -341,7 +344,7 @@ class ZonePipeline:
             watch, started,
         )
 
-    @_on_own_device
+    @_stage_of_an_edit
     def denoise(
         self, edits: Sequence[PreparedEdit], *, progress: bool = False, stop: Callable[[], bool] | None = None
     ) -> list[torch.Tensor]:
@@ -376,7 +379,7 @@ class ZonePipeline:
         return self.denoiser.denoise_batch([e.inputs for e in run], run[0].config, betas, [e.attention for e in run],
                                            on_step=on_step)
 
-    @_on_own_device
+    @_stage_of_an_edit
     def finish(self, edit: PreparedEdit, latents: torch.Tensor, *, progress: bool = False) -> EditResult:
         """Steps 6-9 of one edit: localize, decode, refine, blend; results at the input size."""
         config, watch = edit.config, edit.watch
