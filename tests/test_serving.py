@@ -27,7 +27,7 @@ from PIL import Image
 from benchmarks.load_test import parse_metrics
 from zone_engine import ZonePipeline
 from zone_engine.config import EditConfig, SamConfig
-from zone_engine.errors import EditCancelled
+from zone_engine.errors import CheckpointError, EditCancelled
 from zone_engine.pipeline import EditRequest
 from zone_engine.serving import LocalEditService, ServeSettings, create_app
 from zone_engine.serving.batcher import DynamicBatcher, QueueFull, ShuttingDown
@@ -85,6 +85,22 @@ def post_edit(base: str, image: np.ndarray | bytes, instruction: str = "add a re
     data = image if isinstance(image, bytes) else png(image)
     form = {"instruction": instruction, **{k: str(v) for k, v in fields.items()}}
     return httpx.post(f"{base}/v1/edit", files={"image": ("in.png", data, "image/png")}, data=form, timeout=timeout)
+
+
+def post_chunked(base: str, data: bytes, instruction: str = "add a red hat") -> httpx.Response:
+    """A multipart upload sent chunked: no Content-Length header."""
+    head = (b'--b\r\nContent-Disposition: form-data; name="instruction"\r\n\r\n' + instruction.encode()
+            + b'\r\n--b\r\nContent-Disposition: form-data; name="image"; filename="in.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n")
+
+    def chunks():
+        yield head
+        for start in range(0, len(data), 4096):
+            yield data[start:start + 4096]
+        yield b"\r\n--b--\r\n"
+
+    return httpx.post(f"{base}/v1/edit", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"},
+                      timeout=60)
 
 
 async def post_concurrently(base: str, jobs: list[dict]) -> list[httpx.Response]:
@@ -241,6 +257,12 @@ def test_bad_requests_get_the_right_4xx_and_a_json_error_and_the_server_keeps_se
             "bad steps": (post_edit(base, image, steps=0), 422, "steps"),
             "bad return": (post_edit(base, image, **{"return": "gif"}), 422, "return"),
             "json body": (httpx.post(f"{base}/v1/edit", json={"instruction": "add a hat"}), 415, "multipart"),
+            # No Content-Length to refuse it by: cut off as it arrives, not spooled whole to disk.
+            "chunked upload too large": (post_chunked(base, np.random.default_rng(1).bytes(60_000)), 413,
+                                         "still arriving"),
+            "unparsable multipart": (httpx.post(f"{base}/v1/edit", content=b"--x\r\nno headers\r\n",
+                                                headers={"content-type": "multipart/form-data; boundary=x"}),
+                                     400, "multipart/form-data"),
         }
         for name, (response, status, word) in cases.items():
             assert response.status_code == status, (name, response.text)
@@ -251,6 +273,8 @@ def test_bad_requests_get_the_right_4xx_and_a_json_error_and_the_server_keeps_se
         traced = httpx.post(f"{base}/v1/edit", data={"instruction": "add a hat"}, headers={"X-Request-Id": "trace-7"},
                             files={"other": ("x.txt", b"1", "text/plain")})
         assert traced.status_code == 422 and traced.json()["request_id"] == "trace-7"
+        unknown = httpx.get(f"{base}/v2/edit")
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
         assert post_edit(base, image).status_code == 200
         text = httpx.get(f"{base}/metrics").text
         assert metric(text, 'zone_requests_total{outcome="bad_request"}') == len(cases) + 1
@@ -324,6 +348,59 @@ def test_a_request_over_its_timeout_gets_504_and_its_work_is_cancelled(pipe):
         assert isinstance(gated.outcomes[0], EditCancelled)  # the pipeline stopped it and did no more work
         text = httpx.get(f"{base}/metrics").text
         assert metric(text, 'zone_requests_total{outcome="timeout"}') == 1
+
+
+def test_an_edit_whose_handler_is_cancelled_cancels_its_work(pipe):
+    """A client that goes away cancels the handler (Ray Serve does so): the edit's work stops too."""
+    service = LocalEditService(lambda: pipe, ServeSettings(warmup=False))
+    service.pipeline, submitted = pipe, []
+
+    async def never_answered(request, key):
+        submitted.append(request)
+        await asyncio.Event().wait()
+
+    async def scenario():
+        service.submit = never_answered
+        task = asyncio.create_task(service.edit(smooth_image(64, 64), "add a hat", {}))
+        while not submitted:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert submitted[0].cancelled()
+
+
+def test_a_server_side_fault_is_a_500_not_the_clients_fault(pipe, caplog):
+    """A checkpoint or device fault at edit time (e.g. an ONNX export that fails to load) is the server's."""
+    class BrokenExport:
+        default_config = pipe.default_config
+
+        def edit_batch(self, requests, **kwargs):
+            return [CheckpointError("the SAM export in sam_onnx/ cannot be read: re-run `zone export sam`")
+                    for _ in requests]
+
+    with serving(BrokenExport()) as (base, _):
+        response = post_edit(base, smooth_image(64, 64))
+        assert response.status_code == 500 and response.json()["error"]["code"] == "server_error"
+        assert "zone export sam" in response.json()["error"]["message"]
+        assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="error"}') == 1
+    assert any("edit failed" in record.message for record in caplog.records)
+
+
+def test_a_failed_load_fails_liveness_and_every_edit_says_why():
+    def missing_weights():
+        raise CheckpointError("InstructPix2Pix weights not found at 'ip2p/'")
+
+    service = LocalEditService(missing_weights, ServeSettings(warmup=False))
+    with serving_service(service) as (base, _):
+        deadline = time.monotonic() + 60
+        while service.load_error is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for response in (httpx.get(f"{base}/healthz"), httpx.get(f"{base}/readyz"), post_edit(base, b"x")):
+            assert response.status_code == 503 and "weights not found" in response.json()["error"]["message"]
 
 
 # ---------------------------------------------------------------------------------------- the batcher

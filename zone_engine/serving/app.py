@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -27,9 +27,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import EditConfig, parse_action
-from ..errors import ConfigError, EditCancelled, InputImageError, InstructionError, ZoneError
+from ..errors import (
+    CheckpointError,
+    ConfigError,
+    DeviceError,
+    EditCancelled,
+    InputImageError,
+    InstructionError,
+    ZoneError,
+)
 from ..image_io import load_image, make_sample_image
 from ..pipeline import BatchKey, EditRequest, EditResult, ZonePipeline, batch_key
 from ..text import check_instruction
@@ -58,6 +67,11 @@ def error_response(error: ServeError, request_id: str) -> JSONResponse:
     return JSONResponse(body, status_code=error.status, headers=headers)
 
 
+# Setup problems of the server (a checkpoint or export that fails to load at the first edit, a device
+# or TensorRT fault), never of the request: a 500, logged, not a 4xx blaming the client.
+SERVER_SIDE = (CheckpointError, DeviceError)
+
+
 def as_serve_error(error: BaseException, service: EditService) -> ServeError:
     """What the client is told about an edit that did not succeed."""
     if isinstance(error, ServeError):
@@ -75,6 +89,8 @@ def as_serve_error(error: BaseException, service: EditService) -> ServeError:
         return ServeError(400, "bad_image", str(error))
     if isinstance(error, InstructionError | ConfigError):
         return ServeError(422, "invalid_request", str(error))
+    if isinstance(error, SERVER_SIDE):
+        return ServeError(500, "server_error", f"the server cannot run this edit: {error}")
     if isinstance(error, ZoneError):
         return ServeError(400, "bad_request", str(error))
     return ServeError(500, "internal_error", "the edit failed inside the engine; the server log has the details")
@@ -85,7 +101,7 @@ OUTCOME_BY_STATUS = {503: "queue_full", 504: "timeout", 500: "error"}
 
 def outcome_of(error: ServeError) -> str:
     if error.code in ("unavailable", "cancelled"):
-        return "cancelled"
+        return error.code
     return OUTCOME_BY_STATUS.get(error.status, "bad_request")
 
 
@@ -120,7 +136,8 @@ class EditService:
         """Model thread: one batch through the pipeline; a failing request fails alone."""
         outcomes = self.pipeline.edit_batch(requests, return_exceptions=True)
         for outcome in outcomes:
-            if isinstance(outcome, Exception) and not isinstance(outcome, ZoneError):
+            if isinstance(outcome, Exception) and (isinstance(outcome, SERVER_SIDE) or
+                                                   not isinstance(outcome, ZoneError)):
                 log.error("edit failed", exc_info=outcome)
         return outcomes
 
@@ -139,7 +156,7 @@ class EditService:
         try:
             outcome = await asyncio.wait_for(self.submit(request, batch_key(image.shape[:2], config)),
                                              self.settings.timeout_s)
-        except asyncio.TimeoutError:
+        except BaseException:  # timed out, or the handler cancelled (the client went away): stop its work
             request.cancel.set()
             raise
         if isinstance(outcome, BaseException):
@@ -313,7 +330,8 @@ def create_app(service: LocalEditService | None = None) -> FastAPI:
 
 def add_routes(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.middleware("http")(_limit_body_size)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(BodySizeLimit)
     _add_edit_route(app)
     _add_probe_routes(app)
 
@@ -335,6 +353,8 @@ def _add_edit_route(app: FastAPI) -> None:
         service: EditService = request.app.state.service
         request_id, started = request_id_of(request), time.perf_counter()
         try:
+            if service.load_error:
+                raise ServeError(503, "unavailable", f"loading the models failed: {service.load_error}")
             if not service.ready:
                 raise ServeError(503, "unavailable", "the models are still loading; retry shortly",
                                  {"Retry-After": "5"})
@@ -342,6 +362,9 @@ def _add_edit_route(app: FastAPI) -> None:
             data = await image.read()
             pixels = await asyncio.to_thread(decode_upload, data, service.settings)
             result = await service.edit(pixels, text, changes)
+        except asyncio.CancelledError:  # the client went away, or the server is stopping
+            service.metrics.count("cancelled")
+            raise
         except Exception as error:
             serve_error = as_serve_error(error, service)
             service.metrics.count(outcome_of(serve_error))
@@ -360,9 +383,18 @@ def _add_edit_route(app: FastAPI) -> None:
 def _add_probe_routes(app: FastAPI) -> None:
     """Liveness, readiness and metrics: what an orchestrator and Prometheus poll."""
 
-    @app.get("/healthz", summary="The process is up")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get("/healthz", summary="The process is up and can serve (loading counts as up)",
+             responses={503: {"model": ErrorResponse}})
+    async def healthz(request: Request) -> Response:
+        # 503 only for what a restart may mend: a failed load or a dead worker (a liveness probe's cue).
+        service: EditService | None = getattr(request.app.state, "service", None)
+        if service is not None and service.load_error:
+            problem = f"loading the models failed: {service.load_error}"
+        elif service is not None and not service.healthy:
+            problem = "the batching worker stopped; restart the server"
+        else:
+            return JSONResponse({"status": "ok"})
+        return error_response(ServeError(503, "unavailable", problem), request_id_of(request))
 
     @app.get("/readyz", summary="Models loaded and warmed up", responses={503: {"model": ErrorResponse}})
     async def readyz(request: Request) -> Response:
@@ -424,17 +456,61 @@ def _field_problem(item: dict[str, Any]) -> str:
     return "missing or empty" if item["type"] == "missing" else item["msg"]
 
 
-async def _limit_body_size(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """Refuse an upload over the limit from its Content-Length, before reading it."""
-    service = getattr(request.app.state, "service", None)
-    length = request.headers.get("content-length")
-    if service is not None and length is not None and length.isdigit():
-        limit = service.settings.max_upload_bytes
-        if int(length) > limit:
+class UploadTooLarge(Exception):
+    """A request body that grew past the upload limit while it was read."""
+
+
+class BodySizeLimit:
+    """Refuse an upload over the service's limit: from its Content-Length before reading it, and one
+    without (chunked) as its bytes arrive, before more than the limit is read or spooled to disk."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        service = getattr(scope["app"].state, "service", None) if scope["type"] == "http" else None
+        if service is None:
+            return await self.app(scope, receive, send)
+        limit, received = service.settings.max_upload_bytes, 0
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
             service.metrics.count("bad_request")
-            return error_response(ServeError(413, "upload_too_large", f"the upload is {int(length):,} bytes; "
-                                             f"this server takes at most {limit:,}"), request_id_of(request))
-    return await call_next(request)
+            response = error_response(_too_large(int(length), limit), request_id_of(Request(scope)))
+            return await response(scope, receive, send)
+
+        async def counted() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise UploadTooLarge(f"over {limit:,} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _too_large(size: int | None, limit: int) -> ServeError:
+    said = f"is {size:,} bytes" if size is not None else "was still arriving past that"
+    return ServeError(413, "upload_too_large", f"the upload {said}; this server takes at most {limit:,} bytes")
+
+
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Starlette's and FastAPI's own errors (an unknown path, a body that does not parse, one cut off
+    at the upload limit while parsed) in this API's error shape, with the request id, counted."""
+    service = getattr(request.app.state, "service", None)
+    if isinstance(error.__cause__, UploadTooLarge):
+        problem = _too_large(None, service.settings.max_upload_bytes)
+    elif error.status_code == 400:  # the body did not parse
+        cause = f": {error.__cause__}" if error.__cause__ is not None else ""
+        problem = ServeError(400, "bad_request", f"the request body could not be read ({error.detail}{cause}); "
+                             "send multipart/form-data with an `image` file and an `instruction` field")
+    else:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "bad_request")
+        problem = ServeError(error.status_code, code, str(error.detail), dict(error.headers or {}))
+    if service is not None and request.url.path == "/v1/edit":
+        service.metrics.count(outcome_of(problem))
+    return error_response(problem, request_id_of(request))
 
 
 def run_server(service: LocalEditService, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
