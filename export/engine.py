@@ -20,6 +20,7 @@ where TensorRT and a GPU are present.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -227,7 +228,9 @@ def ensure_engine(folder: Path, graph: str, cache_root: Path | None = None, *, f
 
     def build(path: Path) -> None:
         check_graph_files(folder, entry)  # only what the manifest vouches for is built
-        build_engine(folder / entry["onnx"], path, entry["profile"], entry["precision"])
+        # TensorRT builds on the current GPU: make it the one the key names (None: the current one).
+        with contextlib.nullcontext() if device is None else torch.cuda.device(device):
+            build_engine(folder / entry["onnx"], path, entry["profile"], entry["precision"])
 
     cache = EngineCache(cache_root or default_cache_root(folder))
     path, reason = cache.get_or_build(graph, key, description, build, force=force)

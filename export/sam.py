@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from torch import nn
 from zone_engine import __version__
 from zone_engine.errors import ConfigError
 from zone_engine.paths import check_output_folder
-from zone_engine.sam_onnx import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, MANIFEST_FORMAT, file_sha256
+from zone_engine.sam_onnx import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, MANIFEST_FORMAT, TRT_CACHE, file_sha256
 from zone_engine.sam_torch import decode_masks, decode_tokens
 
 from .onnx_graph import compare, export_graph, require, session, staging_folder
@@ -140,6 +141,7 @@ def export_sam(
         manifest = {**_manifest(sam, model_type, precision, opset, embeddings, checkpoint),
                     "files": {name: file_sha256(staging / name) for name in files}, "validation": report}
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        shutil.rmtree(out_dir / TRT_CACHE, ignore_errors=True)  # engines of the graphs replaced: never read again
         for name in [*files, MANIFEST_FILE]:  # the manifest last: it vouches for the files before it
             os.replace(staging / name, out_dir / name)
     return out_dir

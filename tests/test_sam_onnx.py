@@ -41,6 +41,7 @@ from zone_engine.sam_onnx import (  # noqa: E402
     MANIFEST_FILE,
     OnnxSamSegmenter,
     choose_providers,
+    engine_cache_folder,
     file_sha256,
 )
 from zone_engine.sam_torch import TorchSamSegmenter  # noqa: E402
@@ -358,6 +359,23 @@ def test_manifest_records_the_export(exported):
     assert validation["tolerance"] == {"atol": 1e-4, "rtol": 1e-4}
     assert all(value <= 1e-4 for key, value in validation.items() if key != "tolerance")
     assert sorted(path.name for path in exported.iterdir()) == sorted([ENCODER_FILE, DECODER_FILE, MANIFEST_FILE])
+
+
+def test_tensorrt_engines_are_cached_per_export_and_a_re_export_drops_the_old_ones(sam, tmp_path):
+    """ORT's own engine-cache names do not cover the weights: other weights exported into the same folder
+    must not load the old weights' engines. The GPU providers get the pipeline's device."""
+    folder = export_sam(sam, "tiny", tmp_path / "sam")
+    old_cache = engine_cache_folder(folder, read_manifest(folder))
+    old_cache.mkdir(parents=True)
+    (old_cache / "decoder.engine").write_bytes(b"engine of the old weights")
+    export_sam(tiny_sam(seed=3), "tiny", folder)
+    new_cache = engine_cache_folder(folder, read_manifest(folder))
+    assert new_cache != old_cache and not old_cache.exists()
+    segmenter = OnnxSamSegmenter(folder, CONFIGS["random-weights"], device_index=1)
+    options = segmenter._provider_options("TensorrtExecutionProvider", DECODER_FILE, CONFIGS["random-weights"])
+    assert options["trt_engine_cache_path"] == str(new_cache) and options["device_id"] == 1
+    assert segmenter._provider_options("CUDAExecutionProvider", ENCODER_FILE, CONFIGS["random-weights"]) == {
+        "device_id": 1}
 
 
 def test_manifest_records_the_checkpoint_checksum(sam, tmp_path):

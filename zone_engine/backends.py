@@ -167,8 +167,10 @@ def make_segmenter(
         check_onnx_segmenter(sam_onnx)
         from .sam_onnx import OnnxSamSegmenter
 
-        on_gpu = device is not None and device.type == "cuda"
-        return OnnxSamSegmenter(Path(sam_onnx), config, providers=None if on_gpu else ["CPUExecutionProvider"])
+        if device is None or device.type != "cuda":
+            return OnnxSamSegmenter(Path(sam_onnx), config, providers=["CPUExecutionProvider"])
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return OnnxSamSegmenter(Path(sam_onnx), config, device_index=index)
     raise DeviceError(f"unknown refinement backend {kind!r}: available {', '.join(SEGMENTERS)}")
 
 

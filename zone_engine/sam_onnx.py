@@ -32,6 +32,7 @@ from .sam_torch import TorchSamSegmenter, passing_masks
 ENCODER_FILE = "image_encoder.onnx"
 DECODER_FILE = "mask_decoder.onnx"
 MANIFEST_FILE = "manifest.json"
+TRT_CACHE = "trt_cache"  # ORT's TensorRT engines, one folder per export (engine_cache_folder)
 MANIFEST_FORMAT = 1
 MANIFEST_KEYS = ("format", "model_type", "input_size", "embedding_shape", "low_res_size", "precision",
                  "pixel_mean", "pixel_std", "mask_threshold", "image_format", "files")
@@ -54,10 +55,11 @@ class OnnxSamSegmenter(TorchSamSegmenter):
     `TorchSamSegmenter`'s `segment` and `select`: same input checks, same generator, same order.
     """
 
-    def __init__(self, folder: Path, config: SamConfig, providers: list[str] | None = None) -> None:
+    def __init__(self, folder: Path, config: SamConfig, providers: list[str] | None = None,
+                 device_index: int = 0) -> None:
         # TorchSamSegmenter.__init__ would want a torch Sam: only `segment` and `select` are inherited.
         ort = _import_onnxruntime()
-        self.folder = Path(folder).expanduser()
+        self.folder, self.device_index = Path(folder).expanduser(), device_index
         self.manifest = read_manifest(self.folder)
         requested = choose_providers(ort, providers)
         encoder = self._session(ort, ENCODER_FILE, requested, config)
@@ -65,10 +67,11 @@ class OnnxSamSegmenter(TorchSamSegmenter):
         check_pair(self.folder, self.manifest, encoder, decoder)
         self.providers = decoder.get_providers()  # what ORT kept: a provider that fails to start drops out
 
-        frame = SamFrame(self.manifest, session_device(decoder))
+        frame = SamFrame(self.manifest, session_device(decoder, device_index))
         self.generator = SamAutomaticMaskGenerator(frame, **dataclasses.asdict(config))
         self.generator.predictor = OnnxSamPredictor(
-            frame, OrtGraph(encoder, session_device(encoder)), OrtGraph(decoder, frame.device), self.manifest
+            frame, OrtGraph(encoder, session_device(encoder, device_index)), OrtGraph(decoder, frame.device),
+            self.manifest,
         )
 
     def _session(self, ort: Any, name: str, providers: list[str], config: SamConfig) -> Any:
@@ -86,11 +89,14 @@ class OnnxSamSegmenter(TorchSamSegmenter):
             raise CheckpointError(f"ONNX Runtime cannot load {path}: {str(error).strip()[:300]}; {RE_EXPORT}") from None
 
     def _provider_options(self, provider: str, name: str, config: SamConfig) -> dict[str, Any]:
-        if provider != "TensorrtExecutionProvider":
+        if provider not in GPU_PROVIDERS:
             return {}
+        if provider == "CUDAExecutionProvider":
+            return {"device_id": self.device_index}
         # TensorRT builds an engine per input shape: cache them beside the graphs, and give the decoder
         # one profile for every batch size the generator sends (the last batch may be smaller).
-        options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(self.folder / "trt_cache"),
+        options = {"device_id": self.device_index, "trt_engine_cache_enable": True,
+                   "trt_engine_cache_path": str(engine_cache_folder(self.folder, self.manifest)),
                    "trt_fp16_enable": self.manifest["precision"] == "fp16"}
         if name == DECODER_FILE:
             embedding = "x".join(str(d) for d in (1, *self.manifest["embedding_shape"]))
@@ -292,9 +298,17 @@ def check_pair(folder: Path, manifest: dict[str, Any], encoder: Any, decoder: An
     fail(problems)
 
 
-def session_device(session: Any) -> torch.device:
-    """Where a session reads its inputs and writes its outputs: the GPU for TensorRT and CUDA."""
-    return torch.device("cuda", 0) if session.get_providers()[0] in GPU_PROVIDERS else torch.device("cpu")
+def session_device(session: Any, device_index: int = 0) -> torch.device:
+    """Where a session reads its inputs and writes its outputs: its GPU for TensorRT and CUDA."""
+    return torch.device("cuda", device_index) if session.get_providers()[0] in GPU_PROVIDERS else torch.device("cpu")
+
+
+def engine_cache_folder(folder: Path, manifest: dict[str, Any]) -> Path:
+    """Where ORT's TensorRT provider caches its engines for this export: keyed by the graphs'
+    checksums, since ORT's own cache names do not cover the weights (an export of other weights
+    into the same folder would otherwise load the old weights' engines)."""
+    key = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()[:16]
+    return folder / TRT_CACHE / key
 
 
 def choose_providers(ort: Any, requested: list[str] | None) -> list[str]:
