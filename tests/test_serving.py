@@ -350,6 +350,24 @@ def test_a_request_over_its_timeout_gets_504_and_its_work_is_cancelled(pipe):
         assert metric(text, 'zone_requests_total{outcome="timeout"}') == 1
 
 
+def test_a_client_that_goes_away_cancels_its_edit(pipe):
+    """Not held until the server's timeout: a client (or load balancer) that gives up frees its slot at once."""
+    gated = GatedPipeline(pipe)
+    with serving(gated, timeout_s=120) as (base, _):
+        with pytest.raises(httpx.ReadTimeout):
+            post_edit(base, smooth_image(64, 64, seed=4), timeout=1.0)
+        deadline = time.monotonic() + 30
+        while not gated.seen[0].cancelled():
+            assert time.monotonic() < deadline, "the edit of a client that went away was not cancelled"
+            time.sleep(0.05)
+        gated.release.set()
+        while not gated.outcomes:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert isinstance(gated.outcomes[0], EditCancelled)
+        assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="cancelled"}') == 1
+
+
 def test_an_edit_whose_handler_is_cancelled_cancels_its_work(pipe):
     """A client that goes away cancels the handler (Ray Serve does so): the edit's work stops too."""
     service = LocalEditService(lambda: pipe, ServeSettings(warmup=False))

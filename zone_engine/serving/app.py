@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import logging
 import os
@@ -361,7 +362,11 @@ def _add_edit_route(app: FastAPI) -> None:
             text, changes = check_request_fields(instruction, action, steps, seed, service.settings)
             data = await image.read()
             pixels = await asyncio.to_thread(decode_upload, data, service.settings)
-            result = await service.edit(pixels, text, changes)
+            result = await unless_disconnected(request, asyncio.ensure_future(service.edit(pixels, text, changes)))
+        except ClientGone:
+            service.metrics.count("cancelled")
+            return error_response(ServeError(499, "client_closed_request", "the client went away; the edit was "
+                                             "cancelled"), request_id)
         except asyncio.CancelledError:  # the client went away, or the server is stopping
             service.metrics.count("cancelled")
             raise
@@ -378,6 +383,31 @@ def _add_edit_route(app: FastAPI) -> None:
                             headers=headers)
         body = await asyncio.to_thread(edit_response, result, request_id)
         return JSONResponse(body.model_dump(), headers=headers)
+
+
+DISCONNECT_POLL_S = 0.25
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its edit finished."""
+
+
+async def unless_disconnected(request: Request, edit: asyncio.Future) -> EditResult:
+    """`edit`'s result; cancelled, its work with it (EditService.edit), once the client disconnects:
+    nobody would read the answer, and an abandoned edit would hold its queue slot and the GPU until
+    its timeout (a client or load balancer that gives up first and retries would pile edits up)."""
+    try:
+        while True:
+            done, _ = await asyncio.wait({edit}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return edit.result()
+            if await request.is_disconnected():
+                raise ClientGone
+    finally:  # gone, or this handler cancelled (Ray Serve does so when the client goes): the edit too
+        if not edit.done():
+            edit.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await edit
 
 
 def _add_probe_routes(app: FastAPI) -> None:
