@@ -83,6 +83,8 @@ def deploy(spec: PipelineSpec, settings: ServeSettings, *, host: str, port: int,
     deployment = ZoneReplica.options(
         num_replicas=replicas, ray_actor_options=resources,
         max_ongoing_requests=2 * settings.max_batch, max_queued_requests=settings.queue_size,
+        # Serve's default (20 s) would kill edits under way on a redeploy or scale-down: let them finish.
+        graceful_shutdown_timeout_s=settings.timeout_s + 1,
     )
     serve.run(deployment.bind(spec, settings), name="zone", route_prefix="/",
               logging_config={"log_level": "WARNING", "enable_access_log": False})
