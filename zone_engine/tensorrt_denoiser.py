@@ -142,8 +142,13 @@ class TensorRTDenoiser:
         for name in INPUTS:
             if not self.context.set_input_shape(name, tuple(buffers[name].shape)):
                 raise ZoneError(f"the dual-step engine refuses {name} of shape {tuple(buffers[name].shape)}")
+        for name in OUTPUTS:  # the engine writes what its graph says: never past the end of a buffer
+            if (shape := tuple(self.context.get_tensor_shape(name))) != tuple(buffers[name].shape):
+                raise ZoneError(f"the dual-step engine writes {name} as {shape}, not {tuple(buffers[name].shape)}: "
+                                "re-export it with this version (`zone export unet`) and rebuild (`zone build-engine`)")
         for name, tensor in buffers.items():
-            self.context.set_tensor_address(name, tensor.data_ptr())
+            if not self.context.set_tensor_address(name, tensor.data_ptr()):
+                raise ZoneError(f"TensorRT refused the address of the dual-step engine's {name}")
         return buffers
 
     def step(self, schedule: SolverSchedule, state: DualState, buffers: dict[str, torch.Tensor],
@@ -163,6 +168,11 @@ class TensorRTDenoiser:
         """Run the whole dual loop; returns z_ip (1, 4, h, w). `attention` receives every step's attention sum."""
         if inputs.noise.device != self.device:
             raise DeviceError(f"the TensorRT engine runs on {self.device}; the inputs are on {inputs.noise.device}")
+        with torch.cuda.device(self.device):  # the engine's context, stream and captured graph are that GPU's
+            return self._loop(inputs, config, beta, attention, on_step)
+
+    def _loop(self, inputs: DenoiseInputs, config: EditConfig, beta: float, attention: AttentionAccumulator,
+              on_step: Callable[[int], None] | None) -> torch.Tensor:
         schedule = self.schedule(config.steps)
         buffers = self.buffers(tuple(inputs.noise.shape[-2:]), inputs.context.shape[-1])
         buffers["context"].copy_(inputs.context)
