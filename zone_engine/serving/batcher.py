@@ -122,9 +122,9 @@ class DynamicBatcher:
         job = Job(request, key, asyncio.get_running_loop().create_future())
         self._buckets.setdefault(key, deque()).append(job)
         self.metrics.queue_depth.set(self.queued)
-        async with self._changed:
-            self._changed.notify_all()
-        try:
+        try:  # from here on a cancelled caller withdraws its job, also while waiting for the lock
+            async with self._changed:
+                self._changed.notify_all()
             return await asyncio.shield(job.future)
         except asyncio.CancelledError:
             self._withdraw(job)
