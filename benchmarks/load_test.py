@@ -37,6 +37,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from zone_engine.cli import parse_size
+
 INSTRUCTION = "make the house a golden statue"
 MODES = ("batching", "no-batching")
 
@@ -428,16 +430,6 @@ def _levels(text: str) -> tuple[int, ...]:
     return levels
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        height, width = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 64x64, got {text!r}") from None
-    if min(height, width) < 1:
-        raise argparse.ArgumentTypeError(f"height and width must be positive, got {text!r}")
-    return height, width
-
-
 def parse_args(argv: list[str] | None) -> LoadConfig:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.load_test",
@@ -457,7 +449,7 @@ def parse_args(argv: list[str] | None) -> LoadConfig:
                         help="requests per level at most (default: 32)")
     parser.add_argument("--duration-s", type=float, default=60.0,
                         help="no request starts after this many seconds of a level (default: 60)")
-    parser.add_argument("--size", type=_size, default=(64, 64), metavar="HxW",
+    parser.add_argument("--size", type=parse_size, default=(64, 64), metavar="HxW",
                         help="image height x width (default: 64x64)")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per edit (default: 4)")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="client limit per request (default: 120)")

@@ -27,7 +27,7 @@ from PIL import Image
 from benchmarks.load_test import parse_metrics
 from zone_engine import ZonePipeline
 from zone_engine.config import EditConfig, SamConfig
-from zone_engine.errors import CheckpointError, EditCancelled
+from zone_engine.errors import CheckpointError, ConfigError, EditCancelled
 from zone_engine.pipeline import EditRequest
 from zone_engine.serving import LocalEditService, ServeSettings, create_app
 from zone_engine.serving.batcher import DynamicBatcher, QueueFull, ShuttingDown
@@ -212,6 +212,32 @@ def test_not_ready_until_loaded_and_warmed_up(pipe):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert post_edit(base, smooth_image(64, 64)).status_code == 200
+
+
+def test_warmup_sizes_run_every_padded_batch_size_at_the_servers_steps_before_ready(pipe):
+    """So the first requests of a warmed size pay no CUDA-graph capture or compilation."""
+    warmed = []
+
+    class Recording:
+        default_config = pipe.default_config
+
+        def edit(self, image, instruction, config):
+            warmed.append((image.shape[:2], 1, config.steps))
+            return pipe.edit(image, instruction, config)
+
+        def edit_batch(self, requests, **kwargs):
+            warmed.append((requests[0].image.shape[:2], len(requests), requests[0].config.steps))
+            return pipe.edit_batch(requests, **kwargs)
+
+    settings = dict(warmup=True, warmup_sizes=((64, 96),), max_batch=3, edit_changes=(("steps", 2),))
+    with serving_service(LocalEditService(Recording, ServeSettings(**settings))) as (base, _):
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{base}/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert warmed == [((128, 128), 1, 2), ((64, 96), 1, 2), ((64, 96), 2, 2), ((64, 96), 4, 2)]
+    with pytest.raises(ConfigError, match="warmup-size 4x4"):
+        ServeSettings(warmup_sizes=((4, 4),))
 
 
 def test_graceful_shutdown_finishes_the_edits_it_accepted_and_takes_no_new_ones(pipe):

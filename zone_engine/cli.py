@@ -156,6 +156,10 @@ def _add_serve_command(commands) -> None:
     server.add_argument("--max-steps", type=int, default=100,
                         help="most steps a request may ask for (default: 100; at most 1000)")
     server.add_argument("--no-warmup", action="store_true", help="be ready without a warm-up edit")
+    server.add_argument("--warmup-size", type=parse_size, action="append", default=[], metavar="HxW",
+                        help="also warm up at this image size before being ready: edits at the server's steps and "
+                        "every batch size the denoiser pads to, so the first requests of that size pay no CUDA-graph "
+                        "capture or compilation (minutes with --denoiser compile); repeatable (default: none)")
     server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     scale = serve.add_argument_group("Ray Serve")
     scale.add_argument("--ray", action="store_true",
@@ -310,6 +314,17 @@ def run_demo(args: argparse.Namespace) -> None:
 SERVE_MODULES = ("fastapi", "uvicorn", "multipart", "prometheus_client")
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """An image size `HxW` (e.g. 512x768) as (height, width), for argparse."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 64x64, got {text!r}") from None
+    if min(height, width) < 1:
+        raise argparse.ArgumentTypeError(f"height and width must be positive, got {text!r}")
+    return height, width
+
+
 def _require(module: str, extra: str) -> None:
     import importlib.util
 
@@ -332,7 +347,7 @@ def run_serve(args: argparse.Namespace) -> None:
     settings = ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, timeout_s=args.timeout_s,
         max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, max_steps=args.max_steps,
-        warmup=not args.no_warmup, edit_changes=tuple(changes.items()),
+        warmup=not args.no_warmup, warmup_sizes=tuple(args.warmup_size), edit_changes=tuple(changes.items()),
     )
     if args.ray:
         from .serving.ray_serve import run_ray

@@ -109,6 +109,14 @@ def outcome_of(error: ServeError) -> str:
 # ---------------------------------------------------------------------------------------- service
 
 
+WARMUP_INSTRUCTION = "make the house a golden statue"
+
+
+def warmup_batch_sizes(max_batch: int) -> list[int]:
+    """The batch sizes a padding denoiser runs for batches of 1..max_batch: powers of two (dual_step.py)."""
+    return [1 << k for k in range(max(max_batch - 1, 0).bit_length() + 1)]
+
+
 class EditService:
     """One model instance behind the routes: loads and warms the pipeline, runs edits in batches.
 
@@ -124,11 +132,16 @@ class EditService:
         self.load_error: str | None = None
 
     def load(self) -> None:
-        """Build the pipeline and run one warm-up edit (first-call costs: allocations, compilation)."""
+        """Build the pipeline and run one warm-up edit (first-call costs: allocations, compilation),
+        then, at each of `warmup_sizes`, one batch of every size the denoiser pads batches to."""
         self.pipeline = self.build_pipeline()
         if self.settings.warmup:
-            self.pipeline.edit(make_sample_image(128, 128), "make the house a golden statue",
-                               self.edit_config().replace(steps=2))
+            self.pipeline.edit(make_sample_image(128, 128), WARMUP_INSTRUCTION, self.edit_config().replace(steps=2))
+        for height, width in self.settings.warmup_sizes:
+            image = make_sample_image(height, width)
+            for batch in warmup_batch_sizes(self.settings.max_batch):
+                log.info("warming up at %dx%d, batch of %d", height, width, batch)
+                self.pipeline.edit_batch([EditRequest(image, WARMUP_INSTRUCTION, self.edit_config())] * batch)
 
     def edit_config(self) -> EditConfig:
         return self.pipeline.default_config.replace(**dict(self.settings.edit_changes))

@@ -75,6 +75,8 @@ class ServeSettings:
     max_instruction_chars: int = 1000
     max_steps: int = 100
     warmup: bool = True
+    # Image sizes (H, W) also warmed up before ready: every padded batch size, at the server's steps.
+    warmup_sizes: tuple[tuple[int, int], ...] = ()
     # EditConfig fields every request starts from, over the pipeline's defaults (e.g. (("steps", 10),)).
     edit_changes: tuple[tuple[str, Any], ...] = ()
 
@@ -84,6 +86,10 @@ class ServeSettings:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_steps > MAX_STEPS:
             raise ConfigError(f"max-steps must be at most {MAX_STEPS} (the engine's limit), got {self.max_steps}")
+        for height, width in self.warmup_sizes:
+            if min(height, width) < 8 or height * width > self.max_pixels:
+                raise ConfigError(f"warmup-size {height}x{width}: at least 8 pixels a side and at most max-pixels "
+                                  f"({self.max_pixels:,}) in all")
         for name in ("max_wait_ms", "timeout_s", "max_upload_mb"):
             if not getattr(self, name) >= 0 or (name != "max_wait_ms" and getattr(self, name) == 0):
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
