@@ -17,6 +17,7 @@ from PIL import Image
 
 from zone_engine import ZonePipeline
 from zone_engine.cli import SERVE_MODULES, main
+from zone_engine.config import EditConfig, SamConfig
 from zone_engine.errors import ConfigError, DeviceError, InputImageError, InstructionError, ZoneError
 
 
@@ -214,6 +215,8 @@ def test_api_bad_input(tiny_pipe):
         tiny_pipe.edit(image, 42)
     with pytest.raises(ConfigError):
         tiny_pipe.default_config.replace(seam_alpha=2.0)
+    with pytest.raises(ConfigError, match="config must be an EditConfig"):
+        tiny_pipe.edit(image, "x", {"steps": 2})
     with pytest.raises(DeviceError, match="fp32"):
         ZonePipeline(tiny_pipe.models, device="cpu", dtype="fp16")
     with pytest.raises(DeviceError, match="unknown dtype"):
@@ -221,6 +224,31 @@ def test_api_bad_input(tiny_pipe):
     with pytest.raises(DeviceError, match="unknown device"):
         ZonePipeline(tiny_pipe.models, device="tpu")
     assert issubclass(DeviceError, ZoneError)
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"steps": "20"}, "steps must be a whole number"), ({"steps": 2.5}, "steps must be a whole number"),
+    ({"seed": 1.5}, "seed must be a whole number"), ({"steps": True}, "steps must be a whole number"),
+    ({"text_guidance": float("nan")}, "text_guidance must be a finite number"),
+    ({"dilate_iterations": -2}, "dilate_iterations and fft_radius must be >= 0"),
+    ({"fft_radius": -1}, "dilate_iterations and fft_radius must be >= 0"),
+    ({"fft_threshold": 300}, "8-bit levels"), ({"action": 3}, "action must be None"),
+    ({"sam": {}}, "sam must be a SamConfig"), ({"step": 3}, "EditConfig has no field step"),
+])
+def test_edit_config_says_what_is_wrong_with_a_value(changes, words):
+    """Said at once, not as a TypeError deep in numpy/torch or a broken image (guidance nan) later."""
+    with pytest.raises(ConfigError, match=words):
+        EditConfig().replace(**changes)
+
+
+def test_sam_config_refuses_what_would_fail_inside_segment_anything():
+    for changes, words in (({"points_per_side": 0}, "points_per_side"), ({"box_nms_thresh": 2.0}, "between 0 and 1"),
+                           ({"pred_iou_thresh": float("inf")}, "finite"), ({"crop_n_layers": -1}, "crop_n_layers")):
+        with pytest.raises(ConfigError, match=words):
+            SamConfig().replace(**changes)
+    numpy_values = EditConfig(steps=np.int64(5), text_guidance=np.float32(7.5))
+    assert type(numpy_values.steps) is int and type(numpy_values.text_guidance) is float
+
 
 
 def test_export_and_build_engine_commands_fail_cleanly(capsys, tmp_path):

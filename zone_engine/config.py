@@ -7,6 +7,8 @@ documented option (`threshold_rule="paper"`).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
@@ -29,6 +31,36 @@ MAX_STEPS = 1000
 CLASSIFIER_ACTIONS: tuple[Action, ...] = (Action.CHANGE, Action.ADD, Action.REMOVE)
 
 
+def _check_numbers(config: object) -> None:
+    """Whole numbers in the `int` fields (counts, sizes, seeds), finite numbers in the `float` ones
+    (weights, thresholds), stored as plain int / float: a wrong value is said here, not as a TypeError
+    deep in numpy or torch (steps=2.5, seed=1.5) or as a silently broken image (guidance=nan)."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if item.type == "int":
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ConfigError(f"{item.name} must be a whole number, got {value!r}")
+            object.__setattr__(config, item.name, int(value))
+        elif item.type == "float":
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ConfigError(f"{item.name} must be a finite number, got {value!r}")
+            object.__setattr__(config, item.name, float(value))
+
+
+def _raise_first_failing(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _replace(config, changes: dict[str, object]):
+    """`dataclasses.replace`, an unknown field name said as such (not a TypeError)."""
+    names = [item.name for item in dataclasses.fields(config)]
+    if unknown := sorted(set(changes) - set(names)):
+        raise ConfigError(f"{type(config).__name__} has no field {', '.join(unknown)}; its fields: {', '.join(names)}")
+    return dataclasses.replace(config, **changes)
+
+
 @dataclass(frozen=True)
 class SamConfig:
     """segment-anything `SamAutomaticMaskGenerator` settings (its own defaults)."""
@@ -42,6 +74,20 @@ class SamConfig:
     crop_n_layers: int = 0
     crop_nms_thresh: float = 0.7
     min_mask_region_area: int = 0
+
+    def __post_init__(self) -> None:
+        _check_numbers(self)
+        _raise_first_failing([
+            (self.points_per_side >= 1 and self.points_per_batch >= 1, "points_per_side and points_per_batch must be "
+             ">= 1"),
+            (self.crop_n_layers >= 0 and self.min_mask_region_area >= 0, "crop_n_layers and min_mask_region_area "
+             "must be >= 0"),
+            (0.0 <= self.box_nms_thresh <= 1.0 and 0.0 <= self.crop_nms_thresh <= 1.0, "NMS thresholds (IoU) must be "
+             "between 0 and 1"),
+        ])
+
+    def replace(self, **changes: object) -> SamConfig:
+        return _replace(self, changes)
 
     @classmethod
     def for_random_weights(cls) -> SamConfig:
@@ -87,9 +133,13 @@ class EditConfig:
     seam_alpha: float = 0.6
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
         if isinstance(self.action, str) and not isinstance(self.action, Action):
             object.__setattr__(self, "action", parse_action(self.action))
-        checks = [
+        _raise_first_failing([
+            (self.action is None or isinstance(self.action, Action), f"action must be None (classify) or one of "
+             f"add, change, remove; got {self.action!r}"),
+            (isinstance(self.sam, SamConfig), f"sam must be a SamConfig, got {type(self.sam).__name__}"),
             (1 <= self.steps <= MAX_STEPS, f"steps must be between 1 and {MAX_STEPS}"),
             (self.beta_remove >= 0 and self.beta_add_change >= 0, "beta values must be >= 0"),
             (self.action_rule in ("intended", "reference"), "action_rule must be 'intended' or 'reference'"),
@@ -99,18 +149,18 @@ class EditConfig:
             (0.0 <= self.seam_alpha <= 1.0, "seam_alpha must be between 0 and 1"),
             (self.min_region_area >= 0, "min_region_area must be >= 0"),
             (self.dilate_kernel >= 1 and self.close_kernel >= 1, "kernel sizes must be >= 1"),
+            (self.dilate_iterations >= 0 and self.fft_radius >= 0, "dilate_iterations and fft_radius must be >= 0"),
+            (all(0 <= t <= 255 for t in (self.reference_threshold, self.paper_threshold, self.fft_threshold)),
+             "reference_threshold, paper_threshold and fft_threshold are 8-bit levels: between 0 and 255"),
             (0 <= self.seed < 2**63, f"seed must be between 0 and {2**63 - 1} (2**63 - 1)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        ])
 
     def beta_for(self, action: Action) -> float:
         """MagicBrush blend weight for an action (ZONE.md section 1)."""
         return self.beta_remove if action is Action.REMOVE else self.beta_add_change
 
     def replace(self, **changes: object) -> EditConfig:
-        return dataclasses.replace(self, **changes)
+        return _replace(self, changes)
 
 
 def parse_action(value: str | Action | None) -> Action | None:

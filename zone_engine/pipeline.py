@@ -309,7 +309,9 @@ class ZonePipeline:
     @_stage_of_an_edit
     def prepare(self, image, instruction: str, config: EditConfig | None = None) -> PreparedEdit:
         """Steps 1-4 of one edit: check the inputs, encode the instruction, pick the action, encode the image."""
-        config = config or self.default_config
+        config = self.default_config if config is None else config
+        if not isinstance(config, EditConfig):
+            raise ConfigError(f"config must be an EditConfig, e.g. EditConfig(steps=10), not a {type(config).__name__}")
         models, watch = self.models, Stopwatch(self.device)
         started = time.perf_counter()
 
