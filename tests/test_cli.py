@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +28,12 @@ def photo(tmp_path):
     path = tmp_path / "photo.png"
     Image.fromarray(smooth_image(64, 96)).save(path)
     return path
+
+
+def _copied(source: Path, destination: Path) -> str:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, destination)
+    return str(destination)
 
 
 def _fails_cleanly(capsys, argv, *words):
@@ -144,12 +152,17 @@ def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--segmenter", "onnx", "--sam-onnx", str(t),
                        "--sam", str(p), "--sam-type", "vit_b"],
          ["reads no SAM checkpoint", "drop --sam, --sam-type"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "m" / "region.png"), "--tiny", "--save-masks",
+                       str(t / "m")], ["--save-masks", "would write over -o"]),
+        (lambda p, t: ["edit", _copied(p, t / "in" / "heatmap.png"), "-i", "x", "-o", str(t / "o.png"), "--tiny",
+                       "--save-masks", str(t / "in")], ["would write over the input image"]),
     ],
     ids=["missing-image", "empty-instruction", "bad-output", "zero-steps", "missing-sam", "undecodable-instruction",
          "output-is-input", "output-under-a-file", "masks-into-a-file", "demo-into-a-file", "export-unet-into-a-file",
          "export-sam-into-a-file", "export-sam-missing-checkpoint", "export-sam-unknown-type", "onnx-folder-is-file",
          "tiny-with-checkpoints", "random-weights-with-classifier", "seed-too-large", "tiny-with-sam-type",
-         "engines-without-tensorrt", "sam-onnx-without-onnx", "onnx-with-sam-checkpoint"],
+         "engines-without-tensorrt", "sam-onnx-without-onnx", "onnx-with-sam-checkpoint",
+         "masks-over-the-output", "masks-over-the-input"],
 )
 def test_cli_bad_input(capsys, photo, tmp_path, make_argv, words):
     _fails_cleanly(capsys, make_argv(photo, tmp_path), *words)

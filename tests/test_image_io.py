@@ -552,6 +552,25 @@ def test_unwritable_path_is_a_zone_error(tmp_path, name):
     assert not isinstance(caught.value, InputImageError)
 
 
+def test_a_failed_write_keeps_the_old_file_whole_and_leaves_no_partial_one(tmp_path, monkeypatch):
+    """A full disk or a size limit mid-write: the file that was there stays, not a truncated PNG."""
+    target = tmp_path / "edited.png"
+    old = random_rgb(16, 16)
+    save_image(old, target)
+
+    def write_half_then_fail(image, path, format=None):
+        with open(path, "wb") as file:
+            file.write(b"\x89PNG\r\n\x1a\n half")
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(Image.Image, "save", write_half_then_fail)
+    with pytest.raises(ZoneError, match="cannot write .*File too large"):
+        save_image(random_rgb(16, 16), target)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.asarray(Image.open(target)), old)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["edited.png"]
+
+
 def test_save_rejects_arrays_that_are_not_images(tmp_path):
     with pytest.raises(ValueError):
         save_image(np.zeros((8, 8, 3), dtype=np.float32), tmp_path / "x.png")

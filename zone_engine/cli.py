@@ -14,7 +14,7 @@ from .backends import ATTENTION, DENOISERS, LOCALIZATION_KERNELS, SAM_PRECISIONS
 from .config import Action, EditConfig, parse_action
 from .errors import ConfigError, ZoneError
 from .models import DEFAULT_SAM, IP2P_ID, MAGICBRUSH_ID
-from .paths import check_output_file, check_output_folder
+from .paths import check_output_file, check_output_folder, written_atomically
 
 RANDOM_WEIGHTS_NOTICE = (
     "note: the demo runs tiny RANDOM models, so the edit itself is meaningless; it shows that every stage runs.\n"
@@ -253,6 +253,18 @@ def _check_output_path(path: Path, image: Path) -> None:
     check_output_file(path, "output")
 
 
+MASK_OUTPUTS = ("mask_b", "mask_f", "region", "styled", "heatmap")  # what --save-masks writes, as NAME.png
+
+
+def _check_masks_spare(folder: Path, output: Path, image: Path) -> None:
+    """ZoneError if --save-masks would write over the edit's output or the input image."""
+    written = {(folder / f"{name}.png").absolute() for name in MASK_OUTPUTS}
+    for path, what in ((output, "-o"), (image, "the input image")):
+        if path.absolute() in written or (path.exists() and any(p.exists() and p.samefile(path) for p in written)):
+            raise ZoneError(f"--save-masks {folder} would write over {what} {path} (it writes "
+                            f"{', '.join(n + '.png' for n in MASK_OUTPUTS)}): choose another folder or file name")
+
+
 def _save_outputs(result, folder: Path, names: Sequence[str]) -> None:
     from .image_io import save_image
 
@@ -275,6 +287,7 @@ def run_edit(args: argparse.Namespace) -> None:
     _check_output_path(args.output, args.image)
     if args.save_masks:
         check_output_folder(args.save_masks, "--save-masks")
+        _check_masks_spare(args.save_masks, args.output, args.image)
     image = load_image(args.image)
     instruction = check_instruction(args.instruction)
     changes = _config_changes(args)
@@ -283,7 +296,7 @@ def run_edit(args: argparse.Namespace) -> None:
     result = pipe.edit(image, instruction, config, progress=not args.no_progress)
     save_image(result.image, args.output)
     if args.save_masks:
-        _save_outputs(result, args.save_masks, ("mask_b", "mask_f", "region", "styled", "heatmap"))
+        _save_outputs(result, args.save_masks, MASK_OUTPUTS)
     _print_summary(result)
     print(args.output)
 
@@ -302,10 +315,11 @@ def run_demo(args: argparse.Namespace) -> None:
     result = pipe.edit(image, args.instruction, pipe.default_config.replace(**changes), progress=not args.no_progress)
     save_image(image, args.out / "input.png")
     save_image(result.image, args.out / "output.png")
-    _save_outputs(result, args.save_masks or args.out, ("mask_b", "mask_f", "region", "styled", "heatmap"))
+    _save_outputs(result, args.save_masks or args.out, MASK_OUTPUTS)
     summary = {"action": result.action.value, "used_fallback": result.used_fallback, "timings": result.timings,
                "random_weights": True}
-    (args.out / "timings.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with written_atomically(args.out / "timings.json") as temporary:
+        temporary.write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(result)
     print(args.out)
 

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zone_engine.errors import InputImageError, ZoneError
+from zone_engine.paths import written_atomically
 
 MIN_SIDE = 8
 MAX_PIXELS = 100_000_000
@@ -327,7 +328,8 @@ def save_image(array: np.ndarray, path: str | os.PathLike) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.ascontiguousarray(pixels)).save(path, format=None if path.suffix else "PNG")
+        with written_atomically(path) as temporary:
+            Image.fromarray(np.ascontiguousarray(pixels)).save(temporary, format=None if path.suffix else "PNG")
     except (OSError, ValueError) as error:
         raise ZoneError(f"cannot write {path}: {_one_line(error)}") from None
 

@@ -4,6 +4,8 @@ benchmark or export."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ZoneError
@@ -37,3 +39,17 @@ def check_output_file(path: Path, what: str) -> None:
         problem = "it exists and cannot be overwritten"
     if problem:
         raise ZoneError(f"{what} {path}: {problem}; choose another path")
+
+
+@contextmanager
+def written_atomically(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` (same suffix: writers that go by it pick the same format) to
+    write to, moved over `path` only once the writing succeeded: a failed or interrupted write (a
+    full disk, a size limit) leaves the old file as it was, never a truncated one."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
