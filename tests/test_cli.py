@@ -152,6 +152,8 @@ def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--segmenter", "onnx", "--sam-onnx", str(t),
                        "--sam", str(p), "--sam-type", "vit_b"],
          ["reads no SAM checkpoint", "drop --sam, --sam-type"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--action-classifier", str(t / "ac.pth")],
+         ["action classifier not found"]),  # before gigabytes of IP2P would load (its absence is not said)
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "m" / "region.png"), "--tiny", "--save-masks",
                        str(t / "m")], ["--save-masks", "would write over -o"]),
         (lambda p, t: ["edit", _copied(p, t / "in" / "heatmap.png"), "-i", "x", "-o", str(t / "o.png"), "--tiny",
@@ -162,7 +164,7 @@ def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
          "export-sam-into-a-file", "export-sam-missing-checkpoint", "export-sam-unknown-type", "onnx-folder-is-file",
          "tiny-with-checkpoints", "random-weights-with-classifier", "seed-too-large", "tiny-with-sam-type",
          "engines-without-tensorrt", "sam-onnx-without-onnx", "onnx-with-sam-checkpoint",
-         "masks-over-the-output", "masks-over-the-input"],
+         "classifier-missing", "masks-over-the-output", "masks-over-the-input"],
 )
 def test_cli_bad_input(capsys, photo, tmp_path, make_argv, words):
     _fails_cleanly(capsys, make_argv(photo, tmp_path), *words)

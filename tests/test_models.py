@@ -90,6 +90,19 @@ def test_sam_loads_and_checks_its_type(saved, tmp_path):
     with pytest.raises(CheckpointError, match="cannot read SAM checkpoint"):
         load_sam(corrupt)
     assert sam_type_from_path(root / "sam_vit_h_4b8939.pth") == "vit_h"
+    with pytest.raises(CheckpointError, match="unknown SAM type 'vit_x'"):
+        load_sam(root / "sam_vit_b_test.pth", "vit_x")
+    assert load_sam(unnamed, "VIT_B").image_encoder.patch_embed.proj.out_channels == 768
+
+
+def test_a_model_folder_that_is_there_but_does_not_load_says_why(saved, tmp_path):
+    root, _ = saved
+    broken = tmp_path / "ip2p"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{ not json")
+    with pytest.raises(CheckpointError, match="cannot load InstructPix2Pix from the folder .*json") as caught:
+        load_ip2p(str(broken))
+    assert "\n" not in str(caught.value)
 
 
 def test_action_classifier_loads_and_checks_width(saved):
@@ -99,6 +112,11 @@ def test_action_classifier_loads_and_checks_width(saved):
         load_action_classifier(root / "action_classifier.pth", 768)
     with pytest.warns(UserWarning, match="keyword rule"):
         assert load_action_classifier(None, 768) is None
+    with pytest.raises(CheckpointError, match="768-wide text encoder \\(Error\\(s\\) in loading") as caught:
+        load_action_classifier(root / "action_classifier.pth", 768)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(CheckpointError, match="cannot read the action classifier .*not a PyTorch checkpoint"):
+        load_action_classifier(root / "ip2p" / "model_index.json", 32)
 
 
 def test_tiny_components_are_reproducible():

@@ -306,8 +306,10 @@ def load_sam(checkpoint: str | Path, model_type: str | None = None, *,
             f"SAM checkpoint not found: {path}. Download {SAM_URLS['vit_h']} (or the vit_l / vit_b file) "
             f"and pass its path with {path_flag}."
         )
-    model_type = model_type or sam_type_from_path(path)
-    if model_type not in ("vit_h", "vit_l", "vit_b"):
+    if model_type is not None and model_type.strip().lower() not in ("vit_h", "vit_l", "vit_b"):
+        raise CheckpointError(f"unknown SAM type {model_type!r} ({type_flag}): use vit_h, vit_l or vit_b")
+    model_type = model_type.strip().lower() if model_type else sam_type_from_path(path)
+    if model_type is None:
         raise CheckpointError(
             f"cannot tell the SAM model type of {path.name}: pass {type_flag} vit_h, vit_l or vit_b"
         )
@@ -333,8 +335,14 @@ def load_sam(checkpoint: str | Path, model_type: str | None = None, *,
 # InstructPix2Pix, MagicBrush and the action classifier from local folders or the offline HF cache.
 
 
-def _missing_model_message(what: str, source: str, hub_id: str, flag: str) -> str:
-    return (
+def _model_load_error(what: str, source: str, hub_id: str, flag: str, error: Exception) -> CheckpointError:
+    """A folder that is there but does not load says why (a corrupt or missing file); else not found."""
+    if Path(source).expanduser().is_dir():
+        return CheckpointError(
+            f"cannot load {what} from the folder '{source}': {str(error).strip().splitlines()[0]}. Download it "
+            f"again (`huggingface-cli download {hub_id}`) and pass the folder with {flag}."
+        )
+    return CheckpointError(
         f"{what} weights not found at '{source}' (local folder or offline Hugging Face cache). "
         f"On a machine with internet run `huggingface-cli download {hub_id}` (or `git clone` the "
         f"model repo) and pass the folder with {flag}."
@@ -350,7 +358,7 @@ def load_ip2p(source: str, dtype: torch.dtype = torch.float32) -> Any:
             source, safety_checker=None, requires_safety_checker=False, local_files_only=True, torch_dtype=dtype
         )
     except (OSError, ValueError) as error:
-        raise CheckpointError(_missing_model_message("InstructPix2Pix", source, IP2P_ID, "--ip2p")) from error
+        raise _model_load_error("InstructPix2Pix", source, IP2P_ID, "--ip2p", error) from error
 
 
 def load_magicbrush_unet(source: str, ip2p: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -375,9 +383,7 @@ def load_magicbrush_unet(source: str, ip2p: Any, dtype: torch.dtype = torch.floa
             torch_dtype=dtype,
         )
     except (OSError, ValueError) as error:
-        raise CheckpointError(
-            _missing_model_message("MagicBrush", source, MAGICBRUSH_ID, "--magicbrush")
-        ) from error
+        raise _model_load_error("MagicBrush", source, MAGICBRUSH_ID, "--magicbrush", error) from error
     check_same_unet(ip2p.unet, pipe.unet, source)
     return pipe.unet
 
@@ -406,17 +412,27 @@ def load_action_classifier(checkpoint: str | Path | None, hidden_size: int) -> A
             stacklevel=3,
         )
         return None
+    path = action_classifier_path(checkpoint)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and I/O errors all mean the same to the user
+        raise CheckpointError(f"cannot read the action classifier {path}: not a PyTorch checkpoint, or corrupt "
+                              f"({type(error).__name__}); get {ACTION_CLASSIFIER_SOURCE} again") from None
+    classifier = ActionClassifier(input_size=hidden_size)
+    try:
+        classifier.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{path} is not the ZONE action classifier for a {hidden_size}-wide text encoder "
+                              f"({str(error).strip().splitlines()[0]})") from None
+    return classifier
+
+
+def action_classifier_path(checkpoint: str | Path) -> Path:
+    """The classifier's file, checked to be there (before anything heavier loads)."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise CheckpointError(f"action classifier not found: {path}. Get {ACTION_CLASSIFIER_SOURCE}.")
-    classifier = ActionClassifier(input_size=hidden_size)
-    try:
-        classifier.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as error:
-        raise CheckpointError(
-            f"{path} is not the ZONE action classifier for a {hidden_size}-wide text encoder ({error})"
-        ) from None
-    return classifier
+    return path
 
 
 def load_pretrained(
@@ -424,7 +440,9 @@ def load_pretrained(
     sam_type: str | None = None, dtype: torch.dtype = torch.float32,
 ) -> ZoneModels:
     """sam None: no PyTorch SAM (refinement then runs on an exported SAM, `zone export sam`)."""
-    sam_model = None if sam is None else load_sam(sam, sam_type)  # cheapest check first
+    if action_classifier is not None:
+        action_classifier_path(action_classifier)  # cheapest checks first
+    sam_model = None if sam is None else load_sam(sam, sam_type)
     ip2p_pipe = load_ip2p(ip2p, dtype)
     return ZoneModels(
         tokenizer=ip2p_pipe.tokenizer,
