@@ -110,6 +110,19 @@ def test_palette_png_with_transparency_warns_and_blackens(tmp_path):
     assert (loaded[indices == 2] == [0, 255, 0]).all()
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_rgb_and_gray_png_with_a_transparent_colour_warn_and_blacken_as_alpha_does(tmp_path, mode):
+    """PNG tRNS: one colour of an RGB or L image marked transparent (was kept, silently)."""
+    pixels = np.full((9, 11, 3), 200, np.uint8)
+    pixels[:4] = 30
+    image = Image.fromarray(pixels).convert(mode)
+    image.save(tmp_path / "t.png", transparency=(30, 30, 30) if mode == "RGB" else 30)
+    with pytest.warns(UserWarning, match="transparency"):
+        loaded = load_image(tmp_path / "t.png")
+    np.testing.assert_array_equal(loaded[:4], 0)
+    assert (loaded[4:] == 200).all()
+
+
 def test_rgba_png_composites_over_black_and_warns(tmp_path):
     rgba = np.zeros((8, 8, 4), dtype=np.uint8)
     rgba[..., :3] = (200, 100, 50)

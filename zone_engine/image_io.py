@@ -116,7 +116,8 @@ def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, bool]:
     _check_size(img.height, img.width, name=name)
 
     mode = img.mode
-    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in img.info):
+    # A palette, RGB or L image can mark one colour transparent (PNG tRNS): as much transparency as alpha.
+    if mode in _ALPHA_MODES or (mode in ("P", "RGB", "L") and "transparency" in img.info):
         return _composite_over_black(np.asarray(img.convert("RGBA")))
     if mode == "RGB":
         rgb = np.asarray(img)
