@@ -265,7 +265,6 @@ def test_sam_config_refuses_what_would_fail_inside_segment_anything():
     assert type(numpy_values.steps) is int and type(numpy_values.text_guidance) is float
 
 
-
 def test_export_and_build_engine_commands_fail_cleanly(capsys, tmp_path):
     _fails_cleanly(capsys, ["export", "unet", "--tiny", "--bf16", "--out", str(tmp_path / "x")], "bf16")
     _fails_cleanly(capsys, ["export", "unet", "--tiny", "--height", "50", "--out", str(tmp_path / "x")], "32")
@@ -298,6 +297,12 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path):
     _fails_cleanly(capsys, ["serve", "--tiny", "--max-batch", "0"], "max-batch")
     _fails_cleanly(capsys, ["serve", "--tiny", "--timeout-s", "0"], "timeout-s")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--max-steps", "1001"], "max-steps must be at most 1000")
+    # Options that would be silently ignored or contradict each other.
+    _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--replicas", "2"], "--replicas is read with --ray only")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--steps", "500"], "default steps (500) is above "
+                   "max-steps (100)")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--max-pixels", "200000000"],
+                   "max-pixels must be at most 100,000,000")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "70000"], "port")
     _fails_cleanly(capsys, ["serve", "--tiny", "--host", "999.1.1.1"], "--host 999.1.1.1")
     with socket.socket() as taken:

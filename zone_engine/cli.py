@@ -357,6 +357,8 @@ def run_serve(args: argparse.Namespace) -> None:
     if args.port < 0 or args.port > 65535:
         raise ZoneError(f"--port {args.port} is not a TCP port (0..65535)")
     _check_listen_address(args.host, args.port)
+    if args.replicas != 1 and not args.ray:
+        raise ConfigError("--replicas is read with --ray only (one process serves one pipeline): add --ray")
     spec = _pipeline_spec(args)
     settings = ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, timeout_s=args.timeout_s,
@@ -366,7 +368,7 @@ def run_serve(args: argparse.Namespace) -> None:
     if args.ray:
         from .serving.ray_serve import run_ray
 
-        run_ray(spec, settings, host=args.host, port=args.port, replicas=args.replicas)
+        run_ray(spec, settings, host=args.host, port=args.port, replicas=args.replicas, log_level=args.log_level)
     else:
         pipe = spec.build()  # before binding the port: a missing checkpoint is one `error:` line, exit 2
         run_server(LocalEditService(lambda: pipe, settings), args.host, args.port, args.log_level)

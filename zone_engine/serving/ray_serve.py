@@ -69,7 +69,8 @@ def replica_resources(spec: PipelineSpec, replicas: int, cluster: dict[str, floa
     return {"num_cpus": 1, "num_gpus": 1}
 
 
-def deploy(spec: PipelineSpec, settings: ServeSettings, *, host: str, port: int, replicas: int) -> None:
+def deploy(spec: PipelineSpec, settings: ServeSettings, *, host: str, port: int, replicas: int,
+           log_level: str = "warning") -> None:
     """Start Ray (or join the cluster in RAY_ADDRESS) and Serve, and deploy; returns once replicas are up."""
     import ray
 
@@ -87,7 +88,7 @@ def deploy(spec: PipelineSpec, settings: ServeSettings, *, host: str, port: int,
         graceful_shutdown_timeout_s=settings.timeout_s + 1,
     )
     serve.run(deployment.bind(spec, settings), name="zone", route_prefix="/",
-              logging_config={"log_level": "WARNING", "enable_access_log": False})
+              logging_config={"log_level": log_level.upper(), "enable_access_log": False})
 
 
 def shutdown() -> None:
@@ -97,9 +98,10 @@ def shutdown() -> None:
     ray.shutdown()
 
 
-def run_ray(spec: PipelineSpec, settings: ServeSettings, *, host: str, port: int, replicas: int) -> None:
+def run_ray(spec: PipelineSpec, settings: ServeSettings, *, host: str, port: int, replicas: int,
+            log_level: str = "warning") -> None:
     """Deploy, serve until SIGINT/SIGTERM, then shut Serve and Ray down."""
-    deploy(spec, settings, host=host, port=port, replicas=replicas)
+    deploy(spec, settings, host=host, port=port, replicas=replicas, log_level=log_level)
     print(f"zone: serving on http://{host}:{port} with {replicas} Ray Serve replica(s); Ctrl-C stops")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

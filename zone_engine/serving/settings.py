@@ -9,6 +9,7 @@ from typing import Any
 
 from ..config import MAX_STEPS
 from ..errors import ConfigError
+from ..image_io import MAX_PIXELS
 from ..models import IP2P_ID, MAGICBRUSH_ID
 
 
@@ -86,6 +87,13 @@ class ServeSettings:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_steps > MAX_STEPS:
             raise ConfigError(f"max-steps must be at most {MAX_STEPS} (the engine's limit), got {self.max_steps}")
+        if self.max_pixels > MAX_PIXELS:
+            raise ConfigError(f"max-pixels must be at most {MAX_PIXELS:,} (the engine's limit), got "
+                              f"{self.max_pixels:,}")
+        steps = dict(self.edit_changes).get("steps")
+        if steps is not None and steps > self.max_steps:
+            raise ConfigError(f"the server's default steps ({steps}) is above max-steps ({self.max_steps}), which "
+                              "bounds what a request may ask for: lower --steps or raise --max-steps")
         for height, width in self.warmup_sizes:
             if min(height, width) < 8 or height * width > self.max_pixels:
                 raise ConfigError(f"warmup-size {height}x{width}: at least 8 pixels a side and at most max-pixels "
