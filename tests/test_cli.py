@@ -158,13 +158,16 @@ def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
                        str(t / "m")], ["--save-masks", "would write over -o"]),
         (lambda p, t: ["edit", _copied(p, t / "in" / "heatmap.png"), "-i", "x", "-o", str(t / "o.png"), "--tiny",
                        "--save-masks", str(t / "in")], ["would write over the input image"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--save-masks", str(t / "o.png")],
+         ["is the -o file"]),
     ],
     ids=["missing-image", "empty-instruction", "bad-output", "zero-steps", "missing-sam", "undecodable-instruction",
          "output-is-input", "output-under-a-file", "masks-into-a-file", "demo-into-a-file", "export-unet-into-a-file",
          "export-sam-into-a-file", "export-sam-missing-checkpoint", "export-sam-unknown-type", "onnx-folder-is-file",
          "tiny-with-checkpoints", "random-weights-with-classifier", "seed-too-large", "tiny-with-sam-type",
          "engines-without-tensorrt", "sam-onnx-without-onnx", "onnx-with-sam-checkpoint",
-         "classifier-missing", "masks-over-the-output", "masks-over-the-input"],
+         "classifier-missing", "masks-over-the-output", "masks-over-the-input",
+         "masks-folder-is-the-output"],
 )
 def test_cli_bad_input(capsys, photo, tmp_path, make_argv, words):
     _fails_cleanly(capsys, make_argv(photo, tmp_path), *words)

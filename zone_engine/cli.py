@@ -258,6 +258,8 @@ MASK_OUTPUTS = ("mask_b", "mask_f", "region", "styled", "heatmap")  # what --sav
 
 def _check_masks_spare(folder: Path, output: Path, image: Path) -> None:
     """ZoneError if --save-masks would write over the edit's output or the input image."""
+    if folder.absolute() == output.absolute():
+        raise ZoneError(f"--save-masks {folder} is the -o file: give the masks a folder of their own")
     written = {(folder / f"{name}.png").absolute() for name in MASK_OUTPUTS}
     for path, what in ((output, "-o"), (image, "the input image")):
         if path.absolute() in written or (path.exists() and any(p.exists() and p.samefile(path) for p in written)):
