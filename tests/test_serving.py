@@ -523,6 +523,35 @@ def test_batcher_refuses_beyond_its_queue_bound():
     assert run_batcher(scenario) == [True, True]
 
 
+def test_a_worker_that_dies_delivering_a_batch_fails_that_batch_at_once():
+    """Not left to their timeout: the running batch's requests learn it with the queued ones."""
+    async def scenario():
+        batcher = DynamicBatcher(lambda rs: [], max_batch=1, max_wait_s=0, queue_size=10)  # a wrong count: a bug
+        batcher.start()
+        outcome = await asyncio.wait_for(asyncio.gather(batcher.submit(EditRequest(None, "a"), "k"),
+                                                        return_exceptions=True), 30)
+        assert not batcher.healthy
+        await batcher.close()
+        return outcome[0]
+
+    assert isinstance(run_batcher(scenario), ShuttingDown)
+
+
+def test_an_edit_raising_stop_iteration_fails_alone_and_the_worker_goes_on():
+    async def scenario():
+        batcher = DynamicBatcher(lambda rs: [StopIteration() if r.instruction == "a" else "ok" for r in rs],
+                                 max_batch=1, max_wait_s=0, queue_size=10)
+        batcher.start()
+        first = await asyncio.gather(batcher.submit(EditRequest(None, "a"), "k"), return_exceptions=True)
+        second = await batcher.submit(EditRequest(None, "b"), "k")
+        healthy = batcher.healthy
+        await batcher.close()
+        return first[0], second, healthy
+
+    first, second, healthy = run_batcher(scenario)
+    assert isinstance(first, RuntimeError) and "StopIteration" in str(first) and second == "ok" and healthy
+
+
 def test_a_worker_that_dies_fails_waiting_and_new_jobs_at_once():
     async def scenario():
         batcher = DynamicBatcher(lambda rs: ["ok"] * len(rs), max_batch=2, max_wait_s=5, queue_size=10)

@@ -57,6 +57,7 @@ class DynamicBatcher:
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zone-model")
         self._closing = False
+        self._running: list[Job] = []  # the batch in the model thread
         self._batch_seconds = 0.0  # moving average, for Retry-After
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -77,7 +78,9 @@ class DynamicBatcher:
             return
         log.error("the batching worker stopped", exc_info=worker.exception())
         self._closing = True
-        self._reject_queued(ShuttingDown("the batching worker stopped unexpectedly; see the server log"))
+        error = ShuttingDown("the batching worker stopped unexpectedly; see the server log")
+        _fail(self._running, error)  # a batch it died delivering, too
+        self._reject_queued(error)
 
     async def run_in_model_thread(self, work: Callable[[], Any]) -> Any:
         """Run `work` in the model thread (loading, warm-up): never beside a batch."""
@@ -95,9 +98,7 @@ class DynamicBatcher:
 
     def _reject_queued(self, error: Exception) -> None:
         for bucket in self._buckets.values():
-            for job in bucket:
-                if not job.future.done():
-                    job.future.set_exception(error)
+            _fail(bucket, error)
         self._buckets.clear()
         self.metrics.queue_depth.set(0)
 
@@ -183,6 +184,7 @@ class DynamicBatcher:
             self.metrics.queue_wait.observe(started - job.enqueued)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.running.set(len(batch))
+        self._running = batch
         try:
             outcomes = await self.run_in_model_thread(lambda: self.run_batch([job.request for job in batch]))
         except Exception as error:  # the runner itself failed: every job of the batch learns it
@@ -194,7 +196,16 @@ class DynamicBatcher:
         for job, outcome in zip(batch, outcomes, strict=True):
             if job.future.done():  # withdrawn while running
                 continue
+            if isinstance(outcome, StopIteration):  # a future refuses it (TypeError): it would kill the worker
+                outcome = RuntimeError(f"the edit raised {outcome!r}")
             if isinstance(outcome, BaseException):
                 job.future.set_exception(outcome)
             else:
                 job.future.set_result(outcome)
+        self._running = []
+
+
+def _fail(jobs, error: Exception) -> None:
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(error)
