@@ -433,6 +433,18 @@ def test_a_server_side_fault_is_a_500_not_the_clients_fault(pipe, caplog):
     assert any("edit failed" in record.message for record in caplog.records)
 
 
+def test_a_timeout_error_inside_the_engine_is_a_500_not_the_requests_timeout(pipe):
+    class TimingOut:
+        default_config = pipe.default_config
+
+        def edit_batch(self, requests, **kwargs):
+            return [TimeoutError("a lock inside the engine") for _ in requests]
+
+    with serving(TimingOut(), timeout_s=60) as (base, _):
+        response = post_edit(base, smooth_image(64, 64))
+        assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+
+
 def test_a_failed_load_fails_liveness_and_every_edit_says_why():
     def missing_weights():
         raise CheckpointError("InstructPix2Pix weights not found at 'ip2p/'")

@@ -54,6 +54,10 @@ REPLICA = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (sev
 # ---------------------------------------------------------------------------------------- errors
 
 
+class EditTimedOut(Exception):
+    """An edit that did not finish within the request timeout (its work was cancelled)."""
+
+
 class ServeError(Exception):
     """A request that gets an error answer: HTTP status, a stable code, a message saying what to do."""
 
@@ -81,7 +85,7 @@ def as_serve_error(error: BaseException, service: EditService) -> ServeError:
         return ServeError(503, "queue_full", str(error), {"Retry-After": str(error.retry_after_s)})
     if isinstance(error, ShuttingDown):
         return ServeError(503, "unavailable", str(error), {"Retry-After": "5"})
-    if isinstance(error, asyncio.TimeoutError):
+    if isinstance(error, EditTimedOut):
         return ServeError(504, "timeout", f"the edit did not finish within {service.settings.timeout_s:g} s; "
                           "it was cancelled. Retry later or with fewer steps")
     if isinstance(error, EditCancelled):
@@ -164,14 +168,16 @@ class EditService:
         raise NotImplementedError
 
     async def edit(self, image: np.ndarray, instruction: str, changes: dict[str, Any]) -> EditResult:
-        """One edit, within the request timeout; on timeout its work is cancelled and TimeoutError raised."""
+        """One edit, within the request timeout; on timeout its work is cancelled and EditTimedOut raised."""
         config = self.edit_config().replace(**changes)
         request = EditRequest(image, instruction, config, cancel=threading.Event())
         try:
             outcome = await asyncio.wait_for(self.submit(request, batch_key(image.shape[:2], config)),
                                              self.settings.timeout_s)
-        except BaseException:  # timed out, or the handler cancelled (the client went away): stop its work
+        except BaseException as error:  # timed out, or the handler cancelled (the client went away): stop its work
             request.cancel.set()
+            if isinstance(error, asyncio.TimeoutError):  # this wait's, unlike a TimeoutError the engine raised
+                raise EditTimedOut from None
             raise
         if isinstance(outcome, BaseException):
             raise outcome
