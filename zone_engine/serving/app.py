@@ -171,12 +171,17 @@ class EditService:
         """One edit, within the request timeout; on timeout its work is cancelled and EditTimedOut raised."""
         config = self.edit_config().replace(**changes)
         request = EditRequest(image, instruction, config, cancel=threading.Event())
+        async def submitted() -> Any:  # the edit's own failure as its outcome: a TimeoutError below is the wait's
+            try:
+                return await self.submit(request, batch_key(image.shape[:2], config))
+            except Exception as error:
+                return error
+
         try:
-            outcome = await asyncio.wait_for(self.submit(request, batch_key(image.shape[:2], config)),
-                                             self.settings.timeout_s)
+            outcome = await asyncio.wait_for(submitted(), self.settings.timeout_s)
         except BaseException as error:  # timed out, or the handler cancelled (the client went away): stop its work
             request.cancel.set()
-            if isinstance(error, asyncio.TimeoutError):  # this wait's, unlike a TimeoutError the engine raised
+            if isinstance(error, asyncio.TimeoutError):
                 raise EditTimedOut from None
             raise
         if isinstance(outcome, BaseException):
