@@ -31,7 +31,7 @@ from zone_engine.action import classify_action
 from zone_engine.backends import DENOISERS, DTYPES, resolve_device, resolve_dtype
 from zone_engine.config import Action, EditConfig, SamConfig, parse_action
 from zone_engine.denoise import BatchDenoiser, Denoiser
-from zone_engine.errors import ZoneError
+from zone_engine.errors import ZoneError, first_line
 from zone_engine.image_io import make_sample_image, working_geometry
 from zone_engine.models import PRESETS as MODEL_PRESETS
 from zone_engine.models import SAM_SIZES, ZoneModels, build_random_components
@@ -547,7 +547,7 @@ class EngineRows:
             pipe = ZonePipeline(self.models, self.device, dtype, default_config=self.edit_config, denoiser=denoiser,
                                 channels_last=self.config.channels_last, **options())
         except (ZoneError, ImportError, RuntimeError) as error:  # a backend or provider this machine lacks
-            self.skipped.append({"name": name, "skipped": str(error).splitlines()[0]})
+            self.skipped.append({"name": name, "skipped": first_line(error)})
             return None
         if isinstance(denoiser, str):
             self.denoisers[denoiser] = pipe.denoiser

@@ -124,6 +124,16 @@ def decode_png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
+class FailingPipeline:
+    """Every edit fails with `error`, as `edit_batch(return_exceptions=True)` reports a failure."""
+
+    def __init__(self, pipeline: ZonePipeline, error: Exception) -> None:
+        self.default_config, self.error = pipeline.default_config, error
+
+    def edit_batch(self, requests, **kwargs):
+        return [self.error for _ in requests]
+
+
 class GatedPipeline:
     """The real pipeline behind a gate: batches wait until `release` is set (to fill queues, force
     timeouts, inject faults); it records what it was asked."""
@@ -418,14 +428,8 @@ def test_an_edit_whose_handler_is_cancelled_cancels_its_work(pipe):
 
 def test_a_server_side_fault_is_a_500_not_the_clients_fault(pipe, caplog):
     """A checkpoint or device fault at edit time (e.g. an ONNX export that fails to load) is the server's."""
-    class BrokenExport:
-        default_config = pipe.default_config
-
-        def edit_batch(self, requests, **kwargs):
-            return [CheckpointError("the SAM export in sam_onnx/ cannot be read: re-run `zone export sam`")
-                    for _ in requests]
-
-    with serving(BrokenExport()) as (base, _):
+    broken_export = CheckpointError("the SAM export in sam_onnx/ cannot be read: re-run `zone export sam`")
+    with serving(FailingPipeline(pipe, broken_export)) as (base, _):
         response = post_edit(base, smooth_image(64, 64))
         assert response.status_code == 500 and response.json()["error"]["code"] == "server_error"
         assert "zone export sam" in response.json()["error"]["message"]
@@ -434,13 +438,7 @@ def test_a_server_side_fault_is_a_500_not_the_clients_fault(pipe, caplog):
 
 
 def test_a_timeout_error_inside_the_engine_is_a_500_not_the_requests_timeout(pipe):
-    class TimingOut:
-        default_config = pipe.default_config
-
-        def edit_batch(self, requests, **kwargs):
-            return [TimeoutError("a lock inside the engine") for _ in requests]
-
-    with serving(TimingOut(), timeout_s=60) as (base, _):
+    with serving(FailingPipeline(pipe, TimeoutError("a lock inside the engine")), timeout_s=60) as (base, _):
         response = post_edit(base, smooth_image(64, 64))
         assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
 

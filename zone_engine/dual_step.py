@@ -185,7 +185,7 @@ class FusedDualDenoiser:
         """
         edits = len(inputs)
         if self.pad_batches:
-            padding = (1 << (edits - 1).bit_length()) - edits
+            padding = padded_batch(edits) - edits
             inputs = [*inputs, *[inputs[-1]] * padding]
             betas = [*betas, *[betas[-1]] * padding]
             attention = [*attention, *(AttentionAccumulator(attention[-1].accumulate) for _ in range(padding))]
@@ -276,6 +276,11 @@ def allow_recompiles(limit: int) -> None:
     """Raise dynamo's per-frame recompile limit to `limit` (never lower one the process set higher)."""
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, limit)
+
+
+def padded_batch(edits: int) -> int:
+    """The batch size a padding denoiser runs `edits` edits as: the next power of two."""
+    return 1 << (edits - 1).bit_length()
 
 
 WARMUP_STEPS = 3  # eager steps before capture, as torch.cuda.graphs' documentation advises

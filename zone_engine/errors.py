@@ -6,6 +6,12 @@ line and exits with code 2; anything else is a bug and keeps its traceback.
 """
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (a library's may run to a list of keys), or its type's name."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 class ZoneError(Exception):
     """Base class: a problem with the user's input or setup, never a bug in the engine."""
 

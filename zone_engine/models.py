@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 IP2P_ID = "timbrooks/instruct-pix2pix"
 MAGICBRUSH_ID = "vinesmsuic/magicbrush-jul7"
@@ -306,9 +306,10 @@ def load_sam(checkpoint: str | Path, model_type: str | None = None, *,
             f"SAM checkpoint not found: {path}. Download {SAM_URLS['vit_h']} (or the vit_l / vit_b file) "
             f"and pass its path with {path_flag}."
         )
-    if model_type is not None and model_type.strip().lower() not in ("vit_h", "vit_l", "vit_b"):
+    given = model_type.strip().lower() if model_type else None
+    if given is not None and given not in ("vit_h", "vit_l", "vit_b"):
         raise CheckpointError(f"unknown SAM type {model_type!r} ({type_flag}): use vit_h, vit_l or vit_b")
-    model_type = model_type.strip().lower() if model_type else sam_type_from_path(path)
+    model_type = given or sam_type_from_path(path)
     if model_type is None:
         raise CheckpointError(
             f"cannot tell the SAM model type of {path.name}: pass {type_flag} vit_h, vit_l or vit_b"
@@ -325,7 +326,7 @@ def load_sam(checkpoint: str | Path, model_type: str | None = None, *,
         sam.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as error:
         raise CheckpointError(
-            f"{path.name} is not a SAM {model_type} checkpoint ({str(error).splitlines()[0]}); "
+            f"{path.name} is not a SAM {model_type} checkpoint ({first_line(error)}); "
             f"check {type_flag}"
         ) from None
     return sam
@@ -339,7 +340,7 @@ def _model_load_error(what: str, source: str, hub_id: str, flag: str, error: Exc
     """A folder that is there but does not load says why (a corrupt or missing file); else not found."""
     if Path(source).expanduser().is_dir():
         return CheckpointError(
-            f"cannot load {what} from the folder '{source}': {str(error).strip().splitlines()[0]}. Download it "
+            f"cannot load {what} from the folder '{source}': {first_line(error)}. Download it "
             f"again (`huggingface-cli download {hub_id}`) and pass the folder with {flag}."
         )
     return CheckpointError(
@@ -423,7 +424,7 @@ def load_action_classifier(checkpoint: str | Path | None, hidden_size: int) -> A
         classifier.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{path} is not the ZONE action classifier for a {hidden_size}-wide text encoder "
-                              f"({str(error).strip().splitlines()[0]})") from None
+                              f"({first_line(error)})") from None
     return classifier
 
 

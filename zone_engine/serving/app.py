@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import EditConfig, parse_action
+from ..dual_step import padded_batch
 from ..errors import (
     CheckpointError,
     ConfigError,
@@ -117,8 +118,8 @@ WARMUP_INSTRUCTION = "make the house a golden statue"
 
 
 def warmup_batch_sizes(max_batch: int) -> list[int]:
-    """The batch sizes a padding denoiser runs for batches of 1..max_batch: powers of two (dual_step.py)."""
-    return [1 << k for k in range(max(max_batch - 1, 0).bit_length() + 1)]
+    """The batch sizes a padding denoiser runs for batches of 1..max_batch."""
+    return sorted({padded_batch(edits) for edits in range(1, max_batch + 1)})
 
 
 class EditService:
@@ -147,6 +148,11 @@ class EditService:
                 log.info("warming up at %dx%d, batch of %d", height, width, batch)
                 self.pipeline.edit_batch([EditRequest(image, WARMUP_INSTRUCTION, self.edit_config())] * batch)
 
+    @property
+    def load_failure(self) -> str | None:
+        """What clients and probes are told once loading or the warm-up failed, else None."""
+        return f"loading the models failed: {self.load_error}" if self.load_error else None
+
     def edit_config(self) -> EditConfig:
         return self.pipeline.default_config.replace(**dict(self.settings.edit_changes))
 
@@ -171,6 +177,7 @@ class EditService:
         """One edit, within the request timeout; on timeout its work is cancelled and EditTimedOut raised."""
         config = self.edit_config().replace(**changes)
         request = EditRequest(image, instruction, config, cancel=threading.Event())
+
         async def submitted() -> Any:  # the edit's own failure as its outcome: a TimeoutError below is the wait's
             try:
                 return await self.submit(request, batch_key(image.shape[:2], config))
@@ -378,8 +385,8 @@ def _add_edit_route(app: FastAPI) -> None:
         service: EditService = request.app.state.service
         request_id, started = request_id_of(request), time.perf_counter()
         try:
-            if service.load_error:
-                raise ServeError(503, "unavailable", f"loading the models failed: {service.load_error}")
+            if service.load_failure:
+                raise ServeError(503, "unavailable", service.load_failure)
             if not service.ready:
                 raise ServeError(503, "unavailable", "the models are still loading; retry shortly",
                                  {"Retry-After": "5"})
@@ -434,6 +441,9 @@ async def unless_disconnected(request: Request, edit: asyncio.Future) -> EditRes
                 await edit
 
 
+WORKER_STOPPED = "the batching worker stopped; restart the server"
+
+
 def _add_probe_routes(app: FastAPI) -> None:
     """Liveness, readiness and metrics: what an orchestrator and Prometheus poll."""
 
@@ -442,10 +452,10 @@ def _add_probe_routes(app: FastAPI) -> None:
     async def healthz(request: Request) -> Response:
         # 503 only for what a restart may mend: a failed load or a dead worker (a liveness probe's cue).
         service: EditService | None = getattr(request.app.state, "service", None)
-        if service is not None and service.load_error:
-            problem = f"loading the models failed: {service.load_error}"
+        if service is not None and service.load_failure:
+            problem = service.load_failure
         elif service is not None and not service.healthy:
-            problem = "the batching worker stopped; restart the server"
+            problem = WORKER_STOPPED
         else:
             return JSONResponse({"status": "ok"})
         return error_response(ServeError(503, "unavailable", problem), request_id_of(request))
@@ -454,11 +464,9 @@ def _add_probe_routes(app: FastAPI) -> None:
     async def readyz(request: Request) -> Response:
         service: EditService | None = getattr(request.app.state, "service", None)
         if service is not None and service.ready and not service.healthy:
-            return error_response(ServeError(503, "unavailable", "the batching worker stopped; restart the server"),
-                                  request_id_of(request))
+            return error_response(ServeError(503, "unavailable", WORKER_STOPPED), request_id_of(request))
         if service is None or not service.ready:
-            reason = service.load_error if service is not None and service.load_error else None
-            message = f"loading the models failed: {reason}" if reason else "the models are still loading"
+            message = (service is not None and service.load_failure) or "the models are still loading"
             return error_response(ServeError(503, "unavailable", message), request_id_of(request))
         return JSONResponse({"status": "ready"})
 
