@@ -4,9 +4,14 @@ For one recorded layer and one step, with query (R, H, N, d) and key (R, H, K, d
 
     total (N, K) fp32 += sum over (R, H) of softmax(q k^T * scale)
 
-without ever writing the (R*H, N, K) probabilities: one program per block of BLOCK_N queries loops
-over the R*H rows, computes the scores with tl.dot, the softmax in fp32, sums in registers, and adds
-its block to the accumulator once. One launch per call; deterministic (no atomics).
+without ever writing the (R*H, N, K) probabilities. The grid is (blocks of BLOCK_N queries) x (groups
+of rows): each program computes the scores of its rows with tl.dot, the softmax in fp32, and sums
+them in registers. With one group the program adds that sum to the accumulator. With several (on a
+GPU: one row each, so a layer's 16 rows run on 16 programs at once instead of one after another, the
+latency of their loads overlapping), each program writes its sum to a workspace; the block's last
+program to finish (a ticket counts them) adds the groups' sums to the accumulator in group order. One
+launch per call; deterministic (the order of every addition is fixed; the ticket decides only who
+adds, not the order).
 
 The kernel adds the *sum* over rows; `AttentionAccumulator` counts the rows and divides by the total
 count at the end. sum-then-divide-once equals the reference's pooled mean over (steps, layers,
@@ -38,23 +43,27 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _attn_accumulate_kernel(
-    total_ptr, q_ptr, k_ptr,
+    total_ptr, q_ptr, k_ptr, partial_ptr, ticket_ptr,
     N, K, scale_log2e,
     stride_qr, stride_qh, stride_qn,
     stride_kr, stride_kh, stride_kn,
     # Loop bounds as constants: a layer's head count and width never change within a model (SD1.5: 8
     # heads, 3 widths, so 3 compilations), the loops compile with known trip counts, and triton 3.6's
     # interpreter fails on a loop bound passed at run time (int() of a 1-element array, under NumPy 2.4).
-    D: tl.constexpr, HEADS: tl.constexpr, ROWS: tl.constexpr,
+    D: tl.constexpr, HEADS: tl.constexpr, ROWS: tl.constexpr, GROUPS: tl.constexpr, GROUP_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    block = tl.program_id(0)
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
     n_in = offs_n < N
     k_in = offs_k < K
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # sum over rows of the probabilities
-    for row in range(ROWS):
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # sum over this group's rows of the probabilities
+    for i in range(GROUP_ROWS):
+        row = tl.program_id(1) * GROUP_ROWS + i
+        real = row < ROWS  # the last group may hold fewer rows: the rest read row ROWS - 1 and add nothing
+        row = tl.minimum(row, ROWS - 1)
         r = row // HEADS
         h = row - r * HEADS
         q_row = q_ptr + r * stride_qr + h * stride_qh
@@ -71,11 +80,25 @@ def _attn_accumulate_kernel(
         # Padded keys get -inf (probability 0); padded queries see zeros (a finite, discarded row).
         scores = tl.where(k_in[None, :], scores * scale_log2e, float("-inf"))
         p = tl.exp2(scores - tl.max(scores, axis=1)[:, None])
-        acc += p / tl.sum(p, axis=1)[:, None]
-    # Each program owns its BLOCK_N rows of the accumulator: a plain read-add-write, no atomics.
+        acc += tl.where(real, p / tl.sum(p, axis=1)[:, None], 0.0)
+    # Only one program per block touches the accumulator's BLOCK_N rows: a plain read-add-write, no atomics.
     ptrs = total_ptr + offs_n[:, None] * K + offs_k[None, :]
     inside = n_in[:, None] & k_in[None, :]
-    tl.store(ptrs, tl.load(ptrs, mask=inside, other=0.0) + acc, mask=inside)
+    if GROUPS == 1:
+        tl.store(ptrs, tl.load(ptrs, mask=inside, other=0.0) + acc, mask=inside)
+    else:
+        tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + offs_k[None, :]
+        partials = partial_ptr + block * (GROUPS * BLOCK_N * BLOCK_K)
+        tl.store(partials + tl.program_id(1) * (BLOCK_N * BLOCK_K) + tile, acc, mask=inside)
+        tl.debug_barrier()  # every thread's share of the sum stored before the ticket releases it
+        if tl.atomic_add(ticket_ptr + block, 1, sem="acq_rel") == GROUPS - 1:  # the block's last program
+            summed = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for group in range(GROUPS):  # group order, whichever program came last: deterministic
+                # .cg: read from L2, where the other programs' stores are, past this SM's L1.
+                summed += tl.load(partials + group * (BLOCK_N * BLOCK_K) + tile, mask=inside, other=0.0,
+                                  cache_modifier=".cg")
+            tl.store(ptrs, tl.load(ptrs, mask=inside, other=0.0) + summed, mask=inside)
+            tl.atomic_xchg(ticket_ptr + block, 0)  # ready for the next launch
 
 
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -104,34 +127,63 @@ def _check_arguments(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor
                          f"{key.device}")
 
 
-def attn_accumulate_triton(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
-    """Launch the kernel: total (N, K) fp32 += sum_{R, H} softmax(query key^T * scale), in place."""
+def attn_accumulate_triton(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float,
+                           row_groups: int | None = None) -> None:
+    """Launch the kernel: total (N, K) fp32 += sum_{R, H} softmax(query key^T * scale), in place.
+
+    `row_groups`: programs per block of queries (None: the launcher's choice; tests pick others)."""
     _check_arguments(total, query, key)
-    _launch(total, query, key, scale)
+    _launch(total, query, key, scale, row_groups)
 
 
-def _launch(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+def _launch(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float,
+            row_groups: int | None = None) -> None:
     rows, heads, queries, dim = query.shape
     keys = key.shape[2]
     if rows * heads == 0 or queries == 0:
         return
-    # 16 queries per program (tl.dot's smallest tile) keeps 16 programs busy at SD1.5's N = 256; the
-    # interpreter prefers fewer, larger programs. d is walked in chunks of at most 64 so a 160-dim
-    # head wastes 17 % (3 x 64) instead of 37 % (256) and the K tile stays at 16 KB in fp16.
-    block_n = 64 if is_interpreted(_attn_accumulate_kernel) else 16
+    interpreted = is_interpreted(_attn_accumulate_kernel)
+    # 16 queries per program (tl.dot's smallest tile) and, on a GPU, a program per row: SD1.5's N = 256
+    # and 16 rows make 256 programs. The interpreter prefers fewer, larger programs (two groups keep its
+    # path the GPU's). d is walked in chunks of at most 64 so a 160-dim head wastes 17 % (3 x 64)
+    # instead of 37 % (256) and the K tile stays at 16 KB in fp16.
+    block_n = 64 if interpreted else 16
+    block_k = max(16, triton.next_power_of_2(keys))
     block_d = min(64, triton.next_power_of_2(max(dim, 16)))
-    grid = (triton.cdiv(queries, block_n),)
-    _attn_accumulate_kernel[grid](
-        total, query, key,
+    groups = row_groups or min(rows * heads, 2 if interpreted else MAX_ROW_GROUPS)
+    group_rows = triton.cdiv(rows * heads, groups)
+    groups = triton.cdiv(rows * heads, group_rows)  # no group left empty
+    blocks = triton.cdiv(queries, block_n)
+    partials, tickets = _workspace(total.device, blocks, groups, block_n * block_k)
+    _attn_accumulate_kernel[(blocks, groups)](
+        total, query, key, partials, tickets,
         queries, keys, float(scale) * LOG2E,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
-        D=dim, HEADS=heads, ROWS=rows * heads,
-        BLOCK_N=block_n, BLOCK_K=max(16, triton.next_power_of_2(keys)), BLOCK_D=block_d,
+        D=dim, HEADS=heads, ROWS=rows * heads, GROUPS=groups, GROUP_ROWS=group_rows,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
         # fp32 inputs: "ieee", no tf32 rounding, as the fp32 reference; fp16/bf16 products are exact
         # in the fp32 accumulator whatever the setting ("tf32" is Triton's default).
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )
+
+
+MAX_ROW_GROUPS = 32  # programs per block of queries; more rows than this share programs
+_workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, blocks: int, groups: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The groups' partial sums and the blocks' tickets (zero between launches) for a launch of this shape.
+
+    Kept per device and shape, allocated at a shape's first launch (a warm-up, before any CUDA-graph
+    capture) and reused: launches that share one must not run at the same time, which holds for the
+    engine's, all issued in order on one stream. Tickets are only touched when there are several groups.
+    """
+    key = (device, blocks, groups, tile)
+    if key not in _workspaces:
+        size = blocks * groups * tile if groups > 1 else 1
+        _workspaces[key] = (torch.empty(size, device=device), torch.zeros(blocks, device=device, dtype=torch.int32))
+    return _workspaces[key]
 
 
 # The plain-torch reference: the same in-place contract, from the engine's localization stage.
@@ -235,7 +287,9 @@ def benchmark(
     # Traffic model: every variant reads Q and K once. The torch paths also write and re-read fp32
     # copies of Q, K (.float()), then write/read the scores about 4 times (matmul out, scale, softmax
     # in/out); the store keeps every probability and re-reads it for the mean; the torch reference
-    # re-reads it once for the sum. The kernel adds only the accumulator's read-modify-write.
+    # re-reads it once for the sum. The kernel adds only the accumulator's read-modify-write (its
+    # groups' partial sums, written and read back within the launch, 16 x 256 x 77 x 4 B = 1.3 MB a layer
+    # on a GPU, stay in L2 and are not counted).
     upcast = 2 * qk_bytes * 4 // element
     variants = {
         "a: store all, average later": (lambda: _store_all(inputs, scale), qk_bytes + upcast + 5 * probs),
@@ -259,4 +313,14 @@ def benchmark(
         results.append({"name": name, "time_ms": time_ms, "bytes": traffic, **quality})
     if device.type == "cuda":  # where the host's launch cost goes, and the device's time without it
         results += launch_cost_rows(results[-1], fused, through_the_op, check)
+
+        def rows_in_turn() -> torch.Tensor:
+            total = torch.zeros(queries, keys, device=device)
+            for q, k in inputs:
+                attn_accumulate_triton(total, q, k, scale, row_groups=1)
+            return total / count
+
+        results.append({  # the split of the rows across programs, against the kernel without it
+            **results[-1], "name": "c: one program per block, rows in turn, from a CUDA graph", **check(rows_in_turn()),
+            "time_ms": triton.testing.do_bench_cudagraph(rows_in_turn, return_mode="median")})
     return results

@@ -91,6 +91,22 @@ def test_kernel_matches_reference(shape, dtype):
         assert torch.allclose(total, expected, rtol=0, atol=1e-6 * rows * heads)
 
 
+@pytest.mark.parametrize("groups", [1, 2, 3, 4, 10])
+def test_any_split_of_the_rows_gives_the_sum_and_repeats_bit_for_bit(groups):
+    # 10 rows: groups of 10, 5+5, 4+4+2, 3+3+3+1 and 1 each (the GPU's choice); the workspace and its
+    # tickets are reused by the second launch, which must give the same bits (the order of the adds is fixed).
+    query, key = _inputs(2, 5, 37, 40, 77, torch.float32, seed=6)
+    first, second = torch.zeros(37, 77), torch.zeros(37, 77)
+    attn_accumulate_triton(first, query, key, 0.2, row_groups=groups)
+    attn_accumulate_triton(second, query, key, 0.2, row_groups=groups)
+    assert torch.equal(first, second)
+    expected = torch.zeros(37, 77)
+    attn_accumulate_reference(expected, query, key, 0.2)
+    assert torch.allclose(first, expected, rtol=0, atol=1e-5)
+    attn_accumulate_triton(first, query, key, 0.2, row_groups=groups)  # in place: now twice the sum
+    assert torch.allclose(first, 2 * expected, rtol=0, atol=2e-5)
+
+
 def test_accumulates_in_place_across_calls():
     query, key = _inputs(2, 5, 37, 40, 77, torch.float32, seed=1)
     query2, key2 = _inputs(2, 5, 37, 40, 77, torch.float32, seed=2)
@@ -287,6 +303,18 @@ class TestCompiledOnGPU:
         total = torch.zeros(queries, keys, device="cuda")
         attn_accumulate_(total, query, key, dim**-0.5)
         _assert_within_rule(query, key, dim**-0.5, total)
+
+    @pytest.mark.parametrize("groups", [1, 3, 16])
+    def test_row_groups_on_the_device_sum_alike_and_repeat_bit_for_bit(self, groups):
+        # Here the programs of a block run at once: the last to take its ticket must see every partial sum.
+        query, key = _inputs(2, 8, 256, 160, 77, torch.float16, device="cuda", seed=7)
+        runs = []
+        for _ in range(3):
+            total = torch.zeros(256, 77, device="cuda")
+            attn_accumulate_triton(total, query, key, 160**-0.5, row_groups=groups)
+            runs.append(total)
+        assert all(torch.equal(runs[0], run) for run in runs[1:])
+        _assert_within_rule(query, key, 160**-0.5, runs[0])
 
     def test_strided_and_cuda_graph_capture(self):
         batch, queries, keys, heads, dim = 3, 256, 77, 8, 160
