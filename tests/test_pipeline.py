@@ -124,26 +124,30 @@ def test_long_instruction_is_truncated_with_a_warning(tiny_pipe):
 
 
 def test_fp16_vae_overflow_is_decoded_again_in_fp32(tiny_models, monkeypatch):
-    """SD's VAE overflows in fp16; the decode must come back finite (simulated: fp16 decode returns inf)."""
+    """SD's VAE overflows in fp16; the decode must come back finite (simulated: fp16 decode returns inf),
+    and the VAE itself stays as it was, weights and all (its CUDA graphs point at them)."""
     import torch
 
     from zone_engine.pipeline import decode_latents
 
     vae = tiny_models.vae
-    original = vae.decode
+    original = type(vae).decode
 
-    def overflowing(latents, return_dict=False):
-        out = original(latents, return_dict=False)[0]
-        if next(vae.parameters()).dtype == torch.float16:
+    def overflowing(self, latents, return_dict=False):  # on the class: the fp32 copy runs it too
+        out = original(self, latents, return_dict=False)[0]
+        if next(self.parameters()).dtype == torch.float16:
             out = torch.full_like(out, float("inf"))
         return (out,)
 
-    monkeypatch.setattr(vae, "decode", overflowing)
+    monkeypatch.setattr(type(vae), "decode", overflowing)
     vae.to(torch.float16)
     try:
+        weights = [parameter.data_ptr() for parameter in vae.parameters()]
         latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
         pixels = decode_latents(vae, latents.half())
-        assert torch.isfinite(pixels).all() and next(vae.parameters()).dtype == torch.float16
+        assert torch.isfinite(pixels).all()
+        assert [parameter.data_ptr() for parameter in vae.parameters()] == weights
+        assert all(parameter.dtype == torch.float16 for parameter in vae.parameters())
     finally:
         vae.to(torch.float32)
     expected = decode_latents(vae, latents)

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 
 from .config import CLASSIFIER_ACTIONS, Action
+from .graphs import Run, eager
 from .models import ActionClassifier
 from .text import padded_ids
 
@@ -37,12 +38,15 @@ def action_from_logits(logits: torch.Tensor, rule: Literal["intended", "referenc
 @torch.inference_mode()
 def classify_action(
     instruction: str, tokenizer, text_encoder, classifier: ActionClassifier | None,
-    rule: Literal["intended", "reference"] = "intended",
+    rule: Literal["intended", "reference"] = "intended", run: Run = eager,
 ) -> Action:
+    """The action from the classifier's logits, or from keywords without a classifier. `run`: how the
+    text encoder is called (`graphs.eager`, or replayed from a CUDA graph)."""
     if classifier is None:
         return keyword_action(instruction)
     device = next(text_encoder.parameters()).device
     ids, attention_mask = padded_ids(tokenizer, [instruction], device)
     # The reference encodes with the attention mask here (unlike the UNet conditioning).
-    states = text_encoder(ids, attention_mask=attention_mask)[0].float()
+    states = run("text_encoder_masked", lambda ids, mask: text_encoder(ids, attention_mask=mask)[0],
+                 ids, attention_mask).float()
     return action_from_logits(classifier(states)[0], rule)

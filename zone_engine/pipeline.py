@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import threading
 import time
@@ -30,6 +31,7 @@ from .backends import (
 from .config import Action, EditConfig, SamConfig
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
 from .errors import ConfigError, EditCancelled
+from .graphs import CapturedCalls, Run, eager
 from .localize import AttentionAccumulator, Localization, attention_grid, heatmap_overlay, localize
 from .models import DEFAULT_SAM, IP2P_ID, MAGICBRUSH_ID, ZoneModels, build_tiny_components, load_pretrained
 from .refine import Refinement, Segmenter, refine_with_sam
@@ -121,28 +123,28 @@ def image_to_tensor(image: np.ndarray, device: torch.device, dtype: torch.dtype)
 
 
 @torch.inference_mode()
-def encode_image_latents(vae, image: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """IP2P's image conditioning (3, 4, h, w): [latents, latents, zeros], unscaled latent_dist.mode()."""
+def encode_image_latents(vae, image: np.ndarray, dtype: torch.dtype, run: Run = eager) -> torch.Tensor:
+    """IP2P's image conditioning (3, 4, h, w): [latents, latents, zeros], unscaled latent_dist.mode().
+    `run`: how the VAE is called (`graphs.eager`, or replayed from a CUDA graph)."""
     device = next(vae.parameters()).device
-    latents = vae.encode(image_to_tensor(image, device, dtype)).latent_dist.mode()
+    latents = run("vae_encode", lambda pixels: vae.encode(pixels).latent_dist.mode(),
+                  image_to_tensor(image, device, dtype))
     return torch.cat([latents, latents, torch.zeros_like(latents)])
 
 
 @torch.inference_mode()
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """(1, 4, h, w) -> float (1, 3, H, W) in [0, 1].
+def decode_latents(vae, latents: torch.Tensor, run: Run = eager) -> torch.Tensor:
+    """(1, 4, h, w) -> float (1, 3, H, W) in [0, 1]. `run`: as for `encode_image_latents`.
 
     SD's VAE can overflow in fp16 (inf/NaN activations in the decoder). Decoding stays in the
-    chosen precision; only when the result is not finite is it decoded again in fp32.
+    chosen precision; only when the result is not finite is it decoded again, by an fp32 copy of
+    the VAE (the VAE itself is never converted: its CUDA graphs point at its weights).
     """
-    image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    image = run("vae_decode", lambda scaled: vae.decode(scaled, return_dict=False)[0],
+                latents / vae.config.scaling_factor)
     if image.dtype == torch.float16 and not torch.isfinite(image).all():
-        half = next(vae.parameters()).dtype
-        vae.to(torch.float32)
-        try:
-            image = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
-        finally:
-            vae.to(half)
+        fp32 = copy.deepcopy(vae).to(torch.float32)
+        image = fp32.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -153,7 +155,7 @@ def to_uint8_image(pixels: torch.Tensor) -> np.ndarray:
 
 def _stage_of_an_edit(method: Callable[..., T]) -> Callable[..., T]:
     """Run a pipeline method (prepare, denoise, finish) holding the pipeline's lock, with its CUDA
-    device current. The lock: the VAE (its fp32 decode fallback), the denoiser's static buffers and
+    device current. The lock: the stages' CUDA graphs (`graphs.py`), the denoiser's static buffers and
     CUDA graphs and SAM's predictor hold one edit's state at a time, so threads sharing a pipeline
     take turns. The device: CUDA streams, graphs and Triton launch on the current device, so a
     pipeline on cuda:1 would otherwise launch on cuda:0."""
@@ -199,6 +201,10 @@ class ZonePipeline:
         self.models = models.to(self.device, self.dtype, channels_last)
         self.default_config = default_config or EditConfig()
         self.denoiser = make_denoiser(self.models, denoiser, self.device, engines, cuda_graphs)
+        # The text encoder and VAE replayed from CUDA graphs wherever the denoiser's steps are: on CUDA,
+        # unless graphs are turned off or the plain reference (eager) is asked for.
+        graphed = self.device.type == "cuda" and (cuda_graphs if cuda_graphs is not None else denoiser != "eager")
+        self.run: Run = CapturedCalls() if graphed else eager
         self.accumulate, self.binarize = make_localization_kernels(kernels, self.device)
         self.segmenter_kind, self.sam_onnx = segmenter, sam_onnx
         self._segmenters: dict[SamConfig, Segmenter] = {}
@@ -231,7 +237,7 @@ class ZonePipeline:
     def empty_prompt(self) -> torch.Tensor:
         """The empty prompt's text embedding (1, 77, C): the same for every edit, so encoded once."""
         if self._empty_prompt is None:
-            self._empty_prompt = encode_prompt(self.models.tokenizer, self.models.text_encoder, "")
+            self._empty_prompt = encode_prompt(self.models.tokenizer, self.models.text_encoder, "", self.run)
         return self._empty_prompt
 
     def segmenter(self, config: SamConfig) -> Segmenter:
@@ -325,20 +331,21 @@ class ZonePipeline:
 
         # 2. Encode the instruction once, for both UNets.
         with watch("text"):
-            encoded = encode_instruction(models.tokenizer, models.text_encoder, instruction, self.empty_prompt())
+            encoded = encode_instruction(models.tokenizer, models.text_encoder, instruction, self.empty_prompt(),
+                                         self.run)
 
         # 3. Decide the action.
         with watch("action"):
             action = config.action or classify_action(
                 instruction, models.tokenizer, models.text_encoder, models.action_classifier,
-                config.action_rule,
+                config.action_rule, self.run,
             )
 
         # 4. Image latents and the shared initial noise.
         with watch("vae_encode"):
             inputs = DenoiseInputs(
                 context=encoded.context,
-                image_latents=encode_image_latents(models.vae, working, self.dtype),
+                image_latents=encode_image_latents(models.vae, working, self.dtype, self.run),
                 noise=initial_noise(config.seed, latent_size, self.device, self.dtype),
             )
         return PreparedEdit(
@@ -388,7 +395,7 @@ class ZonePipeline:
         with watch("localize"):  # 6. The edit mask M_b.
             located = self._localize(edit)
         with watch("vae_decode"):  # 7. I_sty.
-            styled = to_uint8_image(decode_latents(self.models.vae, latents))
+            styled = to_uint8_image(decode_latents(self.models.vae, latents, self.run))
         with watch("refine"):  # 8. Refine M_b with SAM (on the input for REMOVE: the object is gone from I_sty).
             segmented = edit.working if edit.action is Action.REMOVE else styled
             refined = refine_with_sam(self.segmenter(config.sam), segmented, located.mask_b, config, progress=progress)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InstructionError
+from .graphs import Run, eager
 
 MAX_TOKENS = 77
 MAX_CHARACTERS = 10_000  # far beyond 77 CLIP tokens: anything longer is not an instruction
@@ -51,20 +52,21 @@ def padded_ids(tokenizer, texts: list[str], device: torch.device) -> tuple[torch
 
 
 @torch.inference_mode()
-def encode_prompt(tokenizer, text_encoder, text: str) -> torch.Tensor:
-    """One prompt alone (1, 77, C), as diffusers' IP2P pipeline encodes it (no attention mask)."""
+def encode_prompt(tokenizer, text_encoder, text: str, run: Run = eager) -> torch.Tensor:
+    """One prompt alone (1, 77, C), as diffusers' IP2P pipeline encodes it (no attention mask).
+    `run`: how the encoder is called (`graphs.eager`, or replayed from a CUDA graph)."""
     device = next(text_encoder.parameters()).device
-    return text_encoder(padded_ids(tokenizer, [text], device)[0])[0]
+    return run("text_encoder", lambda ids: text_encoder(ids)[0], padded_ids(tokenizer, [text], device)[0])
 
 
 @torch.inference_mode()
 def encode_instruction(
-    tokenizer, text_encoder, instruction: str, empty: torch.Tensor | None = None
+    tokenizer, text_encoder, instruction: str, empty: torch.Tensor | None = None, run: Run = eager
 ) -> EncodedInstruction:
     """Encode c_T and the empty prompt as diffusers' IP2P pipeline does (no attention mask).
 
     `empty`: `encode_prompt(tokenizer, text_encoder, "")` computed before, which is the same for every
-    instruction (the pipeline keeps it); None encodes it here.
+    instruction (the pipeline keeps it); None encodes it here. `run`: as for `encode_prompt`.
     """
     text = check_instruction(instruction)
     token_count, truncated = count_tokens(tokenizer, text)
@@ -73,7 +75,7 @@ def encode_instruction(
             f"the instruction is longer than {MAX_TOKENS} CLIP tokens and was truncated", stacklevel=3
         )
     # One call each, as diffusers and the reference encode them: a batch of two rounds differently.
-    prompt = encode_prompt(tokenizer, text_encoder, text)
-    empty = encode_prompt(tokenizer, text_encoder, "") if empty is None else empty
+    prompt = encode_prompt(tokenizer, text_encoder, text, run)
+    empty = encode_prompt(tokenizer, text_encoder, "", run) if empty is None else empty
     context = torch.cat([prompt, empty, empty])  # (3, 77, C)
     return EncodedInstruction(context=context, token_count=token_count, truncated=truncated)

@@ -1,0 +1,71 @@
+"""The stages around the denoising loop replayed from CUDA graphs (zone_engine/graphs.py) against eager."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import smooth_image
+
+from zone_engine import EditConfig, SamConfig, ZonePipeline
+from zone_engine.graphs import CapturedCalls, eager
+
+
+def test_cpu_tensors_run_the_function_itself(tiny_pipe):
+    calls = []
+    run = CapturedCalls()
+    result = run("double", lambda x: calls.append(x) or 2 * x, torch.ones(3))
+    assert torch.equal(result, torch.full((3,), 2.0)) and len(calls) == 1 and run.captures == 0
+    assert tiny_pipe.run is eager  # a CPU pipeline captures nothing
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+class TestOnGPU:
+    def test_replay_equals_eager_reads_new_inputs_and_captures_once_per_shape(self, tiny_models):
+        decoder = copy.deepcopy(tiny_models.vae).cuda()
+        run = CapturedCalls()
+
+        def decode(latents):
+            return decoder.decode(latents, return_dict=False)[0]
+
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        for shape in [(1, 4, 8, 8), (1, 4, 8, 12), (1, 4, 8, 8), (1, 4, 8, 12), (1, 4, 8, 8)]:
+            latents = torch.randn(shape, device="cuda", generator=generator)
+            with torch.inference_mode():
+                got, expected = run("decode", decode, latents), decode(latents)
+            # The same kernels on the same inputs; 1e-5 leaves room for cuDNN choosing another algorithm.
+            assert (got - expected).abs().max().item() <= 1e-5
+        assert run.captures == 2
+
+    def test_a_stage_that_cannot_be_captured_runs_eagerly_with_one_warning(self):
+        run = CapturedCalls()
+
+        def reads_a_value(x):  # .item() synchronises: not allowed while a stream is capturing
+            return x * x.sum().item()
+
+        x = torch.arange(4.0, device="cuda")
+        with pytest.warns(UserWarning, match="reads_a_value: not captured"):
+            first = run("reads_a_value", reads_a_value, x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            second = run("reads_a_value", reads_a_value, 2 * x)
+        assert torch.equal(first, x * 6) and torch.equal(second, 2 * x * 12) and run.captures == 0
+
+    def test_an_edit_with_graphed_stages_matches_one_without(self, tiny_models):
+        image = smooth_image(64, 96, seed=6)
+        config = EditConfig(steps=2, sam=SamConfig.for_random_weights())
+        graphed = ZonePipeline(copy.deepcopy(tiny_models), device="cuda", dtype="fp32")
+        plain = ZonePipeline(copy.deepcopy(tiny_models), device="cuda", dtype="fp32", cuda_graphs=False)
+        assert plain.run is eager
+        for seed in (1, 2):  # the second edit replays every stage's graph
+            got = graphed.edit(image, "make the house golden", config.replace(seed=seed))
+            expected = plain.edit(image, "make the house golden", config.replace(seed=seed))
+            # Captured, the text encoder builds CLIP's causal mask explicitly (transformers skips it
+            # eagerly), so attention rounds differently: a level of the output at most, the same masks.
+            assert np.abs(got.styled.astype(int) - expected.styled).max() <= 1
+            assert np.array_equal(got.mask_b, expected.mask_b)
+        assert graphed.run.captures == 4  # text (with "" the same shape), masked text, VAE encode, decode
