@@ -86,7 +86,9 @@ class BenchConfig:
     batch: int = 1  # > 1: also time batches of this many concurrent edits (edit_batch); 1: sequential only
     sam_onnx: bool = False  # also an engine row refining with SAM exported to ONNX and run on ONNX Runtime
     sam_precision: str | None = None  # bf16/fp16: also an engine row with SAM's image encoder in that precision
-    channels_last: bool = False  # every engine row's UNets and VAE in NHWC (half precision only: see parse_args)
+    # True: every engine row's UNets and VAE in NHWC (half precision only: see parse_args); False: none;
+    # None: the engine's default (the UNets on CUDA in fp16/bf16).
+    channels_last: bool | None = None
     time_limit_s: float | None = None  # no edit or batch starts after this many seconds; the rest is reported
     out: Path = Path("benchmarks/out")
 
@@ -750,9 +752,10 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     parser.add_argument("--sam-precision", choices=("none", "bf16", "fp16"),
                         help="also an engine row with SAM's image encoder in bf16/fp16 (none: no such row; "
                         "preset's default)")
-    parser.add_argument("--channels-last", action="store_true",
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="every engine row's UNets and VAE in the channels-last layout (zone edit "
-                        "--channels-last); needs --dtype fp16 or bf16")
+                        "--channels-last; needs --dtype fp16 or bf16); --no-channels-last: neither; default: "
+                        "the engine's (the UNets' on CUDA in fp16/bf16)")
     parser.add_argument("--time-limit", type=float, metavar="SECONDS",
                         help="start no edit or batch after this many seconds from the start; report what was "
                         "measured by then (SIGTERM does the same at once; default: no limit)")
@@ -764,7 +767,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         ("models", args.models), ("resolution", args.resolution), ("steps", args.steps), ("dtype", args.dtype),
         ("sam_type", args.sam_type), ("repeats", args.repeats), ("warmup", args.warmup), ("device", args.device),
         ("seed", args.seed), ("batch", args.batch), ("sam_onnx", args.sam_onnx), ("out", args.out),
-        ("channels_last", args.channels_last or None), ("time_limit_s", args.time_limit),
+        ("channels_last", args.channels_last), ("time_limit_s", args.time_limit),
     ) if value is not None}
     if args.models == "tiny" and args.sam_type is None:
         changes["sam_type"] = "tiny"

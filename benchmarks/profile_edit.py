@@ -164,7 +164,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--denoiser", choices=DENOISERS, default="fused", help="denoiser backend (default fused)")
     parser.add_argument("--sam-precision", choices=SAM_PRECISIONS, default="fp32",
                         help="SAM image encoder precision (default fp32)")
-    parser.add_argument("--channels-last", action="store_true", help="UNets and VAE in the channels-last layout")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="UNets and VAE in the channels-last layout; --no-channels-last: neither; default: "
+                        "the engine's (the UNets' on CUDA in fp16/bf16)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed edits before the profiled one (default 1)")
     parser.add_argument("--rows", type=int, default=25, help="rows of the whole edit's op table (default 25)")
     parser.add_argument("--trace", type=Path, help="also write the profiled edit as a Chrome trace (JSON) here")

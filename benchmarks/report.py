@@ -8,6 +8,9 @@ from pathlib import Path
 from zone_engine.pipeline import STAGES
 
 COLUMNS = (*STAGES[:4], "per_step", *STAGES[4:], "total")
+# The engine rows' layout, by BenchConfig.channels_last (records from before the default: false for none).
+LAYOUTS = {True: " (UNets and VAE channels-last)", False: " (contiguous layout)",
+           None: " (default layout: the UNets channels-last on CUDA in fp16/bf16)"}
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -64,7 +67,7 @@ def setup_lines(record: dict) -> list[str]:
         f"transformers {machine['transformers']}, segment-anything {machine['segment-anything']}",
         f"- models: {config['models']} architectures with random weights, SAM {config['sam_type']}; "
         f"image {config['resolution']}², {config['steps']} steps, engine dtype {config['dtype']}"
-        f"{' (UNets and VAE channels-last)' if config.get('channels_last') else ''}, baseline fp32; "
+        f"{LAYOUTS[config.get('channels_last')]}, baseline fp32; "
         f"SAM {config['sam']['points_per_side']}² points, pred_iou_thresh {config['sam']['pred_iou_thresh']}, "
         f"stability_score_thresh {config['sam']['stability_score_thresh']}",
         f"- warm-up edits {config['warmup']} ({config['priming']}), timed edits {config['repeats']}{batches}; "

@@ -125,3 +125,23 @@ def test_tiny_components_are_reproducible():
         assert torch.equal(x, y)
     assert a.tokenizer.model_max_length == 77
     assert not torch.equal(next(a.ip2p_unet.parameters()), next(build_tiny_components(seed=6).ip2p_unet.parameters()))
+
+
+def test_unets_go_channels_last_by_default_only_on_cuda_in_half_precision():
+    from zone_engine.models import unets_channels_last
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert unets_channels_last(cuda, torch.float16) and unets_channels_last(cuda, torch.bfloat16)
+    assert not unets_channels_last(cuda, torch.float32) and not unets_channels_last(cpu, torch.float32)
+
+
+def test_the_default_layout_on_the_cpu_is_contiguous_and_true_converts_every_diffusion_network(tiny_models):
+    import copy
+
+    models = copy.deepcopy(tiny_models)
+    conv = {name: next(m for m in getattr(models, name).modules() if isinstance(m, torch.nn.Conv2d))
+            for name in ("vae", "ip2p_unet", "mb_unet")}
+    models.to(torch.device("cpu"), torch.float32, True)
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in conv.values())
+    models.to(torch.device("cpu"), torch.float32)
+    assert all(c.weight.is_contiguous() for c in conv.values())

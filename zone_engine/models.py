@@ -59,21 +59,30 @@ class ZoneModels:
     sam: nn.Module | None  # segment_anything Sam; None when refinement runs on an exported SAM
     action_classifier: ActionClassifier | None
 
-    def to(self, device: torch.device, dtype: torch.dtype, channels_last: bool = False) -> ZoneModels:
+    def to(self, device: torch.device, dtype: torch.dtype, channels_last: bool | None = None) -> ZoneModels:
         """In place: every network to `device`; the diffusion networks to `dtype`, and their convolution
-        weights to the channels-last (NHWC) layout or back to the contiguous one."""
+        weights to the channels-last (NHWC) layout or the contiguous one: True, the UNets' and the VAE's;
+        False, none; None (default), the UNets' on CUDA in fp16/bf16 (`unets_channels_last`)."""
         for net in (self.text_encoder, self.vae, self.ip2p_unet, self.mb_unet):
             net.to(device=device).eval().requires_grad_(False)
             if next(net.parameters()).dtype != dtype:  # diffusers warns on any dtype cast, even a no-op
                 net.to(dtype=dtype)
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        for net in (self.vae, self.ip2p_unet, self.mb_unet):
-            net.to(memory_format=layout)
+        unets = unets_channels_last(device, dtype) if channels_last is None else channels_last
+        for net, nhwc in ((self.vae, bool(channels_last)), (self.ip2p_unet, unets), (self.mb_unet, unets)):
+            net.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         # SAM and the classifier stay fp32: the mask generator's thresholds are tuned on fp32 scores.
         for net in (self.sam, self.action_classifier):
             if net is not None:
                 net.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
         return self
+
+
+def unets_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
+    """The UNets' default layout: NHWC on CUDA in half precision. On an H200 the captured fused step took
+    22.87 ms with NHWC UNets against 25.55 ms (cuDNN otherwise converts every fp16 convolution's input
+    and output, a quarter of the step's device time; benchmarks/RESULTS.md, 2026-11-30). On the CPU it
+    was slower. The VAE stays contiguous unless asked: its layout has not been measured on a GPU."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ class ZonePipeline:
         default_config: EditConfig | None = None, denoiser: str | Denoiser = "fused", segmenter: str = "torch",
         kernels: str = "auto", engines: str | Path | None = None, sam_onnx: str | Path | None = None,
         cuda_graphs: bool | None = None, attention: str = "sdpa", sam_precision: str = "fp32",
-        channels_last: bool = False,
+        channels_last: bool | None = None,
     ) -> None:
         if segmenter == "torch" and models.sam is None:
             raise ConfigError("no SAM checkpoint was loaded: pass sam=CKPT, or segmenter='onnx' with sam_onnx=DIR")
@@ -196,8 +196,8 @@ class ZonePipeline:
         check_backend_options(self.device, denoiser, engines, segmenter, sam_onnx, sam_precision)
         self.sam_dtype = DTYPES[sam_precision]
         configure_attention(models, attention, self.device)  # checked before gigabytes move
-        # channels_last: convolutions in NHWC, where GPUs have their fastest fp16/bf16 kernels. Off by
-        # default until measured end to end (benchmarks/RESULTS.md); the models are converted in place.
+        # channels_last: convolutions in NHWC, where GPUs have their fastest fp16/bf16 kernels; None: the
+        # UNets' only, on CUDA in half precision (models.unets_channels_last). The models change in place.
         self.models = models.to(self.device, self.dtype, channels_last)
         self.default_config = default_config or EditConfig()
         self.denoiser = make_denoiser(self.models, denoiser, self.device, engines, cuda_graphs)

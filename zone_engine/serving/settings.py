@@ -35,7 +35,7 @@ class PipelineSpec:
     cuda_graphs: bool | None = None
     attention: str = "sdpa"
     sam_precision: str = "fp32"
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: the UNets' on CUDA in fp16/bf16 (ZonePipeline's default)
 
     def build(self):
         from ..pipeline import ZonePipeline
