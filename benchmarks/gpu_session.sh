@@ -24,8 +24,8 @@
 # skipped. A stage that reaches its limit is sent SIGTERM: bench then starts nothing more and writes its reports
 # of the edits it timed (its own --time-limit, 20 s under the stage's, stops it starting edits before that).
 # Limits 150 + 240 = 390 s for the first two, so bench (issue 4's measure) runs even if the tests take all of
-# theirs; on the H100 tests took 55 s and gpu-512 with eager,fused 111 s, so kernels (50), refine (120) and
-# more usually fit behind them.
+# theirs; on the H200 (2026-11-30) the seven default stages took 102, 116, 13, 26, 55, 51 and 49 s: 420 s
+# in all, so every one fits; bench-compile then took 264 s (176 s of it compiling) in the second call.
 # Run it with timeout_s 590. Then, at once (the machine stays warm 30 s; a fresh one needs 4 minutes of the lease
 # left), the compile backend end to end: `BENCH_LIMIT=<device seconds left - 30> bash benchmarks/gpu_session.sh
 # bench-compile` with timeout_s = the seconds left (149 s of compilation before 3173f92, once per shape since),
