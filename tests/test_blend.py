@@ -353,6 +353,15 @@ def test_seam_is_region_and_not_fine_mask_not_xor():
     np.testing.assert_array_equal(out, reference_composite(original, styled, region, fine_mask))
 
 
+def test_composite_of_flipped_views_as_of_the_arrays_themselves():
+    """OpenCV's masked copy takes contiguous arrays only: views with negative strides work all the same."""
+    original, styled, box = edited_pair(48, 64, seed=8)
+    region, fine_mask = grow(box, 3), box
+    expected = composite(original, styled, region, fine_mask)[::-1, ::-1]
+    flipped = composite(original[::-1, ::-1], styled[::-1, ::-1], region[::-1, ::-1], fine_mask[::-1, ::-1])
+    np.testing.assert_array_equal(flipped, expected)
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.35, 0.6, 1.0])
 def test_composite_alpha(alpha):
     rng = np.random.default_rng(11)

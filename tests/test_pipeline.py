@@ -229,3 +229,13 @@ def test_channels_last_converts_the_convolutions_and_keeps_the_edit(tiny_pipe):
     assert np.array_equal(result.mask_b, expected.mask_b)
     assert np.abs(result.styled.astype(int) - expected.styled).max() <= 1
     assert np.abs(result.image.astype(int) - expected.image).max() <= 1
+
+
+def test_uint8_conversion_rounds_as_diffusers_numpy_to_pil():
+    from zone_engine.pipeline import to_uint8_image
+
+    pixels = torch.rand(1, 3, 37, 53, generator=torch.Generator().manual_seed(3))
+    pixels[0, 0, 0, :4] = torch.tensor([0.5 / 255, 1.5 / 255, 2.5 / 255, 1.0])  # ties: half to even
+    expected = (pixels[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil
+    got = to_uint8_image(pixels)
+    assert got.dtype == np.uint8 and got.shape == (37, 53, 3) and np.array_equal(got, expected)

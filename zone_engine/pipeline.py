@@ -149,8 +149,11 @@ def decode_latents(vae, latents: torch.Tensor, run: Run = eager) -> torch.Tensor
 
 
 def to_uint8_image(pixels: torch.Tensor) -> np.ndarray:
-    """float (1, 3, H, W) in [0, 1] -> uint8 (H, W, 3), rounding as diffusers' numpy_to_pil."""
-    return (pixels[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    """float (1, 3, H, W) in [0, 1] -> uint8 (H, W, 3), rounding as diffusers' numpy_to_pil.
+
+    Computed where the pixels are: the same float32 product and round-half-to-even as numpy's, and a
+    quarter of the bytes to the host (on a GPU the host's numpy pass took ~5 ms at 512²)."""
+    return (pixels[0] * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy()
 
 
 def _stage_of_an_edit(method: Callable[..., T]) -> Callable[..., T]:
