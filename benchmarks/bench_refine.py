@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     print_report(args, sam, rows + onnx_rows, export_seconds, searches)
     if device.type == "cuda":
         guarded("the search's CUDA runs", lambda: print_search_batching(reference, image, args.repeats))
-    guarded("the network rows", lambda: print_network_rows(sam, args.points_per_batch, max(args.repeats, 3)))
+    half = DTYPES[args.sam_precision] if args.sam_precision else None
+    guarded("the network rows", lambda: print_network_rows(sam, args.points_per_batch, max(args.repeats, 3), half))
 
 
 def centre_mask(size: tuple[int, int]) -> np.ndarray:
@@ -270,10 +271,12 @@ def print_search_batching(segmenter: TorchSamSegmenter, image: np.ndarray, repea
           f"{slow_s / fast_s:.2f}x; chosen segment {agreement if agreement == 'same' else f'IoU {agreement:.4f}'}")
 
 
-def print_network_rows(sam: torch.nn.Module, prompts: int, repeats: int) -> None:
+def print_network_rows(sam: torch.nn.Module, prompts: int, repeats: int, half: torch.dtype | None = None) -> None:
     """SAM's image encoder and its decoder's two-way transformer (one batch of prompts), each as SAM's
     module runs it and as the engine does (sam_encoder.py, sam_decoder.py): median seconds of `repeats`
-    after a warm-up, and the largest difference of the outputs relative to their magnitude."""
+    after a warm-up, and the largest difference of the outputs relative to their magnitude. `half`: the
+    encoders also under autocast to it, as `--sam-precision` runs them (which form is faster can differ
+    by precision: on an H200 the SDPA form was 0.93x SAM's in fp32)."""
     encoder, decoder, device = sam.image_encoder, sam.mask_decoder, sam.device
     generator = torch.Generator().manual_seed(0)
     image = torch.randn(1, 3, encoder.img_size, encoder.img_size, generator=generator).to(device)
@@ -285,10 +288,23 @@ def print_network_rows(sam: torch.nn.Module, prompts: int, repeats: int) -> None
     compare(f"image encoder, one {encoder.img_size}² image", repeats, device,
             ("SAM's ImageEncoderViT", lambda: encoder(image)),
             ("attention through SDPA (sam_encoder.py)", lambda: encode_image(encoder, image)))
+    if half is not None:
+        compare(f"image encoder under autocast to {half}, one {encoder.img_size}² image", repeats, device,
+                ("SAM's ImageEncoderViT", autocast(half, device, lambda: encoder(image))),
+                ("attention through SDPA (sam_encoder.py)",
+                 autocast(half, device, lambda: encode_image(encoder, image))))
     compare(f"decoder transformer, {prompts} prompts on one {h}x{w} embedding", repeats, device,
             ("SAM's TwoWayTransformer", lambda: decoder.transformer(embedding, image_pe, tokens)[1]),
             ("factored (sam_decoder.py)", lambda: two_way_transformer(decoder.transformer, embedding, image_pe,
                                                                        tokens)[1]))
+
+
+def autocast(dtype: torch.dtype, device: torch.device, run: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """`run` under torch.autocast to `dtype`, its output as fp32 (as TorchSamPredictor runs the encoder)."""
+    def autocast_run() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype):
+            return run().float()
+    return autocast_run
 
 
 def compare(what: str, repeats: int, device: torch.device, *variants: tuple[str, Callable[[], torch.Tensor]]) -> None:

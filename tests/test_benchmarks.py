@@ -376,9 +376,12 @@ def test_refine_benchmark_rows_and_their_agreement(capsys):
     search_rows = [line for line in searches.splitlines() if line.startswith("torch")]
     assert len(search_rows) == 2 and all(line.endswith("same") for line in search_rows)
     # SAM's encoder and decoder transformer against the engine's forms: their difference is rounding alone.
-    encoder, transformer = (line for line in networks.splitlines() if line.startswith(("image encoder", "decoder")))
-    for line in (encoder, transformer):
-        assert float(line.split("max |difference| ")[1].split()[0]) < 1e-5 and line.count(" ms") == 2
+    # With --sam-precision, the encoders again under autocast: the two forms round differently in bf16.
+    encoder, encoder_bf16, transformer = (line for line in networks.splitlines()
+                                          if line.startswith(("image encoder", "decoder")))
+    assert "autocast to torch.bfloat16" in encoder_bf16
+    for line, bound in ((encoder, 1e-5), (transformer, 1e-5), (encoder_bf16, 5e-2)):
+        assert float(line.split("max |difference| ")[1].split()[0]) < bound and line.count(" ms") == 2
 
 
 def test_a_refine_benchmark_part_that_fails_costs_its_own_rows(capsys, monkeypatch):
