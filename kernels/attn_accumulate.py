@@ -181,8 +181,13 @@ def _workspace(device: torch.device, blocks: int, groups: int, tile: int) -> tup
     """
     key = (device, blocks, groups, tile)
     if key not in _workspaces:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # Made inside a capture, the tickets' zeros would only be recorded: launch once before capturing.
+            raise RuntimeError("kernel 1's first launch at this shape is being captured in a CUDA graph: launch it "
+                               "once eagerly first (a warm-up), as the engine's denoiser does")
         size = blocks * groups * tile if groups > 1 else 1
-        _workspaces[key] = (torch.empty(size, device=device), torch.zeros(blocks, device=device, dtype=torch.int32))
+        _workspaces[key] = (torch.empty(size, device=device, dtype=torch.float32),
+                            torch.zeros(blocks, device=device, dtype=torch.int32))
     return _workspaces[key]
 
 

@@ -360,6 +360,8 @@ def test_composite_of_flipped_views_as_of_the_arrays_themselves():
     expected = composite(original, styled, region, fine_mask)[::-1, ::-1]
     flipped = composite(original[::-1, ::-1], styled[::-1, ::-1], region[::-1, ::-1], fine_mask[::-1, ::-1])
     np.testing.assert_array_equal(flipped, expected)
+    with pytest.raises(ValueError, match="must be uint8 images"):
+        composite(original.astype(np.float32), styled, region, fine_mask)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.35, 0.6, 1.0])

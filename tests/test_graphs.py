@@ -64,8 +64,7 @@ class TestOnGPU:
         for seed in (1, 2):  # the second edit replays every stage's graph
             got = graphed.edit(image, "make the house golden", config.replace(seed=seed))
             expected = plain.edit(image, "make the house golden", config.replace(seed=seed))
-            # Captured, the text encoder builds CLIP's causal mask explicitly (transformers skips it
-            # eagerly), so attention rounds differently: a level of the output at most, the same masks.
+            # The same kernels replayed; 1 level leaves room for cuDNN choosing other algorithms at capture.
             assert np.abs(got.styled.astype(int) - expected.styled).max() <= 1
             assert np.array_equal(got.mask_b, expected.mask_b)
         assert graphed.run.captures == 4  # text (with "" the same shape), masked text, VAE encode, decode

@@ -316,6 +316,12 @@ class TestCompiledOnGPU:
         assert all(torch.equal(runs[0], run) for run in runs[1:])
         _assert_within_rule(query, key, 160**-0.5, runs[0])
 
+    def test_a_workspace_is_never_first_made_inside_a_capture(self):
+        # Its tickets' zeros would only be recorded, not run: the first launch of a shape must be eager.
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match="launch it once eagerly"), torch.cuda.graph(graph):
+            attn_module._workspace(torch.device("cuda"), 7, 3, 2048)
+
     def test_strided_and_cuda_graph_capture(self):
         batch, queries, keys, heads, dim = 3, 256, 77, 8, 160
         q = torch.randn(batch, queries, heads * dim, device="cuda", dtype=torch.float16)

@@ -182,6 +182,8 @@ def composite(
     original, styled = np.asarray(original), np.asarray(styled)
     region, fine_mask = np.asarray(region, dtype=bool), np.asarray(fine_mask, dtype=bool)
     _check_same_size({"original": original, "styled": styled}, {"region": region, "fine_mask": fine_mask})
+    if original.dtype != np.uint8 or styled.dtype != np.uint8:  # OpenCV's copy would otherwise skip the paste
+        raise ValueError(f"original and styled must be uint8 images, got {original.dtype} and {styled.dtype}")
 
     # Styled inside R: OpenCV's masked copy, 0.08 ms at 512² against numpy's where 2.3 ms (2-core AMD CPU).
     out = np.ascontiguousarray(original).copy()

@@ -54,6 +54,7 @@ class CapturedCalls:
     def __init__(self) -> None:
         self._graphs: dict[tuple, _Captured | None] = {}  # None: could not be captured, runs eagerly
         self._pool: tuple[int, int] | None = None
+        self._stream: torch.cuda.Stream | None = None  # warm-ups and captures, off the caller's stream
         self.captures = 0
 
     def __call__(self, name: str, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
@@ -73,21 +74,25 @@ class CapturedCalls:
     def _capture(self, name: str, fn: Callable[..., torch.Tensor],
                  inputs: tuple[torch.Tensor, ...]) -> _Captured | None:
         static = tuple(tensor.clone() for tensor in inputs)  # outside the pool: alive as long as the graph
+        if self._stream is None:
+            self._stream, self._pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
+        caller, graph = torch.cuda.current_stream(), torch.cuda.CUDAGraph()
+        self._stream.wait_stream(caller)
+        # The outer stream context restores the caller's stream even when the capture fails (torch.cuda.graph
+        # alone leaves its capture stream current if ending the capture raises).
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_CALLS):
+            with torch.cuda.stream(self._stream):
+                for _ in range(WARMUP_CALLS):  # an error here is the function's own: it propagates
                     fn(*static)
-            torch.cuda.current_stream().wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                output = fn(*static)
-        except RuntimeError as error:  # e.g. "operation not permitted when stream is capturing"
-            warnings.warn(f"{name}: not captured as a CUDA graph ({first_line(error)}); it runs eagerly",
-                          stacklevel=3)
-            return None
+                try:
+                    with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+                        output = fn(*static)
+                except RuntimeError as error:  # e.g. a host sync: "operation not permitted when stream is capturing"
+                    cause = error.__context__ or error  # ending an invalidated capture raises over the real cause
+                    warnings.warn(f"{name}: not captured as a CUDA graph ({first_line(cause)}); it runs eagerly",
+                                  stacklevel=3)
+                    return None
+        finally:
+            caller.wait_stream(self._stream)
         self.captures += 1
         return _Captured(graph, static, output)
