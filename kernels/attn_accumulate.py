@@ -69,7 +69,7 @@ def _attn_accumulate_kernel(
         q_row = q_ptr + r * stride_qr + h * stride_qh
         k_row = k_ptr + r * stride_kr + h * stride_kh
         scores = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in tl.static_range(0, D, BLOCK_D):  # unrolled: every chunk's loads issued before the dots wait
             d_in = (d0 + offs_d) < D
             q = tl.load(q_row + offs_n[:, None] * stride_qn + (d0 + offs_d)[None, :],
                         mask=n_in[:, None] & d_in[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
