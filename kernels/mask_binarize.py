@@ -16,10 +16,12 @@ once per axis, horizontal pass first into a uint8 intermediate, then vertical; a
 does not change is skipped (an identity table here: (2^21 + v * 2^22) >> 22 == v).
 
 One launch, `_binarize_kernel`, one program per output tile: the two column maxima (every program
-reads the whole map: a few hundred floats), then per vertical tap the horizontal pass of the grid
-row it reads (normalise, truncate, subtract, the integer MACs, Pillow's uint8 intermediate: recomputed
-in registers per tile, never stored), the vertical MACs, the threshold, the uint8 stores. At SD1.5's
-16x16 -> 512x512 that is 5 x 5 taps, 50 reads of the L1-resident map per output pixel.
+reads the whole map: a few hundred floats), then for each grid row the tile's output rows read, its
+horizontal pass at the tile's columns (normalise, truncate, subtract, the integer MACs, Pillow's uint8
+intermediate: in registers, never stored), added with each output row's vertical weight for it; the
+threshold, the uint8 stores. At SD1.5's 16x16 -> 512x512 a 16 x 128 tile reads 4 grid rows: 4 x 5
+normalised cells per column instead of 5 x 5 per pixel (until 2026-11-30, each output row recomputed
+the horizontal passes of its own taps: 20x the divisions; 35 us on an H200).
 The weight tables are computed on the host in float64 exactly as Pillow does
 (`zone_engine.pillow_resize`, shared with SAM's input resize on CUDA), cached per (in size, out
 size, device), and passed as int32 tensors: the kernel only does integer MACs.
@@ -41,6 +43,7 @@ Public API:
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Literal
 
@@ -51,7 +54,7 @@ import triton.language as tl
 
 from kernels.runtime import can_launch, is_interpreted, launch_cost_rows, traced
 from zone_engine.localize import binarize_reference
-from zone_engine.pillow_resize import PRECISION_BITS, device_coefficients
+from zone_engine.pillow_resize import PRECISION_BITS, device_coefficients, pillow_coefficients
 
 
 @triton.jit
@@ -59,7 +62,8 @@ def _binarize_kernel(
     average_ptr, x_starts_ptr, x_weights_ptr, y_starts_ptr, y_weights_ptr, mask_ptr, difference_ptr,
     N, GRID_H, GRID_W, OUT_H, OUT_W, last_token, stride_an, stride_ak, threshold,
     BLOCK_MAP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, TAPS_X: tl.constexpr,
-    TAPS_Y: tl.constexpr, PRECISION: tl.constexpr, PAPER: tl.constexpr, STORE_DIFFERENCE: tl.constexpr,
+    TAPS_Y: tl.constexpr, TILE_ROWS: tl.constexpr, PRECISION: tl.constexpr, PAPER: tl.constexpr,
+    STORE_DIFFERENCE: tl.constexpr,
 ):
     # Column maxima over the whole map, in every program: N is a few hundred floats, cheaper than
     # another launch. max is exact, so the order of the reduction does not matter.
@@ -73,26 +77,30 @@ def _binarize_kernel(
     inside = (ys < OUT_H)[:, None] & (xs < OUT_W)[None, :]
     y_starts = tl.load(y_starts_ptr + ys, mask=ys < OUT_H, other=0)
     x_starts = tl.load(x_starts_ptr + xs, mask=xs < OUT_W, other=0)
+    # The tile's output rows read the grid rows first_row .. first_row + TILE_ROWS - 1 (windows start in
+    # ascending order; TILE_ROWS, from the host's table, covers the widest tile). Each such row's horizontal
+    # pass (Pillow's uint8 intermediate) is computed once per tile, then added into every output row whose
+    # window holds it with that row's weight for it: each (row, tap) term once, integers, so exact.
+    first_row = tl.load(y_starts_ptr + tl.program_id(0) * BLOCK_H)
     acc = tl.full((BLOCK_H, BLOCK_W), 1 << (PRECISION - 1), tl.int32)
-    for ty in tl.static_range(TAPS_Y):
-        # The horizontal pass of the grid row this tap reads, at this tile's columns: Pillow's uint8
-        # intermediate, recomputed per tile instead of stored (it is a few multiply-adds a pixel).
-        y_weight = tl.load(y_weights_ptr + ys * TAPS_Y + ty, mask=ys < OUT_H, other=0)  # 0 past the window
-        grid_row = tl.minimum(y_starts + ty, GRID_H - 1)
-        row_acc = tl.full((BLOCK_H, BLOCK_W), 1 << (PRECISION - 1), tl.int32)
+    for j in tl.static_range(TILE_ROWS):
+        grid_row = tl.minimum(first_row + j, GRID_H - 1)  # past the map: read the last row, weighted 0 below
+        row_acc = tl.full((BLOCK_W,), 1 << (PRECISION - 1), tl.int32)
         for tx in tl.static_range(TAPS_X):
-            x_weight = tl.load(x_weights_ptr + xs * TAPS_X + tx, mask=xs < OUT_W, other=0)
-            grid_column = tl.minimum(x_starts + tx, GRID_W - 1)
-            cell = grid_row[:, None] * GRID_W + grid_column[None, :]
-            first = tl.load(average_ptr + cell * stride_an, mask=inside, other=0.0)
-            last = tl.load(average_ptr + cell * stride_an + last_token * stride_ak, mask=inside, other=0.0)
+            x_weight = tl.load(x_weights_ptr + xs * TAPS_X + tx, mask=xs < OUT_W, other=0)  # 0 past the window
+            cell = grid_row * GRID_W + tl.minimum(x_starts + tx, GRID_W - 1)
+            first = tl.load(average_ptr + cell * stride_an, mask=xs < OUT_W, other=0.0)
+            last = tl.load(average_ptr + cell * stride_an + last_token * stride_ak, mask=xs < OUT_W, other=0.0)
             # uint8(255 * a / max a): fp32 multiply, IEEE-rounded divide (div_rn: Triton's `/` is an
             # approximate division on NVIDIA GPUs), truncating cast, as torch does on the CPU.
             first_u8 = tl.math.div_rn(first * 255.0, first_max).to(tl.int32)
             last_u8 = tl.math.div_rn(last * 255.0, last_max).to(tl.int32)
-            row_acc += tl.maximum(first_u8 - last_u8, 0) * x_weight[None, :]
+            row_acc += tl.maximum(first_u8 - last_u8, 0) * x_weight
         row = tl.minimum(tl.maximum(row_acc >> PRECISION, 0), 255)
-        acc += row * y_weight[:, None]
+        tap = first_row + j - y_starts  # this grid row's place in each output row's window
+        uses = (ys < OUT_H) & (tap >= 0) & (tap < TAPS_Y) & (first_row + j < GRID_H)
+        y_weight = tl.load(y_weights_ptr + ys * TAPS_Y + tap, mask=uses, other=0)
+        acc += row[None, :] * y_weight[:, None]
     difference = tl.minimum(tl.maximum(acc >> PRECISION, 0), 255)
     keep = (difference < threshold) if PAPER else (tl.minimum(2 * difference, 255) <= threshold)
     offsets = ys[:, None] * OUT_W + xs[None, :]
@@ -159,9 +167,19 @@ def _launch(
         average, x_starts, x_weights, y_starts, y_weights, mask, mask if difference is None else difference,
         average.shape[0], grid_h, grid_w, out_h, out_w, last_token, average.stride(0), average.stride(1), threshold,
         BLOCK_MAP=triton.next_power_of_2(average.shape[0]), BLOCK_H=block_h, BLOCK_W=block_w,
-        TAPS_X=x_weights.shape[1], TAPS_Y=y_weights.shape[1], PRECISION=PRECISION_BITS,
+        TAPS_X=x_weights.shape[1], TAPS_Y=y_weights.shape[1], TILE_ROWS=grid_rows_per_tile(grid_h, out_h, block_h),
+        PRECISION=PRECISION_BITS,
         PAPER=paper, STORE_DIFFERENCE=difference is not None,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def grid_rows_per_tile(grid_h: int, out_h: int, block_h: int) -> int:
+    """How many grid rows the widest tile of `block_h` output rows reads, counted from its first row's
+    window start (Pillow's bicubic table for grid_h -> out_h; window starts never decrease down the rows)."""
+    starts, weights = pillow_coefficients(grid_h, out_h, "bicubic")
+    return max(int(starts[top:top + block_h].max() - starts[top]) for top in range(0, out_h, block_h)) \
+        + weights.shape[1]
 
 
 def mask_binarize_reference_(

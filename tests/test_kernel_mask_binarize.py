@@ -82,6 +82,16 @@ def test_bit_identical_to_reference_on_random_maps(grid, size, rule):
         assert np.array_equal(mask.astype(bool), expected_mask)
 
 
+@pytest.mark.parametrize("grid,size", [((16, 16), (512, 512)), ((5, 7), (160, 224)), ((4, 6), (7, 3)),
+                                       ((12, 20), (384, 640))], ids=lambda v: "x".join(map(str, v)))
+def test_bit_identical_with_the_gpus_tiles(grid, size, monkeypatch):
+    # The GPU's 16 x 128 tiles (more tiles, each reading its own span of grid rows), interpreted.
+    monkeypatch.setattr(binarize_module, "is_interpreted", lambda kernel: False)
+    average = _map(grid, "random", seed=3)
+    mask, difference, expected_mask, expected_difference = _run_both(average, grid, 9, size, "reference")
+    assert np.array_equal(difference, expected_difference) and np.array_equal(mask.astype(bool), expected_mask)
+
+
 @pytest.mark.parametrize("kind", ["ties", "flat"])
 @pytest.mark.parametrize("grid,size", [((3, 2), (96, 64)), ((5, 7), (160, 224)), ((2, 2), (37, 53))],
                          ids=lambda v: "x".join(map(str, v)))
