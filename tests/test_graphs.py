@@ -64,7 +64,10 @@ class TestOnGPU:
         for seed in (1, 2):  # the second edit replays every stage's graph
             got = graphed.edit(image, "make the house golden", config.replace(seed=seed))
             expected = plain.edit(image, "make the house golden", config.replace(seed=seed))
-            # The same kernels replayed; 1 level leaves room for cuDNN choosing other algorithms at capture.
+            # The same kernels replayed (the plain pipeline's denoising steps eager: within 1e-5 of a replay,
+            # tested in test_dual_step); 1 level leaves room for cuDNN choosing other algorithms at capture,
+            # and M_b may differ where a value sits on a threshold.
             assert np.abs(got.styled.astype(int) - expected.styled).max() <= 1
-            assert np.array_equal(got.mask_b, expected.mask_b)
+            union = (got.mask_b | expected.mask_b).sum()
+            assert (got.mask_b & expected.mask_b).sum() >= 0.95 * union
         assert graphed.run.captures == 4  # text (with "" the same shape), masked text, VAE encode, decode
