@@ -63,6 +63,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return dtype
 
 
+def uses_cuda_graphs(device: torch.device | None, cuda_graphs: bool | None) -> bool:
+    """The `cuda_graphs` option resolved: None means on for a CUDA device (denoiser steps, text encoder, VAE)."""
+    if cuda_graphs is None:
+        return device is not None and device.type == "cuda"
+    return cuda_graphs
+
+
 def make_denoiser(
     models: ZoneModels, kind: str | Denoiser = "eager", device: torch.device | None = None,
     engines: Path | None = None, cuda_graphs: bool | None = None,
@@ -83,7 +90,7 @@ def make_denoiser(
     on_cuda = device is not None and device.type == "cuda"
     if cuda_graphs and not on_cuda:
         raise DeviceError("CUDA graphs need a CUDA device; drop --cuda-graphs or use --device cuda")
-    graphs = on_cuda if cuda_graphs is None else cuda_graphs
+    graphs = uses_cuda_graphs(device, cuda_graphs)
     if kind == "eager":
         if cuda_graphs:
             raise DeviceError("the eager reference denoiser has no CUDA-graph path: use --denoiser fused")
