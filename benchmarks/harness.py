@@ -28,7 +28,7 @@ import torch
 
 from export.sam import export_sam
 from zone_engine.action import classify_action
-from zone_engine.backends import DENOISERS, DTYPES, resolve_device, resolve_dtype
+from zone_engine.backends import DENOISERS, DTYPES, GROUP_NORMS, resolve_device, resolve_dtype
 from zone_engine.config import Action, EditConfig, SamConfig, parse_action
 from zone_engine.denoise import BatchDenoiser, Denoiser
 from zone_engine.errors import ZoneError, first_line
@@ -89,6 +89,7 @@ class BenchConfig:
     # True: every engine row's UNets and VAE in NHWC (half precision only: see parse_args); False: none;
     # None: the engine's default (the UNets on CUDA in fp16/bf16).
     channels_last: bool | None = None
+    group_norm: str = "auto"  # every engine row's GroupNorms (zone edit --group-norm)
     time_limit_s: float | None = None  # no edit or batch starts after this many seconds; the rest is reported
     out: Path = Path("benchmarks/out")
 
@@ -547,7 +548,8 @@ class EngineRows:
         """`options`: more ZonePipeline arguments, asked for inside the check (they may need an export)."""
         try:
             pipe = ZonePipeline(self.models, self.device, dtype, default_config=self.edit_config, denoiser=denoiser,
-                                channels_last=self.config.channels_last, **options())
+                                channels_last=self.config.channels_last, group_norm=self.config.group_norm,
+                                **options())
         except (ZoneError, ImportError, RuntimeError) as error:  # a backend or provider this machine lacks
             self.skipped.append({"name": name, "skipped": first_line(error)})
             return None
@@ -756,6 +758,9 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
                         help="every engine row's UNets and VAE in the channels-last layout (zone edit "
                         "--channels-last; needs --dtype fp16 or bf16); --no-channels-last: neither; default: "
                         "the engine's (the UNets' on CUDA in fp16/bf16)")
+    parser.add_argument("--group-norm", choices=GROUP_NORMS,
+                        help="every engine row's UNet and VAE GroupNorms: triton (kernel 3), torch (PyTorch's); "
+                        "default auto, the engine's (zone edit --group-norm)")
     parser.add_argument("--time-limit", type=float, metavar="SECONDS",
                         help="start no edit or batch after this many seconds from the start; report what was "
                         "measured by then (SIGTERM does the same at once; default: no limit)")
@@ -767,7 +772,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         ("models", args.models), ("resolution", args.resolution), ("steps", args.steps), ("dtype", args.dtype),
         ("sam_type", args.sam_type), ("repeats", args.repeats), ("warmup", args.warmup), ("device", args.device),
         ("seed", args.seed), ("batch", args.batch), ("sam_onnx", args.sam_onnx), ("out", args.out),
-        ("channels_last", args.channels_last), ("time_limit_s", args.time_limit),
+        ("channels_last", args.channels_last), ("group_norm", args.group_norm), ("time_limit_s", args.time_limit),
     ) if value is not None}
     if args.models == "tiny" and args.sam_type is None:
         changes["sam_type"] = "tiny"

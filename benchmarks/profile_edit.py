@@ -27,7 +27,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from zone_engine.backends import DENOISERS, SAM_PRECISIONS, resolve_device, resolve_dtype
+from zone_engine.backends import DENOISERS, GROUP_NORMS, SAM_PRECISIONS, resolve_device, resolve_dtype
 from zone_engine.config import EditConfig, SamConfig
 from zone_engine.errors import ZoneError
 from zone_engine.image_io import make_sample_image
@@ -167,6 +167,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="UNets and VAE in the channels-last layout; --no-channels-last: neither; default: "
                         "the engine's (the UNets' on CUDA in fp16/bf16)")
+    parser.add_argument("--group-norm", choices=GROUP_NORMS, default="auto",
+                        help="UNet and VAE GroupNorms: triton (kernel 3), torch (PyTorch's); default auto, "
+                        "the engine's")
     parser.add_argument("--warmup", type=int, default=1, help="untimed edits before the profiled one (default 1)")
     parser.add_argument("--rows", type=int, default=25, help="rows of the whole edit's op table (default 25)")
     parser.add_argument("--trace", type=Path, help="also write the profiled edit as a Chrome trace (JSON) here")
@@ -192,7 +195,7 @@ def profile_edit(args: argparse.Namespace) -> tuple[torch.device, list[StageProf
     print(f"[profile] building {args.models} models with random weights (SAM {args.sam_type})", file=sys.stderr)
     models = build_random_components(args.models, 0, args.sam_type).to(device, torch.float32)
     pipe = ZonePipeline(models, device, dtype, denoiser=args.denoiser, sam_precision=args.sam_precision,
-                        channels_last=args.channels_last)
+                        channels_last=args.channels_last, group_norm=args.group_norm)
     # ZONE's SAM settings; a random tiny SAM keeps no mask at them, so the tiny models get the tests' settings.
     sam = SamConfig.for_random_weights() if args.sam_type == "tiny" else SamConfig()
     config = EditConfig(steps=args.steps, sam=sam)  # the action classified, as in a user's edit

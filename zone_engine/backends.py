@@ -15,7 +15,7 @@ from .denoise import Denoiser, SequentialDenoiser
 from .dual_step import FusedDualDenoiser
 from .errors import ConfigError, DeviceError
 from .localize import Accumulate, Binarize, accumulate_attention_probabilities, binarize_reference
-from .models import ZoneModels
+from .models import NormScope, ZoneModels, pytorch_norms
 from .refine import Segmenter
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -23,6 +23,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 DENOISERS = ("eager", "fused", "compile", "tensorrt")
 SEGMENTERS = ("torch", "onnx")
 LOCALIZATION_KERNELS = ("auto", "torch", "triton")
+GROUP_NORMS = ("auto", "torch", "triton")
 ATTENTION = ("sdpa", "xformers")
 SAM_PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -72,17 +73,18 @@ def uses_cuda_graphs(device: torch.device | None, cuda_graphs: bool | None) -> b
 
 def make_denoiser(
     models: ZoneModels, kind: str | Denoiser = "eager", device: torch.device | None = None,
-    engines: Path | None = None, cuda_graphs: bool | None = None,
+    engines: Path | None = None, cuda_graphs: bool | None = None, norms: NormScope = pytorch_norms,
 ) -> Denoiser:
     """eager: the sequential reference; fused: one dual step of tensor ops; compile: fused + torch.compile;
     tensorrt: the exported dual step run by TensorRT (`engines`: a `zone export unet` folder).
     `cuda_graphs` (fused, compile, tensorrt): replay each step from a CUDA graph; None = on for CUDA.
+    `norms` (fused, compile): how the UNets' GroupNorms run (`make_group_norms`).
     A `Denoiser` instance is used as it is: pipelines over the same models can share one (its
     compilation, CUDA graphs and engines are built once)."""
     if not isinstance(kind, str):
-        if engines is not None or cuda_graphs is not None:
-            raise ConfigError("engines and cuda_graphs configure a denoiser named by its backend; a Denoiser "
-                              "instance comes configured: pass neither with it")
+        if engines is not None or cuda_graphs is not None or norms is not pytorch_norms:
+            raise ConfigError("engines, cuda_graphs and norms configure a denoiser named by its backend; a "
+                              "Denoiser instance comes configured: pass none of them with it")
         if not callable(kind):
             raise ConfigError(f"denoiser must be a backend name ({', '.join(DENOISERS)}) or a Denoiser, got "
                               f"{type(kind).__name__}")
@@ -97,7 +99,7 @@ def make_denoiser(
         return SequentialDenoiser(models.ip2p_unet, models.mb_unet, models.scheduler_config)
     if kind in ("fused", "compile"):
         return FusedDualDenoiser(models.ip2p_unet, models.mb_unet, models.scheduler_config, compile=kind == "compile",
-                                 cuda_graphs=graphs)
+                                 cuda_graphs=graphs, norms=norms)
     if kind == "tensorrt":
         if engines is None:
             raise DeviceError("--denoiser tensorrt needs --engines DIR: a folder written by `zone export unet`")
@@ -128,10 +130,11 @@ def configure_attention(models: ZoneModels, kind: str, device: torch.device) -> 
 
 def check_backend_options(
     device: torch.device, denoiser: str | Denoiser = "fused", engines: Path | None = None, segmenter: str = "torch",
-    sam_onnx: str | Path | None = None, sam_precision: str = "fp32", **_other_options,
+    sam_onnx: str | Path | None = None, sam_precision: str = "fp32", group_norm: str = "auto", **_other_options,
 ) -> None:
     """ConfigError / DeviceError for a backend option its backend would not read (silently ignored
     otherwise) or cannot run; cheap, so said before any weights load."""
+    _check_group_norm(group_norm)
     # The PyTorch SAM image encoder's precision: fp32 (the reference), bf16, or fp16 (CUDA only).
     if sam_precision not in SAM_PRECISIONS:
         raise DeviceError(f"unknown SAM precision {sam_precision!r}: use {', '.join(SAM_PRECISIONS)}")
@@ -201,3 +204,31 @@ def make_localization_kernels(kind: str, device: torch.device) -> tuple[Accumula
                           stacklevel=2)
         return attn_accumulate_, binarize_mask
     raise DeviceError(f"unknown localization kernels {kind!r}: available {', '.join(LOCALIZATION_KERNELS)}")
+
+
+def make_group_norms(kind: str, device: torch.device, denoiser: str | Denoiser) -> tuple[NormScope, NormScope]:
+    """(the UNets' while denoising, the VAE's) GroupNorm: PyTorch's, or kernel 3 (kernels/group_norm.py),
+    which keeps channels-last activations in their layout where PyTorch's CUDA norm converts them to NCHW.
+
+    auto: the kernel on CUDA, except where another path owns the norms: the eager denoiser (the plain
+    reference: PyTorch's everywhere), the compile backend's UNets (inductor generates its own fused
+    norm), TensorRT's and a Denoiser instance's (configured when built). triton: the kernel for the VAE
+    and a fused or compiled step's UNets, whatever the device (it falls back to PyTorch's where Triton
+    cannot run, and ZONE_DISABLE_TRITON=1 switches it off); torch: PyTorch's everywhere.
+    """
+    _check_group_norm(kind)
+    if kind == "torch" or (kind == "auto" and (device.type != "cuda" or denoiser == "eager")):
+        return pytorch_norms, pytorch_norms
+    from kernels.group_norm import runs_on, triton_group_norms
+
+    if not runs_on(device):
+        warnings.warn(f"--group-norm triton cannot run on {device.type} here (Triton needs CUDA, or "
+                      "TRITON_INTERPRET=1 on the CPU, and ZONE_DISABLE_TRITON unset): PyTorch's GroupNorm runs",
+                      stacklevel=2)
+    unets_own = denoiser == "fused" or (kind == "triton" and denoiser == "compile")
+    return (triton_group_norms if unets_own else pytorch_norms), triton_group_norms
+
+
+def _check_group_norm(kind: str) -> None:
+    if kind not in GROUP_NORMS:
+        raise DeviceError(f"unknown GroupNorm implementation {kind!r}: available {', '.join(GROUP_NORMS)}")

@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .backends import ATTENTION, DENOISERS, LOCALIZATION_KERNELS, SAM_PRECISIONS, SEGMENTERS
+from .backends import ATTENTION, DENOISERS, GROUP_NORMS, LOCALIZATION_KERNELS, SAM_PRECISIONS, SEGMENTERS
 from .config import Action, EditConfig, parse_action
 from .errors import ConfigError, ZoneError
 from .models import DEFAULT_SAM, IP2P_ID, MAGICBRUSH_ID
@@ -65,6 +65,10 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
                        "fp16 (CUDA only): faster, masks may differ slightly")
     group.add_argument("--kernels", default="auto", choices=LOCALIZATION_KERNELS,
                        help="localization math: triton (fused kernels), torch (reference); auto = triton on CUDA")
+    group.add_argument("--group-norm", default="auto", choices=GROUP_NORMS,
+                       help="the UNets' and VAE's GroupNorm: triton (a kernel that keeps channels-last activations "
+                       "in their layout), torch (PyTorch's, which converts them to NCHW on CUDA); auto = triton on "
+                       "CUDA, but for --denoiser eager (the reference) and compile's UNets (inductor's own norm)")
 
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -216,7 +220,7 @@ def run_build_engine(args: argparse.Namespace) -> None:
 def _backend_options(args: argparse.Namespace) -> dict:
     return dict(denoiser=args.denoiser, kernels=args.kernels, engines=args.engines, segmenter=args.segmenter,
                 sam_onnx=args.sam_onnx, cuda_graphs=args.cuda_graphs, attention=args.attention,
-                sam_precision=args.sam_precision, channels_last=args.channels_last)
+                sam_precision=args.sam_precision, channels_last=args.channels_last, group_norm=args.group_norm)
 
 
 CHECKPOINT_OPTIONS = ("ip2p", "magicbrush", "sam", "action_classifier")

@@ -15,7 +15,8 @@ capture need.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 from .config import EditConfig
 from .denoise import DenoiseInputs, guided_noise, make_scheduler
 from .localize import Accumulate, AttentionAccumulator, attention_grid, record_cross_attention
+from .models import NormScope, pytorch_norms
 from .solver import SolverSchedule, data_prediction, solver_schedule, solver_update
 
 
@@ -143,11 +145,14 @@ class FusedDualDenoiser:
     `pad_batches` (default: with either) rounds batch sizes up to powers of two; `shared_graph_pool`
     (default) lets every captured step allocate from one memory pool (`_capture`), False gives each its
     own as PyTorch does by default (to measure the difference: benchmarks/graph_memory.py). Under CUDA
-    graphs without compile, the two UNets run on two streams inside the graph (DualUNet)."""
+    graphs without compile, the two UNets run on two streams inside the graph (DualUNet). `norms`: how
+    the UNets' GroupNorms run while denoising (models.NormScope; backends.make_group_norms chooses)."""
 
     def __init__(self, ip2p_unet: nn.Module, mb_unet: nn.Module, scheduler_config: dict, compile: bool = False,
-                 cuda_graphs: bool = False, pad_batches: bool | None = None, shared_graph_pool: bool = True):
+                 cuda_graphs: bool = False, pad_batches: bool | None = None, shared_graph_pool: bool = True,
+                 norms: NormScope = pytorch_norms):
         self.unet = DualUNet(mb_unet, ip2p_unet, streams=cuda_graphs and not compile)
+        self.norms = norms
         self.scheduler_config = scheduler_config
         if compile:
             allow_recompiles(COMPILE_RECOMPILE_LIMIT)
@@ -197,18 +202,22 @@ class FusedDualDenoiser:
         if self.cuda_graphs and device.type == "cuda":
             latents = self._replay(batch, schedule, guidance, beta_tensor, attention, on_step)
         else:
-            with self._recording(batch, attention):
+            with self._denoising(batch, attention):
                 latents = self._loop(batch, schedule, DualState.start(batch.noise), guidance, beta_tensor, on_step)
         return list(latents.to(batch.noise.dtype).split(1))[:edits]
 
-    def _recording(self, batch: DenoiseInputs, accumulators: Sequence[AttentionAccumulator]):
-        """Record IP2P's cross-attention into `accumulators`, their sums allocated first: a compiled
-        step then traces one code path from its first call on (one compilation, not two)."""
+    @contextlib.contextmanager
+    def _denoising(self, batch: DenoiseInputs, accumulators: Sequence[AttentionAccumulator]) -> Iterator[None]:
+        """The UNets as a step runs them: IP2P's cross-attention recorded into `accumulators` (their sums
+        allocated first: a compiled step then traces one code path from its first call on, one compilation,
+        not two), the GroupNorms as `norms` says."""
         latent_size = tuple(batch.noise.shape[-2:])
         grid = attention_grid(latent_size)
         for accumulator in accumulators:
             accumulator.reserve(grid[0] * grid[1], batch.context.shape[1], batch.noise.device)
-        return record_cross_attention(self.unet.ip2p_unet, latent_size, grid, accumulators)
+        with self.norms(self.unet.mb_unet, self.unet.ip2p_unet), \
+                record_cross_attention(self.unet.ip2p_unet, latent_size, grid, accumulators):
+            yield
 
     def _loop(self, batch: DenoiseInputs, schedule: SolverSchedule, state: DualState, guidance: torch.Tensor,
               beta: torch.Tensor, on_step: Callable[[int], None] | None) -> torch.Tensor:
@@ -249,7 +258,7 @@ class FusedDualDenoiser:
         state = DualState.start(static.noise)
         accumulators = [AttentionAccumulator(accumulate) for _ in range(batch.noise.shape[0])]
         args = (self.unet, schedule, state, static.image_latents, static.context, guidance.clone(), beta.clone())
-        with self._recording(static, accumulators):
+        with self._denoising(static, accumulators):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

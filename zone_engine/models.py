@@ -6,9 +6,11 @@ here ever downloads: Hugging Face ids resolve from the local cache only (`local_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -75,6 +77,16 @@ class ZoneModels:
             if net is not None:
                 net.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
         return self
+
+
+# How a stage runs its models' GroupNorms: called with the models, entered around their calls.
+NormScope = Callable[..., contextlib.AbstractContextManager]
+
+
+def pytorch_norms(*modules: nn.Module) -> contextlib.AbstractContextManager:
+    """The `NormScope` that changes nothing: the modules' own (PyTorch's) GroupNorm. The other one is
+    kernels.group_norm.triton_group_norms, chosen by backends.make_group_norms."""
+    return contextlib.nullcontext()
 
 
 def unets_channels_last(device: torch.device, dtype: torch.dtype) -> bool:

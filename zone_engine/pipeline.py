@@ -23,6 +23,7 @@ from .backends import (
     check_backend_options,
     configure_attention,
     make_denoiser,
+    make_group_norms,
     make_localization_kernels,
     make_segmenter,
     resolve_device,
@@ -34,7 +35,16 @@ from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
 from .errors import ConfigError, EditCancelled
 from .graphs import CapturedCalls, Run, eager
 from .localize import AttentionAccumulator, Localization, attention_grid, heatmap_overlay, localize
-from .models import DEFAULT_SAM, IP2P_ID, MAGICBRUSH_ID, ZoneModels, build_tiny_components, load_pretrained
+from .models import (
+    DEFAULT_SAM,
+    IP2P_ID,
+    MAGICBRUSH_ID,
+    NormScope,
+    ZoneModels,
+    build_tiny_components,
+    load_pretrained,
+    pytorch_norms,
+)
 from .refine import Refinement, Segmenter, refine_with_sam
 from .text import EncodedInstruction, check_instruction, encode_instruction, encode_prompt
 from .timing import Stopwatch
@@ -124,25 +134,29 @@ def image_to_tensor(image: np.ndarray, device: torch.device, dtype: torch.dtype)
 
 
 @torch.inference_mode()
-def encode_image_latents(vae, image: np.ndarray, dtype: torch.dtype, run: Run = eager) -> torch.Tensor:
+def encode_image_latents(vae, image: np.ndarray, dtype: torch.dtype, run: Run = eager,
+                         norms: NormScope = pytorch_norms) -> torch.Tensor:
     """IP2P's image conditioning (3, 4, h, w): [latents, latents, zeros], unscaled latent_dist.mode().
-    `run`: how the VAE is called (`graphs.eager`, or replayed from a CUDA graph)."""
+    `run`: how the VAE is called (`graphs.eager`, or replayed from a CUDA graph); `norms`: how its
+    GroupNorms run (`backends.make_group_norms`)."""
     device = next(vae.parameters()).device
-    latents = run("vae_encode", lambda pixels: vae.encode(pixels).latent_dist.mode(),
-                  image_to_tensor(image, device, dtype))
+    with norms(vae):
+        latents = run("vae_encode", lambda pixels: vae.encode(pixels).latent_dist.mode(),
+                      image_to_tensor(image, device, dtype))
     return torch.cat([latents, latents, torch.zeros_like(latents)])
 
 
 @torch.inference_mode()
-def decode_latents(vae, latents: torch.Tensor, run: Run = eager) -> torch.Tensor:
-    """(1, 4, h, w) -> float (1, 3, H, W) in [0, 1]. `run`: as for `encode_image_latents`.
+def decode_latents(vae, latents: torch.Tensor, run: Run = eager, norms: NormScope = pytorch_norms) -> torch.Tensor:
+    """(1, 4, h, w) -> float (1, 3, H, W) in [0, 1]. `run`, `norms`: as for `encode_image_latents`.
 
     SD's VAE can overflow in fp16 (inf/NaN activations in the decoder). Decoding stays in the
     chosen precision; only when the result is not finite is it decoded again, by an fp32 copy of
     the VAE (the VAE itself is never converted: its CUDA graphs point at its weights).
     """
-    image = run("vae_decode", lambda scaled: vae.decode(scaled, return_dict=False)[0],
-                latents / vae.config.scaling_factor)
+    with norms(vae):
+        image = run("vae_decode", lambda scaled: vae.decode(scaled, return_dict=False)[0],
+                    latents / vae.config.scaling_factor)
     if image.dtype == torch.float16 and not torch.isfinite(image).all():
         fp32 = copy.deepcopy(vae).to(torch.float32)
         image = fp32.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
@@ -191,20 +205,22 @@ class ZonePipeline:
         default_config: EditConfig | None = None, denoiser: str | Denoiser = "fused", segmenter: str = "torch",
         kernels: str = "auto", engines: str | Path | None = None, sam_onnx: str | Path | None = None,
         cuda_graphs: bool | None = None, attention: str = "sdpa", sam_precision: str = "fp32",
-        channels_last: bool | None = None,
+        channels_last: bool | None = None, group_norm: str = "auto",
     ) -> None:
         if segmenter == "torch" and models.sam is None:
             raise ConfigError("no SAM checkpoint was loaded: pass sam=CKPT, or segmenter='onnx' with sam_onnx=DIR")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        check_backend_options(self.device, denoiser, engines, segmenter, sam_onnx, sam_precision)
+        check_backend_options(self.device, denoiser, engines, segmenter, sam_onnx, sam_precision, group_norm)
         self.sam_dtype = DTYPES[sam_precision]
         configure_attention(models, attention, self.device)  # checked before gigabytes move
         # channels_last: convolutions in NHWC, where GPUs have their fastest fp16/bf16 kernels; None: the
         # UNets' only, on CUDA in half precision (models.unets_channels_last). The models change in place.
         self.models = models.to(self.device, self.dtype, channels_last)
         self.default_config = default_config or EditConfig()
-        self.denoiser = make_denoiser(self.models, denoiser, self.device, engines, cuda_graphs)
+        # group_norm: the UNets' and VAE's GroupNorms by kernel 3 or PyTorch (make_group_norms says where).
+        unet_norms, self.vae_norms = make_group_norms(group_norm, self.device, denoiser)
+        self.denoiser = make_denoiser(self.models, denoiser, self.device, engines, cuda_graphs, unet_norms)
         # The text encoder and VAE replayed from CUDA graphs wherever the denoiser's steps are: on CUDA,
         # unless graphs are turned off or the plain reference (eager) is asked for.
         graphed = uses_cuda_graphs(self.device, cuda_graphs) and denoiser != "eager"
@@ -349,7 +365,7 @@ class ZonePipeline:
         with watch("vae_encode"):
             inputs = DenoiseInputs(
                 context=encoded.context,
-                image_latents=encode_image_latents(models.vae, working, self.dtype, self.run),
+                image_latents=encode_image_latents(models.vae, working, self.dtype, self.run, self.vae_norms),
                 noise=initial_noise(config.seed, latent_size, self.device, self.dtype),
             )
         return PreparedEdit(
@@ -399,7 +415,7 @@ class ZonePipeline:
         with watch("localize"):  # 6. The edit mask M_b.
             located = self._localize(edit)
         with watch("vae_decode"):  # 7. I_sty.
-            styled = to_uint8_image(decode_latents(self.models.vae, latents, self.run))
+            styled = to_uint8_image(decode_latents(self.models.vae, latents, self.run, self.vae_norms))
         with watch("refine"):  # 8. Refine M_b with SAM (on the input for REMOVE: the object is gone from I_sty).
             segmented = edit.working if edit.action is Action.REMOVE else styled
             refined = refine_with_sam(self.segmenter(config.sam), segmented, located.mask_b, config, progress=progress)

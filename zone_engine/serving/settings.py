@@ -36,13 +36,15 @@ class PipelineSpec:
     attention: str = "sdpa"
     sam_precision: str = "fp32"
     channels_last: bool | None = None  # None: the UNets' on CUDA in fp16/bf16 (ZonePipeline's default)
+    group_norm: str = "auto"
 
     def build(self):
         from ..pipeline import ZonePipeline
 
         backends = dict(denoiser=self.denoiser, kernels=self.kernels, engines=self.engines, segmenter=self.segmenter,
                         sam_onnx=self.sam_onnx, cuda_graphs=self.cuda_graphs,
-                        attention=self.attention, sam_precision=self.sam_precision, channels_last=self.channels_last)
+                        attention=self.attention, sam_precision=self.sam_precision, channels_last=self.channels_last,
+                        group_norm=self.group_norm)
         if self.tiny and self.random_weights:
             raise ConfigError("--tiny and --random-weights exclude each other: choose one")
         if self.tiny:
