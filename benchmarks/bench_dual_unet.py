@@ -16,7 +16,9 @@ For B edits each model gets 3B rows (IP2P's guidance triple). Variants:
              solver updates, the blend).
 - with `--channels-last`, "two-calls-cl" and "step-cl": the same on copies of both UNets with
              channels-last (NHWC) weights, the UNet input converted inside the call — whether cuDNN's
-             convolutions (about 55 % of a UNet's FLOPs) gain from it, before the engine adopts it.
+             convolutions (about 55 % of a UNet's FLOPs) gain from it, before the engine adopts it;
+             and on CUDA "step-cl-gn": step-cl with kernel 3's GroupNorm (kernels/group_norm.py), which
+             keeps the activations NHWC, as the engine's fused step runs by default.
 On CUDA each variant but vmap is also timed replayed from a CUDA graph ("+graph"), as the engine
 runs it: eager diffusers UNets at these sizes are bound by kernel launches on the host, so only the
 graph rows say what the GPU work costs. Each row: median wall time over --repeats after one
@@ -40,7 +42,7 @@ from zone_engine.backends import DTYPES, make_localization_kernels, resolve_devi
 from zone_engine.denoise import make_scheduler
 from zone_engine.dual_step import DualState, DualUNet, dual_step
 from zone_engine.localize import AttentionAccumulator, attention_grid, record_cross_attention
-from zone_engine.models import PRESETS, build_unet
+from zone_engine.models import PRESETS, NormScope, build_unet, pytorch_norms
 from zone_engine.solver import solver_schedule
 
 Variant = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -79,9 +81,11 @@ def step_arguments(sample: torch.Tensor, context: torch.Tensor) -> tuple:
     return schedule, state, image_latents, guidance, beta
 
 
-def step_variant(unet: DualUNet, sample: torch.Tensor, context: torch.Tensor) -> Variant:
+def step_variant(unet: DualUNet, sample: torch.Tensor, context: torch.Tensor,
+                 norms: NormScope = pytorch_norms) -> Variant:
     """The whole fused step at the same rows, cross-attention recorded as in an edit (the engine's
-    kernels for this device); its step counter rewound each call (one step, timed)."""
+    kernels for this device), the GroupNorms as `norms` says; its step counter rewound each call (one
+    step, timed)."""
     accumulate, _ = make_localization_kernels("auto", sample.device)
     accumulators = [AttentionAccumulator(accumulate) for _ in range(context.shape[0] // 3)]
     latent_size = tuple(sample.shape[-2:])
@@ -89,7 +93,8 @@ def step_variant(unet: DualUNet, sample: torch.Tensor, context: torch.Tensor) ->
 
     def run(*_: torch.Tensor) -> torch.Tensor:
         state.step.zero_()
-        with record_cross_attention(unet.ip2p_unet, latent_size, attention_grid(latent_size), accumulators):
+        with norms(unet.mb_unet, unet.ip2p_unet), \
+                record_cross_attention(unet.ip2p_unet, latent_size, attention_grid(latent_size), accumulators):
             dual_step(unet, schedule, state, image_latents, context, guidance, beta)
         return state.z_ip
 
@@ -98,15 +103,21 @@ def step_variant(unet: DualUNet, sample: torch.Tensor, context: torch.Tensor) ->
 
 def channels_last_variants(mb_unet: nn.Module, ip2p_unet: nn.Module, sample: torch.Tensor, context: torch.Tensor,
                            streams: bool) -> dict[str, Variant]:
-    """two-calls and step on channels-last copies of both UNets (their convolution weights NHWC)."""
+    """two-calls and step on channels-last copies of both UNets (their convolution weights NHWC), and on
+    CUDA the step with kernel 3's GroupNorm, as the engine runs it (PyTorch's converts NHWC to NCHW)."""
     mb_copy, ip2p_copy = (copy.deepcopy(unet).to(memory_format=torch.channels_last) for unet in (mb_unet, ip2p_unet))
     two_calls = DualUNet(mb_copy, ip2p_copy)
 
     def nhwc(run: Callable) -> Variant:
         return lambda sample, *rest: run(sample.contiguous(memory_format=torch.channels_last), *rest)
 
-    step = step_variant(DualUNet(mb_copy, ip2p_copy, streams=streams), sample, context)
-    return {"two-calls-cl": nhwc(two_calls), "step-cl": step}
+    engine_unet = DualUNet(mb_copy, ip2p_copy, streams=streams)
+    variants = {"two-calls-cl": nhwc(two_calls), "step-cl": step_variant(engine_unet, sample, context)}
+    if sample.is_cuda:  # the kernel under the CPU's interpreter would take minutes a step
+        from kernels.group_norm import triton_group_norms
+
+        variants["step-cl-gn"] = step_variant(engine_unet, sample, context, triton_group_norms)
+    return variants
 
 
 def graphed(run: Variant, inputs: tuple) -> Variant:

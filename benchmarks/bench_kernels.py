@@ -1,9 +1,11 @@
-"""The two fused localization kernels against (a) the reference-style path and (b) the torch reference.
+"""The Triton kernels against (a) the reference-style path and (b) the torch reference.
 
     python -m benchmarks.bench_kernels
 
 SD1.5 shapes at 512x512: kernel 1 with 5 layers of 2 kept rows x 8 heads, N = 256, d = 160, 77
-keys (fp16 on CUDA); kernel 2 from a 16x16 map to a 512x512 mask. On a CUDA GPU each row carries
+keys (fp16 on CUDA); kernel 2 from a 16x16 map to a 512x512 mask; kernel 3 (GroupNorm) on the
+UNets' largest activation, 6 rows x 320 x 64 x 64 channels-last, against PyTorch's norm on it and
+on its NCHW copy. On a CUDA GPU each row carries
 the do_bench median (ms), the modelled memory traffic, their ratios to the kernel launched eagerly
 (the guarded call, as the engine makes it: no custom-op dispatch), and a quality figure; two more
 rows time it through the custom op (as torch.compile calls it) and replayed from a CUDA graph
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     elif os.environ.get("TRITON_INTERPRET") == "1":
         print("TRITON_INTERPRET=1 on a CUDA machine would time the interpreter: unset it", file=sys.stderr)
         return 2
-    from kernels import attn_accumulate, mask_binarize
+    from kernels import attn_accumulate, group_norm, mask_binarize
 
     device = torch.device("cuda" if cuda else "cpu")
     name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)"
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         ("kernel 1: attention-map accumulation, 5 layers x 16 rows x 256 x 77, d = 160", attn_accumulate.benchmark,
          "max_abs_diff"),
         ("kernel 2: mask binarization, 16x16 -> 512x512", mask_binarize.benchmark, "mismatched_pixels"),
+        ("kernel 3: GroupNorm, 6 x 320 x 64 x 64 (the UNets' largest), 32 groups", group_norm.benchmark,
+         "max_abs_diff"),
     ):
         rows = guarded(title, lambda benchmark=benchmark: benchmark(device))  # one kernel's failure spares the other
         if rows is None:

@@ -191,8 +191,8 @@ def _launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.
     _group_stats_kernel[grid](x, chunk_stats[0], chunk_stats[1], positions, *x_strides, CHUNKS=chunks,
                               BLOCK_G=block_g, BLOCK_C=block_c, **shape)
     block_chunks = triton.next_power_of_2(chunks)
-    moments_g = triton.next_power_of_2(num_groups) if interpreted else max(1, min(
-        triton.next_power_of_2(num_groups), TILE_ELEMENTS // block_chunks))
+    moments_g = max(1, min(triton.next_power_of_2(num_groups),
+                           (INTERPRETED_TILE if interpreted else TILE_ELEMENTS) // block_chunks))
     _group_moments_kernel[(samples, triton.cdiv(num_groups, moments_g))](
         chunk_stats[0], chunk_stats[1], moments[0], moments[1], positions, float(eps), CHUNKS=chunks,
         BLOCK_G=moments_g, BLOCK_CHUNKS=block_chunks, **shape)
@@ -202,17 +202,21 @@ def _launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.
 
 
 CHANNEL_LANES = 512  # channels a tile row spans when they are adjacent in memory (NHWC)
+INTERPRETED_TILE = 2**18  # a quarter of Triton's largest block
 
 
 def tile_shape(groups: int, block_c: int, positions: int, channels_adjacent: bool,
                interpreted: bool) -> tuple[int, int]:
     """(groups, positions) a program covers. NHWC: many groups a row, so a tile reads whole runs of
     adjacent channels; NCHW: one group, long runs of positions. About TILE_ELEMENTS a tile, at most
-    MAX_CHUNKS chunks. The interpreter pays per operation, not per element: one program per sample."""
+    MAX_CHUNKS chunks. The interpreter pays per operation, not per element: every group, and tiles as
+    large as INTERPRETED_TILE."""
     if interpreted:
-        return triton.next_power_of_2(groups), triton.next_power_of_2(positions)
-    block_g = min(triton.next_power_of_2(groups), max(1, CHANNEL_LANES // block_c)) if channels_adjacent else 1
-    block_hw = max(1, TILE_ELEMENTS // (block_g * block_c), triton.next_power_of_2(triton.cdiv(positions, MAX_CHUNKS)))
+        block_g, tile = triton.next_power_of_2(groups), INTERPRETED_TILE
+    else:
+        block_g = min(triton.next_power_of_2(groups), max(1, CHANNEL_LANES // block_c)) if channels_adjacent else 1
+        tile = TILE_ELEMENTS
+    block_hw = max(1, tile // (block_g * block_c), triton.next_power_of_2(triton.cdiv(positions, MAX_CHUNKS)))
     return block_g, min(block_hw, triton.next_power_of_2(positions))
 
 

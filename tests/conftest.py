@@ -64,6 +64,20 @@ def dispatched_ops(call: Callable[[], object]) -> list[str]:
     return seen
 
 
+def spy_calls(monkeypatch, module, *names: str) -> list[str]:
+    """Replace `module`'s functions `names` by wrappers that record each call's name, then call through."""
+    calls: list[str] = []
+    for name in names:
+        original = getattr(module, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 def compiled_graph(function: Callable, *args) -> str:
     """The FX graph that torch.compile (fullgraph) traces from `function(*args)`, as text; the call runs."""
     graphs: list[str] = []

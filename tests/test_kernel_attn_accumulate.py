@@ -19,7 +19,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or the kernels a
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import compiled_graph, dispatched_ops  # noqa: E402
+from conftest import compiled_graph, dispatched_ops, spy_calls  # noqa: E402
 
 import kernels.attn_accumulate as attn_module  # noqa: E402
 from kernels.attn_accumulate import (  # noqa: E402
@@ -171,22 +171,9 @@ def test_clear_errors(change, message):
             function(*args, 0.1)
 
 
-def _spy(monkeypatch):
-    calls = []
-    for name in ("_launch", "attn_accumulate_reference"):
-        original = getattr(attn_module, name)
-
-        def spy(*args, _name=name, _original=original, **kwargs):
-            calls.append(_name)
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(attn_module, name, spy)
-    return calls
-
-
 def test_environment_variable_switches_the_kernel_off(monkeypatch):
     query, key = _inputs(2, 5, 6, 40, 77, torch.float32)
-    calls = _spy(monkeypatch)
+    calls = spy_calls(monkeypatch, attn_module, "_launch", "attn_accumulate_reference")
     attn_accumulate_(torch.zeros(6, 77), query, key, 0.1)
     assert calls == ["_launch"]
     calls.clear()
@@ -214,7 +201,7 @@ def test_asking_for_triton_where_it_cannot_run_says_so(monkeypatch):
 @pytest.mark.skipif(not INTERPRETED, reason="the interpreter's bf16 fallback")
 def test_bf16_falls_back_to_torch_under_the_interpreter(monkeypatch):
     query, key = _inputs(2, 5, 6, 40, 77, torch.bfloat16)
-    calls = _spy(monkeypatch)
+    calls = spy_calls(monkeypatch, attn_module, "_launch", "attn_accumulate_reference")
     total = torch.zeros(6, 77)
     attn_accumulate_(total, query, key, 0.1)
     assert calls == ["attn_accumulate_reference"]

@@ -1,0 +1,250 @@
+"""Kernel 3 (GroupNorm in the input's layout) against PyTorch's GroupNorm, under TRITON_INTERPRET=1.
+
+Tolerance (flash-attention's rule): with `exact` GroupNorm in float64 on the same input values and
+`torch_same` PyTorch's at the input precision (fp32: F.group_norm; fp16/bf16: computed in fp32 and
+rounded once to the input dtype, the best an fp16 output can be), require
+    max|kernel - exact| <= 2 * max|torch_same - exact| + atol.
+The kernel's statistics and arithmetic are fp32 like PyTorch's, in another order (chunk means and
+deviations combined by Chan's formula; PyTorch: Welford), so in fp32 the two differ by a few ulps of the
+outputs (measured: 1.3e-6 against 0.7e-6 at SD1.5's largest shape); atol = 1e-5 covers that for outputs
+of magnitude <= 10 (fp32's ulp there is 1e-6). In half precision both round the same fp32 value once
+(atol: one ulp of fp16 at 8, where a 1-ulp fp32 difference can flip the rounding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or the kernels are imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import compiled_graph, dispatched_ops, spy_calls  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+import kernels.group_norm as norm_module  # noqa: E402
+from kernels.group_norm import (  # noqa: E402
+    group_norm,
+    group_norm_triton,
+    spatial_stride,
+    triton_group_norms,
+)
+from kernels.runtime import DISABLE_ENV, is_interpreted  # noqa: E402
+
+INTERPRETED = is_interpreted(norm_module._group_stats_kernel)
+ATOL = {torch.float32: 1e-5, torch.float16: 8 * 2**-10, torch.bfloat16: 8 * 2**-7}
+
+
+def _inputs(shape, groups_layout: str, dtype, device="cpu", seed=0, offset=0.5, spread=2.0):
+    """x (N, C, *spatial) in the named layout (nchw, nhwc, or blc: a (B, C, L) view of (B, L, C), as the
+    VAE's attention norm gets it), weight and bias (C,)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64) * spread + offset
+    if groups_layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    elif groups_layout == "blc":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    weight = 1 + 0.5 * torch.randn(shape[1], generator=generator)
+    bias = 0.5 * torch.randn(shape[1], generator=generator)
+    return x.to(device, dtype), weight.to(device, dtype), bias.to(device, dtype)
+
+
+def _assert_within_rule(x, groups, weight, bias, got, eps=1e-5):
+    exact = F.group_norm(x.double(), groups, weight.double(), bias.double(), eps)
+    same = F.group_norm(x.float(), groups, weight.float(), bias.float(), eps).to(x.dtype)
+    torch_error = (same.double() - exact).abs().max().item()
+    error = (got.double() - exact).abs().max().item()
+    assert error <= 2 * torch_error + ATOL[x.dtype], (error, torch_error)
+
+
+# (N, C, *spatial), groups, layout, blocks (groups, positions) a program covers (None: the launcher's)
+CASES = [
+    ((2, 12, 5, 7), 4, "nchw", None),
+    ((2, 12, 5, 7), 4, "nhwc", None),
+    ((3, 30, 9, 11), 3, "nhwc", (2, 8)),  # 10 channels a group, 2 group blocks (the last half empty), 13 chunks
+    ((2, 12, 5, 7), 4, "nchw", (1, 4)),  # one group a program, 9 chunks, the last one 3 positions long
+    ((2, 20, 6, 6), 20, "nhwc", (8, 4)),  # one channel a group
+    ((1, 6, 1, 1), 2, "nchw", None),  # one position
+    ((2, 8, 33), 2, "blc", (1, 4)),
+    ((2, 8, 33), 2, "nchw", None),  # (B, C, L) contiguous
+    ((1, 4, 2, 3, 5), 2, "nchw", (2, 8)),  # 3-D spatial dims
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda case: f"{'x'.join(map(str, case[0]))}-{case[2]}-{case[3]}")
+def test_kernel_matches_pytorch(case, dtype):
+    shape, groups, layout, blocks = case
+    x, weight, bias = _inputs(shape, layout, dtype)
+    y = group_norm_triton(x, groups, weight, bias, 1e-5, blocks=blocks)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert y.stride() == x.stride()  # the output keeps the input's layout
+    _assert_within_rule(x, groups, weight, bias, y)
+
+
+def test_a_layout_without_one_spatial_stride_is_copied_first():
+    x, weight, bias = _inputs((2, 8, 6, 10), "nchw", torch.float32)
+    sliced = x[:, :, :, :7]  # rows 10 apart, 7 columns 1 apart: no single stride walks (h, w)
+    assert spatial_stride(sliced) is None and spatial_stride(x) == 1
+    _assert_within_rule(sliced, 4, weight, bias, group_norm_triton(sliced, 4, weight, bias, 1e-5))
+
+
+def test_statistics_survive_a_large_mean():
+    """Mean 1e4, spread 1 in fp32: E[x^2] - E[x]^2 would lose every digit of the variance (1e8 against
+    fp32's 7); chunk deviations combined by Chan's formula keep it."""
+    x, weight, bias = _inputs((2, 16, 24, 24), "nhwc", torch.float32, offset=1e4, spread=1.0)
+    _assert_within_rule(x, 4, weight, bias, group_norm_triton(x, 4, weight, bias, 1e-5, blocks=(2, 16)))
+
+
+def test_eps_and_repeats_bit_for_bit():
+    x, weight, bias = _inputs((2, 8, 4, 4), "nhwc", torch.float32, spread=1e-3)  # var ~1e-6: eps matters
+    runs = [group_norm_triton(x, 2, weight, bias, 1e-2, blocks=(1, 4)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    _assert_within_rule(x, 2, weight, bias, runs[0], eps=1e-2)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda x, w, b: (x, 3, w, b), "do not split into 3 groups"),
+        (lambda x, w, b: (x.int(), 4, w, b), "fp16, bf16 or fp32"),
+        (lambda x, w, b: (x, 4, w[:6], b), r"weight must be a floating \(8,\) tensor"),
+        (lambda x, w, b: (x, 4, w, b.int()), "bias must be a floating"),
+        (lambda x, w, b: (x[0, 0, 0], 4, w, b), r"\(N, C, \*spatial\)"),
+    ],
+)
+def test_clear_errors(change, message):
+    x, weight, bias = _inputs((2, 8, 3, 3), "nchw", torch.float32)
+    with pytest.raises(ValueError, match=message):
+        group_norm(*change(x, weight, bias))
+
+
+def test_environment_variable_switches_the_kernel_off(monkeypatch):
+    x, weight, bias = _inputs((2, 8, 3, 3), "nhwc", torch.float32)
+    calls = spy_calls(monkeypatch, norm_module, "_launch", "group_norm_reference")
+    group_norm(x, 4, weight, bias)
+    assert calls == ["_launch"]
+    calls.clear()
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    _assert_within_rule(x, 4, weight, bias, group_norm(x, 4, weight, bias))
+    assert calls == ["group_norm_reference"]
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's bf16 fallback")
+def test_bf16_falls_back_to_pytorch_under_the_interpreter(monkeypatch):
+    x, weight, bias = _inputs((2, 8, 3, 3), "nhwc", torch.bfloat16)
+    calls = spy_calls(monkeypatch, norm_module, "_launch", "group_norm_reference")
+    group_norm(x, 4, weight, bias)
+    assert calls == ["group_norm_reference"]
+
+
+def test_custom_op_opcheck_and_fake_tensors():
+    x, weight, bias = _inputs((2, 8, 5, 3), "nhwc", torch.float32)
+    torch.library.opcheck(torch.ops.zone.group_norm.default, (x, 4, weight, bias, 1e-5))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = torch.empty(2, 8, 5, 3).to(memory_format=torch.channels_last)
+        y = group_norm(fake, 4, torch.empty(8), torch.empty(8))  # the fake implementation: no kernel
+        assert y.shape == fake.shape and y.stride() == fake.stride()
+        with pytest.raises(ValueError, match="do not split"):
+            torch.ops.zone.group_norm(fake, 3, torch.empty(8), torch.empty(8), 1e-5)
+
+
+def test_only_traced_calls_go_through_the_custom_op():
+    """Eager calls launch directly (no dispatcher host time); torch.compile sees the opaque op."""
+    x, weight, bias = _inputs((2, 8, 3, 3), "nhwc", torch.float32)
+    assert not any(op.startswith("zone.") for op in dispatched_ops(lambda: group_norm(x, 4, weight, bias)))
+    graph = compiled_graph(lambda x, w, b: group_norm(x, 4, w, b) * 2, x, weight, bias)
+    assert "zone.group_norm" in graph
+    compiled = torch.compile(lambda x, w, b: group_norm(x, 4, w, b) * 2, backend="aot_eager", fullgraph=True)
+    _assert_within_rule(x, 4, weight, bias, compiled(x, weight, bias) / 2)
+
+
+def _norms(module: nn.Module) -> list[nn.GroupNorm]:
+    return [norm for norm in module.modules() if isinstance(norm, nn.GroupNorm)]
+
+
+def test_the_scope_switches_every_affine_norm_and_restores_them(monkeypatch):
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(4, 8), nn.SiLU(), nn.GroupNorm(2, 8, affine=False))
+    x = torch.randn(2, 3, 5, 5)
+    expected = net(x)
+    calls = []
+    monkeypatch.setattr(norm_module, "group_norm", lambda *args: calls.append(args[1]) or group_norm(*args))
+    with triton_group_norms(net) as switched, triton_group_norms(net) as nested:
+        got = net(x)
+    assert (switched, nested) == (1, 0)  # the affine norm, once; a nested scope leaves it to the outer
+    assert calls == [4]
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert all("forward" not in vars(norm) for norm in _norms(net))
+    with pytest.raises(RuntimeError, match="inside"), triton_group_norms(net):
+        raise RuntimeError("inside")
+    assert all("forward" not in vars(norm) for norm in _norms(net))  # restored on the way out of an error too
+    net(x)
+    assert calls == [4]
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the kernel runs on the CPU only under TRITON_INTERPRET=1")
+def test_a_tiny_unet_and_vae_with_the_kernel_match_pytorch():
+    """Every GroupNorm of the networks (the UNet's 4-D activations, NHWC and NCHW; the VAE attention's
+    (B, C, L) views) through the kernel: the outputs agree with PyTorch's within fp32 rounding."""
+    from zone_engine.models import build_tiny_components
+
+    models = build_tiny_components(0)
+    unet, vae = models.ip2p_unet, models.vae
+    generator = torch.Generator().manual_seed(0)
+    sample, context = torch.randn(3, 8, 8, 8, generator=generator), torch.randn(3, 77, 32, generator=generator)
+    image = torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1
+    with torch.inference_mode():
+        runs = []
+        for scope in (contextlib.nullcontext, lambda: triton_group_norms(unet, vae)):
+            with scope():
+                unet_nchw = unet(sample, 900, encoder_hidden_states=context).sample
+                decoded = vae.decode(vae.encode(image).latent_dist.mode()).sample
+            runs.append((unet_nchw, decoded))
+        unet.to(memory_format=torch.channels_last)
+        with triton_group_norms(unet):
+            unet_nhwc = unet(sample.to(memory_format=torch.channels_last), 900, encoder_hidden_states=context).sample
+        unet.to(memory_format=torch.contiguous_format)
+    (plain_unet, plain_vae), (kernel_unet, kernel_vae) = runs
+    assert (kernel_unet - plain_unet).abs().max().item() < 1e-5
+    assert (unet_nhwc - plain_unet).abs().max().item() < 1e-5
+    assert (kernel_vae - plain_vae).abs().max().item() < 1e-4  # ~40 norms deep, outputs of magnitude ~1
+
+
+# --------------------------------------------------------------------------------- compiled, on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled Triton kernels need a CUDA GPU")
+@pytest.mark.usefixtures("skip_if_compiled_elsewhere")
+class TestCompiledOnGPU:
+    """The compiled kernels (no interpreter), bf16 included; reruns itself without the interpreter."""
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+    @pytest.mark.parametrize("case", CASES, ids=lambda case: f"{'x'.join(map(str, case[0]))}-{case[2]}-{case[3]}")
+    def test_matches_pytorch(self, case, dtype):
+        shape, groups, layout, blocks = case
+        x, weight, bias = _inputs(shape, layout, dtype, device="cuda")
+        y = group_norm_triton(x, groups, weight, bias, 1e-5, blocks=blocks)
+        assert y.stride() == x.stride()
+        _assert_within_rule(x, groups, weight, bias, y)
+
+    @pytest.mark.parametrize("shape", [(6, 320, 64, 64), (6, 2560, 8, 8), (6, 960, 32, 32), (1, 128, 512, 512)])
+    @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+    def test_sd15_shapes_with_the_launchers_tiles(self, shape, layout):
+        x, weight, bias = _inputs(shape, layout, torch.float16, device="cuda")
+        _assert_within_rule(x, 32, weight, bias, group_norm(x, 32, weight, bias))
+
+    def test_cuda_graph_capture(self):
+        x, weight, bias = _inputs((6, 640, 32, 32), "nhwc", torch.float16, device="cuda")
+        group_norm(x, 32, weight, bias)  # warm-up: compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = group_norm(x, 32, weight, bias)
+        x.mul_(2)
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_within_rule(x, 32, weight, bias, y)
