@@ -11,12 +11,13 @@ per (sample, group): 32 blocks for one image. On an H200 at 512² that was 139 m
 conversions and 50.7 ms of `RowwiseMoments` in a 527 ms denoising stage (benchmarks/RESULTS.md).
 This kernel reads the tensor through its strides, NHWC or NCHW alike, and writes y in the same layout.
 
-Two launches over a grid of (sample x group) x (chunks of BLOCK_HW spatial positions):
-    _group_stats_kernel       each chunk's mean and sum of squared deviations, from one tile
-    _group_norm_apply_kernel  every program combines its group's chunk statistics (Chan et al.'s
-                              parallel variance: no E[x^2] - E[x]^2 cancellation) in a fixed order,
-                              then normalises its tile and applies weight and bias
-x is read twice and y written once; the statistics are a few floats a chunk. Deterministic.
+Three launches, over (samples) x (blocks of BLOCK_G groups) x (chunks of BLOCK_HW spatial positions):
+    _group_stats_kernel       each chunk's mean and sum of squared deviations, per group, from one tile
+    _group_moments_kernel     each group's mean and 1/sqrt(var + eps) from its chunks' (Chan et al.'s
+                              parallel variance: no E[x^2] - E[x]^2 cancellation), in a fixed order
+    _group_norm_apply_kernel  normalise a tile, apply weight and bias, store in y's layout
+x is read twice and y written once; the statistics are a few floats a chunk. Deterministic. On NHWC
+a tile spans many groups (whole runs of adjacent channels); on NCHW one group and long runs of positions.
 
 Public API:
     group_norm(x, num_groups, weight, bias, eps)          guarded: kernel when usable, else torch
@@ -46,9 +47,8 @@ MAX_CHUNKS = 1024  # chunk statistics per group; bigger maps get bigger chunks
 
 
 @triton.jit
-def _tile_offsets(x_ptr, sample, group_block, chunk, HW, stride_n, stride_c, stride_hw,
-                  GROUPS: tl.constexpr, CPG: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
-                  BLOCK_HW: tl.constexpr):
+def _tile_offsets(x_ptr, sample, group_block, chunk, HW, stride_n, stride_c, stride_hw, GROUPS, CPG,
+                  BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Pointers (BLOCK_HW, BLOCK_G, BLOCK_C) to a program's tile, and which of them are in the tensor."""
     offs_hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)
     offs_g = group_block * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -61,9 +61,8 @@ def _tile_offsets(x_ptr, sample, group_block, chunk, HW, stride_n, stride_c, str
 
 @triton.jit
 def _group_stats_kernel(
-    x_ptr, mean_ptr, m2_ptr, HW, stride_xn, stride_xc, stride_xhw,
-    GROUPS: tl.constexpr, CPG: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_HW: tl.constexpr,
+    x_ptr, mean_ptr, m2_ptr, HW, stride_xn, stride_xc, stride_xhw, GROUPS, CPG, CHUNKS,
+    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Each chunk's mean and sum of squared deviations from it, per group: (N, GROUPS, CHUNKS) each."""
     sample, group_block, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -82,9 +81,8 @@ def _group_stats_kernel(
 
 @triton.jit
 def _group_moments_kernel(
-    chunk_mean_ptr, chunk_m2_ptr, mean_ptr, rstd_ptr, HW, eps,
-    GROUPS: tl.constexpr, CPG: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_CHUNKS: tl.constexpr, BLOCK_HW: tl.constexpr,
+    chunk_mean_ptr, chunk_m2_ptr, mean_ptr, rstd_ptr, HW, eps, GROUPS, CPG, CHUNKS,
+    BLOCK_G: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Each group's mean and 1/sqrt(var + eps), (N, GROUPS) each, from its chunks' statistics (Chan, Golub
     & LeVeque's parallel variance, M2 = sum m2_k + n_k (mean_k - mean)^2: no E[x^2] - E[x]^2 cancellation)."""
@@ -108,8 +106,8 @@ def _group_moments_kernel(
 @triton.jit
 def _group_norm_apply_kernel(
     x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, HW,
-    stride_xn, stride_xc, stride_xhw, stride_yn, stride_yc, stride_yhw,
-    GROUPS: tl.constexpr, CPG: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    stride_xn, stride_xc, stride_xhw, stride_yn, stride_yc, stride_yhw, GROUPS, CPG,
+    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """y = (x - mean) * rstd * weight + bias over a program's tile, stored in y's layout."""
     sample, group_block, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -187,17 +185,18 @@ def _launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.
     grid = (samples, triton.cdiv(num_groups, block_g), chunks)
     x_strides = (x.stride(0), x.stride(1), spatial_stride(x))
     y_strides = (y.stride(0), y.stride(1), spatial_stride(y))
-    shape = dict(GROUPS=num_groups, CPG=per_group, BLOCK_HW=block_hw)
-    _group_stats_kernel[grid](x, chunk_stats[0], chunk_stats[1], positions, *x_strides, CHUNKS=chunks,
-                              BLOCK_G=block_g, BLOCK_C=block_c, **shape)
+    # Only the tile is compile-time: the group count, group width and chunk count are run-time values, so
+    # SD1.5's UNets and VAE (about 25 norm shapes) need a handful of compilations, not one per shape.
+    _group_stats_kernel[grid](x, chunk_stats[0], chunk_stats[1], positions, *x_strides, num_groups, per_group, chunks,
+                              BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_HW=block_hw)
     block_chunks = triton.next_power_of_2(chunks)
     moments_g = max(1, min(triton.next_power_of_2(num_groups),
                            (INTERPRETED_TILE if interpreted else TILE_ELEMENTS) // block_chunks))
     _group_moments_kernel[(samples, triton.cdiv(num_groups, moments_g))](
-        chunk_stats[0], chunk_stats[1], moments[0], moments[1], positions, float(eps), CHUNKS=chunks,
-        BLOCK_G=moments_g, BLOCK_CHUNKS=block_chunks, **shape)
+        chunk_stats[0], chunk_stats[1], moments[0], moments[1], positions, float(eps), num_groups, per_group, chunks,
+        BLOCK_G=moments_g, BLOCK_CHUNKS=block_chunks, BLOCK_HW=block_hw)
     _group_norm_apply_kernel[grid](x, y, weight, bias, moments[0], moments[1], positions, *x_strides, *y_strides,
-                                   BLOCK_G=block_g, BLOCK_C=block_c, **shape)
+                                   num_groups, per_group, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_HW=block_hw)
     return y
 
 

@@ -37,7 +37,10 @@ def traced(*tensors: torch.Tensor) -> bool:
     calls, CUDA-graph capture included, launch directly: the dispatcher adds host time a call (27.7 us
     for a no-op custom op on the 2-core AMD CPU), more than these kernels take on a GPU.
     """
-    return torch.compiler.is_compiling() or any(type(tensor) is not torch.Tensor for tensor in tensors)
+    return torch.compiler.is_compiling() or any(type(tensor) not in PLAIN_TENSORS for tensor in tensors)
+
+
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # a module's weights are Parameters, not traced values
 
 
 def can_launch(kernel, device: torch.device, dtypes: tuple[torch.dtype, ...] = ()) -> bool:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import smooth_image
+from conftest import smooth_image, spy_calls
 
 from zone_engine import Action, EditConfig, EditResult, SamConfig, ZonePipeline
+from zone_engine.errors import ConfigError, DeviceError
 from zone_engine.pipeline import STAGES
 from zone_engine.refine import ListSegmenter
 
@@ -165,6 +167,66 @@ def test_triton_localization_kernels_give_the_same_edit(tiny_models):
     triton_path = ZonePipeline(tiny_models, device="cpu", kernels="triton").edit(image, INSTRUCTION, config)
     assert np.array_equal(torch_path.mask_b, triton_path.mask_b)
     assert np.array_equal(torch_path.image, triton_path.image)
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="Triton runs only compiled on CUDA or under TRITON_INTERPRET=1 (as CI runs the suite)",
+)
+def test_the_group_norm_kernel_runs_every_unet_and_vae_norm_and_keeps_the_edit(tiny_models, monkeypatch):
+    """--group-norm triton: each of the UNets' and the VAE's GroupNorms goes through kernel 3 (counted),
+    and the edit is PyTorch's up to fp32 rounding: pixels within one level, the same M_b."""
+    import kernels.group_norm as norm_module
+
+    image = smooth_image(64, 64, seed=6)
+    config = EditConfig(steps=1, sam=SamConfig.for_random_weights())
+    expected = ZonePipeline(tiny_models, device="cpu", group_norm="torch").edit(image, INSTRUCTION, config)
+    launches = spy_calls(monkeypatch, norm_module, "_launch")
+    result = ZonePipeline(tiny_models, device="cpu", group_norm="triton").edit(image, INSTRUCTION, config)
+
+    def norms(*modules):
+        return sum(isinstance(m, torch.nn.GroupNorm) for module in modules for m in module.modules())
+
+    vae = tiny_models.vae
+    assert len(launches) == norms(tiny_models.ip2p_unet, tiny_models.mb_unet) + norms(vae.encoder, vae.decoder)
+    assert np.array_equal(result.mask_b, expected.mask_b)
+    assert np.abs(result.image.astype(int) - expected.image).max() <= 1
+    assert not any("forward" in vars(m) for m in vae.modules())  # the scope ended with the edit
+
+
+@pytest.mark.parametrize("kind, device, denoiser, unets, vae", [
+    ("auto", "cpu", "fused", False, False),
+    ("auto", "cuda", "fused", True, True),
+    ("auto", "cuda", "compile", False, True),  # inductor generates its own fused norm for the step
+    ("auto", "cuda", "eager", False, False),  # the plain reference
+    ("auto", "cuda", "tensorrt", False, True),
+    ("triton", "cpu", "fused", True, True),
+    ("triton", "cpu", "compile", True, True),
+    ("triton", "cpu", "eager", False, True),
+    ("torch", "cuda", "fused", False, False),
+])
+def test_group_norm_option_decides_where_the_kernel_runs(kind, device, denoiser, unets, vae, monkeypatch):
+    from kernels.group_norm import triton_group_norms
+    from zone_engine.backends import make_group_norms
+
+    monkeypatch.setenv("ZONE_DISABLE_TRITON", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # where Triton cannot run here: tested below
+        scopes = make_group_norms(kind, torch.device(device), denoiser)
+    assert [scope is triton_group_norms for scope in scopes] == [unets, vae]
+
+
+def test_group_norm_option_errors(tiny_models, monkeypatch):
+    from zone_engine.backends import make_denoiser, make_group_norms
+
+    with pytest.raises(DeviceError, match="unknown GroupNorm implementation 'apex': available auto, torch, triton"):
+        ZonePipeline(tiny_models, device="cpu", group_norm="apex")
+    denoiser = make_denoiser(tiny_models, "fused")
+    with pytest.raises(ConfigError, match="a Denoiser instance comes configured"):
+        make_denoiser(tiny_models, denoiser, norms=make_group_norms("triton", torch.device("cpu"), "fused")[0])
+    monkeypatch.setenv("ZONE_DISABLE_TRITON", "1")
+    with pytest.warns(UserWarning, match="--group-norm triton cannot run on cpu here.*PyTorch's GroupNorm runs"):
+        make_group_norms("triton", torch.device("cpu"), "fused")
 
 
 def test_threads_sharing_a_pipeline_get_the_edits_they_would_get_alone(tiny_pipe):
