@@ -7,9 +7,11 @@ over x (N, C, *spatial), mean and (biased) variance per (sample, group of C/G ch
 Why: PyTorch's CUDA GroupNorm works only on NCHW-contiguous tensors. A channels-last UNet (NHWC, the
 layout of the GPUs' fastest fp16 convolutions) pays two layout conversions around every norm (its own
 `.contiguous()`, and the next convolution's back to NHWC), and its statistics pass runs one thread block
-per (sample, group): 32 blocks for one image. On an H200 at 512² that was 139 ms of cuDNN layout
-conversions and 50.7 ms of `RowwiseMoments` in a 527 ms denoising stage (benchmarks/RESULTS.md).
-This kernel reads the tensor through its strides, NHWC or NCHW alike, and writes y in the same layout.
+per (sample, group): 32 blocks for one image. Profiled on an H200 at 512² with NCHW UNets: 139 ms of
+cuDNN's NCHW->NHWC conversions and 50.7 ms of `RowwiseMoments` in a 527 ms denoising stage; NHWC UNets
+then made the step only 10.5 % faster, the norms converting back and forth (benchmarks/RESULTS.md).
+This kernel reads the tensor through its strides, NHWC or NCHW alike, and writes y in the same layout
+(its speed on a GPU is still to be measured: benchmarks/bench_kernels.py, bench_dual_unet.py).
 
 Three launches, over (samples) x (blocks of BLOCK_G groups) x (chunks of BLOCK_HW spatial positions):
     _group_stats_kernel       each chunk's mean and sum of squared deviations, per group, from one tile

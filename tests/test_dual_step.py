@@ -231,6 +231,20 @@ class TestOnGPU:
         overlap = (results[0].mask_b & results[1].mask_b).sum() / max((results[0].mask_b | results[1].mask_b).sum(), 1)
         assert overlap >= 0.9
 
+    def test_group_norm_kernel_captured_edit_matches_pytorchs_norm(self, tiny_models):
+        """Kernel 3 on the channels-last UNets and the VAE, captured, in fp16: PyTorch's norm up to fp32
+        summation order and one fp16 rounding per norm. Bounds as for the layout test above."""
+        image = smooth_image(64, 96, seed=12)
+        config = EditConfig(steps=3, sam=SamConfig.for_random_weights())
+        results = [
+            ZonePipeline(_cuda_copy(tiny_models), device="cuda", dtype="fp16", denoiser="fused",
+                         group_norm=kind).edit(image, "add a hat", config)
+            for kind in ("torch", "triton")
+        ]
+        assert np.abs(results[1].styled.astype(int) - results[0].styled.astype(int)).max() <= 4
+        overlap = (results[0].mask_b & results[1].mask_b).sum() / max((results[0].mask_b | results[1].mask_b).sum(), 1)
+        assert overlap >= 0.9
+
     @pytest.mark.parametrize("dtype, tolerance", [("fp16", 2e-2), ("bf16", 8e-2)])
     def test_half_precision_denoising_stays_close_to_fp32(self, tiny_models, dtype, tolerance):
         """Final latents of the fused loop in fp16/bf16 against fp32, relative to their magnitude.
