@@ -113,6 +113,7 @@ def test_batch_option_and_no_batched_report_without_it(batched_record):
     assert parse_args(["--preset", "gpu-512", "--channels-last"]).channels_last
     with pytest.raises(SystemExit):  # fp32 engine rows share the baseline's weights: the layout would change it
         parse_args(["--preset", "cpu-256", "--channels-last"])
+    assert parse_args([]).group_norm == "auto" and parse_args(["--group-norm", "torch"]).group_norm == "torch"
     assert "## Throughput: sequential vs batched (batches of 3" in markdown(batched_record)
     # batch 1 (or a record from before the batched measurement): no table
     sequential_only = {**batched_record, "runs": [{k: v for k, v in run.items() if k != "batched_throughput"}
@@ -418,16 +419,18 @@ def test_kernel_floor_line_puts_the_graph_replay_against_the_modelled_bytes():
 
 def test_kernel_benchmark_on_the_cpu_checks_correctness():
     """bench_kernels under the interpreter: no timings, every variant's quality figure against the
-    reference (kernel 1: fp32 sums of 77-way softmaxes, within 1e-6; kernel 2: bit-exact masks)."""
+    reference (kernel 1: fp32 sums of 77-way softmaxes, within 1e-6; kernel 2: bit-exact masks;
+    kernel 3: fp32 GroupNorm outputs of magnitude ~5 against float64's, within 1e-5)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run([sys.executable, "-m", "benchmarks.bench_kernels"], env=env, capture_output=True,
                          text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stderr
     rows = [line.split() for line in run.stdout.splitlines() if line.strip()[:2] in ("a:", "b:", "c:")]
-    kernel_1, kernel_2 = rows[:3], rows[3:]
-    assert len(kernel_1) == 3 and len(kernel_2) == 3 and all(row[-5:-3] == ["n/a", "n/a"] for row in rows)
+    kernel_1, kernel_2, kernel_3 = rows[:3], rows[3:6], rows[6:]
+    assert len(kernel_3) == 3 and all(row[-5:-3] == ["n/a", "n/a"] for row in rows)
     assert all(float(row[-1]) < 1e-6 for row in kernel_1)
     assert all(row[-1] == "0" for row in kernel_2)
+    assert all(float(row[-1]) < 1e-5 for row in kernel_3)
 
 
 def test_launch_cost_rows_check_the_op_and_replay_the_direct_launch(monkeypatch):

@@ -88,6 +88,22 @@ def test_every_entry_point_defaults_to_the_fused_denoiser(tiny_models):
     assert isinstance(ZonePipeline(tiny_models, device="cpu").denoiser, FusedDualDenoiser)
 
 
+def test_group_norm_option_reaches_the_pipeline_from_every_entry_point(monkeypatch):
+    from zone_engine.cli import _backend_options, _pipeline_spec, build_parser
+
+    built = []
+    monkeypatch.setattr(ZonePipeline, "tiny", classmethod(lambda cls, **kwargs: built.append(kwargs["group_norm"])))
+    parser = build_parser()
+    for command in (["edit", "x.png", "-i", "add a hat", "-o", "y.png"], ["demo", "--out", "d"], ["serve"]):
+        assert parser.parse_args(command).group_norm == "auto", command
+        args = parser.parse_args([*command, "--group-norm", "torch"])
+        assert _backend_options(args)["group_norm"] == "torch"  # what edit and demo build their pipeline with
+    _pipeline_spec(parser.parse_args(["serve", "--tiny", "--group-norm", "torch"])).build()
+    assert built == ["torch"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--group-norm", "apex"])
+
+
 def test_channels_last_option_reaches_the_models(photo, tmp_path, monkeypatch):
     from zone_engine.models import ZoneModels
 

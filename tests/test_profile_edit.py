@@ -91,6 +91,21 @@ def test_a_trace_path_without_its_folder_is_refused_before_any_work(tmp_path):
     assert profile_edit.parse_args(["--trace", str(tmp_path / "trace.json")]).trace == tmp_path / "trace.json"
 
 
+def test_the_group_norm_option_reaches_the_pipeline(monkeypatch):
+    built = []
+
+    def pipeline(*args, **kwargs):
+        built.append(kwargs)
+        raise InterruptedError("stop before any edit")
+
+    monkeypatch.setattr(profile_edit, "ZonePipeline", pipeline)
+    with pytest.raises(InterruptedError):
+        profile_edit.profile_edit(profile_edit.parse_args(["--models", "tiny", "--device", "cpu", "--group-norm",
+                                                            "triton"]))
+    assert built[0]["group_norm"] == "triton"
+    assert profile_edit.parse_args([]).group_norm == "auto"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a profile's device side: needs CUDA")
 def test_a_cuda_profile_sees_the_kernels_of_the_replayed_denoising_graph():
