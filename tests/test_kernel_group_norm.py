@@ -213,9 +213,10 @@ def test_a_channels_last_tiny_unet_with_the_kernel_matches_pytorch():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled Triton kernels need a CUDA GPU")
 @pytest.mark.usefixtures("skip_if_compiled_elsewhere")
 class TestCompiledOnGPU:
-    """The compiled kernels (no interpreter), bf16 included; reruns itself without the interpreter."""
+    """The compiled kernels (no interpreter), bf16 included; reruns itself without the interpreter.
+    Half precision only for the awkward cases (the interpreter checks fp32; each case compiles anew)."""
 
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     @pytest.mark.parametrize("case", CASES, ids=lambda case: f"{'x'.join(map(str, case[0]))}-{case[2]}-{case[3]}")
     def test_matches_pytorch(self, case, dtype):
         shape, groups, layout, blocks = case
