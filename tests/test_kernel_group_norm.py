@@ -93,8 +93,8 @@ def test_a_layout_without_one_spatial_stride_is_copied_first():
 def test_statistics_survive_a_large_mean():
     """Mean 1e4, spread 1 in fp32: E[x^2] - E[x]^2 would lose every digit of the variance (1e8 against
     fp32's 7); chunk deviations combined by Chan's formula keep it."""
-    x, weight, bias = _inputs((2, 16, 24, 24), "nhwc", torch.float32, offset=1e4, spread=1.0)
-    _assert_within_rule(x, 4, weight, bias, group_norm_triton(x, 4, weight, bias, 1e-5, blocks=(2, 16)))
+    x, weight, bias = _inputs((1, 16, 16, 16), "nhwc", torch.float32, offset=1e4, spread=1.0)
+    _assert_within_rule(x, 4, weight, bias, group_norm_triton(x, 4, weight, bias, 1e-5, blocks=(2, 32)))
 
 
 def test_eps_and_repeats_bit_for_bit():
@@ -197,8 +197,8 @@ def test_a_channels_last_tiny_unet_with_the_kernel_matches_pytorch():
     torch.manual_seed(0)
     unet = build_tiny_unet().eval().to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(3, 8, 8, 8, generator=generator).to(memory_format=torch.channels_last)
-    context = torch.randn(3, 77, 32, generator=generator)
+    sample = torch.randn(1, 8, 8, 8, generator=generator).to(memory_format=torch.channels_last)
+    context = torch.randn(1, 77, 32, generator=generator)
     with torch.inference_mode():
         expected = unet(sample, 900, encoder_hidden_states=context).sample
         with triton_group_norms(unet):
