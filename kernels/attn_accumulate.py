@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import can_launch, is_interpreted, launch_cost_rows, traced
+from kernels.runtime import benchmark_rows, can_launch, is_interpreted, traced
 from zone_engine.localize import accumulate_attention_probabilities
 
 MAX_KEYS = 128  # keys are padded to one BLOCK_K tile; CLIP's 77 tokens fit
@@ -311,14 +311,8 @@ def benchmark(
             torch.ops.zone.attn_accumulate_(total, q, k, scale)
         return total / count
 
-    results = []
-    for name, (run, traffic) in variants.items():
-        quality = check(run())  # the first call (compilation) before any timing
-        time_ms = triton.testing.do_bench(run, return_mode="median") if device.type == "cuda" else None
-        results.append({"name": name, "time_ms": time_ms, "bytes": traffic, **quality})
-    if device.type == "cuda":  # where the host's launch cost goes, and the device's time without it
-        results += launch_cost_rows(results[-1], fused, through_the_op, check)
-
+    results = benchmark_rows(variants, check, device, through_the_op)
+    if device.type == "cuda":
         def rows_in_turn() -> torch.Tensor:
             total = torch.zeros(queries, keys, device=device)
             for q, k in inputs:

@@ -42,7 +42,7 @@ import triton.language as tl
 from torch import nn
 from torch.nn import functional as F
 
-from kernels.runtime import can_launch, is_interpreted, launch_cost_rows, traced
+from kernels.runtime import benchmark_rows, can_launch, is_interpreted, traced
 
 TILE_ELEMENTS = 4096  # a program's tile on a GPU: 8 KB of fp16, enough loads in flight to hide the latency
 MAX_CHUNKS = 1024  # chunk statistics per group; bigger maps get bigger chunks
@@ -329,12 +329,4 @@ def benchmark(
     def check(out: torch.Tensor) -> dict:
         return {"max_abs_diff": (out.double() - exact).abs().max().item()}
 
-    results = []
-    for name, (run, traffic) in variants.items():
-        quality = check(run())  # the first call (compilation) before any timing
-        time_ms = triton.testing.do_bench(run, return_mode="median") if device.type == "cuda" else None
-        results.append({"name": name, "time_ms": time_ms, "bytes": traffic, **quality})
-    if device.type == "cuda":  # where the host's launch cost goes, and the device's time without it
-        results += launch_cost_rows(results[-1], variants["c: Triton kernel on NHWC"][0],
-                                    lambda: torch.ops.zone.group_norm(nhwc, groups, weight, bias, 1e-5), check)
-    return results
+    return benchmark_rows(variants, check, device, lambda: torch.ops.zone.group_norm(nhwc, groups, weight, bias, 1e-5))

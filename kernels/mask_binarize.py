@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import can_launch, is_interpreted, launch_cost_rows, traced
+from kernels.runtime import benchmark_rows, can_launch, is_interpreted, traced
 from zone_engine.localize import binarize_reference
 from zone_engine.pillow_resize import PRECISION_BITS, device_coefficients, pillow_coefficients
 
@@ -320,17 +320,10 @@ def benchmark(
         torch.ops.zone.mask_binarize_(average, grid[0], grid[1], last_token, False, 108, mask, difference)
         return mask
 
-    results = []
-    for name, (run, traffic) in variants.items():
-        quality = check(run())  # the first call (compilation) before any timing
-        time_ms = None
-        if device.type == "cuda":
-            time_ms = (triton.testing.do_bench(run, return_mode="median") if name.startswith("c")
-                       else _host_median_ms(run))
-        results.append({"name": name, "time_ms": time_ms, "bytes": traffic, **quality})
-    if device.type == "cuda":  # where the host's launch cost goes, and the device's time without it
-        results += launch_cost_rows(results[-1], fused, through_the_op, check)
-    return results
+    def time_ms(name: str, run) -> float:  # the host paths by the host's clock: they copy to the host
+        return triton.testing.do_bench(run, return_mode="median") if name.startswith("c") else _host_median_ms(run)
+
+    return benchmark_rows(variants, check, device, through_the_op, time_ms)
 
 
 def _host_median_ms(run, repeats: int = 20) -> float:

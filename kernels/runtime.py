@@ -52,6 +52,32 @@ def can_launch(kernel, device: torch.device, dtypes: tuple[torch.dtype, ...] = (
     return device.type == "cuda"
 
 
+Variants = dict[str, tuple[Callable[[], Any], int]]  # name -> (run it, modelled bytes moved)
+
+
+def benchmark_rows(variants: Variants, check: Callable[[Any], dict], device: torch.device,
+                   through_op: Callable[[], Any], time_ms: Callable[[str, Callable[[], Any]], float] | None = None,
+                   ) -> list[dict]:
+    """A kernel benchmark's rows: each variant's name, time (on CUDA: `time_ms(name, run)`, by default
+    do_bench's median; None elsewhere), modelled bytes and quality (`check` of its first call's output,
+    made before any timing: compilation stays out). The last variant is the kernel; on CUDA its launch-
+    cost rows follow (`launch_cost_rows`, `through_op`: the same work through the custom op)."""
+    import triton.testing
+
+    def do_bench(_name: str, run: Callable[[], Any]) -> float:
+        return triton.testing.do_bench(run, return_mode="median")
+
+    results = []
+    for name, (run, traffic) in variants.items():
+        quality = check(run())
+        timed = (time_ms or do_bench)(name, run) if device.type == "cuda" else None
+        results.append({"name": name, "time_ms": timed, "bytes": traffic, **quality})
+    if device.type == "cuda":  # where the host's launch cost goes, and the device's time without it
+        kernel = list(variants.values())[-1][0]
+        results += launch_cost_rows(results[-1], kernel, through_op, check)
+    return results
+
+
 def launch_cost_rows(kernel_row: dict, direct: Callable[[], Any], through_op: Callable[[], Any],
                      check: Callable[[Any], dict]) -> list[dict]:
     """A kernel benchmark's CUDA-only rows, beside its row `kernel_row` (the direct launch): the same work

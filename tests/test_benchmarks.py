@@ -433,30 +433,32 @@ def test_kernel_benchmark_on_the_cpu_checks_correctness():
     assert all(float(row[-1]) < 1e-5 for row in kernel_3)
 
 
-def test_launch_cost_rows_check_the_op_and_replay_the_direct_launch(monkeypatch):
-    """The kernels' CUDA-only rows (do_bench stubbed: CUDA is not here): the custom-op row times and checks
-    the op's output, the graph row replays the direct launch and keeps the kernel row's check."""
+def test_benchmark_rows_time_each_variant_after_its_checked_first_call(monkeypatch):
+    """On CUDA (do_bench stubbed; a device object needs no GPU): each variant checked, then timed by the
+    default or a given timer, then the last variant's (the kernel's) launch-cost rows; elsewhere no times."""
     import triton.testing
 
-    from kernels.runtime import launch_cost_rows
+    from kernels.runtime import benchmark_rows
 
-    timed = []
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: timed.append(("op", fn)) or 1.5)
-    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **_: timed.append(("graph", fn)) or 0.5)
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: calls.append(("bench", fn())) or 2.0)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **_: calls.append(("graph", fn())) or 0.5)
+    variants = {"a: plain": (lambda: "a", 30), "c: kernel": (lambda: "c", 10)}
 
-    def direct():
-        return 0
+    def check(out):
+        calls.append(("check", out))
+        return {"out": out}
 
-    def through_op():
-        return 3
-
-    kernel_row = {"name": "c: fused Triton kernel", "time_ms": 9.0, "bytes": 10, "diff": 0}
-    rows = launch_cost_rows(kernel_row, direct, through_op, lambda out: {"diff": out})
-    assert rows == [
-        {"name": "c: through the custom op (as torch.compile calls it)", "time_ms": 1.5, "bytes": 10, "diff": 3},
-        {"name": "c: the same, replayed from a CUDA graph", "time_ms": 0.5, "bytes": 10, "diff": 0},
-    ]
-    assert timed == [("op", through_op), ("graph", direct)]
+    rows = benchmark_rows(variants, check, torch.device("cuda"), lambda: "op")
+    assert [(row["name"], row["time_ms"], row["out"]) for row in rows] == [
+        ("a: plain", 2.0, "a"), ("c: kernel", 2.0, "c"),
+        ("c: through the custom op (as torch.compile calls it)", 2.0, "op"),
+        ("c: the same, replayed from a CUDA graph", 0.5, "c")]
+    assert calls[:4] == [("check", "a"), ("bench", "a"), ("check", "c"), ("bench", "c")]
+    host = benchmark_rows(variants, lambda out: {}, torch.device("cuda"), lambda: "op", lambda name, run: 7.0)
+    assert [row["time_ms"] for row in host[:2]] == [7.0, 7.0]
+    assert [row["time_ms"] for row in benchmark_rows(variants, lambda out: {}, torch.device("cpu"), None)] == [
+        None, None]
 
 
 def test_a_kernel_benchmark_that_fails_spares_the_other(capsys, monkeypatch):
