@@ -13,6 +13,7 @@ of magnitude <= 10 (fp32's ulp there is 1e-6). In half precision both round the 
 
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or the kernels are imported
@@ -69,6 +70,7 @@ CASES = [
     ((2, 8, 33), 2, "blc", (1, 4)),
     ((2, 8, 33), 2, "nchw", None),  # (B, C, L) contiguous
     ((1, 4, 2, 3, 5), 2, "nchw", (2, 8)),  # 3-D spatial dims
+    ((3, 6), 6, "nchw", None),  # no spatial dims, one channel a group: run-time ints equal to 1
 ]
 
 
@@ -90,6 +92,38 @@ def test_a_layout_without_one_spatial_stride_is_copied_first():
     _assert_within_rule(sliced, 4, weight, bias, group_norm_triton(sliced, 4, weight, bias, 1e-5))
 
 
+def test_size_one_dims_take_no_step_and_other_layouts_are_copied():
+    x, weight, bias = _inputs((2, 8, 1, 5), "nchw", torch.float32)
+    turned = x.transpose(2, 3)  # (2, 8, 5, 1), contiguous: its size-1 dim's stride says nothing
+    assert spatial_stride(turned) == 1
+    _assert_within_rule(turned, 4, weight, bias, group_norm_triton(turned, 4, weight, bias, 1e-5))
+    gapped = torch.randn(2 * 8 * 28).as_strided((2, 8, 4, 1, 5), (8 * 28, 28, 7, 7, 1))  # rows 7 apart, 5 long
+    assert spatial_stride(gapped) is None
+    _assert_within_rule(gapped, 4, weight, bias, group_norm_triton(gapped, 4, weight, bias, 1e-5))
+
+
+def test_strided_weights_and_many_blocks_of_chunk_statistics(monkeypatch):
+    x, _, _ = _inputs((2, 12, 5, 7), "nchw", torch.float32)
+    weight, bias = torch.randn(24)[::2], torch.randn(36)[::3]  # not contiguous: read as such
+    monkeypatch.setattr(norm_module, "INTERPRETED_TILE", 4)  # the group's 9 chunks in 3 blocks of 4
+    monkeypatch.setattr(norm_module, "TILE_ELEMENTS", 4)
+    _assert_within_rule(x, 4, weight, bias, group_norm_triton(x, 4, weight, bias, 1e-5, blocks=(1, 4)))
+
+
+def test_tiles_stay_within_budget_for_every_sd_shape():
+    """The launcher's tiles at SD1.5's UNet and VAE norm shapes, NHWC and NCHW, up to 2048² images:
+    never above TILE_ELEMENTS (a larger map gets more chunks, not larger tiles)."""
+    from kernels.group_norm import TILE_ELEMENTS, tile_shape
+
+    for channels in (128, 256, 320, 512, 640, 960, 1280, 1920, 2560):
+        block_c = 1 << (channels // 32 - 1).bit_length()
+        for side in (1, 8, 64, 512, 2048):
+            for channels_adjacent in (True, False):
+                block_g, block_hw = tile_shape(32, block_c, side * side, channels_adjacent, interpreted=False)
+                assert block_g * block_c * block_hw <= TILE_ELEMENTS, (channels, side, channels_adjacent)
+                assert block_hw <= max(1, side * side) * 2
+
+
 def test_statistics_survive_a_large_mean():
     """Mean 1e4, spread 1 in fp32: E[x^2] - E[x]^2 would lose every digit of the variance (1e8 against
     fp32's 7); chunk deviations combined by Chan's formula keep it."""
@@ -108,7 +142,7 @@ def test_eps_and_repeats_bit_for_bit():
     "change, message",
     [
         (lambda x, w, b: (x, 3, w, b), "do not split into 3 groups"),
-        (lambda x, w, b: (x.int(), 4, w, b), "fp16, bf16 or fp32"),
+        (lambda x, w, b: (x.int(), 4, w, b), "x must be a floating tensor"),
         (lambda x, w, b: (x, 4, w[:6], b), r"weight must be a floating \(8,\) tensor"),
         (lambda x, w, b: (x, 4, w, b.int()), "bias must be a floating"),
         (lambda x, w, b: (x[0, 0, 0], 4, w, b), r"\(N, C, \*spatial\)"),
@@ -131,6 +165,18 @@ def test_environment_variable_switches_the_kernel_off(monkeypatch):
     assert calls == ["group_norm_reference"]
 
 
+def test_float64_and_autograd_calls_go_to_pytorch(monkeypatch):
+    x, weight, bias = _inputs((2, 8, 3, 3), "nhwc", torch.float64)
+    calls = spy_calls(monkeypatch, norm_module, "_launch", "group_norm_reference")
+    assert torch.allclose(group_norm(x, 4, weight, bias), F.group_norm(x, 4, weight, bias))
+    with pytest.raises(ValueError, match="fp16, bf16 or fp32"):
+        group_norm_triton(x, 4, weight, bias, 1e-5)
+    norm = nn.GroupNorm(4, 8)  # weights that require grad, grad mode on: the kernels have no backward
+    y = group_norm(x.float(), 4, norm.weight, norm.bias)
+    assert y.grad_fn is not None
+    assert calls == ["group_norm_reference", "group_norm_reference"]
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="the interpreter's bf16 fallback")
 def test_bf16_falls_back_to_pytorch_under_the_interpreter(monkeypatch):
     x, weight, bias = _inputs((2, 8, 3, 3), "nhwc", torch.bfloat16)
@@ -150,6 +196,8 @@ def test_custom_op_opcheck_and_fake_tensors():
         assert y.shape == fake.shape and y.stride() == fake.stride()
         with pytest.raises(ValueError, match="do not split"):
             torch.ops.zone.group_norm(fake, 3, torch.empty(8), torch.empty(8), 1e-5)
+        gapped = torch.empty(2, 8, 6, 10)[..., :7]  # no single spatial stride: the real op's output is contiguous
+        assert torch.ops.zone.group_norm(gapped, 4, torch.empty(8), torch.empty(8), 1e-5).is_contiguous()
 
 
 def test_only_traced_calls_go_through_the_custom_op():
@@ -162,6 +210,13 @@ def test_only_traced_calls_go_through_the_custom_op():
     assert "zone.group_norm" in graph
     compiled = torch.compile(lambda x, w, b: group_norm(x, 4, w, b) * 2, backend="aot_eager", fullgraph=True)
     _assert_within_rule(x, 4, weight, bias, compiled(x, weight, bias) / 2)
+
+
+def plain_norm(norm: nn.GroupNorm) -> nn.Module:
+    """A plain nn.GroupNorm with `norm`'s settings and weights (no instance forward)."""
+    plain = nn.GroupNorm(norm.num_groups, norm.num_channels, norm.eps)
+    plain.load_state_dict(norm.state_dict())
+    return plain
 
 
 def _norms(module: nn.Module) -> list[nn.GroupNorm]:
@@ -185,6 +240,11 @@ def test_the_scope_switches_every_affine_norm_and_restores_them(monkeypatch):
     assert all("forward" not in vars(norm) for norm in _norms(net))  # restored on the way out of an error too
     net(x)
     assert calls == [4]
+    with triton_group_norms(net):
+        twin = copy.deepcopy(net)  # a copy made inside keeps the kernel, on its own weights
+    twin[1].weight.data.mul_(2)
+    assert torch.allclose(twin(x), nn.Sequential(*list(twin)[:1], plain_norm(twin[1]), *list(twin)[2:])(x), atol=1e-5)
+    assert calls == [4, 4] and "forward" in vars(twin[1])
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="the kernel runs on the CPU only under TRITON_INTERPRET=1")

@@ -222,6 +222,8 @@ def make_group_norms(kind: str, device: torch.device, denoiser: str | Denoiser) 
     from kernels.group_norm import runs_on, triton_group_norms
 
     if not runs_on(device):
+        if kind == "auto":  # ZONE_DISABLE_TRITON=1 on CUDA: PyTorch's, as asked
+            return pytorch_norms, pytorch_norms
         warnings.warn(f"--group-norm triton cannot run on {device.type} here (Triton needs CUDA, or "
                       "TRITON_INTERPRET=1 on the CPU, and ZONE_DISABLE_TRITON unset): PyTorch's GroupNorm runs",
                       stacklevel=2)
