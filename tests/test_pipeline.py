@@ -206,18 +206,17 @@ def test_the_group_norm_kernel_runs_every_unet_and_vae_norm_and_keeps_the_edit(t
     ("torch", "cuda", "fused", False, False),
 ])
 def test_group_norm_option_decides_where_the_kernel_runs(kind, device, denoiser, unets, vae, monkeypatch):
-    from kernels.group_norm import triton_group_norms
+    import kernels.group_norm as norm_module
     from zone_engine.backends import make_group_norms
 
-    monkeypatch.setenv("ZONE_DISABLE_TRITON", "0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # where Triton cannot run here: tested below
-        scopes = make_group_norms(kind, torch.device(device), denoiser)
-    assert [scope is triton_group_norms for scope in scopes] == [unets, vae]
+    monkeypatch.setattr(norm_module, "runs_on", lambda device: True)  # as on a GPU machine
+    scopes = make_group_norms(kind, torch.device(device), denoiser)
+    assert [scope is norm_module.triton_group_norms for scope in scopes] == [unets, vae]
 
 
 def test_group_norm_option_errors(tiny_models, monkeypatch):
     from zone_engine.backends import make_denoiser, make_group_norms
+    from zone_engine.models import pytorch_norms
 
     with pytest.raises(DeviceError, match="unknown GroupNorm implementation 'apex': available auto, torch, triton"):
         ZonePipeline(tiny_models, device="cpu", group_norm="apex")
@@ -227,6 +226,9 @@ def test_group_norm_option_errors(tiny_models, monkeypatch):
     monkeypatch.setenv("ZONE_DISABLE_TRITON", "1")
     with pytest.warns(UserWarning, match="--group-norm triton cannot run on cpu here.*PyTorch's GroupNorm runs"):
         make_group_norms("triton", torch.device("cpu"), "fused")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto where the kernel cannot run: PyTorch's, without a word
+        assert make_group_norms("auto", torch.device("cuda"), "fused") == (pytorch_norms, pytorch_norms)
 
 
 def test_threads_sharing_a_pipeline_get_the_edits_they_would_get_alone(tiny_pipe):
