@@ -86,6 +86,8 @@ class BenchConfig:
     batch: int = 1  # > 1: also time batches of this many concurrent edits (edit_batch); 1: sequential only
     sam_onnx: bool = False  # also an engine row refining with SAM exported to ONNX and run on ONNX Runtime
     sam_precision: str | None = None  # bf16/fp16: also an engine row with SAM's image encoder in that precision
+    # Also a fused row with PyTorch's GroupNorm ("+gn-torch"): what kernel 3 gains, measured in the same run.
+    compare_group_norm: bool = False
     # True: every engine row's UNets and VAE in NHWC (half precision only: see parse_args); False: none;
     # None: the engine's default (the UNets on CUDA in fp16/bf16).
     channels_last: bool | None = None
@@ -111,7 +113,8 @@ PRESETS: dict[str, BenchConfig] = {
     "cpu-256": BenchConfig("cpu-256", resolution=256, steps=20, repeats=2, device="cpu", backends=NO_BUILD_BACKENDS,
                            sam_onnx=True),
     "gpu-512": BenchConfig("gpu-512", resolution=512, steps=20, dtype="fp16", sam_type="vit_h", repeats=5,
-                           warmup=1, device="cuda", batch=4, sam_onnx=True, sam_precision="bf16"),
+                           warmup=1, device="cuda", batch=4, sam_onnx=True, sam_precision="bf16",
+                           compare_group_norm=True),
     "gpu-throughput": BenchConfig("gpu-throughput", resolution=512, steps=20, dtype="fp16", sam_type="vit_h",
                                   repeats=16, warmup=2, device="cuda", batch=8),
 }
@@ -541,20 +544,22 @@ class EngineRows:
         if self.config.sam_precision:
             built += self._refine_variant(dtype, f"sam-{self.config.sam_precision}",
                                           lambda: {"sam_precision": self.config.sam_precision})
+        if self.config.compare_group_norm:
+            built += self._pytorch_norm_variant(dtype)
         return built
 
     def _row(self, name: str, dtype: torch.dtype, denoiser: str | Denoiser,
              options: Callable[[], dict]) -> Implementation | None:
         """`options`: more ZonePipeline arguments, asked for inside the check (they may need an export)."""
         try:
+            settings = {"channels_last": self.config.channels_last, "group_norm": self.config.group_norm, **options()}
             pipe = ZonePipeline(self.models, self.device, dtype, default_config=self.edit_config, denoiser=denoiser,
-                                channels_last=self.config.channels_last, group_norm=self.config.group_norm,
-                                **options())
+                                **settings)
         except (ZoneError, ImportError, RuntimeError) as error:  # a backend or provider this machine lacks
             self.skipped.append({"name": name, "skipped": first_line(error)})
             return None
         if isinstance(denoiser, str):
-            self.denoisers[denoiser] = pipe.denoiser
+            self.denoisers.setdefault(denoiser, pipe.denoiser)  # the backend's own row's, for its variants
         return Implementation(name, self.config.dtype, engine_edit(pipe, self.image, self.config, self.edit_config),
                               pipe=pipe)
 
@@ -563,6 +568,18 @@ class EngineRows:
         row: compiled and captured once."""
         kind = variant_denoiser(self.config.backends)
         row = self._row(f"engine:{kind}+{suffix}", dtype, self.denoisers.get(kind, kind), options)
+        return [row] if row else []
+
+    def _pytorch_norm_variant(self, dtype: torch.dtype) -> list[Implementation]:
+        """The fused row again with PyTorch's GroupNorm, on a denoiser of its own (its UNets' norms are part
+        of its captured steps): kernel 3's gain, in this run. The compile backend's UNets use inductor's
+        norm either way, so the fused one it is."""
+        name = "engine:fused+gn-torch"
+        if "fused" not in self.config.backends or self.config.group_norm == "torch":
+            reason = "needs the fused backend" if self.config.group_norm != "torch" else "every row's norm is PyTorch's"
+            self.skipped.append({"name": name, "skipped": reason})
+            return []
+        row = self._row(name, dtype, "fused", lambda: {"group_norm": "torch"})
         return [row] if row else []
 
     def _onnx_refine_options(self) -> dict:
@@ -758,6 +775,9 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
                         help="every engine row's UNets and VAE in the channels-last layout (zone edit "
                         "--channels-last; needs --dtype fp16 or bf16); --no-channels-last: neither; default: "
                         "the engine's (the UNets' on CUDA in fp16/bf16)")
+    parser.add_argument("--compare-group-norm", action=argparse.BooleanOptionalAction, default=None,
+                        help="also a fused row with PyTorch's GroupNorm (engine:fused+gn-torch), to see what the "
+                        "GroupNorm kernel gains in the same run (preset's default: on for gpu-512)")
     parser.add_argument("--group-norm", choices=GROUP_NORMS,
                         help="every engine row's UNet and VAE GroupNorms: triton (kernel 3), torch (PyTorch's); "
                         "default auto, the engine's (zone edit --group-norm)")
@@ -773,6 +793,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         ("sam_type", args.sam_type), ("repeats", args.repeats), ("warmup", args.warmup), ("device", args.device),
         ("seed", args.seed), ("batch", args.batch), ("sam_onnx", args.sam_onnx), ("out", args.out),
         ("channels_last", args.channels_last), ("group_norm", args.group_norm), ("time_limit_s", args.time_limit),
+        ("compare_group_norm", args.compare_group_norm),
     ) if value is not None}
     if args.models == "tiny" and args.sam_type is None:
         changes["sam_type"] = "tiny"

@@ -22,7 +22,7 @@ from benchmarks.baseline import STORED_MAX_QUERIES, ReferenceStyleZone
 from benchmarks.harness import PRESETS, main, parse_args, run_benchmark
 from benchmarks.measure import Deadline, OutOfTime
 from benchmarks.report import markdown
-from zone_engine import Action, ZonePipeline, backends, pipeline
+from zone_engine import Action, EditConfig, ZonePipeline, backends, pipeline
 from zone_engine.denoise import BatchDenoiser
 from zone_engine.image_io import make_sample_image
 from zone_engine.pipeline import STAGES
@@ -133,6 +133,32 @@ def failing_when_batching(monkeypatch, message: str) -> None:
         return broken
     monkeypatch.setattr(harness, "engine_edit_unpatched", harness.engine_edit, raising=False)
     monkeypatch.setattr(harness, "engine_edit", engine_edit)
+
+
+def test_the_group_norm_comparison_row_is_the_fused_row_with_pytorchs_norm(tiny_models):
+    """gpu-512's "+gn-torch" row: a fused denoiser of its own with PyTorch's norms, beside the fused row's
+    with the kernel (its captured steps hold the norms); skipped where it would compare nothing."""
+    import kernels.group_norm as norm_module
+    from zone_engine.models import pytorch_norms
+
+    def rows(**changes):
+        config = dataclasses.replace(PRESETS["tiny-smoke"], sam_onnx=False, sam_precision=None,
+                                     compare_group_norm=True, **changes)
+        built = harness.EngineRows(config, tiny_models, torch.device("cpu"), np.zeros((64, 64, 3), np.uint8),
+                                   EditConfig())
+        return built, {row.name: row for row in built.build(torch.float32)}
+
+    built, named = rows(backends=("fused",), group_norm="triton")
+    assert list(named) == ["engine:fused", "engine:fused+gn-torch"]
+    fused, pytorch = (named[name].pipe.denoiser.denoiser for name in named)  # inside the step-timing wrapper
+    assert fused.norms is norm_module.triton_group_norms and pytorch.norms is pytorch_norms
+    assert built.denoisers["fused"] is fused  # the variants' denoiser stays the fused row's
+    for changes, reason in (({"backends": ("eager",)}, "needs the fused backend"),
+                            ({"backends": ("fused",), "group_norm": "torch"}, "every row's norm is PyTorch's")):
+        built, named = rows(**changes)
+        assert "engine:fused+gn-torch" not in named
+        assert {"name": "engine:fused+gn-torch", "skipped": reason} in built.skipped
+    assert PRESETS["gpu-512"].compare_group_norm and not parse_args(["--no-compare-group-norm"]).compare_group_norm
 
 
 def test_an_engine_row_that_fails_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
@@ -461,18 +487,22 @@ def test_benchmark_rows_time_each_variant_after_its_checked_first_call(monkeypat
         None, None]
 
 
-def test_a_kernel_benchmark_that_fails_spares_the_other(capsys, monkeypatch):
+def test_a_kernel_benchmark_that_fails_spares_the_others(capsys, monkeypatch):
+    import functools
+
     from benchmarks.bench_kernels import main as bench_kernels
-    from kernels import attn_accumulate
+    from kernels import attn_accumulate, group_norm
 
     def broken(device):
         raise RuntimeError("triton compilation failed")
     monkeypatch.setattr(attn_accumulate, "benchmark", broken)
+    monkeypatch.setattr(group_norm, "benchmark", functools.partial(group_norm.benchmark, shape=(1, 64, 8, 8)))
     assert bench_kernels([]) == 0
     output = capsys.readouterr().out
     assert "kernel 1: attention-map accumulation" in output and "RuntimeError: triton compilation failed" in output
-    assert "kernel 2: mask binarization" in output.split("triton compilation failed")[-1]
-    assert "c: fused Triton kernel" in output
+    after = output.split("triton compilation failed")[-1]
+    assert "kernel 2: mask binarization" in after and "kernel 3: GroupNorm" in after
+    assert "c: fused Triton kernel" in output and "c: Triton kernel on NHWC" in output
 
 
 def test_graph_memory_reads_its_shapes_and_needs_a_gpu(capsys):
