@@ -82,6 +82,16 @@ def _group_stats_kernel(
 
 
 @triton.jit
+def _chunk_block(sample, offs_g, block, HW, GROUPS, CPG, CHUNKS, BLOCK_CHUNKS: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Block `block` of the groups' chunk statistics, (BLOCK_G, BLOCK_CHUNKS): their offsets, which exist,
+    and how many elements each chunk holds (0 where none)."""
+    offs_k = block * BLOCK_CHUNKS + tl.arange(0, BLOCK_CHUNKS)
+    present = (offs_g[:, None] < GROUPS) & (offs_k[None, :] < CHUNKS)
+    counts = tl.where(present, (tl.minimum(HW - offs_k * BLOCK_HW, BLOCK_HW) * CPG).to(tl.float32)[None, :], 0.0)
+    return (sample * GROUPS + offs_g[:, None]) * CHUNKS + offs_k[None, :], present, counts
+
+
+@triton.jit
 def _group_moments_kernel(
     chunk_mean_ptr, chunk_m2_ptr, mean_ptr, rstd_ptr, HW, group_size, eps, GROUPS, CPG, CHUNKS,
     BLOCK_G: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, CHUNK_BLOCKS: tl.constexpr, BLOCK_HW: tl.constexpr,
@@ -92,22 +102,16 @@ def _group_moments_kernel(
     the host): Triton compiles an int argument equal to 1 as a constant, on which no tensor method runs."""
     sample, group_block = tl.program_id(0), tl.program_id(1)
     offs_g = group_block * BLOCK_G + tl.arange(0, BLOCK_G)
-    rows = (sample * GROUPS + offs_g[:, None]) * CHUNKS
     weighted = tl.zeros([BLOCK_G], dtype=tl.float32)
     for block in tl.static_range(CHUNK_BLOCKS):
-        offs_k = block * BLOCK_CHUNKS + tl.arange(0, BLOCK_CHUNKS)
-        present = (offs_g[:, None] < GROUPS) & (offs_k[None, :] < CHUNKS)
-        counts = tl.where(present, (tl.minimum(HW - offs_k * BLOCK_HW, BLOCK_HW) * CPG).to(tl.float32)[None, :], 0.0)
-        weighted += tl.sum(counts * tl.load(chunk_mean_ptr + rows + offs_k[None, :], mask=present, other=0.0), axis=1)
+        stats, present, counts = _chunk_block(sample, offs_g, block, HW, GROUPS, CPG, CHUNKS, BLOCK_CHUNKS, BLOCK_HW)
+        weighted += tl.sum(counts * tl.load(chunk_mean_ptr + stats, mask=present, other=0.0), axis=1)
     mean = weighted / group_size  # (BLOCK_G,)
     m2 = tl.zeros([BLOCK_G], dtype=tl.float32)
     for block in tl.static_range(CHUNK_BLOCKS):
-        offs_k = block * BLOCK_CHUNKS + tl.arange(0, BLOCK_CHUNKS)
-        present = (offs_g[:, None] < GROUPS) & (offs_k[None, :] < CHUNKS)
-        counts = tl.where(present, (tl.minimum(HW - offs_k * BLOCK_HW, BLOCK_HW) * CPG).to(tl.float32)[None, :], 0.0)
-        spread = tl.load(chunk_mean_ptr + rows + offs_k[None, :], mask=present, other=0.0) - mean[:, None]
-        m2 += tl.sum(tl.load(chunk_m2_ptr + rows + offs_k[None, :], mask=present, other=0.0), axis=1)
-        m2 += tl.sum(counts * spread * spread, axis=1)
+        stats, present, counts = _chunk_block(sample, offs_g, block, HW, GROUPS, CPG, CHUNKS, BLOCK_CHUNKS, BLOCK_HW)
+        spread = tl.load(chunk_mean_ptr + stats, mask=present, other=0.0) - mean[:, None]
+        m2 += tl.sum(tl.load(chunk_m2_ptr + stats, mask=present, other=0.0) + counts * spread * spread, axis=1)
     group = sample * GROUPS + offs_g
     tl.store(mean_ptr + group, mean, mask=offs_g < GROUPS)
     tl.store(rstd_ptr + group, 1.0 / tl.sqrt(m2 / group_size + eps), mask=offs_g < GROUPS)
