@@ -98,7 +98,8 @@ run_stage() {
     compile)  # The torch.compile test alone, with dynamo's graph breaks and recompilations logged.
         TRITON_INTERPRET=0 TORCH_LOGS=graph_breaks,recompiles stage compile_test 150 python3 -m pytest -q -m gpu \
             -k compiled_step tests/test_dual_step.py ;;
-    kernels)  # Kernel benchmarks: do_bench medians against the reference-style store and the torch references.
+    kernels)  # Kernel benchmarks: do_bench medians against the reference-style store and the torch references,
+        # and kernel 3 (GroupNorm) against PyTorch's norm on the same NHWC activation and on its NCHW copy.
         TAIL=16 stage bench_kernels 50 python3 -m benchmarks.bench_kernels ;;
     refine)  # PyTorch SAM vit_h refinement at ZONE's settings (1,024 prompts, SAM's thresholds): fp32 vs the image
         # encoder in bf16 (no ONNX: no CUDA provider there), the engine's search for M_b's segment vs the
@@ -110,12 +111,13 @@ run_stage() {
         TAIL=24 stage bench_refine_zero 150 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 \
             --no-onnx --sam-precision bf16 ;;
     dual)  # Two weight sets per step: one UNet call at batch 6 vs the dual-step variants, eager and graphed,
-        # and on channels-last copies of the UNets.
+        # and on channels-last copies of the UNets, with PyTorch's GroupNorm (step-cl) and kernel 3's (step-cl-gn).
         stage bench_dual_unet 130 python3 -m benchmarks.bench_dual_unet --resolution 512 --dtype fp16 --repeats 20 \
             --channels-last ;;
     breaks)  # torch.compile's graph breaks in the dual step, SD1.5 size, fp16 (none is the goal).
         stage graph_breaks 90 python3 -m benchmarks.graph_breaks --device cuda --dtype fp16 ;;
-    bench)  # Per-stage latency, baseline vs engine backends, 512², 20 steps, fp16. BACKENDS: the engine rows
+    bench)  # Per-stage latency, baseline vs engine backends, 512², 20 steps, fp16 (gpu-512 adds engine:fused+gn-torch,
+        # the fused row with PyTorch's GroupNorm: kernel 3's gain in the same run). BACKENDS: the engine rows
         # (default fused; eager,fused took 111 s in all on the H100; compile's warm-up took 149 s there when it compiled
         # once per warm-up step and capture, 4 times a shape: once since 3173f92, and again for the batch of 4).
         TAIL=50 stage bench "${BENCH_LIMIT:-240}" python3 -m benchmarks --preset gpu-512 \
