@@ -82,19 +82,19 @@ def _group_stats_kernel(
 
 
 @triton.jit
-def _chunk_block(sample, offs_g, block, HW, GROUPS, CPG, CHUNKS, BLOCK_CHUNKS: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _chunk_block(sample, offs_g, block, HW, GROUPS, CPG, CHUNKS, CHUNK_HW, BLOCK_CHUNKS: tl.constexpr):
     """Block `block` of the groups' chunk statistics, (BLOCK_G, BLOCK_CHUNKS): their offsets, which exist,
-    and how many elements each chunk holds (0 where none)."""
+    and how many elements each chunk (of CHUNK_HW positions) holds (0 where none)."""
     offs_k = block * BLOCK_CHUNKS + tl.arange(0, BLOCK_CHUNKS)
     present = (offs_g[:, None] < GROUPS) & (offs_k[None, :] < CHUNKS)
-    counts = tl.where(present, (tl.minimum(HW - offs_k * BLOCK_HW, BLOCK_HW) * CPG).to(tl.float32)[None, :], 0.0)
+    counts = tl.where(present, (tl.minimum(HW - offs_k * CHUNK_HW, CHUNK_HW) * CPG).to(tl.float32)[None, :], 0.0)
     return (sample * GROUPS + offs_g[:, None]) * CHUNKS + offs_k[None, :], present, counts
 
 
 @triton.jit
 def _group_moments_kernel(
-    chunk_mean_ptr, chunk_m2_ptr, mean_ptr, rstd_ptr, HW, group_size, eps, GROUPS, CPG, CHUNKS,
-    BLOCK_G: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, CHUNK_BLOCKS: tl.constexpr, BLOCK_HW: tl.constexpr,
+    chunk_mean_ptr, chunk_m2_ptr, mean_ptr, rstd_ptr, HW, group_size, eps, GROUPS, CPG, CHUNKS, CHUNK_HW,
+    BLOCK_G: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, CHUNK_BLOCKS: tl.constexpr,
 ):
     """Each group's mean and 1/sqrt(var + eps), (N, GROUPS) each, from its chunks' statistics (Chan, Golub
     & LeVeque's parallel variance, M2 = sum m2_k + n_k (mean_k - mean)^2: no E[x^2] - E[x]^2 cancellation),
@@ -104,12 +104,12 @@ def _group_moments_kernel(
     offs_g = group_block * BLOCK_G + tl.arange(0, BLOCK_G)
     weighted = tl.zeros([BLOCK_G], dtype=tl.float32)
     for block in tl.static_range(CHUNK_BLOCKS):
-        stats, present, counts = _chunk_block(sample, offs_g, block, HW, GROUPS, CPG, CHUNKS, BLOCK_CHUNKS, BLOCK_HW)
+        stats, present, counts = _chunk_block(sample, offs_g, block, HW, GROUPS, CPG, CHUNKS, CHUNK_HW, BLOCK_CHUNKS)
         weighted += tl.sum(counts * tl.load(chunk_mean_ptr + stats, mask=present, other=0.0), axis=1)
     mean = weighted / group_size  # (BLOCK_G,)
     m2 = tl.zeros([BLOCK_G], dtype=tl.float32)
     for block in tl.static_range(CHUNK_BLOCKS):
-        stats, present, counts = _chunk_block(sample, offs_g, block, HW, GROUPS, CPG, CHUNKS, BLOCK_CHUNKS, BLOCK_HW)
+        stats, present, counts = _chunk_block(sample, offs_g, block, HW, GROUPS, CPG, CHUNKS, CHUNK_HW, BLOCK_CHUNKS)
         spread = tl.load(chunk_mean_ptr + stats, mask=present, other=0.0) - mean[:, None]
         m2 += tl.sum(tl.load(chunk_m2_ptr + stats, mask=present, other=0.0) + counts * spread * spread, axis=1)
     group = sample * GROUPS + offs_g
@@ -226,8 +226,8 @@ def _launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.
     moments_g = max(1, min(triton.next_power_of_2(num_groups), tile // block_chunks))
     _group_moments_kernel[(samples, triton.cdiv(num_groups, moments_g))](
         chunk_stats[0], chunk_stats[1], moments[0], moments[1], positions, float(positions * per_group), float(eps),
-        num_groups, per_group, chunks, BLOCK_G=moments_g, BLOCK_CHUNKS=block_chunks,
-        CHUNK_BLOCKS=triton.cdiv(chunks, block_chunks), BLOCK_HW=block_hw)
+        num_groups, per_group, chunks, block_hw, BLOCK_G=moments_g, BLOCK_CHUNKS=block_chunks,
+        CHUNK_BLOCKS=triton.cdiv(chunks, block_chunks))
     _group_norm_apply_kernel[grid](x, y, weight, bias, moments[0], moments[1], positions, *x_strides, *y_strides,
                                    num_groups, per_group, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_HW=block_hw)
     return y
