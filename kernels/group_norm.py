@@ -36,6 +36,7 @@ import contextlib
 import math
 import types
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -206,35 +207,65 @@ def _launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.
     if x.numel() == 0:
         return y
     weight, bias = weight.contiguous(), bias.contiguous()  # addressed as weight_ptr + channel
-    samples, per_group = x.shape[0], x.shape[1] // num_groups
-    positions = math.prod(x.shape[2:])
-    interpreted = is_interpreted(_group_stats_kernel)
-    block_c = triton.next_power_of_2(per_group)
-    block_g, block_hw = blocks or tile_shape(num_groups, block_c, positions, x.stride(1) == 1, interpreted)
-    chunks = triton.cdiv(positions, block_hw)
-    chunk_stats = torch.empty(2, samples * num_groups * chunks, device=x.device, dtype=torch.float32)
+    samples, channels, positions = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    plan = LaunchPlan.of(channels, num_groups, positions, x.stride(1) == 1, is_interpreted(_group_stats_kernel),
+                         blocks)
+    chunk_stats = torch.empty(2, samples * num_groups * plan.chunks, device=x.device, dtype=torch.float32)
     moments = torch.empty(2, samples * num_groups, device=x.device, dtype=torch.float32)  # mean, rstd
-    grid = (samples, triton.cdiv(num_groups, block_g), chunks)
+    grid = (samples, triton.cdiv(num_groups, plan.block_g), plan.chunks)
     x_strides = (x.stride(0), x.stride(1), spatial_stride(x))
     y_strides = (y.stride(0), y.stride(1), spatial_stride(y))
-    # Only the tile is compile-time: the group count, group width and chunk count are run-time values, so
-    # SD1.5's UNets and VAE (about 25 norm shapes) need a handful of compilations, not one per shape.
-    _group_stats_kernel[grid](x, chunk_stats[0], chunk_stats[1], positions, *x_strides, num_groups, per_group, chunks,
-                              BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_HW=block_hw)
-    tile = INTERPRETED_TILE if interpreted else TILE_ELEMENTS
-    block_chunks = min(triton.next_power_of_2(chunks), tile)
-    moments_g = max(1, min(triton.next_power_of_2(num_groups), tile // block_chunks))
-    _group_moments_kernel[(samples, triton.cdiv(num_groups, moments_g))](
-        chunk_stats[0], chunk_stats[1], moments[0], moments[1], positions, float(positions * per_group), float(eps),
-        num_groups, per_group, chunks, block_hw, BLOCK_G=moments_g, BLOCK_CHUNKS=block_chunks,
-        CHUNK_BLOCKS=triton.cdiv(chunks, block_chunks))
+    _group_stats_kernel[grid](x, chunk_stats[0], chunk_stats[1], positions, *x_strides, num_groups, plan.per_group,
+                              plan.chunks, **plan.tile)
+    _group_moments_kernel[(samples, triton.cdiv(num_groups, plan.moments_g))](
+        chunk_stats[0], chunk_stats[1], moments[0], moments[1], positions, float(positions * plan.per_group),
+        float(eps), num_groups, plan.per_group, plan.chunks, plan.block_hw, **plan.moments)
     _group_norm_apply_kernel[grid](x, y, weight, bias, moments[0], moments[1], positions, *x_strides, *y_strides,
-                                   num_groups, per_group, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_HW=block_hw)
+                                   num_groups, plan.per_group, **plan.tile)
     return y
 
 
 CHANNEL_LANES = 512  # channels a tile row spans when they are adjacent in memory (NHWC)
 INTERPRETED_TILE = 2**18  # a quarter of Triton's largest block
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """The compile-time shape of one GroupNorm's three launches. Only tiles are compile-time: the group
+    count, group width, chunk count and length are run-time values, so SD1.5's UNets and VAE (32 norm
+    shapes) compile 21 kernel configurations, not one per shape."""
+
+    per_group: int
+    block_g: int  # groups a stats/apply program covers
+    block_c: int  # a group's channels, padded to a power of two
+    block_hw: int  # positions a chunk holds
+    chunks: int
+    moments_g: int  # groups a moments program covers
+    block_chunks: int  # chunk statistics a moments program reads at a time
+    chunk_blocks: int
+
+    @classmethod
+    def of(cls, channels: int, groups: int, positions: int, channels_adjacent: bool, interpreted: bool,
+           blocks: tuple[int, int] | None = None) -> LaunchPlan:
+        per_group = channels // groups
+        block_c = triton.next_power_of_2(per_group)
+        block_g, block_hw = blocks or tile_shape(groups, block_c, positions, channels_adjacent, interpreted)
+        chunks = triton.cdiv(positions, block_hw)
+        tile = INTERPRETED_TILE if interpreted else TILE_ELEMENTS
+        block_chunks = min(triton.next_power_of_2(chunks), tile)
+        moments_g = max(1, min(triton.next_power_of_2(groups), tile // block_chunks))
+        return cls(per_group, block_g, block_c, block_hw, chunks, moments_g, block_chunks,
+                   triton.cdiv(chunks, block_chunks))
+
+    @property
+    def tile(self) -> dict[str, int]:
+        """The stats and apply kernels' compile-time arguments."""
+        return {"BLOCK_G": self.block_g, "BLOCK_C": self.block_c, "BLOCK_HW": self.block_hw}
+
+    @property
+    def moments(self) -> dict[str, int]:
+        """The moments kernel's compile-time arguments."""
+        return {"BLOCK_G": self.moments_g, "BLOCK_CHUNKS": self.block_chunks, "CHUNK_BLOCKS": self.chunk_blocks}
 
 
 def tile_shape(groups: int, block_c: int, positions: int, channels_adjacent: bool,
