@@ -1,0 +1,108 @@
+"""Compile every Triton kernel launch of SD1.5's shapes at 512² for sm_90 with Triton's own ptxas, no GPU needed.
+
+The launchers run as they would on a GPU (this process does not interpret), on meta tensors; their kernels are
+replaced by recorders, and each recorded launch is compiled as Triton would compile it (an int argument equal to 1
+becomes the constant 1, None a constant None). What a GPU would compile at an edit's first step, checked on the
+CPU: tests/test_kernels_for_hopper.py runs it. Exit 0; 1 with the reason when a kernel fails to compile or spills
+to local memory; 77 where Triton has no ptxas.
+"""
+
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels import attn_accumulate, group_norm, mask_binarize
+
+try:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    print(f"ptxas: {get_ptxas(90).path}")
+except (ImportError, RuntimeError, OSError) as error:  # nothing here to compile for a GPU with
+    print(f"no ptxas: {error}")
+    sys.exit(77)
+
+POINTEES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
+            torch.int64: "i64", torch.uint8: "u8"}
+META = torch.device("meta")
+
+
+class Recorder:
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **constexprs)` records the launch."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **constexprs: self.launches.append((args, constexprs))
+
+
+def signature_of(kernel, args: tuple, constexprs: dict) -> tuple[dict, dict]:
+    """Triton's signature and constants for a launch with these arguments."""
+    names = [name for name in kernel.arg_names if name not in constexprs]
+    signature, constants = {name: "constexpr" for name in constexprs}, dict(constexprs)
+    for name, value in zip(names, args, strict=True):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + POINTEES[value.dtype]
+        elif value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+            signature[name], constants[name] = "constexpr", value
+        else:
+            signature[name] = "fp32" if isinstance(value, float) else "i32"
+    return {name: signature[name] for name in kernel.arg_names}, constants
+
+
+def sd15_launches() -> None:
+    """The engine's launches at 512² in fp16 (bf16 compiles the same tiles with other conversions: the GPU tests'
+    share; here it would double the time): kernel 1 on the five recorded layers' kept rows (2 rows of 8
+    heads, 16x16 queries, d 160), kernel 2 from a 16x16 map to 512x512, kernel 3 on the UNets' (NHWC, 6 rows) and
+    the VAE's (NCHW, its attention's (B, C, L) view) norms and on groups of one channel without positions."""
+    dtype = torch.float16
+    queries = torch.empty(3, 256, 1280, dtype=dtype, device=META).view(3, 256, 8, 160).transpose(1, 2)[1:]
+    keys = torch.empty(3, 77, 1280, dtype=dtype, device=META).view(3, 77, 8, 160).transpose(1, 2)[1:]
+    attn_accumulate._launch(torch.empty(256, 77, device=META), queries, keys, 160**-0.5)
+    for channels, positions in ((320, 4096), (640, 4096), (640, 1024), (960, 1024), (1280, 1024), (1280, 256),
+                                (1920, 256), (2560, 256), (1280, 64), (2560, 64)):
+        side = int(positions**0.5)
+        norm(torch.empty(6, channels, side, side, dtype=dtype, device=META).to(memory_format=torch.channels_last), 32)
+    for channels, side in ((128, 512), (256, 512), (256, 256), (512, 256), (512, 128), (512, 64)):
+        norm(torch.empty(1, channels, side, side, dtype=dtype, device=META), 32)
+    norm(torch.empty(1, 4096, 512, dtype=dtype, device=META).transpose(1, 2), 32)
+    norm(torch.empty(3, 6, dtype=dtype, device=META), 6)
+    mask = torch.empty(512, 512, dtype=torch.uint8)
+    mask_binarize._launch(torch.rand(256, 77), (16, 16), 5, mask, False, 108, torch.empty_like(mask))
+
+
+def norm(x: torch.Tensor, groups: int) -> None:
+    weight = torch.empty(x.shape[1], dtype=x.dtype, device=x.device)
+    group_norm._launch(x, groups, weight, weight, 1e-5)
+
+
+def main() -> None:
+    modules = {attn_accumulate: ["_attn_accumulate_kernel"], mask_binarize: ["_binarize_kernel"],
+               group_norm: ["_group_stats_kernel", "_group_moments_kernel", "_group_norm_apply_kernel"]}
+    recorders = [(module, name, Recorder(getattr(module, name))) for module, names in modules.items() for name in names]
+    for module, name, recorder in recorders:
+        setattr(module, name, recorder)
+    sd15_launches()
+    compiled = set()
+    for _, name, recorder in recorders:
+        for args, constexprs in recorder.launches:
+            signature, constants = signature_of(recorder.kernel, args, constexprs)
+            key = (name, tuple(signature.items()), tuple(sorted(constants.items(), key=str)))
+            if key in compiled:
+                continue
+            compiled.add(key)
+            kernel = triton.compile(ASTSource(recorder.kernel, signature, constexprs=constants),
+                                    target=GPUTarget("cuda", 90, 32))
+            if ".local" in kernel.asm["ptx"]:
+                raise SystemExit(f"{name} {constants}: spills to local memory")
+    launched = {name for _, name, recorder in recorders if recorder.launches}
+    if len(launched) < len(recorders):
+        raise SystemExit(f"no launch recorded for {sorted({name for _, name, _ in recorders} - launched)}")
+    print(f"{len(compiled)} kernels compiled for sm_90")
+
+
+if __name__ == "__main__":
+    main()
