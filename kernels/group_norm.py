@@ -293,7 +293,8 @@ def _group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias:
                    eps: float) -> torch.Tensor:
     if _launchable(x, weight, bias):
         return group_norm_triton(x, num_groups, weight, bias, eps)
-    return group_norm_reference(x, num_groups, weight, bias, eps)
+    # In the fake's layout either way: PyTorch's CUDA norm returns NCHW whatever it was given.
+    return output_like(x).copy_(group_norm_reference(x, num_groups, weight, bias, eps))
 
 
 @_group_norm_op.register_fake
