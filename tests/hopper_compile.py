@@ -1,10 +1,10 @@
 """Compile every Triton kernel launch of SD1.5's shapes at 512² for sm_90 with Triton's own ptxas, no GPU needed.
 
 The launchers run as they would on a GPU (this process does not interpret), on meta tensors; their kernels are
-replaced by recorders, and each recorded launch is compiled as Triton would compile it (an int argument equal to 1
-becomes the constant 1, None a constant None). What a GPU would compile at an edit's first step, checked on the
-CPU: tests/test_kernels_for_hopper.py runs it. Exit 0; 1 with the reason when a kernel fails to compile or spills
-to local memory; 77 where Triton has no ptxas.
+replaced by recorders, and each recorded launch is compiled as Triton's JIT would specialise it (an int equal to
+1 becomes the constant 1, None a constant None; aligned pointers and ints divisible by 16 are marked so). What a
+GPU would compile at an edit's first step, checked on the CPU: tests/test_kernels_for_hopper.py runs it. Exit 0;
+1 with the reason when a kernel fails to compile or spills to local memory; 77 where Triton has no ptxas.
 """
 
 import sys
@@ -39,18 +39,25 @@ class Recorder:
         return lambda *args, **constexprs: self.launches.append((args, constexprs))
 
 
-def signature_of(kernel, args: tuple, constexprs: dict) -> tuple[dict, dict]:
-    """Triton's signature and constants for a launch with these arguments."""
+def signature_of(kernel, args: tuple, constexprs: dict) -> tuple[dict, dict, dict]:
+    """Triton's signature, constants and attributes for a launch with these arguments: as its JIT specialises
+    them, a pointer 16-byte aligned (CUDA's allocations are; a view's offset may not be) and an int divisible by
+    16 get `tt.divisibility` 16 (the vectorised code a GPU compiles)."""
     names = [name for name in kernel.arg_names if name not in constexprs]
-    signature, constants = {name: "constexpr" for name in constexprs}, dict(constexprs)
+    signature, constants, attrs = {name: "constexpr" for name in constexprs}, dict(constexprs), {}
     for name, value in zip(names, args, strict=True):
+        aligned = False
         if isinstance(value, torch.Tensor):
             signature[name] = "*" + POINTEES[value.dtype]
+            aligned = value.storage_offset() * value.element_size() % 16 == 0
         elif value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
             signature[name], constants[name] = "constexpr", value
         else:
             signature[name] = "fp32" if isinstance(value, float) else "i32"
-    return {name: signature[name] for name in kernel.arg_names}, constants
+            aligned = isinstance(value, int) and value % 16 == 0
+        if aligned:
+            attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
+    return {name: signature[name] for name in kernel.arg_names}, constants, attrs
 
 
 def sd15_launches() -> None:
@@ -89,12 +96,12 @@ def main() -> None:
     compiled = set()
     for _, name, recorder in recorders:
         for args, constexprs in recorder.launches:
-            signature, constants = signature_of(recorder.kernel, args, constexprs)
-            key = (name, tuple(signature.items()), tuple(sorted(constants.items(), key=str)))
+            signature, constants, attrs = signature_of(recorder.kernel, args, constexprs)
+            key = (name, tuple(signature.items()), tuple(sorted(constants.items(), key=str)), tuple(sorted(attrs)))
             if key in compiled:
                 continue
             compiled.add(key)
-            kernel = triton.compile(ASTSource(recorder.kernel, signature, constexprs=constants),
+            kernel = triton.compile(ASTSource(recorder.kernel, signature, constexprs=constants, attrs=attrs),
                                     target=GPUTarget("cuda", 90, 32))
             if ".local" in kernel.asm["ptx"]:
                 raise SystemExit(f"{name} {constants}: spills to local memory")
