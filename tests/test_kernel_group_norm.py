@@ -37,14 +37,14 @@ INTERPRETED = is_interpreted(norm_module._group_stats_kernel)
 ATOL = {torch.float32: 1e-5, torch.float16: 8 * 2**-10, torch.bfloat16: 8 * 2**-7}
 
 
-def _inputs(shape, groups_layout: str, dtype, device="cpu", seed=0, offset=0.5, spread=2.0):
+def _inputs(shape, layout: str, dtype, device="cpu", seed=0, offset=0.5, spread=2.0):
     """x (N, C, *spatial) in the named layout (nchw, nhwc, or blc: a (B, C, L) view of (B, L, C), as the
     VAE's attention norm gets it), weight and bias (C,)."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=generator, dtype=torch.float64) * spread + offset
-    if groups_layout == "nhwc":
+    if layout == "nhwc":
         x = x.to(memory_format=torch.channels_last)
-    elif groups_layout == "blc":
+    elif layout == "blc":
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
     weight = 1 + 0.5 * torch.randn(shape[1], generator=generator)
     bias = 0.5 * torch.randn(shape[1], generator=generator)
