@@ -201,9 +201,10 @@ def group_norm_triton(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bi
 
 def _launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
             blocks: tuple[int, int] | None = None) -> torch.Tensor:
-    if spatial_stride(x) is None:
+    if (x_step := spatial_stride(x)) is None:
         x = x.contiguous()
-    y = output_like(x)
+        x_step = spatial_stride(x)
+    y = torch.empty_like(x)  # x's spatial dims walk as one axis now: `output_like` is x's own layout
     if x.numel() == 0:
         return y
     weight, bias = weight.contiguous(), bias.contiguous()  # addressed as weight_ptr + channel
@@ -213,7 +214,7 @@ def _launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.
     chunk_stats = torch.empty(2, samples * num_groups * plan.chunks, device=x.device, dtype=torch.float32)
     moments = torch.empty(2, samples * num_groups, device=x.device, dtype=torch.float32)  # mean, rstd
     grid = (samples, triton.cdiv(num_groups, plan.block_g), plan.chunks)
-    x_strides = (x.stride(0), x.stride(1), spatial_stride(x))
+    x_strides = (x.stride(0), x.stride(1), x_step)
     y_strides = (y.stride(0), y.stride(1), spatial_stride(y))
     _group_stats_kernel[grid](x, chunk_stats[0], chunk_stats[1], positions, *x_strides, num_groups, plan.per_group,
                               plan.chunks, **plan.tile)
