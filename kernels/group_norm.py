@@ -13,13 +13,18 @@ then made the step only 10.5 % faster, the norms converting back and forth (benc
 This kernel reads the tensor through its strides, NHWC or NCHW alike, and writes y in the same layout
 (its speed on a GPU is still to be measured: benchmarks/bench_kernels.py, bench_dual_unet.py).
 
-Three launches, over (samples) x (blocks of BLOCK_G groups) x (chunks of BLOCK_HW spatial positions):
-    _group_stats_kernel       each chunk's mean and sum of squared deviations, per group, from one tile
-    _group_moments_kernel     each group's mean and 1/sqrt(var + eps) from its chunks' (Chan et al.'s
-                              parallel variance: no E[x^2] - E[x]^2 cancellation), in a fixed order
+Three launches; the stats and apply kernels over (samples) x (blocks of BLOCK_C adjacent channels) x
+(chunks of BLOCK_HW spatial positions), the moments kernel over (samples) x (blocks of groups):
+    _channel_stats_kernel     each chunk's mean and sum of squared deviations, per channel, from one tile
+    _group_moments_kernel     each group's mean and 1/sqrt(var + eps) from its channels' chunk statistics
+                              (Chan et al.'s parallel variance: no E[x^2] - E[x]^2 cancellation), in a fixed order
     _group_norm_apply_kernel  normalise a tile, apply weight and bias, store in y's layout
-x is read twice and y written once; the statistics are a few floats a chunk. Deterministic. On NHWC
-a tile spans many groups (whole runs of adjacent channels); on NCHW one group and long runs of positions.
+x is read twice and y written once; the statistics are two floats a channel and chunk (6 % of an fp16
+x's bytes at 64 positions a chunk). Deterministic. Tiles are blocks of channels, not of groups: SD1.5's groups are
+10 to 60 channels wide, and a tile of whole groups padded to a power of two (16 to 64 lanes) compiled on
+NHWC to 2-byte loads with up to 37.5 % of lanes masked (sm_90 PTX); a block of 64 adjacent channels
+is 16-byte vector loads, whatever the groups (tests/hopper_compile.py checks it). Groups straddle channel
+blocks; statistics per channel let the moments kernel combine them.
 
 Public API:
     group_norm(x, num_groups, weight, bias, eps)          guarded: kernel when usable, else PyTorch's
@@ -50,67 +55,65 @@ TILE_ELEMENTS = 4096  # a program's tile on a GPU: 8 KB of fp16, enough loads in
 
 
 @triton.jit
-def _tile_offsets(x_ptr, sample, group_block, chunk, HW, stride_n, stride_c, stride_hw, GROUPS, CPG,
-                  BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """Pointers (BLOCK_HW, BLOCK_G, BLOCK_C) to a program's tile, and which of them are in the tensor."""
+def _tile_offsets(x_ptr, sample, channel_block, chunk, C, HW, stride_n, stride_c, stride_hw,
+                  BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Pointers (BLOCK_HW, BLOCK_C) to a program's tile, which of them are in the tensor, and its channels.
+    A tile is a block of adjacent channels, whatever their groups: on NHWC its rows are runs of BLOCK_C
+    adjacent elements (vector loads for any group width), on NCHW its columns runs of BLOCK_HW."""
     offs_hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    offs_g = group_block * BLOCK_G + tl.arange(0, BLOCK_G)
-    offs_c = tl.arange(0, BLOCK_C)
-    channels = offs_g[:, None] * CPG + offs_c[None, :]  # (BLOCK_G, BLOCK_C)
-    inside = (offs_hw[:, None, None] < HW) & ((offs_g[:, None] < GROUPS) & (offs_c[None, :] < CPG))[None, :, :]
-    ptrs = x_ptr + sample * stride_n + channels[None, :, :] * stride_c + offs_hw[:, None, None] * stride_hw
-    return ptrs, inside
+    offs_c = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    inside = (offs_hw[:, None] < HW) & (offs_c[None, :] < C)
+    ptrs = x_ptr + sample * stride_n + offs_c[None, :] * stride_c + offs_hw[:, None] * stride_hw
+    return ptrs, inside, offs_c
 
 
 @triton.jit
-def _group_stats_kernel(
-    x_ptr, mean_ptr, m2_ptr, HW, stride_xn, stride_xc, stride_xhw, GROUPS, CPG, CHUNKS,
-    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+def _channel_stats_kernel(
+    x_ptr, mean_ptr, m2_ptr, C, HW, stride_xn, stride_xc, stride_xhw, CHUNKS,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """Each chunk's mean and sum of squared deviations from it, per group: (N, GROUPS, CHUNKS) each."""
-    sample, group_block, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    ptrs, inside = _tile_offsets(x_ptr, sample, group_block, chunk, HW, stride_xn, stride_xc, stride_xhw,
-                                 GROUPS, CPG, BLOCK_G, BLOCK_C, BLOCK_HW)
+    """Each chunk's mean and sum of squared deviations from it, per channel: (N, C, CHUNKS) each."""
+    sample, channel_block, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ptrs, inside, offs_c = _tile_offsets(x_ptr, sample, channel_block, chunk, C, HW, stride_xn, stride_xc, stride_xhw,
+                                         BLOCK_C, BLOCK_HW)
     x = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
-    count = (tl.minimum(HW - chunk * BLOCK_HW, BLOCK_HW) * CPG).to(tl.float32)
-    mean = tl.sum(tl.sum(x, axis=2), axis=0) / count  # (BLOCK_G,)
-    centred = tl.where(inside, x - mean[None, :, None], 0.0)
-    m2 = tl.sum(tl.sum(centred * centred, axis=2), axis=0)
-    offs_g = group_block * BLOCK_G + tl.arange(0, BLOCK_G)
-    stats = (sample * GROUPS + offs_g) * CHUNKS + chunk
-    tl.store(mean_ptr + stats, mean, mask=offs_g < GROUPS)
-    tl.store(m2_ptr + stats, m2, mask=offs_g < GROUPS)
+    mean = tl.sum(x, axis=0) / tl.minimum(HW - chunk * BLOCK_HW, BLOCK_HW).to(tl.float32)  # (BLOCK_C,)
+    centred = tl.where(inside, x - mean[None, :], 0.0)
+    stats = (sample * C + offs_c) * CHUNKS + chunk
+    tl.store(mean_ptr + stats, mean, mask=offs_c < C)
+    tl.store(m2_ptr + stats, tl.sum(centred * centred, axis=0), mask=offs_c < C)
 
 
 @triton.jit
-def _chunk_block(sample, offs_g, block, HW, GROUPS, CPG, CHUNKS, CHUNK_HW, BLOCK_CHUNKS: tl.constexpr):
-    """Block `block` of the groups' chunk statistics, (BLOCK_G, BLOCK_CHUNKS): their offsets, which exist,
-    and how many elements each chunk (of CHUNK_HW positions) holds (0 where none)."""
-    offs_k = block * BLOCK_CHUNKS + tl.arange(0, BLOCK_CHUNKS)
-    present = (offs_g[:, None] < GROUPS) & (offs_k[None, :] < CHUNKS)
-    counts = tl.where(present, (tl.minimum(HW - offs_k * CHUNK_HW, CHUNK_HW) * CPG).to(tl.float32)[None, :], 0.0)
-    return (sample * GROUPS + offs_g[:, None]) * CHUNKS + offs_k[None, :], present, counts
+def _partial_block(sample, offs_g, block, HW, GROUPS, PARTIALS, CHUNKS, CHUNK_HW, BLOCK_P: tl.constexpr):
+    """Block `block` of the groups' partial statistics, (BLOCK_G, BLOCK_P): their offsets, which exist, and
+    how many elements each holds (0 where none). A group's partials are its channels' chunk statistics, one
+    run of PARTIALS = CPG * CHUNKS in the (N, C, CHUNKS) arrays, partial p being chunk p % CHUNKS."""
+    offs_p = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    present = (offs_g[:, None] < GROUPS) & (offs_p[None, :] < PARTIALS)
+    counts = tl.where(present, tl.minimum(HW - (offs_p % CHUNKS) * CHUNK_HW, CHUNK_HW).to(tl.float32)[None, :], 0.0)
+    return (sample * GROUPS + offs_g[:, None]) * PARTIALS + offs_p[None, :], present, counts
 
 
 @triton.jit
 def _group_moments_kernel(
-    chunk_mean_ptr, chunk_m2_ptr, mean_ptr, rstd_ptr, HW, group_size, eps, GROUPS, CPG, CHUNKS, CHUNK_HW,
-    BLOCK_G: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, CHUNK_BLOCKS: tl.constexpr,
+    chunk_mean_ptr, chunk_m2_ptr, mean_ptr, rstd_ptr, HW, group_size, eps, GROUPS, PARTIALS, CHUNKS, CHUNK_HW,
+    BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, P_BLOCKS: tl.constexpr,
 ):
-    """Each group's mean and 1/sqrt(var + eps), (N, GROUPS) each, from its chunks' statistics (Chan, Golub
-    & LeVeque's parallel variance, M2 = sum m2_k + n_k (mean_k - mean)^2: no E[x^2] - E[x]^2 cancellation),
-    BLOCK_CHUNKS chunks at a time: one pass for the mean, one for M2. `group_size` (CPG * HW, a float from
-    the host): Triton compiles an int argument equal to 1 as a constant, on which no tensor method runs."""
+    """Each group's mean and 1/sqrt(var + eps), (N, GROUPS) each, from its partials (Chan, Golub & LeVeque's
+    parallel variance, M2 = sum m2_k + n_k (mean_k - mean)^2: no E[x^2] - E[x]^2 cancellation), BLOCK_P
+    partials at a time: one pass for the mean, one for M2. `group_size` (CPG * HW, a float from the host):
+    Triton compiles an int argument equal to 1 as a constant, on which no tensor method runs."""
     sample, group_block = tl.program_id(0), tl.program_id(1)
     offs_g = group_block * BLOCK_G + tl.arange(0, BLOCK_G)
     weighted = tl.zeros([BLOCK_G], dtype=tl.float32)
-    for block in tl.static_range(CHUNK_BLOCKS):
-        stats, present, counts = _chunk_block(sample, offs_g, block, HW, GROUPS, CPG, CHUNKS, CHUNK_HW, BLOCK_CHUNKS)
+    for block in tl.static_range(P_BLOCKS):
+        stats, present, counts = _partial_block(sample, offs_g, block, HW, GROUPS, PARTIALS, CHUNKS, CHUNK_HW, BLOCK_P)
         weighted += tl.sum(counts * tl.load(chunk_mean_ptr + stats, mask=present, other=0.0), axis=1)
     mean = weighted / group_size  # (BLOCK_G,)
     m2 = tl.zeros([BLOCK_G], dtype=tl.float32)
-    for block in tl.static_range(CHUNK_BLOCKS):
-        stats, present, counts = _chunk_block(sample, offs_g, block, HW, GROUPS, CPG, CHUNKS, CHUNK_HW, BLOCK_CHUNKS)
+    for block in tl.static_range(P_BLOCKS):
+        stats, present, counts = _partial_block(sample, offs_g, block, HW, GROUPS, PARTIALS, CHUNKS, CHUNK_HW, BLOCK_P)
         spread = tl.load(chunk_mean_ptr + stats, mask=present, other=0.0) - mean[:, None]
         m2 += tl.sum(tl.load(chunk_m2_ptr + stats, mask=present, other=0.0) + counts * spread * spread, axis=1)
     group = sample * GROUPS + offs_g
@@ -120,27 +123,24 @@ def _group_moments_kernel(
 
 @triton.jit
 def _group_norm_apply_kernel(
-    x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, HW,
+    x_ptr, y_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, C, HW,
     stride_xn, stride_xc, stride_xhw, stride_yn, stride_yc, stride_yhw, GROUPS, CPG,
-    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """y = (x - mean) * rstd * weight + bias over a program's tile, stored in y's layout."""
-    sample, group_block, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    x_ptrs, inside = _tile_offsets(x_ptr, sample, group_block, chunk, HW, stride_xn, stride_xc, stride_xhw,
-                                   GROUPS, CPG, BLOCK_G, BLOCK_C, BLOCK_HW)
-    y_ptrs, _ = _tile_offsets(y_ptr, sample, group_block, chunk, HW, stride_yn, stride_yc, stride_yhw,
-                              GROUPS, CPG, BLOCK_G, BLOCK_C, BLOCK_HW)
-    offs_g = group_block * BLOCK_G + tl.arange(0, BLOCK_G)
-    offs_c = tl.arange(0, BLOCK_C)
-    in_group = (offs_g[:, None] < GROUPS) & (offs_c[None, :] < CPG)
-    channels = offs_g[:, None] * CPG + offs_c[None, :]
-    group = sample * GROUPS + offs_g
-    mean = tl.load(mean_ptr + group, mask=offs_g < GROUPS, other=0.0)
-    rstd = tl.load(rstd_ptr + group, mask=offs_g < GROUPS, other=0.0)
-    scale = tl.load(weight_ptr + channels, mask=in_group, other=0.0).to(tl.float32) * rstd[:, None]
-    shift = tl.load(bias_ptr + channels, mask=in_group, other=0.0).to(tl.float32)
+    sample, channel_block, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    x_ptrs, inside, offs_c = _tile_offsets(x_ptr, sample, channel_block, chunk, C, HW, stride_xn, stride_xc,
+                                           stride_xhw, BLOCK_C, BLOCK_HW)
+    y_ptrs, _, _ = _tile_offsets(y_ptr, sample, channel_block, chunk, C, HW, stride_yn, stride_yc, stride_yhw,
+                                 BLOCK_C, BLOCK_HW)
+    in_c = offs_c < C
+    group = sample * GROUPS + offs_c // CPG  # each channel's group: a gather from N x GROUPS floats
+    mean = tl.load(mean_ptr + group, mask=in_c, other=0.0)
+    scale = tl.load(weight_ptr + offs_c, mask=in_c, other=0.0).to(tl.float32) * tl.load(rstd_ptr + group, mask=in_c,
+                                                                                      other=0.0)
+    shift = tl.load(bias_ptr + offs_c, mask=in_c, other=0.0).to(tl.float32)
     x = tl.load(x_ptrs, mask=inside, other=0.0).to(tl.float32)
-    y = (x - mean[None, :, None]) * scale[None, :, :] + shift[None, :, :]
+    y = (x - mean[None, :]) * scale[None, :] + shift[None, :]
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
@@ -209,78 +209,82 @@ def _launch(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.
         return y
     weight, bias = weight.contiguous(), bias.contiguous()  # addressed as weight_ptr + channel
     samples, channels, positions = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    plan = LaunchPlan.of(channels, num_groups, positions, x.stride(1) == 1, is_interpreted(_group_stats_kernel),
+    plan = LaunchPlan.of(channels, num_groups, positions, x.stride(1) == 1, is_interpreted(_channel_stats_kernel),
                          blocks)
-    chunk_stats = torch.empty(2, samples * num_groups * plan.chunks, device=x.device, dtype=torch.float32)
+    chunk_stats = torch.empty(2, samples * channels * plan.chunks, device=x.device, dtype=torch.float32)
     moments = torch.empty(2, samples * num_groups, device=x.device, dtype=torch.float32)  # mean, rstd
-    grid = (samples, triton.cdiv(num_groups, plan.block_g), plan.chunks)
+    grid = (samples, triton.cdiv(channels, plan.block_c), plan.chunks)
     x_strides = (x.stride(0), x.stride(1), x_step)
     y_strides = (y.stride(0), y.stride(1), spatial_stride(y))
-    _group_stats_kernel[grid](x, chunk_stats[0], chunk_stats[1], positions, *x_strides, num_groups, plan.per_group,
-                              plan.chunks, **plan.tile)
+    per_group = channels // num_groups
+    _channel_stats_kernel[grid](x, chunk_stats[0], chunk_stats[1], channels, positions, *x_strides, plan.chunks,
+                                **plan.tile)
     _group_moments_kernel[(samples, triton.cdiv(num_groups, plan.moments_g))](
-        chunk_stats[0], chunk_stats[1], moments[0], moments[1], positions, float(positions * plan.per_group),
-        float(eps), num_groups, plan.per_group, plan.chunks, plan.block_hw, **plan.moments)
-    _group_norm_apply_kernel[grid](x, y, weight, bias, moments[0], moments[1], positions, *x_strides, *y_strides,
-                                   num_groups, plan.per_group, **plan.tile)
+        chunk_stats[0], chunk_stats[1], moments[0], moments[1], positions, float(positions * per_group), float(eps),
+        num_groups, per_group * plan.chunks, plan.chunks, plan.block_hw, **plan.moments)
+    _group_norm_apply_kernel[grid](x, y, weight, bias, moments[0], moments[1], channels, positions, *x_strides,
+                                   *y_strides, num_groups, per_group, **plan.tile)
     return y
 
 
-CHANNEL_LANES = 512  # channels a tile row spans when they are adjacent in memory (NHWC)
+# At most, adjacent channels (NHWC) a tile row reads: a 128-byte line of fp16. Wider rows would leave fewer positions
+# a tile, so more chunks: the statistics (8 bytes a channel and chunk) grow to 1/8 of the tile's bytes at 128.
+CHANNEL_BLOCK = 64
+VECTOR_CHANNELS = 16  # a channel block that divides C is a power of two at least this wide, or C's own
 INTERPRETED_TILE = 2**18  # a quarter of Triton's largest block
 
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """The compile-time shape of one GroupNorm's three launches. Only tiles are compile-time: the group
-    count, group width, chunk count and length are run-time values, so SD1.5's UNets and VAE (32 norm
-    shapes) compile 21 kernel configurations, not one per shape."""
+    """The compile-time shape of one GroupNorm's three launches. Only tiles are compile-time: channel,
+    group and chunk counts and lengths are run-time values, so SD1.5's UNets and VAE (32 norm shapes)
+    compile a handful of kernel configurations, not one per shape."""
 
-    per_group: int
-    block_g: int  # groups a stats/apply program covers
-    block_c: int  # a group's channels, padded to a power of two
+    block_c: int  # channels a stats/apply program covers
     block_hw: int  # positions a chunk holds
     chunks: int
     moments_g: int  # groups a moments program covers
-    block_chunks: int  # chunk statistics a moments program reads at a time
-    chunk_blocks: int
+    block_p: int  # partial statistics (a channel's chunk) a moments program reads at a time
+    p_blocks: int
 
     @classmethod
     def of(cls, channels: int, groups: int, positions: int, channels_adjacent: bool, interpreted: bool,
            blocks: tuple[int, int] | None = None) -> LaunchPlan:
-        per_group = channels // groups
-        block_c = triton.next_power_of_2(per_group)
-        block_g, block_hw = blocks or tile_shape(groups, block_c, positions, channels_adjacent, interpreted)
+        block_c, block_hw = blocks or tile_shape(channels, positions, channels_adjacent, interpreted)
         chunks = triton.cdiv(positions, block_hw)
+        partials = channels // groups * chunks
         tile = INTERPRETED_TILE if interpreted else TILE_ELEMENTS
-        block_chunks = min(triton.next_power_of_2(chunks), tile)
-        moments_g = max(1, min(triton.next_power_of_2(groups), tile // block_chunks))
-        return cls(per_group, block_g, block_c, block_hw, chunks, moments_g, block_chunks,
-                   triton.cdiv(chunks, block_chunks))
+        block_p = min(triton.next_power_of_2(partials), tile)
+        moments_g = max(1, min(triton.next_power_of_2(groups), tile // block_p))
+        return cls(block_c, block_hw, chunks, moments_g, block_p, triton.cdiv(partials, block_p))
 
     @property
     def tile(self) -> dict[str, int]:
         """The stats and apply kernels' compile-time arguments."""
-        return {"BLOCK_G": self.block_g, "BLOCK_C": self.block_c, "BLOCK_HW": self.block_hw}
+        return {"BLOCK_C": self.block_c, "BLOCK_HW": self.block_hw}
 
     @property
     def moments(self) -> dict[str, int]:
         """The moments kernel's compile-time arguments."""
-        return {"BLOCK_G": self.moments_g, "BLOCK_CHUNKS": self.block_chunks, "CHUNK_BLOCKS": self.chunk_blocks}
+        return {"BLOCK_G": self.moments_g, "BLOCK_P": self.block_p, "P_BLOCKS": self.p_blocks}
 
 
-def tile_shape(groups: int, block_c: int, positions: int, channels_adjacent: bool,
-               interpreted: bool) -> tuple[int, int]:
-    """(groups, positions) a program covers: about TILE_ELEMENTS in all, whatever the map's size (a
-    large map has more chunks, not larger tiles). NHWC: many groups a row, so a tile reads whole runs of
-    adjacent channels; NCHW: one group, long runs of positions. The interpreter pays per operation,
-    not per element: every group, and tiles up to INTERPRETED_TILE."""
+def tile_shape(channels: int, positions: int, channels_adjacent: bool, interpreted: bool) -> tuple[int, int]:
+    """(channels, positions) a program covers: about TILE_ELEMENTS in all, whatever the map's size (a large
+    map has more chunks, not larger tiles). NHWC: rows of adjacent channels, a power of two that divides C
+    where one of at least VECTOR_CHANNELS does (SD1.5's 128 to 2560: 64; no masked lanes), up to
+    CHANNEL_BLOCK; NCHW: long runs of positions, as few channels as fill the tile. The interpreter pays per
+    operation, not per element: every channel, and tiles up to INTERPRETED_TILE."""
     if interpreted:
-        block_g, tile = triton.next_power_of_2(groups), INTERPRETED_TILE
-    else:
-        block_g = min(triton.next_power_of_2(groups), max(1, CHANNEL_LANES // block_c)) if channels_adjacent else 1
+        block_c, tile = triton.next_power_of_2(channels), INTERPRETED_TILE
+    elif channels_adjacent:
+        divisor = min(channels & -channels, CHANNEL_BLOCK)  # the largest power of two dividing C
+        block_c = divisor if divisor >= VECTOR_CHANNELS else min(triton.next_power_of_2(channels), CHANNEL_BLOCK)
         tile = TILE_ELEMENTS
-    return block_g, max(1, min(tile // (block_g * block_c), triton.next_power_of_2(positions)))
+    else:
+        block_hw = min(triton.next_power_of_2(positions), TILE_ELEMENTS)
+        return max(1, min(triton.next_power_of_2(channels), TILE_ELEMENTS // block_hw)), block_hw
+    return block_c, max(1, min(tile // block_c, triton.next_power_of_2(positions)))
 
 
 def group_norm_reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
@@ -308,12 +312,12 @@ def _launchable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bo
     # A call that autograd must record goes to PyTorch: the kernels have no backward.
     needs_grad = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (x, weight, bias))
     return (not needs_grad and _kernel_takes(x, weight, bias) is None
-            and can_launch(_group_stats_kernel, x.device, (x.dtype, weight.dtype, bias.dtype)))
+            and can_launch(_channel_stats_kernel, x.device, (x.dtype, weight.dtype, bias.dtype)))
 
 
 def runs_on(device: torch.device) -> bool:
     """Whether the kernel can launch on `device` here (else `group_norm` runs PyTorch's)."""
-    return can_launch(_group_stats_kernel, device)
+    return can_launch(_channel_stats_kernel, device)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,

@@ -4,8 +4,8 @@ The launchers run as they would on a GPU (this process does not interpret), on m
 replaced by recorders, and each recorded launch is compiled as Triton's JIT would specialise it (an int equal to
 1 becomes the constant 1, None a constant None; aligned pointers and ints divisible by 16 are marked so). What a
 GPU would compile at an edit's first step, checked on the CPU: tests/test_kernels_for_hopper.py runs it. Prints
-each kernel's stack/local bytes where not 0. Exit 0; 1 with the reason when a kernel fails to compile; 77 where
-Triton has no ptxas.
+each kernel's stack/local bytes where not 0. Exit 0; 1 with the reason when a kernel fails to compile or kernel 3
+reads x or writes y 2 bytes at a time at SD1.5's channel counts (no vector access); 77 where Triton has no ptxas.
 """
 
 import re
@@ -111,9 +111,22 @@ def norm(x: torch.Tensor, groups: int) -> None:
     group_norm._launch(x, groups, weight, weight, 1e-5)
 
 
+# Kernel 3's one access to x (stats) or y (apply), by channel blocks: with C a multiple of 16 (every SD1.5 norm),
+# 16-bit scalar accesses mean the tile lost its vector loads (its first version, tiled by whole groups of 10 to 60
+# channels, compiled to 2-byte accesses with up to 37.5 % of lanes masked on every UNet norm).
+SCALAR_HALF = {"_channel_stats_kernel": re.compile(r"ld\.global(?:\.\w+)*\.[bu]16\b"),
+               "_group_norm_apply_kernel": re.compile(r"st\.global(?:\.\w+)*\.[bu]16\b")}
+
+
+def check_vector_access(name: str, args: dict, ptx: str) -> None:
+    """SystemExit when kernel 3 reads x or writes y 2 bytes at a time at a channel count divisible by 16."""
+    if name in SCALAR_HALF and args["C"] % 16 == 0 and (found := SCALAR_HALF[name].findall(ptx)):
+        raise SystemExit(f"{name} at {args['C']} channels: {len(found)} scalar 16-bit accesses ({found[0]})")
+
+
 def main() -> None:
     modules = {attn_accumulate: ["_attn_accumulate_kernel"], mask_binarize: ["_binarize_kernel"],
-               group_norm: ["_group_stats_kernel", "_group_moments_kernel", "_group_norm_apply_kernel"]}
+               group_norm: ["_channel_stats_kernel", "_group_moments_kernel", "_group_norm_apply_kernel"]}
     recorders = [(module, name, Recorder(getattr(module, name))) for module, names in modules.items() for name in names]
     for module, name, recorder in recorders:
         setattr(module, name, recorder)
@@ -130,6 +143,7 @@ def main() -> None:
                                     target=GPUTarget("cuda", 90, 32))
             if stack := local_bytes(kernel.asm["cubin"]):  # reported, not failed: a call frame counts too
                 print(f"{name} {constants}: {stack} bytes of stack/local memory")
+            check_vector_access(name, dict(zip(recorder.kernel.arg_names, args, strict=False)), kernel.asm["ptx"])
     launched = {name for _, name, recorder in recorders if recorder.launches}
     if len(launched) < len(recorders):
         raise SystemExit(f"no launch recorded for {sorted({name for _, name, _ in recorders} - launched)}")

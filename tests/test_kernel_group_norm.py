@@ -33,7 +33,7 @@ from kernels.group_norm import (  # noqa: E402
 )
 from kernels.runtime import DISABLE_ENV, is_interpreted  # noqa: E402
 
-INTERPRETED = is_interpreted(norm_module._group_stats_kernel)
+INTERPRETED = is_interpreted(norm_module._channel_stats_kernel)
 ATOL = {torch.float32: 1e-5, torch.float16: 8 * 2**-10, torch.bfloat16: 8 * 2**-7}
 
 
@@ -59,13 +59,13 @@ def _assert_within_rule(x, groups, weight, bias, got, eps=1e-5):
     assert error <= 2 * torch_error + ATOL[x.dtype], (error, torch_error)
 
 
-# (N, C, *spatial), groups, layout, blocks (groups, positions) a program covers (None: the launcher's)
+# (N, C, *spatial), groups, layout, blocks (channels, positions) a program covers (None: the launcher's)
 CASES = [
     ((2, 12, 5, 7), 4, "nchw", None),
     ((2, 12, 5, 7), 4, "nhwc", None),
-    ((3, 30, 9, 11), 3, "nhwc", (2, 8)),  # 10 channels a group, 2 group blocks (the last half empty), 13 chunks
-    ((2, 12, 5, 7), 4, "nchw", (1, 4)),  # one group a program, 9 chunks, the last one 3 positions long
-    ((2, 20, 6, 6), 20, "nhwc", (8, 4)),  # one channel a group
+    ((3, 30, 9, 11), 3, "nhwc", (16, 8)),  # groups of 10 across 2 channel blocks (the last 14 of 16), 13 chunks
+    ((2, 12, 5, 7), 4, "nchw", (1, 4)),  # one channel a program, 9 chunks, the last one 3 positions long
+    ((2, 20, 6, 6), 20, "nhwc", (8, 4)),  # one channel a group, 3 channel blocks (the last half empty)
     ((1, 6, 1, 1), 2, "nchw", None),  # one position
     ((2, 8, 33), 2, "blc", (1, 4)),
     ((2, 8, 33), 2, "nchw", None),  # (B, C, L) contiguous
@@ -114,23 +114,25 @@ def test_size_one_dims_take_no_step_and_other_layouts_are_copied():
 def test_strided_weights_and_many_blocks_of_chunk_statistics(monkeypatch):
     x, _, _ = _inputs((2, 12, 5, 7), "nchw", torch.float32)
     weight, bias = torch.randn(24)[::2], torch.randn(36)[::3]  # not contiguous: read as such
-    monkeypatch.setattr(norm_module, "INTERPRETED_TILE", 4)  # the group's 9 chunks in 3 blocks of 4
+    monkeypatch.setattr(norm_module, "INTERPRETED_TILE", 4)  # a group: 3 channels x 9 chunks, in 7 blocks of 4
     monkeypatch.setattr(norm_module, "TILE_ELEMENTS", 4)
     _assert_within_rule(x, 4, weight, bias, group_norm_triton(x, 4, weight, bias, 1e-5, blocks=(1, 4)))
 
 
 def test_tiles_stay_within_budget_for_every_sd_shape():
-    """The launcher's tiles at SD1.5's UNet and VAE norm shapes, NHWC and NCHW, up to 2048² images:
-    never above TILE_ELEMENTS (a larger map gets more chunks, not larger tiles)."""
+    """The launcher's tiles at SD1.5's UNet and VAE norm shapes, NHWC and NCHW, up to 2048² images: never
+    above TILE_ELEMENTS (a larger map gets more chunks, not larger tiles); on NHWC blocks of 64 channels,
+    each dividing C (vector loads, no masked lanes)."""
     from kernels.group_norm import TILE_ELEMENTS, tile_shape
 
     for channels in (128, 256, 320, 512, 640, 960, 1280, 1920, 2560):
-        block_c = 1 << (channels // 32 - 1).bit_length()
         for side in (1, 8, 64, 512, 2048):
             for channels_adjacent in (True, False):
-                block_g, block_hw = tile_shape(32, block_c, side * side, channels_adjacent, interpreted=False)
-                assert block_g * block_c * block_hw <= TILE_ELEMENTS, (channels, side, channels_adjacent)
+                block_c, block_hw = tile_shape(channels, side * side, channels_adjacent, interpreted=False)
+                assert block_c * block_hw <= TILE_ELEMENTS, (channels, side, channels_adjacent)
                 assert block_hw <= max(1, side * side) * 2
+                if channels_adjacent:
+                    assert block_c == 64, (channels, block_c)
 
 
 def test_statistics_survive_a_large_mean():

@@ -1,7 +1,8 @@
 """The Triton kernels compile for a Hopper GPU (sm_90) at SD1.5's shapes, checked on the CPU.
 
 A kernel that compiles under the interpreter can still fail to compile for a GPU (an int argument equal to 1
-becomes a compile-time constant there, a tile can outgrow the registers). tests/hopper_compile.py runs the
+becomes a compile-time constant there, a tile can outgrow the registers), or compile to slower code than
+intended (kernel 3's scalar 16-bit accesses). tests/hopper_compile.py runs the
 launchers as on a GPU, on meta tensors, and compiles every launch with Triton's own ptxas: no GPU needed, so
 such a failure shows in CI, not in a lease's first edit.
 """
