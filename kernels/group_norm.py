@@ -390,12 +390,15 @@ def benchmark(
     size = nchw.numel() * nchw.element_size()
     # Traffic model: PyTorch reads x twice (statistics, then normalise) and writes y once; on an NHWC x
     # it first writes and reads an NCHW copy (its output is NCHW: the next NHWC convolution converts it
-    # back, one more read and write not counted here). The kernel reads x twice and writes y once.
+    # back, one more read and write not counted here). The kernel reads x twice and writes y once, and writes
+    # its per-channel chunk statistics once and reads them twice (the moments kernel's two passes).
+    plan = LaunchPlan.of(channels, groups, math.prod(shape[2:]), True, is_interpreted(_channel_stats_kernel))
+    statistics = 2 * 4 * shape[0] * channels * plan.chunks
     variants = {
         "a: PyTorch on NHWC (converts to NCHW)": (lambda: group_norm_reference(nhwc, groups, weight, bias, 1e-5),
                                                   5 * size),
         "b: PyTorch on NCHW": (lambda: group_norm_reference(nchw, groups, weight, bias, 1e-5), 3 * size),
-        "c: Triton kernel on NHWC": (lambda: group_norm(nhwc, groups, weight, bias, 1e-5), 3 * size),
+        "c: Triton kernel on NHWC": (lambda: group_norm(nhwc, groups, weight, bias, 1e-5), 3 * size + 3 * statistics),
     }
 
     def check(out: torch.Tensor) -> dict:
