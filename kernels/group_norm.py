@@ -21,8 +21,8 @@ Three launches; the stats and apply kernels over (samples) x (blocks of BLOCK_C 
     _group_norm_apply_kernel  normalise a tile, apply weight and bias, store in y's layout
 x is read twice and y written once; the statistics are two floats a channel and chunk (6 % of an fp16
 x's bytes at 64 positions a chunk). Deterministic. Tiles are blocks of channels, not of groups: SD1.5's groups are
-10 to 60 channels wide, and a tile of whole groups padded to a power of two (16 to 64 lanes) compiled on
-NHWC to 2-byte loads with up to 37.5 % of lanes masked (sm_90 PTX); a block of 64 adjacent channels
+4 to 80 channels wide (UNets 10 to 80), and a tile of whole groups padded to a power of two (up to 128 lanes)
+compiled on NHWC to 2-byte loads with up to 37.5 % of lanes masked (sm_90 PTX); a block of 64 adjacent channels
 is 16-byte vector loads, whatever the groups (tests/hopper_compile.py checks it). Groups straddle channel
 blocks; statistics per channel let the moments kernel combine them.
 
@@ -77,19 +77,24 @@ def _channel_stats_kernel(
     ptrs, inside, offs_c = _tile_offsets(x_ptr, sample, channel_block, chunk, C, HW, stride_xn, stride_xc, stride_xhw,
                                          BLOCK_C, BLOCK_HW)
     x = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / tl.minimum(HW - chunk * BLOCK_HW, BLOCK_HW).to(tl.float32)  # (BLOCK_C,)
-    centred = tl.where(inside, x - mean[None, :], 0.0)
+    count = tl.minimum(HW - chunk * BLOCK_HW, BLOCK_HW).to(tl.float32)
+    # The corrected two-pass form (Chan, Golub & LeVeque): deviations d from a first estimate of the mean, then
+    # mean = estimate + sum(d) / n and M2 = sum(d^2) - sum(d)^2 / n. A plain fp32 sum of 4,096 values around
+    # 1e4 misses the mean by more than the variance's digits can take; the sums of d are of the data's spread.
+    estimate = tl.sum(x, axis=0) / count  # (BLOCK_C,)
+    deviation = tl.where(inside, x - estimate[None, :], 0.0)
+    drift = tl.sum(deviation, axis=0)
     stats = (sample * C + offs_c) * CHUNKS + chunk
-    tl.store(mean_ptr + stats, mean, mask=offs_c < C)
-    tl.store(m2_ptr + stats, tl.sum(centred * centred, axis=0), mask=offs_c < C)
+    tl.store(mean_ptr + stats, estimate + drift / count, mask=offs_c < C)
+    tl.store(m2_ptr + stats, tl.sum(deviation * deviation, axis=0) - drift * drift / count, mask=offs_c < C)
 
 
 @triton.jit
-def _partial_block(sample, offs_g, block, HW, GROUPS, PARTIALS, CHUNKS, CHUNK_HW, BLOCK_P: tl.constexpr):
-    """Block `block` of the groups' partial statistics, (BLOCK_G, BLOCK_P): their offsets, which exist, and
+def _partial_block(sample, offs_g, start, HW, GROUPS, PARTIALS, CHUNKS, CHUNK_HW, BLOCK_P: tl.constexpr):
+    """The groups' partial statistics start..start + BLOCK_P, (BLOCK_G, BLOCK_P): their offsets, which exist, and
     how many elements each holds (0 where none). A group's partials are its channels' chunk statistics, one
     run of PARTIALS = CPG * CHUNKS in the (N, C, CHUNKS) arrays, partial p being chunk p % CHUNKS."""
-    offs_p = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = start + tl.arange(0, BLOCK_P)
     present = (offs_g[:, None] < GROUPS) & (offs_p[None, :] < PARTIALS)
     counts = tl.where(present, tl.minimum(HW - (offs_p % CHUNKS) * CHUNK_HW, CHUNK_HW).to(tl.float32)[None, :], 0.0)
     return (sample * GROUPS + offs_g[:, None]) * PARTIALS + offs_p[None, :], present, counts
@@ -98,24 +103,30 @@ def _partial_block(sample, offs_g, block, HW, GROUPS, PARTIALS, CHUNKS, CHUNK_HW
 @triton.jit
 def _group_moments_kernel(
     chunk_mean_ptr, chunk_m2_ptr, mean_ptr, rstd_ptr, HW, group_size, eps, GROUPS, PARTIALS, CHUNKS, CHUNK_HW,
-    BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, P_BLOCKS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Each group's mean and 1/sqrt(var + eps), (N, GROUPS) each, from its partials (Chan, Golub & LeVeque's
     parallel variance, M2 = sum m2_k + n_k (mean_k - mean)^2: no E[x^2] - E[x]^2 cancellation), BLOCK_P
     partials at a time: one pass for the mean, one for M2. `group_size` (CPG * HW, a float from the host):
-    Triton compiles an int argument equal to 1 as a constant, on which no tensor method runs."""
+    Triton compiles an int argument equal to 1 as a constant, on which no tensor method runs. The passes are
+    `while` loops, bounded at run time: one compilation for any map size (an unrolled loop grew with the map),
+    and triton 3.6's interpreter refuses a run-time `range` bound (NumPy 2.4), not a `while` condition."""
     sample, group_block = tl.program_id(0), tl.program_id(1)
     offs_g = group_block * BLOCK_G + tl.arange(0, BLOCK_G)
     weighted = tl.zeros([BLOCK_G], dtype=tl.float32)
-    for block in tl.static_range(P_BLOCKS):
-        stats, present, counts = _partial_block(sample, offs_g, block, HW, GROUPS, PARTIALS, CHUNKS, CHUNK_HW, BLOCK_P)
+    start = 0
+    while start < PARTIALS:
+        stats, present, counts = _partial_block(sample, offs_g, start, HW, GROUPS, PARTIALS, CHUNKS, CHUNK_HW, BLOCK_P)
         weighted += tl.sum(counts * tl.load(chunk_mean_ptr + stats, mask=present, other=0.0), axis=1)
+        start += BLOCK_P
     mean = weighted / group_size  # (BLOCK_G,)
     m2 = tl.zeros([BLOCK_G], dtype=tl.float32)
-    for block in tl.static_range(P_BLOCKS):
-        stats, present, counts = _partial_block(sample, offs_g, block, HW, GROUPS, PARTIALS, CHUNKS, CHUNK_HW, BLOCK_P)
+    start = 0
+    while start < PARTIALS:
+        stats, present, counts = _partial_block(sample, offs_g, start, HW, GROUPS, PARTIALS, CHUNKS, CHUNK_HW, BLOCK_P)
         spread = tl.load(chunk_mean_ptr + stats, mask=present, other=0.0) - mean[:, None]
         m2 += tl.sum(tl.load(chunk_m2_ptr + stats, mask=present, other=0.0) + counts * spread * spread, axis=1)
+        start += BLOCK_P
     group = sample * GROUPS + offs_g
     tl.store(mean_ptr + group, mean, mask=offs_g < GROUPS)
     tl.store(rstd_ptr + group, 1.0 / tl.sqrt(m2 / group_size + eps), mask=offs_g < GROUPS)
@@ -191,8 +202,8 @@ def output_like(x: torch.Tensor) -> torch.Tensor:
 
 def group_norm_triton(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                       blocks: tuple[int, int] | None = None) -> torch.Tensor:
-    """Launch the kernels; y in x's layout (`output_like`). `blocks`: (groups, spatial positions) a
-    program's tile covers (None: the launcher's choice; tests pick small ones: many chunks, group blocks)."""
+    """Launch the kernels; y in x's layout (`output_like`). `blocks`: (channels, spatial positions) a
+    program's tile covers (None: the launcher's choice; tests pick small ones: many chunks, channel blocks)."""
     _check_arguments(x, num_groups, weight, bias)
     if (reason := _kernel_takes(x, weight, bias)) is not None:
         raise ValueError(reason)
@@ -237,7 +248,7 @@ INTERPRETED_TILE = 2**18  # a quarter of Triton's largest block
 @dataclass(frozen=True)
 class LaunchPlan:
     """The compile-time shape of one GroupNorm's three launches. Only tiles are compile-time: channel,
-    group and chunk counts and lengths are run-time values, so SD1.5's UNets and VAE (32 norm shapes)
+    group and chunk counts and lengths are run-time values, so SD1.5's UNets and VAE (every norm shape of an edit)
     compile a handful of kernel configurations, not one per shape."""
 
     block_c: int  # channels a stats/apply program covers
@@ -245,7 +256,6 @@ class LaunchPlan:
     chunks: int
     moments_g: int  # groups a moments program covers
     block_p: int  # partial statistics (a channel's chunk) a moments program reads at a time
-    p_blocks: int
 
     @classmethod
     def of(cls, channels: int, groups: int, positions: int, channels_adjacent: bool, interpreted: bool,
@@ -256,7 +266,7 @@ class LaunchPlan:
         tile = INTERPRETED_TILE if interpreted else TILE_ELEMENTS
         block_p = min(triton.next_power_of_2(partials), tile)
         moments_g = max(1, min(triton.next_power_of_2(groups), tile // block_p))
-        return cls(block_c, block_hw, chunks, moments_g, block_p, triton.cdiv(partials, block_p))
+        return cls(block_c, block_hw, chunks, moments_g, block_p)
 
     @property
     def tile(self) -> dict[str, int]:
@@ -266,7 +276,7 @@ class LaunchPlan:
     @property
     def moments(self) -> dict[str, int]:
         """The moments kernel's compile-time arguments."""
-        return {"BLOCK_G": self.moments_g, "BLOCK_P": self.block_p, "P_BLOCKS": self.p_blocks}
+        return {"BLOCK_G": self.moments_g, "BLOCK_P": self.block_p}
 
 
 def tile_shape(channels: int, positions: int, channels_adjacent: bool, interpreted: bool) -> tuple[int, int]:

@@ -87,23 +87,51 @@ def local_bytes(cubin: bytes) -> int:
 def sd15_launches() -> None:
     """The engine's launches at 512² in fp16 (bf16 compiles the same tiles with other conversions: the GPU tests'
     share; here it would double the time): kernel 1 on the five recorded layers' kept rows (2 rows of 8
-    heads, 16x16 queries, d 160), kernel 2 from a 16x16 map to 512x512, kernel 3 on the UNets' (NHWC, 6 rows) and
-    the VAE's (NCHW, its attention's (B, C, L) view) norms and on groups of one channel without positions."""
+    heads, 16x16 queries, d 160), kernel 2 from a 16x16 map to 512x512, kernel 3 on every GroupNorm input of
+    SD1.5's UNet (channels last, 6 rows) and VAE (decode and encode, NCHW), and on groups of one channel without
+    positions."""
     dtype = torch.float16
     queries = torch.empty(3, 256, 1280, dtype=dtype, device=META).view(3, 256, 8, 160).transpose(1, 2)[1:]
     keys = torch.empty(3, 77, 1280, dtype=dtype, device=META).view(3, 77, 8, 160).transpose(1, 2)[1:]
     attn_accumulate._launch(torch.empty(256, 77, device=META), queries, keys, 160**-0.5)
-    for channels, positions in ((320, 4096), (640, 4096), (640, 1024), (960, 1024), (1280, 1024), (1280, 256),
-                                (1920, 256), (2560, 256), (1280, 64), (2560, 64)):
-        side = int(positions**0.5)
-        norm(torch.empty(6, channels, side, side, dtype=dtype, device=META).to(memory_format=torch.channels_last), 32)
-    for channels, side in ((128, 512), (256, 512), (256, 256), (512, 256), (512, 128), (512, 64)):
-        norm(torch.empty(1, channels, side, side, dtype=dtype, device=META), 32)
-    norm(torch.empty(1, 4096, 512, dtype=dtype, device=META).transpose(1, 2), 32)
+    inputs = sd15_norm_inputs(dtype)
+    for x, groups in inputs:
+        norm(x, groups)
+    adjacent = sum(x.stride(1) == 1 for x, _ in inputs)
+    print(f"kernel 3: {len(inputs)} GroupNorm input shapes and layouts, {adjacent} of them channels adjacent")
     norm(torch.empty(3, 6, dtype=dtype, device=META), 6)
     mask = torch.empty(512, 512, dtype=torch.uint8)
     for paper, threshold in ((False, 108), (True, 128)):  # both rules (128: divisible by 16, specialised)
         mask_binarize._launch(torch.rand(256, 77), (16, 16), 5, mask, paper, threshold, torch.empty_like(mask))
+
+
+def sd15_norm_inputs(dtype: torch.dtype) -> list[tuple[torch.Tensor, int]]:
+    """(input, groups) of every GroupNorm call, one per shape and layout, of SD1.5's UNet on 6 rows of 64x64
+    latents and of its VAE decoding them and encoding a 512² image: the real topologies run on meta tensors,
+    their norms' inputs recorded by hooks. The UNet's are made channels last, as the engine's are on CUDA
+    (its convolutions return NHWC there; on meta they return NCHW)."""
+    from zone_engine.models import PRESETS, build_unet, build_vae
+
+    with torch.device(META):
+        unet, vae = build_unet(PRESETS["sd15"]).to(dtype), build_vae(PRESETS["sd15"]).to(dtype)
+    seen = {}
+
+    def recorder(channels_last: bool):
+        def record(module, inputs) -> None:
+            x = inputs[0].to(memory_format=torch.channels_last) if channels_last else inputs[0]
+            seen.setdefault((tuple(x.shape), x.stride(), module.num_groups), (x, module.num_groups))
+        return record
+
+    hooks = [module.register_forward_pre_hook(recorder(model is unet)) for model in (unet, vae)
+             for module in model.modules() if isinstance(module, torch.nn.GroupNorm)]
+    with torch.no_grad():
+        unet(torch.empty(6, 8, 64, 64, dtype=dtype, device=META), 900,
+             encoder_hidden_states=torch.empty(6, 77, 768, dtype=dtype, device=META))
+        vae.decode(torch.empty(1, 4, 64, 64, dtype=dtype, device=META))
+        vae.encode(torch.empty(1, 3, 512, 512, dtype=dtype, device=META))
+    for hook in hooks:
+        hook.remove()
+    return list(seen.values())
 
 
 def norm(x: torch.Tensor, groups: int) -> None:
@@ -112,7 +140,7 @@ def norm(x: torch.Tensor, groups: int) -> None:
 
 
 # Kernel 3's one access to x (stats) or y (apply), by channel blocks: with C a multiple of 16 (every SD1.5 norm),
-# 16-bit scalar accesses mean the tile lost its vector loads (its first version, tiled by whole groups of 10 to 60
+# 16-bit scalar accesses mean the tile lost its vector loads (its first version, tiled by whole groups of 10 to 80
 # channels, compiled to 2-byte accesses with up to 37.5 % of lanes masked on every UNet norm).
 SCALAR_HALF = {"_channel_stats_kernel": re.compile(r"ld\.global(?:\.\w+)*\.[bu]16\b"),
                "_group_norm_apply_kernel": re.compile(r"st\.global(?:\.\w+)*\.[bu]16\b")}

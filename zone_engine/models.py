@@ -184,6 +184,23 @@ def build_unet(preset: ModelPreset) -> nn.Module:
     )
 
 
+def build_vae(preset: ModelPreset) -> nn.Module:
+    """SD's VAE topology (AutoencoderKL, 8x downsampling) with the preset's widths."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # 4 blocks: SD's 8x downsampling
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=preset.vae_channels,
+        layers_per_block=preset.vae_layers,
+        latent_channels=4,
+        norm_num_groups=preset.vae_groups,
+        sample_size=preset.vae_sample_size,
+    )
+
+
 def build_tiny_unet() -> nn.Module:
     return build_unet(PRESETS["tiny"])
 
@@ -194,7 +211,7 @@ def build_components(preset: ModelPreset, seed: int = 0, sam_type: str | None = 
     The tokenizer is always the tiny one: its ids all fall inside any vocabulary, and tokenization
     costs nothing next to the networks. Default initialisation: cost does not depend on weight values.
     """
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
+    from diffusers import DPMSolverMultistepScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -214,17 +231,7 @@ def build_components(preset: ModelPreset, seed: int = 0, sam_type: str | None = 
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,  # 4 blocks: SD's 8x downsampling
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=preset.vae_channels,
-        layers_per_block=preset.vae_layers,
-        latent_channels=4,
-        norm_num_groups=preset.vae_groups,
-        sample_size=preset.vae_sample_size,
-    )
+    vae = build_vae(preset)
     ip2p_unet = build_unet(preset)
     mb_unet = build_unet(preset)
     scheduler_config = dict(DPMSolverMultistepScheduler().config)
