@@ -87,56 +87,62 @@ def local_bytes(cubin: bytes) -> int:
 def sd15_launches() -> None:
     """The engine's launches at 512² in fp16 (bf16 compiles the same tiles with other conversions: the GPU tests'
     share; here it would double the time): kernel 1 on the five recorded layers' kept rows (2 rows of 8
-    heads, 16x16 queries, d 160), kernel 2 from a 16x16 map to 512x512, kernel 3 on every GroupNorm input of
+    heads, 16x16 queries, d 160), kernel 2 from a 16x16 map to 512x512, kernel 3 as the engine calls it in
     SD1.5's UNet (channels last, 6 rows) and VAE (decode and encode, NCHW), and on groups of one channel without
     positions."""
     dtype = torch.float16
     queries = torch.empty(3, 256, 1280, dtype=dtype, device=META).view(3, 256, 8, 160).transpose(1, 2)[1:]
     keys = torch.empty(3, 77, 1280, dtype=dtype, device=META).view(3, 77, 8, 160).transpose(1, 2)[1:]
     attn_accumulate._launch(torch.empty(256, 77, device=META), queries, keys, 160**-0.5)
-    inputs = sd15_norm_inputs(dtype)
-    for x, groups in inputs:
-        norm(x, groups)
-    adjacent = sum(x.stride(1) == 1 for x, _ in inputs)
-    print(f"kernel 3: {len(inputs)} GroupNorm input shapes and layouts, {adjacent} of them channels adjacent")
+    calls = sd15_norm_calls(dtype)
+    for call in calls:
+        norm(*call)
+    adjacent, fused = sum(x.stride(1) == 1 for x, *_ in calls), sum(silu for *_, silu in calls)
+    print(f"kernel 3: {len(calls)} kinds of call (shape, layout, fusion), {adjacent} channels adjacent, {fused} fused "
+          "with SiLU")
     norm(torch.empty(3, 6, dtype=dtype, device=META), 6)
     mask = torch.empty(512, 512, dtype=torch.uint8)
     for paper, threshold in ((False, 108), (True, 128)):  # both rules (128: divisible by 16, specialised)
         mask_binarize._launch(torch.rand(256, 77), (16, 16), 5, mask, paper, threshold, torch.empty_like(mask))
 
 
-def sd15_norm_inputs(dtype: torch.dtype) -> list[tuple[torch.Tensor, int]]:
-    """(input, groups) of every GroupNorm call, one per shape and layout, of SD1.5's UNet on 6 rows of 64x64
-    latents and of its VAE decoding them and encoding a 512² image: the real topologies run on meta tensors,
-    their norms' inputs recorded by hooks. The UNet's are made channels last, as the engine's are on CUDA
-    (its convolutions return NHWC there; on meta they return NCHW)."""
+def sd15_norm_calls(dtype: torch.dtype) -> list[tuple]:
+    """(x, groups, addend, silu) of every kernel-3 call, one per shape, layout and kind, of SD1.5's UNet on 6 rows
+    of 64x64 latents and of its VAE decoding them and encoding a 512² image, as the engine makes them: the real
+    topologies run on meta tensors inside `triton_group_norms` (the ResNet blocks' fused norms included), each
+    `group_norm` call recorded. The UNet's inputs are made channels last, as the engine's are on CUDA (its
+    convolutions return NHWC there; on meta they return NCHW)."""
     from zone_engine.models import PRESETS, build_unet, build_vae
 
     with torch.device(META):
-        unet, vae = build_unet(PRESETS["sd15"]).to(dtype), build_vae(PRESETS["sd15"]).to(dtype)
-    seen = {}
+        unet, vae = (model.to(dtype).eval() for model in (build_unet(PRESETS["sd15"]), build_vae(PRESETS["sd15"])))
+    calls, layout = {}, {"channels_last": True}
 
-    def recorder(channels_last: bool):
-        def record(module, inputs) -> None:
-            x = inputs[0].to(memory_format=torch.channels_last) if channels_last else inputs[0]
-            seen.setdefault((tuple(x.shape), x.stride(), module.num_groups), (x, module.num_groups))
-        return record
+    def record(x, num_groups, weight, bias, eps=1e-5, *, addend=None, silu=False):
+        if layout["channels_last"] and x.dim() == 4:
+            x = x.to(memory_format=torch.channels_last)
+        key = (tuple(x.shape), x.stride(), num_groups, addend is not None, silu)
+        calls.setdefault(key, (x, num_groups, addend, silu))
+        return group_norm.group_norm_reference(x, num_groups, weight, bias, eps, addend, silu)
 
-    hooks = [module.register_forward_pre_hook(recorder(model is unet)) for model in (unet, vae)
-             for module in model.modules() if isinstance(module, torch.nn.GroupNorm)]
-    with torch.no_grad():
-        unet(torch.empty(6, 8, 64, 64, dtype=dtype, device=META), 900,
-             encoder_hidden_states=torch.empty(6, 77, 768, dtype=dtype, device=META))
-        vae.decode(torch.empty(1, 4, 64, 64, dtype=dtype, device=META))
-        vae.encode(torch.empty(1, 3, 512, 512, dtype=dtype, device=META))
-    for hook in hooks:
-        hook.remove()
-    return list(seen.values())
+    real, group_norm.group_norm = group_norm.group_norm, record
+    try:
+        with torch.no_grad():
+            with group_norm.triton_group_norms(unet):
+                unet(torch.empty(6, 8, 64, 64, dtype=dtype, device=META), 900,
+                     encoder_hidden_states=torch.empty(6, 77, 768, dtype=dtype, device=META))
+            layout["channels_last"] = False
+            with group_norm.triton_group_norms(vae):
+                vae.decode(torch.empty(1, 4, 64, 64, dtype=dtype, device=META))
+                vae.encode(torch.empty(1, 3, 512, 512, dtype=dtype, device=META))
+    finally:
+        group_norm.group_norm = real
+    return list(calls.values())
 
 
-def norm(x: torch.Tensor, groups: int) -> None:
+def norm(x: torch.Tensor, groups: int, addend: torch.Tensor | None = None, silu: bool = False) -> None:
     weight = torch.empty(x.shape[1], dtype=x.dtype, device=x.device)
-    group_norm._launch(x, groups, weight, weight, 1e-5)
+    group_norm._launch(x, groups, weight, weight, 1e-5, None, addend, silu)
 
 
 # Kernel 3's one access to x (stats) or y (apply), by channel blocks: with C a multiple of 16 (every SD1.5 norm),

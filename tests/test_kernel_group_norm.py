@@ -156,6 +156,29 @@ def test_the_gpus_nhwc_tiles_with_groups_across_channel_blocks(monkeypatch):
     _assert_within_rule(x, 32, weight, bias, group_norm_triton(x, 32, weight, bias, 1e-5))
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[6]], ids=_case_id)
+def test_the_time_embeddings_sum_and_silu_inside_the_kernel(case):
+    """group_norm(x, addend=t, silu=True) = SiLU(GroupNorm(x + t[:, :, None, None])): the sum moves each
+    channel's chunk means in the moments kernel and x's in the apply kernel, SiLU on the output. The
+    yardstick is the same rule on SiLU(exact norm of x + t)."""
+    shape, groups, layout, blocks = case
+    x, weight, bias = _inputs(shape, layout, torch.float32)
+    addend = 3 * torch.randn(shape[:2], generator=torch.Generator().manual_seed(1))
+    got = group_norm_triton(x, groups, weight, bias, 1e-5, blocks, addend=addend, silu=True)
+    assert got.stride() == x.stride()
+    shifted = x + addend.reshape(*shape[:2], *(1,) * (x.ndim - 2))
+    exact = F.silu(F.group_norm(shifted.double(), groups, weight.double(), bias.double(), 1e-5))
+    same = F.silu(F.group_norm(shifted.contiguous(), groups, weight, bias, 1e-5))
+    error, torch_error = ((out.double() - exact).abs().max().item() for out in (got, same))
+    assert error <= 2 * torch_error + ATOL[torch.float32], (error, torch_error)
+
+
+def test_addend_errors():
+    x, weight, bias = _inputs((2, 8, 3, 3), "nchw", torch.float32)
+    with pytest.raises(ValueError, match=r"addend must be a floating \(2, 8\) tensor"):
+        group_norm(x, 4, weight, bias, addend=torch.zeros(2, 4))
+
+
 def test_eps_and_repeats_bit_for_bit():
     x, weight, bias = _inputs((2, 8, 4, 4), "nhwc", torch.float32, spread=1e-3)  # var ~1e-6: eps matters
     runs = [group_norm_triton(x, 2, weight, bias, 1e-2, blocks=(1, 4)) for _ in range(2)]
@@ -212,7 +235,9 @@ def test_bf16_falls_back_to_pytorch_under_the_interpreter(monkeypatch):
 
 def test_custom_op_opcheck_and_fake_tensors():
     x, weight, bias = _inputs((2, 8, 5, 3), "nhwc", torch.float32)
-    torch.library.opcheck(torch.ops.zone.group_norm.default, (x, 4, weight, bias, 1e-5))
+    torch.library.opcheck(torch.ops.zone.group_norm.default, (x, 4, weight, bias, 1e-5, None, False))
+    addend = torch.randn(2, 8)
+    torch.library.opcheck(torch.ops.zone.group_norm.default, (x, 4, weight, bias, 1e-5, addend, True))
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
@@ -220,9 +245,9 @@ def test_custom_op_opcheck_and_fake_tensors():
         y = group_norm(fake, 4, torch.empty(8), torch.empty(8))  # the fake implementation: no kernel
         assert y.shape == fake.shape and y.stride() == fake.stride()
         with pytest.raises(ValueError, match="do not split"):
-            torch.ops.zone.group_norm(fake, 3, torch.empty(8), torch.empty(8), 1e-5)
+            torch.ops.zone.group_norm(fake, 3, torch.empty(8), torch.empty(8), 1e-5, None, False)
         gapped = torch.empty(2, 8, 6, 10)[..., :7]  # no single spatial stride: the real op's output is contiguous
-        assert torch.ops.zone.group_norm(gapped, 4, torch.empty(8), torch.empty(8), 1e-5).is_contiguous()
+        assert torch.ops.zone.group_norm(gapped, 4, torch.empty(8), torch.empty(8), 1e-5, None, False).is_contiguous()
 
 
 def test_only_traced_calls_go_through_the_custom_op():
@@ -291,6 +316,63 @@ def test_a_channels_last_tiny_unet_with_the_kernel_matches_pytorch():
     assert (got - expected).abs().max().item() < 1e-5
 
 
+def _tiny_unet_inputs():
+    from zone_engine.models import build_tiny_unet
+
+    torch.manual_seed(0)
+    unet = build_tiny_unet().eval().to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 8, 8, 8, generator=generator).to(memory_format=torch.channels_last)
+    return unet, sample, torch.randn(1, 77, 32, generator=generator)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the kernel runs on the CPU only under TRITON_INTERPRET=1")
+def test_every_resnet_block_runs_two_fused_norms(monkeypatch):
+    """In the scope each of the UNet's ResnetBlock2Ds calls the kernel twice with SiLU, the second with the time
+    embedding as addend; its other norms (the transformers') plain; all restored after."""
+    unet, sample, context = _tiny_unet_inputs()
+    resnets = [module for module in unet.modules() if type(module).__name__ == "ResnetBlock2D"]
+    assert resnets and all(norm_module.fusable_resnet(block) for block in resnets)
+    calls = []
+    real = norm_module.group_norm
+    monkeypatch.setattr(norm_module, "group_norm", lambda *args, **kwargs: calls.append(
+        (kwargs.get("silu", False), kwargs.get("addend") is not None)) or real(*args, **kwargs))
+    with torch.inference_mode(), triton_group_norms(unet):
+        unet(sample, 900, encoder_hidden_states=context)
+    assert calls.count((True, False)) == calls.count((True, True)) == len(resnets)
+    assert calls.count((False, False)) == len(_norms(unet)) - 2 * len(resnets)
+    assert not any("forward" in vars(module) for module in unet.modules())
+
+
+def test_fused_resnets_do_diffusers_operations_where_the_kernel_cannot_run(monkeypatch):
+    """With Triton switched off the fused forward falls back to PyTorch's norm, then SiLU, after diffusers' own
+    sum: the UNet's output is bit for bit diffusers' (so the fused forward is diffusers' computation)."""
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    unet, sample, context = _tiny_unet_inputs()
+    with torch.inference_mode():
+        expected = unet(sample, 900, encoder_hidden_states=context).sample
+        with triton_group_norms(unet):
+            got = unet(sample, 900, encoder_hidden_states=context).sample
+    assert torch.equal(got, expected)
+
+
+def test_a_training_block_or_an_unusual_one_keeps_diffusers_forward(monkeypatch):
+    from diffusers.models.resnet import ResnetBlock2D
+
+    calls = spy_calls(monkeypatch, norm_module, "_norm_and_silu")
+    block = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=4)
+    x, temb = torch.randn(2, 8, 5, 5), torch.randn(2, 16)
+    with torch.no_grad(), triton_group_norms(block):
+        block(x, temb)  # training mode (dropout active): diffusers' forward
+        assert calls == []
+        block.eval()
+        block(x, temb)
+        assert calls == ["_norm_and_silu", "_norm_and_silu"]
+    assert not norm_module.fusable_resnet(ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=4,
+                                                          time_embedding_norm="scale_shift"))
+    assert not norm_module.fusable_resnet(ResnetBlock2D(in_channels=8, temb_channels=16, groups=4, down=True))
+
+
 # --------------------------------------------------------------------------------- compiled, on a GPU
 
 
@@ -315,6 +397,17 @@ class TestCompiledOnGPU:
     def test_sd15_shapes_with_the_launchers_tiles(self, shape, layout):
         x, weight, bias = _inputs(shape, layout, torch.float16, device="cuda")
         _assert_within_rule(x, 32, weight, bias, group_norm(x, 32, weight, bias))
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_the_time_embeddings_sum_and_silu(self, dtype):
+        x, weight, bias = _inputs((6, 640, 32, 32), "nhwc", dtype, device="cuda")
+        addend = torch.randn(6, 640, device="cuda", dtype=dtype)
+        shifted = x.float() + addend.float()[:, :, None, None]
+        exact = F.silu(F.group_norm(shifted.double(), 32, weight.double(), bias.double(), 1e-5))
+        same = F.silu(F.group_norm(shifted, 32, weight.float(), bias.float(), 1e-5)).to(dtype)
+        got = group_norm(x, 32, weight, bias, addend=addend, silu=True)
+        error, torch_error = ((out.double() - exact).abs().max().item() for out in (got, same))
+        assert error <= 2 * torch_error + ATOL[dtype], (error, torch_error)
 
     def test_cuda_graph_capture(self):
         x, weight, bias = _inputs((6, 640, 32, 32), "nhwc", torch.float16, device="cuda")
