@@ -18,6 +18,7 @@ TRITON_INTERPRET=1 and only the quality figures mean anything (timings need a GP
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         ("kernel 2: mask binarization, 16x16 -> 512x512", mask_binarize.benchmark, "mismatched_pixels"),
         ("kernel 3: GroupNorm, 6 x 320 x 64 x 64 (the UNets' largest), 32 groups", group_norm.benchmark,
          "max_abs_diff"),
+        ("kernel 3 fused: + time embedding, GroupNorm, SiLU (a ResNet block's second norm), 6 x 320 x 64 x 64",
+         functools.partial(group_norm.benchmark, fused=True), "max_abs_diff"),
     ):
         rows = guarded(title, lambda benchmark=benchmark: benchmark(device))  # one kernel's failure spares the other
         if rows is None:

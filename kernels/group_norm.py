@@ -458,12 +458,14 @@ def _norm_and_silu(norm: nn.GroupNorm, x: torch.Tensor, addend: torch.Tensor | N
 
 def benchmark(
     device: str | torch.device | None = None, *, shape: tuple[int, int, int, int] = (6, 320, 64, 64),
-    groups: int = 32, dtype: torch.dtype | None = None, seed: int = 0,
+    groups: int = 32, dtype: torch.dtype | None = None, seed: int = 0, fused: bool = False,
 ) -> list[dict]:
     """SD1.5's largest UNet norm at 512x512 by default: 6 rows (two UNets x 3 guidance rows) x 320 x 64 x 64.
+    `fused`: a ResNet block's second norm instead, x + time embedding, GroupNorm, SiLU, as diffusers runs it
+    (three PyTorch ops) against one kernel call.
 
     Returns one dict per variant: name, time_ms (do_bench median on CUDA, None elsewhere), bytes (a
-    model of the DRAM traffic, see below), max_abs_diff against the fp64 GroupNorm.
+    model of the DRAM traffic, see below), max_abs_diff against the same function in fp64.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -473,23 +475,35 @@ def benchmark(
     nhwc = nchw.to(memory_format=torch.channels_last)
     weight = (1 + 0.1 * torch.randn(channels, generator=generator)).to(device, dtype)
     bias = (0.1 * torch.randn(channels, generator=generator)).to(device, dtype)
-    exact = F.group_norm(nchw.double(), groups, weight.double(), bias.double(), 1e-5)
+    addend = torch.randn(shape[:2], generator=generator).to(device, dtype) if fused else None
+    exact = group_norm_reference(nchw.double(), groups, weight.double(), bias.double(), 1e-5,
+                                 None if addend is None else addend.double(), fused)
 
     size = nchw.numel() * nchw.element_size()
     # Traffic model: PyTorch reads x twice (statistics, then normalise) and writes y once; on an NHWC x
     # it first writes and reads an NCHW copy (its output is NCHW: the next NHWC convolution converts it
-    # back, one more read and write not counted here). The kernel reads x twice and writes y once, and writes
-    # its per-channel chunk statistics once and reads them twice (the moments kernel's two passes).
+    # back, one more read and write not counted here); the sum and SiLU read and write once each. The kernel
+    # reads x twice and writes y once, and writes its per-channel chunk statistics once and reads them twice
+    # (the moments kernel's two passes), whatever it fuses.
     plan = LaunchPlan.of(channels, groups, math.prod(shape[2:]), True, is_interpreted(_channel_stats_kernel))
-    statistics = 2 * 4 * shape[0] * channels * plan.chunks
-    variants = {
-        "a: PyTorch on NHWC (converts to NCHW)": (lambda: group_norm_reference(nhwc, groups, weight, bias, 1e-5),
-                                                  5 * size),
-        "b: PyTorch on NCHW": (lambda: group_norm_reference(nchw, groups, weight, bias, 1e-5), 3 * size),
-        "c: Triton kernel on NHWC": (lambda: group_norm(nhwc, groups, weight, bias, 1e-5), 3 * size + 3 * statistics),
-    }
+    kernel_bytes = 3 * size + 3 * 2 * 4 * shape[0] * channels * plan.chunks
+    if fused:
+        variants = {
+            "a: PyTorch on NHWC: + time embedding, norm, SiLU": (
+                lambda: group_norm_reference(nhwc, groups, weight, bias, 1e-5, addend, True), 9 * size),
+            "c: Triton kernel on NHWC, the three fused": (
+                lambda: group_norm(nhwc, groups, weight, bias, 1e-5, addend=addend, silu=True), kernel_bytes),
+        }
+    else:
+        variants = {
+            "a: PyTorch on NHWC (converts to NCHW)": (lambda: group_norm_reference(nhwc, groups, weight, bias, 1e-5),
+                                                      5 * size),
+            "b: PyTorch on NCHW": (lambda: group_norm_reference(nchw, groups, weight, bias, 1e-5), 3 * size),
+            "c: Triton kernel on NHWC": (lambda: group_norm(nhwc, groups, weight, bias, 1e-5), kernel_bytes),
+        }
 
     def check(out: torch.Tensor) -> dict:
         return {"max_abs_diff": (out.double() - exact).abs().max().item()}
 
-    return benchmark_rows(variants, check, device, lambda: torch.ops.zone.group_norm(nhwc, groups, weight, bias, 1e-5))
+    return benchmark_rows(variants, check, device,
+                          lambda: torch.ops.zone.group_norm(nhwc, groups, weight, bias, 1e-5, addend, fused))
