@@ -446,14 +446,15 @@ def test_kernel_floor_line_puts_the_graph_replay_against_the_modelled_bytes():
 def test_kernel_benchmark_on_the_cpu_checks_correctness():
     """bench_kernels under the interpreter: no timings, every variant's quality figure against the
     reference (kernel 1: fp32 sums of 77-way softmaxes, within 1e-6; kernel 2: bit-exact masks;
-    kernel 3: fp32 GroupNorm outputs of magnitude ~5 against float64's, within 1e-5)."""
+    kernel 3, plain and fused with the time embedding and SiLU: fp32 outputs of magnitude ~5 against float64's,
+    within 1e-5)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run([sys.executable, "-m", "benchmarks.bench_kernels"], env=env, capture_output=True,
                          text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stderr
     rows = [line.split() for line in run.stdout.splitlines() if line.strip()[:2] in ("a:", "b:", "c:")]
     kernel_1, kernel_2, kernel_3 = rows[:3], rows[3:6], rows[6:]
-    assert len(kernel_3) == 3 and all(row[-5:-3] == ["n/a", "n/a"] for row in rows)
+    assert len(kernel_3) == 3 + 2 and all(row[-5:-3] == ["n/a", "n/a"] for row in rows)
     assert all(float(row[-1]) < 1e-6 for row in kernel_1)
     assert all(row[-1] == "0" for row in kernel_2)
     assert all(float(row[-1]) < 1e-5 for row in kernel_3)
