@@ -99,8 +99,9 @@ run_stage() {
         TRITON_INTERPRET=0 TORCH_LOGS=graph_breaks,recompiles stage compile_test 150 python3 -m pytest -q -m gpu \
             -k compiled_step tests/test_dual_step.py ;;
     kernels)  # Kernel benchmarks: do_bench medians against the reference-style store and the torch references,
-        # and kernel 3 (GroupNorm) against PyTorch's norm on the same NHWC activation and on its NCHW copy.
-        TAIL=16 stage bench_kernels 50 python3 -m benchmarks.bench_kernels ;;
+        # and kernel 3 (GroupNorm) against PyTorch's norm on the same NHWC activation and on its NCHW copy, and
+        # fused (a ResNet block's second norm) against PyTorch's sum, norm and SiLU.
+        TAIL=24 stage bench_kernels 60 python3 -m benchmarks.bench_kernels ;;
     refine)  # PyTorch SAM vit_h refinement at ZONE's settings (1,024 prompts, SAM's thresholds): fp32 vs the image
         # encoder in bf16 (no ONNX: no CUDA provider there), the engine's search for M_b's segment vs the
         # generator's list, the search in its CUDA runs (prompts_per_run) vs runs of 64, and SAM's decoder
