@@ -39,6 +39,7 @@ Public API:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import types
 from collections.abc import Iterator
@@ -334,7 +335,7 @@ def group_norm_reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor,
     """PyTorch's own GroupNorm (NCHW on CUDA: it converts other layouts first), of x + addend and then SiLU as
     diffusers' ResnetBlock2D computes them (the sum in x's dtype)."""
     if addend is not None:
-        x = x + addend.reshape(*addend.shape, *(1,) * (x.ndim - 2))
+        x = x + addend.to(x.dtype).reshape(*addend.shape, *(1,) * (x.ndim - 2))
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if silu else y
 
@@ -422,14 +423,23 @@ def _kernel_forward(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
 def fusable_resnet(module: nn.Module) -> bool:
     """Whether `module` is diffusers' ResnetBlock2D as SD's UNets and VAE use it, which `resnet_forward`
     computes: the class's own forward, the default time-embedding norm, no resampling inside the block, SiLU,
-    affine GroupNorms, and no forward of its own already (an outer scope's)."""
-    from diffusers.models.resnet import ResnetBlock2D
-
-    return (type(module).forward is ResnetBlock2D.forward and "forward" not in vars(module)
-            and module.time_embedding_norm == "default" and module.upsample is None and module.downsample is None
+    affine GroupNorms, no forward of its own already (an outer scope's), and no hooks on the norms or the
+    activation (`resnet_forward` does not call those modules, so their hooks would not run)."""
+    if type(module).forward is not _resnet_block_class().forward or "forward" in vars(module):
+        return False
+    inner = (module.norm1, module.norm2, module.nonlinearity)
+    return (module.time_embedding_norm == "default" and module.upsample is None and module.downsample is None
             and not module.skip_time_act and isinstance(module.nonlinearity, nn.SiLU)
             and all(isinstance(norm, nn.GroupNorm) and norm.affine and "forward" not in vars(norm)
-                    for norm in (module.norm1, module.norm2)))
+                    for norm in inner[:2])
+            and not any(part._forward_hooks or part._forward_pre_hooks for part in inner))
+
+
+@functools.cache
+def _resnet_block_class() -> type:
+    from diffusers.models.resnet import ResnetBlock2D  # imported once: the scope asks of every module of a model
+
+    return ResnetBlock2D
 
 
 def resnet_forward(block: nn.Module, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args,
@@ -437,9 +447,11 @@ def resnet_forward(block: nn.Module, input_tensor: torch.Tensor, temb: torch.Ten
     """diffusers' ResnetBlock2D.forward for a `fusable_resnet` block in inference, with each norm and the SiLU
     after it one `group_norm` call, the time embedding added inside the second: three passes over the block's
     activations fewer (the sum, two activations), and no division by an output scale of 1. Where PyTorch's
-    norm runs instead (no kernel here), the same operations as diffusers', in its order. Training, deprecated
-    arguments and a time embedding without its projection take diffusers' own forward."""
-    if block.training or args or kwargs or (temb is not None and block.time_emb_proj is None):
+    norm runs instead (no kernel here), the same operations as diffusers' (0.42), in its order. Training,
+    deprecated arguments, and a time embedding that is missing, unprojected or not one row a sample take
+    diffusers' own forward (its broadcasting or its error)."""
+    if (block.training or args or kwargs or (temb is None) != (block.time_emb_proj is None)
+            or (temb is not None and temb.shape[0] != input_tensor.shape[0])):
         return type(block).forward(block, input_tensor, temb, *args, **kwargs)
     hidden = block.conv1(_norm_and_silu(block.norm1, input_tensor))
     addend = None if temb is None else block.time_emb_proj(block.nonlinearity(temb))  # (N, C)

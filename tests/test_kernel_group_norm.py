@@ -349,10 +349,12 @@ def test_fused_resnets_do_diffusers_operations_where_the_kernel_cannot_run(monke
     sum: the UNet's output is bit for bit diffusers' (so the fused forward is diffusers' computation)."""
     monkeypatch.setenv(DISABLE_ENV, "1")
     unet, sample, context = _tiny_unet_inputs()
+    calls = spy_calls(monkeypatch, norm_module, "_norm_and_silu")
     with torch.inference_mode():
         expected = unet(sample, 900, encoder_hidden_states=context).sample
         with triton_group_norms(unet):
             got = unet(sample, 900, encoder_hidden_states=context).sample
+    assert len(calls) == 2 * sum(type(module).__name__ == "ResnetBlock2D" for module in unet.modules()) > 0
     assert torch.equal(got, expected)
 
 
@@ -360,17 +362,26 @@ def test_a_training_block_or_an_unusual_one_keeps_diffusers_forward(monkeypatch)
     from diffusers.models.resnet import ResnetBlock2D
 
     calls = spy_calls(monkeypatch, norm_module, "_norm_and_silu")
-    block = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=4)
+    block = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=16, groups=4, output_scale_factor=2.0)
     x, temb = torch.randn(2, 8, 5, 5), torch.randn(2, 16)
     with torch.no_grad(), triton_group_norms(block):
         block(x, temb)  # training mode (dropout active): diffusers' forward
         assert calls == []
         block.eval()
-        block(x, temb)
+        expected = ResnetBlock2D.forward(block, x, temb)
+        got = block(x, temb)  # a shortcut convolution and an output scale of 2, fused
         assert calls == ["_norm_and_silu", "_norm_and_silu"]
+        assert torch.allclose(got, expected, atol=1e-5)
+        block(x, temb[:1])  # one time embedding for both samples: diffusers broadcasts it
+        with triton_group_norms(block):  # a nested scope leaves the block to the outer one
+            block(x, temb)
+        assert len(calls) == 4
+    assert "forward" not in vars(block)
     assert not norm_module.fusable_resnet(ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=4,
                                                           time_embedding_norm="scale_shift"))
     assert not norm_module.fusable_resnet(ResnetBlock2D(in_channels=8, temb_channels=16, groups=4, down=True))
+    block.norm2.register_forward_hook(lambda *args: None)  # a hook the fused forward would skip
+    assert not norm_module.fusable_resnet(block)
 
 
 # --------------------------------------------------------------------------------- compiled, on a GPU
