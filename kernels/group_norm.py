@@ -204,13 +204,18 @@ def _check_arguments(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bia
 def _kernel_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                   addend: torch.Tensor | None = None) -> str | None:
     """Why the kernels cannot take these tensors, or None: fp16/bf16/fp32 only, and 32-bit offsets."""
-    tensors = (x, weight, bias) if addend is None else (x, weight, bias, addend)
+    tensors = _given(x, weight, bias, addend)
     if not all(tensor.dtype in _DTYPES for tensor in tensors):
         return f"the kernel takes fp16, bf16 or fp32, got {', '.join(str(tensor.dtype) for tensor in tensors)}"
     span = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride(), strict=True) if size)
     if x.numel() >= 2**31 or span >= 2**31:
         return "the kernel's offsets are 32-bit: a tensor spanning 2^31 elements goes to PyTorch"
     return None
+
+
+def _given(*tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The tensors of a call that were given (the addend is optional)."""
+    return tuple(tensor for tensor in tensors if tensor is not None)
 
 
 def spatial_stride(x: torch.Tensor) -> int | None:
@@ -359,7 +364,7 @@ def _(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor
 
 
 def _launchable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, addend: torch.Tensor | None) -> bool:
-    tensors = (x, weight, bias) if addend is None else (x, weight, bias, addend)
+    tensors = _given(x, weight, bias, addend)
     # A call that autograd must record goes to PyTorch: the kernels have no backward.
     needs_grad = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
     return (not needs_grad and _kernel_takes(x, weight, bias, addend) is None
@@ -385,7 +390,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     _check_arguments(x, num_groups, weight, bias, addend)
     if not _launchable(x, weight, bias, addend):
         return group_norm_reference(x, num_groups, weight, bias, eps, addend, silu)
-    if traced(x, weight, bias, *(() if addend is None else (addend,))):
+    if traced(*_given(x, weight, bias, addend)):
         return torch.ops.zone.group_norm(x, num_groups, weight, bias, float(eps), addend, silu)
     return _launch(x, num_groups, weight, bias, eps, None, addend, silu)
 

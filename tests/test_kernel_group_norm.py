@@ -28,6 +28,7 @@ from torch.nn import functional as F  # noqa: E402
 import kernels.group_norm as norm_module  # noqa: E402
 from kernels.group_norm import (  # noqa: E402
     group_norm,
+    group_norm_reference,
     group_norm_triton,
     spatial_stride,
     triton_group_norms,
@@ -52,9 +53,12 @@ def _inputs(shape, layout: str, dtype, device="cpu", seed=0, offset=0.5, spread=
     return x.to(device, dtype), weight.to(device, dtype), bias.to(device, dtype)
 
 
-def _assert_within_rule(x, groups, weight, bias, got, eps=1e-5):
-    exact = F.group_norm(x.double(), groups, weight.double(), bias.double(), eps)
-    same = F.group_norm(x.float().contiguous(), groups, weight.float(), bias.float(), eps).to(x.dtype)
+def _assert_within_rule(x, groups, weight, bias, got, eps=1e-5, addend=None, silu=False):
+    """The module docstring's rule, for the norm of x (+ addend, then SiLU where given)."""
+    exact = group_norm_reference(x.double(), groups, weight.double(), bias.double(), eps,
+                                 None if addend is None else addend.double(), silu)
+    same = group_norm_reference(x.float().contiguous(), groups, weight.float(), bias.float(), eps,
+                                None if addend is None else addend.float(), silu).to(x.dtype)
     torch_error = (same.double() - exact).abs().max().item()
     error = (got.double() - exact).abs().max().item()
     assert error <= 2 * torch_error + ATOL[x.dtype], (error, torch_error)
@@ -166,11 +170,7 @@ def test_the_time_embeddings_sum_and_silu_inside_the_kernel(case):
     addend = 3 * torch.randn(shape[:2], generator=torch.Generator().manual_seed(1))
     got = group_norm_triton(x, groups, weight, bias, 1e-5, blocks, addend=addend, silu=True)
     assert got.stride() == x.stride()
-    shifted = x + addend.reshape(*shape[:2], *(1,) * (x.ndim - 2))
-    exact = F.silu(F.group_norm(shifted.double(), groups, weight.double(), bias.double(), 1e-5))
-    same = F.silu(F.group_norm(shifted.contiguous(), groups, weight, bias, 1e-5))
-    error, torch_error = ((out.double() - exact).abs().max().item() for out in (got, same))
-    assert error <= 2 * torch_error + ATOL[torch.float32], (error, torch_error)
+    _assert_within_rule(x, groups, weight, bias, got, addend=addend, silu=True)
 
 
 def test_addend_errors():
@@ -297,25 +297,6 @@ def test_the_scope_switches_every_affine_norm_and_restores_them(monkeypatch):
     assert calls == [4, 4] and "forward" in vars(twin[1])
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="the kernel runs on the CPU only under TRITON_INTERPRET=1")
-def test_a_channels_last_tiny_unet_with_the_kernel_matches_pytorch():
-    """Every GroupNorm of the UNet through the kernel, on NHWC activations: the output agrees with
-    PyTorch's within fp32 rounding. (The pipeline's test runs the contiguous UNets and the VAE through
-    it: tests/test_pipeline.py.)"""
-    from zone_engine.models import build_tiny_unet
-
-    torch.manual_seed(0)
-    unet = build_tiny_unet().eval().to(memory_format=torch.channels_last)
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, 8, 8, 8, generator=generator).to(memory_format=torch.channels_last)
-    context = torch.randn(1, 77, 32, generator=generator)
-    with torch.inference_mode():
-        expected = unet(sample, 900, encoder_hidden_states=context).sample
-        with triton_group_norms(unet):
-            got = unet(sample, 900, encoder_hidden_states=context).sample
-    assert (got - expected).abs().max().item() < 1e-5
-
-
 def _tiny_unet_inputs():
     from zone_engine.models import build_tiny_unet
 
@@ -324,6 +305,19 @@ def _tiny_unet_inputs():
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(1, 8, 8, 8, generator=generator).to(memory_format=torch.channels_last)
     return unet, sample, torch.randn(1, 77, 32, generator=generator)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the kernel runs on the CPU only under TRITON_INTERPRET=1")
+def test_a_channels_last_tiny_unet_with_the_kernel_matches_pytorch():
+    """Every GroupNorm of the UNet through the kernel, on NHWC activations: the output agrees with
+    PyTorch's within fp32 rounding. (The pipeline's test runs the contiguous UNets and the VAE through
+    it: tests/test_pipeline.py.)"""
+    unet, sample, context = _tiny_unet_inputs()
+    with torch.inference_mode():
+        expected = unet(sample, 900, encoder_hidden_states=context).sample
+        with triton_group_norms(unet):
+            got = unet(sample, 900, encoder_hidden_states=context).sample
+    assert (got - expected).abs().max().item() < 1e-5
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="the kernel runs on the CPU only under TRITON_INTERPRET=1")
@@ -413,12 +407,8 @@ class TestCompiledOnGPU:
     def test_the_time_embeddings_sum_and_silu(self, dtype):
         x, weight, bias = _inputs((6, 640, 32, 32), "nhwc", dtype, device="cuda")
         addend = torch.randn(6, 640, device="cuda", dtype=dtype)
-        shifted = x.float() + addend.float()[:, :, None, None]
-        exact = F.silu(F.group_norm(shifted.double(), 32, weight.double(), bias.double(), 1e-5))
-        same = F.silu(F.group_norm(shifted, 32, weight.float(), bias.float(), 1e-5)).to(dtype)
         got = group_norm(x, 32, weight, bias, addend=addend, silu=True)
-        error, torch_error = ((out.double() - exact).abs().max().item() for out in (got, same))
-        assert error <= 2 * torch_error + ATOL[dtype], (error, torch_error)
+        _assert_within_rule(x, 32, weight, bias, got, addend=addend, silu=True)
 
     def test_cuda_graph_capture(self):
         x, weight, bias = _inputs((6, 640, 32, 32), "nhwc", torch.float16, device="cuda")
