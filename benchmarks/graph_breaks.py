@@ -16,7 +16,8 @@ import sys
 import torch
 
 from benchmarks.bench_dual_unet import step_arguments
-from zone_engine.backends import DTYPES, LOCALIZATION_KERNELS, make_localization_kernels, resolve_device
+from zone_engine.backends import DTYPES, make_localization_kernels, resolve_device
+from zone_engine.config import LOCALIZATION_KERNELS
 from zone_engine.dual_step import DualUNet, dual_step
 from zone_engine.localize import AttentionAccumulator, attention_grid, record_cross_attention
 from zone_engine.models import PRESETS, build_unet

@@ -28,8 +28,8 @@ import torch
 
 from export.sam import export_sam
 from zone_engine.action import classify_action
-from zone_engine.backends import DENOISERS, DTYPES, GROUP_NORMS, resolve_device, resolve_dtype
-from zone_engine.config import Action, EditConfig, SamConfig, parse_action
+from zone_engine.backends import DTYPES, resolve_device, resolve_dtype
+from zone_engine.config import DENOISERS, GROUP_NORMS, Action, EditConfig, SamConfig, parse_action
 from zone_engine.denoise import BatchDenoiser, Denoiser
 from zone_engine.errors import ZoneError, first_line
 from zone_engine.image_io import make_sample_image, working_geometry

@@ -27,8 +27,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from zone_engine.backends import DENOISERS, GROUP_NORMS, SAM_PRECISIONS, resolve_device, resolve_dtype
-from zone_engine.config import EditConfig, SamConfig
+from zone_engine.backends import resolve_device, resolve_dtype
+from zone_engine.config import DENOISERS, GROUP_NORMS, SAM_PRECISIONS, EditConfig, SamConfig
 from zone_engine.errors import ZoneError
 from zone_engine.image_io import make_sample_image
 from zone_engine.models import PRESETS, SAM_SIZES, build_random_components

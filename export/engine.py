@@ -238,15 +238,7 @@ def ensure_engine(folder: Path, graph: str, cache_root: Path | None = None, *, f
 
 
 # --------------------------------------------------------------------------------------------------
-# Command line: `zone build-engine DIR` (zone_engine.cli wires these two in).
-
-
-def add_build_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", type=Path, help="a `zone export unet` folder (ONNX graphs and manifest.json)")
-    parser.add_argument("--cache", type=Path, help="where engines are kept (default: FOLDER/engines)")
-    parser.add_argument("--graph", action="append", dest="graphs", metavar="NAME",
-                        help="build only this graph (dual_step, vae_encoder, vae_decoder); repeatable")
-    parser.add_argument("--force", action="store_true", help="rebuild even when the cache holds a matching engine")
+# Command line: `zone build-engine DIR` (its options: export/options.py).
 
 
 def run_build_engine(args: argparse.Namespace) -> list[Path]:

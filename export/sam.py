@@ -33,8 +33,8 @@ from zone_engine.sam_onnx import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, MANI
 from zone_engine.sam_torch import decode_masks, decode_tokens
 
 from .onnx_graph import compare, export_graph, require, session, staging_folder
+from .options import TINY_SEED
 
-TINY_SEED = 0
 # Export check, |onnxruntime - torch| <= atol + rtol * max|torch| on every output, against the fp32 model:
 # - fp32: both sides compute in fp32 and differ only in fusion and summation order (ORT fuses LayerNorm,
 #   attention, GELU). Measured max differences: tiny 2e-6 (encoder) / 1e-7 (decoder), random-weight
@@ -224,18 +224,7 @@ def _sample_points(
 
 
 # --------------------------------------------------------------------------------------------------
-# Command line: `zone export sam` (zone_engine.cli wires these two in).
-
-
-def add_export_sam_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, help="SAM checkpoint .pth (e.g. sam_vit_h_4b8939.pth)")
-    parser.add_argument("--model-type", choices=["vit_h", "vit_l", "vit_b"],
-                        help="SAM size (default: read from the checkpoint's file name)")
-    parser.add_argument("--out", type=Path, required=True, help="folder to write the ONNX files and manifest to")
-    parser.add_argument("--fp16", action="store_true", help="half-precision graphs (for GPUs; fp32 in and out)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
-    parser.add_argument("--tiny", action="store_true",
-                        help=f"export a tiny random SAM (seed {TINY_SEED}) instead of a checkpoint: tests and demos")
+# Command line: `zone export sam` (its options: export/options.py).
 
 
 def run_export_sam(args: argparse.Namespace) -> Path:

@@ -50,15 +50,14 @@ from zone_engine.paths import check_output_folder
 from zone_engine.sam_onnx import file_sha256
 
 from .onnx_graph import compare, export_graph, require, session, staging_folder
+from .options import DEFAULT_SIZE, TINY_SEED
 
 DUAL_STEP = "dual_step"
 VAE_ENCODER = "vae_encoder"
 VAE_DECODER = "vae_decoder"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
-TINY_SEED = 0
 SIZE_MULTIPLE = 32  # the pipeline pads to multiples of 32 (ZONE.md section 0); attention is read at 1/32
-DEFAULT_SIZE = (512, 512)
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 # Validation, |onnxruntime - torch| <= atol + rtol * max|torch| on every output, against PyTorch in the
 # models' own precision (fp32 for `zone export unet`):
@@ -493,28 +492,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Command line: `zone export unet` (zone_engine.cli wires these two in).
-
-
-def add_export_unet_arguments(parser: argparse.ArgumentParser) -> None:
-    from zone_engine.models import IP2P_ID, MAGICBRUSH_ID
-
-    parser.add_argument("--ip2p", metavar="ID|DIR", help=f"InstructPix2Pix folder or cached id (default: {IP2P_ID})")
-    parser.add_argument("--magicbrush", metavar="ID|DIR",
-                        help=f"MagicBrush folder or cached id (default: {MAGICBRUSH_ID})")
-    parser.add_argument("--out", type=Path, required=True, help="folder to write the ONNX files and manifest to")
-    precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", action="store_true",
-                           help="half-precision graphs: TensorRT builds fp16 engines from them (float32 in and out)")
-    precision.add_argument("--bf16", action="store_true", help="not supported yet (needs ONNX opset 22)")
-    parser.add_argument("--height", type=int, help=f"image height, a multiple of 32 (default {DEFAULT_SIZE[0]})")
-    parser.add_argument("--width", type=int, help=f"image width, a multiple of 32 (default {DEFAULT_SIZE[1]})")
-    parser.add_argument("--dynamic-shapes", metavar="MIN:OPT:MAX",
-                        help="serve every image size in a range, e.g. 256x256:512x512:512x512 (HEIGHTxWIDTH, "
-                        "multiples of 32); TensorRT tunes for OPT")
-    parser.add_argument("--opset", type=int, default=19, help="ONNX opset (default: 19)")
-    parser.add_argument("--tiny", action="store_true",
-                        help=f"export tiny random models (seed {TINY_SEED}) instead of checkpoints: tests and demos")
+# Command line: `zone export unet` (its options: export/options.py).
 
 
 def profile_from_args(args: argparse.Namespace) -> ShapeProfile:
@@ -527,7 +505,8 @@ def profile_from_args(args: argparse.Namespace) -> ShapeProfile:
 
 def run_export_unet(args: argparse.Namespace) -> Path:
     """`zone export unet`: load (or build, with --tiny) both UNets and the VAE and export them; the folder."""
-    from zone_engine.models import IP2P_ID, MAGICBRUSH_ID, build_tiny_components, load_ip2p, load_magicbrush_unet
+    from zone_engine.config import IP2P_ID, MAGICBRUSH_ID
+    from zone_engine.models import build_tiny_components, load_ip2p, load_magicbrush_unet
 
     profile = profile_from_args(args)  # every check that can fail runs before gigabytes of weights load
     check_output_folder(args.out, "--out")

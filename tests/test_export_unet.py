@@ -35,12 +35,12 @@ from conftest import smooth_image  # noqa: E402
 
 from export import engine as engine_module  # noqa: E402
 from export import unet as export_module  # noqa: E402
-from export.engine import EngineCache, add_build_engine_arguments, build_engine, engine_cache_key, run_build_engine  # noqa: E402
+from export.engine import EngineCache, build_engine, engine_cache_key, run_build_engine  # noqa: E402
+from export.options import TINY_SEED, add_build_engine_arguments, add_export_unet_arguments  # noqa: E402
 from export.unet import (  # noqa: E402
     MANIFEST_FILE,
     DualStepForExport,
     ShapeProfile,
-    add_export_unet_arguments,
     export_dual_step,
     export_vae,
     latent_size,
@@ -77,7 +77,7 @@ def export_args(out: Path, *extra: str) -> argparse.Namespace:
 @pytest.fixture(scope="module")
 def models():
     """The tiny models `--tiny` exports (same seed: same weights), in fp32 on the CPU."""
-    models = build_tiny_components(export_module.TINY_SEED)
+    models = build_tiny_components(TINY_SEED)
     for net in (models.ip2p_unet, models.mb_unet, models.vae):
         net.eval().requires_grad_(False)
     return models

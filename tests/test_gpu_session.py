@@ -27,7 +27,7 @@ from benchmarks import (
     load_test,
     profile_edit,
 )
-from zone_engine.backends import DENOISERS
+from zone_engine.config import DENOISERS
 
 ROOT = Path(__file__).parents[1]
 STAGES = ("tests", "compile", "kernels", "refine", "refine-zero", "dual", "breaks", "profile", "graph-memory", "bench",

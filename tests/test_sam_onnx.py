@@ -29,7 +29,8 @@ from conftest import assert_same_selection, smooth_image  # noqa: E402
 
 from export import onnx_graph  # noqa: E402
 from export import sam as export_module  # noqa: E402
-from export.sam import add_export_sam_arguments, export_sam, run_export_sam  # noqa: E402
+from export.options import add_export_sam_arguments  # noqa: E402
+from export.sam import export_sam, run_export_sam  # noqa: E402
 from zone_engine import __version__  # noqa: E402
 from zone_engine.config import SamConfig  # noqa: E402
 from zone_engine.errors import CheckpointError, ConfigError, DeviceError, ZoneError  # noqa: E402

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .config import SamConfig
+from .config import ATTENTION, DENOISERS, GROUP_NORMS, LOCALIZATION_KERNELS, SAM_PRECISIONS, SEGMENTERS, SamConfig
 from .denoise import Denoiser, SequentialDenoiser
 from .dual_step import FusedDualDenoiser
 from .errors import ConfigError, DeviceError
@@ -20,12 +20,6 @@ from .refine import Segmenter
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-DENOISERS = ("eager", "fused", "compile", "tensorrt")
-SEGMENTERS = ("torch", "onnx")
-LOCALIZATION_KERNELS = ("auto", "torch", "triton")
-GROUP_NORMS = ("auto", "torch", "triton")
-ATTENTION = ("sdpa", "xformers")
-SAM_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:

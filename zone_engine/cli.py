@@ -5,15 +5,27 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .backends import ATTENTION, DENOISERS, GROUP_NORMS, LOCALIZATION_KERNELS, SAM_PRECISIONS, SEGMENTERS
-from .config import Action, EditConfig, parse_action
+from .config import (
+    ATTENTION,
+    DEFAULT_SAM,
+    DENOISERS,
+    GROUP_NORMS,
+    IP2P_ID,
+    LOCALIZATION_KERNELS,
+    MAGICBRUSH_ID,
+    SAM_PRECISIONS,
+    SEGMENTERS,
+    Action,
+    EditConfig,
+    parse_action,
+)
 from .errors import ConfigError, ZoneError
-from .models import DEFAULT_SAM, IP2P_ID, MAGICBRUSH_ID
 from .paths import check_output_file, check_output_folder, written_atomically
 
 RANDOM_WEIGHTS_NOTICE = (
@@ -178,9 +190,7 @@ def _add_serve_command(commands) -> None:
 
 
 def _add_export_commands(commands) -> None:
-    from export.engine import add_build_engine_arguments
-    from export.sam import add_export_sam_arguments
-    from export.unet import add_export_unet_arguments
+    from export.options import add_build_engine_arguments, add_export_sam_arguments, add_export_unet_arguments
 
     export = commands.add_parser(
         "export", help="export networks to ONNX for TensorRT / ONNX Runtime",
@@ -405,14 +415,11 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.showwarning = lambda message, *_args, **_kw: print(f"warning: {message}", file=sys.stderr)
-    try:
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.set_verbosity_error()
-        transformers.logging.set_verbosity_error()
-    except ImportError:
-        pass
+    for library in ("diffusers", "transformers"):
+        # Read when the library is imported: not imported here, so an input's error answers before torch loads.
+        os.environ.setdefault(f"{library.upper()}_VERBOSITY", "error")
+        if library in sys.modules:  # already imported (main called from Python)
+            sys.modules[library].utils.logging.set_verbosity_error()
 
 
 TOOLS = {"bench": "benchmarks.harness", "profile": "benchmarks.profile_edit"}  # `zone NAME` runs NAME's main

@@ -11,6 +11,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Literal
 
 from .errors import ConfigError
@@ -29,6 +30,19 @@ MAX_STEPS = 1000
 
 # Output order of the reference action classifier's logits (ckpts/action_classifier.pth).
 CLASSIFIER_ACTIONS: tuple[Action, ...] = (Action.CHANGE, Action.ADD, Action.REMOVE)
+
+# The names a user picks from: the implementations behind them (zone_engine.backends, zone_engine.models)
+# and the checkpoints' defaults. Kept here, free of torch, so `zone --help` and a mistyped option answer
+# at once instead of after torch's import.
+DENOISERS = ("eager", "fused", "compile", "tensorrt")
+SEGMENTERS = ("torch", "onnx")
+LOCALIZATION_KERNELS = ("auto", "torch", "triton")
+GROUP_NORMS = ("auto", "torch", "triton")
+ATTENTION = ("sdpa", "xformers")
+SAM_PRECISIONS = ("fp32", "bf16", "fp16")
+IP2P_ID = "timbrooks/instruct-pix2pix"
+MAGICBRUSH_ID = "vinesmsuic/magicbrush-jul7"
+DEFAULT_SAM = Path("ckpts/sam_vit_h_4b8939.pth")  # where the reference repository keeps it
 
 
 def _check_numbers(config: object) -> None:

@@ -19,11 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import IP2P_ID, MAGICBRUSH_ID
 from .errors import CheckpointError, first_line
 
-IP2P_ID = "timbrooks/instruct-pix2pix"
-MAGICBRUSH_ID = "vinesmsuic/magicbrush-jul7"
-DEFAULT_SAM = Path("ckpts/sam_vit_h_4b8939.pth")  # where the reference repository keeps it
 SAM_URLS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
     "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",

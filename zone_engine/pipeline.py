@@ -30,15 +30,12 @@ from .backends import (
     resolve_dtype,
     uses_cuda_graphs,
 )
-from .config import Action, EditConfig, SamConfig
+from .config import DEFAULT_SAM, IP2P_ID, MAGICBRUSH_ID, Action, EditConfig, SamConfig
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
 from .errors import ConfigError, EditCancelled
 from .graphs import CapturedCalls, Run, eager
 from .localize import AttentionAccumulator, Localization, attention_grid, heatmap_overlay, localize
 from .models import (
-    DEFAULT_SAM,
-    IP2P_ID,
-    MAGICBRUSH_ID,
     NormScope,
     ZoneModels,
     build_tiny_components,

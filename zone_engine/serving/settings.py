@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import MAX_STEPS
+from ..config import IP2P_ID, MAGICBRUSH_ID, MAX_STEPS
 from ..errors import ConfigError
 from ..image_io import MAX_PIXELS
-from ..models import IP2P_ID, MAGICBRUSH_ID
 
 
 @dataclass(frozen=True)
