@@ -416,7 +416,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.showwarning = lambda message, *_args, **_kw: print(f"warning: {message}", file=sys.stderr)
     for library in ("diffusers", "transformers"):
-        # Read when the library is imported: not imported here, so an input's error answers before torch loads.
+        # Read when the library is imported: not imported here (seconds), a command's checks may fail before it.
         os.environ.setdefault(f"{library.upper()}_VERBOSITY", "error")
         if library in sys.modules:  # already imported (main called from Python)
             sys.modules[library].utils.logging.set_verbosity_error()
