@@ -411,7 +411,8 @@ def _check_listen_address(host: str, port: int) -> None:
 
 
 def _quiet_libraries() -> None:
-    """Our own warnings as one line each; the libraries' deprecation chatter hidden."""
+    """Our own warnings as one line each; the libraries' deprecation chatter hidden, and their logging below
+    errors (unless DIFFUSERS_VERBOSITY / TRANSFORMERS_VERBOSITY says otherwise before they are imported)."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.showwarning = lambda message, *_args, **_kw: print(f"warning: {message}", file=sys.stderr)
