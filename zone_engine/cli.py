@@ -300,16 +300,18 @@ def _print_summary(result) -> None:
 
 def run_edit(args: argparse.Namespace) -> None:
     from .image_io import load_image, save_image
-    from .text import check_instruction
 
-    # Every check that can fail runs before gigabytes of weights load.
+    # Every check that can fail runs before gigabytes of weights load, and all but the instruction's
+    # before torch's import (seconds).
+    changes = _config_changes(args)
     _check_output_path(args.output, args.image)
     if args.save_masks:
         check_output_folder(args.save_masks, "--save-masks")
         _check_masks_spare(args.save_masks, args.output, args.image)
     image = load_image(args.image)
+    from .text import check_instruction
+
     instruction = check_instruction(args.instruction)
-    changes = _config_changes(args)
     pipe = _pipeline_spec(args).build()
     config = pipe.default_config.replace(**changes)
     result = pipe.edit(image, instruction, config, progress=not args.no_progress)
