@@ -324,13 +324,14 @@ def run_edit(args: argparse.Namespace) -> None:
 
 def run_demo(args: argparse.Namespace) -> None:
     from .image_io import make_sample_image, save_image
-    from .pipeline import ZonePipeline
 
     print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
     for folder, what in ((args.out, "--out"), (args.save_masks, "--save-masks")):
         if folder is not None:
             check_output_folder(folder, what)
     changes = _config_changes(args)
+    from .pipeline import ZonePipeline  # after the checks: torch's import takes seconds
+
     pipe = ZonePipeline.tiny(device=args.device, **_backend_options(args))
     image = make_sample_image()
     result = pipe.edit(image, args.instruction, pipe.default_config.replace(**changes), progress=not args.no_progress)
