@@ -125,6 +125,19 @@ def test_long_instruction_is_truncated_with_a_warning(tiny_pipe):
     assert result.instruction_truncated
 
 
+@pytest.mark.parametrize("size, coarse", [((8, 3000), True), ((20, 20), True), ((33, 130), False), ((64, 64), False)])
+def test_an_image_under_one_attention_cell_is_edited_with_a_warning(tiny_pipe, size, coarse):
+    """ZONE locates the edit on 32-pixel cells: a short side under one at the working size (8 x 3000 becomes
+    1 x 512) is said; the edit still runs."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = tiny_pipe.edit(smooth_image(*size), INSTRUCTION, tiny_pipe.default_config.replace(steps=1))
+    said = [str(warning.message) for warning in caught if "32-pixel cell" in str(warning.message)]
+    assert len(said) == coarse and result.image.shape == (*size, 3)
+    if coarse:
+        assert f"({size[1]}x{size[0]})" in said[0]
+
+
 def test_fp16_vae_overflow_is_decoded_again_in_fp32(tiny_models, monkeypatch):
     """SD's VAE overflows in fp16; the decode must come back finite (simulated: fp16 decode returns inf),
     and the VAE itself stays as it was, weights and all (its CUDA graphs point at them)."""

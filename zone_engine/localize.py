@@ -166,6 +166,9 @@ def recorded_layers(unet, latent_size: tuple[int, int], grid: tuple[int, int]) -
     return [name for name, level in cross_attention_sizes(unet).items() if _halve(latent_size, level) == grid]
 
 
+ATTENTION_CELL = 32  # image pixels a side of one cell of the query grid ZONE reads (the VAE's 8, halved twice)
+
+
 def attention_grid(latent_size: tuple[int, int]) -> tuple[int, int]:
     """The query grid ZONE reads: ceil(H/32) x ceil(W/32), i.e. the latent halved twice."""
     return _halve(latent_size, 2)

@@ -7,6 +7,7 @@ import copy
 import functools
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +35,7 @@ from .config import DEFAULT_SAM, IP2P_ID, MAGICBRUSH_ID, Action, EditConfig, Sam
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
 from .errors import ConfigError, EditCancelled
 from .graphs import CapturedCalls, Run, eager
-from .localize import AttentionAccumulator, Localization, attention_grid, heatmap_overlay, localize
+from .localize import ATTENTION_CELL, AttentionAccumulator, Localization, attention_grid, heatmap_overlay, localize
 from .models import (
     NormScope,
     ZoneModels,
@@ -158,6 +159,17 @@ def decode_latents(vae, latents: torch.Tensor, run: Run = eager, norms: NormScop
         fp32 = copy.deepcopy(vae).to(torch.float32)
         image = fp32.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
     return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _warn_if_under_one_attention_cell(geometry: image_io.Geometry) -> None:
+    """ZONE locates the edit on a grid of 32-pixel cells of the working image: a short side under one cell
+    there (a small image, or a very elongated one shrunk to 512 on its long side) is edited with a mask
+    coarser than the image. Said, not refused: the edit still runs."""
+    (height, width), (given_h, given_w) = geometry.scaled_size, geometry.input_size
+    if min(height, width) < ATTENTION_CELL:
+        warnings.warn(f"the image ({given_w}x{given_h}) is {width}x{height} at the working size, its short side "
+                      f"under one {ATTENTION_CELL}-pixel cell of the grid ZONE locates the edit on, so the edit "
+                      "region will be coarse: a larger or less elongated (cropped) image edits better", stacklevel=3)
 
 
 def to_uint8_image(pixels: torch.Tensor) -> np.ndarray:
@@ -342,6 +354,7 @@ class ZonePipeline:
         original = image_io.load_image(image)
         instruction = check_instruction(instruction)
         geometry = image_io.working_geometry(*original.shape[:2], config.max_side, config.size_multiple)
+        _warn_if_under_one_attention_cell(geometry)
         working = image_io.to_working(original, geometry)
         padded_h, padded_w = geometry.padded_size
         latent_size = (padded_h // 8, padded_w // 8)
