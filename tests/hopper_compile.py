@@ -4,8 +4,9 @@ The launchers run as they would on a GPU (this process does not interpret), on m
 replaced by recorders, and each recorded launch is compiled as Triton's JIT would specialise it (an int equal to
 1 becomes the constant 1, None a constant None; aligned pointers and ints divisible by 16 are marked so). What a
 GPU would compile at an edit's first step, checked on the CPU: tests/test_kernels_for_hopper.py runs it. Prints
-each kernel's stack/local bytes where not 0. Exit 0; 1 with the reason when a kernel fails to compile or kernel 3
-reads x or writes y 2 bytes at a time at SD1.5's channel counts (no vector access); 77 where Triton has no ptxas.
+each kernel's stack/local bytes where not 0. Exit 0; 1 with the reason when a kernel fails to compile, kernel 3
+reads x or writes y 2 bytes at a time at SD1.5's channel counts (no vector access), or kernel 1's sum across
+programs lost the order of its stores, barrier, ticket and reads; 77 where Triton has no ptxas.
 """
 
 import re
@@ -158,6 +159,30 @@ def check_vector_access(name: str, args: dict, ptx: str) -> None:
         raise SystemExit(f"{name} at {args['C']} channels: {len(found)} scalar 16-bit accesses ({found[0]})")
 
 
+# Kernel 1's sum across programs (GROUPS > 1): every thread's partial stored, a barrier, then one thread's ticket
+# (gpu scope, acquire-release), its value shared through a barrier, and the last program's reads from L2 (.cg).
+# The order the PTX memory model needs for the last program to see every partial; the interpreter, running
+# programs one after another, cannot show it.
+TICKET = re.compile(r"atom\.global\.gpu\.acq_rel\.add")
+
+
+def check_ticket_order(name: str, constexprs: dict, ptx: str) -> None:
+    """SystemExit when kernel 1's cross-program sum lost that order in the PTX."""
+    if name != "_attn_accumulate_kernel" or constexprs["GROUPS"] == 1:
+        return
+    lines = ptx.splitlines()
+    tickets = [i for i, line in enumerate(lines) if TICKET.search(line)]
+    if len(tickets) != 1:
+        raise SystemExit(f"{name}: {len(tickets)} acquire-release gpu-scope ticket atomics, not 1")
+    ticket = tickets[0]
+    stores = [i for i, line in enumerate(lines[:ticket]) if "st.global" in line]
+    reads = [i for i, line in enumerate(lines) if i > ticket and "ld.global.cg" in line]
+    if not stores or not any("bar.sync" in line for line in lines[stores[-1]:ticket]):
+        raise SystemExit(f"{name}: no barrier between the partials' stores and the ticket")
+    if not reads or not any("bar.sync" in line for line in lines[ticket:reads[0]]):
+        raise SystemExit(f"{name}: the partials are not read from L2 (.cg) after the ticket's shared value")
+
+
 def main() -> None:
     modules = {attn_accumulate: ["_attn_accumulate_kernel"], mask_binarize: ["_binarize_kernel"],
                group_norm: ["_channel_stats_kernel", "_group_moments_kernel", "_group_norm_apply_kernel"]}
@@ -178,6 +203,7 @@ def main() -> None:
             if stack := local_bytes(kernel.asm["cubin"]):  # reported, not failed: a call frame counts too
                 print(f"{name} {constants}: {stack} bytes of stack/local memory")
             check_vector_access(name, dict(zip(recorder.kernel.arg_names, args, strict=False)), kernel.asm["ptx"])
+            check_ticket_order(name, constexprs, kernel.asm["ptx"])
     launched = {name for _, name, recorder in recorders if recorder.launches}
     if len(launched) < len(recorders):
         raise SystemExit(f"no launch recorded for {sorted({name for _, name, _ in recorders} - launched)}")

@@ -2,7 +2,8 @@
 
 A kernel that compiles under the interpreter can still fail to compile for a GPU (an int argument equal to 1
 becomes a compile-time constant there, a tile can outgrow the registers), or compile to slower code than
-intended (kernel 3's scalar 16-bit accesses). tests/hopper_compile.py runs the
+intended (kernel 3's scalar 16-bit accesses), or lose an order the interpreter cannot test (kernel 1's stores,
+barrier and ticket across programs). tests/hopper_compile.py runs the
 launchers as on a GPU, on meta tensors, and compiles every launch with Triton's own ptxas: no GPU needed, so
 such a failure shows in CI, not in a lease's first edit.
 """
