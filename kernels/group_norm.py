@@ -23,7 +23,7 @@ x is read twice and y written once; the statistics are two floats a channel and 
 x's bytes at 64 positions a chunk). Deterministic. Tiles are blocks of channels, not of groups: SD1.5's groups are
 4 to 80 channels wide (UNets 10 to 80), and a tile of whole groups padded to a power of two (up to 128 lanes)
 compiled on NHWC to 2-byte loads with up to 37.5 % of lanes masked (sm_90 PTX); a block of 64 adjacent channels
-is 16-byte vector loads, whatever the groups (tests/hopper_compile.py checks it). Groups straddle channel
+is 16-byte vector loads, whatever the groups (tests/gpu_compile.py checks it). Groups straddle channel
 blocks; statistics per channel let the moments kernel combine them. A ResNet block's sum with its time
 embedding (a constant per sample and channel: it moves the chunk means, not their M2) and the SiLU after its
 norms ride along in the moments and apply kernels (`addend`, `silu`; `resnet_forward` calls them so).

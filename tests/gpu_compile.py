@@ -1,9 +1,10 @@
-"""Compile every Triton kernel launch of SD1.5's shapes at 512² for sm_90 with Triton's own ptxas, no GPU needed.
+"""Compile every Triton kernel launch of SD1.5's shapes at 512² for sm_90, sm_89 and sm_80 with Triton's own ptxas,
+no GPU needed.
 
 The launchers run as they would on a GPU (this process does not interpret), on meta tensors; their kernels are
 replaced by recorders, and each recorded launch is compiled as Triton's JIT would specialise it (an int equal to
 1 becomes the constant 1, None a constant None; aligned pointers and ints divisible by 16 are marked so). What a
-GPU would compile at an edit's first step, checked on the CPU: tests/test_kernels_for_hopper.py runs it. Prints
+GPU would compile at an edit's first step, checked on the CPU: tests/test_kernels_compile_for_gpus.py runs it. Prints
 each kernel's stack/local bytes where not 0. Exit 0; 1 with the reason when a kernel fails to compile, kernel 3
 reads x or writes y 2 bytes at a time at SD1.5's channel counts (no vector access), or kernel 1's sum across
 programs lost the order of its stores, barrier, ticket and reads; 77 where Triton has no ptxas.
@@ -183,6 +184,11 @@ def check_ticket_order(name: str, constexprs: dict, ptx: str) -> None:
         raise SystemExit(f"{name}: the partials are not read from L2 (.cg) after the ticket's shared value")
 
 
+# Hopper (H100/H200: the lent devices), then what edge servers run: Ada (L4, L40S), Ampere (A100, A10; sm_86's
+# code is sm_80's with less shared memory, and no launch here takes over 18 KB of it).
+CAPABILITIES = (90, 89, 80)
+
+
 def main() -> None:
     modules = {attn_accumulate: ["_attn_accumulate_kernel"], mask_binarize: ["_binarize_kernel"],
                group_norm: ["_channel_stats_kernel", "_group_moments_kernel", "_group_norm_apply_kernel"]}
@@ -198,16 +204,17 @@ def main() -> None:
             if key in compiled:
                 continue
             compiled.add(key)
-            kernel = triton.compile(ASTSource(recorder.kernel, signature, constexprs=constants, attrs=attrs),
-                                    target=GPUTarget("cuda", 90, 32))
-            if stack := local_bytes(kernel.asm["cubin"]):  # reported, not failed: a call frame counts too
-                print(f"{name} {constants}: {stack} bytes of stack/local memory")
-            check_vector_access(name, dict(zip(recorder.kernel.arg_names, args, strict=False)), kernel.asm["ptx"])
-            check_ticket_order(name, constexprs, kernel.asm["ptx"])
+            for capability in CAPABILITIES:
+                kernel = triton.compile(ASTSource(recorder.kernel, signature, constexprs=constants, attrs=attrs),
+                                        target=GPUTarget("cuda", capability, 32))
+                if stack := local_bytes(kernel.asm["cubin"]):  # reported, not failed: a call frame counts too
+                    print(f"sm_{capability} {name} {constants}: {stack} bytes of stack/local memory")
+                check_vector_access(name, dict(zip(recorder.kernel.arg_names, args, strict=False)), kernel.asm["ptx"])
+                check_ticket_order(name, constexprs, kernel.asm["ptx"])
     launched = {name for _, name, recorder in recorders if recorder.launches}
     if len(launched) < len(recorders):
         raise SystemExit(f"no launch recorded for {sorted({name for _, name, _ in recorders} - launched)}")
-    print(f"{len(compiled)} kernels compiled for sm_90")
+    print(f"{len(compiled)} kernels compiled for {', '.join(f'sm_{c}' for c in CAPABILITIES)}")
 
 
 if __name__ == "__main__":
