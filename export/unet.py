@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from zone_engine import __version__
+from zone_engine.config import IP2P_ID, MAGICBRUSH_ID
 from zone_engine.denoise import guided_noise
 from zone_engine.dual_step import DualUNet
 from zone_engine.errors import ConfigError, ZoneError
@@ -505,7 +506,6 @@ def profile_from_args(args: argparse.Namespace) -> ShapeProfile:
 
 def run_export_unet(args: argparse.Namespace) -> Path:
     """`zone export unet`: load (or build, with --tiny) both UNets and the VAE and export them; the folder."""
-    from zone_engine.config import IP2P_ID, MAGICBRUSH_ID
     from zone_engine.models import build_tiny_components, load_ip2p, load_magicbrush_unet
 
     profile = profile_from_args(args)  # every check that can fail runs before gigabytes of weights load

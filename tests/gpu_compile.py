@@ -204,12 +204,13 @@ def main() -> None:
             if key in compiled:
                 continue
             compiled.add(key)
+            source = ASTSource(recorder.kernel, signature, constexprs=constants, attrs=attrs)
+            named = dict(zip(recorder.kernel.arg_names, args, strict=False))
             for capability in CAPABILITIES:
-                kernel = triton.compile(ASTSource(recorder.kernel, signature, constexprs=constants, attrs=attrs),
-                                        target=GPUTarget("cuda", capability, 32))
+                kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32))
                 if stack := local_bytes(kernel.asm["cubin"]):  # reported, not failed: a call frame counts too
                     print(f"sm_{capability} {name} {constants}: {stack} bytes of stack/local memory")
-                check_vector_access(name, dict(zip(recorder.kernel.arg_names, args, strict=False)), kernel.asm["ptx"])
+                check_vector_access(name, named, kernel.asm["ptx"])
                 check_ticket_order(name, constexprs, kernel.asm["ptx"])
     launched = {name for _, name, recorder in recorders if recorder.launches}
     if len(launched) < len(recorders):

@@ -11,6 +11,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from export.options import add_build_engine_arguments, add_export_sam_arguments, add_export_unet_arguments
+
 from .config import (
     ATTENTION,
     DEFAULT_SAM,
@@ -190,8 +192,6 @@ def _add_serve_command(commands) -> None:
 
 
 def _add_export_commands(commands) -> None:
-    from export.options import add_build_engine_arguments, add_export_sam_arguments, add_export_unet_arguments
-
     export = commands.add_parser(
         "export", help="export networks to ONNX for TensorRT / ONNX Runtime",
         description="Export networks to ONNX, validated against PyTorch with ONNX Runtime before they are kept.",
