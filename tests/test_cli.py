@@ -48,7 +48,9 @@ def _fails_cleanly(capsys, argv, *words):
 
 HELP_SCRIPT = """
 import sys
+from PIL import Image
 from zone_engine.cli import main
+Image.new("RGB", (64, 64)).save("photo.png")
 for command in ([], ["edit"], ["demo"], ["serve"], ["export", "unet"], ["export", "sam"], ["build-engine"]):
     try:
         main([*command, "--help"])
@@ -57,7 +59,8 @@ for command in ([], ["edit"], ["demo"], ["serve"], ["export", "unet"], ["export"
     else:
         raise AssertionError(f"{command} --help did not answer")
 for argv in (["edit", "missing.png", "-i", "x", "-o", "out.png"], ["edit", "in.png", "-i", "x", "-o", "out.txt"],
-             ["edit", "in.png", "-i", "x", "-o", "out.png", "--steps", "0"], ["demo", "--out", "d", "--steps", "0"]):
+             ["edit", "in.png", "-i", "x", "-o", "out.png", "--steps", "0"], ["demo", "--out", "d", "--steps", "0"],
+             ["edit", "photo.png", "-i", " ", "-o", "out.png"], ["demo", "--out", "d", "-i", ""]):
     assert main(argv) == 2, argv
 print("torch imported:", "torch" in sys.modules)
 """
@@ -67,13 +70,13 @@ def test_help_and_input_errors_answer_without_importing_torch(tmp_path):
     """Every command's --help answers at once: nothing behind the parser imports torch (3 s on this machine),
     diffusers or segment-anything's torchvision (3 s more). Not `zone bench` and `zone profile`: the benchmark
     tools own their options and import torch first. Nor do the input errors of `zone edit` (an image that is not
-    there, an output that is not an image file, a step count out of range) and `zone demo`."""
+    there, an output that is not an image file, a step count out of range, an empty instruction) and `zone demo`."""
     out = subprocess.run([sys.executable, "-m", "zone_engine.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "edit" in out.stdout and "demo" in out.stdout
     out = subprocess.run([sys.executable, "-c", HELP_SCRIPT], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert sum(line.startswith("error: ") for line in out.stderr.splitlines()) == 4, out.stderr
+    assert sum(line.startswith("error: ") for line in out.stderr.splitlines()) == 6, out.stderr
     assert out.stdout.rstrip().endswith("torch imported: False")
     for option in ("--ip2p", "--magicbrush", "--sam", "--action", "--steps", "--seed", "--device", "--save-masks",
                    "--max-batch", "--dynamic-shapes", "--model-type", "--force"):

@@ -28,6 +28,7 @@ from .config import (
     parse_action,
 )
 from .errors import ConfigError, ZoneError
+from .instruction import check_instruction
 from .paths import check_output_file, check_output_folder, written_atomically
 
 RANDOM_WEIGHTS_NOTICE = (
@@ -301,16 +302,13 @@ def _print_summary(result) -> None:
 def run_edit(args: argparse.Namespace) -> None:
     from .image_io import load_image, save_image
 
-    # Every check that can fail runs before gigabytes of weights load, and all but the instruction's
-    # before torch's import (seconds).
+    # Every check that can fail runs before gigabytes of weights load and before torch's import (seconds).
     changes = _config_changes(args)
     _check_output_path(args.output, args.image)
     if args.save_masks:
         check_output_folder(args.save_masks, "--save-masks")
         _check_masks_spare(args.save_masks, args.output, args.image)
     image = load_image(args.image)
-    from .text import check_instruction
-
     instruction = check_instruction(args.instruction)
     pipe = _pipeline_spec(args).build()
     config = pipe.default_config.replace(**changes)
@@ -330,11 +328,12 @@ def run_demo(args: argparse.Namespace) -> None:
         if folder is not None:
             check_output_folder(folder, what)
     changes = _config_changes(args)
+    instruction = check_instruction(args.instruction)
     from .pipeline import ZonePipeline  # after the checks: torch's import takes seconds
 
     pipe = ZonePipeline.tiny(device=args.device, **_backend_options(args))
     image = make_sample_image()
-    result = pipe.edit(image, args.instruction, pipe.default_config.replace(**changes), progress=not args.no_progress)
+    result = pipe.edit(image, instruction, pipe.default_config.replace(**changes), progress=not args.no_progress)
     save_image(image, args.out / "input.png")
     save_image(result.image, args.out / "output.png")
     _save_outputs(result, args.save_masks or args.out, MASK_OUTPUTS)

@@ -35,6 +35,7 @@ from .config import DEFAULT_SAM, IP2P_ID, MAGICBRUSH_ID, Action, EditConfig, Sam
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
 from .errors import ConfigError, EditCancelled
 from .graphs import CapturedCalls, Run, eager
+from .instruction import check_instruction
 from .localize import ATTENTION_CELL, AttentionAccumulator, Localization, attention_grid, heatmap_overlay, localize
 from .models import (
     NormScope,
@@ -44,7 +45,7 @@ from .models import (
     pytorch_norms,
 )
 from .refine import Refinement, Segmenter, refine_with_sam
-from .text import EncodedInstruction, check_instruction, encode_instruction, encode_prompt
+from .text import EncodedInstruction, encode_instruction, encode_prompt
 from .timing import Stopwatch
 
 T = TypeVar("T")

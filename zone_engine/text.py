@@ -7,11 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InstructionError
 from .graphs import Run, eager
-
-MAX_TOKENS = 77
-MAX_CHARACTERS = 10_000  # far beyond 77 CLIP tokens: anything longer is not an instruction
+from .instruction import MAX_TOKENS, check_instruction
 
 
 @dataclass(frozen=True)
@@ -19,24 +16,6 @@ class EncodedInstruction:
     context: torch.Tensor  # (3, 77, C): [c_T, empty, empty] — IP2P's guidance branch order
     token_count: int  # L: tokens of c_T including start and end, at most 77
     truncated: bool
-
-
-def check_instruction(instruction: object) -> str:
-    """The instruction as a stripped string, or a clear InstructionError."""
-    if not isinstance(instruction, str):
-        raise InstructionError(f"the instruction must be text, got {type(instruction).__name__}")
-    text = instruction.strip()
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # bytes the command line could not decode arrive as lone surrogates
-        raise InstructionError("the instruction is not valid UTF-8 text: check the terminal's encoding") from None
-    if not text:
-        raise InstructionError('the instruction is empty: say what to edit, e.g. "make the dog a golden statue"')
-    if len(text) > MAX_CHARACTERS:
-        raise InstructionError(
-            f"the instruction is {len(text)} characters long; CLIP reads only {MAX_TOKENS} tokens, so keep it short"
-        )
-    return text
 
 
 def count_tokens(tokenizer, text: str) -> tuple[int, bool]:

@@ -42,8 +42,8 @@ from ..errors import (
     ZoneError,
 )
 from ..image_io import load_image, make_sample_image
+from ..instruction import check_instruction
 from ..pipeline import BatchKey, EditRequest, EditResult, ZonePipeline, batch_key
-from ..text import check_instruction
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
 from .metrics import ServeMetrics
 from .settings import ServeSettings
