@@ -12,7 +12,10 @@ for _module in (*SERVE_MODULES, "httpx"):
 import asyncio
 import base64
 import io
+import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +33,7 @@ from zone_engine.config import EditConfig, SamConfig
 from zone_engine.errors import CheckpointError, ConfigError, EditCancelled
 from zone_engine.pipeline import EditRequest
 from zone_engine.serving import LocalEditService, ServeSettings, create_app
+from zone_engine.serving.app import FORM_FIELDS, ZoneServer
 from zone_engine.serving.batcher import DynamicBatcher, QueueFull, ShuttingDown
 
 STEPS = 3
@@ -45,7 +49,7 @@ def pipe(tiny_models):
 def serving_service(service: LocalEditService):
     """A real uvicorn server for `service` on a free loopback port, in a thread; yields (URL, server)
     once it accepts connections (the models may still be loading)."""
-    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", timeout_graceful_shutdown=30))
+    server = ZoneServer(uvicorn.Config(create_app(service), log_level="warning", timeout_graceful_shutdown=30), service)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -188,6 +192,7 @@ def test_health_readiness_metrics_and_openapi(pipe):
     with serving(pipe) as (base, _):
         assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
         assert httpx.get(f"{base}/readyz").status_code == 200
+        assert httpx.head(f"{base}/healthz").status_code == httpx.head(f"{base}/readyz").status_code == 200
         assert post_edit(base, smooth_image(64, 64)).status_code == 200
         text = httpx.get(f"{base}/metrics").text
         assert metric(text, 'zone_requests_total{outcome="ok"}') == 1
@@ -199,7 +204,7 @@ def test_health_readiness_metrics_and_openapi(pipe):
         form = schema["components"]["schemas"][
             schema["paths"]["/v1/edit"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
             .rsplit("/", 1)[-1]]
-        assert {"image", "instruction", "action", "steps", "seed", "return"} <= set(form["properties"])
+        assert set(form["properties"]) == set(FORM_FIELDS)  # the fields an unknown one is told apart from
         assert {"413", "503", "504"} <= set(schema["paths"]["/v1/edit"]["post"]["responses"])
 
 
@@ -250,24 +255,73 @@ def test_warmup_sizes_run_every_padded_batch_size_at_the_servers_steps_before_re
         ServeSettings(warmup_sizes=((4, 4),))
 
 
-def test_graceful_shutdown_finishes_the_edits_it_accepted_and_takes_no_new_ones(pipe):
+def _one_running_one_queued(pool, base, service, gated, image):
+    """Two edits in flight: the first running (held at the gate), the second queued behind it."""
+    while not service.ready:
+        time.sleep(0.02)
+    running = pool.submit(post_edit, base, image)
+    assert gated.entered.wait(30)
+    queued = pool.submit(post_edit, base, image, seed=2)
+    while service.batcher.queued < 1:
+        time.sleep(0.01)
+    return running, queued
+
+
+def test_shutdown_finishes_the_running_batch_answers_the_queue_503_at_once_and_takes_no_new_edits(pipe):
+    """uvicorn alone would keep running the queue (each edit up to its timeout: minutes, past an orchestrator's
+    grace period); the queued edit is answered while the running one is still held at the gate."""
     gated = GatedPipeline(pipe)
     image = smooth_image(64, 64, seed=8)
     service = LocalEditService(lambda: gated, ServeSettings(warmup=False, max_batch=1, max_wait_ms=0))
     with ThreadPoolExecutor(2) as pool, serving_service(service) as (base, server):
-        while not service.ready:
-            time.sleep(0.02)
-        running = pool.submit(post_edit, base, image)
-        assert gated.entered.wait(30)
-        queued = pool.submit(post_edit, base, image, seed=2)
-        while service.batcher.queued < 1:
-            time.sleep(0.01)
+        running, queued = _one_running_one_queued(pool, base, service, gated, image)
         server.should_exit = True  # what SIGTERM does
-        time.sleep(0.3)
+        answer = queued.result(timeout=30)
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "unavailable"
+        assert "not started" in answer.json()["error"]["message"] and answer.headers["Retry-After"]
+        assert not running.done()
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{base}/healthz")
         gated.release.set()
-        assert running.result().status_code == 200 and queued.result().status_code == 200
+        assert running.result().status_code == 200
+    assert len(gated.seen) == 1  # the queued edit never ran
+
+
+def test_a_forced_quit_answers_the_running_edit_503_in_json_and_cancels_its_work(pipe, caplog):
+    """uvicorn alone would answer it a bare 500 and log tracebacks (the app's shutdown cancelled mid-way)."""
+    gated = GatedPipeline(pipe)
+    image = smooth_image(64, 64, seed=8)
+    service = LocalEditService(lambda: gated, ServeSettings(warmup=False, max_batch=1, max_wait_ms=0))
+    with ThreadPoolExecutor(2) as pool, serving_service(service) as (base, server):
+        # uvicorn's loggers do not propagate, and its Config resets their handlers: attached once it started.
+        logging.getLogger("uvicorn.error").addHandler(caplog.handler)
+        running, queued = _one_running_one_queued(pool, base, service, gated, image)
+        server.should_exit = True
+        assert queued.result(timeout=30).status_code == 503
+        server.force_exit = True  # what a second Ctrl-C does
+        answer = running.result(timeout=30)
+        assert answer.status_code == 503 and "stopped before the edit finished" in answer.json()["error"]["message"]
+        assert gated.seen[0].cancelled()  # its work stops at the next step
+        gated.release.set()
+    logging.getLogger("uvicorn.error").removeHandler(caplog.handler)
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+LOG_SCRIPT = """
+import logging.config
+from zone_engine.serving.app import server_log_config
+logging.config.dictConfig(server_log_config("info"))
+logging.getLogger("zone_engine.serving").info("zone service ready")
+logging.getLogger("python_multipart.multipart").warning("Expected boundary character 45")
+"""
+
+
+def test_the_servers_log_shows_the_services_own_lines_at_its_level_and_not_the_multipart_parsers():
+    """Without a handler of its own, the service's INFO lines (ready, warming up) were never shown, and the
+    parser's complaint about a body the service answers 400 came as a bare line."""
+    out = subprocess.run([sys.executable, "-c", LOG_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "INFO:     zone service ready" in out.stderr and "boundary" not in out.stderr
 
 
 # ---------------------------------------------------------------------------------------- bad requests
@@ -299,6 +353,12 @@ def test_bad_requests_get_the_right_4xx_and_a_json_error_and_the_server_keeps_se
             "unparsable multipart": (httpx.post(f"{base}/v1/edit", content=b"--x\r\nno headers\r\n",
                                                 headers={"content-type": "multipart/form-data; boundary=x"}),
                                      400, "multipart/form-data"),
+            "unknown field": (post_edit(base, image, guidance=9), 422, "unknown field guidance"),
+            "field given twice": (httpx.post(f"{base}/v1/edit", files=[("image", ("in.png", png(image), "image/png"))],
+                                             data={"instruction": ["add a hat", "add a cat"]}), 422, "more than once"),
+            "text where the image goes": (httpx.post(f"{base}/v1/edit", data={"instruction": "add a hat"},
+                                                     files={"image": (None, "dog.png")}), 422, "a file"),
+            "image too small": (post_edit(base, png(smooth_image(4, 64))), 400, "the uploaded image"),
         }
         for name, (response, status, word) in cases.items():
             assert response.status_code == status, (name, response.text)

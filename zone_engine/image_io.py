@@ -37,8 +37,9 @@ ImageSource = str | os.PathLike | Image.Image | np.ndarray
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_image(source: ImageSource) -> np.ndarray:
+def load_image(source: ImageSource, name: str | None = None) -> np.ndarray:
     """Load an image file, PIL image or numpy array as contiguous uint8 RGB of shape (H, W, 3).
+    `name`: what messages call a PIL image or array (e.g. "the uploaded image"); a file is called by its path.
 
     Files and PIL images are decoded fully, turned upright by their EXIF orientation, and use their
     first frame (with a warning when there are more). Transparency is composited over black with a
@@ -46,9 +47,11 @@ def load_image(source: ImageSource) -> np.ndarray:
     wrong and what to do.
     """
     if isinstance(source, np.ndarray):
-        name, (rgb, had_alpha) = "the given array", _array_to_rgb(source)
+        name = name or "the given array"
+        rgb, had_alpha = _array_to_rgb(source)
     elif isinstance(source, Image.Image):
-        name, (rgb, had_alpha) = "the given PIL image", _pil_to_rgb(source, "the given PIL image")
+        name = name or "the given PIL image"
+        rgb, had_alpha = _pil_to_rgb(source, name)
     elif isinstance(source, str | os.PathLike):
         name, (rgb, had_alpha) = str(source), _load_file(Path(source))
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -23,6 +24,8 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import uvicorn
+import uvicorn.config
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -218,6 +221,11 @@ class LocalEditService(EditService):
         self.ready = True
         log.info("zone service ready")
 
+    async def stop(self) -> None:
+        """Shutting down: not ready, no more edits, the queued ones answered 503; the running batch goes on."""
+        self.ready = False
+        await self.batcher.stop()
+
     async def close(self) -> None:
         self.ready = False
         await self.batcher.close()
@@ -247,7 +255,7 @@ def decode_upload(data: bytes, settings: ServeSettings) -> np.ndarray:
                 raise ServeError(413, "image_too_large", f"the image has {pixels:,} pixels "
                                  f"({header.width}x{header.height}); this server takes at most "
                                  f"{settings.max_pixels:,}: downscale it first")
-            return load_image(header)
+            return load_image(header, name="the uploaded image")
     except UnidentifiedImageError:
         raise ServeError(400, "bad_image", "the upload is not an image in a format this server can read; "
                          "send a PNG, JPEG or WebP file") from None
@@ -256,6 +264,21 @@ def decode_upload(data: bytes, settings: ServeSettings) -> np.ndarray:
     except OSError as error:
         raise ServeError(400, "bad_image", f"the image data is corrupt or truncated ({error}); "
                          "re-export it as PNG or JPEG") from None
+
+
+FORM_FIELDS = ("image", "instruction", "action", "steps", "seed", "return")
+
+
+def check_form_names(names: Sequence[str]) -> None:
+    """A 422 for a form field the endpoint does not read (a client that believes it set `guidance` would get
+    the default silently) or one given twice (one of them would be picked silently)."""
+    unknown = sorted(set(names) - set(FORM_FIELDS))
+    if unknown:
+        raise ServeError(422, "invalid_request", f"unknown field {', '.join(unknown)}: this endpoint reads "
+                         f"{', '.join(FORM_FIELDS)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ServeError(422, "invalid_request", f"{', '.join(repeated)}: given more than once; send each field once")
 
 
 def check_request_fields(instruction: str, action: str | None, steps: int | None, seed: int | None,
@@ -390,6 +413,7 @@ def _add_edit_route(app: FastAPI) -> None:
             if not service.ready:
                 raise ServeError(503, "unavailable", "the models are still loading; retry shortly",
                                  {"Retry-After": "5"})
+            check_form_names([name for name, _ in (await request.form()).multi_items()])
             text, changes = check_request_fields(instruction, action, steps, seed, service.settings)
             data = await image.read()
             pixels = await asyncio.to_thread(decode_upload, data, service.settings)
@@ -470,6 +494,9 @@ def _add_probe_routes(app: FastAPI) -> None:
             return error_response(ServeError(503, "unavailable", message), request_id_of(request))
         return JSONResponse({"status": "ready"})
 
+    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # some load balancers' checks send HEAD
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics(request: Request) -> Response:
         service: EditService = request.app.state.service
@@ -515,7 +542,11 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 def _field_problem(item: dict[str, Any]) -> str:
     # An empty form field arrives as missing, so "Field required" also answers instruction="".
-    return "missing or empty" if item["type"] == "missing" else item["msg"]
+    if item["type"] == "missing":
+        return "missing or empty"
+    if "UploadFile" in item["msg"]:  # pydantic's words for a text field where a file belongs
+        return "must be a file (a multipart part with a filename), not a text field"
+    return item["msg"]
 
 
 class UploadTooLarge(Exception):
@@ -575,10 +606,56 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
     return error_response(problem, request_id_of(request))
 
 
-def run_server(service: LocalEditService, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve in this process until SIGINT/SIGTERM. On shutdown uvicorn stops accepting, lets open
-    requests finish (up to the request timeout), then the service rejects whatever still waits."""
-    import uvicorn
+FORCED_QUIT_ANSWER_S = 2.0  # how long a forced quit waits for the abandoned edits' 503s to go out
 
-    uvicorn.run(create_app(service), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=int(service.settings.timeout_s) + 1)
+
+class ZoneServer(uvicorn.Server):
+    """uvicorn's server, shutting the service down its way: on SIGTERM or Ctrl-C the edits still queued are
+    answered 503 (Retry-After) at once, so their clients retry elsewhere, and only the running batch is waited
+    for (uvicorn alone would run the whole queue, each edit up to its timeout: minutes, past an orchestrator's
+    grace period). A second Ctrl-C (forced quit) answers the running batch's edits 503 too and cancels their
+    work, where uvicorn alone would cut them off with bare 500s."""
+
+    def __init__(self, config: uvicorn.Config, service: LocalEditService) -> None:
+        super().__init__(config)
+        self.service = service
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self.service.stop()
+        watch = asyncio.create_task(self._abandon_on_forced_quit())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            watch.cancel()
+        if self.force_exit:
+            self.service.batcher.abandon()
+            deadline = time.monotonic() + FORCED_QUIT_ANSWER_S
+            while self.server_state.connections and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            # uvicorn skips the app's shutdown on a forced quit, and its task is cancelled later, mid-close: a
+            # traceback in the log. Run it here: with the batch abandoned it returns at once.
+            await self.lifespan.shutdown()
+
+    async def _abandon_on_forced_quit(self) -> None:
+        # Polled as uvicorn polls its own flags; at once, for a super().shutdown that waits for connections to close.
+        while not self.force_exit:
+            await asyncio.sleep(0.1)
+        self.service.batcher.abandon()
+
+
+def server_log_config(log_level: str) -> dict[str, Any]:
+    """uvicorn's log configuration, with this package's log (readiness, warm-up, failed edits) beside its own at
+    the same level, and python-multipart's complaints about a malformed body (answered 400) left out."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["zone_engine"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
+    config["loggers"]["python_multipart"] = {"level": "ERROR"}
+    return config
+
+
+def run_server(service: LocalEditService, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve in this process until SIGINT/SIGTERM, then shut down as `ZoneServer` does: queued edits answered 503,
+    the running batch finished (its edits end within the request timeout, so the grace period is that)."""
+    config = uvicorn.Config(create_app(service), host=host, port=port, log_level=log_level,
+                            log_config=server_log_config(log_level),
+                            timeout_graceful_shutdown=int(service.settings.timeout_s) + 1)
+    ZoneServer(config, service).run()

@@ -56,7 +56,7 @@ class DynamicBatcher:
         self._changed: asyncio.Condition | None = None
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zone-model")
-        self._closing = False
+        self._closing = self._abandoned = False
         self._running: list[Job] = []  # the batch in the model thread
         self._batch_seconds = 0.0  # moving average, for Retry-After
 
@@ -86,15 +86,31 @@ class DynamicBatcher:
         """Run `work` in the model thread (loading, warm-up): never beside a batch."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
 
-    async def close(self) -> None:
-        """Reject what waits (ShuttingDown), let the running batch finish, stop the worker."""
+    async def stop(self) -> None:
+        """Take no more edits and reject what waits (ShuttingDown); the running batch goes on."""
         self._closing = True
         self._reject_queued(ShuttingDown("the server is shutting down; the edit was not started"))
         if self._worker is not None and not self._worker.done():
             async with self._changed:
                 self._changed.notify_all()
+
+    def abandon(self) -> None:
+        """A forced quit: answer the running batch's edits now (ShuttingDown), cancel their work (it ends at the
+        next step), and let `close` return without waiting for it."""
+        self._abandoned = True
+        for job in self._running:
+            if job.request.cancel is not None:
+                job.request.cancel.set()
+        _fail(self._running, ShuttingDown("the server was stopped before the edit finished"))
+
+    async def close(self) -> None:
+        """`stop`, let the running batch finish (unless abandoned), stop the worker."""
+        await self.stop()
+        if self._abandoned and self._worker is not None:
+            self._worker.cancel()
+        elif self._worker is not None and not self._worker.done():
             await self._worker
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=not self._abandoned)
 
     def _reject_queued(self, error: Exception) -> None:
         for bucket in self._buckets.values():
