@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from zone_engine.image_io import (
     to_working,
     working_geometry,
 )
+from zone_engine.paths import check_output_file
 
 RNG = np.random.default_rng(0)
 
@@ -574,14 +576,22 @@ def test_a_failed_write_keeps_the_old_file_whole_and_leaves_no_partial_one(tmp_p
     def write_half_then_fail(image, path, format=None):
         with open(path, "wb") as file:
             file.write(b"\x89PNG\r\n\x1a\n half")
-        raise OSError(27, "File too large")
+        raise OSError(27, "File too large", str(path))
 
     monkeypatch.setattr(Image.Image, "save", write_half_then_fail)
-    with pytest.raises(ZoneError, match="cannot write .*File too large"):
+    with pytest.raises(ZoneError, match="cannot write .*File too large") as caught:
         save_image(random_rgb(16, 16), target)
+    assert "partial" not in str(caught.value)  # the temporary file is ours, not the user's to hear of
     monkeypatch.undo()
     np.testing.assert_array_equal(np.asarray(Image.open(target)), old)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["edited.png"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_folder_that_refuses_files_is_refused_before_any_work():
+    """/proc: os.access says root may write there, creating a file fails; found by trying, not after an edit."""
+    with pytest.raises(ZoneError, match="cannot write in /proc"):
+        check_output_file(Path("/proc/edited.png"), "output")
 
 
 def test_save_rejects_arrays_that_are_not_images(tmp_path):

@@ -332,10 +332,14 @@ def save_image(array: np.ndarray, path: str | os.PathLike) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ZoneError(f"cannot write {path}: {_one_line(error)}") from None
+    try:
         with written_atomically(path) as temporary:
             Image.fromarray(np.ascontiguousarray(pixels)).save(temporary, format=None if path.suffix else "PNG")
-    except (OSError, ValueError) as error:
-        raise ZoneError(f"cannot write {path}: {_one_line(error)}") from None
+    except (OSError, ValueError) as error:  # an OSError's reason alone: the file it names is the temporary one
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else _one_line(error)
+        raise ZoneError(f"cannot write {path}: {reason}") from None
 
 
 def make_sample_image(height: int = 256, width: int = 256) -> np.ndarray:

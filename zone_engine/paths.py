@@ -4,6 +4,7 @@ benchmark or export."""
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,11 @@ def _folder_problem(folder: Path) -> str | None:
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"cannot write in {existing} (read-only or not yours)"
+    try:  # os.access answers yes to root everywhere, also on a read-only mount or in /proc: try it
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".zone-probe-"):
+            pass
+    except OSError as error:
+        return f"cannot write in {existing} ({error.strerror or error})"
     return None
 
 
