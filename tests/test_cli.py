@@ -18,7 +18,7 @@ from conftest import smooth_image
 from PIL import Image
 
 from zone_engine import ZonePipeline
-from zone_engine.cli import SERVE_MODULES, main
+from zone_engine.cli import MASK_OUTPUTS, SERVE_MODULES, main
 from zone_engine.config import EditConfig, SamConfig
 from zone_engine.errors import ConfigError, DeviceError, InputImageError, InstructionError, ZoneError
 
@@ -60,7 +60,10 @@ for command in ([], ["edit"], ["demo"], ["serve"], ["export", "unet"], ["export"
         raise AssertionError(f"{command} --help did not answer")
 for argv in (["edit", "missing.png", "-i", "x", "-o", "out.png"], ["edit", "in.png", "-i", "x", "-o", "out.txt"],
              ["edit", "in.png", "-i", "x", "-o", "out.png", "--steps", "0"], ["demo", "--out", "d", "--steps", "0"],
-             ["edit", "photo.png", "-i", " ", "-o", "out.png"], ["demo", "--out", "d", "-i", ""]):
+             ["edit", "photo.png", "-i", " ", "-o", "out.png"], ["demo", "--out", "d", "-i", ""],
+             ["edit", "photo.png", "-i", "x", "-o", "out.png", "--device", "tpu"],
+             ["edit", "photo.png", "-i", "x", "-o", "out.png", "--device", "cpu", "--dtype", "fp16"],
+             ["demo", "--out", "d", "--segmenter", "onnx"], ["serve", "--tiny", "--denoiser", "tensorrt"]):
     assert main(argv) == 2, argv
 print("torch imported:", "torch" in sys.modules)
 """
@@ -70,13 +73,14 @@ def test_help_and_input_errors_answer_without_importing_torch(tmp_path):
     """Every command's --help answers at once: nothing behind the parser imports torch (3 s on this machine),
     diffusers or segment-anything's torchvision (3 s more). Not `zone bench` and `zone profile`: the benchmark
     tools own their options and import torch first. Nor do the input errors of `zone edit` (an image that is not
-    there, an output that is not an image file, a step count out of range, an empty instruction) and `zone demo`."""
+    there, an output that is not an image file, a step count out of range, an empty instruction, a device that is
+    none, backend options that contradict each other) and those of `zone demo` and `zone serve`."""
     out = subprocess.run([sys.executable, "-m", "zone_engine.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "edit" in out.stdout and "demo" in out.stdout
     out = subprocess.run([sys.executable, "-c", HELP_SCRIPT], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert sum(line.startswith("error: ") for line in out.stderr.splitlines()) == 6, out.stderr
+    assert sum(line.startswith("error: ") for line in out.stderr.splitlines()) == 10, out.stderr
     assert out.stdout.rstrip().endswith("torch imported: False")
     for option in ("--ip2p", "--magicbrush", "--sam", "--action", "--steps", "--seed", "--device", "--save-masks",
                    "--max-batch", "--dynamic-shapes", "--model-type", "--force"):
@@ -84,11 +88,17 @@ def test_help_and_input_errors_answer_without_importing_torch(tmp_path):
 
 
 def test_demo_writes_every_file(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--no-progress"]) == 0
+    """--save-masks writes the masks there *also*, as its help says: the demo's folder keeps its own."""
+    argv = ["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--no-progress", "--save-masks",
+            str(tmp_path / "masks")]
+    assert main(argv) == 0
     names = {p.name for p in (tmp_path / "demo").iterdir()}
-    assert {"input.png", "output.png", "mask_b.png", "mask_f.png", "region.png", "timings.json"} <= names
+    masks = {f"{name}.png" for name in MASK_OUTPUTS}
+    assert {"input.png", "output.png", "timings.json"} | masks <= names
+    assert {p.name for p in (tmp_path / "masks").iterdir()} == masks
     summary = json.loads((tmp_path / "demo" / "timings.json").read_text())
     assert summary["random_weights"] is True and "denoise" in summary["timings"]
+    assert (summary["steps"], summary["seed"], summary["instruction"]) == (2, 42, "make the house a golden statue")
     assert "RANDOM" in capsys.readouterr().err
     assert Image.open(tmp_path / "demo" / "output.png").size == Image.open(tmp_path / "demo" / "input.png").size
 

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import torch
 
-from .config import ATTENTION, DENOISERS, GROUP_NORMS, LOCALIZATION_KERNELS, SAM_PRECISIONS, SEGMENTERS, SamConfig
+from .config import (
+    DENOISERS,
+    LOCALIZATION_KERNELS,
+    SEGMENTERS,
+    SamConfig,
+    check_backend_options,
+    check_precision,
+    device_kind,
+)
 from .denoise import Denoiser, SequentialDenoiser
 from .dual_step import FusedDualDenoiser
 from .errors import ConfigError, DeviceError
@@ -26,20 +34,14 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """'auto' -> cuda when available else cpu; 'cuda' without CUDA is a clear DeviceError."""
     if isinstance(name, torch.device):
         name = str(name)
-    name = name.strip().lower()
-    if name == "auto":
+    if device_kind(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    device = torch.device(name.strip().lower())
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError("--device cuda was asked for but this machine has no CUDA GPU: use --device cpu")
+            raise DeviceError(f"--device {device} was asked for but this machine has no CUDA GPU: use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"{name} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise DeviceError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
+            raise DeviceError(f"{device} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -53,8 +55,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         dtype = DTYPES[dtype.strip().lower()]
     if dtype not in DTYPES.values():
         raise DeviceError(f"dtype {dtype} is not supported: use fp32, fp16 or bf16")
-    if dtype != torch.float32 and device.type != "cuda":
-        raise DeviceError(f"{dtype} runs only on CUDA here; on the CPU use fp32")
+    check_precision(next(name for name, value in DTYPES.items() if value == dtype), device.type)
     return dtype
 
 
@@ -83,20 +84,14 @@ def make_denoiser(
             raise ConfigError(f"denoiser must be a backend name ({', '.join(DENOISERS)}) or a Denoiser, got "
                               f"{type(kind).__name__}")
         return kind
-    on_cuda = device is not None and device.type == "cuda"
-    if cuda_graphs and not on_cuda:
-        raise DeviceError("CUDA graphs need a CUDA device; drop --cuda-graphs or use --device cuda")
+    check_backend_options(device.type if device is not None else "cpu", kind, engines, cuda_graphs=cuda_graphs)
     graphs = uses_cuda_graphs(device, cuda_graphs)
     if kind == "eager":
-        if cuda_graphs:
-            raise DeviceError("the eager reference denoiser has no CUDA-graph path: use --denoiser fused")
         return SequentialDenoiser(models.ip2p_unet, models.mb_unet, models.scheduler_config)
     if kind in ("fused", "compile"):
         return FusedDualDenoiser(models.ip2p_unet, models.mb_unet, models.scheduler_config, compile=kind == "compile",
                                  cuda_graphs=graphs, norms=norms)
     if kind == "tensorrt":
-        if engines is None:
-            raise DeviceError("--denoiser tensorrt needs --engines DIR: a folder written by `zone export unet`")
         from .tensorrt_denoiser import TensorRTDenoiser
 
         return TensorRTDenoiser.from_export(Path(engines), models.scheduler_config, device=device or "cuda",
@@ -108,47 +103,24 @@ def configure_attention(models: ZoneModels, kind: str, device: torch.device) -> 
     """sdpa: PyTorch's scaled_dot_product_attention (diffusers' default processor); xformers: its
     memory-efficient kernels in both UNets and the VAE (CUDA only). The few cross-attention layers
     that localization records keep their recording SDPA processor while denoising either way."""
+    check_backend_options(device.type, attention=kind)
     if kind == "sdpa":
         return
-    if kind != "xformers":
-        raise DeviceError(f"unknown attention backend {kind!r}: available {', '.join(ATTENTION)}")
-    if device.type != "cuda":
-        raise DeviceError("--attention xformers needs a CUDA device; on the CPU use --attention sdpa")
-    import importlib.util
-
-    if importlib.util.find_spec("xformers") is None:
-        raise DeviceError("--attention xformers needs xformers: pip install xformers (or use --attention sdpa)")
     for module in (models.ip2p_unet, models.mb_unet, models.vae):
         module.enable_xformers_memory_efficient_attention()
 
 
-def check_backend_options(
-    device: torch.device, denoiser: str | Denoiser = "fused", engines: Path | None = None, segmenter: str = "torch",
-    sam_onnx: str | Path | None = None, sam_precision: str = "fp32", group_norm: str = "auto", **_other_options,
-) -> None:
-    """ConfigError / DeviceError for a backend option its backend would not read (silently ignored
-    otherwise) or cannot run; cheap, so said before any weights load."""
-    _check_group_norm(group_norm)
-    # The PyTorch SAM image encoder's precision: fp32 (the reference), bf16, or fp16 (CUDA only).
-    if sam_precision not in SAM_PRECISIONS:
-        raise DeviceError(f"unknown SAM precision {sam_precision!r}: use {', '.join(SAM_PRECISIONS)}")
-    if sam_precision != "fp32" and segmenter != "torch":
-        raise ConfigError(f"--sam-precision {sam_precision} is for --segmenter torch; an ONNX export has its own "
-                          "precision (zone export sam --fp16)")
-    if sam_precision == "fp16" and device.type != "cuda":
-        raise DeviceError("--sam-precision fp16 runs only on CUDA; on the CPU use fp32 or bf16")
-    if engines is not None and denoiser != "tensorrt":
-        raise ConfigError("--engines is read by --denoiser tensorrt only: add --denoiser tensorrt, or drop --engines")
-    if segmenter == "onnx":  # its sessions open at the first edit: a wrong folder is said now
-        check_onnx_segmenter(sam_onnx)
-    elif sam_onnx is not None:
-        raise ConfigError("--sam-onnx is read by --segmenter onnx only: add --segmenter onnx, or drop --sam-onnx")
+def check_backends(device: torch.device, **options) -> None:
+    """`config.check_backend_options` on the resolved device, and a `--sam-onnx` folder checked to be an
+    export (its sessions open at the first edit: a wrong folder is said now)."""
+    check_backend_options(device.type, **options)
+    if options.get("segmenter") == "onnx":
+        check_onnx_segmenter(options.get("sam_onnx"))
 
 
 def check_onnx_segmenter(sam_onnx: str | Path | None) -> None:
     """ConfigError / CheckpointError unless `sam_onnx` looks like a `zone export sam` folder."""
-    if sam_onnx is None:
-        raise ConfigError("--segmenter onnx needs --sam-onnx DIR: a folder written by `zone export sam`")
+    check_backend_options("auto", segmenter="onnx", sam_onnx=sam_onnx)
     from .sam_onnx import check_export_folder
 
     check_export_folder(Path(sam_onnx))
@@ -210,7 +182,7 @@ def make_group_norms(kind: str, device: torch.device, denoiser: str | Denoiser) 
     and a fused or compiled step's UNets, whatever the device (it falls back to PyTorch's where Triton
     cannot run, and ZONE_DISABLE_TRITON=1 switches it off); torch: PyTorch's everywhere.
     """
-    _check_group_norm(kind)
+    check_backend_options(device.type, group_norm=kind)
     if kind == "torch" or (kind == "auto" and (device.type != "cuda" or denoiser == "eager")):
         return pytorch_norms, pytorch_norms
     from kernels.group_norm import runs_on, triton_group_norms
@@ -223,8 +195,3 @@ def make_group_norms(kind: str, device: torch.device, denoiser: str | Denoiser) 
                       stacklevel=2)
     unets_own = denoiser == "fused" or (kind == "triton" and denoiser == "compile")
     return (triton_group_norms if unets_own else pytorch_norms), triton_group_norms
-
-
-def _check_group_norm(kind: str) -> None:
-    if kind not in GROUP_NORMS:
-        raise DeviceError(f"unknown GroupNorm implementation {kind!r}: available {', '.join(GROUP_NORMS)}")

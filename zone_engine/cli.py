@@ -25,6 +25,9 @@ from .config import (
     SEGMENTERS,
     Action,
     EditConfig,
+    check_backend_options,
+    check_precision,
+    device_kind,
     parse_action,
 )
 from .errors import ConfigError, ZoneError
@@ -249,6 +252,14 @@ def _pipeline_spec(args: argparse.Namespace):
                         dtype=args.dtype, **given, **_backend_options(args))
 
 
+def _check_backend_arguments(args: argparse.Namespace) -> None:
+    """Backend options that name nothing, contradict each other or need CUDA on `--device cpu`: said before
+    torch's import (seconds); what `--device auto` finds is checked once it is known."""
+    kind = device_kind(args.device)
+    check_precision(getattr(args, "dtype", "fp32"), kind)
+    check_backend_options(kind, **_backend_options(args))
+
+
 def _config_changes(args: argparse.Namespace) -> dict:
     """The EditConfig fields the command line sets; validated at once, before any weights load."""
     changes = {"action": parse_action(args.action), "threshold_rule": args.threshold_rule}
@@ -304,6 +315,7 @@ def run_edit(args: argparse.Namespace) -> None:
 
     # Every check that can fail runs before gigabytes of weights load and before torch's import (seconds).
     changes = _config_changes(args)
+    _check_backend_arguments(args)
     _check_output_path(args.output, args.image)
     if args.save_masks:
         check_output_folder(args.save_masks, "--save-masks")
@@ -323,22 +335,25 @@ def run_edit(args: argparse.Namespace) -> None:
 def run_demo(args: argparse.Namespace) -> None:
     from .image_io import make_sample_image, save_image
 
-    print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
     for folder, what in ((args.out, "--out"), (args.save_masks, "--save-masks")):
         if folder is not None:
             check_output_folder(folder, what)
     changes = _config_changes(args)
+    _check_backend_arguments(args)
     instruction = check_instruction(args.instruction)
+    print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
     from .pipeline import ZonePipeline  # after the checks: torch's import takes seconds
 
     pipe = ZonePipeline.tiny(device=args.device, **_backend_options(args))
     image = make_sample_image()
-    result = pipe.edit(image, instruction, pipe.default_config.replace(**changes), progress=not args.no_progress)
+    config = pipe.default_config.replace(**changes)
+    result = pipe.edit(image, instruction, config, progress=not args.no_progress)
     save_image(image, args.out / "input.png")
     save_image(result.image, args.out / "output.png")
-    _save_outputs(result, args.save_masks or args.out, MASK_OUTPUTS)
-    summary = {"action": result.action.value, "used_fallback": result.used_fallback, "timings": result.timings,
-               "random_weights": True}
+    for folder in {args.out, args.save_masks or args.out}:
+        _save_outputs(result, folder, MASK_OUTPUTS)
+    summary = {"instruction": instruction, "steps": config.steps, "seed": config.seed, "action": result.action.value,
+               "used_fallback": result.used_fallback, "timings": result.timings, "random_weights": True}
     with written_atomically(args.out / "timings.json") as temporary:
         temporary.write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(result)
@@ -372,14 +387,14 @@ def run_serve(args: argparse.Namespace) -> None:
         _require(module, "serve")
     if args.ray:
         _require("ray", "ray")
-    from .serving import LocalEditService, ServeSettings, run_server
-
     changes = _config_changes(args)
+    _check_backend_arguments(args)
     if args.port < 0 or args.port > 65535:
         raise ZoneError(f"--port {args.port} is not a TCP port (0..65535)")
     _check_listen_address(args.host, args.port)
     if args.replicas != 1 and not args.ray:
         raise ConfigError("--replicas is read with --ray only (one process serves one pipeline): add --ray")
+    from .serving import LocalEditService, ServeSettings, run_server  # after the checks: it imports torch
     spec = _pipeline_spec(args)
     settings = ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, timeout_s=args.timeout_s,

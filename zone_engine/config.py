@@ -7,14 +7,16 @@ documented option (`threshold_rule="paper"`).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, DeviceError
 
 
 class Action(str, Enum):
@@ -43,6 +45,62 @@ SAM_PRECISIONS = ("fp32", "bf16", "fp16")
 IP2P_ID = "timbrooks/instruct-pix2pix"
 MAGICBRUSH_ID = "vinesmsuic/magicbrush-jul7"
 DEFAULT_SAM = Path("ckpts/sam_vit_h_4b8939.pth")  # where the reference repository keeps it
+
+
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(?::\d+)?")
+
+
+def device_kind(name: str) -> str:
+    """auto, cpu or cuda for a device name the engine runs on (auto, cpu, cuda, cuda:N; any case), else a
+    DeviceError."""
+    text = name.strip().lower()
+    if not _DEVICE_NAME.fullmatch(text):
+        raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    return text.partition(":")[0]
+
+
+def check_precision(dtype: str, kind: str) -> None:
+    """Half precision (fp16, bf16) runs only on CUDA; `kind` auto passes (what it finds is not known yet)."""
+    if dtype != "fp32" and kind == "cpu":
+        raise DeviceError(f"{dtype} runs only on CUDA here; on the CPU use fp32")
+
+
+def check_backend_options(
+    kind: str, denoiser: str | object = "fused", engines: object = None, segmenter: str = "torch",
+    sam_onnx: object = None, sam_precision: str = "fp32", group_norm: str = "auto", attention: str = "sdpa",
+    cuda_graphs: bool | None = None, **_other_options: object,
+) -> None:
+    """ConfigError / DeviceError for a backend option that names nothing, that its backend would not read
+    (silently ignored otherwise), that lacks what it needs, or that needs CUDA on the CPU (device `kind` auto
+    passes those). Free of torch, so `zone edit` says it at once, and ZonePipeline before any weights move."""
+    for value, names, what in ((denoiser, DENOISERS, "denoiser backend"), (segmenter, SEGMENTERS, "segmenter"),
+                               (group_norm, GROUP_NORMS, "GroupNorm implementation"),
+                               (attention, ATTENTION, "attention backend"), (sam_precision, SAM_PRECISIONS,
+                                                                             "SAM precision")):
+        if isinstance(value, str) and value not in names:
+            raise DeviceError(f"unknown {what} {value!r}: available {', '.join(names)}")
+    on_cpu = kind == "cpu"
+    if attention == "xformers" and on_cpu:
+        raise DeviceError("--attention xformers needs a CUDA device; on the CPU use --attention sdpa")
+    if attention == "xformers" and importlib.util.find_spec("xformers") is None:
+        raise DeviceError("--attention xformers needs xformers: pip install xformers (or use --attention sdpa)")
+    if cuda_graphs and on_cpu:
+        raise DeviceError("CUDA graphs need a CUDA device; drop --cuda-graphs or use --device cuda")
+    if cuda_graphs and denoiser == "eager":
+        raise DeviceError("the eager reference denoiser has no CUDA-graph path: use --denoiser fused")
+    if denoiser == "tensorrt" and engines is None:
+        raise DeviceError("--denoiser tensorrt needs --engines DIR: a folder written by `zone export unet`")
+    if engines is not None and denoiser != "tensorrt":
+        raise ConfigError("--engines is read by --denoiser tensorrt only: add --denoiser tensorrt, or drop --engines")
+    if sam_precision != "fp32" and segmenter != "torch":
+        raise ConfigError(f"--sam-precision {sam_precision} is for --segmenter torch; an ONNX export has its own "
+                          "precision (zone export sam --fp16)")
+    if sam_precision == "fp16" and on_cpu:
+        raise DeviceError("--sam-precision fp16 runs only on CUDA; on the CPU use fp32 or bf16")
+    if segmenter == "onnx" and sam_onnx is None:
+        raise ConfigError("--segmenter onnx needs --sam-onnx DIR: a folder written by `zone export sam`")
+    if sam_onnx is not None and segmenter != "onnx":
+        raise ConfigError("--sam-onnx is read by --segmenter onnx only: add --segmenter onnx, or drop --sam-onnx")
 
 
 def _check_numbers(config: object) -> None:

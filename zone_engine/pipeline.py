@@ -21,7 +21,7 @@ from . import blend, image_io
 from .action import classify_action
 from .backends import (
     DTYPES,
-    check_backend_options,
+    check_backends,
     configure_attention,
     make_denoiser,
     make_group_norms,
@@ -221,7 +221,8 @@ class ZonePipeline:
             raise ConfigError("no SAM checkpoint was loaded: pass sam=CKPT, or segmenter='onnx' with sam_onnx=DIR")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        check_backend_options(self.device, denoiser, engines, segmenter, sam_onnx, sam_precision, group_norm)
+        check_backends(self.device, denoiser=denoiser, engines=engines, segmenter=segmenter, sam_onnx=sam_onnx,
+                       sam_precision=sam_precision, group_norm=group_norm, attention=attention, cuda_graphs=cuda_graphs)
         self.sam_dtype = DTYPES[sam_precision]
         configure_attention(models, attention, self.device)  # checked before gigabytes move
         # channels_last: convolutions in NHWC, where GPUs have their fastest fp16/bf16 kernels; None: the
@@ -254,7 +255,7 @@ class ZonePipeline:
         sam = _sam_checkpoint(sam, sam_type, kwargs.get("segmenter", "torch"))
         target = resolve_device(device)
         load_dtype = resolve_dtype(dtype, target)
-        check_backend_options(target, **kwargs)
+        check_backends(target, **kwargs)
         models = load_pretrained(ip2p, magicbrush, sam, action_classifier, sam_type, load_dtype)
         return cls(models, target, load_dtype, **kwargs)
 
