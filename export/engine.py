@@ -243,9 +243,9 @@ def ensure_engine(folder: Path, graph: str, cache_root: Path | None = None, *, f
 
 def run_build_engine(args: argparse.Namespace) -> list[Path]:
     """`zone build-engine`: an engine for every graph of the folder (or those named); their paths."""
-    import_tensorrt()  # the clear errors first: no TensorRT, no GPU, not an export folder
+    manifest = read_manifest(args.folder)  # the clear errors first: not an export folder, no TensorRT, no GPU
+    import_tensorrt()
     gpu_name()
-    manifest = read_manifest(args.folder)
     graphs = args.graphs or list(manifest["graphs"])
     paths = []
     for graph in graphs:

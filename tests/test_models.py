@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import huggingface_hub.constants
 import pytest
 import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline
@@ -15,7 +16,9 @@ from zone_engine.models import (
     load_action_classifier,
     load_ip2p,
     load_magicbrush_unet,
+    load_pretrained,
     load_sam,
+    locate_model,
     sam_type_from_path,
 )
 
@@ -73,6 +76,32 @@ def test_missing_models_say_how_to_get_them(tmp_path):
         load_sam(tmp_path / "sam_vit_h_4b8939.pth")
     with pytest.raises(CheckpointError, match="action_classifier.pth"):
         load_action_classifier(tmp_path / "action_classifier.pth", 768)
+
+
+def test_every_missing_checkpoint_is_said_at_once_before_any_loads(saved, tmp_path):
+    """A first run without checkpoints learns the whole list, not one name a run (SAM loaded first before)."""
+    missing = tmp_path / "nothing"
+    with pytest.raises(CheckpointError, match="^4 checkpoints are missing") as caught:
+        load_pretrained(str(missing / "ip2p"), "someone/not-in-the-cache", missing / "sam_vit_h_4b8939.pth",
+                        missing / "action_classifier.pth")
+    for flag in ("--ip2p", "--magicbrush", "--sam", "action_classifier.pth"):
+        assert flag in str(caught.value)
+    root, _ = saved
+    with pytest.raises(CheckpointError, match="^MagicBrush weights not found") as caught:
+        load_pretrained(str(root / "ip2p"), str(missing), root / "sam_vit_b_test.pth")
+
+
+def test_a_model_in_the_offline_hugging_face_cache_is_found_without_loading_it(tmp_path, monkeypatch):
+    """The cache layout huggingface-cli download writes: refs/main names the snapshot folder."""
+    repository = tmp_path / "hub" / "models--someone--cached-model"
+    (repository / "refs").mkdir(parents=True)
+    (repository / "refs" / "main").write_text("0" * 40)
+    (repository / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repository / "snapshots" / ("0" * 40) / "model_index.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    locate_model("InstructPix2Pix", "someone/cached-model", "timbrooks/instruct-pix2pix", "--ip2p")
+    with pytest.raises(CheckpointError, match="not found at 'someone/other-model'"):
+        locate_model("InstructPix2Pix", "someone/other-model", "timbrooks/instruct-pix2pix", "--ip2p")
 
 
 def test_sam_loads_and_checks_its_type(saved, tmp_path):

@@ -111,11 +111,15 @@ def configure_attention(models: ZoneModels, kind: str, device: torch.device) -> 
 
 
 def check_backends(device: torch.device, **options) -> None:
-    """`config.check_backend_options` on the resolved device, and a `--sam-onnx` folder checked to be an
-    export (its sessions open at the first edit: a wrong folder is said now)."""
+    """`config.check_backend_options` on the resolved device, and the `--sam-onnx` and `--engines` folders
+    checked to be exports (a wrong folder is said now, not after the weights moved, nor as TensorRT missing)."""
     check_backend_options(device.type, **options)
     if options.get("segmenter") == "onnx":
         check_onnx_segmenter(options.get("sam_onnx"))
+    if options.get("denoiser") == "tensorrt":
+        from export.unet import read_manifest
+
+        read_manifest(options["engines"])
 
 
 def check_onnx_segmenter(sam_onnx: str | Path | None) -> None:

@@ -326,12 +326,8 @@ def load_sam(checkpoint: str | Path, model_type: str | None = None, *,
              flags: tuple[str, str] = ("--sam", "--sam-type")) -> nn.Module:
     """SAM from a segment-anything .pth; `flags`: the caller's options for the path and the model type,
     which the errors name."""
-    path, path_flag, type_flag = Path(checkpoint).expanduser(), *flags
-    if not path.is_file():
-        raise CheckpointError(
-            f"SAM checkpoint not found: {path}. Download {SAM_URLS['vit_h']} (or the vit_l / vit_b file) "
-            f"and pass its path with {path_flag}."
-        )
+    path_flag, type_flag = flags
+    path = sam_checkpoint_path(checkpoint, path_flag)
     given = model_type.strip().lower() if model_type else None
     if given is not None and given not in ("vit_h", "vit_l", "vit_b"):
         raise CheckpointError(f"unknown SAM type {model_type!r} ({type_flag}): use vit_h, vit_l or vit_b")
@@ -356,6 +352,17 @@ def load_sam(checkpoint: str | Path, model_type: str | None = None, *,
             f"check {type_flag}"
         ) from None
     return sam
+
+
+def sam_checkpoint_path(checkpoint: str | Path, flag: str = "--sam") -> Path:
+    """The SAM .pth file, checked to be there (before anything heavier loads)."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise CheckpointError(
+            f"SAM checkpoint not found: {path}. Download {SAM_URLS['vit_h']} (or the vit_l / vit_b file) "
+            f"and pass its path with {flag}."
+        )
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,13 +469,47 @@ def action_classifier_path(checkpoint: str | Path) -> Path:
     return path
 
 
+def locate_model(what: str, source: str, hub_id: str, flag: str) -> None:
+    """CheckpointError unless `source` is a folder or a model in the offline Hugging Face cache: found in
+    milliseconds, where loading it takes seconds to minutes."""
+    if Path(source).expanduser().is_dir():
+        return
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(source, local_files_only=True)
+    except Exception as error:  # not cached, or not even a model id: either way not there
+        raise _model_load_error(what, source, hub_id, flag, error) from None
+
+
+def check_checkpoints_present(ip2p: str, magicbrush: str, sam: str | Path | None,
+                              action_classifier: str | Path | None) -> None:
+    """Every checkpoint located before any loads, and all that are missing said at once: a first run learns
+    the whole list (IP2P, MagicBrush, SAM), not one name a run."""
+    checks = [lambda: locate_model("InstructPix2Pix", ip2p, IP2P_ID, "--ip2p"),
+              lambda: locate_model("MagicBrush", magicbrush, MAGICBRUSH_ID, "--magicbrush")]
+    if sam is not None:
+        checks.append(lambda: sam_checkpoint_path(sam))
+    if action_classifier is not None:
+        checks.append(lambda: action_classifier_path(action_classifier))
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except CheckpointError as error:
+            problems.append(str(error))
+    if len(problems) > 1:
+        raise CheckpointError(f"{len(problems)} checkpoints are missing:\n  - " + "\n  - ".join(problems))
+    if problems:
+        raise CheckpointError(problems[0])
+
+
 def load_pretrained(
     ip2p: str, magicbrush: str, sam: str | Path | None, action_classifier: str | Path | None = None,
     sam_type: str | None = None, dtype: torch.dtype = torch.float32,
 ) -> ZoneModels:
     """sam None: no PyTorch SAM (refinement then runs on an exported SAM, `zone export sam`)."""
-    if action_classifier is not None:
-        action_classifier_path(action_classifier)  # cheapest checks first
+    check_checkpoints_present(ip2p, magicbrush, sam, action_classifier)
     sam_model = None if sam is None else load_sam(sam, sam_type)
     ip2p_pipe = load_ip2p(ip2p, dtype)
     return ZoneModels(
