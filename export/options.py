@@ -43,7 +43,8 @@ def add_export_sam_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp16", action="store_true", help="half-precision graphs (for GPUs; fp32 in and out)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     parser.add_argument("--tiny", action="store_true",
-                        help=f"export a tiny random SAM (seed {TINY_SEED}) instead of a checkpoint: tests and demos")
+                        help=f"export the tiny random SAM of `zone edit --tiny` (seed {TINY_SEED}) instead of a "
+                        "checkpoint: tests and demos")
 
 
 def add_build_engine_arguments(parser: argparse.ArgumentParser) -> None:

@@ -229,15 +229,16 @@ def _sample_points(
 
 def run_export_sam(args: argparse.Namespace) -> Path:
     """`zone export sam`: load (or build, with --tiny) SAM and export it; returns the output folder."""
-    from zone_engine.models import build_sam, load_sam, sam_type_from_path
+    from zone_engine.models import build_tiny_components, load_sam, sam_type_from_path
 
     check_output_folder(args.out, "--out")
     if args.tiny:
         if args.checkpoint is not None:
             raise ConfigError("--tiny exports random weights: leave out --checkpoint")
         with torch.random.fork_rng(devices=[]):  # a fixed seed without touching the caller's RNG
-            torch.manual_seed(TINY_SEED)
-            sam = build_sam("tiny")
+            # The tiny set's own SAM (built after its other models): `zone edit --tiny --segmenter onnx` then
+            # refines with the very SAM `zone edit --tiny` runs in PyTorch, so the two can be compared.
+            sam = build_tiny_components(TINY_SEED).sam
         model_type, checkpoint = "tiny", None
     else:
         if args.checkpoint is None:

@@ -409,6 +409,14 @@ def test_run_export_sam_tiny_from_the_command_line(tmp_path):
     assert len(segments_a) == len(segments_b)
     assert all(np.array_equal(a, b) for a, b in zip(segments_a, segments_b, strict=True))
 
+    # The tiny pipeline's own SAM: `zone edit --tiny --segmenter onnx --sam-onnx` refines as `zone edit --tiny`.
+    from zone_engine import EditConfig, ZonePipeline
+
+    image, config = smooth_image(64, 96, seed=2), EditConfig(steps=2)
+    masks = [ZonePipeline.tiny(**options).edit(image, "make the house golden", config.replace(
+        sam=SamConfig.for_random_weights())).mask_f for options in ({}, {"segmenter": "onnx", "sam_onnx": folder})]
+    assert masks[0].any() and np.array_equal(masks[0], masks[1])
+
 
 def test_run_export_sam_argument_errors(tmp_path):
     with pytest.raises(ConfigError, match="--checkpoint"):
