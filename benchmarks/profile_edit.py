@@ -158,7 +158,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sam-type", choices=SAM_SIZES, help="SAM size (default vit_h; tiny with --models tiny)")
     parser.add_argument("--resolution", type=int, default=512, help="side of the square test image (default 512)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to run (default auto: CUDA when there is one)")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
                         help="engine precision (default fp16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--denoiser", choices=DENOISERS, default="fused", help="denoiser backend (default fused)")

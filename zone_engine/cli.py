@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     edit = commands.add_parser(
-        "edit", help="edit an image with real checkpoints",
-        description="Edit IMAGE as INSTRUCTION says and write the result to OUT. Models load from local "
+        "edit", help="edit an image with real checkpoints (or --tiny random models)",
+        description="Edit IMAGE as INSTRUCTION says and write the result to OUTPUT (-o). Models load from local "
         "folders or the offline Hugging Face cache; nothing is downloaded.",
     )
     edit.add_argument("image", type=Path, help="input image (PNG, JPEG, WebP, TIFF, ...)")

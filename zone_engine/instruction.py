@@ -22,6 +22,7 @@ def check_instruction(instruction: object) -> str:
         raise InstructionError('the instruction is empty: say what to edit, e.g. "make the dog a golden statue"')
     if len(text) > MAX_CHARACTERS:
         raise InstructionError(
-            f"the instruction is {len(text)} characters long; CLIP reads only {MAX_TOKENS} tokens, so keep it short"
+            f"the instruction is {len(text):,} characters long, over {MAX_CHARACTERS:,}; CLIP reads only {MAX_TOKENS} "
+            "tokens, so keep it short"
         )
     return text

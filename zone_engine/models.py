@@ -373,7 +373,7 @@ def _model_load_error(what: str, source: str, hub_id: str, flag: str, error: Exc
     """A folder that is there but does not load says why (a corrupt or missing file); else not found."""
     if Path(source).expanduser().is_dir():
         return CheckpointError(
-            f"cannot load {what} from the folder '{source}': {first_line(error)}. Download it "
+            f"cannot load {what} from the folder '{source}': {first_line(error).rstrip('.')}. Download it "
             f"again (`huggingface-cli download {hub_id}`) and pass the folder with {flag}."
         )
     return CheckpointError(
