@@ -18,8 +18,9 @@ from conftest import smooth_image
 from PIL import Image
 
 from zone_engine import ZonePipeline
+from zone_engine.backends import resolve_device
 from zone_engine.cli import MASK_OUTPUTS, SERVE_MODULES, main
-from zone_engine.config import EditConfig, SamConfig
+from zone_engine.config import EditConfig, SamConfig, check_backend_options, device_kind
 from zone_engine.errors import ConfigError, DeviceError, InputImageError, InstructionError, ZoneError
 
 
@@ -86,6 +87,22 @@ def test_help_and_input_errors_answer_without_importing_torch(tmp_path):
     for option in ("--ip2p", "--magicbrush", "--sam", "--action", "--steps", "--seed", "--device", "--save-masks",
                    "--max-batch", "--dynamic-shapes", "--model-type", "--force"):
         assert option in out.stdout
+
+
+WITHOUT_SERVE_SCRIPT = """
+import sys
+for module in ("fastapi", "uvicorn", "multipart", "python_multipart", "prometheus_client", "ray"):
+    sys.modules[module] = None  # as on an install without the [serve] extra
+from zone_engine.cli import _pipeline_spec, build_parser
+args = build_parser().parse_args(["edit", "in.png", "-i", "x", "-o", "out.png", "--tiny"])
+print(type(_pipeline_spec(args)).__name__)
+"""
+
+
+def test_zone_edit_needs_no_serving_extra():
+    """`zone edit` builds its pipeline from the serving package's PipelineSpec: that must not import the app."""
+    out = subprocess.run([sys.executable, "-c", WITHOUT_SERVE_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "PipelineSpec", out.stderr[-2000:]
 
 
 def test_demo_writes_every_file(tmp_path, capsys):
@@ -299,6 +316,30 @@ def test_api_bad_input(tiny_pipe):
     with pytest.raises(DeviceError, match="unknown device"):
         ZonePipeline(tiny_pipe.models, device="tpu")
     assert issubclass(DeviceError, ZoneError)
+
+
+@pytest.mark.parametrize("name, kind", [("auto", "auto"), (" CUDA:0 ", "cuda"), ("cuda:12", "cuda"), ("cpu", "cpu"),
+                                        ("cpu:0", "cpu"), ("Cpu", "cpu")])
+def test_device_names_the_engine_takes(name, kind):
+    assert device_kind(name) == kind
+
+
+@pytest.mark.parametrize("name", ["tpu", "mps", "", "cuda:01", "cuda:00", "cuda:\u0661", "cuda:-1", "cpu:1", "cuda0"])
+def test_device_names_that_are_none_are_one_error_before_and_after_torch(name):
+    """Checked by the CLI before torch loads and by resolve_device after: names torch.device rejects too
+    (a leading zero, a non-ASCII digit) are a DeviceError, not torch's RuntimeError."""
+    with pytest.raises(DeviceError, match="unknown device"):
+        device_kind(name)
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_device(name)
+
+
+@pytest.mark.parametrize("option", ["attention", "group_norm", "sam_precision", "segmenter"])
+def test_a_backend_option_that_is_no_name_is_refused(option):
+    """Python callers pass anything: None is no attention backend (not 'xformers on the CPU')."""
+    with pytest.raises(DeviceError, match="unknown"):
+        check_backend_options("cpu", **{option: None})
+    check_backend_options("cpu", denoiser=object())  # a Denoiser instance comes configured (make_denoiser checks it)
 
 
 @pytest.mark.parametrize("changes,words", [

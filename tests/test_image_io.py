@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -592,6 +594,17 @@ def test_an_output_folder_that_refuses_files_is_refused_before_any_work():
     """/proc: os.access says root may write there, creating a file fails; found by trying, not after an edit."""
     with pytest.raises(ZoneError, match="cannot write in /proc"):
         check_output_file(Path("/proc/edited.png"), "output")
+
+
+def test_a_folder_that_permissions_allow_but_refuses_files_is_found_by_the_probe(tmp_path, monkeypatch):
+    """A read-only mount as root: os.access says yes, creating a file says no (EROFS)."""
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "access", lambda *args: True)
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    with pytest.raises(ZoneError, match="cannot write in .*Read-only file system"):
+        check_output_file(tmp_path / "edited.png", "output")
 
 
 def test_save_rejects_arrays_that_are_not_images(tmp_path):

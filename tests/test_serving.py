@@ -307,6 +307,18 @@ def test_a_forced_quit_answers_the_running_edit_503_in_json_and_cancels_its_work
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
+def test_why_edits_are_not_taken_says_shutting_down_not_loading(pipe):
+    """During a drain, an edit still arriving on an open connection, and /readyz, hear the truth."""
+    service = LocalEditService(lambda: pipe, ServeSettings(warmup=False))
+    assert "still loading" in service.not_ready_because
+    service.ready = True
+    assert service.not_ready_because is None
+    asyncio.run(service.stop())
+    assert "shutting down" in service.not_ready_because and not service.ready
+    service.load_error = "no such checkpoint"
+    assert "loading the models failed: no such checkpoint" in service.not_ready_because
+
+
 LOG_SCRIPT = """
 import logging.config
 from zone_engine.serving.app import server_log_config

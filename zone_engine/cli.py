@@ -313,7 +313,8 @@ def _print_summary(result) -> None:
 def run_edit(args: argparse.Namespace) -> None:
     from .image_io import load_image, save_image
 
-    # Every check that can fail runs before gigabytes of weights load and before torch's import (seconds).
+    # Every check that can fail runs before gigabytes of weights load; all that need no torch before its import
+    # (seconds): the checkpoints' presence and what --device auto finds are checked once it is loaded.
     changes = _config_changes(args)
     _check_backend_arguments(args)
     _check_output_path(args.output, args.image)

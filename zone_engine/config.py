@@ -47,7 +47,7 @@ MAGICBRUSH_ID = "vinesmsuic/magicbrush-jul7"
 DEFAULT_SAM = Path("ckpts/sam_vit_h_4b8939.pth")  # where the reference repository keeps it
 
 
-_DEVICE_NAME = re.compile(r"auto|cpu|cuda(?::\d+)?")
+_DEVICE_NAME = re.compile(r"auto|cpu(?::0)?|cuda(?::(?:0|[1-9][0-9]*))?")  # what torch.device takes, of these
 
 
 def device_kind(name: str) -> str:
@@ -77,7 +77,7 @@ def check_backend_options(
                                (group_norm, GROUP_NORMS, "GroupNorm implementation"),
                                (attention, ATTENTION, "attention backend"), (sam_precision, SAM_PRECISIONS,
                                                                              "SAM precision")):
-        if isinstance(value, str) and value not in names:
+        if value not in names and (isinstance(value, str) or what != "denoiser backend"):  # or a Denoiser
             raise DeviceError(f"unknown {what} {value!r}: available {', '.join(names)}")
     on_cpu = kind == "cpu"
     if attention == "xformers" and on_cpu:
@@ -88,6 +88,8 @@ def check_backend_options(
         raise DeviceError("CUDA graphs need a CUDA device; drop --cuda-graphs or use --device cuda")
     if cuda_graphs and denoiser == "eager":
         raise DeviceError("the eager reference denoiser has no CUDA-graph path: use --denoiser fused")
+    if denoiser == "tensorrt" and on_cpu:
+        raise DeviceError("--denoiser tensorrt needs a CUDA GPU; on the CPU use --denoiser fused")
     if denoiser == "tensorrt" and engines is None:
         raise DeviceError("--denoiser tensorrt needs --engines DIR: a folder written by `zone export unet`")
     if engines is not None and denoiser != "tensorrt":

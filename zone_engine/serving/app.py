@@ -136,8 +136,17 @@ class EditService:
         self.build_pipeline, self.settings = build_pipeline, settings
         self.metrics = ServeMetrics()
         self.pipeline: ZonePipeline | None = None
-        self.ready = False
+        self.ready = self.stopping = False
         self.load_error: str | None = None
+
+    @property
+    def not_ready_because(self) -> str | None:
+        """Why edits are not taken now (loading failed, shutting down, still loading), or None when they are."""
+        if self.load_failure:
+            return self.load_failure
+        if self.stopping:
+            return "the server is shutting down; retry (another replica will answer)"
+        return None if self.ready else "the models are still loading; retry shortly"
 
     def load(self) -> None:
         """Build the pipeline and run one warm-up edit (first-call costs: allocations, compilation),
@@ -218,12 +227,14 @@ class LocalEditService(EditService):
             self.load_error = str(error) if isinstance(error, ZoneError) else f"{type(error).__name__}: {error}"
             log.exception("loading the models failed; /readyz stays 503")
             return
+        if self.stopping:  # asked to stop while loading: never ready
+            return
         self.ready = True
         log.info("zone service ready")
 
     async def stop(self) -> None:
         """Shutting down: not ready, no more edits, the queued ones answered 503; the running batch goes on."""
-        self.ready = False
+        self.ready, self.stopping = False, True
         await self.batcher.stop()
 
     async def close(self) -> None:
@@ -408,11 +419,9 @@ def _add_edit_route(app: FastAPI) -> None:
         service: EditService = request.app.state.service
         request_id, started = request_id_of(request), time.perf_counter()
         try:
-            if service.load_failure:
-                raise ServeError(503, "unavailable", service.load_failure)
-            if not service.ready:
-                raise ServeError(503, "unavailable", "the models are still loading; retry shortly",
-                                 {"Retry-After": "5"})
+            if service.not_ready_because:
+                retry = {} if service.load_failure else {"Retry-After": "5"}
+                raise ServeError(503, "unavailable", service.not_ready_because, retry)
             check_form_names([name for name, _ in (await request.form()).multi_items()])
             text, changes = check_request_fields(instruction, action, steps, seed, service.settings)
             data = await image.read()
@@ -489,8 +498,8 @@ def _add_probe_routes(app: FastAPI) -> None:
         service: EditService | None = getattr(request.app.state, "service", None)
         if service is not None and service.ready and not service.healthy:
             return error_response(ServeError(503, "unavailable", WORKER_STOPPED), request_id_of(request))
-        if service is None or not service.ready:
-            message = (service is not None and service.load_failure) or "the models are still loading"
+        if service is None or service.not_ready_because:
+            message = service.not_ready_because if service is not None else "the models are still loading"
             return error_response(ServeError(503, "unavailable", message), request_id_of(request))
         return JSONResponse({"status": "ready"})
 
@@ -632,9 +641,12 @@ class ZoneServer(uvicorn.Server):
             deadline = time.monotonic() + FORCED_QUIT_ANSWER_S
             while self.server_state.connections and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            # uvicorn skips the app's shutdown on a forced quit, and its task is cancelled later, mid-close: a
-            # traceback in the log. Run it here: with the batch abandoned it returns at once.
-            await self.lifespan.shutdown()
+            # uvicorn skips the app's shutdown when the quit was forced before it (its task would be cancelled
+            # later, mid-close: a traceback in the log). Run here, it does not wait for the abandoned batch (but
+            # for a load under way: the model thread cannot be stopped mid-load).
+            done = getattr(self.lifespan, "shutdown_event", None)
+            if done is not None and not done.is_set():
+                await self.lifespan.shutdown()
 
     async def _abandon_on_forced_quit(self) -> None:
         # Polled as uvicorn polls its own flags; at once, for a super().shutdown that waits for connections to close.
@@ -648,7 +660,8 @@ def server_log_config(log_level: str) -> dict[str, Any]:
     the same level, and python-multipart's complaints about a malformed body (answered 400) left out."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     config["loggers"]["zone_engine"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
-    config["loggers"]["python_multipart"] = {"level": "ERROR"}
+    for parser in ("python_multipart", "multipart"):  # its logger's name since 0.0.13, and before
+        config["loggers"][parser] = {"level": "ERROR"}
     return config
 
 
