@@ -12,7 +12,7 @@ import torch
 from conftest import smooth_image, spy_calls
 
 from zone_engine import Action, EditConfig, EditResult, SamConfig, ZonePipeline
-from zone_engine.errors import ConfigError, DeviceError
+from zone_engine.errors import ConfigError, DeviceError, EditWarning
 from zone_engine.pipeline import STAGES
 from zone_engine.refine import ListSegmenter
 
@@ -120,9 +120,22 @@ def test_remove_segments_the_input_not_the_styled_image(tiny_pipe, monkeypatch):
 
 
 def test_long_instruction_is_truncated_with_a_warning(tiny_pipe):
-    with pytest.warns(UserWarning, match="truncated"):
+    with pytest.warns(EditWarning, match="truncated"):
         result = tiny_pipe.edit(smooth_image(64, 64), "make it red " * 40, tiny_pipe.default_config.replace(steps=1))
-    assert result.instruction_truncated
+    assert result.instruction_truncated and len(result.notes) == 1 and "truncated" in result.notes[0]
+
+
+def test_what_an_edit_did_not_take_as_given_is_in_its_notes_and_each_warned_once(tiny_pipe):
+    """A server reports the notes with their request (and silences the process-wide warnings)."""
+    rgba = np.dstack([smooth_image(12, 300), np.full((12, 300), 128, np.uint8)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = tiny_pipe.edit(rgba, INSTRUCTION, tiny_pipe.default_config.replace(steps=1))
+    assert len(result.notes) == 2 and result.notes[0].startswith("the given array has transparency")
+    assert result.notes[1].startswith("the image (300x12) is 300x12 at the working size")
+    assert [str(warning.message) for warning in caught if warning.category is EditWarning] == list(result.notes)
+    plain = tiny_pipe.edit(smooth_image(64, 64), INSTRUCTION, tiny_pipe.default_config.replace(steps=1))
+    assert plain.notes == ()
 
 
 @pytest.mark.parametrize("size, coarse", [((8, 3000), True), ((20, 20), True), ((33, 130), False), ((64, 64), False)])

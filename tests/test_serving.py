@@ -174,7 +174,7 @@ def test_edit_returns_a_png_of_the_input_size_and_json_has_every_field(pipe):
 
         body = post_edit(base, image, seed=7, **{"return": "json"}).json()
         assert set(body) >= {"request_id", "action", "width", "height", "image", "mask_b", "mask_f", "region",
-                             "used_fallback", "instruction_truncated", "timings"}
+                             "used_fallback", "instruction_truncated", "timings", "warnings"}
         assert (body["width"], body["height"], body["action"]) == (90, 70, "add")
         assert np.array_equal(decode_png(base64.b64decode(body["image"])), edited)
         assert decode_png(base64.b64decode(body["mask_f"])).shape == (70, 90)
@@ -186,6 +186,20 @@ def test_edit_returns_a_png_of_the_input_size_and_json_has_every_field(pipe):
         assert traced.headers["X-Request-Id"] == traced.json()["request_id"] == "abc-123"
         forced = post_edit(base, image, action="remove", steps=2, **{"return": "json"})
         assert forced.json()["action"] == "remove" and forced.headers["X-Zone-Action"] == "remove"
+        assert forced.json()["warnings"] == [] and "X-Zone-Warnings" not in forced.headers
+
+
+def test_what_an_edit_did_not_take_as_given_goes_back_with_its_request(pipe):
+    """Transparency dropped (found while decoding the upload) and a coarse region (found by the pipeline): in
+    the JSON body and the PNG's header, not only as unattributed warnings in the server's log."""
+    rgba = np.dstack([smooth_image(16, 200), np.full((16, 200), 128, np.uint8)])
+    with serving(pipe) as (base, _):
+        body = post_edit(base, rgba, steps=1, **{"return": "json"}).json()
+        assert len(body["warnings"]) == 2
+        assert body["warnings"][0].startswith("the uploaded image has transparency")
+        assert "32-pixel cell" in body["warnings"][1]
+        header = post_edit(base, rgba, steps=1).headers["X-Zone-Warnings"]
+        assert header == " | ".join(body["warnings"])
 
 
 def test_health_readiness_metrics_and_openapi(pipe):

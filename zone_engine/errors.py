@@ -38,3 +38,9 @@ class ConfigError(ZoneError):
 
 class EditCancelled(ZoneError):
     """The edit was cancelled (its caller gave up on it, e.g. a server request timed out)."""
+
+
+class EditWarning(UserWarning):
+    """The edit ran, but not quite on what was given (transparency dropped, frames after the first skipped,
+    an instruction truncated, a mask coarser than the image). Each is also in `EditResult.notes`, so a
+    server can report it with its request and silence the warning (`warnings.filterwarnings`)."""

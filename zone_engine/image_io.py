@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from zone_engine.errors import InputImageError, ZoneError
+from zone_engine.errors import EditWarning, InputImageError, ZoneError
 from zone_engine.paths import written_atomically
 
 MIN_SIDE = 8
@@ -42,33 +42,42 @@ def load_image(source: ImageSource, name: str | None = None) -> np.ndarray:
     `name`: what messages call a PIL image or array (e.g. "the uploaded image"); a file is called by its path.
 
     Files and PIL images are decoded fully, turned upright by their EXIF orientation, and use their
-    first frame (with a warning when there are more). Transparency is composited over black with a
-    warning. Anything unusable raises `InputImageError` with a one-line message that says what is
+    first frame (with an `EditWarning` when there are more). Transparency is composited over black with an
+    `EditWarning`. Anything unusable raises `InputImageError` with a one-line message that says what is
     wrong and what to do.
     """
+    pixels, notes = read_image(source, name)
+    for note in notes:
+        warnings.warn(note, EditWarning, stacklevel=2)
+    return pixels
+
+
+def read_image(source: ImageSource, name: str | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
+    """`load_image`'s pixels and, instead of warnings, its notes (what was dropped): for a caller that reports
+    them per request (warnings are process-wide)."""
+    frames = 1
     if isinstance(source, np.ndarray):
         name = name or "the given array"
         rgb, had_alpha = _array_to_rgb(source)
     elif isinstance(source, Image.Image):
         name = name or "the given PIL image"
-        rgb, had_alpha = _pil_to_rgb(source, name)
+        rgb, had_alpha, frames = _pil_to_rgb(source, name)
     elif isinstance(source, str | os.PathLike):
-        name, (rgb, had_alpha) = str(source), _load_file(Path(source))
+        name, (rgb, had_alpha, frames) = str(source), _load_file(Path(source))
     else:
         raise InputImageError(
             f"cannot use a {type(source).__name__} as an image; "
             "pass a file path, a PIL image or a numpy array"
         )
+    notes = []
+    if frames > 1:
+        notes.append(f"{name} has {frames} frames (an animation or a multi-page file); only the first is edited")
     if had_alpha:
-        warnings.warn(
-            f"{name} has transparency; it was dropped (transparent areas become black)",
-            UserWarning,
-            stacklevel=2,
-        )
-    return rgb
+        notes.append(f"{name} has transparency; it was dropped (transparent areas become black)")
+    return rgb, tuple(notes)
 
 
-def _load_file(path: Path) -> tuple[np.ndarray, bool]:
+def _load_file(path: Path) -> tuple[np.ndarray, bool, int]:
     if not path.exists():
         raise InputImageError(f"image not found: {path}")
     if path.is_dir():
@@ -97,15 +106,12 @@ def _load_file(path: Path) -> tuple[np.ndarray, bool]:
             ) from None
 
 
-def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, bool]:
+def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, bool, int]:
     """Decode a PIL image (first frame), make it upright, convert to uint8 RGB (H, W, 3).
 
-    Also returns whether some transparency was composited away.
+    Also returns whether some transparency was composited away, and how many frames it has.
     """
     frames = getattr(img, "n_frames", 1)
-    if frames > 1:
-        warnings.warn(f"{name} has {frames} frames (an animation or a multi-page file); only the first is edited",
-                      UserWarning, stacklevel=3)
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -121,7 +127,7 @@ def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, bool]:
     mode = img.mode
     # A palette, RGB or L image can mark one colour transparent (PNG tRNS): as much transparency as alpha.
     if mode in _ALPHA_MODES or (mode in ("P", "RGB", "L") and "transparency" in img.info):
-        return _composite_over_black(np.asarray(img.convert("RGBA")))
+        return *_composite_over_black(np.asarray(img.convert("RGBA"))), frames
     if mode == "RGB":
         rgb = np.asarray(img)
     elif mode == "F":
@@ -142,7 +148,7 @@ def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, bool]:
                 f"{name} has pixel mode {mode}, which cannot be converted to RGB ({_one_line(error)}); "
                 "convert it to 8-bit RGB first"
             ) from None
-    return np.array(rgb, dtype=np.uint8, order="C"), False  # a writable copy
+    return np.array(rgb, dtype=np.uint8, order="C"), False, frames  # a writable copy
 
 
 def _int32_to_uint8(values: np.ndarray, name: str) -> np.ndarray:

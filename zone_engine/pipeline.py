@@ -33,7 +33,7 @@ from .backends import (
 )
 from .config import DEFAULT_SAM, IP2P_ID, MAGICBRUSH_ID, Action, EditConfig, SamConfig
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
-from .errors import ConfigError, EditCancelled
+from .errors import ConfigError, EditCancelled, EditWarning
 from .graphs import CapturedCalls, Run, eager
 from .instruction import check_instruction
 from .localize import ATTENTION_CELL, AttentionAccumulator, Localization, attention_grid, heatmap_overlay, localize
@@ -45,7 +45,7 @@ from .models import (
     pytorch_norms,
 )
 from .refine import Refinement, Segmenter, refine_with_sam
-from .text import EncodedInstruction, encode_instruction, encode_prompt
+from .text import TRUNCATED, EncodedInstruction, encode_instruction, encode_prompt
 from .timing import Stopwatch
 
 T = TypeVar("T")
@@ -68,6 +68,9 @@ class EditResult:
     used_fallback: bool  # no SAM segment overlapped M_b, so M_f = M_b
     instruction_truncated: bool
     timings: dict[str, float]  # seconds per stage, plus "total"
+    # What the edit did not take as given, each also an EditWarning: transparency dropped, frames after the
+    # first skipped, the instruction truncated, an image under one cell of the attention grid.
+    notes: tuple[str, ...] = ()
 
 
 class BatchKey(NamedTuple):
@@ -112,6 +115,7 @@ class PreparedEdit:
     attention: AttentionAccumulator
     watch: Stopwatch
     started: float
+    notes: tuple[str, ...]  # EditResult.notes
 
     @property
     def batch_key(self) -> BatchKey:
@@ -162,15 +166,16 @@ def decode_latents(vae, latents: torch.Tensor, run: Run = eager, norms: NormScop
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
-def _warn_if_under_one_attention_cell(geometry: image_io.Geometry) -> None:
+def _coarse_grid_note(geometry: image_io.Geometry) -> str | None:
     """ZONE locates the edit on a grid of 32-pixel cells of the working image: a short side under one cell
     there (a small image, or a very elongated one shrunk to 512 on its long side) is edited with a mask
     coarser than the image. Said, not refused: the edit still runs."""
     (height, width), (given_h, given_w) = geometry.scaled_size, geometry.input_size
-    if min(height, width) < ATTENTION_CELL:
-        warnings.warn(f"the image ({given_w}x{given_h}) is {width}x{height} at the working size, its short side "
-                      f"under one {ATTENTION_CELL}-pixel cell of the grid ZONE locates the edit on, so the edit "
-                      "region will be coarse: a larger or less elongated (cropped) image edits better", stacklevel=3)
+    if min(height, width) >= ATTENTION_CELL:
+        return None
+    return (f"the image ({given_w}x{given_h}) is {width}x{height} at the working size, its short side under one "
+            f"{ATTENTION_CELL}-pixel cell of the grid ZONE locates the edit on, so the edit region will be coarse: "
+            "a larger or less elongated (cropped) image edits better")
 
 
 def to_uint8_image(pixels: torch.Tensor) -> np.ndarray:
@@ -353,10 +358,13 @@ class ZonePipeline:
         started = time.perf_counter()
 
         # 1. Check inputs; shrink and pad to the working size.
-        original = image_io.load_image(image)
+        original, notes = image_io.read_image(image)
         instruction = check_instruction(instruction)
         geometry = image_io.working_geometry(*original.shape[:2], config.max_side, config.size_multiple)
-        _warn_if_under_one_attention_cell(geometry)
+        coarse = _coarse_grid_note(geometry)
+        notes += (coarse,) if coarse else ()
+        for note in notes:  # the truncation note's warning is encode_instruction's own
+            warnings.warn(note, EditWarning, stacklevel=3)
         working = image_io.to_working(original, geometry)
         padded_h, padded_w = geometry.padded_size
         latent_size = (padded_h // 8, padded_w // 8)
@@ -380,9 +388,11 @@ class ZonePipeline:
                 image_latents=encode_image_latents(models.vae, working, self.dtype, self.run, self.vae_norms),
                 noise=initial_noise(config.seed, latent_size, self.device, self.dtype),
             )
+        if encoded.truncated:
+            notes += (TRUNCATED,)
         return PreparedEdit(
             original, working, geometry, config, encoded, action, inputs, AttentionAccumulator(self.accumulate),
-            watch, started,
+            watch, started, notes,
         )
 
     @_stage_of_an_edit
@@ -439,6 +449,7 @@ class ZonePipeline:
         return EditResult(
             **blended, heatmap=image_io.to_input_size(heatmap, edit.geometry, is_mask=False), action=edit.action,
             used_fallback=refined.used_fallback, instruction_truncated=edit.encoded.truncated, timings=timings,
+            notes=edit.notes,
         )
 
     def _localize(self, edit: PreparedEdit) -> Localization:

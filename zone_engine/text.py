@@ -7,8 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import EditWarning
 from .graphs import Run, eager
 from .instruction import MAX_TOKENS, check_instruction
+
+TRUNCATED = f"the instruction is longer than {MAX_TOKENS} CLIP tokens and was truncated"
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,7 @@ def encode_instruction(
     text = check_instruction(instruction)
     token_count, truncated = count_tokens(tokenizer, text)
     if truncated:
-        warnings.warn(
-            f"the instruction is longer than {MAX_TOKENS} CLIP tokens and was truncated", stacklevel=3
-        )
+        warnings.warn(TRUNCATED, EditWarning, stacklevel=3)
     # One call each, as diffusers and the reference encode them: a batch of two rounds differently.
     prompt = encode_prompt(tokenizer, text_encoder, text, run)
     empty = encode_prompt(tokenizer, text_encoder, "", run) if empty is None else empty

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import dataclasses
 import io
 import logging
 import os
@@ -19,6 +20,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -40,11 +42,12 @@ from ..errors import (
     ConfigError,
     DeviceError,
     EditCancelled,
+    EditWarning,
     InputImageError,
     InstructionError,
     ZoneError,
 )
-from ..image_io import load_image, make_sample_image
+from ..image_io import make_sample_image, read_image
 from ..instruction import check_instruction
 from ..pipeline import BatchKey, EditRequest, EditResult, ZonePipeline, batch_key
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
@@ -138,6 +141,9 @@ class EditService:
         self.pipeline: ZonePipeline | None = None
         self.ready = self.stopping = False
         self.load_error: str | None = None
+        # Each edit's notes go back with its request and its log line: the process-wide warnings could not say
+        # whose they are.
+        warnings.filterwarnings("ignore", category=EditWarning)
 
     @property
     def not_ready_because(self) -> str | None:
@@ -252,8 +258,9 @@ class LocalEditService(EditService):
 # ---------------------------------------------------------------------------------------- inputs
 
 
-def decode_upload(data: bytes, settings: ServeSettings) -> np.ndarray:
-    """The uploaded file as uint8 RGB; its pixel count checked from the header before decoding."""
+def decode_upload(data: bytes, settings: ServeSettings) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The uploaded file as uint8 RGB, and its notes (`read_image`); its pixel count checked from the header
+    before decoding."""
     if not data:
         raise ServeError(400, "bad_image", "the image file is empty")
     if len(data) > settings.max_upload_bytes:  # a chunked upload has no Content-Length to check first
@@ -266,7 +273,7 @@ def decode_upload(data: bytes, settings: ServeSettings) -> np.ndarray:
                 raise ServeError(413, "image_too_large", f"the image has {pixels:,} pixels "
                                  f"({header.width}x{header.height}); this server takes at most "
                                  f"{settings.max_pixels:,}: downscale it first")
-            return load_image(header, name="the uploaded image")
+            return read_image(header, name="the uploaded image")
     except UnidentifiedImageError:
         raise ServeError(400, "bad_image", "the upload is not an image in a format this server can read; "
                          "send a PNG, JPEG or WebP file") from None
@@ -342,6 +349,9 @@ class EditResponse(BaseModel):
     region: str = Field(description="where pixels changed (R), base64 PNG")
     used_fallback: bool = Field(description="no SAM segment overlapped M_b, so M_f = M_b")
     instruction_truncated: bool = Field(description="the instruction was longer than CLIP's 77 tokens")
+    warnings: list[str] = Field(description="what the edit did not take as given: transparency dropped, frames "
+                                "after the first skipped, the instruction truncated, an image under one cell of "
+                                "the attention grid (a coarse region); also in the header X-Zone-Warnings")
     timings: dict[str, float] = Field(description="seconds per pipeline stage, and total")
 
 
@@ -425,8 +435,9 @@ def _add_edit_route(app: FastAPI) -> None:
             check_form_names([name for name, _ in (await request.form()).multi_items()])
             text, changes = check_request_fields(instruction, action, steps, seed, service.settings)
             data = await image.read()
-            pixels = await asyncio.to_thread(decode_upload, data, service.settings)
+            pixels, upload_notes = await asyncio.to_thread(decode_upload, data, service.settings)
             result = await unless_disconnected(request, asyncio.ensure_future(service.edit(pixels, text, changes)))
+            result = dataclasses.replace(result, notes=upload_notes + result.notes)
         except ClientGone:
             service.metrics.count("cancelled")
             return error_response(ServeError(499, "client_closed_request", "the client went away; the edit was "
@@ -442,6 +453,10 @@ def _add_edit_route(app: FastAPI) -> None:
         service.metrics.latency.observe(time.perf_counter() - started)
         service.metrics.observe_stages(result.timings)
         headers = {"X-Request-Id": request_id, "X-Zone-Action": result.action.value, "X-Zone-Replica": REPLICA}
+        for note in result.notes:
+            log.info("request %s: %s", request_id, note)
+        if result.notes:
+            headers["X-Zone-Warnings"] = " | ".join(result.notes)
         if return_ == "png":
             return Response(await asyncio.to_thread(png_bytes, result.image), media_type="image/png",
                             headers=headers)
@@ -527,7 +542,7 @@ def edit_response(result: EditResult, request_id: str) -> EditResponse:
         request_id=request_id, action=result.action.value, width=width, height=height,
         image=png_base64(result.image), mask_b=png_base64(result.mask_b), mask_f=png_base64(result.mask_f),
         region=png_base64(result.region), used_fallback=result.used_fallback,
-        instruction_truncated=result.instruction_truncated, timings=result.timings,
+        instruction_truncated=result.instruction_truncated, timings=result.timings, warnings=list(result.notes),
     )
 
 
