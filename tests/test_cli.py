@@ -18,7 +18,7 @@ from conftest import smooth_image
 from PIL import Image
 
 from zone_engine import ZonePipeline
-from zone_engine.backends import resolve_device
+from zone_engine.backends import check_backends, resolve_device
 from zone_engine.cli import MASK_OUTPUTS, SERVE_MODULES, main
 from zone_engine.config import EditConfig, SamConfig, check_backend_options, device_kind
 from zone_engine.errors import ConfigError, DeviceError, InputImageError, InstructionError, ZoneError
@@ -376,8 +376,11 @@ def test_export_and_build_engine_commands_fail_cleanly(capsys, tmp_path):
 def test_tensorrt_denoiser_without_engines_folder(capsys, photo, tmp_path):
     _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", str(tmp_path / "o.png"), "--tiny",
                             "--denoiser", "tensorrt"], "--engines")
-    _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", str(tmp_path / "o.png"), "--tiny",
-                            "--denoiser", "tensorrt", "--engines", str(tmp_path / "nothing")], "no manifest.json")
+    _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", str(tmp_path / "o.png"), "--tiny", "--device",
+                            "cpu", "--denoiser", "tensorrt", "--engines", str(tmp_path)], "needs a CUDA GPU")
+    # On a GPU, a mistyped folder is said before TensorRT's absence (check_backends reads only the device's type).
+    with pytest.raises(ZoneError, match="no manifest.json"):
+        check_backends(torch.device("cuda"), denoiser="tensorrt", engines=tmp_path / "nothing")
 
 
 def test_onnx_segmenter_without_export_folder(capsys, photo, tmp_path):
