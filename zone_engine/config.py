@@ -73,11 +73,12 @@ def check_backend_options(
     """ConfigError / DeviceError for a backend option that names nothing, that its backend would not read
     (silently ignored otherwise), that lacks what it needs, or that needs CUDA on the CPU (device `kind` auto
     passes those). Free of torch, so `zone edit` says it at once, and ZonePipeline before any weights move."""
-    for value, names, what in ((denoiser, DENOISERS, "denoiser backend"), (segmenter, SEGMENTERS, "segmenter"),
-                               (group_norm, GROUP_NORMS, "GroupNorm implementation"),
-                               (attention, ATTENTION, "attention backend"), (sam_precision, SAM_PRECISIONS,
-                                                                             "SAM precision")):
-        if value not in names and (isinstance(value, str) or what != "denoiser backend"):  # or a Denoiser
+    named = [("segmenter", segmenter, SEGMENTERS), ("GroupNorm implementation", group_norm, GROUP_NORMS),
+             ("attention backend", attention, ATTENTION), ("SAM precision", sam_precision, SAM_PRECISIONS)]
+    if isinstance(denoiser, str):  # else a Denoiser instance, configured already (make_denoiser checks it)
+        named.append(("denoiser backend", denoiser, DENOISERS))
+    for what, value, names in named:
+        if value not in names:
             raise DeviceError(f"unknown {what} {value!r}: available {', '.join(names)}")
     on_cpu = kind == "cpu"
     if attention == "xformers" and on_cpu:
