@@ -22,6 +22,7 @@ from zone_engine.backends import check_backends, resolve_device
 from zone_engine.cli import MASK_OUTPUTS, SERVE_MODULES, main
 from zone_engine.config import EditConfig, SamConfig, check_backend_options, device_kind
 from zone_engine.errors import ConfigError, DeviceError, InputImageError, InstructionError, ZoneError
+from zone_engine.pipeline import EditRequest
 
 
 @pytest.fixture
@@ -488,3 +489,69 @@ def test_zone_profile_and_zone_bench_hand_their_options_to_the_benchmark_tools(c
     with pytest.raises(SystemExit) as exited:
         main(["bench", "--help"])
     assert exited.value.code == 0 and "zone bench" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ the Python API on what an integrator may pass
+
+
+def test_api_arguments_of_the_wrong_kind_are_clear_errors(tiny_pipe):
+    """Found by a black-box audit: each of these was an AttributeError, a TypeError or a bare AssertionError
+    from deep inside, or (huge kernels, points) a MemoryError after the whole denoise."""
+    with pytest.raises(DeviceError, match="device must be a name"):
+        ZonePipeline(tiny_pipe.models, device=None)
+    with pytest.raises(ConfigError, match="default_config must be an EditConfig"):
+        ZonePipeline(tiny_pipe.models, device="cpu", default_config={"steps": 2})
+    with pytest.raises(ConfigError, match="list of EditRequest"):
+        tiny_pipe.edit_batch([("photo.png", "add a hat")])
+    with pytest.raises(ConfigError, match="list of EditRequest"):
+        tiny_pipe.edit_batch(None)
+    with pytest.raises(ConfigError, match="threading.Event"):
+        EditRequest(smooth_image(64, 64), "add a hat", cancel=True)
+    for changes in ({"close_kernel": 10**6}, {"dilate_kernel": 10**6}, {"dilate_iterations": 10**6}):
+        with pytest.raises(ConfigError, match="at most 1023|between 1 and 1023"):
+            EditConfig(**changes)
+    with pytest.raises(ConfigError, match="points_per_side must be at most 256"):
+        SamConfig(points_per_side=10**5)
+    with Image.open(io.BytesIO(_png_bytes())) as closed:
+        pass
+    with pytest.raises(InputImageError, match="closed before its pixels were read"):
+        tiny_pipe.edit(closed, "add a hat")
+    with pytest.raises(InputImageError, match="no image path given"):
+        tiny_pipe.edit("", "add a hat")
+
+
+def test_a_misspelt_from_pretrained_option_is_said_before_any_checkpoint_loads(monkeypatch):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded checkpoints before checking the options")
+
+    monkeypatch.setattr("zone_engine.pipeline.load_pretrained", must_not_load)
+    with pytest.raises(ConfigError, match="segmentr"):
+        ZonePipeline.from_pretrained(device="cpu", segmentr="torch")
+
+
+def test_a_diverging_denoise_is_an_error_not_a_black_image(tiny_pipe):
+    config = tiny_pipe.default_config.replace(steps=2, text_guidance=1e30)
+    with pytest.raises(ConfigError, match="diverged .* lower the guidance"):
+        tiny_pipe.edit(smooth_image(64, 64), "add a hat", config)
+
+
+def test_a_float_array_too_large_is_refused_before_it_is_converted(monkeypatch):
+    """The size check came after the float64 x 255 copy: 16 bytes a value to learn an image is too large."""
+    import tracemalloc
+
+    from zone_engine import image_io
+
+    monkeypatch.setattr(image_io, "MAX_PIXELS", 100 * 100)
+    huge = np.broadcast_to(np.float32(0.5), (2000, 2000, 3))  # no memory of its own
+    tracemalloc.start()
+    with pytest.raises(InputImageError, match="too large|at most"):
+        image_io.load_image(huge)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 10_000_000, peak  # the conversion would have taken 192 MB
+
+
+def _png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(smooth_image(32, 32)).save(buffer, format="PNG")
+    return buffer.getvalue()

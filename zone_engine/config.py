@@ -29,6 +29,9 @@ class Action(str, Enum):
 
 # The scheduler's training timesteps: a step count above this has no timesteps to use.
 MAX_STEPS = 1000
+# Mask morphology: the working image is at most 512 pixels a side by default, so a kernel (or a dilation's
+# iterations) beyond this covers any image many times over; larger ones only exhaust memory.
+MAX_KERNEL = 1023
 
 # Output order of the reference action classifier's logits (ckpts/action_classifier.pth).
 CLASSIFIER_ACTIONS: tuple[Action, ...] = (Action.CHANGE, Action.ADD, Action.REMOVE)
@@ -53,6 +56,8 @@ _DEVICE_NAME = re.compile(r"auto|cpu(?::0)?|cuda(?::(?:0|[1-9][0-9]*))?")  # wha
 def device_kind(name: str) -> str:
     """auto, cpu or cuda for a device name the engine runs on (auto, cpu, cuda, cuda:N; any case), else a
     DeviceError."""
+    if not isinstance(name, str):
+        raise DeviceError(f"device must be a name (auto, cpu, cuda or cuda:N) or a torch.device, got {name!r}")
     text = name.strip().lower()
     if not _DEVICE_NAME.fullmatch(text):
         raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
@@ -155,6 +160,8 @@ class SamConfig:
         _raise_first_failing([
             (self.points_per_side >= 1 and self.points_per_batch >= 1, "points_per_side and points_per_batch must be "
              ">= 1"),
+            # segment-anything's default is 32 (1,024 prompts); 256 is 65,536, each a decoder pass.
+            (self.points_per_side <= 256, "points_per_side must be at most 256"),
             (self.crop_n_layers >= 0 and self.min_mask_region_area >= 0, "crop_n_layers and min_mask_region_area "
              "must be >= 0"),
             (0.0 <= self.box_nms_thresh <= 1.0 and 0.0 <= self.crop_nms_thresh <= 1.0, "NMS thresholds (IoU) must be "
@@ -223,8 +230,10 @@ class EditConfig:
             (self.size_multiple > 0 and self.size_multiple % 32 == 0, "size_multiple must be a multiple of 32"),
             (0.0 <= self.seam_alpha <= 1.0, "seam_alpha must be between 0 and 1"),
             (self.min_region_area >= 0, "min_region_area must be >= 0"),
-            (self.dilate_kernel >= 1 and self.close_kernel >= 1, "kernel sizes must be >= 1"),
+            (1 <= self.dilate_kernel <= MAX_KERNEL and 1 <= self.close_kernel <= MAX_KERNEL,
+             f"kernel sizes must be between 1 and {MAX_KERNEL}"),
             (self.dilate_iterations >= 0 and self.fft_radius >= 0, "dilate_iterations and fft_radius must be >= 0"),
+            (self.dilate_iterations <= MAX_KERNEL, f"dilate_iterations must be at most {MAX_KERNEL}"),
             (all(0 <= t <= 255 for t in (self.reference_threshold, self.paper_threshold, self.fft_threshold)),
              "reference_threshold, paper_threshold and fft_threshold are 8-bit levels: between 0 and 255"),
             (0 <= self.seed < 2**63, f"seed must be between 0 and {2**63 - 1} (2**63 - 1)"),

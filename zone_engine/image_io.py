@@ -78,6 +78,8 @@ def read_image(source: ImageSource, name: str | None = None) -> tuple[np.ndarray
 
 
 def _load_file(path: Path) -> tuple[np.ndarray, bool, int]:
+    if not str(path) or str(path) == ".":
+        raise InputImageError("no image path given: pass the path of an image file")
     if not path.exists():
         raise InputImageError(f"image not found: {path}")
     if path.is_dir():
@@ -115,6 +117,9 @@ def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, bool, int]:
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
+    except AssertionError:  # PIL's only word for a file closed before its pixels were read
+        raise InputImageError(f"{name} was closed before its pixels were read: pass it inside its `with "
+                              "Image.open(...)` block, or call .load() before closing it") from None
     except Image.DecompressionBombError:
         raise InputImageError(_too_large_message(name, None)) from None
     except (OSError, SyntaxError, ValueError) as error:
@@ -169,6 +174,8 @@ def _array_to_rgb(array: np.ndarray) -> tuple[np.ndarray, bool]:
     received = f"an array of shape {array.shape} and dtype {array.dtype}"
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
         raise InputImageError(f"cannot use {received} as an image; accepted: {_ACCEPTED_ARRAYS}")
+    # Before any conversion: a float array's is 16 bytes a value, too much to find out an image is too large.
+    _check_size(array.shape[0], array.shape[1], name="the given array")
 
     if array.dtype == np.uint8:
         pixels = array
@@ -184,7 +191,6 @@ def _array_to_rgb(array: np.ndarray) -> tuple[np.ndarray, bool]:
     else:
         raise InputImageError(f"cannot use {received} as an image; accepted: {_ACCEPTED_ARRAYS}")
 
-    _check_size(pixels.shape[0], pixels.shape[1], name="the given array")
     if pixels.ndim == 2 or pixels.shape[2] == 1:
         return _gray_to_rgb(pixels.reshape(pixels.shape[:2])), False
     if pixels.shape[2] == 4:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import threading
 import time
 import warnings
@@ -96,6 +97,11 @@ class EditRequest:
     instruction: str
     config: EditConfig | None = None
     cancel: threading.Event | None = None
+
+    def __post_init__(self) -> None:
+        if self.cancel is not None and not isinstance(self.cancel, threading.Event):
+            raise ConfigError(f"EditRequest's cancel must be a threading.Event or None, not a "
+                              f"{type(self.cancel).__name__}")
 
     def cancelled(self) -> bool:
         return self.cancel is not None and self.cancel.is_set()
@@ -233,6 +239,9 @@ class ZonePipeline:
         # channels_last: convolutions in NHWC, where GPUs have their fastest fp16/bf16 kernels; None: the
         # UNets' only, on CUDA in half precision (models.unets_channels_last). The models change in place.
         self.models = models.to(self.device, self.dtype, channels_last)
+        if default_config is not None and not isinstance(default_config, EditConfig):
+            raise ConfigError(f"default_config must be an EditConfig, e.g. EditConfig(steps=10), not a "
+                              f"{type(default_config).__name__}")
         self.default_config = default_config or EditConfig()
         # group_norm: the UNets' and VAE's GroupNorms by kernel 3 or PyTorch (make_group_norms says where).
         unet_norms, self.vae_norms = make_group_norms(group_norm, self.device, denoiser)
@@ -257,6 +266,10 @@ class ZonePipeline:
         """Real checkpoints from local folders, the offline Hugging Face cache, and a SAM .pth file
         (`sam`, default `DEFAULT_SAM`). With `segmenter="onnx", sam_onnx=DIR` the PyTorch SAM is never
         loaded: pass neither `sam` nor `sam_type` then."""
+        try:  # a misspelt option is said now, not once the checkpoints have loaded (minutes)
+            inspect.signature(cls).bind_partial(**kwargs)
+        except TypeError as error:
+            raise ConfigError(f"from_pretrained: {error}; the options are ZonePipeline's") from None
         sam = _sam_checkpoint(sam, sam_type, kwargs.get("segmenter", "torch"))
         target = resolve_device(device)
         load_dtype = resolve_dtype(dtype, target)
@@ -301,6 +314,10 @@ class ZonePipeline:
         `return_exceptions`, a request that fails (bad input, cancelled, a fault in its own work)
         has its exception in its place and the others go on; else the first raises.
         """
+        if not isinstance(requests, Sequence) or not all(isinstance(r, EditRequest) for r in requests):
+            given = [type(r).__name__ for r in requests] if isinstance(requests, Sequence) else type(requests).__name__
+            raise ConfigError(f"edit_batch takes a list of EditRequest(image, instruction[, config, cancel]), got "
+                              f"{given}")
         outcomes: list[EditResult | Exception | None] = [None] * len(requests)
         groups: dict[BatchKey, list[tuple[int, PreparedEdit]]] = {}
         for index, request in enumerate(requests):
@@ -434,6 +451,10 @@ class ZonePipeline:
     def finish(self, edit: PreparedEdit, latents: torch.Tensor, *, progress: bool = False) -> EditResult:
         """Steps 6-9 of one edit: localize, decode, refine, blend; results at the input size."""
         config, watch = edit.config, edit.watch
+        if not torch.isfinite(latents).all():  # else a black I_sty and a region over the whole image, unsaid
+            raise ConfigError(f"the denoising diverged (inf/NaN latents): lower the guidance (text_guidance "
+                              f"{config.text_guidance:g}, image_guidance {config.image_guidance:g}), or, in fp16, "
+                              "run in bf16 or fp32")
         with watch("localize"):  # 6. The edit mask M_b.
             located = self._localize(edit)
         with watch("vae_decode"):  # 7. I_sty.
