@@ -63,6 +63,8 @@ def read_image(source: ImageSource, name: str | None = None) -> tuple[np.ndarray
         name = name or "the given PIL image"
         rgb, had_alpha, frames = _pil_to_rgb(source, name)
     elif isinstance(source, str | os.PathLike):
+        if not os.fspath(source):  # Path("") would be the current folder: ". is a directory"
+            raise InputImageError("no image path given: pass the path of an image file")
         name, (rgb, had_alpha, frames) = str(source), _load_file(Path(source))
     else:
         raise InputImageError(
@@ -78,8 +80,6 @@ def read_image(source: ImageSource, name: str | None = None) -> tuple[np.ndarray
 
 
 def _load_file(path: Path) -> tuple[np.ndarray, bool, int]:
-    if not str(path) or str(path) == ".":
-        raise InputImageError("no image path given: pass the path of an image file")
     if not path.exists():
         raise InputImageError(f"image not found: {path}")
     if path.is_dir():

@@ -184,6 +184,12 @@ def _coarse_grid_note(geometry: image_io.Geometry) -> str | None:
             "a larger or less elongated (cropped) image edits better")
 
 
+def _edit_config(config: object, what: str) -> EditConfig:
+    if not isinstance(config, EditConfig):
+        raise ConfigError(f"{what} must be an EditConfig, e.g. EditConfig(steps=10), not a {type(config).__name__}")
+    return config
+
+
 def to_uint8_image(pixels: torch.Tensor) -> np.ndarray:
     """float (1, 3, H, W) in [0, 1] -> uint8 (H, W, 3), rounding as diffusers' numpy_to_pil.
 
@@ -235,14 +241,12 @@ class ZonePipeline:
         check_backends(self.device, denoiser=denoiser, engines=engines, segmenter=segmenter, sam_onnx=sam_onnx,
                        sam_precision=sam_precision, group_norm=group_norm, attention=attention, cuda_graphs=cuda_graphs)
         self.sam_dtype = DTYPES[sam_precision]
-        configure_attention(models, attention, self.device)  # checked before gigabytes move
+        # Checked before gigabytes move:
+        self.default_config = EditConfig() if default_config is None else _edit_config(default_config, "default_config")
+        configure_attention(models, attention, self.device)
         # channels_last: convolutions in NHWC, where GPUs have their fastest fp16/bf16 kernels; None: the
         # UNets' only, on CUDA in half precision (models.unets_channels_last). The models change in place.
         self.models = models.to(self.device, self.dtype, channels_last)
-        if default_config is not None and not isinstance(default_config, EditConfig):
-            raise ConfigError(f"default_config must be an EditConfig, e.g. EditConfig(steps=10), not a "
-                              f"{type(default_config).__name__}")
-        self.default_config = default_config or EditConfig()
         # group_norm: the UNets' and VAE's GroupNorms by kernel 3 or PyTorch (make_group_norms says where).
         unet_norms, self.vae_norms = make_group_norms(group_norm, self.device, denoiser)
         self.denoiser = make_denoiser(self.models, denoiser, self.device, engines, cuda_graphs, unet_norms)
@@ -368,9 +372,7 @@ class ZonePipeline:
     @_stage_of_an_edit
     def prepare(self, image, instruction: str, config: EditConfig | None = None) -> PreparedEdit:
         """Steps 1-4 of one edit: check the inputs, encode the instruction, pick the action, encode the image."""
-        config = self.default_config if config is None else config
-        if not isinstance(config, EditConfig):
-            raise ConfigError(f"config must be an EditConfig, e.g. EditConfig(steps=10), not a {type(config).__name__}")
+        config = self.default_config if config is None else _edit_config(config, "config")
         models, watch = self.models, Stopwatch(self.device)
         started = time.perf_counter()
 
