@@ -134,6 +134,15 @@ def test_edit_with_tiny_models_and_masks(photo, tmp_path):
     assert main(argv) == 0 and np.array_equal(first, np.asarray(Image.open(out)))  # same seed, same file
 
 
+def test_edit_to_jpeg_warns_that_it_is_lossy_and_keeps_the_colour_profile(photo, tmp_path, capsys):
+    profiled, out = tmp_path / "profiled.png", tmp_path / "edited.jpg"
+    Image.open(photo).save(profiled, icc_profile=b"the camera's profile")
+    argv = ["edit", str(profiled), "-i", "add a hat", "-o", str(out), "--tiny", "--steps", "1", "--no-progress"]
+    assert main(argv) == 0
+    assert "JPEG is lossy" in capsys.readouterr().err
+    assert Image.open(out).info["icc_profile"] == b"the camera's profile"
+
+
 def test_every_entry_point_defaults_to_the_fused_denoiser(tiny_models):
     from zone_engine.cli import build_parser
     from zone_engine.dual_step import FusedDualDenoiser

@@ -221,6 +221,16 @@ def test_multi_frame_file_uses_first_frame_and_says_so(tmp_path, name):
     np.testing.assert_array_equal(loaded[0, 0], [255, 0, 0])
 
 
+def test_a_pil_animation_at_a_later_frame_edits_that_frame_and_says_which(tmp_path):
+    first, second = Image.new("RGB", (9, 8), (255, 0, 0)), Image.new("RGB", (9, 8), (0, 0, 255))
+    first.save(tmp_path / "anim.gif", save_all=True, append_images=[second])
+    with Image.open(tmp_path / "anim.gif") as animation:
+        animation.seek(1)
+        with pytest.warns(UserWarning, match=r"has 2 frames .* only frame 2 \(the one it was at\) is edited"):
+            loaded = load_image(animation)
+    np.testing.assert_array_equal(loaded[0, 0], [0, 0, 255])
+
+
 def test_single_frame_gif_loads_without_warning(tmp_path):
     Image.new("RGB", (9, 8), (255, 0, 0)).save(tmp_path / "still.gif")
     np.testing.assert_array_equal(load_quietly(tmp_path / "still.gif")[0, 0], [255, 0, 0])
@@ -304,6 +314,27 @@ def test_corrupt_pixel_data_in_a_valid_header(tmp_path):
     assert "cannot read" in load_refused(tmp_path / "bad.png")
 
 
+def test_a_pil_image_closed_by_close_says_so(tmp_path):
+    Image.fromarray(random_rgb(8, 8)).save(tmp_path / "x.png")
+    image = Image.open(tmp_path / "x.png")
+    image.close()
+    assert "was closed (.close()) before its pixels were read" in load_refused(image)
+
+
+def test_a_png_with_a_corrupt_header_is_not_called_an_unknown_format_only(tmp_path):
+    Image.fromarray(random_rgb(8, 8)).save(tmp_path / "x.png")
+    data = bytearray((tmp_path / "x.png").read_bytes())
+    data[12:16] = b"XXXX"  # the IHDR chunk's name
+    (tmp_path / "bad.png").write_bytes(bytes(data))
+    assert "or one whose header is corrupt" in load_refused(tmp_path / "bad.png")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (POSIX)")
+def test_a_named_pipe_is_refused_without_being_read(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")  # reading it would block until a writer came
+    assert "is not a regular file" in load_refused(tmp_path / "pipe.png")
+
+
 def test_unsupported_source_type():
     assert "file path, a PIL image or a numpy array" in load_refused(42)
 
@@ -328,6 +359,14 @@ def test_over_limit_file_is_refused(tmp_path, monkeypatch):
     Image.new("RGB", (16, 16)).save(tmp_path / "big.png")
     message = load_refused(tmp_path / "big.png")
     assert "16x16" in message and "downscale" in message
+
+
+def test_over_limit_pil_image_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    monkeypatch.setattr(image_io, "MAX_PIXELS", 100)
+    Image.new("RGB", (16, 16)).save(tmp_path / "big.png")
+    with Image.open(tmp_path / "big.png") as image:
+        monkeypatch.setattr(image, "load", lambda: pytest.fail("decoded before its size was checked"))
+        assert "16x16" in load_refused(image)
 
 
 def test_over_limit_array_is_refused(monkeypatch):
@@ -388,6 +427,79 @@ def test_uint16_array_keeps_the_high_byte(shape):
     assert (loaded[1:] == 255).all()
 
 
+@pytest.mark.parametrize("dtype", ["<u2", ">u2"])
+def test_uint16_array_of_eight_bit_values_is_read_as_such_and_says_so(dtype):
+    values = RNG.integers(0, 256, size=(8, 8, 3)).astype(dtype)  # e.g. np.array(img, dtype=np.uint16)
+    with pytest.warns(UserWarning, match="16-bit pixels all at most 255: read as 8-bit values"):
+        np.testing.assert_array_equal(load_image(values), values)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint32])
+def test_integer_arrays_of_eight_bit_values_are_read_quietly(dtype):
+    values = RNG.integers(0, 128, size=(8, 8, 3)).astype(dtype)  # e.g. np.array(img).astype(int)
+    np.testing.assert_array_equal(load_quietly(values), values)
+
+
+@pytest.mark.parametrize("bad", [-1, 65536])
+def test_integer_arrays_beyond_sixteen_bits_are_refused(bad):
+    values = np.zeros((8, 8, 3), dtype=np.int64)
+    values[0, 0, 0] = bad
+    assert f"integer pixels in {min(bad, 0)}..{max(bad, 0)}, outside 0..65535" in load_refused(values)
+
+
+def test_twelve_bit_values_are_read_as_sixteen_bit_and_called_nearly_black():
+    values = np.full((8, 8), 4095, dtype=np.uint16)
+    with pytest.warns(UserWarning, match="at most 4095: read as 16-bit values the image is nearly black"):
+        np.testing.assert_array_equal(load_image(values), 15)
+
+
+def test_one_rule_for_a_sixteen_bit_image_in_modes_i_and_i16():
+    """Pillow opens a 16-bit gray PNG in mode I;16 or I by version: both read alike, and like the array."""
+    for high in (200, 65535):
+        values = np.zeros((8, 8), dtype=np.uint16)
+        values[0, 0] = high
+        as_i16 = Image.fromarray(values)
+        as_i = Image.fromarray(values.astype(np.int32), "I")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = [load_image(source) for source in (as_i16, as_i, values)]
+        assert as_i16.mode == "I;16" and loaded[0][0, 0, 0] == (200 if high == 200 else 255)
+        for other in loaded[1:]:
+            np.testing.assert_array_equal(other, loaded[0])
+
+
+def test_sixteen_bit_gray_png_with_a_transparent_value_drops_it(tmp_path):
+    values = np.full((8, 8), 65535, dtype=np.uint16)
+    values[0, 0] = 4096
+    Image.fromarray(values).save(tmp_path / "t16.png", transparency=4096)
+    assert Image.open(tmp_path / "t16.png").info["transparency"] == 4096
+    with pytest.warns(UserWarning, match="transparency"):
+        loaded = load_image(tmp_path / "t16.png")
+    assert loaded[0, 0].max() == 0 and loaded[1:].min() == 255
+
+
+@pytest.mark.parametrize(
+    ("array", "hint"),
+    [(np.zeros((3, 16, 16), dtype=np.uint8), "array.transpose(1, 2, 0)"),
+     (np.zeros((1, 16, 16, 3), dtype=np.uint8), "array[0]"),
+     (np.zeros((16, 16), dtype=bool), "mask.astype(np.uint8) * 255")],
+    ids=["channels first", "batch of one", "bool mask"],
+)
+def test_arrays_in_other_libraries_layouts_are_refused_with_what_to_do(array, hint):
+    assert hint in load_refused(array)
+
+
+def test_a_torch_tensor_is_refused_with_how_to_convert_it():
+    torch = pytest.importorskip("torch")
+    assert ".permute(1, 2, 0).cpu().numpy()" in load_refused(torch.zeros(3, 16, 16))
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # numpy's about np.matrix itself
+def test_numpy_matrix_is_read_as_a_plain_array():
+    gray = RNG.integers(0, 256, size=(8, 8)).astype(np.uint8)
+    np.testing.assert_array_equal(load_quietly(np.asmatrix(gray))[..., 0], gray)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_float_array_in_unit_range(dtype):
     values = np.zeros((8, 8, 3), dtype=dtype)
@@ -410,15 +522,13 @@ def test_non_contiguous_array_gives_contiguous_result():
         (np.zeros((2, 8, 8, 3), dtype=np.uint8), "shape (2, 8, 8, 3)"),
         (np.zeros((8, 8, 2), dtype=np.uint8), "shape (8, 8, 2)"),
         (np.zeros((8, 8, 5), dtype=np.uint8), "shape (8, 8, 5)"),
-        (np.zeros((8, 8, 3), dtype=np.int32), "dtype int32"),
-        (np.zeros((8, 8, 3), dtype=np.int64), "dtype int64"),
         (np.zeros((8, 8), dtype=bool), "dtype bool"),
         (np.full((8, 8, 3), -0.1, dtype=np.float32), "[0, 1]"),
         (np.full((8, 8, 3), 1.5, dtype=np.float32), "[0, 1]"),
         (np.full((8, 8, 3), np.nan, dtype=np.float32), "finite"),
         (np.full((8, 8, 3), 255.0, dtype=np.float64), "[0, 1]"),
     ],
-    ids=["1d", "4d", "2ch", "5ch", "int32", "int64", "bool", "negative", "above-one", "nan", "0-255-float"],
+    ids=["1d", "4d", "2ch", "5ch", "bool", "negative", "above-one", "nan", "0-255-float"],
 )
 def test_rejected_arrays_name_what_was_received(array, words):
     message = load_refused(array)
@@ -607,9 +717,60 @@ def test_a_folder_that_permissions_allow_but_refuses_files_is_found_by_the_probe
         check_output_file(tmp_path / "edited.png", "output")
 
 
-def test_save_rejects_arrays_that_are_not_images(tmp_path):
-    with pytest.raises(ValueError):
-        save_image(np.zeros((8, 8, 3), dtype=np.float32), tmp_path / "x.png")
+@pytest.mark.parametrize(
+    ("array", "words"),
+    [(np.zeros((8, 8, 3), dtype=np.float32), "shape (8, 8, 3) and dtype float32"),
+     (np.zeros((8, 8, 4), dtype=np.uint8), "shape (8, 8, 4)"),
+     (np.zeros((8, 8, 3), dtype=bool), "dtype bool"),
+     (None, "a NoneType")],
+    ids=["float", "rgba", "bool rgb", "none"],
+)
+def test_save_refuses_what_is_not_an_image_and_writes_nothing(tmp_path, array, words):
+    with pytest.raises(ZoneError, match="cannot save") as caught:
+        save_image(array, tmp_path / "x.png")
+    assert words in str(caught.value) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [("", "no output path given"), ("input.png/x.png", "input.png is a file, not a folder"),
+     ("x.xyz", ".xyz is no image format's suffix")],
+    ids=["empty", "under a file", "unknown suffix"],
+)
+def test_save_to_an_unusable_path_says_why(tmp_path, monkeypatch, name, words):
+    monkeypatch.chdir(tmp_path)
+    save_image(random_rgb(8, 8), "input.png")
+    with pytest.raises(ZoneError, match="no output path|cannot write") as caught:
+        save_image(random_rgb(8, 8), name)
+    assert words in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.png"]
+
+
+@pytest.mark.parametrize("suffix", [".png", ".webp", ".tiff", ".bmp"])
+def test_lossless_formats_keep_every_pixel(tmp_path, suffix):
+    pixels = random_rgb(24, 40)  # noise: the worst case for a lossy encoder
+    save_image(pixels, tmp_path / f"x{suffix}")
+    np.testing.assert_array_equal(load_quietly(tmp_path / f"x{suffix}"), pixels)
+    assert image_io.lossy_format_note(tmp_path / f"x{suffix}") is None
+
+
+def test_jpeg_is_written_at_high_quality_and_said_to_be_lossy(tmp_path):
+    pixels = make_sample_image(64, 64)
+    save_image(pixels, tmp_path / "x.JPG")
+    error = np.abs(load_quietly(tmp_path / "x.JPG").astype(int) - pixels).mean()
+    assert error < 2.0  # quality 95 without chroma subsampling: 0.95; Pillow's defaults (75, 4:2:0): 5.4
+    assert "JPEG is lossy" in image_io.lossy_format_note(tmp_path / "x.JPG")
+
+
+def test_the_input_colour_profile_is_carried_to_the_output(tmp_path):
+    profile = b"not parsed by Pillow, only carried"
+    Image.fromarray(random_rgb(8, 8)).save(tmp_path / "in.png", icc_profile=profile)
+    assert image_io.colour_profile(tmp_path / "in.png") == profile
+    for suffix in (".png", ".jpg", ".webp", ".tiff"):
+        save_image(random_rgb(8, 8), tmp_path / f"out{suffix}", icc_profile=profile)
+        assert Image.open(tmp_path / f"out{suffix}").info.get("icc_profile") == profile, suffix
+    Image.fromarray(random_rgb(8, 8)).save(tmp_path / "plain.png")
+    assert image_io.colour_profile(tmp_path / "plain.png") is None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -202,6 +202,20 @@ def test_what_an_edit_did_not_take_as_given_goes_back_with_its_request(pipe):
         assert header == " | ".join(body["warnings"])
 
 
+def test_the_uploads_colour_profile_comes_back_with_the_edited_image(pipe):
+    """The engine edits pixel values as they are: the untouched ones look as before only in the input's profile."""
+    buffer = io.BytesIO()
+    Image.fromarray(smooth_image(64, 64)).save(buffer, format="PNG", icc_profile=b"a display-p3 profile")
+    with serving(pipe) as (base, _):
+        edited = post_edit(base, buffer.getvalue(), steps=1)
+        assert Image.open(io.BytesIO(edited.content)).info["icc_profile"] == b"a display-p3 profile"
+        body = post_edit(base, buffer.getvalue(), steps=1, **{"return": "json"}).json()
+        assert Image.open(io.BytesIO(base64.b64decode(body["image"]))).info["icc_profile"] == b"a display-p3 profile"
+        assert "icc_profile" not in Image.open(io.BytesIO(base64.b64decode(body["mask_f"]))).info
+        plain = post_edit(base, smooth_image(64, 64), steps=1)
+        assert "icc_profile" not in Image.open(io.BytesIO(plain.content)).info
+
+
 def test_health_readiness_metrics_and_openapi(pipe):
     with serving(pipe) as (base, _):
         assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}

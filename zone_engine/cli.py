@@ -311,7 +311,7 @@ def _print_summary(result) -> None:
 
 
 def run_edit(args: argparse.Namespace) -> None:
-    from .image_io import load_image, save_image
+    from .image_io import colour_profile, load_image, lossy_format_note, save_image
 
     # Every check that can fail runs before gigabytes of weights load; all that need no torch before its import
     # (seconds): the checkpoints' presence and what --device auto finds are checked once it is loaded.
@@ -323,10 +323,12 @@ def run_edit(args: argparse.Namespace) -> None:
         _check_masks_spare(args.save_masks, args.output, args.image)
     image = load_image(args.image)
     instruction = check_instruction(args.instruction)
+    if note := lossy_format_note(args.output):
+        print(f"warning: {note}", file=sys.stderr)
     pipe = _pipeline_spec(args).build()
     config = pipe.default_config.replace(**changes)
     result = pipe.edit(image, instruction, config, progress=not args.no_progress)
-    save_image(result.image, args.output)
+    save_image(result.image, args.output, icc_profile=colour_profile(args.image))
     if args.save_masks:
         _save_outputs(result, args.save_masks, MASK_OUTPUTS)
     _print_summary(result)

@@ -25,8 +25,8 @@ MAX_PIXELS = 100_000_000
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
 _ACCEPTED_ARRAYS = (
-    "uint8 or uint16 arrays of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
-    "or float arrays with values in [0, 1]"
+    "arrays of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4): uint8, other integers in 0..65535 (16-bit "
+    "unless all are at most 255) or floats in [0, 1]"
 )
 
 ImageSource = str | os.PathLike | Image.Image | np.ndarray
@@ -42,9 +42,9 @@ def load_image(source: ImageSource, name: str | None = None) -> np.ndarray:
     `name`: what messages call a PIL image or array (e.g. "the uploaded image"); a file is called by its path.
 
     Files and PIL images are decoded fully, turned upright by their EXIF orientation, and use their
-    first frame (with an `EditWarning` when there are more). Transparency is composited over black with an
-    `EditWarning`. Anything unusable raises `InputImageError` with a one-line message that says what is
-    wrong and what to do.
+    first frame (a PIL image: the frame it is at), with an `EditWarning` when there are more. Transparency is
+    composited over black with an `EditWarning`; so is said a guess of 16-bit pixels' depth (`_integers_to_uint8`).
+    Anything unusable raises `InputImageError` with a one-line message that says what is wrong and what to do.
     """
     pixels, notes = read_image(source, name)
     for note in notes:
@@ -53,37 +53,36 @@ def load_image(source: ImageSource, name: str | None = None) -> np.ndarray:
 
 
 def read_image(source: ImageSource, name: str | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
-    """`load_image`'s pixels and, instead of warnings, its notes (what was dropped): for a caller that reports
-    them per request (warnings are process-wide)."""
-    frames = 1
+    """`load_image`'s pixels and, instead of warnings, its notes (what was dropped or guessed): for a caller
+    that reports them per request (warnings are process-wide)."""
     if isinstance(source, np.ndarray):
-        name = name or "the given array"
-        rgb, had_alpha = _array_to_rgb(source)
+        rgb, notes = _array_to_rgb(np.asarray(source), name or "the given array")  # np.matrix: a plain array
     elif isinstance(source, Image.Image):
-        name = name or "the given PIL image"
-        rgb, had_alpha, frames = _pil_to_rgb(source, name)
+        rgb, notes = _pil_to_rgb(source, name or "the given PIL image")
     elif isinstance(source, str | os.PathLike):
         if not os.fspath(source):  # Path("") would be the current folder: ". is a directory"
             raise InputImageError("no image path given: pass the path of an image file")
-        name, (rgb, had_alpha, frames) = str(source), _load_file(Path(source))
+        rgb, notes = _load_file(Path(source))
     else:
-        raise InputImageError(
-            f"cannot use a {type(source).__name__} as an image; "
-            "pass a file path, a PIL image or a numpy array"
-        )
-    notes = []
-    if frames > 1:
-        notes.append(f"{name} has {frames} frames (an animation or a multi-page file); only the first is edited")
-    if had_alpha:
-        notes.append(f"{name} has transparency; it was dropped (transparent areas become black)")
+        raise InputImageError(f"cannot use a {type(source).__name__} as an image; pass a file path, a PIL image "
+                              f"or a numpy array{_TENSOR_HINT if _is_tensor(source) else ''}")
     return rgb, tuple(notes)
 
 
-def _load_file(path: Path) -> tuple[np.ndarray, bool, int]:
+_TENSOR_HINT = " (a (3, H, W) tensor in [0, 1]: tensor.permute(1, 2, 0).cpu().numpy())"
+
+
+def _is_tensor(source: object) -> bool:
+    return type(source).__module__.split(".")[0] == "torch"  # without importing torch
+
+
+def _load_file(path: Path) -> tuple[np.ndarray, list[str]]:
     if not path.exists():
         raise InputImageError(f"image not found: {path}")
     if path.is_dir():
         raise InputImageError(f"{path} is a directory; pass the path of an image file")
+    if not path.is_file():  # a FIFO or a device: reading it could block, and it has no size to check
+        raise InputImageError(f"{path} is not a regular file; pass the path of an image file")
     if path.stat().st_size == 0:  # e.g. an interrupted copy: say so, not "not an image"
         raise InputImageError(f"{path} is empty (0 bytes): copy or export the image again")
     with warnings.catch_warnings():
@@ -92,14 +91,13 @@ def _load_file(path: Path) -> tuple[np.ndarray, bool, int]:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             with Image.open(path) as img:
-                _check_size(*img.size[::-1], name=str(path))
                 return _pil_to_rgb(img, str(path))
         except Image.DecompressionBombError:
             raise InputImageError(_too_large_message(str(path), None)) from None
         except UnidentifiedImageError:
             raise InputImageError(
-                f"cannot read {path}: not an image file in a format Pillow can read; "
-                "convert it to PNG or JPEG"
+                f"cannot read {path}: not an image file in a format Pillow can read, or one whose header is "
+                "corrupt; convert it to PNG or JPEG"
             ) from None
         except (OSError, SyntaxError, ValueError) as error:
             raise InputImageError(
@@ -108,79 +106,105 @@ def _load_file(path: Path) -> tuple[np.ndarray, bool, int]:
             ) from None
 
 
-def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, bool, int]:
-    """Decode a PIL image (first frame), make it upright, convert to uint8 RGB (H, W, 3).
-
-    Also returns whether some transparency was composited away, and how many frames it has.
-    """
-    frames = getattr(img, "n_frames", 1)
+def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, list[str]]:
+    """Decode a PIL image (its current frame: the first of a file), make it upright, convert to uint8 RGB
+    (H, W, 3); with the notes on what was dropped or guessed."""
+    _check_size(img.height, img.width, name=name)  # from the header: a huge image is refused undecoded
+    notes = _frames_notes(img, name)
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
-    except AssertionError:  # PIL's only word for a file closed before its pixels were read
+    except AssertionError:  # PIL's word for a file closed (its `with` block left) before its pixels were read
         raise InputImageError(f"{name} was closed before its pixels were read: pass it inside its `with "
                               "Image.open(...)` block, or call .load() before closing it") from None
     except Image.DecompressionBombError:
         raise InputImageError(_too_large_message(name, None)) from None
     except (OSError, SyntaxError, ValueError) as error:
+        if "closed image" in str(error):  # .close() called before its pixels were read
+            raise InputImageError(f"{name} was closed (.close()) before its pixels were read: pass it "
+                                  "before closing it, or call .load() first") from None
         raise InputImageError(
             f"cannot read {name}: the image data is corrupt or truncated ({_one_line(error)}); "
             "re-export or re-download it"
         ) from None
-    _check_size(img.height, img.width, name=name)
 
     mode = img.mode
     # A palette, RGB or L image can mark one colour transparent (PNG tRNS): as much transparency as alpha.
     if mode in _ALPHA_MODES or (mode in ("P", "RGB", "L") and "transparency" in img.info):
-        return *_composite_over_black(np.asarray(img.convert("RGBA"))), frames
+        rgb, had_alpha = _composite_over_black(np.asarray(img.convert("RGBA")))
+        return rgb, notes + _alpha_notes(had_alpha, name)
     if mode == "RGB":
-        rgb = np.asarray(img)
-    elif mode == "F":
+        return np.array(img, dtype=np.uint8, order="C"), notes  # a writable copy
+    if mode == "F":
         raise InputImageError(
             f"{name} has floating-point pixels (mode F), which have no standard 8-bit meaning; "
             "convert it to 8-bit RGB first"
         )
-    elif mode.startswith("I;16"):
-        # (H, W) uint16, either byte order.
-        rgb = _gray_to_rgb((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
-    elif mode == "I":
-        rgb = _gray_to_rgb(_int32_to_uint8(np.asarray(img), name))
-    else:
-        try:
-            rgb = np.asarray(img.convert("RGB"))
-        except (OSError, ValueError) as error:
-            raise InputImageError(
-                f"{name} has pixel mode {mode}, which cannot be converted to RGB ({_one_line(error)}); "
-                "convert it to 8-bit RGB first"
-            ) from None
-    return np.array(rgb, dtype=np.uint8, order="C"), False, frames  # a writable copy
+    if mode == "I" or mode.startswith("I;16"):  # Pillow opens a 16-bit gray PNG as one or the other by version
+        return _integer_gray_to_rgb(np.asarray(img), img.info.get("transparency"), name, sixteen_bit=mode != "I")
+    try:
+        return np.array(img.convert("RGB"), dtype=np.uint8, order="C"), notes
+    except (OSError, ValueError) as error:
+        raise InputImageError(
+            f"{name} has pixel mode {mode}, which cannot be converted to RGB ({_one_line(error)}); "
+            "convert it to 8-bit RGB first"
+        ) from None
 
 
-def _int32_to_uint8(values: np.ndarray, name: str) -> np.ndarray:
-    """Mode I (H, W) int32 -> uint8, scaled by the bit depth the values actually use."""
+def _frames_notes(img: Image.Image, name: str) -> list[str]:
+    frames = getattr(img, "n_frames", 1)
+    if frames == 1:
+        return []
+    frame = img.tell()
+    edited = "the first is edited" if frame == 0 else f"frame {frame + 1} (the one it was at) is edited"
+    return [f"{name} has {frames} frames (an animation or a multi-page file); only {edited}"]
+
+
+def _integer_gray_to_rgb(values: np.ndarray, transparent: object, name: str, *,
+                         sixteen_bit: bool) -> tuple[np.ndarray, list[str]]:
+    """A PIL mode I or I;16 image's (H, W) values -> uint8 RGB, its transparent value (PNG tRNS) made black."""
+    gray, notes = _integers_to_uint8(values, name, sixteen_bit=sixteen_bit)
+    if isinstance(transparent, int) and (hidden := values == transparent).any():
+        gray[hidden] = 0
+        notes += _alpha_notes(True, name)
+    return _gray_to_rgb(gray), notes
+
+
+def _integers_to_uint8(values: np.ndarray, name: str, *, sixteen_bit: bool) -> tuple[np.ndarray, list[str]]:
+    """Integer pixels in 0..65535 -> new uint8 by the depth they use: all at most 255, as 8-bit values; else
+    as 16-bit ones (the high byte). One rule for numpy arrays and PIL's I and I;16 modes, so one 16-bit PNG
+    reads the same whichever mode a Pillow version opens it in. `sixteen_bit`: their type says 16 bits."""
     low, high = int(values.min()), int(values.max())
     if low < 0 or high > 65535:
         raise InputImageError(
-            f"{name} has 32-bit integer pixels in {low}..{high}, outside 0..65535; "
-            "convert it to 8-bit RGB first"
+            f"{name} has integer pixels in {low}..{high}, outside 0..65535; convert it to 8-bit RGB first"
         )
+    notes = []
     if high <= 255:
-        return values.astype(np.uint8)
-    return (values >> 8).astype(np.uint8)
+        if sixteen_bit and high > 0:  # 8-bit values kept in 16 bits, or a 16-bit image all but black: a guess
+            notes.append(f"{name} has 16-bit pixels all at most 255: read as 8-bit values")
+        return values.astype(np.uint8), notes
+    if high < 4096:  # e.g. 12-bit sensor data: at most 15 of 255 once read as 16-bit
+        notes.append(f"{name} has 16-bit pixels all at most {high}: read as 16-bit values the image is nearly "
+                     "black; scale them to 0..65535 first")
+    return (values >> 8).astype(np.uint8), notes
 
 
-def _array_to_rgb(array: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Numpy image (see `_ACCEPTED_ARRAYS`) -> new contiguous uint8 RGB (H, W, 3), had-transparency."""
-    received = f"an array of shape {array.shape} and dtype {array.dtype}"
+def _array_to_rgb(array: np.ndarray, name: str) -> tuple[np.ndarray, list[str]]:
+    """Numpy image (see `_ACCEPTED_ARRAYS`) -> new contiguous uint8 RGB (H, W, 3), with notes."""
+    received = f"{name} (shape {array.shape}, dtype {array.dtype})"
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
-        raise InputImageError(f"cannot use {received} as an image; accepted: {_ACCEPTED_ARRAYS}")
+        raise InputImageError(f"cannot use {received} as an image{_layout_hint(array.shape)}; "
+                              f"accepted: {_ACCEPTED_ARRAYS}")
     # Before any conversion: a float array's is 16 bytes a value, too much to find out an image is too large.
-    _check_size(array.shape[0], array.shape[1], name="the given array")
+    _check_size(array.shape[0], array.shape[1], name=name)
 
+    notes: list[str] = []
     if array.dtype == np.uint8:
         pixels = array
-    elif array.dtype == np.uint16:
-        pixels = (array >> 8).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.integer):  # uint16 of either byte order, int32 from PIL, ...
+        sixteen_bit = array.dtype.kind == "u" and array.dtype.itemsize == 2
+        pixels, notes = _integers_to_uint8(array, name, sixteen_bit=sixteen_bit)
     elif np.issubdtype(array.dtype, np.floating):
         if array.size and not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
             raise InputImageError(
@@ -189,13 +213,28 @@ def _array_to_rgb(array: np.ndarray) -> tuple[np.ndarray, bool]:
             )
         pixels = np.rint(array.astype(np.float64) * 255.0).astype(np.uint8)
     else:
-        raise InputImageError(f"cannot use {received} as an image; accepted: {_ACCEPTED_ARRAYS}")
+        hint = " (a mask? pass mask.astype(np.uint8) * 255)" if array.dtype == bool else ""
+        raise InputImageError(f"cannot use {received} as an image{hint}; accepted: {_ACCEPTED_ARRAYS}")
 
     if pixels.ndim == 2 or pixels.shape[2] == 1:
-        return _gray_to_rgb(pixels.reshape(pixels.shape[:2])), False
+        return _gray_to_rgb(pixels.reshape(pixels.shape[:2])), notes
     if pixels.shape[2] == 4:
-        return _composite_over_black(pixels)
-    return np.array(pixels, dtype=np.uint8, order="C"), False
+        rgb, had_alpha = _composite_over_black(pixels)
+        return rgb, notes + _alpha_notes(had_alpha, name)
+    return np.array(pixels, dtype=np.uint8, order="C"), notes
+
+
+def _layout_hint(shape: tuple[int, ...]) -> str:
+    """What to do with an array in a layout of another library: channels first, or a batch of one."""
+    if len(shape) == 4 and shape[0] == 1:
+        return ": a batch of one? pass array[0]"
+    if len(shape) == 3 and shape[0] in (1, 3, 4) and shape[2] > 4:
+        return ": its channels come first; pass array.transpose(1, 2, 0)"
+    return ""
+
+
+def _alpha_notes(had_alpha: bool, name: str) -> list[str]:
+    return [f"{name} has transparency; it was dropped (transparent areas become black)"] if had_alpha else []
 
 
 def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
@@ -330,28 +369,65 @@ def _scaled_region(geometry: Geometry) -> tuple[slice, slice]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def save_image(array: np.ndarray, path: str | os.PathLike) -> None:
+# Options per format: JPEG as near lossless as it goes (no chroma subsampling), WebP lossless, so the pixels
+# outside the edit stay the input's (JPEG's still move a little: `lossy_format_note`).
+_SAVE_OPTIONS = {"JPEG": {"quality": 95, "subsampling": 0}, "WEBP": {"lossless": True}}
+
+
+def save_image(array: np.ndarray, path: str | os.PathLike, icc_profile: bytes | None = None) -> None:
     """Write uint8 RGB (H, W, 3), a bool mask (H, W) as 0/255, or a uint8 (H, W) mask as is.
 
-    The format follows the file's suffix (PNG when it has none); parent folders are created.
+    The format follows the file's suffix (PNG when it has none); parent folders are created. `icc_profile`:
+    the input's colour profile (`colour_profile`), so the output's untouched pixels look as the input's did.
     """
-    if array.ndim == 2 and array.dtype == bool:
-        pixels = array.astype(np.uint8) * 255
-    elif array.dtype == np.uint8 and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
-        pixels = array
-    else:
-        raise ValueError(f"cannot save an array of shape {array.shape} and dtype {array.dtype} as an image")
+    pixels = _savable_pixels(array)
+    if not os.fspath(path):
+        raise ZoneError("no output path given: pass the file name to write, such as edited.png")
     path = Path(path)
+    if blocking := next((p for p in path.parents if p.exists() and not p.is_dir()), None):
+        raise ZoneError(f"cannot write {path}: {blocking} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ZoneError(f"cannot write {path}: {_one_line(error)}") from None
+    image = Image.fromarray(np.ascontiguousarray(pixels))
+    file_format = Image.registered_extensions().get(path.suffix.lower()) if path.suffix else "PNG"
+    if file_format is None:
+        raise ZoneError(f"cannot write {path}: {path.suffix} is no image format's suffix; use .png, say")
+    options = {**_SAVE_OPTIONS.get(file_format, {}), **({"icc_profile": icc_profile} if icc_profile else {})}
     try:
         with written_atomically(path) as temporary:
-            Image.fromarray(np.ascontiguousarray(pixels)).save(temporary, format=None if path.suffix else "PNG")
+            image.save(temporary, format=file_format, **options)
     except (OSError, ValueError) as error:  # an OSError's reason alone: the file it names is the temporary one
         reason = error.strerror if isinstance(error, OSError) and error.strerror else _one_line(error)
         raise ZoneError(f"cannot write {path}: {reason}") from None
+
+
+def _savable_pixels(array: object) -> np.ndarray:
+    if isinstance(array, np.ndarray) and array.ndim == 2 and array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    if isinstance(array, np.ndarray) and array.dtype == np.uint8 and (
+            array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+        return array
+    received = (f"an array of shape {array.shape} and dtype {array.dtype}" if isinstance(array, np.ndarray)
+                else f"a {type(array).__name__}")
+    raise ZoneError(f"cannot save {received} as an image: save_image writes uint8 RGB (H, W, 3) or a mask "
+                    "(H, W) of bool or uint8")
+
+
+def colour_profile(path: str | os.PathLike) -> bytes | None:
+    """The ICC colour profile embedded in an image file, if any (for `save_image`): the engine edits pixel
+    values as they are, so the output keeps the input's profile to be shown in the input's colours."""
+    with Image.open(path) as img:
+        return img.info.get("icc_profile") or None
+
+
+def lossy_format_note(path: str | os.PathLike) -> str | None:
+    """A note when `path`'s format cannot keep the pixels outside the edit exactly (JPEG)."""
+    if Image.registered_extensions().get(Path(path).suffix.lower()) != "JPEG":
+        return None
+    return (f"{path}: JPEG is lossy, so the pixels outside the edit change slightly too; write .png or .webp "
+            "(lossless here) to keep them exactly")
 
 
 def make_sample_image(height: int = 256, width: int = 256) -> np.ndarray:

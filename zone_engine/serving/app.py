@@ -23,7 +23,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 import uvicorn
@@ -258,8 +258,14 @@ class LocalEditService(EditService):
 # ---------------------------------------------------------------------------------------- inputs
 
 
-def decode_upload(data: bytes, settings: ServeSettings) -> tuple[np.ndarray, tuple[str, ...]]:
-    """The uploaded file as uint8 RGB, and its notes (`read_image`); its pixel count checked from the header
+class Upload(NamedTuple):
+    pixels: np.ndarray  # uint8 RGB
+    notes: tuple[str, ...]  # what was dropped or guessed (`read_image`)
+    icc_profile: bytes | None  # its colour profile, given back with the edited image
+
+
+def decode_upload(data: bytes, settings: ServeSettings) -> Upload:
+    """The uploaded file as uint8 RGB, its notes and colour profile; its pixel count checked from the header
     before decoding."""
     if not data:
         raise ServeError(400, "bad_image", "the image file is empty")
@@ -273,7 +279,7 @@ def decode_upload(data: bytes, settings: ServeSettings) -> tuple[np.ndarray, tup
                 raise ServeError(413, "image_too_large", f"the image has {pixels:,} pixels "
                                  f"({header.width}x{header.height}); this server takes at most "
                                  f"{settings.max_pixels:,}: downscale it first")
-            return read_image(header, name="the uploaded image")
+            return Upload(*read_image(header, name="the uploaded image"), header.info.get("icc_profile") or None)
     except UnidentifiedImageError:
         raise ServeError(400, "bad_image", "the upload is not an image in a format this server can read; "
                          "send a PNG, JPEG or WebP file") from None
@@ -327,15 +333,16 @@ def check_request_fields(instruction: str, action: str | None, steps: int | None
 # ---------------------------------------------------------------------------------------- outputs
 
 
-def png_bytes(array: np.ndarray) -> bytes:
+def png_bytes(array: np.ndarray, icc_profile: bytes | None = None) -> bytes:
+    """PNG of an image or a bool mask; `icc_profile`: the upload's, so the untouched pixels look as they did."""
     image = Image.fromarray(array.astype(np.uint8) * 255 if array.dtype == bool else array)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", **({"icc_profile": icc_profile} if icc_profile else {}))
     return buffer.getvalue()
 
 
-def png_base64(array: np.ndarray) -> str:
-    return base64.b64encode(png_bytes(array)).decode("ascii")
+def png_base64(array: np.ndarray, icc_profile: bytes | None = None) -> str:
+    return base64.b64encode(png_bytes(array, icc_profile)).decode("ascii")
 
 
 class EditResponse(BaseModel):
@@ -435,9 +442,10 @@ def _add_edit_route(app: FastAPI) -> None:
             check_form_names([name for name, _ in (await request.form()).multi_items()])
             text, changes = check_request_fields(instruction, action, steps, seed, service.settings)
             data = await image.read()
-            pixels, upload_notes = await asyncio.to_thread(decode_upload, data, service.settings)
-            result = await unless_disconnected(request, asyncio.ensure_future(service.edit(pixels, text, changes)))
-            result = dataclasses.replace(result, notes=upload_notes + result.notes)
+            upload = await asyncio.to_thread(decode_upload, data, service.settings)
+            result = await unless_disconnected(request, asyncio.ensure_future(service.edit(upload.pixels, text,
+                                                                                          changes)))
+            result = dataclasses.replace(result, notes=upload.notes + result.notes)
         except ClientGone:
             service.metrics.count("cancelled")
             return error_response(ServeError(499, "client_closed_request", "the client went away; the edit was "
@@ -458,9 +466,9 @@ def _add_edit_route(app: FastAPI) -> None:
         if result.notes:
             headers["X-Zone-Warnings"] = " | ".join(result.notes)
         if return_ == "png":
-            return Response(await asyncio.to_thread(png_bytes, result.image), media_type="image/png",
-                            headers=headers)
-        body = await asyncio.to_thread(edit_response, result, request_id)
+            return Response(await asyncio.to_thread(png_bytes, result.image, upload.icc_profile),
+                            media_type="image/png", headers=headers)
+        body = await asyncio.to_thread(edit_response, result, request_id, upload.icc_profile)
         return JSONResponse(body.model_dump(), headers=headers)
 
 
@@ -536,11 +544,11 @@ def request_id_of(request: Request) -> str:
     return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
-def edit_response(result: EditResult, request_id: str) -> EditResponse:
+def edit_response(result: EditResult, request_id: str, icc_profile: bytes | None = None) -> EditResponse:
     height, width = result.image.shape[:2]
     return EditResponse(
         request_id=request_id, action=result.action.value, width=width, height=height,
-        image=png_base64(result.image), mask_b=png_base64(result.mask_b), mask_f=png_base64(result.mask_f),
+        image=png_base64(result.image, icc_profile), mask_b=png_base64(result.mask_b), mask_f=png_base64(result.mask_f),
         region=png_base64(result.region), used_fallback=result.used_fallback,
         instruction_truncated=result.instruction_truncated, timings=result.timings, warnings=list(result.notes),
     )
