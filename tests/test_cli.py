@@ -352,6 +352,14 @@ def test_a_backend_option_that_is_no_name_is_refused(option):
     check_backend_options("cpu", denoiser=object())  # a Denoiser instance comes configured (make_denoiser checks it)
 
 
+@pytest.mark.parametrize("option", ["cuda_graphs", "channels_last"])
+@pytest.mark.parametrize("value", ["no", 1, 0])
+def test_an_on_off_option_takes_only_a_bool_or_none(tiny_models, option, value):
+    """A truthy "no" would turn CUDA graphs on (here: 'need a CUDA device', a misleading reason)."""
+    with pytest.raises(ConfigError, match=f"{option} must be True, False or None"):
+        ZonePipeline(tiny_models, device="cpu", **{option: value})
+
+
 @pytest.mark.parametrize("changes,words", [
     ({"steps": "20"}, "steps must be a whole number"), ({"steps": 2.5}, "steps must be a whole number"),
     ({"seed": 1.5}, "seed must be a whole number"), ({"steps": True}, "steps must be a whole number"),

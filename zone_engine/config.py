@@ -73,7 +73,7 @@ def check_precision(dtype: str, kind: str) -> None:
 def check_backend_options(
     kind: str, denoiser: str | object = "fused", engines: object = None, segmenter: str = "torch",
     sam_onnx: object = None, sam_precision: str = "fp32", group_norm: str = "auto", attention: str = "sdpa",
-    cuda_graphs: bool | None = None, **_other_options: object,
+    cuda_graphs: bool | None = None, channels_last: bool | None = None, **_other_options: object,
 ) -> None:
     """ConfigError / DeviceError for a backend option that names nothing, that its backend would not read
     (silently ignored otherwise), that lacks what it needs, or that needs CUDA on the CPU (device `kind` auto
@@ -85,6 +85,9 @@ def check_backend_options(
     for what, value, names in named:
         if value not in names:
             raise DeviceError(f"unknown {what} {value!r}: available {', '.join(names)}")
+    for name, value in (("cuda_graphs", cuda_graphs), ("channels_last", channels_last)):
+        if value is not None and not isinstance(value, bool):  # "no" would be taken as True
+            raise ConfigError(f"{name} must be True, False or None (the engine's choice), got {value!r}")
     on_cpu = kind == "cpu"
     if attention == "xformers" and on_cpu:
         raise DeviceError("--attention xformers needs a CUDA device; on the CPU use --attention sdpa")

@@ -239,7 +239,8 @@ class ZonePipeline:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         check_backends(self.device, denoiser=denoiser, engines=engines, segmenter=segmenter, sam_onnx=sam_onnx,
-                       sam_precision=sam_precision, group_norm=group_norm, attention=attention, cuda_graphs=cuda_graphs)
+                       sam_precision=sam_precision, group_norm=group_norm, attention=attention, cuda_graphs=cuda_graphs,
+                       channels_last=channels_last)
         self.sam_dtype = DTYPES[sam_precision]
         # Checked before gigabytes move:
         self.default_config = EditConfig() if default_config is None else _edit_config(default_config, "default_config")
