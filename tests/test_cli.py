@@ -222,8 +222,8 @@ def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
          ["--tiny builds random models", "drop --ip2p, --sam"]),
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--random-weights", "sd15",
                        "--action-classifier", str(p)], ["--random-weights sd15", "drop --action-classifier"]),
-        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--seed", str(2**63)],
-         ["seed must be between 0 and 9223372036854775807"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--seed", str(2**32)],
+         ["seed must be between 0 and 4294967295"]),
         # Options their backend would not read: refused, not silently ignored; those of the real-checkpoint
         # runs before any weights load (the missing IP2P would be said otherwise).
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--sam-type", "vit_h"],
@@ -421,6 +421,13 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path):
         assert option in out.stdout
     _fails_cleanly(capsys, ["serve", "--tiny", "--max-batch", "0"], "max-batch")
     _fails_cleanly(capsys, ["serve", "--tiny", "--timeout-s", "0"], "timeout-s")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--timeout-s", "inf"], "timeout-s must be a finite number")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--max-wait-ms", "inf"], "max-wait-ms must be a finite number")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--max-wait-ms", "5000", "--timeout-s", "5"],
+                   "max-wait-ms (5000) must be shorter than timeout-s")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--max-batch", "100000", "--queue-size", "100000"],
+                   "max-batch must be at most 256")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--max-batch", "64"], "max-batch (64) is above queue-size (32)")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--max-steps", "1001"], "max-steps must be at most 1000")
     # Options that would be silently ignored or contradict each other.
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--replicas", "2"], "--replicas is read with --ray only")

@@ -264,10 +264,6 @@ def test_warmup_sizes_run_every_padded_batch_size_at_the_servers_steps_before_re
     class Recording:
         default_config = pipe.default_config
 
-        def edit(self, image, instruction, config):
-            warmed.append((image.shape[:2], 1, config.steps))
-            return pipe.edit(image, instruction, config)
-
         def edit_batch(self, requests, **kwargs):
             warmed.append((requests[0].image.shape[:2], len(requests), requests[0].config.steps))
             return pipe.edit_batch(requests, **kwargs)
@@ -281,6 +277,25 @@ def test_warmup_sizes_run_every_padded_batch_size_at_the_servers_steps_before_re
         assert warmed == [((128, 128), 1, 2), ((64, 96), 1, 2), ((64, 96), 2, 2), ((64, 96), 4, 2)]
     with pytest.raises(ConfigError, match="warmup-size 4x4"):
         ServeSettings(warmup_sizes=((4, 4),))
+
+
+def test_stopping_ends_the_warm_up_at_its_running_batchs_next_step(pipe):
+    """SIGTERM during a long warm-up (a large --max-batch: every padded size): the server stops within a step,
+    not after every batch (24 s on the CPU for batches up to 16 at 128x128; minutes for larger ones)."""
+    batches = []
+
+    class StoppedDuringWarmUp:
+        default_config = pipe.default_config
+
+        def edit_batch(self, requests, **kwargs):
+            batches.append(len(requests))
+            asyncio.run(service.stop())  # what SIGTERM does, while this batch is under way
+            return pipe.edit_batch(requests, **kwargs)
+
+    settings = ServeSettings(warmup=True, warmup_sizes=((64, 64),), max_batch=8, edit_changes=(("steps", 5),))
+    service = LocalEditService(StoppedDuringWarmUp, settings)
+    service.load()
+    assert batches == [1] and service.stopping and not service.ready  # not the 4 batches of 64x64 after it
 
 
 def _one_running_one_queued(pool, base, service, gated, image):

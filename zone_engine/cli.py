@@ -47,7 +47,7 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--action", default="auto", choices=["auto", *(a.value for a in Action)],
                        help="force the action instead of classifying the instruction (default: auto)")
     group.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20)")
-    group.add_argument("--seed", type=int, default=None, help="seed of the initial noise (default: 42)")
+    group.add_argument("--seed", type=int, default=None, help="seed of the initial noise, 0..4294967295 (default: 42)")
     group.add_argument("--threshold-rule", choices=["reference", "paper"], default="reference",
                        help="M_b rule: reference min(2d,255)<=108 (default) or the paper's d<128")
 
@@ -170,14 +170,17 @@ def _add_serve_command(commands) -> None:
     server = serve.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     server.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    server.add_argument("--max-batch", type=int, default=4, help="most edits denoised together (default: 4)")
+    server.add_argument("--max-batch", type=int, default=4,
+                        help="most edits denoised together, at most --queue-size and 256 (default: 4)")
     server.add_argument("--max-wait-ms", type=float, default=10.0,
-                        help="longest a request waits for others to batch with (default: 10)")
+                        help="longest a request waits for others to batch with; 0 or more, under --timeout-s "
+                        "(default: 10)")
     server.add_argument("--queue-size", type=int, default=32, help="most edits waiting; more get 503 (default: 32)")
     server.add_argument("--timeout-s", type=float, default=120.0,
                         help="per-request limit, queueing included; then 504 and the edit is cancelled (default: 120)")
     server.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default: 20)")
-    server.add_argument("--max-pixels", type=int, default=25_000_000, help="largest image accepted (default: 25M)")
+    server.add_argument("--max-pixels", type=int, default=25_000_000,
+                        help="largest image accepted, in pixels (default: 25000000; at most 100000000)")
     server.add_argument("--max-steps", type=int, default=100,
                         help="most steps a request may ask for (default: 100; at most 1000)")
     server.add_argument("--no-warmup", action="store_true", help="be ready without a warm-up edit")
@@ -185,7 +188,8 @@ def _add_serve_command(commands) -> None:
                         help="also warm up at this image size before being ready: edits at the server's steps and "
                         "every batch size the denoiser pads to, so the first requests of that size pay no CUDA-graph "
                         "capture or compilation (minutes with --denoiser compile); repeatable (default: none)")
-    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="the server's log: requests, readiness, warm-up, failed edits (default: info)")
     scale = serve.add_argument_group("Ray Serve")
     scale.add_argument("--ray", action="store_true",
                        help="run as a Ray Serve deployment (one replica per GPU; needs `pip install 'ray[serve]'`)")

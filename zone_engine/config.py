@@ -239,7 +239,8 @@ class EditConfig:
             (self.dilate_iterations <= MAX_KERNEL, f"dilate_iterations must be at most {MAX_KERNEL}"),
             (all(0 <= t <= 255 for t in (self.reference_threshold, self.paper_threshold, self.fft_threshold)),
              "reference_threshold, paper_threshold and fft_threshold are 8-bit levels: between 0 and 255"),
-            (0 <= self.seed < 2**63, f"seed must be between 0 and {2**63 - 1} (2**63 - 1)"),
+            # torch's CPU generator (the initial noise's) keeps a seed's low 32 bits: 2**32 would repeat 0.
+            (0 <= self.seed < 2**32, f"seed must be between 0 and {2**32 - 1} (2**32 - 1)"),
         ])
 
     def beta_for(self, action: Action) -> float:

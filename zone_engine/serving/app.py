@@ -141,6 +141,7 @@ class EditService:
         self.pipeline: ZonePipeline | None = None
         self.ready = self.stopping = False
         self.load_error: str | None = None
+        self.warmup_cancel = threading.Event()  # set on stopping: the warm-up's batches end at their next step
         # Each edit's notes go back with its request and its log line: the process-wide warnings could not say
         # whose they are.
         warnings.filterwarnings("ignore", category=EditWarning)
@@ -156,15 +157,21 @@ class EditService:
 
     def load(self) -> None:
         """Build the pipeline and run one warm-up edit (first-call costs: allocations, compilation),
-        then, at each of `warmup_sizes`, one batch of every size the denoiser pads batches to."""
+        then, at each of `warmup_sizes`, one batch of every size the denoiser pads batches to. Stopping the
+        server ends the warm-up at the running batch's next step (else SIGTERM would wait for all of it)."""
         self.pipeline = self.build_pipeline()
-        if self.settings.warmup:
-            self.pipeline.edit(make_sample_image(128, 128), WARMUP_INSTRUCTION, self.edit_config().replace(steps=2))
-        for height, width in self.settings.warmup_sizes:
-            image = make_sample_image(height, width)
-            for batch in warmup_batch_sizes(self.settings.max_batch):
-                log.info("warming up at %dx%d, batch of %d", height, width, batch)
-                self.pipeline.edit_batch([EditRequest(image, WARMUP_INSTRUCTION, self.edit_config())] * batch)
+        batches = [(make_sample_image(128, 128), self.edit_config().replace(steps=2), 1)] * self.settings.warmup
+        batches += [(make_sample_image(height, width), self.edit_config(), batch)
+                    for height, width in self.settings.warmup_sizes
+                    for batch in warmup_batch_sizes(self.settings.max_batch)]
+        for image, config, batch in batches:
+            log.info("warming up at %dx%d, batch of %d", *image.shape[:2], batch)
+            request = EditRequest(image, WARMUP_INSTRUCTION, config, cancel=self.warmup_cancel)
+            try:
+                self.pipeline.edit_batch([request] * batch)
+            except EditCancelled:
+                log.info("warm-up cut short: the server is stopping")
+                return
 
     @property
     def load_failure(self) -> str | None:
@@ -239,8 +246,10 @@ class LocalEditService(EditService):
         log.info("zone service ready")
 
     async def stop(self) -> None:
-        """Shutting down: not ready, no more edits, the queued ones answered 503; the running batch goes on."""
+        """Shutting down: not ready, no more edits, the queued ones answered 503; the running batch goes on
+        (a warm-up batch ends at its next step)."""
         self.ready, self.stopping = False, True
+        self.warmup_cancel.set()
         await self.batcher.stop()
 
     async def close(self) -> None:

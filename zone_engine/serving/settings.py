@@ -3,6 +3,7 @@ so a Ray Serve replica can rebuild the same service in its own process."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 from ..config import IP2P_ID, MAGICBRUSH_ID, MAX_STEPS
 from ..errors import ConfigError
 from ..image_io import MAX_PIXELS
+
+MAX_BATCH = 256  # the most edits one batch takes (--max-batch)
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ class PipelineSpec:
 class ServeSettings:
     """The service's batching, backpressure and input limits (`zone serve --help` explains each)."""
 
-    max_batch: int = 4
+    max_batch: int = 4  # at most MAX_BATCH
     max_wait_ms: float = 10.0
     queue_size: int = 32
     timeout_s: float = 120.0
@@ -100,8 +103,18 @@ class ServeSettings:
                 raise ConfigError(f"warmup-size {height}x{width}: at least 8 pixels a side and at most max-pixels "
                                   f"({self.max_pixels:,}) in all")
         for name in ("max_wait_ms", "timeout_s", "max_upload_mb"):
-            if not getattr(self, name) >= 0 or (name != "max_wait_ms" and getattr(self, name) == 0):
-                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0) or (name != "max_wait_ms" and value == 0):
+                least = "0 or more" if name == "max_wait_ms" else "more than 0"
+                raise ConfigError(f"{name.replace('_', '-')} must be a finite number, {least}; got {value}")
+        if self.max_wait_ms >= self.timeout_s * 1000:  # every request would time out waiting for batch-mates
+            raise ConfigError(f"max-wait-ms ({self.max_wait_ms:g}) must be shorter than timeout-s "
+                              f"({self.timeout_s:g} s): a request would time out waiting for others to batch with")
+        if self.max_batch > MAX_BATCH:  # beyond it: no GPU's memory, and a warm-up of every padded size up to it
+            raise ConfigError(f"max-batch must be at most {MAX_BATCH}, got {self.max_batch}")
+        if self.max_batch > self.queue_size:
+            raise ConfigError(f"max-batch ({self.max_batch}) is above queue-size ({self.queue_size}): such a batch "
+                              "could never fill; raise --queue-size or lower --max-batch")
 
     @property
     def max_upload_bytes(self) -> int:
