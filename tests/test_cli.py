@@ -368,6 +368,7 @@ def test_an_on_off_option_takes_only_a_bool_or_none(tiny_models, option, value):
     ({"fft_radius": -1}, "dilate_iterations and fft_radius must be >= 0"),
     ({"fft_threshold": 300}, "8-bit levels"), ({"action": 3}, "action must be None"),
     ({"sam": {}}, "sam must be a SamConfig"), ({"step": 3}, "EditConfig has no field step"),
+    ({"seed": 2**32}, "seed must be between 0 and 4294967295"),
 ])
 def test_edit_config_says_what_is_wrong_with_a_value(changes, words):
     """Said at once, not as a TypeError deep in numpy/torch or a broken image (guidance nan) later."""
@@ -377,9 +378,15 @@ def test_edit_config_says_what_is_wrong_with_a_value(changes, words):
 
 def test_sam_config_refuses_what_would_fail_inside_segment_anything():
     for changes, words in (({"points_per_side": 0}, "points_per_side"), ({"box_nms_thresh": 2.0}, "between 0 and 1"),
-                           ({"pred_iou_thresh": float("inf")}, "finite"), ({"crop_n_layers": -1}, "crop_n_layers")):
+                           ({"pred_iou_thresh": float("inf")}, "finite"), ({"crop_n_layers": -1}, "crop_n_layers"),
+                           ({"pred_iou_thresh": 1.5}, "pred_iou_thresh and stability_score_thresh must be between"),
+                           ({"stability_score_thresh": -0.1}, "between 0 and 1"),
+                           ({"stability_score_offset": -1.0}, "stability_score_offset must be >= 0")):
         with pytest.raises(ConfigError, match=words):
             SamConfig().replace(**changes)
+    for config_class in (EditConfig, SamConfig):  # the constructor, as replace: not a TypeError
+        with pytest.raises(ConfigError, match=f"{config_class.__name__} has no field strength"):
+            config_class(strength=0.5)
     numpy_values = EditConfig(steps=np.int64(5), text_guidance=np.float32(7.5))
     assert type(numpy_values.steps) is int and type(numpy_values.text_guidance) is float
 
@@ -551,6 +558,42 @@ def test_a_misspelt_from_pretrained_option_is_said_before_any_checkpoint_loads(m
     monkeypatch.setattr("zone_engine.pipeline.load_pretrained", must_not_load)
     with pytest.raises(ConfigError, match="segmentr"):
         ZonePipeline.from_pretrained(device="cpu", segmentr="torch")
+
+
+def test_from_pretrained_checks_its_own_arguments_before_any_checkpoint_loads(monkeypatch):
+    monkeypatch.setattr("zone_engine.pipeline.load_pretrained", lambda *a, **k: pytest.fail("loaded checkpoints"))
+    monkeypatch.setattr("zone_engine.models.locate_model", lambda *a, **k: pytest.fail("looked for checkpoints"))
+    for arguments, words in (({"ip2p": None}, "ip2p must be a model id or a path, got None"),
+                             ({"magicbrush": 3}, "magicbrush must be a model id or a path, got 3"),
+                             ({"sam": 1.0}, "sam must be a model id or a path"),
+                             ({"sam_type": "vit_x"}, "unknown SAM type 'vit_x'")):
+        with pytest.raises(ZoneError, match=words):
+            ZonePipeline.from_pretrained(device="cpu", **arguments)
+
+
+@pytest.mark.parametrize("seed", [1.5, True, -1, 2**32, "0"])
+def test_tiny_checks_its_seed_and_options(seed):
+    """A float or bool seed was taken as another one's weights; 2**40 and '0' failed inside torch."""
+    with pytest.raises(ConfigError, match="seed must be a whole number between 0 and 4294967295"):
+        ZonePipeline.tiny(seed=seed)
+    with pytest.raises(ConfigError, match="tiny: got an unexpected keyword argument 'denoisr'"):
+        ZonePipeline.tiny(denoisr="fused")
+
+
+def test_building_random_models_leaves_the_callers_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    ZonePipeline.tiny(seed=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_on_off_arguments_of_edit_take_only_a_bool(tiny_pipe):
+    """A truthy "no" showed progress bars, or returned exceptions instead of raising them."""
+    with pytest.raises(ConfigError, match="progress must be True or False, got 'no'"):
+        tiny_pipe.edit(smooth_image(64, 64), "add a hat", progress="no")
+    with pytest.raises(ConfigError, match="return_exceptions must be True or False, got 'no'"):
+        tiny_pipe.edit_batch([], return_exceptions="no")
 
 
 def test_a_diverging_denoise_is_an_error_not_a_black_image(tiny_pipe):

@@ -7,10 +7,12 @@ documented option (`threshold_rule="paper"`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import numbers
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -29,6 +31,9 @@ class Action(str, Enum):
 
 # The scheduler's training timesteps: a step count above this has no timesteps to use.
 MAX_STEPS = 1000
+# torch's CPU generator (the initial noise's, and the random weights') keeps a seed's low 32 bits: 2**32 would
+# repeat seed 0.
+MAX_SEED = 2**32 - 1
 # Mask morphology: the working image is at most 512 pixels a side by default, so a kernel (or a dilation's
 # iterations) beyond this covers any image many times over; larger ones only exhaust memory.
 MAX_KERNEL = 1023
@@ -85,9 +90,8 @@ def check_backend_options(
     for what, value, names in named:
         if value not in names:
             raise DeviceError(f"unknown {what} {value!r}: available {', '.join(names)}")
-    for name, value in (("cuda_graphs", cuda_graphs), ("channels_last", channels_last)):
-        if value is not None and not isinstance(value, bool):  # "no" would be taken as True
-            raise ConfigError(f"{name} must be True, False or None (the engine's choice), got {value!r}")
+    check_switch("cuda_graphs", cuda_graphs, none_means="the engine's choice")
+    check_switch("channels_last", channels_last, none_means="the engine's choice")
     on_cpu = kind == "cpu"
     if attention == "xformers" and on_cpu:
         raise DeviceError("--attention xformers needs a CUDA device; on the CPU use --attention sdpa")
@@ -114,6 +118,22 @@ def check_backend_options(
         raise ConfigError("--sam-onnx is read by --segmenter onnx only: add --segmenter onnx, or drop --sam-onnx")
 
 
+def check_switch(name: str, value: object, *, none_means: str | None = None) -> None:
+    """ConfigError unless `value` is True or False (or None, where `none_means` says what it means): a Python
+    caller's "no" would be taken as True."""
+    if isinstance(value, bool) or (none_means is not None and value is None):
+        return
+    allowed = f"True, False or None ({none_means})" if none_means else "True or False"
+    raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """A seed as int, else a ConfigError (a bool or 1.5 would be taken as 1, 2**32 as 0)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{name} must be a whole number between 0 and {MAX_SEED} (2**32 - 1), got {seed!r}")
+    return int(seed)
+
+
 def _check_numbers(config: object) -> None:
     """Whole numbers in the `int` fields (counts, sizes, seeds), finite numbers in the `float` ones
     (weights, thresholds), stored as plain int / float: a wrong value is said here, not as a TypeError
@@ -136,14 +156,27 @@ def _raise_first_failing(checks: list[tuple[bool, str]]) -> None:
             raise ConfigError(message)
 
 
-def _replace(config, changes: dict[str, object]):
-    """`dataclasses.replace`, an unknown field name said as such (not a TypeError)."""
-    names = [item.name for item in dataclasses.fields(config)]
-    if unknown := sorted(set(changes) - set(names)):
-        raise ConfigError(f"{type(config).__name__} has no field {', '.join(unknown)}; its fields: {', '.join(names)}")
-    return dataclasses.replace(config, **changes)
+def _check_field_names(cls: type, names: Iterable[str]) -> None:
+    fields = [item.name for item in dataclasses.fields(cls)]
+    if unknown := sorted(set(names) - set(fields)):
+        raise ConfigError(f"{cls.__name__} has no field {', '.join(unknown)}; its fields: {', '.join(fields)}")
 
 
+def _unknown_fields_said(cls: type) -> type:
+    """The dataclass's constructor (and so `replace`) says an unknown field name as a ConfigError, not a
+    TypeError: EditConfig(strength=0.5)."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def checked_init(self, *args: object, **kwargs: object) -> None:
+        _check_field_names(cls, kwargs)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = checked_init
+    return cls
+
+
+@_unknown_fields_said
 @dataclass(frozen=True)
 class SamConfig:
     """segment-anything `SamAutomaticMaskGenerator` settings (its own defaults)."""
@@ -169,10 +202,14 @@ class SamConfig:
              "must be >= 0"),
             (0.0 <= self.box_nms_thresh <= 1.0 and 0.0 <= self.crop_nms_thresh <= 1.0, "NMS thresholds (IoU) must be "
              "between 0 and 1"),
+            # Scores of 0..1: a threshold above 1 keeps no segment, one below 0 is 0.
+            (0.0 <= self.pred_iou_thresh <= 1.0 and 0.0 <= self.stability_score_thresh <= 1.0,
+             "pred_iou_thresh and stability_score_thresh must be between 0 and 1"),
+            (self.stability_score_offset >= 0, "stability_score_offset must be >= 0"),
         ])
 
     def replace(self, **changes: object) -> SamConfig:
-        return _replace(self, changes)
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def for_random_weights(cls) -> SamConfig:
@@ -180,6 +217,7 @@ class SamConfig:
         return cls(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
 
 
+@_unknown_fields_said
 @dataclass(frozen=True)
 class EditConfig:
     """One edit's settings. Every field has the reference implementation's default."""
@@ -239,8 +277,7 @@ class EditConfig:
             (self.dilate_iterations <= MAX_KERNEL, f"dilate_iterations must be at most {MAX_KERNEL}"),
             (all(0 <= t <= 255 for t in (self.reference_threshold, self.paper_threshold, self.fft_threshold)),
              "reference_threshold, paper_threshold and fft_threshold are 8-bit levels: between 0 and 255"),
-            # torch's CPU generator (the initial noise's) keeps a seed's low 32 bits: 2**32 would repeat 0.
-            (0 <= self.seed < 2**32, f"seed must be between 0 and {2**32 - 1} (2**32 - 1)"),
+            (0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED} (2**32 - 1)"),
         ])
 
     def beta_for(self, action: Action) -> float:
@@ -248,7 +285,7 @@ class EditConfig:
         return self.beta_remove if action is Action.REMOVE else self.beta_add_change
 
     def replace(self, **changes: object) -> EditConfig:
-        return _replace(self, changes)
+        return dataclasses.replace(self, **changes)
 
 
 def parse_action(value: str | Action | None) -> Action | None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import IP2P_ID, MAGICBRUSH_ID
+from .config import IP2P_ID, MAGICBRUSH_ID, check_seed
 from .errors import CheckpointError, first_line
 
 SAM_URLS = {
@@ -209,10 +209,16 @@ def build_components(preset: ModelPreset, seed: int = 0, sam_type: str | None = 
     The tokenizer is always the tiny one: its ids all fall inside any vocabulary, and tokenization
     costs nothing next to the networks. Default initialisation: cost does not depend on weight values.
     """
+    seed = check_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        return _build_seeded_components(preset, sam_type)
+
+
+def _build_seeded_components(preset: ModelPreset, sam_type: str | None) -> ZoneModels:
     from diffusers import DPMSolverMultistepScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -322,16 +328,23 @@ def sam_type_from_path(path: Path) -> str | None:
     return next((name for name in ("vit_h", "vit_l", "vit_b") if name in path.name), None)
 
 
+def checked_sam_type(model_type: str | None, type_flag: str = "--sam-type") -> str | None:
+    """A SAM checkpoint's model type in lower case, or None (from the file name): said before anything loads."""
+    given = model_type.strip().lower() if isinstance(model_type, str) else model_type
+    if given in (None, ""):
+        return None
+    if given not in ("vit_h", "vit_l", "vit_b"):
+        raise CheckpointError(f"unknown SAM type {model_type!r} ({type_flag}): use vit_h, vit_l or vit_b")
+    return given
+
+
 def load_sam(checkpoint: str | Path, model_type: str | None = None, *,
              flags: tuple[str, str] = ("--sam", "--sam-type")) -> nn.Module:
     """SAM from a segment-anything .pth; `flags`: the caller's options for the path and the model type,
     which the errors name."""
     path_flag, type_flag = flags
     path = sam_checkpoint_path(checkpoint, path_flag)
-    given = model_type.strip().lower() if model_type else None
-    if given is not None and given not in ("vit_h", "vit_l", "vit_b"):
-        raise CheckpointError(f"unknown SAM type {model_type!r} ({type_flag}): use vit_h, vit_l or vit_b")
-    model_type = given or sam_type_from_path(path)
+    model_type = checked_sam_type(model_type, type_flag) or sam_type_from_path(path)
     if model_type is None:
         raise CheckpointError(
             f"cannot tell the SAM model type of {path.name}: pass {type_flag} vit_h, vit_l or vit_b"

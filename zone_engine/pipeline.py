@@ -6,6 +6,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import os
 import threading
 import time
 import warnings
@@ -32,7 +33,7 @@ from .backends import (
     resolve_dtype,
     uses_cuda_graphs,
 )
-from .config import DEFAULT_SAM, IP2P_ID, MAGICBRUSH_ID, Action, EditConfig, SamConfig
+from .config import DEFAULT_SAM, IP2P_ID, MAGICBRUSH_ID, Action, EditConfig, SamConfig, check_switch
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
 from .errors import ConfigError, EditCancelled, EditWarning
 from .graphs import CapturedCalls, Run, eager
@@ -42,6 +43,7 @@ from .models import (
     NormScope,
     ZoneModels,
     build_tiny_components,
+    checked_sam_type,
     load_pretrained,
     pytorch_norms,
 )
@@ -212,6 +214,14 @@ def _stage_of_an_edit(method: Callable[..., T]) -> Callable[..., T]:
     return stage
 
 
+def _check_options(cls: type, caller: str, options: dict[str, object]) -> None:
+    """A misspelt keyword option as a ConfigError naming it (not a TypeError)."""
+    try:
+        inspect.signature(cls).bind_partial(**options)
+    except TypeError as error:
+        raise ConfigError(f"{caller}: {error}; the options are ZonePipeline's") from None
+
+
 def _sam_checkpoint(sam: str | Path | None, sam_type: str | None, segmenter: str) -> str | Path | None:
     """The SAM .pth to load: none for the ONNX segmenter (its export names its own model), where a
     given checkpoint or type would be silently unread; else `sam`, by default `DEFAULT_SAM`."""
@@ -271,10 +281,12 @@ class ZonePipeline:
         """Real checkpoints from local folders, the offline Hugging Face cache, and a SAM .pth file
         (`sam`, default `DEFAULT_SAM`). With `segmenter="onnx", sam_onnx=DIR` the PyTorch SAM is never
         loaded: pass neither `sam` nor `sam_type` then."""
-        try:  # a misspelt option is said now, not once the checkpoints have loaded (minutes)
-            inspect.signature(cls).bind_partial(**kwargs)
-        except TypeError as error:
-            raise ConfigError(f"from_pretrained: {error}; the options are ZonePipeline's") from None
+        _check_options(cls, "from_pretrained", kwargs)  # now, not once the checkpoints have loaded (minutes)
+        for name, value in (("ip2p", ip2p), ("magicbrush", magicbrush), ("sam", sam),
+                            ("action_classifier", action_classifier)):
+            if not isinstance(value, str | os.PathLike) and (value is not None or name in ("ip2p", "magicbrush")):
+                raise ConfigError(f"from_pretrained: {name} must be a model id or a path, got {value!r}")
+        sam_type = checked_sam_type(sam_type)
         sam = _sam_checkpoint(sam, sam_type, kwargs.get("segmenter", "torch"))
         target = resolve_device(device)
         load_dtype = resolve_dtype(dtype, target)
@@ -285,6 +297,7 @@ class ZonePipeline:
     @classmethod
     def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", **kwargs) -> ZonePipeline:
         """Tiny random models, built offline in seconds: for tests and the demo (the edit is meaningless)."""
+        _check_options(cls, "tiny", kwargs)
         config = EditConfig(sam=SamConfig.for_random_weights())
         return cls(build_tiny_components(seed), device, default_config=config, **kwargs)
 
@@ -305,6 +318,7 @@ class ZonePipeline:
         self, image, instruction: str, config: EditConfig | None = None, *, progress: bool = False
     ) -> EditResult:
         """Edit `image` (path, PIL image or array) as `instruction` says; only the edited region changes."""
+        check_switch("progress", progress)
         prepared = self.prepare(image, instruction, config)
         (latents,) = self.denoise([prepared], progress=progress)
         return self.finish(prepared, latents, progress=progress)
@@ -323,6 +337,8 @@ class ZonePipeline:
             given = [type(r).__name__ for r in requests] if isinstance(requests, Sequence) else type(requests).__name__
             raise ConfigError(f"edit_batch takes a list of EditRequest(image, instruction[, config, cancel]), got "
                               f"{given}")
+        check_switch("progress", progress)
+        check_switch("return_exceptions", return_exceptions)
         outcomes: list[EditResult | Exception | None] = [None] * len(requests)
         groups: dict[BatchKey, list[tuple[int, PreparedEdit]]] = {}
         for index, request in enumerate(requests):
