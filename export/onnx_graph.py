@@ -17,12 +17,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from zone_engine.errors import ZoneError
+from zone_engine.errors import ConfigError, ZoneError
 
 # A protobuf message cannot pass 2 GiB: larger weights (two SD1.5 UNets, 3.4 GB in fp16; vit_h's fp32
 # encoder, 2.5 GB) go to one `<graph>.onnx.data` file beside the graph, where TensorRT's parse_from_file
 # and ONNX Runtime find it; the manifests list and checksum it like the graphs.
 EXTERNAL_DATA_BYTES = 2**31 - 2**26
+
+
+# The TorchScript exporter's last opset (torch.onnx's ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET).
+LAST_OPSET = 20
+
+
+def check_opset(opset: int, lowest: int, graphs: str) -> int:
+    """`--opset` within what the TorchScript exporter writes for `graphs`, else a one-line ConfigError (not
+    torch's traceback)."""
+    if not lowest <= opset <= LAST_OPSET:
+        raise ConfigError(f"--opset {opset} is not supported: the TorchScript exporter writes opsets {lowest} to "
+                          f"{LAST_OPSET} for {graphs}")
+    return opset
 
 
 def require(module: str) -> ModuleType:

@@ -25,12 +25,14 @@ def add_export_unet_arguments(parser: argparse.ArgumentParser) -> None:
     precision.add_argument("--fp16", action="store_true",
                            help="half-precision graphs: TensorRT builds fp16 engines from them (float32 in and out)")
     precision.add_argument("--bf16", action="store_true", help="not supported yet (needs ONNX opset 22)")
-    parser.add_argument("--height", type=int, help=f"image height, a multiple of 32 (default {DEFAULT_SIZE[0]})")
-    parser.add_argument("--width", type=int, help=f"image width, a multiple of 32 (default {DEFAULT_SIZE[1]})")
+    parser.add_argument("--height", type=int,
+                        help=f"image height, a multiple of 32 up to 2048 (default {DEFAULT_SIZE[0]})")
+    parser.add_argument("--width", type=int,
+                        help=f"image width, a multiple of 32 up to 2048 (default {DEFAULT_SIZE[1]})")
     parser.add_argument("--dynamic-shapes", metavar="MIN:OPT:MAX",
                         help="serve every image size in a range, e.g. 256x256:512x512:512x512 (HEIGHTxWIDTH, "
                         "multiples of 32); TensorRT tunes for OPT")
-    parser.add_argument("--opset", type=int, default=19, help="ONNX opset (default: 19)")
+    parser.add_argument("--opset", type=int, default=19, help="ONNX opset, 14 to 20 (default: 19)")
     parser.add_argument("--tiny", action="store_true",
                         help=f"export tiny random models (seed {TINY_SEED}) instead of checkpoints: tests and demos")
 
@@ -38,10 +40,10 @@ def add_export_unet_arguments(parser: argparse.ArgumentParser) -> None:
 def add_export_sam_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, help="SAM checkpoint .pth (e.g. sam_vit_h_4b8939.pth)")
     parser.add_argument("--model-type", choices=["vit_h", "vit_l", "vit_b"],
-                        help="SAM size (default: read from the checkpoint's file name)")
+                        help="SAM size of --checkpoint (default: read from its file name)")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the ONNX files and manifest to")
     parser.add_argument("--fp16", action="store_true", help="half-precision graphs (for GPUs; fp32 in and out)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 13 to 20 (default: 17)")
     parser.add_argument("--tiny", action="store_true",
                         help=f"export the tiny random SAM of `zone edit --tiny` (seed {TINY_SEED}) instead of a "
                         "checkpoint: tests and demos")

@@ -32,7 +32,7 @@ from zone_engine.paths import check_output_folder
 from zone_engine.sam_onnx import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, MANIFEST_FORMAT, TRT_CACHE, file_sha256
 from zone_engine.sam_torch import decode_masks, decode_tokens
 
-from .onnx_graph import compare, export_graph, require, session, staging_folder
+from .onnx_graph import check_opset, compare, export_graph, require, session, staging_folder
 from .options import TINY_SEED
 
 # Export check, |onnxruntime - torch| <= atol + rtol * max|torch| on every output, against the fp32 model:
@@ -47,6 +47,7 @@ from .options import TINY_SEED
 TOLERANCES = {"fp32": dict(atol=1e-4, rtol=1e-4), "fp16": dict(atol=2e-2, rtol=2e-2)}
 ENCODER_OUTPUTS = ["image_embeddings"]
 DECODER_OUTPUTS = ["low_res_logits", "iou_predictions"]
+SAM_FIRST_OPSET, SAM_GRAPHS = 13, "SAM's graphs"  # 13: the first with every op SAM's graphs use (unflatten)
 
 
 class ImageEncoderGraph(nn.Module):
@@ -123,6 +124,7 @@ def export_sam(
     Raises ZoneError when an exported graph does not match PyTorch; `out_dir` then keeps whatever it
     held before (and is removed if this call created it).
     """
+    check_opset(opset, SAM_FIRST_OPSET, SAM_GRAPHS)
     out_dir = Path(out_dir)
     precision = "fp16" if fp16 else "fp32"
     reference = sam.eval()
@@ -232,9 +234,10 @@ def run_export_sam(args: argparse.Namespace) -> Path:
     from zone_engine.models import build_tiny_components, load_sam, sam_type_from_path
 
     check_output_folder(args.out, "--out")
+    check_opset(args.opset, SAM_FIRST_OPSET, SAM_GRAPHS)  # before a checkpoint of gigabytes loads
     if args.tiny:
-        if args.checkpoint is not None:
-            raise ConfigError("--tiny exports random weights: leave out --checkpoint")
+        if args.checkpoint is not None or args.model_type is not None:
+            raise ConfigError("--tiny exports its own tiny random SAM: leave out --checkpoint and --model-type")
         with torch.random.fork_rng(devices=[]):  # a fixed seed without touching the caller's RNG
             # The tiny set's own SAM (built after its other models): `zone edit --tiny --segmenter onnx` then
             # refines with the very SAM `zone edit --tiny` runs in PyTorch, so the two can be compared.

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from zone_engine import __version__
-from zone_engine.config import IP2P_ID, MAGICBRUSH_ID
+from zone_engine.config import IP2P_ID, MAGICBRUSH_ID, MAX_WORKING_SIDE
 from zone_engine.denoise import guided_noise
 from zone_engine.dual_step import DualUNet
 from zone_engine.errors import ConfigError, ZoneError
@@ -50,7 +50,7 @@ from zone_engine.models import ZoneModels
 from zone_engine.paths import check_output_folder
 from zone_engine.sam_onnx import file_sha256
 
-from .onnx_graph import compare, export_graph, require, session, staging_folder
+from .onnx_graph import check_opset, compare, export_graph, require, session, staging_folder
 from .options import DEFAULT_SIZE, TINY_SEED
 
 DUAL_STEP = "dual_step"
@@ -88,6 +88,9 @@ def check_size(size: Size, what: str = "size") -> Size:
             f"{what} {height}x{width} is not a positive multiple of {SIZE_MULTIPLE} on both sides: the pipeline "
             f"pads images to multiples of {SIZE_MULTIPLE}, so an engine only ever sees such sizes"
         )
+    if max(height, width) > MAX_WORKING_SIDE:
+        raise ConfigError(f"{what} {height}x{width} is over {MAX_WORKING_SIDE} pixels a side, the engine's largest "
+                          "working size (EditConfig.max_side; 512 by default)")
     return height, width
 
 
@@ -373,11 +376,8 @@ def _precision(dtype: str | torch.dtype) -> str:
 
 
 def _check_opset(opset: int) -> int:
-    # 14: SDPA's first opset in the TorchScript exporter; 20: that exporter's last.
-    if not 14 <= opset <= 20:
-        raise ConfigError(f"--opset {opset} is not supported: the TorchScript exporter writes opsets 14 to 20 for "
-                          "these graphs (19 is NVIDIA's choice for diffusion UNets)")
-    return opset
+    # 14: SDPA's first opset in the TorchScript exporter (19 is NVIDIA's choice for diffusion UNets).
+    return check_opset(opset, 14, "these graphs")
 
 
 def _profile(height: int, width: int, dynamic: tuple[Size, Size, Size] | ShapeProfile | None) -> ShapeProfile:
@@ -501,7 +501,8 @@ def profile_from_args(args: argparse.Namespace) -> ShapeProfile:
         if args.height is not None or args.width is not None:
             raise ConfigError("give either --height/--width or --dynamic-shapes, not both")
         return parse_dynamic_shapes(args.dynamic_shapes)
-    return ShapeProfile.static(args.height or DEFAULT_SIZE[0], args.width or DEFAULT_SIZE[1])
+    return ShapeProfile.static(*(DEFAULT_SIZE[side] if given is None else given
+                                 for side, given in enumerate((args.height, args.width))))
 
 
 def run_export_unet(args: argparse.Namespace) -> Path:

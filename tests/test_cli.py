@@ -394,6 +394,15 @@ def test_sam_config_refuses_what_would_fail_inside_segment_anything():
 def test_export_and_build_engine_commands_fail_cleanly(capsys, tmp_path):
     _fails_cleanly(capsys, ["export", "unet", "--tiny", "--bf16", "--out", str(tmp_path / "x")], "bf16")
     _fails_cleanly(capsys, ["export", "unet", "--tiny", "--height", "50", "--out", str(tmp_path / "x")], "32")
+    _fails_cleanly(capsys, ["export", "unet", "--tiny", "--height", "0", "--out", str(tmp_path / "x")],
+                   "0x512 is not a positive multiple of 32")  # was taken as "not given": a 512x512 export
+    _fails_cleanly(capsys, ["export", "unet", "--tiny", "--height", "1000000", "--out", str(tmp_path / "x")],
+                   "over 2048 pixels a side")  # was an allocator's traceback, or the process killed
+    _fails_cleanly(capsys, ["export", "sam", "--tiny", "--opset", "5", "--out", str(tmp_path / "x")],
+                   "writes opsets 13 to 20 for SAM's graphs")  # was torch's traceback
+    _fails_cleanly(capsys, ["export", "sam", "--tiny", "--model-type", "vit_h", "--out", str(tmp_path / "x")],
+                   "leave out --checkpoint and --model-type")  # was silently ignored
+    assert not (tmp_path / "x").exists()
     # The folder first: without TensorRT here its message alone would leave a mistyped folder unsaid.
     _fails_cleanly(capsys, ["build-engine", str(tmp_path / "nothing")], "no manifest.json")
 

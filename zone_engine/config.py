@@ -34,6 +34,9 @@ MAX_STEPS = 1000
 # torch's CPU generator (the initial noise's, and the random weights') keeps a seed's low 32 bits: 2**32 would
 # repeat seed 0.
 MAX_SEED = 2**32 - 1
+# The largest working size a side (EditConfig.max_side, an export's image size, a benchmark's resolution): four
+# times SD1.5's training size; beyond it the UNets' activations outgrow any GPU's memory.
+MAX_WORKING_SIDE = 2048
 # Mask morphology: the working image is at most 512 pixels a side by default, so a kernel (or a dilation's
 # iterations) beyond this covers any image many times over; larger ones only exhaust memory.
 MAX_KERNEL = 1023
@@ -267,7 +270,8 @@ class EditConfig:
             (self.beta_remove >= 0 and self.beta_add_change >= 0, "beta values must be >= 0"),
             (self.action_rule in ("intended", "reference"), "action_rule must be 'intended' or 'reference'"),
             (self.threshold_rule in ("reference", "paper"), "threshold_rule must be 'reference' or 'paper'"),
-            (self.max_side >= self.size_multiple, "max_side must be at least size_multiple"),
+            (self.size_multiple <= self.max_side <= MAX_WORKING_SIDE,
+             f"max_side must be at least size_multiple and at most {MAX_WORKING_SIDE}"),
             (self.size_multiple > 0 and self.size_multiple % 32 == 0, "size_multiple must be a multiple of 32"),
             (0.0 <= self.seam_alpha <= 1.0, "seam_alpha must be between 0 and 1"),
             (self.min_region_area >= 0, "min_region_area must be >= 0"),
