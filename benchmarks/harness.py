@@ -29,7 +29,18 @@ import torch
 from export.sam import export_sam
 from zone_engine.action import classify_action
 from zone_engine.backends import DTYPES, resolve_device, resolve_dtype
-from zone_engine.config import DENOISERS, GROUP_NORMS, Action, EditConfig, SamConfig, parse_action
+from zone_engine.config import (
+    DENOISERS,
+    GROUP_NORMS,
+    MAX_BATCH,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_WORKING_SIDE,
+    Action,
+    EditConfig,
+    SamConfig,
+    parse_action,
+)
 from zone_engine.denoise import BatchDenoiser, Denoiser
 from zone_engine.errors import ZoneError, first_line
 from zone_engine.image_io import make_sample_image, working_geometry
@@ -48,6 +59,7 @@ from .measure import (
     machine_info,
     matmul_peak,
     process_peak_rss_bytes,
+    refuse_first,
     step_timed,
     summarize,
     unet_flops_per_row,
@@ -745,13 +757,21 @@ def _config_record(config: BenchConfig, priming: str) -> dict:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def _preset_summary(config: BenchConfig) -> str:
+    return (f"{config.preset} = {config.models} models, {config.resolution} px, {config.steps} steps, {config.dtype}, "
+            f"SAM {config.sam_type} ({config.sam.points_per_side} points a side), {config.repeats} timed edits after "
+            f"{config.warmup} warm-up, device {config.device}, batch {config.batch}")
+
+
 def parse_args(argv: list[str] | None) -> BenchConfig:
     parser = argparse.ArgumentParser(
         prog="zone bench",
         description="Per-stage latency of the ZONE engine against a reference-style baseline, in one run "
                     "on random-weight models of real size. Writes JSON, markdown and a PNG chart.",
     )
-    parser.add_argument("--preset", choices=PRESETS, default="cpu-smoke", help="named settings (default cpu-smoke)")
+    parser.add_argument("--preset", choices=PRESETS, default="cpu-smoke",
+                        help="named settings (default cpu-smoke); an option below that is left out takes its "
+                        f"preset's value: {'; '.join(_preset_summary(preset) for preset in PRESETS.values())}")
     parser.add_argument("--models", choices=MODEL_PRESETS, help="architecture sizes: sd15 (real) or tiny (tests)")
     parser.add_argument("--resolution", type=int, help="side of the square test image, pixels")
     parser.add_argument("--steps", type=int, help="denoising steps")
@@ -798,9 +818,10 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     if args.models == "tiny" and args.sam_type is None:
         changes["sam_type"] = "tiny"
     if args.sam_points is not None:
-        if args.sam_points < 1:
-            parser.error("need --sam-points >= 1")
-        changes["sam"] = config.sam.replace(points_per_side=args.sam_points)
+        try:
+            changes["sam"] = config.sam.replace(points_per_side=args.sam_points)
+        except ZoneError as error:
+            parser.error(f"--sam-points: {error}")
     if args.backends is not None:
         changes["backends"] = tuple(kind.strip() for kind in args.backends.split(",") if kind.strip())
     if args.action is not None:
@@ -808,10 +829,17 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     if args.sam_precision is not None:
         changes["sam_precision"] = None if args.sam_precision == "none" else args.sam_precision
     config = dataclasses.replace(config, **changes)
-    if (config.repeats < 1 or config.warmup < 0 or config.steps < 1 or config.resolution < 32 or config.batch < 1
-            or (config.time_limit_s is not None and not config.time_limit_s > 0)):
-        parser.error("need --repeats >= 1, --warmup >= 0, --steps >= 1, --resolution >= 32, --batch >= 1, "
-                     "--time-limit > 0")
+    refuse_first(parser, [
+        (config.repeats >= 1, "--repeats must be at least 1"), (config.warmup >= 0, "--warmup must be 0 or more"),
+        (1 <= config.steps <= MAX_STEPS, f"--steps must be between 1 and {MAX_STEPS}"),
+        (32 <= config.resolution <= MAX_WORKING_SIDE, f"--resolution must be between 32 and {MAX_WORKING_SIDE}"),
+        (1 <= config.batch <= MAX_BATCH, f"--batch must be between 1 and {MAX_BATCH}"),
+        # Checked here, not after the models are built: a batch's edits take seeds seed..seed+batch-1.
+        (0 <= config.seed <= MAX_SEED - config.batch + 1, f"--seed must be between 0 and "
+         f"{MAX_SEED - config.batch + 1} (a batch's edits take seeds seed..seed+batch-1)"),
+        (config.time_limit_s is None or 0 < config.time_limit_s < float("inf"),
+         "--time-limit must be a finite number of seconds above 0"),
+    ])
     if not config.backends:
         parser.error(f"--backends names no denoiser: give one or more of {','.join(DENOISERS)}")
     try:

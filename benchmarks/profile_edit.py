@@ -28,13 +28,23 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from zone_engine.backends import resolve_device, resolve_dtype
-from zone_engine.config import DENOISERS, GROUP_NORMS, SAM_PRECISIONS, EditConfig, SamConfig
+from zone_engine.config import (
+    DENOISERS,
+    GROUP_NORMS,
+    MAX_STEPS,
+    MAX_WORKING_SIDE,
+    SAM_PRECISIONS,
+    EditConfig,
+    SamConfig,
+)
 from zone_engine.errors import ZoneError
 from zone_engine.image_io import make_sample_image
 from zone_engine.models import PRESETS, SAM_SIZES, build_random_components
 from zone_engine.paths import check_output_file
 from zone_engine.pipeline import STAGES, ZonePipeline
 from zone_engine.timing import RANGE_PREFIX
+
+from .measure import refuse_first
 
 Window = tuple[float, float]  # microseconds on the profiler's clock
 INSTRUCTION = "make the house a golden statue"
@@ -175,8 +185,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=25, help="rows of the whole edit's op table (default 25)")
     parser.add_argument("--trace", type=Path, help="also write the profiled edit as a Chrome trace (JSON) here")
     args = parser.parse_args(argv)
-    if args.resolution < 32 or args.steps < 1 or args.warmup < 0 or args.rows < 0:
-        parser.error("need --resolution >= 32, --steps >= 1, --warmup >= 0, --rows >= 0")
+    refuse_first(parser, [
+        (32 <= args.resolution <= MAX_WORKING_SIDE, f"--resolution must be between 32 and {MAX_WORKING_SIDE}"),
+        (1 <= args.steps <= MAX_STEPS, f"--steps must be between 1 and {MAX_STEPS}"),
+        (args.warmup >= 0, "--warmup must be 0 or more"), (args.rows >= 0, "--rows must be 0 or more"),
+    ])
     if args.trace is not None and not args.trace.parent.is_dir():
         parser.error(f"--trace {args.trace}: no folder {args.trace.parent} to write it in")
     try:  # the profiler's writer would replace a folder by the file, and only log what it cannot write

@@ -105,6 +105,22 @@ def test_batched_first_edit_is_the_sequential_edit(batched_record):
     assert first["max_pixel_diff_image"] <= 1 and first["max_pixel_diff_styled"] <= 1
 
 
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--repeats", "0"], "--repeats must be at least 1"), (["--warmup", "-1"], "--warmup must be 0 or more"),
+    (["--steps", "5000"], "--steps must be between 1 and 1000"),
+    (["--resolution", "100000"], "--resolution must be between 32 and 2048"),  # was numpy asking for 149 GiB
+    (["--batch", "1000"], "--batch must be between 1 and 256"),
+    (["--seed", str(2**32)], "--seed must be between 0 and 4294967295"),  # was said after the models' build
+    (["--preset", "tiny-smoke", "--seed", str(2**32 - 1)], "--seed must be between 0 and 4294967294"),
+    (["--time-limit", "inf"], "--time-limit must be a finite number"),
+    (["--sam-points", "1000"], "--sam-points: points_per_side must be at most 256"),
+])
+def test_a_value_out_of_range_is_said_by_its_option_before_any_work(capsys, argv, words):
+    with pytest.raises(SystemExit) as stop:
+        parse_args(argv)
+    assert stop.value.code == 2 and words in capsys.readouterr().err
+
+
 def test_batch_option_and_no_batched_report_without_it(batched_record):
     assert parse_args(["--preset", "tiny-smoke", "--batch", "5"]).batch == 5
     assert parse_args(["--preset", "cpu-smoke"]).batch == 1 and PRESETS["gpu-throughput"].batch > 1

@@ -85,6 +85,16 @@ def test_half_precision_on_the_cpu_is_a_one_line_error(capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
 
 
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--resolution", "100000"], "--resolution must be between 32 and 2048"),
+    (["--steps", "0"], "--steps must be between 1 and 1000"), (["--rows", "-1"], "--rows must be 0 or more"),
+])
+def test_a_value_out_of_range_is_said_by_its_option(capsys, argv, words):
+    with pytest.raises(SystemExit):
+        profile_edit.parse_args(argv)
+    assert words in capsys.readouterr().err
+
+
 def test_a_trace_path_without_its_folder_is_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit):
         profile_edit.parse_args(["--trace", str(tmp_path / "missing" / "trace.json")])

@@ -37,6 +37,8 @@ MAX_SEED = 2**32 - 1
 # The largest working size a side (EditConfig.max_side, an export's image size, a benchmark's resolution): four
 # times SD1.5's training size; beyond it the UNets' activations outgrow any GPU's memory.
 MAX_WORKING_SIDE = 2048
+# The most edits one batch takes (zone serve --max-batch, zone bench --batch): beyond it no GPU has the memory.
+MAX_BATCH = 256
 # Mask morphology: the working image is at most 512 pixels a side by default, so a kernel (or a dilation's
 # iterations) beyond this covers any image many times over; larger ones only exhaust memory.
 MAX_KERNEL = 1023

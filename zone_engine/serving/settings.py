@@ -8,11 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import IP2P_ID, MAGICBRUSH_ID, MAX_STEPS
+from ..config import IP2P_ID, MAGICBRUSH_ID, MAX_BATCH, MAX_STEPS
 from ..errors import ConfigError
 from ..image_io import MAX_PIXELS
-
-MAX_BATCH = 256  # the most edits one batch takes (--max-batch)
 
 
 @dataclass(frozen=True)
