@@ -29,6 +29,7 @@ import torch
 from export.sam import export_sam
 from zone_engine.action import classify_action
 from zone_engine.backends import DTYPES, resolve_device, resolve_dtype
+from zone_engine.cli import CommandParser
 from zone_engine.config import (
     DENOISERS,
     GROUP_NORMS,
@@ -764,7 +765,7 @@ def _preset_summary(config: BenchConfig) -> str:
 
 
 def parse_args(argv: list[str] | None) -> BenchConfig:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="zone bench",
         description="Per-stage latency of the ZONE engine against a reference-style baseline, in one run "
                     "on random-weight models of real size. Writes JSON, markdown and a PNG chart.",

@@ -28,6 +28,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from zone_engine.backends import resolve_device, resolve_dtype
+from zone_engine.cli import CommandParser
 from zone_engine.config import (
     DENOISERS,
     GROUP_NORMS,
@@ -162,7 +163,7 @@ def all_stages(profiles: Sequence[StageProfile]) -> StageProfile:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="zone profile", description=__doc__.split("\n")[0],
+    parser = CommandParser(prog="zone profile", description=__doc__.split("\n")[0],
                                      epilog="The walls are inflated by the profiler; zone bench measures latency.")
     parser.add_argument("--models", choices=PRESETS, default="sd15", help="architecture sizes (default sd15)")
     parser.add_argument("--sam-type", choices=SAM_SIZES, help="SAM size (default vit_h; tiny with --models tiny)")

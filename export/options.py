@@ -39,7 +39,7 @@ def add_export_unet_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_export_sam_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, help="SAM checkpoint .pth (e.g. sam_vit_h_4b8939.pth)")
-    parser.add_argument("--model-type", choices=["vit_h", "vit_l", "vit_b"],
+    parser.add_argument("--model-type", type=str.lower, choices=["vit_h", "vit_l", "vit_b"],
                         help="SAM size of --checkpoint (default: read from its file name)")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the ONNX files and manifest to")
     parser.add_argument("--fp16", action="store_true", help="half-precision graphs (for GPUs; fp32 in and out)")

@@ -100,6 +100,28 @@ print(type(_pipeline_spec(args)).__name__)
 """
 
 
+@pytest.mark.parametrize(("argv", "words"), [
+    (["edit", "x.png", "-i", "a", "-o", "y.png", "--bogus"], "unrecognized arguments: --bogus (see zone edit --help)"),
+    (["edit", "x.png", "-i", "a", "-o", "y.png", "--ste", "2"], "unrecognized arguments: --ste 2"),  # no abbreviation
+    (["export", "sam", "--out", "x", "--opset"], "--opset: expected one argument (see zone export sam --help)"),
+    (["serve", "--log-level", "loud"], "invalid choice: 'loud'"),
+])
+def test_argument_errors_are_one_line_from_the_command_they_were_given_to(capsys, argv, words):
+    """argparse printed a 20-line usage block first, and an unknown option under `zone`'s usage, not the command's."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err
+
+
+def test_names_from_a_list_take_any_case():
+    from zone_engine.cli import build_parser
+
+    args = build_parser().parse_args(["edit", "x.png", "-i", "a", "-o", "y.png", "--dtype", "FP16", "--denoiser",
+                                      "Eager", "--action", "ADD", "--threshold-rule", "Paper"])
+    assert (args.dtype, args.denoiser, args.action, args.threshold_rule) == ("fp16", "eager", "add", "paper")
+
+
 def test_zone_edit_needs_no_serving_extra():
     """`zone edit` builds its pipeline from the serving package's PipelineSpec: that must not import the app."""
     out = subprocess.run([sys.executable, "-c", WITHOUT_SERVE_SCRIPT], capture_output=True, text=True, timeout=120)
@@ -266,7 +288,7 @@ def test_corrupt_sam_checkpoint_is_one_line_naming_the_download(capsys, photo, t
 
 @pytest.mark.parametrize("argv, words", [
     (["bench", "--preset", "tiny-smoke", "--backends", ","], "--backends names no denoiser"),
-    (["bench", "--preset", "tiny-smoke", "--sam-points", "0"], "--sam-points >= 1"),
+    (["bench", "--preset", "tiny-smoke", "--sam-points", "0"], "--sam-points: points_per_side and"),
     (["bench", "--preset", "tiny-smoke", "--out", "{photo}"], "is a file, not a folder"),
     (["profile", "--models", "tiny", "--trace", "{folder}"], "is a folder"),
 ], ids=["no-backends", "no-sam-points", "bench-out-is-a-file", "trace-is-a-folder"])

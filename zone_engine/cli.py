@@ -10,6 +10,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 from export.options import add_build_engine_arguments, add_export_sam_arguments, add_export_unet_arguments
 
@@ -44,24 +45,24 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 def _add_request_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("edit options")
-    group.add_argument("--action", default="auto", choices=["auto", *(a.value for a in Action)],
+    group.add_argument("--action", type=str.lower, default="auto", choices=["auto", *(a.value for a in Action)],
                        help="force the action instead of classifying the instruction (default: auto)")
     group.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20)")
     group.add_argument("--seed", type=int, default=None, help="seed of the initial noise, 0..4294967295 (default: 42)")
-    group.add_argument("--threshold-rule", choices=["reference", "paper"], default="reference",
+    group.add_argument("--threshold-rule", type=str.lower, choices=["reference", "paper"], default="reference",
                        help="M_b rule: reference min(2d,255)<=108 (default) or the paper's d<128")
 
 
 def _add_backend_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("backends")
     group.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    group.add_argument("--denoiser", default="fused", choices=DENOISERS,
+    group.add_argument("--denoiser", type=str.lower, default="fused", choices=DENOISERS,
                        help="fused (default): one fused dual step of tensor ops, the same edit as eager on the "
                        "CPU, CUDA graphs on a GPU, batches several edits; eager: the sequential reference; "
                        "compile: fused + torch.compile (slow first edit); tensorrt: exported engine (see --engines)")
     group.add_argument("--engines", type=Path, metavar="DIR",
                        help="with --denoiser tensorrt: the folder written by `zone export unet`")
-    group.add_argument("--attention", default="sdpa", choices=ATTENTION,
+    group.add_argument("--attention", type=str.lower, default="sdpa", choices=ATTENTION,
                        help="attention kernels of the UNets and VAE: sdpa (PyTorch, default) or xformers (CUDA, "
                        "needs `pip install xformers`)")
     group.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
@@ -73,17 +74,17 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
                        "GPUs have their fastest fp16/bf16 convolution kernels; --no-channels-last: neither. Default: "
                        "the UNets' only, on CUDA in fp16/bf16 (a 10%% faster step on an H200); none on the CPU, "
                        "where it is slower")
-    group.add_argument("--segmenter", default="torch", choices=SEGMENTERS,
+    group.add_argument("--segmenter", type=str.lower, default="torch", choices=SEGMENTERS,
                        help="refinement SAM: torch (segment-anything, default) or onnx (exported, see --sam-onnx)")
     group.add_argument("--sam-onnx", type=Path, metavar="DIR",
                        help="with --segmenter onnx: the folder written by `zone export sam` (it replaces --sam)")
-    group.add_argument("--sam-precision", default="fp32", choices=SAM_PRECISIONS,
+    group.add_argument("--sam-precision", type=str.lower, default="fp32", choices=SAM_PRECISIONS,
                        help="with --segmenter torch: precision of SAM's image encoder (nearly all its FLOPs); "
                        "prompt decoding, scores and thresholds stay fp32. fp32 (default, the reference), bf16, "
                        "fp16 (CUDA only): faster, masks may differ slightly")
-    group.add_argument("--kernels", default="auto", choices=LOCALIZATION_KERNELS,
+    group.add_argument("--kernels", type=str.lower, default="auto", choices=LOCALIZATION_KERNELS,
                        help="localization math: triton (fused kernels), torch (reference); auto = triton on CUDA")
-    group.add_argument("--group-norm", default="auto", choices=GROUP_NORMS,
+    group.add_argument("--group-norm", type=str.lower, default="auto", choices=GROUP_NORMS,
                        help="the UNets' and VAE's GroupNorm: triton (a kernel that keeps channels-last activations "
                        "in their layout), torch (PyTorch's, which converts them to NCHW on CUDA); auto = triton on "
                        "CUDA, but for --denoiser eager (the reference) and compile's UNets (inductor's own norm)")
@@ -108,19 +109,40 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--ip2p", help=f"InstructPix2Pix folder or cached id (default: {IP2P_ID})")
     models.add_argument("--magicbrush", help=f"MagicBrush folder or cached id (default: {MAGICBRUSH_ID})")
     models.add_argument("--sam", type=Path, help=f"SAM checkpoint .pth, for --segmenter torch (default: {DEFAULT_SAM})")
-    models.add_argument("--sam-type", choices=["vit_h", "vit_l", "vit_b"],
+    models.add_argument("--sam-type", type=str.lower, choices=["vit_h", "vit_l", "vit_b"],
                         help="SAM size, when the file name does not say it")
     models.add_argument("--action-classifier", type=Path,
                         help="ZONE's ckpts/action_classifier.pth; without it a keyword rule decides the action")
-    models.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+    models.add_argument("--dtype", type=str.lower, default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="precision of the diffusion models (fp16/bf16 need CUDA; default fp32)")
     models.add_argument("--tiny", action="store_true", help="use tiny random models instead (for trying the CLI)")
-    models.add_argument("--random-weights", choices=["sd15"], help="SD1.5-sized architectures (and SAM --sam-type, "
-                        "default vit_b) with random weights: real costs, meaningless edits; for load tests")
+    models.add_argument("--random-weights", type=str.lower, choices=["sd15"],
+                        help="SD1.5-sized architectures (and SAM --sam-type, default vit_b) with random weights: "
+                        "real costs, meaningless edits; for load tests")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors that point to the command's --help (not a 20-line usage block
+    first), an unknown option said by the command it was given to, and no abbreviated options (a script's
+    `--ste 1` would break the day another option began with --ste)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:  # argparse says these as the top level's ("zone: ... unrecognized"), whichever command had them
+            command = " ".join([self.prog, *(getattr(parsed, name) for name in ("command", "target")
+                                             if getattr(parsed, name, None))])
+            self.exit(2, f"error: unrecognized arguments: {' '.join(unknown)} (see {command} --help)\n")
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="zone",
         description="ZONE: zero-shot instruction-guided local image editing. Give an image and an "
         "instruction; only the region the instruction is about changes, every other pixel stays as it was.",
@@ -188,7 +210,7 @@ def _add_serve_command(commands) -> None:
                         help="also warm up at this image size before being ready: edits at the server's steps and "
                         "every batch size the denoiser pads to, so the first requests of that size pay no CUDA-graph "
                         "capture or compilation (minutes with --denoiser compile); repeatable (default: none)")
-    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+    server.add_argument("--log-level", type=str.lower, default="info", choices=["debug", "info", "warning", "error"],
                         help="the server's log: requests, readiness, warm-up, failed edits (default: info)")
     scale = serve.add_argument_group("Ray Serve")
     scale.add_argument("--ray", action="store_true",
@@ -325,14 +347,14 @@ def run_edit(args: argparse.Namespace) -> None:
     if args.save_masks:
         check_output_folder(args.save_masks, "--save-masks")
         _check_masks_spare(args.save_masks, args.output, args.image)
-    image = load_image(args.image)
+    image, profile = load_image(args.image), colour_profile(args.image)
     instruction = check_instruction(args.instruction)
     if note := lossy_format_note(args.output):
         print(f"warning: {note}", file=sys.stderr)
     pipe = _pipeline_spec(args).build()
     config = pipe.default_config.replace(**changes)
     result = pipe.edit(image, instruction, config, progress=not args.no_progress)
-    save_image(result.image, args.output, icc_profile=colour_profile(args.image))
+    save_image(result.image, args.output, icc_profile=profile)
     if args.save_masks:
         _save_outputs(result, args.save_masks, MASK_OUTPUTS)
     _print_summary(result)

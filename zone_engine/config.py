@@ -35,9 +35,10 @@ MAX_STEPS = 1000
 # repeat seed 0.
 MAX_SEED = 2**32 - 1
 # The largest working size a side (EditConfig.max_side, an export's image size, a benchmark's resolution): four
-# times SD1.5's training size; beyond it the UNets' activations outgrow any GPU's memory.
+# times SD1.5's 512 a side. Larger is a typo more likely than a use (an export at 1000000 px died allocating).
 MAX_WORKING_SIDE = 2048
-# The most edits one batch takes (zone serve --max-batch, zone bench --batch): beyond it no GPU has the memory.
+# The most edits one batch takes (zone serve --max-batch, zone bench --batch): 64 times the server's default.
+# A server warms up every padded batch size up to its --max-batch: 100000 was still warming up after minutes.
 MAX_BATCH = 256
 # Mask morphology: the working image is at most 512 pixels a side by default, so a kernel (or a dilation's
 # iterations) beyond this covers any image many times over; larger ones only exhaust memory.

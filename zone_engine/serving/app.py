@@ -160,7 +160,8 @@ class EditService:
         then, at each of `warmup_sizes`, one batch of every size the denoiser pads batches to. Stopping the
         server ends the warm-up at the running batch's next step (else SIGTERM would wait for all of it)."""
         self.pipeline = self.build_pipeline()
-        batches = [(make_sample_image(128, 128), self.edit_config().replace(steps=2), 1)] * self.settings.warmup
+        first = (make_sample_image(128, 128), self.edit_config().replace(steps=2), 1)
+        batches = [first] if self.settings.warmup else []
         batches += [(make_sample_image(height, width), self.edit_config(), batch)
                     for height, width in self.settings.warmup_sizes
                     for batch in warmup_batch_sizes(self.settings.max_batch)]
