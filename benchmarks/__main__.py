@@ -1,5 +1,5 @@
 """`python -m benchmarks --preset cpu-smoke`: see README.md in this folder."""
 
-from .harness import main
+from .options import bench_main
 
-raise SystemExit(main())
+raise SystemExit(bench_main())

@@ -9,7 +9,6 @@ outputs; and writes JSON, markdown and a PNG chart.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import gc
@@ -20,7 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -29,25 +27,11 @@ import torch
 from export.sam import export_sam
 from zone_engine.action import classify_action
 from zone_engine.backends import DTYPES, resolve_device, resolve_dtype
-from zone_engine.cli import CommandParser
-from zone_engine.config import (
-    DENOISERS,
-    GROUP_NORMS,
-    MAX_BATCH,
-    MAX_SEED,
-    MAX_STEPS,
-    MAX_WORKING_SIDE,
-    Action,
-    EditConfig,
-    SamConfig,
-    parse_action,
-)
+from zone_engine.config import DENOISERS, EditConfig
 from zone_engine.denoise import BatchDenoiser, Denoiser
 from zone_engine.errors import ZoneError, first_line
 from zone_engine.image_io import make_sample_image, working_geometry
-from zone_engine.models import PRESETS as MODEL_PRESETS
-from zone_engine.models import SAM_SIZES, ZoneModels, build_random_components
-from zone_engine.paths import check_output_folder
+from zone_engine.models import ZoneModels, build_random_components
 from zone_engine.pipeline import STAGES, EditRequest, EditResult, ZonePipeline
 from zone_engine.timing import Stopwatch
 
@@ -60,78 +44,14 @@ from .measure import (
     machine_info,
     matmul_peak,
     process_peak_rss_bytes,
-    refuse_first,
     step_timed,
     summarize,
     unet_flops_per_row,
 )
+from .options import BUILDING_BACKENDS, BenchConfig
 from .report import markdown, write_reports
 
 ROWS_PER_STEP = 6  # 2 UNets x 3 guidance branches (ZONE.md cost model)
-# Backends whose first edit builds something (torch.compile, CUDA-graph capture, TensorRT engines):
-# they always get at least one warm-up edit, so the build never lands in the timed numbers, and the
-# CPU presets leave them out (inductor's CPU build of two SD1.5 UNets takes many minutes).
-BUILDING_BACKENDS = ("compile", "cuda-graphs", "cudagraphs", "tensorrt")
-NO_BUILD_BACKENDS = tuple(kind for kind in DENOISERS if kind not in BUILDING_BACKENDS)
-REFERENCE_SAM = SamConfig()  # segment-anything's defaults, as the reference ran them
-SMOKE_SAM = SamConfig(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """Everything one benchmark run needs; the presets below are named instances."""
-
-    preset: str
-    models: str = "sd15"  # a zone_engine.models.PRESETS name
-    resolution: int = 256
-    steps: int = 20
-    dtype: str = "fp32"  # the engine's; the baseline always runs fp32, the reference precision
-    sam_type: str = "vit_b"
-    sam: SamConfig = REFERENCE_SAM
-    repeats: int = 1
-    warmup: int = 0
-    device: str = "auto"
-    seed: int = 42
-    model_seed: int = 0
-    instruction: str = "make the dog a golden statue"
-    action: Action = Action.CHANGE
-    backends: tuple[str, ...] = DENOISERS
-    batch: int = 1  # > 1: also time batches of this many concurrent edits (edit_batch); 1: sequential only
-    sam_onnx: bool = False  # also an engine row refining with SAM exported to ONNX and run on ONNX Runtime
-    sam_precision: str | None = None  # bf16/fp16: also an engine row with SAM's image encoder in that precision
-    # Also a fused row with PyTorch's GroupNorm ("+gn-torch"): what kernel 3 gains, measured in the same run.
-    compare_group_norm: bool = False
-    # True: every engine row's UNets and VAE in NHWC (half precision only: see parse_args); False: none;
-    # None: the engine's default (the UNets on CUDA in fp16/bf16).
-    channels_last: bool | None = None
-    group_norm: str = "auto"  # every engine row's GroupNorms (zone edit --group-norm)
-    time_limit_s: float | None = None  # no edit or batch starts after this many seconds; the rest is reported
-    out: Path = Path("benchmarks/out")
-
-
-PRESETS: dict[str, BenchConfig] = {
-    # Tests: tiny models, seconds. SAM thresholds at zero so random weights still give segments.
-    "tiny-smoke": BenchConfig("tiny-smoke", models="tiny", resolution=64, steps=2, sam_type="tiny",
-                              sam=SamConfig.for_random_weights(), device="cpu", backends=NO_BUILD_BACKENDS, batch=2,
-                              sam_onnx=True, sam_precision="bf16"),
-    # CI: proves the harness works on real-size architectures: ~1 minute on 2 idle cores including the
-    # model build (up to 4.6 minutes measured on a busy shared machine), 11 GiB peak RSS. No speed claim.
-    # No batch: tiny-smoke covers the batched path, and a batch of 2 here (~+30 s, most of it SAM's
-    # refine of each edit) shows nothing on 2 cores; `--batch 2` measures it.
-    "cpu-smoke": BenchConfig("cpu-smoke", resolution=128, steps=2, sam=SMOKE_SAM, device="cpu",
-                             backends=NO_BUILD_BACKENDS),
-    # The issue's CPU target (256², fp32, 2 cores): two rounds of three ~3-minute edits, ~20 minutes
-    # on 2 idle cores (41.8 measured on a busy shared machine); most of an edit is SAM's 1,024
-    # prompts and 20 steps of two SD1.5 UNets; the ONNX Runtime row adds a fourth edit per round.
-    "cpu-256": BenchConfig("cpu-256", resolution=256, steps=20, repeats=2, device="cpu", backends=NO_BUILD_BACKENDS,
-                           sam_onnx=True),
-    "gpu-512": BenchConfig("gpu-512", resolution=512, steps=20, dtype="fp16", sam_type="vit_h", repeats=5,
-                           warmup=1, device="cuda", batch=4, sam_onnx=True, sam_precision="bf16",
-                           compare_group_norm=True),
-    "gpu-throughput": BenchConfig("gpu-throughput", resolution=512, steps=20, dtype="fp16", sam_type="vit_h",
-                                  repeats=16, warmup=2, device="cuda", batch=8),
-}
-
 THROUGHPUT_LABEL = ("sequential: the timed edits run one after another, edits ÷ wall time (batches of "
                     "concurrent edits: batched_throughput, --batch N; batched serving over HTTP: "
                     "python -m benchmarks.load_test)")
@@ -758,105 +678,8 @@ def _config_record(config: BenchConfig, priming: str) -> dict:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def _preset_summary(config: BenchConfig) -> str:
-    return (f"{config.preset} = {config.models} models, {config.resolution} px, {config.steps} steps, {config.dtype}, "
-            f"SAM {config.sam_type} ({config.sam.points_per_side} points a side), {config.repeats} timed edits after "
-            f"{config.warmup} warm-up, device {config.device}, batch {config.batch}")
-
-
-def parse_args(argv: list[str] | None) -> BenchConfig:
-    parser = CommandParser(
-        prog="zone bench",
-        description="Per-stage latency of the ZONE engine against a reference-style baseline, in one run "
-                    "on random-weight models of real size. Writes JSON, markdown and a PNG chart.",
-    )
-    parser.add_argument("--preset", choices=PRESETS, default="cpu-smoke",
-                        help="named settings (default cpu-smoke); an option below that is left out takes its "
-                        f"preset's value: {'; '.join(_preset_summary(preset) for preset in PRESETS.values())}")
-    parser.add_argument("--models", choices=MODEL_PRESETS, help="architecture sizes: sd15 (real) or tiny (tests)")
-    parser.add_argument("--resolution", type=int, help="side of the square test image, pixels")
-    parser.add_argument("--steps", type=int, help="denoising steps")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="engine precision (baseline: fp32)")
-    parser.add_argument("--sam-type", choices=SAM_SIZES, help="SAM size")
-    parser.add_argument("--sam-points", type=int, help="SAM automatic generator points per side")
-    parser.add_argument("--repeats", type=int, help="timed edits per implementation")
-    parser.add_argument("--warmup", type=int, help="untimed edits before them")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to run")
-    parser.add_argument("--backends", help=f"comma-separated engine denoisers (default all: {','.join(DENOISERS)})")
-    parser.add_argument("--action", choices=("add", "change", "remove"), help="forced action (default change)")
-    parser.add_argument("--seed", type=int, help="edit seed (default 42)")
-    parser.add_argument("--batch", type=int, help="also time batches of N concurrent edits (edit_batch) on every "
-                                                  "backend that batches; 1 = sequential only (preset's default)")
-    parser.add_argument("--sam-onnx", action=argparse.BooleanOptionalAction, default=None,
-                        help="also an engine row refining on ONNX Runtime (SAM exported in the run; preset's default)")
-    parser.add_argument("--sam-precision", choices=("none", "bf16", "fp16"),
-                        help="also an engine row with SAM's image encoder in bf16/fp16 (none: no such row; "
-                        "preset's default)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="every engine row's UNets and VAE in the channels-last layout (zone edit "
-                        "--channels-last; needs --dtype fp16 or bf16); --no-channels-last: neither; default: "
-                        "the engine's (the UNets' on CUDA in fp16/bf16)")
-    parser.add_argument("--compare-group-norm", action=argparse.BooleanOptionalAction, default=None,
-                        help="also a fused row with PyTorch's GroupNorm (engine:fused+gn-torch), to see what the "
-                        "GroupNorm kernel gains in the same run (preset's default: on for gpu-512)")
-    parser.add_argument("--group-norm", choices=GROUP_NORMS,
-                        help="every engine row's UNet and VAE GroupNorms: triton (kernel 3), torch (PyTorch's); "
-                        "default auto, the engine's (zone edit --group-norm)")
-    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
-                        help="start no edit or batch after this many seconds from the start; report what was "
-                        "measured by then (SIGTERM does the same at once; default: no limit)")
-    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/out)")
-    args = parser.parse_args(argv)
-
-    config = PRESETS[args.preset]
-    changes = {name: value for name, value in (
-        ("models", args.models), ("resolution", args.resolution), ("steps", args.steps), ("dtype", args.dtype),
-        ("sam_type", args.sam_type), ("repeats", args.repeats), ("warmup", args.warmup), ("device", args.device),
-        ("seed", args.seed), ("batch", args.batch), ("sam_onnx", args.sam_onnx), ("out", args.out),
-        ("channels_last", args.channels_last), ("group_norm", args.group_norm), ("time_limit_s", args.time_limit),
-        ("compare_group_norm", args.compare_group_norm),
-    ) if value is not None}
-    if args.models == "tiny" and args.sam_type is None:
-        changes["sam_type"] = "tiny"
-    if args.sam_points is not None:
-        try:
-            changes["sam"] = config.sam.replace(points_per_side=args.sam_points)
-        except ZoneError as error:
-            parser.error(f"--sam-points: {error}")
-    if args.backends is not None:
-        changes["backends"] = tuple(kind.strip() for kind in args.backends.split(",") if kind.strip())
-    if args.action is not None:
-        changes["action"] = parse_action(args.action)
-    if args.sam_precision is not None:
-        changes["sam_precision"] = None if args.sam_precision == "none" else args.sam_precision
-    config = dataclasses.replace(config, **changes)
-    refuse_first(parser, [
-        (config.repeats >= 1, "--repeats must be at least 1"), (config.warmup >= 0, "--warmup must be 0 or more"),
-        (1 <= config.steps <= MAX_STEPS, f"--steps must be between 1 and {MAX_STEPS}"),
-        (32 <= config.resolution <= MAX_WORKING_SIDE, f"--resolution must be between 32 and {MAX_WORKING_SIDE}"),
-        (1 <= config.batch <= MAX_BATCH, f"--batch must be between 1 and {MAX_BATCH}"),
-        # Checked here, not after the models are built: a batch's edits take seeds seed..seed+batch-1.
-        (0 <= config.seed <= MAX_SEED - config.batch + 1, f"--seed must be between 0 and "
-         f"{MAX_SEED - config.batch + 1} (a batch's edits take seeds seed..seed+batch-1)"),
-        (config.time_limit_s is None or 0 < config.time_limit_s < float("inf"),
-         "--time-limit must be a finite number of seconds above 0"),
-    ])
-    if not config.backends:
-        parser.error(f"--backends names no denoiser: give one or more of {','.join(DENOISERS)}")
-    try:
-        check_output_folder(config.out, "--out")  # before the run: its reports must have somewhere to go
-    except ZoneError as error:
-        parser.error(str(error))
-    if config.channels_last and config.dtype == "fp32":
-        # fp32 engine rows share the weights with the baseline's rows, round by round: the layout would
-        # change the baseline too. Half-precision engine rows convert them once the baseline's rounds are done.
-        parser.error("--channels-last needs --dtype fp16 or bf16 (fp32 engine rows share the baseline's weights)")
-    return config
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m benchmarks` and `zone bench`; returns the exit status."""
-    config = parse_args(argv)
+def run_and_report(config: BenchConfig, argv: list[str] | None = None) -> int:
+    """`zone bench` once its options are checked (benchmarks/options.py): the run, its reports; the exit status."""
 
     def progress(message: str) -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
@@ -864,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         record = run_benchmark(config, progress)
     except ZoneError as error:
-        print(f"zone bench: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
     record["command"] = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
     paths = write_reports(record, config.out)

@@ -6,7 +6,6 @@ after the edit's own synchronisation), host clocks elsewhere.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import platform
@@ -15,7 +14,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from typing import TypeVar
 
@@ -345,9 +344,3 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> 
     return {"dtype": str(dtype).removeprefix("torch."), "n": n, "flops_per_s": flops / min(times),
             "median_flops_per_s": flops / float(np.median(times))}
 
-
-def refuse_first(parser: argparse.ArgumentParser, checks: Sequence[tuple[bool, str]]) -> None:
-    """`parser.error` with the first failing check's message (ok, message): the option at fault, by name."""
-    for ok, message in checks:
-        if not ok:
-            parser.error(message)

@@ -21,31 +21,20 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from zone_engine.backends import resolve_device, resolve_dtype
-from zone_engine.cli import CommandParser
-from zone_engine.config import (
-    DENOISERS,
-    GROUP_NORMS,
-    MAX_STEPS,
-    MAX_WORKING_SIDE,
-    SAM_PRECISIONS,
-    EditConfig,
-    SamConfig,
-)
+from zone_engine.config import EditConfig, SamConfig
 from zone_engine.errors import ZoneError
 from zone_engine.image_io import make_sample_image
-from zone_engine.models import PRESETS, SAM_SIZES, build_random_components
-from zone_engine.paths import check_output_file
+from zone_engine.models import build_random_components
 from zone_engine.pipeline import STAGES, ZonePipeline
 from zone_engine.timing import RANGE_PREFIX
 
-from .measure import refuse_first
+from .options import profile_main
 
 Window = tuple[float, float]  # microseconds on the profiler's clock
 INSTRUCTION = "make the house a golden statue"
@@ -162,47 +151,6 @@ def all_stages(profiles: Sequence[StageProfile]) -> StageProfile:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = CommandParser(prog="zone profile", description=__doc__.split("\n")[0],
-                                     epilog="The walls are inflated by the profiler; zone bench measures latency.")
-    parser.add_argument("--models", choices=PRESETS, default="sd15", help="architecture sizes (default sd15)")
-    parser.add_argument("--sam-type", choices=SAM_SIZES, help="SAM size (default vit_h; tiny with --models tiny)")
-    parser.add_argument("--resolution", type=int, default=512, help="side of the square test image (default 512)")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where to run (default auto: CUDA when there is one)")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
-                        help="engine precision (default fp16 on CUDA, fp32 on the CPU)")
-    parser.add_argument("--denoiser", choices=DENOISERS, default="fused", help="denoiser backend (default fused)")
-    parser.add_argument("--sam-precision", choices=SAM_PRECISIONS, default="fp32",
-                        help="SAM image encoder precision (default fp32)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="UNets and VAE in the channels-last layout; --no-channels-last: neither; default: "
-                        "the engine's (the UNets' on CUDA in fp16/bf16)")
-    parser.add_argument("--group-norm", choices=GROUP_NORMS, default="auto",
-                        help="UNet and VAE GroupNorms: triton (kernel 3), torch (PyTorch's); default auto, "
-                        "the engine's")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed edits before the profiled one (default 1)")
-    parser.add_argument("--rows", type=int, default=25, help="rows of the whole edit's op table (default 25)")
-    parser.add_argument("--trace", type=Path, help="also write the profiled edit as a Chrome trace (JSON) here")
-    args = parser.parse_args(argv)
-    refuse_first(parser, [
-        (32 <= args.resolution <= MAX_WORKING_SIDE, f"--resolution must be between 32 and {MAX_WORKING_SIDE}"),
-        (1 <= args.steps <= MAX_STEPS, f"--steps must be between 1 and {MAX_STEPS}"),
-        (args.warmup >= 0, "--warmup must be 0 or more"), (args.rows >= 0, "--rows must be 0 or more"),
-    ])
-    if args.trace is not None and not args.trace.parent.is_dir():
-        parser.error(f"--trace {args.trace}: no folder {args.trace.parent} to write it in")
-    try:  # the profiler's writer would replace a folder by the file, and only log what it cannot write
-        if args.trace is not None:
-            check_output_file(args.trace, "--trace")
-    except ZoneError as error:
-        parser.error(str(error))
-    if args.sam_type is None:
-        args.sam_type = "tiny" if args.models == "tiny" else "vit_h"
-    return args
-
-
 def profile_edit(args: argparse.Namespace) -> tuple[torch.device, list[StageProfile], str]:
     """Build the random-weight models, run the warm-up edits, profile one edit: (device, stages, op table)."""
     device = resolve_device(args.device)
@@ -238,8 +186,8 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def profile_and_report(args: argparse.Namespace) -> int:
+    """`zone profile` once its options are checked (benchmarks/options.py): the profiled edit, its tables."""
     try:
         device, profiles, ops = profile_edit(args)
     except ZoneError as error:
@@ -260,4 +208,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(profile_main())

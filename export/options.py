@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from zone_engine.config import IP2P_ID, MAGICBRUSH_ID
+from zone_engine.config import IP2P_ID, MAGICBRUSH_ID, SAM_TYPES
 
 TINY_SEED = 0  # the seed of `--tiny`'s random weights
 DEFAULT_SIZE = (512, 512)  # `zone export unet`'s image size (height, width) unless told
@@ -39,7 +39,7 @@ def add_export_unet_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_export_sam_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, help="SAM checkpoint .pth (e.g. sam_vit_h_4b8939.pth)")
-    parser.add_argument("--model-type", type=str.lower, choices=["vit_h", "vit_l", "vit_b"],
+    parser.add_argument("--model-type", type=str.lower, choices=SAM_TYPES,
                         help="SAM size of --checkpoint (default: read from its file name)")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the ONNX files and manifest to")
     parser.add_argument("--fp16", action="store_true", help="half-precision graphs (for GPUs; fp32 in and out)")

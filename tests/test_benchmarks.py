@@ -19,8 +19,11 @@ from diffusers.models.attention_processor import Attention
 
 from benchmarks import harness, measure
 from benchmarks.baseline import STORED_MAX_QUERIES, ReferenceStyleZone
-from benchmarks.harness import PRESETS, main, parse_args, run_benchmark
+from benchmarks.harness import run_benchmark
 from benchmarks.measure import Deadline, OutOfTime
+from benchmarks.options import PRESETS
+from benchmarks.options import bench_main as main
+from benchmarks.options import parse_bench_args as parse_args
 from benchmarks.report import markdown
 from zone_engine import Action, EditConfig, ZonePipeline, backends, pipeline
 from zone_engine.denoise import BatchDenoiser

@@ -23,19 +23,18 @@ from benchmarks import (
     bench_refine,
     graph_breaks,
     graph_memory,
-    harness,
     load_test,
-    profile_edit,
+    options,
 )
 from zone_engine.config import DENOISERS
 
 ROOT = Path(__file__).parents[1]
 STAGES = ("tests", "compile", "kernels", "refine", "refine-zero", "dual", "breaks", "profile", "graph-memory", "bench",
           "bench-cl", "bench-compile", "suite", "serve")
-PARSERS = {"benchmarks": harness.parse_args, "benchmarks.bench_refine": bench_refine.parse_args,
+PARSERS = {"benchmarks": options.parse_bench_args, "benchmarks.bench_refine": bench_refine.parse_args,
            "benchmarks.bench_dual_unet": bench_dual_unet.parse_args, "benchmarks.graph_breaks": graph_breaks.parse_args,
            "benchmarks.bench_kernels": bench_kernels.parse_args, "benchmarks.load_test": load_test.parse_args,
-           "benchmarks.profile_edit": profile_edit.parse_args, "benchmarks.graph_memory": graph_memory.parse_args}
+           "benchmarks.profile_edit": options.parse_profile_args, "benchmarks.graph_memory": graph_memory.parse_args}
 
 
 def dry_run(*stages: str, **env: str) -> subprocess.CompletedProcess:
@@ -109,9 +108,9 @@ def test_the_benchmark_stages_pass_their_tools_parsers(every_stage):
         PARSERS[module](arguments)  # argparse exits (SystemExit 2) on an unknown flag or a bad value
         parsed += 1
     assert parsed == 11
-    bench = harness.parse_args(every_stage["bench"][3:])
+    bench = options.parse_bench_args(every_stage["bench"][3:])
     assert bench.backends == ("fused", "compile") and set(bench.backends) <= set(DENOISERS)
-    compiled = harness.parse_args(every_stage["bench_compile"][3:])
+    compiled = options.parse_bench_args(every_stage["bench_compile"][3:])
     assert compiled.backends == ("fused", "compile") and compiled.batch == 1 and compiled.time_limit_s == 160
 
 

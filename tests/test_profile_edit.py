@@ -7,7 +7,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 
-from benchmarks import profile_edit
+from benchmarks import options, profile_edit
 from benchmarks.profile_edit import all_stages, covered, stage_profiles, stage_table
 from zone_engine.pipeline import STAGES
 from zone_engine.timing import RANGE_PREFIX
@@ -70,7 +70,7 @@ def test_a_cpu_run_has_no_device_busy_time_and_ranks_its_torch_ops():
 
 
 def test_profiling_a_tiny_edit_reports_every_stage(capsys):
-    assert profile_edit.main(["--models", "tiny", "--device", "cpu", "--resolution", "64", "--steps", "2",
+    assert options.profile_main(["--models", "tiny", "--device", "cpu", "--resolution", "64", "--steps", "2",
                               "--warmup", "0", "--rows", "5"]) == 0
     table = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
@@ -81,7 +81,7 @@ def test_profiling_a_tiny_edit_reports_every_stage(capsys):
 
 
 def test_half_precision_on_the_cpu_is_a_one_line_error(capsys):
-    assert profile_edit.main(["--models", "tiny", "--device", "cpu", "--dtype", "fp16", "--warmup", "0"]) == 2
+    assert options.profile_main(["--models", "tiny", "--device", "cpu", "--dtype", "fp16", "--warmup", "0"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
 
 
@@ -91,14 +91,14 @@ def test_half_precision_on_the_cpu_is_a_one_line_error(capsys):
 ])
 def test_a_value_out_of_range_is_said_by_its_option(capsys, argv, words):
     with pytest.raises(SystemExit):
-        profile_edit.parse_args(argv)
+        options.parse_profile_args(argv)
     assert words in capsys.readouterr().err
 
 
 def test_a_trace_path_without_its_folder_is_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit):
-        profile_edit.parse_args(["--trace", str(tmp_path / "missing" / "trace.json")])
-    assert profile_edit.parse_args(["--trace", str(tmp_path / "trace.json")]).trace == tmp_path / "trace.json"
+        options.parse_profile_args(["--trace", str(tmp_path / "missing" / "trace.json")])
+    assert options.parse_profile_args(["--trace", str(tmp_path / "trace.json")]).trace == tmp_path / "trace.json"
 
 
 def test_the_group_norm_option_reaches_the_pipeline(monkeypatch):
@@ -110,16 +110,16 @@ def test_the_group_norm_option_reaches_the_pipeline(monkeypatch):
 
     monkeypatch.setattr(profile_edit, "ZonePipeline", pipeline)
     with pytest.raises(InterruptedError):
-        profile_edit.profile_edit(profile_edit.parse_args(["--models", "tiny", "--device", "cpu", "--group-norm",
+        profile_edit.profile_edit(options.parse_profile_args(["--models", "tiny", "--device", "cpu", "--group-norm",
                                                             "triton"]))
     assert built[0]["group_norm"] == "triton"
-    assert profile_edit.parse_args([]).group_norm == "auto"
+    assert options.parse_profile_args([]).group_norm == "auto"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a profile's device side: needs CUDA")
 def test_a_cuda_profile_sees_the_kernels_of_the_replayed_denoising_graph():
-    args = profile_edit.parse_args(["--models", "tiny", "--device", "cuda", "--resolution", "64", "--steps", "3",
+    args = options.parse_profile_args(["--models", "tiny", "--device", "cuda", "--resolution", "64", "--steps", "3",
                                     "--rows", "0"])
     _, profiles, _ = profile_edit.profile_edit(args)
     stages = {p.stage: p for p in profiles}

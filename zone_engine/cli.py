@@ -22,7 +22,9 @@ from .config import (
     IP2P_ID,
     LOCALIZATION_KERNELS,
     MAGICBRUSH_ID,
+    MODEL_SIZES,
     SAM_PRECISIONS,
+    SAM_TYPES,
     SEGMENTERS,
     Action,
     EditConfig,
@@ -109,14 +111,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--ip2p", help=f"InstructPix2Pix folder or cached id (default: {IP2P_ID})")
     models.add_argument("--magicbrush", help=f"MagicBrush folder or cached id (default: {MAGICBRUSH_ID})")
     models.add_argument("--sam", type=Path, help=f"SAM checkpoint .pth, for --segmenter torch (default: {DEFAULT_SAM})")
-    models.add_argument("--sam-type", type=str.lower, choices=["vit_h", "vit_l", "vit_b"],
+    models.add_argument("--sam-type", type=str.lower, choices=SAM_TYPES,
                         help="SAM size, when the file name does not say it")
     models.add_argument("--action-classifier", type=Path,
                         help="ZONE's ckpts/action_classifier.pth; without it a keyword rule decides the action")
     models.add_argument("--dtype", type=str.lower, default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="precision of the diffusion models (fp16/bf16 need CUDA; default fp32)")
     models.add_argument("--tiny", action="store_true", help="use tiny random models instead (for trying the CLI)")
-    models.add_argument("--random-weights", type=str.lower, choices=["sd15"],
+    models.add_argument("--random-weights", type=str.lower, choices=[size for size in MODEL_SIZES if size != "tiny"],
                         help="SD1.5-sized architectures (and SAM --sam-type, default vit_b) with random weights: "
                         "real costs, meaningless edits; for load tests")
 
@@ -469,13 +471,13 @@ def _quiet_libraries() -> None:
             sys.modules[library].utils.logging.set_verbosity_error()
 
 
-TOOLS = {"bench": "benchmarks.harness", "profile": "benchmarks.profile_edit"}  # `zone NAME` runs NAME's main
+TOOLS = {"bench": "bench_main", "profile": "profile_main"}  # `zone NAME`: benchmarks.options' function
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] and argv[0] in TOOLS:  # the benchmark tools own their options
-        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+        return getattr(importlib.import_module("benchmarks.options"), TOOLS[argv[0]])(argv[1:])
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import IP2P_ID, MAGICBRUSH_ID, check_seed
+from .config import IP2P_ID, MAGICBRUSH_ID, SAM_TYPES, check_seed
 from .errors import CheckpointError, first_line
 
 SAM_URLS = {
@@ -325,7 +325,7 @@ def build_sam(model_type: str) -> nn.Module:
 
 def sam_type_from_path(path: Path) -> str | None:
     """'vit_h' for sam_vit_h_4b8939.pth etc.; None when the name does not say."""
-    return next((name for name in ("vit_h", "vit_l", "vit_b") if name in path.name), None)
+    return next((name for name in SAM_TYPES if name in path.name), None)
 
 
 def checked_sam_type(model_type: str | None, type_flag: str = "--sam-type") -> str | None:
@@ -333,7 +333,7 @@ def checked_sam_type(model_type: str | None, type_flag: str = "--sam-type") -> s
     given = model_type.strip().lower() if isinstance(model_type, str) else model_type
     if given in (None, ""):
         return None
-    if given not in ("vit_h", "vit_l", "vit_b"):
+    if given not in SAM_TYPES:
         raise CheckpointError(f"unknown SAM type {model_type!r} ({type_flag}): use vit_h, vit_l or vit_b")
     return given
 
