@@ -174,3 +174,11 @@ def test_the_default_layout_on_the_cpu_is_contiguous_and_true_converts_every_dif
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in conv.values())
     models.to(torch.device("cpu"), torch.float32)
     assert all(c.weight.is_contiguous() for c in conv.values())
+
+
+def test_the_torch_free_name_lists_match_the_models():
+    """The command line offers config's names (no torch at --help); the models are keyed by models.py's."""
+    from zone_engine.config import MODEL_SIZES, SAM_TYPES
+    from zone_engine.models import PRESETS, SAM_SIZES
+
+    assert set(MODEL_SIZES) == set(PRESETS) and set(SAM_SIZES) == {*SAM_TYPES, "tiny"}
