@@ -449,7 +449,7 @@ def test_integer_arrays_beyond_sixteen_bits_are_refused(bad):
 
 def test_twelve_bit_values_are_read_as_sixteen_bit_and_called_nearly_black():
     values = np.full((8, 8), 4095, dtype=np.uint16)
-    with pytest.warns(UserWarning, match="at most 4095: read as 16-bit values the image is nearly black"):
+    with pytest.warns(UserWarning, match="at most 4095: read as 16-bit values, the image is nearly black"):
         np.testing.assert_array_equal(load_image(values), 15)
 
 

@@ -132,7 +132,7 @@ def test_what_an_edit_did_not_take_as_given_is_in_its_notes_and_each_warned_once
         warnings.simplefilter("always")
         result = tiny_pipe.edit(rgba, INSTRUCTION, tiny_pipe.default_config.replace(steps=1))
     assert len(result.notes) == 2 and result.notes[0].startswith("the given array has transparency")
-    assert result.notes[1].startswith("the image (300x12) is 300x12 at the working size")
+    assert result.notes[1].startswith("the image is 300x12, its short side under one")  # not said twice
     assert [str(warning.message) for warning in caught if warning.category is EditWarning] == list(result.notes)
     plain = tiny_pipe.edit(smooth_image(64, 64), INSTRUCTION, tiny_pipe.default_config.replace(steps=1))
     assert plain.notes == ()
@@ -148,7 +148,8 @@ def test_an_image_under_one_attention_cell_is_edited_with_a_warning(tiny_pipe, s
     said = [str(warning.message) for warning in caught if "32-pixel cell" in str(warning.message)]
     assert len(said) == coarse and result.image.shape == (*size, 3)
     if coarse:
-        assert f"({size[1]}x{size[0]})" in said[0]
+        assert said[0].startswith(f"the image is {size[1]}x{size[0]}")
+        assert ("(512x1 at the working size)" in said[0]) == (size == (8, 3000))
 
 
 def test_fp16_vae_overflow_is_decoded_again_in_fp32(tiny_models, monkeypatch):

@@ -221,6 +221,7 @@ def test_health_readiness_metrics_and_openapi(pipe):
         assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
         assert httpx.get(f"{base}/readyz").status_code == 200
         assert httpx.head(f"{base}/healthz").status_code == httpx.head(f"{base}/readyz").status_code == 200
+        assert httpx.head(f"{base}/metrics").status_code == 200
         assert post_edit(base, smooth_image(64, 64)).status_code == 200
         text = httpx.get(f"{base}/metrics").text
         assert metric(text, 'zone_requests_total{outcome="ok"}') == 1
@@ -409,6 +410,15 @@ def test_bad_requests_get_the_right_4xx_and_a_json_error_and_the_server_keeps_se
                                                 headers={"content-type": "multipart/form-data; boundary=x"}),
                                      400, "multipart/form-data"),
             "unknown field": (post_edit(base, image, guidance=9), 422, "unknown field guidance"),
+            # Edited at the default steps before, with a 200: a client believed it had set them.
+            "field in the query string": (httpx.post(f"{base}/v1/edit?steps=1", data={"instruction": "add a hat"},
+                                                     files={"image": ("in.png", png(image), "image/png")}),
+                                          422, "steps: in the query string"),
+            # A media type's name is case-insensitive: this is a missing field (422), not a wrong type (415).
+            "upper-case media type, no instruction": (
+                httpx.post(f"{base}/v1/edit", content=b'--b\r\nContent-Disposition: form-data; name="image"; '
+                           b'filename="in.png"\r\n\r\n' + png(image) + b"\r\n--b--\r\n",
+                           headers={"content-type": "Multipart/Form-Data; boundary=b"}), 422, "instruction"),
             "field given twice": (httpx.post(f"{base}/v1/edit", files=[("image", ("in.png", png(image), "image/png"))],
                                              data={"instruction": ["add a hat", "add a cat"]}), 422, "more than once"),
             "text where the image goes": (httpx.post(f"{base}/v1/edit", data={"instruction": "add a hat"},
@@ -517,6 +527,24 @@ def test_a_client_that_goes_away_cancels_its_edit(pipe):
             time.sleep(0.02)
         assert isinstance(gated.outcomes[0], EditCancelled)
         assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="cancelled"}') == 1
+
+
+def test_a_client_that_goes_away_during_its_upload_is_counted_cancelled_not_a_bad_request(pipe):
+    """An upload abandoned behind a load balancer is no client mistake: counted as a disconnect mid-edit is."""
+    head = (b'--b\r\nContent-Disposition: form-data; name="instruction"\r\n\r\nadd a hat\r\n--b\r\n'
+            b'Content-Disposition: form-data; name="image"; filename="in.png"\r\n\r\n')
+    with serving(pipe) as (base, _):
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as client:
+            client.sendall(b"POST /v1/edit HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                           b"Content-Length: 100000\r\n\r\n" + head + png(smooth_image(64, 64))[:200])
+            time.sleep(0.3)  # the server is reading the body
+        deadline = time.monotonic() + 30
+        while (text := httpx.get(f"{base}/metrics").text) and not parse_metrics(text).get(
+                'zone_requests_total{outcome="cancelled"}'):
+            assert time.monotonic() < deadline, "the abandoned upload was not counted as cancelled"
+            time.sleep(0.1)
+        assert metric(text, 'zone_requests_total{outcome="bad_request"}') == 0
 
 
 def test_an_edit_whose_handler_is_cancelled_cancels_its_work(pipe):

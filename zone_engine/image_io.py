@@ -185,7 +185,7 @@ def _integers_to_uint8(values: np.ndarray, name: str, *, sixteen_bit: bool) -> t
             notes.append(f"{name} has 16-bit pixels all at most 255: read as 8-bit values")
         return values.astype(np.uint8), notes
     if high < 4096:  # e.g. 12-bit sensor data: at most 15 of 255 once read as 16-bit
-        notes.append(f"{name} has 16-bit pixels all at most {high}: read as 16-bit values the image is nearly "
+        notes.append(f"{name} has 16-bit pixels all at most {high}: read as 16-bit values, the image is nearly "
                      "black; scale them to 0..65535 first")
     return (values >> 8).astype(np.uint8), notes
 

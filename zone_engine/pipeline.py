@@ -181,7 +181,8 @@ def _coarse_grid_note(geometry: image_io.Geometry) -> str | None:
     (height, width), (given_h, given_w) = geometry.scaled_size, geometry.input_size
     if min(height, width) >= ATTENTION_CELL:
         return None
-    return (f"the image ({given_w}x{given_h}) is {width}x{height} at the working size, its short side under one "
+    scaled = "" if (height, width) == (given_h, given_w) else f" ({width}x{height} at the working size)"
+    return (f"the image is {given_w}x{given_h}{scaled}, its short side under one "
             f"{ATTENTION_CELL}-pixel cell of the grid ZONE locates the edit on, so the edit region will be coarse: "
             "a larger or less elongated (cropped) image edits better")
 

@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..config import EditConfig, parse_action
 from ..dual_step import padded_batch
@@ -114,6 +115,8 @@ OUTCOME_BY_STATUS = {503: "queue_full", 504: "timeout", 500: "error"}
 def outcome_of(error: ServeError) -> str:
     if error.code in ("unavailable", "cancelled"):
         return error.code
+    if error.code == "client_closed_request":  # not the client's mistake: it gave up (its load balancer did)
+        return "cancelled"
     return OUTCOME_BY_STATUS.get(error.status, "bad_request")
 
 
@@ -293,8 +296,9 @@ def decode_upload(data: bytes, settings: ServeSettings) -> Upload:
     except UnidentifiedImageError:
         raise ServeError(400, "bad_image", "the upload is not an image in a format this server can read; "
                          "send a PNG, JPEG or WebP file") from None
-    except Image.DecompressionBombError:
-        raise ServeError(413, "image_too_large", "the image is too large to decode: downscale it first") from None
+    except Image.DecompressionBombError:  # Pillow's own limit, met before the header's size could be read here
+        raise ServeError(413, "image_too_large", f"the image has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels; "
+                         f"this server takes at most {settings.max_pixels:,}: downscale it first") from None
     except OSError as error:
         raise ServeError(400, "bad_image", f"the image data is corrupt or truncated ({error}); "
                          "re-export it as PNG or JPEG") from None
@@ -303,9 +307,13 @@ def decode_upload(data: bytes, settings: ServeSettings) -> Upload:
 FORM_FIELDS = ("image", "instruction", "action", "steps", "seed", "return")
 
 
-def check_form_names(names: Sequence[str]) -> None:
+def check_form_names(names: Sequence[str], query: Sequence[str] = ()) -> None:
     """A 422 for a form field the endpoint does not read (a client that believes it set `guidance` would get
-    the default silently) or one given twice (one of them would be picked silently)."""
+    the default silently), one given twice (one of them would be picked silently), or any in the query string
+    (`/v1/edit?steps=1` would edit at the default steps)."""
+    if query:
+        raise ServeError(422, "invalid_request", f"{', '.join(sorted(set(query)))}: in the query string, which this "
+                         "endpoint does not read; send every field in the multipart form")
     unknown = sorted(set(names) - set(FORM_FIELDS))
     if unknown:
         raise ServeError(422, "invalid_request", f"unknown field {', '.join(unknown)}: this endpoint reads "
@@ -449,7 +457,7 @@ def _add_edit_route(app: FastAPI) -> None:
             if service.not_ready_because:
                 retry = {} if service.load_failure else {"Retry-After": "5"}
                 raise ServeError(503, "unavailable", service.not_ready_because, retry)
-            check_form_names([name for name, _ in (await request.form()).multi_items()])
+            check_form_names([name for name, _ in (await request.form()).multi_items()], list(request.query_params))
             text, changes = check_request_fields(instruction, action, steps, seed, service.settings)
             data = await image.read()
             upload = await asyncio.to_thread(decode_upload, data, service.settings)
@@ -544,6 +552,8 @@ def _add_probe_routes(app: FastAPI) -> None:
         service: EditService = request.app.state.service
         return Response(service.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
+    app.add_api_route("/metrics", metrics, methods=["HEAD"], include_in_schema=False)  # as the probes answer HEAD
+
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -568,7 +578,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     """FastAPI's field errors in this API's error shape; a non-multipart body is a 415."""
     service = getattr(request.app.state, "service", None)
     content_type = request.headers.get("content-type", "")
-    if request.url.path == "/v1/edit" and not content_type.startswith("multipart/form-data"):
+    if request.url.path == "/v1/edit" and not content_type.lower().startswith("multipart/form-data"):
         problem = ServeError(415, "unsupported_media_type", f"got content type {content_type or 'none'!r}; send "
                              "multipart/form-data with an `image` file and an `instruction` field")
     else:
@@ -636,6 +646,8 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
     service = getattr(request.app.state, "service", None)
     if isinstance(error.__cause__, UploadTooLarge):
         problem = _too_large(None, service.settings.max_upload_bytes)
+    elif isinstance(error.__cause__, ClientDisconnect):  # gone during the upload: as a disconnect during the edit
+        problem = ServeError(499, "client_closed_request", "the client went away during the upload")
     elif error.status_code == 400:  # the body did not parse
         cause = f": {error.__cause__}" if error.__cause__ is not None else ""
         problem = ServeError(400, "bad_request", f"the request body could not be read ({error.detail}{cause}); "
