@@ -314,6 +314,14 @@ def test_corrupt_pixel_data_in_a_valid_header(tmp_path):
     assert "cannot read" in load_refused(tmp_path / "bad.png")
 
 
+def test_an_animation_closed_by_its_with_block_says_so(tmp_path):
+    first, second = Image.new("RGB", (9, 8), (255, 0, 0)), Image.new("RGB", (9, 8), (0, 0, 255))
+    first.save(tmp_path / "anim.gif", save_all=True, append_images=[second])
+    with Image.open(tmp_path / "anim.gif") as animation:
+        pass
+    assert "closed" in load_refused(animation)  # was a raw ValueError from its frame count
+
+
 def test_a_pil_image_closed_by_close_says_so(tmp_path):
     Image.fromarray(random_rgb(8, 8)).save(tmp_path / "x.png")
     image = Image.open(tmp_path / "x.png")
@@ -763,7 +771,7 @@ def test_jpeg_is_written_at_high_quality_and_said_to_be_lossy(tmp_path):
 
 
 def test_the_input_colour_profile_is_carried_to_the_output(tmp_path):
-    profile = b"not parsed by Pillow, only carried"
+    profile = bytes(16) + b"RGB " + b"not parsed by Pillow, only carried"  # bytes 16..20: its colour space
     Image.fromarray(random_rgb(8, 8)).save(tmp_path / "in.png", icc_profile=profile)
     assert image_io.colour_profile(tmp_path / "in.png") == profile
     for suffix in (".png", ".jpg", ".webp", ".tiff"):
@@ -771,6 +779,25 @@ def test_the_input_colour_profile_is_carried_to_the_output(tmp_path):
         assert Image.open(tmp_path / f"out{suffix}").info.get("icc_profile") == profile, suffix
     Image.fromarray(random_rgb(8, 8)).save(tmp_path / "plain.png")
     assert image_io.colour_profile(tmp_path / "plain.png") is None
+
+
+def test_a_colour_profile_that_does_not_describe_rgb_is_not_carried(tmp_path):
+    """A CMYK JPEG's profile (or a gray or Lab one) in the RGB output: invalid (PNG forbids it), misread."""
+    Image.new("CMYK", (8, 8)).save(tmp_path / "cmyk.jpg", icc_profile=bytes(16) + b"CMYK" + b"a press profile")
+    assert image_io.colour_profile(tmp_path / "cmyk.jpg") is None
+
+
+def test_a_format_pillow_only_reads_is_refused_as_an_output(tmp_path):
+    with pytest.raises(ZoneError, match=r"\.psd is no image format's suffix Pillow writes"):
+        save_image(random_rgb(8, 8), tmp_path / "x.psd")  # was Pillow's KeyError: 'PSD'
+
+
+def test_reading_the_colour_profile_raises_no_bomb_warning_below_our_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # PIL warns at 81 > 50; ours is 100 M
+    Image.new("RGB", (9, 9)).save(tmp_path / "x.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert image_io.colour_profile(tmp_path / "x.png") is None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -202,15 +202,18 @@ def test_what_an_edit_did_not_take_as_given_goes_back_with_its_request(pipe):
         assert header == " | ".join(body["warnings"])
 
 
+P3_PROFILE = bytes(16) + b"RGB " + b"a display-p3 profile"  # bytes 16..20: the colour space it describes
+
+
 def test_the_uploads_colour_profile_comes_back_with_the_edited_image(pipe):
     """The engine edits pixel values as they are: the untouched ones look as before only in the input's profile."""
     buffer = io.BytesIO()
-    Image.fromarray(smooth_image(64, 64)).save(buffer, format="PNG", icc_profile=b"a display-p3 profile")
+    Image.fromarray(smooth_image(64, 64)).save(buffer, format="PNG", icc_profile=P3_PROFILE)
     with serving(pipe) as (base, _):
         edited = post_edit(base, buffer.getvalue(), steps=1)
-        assert Image.open(io.BytesIO(edited.content)).info["icc_profile"] == b"a display-p3 profile"
+        assert Image.open(io.BytesIO(edited.content)).info["icc_profile"] == P3_PROFILE
         body = post_edit(base, buffer.getvalue(), steps=1, **{"return": "json"}).json()
-        assert Image.open(io.BytesIO(base64.b64decode(body["image"]))).info["icc_profile"] == b"a display-p3 profile"
+        assert Image.open(io.BytesIO(base64.b64decode(body["image"]))).info["icc_profile"] == P3_PROFILE
         assert "icc_profile" not in Image.open(io.BytesIO(base64.b64decode(body["mask_f"]))).info
         plain = post_edit(base, smooth_image(64, 64), steps=1)
         assert "icc_profile" not in Image.open(io.BytesIO(plain.content)).info
@@ -278,6 +281,12 @@ def test_warmup_sizes_run_every_padded_batch_size_at_the_servers_steps_before_re
         assert warmed == [((128, 128), 1, 2), ((64, 96), 1, 2), ((64, 96), 2, 2), ((64, 96), 4, 2)]
     with pytest.raises(ConfigError, match="warmup-size 4x4"):
         ServeSettings(warmup_sizes=((4, 4),))
+
+
+def test_a_batch_that_could_never_fill_is_refused_by_the_local_service_only(pipe):
+    settings = ServeSettings(max_batch=8, queue_size=4)  # valid under Ray Serve, whose queue counts differently
+    with pytest.raises(ConfigError, match=r"max-batch \(8\) is above queue-size \(4\)"):
+        LocalEditService(lambda: pipe, settings)
 
 
 def test_stopping_ends_the_warm_up_at_its_running_batchs_next_step(pipe):

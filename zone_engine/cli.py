@@ -437,6 +437,7 @@ def run_serve(args: argparse.Namespace) -> None:
 
         run_ray(spec, settings, host=args.host, port=args.port, replicas=args.replicas, log_level=args.log_level)
     else:
+        settings.check_local_batching()
         pipe = spec.build()  # before binding the port: a missing checkpoint is one `error:` line, exit 2
         run_server(LocalEditService(lambda: pipe, settings), args.host, args.port, args.log_level)
 

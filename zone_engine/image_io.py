@@ -9,8 +9,10 @@ at the same padded size, then crops the padding away and maps results back to th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,33 +87,39 @@ def _load_file(path: Path) -> tuple[np.ndarray, list[str]]:
         raise InputImageError(f"{path} is not a regular file; pass the path of an image file")
     if path.stat().st_size == 0:  # e.g. an interrupted copy: say so, not "not an image"
         raise InputImageError(f"{path} is empty (0 bytes): copy or export the image again")
+    try:
+        with _opened(path) as img:
+            return _pil_to_rgb(img, str(path))
+    except Image.DecompressionBombError:
+        raise InputImageError(_too_large_message(str(path), None)) from None
+    except UnidentifiedImageError:
+        raise InputImageError(
+            f"cannot read {path}: not an image file in a format Pillow can read, or one whose header is "
+            "corrupt; convert it to PNG or JPEG"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise InputImageError(
+            f"cannot read {path}: the file is unreadable, corrupt or truncated ({_one_line(error)}); "
+            "re-export or re-download it"
+        ) from None
+
+
+@contextlib.contextmanager
+def _opened(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """`Image.open`, PIL's decompression-bomb warning silenced: `_check_size` applies our own MAX_PIXELS before
+    decoding, above PIL's (lower) warning threshold; its hard limit (DecompressionBombError) is our error."""
     with warnings.catch_warnings():
-        # `_check_size` applies our own MAX_PIXELS before decoding, so PIL's own (lower) warning
-        # threshold is silenced; its hard limit (DecompressionBombError) is turned into our error.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(path) as img:
-                return _pil_to_rgb(img, str(path))
-        except Image.DecompressionBombError:
-            raise InputImageError(_too_large_message(str(path), None)) from None
-        except UnidentifiedImageError:
-            raise InputImageError(
-                f"cannot read {path}: not an image file in a format Pillow can read, or one whose header is "
-                "corrupt; convert it to PNG or JPEG"
-            ) from None
-        except (OSError, SyntaxError, ValueError) as error:
-            raise InputImageError(
-                f"cannot read {path}: the file is unreadable, corrupt or truncated ({_one_line(error)}); "
-                "re-export or re-download it"
-            ) from None
+        with Image.open(path) as img:
+            yield img
 
 
 def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, list[str]]:
     """Decode a PIL image (its current frame: the first of a file), make it upright, convert to uint8 RGB
     (H, W, 3); with the notes on what was dropped or guessed."""
     _check_size(img.height, img.width, name=name)  # from the header: a huge image is refused undecoded
-    notes = _frames_notes(img, name)
     try:
+        notes = _frames_notes(img, name)  # n_frames reads the file: closed already, it raises as load() would
         img.load()
         img = ImageOps.exif_transpose(img)
     except AssertionError:  # PIL's word for a file closed (its `with` block left) before its pixels were read
@@ -391,9 +399,10 @@ def save_image(array: np.ndarray, path: str | os.PathLike, icc_profile: bytes | 
     except OSError as error:
         raise ZoneError(f"cannot write {path}: {_one_line(error)}") from None
     image = Image.fromarray(np.ascontiguousarray(pixels))
-    file_format = Image.registered_extensions().get(path.suffix.lower()) if path.suffix else "PNG"
+    file_format = _writable_format(path)
     if file_format is None:
-        raise ZoneError(f"cannot write {path}: {path.suffix} is no image format's suffix; use .png, say")
+        raise ZoneError(f"cannot write {path}: {path.suffix} is no image format's suffix Pillow writes; use .png, "
+                        "say")
     options = {**_SAVE_OPTIONS.get(file_format, {}), **({"icc_profile": icc_profile} if icc_profile else {})}
     try:
         with written_atomically(path) as temporary:
@@ -416,15 +425,30 @@ def _savable_pixels(array: object) -> np.ndarray:
 
 
 def colour_profile(path: str | os.PathLike) -> bytes | None:
-    """The ICC colour profile embedded in an image file, if any (for `save_image`): the engine edits pixel
-    values as they are, so the output keeps the input's profile to be shown in the input's colours."""
-    with Image.open(path) as img:
-        return img.info.get("icc_profile") or None
+    """The RGB colour profile embedded in an image file, if any (`icc_profile_of`)."""
+    with _opened(path) as img:
+        return icc_profile_of(img)
+
+
+def icc_profile_of(img: Image.Image) -> bytes | None:
+    """An image's ICC profile when it describes RGB (for `save_image`): the engine edits pixel values as they are,
+    so the output keeps the input's profile to be shown in the input's colours. A CMYK, gray or Lab profile
+    (bytes 16..20 of the header: the data colour space) does not describe the RGB output: left out."""
+    profile = img.info.get("icc_profile")
+    return profile if profile and profile[16:20] == b"RGB " else None
+
+
+def _writable_format(path: Path) -> str | None:
+    """The format Pillow writes for `path`'s suffix (PNG without one), or None (unknown, or read-only: PSD)."""
+    if not path.suffix:
+        return "PNG"
+    file_format = Image.registered_extensions().get(path.suffix.lower())
+    return file_format if file_format in Image.SAVE else None
 
 
 def lossy_format_note(path: str | os.PathLike) -> str | None:
     """A note when `path`'s format cannot keep the pixels outside the edit exactly (JPEG)."""
-    if Image.registered_extensions().get(Path(path).suffix.lower()) != "JPEG":
+    if _writable_format(Path(path)) != "JPEG":
         return None
     return (f"{path}: JPEG is lossy, so the pixels outside the edit change slightly too; write .png or .webp "
             "(lossless here) to keep them exactly")

@@ -211,7 +211,7 @@ def build_components(preset: ModelPreset, seed: int = 0, sam_type: str | None = 
     """
     seed = check_seed(seed)
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU's only: torch.manual_seed would reseed CUDA's too
         return _build_seeded_components(preset, sam_type)
 
 

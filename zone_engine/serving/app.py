@@ -48,7 +48,7 @@ from ..errors import (
     InstructionError,
     ZoneError,
 )
-from ..image_io import make_sample_image, read_image
+from ..image_io import icc_profile_of, make_sample_image, read_image
 from ..instruction import check_instruction
 from ..pipeline import BatchKey, EditRequest, EditResult, ZonePipeline, batch_key
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
@@ -229,6 +229,7 @@ class LocalEditService(EditService):
     """The single-process service: `DynamicBatcher` and one model thread."""
 
     def __init__(self, build_pipeline: Callable[[], ZonePipeline], settings: ServeSettings) -> None:
+        settings.check_local_batching()
         super().__init__(build_pipeline, settings)
         self.batcher = DynamicBatcher(
             self.run_batch, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
@@ -292,7 +293,7 @@ def decode_upload(data: bytes, settings: ServeSettings) -> Upload:
                 raise ServeError(413, "image_too_large", f"the image has {pixels:,} pixels "
                                  f"({header.width}x{header.height}); this server takes at most "
                                  f"{settings.max_pixels:,}: downscale it first")
-            return Upload(*read_image(header, name="the uploaded image"), header.info.get("icc_profile") or None)
+            return Upload(*read_image(header, name="the uploaded image"), icc_profile_of(header))
     except UnidentifiedImageError:
         raise ServeError(400, "bad_image", "the upload is not an image in a format this server can read; "
                          "send a PNG, JPEG or WebP file") from None

@@ -110,6 +110,10 @@ class ServeSettings:
                               f"({self.timeout_s:g} s): a request would time out waiting for others to batch with")
         if self.max_batch > MAX_BATCH:  # beyond it: no GPU's memory, and a warm-up of every padded size up to it
             raise ConfigError(f"max-batch must be at most {MAX_BATCH}, got {self.max_batch}")
+
+    def check_local_batching(self) -> None:
+        """The single-process batcher forms batches from its queue: a larger batch could never fill. (Ray Serve
+        counts its queue beyond the requests its batches form from: not checked there.)"""
         if self.max_batch > self.queue_size:
             raise ConfigError(f"max-batch ({self.max_batch}) is above queue-size ({self.queue_size}): such a batch "
                               "could never fill; raise --queue-size or lower --max-batch")
