@@ -26,7 +26,7 @@ import torch
 
 from export.sam import export_sam
 from zone_engine.action import classify_action
-from zone_engine.backends import DTYPES, resolve_device, resolve_dtype
+from zone_engine.backends import DTYPES, current_device, resolve_device, resolve_dtype
 from zone_engine.config import DENOISERS, EditConfig
 from zone_engine.denoise import BatchDenoiser, Denoiser
 from zone_engine.errors import ZoneError, first_line
@@ -585,14 +585,16 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> d
     Past `config.time_limit_s`, or on SIGTERM (the `timeout` around a device stage), no more edits
     start and what was timed by then is reported (the record's `cut_short` says why)."""
     deadline = Deadline(config.time_limit_s)
-    with deadline.stopping_on_sigterm():
-        return _measure_and_record(config, deadline, progress)
+    device = resolve_device(config.device)
+    # The device current for the whole run: the baseline, the clocks' events and the matmul ceiling
+    # use the current device's stream, so a run on cuda:1 would otherwise time cuda:0.
+    with deadline.stopping_on_sigterm(), current_device(device):
+        return _measure_and_record(config, device, deadline, progress)
 
 
-def _measure_and_record(config: BenchConfig, deadline: Deadline, progress: Progress) -> dict:
+def _measure_and_record(config: BenchConfig, device: torch.device, deadline: Deadline, progress: Progress) -> dict:
     started = time.perf_counter()
     load_before = os.getloadavg()
-    device = resolve_device(config.device)
     engine_dtype = resolve_dtype(config.dtype, device)
     unknown = [kind for kind in config.backends if kind not in DENOISERS]
     if unknown:

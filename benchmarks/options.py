@@ -26,6 +26,7 @@ from zone_engine.config import (
     SAM_TYPES,
     Action,
     SamConfig,
+    device_kind,
     parse_action,
 )
 from zone_engine.errors import ZoneError
@@ -119,26 +120,29 @@ def parse_bench_args(argv: list[str] | None = None) -> BenchConfig:
         description="Per-stage latency of the ZONE engine against a reference-style baseline, in one run "
                     "on random-weight models of real size. Writes JSON, markdown and a PNG chart.",
     )
-    parser.add_argument("--preset", choices=PRESETS, default="cpu-smoke",
+    parser.add_argument("--preset", type=str.lower, choices=PRESETS, default="cpu-smoke",
                         help="named settings (default cpu-smoke); an option below that is left out takes its "
                         f"preset's value: {'; '.join(_preset_summary(preset) for preset in PRESETS.values())}")
-    parser.add_argument("--models", choices=MODEL_SIZES, help="architecture sizes: sd15 (real) or tiny (tests)")
+    parser.add_argument("--models", type=str.lower, choices=MODEL_SIZES,
+                        help="architecture sizes: sd15 (real) or tiny (tests)")
     parser.add_argument("--resolution", type=int, help="side of the square test image, pixels")
     parser.add_argument("--steps", type=int, help="denoising steps")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="engine precision (baseline: fp32)")
-    parser.add_argument("--sam-type", choices=(*SAM_TYPES, "tiny"), help="SAM size")
+    parser.add_argument("--dtype", type=str.lower, choices=("fp32", "fp16", "bf16"),
+                        help="engine precision (baseline: fp32)")
+    parser.add_argument("--sam-type", type=str.lower, choices=(*SAM_TYPES, "tiny"), help="SAM size")
     parser.add_argument("--sam-points", type=int, help="SAM automatic generator points per side")
     parser.add_argument("--repeats", type=int, help="timed edits per implementation")
     parser.add_argument("--warmup", type=int, help="untimed edits before them")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to run")
+    parser.add_argument("--device", type=device_name, help="where to run: auto, cpu, cuda or cuda:N")
     parser.add_argument("--backends", help=f"comma-separated engine denoisers (default all: {','.join(DENOISERS)})")
-    parser.add_argument("--action", choices=("add", "change", "remove"), help="forced action (default change)")
+    parser.add_argument("--action", type=str.lower, choices=("add", "change", "remove"),
+                        help="forced action (default change)")
     parser.add_argument("--seed", type=int, help="edit seed (default 42)")
     parser.add_argument("--batch", type=int, help="also time batches of N concurrent edits (edit_batch) on every "
                                                   "backend that batches; 1 = sequential only (preset's default)")
     parser.add_argument("--sam-onnx", action=argparse.BooleanOptionalAction, default=None,
                         help="also an engine row refining on ONNX Runtime (SAM exported in the run; preset's default)")
-    parser.add_argument("--sam-precision", choices=("none", "bf16", "fp16"),
+    parser.add_argument("--sam-precision", type=str.lower, choices=("none", "bf16", "fp16"),
                         help="also an engine row with SAM's image encoder in bf16/fp16 (none: no such row; "
                         "preset's default)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -148,7 +152,7 @@ def parse_bench_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--compare-group-norm", action=argparse.BooleanOptionalAction, default=None,
                         help="also a fused row with PyTorch's GroupNorm (engine:fused+gn-torch), to see what the "
                         "GroupNorm kernel gains in the same run (preset's default: on for gpu-512)")
-    parser.add_argument("--group-norm", choices=GROUP_NORMS,
+    parser.add_argument("--group-norm", type=str.lower, choices=GROUP_NORMS,
                         help="every engine row's UNet and VAE GroupNorms: triton (kernel 3), torch (PyTorch's); "
                         "default auto, the engine's (zone edit --group-norm)")
     parser.add_argument("--time-limit", type=float, metavar="SECONDS",
@@ -221,22 +225,24 @@ def profile_main(argv: list[str] | None = None) -> int:
 def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CommandParser(prog="zone profile", description=PROFILE_DESCRIPTION,
                            epilog="The walls are inflated by the profiler; zone bench measures latency.")
-    parser.add_argument("--models", choices=MODEL_SIZES, default="sd15", help="architecture sizes (default sd15)")
-    parser.add_argument("--sam-type", choices=(*SAM_TYPES, "tiny"),
+    parser.add_argument("--models", type=str.lower, choices=MODEL_SIZES, default="sd15",
+                        help="architecture sizes (default sd15)")
+    parser.add_argument("--sam-type", type=str.lower, choices=(*SAM_TYPES, "tiny"),
                         help="SAM size (default vit_h; tiny with --models tiny)")
     parser.add_argument("--resolution", type=int, default=512, help="side of the square test image (default 512)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", type=device_name, default="auto",
                         help="where to run (default auto: CUDA when there is one)")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
+    parser.add_argument("--dtype", type=str.lower, choices=("fp32", "fp16", "bf16"),
                         help="engine precision (default fp16 on CUDA, fp32 on the CPU)")
-    parser.add_argument("--denoiser", choices=DENOISERS, default="fused", help="denoiser backend (default fused)")
-    parser.add_argument("--sam-precision", choices=SAM_PRECISIONS, default="fp32",
+    parser.add_argument("--denoiser", type=str.lower, choices=DENOISERS, default="fused",
+                        help="denoiser backend (default fused)")
+    parser.add_argument("--sam-precision", type=str.lower, choices=SAM_PRECISIONS, default="fp32",
                         help="SAM image encoder precision (default fp32)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="UNets and VAE in the channels-last layout; --no-channels-last: neither; default: "
                         "the engine's (the UNets' on CUDA in fp16/bf16)")
-    parser.add_argument("--group-norm", choices=GROUP_NORMS, default="auto",
+    parser.add_argument("--group-norm", type=str.lower, choices=GROUP_NORMS, default="auto",
                         help="UNet and VAE GroupNorms: triton (kernel 3), torch (PyTorch's); default auto, "
                         "the engine's")
     parser.add_argument("--warmup", type=int, default=1, help="untimed edits before the profiled one (default 1)")
@@ -258,6 +264,15 @@ def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.sam_type is None:
         args.sam_type = "tiny" if args.models == "tiny" else "vit_h"
     return args
+
+
+def device_name(text: str) -> str:
+    """An argparse type: auto, cpu, cuda or cuda:N in any case (`zone edit --device`'s names)."""
+    try:
+        device_kind(text)
+    except ZoneError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text.strip().lower()
 
 
 def refuse_first(parser: argparse.ArgumentParser, checks: Sequence[tuple[bool, str]]) -> None:

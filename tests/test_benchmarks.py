@@ -124,6 +124,15 @@ def test_a_value_out_of_range_is_said_by_its_option_before_any_work(capsys, argv
     assert stop.value.code == 2 and words in capsys.readouterr().err
 
 
+def test_device_names_and_choices_are_read_as_zone_edit_reads_them(capsys):
+    config = parse_args(["--preset", "TINY-SMOKE", "--device", "CUDA:1", "--dtype", "FP16", "--action", "Remove"])
+    assert (config.preset, config.device, config.dtype, config.action.value) == ("tiny-smoke", "cuda:1", "fp16",
+                                                                                 "remove")
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "tpu"])
+    assert "unknown device 'tpu'" in capsys.readouterr().err
+
+
 def test_batch_option_and_no_batched_report_without_it(batched_record):
     assert parse_args(["--preset", "tiny-smoke", "--batch", "5"]).batch == 5
     assert parse_args(["--preset", "cpu-smoke"]).batch == 1 and PRESETS["gpu-throughput"].batch > 1

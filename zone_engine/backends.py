@@ -5,6 +5,7 @@ Stages never test `torch.cuda.is_available()` themselves; they receive what this
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -43,6 +44,12 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeviceError(f"{device} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def current_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """`device` made CUDA's current device for a block: streams, events, CUDA graphs and Triton launch on the
+    current device, so work on cuda:1 would otherwise be timed or captured on cuda:0. Nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

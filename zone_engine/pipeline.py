@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import inspect
@@ -25,6 +24,7 @@ from .backends import (
     DTYPES,
     check_backends,
     configure_attention,
+    current_device,
     make_denoiser,
     make_group_norms,
     make_localization_kernels,
@@ -209,7 +209,7 @@ def _stage_of_an_edit(method: Callable[..., T]) -> Callable[..., T]:
     pipeline on cuda:1 would otherwise launch on cuda:0."""
     @functools.wraps(method)
     def stage(self: ZonePipeline, *args, **kwargs) -> T:
-        with self._lock, torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+        with self._lock, current_device(self.device):
             return method(self, *args, **kwargs)
 
     return stage
