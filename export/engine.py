@@ -218,8 +218,7 @@ def ensure_engine(folder: Path, graph: str, cache_root: Path | None = None, *, f
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
     if graph not in manifest["graphs"]:
-        raise ZoneError(f"{folder} holds no {graph} graph (it has {', '.join(manifest['graphs'])}): re-run "
-                        f"`zone export unet --out {folder}`")
+        raise _no_such_graphs(folder, manifest, [graph])
     entry = manifest["graphs"][graph]
     gpu = gpu_name(device)
     key = engine_cache_key(entry, entry["profile"], entry["precision"], trt.__version__, gpu)
@@ -241,12 +240,29 @@ def ensure_engine(folder: Path, graph: str, cache_root: Path | None = None, *, f
 # Command line: `zone build-engine DIR` (its options: export/options.py).
 
 
+def named_graphs(folder: Path, manifest: dict[str, Any], names: list[str] | None) -> list[str]:
+    """The graphs `--graph` names (any case, each once), or every graph of the folder; a name the folder
+    lacks is a ZoneError before TensorRT is looked for."""
+    if not names:
+        return list(manifest["graphs"])
+    wanted = list(dict.fromkeys(name.strip().lower() for name in names))
+    missing = [name for name in wanted if name not in manifest["graphs"]]
+    if missing:
+        raise _no_such_graphs(folder, manifest, missing)
+    return wanted
+
+
+def _no_such_graphs(folder: Path, manifest: dict[str, Any], missing: list[str]) -> ZoneError:
+    return ZoneError(f"{folder} holds no {', '.join(missing)} graph (it has {', '.join(manifest['graphs'])}): name "
+                     f"one of those, or re-run `zone export unet --out {folder}`")
+
+
 def run_build_engine(args: argparse.Namespace) -> list[Path]:
     """`zone build-engine`: an engine for every graph of the folder (or those named); their paths."""
     manifest = read_manifest(args.folder)  # the clear errors first: not an export folder, no TensorRT, no GPU
+    graphs = named_graphs(args.folder, manifest, args.graphs)
     import_tensorrt()
     gpu_name()
-    graphs = args.graphs or list(manifest["graphs"])
     paths = []
     for graph in graphs:
         if manifest["graphs"].get(graph, {}).get("precision") == "fp32":

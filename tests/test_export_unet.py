@@ -35,7 +35,13 @@ from conftest import smooth_image  # noqa: E402
 
 from export import engine as engine_module  # noqa: E402
 from export import unet as export_module  # noqa: E402
-from export.engine import EngineCache, build_engine, engine_cache_key, run_build_engine  # noqa: E402
+from export.engine import (  # noqa: E402
+    EngineCache,
+    build_engine,
+    engine_cache_key,
+    named_graphs,
+    run_build_engine,
+)
 from export.options import TINY_SEED, add_build_engine_arguments, add_export_unet_arguments  # noqa: E402
 from export.unet import (  # noqa: E402
     MANIFEST_FILE,
@@ -45,6 +51,7 @@ from export.unet import (  # noqa: E402
     export_vae,
     latent_size,
     parse_dynamic_shapes,
+    read_manifest,
     run_export_unet,
     weights_sha256,
 )
@@ -385,6 +392,10 @@ def test_build_engine_without_tensorrt_says_what_to_install(no_tensorrt, exporte
     with pytest.raises(DeviceError, match="TensorRT is not installed"):
         run_build_engine(parser.parse_args([str(exported)]))
     assert not (exported / "engines").exists()
+    # A graph the folder lacks is the first thing said (TensorRT missing would hide the typo).
+    with pytest.raises(ZoneError, match=r"holds no unet graph \(it has dual_step, vae_encoder, vae_decoder\)"):
+        run_build_engine(parser.parse_args([str(exported), "--graph", "VAE_Decoder", "--graph", "unet"]))
+    assert named_graphs(exported, read_manifest(exported), ["VAE_Decoder", "vae_decoder "]) == ["vae_decoder"]
 
 
 def test_tensorrt_denoiser_without_tensorrt_is_a_clear_device_error(no_tensorrt, models, manifest, tmp_path):
