@@ -169,12 +169,16 @@ RGB_PROFILE = bytes(16) + b"RGB " + b"the camera's profile: carried, not parsed"
 
 
 def test_edit_to_jpeg_warns_that_it_is_lossy_and_keeps_the_colour_profile(photo, tmp_path, capsys):
-    profiled, out = tmp_path / "profiled.png", tmp_path / "edited.jpg"
+    profiled, out, masks = tmp_path / "profiled.png", tmp_path / "edited.jpg", tmp_path / "masks"
     Image.open(photo).save(profiled, icc_profile=RGB_PROFILE)
-    argv = ["edit", str(profiled), "-i", "add a hat", "-o", str(out), "--tiny", "--steps", "1", "--no-progress"]
+    argv = ["edit", str(profiled), "-i", "add a hat", "-o", str(out), "--tiny", "--steps", "1", "--no-progress",
+            "--save-masks", str(masks)]
     assert main(argv) == 0
     assert "JPEG is lossy" in capsys.readouterr().err
     assert Image.open(out).info["icc_profile"] == RGB_PROFILE
+    # The colour images beside it are in the input's colours too; the masks are not colours.
+    profiles = {path.stem: Image.open(path).info.get("icc_profile") for path in masks.iterdir()}
+    assert profiles == {"styled": RGB_PROFILE, "heatmap": RGB_PROFILE, "mask_b": None, "mask_f": None, "region": None}
 
 
 def test_every_entry_point_defaults_to_the_fused_denoiser(tiny_models):

@@ -311,6 +311,7 @@ def _check_output_path(path: Path, image: Path) -> None:
 
 
 MASK_OUTPUTS = ("mask_b", "mask_f", "region", "styled", "heatmap")  # what --save-masks writes, as NAME.png
+COLOUR_OUTPUTS = ("styled", "heatmap")  # those in the input's colours: they carry its colour profile
 
 
 def _check_masks_spare(folder: Path, output: Path, image: Path) -> None:
@@ -324,11 +325,12 @@ def _check_masks_spare(folder: Path, output: Path, image: Path) -> None:
                             f"{', '.join(n + '.png' for n in MASK_OUTPUTS)}): choose another folder or file name")
 
 
-def _save_outputs(result, folder: Path, names: Sequence[str]) -> None:
+def _save_outputs(result, folder: Path, names: Sequence[str], icc_profile: bytes | None = None) -> None:
     from .image_io import save_image
 
     for name in names:
-        save_image(getattr(result, name), folder / f"{name}.png")
+        save_image(getattr(result, name), folder / f"{name}.png",
+                   icc_profile=icc_profile if name in COLOUR_OUTPUTS else None)
 
 
 def _print_summary(result) -> None:
@@ -358,7 +360,7 @@ def run_edit(args: argparse.Namespace) -> None:
     result = pipe.edit(image, instruction, config, progress=not args.no_progress)
     save_image(result.image, args.output, icc_profile=profile)
     if args.save_masks:
-        _save_outputs(result, args.save_masks, MASK_OUTPUTS)
+        _save_outputs(result, args.save_masks, MASK_OUTPUTS, profile)
     _print_summary(result)
     print(args.output)
 
