@@ -754,7 +754,7 @@ def test_save_to_an_unusable_path_says_why(tmp_path, monkeypatch, name, words):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input.png"]
 
 
-@pytest.mark.parametrize("suffix", [".png", ".webp", ".tiff", ".bmp"])
+@pytest.mark.parametrize("suffix", [".png", ".webp", ".tiff", ".bmp", ".jp2", ".qoi", ".tga"])
 def test_lossless_formats_keep_every_pixel(tmp_path, suffix):
     pixels = random_rgb(24, 40)  # noise: the worst case for a lossy encoder
     save_image(pixels, tmp_path / f"x{suffix}")
@@ -785,6 +785,21 @@ def test_a_colour_profile_that_does_not_describe_rgb_is_not_carried(tmp_path):
     """A CMYK JPEG's profile (or a gray or Lab one) in the RGB output: invalid (PNG forbids it), misread."""
     Image.new("CMYK", (8, 8)).save(tmp_path / "cmyk.jpg", icc_profile=bytes(16) + b"CMYK" + b"a press profile")
     assert image_io.colour_profile(tmp_path / "cmyk.jpg") is None
+
+
+@pytest.mark.parametrize(("suffix", "words"), [(".gif", "GIF keeps at most 256 colours"), (".avif", "AVIF is lossy"),
+                                               (".mpo", "MPO is JPEG")])
+def test_formats_that_change_the_pixels_are_said_to(tmp_path, suffix, words):
+    pixels = random_rgb(24, 40)
+    save_image(pixels, tmp_path / f"x{suffix}")
+    assert not np.array_equal(load_quietly(tmp_path / f"x{suffix}"), pixels)  # the note's reason, measured
+    assert words in image_io.lossy_format_note(tmp_path / f"x{suffix}")
+
+
+def test_an_icon_is_refused_as_an_output_for_it_would_be_scaled(tmp_path):
+    with pytest.raises(ZoneError, match="ICO icons come in fixed sizes"):
+        save_image(random_rgb(300, 280), tmp_path / "x.ico")  # Pillow wrote a 239x256 icon
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_format_pillow_only_reads_is_refused_as_an_output(tmp_path):

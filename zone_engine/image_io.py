@@ -380,6 +380,12 @@ def _scaled_region(geometry: Geometry) -> tuple[slice, slice]:
 # Options per format: JPEG as near lossless as it goes (no chroma subsampling), WebP lossless, so the pixels
 # outside the edit stay the input's (JPEG's still move a little: `lossy_format_note`).
 _SAVE_OPTIONS = {"JPEG": {"quality": 95, "subsampling": 0}, "WEBP": {"lossless": True}}
+# What the other formats do to an edit's RGB pixels, measured (random pixels written at these options and read
+# back, Pillow 13): these change them (`lossy_format_note`); PNG, WebP, TIFF, BMP, JPEG 2000, QOI, TGA keep them.
+_LOSSY_FORMATS = {"JPEG": "JPEG is lossy", "MPO": "MPO is JPEG, lossy", "AVIF": "AVIF is lossy here",
+                  "PDF": "a PDF holds the image as JPEG, lossy", "GIF": "GIF keeps at most 256 colours"}
+# Icons come in the format's own sizes: Pillow scales the image to them (ICO at most 256 a side).
+_RESIZING_FORMATS = ("ICO", "ICNS")
 
 
 def save_image(array: np.ndarray, path: str | os.PathLike, icc_profile: bytes | None = None) -> None:
@@ -403,6 +409,9 @@ def save_image(array: np.ndarray, path: str | os.PathLike, icc_profile: bytes | 
     if file_format is None:
         raise ZoneError(f"cannot write {path}: {path.suffix} is no image format's suffix Pillow writes; use .png, "
                         "say")
+    if file_format in _RESIZING_FORMATS:
+        raise ZoneError(f"cannot write {path}: {file_format} icons come in fixed sizes, so the image would be "
+                        "scaled; use .png, say")
     options = {**_SAVE_OPTIONS.get(file_format, {}), **({"icc_profile": icc_profile} if icc_profile else {})}
     try:
         with written_atomically(path) as temporary:
@@ -447,11 +456,12 @@ def _writable_format(path: Path) -> str | None:
 
 
 def lossy_format_note(path: str | os.PathLike) -> str | None:
-    """A note when `path`'s format cannot keep the pixels outside the edit exactly (JPEG)."""
-    if _writable_format(Path(path)) != "JPEG":
+    """A note when `path`'s format cannot keep the pixels outside the edit exactly (JPEG, GIF, ...)."""
+    reason = _LOSSY_FORMATS.get(_writable_format(Path(path)))
+    if reason is None:
         return None
-    return (f"{path}: JPEG is lossy, so the pixels outside the edit change slightly too; write .png or .webp "
-            "(lossless here) to keep them exactly")
+    return (f"{path}: {reason}, so the pixels outside the edit change too; write .png or .webp (lossless here) "
+            "to keep them exactly")
 
 
 def make_sample_image(height: int = 256, width: int = 256) -> np.ndarray:
