@@ -289,23 +289,33 @@ def test_a_batch_that_could_never_fill_is_refused_by_the_local_service_only(pipe
         LocalEditService(lambda: pipe, settings)
 
 
-def test_stopping_ends_the_warm_up_at_its_running_batchs_next_step(pipe):
+def test_stopping_ends_the_warm_up_at_its_running_batchs_next_step(pipe, monkeypatch):
     """SIGTERM during a long warm-up (a large --max-batch: every padded size): the server stops within a step,
     not after every batch (24 s on the CPU for batches up to 16 at 128x128; minutes for larger ones)."""
-    batches = []
+    batches, steps = [], []
+    denoise = pipe.denoise
 
-    class StoppedDuringWarmUp:
+    def stopped_at_the_first_step(edits, *, progress=False, stop=None):
+        def step_done() -> bool:
+            steps.append(len(steps) + 1)
+            if len(steps) == 1:
+                asyncio.run(service.stop())  # what SIGTERM does, in the middle of this batch's denoising
+            return stop()
+        return denoise(edits, progress=progress, stop=step_done)
+
+    class Recording:
         default_config = pipe.default_config
 
         def edit_batch(self, requests, **kwargs):
             batches.append(len(requests))
-            asyncio.run(service.stop())  # what SIGTERM does, while this batch is under way
             return pipe.edit_batch(requests, **kwargs)
 
+    monkeypatch.setattr(pipe, "denoise", stopped_at_the_first_step)
     settings = ServeSettings(warmup=True, warmup_sizes=((64, 64),), max_batch=8, edit_changes=(("steps", 5),))
-    service = LocalEditService(StoppedDuringWarmUp, settings)
+    service = LocalEditService(Recording, settings)
     service.load()
-    assert batches == [1] and service.stopping and not service.ready  # not the 4 batches of 64x64 after it
+    # Step 1 of the first batch's 2 was the last: not its step 2, nor the 4 batches of 64x64 (5 steps each) after it.
+    assert batches == [1] and steps == [1] and service.stopping
 
 
 def _one_running_one_queued(pool, base, service, gated, image):
