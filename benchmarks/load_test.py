@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import io
 import json
+import math
 import os
 import platform
 import signal
@@ -37,7 +38,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from zone_engine.cli import parse_size
+from zone_engine.cli import CommandParser, parse_size
+from zone_engine.config import MAX_BATCH
+from zone_engine.serving.settings import ServeSettings
 
 INSTRUCTION = "make the house a golden statue"
 MODES = ("batching", "no-batching")
@@ -76,12 +79,15 @@ class LoadConfig:
 
 
 def server_command(config: LoadConfig, mode: str, port: int) -> list[str]:
-    """`zone serve` for one mode; --server-arg values come last, so they override ours."""
+    """`zone serve` for one mode; --server-arg values come last, so they override ours. The queue holds every
+    level's clients and a whole batch (the server's default, 32, would refuse a larger --max-batch), so the
+    load test measures edits, not 503s."""
     batching = {"batching": ["--max-batch", str(config.max_batch), "--max-wait-ms", f"{config.max_wait_ms:g}"],
                 "no-batching": ["--max-batch", "1", "--max-wait-ms", "0"]}[mode]
+    queue_size = max(ServeSettings.queue_size, config.max_batch, *config.concurrency)
     return [sys.executable, "-m", "zone_engine.cli", "serve", *(["--tiny"] if config.tiny else []),
             "--device", config.device, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-            *batching, *config.server_args]
+            *batching, "--queue-size", str(queue_size), *config.server_args]
 
 
 def free_port() -> int:
@@ -431,7 +437,7 @@ def _levels(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: list[str] | None) -> LoadConfig:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m benchmarks.load_test",
         description="Throughput and latency of `zone serve` under concurrent load, with dynamic batching and "
                     "without: starts two servers (tiny models on the CPU by default), or measures --url.",
@@ -468,8 +474,14 @@ def parse_args(argv: list[str] | None) -> LoadConfig:
     server.add_argument("--ready-timeout-s", type=float, default=300.0,
                         help="longest wait for a server's /readyz (default: 300)")
     args = parser.parse_args(argv)
-    if args.requests < 1 or args.steps < 1 or args.warmup < 0 or min(args.duration_s, args.timeout_s) <= 0:
-        parser.error("need --requests >= 1, --steps >= 1, --warmup >= 0, --duration-s > 0, --timeout-s > 0")
+    finite = (args.duration_s, args.timeout_s, args.ready_timeout_s)
+    if args.requests < 1 or args.steps < 1 or args.warmup < 0 or not all(0 < s < math.inf for s in finite):
+        parser.error("need --requests >= 1, --steps >= 1, --warmup >= 0, and --duration-s, --timeout-s and "
+                     "--ready-timeout-s above 0 and finite")
+    longest_wait_ms = ServeSettings.timeout_s * 1000
+    if not 1 <= args.max_batch <= MAX_BATCH or not 0 <= args.max_wait_ms < longest_wait_ms:
+        parser.error(f"need 1 <= --max-batch <= {MAX_BATCH} and 0 <= --max-wait-ms < {longest_wait_ms:g} (what the "
+                     "batching server takes)")
     return LoadConfig(
         out=args.out, concurrency=args.concurrency, requests=args.requests, duration_s=args.duration_s,
         size=args.size, steps=args.steps, timeout_s=args.timeout_s, warmup=args.warmup, seed=args.seed,

@@ -27,9 +27,11 @@ from benchmarks.load_test import (
     measure_level,
     parse_args,
     seeded_png,
+    server_command,
 )
 from zone_engine import ZonePipeline
 from zone_engine.config import EditConfig, SamConfig
+from zone_engine.serving.settings import ServeSettings
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -105,3 +107,23 @@ def test_options_parse_and_help_exits_cleanly(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         parse_args(["--out", str(tmp_path), "--size", "64"])
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize(("option", "words"), [
+    (["--max-batch", "0"], "1 <= --max-batch <= 256"), (["--max-wait-ms", "nan"], "--max-wait-ms < 120000"),
+    (["--duration-s", "nan"], "above 0 and finite"), (["--ready-timeout-s", "inf"], "above 0 and finite"),
+])
+def test_a_value_the_servers_would_refuse_is_said_by_its_option_first(tmp_path, capsys, option, words):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--out", str(tmp_path), *option])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_the_servers_queue_holds_a_whole_batch_and_every_client():
+    """The server's default queue (32) refuses a larger --max-batch at start, and 503s clients beyond it."""
+    config = parse_args(["--out", "x", "--max-batch", "64", "--concurrency", "1,80"])
+    command = server_command(config, "batching", 8000)
+    assert command[command.index("--queue-size") + 1] == "80" and command[command.index("--max-batch") + 1] == "64"
+    assert ServeSettings(max_batch=64, queue_size=80)  # what that server builds: valid
+    override = parse_args(["--out", "x", "--server-arg=--queue-size=100"])
+    assert server_command(override, "no-batching", 8000)[-1] == "--queue-size=100"  # after ours: it wins
