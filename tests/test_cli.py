@@ -477,6 +477,7 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path):
     _fails_cleanly(capsys, ["serve", "--tiny", "--timeout-s", "0"], "timeout-s")
     _fails_cleanly(capsys, ["serve", "--tiny", "--timeout-s", "inf"], "timeout-s must be a finite number")
     _fails_cleanly(capsys, ["serve", "--tiny", "--max-wait-ms", "inf"], "max-wait-ms must be a finite number")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--max-upload-mb", "1e-9"], "max-upload-mb (1e-09) is under 1 KiB")
     _fails_cleanly(capsys, ["serve", "--tiny", "--max-wait-ms", "5000", "--timeout-s", "5"],
                    "max-wait-ms (5000) must be shorter than timeout-s")
     _fails_cleanly(capsys, ["serve", "--tiny", "--max-batch", "100000", "--queue-size", "100000"],

@@ -12,6 +12,7 @@ for _module in (*SERVE_MODULES, "httpx"):
 import asyncio
 import base64
 import io
+import json
 import logging
 import socket
 import subprocess
@@ -89,6 +90,14 @@ def post_edit(base: str, image: np.ndarray | bytes, instruction: str = "add a re
     data = image if isinstance(image, bytes) else png(image)
     form = {"instruction": instruction, **{k: str(v) for k, v in fields.items()}}
     return httpx.post(f"{base}/v1/edit", files={"image": ("in.png", data, "image/png")}, data=form, timeout=timeout)
+
+
+def raw_answer(base: str, request: bytes) -> str:
+    """The server's first bytes in answer to `request`, sent as is over a new connection (what httpx refuses to
+    send: a Content-Length its body does not have, a body that stalls)."""
+    with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=20) as client:
+        client.sendall(request)
+        return client.recv(65536).decode()
 
 
 def post_chunked(base: str, data: bytes, instruction: str = "add a red hat") -> httpx.Response:
@@ -443,6 +452,11 @@ def test_bad_requests_get_the_right_4xx_and_a_json_error_and_the_server_keeps_se
             "text where the image goes": (httpx.post(f"{base}/v1/edit", data={"instruction": "add a hat"},
                                                      files={"image": (None, "dog.png")}), 422, "a file"),
             "image too small": (post_edit(base, png(smooth_image(4, 64))), 400, "the uploaded image"),
+            # Read by FastAPI as left out: edited at the default steps (seed, action, return) with a 200.
+            "empty steps and seed": (post_edit(base, image, steps="", seed=""), 422, "steps, seed: empty"),
+            "a media type that only begins as multipart's": (
+                httpx.post(f"{base}/v1/edit", content=b"--b--\r\n",
+                           headers={"content-type": "multipart/form-datax; boundary=b"}), 415, "multipart"),
         }
         for name, (response, status, word) in cases.items():
             assert response.status_code == status, (name, response.text)
@@ -455,6 +469,12 @@ def test_bad_requests_get_the_right_4xx_and_a_json_error_and_the_server_keeps_se
         assert traced.status_code == 422 and traced.json()["request_id"] == "trace-7"
         unknown = httpx.get(f"{base}/v2/edit")
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+        # The upload limit guards the edit endpoint only: neither a 413 elsewhere nor counted as an edit.
+        for path, status in (("/nope", "404"), ("/healthz", "405")):  # 413 both, counted bad_request
+            answer = raw_answer(base, f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n".encode())
+            assert answer.split()[1] == status, answer
+        wrong_method = httpx.post(f"{base}/healthz")
+        assert wrong_method.status_code == 405 and wrong_method.headers["Allow"] == "GET, HEAD"  # HEAD was left out
         assert post_edit(base, image).status_code == 200
         text = httpx.get(f"{base}/metrics").text
         assert metric(text, 'zone_requests_total{outcome="bad_request"}') == len(cases) + 1
@@ -493,6 +513,45 @@ def test_a_request_that_fails_inside_a_batch_fails_alone(pipe):
 
 
 # ---------------------------------------------------------------------------------------- backpressure
+
+
+def test_an_instruction_over_a_mebibyte_is_said_to_be_too_long(pipe):
+    """Past Starlette's 1 MiB for a text field (under the upload limit): was a 400, "Part exceeded maximum size"."""
+    with serving(pipe) as (base, _):
+        response = post_edit(base, smooth_image(64, 64), instruction="x" * (2**20 + 1))
+    assert response.status_code == 422 and "instruction: at most 1000 characters" in response.json()["error"]["message"]
+
+
+def test_a_stalled_upload_is_answered_503_as_soon_as_the_server_stops(pipe):
+    """It held the shutdown for uvicorn's whole grace period (the request timeout + 1 s), then got a bare 500."""
+    service = LocalEditService(lambda: pipe, ServeSettings(warmup=False))
+    stalled = (b"POST /v1/edit HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+               b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"instruction\"\r\n\r\n"
+               b"add a hat\r\n")  # and no more
+    with serving_service(service) as (base, server), ThreadPoolExecutor(1) as pool:
+        while not service.ready:
+            time.sleep(0.02)
+        answered = pool.submit(raw_answer, base, stalled)
+        time.sleep(0.5)  # the upload under way
+        stopped = time.monotonic()
+        server.should_exit = True  # what SIGTERM does
+        answer = answered.result(timeout=30)
+        waited = time.monotonic() - stopped
+    head, _, body = answer.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 503 ") and "retry-after: 5" in head.lower(), answer
+    assert json.loads(body)["error"]["code"] == "unavailable" and waited < 10  # not the 30 s grace period
+
+
+def test_retry_after_before_any_batch_ended_is_at_least_the_running_batchs_time_so_far(pipe):
+    """It said 1 s until a first batch ended, however long that batch had been running."""
+    gated = GatedPipeline(pipe)
+    with serving(gated, max_batch=1, max_wait_ms=0, queue_size=1) as (base, service), ThreadPoolExecutor(1) as pool:
+        running = pool.submit(post_edit, base, smooth_image(64, 64, seed=5))
+        assert gated.entered.wait(30)
+        time.sleep(2.2)
+        assert service.batcher.retry_after_s() >= 3  # the running batch's 2.2 s (and more), rounded up
+        gated.release.set()
+        assert running.result().status_code == 200
 
 
 def test_a_full_queue_answers_503_with_retry_after(pipe):

@@ -35,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from ..config import EditConfig, parse_action
 from ..dual_step import padded_batch
@@ -305,13 +306,17 @@ def decode_upload(data: bytes, settings: ServeSettings) -> Upload:
                          "re-export it as PNG or JPEG") from None
 
 
+EDIT_PATH = "/v1/edit"
 FORM_FIELDS = ("image", "instruction", "action", "steps", "seed", "return")
+OPTIONAL_FIELDS = ("action", "steps", "seed", "return")  # an empty instruction is said by FastAPI's check
 
 
-def check_form_names(names: Sequence[str], query: Sequence[str] = ()) -> None:
+def check_form_fields(fields: Sequence[tuple[str, object]], query: Sequence[str] = ()) -> None:
     """A 422 for a form field the endpoint does not read (a client that believes it set `guidance` would get
-    the default silently), one given twice (one of them would be picked silently), or any in the query string
-    (`/v1/edit?steps=1` would edit at the default steps)."""
+    the default silently), one given twice (one of them would be picked silently), an optional one given empty
+    (FastAPI reads `steps=` as left out: the default, silently), or any in the query string (`/v1/edit?steps=1`
+    would edit at the default steps)."""
+    names = [name for name, _ in fields]
     if query:
         raise ServeError(422, "invalid_request", f"{', '.join(sorted(set(query)))}: in the query string, which this "
                          "endpoint does not read; send every field in the multipart form")
@@ -322,6 +327,10 @@ def check_form_names(names: Sequence[str], query: Sequence[str] = ()) -> None:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ServeError(422, "invalid_request", f"{', '.join(repeated)}: given more than once; send each field once")
+    empty = [name for name, value in fields if name in OPTIONAL_FIELDS and isinstance(value, str) and not value.strip()]
+    if empty:
+        raise ServeError(422, "invalid_request", f"{', '.join(empty)}: empty; leave a field out for the server's "
+                         "default")
 
 
 def check_request_fields(instruction: str, action: str | None, steps: int | None, seed: int | None,
@@ -439,7 +448,7 @@ def add_routes(app: FastAPI) -> None:
 
 
 def _add_edit_route(app: FastAPI) -> None:
-    @app.post("/v1/edit", responses={200: {"content": {"image/png": {}, "application/json": {
+    @app.post(EDIT_PATH, responses={200: {"content": {"image/png": {}, "application/json": {
         "schema": EditResponse.model_json_schema()}}, "description": "the edit (PNG) or its details (JSON)"},
         **ERROR_RESPONSES}, summary="Edit an image as an instruction says")
     async def edit(
@@ -458,7 +467,7 @@ def _add_edit_route(app: FastAPI) -> None:
             if service.not_ready_because:
                 retry = {} if service.load_failure else {"Retry-After": "5"}
                 raise ServeError(503, "unavailable", service.not_ready_because, retry)
-            check_form_names([name for name, _ in (await request.form()).multi_items()], list(request.query_params))
+            check_form_fields((await request.form()).multi_items(), list(request.query_params))
             text, changes = check_request_fields(instruction, action, steps, seed, service.settings)
             data = await image.read()
             upload = await asyncio.to_thread(decode_upload, data, service.settings)
@@ -579,7 +588,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     """FastAPI's field errors in this API's error shape; a non-multipart body is a 415."""
     service = getattr(request.app.state, "service", None)
     content_type = request.headers.get("content-type", "")
-    if request.url.path == "/v1/edit" and not content_type.lower().startswith("multipart/form-data"):
+    if request.url.path == EDIT_PATH and content_type.partition(";")[0].strip().lower() != "multipart/form-data":
         problem = ServeError(415, "unsupported_media_type", f"got content type {content_type or 'none'!r}; send "
                              "multipart/form-data with an `image` file and an `instruction` field")
     else:
@@ -608,16 +617,20 @@ class UploadTooLarge(Exception):
 
 class BodySizeLimit:
     """Refuse an upload over the service's limit: from its Content-Length before reading it, and one
-    without (chunked) as its bytes arrive, before more than the limit is read or spooled to disk."""
+    without (chunked) as its bytes arrive, before more than the limit is read or spooled to disk. While
+    the upload arrives, the server stopping ends it (ShuttingDown: a 503): a stalled upload would otherwise
+    hold the shutdown for its whole grace period, then get uvicorn's bare 500. Only the edit endpoint
+    takes a body; other paths pass as they are (an unknown one is a 404)."""
 
     def __init__(self, app: Callable) -> None:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        service = getattr(scope["app"].state, "service", None) if scope["type"] == "http" else None
+        edit = scope["type"] == "http" and scope["path"] == EDIT_PATH
+        service = getattr(scope["app"].state, "service", None) if edit else None
         if service is None:
             return await self.app(scope, receive, send)
-        limit, received = service.settings.max_upload_bytes, 0
+        limit, received, arrived = service.settings.max_upload_bytes, 0, False
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
             service.metrics.count("bad_request")
@@ -625,15 +638,35 @@ class BodySizeLimit:
             return await response(scope, receive, send)
 
         async def counted() -> dict:
-            nonlocal received
-            message = await receive()
+            nonlocal received, arrived
+            if arrived:  # after the body: the disconnect polls of a running edit, which shutting down lets finish
+                return await receive()
+            message = await _unless_stopping(receive, service)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise UploadTooLarge(f"over {limit:,} bytes")
+                arrived = not message.get("more_body", False)
             return message
 
         await self.app(scope, counted, send)
+
+
+STOPPING_POLL_S = 0.25  # how soon an upload under way learns that the server is stopping
+
+
+async def _unless_stopping(receive: Callable, service: EditService) -> dict:
+    """The request's next message, or ShuttingDown once the service is stopping (its edit would be refused)."""
+    pending = asyncio.ensure_future(receive())
+    try:
+        while not service.stopping:
+            done, _ = await asyncio.wait({pending}, timeout=STOPPING_POLL_S)
+            if done:
+                return pending.result()
+    finally:
+        pending.cancel()  # nothing when it is done; else the wait for bytes that may never come
+    raise ShuttingDown("the server is shutting down before the upload had arrived; retry (another replica will "
+                       "answer)")
 
 
 def _too_large(size: int | None, limit: int) -> ServeError:
@@ -647,6 +680,11 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
     service = getattr(request.app.state, "service", None)
     if isinstance(error.__cause__, UploadTooLarge):
         problem = _too_large(None, service.settings.max_upload_bytes)
+    elif isinstance(error.__cause__, ShuttingDown):
+        problem = as_serve_error(error.__cause__, service)
+    elif error.status_code == 400 and "exceeded maximum size" in str(error.detail):  # Starlette's 1 MiB text field
+        problem = ServeError(422, "invalid_request", f"a text field is over 1 MiB; instruction: at most "
+                             f"{service.settings.max_instruction_chars} characters are accepted")
     elif isinstance(error.__cause__, ClientDisconnect):  # gone during the upload: as a disconnect during the edit
         problem = ServeError(499, "client_closed_request", "the client went away during the upload")
     elif error.status_code == 400:  # the body did not parse
@@ -655,10 +693,20 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
                              "send multipart/form-data with an `image` file and an `instruction` field")
     else:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "bad_request")
-        problem = ServeError(error.status_code, code, str(error.detail), dict(error.headers or {}))
-    if service is not None and request.url.path == "/v1/edit":
+        headers = dict(error.headers or {})
+        if error.status_code == 405:  # Starlette's names the first route's methods only (GET, not its HEAD twin)
+            headers["Allow"] = ", ".join(_methods_at(request))
+        problem = ServeError(error.status_code, code, str(error.detail), headers)
+    if service is not None and request.url.path == EDIT_PATH:
         service.metrics.count(outcome_of(problem))
     return error_response(problem, request_id_of(request))
+
+
+def _methods_at(request: Request) -> list[str]:
+    """Every method some route takes at the request's path."""
+    methods = {method for route in request.app.router.routes if getattr(route, "methods", None)
+               and route.matches(request.scope)[0] is not Match.NONE for method in route.methods}
+    return sorted(methods)
 
 
 FORCED_QUIT_ANSWER_S = 2.0  # how long a forced quit waits for the abandoned edits' 503s to go out

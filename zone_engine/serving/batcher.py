@@ -58,6 +58,7 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zone-model")
         self._closing = self._abandoned = False
         self._running: list[Job] = []  # the batch in the model thread
+        self._running_since = 0.0  # when it started (time.monotonic)
         self._batch_seconds = 0.0  # moving average, for Retry-After
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -125,9 +126,11 @@ class DynamicBatcher:
         return sum(len(bucket) for bucket in self._buckets.values())
 
     def retry_after_s(self) -> int:
-        """About how long until a queue slot frees: the batches ahead times a batch's duration."""
+        """About how long until a queue slot frees: the batches ahead times a batch's duration (at least as
+        long as the running batch has run so far: before the first batch ends, the only figure there is)."""
         batches_ahead = self.queued / self.max_batch + 1
-        return max(1, math.ceil(batches_ahead * self._batch_seconds))
+        running_s = time.monotonic() - self._running_since if self._running else 0.0
+        return max(1, math.ceil(batches_ahead * max(self._batch_seconds, running_s)))
 
     async def submit(self, request: EditRequest, key: Hashable) -> Any:
         """Queue one edit and wait for its result. Cancelling the caller (e.g. `asyncio.wait_for`
@@ -200,7 +203,7 @@ class DynamicBatcher:
             self.metrics.queue_wait.observe(started - job.enqueued)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.running.set(len(batch))
-        self._running = batch
+        self._running, self._running_since = batch, started
         try:
             outcomes = await self.run_in_model_thread(lambda: self.run_batch([job.request for job in batch]))
         except Exception as error:  # the runner itself failed: every job of the batch learns it

@@ -65,6 +65,9 @@ class PipelineSpec:
         )
 
 
+MIN_UPLOAD_BYTES = 1024  # below it hardly the smallest image and its form fit: every edit would be a 413
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """The service's batching, backpressure and input limits (`zone serve --help` explains each)."""
@@ -108,6 +111,9 @@ class ServeSettings:
         if self.max_wait_ms >= self.timeout_s * 1000:  # every request would time out waiting for batch-mates
             raise ConfigError(f"max-wait-ms ({self.max_wait_ms:g}) must be shorter than timeout-s "
                               f"({self.timeout_s:g} s): a request would time out waiting for others to batch with")
+        if self.max_upload_bytes < MIN_UPLOAD_BYTES:  # no image would fit: every edit a 413
+            raise ConfigError(f"max-upload-mb ({self.max_upload_mb:g}) is under 1 KiB, which no image fits in; "
+                              "the default is 20")
         if self.max_batch > MAX_BATCH:  # beyond it: no GPU's memory, and a warm-up of every padded size up to it
             raise ConfigError(f"max-batch must be at most {MAX_BATCH}, got {self.max_batch}")
 
