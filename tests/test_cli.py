@@ -353,6 +353,9 @@ def test_api_bad_input(tiny_pipe):
         tiny_pipe.edit(image, "")
     with pytest.raises(InstructionError, match="text"):
         tiny_pipe.edit(image, 42)
+    for invisible in ("\u200b\u200b", "\x01\x02"):  # zero-width spaces, control characters: were edits without a prompt
+        with pytest.raises(InstructionError, match="no visible characters"):
+            tiny_pipe.edit(image, invisible)
     with pytest.raises(ConfigError):
         tiny_pipe.default_config.replace(seam_alpha=2.0)
     with pytest.raises(ConfigError, match="config must be an EditConfig"):
@@ -407,6 +410,9 @@ def test_an_on_off_option_takes_only_a_bool_or_none(tiny_models, option, value):
     ({"fft_threshold": 300}, "8-bit levels"), ({"action": 3}, "action must be None"),
     ({"sam": {}}, "sam must be a SamConfig"), ({"step": 3}, "EditConfig has no field step"),
     ({"seed": 2**32}, "seed must be between 0 and 4294967295"),
+    # Accepted up to float32's overflow: the edit then diverged, its message blaming the default guidance.
+    ({"beta_remove": 1e38}, "beta_remove and beta_add_change must be between 0 and 1000"),
+    ({"beta_add_change": -0.1}, "beta_remove and beta_add_change must be between 0 and 1000"),
 ])
 def test_edit_config_says_what_is_wrong_with_a_value(changes, words):
     """Said at once, not as a TypeError deep in numpy/torch or a broken image (guidance nan) later."""

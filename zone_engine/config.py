@@ -43,6 +43,9 @@ MAX_BATCH = 256
 # Mask morphology: the working image is at most 512 pixels a side by default, so a kernel (or a dilation's
 # iterations) beyond this covers any image many times over; larger ones only exhaust memory.
 MAX_KERNEL = 1023
+# β weighs MagicBrush's next latents against IP2P's (ZONE's are 0.2 and 0.01): at 1000 MagicBrush alone is within
+# 0.1 %; far beyond, β·z overflows (float32 near 1e37, fp16 near 1e4) and the edit diverges, blaming the guidance.
+MAX_BETA = 1000.0
 
 # Output order of the reference action classifier's logits (ckpts/action_classifier.pth).
 CLASSIFIER_ACTIONS: tuple[Action, ...] = (Action.CHANGE, Action.ADD, Action.REMOVE)
@@ -272,7 +275,8 @@ class EditConfig:
              f"add, change, remove; got {self.action!r}"),
             (isinstance(self.sam, SamConfig), f"sam must be a SamConfig, got {type(self.sam).__name__}"),
             (1 <= self.steps <= MAX_STEPS, f"steps must be between 1 and {MAX_STEPS}"),
-            (self.beta_remove >= 0 and self.beta_add_change >= 0, "beta values must be >= 0"),
+            (all(0 <= beta <= MAX_BETA for beta in (self.beta_remove, self.beta_add_change)),
+             f"beta_remove and beta_add_change must be between 0 and {MAX_BETA:g}"),
             (self.action_rule in ("intended", "reference"), "action_rule must be 'intended' or 'reference'"),
             (self.threshold_rule in ("reference", "paper"), "threshold_rule must be 'reference' or 'paper'"),
             (self.size_multiple <= self.max_side <= MAX_WORKING_SIDE,

@@ -3,6 +3,8 @@ refuse a bad instruction before the seconds that importing torch takes."""
 
 from __future__ import annotations
 
+import unicodedata
+
 from .errors import InstructionError
 
 MAX_TOKENS = 77
@@ -20,9 +22,17 @@ def check_instruction(instruction: object) -> str:
         raise InstructionError("the instruction is not valid UTF-8 text: check the terminal's encoding") from None
     if not text:
         raise InstructionError('the instruction is empty: say what to edit, e.g. "make the dog a golden statue"')
+    if not any(_visible(character) for character in text):  # CLIP reads no word in it: an edit without a prompt
+        raise InstructionError("the instruction has no visible characters (only control, zero-width or space "
+                               'characters): say what to edit, e.g. "make the dog a golden statue"')
     if len(text) > MAX_CHARACTERS:
         raise InstructionError(
             f"the instruction is {len(text):,} characters long, over {MAX_CHARACTERS:,}; CLIP reads only {MAX_TOKENS} "
             "tokens, so keep it short"
         )
     return text
+
+
+def _visible(character: str) -> bool:
+    # Unicode's "other" (control, format such as zero-width spaces, unassigned, private use) and separators.
+    return not character.isspace() and unicodedata.category(character)[0] not in "CZ"
