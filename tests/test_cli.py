@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -36,6 +37,17 @@ def _copied(source: Path, destination: Path) -> str:
     destination.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, destination)
     return str(destination)
+
+
+def _folder(path: Path) -> str:
+    """`path` made a folder; its parent's name (a file name taken by a folder)."""
+    path.mkdir(parents=True)
+    return str(path.parent)
+
+
+def _wide_image(path: Path) -> str:
+    Image.new("RGB", (20000, 40)).save(path)
+    return str(path)
 
 
 def _fails_cleanly(capsys, argv, *words):
@@ -168,6 +180,28 @@ def test_edit_with_tiny_models_and_masks(photo, tmp_path):
 RGB_PROFILE = bytes(16) + b"RGB " + b"the camera's profile: carried, not parsed"  # bytes 16..20: its colour space
 
 
+def test_edit_to_bmp_warns_that_the_colour_profile_is_lost(photo, tmp_path, capsys):
+    profiled, out = tmp_path / "profiled.png", tmp_path / "edited.bmp"
+    Image.open(photo).save(profiled, icc_profile=RGB_PROFILE)
+    assert main(["edit", str(profiled), "-i", "add a hat", "-o", str(out), "--tiny", "--steps", "1",
+                 "--no-progress"]) == 0
+    assert "BMP cannot carry the input's colour profile" in capsys.readouterr().err  # Pillow's BMP drops it
+    assert "icc_profile" not in Image.open(out).info
+
+
+def test_the_output_path_is_printed_as_its_bytes_and_a_closed_pipe_is_no_error(photo, tmp_path, capsysbinary):
+    """A name that is not UTF-8 was a UnicodeEncodeError after the edit; `| head -0` a BrokenPipeError (exit 1)."""
+    out = tmp_path / "o_\udcff.png"  # the byte 0xff, as Python holds a name that is not UTF-8
+    assert main(["edit", str(photo), "-i", "add a hat", "-o", str(out), "--tiny", "--steps", "1", "--no-progress"]) == 0
+    assert capsysbinary.readouterr().out == os.fsencode(out) + b"\n"
+    command = [sys.executable, "-m", "zone_engine.cli", "edit", str(photo), "-i", "add a hat", "-o",
+               str(tmp_path / "p.png"), "--tiny", "--steps", "1", "--no-progress"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        process.stdout.close()  # the reader gone before the path is written
+        assert process.wait(120) == 0 and b"Traceback" not in process.stderr.read()
+    assert (tmp_path / "p.png").exists()
+
+
 def test_edit_to_jpeg_warns_that_it_is_lossy_and_keeps_the_colour_profile(photo, tmp_path, capsys):
     profiled, out, masks = tmp_path / "profiled.png", tmp_path / "edited.jpg", tmp_path / "masks"
     Image.open(photo).save(profiled, icc_profile=RGB_PROFILE)
@@ -247,7 +281,7 @@ def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(p), "--tiny"], ["is the input image"]),
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(p / "o.png"), "--tiny"], ["is a file, not a folder"]),
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--save-masks", str(p)],
-         ["--save-masks", "is a file"]),
+         ["--save-masks", "is the input image"]),
         (lambda p, t: ["demo", "--out", str(p)], ["--out", "is a file"]),
         (lambda p, t: ["export", "unet", "--tiny", "--out", str(p)], ["--out", "is a file"]),
         (lambda p, t: ["export", "sam", "--tiny", "--out", str(p)], ["--out", "is a file"]),
@@ -276,11 +310,23 @@ def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--action-classifier", str(t / "ac.pth")],
          ["action classifier not found", "4 checkpoints are missing", "--ip2p"]),  # all at once, before any load
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "m" / "region.png"), "--tiny", "--save-masks",
-                       str(t / "m")], ["--save-masks", "would write over -o"]),
+                       str(t / "m")], ["--save-masks", "would write over the -o file"]),
         (lambda p, t: ["edit", _copied(p, t / "in" / "heatmap.png"), "-i", "x", "-o", str(t / "o.png"), "--tiny",
                        "--save-masks", str(t / "in")], ["would write over the input image"]),
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--save-masks", str(t / "o.png")],
          ["is the -o file"]),
+        # Found only after the edit (or as a traceback) before: each said before any model loads.
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "new" / ("a" * 256 + ".png")), "--tiny"],
+         ["output", "260 bytes long, over the 255 a file system takes"]),
+        (lambda p, t: ["edit", str(t / ("a" * 256 + ".png")), "-i", "x", "-o", str(t / "o.png"), "--tiny"],
+         ["cannot read", "over the 255"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--save-masks",
+                       _folder(t / "m" / "heatmap.png")], ["--save-masks", "holds a folder named heatmap.png"]),
+        (lambda p, t: ["demo", "--out", _folder(t / "d" / "timings.json")], ["--out", "a folder named timings.json"]),
+        (lambda p, t: ["demo", "--out", str(t / "d"), "--save-masks", str(t / "d" / "output.png")],
+         ["is the demo's output.png"]),
+        (lambda p, t: ["edit", _wide_image(t / "wide.png"), "-i", "x", "-o", str(t / "w.webp"), "--tiny"],
+         ["WEBP holds at most 16383 pixels a side", "20000x40"]),
     ],
     ids=["missing-image", "empty-instruction", "bad-output", "zero-steps", "missing-sam", "undecodable-instruction",
          "output-is-input", "output-under-a-file", "masks-into-a-file", "demo-into-a-file", "export-unet-into-a-file",
@@ -288,7 +334,8 @@ def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
          "tiny-with-checkpoints", "random-weights-with-classifier", "seed-too-large", "tiny-with-sam-type",
          "engines-without-tensorrt", "sam-onnx-without-onnx", "onnx-with-sam-checkpoint",
          "classifier-missing", "masks-over-the-output", "masks-over-the-input",
-         "masks-folder-is-the-output"],
+         "masks-folder-is-the-output", "output-name-too-long", "image-name-too-long", "mask-name-is-a-folder",
+         "demo-file-is-a-folder", "demo-masks-over-its-output", "webp-too-wide"],
 )
 def test_cli_bad_input(capsys, photo, tmp_path, make_argv, words):
     _fails_cleanly(capsys, make_argv(photo, tmp_path), *words)

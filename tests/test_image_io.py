@@ -498,8 +498,15 @@ def test_arrays_in_other_libraries_layouts_are_refused_with_what_to_do(array, hi
 
 
 def test_a_torch_tensor_is_refused_with_how_to_convert_it():
+    """The conversion for its own layout: following the (3, H, W) one for another layout was another error."""
     torch = pytest.importorskip("torch")
-    assert ".permute(1, 2, 0).cpu().numpy()" in load_refused(torch.zeros(3, 16, 16))
+    for shape, conversion in (((3, 16, 16), "tensor.permute(1, 2, 0).cpu().numpy()"),
+                              ((16, 16, 3), "tensor.cpu().numpy()"), ((1, 3, 16, 16), "tensor[0].permute(1, 2, 0)")):
+        tensor = torch.rand(shape)
+        said = load_refused(tensor)
+        assert conversion in said, (shape, said)
+        conversion = said.split("as an array: ")[1].removesuffix(")")
+        load_image(eval(conversion, {"tensor": tensor}))  # what it says works
 
 
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # numpy's about np.matrix itself
@@ -759,7 +766,7 @@ def test_lossless_formats_keep_every_pixel(tmp_path, suffix):
     pixels = random_rgb(24, 40)  # noise: the worst case for a lossy encoder
     save_image(pixels, tmp_path / f"x{suffix}")
     np.testing.assert_array_equal(load_quietly(tmp_path / f"x{suffix}"), pixels)
-    assert image_io.lossy_format_note(tmp_path / f"x{suffix}") is None
+    assert image_io.output_notes(tmp_path / f"x{suffix}") == []
 
 
 def test_jpeg_is_written_at_high_quality_and_said_to_be_lossy(tmp_path):
@@ -767,7 +774,7 @@ def test_jpeg_is_written_at_high_quality_and_said_to_be_lossy(tmp_path):
     save_image(pixels, tmp_path / "x.JPG")
     error = np.abs(load_quietly(tmp_path / "x.JPG").astype(int) - pixels).mean()
     assert error < 2.0  # quality 95 without chroma subsampling: 0.95; Pillow's defaults (75, 4:2:0): 5.4
-    assert "JPEG is lossy" in image_io.lossy_format_note(tmp_path / "x.JPG")
+    assert "JPEG is lossy" in image_io.output_notes(tmp_path / "x.JPG")[0]
 
 
 def test_the_input_colour_profile_is_carried_to_the_output(tmp_path):
@@ -793,7 +800,21 @@ def test_formats_that_change_the_pixels_are_said_to(tmp_path, suffix, words):
     pixels = random_rgb(24, 40)
     save_image(pixels, tmp_path / f"x{suffix}")
     assert not np.array_equal(load_quietly(tmp_path / f"x{suffix}"), pixels)  # the note's reason, measured
-    assert words in image_io.lossy_format_note(tmp_path / f"x{suffix}")
+    assert words in image_io.output_notes(tmp_path / f"x{suffix}")[0]
+
+
+def test_a_name_too_long_is_an_input_error_not_an_os_error(tmp_path):
+    assert "over the 255 a file system takes" in load_refused(tmp_path / ("a" * 256 + ".png"))
+
+
+def test_saving_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_path):
+    """os.replace over the link replaced the link with the file and left its target as it was."""
+    target, link = tmp_path / "target.png", tmp_path / "link.png"
+    save_image(random_rgb(8, 8), target)
+    link.symlink_to(target)
+    pixels = random_rgb(8, 8)
+    save_image(pixels, link)
+    assert link.is_symlink() and np.array_equal(load_quietly(target), pixels)
 
 
 def test_an_icon_is_refused_as_an_output_for_it_would_be_scaled(tmp_path):

@@ -249,14 +249,22 @@ def run_export(args: argparse.Namespace) -> None:
     from export.sam import run_export_sam
     from export.unet import run_export_unet
 
-    print({"unet": run_export_unet, "sam": run_export_sam}[args.target](args))
+    _print_path({"unet": run_export_unet, "sam": run_export_sam}[args.target](args))
 
 
 def run_build_engine(args: argparse.Namespace) -> None:
     from export.engine import run_build_engine as build
 
     for path in build(args):
-        print(path)
+        _print_path(path)
+
+
+def _print_path(path: os.PathLike) -> None:
+    """A written file's path on stdout, for scripts: the bytes the file system has (a name that is not UTF-8
+    could not be printed as text)."""
+    sys.stdout.flush()
+    sys.stdout.buffer.write(os.fsencode(path) + b"\n")
+    sys.stdout.flush()
 
 
 def _backend_options(args: argparse.Namespace) -> dict:
@@ -300,29 +308,37 @@ def _config_changes(args: argparse.Namespace) -> dict:
 
 
 def _check_output_path(path: Path, image: Path) -> None:
-    if path.is_dir():
-        raise ZoneError(f"output {path} is a folder: give a file name such as {path / 'edited.png'}")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ZoneError(f"output {path} does not end in an image format's suffix: use one of "
                         f"{', '.join(IMAGE_SUFFIXES)}")
-    if path.exists() and image.exists() and path.samefile(image):
-        raise ZoneError(f"output {path} is the input image: write the edit to another file, the input stays as it is")
     check_output_file(path, "output")
+    if _same_file(path, image):
+        raise ZoneError(f"output {path} is the input image: write the edit to another file, the input stays as it is")
 
 
 MASK_OUTPUTS = ("mask_b", "mask_f", "region", "styled", "heatmap")  # what --save-masks writes, as NAME.png
+DEMO_OUTPUTS = ("input.png", "output.png", "timings.json")  # what zone demo writes in --out besides the masks
 COLOUR_OUTPUTS = ("styled", "heatmap")  # those in the input's colours: they carry its colour profile
 
 
-def _check_masks_spare(folder: Path, output: Path, image: Path) -> None:
-    """ZoneError if --save-masks would write over the edit's output or the input image."""
-    if folder.absolute() == output.absolute():
-        raise ZoneError(f"--save-masks {folder} is the -o file: give the masks a folder of their own")
-    written = {(folder / f"{name}.png").absolute() for name in MASK_OUTPUTS}
-    for path, what in ((output, "-o"), (image, "the input image")):
-        if path.absolute() in written or (path.exists() and any(p.exists() and p.samefile(path) for p in written)):
+def _check_masks_folder(folder: Path, others: dict[Path, str]) -> None:
+    """ZoneError unless --save-masks' files can be written in `folder` without writing over `others` (the
+    command's other files, by what they are: "-o", "the input image"), each said before any work runs."""
+    written = [folder / f"{name}.png" for name in MASK_OUTPUTS]
+    for path, what in others.items():
+        if folder.absolute() == path.absolute():
+            raise ZoneError(f"--save-masks {folder} is {what}: give the masks a folder of their own")
+        if any(mask.absolute() == path.absolute() or _same_file(mask, path) for mask in written):
             raise ZoneError(f"--save-masks {folder} would write over {what} {path} (it writes "
                             f"{', '.join(n + '.png' for n in MASK_OUTPUTS)}): choose another folder or file name")
+    check_output_folder(folder, "--save-masks", [mask.name for mask in written])
+
+
+def _same_file(path: Path, other: Path) -> bool:
+    try:
+        return path.exists() and other.exists() and path.samefile(other)
+    except OSError:  # a name the system refuses (too long): no file, said where it is read or written
+        return False
 
 
 def _save_outputs(result, folder: Path, names: Sequence[str], icc_profile: bytes | None = None) -> None:
@@ -341,7 +357,7 @@ def _print_summary(result) -> None:
 
 
 def run_edit(args: argparse.Namespace) -> None:
-    from .image_io import colour_profile, load_image, lossy_format_note, save_image
+    from .image_io import check_output_size, colour_profile, load_image, output_notes, save_image
 
     # Every check that can fail runs before gigabytes of weights load; all that need no torch before its import
     # (seconds): the checkpoints' presence and what --device auto finds are checked once it is loaded.
@@ -349,11 +365,11 @@ def run_edit(args: argparse.Namespace) -> None:
     _check_backend_arguments(args)
     _check_output_path(args.output, args.image)
     if args.save_masks:
-        check_output_folder(args.save_masks, "--save-masks")
-        _check_masks_spare(args.save_masks, args.output, args.image)
+        _check_masks_folder(args.save_masks, {args.output: "the -o file", args.image: "the input image"})
     image, profile = load_image(args.image), colour_profile(args.image)
+    check_output_size(args.output, *image.shape[:2])
     instruction = check_instruction(args.instruction)
-    if note := lossy_format_note(args.output):
+    for note in output_notes(args.output, profile):
         print(f"warning: {note}", file=sys.stderr)
     pipe = _pipeline_spec(args).build()
     config = pipe.default_config.replace(**changes)
@@ -362,15 +378,15 @@ def run_edit(args: argparse.Namespace) -> None:
     if args.save_masks:
         _save_outputs(result, args.save_masks, MASK_OUTPUTS, profile)
     _print_summary(result)
-    print(args.output)
+    _print_path(args.output)
 
 
 def run_demo(args: argparse.Namespace) -> None:
     from .image_io import make_sample_image, save_image
 
-    for folder, what in ((args.out, "--out"), (args.save_masks, "--save-masks")):
-        if folder is not None:
-            check_output_folder(folder, what)
+    check_output_folder(args.out, "--out", [*DEMO_OUTPUTS, *(f"{mask}.png" for mask in MASK_OUTPUTS)])
+    if args.save_masks:
+        _check_masks_folder(args.save_masks, {args.out / name: f"the demo's {name}" for name in DEMO_OUTPUTS})
     changes = _config_changes(args)
     _check_backend_arguments(args)
     instruction = check_instruction(args.instruction)
@@ -390,7 +406,7 @@ def run_demo(args: argparse.Namespace) -> None:
     with written_atomically(args.out / "timings.json") as temporary:
         temporary.write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(result)
-    print(args.out)
+    _print_path(args.out)
 
 
 # What `zone serve` imports (module names, not package names); the tests skip without them.
@@ -488,6 +504,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "build-engine": run_build_engine}
         commands[args.command](args)
     except ZoneError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # stdout's reader went away (`| head -0`): the work is done, its path unread
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush raises nothing
+        return 0
+    except OSError as error:  # a path the system refuses (a name too long, ...), met past the checks
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,12 +15,13 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zone_engine.errors import EditWarning, InputImageError, ZoneError
-from zone_engine.paths import written_atomically
+from zone_engine.paths import name_problem, written_atomically
 
 MIN_SIDE = 8
 MAX_PIXELS = 100_000_000
@@ -67,11 +68,18 @@ def read_image(source: ImageSource, name: str | None = None) -> tuple[np.ndarray
         rgb, notes = _load_file(Path(source))
     else:
         raise InputImageError(f"cannot use a {type(source).__name__} as an image; pass a file path, a PIL image "
-                              f"or a numpy array{_TENSOR_HINT if _is_tensor(source) else ''}")
+                              f"or a numpy array{_tensor_hint(source) if _is_tensor(source) else ''}")
     return rgb, tuple(notes)
 
 
-_TENSOR_HINT = " (a (3, H, W) tensor in [0, 1]: tensor.permute(1, 2, 0).cpu().numpy())"
+def _tensor_hint(tensor: Any) -> str:
+    """How to pass this tensor's pixels: channels last, one image, on the host (floats in [0, 1] are scaled)."""
+    shape, conversion = tuple(tensor.shape), "tensor"
+    if len(shape) == 4 and shape[0] == 1:
+        shape, conversion = shape[1:], "tensor[0]"
+    if len(shape) == 3 and shape[0] in (1, 3, 4) and shape[2] not in (1, 3, 4):
+        conversion += ".permute(1, 2, 0)"
+    return f" (this one as an array: {conversion}.cpu().numpy())"
 
 
 def _is_tensor(source: object) -> bool:
@@ -79,6 +87,8 @@ def _is_tensor(source: object) -> bool:
 
 
 def _load_file(path: Path) -> tuple[np.ndarray, list[str]]:
+    if problem := name_problem(path):
+        raise InputImageError(f"cannot read {path}: {problem}")
     if not path.exists():
         raise InputImageError(f"image not found: {path}")
     if path.is_dir():
@@ -377,13 +387,17 @@ def _scaled_region(geometry: Geometry) -> tuple[slice, slice]:
 # ---------------------------------------------------------------------------------------------------
 
 
-# Options per format: JPEG as near lossless as it goes (no chroma subsampling), WebP lossless, so the pixels
-# outside the edit stay the input's (JPEG's still move a little: `lossy_format_note`).
-_SAVE_OPTIONS = {"JPEG": {"quality": 95, "subsampling": 0}, "WEBP": {"lossless": True}}
-# What the other formats do to an edit's RGB pixels, measured (random pixels written at these options and read
-# back, Pillow 13): these change them (`lossy_format_note`); PNG, WebP, TIFF, BMP, JPEG 2000, QOI, TGA keep them.
+# Options per format: JPEG (and MPO, JPEG inside) as near lossless as it goes (no chroma subsampling), WebP
+# lossless, so the pixels outside the edit stay the input's (JPEG's still move a little: `output_notes`).
+_NEAR_LOSSLESS_JPEG = {"quality": 95, "subsampling": 0}
+_SAVE_OPTIONS = {"JPEG": _NEAR_LOSSLESS_JPEG, "MPO": _NEAR_LOSSLESS_JPEG, "WEBP": {"lossless": True}}
+# What the formats do to an edit, measured (random pixels and a profile written at these options and read back,
+# Pillow 13): these change the pixels (PNG, WebP, TIFF, BMP, JPEG 2000, QOI, TGA keep them); only those after
+# carry a colour profile (BMP, GIF, TGA, JPEG 2000, ... drop it); these have a largest side.
 _LOSSY_FORMATS = {"JPEG": "JPEG is lossy", "MPO": "MPO is JPEG, lossy", "AVIF": "AVIF is lossy here",
                   "PDF": "a PDF holds the image as JPEG, lossy", "GIF": "GIF keeps at most 256 colours"}
+_PROFILE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "TIFF", "AVIF")
+_LARGEST_SIDE = {"WEBP": 16383, "JPEG": 65535, "MPO": 65535, "GIF": 65535}
 # Icons come in the format's own sizes: Pillow scales the image to them (ICO at most 256 a side).
 _RESIZING_FORMATS = ("ICO", "ICNS")
 
@@ -455,13 +469,27 @@ def _writable_format(path: Path) -> str | None:
     return file_format if file_format in Image.SAVE else None
 
 
-def lossy_format_note(path: str | os.PathLike) -> str | None:
-    """A note when `path`'s format cannot keep the pixels outside the edit exactly (JPEG, GIF, ...)."""
-    reason = _LOSSY_FORMATS.get(_writable_format(Path(path)))
-    if reason is None:
-        return None
-    return (f"{path}: {reason}, so the pixels outside the edit change too; write .png or .webp (lossless here) "
-            "to keep them exactly")
+def output_notes(path: str | os.PathLike, icc_profile: bytes | None = None) -> list[str]:
+    """What writing an edit to `path` loses: the pixels outside the edit (a lossy format: JPEG, GIF, ...), the
+    input's colour profile `icc_profile` (a format without one: BMP, ...). Empty when nothing is lost."""
+    file_format, notes = _writable_format(Path(path)), []
+    if file_format in _LOSSY_FORMATS:
+        notes.append(f"{path}: {_LOSSY_FORMATS[file_format]}, so the pixels outside the edit change too; write .png "
+                     "or .webp (lossless here) to keep them exactly")
+    if icc_profile and file_format is not None and file_format not in _PROFILE_FORMATS:
+        notes.append(f"{path}: {file_format} cannot carry the input's colour profile, so the output's colours may "
+                     "look different; write .png, .webp or .tif to keep it")
+    return notes
+
+
+def check_output_size(path: str | os.PathLike, height: int, width: int) -> None:
+    """ZoneError when `path`'s format cannot hold an image this large (WebP: 16383 a side): said before an edit
+    runs, not after it."""
+    file_format = _writable_format(Path(path))
+    largest = _LARGEST_SIDE.get(file_format)
+    if largest is not None and max(height, width) > largest:
+        raise ZoneError(f"cannot write {path}: {file_format} holds at most {largest} pixels a side and the image is "
+                        f"{width}x{height}; write .png or .tif")
 
 
 def make_sample_image(height: int = 256, width: int = 256) -> np.ndarray:

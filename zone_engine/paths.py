@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +15,8 @@ from .errors import ZoneError
 def _folder_problem(folder: Path) -> str | None:
     """Why nothing could be written in `folder` (created if missing), or None if it could."""
     folder = Path(folder).absolute()
+    if problem := name_problem(folder):
+        return problem
     existing = next((candidate for candidate in (folder, *folder.parents) if candidate.exists()), Path.cwd())
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
@@ -28,16 +30,41 @@ def _folder_problem(folder: Path) -> str | None:
     return None
 
 
-def check_output_folder(path: Path, what: str) -> None:
-    """ZoneError unless `path` is a folder, or can be created as one, that this process may write into."""
+def check_output_folder(path: Path, what: str, files: Sequence[str] = ()) -> None:
+    """ZoneError unless `path` is a folder, or can be created as one, that this process may write into, with
+    `files` (names) writable in it: none a folder, none a read-only file."""
     problem = _folder_problem(path)
     if problem:
         raise ZoneError(f"{what} {path}: {problem}; choose another path")
+    for name in files:
+        if (Path(path) / name).is_dir():
+            raise ZoneError(f"{what} {path} holds a folder named {name}, where the file {name} goes: move it or "
+                            "choose another folder")
+        check_output_file(Path(path) / name, what)
+
+
+NAME_MAX = 255  # the bytes a file or folder name may have on Linux's file systems (ext4, xfs, btrfs, tmpfs)
+
+
+def name_problem(path: Path) -> str | None:
+    """Why the system refuses `path` as a name, or None. Lengths are counted (a folder not yet there would hide
+    them from the lookup); the lookup says the rest, where pathlib would raise it from deep inside."""
+    longest = max((len(os.fsencode(part)) for part in Path(path).parts), default=0)
+    if longest > NAME_MAX:
+        return f"a name in it is {longest} bytes long, over the {NAME_MAX} a file system takes"
+    try:
+        Path(path).exists()
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
 
 
 def check_output_file(path: Path, what: str) -> None:
     """ZoneError unless a file can be written (or overwritten) at `path`."""
     path = Path(path)
+    if problem := name_problem(path):
+        raise ZoneError(f"{what} {path}: {problem}; choose another path")
+    path = path.resolve() if path.is_symlink() else path  # its target is what gets written
     if path.is_dir():
         raise ZoneError(f"{what} {path} is a folder: give a file name inside it")
     problem = _folder_problem(path.parent)
@@ -53,6 +80,8 @@ def written_atomically(path: Path) -> Iterator[Path]:
     write to, moved over `path` only once the writing succeeded: a failed or interrupted write (a
     full disk, a size limit) leaves the old file as it was, never a truncated one."""
     path = Path(path)
+    if path.is_symlink():  # written through, as a shell's `>` does: replacing the link would leave its target as it was
+        path = path.resolve()
     temporary = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
     try:
         yield temporary
