@@ -330,7 +330,8 @@ class ZonePipeline:
         """Several edits, those of one batch key denoised together; results in the order of `requests`.
 
         Each edit gets the result it would get from `edit` alone, up to float rounding of a larger
-        batch (tests/test_batching.py: masks identical, images within one uint8 level). With
+        batch (tests/test_batching.py: masks identical, images within one uint8 level; rarely, a level's
+        difference in I_sty tips a SAM threshold, and a pixel or a few of M_f and the output differ). With
         `return_exceptions`, a request that fails (bad input, cancelled, a fault in its own work)
         has its exception in its place and the others go on; else the first raises.
         """
