@@ -262,9 +262,13 @@ def run_build_engine(args: argparse.Namespace) -> None:
 def _print_path(path: os.PathLike) -> None:
     """A written file's path on stdout, for scripts: the bytes the file system has (a name that is not UTF-8
     could not be printed as text)."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a text-only stream (a caller's io.StringIO)
+        print(path)
+        return
     sys.stdout.flush()
-    sys.stdout.buffer.write(os.fsencode(path) + b"\n")
-    sys.stdout.flush()
+    buffer.write(os.fsencode(path) + b"\n")
+    buffer.flush()
 
 
 def _backend_options(args: argparse.Namespace) -> dict:
@@ -308,10 +312,10 @@ def _config_changes(args: argparse.Namespace) -> dict:
 
 
 def _check_output_path(path: Path, image: Path) -> None:
+    check_output_file(path, "output")  # first: a folder given as -o is said as one, not as a missing suffix
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ZoneError(f"output {path} does not end in an image format's suffix: use one of "
                         f"{', '.join(IMAGE_SUFFIXES)}")
-    check_output_file(path, "output")
     if _same_file(path, image):
         raise ZoneError(f"output {path} is the input image: write the edit to another file, the input stays as it is")
 
