@@ -392,8 +392,8 @@ def _scaled_region(geometry: Geometry) -> tuple[slice, slice]:
 _NEAR_LOSSLESS_JPEG = {"quality": 95, "subsampling": 0}
 _SAVE_OPTIONS = {"JPEG": _NEAR_LOSSLESS_JPEG, "MPO": _NEAR_LOSSLESS_JPEG, "WEBP": {"lossless": True}}
 # What the formats do to an edit, measured (random pixels and a profile written at these options and read back,
-# Pillow 13): these change the pixels (PNG, WebP, TIFF, BMP, JPEG 2000, QOI, TGA keep them); only those after
-# carry a colour profile (BMP, GIF, TGA, JPEG 2000, ... drop it); these have a largest side.
+# Pillow 13): _LOSSY_FORMATS change the pixels (PNG, WebP, TIFF, BMP, JPEG 2000, QOI, TGA keep them); only
+# _PROFILE_FORMATS carry a colour profile (BMP, GIF, TGA, JPEG 2000, ... drop it); _LARGEST_SIDE: their limits.
 _LOSSY_FORMATS = {"JPEG": "JPEG is lossy", "MPO": "MPO is JPEG, lossy", "AVIF": "AVIF is lossy here",
                   "PDF": "a PDF holds the image as JPEG, lossy", "GIF": "GIF keeps at most 256 colours"}
 _PROFILE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "TIFF", "AVIF")
