@@ -15,6 +15,7 @@ import gc
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,12 +27,12 @@ import torch
 
 from export.sam import export_sam
 from zone_engine.action import classify_action
-from zone_engine.backends import DTYPES, current_device, resolve_device, resolve_dtype
+from zone_engine.backends import DTYPES, current_device, make_group_norms, resolve_device, resolve_dtype
 from zone_engine.config import DENOISERS, EditConfig
 from zone_engine.denoise import BatchDenoiser, Denoiser
 from zone_engine.errors import ZoneError, first_line
 from zone_engine.image_io import make_sample_image, working_geometry
-from zone_engine.models import ZoneModels, build_random_components
+from zone_engine.models import ZoneModels, build_random_components, pytorch_norms
 from zone_engine.pipeline import STAGES, EditRequest, EditResult, ZonePipeline
 from zone_engine.timing import Stopwatch
 
@@ -508,8 +509,13 @@ class EngineRows:
         of its captured steps): kernel 3's gain, in this run. The compile backend's UNets use inductor's
         norm either way, so the fused one it is."""
         name = "engine:fused+gn-torch"
-        if "fused" not in self.config.backends or self.config.group_norm == "torch":
-            reason = "needs the fused backend" if self.config.group_norm != "torch" else "every row's norm is PyTorch's"
+        with warnings.catch_warnings():  # a --group-norm triton that cannot run here was said by the rows
+            warnings.simplefilter("ignore")
+            fused_norms = make_group_norms(self.config.group_norm, self.device, "fused")
+        reason = ("needs the fused backend" if "fused" not in self.config.backends else
+                  "the fused row's norms are PyTorch's already: it would be timed twice" if
+                  fused_norms == (pytorch_norms, pytorch_norms) else None)
+        if reason:
             self.skipped.append({"name": name, "skipped": reason})
             return []
         row = self._row(name, dtype, "fused", lambda: {"group_norm": "torch"})
@@ -580,15 +586,19 @@ def timed_rows(baseline: Implementation, rows: EngineRows, engine_dtype: torch.d
     return [impl for impl in timed if impl.failure is None and impl.walls], parity
 
 
-def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None) -> dict:
+def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None, deadline: Deadline | None = None) -> dict:
     """Run the whole benchmark in this process and return its record (what the JSON file holds).
-    Past `config.time_limit_s`, or on SIGTERM (the `timeout` around a device stage), no more edits
-    start and what was timed by then is reported (the record's `cut_short` says why)."""
-    deadline = Deadline(config.time_limit_s)
+    Past `config.time_limit_s`, or on SIGTERM (the `timeout` around a device stage) or Ctrl-C, no more
+    edits start and what was timed by then is reported (the record's `cut_short` says why). A caller's
+    `deadline` comes with its signal handlers installed by the caller (`run_and_report`)."""
+    if deadline is None:
+        deadline = Deadline(config.time_limit_s)
+        with deadline.stopping_on_signals():
+            return run_benchmark(config, progress, deadline)
     device = resolve_device(config.device)
     # The device current for the whole run: the baseline, the clocks' events and the matmul ceiling
     # use the current device's stream, so a run on cuda:1 would otherwise time cuda:0.
-    with deadline.stopping_on_sigterm(), current_device(device):
+    with current_device(device):
         return _measure_and_record(config, device, deadline, progress)
 
 
@@ -686,13 +696,17 @@ def run_and_report(config: BenchConfig, argv: list[str] | None = None) -> int:
     def progress(message: str) -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
-    try:
-        record = run_benchmark(config, progress)
-    except ZoneError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    record["command"] = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
-    paths = write_reports(record, config.out)
+    deadline = Deadline(config.time_limit_s)
+    # Through the reports' writing too: a signal then cuts nothing short (SIGTERM there killed the run, its
+    # reports half written).
+    with deadline.stopping_on_signals():
+        try:
+            record = run_benchmark(config, progress, deadline)
+        except ZoneError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        record["command"] = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
+        paths = write_reports(record, config.out)
     print(markdown(record))
     for kind, path in paths.items():
         print(f"{kind}: {path}")

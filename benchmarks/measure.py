@@ -55,9 +55,12 @@ class OutOfTime(BaseException):
     `attempt` never takes it for one row's failure."""
 
 
+INTERRUPTED = "it was interrupted (Ctrl-C; a second one quits without a report)"
+
+
 class Deadline:
     """When a benchmark stops starting new work: once `seconds` have passed since it was made (None:
-    never), or once `stop` was called (on SIGTERM, under `stopping_on_sigterm`). A device lease is short
+    never), or once `stop` was called (on SIGTERM or Ctrl-C, under `stopping_on_signals`). A device lease is short
     and a stage cut off by its `timeout` used to report nothing: now its finished edits are reported."""
 
     def __init__(self, seconds: float | None) -> None:
@@ -91,18 +94,27 @@ class Deadline:
             raise OutOfTime(reason)
 
     @contextlib.contextmanager
-    def stopping_on_sigterm(self) -> Iterator[None]:
-        """Inside, SIGTERM (what `timeout` sends first) calls `stop`. Python runs the handler between two
-        of its operations in the main thread, so work already launched (a kernel, a matmul) ends first.
-        Elsewhere than in the main thread signals cannot be caught: nothing is installed."""
+    def stopping_on_signals(self) -> Iterator[None]:
+        """Inside, SIGTERM (what `timeout` sends first) and a first Ctrl-C call `stop`; a second Ctrl-C is
+        a KeyboardInterrupt, as outside. Python runs the handler between two of its operations in the main
+        thread, so work already launched (a kernel, a matmul) ends first. Elsewhere than in the main thread
+        signals cannot be caught: nothing is installed."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: self.stop("it was sent SIGTERM"))
+
+        def interrupted(_signum: int, _frame: object) -> None:
+            if self.reason == INTERRUPTED:
+                raise KeyboardInterrupt
+            self.stop(INTERRUPTED)
+
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda _s, _f: self.stop("it was sent SIGTERM")),
+                    signal.SIGINT: signal.signal(signal.SIGINT, interrupted)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 def guarded(what: str, work: Callable[[], T]) -> T | None:

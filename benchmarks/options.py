@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,17 @@ def bench_main(argv: list[str] | None = None) -> int:
     config = parse_bench_args(argv)
     from .harness import run_and_report
 
-    return run_and_report(config, argv)
+    return quitting_on_ctrl_c(lambda: run_and_report(config, argv))
+
+
+def quitting_on_ctrl_c(run: Callable[[], int]) -> int:
+    """`run()`'s exit status; a Ctrl-C that reaches here (a bench's second, a profile's first) is one line and
+    130, as zone's own commands say it, not a traceback."""
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def _preset_summary(config: BenchConfig) -> str:
@@ -177,7 +188,10 @@ def parse_bench_args(argv: list[str] | None = None) -> BenchConfig:
         except ZoneError as error:
             parser.error(f"--sam-points: {error}")
     if args.backends is not None:
-        changes["backends"] = tuple(kind.strip() for kind in args.backends.split(",") if kind.strip())
+        named = [kind.strip().lower() for kind in args.backends.split(",") if kind.strip()]
+        if unknown := [kind for kind in named if kind not in DENOISERS]:
+            parser.error(f"--backends: unknown {', '.join(unknown)}; the denoisers are {','.join(DENOISERS)}")
+        changes["backends"] = tuple(dict.fromkeys(named))  # each once: a row's name keys its results
     if args.action is not None:
         changes["action"] = parse_action(args.action)
     if args.sam_precision is not None:
@@ -196,8 +210,11 @@ def parse_bench_args(argv: list[str] | None = None) -> BenchConfig:
     ])
     if not config.backends:
         parser.error(f"--backends names no denoiser: give one or more of {','.join(DENOISERS)}")
-    try:
-        check_output_folder(config.out, "--out")  # before the run: its reports must have somewhere to go
+    try:  # before the run: its reports (and SAM's export) must have somewhere to go
+        reports = report_paths(config.out, config.preset).values()
+        check_output_folder(config.out, "--out", [path.name for path in reports])
+        if config.sam_onnx:
+            check_output_folder(config.out / f"sam-onnx-{config.sam_type}", "--out's SAM export folder")
     except ZoneError as error:
         parser.error(str(error))
     if config.channels_last and config.dtype == "fp32":
@@ -205,6 +222,12 @@ def parse_bench_args(argv: list[str] | None = None) -> BenchConfig:
         # change the baseline too. Half-precision engine rows convert them once the baseline's rounds are done.
         parser.error("--channels-last needs --dtype fp16 or bf16 (fp32 engine rows share the baseline's weights)")
     return config
+
+
+def report_paths(out: Path, preset: str) -> dict[str, Path]:
+    """Where a run's reports go (benchmarks/report.py writes them)."""
+    stem = out / f"bench-{preset}"
+    return {"json": stem.with_suffix(".json"), "markdown": stem.with_suffix(".md"), "chart": stem.with_suffix(".png")}
 
 
 # ---------------------------------------------------------------------------------------------- zone profile
@@ -219,7 +242,7 @@ def profile_main(argv: list[str] | None = None) -> int:
     args = parse_profile_args(argv)
     from .profile_edit import profile_and_report
 
-    return profile_and_report(args)
+    return quitting_on_ctrl_c(lambda: profile_and_report(args))
 
 
 def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:

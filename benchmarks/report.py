@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from zone_engine.paths import written_atomically
 from zone_engine.pipeline import STAGES
+
+from .options import report_paths
 
 COLUMNS = (*STAGES[:4], "per_step", *STAGES[4:], "total")
 # The engine rows' layout, by BenchConfig.channels_last (records from before the default: false for none).
@@ -132,8 +135,8 @@ def floor_lines(record: dict) -> list[str]:
         return []
     lines = [
         "", "## Cost-model floor of the denoise stage", "",
-        f"UNet {floor['unet_gflop_per_row']:.1f} GFLOP per row × {floor['rows_per_step']} rows × "
-        f"{record['config']['steps']} steps = {floor['denoise_tflop']:.2f} TFLOP.",
+        f"UNet {floor['unet_gflop_per_row']:.4g} GFLOP per row × {floor['rows_per_step']} rows × "
+        f"{record['config']['steps']} steps = {floor['denoise_tflop']:.4g} TFLOP.",
     ]
     for ceiling in floor["ceilings"]:
         gaps = ", ".join(f"{name} {gap:.1f}×" for name, gap in ceiling["gap"].items())
@@ -224,9 +227,10 @@ def write_chart(record: dict, path: Path) -> None:
 def write_reports(record: dict, out: Path) -> dict[str, Path]:
     """bench.json, bench.md and bench.png under `out`, named after the preset."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-{record['config']['preset']}"
-    paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md", "chart": out / f"{stem}.png"}
-    paths["json"].write_text(json.dumps(record, indent=2) + "\n")
-    paths["markdown"].write_text(markdown(record))
-    write_chart(record, paths["chart"])
+    paths = report_paths(out, record["config"]["preset"])
+    for kind, write in (("json", lambda path: path.write_text(json.dumps(record, indent=2) + "\n")),
+                        ("markdown", lambda path: path.write_text(markdown(record))),
+                        ("chart", lambda path: write_chart(record, path))):
+        with written_atomically(paths[kind]) as temporary:  # an interrupted write leaves the last run's file whole
+            write(temporary)
     return paths

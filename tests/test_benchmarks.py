@@ -124,6 +124,27 @@ def test_a_value_out_of_range_is_said_by_its_option_before_any_work(capsys, argv
     assert stop.value.code == 2 and words in capsys.readouterr().err
 
 
+def test_backends_are_read_in_any_case_each_once_and_an_unknown_one_is_said(capsys):
+    # Twice the same was two rows of one name, whose speed-up and quality entries overwrote each other.
+    assert parse_args(["--backends", "Fused, fused,EAGER"]).backends == ("fused", "eager")
+    with pytest.raises(SystemExit):
+        parse_args(["--backends", "fused,tensorrtt"])
+    assert "--backends: unknown tensorrtt; the denoisers are" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("make", "words"), [
+    (lambda out: (out / "bench-tiny-smoke.md").mkdir(parents=True), "holds a folder named bench-tiny-smoke.md"),
+    (lambda out: out.mkdir() or (out / "sam-onnx-tiny").touch(), "--out's SAM export folder"),
+])
+def test_a_report_path_that_is_taken_is_said_before_any_work(tmp_path, capsys, make, words):
+    """Said after the whole run before, as a traceback (the reports, or SAM's export, lost)."""
+    out = tmp_path / "out"
+    make(out)
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--preset", "tiny-smoke", "--sam-onnx", "--out", str(out)])
+    assert stop.value.code == 2 and words in capsys.readouterr().err
+
+
 def test_device_names_and_choices_are_read_as_zone_edit_reads_them(capsys):
     config = parse_args(["--preset", "TINY-SMOKE", "--device", "CUDA:1", "--dtype", "FP16", "--action", "Remove"])
     assert (config.preset, config.device, config.dtype, config.action.value) == ("tiny-smoke", "cuda:1", "fp16",
@@ -181,8 +202,10 @@ def test_the_group_norm_comparison_row_is_the_fused_row_with_pytorchs_norm(tiny_
     fused, pytorch = (named[name].pipe.denoiser.denoiser for name in named)  # inside the step-timing wrapper
     assert fused.norms is norm_module.triton_group_norms and pytorch.norms is pytorch_norms
     assert built.denoisers["fused"] is fused  # the variants' denoiser stays the fused row's
+    already = "the fused row's norms are PyTorch's already: it would be timed twice"
     for changes, reason in (({"backends": ("eager",)}, "needs the fused backend"),
-                            ({"backends": ("fused",), "group_norm": "torch"}, "every row's norm is PyTorch's")):
+                            ({"backends": ("fused",), "group_norm": "torch"}, already),
+                            ({"backends": ("fused",), "group_norm": "auto"}, already)):  # the CPU's auto: PyTorch's
         built, named = rows(**changes)
         assert "engine:fused+gn-torch" not in named
         assert {"name": "engine:fused+gn-torch", "skipped": reason} in built.skipped
@@ -295,14 +318,20 @@ def test_a_deadline_starts_no_work_once_its_time_is_up_and_interrupts_work_on_si
     unlimited.stop("asked to")  # idle: nothing to interrupt, but nothing starts any more
     assert unlimited.run(lambda: "ran") is None and unlimited.reason == "asked to"
 
-    signalled, before = Deadline(None), signal.getsignal(signal.SIGTERM)
-    with signalled.stopping_on_sigterm():
-        def work_until_signalled() -> str:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(30)  # the handler's OutOfTime ends the sleep at once
-            return "finished"
-        assert signalled.run(work_until_signalled) is None
-    assert signalled.reason == "it was sent SIGTERM" and signal.getsignal(signal.SIGTERM) is before
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    for number, reason in ((signal.SIGTERM, "it was sent SIGTERM"), (signal.SIGINT, measure.INTERRUPTED)):
+        signalled = Deadline(None)
+        with signalled.stopping_on_signals():
+            def work_until_signalled(number=number) -> str:
+                os.kill(os.getpid(), number)
+                time.sleep(30)  # the handler's OutOfTime ends the sleep at once
+                return "finished"
+            assert signalled.run(work_until_signalled) is None and signalled.reason == reason
+            if number == signal.SIGINT:  # a second Ctrl-C quits, as outside
+                with pytest.raises(KeyboardInterrupt):
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(30)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 def test_a_time_limit_spent_before_the_baseline_ends_the_run_in_one_line(capsys, tmp_path):
@@ -316,7 +345,8 @@ def test_a_time_limit_spent_before_the_baseline_ends_the_run_in_one_line(capsys,
 
 def test_sigterm_stops_a_real_run_which_reports_what_it_timed(tmp_path):
     """The whole path, as `timeout` on the device machine drives it: a run asked for 200 rounds, sent
-    SIGTERM once the baseline finished its first, exits 0 with its reports written."""
+    SIGTERM once the baseline finished its first, exits 0 with its reports written (a Ctrl-C does the same:
+    the Deadline's test)."""
     command = [sys.executable, "-m", "benchmarks", "--preset", "tiny-smoke", "--backends", "eager", "--batch", "1",
                "--no-sam-onnx", "--sam-precision", "none", "--repeats", "200", "--out", str(tmp_path)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
