@@ -56,6 +56,7 @@ from .options import DEFAULT_SIZE, TINY_SEED
 DUAL_STEP = "dual_step"
 VAE_ENCODER = "vae_encoder"
 VAE_DECODER = "vae_decoder"
+GRAPHS = (DUAL_STEP, VAE_ENCODER, VAE_DECODER)  # what `zone export unet` writes, as NAME.onnx
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 SIZE_MULTIPLE = 32  # the pipeline pads to multiples of 32 (ZONE.md section 0); attention is read at 1/32
@@ -294,7 +295,30 @@ def export_dual_step(
     (min, opt, max) image sizes, or None for the one size `height` x `width`. `sources`: where the weights
     came from, for the manifest. Raises ZoneError when a graph does not match PyTorch; nothing is written then.
     """
+    return _export_graphs(models, out_dir, [_dual_step_specs], height, width, dtype, dynamic, opset, sources)
+
+
+def export_unet_graphs(
+    models: ZoneModels, out_dir: Path, *, height: int = DEFAULT_SIZE[0], width: int = DEFAULT_SIZE[1],
+    dtype: str = "fp32", dynamic: tuple[Size, Size, Size] | ShapeProfile | None = None, opset: int = 19,
+    sources: dict[str, str] | None = None,
+) -> Path:
+    """`export_dual_step` and `export_vae` as one export: every graph validated before any is installed, so
+    an interrupted or failed export leaves `out_dir` as it was, never one graph at another size than the
+    others. Arguments as `export_dual_step`."""
+    return _export_graphs(models, out_dir, [_dual_step_specs, _vae_specs], height, width, dtype, dynamic, opset,
+                          sources)
+
+
+def _export_graphs(models: ZoneModels, out_dir: Path, builders: list[Callable[..., list[GraphSpec]]], height: int,
+                   width: int, dtype: str, dynamic: tuple[Size, Size, Size] | ShapeProfile | None, opset: int,
+                   sources: dict[str, str] | None) -> Path:
     precision, profile, opset = _precision(dtype), _profile(height, width, dynamic), _check_opset(opset)
+    specs = [spec for build in builders for spec in build(models, profile, precision)]
+    return _export(out_dir, specs, profile, precision, opset, sources)
+
+
+def _dual_step_specs(models: ZoneModels, profile: ShapeProfile, precision: str) -> list[GraphSpec]:
     model_dtype = PRECISIONS[precision]
     layers = check_recorded_layers(models.ip2p_unet, profile)
     ip2p, mb = (_in_precision(unet, model_dtype) for unet in (models.ip2p_unet, models.mb_unet))
@@ -325,7 +349,7 @@ def export_dual_step(
             "queries": "H/32 * W/32, row-major over the attention grid",
         }},
     )
-    return _export(out_dir, [spec], profile, precision, opset, sources)
+    return [spec]
 
 
 def export_vae(
@@ -337,7 +361,10 @@ def export_vae(
 
     `models`: only `vae` is read (left unchanged). Other arguments as `export_dual_step`.
     """
-    precision, profile, opset = _precision(dtype), _profile(height, width, dynamic), _check_opset(opset)
+    return _export_graphs(models, out_dir, [_vae_specs], height, width, dtype, dynamic, opset, sources)
+
+
+def _vae_specs(models: ZoneModels, profile: ShapeProfile, precision: str) -> list[GraphSpec]:
     vae = _in_precision(models.vae, PRECISIONS[precision])
     checksum = {"vae": weights_sha256(vae)}
     image_axes, latent_axes = {2: "height", 3: "width"}, {2: "latent_height", 3: "latent_width"}
@@ -358,7 +385,7 @@ def export_vae(
                            "output": "the VAE decoder's raw output, about [-1, 1]: map to [0, 1] and clamp"},
         ),
     ]
-    return _export(out_dir, specs, profile, precision, opset, sources)
+    return specs
 
 
 def _precision(dtype: str | torch.dtype) -> str:
@@ -510,7 +537,7 @@ def run_export_unet(args: argparse.Namespace) -> Path:
     from zone_engine.models import build_tiny_components, load_ip2p, load_magicbrush_unet
 
     profile = profile_from_args(args)  # every check that can fail runs before gigabytes of weights load
-    check_output_folder(args.out, "--out")
+    check_output_folder(args.out, "--out", [*(f"{graph}.onnx" for graph in GRAPHS), MANIFEST_FILE])
     precision = _precision("bf16" if args.bf16 else "fp16" if args.fp16 else "fp32")
     _check_opset(args.opset)
     if args.tiny:
@@ -526,6 +553,4 @@ def run_export_unet(args: argparse.Namespace) -> Path:
             mb_unet=load_magicbrush_unet(sources["magicbrush"], ip2p, torch.float32),
             scheduler_config=dict(ip2p.scheduler.config), sam=None, action_classifier=None,
         )
-    options = dict(dtype=precision, dynamic=profile, opset=args.opset, sources=sources)
-    export_dual_step(models, args.out, **options)
-    return export_vae(models, args.out, **options)
+    return export_unet_graphs(models, args.out, dtype=precision, dynamic=profile, opset=args.opset, sources=sources)

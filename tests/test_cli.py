@@ -725,3 +725,21 @@ def _png_bytes() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(smooth_image(32, 32)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does_running_its_cleanups(tmp_path, capsys, monkeypatch):
+    """`timeout`'s SIGTERM killed the process where it was: an export's scratch files and the folder it had
+    created stayed. Now it unwinds as Ctrl-C does (staging_folder's cleanup runs), exit 128 + 15."""
+    import signal
+    import time
+
+    from zone_engine import cli
+
+    def terminated_mid_export(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler's exception ends it at once
+
+    monkeypatch.setattr(cli, "run_export", terminated_mid_export)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["export", "unet", "--tiny", "--out", str(tmp_path / "x")]) == 143
+    assert capsys.readouterr().err.strip() == "terminated" and signal.getsignal(signal.SIGTERM) is before

@@ -48,6 +48,7 @@ from export.unet import (  # noqa: E402
     DualStepForExport,
     ShapeProfile,
     export_dual_step,
+    export_unet_graphs,
     export_vae,
     latent_size,
     parse_dynamic_shapes,
@@ -274,7 +275,27 @@ def test_command_line_checks_run_before_any_model_loads(tmp_path):
         run_export_unet(export_args(tmp_path, "--tiny", "--opset", "21"))
     with pytest.raises(SystemExit):
         export_args(tmp_path, "--fp16", "--bf16")
-    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "vae_decoder.onnx").mkdir()  # was found after the export, with dual_step already installed
+    with pytest.raises(ZoneError, match="holds a folder named vae_decoder.onnx"):
+        run_export_unet(export_args(tmp_path, "--tiny"))
+    assert [path.name for path in tmp_path.iterdir()] == ["vae_decoder.onnx"]
+
+
+def test_an_export_cut_off_after_its_first_graph_installs_none(models, tmp_path, monkeypatch):
+    """The graphs used to be installed one export at a time: Ctrl-C (or SIGTERM) during the VAE's left a new
+    folder with dual_step alone, or an old one with dual_step at another size than its VAE graphs."""
+    traced, real = [], export_module._export_spec
+
+    def cut_off_after_the_first(spec, *args):
+        if traced:
+            raise KeyboardInterrupt
+        traced.append(spec.name)
+        return real(spec, *args)
+
+    monkeypatch.setattr(export_module, "_export_spec", cut_off_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        export_unet_graphs(models, tmp_path / "new", height=32, width=32)
+    assert traced == ["dual_step"] and not (tmp_path / "new").exists()  # removed: this export created it
 
 
 # ------------------------------------------------------------------------------------------------ engine cache

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -503,10 +506,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return getattr(importlib.import_module("benchmarks.options"), TOOLS[argv[0]])(argv[1:])
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    commands = {"edit": run_edit, "demo": run_demo, "serve": run_serve, "export": run_export,
+                "build-engine": run_build_engine}
     try:
-        commands = {"edit": run_edit, "demo": run_demo, "serve": run_serve, "export": run_export,
-                    "build-engine": run_build_engine}
-        commands[args.command](args)
+        with contextlib.nullcontext() if args.command == "serve" else terminated_as_interrupt():  # serve: uvicorn's
+            commands[args.command](args)
     except ZoneError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -516,10 +520,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:  # a path the system refuses (a name too long, ...), met past the checks
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, `kill` and orchestrators send), raised where the work is, so that what Ctrl-C
+    cleans up is cleaned up: an export's scratch files and the folder it created, an output's temporary file."""
+
+
+@contextlib.contextmanager
+def terminated_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM raises Terminated (in the main thread; elsewhere signals cannot be caught)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(_signum: int, _frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
