@@ -39,7 +39,9 @@ import numpy as np
 from PIL import Image
 
 from zone_engine.cli import CommandParser, parse_size
-from zone_engine.config import MAX_BATCH
+from zone_engine.config import MAX_BATCH, MAX_SEED
+from zone_engine.errors import ZoneError
+from zone_engine.paths import check_output_folder
 from zone_engine.serving.settings import ServeSettings
 
 INSTRUCTION = "make the house a golden statue"
@@ -478,6 +480,13 @@ def parse_args(argv: list[str] | None) -> LoadConfig:
     if args.requests < 1 or args.steps < 1 or args.warmup < 0 or not all(0 < s < math.inf for s in finite):
         parser.error("need --requests >= 1, --steps >= 1, --warmup >= 0, and --duration-s, --timeout-s and "
                      "--ready-timeout-s above 0 and finite")
+    last_seed = MAX_SEED - args.requests - args.warmup  # edits take seeds seed..seed+requests+warmup
+    if not 0 <= args.seed <= last_seed:
+        parser.error(f"--seed must be between 0 and {last_seed} (the edits take seeds from it up)")
+    try:  # before any server starts: the results must have somewhere to go
+        check_output_folder(args.out, "--out", ["load.json", "load.png", *(f"server-{mode}.log" for mode in MODES)])
+    except ZoneError as error:
+        parser.error(str(error))
     longest_wait_ms = ServeSettings.timeout_s * 1000
     if not 1 <= args.max_batch <= MAX_BATCH or not 0 <= args.max_wait_ms < longest_wait_ms:
         parser.error(f"need 1 <= --max-batch <= {MAX_BATCH} and 0 <= --max-wait-ms < {longest_wait_ms:g} (what the "

@@ -112,10 +112,12 @@ def test_options_parse_and_help_exits_cleanly(tmp_path, capsys):
 @pytest.mark.parametrize(("option", "words"), [
     (["--max-batch", "0"], "1 <= --max-batch <= 256"), (["--max-wait-ms", "nan"], "--max-wait-ms < 120000"),
     (["--duration-s", "nan"], "above 0 and finite"), (["--ready-timeout-s", "inf"], "above 0 and finite"),
+    (["--seed", "-1"], "--seed must be between 0 and"),  # were tracebacks, once a server had started
+    (["--out", "/etc/passwd"], "--out /etc/passwd: /etc/passwd is a file"),
 ])
 def test_a_value_the_servers_would_refuse_is_said_by_its_option_first(tmp_path, capsys, option, words):
     with pytest.raises(SystemExit) as exit_:
-        parse_args(["--out", str(tmp_path), *option])
+        parse_args(["--out", str(tmp_path / "out"), *option])
     assert exit_.value.code == 2 and words in capsys.readouterr().err
 
 
