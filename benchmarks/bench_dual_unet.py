@@ -39,11 +39,16 @@ import torch
 from torch import nn
 
 from zone_engine.backends import DTYPES, make_localization_kernels, resolve_device
+from zone_engine.cli import CommandParser
+from zone_engine.config import MAX_BATCH, MAX_WORKING_SIDE
 from zone_engine.denoise import make_scheduler
 from zone_engine.dual_step import DualState, DualUNet, dual_step
+from zone_engine.errors import ZoneError
 from zone_engine.localize import AttentionAccumulator, attention_grid, record_cross_attention
 from zone_engine.models import PRESETS, NormScope, build_unet, pytorch_norms
 from zone_engine.solver import solver_schedule
+
+from .options import device_name, refuse_first
 
 Variant = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -157,21 +162,33 @@ def time_variant(run: Variant, inputs: tuple, device: torch.device, repeats: int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_dual_unet", description=__doc__.split("\n")[0])
-    parser.add_argument("--models", choices=PRESETS, default="sd15", help="UNet size (default sd15: real size)")
+    parser = CommandParser(prog="python -m benchmarks.bench_dual_unet", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", type=str.lower, choices=PRESETS, default="sd15",
+                        help="UNet size (default sd15: real size)")
     parser.add_argument("--resolution", type=int, default=256, help="image side; the latent is 1/8 (default 256)")
     parser.add_argument("--batch", type=int, default=1, help="edits B: each model gets 3B rows (default 1)")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", type=str.lower, choices=("fp32", "fp16", "bf16"), default="fp32")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per variant (default 3)")
     parser.add_argument("--channels-last", action="store_true",
                         help="also time two-calls and step on channels-last copies of the UNets")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    refuse_first(parser, [
+        (args.resolution % 8 == 0 and 64 <= args.resolution <= MAX_WORKING_SIDE,
+         f"--resolution must be a multiple of 8 between 64 and {MAX_WORKING_SIDE}"),
+        (1 <= args.batch <= MAX_BATCH, f"--batch must be between 1 and {MAX_BATCH}"),
+        (args.repeats >= 1, "--repeats must be at least 1"),
+    ])
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    try:
+        device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    except ZoneError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if dtype != torch.float32 and device.type != "cuda":
         print("error: fp16/bf16 need CUDA: use --dtype fp32 on the CPU", file=sys.stderr)
         return 2

@@ -39,7 +39,9 @@ import torch
 
 from export.sam import export_sam
 from zone_engine.backends import DTYPES, resolve_device
-from zone_engine.config import SamConfig
+from zone_engine.cli import CommandParser
+from zone_engine.config import MAX_WORKING_SIDE, SamConfig
+from zone_engine.errors import ZoneError
 from zone_engine.image_io import make_sample_image
 from zone_engine.masks import iou
 from zone_engine.models import SAM_SIZES, build_sam
@@ -50,11 +52,13 @@ from zone_engine.sam_onnx import OnnxSamSegmenter
 from zone_engine.sam_torch import TorchSamSegmenter
 
 from .measure import guarded
+from .options import device_name, refuse_first
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_refine", description=__doc__.split("\n")[0])
-    parser.add_argument("--model-type", default="vit_b", choices=list(SAM_SIZES), help="SAM size (default: vit_b)")
+    parser = CommandParser(prog="python -m benchmarks.bench_refine", description=__doc__.split("\n")[0])
+    parser.add_argument("--model-type", type=str.lower, default="vit_b", choices=list(SAM_SIZES),
+                        help="SAM size (default: vit_b)")
     parser.add_argument("--size", type=int, default=512, help="square image side in pixels (default: 512)")
     parser.add_argument("--points-per-side", type=int,
                         help="grid side (default: SAM's 32 on CUDA; 8 on the CPU, where one 64-prompt vit_b "
@@ -63,15 +67,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed runs per backend after one warm-up (default: 3 on CUDA, "
                         "1 on the CPU)")
     parser.add_argument("--fp16", action="store_true", help="export the ONNX graphs in fp16 (GPU providers)")
-    parser.add_argument("--device", default="auto", help="PyTorch baseline device: auto, cpu, cuda")
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="PyTorch baseline device: auto, cpu, cuda or cuda:N")
     parser.add_argument("--providers", nargs="+", help="ONNX Runtime providers (default: TensorRT, CUDA, CPU)")
     parser.add_argument("--no-onnx", action="store_true", help="skip the export and the ONNX Runtime row")
-    parser.add_argument("--thresholds", choices=("zero", "sam"), default="zero",
+    parser.add_argument("--thresholds", type=str.lower, choices=("zero", "sam"), default="zero",
                         help="zero (default): keep every mask, as real weights keep many; sam: segment-anything's "
                         "0.88 / 0.95, which a random SAM never passes (times decoding and filtering alone)")
-    parser.add_argument("--sam-precision", choices=("bf16", "fp16"),
+    parser.add_argument("--sam-precision", type=str.lower, choices=("bf16", "fp16"),
                         help="also time the PyTorch generator with SAM's image encoder in this precision")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    refuse_first(parser, [  # 0 and below were tracebacks deep inside, or silently the defaults
+        (32 <= args.size <= MAX_WORKING_SIDE, f"--size must be between 32 and {MAX_WORKING_SIDE}"),
+        (args.repeats is None or args.repeats >= 1, "--repeats must be at least 1"),
+    ])
+    try:
+        SamConfig(points_per_side=8 if args.points_per_side is None else args.points_per_side,
+                  points_per_batch=args.points_per_batch)
+    except ZoneError as error:
+        parser.error(str(error))
+    return args
 
 
 def timed_runs(name: str, segment: Callable[[np.ndarray], list[np.ndarray]], predictor, image: np.ndarray,
@@ -114,11 +129,21 @@ def mask_agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> tupl
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    try:
+        run(args)
+    except ZoneError as error:  # a device or ONNX Runtime provider this machine lacks
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     args.device_type = device.type
     on_gpu = device.type == "cuda"
-    args.points_per_side = args.points_per_side or (32 if on_gpu else 8)
-    args.repeats = args.repeats or (3 if on_gpu else 1)
+    if args.points_per_side is None:
+        args.points_per_side = 32 if on_gpu else 8
+    if args.repeats is None:
+        args.repeats = 3 if on_gpu else 1
     config = SamConfig(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch)
     if args.thresholds == "zero":
         config = dataclasses.replace(config, pred_iou_thresh=0.0, stability_score_thresh=0.0)

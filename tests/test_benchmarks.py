@@ -4,6 +4,7 @@ computes what the engine computes (ZONE.md), by the reference's road."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import signal
@@ -591,3 +592,17 @@ def test_selection_agreement_names_the_same_choice_or_measures_the_difference():
     assert selection_agreement(Selection(square, 0.5, 3), Selection(wider, 0.4, 3)) == 16 / 20
     assert selection_agreement(Selection(square, 0.5, 3), Selection(None, 0.0, 3)) == 0.0
     assert selection_agreement(Selection(square, 0.5, 3), Selection(square, 0.5, 4)) == 1.0  # counts differ
+
+
+@pytest.mark.parametrize(("module", "argv", "words"), [
+    ("bench_refine", ["--size", "0"], "--size must be between 32 and 2048"),  # was a ZeroDivisionError
+    ("bench_refine", ["--points-per-side", "0"], "points_per_side and points_per_batch must be >= 1"),  # default
+    ("bench_refine", ["--device", "gpu"], "unknown device 'gpu'"),
+    ("bench_dual_unet", ["--repeats", "0"], "--repeats must be at least 1"),  # was an IndexError
+    ("bench_dual_unet", ["--batch", "0"], "--batch must be between 1 and 256"),  # was a reshape's RuntimeError
+])
+def test_the_micro_benchmarks_say_a_bad_option_in_one_line(capsys, module, argv, words):
+    parse = importlib.import_module(f"benchmarks.{module}").parse_args
+    with pytest.raises(SystemExit) as stop:
+        parse(argv)
+    assert stop.value.code == 2 and words in capsys.readouterr().err
