@@ -10,9 +10,10 @@ from diffusers import DPMSolverMultistepScheduler
 
 from zone_engine import Action, ZonePipeline
 from zone_engine.backends import make_localization_kernels
-from zone_engine.config import EditConfig, SamConfig
+from zone_engine.config import MAX_STEPS, EditConfig, SamConfig
 from zone_engine.denoise import DenoiseInputs, SequentialDenoiser, initial_noise, make_scheduler
 from zone_engine.dual_step import FusedDualDenoiser
+from zone_engine.errors import ConfigError
 from zone_engine.localize import AttentionAccumulator
 from zone_engine.pipeline import encode_image_latents
 from zone_engine.solver import data_prediction, solver_schedule, solver_update
@@ -38,6 +39,15 @@ def test_solver_matches_diffusers_scheduler_bit_for_bit(config, steps):
         x0 = data_prediction(schedule, step, z, eps)
         z, x0_previous = solver_update(schedule, step, z, x0, x0_previous), x0
         assert torch.equal(z, z_reference), f"step {i}"
+
+
+def test_the_most_steps_an_edit_takes_have_a_finite_schedule():
+    """At 1000 steps two timesteps rounded to one: a zero step, and NaN latents blamed on the guidance."""
+    schedule = solver_schedule(make_scheduler(SCALED_LINEAR), MAX_STEPS)
+    assert all(torch.isfinite(value).all() for value in vars(schedule).values() if isinstance(value, torch.Tensor))
+    assert len(set(schedule.timesteps.tolist())) == MAX_STEPS
+    with pytest.raises(ConfigError, match=f"steps must be between 1 and {MAX_STEPS}"):
+        EditConfig(steps=MAX_STEPS + 1)
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +143,6 @@ def test_cuda_graphs_are_refused_off_cuda_and_by_the_eager_reference(tiny_models
 
 
 def test_pipelines_can_share_one_denoiser_instance_but_not_reconfigure_it(tiny_models):
-    from zone_engine.errors import ConfigError
-
     first = ZonePipeline(tiny_models, device="cpu", denoiser="fused")
     second = ZonePipeline(tiny_models, device="cpu", denoiser=first.denoiser)
     assert second.denoiser is first.denoiser

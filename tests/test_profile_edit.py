@@ -87,7 +87,7 @@ def test_half_precision_on_the_cpu_is_a_one_line_error(capsys):
 
 @pytest.mark.parametrize(("argv", "words"), [
     (["--resolution", "100000"], "--resolution must be between 32 and 2048"),
-    (["--steps", "0"], "--steps must be between 1 and 1000"), (["--rows", "-1"], "--rows must be 0 or more"),
+    (["--steps", "0"], "--steps must be between 1 and 999"), (["--rows", "-1"], "--rows must be 0 or more"),
 ])
 def test_a_value_out_of_range_is_said_by_its_option(capsys, argv, words):
     with pytest.raises(SystemExit):

@@ -25,6 +25,7 @@ from .config import (
     IP2P_ID,
     LOCALIZATION_KERNELS,
     MAGICBRUSH_ID,
+    MAX_STEPS,
     MODEL_SIZES,
     SAM_PRECISIONS,
     SAM_TYPES,
@@ -209,7 +210,7 @@ def _add_serve_command(commands) -> None:
     server.add_argument("--max-pixels", type=int, default=25_000_000,
                         help="largest image accepted, in pixels (default: 25000000; at most 100000000)")
     server.add_argument("--max-steps", type=int, default=100,
-                        help="most steps a request may ask for (default: 100; at most 1000)")
+                        help=f"most steps a request may ask for (default: 100; at most {MAX_STEPS})")
     server.add_argument("--no-warmup", action="store_true", help="be ready without a warm-up edit")
     server.add_argument("--warmup-size", type=parse_size, action="append", default=[], metavar="HxW",
                         help="also warm up at this image size before being ready: edits at the server's steps and "

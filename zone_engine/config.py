@@ -29,8 +29,9 @@ class Action(str, Enum):
     REMOVE = "remove"
 
 
-# The scheduler's training timesteps: a step count above this has no timesteps to use.
-MAX_STEPS = 1000
+# Below the scheduler's 1000 training timesteps: at 1000 its linspace spacing (999/1000 apart) rounds two
+# timesteps to the same one, a zero step size, and the solver (diffusers' own as well) divides by it: NaN.
+MAX_STEPS = 999
 # torch's CPU generator (the initial noise's, and the random weights') keeps a seed's low 32 bits: 2**32 would
 # repeat seed 0.
 MAX_SEED = 2**32 - 1

@@ -174,6 +174,11 @@ def decode_latents(vae, latents: torch.Tensor, run: Run = eager, norms: NormScop
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
+def _diverged(config: EditConfig, why: str) -> ConfigError:
+    return ConfigError(f"the denoising diverged ({why}): lower the guidance (text_guidance {config.text_guidance:g}, "
+                       f"image_guidance {config.image_guidance:g}), or, in fp16, run in bf16 or fp32")
+
+
 def _coarse_grid_note(geometry: image_io.Geometry) -> str | None:
     """ZONE locates the edit on a grid of 32-pixel cells of the working image: a short side under one cell
     there (a small image, or a very elongated one shrunk to 512 on its long side) is edited with a mask
@@ -473,13 +478,14 @@ class ZonePipeline:
         """Steps 6-9 of one edit: localize, decode, refine, blend; results at the input size."""
         config, watch = edit.config, edit.watch
         if not torch.isfinite(latents).all():  # else a black I_sty and a region over the whole image, unsaid
-            raise ConfigError(f"the denoising diverged (inf/NaN latents): lower the guidance (text_guidance "
-                              f"{config.text_guidance:g}, image_guidance {config.image_guidance:g}), or, in fp16, "
-                              "run in bf16 or fp32")
+            raise _diverged(config, "inf/NaN latents")
         with watch("localize"):  # 6. The edit mask M_b.
             located = self._localize(edit)
         with watch("vae_decode"):  # 7. I_sty.
-            styled = to_uint8_image(decode_latents(self.models.vae, latents, self.run, self.vae_norms))
+            pixels = decode_latents(self.models.vae, latents, self.run, self.vae_norms)
+            if not torch.isfinite(pixels).all():  # finite latents of 1e30 (one step) overflow in the decoder
+                raise _diverged(config, "latents too large to decode")
+            styled = to_uint8_image(pixels)
         with watch("refine"):  # 8. Refine M_b with SAM (on the input for REMOVE: the object is gone from I_sty).
             segmented = edit.working if edit.action is Action.REMOVE else styled
             refined = refine_with_sam(self.segmenter(config.sam), segmented, located.mask_b, config, progress=progress)
