@@ -390,6 +390,37 @@ def test_cli_missing_ip2p_names_the_model(capsys, photo, tmp_path):
                             "--ip2p", str(tmp_path / "no-ip2p")], "InstructPix2Pix", "huggingface-cli download")
 
 
+def test_edit_warnings_point_at_the_callers_line(tiny_pipe):
+    """They pointed inside the engine (a fixed stacklevel, wrong for edit or for edit_batch): a filter by
+    module never matched the caller, and the default once-per-place rule said one note for every caller."""
+    import warnings
+
+    from zone_engine.errors import EditWarning
+    from zone_engine.pipeline import EditRequest
+
+    config, coarse = tiny_pipe.default_config.replace(steps=1), smooth_image(16, 40)  # a coarse-grid note
+    for call in (lambda: tiny_pipe.edit(coarse, "add a hat", config),
+                 lambda: tiny_pipe.edit_batch([EditRequest(coarse, "add a hat", config)]),
+                 lambda: tiny_pipe.edit(smooth_image(64, 64), "add a hat " * 40, config)):  # truncated
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        said = [warning for warning in caught if warning.category is EditWarning]
+        assert said and all(warning.filename == __file__ for warning in said), [w.filename for w in said]
+
+
+def test_results_and_requests_are_equal_and_hashed_by_identity(tiny_pipe):
+    """== compared their arrays (a ValueError: "the truth value of an array is ambiguous"); hash() raised."""
+    import dataclasses
+
+    from zone_engine.pipeline import EditRequest
+
+    result = tiny_pipe.edit(smooth_image(64, 64), "add a hat", tiny_pipe.default_config.replace(steps=1))
+    request = EditRequest(smooth_image(64, 64), "add a hat")
+    for item in (result, request):
+        assert item == item and item != dataclasses.replace(item) and len({item, item}) == 1
+
+
 def test_api_bad_input(tiny_pipe):
     image = smooth_image(64, 64)
     with pytest.raises(InputImageError):
@@ -413,6 +444,9 @@ def test_api_bad_input(tiny_pipe):
         ZonePipeline(tiny_pipe.models, device="cpu", dtype="int8")
     with pytest.raises(DeviceError, match="unknown device"):
         ZonePipeline(tiny_pipe.models, device="tpu")
+    with pytest.raises(ConfigError, match="takes the loaded ZoneModels, not a str: load checkpoints with "
+                       "ZonePipeline.from_pretrained"):
+        ZonePipeline("timbrooks/instruct-pix2pix")  # was an AttributeError: 'str' object has no attribute 'sam'
     assert issubclass(DeviceError, ZoneError)
 
 
@@ -470,6 +504,7 @@ def test_edit_config_says_what_is_wrong_with_a_value(changes, words):
 def test_sam_config_refuses_what_would_fail_inside_segment_anything():
     for changes, words in (({"points_per_side": 0}, "points_per_side"), ({"box_nms_thresh": 2.0}, "between 0 and 1"),
                            ({"pred_iou_thresh": float("inf")}, "finite"), ({"crop_n_layers": -1}, "crop_n_layers"),
+                           ({"crop_n_layers": 8}, "crop_n_layers must be at most 3"),
                            ({"pred_iou_thresh": 1.5}, "pred_iou_thresh and stability_score_thresh must be between"),
                            ({"stability_score_thresh": -0.1}, "between 0 and 1"),
                            ({"stability_score_offset": -1.0}, "stability_score_offset must be >= 0")):

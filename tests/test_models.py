@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import huggingface_hub.constants
 import pytest
 import torch
@@ -119,6 +121,8 @@ def test_sam_loads_and_checks_its_type(saved, tmp_path):
     with pytest.raises(CheckpointError, match="cannot read SAM checkpoint"):
         load_sam(corrupt)
     assert sam_type_from_path(root / "sam_vit_h_4b8939.pth") == "vit_h"
+    with pytest.raises(CheckpointError, match="is a folder: pass the SAM checkpoint file itself with --sam"):
+        load_sam(root)  # was "not found"
     with pytest.raises(CheckpointError, match="unknown SAM type 'vit_x'"):
         load_sam(root / "sam_vit_b_test.pth", "vit_x")
     assert load_sam(unnamed, "VIT_B").image_encoder.patch_embed.proj.out_channels == 768
@@ -132,6 +136,18 @@ def test_a_model_folder_that_is_there_but_does_not_load_says_why(saved, tmp_path
     with pytest.raises(CheckpointError, match="cannot load InstructPix2Pix from the folder .*json") as caught:
         load_ip2p(str(broken))
     assert "\n" not in str(caught.value)
+    # JSON of the wrong shape (diffusers' KeyError, TypeError) and a truncated weights file (safetensors' own
+    # error) were tracebacks from deep inside the libraries.
+    for index, words in (("{}", "KeyError: '_class_name'"), ("[]", "TypeError: ")):
+        (broken / "model_index.json").write_text(index)
+        with pytest.raises(CheckpointError, match=f"cannot load InstructPix2Pix from the folder .*{words}"):
+            load_ip2p(str(broken))
+    truncated = tmp_path / "truncated"
+    shutil.copytree(root / "ip2p", truncated)
+    weights = next((truncated / "text_encoder").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot load InstructPix2Pix from the folder .*header"):
+        load_ip2p(str(truncated))
 
 
 def test_action_classifier_loads_and_checks_width(saved):

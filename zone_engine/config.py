@@ -44,6 +44,7 @@ MAX_BATCH = 256
 # Mask morphology: the working image is at most 512 pixels a side by default, so a kernel (or a dilation's
 # iterations) beyond this covers any image many times over; larger ones only exhaust memory.
 MAX_KERNEL = 1023
+MAX_CROP_LAYERS = 3  # SamConfig.crop_n_layers (segment-anything's examples use 1)
 # β weighs MagicBrush's next latents against IP2P's (ZONE's are 0.2 and 0.01): at 1000 MagicBrush alone is within
 # 0.1 %; far beyond, β·z overflows (float32 near 1e37, fp16 near 1e4) and the edit diverges, blaming the guidance.
 MAX_BETA = 1000.0
@@ -212,6 +213,8 @@ class SamConfig:
             (self.points_per_side <= 256, "points_per_side must be at most 256"),
             (self.crop_n_layers >= 0 and self.min_mask_region_area >= 0, "crop_n_layers and min_mask_region_area "
              "must be >= 0"),
+            # Layer i adds 4**i crops, each its own image-encoder run: 3 layers are 85 runs (4: 341, minutes each).
+            (self.crop_n_layers <= MAX_CROP_LAYERS, f"crop_n_layers must be at most {MAX_CROP_LAYERS}"),
             (0.0 <= self.box_nms_thresh <= 1.0 and 0.0 <= self.crop_nms_thresh <= 1.0, "NMS thresholds (IoU) must be "
              "between 0 and 1"),
             # Scores of 0..1: a threshold above 1 keeps no segment, one below 0 is 0.

@@ -5,6 +5,9 @@ Every mistake a user can make (a bad image, a missing checkpoint, an impossible 
 line and exits with code 2; anything else is a bug and keeps its traceback.
 """
 
+import sys
+import warnings
+
 
 def first_line(error: BaseException) -> str:
     """The first line of an error's message (a library's may run to a list of keys), or its type's name."""
@@ -44,3 +47,18 @@ class EditWarning(UserWarning):
     """The edit ran, but not quite on what was given (transparency dropped, frames after the first skipped,
     an instruction truncated, a mask coarser than the image). Each is also in `EditResult.notes`, so a
     server can report it with its request and silence the warning (`warnings.filterwarnings`)."""
+
+
+# Frames a warning is never the user's: the engine's own, and the decorators between them (torch.inference_mode's
+# wrapper, contextlib's, functools').
+_ENGINE_FRAMES = (__name__.partition(".")[0], "torch", "contextlib", "functools")
+
+
+def warn_caller(message: str, category: type[Warning] = EditWarning) -> None:
+    """`warnings.warn` at the first frame outside the engine: the user's call, however deep inside it (a fixed
+    stacklevel pointed into the engine for `edit` or for `edit_batch`, so a filter by module and the default
+    once-per-place rule never saw the caller)."""
+    frame, level = sys._getframe(1), 2  # level 2: warn_caller's caller
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _ENGINE_FRAMES:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

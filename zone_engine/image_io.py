@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from zone_engine.errors import EditWarning, InputImageError, ZoneError
+from zone_engine.errors import InputImageError, ZoneError, warn_caller
 from zone_engine.paths import name_problem, written_atomically
 
 MIN_SIDE = 8
@@ -51,7 +51,7 @@ def load_image(source: ImageSource, name: str | None = None) -> np.ndarray:
     """
     pixels, notes = read_image(source, name)
     for note in notes:
-        warnings.warn(note, EditWarning, stacklevel=2)
+        warn_caller(note)
     return pixels
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .config import IP2P_ID, MAGICBRUSH_ID, SAM_TYPES, check_seed
@@ -370,6 +371,9 @@ def load_sam(checkpoint: str | Path, model_type: str | None = None, *,
 def sam_checkpoint_path(checkpoint: str | Path, flag: str = "--sam") -> Path:
     """The SAM .pth file, checked to be there (before anything heavier loads)."""
     path = Path(checkpoint).expanduser()
+    if path.is_dir():  # there, but not what is asked for: not "not found"
+        raise CheckpointError(f"{path} is a folder: pass the SAM checkpoint file itself with {flag}, such as "
+                              f"{path / 'sam_vit_h_4b8939.pth'}")
     if not path.is_file():
         raise CheckpointError(
             f"SAM checkpoint not found: {path}. Download {SAM_URLS['vit_h']} (or the vit_l / vit_b file) "
@@ -382,11 +386,20 @@ def sam_checkpoint_path(checkpoint: str | Path, flag: str = "--sam") -> Path:
 # InstructPix2Pix, MagicBrush and the action classifier from local folders or the offline HF cache.
 
 
+# What diffusers and transformers raise for a model folder that is there but damaged: a missing or truncated file
+# (OSError, safetensors' own error), JSON that parses to the wrong shape ({} or [] as model_index.json: KeyError,
+# TypeError), a config whose values have the wrong types (TypeError, AttributeError), unparsable JSON (ValueError).
+MODEL_FOLDER_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError)
+
+
 def _model_load_error(what: str, source: str, hub_id: str, flag: str, error: Exception) -> CheckpointError:
     """A folder that is there but does not load says why (a corrupt or missing file); else not found."""
     if Path(source).expanduser().is_dir():
+        # A missing file says itself; a KeyError's text alone ('_class_name') would not say what is wrong.
+        said = first_line(error)
+        said = said if isinstance(error, OSError | ValueError) else f"{type(error).__name__}: {said}"
         return CheckpointError(
-            f"cannot load {what} from the folder '{source}': {first_line(error).rstrip('.')}. Download it "
+            f"cannot load {what} from the folder '{source}': {said.rstrip('.')}. Download it "
             f"again (`huggingface-cli download {hub_id}`) and pass the folder with {flag}."
         )
     return CheckpointError(
@@ -404,7 +417,7 @@ def load_ip2p(source: str, dtype: torch.dtype = torch.float32) -> Any:
         return StableDiffusionInstructPix2PixPipeline.from_pretrained(
             source, safety_checker=None, requires_safety_checker=False, local_files_only=True, torch_dtype=dtype
         )
-    except (OSError, ValueError) as error:
+    except MODEL_FOLDER_ERRORS as error:
         raise _model_load_error("InstructPix2Pix", source, IP2P_ID, "--ip2p", error) from error
 
 
@@ -429,7 +442,7 @@ def load_magicbrush_unet(source: str, ip2p: Any, dtype: torch.dtype = torch.floa
             local_files_only=True,
             torch_dtype=dtype,
         )
-    except (OSError, ValueError) as error:
+    except MODEL_FOLDER_ERRORS as error:
         raise _model_load_error("MagicBrush", source, MAGICBRUSH_ID, "--magicbrush", error) from error
     check_same_unet(ip2p.unet, pipe.unet, source)
     return pipe.unet

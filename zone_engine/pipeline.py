@@ -8,7 +8,6 @@ import inspect
 import os
 import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,7 +34,7 @@ from .backends import (
 )
 from .config import DEFAULT_SAM, IP2P_ID, MAGICBRUSH_ID, Action, EditConfig, SamConfig, check_switch
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
-from .errors import ConfigError, EditCancelled, EditWarning
+from .errors import ConfigError, EditCancelled, warn_caller
 from .graphs import CapturedCalls, Run, eager
 from .instruction import check_instruction
 from .localize import ATTENTION_CELL, AttentionAccumulator, Localization, attention_grid, heatmap_overlay, localize
@@ -56,7 +55,7 @@ T = TypeVar("T")
 STAGES = ("text", "action", "vae_encode", "denoise", "localize", "vae_decode", "refine", "blend")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # equal and hashed by identity: == on arrays has no single truth value
 class EditResult:
     """One edit's output, every array at the input image's size."""
 
@@ -91,7 +90,7 @@ def batch_key(image_size: tuple[int, int], config: EditConfig) -> BatchKey:
     return BatchKey((padded_h // 8, padded_w // 8), config.steps, config.text_guidance, config.image_guidance)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # equal and hashed by identity: == on arrays has no single truth value
 class EditRequest:
     """One edit of `edit_batch`; setting `cancel` stops its work at the next step boundary."""
 
@@ -109,7 +108,7 @@ class EditRequest:
         return self.cancel is not None and self.cancel.is_set()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # equal and hashed by identity: == on arrays has no single truth value
 class PreparedEdit:
     """An edit after steps 1-4, ready to be denoised (alone or in a batch) and finished."""
 
@@ -250,6 +249,10 @@ class ZonePipeline:
         cuda_graphs: bool | None = None, attention: str = "sdpa", sam_precision: str = "fp32",
         channels_last: bool | None = None, group_norm: str = "auto",
     ) -> None:
+        if not isinstance(models, ZoneModels):  # a model id or a folder, say: what from_pretrained takes
+            raise ConfigError(f"ZonePipeline takes the loaded ZoneModels, not a {type(models).__name__}: load "
+                              "checkpoints with ZonePipeline.from_pretrained(ip2p=..., magicbrush=..., sam=...), or "
+                              "use ZonePipeline.tiny() for random test models")
         if segmenter == "torch" and models.sam is None:
             raise ConfigError("no SAM checkpoint was loaded: pass sam=CKPT, or segmenter='onnx' with sam_onnx=DIR")
         self.device = resolve_device(device)
@@ -407,7 +410,7 @@ class ZonePipeline:
         coarse = _coarse_grid_note(geometry)
         notes += (coarse,) if coarse else ()
         for note in notes:  # the truncation note's warning is encode_instruction's own
-            warnings.warn(note, EditWarning, stacklevel=3)
+            warn_caller(note)
         working = image_io.to_working(original, geometry)
         padded_h, padded_w = geometry.padded_size
         latent_size = (padded_h // 8, padded_w // 8)

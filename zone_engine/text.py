@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from .errors import EditWarning
+from .errors import warn_caller
 from .graphs import Run, eager
 from .instruction import MAX_TOKENS, check_instruction
 
@@ -53,7 +52,7 @@ def encode_instruction(
     text = check_instruction(instruction)
     token_count, truncated = count_tokens(tokenizer, text)
     if truncated:
-        warnings.warn(TRUNCATED, EditWarning, stacklevel=3)
+        warn_caller(TRUNCATED)
     # One call each, as diffusers and the reference encode them: a batch of two rounds differently.
     prompt = encode_prompt(tokenizer, text_encoder, text, run)
     empty = encode_prompt(tokenizer, text_encoder, "", run) if empty is None else empty
