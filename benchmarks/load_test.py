@@ -480,7 +480,7 @@ def parse_args(argv: list[str] | None) -> LoadConfig:
     if args.requests < 1 or args.steps < 1 or args.warmup < 0 or not all(0 < s < math.inf for s in finite):
         parser.error("need --requests >= 1, --steps >= 1, --warmup >= 0, and --duration-s, --timeout-s and "
                      "--ready-timeout-s above 0 and finite")
-    last_seed = MAX_SEED - args.requests - args.warmup  # edits take seeds seed..seed+requests+warmup
+    last_seed = MAX_SEED - args.requests - args.warmup + 1  # edits take seeds seed..seed+requests+warmup-1
     if not 0 <= args.seed <= last_seed:
         parser.error(f"--seed must be between 0 and {last_seed} (the edits take seeds from it up)")
     try:  # before any server starts: the results must have somewhere to go

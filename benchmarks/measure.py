@@ -55,7 +55,7 @@ class OutOfTime(BaseException):
     `attempt` never takes it for one row's failure."""
 
 
-INTERRUPTED = "it was interrupted (Ctrl-C; a second one quits without a report)"
+INTERRUPTED = "it was interrupted (Ctrl-C)"
 
 
 class Deadline:
@@ -103,8 +103,11 @@ class Deadline:
             yield
             return
 
+        ctrl_c = []  # counted apart from `reason`: a time limit or SIGTERM may have set that first
+
         def interrupted(_signum: int, _frame: object) -> None:
-            if self.reason == INTERRUPTED:
+            ctrl_c.append(True)
+            if len(ctrl_c) > 1:
                 raise KeyboardInterrupt
             self.stop(INTERRUPTED)
 

@@ -332,6 +332,12 @@ def test_a_deadline_starts_no_work_once_its_time_is_up_and_interrupts_work_on_si
                 with pytest.raises(KeyboardInterrupt):
                     os.kill(os.getpid(), signal.SIGINT)
                     time.sleep(30)
+    after_a_limit = Deadline(None)
+    with after_a_limit.stopping_on_signals(), pytest.raises(KeyboardInterrupt):
+        after_a_limit.stop("its --time-limit of 1 s ran out")  # its reason first: Ctrl-C was swallowed for good
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 

@@ -45,6 +45,11 @@ def _folder(path: Path) -> str:
     return str(path.parent)
 
 
+def _symlink_loop(path: Path) -> str:
+    path.symlink_to(path.name)
+    return str(path)
+
+
 def _wide_image(path: Path) -> str:
     Image.new("RGB", (20000, 40)).save(path)
     return str(path)
@@ -327,6 +332,10 @@ def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
          ["is the demo's output.png"]),
         (lambda p, t: ["edit", _wide_image(t / "wide.png"), "-i", "x", "-o", str(t / "w.webp"), "--tiny"],
          ["WEBP holds at most 16383 pixels a side", "20000x40"]),
+        (lambda p, t: ["demo", "--out", str(t / "d"), "--save-masks", str(t / "d" / "mask_b.png")],
+         ["is the demo's mask_b.png"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", _symlink_loop(t / "loop.png"), "--tiny"],
+         ["is a symlink that loops"]),
     ],
     ids=["missing-image", "empty-instruction", "bad-output", "zero-steps", "missing-sam", "undecodable-instruction",
          "output-is-input", "output-under-a-file", "masks-into-a-file", "demo-into-a-file", "export-unet-into-a-file",
@@ -335,7 +344,8 @@ def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
          "engines-without-tensorrt", "sam-onnx-without-onnx", "onnx-with-sam-checkpoint",
          "classifier-missing", "masks-over-the-output", "masks-over-the-input",
          "masks-folder-is-the-output", "output-name-too-long", "image-name-too-long", "mask-name-is-a-folder",
-         "demo-file-is-a-folder", "demo-masks-over-its-output", "webp-too-wide"],
+         "demo-file-is-a-folder", "demo-masks-over-its-output", "webp-too-wide", "demo-masks-over-its-mask",
+         "output-symlink-loop"],
 )
 def test_cli_bad_input(capsys, photo, tmp_path, make_argv, words):
     _fails_cleanly(capsys, make_argv(photo, tmp_path), *words)
@@ -780,3 +790,15 @@ def test_sigterm_ends_a_command_as_ctrl_c_does_running_its_cleanups(tmp_path, ca
     before = signal.getsignal(signal.SIGTERM)
     assert main(["export", "unet", "--tiny", "--out", str(tmp_path / "x")]) == 143
     assert capsys.readouterr().err.strip() == "terminated" and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_an_os_error_without_a_path_is_a_bug_and_keeps_its_traceback(monkeypatch):
+    """One line, exit 2, is for a path the system refused; a broken pipe on stderr mid-edit is not success."""
+    from zone_engine import cli
+
+    for error in (OSError("an internal fault"), BrokenPipeError()):
+        def failing(args, error=error):
+            raise error
+        monkeypatch.setattr(cli, "run_demo", failing)
+        with pytest.raises(type(error)):
+            main(["demo", "--out", "d"])

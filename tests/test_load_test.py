@@ -126,6 +126,6 @@ def test_the_servers_queue_holds_a_whole_batch_and_every_client():
     config = parse_args(["--out", "x", "--max-batch", "64", "--concurrency", "1,80"])
     command = server_command(config, "batching", 8000)
     assert command[command.index("--queue-size") + 1] == "80" and command[command.index("--max-batch") + 1] == "64"
-    assert ServeSettings(max_batch=64, queue_size=80)  # what that server builds: valid
+    ServeSettings(max_batch=64, queue_size=80).check_local_batching()  # what that server builds: valid
     override = parse_args(["--out", "x", "--server-arg=--queue-size=100"])
     assert server_command(override, "no-batching", 8000)[-1] == "--queue-size=100"  # after ours: it wins

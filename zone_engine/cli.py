@@ -267,12 +267,15 @@ def _print_path(path: os.PathLike) -> None:
     """A written file's path on stdout, for scripts: the bytes the file system has (a name that is not UTF-8
     could not be printed as text)."""
     buffer = getattr(sys.stdout, "buffer", None)
-    if buffer is None:  # a text-only stream (a caller's io.StringIO)
-        print(path)
-        return
-    sys.stdout.flush()
-    buffer.write(os.fsencode(path) + b"\n")
-    buffer.flush()
+    try:
+        if buffer is None:  # a text-only stream (a caller's io.StringIO)
+            print(path)
+            return
+        sys.stdout.flush()
+        buffer.write(os.fsencode(path) + b"\n")
+        buffer.flush()
+    except BrokenPipeError:  # the reader went away (`| head -0`): the work is done, its path unread
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush raises nothing
 
 
 def _backend_options(args: argparse.Namespace) -> dict:
@@ -392,9 +395,10 @@ def run_edit(args: argparse.Namespace) -> None:
 def run_demo(args: argparse.Namespace) -> None:
     from .image_io import make_sample_image, save_image
 
-    check_output_folder(args.out, "--out", [*DEMO_OUTPUTS, *(f"{mask}.png" for mask in MASK_OUTPUTS)])
-    if args.save_masks:
-        _check_masks_folder(args.save_masks, {args.out / name: f"the demo's {name}" for name in DEMO_OUTPUTS})
+    demo_files = [*DEMO_OUTPUTS, *(f"{mask}.png" for mask in MASK_OUTPUTS)]  # its masks go to --out too
+    check_output_folder(args.out, "--out", demo_files)
+    if args.save_masks and args.save_masks.absolute() != args.out.absolute():  # the same folder: the same files
+        _check_masks_folder(args.save_masks, {args.out / name: f"the demo's {name}" for name in demo_files})
     changes = _config_changes(args)
     _check_backend_arguments(args)
     instruction = check_instruction(args.instruction)
@@ -515,11 +519,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ZoneError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # stdout's reader went away (`| head -0`): the work is done, its path unread
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush raises nothing
-        return 0
-    except OSError as error:  # a path the system refuses (a name too long, ...), met past the checks
-        print(f"error: {error}", file=sys.stderr)
+    except OSError as error:
+        if error.filename is None:  # not a path the system refused: a bug, its traceback kept
+            raise
+        print(f"error: {error}", file=sys.stderr)  # a path refused past the checks (a name too long, ...)
         return 2
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated)

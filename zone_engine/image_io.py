@@ -397,7 +397,7 @@ _SAVE_OPTIONS = {"JPEG": _NEAR_LOSSLESS_JPEG, "MPO": _NEAR_LOSSLESS_JPEG, "WEBP"
 _LOSSY_FORMATS = {"JPEG": "JPEG is lossy", "MPO": "MPO is JPEG, lossy", "AVIF": "AVIF is lossy here",
                   "PDF": "a PDF holds the image as JPEG, lossy", "GIF": "GIF keeps at most 256 colours"}
 _PROFILE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "TIFF", "AVIF")
-_LARGEST_SIDE = {"WEBP": 16383, "JPEG": 65535, "MPO": 65535, "GIF": 65535}
+_LARGEST_SIDE = {"WEBP": 16383, "JPEG": 65500, "MPO": 65500, "GIF": 65535}  # libjpeg's 65500, not 65535
 # Icons come in the format's own sizes: Pillow scales the image to them (ICO at most 256 a side).
 _RESIZING_FORMATS = ("ICO", "ICNS")
 

@@ -394,13 +394,18 @@ MODEL_FOLDER_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError,
 
 def _model_load_error(what: str, source: str, hub_id: str, flag: str, error: Exception) -> CheckpointError:
     """A folder that is there but does not load says why (a corrupt or missing file); else not found."""
+    # A missing file says itself; a KeyError's text alone ('_class_name') would not say what is wrong.
+    missing = isinstance(error, OSError | ValueError)
+    said = first_line(error) if missing else f"{type(error).__name__}: {first_line(error)}"
     if Path(source).expanduser().is_dir():
-        # A missing file says itself; a KeyError's text alone ('_class_name') would not say what is wrong.
-        said = first_line(error)
-        said = said if isinstance(error, OSError | ValueError) else f"{type(error).__name__}: {said}"
         return CheckpointError(
             f"cannot load {what} from the folder '{source}': {said.rstrip('.')}. Download it "
             f"again (`huggingface-cli download {hub_id}`) and pass the folder with {flag}."
+        )
+    if not missing:  # there in the cache, but it loads wrong (a damaged snapshot, another library version)
+        return CheckpointError(
+            f"cannot load {what} '{source}' from the offline Hugging Face cache ({said.rstrip('.')}): download it "
+            f"again (`huggingface-cli download {hub_id}`), or pass a folder with {flag}."
         )
     return CheckpointError(
         f"{what} weights not found at '{source}' (local folder or offline Hugging Face cache). "

@@ -64,7 +64,11 @@ def check_output_file(path: Path, what: str) -> None:
     path = Path(path)
     if problem := name_problem(path):
         raise ZoneError(f"{what} {path}: {problem}; choose another path")
-    path = path.resolve() if path.is_symlink() else path  # its target is what gets written
+    if path.is_symlink():  # its target is what gets written
+        try:
+            path = path.resolve()
+        except (RuntimeError, OSError):  # Python 3.11 says a loop as a RuntimeError
+            raise ZoneError(f"{what} {path} is a symlink that loops: choose another path") from None
     if path.is_dir():
         raise ZoneError(f"{what} {path} is a folder: give a file name inside it")
     problem = _folder_problem(path.parent)
@@ -81,7 +85,7 @@ def written_atomically(path: Path) -> Iterator[Path]:
     full disk, a size limit) leaves the old file as it was, never a truncated one."""
     path = Path(path)
     if path.is_symlink():  # written through, as a shell's `>` does: replacing the link would leave its target as it was
-        path = path.resolve()
+        path = Path(os.path.realpath(path))  # a loop stays as it is, and its write fails as an OSError
     temporary = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
     try:
         yield temporary

@@ -158,7 +158,8 @@ def encode_image_latents(vae, image: np.ndarray, dtype: torch.dtype, run: Run = 
 
 @torch.inference_mode()
 def decode_latents(vae, latents: torch.Tensor, run: Run = eager, norms: NormScope = pytorch_norms) -> torch.Tensor:
-    """(1, 4, h, w) -> float (1, 3, H, W) in [0, 1]. `run`, `norms`: as for `encode_image_latents`.
+    """(1, 4, h, w) -> float (1, 3, H, W) in [0, 1] (NaN where the decoder overflowed). `run`, `norms`: as for
+    `encode_image_latents`.
 
     SD's VAE can overflow in fp16 (inf/NaN activations in the decoder). Decoding stays in the
     chosen precision; only when the result is not finite is it decoded again, by an fp32 copy of
@@ -170,7 +171,9 @@ def decode_latents(vae, latents: torch.Tensor, run: Run = eager, norms: NormScop
     if image.dtype == torch.float16 and not torch.isfinite(image).all():
         fp32 = copy.deepcopy(vae).to(torch.float32)
         image = fp32.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
-    return (image.float() / 2 + 0.5).clamp(0, 1)
+    pixels = image.float() / 2 + 0.5
+    # A value that overflowed stays NaN (clamp made inf a plausible 0 or 1): the caller can tell, and refuse it.
+    return pixels.clamp(0, 1).where(torch.isfinite(pixels), torch.nan)
 
 
 def _diverged(config: EditConfig, why: str) -> ConfigError:
@@ -486,7 +489,7 @@ class ZonePipeline:
             located = self._localize(edit)
         with watch("vae_decode"):  # 7. I_sty.
             pixels = decode_latents(self.models.vae, latents, self.run, self.vae_norms)
-            if not torch.isfinite(pixels).all():  # finite latents of 1e30 (one step) overflow in the decoder
+            if not torch.isfinite(pixels).all():  # latents of 1e30 (finite: one step) overflow in the decoder
                 raise _diverged(config, "latents too large to decode")
             styled = to_uint8_image(pixels)
         with watch("refine"):  # 8. Refine M_b with SAM (on the input for REMOVE: the object is gone from I_sty).

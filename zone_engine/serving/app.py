@@ -684,7 +684,8 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
         problem = as_serve_error(error.__cause__, service)
     elif error.status_code == 400 and "exceeded maximum size" in str(error.detail):  # Starlette's 1 MiB text field
         problem = ServeError(422, "invalid_request", f"a text field is over 1 MiB; instruction: at most "
-                             f"{service.settings.max_instruction_chars} characters are accepted")
+                             f"{service.settings.max_instruction_chars} characters are accepted (and the image goes "
+                             "as a file: a part with a filename)")
     elif isinstance(error.__cause__, ClientDisconnect):  # gone during the upload: as a disconnect during the edit
         problem = ServeError(499, "client_closed_request", "the client went away during the upload")
     elif error.status_code == 400:  # the body did not parse
