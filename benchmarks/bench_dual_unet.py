@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from zone_engine.backends import DTYPES, make_localization_kernels, resolve_device
+from zone_engine.backends import DTYPES, current_device, make_localization_kernels, resolve_device
 from zone_engine.cli import CommandParser
 from zone_engine.config import MAX_BATCH, MAX_WORKING_SIDE
 from zone_engine.denoise import make_scheduler
@@ -192,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     if dtype != torch.float32 and device.type != "cuda":
         print("error: fp16/bf16 need CUDA: use --dtype fp32 on the CPU", file=sys.stderr)
         return 2
+    with current_device(device):  # the side stream and the CUDA graphs are made on the current device
+        return measure_and_print(args, device, dtype)
+
+
+def measure_and_print(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> int:
     variants, inputs = build_variants(args, device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     latent, rows = args.resolution // 8, 6 * args.batch

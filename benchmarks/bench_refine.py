@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from export.sam import export_sam
-from zone_engine.backends import DTYPES, resolve_device
+from zone_engine.backends import DTYPES, current_device, resolve_device
 from zone_engine.cli import CommandParser
 from zone_engine.config import MAX_WORKING_SIDE, SamConfig
 from zone_engine.errors import ZoneError
@@ -130,14 +130,15 @@ def mask_agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> tupl
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        run(args)
+        device = resolve_device(args.device)
+        with current_device(device):  # the synchronisations are the current device's
+            run(args, device)
     except ZoneError as error:  # a device or ONNX Runtime provider this machine lacks
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 
 
-def run(args: argparse.Namespace) -> None:
-    device = resolve_device(args.device)
+def run(args: argparse.Namespace, device: torch.device) -> None:
     args.device_type = device.type
     on_gpu = device.type == "cuda"
     if args.points_per_side is None:
