@@ -38,7 +38,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from zone_engine.cli import CommandParser, parse_size
+from zone_engine.cli import CommandParser, parse_size, signals_handled
 from zone_engine.config import MAX_BATCH, MAX_SEED
 from zone_engine.errors import ZoneError
 from zone_engine.paths import check_output_folder
@@ -154,11 +154,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
         else:  # SIGINT ignored, as in a background job
             raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
+    with signals_handled({signal.SIGTERM: interrupt}):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------------------------------- client

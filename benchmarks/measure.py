@@ -21,6 +21,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from zone_engine.cli import signals_handled
 from zone_engine.denoise import BatchDenoiser
 
 
@@ -111,13 +112,9 @@ class Deadline:
                 raise KeyboardInterrupt
             self.stop(INTERRUPTED)
 
-        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda _s, _f: self.stop("it was sent SIGTERM")),
-                    signal.SIGINT: signal.signal(signal.SIGINT, interrupted)}
-        try:
+        with signals_handled({signal.SIGTERM: lambda _s, _f: self.stop("it was sent SIGTERM"),
+                              signal.SIGINT: interrupted}):
             yield
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
 
 
 def guarded(what: str, work: Callable[[], T]) -> T | None:

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -546,11 +546,19 @@ def terminated_as_interrupt() -> Iterator[None]:
     def terminate(_signum: int, _frame: object) -> None:
         raise Terminated
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    with signals_handled({signal.SIGTERM: terminate}):
+        yield
+
+
+@contextlib.contextmanager
+def signals_handled(handlers: dict[int, Callable[[int, Any], None]]) -> Iterator[None]:
+    """These signal handlers for a block (main thread only), the previous ones back after it."""
+    previous = {number: signal.signal(number, handler) for number, handler in handlers.items()}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 if __name__ == "__main__":
