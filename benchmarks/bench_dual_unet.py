@@ -38,16 +38,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from zone_engine.backends import DTYPES, current_device, make_localization_kernels, resolve_device
+from zone_engine.backends import DTYPES, make_localization_kernels
 from zone_engine.cli import CommandParser
 from zone_engine.config import MAX_BATCH, MAX_WORKING_SIDE
 from zone_engine.denoise import make_scheduler
 from zone_engine.dual_step import DualState, DualUNet, dual_step
-from zone_engine.errors import ZoneError
 from zone_engine.localize import AttentionAccumulator, attention_grid, record_cross_attention
 from zone_engine.models import PRESETS, NormScope, build_unet, pytorch_norms
 from zone_engine.solver import solver_schedule
 
+from .measure import on_named_device
 from .options import device_name, refuse_first
 
 Variant = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -184,19 +184,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        device, dtype = resolve_device(args.device), DTYPES[args.dtype]
-    except ZoneError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if dtype != torch.float32 and device.type != "cuda":
-        print("error: fp16/bf16 need CUDA: use --dtype fp32 on the CPU", file=sys.stderr)
-        return 2
-    with current_device(device):  # the side stream and the CUDA graphs are made on the current device
-        return measure_and_print(args, device, dtype)
+    return on_named_device(args.device, lambda device: measure_and_print(args, device, DTYPES[args.dtype]))
 
 
 def measure_and_print(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> int:
+    if dtype != torch.float32 and device.type != "cuda":
+        print("error: fp16/bf16 need CUDA: use --dtype fp32 on the CPU", file=sys.stderr)
+        return 2
     variants, inputs = build_variants(args, device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     latent, rows = args.resolution // 8, 6 * args.batch

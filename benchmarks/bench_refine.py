@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from export.sam import export_sam
-from zone_engine.backends import DTYPES, current_device, resolve_device
+from zone_engine.backends import DTYPES
 from zone_engine.cli import CommandParser
 from zone_engine.config import MAX_WORKING_SIDE, SamConfig
 from zone_engine.errors import ZoneError
@@ -51,7 +51,7 @@ from zone_engine.sam_encoder import encode_image
 from zone_engine.sam_onnx import OnnxSamSegmenter
 from zone_engine.sam_torch import TorchSamSegmenter
 
-from .measure import guarded
+from .measure import guarded, on_named_device
 from .options import device_name, refuse_first
 
 
@@ -127,18 +127,12 @@ def mask_agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> tupl
     return float(np.mean(best)), float(np.min(best))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-        with current_device(device):  # the synchronisations are the current device's
-            run(args, device)
-    except ZoneError as error:  # a device or ONNX Runtime provider this machine lacks
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    return on_named_device(args.device, lambda device: run(args, device))
 
 
-def run(args: argparse.Namespace, device: torch.device) -> None:
+def run(args: argparse.Namespace, device: torch.device) -> int:
     args.device_type = device.type
     on_gpu = device.type == "cuda"
     if args.points_per_side is None:
@@ -184,6 +178,7 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
         guarded("the search's CUDA runs", lambda: print_search_batching(reference, image, args.repeats))
     half = DTYPES[args.sam_precision] if args.sam_precision else None
     guarded("the network rows", lambda: print_network_rows(sam, args.points_per_batch, max(args.repeats, 3), half))
+    return 0
 
 
 def centre_mask(size: tuple[int, int]) -> np.ndarray:
@@ -356,4 +351,4 @@ def compare(what: str, repeats: int, device: torch.device, *variants: tuple[str,
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,6 +11,7 @@ import os
 import platform
 import resource
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -21,8 +22,23 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from zone_engine.backends import current_device, resolve_device
 from zone_engine.cli import signals_handled
 from zone_engine.denoise import BatchDenoiser
+from zone_engine.errors import ZoneError
+
+
+def on_named_device(name: str, work: Callable[[torch.device], int]) -> int:
+    """`work(device)`'s exit status, `name`'s device current while it runs (its streams, CUDA graphs and
+    synchronisations are that GPU's, not cuda:0's); a device or provider this machine lacks is one `error:`
+    line and 2. The micro-benchmarks' entry points."""
+    try:
+        device = resolve_device(name)
+        with current_device(device):
+            return work(device)
+    except ZoneError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 def summarize(samples: list[float]) -> dict:
