@@ -15,7 +15,6 @@ import gc
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,7 +26,7 @@ import torch
 
 from export.sam import export_sam
 from zone_engine.action import classify_action
-from zone_engine.backends import DTYPES, current_device, make_group_norms, resolve_device, resolve_dtype
+from zone_engine.backends import DTYPES, current_device, resolve_device, resolve_dtype
 from zone_engine.config import DENOISERS, EditConfig
 from zone_engine.denoise import BatchDenoiser, Denoiser
 from zone_engine.errors import ZoneError, first_line
@@ -325,6 +324,8 @@ def summarize_run(impl: Implementation, config: BenchConfig, device: torch.devic
         record["batched_throughput"] = summarize_batched(impl.batched, throughput, config)
     elif impl.batched_skip is not None:
         record["batched_throughput"] = {"batch": config.batch, "not_applicable": impl.batched_skip}
+    if impl.pipe is not None:  # the GroupNorms that ran (the config says what was asked)
+        record["group_norms"] = impl.pipe.group_norms
     return record
 
 
@@ -509,12 +510,10 @@ class EngineRows:
         of its captured steps): kernel 3's gain, in this run. The compile backend's UNets use inductor's
         norm either way, so the fused one it is."""
         name = "engine:fused+gn-torch"
-        with warnings.catch_warnings():  # a --group-norm triton that cannot run here was said by the rows
-            warnings.simplefilter("ignore")
-            fused_norms = make_group_norms(self.config.group_norm, self.device, "fused")
-        reason = ("needs the fused backend" if "fused" not in self.config.backends else
+        fused = self.denoisers.get("fused")
+        reason = ("needs the fused backend" if fused is None else
                   "the fused row's norms are PyTorch's already: it would be timed twice" if
-                  fused_norms == (pytorch_norms, pytorch_norms) else None)
+                  fused.norms is pytorch_norms else None)
         if reason:
             self.skipped.append({"name": name, "skipped": reason})
             return []

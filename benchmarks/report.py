@@ -73,12 +73,22 @@ def setup_lines(record: dict) -> list[str]:
         f"{LAYOUTS[config.get('channels_last')]}, baseline fp32; "
         f"SAM {config['sam']['points_per_side']}² points, pred_iou_thresh {config['sam']['pred_iou_thresh']}, "
         f"stability_score_thresh {config['sam']['stability_score_thresh']}",
+        *_group_norm_lines(record),
         f"- warm-up edits {config['warmup']} ({config['priming']}), timed edits {config['repeats']}{batches}; "
         f"action forced to {config['action']} (classification timed beside each edit)",
         *([f"- **cut short**: {record['cut_short']}; no edit or batch started after it, so rows may have fewer "
            "timed edits than asked (their count is `n` in the JSON) and rows without one are listed as skipped"]
           if record.get("cut_short") else []),
     ]
+
+
+def _group_norm_lines(record: dict) -> list[str]:
+    """Whose GroupNorms each engine row ran (kernel 3 or PyTorch's), which --group-norm alone does not say."""
+    rows = {run["name"]: run["group_norms"] for run in record["runs"] if "group_norms" in run}
+    if not rows:  # records from before rows said it
+        return []
+    said = "; ".join(f"{name} UNets {norms['unets']}, VAE {norms['vae']}" for name, norms in rows.items())
+    return [f"- GroupNorms (--group-norm {record['config'].get('group_norm', 'auto')}): {said}"]
 
 
 def stage_table(record: dict) -> list[str]:

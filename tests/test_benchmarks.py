@@ -58,10 +58,13 @@ def test_harness_runs_end_to_end_and_writes_reports(tmp_path):
         assert run["peak_memory"]["bytes"] > 0 and run["throughput"]["edits_per_s"] > 0
     eager = next(run for run in timed if run["name"] == "engine:eager")
     assert eager["per_step"]["n"] == 2  # one mark per step of the 2 steps
+    assert eager["group_norms"] == {"unets": "pytorch", "vae": "pytorch"}  # the CPU's auto
+    assert all("group_norms" not in run for run in timed if run["name"] == "baseline")
     assert record["parity"]["mask_b_identical"] and record["parity"]["max_pixel_diff_styled"] <= 1
     assert record["floor"]["unet_gflop_per_row"] > 0 and record["machine"]["torch"]
     table = (tmp_path / "bench-tiny-smoke.md").read_text()
     assert "| baseline (fp32) |" in table and "engine:eager" in table
+    assert "- GroupNorms (--group-norm auto): engine:eager UNets pytorch, VAE pytorch; " in table
     assert (tmp_path / "bench-tiny-smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Batches of concurrent edits (the preset's batch of 2): measured where the denoiser batches.
@@ -185,7 +188,7 @@ def failing_when_batching(monkeypatch, message: str) -> None:
     monkeypatch.setattr(harness, "engine_edit", engine_edit)
 
 
-def test_the_group_norm_comparison_row_is_the_fused_row_with_pytorchs_norm(tiny_models):
+def test_the_group_norm_comparison_row_is_the_fused_row_with_pytorchs_norm(tiny_models, monkeypatch):
     """gpu-512's "+gn-torch" row: a fused denoiser of its own with PyTorch's norms, beside the fused row's
     with the kernel (its captured steps hold the norms); skipped where it would compare nothing."""
     import kernels.group_norm as norm_module
@@ -203,6 +206,8 @@ def test_the_group_norm_comparison_row_is_the_fused_row_with_pytorchs_norm(tiny_
     fused, pytorch = (named[name].pipe.denoiser.denoiser for name in named)  # inside the step-timing wrapper
     assert fused.norms is norm_module.triton_group_norms and pytorch.norms is pytorch_norms
     assert built.denoisers["fused"] is fused  # the variants' denoiser stays the fused row's
+    assert named["engine:fused"].pipe.group_norms == {"unets": "kernel 3", "vae": "kernel 3"}
+    assert named["engine:fused+gn-torch"].pipe.group_norms == {"unets": "pytorch", "vae": "pytorch"}
     already = "the fused row's norms are PyTorch's already: it would be timed twice"
     for changes, reason in (({"backends": ("eager",)}, "needs the fused backend"),
                             ({"backends": ("fused",), "group_norm": "torch"}, already),
@@ -210,6 +215,12 @@ def test_the_group_norm_comparison_row_is_the_fused_row_with_pytorchs_norm(tiny_
         built, named = rows(**changes)
         assert "engine:fused+gn-torch" not in named
         assert {"name": "engine:fused+gn-torch", "skipped": reason} in built.skipped
+    # Asked for where it cannot run: PyTorch's ran, and the JSON says so (one warning, by the fused row).
+    monkeypatch.setenv("ZONE_DISABLE_TRITON", "1")
+    with pytest.warns(UserWarning, match="--group-norm triton cannot run on cpu here"):
+        built, named = rows(backends=("fused",), group_norm="triton")
+    assert named["engine:fused"].pipe.group_norms == {"unets": "pytorch", "vae": "pytorch"}
+    assert {"name": "engine:fused+gn-torch", "skipped": already} in built.skipped
     assert PRESETS["gpu-512"].compare_group_norm and not parse_args(["--no-compare-group-norm"]).compare_group_norm
 
 

@@ -190,7 +190,7 @@ def make_group_norms(kind: str, device: torch.device, denoiser: str | Denoiser) 
     auto: the kernel on CUDA, except where another path owns the norms: the eager denoiser (the plain
     reference: PyTorch's everywhere), the compile backend's UNets (inductor generates its own fused
     norm), TensorRT's and a Denoiser instance's (configured when built). triton: the kernel for the VAE
-    and a fused or compiled step's UNets, whatever the device (it falls back to PyTorch's where Triton
+    and a fused or compiled step's UNets, whatever the device (it falls back to PyTorch's, with a warning, where Triton
     cannot run, and ZONE_DISABLE_TRITON=1 switches it off); torch: PyTorch's everywhere.
     """
     check_backend_options(device.type, group_norm=kind)
@@ -199,10 +199,17 @@ def make_group_norms(kind: str, device: torch.device, denoiser: str | Denoiser) 
     from kernels.group_norm import runs_on, triton_group_norms
 
     if not runs_on(device):
-        if kind == "auto":  # ZONE_DISABLE_TRITON=1 on CUDA: PyTorch's, as asked
-            return pytorch_norms, pytorch_norms
-        warnings.warn(f"--group-norm triton cannot run on {device.type} here (Triton needs CUDA, or "
-                      "TRITON_INTERPRET=1 on the CPU, and ZONE_DISABLE_TRITON unset): PyTorch's GroupNorm runs",
-                      stacklevel=2)
+        if kind == "triton":  # auto: ZONE_DISABLE_TRITON=1 on CUDA, PyTorch's as asked
+            warnings.warn(f"--group-norm triton cannot run on {device.type} here (Triton needs CUDA, or "
+                          "TRITON_INTERPRET=1 on the CPU, and ZONE_DISABLE_TRITON unset): PyTorch's GroupNorm runs",
+                          stacklevel=2)
+        return pytorch_norms, pytorch_norms
     unets_own = denoiser == "fused" or (kind == "triton" and denoiser == "compile")
     return (triton_group_norms if unets_own else pytorch_norms), triton_group_norms
+
+
+def group_norm_names(unets: NormScope, vae: NormScope) -> dict[str, str]:
+    """Whose GroupNorms `make_group_norms` chose, by name, for reports: {"unets": ..., "vae": ...}, each
+    "kernel 3" or "pytorch" (the compile backend's UNets: inductor's, generated from PyTorch's)."""
+    return {part: "pytorch" if scope is pytorch_norms else "kernel 3"
+            for part, scope in (("unets", unets), ("vae", vae))}

@@ -24,6 +24,7 @@ from .backends import (
     check_backends,
     configure_attention,
     current_device,
+    group_norm_names,
     make_denoiser,
     make_group_norms,
     make_localization_kernels,
@@ -272,6 +273,7 @@ class ZonePipeline:
         self.models = models.to(self.device, self.dtype, channels_last)
         # group_norm: the UNets' and VAE's GroupNorms by kernel 3 or PyTorch (make_group_norms says where).
         unet_norms, self.vae_norms = make_group_norms(group_norm, self.device, denoiser)
+        self.group_norms = group_norm_names(unet_norms, self.vae_norms)  # what ran, for reports
         self.denoiser = make_denoiser(self.models, denoiser, self.device, engines, cuda_graphs, unet_norms)
         # The text encoder and VAE replayed from CUDA graphs wherever the denoiser's steps are: on CUDA,
         # unless graphs are turned off or the plain reference (eager) is asked for.
