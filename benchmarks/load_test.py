@@ -278,17 +278,17 @@ async def warm_up(base: str, config: LoadConfig, image: bytes) -> None:
                                     f"{response.text[:500]}")
 
 
-async def measure_server(base: str, mode: str, config: LoadConfig, progress: Progress) -> dict:
-    """Warm-up, then one measurement per concurrency level, against the server at `base`."""
+async def measure_server(base: str, result: dict, config: LoadConfig, progress: Progress) -> None:
+    """Warm-up, then one measurement per concurrency level against the server at `base`, each appended to
+    result["levels"] as it finishes (an interrupted run keeps the finished ones)."""
     image = seeded_png(*config.size, config.seed)
+    result["url"] = base
     await warm_up(base, config, image)
-    levels = []
     for concurrency in config.concurrency:
         level = await measure_level(base, concurrency, config, image)
-        progress(f"{mode} concurrency {concurrency}: {level['ok']}/{level['sent']} ok, "
+        progress(f"{result['mode']} concurrency {concurrency}: {level['ok']}/{level['sent']} ok, "
                  f"{level['edits_per_s']:.2f} edits/s, p95 {_ms(level['latency_ms']['p95'])} ms")
-        levels.append(level)
-    return {"mode": mode, "url": base, "levels": levels}
+        result["levels"].append(level)
 
 
 # -------------------------------------------------------------------------------------------- a run
@@ -323,25 +323,38 @@ def throughput_ratio(results: list[dict]) -> dict[str, float | None]:
     return {str(c): batching[c] / alone[c] if alone[c] else None for c in batching if c in alone}
 
 
-def measure_local(config: LoadConfig, mode: str, progress: Progress) -> dict:
-    """Start this mode's server, measure it, stop it: one server at a time, as they would share the device."""
+def measure_local(config: LoadConfig, result: dict, progress: Progress) -> None:
+    """Start result["mode"]'s server, measure it into `result`, stop it: one server at a time, as they would
+    share the device."""
     port = free_port()
-    command = server_command(config, mode, port)
-    log_path = config.out / f"server-{mode}.log"
-    progress(f"{mode}: starting {' '.join(command[1:])}")
+    command = server_command(config, result["mode"], port)
+    log_path = config.out / f"server-{result['mode']}.log"
+    result.update(server_command=command, server_log=str(log_path))
+    progress(f"{result['mode']}: starting {' '.join(command[1:])}")
     with local_server(command, port, log_path, config.ready_timeout_s) as base:
-        result = asyncio.run(measure_server(base, mode, config, progress))
-    return {**result, "server_command": command, "server_log": str(log_path)}
+        asyncio.run(measure_server(base, result, config, progress))
 
 
 def run_load_test(config: LoadConfig, progress: Progress = lambda _: None) -> dict:
-    """Measure the external server, or start, measure and stop each mode's server in turn; returns the record."""
+    """Measure the external server, or start, measure and stop each mode's server in turn; returns the record.
+    Interrupted (Ctrl-C, SIGTERM) after a level finished, the record holds the levels measured and says so
+    ("interrupted"); before any, KeyboardInterrupt goes on up."""
     started, load_before = time.perf_counter(), os.getloadavg()
     config.out.mkdir(parents=True, exist_ok=True)
-    if config.url is not None:
-        results = [asyncio.run(measure_server(config.url.rstrip("/"), "external", config, progress))]
-    else:
-        results = [measure_local(config, mode, progress) for mode in MODES]
+    modes = ["external"] if config.url is not None else list(MODES)
+    results = [{"mode": mode, "url": config.url and config.url.rstrip("/"), "levels": []} for mode in modes]
+    interrupted = None
+    try:
+        for result in results:
+            if config.url is not None:
+                asyncio.run(measure_server(result["url"], result, config, progress))
+            else:
+                measure_local(config, result, progress)
+    except KeyboardInterrupt:
+        if not any(result["levels"] for result in results):
+            raise
+        interrupted = "interrupted (Ctrl-C or SIGTERM): the levels that finished before it are reported"
+    results = [result for result in results if result["levels"]]
     return {
         "schema": 1,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
@@ -349,6 +362,7 @@ def run_load_test(config: LoadConfig, progress: Progress = lambda _: None) -> di
         "settings": {**asdict(config), "out": str(config.out)},
         "results": results,
         "throughput_ratio": throughput_ratio(results),
+        "interrupted": interrupted,
         # Client and servers share this machine's cores, and so does anything else running on it.
         "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "wall_s": time.perf_counter() - started,
@@ -382,6 +396,8 @@ def table(record: dict) -> str:
                 f"| {level['edits_per_s']:.2f} | {_ms(latency['p50'])} | {_ms(latency['p95'])} "
                 f"| {_ms(latency['p99'])} | {'–' if batch is None else f'{batch:.2f}'} |"
             )
+    if record.get("interrupted"):
+        lines += ["", f"**{record['interrupted']}**"]
     if record["throughput_ratio"]:
         ratios = ", ".join(f"{c}: {'–' if r is None else f'{r:.2f}×'}" for c, r in record["throughput_ratio"].items())
         lines += ["", f"batching ÷ no-batching throughput by concurrency: {ratios}"]
@@ -523,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chart: {config.out / 'load.png'}")
     else:
         print("chart: skipped, matplotlib is not installed (pip install 'zone-engine[bench]')")
+    if record["interrupted"]:
+        print(f"load test: {record['interrupted']}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -63,6 +63,34 @@ def test_against_a_running_server_the_record_adds_up(pipe, tmp_path):
     assert (tmp_path / "load.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_an_interrupted_run_reports_the_levels_that_finished(pipe, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM) during the second level: the first is written and printed, the exit status is 130;
+    during the first, nothing was measured and nothing is written."""
+    import benchmarks.load_test as load_test
+
+    def interrupting_at(call: int):
+        calls, measure = [], load_test.measure_level
+
+        async def measure_or_interrupt(*args):
+            calls.append(args)
+            if len(calls) == call:
+                raise KeyboardInterrupt
+            return await measure(*args)
+        return measure_or_interrupt
+
+    argv = ["--concurrency", "1,2", "--requests", "2", "--steps", "2", "--warmup", "0"]
+    with serving(pipe) as (base, _):
+        monkeypatch.setattr(load_test, "measure_level", interrupting_at(2))
+        assert main([*argv, "--url", base, "--out", str(tmp_path / "second")]) == 130
+        monkeypatch.setattr(load_test, "measure_level", interrupting_at(1))
+        assert main([*argv, "--url", base, "--out", str(tmp_path / "first")]) == 130
+    record = json.loads((tmp_path / "second" / "load.json").read_text())
+    (result,) = record["results"]
+    assert [level["concurrency"] for level in result["levels"]] == [1] and result["levels"][0]["ok"] == 2
+    assert record["interrupted"].startswith("interrupted") and "| external | 1 | 2 | 2 |" in capsys.readouterr().out
+    assert not (tmp_path / "first" / "load.json").exists()
+
+
 def test_the_client_stops_by_duration_when_requests_are_many(pipe, tmp_path):
     config = LoadConfig(out=tmp_path, requests=10_000, duration_s=1.0, steps=2)
     with serving(pipe) as (base, _):
