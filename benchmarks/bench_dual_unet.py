@@ -22,7 +22,7 @@ For B edits each model gets 3B rows (IP2P's guidance triple). Variants:
 On CUDA each variant but vmap is also timed replayed from a CUDA graph ("+graph"), as the engine
 runs it: eager diffusers UNets at these sizes are bound by kernel launches on the host, so only the
 graph rows say what the GPU work costs. Each row: median wall time over --repeats after one
-warm-up, ratio to `single` (eager) and to `single+graph`, max |difference| from two-calls (same
+warm-up, ratio to `single` (eager) and, on CUDA, to `single+graph`, max |difference| from two-calls (same
 inputs), peak CUDA memory.
 """
 
@@ -251,10 +251,12 @@ def build_variants(args: argparse.Namespace, device: torch.device,
 
 def print_results(results: dict[str, tuple[float, torch.Tensor, float | None]]) -> None:
     """The table: each variant's median, against one UNet call (eager and graphed), its eps against the
-    two-calls reference, and its peak memory."""
+    two-calls reference, and its peak memory. Without graphs (the CPU) the second ratio column would
+    repeat the first: left out."""
     reference = results["two-calls"][1]
-    graph_yardstick = results.get("single+graph", results["single"])[0]
-    print(f"{'variant':<16} {'median':>10} {'x single':>9} {'x single+graph':>15} {'max |diff| vs two-calls':>24} "
+    graph_yardstick = results["single+graph"][0] if "single+graph" in results else None
+    graph_column = f" {'x single+graph':>15}" if graph_yardstick else ""
+    print(f"{'variant':<16} {'median':>10} {'x single':>9}{graph_column} {'max |diff| vs two-calls':>24} "
           f"{'peak GiB':>9}")
     for label, (seconds, output, memory) in results.items():
         if label.startswith(("single", "step")):
@@ -262,8 +264,9 @@ def print_results(results: dict[str, tuple[float, torch.Tensor, float | None]]) 
         else:
             difference = f"{(output - reference).abs().max().item():.3g}"
         peak = f"{memory:.2f}" if memory is not None else "n/a"
-        print(f"{label:<16} {seconds * 1e3:>8.2f}ms {seconds / results['single'][0]:>9.2f} "
-              f"{seconds / graph_yardstick:>15.2f} {difference:>24} {peak:>9}")
+        graph_ratio = f" {seconds / graph_yardstick:>15.2f}" if graph_yardstick else ""
+        print(f"{label:<16} {seconds * 1e3:>8.2f}ms {seconds / results['single'][0]:>9.2f}{graph_ratio} "
+              f"{difference:>24} {peak:>9}")
 
 
 if __name__ == "__main__":
