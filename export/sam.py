@@ -233,7 +233,8 @@ def run_export_sam(args: argparse.Namespace) -> Path:
     """`zone export sam`: load (or build, with --tiny) SAM and export it; returns the output folder."""
     from zone_engine.models import build_tiny_components, load_sam, sam_type_from_path
 
-    check_output_folder(args.out, "--out", [ENCODER_FILE, DECODER_FILE, MANIFEST_FILE])
+    graphs = [ENCODER_FILE, DECODER_FILE]  # each with the weights it may write beside it (onnx_graph.export_graph)
+    check_output_folder(args.out, "--out", [*graphs, *(f"{graph}.data" for graph in graphs), MANIFEST_FILE])
     check_opset(args.opset, SAM_FIRST_OPSET, SAM_GRAPHS)  # before a checkpoint of gigabytes loads
     if args.tiny:
         if args.checkpoint is not None or args.model_type is not None:

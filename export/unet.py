@@ -537,7 +537,8 @@ def run_export_unet(args: argparse.Namespace) -> Path:
     from zone_engine.models import build_tiny_components, load_ip2p, load_magicbrush_unet
 
     profile = profile_from_args(args)  # every check that can fail runs before gigabytes of weights load
-    check_output_folder(args.out, "--out", [*(f"{graph}.onnx" for graph in GRAPHS), MANIFEST_FILE])
+    graphs = [f"{graph}.onnx" for graph in GRAPHS]  # each with the weights it may write beside it (export_graph)
+    check_output_folder(args.out, "--out", [*graphs, *(f"{graph}.data" for graph in graphs), MANIFEST_FILE])
     precision = _precision("bf16" if args.bf16 else "fp16" if args.fp16 else "fp32")
     _check_opset(args.opset)
     if args.tiny:

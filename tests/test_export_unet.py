@@ -279,6 +279,10 @@ def test_command_line_checks_run_before_any_model_loads(tmp_path):
     with pytest.raises(ZoneError, match="holds a folder named vae_decoder.onnx"):
         run_export_unet(export_args(tmp_path, "--tiny"))
     assert [path.name for path in tmp_path.iterdir()] == ["vae_decoder.onnx"]
+    (tmp_path / "vae_decoder.onnx").rmdir()
+    (tmp_path / "dual_step.onnx.data").mkdir()  # where a real-size UNet's weights go, past protobuf's 2 GB
+    with pytest.raises(ZoneError, match="holds a folder named dual_step.onnx.data"):
+        run_export_unet(export_args(tmp_path, "--tiny"))
 
 
 def test_an_export_cut_off_after_its_first_graph_installs_none(models, tmp_path, monkeypatch):

@@ -428,6 +428,10 @@ def test_run_export_sam_argument_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         run_export_sam(argparse.Namespace(tiny=False, checkpoint=tmp_path / "sam_vit_b.pth", model_type=None,
                                           out=tmp_path, fp16=False, opset=17))
+    (tmp_path / f"{ENCODER_FILE}.data").mkdir()  # where vit_h's encoder weights go: said before any model loads
+    with pytest.raises(ZoneError, match=f"holds a folder named {ENCODER_FILE}.data"):
+        run_export_sam(argparse.Namespace(tiny=True, checkpoint=None, model_type=None, out=tmp_path,
+                                          fp16=False, opset=17))
 
 
 def test_weights_in_external_data_files(sam, tmp_path, monkeypatch):
