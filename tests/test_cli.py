@@ -106,6 +106,7 @@ def test_help_and_input_errors_answer_without_importing_torch(tmp_path):
     tools' values out of range."""
     out = subprocess.run([sys.executable, "-m", "zone_engine.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "edit" in out.stdout and "demo" in out.stdout
+    assert "130 interrupted (Ctrl-C), 143 stopped by SIGTERM" in " ".join(out.stdout.split())  # as main returns
     out = subprocess.run([sys.executable, "-c", HELP_SCRIPT], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zone",
         description="ZONE: zero-shot instruction-guided local image editing. Give an image and an "
         "instruction; only the region the instruction is about changes, every other pixel stays as it was.",
-        epilog="Exit codes: 0 success, 2 bad input or setup (one line on stderr says what to do).",
+        epilog="Exit codes: 0 success, 2 bad input or setup (one line on stderr says what to do), 130 interrupted "
+               "(Ctrl-C), 143 stopped by SIGTERM.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
