@@ -84,7 +84,9 @@ for argv in (["edit", "missing.png", "-i", "x", "-o", "out.png"], ["edit", "in.p
              ["edit", "photo.png", "-i", " ", "-o", "out.png"], ["demo", "--out", "d", "-i", ""],
              ["edit", "photo.png", "-i", "x", "-o", "out.png", "--device", "tpu"],
              ["edit", "photo.png", "-i", "x", "-o", "out.png", "--device", "cpu", "--dtype", "fp16"],
-             ["demo", "--out", "d", "--segmenter", "onnx"], ["serve", "--tiny", "--denoiser", "tensorrt"]):
+             ["demo", "--out", "d", "--segmenter", "onnx"], ["serve", "--tiny", "--denoiser", "tensorrt"],
+             ["edit", "photo.png", "-i", "x", "-o", "out.png", "--tiny", "--sam-type", "vit_b"],
+             ["serve", "--tiny", "--sam-type", "vit_b"]):
     assert main(argv) == 2, argv
 for argv in (["bench", "--resolution", "100000"], ["profile", "--steps", "0"]):
     try:
@@ -110,7 +112,7 @@ def test_help_and_input_errors_answer_without_importing_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", HELP_SCRIPT], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert sum(line.startswith("error: ") for line in out.stderr.splitlines()) == 12, out.stderr
+    assert sum(line.startswith("error: ") for line in out.stderr.splitlines()) == 14, out.stderr
     assert out.stdout.rstrip().endswith("torch imported: False")
     for option in ("--ip2p", "--magicbrush", "--sam", "--action", "--steps", "--seed", "--device", "--save-masks",
                    "--max-batch", "--dynamic-shapes", "--model-type", "--force"):

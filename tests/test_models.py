@@ -110,7 +110,7 @@ def test_sam_loads_and_checks_its_type(saved, tmp_path):
     root, _ = saved
     sam = load_sam(root / "sam_vit_b_test.pth")
     assert sam.image_encoder.patch_embed.proj.out_channels == 768
-    with pytest.raises(CheckpointError, match="is not a SAM vit_l checkpoint"):
+    with pytest.raises(CheckpointError, match="--sam .*: not a SAM vit_l checkpoint"):
         load_sam(root / "sam_vit_b_test.pth", "vit_l")
     unnamed = tmp_path / "weights.pth"
     unnamed.write_bytes((root / "sam_vit_b_test.pth").read_bytes())
@@ -118,7 +118,7 @@ def test_sam_loads_and_checks_its_type(saved, tmp_path):
         load_sam(unnamed)
     corrupt = tmp_path / "sam_vit_b_corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read SAM checkpoint"):
+    with pytest.raises(CheckpointError, match="--sam .*sam_vit_b_corrupt.pth: cannot read SAM checkpoint"):
         load_sam(corrupt)
     assert sam_type_from_path(root / "sam_vit_h_4b8939.pth") == "vit_h"
     with pytest.raises(CheckpointError, match="is a folder: pass the SAM checkpoint file itself with --sam"):

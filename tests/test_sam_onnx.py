@@ -252,7 +252,7 @@ def test_missing_onnxruntime_says_what_to_install(exported, monkeypatch):
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(CheckpointError, match="not found.*zone export sam"):
+    with pytest.raises(CheckpointError, match="--sam-onnx .*nowhere: no such folder.*zone export sam"):
         OnnxSamSegmenter(tmp_path / "nowhere", SamConfig())
 
 
@@ -261,7 +261,7 @@ def test_missing_or_unreadable_manifest(folder_copy):
     with pytest.raises(CheckpointError, match="cannot read.*zone export sam"):
         OnnxSamSegmenter(folder_copy, SamConfig())
     (folder_copy / MANIFEST_FILE).unlink()
-    with pytest.raises(CheckpointError, match="no manifest.json.*zone export sam"):
+    with pytest.raises(CheckpointError, match="--sam-onnx .*: no manifest.json.*zone export sam"):
         OnnxSamSegmenter(folder_copy, SamConfig())
 
 
@@ -269,7 +269,7 @@ def test_manifest_without_required_fields(folder_copy):
     manifest = read_manifest(folder_copy)
     del manifest["input_size"]
     write_manifest(folder_copy, manifest)
-    with pytest.raises(CheckpointError, match="lacks input_size"):
+    with pytest.raises(CheckpointError, match="--sam-onnx .*: manifest.json lacks input_size"):
         OnnxSamSegmenter(folder_copy, SamConfig())
 
 
@@ -318,7 +318,7 @@ def test_mismatched_encoder_decoder_pair(folder_copy, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError) as error:
         OnnxSamSegmenter(folder_copy, SamConfig())
     message = str(error.value)
-    assert "does not hold one matching SAM export" in message
+    assert "not one matching SAM export" in message
     assert f"{DECODER_FILE} was exported from a tiny_wide SAM" in message
     assert "[1, 32, 4, 4]" in message and "[1, 48, 4, 4]" in message  # the embedding shapes disagree
     assert "zone export sam" in message

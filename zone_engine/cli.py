@@ -375,6 +375,7 @@ def run_edit(args: argparse.Namespace) -> None:
     # (seconds): the checkpoints' presence and what --device auto finds are checked once it is loaded.
     changes = _config_changes(args)
     _check_backend_arguments(args)
+    spec = _pipeline_spec(args)
     _check_output_path(args.output, args.image)
     if args.save_masks:
         _check_masks_folder(args.save_masks, {args.output: "the -o file", args.image: "the input image"})
@@ -383,7 +384,7 @@ def run_edit(args: argparse.Namespace) -> None:
     instruction = check_instruction(args.instruction)
     for note in output_notes(args.output, profile):
         print(f"warning: {note}", file=sys.stderr)
-    pipe = _pipeline_spec(args).build()
+    pipe = spec.build()
     config = pipe.default_config.replace(**changes)
     result = pipe.edit(image, instruction, config, progress=not args.no_progress)
     save_image(result.image, args.output, icc_profile=profile)
@@ -456,8 +457,8 @@ def run_serve(args: argparse.Namespace) -> None:
     _check_listen_address(args.host, args.port)
     if args.replicas != 1 and not args.ray:
         raise ConfigError("--replicas is read with --ray only (one process serves one pipeline): add --ray")
-    from .serving import LocalEditService, ServeSettings, run_server  # after the checks: it imports torch
     spec = _pipeline_spec(args)
+    from .serving import LocalEditService, ServeSettings, run_server  # after the checks: it imports torch
     settings = ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, timeout_s=args.timeout_s,
         max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, max_steps=args.max_steps,

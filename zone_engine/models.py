@@ -354,7 +354,7 @@ def load_sam(checkpoint: str | Path, model_type: str | None = None, *,
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and I/O errors all mean the same to the user
         raise CheckpointError(
-            f"cannot read SAM checkpoint {path}: not a PyTorch checkpoint, or corrupt or truncated "
+            f"{path_flag} {path}: cannot read SAM checkpoint: not a PyTorch checkpoint, or corrupt or truncated "
             f"({type(error).__name__}); download it again from {SAM_URLS[model_type]}"
         ) from None
     sam = build_sam(model_type)
@@ -362,7 +362,7 @@ def load_sam(checkpoint: str | Path, model_type: str | None = None, *,
         sam.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as error:
         raise CheckpointError(
-            f"{path.name} is not a SAM {model_type} checkpoint ({first_line(error)}); "
+            f"{path_flag} {path}: not a SAM {model_type} checkpoint ({first_line(error)}); "
             f"check {type_flag}"
         ) from None
     return sam

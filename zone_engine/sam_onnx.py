@@ -41,6 +41,11 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 RE_EXPORT = "re-run `zone export sam --checkpoint SAM.pth --out FOLDER` to write a fresh folder"
 
 
+def export_error(folder: Path, problem: str) -> CheckpointError:
+    """What is wrong with a `--sam-onnx` folder, the option named first (as every checkpoint option's errors)."""
+    return CheckpointError(f"--sam-onnx {folder}: {problem}; {RE_EXPORT}")
+
+
 def file_sha256(path: Path) -> str:
     with open(path, "rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
@@ -86,7 +91,7 @@ class OnnxSamSegmenter(TorchSamSegmenter):
                 provider_options=[self._provider_options(provider, name, config) for provider in providers],
             )
         except Exception as error:  # ORT raises its own Fail/InvalidProtobuf/... types
-            raise CheckpointError(f"ONNX Runtime cannot load {path}: {str(error).strip()[:300]}; {RE_EXPORT}") from None
+            raise export_error(self.folder, f"ONNX Runtime cannot load {name}: {str(error).strip()[:300]}") from None
 
     def _provider_options(self, provider: str, name: str, config: SamConfig) -> dict[str, Any]:
         if provider not in GPU_PROVIDERS:
@@ -235,12 +240,12 @@ def check_export_folder(folder: Path) -> Path:
     if folder.is_file():
         raise CheckpointError(f"--sam-onnx {folder} is a file: pass the folder `zone export sam --out` wrote")
     if not folder.is_dir():
-        raise CheckpointError(f"SAM ONNX folder not found: {folder}; write one with `zone export sam "
+        raise CheckpointError(f"--sam-onnx {folder}: no such folder; write one with `zone export sam "
                               f"--checkpoint SAM.pth --out {folder}`")
     path = folder / MANIFEST_FILE
     if not path.is_file():
-        raise CheckpointError(f"{folder} has no {MANIFEST_FILE}: not a `zone export sam` folder, or the export "
-                              f"did not finish; {RE_EXPORT}")
+        raise export_error(folder, f"no {MANIFEST_FILE}: not a `zone export sam` folder, or the export did not "
+                                   "finish")
     return path
 
 
@@ -250,23 +255,23 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read {path} ({error}); {RE_EXPORT}") from None
+        raise export_error(folder, f"cannot read {MANIFEST_FILE} ({error})") from None
     missing = [key for key in MANIFEST_KEYS if not isinstance(manifest, dict) or key not in manifest]
     if missing:
-        raise CheckpointError(f"{path} lacks {', '.join(missing)}; {RE_EXPORT}")
+        raise export_error(folder, f"{MANIFEST_FILE} lacks {', '.join(missing)}")
     if manifest["format"] != MANIFEST_FORMAT:
-        raise CheckpointError(f"{path} has format {manifest['format']}, this zone-engine reads format "
-                              f"{MANIFEST_FORMAT}; {RE_EXPORT}")
+        raise export_error(folder, f"{MANIFEST_FILE} has format {manifest['format']}, this zone-engine reads "
+                                   f"format {MANIFEST_FORMAT}")
     files = manifest["files"]
     for name in (ENCODER_FILE, DECODER_FILE):
         if name not in files:
-            raise CheckpointError(f"{path} does not list {name}; {RE_EXPORT}")
+            raise export_error(folder, f"{MANIFEST_FILE} does not list {name}")
     for name, expected in files.items():
         if not (folder / name).is_file():
-            raise CheckpointError(f"{folder / name} is missing; {RE_EXPORT}")
+            raise export_error(folder, f"{name} is missing")
         if file_sha256(folder / name) != expected:
-            raise CheckpointError(f"{folder / name} does not match its sha256 in {MANIFEST_FILE}: the file is "
-                                  f"corrupt, truncated or from another export; {RE_EXPORT}")
+            raise export_error(folder, f"{name} does not match its sha256 in {MANIFEST_FILE}: the file is "
+                                       "corrupt, truncated or from another export")
     return manifest
 
 
@@ -275,7 +280,7 @@ def check_pair(folder: Path, manifest: dict[str, Any], encoder: Any, decoder: An
 
     def fail(problems: list[str]) -> None:
         if problems:
-            raise CheckpointError(f"{folder} does not hold one matching SAM export: {'; '.join(problems)}; {RE_EXPORT}")
+            raise export_error(folder, f"not one matching SAM export: {'; '.join(problems)}")
 
     parts = ((ENCODER_FILE, encoder, "image_encoder"), (DECODER_FILE, decoder, "mask_decoder"))
     metadata = {name: session.get_modelmeta().custom_metadata_map for name, session, _ in parts}

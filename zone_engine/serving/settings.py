@@ -38,6 +38,15 @@ class PipelineSpec:
     channels_last: bool | None = None  # None: the UNets' on CUDA in fp16/bf16 (ZonePipeline's default)
     group_norm: str = "auto"
 
+    def __post_init__(self) -> None:
+        # Said when the command line is read, before torch loads (seconds), not when the models are built.
+        if self.tiny and self.random_weights:
+            raise ConfigError("--tiny and --random-weights exclude each other: choose one")
+        if self.tiny and self.sam_type:
+            raise ConfigError(f"--tiny builds its own tiny SAM: drop --sam-type {self.sam_type}")
+        if self.random_weights not in (None, "sd15"):
+            raise ConfigError(f"--random-weights {self.random_weights}: only sd15 (real-size architectures)")
+
     def build(self):
         from ..pipeline import ZonePipeline
 
@@ -45,17 +54,11 @@ class PipelineSpec:
                         sam_onnx=self.sam_onnx, cuda_graphs=self.cuda_graphs,
                         attention=self.attention, sam_precision=self.sam_precision, channels_last=self.channels_last,
                         group_norm=self.group_norm)
-        if self.tiny and self.random_weights:
-            raise ConfigError("--tiny and --random-weights exclude each other: choose one")
         if self.tiny:
-            if self.sam_type:
-                raise ConfigError(f"--tiny builds its own tiny SAM: drop --sam-type {self.sam_type}")
             return ZonePipeline.tiny(device=self.device, dtype=self.dtype, **backends)
         if self.random_weights:
             from ..models import build_random_components
 
-            if self.random_weights != "sd15":
-                raise ConfigError(f"--random-weights {self.random_weights}: only sd15 (real-size architectures)")
             models = build_random_components(self.random_weights, 0, self.sam_type or "vit_b")
             return ZonePipeline(models, self.device, self.dtype, **backends)
         return ZonePipeline.from_pretrained(
