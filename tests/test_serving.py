@@ -454,6 +454,9 @@ def test_bad_requests_get_the_right_4xx_and_a_json_error_and_the_server_keeps_se
             "image too small": (post_edit(base, png(smooth_image(4, 64))), 400, "the uploaded image"),
             # Read by FastAPI as left out: edited at the default steps (seed, action, return) with a 200.
             "empty steps and seed": (post_edit(base, image, steps="", seed=""), 422, "steps, seed: empty"),
+            # Read by pydantic as 10 and 7: a client that wrote them so meant something else, or made a slip.
+            "steps and seed not in decimal digits": (post_edit(base, image, steps="1_0", seed="7.0"), 422,
+                                                     "steps '1_0', seed '7.0': not a whole number in decimal digits"),
             "a media type that only begins as multipart's": (
                 httpx.post(f"{base}/v1/edit", content=b"--b--\r\n",
                            headers={"content-type": "multipart/form-datax; boundary=b"}), 415, "multipart"),

@@ -309,13 +309,16 @@ def decode_upload(data: bytes, settings: ServeSettings) -> Upload:
 EDIT_PATH = "/v1/edit"
 FORM_FIELDS = ("image", "instruction", "action", "steps", "seed", "return")
 OPTIONAL_FIELDS = ("action", "steps", "seed", "return")  # an empty instruction is said by FastAPI's check
+INTEGER_FIELDS = ("steps", "seed")
+DECIMAL_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")  # what a client means by a number; not pydantic's 1_0 or 10.0
 
 
 def check_form_fields(fields: Sequence[tuple[str, object]], query: Sequence[str] = ()) -> None:
     """A 422 for a form field the endpoint does not read (a client that believes it set `guidance` would get
     the default silently), one given twice (one of them would be picked silently), an optional one given empty
-    (FastAPI reads `steps=` as left out: the default, silently), or any in the query string (`/v1/edit?steps=1`
-    would edit at the default steps)."""
+    (FastAPI reads `steps=` as left out: the default, silently), an integer one written otherwise than in decimal
+    digits (pydantic reads `1_0` as 10 and `10.0` as 10), or any in the query string (`/v1/edit?steps=1` would
+    edit at the default steps)."""
     names = [name for name, _ in fields]
     if query:
         raise ServeError(422, "invalid_request", f"{', '.join(sorted(set(query)))}: in the query string, which this "
@@ -331,6 +334,10 @@ def check_form_fields(fields: Sequence[tuple[str, object]], query: Sequence[str]
     if empty:
         raise ServeError(422, "invalid_request", f"{', '.join(empty)}: empty; leave a field out for the server's "
                          "default")
+    loose = [f"{name} {value!r}" for name, value in fields
+             if name in INTEGER_FIELDS and isinstance(value, str) and not DECIMAL_INTEGER.fullmatch(value)]
+    if loose:
+        raise ServeError(422, "invalid_request", f"{', '.join(loose)}: not a whole number in decimal digits")
 
 
 def check_request_fields(instruction: str, action: str | None, steps: int | None, seed: int | None,
