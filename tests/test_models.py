@@ -164,6 +164,24 @@ def test_action_classifier_loads_and_checks_width(saved):
         load_action_classifier(root / "ip2p" / "model_index.json", 32)
 
 
+def test_the_action_classifier_in_zones_place_is_read_without_being_named(saved, tmp_path, monkeypatch):
+    """ZONE.md section 2: the keyword rule only when the classifier's weights are absent; the reference keeps
+    them at ckpts/action_classifier.pth, as it keeps SAM's (the default --sam)."""
+    from zone_engine import ZonePipeline
+
+    root, _ = saved
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpts").mkdir()
+    shutil.copy(root / "sam_vit_b_test.pth", tmp_path / "ckpts" / "sam_vit_h_4b8939.pth")  # DEFAULT_SAM's name
+    arguments = dict(ip2p=str(root / "ip2p"), magicbrush=str(root / "magicbrush"), sam_type="vit_b", device="cpu")
+    with pytest.warns(UserWarning, match="none at ckpts/action_classifier.pth: actions come from the keyword rule"):
+        assert ZonePipeline.from_pretrained(**arguments).models.action_classifier is None
+    shutil.copy(root / "action_classifier.pth", tmp_path / "ckpts" / "action_classifier.pth")
+    classifier = ZonePipeline.from_pretrained(**arguments).models.action_classifier
+    saved_weights = torch.load(root / "action_classifier.pth", weights_only=True)
+    assert all(torch.equal(classifier.state_dict()[name], value) for name, value in saved_weights.items())
+
+
 def test_tiny_components_are_reproducible():
     a, b = build_tiny_components(seed=5), build_tiny_components(seed=5)
     for x, y in zip(a.ip2p_unet.parameters(), b.ip2p_unet.parameters(), strict=True):

@@ -19,6 +19,7 @@ from export.options import add_build_engine_arguments, add_export_sam_arguments,
 
 from .config import (
     ATTENTION,
+    DEFAULT_ACTION_CLASSIFIER,
     DEFAULT_SAM,
     DENOISERS,
     GROUP_NORMS,
@@ -118,7 +119,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--sam-type", type=str.lower, choices=SAM_TYPES,
                         help="SAM size, when the file name does not say it")
     models.add_argument("--action-classifier", type=Path,
-                        help="ZONE's ckpts/action_classifier.pth; without it a keyword rule decides the action")
+                        help=f"ZONE's action classifier (default: {DEFAULT_ACTION_CLASSIFIER} when that file is "
+                             "there); without it a keyword rule decides the action")
     models.add_argument("--dtype", type=str.lower, default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="precision of the diffusion models (fp16/bf16 need CUDA; default fp32)")
     models.add_argument("--tiny", action="store_true", help="use tiny random models instead (for trying the CLI)")

@@ -66,6 +66,7 @@ SAM_TYPES = ("vit_h", "vit_l", "vit_b")  # segment-anything's checkpoints (zone_
 IP2P_ID = "timbrooks/instruct-pix2pix"
 MAGICBRUSH_ID = "vinesmsuic/magicbrush-jul7"
 DEFAULT_SAM = Path("ckpts/sam_vit_h_4b8939.pth")  # where the reference repository keeps it
+DEFAULT_ACTION_CLASSIFIER = Path("ckpts/action_classifier.pth")  # read when there (the keyword rule otherwise)
 
 
 _DEVICE_NAME = re.compile(r"auto|cpu(?::0)?|cuda(?::(?:0|[1-9][0-9]*))?")  # what torch.device takes, of these

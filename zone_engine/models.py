@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .config import IP2P_ID, MAGICBRUSH_ID, SAM_TYPES, check_seed
+from .config import DEFAULT_ACTION_CLASSIFIER, IP2P_ID, MAGICBRUSH_ID, SAM_TYPES, check_seed
 from .errors import CheckpointError, first_line
 
 SAM_URLS = {
@@ -472,8 +472,9 @@ def load_action_classifier(checkpoint: str | Path | None, hidden_size: int) -> A
     """The reference action classifier, or None (then the keyword rule is used, with a warning)."""
     if checkpoint is None:
         warnings.warn(
-            f"no action classifier given: actions come from the keyword rule. For the learned classifier "
-            f"get {ACTION_CLASSIFIER_SOURCE} and pass --action-classifier PATH.",
+            f"no action classifier given, and none at {DEFAULT_ACTION_CLASSIFIER}: actions come from the keyword "
+            f"rule. For the learned classifier get {ACTION_CLASSIFIER_SOURCE} and put it there or pass "
+            "--action-classifier PATH.",
             stacklevel=3,
         )
         return None

@@ -33,7 +33,16 @@ from .backends import (
     resolve_dtype,
     uses_cuda_graphs,
 )
-from .config import DEFAULT_SAM, IP2P_ID, MAGICBRUSH_ID, Action, EditConfig, SamConfig, check_switch
+from .config import (
+    DEFAULT_ACTION_CLASSIFIER,
+    DEFAULT_SAM,
+    IP2P_ID,
+    MAGICBRUSH_ID,
+    Action,
+    EditConfig,
+    SamConfig,
+    check_switch,
+)
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
 from .errors import ConfigError, EditCancelled, warn_caller
 from .graphs import CapturedCalls, Run, eager
@@ -293,8 +302,9 @@ class ZonePipeline:
         **kwargs,
     ) -> ZonePipeline:
         """Real checkpoints from local folders, the offline Hugging Face cache, and a SAM .pth file
-        (`sam`, default `DEFAULT_SAM`). With `segmenter="onnx", sam_onnx=DIR` the PyTorch SAM is never
-        loaded: pass neither `sam` nor `sam_type` then."""
+        (`sam`, default `DEFAULT_SAM`); `action_classifier`: by default `DEFAULT_ACTION_CLASSIFIER` where that
+        file is, else none (the keyword rule decides, with a warning). With `segmenter="onnx", sam_onnx=DIR` the
+        PyTorch SAM is never loaded: pass neither `sam` nor `sam_type` then."""
         _check_options(cls, "from_pretrained", kwargs)  # now, not once the checkpoints have loaded (minutes)
         for name, value in (("ip2p", ip2p), ("magicbrush", magicbrush), ("sam", sam),
                             ("action_classifier", action_classifier)):
@@ -302,6 +312,8 @@ class ZonePipeline:
                 raise ConfigError(f"from_pretrained: {name} must be a model id or a path, got {value!r}")
         sam_type = checked_sam_type(sam_type)
         sam = _sam_checkpoint(sam, sam_type, kwargs.get("segmenter", "torch"))
+        if action_classifier is None and DEFAULT_ACTION_CLASSIFIER.is_file():  # ZONE's section 2: the classifier
+            action_classifier = DEFAULT_ACTION_CLASSIFIER  # when its weights are there, the keyword rule otherwise
         target = resolve_device(device)
         load_dtype = resolve_dtype(dtype, target)
         check_backends(target, **kwargs)
