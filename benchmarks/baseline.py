@@ -5,7 +5,8 @@ Written from ../shared/ZONE.md and the shape of the authors' code (lsl001006/ZON
 `get_finemask_everything`, `subtract_fft_images`), and kept outside `zone_engine` on purpose: it
 imports no engine stage. What it shares with the engine is only plumbing: `image_io` to load, shrink,
 pad and map back; `Stopwatch` so both are timed by the same clock; `EditConfig` for the numbers;
-`EditResult` as the return type.
+`EditResult` as the return type; `solver.set_timesteps`, diffusers' own call with NumPy 2's deprecation warning
+hushed.
 
 What is reference-style (the costs the engine is measured against):
 - two separate diffusers `StableDiffusionInstructPix2PixPipeline` objects (IP2P and MagicBrush),
@@ -50,6 +51,7 @@ from zone_engine.config import Action, EditConfig
 from zone_engine.denoise import REFERENCE_SCHEDULER
 from zone_engine.models import ZoneModels
 from zone_engine.pipeline import STAGES, EditResult
+from zone_engine.solver import set_timesteps
 from zone_engine.timing import Stopwatch
 
 # Reference attention store: maps with more queries than this are not kept ("avoid memory overhead").
@@ -338,8 +340,8 @@ class ReferenceStyleZone:
                                             self.device, generator)
 
         with watch("denoise"):
-            model.scheduler.set_timesteps(config.steps, device=self.device)
-            model_mb.scheduler.set_timesteps(config.steps, device=self.device)
+            set_timesteps(model.scheduler, config.steps, self.device)  # diffusers' own, NumPy 2's warning hushed
+            set_timesteps(model_mb.scheduler, config.steps, self.device)
             latents_mb, latents_ip2p = latents.clone(), latents.clone()
             if step_clock is not None:
                 step_clock.start()

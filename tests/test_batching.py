@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -115,8 +116,18 @@ def test_a_bad_request_fails_alone_and_the_others_finish(fused_pipe):
     # may round those rows differently (seen on an AMD EPYC: one level), so the bound of the test above.
     assert np.abs(outcomes[0].image.astype(int) - outcomes[3].image.astype(int)).max() <= 1
     assert np.array_equal(outcomes[0].mask_b, outcomes[3].mask_b)
-    with pytest.raises(InputImageError):
-        fused_pipe.edit_batch(requests)
+
+
+def test_without_return_exceptions_a_bad_request_raises_before_any_edit_is_denoised(fused_pipe, monkeypatch):
+    """The good edits' work was done, then thrown away with the bad request's error, which said not which it was."""
+    denoised = []
+    monkeypatch.setattr(fused_pipe, "denoise", lambda *args, **kwargs: denoised.append(args) or 1 / 0)
+    good = EditRequest(smooth_image(64, 64, seed=1), "add a hat")
+    with pytest.raises(InstructionError) as raised:
+        fused_pipe.edit_batch([good, good, EditRequest(good.image, "  "), EditRequest(good.image, None)])
+    assert denoised == []
+    if sys.version_info >= (3, 11):  # exception notes
+        assert raised.value.__notes__ == ["(edit_batch: request 2)"]
 
 
 def test_a_fault_in_the_batched_loop_is_retried_alone_and_stays_with_its_edit(fused_pipe, monkeypatch):

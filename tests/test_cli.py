@@ -21,7 +21,7 @@ from PIL import Image
 from zone_engine import ZonePipeline
 from zone_engine.backends import check_backends, resolve_device
 from zone_engine.cli import MASK_OUTPUTS, SERVE_MODULES, main
-from zone_engine.config import EditConfig, SamConfig, check_backend_options, device_kind
+from zone_engine.config import Action, EditConfig, SamConfig, check_backend_options, device_kind
 from zone_engine.errors import ConfigError, DeviceError, InputImageError, InstructionError, ZoneError
 from zone_engine.pipeline import EditRequest
 
@@ -507,11 +507,18 @@ def test_an_on_off_option_takes_only_a_bool_or_none(tiny_models, option, value):
     # Accepted up to float32's overflow: the edit then diverged, its message blaming the default guidance.
     ({"beta_remove": 1e38}, "beta_remove and beta_add_change must be between 0 and 1000"),
     ({"beta_add_change": -0.1}, "beta_remove and beta_add_change must be between 0 and 1000"),
+    ({"image_guidance": -1}, "text_guidance and image_guidance must be >= 0"),  # edited away from the image
+    ({"action_rule": "intend"}, "action_rule must be 'intended' or 'reference'"),
 ])
 def test_edit_config_says_what_is_wrong_with_a_value(changes, words):
     """Said at once, not as a TypeError deep in numpy/torch or a broken image (guidance nan) later."""
     with pytest.raises(ConfigError, match=words):
         EditConfig().replace(**changes)
+
+
+def test_edit_config_reads_its_names_in_any_case():
+    config = EditConfig(action="ADD", action_rule="Reference", threshold_rule="PAPER")
+    assert (config.action, config.action_rule, config.threshold_rule) == (Action.ADD, "reference", "paper")
 
 
 def test_sam_config_refuses_what_would_fail_inside_segment_anything():

@@ -264,6 +264,16 @@ def test_pil_palette_alpha_composites_and_warns():
         assert_rgb(load_image(img), 8, 9)
 
 
+def test_pil_premultiplied_gray_alpha_composites_as_la_does():
+    """Mode La (luminance premultiplied by alpha): Pillow converts it to LA, not to RGBA, so it was refused."""
+    straight = Image.new("LA", (9, 8), (100, 0))
+    straight.putpixel((0, 0), (100, 255))
+    with pytest.warns(UserWarning, match="transparency"):
+        loaded, expected = load_image(straight.convert("La")), load_image(straight)
+    np.testing.assert_array_equal(loaded, expected)
+    np.testing.assert_array_equal(loaded[0, 0], [100, 100, 100])
+
+
 def test_pil_float_image_is_refused():
     assert "floating-point" in load_refused(Image.new("F", (9, 9)))
 
@@ -345,6 +355,17 @@ def test_a_named_pipe_is_refused_without_being_read(tmp_path):
 
 def test_unsupported_source_type():
     assert "file path, a PIL image or a numpy array" in load_refused(42)
+    # Path() would fold a URL into "image not found: https:/example.com/x.png"; its mask would be dropped unsaid.
+    assert load_refused("https://example.com/x.png") == ("https://example.com/x.png is a URL: the engine reads "
+                                                         "local files only; download it first")
+    masked = np.ma.masked_array(np.zeros((40, 40, 3), np.uint8), mask=False)
+    assert "masked array" in load_refused(masked) and "filled" in load_refused(masked)
+
+
+def test_a_path_from_the_home_folder_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(tmp_path / "photo.png")
+    assert load_image("~/photo.png").shape == (30, 40, 3) and load_image(Path("~/photo.png")).shape == (30, 40, 3)
 
 
 # ---------------------------------------------------------------------------------------------------

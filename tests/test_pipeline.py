@@ -125,6 +125,54 @@ def test_long_instruction_is_truncated_with_a_warning(tiny_pipe):
     assert result.instruction_truncated and len(result.notes) == 1 and "truncated" in result.notes[0]
 
 
+def test_the_stages_say_what_they_take_instead_of_failing_inside_torch(tiny_pipe):
+    """prepare / denoise / finish are public (edit_batch's stages): their inputs are checked as edit's are."""
+    config = tiny_pipe.default_config.replace(steps=1)
+    prepared, other = (tiny_pipe.prepare(smooth_image(64, 64), INSTRUCTION, config) for _ in range(2))
+    (latents,) = tiny_pipe.denoise([prepared])
+    cases = [
+        (lambda: tiny_pipe.denoise([prepared], progress="no"), "progress must be True or False"),
+        (lambda: tiny_pipe.denoise([]), "denoise takes a non-empty list of the PreparedEdits"),
+        (lambda: tiny_pipe.finish(prepared, None), r"a tensor of shape \(1, 4, 8, 8\); got NoneType"),
+        (lambda: tiny_pipe.finish(prepared, latents[..., :4]), r"got \(1, 4, 8, 4\)"),
+        (lambda: tiny_pipe.finish(other, latents), "this edit was not denoised"),  # said "no attention recorded"
+        (lambda: tiny_pipe.finish(prepared, latents, progress="no"), "progress must be True or False"),
+        (lambda: tiny_pipe.finish(latents, latents), "finish takes the PreparedEdit prepare"),
+    ]
+    for call, words in cases:
+        with pytest.raises(ConfigError, match=words):
+            call()
+    assert tiny_pipe.finish(prepared, latents).image.shape == (64, 64, 3)
+
+
+def test_a_default_config_is_checked_when_given_or_set(tiny_models):
+    pipe = ZonePipeline.tiny(default_config=EditConfig(steps=2))  # was: "got multiple values for default_config"
+    assert pipe.default_config == EditConfig(steps=2)
+    with pytest.raises(ConfigError, match="default_config must be an EditConfig"):
+        pipe.default_config = {"steps": 2}  # was accepted, and failed inside the next edit
+    assert pipe.default_config == EditConfig(steps=2)
+
+
+@pytest.mark.parametrize("denoiser", ["eager", "fused"])
+def test_an_edit_runs_where_deprecation_warnings_are_errors(tiny_models, denoiser):
+    """diffusers' set_timesteps hands NumPy 2 a tensor: its DeprecationWarning failed the first edit at each step
+    count under -W error (or pytest's filterwarnings = error). A pipeline of its own: no schedule cached yet."""
+    pipe = ZonePipeline(tiny_models, device="cpu", denoiser=denoiser)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        pipe.edit(smooth_image(64, 64), INSTRUCTION, EditConfig(steps=2, sam=SamConfig.for_random_weights()))
+
+
+def test_a_long_instruction_is_said_by_the_engine_not_also_by_transformers(capfd):
+    """transformers printed that the ids were too long "for the model" and "will result in indexing errors":
+    false (the model sees them truncated) and alarming, beside the engine's own EditWarning."""
+    from zone_engine.models import build_tiny_tokenizer
+    from zone_engine.text import MAX_TOKENS, count_tokens
+
+    assert count_tokens(build_tiny_tokenizer(), "make it red " * 40) == (MAX_TOKENS, True)
+    assert "longer than the specified maximum" not in capfd.readouterr().err
+
+
 def test_what_an_edit_did_not_take_as_given_is_in_its_notes_and_each_warned_once(tiny_pipe):
     """A server reports the notes with their request (and silences the process-wide warnings)."""
     rgba = np.dstack([smooth_image(12, 300), np.full((12, 300), 128, np.uint8)])

@@ -3,15 +3,20 @@
 from .config import Action, EditConfig, SamConfig
 from .errors import ZoneError
 
-__all__ = ["Action", "EditConfig", "EditResult", "SamConfig", "ZoneError", "ZonePipeline"]
+_FROM_PIPELINE = ("EditRequest", "EditResult", "ZonePipeline")
+__all__ = ["Action", "EditConfig", "SamConfig", "ZoneError", *_FROM_PIPELINE]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
     # The pipeline pulls in torch, diffusers and segment-anything: import it only when asked for,
     # so `zone --help` and the pure-numpy stages stay light.
-    if name in ("ZonePipeline", "EditResult"):
+    if name in _FROM_PIPELINE:
         from . import pipeline
 
         return getattr(pipeline, name)
     raise AttributeError(f"module 'zone_engine' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:  # the lazy names too, for dir() and completion
+    return sorted({*globals(), *_FROM_PIPELINE})

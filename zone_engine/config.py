@@ -275,11 +275,16 @@ class EditConfig:
         _check_numbers(self)
         if isinstance(self.action, str) and not isinstance(self.action, Action):
             object.__setattr__(self, "action", parse_action(self.action))
+        for name in ("action_rule", "threshold_rule"):  # any case, as action and the command line's names
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, getattr(self, name).lower())
         _raise_first_failing([
             (self.action is None or isinstance(self.action, Action), f"action must be None (classify) or one of "
              f"add, change, remove; got {self.action!r}"),
             (isinstance(self.sam, SamConfig), f"sam must be a SamConfig, got {type(self.sam).__name__}"),
             (1 <= self.steps <= MAX_STEPS, f"steps must be between 1 and {MAX_STEPS}"),
+            (self.text_guidance >= 0 and self.image_guidance >= 0, "text_guidance and image_guidance must be >= 0 "
+             "(1: no guidance; IP2P's defaults 7.5 and 1.5): a negative scale steers away from the instruction"),
             (all(0 <= beta <= MAX_BETA for beta in (self.beta_remove, self.beta_add_change)),
              f"beta_remove and beta_add_change must be between 0 and {MAX_BETA:g}"),
             (self.action_rule in ("intended", "reference"), "action_rule must be 'intended' or 'reference'"),

@@ -14,6 +14,7 @@ import torch
 
 from .config import EditConfig
 from .localize import AttentionAccumulator, attention_grid, record_cross_attention
+from .solver import set_timesteps
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,8 @@ class SequentialDenoiser:
               on_step: Callable[[int], None] | None) -> torch.Tensor:
         ip2p_scheduler, mb_scheduler = (make_scheduler(self.scheduler_config) for _ in range(2))
         device = inputs.noise.device
-        ip2p_scheduler.set_timesteps(config.steps, device=device)
-        mb_scheduler.set_timesteps(config.steps, device=device)
+        set_timesteps(ip2p_scheduler, config.steps, device)
+        set_timesteps(mb_scheduler, config.steps, device)
         z_ip = z_mb = inputs.noise * ip2p_scheduler.init_noise_sigma
         for index, t in enumerate(ip2p_scheduler.timesteps):
             z_mb = trajectory_step(self.mb_unet, mb_scheduler, z_mb, t, inputs, config)

@@ -26,7 +26,7 @@ from zone_engine.paths import name_problem, written_atomically
 MIN_SIDE = 8
 MAX_PIXELS = 100_000_000
 
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _ACCEPTED_ARRAYS = (
     "arrays of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4): uint8, other integers in 0..65535 (16-bit "
     "unless all are at most 255) or floats in [0, 1]"
@@ -58,6 +58,9 @@ def load_image(source: ImageSource, name: str | None = None) -> np.ndarray:
 def read_image(source: ImageSource, name: str | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
     """`load_image`'s pixels and, instead of warnings, its notes (what was dropped or guessed): for a caller
     that reports them per request (warnings are process-wide)."""
+    if isinstance(source, np.ma.MaskedArray):  # its mask would be dropped unsaid: the caller says what it means
+        raise InputImageError("a numpy masked array cannot be edited as it is: pass array.filled(value) (masked "
+                              "pixels set to a colour) or array.data (the pixels under the mask as they are)")
     if isinstance(source, np.ndarray):
         rgb, notes = _array_to_rgb(np.asarray(source), name or "the given array")  # np.matrix: a plain array
     elif isinstance(source, Image.Image):
@@ -65,7 +68,9 @@ def read_image(source: ImageSource, name: str | None = None) -> tuple[np.ndarray
     elif isinstance(source, str | os.PathLike):
         if not os.fspath(source):  # Path("") would be the current folder: ". is a directory"
             raise InputImageError("no image path given: pass the path of an image file")
-        rgb, notes = _load_file(Path(source))
+        if isinstance(source, str) and "://" in source:  # Path() would fold it into "https:/host/x.png: not found"
+            raise InputImageError(f"{source} is a URL: the engine reads local files only; download it first")
+        rgb, notes = _load_file(Path(source).expanduser())
     else:
         raise InputImageError(f"cannot use a {type(source).__name__} as an image; pass a file path, a PIL image "
                               f"or a numpy array{_tensor_hint(source) if _is_tensor(source) else ''}")
@@ -149,7 +154,8 @@ def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, list[str]]:
     mode = img.mode
     # A palette, RGB or L image can mark one colour transparent (PNG tRNS): as much transparency as alpha.
     if mode in _ALPHA_MODES or (mode in ("P", "RGB", "L") and "transparency" in img.info):
-        rgb, had_alpha = _composite_over_black(np.asarray(img.convert("RGBA")))
+        straight = img.convert("LA") if mode == "La" else img  # Pillow has no La -> RGBA; LA un-premultiplies
+        rgb, had_alpha = _composite_over_black(np.asarray(straight.convert("RGBA")))
         return rgb, notes + _alpha_notes(had_alpha, name)
     if mode == "RGB":
         return np.array(img, dtype=np.uint8, order="C"), notes  # a writable copy

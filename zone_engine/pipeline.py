@@ -204,6 +204,25 @@ def _coarse_grid_note(geometry: image_io.Geometry) -> str | None:
             "a larger or less elongated (cropped) image edits better")
 
 
+def _raise_for_request(error: Exception, index: int) -> None:
+    if hasattr(error, "add_note"):  # Python 3.11+: the traceback says which request failed
+        error.add_note(f"(edit_batch: request {index})")
+    raise error
+
+
+def _check_denoised(edit: object, latents: object) -> None:
+    """ConfigError unless `latents` can be what `denoise` returned for `edit` (finish's inputs, from the caller)."""
+    if not isinstance(edit, PreparedEdit):
+        raise ConfigError(f"finish takes the PreparedEdit prepare() returned, not a {type(edit).__name__}")
+    expected = tuple(edit.inputs.noise.shape)
+    if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
+        given = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ConfigError(f"finish takes the latents denoise() returned for this edit, a tensor of shape {expected}; "
+                          f"got {given}")
+    if "denoise" not in edit.watch.seconds:  # denoise() times every edit it denoises
+        raise ConfigError("this edit was not denoised: finish it with the latents denoise([edit]) returns for it")
+
+
 def _edit_config(config: object, what: str) -> EditConfig:
     if not isinstance(config, EditConfig):
         raise ConfigError(f"{what} must be an EditConfig, e.g. EditConfig(steps=10), not a {type(config).__name__}")
@@ -275,7 +294,7 @@ class ZonePipeline:
                        channels_last=channels_last)
         self.sam_dtype = DTYPES[sam_precision]
         # Checked before gigabytes move:
-        self.default_config = EditConfig() if default_config is None else _edit_config(default_config, "default_config")
+        self.default_config = EditConfig() if default_config is None else default_config
         configure_attention(models, attention, self.device)
         # channels_last: convolutions in NHWC, where GPUs have their fastest fp16/bf16 kernels; None: the
         # UNets' only, on CUDA in half precision (models.unets_channels_last). The models change in place.
@@ -322,10 +341,21 @@ class ZonePipeline:
 
     @classmethod
     def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", **kwargs) -> ZonePipeline:
-        """Tiny random models, built offline in seconds: for tests and the demo (the edit is meaningless)."""
+        """Tiny random models, built offline in seconds: for tests and the demo (the edit is meaningless).
+        Their default config keeps SAM's masks of random weights (`SamConfig.for_random_weights()`), unless
+        `default_config=` is given."""
         _check_options(cls, "tiny", kwargs)
-        config = EditConfig(sam=SamConfig.for_random_weights())
-        return cls(build_tiny_components(seed), device, default_config=config, **kwargs)
+        kwargs.setdefault("default_config", EditConfig(sam=SamConfig.for_random_weights()))
+        return cls(build_tiny_components(seed), device, **kwargs)
+
+    @property
+    def default_config(self) -> EditConfig:
+        """The config of an edit that passes none."""
+        return self._default_config
+
+    @default_config.setter
+    def default_config(self, config: EditConfig) -> None:
+        self._default_config = _edit_config(config, "default_config")  # checked now, not inside the next edit
 
     def empty_prompt(self) -> torch.Tensor:
         """The empty prompt's text embedding (1, 77, C): the same for every edit, so encoded once."""
@@ -358,7 +388,8 @@ class ZonePipeline:
         batch (tests/test_batching.py: masks identical, images within one uint8 level; rarely, a level's
         difference in I_sty tips a SAM threshold, and a pixel or a few of M_f and the output differ). With
         `return_exceptions`, a request that fails (bad input, cancelled, a fault in its own work)
-        has its exception in its place and the others go on; else the first raises.
+        has its exception in its place and the others go on; else the first failure raises as soon as it is
+        known (a request's bad input before any edit is denoised), noting on Python 3.11+ which request it was.
         """
         if not isinstance(requests, Sequence) or not all(isinstance(r, EditRequest) for r in requests):
             given = [type(r).__name__ for r in requests] if isinstance(requests, Sequence) else type(requests).__name__
@@ -372,14 +403,16 @@ class ZonePipeline:
             outcomes[index] = self._attempt(request, lambda r=request: self.prepare(r.image, r.instruction, r.config))
             if isinstance(outcomes[index], PreparedEdit):
                 groups.setdefault(outcomes[index].batch_key, []).append((index, outcomes[index]))
+            elif not return_exceptions:  # before the other requests' minutes of work, which would be lost
+                _raise_for_request(outcomes[index], index)
         for members in groups.values():
             finished = self._denoise_and_finish([requests[i] for i, _ in members], [p for _, p in members], progress)
             for (index, _), outcome in zip(members, finished, strict=True):
                 outcomes[index] = outcome
         if not return_exceptions:
-            for outcome in outcomes:
+            for index, outcome in enumerate(outcomes):
                 if isinstance(outcome, Exception):
-                    raise outcome
+                    _raise_for_request(outcome, index)
         return outcomes
 
     def _denoise_and_finish(
@@ -465,8 +498,13 @@ class ZonePipeline:
         """Step 5 for edits of one batch key: dual denoising, recording IP2P's cross-attention into
         each edit's accumulator. One batched loop if the denoiser can batch, else one loop an edit.
         `stop` is polled after every step; when it says so, the loop ends with `EditCancelled`."""
+        check_switch("progress", progress)
+        if not isinstance(edits, Sequence) or not edits or not all(isinstance(e, PreparedEdit) for e in edits):
+            raise ConfigError(f"denoise takes a non-empty list of the PreparedEdits prepare() returns, got "
+                              f"{edits!r:.80}")
         if len({edit.batch_key for edit in edits}) != 1:
-            raise ValueError("edits denoised together need one batch key (latent size, steps, guidance)")
+            raise ConfigError("edits denoised together need one batch key (latent size, steps, guidance): "
+                              "group them by PreparedEdit.batch_key, as edit_batch does")
         config = edits[0].config
         runs = [list(edits)] if isinstance(self.denoiser, BatchDenoiser) and len(edits) > 1 else [[e] for e in edits]
         watch, latents = Stopwatch(self.device), []
@@ -496,6 +534,8 @@ class ZonePipeline:
     @_stage_of_an_edit
     def finish(self, edit: PreparedEdit, latents: torch.Tensor, *, progress: bool = False) -> EditResult:
         """Steps 6-9 of one edit: localize, decode, refine, blend; results at the input size."""
+        check_switch("progress", progress)
+        _check_denoised(edit, latents)
         config, watch = edit.config, edit.watch
         if not torch.isfinite(latents).all():  # else a black I_sty and a region over the whole image, unsaid
             raise _diverged(config, "inf/NaN latents")

@@ -10,6 +10,7 @@ element-wise ops that need no host round trip and can live inside a captured CUD
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,15 @@ def _lambda(sigma: torch.Tensor) -> torch.Tensor:
     return torch.log(alpha_t) - torch.log(sigma_t)
 
 
+def set_timesteps(scheduler, steps: int, device: torch.device | None = None) -> None:
+    """`scheduler.set_timesteps`, without the DeprecationWarning NumPy 2 raises at diffusers' `np.array(tensor)`
+    (diffusers' to mend, not the caller's): under `-W error` or pytest's filterwarnings=error it failed the edit."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword",
+                                category=DeprecationWarning)
+        scheduler.set_timesteps(steps, device=device)
+
+
 def solver_schedule(scheduler, steps: int) -> SolverSchedule:
     """Coefficients of `scheduler` (a configured DPMSolverMultistepScheduler) for `steps` steps."""
     config = scheduler.config
@@ -52,7 +62,7 @@ def solver_schedule(scheduler, steps: int) -> SolverSchedule:
         "dpmsolver++", "midpoint", 2, "epsilon"
     ) or config.thresholding:
         raise ValueError("the fused solver implements DPM-Solver++ 2M (midpoint, epsilon prediction) only")
-    scheduler.set_timesteps(steps)
+    set_timesteps(scheduler, steps)
     sigmas = scheduler.sigmas  # (steps + 1,) float32, last one the final sigma
     count = len(scheduler.timesteps)
     rows = {name: [] for name in ("alpha", "sigma", "z_scale", "x0_scale", "correction_scale", "inverse_r0")}

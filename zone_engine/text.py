@@ -22,7 +22,9 @@ class EncodedInstruction:
 
 def count_tokens(tokenizer, text: str) -> tuple[int, bool]:
     """(L, truncated): tokens of `text` with start and end, capped at 77 as CLIP truncates."""
-    full = len(tokenizer(text, truncation=False).input_ids)
+    # verbose=False: transformers would print that the ids are too long for the model, which never sees them
+    # (padded_ids truncates); the truncation is said once, as EditWarning's TRUNCATED.
+    full = len(tokenizer(text, truncation=False, verbose=False).input_ids)
     return min(full, MAX_TOKENS), full > MAX_TOKENS
 
 
