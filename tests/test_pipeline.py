@@ -145,6 +145,17 @@ def test_the_stages_say_what_they_take_instead_of_failing_inside_torch(tiny_pipe
     assert tiny_pipe.finish(prepared, latents).image.shape == (64, 64, 3)
 
 
+def test_a_setup_warning_points_at_the_callers_line(tiny_models, monkeypatch):
+    """It pointed into pipeline.py, where a filter by module or the once-per-place rule never saw the caller."""
+    monkeypatch.setenv("ZONE_DISABLE_TRITON", "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ZonePipeline(tiny_models, device="cpu", kernels="triton", group_norm="triton")
+    said = [(w.filename, str(w.message).split(" cannot")[0]) for w in caught if "cannot run" in str(w.message)]
+    assert said == [(__file__, "--group-norm triton (group_norm='triton')"),
+                    (__file__, "--kernels triton (kernels='triton')")]
+
+
 def test_a_default_config_is_checked_when_given_or_set(tiny_models):
     pipe = ZonePipeline.tiny(default_config=EditConfig(steps=2))  # was: "got multiple values for default_config"
     assert pipe.default_config == EditConfig(steps=2)
@@ -299,7 +310,7 @@ def test_group_norm_option_errors(tiny_models, monkeypatch):
     with pytest.raises(ConfigError, match="a Denoiser instance comes configured"):
         make_denoiser(tiny_models, denoiser, norms=make_group_norms("triton", torch.device("cpu"), "fused")[0])
     monkeypatch.setenv("ZONE_DISABLE_TRITON", "1")
-    with pytest.warns(UserWarning, match="--group-norm triton cannot run on cpu here.*PyTorch's GroupNorm runs"):
+    with pytest.warns(UserWarning, match="--group-norm triton .*cannot run on cpu here.*PyTorch's GroupNorm runs"):
         make_group_norms("triton", torch.device("cpu"), "fused")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # auto where the kernel cannot run: PyTorch's, without a word

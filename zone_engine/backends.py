@@ -6,7 +6,6 @@ Stages never test `torch.cuda.is_available()` themselves; they receive what this
 from __future__ import annotations
 
 import contextlib
-import warnings
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from .config import (
 )
 from .denoise import Denoiser, SequentialDenoiser
 from .dual_step import FusedDualDenoiser
-from .errors import ConfigError, DeviceError
+from .errors import ConfigError, DeviceError, warn_caller
 from .localize import Accumulate, Binarize, accumulate_attention_probabilities, binarize_reference
 from .models import NormScope, ZoneModels, pytorch_norms
 from .refine import Segmenter
@@ -176,9 +175,9 @@ def make_localization_kernels(kind: str, device: torch.device) -> tuple[Accumula
         from kernels.mask_binarize import binarize_mask
 
         if not runs_on(device):  # both kernels share the rule (kernels/runtime.py)
-            warnings.warn(f"--kernels triton cannot run on {device.type} here (Triton needs CUDA, or "
-                          "TRITON_INTERPRET=1 on the CPU, and ZONE_DISABLE_TRITON unset): the torch reference runs",
-                          stacklevel=2)
+            warn_caller(f"--kernels triton (kernels='triton') cannot run on {device.type} here (Triton needs CUDA, "
+                        "or TRITON_INTERPRET=1 on the CPU, and ZONE_DISABLE_TRITON unset): the torch reference runs",
+                        UserWarning)
         return attn_accumulate_, binarize_mask
     raise DeviceError(f"unknown localization kernels {kind!r}: available {', '.join(LOCALIZATION_KERNELS)}")
 
@@ -200,9 +199,9 @@ def make_group_norms(kind: str, device: torch.device, denoiser: str | Denoiser) 
 
     if not runs_on(device):
         if kind == "triton":  # auto: ZONE_DISABLE_TRITON=1 on CUDA, PyTorch's as asked
-            warnings.warn(f"--group-norm triton cannot run on {device.type} here (Triton needs CUDA, or "
-                          "TRITON_INTERPRET=1 on the CPU, and ZONE_DISABLE_TRITON unset): PyTorch's GroupNorm runs",
-                          stacklevel=2)
+            warn_caller(f"--group-norm triton (group_norm='triton') cannot run on {device.type} here (Triton needs "
+                        "CUDA, or TRITON_INTERPRET=1 on the CPU, and ZONE_DISABLE_TRITON unset): PyTorch's GroupNorm "
+                        "runs", UserWarning)
         return pytorch_norms, pytorch_norms
     unets_own = denoiser == "fused" or (kind == "triton" and denoiser == "compile")
     return (triton_group_norms if unets_own else pytorch_norms), triton_group_norms

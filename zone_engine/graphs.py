@@ -13,14 +13,13 @@ once and runs eagerly from then on: a graph changes the speed of a stage, never 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from .errors import first_line
+from .errors import first_line, warn_caller
 
 WARMUP_CALLS = 2  # eager calls on a side stream before capture: lazy initialisation, cuDNN's choices
 
@@ -89,8 +88,8 @@ class CapturedCalls:
                         output = fn(*static)
                 except RuntimeError as error:  # e.g. a host sync: "operation not permitted when stream is capturing"
                     cause = error.__context__ or error  # ending an invalidated capture raises over the real cause
-                    warnings.warn(f"{name}: not captured as a CUDA graph ({first_line(cause)}); it runs eagerly",
-                                  stacklevel=3)
+                    warn_caller(f"{name}: not captured as a CUDA graph ({first_line(cause)}); it runs eagerly",
+                                UserWarning)
                     return None
         finally:
             caller.wait_stream(self._stream)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -21,7 +20,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .config import DEFAULT_ACTION_CLASSIFIER, IP2P_ID, MAGICBRUSH_ID, SAM_TYPES, check_seed
-from .errors import CheckpointError, first_line
+from .errors import CheckpointError, first_line, warn_caller
 
 SAM_URLS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
@@ -471,11 +470,11 @@ def check_same_unet(reference: nn.Module, other: nn.Module, source: str) -> None
 def load_action_classifier(checkpoint: str | Path | None, hidden_size: int) -> ActionClassifier | None:
     """The reference action classifier, or None (then the keyword rule is used, with a warning)."""
     if checkpoint is None:
-        warnings.warn(
+        warn_caller(
             f"no action classifier given, and none at {DEFAULT_ACTION_CLASSIFIER}: actions come from the keyword "
             f"rule. For the learned classifier get {ACTION_CLASSIFIER_SOURCE} and put it there or pass "
-            "--action-classifier PATH.",
-            stacklevel=3,
+            "--action-classifier PATH (action_classifier=PATH).",
+            UserWarning,
         )
         return None
     path = action_classifier_path(checkpoint)
