@@ -182,6 +182,17 @@ def test_the_action_classifier_in_zones_place_is_read_without_being_named(saved,
     assert all(torch.equal(classifier.state_dict()[name], value) for name, value in saved_weights.items())
 
 
+def test_from_pretrained_reads_backend_names_in_any_case(saved):
+    """Its checks run before the weights load: "Eager" was refused there, as an unknown denoiser backend."""
+    from zone_engine import ZonePipeline
+    from zone_engine.denoise import SequentialDenoiser
+
+    root, _ = saved
+    pipe = ZonePipeline.from_pretrained(str(root / "ip2p"), str(root / "magicbrush"), root / "sam_vit_b_test.pth",
+                                        root / "action_classifier.pth", device="cpu", denoiser="Eager")
+    assert isinstance(pipe.denoiser, SequentialDenoiser)  # the eager reference
+
+
 def test_tiny_components_are_reproducible():
     a, b = build_tiny_components(seed=5), build_tiny_components(seed=5)
     for x, y in zip(a.ip2p_unet.parameters(), b.ip2p_unet.parameters(), strict=True):

@@ -156,6 +156,16 @@ def test_a_setup_warning_points_at_the_callers_line(tiny_models, monkeypatch):
                     (__file__, "--kernels triton (kernels='triton')")]
 
 
+def test_backend_names_are_read_in_any_case_as_device_and_dtype_are(tiny_models):
+    from zone_engine.dual_step import FusedDualDenoiser
+
+    pipe = ZonePipeline(tiny_models, device="CPU", dtype="FP32", denoiser="Fused", segmenter="TORCH", kernels="Auto",
+                        attention="SDPA", sam_precision="FP32", group_norm="Torch")
+    assert isinstance(pipe.denoiser, FusedDualDenoiser) and pipe.group_norms == {"unets": "pytorch", "vae": "pytorch"}
+    with pytest.raises(DeviceError, match="unknown denoiser backend 'fusd'"):
+        ZonePipeline(tiny_models, device="cpu", denoiser="Fusd")
+
+
 def test_a_default_config_is_checked_when_given_or_set(tiny_models):
     pipe = ZonePipeline.tiny(default_config=EditConfig(steps=2))  # was: "got multiple values for default_config"
     assert pipe.default_config == EditConfig(steps=2)

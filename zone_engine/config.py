@@ -89,6 +89,16 @@ def check_precision(dtype: str, kind: str) -> None:
         raise DeviceError(f"{dtype} runs only on CUDA here; on the CPU use fp32")
 
 
+BACKEND_NAME_OPTIONS = ("denoiser", "segmenter", "kernels", "attention", "sam_precision", "group_norm")
+
+
+def lowered_backend_names(options: dict[str, object]) -> dict[str, object]:
+    """The backend options' names in any case (`denoiser="Fused"`), as `device`, `dtype` and the command line take
+    them; other options as they are."""
+    return {key: value.lower() if key in BACKEND_NAME_OPTIONS and isinstance(value, str) else value
+            for key, value in options.items()}
+
+
 def check_backend_options(
     kind: str, denoiser: str | object = "fused", engines: object = None, segmenter: str = "torch",
     sam_onnx: object = None, sam_precision: str = "fp32", group_norm: str = "auto", attention: str = "sdpa",

@@ -42,6 +42,7 @@ from .config import (
     EditConfig,
     SamConfig,
     check_switch,
+    lowered_backend_names,
 )
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
 from .errors import ConfigError, EditCancelled, warn_caller
@@ -285,6 +286,9 @@ class ZonePipeline:
             raise ConfigError(f"ZonePipeline takes the loaded ZoneModels, not a {type(models).__name__}: load "
                               "checkpoints with ZonePipeline.from_pretrained(ip2p=..., magicbrush=..., sam=...), or "
                               "use ZonePipeline.tiny() for random test models")
+        denoiser, segmenter, kernels, attention, sam_precision, group_norm = lowered_backend_names(dict(
+            denoiser=denoiser, segmenter=segmenter, kernels=kernels, attention=attention, sam_precision=sam_precision,
+            group_norm=group_norm)).values()
         if segmenter == "torch" and models.sam is None:
             raise ConfigError("no SAM checkpoint was loaded: pass sam=CKPT, or segmenter='onnx' with sam_onnx=DIR")
         self.device = resolve_device(device)
@@ -325,6 +329,7 @@ class ZonePipeline:
         file is, else none (the keyword rule decides, with a warning). With `segmenter="onnx", sam_onnx=DIR` the
         PyTorch SAM is never loaded: pass neither `sam` nor `sam_type` then."""
         _check_options(cls, "from_pretrained", kwargs)  # now, not once the checkpoints have loaded (minutes)
+        kwargs = lowered_backend_names(kwargs)
         for name, value in (("ip2p", ip2p), ("magicbrush", magicbrush), ("sam", sam),
                             ("action_classifier", action_classifier)):
             if not isinstance(value, str | os.PathLike) and (value is not None or name in ("ip2p", "magicbrush")):
