@@ -194,15 +194,19 @@ def test_the_group_norm_comparison_row_is_the_fused_row_with_pytorchs_norm(tiny_
     import kernels.group_norm as norm_module
     from zone_engine.models import pytorch_norms
 
+    monkeypatch.setattr(norm_module, "runs_on", lambda device: True)  # as under the interpreter (no edit runs here)
+
     def rows(**changes):
-        config = dataclasses.replace(PRESETS["tiny-smoke"], sam_onnx=False, sam_precision=None,
-                                     compare_group_norm=True, **changes)
+        config = dataclasses.replace(PRESETS["tiny-smoke"], **{"sam_onnx": False, "sam_precision": None,
+                                                               "compare_group_norm": True, **changes})
         built = harness.EngineRows(config, tiny_models, torch.device("cpu"), np.zeros((64, 64, 3), np.uint8),
                                    EditConfig())
         return built, {row.name: row for row in built.build(torch.float32)}
 
-    built, named = rows(backends=("fused",), group_norm="triton")
-    assert list(named) == ["engine:fused", "engine:fused+gn-torch"]
+    built, named = rows(backends=("fused",), group_norm="triton", sam_precision="bf16")
+    assert list(named) == ["engine:fused", "engine:fused+sam-bf16", "engine:fused+gn-torch"]
+    # The variant row runs on the fused row's denoiser, kernel 3 in its steps: its JSON says so (it said pytorch).
+    assert named.pop("engine:fused+sam-bf16").pipe.group_norms == {"unets": "kernel 3", "vae": "kernel 3"}
     fused, pytorch = (named[name].pipe.denoiser.denoiser for name in named)  # inside the step-timing wrapper
     assert fused.norms is norm_module.triton_group_norms and pytorch.norms is pytorch_norms
     assert built.denoisers["fused"] is fused  # the variants' denoiser stays the fused row's
@@ -216,7 +220,7 @@ def test_the_group_norm_comparison_row_is_the_fused_row_with_pytorchs_norm(tiny_
         assert "engine:fused+gn-torch" not in named
         assert {"name": "engine:fused+gn-torch", "skipped": reason} in built.skipped
     # Asked for where it cannot run: PyTorch's ran, and the JSON says so (one warning, by the fused row).
-    monkeypatch.setenv("ZONE_DISABLE_TRITON", "1")
+    monkeypatch.setattr(norm_module, "runs_on", lambda device: False)
     with pytest.warns(UserWarning, match="--group-norm triton .*cannot run on cpu here"):
         built, named = rows(backends=("fused",), group_norm="triton")
     assert named["engine:fused"].pipe.group_norms == {"unets": "pytorch", "vae": "pytorch"}

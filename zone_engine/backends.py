@@ -207,8 +207,12 @@ def make_group_norms(kind: str, device: torch.device, denoiser: str | Denoiser) 
     return (triton_group_norms if unets_own else pytorch_norms), triton_group_norms
 
 
-def group_norm_names(unets: NormScope, vae: NormScope) -> dict[str, str]:
-    """Whose GroupNorms `make_group_norms` chose, by name, for reports: {"unets": ..., "vae": ...}, each
-    "kernel 3" or "pytorch" (the compile backend's UNets: inductor's, generated from PyTorch's)."""
-    return {part: "pytorch" if scope is pytorch_norms else "kernel 3"
-            for part, scope in (("unets", unets), ("vae", vae))}
+def group_norm_names(denoiser: Denoiser, vae: NormScope) -> dict[str, str]:
+    """Whose GroupNorms run, by name, for reports: {"unets": ..., "vae": ...}, "kernel 3" or "pytorch" (the
+    compile backend's UNets: inductor's, generated from PyTorch's); the UNets' from the denoiser as built (a
+    shared instance keeps its own), "the denoiser's own" where it holds none (a TensorRT engine's)."""
+    def name(scope: NormScope) -> str:
+        return "pytorch" if scope is pytorch_norms else "kernel 3"
+
+    unets = getattr(denoiser, "norms", pytorch_norms if isinstance(denoiser, SequentialDenoiser) else None)
+    return {"unets": "the denoiser's own" if unets is None else name(unets), "vae": name(vae)}

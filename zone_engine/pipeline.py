@@ -220,8 +220,9 @@ def _check_denoised(edit: object, latents: object) -> None:
         given = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise ConfigError(f"finish takes the latents denoise() returned for this edit, a tensor of shape {expected}; "
                           f"got {given}")
-    if "denoise" not in edit.watch.seconds:  # denoise() times every edit it denoises
-        raise ConfigError("this edit was not denoised: finish it with the latents denoise([edit]) returns for it")
+    if edit.attention.total is None:  # denoise() records every edit's attention
+        raise ConfigError("this edit was not denoised (no attention was recorded for it): finish it with the latents "
+                          "denoise([edit]) returns for it")
 
 
 def _edit_config(config: object, what: str) -> EditConfig:
@@ -305,8 +306,8 @@ class ZonePipeline:
         self.models = models.to(self.device, self.dtype, channels_last)
         # group_norm: the UNets' and VAE's GroupNorms by kernel 3 or PyTorch (make_group_norms says where).
         unet_norms, self.vae_norms = make_group_norms(group_norm, self.device, denoiser)
-        self.group_norms = group_norm_names(unet_norms, self.vae_norms)  # what ran, for reports
         self.denoiser = make_denoiser(self.models, denoiser, self.device, engines, cuda_graphs, unet_norms)
+        self.group_norms = group_norm_names(self.denoiser, self.vae_norms)  # what runs, for reports
         # The text encoder and VAE replayed from CUDA graphs wherever the denoiser's steps are: on CUDA,
         # unless graphs are turned off or the plain reference (eager) is asked for.
         graphed = uses_cuda_graphs(self.device, cuda_graphs) and denoiser != "eager"

@@ -48,7 +48,10 @@ def export_error(folder: Path, problem: str) -> CheckpointError:
 
 def file_sha256(path: Path) -> str:
     with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+        digest = hashlib.sha256()  # hashlib.file_digest would do this from Python 3.11 on; 3.10 is supported
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+        return digest.hexdigest()
 
 
 class OnnxSamSegmenter(TorchSamSegmenter):

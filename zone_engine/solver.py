@@ -10,6 +10,7 @@ element-wise ops that need no host round trip and can live inside a captured CUD
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -46,10 +47,14 @@ def _lambda(sigma: torch.Tensor) -> torch.Tensor:
     return torch.log(alpha_t) - torch.log(sigma_t)
 
 
+_FILTERS_LOCK = threading.Lock()  # catch_warnings swaps the process's filter list: one thread at a time here
+
+
 def set_timesteps(scheduler, steps: int, device: torch.device | None = None) -> None:
     """`scheduler.set_timesteps`, without the DeprecationWarning NumPy 2 raises at diffusers' `np.array(tensor)`
-    (diffusers' to mend, not the caller's): under `-W error` or pytest's filterwarnings=error it failed the edit."""
-    with warnings.catch_warnings():
+    (diffusers' to mend, not the caller's): under `-W error` or pytest's filterwarnings=error it failed the edit.
+    Once a step count for the fused denoisers (their schedule is cached), every edit for the eager reference."""
+    with _FILTERS_LOCK, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword",
                                 category=DeprecationWarning)
         scheduler.set_timesteps(steps, device=device)
