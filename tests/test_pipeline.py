@@ -142,7 +142,10 @@ def test_the_stages_say_what_they_take_instead_of_failing_inside_torch(tiny_pipe
     for call, words in cases:
         with pytest.raises(ConfigError, match=words):
             call()
-    assert tiny_pipe.finish(prepared, latents).image.shape == (64, 64, 3)
+    first, again = (tiny_pipe.finish(prepared, latents) for _ in range(2))
+    assert np.array_equal(first.image, again.image) and first.image.shape == (64, 64, 3)
+    # Each finish times its own stages: they were added into the PreparedEdit's stopwatch, the second's doubled.
+    assert set(prepared.watch.seconds) == {"text", "action", "vae_encode", "denoise"}
 
 
 def test_a_setup_warning_points_at_the_callers_line(tiny_models, monkeypatch):

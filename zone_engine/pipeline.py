@@ -542,7 +542,7 @@ class ZonePipeline:
         """Steps 6-9 of one edit: localize, decode, refine, blend; results at the input size."""
         check_switch("progress", progress)
         _check_denoised(edit, latents)
-        config, watch = edit.config, edit.watch
+        config, watch = edit.config, edit.watch.copy()  # finishing an edit again times that finish, not both
         if not torch.isfinite(latents).all():  # else a black I_sty and a region over the whole image, unsaid
             raise _diverged(config, "inf/NaN latents")
         with watch("localize"):  # 6. The edit mask M_b.

@@ -24,6 +24,12 @@ class Stopwatch:
         self.device = device
         self.seconds: dict[str, float] = {}
 
+    def copy(self) -> Stopwatch:
+        """A stopwatch that goes on from this one's seconds, leaving them as they are."""
+        other = Stopwatch(self.device)
+        other.seconds = dict(self.seconds)
+        return other
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
