@@ -5,6 +5,7 @@ onnxruntime only when an export runs (they are the `[onnx]` extra)."""
 from __future__ import annotations
 
 import importlib
+import json
 import shutil
 import tempfile
 import warnings
@@ -36,6 +37,26 @@ def check_opset(opset: int, lowest: int, graphs: str) -> int:
         raise ConfigError(f"--opset {opset} is not supported: the TorchScript exporter writes opsets {lowest} to "
                           f"{LAST_OPSET} for {graphs}")
     return opset
+
+
+EXPORT_KINDS = {"unet": "graphs", "sam": "model_type"}  # each export's manifest, by a key only it has
+
+
+def check_export_target(out_dir: Path, kind: str) -> None:
+    """ZoneError when `out_dir` holds a manifest.json that is not a `zone export {kind}` one: the export would
+    replace it, leaving the other export's graphs without a manifest (it did, silently). Said before any weights
+    load. An unreadable manifest.json is refused too: not knowing whose it is, it is not ours to replace."""
+    try:
+        manifest = json.loads((Path(out_dir) / "manifest.json").read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        manifest = None
+    found = next((name for name, key in EXPORT_KINDS.items() if isinstance(manifest, dict) and key in manifest), None)
+    if found != kind:
+        held = f"a `zone export {found}` folder" if found else "a manifest.json that is no zone export's"
+        raise ZoneError(f"--out {out_dir} holds {held}: `zone export {kind}` would replace its manifest; choose "
+                        "another folder, or empty this one")
 
 
 def require(module: str) -> ModuleType:

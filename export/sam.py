@@ -32,7 +32,7 @@ from zone_engine.paths import check_output_folder
 from zone_engine.sam_onnx import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, MANIFEST_FORMAT, TRT_CACHE, file_sha256
 from zone_engine.sam_torch import decode_masks, decode_tokens
 
-from .onnx_graph import check_opset, compare, export_graph, require, session, staging_folder
+from .onnx_graph import check_export_target, check_opset, compare, export_graph, require, session, staging_folder
 from .options import TINY_SEED
 
 # Export check, |onnxruntime - torch| <= atol + rtol * max|torch| on every output, against the fp32 model:
@@ -235,6 +235,7 @@ def run_export_sam(args: argparse.Namespace) -> Path:
 
     graphs = [ENCODER_FILE, DECODER_FILE]  # each with the weights it may write beside it (onnx_graph.export_graph)
     check_output_folder(args.out, "--out", [*graphs, *(f"{graph}.data" for graph in graphs), MANIFEST_FILE])
+    check_export_target(args.out, "sam")
     check_opset(args.opset, SAM_FIRST_OPSET, SAM_GRAPHS)  # before a checkpoint of gigabytes loads
     if args.tiny:
         if args.checkpoint is not None or args.model_type is not None:

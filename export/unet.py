@@ -50,7 +50,7 @@ from zone_engine.models import ZoneModels
 from zone_engine.paths import check_output_folder
 from zone_engine.sam_onnx import file_sha256
 
-from .onnx_graph import check_opset, compare, export_graph, require, session, staging_folder
+from .onnx_graph import check_export_target, check_opset, compare, export_graph, require, session, staging_folder
 from .options import DEFAULT_SIZE, TINY_SEED
 
 DUAL_STEP = "dual_step"
@@ -539,6 +539,7 @@ def run_export_unet(args: argparse.Namespace) -> Path:
     profile = profile_from_args(args)  # every check that can fail runs before gigabytes of weights load
     graphs = [f"{graph}.onnx" for graph in GRAPHS]  # each with the weights it may write beside it (export_graph)
     check_output_folder(args.out, "--out", [*graphs, *(f"{graph}.data" for graph in graphs), MANIFEST_FILE])
+    check_export_target(args.out, "unet")
     precision = _precision("bf16" if args.bf16 else "fp16" if args.fp16 else "fp32")
     _check_opset(args.opset)
     if args.tiny:

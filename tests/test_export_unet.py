@@ -283,6 +283,14 @@ def test_command_line_checks_run_before_any_model_loads(tmp_path):
     (tmp_path / "dual_step.onnx.data").mkdir()  # where a real-size UNet's weights go, past protobuf's 2 GB
     with pytest.raises(ZoneError, match="holds a folder named dual_step.onnx.data"):
         run_export_unet(export_args(tmp_path, "--tiny"))
+    (tmp_path / "dual_step.onnx.data").rmdir()
+    # A SAM export's folder: its manifest was replaced, its graphs orphaned, exit 0.
+    (tmp_path / "manifest.json").write_text('{"format": 1, "model_type": "vit_b", "files": {}}')
+    with pytest.raises(ZoneError, match="holds a `zone export sam` folder: `zone export unet` would replace"):
+        run_export_unet(export_args(tmp_path, "--tiny"))
+    (tmp_path / "manifest.json").write_text("not json")
+    with pytest.raises(ZoneError, match="holds a manifest.json that is no zone export's"):
+        run_export_unet(export_args(tmp_path, "--tiny"))
 
 
 def test_an_export_cut_off_after_its_first_graph_installs_none(models, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -273,6 +274,29 @@ def test_manifest_without_required_fields(folder_copy):
         OnnxSamSegmenter(folder_copy, SamConfig())
 
 
+@pytest.mark.parametrize("changes, words", [
+    ({"low_res_size": 32}, "low_res_size must be input_size/4"),  # was ONNX Runtime's "invalid dimensions"
+    ({"pixel_mean": [1, 2]}, "pixel_mean must be 3 numbers"),  # was a RuntimeError inside segment-anything
+    ({"pixel_std": [0, 0, 0]}, "pixel_std must be 3 positive numbers"),  # ran, every segment dropped
+    ({"mask_threshold": "x"}, "mask_threshold must be a finite number"),  # was a ValueError at float()
+    ({"precision": "int8", "image_format": "XYZ"}, "precision must be fp32 or fp16; image_format must be RGB"),
+    ({"graphs": {}}, "a `zone export unet` folder"),  # listed ten missing keys
+])
+def test_manifest_values_the_segmenter_could_not_use_are_said(folder_copy, changes, words):
+    write_manifest(folder_copy, {**read_manifest(folder_copy), **changes})
+    with pytest.raises(CheckpointError, match=f"--sam-onnx .*{re.escape(words)}"):
+        OnnxSamSegmenter(folder_copy, SamConfig())
+
+
+def test_a_broken_export_is_said_when_the_pipeline_is_built_not_after_denoising(folder_copy, tiny_models):
+    """zone edit denoised for minutes, and zone serve opened its port, before a deleted graph was found."""
+    from zone_engine import ZonePipeline
+
+    (folder_copy / DECODER_FILE).unlink()
+    with pytest.raises(CheckpointError, match=f"{DECODER_FILE} is missing"):
+        ZonePipeline(tiny_models, device="cpu", segmenter="onnx", sam_onnx=folder_copy)
+
+
 def test_missing_onnx_file(folder_copy):
     (folder_copy / DECODER_FILE).unlink()
     with pytest.raises(CheckpointError, match=f"{DECODER_FILE} is missing.*zone export sam"):
@@ -430,6 +454,11 @@ def test_run_export_sam_argument_errors(tmp_path):
                                           out=tmp_path, fp16=False, opset=17))
     (tmp_path / f"{ENCODER_FILE}.data").mkdir()  # where vit_h's encoder weights go: said before any model loads
     with pytest.raises(ZoneError, match=f"holds a folder named {ENCODER_FILE}.data"):
+        run_export_sam(argparse.Namespace(tiny=True, checkpoint=None, model_type=None, out=tmp_path,
+                                          fp16=False, opset=17))
+    (tmp_path / f"{ENCODER_FILE}.data").rmdir()
+    (tmp_path / MANIFEST_FILE).write_text('{"format": 1, "graphs": {"dual_step": {}}}')  # a UNet export's
+    with pytest.raises(ZoneError, match="holds a `zone export unet` folder: `zone export sam` would replace"):
         run_export_sam(argparse.Namespace(tiny=True, checkpoint=None, model_type=None, out=tmp_path,
                                           fp16=False, opset=17))
 

@@ -129,11 +129,12 @@ def check_backends(device: torch.device, **options) -> None:
 
 
 def check_onnx_segmenter(sam_onnx: str | Path | None) -> None:
-    """ConfigError / CheckpointError unless `sam_onnx` looks like a `zone export sam` folder."""
+    """ConfigError / CheckpointError unless `sam_onnx` is a whole `zone export sam` folder: its manifest's values,
+    every file it lists and their checksums (before any weights load, and before a server opens its port)."""
     check_backend_options("auto", segmenter="onnx", sam_onnx=sam_onnx)
-    from .sam_onnx import check_export_folder
+    from .sam_onnx import read_manifest
 
-    check_export_folder(Path(sam_onnx))
+    read_manifest(Path(sam_onnx).expanduser())
 
 
 def make_segmenter(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -238,8 +239,8 @@ class OnnxSamPredictor(SamPredictor):
 
 
 def check_export_folder(folder: Path) -> Path:
-    """The folder's manifest path, if `folder` looks like a `zone export sam` folder (the quick checks, for
-    a server before it opens its port; read_manifest checks the files themselves)."""
+    """The folder's manifest path, if `folder` looks like a `zone export sam` folder (read_manifest's first
+    checks; it then reads the manifest and checks the files themselves)."""
     if folder.is_file():
         raise CheckpointError(f"--sam-onnx {folder} is a file: pass the folder `zone export sam --out` wrote")
     if not folder.is_dir():
@@ -259,12 +260,16 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise export_error(folder, f"cannot read {MANIFEST_FILE} ({error})") from None
+    if isinstance(manifest, dict) and "graphs" in manifest:
+        raise export_error(folder, "a `zone export unet` folder (the UNets' graphs), not a `zone export sam` one")
     missing = [key for key in MANIFEST_KEYS if not isinstance(manifest, dict) or key not in manifest]
     if missing:
         raise export_error(folder, f"{MANIFEST_FILE} lacks {', '.join(missing)}")
     if manifest["format"] != MANIFEST_FORMAT:
         raise export_error(folder, f"{MANIFEST_FILE} has format {manifest['format']}, this zone-engine reads "
                                    f"format {MANIFEST_FORMAT}")
+    if problems := _value_problems(manifest):  # a hand edit: said here, not as ONNX Runtime's or numpy's error
+        raise export_error(folder, f"{MANIFEST_FILE}: {'; '.join(problems)}")
     files = manifest["files"]
     for name in (ENCODER_FILE, DECODER_FILE):
         if name not in files:
@@ -276,6 +281,34 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             raise export_error(folder, f"{name} does not match its sha256 in {MANIFEST_FILE}: the file is "
                                        "corrupt, truncated or from another export")
     return manifest
+
+
+def _value_problems(manifest: dict[str, Any]) -> list[str]:
+    """What in the manifest's values the segmenter could not use, as `zone export sam` writes them."""
+    def whole(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    def numbers(value: object, positive: bool = False) -> bool:
+        return isinstance(value, list) and len(value) == 3 and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
+            for v in value)
+
+    size, embedding, threshold = manifest["input_size"], manifest["embedding_shape"], manifest["mask_threshold"]
+    checks = [
+        (whole(size) and size % 16 == 0, "input_size must be a positive multiple of 16"),
+        (whole(size) and isinstance(embedding, list) and len(embedding) == 3 and all(whole(d) for d in embedding)
+         and embedding[1:] == [size // 16] * 2, "embedding_shape must be [channels, input_size/16, input_size/16]"),
+        (whole(size) and manifest["low_res_size"] == size // 4, "low_res_size must be input_size/4"),
+        (manifest["precision"] in ("fp32", "fp16"), "precision must be fp32 or fp16"),
+        (numbers(manifest["pixel_mean"]), "pixel_mean must be 3 numbers"),
+        (numbers(manifest["pixel_std"], positive=True), "pixel_std must be 3 positive numbers"),
+        (isinstance(threshold, int | float) and not isinstance(threshold, bool) and math.isfinite(threshold),
+         "mask_threshold must be a finite number"),
+        (manifest["image_format"] in ("RGB", "BGR"), "image_format must be RGB or BGR"),
+        (isinstance(manifest["files"], dict) and all(isinstance(v, str) for v in manifest["files"].values()),
+         "files must map file names to sha256 digests"),
+    ]
+    return [message for ok, message in checks if not ok]
 
 
 def check_pair(folder: Path, manifest: dict[str, Any], encoder: Any, decoder: Any) -> None:
