@@ -41,7 +41,7 @@ from PIL import Image
 from zone_engine.cli import CommandParser, parse_size, signals_handled
 from zone_engine.config import MAX_BATCH, MAX_SEED
 from zone_engine.errors import ZoneError
-from zone_engine.paths import check_output_folder
+from zone_engine.paths import check_output_folder, folder_argument
 from zone_engine.serving.settings import ServeSettings
 
 INSTRUCTION = "make the house a golden statue"
@@ -460,7 +460,7 @@ def parse_args(argv: list[str] | None) -> LoadConfig:
                "--server-arg=--magicbrush=DIR --server-arg=--sam=FILE.pth (write --server-arg=VALUE when the value "
                "starts with a dash). Exit codes: 0 done, 2 a server did not start or a warm-up edit failed.",
     )
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+    parser.add_argument("--out", type=folder_argument, required=True, metavar="DIR",
                         help="folder for load.json, load.png and server logs")
     parser.add_argument("--url", metavar="URL",
                         help="measure this running server (label 'external') instead of starting two")

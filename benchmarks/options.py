@@ -31,7 +31,7 @@ from zone_engine.config import (
     parse_action,
 )
 from zone_engine.errors import ZoneError
-from zone_engine.paths import check_output_file, check_output_folder
+from zone_engine.paths import check_output_file, check_output_folder, folder_argument
 
 # Backends whose first edit builds something (torch.compile, CUDA-graph capture, TensorRT engines):
 # they always get at least one warm-up edit, so the build never lands in the timed numbers, and the
@@ -169,7 +169,7 @@ def parse_bench_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--time-limit", type=float, metavar="SECONDS",
                         help="start no edit or batch after this many seconds from the start; report what was "
                         "measured by then (SIGTERM does the same at once; default: no limit)")
-    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/out)")
+    parser.add_argument("--out", type=folder_argument, help="output folder (default benchmarks/out)")
     args = parser.parse_args(argv)
 
     config = PRESETS[args.preset]

@@ -34,6 +34,7 @@ import torch
 
 from zone_engine import __version__
 from zone_engine.errors import DeviceError, ZoneError
+from zone_engine.paths import check_output_folder
 from zone_engine.sam_onnx import file_sha256
 from zone_engine.tensorrt_denoiser import TENSORRT_MISSING, import_tensorrt  # noqa: F401  (re-exported)
 
@@ -261,6 +262,10 @@ def run_build_engine(args: argparse.Namespace) -> list[Path]:
     """`zone build-engine`: an engine for every graph of the folder (or those named); their paths."""
     manifest = read_manifest(args.folder)  # the clear errors first: not an export folder, no TensorRT, no GPU
     graphs = named_graphs(args.folder, manifest, args.graphs)
+    for graph in graphs:  # a broken folder is said before the user installs TensorRT to learn of it
+        check_graph_files(args.folder, manifest["graphs"][graph])
+    if args.cache is not None:
+        check_output_folder(args.cache, "--cache")
     import_tensorrt()
     gpu_name()
     paths = []

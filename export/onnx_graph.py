@@ -74,6 +74,8 @@ def staging_folder(out_dir: Path) -> Iterator[Path]:
     `out_dir` as it was (removed, when this call created it)."""
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".export-*"):  # a killed export's (SIGKILL, out of memory): gigabytes for vit_h
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
     try:
         yield staging

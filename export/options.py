@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from zone_engine.config import IP2P_ID, MAGICBRUSH_ID, SAM_TYPES
+from zone_engine.paths import folder_argument
 
 TINY_SEED = 0  # the seed of `--tiny`'s random weights
 DEFAULT_SIZE = (512, 512)  # `zone export unet`'s image size (height, width) unless told
@@ -20,7 +21,8 @@ def add_export_unet_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ip2p", metavar="ID|DIR", help=f"InstructPix2Pix folder or cached id (default: {IP2P_ID})")
     parser.add_argument("--magicbrush", metavar="ID|DIR",
                         help=f"MagicBrush folder or cached id (default: {MAGICBRUSH_ID})")
-    parser.add_argument("--out", type=Path, required=True, help="folder to write the ONNX files and manifest to")
+    parser.add_argument("--out", type=folder_argument, required=True,
+                        help="folder to write the ONNX files and manifest to")
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true",
                            help="half-precision graphs: TensorRT builds fp16 engines from them (float32 in and out)")
@@ -41,7 +43,8 @@ def add_export_sam_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, help="SAM checkpoint .pth (e.g. sam_vit_h_4b8939.pth)")
     parser.add_argument("--model-type", type=str.lower, choices=SAM_TYPES,
                         help="SAM size of --checkpoint (default: read from its file name)")
-    parser.add_argument("--out", type=Path, required=True, help="folder to write the ONNX files and manifest to")
+    parser.add_argument("--out", type=folder_argument, required=True,
+                        help="folder to write the ONNX files and manifest to")
     parser.add_argument("--fp16", action="store_true", help="half-precision graphs (for GPUs; fp32 in and out)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 13 to 20 (default: 17)")
     parser.add_argument("--tiny", action="store_true",
@@ -50,8 +53,9 @@ def add_export_sam_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_build_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", type=Path, help="a `zone export unet` folder (ONNX graphs and manifest.json)")
-    parser.add_argument("--cache", type=Path, help="where engines are kept (default: FOLDER/engines)")
+    parser.add_argument("folder", type=folder_argument,
+                        help="a `zone export unet` folder (ONNX graphs and manifest.json)")
+    parser.add_argument("--cache", type=folder_argument, help="where engines are kept (default: FOLDER/engines)")
     parser.add_argument("--graph", action="append", dest="graphs", metavar="NAME",
                         help="build only this graph (dual_step, vae_encoder, vae_decoder); repeatable")
     parser.add_argument("--force", action="store_true", help="rebuild even when the cache holds a matching engine")

@@ -146,6 +146,9 @@ def export_sam(
         shutil.rmtree(out_dir / TRT_CACHE, ignore_errors=True)  # engines of the graphs replaced: never read again
         for name in [*files, MANIFEST_FILE]:  # the manifest last: it vouches for the files before it
             os.replace(staging / name, out_dir / name)
+        for name in (f"{ENCODER_FILE}.data", f"{DECODER_FILE}.data"):  # a vit_h export's weights, under vit_b's
+            if name not in files:
+                (out_dir / name).unlink(missing_ok=True)
     return out_dir
 
 

@@ -66,6 +66,18 @@ def _fails_cleanly(capsys, argv, *words):
         assert word in said, said
 
 
+def test_a_folder_option_left_blank_or_a_dangling_link_is_said(capsys, tmp_path):
+    """pathlib reads "" as the current folder: `zone export unet --tiny --out ""` wrote its graphs there, exit 0.
+    A link to nowhere was mkdir's "[Errno 17] File exists", after the models were built."""
+    for argv in (["demo", "--out", ""], ["export", "unet", "--tiny", "--out", " "], ["bench", "--out", ""]):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2 and "--out: empty: name a folder" in capsys.readouterr().err
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    _fails_cleanly(capsys, ["export", "unet", "--tiny", "--out", str(tmp_path / "dangling")],
+                   "--out", "a symbolic link to", "which is not there")
+
+
 HELP_SCRIPT = """
 import sys
 from PIL import Image

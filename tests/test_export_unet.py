@@ -20,6 +20,7 @@ import argparse
 import copy
 import importlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -429,6 +430,16 @@ def test_build_engine_without_tensorrt_says_what_to_install(no_tensorrt, exporte
     with pytest.raises(ZoneError, match=r"holds no unet graph \(it has dual_step, vae_encoder, vae_decoder\)"):
         run_build_engine(parser.parse_args([str(exported), "--graph", "VAE_Decoder", "--graph", "unet"]))
     assert named_graphs(exported, read_manifest(exported), ["VAE_Decoder", "vae_decoder "]) == ["vae_decoder"]
+    # So is a broken graph file, and a --cache that is a file: the user would install TensorRT to learn of them.
+    (tmp_path / "engines.txt").write_text("")
+    with pytest.raises(ZoneError, match="--cache .*engines.txt is a file"):
+        run_build_engine(parser.parse_args([str(exported), "--cache", str(tmp_path / "engines.txt")]))
+    broken = shutil.copytree(exported, tmp_path / "broken")
+    (broken / "vae_decoder.onnx").write_bytes((broken / "vae_decoder.onnx").read_bytes()[:100])
+    with pytest.raises(ZoneError, match="vae_decoder.onnx is missing or does not match its sha256"):
+        run_build_engine(parser.parse_args([str(broken)]))
+    with pytest.raises(SystemExit):  # argparse: "argument --cache: empty: name a folder"
+        parser.parse_args([str(exported), "--cache", " "])
 
 
 def test_tensorrt_denoiser_without_tensorrt_is_a_clear_device_error(no_tensorrt, models, manifest, tmp_path):

@@ -406,7 +406,11 @@ def test_tensorrt_engines_are_cached_per_export_and_a_re_export_drops_the_old_on
 def test_manifest_records_the_checkpoint_checksum(sam, tmp_path):
     checkpoint = tmp_path / "sam_tiny.pth"
     torch.save(sam.state_dict(), checkpoint)
+    # What an earlier export left: a killed one's scratch, a vit_h's weights file this export does not write.
+    (tmp_path / "out" / ".export-killed" / "raw-image_encoder").mkdir(parents=True)
+    (tmp_path / "out" / f"{ENCODER_FILE}.data").write_bytes(b"2.5 GB of vit_h")
     folder = export_sam(sam, "tiny", tmp_path / "out", checkpoint=checkpoint, opset=18)
+    assert sorted(path.name for path in folder.iterdir()) == sorted([DECODER_FILE, ENCODER_FILE, MANIFEST_FILE])
     manifest = read_manifest(folder)
     assert manifest["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert manifest["checkpoint"] == "sam_tiny.pth"

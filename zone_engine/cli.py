@@ -40,7 +40,7 @@ from .config import (
 )
 from .errors import ConfigError, ZoneError
 from .instruction import check_instruction
-from .paths import check_output_file, check_output_folder, written_atomically
+from .paths import check_output_file, check_output_folder, folder_argument, written_atomically
 
 RANDOM_WEIGHTS_NOTICE = (
     "note: the demo runs tiny RANDOM models, so the edit itself is meaningless; it shows that every stage runs.\n"
@@ -67,7 +67,7 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
                        help="fused (default): one fused dual step of tensor ops, the same edit as eager on the "
                        "CPU, CUDA graphs on a GPU, batches several edits; eager: the sequential reference; "
                        "compile: fused + torch.compile (slow first edit); tensorrt: exported engine (see --engines)")
-    group.add_argument("--engines", type=Path, metavar="DIR",
+    group.add_argument("--engines", type=folder_argument, metavar="DIR",
                        help="with --denoiser tensorrt: the folder written by `zone export unet`")
     group.add_argument("--attention", type=str.lower, default="sdpa", choices=ATTENTION,
                        help="attention kernels of the UNets and VAE: sdpa (PyTorch, default) or xformers (CUDA, "
@@ -83,7 +83,7 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
                        "where it is slower")
     group.add_argument("--segmenter", type=str.lower, default="torch", choices=SEGMENTERS,
                        help="refinement SAM: torch (segment-anything, default) or onnx (exported, see --sam-onnx)")
-    group.add_argument("--sam-onnx", type=Path, metavar="DIR",
+    group.add_argument("--sam-onnx", type=folder_argument, metavar="DIR",
                        help="with --segmenter onnx: the folder written by `zone export sam` (it replaces --sam)")
     group.add_argument("--sam-precision", type=str.lower, default="fp32", choices=SAM_PRECISIONS,
                        help="with --segmenter torch: precision of SAM's image encoder (nearly all its FLOPs); "
@@ -99,7 +99,7 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("output")
-    group.add_argument("--save-masks", type=Path, metavar="DIR",
+    group.add_argument("--save-masks", type=folder_argument, metavar="DIR",
                        help="also write mask_b.png, mask_f.png, region.png, styled.png and heatmap.png to DIR")
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Zero-setup run: tiny random models and a sample image generated in code. Writes "
         "input.png, output.png, mask_b.png, mask_f.png, region.png, styled.png, heatmap.png and timings.json.",
     )
-    demo.add_argument("--out", type=Path, required=True, help="folder to write the results to")
+    demo.add_argument("--out", type=folder_argument, required=True, help="folder to write the results to")
     demo.add_argument("-i", "--instruction", default="make the house a golden statue", help="instruction to run")
     _add_edit_options(demo)
     _add_serve_command(commands)

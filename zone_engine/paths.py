@@ -3,6 +3,7 @@ benchmark or export."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -12,11 +13,21 @@ from pathlib import Path
 from .errors import ZoneError
 
 
+def folder_argument(text: str) -> Path:
+    """argparse type of a folder option: a blank one is refused (pathlib reads "" as the current folder, where
+    `--out ""` wrote an export's files), `~` expanded."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: name a folder (. for the current one)")
+    return Path(text).expanduser()
+
+
 def _folder_problem(folder: Path) -> str | None:
     """Why nothing could be written in `folder` (created if missing), or None if it could."""
     folder = Path(folder).absolute()
     if problem := name_problem(folder):
         return problem
+    if folder.is_symlink() and not folder.exists():  # mkdir would say "[Errno 17] File exists"
+        return f"it is a symbolic link to {os.readlink(folder)}, which is not there"
     existing = next((candidate for candidate in (folder, *folder.parents) if candidate.exists()), Path.cwd())
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
