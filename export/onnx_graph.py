@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -46,12 +47,16 @@ def check_export_target(out_dir: Path, kind: str) -> None:
     """ZoneError when `out_dir` holds a manifest.json that is not a `zone export {kind}` one: the export would
     replace it, leaving the other export's graphs without a manifest (it did, silently). Said before any weights
     load. An unreadable manifest.json is refused too: not knowing whose it is, it is not ours to replace."""
+    path = Path(out_dir) / "manifest.json"
     try:
-        manifest = json.loads((Path(out_dir) / "manifest.json").read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         return
-    except (OSError, ValueError):
+    except ValueError:  # not JSON (UnicodeDecodeError included)
         manifest = None
+    except OSError as error:
+        raise ZoneError(f"--out {out_dir}: cannot read its {path.name} ({error.strerror or error}), so cannot tell "
+                        "whose it is; choose another folder") from None
     found = next((name for name, key in EXPORT_KINDS.items() if isinstance(manifest, dict) and key in manifest), None)
     if found != kind:
         held = f"a `zone export {found}` folder" if found else "a manifest.json that is no zone export's"
@@ -67,6 +72,20 @@ def require(module: str) -> ModuleType:
         raise ZoneError("exporting needs onnx and onnxruntime: pip install -e '.[onnx]'") from None
 
 
+def _exporting(scratch: Path) -> bool:
+    """Whether the process whose scratch folder this is (`.export-PID-...`) still runs on this machine."""
+    pid = scratch.name.split("-")[1]
+    if not pid.isdigit():  # an older engine's name, without its pid
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextmanager
 def staging_folder(out_dir: Path) -> Iterator[Path]:
     """A scratch folder inside `out_dir` for the files of one export, removed on exit. Inside `out_dir`, so
@@ -74,9 +93,10 @@ def staging_folder(out_dir: Path) -> Iterator[Path]:
     `out_dir` as it was (removed, when this call created it)."""
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".export-*"):  # a killed export's (SIGKILL, out of memory): gigabytes for vit_h
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    for scratch in out_dir.glob(".export-*"):  # a killed export's (SIGKILL, out of memory): gigabytes for vit_h
+        if not _exporting(scratch):
+            shutil.rmtree(scratch, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=out_dir))
     try:
         yield staging
     except BaseException:

@@ -21,6 +21,7 @@ import copy
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -148,7 +149,11 @@ def export_sam(
             os.replace(staging / name, out_dir / name)
         for name in (f"{ENCODER_FILE}.data", f"{DECODER_FILE}.data"):  # a vit_h export's weights, under vit_b's
             if name not in files:
-                (out_dir / name).unlink(missing_ok=True)
+                try:
+                    (out_dir / name).unlink(missing_ok=True)
+                except OSError as error:  # the export is whole and installed: said, not failed
+                    warnings.warn(f"{out_dir / name} is no longer used but could not be removed ({error})",
+                                  stacklevel=2)
     return out_dir
 
 

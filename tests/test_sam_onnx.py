@@ -14,8 +14,10 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -297,6 +299,19 @@ def test_a_broken_export_is_said_when_the_pipeline_is_built_not_after_denoising(
         ZonePipeline(tiny_models, device="cpu", segmenter="onnx", sam_onnx=folder_copy)
 
 
+def test_a_files_checksum_is_computed_once_per_version_of_it(tmp_path, monkeypatch):
+    """A server hashed its 2.5 GB export at start and again for each segmenter: now once, until the file changes."""
+    path = tmp_path / "graph.onnx"
+    path.write_bytes(b"a" * 1000)
+    first = file_sha256(path)
+    opened = []
+    monkeypatch.setattr("builtins.open", lambda *args, **kwargs: opened.append(args) or 1 / 0)
+    assert file_sha256(path) == first and opened == []  # from the cache: the file was not read again
+    monkeypatch.undo()
+    path.write_bytes(b"b" * 1000)  # rewritten, the same size: another version of the file (its mtime)
+    assert file_sha256(path) == hashlib.sha256(b"b" * 1000).hexdigest() != first
+
+
 def test_missing_onnx_file(folder_copy):
     (folder_copy / DECODER_FILE).unlink()
     with pytest.raises(CheckpointError, match=f"{DECODER_FILE} is missing.*zone export sam"):
@@ -407,10 +422,14 @@ def test_manifest_records_the_checkpoint_checksum(sam, tmp_path):
     checkpoint = tmp_path / "sam_tiny.pth"
     torch.save(sam.state_dict(), checkpoint)
     # What an earlier export left: a killed one's scratch, a vit_h's weights file this export does not write.
-    (tmp_path / "out" / ".export-killed" / "raw-image_encoder").mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for scratch in (".export-killed", f".export-{dead.stdout.strip()}-abc", f".export-{os.getpid()}-running"):
+        (tmp_path / "out" / scratch / "raw-image_encoder").mkdir(parents=True)
     (tmp_path / "out" / f"{ENCODER_FILE}.data").write_bytes(b"2.5 GB of vit_h")
     folder = export_sam(sam, "tiny", tmp_path / "out", checkpoint=checkpoint, opset=18)
-    assert sorted(path.name for path in folder.iterdir()) == sorted([DECODER_FILE, ENCODER_FILE, MANIFEST_FILE])
+    # A running export's scratch (this process's pid) is not another's to sweep.
+    assert sorted(path.name for path in folder.iterdir()) == sorted(
+        [f".export-{os.getpid()}-running", DECODER_FILE, ENCODER_FILE, MANIFEST_FILE])
     manifest = read_manifest(folder)
     assert manifest["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert manifest["checkpoint"] == "sam_tiny.pth"

@@ -151,7 +151,7 @@ def make_segmenter(
 
         return TorchSamSegmenter(models.sam, config, sam_dtype)
     if kind == "onnx":
-        check_onnx_segmenter(sam_onnx)
+        check_backend_options("auto", segmenter="onnx", sam_onnx=sam_onnx)  # the folder: OnnxSamSegmenter reads it
         from .sam_onnx import OnnxSamSegmenter
 
         if device is None or device.type != "cuda":

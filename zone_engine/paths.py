@@ -26,8 +26,9 @@ def _folder_problem(folder: Path) -> str | None:
     folder = Path(folder).absolute()
     if problem := name_problem(folder):
         return problem
-    if folder.is_symlink() and not folder.exists():  # mkdir would say "[Errno 17] File exists"
-        return f"it is a symbolic link to {os.readlink(folder)}, which is not there"
+    dangling = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:  # mkdir would say "[Errno 17] File exists"
+        return f"{dangling} is a symbolic link to {os.readlink(dangling)}, which is not there"
     existing = next((candidate for candidate in (folder, *folder.parents) if candidate.exists()), Path.cwd())
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"

@@ -14,9 +14,11 @@ No shortcut is taken: every grid point is decoded and every segment is returned,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -48,6 +50,14 @@ def export_error(folder: Path, problem: str) -> CheckpointError:
 
 
 def file_sha256(path: Path) -> str:
+    """The file's sha256, computed once per version of the file in this process (a server checks its export
+    when it starts and again for each segmenter; `zone build-engine` before and while building)."""
+    status = os.stat(path)
+    return _sha256(os.path.realpath(path), status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
     with open(path, "rb") as file:
         digest = hashlib.sha256()  # hashlib.file_digest would do this from Python 3.11 on; 3.10 is supported
         while chunk := file.read(1 << 20):
