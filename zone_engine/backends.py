@@ -215,5 +215,5 @@ def group_norm_names(denoiser: Denoiser, vae: NormScope) -> dict[str, str]:
     def name(scope: NormScope) -> str:
         return "pytorch" if scope is pytorch_norms else "kernel 3"
 
-    unets = getattr(denoiser, "norms", pytorch_norms if isinstance(denoiser, SequentialDenoiser) else None)
+    unets = getattr(denoiser, "norms", None)
     return {"unets": "the denoiser's own" if unets is None else name(unets), "vae": name(vae)}

@@ -14,6 +14,7 @@ import torch
 
 from .config import EditConfig
 from .localize import AttentionAccumulator, attention_grid, record_cross_attention
+from .models import pytorch_norms
 from .solver import set_timesteps
 
 
@@ -113,6 +114,7 @@ class SequentialDenoiser:
     """The plain reference: MagicBrush's step, then IP2P's, then the blend, one UNet call each."""
 
     def __init__(self, ip2p_unet, mb_unet, scheduler_config: dict) -> None:
+        self.norms = pytorch_norms  # its UNets' GroupNorms, as FusedDualDenoiser says its own (reports read it)
         self.ip2p_unet = ip2p_unet
         self.mb_unet = mb_unet
         self.scheduler_config = scheduler_config
