@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from zone_engine.errors import ConfigError, ZoneError
+from zone_engine.paths import MANIFEST_FILE, export_kind
 
 # A protobuf message cannot pass 2 GiB: larger weights (two SD1.5 UNets, 3.4 GB in fp16; vit_h's fp32
 # encoder, 2.5 GB) go to one `<graph>.onnx.data` file beside the graph, where TensorRT's parse_from_file
@@ -40,14 +41,11 @@ def check_opset(opset: int, lowest: int, graphs: str) -> int:
     return opset
 
 
-EXPORT_KINDS = {"unet": "graphs", "sam": "model_type"}  # each export's manifest, by a key only it has
-
-
 def check_export_target(out_dir: Path, kind: str) -> None:
     """ZoneError when `out_dir` holds a manifest.json that is not a `zone export {kind}` one: the export would
     replace it, leaving the other export's graphs without a manifest (it did, silently). Said before any weights
     load. An unreadable manifest.json is refused too: not knowing whose it is, it is not ours to replace."""
-    path = Path(out_dir) / "manifest.json"
+    path = Path(out_dir) / MANIFEST_FILE
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
@@ -57,7 +55,7 @@ def check_export_target(out_dir: Path, kind: str) -> None:
     except OSError as error:
         raise ZoneError(f"--out {out_dir}: cannot read its {path.name} ({error.strerror or error}), so cannot tell "
                         "whose it is; choose another folder") from None
-    found = next((name for name, key in EXPORT_KINDS.items() if isinstance(manifest, dict) and key in manifest), None)
+    found = export_kind(manifest)
     if found != kind:
         held = f"a `zone export {found}` folder" if found else "a manifest.json that is no zone export's"
         raise ZoneError(f"--out {out_dir} holds {held}: `zone export {kind}` would replace its manifest; choose "

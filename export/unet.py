@@ -47,7 +47,7 @@ from zone_engine.dual_step import DualUNet
 from zone_engine.errors import ConfigError, ZoneError
 from zone_engine.localize import EMPTY_PROMPT_ROWS, attention_grid, record_cross_attention, recorded_layers
 from zone_engine.models import ZoneModels
-from zone_engine.paths import check_output_folder
+from zone_engine.paths import MANIFEST_FILE, check_output_folder, export_kind
 from zone_engine.sam_onnx import file_sha256
 
 from .onnx_graph import check_export_target, check_opset, compare, export_graph, require, session, staging_folder
@@ -57,7 +57,6 @@ DUAL_STEP = "dual_step"
 VAE_ENCODER = "vae_encoder"
 VAE_DECODER = "vae_decoder"
 GRAPHS = (DUAL_STEP, VAE_ENCODER, VAE_DECODER)  # what `zone export unet` writes, as NAME.onnx
-MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 SIZE_MULTIPLE = 32  # the pipeline pads to multiples of 32 (ZONE.md section 0); attention is read at 1/32
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
@@ -514,6 +513,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ZoneError(f"cannot read {path} ({error}); {again}") from None
+    if export_kind(manifest) == "sam":
+        raise ZoneError(f"{folder} is a `zone export sam` folder (SAM's graphs, for --sam-onnx), not a `zone export "
+                        f"unet` one; {again}")
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not manifest.get("graphs"):
         raise ZoneError(f"{path} is not a format-{MANIFEST_FORMAT} `zone export unet` manifest; {again}")
     return manifest

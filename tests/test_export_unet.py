@@ -440,6 +440,12 @@ def test_build_engine_without_tensorrt_says_what_to_install(no_tensorrt, exporte
         run_build_engine(parser.parse_args([str(broken)]))
     with pytest.raises(SystemExit):  # argparse: "argument --cache: empty: name a folder"
         parser.parse_args([str(exported), "--cache", " "])
+    # SAM's export folder (what --sam-onnx takes) is named as such, not as a manifest of the wrong format.
+    sam_folder = tmp_path / "sam"
+    sam_folder.mkdir()
+    (sam_folder / "manifest.json").write_text('{"format": 1, "model_type": "vit_b", "files": {}}')
+    with pytest.raises(ZoneError, match="is a `zone export sam` folder .*, not a `zone export unet` one"):
+        run_build_engine(parser.parse_args([str(sam_folder)]))
 
 
 def test_tensorrt_denoiser_without_tensorrt_is_a_clear_device_error(no_tensorrt, models, manifest, tmp_path):

@@ -12,6 +12,16 @@ from pathlib import Path
 
 from .errors import ZoneError
 
+# What `zone export unet` and `zone export sam` write beside their graphs, each recognised by a key only its
+# own manifest has: so an export, an engine build or `--sam-onnx` can say it was handed the other one's folder.
+MANIFEST_FILE = "manifest.json"
+EXPORT_KINDS = {"unet": "graphs", "sam": "model_type"}
+
+
+def export_kind(manifest: object) -> str | None:
+    """Which `zone export` wrote this parsed manifest.json ("unet" or "sam"), None when neither did."""
+    return next((kind for kind, key in EXPORT_KINDS.items() if isinstance(manifest, dict) and key in manifest), None)
+
 
 def folder_argument(text: str) -> Path:
     """argparse type of a folder option: a blank one is refused (pathlib reads "" as the current folder, where

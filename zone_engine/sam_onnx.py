@@ -30,11 +30,11 @@ from segment_anything.modeling import Sam
 
 from .config import SamConfig
 from .errors import CheckpointError, DeviceError
+from .paths import MANIFEST_FILE, export_kind
 from .sam_torch import TorchSamSegmenter, passing_masks
 
 ENCODER_FILE = "image_encoder.onnx"
 DECODER_FILE = "mask_decoder.onnx"
-MANIFEST_FILE = "manifest.json"
 TRT_CACHE = "trt_cache"  # ORT's TensorRT engines, one folder per export (engine_cache_folder)
 MANIFEST_FORMAT = 1
 MANIFEST_KEYS = ("format", "model_type", "input_size", "embedding_shape", "low_res_size", "precision",
@@ -270,7 +270,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise export_error(folder, f"cannot read {MANIFEST_FILE} ({error})") from None
-    if isinstance(manifest, dict) and "graphs" in manifest:
+    if export_kind(manifest) == "unet":
         raise export_error(folder, "a `zone export unet` folder (the UNets' graphs), not a `zone export sam` one")
     missing = [key for key in MANIFEST_KEYS if not isinstance(manifest, dict) or key not in manifest]
     if missing:
