@@ -492,10 +492,10 @@ def test_device_names_that_are_none_are_one_error_before_and_after_torch(name):
         resolve_device(name)
 
 
-@pytest.mark.parametrize("option", ["attention", "group_norm", "sam_precision", "segmenter"])
+@pytest.mark.parametrize("option", ["attention", "group_norm", "kernels", "sam_precision", "segmenter"])
 def test_a_backend_option_that_is_no_name_is_refused(option):
     """Python callers pass anything: None is no attention backend (not 'xformers on the CPU')."""
-    with pytest.raises(DeviceError, match="unknown"):
+    with pytest.raises(ConfigError, match="unknown"):
         check_backend_options("cpu", **{option: None})
     check_backend_options("cpu", denoiser=object())  # a Denoiser instance comes configured (make_denoiser checks it)
 

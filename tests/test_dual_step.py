@@ -159,7 +159,7 @@ def test_xformers_is_refused_with_a_reason_where_it_cannot_run(tiny_models):
 
     with pytest.raises(DeviceError, match="needs a CUDA device"):
         ZonePipeline(tiny_models, device="cpu", attention="xformers")
-    with pytest.raises(DeviceError, match="unknown attention backend"):
+    with pytest.raises(ConfigError, match="unknown attention backend"):
         ZonePipeline(tiny_models, device="cpu", attention="flash")
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import smooth_image, spy_calls
 
 from zone_engine import Action, EditConfig, EditResult, SamConfig, ZonePipeline
-from zone_engine.errors import ConfigError, DeviceError, EditWarning
+from zone_engine.errors import ConfigError, EditWarning
 from zone_engine.pipeline import STAGES
 from zone_engine.refine import ListSegmenter
 
@@ -165,8 +165,16 @@ def test_backend_names_are_read_in_any_case_as_device_and_dtype_are(tiny_models)
     pipe = ZonePipeline(tiny_models, device="CPU", dtype="FP32", denoiser="Fused", segmenter="TORCH", kernels="Auto",
                         attention="SDPA", sam_precision="FP32", group_norm="Torch")
     assert isinstance(pipe.denoiser, FusedDualDenoiser) and pipe.group_norms == {"unets": "pytorch", "vae": "pytorch"}
-    with pytest.raises(DeviceError, match="unknown denoiser backend 'fusd'"):
+    with pytest.raises(ConfigError, match="unknown denoiser backend 'fusd'"):
         ZonePipeline(tiny_models, device="cpu", denoiser="Fusd")
+
+
+def test_unknown_localization_kernels_are_refused_before_the_models_move(tiny_models, monkeypatch):
+    """Checked with the other backend names: it was said only after the weights had moved and the denoiser was
+    built (seconds for the real models on a GPU)."""
+    monkeypatch.setattr(type(tiny_models), "to", lambda *args: pytest.fail("the models moved first"))
+    with pytest.raises(ConfigError, match="unknown localization kernels 'cuda': available auto, torch, triton"):
+        ZonePipeline(tiny_models, device="cpu", kernels="CUDA")
 
 
 def test_a_default_config_is_checked_when_given_or_set(tiny_models):
@@ -320,7 +328,7 @@ def test_group_norm_option_errors(tiny_models, monkeypatch):
     from zone_engine.backends import make_denoiser, make_group_norms
     from zone_engine.models import pytorch_norms
 
-    with pytest.raises(DeviceError, match="unknown GroupNorm implementation 'apex': available auto, torch, triton"):
+    with pytest.raises(ConfigError, match="unknown GroupNorm implementation 'apex': available auto, torch, triton"):
         ZonePipeline(tiny_models, device="cpu", group_norm="apex")
     denoiser = make_denoiser(tiny_models, "fused")
     from kernels.group_norm import triton_group_norms

@@ -262,7 +262,7 @@ def test_sam_precision_is_checked_before_anything_loads(tiny_models):
 
     with pytest.raises(DeviceError, match="fp16 runs only on CUDA"):
         ZonePipeline(tiny_models, device="cpu", sam_precision="fp16")
-    with pytest.raises(DeviceError, match="unknown SAM precision"):
+    with pytest.raises(ConfigError, match="unknown SAM precision"):
         ZonePipeline(tiny_models, device="cpu", sam_precision="int8")
     with pytest.raises(ConfigError, match="for --segmenter torch"):
         ZonePipeline(tiny_models, device="cpu", segmenter="onnx", sam_onnx="x", sam_precision="bf16")

@@ -102,7 +102,7 @@ def make_denoiser(
 
         return TensorRTDenoiser.from_export(Path(engines), models.scheduler_config, device=device or "cuda",
                                             cuda_graph=graphs)
-    raise DeviceError(f"unknown denoiser backend {kind!r}: available {', '.join(DENOISERS)}")
+    raise ConfigError(f"unknown denoiser backend {kind!r}: available {', '.join(DENOISERS)}")
 
 
 def configure_attention(models: ZoneModels, kind: str, device: torch.device) -> None:
@@ -158,7 +158,7 @@ def make_segmenter(
             return OnnxSamSegmenter(Path(sam_onnx), config, providers=["CPUExecutionProvider"])
         index = torch.cuda.current_device() if device.index is None else device.index
         return OnnxSamSegmenter(Path(sam_onnx), config, device_index=index)
-    raise DeviceError(f"unknown refinement backend {kind!r}: available {', '.join(SEGMENTERS)}")
+    raise ConfigError(f"unknown refinement backend {kind!r}: available {', '.join(SEGMENTERS)}")
 
 
 def make_localization_kernels(kind: str, device: torch.device) -> tuple[Accumulate, Binarize]:
@@ -180,7 +180,7 @@ def make_localization_kernels(kind: str, device: torch.device) -> tuple[Accumula
                         "or TRITON_INTERPRET=1 on the CPU, and ZONE_DISABLE_TRITON unset): the torch reference runs",
                         UserWarning)
         return attn_accumulate_, binarize_mask
-    raise DeviceError(f"unknown localization kernels {kind!r}: available {', '.join(LOCALIZATION_KERNELS)}")
+    raise ConfigError(f"unknown localization kernels {kind!r}: available {', '.join(LOCALIZATION_KERNELS)}")
 
 
 def make_group_norms(kind: str, device: torch.device, denoiser: str | Denoiser) -> tuple[NormScope, NormScope]:

@@ -92,28 +92,33 @@ def check_precision(dtype: str, kind: str) -> None:
 BACKEND_NAME_OPTIONS = ("denoiser", "segmenter", "kernels", "attention", "sam_precision", "group_norm")
 
 
+def lowered_name(value: object) -> object:
+    """A backend option's name in any case (`denoiser="Fused"`), as `device`, `dtype` and the command line take
+    them; anything else (a Denoiser instance, None) as it is, for the checks to say."""
+    return value.lower() if isinstance(value, str) else value
+
+
 def lowered_backend_names(options: dict[str, object]) -> dict[str, object]:
-    """The backend options' names in any case (`denoiser="Fused"`), as `device`, `dtype` and the command line take
-    them; other options as they are."""
-    return {key: value.lower() if key in BACKEND_NAME_OPTIONS and isinstance(value, str) else value
-            for key, value in options.items()}
+    """`options` with the backend options' names lowered (lowered_name); other options as they are."""
+    return {key: lowered_name(value) if key in BACKEND_NAME_OPTIONS else value for key, value in options.items()}
 
 
 def check_backend_options(
     kind: str, denoiser: str | object = "fused", engines: object = None, segmenter: str = "torch",
-    sam_onnx: object = None, sam_precision: str = "fp32", group_norm: str = "auto", attention: str = "sdpa",
+    kernels: str = "auto", sam_onnx: object = None, sam_precision: str = "fp32", group_norm: str = "auto", attention: str = "sdpa",
     cuda_graphs: bool | None = None, channels_last: bool | None = None, **_other_options: object,
 ) -> None:
     """ConfigError / DeviceError for a backend option that names nothing, that its backend would not read
     (silently ignored otherwise), that lacks what it needs, or that needs CUDA on the CPU (device `kind` auto
     passes those). Free of torch, so `zone edit` says it at once, and ZonePipeline before any weights move."""
-    named = [("segmenter", segmenter, SEGMENTERS), ("GroupNorm implementation", group_norm, GROUP_NORMS),
+    named = [("segmenter", segmenter, SEGMENTERS), ("localization kernels", kernels, LOCALIZATION_KERNELS),
+             ("GroupNorm implementation", group_norm, GROUP_NORMS),
              ("attention backend", attention, ATTENTION), ("SAM precision", sam_precision, SAM_PRECISIONS)]
     if isinstance(denoiser, str):  # else a Denoiser instance, configured already (make_denoiser checks it)
         named.append(("denoiser backend", denoiser, DENOISERS))
     for what, value, names in named:
         if value not in names:
-            raise DeviceError(f"unknown {what} {value!r}: available {', '.join(names)}")
+            raise ConfigError(f"unknown {what} {value!r}: available {', '.join(names)}")
     check_switch("cuda_graphs", cuda_graphs, none_means="the engine's choice")
     check_switch("channels_last", channels_last, none_means="the engine's choice")
     on_cpu = kind == "cpu"

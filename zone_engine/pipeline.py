@@ -43,6 +43,7 @@ from .config import (
     SamConfig,
     check_switch,
     lowered_backend_names,
+    lowered_name,
 )
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
 from .errors import ConfigError, EditCancelled, warn_caller
@@ -287,16 +288,15 @@ class ZonePipeline:
             raise ConfigError(f"ZonePipeline takes the loaded ZoneModels, not a {type(models).__name__}: load "
                               "checkpoints with ZonePipeline.from_pretrained(ip2p=..., magicbrush=..., sam=...), or "
                               "use ZonePipeline.tiny() for random test models")
-        denoiser, segmenter, kernels, attention, sam_precision, group_norm = lowered_backend_names(dict(
-            denoiser=denoiser, segmenter=segmenter, kernels=kernels, attention=attention, sam_precision=sam_precision,
-            group_norm=group_norm)).values()
+        denoiser, segmenter, kernels, attention, sam_precision, group_norm = map(
+            lowered_name, (denoiser, segmenter, kernels, attention, sam_precision, group_norm))
         if segmenter == "torch" and models.sam is None:
             raise ConfigError("no SAM checkpoint was loaded: pass sam=CKPT, or segmenter='onnx' with sam_onnx=DIR")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        check_backends(self.device, denoiser=denoiser, engines=engines, segmenter=segmenter, sam_onnx=sam_onnx,
-                       sam_precision=sam_precision, group_norm=group_norm, attention=attention, cuda_graphs=cuda_graphs,
-                       channels_last=channels_last)
+        check_backends(self.device, denoiser=denoiser, engines=engines, segmenter=segmenter, kernels=kernels,
+                       sam_onnx=sam_onnx, sam_precision=sam_precision, group_norm=group_norm, attention=attention,
+                       cuda_graphs=cuda_graphs, channels_last=channels_last)
         self.sam_dtype = DTYPES[sam_precision]
         # Checked before gigabytes move:
         self.default_config = EditConfig() if default_config is None else default_config
