@@ -500,6 +500,17 @@ def test_a_backend_option_that_is_no_name_is_refused(option):
     check_backend_options("cpu", denoiser=object())  # a Denoiser instance comes configured (make_denoiser checks it)
 
 
+def test_backend_options_that_do_not_go_together_are_config_errors_on_any_device():
+    """What a GPU would not mend is a ConfigError (the server answers a DeviceError as its own fault)."""
+    for kind in ("cuda", "auto"):
+        with pytest.raises(ConfigError, match="no CUDA-graph path: use --denoiser fused"):
+            check_backend_options(kind, denoiser="eager", cuda_graphs=True)
+        with pytest.raises(ConfigError, match="needs --engines DIR"):
+            check_backend_options(kind, denoiser="tensorrt")
+        with pytest.raises(ConfigError, match="needs --sam-onnx DIR"):
+            check_backend_options(kind, segmenter="onnx")
+
+
 @pytest.mark.parametrize("option", ["cuda_graphs", "channels_last"])
 @pytest.mark.parametrize("value", ["no", 1, 0])
 def test_an_on_off_option_takes_only_a_bool_or_none(tiny_models, option, value):

@@ -12,8 +12,6 @@ import torch
 
 from .config import (
     DENOISERS,
-    LOCALIZATION_KERNELS,
-    SEGMENTERS,
     SamConfig,
     check_backend_options,
     check_precision,
@@ -97,12 +95,10 @@ def make_denoiser(
     if kind in ("fused", "compile"):
         return FusedDualDenoiser(models.ip2p_unet, models.mb_unet, models.scheduler_config, compile=kind == "compile",
                                  cuda_graphs=graphs, norms=norms)
-    if kind == "tensorrt":
-        from .tensorrt_denoiser import TensorRTDenoiser
+    from .tensorrt_denoiser import TensorRTDenoiser  # the one name left, checked above
 
-        return TensorRTDenoiser.from_export(Path(engines), models.scheduler_config, device=device or "cuda",
-                                            cuda_graph=graphs)
-    raise ConfigError(f"unknown denoiser backend {kind!r}: available {', '.join(DENOISERS)}")
+    return TensorRTDenoiser.from_export(Path(engines), models.scheduler_config, device=device or "cuda",
+                                        cuda_graph=graphs)
 
 
 def configure_attention(models: ZoneModels, kind: str, device: torch.device) -> None:
@@ -150,15 +146,13 @@ def make_segmenter(
         from .sam_torch import TorchSamSegmenter
 
         return TorchSamSegmenter(models.sam, config, sam_dtype)
-    if kind == "onnx":
-        check_backend_options("auto", segmenter="onnx", sam_onnx=sam_onnx)  # the folder: OnnxSamSegmenter reads it
-        from .sam_onnx import OnnxSamSegmenter
+    check_backend_options("auto", segmenter=kind, sam_onnx=sam_onnx)  # onnx is left; the folder: the segmenter reads it
+    from .sam_onnx import OnnxSamSegmenter
 
-        if device is None or device.type != "cuda":
-            return OnnxSamSegmenter(Path(sam_onnx), config, providers=["CPUExecutionProvider"])
-        index = torch.cuda.current_device() if device.index is None else device.index
-        return OnnxSamSegmenter(Path(sam_onnx), config, device_index=index)
-    raise ConfigError(f"unknown refinement backend {kind!r}: available {', '.join(SEGMENTERS)}")
+    if device is None or device.type != "cuda":
+        return OnnxSamSegmenter(Path(sam_onnx), config, providers=["CPUExecutionProvider"])
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return OnnxSamSegmenter(Path(sam_onnx), config, device_index=index)
 
 
 def make_localization_kernels(kind: str, device: torch.device) -> tuple[Accumulate, Binarize]:
@@ -167,20 +161,17 @@ def make_localization_kernels(kind: str, device: torch.device) -> tuple[Accumula
     auto: Triton on CUDA, torch elsewhere. The kernels fall back to torch by themselves where Triton
     cannot run, and ZONE_DISABLE_TRITON=1 switches them off.
     """
-    if kind == "auto":
-        kind = "triton" if device.type == "cuda" else "torch"
-    if kind == "torch":
+    check_backend_options(device.type, kernels=kind)
+    if kind == "torch" or (kind == "auto" and device.type != "cuda"):
         return accumulate_attention_probabilities, binarize_reference
-    if kind == "triton":
-        from kernels.attn_accumulate import attn_accumulate_, runs_on
-        from kernels.mask_binarize import binarize_mask
+    from kernels.attn_accumulate import attn_accumulate_, runs_on
+    from kernels.mask_binarize import binarize_mask
 
-        if not runs_on(device):  # both kernels share the rule (kernels/runtime.py)
-            warn_caller(f"--kernels triton (kernels='triton') cannot run on {device.type} here (Triton needs CUDA, "
-                        "or TRITON_INTERPRET=1 on the CPU, and ZONE_DISABLE_TRITON unset): the torch reference runs",
-                        UserWarning)
-        return attn_accumulate_, binarize_mask
-    raise ConfigError(f"unknown localization kernels {kind!r}: available {', '.join(LOCALIZATION_KERNELS)}")
+    if not runs_on(device):  # both kernels share the rule (kernels/runtime.py)
+        warn_caller(f"--kernels triton (kernels='triton') cannot run on {device.type} here (Triton needs CUDA, "
+                    "or TRITON_INTERPRET=1 on the CPU, and ZONE_DISABLE_TRITON unset): the torch reference runs",
+                    UserWarning)
+    return attn_accumulate_, binarize_mask
 
 
 def make_group_norms(kind: str, device: torch.device, denoiser: str | Denoiser) -> tuple[NormScope, NormScope]:

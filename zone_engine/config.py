@@ -105,8 +105,9 @@ def lowered_backend_names(options: dict[str, object]) -> dict[str, object]:
 
 def check_backend_options(
     kind: str, denoiser: str | object = "fused", engines: object = None, segmenter: str = "torch",
-    kernels: str = "auto", sam_onnx: object = None, sam_precision: str = "fp32", group_norm: str = "auto", attention: str = "sdpa",
-    cuda_graphs: bool | None = None, channels_last: bool | None = None, **_other_options: object,
+    kernels: str = "auto", sam_onnx: object = None, sam_precision: str = "fp32", group_norm: str = "auto",
+    attention: str = "sdpa", cuda_graphs: bool | None = None, channels_last: bool | None = None,
+    **_other_options: object,
 ) -> None:
     """ConfigError / DeviceError for a backend option that names nothing, that its backend would not read
     (silently ignored otherwise), that lacks what it needs, or that needs CUDA on the CPU (device `kind` auto
@@ -129,11 +130,11 @@ def check_backend_options(
     if cuda_graphs and on_cpu:
         raise DeviceError("CUDA graphs need a CUDA device; drop --cuda-graphs or use --device cuda")
     if cuda_graphs and denoiser == "eager":
-        raise DeviceError("the eager reference denoiser has no CUDA-graph path: use --denoiser fused")
+        raise ConfigError("the eager reference denoiser has no CUDA-graph path: use --denoiser fused")
     if denoiser == "tensorrt" and on_cpu:
         raise DeviceError("--denoiser tensorrt needs a CUDA GPU; on the CPU use --denoiser fused")
     if denoiser == "tensorrt" and engines is None:
-        raise DeviceError("--denoiser tensorrt needs --engines DIR: a folder written by `zone export unet`")
+        raise ConfigError("--denoiser tensorrt needs --engines DIR: a folder written by `zone export unet`")
     if engines is not None and denoiser != "tensorrt":
         raise ConfigError("--engines is read by --denoiser tensorrt only: add --denoiser tensorrt, or drop --engines")
     if sam_precision != "fp32" and segmenter != "torch":
