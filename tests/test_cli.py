@@ -236,6 +236,16 @@ def test_edit_to_jpeg_warns_that_it_is_lossy_and_keeps_the_colour_profile(photo,
     assert profiles == {"styled": RGB_PROFILE, "heatmap": RGB_PROFILE, "mask_b": None, "mask_f": None, "region": None}
 
 
+def test_edit_writes_every_format_pillow_writes_saying_what_it_loses(photo, tmp_path, capsys):
+    """A list of seven suffixes refused .gif, .qoi, .tga, .jp2 and .avif, which save_image writes (the notes for
+    GIF and AVIF could not be reached from the command line)."""
+    out = tmp_path / "edited.gif"
+    assert main(["edit", str(photo), "-i", "add a hat", "-o", str(out), "--tiny", "--steps", "1",
+                 "--no-progress"]) == 0
+    assert "GIF keeps at most 256 colours" in capsys.readouterr().err
+    assert Image.open(out).format == "GIF"
+
+
 def test_every_entry_point_defaults_to_the_fused_denoiser(tiny_models):
     from zone_engine.cli import build_parser
     from zone_engine.dual_step import FusedDualDenoiser
@@ -294,6 +304,8 @@ def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
         (lambda p, t: ["edit", str(t / "missing.png"), "-i", "x", "-o", str(t / "o.png"), "--tiny"], ["not found"]),
         (lambda p, t: ["edit", str(p), "-i", "   ", "-o", str(t / "o.png"), "--tiny"], ["empty"]),
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.txt"), "--tiny"], ["suffix"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o"), "--tiny"], ["has no suffix", "o.png"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.ico"), "--tiny"], ["icons come in fixed sizes"]),
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--steps", "0"], ["steps"]),
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--sam", str(t / "sam_vit_h.pth")],
          ["SAM checkpoint not found", "--sam"]),
@@ -353,7 +365,8 @@ def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", _symlink_loop(t / "loop.png"), "--tiny"],
          ["is a symlink that loops"]),
     ],
-    ids=["missing-image", "empty-instruction", "bad-output", "zero-steps", "missing-sam", "undecodable-instruction",
+    ids=["missing-image", "empty-instruction", "bad-output", "output-without-suffix", "output-is-an-icon", "zero-steps",
+         "missing-sam", "undecodable-instruction",
          "output-is-input", "output-under-a-file", "masks-into-a-file", "demo-into-a-file", "export-unet-into-a-file",
          "export-sam-into-a-file", "export-sam-missing-checkpoint", "export-sam-unknown-type", "onnx-folder-is-file",
          "tiny-with-checkpoints", "random-weights-with-classifier", "seed-too-large", "tiny-with-sam-type",

@@ -47,7 +47,6 @@ RANDOM_WEIGHTS_NOTICE = (
     "      For real edits get the checkpoints (see README, 'Real checkpoints') and run:\n"
     '      zone edit photo.jpg -i "make the dog a golden statue" -o edited.png --sam sam_vit_h_4b8939.pth'
 )
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def _add_request_options(parser: argparse.ArgumentParser) -> None:
@@ -322,10 +321,12 @@ def _config_changes(args: argparse.Namespace) -> dict:
 
 
 def _check_output_path(path: Path, image: Path) -> None:
+    from .image_io import check_output_format
+
     check_output_file(path, "output")  # first: a folder given as -o is said as one, not as a missing suffix
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ZoneError(f"output {path} does not end in an image format's suffix: use one of "
-                        f"{', '.join(IMAGE_SUFFIXES)}")
+    if not path.suffix:  # save_image would write PNG to a name without one: say it, the user may have meant .jpg
+        raise ZoneError(f"output {path} has no suffix: name the format, such as {path}.png")
+    check_output_format(path)
     if _same_file(path, image):
         raise ZoneError(f"output {path} is the input image: write the edit to another file, the input stays as it is")
 

@@ -425,13 +425,7 @@ def save_image(array: np.ndarray, path: str | os.PathLike, icc_profile: bytes | 
     except OSError as error:
         raise ZoneError(f"cannot write {path}: {_one_line(error)}") from None
     image = Image.fromarray(np.ascontiguousarray(pixels))
-    file_format = _writable_format(path)
-    if file_format is None:
-        raise ZoneError(f"cannot write {path}: {path.suffix} is no image format's suffix Pillow writes; use .png, "
-                        "say")
-    if file_format in _RESIZING_FORMATS:
-        raise ZoneError(f"cannot write {path}: {file_format} icons come in fixed sizes, so the image would be "
-                        "scaled; use .png, say")
+    file_format = check_output_format(path)
     options = {**_SAVE_OPTIONS.get(file_format, {}), **({"icc_profile": icc_profile} if icc_profile else {})}
     try:
         with written_atomically(path) as temporary:
@@ -439,6 +433,20 @@ def save_image(array: np.ndarray, path: str | os.PathLike, icc_profile: bytes | 
     except (OSError, ValueError) as error:  # an OSError's reason alone: the file it names is the temporary one
         reason = error.strerror if isinstance(error, OSError) and error.strerror else _one_line(error)
         raise ZoneError(f"cannot write {path}: {reason}") from None
+
+
+def check_output_format(path: str | os.PathLike) -> str:
+    """The format Pillow writes for `path`'s suffix (PNG without one), else a ZoneError: a suffix no format
+    Pillow writes has, or an icon's (scaled to the format's sizes). Said before an edit runs, not after it."""
+    path = Path(path)
+    file_format = _writable_format(path)
+    if file_format is None:
+        raise ZoneError(f"cannot write {path}: {path.suffix} is no image format's suffix Pillow writes; use .png, "
+                        "say")
+    if file_format in _RESIZING_FORMATS:
+        raise ZoneError(f"cannot write {path}: {file_format} icons come in fixed sizes, so the image would be "
+                        "scaled; use .png, say")
+    return file_format
 
 
 def _savable_pixels(array: object) -> np.ndarray:
