@@ -30,6 +30,7 @@ from zone_engine.backends import DTYPES, current_device, resolve_device, resolve
 from zone_engine.config import DENOISERS, EditConfig
 from zone_engine.denoise import BatchDenoiser, Denoiser
 from zone_engine.errors import ZoneError, first_line
+from zone_engine.graphs import CapturedCalls
 from zone_engine.image_io import make_sample_image, working_geometry
 from zone_engine.models import ZoneModels, build_random_components, pytorch_norms
 from zone_engine.pipeline import STAGES, EditRequest, EditResult, ZonePipeline
@@ -102,6 +103,13 @@ class Implementation:
     failure: str | None = None  # an engine row whose edit raised: reported in its place, the run goes on
 
 
+def builds_on_first_edit(impl: Implementation) -> bool:
+    """Whether the row's first edit (at a shape) builds something the timed edits must not pay for: a compile,
+    TensorRT engines, or the CUDA graphs a fused row captures (its step's, the text encoder's and the VAE's)."""
+    return (impl.name.removeprefix("engine:") in BUILDING_BACKENDS
+            or impl.pipe is not None and isinstance(impl.pipe.run, CapturedCalls))
+
+
 @dataclass
 class BatchedRun:
     """Timed `edit_batch` calls of one engine row: `batch` requests each, one call per round."""
@@ -129,7 +137,7 @@ def measure(implementations: list[Implementation], config: BenchConfig, device: 
     Every edit starts through `deadline`: once the time is up, the rounds stop where they are.
     """
     def warm_up(impl: Implementation) -> None:
-        warmup = max(config.warmup, 1) if impl.name.removeprefix("engine:") in BUILDING_BACKENDS else config.warmup
+        warmup = max(config.warmup, 1) if builds_on_first_edit(impl) else config.warmup
         for index in range(warmup):
             started = time.perf_counter()
             impl.edit()
@@ -252,9 +260,7 @@ def measure_batched(implementations: list[Implementation], config: BenchConfig, 
         _release(device)
 
     for impl in list(batchers):
-        builds = (impl.name.removeprefix("engine:") in BUILDING_BACKENDS
-                  or getattr(impl.pipe.denoiser.denoiser, "cuda_graphs", False) and device.type == "cuda")
-        if config.warmup > 0 or builds:
+        if config.warmup > 0 or builds_on_first_edit(impl):
             attempt_batch(impl, partial(warm_up, impl))
     for index in range(config.repeats):
         for impl in list(batchers):

@@ -628,3 +628,21 @@ def test_the_micro_benchmarks_say_a_bad_option_in_one_line(capsys, module, argv,
     with pytest.raises(SystemExit) as stop:
         parse(argv)
     assert stop.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_rows_that_build_on_their_first_edit_are_always_warmed_up():
+    """With --warmup 0 a fused row on CUDA timed its CUDA graphs' capture in its first edit: the rule knew
+    backend names that no longer exist ("cuda-graphs") and missed the row whose pipeline captures."""
+    from types import SimpleNamespace
+
+    from zone_engine.graphs import CapturedCalls, eager
+
+    def row(name, run=None):
+        return harness.Implementation(name, "fp16", edit=lambda: None,
+                                      pipe=None if run is None else SimpleNamespace(run=run))
+
+    assert harness.builds_on_first_edit(row("engine:compile", eager))
+    assert harness.builds_on_first_edit(row("engine:tensorrt", eager))
+    assert harness.builds_on_first_edit(row("engine:fused+gn-torch", CapturedCalls()))
+    assert not harness.builds_on_first_edit(row("engine:fused", eager))
+    assert not harness.builds_on_first_edit(row("baseline"))
