@@ -751,6 +751,8 @@ def test_a_misspelt_from_pretrained_option_is_said_before_any_checkpoint_loads(m
     monkeypatch.setattr("zone_engine.pipeline.load_pretrained", must_not_load)
     with pytest.raises(ConfigError, match="segmentr"):
         ZonePipeline.from_pretrained(device="cpu", segmentr="torch")
+    with pytest.raises(ConfigError, match="from_pretrained builds the models itself: drop models="):
+        ZonePipeline.from_pretrained(device="cpu", models=None)  # ZonePipeline's first parameter: passed already
 
 
 def test_from_pretrained_checks_its_own_arguments_before_any_checkpoint_loads(monkeypatch):
@@ -771,6 +773,8 @@ def test_tiny_checks_its_seed_and_options(seed):
         ZonePipeline.tiny(seed=seed)
     with pytest.raises(ConfigError, match="tiny: got an unexpected keyword argument 'denoisr'"):
         ZonePipeline.tiny(denoisr="fused")
+    with pytest.raises(ConfigError, match="tiny builds the models itself"):
+        ZonePipeline.tiny(models=None)
 
 
 def test_building_random_models_leaves_the_callers_random_state_alone(monkeypatch):

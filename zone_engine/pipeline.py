@@ -255,7 +255,10 @@ def _stage_of_an_edit(method: Callable[..., T]) -> Callable[..., T]:
 
 
 def _check_options(cls: type, caller: str, options: dict[str, object]) -> None:
-    """A misspelt keyword option as a ConfigError naming it (not a TypeError)."""
+    """A misspelt keyword option as a ConfigError naming it (not a TypeError), and `models`, which `caller`
+    builds itself (a TypeError once the checkpoints had loaded)."""
+    if "models" in options:
+        raise ConfigError(f"{caller} builds the models itself: drop models=, or pass them to ZonePipeline(models)")
     try:
         inspect.signature(cls).bind_partial(**options)
     except TypeError as error:
