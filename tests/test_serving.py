@@ -11,6 +11,7 @@ for _module in (*SERVE_MODULES, "httpx"):
 
 import asyncio
 import base64
+import importlib.metadata
 import io
 import json
 import logging
@@ -242,6 +243,7 @@ def test_health_readiness_metrics_and_openapi(pipe):
         assert metric(text, "zone_queue_depth") == 0
         schema = httpx.get(f"{base}/openapi.json").json()
         assert {"/v1/edit", "/healthz", "/readyz", "/metrics"} <= set(schema["paths"])
+        assert schema["info"]["version"] == importlib.metadata.version("zone-engine")  # one version, pyproject's
         form = schema["components"]["schemas"][
             schema["paths"]["/v1/edit"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
             .rsplit("/", 1)[-1]]

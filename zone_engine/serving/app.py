@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
+from .. import __version__
 from ..config import EditConfig, parse_action
 from ..dual_step import padded_batch
 from ..errors import (
@@ -438,7 +439,7 @@ def create_app(service: LocalEditService | None = None) -> FastAPI:
             await service.close()
 
     app = FastAPI(
-        title="zone-engine", version="0.1.0", lifespan=lifespan,
+        title="zone-engine", version=__version__, lifespan=lifespan,
         description="ZONE zero-shot instruction-guided local image editing as a service: only the region "
         "the instruction is about changes. Concurrent edits of one size are denoised together.",
     )
