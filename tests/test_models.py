@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline
 
-from zone_engine.errors import CheckpointError
+from zone_engine.errors import CheckpointError, ConfigError
 from zone_engine.models import (
     ActionClassifier,
     build_sam,
@@ -123,7 +123,7 @@ def test_sam_loads_and_checks_its_type(saved, tmp_path):
     assert sam_type_from_path(root / "sam_vit_h_4b8939.pth") == "vit_h"
     with pytest.raises(CheckpointError, match="is a folder: pass the SAM checkpoint file itself with --sam"):
         load_sam(root)  # was "not found"
-    with pytest.raises(CheckpointError, match="unknown SAM type 'vit_x'"):
+    with pytest.raises(ConfigError, match="unknown SAM type 'vit_x'"):
         load_sam(root / "sam_vit_b_test.pth", "vit_x")
     assert load_sam(unnamed, "VIT_B").image_encoder.patch_embed.proj.out_channels == 768
 

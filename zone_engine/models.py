@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .config import DEFAULT_ACTION_CLASSIFIER, IP2P_ID, MAGICBRUSH_ID, SAM_TYPES, check_seed
-from .errors import CheckpointError, first_line, warn_caller
+from .errors import CheckpointError, ConfigError, first_line, warn_caller
 
 SAM_URLS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
@@ -262,9 +262,9 @@ def build_random_components(preset: str = "sd15", seed: int = 0, sam_type: str =
     sd15 allocates about 3.5 GB of fp32 weights for the two UNets alone.
     """
     if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}: use one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown model preset {preset!r}: use one of {', '.join(PRESETS)}")
     if sam_type not in SAM_SIZES:
-        raise ValueError(f"unknown SAM type {sam_type!r}: use one of {', '.join(SAM_SIZES)}")
+        raise ConfigError(f"unknown SAM type {sam_type!r}: use one of {', '.join(SAM_SIZES)}")
     return build_components(PRESETS[preset], seed, sam_type)
 
 
@@ -334,7 +334,7 @@ def checked_sam_type(model_type: str | None, type_flag: str = "--sam-type") -> s
     if given in (None, ""):
         return None
     if given not in SAM_TYPES:
-        raise CheckpointError(f"unknown SAM type {model_type!r} ({type_flag}): use vit_h, vit_l or vit_b")
+        raise ConfigError(f"unknown SAM type {model_type!r} ({type_flag}): use {', '.join(SAM_TYPES)}")
     return given
 
 
