@@ -1,7 +1,8 @@
 """`zone bench` / `python -m benchmarks`: the reference-style baseline and every engine backend, one run.
 
 One process builds the random-weight models once, then times (a) the baseline (benchmarks/baseline.py)
-and (b) the engine with each backend in `zone_engine.config.DENOISERS`, on the same image, seed,
+and (b) the engine with each backend the config names (`--backends`, of `zone_engine.config.DENOISERS`,
+and the variant rows), on the same image, seed,
 steps and forced action; with `batch` > 1 it also times batches of concurrent edits
 (`ZonePipeline.edit_batch`) on every engine backend that denoises a batch as one; compares their
 outputs; and writes JSON, markdown and a PNG chart.

@@ -1,4 +1,5 @@
-"""Reading, writing and resizing images: every image enters the engine through `load_image`.
+"""Reading, writing and resizing images: every image enters the engine through `read_image` (its notes
+returned, for a caller that reports them per request) or `load_image` (the same, the notes as warnings).
 
 Images are uint8 RGB numpy arrays of shape (H, W, 3); masks are bool arrays of shape (H, W).
 
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from zone_engine.config import MAX_WORKING_SIDE
 from zone_engine.errors import InputImageError, ZoneError, warn_caller
 from zone_engine.paths import name_problem, written_atomically
 
@@ -286,7 +288,7 @@ def _too_large_message(name: str, size: tuple[int, int] | None) -> str:
     shown = f"is {size[1]}x{size[0]} ({size[0] * size[1]:,} pixels)" if size else "is too large"
     return (
         f"{name}: image {shown}; at most {MAX_PIXELS:,} pixels are accepted "
-        "(the engine works at 512 px anyway), so downscale it first"
+        f"(the engine works at 512 px by default, {MAX_WORKING_SIDE} at most), so downscale it first"
     )
 
 

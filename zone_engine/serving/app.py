@@ -198,7 +198,7 @@ class EditService:
 
     @property
     def healthy(self) -> bool:
-        """Able to run edits (the single-process batcher's worker is alive)."""
+        """Able to run edits: always here; LocalEditService says whether its batcher's worker is alive."""
         return True
 
     async def submit(self, request: EditRequest, key: BatchKey) -> Any:
