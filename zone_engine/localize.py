@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import cv2
 import numpy as np
@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .masks import remove_small_regions
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 # Rows of IP2P's UNet batch [c_T+image, empty+image, empty+zero] whose attention ZONE reads: the two
 # empty-prompt branches (the reference keeps P[heads:] of the (3*heads, N, 77) probabilities).
@@ -141,7 +144,7 @@ def _halve(size: tuple[int, int], times: int) -> tuple[int, int]:
     return height, width
 
 
-def cross_attention_sizes(unet) -> dict[str, int]:
+def cross_attention_sizes(unet: UNet2DConditionModel) -> dict[str, int]:
     """Name of every down/up block cross-attention layer -> how many times its input was halved."""
     levels: dict[str, int] = {}
     level = 0
@@ -158,7 +161,7 @@ def cross_attention_sizes(unet) -> dict[str, int]:
     return levels
 
 
-def recorded_layers(unet, latent_size: tuple[int, int], grid: tuple[int, int]) -> list[str]:
+def recorded_layers(unet: UNet2DConditionModel, latent_size: tuple[int, int], grid: tuple[int, int]) -> list[str]:
     """The cross-attention layers whose query grid is `grid` (ceil(H/32) x ceil(W/32)).
 
     In SD1.5 at 512x512 these are 2 down and 3 up layers at 16x16; the mid block is not read.
@@ -176,7 +179,7 @@ def attention_grid(latent_size: tuple[int, int]) -> tuple[int, int]:
 
 @contextmanager
 def record_cross_attention(
-    unet, latent_size: tuple[int, int], grid: tuple[int, int],
+    unet: UNet2DConditionModel, latent_size: tuple[int, int], grid: tuple[int, int],
     accumulator: AttentionAccumulator | Sequence[AttentionAccumulator] | None = None,
 ) -> Iterator[AttentionAccumulator | Sequence[AttentionAccumulator]]:
     """Install recording processors; the UNet's own processors come back afterwards.

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -62,6 +62,9 @@ from .refine import Refinement, Segmenter, refine_with_sam
 from .text import TRUNCATED, EncodedInstruction, encode_instruction, encode_prompt
 from .timing import Stopwatch
 
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
 T = TypeVar("T")
 
 STAGES = ("text", "action", "vae_encode", "denoise", "localize", "vae_decode", "refine", "blend")
@@ -106,7 +109,7 @@ def batch_key(image_size: tuple[int, int], config: EditConfig) -> BatchKey:
 class EditRequest:
     """One edit of `edit_batch`; setting `cancel` stops its work at the next step boundary."""
 
-    image: Any  # path, PIL image or array, as `edit` takes
+    image: image_io.ImageSource  # path, PIL image or array, as `edit` takes
     instruction: str
     config: EditConfig | None = None
     cancel: threading.Event | None = None
@@ -156,7 +159,7 @@ def image_to_tensor(image: np.ndarray, device: torch.device, dtype: torch.dtype)
 
 
 @torch.inference_mode()
-def encode_image_latents(vae, image: np.ndarray, dtype: torch.dtype, run: Run = eager,
+def encode_image_latents(vae: AutoencoderKL, image: np.ndarray, dtype: torch.dtype, run: Run = eager,
                          norms: NormScope = pytorch_norms) -> torch.Tensor:
     """IP2P's image conditioning (3, 4, h, w): [latents, latents, zeros], unscaled latent_dist.mode().
     `run`: how the VAE is called (`graphs.eager`, or replayed from a CUDA graph); `norms`: how its
@@ -169,7 +172,8 @@ def encode_image_latents(vae, image: np.ndarray, dtype: torch.dtype, run: Run = 
 
 
 @torch.inference_mode()
-def decode_latents(vae, latents: torch.Tensor, run: Run = eager, norms: NormScope = pytorch_norms) -> torch.Tensor:
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, run: Run = eager,
+                   norms: NormScope = pytorch_norms) -> torch.Tensor:
     """(1, 4, h, w) -> float (1, 3, H, W) in [0, 1] (NaN where the decoder overflowed). `run`, `norms`: as for
     `encode_image_latents`.
 
@@ -380,7 +384,7 @@ class ZonePipeline:
         return self._segmenters[config]
 
     def edit(
-        self, image, instruction: str, config: EditConfig | None = None, *, progress: bool = False
+        self, image: image_io.ImageSource, instruction: str, config: EditConfig | None = None, *, progress: bool = False
     ) -> EditResult:
         """Edit `image` (path, PIL image or array) as `instruction` says; only the edited region changes."""
         check_switch("progress", progress)
@@ -456,7 +460,7 @@ class ZonePipeline:
             return error
 
     @_stage_of_an_edit
-    def prepare(self, image, instruction: str, config: EditConfig | None = None) -> PreparedEdit:
+    def prepare(self, image: image_io.ImageSource, instruction: str, config: EditConfig | None = None) -> PreparedEdit:
         """Steps 1-4 of one edit: check the inputs, encode the instruction, pick the action, encode the image."""
         config = self.default_config if config is None else _edit_config(config, "config")
         models, watch = self.models, Stopwatch(self.device)

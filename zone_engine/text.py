@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import warn_caller
 from .graphs import Run, eager
 from .instruction import MAX_TOKENS, check_instruction
+
+if TYPE_CHECKING:
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 TRUNCATED = f"the instruction is longer than {MAX_TOKENS} CLIP tokens and was truncated"
 
@@ -20,7 +24,7 @@ class EncodedInstruction:
     truncated: bool
 
 
-def count_tokens(tokenizer, text: str) -> tuple[int, bool]:
+def count_tokens(tokenizer: CLIPTokenizer, text: str) -> tuple[int, bool]:
     """(L, truncated): tokens of `text` with start and end, capped at 77 as CLIP truncates."""
     # verbose=False: transformers would print that the ids are too long for the model, which never sees them
     # (padded_ids truncates); the truncation is said once, as EditWarning's TRUNCATED.
@@ -28,14 +32,14 @@ def count_tokens(tokenizer, text: str) -> tuple[int, bool]:
     return min(full, MAX_TOKENS), full > MAX_TOKENS
 
 
-def padded_ids(tokenizer, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_ids(tokenizer: CLIPTokenizer, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), each (len(texts), 77)."""
     batch = tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
     return batch.input_ids.to(device), batch.attention_mask.to(device)
 
 
 @torch.inference_mode()
-def encode_prompt(tokenizer, text_encoder, text: str, run: Run = eager) -> torch.Tensor:
+def encode_prompt(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, text: str, run: Run = eager) -> torch.Tensor:
     """One prompt alone (1, 77, C), as diffusers' IP2P pipeline encodes it (no attention mask).
     `run`: how the encoder is called (`graphs.eager`, or replayed from a CUDA graph)."""
     device = next(text_encoder.parameters()).device
@@ -44,7 +48,8 @@ def encode_prompt(tokenizer, text_encoder, text: str, run: Run = eager) -> torch
 
 @torch.inference_mode()
 def encode_instruction(
-    tokenizer, text_encoder, instruction: str, empty: torch.Tensor | None = None, run: Run = eager
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, instruction: str, empty: torch.Tensor | None = None,
+    run: Run = eager,
 ) -> EncodedInstruction:
     """Encode c_T and the empty prompt as diffusers' IP2P pipeline does (no attention mask).
 

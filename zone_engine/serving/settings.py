@@ -6,10 +6,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import IP2P_ID, MAGICBRUSH_ID, MAX_BATCH, MAX_STEPS
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..pipeline import ZonePipeline
 from ..image_io import MAX_PIXELS
 
 
@@ -47,7 +50,7 @@ class PipelineSpec:
         if self.random_weights not in (None, "sd15"):
             raise ConfigError(f"--random-weights {self.random_weights}: only sd15 (real-size architectures)")
 
-    def build(self):
+    def build(self) -> ZonePipeline:
         from ..pipeline import ZonePipeline
 
         backends = dict(denoiser=self.denoiser, kernels=self.kernels, engines=self.engines, segmenter=self.segmenter,
