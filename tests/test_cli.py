@@ -258,6 +258,24 @@ def test_every_entry_point_defaults_to_the_fused_denoiser(tiny_models):
     assert isinstance(ZonePipeline(tiny_models, device="cpu").denoiser, FusedDualDenoiser)
 
 
+def test_the_backend_options_are_named_alike_everywhere():
+    """The command line, a server's PipelineSpec and the early checks pass ZonePipeline's backend options by the
+    names in config.BACKEND_OPTIONS: an option added to one but not the list would be dropped silently."""
+    import dataclasses
+    import inspect
+
+    from zone_engine.cli import build_parser
+    from zone_engine.config import BACKEND_OPTIONS
+    from zone_engine.serving.settings import PipelineSpec
+
+    pipeline_options = set(inspect.signature(ZonePipeline).parameters) - {"models", "device", "dtype", "default_config"}
+    assert set(BACKEND_OPTIONS) == pipeline_options
+    assert set(BACKEND_OPTIONS) <= {field.name for field in dataclasses.fields(PipelineSpec)}
+    assert set(BACKEND_OPTIONS) <= set(inspect.signature(check_backend_options).parameters)
+    for command in (["edit", "x.png", "-i", "add a hat", "-o", "y.png"], ["demo", "--out", "d"], ["serve"]):
+        assert set(BACKEND_OPTIONS) <= set(vars(build_parser().parse_args(command))), command
+
+
 def test_group_norm_option_reaches_the_pipeline_from_every_entry_point(monkeypatch):
     from zone_engine.cli import _backend_options, _pipeline_spec, build_parser
 

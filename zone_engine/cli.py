@@ -19,6 +19,7 @@ from export.options import add_build_engine_arguments, add_export_sam_arguments,
 
 from .config import (
     ATTENTION,
+    BACKEND_OPTIONS,
     DEFAULT_ACTION_CLASSIFIER,
     DEFAULT_SAM,
     DENOISERS,
@@ -281,9 +282,7 @@ def _print_path(path: os.PathLike) -> None:
 
 
 def _backend_options(args: argparse.Namespace) -> dict:
-    return dict(denoiser=args.denoiser, kernels=args.kernels, engines=args.engines, segmenter=args.segmenter,
-                sam_onnx=args.sam_onnx, cuda_graphs=args.cuda_graphs, attention=args.attention,
-                sam_precision=args.sam_precision, channels_last=args.channels_last, group_norm=args.group_norm)
+    return {name: getattr(args, name) for name in BACKEND_OPTIONS}
 
 
 CHECKPOINT_OPTIONS = ("ip2p", "magicbrush", "sam", "action_classifier")

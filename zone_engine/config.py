@@ -89,6 +89,10 @@ def check_precision(dtype: str, kind: str) -> None:
         raise DeviceError(f"{dtype} runs only on CUDA here; on the CPU use fp32")
 
 
+# ZonePipeline's options that choose how an edit runs (not what it computes): the command line's, a server's
+# PipelineSpec's and check_backend_options' names for them; those of them that take a backend's name.
+BACKEND_OPTIONS = ("denoiser", "kernels", "engines", "segmenter", "sam_onnx", "cuda_graphs", "attention",
+                   "sam_precision", "channels_last", "group_norm")
 BACKEND_NAME_OPTIONS = ("denoiser", "segmenter", "kernels", "attention", "sam_precision", "group_norm")
 
 

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import IP2P_ID, MAGICBRUSH_ID, MAX_BATCH, MAX_STEPS
+from ..config import BACKEND_OPTIONS, IP2P_ID, MAGICBRUSH_ID, MAX_BATCH, MAX_STEPS
 from ..errors import ConfigError
+from ..image_io import MAX_PIXELS
 
 if TYPE_CHECKING:
     from ..pipeline import ZonePipeline
-from ..image_io import MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,7 @@ class PipelineSpec:
     def build(self) -> ZonePipeline:
         from ..pipeline import ZonePipeline
 
-        backends = dict(denoiser=self.denoiser, kernels=self.kernels, engines=self.engines, segmenter=self.segmenter,
-                        sam_onnx=self.sam_onnx, cuda_graphs=self.cuda_graphs,
-                        attention=self.attention, sam_precision=self.sam_precision, channels_last=self.channels_last,
-                        group_norm=self.group_norm)
+        backends = {name: getattr(self, name) for name in BACKEND_OPTIONS}
         if self.tiny:
             return ZonePipeline.tiny(device=self.device, dtype=self.dtype, **backends)
         if self.random_weights:
