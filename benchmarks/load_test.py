@@ -39,12 +39,11 @@ import numpy as np
 from PIL import Image
 
 from zone_engine.cli import CommandParser, parse_size, signals_handled
-from zone_engine.config import MAX_BATCH, MAX_SEED
+from zone_engine.config import MAX_BATCH, MAX_SEED, SAMPLE_INSTRUCTION
 from zone_engine.errors import ZoneError
 from zone_engine.paths import check_output_folder, folder_argument
 from zone_engine.serving.settings import ServeSettings
 
-INSTRUCTION = "make the house a golden statue"
 MODES = ("batching", "no-batching")
 
 Progress = Callable[[str], None]
@@ -67,7 +66,7 @@ class LoadConfig:
     timeout_s: float = 120.0
     warmup: int = 2
     seed: int = 0
-    instruction: str = INSTRUCTION
+    instruction: str = SAMPLE_INSTRUCTION
     url: str | None = None  # measure this server instead of starting two
     max_batch: int = 8
     max_wait_ms: float = 20.0
@@ -464,30 +463,38 @@ def parse_args(argv: list[str] | None) -> LoadConfig:
                         help="folder for load.json, load.png and server logs")
     parser.add_argument("--url", metavar="URL",
                         help="measure this running server (label 'external') instead of starting two")
-    parser.add_argument("--concurrency", type=_levels, default=(1, 2, 4, 8), metavar="LIST",
-                        help="comma-separated numbers of concurrent clients (default: 1,2,4,8)")
-    parser.add_argument("--requests", type=int, default=32, metavar="N",
-                        help="requests per level at most (default: 32)")
-    parser.add_argument("--duration-s", type=float, default=60.0,
-                        help="no request starts after this many seconds of a level (default: 60)")
-    parser.add_argument("--size", type=parse_size, default=(64, 64), metavar="HxW",
-                        help="image height x width (default: 64x64)")
-    parser.add_argument("--steps", type=int, default=4, help="denoising steps per edit (default: 4)")
-    parser.add_argument("--timeout-s", type=float, default=120.0, help="client limit per request (default: 120)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed edits per server first (default: 2)")
-    parser.add_argument("--seed", type=int, default=0, help="image seed and first edit seed (default: 0)")
-    parser.add_argument("--instruction", default=INSTRUCTION, help=f"edit instruction (default: {INSTRUCTION!r})")
+    defaults = LoadConfig(out=Path())  # one place for them: a load test configured in Python gets the same
+    parser.add_argument("--concurrency", type=_levels, default=defaults.concurrency, metavar="LIST",
+                        help="comma-separated numbers of concurrent clients (default: "
+                        f"{','.join(map(str, defaults.concurrency))})")
+    parser.add_argument("--requests", type=int, default=defaults.requests, metavar="N",
+                        help=f"requests per level at most (default: {defaults.requests})")
+    parser.add_argument("--duration-s", type=float, default=defaults.duration_s,
+                        help=f"no request starts after this many seconds of a level (default: {defaults.duration_s:g})")
+    parser.add_argument("--size", type=parse_size, default=defaults.size, metavar="HxW",
+                        help="image height x width (default: {}x{})".format(*defaults.size))
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help=f"denoising steps per edit (default: {defaults.steps})")
+    parser.add_argument("--timeout-s", type=float, default=defaults.timeout_s,
+                        help=f"client limit per request (default: {defaults.timeout_s:g})")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup,
+                        help=f"untimed edits per server first (default: {defaults.warmup})")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help=f"image seed and first edit seed (default: {defaults.seed})")
+    parser.add_argument("--instruction", default=defaults.instruction,
+                        help=f"edit instruction (default: {defaults.instruction!r})")
     server = parser.add_argument_group("servers started by the load test (ignored with --url)")
-    server.add_argument("--max-batch", type=int, default=8, help="the batching server's --max-batch (default: 8)")
-    server.add_argument("--max-wait-ms", type=float, default=20.0,
-                        help="the batching server's --max-wait-ms (default: 20)")
-    server.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=True,
+    server.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                        help=f"the batching server's --max-batch (default: {defaults.max_batch})")
+    server.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
+                        help=f"the batching server's --max-wait-ms (default: {defaults.max_wait_ms:g})")
+    server.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=defaults.tiny,
                         help="tiny random models (default); --no-tiny for real checkpoints via --server-arg")
-    server.add_argument("--device", default="cpu", help="the servers' --device (default: cpu)")
+    server.add_argument("--device", default=defaults.device, help=f"the servers' --device (default: {defaults.device})")
     server.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="one more `zone serve` argument, repeatable, after the load test's own")
-    server.add_argument("--ready-timeout-s", type=float, default=300.0,
-                        help="longest wait for a server's /readyz (default: 300)")
+    server.add_argument("--ready-timeout-s", type=float, default=defaults.ready_timeout_s,
+                        help=f"longest wait for a server's /readyz (default: {defaults.ready_timeout_s:g})")
     args = parser.parse_args(argv)
     finite = (args.duration_s, args.timeout_s, args.ready_timeout_s)
     if args.requests < 1 or args.steps < 1 or args.warmup < 0 or not all(0 < s < math.inf for s in finite):

@@ -27,7 +27,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from zone_engine.backends import resolve_device, resolve_dtype
-from zone_engine.config import EditConfig, SamConfig
+from zone_engine.config import SAMPLE_INSTRUCTION, EditConfig, SamConfig
 from zone_engine.errors import ZoneError
 from zone_engine.image_io import make_sample_image
 from zone_engine.models import build_random_components
@@ -37,7 +37,6 @@ from zone_engine.timing import RANGE_PREFIX
 from .options import profile_main
 
 Window = tuple[float, float]  # microseconds on the profiler's clock
-INSTRUCTION = "make the house a golden statue"
 
 
 @dataclass(frozen=True)
@@ -171,10 +170,10 @@ def profile_edit(args: argparse.Namespace) -> tuple[torch.device, list[StageProf
         pass
     for index in range(args.warmup):
         print(f"[profile] warm-up edit {index + 1} of {args.warmup}", file=sys.stderr)
-        pipe.edit(image, INSTRUCTION, config)
+        pipe.edit(image, SAMPLE_INSTRUCTION, config)
     print("[profile] profiled edit", file=sys.stderr)
     with profile(activities=activities) as profiler:
-        pipe.edit(image, INSTRUCTION, config)
+        pipe.edit(image, SAMPLE_INSTRUCTION, config)
     if args.trace is not None:
         profiler.export_chrome_trace(str(args.trace))
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"

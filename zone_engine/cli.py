@@ -27,10 +27,14 @@ from .config import (
     IP2P_ID,
     LOCALIZATION_KERNELS,
     MAGICBRUSH_ID,
+    MAX_BATCH,
+    MAX_PIXELS,
+    MAX_SEED,
     MAX_STEPS,
     MODEL_SIZES,
     SAM_PRECISIONS,
     SAM_TYPES,
+    SAMPLE_INSTRUCTION,
     SEGMENTERS,
     Action,
     EditConfig,
@@ -42,6 +46,7 @@ from .config import (
 from .errors import ConfigError, ZoneError
 from .instruction import check_instruction
 from .paths import check_output_file, check_output_folder, folder_argument, written_atomically
+from .serving.settings import ServeSettings
 
 RANDOM_WEIGHTS_NOTICE = (
     "note: the demo runs tiny RANDOM models, so the edit itself is meaningless; it shows that every stage runs.\n"
@@ -54,8 +59,9 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("edit options")
     group.add_argument("--action", type=str.lower, default="auto", choices=["auto", *(a.value for a in Action)],
                        help="force the action instead of classifying the instruction (default: auto)")
-    group.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20)")
-    group.add_argument("--seed", type=int, default=None, help="seed of the initial noise, 0..4294967295 (default: 42)")
+    group.add_argument("--steps", type=int, default=None, help=f"denoising steps (default: {EditConfig.steps})")
+    group.add_argument("--seed", type=int, default=None,
+                       help=f"seed of the initial noise, 0..{MAX_SEED} (default: {EditConfig.seed})")
     group.add_argument("--threshold-rule", type=str.lower, choices=["reference", "paper"], default="reference",
                        help="M_b rule: reference min(2d,255)<=108 (default) or the paper's d<128")
 
@@ -176,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         "input.png, output.png, mask_b.png, mask_f.png, region.png, styled.png, heatmap.png and timings.json.",
     )
     demo.add_argument("--out", type=folder_argument, required=True, help="folder to write the results to")
-    demo.add_argument("-i", "--instruction", default="make the house a golden statue", help="instruction to run")
+    demo.add_argument("-i", "--instruction", default=SAMPLE_INSTRUCTION,
+                      help=f"instruction to run (default: {SAMPLE_INSTRUCTION!r}, for the built-in picture's house)")
     _add_edit_options(demo)
     _add_serve_command(commands)
     _add_export_commands(commands)
@@ -201,19 +208,24 @@ def _add_serve_command(commands) -> None:
     server = serve.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     server.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    server.add_argument("--max-batch", type=int, default=4,
-                        help="most edits denoised together, at most --queue-size and 256 (default: 4)")
-    server.add_argument("--max-wait-ms", type=float, default=10.0,
+    limits = ServeSettings()  # the defaults: a server built in Python (PipelineSpec, ServeSettings) gets the same
+    server.add_argument("--max-batch", type=int, default=limits.max_batch,
+                        help=f"most edits denoised together, at most --queue-size and {MAX_BATCH} "
+                        f"(default: {limits.max_batch})")
+    server.add_argument("--max-wait-ms", type=float, default=limits.max_wait_ms,
                         help="longest a request waits for others to batch with; 0 or more, under --timeout-s "
-                        "(default: 10)")
-    server.add_argument("--queue-size", type=int, default=32, help="most edits waiting; more get 503 (default: 32)")
-    server.add_argument("--timeout-s", type=float, default=120.0,
-                        help="per-request limit, queueing included; then 504 and the edit is cancelled (default: 120)")
-    server.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default: 20)")
-    server.add_argument("--max-pixels", type=int, default=25_000_000,
-                        help="largest image accepted, in pixels (default: 25000000; at most 100000000)")
-    server.add_argument("--max-steps", type=int, default=100,
-                        help=f"most steps a request may ask for (default: 100; at most {MAX_STEPS})")
+                        f"(default: {limits.max_wait_ms:g})")
+    server.add_argument("--queue-size", type=int, default=limits.queue_size,
+                        help=f"most edits waiting; more get 503 (default: {limits.queue_size})")
+    server.add_argument("--timeout-s", type=float, default=limits.timeout_s,
+                        help="per-request limit, queueing included; then 504 and the edit is cancelled "
+                        f"(default: {limits.timeout_s:g})")
+    server.add_argument("--max-upload-mb", type=float, default=limits.max_upload_mb,
+                        help=f"largest upload accepted (default: {limits.max_upload_mb:g})")
+    server.add_argument("--max-pixels", type=int, default=limits.max_pixels,
+                        help=f"largest image accepted, in pixels (default: {limits.max_pixels}; at most {MAX_PIXELS})")
+    server.add_argument("--max-steps", type=int, default=limits.max_steps,
+                        help=f"most steps a request may ask for (default: {limits.max_steps}; at most {MAX_STEPS})")
     server.add_argument("--no-warmup", action="store_true", help="be ready without a warm-up edit")
     server.add_argument("--warmup-size", type=parse_size, action="append", default=[], metavar="HxW",
                         help="also warm up at this image size before being ready: edits at the server's steps and "

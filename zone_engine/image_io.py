@@ -21,12 +21,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from zone_engine.config import MAX_WORKING_SIDE
+from zone_engine.config import MAX_PIXELS, MAX_WORKING_SIDE, MIN_SIDE
 from zone_engine.errors import InputImageError, ZoneError, warn_caller
 from zone_engine.paths import name_problem, written_atomically
-
-MIN_SIDE = 8
-MAX_PIXELS = 100_000_000
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _ACCEPTED_ARRAYS = (

@@ -38,7 +38,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from .. import __version__
-from ..config import EditConfig, parse_action
+from ..config import SAMPLE_INSTRUCTION, EditConfig, parse_action
 from ..dual_step import padded_batch
 from ..errors import (
     CheckpointError,
@@ -125,7 +125,6 @@ def outcome_of(error: ServeError) -> str:
 # ---------------------------------------------------------------------------------------- service
 
 
-WARMUP_INSTRUCTION = "make the house a golden statue"
 
 
 def warmup_batch_sizes(max_batch: int) -> list[int]:
@@ -172,7 +171,7 @@ class EditService:
                     for batch in warmup_batch_sizes(self.settings.max_batch)]
         for image, config, batch in batches:
             log.info("warming up at %dx%d, batch of %d", *image.shape[:2], batch)
-            request = EditRequest(image, WARMUP_INSTRUCTION, config, cancel=self.warmup_cancel)
+            request = EditRequest(image, SAMPLE_INSTRUCTION, config, cancel=self.warmup_cancel)
             try:
                 self.pipeline.edit_batch([request] * batch)
             except EditCancelled:

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import BACKEND_OPTIONS, IP2P_ID, MAGICBRUSH_ID, MAX_BATCH, MAX_STEPS
+from ..config import BACKEND_OPTIONS, IP2P_ID, MAGICBRUSH_ID, MAX_BATCH, MAX_PIXELS, MAX_STEPS, MIN_SIDE
 from ..errors import ConfigError
-from ..image_io import MAX_PIXELS
 
 if TYPE_CHECKING:
     from ..pipeline import ZonePipeline
@@ -103,9 +102,9 @@ class ServeSettings:
             raise ConfigError(f"the server's default steps ({steps}) is above max-steps ({self.max_steps}), which "
                               "bounds what a request may ask for: lower --steps or raise --max-steps")
         for height, width in self.warmup_sizes:
-            if min(height, width) < 8 or height * width > self.max_pixels:
-                raise ConfigError(f"warmup-size {height}x{width}: at least 8 pixels a side and at most max-pixels "
-                                  f"({self.max_pixels:,}) in all")
+            if min(height, width) < MIN_SIDE or height * width > self.max_pixels:
+                raise ConfigError(f"warmup-size {height}x{width}: at least {MIN_SIDE} pixels a side and at most "
+                                  f"max-pixels ({self.max_pixels:,}) in all")
         for name in ("max_wait_ms", "timeout_s", "max_upload_mb"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0) or (name != "max_wait_ms" and value == 0):
