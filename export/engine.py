@@ -34,8 +34,7 @@ import torch
 
 from zone_engine import __version__
 from zone_engine.errors import DeviceError, ZoneError
-from zone_engine.paths import check_output_folder
-from zone_engine.sam_onnx import file_sha256
+from zone_engine.paths import check_output_folder, file_sha256, listed_file_problem
 from zone_engine.tensorrt_denoiser import TENSORRT_MISSING, import_tensorrt  # noqa: F401  (re-exported)
 
 from .unet import read_manifest
@@ -203,10 +202,8 @@ def default_cache_root(folder: Path) -> Path:
 def check_graph_files(folder: Path, entry: dict[str, Any]) -> None:
     """The graph's files are there with the sha256 the manifest records; else a ZoneError."""
     for name, expected in entry["files"].items():
-        path = Path(folder) / name
-        if not path.is_file() or file_sha256(path) != expected:
-            raise ZoneError(f"{path} is missing or does not match its sha256 in the manifest: re-run "
-                            f"`zone export unet --out {folder}`")
+        if problem := listed_file_problem(folder, name, expected):
+            raise ZoneError(f"{folder}: {problem}; re-run `zone export unet --out {folder}`")
 
 
 def ensure_engine(folder: Path, graph: str, cache_root: Path | None = None, *, force: bool = False,

@@ -29,8 +29,8 @@ from torch import nn
 
 from zone_engine import __version__
 from zone_engine.errors import ConfigError
-from zone_engine.paths import check_output_folder
-from zone_engine.sam_onnx import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, MANIFEST_FORMAT, TRT_CACHE, file_sha256
+from zone_engine.paths import MANIFEST_FILE, check_output_folder, file_sha256
+from zone_engine.sam_onnx import DECODER_FILE, ENCODER_FILE, MANIFEST_FORMAT, TRT_CACHE
 from zone_engine.sam_torch import decode_masks, decode_tokens
 
 from .onnx_graph import check_export_target, check_opset, compare, export_graph, require, session, staging_folder

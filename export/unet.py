@@ -47,8 +47,7 @@ from zone_engine.dual_step import DualUNet
 from zone_engine.errors import ConfigError, ZoneError
 from zone_engine.localize import EMPTY_PROMPT_ROWS, attention_grid, record_cross_attention, recorded_layers
 from zone_engine.models import ZoneModels
-from zone_engine.paths import MANIFEST_FILE, check_output_folder, export_kind
-from zone_engine.sam_onnx import file_sha256
+from zone_engine.paths import MANIFEST_FILE, check_output_folder, export_kind, file_sha256
 
 from .onnx_graph import check_export_target, check_opset, compare, export_graph, require, session, staging_folder
 from .options import DEFAULT_SIZE, TINY_SEED

@@ -38,6 +38,7 @@ from zone_engine import __version__  # noqa: E402
 from zone_engine.config import SamConfig  # noqa: E402
 from zone_engine.errors import CheckpointError, ConfigError, DeviceError, ZoneError  # noqa: E402
 from zone_engine.models import SAM_SIZES, build_sam  # noqa: E402
+from zone_engine.paths import file_sha256  # noqa: E402
 from zone_engine.refine import choose_segment, refine_mask  # noqa: E402
 from zone_engine.sam_onnx import (  # noqa: E402
     DECODER_FILE,
@@ -46,7 +47,6 @@ from zone_engine.sam_onnx import (  # noqa: E402
     OnnxSamSegmenter,
     choose_providers,
     engine_cache_folder,
-    file_sha256,
 )
 from zone_engine.sam_torch import TorchSamSegmenter  # noqa: E402
 

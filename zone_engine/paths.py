@@ -4,6 +4,8 @@ benchmark or export."""
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -21,6 +23,33 @@ EXPORT_KINDS = {"unet": "graphs", "sam": "model_type"}
 def export_kind(manifest: object) -> str | None:
     """Which `zone export` wrote this parsed manifest.json ("unet" or "sam"), None when neither did."""
     return next((kind for kind, key in EXPORT_KINDS.items() if isinstance(manifest, dict) and key in manifest), None)
+
+
+def listed_file_problem(folder: Path, name: str, expected_sha256: str) -> str | None:
+    """What is wrong with a file an export's manifest lists, with the sha256 it records; None when nothing."""
+    path = Path(folder) / name
+    if not path.is_file():
+        return f"{name} is missing"
+    if file_sha256(path) != expected_sha256:
+        return (f"{name} does not match its sha256 in {MANIFEST_FILE}: the file is corrupt, truncated or from "
+                "another export")
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    """The file's sha256, computed once per version of the file in this process (a server checks its export
+    when it starts and again for each segmenter; `zone build-engine` before and while building)."""
+    status = os.stat(path)
+    return _sha256(os.path.realpath(path), status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as file:
+        digest = hashlib.sha256()  # hashlib.file_digest would do this from Python 3.11 on; 3.10 is supported
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+        return digest.hexdigest()
 
 
 def folder_argument(text: str) -> Path:

@@ -14,11 +14,9 @@ No shortcut is taken: every grid point is decoded and every segment is returned,
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,7 +28,7 @@ from segment_anything.modeling import Sam
 
 from .config import SamConfig
 from .errors import CheckpointError, DeviceError
-from .paths import MANIFEST_FILE, export_kind
+from .paths import MANIFEST_FILE, export_kind, listed_file_problem
 from .sam_torch import TorchSamSegmenter, passing_masks
 
 ENCODER_FILE = "image_encoder.onnx"
@@ -47,22 +45,6 @@ RE_EXPORT = "re-run `zone export sam --checkpoint SAM.pth --out FOLDER` to write
 def export_error(folder: Path, problem: str) -> CheckpointError:
     """What is wrong with a `--sam-onnx` folder, the option named first (as every checkpoint option's errors)."""
     return CheckpointError(f"--sam-onnx {folder}: {problem}; {RE_EXPORT}")
-
-
-def file_sha256(path: Path) -> str:
-    """The file's sha256, computed once per version of the file in this process (a server checks its export
-    when it starts and again for each segmenter; `zone build-engine` before and while building)."""
-    status = os.stat(path)
-    return _sha256(os.path.realpath(path), status.st_ino, status.st_size, status.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
-    with open(path, "rb") as file:
-        digest = hashlib.sha256()  # hashlib.file_digest would do this from Python 3.11 on; 3.10 is supported
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-        return digest.hexdigest()
 
 
 class OnnxSamSegmenter(TorchSamSegmenter):
@@ -285,11 +267,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         if name not in files:
             raise export_error(folder, f"{MANIFEST_FILE} does not list {name}")
     for name, expected in files.items():
-        if not (folder / name).is_file():
-            raise export_error(folder, f"{name} is missing")
-        if file_sha256(folder / name) != expected:
-            raise export_error(folder, f"{name} does not match its sha256 in {MANIFEST_FILE}: the file is "
-                                       "corrupt, truncated or from another export")
+        if problem := listed_file_problem(folder, name, expected):
+            raise export_error(folder, problem)
     return manifest
 
 
