@@ -624,9 +624,10 @@ def _measure_and_record(config: BenchConfig, device: torch.device, deadline: Dea
     progress(f"models built in {build_s:.1f} s")
 
     image = make_sample_image(config.resolution, config.resolution)
-    geometry = working_geometry(*image.shape[:2])
-    latent_size = (geometry.padded_size[0] // 8, geometry.padded_size[1] // 8)
-    edit_config = EditConfig(steps=config.steps, seed=config.seed, action=config.action, sam=config.sam)
+    # Worked on at --resolution (the engine's default max_side, 512, would shrink a larger image to it).
+    edit_config = EditConfig(steps=config.steps, seed=config.seed, action=config.action, sam=config.sam,
+                             max_side=config.resolution)
+    latent_size = working_geometry(*image.shape[:2], edit_config.max_side, edit_config.size_multiple).latent_size
     priming = _prime_unless_warming_up(config, models, latent_size, device)
     baseline = Implementation("baseline", "fp32",
                               baseline_edit(ReferenceStyleZone(models, device), image, config, edit_config, device))

@@ -137,7 +137,8 @@ def parse_bench_args(argv: list[str] | None = None) -> BenchConfig:
                         f"preset's value: {'; '.join(_preset_summary(preset) for preset in PRESETS.values())}")
     parser.add_argument("--models", type=str.lower, choices=MODEL_SIZES,
                         help="architecture sizes: sd15 (real) or tiny (tests)")
-    parser.add_argument("--resolution", type=int, help="side of the square test image, pixels")
+    parser.add_argument("--resolution", type=int,
+                        help="side of the square test image, pixels: the edit works at this size (its max_side)")
     parser.add_argument("--steps", type=int, help="denoising steps")
     parser.add_argument("--dtype", type=str.lower, choices=("fp32", "fp16", "bf16"),
                         help="engine precision (baseline: fp32)")
@@ -253,7 +254,8 @@ def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="architecture sizes (default sd15)")
     parser.add_argument("--sam-type", type=str.lower, choices=(*SAM_TYPES, "tiny"),
                         help="SAM size (default vit_h; tiny with --models tiny)")
-    parser.add_argument("--resolution", type=int, default=512, help="side of the square test image (default 512)")
+    parser.add_argument("--resolution", type=int, default=512,
+                        help="side of the square test image, worked on at this size (default 512)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--device", type=device_name, default="auto",
                         help="where to run (default auto: CUDA when there is one)")

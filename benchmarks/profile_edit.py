@@ -160,7 +160,8 @@ def profile_edit(args: argparse.Namespace) -> tuple[torch.device, list[StageProf
                         channels_last=args.channels_last, group_norm=args.group_norm)
     # ZONE's SAM settings; a random tiny SAM keeps no mask at them, so the tiny models get the tests' settings.
     sam = SamConfig.for_random_weights() if args.sam_type == "tiny" else SamConfig()
-    config = EditConfig(steps=args.steps, sam=sam)  # the action classified, as in a user's edit
+    # The action classified, as in a user's edit; worked on at --resolution (max_side 512 would shrink it).
+    config = EditConfig(steps=args.steps, sam=sam, max_side=args.resolution)
     image = make_sample_image(args.resolution, args.resolution)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     # The profiler started once before the warm-up's CUDA-graph capture: replaying a graph captured

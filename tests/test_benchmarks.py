@@ -28,7 +28,7 @@ from benchmarks.options import parse_bench_args as parse_args
 from benchmarks.report import markdown
 from zone_engine import Action, EditConfig, ZonePipeline, backends, pipeline
 from zone_engine.denoise import BatchDenoiser
-from zone_engine.image_io import make_sample_image
+from zone_engine.image_io import make_sample_image, working_geometry
 from zone_engine.pipeline import STAGES
 
 INSTRUCTION = "make the dog a golden statue"
@@ -646,3 +646,23 @@ def test_rows_that_build_on_their_first_edit_are_always_warmed_up():
     assert harness.builds_on_first_edit(row("engine:fused+gn-torch", CapturedCalls()))
     assert not harness.builds_on_first_edit(row("engine:fused", eager))
     assert not harness.builds_on_first_edit(row("baseline"))
+
+
+def test_the_benchmark_edits_at_the_resolution_it_is_given(monkeypatch):
+    """--resolution 1024 timed edits at 512: the engine's default max_side shrank the test image first."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def engine_rows(config, models, device, image, edit_config, **kwargs):
+        seen.update(image=image.shape[:2], geometry=working_geometry(*image.shape[:2], edit_config.max_side))
+        raise Stop
+
+    monkeypatch.setattr(harness, "EngineRows", engine_rows)
+    monkeypatch.setattr(harness, "ReferenceStyleZone", lambda *args: None)
+    config = dataclasses.replace(PRESETS["tiny-smoke"], resolution=640, warmup=1)
+    with pytest.raises(Stop):
+        run_benchmark(config, progress=lambda message: None)
+    assert seen["image"] == (640, 640)
+    assert seen["geometry"].scaled_size == (640, 640) and seen["geometry"].latent_size == (80, 80)

@@ -38,7 +38,8 @@ MAX_SEED = 2**32 - 1
 # The largest working size a side (EditConfig.max_side, an export's image size, a benchmark's resolution): four
 # times SD1.5's 512 a side. Larger is a typo more likely than a use (an export at 1000000 px died allocating).
 MAX_WORKING_SIDE = 2048
-MIN_SIDE = 8  # the smallest image side accepted: one latent pixel
+LATENT_SCALE = 8  # SD's VAE: one latent pixel per 8x8 image pixels
+MIN_SIDE = LATENT_SCALE  # the smallest image side accepted: one latent pixel
 # What to do to image_io.make_sample_image's house: the demo's, a server's warm-up's and the load tests' edit.
 SAMPLE_INSTRUCTION = "make the house a golden statue"
 # The largest image accepted, in pixels (an input, an upload: zone serve --max-pixels at most this): 100

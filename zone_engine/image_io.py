@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from zone_engine.config import MAX_PIXELS, MAX_WORKING_SIDE, MIN_SIDE
+from zone_engine.config import LATENT_SCALE, MAX_PIXELS, MAX_WORKING_SIDE, MIN_SIDE
 from zone_engine.errors import InputImageError, ZoneError, warn_caller
 from zone_engine.paths import name_problem, written_atomically
 
@@ -308,6 +308,11 @@ class Geometry:
     padded_size: tuple[int, int]  # scaled_size rounded up to multiples of `multiple`
     pad_top: int
     pad_left: int
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """The padded canvas in the VAE's latent space, 8 times smaller a side (SD's VAE)."""
+        return self.padded_size[0] // LATENT_SCALE, self.padded_size[1] // LATENT_SCALE
 
 
 def working_geometry(height: int, width: int, max_side: int = 512, multiple: int = 32) -> Geometry:

@@ -101,8 +101,8 @@ class BatchKey(NamedTuple):
 
 def batch_key(image_size: tuple[int, int], config: EditConfig) -> BatchKey:
     """The batch key of an edit of an (H, W) image: known before any model runs (a server buckets by it)."""
-    padded_h, padded_w = image_io.working_geometry(*image_size, config.max_side, config.size_multiple).padded_size
-    return BatchKey((padded_h // 8, padded_w // 8), config.steps, config.text_guidance, config.image_guidance)
+    geometry = image_io.working_geometry(*image_size, config.max_side, config.size_multiple)
+    return BatchKey(geometry.latent_size, config.steps, config.text_guidance, config.image_guidance)
 
 
 @dataclass(frozen=True, eq=False)  # equal and hashed by identity: == on arrays has no single truth value
@@ -475,8 +475,7 @@ class ZonePipeline:
         for note in notes:  # the truncation note's warning is encode_instruction's own
             warn_caller(note)
         working = image_io.to_working(original, geometry)
-        padded_h, padded_w = geometry.padded_size
-        latent_size = (padded_h // 8, padded_w // 8)
+        latent_size = geometry.latent_size
 
         # 2. Encode the instruction once, for both UNets.
         with watch("text"):
@@ -574,10 +573,10 @@ class ZonePipeline:
         )
 
     def _localize(self, edit: PreparedEdit) -> Localization:
-        config, (padded_h, padded_w) = edit.config, edit.geometry.padded_size
+        config, geometry = edit.config, edit.geometry
         return localize(
-            edit.attention.average(), attention_grid((padded_h // 8, padded_w // 8)), edit.encoded.token_count - 1,
-            (padded_h, padded_w), rule=config.threshold_rule, reference_threshold=config.reference_threshold,
+            edit.attention.average(), attention_grid(geometry.latent_size), edit.encoded.token_count - 1,
+            geometry.padded_size, rule=config.threshold_rule, reference_threshold=config.reference_threshold,
             paper_threshold=config.paper_threshold, min_area=config.min_region_area, binarize=self.binarize,
         )
 
