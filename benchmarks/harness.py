@@ -378,12 +378,11 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 def agreement(result: EditResult, reference: EditResult) -> dict:
     """A batched edit against the same edit run alone: both should be the same image (0 on the CPU, fp32)."""
-    return {
-        "max_pixel_diff_image": _max_diff(result.image, reference.image),
-        "max_pixel_diff_styled": _max_diff(result.styled, reference.styled),
-        "mask_b_identical": bool(np.array_equal(result.mask_b, reference.mask_b)),
-        "mask_f_identical": bool(np.array_equal(result.mask_f, reference.mask_f)),
-    }
+    differences = compare(result, reference, dtype="")
+    return {key: differences[key] for key in AGREEMENT_KEYS}
+
+
+AGREEMENT_KEYS = ("max_pixel_diff_image", "max_pixel_diff_styled", "mask_b_identical", "mask_f_identical")
 
 
 def compare(result: EditResult, reference: EditResult, dtype: str) -> dict:
