@@ -782,6 +782,13 @@ def test_save_to_an_unusable_path_says_why(tmp_path, monkeypatch, name, words):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input.png"]
 
 
+def test_save_under_a_dangling_link_says_where_it_points(tmp_path):
+    """save_image checks its folder as the command line checks an output's: it said "File exists"."""
+    (tmp_path / "masks").symlink_to(tmp_path / "gone")
+    with pytest.raises(ZoneError, match=r"cannot write .*masks is a symbolic link to .*gone, which is not there"):
+        save_image(random_rgb(8, 8), tmp_path / "masks" / "x.png")
+
+
 @pytest.mark.parametrize("suffix", [".png", ".webp", ".tiff", ".bmp", ".jp2", ".qoi", ".tga"])
 def test_lossless_formats_keep_every_pixel(tmp_path, suffix):
     pixels = random_rgb(24, 40)  # noise: the worst case for a lossy encoder

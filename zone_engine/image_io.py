@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zone_engine.config import LATENT_SCALE, MAX_PIXELS, MAX_WORKING_SIDE, MIN_SIDE
 from zone_engine.errors import InputImageError, ZoneError, warn_caller
-from zone_engine.paths import name_problem, written_atomically
+from zone_engine.paths import folder_problem, name_problem, written_atomically
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _ACCEPTED_ARRAYS = (
@@ -422,8 +422,8 @@ def save_image(array: np.ndarray, path: str | os.PathLike, icc_profile: bytes | 
     if not os.fspath(path):
         raise ZoneError("no output path given: pass the file name to write, such as edited.png")
     path = Path(path)
-    if blocking := next((p for p in path.parents if p.exists() and not p.is_dir()), None):
-        raise ZoneError(f"cannot write {path}: {blocking} is a file, not a folder")
+    if problem := folder_problem(path.parent):  # a file where a folder goes, a dangling link, no permission
+        raise ZoneError(f"cannot write {path}: {problem}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -60,7 +60,7 @@ def folder_argument(text: str) -> Path:
     return Path(text).expanduser()
 
 
-def _folder_problem(folder: Path) -> str | None:
+def folder_problem(folder: Path) -> str | None:
     """Why nothing could be written in `folder` (created if missing), or None if it could."""
     folder = Path(folder).absolute()
     if problem := name_problem(folder):
@@ -84,7 +84,7 @@ def _folder_problem(folder: Path) -> str | None:
 def check_output_folder(path: Path, what: str, files: Sequence[str] = ()) -> None:
     """ZoneError unless `path` is a folder, or can be created as one, that this process may write into, with
     `files` (names) writable in it: none a folder, none a read-only file."""
-    problem = _folder_problem(path)
+    problem = folder_problem(path)
     if problem:
         raise ZoneError(f"{what} {path}: {problem}; choose another path")
     for name in files:
@@ -122,7 +122,7 @@ def check_output_file(path: Path, what: str) -> None:
             raise ZoneError(f"{what} {path} is a symlink that loops: choose another path") from None
     if path.is_dir():
         raise ZoneError(f"{what} {path} is a folder: give a file name inside it")
-    problem = _folder_problem(path.parent)
+    problem = folder_problem(path.parent)
     if problem is None and path.exists() and not os.access(path, os.W_OK):
         problem = "it exists and cannot be overwritten"
     if problem:
