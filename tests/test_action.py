@@ -70,6 +70,8 @@ def test_classifier_uses_the_attention_mask(tiny_models, monkeypatch):
         ("insert a moon in the sky", Action.ADD),
         ("make the dog a golden statue", Action.CHANGE),
         ("turn the address into text", Action.CHANGE),  # 'add' inside a word is not ADD
+        ("remove the hat and add a scarf", Action.REMOVE),  # ZONE.md's order: the REMOVE words first
+        ("add a scarf, then erase the hat", Action.REMOVE),
     ],
 )
 def test_keyword_fallback(instruction, expected):

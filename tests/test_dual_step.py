@@ -11,7 +11,14 @@ from diffusers import DPMSolverMultistepScheduler
 from zone_engine import Action, ZonePipeline
 from zone_engine.backends import make_localization_kernels
 from zone_engine.config import MAX_STEPS, EditConfig, SamConfig
-from zone_engine.denoise import DenoiseInputs, SequentialDenoiser, initial_noise, make_scheduler
+from zone_engine.denoise import (
+    DenoiseInputs,
+    SequentialDenoiser,
+    blend_latents,
+    guided_noise,
+    initial_noise,
+    make_scheduler,
+)
 from zone_engine.dual_step import FusedDualDenoiser
 from zone_engine.errors import ConfigError
 from zone_engine.localize import AttentionAccumulator
@@ -283,3 +290,16 @@ class TestOnGPU:
             pipe.edit(image, "add a scarf", pipe.default_config.replace(seed=seed))
         assert counters["frames"]["ok"] == compiled_frames  # no recompilation after the first edit
         assert pipe.denoiser.captures == captures == 1
+
+
+def test_the_blend_and_the_guidance_by_hand():
+    """ZONE.md's two formulas on numbers worked out by hand (the fused and sequential steps share them, so
+    comparing the two could not catch a slip in either)."""
+    z_ip, z_mb = torch.full((2, 4, 1, 1), 1.0), torch.full((2, 4, 1, 1), 3.0)
+    blended = blend_latents(z_ip, z_mb, torch.tensor([0.2, 0.01]).view(-1, 1, 1, 1))
+    assert torch.allclose(blended[0], torch.full((4, 1, 1), 1.6 / 1.2)) and torch.allclose(
+        blended[1], torch.full((4, 1, 1), 1.03 / 1.01))
+    assert torch.allclose(blend_latents(z_ip, z_mb, 0.2), torch.full_like(z_ip, 1.6 / 1.2))
+    # Rows (c_T, image), (empty, image), (empty, zero image): eps_u + s_T (eps_T - eps_I) + s_I (eps_I - eps_u).
+    eps = torch.tensor([3.0, 2.0, 1.0]).view(3, 1, 1, 1)
+    assert guided_noise(eps, 7.5, 1.5).item() == 1.0 + 7.5 * (3.0 - 2.0) + 1.5 * (2.0 - 1.0)

@@ -236,13 +236,28 @@ def test_single_frame_gif_loads_without_warning(tmp_path):
     np.testing.assert_array_equal(load_quietly(tmp_path / "still.gif")[0, 0], [255, 0, 0])
 
 
-@pytest.mark.parametrize(("orientation", "shape"), [(1, (10, 20, 3)), (6, (20, 10, 3))])
-def test_exif_orientation_is_applied(tmp_path, orientation, shape):
-    img = Image.new("RGB", (20, 10), (120, 60, 30))
+# EXIF orientation: how the stored pixels are turned to be upright (1 as stored, 3 half a turn, 6 a quarter
+# turn clockwise, 8 counter-clockwise), against numpy's rot90 (k counter-clockwise quarter turns).
+@pytest.mark.parametrize(("orientation", "quarter_turns"), [(1, 0), (3, 2), (6, -1), (8, 1)])
+def test_exif_orientation_is_applied(tmp_path, orientation, quarter_turns):
+    stored = np.zeros((10, 20, 3), dtype=np.uint8)
+    stored[:5, :10] = (255, 0, 0)  # a red top-left quarter and a green bottom-right one: any turn shows
+    stored[5:, 10:] = (0, 255, 0)
+    img = Image.fromarray(stored)
     exif = img.getexif()
     exif[0x0112] = orientation
-    img.save(tmp_path / "phone.jpg", exif=exif)
-    assert load_quietly(tmp_path / "phone.jpg").shape == shape
+    img.save(tmp_path / "phone.png", exif=exif)  # PNG: lossless, so the pixels can be compared exactly
+    np.testing.assert_array_equal(load_quietly(tmp_path / "phone.png"), np.rot90(stored, quarter_turns))
+
+
+def test_transparency_is_composited_over_black_rounded_to_nearest():
+    """Every colour and alpha: colour x alpha / 255 to the nearest level (no pair falls halfway)."""
+    colour, alpha = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    rgba = np.stack([colour, colour, colour, alpha], axis=-1).astype(np.uint8)
+    rgb, transparent = image_io._composite_over_black(rgba)
+    expected = np.rint(colour * alpha / 255.0).astype(np.uint8)
+    assert transparent
+    np.testing.assert_array_equal(rgb, np.repeat(expected[..., None], 3, axis=-1))
 
 
 # ---------------------------------------------------------------------------------------------------

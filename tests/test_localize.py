@@ -103,6 +103,15 @@ def test_attention_probability_sum_matches_softmax():
     assert torch.allclose(attention_probability_sum(query, key, 0.5), expected, atol=1e-6)
 
 
+def test_the_reference_computes_half_precision_inputs_in_fp32():
+    """As kernel 1 does (it accumulates in fp32): fp16 scores and softmax would round the map it is checked by."""
+    rng = torch.Generator().manual_seed(1)
+    query, key = torch.randn(2, 3, 5, 8, generator=rng).half(), torch.randn(2, 3, 77, 8, generator=rng).half()
+    got = attention_probability_sum(query, key, 0.35)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, attention_probability_sum(query.float(), key.float(), 0.35))
+
+
 # ------------------------------------------------------------------------------ mask math, independently
 
 

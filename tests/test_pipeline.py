@@ -415,3 +415,28 @@ def test_uint8_conversion_rounds_as_diffusers_numpy_to_pil():
     expected = (pixels[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil
     got = to_uint8_image(pixels)
     assert got.dtype == np.uint8 and got.shape == (37, 53, 3) and np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize(("action", "beta"), [(Action.REMOVE, 0.2), (Action.ADD, 0.01)])
+def test_an_edit_localizes_at_its_last_token_and_blends_with_its_actions_beta(tiny_pipe, monkeypatch, action, beta):
+    """ZONE.md: M_b from tokens 0 and L-1 (L counting the start and end tokens); beta 0.2 for REMOVE, 0.01
+    otherwise, reaching the denoiser."""
+    from zone_engine import pipeline
+
+    seen = {}
+    real_localize, denoiser_class = pipeline.localize, type(tiny_pipe.denoiser)
+    real_call = denoiser_class.__call__
+
+    def localize(average, grid, last_token, *args, **kwargs):
+        seen["last_token"] = last_token
+        return real_localize(average, grid, last_token, *args, **kwargs)
+
+    def call(self, inputs, config, beta, *args, **kwargs):
+        seen["beta"] = beta
+        return real_call(self, inputs, config, beta, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "localize", localize)
+    monkeypatch.setattr(denoiser_class, "__call__", call)
+    instruction = "put a red hat on the house"
+    tiny_pipe.edit(smooth_image(64, 64), instruction, tiny_pipe.default_config.replace(steps=1, action=action))
+    assert seen == {"last_token": len(tiny_pipe.models.tokenizer(instruction).input_ids) - 1, "beta": beta}

@@ -131,6 +131,16 @@ def test_small_components_use_their_own_area():
     np.testing.assert_array_equal(refined.mask_f, expected)
 
 
+def test_components_touching_only_at_a_corner_are_counted_apart():
+    """ZONE.md: 4-connectivity. Two 40 px blocks meeting diagonally are two small components (both dropped),
+    not one 80 px component (kept with 8-connectivity)."""
+    segment = np.zeros((30, 30), dtype=bool)
+    segment[5:13, 5:10] = True
+    segment[13:21, 10:15] = True
+    refined = refine_mask(segment, choose_segment(segment, [segment]))
+    assert not refined.mask_f.any()
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_dilation_grows_a_pixel_to_a_9x9_square(size):
     height, width = size

@@ -96,7 +96,8 @@ def guided_noise(eps: torch.Tensor, text_scale: float, image_scale: float) -> to
     return eps_uncond + text_scale * (eps_text - eps_image) + image_scale * (eps_image - eps_uncond)
 
 
-def blend_latents(z_ip: torch.Tensor, z_mb: torch.Tensor, beta: float) -> torch.Tensor:
+def blend_latents(z_ip: torch.Tensor, z_mb: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
+    """ZONE's step 3: IP2P's next latents pulled towards MagicBrush's by beta (a tensor: one per edit)."""
     return (z_ip + beta * z_mb) / (1 + beta)
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import EditConfig
-from .denoise import DenoiseInputs, guided_noise, make_scheduler
+from .denoise import DenoiseInputs, blend_latents, guided_noise, make_scheduler
 from .localize import Accumulate, AttentionAccumulator, attention_grid, record_cross_attention
 from .models import NormScope, pytorch_norms
 from .solver import SolverSchedule, data_prediction, solver_schedule, solver_update
@@ -114,7 +114,7 @@ def advance(schedule: SolverSchedule, state: DualState, eps_mb: torch.Tensor, ep
     x0_ip = data_prediction(schedule, state.step, state.z_ip, eps_ip)
     z_mb = solver_update(schedule, state.step, state.z_mb, x0_mb, state.x0_mb)
     z_ip = solver_update(schedule, state.step, state.z_ip, x0_ip, state.x0_ip)
-    state.z_ip.copy_((z_ip + beta * z_mb) / (1 + beta))
+    state.z_ip.copy_(blend_latents(z_ip, z_mb, beta))
     state.z_mb.copy_(z_mb)
     state.x0_mb.copy_(x0_mb)
     state.x0_ip.copy_(x0_ip)

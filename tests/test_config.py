@@ -1,0 +1,62 @@
+"""The settings every edit starts from: pinned to ZONE.md (the reference implementation's values) and to
+segment-anything's own defaults, so a changed number is a failing test, not a quietly different edit."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+from segment_anything import SamAutomaticMaskGenerator
+
+from zone_engine.config import Action, EditConfig, SamConfig
+from zone_engine.localize import localize
+from zone_engine.refine import refine_mask
+
+# ZONE.md, section by section.
+REFERENCE_DEFAULTS = {
+    # 0: 20 steps, text guidance 7.5, image guidance 1.5, seed 42; longest side 512, padded to multiples of 32.
+    "steps": 20, "text_guidance": 7.5, "image_guidance": 1.5, "seed": 42, "max_side": 512, "size_multiple": 32,
+    # 1: beta 0.2 for REMOVE, 0.01 for ADD / CHANGE.
+    "beta_remove": 0.2, "beta_add_change": 0.01,
+    # 2: the intended rule by default (the reference's defect on request); classified unless forced.
+    "action": None, "action_rule": "intended",
+    # 3: the reference rule min(2d, 255) <= 108 by default, the paper's d < 128; components under 64 px dropped.
+    "threshold_rule": "reference", "reference_threshold": 108, "paper_threshold": 128, "min_region_area": 64,
+    # 4: D = dilate(M_f, 3x3 rectangle, 4 iterations).
+    "dilate_kernel": 3, "dilate_iterations": 4,
+    # 5: disc radius 200 px, E > 30, close with 21x21, seam alpha 0.6.
+    "fft_radius": 200, "fft_threshold": 30, "close_kernel": 21, "seam_alpha": 0.6,
+}
+
+
+def test_every_edit_setting_defaults_to_the_reference_implementations_value():
+    defaults = {field.name: getattr(EditConfig(), field.name) for field in dataclasses.fields(EditConfig)}
+    assert defaults.pop("sam") == SamConfig()
+    assert defaults == REFERENCE_DEFAULTS
+
+
+def test_sam_settings_default_to_segment_anythings_own():
+    """ZONE.md section 4: SAM's automatic mask generation with segment-anything's defaults."""
+    theirs = inspect.signature(SamAutomaticMaskGenerator).parameters
+    for field in dataclasses.fields(SamConfig):
+        assert getattr(SamConfig(), field.name) == theirs[field.name].default, field.name
+
+
+@pytest.mark.parametrize(("action", "beta"), [(Action.REMOVE, 0.2), (Action.ADD, 0.01), (Action.CHANGE, 0.01)])
+def test_beta_follows_the_action(action, beta):
+    assert EditConfig().beta_for(action) == beta
+    assert EditConfig(beta_remove=0.5, beta_add_change=0.07).beta_for(action) == (0.5 if beta == 0.2 else 0.07)
+
+
+@pytest.mark.parametrize(("function", "names"), [
+    (localize, {"reference_threshold": "reference_threshold", "paper_threshold": "paper_threshold",
+                "min_area": "min_region_area", "rule": "threshold_rule"}),
+    (refine_mask, {"min_area": "min_region_area", "dilate_kernel": "dilate_kernel",
+                   "dilate_iterations": "dilate_iterations"}),
+])
+def test_the_stage_functions_defaults_are_the_configs(function, names):
+    """Called without them (as a user of the stage functions may), they do what an edit does."""
+    parameters = inspect.signature(function).parameters
+    for parameter, field in names.items():
+        assert parameters[parameter].default == getattr(EditConfig(), field), parameter
