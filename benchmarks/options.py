@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from zone_engine.cli import CommandParser
 from zone_engine.config import (
@@ -67,7 +68,7 @@ class BenchConfig:
     sam_precision: str | None = None  # bf16/fp16: also an engine row with SAM's image encoder in that precision
     # Also a fused row with PyTorch's GroupNorm ("+gn-torch"): what kernel 3 gains, measured in the same run.
     compare_group_norm: bool = False
-    # True: every engine row's UNets and VAE in NHWC (half precision only: see parse_args); False: none;
+    # True: every engine row's UNets and VAE in NHWC (half precision only: see _check); False: none;
     # None: the engine's default (the UNets on CUDA in fp16/bf16).
     channels_last: bool | None = None
     group_norm: str = "auto"  # every engine row's GroupNorms (zone edit --group-norm)
@@ -127,6 +128,15 @@ def _preset_summary(config: BenchConfig) -> str:
 
 
 def parse_bench_args(argv: list[str] | None = None) -> BenchConfig:
+    """`zone bench`'s options over the named preset's settings, checked before anything is built."""
+    parser = _bench_parser()
+    args = parser.parse_args(argv)
+    config = dataclasses.replace(PRESETS[args.preset], **_changes(parser, args))
+    _check(parser, config)
+    return config
+
+
+def _bench_parser() -> CommandParser:
     parser = CommandParser(
         prog="zone bench",
         description="Per-stage latency of the ZONE engine against a reference-style baseline, in one run "
@@ -149,8 +159,8 @@ def parse_bench_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--device", type=device_name, help="where to run: auto, cpu, cuda or cuda:N")
     parser.add_argument("--backends", help=f"comma-separated engine denoisers (default all: {','.join(DENOISERS)})")
     parser.add_argument("--action", type=str.lower, choices=("add", "change", "remove"),
-                        help="forced action (default change)")
-    parser.add_argument("--seed", type=int, help="edit seed (default 42)")
+                        help=f"forced action (default {BenchConfig.action.value})")
+    parser.add_argument("--seed", type=int, help=f"edit seed (default {BenchConfig.seed})")
     parser.add_argument("--batch", type=int, help="also time batches of N concurrent edits (edit_batch) on every "
                                                   "backend that batches; 1 = sequential only (preset's default)")
     parser.add_argument("--sam-onnx", action=argparse.BooleanOptionalAction, default=None,
@@ -171,9 +181,12 @@ def parse_bench_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--time-limit", type=float, metavar="SECONDS",
                         help="start no edit or batch after this many seconds from the start; report what was "
                         "measured by then (SIGTERM does the same at once; default: no limit)")
-    parser.add_argument("--out", type=folder_argument, help="output folder (default benchmarks/out)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=folder_argument, help=f"output folder (default {BenchConfig.out})")
+    return parser
 
+
+def _changes(parser: CommandParser, args: argparse.Namespace) -> dict[str, Any]:
+    """What the options change in their preset's settings (an option left out changes nothing)."""
     config = PRESETS[args.preset]
     changes = {name: value for name, value in (
         ("models", args.models), ("resolution", args.resolution), ("steps", args.steps), ("dtype", args.dtype),
@@ -198,7 +211,11 @@ def parse_bench_args(argv: list[str] | None = None) -> BenchConfig:
         changes["action"] = parse_action(args.action)
     if args.sam_precision is not None:
         changes["sam_precision"] = None if args.sam_precision == "none" else args.sam_precision
-    config = dataclasses.replace(config, **changes)
+    return changes
+
+
+def _check(parser: CommandParser, config: BenchConfig) -> None:
+    """The settings' values, the output folder and the combinations, refused with the option named."""
     refuse_first(parser, [
         (config.repeats >= 1, "--repeats must be at least 1"), (config.warmup >= 0, "--warmup must be 0 or more"),
         (1 <= config.steps <= MAX_STEPS, f"--steps must be between 1 and {MAX_STEPS}"),
@@ -223,7 +240,6 @@ def parse_bench_args(argv: list[str] | None = None) -> BenchConfig:
         # fp32 engine rows share the weights with the baseline's rows, round by round: the layout would
         # change the baseline too. Half-precision engine rows convert them once the baseline's rounds are done.
         parser.error("--channels-last needs --dtype fp16 or bf16 (fp32 engine rows share the baseline's weights)")
-    return config
 
 
 def report_paths(out: Path, preset: str) -> dict[str, Path]:
