@@ -495,16 +495,22 @@ def _add_edit_route(app: FastAPI) -> None:
         service.metrics.count("ok")
         service.metrics.latency.observe(time.perf_counter() - started)
         service.metrics.observe_stages(result.timings)
-        headers = {"X-Request-Id": request_id, "X-Zone-Action": result.action.value, "X-Zone-Replica": REPLICA}
-        for note in result.notes:
-            log.info("request %s: %s", request_id, note)
-        if result.notes:
-            headers["X-Zone-Warnings"] = " | ".join(result.notes)
-        if return_ == "png":
-            return Response(await asyncio.to_thread(png_bytes, result.image, upload.icc_profile),
-                            media_type="image/png", headers=headers)
-        body = await asyncio.to_thread(edit_response, result, request_id, upload.icc_profile)
-        return JSONResponse(body.model_dump(), headers=headers)
+        return await answer(result, upload.icc_profile, request_id, as_json=return_ == "json")
+
+
+async def answer(result: EditResult, icc_profile: bytes | None, request_id: str, *, as_json: bool) -> Response:
+    """A finished edit's response: the PNG, or the JSON with its masks; what it says in headers (the notes
+    logged too, with the request's id)."""
+    headers = {"X-Request-Id": request_id, "X-Zone-Action": result.action.value, "X-Zone-Replica": REPLICA}
+    for note in result.notes:
+        log.info("request %s: %s", request_id, note)
+    if result.notes:
+        headers["X-Zone-Warnings"] = " | ".join(result.notes)
+    if not as_json:
+        return Response(await asyncio.to_thread(png_bytes, result.image, icc_profile), media_type="image/png",
+                        headers=headers)
+    body = await asyncio.to_thread(edit_response, result, request_id, icc_profile)
+    return JSONResponse(body.model_dump(), headers=headers)
 
 
 DISCONNECT_POLL_S = 0.25
