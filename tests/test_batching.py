@@ -71,10 +71,13 @@ def test_recording_refuses_a_batch_that_does_not_match_its_accumulators(tiny_mod
 
 def test_edit_batch_equals_each_edit_alone_in_request_order(fused_pipe):
     images = {"wide": smooth_image(64, 96, seed=5), "tall": smooth_image(96, 64, seed=6)}
+    config = fused_pipe.default_config
+    # The two wide edits share a batch with different actions, so different betas (the tiny classifier
+    # calls every instruction ADD: the actions are forced).
     requests = [
-        EditRequest(images["wide"], "make the dog a golden statue", fused_pipe.default_config.replace(seed=1)),
-        EditRequest(images["tall"], "add a red hat", fused_pipe.default_config.replace(seed=2)),
-        EditRequest(images["wide"], "remove the cup", fused_pipe.default_config.replace(seed=3)),
+        EditRequest(images["wide"], "make the dog a golden statue", config.replace(seed=1, action=Action.CHANGE)),
+        EditRequest(images["tall"], "add a red hat", config.replace(seed=2)),
+        EditRequest(images["wide"], "remove the cup", config.replace(seed=3, action=Action.REMOVE)),
     ]
     batched = fused_pipe.edit_batch(requests)
     for request, result in zip(requests, batched, strict=True):
@@ -82,8 +85,10 @@ def test_edit_batch_equals_each_edit_alone_in_request_order(fused_pipe):
         assert result.image.shape == request.image.shape
         # Rounding (see LATENT_TOLERANCE) can move a pixel by one uint8 level; masks must not change.
         assert np.abs(result.image.astype(int) - alone.image.astype(int)).max() <= 1
+        assert np.abs(result.styled.astype(int) - alone.styled.astype(int)).max() <= 1
         assert np.array_equal(result.mask_b, alone.mask_b) and np.array_equal(result.mask_f, alone.mask_f)
         assert result.action is alone.action
+    assert [result.action for result in batched] == [Action.CHANGE, Action.ADD, Action.REMOVE]
     assert not np.array_equal(batched[0].styled, batched[2].styled)
 
 
@@ -104,6 +109,8 @@ def test_batch_key_groups_what_can_share_a_denoising_loop():
     assert batch_key((512, 384), config) == batch_key((500, 380), config.replace(seed=9, action=Action.ADD))
     assert batch_key((512, 384), config) != batch_key((384, 512), config)
     assert batch_key((512, 384), config) != batch_key((512, 384), config.replace(steps=10))
+    assert batch_key((512, 384), config) != batch_key((512, 384), config.replace(text_guidance=5.0))
+    assert batch_key((512, 384), config) != batch_key((512, 384), config.replace(image_guidance=2.0))
     assert batch_key((1024, 768), config) == batch_key((512, 384), config)  # both shrink to the same canvas
 
 
@@ -153,6 +160,52 @@ def test_a_fault_in_the_batched_loop_is_retried_alone_and_stays_with_its_edit(fu
     monkeypatch.undo()
     assert np.array_equal(outcomes[0].image, fused_pipe.edit(image, "add a hat", config.replace(seed=1)).image)
     assert np.array_equal(outcomes[2].image, fused_pipe.edit(image, "add a hat", config.replace(seed=2)).image)
+
+
+def test_a_batch_failing_after_a_step_retries_each_edit_from_the_start(fused_pipe, monkeypatch):
+    """The retry restarts each edit (its attention and trajectory): a batch that failed after its first step
+    left that step's attention in the accumulators, which the retried edit would count again."""
+    real_batch = fused_pipe.denoiser.denoise_batch
+
+    def fails_after_a_step(inputs, config, betas, attention, on_step=None):
+        if len(inputs) == 1:  # an edit retried alone
+            return real_batch(inputs, config, betas, attention, on_step)
+
+        def tick(index):
+            on_step(index)
+            raise RuntimeError("the batch broke after its first step")
+        return real_batch(inputs, config, betas, attention, tick)
+
+    monkeypatch.setattr(fused_pipe.denoiser, "denoise_batch", fails_after_a_step)
+    image, config = smooth_image(64, 64, seed=4), fused_pipe.default_config
+    requests = [EditRequest(image, "add a hat", config.replace(seed=seed)) for seed in (1, 2)]
+    outcomes = fused_pipe.edit_batch(requests)
+    monkeypatch.undo()
+    for request, outcome in zip(requests, outcomes, strict=True):
+        alone = fused_pipe.edit(request.image, request.instruction, request.config)
+        assert np.array_equal(outcome.image, alone.image) and np.array_equal(outcome.heatmap, alone.heatmap)
+
+
+def test_an_edit_cancelled_mid_batch_stops_alone(fused_pipe, monkeypatch):
+    """The loop stops once every member is cancelled, not the first: the live edit finishes as it would alone."""
+    image, config = smooth_image(64, 64, seed=3), fused_pipe.default_config
+    gone, live = threading.Event(), threading.Event()
+    real_batch = fused_pipe.denoiser.denoise_batch
+
+    def cancel_the_first_at_step_0(inputs, config, betas, attention, on_step=None):
+        def tick(index):
+            gone.set()
+            on_step(index)
+        return real_batch(inputs, config, betas, attention, tick)
+
+    monkeypatch.setattr(fused_pipe.denoiser, "denoise_batch", cancel_the_first_at_step_0)
+    outcomes = fused_pipe.edit_batch([EditRequest(image, "add a hat", config, cancel=gone),
+                                      EditRequest(image, "add a hat", config.replace(seed=5), cancel=live)],
+                                     return_exceptions=True)
+    monkeypatch.undo()
+    assert isinstance(outcomes[0], EditCancelled)
+    alone = fused_pipe.edit(image, "add a hat", config.replace(seed=5))
+    assert np.abs(outcomes[1].image.astype(int) - alone.image.astype(int)).max() <= 1
 
 
 def test_cancelled_edits_stop_and_say_so(fused_pipe):

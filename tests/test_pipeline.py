@@ -42,7 +42,7 @@ def test_same_seed_same_output_and_other_seed_differs(tiny_pipe):
 def test_timings_cover_every_stage(tiny_pipe):
     timings = _edit(tiny_pipe, smooth_image(64, 64)).timings
     assert set(timings) == {*STAGES, "total"}
-    assert all(value >= 0 for value in timings.values())
+    assert all(value > 0 for value in timings.values()), timings  # each stage does work, and it was timed
     assert timings["total"] >= sum(timings[stage] for stage in STAGES) * 0.99
 
 
@@ -203,6 +203,9 @@ def test_a_long_instruction_is_said_by_the_engine_not_also_by_transformers(capfd
 
     tokenizer = build_tiny_tokenizer()
     assert count_tokens(tokenizer, "make it red " * 40) == (MAX_TOKENS, True)
+    # The boundary: 75 words and the start and end tokens fill CLIP's 77 exactly; one word more is cut.
+    assert count_tokens(tokenizer, " ".join(["a"] * 75)) == (MAX_TOKENS, False)
+    assert count_tokens(tokenizer, " ".join(["a"] * 76)) == (MAX_TOKENS, True)
     # The flag transformers sets when it prints the line (its handler may hold a stderr capfd does not see).
     assert not tokenizer.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")
     assert "longer than the specified maximum" not in capfd.readouterr().err
@@ -440,3 +443,16 @@ def test_an_edit_localizes_at_its_last_token_and_blends_with_its_actions_beta(ti
     instruction = "put a red hat on the house"
     tiny_pipe.edit(smooth_image(64, 64), instruction, tiny_pipe.default_config.replace(steps=1, action=action))
     assert seen == {"last_token": len(tiny_pipe.models.tokenizer(instruction).input_ids) - 1, "beta": beta}
+
+
+def test_the_heatmap_is_drawn_over_the_input(tiny_pipe, monkeypatch):
+    """Over I_G, where the user sees what the instruction pointed at (not over I_sty, which the edit changed)."""
+    from zone_engine import pipeline
+
+    drawn_over, real = [], pipeline.heatmap_overlay
+    monkeypatch.setattr(pipeline, "heatmap_overlay", lambda image, difference: drawn_over.append(image) or real(
+        image, difference))
+    image = smooth_image(64, 64, seed=4)  # a multiple of 32: the working canvas is the input itself
+    result = _edit(tiny_pipe, image)
+    np.testing.assert_array_equal(drawn_over[0], image)
+    assert not np.array_equal(result.styled, image)  # so drawing over I_sty would show

@@ -365,3 +365,29 @@ def test_upscaling_in_two_products_agrees_with_postprocess_masks(size):
     assert got.shape == expected.shape == (5, *size)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
     assert _upscale(predictor, low_res[:0]).shape == (0, *size)
+
+
+def test_equal_ious_go_to_the_first_segment_in_the_generators_order(sam, monkeypatch):
+    """ZONE.md section 4: the first one on ties. Every candidate given the same counts ties them all; with NMS
+    keeping everything, the generator's order is by predicted IoU, so the best-scored mask must be chosen."""
+    from zone_engine import sam_torch
+
+    scored, real = [], sam_torch._score_batch
+
+    def all_tied(*args):
+        batch = real(*args)
+        batch["intersection"], batch["area"] = torch.ones_like(batch["area"]), torch.ones_like(batch["area"])
+        scored.append(batch)
+        return batch
+
+    monkeypatch.setattr(sam_torch, "_score_batch", all_tied)
+    segmenter = TorchSamSegmenter(sam, CONFIGS["keep-all"])
+    image = smooth_image(80, 112, seed=3)
+    selection = segmenter.select(image, rectangle(80, 112, 10, 10, 50, 40))
+    scores, low_res = torch.cat([b["scores"] for b in scored]), torch.cat([b["low_res"] for b in scored])
+    predictor = segmenter.generator.predictor
+    predictor.set_image(image)
+    first, last = (sam_torch._upscale(predictor, low_res[i][None])[0] > predictor.model.mask_threshold
+                   for i in (int(scores.argmax()), int(scores.argmin())))
+    assert not torch.equal(first, last)  # the choice shows
+    np.testing.assert_array_equal(selection.segment, first.cpu().numpy())
