@@ -384,10 +384,13 @@ def test_sigterm_stops_a_real_run_which_reports_what_it_timed(tmp_path):
     assert 1 <= next(run for run in record["runs"] if run["name"] == "baseline")["stages"]["total"]["n"] < 200
 
 
-@pytest.mark.parametrize(("action", "threshold"), [(Action.CHANGE, 2), (Action.REMOVE, 0)])
-def test_baseline_gives_the_engines_masks_and_image(pipe, baseline, action, threshold):
-    image = make_sample_image(64, 64)
-    config = pipe.default_config.replace(steps=2, action=action, reference_threshold=threshold)
+# A wide image and another seed too: the baseline reads the attention grid and takes the seed itself, so a
+# square image at the default seed could not show it swapping the grid's sides or ignoring the seed.
+@pytest.mark.parametrize(("action", "threshold", "size", "seed"), [
+    (Action.CHANGE, 2, (64, 64), 42), (Action.REMOVE, 0, (64, 64), 42), (Action.CHANGE, 2, (64, 128), 7)])
+def test_baseline_gives_the_engines_masks_and_image(pipe, baseline, action, threshold, size, seed):
+    image = make_sample_image(*size)
+    config = pipe.default_config.replace(steps=2, action=action, reference_threshold=threshold, seed=seed)
     engine, reference = pipe.edit(image, INSTRUCTION, config), baseline.edit(image, INSTRUCTION, config)
 
     assert np.array_equal(engine.mask_b, reference.mask_b)
