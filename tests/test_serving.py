@@ -35,7 +35,7 @@ from zone_engine.config import EditConfig, SamConfig
 from zone_engine.errors import CheckpointError, ConfigError, EditCancelled
 from zone_engine.pipeline import EditRequest
 from zone_engine.serving import LocalEditService, ServeSettings, create_app
-from zone_engine.serving.app import FORM_FIELDS, ZoneServer
+from zone_engine.serving.app import FORM_FIELDS, EditService, EditTimedOut, ZoneServer
 from zone_engine.serving.batcher import DynamicBatcher, QueueFull, ShuttingDown
 
 STEPS = 3
@@ -517,6 +517,40 @@ def test_a_request_that_fails_inside_a_batch_fails_alone(pipe):
         assert post_edit(base, image).status_code == 200
 
 
+def test_an_edit_that_fails_inside_the_pipeline_fails_alone(pipe, monkeypatch):
+    """The fault raised inside the pipeline's batch (the test above injects its fault after the pipeline ran):
+    the service asks edit_batch to keep each request's fault with that request."""
+    real_finish = pipe.finish
+
+    def finish(edit, latents, **kwargs):
+        if edit.config.seed == 13:
+            raise RuntimeError("injected inside the pipeline")
+        return real_finish(edit, latents, **kwargs)
+
+    monkeypatch.setattr(pipe, "finish", finish)
+    jobs = [{"image": smooth_image(64, 64, seed=4), "instruction": "add a hat", "seed": seed} for seed in (1, 13, 2)]
+    with serving(pipe, max_batch=3, max_wait_ms=500) as (base, _):
+        responses = asyncio.run(post_concurrently(base, jobs))
+    assert [r.status_code for r in responses] == [200, 500, 200]
+
+
+def test_an_edit_over_its_timeout_is_cancelled_by_the_service_itself(pipe):
+    """EditService.edit sets the request's cancel event when its time is up: the Ray replica has no batcher
+    that would (the local one also does, so the 504 test above cannot tell who did)."""
+    submitted = []
+
+    class Stalled(EditService):
+        async def submit(self, request, key):
+            submitted.append(request)
+            await asyncio.sleep(30)
+
+    service = Stalled(lambda: pipe, ServeSettings(timeout_s=0.2, warmup=False))
+    service.pipeline = pipe
+    with pytest.raises(EditTimedOut):
+        asyncio.run(service.edit(smooth_image(64, 64), "add a hat", {}))
+    assert submitted[0].cancel.is_set()
+
+
 # ---------------------------------------------------------------------------------------- backpressure
 
 
@@ -710,6 +744,34 @@ def test_batcher_buckets_by_key_respects_max_batch_and_keeps_order():
     results = run_batcher(scenario)
     assert results == ["done a0", "done b1", "done a2", "done a3", "done b4"]
     assert sorted(calls) == [["a0", "a2"], ["a3"], ["b1", "b4"]]
+
+
+def test_batcher_serves_the_bucket_whose_oldest_request_waited_longest():
+    calls: list[str] = []
+    started, release = threading.Event(), threading.Event()
+
+    def run_batch(requests):
+        calls.extend(r.instruction for r in requests)
+        if requests[0].instruction == "first":
+            started.set()
+            assert release.wait(10)
+        return ["ok"] * len(requests)
+
+    async def scenario():
+        batcher = DynamicBatcher(run_batch, max_batch=1, max_wait_s=0, queue_size=10)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(EditRequest(None, "first"), "k"))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        queued = []
+        for name, key in (("a1", "a"), ("b1", "b"), ("a2", "a")):  # queued in this order while "first" runs
+            queued.append(asyncio.ensure_future(batcher.submit(EditRequest(None, name), key)))
+            await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.gather(first, *queued)
+        await batcher.close()
+
+    run_batcher(scenario)
+    assert calls == ["first", "a1", "b1", "a2"]
 
 
 def test_batcher_close_rejects_queued_jobs_and_finishes_the_running_one():
