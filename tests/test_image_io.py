@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import warnings
@@ -741,7 +742,11 @@ def test_a_failed_write_keeps_the_old_file_whole_and_leaves_no_partial_one(tmp_p
     old = random_rgb(16, 16)
     save_image(old, target)
 
-    def write_half_then_fail(image, path, format=None):
+    real_save = Image.Image.save
+
+    def write_half_then_fail(image, path, format=None, **options):
+        if isinstance(path, io.BytesIO):  # check_output_format's one-pixel probe
+            return real_save(image, path, format=format, **options)
         with open(path, "wb") as file:
             file.write(b"\x89PNG\r\n\x1a\n half")
         raise OSError(27, "File too large", str(path))
@@ -863,6 +868,39 @@ def test_saving_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_path)
     pixels = random_rgb(8, 8)
     save_image(pixels, link)
     assert link.is_symlink() and np.array_equal(load_quietly(target), pixels)
+
+
+@pytest.mark.parametrize(("suffix", "words"), [(".xbm", "cannot write RGB pixels as XBM"),
+                                               (".h5", "HDF5 save handler not installed")])
+def test_a_format_pillow_lists_but_cannot_write_rgb_in_is_refused_up_front(tmp_path, suffix, words):
+    """Pillow lists a writer for XBM (1-bit only) and HDF5 (a stub): zone edit ran the whole edit, then failed."""
+    with pytest.raises(ZoneError, match=words):
+        image_io.check_output_format(tmp_path / f"x{suffix}")
+    image_io.check_output_format(tmp_path / "x.xbm", mode="1")  # what it does hold
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("suffix", "largest"), [(".tga", 65535), (".pcx", 65534), (".pdf", 65500)])
+def test_each_formats_largest_side_is_said_before_the_edit(tmp_path, suffix, largest):
+    """Measured with Pillow: one pixel more failed to encode (an OverflowError's traceback, for TGA and PCX)."""
+    image_io.check_output_size(tmp_path / f"x{suffix}", 8, largest)
+    with pytest.raises(ZoneError, match=f"holds at most {largest} pixels a side"):
+        image_io.check_output_size(tmp_path / f"x{suffix}", 8, largest + 1)
+
+
+def test_an_encoders_own_refusal_is_a_zone_error(tmp_path, monkeypatch):
+    """A limit the checks do not know: the encoder's error (OverflowError here), said as the image's, no traceback."""
+    real_save = Image.Image.save
+
+    def overflow(image, path, *args, **kwargs):
+        if isinstance(path, io.BytesIO):  # check_output_format's one-pixel probe
+            return real_save(image, path, *args, **kwargs)
+        raise OverflowError("size does not fit in an unsigned short")
+
+    monkeypatch.setattr(Image.Image, "save", overflow)
+    with pytest.raises(ZoneError, match="cannot write .*x.tga: size does not fit"):
+        save_image(random_rgb(8, 8), tmp_path / "x.tga")
+    assert not list(tmp_path.iterdir())
 
 
 def test_an_icon_is_refused_as_an_output_for_it_would_be_scaled(tmp_path):

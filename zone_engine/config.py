@@ -115,7 +115,7 @@ def lowered_backend_names(options: dict[str, object]) -> dict[str, object]:
 
 
 def check_backend_options(
-    kind: str, denoiser: str | object = "fused", engines: object = None, segmenter: str = "torch",
+    kind: str, denoiser: str | object = "fused", engines: object = None, *, segmenter: str = "torch",
     kernels: str = "auto", sam_onnx: object = None, sam_precision: str = "fp32", group_norm: str = "auto",
     attention: str = "sdpa", cuda_graphs: bool | None = None, channels_last: bool | None = None,
     **_other_options: object,

@@ -11,7 +11,9 @@ at the same padded size, then crops the padding away and maps results back to th
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -407,7 +409,8 @@ _SAVE_OPTIONS = {"JPEG": _NEAR_LOSSLESS_JPEG, "MPO": _NEAR_LOSSLESS_JPEG, "WEBP"
 _LOSSY_FORMATS = {"JPEG": "JPEG is lossy", "MPO": "MPO is JPEG, lossy", "AVIF": "AVIF is lossy here",
                   "PDF": "a PDF holds the image as JPEG, lossy", "GIF": "GIF keeps at most 256 colours"}
 _PROFILE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "TIFF", "AVIF")
-_LARGEST_SIDE = {"WEBP": 16383, "JPEG": 65500, "MPO": 65500, "GIF": 65535}  # libjpeg's 65500, not 65535
+_LARGEST_SIDE = {"WEBP": 16383, "JPEG": 65500, "MPO": 65500, "PDF": 65500, "GIF": 65535, "TGA": 65535,
+                 "SGI": 65535, "PCX": 65534, "AVIF": 65536}  # libjpeg's 65500, not 65535; 16-bit sizes
 # Icons come in the format's own sizes: Pillow scales the image to them (ICO at most 256 a side).
 _RESIZING_FORMATS = ("ICO", "ICNS")
 
@@ -429,19 +432,22 @@ def save_image(array: np.ndarray, path: str | os.PathLike, icc_profile: bytes | 
     except OSError as error:
         raise ZoneError(f"cannot write {path}: {_one_line(error)}") from None
     image = Image.fromarray(np.ascontiguousarray(pixels))
-    file_format = check_output_format(path)
+    file_format = check_output_format(path, image.mode)
     options = {**_SAVE_OPTIONS.get(file_format, {}), **({"icc_profile": icc_profile} if icc_profile else {})}
     try:
         with written_atomically(path) as temporary:
             image.save(temporary, format=file_format, **options)
-    except (OSError, ValueError) as error:  # an OSError's reason alone: the file it names is the temporary one
+    # An encoder's own refusal (OverflowError, struct.error, RuntimeError: a side past a limit not listed above)
+    # is the image's, not a bug; an OSError's reason alone: the file it names is the temporary one.
+    except (OSError, ValueError, OverflowError, RuntimeError, struct.error) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else _one_line(error)
         raise ZoneError(f"cannot write {path}: {reason}") from None
 
 
-def check_output_format(path: str | os.PathLike) -> str:
+def check_output_format(path: str | os.PathLike, mode: str = "RGB") -> str:
     """The format Pillow writes for `path`'s suffix (PNG without one), else a ZoneError: a suffix no format
-    Pillow writes has, or an icon's (scaled to the format's sizes). Said before an edit runs, not after it."""
+    Pillow writes has, an icon's (scaled to the format's sizes), or a format that cannot hold a `mode` image
+    here (XBM, Palm: not RGB; HDF5, WMF: listed, no writer installed). Said before an edit runs, not after it."""
     path = Path(path)
     file_format = _writable_format(path)
     if file_format is None:
@@ -450,6 +456,11 @@ def check_output_format(path: str | os.PathLike) -> str:
     if file_format in _RESIZING_FORMATS:
         raise ZoneError(f"cannot write {path}: {file_format} icons come in fixed sizes, so the image would be "
                         "scaled; use .png, say")
+    try:  # one pixel, in memory: what Pillow's writer for the format takes, found by asking it
+        Image.new(mode, (1, 1)).save(io.BytesIO(), format=file_format, **_SAVE_OPTIONS.get(file_format, {}))
+    except Exception as error:  # each writer refuses in its own way (OSError, ValueError, KeyError, ...)
+        raise ZoneError(f"cannot write {path}: Pillow cannot write {mode} pixels as {file_format} here "
+                        f"({_one_line(error)}); use .png, say") from None
     return file_format
 
 
