@@ -62,6 +62,21 @@ def test_harness_runs_end_to_end_and_writes_reports(tmp_path):
     assert all("group_norms" not in run for run in timed if run["name"] == "baseline")
     assert record["parity"]["mask_b_identical"] and record["parity"]["max_pixel_diff_styled"] <= 1
     assert record["floor"]["unet_gflop_per_row"] > 0 and record["machine"]["torch"]
+    # The figures from the timings, by their definitions (a ratio inverted or a constant changed passed "> 0").
+    base_total = timed[0]["stages"]["total"]["median"]
+    assert record["speedup"] == pytest.approx({run["name"]: base_total / run["stages"]["total"]["median"]
+                                               for run in timed})
+    assert record["speedup"]["baseline"] == 1.0
+    for run in timed:
+        throughput = run["throughput"]
+        assert throughput["edits_per_s"] == pytest.approx(throughput["requests"] / throughput["wall_s"])
+    floor, steps = record["floor"], record["config"]["steps"]
+    assert floor["rows_per_step"] == 6  # 2 UNets x 3 guidance rows (ZONE.md's cost model)
+    assert floor["denoise_tflop"] == pytest.approx(floor["unet_gflop_per_row"] * 6 * steps / 1e3)
+    for ceiling in floor["ceilings"]:
+        assert ceiling["step_floor_s"] == pytest.approx(floor["unet_gflop_per_row"] * 1e9 * 6 / ceiling["flops_per_s"])
+        assert ceiling["gap"]["engine:eager"] == pytest.approx(
+            eager["stages"]["denoise"]["median"] / (ceiling["step_floor_s"] * steps))
     table = (tmp_path / "bench-tiny-smoke.md").read_text()
     assert "| baseline (fp32) |" in table and "engine:eager" in table
     assert "- GroupNorms (--group-norm auto): engine:eager UNets pytorch, VAE pytorch; " in table
@@ -72,6 +87,8 @@ def test_harness_runs_end_to_end_and_writes_reports(tmp_path):
     fused = next(run for run in timed if run["name"] == "engine:fused")["batched_throughput"]
     assert fused["batch"] == 2 and fused["batches"] == record["config"]["repeats"] and "error" not in fused
     assert fused["edits_per_s"] > 0 and fused["wall_s_per_batch"]["n"] == fused["batches"]
+    assert fused["edits_per_s"] == pytest.approx(
+        fused["batch"] * fused["batches"] / sum(fused["wall_s_per_batch"]["samples"]))
     assert fused["speedup_vs_sequential"] == pytest.approx(
         fused["edits_per_s"] / next(run for run in timed if run["name"] == "engine:fused")["throughput"]["edits_per_s"])
     assert fused["denoised_as_one_batch"] and fused["denoise_runs"] == [[2]] * fused["batches"]
@@ -669,3 +686,10 @@ def test_the_benchmark_edits_at_the_resolution_it_is_given(monkeypatch):
         run_benchmark(config, progress=lambda message: None)
     assert seen["image"] == (640, 640)
     assert seen["geometry"].scaled_size == (640, 640) and seen["geometry"].latent_size == (80, 80)
+
+
+def test_a_summary_is_the_median_and_quartiles_of_its_samples():
+    summary = measure.summarize([10.0, 1.0, 2.0])
+    assert (summary["median"], summary["q1"], summary["q3"], summary["min"], summary["max"], summary["n"]) == (
+        2.0, 1.5, 6.0, 1.0, 10.0, 3)
+    assert measure.summarize([])["median"] is None

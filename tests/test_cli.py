@@ -863,6 +863,34 @@ def test_sigterm_ends_a_command_as_ctrl_c_does_running_its_cleanups(tmp_path, ca
     assert capsys.readouterr().err.strip() == "terminated" and signal.getsignal(signal.SIGTERM) is before
 
 
+def test_ctrl_c_ends_a_command_with_130(tmp_path, capsys, monkeypatch):
+    from zone_engine import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_export", interrupted)
+    assert main(["export", "unet", "--tiny", "--out", str(tmp_path / "x")]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_the_edit_options_reach_the_pipeline(photo, tmp_path, monkeypatch):
+    """Parsing them was tested; passing them on was not (a dropped --threshold-rule edited by the default)."""
+    seen = {}
+    real_edit = ZonePipeline.edit
+
+    def edit(self, image, instruction, config=None, *, progress=False):
+        seen.update(config=config, progress=progress, instruction=instruction)
+        return real_edit(self, image, instruction, config, progress=progress)
+
+    monkeypatch.setattr(ZonePipeline, "edit", edit)
+    assert main(["edit", str(photo), "-i", "add a hat", "-o", str(tmp_path / "o.png"), "--tiny", "--steps", "1",
+                 "--seed", "5", "--action", "remove", "--threshold-rule", "paper", "--no-progress"]) == 0
+    config = seen["config"]
+    assert (config.steps, config.seed, config.action, config.threshold_rule) == (1, 5, Action.REMOVE, "paper")
+    assert seen["progress"] is False and seen["instruction"] == "add a hat"
+
+
 def test_an_os_error_without_a_path_is_a_bug_and_keeps_its_traceback(monkeypatch):
     """One line, exit 2, is for a path the system refused; a broken pipe on stderr mid-edit is not success."""
     from zone_engine import cli

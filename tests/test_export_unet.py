@@ -679,3 +679,12 @@ class TestTensorRT:
             masks = [localize(acc.average(), grid_of(self.SIZE), encoded.token_count - 1, self.SIZE).mask_b
                      for acc in (eager_attention, engine_attention)]
             assert np.array_equal(*masks)
+
+
+def test_the_opset_range_includes_both_ends():
+    from export.onnx_graph import LAST_OPSET, check_opset
+
+    assert check_opset(14, 14, "the UNets") == 14 and check_opset(LAST_OPSET, 14, "the UNets") == LAST_OPSET
+    for outside in (13, LAST_OPSET + 1):
+        with pytest.raises(ConfigError, match=f"--opset {outside} is not supported"):
+            check_opset(outside, 14, "the UNets")

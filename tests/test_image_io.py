@@ -406,6 +406,37 @@ def test_over_limit_file_is_refused(tmp_path, monkeypatch):
     assert "16x16" in message and "downscale" in message
 
 
+def test_an_image_of_exactly_the_limit_is_taken(monkeypatch):
+    monkeypatch.setattr(image_io, "MAX_PIXELS", 16 * 16)
+    assert load_quietly(np.zeros((16, 16, 3), dtype=np.uint8)).shape == (16, 16, 3)
+    assert "16x17" in load_refused(np.zeros((17, 16, 3), dtype=np.uint8))
+
+
+def test_a_name_of_exactly_the_file_systems_limit_is_taken():
+    from zone_engine.paths import NAME_MAX, name_problem
+
+    assert name_problem(Path("a" * NAME_MAX)) is None
+    assert "256 bytes long, over the 255" in name_problem(Path("a" * (NAME_MAX + 1)))
+
+
+def test_a_file_that_cannot_be_overwritten_is_said_before_the_edit(tmp_path, monkeypatch):
+    from zone_engine import paths
+
+    (tmp_path / "edited.png").write_bytes(b"")
+    real_access = os.access
+    monkeypatch.setattr(paths.os, "access", lambda path, mode: Path(path).name != "edited.png" and real_access(
+        path, mode))  # read-only for this process (root may write anything, so the test says it)
+    with pytest.raises(ZoneError, match="edited.png: it exists and cannot be overwritten"):
+        check_output_file(tmp_path / "edited.png", "output")
+
+
+def test_only_formats_that_drop_it_are_said_to_lose_the_colour_profile(tmp_path):
+    profile = bytes(16) + b"RGB " + b"a camera's profile"
+    for suffix in (".png", ".jpg", ".webp", ".tif", ".xyz"):  # .xyz: no format at all, nothing to say
+        assert not [note for note in image_io.output_notes(tmp_path / f"x{suffix}", profile) if "profile" in note]
+    assert "BMP cannot carry the input's colour profile" in image_io.output_notes(tmp_path / "x.bmp", profile)[0]
+
+
 def test_over_limit_pil_image_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
     monkeypatch.setattr(image_io, "MAX_PIXELS", 100)
     Image.new("RGB", (16, 16)).save(tmp_path / "big.png")
@@ -496,6 +527,7 @@ def test_twelve_bit_values_are_read_as_sixteen_bit_and_called_nearly_black():
     values = np.full((8, 8), 4095, dtype=np.uint16)
     with pytest.warns(UserWarning, match="at most 4095: read as 16-bit values, the image is nearly black"):
         np.testing.assert_array_equal(load_image(values), 15)
+    np.testing.assert_array_equal(load_quietly(np.full((8, 8), 4096, dtype=np.uint16)), 16)  # 13 bits: said nothing
 
 
 def test_one_rule_for_a_sixteen_bit_image_in_modes_i_and_i16():
@@ -880,7 +912,8 @@ def test_a_format_pillow_lists_but_cannot_write_rgb_in_is_refused_up_front(tmp_p
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize(("suffix", "largest"), [(".tga", 65535), (".pcx", 65534), (".pdf", 65500)])
+@pytest.mark.parametrize(("suffix", "largest"), [(".tga", 65535), (".pcx", 65534), (".pdf", 65500),
+                                                  (".jpg", 65500), (".gif", 65535), (".webp", 16383)])
 def test_each_formats_largest_side_is_said_before_the_edit(tmp_path, suffix, largest):
     """Measured with Pillow: one pixel more failed to encode (an OverflowError's traceback, for TGA and PCX)."""
     image_io.check_output_size(tmp_path / f"x{suffix}", 8, largest)

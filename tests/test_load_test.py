@@ -157,3 +157,16 @@ def test_the_servers_queue_holds_a_whole_batch_and_every_client():
     ServeSettings(max_batch=64, queue_size=80).check_local_batching()  # what that server builds: valid
     override = parse_args(["--out", "x", "--server-arg=--queue-size=100"])
     assert server_command(override, "no-batching", 8000)[-1] == "--queue-size=100"  # after ours: it wins
+
+
+def test_latency_percentiles_and_the_batching_ratio_by_their_definitions():
+    """p50 <= p95 <= p99 held for any increasing percentiles; a ratio inverted passed "> 0"."""
+    from benchmarks.load_test import _percentiles_ms, throughput_ratio
+
+    percentiles = _percentiles_ms([0.001 * i for i in range(1, 101)])  # 1..100 ms
+    assert percentiles == pytest.approx({"p50": 50.5, "p95": 95.05, "p99": 99.01, "mean": 50.5, "max": 100.0})
+    results = [{"mode": "batching", "levels": [{"concurrency": 1, "edits_per_s": 2.0},
+                                               {"concurrency": 4, "edits_per_s": 8.0}]},
+               {"mode": "no-batching", "levels": [{"concurrency": 1, "edits_per_s": 2.0},
+                                                  {"concurrency": 4, "edits_per_s": 2.0}]}]
+    assert throughput_ratio(results) == {"1": 1.0, "4": 4.0}

@@ -44,6 +44,7 @@ from zone_engine.sam_onnx import (  # noqa: E402
     DECODER_FILE,
     ENCODER_FILE,
     MANIFEST_FILE,
+    MANIFEST_KEYS,
     OnnxSamSegmenter,
     choose_providers,
     engine_cache_folder,
@@ -268,15 +269,23 @@ def test_missing_or_unreadable_manifest(folder_copy):
         OnnxSamSegmenter(folder_copy, SamConfig())
 
 
-def test_manifest_without_required_fields(folder_copy):
+@pytest.mark.parametrize("key", MANIFEST_KEYS)
+def test_manifest_without_required_fields(folder_copy, key):
     manifest = read_manifest(folder_copy)
-    del manifest["input_size"]
+    del manifest[key]
     write_manifest(folder_copy, manifest)
-    with pytest.raises(CheckpointError, match="--sam-onnx .*: manifest.json lacks input_size"):
+    with pytest.raises(CheckpointError, match=f"--sam-onnx .*: manifest.json lacks {key}"):
+        OnnxSamSegmenter(folder_copy, SamConfig())
+
+
+def test_a_manifest_of_another_format_is_refused(folder_copy):
+    write_manifest(folder_copy, {**read_manifest(folder_copy), "format": 2})
+    with pytest.raises(CheckpointError, match="manifest.json has format 2, this zone-engine reads format 1"):
         OnnxSamSegmenter(folder_copy, SamConfig())
 
 
 @pytest.mark.parametrize("changes, words", [
+    ({"input_size": 72, "embedding_shape": [32, 4, 4], "low_res_size": 18}, "multiple of 16"),
     ({"low_res_size": 32}, "low_res_size must be input_size/4"),  # was ONNX Runtime's "invalid dimensions"
     ({"pixel_mean": [1, 2]}, "pixel_mean must be 3 numbers"),  # was a RuntimeError inside segment-anything
     ({"pixel_std": [0, 0, 0]}, "pixel_std must be 3 positive numbers"),  # ran, every segment dropped
