@@ -688,3 +688,19 @@ def test_the_opset_range_includes_both_ends():
     for outside in (13, LAST_OPSET + 1):
         with pytest.raises(ConfigError, match=f"--opset {outside} is not supported"):
             check_opset(outside, 14, "the UNets")
+
+
+def test_a_re_export_without_external_data_removes_the_old_data_files(tmp_path, monkeypatch):
+    """Weights past 2 GB go to `<graph>.onnx.data`; a later export of smaller graphs writes none, and the old
+    ones (gigabytes, no longer listed) are removed, not left beside the new graphs."""
+    from export import onnx_graph
+
+    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_BYTES", 0)
+    out = run_export_unet(export_args(tmp_path / "unet", "--tiny"))
+    assert sorted(path.name for path in out.glob("*.onnx.data")) == [
+        "dual_step.onnx.data", "vae_decoder.onnx.data", "vae_encoder.onnx.data"]
+    monkeypatch.undo()
+    run_export_unet(export_args(out, "--tiny"))
+    assert not list(out.glob("*.onnx.data"))
+    assert not [name for graph in read_manifest(out)["graphs"].values() for name in graph["files"]
+                if name.endswith(".data")]
