@@ -746,8 +746,9 @@ def test_batcher_buckets_by_key_respects_max_batch_and_keeps_order():
     assert sorted(calls) == [["a0", "a2"], ["a3"], ["b1", "b4"]]
 
 
-def test_batcher_serves_the_bucket_whose_oldest_request_waited_longest():
-    calls: list[str] = []
+def held_first_batch(calls: list[str]):
+    """A batcher's run_batch that records the instructions it runs and holds the first batch ("first") until
+    `release` is set; `started` says it is running."""
     started, release = threading.Event(), threading.Event()
 
     def run_batch(requests):
@@ -756,6 +757,13 @@ def test_batcher_serves_the_bucket_whose_oldest_request_waited_longest():
             started.set()
             assert release.wait(10)
         return ["ok"] * len(requests)
+
+    return run_batch, started, release
+
+
+def test_batcher_serves_the_bucket_whose_oldest_request_waited_longest():
+    calls: list[str] = []
+    run_batch, started, release = held_first_batch(calls)
 
     async def scenario():
         batcher = DynamicBatcher(run_batch, max_batch=1, max_wait_s=0, queue_size=10)
@@ -775,12 +783,7 @@ def test_batcher_serves_the_bucket_whose_oldest_request_waited_longest():
 
 
 def test_batcher_close_rejects_queued_jobs_and_finishes_the_running_one():
-    started, release = threading.Event(), threading.Event()
-
-    def run_batch(requests):
-        started.set()
-        assert release.wait(10)
-        return ["ok"] * len(requests)
+    run_batch, started, release = held_first_batch([])
 
     async def scenario():
         batcher = DynamicBatcher(run_batch, max_batch=1, max_wait_s=0, queue_size=10)
