@@ -539,3 +539,24 @@ def test_pipeline_mask_f_is_identical_with_either_refinement_backend(tmp_path):
     ]
     assert np.array_equal(results[0].mask_f, results[1].mask_f)
     assert np.array_equal(results[0].image, results[1].image)
+
+
+def test_an_export_cut_off_while_installing_leaves_no_manifest_vouching_for_missing_graphs(sam, tmp_path, monkeypatch):
+    """The manifest is installed last: an export stopped after its first graph's move has no manifest, so the
+    folder is refused as unfinished, not read with a graph missing or from the previous export."""
+    moves, real_replace = [], os.replace
+
+    def replace_once_then_fail(source, target):
+        moves.append(Path(target).name)
+        if len(moves) == 2:
+            raise KeyboardInterrupt  # Ctrl-C between two moves
+        return real_replace(source, target)
+
+    monkeypatch.setattr(export_module.os, "replace", replace_once_then_fail)
+    (tmp_path / "out").mkdir()  # the user's folder (one the export creates, it removes when cut off)
+    with pytest.raises(KeyboardInterrupt):
+        export_sam(sam, "tiny", tmp_path / "out")
+    monkeypatch.undo()
+    assert moves[0] != MANIFEST_FILE and not (tmp_path / "out" / MANIFEST_FILE).exists()
+    with pytest.raises(CheckpointError, match="no manifest.json: not a `zone export sam` folder, or the export"):
+        OnnxSamSegmenter(tmp_path / "out", SamConfig())
