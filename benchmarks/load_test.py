@@ -468,33 +468,33 @@ def parse_args(argv: list[str] | None) -> LoadConfig:
                         help="comma-separated numbers of concurrent clients (default: "
                         f"{','.join(map(str, defaults.concurrency))})")
     parser.add_argument("--requests", type=int, default=defaults.requests, metavar="N",
-                        help=f"requests per level at most (default: {defaults.requests})")
+                        help="requests per level at most (default: %(default)s)")
     parser.add_argument("--duration-s", type=float, default=defaults.duration_s,
-                        help=f"no request starts after this many seconds of a level (default: {defaults.duration_s:g})")
+                        help="no request starts after this many seconds of a level (default: %(default)g)")
     parser.add_argument("--size", type=parse_size, default=defaults.size, metavar="HxW",
                         help="image height x width (default: {}x{})".format(*defaults.size))
     parser.add_argument("--steps", type=int, default=defaults.steps,
-                        help=f"denoising steps per edit (default: {defaults.steps})")
+                        help="denoising steps per edit (default: %(default)s)")
     parser.add_argument("--timeout-s", type=float, default=defaults.timeout_s,
-                        help=f"client limit per request (default: {defaults.timeout_s:g})")
+                        help="client limit per request (default: %(default)g)")
     parser.add_argument("--warmup", type=int, default=defaults.warmup,
-                        help=f"untimed edits per server first (default: {defaults.warmup})")
+                        help="untimed edits per server first (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed,
-                        help=f"image seed and first edit seed (default: {defaults.seed})")
+                        help="image seed and first edit seed (default: %(default)s)")
     parser.add_argument("--instruction", default=defaults.instruction,
-                        help=f"edit instruction (default: {defaults.instruction!r})")
+                        help="edit instruction (default: '%(default)s')")
     server = parser.add_argument_group("servers started by the load test (ignored with --url)")
     server.add_argument("--max-batch", type=int, default=defaults.max_batch,
-                        help=f"the batching server's --max-batch (default: {defaults.max_batch})")
+                        help="the batching server's --max-batch (default: %(default)s)")
     server.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
-                        help=f"the batching server's --max-wait-ms (default: {defaults.max_wait_ms:g})")
+                        help="the batching server's --max-wait-ms (default: %(default)g)")
     server.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=defaults.tiny,
                         help="tiny random models (default); --no-tiny for real checkpoints via --server-arg")
-    server.add_argument("--device", default=defaults.device, help=f"the servers' --device (default: {defaults.device})")
+    server.add_argument("--device", default=defaults.device, help="the servers' --device (default: %(default)s)")
     server.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="one more `zone serve` argument, repeatable, after the load test's own")
     server.add_argument("--ready-timeout-s", type=float, default=defaults.ready_timeout_s,
-                        help=f"longest wait for a server's /readyz (default: {defaults.ready_timeout_s:g})")
+                        help="longest wait for a server's /readyz (default: %(default)g)")
     args = parser.parse_args(argv)
     finite = (args.duration_s, args.timeout_s, args.ready_timeout_s)
     if args.requests < 1 or args.steps < 1 or args.warmup < 0 or not all(0 < s < math.inf for s in finite):

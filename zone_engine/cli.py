@@ -211,21 +211,21 @@ def _add_serve_command(commands) -> None:
     limits = ServeSettings()  # the defaults: a server built in Python (PipelineSpec, ServeSettings) gets the same
     server.add_argument("--max-batch", type=int, default=limits.max_batch,
                         help=f"most edits denoised together, at most --queue-size and {MAX_BATCH} "
-                        f"(default: {limits.max_batch})")
+                        "(default: %(default)s)")
     server.add_argument("--max-wait-ms", type=float, default=limits.max_wait_ms,
                         help="longest a request waits for others to batch with; 0 or more, under --timeout-s "
-                        f"(default: {limits.max_wait_ms:g})")
+                        "(default: %(default)g)")
     server.add_argument("--queue-size", type=int, default=limits.queue_size,
-                        help=f"most edits waiting; more get 503 (default: {limits.queue_size})")
+                        help="most edits waiting; more get 503 (default: %(default)s)")
     server.add_argument("--timeout-s", type=float, default=limits.timeout_s,
                         help="per-request limit, queueing included; then 504 and the edit is cancelled "
-                        f"(default: {limits.timeout_s:g})")
+                        "(default: %(default)g)")
     server.add_argument("--max-upload-mb", type=float, default=limits.max_upload_mb,
-                        help=f"largest upload accepted (default: {limits.max_upload_mb:g})")
+                        help="largest upload accepted (default: %(default)g)")
     server.add_argument("--max-pixels", type=int, default=limits.max_pixels,
-                        help=f"largest image accepted, in pixels (default: {limits.max_pixels}; at most {MAX_PIXELS})")
+                        help=f"largest image accepted, in pixels (default: %(default)s; at most {MAX_PIXELS})")
     server.add_argument("--max-steps", type=int, default=limits.max_steps,
-                        help=f"most steps a request may ask for (default: {limits.max_steps}; at most {MAX_STEPS})")
+                        help=f"most steps a request may ask for (default: %(default)s; at most {MAX_STEPS})")
     server.add_argument("--no-warmup", action="store_true", help="be ready without a warm-up edit")
     server.add_argument("--warmup-size", type=parse_size, action="append", default=[], metavar="HxW",
                         help="also warm up at this image size before being ready: edits at the server's steps and "
