@@ -376,13 +376,13 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
+AGREEMENT_KEYS = ("max_pixel_diff_image", "max_pixel_diff_styled", "mask_b_identical", "mask_f_identical")
+
+
 def agreement(result: EditResult, reference: EditResult) -> dict:
     """A batched edit against the same edit run alone: both should be the same image (0 on the CPU, fp32)."""
     differences = compare(result, reference, dtype="")
     return {key: differences[key] for key in AGREEMENT_KEYS}
-
-
-AGREEMENT_KEYS = ("max_pixel_diff_image", "max_pixel_diff_styled", "mask_b_identical", "mask_f_identical")
 
 
 def compare(result: EditResult, reference: EditResult, dtype: str) -> dict:

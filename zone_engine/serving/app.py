@@ -125,8 +125,6 @@ def outcome_of(error: ServeError) -> str:
 # ---------------------------------------------------------------------------------------- service
 
 
-
-
 def warmup_batch_sizes(max_batch: int) -> list[int]:
     """The batch sizes a padding denoiser runs for batches of 1..max_batch."""
     return sorted({padded_batch(edits) for edits in range(1, max_batch + 1)})
