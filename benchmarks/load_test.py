@@ -482,7 +482,7 @@ def parse_args(argv: list[str] | None) -> LoadConfig:
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help="image seed and first edit seed (default: %(default)s)")
     parser.add_argument("--instruction", default=defaults.instruction,
-                        help="edit instruction (default: '%(default)s')")
+                        help="edit instruction (default: %(default)r)")
     server = parser.add_argument_group("servers started by the load test (ignored with --url)")
     server.add_argument("--max-batch", type=int, default=defaults.max_batch,
                         help="the batching server's --max-batch (default: %(default)s)")

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", type=folder_argument, required=True, help="folder to write the results to")
     demo.add_argument("-i", "--instruction", default=SAMPLE_INSTRUCTION,
-                      help=f"instruction to run (default: {SAMPLE_INSTRUCTION!r}, for the built-in picture's house)")
+                      help="instruction to run (default: %(default)r, for the built-in picture's house)")
     _add_edit_options(demo)
     _add_serve_command(commands)
     _add_export_commands(commands)
