@@ -28,7 +28,7 @@ import torch
 from export.sam import export_sam
 from zone_engine.action import classify_action
 from zone_engine.backends import DTYPES, current_device, resolve_device, resolve_dtype
-from zone_engine.config import DENOISERS, EditConfig
+from zone_engine.config import DENOISERS, LATENT_SCALE, EditConfig
 from zone_engine.denoise import BatchDenoiser, Denoiser
 from zone_engine.errors import ZoneError, first_line
 from zone_engine.graphs import CapturedCalls
@@ -77,7 +77,7 @@ def prime(models: ZoneModels, latent_size: tuple[int, int], device: torch.device
     """
     dtype = next(models.ip2p_unet.parameters()).dtype
     context = models.text_encoder(torch.zeros(3, 77, dtype=torch.long, device=device))[0]
-    pixels = torch.zeros(1, 3, latent_size[0] * 8, latent_size[1] * 8, device=device, dtype=dtype)
+    pixels = torch.zeros(1, 3, latent_size[0] * LATENT_SCALE, latent_size[1] * LATENT_SCALE, device=device, dtype=dtype)
     latents = models.vae.encode(pixels).latent_dist.mode()
     sample = torch.randn(3, 8, *latent_size, device=device, dtype=dtype)
     for unet in (models.mb_unet, models.ip2p_unet):

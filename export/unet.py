@@ -31,7 +31,6 @@ import copy
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 from torch import nn
 
 from zone_engine import __version__
-from zone_engine.config import IP2P_ID, MAGICBRUSH_ID, MAX_WORKING_SIDE
+from zone_engine.config import IP2P_ID, LATENT_SCALE, MAGICBRUSH_ID, MAX_WORKING_SIDE, parse_hw
 from zone_engine.denoise import guided_noise
 from zone_engine.dual_step import DualUNet
 from zone_engine.errors import ConfigError, ZoneError
@@ -149,15 +148,9 @@ def _nearest_odd_multiple(value: int, low: int, high: int) -> int:
     return min(candidates, key=lambda v: (abs(v - value), v))
 
 
-_SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$", re.IGNORECASE)
-
-
 def parse_size(text: str) -> Size:
     """'512x768' -> (512, 768): HEIGHTxWIDTH in pixels, multiples of 32."""
-    match = _SIZE_PATTERN.match(text)
-    if not match:
-        raise ConfigError(f"cannot read size {text!r}: write HEIGHTxWIDTH in pixels, e.g. 512x512")
-    return check_size((int(match[1]), int(match[2])), f"size {text.strip()!r}:")
+    return check_size(parse_hw(text), f"size {text.strip()!r}:")
 
 
 def parse_dynamic_shapes(text: str) -> ShapeProfile:
@@ -172,7 +165,7 @@ def parse_dynamic_shapes(text: str) -> ShapeProfile:
 
 
 def latent_size(size: Size) -> Size:
-    return size[0] // 8, size[1] // 8
+    return size[0] // LATENT_SCALE, size[1] // LATENT_SCALE
 
 
 # --------------------------------------------------------------------------------------------------

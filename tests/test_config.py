@@ -9,7 +9,8 @@ import inspect
 import pytest
 from segment_anything import SamAutomaticMaskGenerator
 
-from zone_engine.config import Action, EditConfig, SamConfig
+from zone_engine.config import Action, EditConfig, SamConfig, parse_hw
+from zone_engine.errors import ConfigError
 from zone_engine.localize import localize
 from zone_engine.refine import refine_mask
 
@@ -60,3 +61,14 @@ def test_the_stage_functions_defaults_are_the_configs(function, names):
     parameters = inspect.signature(function).parameters
     for parameter, field in names.items():
         assert parameters[parameter].default == getattr(EditConfig(), field), parameter
+
+
+def test_sizes_read_as_height_by_width_in_any_case_with_spaces_around_the_parts():
+    assert parse_hw("512x768") == (512, 768)
+    assert parse_hw(" 64 X 96 ") == (64, 96)
+
+
+@pytest.mark.parametrize("text", ["64", "64x", "x64", "64x64x3", "-64x64", "64.0x64", "sixtyx64", "6 4x64", ""])
+def test_a_size_that_is_not_two_whole_numbers_says_how_to_write_one(text):
+    with pytest.raises(ConfigError, match="write HEIGHTxWIDTH in pixels"):
+        parse_hw(text)

@@ -42,6 +42,7 @@ from .config import (
     check_precision,
     device_kind,
     parse_action,
+    parse_hw,
 )
 from .errors import ConfigError, ZoneError
 from .instruction import check_instruction
@@ -444,9 +445,9 @@ SERVE_MODULES = ("fastapi", "uvicorn", "multipart", "prometheus_client")
 def parse_size(text: str) -> tuple[int, int]:
     """An image size `HxW` (e.g. 512x768) as (height, width), for argparse."""
     try:
-        height, width = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 64x64, got {text!r}") from None
+        height, width = parse_hw(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     if min(height, width) < 1:
         raise argparse.ArgumentTypeError(f"height and width must be positive, got {text!r}")
     return height, width

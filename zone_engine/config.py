@@ -76,6 +76,17 @@ DEFAULT_SAM = Path("ckpts/sam_vit_h_4b8939.pth")  # where the reference reposito
 DEFAULT_ACTION_CLASSIFIER = Path("ckpts/action_classifier.pth")  # read when there (the keyword rule otherwise)
 
 
+_SIZE = re.compile(r"\s*(\d+)\s*x\s*(\d+)\s*", re.IGNORECASE)
+
+
+def parse_hw(text: str) -> tuple[int, int]:
+    """'512x768' (any case, spaces around the parts) -> (512, 768): an image size as (height, width)."""
+    match = _SIZE.fullmatch(text)
+    if not match:
+        raise ConfigError(f"cannot read size {text!r}: write HEIGHTxWIDTH in pixels, e.g. 512x512")
+    return int(match[1]), int(match[2])
+
+
 _DEVICE_NAME = re.compile(r"auto|cpu(?::0)?|cuda(?::(?:0|[1-9][0-9]*))?")  # what torch.device takes, of these
 
 
