@@ -257,6 +257,6 @@ def run_export_sam(args: argparse.Namespace) -> Path:
         if args.checkpoint is None:
             raise ConfigError("zone export sam needs --checkpoint SAM.pth (or --tiny for a random test model)")
         checkpoint = Path(args.checkpoint).expanduser()
-        sam = load_sam(checkpoint, args.model_type, flags=("--checkpoint", "--model-type"))
+        sam = load_sam(checkpoint, args.model_type, flags=("--checkpoint PATH", "--model-type TYPE"))
         model_type = args.model_type or sam_type_from_path(checkpoint)
     return export_sam(sam, model_type, args.out, fp16=args.fp16, opset=args.opset, checkpoint=checkpoint)

@@ -9,7 +9,7 @@ import inspect
 import pytest
 from segment_anything import SamAutomaticMaskGenerator
 
-from zone_engine.config import Action, EditConfig, SamConfig, parse_hw
+from zone_engine.config import Action, EditConfig, SamConfig, option, parse_hw
 from zone_engine.errors import ConfigError
 from zone_engine.localize import localize
 from zone_engine.refine import refine_mask
@@ -72,3 +72,10 @@ def test_sizes_read_as_height_by_width_in_any_case_with_spaces_around_the_parts(
 def test_a_size_that_is_not_two_whole_numbers_says_how_to_write_one(text):
     with pytest.raises(ConfigError, match="write HEIGHTxWIDTH in pixels"):
         parse_hw(text)
+
+
+def test_errors_name_an_option_as_the_command_line_and_python_write_it():
+    """The backend checks reach `zone edit` and ZonePipeline(...) alike: each spelling beside the other."""
+    assert option("denoiser", "fused") == "--denoiser fused (denoiser='fused')"
+    assert option("sam_onnx", "DIR") == "--sam-onnx DIR (sam_onnx=DIR)"  # a placeholder stays bare
+    assert option("cuda_graphs", True) == "--cuda-graphs (cuda_graphs=True)"  # a switch takes no value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import types
 import warnings
 from pathlib import Path
 
@@ -815,8 +816,9 @@ def test_a_folder_that_permissions_allow_but_refuses_files_is_found_by_the_probe
     [(np.zeros((8, 8, 3), dtype=np.float32), "shape (8, 8, 3) and dtype float32"),
      (np.zeros((8, 8, 4), dtype=np.uint8), "shape (8, 8, 4)"),
      (np.zeros((8, 8, 3), dtype=bool), "dtype bool"),
-     (None, "a NoneType")],
-    ids=["float", "rgba", "bool rgb", "none"],
+     (None, "a NoneType"), (7, "an int"),
+     (types.SimpleNamespace(image=np.zeros((8, 8, 3), dtype=np.uint8)), "(an edit's result: pass its .image)")],
+    ids=["float", "rgba", "bool rgb", "none", "int", "result"],
 )
 def test_save_refuses_what_is_not_an_image_and_writes_nothing(tmp_path, array, words):
     with pytest.raises(ZoneError, match="cannot save") as caught:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import smooth_image, spy_calls
 
-from zone_engine import Action, EditConfig, EditResult, SamConfig, ZonePipeline
+from zone_engine import Action, EditConfig, EditRequest, EditResult, SamConfig, ZonePipeline
 from zone_engine.errors import ConfigError, EditWarning
 from zone_engine.pipeline import STAGES
 from zone_engine.refine import ListSegmenter
@@ -133,6 +133,11 @@ def test_the_stages_say_what_they_take_instead_of_failing_inside_torch(tiny_pipe
     cases = [
         (lambda: tiny_pipe.denoise([prepared], progress="no"), "progress must be True or False"),
         (lambda: tiny_pipe.denoise([]), "denoise takes a non-empty list of the PreparedEdits"),
+        # By type, not the values: an image's array filled the message.
+        (lambda: tiny_pipe.denoise([prepared.original]), r"PreparedEdits prepare\(\) returns, got \[ndarray\]$"),
+        (lambda: tiny_pipe.denoise(prepared), "returns, got a PreparedEdit$"),
+        (lambda: tiny_pipe.edit_batch([prepared.original, "x"]), r"got \[ndarray, str\]$"),
+        (lambda: tiny_pipe.edit_batch(prepared.original), "got a ndarray$"),
         (lambda: tiny_pipe.finish(prepared, None), r"a tensor of shape \(1, 4, 8, 8\); got NoneType"),
         (lambda: tiny_pipe.finish(prepared, latents[..., :4]), r"got \(1, 4, 8, 4\)"),
         (lambda: tiny_pipe.finish(other, latents), "this edit was not denoised"),  # said "no attention recorded"
@@ -143,6 +148,11 @@ def test_the_stages_say_what_they_take_instead_of_failing_inside_torch(tiny_pipe
         with pytest.raises(ConfigError, match=words):
             call()
     first, again = (tiny_pipe.finish(prepared, latents) for _ in range(2))
+    # A REPL shows an edit by its arrays' shapes, not their pixels.
+    assert "image=<ndarray uint8 (64, 64, 3)>" in repr(first) and "used_fallback=" in repr(first)
+    assert "original=<ndarray uint8 (64, 64, 3)>" in repr(prepared) and "tensor(" not in repr(prepared)
+    assert repr(EditRequest(prepared.original, "x")) == ("EditRequest(image=<ndarray uint8 (64, 64, 3)>, "
+                                                         "instruction='x', config=None, cancel=None)")
     assert np.array_equal(first.image, again.image) and first.image.shape == (64, 64, 3)
     # Each finish times its own stages: they were added into the PreparedEdit's stopwatch, the second's doubled.
     assert set(prepared.watch.seconds) == {"text", "action", "vae_encode", "denoise"}

@@ -270,11 +270,11 @@ def test_sam_precision_is_checked_before_anything_loads(tiny_models):
     from zone_engine import ZonePipeline
     from zone_engine.errors import ConfigError, DeviceError
 
-    with pytest.raises(DeviceError, match="fp16 runs only on CUDA"):
+    with pytest.raises(DeviceError, match=r"fp16 \(sam_precision=.fp16.\) runs only on CUDA"):
         ZonePipeline(tiny_models, device="cpu", sam_precision="fp16")
     with pytest.raises(ConfigError, match="unknown SAM precision"):
         ZonePipeline(tiny_models, device="cpu", sam_precision="int8")
-    with pytest.raises(ConfigError, match="for --segmenter torch"):
+    with pytest.raises(ConfigError, match=r"--sam-precision bf16 \(sam_precision='bf16'\) is for --segmenter torch"):
         ZonePipeline(tiny_models, device="cpu", segmenter="onnx", sam_onnx="x", sam_precision="bf16")
     pipe = ZonePipeline(tiny_models, device="cpu", sam_precision="bf16")
     assert pipe.segmenter(pipe.default_config.sam).generator.predictor.encoder_dtype == torch.bfloat16

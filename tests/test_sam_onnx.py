@@ -256,7 +256,7 @@ def test_missing_onnxruntime_says_what_to_install(exported, monkeypatch):
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(CheckpointError, match="--sam-onnx .*nowhere: no such folder.*zone export sam"):
+    with pytest.raises(CheckpointError, match="the SAM export .*nowhere: no such folder.*zone export sam"):
         OnnxSamSegmenter(tmp_path / "nowhere", SamConfig())
 
 
@@ -265,7 +265,7 @@ def test_missing_or_unreadable_manifest(folder_copy):
     with pytest.raises(CheckpointError, match="cannot read.*zone export sam"):
         OnnxSamSegmenter(folder_copy, SamConfig())
     (folder_copy / MANIFEST_FILE).unlink()
-    with pytest.raises(CheckpointError, match="--sam-onnx .*: no manifest.json.*zone export sam"):
+    with pytest.raises(CheckpointError, match="the SAM export .*: no manifest.json.*zone export sam"):
         OnnxSamSegmenter(folder_copy, SamConfig())
 
 
@@ -274,7 +274,7 @@ def test_manifest_without_required_fields(folder_copy, key):
     manifest = read_manifest(folder_copy)
     del manifest[key]
     write_manifest(folder_copy, manifest)
-    with pytest.raises(CheckpointError, match=f"--sam-onnx .*: manifest.json lacks {key}"):
+    with pytest.raises(CheckpointError, match=f"the SAM export .*: manifest.json lacks {key}"):
         OnnxSamSegmenter(folder_copy, SamConfig())
 
 
@@ -295,7 +295,7 @@ def test_a_manifest_of_another_format_is_refused(folder_copy):
 ])
 def test_manifest_values_the_segmenter_could_not_use_are_said(folder_copy, changes, words):
     write_manifest(folder_copy, {**read_manifest(folder_copy), **changes})
-    with pytest.raises(CheckpointError, match=f"--sam-onnx .*{re.escape(words)}"):
+    with pytest.raises(CheckpointError, match=f"the SAM export .*{re.escape(words)}"):
         OnnxSamSegmenter(folder_copy, SamConfig())
 
 

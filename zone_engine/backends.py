@@ -16,6 +16,7 @@ from .config import (
     check_backend_options,
     check_precision,
     device_kind,
+    option,
 )
 from .denoise import Denoiser, SequentialDenoiser
 from .dual_step import FusedDualDenoiser
@@ -37,7 +38,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     device = torch.device(name.strip().lower())
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"--device {device} was asked for but this machine has no CUDA GPU: use --device cpu")
+            raise DeviceError(f"{option('device', str(device))} was asked for but this machine has no CUDA GPU: use "
+                              f"{option('device', 'cpu')}")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeviceError(f"{device} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
@@ -168,7 +170,7 @@ def make_localization_kernels(kind: str, device: torch.device) -> tuple[Accumula
     from kernels.mask_binarize import binarize_mask
 
     if not runs_on(device):  # both kernels share the rule (kernels/runtime.py)
-        warn_caller(f"--kernels triton (kernels='triton') cannot run on {device.type} here (Triton needs CUDA, "
+        warn_caller(f"{option('kernels', 'triton')} cannot run on {device.type} here (Triton needs CUDA, "
                     "or TRITON_INTERPRET=1 on the CPU, and ZONE_DISABLE_TRITON unset): the torch reference runs",
                     UserWarning)
     return attn_accumulate_, binarize_mask
@@ -191,7 +193,7 @@ def make_group_norms(kind: str, device: torch.device, denoiser: str | Denoiser) 
 
     if not runs_on(device):
         if kind == "triton":  # auto: ZONE_DISABLE_TRITON=1 on CUDA, PyTorch's as asked
-            warn_caller(f"--group-norm triton (group_norm='triton') cannot run on {device.type} here (Triton needs "
+            warn_caller(f"{option('group_norm', 'triton')} cannot run on {device.type} here (Triton needs "
                         "CUDA, or TRITON_INTERPRET=1 on the CPU, and ZONE_DISABLE_TRITON unset): PyTorch's GroupNorm "
                         "runs", UserWarning)
         return pytorch_norms, pytorch_norms

@@ -97,7 +97,7 @@ def device_kind(name: str) -> str:
         raise DeviceError(f"device must be a name (auto, cpu, cuda or cuda:N) or a torch.device, got {name!r}")
     text = name.strip().lower()
     if not _DEVICE_NAME.fullmatch(text):
-        raise DeviceError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+        raise DeviceError(f"device {name!r} is not one the engine runs on: use auto, cpu, cuda or cuda:N")
     return text.partition(":")[0]
 
 
@@ -112,6 +112,17 @@ def check_precision(dtype: str, kind: str) -> None:
 BACKEND_OPTIONS = ("denoiser", "kernels", "engines", "segmenter", "sam_onnx", "cuda_graphs", "attention",
                    "sam_precision", "channels_last", "group_norm")
 BACKEND_NAME_OPTIONS = ("denoiser", "segmenter", "kernels", "attention", "sam_precision", "group_norm")
+
+
+def option(name: str, value: object) -> str:
+    """An option as the command line and the Python API each write it, for the errors both reach:
+    option("denoiser", "fused") -> "--denoiser fused (denoiser='fused')"; a placeholder in capitals stays bare,
+    option("engines", "DIR") -> "--engines DIR (engines=DIR)"; True is a switch: "--cuda-graphs (cuda_graphs=True)"."""
+    flag = "--" + name.replace("_", "-")
+    if value is True:
+        return f"{flag} ({name}=True)"
+    keyword_value = value if isinstance(value, str) and value.isupper() else repr(value)
+    return f"{flag} {value} ({name}={keyword_value})"
 
 
 def lowered_name(value: object) -> object:
@@ -145,29 +156,38 @@ def check_backend_options(
     check_switch("cuda_graphs", cuda_graphs, none_means="the engine's choice")
     check_switch("channels_last", channels_last, none_means="the engine's choice")
     on_cpu = kind == "cpu"
+    # Errors name each option both ways (`option`): the command line and the Python API reach them alike.
     if attention == "xformers" and on_cpu:
-        raise DeviceError("--attention xformers needs a CUDA device; on the CPU use --attention sdpa")
+        raise DeviceError(f"{option('attention', 'xformers')} needs a CUDA device; on the CPU use "
+                          f"{option('attention', 'sdpa')}")
     if attention == "xformers" and importlib.util.find_spec("xformers") is None:
-        raise DeviceError("--attention xformers needs xformers: pip install xformers (or use --attention sdpa)")
+        raise DeviceError(f"{option('attention', 'xformers')} needs xformers: pip install xformers (or use "
+                          f"{option('attention', 'sdpa')})")
     if cuda_graphs and on_cpu:
-        raise DeviceError("CUDA graphs need a CUDA device; drop --cuda-graphs or use --device cuda")
+        raise DeviceError(f"CUDA graphs need a CUDA device: drop {option('cuda_graphs', True)} or use "
+                          f"{option('device', 'cuda')}")
     if cuda_graphs and denoiser == "eager":
-        raise ConfigError("the eager reference denoiser has no CUDA-graph path: use --denoiser fused")
+        raise ConfigError(f"the eager reference denoiser has no CUDA-graph path: use {option('denoiser', 'fused')}")
     if denoiser == "tensorrt" and on_cpu:
-        raise DeviceError("--denoiser tensorrt needs a CUDA GPU; on the CPU use --denoiser fused")
+        raise DeviceError(f"{option('denoiser', 'tensorrt')} needs a CUDA GPU; on the CPU use "
+                          f"{option('denoiser', 'fused')}")
     if denoiser == "tensorrt" and engines is None:
-        raise ConfigError("--denoiser tensorrt needs --engines DIR: a folder written by `zone export unet`")
+        raise ConfigError(f"{option('denoiser', 'tensorrt')} needs {option('engines', 'DIR')}: a folder written by "
+                          "`zone export unet`")
     if engines is not None and denoiser != "tensorrt":
-        raise ConfigError("--engines is read by --denoiser tensorrt only: add --denoiser tensorrt, or drop --engines")
+        raise ConfigError(f"{option('engines', 'DIR')} is read by {option('denoiser', 'tensorrt')} only: add that "
+                          "denoiser, or drop the engines folder")
     if sam_precision != "fp32" and segmenter != "torch":
-        raise ConfigError(f"--sam-precision {sam_precision} is for --segmenter torch; an ONNX export has its own "
-                          "precision (zone export sam --fp16)")
+        raise ConfigError(f"{option('sam_precision', sam_precision)} is for {option('segmenter', 'torch')}; an ONNX "
+                          "export has its own precision (zone export sam --fp16)")
     if sam_precision == "fp16" and on_cpu:
-        raise DeviceError("--sam-precision fp16 runs only on CUDA; on the CPU use fp32 or bf16")
+        raise DeviceError(f"{option('sam_precision', 'fp16')} runs only on CUDA; on the CPU use fp32 or bf16")
     if segmenter == "onnx" and sam_onnx is None:
-        raise ConfigError("--segmenter onnx needs --sam-onnx DIR: a folder written by `zone export sam`")
+        raise ConfigError(f"{option('segmenter', 'onnx')} needs {option('sam_onnx', 'DIR')}: a folder written by "
+                          "`zone export sam`")
     if sam_onnx is not None and segmenter != "onnx":
-        raise ConfigError("--sam-onnx is read by --segmenter onnx only: add --segmenter onnx, or drop --sam-onnx")
+        raise ConfigError(f"{option('sam_onnx', 'DIR')} is read by {option('segmenter', 'onnx')} only: add that "
+                          "segmenter, or drop the export folder")
 
 
 def check_switch(name: str, value: object, *, none_means: str | None = None) -> None:

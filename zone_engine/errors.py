@@ -15,6 +15,12 @@ def first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def a_type(value: object) -> str:
+    """A value's type with its article, for messages: "an int", "a str" (by its first letter)."""
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 class ZoneError(Exception):
     """Base class: a problem with the user's input or setup, never a bug in the engine."""
 

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zone_engine.config import LATENT_SCALE, MAX_PIXELS, MAX_WORKING_SIDE, MIN_SIDE
-from zone_engine.errors import InputImageError, ZoneError, warn_caller
+from zone_engine.errors import InputImageError, ZoneError, a_type, warn_caller
 from zone_engine.paths import folder_problem, name_problem, written_atomically
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -73,7 +73,7 @@ def read_image(source: ImageSource, name: str | None = None) -> tuple[np.ndarray
             raise InputImageError(f"{source} is a URL: the engine reads local files only; download it first")
         rgb, notes = _load_file(Path(source).expanduser())
     else:
-        raise InputImageError(f"cannot use a {type(source).__name__} as an image; pass a file path, a PIL image "
+        raise InputImageError(f"cannot use {a_type(source)} as an image; pass a file path, a PIL image "
                               f"or a numpy array{_tensor_hint(source) if _is_tensor(source) else ''}")
     return rgb, tuple(notes)
 
@@ -471,8 +471,9 @@ def _savable_pixels(array: object) -> np.ndarray:
             array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
         return array
     received = (f"an array of shape {array.shape} and dtype {array.dtype}" if isinstance(array, np.ndarray)
-                else f"a {type(array).__name__}")
-    raise ZoneError(f"cannot save {received} as an image: save_image writes uint8 RGB (H, W, 3) or a mask "
+                else a_type(array))
+    hint = " (an edit's result: pass its .image)" if isinstance(getattr(array, "image", None), np.ndarray) else ""
+    raise ZoneError(f"cannot save {received} as an image{hint}: save_image writes uint8 RGB (H, W, 3) or a mask "
                     "(H, W) of bool or uint8")
 
 

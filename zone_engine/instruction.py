@@ -19,7 +19,9 @@ def check_instruction(instruction: object) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # bytes the command line could not decode arrive as lone surrogates
-        raise InstructionError("the instruction is not valid UTF-8 text: check the terminal's encoding") from None
+        raise InstructionError("the instruction is not valid Unicode text (it holds a lone surrogate, as text "
+                               "decoded with the wrong encoding does): check its source, such as the terminal's "
+                               "encoding") from None
     if not text:
         raise InstructionError('the instruction is empty: say what to edit, e.g. "make the dog a golden statue"')
     if not any(_visible(character) for character in text):  # CLIP reads no word in it: an edit without a prompt

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .config import DEFAULT_ACTION_CLASSIFIER, IP2P_ID, MAGICBRUSH_ID, SAM_TYPES, check_seed
+from .config import DEFAULT_ACTION_CLASSIFIER, IP2P_ID, MAGICBRUSH_ID, SAM_TYPES, check_seed, option
 from .errors import CheckpointError, ConfigError, first_line, warn_caller
 
 SAM_URLS = {
@@ -328,32 +328,37 @@ def sam_type_from_path(path: Path) -> str | None:
     return next((name for name in SAM_TYPES if name in path.name), None)
 
 
-def checked_sam_type(model_type: str | None, type_flag: str = "--sam-type") -> str | None:
+# The options that name SAM's checkpoint and model type, as load_sam's errors say them (the export's are its own).
+SAM_OPTIONS = (option("sam", "PATH"), option("sam_type", "TYPE"))
+
+
+def checked_sam_type(model_type: str | None, type_flag: str = SAM_OPTIONS[1]) -> str | None:
     """A SAM checkpoint's model type in lower case, or None (from the file name): said before anything loads."""
     given = model_type.strip().lower() if isinstance(model_type, str) else model_type
     if given in (None, ""):
         return None
     if given not in SAM_TYPES:
-        raise ConfigError(f"unknown SAM type {model_type!r} ({type_flag}): use {', '.join(SAM_TYPES)}")
+        raise ConfigError(f"unknown SAM type {model_type!r}: {type_flag} takes {', '.join(SAM_TYPES)}")
     return given
 
 
 def load_sam(checkpoint: str | Path, model_type: str | None = None, *,
-             flags: tuple[str, str] = ("--sam", "--sam-type")) -> nn.Module:
-    """SAM from a segment-anything .pth; `flags`: the caller's options for the path and the model type,
-    which the errors name."""
+             flags: tuple[str, str] = SAM_OPTIONS) -> nn.Module:
+    """SAM from a segment-anything .pth; `flags`: the caller's options for the path and the model type
+    (with a placeholder: "--checkpoint PATH"), which the errors name."""
     path_flag, type_flag = flags
     path = sam_checkpoint_path(checkpoint, path_flag)
     model_type = checked_sam_type(model_type, type_flag) or sam_type_from_path(path)
     if model_type is None:
         raise CheckpointError(
-            f"cannot tell the SAM model type of {path.name}: pass {type_flag} vit_h, vit_l or vit_b"
+            f"cannot tell the SAM model type of {path.name} from its name: pass {type_flag}, one of "
+            f"{', '.join(SAM_TYPES)}"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and I/O errors all mean the same to the user
         raise CheckpointError(
-            f"{path_flag} {path}: cannot read SAM checkpoint: not a PyTorch checkpoint, or corrupt or truncated "
+            f"cannot read the SAM checkpoint {path}: not a PyTorch checkpoint, or corrupt or truncated "
             f"({type(error).__name__}); download it again from {SAM_URLS[model_type]}"
         ) from None
     sam = build_sam(model_type)
@@ -361,13 +366,13 @@ def load_sam(checkpoint: str | Path, model_type: str | None = None, *,
         sam.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as error:
         raise CheckpointError(
-            f"{path_flag} {path}: not a SAM {model_type} checkpoint ({first_line(error)}); "
+            f"{path} is not a SAM {model_type} checkpoint ({first_line(error)}); "
             f"check {type_flag}"
         ) from None
     return sam
 
 
-def sam_checkpoint_path(checkpoint: str | Path, flag: str = "--sam") -> Path:
+def sam_checkpoint_path(checkpoint: str | Path, flag: str = SAM_OPTIONS[0]) -> Path:
     """The SAM .pth file, checked to be there (before anything heavier loads)."""
     path = Path(checkpoint).expanduser()
     if path.is_dir():  # there, but not what is asked for: not "not found"
@@ -422,7 +427,7 @@ def load_ip2p(source: str, dtype: torch.dtype = torch.float32) -> Any:
             source, safety_checker=None, requires_safety_checker=False, local_files_only=True, torch_dtype=dtype
         )
     except MODEL_FOLDER_ERRORS as error:
-        raise _model_load_error("InstructPix2Pix", source, IP2P_ID, "--ip2p", error) from error
+        raise _model_load_error("InstructPix2Pix", source, IP2P_ID, option("ip2p", "DIR"), error) from error
 
 
 def load_magicbrush_unet(source: str, ip2p: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -447,7 +452,7 @@ def load_magicbrush_unet(source: str, ip2p: Any, dtype: torch.dtype = torch.floa
             torch_dtype=dtype,
         )
     except MODEL_FOLDER_ERRORS as error:
-        raise _model_load_error("MagicBrush", source, MAGICBRUSH_ID, "--magicbrush", error) from error
+        raise _model_load_error("MagicBrush", source, MAGICBRUSH_ID, option("magicbrush", "DIR"), error) from error
     check_same_unet(ip2p.unet, pipe.unet, source)
     return pipe.unet
 
@@ -517,8 +522,8 @@ def check_checkpoints_present(ip2p: str, magicbrush: str, sam: str | Path | None
                               action_classifier: str | Path | None) -> None:
     """Every checkpoint located before any loads, and all that are missing said at once: a first run learns
     the whole list (IP2P, MagicBrush, SAM), not one name a run."""
-    checks = [lambda: locate_model("InstructPix2Pix", ip2p, IP2P_ID, "--ip2p"),
-              lambda: locate_model("MagicBrush", magicbrush, MAGICBRUSH_ID, "--magicbrush")]
+    checks = [lambda: locate_model("InstructPix2Pix", ip2p, IP2P_ID, option("ip2p", "DIR")),
+              lambda: locate_model("MagicBrush", magicbrush, MAGICBRUSH_ID, option("magicbrush", "DIR"))]
     if sam is not None:
         checks.append(lambda: sam_checkpoint_path(sam))
     if action_classifier is not None:

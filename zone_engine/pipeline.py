@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
@@ -44,9 +44,10 @@ from .config import (
     check_switch,
     lowered_backend_names,
     lowered_name,
+    option,
 )
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
-from .errors import ConfigError, EditCancelled, warn_caller
+from .errors import ConfigError, EditCancelled, a_type, warn_caller
 from .graphs import CapturedCalls, Run, eager
 from .instruction import check_instruction
 from .localize import ATTENTION_CELL, AttentionAccumulator, Localization, attention_grid, heatmap_overlay, localize
@@ -70,6 +71,17 @@ T = TypeVar("T")
 STAGES = ("text", "action", "vae_encode", "denoise", "localize", "vae_decode", "refine", "blend")
 
 
+def _brief_repr(self) -> str:
+    """A dataclass's fields, arrays and tensors by type, dtype and shape: a REPL shows the edit, not its pixels."""
+    def brief(value: object) -> str:
+        if isinstance(value, np.ndarray | torch.Tensor):
+            return f"<{type(value).__name__} {value.dtype} {tuple(value.shape)}>"
+        return repr(value)
+
+    shown = (item for item in fields(self) if item.repr)
+    return f"{type(self).__name__}({', '.join(f'{item.name}={brief(getattr(self, item.name))}' for item in shown)})"
+
+
 @dataclass(frozen=True, eq=False)  # equal and hashed by identity: == on arrays has no single truth value
 class EditResult:
     """One edit's output, every array at the input image's size."""
@@ -88,6 +100,8 @@ class EditResult:
     # What the edit did not take as given, each also an EditWarning: transparency dropped, frames after the
     # first skipped, the instruction truncated, an image under one cell of the attention grid.
     notes: tuple[str, ...] = ()
+
+    __repr__ = _brief_repr
 
 
 class BatchKey(NamedTuple):
@@ -122,6 +136,8 @@ class EditRequest:
     def cancelled(self) -> bool:
         return self.cancel is not None and self.cancel.is_set()
 
+    __repr__ = _brief_repr
+
 
 @dataclass(frozen=True, eq=False)  # equal and hashed by identity: == on arrays has no single truth value
 class PreparedEdit:
@@ -131,13 +147,15 @@ class PreparedEdit:
     working: np.ndarray
     geometry: image_io.Geometry
     config: EditConfig
-    encoded: EncodedInstruction
+    encoded: EncodedInstruction = field(repr=False)
     action: Action
-    inputs: DenoiseInputs
-    attention: AttentionAccumulator
-    watch: Stopwatch
-    started: float
+    inputs: DenoiseInputs = field(repr=False)  # tensors: their shapes follow from geometry
+    attention: AttentionAccumulator = field(repr=False)
+    watch: Stopwatch = field(repr=False)
+    started: float = field(repr=False)
     notes: tuple[str, ...]  # EditResult.notes
+
+    __repr__ = _brief_repr
 
     @property
     def batch_key(self) -> BatchKey:
@@ -216,10 +234,18 @@ def _raise_for_request(error: Exception, index: int) -> None:
     raise error
 
 
+def _type_names(values: object) -> str:
+    """What a caller passed for a list, by type ("[ndarray, str]"): the values themselves (an image's array) would
+    fill the message."""
+    if isinstance(values, Sequence) and not isinstance(values, str):
+        return f"[{', '.join(type(value).__name__ for value in values)}]"
+    return a_type(values)
+
+
 def _check_denoised(edit: object, latents: object) -> None:
     """ConfigError unless `latents` can be what `denoise` returned for `edit` (finish's inputs, from the caller)."""
     if not isinstance(edit, PreparedEdit):
-        raise ConfigError(f"finish takes the PreparedEdit prepare() returned, not a {type(edit).__name__}")
+        raise ConfigError(f"finish takes the PreparedEdit prepare() returned, not {a_type(edit)}")
     expected = tuple(edit.inputs.noise.shape)
     if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
         given = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
@@ -232,7 +258,7 @@ def _check_denoised(edit: object, latents: object) -> None:
 
 def _edit_config(config: object, what: str) -> EditConfig:
     if not isinstance(config, EditConfig):
-        raise ConfigError(f"{what} must be an EditConfig, e.g. EditConfig(steps=10), not a {type(config).__name__}")
+        raise ConfigError(f"{what} must be an EditConfig, e.g. EditConfig(steps=10), not {a_type(config)}")
     return config
 
 
@@ -274,10 +300,11 @@ def _sam_checkpoint(sam: str | Path | None, sam_type: str | None, segmenter: str
     given checkpoint or type would be silently unread; else `sam`, by default `DEFAULT_SAM`."""
     if segmenter != "onnx":
         return DEFAULT_SAM if sam is None else sam
-    given = [flag for flag, value in (("--sam", sam), ("--sam-type", sam_type)) if value is not None]
+    pairs = (("sam", sam, "PATH"), ("sam_type", sam_type, "TYPE"))
+    given = [option(name, placeholder) for name, value, placeholder in pairs if value is not None]
     if given:
-        raise ConfigError(f"--segmenter onnx runs the export in --sam-onnx and reads no SAM checkpoint: drop "
-                          f"{', '.join(given)}")
+        raise ConfigError(f"{option('segmenter', 'onnx')} runs the SAM export in the sam_onnx folder and reads no "
+                          f"SAM checkpoint: drop {' and '.join(given)}")
     return None
 
 
@@ -292,7 +319,7 @@ class ZonePipeline:
         channels_last: bool | None = None, group_norm: str = "auto",
     ) -> None:
         if not isinstance(models, ZoneModels):  # a model id or a folder, say: what from_pretrained takes
-            raise ConfigError(f"ZonePipeline takes the loaded ZoneModels, not a {type(models).__name__}: load "
+            raise ConfigError(f"ZonePipeline takes the loaded ZoneModels, not {a_type(models)}: load "
                               "checkpoints with ZonePipeline.from_pretrained(ip2p=..., magicbrush=..., sam=...), or "
                               "use ZonePipeline.tiny() for random test models")
         denoiser, segmenter, kernels, attention, sam_precision, group_norm = map(
@@ -405,9 +432,8 @@ class ZonePipeline:
         known (a request's bad input before any edit is denoised), noting on Python 3.11+ which request it was.
         """
         if not isinstance(requests, Sequence) or not all(isinstance(r, EditRequest) for r in requests):
-            given = [type(r).__name__ for r in requests] if isinstance(requests, Sequence) else type(requests).__name__
             raise ConfigError(f"edit_batch takes a list of EditRequest(image, instruction[, config, cancel]), got "
-                              f"{given}")
+                              f"{_type_names(requests)}")
         check_switch("progress", progress)
         check_switch("return_exceptions", return_exceptions)
         outcomes: list[EditResult | Exception | None] = [None] * len(requests)
@@ -513,7 +539,7 @@ class ZonePipeline:
         check_switch("progress", progress)
         if not isinstance(edits, Sequence) or not edits or not all(isinstance(e, PreparedEdit) for e in edits):
             raise ConfigError(f"denoise takes a non-empty list of the PreparedEdits prepare() returns, got "
-                              f"{edits!r:.80}")
+                              f"{_type_names(edits)}")
         if len({edit.batch_key for edit in edits}) != 1:
             raise ConfigError("edits denoised together need one batch key (latent size, steps, guidance): "
                               "group them by PreparedEdit.batch_key, as edit_batch does")

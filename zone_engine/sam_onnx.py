@@ -43,8 +43,8 @@ RE_EXPORT = "re-run `zone export sam --checkpoint SAM.pth --out FOLDER` to write
 
 
 def export_error(folder: Path, problem: str) -> CheckpointError:
-    """What is wrong with a `--sam-onnx` folder, the option named first (as every checkpoint option's errors)."""
-    return CheckpointError(f"--sam-onnx {folder}: {problem}; {RE_EXPORT}")
+    """What is wrong with a `zone export sam` folder (--sam-onnx, sam_onnx=), the folder named first."""
+    return CheckpointError(f"the SAM export {folder}: {problem}; {RE_EXPORT}")
 
 
 class OnnxSamSegmenter(TorchSamSegmenter):
@@ -234,9 +234,9 @@ def check_export_folder(folder: Path) -> Path:
     """The folder's manifest path, if `folder` looks like a `zone export sam` folder (read_manifest's first
     checks; it then reads the manifest and checks the files themselves)."""
     if folder.is_file():
-        raise CheckpointError(f"--sam-onnx {folder} is a file: pass the folder `zone export sam --out` wrote")
+        raise CheckpointError(f"the SAM export {folder} is a file: pass the folder `zone export sam --out` wrote")
     if not folder.is_dir():
-        raise CheckpointError(f"--sam-onnx {folder}: no such folder; write one with `zone export sam "
+        raise CheckpointError(f"the SAM export {folder}: no such folder; write one with `zone export sam "
                               f"--checkpoint SAM.pth --out {folder}`")
     path = folder / MANIFEST_FILE
     if not path.is_file():
