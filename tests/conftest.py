@@ -40,6 +40,31 @@ def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
 
 
+def damaged_image_files(count: int = 40) -> list[tuple[str, bytes]]:
+    """Image files cut off or with a byte changed, `count` of each kind per format: what a failed download or a
+    fuzzer sends. The formats whose parsers fail in their own ways (a multi-page TIFF's frame table, an animated
+    GIF's, PNG's chunks, PPM's header, JPEG's markers)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    frames = [Image.fromarray(smooth_image(24, 32, seed)) for seed in range(3)]
+    files = []
+    for format, options in (("TIFF", {"save_all": True}), ("GIF", {"save_all": True}), ("PNG", {}),
+                            ("PPM", {}), ("JPEG", {})):
+        buffer = io.BytesIO()
+        frames[0].save(buffer, format=format, append_images=frames[1:] if options else [], **options)
+        whole = buffer.getvalue()
+        for length in np.linspace(1, len(whole) - 1, count).astype(int):
+            files.append((f"{format} cut at {length}", whole[:length]))
+        for position in rng.integers(0, min(len(whole), 512), count):  # the headers and frame tables
+            changed = bytearray(whole)
+            changed[position] ^= int(rng.integers(1, 256))
+            files.append((f"{format} byte {position} changed", bytes(changed)))
+    return files
+
+
 def assert_same_selection(found, expected) -> None:
     """Two `refine.Selection`s are the same: segment pixel for pixel, IoU exactly, segment count."""
     assert (found.iou, found.segment_count) == (expected.iou, expected.segment_count)

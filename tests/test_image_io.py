@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import damaged_image_files
 from PIL import Image
 
 from zone_engine import image_io
@@ -976,3 +977,20 @@ def test_sample_image_any_size(size):
     sample = make_sample_image(*size)
     assert_rgb(sample, *size)
     np.testing.assert_array_equal(load_quietly(sample), sample)
+
+
+def test_a_damaged_file_of_any_format_is_an_input_image_error_never_pillows_own(tmp_path):
+    """A truncated multi-page TIFF was a TypeError, a fuzzed GIF an IndexError, a struct.error: tracebacks for a
+    bad file (Pillow's parsers raise more than OSError)."""
+    path, refused = tmp_path / "damaged", 0
+    for name, data in damaged_image_files():
+        path.write_bytes(data)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a file that still decodes may warn (EXIF, frames)
+                load_image(path)
+        except InputImageError:
+            refused += 1
+        except Exception as error:
+            pytest.fail(f"{name}: {type(error).__name__}: {error}")
+    assert refused > len(damaged_image_files()) // 2  # most are refused: the damage is real

@@ -19,13 +19,14 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
 import numpy as np
 import uvicorn
-from conftest import smooth_image
+from conftest import damaged_image_files, smooth_image
 from PIL import Image
 
 import zone_engine
@@ -35,7 +36,7 @@ from zone_engine.config import EditConfig, SamConfig
 from zone_engine.errors import CheckpointError, ConfigError, EditCancelled
 from zone_engine.pipeline import EditRequest
 from zone_engine.serving import LocalEditService, ServeSettings, create_app
-from zone_engine.serving.app import FORM_FIELDS, EditService, EditTimedOut, ZoneServer
+from zone_engine.serving.app import FORM_FIELDS, EditService, EditTimedOut, ZoneServer, as_serve_error, decode_upload
 from zone_engine.serving.batcher import DynamicBatcher, QueueFull, ShuttingDown
 
 STEPS = 3
@@ -695,6 +696,33 @@ def test_a_server_side_fault_is_a_500_not_the_clients_fault(pipe, caplog):
         assert "zone export sam" in response.json()["error"]["message"]
         assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="error"}') == 1
     assert any("edit failed" in record.message for record in caplog.records)
+
+
+def test_a_damaged_upload_of_any_format_is_a_400_bad_image():
+    """A truncated multi-page TIFF or a fuzzed GIF was a 500 internal_error (Pillow raised TypeError,
+    IndexError): a client's bad file counted as the server's fault."""
+    settings = ServeSettings()
+    for name, data in damaged_image_files():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a file that still decodes may warn (EXIF, frames)
+                decode_upload(data, settings)
+        except Exception as error:
+            assert as_serve_error(error, None).code == "bad_image", f"{name}: {type(error).__name__}: {error}"
+
+
+def test_a_fault_before_the_edit_is_logged_as_its_500_says(pipe, monkeypatch, caplog):
+    """The 500's message sends the operator to the server log: a fault outside the model thread was not there."""
+    def broken_decoder(data, settings):
+        raise RuntimeError("a bug in the upload's decoding")
+
+    monkeypatch.setattr("zone_engine.serving.app.decode_upload", broken_decoder)
+    with serving(pipe) as (base, _):
+        response = post_edit(base, smooth_image(64, 64))
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+    request_id = response.json()["request_id"]
+    logged = [record for record in caplog.records if "failed before its edit" in record.getMessage()]
+    assert len(logged) == 1 and request_id in logged[0].getMessage() and logged[0].exc_info is not None
 
 
 def test_a_timeout_error_inside_the_engine_is_a_500_not_the_requests_timeout(pipe):

@@ -27,6 +27,10 @@ from zone_engine.config import LATENT_SCALE, MAX_PIXELS, MAX_WORKING_SIDE, MIN_S
 from zone_engine.errors import InputImageError, ZoneError, a_type, warn_caller
 from zone_engine.paths import folder_problem, name_problem, written_atomically
 
+# What Pillow raises for a file it cannot decode: besides OSError ("truncated", "broken data stream") and
+# SyntaxError ("not a TIFF file"), its plugins' own parsers fail on a corrupt or cut-off header or frame table with
+# ValueError, IndexError, TypeError, KeyError, EOFError or struct.error (a fuzzed GIF, a truncated multi-page TIFF).
+UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, IndexError, TypeError, KeyError, EOFError, struct.error)
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _ACCEPTED_ARRAYS = (
     "arrays of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4): uint8, other integers in 0..65535 (16-bit "
@@ -113,7 +117,7 @@ def _load_file(path: Path) -> tuple[np.ndarray, list[str]]:
             f"cannot read {path}: not an image file in a format Pillow can read, or one whose header is "
             "corrupt; convert it to PNG or JPEG"
         ) from None
-    except (OSError, SyntaxError, ValueError) as error:
+    except UNREADABLE_IMAGE as error:
         raise InputImageError(
             f"cannot read {path}: the file is unreadable, corrupt or truncated ({_one_line(error)}); "
             "re-export or re-download it"
@@ -143,7 +147,7 @@ def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, list[str]]:
                               "Image.open(...)` block, or call .load() before closing it") from None
     except Image.DecompressionBombError:
         raise InputImageError(_too_large_message(name, None)) from None
-    except (OSError, SyntaxError, ValueError) as error:
+    except UNREADABLE_IMAGE as error:
         if "closed image" in str(error):  # .close() called before its pixels were read
             raise InputImageError(f"{name} was closed (.close()) before its pixels were read: pass it "
                                   "before closing it, or call .load() first") from None
@@ -169,7 +173,7 @@ def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, list[str]]:
         return _integer_gray_to_rgb(np.asarray(img), img.info.get("transparency"), name, sixteen_bit=mode != "I")
     try:
         return np.array(img.convert("RGB"), dtype=np.uint8, order="C"), notes
-    except (OSError, ValueError) as error:
+    except UNREADABLE_IMAGE as error:
         raise InputImageError(
             f"{name} has pixel mode {mode}, which cannot be converted to RGB ({_one_line(error)}); "
             "convert it to 8-bit RGB first"

@@ -49,8 +49,9 @@ from ..errors import (
     InputImageError,
     InstructionError,
     ZoneError,
+    first_line,
 )
-from ..image_io import icc_profile_of, make_sample_image, read_image
+from ..image_io import UNREADABLE_IMAGE, icc_profile_of, make_sample_image, read_image
 from ..instruction import check_instruction
 from ..pipeline import BatchKey, EditRequest, EditResult, ZonePipeline, batch_key
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
@@ -299,8 +300,8 @@ def decode_upload(data: bytes, settings: ServeSettings) -> Upload:
     except Image.DecompressionBombError:  # Pillow's own limit, met before the header's size could be read here
         raise ServeError(413, "image_too_large", f"the image has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels; "
                          f"this server takes at most {settings.max_pixels:,}: downscale it first") from None
-    except OSError as error:
-        raise ServeError(400, "bad_image", f"the image data is corrupt or truncated ({error}); "
+    except UNREADABLE_IMAGE as error:
+        raise ServeError(400, "bad_image", f"the image data is corrupt or truncated ({first_line(error)}); "
                          "re-export it as PNG or JPEG") from None
 
 
@@ -468,6 +469,7 @@ def _add_edit_route(app: FastAPI) -> None:
     ) -> Response:
         service: EditService = request.app.state.service
         request_id, started = request_id_of(request), time.perf_counter()
+        editing = False  # once the edit is handed over, its faults are the model thread's to log (run_batch)
         try:
             if service.not_ready_because:
                 retry = {} if service.load_failure else {"Retry-After": "5"}
@@ -476,6 +478,7 @@ def _add_edit_route(app: FastAPI) -> None:
             text, changes = check_request_fields(instruction, action, steps, seed, service.settings)
             data = await image.read()
             upload = await asyncio.to_thread(decode_upload, data, service.settings)
+            editing = True
             result = await unless_disconnected(request, asyncio.ensure_future(service.edit(upload.pixels, text,
                                                                                           changes)))
             result = dataclasses.replace(result, notes=upload.notes + result.notes)
@@ -488,6 +491,8 @@ def _add_edit_route(app: FastAPI) -> None:
             raise
         except Exception as error:
             serve_error = as_serve_error(error, service)
+            if serve_error.status == 500 and not editing:  # the answer says the log has the details: it has
+                log.error("request %s failed before its edit", request_id, exc_info=error)
             service.metrics.count(outcome_of(serve_error))
             return error_response(serve_error, request_id)
         service.metrics.count("ok")
