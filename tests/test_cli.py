@@ -656,6 +656,8 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path):
                    "max-steps (100)")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--max-pixels", "200000000"],
                    "max-pixels must be at most 100,000,000")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--allow-origin", "https://app.example.com/ui"],
+                   "allow-origin 'https://app.example.com/ui' is not an origin")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "70000"], "port")
     _fails_cleanly(capsys, ["serve", "--tiny", "--host", "999.1.1.1"], "--host 999.1.1.1")
     with socket.socket() as taken:

@@ -698,6 +698,45 @@ def test_a_server_side_fault_is_a_500_not_the_clients_fault(pipe, caplog):
     assert any("edit failed" in record.message for record in caplog.records)
 
 
+def test_browser_pages_of_the_allowed_origins_only_may_call_the_api():
+    """--allow-origin: preflight answered and every answer (errors too) readable by those pages' scripts, with
+    the X-Zone-* headers; without it no CORS header at all (a browser then refuses cross-origin calls)."""
+    from fastapi.testclient import TestClient
+
+    page, other = "https://app.example.com", "https://elsewhere.example"
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "X-Request-Id"}
+    with TestClient(create_app(settings=ServeSettings(allow_origins=(page,)))) as client:
+        answer = client.options("/v1/edit", headers={"Origin": page, **preflight})
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == page
+        assert "POST" in answer.headers["access-control-allow-methods"]
+        refused = client.post("/v1/edit", headers={"Origin": page}, json={})  # 415, and the page may read why
+        assert refused.status_code == 415 and refused.headers["access-control-allow-origin"] == page
+        assert "X-Zone-Warnings" in refused.headers["access-control-expose-headers"]
+        assert client.options("/v1/edit", headers={"Origin": other, **preflight}).status_code == 400
+        assert "access-control-allow-origin" not in client.post("/v1/edit", headers={"Origin": other}).headers
+    with TestClient(create_app(settings=ServeSettings())) as client:
+        assert "access-control-allow-origin" not in client.post("/v1/edit", headers={"Origin": page}).headers
+        assert client.options("/v1/edit", headers={"Origin": page, **preflight}).status_code == 405
+    with pytest.raises(ConfigError, match="is not an origin"):
+        ServeSettings(allow_origins=("app.example.com",))
+    assert ServeSettings(allow_origins=("*", "http://localhost:3000")).allow_origins[0] == "*"
+
+
+def test_a_wrong_path_or_method_names_what_the_api_takes():
+    """A trailing slash was a bare 307 to a Location built from the client's Host header; 404 and 405 said only
+    "Not Found" and "Method Not Allowed"."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(settings=ServeSettings())) as client:
+        slash = client.post("/v1/edit/", follow_redirects=False)
+        assert slash.status_code == 404 and "location" not in slash.headers
+        assert "the routes are POST /v1/edit, GET /healthz, GET /readyz, GET /metrics" in \
+            slash.json()["error"]["message"]
+        wrong = client.get("/v1/edit")
+        assert wrong.status_code == 405 and wrong.json()["error"]["message"] == "GET is not taken at /v1/edit: use POST"
+        assert client.put("/healthz").json()["error"]["message"] == "PUT is not taken at /healthz: use GET or HEAD"
+
+
 def test_a_damaged_upload_of_any_format_is_a_400_bad_image():
     """A truncated multi-page TIFF or a fuzzed GIF was a 500 internal_error (Pillow raised TypeError,
     IndexError): a client's bad file counted as the server's fault."""

@@ -232,6 +232,10 @@ def _add_serve_command(commands) -> None:
                         help="also warm up at this image size before being ready: edits at the server's steps and "
                         "every batch size the denoiser pads to, so the first requests of that size pay no CUDA-graph "
                         "capture or compilation (minutes with --denoiser compile); repeatable (default: none)")
+    server.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="let browser pages of this origin call the API (CORS: preflight answered, the X-Zone-* "
+                        "headers readable), e.g. https://app.example.com, or * for any page; repeatable (default: "
+                        "none, so a browser refuses its pages' calls from other origins; other clients need none)")
     server.add_argument("--log-level", type=str.lower, default="info", choices=["debug", "info", "warning", "error"],
                         help="the server's log: requests, readiness, warm-up, failed edits (default: info)")
     scale = serve.add_argument_group("Ray Serve")
@@ -478,6 +482,7 @@ def run_serve(args: argparse.Namespace) -> None:
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, timeout_s=args.timeout_s,
         max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, max_steps=args.max_steps,
         warmup=not args.no_warmup, warmup_sizes=tuple(args.warmup_size), edit_changes=tuple(changes.items()),
+        allow_origins=tuple(args.allow_origin),
     )
     if args.ray:
         from .serving.ray_serve import run_ray

@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
@@ -418,10 +419,15 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 # ---------------------------------------------------------------------------------------- the app
 
-def create_app(service: LocalEditService | None = None) -> FastAPI:
+# What a browser page may read of an answer beyond the body (CORS hides other headers from its script).
+EXPOSED_HEADERS = ("X-Request-Id", "X-Zone-Action", "X-Zone-Warnings", "X-Zone-Replica", "Retry-After")
+
+
+def create_app(service: LocalEditService | None = None, settings: ServeSettings | None = None) -> FastAPI:
     """The ASGI app. With `service` it also owns the service's start and close (single process):
     the models load in the background, so /healthz answers at once and /readyz once they are warm.
-    Without, whoever hosts the app installs `app.state.service` (a Ray Serve replica does)."""
+    Without, whoever hosts the app installs `app.state.service` (a Ray Serve replica does) and passes its
+    `settings` here. Their `allow_origins` get CORS answers (preflight included); none: no CORS headers."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -438,10 +444,16 @@ def create_app(service: LocalEditService | None = None) -> FastAPI:
 
     app = FastAPI(
         title="zone-engine", version=__version__, lifespan=lifespan,
+        # `/v1/edit/` is a 404 naming the routes, not a bare 307 to a Location built from the client's Host header
+        redirect_slashes=False,
         description="ZONE zero-shot instruction-guided local image editing as a service: only the region "
         "the instruction is about changes. Concurrent edits of one size are denoised together.",
     )
     add_routes(app)
+    origins = (service.settings if service is not None else settings or ServeSettings()).allow_origins
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "HEAD", "POST"],
+                           allow_headers=["X-Request-Id"], expose_headers=list(EXPOSED_HEADERS), max_age=600)
     return app
 
 
@@ -711,12 +723,23 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
     else:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "bad_request")
         headers = dict(error.headers or {})
+        message = str(error.detail)
         if error.status_code == 405:  # Starlette's names the first route's methods only (GET, not its HEAD twin)
             headers["Allow"] = ", ".join(_methods_at(request))
-        problem = ServeError(error.status_code, code, str(error.detail), headers)
+            message = f"{request.method} is not taken at {request.url.path}: use {' or '.join(_methods_at(request))}"
+        elif error.status_code == 404:
+            message = (f"no route {request.url.path}: the routes are {', '.join(_route_list(request))} (the API's "
+                       "documentation at /docs)")
+        problem = ServeError(error.status_code, code, message, headers)
     if service is not None and request.url.path == EDIT_PATH:
         service.metrics.count(outcome_of(problem))
     return error_response(problem, request_id_of(request))
+
+
+def _route_list(request: Request) -> list[str]:
+    """The API's routes as "POST /v1/edit", "GET /healthz", ... (the docs' own pages left out)."""
+    return [f"{'/'.join(sorted(route.methods - {'HEAD'}))} {route.path}" for route in request.app.router.routes
+            if getattr(route, "methods", None) and getattr(route, "include_in_schema", False)]
 
 
 def _methods_at(request: Request) -> list[str]:

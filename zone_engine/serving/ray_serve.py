@@ -47,7 +47,7 @@ class ZoneReplica:
         self.service.ready = True
 
     def __serve_build_asgi_app__(self):
-        app = create_app()
+        app = create_app(settings=self.service.settings)
         app.state.service = self.service
         return app
 

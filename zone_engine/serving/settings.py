@@ -4,6 +4,7 @@ so a Ray Serve replica can rebuild the same service in its own process."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +68,7 @@ class PipelineSpec:
         )
 
 
+_ORIGIN = re.compile(r"https?://[^\s/?#]+")  # what a browser sends as Origin: scheme, host, port; no path
 MIN_UPLOAD_BYTES = 1024  # below it hardly the smallest image and its form fit: every edit would be a 413
 
 
@@ -87,6 +89,9 @@ class ServeSettings:
     warmup_sizes: tuple[tuple[int, int], ...] = ()
     # EditConfig fields every request starts from, over the pipeline's defaults (e.g. (("steps", 10),)).
     edit_changes: tuple[tuple[str, Any], ...] = ()
+    # Origins whose browser pages may call the API (CORS), e.g. ("https://app.example.com",); "*" any. None: a
+    # page's cross-origin requests are refused by its browser (a server-side client needs no CORS).
+    allow_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "queue_size", "max_pixels", "max_instruction_chars", "max_steps"):
@@ -116,6 +121,10 @@ class ServeSettings:
         if self.max_upload_bytes < MIN_UPLOAD_BYTES:  # no image would fit: every edit a 413
             raise ConfigError(f"max-upload-mb ({self.max_upload_mb:g}) is under 1 KiB, which no image fits in; "
                               "the default is 20")
+        for origin in self.allow_origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ConfigError(f"allow-origin {origin!r} is not an origin: write scheme://host[:port] with no path "
+                                  "(e.g. https://app.example.com or http://localhost:3000), or * for any")
         if self.max_batch > MAX_BATCH:  # beyond it: no GPU's memory, and a warm-up of every padded size up to it
             raise ConfigError(f"max-batch must be at most {MAX_BATCH}, got {self.max_batch}")
 
