@@ -794,8 +794,14 @@ def test_tiny_checks_its_seed_and_options(seed):
     """A float or bool seed was taken as another one's weights; 2**40 and '0' failed inside torch."""
     with pytest.raises(ConfigError, match="seed must be a whole number between 0 and 4294967295"):
         ZonePipeline.tiny(seed=seed)
-    with pytest.raises(ConfigError, match="tiny: got an unexpected keyword argument 'denoisr'"):
+    with pytest.raises(ConfigError, match=r"tiny\(\) has no option 'denoisr': did you mean denoiser\? it takes seed"):
         ZonePipeline.tiny(denoisr="fused")
+    with pytest.raises(ConfigError, match=r"has no option 'magicbrsh': did you mean magicbrush\? it takes ip2p, "):
+        ZonePipeline.from_pretrained(magicbrsh="x")  # before any checkpoint is looked for
+    with pytest.raises(ConfigError, match="has no option 'zzz': it takes"):
+        ZonePipeline.tiny(zzz=1)
+    with pytest.raises(ConfigError, match=r"tiny\(\) builds tiny random models and reads no checkpoint: drop ip2p"):
+        ZonePipeline.tiny(ip2p="x", sam_type="vit_b")
     with pytest.raises(ConfigError, match="tiny builds the models itself"):
         ZonePipeline.tiny(models=None)
 

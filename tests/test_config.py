@@ -79,3 +79,20 @@ def test_errors_name_an_option_as_the_command_line_and_python_write_it():
     assert option("denoiser", "fused") == "--denoiser fused (denoiser='fused')"
     assert option("sam_onnx", "DIR") == "--sam-onnx DIR (sam_onnx=DIR)"  # a placeholder stays bare
     assert option("cuda_graphs", True) == "--cuda-graphs (cuda_graphs=True)"  # a switch takes no value
+
+
+def test_the_errors_a_caller_catches_import_from_the_package():
+    import zone_engine
+    from zone_engine import errors
+
+    for name in ("ZoneError", "ConfigError", "CheckpointError", "DeviceError", "InputImageError", "InstructionError",
+                 "EditCancelled", "EditWarning"):
+        assert getattr(zone_engine, name) is getattr(errors, name) and name in zone_engine.__all__
+
+
+def test_a_generator_as_seed_says_how_to_get_its_seed():
+    """diffusers' callers pass a torch.Generator; its repr alone did not say what to pass instead."""
+    import torch
+
+    with pytest.raises(ConfigError, match=r"whole number \(a generator's seed: generator.initial_seed\(\)\)"):
+        EditConfig(seed=torch.Generator().manual_seed(1))

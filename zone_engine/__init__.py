@@ -1,10 +1,22 @@
 """zone-engine: a fast, faithful inference engine for ZONE (zero-shot instruction-guided local editing)."""
 
 from .config import Action, EditConfig, SamConfig
-from .errors import ZoneError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DeviceError,
+    EditCancelled,
+    EditWarning,
+    InputImageError,
+    InstructionError,
+    ZoneError,
+)
 
 _FROM_PIPELINE = ("EditRequest", "EditResult", "ZonePipeline")
-__all__ = ["Action", "EditConfig", "SamConfig", "ZoneError", *_FROM_PIPELINE]
+__all__ = [  # the errors too, so a caller can catch the one it means without knowing the module
+    "Action", "EditConfig", "SamConfig", "ZoneError", "ConfigError", "CheckpointError", "DeviceError",
+    "InputImageError", "InstructionError", "EditCancelled", "EditWarning", *_FROM_PIPELINE,
+]
 __version__ = "0.1.0"
 
 

@@ -214,7 +214,8 @@ def _check_numbers(config: object) -> None:
         value = getattr(config, item.name)
         if item.type == "int":
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ConfigError(f"{item.name} must be a whole number, got {value!r}")
+                hint = " (a generator's seed: generator.initial_seed())" if hasattr(value, "initial_seed") else ""
+                raise ConfigError(f"{item.name} must be a whole number{hint}, got {value!r}")
             object.__setattr__(config, item.name, int(value))
         elif item.type == "float":
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -337,8 +338,8 @@ class EditConfig:
             if isinstance(getattr(self, name), str):
                 object.__setattr__(self, name, getattr(self, name).lower())
         _raise_first_failing([
-            (self.action is None or isinstance(self.action, Action), f"action must be None (classify) or one of "
-             f"add, change, remove; got {self.action!r}"),
+            (self.action is None or isinstance(self.action, Action), f"action must be None or 'auto' (classify), "
+             f"or add, change or remove (an Action or its name); got {self.action!r}"),
             (isinstance(self.sam, SamConfig), f"sam must be a SamConfig, got {type(self.sam).__name__}"),
             (1 <= self.steps <= MAX_STEPS, f"steps must be between 1 and {MAX_STEPS}"),
             (self.text_guidance >= 0 and self.image_guidance >= 0, "text_guidance and image_guidance must be >= 0 "
@@ -379,4 +380,4 @@ def parse_action(value: str | Action | None) -> Action | None:
     try:
         return Action(name)
     except ValueError:
-        raise ConfigError(f"unknown action {value!r}: use auto, add, change or remove") from None
+        raise ConfigError(f"unknown action {value!r}: use auto (classify), add, change or remove") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import inspect
 import os
@@ -284,15 +285,23 @@ def _stage_of_an_edit(method: Callable[..., T]) -> Callable[..., T]:
     return stage
 
 
-def _check_options(cls: type, caller: str, options: dict[str, object]) -> None:
-    """A misspelt keyword option as a ConfigError naming it (not a TypeError), and `models`, which `caller`
-    builds itself (a TypeError once the checkpoints had loaded)."""
+def _check_options(cls: type, caller: str, options: dict[str, object], others: tuple[str, ...] = ()) -> None:
+    """A misspelt keyword option as a ConfigError naming it and the nearest option (not a TypeError), and `models`,
+    which `caller` builds itself (a TypeError once the checkpoints had loaded). `others`: `caller`'s own options."""
     if "models" in options:
         raise ConfigError(f"{caller} builds the models itself: drop models=, or pass them to ZonePipeline(models)")
-    try:
-        inspect.signature(cls).bind_partial(**options)
-    except TypeError as error:
-        raise ConfigError(f"{caller}: {error}; the options are ZonePipeline's") from None
+    if caller == "tiny" and (checkpoints := [name for name in options if name in CHECKPOINT_OPTIONS]):
+        raise ConfigError(f"tiny() builds tiny random models and reads no checkpoint: drop {', '.join(checkpoints)} "
+                          "(from_pretrained takes them)")
+    known = list(others) + [name for name in inspect.signature(cls).parameters if name != "models"]
+    for name in options:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            guess = f"did you mean {near[0]}? " if near else ""
+            raise ConfigError(f"{caller}() has no option {name!r}: {guess}it takes {', '.join(known)}")
+
+
+CHECKPOINT_OPTIONS = ("ip2p", "magicbrush", "sam", "action_classifier", "sam_type")  # from_pretrained's own
 
 
 def _sam_checkpoint(sam: str | Path | None, sam_type: str | None, segmenter: str) -> str | Path | None:
@@ -309,7 +318,24 @@ def _sam_checkpoint(sam: str | Path | None, sam_type: str | None, segmenter: str
 
 
 class ZonePipeline:
-    """Zero-shot instruction-guided local editing: `pipe.edit(image, "make the dog a golden statue")`."""
+    """Zero-shot instruction-guided local editing: `pipe.edit(image, "make the dog a golden statue")`.
+
+    Built by `from_pretrained` (real checkpoints), `tiny` (random test models) or from loaded `ZoneModels`, with
+    these options (each also a `zone edit` flag: `sam_onnx` is `--sam-onnx`):
+
+    - device: auto (CUDA where there is one), cpu, cuda, cuda:N. dtype: fp32 (the reference's; default), fp16
+      or bf16 (CUDA only).
+    - default_config: the EditConfig of an edit that passes none.
+    - denoiser: fused (default: both UNets as one batched step), eager (the plain reference), compile
+      (torch.compile), tensorrt (with engines=DIR from `zone export unet`), or a Denoiser instance to share.
+    - segmenter: torch (SAM in PyTorch; default), onnx (with sam_onnx=DIR from `zone export sam`).
+      sam_precision: SAM's image encoder in fp32 (default), bf16, or fp16 (CUDA only).
+    - kernels, group_norm: auto (Triton on CUDA; default), torch or triton, for localization and GroupNorm.
+      attention: sdpa (default) or xformers.
+    - cuda_graphs, channels_last: None (the engine's choice on CUDA), True or False.
+
+    README.md's "Denoisers", "Localization kernels" and "Speed" sections say which to pick.
+    """
 
     def __init__(
         self, models: ZoneModels, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
@@ -363,7 +389,8 @@ class ZonePipeline:
         (`sam`, default `DEFAULT_SAM`); `action_classifier`: by default `DEFAULT_ACTION_CLASSIFIER` where that
         file is, else none (the keyword rule decides, with a warning). With `segmenter="onnx", sam_onnx=DIR` the
         PyTorch SAM is never loaded: pass neither `sam` nor `sam_type` then."""
-        _check_options(cls, "from_pretrained", kwargs)  # now, not once the checkpoints have loaded (minutes)
+        # Now, not once the checkpoints have loaded (minutes).
+        _check_options(cls, "from_pretrained", kwargs, CHECKPOINT_OPTIONS)
         kwargs = lowered_backend_names(kwargs)
         for name, value in (("ip2p", ip2p), ("magicbrush", magicbrush), ("sam", sam),
                             ("action_classifier", action_classifier)):
@@ -384,7 +411,7 @@ class ZonePipeline:
         """Tiny random models, built offline in seconds: for tests and the demo (the edit is meaningless).
         Their default config keeps SAM's masks of random weights (`SamConfig.for_random_weights()`), unless
         `default_config=` is given."""
-        _check_options(cls, "tiny", kwargs)
+        _check_options(cls, "tiny", kwargs, ("seed",))
         kwargs.setdefault("default_config", EditConfig(sam=SamConfig.for_random_weights()))
         return cls(build_tiny_components(seed), device, **kwargs)
 
