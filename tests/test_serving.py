@@ -432,6 +432,7 @@ def test_bad_requests_get_the_right_4xx_and_a_json_error_and_the_server_keeps_se
             "instruction too long": (post_edit(base, image, instruction="add a hat " * 30), 422, "characters"),
             "bad action": (post_edit(base, image, action="paint"), 422, "action"),
             "bad steps": (post_edit(base, image, steps=0), 422, "steps"),
+            "bad seed": (post_edit(base, image, seed=2**32), 422, "seed: 4294967296 is outside 0..4294967295"),
             "bad return": (post_edit(base, image, **{"return": "gif"}), 422, "return"),
             "json body": (httpx.post(f"{base}/v1/edit", json={"instruction": "add a hat"}), 415, "multipart"),
             # No Content-Length to refuse it by: cut off as it arrives, not spooled whole to disk.

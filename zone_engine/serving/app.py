@@ -39,7 +39,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from .. import __version__
-from ..config import SAMPLE_INSTRUCTION, EditConfig, parse_action
+from ..config import MAX_SEED, SAMPLE_INSTRUCTION, EditConfig, parse_action
 from ..dual_step import padded_batch
 from ..errors import (
     CheckpointError,
@@ -361,6 +361,8 @@ def check_request_fields(instruction: str, action: str | None, steps: int | None
             raise ServeError(422, "invalid_request", f"steps: {steps} is outside 1..{settings.max_steps}")
         changes["steps"] = steps
     if seed is not None:
+        if not 0 <= seed <= MAX_SEED:  # said as the other fields are, not as EditConfig's check inside the edit
+            raise ServeError(422, "invalid_request", f"seed: {seed} is outside 0..{MAX_SEED}")
         changes["seed"] = seed
     return instruction, changes
 
