@@ -774,7 +774,7 @@ def test_a_misspelt_from_pretrained_option_is_said_before_any_checkpoint_loads(m
     monkeypatch.setattr("zone_engine.pipeline.load_pretrained", must_not_load)
     with pytest.raises(ConfigError, match="segmentr"):
         ZonePipeline.from_pretrained(device="cpu", segmentr="torch")
-    with pytest.raises(ConfigError, match="from_pretrained builds the models itself: drop models="):
+    with pytest.raises(ConfigError, match=r"from_pretrained\(\) builds the models itself: drop models="):
         ZonePipeline.from_pretrained(device="cpu", models=None)  # ZonePipeline's first parameter: passed already
 
 
@@ -802,7 +802,7 @@ def test_tiny_checks_its_seed_and_options(seed):
         ZonePipeline.tiny(zzz=1)
     with pytest.raises(ConfigError, match=r"tiny\(\) builds tiny random models and reads no checkpoint: drop ip2p"):
         ZonePipeline.tiny(ip2p="x", sam_type="vit_b")
-    with pytest.raises(ConfigError, match="tiny builds the models itself"):
+    with pytest.raises(ConfigError, match=r"tiny\(\) builds the models itself"):
         ZonePipeline.tiny(models=None)
 
 

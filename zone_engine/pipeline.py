@@ -289,10 +289,7 @@ def _check_options(cls: type, caller: str, options: dict[str, object], others: t
     """A misspelt keyword option as a ConfigError naming it and the nearest option (not a TypeError), and `models`,
     which `caller` builds itself (a TypeError once the checkpoints had loaded). `others`: `caller`'s own options."""
     if "models" in options:
-        raise ConfigError(f"{caller} builds the models itself: drop models=, or pass them to ZonePipeline(models)")
-    if caller == "tiny" and (checkpoints := [name for name in options if name in CHECKPOINT_OPTIONS]):
-        raise ConfigError(f"tiny() builds tiny random models and reads no checkpoint: drop {', '.join(checkpoints)} "
-                          "(from_pretrained takes them)")
+        raise ConfigError(f"{caller}() builds the models itself: drop models=, or pass them to ZonePipeline(models)")
     known = list(others) + [name for name in inspect.signature(cls).parameters if name != "models"]
     for name in options:
         if name not in known:
@@ -411,6 +408,9 @@ class ZonePipeline:
         """Tiny random models, built offline in seconds: for tests and the demo (the edit is meaningless).
         Their default config keeps SAM's masks of random weights (`SamConfig.for_random_weights()`), unless
         `default_config=` is given."""
+        if checkpoints := [name for name in kwargs if name in CHECKPOINT_OPTIONS]:
+            raise ConfigError(f"tiny() builds tiny random models and reads no checkpoint: drop "
+                              f"{', '.join(checkpoints)} (from_pretrained takes them)")
         _check_options(cls, "tiny", kwargs, ("seed",))
         kwargs.setdefault("default_config", EditConfig(sam=SamConfig.for_random_weights()))
         return cls(build_tiny_components(seed), device, **kwargs)
