@@ -479,7 +479,8 @@ class EngineRows:
 
     def build(self, dtype: torch.dtype) -> list[Implementation]:
         """One row per backend of the preset, then the refinement variants of the fastest fused-family one."""
-        built = [row for kind in self.config.backends if (row := self._row(f"engine:{kind}", dtype, kind, dict))]
+        built = [row for kind in self.config.backends if (row := self._row(f"engine:{kind}", dtype, kind,
+                                                                             self._backend_options(kind)))]
         if self.config.sam_onnx:
             built += self._refine_variant(dtype, "sam-onnx", self._onnx_refine_options)
         if self.config.sam_precision:
@@ -488,6 +489,12 @@ class EngineRows:
         if self.config.compare_group_norm:
             built += self._pytorch_norm_variant(dtype)
         return built
+
+    def _backend_options(self, kind: str) -> Callable[[], dict]:
+        """A backend's own ZonePipeline options: the tensorrt row's engine folder (--engines)."""
+        if kind != "tensorrt" or self.config.engines is None:
+            return dict  # no folder: ZonePipeline says what the row needs, and the row is skipped with it
+        return lambda: {"engines": self.config.engines}
 
     def _row(self, name: str, dtype: torch.dtype, denoiser: str | Denoiser,
              options: Callable[[], dict]) -> Implementation | None:
@@ -690,6 +697,7 @@ def _config_record(config: BenchConfig, priming: str) -> dict:
         **{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ("sam", "out")},
         "action": config.action.value, "backends": list(config.backends), "sam": dataclasses.asdict(config.sam),
         "priming": priming, "image": f"make_sample_image({config.resolution}, {config.resolution})",
+        "engines": None if config.engines is None else str(config.engines),
     }
 
 

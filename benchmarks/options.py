@@ -28,6 +28,7 @@ from zone_engine.config import (
     SAM_TYPES,
     Action,
     SamConfig,
+    check_backend_options,
     device_kind,
     parse_action,
 )
@@ -63,6 +64,7 @@ class BenchConfig:
     instruction: str = "make the dog a golden statue"
     action: Action = Action.CHANGE
     backends: tuple[str, ...] = DENOISERS
+    engines: Path | None = None  # the tensorrt row's engine folder (zone build-engine); none: that row is skipped
     batch: int = 1  # > 1: also time batches of this many concurrent edits (edit_batch); 1: sequential only
     sam_onnx: bool = False  # also an engine row refining with SAM exported to ONNX and run on ONNX Runtime
     sam_precision: str | None = None  # bf16/fp16: also an engine row with SAM's image encoder in that precision
@@ -122,9 +124,11 @@ def quitting_on_ctrl_c(run: Callable[[], int]) -> int:
 
 
 def _preset_summary(config: BenchConfig) -> str:
+    edits = "timed edit" if config.repeats == 1 else "timed edits"
     return (f"{config.preset} = {config.models} models, {config.resolution} px, {config.steps} steps, {config.dtype}, "
-            f"SAM {config.sam_type} ({config.sam.points_per_side} points a side), {config.repeats} timed edits after "
-            f"{config.warmup} warm-up, device {config.device}, batch {config.batch}")
+            f"SAM {config.sam_type} ({config.sam.points_per_side} points a side), {config.repeats} {edits} after "
+            f"{config.warmup} warm-up, device {config.device}, batch {config.batch}, backends "
+            f"{','.join(config.backends)}")
 
 
 def parse_bench_args(argv: list[str] | None = None) -> BenchConfig:
@@ -157,7 +161,11 @@ def _bench_parser() -> CommandParser:
     parser.add_argument("--repeats", type=int, help="timed edits per implementation")
     parser.add_argument("--warmup", type=int, help="untimed edits before them")
     parser.add_argument("--device", type=device_name, help="where to run: auto, cpu, cuda or cuda:N")
-    parser.add_argument("--backends", help=f"comma-separated engine denoisers (default all: {','.join(DENOISERS)})")
+    parser.add_argument("--backends", help=f"comma-separated engine denoisers, of {','.join(DENOISERS)} (default: "
+                        "the preset's)")
+    parser.add_argument("--engines", type=Path, metavar="DIR",
+                        help="the tensorrt row's engines: a folder `zone build-engine` wrote for this --resolution "
+                        "and --dtype (default: none, so that row is skipped)")
     parser.add_argument("--action", type=str.lower, choices=("add", "change", "remove"),
                         help=f"forced action (default {BenchConfig.action.value})")
     parser.add_argument("--seed", type=int, help=f"edit seed (default {BenchConfig.seed})")
@@ -193,7 +201,7 @@ def _changes(parser: CommandParser, args: argparse.Namespace) -> dict[str, Any]:
         ("sam_type", args.sam_type), ("repeats", args.repeats), ("warmup", args.warmup), ("device", args.device),
         ("seed", args.seed), ("batch", args.batch), ("sam_onnx", args.sam_onnx), ("out", args.out),
         ("channels_last", args.channels_last), ("group_norm", args.group_norm), ("time_limit_s", args.time_limit),
-        ("compare_group_norm", args.compare_group_norm),
+        ("compare_group_norm", args.compare_group_norm), ("engines", args.engines),
     ) if value is not None}
     if args.models == "tiny" and args.sam_type is None:
         changes["sam_type"] = "tiny"
@@ -229,6 +237,8 @@ def _check(parser: CommandParser, config: BenchConfig) -> None:
     ])
     if not config.backends:
         parser.error(f"--backends names no denoiser: give one or more of {','.join(DENOISERS)}")
+    if config.engines is not None and "tensorrt" not in config.backends:
+        parser.error("--engines is read by the tensorrt row only: add tensorrt to --backends, or drop --engines")
     try:  # before the run: its reports (and SAM's export) must have somewhere to go
         reports = report_paths(config.out, config.preset).values()
         check_output_folder(config.out, "--out", [path.name for path in reports])
@@ -278,7 +288,9 @@ def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", type=str.lower, choices=("fp32", "fp16", "bf16"),
                         help="engine precision (default fp16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--denoiser", type=str.lower, choices=DENOISERS, default="fused",
-                        help="denoiser backend (default fused)")
+                        help="denoiser backend (default fused; tensorrt needs --engines)")
+    parser.add_argument("--engines", type=Path, metavar="DIR",
+                        help="with --denoiser tensorrt: the folder `zone build-engine` wrote")
     parser.add_argument("--sam-precision", type=str.lower, choices=SAM_PRECISIONS, default="fp32",
                         help="SAM image encoder precision (default fp32)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -296,11 +308,12 @@ def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:
         (1 <= args.steps <= MAX_STEPS, f"--steps must be between 1 and {MAX_STEPS}"),
         (args.warmup >= 0, "--warmup must be 0 or more"), (args.rows >= 0, "--rows must be 0 or more"),
     ])
-    if args.trace is not None and not args.trace.parent.is_dir():
-        parser.error(f"--trace {args.trace}: no folder {args.trace.parent} to write it in")
     try:  # the profiler's writer would replace a folder by the file, and only log what it cannot write
         if args.trace is not None:
-            check_output_file(args.trace, "--trace")
+            check_output_file(args.trace, "--trace")  # its folder is made, as `zone edit -o`'s
+        # Now, not after minutes of building SD1.5 and SAM: a backend that cannot run on the device asked for.
+        check_backend_options(device_kind(args.device), args.denoiser, args.engines, sam_precision=args.sam_precision,
+                              group_norm=args.group_norm, channels_last=args.channels_last)
     except ZoneError as error:
         parser.error(str(error))
     if args.sam_type is None:

@@ -156,8 +156,8 @@ def profile_edit(args: argparse.Namespace) -> tuple[torch.device, list[StageProf
     dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"), device)
     print(f"[profile] building {args.models} models with random weights (SAM {args.sam_type})", file=sys.stderr)
     models = build_random_components(args.models, 0, args.sam_type).to(device, torch.float32)
-    pipe = ZonePipeline(models, device, dtype, denoiser=args.denoiser, sam_precision=args.sam_precision,
-                        channels_last=args.channels_last, group_norm=args.group_norm)
+    pipe = ZonePipeline(models, device, dtype, denoiser=args.denoiser, engines=args.engines,
+                        sam_precision=args.sam_precision, channels_last=args.channels_last, group_norm=args.group_norm)
     # ZONE's SAM settings; a random tiny SAM keeps no mask at them, so the tiny models get the tests' settings.
     sam = SamConfig.for_random_weights() if args.sam_type == "tiny" else SamConfig()
     # The action classified, as in a user's edit; worked on at --resolution (max_side 512 would shrink it).
@@ -176,6 +176,7 @@ def profile_edit(args: argparse.Namespace) -> tuple[torch.device, list[StageProf
     with profile(activities=activities) as profiler:
         pipe.edit(image, SAMPLE_INSTRUCTION, config)
     if args.trace is not None:
+        args.trace.parent.mkdir(parents=True, exist_ok=True)
         profiler.export_chrome_trace(str(args.trace))
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     ops = profiler.key_averages().table(sort_by=sort_by, row_limit=args.rows) if args.rows else ""

@@ -153,6 +153,26 @@ def test_backends_are_read_in_any_case_each_once_and_an_unknown_one_is_said(caps
     assert "--backends: unknown tensorrtt; the denoisers are" in capsys.readouterr().err
 
 
+def test_the_tensorrt_row_reads_its_engines_from_the_engines_option(capsys):
+    """There was no way to give the tensorrt row an engine folder: it was always skipped ("needs --engines")."""
+    config = parse_args(["--backends", "fused,tensorrt", "--engines", "engines"])
+    rows = harness.EngineRows(config, None, torch.device("cpu"), None, None)
+    assert rows._backend_options("tensorrt")() == {"engines": Path("engines")}
+    assert rows._backend_options("fused")() == {}  # the other rows take no folder (ZonePipeline would refuse one)
+    assert harness.EngineRows(parse_args([]), None, None, None, None)._backend_options("tensorrt")() == {}
+    with pytest.raises(SystemExit):
+        parse_args(["--backends", "fused", "--engines", "engines"])
+    assert "--engines is read by the tensorrt row only" in capsys.readouterr().err
+
+
+def test_the_help_says_each_presets_backends(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "cpu-smoke = sd15 models" in text and "1 timed edit after" in text
+    assert "backends eager,fused; cpu-256" in text  # not "default all" as the help said, for every preset
+
+
 @pytest.mark.parametrize(("make", "words"), [
     (lambda out: (out / "bench-tiny-smoke.md").mkdir(parents=True), "holds a folder named bench-tiny-smoke.md"),
     (lambda out: out.mkdir() or (out / "sam-onnx-tiny").touch(), "--out's SAM export folder"),

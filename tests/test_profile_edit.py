@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.autograd import DeviceType
@@ -69,9 +71,11 @@ def test_a_cpu_run_has_no_device_busy_time_and_ranks_its_torch_ops():
     assert blend.torch_ops_share == pytest.approx(0.6)
 
 
-def test_profiling_a_tiny_edit_reports_every_stage(capsys):
+def test_profiling_a_tiny_edit_reports_every_stage(capsys, tmp_path):
+    trace = tmp_path / "made" / "trace.json"  # its folder made, as zone edit -o's
     assert options.profile_main(["--models", "tiny", "--device", "cpu", "--resolution", "64", "--steps", "2",
-                              "--warmup", "0", "--rows", "5"]) == 0
+                              "--warmup", "0", "--rows", "5", "--trace", str(trace)]) == 0
+    assert json.loads(trace.read_text())["traceEvents"]
     table = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
     assert set(STAGES) <= set(rows)
@@ -95,10 +99,25 @@ def test_a_value_out_of_range_is_said_by_its_option(capsys, argv, words):
     assert words in capsys.readouterr().err
 
 
-def test_a_trace_path_without_its_folder_is_refused_before_any_work(tmp_path):
+def test_a_trace_path_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    """A missing folder is made, as zone edit -o's; a file where its folder goes was said as "no folder"."""
+    (tmp_path / "afile").write_text("")
     with pytest.raises(SystemExit):
-        options.parse_profile_args(["--trace", str(tmp_path / "missing" / "trace.json")])
-    assert options.parse_profile_args(["--trace", str(tmp_path / "trace.json")]).trace == tmp_path / "trace.json"
+        options.parse_profile_args(["--trace", str(tmp_path / "afile" / "trace.json")])
+    assert "afile is a file, not a folder" in capsys.readouterr().err
+    new = tmp_path / "new" / "t.json"
+    assert options.parse_profile_args(["--trace", str(new)]).trace == new
+
+
+def test_a_backend_the_device_cannot_run_is_refused_before_the_models_are_built(capsys):
+    """zone profile --denoiser tensorrt --device cpu spent 34 s building SD1.5 and SAM vit_h first."""
+    for argv, words in ((["--denoiser", "tensorrt", "--device", "cpu"], "needs a CUDA GPU"),
+                        (["--denoiser", "tensorrt", "--device", "auto"], "needs --engines DIR"),
+                        (["--engines", "x", "--device", "auto"], "is read by --denoiser tensorrt"),
+                        (["--sam-precision", "fp16", "--device", "cpu"], "runs only on CUDA")):
+        with pytest.raises(SystemExit):
+            options.parse_profile_args(argv)
+        assert words in capsys.readouterr().err
 
 
 def test_the_group_norm_option_reaches_the_pipeline(monkeypatch):
@@ -112,7 +131,7 @@ def test_the_group_norm_option_reaches_the_pipeline(monkeypatch):
     with pytest.raises(InterruptedError):
         profile_edit.profile_edit(options.parse_profile_args(["--models", "tiny", "--device", "cpu", "--group-norm",
                                                             "triton"]))
-    assert built[0]["group_norm"] == "triton"
+    assert built[0]["group_norm"] == "triton" and built[0]["engines"] is None
     assert options.parse_profile_args([]).group_norm == "auto"
 
 
