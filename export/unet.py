@@ -528,7 +528,7 @@ def profile_from_args(args: argparse.Namespace) -> ShapeProfile:
 
 def run_export_unet(args: argparse.Namespace) -> Path:
     """`zone export unet`: load (or build, with --tiny) both UNets and the VAE and export them; the folder."""
-    from zone_engine.models import build_tiny_components, load_ip2p, load_magicbrush_unet
+    from zone_engine.models import build_tiny_components, check_checkpoints_present, load_ip2p, load_magicbrush_unet
 
     profile = profile_from_args(args)  # every check that can fail runs before gigabytes of weights load
     graphs = [f"{graph}.onnx" for graph in GRAPHS]  # each with the weights it may write beside it (export_graph)
@@ -543,6 +543,7 @@ def run_export_unet(args: argparse.Namespace) -> Path:
         sources = {"ip2p": f"tiny:seed={TINY_SEED}", "magicbrush": f"tiny:seed={TINY_SEED}"}
     else:
         sources = {"ip2p": args.ip2p or IP2P_ID, "magicbrush": args.magicbrush or MAGICBRUSH_ID}
+        check_checkpoints_present(sources["ip2p"], sources["magicbrush"], None, None)  # each one missing, at once
         ip2p = load_ip2p(sources["ip2p"], torch.float32)  # fp32: the reference the graphs are checked against
         models = ZoneModels(
             tokenizer=ip2p.tokenizer, text_encoder=ip2p.text_encoder, vae=ip2p.vae, ip2p_unet=ip2p.unet,

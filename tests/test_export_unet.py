@@ -61,7 +61,7 @@ from zone_engine import __version__  # noqa: E402
 from zone_engine.config import EditConfig  # noqa: E402
 from zone_engine.denoise import DenoiseInputs, guided_noise, initial_noise  # noqa: E402
 from zone_engine.dual_step import DualUNet, FusedDualDenoiser  # noqa: E402
-from zone_engine.errors import ConfigError, DeviceError, ZoneError  # noqa: E402
+from zone_engine.errors import CheckpointError, ConfigError, DeviceError, ZoneError  # noqa: E402
 from zone_engine.localize import AttentionAccumulator, attention_grid, localize, record_cross_attention  # noqa: E402
 from zone_engine.models import build_tiny_components  # noqa: E402
 
@@ -704,3 +704,10 @@ def test_a_re_export_without_external_data_removes_the_old_data_files(tmp_path, 
     assert not list(out.glob("*.onnx.data"))
     assert not [name for graph in read_manifest(out)["graphs"].values() for name in graph["files"]
                 if name.endswith(".data")]
+
+
+def test_exporting_without_the_checkpoints_names_each_missing_one_at_once(tmp_path):
+    """It named InstructPix2Pix alone; MagicBrush's absence showed only once IP2P was there and loaded."""
+    with pytest.raises(CheckpointError, match="^2 checkpoints are missing") as caught:
+        run_export_unet(export_args(tmp_path / "out", "--ip2p", str(tmp_path / "none"), "--magicbrush", "nobody/none"))
+    assert "InstructPix2Pix" in str(caught.value) and "MagicBrush" in str(caught.value)

@@ -88,6 +88,11 @@ def test_every_missing_checkpoint_is_said_at_once_before_any_loads(saved, tmp_pa
                         missing / "action_classifier.pth")
     for flag in ("--ip2p", "--magicbrush", "--sam", "action_classifier.pth"):
         assert flag in str(caught.value)
+    empty = tmp_path / "interrupted-download"
+    empty.mkdir()  # passed as found, then failed once SAM had loaded
+    with pytest.raises(CheckpointError, match="^2 checkpoints are missing") as caught:
+        load_pretrained(str(empty), "someone/not-in-the-cache", None)
+    assert "InstructPix2Pix folder" in str(caught.value) and "has no model_index.json" in str(caught.value)
     root, _ = saved
     with pytest.raises(CheckpointError, match="^MagicBrush weights not found") as caught:
         load_pretrained(str(root / "ip2p"), str(missing), root / "sam_vit_b_test.pth")

@@ -507,8 +507,14 @@ def action_classifier_path(checkpoint: str | Path) -> Path:
 
 def locate_model(what: str, source: str, hub_id: str, flag: str) -> None:
     """CheckpointError unless `source` is a folder or a model in the offline Hugging Face cache: found in
-    milliseconds, where loading it takes seconds to minutes."""
-    if Path(source).expanduser().is_dir():
+    milliseconds, where loading it takes seconds to minutes. A folder must hold diffusers' model_index.json: an empty
+    one (an interrupted download) passed here and failed only once the models before it had loaded."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        if not (folder / "model_index.json").is_file():
+            raise CheckpointError(f"the {what} folder '{source}' has no model_index.json: not a diffusers pipeline "
+                                  f"folder, or an unfinished download. Run `huggingface-cli download {hub_id}` and "
+                                  f"pass the folder with {flag}.")
         return
     from huggingface_hub import snapshot_download
 
