@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from zone_engine.timing import Stopwatch
 
 from .baseline import ReferenceStyleZone
 from .measure import (
+    INTERRUPTED,
     Deadline,
     PeakMemory,
     StepClock,
@@ -560,6 +561,15 @@ class Parity:
         return {"name": self.name, "failed": self.failure} if self.failure else None
 
 
+def _stop_untimed(deadline: Deadline) -> NoReturn:
+    """A run stopped before the baseline's first timed edit has nothing to report: after a Ctrl-C, the interrupt
+    (exit 130, as every zone command's); after a time limit or SIGTERM, why."""
+    if deadline.reason == INTERRUPTED:
+        raise KeyboardInterrupt
+    raise ZoneError(f"the run was cut short before the baseline's first timed edit ({deadline.reason}): nothing to "
+                    "compare; give it more time (--time-limit)")
+
+
 def timed_rows(baseline: Implementation, rows: EngineRows, engine_dtype: torch.dtype, progress: Progress,
                deadline: Deadline) -> tuple[list[Implementation], Parity]:
     """Every row's warm-up and timed edits, and the fp32 parity edit; the rows that failed, or that the
@@ -572,6 +582,8 @@ def timed_rows(baseline: Implementation, rows: EngineRows, engine_dtype: torch.d
     edit for parity, then the engine rows.
     """
     config, device = rows.config, rows.device
+    if deadline.expired():  # during the models' build: no row is built (SAM's ONNX export, compilation) for nothing
+        _stop_untimed(deadline)
     if engine_dtype == torch.float32:
         engines = rows.build(engine_dtype)
         timed = [*engines[:1], baseline, *engines[1:]]
@@ -591,8 +603,7 @@ def timed_rows(baseline: Implementation, rows: EngineRows, engine_dtype: torch.d
         timed = [baseline, *rows.build(engine_dtype)]
         measure(timed[1:], config, device, progress, deadline)
     if not baseline.walls:
-        raise ZoneError(f"the run was cut short before the baseline's first timed edit ({deadline.reason}): "
-                        "nothing to compare; give it more time")
+        _stop_untimed(deadline)
     rows.skipped += [{"name": impl.name, "skipped": impl.failure or f"no timed edit: the run was cut short "
                       f"({deadline.reason})"} for impl in timed if impl.failure or not impl.walls]
     return [impl for impl in timed if impl.failure is None and impl.walls], parity
