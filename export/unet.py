@@ -499,6 +499,10 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     folder = Path(folder).expanduser()
     path = folder / MANIFEST_FILE
     again = f"write one with `zone export unet --out {folder}`"
+    if folder.is_file():
+        raise ZoneError(f"{folder} is a file: pass the folder `zone export unet --out` wrote")
+    if not folder.is_dir():
+        raise ZoneError(f"{folder}: no such folder; {again}")
     if not path.is_file():
         raise ZoneError(f"{folder} has no {MANIFEST_FILE}: not a `zone export unet` folder; {again}")
     try:

@@ -18,6 +18,7 @@ import torch
 from conftest import smooth_image
 from PIL import Image
 
+import zone_engine
 from zone_engine import ZonePipeline
 from zone_engine.backends import check_backends, resolve_device
 from zone_engine.cli import MASK_OUTPUTS, SERVE_MODULES, main
@@ -122,6 +123,8 @@ def test_help_and_input_errors_answer_without_importing_torch(tmp_path):
     out = subprocess.run([sys.executable, "-m", "zone_engine.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "edit" in out.stdout and "demo" in out.stdout
     assert "130 interrupted (Ctrl-C), 143 stopped by SIGTERM" in " ".join(out.stdout.split())  # as main returns
+    out = subprocess.run([sys.executable, "-m", "zone_engine.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"zone-engine {zone_engine.__version__}"
     out = subprocess.run([sys.executable, "-c", HELP_SCRIPT], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -325,7 +328,8 @@ def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o"), "--tiny"], ["has no suffix", "o.png"]),
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.ico"), "--tiny"], ["icons come in fixed sizes"]),
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.xbm"), "--tiny"], ["RGB pixels as XBM"]),
-        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--steps", "0"], ["steps"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--steps", "0"],
+         ["--steps must be between 1 and 999"]),
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--sam", str(t / "sam_vit_h.pth")],
          ["SAM checkpoint not found", "--sam"]),
         # Bytes the terminal could not decode reach Python as lone surrogates.
@@ -348,7 +352,7 @@ def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--random-weights", "sd15",
                        "--action-classifier", str(p)], ["--random-weights sd15", "drop --action-classifier"]),
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--seed", str(2**32)],
-         ["seed must be between 0 and 4294967295"]),
+         ["--seed must be between 0 and 4294967295"]),
         # Options their backend would not read: refused, not silently ignored; those of the real-checkpoint
         # runs before any weights load (the missing IP2P would be said otherwise).
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--sam-type", "vit_h"],
@@ -595,7 +599,7 @@ def test_sam_config_refuses_what_would_fail_inside_segment_anything():
     assert type(numpy_values.steps) is int and type(numpy_values.text_guidance) is float
 
 
-def test_export_and_build_engine_commands_fail_cleanly(capsys, tmp_path):
+def test_export_and_build_engine_commands_fail_cleanly(capsys, tmp_path, photo):
     _fails_cleanly(capsys, ["export", "unet", "--tiny", "--bf16", "--out", str(tmp_path / "x")], "bf16")
     _fails_cleanly(capsys, ["export", "unet", "--tiny", "--height", "50", "--out", str(tmp_path / "x")], "32")
     _fails_cleanly(capsys, ["export", "unet", "--tiny", "--height", "0", "--out", str(tmp_path / "x")],
@@ -608,7 +612,10 @@ def test_export_and_build_engine_commands_fail_cleanly(capsys, tmp_path):
                    "leave out --checkpoint and --model-type")  # was silently ignored
     assert not (tmp_path / "x").exists()
     # The folder first: without TensorRT here its message alone would leave a mistyped folder unsaid.
-    _fails_cleanly(capsys, ["build-engine", str(tmp_path / "nothing")], "no manifest.json")
+    _fails_cleanly(capsys, ["build-engine", str(tmp_path / "nothing")], "nothing: no such folder")  # "no manifest"
+    (tmp_path / "empty").mkdir()
+    _fails_cleanly(capsys, ["build-engine", str(tmp_path / "empty")], "no manifest.json")
+    _fails_cleanly(capsys, ["build-engine", str(photo)], "is a file: pass the folder")
 
 
 def test_tensorrt_denoiser_without_engines_folder(capsys, photo, tmp_path):
@@ -617,7 +624,7 @@ def test_tensorrt_denoiser_without_engines_folder(capsys, photo, tmp_path):
     _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", str(tmp_path / "o.png"), "--tiny", "--device",
                             "cpu", "--denoiser", "tensorrt", "--engines", str(tmp_path)], "needs a CUDA GPU")
     # On a GPU, a mistyped folder is said before TensorRT's absence (check_backends reads only the device's type).
-    with pytest.raises(ZoneError, match="no manifest.json"):
+    with pytest.raises(ZoneError, match="nothing: no such folder"):
         check_backends(torch.device("cuda"), denoiser="tensorrt", engines=tmp_path / "nothing")
 
 

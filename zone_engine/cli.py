@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -17,6 +18,7 @@ from typing import Any, NoReturn
 
 from export.options import add_build_engine_arguments, add_export_sam_arguments, add_export_unet_arguments
 
+from . import __version__
 from .config import (
     ATTENTION,
     BACKEND_OPTIONS,
@@ -164,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 success, 2 bad input or setup (one line on stderr says what to do), 130 interrupted "
                "(Ctrl-C), 143 stopped by SIGTERM.",
     )
+    parser.add_argument("--version", action="version", version=f"zone-engine {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     edit = commands.add_parser(
@@ -332,7 +335,10 @@ def _config_changes(args: argparse.Namespace) -> dict:
         changes["steps"] = args.steps
     if args.seed is not None:
         changes["seed"] = args.seed
-    EditConfig(**changes)
+    try:
+        EditConfig(**changes)
+    except ConfigError as error:  # the option named as the command line writes it: "--steps must be between ..."
+        raise ConfigError(re.sub(r"^(steps|seed) ", r"--\1 ", str(error))) from None
     return changes
 
 

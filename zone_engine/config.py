@@ -161,8 +161,8 @@ def check_backend_options(
         raise DeviceError(f"{option('attention', 'xformers')} needs a CUDA device; on the CPU use "
                           f"{option('attention', 'sdpa')}")
     if attention == "xformers" and importlib.util.find_spec("xformers") is None:
-        raise DeviceError(f"{option('attention', 'xformers')} needs xformers: pip install xformers (or use "
-                          f"{option('attention', 'sdpa')})")
+        raise DeviceError(f"{option('attention', 'xformers')} needs xformers, which runs on CUDA GPUs: pip install "
+                          f"xformers on such a machine (or use {option('attention', 'sdpa')})")
     if cuda_graphs and on_cpu:
         raise DeviceError(f"CUDA graphs need a CUDA device: drop {option('cuda_graphs', True)} or use "
                           f"{option('device', 'cuda')}")
