@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -39,12 +40,15 @@ import numpy as np
 from PIL import Image
 
 from zone_engine.cli import CommandParser, parse_size, signals_handled
-from zone_engine.config import MAX_BATCH, MAX_SEED, SAMPLE_INSTRUCTION
+from zone_engine.config import MAX_BATCH, MAX_SEED, MIN_SIDE, SAMPLE_INSTRUCTION
 from zone_engine.errors import ZoneError
 from zone_engine.paths import check_output_folder, folder_argument
 from zone_engine.serving.settings import ServeSettings
 
+from .options import refuse_first
+
 MODES = ("batching", "no-batching")
+_HTTP_URL = re.compile(r"https?://[^\s/?#]+(/\S*)?", re.IGNORECASE)  # a server to measure: scheme and host
 
 Progress = Callable[[str], None]
 
@@ -496,10 +500,17 @@ def parse_args(argv: list[str] | None) -> LoadConfig:
     server.add_argument("--ready-timeout-s", type=float, default=defaults.ready_timeout_s,
                         help="longest wait for a server's /readyz (default: %(default)g)")
     args = parser.parse_args(argv)
-    finite = (args.duration_s, args.timeout_s, args.ready_timeout_s)
-    if args.requests < 1 or args.steps < 1 or args.warmup < 0 or not all(0 < s < math.inf for s in finite):
-        parser.error("need --requests >= 1, --steps >= 1, --warmup >= 0, and --duration-s, --timeout-s and "
-                     "--ready-timeout-s above 0 and finite")
+    refuse_first(parser, [  # the option at fault named, before any server starts
+        (args.requests >= 1, "--requests must be at least 1"), (args.steps >= 1, "--steps must be at least 1"),
+        (args.warmup >= 0, "--warmup must be 0 or more"),
+        *((0 < seconds < math.inf, f"{name} must be a finite number of seconds above 0") for name, seconds in (
+            ("--duration-s", args.duration_s), ("--timeout-s", args.timeout_s),
+            ("--ready-timeout-s", args.ready_timeout_s))),
+        (min(args.size) >= MIN_SIDE, f"--size {args.size[0]}x{args.size[1]}: at least {MIN_SIDE} pixels a side (the "
+         "server refuses smaller images)"),
+        (args.url is None or _HTTP_URL.fullmatch(args.url) is not None,
+         f"--url {args.url!r} is not an http:// or https:// address, e.g. http://127.0.0.1:8000"),
+    ])
     last_seed = MAX_SEED - args.requests - args.warmup + 1  # edits take seeds seed..seed+requests+warmup-1
     if not 0 <= args.seed <= last_seed:
         parser.error(f"--seed must be between 0 and {last_seed} (the edits take seeds from it up)")

@@ -139,7 +139,11 @@ def test_options_parse_and_help_exits_cleanly(tmp_path, capsys):
 
 @pytest.mark.parametrize(("option", "words"), [
     (["--max-batch", "0"], "1 <= --max-batch <= 256"), (["--max-wait-ms", "nan"], "--max-wait-ms < 120000"),
-    (["--duration-s", "nan"], "above 0 and finite"), (["--ready-timeout-s", "inf"], "above 0 and finite"),
+    (["--duration-s", "nan"], "--duration-s must be a finite number of seconds above 0"),
+    (["--ready-timeout-s", "inf"], "--ready-timeout-s must be a finite number"),
+    (["--steps", "0"], "--steps must be at least 1"),  # was a list of six rules, the broken one unsaid
+    (["--size", "7x7"], "--size 7x7: at least 8 pixels a side"),  # was said once a server had started
+    (["--url", "notaurl"], "--url 'notaurl' is not an http:// or https:// address"),  # was "no answer"
     (["--seed", "-1"], "--seed must be between 0 and"),  # were tracebacks, once a server had started
     (["--out", "/etc/passwd"], "--out /etc/passwd: /etc/passwd is a file"),
 ])
