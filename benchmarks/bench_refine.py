@@ -40,7 +40,7 @@ import torch
 from export.sam import export_sam
 from zone_engine.backends import DTYPES
 from zone_engine.cli import CommandParser
-from zone_engine.config import MAX_WORKING_SIDE, SamConfig
+from zone_engine.config import MAX_WORKING_SIDE, SamConfig, device_kind
 from zone_engine.errors import ZoneError
 from zone_engine.image_io import make_sample_image
 from zone_engine.masks import iou
@@ -80,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     refuse_first(parser, [  # 0 and below were tracebacks deep inside, or silently the defaults
         (32 <= args.size <= MAX_WORKING_SIDE, f"--size must be between 32 and {MAX_WORKING_SIDE}"),
         (args.repeats is None or args.repeats >= 1, "--repeats must be at least 1"),
+        # Options that would be silently ignored, or fail after the models are built.
+        (not (args.fp16 and args.no_onnx), "--fp16 sets the ONNX export's precision: drop it with --no-onnx"),
+        (not (args.providers and args.no_onnx), "--providers are ONNX Runtime's: drop them with --no-onnx"),
+        (not (args.sam_precision == "fp16" and device_kind(args.device) == "cpu"),
+         "--sam-precision fp16 runs only on CUDA; on the CPU use bf16"),
     ])
     try:
         SamConfig(points_per_side=8 if args.points_per_side is None else args.points_per_side,

@@ -154,6 +154,9 @@ def profile_edit(args: argparse.Namespace) -> tuple[torch.device, list[StageProf
     """Build the random-weight models, run the warm-up edits, profile one edit: (device, stages, op table)."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"), device)
+    if device.type == "cpu" and args.models == "sd15":  # the defaults are a GPU's edit
+        print(f"[profile] note: SD1.5 and SAM {args.sam_type} on the CPU take minutes an edit ({args.warmup + 1} to "
+              "run); --models tiny profiles in seconds", file=sys.stderr)
     print(f"[profile] building {args.models} models with random weights (SAM {args.sam_type})", file=sys.stderr)
     models = build_random_components(args.models, 0, args.sam_type).to(device, torch.float32)
     pipe = ZonePipeline(models, device, dtype, denoiser=args.denoiser, engines=args.engines,

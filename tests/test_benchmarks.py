@@ -674,6 +674,9 @@ def test_selection_agreement_names_the_same_choice_or_measures_the_difference():
     ("bench_refine", ["--size", "0"], "--size must be between 32 and 2048"),  # was a ZeroDivisionError
     ("bench_refine", ["--points-per-side", "0"], "points_per_side and points_per_batch must be >= 1"),  # default
     ("bench_refine", ["--device", "gpu"], "device 'gpu' is not one the engine runs on"),
+    ("bench_refine", ["--fp16", "--no-onnx"], "--fp16 sets the ONNX export's precision"),  # was silently unread
+    ("bench_refine", ["--providers", "CPUExecutionProvider", "--no-onnx"], "--providers are ONNX Runtime's"),
+    ("bench_refine", ["--device", "cpu", "--sam-precision", "fp16"], "fp16 runs only on CUDA"),
     ("bench_dual_unet", ["--repeats", "0"], "--repeats must be at least 1"),  # was an IndexError
     ("bench_dual_unet", ["--batch", "0"], "--batch must be between 1 and 256"),  # was a reshape's RuntimeError
 ])
