@@ -245,15 +245,16 @@ def best_segment(
     image: uint8 RGB (H, W, 3); mask_b: bool (H, W). The generator's predictor must offer
     `predict_passing` and `prompts_per_run` (TorchSamPredictor, OnnxSamPredictor); `searchable(generator)`
     must hold.
-    `progress`: a bar over the image encoder and the prompt batches (a minute or more on a CPU).
+    `progress`: a bar over the prompt batches, named for the image encoder until it is done (a minute or more on
+    a CPU).
     """
     predictor = generator.predictor
     size = image.shape[:2]
     points = generator.point_grids[0] * np.array(size)[None, ::-1]  # (x, y) in pixels, as the generator
     per_run = predictor.prompts_per_run(generator.points_per_batch, len(points), size)
-    with tqdm(total=1 + len(points), desc="segmenting", unit="prompt", disable=not progress) as bar:
+    with tqdm(total=len(points), desc="SAM image encoder", unit="prompt", disable=not progress) as bar:
         predictor.set_image(image)
-        bar.update()  # the image encoder, counted as one
+        bar.set_description("segmenting")  # then the prompts, counted
         try:
             return _search(generator, points, size, mask_b, per_run, bar)
         finally:
