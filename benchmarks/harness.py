@@ -28,6 +28,7 @@ import torch
 from export.sam import export_sam
 from zone_engine.action import classify_action
 from zone_engine.backends import DTYPES, current_device, resolve_device, resolve_dtype
+from zone_engine.cli import error_line
 from zone_engine.config import DENOISERS, LATENT_SCALE, EditConfig
 from zone_engine.denoise import BatchDenoiser, Denoiser
 from zone_engine.errors import ZoneError, first_line
@@ -728,7 +729,7 @@ def run_and_report(config: BenchConfig, argv: list[str] | None = None) -> int:
         try:
             record = run_benchmark(config, progress, deadline)
         except ZoneError as error:
-            print(f"error: {error}", file=sys.stderr)
+            print(error_line(error), file=sys.stderr)
             return 2
         record["command"] = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
         paths = write_reports(record, config.out)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from zone_engine.backends import current_device, resolve_device
-from zone_engine.cli import signals_handled
+from zone_engine.cli import error_line, signals_handled
 from zone_engine.denoise import BatchDenoiser
 from zone_engine.errors import ZoneError
 
@@ -37,7 +37,7 @@ def on_named_device(name: str, work: Callable[[torch.device], int]) -> int:
         with current_device(device):
             return work(device)
     except ZoneError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(error_line(error), file=sys.stderr)
         return 2
 
 

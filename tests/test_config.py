@@ -9,7 +9,7 @@ import inspect
 import pytest
 from segment_anything import SamAutomaticMaskGenerator
 
-from zone_engine.config import Action, EditConfig, SamConfig, option, parse_hw
+from zone_engine.config import Action, EditConfig, SamConfig, command_line_spelling, option, parse_hw
 from zone_engine.errors import ConfigError
 from zone_engine.localize import localize
 from zone_engine.refine import refine_mask
@@ -79,6 +79,13 @@ def test_errors_name_an_option_as_the_command_line_and_python_write_it():
     assert option("denoiser", "fused") == "--denoiser fused (denoiser='fused')"
     assert option("sam_onnx", "DIR") == "--sam-onnx DIR (sam_onnx=DIR)"  # a placeholder stays bare
     assert option("cuda_graphs", True) == "--cuda-graphs (cuda_graphs=True)"  # a switch takes no value
+
+
+def test_the_command_line_prints_its_own_spelling_alone():
+    both = f"{option('denoiser', 'tensorrt')} needs {option('engines', 'DIR')}; drop {option('cuda_graphs', True)}"
+    assert command_line_spelling(both) == "--denoiser tensorrt needs --engines DIR; drop --cuda-graphs"
+    other = "--steps 3 (of 20) and --seed x (steps=3)"  # a parenthesis that is not the same option's: kept
+    assert command_line_spelling(other) == other
 
 
 def test_the_errors_a_caller_catches_import_from_the_package():

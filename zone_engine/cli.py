@@ -42,6 +42,7 @@ from .config import (
     EditConfig,
     check_backend_options,
     check_precision,
+    command_line_spelling,
     device_kind,
     parse_action,
     parse_hw,
@@ -138,6 +139,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         "real costs, meaningless edits; for load tests")
 
 
+def error_line(error: BaseException | str) -> str:
+    """What a command prints for a user's mistake: one line, its options as the command line writes them (the
+    Python API's spelling beside them left out)."""
+    return f"error: {command_line_spelling(str(error))}"
+
+
 class CommandParser(argparse.ArgumentParser):
     """argparse's parser with one-line errors that point to the command's --help (not a 20-line usage block
     first), an unknown option said by the command it was given to, and no abbreviated options (a script's
@@ -147,7 +154,7 @@ class CommandParser(argparse.ArgumentParser):
         super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{error_line(message)} (see {self.prog} --help)\n")
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:
         parsed, unknown = self.parse_known_args(args, namespace)
@@ -545,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.nullcontext() if args.command == "serve" else terminated_as_interrupt():  # serve: uvicorn's
             commands[args.command](args)
     except ZoneError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(error_line(error), file=sys.stderr)
         return 2
     except OSError as error:
         if error.filename is None:  # not a path the system refused: a bug, its traceback kept

@@ -125,6 +125,18 @@ def option(name: str, value: object) -> str:
     return f"{flag} {value} ({name}={keyword_value})"
 
 
+_BOTH_SPELLINGS = re.compile(r"(--(?P<flag>[a-z][a-z-]*)(?: [^\s()]+)?) \((?P<keyword>[a-z_]+)=[^()]*\)")
+
+
+def command_line_spelling(message: str) -> str:
+    """`message` with `option`'s Python spelling left out, for the command line to print: "--denoiser tensorrt"."""
+    def one(match: re.Match) -> str:
+        same = match["flag"].replace("-", "_") == match["keyword"]
+        return match[1] if same else match[0]
+
+    return _BOTH_SPELLINGS.sub(one, message)
+
+
 def lowered_name(value: object) -> object:
     """A backend option's name in any case (`denoiser="Fused"`), as `device`, `dtype` and the command line take
     them; anything else (a Denoiser instance, None) as it is, for the checks to say."""

@@ -309,8 +309,8 @@ def _sam_checkpoint(sam: str | Path | None, sam_type: str | None, segmenter: str
     pairs = (("sam", sam, "PATH"), ("sam_type", sam_type, "TYPE"))
     given = [option(name, placeholder) for name, value, placeholder in pairs if value is not None]
     if given:
-        raise ConfigError(f"{option('segmenter', 'onnx')} runs the SAM export in the sam_onnx folder and reads no "
-                          f"SAM checkpoint: drop {' and '.join(given)}")
+        raise ConfigError(f"{option('segmenter', 'onnx')} runs the SAM export in {option('sam_onnx', 'DIR')} and "
+                          f"reads no SAM checkpoint: drop {' and '.join(given)}")
     return None
 
 
