@@ -33,10 +33,20 @@ import zone_engine
 from benchmarks.load_test import parse_metrics
 from zone_engine import ZonePipeline
 from zone_engine.config import EditConfig, SamConfig
-from zone_engine.errors import CheckpointError, ConfigError, EditCancelled
+from zone_engine.errors import CheckpointError, ConfigError, EditCancelled, InputImageError, InstructionError
 from zone_engine.pipeline import EditRequest
 from zone_engine.serving import LocalEditService, ServeSettings, create_app
-from zone_engine.serving.app import FORM_FIELDS, EditService, EditTimedOut, ZoneServer, as_serve_error, decode_upload
+from zone_engine.serving.app import (
+    FORM_FIELDS,
+    EditService,
+    EditTimedOut,
+    ServeError,
+    ZoneServer,
+    as_serve_error,
+    check_request_fields,
+    decode_upload,
+    outcome_of,
+)
 from zone_engine.serving.batcher import DynamicBatcher, QueueFull, ShuttingDown
 
 STEPS = 3
@@ -188,7 +198,10 @@ def test_edit_returns_a_png_of_the_input_size_and_json_has_every_field(pipe):
                              "used_fallback", "instruction_truncated", "timings", "warnings"}
         assert (body["width"], body["height"], body["action"]) == (90, 70, "add")
         assert np.array_equal(decode_png(base64.b64decode(body["image"])), edited)
-        assert decode_png(base64.b64decode(body["mask_f"])).shape == (70, 90)
+        expected = pipe.edit(image, "add a red hat", pipe.default_config.replace(seed=7))
+        for name in ("mask_b", "mask_f", "region"):  # 0 and 255, as a viewer shows a mask (0/1 looked all black)
+            assert np.array_equal(decode_png(base64.b64decode(body[name])), getattr(expected, name) * np.uint8(255))
+        assert response.headers["X-Zone-Replica"]  # which replica answered: the log line to look for
         assert body["timings"]["denoise"] > 0 and body["timings"]["total"] >= body["timings"]["denoise"]
 
         traced = httpx.post(f"{base}/v1/edit", files={"image": ("in.png", png(image), "image/png")},
@@ -712,7 +725,7 @@ def test_browser_pages_of_the_allowed_origins_only_may_call_the_api():
         assert "POST" in answer.headers["access-control-allow-methods"]
         refused = client.post("/v1/edit", headers={"Origin": page}, json={})  # 415, and the page may read why
         assert refused.status_code == 415 and refused.headers["access-control-allow-origin"] == page
-        assert "X-Zone-Warnings" in refused.headers["access-control-expose-headers"]
+        assert {"X-Zone-Warnings", "Retry-After"} <= set(refused.headers["access-control-expose-headers"].split(", "))
         assert client.options("/v1/edit", headers={"Origin": other, **preflight}).status_code == 400
         assert "access-control-allow-origin" not in client.post("/v1/edit", headers={"Origin": other}).headers
     with TestClient(create_app(settings=ServeSettings())) as client:
@@ -736,6 +749,35 @@ def test_a_wrong_path_or_method_names_what_the_api_takes():
         wrong = client.get("/v1/edit")
         assert wrong.status_code == 405 and wrong.json()["error"]["message"] == "GET is not taken at /v1/edit: use POST"
         assert client.put("/healthz").json()["error"]["message"] == "PUT is not taken at /healthz: use GET or HEAD"
+
+
+def test_request_limits_hold_at_their_exact_values():
+    """From a mutation audit: --max-steps was unguarded (a client could ask for 999 steps), and every "at most"
+    limit could move by one unseen."""
+    settings = ServeSettings(max_instruction_chars=20, max_steps=7)
+    assert check_request_fields("x" * 20, None, 7, 4294967295, settings) == ("x" * 20, {"steps": 7, "seed": 4294967295})
+    for fields, words in (((("x" * 21), None, None, None), "instruction: 21 characters"),
+                          (("x", None, 8, None), "steps: 8 is outside 1..7"),
+                          (("x", None, None, 2**32), "seed: 4294967296 is outside")):
+        with pytest.raises(ServeError) as refused:
+            check_request_fields(*fields, settings)
+        assert refused.value.status == 422 and words in refused.value.message
+    assert ServeSettings().max_upload_bytes == 20 * 2**20 and ServeSettings(max_upload_mb=1).max_upload_bytes == 2**20
+    with pytest.raises(ServeError) as refused:
+        decode_upload(b"x" * (2**20 + 1), ServeSettings(max_upload_mb=1))
+    assert (refused.value.status, refused.value.code) == (413, "upload_too_large")
+
+
+def test_each_engine_error_maps_to_its_status_code_and_outcome():
+    for error, status, code in ((EditCancelled("stopped"), 503, "cancelled"),
+                                (InstructionError("empty"), 422, "invalid_request"),
+                                (ConfigError("steps"), 422, "invalid_request"),
+                                (InputImageError("corrupt"), 400, "bad_image"),
+                                (RuntimeError("a bug"), 500, "internal_error")):
+        answer = as_serve_error(error, None)
+        assert (answer.status, answer.code) == (status, code), error
+    cancelled = as_serve_error(EditCancelled("stopped"), None)
+    assert cancelled.headers["Retry-After"] and outcome_of(cancelled) == "cancelled"
 
 
 def test_a_damaged_upload_of_any_format_is_a_400_bad_image():
