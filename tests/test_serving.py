@@ -871,6 +871,37 @@ def held_first_batch(calls: list[str]):
     return run_batch, started, release
 
 
+def test_batcher_survives_a_runner_that_raises_and_frees_a_withdrawn_edits_slot():
+    """From a mutation audit: without its guard a raising run_batch killed the worker (every later edit a 503
+    until a restart); a caller that gave up while queued kept its queue slot and still reached the model."""
+    calls: list[str] = []
+
+    def run_batch(requests):
+        calls.extend(r.instruction for r in requests)
+        if requests[0].instruction == "boom":
+            raise RuntimeError("the runner failed")
+        return [f"done {r.instruction}" for r in requests]
+
+    async def scenario():
+        batcher = DynamicBatcher(run_batch, max_batch=1, max_wait_s=0, queue_size=10)
+        batcher.start()
+        with pytest.raises(RuntimeError, match="the runner failed"):
+            await batcher.submit(EditRequest(None, "boom"), "a")
+        assert batcher.healthy and await batcher.submit(EditRequest(None, "next"), "a") == "done next"
+        gone = EditRequest(None, "gone", cancel=threading.Event())
+        waiting = asyncio.ensure_future(batcher.submit(gone, "b"))
+        await asyncio.sleep(0)  # queued (the worker is not past its wait yet), then given up
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        queued_after = batcher.queued
+        await batcher.close()
+        return queued_after, gone
+
+    queued_after, gone = run_batcher(scenario)
+    assert queued_after == 0 and gone.cancelled()  # out of the queue, or its work stopped
+
+
 def test_batcher_serves_the_bucket_whose_oldest_request_waited_longest():
     calls: list[str] = []
     run_batch, started, release = held_first_batch(calls)
