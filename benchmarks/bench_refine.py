@@ -40,7 +40,7 @@ import torch
 from export.sam import export_sam
 from zone_engine.backends import DTYPES
 from zone_engine.cli import CommandParser
-from zone_engine.config import MAX_WORKING_SIDE, SamConfig, device_kind
+from zone_engine.config import MAX_WORKING_SIDE, SamConfig, check_backend_options, device_kind
 from zone_engine.errors import ZoneError
 from zone_engine.image_io import make_sample_image
 from zone_engine.masks import iou
@@ -83,12 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # Options that would be silently ignored, or fail after the models are built.
         (not (args.fp16 and args.no_onnx), "--fp16 sets the ONNX export's precision: drop it with --no-onnx"),
         (not (args.providers and args.no_onnx), "--providers are ONNX Runtime's: drop them with --no-onnx"),
-        (not (args.sam_precision == "fp16" and device_kind(args.device) == "cpu"),
-         "--sam-precision fp16 runs only on CUDA; on the CPU use bf16"),
     ])
     try:
         SamConfig(points_per_side=8 if args.points_per_side is None else args.points_per_side,
                   points_per_batch=args.points_per_batch)
+        # The PyTorch rows' SAM precision, checked as zone edit checks it (fp16 only on CUDA).
+        check_backend_options(device_kind(args.device), sam_precision=args.sam_precision or "fp32")
     except ZoneError as error:
         parser.error(str(error))
     return args
