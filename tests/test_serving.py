@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from zone_engine.pipeline import EditRequest
 from zone_engine.serving import LocalEditService, ServeSettings, create_app
 from zone_engine.serving.app import (
     FORM_FIELDS,
+    WORKER_STOPPED,
     EditService,
     EditTimedOut,
     ServeError,
@@ -48,6 +50,7 @@ from zone_engine.serving.app import (
     outcome_of,
 )
 from zone_engine.serving.batcher import DynamicBatcher, QueueFull, ShuttingDown
+from zone_engine.serving.metrics import ServeMetrics
 
 STEPS = 3
 
@@ -254,7 +257,8 @@ def test_health_readiness_metrics_and_openapi(pipe):
         assert metric(text, 'zone_requests_total{outcome="ok"}') == 1
         assert metric(text, "zone_batch_size_count") == 1
         assert metric(text, 'zone_stage_seconds_count{stage="refine"}') == 1
-        assert metric(text, "zone_queue_depth") == 0
+        assert metric(text, "zone_queue_depth") == metric(text, "zone_running") == 0
+        assert metric(text, "zone_request_seconds_count") == metric(text, "zone_queue_wait_seconds_count") == 1
         schema = httpx.get(f"{base}/openapi.json").json()
         assert {"/v1/edit", "/healthz", "/readyz", "/metrics"} <= set(schema["paths"])
         assert schema["info"]["version"] == zone_engine.__version__  # the one version, which pyproject reads too
@@ -278,6 +282,7 @@ def test_not_ready_until_loaded_and_warmed_up(pipe):
         assert httpx.get(f"{base}/readyz").status_code == 503
         refused = post_edit(base, smooth_image(64, 64))
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
+        assert refused.headers["Retry-After"] == "5"  # loading ends: worth coming back
         gate.set()
         deadline = time.monotonic() + 60
         while httpx.get(f"{base}/readyz").status_code != 200:
@@ -825,6 +830,30 @@ def test_a_failed_load_fails_liveness_and_every_edit_says_why():
             time.sleep(0.02)
         for response in (httpx.get(f"{base}/healthz"), httpx.get(f"{base}/readyz"), post_edit(base, b"x")):
             assert response.status_code == 503 and "weights not found" in response.json()["error"]["message"]
+            assert "retry-after" not in response.headers  # retrying cannot mend missing weights
+
+
+def test_a_dead_batching_worker_fails_readiness_and_liveness_so_the_server_is_restarted(pipe):
+    with serving(pipe) as (base, service):
+        service.batcher.run_batch = lambda requests: []  # one outcome short: a bug that kills the worker
+        assert post_edit(base, smooth_image(64, 64)).status_code == 503
+        for probe in ("readyz", "healthz"):
+            response = httpx.get(f"{base}/{probe}")
+            assert response.status_code == 503 and response.json()["error"]["message"] == WORKER_STOPPED
+
+
+def test_a_sane_request_id_is_kept_and_any_other_replaced():
+    """A caller's X-Request-Id joins its logs across proxies; one that could forge log lines (spaces, newlines)
+    or bloat them is replaced by a fresh one."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(settings=ServeSettings())) as client:
+        for given, kept in (("trace-1.a:b_C", True), ("x" * 128, True), ("x" * 129, False), ("a b", False),
+                            ("", False)):
+            answer = client.get("/nowhere", headers={"X-Request-Id": given})
+            request_id = answer.json()["request_id"]
+            assert answer.headers["X-Request-Id"] == request_id
+            assert (request_id == given) == kept and (kept or re.fullmatch("[0-9a-f]{32}", request_id)), given
 
 
 # ---------------------------------------------------------------------------------------- the batcher
@@ -925,9 +954,10 @@ def test_batcher_serves_the_bucket_whose_oldest_request_waited_longest():
 
 def test_batcher_close_rejects_queued_jobs_and_finishes_the_running_one():
     run_batch, started, release = held_first_batch([])
+    metrics = ServeMetrics()
 
     async def scenario():
-        batcher = DynamicBatcher(run_batch, max_batch=1, max_wait_s=0, queue_size=10)
+        batcher = DynamicBatcher(run_batch, max_batch=1, max_wait_s=0, queue_size=10, metrics=metrics)
         batcher.start()
         running = asyncio.ensure_future(batcher.submit(EditRequest(None, "first"), "k"))
         await asyncio.get_running_loop().run_in_executor(None, started.wait)
@@ -943,6 +973,98 @@ def test_batcher_close_rejects_queued_jobs_and_finishes_the_running_one():
 
     first, (second,) = run_batcher(scenario)
     assert first == "ok" and isinstance(second, ShuttingDown)
+    assert metrics.registry.get_sample_value("zone_queue_depth") == 0  # what was queued was answered
+
+
+class ManualClock:
+    """A batcher clock the test moves, for exact batch and queue times."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_batcher_metrics_show_the_running_batch_and_each_edits_queue_wait():
+    clock, metrics = ManualClock(), ServeMetrics()
+    run_batch, started, release = held_first_batch([])
+    sample = metrics.registry.get_sample_value
+
+    async def scenario():
+        batcher = DynamicBatcher(run_batch, max_batch=2, max_wait_s=3600, queue_size=10, metrics=metrics, clock=clock)
+        batcher.start()
+        jobs = [asyncio.ensure_future(batcher.submit(EditRequest(None, name), "k")) for name in ("first", "second")]
+        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        jobs += [asyncio.ensure_future(batcher.submit(EditRequest(None, f"w{i}"), "k")) for i in range(4)]
+        await asyncio.sleep(0)  # queued behind the running batch
+        during = sample("zone_running"), sample("zone_queue_depth")
+        clock.now = 7.0  # the four waited 7 s
+        release.set()
+        await asyncio.gather(*jobs)
+        await batcher.close()
+        return during
+
+    assert run_batcher(scenario) == (2, 4)
+    assert sample("zone_running") == sample("zone_queue_depth") == 0
+    assert (sample("zone_queue_wait_seconds_count"), sample("zone_queue_wait_seconds_sum")) == (6, 4 * 7.0)
+    assert (sample("zone_batch_size_count"), sample("zone_batch_size_sum")) == (3, 6)
+
+
+def test_retry_after_is_the_batches_ahead_times_a_batchs_time_or_the_running_ones_if_longer():
+    """Batches ahead: the queued ones (4 edits, 2 a batch) and the running one; a batch's time: a moving
+    average (0.8 old, 0.2 new) of the batches run, or the running batch's time so far when longer."""
+    clock = ManualClock()
+    started, release = threading.Event(), threading.Event()
+
+    def run_batch(requests):
+        if requests[0].instruction == "timed":
+            clock.now += 10.0  # the first batch takes 10 s
+        elif requests[0].instruction == "held":
+            started.set()
+            assert release.wait(10)
+        return ["ok"] * len(requests)
+
+    async def scenario():
+        batcher = DynamicBatcher(run_batch, max_batch=2, max_wait_s=0, queue_size=10, clock=clock)
+        batcher.start()
+        await batcher.submit(EditRequest(None, "timed"), "k")
+        jobs = [asyncio.ensure_future(batcher.submit(EditRequest(None, "held"), "k"))]
+        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        jobs += [asyncio.ensure_future(batcher.submit(EditRequest(None, f"q{i}"), "k")) for i in range(4)]
+        await asyncio.sleep(0)
+        estimates = [batcher.retry_after_s()]  # 3 batches x 10 s
+        clock.now += 40.0
+        estimates.append(batcher.retry_after_s())  # the running batch has run 40 s: 3 x 40 s
+        release.set()
+        await asyncio.gather(*jobs)  # batches of 40, 0 and 0 s: 0.8 x (0.8 x (0.8 x 10 + 0.2 x 40)) = 10.24 s
+        estimates.append(batcher.retry_after_s())
+        await batcher.close()
+        return estimates
+
+    assert run_batcher(scenario) == [30, 120, 11]
+
+
+def test_a_full_bucket_starts_at_once_and_a_lone_edit_when_its_wait_is_up():
+    sizes: list[int] = []
+
+    def run_batch(requests):
+        sizes.append(len(requests))
+        return ["ok"] * len(requests)
+
+    async def scenario():
+        full = DynamicBatcher(run_batch, max_batch=2, max_wait_s=3600, queue_size=10)
+        full.start()
+        pair = (full.submit(EditRequest(None, name), "k") for name in "ab")
+        await asyncio.wait_for(asyncio.gather(*pair), 30)  # not the hour its oldest may wait
+        await full.close()
+        lone = DynamicBatcher(run_batch, max_batch=4, max_wait_s=0.05, queue_size=10)
+        lone.start()
+        await asyncio.wait_for(lone.submit(EditRequest(None, "c"), "k"), 30)
+        await lone.close()
+
+    run_batcher(scenario)
+    assert sizes == [2, 1]
 
 
 def test_batcher_refuses_beyond_its_queue_bound():

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..pipeline import EditRequest
@@ -44,21 +44,22 @@ class Job:
     request: EditRequest
     key: Hashable
     future: asyncio.Future
-    enqueued: float = field(default_factory=time.monotonic)
+    enqueued: float  # when it was queued, on the batcher's clock
 
 
 class DynamicBatcher:
     def __init__(self, run_batch: RunBatch, *, max_batch: int, max_wait_s: float, queue_size: int,
-                 metrics: ServeMetrics | None = None) -> None:
+                 metrics: ServeMetrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.run_batch, self.max_batch, self.max_wait_s, self.queue_size = run_batch, max_batch, max_wait_s, queue_size
         self.metrics = metrics or ServeMetrics()
+        self.clock = clock  # seconds; the tests' own clock makes Retry-After's estimate exact
         self._buckets: dict[Hashable, deque[Job]] = {}
         self._changed: asyncio.Condition | None = None
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zone-model")
         self._closing = self._abandoned = False
         self._running: list[Job] = []  # the batch in the model thread
-        self._running_since = 0.0  # when it started (time.monotonic)
+        self._running_since = 0.0  # when it started, on `clock`
         self._batch_seconds = 0.0  # moving average, for Retry-After
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -131,7 +132,7 @@ class DynamicBatcher:
         Longer than until the first slot frees, on purpose: clients told to come back then would meet a full queue
         again."""
         batches_ahead = self.queued / self.max_batch + 1
-        running_s = time.monotonic() - self._running_since if self._running else 0.0
+        running_s = self.clock() - self._running_since if self._running else 0.0
         return max(1, math.ceil(batches_ahead * max(self._batch_seconds, running_s)))
 
     async def submit(self, request: EditRequest, key: Hashable) -> Any:
@@ -141,7 +142,7 @@ class DynamicBatcher:
             raise ShuttingDown("the server is not accepting edits (starting up or shutting down)")
         if self.queued >= self.queue_size:
             raise QueueFull(self.retry_after_s())
-        job = Job(request, key, asyncio.get_running_loop().create_future())
+        job = Job(request, key, asyncio.get_running_loop().create_future(), self.clock())
         self._buckets.setdefault(key, deque()).append(job)
         self.metrics.queue_depth.set(self.queued)
         try:  # from here on a cancelled caller withdraws its job, also while waiting for the lock
@@ -183,7 +184,7 @@ class DynamicBatcher:
         """Wait (holding the condition's lock between checks) until the bucket is full or its oldest is due."""
         deadline = self._buckets[key][0].enqueued + self.max_wait_s
         while not self._closing and 0 < len(self._buckets.get(key, ())) < self.max_batch:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self.clock()
             if remaining <= 0:
                 return
             try:
@@ -200,7 +201,7 @@ class DynamicBatcher:
         return [job for job in batch if not job.future.done()]
 
     async def _run(self, batch: list[Job]) -> None:
-        started = time.monotonic()
+        started = self.clock()
         for job in batch:
             self.metrics.queue_wait.observe(started - job.enqueued)
         self.metrics.batch_size.observe(len(batch))
@@ -212,7 +213,7 @@ class DynamicBatcher:
             outcomes = [error] * len(batch)
         finally:
             self.metrics.running.set(0)
-        elapsed = time.monotonic() - started
+        elapsed = self.clock() - started
         self._batch_seconds = elapsed if self._batch_seconds == 0 else 0.8 * self._batch_seconds + 0.2 * elapsed
         for job, outcome in zip(batch, outcomes, strict=True):
             if job.future.done():  # withdrawn while running
