@@ -201,6 +201,24 @@ def test_edit_with_tiny_models_and_masks(photo, tmp_path):
     assert main(argv) == 0 and np.array_equal(first, np.asarray(Image.open(out)))  # same seed, same file
 
 
+def test_the_output_is_written_after_the_masks_so_its_presence_means_the_edit_is_whole(photo, tmp_path,
+                                                                                     monkeypatch, capsys):
+    import zone_engine.image_io as image_io
+
+    out, masks, save_image = tmp_path / "edited.png", tmp_path / "masks", image_io.save_image
+
+    def disk_full_at_masks(array, path, **kwargs):
+        if path.parent == masks:
+            raise OSError(28, "No space left on device", str(path))
+        return save_image(array, path, **kwargs)
+
+    monkeypatch.setattr(image_io, "save_image", disk_full_at_masks)
+    argv = ["edit", str(photo), "-i", "add a hat", "-o", str(out), "--tiny", "--steps", "1", "--no-progress",
+            "--save-masks", str(masks)]
+    assert main(argv) == 2 and "No space left on device" in capsys.readouterr().err
+    assert not out.exists()
+
+
 RGB_PROFILE = bytes(16) + b"RGB " + b"the camera's profile: carried, not parsed"  # bytes 16..20: its colour space
 
 

@@ -419,9 +419,9 @@ def run_edit(args: argparse.Namespace) -> None:
     pipe = spec.build()
     config = pipe.default_config.replace(**changes)
     result = pipe.edit(image, instruction, config, progress=not args.no_progress)
-    save_image(result.image, args.output, icc_profile=profile)
-    if args.save_masks:
+    if args.save_masks:  # before -o, so that a finished -o means every file of the edit is there
         _save_outputs(result, args.save_masks, MASK_OUTPUTS, profile)
+    save_image(result.image, args.output, icc_profile=profile)
     _print_summary(result)
     _print_path(args.output)
 
