@@ -455,6 +455,18 @@ def _levels(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: list[str] | None) -> LoadConfig:
+    parser = _load_test_parser(LoadConfig(out=Path()))  # its defaults in one place: a load test configured in
+    args = parser.parse_args(argv)                       # Python gets the same
+    _check_load_args(parser, args)
+    return LoadConfig(
+        out=args.out, concurrency=args.concurrency, requests=args.requests, duration_s=args.duration_s,
+        size=args.size, steps=args.steps, timeout_s=args.timeout_s, warmup=args.warmup, seed=args.seed,
+        instruction=args.instruction, url=args.url, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        tiny=args.tiny, device=args.device, server_args=tuple(args.server_arg), ready_timeout_s=args.ready_timeout_s,
+    )
+
+
+def _load_test_parser(defaults: LoadConfig) -> CommandParser:
     parser = CommandParser(
         prog="python -m benchmarks.load_test",
         description="Throughput and latency of `zone serve` under concurrent load, with dynamic batching and "
@@ -467,7 +479,6 @@ def parse_args(argv: list[str] | None) -> LoadConfig:
                         help="folder for load.json, load.png and server logs")
     parser.add_argument("--url", metavar="URL",
                         help="measure this running server (label 'external') instead of starting two")
-    defaults = LoadConfig(out=Path())  # one place for them: a load test configured in Python gets the same
     parser.add_argument("--concurrency", type=_levels, default=defaults.concurrency, metavar="LIST",
                         help="comma-separated numbers of concurrent clients (default: "
                         f"{','.join(map(str, defaults.concurrency))})")
@@ -499,8 +510,12 @@ def parse_args(argv: list[str] | None) -> LoadConfig:
                         help="one more `zone serve` argument, repeatable, after the load test's own")
     server.add_argument("--ready-timeout-s", type=float, default=defaults.ready_timeout_s,
                         help="longest wait for a server's /readyz (default: %(default)g)")
-    args = parser.parse_args(argv)
-    refuse_first(parser, [  # the option at fault named, before any server starts
+    return parser
+
+
+def _check_load_args(parser: CommandParser, args: argparse.Namespace) -> None:
+    """Each bad option named (parser.error, exit 2) before any server starts."""
+    refuse_first(parser, [
         (args.requests >= 1, "--requests must be at least 1"), (args.steps >= 1, "--steps must be at least 1"),
         (args.warmup >= 0, "--warmup must be 0 or more"),
         *((0 < seconds < math.inf, f"{name} must be a finite number of seconds above 0") for name, seconds in (
@@ -522,12 +537,6 @@ def parse_args(argv: list[str] | None) -> LoadConfig:
     if not 1 <= args.max_batch <= MAX_BATCH or not 0 <= args.max_wait_ms < longest_wait_ms:
         parser.error(f"need 1 <= --max-batch <= {MAX_BATCH} and 0 <= --max-wait-ms < {longest_wait_ms:g} (what the "
                      "batching server takes)")
-    return LoadConfig(
-        out=args.out, concurrency=args.concurrency, requests=args.requests, duration_s=args.duration_s,
-        size=args.size, steps=args.steps, timeout_s=args.timeout_s, warmup=args.warmup, seed=args.seed,
-        instruction=args.instruction, url=args.url, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-        tiny=args.tiny, device=args.device, server_args=tuple(args.server_arg), ready_timeout_s=args.ready_timeout_s,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
