@@ -635,12 +635,7 @@ def _measure_and_record(config: BenchConfig, device: torch.device, deadline: Dea
         raise ZoneError(f"unknown backend(s) {', '.join(unknown)}: available {', '.join(DENOISERS)}")
 
     ceilings_at_start = [matmul_peak(device, dtype) for dtype in ceiling_dtypes(device, engine_dtype)]
-    progress(f"building {config.models} models with random weights (SAM {config.sam_type})")
-    build_started = time.perf_counter()
-    models = build_random_components(config.models, config.model_seed, config.sam_type).to(device, torch.float32)
-    build_s = time.perf_counter() - build_started
-    progress(f"models built in {build_s:.1f} s")
-
+    models, build_s = _build_models(config, device, progress)
     image = make_sample_image(config.resolution, config.resolution)
     # Worked on at --resolution (the engine's default max_side, 512, would shrink a larger image to it).
     edit_config = EditConfig(steps=config.steps, seed=config.seed, action=config.action, sam=config.sam,
@@ -659,12 +654,7 @@ def _measure_and_record(config: BenchConfig, device: torch.device, deadline: Dea
         progress(f"cut short: {deadline.reason}; reporting what was measured")
     timed.sort(key=lambda impl: impl is not baseline)
     runs = [summarize_run(impl, config, device) for impl in timed] + rows.skipped
-
-    # Same seed, same inputs: how far is every output from the baseline's?
-    reference = baseline.result
-    quality = {impl.name: compare(impl.result, reference, impl.dtype) for impl in timed if impl is not baseline}
-    base_total = runs[0]["stages"]["total"]["median"]
-    speedup = {run["name"]: base_total / run["stages"]["total"]["median"] for run in runs if "skipped" not in run}
+    quality, speedup = _against_baseline(timed, runs)
 
     progress("measuring the matmul ceiling and counting UNet FLOPs")
     # A device left unusable by a failed row loses the floor, not the report; so does a run cut short.
@@ -681,7 +671,7 @@ def _measure_and_record(config: BenchConfig, device: torch.device, deadline: Dea
         "sam_onnx_export_s": rows.sam_export.get("seconds"),
         "runs": runs,
         "quality": quality,
-        "parity": parity.report(reference),
+        "parity": parity.report(baseline.result),
         "speedup": speedup,
         "floor": floor,
         "cut_short": deadline.reason,  # None, or why no more work started (rows have fewer timed edits)
@@ -690,6 +680,26 @@ def _measure_and_record(config: BenchConfig, device: torch.device, deadline: Dea
         "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "wall_s": time.perf_counter() - started,
     }
+
+
+def _build_models(config: BenchConfig, device: torch.device, progress: Progress) -> tuple[ZoneModels, float]:
+    """The real-size architectures with random weights, and the seconds they took to build."""
+    progress(f"building {config.models} models with random weights (SAM {config.sam_type})")
+    started = time.perf_counter()
+    models = build_random_components(config.models, config.model_seed, config.sam_type).to(device, torch.float32)
+    build_s = time.perf_counter() - started
+    progress(f"models built in {build_s:.1f} s")
+    return models, build_s
+
+
+def _against_baseline(timed: list[Implementation], runs: list[dict]) -> tuple[dict, dict]:
+    """Each engine row's output difference from the baseline's (same seed, same inputs: a speed-up must not hide
+    a different result) and its speed-up; the baseline is the first of both lists."""
+    baseline = timed[0]
+    quality = {impl.name: compare(impl.result, baseline.result, impl.dtype) for impl in timed[1:]}
+    base_total = runs[0]["stages"]["total"]["median"]
+    speedup = {run["name"]: base_total / run["stages"]["total"]["median"] for run in runs if "skipped" not in run}
+    return quality, speedup
 
 
 def _prime_unless_warming_up(config: BenchConfig, models: ZoneModels, latent_size: tuple[int, int],

@@ -224,6 +224,15 @@ def test_multi_frame_file_uses_first_frame_and_says_so(tmp_path, name):
     np.testing.assert_array_equal(loaded[0, 0], [255, 0, 0])
 
 
+def test_a_multi_page_sixteen_bit_tiff_says_its_other_pages_are_dropped(tmp_path):
+    """The 16-bit path returned its own notes only: the frames note was lost."""
+    pages = [Image.fromarray(np.full((8, 9), level, dtype=np.uint16)) for level in (65535, 0)]
+    pages[0].save(tmp_path / "pages.tif", save_all=True, append_images=pages[1:])
+    with pytest.warns(UserWarning, match="has 2 frames .* only the first is edited"):
+        loaded = load_image(tmp_path / "pages.tif")
+    np.testing.assert_array_equal(loaded[0, 0], [255, 255, 255])
+
+
 def test_a_pil_animation_at_a_later_frame_edits_that_frame_and_says_which(tmp_path):
     first, second = Image.new("RGB", (9, 8), (255, 0, 0)), Image.new("RGB", (9, 8), (0, 0, 255))
     first.save(tmp_path / "anim.gif", save_all=True, append_images=[second])

@@ -134,10 +134,10 @@ def _opened(path: str | os.PathLike) -> Iterator[Image.Image]:
             yield img
 
 
-def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, list[str]]:
-    """Decode a PIL image (its current frame: the first of a file), make it upright, convert to uint8 RGB
-    (H, W, 3); with the notes on what was dropped or guessed."""
-    _check_size(img.height, img.width, name=name)  # from the header: a huge image is refused undecoded
+def _decoded_upright(img: Image.Image, name: str) -> tuple[Image.Image, list[str]]:
+    """The image's pixels read (a huge one refused from its header, undecoded) and turned upright by its EXIF
+    orientation; with the notes on frames dropped. Every way the file can fail to read is an InputImageError."""
+    _check_size(img.height, img.width, name=name)
     try:
         notes = _frames_notes(img, name)  # n_frames reads the file: closed already, it raises as load() would
         img.load()
@@ -155,7 +155,13 @@ def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, list[str]]:
             f"cannot read {name}: the image data is corrupt or truncated ({_one_line(error)}); "
             "re-export or re-download it"
         ) from None
+    return img, notes
 
+
+def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, list[str]]:
+    """Decode a PIL image (its current frame: the first of a file), make it upright, convert to uint8 RGB
+    (H, W, 3); with the notes on what was dropped or guessed."""
+    img, notes = _decoded_upright(img, name)
     mode = img.mode
     # A palette, RGB or L image can mark one colour transparent (PNG tRNS): as much transparency as alpha.
     if mode in _ALPHA_MODES or (mode in ("P", "RGB", "L") and "transparency" in img.info):
@@ -170,7 +176,9 @@ def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, list[str]]:
             "convert it to 8-bit RGB first"
         )
     if mode == "I" or mode.startswith("I;16"):  # Pillow opens a 16-bit gray PNG as one or the other by version
-        return _integer_gray_to_rgb(np.asarray(img), img.info.get("transparency"), name, sixteen_bit=mode != "I")
+        rgb, gray_notes = _integer_gray_to_rgb(np.asarray(img), img.info.get("transparency"), name,
+                                               sixteen_bit=mode != "I")
+        return rgb, notes + gray_notes
     try:
         return np.array(img.convert("RGB"), dtype=np.uint8, order="C"), notes
     except UNREADABLE_IMAGE as error:
