@@ -25,6 +25,22 @@ def export_kind(manifest: object) -> str | None:
     return next((kind for kind, key in EXPORT_KINDS.items() if isinstance(manifest, dict) and key in manifest), None)
 
 
+def export_manifest_path(folder: Path, kind: str, named: str, write_one: str,
+                         error: type[ZoneError] = ZoneError) -> Path:
+    """The manifest of a `zone export KIND` folder, once the folder is there and holds one (an export stopped
+    before its end has none: the manifest is installed last). `named`: the folder as the messages name it;
+    `write_one`: how to write a fresh folder."""
+    if folder.is_file():
+        raise error(f"{named} is a file: pass the folder `zone export {kind} --out` wrote")
+    if not folder.is_dir():
+        raise error(f"{named}: no such folder; {write_one}")
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise error(f"{named}: no {MANIFEST_FILE}: not a `zone export {kind}` folder, or the export did not finish; "
+                    f"{write_one}")
+    return path
+
+
 def listed_file_problem(folder: Path, name: str, expected_sha256: str) -> str | None:
     """What is wrong with a file an export's manifest lists, with the sha256 it records; None when nothing."""
     path = Path(folder) / name

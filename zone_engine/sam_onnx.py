@@ -28,7 +28,7 @@ from segment_anything.modeling import Sam
 
 from .config import SamConfig
 from .errors import CheckpointError, DeviceError
-from .paths import MANIFEST_FILE, export_kind, listed_file_problem
+from .paths import MANIFEST_FILE, export_kind, export_manifest_path, listed_file_problem
 from .sam_torch import TorchSamSegmenter, passing_masks
 
 ENCODER_FILE = "image_encoder.onnx"
@@ -230,24 +230,10 @@ class OnnxSamPredictor(SamPredictor):
 # Checking an export folder.
 
 
-def check_export_folder(folder: Path) -> Path:
-    """The folder's manifest path, if `folder` looks like a `zone export sam` folder (read_manifest's first
-    checks; it then reads the manifest and checks the files themselves)."""
-    if folder.is_file():
-        raise CheckpointError(f"the SAM export {folder} is a file: pass the folder `zone export sam --out` wrote")
-    if not folder.is_dir():
-        raise CheckpointError(f"the SAM export {folder}: no such folder; write one with `zone export sam "
-                              f"--checkpoint SAM.pth --out {folder}`")
-    path = folder / MANIFEST_FILE
-    if not path.is_file():
-        raise export_error(folder, f"no {MANIFEST_FILE}: not a `zone export sam` folder, or the export did not "
-                                   "finish")
-    return path
-
-
 def read_manifest(folder: Path) -> dict[str, Any]:
     """The folder's manifest, after checking that every file it lists is there with its checksum."""
-    path = check_export_folder(folder)
+    write_one = f"write one with `zone export sam --checkpoint SAM.pth --out {folder}`"
+    path = export_manifest_path(folder, "sam", f"the SAM export {folder}", write_one, CheckpointError)
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
