@@ -635,7 +635,11 @@ def _measure_and_record(config: BenchConfig, device: torch.device, deadline: Dea
         raise ZoneError(f"unknown backend(s) {', '.join(unknown)}: available {', '.join(DENOISERS)}")
 
     ceilings_at_start = [matmul_peak(device, dtype) for dtype in ceiling_dtypes(device, engine_dtype)]
-    models, build_s = _build_models(config, device, progress)
+    # Under the deadline: a Ctrl-C or SIGTERM during the build (up to a minute) stops it, there is nothing to report.
+    built = deadline.run(partial(_build_models, config, device, progress))
+    if built is None:
+        _stop_untimed(deadline)
+    models, build_s = built
     image = make_sample_image(config.resolution, config.resolution)
     # Worked on at --resolution (the engine's default max_side, 512, would shrink a larger image to it).
     edit_config = EditConfig(steps=config.steps, seed=config.seed, action=config.action, sam=config.sam,

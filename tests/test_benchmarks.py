@@ -404,16 +404,16 @@ def test_a_time_limit_spent_before_the_baseline_ends_the_run_in_one_line(capsys,
 
 def test_a_ctrl_c_during_the_models_build_quits_with_130_and_builds_no_row(capsys, tmp_path, monkeypatch):
     """It went on to export SAM to ONNX, then said "cut short ... give it more time" and exited 2."""
-    build = harness.build_random_components
+    build, finished = harness.build_random_components, []
 
     def interrupted_build(*args):
-        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: the run stops starting work
-        return build(*args)
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: the build stops (it waited for it to end)
+        finished.append(build(*args))
 
     monkeypatch.setattr(harness, "build_random_components", interrupted_build)
     assert main(["--preset", "tiny-smoke", "--backends", "eager", "--sam-onnx", "--out", str(tmp_path)]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
-    assert not (tmp_path / "sam-onnx-tiny").exists()
+    assert not finished and not (tmp_path / "sam-onnx-tiny").exists()
 
 
 def test_sigterm_stops_a_real_run_which_reports_what_it_timed(tmp_path):
