@@ -510,6 +510,9 @@ class EngineRows:
             return None
         if isinstance(denoiser, str):
             self.denoisers.setdefault(denoiser, pipe.denoiser)  # the backend's own row's, for its variants
+        # Made now, untimed: the pipeline makes its segmenter at its first refine (ONNX Runtime's sessions, SAM's
+        # reduced-precision copy), a one-time cost that landed in the row's first timed edit without warm-up edits.
+        pipe.segmenter(self.edit_config.sam)
         return Implementation(name, self.config.dtype, engine_edit(pipe, self.image, self.config, self.edit_config),
                               pipe=pipe)
 
