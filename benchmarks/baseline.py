@@ -415,10 +415,10 @@ class ReferenceStyleZone:
         with watch("blend"):
             canvas, at_input = paste_region(original, working, style_image, dilated, mask_b, mask_f, geometry, config)
 
+        timings = {stage: watch.seconds.get(stage, 0.0) for stage in STAGES}
+        timings["total"] = time.perf_counter() - started  # before the heatmap, a picture for people, as the engine's
         colours = cv2.cvtColor(cv2.applyColorMap(difference, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
         heatmap = cv2.addWeighted(working, 0.5, colours, 0.5, 0)
-        timings = {stage: watch.seconds.get(stage, 0.0) for stage in STAGES}
-        timings["total"] = time.perf_counter() - started
         return EditResult(
             image=canvas,
             **at_input,

@@ -34,7 +34,7 @@ from zone_engine.denoise import BatchDenoiser, Denoiser
 from zone_engine.errors import ZoneError, first_line
 from zone_engine.graphs import CapturedCalls
 from zone_engine.image_io import make_sample_image, working_geometry
-from zone_engine.models import ZoneModels, build_random_components, pytorch_norms
+from zone_engine.models import ZoneModels, build_random_components, pytorch_norms, unets_channels_last
 from zone_engine.pipeline import STAGES, EditRequest, EditResult, ZonePipeline
 from zone_engine.timing import Stopwatch
 
@@ -85,6 +85,8 @@ def prime(models: ZoneModels, latent_size: tuple[int, int], device: torch.device
     for unet in (models.mb_unet, models.ip2p_unet):
         unet(sample, torch.tensor(999, device=device), encoder_hidden_states=context)
     models.vae.decode(latents)
+    side = models.sam.image_encoder.img_size  # SAM's encoder takes one size: the baseline's and the engine's refine
+    models.sam.image_encoder(torch.zeros(1, 3, side, side, device=device, dtype=next(models.sam.parameters()).dtype))
 
 
 @dataclass
@@ -411,21 +413,21 @@ def ceiling_dtypes(device: torch.device, engine_dtype: torch.dtype) -> list[torc
 
 
 def cost_floor(models: ZoneModels, latent_size: tuple[int, int], config: BenchConfig, device: torch.device,
-               ceilings_at_start: list[dict], runs: list[dict]) -> dict:
+               ceilings_at_start: list[dict], runs: list[dict], *, remeasure: bool = True) -> dict:
     """UNet FLOPs per step x 6 rows ÷ measured matmul rate, and each row's denoise time over it.
 
-    The matmul rate is measured before the edits and again after them; the better of the two is
-    the ceiling (a busy moment can only make a measurement slower).
+    The matmul rate is measured before the edits and, with `remeasure` (not in a run cut short), again after
+    them; the better of the two is the ceiling (a busy moment can only make a measurement slower).
     """
     flops = unet_flops_per_row(dict(models.ip2p_unet.config), latent_size, models.text_encoder.config.hidden_size)
     ceilings = []
     for at_start in ceilings_at_start:
-        at_end = matmul_peak(device, DTYPES[at_start["dtype"]])
-        ceiling = max(at_start, at_end, key=lambda c: c["flops_per_s"])
+        at_end = matmul_peak(device, DTYPES[at_start["dtype"]]) if remeasure else None
+        ceiling = max(at_start, at_end or at_start, key=lambda c: c["flops_per_s"])
         step_floor = ROWS_PER_STEP * flops / ceiling["flops_per_s"]
         ceilings.append({
             **ceiling,
-            "measured_flops_per_s": {"before": at_start["flops_per_s"], "after": at_end["flops_per_s"]},
+            "measured_flops_per_s": {"before": at_start["flops_per_s"], "after": at_end and at_end["flops_per_s"]},
             "step_floor_s": step_floor,
             "denoise_floor_s": step_floor * config.steps,
             "gap": {run["name"]: run["stages"]["denoise"]["median"] / (step_floor * config.steps)
@@ -570,8 +572,9 @@ def _stop_untimed(deadline: Deadline) -> NoReturn:
     (exit 130, as every zone command's); after a time limit or SIGTERM, why."""
     if deadline.reason == INTERRUPTED:
         raise KeyboardInterrupt
+    advice = "; give it more time (--time-limit)" if deadline.ran_out else ""
     raise ZoneError(f"the run was cut short before the baseline's first timed edit ({deadline.reason}): nothing to "
-                    "compare; give it more time (--time-limit)")
+                    f"compare{advice}")
 
 
 def timed_rows(baseline: Implementation, rows: EngineRows, engine_dtype: torch.dtype, progress: Progress,
@@ -664,15 +667,20 @@ def _measure_and_record(config: BenchConfig, device: torch.device, deadline: Dea
     quality, speedup = _against_baseline(timed, runs)
 
     progress("measuring the matmul ceiling and counting UNet FLOPs")
-    # A device left unusable by a failed row loses the floor, not the report; so does a run cut short.
-    floor, _ = deadline.run(partial(_attempt, "floor", "measurement", lambda: cost_floor(
-        models, latent_size, config, device, ceilings_at_start, runs), progress)) or (None, None)
+
+    def floor_work(remeasure: bool) -> tuple[dict | None, str | None]:
+        return _attempt("floor", "measurement", lambda: cost_floor(
+            models, latent_size, config, device, ceilings_at_start, runs, remeasure=remeasure), progress)
+
+    # A device left unusable by a failed row loses the floor, not the report (the error is recorded); a run cut
+    # short keeps it, on the ceiling measured before the edits alone.
+    floor, floor_error = deadline.run(partial(floor_work, True)) or floor_work(False)
 
     return {
         "schema": 1,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         "machine": machine_info(device),
-        "config": _config_record(config, priming),
+        "config": _config_record(config, priming, engine_dtype, device),
         "model_parameters": _parameter_counts(models),
         "model_build_s": build_s,
         "sam_onnx_export_s": rows.sam_export.get("seconds"),
@@ -681,6 +689,7 @@ def _measure_and_record(config: BenchConfig, device: torch.device, deadline: Dea
         "parity": parity.report(baseline.result),
         "speedup": speedup,
         "floor": floor,
+        "floor_error": floor_error,
         "cut_short": deadline.reason,  # None, or why no more work started (rows have fewer timed edits)
         "process_peak_rss_bytes": process_peak_rss_bytes(),
         # Other processes on the machine skew CPU timings: the 1-minute load average before and after.
@@ -720,10 +729,13 @@ def _prime_unless_warming_up(config: BenchConfig, models: ZoneModels, latent_siz
     return f"no warm-up edit; each network called once untimed first ({time.perf_counter() - started:.1f} s)"
 
 
-def _config_record(config: BenchConfig, priming: str) -> dict:
-    """The run's settings as the JSON file keeps them."""
+def _config_record(config: BenchConfig, priming: str, engine_dtype: torch.dtype, device: torch.device) -> dict:
+    """The run's settings as the JSON file keeps them; `unets_channels_last`: the UNets' layout the engine rows
+    ran in (--channels-last, or the default for this device and dtype)."""
     return {
         **{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ("sam", "out")},
+        "unets_channels_last": (unets_channels_last(device, engine_dtype) if config.channels_last is None
+                                else config.channels_last),
         "action": config.action.value, "backends": list(config.backends), "sam": dataclasses.asdict(config.sam),
         "priming": priming, "image": f"make_sample_image({config.resolution}, {config.resolution})",
         "engines": None if config.engines is None else str(config.engines),

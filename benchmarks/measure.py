@@ -91,6 +91,11 @@ class Deadline:
             self.reason = f"its --time-limit of {self.seconds:g} s ran out"
         return self.reason is not None
 
+    @property
+    def ran_out(self) -> bool:
+        """Whether its time limit is past (it may have been stopped by a signal before)."""
+        return self.end is not None and time.monotonic() >= self.end
+
     def run(self, work: Callable[[], T]) -> T | None:
         """`work()`, or None: without running it once the time is up, or when the time ran out inside it."""
         if self.expired():

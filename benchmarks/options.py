@@ -125,10 +125,14 @@ def quitting_on_ctrl_c(run: Callable[[], int]) -> int:
 
 def _preset_summary(config: BenchConfig) -> str:
     edits = "timed edit" if config.repeats == 1 else "timed edits"
+    variants = [name for name, wanted in (("+sam-onnx", config.sam_onnx), (f"+sam-{config.sam_precision}",
+                                                                           config.sam_precision),
+                                          ("+gn-torch", config.compare_group_norm)) if wanted]
     return (f"{config.preset} = {config.models} models, {config.resolution} px, {config.steps} steps, {config.dtype}, "
-            f"SAM {config.sam_type} ({config.sam.points_per_side} points a side), {config.repeats} {edits} after "
+            f"SAM {config.sam_type} ({config.sam.points_per_side} points a side, IoU/stability thresholds "
+            f"{config.sam.pred_iou_thresh:g}/{config.sam.stability_score_thresh:g}), {config.repeats} {edits} after "
             f"{config.warmup} warm-up, device {config.device}, batch {config.batch}, backends "
-            f"{','.join(config.backends)}")
+            f"{','.join(config.backends)}, variant rows {' '.join(variants) or 'none'}")
 
 
 def parse_bench_args(argv: list[str] | None = None) -> BenchConfig:
@@ -246,6 +250,9 @@ def _check(parser: CommandParser, config: BenchConfig) -> None:
             check_output_folder(config.out / f"sam-onnx-{config.sam_type}", "--out's SAM export folder")
     except ZoneError as error:
         parser.error(str(error))
+    if config.dtype != "fp32" and config.device == "cpu":  # a GPU preset's fp16 with --device cpu, say
+        parser.error(f"--dtype {config.dtype} (the {config.preset} preset's unless given) runs only on CUDA: on the "
+                     "CPU pass --dtype fp32")
     if config.channels_last and config.dtype == "fp32":
         # fp32 engine rows share the weights with the baseline's rows, round by round: the layout would
         # change the baseline too. Half-precision engine rows convert them once the baseline's rounds are done.

@@ -12,8 +12,16 @@ from .options import report_paths
 
 COLUMNS = (*STAGES[:4], "per_step", *STAGES[4:], "total")
 # The engine rows' layout, by BenchConfig.channels_last (records from before the default: false for none).
-LAYOUTS = {True: " (UNets and VAE channels-last)", False: " (contiguous layout)",
-           None: " (default layout: the UNets channels-last on CUDA in fp16/bf16)"}
+LAYOUTS = {True: " (UNets and VAE channels-last)", False: " (contiguous layout)"}
+
+
+def layout(config: dict) -> str:
+    """The engine rows' layout: as --channels-last set it, else the default's outcome on the run's device."""
+    if config.get("channels_last") is not None:
+        return LAYOUTS[config["channels_last"]]
+    default = {True: "the UNets channels-last", False: "contiguous",
+               None: "the UNets channels-last on CUDA in fp16/bf16"}[config.get("unets_channels_last")]
+    return f" (default layout: {default})"
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -70,7 +78,7 @@ def setup_lines(record: dict) -> list[str]:
         f"transformers {machine['transformers']}, segment-anything {machine['segment-anything']}",
         f"- models: {config['models']} architectures with random weights, SAM {config['sam_type']}; "
         f"image {config['resolution']}², {config['steps']} steps, engine dtype {config['dtype']}"
-        f"{LAYOUTS[config.get('channels_last')]}, baseline fp32; "
+        f"{layout(config)}, baseline fp32; "
         f"SAM {config['sam']['points_per_side']}² points, pred_iou_thresh {config['sam']['pred_iou_thresh']}, "
         f"stability_score_thresh {config['sam']['stability_score_thresh']}",
         *_group_norm_lines(record),
@@ -95,7 +103,7 @@ def stage_table(record: dict) -> list[str]:
     """Per-stage medians and spreads of every row (a skipped row says why), speed-up, memory, edits/s."""
     lines = [
         "",
-        "## Per-stage latency (median; [min–max] over the timed edits)",
+        "## Per-stage latency (median; [min–max] over the timed edits, per_step's over all their steps)",
         "",
         "| implementation | " + " | ".join(COLUMNS) + " | speed-up | peak memory | edits/s |",
         "|" + "---|" * (len(COLUMNS) + 4),
@@ -114,7 +122,9 @@ def stage_table(record: dict) -> list[str]:
     first = next(run for run in record["runs"] if "skipped" not in run)
     return lines + [
         "",
-        f"Speed-up: baseline total median ÷ row total median. Peak memory: {first['peak_memory']['label']}. "
+        "Speed-up: baseline total median ÷ row total median. The stages' medians need not add up to the total's: "
+        "an edit's total also holds work in no stage (reading and resizing the image; the baseline's attention "
+        f"store put on and taken off its UNet). Peak memory: {first['peak_memory']['label']}. "
         f"edits/s: {first['throughput']['label']}. per_step: {first['per_step_source']}.",
     ]
 
@@ -140,20 +150,23 @@ def agreement_table(record: dict) -> list[str]:
 
 def floor_lines(record: dict) -> list[str]:
     """The denoise stage's cost-model floor at each measured ceiling, and each row's distance from it."""
-    floor = record.get("floor")
-    if not floor:
+    floor, failed = record.get("floor"), record.get("floor_error")
+    if not floor and not failed:  # a record from before floor_error
         return []
-    lines = [
-        "", "## Cost-model floor of the denoise stage", "",
+    lines = ["", "## Cost-model floor of the denoise stage", ""]
+    if not floor:
+        return [*lines, f"Not computed: {failed}."]
+    lines += [
         f"UNet {floor['unet_gflop_per_row']:.4g} GFLOP per row × {floor['rows_per_step']} rows × "
         f"{record['config']['steps']} steps = {floor['denoise_tflop']:.4g} TFLOP.",
     ]
     for ceiling in floor["ceilings"]:
         gaps = ", ".join(f"{name} {gap:.1f}×" for name, gap in ceiling["gap"].items())
         measured = ceiling["measured_flops_per_s"]
+        when = ("measured before the edits only: the run was cut short" if measured["after"] is None else
+                f"best of {measured['before'] / 1e12:.3g} before the edits and {measured['after'] / 1e12:.3g} after")
         lines.append(
-            f"- measured {ceiling['dtype']} matmul {ceiling['flops_per_s'] / 1e12:.3g} TFLOP/s (best of "
-            f"{measured['before'] / 1e12:.3g} before the edits and {measured['after'] / 1e12:.3g} after) → "
+            f"- measured {ceiling['dtype']} matmul {ceiling['flops_per_s'] / 1e12:.3g} TFLOP/s ({when}) → "
             f"floor {format_seconds(ceiling['denoise_floor_s'])} per edit "
             f"({format_seconds(ceiling['step_floor_s'])} per step); denoise measured / floor: {gaps}"
         )
@@ -205,21 +218,37 @@ def batched_table(record: dict) -> list[str]:
     return lines
 
 
+REST_OF_TOTAL = "rest of the total"  # the chart's top segment: the total's median less the stages' medians
+
+
+def chart_segments(run: dict) -> dict[str, float]:
+    """A bar's segments, bottom up: each stage's median, then what the median total holds beyond them (reading
+    the image, resizing; the baseline's attention store put on and taken off), so the bar is as tall as its label.
+    Medians do not add: a total median below the stages' sum leaves that segment at 0."""
+    segments = {stage: run["stages"][stage]["median"] for stage in STAGES}
+    segments[REST_OF_TOTAL] = max(0.0, run["stages"]["total"]["median"] - sum(segments.values()))
+    return segments
+
+
 def write_chart(record: dict, path: Path) -> None:
-    """Stacked bars of median per-stage seconds, one bar per implementation (baseline first)."""
+    """Stacked bars of median per-stage seconds, one bar per implementation (baseline first), labelled with the
+    median total."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = [run for run in record["runs"] if "skipped" not in run]
-    names = [f"{run['name']}\n{run['dtype']}" for run in runs]
+    names = [run["name"].replace("+", "\n+") + f"\n{run['dtype']}" for run in runs]  # variant rows' long names
+    segments = [chart_segments(run) for run in runs]
     figure, axes = plt.subplots(figsize=(2.2 + 1.6 * len(runs), 5))
     bottoms = [0.0] * len(runs)
     colours = plt.get_cmap("tab10").colors
-    for index, stage in enumerate(STAGES):
-        heights = [run["stages"][stage]["median"] for run in runs]
-        axes.bar(names, heights, bottom=bottoms, label=stage, color=colours[index % len(colours)], width=0.6)
+    for index, part in enumerate(segments[0]):
+        heights = [bar[part] for bar in segments]
+        style = ({"color": "white", "edgecolor": "grey", "hatch": "///"} if part == REST_OF_TOTAL else
+                 {"color": colours[index % len(colours)]})
+        axes.bar(names, heights, bottom=bottoms, label=part, width=0.6, **style)
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
     for position, run in enumerate(runs):
         axes.annotate(format_seconds(run["stages"]["total"]["median"]), (position, bottoms[position]),
@@ -228,7 +257,8 @@ def write_chart(record: dict, path: Path) -> None:
     axes.set_ylabel("median seconds per edit")
     axes.set_title(f"zone bench {config['preset']}: {config['resolution']}², {config['steps']} steps, "
                    f"{record['machine']['device_name']}", fontsize=10)
-    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    handles, labels = axes.get_legend_handles_labels()  # top down, as the bars stack them
+    axes.legend(handles[::-1], labels[::-1], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -25,7 +25,7 @@ from benchmarks.measure import Deadline, OutOfTime
 from benchmarks.options import PRESETS
 from benchmarks.options import bench_main as main
 from benchmarks.options import parse_bench_args as parse_args
-from benchmarks.report import markdown
+from benchmarks.report import REST_OF_TOTAL, chart_segments, layout, markdown
 from zone_engine import Action, EditConfig, SamConfig, ZonePipeline, backends, pipeline
 from zone_engine.denoise import BatchDenoiser
 from zone_engine.image_io import make_sample_image, working_geometry
@@ -44,6 +44,19 @@ def pipe():
 @pytest.fixture(scope="module")
 def baseline(pipe):
     return ReferenceStyleZone(pipe.models, pipe.device)
+
+
+def test_a_charts_bar_is_as_tall_as_its_total_and_the_layout_line_says_what_ran():
+    """The bars stacked the stages alone under the total's label (182.2 ms over a 164.4 ms bar); a CPU run's
+    layout line told CUDA's default."""
+    run = {"stages": {**{stage: {"median": 0.1} for stage in STAGES}, "total": {"median": 1.0}}}
+    segments = chart_segments(run)
+    assert list(segments) == [*STAGES, REST_OF_TOTAL] and segments[REST_OF_TOTAL] == pytest.approx(0.2)
+    assert sum(segments.values()) == pytest.approx(1.0)
+    run["stages"]["total"]["median"] = 0.7  # medians need not add up: a total's below the stages' sum
+    assert chart_segments(run)[REST_OF_TOTAL] == 0
+    assert layout({"channels_last": None, "unets_channels_last": True}) == " (default layout: the UNets channels-last)"
+    assert layout({"channels_last": False, "unets_channels_last": False}) == " (contiguous layout)"
 
 
 def test_harness_runs_end_to_end_and_writes_reports(tmp_path):
@@ -80,6 +93,7 @@ def test_harness_runs_end_to_end_and_writes_reports(tmp_path):
     table = (tmp_path / "bench-tiny-smoke.md").read_text()
     assert "| baseline (fp32) |" in table and "engine:eager" in table
     assert "- GroupNorms (--group-norm auto): engine:eager UNets pytorch, VAE pytorch; " in table
+    assert record["config"]["unets_channels_last"] is False and "fp32 (default layout: contiguous)" in table
     assert (tmp_path / "bench-tiny-smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Batches of concurrent edits (the preset's batch of 2): measured where the denoiser batches.
@@ -165,12 +179,16 @@ def test_the_tensorrt_row_reads_its_engines_from_the_engines_option(capsys):
     assert "--engines is read by the tensorrt row only" in capsys.readouterr().err
 
 
-def test_the_help_says_each_presets_backends(capsys):
+def test_the_help_says_each_presets_backends(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "2000")  # argparse's wrapping would break "cpu-smoke" at its hyphen
     with pytest.raises(SystemExit):
         main(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
+    text = capsys.readouterr().out
     assert "cpu-smoke = sd15 models" in text and "1 timed edit after" in text
-    assert "backends eager,fused; cpu-256" in text  # not "default all" as the help said, for every preset
+    # Not "default all" as the help said, for every preset; the variant rows and SAM's thresholds too.
+    assert "backends eager,fused, variant rows none; cpu-256" in text
+    assert "gpu-512 = sd15 models, 512 px, 20 steps, fp16, SAM vit_h (32 points a side, IoU/stability thresholds " \
+        "0.88/0.95)" in text and "variant rows +sam-onnx +sam-bf16 +gn-torch;" in text
 
 
 @pytest.mark.parametrize(("make", "words"), [
@@ -193,6 +211,11 @@ def test_device_names_and_choices_are_read_as_zone_edit_reads_them(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--device", "tpu"])
     assert "device 'tpu' is not one the engine runs on" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # before torch's import, and naming the option the user never typed
+        parse_args(["--preset", "gpu-512", "--device", "cpu"])
+    assert "--dtype fp16 (the gpu-512 preset's unless given) runs only on CUDA: on the CPU pass --dtype fp32" in \
+        capsys.readouterr().err
+    assert parse_args(["--preset", "gpu-512", "--device", "cpu", "--dtype", "fp32"]).dtype == "fp32"
 
 
 def test_batch_option_and_no_batched_report_without_it(batched_record):
@@ -284,7 +307,7 @@ def test_the_group_norm_comparison_row_is_the_fused_row_with_pytorchs_norm(tiny_
 
 def test_an_engine_row_that_fails_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
     failing_when_batching(monkeypatch, "CUDA error: an illegal memory access\nmore lines")
-    monkeypatch.setattr(harness, "cost_floor", lambda *args: 1 / 0)  # as on a device such an error leaves unusable
+    monkeypatch.setattr(harness, "cost_floor", lambda *args, **kwargs: 1 / 0)  # a device such an error left unusable
     assert main(["--preset", "tiny-smoke", "--backends", "eager,fused", "--no-sam-onnx", "--sam-precision", "none",
                  "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "bench-tiny-smoke.json").read_text())
@@ -295,7 +318,8 @@ def test_an_engine_row_that_fails_is_reported_and_the_run_goes_on(tmp_path, monk
     assert record["parity"]["name"] == "engine:eager" and "engine:fused" not in record["speedup"]
     table = (tmp_path / "bench-tiny-smoke.md").read_text()
     assert "| engine:fused | skipped: timed edit 1 failed: RuntimeError: CUDA error" in table
-    assert record["floor"] is None and "Cost-model floor" not in table
+    failed = "measurement failed: ZeroDivisionError: division by zero"
+    assert record["floor"] is None and record["floor_error"] == failed and f"Not computed: {failed}." in table
     record["parity"] = {"name": "engine:eager (fp32, untimed)", "failed": "edit failed: RuntimeError: boom"}
     assert "fp32 parity (engine:eager (fp32, untimed)): edit failed: RuntimeError: boom." in markdown(record)
 
@@ -368,7 +392,11 @@ def test_a_run_cut_short_reports_the_edits_it_timed(monkeypatch):
     # fp32 rounds run eager, the baseline, then fused: round 2 stopped inside fused.
     counts = {run["name"]: run["stages"]["total"]["n"] for run in record["runs"] if "stages" in run}
     assert counts == {"engine:eager": 2, "engine:fused": 1, "baseline": 2}
-    assert record["cut_short"] == "it was sent SIGTERM" and record["floor"] is None
+    assert record["cut_short"] == "it was sent SIGTERM"
+    # The floor stays, on the ceiling measured before the edits: no second measurement in a run cut short.
+    (ceiling,) = record["floor"]["ceilings"]
+    assert ceiling["measured_flops_per_s"]["after"] is None and ceiling["gap"]["engine:fused"] > 0
+    assert "measured before the edits only: the run was cut short" in markdown(record)
     fused = next(run for run in record["runs"] if run["name"] == "engine:fused")
     assert fused["batched_throughput"]["batches"] == 0 and "cut short" in fused["batched_throughput"]["error"]
     assert record["quality"]["engine:fused"]["mask_b_identical"]  # its first edit still compared
@@ -413,10 +441,24 @@ def test_a_deadline_starts_no_work_once_its_time_is_up_and_interrupts_work_on_si
 def test_a_time_limit_spent_before_the_baseline_ends_the_run_in_one_line(capsys, tmp_path):
     assert main(["--preset", "tiny-smoke", "--backends", "eager", "--no-sam-onnx", "--time-limit", "1e-6",
                  "--out", str(tmp_path)]) == 2
-    assert "cut short before the baseline's first timed edit (its --time-limit of 1e-06 s ran out)" in \
-        capsys.readouterr().err
+    assert "cut short before the baseline's first timed edit (its --time-limit of 1e-06 s ran out): nothing to " \
+        "compare; give it more time (--time-limit)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--time-limit", "0"])
+
+
+def test_a_sigterm_during_the_models_build_ends_the_run_without_advising_more_time(capsys, tmp_path, monkeypatch):
+    build = harness.build_random_components
+
+    def terminated_build(*args):
+        os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` sends: no time limit was set
+        return build(*args)
+
+    monkeypatch.setattr(harness, "build_random_components", terminated_build)
+    assert main(["--preset", "tiny-smoke", "--backends", "eager", "--no-sam-onnx", "--out", str(tmp_path)]) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line == "error: the run was cut short before the baseline's first timed edit (it was sent SIGTERM): " \
+        "nothing to compare"
 
 
 def test_a_ctrl_c_during_the_models_build_quits_with_130_and_builds_no_row(capsys, tmp_path, monkeypatch):
