@@ -337,6 +337,15 @@ def test_rgba_input_is_converted_with_a_warning(tmp_path, capsys):
     assert "transparen" in capsys.readouterr().err.lower()
 
 
+def test_a_warning_names_the_option_as_the_command_line_writes_it(photo, tmp_path, capsys, monkeypatch):
+    """The Python spelling, shared with the library's message, came along: `(kernels='triton')`."""
+    monkeypatch.setenv("ZONE_DISABLE_TRITON", "1")
+    assert main(["edit", str(photo), "-i", "add a hat", "-o", str(tmp_path / "o.png"), "--tiny", "--steps", "1",
+                 "--no-progress", "--kernels", "triton"]) == 0
+    warning = next(line for line in capsys.readouterr().err.splitlines() if "cannot run" in line)
+    assert warning.startswith("warning: --kernels triton cannot run on cpu here") and "kernels=" not in warning
+
+
 @pytest.mark.parametrize(
     "make_argv,words",
     [

@@ -529,7 +529,8 @@ def _quiet_libraries() -> None:
     errors (unless DIFFUSERS_VERBOSITY / TRANSFORMERS_VERBOSITY says otherwise before they are imported)."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.showwarning = lambda message, *_args, **_kw: print(f"warning: {message}", file=sys.stderr)
+    warnings.showwarning = lambda message, *_args, **_kw: print(f"warning: {command_line_spelling(str(message))}",
+                                                                file=sys.stderr)
     for library in ("diffusers", "transformers"):
         # Read when the library is imported: not imported here (seconds), a command's checks may fail before it.
         os.environ.setdefault(f"{library.upper()}_VERBOSITY", "error")
