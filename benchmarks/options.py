@@ -125,9 +125,9 @@ def quitting_on_ctrl_c(run: Callable[[], int]) -> int:
 
 def _preset_summary(config: BenchConfig) -> str:
     edits = "timed edit" if config.repeats == 1 else "timed edits"
-    variants = [name for name, wanted in (("+sam-onnx", config.sam_onnx), (f"+sam-{config.sam_precision}",
-                                                                           config.sam_precision),
-                                          ("+gn-torch", config.compare_group_norm)) if wanted]
+    variants = [name for name, wanted in (
+        ("+sam-onnx", config.sam_onnx), (f"+sam-{config.sam_precision}", config.sam_precision),
+        ("+gn-torch", config.compare_group_norm)) if wanted]
     return (f"{config.preset} = {config.models} models, {config.resolution} px, {config.steps} steps, {config.dtype}, "
             f"SAM {config.sam_type} ({config.sam.points_per_side} points a side, IoU/stability thresholds "
             f"{config.sam.pred_iou_thresh:g}/{config.sam.stability_score_thresh:g}), {config.repeats} {edits} after "

@@ -11,7 +11,7 @@ from zone_engine.pipeline import STAGES
 from .options import report_paths
 
 COLUMNS = (*STAGES[:4], "per_step", *STAGES[4:], "total")
-# The engine rows' layout, by BenchConfig.channels_last (records from before the default: false for none).
+# The engine rows' layout as --channels-last set it (BenchConfig.channels_last); `layout` says the default's.
 LAYOUTS = {True: " (UNets and VAE channels-last)", False: " (contiguous layout)"}
 
 
