@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from zone_engine.cli import CommandParser, parse_size, signals_handled
-from zone_engine.config import MAX_BATCH, MAX_SEED, MIN_SIDE, SAMPLE_INSTRUCTION
+from zone_engine.config import MAX_BATCH, MAX_SEED, MAX_STEPS, MIN_SIDE, SAMPLE_INSTRUCTION
 from zone_engine.errors import ZoneError
 from zone_engine.paths import check_output_folder, folder_argument
 from zone_engine.serving.settings import ServeSettings
@@ -48,6 +48,8 @@ from zone_engine.serving.settings import ServeSettings
 from .options import refuse_first
 
 MODES = ("batching", "no-batching")
+SETTLE_S = 10.0  # longest wait, after a level, for the server to finish what its clients gave up on
+SERVER_OPTIONS = ("max_batch", "max_wait_ms", "tiny", "device", "server_args", "ready_timeout_s")  # LoadConfig's
 _HTTP_URL = re.compile(r"https?://[^\s/?#]+(/\S*)?", re.IGNORECASE)  # a server to measure: scheme and host
 
 Progress = Callable[[str], None]
@@ -86,13 +88,17 @@ class LoadConfig:
 def server_command(config: LoadConfig, mode: str, port: int) -> list[str]:
     """`zone serve` for one mode; --server-arg values come last, so they override ours. The queue holds every
     level's clients and a whole batch (the server's default, 32, would refuse a larger --max-batch), so the
-    load test measures edits, not 503s."""
+    load test measures edits, not 503s. Before it is ready the server warms up at the load test's size and steps,
+    every batch size it pads to: a first batch of a size (CUDA graphs, a compiled step) pays no capture in a
+    level. Its --max-steps admits the load test's --steps."""
     batching = {"batching": ["--max-batch", str(config.max_batch), "--max-wait-ms", f"{config.max_wait_ms:g}"],
                 "no-batching": ["--max-batch", "1", "--max-wait-ms", "0"]}[mode]
     queue_size = max(ServeSettings.queue_size, config.max_batch, *config.concurrency)
     return [sys.executable, "-m", "zone_engine.cli", "serve", *(["--tiny"] if config.tiny else []),
             "--device", config.device, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-            *batching, "--queue-size", str(queue_size), *config.server_args]
+            *batching, "--queue-size", str(queue_size), "--steps", str(config.steps),
+            "--max-steps", str(max(ServeSettings.max_steps, config.steps)),
+            "--warmup-size", "{}x{}".format(*config.size), *config.server_args]
 
 
 def free_port() -> int:
@@ -192,6 +198,20 @@ async def scrape(client: httpx.AsyncClient, base: str) -> dict[str, float] | Non
     return parse_metrics(response.text) if response.status_code == 200 else None
 
 
+async def settled(client: httpx.AsyncClient, base: str, limit_s: float) -> dict[str, float] | None:
+    """The server's metrics once it has no edit running or queued, two scrapes in a row (or after `limit_s`):
+    a request its client gave up on (--timeout-s) still ends on the server, and is counted in its own level, not
+    in the next one's."""
+    deadline, idle = time.perf_counter() + limit_s, 0
+    while True:
+        metrics = await scrape(client, base)
+        busy = metrics is not None and metrics.get("zone_running", 0) + metrics.get("zone_queue_depth", 0) > 0
+        idle = 0 if busy else idle + 1
+        if metrics is None or idle == 2 or time.perf_counter() > deadline:
+            return metrics
+        await asyncio.sleep(0.05)
+
+
 def server_side(before: dict[str, float] | None, after: dict[str, float] | None) -> dict:
     """Batches run and outcomes counted by the server between two scrapes (others' requests included)."""
     if before is None or after is None:
@@ -257,7 +277,7 @@ async def measure_level(base: str, concurrency: int, config: LoadConfig, image: 
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall_s = time.perf_counter() - started
-        after = await scrape(client, base)
+        after = await settled(client, base, SETTLE_S)
     return {
         "concurrency": concurrency,
         "sent": tally.sent,
@@ -362,7 +382,9 @@ def run_load_test(config: LoadConfig, progress: Progress = lambda _: None) -> di
         "schema": 1,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         "machine": machine_info(config),
-        "settings": {**asdict(config), "out": str(config.out)},
+        # With --url, only the client's: the server options were not this run's to set.
+        "settings": {**{name: value for name, value in asdict(config).items()
+                        if config.url is None or name not in SERVER_OPTIONS}, "out": str(config.out)},
         "results": results,
         "throughput_ratio": throughput_ratio(results),
         "interrupted": interrupted,
@@ -404,6 +426,11 @@ def table(record: dict) -> str:
     if record["throughput_ratio"]:
         ratios = ", ".join(f"{c}: {'–' if r is None else f'{r:.2f}×'}" for c, r in record["throughput_ratio"].items())
         lines += ["", f"batching ÷ no-batching throughput by concurrency: {ratios}"]
+    failing = [f"{result['mode']} at {level['concurrency']} ({level['sent'] - level['ok']} of {level['sent']})"
+               for result in record["results"] for level in result["levels"] if level["ok"] < level["sent"]]
+    if failing:
+        lines += ["", f"**Requests failed**: {', '.join(failing)}; edits/s, latencies and ratios there count the "
+                  "successful edits only."]
     return "\n".join(lines) + "\n"
 
 
@@ -418,10 +445,13 @@ def write_plot(record: dict, path: Path) -> bool:
 
     figure, (speed, latency) = plt.subplots(1, 2, figsize=(10, 4))
     for result in record["results"]:
-        levels = [level["concurrency"] for level in result["levels"]]
-        speed.plot(levels, [level["edits_per_s"] for level in result["levels"]], marker="o", label=result["mode"])
-        p95 = [level["latency_ms"]["p95"] for level in result["levels"]]
-        latency.plot(levels, [np.nan if v is None else v for v in p95], marker="o", label=result["mode"])
+        measured = sorted(result["levels"], key=lambda level: level["concurrency"])  # a record's own order aside
+        levels = [level["concurrency"] for level in measured]
+        p95 = [level["latency_ms"]["p95"] for level in measured]
+        for axes, values in ((speed, [level["edits_per_s"] for level in measured]),
+                             (latency, [np.nan if v is None else v for v in p95])):
+            axes.plot(levels, values, marker="o", label=result["mode"])
+            _mark_failures(axes, measured, values)
     levels = sorted({level["concurrency"] for result in record["results"] for level in result["levels"]})
     for axes, label in ((speed, "successful edits/s"), (latency, "p95 latency, ms")):
         axes.set_xscale("log", base=2)
@@ -441,12 +471,24 @@ def write_plot(record: dict, path: Path) -> bool:
     return True
 
 
+def _mark_failures(axes, levels: list[dict], values: list[float]) -> None:
+    """A red cross and "N failed" on each point of a level whose requests did not all succeed: its figures are of
+    the successful edits alone."""
+    for level, value in zip(levels, values, strict=True):
+        failed = level["sent"] - level["ok"]
+        if failed and not np.isnan(value):
+            axes.plot(level["concurrency"], value, marker="x", color="red", markersize=10)
+            axes.annotate(f"{failed} failed", (level["concurrency"], value), textcoords="offset points", xytext=(5, 5),
+                          color="red", fontsize=8)
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
 def _levels(text: str) -> tuple[int, ...]:
+    """Concurrency levels, in increasing order, each once (the report and chart are keyed by them)."""
     try:
-        levels = tuple(int(part) for part in text.split(",") if part.strip())
+        levels = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 1,2,4,8, got {text!r}") from None
     if not levels or min(levels) < 1:
@@ -473,15 +515,16 @@ def _load_test_parser(defaults: LoadConfig) -> CommandParser:
                     "without: starts two servers (tiny models on the CPU by default), or measures --url.",
         epilog="Real checkpoints on a GPU: --no-tiny --device cuda --server-arg=--ip2p=DIR "
                "--server-arg=--magicbrush=DIR --server-arg=--sam=FILE.pth (write --server-arg=VALUE when the value "
-               "starts with a dash). Exit codes: 0 done, 2 a server did not start or a warm-up edit failed.",
+               "starts with a dash). Exit codes: 0 done, 2 a server did not start or a warm-up edit failed, 130 "
+               "interrupted (Ctrl-C or SIGTERM; the levels that finished are still reported).",
     )
     parser.add_argument("--out", type=folder_argument, required=True, metavar="DIR",
                         help="folder for load.json, load.png and server logs")
     parser.add_argument("--url", metavar="URL",
                         help="measure this running server (label 'external') instead of starting two")
     parser.add_argument("--concurrency", type=_levels, default=defaults.concurrency, metavar="LIST",
-                        help="comma-separated numbers of concurrent clients (default: "
-                        f"{','.join(map(str, defaults.concurrency))})")
+                        help="comma-separated numbers of concurrent clients, measured in increasing order, at most "
+                        f"--requests (default: {','.join(map(str, defaults.concurrency))})")
     parser.add_argument("--requests", type=int, default=defaults.requests, metavar="N",
                         help="requests per level at most (default: %(default)s)")
     parser.add_argument("--duration-s", type=float, default=defaults.duration_s,
@@ -516,7 +559,10 @@ def _load_test_parser(defaults: LoadConfig) -> CommandParser:
 def _check_load_args(parser: CommandParser, args: argparse.Namespace) -> None:
     """Each bad option named (parser.error, exit 2) before any server starts."""
     refuse_first(parser, [
-        (args.requests >= 1, "--requests must be at least 1"), (args.steps >= 1, "--steps must be at least 1"),
+        (args.requests >= 1, "--requests must be at least 1"),
+        (1 <= args.steps <= MAX_STEPS, f"--steps must be between 1 and {MAX_STEPS}"),
+        (max(args.concurrency) <= args.requests, f"--concurrency {max(args.concurrency)} is above --requests "
+         f"{args.requests}: a level sends --requests edits in all, so only {args.requests} clients would ever send"),
         (args.warmup >= 0, "--warmup must be 0 or more"),
         *((0 < seconds < math.inf, f"{name} must be a finite number of seconds above 0") for name, seconds in (
             ("--duration-s", args.duration_s), ("--timeout-s", args.timeout_s),

@@ -141,7 +141,8 @@ def test_options_parse_and_help_exits_cleanly(tmp_path, capsys):
     (["--max-batch", "0"], "1 <= --max-batch <= 256"), (["--max-wait-ms", "nan"], "--max-wait-ms < 120000"),
     (["--duration-s", "nan"], "--duration-s must be a finite number of seconds above 0"),
     (["--ready-timeout-s", "inf"], "--ready-timeout-s must be a finite number"),
-    (["--steps", "0"], "--steps must be at least 1"),  # was a list of six rules, the broken one unsaid
+    (["--steps", "0"], "--steps must be between 1 and 999"),  # was a list of six rules, the broken one unsaid
+    (["--concurrency", "1,40"], "--concurrency 40 is above --requests 32"),  # was measured as 32 clients
     (["--size", "7x7"], "--size 7x7: at least 8 pixels a side"),  # was said once a server had started
     (["--url", "notaurl"], "--url 'notaurl' is not an http:// or https:// address"),  # was "no answer"
     (["--seed", "-1"], "--seed must be between 0 and"),  # were tracebacks, once a server had started
@@ -155,9 +156,14 @@ def test_a_value_the_servers_would_refuse_is_said_by_its_option_first(tmp_path, 
 
 def test_the_servers_queue_holds_a_whole_batch_and_every_client():
     """The server's default queue (32) refuses a larger --max-batch at start, and 503s clients beyond it."""
-    config = parse_args(["--out", "x", "--max-batch", "64", "--concurrency", "1,80"])
+    config = parse_args(["--out", "x", "--max-batch", "64", "--concurrency", "80,1,80", "--requests", "80"])
+    assert config.concurrency == (1, 80)  # the report and chart are keyed by concurrency: in order, each once
     command = server_command(config, "batching", 8000)
     assert command[command.index("--queue-size") + 1] == "80" and command[command.index("--max-batch") + 1] == "64"
+    # Warmed up at the load test's size and steps (every padded batch size) before ready; its steps admitted.
+    many_steps = server_command(parse_args(["--out", "x", "--size", "96x64", "--steps", "150"]), "batching", 8000)
+    assert [many_steps[many_steps.index(flag) + 1] for flag in ("--warmup-size", "--steps", "--max-steps")] == \
+        ["96x64", "150", "150"]
     ServeSettings(max_batch=64, queue_size=80).check_local_batching()  # what that server builds: valid
     override = parse_args(["--out", "x", "--server-arg=--queue-size=100"])
     assert server_command(override, "no-batching", 8000)[-1] == "--queue-size=100"  # after ours: it wins
@@ -174,3 +180,34 @@ def test_latency_percentiles_and_the_batching_ratio_by_their_definitions():
                {"mode": "no-batching", "levels": [{"concurrency": 1, "edits_per_s": 2.0},
                                                   {"concurrency": 4, "edits_per_s": 2.0}]}]
     assert throughput_ratio(results) == {"1": 1.0, "4": 4.0}
+
+
+def test_requests_a_level_gave_up_on_are_counted_in_that_level_not_the_next(pipe, tmp_path):
+    """The next level's "before" scrape came while the server still ran the edits whose clients had timed out:
+    their `cancelled` outcomes were counted in the next level."""
+    image = seeded_png(64, 64, 0)
+    with serving(pipe) as (base, _):
+        impatient = asyncio.run(measure_level(base, 2, LoadConfig(out=tmp_path, requests=2, steps=2, timeout_s=0.05),
+                                              image))
+        patient = asyncio.run(measure_level(base, 2, LoadConfig(out=tmp_path, requests=2, steps=2), image))
+    assert impatient["errors"] == {"ReadTimeout": 2} and impatient["server_outcomes"]["cancelled"] == 2
+    assert patient["ok"] == 2 and {outcome: n for outcome, n in patient["server_outcomes"].items() if n} == {"ok": 2}
+
+
+def test_a_level_with_failed_requests_is_said_in_the_table_and_marked_on_the_chart(tmp_path):
+    """Its edits/s and p95 (of the successes alone) were drawn and ratioed as if every request had succeeded."""
+    from benchmarks.load_test import table, write_plot
+
+    def level(concurrency, ok):
+        return {"concurrency": concurrency, "sent": 8, "ok": ok, "errors": {"ReadTimeout": 8 - ok} if ok < 8 else {},
+                "edits_per_s": ok / 2, "mean_batch_size": None,
+                "latency_ms": {"p50": 100.0, "p95": 200.0, "p99": 300.0, "mean": 120.0, "max": 300.0}}
+
+    record = {"settings": {"size": [64, 64], "steps": 2, "requests": 8, "duration_s": 60},
+              "machine": {"cpu_model": "cpu", "cpu_count": 2, "server_device": "cpu"},
+              "results": [{"mode": "batching", "levels": [level(4, 8), level(1, 8)]},  # out of order: drawn in order
+                          {"mode": "no-batching", "levels": [level(1, 8), level(4, 2)]}],
+              "throughput_ratio": {"1": 1.0, "4": 2.0}}
+    assert "**Requests failed**: no-batching at 4 (6 of 8); edits/s, latencies and ratios there count the " \
+        "successful edits only." in table(record)
+    assert write_plot(record, tmp_path / "load.png") and (tmp_path / "load.png").read_bytes()[:8] == PNG_SIGNATURE
