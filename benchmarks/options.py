@@ -29,6 +29,7 @@ from zone_engine.config import (
     Action,
     SamConfig,
     check_backend_options,
+    check_precision,
     device_kind,
     parse_action,
 )
@@ -318,7 +319,8 @@ def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:  # the profiler's writer would replace a folder by the file, and only log what it cannot write
         if args.trace is not None:
             check_output_file(args.trace, "--trace")  # its folder is made, as `zone edit -o`'s
-        # Now, not after minutes of building SD1.5 and SAM: a backend that cannot run on the device asked for.
+        # Now, not after minutes of building SD1.5 and SAM: a backend or precision that cannot run on the device.
+        check_precision(args.dtype or "fp32", device_kind(args.device))
         check_backend_options(device_kind(args.device), args.denoiser, args.engines, sam_precision=args.sam_precision,
                               group_norm=args.group_norm, channels_last=args.channels_last)
     except ZoneError as error:

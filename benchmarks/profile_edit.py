@@ -24,13 +24,15 @@ from dataclasses import dataclass
 
 import torch
 from torch.autograd import DeviceType
+from torch.autograd.profiler_util import EventList
 from torch.profiler import ProfilerActivity, profile
 
 from zone_engine.backends import resolve_device, resolve_dtype
+from zone_engine.cli import error_line
 from zone_engine.config import SAMPLE_INSTRUCTION, EditConfig, SamConfig
 from zone_engine.errors import ZoneError
-from zone_engine.image_io import make_sample_image
-from zone_engine.models import build_random_components
+from zone_engine.image_io import make_sample_image, working_geometry
+from zone_engine.models import build_random_components, unets_channels_last
 from zone_engine.pipeline import STAGES, ZonePipeline
 from zone_engine.timing import RANGE_PREFIX
 
@@ -102,7 +104,9 @@ def stage_profiles(events: Sequence, stages: Sequence[str] = STAGES, longest: in
             continue
         on_device = [e for e in device if _inside(e, windows)]
         dispatched = [e for e in host if _is_dispatched_op(e) and _inside(e, windows)]
-        work = on_device or dispatched
+        ranked = on_device or dispatched
+        # A device run's stage without traced device work ranks its torch ops: host time, said so.
+        prefix = "host: " if device and not on_device else ""
         profiles.append(StageProfile(
             stage=stage,
             wall_us=sum(high - low for low, high in windows),
@@ -111,7 +115,7 @@ def stage_profiles(events: Sequence, stages: Sequence[str] = STAGES, longest: in
             graph_launches=sum(e.name.startswith("cudaGraphLaunch") and _inside(e, windows) for e in host),
             torch_ops=len(dispatched),
             in_torch_ops_us=sum(covered(map(_span, dispatched), w) for w in windows),
-            longest=_longest(((e.name, e.time_range.elapsed_us()) for e in work), longest),
+            longest=_longest(((prefix + e.name, e.time_range.elapsed_us()) for e in ranked), longest),
         ))
     return profiles
 
@@ -150,10 +154,12 @@ def all_stages(profiles: Sequence[StageProfile]) -> StageProfile:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def profile_edit(args: argparse.Namespace) -> tuple[torch.device, list[StageProfile], str]:
-    """Build the random-weight models, run the warm-up edits, profile one edit: (device, stages, op table)."""
+def profile_edit(args: argparse.Namespace) -> tuple[torch.device, str, list[StageProfile], str]:
+    """Build the random-weight models, run the warm-up edits, profile one edit: (device, what ran, stages, op
+    table)."""
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"), device)
+    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    dtype = resolve_dtype(dtype_name, device)
     if device.type == "cpu" and args.models == "sd15":  # the defaults are a GPU's edit
         print(f"[profile] note: SD1.5 and SAM {args.sam_type} on the CPU take minutes an edit ({args.warmup + 1} to "
               "run); --models tiny profiles in seconds", file=sys.stderr)
@@ -181,9 +187,32 @@ def profile_edit(args: argparse.Namespace) -> tuple[torch.device, list[StageProf
     if args.trace is not None:
         args.trace.parent.mkdir(parents=True, exist_ok=True)
         profiler.export_chrome_trace(str(args.trace))
-    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    ops = profiler.key_averages().table(sort_by=sort_by, row_limit=args.rows) if args.rows else ""
-    return device, stage_profiles(profiler.events()), ops
+    what_ran = _what_ran(args, pipe, config, dtype_name)
+    return device, what_ran, stage_profiles(profiler.events()), _op_table(profiler, args.rows, device)
+
+
+def _what_ran(args: argparse.Namespace, pipe: ZonePipeline, config: EditConfig, dtype_name: str) -> str:
+    """The header line: every setting that changes what is timed, as the pipeline resolved it."""
+    working = working_geometry(args.resolution, args.resolution, config.max_side, config.size_multiple).padded_size
+    channels_last = (unets_channels_last(pipe.device, pipe.dtype) if args.channels_last is None
+                     else args.channels_last)
+    layout = {True: "UNets channels-last", False: "contiguous"}[channels_last]
+    norms = ", ".join(f"{nets} {kind}" for nets, kind in pipe.group_norms.items())
+    return (f"One edit, {args.models} (SAM {args.sam_type}, its encoder in {args.sam_precision}), image "
+            f"{args.resolution}² worked on at {working[0]}×{working[1]}, {args.steps} steps, denoiser {args.denoiser} "
+            f"in {dtype_name} ({layout}; GroupNorms: {norms}), {_device_name(pipe.device)}, torch {torch.__version__}")
+
+
+def _op_table(profiler: profile, rows: int, device: torch.device) -> str:
+    """The whole edit's top `rows` ops by self time (device time on CUDA), the stages' zone.* ranges left out:
+    their self time is the Python between the ops, not an op."""
+    if not rows:
+        return ""
+    averages = profiler.key_averages()
+    on_device = device.type == "cuda"
+    ops = EventList([event for event in averages if not event.key.startswith(RANGE_PREFIX)],
+                    use_device="cuda" if on_device else None)
+    return ops.table(sort_by="self_device_time_total" if on_device else "self_cpu_time_total", row_limit=rows)
 
 
 def _device_name(device: torch.device) -> str:
@@ -193,12 +222,11 @@ def _device_name(device: torch.device) -> str:
 def profile_and_report(args: argparse.Namespace) -> int:
     """`zone profile` once its options are checked (benchmarks/options.py): the profiled edit, its tables."""
     try:
-        device, profiles, ops = profile_edit(args)
+        device, what_ran, profiles, ops = profile_edit(args)
     except ZoneError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(error_line(error), file=sys.stderr)
         return 2
-    print(f"One edit, {args.models} (SAM {args.sam_type}), {args.resolution}², {args.steps} steps, "
-          f"denoiser {args.denoiser}, {_device_name(device)}, torch {torch.__version__}:\n")
+    print(f"{what_ran}:\n")
     print(stage_table(profiles))
     untraced = [p.stage for p in profiles if p.graph_launches and not p.device_ops]
     if device.type == "cuda" and all(p.device_busy_us is None for p in profiles):

@@ -56,6 +56,7 @@ def test_stage_profiles_attribute_device_work_and_dispatched_ops_to_the_stage_th
     assert denoise.longest[0] == ("sm90_gemm", 50)
     assert denoise.busy_share == pytest.approx(0.5)
     assert (refine.device_busy_us, refine.device_ops, refine.torch_ops) == (0, 0, 1)
+    assert refine.longest == (("host: aten::mm", 80),)  # no device work traced there: its ops, said as host time
     total = all_stages([denoise, refine])
     assert (total.wall_us, total.device_busy_us, total.device_ops, total.torch_ops) == (200, 50, 3, 3)
     assert total.busy_share == pytest.approx(0.25) and "| all stages | 0.20 ms | 0.05 ms | 25 % |" in stage_table(
@@ -82,11 +83,19 @@ def test_profiling_a_tiny_edit_reports_every_stage(capsys, tmp_path):
     denoise_ops = int(rows["denoise"].split("|")[7])
     assert denoise_ops > int(rows["blend"].split("|")[7]) > 0  # two UNets x 2 steps dispatch the most
     assert "top 5 ops by self time" in table
+    op_table = table.split("top 5 ops by self time")[1]
+    assert "aten::" in op_table and "zone." not in op_table  # the stages' ranges are not ops
+    # What ran, as the pipeline resolved it: the working size padded to a multiple of 32, the precision, layout.
+    assert "image 64² worked on at 64×64, 2 steps, denoiser fused in fp32 (contiguous; GroupNorms: unets pytorch" \
+        in table
 
 
-def test_half_precision_on_the_cpu_is_a_one_line_error(capsys):
-    assert options.profile_main(["--models", "tiny", "--device", "cpu", "--dtype", "fp16", "--warmup", "0"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
+def test_half_precision_on_the_cpu_is_a_one_line_error_naming_the_option(capsys):
+    with pytest.raises(SystemExit) as exit_:  # before torch's import and the models' build
+        options.profile_main(["--models", "tiny", "--device", "cpu", "--dtype", "fp16", "--warmup", "0"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: --dtype fp16 runs only on CUDA here; on the CPU use fp32")
 
 
 @pytest.mark.parametrize(("argv", "words"), [

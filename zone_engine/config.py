@@ -104,7 +104,7 @@ def device_kind(name: str) -> str:
 def check_precision(dtype: str, kind: str) -> None:
     """Half precision (fp16, bf16) runs only on CUDA; `kind` auto passes (what it finds is not known yet)."""
     if dtype != "fp32" and kind == "cpu":
-        raise DeviceError(f"{dtype} runs only on CUDA here; on the CPU use fp32")
+        raise DeviceError(f"{option('dtype', dtype)} runs only on CUDA here; on the CPU use fp32")
 
 
 # ZonePipeline's options that choose how an edit runs (not what it computes): the command line's, a server's
