@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import io
 import json
 import os
@@ -835,6 +836,11 @@ def test_tiny_checks_its_seed_and_options(seed):
         ZonePipeline.from_pretrained(magicbrsh="x")  # before any checkpoint is looked for
     with pytest.raises(ConfigError, match="has no option 'zzz': it takes"):
         ZonePipeline.tiny(zzz=1)
+    # The constructor alike (it was Python's TypeError), before its models are looked at; its signature kept.
+    with pytest.raises(ConfigError, match=r"^ZonePipeline\(\) has no option 'denoisr': did you mean denoiser\? it "
+                                          "takes models, device"):
+        ZonePipeline(None, denoisr="fused")
+    assert list(inspect.signature(ZonePipeline).parameters)[:2] == ["models", "device"]
     with pytest.raises(ConfigError, match=r"tiny\(\) builds tiny random models and reads no checkpoint: drop ip2p"):
         ZonePipeline.tiny(ip2p="x", sam_type="vit_b")
     with pytest.raises(ConfigError, match=r"tiny\(\) builds the models itself"):

@@ -9,7 +9,7 @@ import inspect
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
@@ -290,12 +290,28 @@ def _check_options(cls: type, caller: str, options: dict[str, object], others: t
     which `caller` builds itself (a TypeError once the checkpoints had loaded). `others`: `caller`'s own options."""
     if "models" in options:
         raise ConfigError(f"{caller}() builds the models itself: drop models=, or pass them to ZonePipeline(models)")
-    known = list(others) + [name for name in inspect.signature(cls).parameters if name != "models"]
+    known = [*others, *(name for name in inspect.signature(cls).parameters if name != "models")]
+    _refuse_unknown(caller, options, known)
+
+
+def _refuse_unknown(caller: str, options: Iterable[str], known: Sequence[str]) -> None:
     for name in options:
         if name not in known:
             near = difflib.get_close_matches(name, known, n=1)
             guess = f"did you mean {near[0]}? " if near else ""
             raise ConfigError(f"{caller}() has no option {name!r}: {guess}it takes {', '.join(known)}")
+
+
+def _options_checked(init: Callable[..., None]) -> Callable[..., None]:
+    """The constructor's misspelt keyword option as the same ConfigError as tiny()'s, not a TypeError."""
+    known = list(inspect.signature(init).parameters)[1:]  # after self
+
+    @functools.wraps(init)
+    def checked(self, *args: object, **kwargs: object) -> None:
+        _refuse_unknown("ZonePipeline", kwargs, known)
+        init(self, *args, **kwargs)
+
+    return checked
 
 
 CHECKPOINT_OPTIONS = ("ip2p", "magicbrush", "sam", "action_classifier", "sam_type")  # from_pretrained's own
@@ -334,6 +350,7 @@ class ZonePipeline:
     README.md's "Denoisers", "Localization kernels" and "Speed" sections say which to pick.
     """
 
+    @_options_checked
     def __init__(
         self, models: ZoneModels, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
         default_config: EditConfig | None = None, denoiser: str | Denoiser = "fused", segmenter: str = "torch",
