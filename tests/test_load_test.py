@@ -50,6 +50,7 @@ def test_against_a_running_server_the_record_adds_up(pipe, tmp_path):
     record = json.loads((tmp_path / "load.json").read_text())
     assert {"settings", "machine", "created_utc", "results", "command"} <= set(record)
     assert record["machine"]["cpu_count"] and record["settings"]["url"] == base
+    assert not {"max_batch", "tiny", "device"} & set(record["settings"])  # not this run's to set: not recorded
     (result,) = record["results"]
     assert result["mode"] == "external" and [level["concurrency"] for level in result["levels"]] == [1, 2]
     for level in result["levels"]:
