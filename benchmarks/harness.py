@@ -507,14 +507,14 @@ class EngineRows:
             settings = {"channels_last": self.config.channels_last, "group_norm": self.config.group_norm, **options()}
             pipe = ZonePipeline(self.models, self.device, dtype, default_config=self.edit_config, denoiser=denoiser,
                                 **settings)
+            # Made now, untimed: the pipeline makes its segmenter at its first refine (ONNX Runtime's sessions,
+            # SAM's reduced-precision copy), a one-time cost that landed in the row's first timed edit.
+            pipe.segmenter(self.edit_config.sam)
         except (ZoneError, ImportError, RuntimeError) as error:  # a backend or provider this machine lacks
             self.skipped.append({"name": name, "skipped": first_line(error)})
             return None
         if isinstance(denoiser, str):
             self.denoisers.setdefault(denoiser, pipe.denoiser)  # the backend's own row's, for its variants
-        # Made now, untimed: the pipeline makes its segmenter at its first refine (ONNX Runtime's sessions, SAM's
-        # reduced-precision copy), a one-time cost that landed in the row's first timed edit without warm-up edits.
-        pipe.segmenter(self.edit_config.sam)
         return Implementation(name, self.config.dtype, engine_edit(pipe, self.image, self.config, self.edit_config),
                               pipe=pipe)
 

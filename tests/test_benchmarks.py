@@ -264,6 +264,14 @@ def test_each_rows_segmenter_is_made_untimed_before_its_first_edit(tiny_models, 
         row.edit()
     assert len(made) == 3  # no edit made one
 
+    def failing(*args):  # ONNX Runtime's provider failing to start on the device, say: that row is skipped
+        raise RuntimeError("the provider failed to start")
+
+    monkeypatch.setattr(pipeline, "make_segmenter", failing)
+    rows = harness.EngineRows(config, tiny_models, torch.device("cpu"), make_sample_image(64, 64), edit_config)
+    assert rows.build(torch.float32) == []
+    assert {"name": "engine:fused+sam-bf16", "skipped": "the provider failed to start"} in rows.skipped
+
 
 def test_the_group_norm_comparison_row_is_the_fused_row_with_pytorchs_norm(tiny_models, monkeypatch):
     """gpu-512's "+gn-torch" row: a fused denoiser of its own with PyTorch's norms, beside the fused row's
