@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import time
 import warnings
@@ -158,7 +159,7 @@ def time_variant(run: Variant, inputs: tuple, device: torch.device, repeats: int
         output = run(*inputs)
         sync()
         seconds.append(time.perf_counter() - started)
-    return sorted(seconds)[len(seconds) // 2], output
+    return statistics.median(seconds), output  # of an even count, the mean of the middle two
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

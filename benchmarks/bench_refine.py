@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, device: torch.device) -> int:
+    # Again on the device auto found (parse_args could check only a named one): fp16 SAM only on CUDA.
+    check_backend_options(device.type, sam_precision=args.sam_precision or "fp32")
     args.device_type = device.type
     on_gpu = device.type == "cuda"
     if args.points_per_side is None:

@@ -16,37 +16,58 @@ import sys
 import torch
 
 from benchmarks.bench_dual_unet import step_arguments
-from zone_engine.backends import DTYPES, make_localization_kernels, resolve_device
-from zone_engine.config import LOCALIZATION_KERNELS
+from benchmarks.measure import on_named_device
+from benchmarks.options import device_name, refuse_first
+from zone_engine.backends import DTYPES, make_localization_kernels
+from zone_engine.cli import CommandParser
+from zone_engine.config import LOCALIZATION_KERNELS, MAX_WORKING_SIDE, check_precision
 from zone_engine.dual_step import DualUNet, dual_step
-from zone_engine.localize import AttentionAccumulator, attention_grid, record_cross_attention
+from zone_engine.localize import (
+    AttentionAccumulator,
+    accumulate_attention_probabilities,
+    attention_grid,
+    record_cross_attention,
+)
 from zone_engine.models import PRESETS, build_unet
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.graph_breaks", description=__doc__.split("\n")[0])
-    parser.add_argument("--models", choices=PRESETS, default="sd15", help="UNet size (default sd15: real size)")
-    parser.add_argument("--resolution", type=int, default=512, help="image side; the latent is 1/8 (default 512)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--kernels", choices=LOCALIZATION_KERNELS, default="auto", help="attention recording")
-    return parser.parse_args(argv)
+    parser = CommandParser(prog="python -m benchmarks.graph_breaks", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", type=str.lower, choices=PRESETS, default="sd15",
+                        help="UNet size (default sd15: real size)")
+    parser.add_argument("--resolution", type=int, default=512,
+                        help="image side, a multiple of 8; the latent is 1/8 (default 512)")
+    parser.add_argument("--dtype", type=str.lower, choices=tuple(DTYPES), default="fp32")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--kernels", type=str.lower, choices=LOCALIZATION_KERNELS, default="auto",
+                        help="attention recording (default auto: Triton on CUDA)")
+    args = parser.parse_args(argv)
+    refuse_first(parser, [(32 <= args.resolution <= MAX_WORKING_SIDE and args.resolution % 8 == 0,
+                           f"--resolution must be a multiple of 8 between 32 and {MAX_WORKING_SIDE}")])
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    return on_named_device(args.device, lambda device: explain(args, device))
+
+
+def explain(args: argparse.Namespace, device: torch.device) -> int:
+    """`torch._dynamo.explain` of one dual step on `device`; 0 for one graph, 1 when it breaks."""
+    check_precision(args.dtype, device.type)
+    dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     mb_unet, ip2p_unet = (build_unet(PRESETS[args.models]).to(device, dtype).eval() for _ in range(2))
     latent = (args.resolution // 8, args.resolution // 8)
     sample = torch.randn(6, 8, *latent, device=device, dtype=dtype)  # one edit: 6 UNet rows
     context = torch.randn(3, 77, mb_unet.config.cross_attention_dim, device=device, dtype=dtype)
     schedule, state, image_latents, guidance, beta = step_arguments(sample, context)
-    accumulators = [AttentionAccumulator(make_localization_kernels(args.kernels, device)[0])]
+    accumulate = make_localization_kernels(args.kernels, device)[0]
+    accumulators = [AttentionAccumulator(accumulate)]
     with torch.inference_mode(), record_cross_attention(ip2p_unet, latent, attention_grid(latent), accumulators):
         explained = torch._dynamo.explain(dual_step)(DualUNet(mb_unet, ip2p_unet), schedule, state, image_latents,
                                                      context, guidance, beta)
-    print(f"torch {torch.__version__}, {device.type}, {args.dtype}, kernels {args.kernels}: "
+    print(f"torch {torch.__version__}, {device.type}, {args.dtype}, recording by {_recording(accumulate, device)}: "
           f"{explained.graph_count} graph(s), {explained.graph_break_count} break(s)")
     seen: set[str] = set()
     for broken in explained.break_reasons:
@@ -57,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         for frame in broken.user_stack[-3:]:
             print(f"    {str(frame)[:300]}")
     return 0 if explained.graph_break_count == 0 else 1
+
+
+def _recording(accumulate: object, device: torch.device) -> str:
+    """What recorded the attention: the torch reference, or kernel 1 through its custom op (where it can run)."""
+    if accumulate is accumulate_attention_probabilities:
+        return "the torch reference"
+    from kernels.attn_accumulate import runs_on
+
+    return "kernel 1 (Triton, its custom op)" if runs_on(device) else "the torch reference (Triton cannot run here)"
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--sizes takes HxW,HxW,... (height x width each)")
     if any(h % 32 or w % 32 or h < 32 or w < 32 or b < 1 for b, h, w in args.shapes) or args.steps < 1:
         parser.error("sizes must be multiples of 32, batches and --steps at least 1")
+    if any(b & (b - 1) for b, _, _ in args.shapes):  # the fused denoiser pads a batch to a power of two
+        parser.error(f"--batches {args.batches}: each a power of two (what a server's batches are padded to)")
     return args
 
 

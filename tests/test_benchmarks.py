@@ -633,7 +633,13 @@ def test_dual_step_traces_as_one_graph(capsys):
     from benchmarks.graph_breaks import main as graph_breaks
 
     assert graph_breaks(["--models", "tiny", "--resolution", "64", "--device", "cpu"]) == 0
-    assert "1 graph(s), 0 break(s)" in capsys.readouterr().out
+    assert "cpu, fp32, recording by the torch reference: 1 graph(s), 0 break(s)" in capsys.readouterr().out
+    # Its options checked as the other tools' are: one line each, not a traceback from inside dynamo.
+    with pytest.raises(SystemExit):
+        graph_breaks(["--resolution", "0"])
+    assert "--resolution must be a multiple of 8 between 32 and 2048" in capsys.readouterr().err
+    assert graph_breaks(["--models", "tiny", "--resolution", "64", "--device", "cpu", "--dtype", "fp16"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --dtype fp16 runs only on CUDA here; on the CPU use fp32"
 
 
 def test_kernel_floor_line_puts_the_graph_replay_against_the_modelled_bytes():
@@ -752,6 +758,24 @@ def test_the_micro_benchmarks_say_a_bad_option_in_one_line(capsys, module, argv,
     with pytest.raises(SystemExit) as stop:
         parse(argv)
     assert stop.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_the_micro_benchmarks_check_what_auto_found_and_the_options_their_help_names(capsys):
+    """bench_refine with --device auto ran fp16 SAM on the CPU; graph_memory took a batch of 3, bench_dual_unet's
+    median of an even count was its upper middle."""
+    from benchmarks import bench_dual_unet, bench_refine, graph_memory
+
+    if not torch.cuda.is_available():  # auto finds the CPU
+        assert bench_refine.main(["--model-type", "tiny", "--size", "64", "--sam-precision", "fp16", "--no-onnx"]) == 2
+        assert "--sam-precision fp16 runs only on CUDA" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        graph_memory.parse_args(["--batches", "1,3"])
+    assert "--batches 1,3: each a power of two" in capsys.readouterr().err
+    clock = iter([0.0, 0.010, 1.0, 1.030])  # two timed calls of 10 and 30 ms (after the untimed one)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench_dual_unet.time, "perf_counter", lambda: next(clock))
+        seconds, _ = bench_dual_unet.time_variant(lambda: None, (), torch.device("cpu"), repeats=2)
+    assert seconds == pytest.approx(0.020)
 
 
 def test_rows_that_build_on_their_first_edit_are_always_warmed_up():
