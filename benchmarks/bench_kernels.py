@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     from kernels import attn_accumulate, group_norm, mask_binarize
 
     device = torch.device("cuda" if cuda else "cpu")
+    if not (attn_accumulate.runs_on(device) and group_norm.runs_on(device)):  # kernel 2 shares kernel 1's rule
+        # Each kernel's launcher would run its reference instead: the "c" rows would be it, under the kernel's name.
+        print(f"the Triton kernels cannot run on {device.type} here (Triton needs CUDA or TRITON_INTERPRET=1, and "
+              "ZONE_DISABLE_TRITON unset): there is no kernel to measure", file=sys.stderr)
+        return 2
     name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)"
     print(f"device: {name}")
     if not cuda:

@@ -651,6 +651,16 @@ def test_kernel_floor_line_puts_the_graph_replay_against_the_modelled_bytes():
     assert "memory floor: 1.00 us (3.00 MB at 3000 GB/s measured)" in line and "12.00 us = 12.0x the floor" in line
 
 
+def test_the_kernel_benchmark_refuses_to_measure_where_the_kernels_cannot_run():
+    """With ZONE_DISABLE_TRITON=1 (or TRITON_INTERPRET=0 on a CPU) each launcher ran its reference: the "fused
+    Triton kernel" rows were the reference under the kernel's name, checked against itself."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "ZONE_DISABLE_TRITON": "1"}
+    run = subprocess.run([sys.executable, "-m", "benchmarks.bench_kernels"], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert run.returncode == 2 and "the Triton kernels cannot run on cpu here" in run.stderr
+    assert "fused Triton kernel" not in run.stdout
+
+
 def test_kernel_benchmark_on_the_cpu_checks_correctness():
     """bench_kernels under the interpreter: no timings, every variant's quality figure against the
     reference (kernel 1: fp32 sums of 77-way softmaxes, within 1e-6; kernel 2: bit-exact masks;
