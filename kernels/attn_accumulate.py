@@ -290,15 +290,16 @@ def benchmark(
     qk_bytes = layers * rows * heads * (queries + keys) * dim * element
     probs = layers * rows * heads * queries * keys * 4
     # Traffic model: every variant reads Q and K once. The torch paths also write and re-read fp32
-    # copies of Q, K (.float()), then write/read the scores about 4 times (matmul out, scale, softmax
-    # in/out); the store keeps every probability and re-reads it for the mean; the torch reference
-    # re-reads it once for the sum. The kernel adds only the accumulator's read-modify-write (its
-    # groups' partial sums, written and read back within the launch, 16 x 256 x 77 x 4 B = 1.3 MB a layer
-    # on a GPU, stay in L2 and are not counted).
+    # copies of Q, K (.float()), then move the probabilities' size 5 times (matmul out, scale in/out, softmax
+    # in/out); the store then concatenates them (read, write) and reads them for the mean: 8 in all; the torch
+    # reference reads them once for each layer's sum (6), writes that sum and adds it to the total (read both,
+    # write one: 4 maps a layer). The kernel adds only the accumulator's read-modify-write (its groups' partial
+    # sums, written and read back within the launch, 16 x 256 x 77 x 4 B = 1.3 MB a layer on a GPU, stay in L2
+    # and are not counted).
     upcast = 2 * qk_bytes * 4 // element
     variants = {
-        "a: store all, average later": (lambda: _store_all(inputs, scale), qk_bytes + upcast + 5 * probs),
-        "b: torch reference, in place": (reference, qk_bytes + upcast + 5 * probs + layers * 3 * queries * keys * 4),
+        "a: store all, average later": (lambda: _store_all(inputs, scale), qk_bytes + upcast + 8 * probs),
+        "b: torch reference, in place": (reference, qk_bytes + upcast + 6 * probs + layers * 4 * queries * keys * 4),
         "c: fused Triton kernel": (fused, qk_bytes + layers * 2 * queries * keys * 4),
     }
 
