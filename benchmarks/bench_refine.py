@@ -247,14 +247,15 @@ def print_report(
     if export_seconds is not None:
         print(f"export (not timed below): {export_seconds:.1f} s, {'fp16' if args.fp16 else 'fp32'}")
     print()
-    header = f"{'backend':<44} {'total ms':>10} {'encoder ms':>11} {'masks':>6} {'IoU mean/min vs torch':>22}"
+    width = max(44, *(len(row[0]) for row in rows), *(len(search[0]) for search in searches))  # the names' column
+    header = f"{'backend':<{width}} {'total ms':>10} {'encoder ms':>11} {'masks':>6} {'IoU mean/min vs torch':>22}"
     print(header)
     print("-" * len(header))
     reference_masks = rows[0][1]
     for index, (name, masks, total, encoder) in enumerate(rows):
         mean_iou, min_iou = mask_agreement(reference_masks, masks)
         quality = "reference" if index == 0 else f"{mean_iou:.4f} / {min_iou:.4f}"
-        print(f"{name:<44} {1e3 * total:>10.1f} {1e3 * encoder:>11.1f} {len(masks):>6} {quality:>22}")
+        print(f"{name:<{width}} {1e3 * total:>10.1f} {1e3 * encoder:>11.1f} {len(masks):>6} {quality:>22}")
     print()
     _, _, base_total, base_encoder = rows[0]
     for name, _, total, encoder in rows[1:]:
@@ -264,12 +265,12 @@ def print_report(
     print()
     print("the engine's question, M_b = the central quarter: list every segment then choose (`segment` +")
     print("choose_segment) vs search on the device (`select`), same segmenter, same run")
-    header = (f"{'segmenter':<44} {'list ms':>9} {'search ms':>10} {'speed-up':>9} {'encoder ms':>11} "
+    header = (f"{'segmenter':<{width}} {'list ms':>9} {'search ms':>10} {'speed-up':>9} {'encoder ms':>11} "
               f"{'chosen segment':>15}")
     print(header)
     print("-" * len(header))
     for name, list_total, total, encoder, agreement in searches:
-        print(f"{name:<44} {1e3 * list_total:>9.1f} {1e3 * total:>10.1f} {list_total / total:>8.2f}x "
+        print(f"{name:<{width}} {1e3 * list_total:>9.1f} {1e3 * total:>10.1f} {list_total / total:>8.2f}x "
               f"{1e3 * encoder:>11.1f} {agreement if agreement == 'same' else f'IoU {agreement:.4f}':>15}")
     if any(agreement != "same" for *_, agreement in searches):
         print("the chosen segments differ: the two decoders round differently (the factored transformer; on CUDA "
