@@ -8,35 +8,39 @@
 # (adds /.whl/ to .git/info/exclude and downloads diffusers, segment-anything and importlib_metadata into .whl;
 # `fetch-wheels serve` also the serving load test's: the image has prometheus-client, httpx, anyio, h11, click).
 # Then: device run with carry [".whl"] and command `bash benchmarks/gpu_session.sh [STAGE ...]`: stages
-# tests bench kernels refine profile graph-memory dual (the default, in that order), refine-zero (refine
+# kernels bench-compile bench tests refine profile graph-memory dual (the default, in that order), refine-zero
+# (refine
 # keeping every mask), dual (the dual-step variants), bench-cl (bench with channels-last UNets and VAE),
-# bench-compile (bench with the compile backend beside fused, for a second call: below),
+# bench-compile (the compile backend beside fused, and the variant rows on compile's denoiser),
 # compile (the torch.compile test), breaks (compile's graph breaks), profile (one edit under torch.profiler: each
 # stage's device-busy share and launches), graph-memory (captured steps' memory, shared pool vs one each),
 # suite (the whole suite), serve (the load test).
 # At most 8 files come back from $OUT: every stage's log goes into $OUT/logs.tar.gz (rewritten after each
-# stage, so a call cut short still returns what ran), bench adds its JSON, markdown and PNG, bench-cl and
-# bench-compile their markdown. The output ends with a summary: how each stage ended, then bench's per-stage latency table.
+# stage, through a temporary file, so a call cut short still returns what ran), bench and bench-compile add their
+# JSON, markdown and PNG ($OUT and $OUT/compile: written there as they end, so they come back even from a call
+# killed after them), bench-cl its markdown. Each stage's output is shown as it runs (the reply's tail then shows
+# a stage cut off with its call) and kept in its log. The output ends with a summary: how each stage ended, then
+# the benches' per-stage latency tables.
 # A lease now has 15 minutes of device time in all, a machine's start (a minute or two) included, and a call
-# runs at most 600 s. The machine goes back 30 s after a call, so the default list is as much as one call can
-# hold, most needed first: tests bench kernels refine profile graph-memory dual. A stage starts only while the
-# call's budget (BUDGET, default 570 s from the script's start) still holds its whole limit, else it says it was
-# skipped. A stage that reaches its limit is sent SIGTERM: bench then starts nothing more and writes its reports
-# of the edits it timed (its own --time-limit, 20 s under the stage's, stops it starting edits before that).
-# Limits 180 + 240 = 420 s for the first two, so bench (issue 4's measure) runs even if the tests take all of
-# theirs; on the H200 (2026-11-30) the seven default stages took 102, 116, 13, 26, 55, 51 and 49 s: 420 s
-# in all, so every one fits; bench-compile then took 264 s (176 s of it compiling) in the second call.
-# Run it with timeout_s 590. Then, at once (the machine stays warm 30 s; a fresh one needs 4 minutes of the lease
-# left), the compile backend end to end: `BENCH_LIMIT=<device seconds left - 30> bash benchmarks/gpu_session.sh
-# bench-compile` with timeout_s = the seconds left (149 s of compilation before 3173f92, once per shape since),
-# then give the machine back. bench-cl, compile, breaks, refine-zero, suite and serve are for a lease with time
-# left; a longer compile run: `BACKENDS=fused,compile BENCH_LIMIT=560 bash benchmarks/gpu_session.sh bench`.
+# runs at most 600 s, so the default list puts what the open issues wait for first: kernels (issue 6's kernel
+# timings), bench-compile (issue 4: the compile rows, compile+sam-bf16 the fastest, 4.93x on 2026-11-30: 264 s
+# there, 176 s of it compiling), bench (the batches' throughput), then tests and the rest. A stage starts only while
+# the call's budget (BUDGET, default 570 s from the script's start) still holds its whole limit, else it says it
+# was skipped; bench's and bench-compile's limits (BENCH_LIMIT, default 240; COMPILE_LIMIT, default 300) are cut
+# to the budget left (a minute at least), their --time-limit 20 s under. A stage that reaches its limit is sent SIGTERM: a bench then
+# starts nothing more and writes its reports of the edits it timed. On the H200 (2026-11-30) the stages took:
+# tests 102 s, bench 116, kernels 13, refine 26, profile 55, graph-memory 51, dual 49. Run it with timeout_s 590;
+# then, at once (the machine stays warm 30 s; a fresh one needs 4 minutes of the lease left), the stages it
+# skipped, with BUDGET = the device seconds left - 20 and timeout_s = the seconds left, and give the machine back.
+# bench-cl, compile, breaks, refine-zero, suite and serve are for a lease with time left; a longer compile run:
+# `BACKENDS=fused,compile BENCH_LIMIT=560 bash benchmarks/gpu_session.sh bench`.
 # DRY_RUN=1 prints each stage's command instead of running it, with nothing installed: the suite parses
 # them with their tools' own parsers (tests/test_gpu_session.py), so no lease is spent on a stale flag.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = fetch-wheels ]; then  # here, not on the device: the packages its image lacks, as wheels
     wheels=(diffusers==0.42.1 segment-anything importlib_metadata)
+    [ "${DRY_RUN:-0}" = 1 ] || rm -rf .whl  # a re-fetch must not leave two versions of a package to install
     [ "${2:-}" != serve ] || wheels+=(fastapi uvicorn python-multipart starlette pydantic pydantic-core
         annotated-types typing-inspection opentelemetry-api typing_extensions)
     command=(python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
@@ -54,18 +58,28 @@ export PYTHONUNBUFFERED=1
 DRY_RUN="${DRY_RUN:-0}"
 if [ "$DRY_RUN" = 1 ]; then
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-elif [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+elif [ -d .whl ]; then  # a failure here costs the stages that import diffusers or segment-anything, not kernels
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        || echo "installing the carried wheels failed: stages that need diffusers or segment-anything will fail"
     export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+pack_logs() {  # through a temporary file: a call killed while packing keeps the last whole archive
+    tar czf "$OUT/logs.tar.gz.tmp" -C "$LOGS" . && mv -f "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"
+}
+fit() {  # fit SECONDS: a bench stage's limit, cut to the call's budget left (less 5 s for its log); under a
+    # minute left, as asked, so that the stage is skipped
+    local left=$((BUDGET - SECONDS - 5))
+    echo $(( $1 < left || left < 60 ? $1 : left ))
+}
 if [ "$DRY_RUN" != 1 ]; then
+    export TRITON_INTERPRET=0  # compiled kernels: a CUDA machine never interprets (bench_kernels refuses it)
     mkdir -p "$LOGS"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOGS/gpu.txt"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
         | tee -a "$LOGS/gpu.txt"
-    tar czf "$OUT/logs.tar.gz" -C "$LOGS" .
+    pack_logs
 fi
 
 # Each stage is bounded (the device allows 10 minutes a command): a stage that runs over is cut off,
@@ -81,11 +95,11 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, its output i
     fi
     echo "== $name (limit ${limit}s)"
     local started=$SECONDS rc
-    timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
-    rc=$?
-    echo "== $name: rc $rc after $((SECONDS - started))s"; tail -n "${TAIL:-12}" "$LOGS/$name.log"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+    rc=${PIPESTATUS[0]}
+    echo "== $name: rc $rc after $((SECONDS - started))s"
     SUMMARY+=("$name: rc $rc after $((SECONDS - started))s$(case $rc in 124|137) echo ' (cut off at its limit)';; esac)")
-    tar czf "$OUT/logs.tar.gz" -C "$LOGS" .
+    pack_logs
 }
 SUMMARY=()
 run_stage() {
@@ -102,15 +116,15 @@ run_stage() {
     kernels)  # Kernel benchmarks: do_bench medians against the reference-style store and the torch references,
         # and kernel 3 (GroupNorm) against PyTorch's norm on the same NHWC activation and on its NCHW copy, and
         # fused (a ResNet block's second norm) against PyTorch's sum, norm and SiLU.
-        TAIL=24 stage bench_kernels 60 python3 -m benchmarks.bench_kernels ;;
+        stage bench_kernels 60 python3 -m benchmarks.bench_kernels ;;
     refine)  # PyTorch SAM vit_h refinement at ZONE's settings (1,024 prompts, SAM's thresholds): fp32 vs the image
         # encoder in bf16 (no ONNX: no CUDA provider there), the engine's search for M_b's segment vs the
         # generator's list, the search in its CUDA runs (prompts_per_run) vs runs of 64, and SAM's decoder
         # transformer vs the factored one (sam_decoder.py).
-        TAIL=24 stage bench_refine 120 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 --no-onnx \
+        stage bench_refine 120 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 --no-onnx \
             --sam-precision bf16 --thresholds sam ;;
     refine-zero)  # The same with every mask kept (thresholds 0): post-processing exercised as real weights would.
-        TAIL=24 stage bench_refine_zero 150 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 \
+        stage bench_refine_zero 150 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 \
             --no-onnx --sam-precision bf16 ;;
     dual)  # Two weight sets per step: one UNet call at batch 6 vs the dual-step variants, eager and graphed,
         # and on channels-last copies of the UNets, with PyTorch's GroupNorm (step-cl) and kernel 3's (step-cl-gn).
@@ -122,28 +136,26 @@ run_stage() {
         # the fused row with PyTorch's GroupNorm: kernel 3's gain in the same run). BACKENDS: the engine rows
         # (default fused; eager,fused took 111 s in all on the H100; compile's warm-up took 149 s there when it compiled
         # once per warm-up step and capture, 4 times a shape: once since 3173f92, and again for the batch of 4).
-        TAIL=50 stage bench "${BENCH_LIMIT:-240}" python3 -m benchmarks --preset gpu-512 \
-            --backends "${BACKENDS:-fused}" --time-limit $((${BENCH_LIMIT:-240} - 20)) --out "$OUT" ;;
+        limit=$(fit "${BENCH_LIMIT:-240}")
+        stage bench "$limit" python3 -m benchmarks --preset gpu-512 --backends "${BACKENDS:-fused}" \
+            --time-limit $((limit - 20)) --out "$OUT" ;;
     graph-memory)  # Device memory of the captured dual steps of a server's shapes (4 sizes x batches 1, 2, 4):
         # one shared pool (the engine's) against a pool per graph; and that both give the same latents.
         stage graph_memory 150 python3 -m benchmarks.graph_memory ;;
     profile)  # Why each stage of a gpu-512 edit takes its time: device-busy share, launches, longest kernels
         # (torch.profiler over one fused edit after a warm-up; a host-bound stage has a small busy share).
-        TAIL=40 stage profile 150 python3 -m benchmarks.profile_edit --rows 30 ;;
+        stage profile 150 python3 -m benchmarks.profile_edit --rows 30 ;;
     bench-cl)  # The same with every engine row's UNets and VAE channels-last (fused rows only, no batches):
         # decides `--channels-last`. Its markdown alone comes back (8 files at most return from $OUT).
-        TAIL=50 stage bench_cl 200 python3 -m benchmarks --preset gpu-512 --backends fused --batch 1 \
+        stage bench_cl 200 python3 -m benchmarks --preset gpu-512 --backends fused --batch 1 \
             --channels-last --time-limit 180 --out /tmp/zone-bench-cl
         [ ! -f /tmp/zone-bench-cl/bench-gpu-512.md ] || cp /tmp/zone-bench-cl/bench-gpu-512.md "$OUT/bench_cl.md" ;;
     bench-compile)  # The compile backend beside fused (the variant rows, sam-bf16 among them, then on compile's
-        # denoiser: the fastest combination); 3 timed edits, no batches (a batch is a second compilation). For a
-        # second call right after the default one, while the machine is warm, with BENCH_LIMIT 30 s under the
-        # device time left. Cut short, it still reports what it timed: its markdown comes back, its JSON in the logs.
-        TAIL=50 stage bench_compile "${BENCH_LIMIT:-180}" python3 -m benchmarks --preset gpu-512 \
-            --backends fused,compile --batch 1 --repeats 3 --time-limit $((${BENCH_LIMIT:-180} - 20)) \
-            --out "$LOGS/bench-compile"
-        [ ! -f "$LOGS/bench-compile/bench-gpu-512.md" ] || cp "$LOGS/bench-compile/bench-gpu-512.md" \
-            "$OUT/bench_compile.md" ;;
+        # denoiser: the fastest combination); 3 timed edits, no batches (a batch is a second compilation). Cut
+        # short, it still reports what it timed, in $OUT/compile.
+        limit=$(fit "${COMPILE_LIMIT:-300}")
+        stage bench_compile "$limit" python3 -m benchmarks --preset gpu-512 --backends fused,compile --batch 1 \
+            --repeats 3 --time-limit $((limit - 20)) --out "$OUT/compile" ;;
     suite)  # The whole suite on the GPU machine, in parallel processes.
         stage tests 400 python3 -m pytest -q -n 8 -rf tests ;;
     serve)  # The HTTP service under load, batching on vs off: SD1.5-sized random weights, fp16, 512², 20 steps
@@ -158,13 +170,13 @@ run_stage() {
         return 1 ;;
     esac
 }
-[ $# -gt 0 ] || set -- tests bench kernels refine profile graph-memory dual
+[ $# -gt 0 ] || set -- kernels bench-compile bench tests refine profile graph-memory dual
 for name in "$@"; do run_stage "$name"; done
 # Last, as the reply carries the end of the output: how each stage ended, and the per-stage latency table.
 if [ "$DRY_RUN" != 1 ]; then
     echo "== summary (${SECONDS}s of the budget of ${BUDGET}s; every log in logs.tar.gz)"
     printf '%s\n' "${SUMMARY[@]}"
-    for table in "$OUT"/bench-*.md "$OUT"/bench_*.md; do
+    for table in "$OUT"/bench-*.md "$OUT"/compile/bench-*.md "$OUT"/bench_*.md; do
         if [ -f "$table" ]; then sed -n '/^## Per-stage latency/,/^Speed-up/p' "$table"; fi
     done
 fi
