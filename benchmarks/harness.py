@@ -734,8 +734,7 @@ def _config_record(config: BenchConfig, priming: str, engine_dtype: torch.dtype,
     ran in (--channels-last, or the default for this device and dtype)."""
     return {
         **{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ("sam", "out")},
-        "unets_channels_last": (unets_channels_last(device, engine_dtype) if config.channels_last is None
-                                else config.channels_last),
+        "unets_channels_last": unets_channels_last(device, engine_dtype, config.channels_last),
         "action": config.action.value, "backends": list(config.backends), "sam": dataclasses.asdict(config.sam),
         "priming": priming, "image": f"make_sample_image({config.resolution}, {config.resolution})",
         "engines": None if config.engines is None else str(config.engines),

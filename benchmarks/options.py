@@ -251,7 +251,9 @@ def _check(parser: CommandParser, config: BenchConfig) -> None:
             check_output_folder(config.out / f"sam-onnx-{config.sam_type}", "--out's SAM export folder")
     except ZoneError as error:
         parser.error(str(error))
-    if config.dtype != "fp32" and config.device == "cpu":  # a GPU preset's fp16 with --device cpu, say
+    try:  # a GPU preset's fp16 with --device cpu, say: the preset's value named, which the user may not have typed
+        check_precision(config.dtype, device_kind(config.device))
+    except ZoneError:
         parser.error(f"--dtype {config.dtype} (the {config.preset} preset's unless given) runs only on CUDA: on the "
                      "CPU pass --dtype fp32")
     if config.channels_last and config.dtype == "fp32":

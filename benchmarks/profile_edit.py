@@ -194,9 +194,8 @@ def profile_edit(args: argparse.Namespace) -> tuple[torch.device, str, list[Stag
 def _what_ran(args: argparse.Namespace, pipe: ZonePipeline, config: EditConfig, dtype_name: str) -> str:
     """The header line: every setting that changes what is timed, as the pipeline resolved it."""
     working = working_geometry(args.resolution, args.resolution, config.max_side, config.size_multiple).padded_size
-    channels_last = (unets_channels_last(pipe.device, pipe.dtype) if args.channels_last is None
-                     else args.channels_last)
-    layout = {True: "UNets channels-last", False: "contiguous"}[channels_last]
+    layout = {True: "UNets channels-last", False: "contiguous"}[
+        unets_channels_last(pipe.device, pipe.dtype, args.channels_last)]
     norms = ", ".join(f"{nets} {kind}" for nets, kind in pipe.group_norms.items())
     return (f"One edit, {args.models} (SAM {args.sam_type}, its encoder in {args.sam_precision}), image "
             f"{args.resolution}² worked on at {working[0]}×{working[1]}, {args.steps} steps, denoiser {args.denoiser} "

@@ -67,7 +67,7 @@ class ZoneModels:
             net.to(device=device).eval().requires_grad_(False)
             if next(net.parameters()).dtype != dtype:  # diffusers warns on any dtype cast, even a no-op
                 net.to(dtype=dtype)
-        unets = unets_channels_last(device, dtype) if channels_last is None else channels_last
+        unets = unets_channels_last(device, dtype, channels_last)
         for net, nhwc in ((self.vae, bool(channels_last)), (self.ip2p_unet, unets), (self.mb_unet, unets)):
             net.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         # SAM and the classifier stay fp32: the mask generator's thresholds are tuned on fp32 scores.
@@ -87,11 +87,14 @@ def pytorch_norms(*modules: nn.Module) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def unets_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
-    """The UNets' default layout: NHWC on CUDA in half precision. On an H200 the captured fused step took
+def unets_channels_last(device: torch.device, dtype: torch.dtype, asked: bool | None = None) -> bool:
+    """Whether the UNets run in NHWC: as `asked` (channels_last=True/False), or by default on CUDA in half
+    precision. On an H200 the captured fused step took
     22.87 ms with NHWC UNets against 25.55 ms (cuDNN otherwise converts every fp16 convolution's input
     and output, a quarter of the step's device time; benchmarks/RESULTS.md, 2026-11-30). On the CPU it
     was slower. The VAE stays contiguous unless asked: its layout has not been measured on a GPU."""
+    if asked is not None:
+        return asked
     return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
