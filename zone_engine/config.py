@@ -12,13 +12,12 @@ import importlib.util
 import math
 import numbers
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from .errors import ConfigError, DeviceError
+from .errors import ConfigError, DeviceError, refuse_unknown
 
 
 class Action(str, Enum):
@@ -241,12 +240,6 @@ def _raise_first_failing(checks: list[tuple[bool, str]]) -> None:
             raise ConfigError(message)
 
 
-def _check_field_names(cls: type, names: Iterable[str]) -> None:
-    fields = [item.name for item in dataclasses.fields(cls)]
-    if unknown := sorted(set(names) - set(fields)):
-        raise ConfigError(f"{cls.__name__} has no field {', '.join(unknown)}; its fields: {', '.join(fields)}")
-
-
 def _unknown_fields_said(cls: type) -> type:
     """The dataclass's constructor (and so `replace`) says an unknown field name as a ConfigError, not a
     TypeError: EditConfig(strength=0.5)."""
@@ -254,7 +247,7 @@ def _unknown_fields_said(cls: type) -> type:
 
     @functools.wraps(init)
     def checked_init(self, *args: object, **kwargs: object) -> None:
-        _check_field_names(cls, kwargs)
+        refuse_unknown(cls.__name__, kwargs, [item.name for item in dataclasses.fields(cls)], noun="field")
         init(self, *args, **kwargs)
 
     cls.__init__ = checked_init

@@ -5,8 +5,10 @@ Every mistake a user can make (a bad image, a missing checkpoint, an impossible 
 line and exits with code 2; anything else is a bug and keeps its traceback.
 """
 
+import difflib
 import sys
 import warnings
+from collections.abc import Iterable, Sequence
 
 
 def first_line(error: BaseException) -> str:
@@ -68,3 +70,13 @@ def warn_caller(message: str, category: type[Warning] = EditWarning) -> None:
     while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _ENGINE_FRAMES:
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def refuse_unknown(owner: str, names: Iterable[str], known: Sequence[str], noun: str = "option") -> None:
+    """A misspelt keyword as a ConfigError naming it, its nearest known name and all of them (not a TypeError):
+    "EditConfig has no field 'step': did you mean steps? its fields: ..."."""
+    for name in names:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            guess = f"did you mean {near[0]}? " if near else ""
+            raise ConfigError(f"{owner} has no {noun} {name!r}: {guess}its {noun}s: {', '.join(known)}")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import inspect
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
@@ -48,7 +47,7 @@ from .config import (
     option,
 )
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
-from .errors import ConfigError, EditCancelled, a_type, warn_caller
+from .errors import ConfigError, EditCancelled, a_type, refuse_unknown, warn_caller
 from .graphs import CapturedCalls, Run, eager
 from .instruction import check_instruction
 from .localize import ATTENTION_CELL, AttentionAccumulator, Localization, attention_grid, heatmap_overlay, localize
@@ -291,15 +290,7 @@ def _check_options(cls: type, caller: str, options: dict[str, object], others: t
     if "models" in options:
         raise ConfigError(f"{caller}() builds the models itself: drop models=, or pass them to ZonePipeline(models)")
     known = [*others, *(name for name in inspect.signature(cls).parameters if name != "models")]
-    _refuse_unknown(caller, options, known)
-
-
-def _refuse_unknown(caller: str, options: Iterable[str], known: Sequence[str]) -> None:
-    for name in options:
-        if name not in known:
-            near = difflib.get_close_matches(name, known, n=1)
-            guess = f"did you mean {near[0]}? " if near else ""
-            raise ConfigError(f"{caller}() has no option {name!r}: {guess}it takes {', '.join(known)}")
+    refuse_unknown(f"{caller}()", options, known)
 
 
 def _options_checked(init: Callable[..., None]) -> Callable[..., None]:
@@ -308,7 +299,7 @@ def _options_checked(init: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(init)
     def checked(self, *args: object, **kwargs: object) -> None:
-        _refuse_unknown("ZonePipeline", kwargs, known)
+        refuse_unknown("ZonePipeline()", kwargs, known)
         init(self, *args, **kwargs)
 
     return checked
