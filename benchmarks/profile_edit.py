@@ -194,12 +194,19 @@ def profile_edit(args: argparse.Namespace) -> tuple[torch.device, str, list[Stag
 def _what_ran(args: argparse.Namespace, pipe: ZonePipeline, config: EditConfig, dtype_name: str) -> str:
     """The header line: every setting that changes what is timed, as the pipeline resolved it."""
     working = working_geometry(args.resolution, args.resolution, config.max_side, config.size_multiple).padded_size
-    layout = {True: "UNets channels-last", False: "contiguous"}[
-        unets_channels_last(pipe.device, pipe.dtype, args.channels_last)]
+    layout = layout_said(args.channels_last, pipe.device, pipe.dtype)
     norms = ", ".join(f"{nets} {kind}" for nets, kind in pipe.group_norms.items())
     return (f"One edit, {args.models} (SAM {args.sam_type}, its encoder in {args.sam_precision}), image "
             f"{args.resolution}² worked on at {working[0]}×{working[1]}, {args.steps} steps, denoiser {args.denoiser} "
             f"in {dtype_name} ({layout}; GroupNorms: {norms}), {_device_name(pipe.device)}, torch {torch.__version__}")
+
+
+def layout_said(asked: bool | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The convolutions' layout: --channels-last turns the VAE's too, the default only the UNets' (on CUDA in
+    fp16/bf16, `unets_channels_last`)."""
+    if asked:
+        return "UNets and VAE channels-last"
+    return "UNets channels-last" if unets_channels_last(device, dtype, asked) else "contiguous"
 
 
 def _op_table(profiler: profile, rows: int, device: torch.device) -> str:

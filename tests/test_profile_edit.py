@@ -10,7 +10,7 @@ from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 
 from benchmarks import options, profile_edit
-from benchmarks.profile_edit import all_stages, covered, stage_profiles, stage_table
+from benchmarks.profile_edit import all_stages, covered, layout_said, stage_profiles, stage_table
 from zone_engine.pipeline import STAGES
 from zone_engine.timing import RANGE_PREFIX
 
@@ -88,6 +88,13 @@ def test_profiling_a_tiny_edit_reports_every_stage(capsys, tmp_path):
     # What ran, as the pipeline resolved it: the working size padded to a multiple of 32, the precision, layout.
     assert "image 64² worked on at 64×64, 2 steps, denoiser fused in fp32 (contiguous; GroupNorms: unets pytorch" \
         in table
+
+
+def test_the_header_says_which_nets_ran_channels_last():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert layout_said(True, cpu, torch.float32) == "UNets and VAE channels-last"  # --channels-last: the VAE's too
+    assert layout_said(None, cuda, torch.float16) == "UNets channels-last"  # the default: the UNets' only
+    assert layout_said(None, cpu, torch.float32) == layout_said(False, cuda, torch.float16) == "contiguous"
 
 
 def test_half_precision_on_the_cpu_is_a_one_line_error_naming_the_option(capsys):
