@@ -380,6 +380,26 @@ def test_shutdown_finishes_the_running_batch_answers_the_queue_503_at_once_and_t
     assert len(gated.seen) == 1  # the queued edit never ran
 
 
+def test_a_server_stopped_while_loading_waits_for_the_load_then_closes_its_service(pipe):
+    """The app's lifespan: the load under way ends (the model thread cannot be stopped mid-load), the service is
+    never ready, and its batching worker and model thread are shut down."""
+    loading, release = threading.Event(), threading.Event()
+
+    def slow_build() -> ZonePipeline:
+        loading.set()
+        assert release.wait(30)
+        return pipe
+
+    service = LocalEditService(slow_build, ServeSettings(warmup=False))
+    with serving_service(service) as (_, server):
+        assert loading.wait(30)
+        server.should_exit = True
+        threading.Timer(0.3, release.set).start()
+    assert release.is_set() and not service.ready and not service.batcher.healthy
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        asyncio.run(service.batcher.run_in_model_thread(lambda: None))
+
+
 def test_a_forced_quit_answers_the_running_edit_503_in_json_and_cancels_its_work(pipe, caplog):
     """uvicorn alone would answer it a bare 500 and log tracebacks (the app's shutdown cancelled mid-way)."""
     gated = GatedPipeline(pipe)
