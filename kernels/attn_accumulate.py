@@ -28,7 +28,9 @@ Public API:
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import triton
@@ -274,17 +276,15 @@ def benchmark(
     count = layers * rows * heads
     exact = sum(attention_sum_fp64(q, k, scale) for q, k in inputs) / count
 
-    def reference() -> torch.Tensor:
-        total = torch.zeros(queries, keys, device=device)
-        for q, k in inputs:
-            attn_accumulate_reference(total, q, k, scale)
-        return total / count
+    def averaged(accumulate: Callable[..., object]) -> Callable[[], torch.Tensor]:
+        """The average over every layer's rows and heads, summed into one total by `accumulate`."""
+        def run() -> torch.Tensor:
+            total = torch.zeros(queries, keys, device=device)
+            for q, k in inputs:
+                accumulate(total, q, k, scale)
+            return total / count
 
-    def fused() -> torch.Tensor:
-        total = torch.zeros(queries, keys, device=device)
-        for q, k in inputs:
-            attn_accumulate_(total, q, k, scale)
-        return total / count
+        return run
 
     element = torch.finfo(dtype).bits // 8
     qk_bytes = layers * rows * heads * (queries + keys) * dim * element
@@ -299,27 +299,17 @@ def benchmark(
     upcast = 2 * qk_bytes * 4 // element
     variants = {
         "a: store all, average later": (lambda: _store_all(inputs, scale), qk_bytes + upcast + 8 * probs),
-        "b: torch reference, in place": (reference, qk_bytes + upcast + 6 * probs + layers * 4 * queries * keys * 4),
-        "c: fused Triton kernel": (fused, qk_bytes + layers * 2 * queries * keys * 4),
+        "b: torch reference, in place": (averaged(attn_accumulate_reference),
+                                         qk_bytes + upcast + 6 * probs + layers * 4 * queries * keys * 4),
+        "c: fused Triton kernel": (averaged(attn_accumulate_), qk_bytes + layers * 2 * queries * keys * 4),
     }
 
     def check(out: torch.Tensor) -> dict:
         return {"max_abs_diff": (out.double() - exact).abs().max().item()}
 
-    def through_the_op() -> torch.Tensor:
-        total = torch.zeros(queries, keys, device=device)
-        for q, k in inputs:
-            torch.ops.zone.attn_accumulate_(total, q, k, scale)
-        return total / count
-
-    results = benchmark_rows(variants, check, device, through_the_op)
+    results = benchmark_rows(variants, check, device, averaged(torch.ops.zone.attn_accumulate_))
     if device.type == "cuda":
-        def rows_in_turn() -> torch.Tensor:
-            total = torch.zeros(queries, keys, device=device)
-            for q, k in inputs:
-                attn_accumulate_triton(total, q, k, scale, row_groups=1)
-            return total / count
-
+        rows_in_turn = averaged(functools.partial(attn_accumulate_triton, row_groups=1))
         results.append({  # the split of the rows across programs, against the kernel without it
             **results[-1], "name": "c: one program per block, rows in turn, from a CUDA graph", **check(rows_in_turn()),
             "time_ms": triton.testing.do_bench_cudagraph(rows_in_turn, return_mode="median")})
