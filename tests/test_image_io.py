@@ -343,6 +343,17 @@ def test_truncated_png(tmp_path):
     assert "truncated" in message and "re-export or re-download" in message
 
 
+def test_a_file_that_may_not_be_read_is_said_so_not_called_corrupt(tmp_path, monkeypatch):
+    Image.fromarray(random_rgb(8, 8)).save(tmp_path / "locked.png")
+
+    def refused(*_args, **_kwargs):  # as for a chmod 000 file (root reads it anyway: not made by chmod here)
+        raise PermissionError(13, "Permission denied", str(tmp_path / "locked.png"))
+
+    monkeypatch.setattr(Image, "open", refused)
+    message = load_refused(tmp_path / "locked.png")
+    assert "permission denied; make it readable (chmod u+r" in message and "corrupt" not in message
+
+
 def test_corrupt_pixel_data_in_a_valid_header(tmp_path):
     Image.fromarray(random_rgb(32, 32)).save(tmp_path / "full.png")
     data = bytearray((tmp_path / "full.png").read_bytes())

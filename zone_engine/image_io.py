@@ -117,6 +117,9 @@ def _load_file(path: Path) -> tuple[np.ndarray, list[str]]:
             f"cannot read {path}: not an image file in a format Pillow can read, or one whose header is "
             "corrupt; convert it to PNG or JPEG"
         ) from None
+    except PermissionError:  # the file may be sound: not "corrupt, re-download it"
+        raise InputImageError(f"cannot read {path}: permission denied; make it readable (chmod u+r {path}) or run "
+                              "as a user who may read it") from None
     except UNREADABLE_IMAGE as error:
         raise InputImageError(
             f"cannot read {path}: the file is unreadable, corrupt or truncated ({_one_line(error)}); "
