@@ -34,7 +34,7 @@ from zone_engine.config import (
     parse_action,
 )
 from zone_engine.errors import ZoneError
-from zone_engine.paths import check_output_file, check_output_folder, folder_argument
+from zone_engine.paths import check_output_file, check_output_folder, file_argument, folder_argument
 
 # Backends whose first edit builds something (torch.compile, TensorRT engines): they always get at least
 # one warm-up edit (as does a row that captures CUDA graphs: harness.builds_on_first_edit), so the build
@@ -168,7 +168,7 @@ def _bench_parser() -> CommandParser:
     parser.add_argument("--device", type=device_name, help="where to run: auto, cpu, cuda or cuda:N")
     parser.add_argument("--backends", help=f"comma-separated engine denoisers, of {','.join(DENOISERS)} (default: "
                         "the preset's)")
-    parser.add_argument("--engines", type=Path, metavar="DIR",
+    parser.add_argument("--engines", type=folder_argument, metavar="DIR",
                         help="the tensorrt row's engines: a folder `zone build-engine` wrote for this --resolution "
                         "and --dtype (default: none, so that row is skipped)")
     parser.add_argument("--action", type=str.lower, choices=("add", "change", "remove"),
@@ -299,7 +299,7 @@ def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="engine precision (default fp16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--denoiser", type=str.lower, choices=DENOISERS, default="fused",
                         help="denoiser backend (default fused; tensorrt needs --engines)")
-    parser.add_argument("--engines", type=Path, metavar="DIR",
+    parser.add_argument("--engines", type=folder_argument, metavar="DIR",
                         help="with --denoiser tensorrt: the folder `zone build-engine` wrote")
     parser.add_argument("--sam-precision", type=str.lower, choices=SAM_PRECISIONS, default="fp32",
                         help="SAM image encoder precision (default fp32)")
@@ -311,7 +311,8 @@ def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the engine's")
     parser.add_argument("--warmup", type=int, default=1, help="untimed edits before the profiled one (default 1)")
     parser.add_argument("--rows", type=int, default=25, help="rows of the whole edit's op table (default 25)")
-    parser.add_argument("--trace", type=Path, help="also write the profiled edit as a Chrome trace (JSON) here")
+    parser.add_argument("--trace", type=file_argument,
+                        help="also write the profiled edit as a Chrome trace (JSON) here")
     args = parser.parse_args(argv)
     refuse_first(parser, [
         (32 <= args.resolution <= MAX_WORKING_SIDE, f"--resolution must be between 32 and {MAX_WORKING_SIDE}"),

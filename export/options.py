@@ -8,10 +8,9 @@ themselves are `export.unet.run_export_unet`, `export.sam.run_export_sam` and
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from zone_engine.config import IP2P_ID, MAGICBRUSH_ID, SAM_TYPES
-from zone_engine.paths import folder_argument
+from zone_engine.paths import file_argument, folder_argument
 
 TINY_SEED = 0  # the seed of `--tiny`'s random weights
 DEFAULT_SIZE = (512, 512)  # `zone export unet`'s image size (height, width) unless told
@@ -40,7 +39,7 @@ def add_export_unet_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_export_sam_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, help="SAM checkpoint .pth (e.g. sam_vit_h_4b8939.pth)")
+    parser.add_argument("--checkpoint", type=file_argument, help="SAM checkpoint .pth (e.g. sam_vit_h_4b8939.pth)")
     parser.add_argument("--model-type", type=str.lower, choices=SAM_TYPES,
                         help="SAM size of --checkpoint (default: read from its file name)")
     parser.add_argument("--out", type=folder_argument, required=True,

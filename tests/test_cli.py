@@ -75,6 +75,14 @@ def test_a_folder_option_left_blank_or_a_dangling_link_is_said(capsys, tmp_path)
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2 and "--out: empty: name a folder" in capsys.readouterr().err
+    # A file option alike: `-o ""` was "output . is a folder", a folder the user never named.
+    for argv, option in ((["edit", "in.png", "-i", "x", "-o", "", "--tiny"], "-o/--output"),
+                         (["edit", " ", "-i", "x", "-o", "o.png", "--tiny"], "image"),
+                         (["profile", "--trace", ""], "--trace"),
+                         (["export", "sam", "--checkpoint", ""], "--checkpoint")):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2 and f"{option}: empty: name a file" in capsys.readouterr().err
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     for out in (tmp_path / "dangling", tmp_path / "dangling" / "sub"):  # the link itself, or a folder above
         _fails_cleanly(capsys, ["export", "unet", "--tiny", "--out", str(out)], "--out",

@@ -49,7 +49,7 @@ from .config import (
 )
 from .errors import ConfigError, ZoneError
 from .instruction import check_instruction
-from .paths import check_output_file, check_output_folder, folder_argument, written_atomically
+from .paths import check_output_file, check_output_folder, file_argument, folder_argument, written_atomically
 from .serving.settings import ServeSettings
 
 RANDOM_WEIGHTS_NOTICE = (
@@ -125,10 +125,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     # No argparse defaults: PipelineSpec holds them, and --tiny/--random-weights must see what was given.
     models.add_argument("--ip2p", help=f"InstructPix2Pix folder or cached id (default: {IP2P_ID})")
     models.add_argument("--magicbrush", help=f"MagicBrush folder or cached id (default: {MAGICBRUSH_ID})")
-    models.add_argument("--sam", type=Path, help=f"SAM checkpoint .pth, for --segmenter torch (default: {DEFAULT_SAM})")
+    models.add_argument("--sam", type=file_argument,
+                        help=f"SAM checkpoint .pth, for --segmenter torch (default: {DEFAULT_SAM})")
     models.add_argument("--sam-type", type=str.lower, choices=SAM_TYPES,
                         help="SAM size, when the file name does not say it")
-    models.add_argument("--action-classifier", type=Path,
+    models.add_argument("--action-classifier", type=file_argument,
                         help=f"ZONE's action classifier (default: {DEFAULT_ACTION_CLASSIFIER} when that file is "
                              "there); without it a keyword rule decides the action")
     models.add_argument("--dtype", type=str.lower, default="fp32", choices=["fp32", "fp16", "bf16"],
@@ -181,9 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Edit IMAGE as INSTRUCTION says and write the result to OUTPUT (-o). Models load from local "
         "folders or the offline Hugging Face cache; nothing is downloaded.",
     )
-    edit.add_argument("image", type=Path, help="input image (PNG, JPEG, WebP, TIFF, ...)")
+    edit.add_argument("image", type=file_argument, help="input image (PNG, JPEG, WebP, TIFF, ...)")
     edit.add_argument("-i", "--instruction", required=True, help='what to do, e.g. "make the dog a golden statue"')
-    edit.add_argument("-o", "--output", type=Path, required=True, help="where to write the edited image")
+    edit.add_argument("-o", "--output", type=file_argument, required=True, help="where to write the edited image")
     _add_model_options(edit)
     _add_edit_options(edit)
 

@@ -76,6 +76,14 @@ def folder_argument(text: str) -> Path:
     return Path(text).expanduser()
 
 
+def file_argument(text: str) -> Path:
+    """argparse type of a file option: a blank one is refused (pathlib reads "" as the current folder: `-o ""`
+    was called a folder the user never named), `~` expanded."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: name a file")
+    return Path(text).expanduser()
+
+
 def folder_problem(folder: Path) -> str | None:
     """Why nothing could be written in `folder` (created if missing), or None if it could."""
     folder = Path(folder).absolute()
