@@ -476,7 +476,9 @@ def _add_edit_route(app: FastAPI) -> None:
         image: Annotated[UploadFile, File(description="the image to edit (PNG, JPEG, WebP, ...)")],
         instruction: Annotated[str, Form(description='what to do, e.g. "make the dog a golden statue"')],
         action: Annotated[str | None, Form(description="force change, add or remove (default: classified)")] = None,
-        steps: Annotated[int | None, Form(description="denoising steps (default: the server's)", ge=1)] = None,
+        # Its range checked below, not by Form(ge=1): a 0 said as a 1000 is ("steps: 0 is outside 1..100").
+        steps: Annotated[int | None, Form(description="denoising steps, 1 to the server's --max-steps (default: "
+                                          "the server's)")] = None,
         seed: Annotated[int | None, Form(description="seed of the initial noise (default: the server's)")] = None,
         return_: Annotated[Literal["png", "json"], Form(alias="return", description="png: the edited image; "
                            "json: image and masks as base64 PNG, action and timings")] = "png",
@@ -700,7 +702,7 @@ async def _unless_stopping(receive: Callable, service: EditService) -> dict:
 
 
 def _too_large(size: int | None, limit: int) -> ServeError:
-    said = f"is {size:,} bytes" if size is not None else "was still arriving past that"
+    said = f"is {size:,} bytes" if size is not None else f"passed {limit:,} bytes before it had all arrived"
     return ServeError(413, "upload_too_large", f"the upload {said}; this server takes at most {limit:,} bytes")
 
 
