@@ -209,6 +209,21 @@ def test_region_matches_independent_implementation(size, fft_device):
     assert region[box].mean() > 0.95  # the edit is found
 
 
+def test_the_default_disc_and_closing_are_the_references_where_they_matter(fft_device):
+    """At 320x320 the default disc (radius 200) drops frequencies (the images above are too small to lose any),
+    and two edits 15 px apart are closed into one region by the default 21x21 kernel (not by an 11x11)."""
+    rng = np.random.default_rng(7)
+    original = rng.integers(0, 256, size=(320, 320, 3), dtype=np.uint8)
+    left, right = rectangle(320, 320, 100, 80, 220, 140), rectangle(320, 320, 100, 155, 220, 215)  # 15 px apart
+    styled = original.copy()
+    for box in (left, right):
+        styled[box] = rng.integers(0, 256, size=(int(box.sum()), 3), dtype=np.uint8)
+    dilated = grow(left | right, 4)
+    region = fft_edit_region(styled, original, dilated, device=fft_device)
+    np.testing.assert_array_equal(region, reference_region(styled, original, dilated))
+    assert region[130:200, 145:150].all()  # the gap between the two edits is inside R
+
+
 @pytest.mark.parametrize("size", [(64, 96), (96, 64)])
 def test_low_pass_disc_is_centred_on_non_square_images(size, fft_device):
     """A small disc at the spectrum's true centre; the reference's (row, col) centre gives another R."""

@@ -25,6 +25,7 @@ from zone_engine.backends import check_backends, resolve_device
 from zone_engine.cli import MASK_OUTPUTS, SERVE_MODULES, main
 from zone_engine.config import Action, EditConfig, SamConfig, check_backend_options, device_kind
 from zone_engine.errors import ConfigError, DeviceError, InputImageError, InstructionError, ZoneError
+from zone_engine.instruction import check_instruction
 from zone_engine.pipeline import EditRequest
 
 
@@ -535,6 +536,9 @@ def test_api_bad_input(tiny_pipe):
     for invisible in ("\u200b\u200b", "\x01\x02"):  # zero-width spaces, control characters: were edits without a prompt
         with pytest.raises(InstructionError, match="no visible characters"):
             tiny_pipe.edit(image, invisible)
+    with pytest.raises(InstructionError, match="is 10,001 characters long, over 10,000"):
+        tiny_pipe.edit(image, "a" * 10_001)
+    assert check_instruction(" " + "a" * 10_000 + "\n") == "a" * 10_000  # the limit itself, after the strip
     with pytest.raises(ConfigError):
         tiny_pipe.default_config.replace(seam_alpha=2.0)
     with pytest.raises(ConfigError, match="config must be an EditConfig"):

@@ -12,10 +12,12 @@ from PIL import Image
 
 from zone_engine.localize import (
     attention_probability_sum,
+    binarize_reference,
     difference_map,
     localize,
     record_cross_attention,
     recorded_layers,
+    threshold_difference,
 )
 from zone_engine.models import build_tiny_unet
 
@@ -171,6 +173,30 @@ def test_mask_math_matches_reference(grid, size, rule, seed):
     result = localize(torch.from_numpy(average), grid, last_token, size, rule=rule)
     assert np.array_equal(result.difference, expected_diff)
     assert np.array_equal(result.mask_b, expected_mask)
+
+
+def test_an_island_of_the_edit_region_under_64_pixels_is_dropped_and_a_large_region_kept():
+    """The random maps above never make a component under 64 px: here one grid cell (4x4 px at 64x64) is an
+    island of M_b, beside a 6x6-cell block, and the small-region filter must take it out."""
+    grid, size, last_token = (16, 16), (64, 64), 5
+    first, last = np.ones(grid, np.float32), np.full(grid, 0.01, np.float32)  # d large: outside M_b
+    last[2, 12] = 1.0  # d = 0 in one cell: an island
+    last[8:14, 2:8] = 1.0  # and a block of 36 cells
+    average = np.full((*grid, 77), 0.5, np.float32)
+    average[..., 0], average[..., last_token] = first, last
+    average = torch.from_numpy(average.reshape(-1, 77))
+    before, _ = binarize_reference(average, grid, last_token, size)
+    island, block = (slice(8, 12), slice(48, 52)), (slice(34, 54), slice(10, 30))
+    assert before[island].any() and 0 < before[island].sum() < 64  # the island is there, and small
+    mask_b = localize(average, grid, last_token, size).mask_b
+    assert not mask_b[island].any() and mask_b[block].all()
+    assert np.array_equal(mask_b, reference_mask(average.numpy(), grid, last_token, size, "reference")[0])
+
+
+def test_the_thresholds_defaults_are_the_papers_and_the_references():
+    """paper: d < T = 128; reference: min(2d, 255) <= 108, so d = 54 is in M_b and 55 is not."""
+    assert threshold_difference(np.array([[127, 128]], np.uint8), "paper").tolist() == [[True, False]]
+    assert threshold_difference(np.array([[54, 55, 200]], np.uint8), "reference").tolist() == [[True, False, False]]
 
 
 def test_difference_is_saturating_and_uses_token_l_minus_1():

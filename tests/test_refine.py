@@ -13,6 +13,7 @@ from zone_engine.refine import (
     ListSegmenter,
     Refinement,
     Segmenter,
+    Selection,
     choose_segment,
     refine_mask,
     refine_with_sam,
@@ -82,6 +83,9 @@ def test_no_overlap_and_empty_list_give_none():
 def test_segment_of_another_size_raises():
     with pytest.raises(ValueError, match="shape"):
         select_best_segment(np.zeros((8, 8), bool), [np.zeros((8, 9), bool)])
+    # A segmenter's own selection alike: a wrong-size M_f would fail later, in blend, as another mistake.
+    with pytest.raises(ValueError, match=r"the chosen segment has shape \(8, 9\), M_b has shape \(8, 8\)"):
+        refine_mask(np.zeros((8, 8), bool), Selection(np.ones((8, 9), bool), 0.5, 1))
 
 
 # ---------------------------------------------------------------------------------------------------
