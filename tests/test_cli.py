@@ -688,25 +688,27 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path):
     for option in ("--port", "--max-batch", "--max-wait-ms", "--queue-size", "--timeout-s", "--ray", "--replicas",
                    "--tiny", "--ip2p"):
         assert option in out.stdout
-    _fails_cleanly(capsys, ["serve", "--tiny", "--max-batch", "0"], "max-batch")
+    # Each option as the command line writes it, its Python spelling left out.
+    _fails_cleanly(capsys, ["serve", "--tiny", "--max-batch", "0"], "--max-batch 0 must be at least 1")
     _fails_cleanly(capsys, ["serve", "--tiny", "--timeout-s", "0"], "timeout-s")
-    _fails_cleanly(capsys, ["serve", "--tiny", "--timeout-s", "inf"], "timeout-s must be a finite number")
-    _fails_cleanly(capsys, ["serve", "--tiny", "--max-wait-ms", "inf"], "max-wait-ms must be a finite number")
-    _fails_cleanly(capsys, ["serve", "--tiny", "--max-upload-mb", "1e-9"], "max-upload-mb (1e-09) is under 1 KiB")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--timeout-s", "inf"], "--timeout-s inf must be a finite number")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--max-wait-ms", "inf"], "--max-wait-ms inf must be a finite number")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--max-upload-mb", "1e-9"], "--max-upload-mb 1e-09 is under 1 KiB")
     _fails_cleanly(capsys, ["serve", "--tiny", "--max-wait-ms", "5000", "--timeout-s", "5"],
-                   "max-wait-ms (5000) must be shorter than timeout-s")
+                   "--max-wait-ms 5000.0 must be shorter than --timeout-s 5.0: ")
     _fails_cleanly(capsys, ["serve", "--tiny", "--max-batch", "100000", "--queue-size", "100000"],
-                   "max-batch must be at most 256")
-    _fails_cleanly(capsys, ["serve", "--tiny", "--max-batch", "64"], "max-batch (64) is above queue-size (32)")
-    _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--max-steps", "1000"], "max-steps must be at most 999")
+                   "--max-batch 100000 must be at most 256")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--max-batch", "64"], "--max-batch 64 is above --queue-size 32: ")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--max-steps", "1000"],
+                   "--max-steps 1000 must be at most 999")
     # Options that would be silently ignored or contradict each other.
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--replicas", "2"], "--replicas is read with --ray only")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--steps", "500"], "default steps (500) is above "
-                   "max-steps (100)")
+                   "--max-steps 100, which")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--max-pixels", "200000000"],
-                   "max-pixels must be at most 100,000,000")
+                   "--max-pixels 200000000 must be at most 100,000,000")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--allow-origin", "https://app.example.com/ui"],
-                   "allow-origin 'https://app.example.com/ui' is not an origin")
+                   "allowed origin 'https://app.example.com/ui' (--allow-origin, allow_origins) is not an origin")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "70000"], "port")
     _fails_cleanly(capsys, ["serve", "--tiny", "--host", "999.1.1.1"], "--host 999.1.1.1")
     with socket.socket() as taken:

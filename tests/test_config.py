@@ -86,6 +86,8 @@ def test_the_command_line_prints_its_own_spelling_alone():
     assert command_line_spelling(both) == "--denoiser tensorrt needs --engines DIR; drop --cuda-graphs"
     other = "--steps 3 (of 20) and --seed x (steps=3)"  # a parenthesis that is not the same option's: kept
     assert command_line_spelling(other) == other
+    # Names with digits too: the missing-checkpoint line said "--ip2p DIR (ip2p=DIR)" on the command line.
+    assert command_line_spelling(f"pass the folder with {option('ip2p', 'DIR')}") == "pass the folder with --ip2p DIR"
 
 
 def test_the_errors_a_caller_catches_import_from_the_package():

@@ -309,13 +309,13 @@ def test_warmup_sizes_run_every_padded_batch_size_at_the_servers_steps_before_re
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert warmed == [((128, 128), 1, 2), ((64, 96), 1, 2), ((64, 96), 2, 2), ((64, 96), 4, 2)]
-    with pytest.raises(ConfigError, match="warmup-size 4x4"):
+    with pytest.raises(ConfigError, match=r"warm-up size 4x4 \(--warmup-size, warmup_sizes\)"):
         ServeSettings(warmup_sizes=((4, 4),))
 
 
 def test_a_batch_that_could_never_fill_is_refused_by_the_local_service_only(pipe):
     settings = ServeSettings(max_batch=8, queue_size=4)  # valid under Ray Serve, whose queue counts differently
-    with pytest.raises(ConfigError, match=r"max-batch \(8\) is above queue-size \(4\)"):
+    with pytest.raises(ConfigError, match=r"--max-batch 8 \(max_batch=8\) is above --queue-size 4 \(queue_size=4\)"):
         LocalEditService(lambda: pipe, settings)
 
 

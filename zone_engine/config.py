@@ -124,7 +124,7 @@ def option(name: str, value: object) -> str:
     return f"{flag} {value} ({name}={keyword_value})"
 
 
-_BOTH_SPELLINGS = re.compile(r"(--(?P<flag>[a-z][a-z-]*)(?: [^\s()]+)?) \((?P<keyword>[a-z_]+)=[^()]*\)")
+_BOTH_SPELLINGS = re.compile(r"(--(?P<flag>[a-z][a-z0-9-]*)(?: [^\s()]+)?) \((?P<keyword>[a-z][a-z0-9_]*)=[^()]*\)")
 
 
 def command_line_spelling(message: str) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import BACKEND_OPTIONS, IP2P_ID, MAGICBRUSH_ID, MAX_BATCH, MAX_PIXELS, MAX_STEPS, MIN_SIDE
+from ..config import BACKEND_OPTIONS, IP2P_ID, MAGICBRUSH_ID, MAX_BATCH, MAX_PIXELS, MAX_STEPS, MIN_SIDE, option
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -94,46 +94,50 @@ class ServeSettings:
     allow_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        # Each option said as `zone serve` and Python both write it ("--max-batch 0 (max_batch=0)"; the command
+        # line prints its own spelling alone).
         for name in ("max_batch", "queue_size", "max_pixels", "max_instruction_chars", "max_steps"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{option(name, getattr(self, name))} must be at least 1")
         if self.max_steps > MAX_STEPS:
-            raise ConfigError(f"max-steps must be at most {MAX_STEPS} (the engine's limit), got {self.max_steps}")
+            raise ConfigError(f"{option('max_steps', self.max_steps)} must be at most {MAX_STEPS} (the engine's limit)")
         if self.max_pixels > MAX_PIXELS:
-            raise ConfigError(f"max-pixels must be at most {MAX_PIXELS:,} (the engine's limit), got "
-                              f"{self.max_pixels:,}")
+            raise ConfigError(f"{option('max_pixels', self.max_pixels)} must be at most {MAX_PIXELS:,} (the engine's "
+                              "limit)")
         steps = dict(self.edit_changes).get("steps")
         if steps is not None and steps > self.max_steps:
-            raise ConfigError(f"the server's default steps ({steps}) is above max-steps ({self.max_steps}), which "
-                              "bounds what a request may ask for: lower --steps or raise --max-steps")
+            raise ConfigError(f"the server's default steps ({steps}) is above {option('max_steps', self.max_steps)}, "
+                              "which bounds what a request may ask for: lower the steps or raise the maximum")
         for height, width in self.warmup_sizes:
             if min(height, width) < MIN_SIDE or height * width > self.max_pixels:
-                raise ConfigError(f"warmup-size {height}x{width}: at least {MIN_SIDE} pixels a side and at most "
-                                  f"max-pixels ({self.max_pixels:,}) in all")
+                raise ConfigError(f"warm-up size {height}x{width} (--warmup-size, warmup_sizes): at least {MIN_SIDE} "
+                                  f"pixels a side and at most {option('max_pixels', self.max_pixels)} in all")
         for name in ("max_wait_ms", "timeout_s", "max_upload_mb"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0) or (name != "max_wait_ms" and value == 0):
                 least = "0 or more" if name == "max_wait_ms" else "more than 0"
-                raise ConfigError(f"{name.replace('_', '-')} must be a finite number, {least}; got {value}")
+                raise ConfigError(f"{option(name, value)} must be a finite number, {least}")
         if self.max_wait_ms >= self.timeout_s * 1000:  # every request would time out waiting for batch-mates
-            raise ConfigError(f"max-wait-ms ({self.max_wait_ms:g}) must be shorter than timeout-s "
-                              f"({self.timeout_s:g} s): a request would time out waiting for others to batch with")
+            raise ConfigError(f"{option('max_wait_ms', self.max_wait_ms)} must be shorter than "
+                              f"{option('timeout_s', self.timeout_s)}: a request would time out waiting for others "
+                              "to batch with")
         if self.max_upload_bytes < MIN_UPLOAD_BYTES:  # no image would fit: every edit a 413
-            raise ConfigError(f"max-upload-mb ({self.max_upload_mb:g}) is under 1 KiB, which no image fits in; "
-                              "the default is 20")
+            raise ConfigError(f"{option('max_upload_mb', self.max_upload_mb)} is under 1 KiB, which no image fits "
+                              "in; the default is 20")
         for origin in self.allow_origins:
             if origin != "*" and not _ORIGIN.fullmatch(origin):
-                raise ConfigError(f"allow-origin {origin!r} is not an origin: write scheme://host[:port] with no path "
+                raise ConfigError(f"allowed origin {origin!r} (--allow-origin, allow_origins) is not an origin: "
+                                  "write scheme://host[:port] with no path "
                                   "(e.g. https://app.example.com or http://localhost:3000), or * for any")
         if self.max_batch > MAX_BATCH:  # beyond it: no GPU's memory, and a warm-up of every padded size up to it
-            raise ConfigError(f"max-batch must be at most {MAX_BATCH}, got {self.max_batch}")
+            raise ConfigError(f"{option('max_batch', self.max_batch)} must be at most {MAX_BATCH}")
 
     def check_local_batching(self) -> None:
         """The single-process batcher forms batches from its queue: a larger batch could never fill. (Ray Serve
         counts its queue beyond the requests its batches form from: not checked there.)"""
         if self.max_batch > self.queue_size:
-            raise ConfigError(f"max-batch ({self.max_batch}) is above queue-size ({self.queue_size}): such a batch "
-                              "could never fill; raise --queue-size or lower --max-batch")
+            raise ConfigError(f"{option('max_batch', self.max_batch)} is above {option('queue_size', self.queue_size)}"
+                              ": such a batch could never fill; raise the queue size or lower the batch")
 
     @property
     def max_upload_bytes(self) -> int:
