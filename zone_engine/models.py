@@ -27,7 +27,7 @@ SAM_URLS = {
     "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
     "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
 }
-ACTION_CLASSIFIER_SOURCE = "ckpts/action_classifier.pth in the ZONE reference repository (lsl001006/ZONE)"
+ACTION_CLASSIFIER_SOURCE = "ckpts/action_classifier.pth of the ZONE reference repository, https://github.com/lsl001006/ZONE"
 
 
 class ActionClassifier(nn.Module):
