@@ -49,6 +49,7 @@ from .options import refuse_first
 
 MODES = ("batching", "no-batching")
 SETTLE_S = 10.0  # longest wait, after a level, for the server to finish what its clients gave up on
+SCRAPE_TIMEOUT_S = 10.0  # a /metrics scrape's own: --timeout-s is the edits', and may be far shorter
 SERVER_OPTIONS = ("max_batch", "max_wait_ms", "tiny", "device", "server_args", "ready_timeout_s")  # LoadConfig's
 _HTTP_URL = re.compile(r"https?://[^\s/?#]+(/\S*)?", re.IGNORECASE)  # a server to measure: scheme and host
 
@@ -192,7 +193,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 async def scrape(client: httpx.AsyncClient, base: str) -> dict[str, float] | None:
     """The server's metrics now; None when it has none to give (then no batch sizes are reported)."""
     try:
-        response = await client.get(f"{base}/metrics")
+        response = await client.get(f"{base}/metrics", timeout=SCRAPE_TIMEOUT_S)
     except httpx.HTTPError:
         return None
     return parse_metrics(response.text) if response.status_code == 200 else None
