@@ -13,7 +13,7 @@ from conftest import smooth_image
 from zone_engine import Action, ZonePipeline
 from zone_engine.config import EditConfig, SamConfig
 from zone_engine.denoise import DenoiseInputs, initial_noise
-from zone_engine.dual_step import FusedDualDenoiser
+from zone_engine.dual_step import FusedDualDenoiser, padded_batch
 from zone_engine.errors import EditCancelled, InputImageError, InstructionError
 from zone_engine.localize import AttentionAccumulator, RecordingAttnProcessor
 from zone_engine.pipeline import EditRequest, batch_key, encode_image_latents
@@ -263,6 +263,7 @@ def test_padded_batches_run_a_power_of_two_and_return_only_the_real_edits(tiny_m
     padded = FusedDualDenoiser(tiny_models.ip2p_unet, tiny_models.mb_unet, tiny_models.scheduler_config,
                                pad_batches=True)
     assert not plain.pad_batches
+    assert [padded_batch(edits) for edits in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, 16]
     batch_sizes = []
     real_step = padded.step_fn
 

@@ -683,7 +683,11 @@ requires_serve = pytest.mark.skipif(bool(SERVE_MISSING), reason=f"needs the serv
 
 
 @requires_serve
-def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path):
+def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path, monkeypatch):
+    def started(*_args, **_kwargs):  # a check that let bad settings through fails here, not by serving forever
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr("zone_engine.serving.run_server", started)
     out = subprocess.run([sys.executable, "-m", "zone_engine.cli", "serve", "--help"], capture_output=True, text=True)
     for option in ("--port", "--max-batch", "--max-wait-ms", "--queue-size", "--timeout-s", "--ray", "--replicas",
                    "--tiny", "--ip2p"):

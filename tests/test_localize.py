@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from zone_engine.errors import EditWarning
 from zone_engine.localize import (
     attention_probability_sum,
     binarize_reference,
@@ -20,6 +21,7 @@ from zone_engine.localize import (
     threshold_difference,
 )
 from zone_engine.models import build_tiny_unet
+from zone_engine.text import encode_instruction
 
 
 class StoreEverything:
@@ -197,6 +199,16 @@ def test_the_thresholds_defaults_are_the_papers_and_the_references():
     """paper: d < T = 128; reference: min(2d, 255) <= 108, so d = 54 is in M_b and 55 is not."""
     assert threshold_difference(np.array([[127, 128]], np.uint8), "paper").tolist() == [[True, False]]
     assert threshold_difference(np.array([[54, 55, 200]], np.uint8), "reference").tolist() == [[True, False, False]]
+
+
+def test_l_counts_the_instructions_tokens_with_start_and_end_up_to_77(tiny_models):
+    """L - 1 is the token whose map is subtracted: the end token, one past the instruction's last word."""
+    tokenizer, encoder = tiny_models.tokenizer, tiny_models.text_encoder
+    encoded = encode_instruction(tokenizer, encoder, "make the dog")  # <start> make the dog <end>
+    assert (encoded.token_count, encoded.truncated) == (5, False)
+    assert encode_instruction(tokenizer, encoder, "dog " * 75).token_count == 77  # 75 words: exactly full
+    with pytest.warns(EditWarning):
+        assert encode_instruction(tokenizer, encoder, "dog " * 76).token_count == 77  # one over: truncated
 
 
 def test_difference_is_saturating_and_uses_token_l_minus_1():

@@ -15,6 +15,7 @@ from zone_engine import Action, EditConfig, EditRequest, EditResult, SamConfig, 
 from zone_engine.errors import ConfigError, EditWarning
 from zone_engine.pipeline import STAGES
 from zone_engine.refine import ListSegmenter
+from zone_engine.timing import Stopwatch
 
 INSTRUCTION = "make the house golden"
 
@@ -466,3 +467,16 @@ def test_the_heatmap_is_drawn_over_the_input(tiny_pipe, monkeypatch):
     result = _edit(tiny_pipe, image)
     np.testing.assert_array_equal(drawn_over[0], image)
     assert not np.array_equal(result.styled, image)  # so drawing over I_sty would show
+
+
+def test_a_stopwatch_adds_up_a_stage_timed_twice_and_its_copy_goes_on_apart(monkeypatch):
+    ticks = iter([0.0, 2.0, 10.0, 13.0, 20.0, 24.0])  # perf_counter at each stage's start and end
+    monkeypatch.setattr("zone_engine.timing.time.perf_counter", lambda: next(ticks))
+    watch = Stopwatch(torch.device("cpu"))
+    for _ in range(2):
+        with watch("denoise"):
+            pass
+    later = watch.copy()
+    with later("denoise"):
+        pass
+    assert watch.seconds == {"denoise": 5.0} and later.seconds == {"denoise": 9.0}

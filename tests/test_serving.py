@@ -317,6 +317,13 @@ def test_a_batch_that_could_never_fill_is_refused_by_the_local_service_only(pipe
     settings = ServeSettings(max_batch=8, queue_size=4)  # valid under Ray Serve, whose queue counts differently
     with pytest.raises(ConfigError, match=r"--max-batch 8 \(max_batch=8\) is above --queue-size 4 \(queue_size=4\)"):
         LocalEditService(lambda: pipe, settings)
+    ServeSettings(max_batch=4, queue_size=4).check_local_batching()  # one that fills the queue exactly can fill
+
+
+def test_every_count_setting_is_at_least_one():
+    for name in ("max_batch", "queue_size", "max_pixels", "max_instruction_chars", "max_steps"):
+        with pytest.raises(ConfigError, match=rf"--{name.replace('_', '-')} 0 \({name}=0\) must be at least 1"):
+            ServeSettings(**{name: 0})
 
 
 def test_stopping_ends_the_warm_up_at_its_running_batchs_next_step(pipe, monkeypatch):
@@ -1032,8 +1039,9 @@ def test_batcher_metrics_show_the_running_batch_and_each_edits_queue_wait():
 
 
 def test_retry_after_is_the_batches_ahead_times_a_batchs_time_or_the_running_ones_if_longer():
-    """Batches ahead: the queued ones (4 edits, 2 a batch) and the running one; a batch's time: a moving
-    average (0.8 old, 0.2 new) of the batches run, or the running batch's time so far when longer."""
+    """Batches ahead: the queued ones (3 edits, 2 a batch: 1.5, not rounded down) and the running one; a batch's
+    time: a moving average (0.8 old, 0.2 new) of the batches run, or the running batch's time so far when longer;
+    at least 1 s, before any batch has run too."""
     clock = ManualClock()
     started, release = threading.Event(), threading.Event()
 
@@ -1048,21 +1056,22 @@ def test_retry_after_is_the_batches_ahead_times_a_batchs_time_or_the_running_one
     async def scenario():
         batcher = DynamicBatcher(run_batch, max_batch=2, max_wait_s=0, queue_size=10, clock=clock)
         batcher.start()
+        estimates = [batcher.retry_after_s()]  # nothing run yet, nothing queued: 1 s, not 0
         await batcher.submit(EditRequest(None, "timed"), "k")
         jobs = [asyncio.ensure_future(batcher.submit(EditRequest(None, "held"), "k"))]
         await asyncio.get_running_loop().run_in_executor(None, started.wait)
-        jobs += [asyncio.ensure_future(batcher.submit(EditRequest(None, f"q{i}"), "k")) for i in range(4)]
+        jobs += [asyncio.ensure_future(batcher.submit(EditRequest(None, f"q{i}"), "k")) for i in range(3)]
         await asyncio.sleep(0)
-        estimates = [batcher.retry_after_s()]  # 3 batches x 10 s
+        estimates.append(batcher.retry_after_s())  # 2.5 batches x 10 s
         clock.now += 40.0
-        estimates.append(batcher.retry_after_s())  # the running batch has run 40 s: 3 x 40 s
+        estimates.append(batcher.retry_after_s())  # the running batch has run 40 s: 2.5 x 40 s
         release.set()
         await asyncio.gather(*jobs)  # batches of 40, 0 and 0 s: 0.8 x (0.8 x (0.8 x 10 + 0.2 x 40)) = 10.24 s
         estimates.append(batcher.retry_after_s())
         await batcher.close()
         return estimates
 
-    assert run_batcher(scenario) == [30, 120, 11]
+    assert run_batcher(scenario) == [1, 25, 100, 11]
 
 
 def test_a_full_bucket_starts_at_once_and_a_lone_edit_when_its_wait_is_up():
