@@ -707,7 +707,7 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path, monke
                    "--max-steps 1000 must be at most 999")
     # Options that would be silently ignored or contradict each other.
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--replicas", "2"], "--replicas is read with --ray only")
-    _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--steps", "500"], "default steps (500) is above "
+    _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--steps", "500"], "default --steps 500 is above "
                    "--max-steps 100, which")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--max-pixels", "200000000"],
                    "--max-pixels 200000000 must be at most 100,000,000")

@@ -106,8 +106,9 @@ class ServeSettings:
                               "limit)")
         steps = dict(self.edit_changes).get("steps")
         if steps is not None and steps > self.max_steps:
-            raise ConfigError(f"the server's default steps ({steps}) is above {option('max_steps', self.max_steps)}, "
-                              "which bounds what a request may ask for: lower the steps or raise the maximum")
+            raise ConfigError(f"the server's default {option('steps', steps)} is above "
+                              f"{option('max_steps', self.max_steps)}, which bounds what a request may ask for: lower "
+                              "the one or raise the other")
         for height, width in self.warmup_sizes:
             if min(height, width) < MIN_SIDE or height * width > self.max_pixels:
                 raise ConfigError(f"warm-up size {height}x{width} (--warmup-size, warmup_sizes): at least {MIN_SIDE} "
