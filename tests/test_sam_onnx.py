@@ -36,7 +36,7 @@ from export.options import add_export_sam_arguments  # noqa: E402
 from export.sam import export_sam, run_export_sam  # noqa: E402
 from zone_engine import __version__  # noqa: E402
 from zone_engine.config import SamConfig  # noqa: E402
-from zone_engine.errors import CheckpointError, ConfigError, DeviceError, ZoneError  # noqa: E402
+from zone_engine.errors import CheckpointError, ConfigError, DeviceError, EditWarning, ZoneError  # noqa: E402
 from zone_engine.models import SAM_SIZES, build_sam  # noqa: E402
 from zone_engine.paths import file_sha256  # noqa: E402
 from zone_engine.refine import choose_segment, refine_mask  # noqa: E402
@@ -45,6 +45,7 @@ from zone_engine.sam_onnx import (  # noqa: E402
     ENCODER_FILE,
     MANIFEST_FILE,
     MANIFEST_KEYS,
+    PROVIDER_ORDER,
     OnnxSamSegmenter,
     choose_providers,
     engine_cache_folder,
@@ -412,19 +413,51 @@ def test_manifest_records_the_export(exported):
 
 def test_tensorrt_engines_are_cached_per_export_and_a_re_export_drops_the_old_ones(sam, tmp_path):
     """ORT's own engine-cache names do not cover the weights: other weights exported into the same folder
-    must not load the old weights' engines. The GPU providers get the pipeline's device."""
-    folder = export_sam(sam, "tiny", tmp_path / "sam")
-    old_cache = engine_cache_folder(folder, read_manifest(folder))
+    must not load the old weights' engines; nor the decoder's batch profile. ORT makes only the cache folder's
+    last level: it is made here. The GPU providers get the pipeline's device."""
+    folder, config = export_sam(sam, "tiny", tmp_path / "sam"), CONFIGS["random-weights"]
+    old_cache = engine_cache_folder(folder, read_manifest(folder), config.points_per_batch)
     old_cache.mkdir(parents=True)
     (old_cache / "decoder.engine").write_bytes(b"engine of the old weights")
     export_sam(tiny_sam(seed=3), "tiny", folder)
-    new_cache = engine_cache_folder(folder, read_manifest(folder))
+    new_cache = engine_cache_folder(folder, read_manifest(folder), config.points_per_batch)
     assert new_cache != old_cache and not old_cache.exists()
-    segmenter = OnnxSamSegmenter(folder, CONFIGS["random-weights"], device_index=1)
-    options = segmenter._provider_options("TensorrtExecutionProvider", DECODER_FILE, CONFIGS["random-weights"])
-    assert options["trt_engine_cache_path"] == str(new_cache) and options["device_id"] == 1
+    assert engine_cache_folder(folder, read_manifest(folder), config.points_per_batch * 2) != new_cache
+    segmenter = OnnxSamSegmenter(folder, config, device_index=1)
+    options = segmenter._provider_options("TensorrtExecutionProvider", DECODER_FILE, config)
+    assert options["trt_engine_cache_path"] == str(new_cache) and options["device_id"] == 1 and new_cache.is_dir()
+    assert "trt_fp16_enable" not in options  # an fp16 export's fp32 prompt encoder stays fp32
     assert segmenter._provider_options("CUDAExecutionProvider", ENCODER_FILE, CONFIGS["random-weights"]) == {
         "device_id": 1}
+
+
+def test_a_gpu_provider_that_cannot_start_drops_out_with_a_warning_the_others_keep_their_options(exported,
+                                                                                                monkeypatch):
+    """ORT's own fallback would retry CUDA and CPU without their options (on GPU 0 whatever device_id), and
+    print its error to stdout: here each failing GPU provider drops out in turn, said in one warning."""
+    real, created = ort.InferenceSession, []
+
+    def gpu_libraries_missing(path, options, providers, provider_options, enable_fallback):
+        created.append((Path(path).name, providers, provider_options, enable_fallback))
+        if providers[0] != "CPUExecutionProvider":
+            raise RuntimeError(f"{providers[0]} could not be created: libnvinfer.so.10 not found")
+        return real(path, options, providers=providers)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(PROVIDER_ORDER))
+    monkeypatch.setattr(ort, "InferenceSession", gpu_libraries_missing)
+    with pytest.warns(EditWarning) as said:
+        segmenter = OnnxSamSegmenter(exported, CONFIGS["random-weights"], device_index=1)
+    assert [str(warning.message) for warning in said] == [
+        "ONNX Runtime could not start TensorrtExecutionProvider (TensorrtExecutionProvider could not be created: "
+        "libnvinfer.so.10 not found) or CUDAExecutionProvider (CUDAExecutionProvider could not be created: "
+        f"libnvinfer.so.10 not found) for {name}: it runs on CPUExecutionProvider" for name in (ENCODER_FILE,
+                                                                                                DECODER_FILE)]
+    encoder_tries = [(providers, options, fallback) for name, providers, options, fallback in created
+                     if name == ENCODER_FILE]
+    assert [providers for providers, _, _ in encoder_tries] == [list(PROVIDER_ORDER), list(PROVIDER_ORDER[1:]),
+                                                                 ["CPUExecutionProvider"]]
+    assert encoder_tries[1][1] == [{"device_id": 1}, {}] and {fallback for _, _, fallback in encoder_tries} == {0}
+    assert segmenter.providers == ["CPUExecutionProvider"] and segmenter.segment(smooth_image(64, 64))
 
 
 def test_manifest_records_the_checkpoint_checksum(sam, tmp_path):

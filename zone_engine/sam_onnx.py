@@ -27,7 +27,7 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 
 from .config import SamConfig
-from .errors import CheckpointError, DeviceError
+from .errors import CheckpointError, DeviceError, first_line, warn_caller
 from .paths import MANIFEST_FILE, export_kind, export_manifest_path, listed_file_problem
 from .sam_torch import TorchSamSegmenter, passing_masks
 
@@ -80,25 +80,43 @@ class OnnxSamSegmenter(TorchSamSegmenter):
         options.log_severity_level = 3  # ORT warns about every node it leaves on the CPU
         # Idle ORT threads would spin between decoder runs and starve torch's post-processing on the CPU.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        path = self.folder / name
-        try:
-            return ort.InferenceSession(
-                str(path), options, providers=providers,
-                provider_options=[self._provider_options(provider, name, config) for provider in providers],
-            )
-        except Exception as error:  # ORT raises its own Fail/InvalidProtobuf/... types
-            raise export_error(self.folder, f"ONNX Runtime cannot load {name}: {str(error).strip()[:300]}") from None
+        path, tried, failed = self.folder / name, list(providers), []
+        # A provider that cannot start (TensorRT's or CUDA's libraries) drops out here, not in ORT's own fallback
+        # (enable_fallback=0): that one retries CUDA and CPU without their options, on GPU 0 whatever device_id.
+        while True:
+            try:
+                session = ort.InferenceSession(
+                    str(path), options, providers=tried, enable_fallback=0,
+                    provider_options=[self._provider_options(provider, name, config) for provider in tried],
+                )
+            except Exception as error:  # ORT raises its own Fail/InvalidProtobuf/... types
+                if tried[0] not in GPU_PROVIDERS or len(tried) == 1:
+                    raise export_error(self.folder, f"ONNX Runtime cannot load {name}: "
+                                       f"{str(error).strip()[:300]}") from None
+                failed.append(f"{tried[0]} ({first_line(error)[:200]})")
+                tried = tried[1:]
+                continue
+            if failed:
+                warn_caller(f"ONNX Runtime could not start {' or '.join(failed)} for {name}: it runs on {tried[0]}")
+            return session
 
     def _provider_options(self, provider: str, name: str, config: SamConfig) -> dict[str, Any]:
         if provider not in GPU_PROVIDERS:
             return {}
         if provider == "CUDAExecutionProvider":
             return {"device_id": self.device_index}
-        # TensorRT builds an engine per input shape: cache them beside the graphs, and give the decoder
-        # one profile for every batch size the generator sends (the last batch may be smaller).
+        # TensorRT builds an engine per input shape: cache them beside the graphs (ORT makes only the cache
+        # folder's last level), and give the decoder one profile for every batch size the generator sends (the
+        # last batch may be smaller). No trt_fp16_enable: an fp16 export carries its types, its prompt encoder
+        # fp32 on purpose (export/sam.py), and the flag would let TensorRT run that in fp16 too.
+        cache = engine_cache_folder(self.folder, self.manifest, config.points_per_batch)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CheckpointError(f"the SAM export {self.folder}: TensorRT's engine cache {cache} cannot be made "
+                                  f"({error.strerror}): make the folder writable") from None
         options = {"device_id": self.device_index, "trt_engine_cache_enable": True,
-                   "trt_engine_cache_path": str(engine_cache_folder(self.folder, self.manifest)),
-                   "trt_fp16_enable": self.manifest["precision"] == "fp16"}
+                   "trt_engine_cache_path": str(cache)}
         if name == DECODER_FILE:
             embedding = "x".join(str(d) for d in (1, *self.manifest["embedding_shape"]))
             for bound, batch in (("min", 1), ("opt", config.points_per_batch), ("max", config.points_per_batch)):
@@ -319,12 +337,15 @@ def session_device(session: Any, device_index: int = 0) -> torch.device:
     return torch.device("cuda", device_index) if session.get_providers()[0] in GPU_PROVIDERS else torch.device("cpu")
 
 
-def engine_cache_folder(folder: Path, manifest: dict[str, Any]) -> Path:
-    """Where ORT's TensorRT provider caches its engines for this export: keyed by the graphs'
-    checksums, since ORT's own cache names do not cover the weights (an export of other weights
-    into the same folder would otherwise load the old weights' engines)."""
-    key = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()[:16]
-    return folder / TRT_CACHE / key
+def engine_cache_folder(folder: Path, manifest: dict[str, Any], points_per_batch: int) -> Path:
+    """Where ORT's TensorRT provider caches its engines for this export: keyed by what ORT's own cache
+    names (the GPU's compute capability) do not cover: the graphs' checksums (an export of other weights
+    into the same folder would otherwise load the old weights' engines), ONNX Runtime's version (and so the
+    TensorRT it links; its documentation asks for a clean cache when either changes) and the decoder's batch
+    profile (`points_per_batch`)."""
+    key = json.dumps({"files": manifest["files"], "onnxruntime": _import_onnxruntime().__version__,
+                      "points_per_batch": points_per_batch}, sort_keys=True)
+    return folder / TRT_CACHE / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def choose_providers(ort: Any, requested: list[str] | None) -> list[str]:
