@@ -411,7 +411,7 @@ def test_manifest_records_the_export(exported):
     assert sorted(path.name for path in exported.iterdir()) == sorted([ENCODER_FILE, DECODER_FILE, MANIFEST_FILE])
 
 
-def test_tensorrt_engines_are_cached_per_export_and_a_re_export_drops_the_old_ones(sam, tmp_path):
+def test_tensorrt_engines_are_cached_per_export_and_a_re_export_drops_the_old_ones(sam, tmp_path, monkeypatch):
     """ORT's own engine-cache names do not cover the weights: other weights exported into the same folder
     must not load the old weights' engines; nor the decoder's batch profile. ORT makes only the cache folder's
     last level: it is made here. The GPU providers get the pipeline's device."""
@@ -427,6 +427,15 @@ def test_tensorrt_engines_are_cached_per_export_and_a_re_export_drops_the_old_on
     options = segmenter._provider_options("TensorrtExecutionProvider", DECODER_FILE, config)
     assert options["trt_engine_cache_path"] == str(new_cache) and options["device_id"] == 1 and new_cache.is_dir()
     assert "trt_fp16_enable" not in options  # an fp16 export's fp32 prompt encoder stays fp32
+
+    def refused(*_args, **_kwargs):  # a read-only export folder (root writes anyway: not made by chmod here)
+        raise PermissionError(13, "Permission denied")
+
+    shutil.rmtree(new_cache)
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(CheckpointError, match=r"TensorRT's engine cache .* cannot be made \(Permission denied\): "
+                       "make the folder writable"):
+        segmenter._provider_options("TensorrtExecutionProvider", ENCODER_FILE, config)
     assert segmenter._provider_options("CUDAExecutionProvider", ENCODER_FILE, CONFIGS["random-weights"]) == {
         "device_id": 1}
 
