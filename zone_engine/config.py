@@ -7,7 +7,6 @@ documented option (`threshold_rule="paper"`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import math
 import numbers
@@ -17,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from .errors import ConfigError, DeviceError, refuse_unknown
+from .errors import ConfigError, DeviceError, unknown_keywords_refused
 
 
 class Action(str, Enum):
@@ -243,14 +242,8 @@ def _raise_first_failing(checks: list[tuple[bool, str]]) -> None:
 def _unknown_fields_said(cls: type) -> type:
     """The dataclass's constructor (and so `replace`) says an unknown field name as a ConfigError, not a
     TypeError: EditConfig(strength=0.5)."""
-    init = cls.__init__
-
-    @functools.wraps(init)
-    def checked_init(self, *args: object, **kwargs: object) -> None:
-        refuse_unknown(cls.__name__, kwargs, [item.name for item in dataclasses.fields(cls)], noun="field")
-        init(self, *args, **kwargs)
-
-    cls.__init__ = checked_init
+    fields = [item.name for item in dataclasses.fields(cls)]
+    cls.__init__ = unknown_keywords_refused(cls.__init__, cls.__name__, fields, noun="field")
     return cls
 
 

@@ -6,9 +6,10 @@ line and exits with code 2; anything else is a bug and keeps its traceback.
 """
 
 import difflib
+import functools
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 
 def first_line(error: BaseException) -> str:
@@ -80,3 +81,14 @@ def refuse_unknown(owner: str, names: Iterable[str], known: Sequence[str], noun:
             near = difflib.get_close_matches(name, known, n=1)
             guess = f"did you mean {near[0]}? " if near else ""
             raise ConfigError(f"{owner} has no {noun} {name!r}: {guess}its {noun}s: {', '.join(known)}")
+
+
+def unknown_keywords_refused(init: Callable[..., None], owner: str, known: Sequence[str],
+                             noun: str = "option") -> Callable[..., None]:
+    """The constructor `init`, saying a misspelt keyword as `refuse_unknown` does before it runs."""
+    @functools.wraps(init)
+    def checked(self: object, *args: object, **kwargs: object) -> None:
+        refuse_unknown(owner, kwargs, known, noun)
+        init(self, *args, **kwargs)
+
+    return checked

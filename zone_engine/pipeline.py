@@ -47,7 +47,7 @@ from .config import (
     option,
 )
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
-from .errors import ConfigError, EditCancelled, a_type, refuse_unknown, warn_caller
+from .errors import ConfigError, EditCancelled, a_type, refuse_unknown, unknown_keywords_refused, warn_caller
 from .graphs import CapturedCalls, Run, eager
 from .instruction import check_instruction
 from .localize import ATTENTION_CELL, AttentionAccumulator, Localization, attention_grid, heatmap_overlay, localize
@@ -295,14 +295,7 @@ def _check_options(cls: type, caller: str, options: dict[str, object], others: t
 
 def _options_checked(init: Callable[..., None]) -> Callable[..., None]:
     """The constructor's misspelt keyword option as the same ConfigError as tiny()'s, not a TypeError."""
-    known = list(inspect.signature(init).parameters)[1:]  # after self
-
-    @functools.wraps(init)
-    def checked(self, *args: object, **kwargs: object) -> None:
-        refuse_unknown("ZonePipeline()", kwargs, known)
-        init(self, *args, **kwargs)
-
-    return checked
+    return unknown_keywords_refused(init, "ZonePipeline()", list(inspect.signature(init).parameters)[1:])  # no self
 
 
 CHECKPOINT_OPTIONS = ("ip2p", "magicbrush", "sam", "action_classifier", "sam_type")  # from_pretrained's own
