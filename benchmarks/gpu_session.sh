@@ -9,8 +9,7 @@
 # `fetch-wheels serve` also the serving load test's: the image has prometheus-client, httpx, anyio, h11, click).
 # Then: device run with carry [".whl"] and command `bash benchmarks/gpu_session.sh [STAGE ...]`: stages
 # kernels bench-compile bench tests refine profile graph-memory dual (the default, in that order), refine-zero
-# (refine
-# keeping every mask), dual (the dual-step variants), bench-cl (bench with channels-last UNets and VAE),
+# (refine keeping every mask), dual (the dual-step variants), bench-cl (bench with channels-last UNets and VAE),
 # bench-compile (the compile backend beside fused, and the variant rows on compile's denoiser),
 # compile (the torch.compile test), breaks (compile's graph breaks), profile (one edit under torch.profiler: each
 # stage's device-busy share and launches), graph-memory (captured steps' memory, shared pool vs one each),
