@@ -83,7 +83,7 @@ def test_bit_identical_to_reference_on_random_maps(grid, size, rule):
 
 
 @pytest.mark.parametrize("grid,size", [((16, 16), (512, 512)), ((5, 7), (160, 224)), ((4, 6), (7, 3)),
-                                       ((12, 20), (384, 640)), ((16, 16), (200, 70)), ((7, 5), (100, 37))],
+                                       ((12, 20), (96, 320)), ((16, 16), (200, 70)), ((7, 5), (100, 37))],
                          ids=lambda v: "x".join(map(str, v)))
 def test_bit_identical_with_the_gpus_tiles(grid, size, monkeypatch):
     # The GPU's 16 x 128 tiles (more tiles, each reading its own span of grid rows; in the last two
