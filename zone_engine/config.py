@@ -165,8 +165,14 @@ def check_backend_options(
             raise ConfigError(f"unknown {what} {value!r}: available {', '.join(names)}")
     check_switch("cuda_graphs", cuda_graphs, none_means="the engine's choice")
     check_switch("channels_last", channels_last, none_means="the engine's choice")
-    on_cpu = kind == "cpu"
     # Errors name each option both ways (`option`): the command line and the Python API reach them alike.
+    _check_device_needs(kind == "cpu", denoiser, attention, cuda_graphs, sam_precision)
+    _check_pairings(denoiser, engines, segmenter, sam_onnx, sam_precision, cuda_graphs)
+
+
+def _check_device_needs(on_cpu: bool, denoiser: object, attention: str, cuda_graphs: bool | None,
+                        sam_precision: str) -> None:
+    """DeviceError for an option that needs CUDA (or xformers) where it is not."""
     if attention == "xformers" and on_cpu:
         raise DeviceError(f"{option('attention', 'xformers')} needs a CUDA device; on the CPU use "
                           f"{option('attention', 'sdpa')}")
@@ -176,11 +182,18 @@ def check_backend_options(
     if cuda_graphs and on_cpu:
         raise DeviceError(f"CUDA graphs need a CUDA device: drop {option('cuda_graphs', True)} or use "
                           f"{option('device', 'cuda')}")
-    if cuda_graphs and denoiser == "eager":
-        raise ConfigError(f"the eager reference denoiser has no CUDA-graph path: use {option('denoiser', 'fused')}")
     if denoiser == "tensorrt" and on_cpu:
         raise DeviceError(f"{option('denoiser', 'tensorrt')} needs a CUDA GPU; on the CPU use "
                           f"{option('denoiser', 'fused')}")
+    if sam_precision == "fp16" and on_cpu:
+        raise DeviceError(f"{option('sam_precision', 'fp16')} runs only on CUDA; on the CPU use fp32 or bf16")
+
+
+def _check_pairings(denoiser: object, engines: object, segmenter: str, sam_onnx: object, sam_precision: str,
+                    cuda_graphs: bool | None) -> None:
+    """ConfigError for an option its backend would not read, or a backend without what it needs."""
+    if cuda_graphs and denoiser == "eager":
+        raise ConfigError(f"the eager reference denoiser has no CUDA-graph path: use {option('denoiser', 'fused')}")
     if denoiser == "tensorrt" and engines is None:
         raise ConfigError(f"{option('denoiser', 'tensorrt')} needs {option('engines', 'DIR')}: a folder written by "
                           "`zone export unet`")
@@ -190,8 +203,6 @@ def check_backend_options(
     if sam_precision != "fp32" and segmenter != "torch":
         raise ConfigError(f"{option('sam_precision', sam_precision)} is for {option('segmenter', 'torch')}; an ONNX "
                           "export has its own precision (zone export sam --fp16)")
-    if sam_precision == "fp16" and on_cpu:
-        raise DeviceError(f"{option('sam_precision', 'fp16')} runs only on CUDA; on the CPU use fp32 or bf16")
     if segmenter == "onnx" and sam_onnx is None:
         raise ConfigError(f"{option('segmenter', 'onnx')} needs {option('sam_onnx', 'DIR')}: a folder written by "
                           "`zone export sam`")

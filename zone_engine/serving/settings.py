@@ -96,6 +96,12 @@ class ServeSettings:
     def __post_init__(self) -> None:
         # Each option said as `zone serve` and Python both write it ("--max-batch 0 (max_batch=0)"; the command
         # line prints its own spelling alone).
+        self._check_counts()
+        self._check_request_defaults()
+        self._check_durations_and_upload()
+        self._check_origins()
+
+    def _check_counts(self) -> None:
         for name in ("max_batch", "queue_size", "max_pixels", "max_instruction_chars", "max_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{option(name, getattr(self, name))} must be at least 1")
@@ -104,6 +110,10 @@ class ServeSettings:
         if self.max_pixels > MAX_PIXELS:
             raise ConfigError(f"{option('max_pixels', self.max_pixels)} must be at most {MAX_PIXELS:,} (the engine's "
                               "limit)")
+        if self.max_batch > MAX_BATCH:  # beyond it: no GPU's memory, and a warm-up of every padded size up to it
+            raise ConfigError(f"{option('max_batch', self.max_batch)} must be at most {MAX_BATCH}")
+
+    def _check_request_defaults(self) -> None:
         steps = dict(self.edit_changes).get("steps")
         if steps is not None and steps > self.max_steps:
             raise ConfigError(f"the server's default {option('steps', steps)} is above "
@@ -113,6 +123,8 @@ class ServeSettings:
             if min(height, width) < MIN_SIDE or height * width > self.max_pixels:
                 raise ConfigError(f"warm-up size {height}x{width} (--warmup-size, warmup_sizes): at least {MIN_SIDE} "
                                   f"pixels a side and at most {option('max_pixels', self.max_pixels)} in all")
+
+    def _check_durations_and_upload(self) -> None:
         for name in ("max_wait_ms", "timeout_s", "max_upload_mb"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0) or (name != "max_wait_ms" and value == 0):
@@ -125,13 +137,13 @@ class ServeSettings:
         if self.max_upload_bytes < MIN_UPLOAD_BYTES:  # no image would fit: every edit a 413
             raise ConfigError(f"{option('max_upload_mb', self.max_upload_mb)} is under 1 KiB, which no image fits "
                               "in; the default is 20")
+
+    def _check_origins(self) -> None:
         for origin in self.allow_origins:
             if origin != "*" and not _ORIGIN.fullmatch(origin):
                 raise ConfigError(f"allowed origin {origin!r} (--allow-origin, allow_origins) is not an origin: "
                                   "write scheme://host[:port] with no path "
                                   "(e.g. https://app.example.com or http://localhost:3000), or * for any")
-        if self.max_batch > MAX_BATCH:  # beyond it: no GPU's memory, and a warm-up of every padded size up to it
-            raise ConfigError(f"{option('max_batch', self.max_batch)} must be at most {MAX_BATCH}")
 
     def check_local_batching(self) -> None:
         """The single-process batcher forms batches from its queue: a larger batch could never fill. (Ray Serve
