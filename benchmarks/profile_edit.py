@@ -100,24 +100,29 @@ def stage_profiles(events: Sequence, stages: Sequence[str] = STAGES, longest: in
     profiles = []
     for stage in stages:
         windows = [_span(e) for e in host if e.is_user_annotation and e.name == RANGE_PREFIX + stage]
-        if not windows:
-            continue
-        on_device = [e for e in device if _inside(e, windows)]
-        dispatched = [e for e in host if _is_dispatched_op(e) and _inside(e, windows)]
-        ranked = on_device or dispatched
-        # A device run's stage without traced device work ranks its torch ops: host time, said so.
-        prefix = "host: " if device and not on_device else ""
-        profiles.append(StageProfile(
-            stage=stage,
-            wall_us=sum(high - low for low, high in windows),
-            device_busy_us=sum(covered(map(_span, on_device), w) for w in windows) if device else None,
-            device_ops=len(on_device),
-            graph_launches=sum(e.name.startswith("cudaGraphLaunch") and _inside(e, windows) for e in host),
-            torch_ops=len(dispatched),
-            in_torch_ops_us=sum(covered(map(_span, dispatched), w) for w in windows),
-            longest=_longest(((prefix + e.name, e.time_range.elapsed_us()) for e in ranked), longest),
-        ))
+        if windows:
+            profiles.append(_stage_profile(stage, windows, host, device, longest))
     return profiles
+
+
+def _stage_profile(stage: str, windows: list[Window], host: list, device: list,
+                   longest: int) -> StageProfile:
+    """The profile of one stage's `windows` (its ranges' spans) from the host and device events."""
+    on_device = [e for e in device if _inside(e, windows)]
+    dispatched = [e for e in host if _is_dispatched_op(e) and _inside(e, windows)]
+    ranked = on_device or dispatched
+    # A device run's stage without traced device work ranks its torch ops: host time, said so.
+    prefix = "host: " if device and not on_device else ""
+    return StageProfile(
+        stage=stage,
+        wall_us=sum(high - low for low, high in windows),
+        device_busy_us=sum(covered(map(_span, on_device), w) for w in windows) if device else None,
+        device_ops=len(on_device),
+        graph_launches=sum(e.name.startswith("cudaGraphLaunch") and _inside(e, windows) for e in host),
+        torch_ops=len(dispatched),
+        in_torch_ops_us=sum(covered(map(_span, dispatched), w) for w in windows),
+        longest=_longest(((prefix + e.name, e.time_range.elapsed_us()) for e in ranked), longest),
+    )
 
 
 def _ms(us: float | None) -> str:
