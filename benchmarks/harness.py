@@ -665,17 +665,7 @@ def _measure_and_record(config: BenchConfig, device: torch.device, deadline: Dea
     timed.sort(key=lambda impl: impl is not baseline)
     runs = [summarize_run(impl, config, device) for impl in timed] + rows.skipped
     quality, speedup = _against_baseline(timed, runs)
-
-    progress("measuring the matmul ceiling and counting UNet FLOPs")
-
-    def floor_work(remeasure: bool) -> tuple[dict | None, str | None]:
-        return _attempt("floor", "measurement", lambda: cost_floor(
-            models, latent_size, config, device, ceilings_at_start, runs, remeasure=remeasure), progress)
-
-    # A device left unusable by a failed row loses the floor, not the report (the error is recorded); a run cut
-    # short keeps it, on the ceiling measured before the edits alone.
-    floor, floor_error = deadline.run(partial(floor_work, True)) or floor_work(False)
-
+    floor, floor_error = _floor(models, latent_size, config, device, ceilings_at_start, runs, deadline, progress)
     return {
         "schema": 1,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
@@ -696,6 +686,21 @@ def _measure_and_record(config: BenchConfig, device: torch.device, deadline: Dea
         "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "wall_s": time.perf_counter() - started,
     }
+
+
+def _floor(models: ZoneModels, latent_size: tuple[int, int], config: BenchConfig, device: torch.device,
+           ceilings_at_start: list[dict], runs: list[dict], deadline: Deadline,
+           progress: Progress) -> tuple[dict | None, str | None]:
+    """The cost floor and None, or None and why it failed. A device left unusable by a failed row loses the
+    floor, not the report (the error is recorded); a run cut short keeps it, on the ceiling measured before the
+    edits alone."""
+    progress("measuring the matmul ceiling and counting UNet FLOPs")
+
+    def floor_work(remeasure: bool) -> tuple[dict | None, str | None]:
+        return _attempt("floor", "measurement", lambda: cost_floor(
+            models, latent_size, config, device, ceilings_at_start, runs, remeasure=remeasure), progress)
+
+    return deadline.run(partial(floor_work, True)) or floor_work(False)
 
 
 def _build_models(config: BenchConfig, device: torch.device, progress: Progress) -> tuple[ZoneModels, float]:
