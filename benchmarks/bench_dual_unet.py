@@ -166,9 +166,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CommandParser(prog="python -m benchmarks.bench_dual_unet", description=__doc__.split("\n")[0])
     parser.add_argument("--models", type=str.lower, choices=PRESETS, default="sd15",
                         help="UNet size (default sd15: real size)")
-    parser.add_argument("--resolution", type=int, default=256, help="image side; the latent is 1/8 (default 256)")
+    parser.add_argument("--resolution", type=int, default=256,
+                        help=f"image side, a multiple of 8 from 64 to {MAX_WORKING_SIDE}; the latent is 1/8 "
+                        "(default 256)")
     parser.add_argument("--batch", type=int, default=1, help="edits B: each model gets 3B rows (default 1)")
-    parser.add_argument("--dtype", type=str.lower, choices=("fp32", "fp16", "bf16"), default="fp32")
+    parser.add_argument("--dtype", type=str.lower, choices=("fp32", "fp16", "bf16"), default="fp32",
+                        help="the UNets' precision (default fp32; fp16 and bf16 on CUDA)")
     parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per variant (default 3)")
     parser.add_argument("--channels-last", action="store_true",

@@ -24,7 +24,9 @@ import sys
 
 import torch
 
-from .measure import guarded  # imports no kernel module: TRITON_INTERPRET is still set below in time
+from zone_engine.cli import CommandParser
+
+from .measure import guarded  # neither imports a kernel module: TRITON_INTERPRET is still set below in time
 
 
 def _eager_kernel(rows: list[dict]) -> dict:
@@ -67,9 +69,9 @@ def floor_line(rows: list[dict], bandwidth: float) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """No options: the shapes are SD1.5's at 512x512 (`--help` says so rather than running)."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_kernels", description=__doc__.split("\n")[0],
-                                     epilog="SD1.5 shapes at 512x512; timings need a CUDA GPU, the CPU checks "
-                                            "correctness under TRITON_INTERPRET=1")
+    parser = CommandParser(prog="python -m benchmarks.bench_kernels", description=__doc__.split("\n")[0],
+                           epilog="SD1.5 shapes at 512x512; timings need a CUDA GPU, the CPU checks correctness under "
+                                  "TRITON_INTERPRET=1")
     return parser.parse_args(argv)
 
 

@@ -40,7 +40,7 @@ import torch
 from export.sam import export_sam
 from zone_engine.backends import DTYPES
 from zone_engine.cli import CommandParser
-from zone_engine.config import MAX_WORKING_SIDE, SamConfig, check_backend_options, device_kind
+from zone_engine.config import MAX_POINTS_PER_SIDE, MAX_WORKING_SIDE, SamConfig, check_backend_options, device_kind
 from zone_engine.errors import ZoneError
 from zone_engine.image_io import make_sample_image
 from zone_engine.masks import iou
@@ -48,7 +48,7 @@ from zone_engine.models import SAM_SIZES, build_sam
 from zone_engine.refine import Selection, choose_segment
 from zone_engine.sam_decoder import two_way_transformer
 from zone_engine.sam_encoder import encode_image
-from zone_engine.sam_onnx import OnnxSamSegmenter
+from zone_engine.sam_onnx import OnnxSamSegmenter, check_providers
 from zone_engine.sam_torch import TorchSamSegmenter
 
 from .measure import guarded, on_named_device
@@ -69,7 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fp16", action="store_true", help="export the ONNX graphs in fp16 (GPU providers)")
     parser.add_argument("--device", type=device_name, default="auto",
                         help="PyTorch baseline device: auto, cpu, cuda or cuda:N")
-    parser.add_argument("--providers", nargs="+", help="ONNX Runtime providers (default: TensorRT, CUDA, CPU)")
+    parser.add_argument("--providers", nargs="+", help="ONNX Runtime providers, in order of preference, by their "
+                        "full names (default: TensorrtExecutionProvider CUDAExecutionProvider CPUExecutionProvider, "
+                        "those this onnxruntime has)")
     parser.add_argument("--no-onnx", action="store_true", help="skip the export and the ONNX Runtime row")
     parser.add_argument("--thresholds", type=str.lower, choices=("zero", "sam"), default="zero",
                         help="zero (default): keep every mask, as real weights keep many; sam: segment-anything's "
@@ -80,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     refuse_first(parser, [  # 0 and below were tracebacks deep inside, or silently the defaults
         (32 <= args.size <= MAX_WORKING_SIDE, f"--size must be between 32 and {MAX_WORKING_SIDE}"),
         (args.repeats is None or args.repeats >= 1, "--repeats must be at least 1"),
+        (args.points_per_side is None or 1 <= args.points_per_side <= MAX_POINTS_PER_SIDE,
+         f"--points-per-side must be between 1 and {MAX_POINTS_PER_SIDE}"),
+        (args.points_per_batch >= 1, "--points-per-batch must be at least 1"),
         # Options that would be silently ignored, or fail after the models are built.
         (not (args.fp16 and args.no_onnx), "--fp16 sets the ONNX export's precision: drop it with --no-onnx"),
         (not (args.providers and args.no_onnx), "--providers are ONNX Runtime's: drop them with --no-onnx"),
@@ -89,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                   points_per_batch=args.points_per_batch)
         # The PyTorch rows' SAM precision, checked as zone edit checks it (fp16 only on CUDA).
         check_backend_options(device_kind(args.device), sam_precision=args.sam_precision or "fp32")
+        if args.providers:
+            check_providers(args.providers)
     except ZoneError as error:
         parser.error(str(error))
     return args

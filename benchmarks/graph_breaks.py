@@ -36,8 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", type=str.lower, choices=PRESETS, default="sd15",
                         help="UNet size (default sd15: real size)")
     parser.add_argument("--resolution", type=int, default=512,
-                        help="image side, a multiple of 8; the latent is 1/8 (default 512)")
-    parser.add_argument("--dtype", type=str.lower, choices=tuple(DTYPES), default="fp32")
+                        help=f"image side, a multiple of 8 from 32 to {MAX_WORKING_SIDE}; the latent is 1/8 "
+                        "(default 512)")
+    parser.add_argument("--dtype", type=str.lower, choices=tuple(DTYPES), default="fp32",
+                        help="the UNets' precision (default fp32; fp16 and bf16 on CUDA)")
     parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--kernels", type=str.lower, choices=LOCALIZATION_KERNELS, default="auto",
                         help="attention recording (default auto: Triton on CUDA)")

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from zone_engine.backends import DTYPES, make_localization_kernels
+from zone_engine.cli import CommandParser
 from zone_engine.config import EditConfig
 from zone_engine.denoise import DenoiseInputs
 from zone_engine.dual_step import FusedDualDenoiser
@@ -32,12 +33,16 @@ Shape = tuple[int, int, int]  # (edits in the batch, image height, image width)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.graph_memory", description=__doc__.split("\n")[0])
-    parser.add_argument("--models", choices=PRESETS, default="sd15", help="UNet size (default sd15: real size)")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp16")
+    parser = CommandParser(prog="python -m benchmarks.graph_memory",
+                           description=__doc__.split("\n")[0] + " CUDA only: graphs need a GPU.")
+    parser.add_argument("--models", type=str.lower, choices=PRESETS, default="sd15",
+                        help="UNet size (default sd15: real size)")
+    parser.add_argument("--dtype", type=str.lower, choices=("fp32", "fp16", "bf16"), default="fp16",
+                        help="the UNets' precision (default: %(default)s)")
     parser.add_argument("--sizes", default="512x512,512x384,384x512,512x256",
-                        help="working image sizes HxW, comma-separated (multiples of 32)")
-    parser.add_argument("--batches", default="1,2,4", help="padded batch sizes, comma-separated (powers of two)")
+                        help="working image sizes HxW, comma-separated (multiples of 32; default: %(default)s)")
+    parser.add_argument("--batches", default="1,2,4",
+                        help="padded batch sizes, comma-separated (powers of two; default: %(default)s)")
     parser.add_argument("--steps", type=int, default=2, help="denoising steps per batch (default 2)")
     args = parser.parse_args(argv)
     try:

@@ -45,7 +45,7 @@ from zone_engine.errors import ZoneError
 from zone_engine.paths import check_output_folder, folder_argument
 from zone_engine.serving.settings import ServeSettings
 
-from .options import refuse_first
+from .options import device_name, refuse_first
 
 MODES = ("batching", "no-batching")
 SETTLE_S = 10.0  # longest wait, after a level, for the server to finish what its clients gave up on
@@ -549,7 +549,8 @@ def _load_test_parser(defaults: LoadConfig) -> CommandParser:
                         help="the batching server's --max-wait-ms (default: %(default)g)")
     server.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=defaults.tiny,
                         help="tiny random models (default); --no-tiny for real checkpoints via --server-arg")
-    server.add_argument("--device", default=defaults.device, help="the servers' --device (default: %(default)s)")
+    server.add_argument("--device", type=device_name, default=defaults.device,
+                        help="the servers' --device: auto, cpu, cuda or cuda:N (default: %(default)s)")
     server.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="one more `zone serve` argument, repeatable, after the load test's own")
     server.add_argument("--ready-timeout-s", type=float, default=defaults.ready_timeout_s,

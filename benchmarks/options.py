@@ -20,6 +20,7 @@ from zone_engine.config import (
     DENOISERS,
     GROUP_NORMS,
     MAX_BATCH,
+    MAX_POINTS_PER_SIDE,
     MAX_SEED,
     MAX_STEPS,
     MAX_WORKING_SIDE,
@@ -157,12 +158,14 @@ def _bench_parser() -> CommandParser:
     parser.add_argument("--models", type=str.lower, choices=MODEL_SIZES,
                         help="architecture sizes: sd15 (real) or tiny (tests)")
     parser.add_argument("--resolution", type=int,
-                        help="side of the square test image, pixels: the edit works at this size (its max_side)")
-    parser.add_argument("--steps", type=int, help="denoising steps")
+                        help=f"side of the square test image, 32..{MAX_WORKING_SIDE} pixels: the edit works at this "
+                        "size (its max_side)")
+    parser.add_argument("--steps", type=int, help=f"denoising steps, 1..{MAX_STEPS}")
     parser.add_argument("--dtype", type=str.lower, choices=("fp32", "fp16", "bf16"),
                         help="engine precision (baseline: fp32)")
     parser.add_argument("--sam-type", type=str.lower, choices=(*SAM_TYPES, "tiny"), help="SAM size")
-    parser.add_argument("--sam-points", type=int, help="SAM automatic generator points per side")
+    parser.add_argument("--sam-points", type=int,
+                        help=f"SAM automatic generator points per side, 1..{MAX_POINTS_PER_SIDE}")
     parser.add_argument("--repeats", type=int, help="timed edits per implementation")
     parser.add_argument("--warmup", type=int, help="untimed edits before them")
     parser.add_argument("--device", type=device_name, help="where to run: auto, cpu, cuda or cuda:N")
@@ -211,10 +214,9 @@ def _changes(parser: CommandParser, args: argparse.Namespace) -> dict[str, Any]:
     if args.models == "tiny" and args.sam_type is None:
         changes["sam_type"] = "tiny"
     if args.sam_points is not None:
-        try:
-            changes["sam"] = config.sam.replace(points_per_side=args.sam_points)
-        except ZoneError as error:
-            parser.error(f"--sam-points: {error}")
+        refuse_first(parser, [(1 <= args.sam_points <= MAX_POINTS_PER_SIDE,
+                               f"--sam-points must be between 1 and {MAX_POINTS_PER_SIDE}")])
+        changes["sam"] = config.sam.replace(points_per_side=args.sam_points)
     if args.backends is not None:
         named = [kind.strip().lower() for kind in args.backends.split(",") if kind.strip()]
         if unknown := [kind for kind in named if kind not in DENOISERS]:
@@ -291,8 +293,9 @@ def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sam-type", type=str.lower, choices=(*SAM_TYPES, "tiny"),
                         help="SAM size (default vit_h; tiny with --models tiny)")
     parser.add_argument("--resolution", type=int, default=512,
-                        help="side of the square test image, worked on at this size (default 512)")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+                        help=f"side of the square test image, 32..{MAX_WORKING_SIDE} pixels, worked on at this size "
+                        "(default 512)")
+    parser.add_argument("--steps", type=int, default=20, help=f"denoising steps, 1..{MAX_STEPS} (default 20)")
     parser.add_argument("--device", type=device_name, default="auto",
                         help="where to run (default auto: CUDA when there is one)")
     parser.add_argument("--dtype", type=str.lower, choices=("fp32", "fp16", "bf16"),
@@ -302,7 +305,7 @@ def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engines", type=folder_argument, metavar="DIR",
                         help="with --denoiser tensorrt: the folder `zone build-engine` wrote")
     parser.add_argument("--sam-precision", type=str.lower, choices=SAM_PRECISIONS, default="fp32",
-                        help="SAM image encoder precision (default fp32)")
+                        help="SAM image encoder precision: fp32 (default), bf16, fp16 (CUDA only)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="UNets and VAE in the channels-last layout; --no-channels-last: neither; default: "
                         "the engine's (the UNets' on CUDA in fp16/bf16)")

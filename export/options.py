@@ -39,7 +39,8 @@ def add_export_unet_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_export_sam_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=file_argument, help="SAM checkpoint .pth (e.g. sam_vit_h_4b8939.pth)")
+    parser.add_argument("--checkpoint", type=file_argument,
+                        help="SAM checkpoint .pth (e.g. sam_vit_h_4b8939.pth); required unless --tiny")
     parser.add_argument("--model-type", type=str.lower, choices=SAM_TYPES,
                         help="SAM size of --checkpoint (default: read from its file name)")
     parser.add_argument("--out", type=folder_argument, required=True,

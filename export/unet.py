@@ -161,7 +161,10 @@ def parse_dynamic_shapes(text: str) -> ShapeProfile:
             f"--dynamic-shapes {text!r} needs three sizes MIN:OPT:MAX, each HEIGHTxWIDTH in pixels "
             "(multiples of 32), e.g. 256x256:512x512:768x768"
         )
-    return ShapeProfile(*(parse_size(part) for part in parts))
+    try:
+        return ShapeProfile(*(parse_size(part) for part in parts))
+    except ConfigError as error:  # named: "cannot read size '256'" left the option at fault to be guessed
+        raise ConfigError(f"--dynamic-shapes {text!r}: {error}") from None
 
 
 def latent_size(size: Size) -> Size:

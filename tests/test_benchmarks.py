@@ -151,7 +151,7 @@ def test_batched_first_edit_is_the_sequential_edit(batched_record):
     (["--seed", str(2**32)], "--seed must be between 0 and 4294967295"),  # was said after the models' build
     (["--preset", "tiny-smoke", "--seed", str(2**32 - 1)], "--seed must be between 0 and 4294967294"),
     (["--time-limit", "inf"], "--time-limit must be a finite number"),
-    (["--sam-points", "1000"], "--sam-points: points_per_side must be at most 256"),
+    (["--sam-points", "1000"], "--sam-points must be between 1 and 256"),
 ])
 def test_a_value_out_of_range_is_said_by_its_option_before_any_work(capsys, argv, words):
     with pytest.raises(SystemExit) as stop:
@@ -766,7 +766,9 @@ def test_selection_agreement_names_the_same_choice_or_measures_the_difference():
 
 @pytest.mark.parametrize(("module", "argv", "words"), [
     ("bench_refine", ["--size", "0"], "--size must be between 32 and 2048"),  # was a ZeroDivisionError
-    ("bench_refine", ["--points-per-side", "0"], "points_per_side and points_per_batch must be >= 1"),  # default
+    ("bench_refine", ["--points-per-side", "0"], "--points-per-side must be between 1 and 256"),  # was the default
+    ("bench_refine", ["--points-per-batch", "0"], "--points-per-batch must be at least 1"),
+    ("bench_refine", ["--providers", "CUDA"], "unknown ONNX Runtime provider 'CUDA': did you mean CUDAExecution"),
     ("bench_refine", ["--device", "gpu"], "device 'gpu' is not one the engine runs on"),
     ("bench_refine", ["--fp16", "--no-onnx"], "--fp16 sets the ONNX export's precision"),  # was silently unread
     ("bench_refine", ["--providers", "CPUExecutionProvider", "--no-onnx"], "--providers are ONNX Runtime's"),

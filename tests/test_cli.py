@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -160,6 +162,11 @@ print(type(_pipeline_spec(args)).__name__)
     (["edit", "x.png", "-i", "a", "-o", "y.png", "--ste", "2"], "unrecognized arguments: --ste 2"),  # no abbreviation
     (["export", "sam", "--out", "x", "--opset"], "--opset: expected one argument (see zone export sam --help)"),
     (["serve", "--log-level", "loud"], "invalid choice: 'loud'"),
+    # argparse says the missing -i first: the typo that left it missing went unnamed.
+    (["edit", "x.png", "--instrucion", "a", "-o", "y.png"], "required: -i/--instruction (--instrucion is not an "
+     "option: did you mean --instruction?) (see zone edit --help)"),
+    (["edit", "x.png", "-i", "a", "--out=y.png", "--zzz"], "required: -o/--output (--out is not an option: did you "
+     "mean --output?; --zzz is not an option)"),
 ])
 def test_argument_errors_are_one_line_from_the_command_they_were_given_to(capsys, argv, words):
     """argparse printed a 20-line usage block first, and an unknown option under `zone`'s usage, not the command's."""
@@ -453,7 +460,7 @@ def test_corrupt_sam_checkpoint_is_one_line_naming_the_download(capsys, photo, t
 
 @pytest.mark.parametrize("argv, words", [
     (["bench", "--preset", "tiny-smoke", "--backends", ","], "--backends names no denoiser"),
-    (["bench", "--preset", "tiny-smoke", "--sam-points", "0"], "--sam-points: points_per_side and"),
+    (["bench", "--preset", "tiny-smoke", "--sam-points", "0"], "--sam-points must be between 1 and 256"),
     (["bench", "--preset", "tiny-smoke", "--out", "{photo}"], "is a file, not a folder"),
     (["profile", "--models", "tiny", "--trace", "{folder}"], "is a folder"),
 ], ids=["no-backends", "no-sam-points", "bench-out-is-a-file", "trace-is-a-folder"])
@@ -971,3 +978,25 @@ def test_an_os_error_without_a_path_is_a_bug_and_keeps_its_traceback(monkeypatch
         monkeypatch.setattr(cli, "run_demo", failing)
         with pytest.raises(type(error)):
             main(["demo", "--out", "d"])
+
+
+HELP_PAGES = [["zone", *command] for command in ([], ["edit"], ["demo"], ["serve"], ["export"], ["export", "unet"],
+                                                  ["export", "sam"], ["build-engine"], ["bench"], ["profile"])] + [
+    ["benchmarks", tool] for tool in ("bench_dual_unet", "bench_kernels", "bench_refine", "graph_breaks",
+                                      "graph_memory", "load_test")]
+
+
+@pytest.mark.parametrize("page", HELP_PAGES, ids=" ".join)
+def test_help_wraps_at_spaces_so_a_wrapped_option_or_command_can_be_copied(page, capsys, monkeypatch):
+    """argparse wrapped at hyphens: `--no-channels-` / `last`, `zone build-` / `engine` on two lines."""
+    monkeypatch.setenv("COLUMNS", "80")
+    kind, *command = page
+    if kind == "zone":
+        run = functools.partial(main, [*command, "--help"])
+    else:
+        run = functools.partial(importlib.import_module(f"benchmarks.{command[0]}").parse_args, ["--help"])
+    with pytest.raises(SystemExit) as stop:
+        run()
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "usage:" in out
+    assert not [line for line in out.splitlines() if re.search(r"[A-Za-z]-$", line)], out

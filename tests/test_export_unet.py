@@ -259,8 +259,9 @@ def test_dynamic_shapes_parse():
     ("256x256:512x512:768xabc", "HEIGHTxWIDTH"),
 ])
 def test_bad_dynamic_shapes_are_clear_errors(text, words):
-    with pytest.raises(ConfigError, match=words):
+    with pytest.raises(ConfigError, match=words) as caught:
         parse_dynamic_shapes(text)
+    assert str(caught.value).startswith(f"--dynamic-shapes {text!r}")  # "cannot read size '256'" named no option
 
 
 def test_command_line_checks_run_before_any_model_loads(tmp_path):

@@ -239,10 +239,18 @@ def test_providers_follow_tensorrt_cuda_cpu_order():
         def get_available_providers():
             return ["CPUExecutionProvider", "CUDAExecutionProvider", "AzureExecutionProvider"]
 
+        @staticmethod
+        def get_all_providers():
+            return ["TensorrtExecutionProvider", "CUDAExecutionProvider", "AzureExecutionProvider",
+                    "CPUExecutionProvider"]
+
     assert choose_providers(FakeOrt, None) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert choose_providers(FakeOrt, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     with pytest.raises(DeviceError, match="TensorrtExecutionProvider"):
         choose_providers(FakeOrt, ["TensorrtExecutionProvider"])
+    # A short name was dropped without a word from a list (or said unavailable, as if it were a provider).
+    with pytest.raises(ConfigError, match="unknown ONNX Runtime provider 'cuda': did you mean CUDAExecutionProvider"):
+        choose_providers(FakeOrt, ["cuda", "CPUExecutionProvider"])
 
 
 def test_missing_onnxruntime_says_what_to_install(exported, monkeypatch):

@@ -321,9 +321,13 @@ def test_a_batch_that_could_never_fill_is_refused_by_the_local_service_only(pipe
 
 
 def test_every_count_setting_is_at_least_one():
-    for name in ("max_batch", "queue_size", "max_pixels", "max_instruction_chars", "max_steps"):
+    for name in ("max_batch", "queue_size", "max_instruction_chars", "max_steps"):
         with pytest.raises(ConfigError, match=rf"--{name.replace('_', '-')} 0 \({name}=0\) must be at least 1"):
             ServeSettings(**{name: 0})
+    # --max-pixels 10 served, warmed up at 128x128 past its own limit, then answered every image 413.
+    with pytest.raises(ConfigError, match=r"--max-pixels 63 \(max_pixels=63\) is under 64 \(8x8, the smallest"):
+        ServeSettings(max_pixels=63)
+    ServeSettings(max_pixels=64, warmup_sizes=((8, 8),))
 
 
 def test_stopping_ends_the_warm_up_at_its_running_batchs_next_step(pipe, monkeypatch):

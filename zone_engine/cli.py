@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import json
 import os
 import re
 import signal
 import sys
+import textwrap
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -63,7 +65,8 @@ def _add_request_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("edit options")
     group.add_argument("--action", type=str.lower, default="auto", choices=["auto", *(a.value for a in Action)],
                        help="force the action instead of classifying the instruction (default: auto)")
-    group.add_argument("--steps", type=int, default=None, help=f"denoising steps (default: {EditConfig.steps})")
+    group.add_argument("--steps", type=int, default=None,
+                       help=f"denoising steps, 1..{MAX_STEPS} (default: {EditConfig.steps})")
     group.add_argument("--seed", type=int, default=None,
                        help=f"seed of the initial noise, 0..{MAX_SEED} (default: {EditConfig.seed})")
     group.add_argument("--threshold-rule", type=str.lower, choices=["reference", "paper"], default="reference",
@@ -100,11 +103,13 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
                        "prompt decoding, scores and thresholds stay fp32. fp32 (default, the reference), bf16, "
                        "fp16 (CUDA only): faster, masks may differ slightly")
     group.add_argument("--kernels", type=str.lower, default="auto", choices=LOCALIZATION_KERNELS,
-                       help="localization math: triton (fused kernels), torch (reference); auto = triton on CUDA")
+                       help="localization math: triton (fused kernels), torch (reference); default auto: triton on "
+                       "CUDA, torch elsewhere")
     group.add_argument("--group-norm", type=str.lower, default="auto", choices=GROUP_NORMS,
                        help="the UNets' and VAE's GroupNorm: triton (a kernel that keeps channels-last activations "
-                       "in their layout), torch (PyTorch's, which converts them to NCHW on CUDA); auto = triton on "
-                       "CUDA, but for --denoiser eager (the reference) and compile's UNets (inductor's own norm)")
+                       "in their layout), torch (PyTorch's, which converts them to NCHW on CUDA); default auto: triton "
+                       "on CUDA, but for --denoiser eager (the reference) and compile's UNets (inductor's own norm); "
+                       "torch elsewhere")
 
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -146,16 +151,46 @@ def error_line(error: BaseException | str) -> str:
     return f"error: {command_line_spelling(str(error))}"
 
 
+class WrapAtSpaces(argparse.HelpFormatter):
+    """argparse's help, wrapped at spaces only: `--no-channels-last` or `zone build-engine` copied from a
+    wrapped line must still work (textwrap breaks at hyphens by default)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(self._whitespace_matcher.sub(" ", text).strip(), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False)
+
+
 class CommandParser(argparse.ArgumentParser):
     """argparse's parser with one-line errors that point to the command's --help (not a 20-line usage block
     first), an unknown option said by the command it was given to, and no abbreviated options (a script's
     `--ste 1` would break the day another option began with --ste)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+        super().__init__(*args, **{"allow_abbrev": False, "formatter_class": WrapAtSpaces, **kwargs})
+        self._given: list[str] = []
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        self._given = list(sys.argv[1:] if args is None else args)  # a subcommand's: what follows its name
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("the following arguments are required"):
+            message += self._misspelt()
         self.exit(2, f"{error_line(message)} (see {self.prog} --help)\n")
+
+    def _misspelt(self) -> str:
+        """The options given that this command does not have: argparse says a required one missing first, so
+        `--instrucion "..."` was reported as a missing --instruction alone, its typo never named."""
+        unknown = [token.partition("=")[0] for token in self._given if token.startswith("--")
+                   and token.partition("=")[0] not in self._option_string_actions]
+        said = []
+        for name in unknown:
+            meant = difflib.get_close_matches(name, list(self._option_string_actions), n=1)
+            said.append(f"{name} is not an option" + (f": did you mean {meant[0]}?" if meant else ""))
+        return f" ({'; '.join(said)})" if said else ""
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:
         parsed, unknown = self.parse_known_args(args, namespace)
@@ -233,12 +268,14 @@ def _add_serve_command(commands) -> None:
                         help="per-request limit, queueing included; then 504 and the edit is cancelled "
                         "(default: %(default)g)")
     server.add_argument("--max-upload-mb", type=float, default=limits.max_upload_mb,
-                        help="largest upload accepted (default: %(default)g)")
+                        help="largest upload accepted, in MiB (default: %(default)g)")
     server.add_argument("--max-pixels", type=int, default=limits.max_pixels,
-                        help=f"largest image accepted, in pixels (default: %(default)s; at most {MAX_PIXELS})")
+                        help="most pixels (height x width) an image may have; a larger one gets 413 "
+                        f"(default: %(default)s; at most {MAX_PIXELS})")
     server.add_argument("--max-steps", type=int, default=limits.max_steps,
                         help=f"most steps a request may ask for (default: %(default)s; at most {MAX_STEPS})")
-    server.add_argument("--no-warmup", action="store_true", help="be ready without a warm-up edit")
+    server.add_argument("--no-warmup", action="store_true",
+                        help="skip the default warm-up edit (a small image); --warmup-size sizes still warm up")
     server.add_argument("--warmup-size", type=parse_size, action="append", default=[], metavar="HxW",
                         help="also warm up at this image size before being ready: edits at the server's steps and "
                         "every batch size the denoiser pads to, so the first requests of that size pay no CUDA-graph "

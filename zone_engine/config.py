@@ -46,6 +46,8 @@ MAX_PIXELS = 100_000_000
 # The most edits one batch takes (zone serve --max-batch, zone bench --batch): 64 times the server's default.
 # A server warms up every padded batch size up to its --max-batch: 100000 was still warming up after minutes.
 MAX_BATCH = 256
+# segment-anything's default is 32 a side (1,024 prompts); 256 a side is 65,536, each a decoder pass.
+MAX_POINTS_PER_SIDE = 256
 # Mask morphology: the working image is at most 512 pixels a side by default, so a kernel (or a dilation's
 # iterations) beyond this covers any image many times over; larger ones only exhaust memory.
 MAX_KERNEL = 1023
@@ -278,8 +280,7 @@ class SamConfig:
         _raise_first_failing([
             (self.points_per_side >= 1 and self.points_per_batch >= 1, "points_per_side and points_per_batch must be "
              ">= 1"),
-            # segment-anything's default is 32 (1,024 prompts); 256 is 65,536, each a decoder pass.
-            (self.points_per_side <= 256, "points_per_side must be at most 256"),
+            (self.points_per_side <= MAX_POINTS_PER_SIDE, f"points_per_side must be at most {MAX_POINTS_PER_SIDE}"),
             (self.crop_n_layers >= 0 and self.min_mask_region_area >= 0, "crop_n_layers and min_mask_region_area "
              "must be >= 0"),
             # Layer i adds 4**i crops, each its own image-encoder run: 3 layers are 85 runs (4: 341, minutes each).

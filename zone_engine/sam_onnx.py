@@ -27,7 +27,7 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 
 from .config import SamConfig
-from .errors import CheckpointError, DeviceError, first_line, warn_caller
+from .errors import CheckpointError, ConfigError, DeviceError, first_line, warn_caller
 from .paths import MANIFEST_FILE, export_kind, export_manifest_path, listed_file_problem
 from .sam_torch import TorchSamSegmenter, passing_masks
 
@@ -349,14 +349,27 @@ def engine_cache_folder(folder: Path, manifest: dict[str, Any], points_per_batch
 
 
 def choose_providers(ort: Any, requested: list[str] | None) -> list[str]:
-    """The requested providers (default: TensorRT, CUDA, CPU) that this onnxruntime offers, in order."""
+    """The requested providers (default: TensorRT, CUDA, CPU) that this onnxruntime offers, in order; a name
+    ONNX Runtime does not know is a ConfigError (among known ones it was dropped without a word)."""
     available = ort.get_available_providers()
     wanted = list(requested) if requested is not None else list(PROVIDER_ORDER)
+    known = ort.get_all_providers()
+    for name in wanted:
+        if name not in known:
+            meant = [full for full in known if full.lower().startswith(name.lower())]
+            hint = f"did you mean {meant[0]}? " if meant else ""
+            raise ConfigError(f"unknown ONNX Runtime provider {name!r}: {hint}ONNX Runtime names them in full, "
+                              f"e.g. {' '.join(PROVIDER_ORDER)}")
     chosen = [provider for provider in wanted if provider in available]
     if not chosen:
         raise DeviceError(f"none of the ONNX Runtime providers {', '.join(wanted)} is available here "
                           f"(this onnxruntime offers {', '.join(available)})")
     return chosen
+
+
+def check_providers(requested: list[str]) -> list[str]:
+    """choose_providers with this machine's onnxruntime, for a command line to say a bad name before any work."""
+    return choose_providers(_import_onnxruntime(), requested)
 
 
 def _import_onnxruntime() -> Any:

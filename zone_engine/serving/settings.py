@@ -102,9 +102,13 @@ class ServeSettings:
         self._check_origins()
 
     def _check_counts(self) -> None:
-        for name in ("max_batch", "queue_size", "max_pixels", "max_instruction_chars", "max_steps"):
+        for name in ("max_batch", "queue_size", "max_instruction_chars", "max_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{option(name, getattr(self, name))} must be at least 1")
+        if self.max_pixels < MIN_SIDE**2:  # no image would fit: every edit a 413
+            raise ConfigError(f"{option('max_pixels', self.max_pixels)} is under {MIN_SIDE**2} ({MIN_SIDE}x{MIN_SIDE}, "
+                              "the smallest image the engine takes): no image would be accepted; it counts height x "
+                              "width")
         if self.max_steps > MAX_STEPS:
             raise ConfigError(f"{option('max_steps', self.max_steps)} must be at most {MAX_STEPS} (the engine's limit)")
         if self.max_pixels > MAX_PIXELS:
