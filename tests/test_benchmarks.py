@@ -491,11 +491,16 @@ def test_sigterm_stops_a_real_run_which_reports_what_it_timed(tmp_path):
                "--no-sam-onnx", "--sam-precision", "none", "--repeats", "200", "--out", str(tmp_path)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    for line in process.stderr:
-        if "baseline: edit 1/200" in line:
-            process.terminate()
-            break
-    _, err = process.communicate(timeout=120)
+    try:
+        for line in process.stderr:
+            if "baseline: edit 1/200" in line:
+                process.terminate()
+                break
+        _, err = process.communicate(timeout=120)
+    finally:  # a failure (or pytest-timeout) here must not leave 200 rounds running beside the rest of the suite
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     assert process.returncode == 0, err
     record = json.loads((tmp_path / "bench-tiny-smoke.json").read_text())
     assert record["cut_short"] == "it was sent SIGTERM"

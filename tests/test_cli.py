@@ -751,7 +751,8 @@ def test_serve_runs_answers_and_stops_on_sigterm(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+            assert server.poll() is None, server.stderr.read()
+            assert time.monotonic() < deadline, "the server was not ready within 120 s"  # stderr: open until it ends
             try:
                 if httpx.get(f"{base}/readyz").status_code == 200:
                     break
@@ -766,7 +767,12 @@ def test_serve_runs_answers_and_stops_on_sigterm(tmp_path):
         assert Image.open(io.BytesIO(response.content)).size == (80, 48)
     finally:
         server.send_signal(signal.SIGTERM)
-        code = server.wait(60)
+        try:
+            code = server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()  # not left serving beside the rest of the suite
+            server.wait()
+            raise
     # uvicorn shuts down gracefully, then re-raises the signal it caught, as a killed process would exit.
     errors = server.stderr.read()
     assert code in (0, -signal.SIGTERM) and "Traceback" not in errors, errors

@@ -19,11 +19,14 @@ from pathlib import Path
 import pytest
 
 
+# With Triton's cache (~/.triton/cache) empty, as on a fresh CI machine, it compiles every kernel: 46 s on 2 cores
+# against 11 s with the cache; its own limit, above the suite's 300 s, for a slower machine's cold cache.
+@pytest.mark.timeout(900)
 def test_every_kernel_launch_at_sd15_shapes_compiles_for_hopper_ada_and_ampere():
     script = Path(__file__).with_name("gpu_compile.py")
     env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}  # the launchers' GPU choices
     run = subprocess.run([sys.executable, str(script)], env=env, cwd=script.parents[1], capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=840)
     if run.returncode == 77:
         pytest.skip(run.stdout.strip())
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]

@@ -101,7 +101,9 @@ def test_the_client_stops_by_duration_when_requests_are_many(pipe, tmp_path):
         elapsed = time.monotonic() - started
     assert level["stopped_by"] == "duration" and 0 < level["sent"] < 10_000
     assert level["sent"] == level["ok"] + sum(level["errors"].values())
-    assert elapsed < 10  # the deadline, plus the edits in flight then
+    # The deadline, plus the edits in flight then (seconds); 10,000 edits would take an hour. Not a timing claim:
+    # a loaded machine may take several times the 1 s.
+    assert elapsed < 60
 
 
 def test_no_answer_is_counted_by_exception_type(tmp_path):
@@ -189,7 +191,10 @@ def test_requests_a_level_gave_up_on_are_counted_in_that_level_not_the_next(pipe
     their `cancelled` outcomes were counted in the next level."""
     image = seeded_png(64, 64, 0)
     with serving(pipe) as (base, _):
-        impatient = asyncio.run(measure_level(base, 2, LoadConfig(out=tmp_path, requests=2, steps=2, timeout_s=0.05),
+        # 50 steps (a few seconds; cancelled at the step after the server sees the client gone, polled every
+        # 0.25 s) outlast a 0.5 s timeout on any machine: 2 steps and 0.05 s could end before the server looked,
+        # counted ok, or time out connecting on a loaded one.
+        impatient = asyncio.run(measure_level(base, 2, LoadConfig(out=tmp_path, requests=2, steps=50, timeout_s=0.5),
                                               image))
         patient = asyncio.run(measure_level(base, 2, LoadConfig(out=tmp_path, requests=2, steps=2), image))
         # The level's scrapes are not held to the edits' timeout: under load one took over 50 ms, and the

@@ -112,7 +112,14 @@ def raw_answer(base: str, request: bytes) -> str:
     send: a Content-Length its body does not have, a body that stalls)."""
     with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=20) as client:
         client.sendall(request)
-        return client.recv(65536).decode()
+        answer = b""
+        while True:  # until the head and its Content-Length of body are in (they may come in separate reads)
+            chunk = client.recv(65536)
+            answer += chunk
+            head, blank_line, body = answer.partition(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            if not chunk or (blank_line and len(body) >= (int(length[1]) if length else 0)):
+                return answer.decode()
 
 
 def post_chunked(base: str, data: bytes, instruction: str = "add a red hat") -> httpx.Response:
@@ -612,8 +619,17 @@ def test_an_instruction_over_a_mebibyte_is_said_to_be_too_long(pipe):
     assert response.status_code == 422 and "instruction: at most 1000 characters" in response.json()["error"]["message"]
 
 
-def test_a_stalled_upload_is_answered_503_as_soon_as_the_server_stops(pipe):
+def test_a_stalled_upload_is_answered_503_as_soon_as_the_server_stops(pipe, monkeypatch):
     """It held the shutdown for uvicorn's whole grace period (the request timeout + 1 s), then got a bare 500."""
+    import zone_engine.serving.app as app_module
+
+    reading, read = threading.Event(), app_module._unless_stopping
+
+    async def reading_the_upload(receive, service):
+        reading.set()
+        return await read(receive, service)
+
+    monkeypatch.setattr(app_module, "_unless_stopping", reading_the_upload)
     service = LocalEditService(lambda: pipe, ServeSettings(warmup=False))
     stalled = (b"POST /v1/edit HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"instruction\"\r\n\r\n"
@@ -622,7 +638,7 @@ def test_a_stalled_upload_is_answered_503_as_soon_as_the_server_stops(pipe):
         while not service.ready:
             time.sleep(0.02)
         answered = pool.submit(raw_answer, base, stalled)
-        time.sleep(0.5)  # the upload under way
+        assert reading.wait(30)  # the upload under way (a fixed sleep could stop the server before it was read)
         stopped = time.monotonic()
         server.should_exit = True  # what SIGTERM does
         answer = answered.result(timeout=30)
@@ -665,7 +681,8 @@ def test_a_full_queue_answers_503_with_retry_after(pipe):
 def test_a_request_over_its_timeout_gets_504_and_its_work_is_cancelled(pipe):
     gated = GatedPipeline(pipe)
     image = smooth_image(64, 64, seed=6)
-    with serving(gated, timeout_s=0.5) as (base, _):
+    # 2 s: time for the edit to reach the model thread first on a loaded machine (else it leaves the queue unrun)
+    with serving(gated, timeout_s=2.0) as (base, _):
         response = post_edit(base, image)
         assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
         assert gated.seen[0].cancelled()
@@ -684,7 +701,7 @@ def test_a_client_that_goes_away_cancels_its_edit(pipe):
     gated = GatedPipeline(pipe)
     with serving(gated, timeout_s=120) as (base, _):
         with pytest.raises(httpx.ReadTimeout):
-            post_edit(base, smooth_image(64, 64, seed=4), timeout=1.0)
+            post_edit(base, smooth_image(64, 64, seed=4), timeout=3.0)  # time to reach the model thread first
         deadline = time.monotonic() + 30
         while not gated.seen[0].cancelled():
             assert time.monotonic() < deadline, "the edit of a client that went away was not cancelled"
