@@ -207,6 +207,9 @@ def test_asking_for_triton_where_it_cannot_run_says_so(monkeypatch):
     monkeypatch.setenv(DISABLE_ENV, "1")
     with pytest.warns(UserWarning, match="--kernels triton .*cannot run on cpu here.*the torch reference runs"):
         make_localization_kernels("triton", torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto (the default) on CUDA with the kernels switched off: said nothing of
+        make_localization_kernels("auto", torch.device("cuda"))  # a --kernels triton the user never passed
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="the interpreter's bf16 fallback")

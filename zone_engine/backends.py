@@ -169,11 +169,16 @@ def make_localization_kernels(kind: str, device: torch.device) -> tuple[Accumula
     from kernels.attn_accumulate import attn_accumulate_, runs_on
     from kernels.mask_binarize import binarize_mask
 
-    if not runs_on(device):  # both kernels share the rule (kernels/runtime.py)
-        warn_caller(f"{option('kernels', 'triton')} cannot run on {device.type} here (Triton needs CUDA, "
-                    "or TRITON_INTERPRET=1 on the CPU, and ZONE_DISABLE_TRITON unset): the torch reference runs",
-                    UserWarning)
-    return attn_accumulate_, binarize_mask
+    if kind == "triton" and not runs_on(device):  # both kernels share the rule (kernels/runtime.py)
+        _say_triton_cannot_run("kernels", device, "the torch reference")
+    return attn_accumulate_, binarize_mask  # where Triton cannot run, they run the reference themselves
+
+
+def _say_triton_cannot_run(option_name: str, device: torch.device, instead: str) -> None:
+    """The warning for an option set to triton where Triton cannot run (auto falls back without a word: it
+    asked for no kernel, and ZONE_DISABLE_TRITON=1 on CUDA is a choice)."""
+    warn_caller(f"{option(option_name, 'triton')} cannot run on {device.type} here (Triton needs CUDA, or "
+                f"TRITON_INTERPRET=1 on the CPU, and ZONE_DISABLE_TRITON unset): {instead} runs", UserWarning)
 
 
 def make_group_norms(kind: str, device: torch.device, denoiser: str | Denoiser) -> tuple[NormScope, NormScope]:
@@ -192,10 +197,8 @@ def make_group_norms(kind: str, device: torch.device, denoiser: str | Denoiser) 
     from kernels.group_norm import runs_on, triton_group_norms
 
     if not runs_on(device):
-        if kind == "triton":  # auto: ZONE_DISABLE_TRITON=1 on CUDA, PyTorch's as asked
-            warn_caller(f"{option('group_norm', 'triton')} cannot run on {device.type} here (Triton needs "
-                        "CUDA, or TRITON_INTERPRET=1 on the CPU, and ZONE_DISABLE_TRITON unset): PyTorch's GroupNorm "
-                        "runs", UserWarning)
+        if kind == "triton":
+            _say_triton_cannot_run("group_norm", device, "PyTorch's GroupNorm")
         return pytorch_norms, pytorch_norms
     unets_own = denoiser == "fused" or (kind == "triton" and denoiser == "compile")
     return (triton_group_norms if unets_own else pytorch_norms), triton_group_norms
