@@ -344,11 +344,11 @@ def test_group_norm_option_errors(tiny_models, monkeypatch):
 
     with pytest.raises(ConfigError, match="unknown GroupNorm implementation 'apex': available auto, torch, triton"):
         ZonePipeline(tiny_models, device="cpu", group_norm="apex")
-    denoiser = make_denoiser(tiny_models, "fused")
+    denoiser = make_denoiser(tiny_models, "fused", torch.device("cpu"))
     from kernels.group_norm import triton_group_norms
 
     with pytest.raises(ConfigError, match="a Denoiser instance comes configured"):
-        make_denoiser(tiny_models, denoiser, norms=triton_group_norms)
+        make_denoiser(tiny_models, denoiser, torch.device("cpu"), norms=triton_group_norms)
     monkeypatch.setenv("ZONE_DISABLE_TRITON", "1")
     with pytest.warns(UserWarning, match="--group-norm triton .*cannot run on cpu here.*PyTorch's GroupNorm runs"):
         make_group_norms("triton", torch.device("cpu"), "fused")

@@ -65,23 +65,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return dtype
 
 
-def uses_cuda_graphs(device: torch.device | None, cuda_graphs: bool | None) -> bool:
+def uses_cuda_graphs(device: torch.device, cuda_graphs: bool | None) -> bool:
     """The `cuda_graphs` option resolved: None means on for a CUDA device (denoiser steps, text encoder, VAE)."""
-    if cuda_graphs is None:
-        return device is not None and device.type == "cuda"
-    return cuda_graphs
+    return device.type == "cuda" if cuda_graphs is None else cuda_graphs
 
 
 def make_denoiser(
-    models: ZoneModels, kind: str | Denoiser = "eager", device: torch.device | None = None,
-    engines: Path | None = None, cuda_graphs: bool | None = None, norms: NormScope = pytorch_norms,
+    models: ZoneModels, kind: str | Denoiser, device: torch.device, engines: Path | None = None,
+    cuda_graphs: bool | None = None, norms: NormScope = pytorch_norms,
 ) -> Denoiser:
     """eager: the sequential reference; fused: one dual step of tensor ops; compile: fused + torch.compile;
     tensorrt: the exported dual step run by TensorRT (`engines`: a `zone export unet` folder).
     `cuda_graphs` (fused, compile, tensorrt): replay each step from a CUDA graph; None = on for CUDA.
     `norms` (fused, compile): how the UNets' GroupNorms run (`make_group_norms`).
     A `Denoiser` instance is used as it is: pipelines over the same models can share one (its
-    compilation, CUDA graphs and engines are built once)."""
+    compilation, CUDA graphs and engines are built once). The options are checked (`check_backends`) by
+    the pipeline before it calls this."""
     if not isinstance(kind, str):
         if engines is not None or cuda_graphs is not None or norms is not pytorch_norms:
             raise ConfigError("engines, cuda_graphs and norms configure a denoiser named by its backend; a "
@@ -90,7 +89,6 @@ def make_denoiser(
             raise ConfigError(f"denoiser must be a backend name ({', '.join(DENOISERS)}) or a Denoiser, got "
                               f"{type(kind).__name__}")
         return kind
-    check_backend_options(device.type if device is not None else "cpu", kind, engines, cuda_graphs=cuda_graphs)
     graphs = uses_cuda_graphs(device, cuda_graphs)
     if kind == "eager":
         return SequentialDenoiser(models.ip2p_unet, models.mb_unet, models.scheduler_config)
@@ -99,8 +97,7 @@ def make_denoiser(
                                  cuda_graphs=graphs, norms=norms)
     from .tensorrt_denoiser import TensorRTDenoiser  # the one name left, checked above
 
-    return TensorRTDenoiser.from_export(Path(engines), models.scheduler_config, device=device or "cuda",
-                                        cuda_graph=graphs)
+    return TensorRTDenoiser.from_export(Path(engines), models.scheduler_config, device=device, cuda_graph=graphs)
 
 
 def configure_attention(models: ZoneModels, kind: str, device: torch.device) -> None:
@@ -136,22 +133,20 @@ def check_onnx_segmenter(sam_onnx: str | Path | None) -> None:
 
 
 def make_segmenter(
-    models: ZoneModels, config: SamConfig, kind: str = "torch", device: torch.device | None = None,
-    sam_onnx: Path | None = None, sam_dtype: torch.dtype = torch.float32,
+    models: ZoneModels, config: SamConfig, kind: str, device: torch.device, sam_onnx: Path | None = None,
+    sam_dtype: torch.dtype = torch.float32,
 ) -> Segmenter:
     """torch: segment-anything's generator on the PyTorch SAM (its image encoder in `sam_dtype`); onnx:
     the same generator on an exported SAM (`sam_onnx`: a `zone export sam` folder) run by ONNX Runtime
-    (TensorRT EP > CUDA EP > CPU EP). Both search for M_b's segment on their device (sam_torch.py)."""
+    (TensorRT EP > CUDA EP > CPU EP). Both search for M_b's segment on their device (sam_torch.py). The
+    pipeline checked the options (a SAM for torch, an export folder for onnx) when it was made."""
     if kind == "torch":
-        if models.sam is None:
-            raise ConfigError("refinement with --segmenter torch needs a SAM checkpoint: pass --sam CKPT")
         from .sam_torch import TorchSamSegmenter
 
         return TorchSamSegmenter(models.sam, config, sam_dtype)
-    check_backend_options("auto", segmenter=kind, sam_onnx=sam_onnx)  # onnx is left; the folder: the segmenter reads it
     from .sam_onnx import OnnxSamSegmenter
 
-    if device is None or device.type != "cuda":
+    if device.type != "cuda":
         return OnnxSamSegmenter(Path(sam_onnx), config, providers=["CPUExecutionProvider"])
     index = torch.cuda.current_device() if device.index is None else device.index
     return OnnxSamSegmenter(Path(sam_onnx), config, device_index=index)
