@@ -14,7 +14,7 @@ from zone_engine import Action, ZonePipeline
 from zone_engine.config import EditConfig, SamConfig
 from zone_engine.denoise import DenoiseInputs, initial_noise
 from zone_engine.dual_step import FusedDualDenoiser, padded_batch
-from zone_engine.errors import EditCancelled, InputImageError, InstructionError
+from zone_engine.errors import ConfigError, EditCancelled, InputImageError, InstructionError
 from zone_engine.localize import AttentionAccumulator, RecordingAttnProcessor
 from zone_engine.pipeline import EditRequest, batch_key, encode_image_latents
 from zone_engine.text import encode_instruction
@@ -135,6 +135,24 @@ def test_without_return_exceptions_a_bad_request_raises_before_any_edit_is_denoi
     assert denoised == []
     if sys.version_info >= (3, 11):  # exception notes
         assert raised.value.__notes__ == ["(edit_batch: request 2)"]
+
+
+def test_without_return_exceptions_a_failed_group_raises_before_the_next_group_is_denoised(fused_pipe, monkeypatch):
+    """A diverged edit's error was kept while every other batch key's group ran its steps, then raised."""
+    denoised, denoise = [], fused_pipe.denoise
+
+    def counted(edits, **kwargs):
+        denoised.append(edits[0].config.steps)
+        return denoise(edits, **kwargs)
+
+    monkeypatch.setattr(fused_pipe, "denoise", counted)
+    image, config = smooth_image(64, 64, seed=1), fused_pipe.default_config
+    diverging = EditRequest(image, "add a hat", config.replace(steps=1, text_guidance=1e30))
+    with pytest.raises(ConfigError, match="the denoising diverged") as raised:
+        fused_pipe.edit_batch([diverging, EditRequest(image, "add a hat", config.replace(steps=2))])
+    assert denoised == [1]  # the steps=2 group, another batch key, never started
+    if sys.version_info >= (3, 11):
+        assert raised.value.__notes__ == ["(edit_batch: request 0)"]
 
 
 def test_a_fault_in_the_batched_loop_is_retried_alone_and_stays_with_its_edit(fused_pipe, monkeypatch):

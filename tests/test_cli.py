@@ -609,6 +609,7 @@ def test_an_on_off_option_takes_only_a_bool_or_none(tiny_models, option, value):
     ({"steps": "20"}, "steps must be a whole number"), ({"steps": 2.5}, "steps must be a whole number"),
     ({"seed": 1.5}, "seed must be a whole number"), ({"steps": True}, "steps must be a whole number"),
     ({"text_guidance": float("nan")}, "text_guidance must be a finite number"),
+    ({"text_guidance": 10**400}, "text_guidance must be a finite number"),  # was an OverflowError from math
     ({"dilate_iterations": -2}, "dilate_iterations and fft_radius must be >= 0"),
     ({"fft_radius": -1}, "dilate_iterations and fft_radius must be >= 0"),
     ({"fft_threshold": 300}, "8-bit levels"), ({"action": 3}, "action must be None"),

@@ -48,6 +48,12 @@ def test_sam_settings_default_to_segment_anythings_own():
 def test_beta_follows_the_action(action, beta):
     assert EditConfig().beta_for(action) == beta
     assert EditConfig(beta_remove=0.5, beta_add_change=0.07).beta_for(action) == (0.5 if beta == 0.2 else 0.07)
+    assert EditConfig().beta_for(action.value.upper()) == beta  # by name too: "remove" had add/change's 0.01
+
+
+def test_beta_needs_an_action():
+    with pytest.raises(ConfigError, match="beta_for takes an action"):
+        EditConfig().beta_for("auto")
 
 
 @pytest.mark.parametrize(("function", "names"), [

@@ -129,8 +129,10 @@ def test_long_instruction_is_truncated_with_a_warning(tiny_pipe):
 def test_the_stages_say_what_they_take_instead_of_failing_inside_torch(tiny_pipe):
     """prepare / denoise / finish are public (edit_batch's stages): their inputs are checked as edit's are."""
     config = tiny_pipe.default_config.replace(steps=1)
-    prepared, other = (tiny_pipe.prepare(smooth_image(64, 64), INSTRUCTION, config) for _ in range(2))
+    prepared, other, third = (tiny_pipe.prepare(smooth_image(64, 64), INSTRUCTION, config.replace(seed=seed))
+                              for seed in (0, 1, 2))
     (latents,) = tiny_pipe.denoise([prepared])
+    (third_latents,) = tiny_pipe.denoise([third])
     cases = [
         (lambda: tiny_pipe.denoise([prepared], progress="no"), "progress must be True or False"),
         (lambda: tiny_pipe.denoise([]), "denoise takes a non-empty list of the PreparedEdits"),
@@ -142,13 +144,15 @@ def test_the_stages_say_what_they_take_instead_of_failing_inside_torch(tiny_pipe
         (lambda: tiny_pipe.finish(prepared, None), r"a tensor of shape \(1, 4, 8, 8\); got NoneType"),
         (lambda: tiny_pipe.finish(prepared, latents[..., :4]), r"got \(1, 4, 8, 4\)"),
         (lambda: tiny_pipe.finish(other, latents), "this edit was not denoised"),  # said "no attention recorded"
+        # Another edit's latents made an image of one edit's masks over the other's styled image, unsaid.
+        (lambda: tiny_pipe.finish(prepared, third_latents), "not the latents denoise\\(\\) returned for this edit"),
         (lambda: tiny_pipe.finish(prepared, latents, progress="no"), "progress must be True or False"),
         (lambda: tiny_pipe.finish(latents, latents), "finish takes the PreparedEdit prepare"),
     ]
     for call, words in cases:
         with pytest.raises(ConfigError, match=words):
             call()
-    first, again = (tiny_pipe.finish(prepared, latents) for _ in range(2))
+    first, again = (tiny_pipe.finish(prepared, z) for z in (latents, latents.clone()))  # a copy, by its values
     # A REPL shows an edit by its arrays' shapes, not their pixels.
     assert "image=<ndarray uint8 (64, 64, 3)>" in repr(first) and "used_fallback=" in repr(first)
     assert "original=<ndarray uint8 (64, 64, 3)>" in repr(prepared) and "tensor(" not in repr(prepared)

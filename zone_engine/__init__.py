@@ -12,7 +12,8 @@ from .errors import (
     ZoneError,
 )
 
-_FROM_PIPELINE = ("EditRequest", "EditResult", "ZonePipeline")
+# PreparedEdit and BatchKey: the types of prepare / denoise / finish, for a caller's own scheduling.
+_FROM_PIPELINE = ("EditRequest", "EditResult", "ZonePipeline", "PreparedEdit", "BatchKey")
 __all__ = [  # the errors too, so a caller can catch the one it means without knowing the module
     "Action", "EditConfig", "SamConfig", "ZoneError", "ConfigError", "CheckpointError", "DeviceError",
     "InputImageError", "InstructionError", "EditCancelled", "EditWarning", *_FROM_PIPELINE,

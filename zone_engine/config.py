@@ -241,9 +241,16 @@ def _check_numbers(config: object) -> None:
                 raise ConfigError(f"{item.name} must be a whole number{hint}, got {value!r}")
             object.__setattr__(config, item.name, int(value))
         elif item.type == "float":
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value):
                 raise ConfigError(f"{item.name} must be a finite number, got {value!r}")
             object.__setattr__(config, item.name, float(value))
+
+
+def _finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past a float's range (10**400): not a number a float field can hold
+        return False
 
 
 def _raise_first_failing(checks: list[tuple[bool, str]]) -> None:
@@ -294,6 +301,7 @@ class SamConfig:
         ])
 
     def replace(self, **changes: object) -> SamConfig:
+        """A copy with `changes` (field=value), checked as a new SamConfig is (a ConfigError names a bad one)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -372,11 +380,15 @@ class EditConfig:
             (0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED} (2**32 - 1)"),
         ])
 
-    def beta_for(self, action: Action) -> float:
-        """MagicBrush blend weight for an action (ZONE.md section 1)."""
-        return self.beta_remove if action is Action.REMOVE else self.beta_add_change
+    def beta_for(self, action: Action | str) -> float:
+        """MagicBrush blend weight for an action (ZONE.md section 1): an Action or its name ("remove")."""
+        chosen = parse_action(action)  # the string "remove" is no `Action.REMOVE`: it got add/change's weight
+        if chosen is None:
+            raise ConfigError(f"beta_for takes an action (add, change or remove), not {action!r}")
+        return self.beta_remove if chosen is Action.REMOVE else self.beta_add_change
 
     def replace(self, **changes: object) -> EditConfig:
+        """A copy with `changes` (field=value), checked as a new EditConfig is (a ConfigError names a bad one)."""
         return dataclasses.replace(self, **changes)
 
 

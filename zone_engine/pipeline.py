@@ -8,6 +8,7 @@ import inspect
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -84,21 +85,34 @@ def _brief_repr(self) -> str:
 
 @dataclass(frozen=True, eq=False)  # equal and hashed by identity: == on arrays has no single truth value
 class EditResult:
-    """One edit's output, every array at the input image's size."""
+    """One edit's output, every array at the input image's size (H, W), its own copy:
 
-    image: np.ndarray  # uint8 (H, W, 3): the edited image; pixels outside region are the input's
-    mask_b: np.ndarray  # bool (H, W): attention-derived edit mask
-    mask_f: np.ndarray  # bool (H, W): SAM-refined mask
-    region: np.ndarray  # bool (H, W): R, where the FFT edge smoother found a real change
-    seam: np.ndarray  # bool (H, W): R without M_f, where styled and input are mixed
-    styled: np.ndarray  # uint8 (H, W, 3): I_sty, the full denoised image
-    heatmap: np.ndarray  # uint8 (H, W, 3): attention difference map over the input
+    image: uint8 (H, W, 3), the edited image; pixels outside `region` are the input's.
+    mask_b: bool (H, W), M_b, the attention-derived edit mask.
+    mask_f: bool (H, W), M_f, the SAM-refined mask.
+    region: bool (H, W), R, where the FFT edge smoother found a real change.
+    seam: bool (H, W), R without M_f, where styled and input are mixed.
+    styled: uint8 (H, W, 3), I_sty, the whole denoised image.
+    heatmap: uint8 (H, W, 3), the attention difference map over the input.
+    action: the Action the edit ran with (given, or classified from the instruction).
+    used_fallback: no SAM segment overlapped M_b, so M_f = M_b.
+    instruction_truncated: the instruction was over CLIP's 77 tokens; its tail was not read.
+    timings: seconds per stage ("text", "action", "vae_encode", "denoise", ...), plus "total".
+    notes: what the edit did not take as given, each also an EditWarning: transparency dropped, frames after
+    the first skipped, the instruction truncated, an image under one cell of the attention grid.
+    """
+
+    image: np.ndarray
+    mask_b: np.ndarray
+    mask_f: np.ndarray
+    region: np.ndarray
+    seam: np.ndarray
+    styled: np.ndarray
+    heatmap: np.ndarray
     action: Action
-    used_fallback: bool  # no SAM segment overlapped M_b, so M_f = M_b
+    used_fallback: bool
     instruction_truncated: bool
-    timings: dict[str, float]  # seconds per stage, plus "total"
-    # What the edit did not take as given, each also an EditWarning: transparency dropped, frames after the
-    # first skipped, the instruction truncated, an image under one cell of the attention grid.
+    timings: dict[str, float]
     notes: tuple[str, ...] = ()
 
     __repr__ = _brief_repr
@@ -134,6 +148,7 @@ class EditRequest:
                               f"{type(self.cancel).__name__}")
 
     def cancelled(self) -> bool:
+        """Whether `cancel` is set (False without one)."""
         return self.cancel is not None and self.cancel.is_set()
 
     __repr__ = _brief_repr
@@ -242,8 +257,9 @@ def _type_names(values: object) -> str:
     return a_type(values)
 
 
-def _check_denoised(edit: object, latents: object) -> None:
-    """ConfigError unless `latents` can be what `denoise` returned for `edit` (finish's inputs, from the caller)."""
+def _check_denoised(edit: object, latents: object, denoised: torch.Tensor | None) -> None:
+    """ConfigError unless `latents` are what `denoise` returned for `edit` (`denoised`, None if it did not):
+    finish's inputs, from a caller's own scheduling, where two lists are easily paired wrong."""
     if not isinstance(edit, PreparedEdit):
         raise ConfigError(f"finish takes the PreparedEdit prepare() returned, not {a_type(edit)}")
     expected = tuple(edit.inputs.noise.shape)
@@ -251,9 +267,13 @@ def _check_denoised(edit: object, latents: object) -> None:
         given = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise ConfigError(f"finish takes the latents denoise() returned for this edit, a tensor of shape {expected}; "
                           f"got {given}")
-    if edit.attention.total is None:  # denoise() records every edit's attention
-        raise ConfigError("this edit was not denoised (no attention was recorded for it): finish it with the latents "
-                          "denoise([edit]) returns for it")
+    if denoised is None:
+        raise ConfigError("this edit was not denoised by this pipeline: finish it with the latents denoise([edit]) "
+                          "returns for it")
+    if latents is not denoised and not torch.equal(latents.to(denoised.device, denoised.dtype), denoised):
+        # Another edit's latents gave a plausible image: this edit's masks over another's styled image.
+        raise ConfigError("these are not the latents denoise() returned for this edit (another edit's?): pass each "
+                          "edit with the latents at its place in denoise's list")
 
 
 def _edit_config(config: object, what: str) -> EditConfig:
@@ -373,6 +393,8 @@ class ZonePipeline:
         self.accumulate, self.binarize = make_localization_kernels(kernels, self.device)
         self.segmenter_kind, self.sam_onnx = segmenter, sam_onnx
         self._segmenters: dict[SamConfig, Segmenter] = {}
+        # Each edit's latents as denoise returned them, for finish to check it is given those.
+        self._denoised: weakref.WeakKeyDictionary[PreparedEdit, torch.Tensor] = weakref.WeakKeyDictionary()
         self._empty_prompt: torch.Tensor | None = None
         self._lock = threading.Lock()
 
@@ -432,6 +454,7 @@ class ZonePipeline:
         return self._empty_prompt
 
     def segmenter(self, config: SamConfig) -> Segmenter:
+        """The refinement segmenter for `config`'s SAM settings, made on first use and kept."""
         if config not in self._segmenters:
             self._segmenters[config] = make_segmenter(
                 self.models, config, self.segmenter_kind, self.device, self.sam_onnx, self.sam_dtype
@@ -476,9 +499,7 @@ class ZonePipeline:
             finished = self._denoise_and_finish([requests[i] for i, _ in members], [p for _, p in members], progress)
             for (index, _), outcome in zip(members, finished, strict=True):
                 outcomes[index] = outcome
-        if not return_exceptions:
-            for index, outcome in enumerate(outcomes):
-                if isinstance(outcome, Exception):
+                if isinstance(outcome, Exception) and not return_exceptions:  # before the next group's work
                     _raise_for_request(outcome, index)
         return outcomes
 
@@ -584,8 +605,9 @@ class ZonePipeline:
 
             for run in runs:
                 latents += self._denoise_run(run, on_step)
-        for edit in edits:
+        for edit, denoised in zip(edits, latents, strict=True):
             edit.watch.seconds["denoise"] = watch.seconds["denoise"]  # the wall time each edit waited for
+            self._denoised[edit] = denoised
         return latents
 
     def _denoise_run(self, run: list[PreparedEdit], on_step: Callable[[int], None]) -> list[torch.Tensor]:
@@ -601,7 +623,7 @@ class ZonePipeline:
     def finish(self, edit: PreparedEdit, latents: torch.Tensor, *, progress: bool = False) -> EditResult:
         """Steps 6-9 of one edit: localize, decode, refine, blend; results at the input size."""
         check_switch("progress", progress)
-        _check_denoised(edit, latents)
+        _check_denoised(edit, latents, self._denoised.get(edit) if isinstance(edit, PreparedEdit) else None)
         config, watch = edit.config, edit.watch.copy()  # finishing an edit again times that finish, not both
         if not torch.isfinite(latents).all():  # else a black I_sty and a region over the whole image, unsaid
             raise _diverged(config, "inf/NaN latents")
