@@ -6,7 +6,8 @@ Written from ../shared/ZONE.md and the shape of the authors' code (lsl001006/ZON
 imports no engine stage. What it shares with the engine is only plumbing: `image_io` to load, shrink,
 pad and map back; `Stopwatch` so both are timed by the same clock; `EditConfig` for the numbers;
 `EditResult` as the return type; `solver.set_timesteps`, diffusers' own call with NumPy 2's deprecation warning
-hushed.
+hushed; and two decisions the reference left to chance that the outputs must agree on: `denoise.REFERENCE_SCHEDULER`
+(the scheduler's settings) and `blend.energy_levels` (E's uint8 levels, its wrap-around defect mended).
 
 What is reference-style (the costs the engine is measured against):
 - two separate diffusers `StableDiffusionInstructPix2PixPipeline` objects (IP2P and MagicBrush),
@@ -149,7 +150,7 @@ class StoringAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def register_attention_store(unet, store: AttentionStore) -> dict:
+def register_attention_store(unet: torch.nn.Module, store: AttentionStore) -> dict:
     """Put a storing processor on every attention layer of `unet`; returns the processors it replaced."""
     originals = unet.attn_processors
     processors = {name: StoringAttnProcessor(store, name.split("_")[0]) for name in originals}  # down/mid/up
@@ -201,7 +202,7 @@ def show_diff_cross_attention(
 
 
 def get_finemask_everything(
-    rough_mask: np.ndarray, image: np.ndarray, sam, config: EditConfig
+    rough_mask: np.ndarray, image: np.ndarray, sam: torch.nn.Module, config: EditConfig
 ) -> tuple[np.ndarray, bool]:
     """SAM's automatic masks, the one with the best IoU with M_b (first on ties); (M_f 0/255, fell back)."""
     from segment_anything import SamAutomaticMaskGenerator
@@ -369,7 +370,8 @@ class ReferenceStyleZone:
         return pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
     @torch.no_grad()
-    def edit(self, image, instruction: str, config: EditConfig, *, step_clock: StepClock | None = None) -> EditResult:
+    def edit(self, image: image_io.ImageSource, instruction: str, config: EditConfig, *,
+             step_clock: StepClock | None = None) -> EditResult:
         """One reference-style edit. `config.action` must be set (the action is forced)."""
         if config.action is None:
             raise ValueError("the baseline runs with a forced action: set config.action")

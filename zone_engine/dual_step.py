@@ -150,7 +150,7 @@ class FusedDualDenoiser:
 
     def __init__(self, ip2p_unet: nn.Module, mb_unet: nn.Module, scheduler_config: dict, compile: bool = False,
                  cuda_graphs: bool = False, pad_batches: bool | None = None, shared_graph_pool: bool = True,
-                 norms: NormScope = pytorch_norms):
+                 norms: NormScope = pytorch_norms) -> None:
         self.unet = DualUNet(mb_unet, ip2p_unet, streams=cuda_graphs and not compile)
         self.norms = norms
         self.scheduler_config = scheduler_config
@@ -163,7 +163,7 @@ class FusedDualDenoiser:
         self._schedules: dict[tuple[int, torch.device], SolverSchedule] = {}
         self._graphs: dict[tuple, CapturedStep] = {}
         self.shared_graph_pool = shared_graph_pool
-        self._graph_pool: tuple[int, int] | None = None  # the memory pool every captured step shares
+        self._graph_pool: tuple[int, int] | None = None  # the pool every captured step shares (if shared_graph_pool)
         self.captures = 0  # graphs recorded so far: one per new shape, never one per edit
 
     def schedule(self, steps: int, device: torch.device) -> SolverSchedule:
@@ -246,7 +246,8 @@ class FusedDualDenoiser:
                  beta: torch.Tensor, accumulate: Accumulate) -> CapturedStep:
         """Warm up on a side stream (allocations, autotuning happen outside the graph), then record one step.
 
-        Every captured step allocates from one shared memory pool. What a step reads and writes across
+        Every captured step allocates from one shared memory pool (unless `shared_graph_pool=False`: a pool
+        each, PyTorch's default, for graph_memory's comparison). What a step reads and writes across
         replays (inputs, trajectories, attention sums) lives in static buffers made before its capture, so
         whatever it allocates while captured is a temporary, dead by the step's end: steps of different
         shapes can then reuse each other's memory and replay in any order. A server's graphs (each image
@@ -257,7 +258,8 @@ class FusedDualDenoiser:
         static = DenoiseInputs(batch.context.clone(), batch.image_latents.clone(), batch.noise.clone())
         state = DualState.start(static.noise)
         accumulators = [AttentionAccumulator(accumulate) for _ in range(batch.noise.shape[0])]
-        args = (self.unet, schedule, state, static.image_latents, static.context, guidance.clone(), beta.clone())
+        static_guidance, static_beta = guidance.clone(), beta.clone()
+        args = (self.unet, schedule, state, static.image_latents, static.context, static_guidance, static_beta)
         with self._denoising(static, accumulators):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -272,7 +274,7 @@ class FusedDualDenoiser:
             with torch.cuda.graph(graph, pool=self._graph_pool):
                 self.step_fn(*args)
         self.captures += 1
-        return CapturedStep(graph, static, state, args[5], args[6], accumulators, rows_per_step)
+        return CapturedStep(graph, static, state, static_guidance, static_beta, accumulators, rows_per_step)
 
 
 # On the H100's torch 2.11, dynamo split the UNet at a graph break into per-block frames, and

@@ -12,7 +12,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, NoReturn, TypeVar
 
 import numpy as np
 import torch
@@ -243,7 +243,7 @@ def _coarse_grid_note(geometry: image_io.Geometry) -> str | None:
             "a larger or less elongated (cropped) image edits better")
 
 
-def _raise_for_request(error: Exception, index: int) -> None:
+def _raise_for_request(error: Exception, index: int) -> NoReturn:
     if hasattr(error, "add_note"):  # Python 3.11+: the traceback says which request failed
         error.add_note(f"(edit_batch: request {index})")
     raise error

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -101,8 +101,7 @@ class DynamicBatcher:
         next step), and let `close` return without waiting for it."""
         self._abandoned = True
         for job in self._running:
-            if job.request.cancel is not None:
-                job.request.cancel.set()
+            _cancel_work(job)
         _fail(self._running, ShuttingDown("the server was stopped before the edit finished"))
 
     async def close(self) -> None:
@@ -159,8 +158,7 @@ class DynamicBatcher:
         if bucket is not None and job in bucket:
             bucket.remove(job)
             self.metrics.queue_depth.set(self.queued)
-        if job.request.cancel is not None:
-            job.request.cancel.set()
+        _cancel_work(job)
         job.future.cancel()
 
     # ------------------------------------------------------------------------------------ the worker
@@ -227,7 +225,13 @@ class DynamicBatcher:
         self._running = []
 
 
-def _fail(jobs, error: Exception) -> None:
+def _cancel_work(job: Job) -> None:
+    """Its edit stops at the next step boundary (one without a cancel event runs to its end)."""
+    if job.request.cancel is not None:
+        job.request.cancel.set()
+
+
+def _fail(jobs: Iterable[Job], error: Exception) -> None:
     for job in jobs:
         if not job.future.done():
             job.future.set_exception(error)
