@@ -276,7 +276,7 @@ def _check_denoised(edit: object, latents: object, denoised: torch.Tensor | None
                           "edit with the latents at its place in denoise's list")
 
 
-def _edit_config(config: object, what: str) -> EditConfig:
+def _checked_edit_config(config: object, what: str) -> EditConfig:
     if not isinstance(config, EditConfig):
         raise ConfigError(f"{what} must be an EditConfig, e.g. EditConfig(steps=10), not {a_type(config)}")
     return config
@@ -290,7 +290,7 @@ def to_uint8_image(pixels: torch.Tensor) -> np.ndarray:
     return (pixels[0] * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy()
 
 
-def _stage_of_an_edit(method: Callable[..., T]) -> Callable[..., T]:
+def _locked_on_device(method: Callable[..., T]) -> Callable[..., T]:
     """Run a pipeline method (prepare, denoise, finish) holding the pipeline's lock, with its CUDA
     device current. The lock: the stages' CUDA graphs (`graphs.py`), the denoiser's static buffers and
     CUDA graphs and SAM's predictor hold one edit's state at a time, so threads sharing a pipeline
@@ -304,7 +304,8 @@ def _stage_of_an_edit(method: Callable[..., T]) -> Callable[..., T]:
     return stage
 
 
-def _check_options(cls: type, caller: str, options: dict[str, object], others: tuple[str, ...] = ()) -> None:
+def _refuse_unknown_builder_options(cls: type, caller: str, options: dict[str, object],
+                                    others: tuple[str, ...] = ()) -> None:
     """A misspelt keyword option as a ConfigError naming it and the nearest option (not a TypeError), and `models`,
     which `caller` builds itself (a TypeError once the checkpoints had loaded). `others`: `caller`'s own options."""
     if "models" in options:
@@ -313,7 +314,7 @@ def _check_options(cls: type, caller: str, options: dict[str, object], others: t
     refuse_unknown(f"{caller}()", options, known)
 
 
-def _options_checked(init: Callable[..., None]) -> Callable[..., None]:
+def _unknown_init_options_refused(init: Callable[..., None]) -> Callable[..., None]:
     """The constructor's misspelt keyword option as the same ConfigError as tiny()'s, not a TypeError."""
     return unknown_keywords_refused(init, "ZonePipeline()", list(inspect.signature(init).parameters)[1:])  # no self
 
@@ -354,7 +355,7 @@ class ZonePipeline:
     README.md's "Denoisers", "Localization kernels" and "Speed" sections say which to pick.
     """
 
-    @_options_checked
+    @_unknown_init_options_refused
     def __init__(
         self, models: ZoneModels, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
         default_config: EditConfig | None = None, denoiser: str | Denoiser = "fused", segmenter: str = "torch",
@@ -410,7 +411,7 @@ class ZonePipeline:
         file is, else none (the keyword rule decides, with a warning). With `segmenter="onnx", sam_onnx=DIR` the
         PyTorch SAM is never loaded: pass neither `sam` nor `sam_type` then."""
         # Now, not once the checkpoints have loaded (minutes).
-        _check_options(cls, "from_pretrained", kwargs, CHECKPOINT_OPTIONS)
+        _refuse_unknown_builder_options(cls, "from_pretrained", kwargs, CHECKPOINT_OPTIONS)
         kwargs = lowered_backend_names(kwargs)
         for name, value in (("ip2p", ip2p), ("magicbrush", magicbrush), ("sam", sam),
                             ("action_classifier", action_classifier)):
@@ -434,7 +435,7 @@ class ZonePipeline:
         if checkpoints := [name for name in kwargs if name in CHECKPOINT_OPTIONS]:
             raise ConfigError(f"tiny() builds tiny random models and reads no checkpoint: drop "
                               f"{', '.join(checkpoints)} (from_pretrained takes them)")
-        _check_options(cls, "tiny", kwargs, ("seed",))
+        _refuse_unknown_builder_options(cls, "tiny", kwargs, ("seed",))
         kwargs.setdefault("default_config", EditConfig(sam=SamConfig.for_random_weights()))
         return cls(build_tiny_components(seed), device, **kwargs)
 
@@ -445,7 +446,7 @@ class ZonePipeline:
 
     @default_config.setter
     def default_config(self, config: EditConfig) -> None:
-        self._default_config = _edit_config(config, "default_config")  # checked now, not inside the next edit
+        self._default_config = _checked_edit_config(config, "default_config")  # checked now, not inside the next edit
 
     def empty_prompt(self) -> torch.Tensor:
         """The empty prompt's text embedding (1, 77, C): the same for every edit, so encoded once."""
@@ -534,10 +535,10 @@ class ZonePipeline:
         except Exception as error:  # one request's fault stays with that request
             return error
 
-    @_stage_of_an_edit
+    @_locked_on_device
     def prepare(self, image: image_io.ImageSource, instruction: str, config: EditConfig | None = None) -> PreparedEdit:
         """Steps 1-4 of one edit: check the inputs, encode the instruction, pick the action, encode the image."""
-        config = self.default_config if config is None else _edit_config(config, "config")
+        config = self.default_config if config is None else _checked_edit_config(config, "config")
         models, watch = self.models, Stopwatch(self.device)
         started = time.perf_counter()
 
@@ -578,7 +579,7 @@ class ZonePipeline:
             watch, started, notes,
         )
 
-    @_stage_of_an_edit
+    @_locked_on_device
     def denoise(
         self, edits: Sequence[PreparedEdit], *, progress: bool = False, stop: Callable[[], bool] | None = None
     ) -> list[torch.Tensor]:
@@ -619,7 +620,7 @@ class ZonePipeline:
         return self.denoiser.denoise_batch([e.inputs for e in run], run[0].config, betas, [e.attention for e in run],
                                            on_step=on_step)
 
-    @_stage_of_an_edit
+    @_locked_on_device
     def finish(self, edit: PreparedEdit, latents: torch.Tensor, *, progress: bool = False) -> EditResult:
         """Steps 6-9 of one edit: localize, decode, refine, blend; results at the input size."""
         check_switch("progress", progress)
