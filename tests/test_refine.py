@@ -14,10 +14,10 @@ from zone_engine.refine import (
     Refinement,
     Segmenter,
     Selection,
+    best_segment_index,
     choose_segment,
     refine_mask,
     refine_with_sam,
-    select_best_segment,
 )
 from zone_engine.sam_torch import TorchSamSegmenter
 
@@ -43,7 +43,7 @@ def brute_force_best(mask_b: np.ndarray, segments: list[np.ndarray]) -> tuple[in
 
 
 # ---------------------------------------------------------------------------------------------------
-# select_best_segment
+# best_segment_index
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -59,7 +59,7 @@ def test_best_segment_matches_brute_force(size, seed):
 
     mask_b = random_box()
     segments = [random_box() for _ in range(8)]
-    index, value = select_best_segment(mask_b, segments)
+    index, value = best_segment_index(mask_b, segments)
     expected_index, expected_iou = brute_force_best(mask_b, segments)
     assert index == expected_index
     assert value == pytest.approx(expected_iou, abs=1e-12)
@@ -70,19 +70,19 @@ def test_ties_pick_the_first_segment():
     weaker = rectangle(32, 48, 8, 8, 24, 16)  # IoU 0.5
     shifted = rectangle(32, 48, 8, 16, 24, 32)  # IoU 1/3
     mirror = rectangle(32, 48, 8, 16, 24, 24)  # IoU 0.5 as well, a different mask
-    assert select_best_segment(mask_b, [shifted, weaker, mirror, weaker.copy()]) == (1, 0.5)
-    assert select_best_segment(mask_b, [shifted, mirror, weaker]) == (1, 0.5)
+    assert best_segment_index(mask_b, [shifted, weaker, mirror, weaker.copy()]) == (1, 0.5)
+    assert best_segment_index(mask_b, [shifted, mirror, weaker]) == (1, 0.5)
 
 
 def test_no_overlap_and_empty_list_give_none():
     mask_b = rectangle(32, 48, 0, 0, 10, 10)
-    assert select_best_segment(mask_b, [rectangle(32, 48, 20, 20, 30, 30)]) == (None, 0.0)
-    assert select_best_segment(mask_b, []) == (None, 0.0)
+    assert best_segment_index(mask_b, [rectangle(32, 48, 20, 20, 30, 30)]) == (None, 0.0)
+    assert best_segment_index(mask_b, []) == (None, 0.0)
 
 
 def test_segment_of_another_size_raises():
     with pytest.raises(ValueError, match="shape"):
-        select_best_segment(np.zeros((8, 8), bool), [np.zeros((8, 9), bool)])
+        best_segment_index(np.zeros((8, 8), bool), [np.zeros((8, 9), bool)])
     # A segmenter's own selection alike: a wrong-size M_f would fail later, in blend, as another mistake.
     with pytest.raises(ValueError, match=r"the chosen segment has shape \(8, 9\), M_b has shape \(8, 8\)"):
         refine_mask(np.zeros((8, 8), bool), Selection(np.ones((8, 9), bool), 0.5, 1))

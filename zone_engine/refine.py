@@ -69,7 +69,7 @@ class Refinement:
     segment_count: int
 
 
-def select_best_segment(mask_b: np.ndarray, segments: Sequence[np.ndarray]) -> tuple[int | None, float]:
+def best_segment_index(mask_b: np.ndarray, segments: Sequence[np.ndarray]) -> tuple[int | None, float]:
     """Index of the segment with the largest IoU with M_b (the first on ties) and that IoU.
 
     mask_b: bool (H, W); segments: bool (H, W) each. (None, 0.0) when no segment overlaps M_b.
@@ -88,7 +88,7 @@ def select_best_segment(mask_b: np.ndarray, segments: Sequence[np.ndarray]) -> t
 
 def choose_segment(mask_b: np.ndarray, segments: Sequence[np.ndarray]) -> Selection:
     """The segment with the largest IoU with M_b (bool (H, W)) among `segments` (bool (H, W) each)."""
-    index, best_iou = select_best_segment(mask_b, segments)
+    index, best_iou = best_segment_index(mask_b, segments)
     chosen = None if index is None else np.asarray(segments[index], dtype=bool)
     return Selection(chosen, best_iou, len(segments))
 
