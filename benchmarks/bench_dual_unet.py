@@ -41,7 +41,7 @@ from torch import nn
 
 from zone_engine.backends import DTYPES, make_localization_kernels
 from zone_engine.cli import CommandParser
-from zone_engine.config import MAX_BATCH, MAX_WORKING_SIDE
+from zone_engine.config import MAX_BATCH
 from zone_engine.denoise import make_scheduler
 from zone_engine.dual_step import DualState, DualUNet, dual_step
 from zone_engine.localize import AttentionAccumulator, attention_grid, record_cross_attention
@@ -49,7 +49,7 @@ from zone_engine.models import PRESETS, NormScope, build_unet, pytorch_norms
 from zone_engine.solver import solver_schedule
 
 from .measure import on_named_device
-from .options import device_name, refuse_first
+from .options import add_unet_arguments, refuse_first, unet_resolution_check
 
 Variant = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -164,22 +164,14 @@ def time_variant(run: Variant, inputs: tuple, device: torch.device, repeats: int
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CommandParser(prog="python -m benchmarks.bench_dual_unet", description=__doc__.split("\n")[0])
-    parser.add_argument("--models", type=str.lower, choices=PRESETS, default="sd15",
-                        help="UNet size (default sd15: real size)")
-    parser.add_argument("--resolution", type=int, default=256,
-                        help=f"image side, a multiple of 8 from 64 to {MAX_WORKING_SIDE}; the latent is 1/8 "
-                        "(default 256)")
+    add_unet_arguments(parser, resolution=256)
     parser.add_argument("--batch", type=int, default=1, help="edits B: each model gets 3B rows (default 1)")
-    parser.add_argument("--dtype", type=str.lower, choices=("fp32", "fp16", "bf16"), default="fp32",
-                        help="the UNets' precision (default fp32; fp16 and bf16 on CUDA)")
-    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per variant (default 3)")
     parser.add_argument("--channels-last", action="store_true",
                         help="also time two-calls and step on channels-last copies of the UNets")
     args = parser.parse_args(argv)
     refuse_first(parser, [
-        (args.resolution % 8 == 0 and 64 <= args.resolution <= MAX_WORKING_SIDE,
-         f"--resolution must be a multiple of 8 between 64 and {MAX_WORKING_SIDE}"),
+        unet_resolution_check(args.resolution),
         (1 <= args.batch <= MAX_BATCH, f"--batch must be between 1 and {MAX_BATCH}"),
         (args.repeats >= 1, "--repeats must be at least 1"),
     ])

@@ -17,10 +17,10 @@ import torch
 
 from benchmarks.bench_dual_unet import step_arguments
 from benchmarks.measure import on_named_device
-from benchmarks.options import device_name, refuse_first
+from benchmarks.options import add_unet_arguments, refuse_first, unet_resolution_check
 from zone_engine.backends import DTYPES, make_localization_kernels
 from zone_engine.cli import CommandParser
-from zone_engine.config import LOCALIZATION_KERNELS, MAX_WORKING_SIDE, check_precision
+from zone_engine.config import LOCALIZATION_KERNELS, check_precision
 from zone_engine.dual_step import DualUNet, dual_step
 from zone_engine.localize import (
     AttentionAccumulator,
@@ -33,19 +33,11 @@ from zone_engine.models import PRESETS, build_unet
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CommandParser(prog="python -m benchmarks.graph_breaks", description=__doc__.split("\n")[0])
-    parser.add_argument("--models", type=str.lower, choices=PRESETS, default="sd15",
-                        help="UNet size (default sd15: real size)")
-    parser.add_argument("--resolution", type=int, default=512,
-                        help=f"image side, a multiple of 8 from 32 to {MAX_WORKING_SIDE}; the latent is 1/8 "
-                        "(default 512)")
-    parser.add_argument("--dtype", type=str.lower, choices=tuple(DTYPES), default="fp32",
-                        help="the UNets' precision (default fp32; fp16 and bf16 on CUDA)")
-    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    add_unet_arguments(parser, resolution=512)
     parser.add_argument("--kernels", type=str.lower, choices=LOCALIZATION_KERNELS, default="auto",
                         help="attention recording (default auto: Triton on CUDA)")
     args = parser.parse_args(argv)
-    refuse_first(parser, [(32 <= args.resolution <= MAX_WORKING_SIDE and args.resolution % 8 == 0,
-                           f"--resolution must be a multiple of 8 between 32 and {MAX_WORKING_SIDE}")])
+    refuse_first(parser, [unet_resolution_check(args.resolution)])
     return args
 
 

@@ -336,6 +336,25 @@ def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def add_unet_arguments(parser: argparse.ArgumentParser, *, resolution: int) -> None:
+    """--models, --resolution, --dtype and --device of the tools that time or trace bare UNets (bench_dual_unet,
+    graph_breaks); `resolution`: its default. Checked by `unet_resolution_check`."""
+    parser.add_argument("--models", type=str.lower, choices=MODEL_SIZES, default="sd15",
+                        help="UNet size (default sd15: real size)")
+    parser.add_argument("--resolution", type=int, default=resolution,
+                        help=f"image side, a multiple of 8 from 32 to {MAX_WORKING_SIDE}; the latent is 1/8 "
+                        f"(default {resolution})")
+    parser.add_argument("--dtype", type=str.lower, choices=("fp32", "fp16", "bf16"), default="fp32",
+                        help="the UNets' precision (default fp32; fp16 and bf16 on CUDA)")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+
+
+def unet_resolution_check(resolution: int) -> tuple[bool, str]:
+    """`refuse_first`'s check of `add_unet_arguments`' --resolution."""
+    return (resolution % 8 == 0 and 32 <= resolution <= MAX_WORKING_SIDE,
+            f"--resolution must be a multiple of 8 between 32 and {MAX_WORKING_SIDE}")
+
+
 def device_name(text: str) -> str:
     """An argparse type: auto, cpu, cuda or cuda:N in any case (`zone edit --device`'s names)."""
     try:
