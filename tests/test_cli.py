@@ -691,6 +691,17 @@ requires_serve = pytest.mark.skipif(bool(SERVE_MISSING), reason=f"needs the serv
 
 
 @requires_serve
+def test_listening_beyond_this_machine_is_warned_of(capsys):
+    """--host 0.0.0.0 opened an unauthenticated API to the network without a word."""
+    from zone_engine.cli import _check_listen_address
+
+    _check_listen_address("127.0.0.1", 0)
+    assert capsys.readouterr().err == ""
+    _check_listen_address("0.0.0.0", 0)
+    assert capsys.readouterr().err.startswith("warning: --host 0.0.0.0 takes requests from other machines, and the "
+                                              "API has no authentication")
+
+
 def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path, monkeypatch):
     def started(*_args, **_kwargs):  # a check that let bad settings through fails here, not by serving forever
         raise AssertionError("the server started")

@@ -39,6 +39,7 @@ from zone_engine.pipeline import EditRequest
 from zone_engine.serving import LocalEditService, ServeSettings, create_app
 from zone_engine.serving.app import (
     FORM_FIELDS,
+    MAX_JPEG_SCANS,
     WORKER_STOPPED,
     EditService,
     EditTimedOut,
@@ -844,6 +845,29 @@ def test_a_damaged_upload_of_any_format_is_a_400_bad_image():
                 decode_upload(data, settings)
         except Exception as error:
             assert as_serve_error(error, None).code == "bad_image", f"{name}: {type(error).__name__}: {error}"
+
+
+def test_an_upload_in_a_format_outside_the_served_ones_is_refused_unopened():
+    """Every format Pillow knows was opened: EPS by running Ghostscript on the upload's PostScript."""
+    eps, bmp = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (8, 8)).save(eps, format="EPS")
+    Image.fromarray(smooth_image(16, 16)).save(bmp, format="BMP")
+    assert Image.open(io.BytesIO(eps.getvalue())).format == "EPS"  # Pillow would have opened it
+    with pytest.raises(ServeError, match="not an image in a format this server reads \\(PNG, JPEG, WEBP"):
+        decode_upload(eps.getvalue(), ServeSettings())
+    assert decode_upload(bmp.getvalue(), ServeSettings()).pixels.shape == (16, 16, 3)  # a served one still is
+
+
+def test_a_jpeg_of_a_hundred_scans_or_more_is_refused_before_decoding():
+    """Its last scan repeated: 246 KB took 11 s of CPU to decode (every scan is a pass over the whole image)."""
+    progressive = io.BytesIO()
+    Image.fromarray(smooth_image(16, 16)).save(progressive, format="JPEG", progressive=True)
+    data = progressive.getvalue()
+    last_scan = data[data.rindex(b"\xff\xda"):-2]  # up to the end-of-image marker
+    assert decode_upload(data, ServeSettings()).pixels.shape == (16, 16, 3)
+    repeated = data[:-2] + last_scan * (MAX_JPEG_SCANS - data.count(b"\xff\xda") + 1) + data[-2:]
+    with pytest.raises(ServeError, match=f"the JPEG has {MAX_JPEG_SCANS + 1} scans; this server decodes at most"):
+        decode_upload(repeated, ServeSettings())
 
 
 def test_a_fault_before_the_edit_is_logged_as_its_500_says(pipe, monkeypatch, caplog):

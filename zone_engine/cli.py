@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import difflib
 import importlib
+import ipaddress
 import json
 import os
 import re
@@ -560,6 +561,10 @@ def _check_listen_address(host: str, port: int) -> None:
         except OSError as error:
             raise ZoneError(f"cannot listen on {host}:{port}: {error.strerror}; choose another --port or --host, "
                             "or stop what uses it") from None
+    if not ipaddress.ip_address(address[0]).is_loopback:
+        print(f"warning: --host {host} takes requests from other machines, and the API has no authentication: put "
+              "it behind a reverse proxy that authenticates callers, limits connections and times out slow clients "
+              "(README, Serving)", file=sys.stderr)
 
 
 def _quiet_libraries() -> None:

@@ -192,12 +192,13 @@ def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, list[str]]:
 
 
 def _frames_notes(img: Image.Image, name: str) -> list[str]:
-    frames = getattr(img, "n_frames", 1)
-    if frames == 1:
+    # Whether there is a second frame, not how many: n_frames walks every frame (a TIFF's in quadratic time:
+    # 9 s for 20,000 pages of 8x8 in a 3.8 MB upload).
+    if not getattr(img, "is_animated", False):
         return []
     frame = img.tell()
     edited = "the first is edited" if frame == 0 else f"frame {frame + 1} (the one it was at) is edited"
-    return [f"{name} has {frames} frames (an animation or a multi-page file); only {edited}"]
+    return [f"{name} has several frames (an animation or a multi-page file); only {edited}"]
 
 
 def _integer_gray_to_rgb(values: np.ndarray, transparent: object, name: str, *,

@@ -279,16 +279,36 @@ class Upload(NamedTuple):
     icc_profile: bytes | None  # its colour profile, given back with the edited image
 
 
+# The formats an upload may be in: photos' and the web's. Pillow opens some thirty more, several with little
+# hardening against hostile files, and EPS by running Ghostscript on the PostScript it holds.
+# (Pillow's JPEG opener also opens cameras' multi-picture JPEGs, MPO.)
+SERVED_FORMATS = ("PNG", "JPEG", "WEBP", "AVIF", "GIF", "BMP", "TIFF", "PPM")
+# A progressive JPEG has about 10 scans, and each pass over the whole image: a small file repeating its last
+# scan thousands of times costs hours of CPU to decode (11 s for 246 KB was seen).
+MAX_JPEG_SCANS = 100
+
+
+def served_formats() -> tuple[str, ...]:
+    """SERVED_FORMATS that this Pillow reads (AVIF is in newer builds only)."""
+    Image.init()
+    return tuple(name for name in SERVED_FORMATS if name in Image.OPEN)
+
+
 def decode_upload(data: bytes, settings: ServeSettings) -> Upload:
     """The uploaded file as uint8 RGB, its notes and colour profile; its pixel count checked from the header
-    before decoding."""
+    before decoding, a JPEG's scans counted first, and only SERVED_FORMATS opened."""
     if not data:
         raise ServeError(400, "bad_image", "the image file is empty")
     if len(data) > settings.max_upload_bytes:  # a chunked upload has no Content-Length to check first
         raise ServeError(413, "upload_too_large", f"the upload is {len(data):,} bytes; this server takes at most "
                          f"{settings.max_upload_bytes:,}")
+    # FF DA starts a scan; inside one, a data byte FF is followed by 00, so the count is exact (an EXIF thumbnail's
+    # scans included).
+    if data[:2] == b"\xff\xd8" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        raise ServeError(400, "bad_image", f"the JPEG has {scans:,} scans; this server decodes at most "
+                         f"{MAX_JPEG_SCANS} (a progressive JPEG has about 10): re-encode it")
     try:
-        with Image.open(io.BytesIO(data)) as header:
+        with Image.open(io.BytesIO(data), formats=served_formats()) as header:
             pixels = header.width * header.height
             if pixels > settings.max_pixels:
                 raise ServeError(413, "image_too_large", f"the image has {pixels:,} pixels "
@@ -296,8 +316,8 @@ def decode_upload(data: bytes, settings: ServeSettings) -> Upload:
                                  f"{settings.max_pixels:,}: downscale it first")
             return Upload(*read_image(header, name="the uploaded image"), icc_profile_of(header))
     except UnidentifiedImageError:
-        raise ServeError(400, "bad_image", "the upload is not an image in a format this server can read; "
-                         "send a PNG, JPEG or WebP file") from None
+        raise ServeError(400, "bad_image", "the upload is not an image in a format this server reads ("
+                         f"{', '.join(served_formats())}); send a PNG, JPEG or WebP file") from None
     except Image.DecompressionBombError:  # Pillow's own limit, met before the header's size could be read here
         raise ServeError(413, "image_too_large", f"the image has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels; "
                          f"this server takes at most {settings.max_pixels:,}: downscale it first") from None
