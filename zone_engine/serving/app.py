@@ -283,8 +283,8 @@ class Upload(NamedTuple):
 # hardening against hostile files, and EPS by running Ghostscript on the PostScript it holds.
 # (Pillow's JPEG opener also opens cameras' multi-picture JPEGs, MPO.)
 SERVED_FORMATS = ("PNG", "JPEG", "WEBP", "AVIF", "GIF", "BMP", "TIFF", "PPM")
-# A progressive JPEG has about 10 scans, and each pass over the whole image: a small file repeating its last
-# scan thousands of times costs hours of CPU to decode (11 s for 246 KB was seen).
+# A progressive JPEG has about 10 scans, and each is a pass over the whole image: a file repeating its last scan
+# took 11 s of CPU for 246 KB (about two hours for 20 MiB, extrapolated).
 MAX_JPEG_SCANS = 100
 
 
