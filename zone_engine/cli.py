@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import importlib
 import ipaddress
 import json
@@ -50,7 +49,7 @@ from .config import (
     parse_action,
     parse_hw,
 )
-from .errors import ConfigError, ZoneError
+from .errors import ConfigError, ZoneError, nearest
 from .instruction import check_instruction
 from .paths import check_output_file, check_output_folder, file_argument, folder_argument, written_atomically
 from .serving.settings import ServeSettings
@@ -185,12 +184,11 @@ class CommandParser(argparse.ArgumentParser):
     def _misspelt(self) -> str:
         """The options given that this command does not have: argparse says a required one missing first, so
         `--instrucion "..."` was reported as a missing --instruction alone, its typo never named."""
-        unknown = [token.partition("=")[0] for token in self._given if token.startswith("--")
-                   and token.partition("=")[0] not in self._option_string_actions]
+        given = [token.partition("=")[0] for token in self._given if token.startswith("--")]
         said = []
-        for name in unknown:
-            meant = difflib.get_close_matches(name, list(self._option_string_actions), n=1)
-            said.append(f"{name} is not an option" + (f": did you mean {meant[0]}?" if meant else ""))
+        for name in (name for name in given if name not in self._option_string_actions):
+            meant = nearest(name, self._option_string_actions)
+            said.append(f"{name} is not an option" + (f": did you mean {meant}?" if meant else ""))
         return f" ({'; '.join(said)})" if said else ""
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:

@@ -73,13 +73,19 @@ def warn_caller(message: str, category: type[Warning] = EditWarning) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
+def nearest(name: str, known: Iterable[str]) -> str | None:
+    """The known name `name` most likely misspells, if any is close."""
+    near = difflib.get_close_matches(name, list(known), n=1)
+    return near[0] if near else None
+
+
 def refuse_unknown(owner: str, names: Iterable[str], known: Sequence[str], noun: str = "option") -> None:
     """A misspelt keyword as a ConfigError naming it, its nearest known name and all of them (not a TypeError):
     "EditConfig has no field 'step': did you mean steps? its fields: ..."."""
     for name in names:
         if name not in known:
-            near = difflib.get_close_matches(name, known, n=1)
-            guess = f"did you mean {near[0]}? " if near else ""
+            near = nearest(name, known)
+            guess = f"did you mean {near}? " if near else ""
             raise ConfigError(f"{owner} has no {noun} {name!r}: {guess}its {noun}s: {', '.join(known)}")
 
 

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, NoReturn, TypeVar
@@ -257,9 +257,9 @@ def _type_names(values: object) -> str:
     return a_type(values)
 
 
-def _check_denoised(edit: object, latents: object, denoised: torch.Tensor | None) -> None:
-    """ConfigError unless `latents` are what `denoise` returned for `edit` (`denoised`, None if it did not):
-    finish's inputs, from a caller's own scheduling, where two lists are easily paired wrong."""
+def _check_denoised(edit: object, latents: object, denoised: Mapping[PreparedEdit, torch.Tensor]) -> None:
+    """ConfigError unless `latents` are what `denoise` returned for `edit` (as `denoised` holds it): finish's
+    inputs, from a caller's own scheduling, where two lists are easily paired wrong."""
     if not isinstance(edit, PreparedEdit):
         raise ConfigError(f"finish takes the PreparedEdit prepare() returned, not {a_type(edit)}")
     expected = tuple(edit.inputs.noise.shape)
@@ -267,10 +267,11 @@ def _check_denoised(edit: object, latents: object, denoised: torch.Tensor | None
         given = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise ConfigError(f"finish takes the latents denoise() returned for this edit, a tensor of shape {expected}; "
                           f"got {given}")
-    if denoised is None:
+    returned = denoised.get(edit)
+    if returned is None:
         raise ConfigError("this edit was not denoised by this pipeline: finish it with the latents denoise([edit]) "
                           "returns for it")
-    if latents is not denoised and not torch.equal(latents.to(denoised.device, denoised.dtype), denoised):
+    if latents is not returned and not torch.equal(latents.to(returned.device, returned.dtype), returned):
         # Another edit's latents gave a plausible image: this edit's masks over another's styled image.
         raise ConfigError("these are not the latents denoise() returned for this edit (another edit's?): pass each "
                           "edit with the latents at its place in denoise's list")
@@ -624,7 +625,7 @@ class ZonePipeline:
     def finish(self, edit: PreparedEdit, latents: torch.Tensor, *, progress: bool = False) -> EditResult:
         """Steps 6-9 of one edit: localize, decode, refine, blend; results at the input size."""
         check_switch("progress", progress)
-        _check_denoised(edit, latents, self._denoised.get(edit) if isinstance(edit, PreparedEdit) else None)
+        _check_denoised(edit, latents, self._denoised)
         config, watch = edit.config, edit.watch.copy()  # finishing an edit again times that finish, not both
         if not torch.isfinite(latents).all():  # else a black I_sty and a region over the whole image, unsaid
             raise _diverged(config, "inf/NaN latents")
