@@ -713,6 +713,7 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path, monke
         assert option in out.stdout
     # Each option as the command line writes it, its Python spelling left out.
     _fails_cleanly(capsys, ["serve", "--tiny", "--max-batch", "0"], "--max-batch 0 must be at least 1")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--image-threads", "0"], "--image-threads 0 must be at least 1")
     _fails_cleanly(capsys, ["serve", "--tiny", "--timeout-s", "0"], "timeout-s")
     _fails_cleanly(capsys, ["serve", "--tiny", "--timeout-s", "inf"], "--timeout-s inf must be a finite number")
     _fails_cleanly(capsys, ["serve", "--tiny", "--max-wait-ms", "inf"], "--max-wait-ms inf must be a finite number")

@@ -329,7 +329,7 @@ def test_a_batch_that_could_never_fill_is_refused_by_the_local_service_only(pipe
 
 
 def test_every_count_setting_is_at_least_one():
-    for name in ("max_batch", "queue_size", "max_instruction_chars", "max_steps"):
+    for name in ("max_batch", "queue_size", "max_instruction_chars", "max_steps", "image_threads"):
         with pytest.raises(ConfigError, match=rf"--{name.replace('_', '-')} 0 \({name}=0\) must be at least 1"):
             ServeSettings(**{name: 0})
     # --max-pixels 10 served, warmed up at 128x128 past its own limit, then answered every image 413.
@@ -677,6 +677,61 @@ def test_a_full_queue_answers_503_with_retry_after(pipe):
         gated.release.set()
         assert running.result().status_code == 200 and queued.result().status_code == 200
         assert metric(client.get(f"{base}/metrics").text, 'zone_requests_total{outcome="queue_full"}') == 1
+
+
+class HeldDecode:
+    """decode_upload whose first call waits for `release` (an upload slow to decode), the others as they are."""
+
+    def __init__(self) -> None:
+        self.started, self.release, self.calls = threading.Event(), threading.Event(), 0
+
+    def __call__(self, data, settings):
+        self.calls += 1
+        if self.calls == 1:
+            self.started.set()
+            assert self.release.wait(60)
+        return decode_upload(data, settings)
+
+
+def test_uploads_being_decoded_hold_their_place_in_the_queue(pipe, monkeypatch):
+    """Decoding came before the queue's bound: beyond it, uploads were all decoded (CPU, memory), then refused."""
+    import zone_engine.serving.app as app_module
+
+    held, gated, image = HeldDecode(), GatedPipeline(pipe), smooth_image(64, 64, seed=5)
+    with (serving(gated, max_batch=1, max_wait_ms=0, queue_size=1) as (base, service),
+          ThreadPoolExecutor(2) as pool):
+        running = pool.submit(post_edit, base, image)
+        assert gated.entered.wait(30)
+        monkeypatch.setattr(app_module, "decode_upload", held)
+        decoding = pool.submit(post_edit, base, image, seed=2)
+        assert held.started.wait(30)
+        refused = post_edit(base, image, seed=3)
+        assert service.batcher.queued == 0 and held.calls == 1  # refused for the upload being decoded, undecoded
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "queue_full"
+        held.release.set()
+        gated.release.set()
+        assert running.result().status_code == 200 and decoding.result().status_code == 200
+
+
+def test_uploads_wait_for_an_image_thread_within_their_timeout(pipe, monkeypatch):
+    """At most --image-threads decode at once; a decode its request stopped waiting for still holds its thread
+    until it ends (a thread cannot be stopped), and a request waiting for a thread past its timeout gets 504."""
+    import zone_engine.serving.app as app_module
+
+    held, image = HeldDecode(), smooth_image(64, 64, seed=7)
+    monkeypatch.setattr(app_module, "decode_upload", held)
+    with serving(pipe, image_threads=1, timeout_s=3.0) as (base, service), ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(post_edit, base, image)
+        assert held.started.wait(30)
+        waiting = pool.submit(post_edit, base, image, seed=2)
+        for response in (slow.result(), waiting.result()):
+            assert response.status_code == 504 and "decoding and queueing included" in response.json()["error"][
+                "message"]
+        assert held.calls == 1  # the second waited for the thread the first still holds
+        held.release.set()
+        assert post_edit(base, image, seed=3).status_code == 200 and held.calls == 2
+        assert service.decoding == 0
+        assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="timeout"}') == 2
 
 
 def test_a_request_over_its_timeout_gets_504_and_its_work_is_cancelled(pipe):

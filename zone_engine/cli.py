@@ -273,6 +273,10 @@ def _add_serve_command(commands) -> None:
                         f"(default: %(default)s; at most {MAX_PIXELS})")
     server.add_argument("--max-steps", type=int, default=limits.max_steps,
                         help=f"most steps a request may ask for (default: %(default)s; at most {MAX_STEPS})")
+    server.add_argument("--image-threads", type=int, default=limits.image_threads,
+                        help="most uploads decoded and answers encoded at once (each a thread; a 25 MP image takes "
+                        "0.2 GB and seconds of CPU); the others wait, uploads within --timeout-s (default: "
+                        "%(default)s)")
     server.add_argument("--no-warmup", action="store_true",
                         help="skip the default warm-up edit (a small image); --warmup-size sizes still warm up")
     server.add_argument("--warmup-size", type=parse_size, action="append", default=[], metavar="HxW",
@@ -531,8 +535,8 @@ def run_serve(args: argparse.Namespace) -> None:
     settings = ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, timeout_s=args.timeout_s,
         max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, max_steps=args.max_steps,
-        warmup=not args.no_warmup, warmup_sizes=tuple(args.warmup_size), edit_changes=tuple(changes.items()),
-        allow_origins=tuple(args.allow_origin),
+        image_threads=args.image_threads, warmup=not args.no_warmup, warmup_sizes=tuple(args.warmup_size),
+        edit_changes=tuple(changes.items()), allow_origins=tuple(args.allow_origin),
     )
     if args.ray:
         from .serving.ray_serve import run_ray

@@ -98,8 +98,8 @@ def as_serve_error(error: BaseException, service: EditService) -> ServeError:
     if isinstance(error, ShuttingDown):
         return ServeError(503, "unavailable", str(error), {"Retry-After": "5"})
     if isinstance(error, EditTimedOut):
-        return ServeError(504, "timeout", f"the edit did not finish within {service.settings.timeout_s:g} s; "
-                          "it was cancelled. Retry later or with fewer steps")
+        return ServeError(504, "timeout", f"the edit did not finish within {service.settings.timeout_s:g} s of its "
+                          "upload (decoding and queueing included); it was cancelled. Retry later or with fewer steps")
     if isinstance(error, EditCancelled):
         return ServeError(503, "cancelled", str(error), {"Retry-After": "5"})
     if isinstance(error, InputImageError):
@@ -145,6 +145,10 @@ class EditService:
         self.pipeline: ZonePipeline | None = None
         self.ready = self.stopping = False
         self.load_error: str | None = None
+        # Decoding an upload and encoding an answer take CPU and memory (a 25 MP image: seconds, and 0.2 GB):
+        # at most `image_threads` at once, and uploads being decoded hold their place in the queue.
+        self.image_threads = asyncio.Semaphore(settings.image_threads)
+        self.decoding = 0
         self.warmup_cancel = threading.Event()  # set on stopping: the warm-up's batches end at their next step
         # Each edit's notes go back with its request and its log line: the process-wide warnings could not say
         # whose they are.
@@ -203,8 +207,42 @@ class EditService:
     async def submit(self, request: EditRequest, key: BatchKey) -> Any:
         raise NotImplementedError
 
-    async def edit(self, image: np.ndarray, instruction: str, changes: dict[str, Any]) -> EditResult:
-        """One edit, within the request timeout; on timeout its work is cancelled and EditTimedOut raised."""
+    def check_room(self) -> None:
+        """QueueFull when the edits queued and the uploads being decoded fill the queue: said before an upload is
+        read or decoded. Here nothing: Ray Serve bounds its own queue (and a replica's requests under way)."""
+
+    async def in_image_thread(self, work: Callable[..., Any], *args: Any) -> Any:
+        """`work(*args)` in a thread once one of the `image_threads` is free. A caller that stops waiting leaves
+        the work to finish (a thread cannot be stopped), holding its image thread until then."""
+        await self.image_threads.acquire()
+        running = asyncio.ensure_future(asyncio.to_thread(work, *args))
+        running.add_done_callback(self._image_work_done)
+        return await asyncio.shield(running)
+
+    def _image_work_done(self, running: asyncio.Future) -> None:
+        self.image_threads.release()
+        if not running.cancelled():
+            running.exception()  # retrieved: whoever asked may have stopped waiting (timed out, gone)
+
+    async def decode(self, data: bytes, deadline: float) -> Upload:
+        """The upload decoded (`decode_upload`) by `deadline` (the event loop's time), its place in the queue
+        held meanwhile; else EditTimedOut."""
+        self.check_room()
+        self.decoding += 1
+        try:
+            return await asyncio.wait_for(self.in_image_thread(decode_upload, data, self.settings),
+                                          deadline - asyncio.get_running_loop().time())
+        except asyncio.TimeoutError:
+            raise EditTimedOut from None
+        finally:
+            self.decoding -= 1
+
+    async def edit(self, image: np.ndarray, instruction: str, changes: dict[str, Any],
+                   deadline: float | None = None) -> EditResult:
+        """One edit, done by `deadline` (the event loop's time; default: the request timeout from now); else its
+        work is cancelled and EditTimedOut raised."""
+        loop = asyncio.get_running_loop()
+        timeout_s = self.settings.timeout_s if deadline is None else deadline - loop.time()
         config = self.edit_config().replace(**changes)
         request = EditRequest(image, instruction, config, cancel=threading.Event())
 
@@ -215,7 +253,7 @@ class EditService:
                 return error
 
         try:
-            outcome = await asyncio.wait_for(submitted(), self.settings.timeout_s)
+            outcome = await asyncio.wait_for(submitted(), timeout_s)
         except BaseException as error:  # timed out, or the handler cancelled (the client went away): stop its work
             request.cancel.set()
             if isinstance(error, asyncio.TimeoutError):
@@ -268,6 +306,10 @@ class LocalEditService(EditService):
 
     async def submit(self, request: EditRequest, key: BatchKey) -> Any:
         return await self.batcher.submit(request, key)
+
+    def check_room(self) -> None:
+        if self.batcher.queued + self.decoding >= self.settings.queue_size:
+            raise QueueFull(self.batcher.retry_after_s())
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -510,13 +552,14 @@ def _add_edit_route(app: FastAPI) -> None:
             if service.not_ready_because:
                 retry = {} if service.load_failure else {"Retry-After": "5"}
                 raise ServeError(503, "unavailable", service.not_ready_because, retry)
+            service.check_room()  # before the upload is read
             check_form_fields((await request.form()).multi_items(), list(request.query_params))
             text, changes = check_request_fields(instruction, action, steps, seed, service.settings)
-            data = await image.read()
-            upload = await asyncio.to_thread(decode_upload, data, service.settings)
+            deadline = asyncio.get_running_loop().time() + service.settings.timeout_s
+            upload = await service.decode(await image.read(), deadline)
             editing = True
             result = await unless_disconnected(request, asyncio.ensure_future(service.edit(upload.pixels, text,
-                                                                                          changes)))
+                                                                                          changes, deadline)))
             result = dataclasses.replace(result, notes=upload.notes + result.notes)
         except ClientGone:
             service.metrics.count("cancelled")
@@ -534,21 +577,23 @@ def _add_edit_route(app: FastAPI) -> None:
         service.metrics.count("ok")
         service.metrics.latency.observe(time.perf_counter() - started)
         service.metrics.observe_stages(result.timings)
-        return await answer(result, upload.icc_profile, request_id, as_json=return_ == "json")
+        return await answer(result, upload.icc_profile, request_id, service, as_json=return_ == "json")
 
 
-async def answer(result: EditResult, icc_profile: bytes | None, request_id: str, *, as_json: bool) -> Response:
-    """A finished edit's response: the PNG, or the JSON with its masks; what it says in headers (the notes
-    logged too, with the request's id)."""
+async def answer(result: EditResult, icc_profile: bytes | None, request_id: str, service: EditService, *,
+                 as_json: bool) -> Response:
+    """A finished edit's response: the PNG, or the JSON with its masks, encoded in one of the service's image
+    threads (not cut off by the timeout: the edit is done); what it says in headers (the notes logged too, with
+    the request's id)."""
     headers = {"X-Request-Id": request_id, "X-Zone-Action": result.action.value, "X-Zone-Replica": REPLICA}
     for note in result.notes:
         log.info("request %s: %s", request_id, note)
     if result.notes:
         headers["X-Zone-Warnings"] = " | ".join(result.notes)
     if not as_json:
-        return Response(await asyncio.to_thread(png_bytes, result.image, icc_profile), media_type="image/png",
+        return Response(await service.in_image_thread(png_bytes, result.image, icc_profile), media_type="image/png",
                         headers=headers)
-    body = await asyncio.to_thread(edit_response, result, request_id, icc_profile)
+    body = await service.in_image_thread(edit_response, result, request_id, icc_profile)
     return JSONResponse(body.model_dump(), headers=headers)
 
 

@@ -84,6 +84,7 @@ class ServeSettings:
     max_pixels: int = 25_000_000
     max_instruction_chars: int = 1000
     max_steps: int = 100
+    image_threads: int = 2  # uploads decoded and answers encoded at once
     warmup: bool = True
     # Image sizes (H, W) also warmed up before ready: every padded batch size, at the server's steps.
     warmup_sizes: tuple[tuple[int, int], ...] = ()
@@ -102,7 +103,7 @@ class ServeSettings:
         self._check_origins()
 
     def _check_counts(self) -> None:
-        for name in ("max_batch", "queue_size", "max_instruction_chars", "max_steps"):
+        for name in ("max_batch", "queue_size", "max_instruction_chars", "max_steps", "image_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{option(name, getattr(self, name))} must be at least 1")
         if self.max_pixels < MIN_SIDE**2:  # no image would fit: every edit a 413
