@@ -123,6 +123,15 @@ def raw_answer(base: str, request: bytes) -> str:
                 return answer.decode()
 
 
+def answer_before_the_body(base: str, header: bytes = b"") -> tuple[str, str]:
+    """Head and body of the answer to an edit whose upload never comes (`header` added): what the server says
+    before reading it (waiting for the body would time out)."""
+    request = (b"POST /v1/edit HTTP/1.1\r\nHost: x\r\n" + header + b"Content-Type: multipart/form-data; boundary=b"
+               b"\r\nContent-Length: 100000\r\n\r\n")
+    head, _, body = raw_answer(base, request).partition("\r\n\r\n")
+    return head, body
+
+
 def post_chunked(base: str, data: bytes, instruction: str = "add a red hat") -> httpx.Response:
     """A multipart upload sent chunked: no Content-Length header."""
     head = (b'--b\r\nContent-Disposition: form-data; name="instruction"\r\n\r\n' + instruction.encode()
@@ -674,9 +683,11 @@ def test_a_full_queue_answers_503_with_retry_after(pipe):
         refused = post_edit(base, image)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "queue_full"
         assert int(refused.headers["Retry-After"]) >= 1
+        head, body = answer_before_the_body(base)  # the upload not waited for
+        assert head.startswith("HTTP/1.1 503 ") and json.loads(body)["error"]["code"] == "queue_full"
         gated.release.set()
         assert running.result().status_code == 200 and queued.result().status_code == 200
-        assert metric(client.get(f"{base}/metrics").text, 'zone_requests_total{outcome="queue_full"}') == 1
+        assert metric(client.get(f"{base}/metrics").text, 'zone_requests_total{outcome="queue_full"}') == 2
 
 
 class HeldDecode:
@@ -843,6 +854,26 @@ def test_browser_pages_of_the_allowed_origins_only_may_call_the_api():
     with pytest.raises(ConfigError, match="is not an origin"):
         ServeSettings(allow_origins=("app.example.com",))
     assert ServeSettings(allow_origins=("*", "http://localhost:3000")).allow_origins[0] == "*"
+
+
+def test_an_edit_from_a_browser_page_of_an_origin_not_allowed_is_refused_before_its_upload_is_read(pipe):
+    """A page elsewhere could make its visitors' browsers post edits to a local server (a form post needs no CORS
+    preflight): 403, said before the body is read. Pages of allowed origins, this server's own (/docs) and
+    clients that send no Origin are served."""
+    image, page = smooth_image(64, 64, seed=8), "https://app.example.com"
+    with serving(pipe, allow_origins=(page,)) as (base, service):
+        head, body = answer_before_the_body(base, b"Origin: https://elsewhere.example\r\n")
+        assert head.startswith("HTTP/1.1 403 ") and "access-control-allow-origin" not in head.lower()
+        error = json.loads(body)["error"]
+        assert error["code"] == "origin_not_allowed" and "--allow-origin https://elsewhere.example" in error["message"]
+        allowed = httpx.post(f"{base}/v1/edit", headers={"Origin": page}, data={"instruction": "add a hat"},
+                             files={"image": ("in.png", png(image), "image/png")}, timeout=120)
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == page
+        own = httpx.post(f"{base}/v1/edit", headers={"Origin": base.upper().replace("HTTP", "http")},
+                         data={"instruction": "add a hat"}, files={"image": ("in.png", png(image), "image/png")},
+                         timeout=120)
+        assert own.status_code == 200
+        assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="bad_request"}') == 1
 
 
 def test_a_wrong_path_or_method_names_what_the_api_takes():

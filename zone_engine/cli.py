@@ -286,7 +286,8 @@ def _add_serve_command(commands) -> None:
     server.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                         help="let browser pages of this origin call the API (CORS: preflight answered, the X-Zone-* "
                         "headers readable), e.g. https://app.example.com, or * for any page; repeatable (default: "
-                        "none, so a browser refuses its pages' calls from other origins; other clients need none)")
+                        "none: edits posted by pages of other origins get 403; clients that are not browsers need "
+                        "none)")
     server.add_argument("--log-level", type=str.lower, default="info", choices=["debug", "info", "warning", "error"],
                         help="the server's log: requests, readiness, warm-up, failed edits (default: info)")
     scale = serve.add_argument_group("Ray Serve")

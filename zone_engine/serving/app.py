@@ -19,6 +19,7 @@ import re
 import socket
 import threading
 import time
+import urllib.parse
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
@@ -474,7 +475,8 @@ class ErrorResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
-        400: "unreadable image", 413: "upload or image too large", 415: "not multipart/form-data",
+        400: "unreadable image", 403: "a browser page of an origin not allowed (--allow-origin)",
+        413: "upload or image too large", 415: "not multipart/form-data",
         422: "missing or invalid field", 500: "engine fault", 503: "queue full or shutting down (Retry-After)",
         504: "timed out (the edit was cancelled)",
     }.items()
@@ -524,7 +526,7 @@ def create_app(service: LocalEditService | None = None, settings: ServeSettings 
 def add_routes(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_middleware(BodySizeLimit)
+    app.add_middleware(EditAdmission)
     _add_edit_route(app)
     _add_probe_routes(app)
 
@@ -548,11 +550,7 @@ def _add_edit_route(app: FastAPI) -> None:
         service: EditService = request.app.state.service
         request_id, started = request_id_of(request), time.perf_counter()
         editing = False  # once the edit is handed over, its faults are the model thread's to log (run_batch)
-        try:
-            if service.not_ready_because:
-                retry = {} if service.load_failure else {"Retry-After": "5"}
-                raise ServeError(503, "unavailable", service.not_ready_because, retry)
-            service.check_room()  # before the upload is read
+        try:  # admitted before its upload was read (EditAdmission)
             check_form_fields((await request.form()).multi_items(), list(request.query_params))
             text, changes = check_request_fields(instruction, action, steps, seed, service.settings)
             deadline = asyncio.get_running_loop().time() + service.settings.timeout_s
@@ -712,27 +710,25 @@ class UploadTooLarge(Exception):
     """A request body that grew past the upload limit while it was read."""
 
 
-class BodySizeLimit:
-    """Refuse an upload over the service's limit: from its Content-Length before reading it, and one
-    without (chunked) as its bytes arrive, before more than the limit is read or spooled to disk. While
-    the upload arrives, the server stopping ends it (ShuttingDown: a 503): a stalled upload would otherwise
-    hold the shutdown for its whole grace period, then get uvicorn's bare 500. Only the edit endpoint
-    takes a body; other paths pass as they are (an unknown one is a 404)."""
+class EditAdmission:
+    """An edit refused before its upload is read (`refused_unread`), and one without a Content-Length (chunked)
+    as its bytes pass the upload limit, before more is read or spooled to disk. While the upload arrives, the
+    server stopping ends it (ShuttingDown: a 503): a stalled upload would otherwise hold the shutdown for its
+    whole grace period, then get uvicorn's bare 500. Only the edit endpoint takes a body; other paths and methods
+    pass as they are (an unknown one is a 404, a GET here a 405)."""
 
     def __init__(self, app: Callable) -> None:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        edit = scope["type"] == "http" and scope["path"] == EDIT_PATH
+        edit = scope["type"] == "http" and scope["path"] == EDIT_PATH and scope["method"] == "POST"
         service = getattr(scope["app"].state, "service", None) if edit else None
         if service is None:
             return await self.app(scope, receive, send)
+        if (refusal := refused_unread(Request(scope), service)) is not None:
+            service.metrics.count(outcome_of(refusal))
+            return await error_response(refusal, request_id_of(Request(scope)))(scope, receive, send)
         limit, received, arrived = service.settings.max_upload_bytes, 0, False
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > limit:
-            service.metrics.count("bad_request")
-            response = error_response(_too_large(int(length), limit), request_id_of(Request(scope)))
-            return await response(scope, receive, send)
 
         async def counted() -> dict:
             nonlocal received, arrived
@@ -764,6 +760,32 @@ async def _unless_stopping(receive: Callable, service: EditService) -> dict:
         pending.cancel()  # nothing when it is done; else the wait for bytes that may never come
     raise ShuttingDown("the server is shutting down before the upload had arrived; retry (another replica will "
                        "answer)")
+
+
+def refused_unread(request: Request, service: EditService) -> ServeError | None:
+    """Why an edit is refused before its upload is read, if it is: a browser page of an origin not allowed (a
+    page elsewhere could make its visitors' browsers post edits to this server, unseen), the service not ready,
+    the queue full, a Content-Length over the upload limit."""
+    origin, allowed = request.headers.get("origin"), service.settings.allow_origins
+    if origin is not None and "*" not in allowed and origin not in allowed and not same_origin(origin, request):
+        return ServeError(403, "origin_not_allowed", f"browser pages of {origin} may not call this API; "
+                          f"to let them, start the server with --allow-origin {origin}")
+    if service.not_ready_because:
+        return ServeError(503, "unavailable", service.not_ready_because,
+                          {} if service.load_failure else {"Retry-After": "5"})
+    try:
+        service.check_room()
+    except QueueFull as error:
+        return as_serve_error(error, service)
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > service.settings.max_upload_bytes:
+        return _too_large(int(length), service.settings.max_upload_bytes)
+    return None
+
+
+def same_origin(origin: str, request: Request) -> bool:
+    """A page this server served itself (/docs) calling it: its origin names the host the request was sent to."""
+    return urllib.parse.urlsplit(origin).netloc.lower() == request.headers.get("host", "").lower()
 
 
 def _too_large(size: int | None, limit: int) -> ServeError:
