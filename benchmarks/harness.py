@@ -53,7 +53,7 @@ from .measure import (
     unet_flops_per_row,
 )
 from .options import BUILDING_BACKENDS, BenchConfig
-from .report import markdown, write_reports
+from .report import NO_MATPLOTLIB, markdown, write_reports
 
 ROWS_PER_STEP = 6  # 2 UNets x 3 guidance branches (ZONE.md cost model)
 THROUGHPUT_LABEL = ("sequential: the timed edits run one after another, edits ÷ wall time (batches of "
@@ -769,4 +769,6 @@ def run_and_report(config: BenchConfig, argv: list[str] | None = None) -> int:
     print(markdown(record))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
+    if "chart" not in paths:
+        print(f"chart: {NO_MATPLOTLIB}")
     return 0

@@ -46,6 +46,7 @@ from zone_engine.paths import check_output_folder, folder_argument
 from zone_engine.serving.settings import ServeSettings
 
 from .options import device_name, refuse_first
+from .report import NO_MATPLOTLIB, has_matplotlib
 
 MODES = ("batching", "no-batching")
 SETTLE_S = 10.0  # longest wait, after a level, for the server to finish what its clients gave up on
@@ -437,10 +438,10 @@ def table(record: dict) -> str:
 
 def write_plot(record: dict, path: Path) -> bool:
     """Throughput and p95 latency against concurrency, one line per mode; False without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
+    if not has_matplotlib():
         return False
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -613,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     if write_plot(record, config.out / "load.png"):
         print(f"chart: {config.out / 'load.png'}")
     else:
-        print("chart: skipped, matplotlib is not installed (pip install 'zone-engine[bench]')")
+        print(f"chart: {NO_MATPLOTLIB}")
     if record["interrupted"]:
         print(f"load test: {record['interrupted']}", file=sys.stderr)
         return 130

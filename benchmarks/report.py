@@ -264,13 +264,27 @@ def write_chart(record: dict, path: Path) -> None:
     plt.close(figure)
 
 
+NO_MATPLOTLIB = "skipped, matplotlib is not installed (pip install 'zone-engine[bench]')"
+
+
+def has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def write_reports(record: dict, out: Path) -> dict[str, Path]:
-    """bench.json, bench.md and bench.png under `out`, named after the preset."""
+    """bench.json, bench.md and, with matplotlib, bench.png under `out`, named after the preset; the paths
+    written (a run of many minutes is not lost for want of the chart's library)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = report_paths(out, record["config"]["preset"])
-    for kind, write in (("json", lambda path: path.write_text(json.dumps(record, indent=2) + "\n")),
-                        ("markdown", lambda path: path.write_text(markdown(record))),
-                        ("chart", lambda path: write_chart(record, path))):
+    writers = {"json": lambda path: path.write_text(json.dumps(record, indent=2) + "\n"),
+               "markdown": lambda path: path.write_text(markdown(record))}
+    if has_matplotlib():
+        writers["chart"] = lambda path: write_chart(record, path)
+    for kind, write in writers.items():
         with written_atomically(paths[kind]) as temporary:  # an interrupted write leaves the last run's file whole
             write(temporary)
-    return paths
+    return {kind: paths[kind] for kind in writers}

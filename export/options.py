@@ -55,7 +55,8 @@ def add_export_sam_arguments(parser: argparse.ArgumentParser) -> None:
 def add_build_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", type=folder_argument,
                         help="a `zone export unet` folder (ONNX graphs and manifest.json)")
-    parser.add_argument("--cache", type=folder_argument, help="where engines are kept (default: FOLDER/engines)")
+    parser.add_argument("--cache", type=folder_argument, help="where engines are kept (default: FOLDER/engines, "
+                        "where `zone edit --engines FOLDER` looks for them)")
     parser.add_argument("--graph", action="append", dest="graphs", metavar="NAME",
                         help="build only this graph (dual_step, vae_encoder, vae_decoder); repeatable")
     parser.add_argument("--force", action="store_true", help="rebuild even when the cache holds a matching engine")

@@ -25,7 +25,7 @@ from benchmarks.measure import Deadline, OutOfTime
 from benchmarks.options import PRESETS
 from benchmarks.options import bench_main as main
 from benchmarks.options import parse_bench_args as parse_args
-from benchmarks.report import REST_OF_TOTAL, chart_segments, layout, markdown
+from benchmarks.report import REST_OF_TOTAL, chart_segments, layout, markdown, write_reports
 from zone_engine import Action, EditConfig, SamConfig, ZonePipeline, backends, pipeline
 from zone_engine.denoise import BatchDenoiser
 from zone_engine.image_io import make_sample_image, working_geometry
@@ -125,6 +125,16 @@ def test_harness_runs_end_to_end_and_writes_reports(tmp_path):
     assert bf16_sam["stages"]["refine"]["median"] > 0
     assert record["quality"]["engine:fused+sam-bf16"]["mask_b_identical"]  # localization does not use SAM
     assert 0.0 <= record["quality"]["engine:fused+sam-bf16"]["iou_mask_f"] <= 1.0
+
+
+def test_without_matplotlib_the_reports_are_written_and_the_chart_said_skipped(batched_record, tmp_path,
+                                                                               monkeypatch):
+    """The chart was written last, with matplotlib imported only then: a run of many minutes ended in an
+    ImportError."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what importing it does where it is not installed
+    paths = write_reports(batched_record, tmp_path)
+    assert set(paths) == {"json", "markdown"} and all(path.exists() for path in paths.values())
+    assert not list(tmp_path.glob("*.png"))
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -496,7 +497,18 @@ def test_cli_missing_ip2p_names_the_model(capsys, photo, tmp_path):
 
     torch.save(build_sam("vit_b").state_dict(), sam)
     _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", str(tmp_path / "o.png"), "--sam", str(sam),
-                            "--ip2p", str(tmp_path / "no-ip2p")], "InstructPix2Pix", "huggingface-cli download")
+                            "--ip2p", str(tmp_path / "no-ip2p")], "InstructPix2Pix", "hf download")
+
+
+def test_serve_ray_says_missing_checkpoints_before_ray_starts(capsys, tmp_path, monkeypatch):
+    """Each replica loads its own checkpoints: a missing one was a replica's traceback, after Ray had started."""
+    def deployed(*_args, **_kwargs):
+        raise AssertionError("Ray Serve was started")
+
+    monkeypatch.setitem(sys.modules, "zone_engine.serving.ray_serve", types.SimpleNamespace(run_ray=deployed))
+    _fails_cleanly(capsys, ["serve", "--ray", "--ip2p", str(tmp_path / "no-ip2p"), "--magicbrush",
+                            str(tmp_path / "no-mb"), "--sam", str(tmp_path / "no-sam.pth")],
+                   "3 checkpoints are missing", "InstructPix2Pix", "MagicBrush", "hf download")
 
 
 def test_edit_warnings_point_at_the_callers_line(tiny_pipe):
@@ -714,6 +726,8 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path, monke
     # Each option as the command line writes it, its Python spelling left out.
     _fails_cleanly(capsys, ["serve", "--tiny", "--max-batch", "0"], "--max-batch 0 must be at least 1")
     _fails_cleanly(capsys, ["serve", "--tiny", "--image-threads", "0"], "--image-threads 0 must be at least 1")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--max-steps", "10"],
+                   "the server's default --steps 20 is above --max-steps 10")
     _fails_cleanly(capsys, ["serve", "--tiny", "--timeout-s", "0"], "timeout-s")
     _fails_cleanly(capsys, ["serve", "--tiny", "--timeout-s", "inf"], "--timeout-s inf must be a finite number")
     _fails_cleanly(capsys, ["serve", "--tiny", "--max-wait-ms", "inf"], "--max-wait-ms inf must be a finite number")

@@ -275,7 +275,7 @@ def _add_serve_command(commands) -> None:
                         help=f"most steps a request may ask for (default: %(default)s; at most {MAX_STEPS})")
     server.add_argument("--image-threads", type=int, default=limits.image_threads,
                         help="most uploads decoded and answers encoded at once (each a thread; a 25 MP image takes "
-                        "0.2 GB and seconds of CPU); the others wait, uploads within --timeout-s (default: "
+                        "0.3 GB and seconds of CPU); the others wait, uploads within --timeout-s (default: "
                         "%(default)s)")
     server.add_argument("--no-warmup", action="store_true",
                         help="skip the default warm-up edit (a small image); --warmup-size sizes still warm up")
@@ -525,6 +525,9 @@ def run_serve(args: argparse.Namespace) -> None:
     if args.ray:
         _require("ray", "ray")
     changes = _config_changes(args)
+    # Said whether given or not: a --max-steps under the engine's default steps would otherwise show only at
+    # the first request that asks for none.
+    changes.setdefault("steps", EditConfig.steps)
     _check_backend_arguments(args)
     if args.port < 0 or args.port > 65535:
         raise ZoneError(f"--port {args.port} is not a TCP port (0..65535)")
@@ -540,6 +543,7 @@ def run_serve(args: argparse.Namespace) -> None:
         edit_changes=tuple(changes.items()), allow_origins=tuple(args.allow_origin),
     )
     if args.ray:
+        spec.check_checkpoints()  # one `error:` line, as below: not a replica's traceback
         from .serving.ray_serve import run_ray
 
         run_ray(spec, settings, host=args.host, port=args.port, replicas=args.replicas, log_level=args.log_level)

@@ -407,16 +407,16 @@ def _model_load_error(what: str, source: str, hub_id: str, flag: str, error: Exc
     if Path(source).expanduser().is_dir():
         return CheckpointError(
             f"cannot load {what} from the folder '{source}': {said.rstrip('.')}. Download it "
-            f"again (`huggingface-cli download {hub_id}`) and pass the folder with {flag}."
+            f"again (`hf download {hub_id}`) and pass the folder with {flag}."
         )
     if not missing:  # there in the cache, but it loads wrong (a damaged snapshot, another library version)
         return CheckpointError(
             f"cannot load {what} '{source}' from the offline Hugging Face cache ({said.rstrip('.')}): download it "
-            f"again (`huggingface-cli download {hub_id}`), or pass a folder with {flag}."
+            f"again (`hf download {hub_id}`), or pass a folder with {flag}."
         )
     return CheckpointError(
         f"{what} weights not found at '{source}' (local folder or offline Hugging Face cache). "
-        f"On a machine with internet run `huggingface-cli download {hub_id}` (or `git clone` the "
+        f"On a machine with internet run `hf download {hub_id}` (or `git clone` the "
         f"model repo) and pass the folder with {flag}."
     )
 
@@ -516,7 +516,7 @@ def locate_model(what: str, source: str, hub_id: str, flag: str) -> None:
     if folder.is_dir():
         if not (folder / "model_index.json").is_file():
             raise CheckpointError(f"the {what} folder '{source}' has no model_index.json: not a diffusers pipeline "
-                                  f"folder, or an unfinished download. Run `huggingface-cli download {hub_id}` and "
+                                  f"folder, or an unfinished download. Run `hf download {hub_id}` and "
                                   f"pass the folder with {flag}.")
         return
     from huggingface_hub import snapshot_download

@@ -56,6 +56,7 @@ from .models import (
     NormScope,
     ZoneModels,
     build_tiny_components,
+    check_checkpoints_present,
     checked_sam_type,
     load_pretrained,
     pytorch_norms,
@@ -323,6 +324,22 @@ def _unknown_init_options_refused(init: Callable[..., None]) -> Callable[..., No
 CHECKPOINT_OPTIONS = ("ip2p", "magicbrush", "sam", "action_classifier", "sam_type")  # from_pretrained's own
 
 
+def check_pretrained_present(ip2p: str, magicbrush: str, sam: str | Path | None,
+                             action_classifier: str | Path | None, sam_type: str | None, segmenter: str) -> None:
+    """CheckpointError naming every checkpoint `from_pretrained` would miss, none loaded (for a process that
+    does not load them itself: Ray Serve's replicas each load their own)."""
+    sam, action_classifier = _checkpoint_files(sam, checked_sam_type(sam_type), segmenter, action_classifier)
+    check_checkpoints_present(ip2p, magicbrush, sam, action_classifier)
+
+
+def _checkpoint_files(sam: str | Path | None, sam_type: str | None, segmenter: str,
+                      action_classifier: str | Path | None) -> tuple[str | Path | None, str | Path | None]:
+    """The SAM and action-classifier files `from_pretrained` loads, defaults resolved."""
+    if action_classifier is None and DEFAULT_ACTION_CLASSIFIER.is_file():  # ZONE's section 2: the classifier
+        action_classifier = DEFAULT_ACTION_CLASSIFIER  # when its weights are there, the keyword rule otherwise
+    return _sam_checkpoint(sam, sam_type, segmenter), action_classifier
+
+
 def _sam_checkpoint(sam: str | Path | None, sam_type: str | None, segmenter: str) -> str | Path | None:
     """The SAM .pth to load: none for the ONNX segmenter (its export names its own model), where a
     given checkpoint or type would be silently unread; else `sam`, by default `DEFAULT_SAM`."""
@@ -419,9 +436,7 @@ class ZonePipeline:
             if not isinstance(value, str | os.PathLike) and (value is not None or name in ("ip2p", "magicbrush")):
                 raise ConfigError(f"from_pretrained: {name} must be a model id or a path, got {value!r}")
         sam_type = checked_sam_type(sam_type)
-        sam = _sam_checkpoint(sam, sam_type, kwargs.get("segmenter", "torch"))
-        if action_classifier is None and DEFAULT_ACTION_CLASSIFIER.is_file():  # ZONE's section 2: the classifier
-            action_classifier = DEFAULT_ACTION_CLASSIFIER  # when its weights are there, the keyword rule otherwise
+        sam, action_classifier = _checkpoint_files(sam, sam_type, kwargs.get("segmenter", "torch"), action_classifier)
         target = resolve_device(device)
         load_dtype = resolve_dtype(dtype, target)
         check_backends(target, **kwargs)

@@ -50,6 +50,15 @@ class PipelineSpec:
         if self.random_weights not in (None, "sd15"):
             raise ConfigError(f"--random-weights {self.random_weights}: only sd15 (real-size architectures)")
 
+    def check_checkpoints(self) -> None:
+        """Every checkpoint `build` would load, located, not loaded (Ray Serve's replicas load their own, where a
+        missing one would show as a replica's traceback)."""
+        if not (self.tiny or self.random_weights):
+            from ..pipeline import check_pretrained_present
+
+            check_pretrained_present(self.ip2p, self.magicbrush, self.sam, self.action_classifier, self.sam_type,
+                                     self.segmenter)
+
     def build(self) -> ZonePipeline:
         from ..pipeline import ZonePipeline
 
@@ -119,11 +128,8 @@ class ServeSettings:
             raise ConfigError(f"{option('max_batch', self.max_batch)} must be at most {MAX_BATCH}")
 
     def _check_request_defaults(self) -> None:
-        steps = dict(self.edit_changes).get("steps")
-        if steps is not None and steps > self.max_steps:
-            raise ConfigError(f"the server's default {option('steps', steps)} is above "
-                              f"{option('max_steps', self.max_steps)}, which bounds what a request may ask for: lower "
-                              "the one or raise the other")
+        if (steps := dict(self.edit_changes).get("steps")) is not None:
+            self.check_default_steps(steps)
         for height, width in self.warmup_sizes:
             if min(height, width) < MIN_SIDE or height * width > self.max_pixels:
                 raise ConfigError(f"warm-up size {height}x{width} (--warmup-size, warmup_sizes): at least {MIN_SIDE} "
@@ -149,6 +155,13 @@ class ServeSettings:
                 raise ConfigError(f"allowed origin {origin!r} (--allow-origin, allow_origins) is not an origin: "
                                   "write scheme://host[:port] with no path "
                                   "(e.g. https://app.example.com or http://localhost:3000), or * for any")
+
+    def check_default_steps(self, steps: int) -> None:
+        """A request that asks for no steps gets the server's default: refused if above --max-steps."""
+        if steps > self.max_steps:
+            raise ConfigError(f"the server's default {option('steps', steps)} is above "
+                              f"{option('max_steps', self.max_steps)}, which bounds what a request may ask for: lower "
+                              "the one or raise the other")
 
     def check_local_batching(self) -> None:
         """The single-process batcher forms batches from its queue: a larger batch could never fill. (Ray Serve
