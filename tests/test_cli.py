@@ -590,6 +590,15 @@ def test_device_names_that_are_none_are_one_error_before_and_after_torch(name):
         resolve_device(name)
 
 
+def test_a_cuda_index_past_the_machines_devices_is_said_before_any_work(monkeypatch):
+    """The GPU machines lent have one device, so the real check never meets a cuda:1; here one is pretended."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device(" CUDA:0 ") == torch.device("cuda", 0) and resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(DeviceError, match=r"^cuda:1 does not exist: this machine has 1 CUDA device\(s\)$"):
+        resolve_device("cuda:1")
+
+
 @pytest.mark.parametrize("option", ["attention", "group_norm", "kernels", "sam_precision", "segmenter"])
 def test_a_backend_option_that_is_no_name_is_refused(option):
     """Python callers pass anything: None is no attention backend (not 'xformers on the CPU')."""
