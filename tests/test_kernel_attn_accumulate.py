@@ -32,6 +32,11 @@ from kernels.runtime import DISABLE_ENV, is_interpreted  # noqa: E402
 from zone_engine.localize import AttentionAccumulator  # noqa: E402
 
 INTERPRETED = is_interpreted(attn_module._attn_accumulate_kernel)
+# The dispatcher's tests check that it launched the kernel: where it cannot (ZONE_DISABLE_TRITON=1, or Triton
+# compiled and these tensors on the CPU) they would compare the reference with itself.
+DISPATCHES_TO_KERNEL = pytest.mark.skipif(not attn_module.runs_on(torch.device("cpu")),
+                                          reason="kernel 1 cannot launch on the CPU here (ZONE_DISABLE_TRITON=1 or "
+                                          "TRITON_INTERPRET=0): attn_accumulate_ runs the reference")
 
 
 def _inputs(rows, heads, queries, dim, keys, dtype, device="cpu", seed=0):
@@ -118,13 +123,16 @@ def test_any_split_of_the_rows_gives_the_sum_and_repeats_bit_for_bit(groups):
     assert torch.allclose(first, 2 * expected, rtol=0, atol=2e-5)
 
 
-def test_accumulates_in_place_across_calls():
+@DISPATCHES_TO_KERNEL
+def test_accumulates_in_place_across_calls(monkeypatch):
     query, key = _inputs(2, 5, 37, 40, 77, torch.float32, seed=1)
     query2, key2 = _inputs(2, 5, 37, 40, 77, torch.float32, seed=2)
     total = torch.zeros(37, 77)
     storage = total.data_ptr()
+    calls = spy_calls(monkeypatch, attn_module, "_launch", "attn_accumulate_reference")
     attn_accumulate_(total, query, key, 0.2)
     attn_accumulate_(total, query2, key2, 0.2)
+    assert calls == ["_launch", "_launch"]  # the kernel, not the reference compared with itself
     assert total.data_ptr() == storage
     expected = torch.zeros(37, 77)
     attn_accumulate_reference(expected, query, key, 0.2)
@@ -132,8 +140,9 @@ def test_accumulates_in_place_across_calls():
     assert torch.allclose(total, expected, rtol=0, atol=2e-5)
 
 
+@DISPATCHES_TO_KERNEL
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_strided_inputs_as_the_recording_processor_passes_them(dtype):
+def test_strided_inputs_as_the_recording_processor_passes_them(dtype, monkeypatch):
     # (B, N, heads*d) projections viewed as (B, heads, N, d) and sliced to the kept rows 1:3.
     batch, queries, keys, heads, dim = 3, 37, 77, 5, 40
     generator = torch.Generator().manual_seed(3)
@@ -143,16 +152,21 @@ def test_strided_inputs_as_the_recording_processor_passes_them(dtype):
     key = k.view(batch, keys, heads, dim).transpose(1, 2)[1:3]
     assert not query.is_contiguous() and not key.is_contiguous()
     total = torch.zeros(queries, keys)
+    calls = spy_calls(monkeypatch, attn_module, "_launch", "attn_accumulate_reference")
     attn_accumulate_(total, query, key, dim**-0.5)
+    assert calls == ["_launch"]
     _assert_within_rule(query.contiguous(), key.contiguous(), dim**-0.5, total)
 
 
-def test_accumulator_with_the_kernel_matches_the_default():
+@DISPATCHES_TO_KERNEL
+def test_accumulator_with_the_kernel_matches_the_default(monkeypatch):
     fused, plain = AttentionAccumulator(attn_accumulate_), AttentionAccumulator()
+    launches = spy_calls(monkeypatch, attn_module, "_launch")
     for seed in (4, 5):
         query, key = _inputs(2, 8, 16, 40, 77, torch.float32, seed=seed)
         fused.add(query, key, 0.3)
         plain.add(query, key, 0.3)
+    assert launches == ["_launch", "_launch"]  # the fused accumulator ran the kernel; the plain one did not
     assert fused.rows == plain.rows == 32
     assert torch.allclose(fused.average(), plain.average(), rtol=0, atol=1e-7)
 

@@ -25,6 +25,22 @@ from zone_engine.models import (
 )
 
 
+def assert_same_weights(loaded, source):
+    """Every tensor of `source` (a module or a state dict) in `loaded`, bit for bit, and nothing else."""
+    expected = source if isinstance(source, dict) else source.state_dict()
+    got = loaded.state_dict()
+    assert got.keys() == expected.keys()
+    assert not [name for name, tensor in expected.items() if not torch.equal(got[name], tensor)]
+
+
+def assert_unets_in_place(ip2p_unet, mb_unet, models):
+    """Each UNet loaded from its own folder: the two differ, so swapped UNets fail here."""
+    assert not all(torch.equal(a, b) for a, b in zip(models.ip2p_unet.state_dict().values(),
+                                                     models.mb_unet.state_dict().values(), strict=True))
+    assert_same_weights(ip2p_unet, models.ip2p_unet)
+    assert_same_weights(mb_unet, models.mb_unet)
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Tiny IP2P and MagicBrush folders as diffusers writes them, and SAM / classifier files."""
@@ -50,8 +66,9 @@ def test_ip2p_and_magicbrush_load_from_folders(saved):
     root, models = saved
     ip2p = load_ip2p(str(root / "ip2p"))
     unet = load_magicbrush_unet(str(root / "magicbrush"), ip2p)
-    for name, tensor in models.mb_unet.state_dict().items():
-        assert torch.equal(unet.state_dict()[name], tensor)
+    assert_unets_in_place(ip2p.unet, unet, models)
+    assert_same_weights(ip2p.vae, models.vae)
+    assert_same_weights(ip2p.text_encoder, models.text_encoder)
     assert ip2p.tokenizer("the dog").input_ids == models.tokenizer("the dog").input_ids
 
 
@@ -70,7 +87,7 @@ def test_magicbrush_with_other_architecture_is_refused(saved, tmp_path):
 
 
 def test_missing_models_say_how_to_get_them(tmp_path):
-    with pytest.raises(CheckpointError, match="huggingface-cli download timbrooks/instruct-pix2pix"):
+    with pytest.raises(CheckpointError, match="hf download timbrooks/instruct-pix2pix"):
         load_ip2p(str(tmp_path / "nothing-here"))
     with pytest.raises(CheckpointError, match=r"--ip2p DIR \(ip2p=DIR\)"):  # both callers' spelling
         load_ip2p("someone/not-in-the-cache")
@@ -99,7 +116,7 @@ def test_every_missing_checkpoint_is_said_at_once_before_any_loads(saved, tmp_pa
 
 
 def test_a_model_in_the_offline_hugging_face_cache_is_found_without_loading_it(tmp_path, monkeypatch):
-    """The cache layout huggingface-cli download writes: refs/main names the snapshot folder."""
+    """The cache layout hf download writes: refs/main names the snapshot folder."""
     repository = tmp_path / "hub" / "models--someone--cached-model"
     (repository / "refs").mkdir(parents=True)
     (repository / "refs" / "main").write_text("0" * 40)
@@ -115,6 +132,7 @@ def test_sam_loads_and_checks_its_type(saved, tmp_path):
     root, _ = saved
     sam = load_sam(root / "sam_vit_b_test.pth")
     assert sam.image_encoder.patch_embed.proj.out_channels == 768
+    assert_same_weights(sam, torch.load(root / "sam_vit_b_test.pth", weights_only=True))
     with pytest.raises(CheckpointError, match="sam_vit_b_test.pth is not a SAM vit_l checkpoint"):
         load_sam(root / "sam_vit_b_test.pth", "vit_l")
     unnamed = tmp_path / "weights.pth"
@@ -192,10 +210,17 @@ def test_from_pretrained_reads_backend_names_in_any_case(saved):
     from zone_engine import ZonePipeline
     from zone_engine.denoise import SequentialDenoiser
 
-    root, _ = saved
+    root, models = saved
     pipe = ZonePipeline.from_pretrained(str(root / "ip2p"), str(root / "magicbrush"), root / "sam_vit_b_test.pth",
                                         root / "action_classifier.pth", device="cpu", denoiser="Eager")
     assert isinstance(pipe.denoiser, SequentialDenoiser)  # the eager reference
+    loaded = pipe.models  # every network is the one saved, each in its place
+    assert_unets_in_place(loaded.ip2p_unet, loaded.mb_unet, models)
+    assert_same_weights(loaded.vae, models.vae)
+    assert_same_weights(loaded.text_encoder, models.text_encoder)
+    assert_same_weights(loaded.sam, torch.load(root / "sam_vit_b_test.pth", weights_only=True))
+    assert_same_weights(loaded.action_classifier, torch.load(root / "action_classifier.pth", weights_only=True))
+    assert pipe.denoiser.ip2p_unet is loaded.ip2p_unet and pipe.denoiser.mb_unet is loaded.mb_unet
 
 
 def test_tiny_components_are_reproducible():

@@ -9,10 +9,10 @@ from conftest import smooth_image
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionInstructPix2PixPipeline
 
 from zone_engine.config import Action, EditConfig
-from zone_engine.denoise import DenoiseInputs, SequentialDenoiser, initial_noise, make_scheduler
+from zone_engine.denoise import DenoiseInputs, SequentialDenoiser, initial_noise, make_scheduler, trajectory_step
 from zone_engine.localize import AttentionAccumulator
 from zone_engine.pipeline import decode_latents, encode_image_latents
-from zone_engine.solver import solver_schedule
+from zone_engine.solver import set_timesteps, solver_schedule
 from zone_engine.text import encode_instruction
 
 INSTRUCTION = "make the dog a golden statue"
@@ -90,13 +90,27 @@ def test_whole_edit_styled_image_equals_diffusers(tiny_pipe):
 
 
 def test_magicbrush_blend_changes_ip2p_trajectory(tiny_models):
-    """beta > 0 must pull z_ip toward MagicBrush's trajectory (the blend is not a no-op)."""
+    """beta > 0 must pull z_ip toward MagicBrush's trajectory: each step z_ip <- (z_ip + beta z_mb) / (1 + beta),
+    with z_mb MagicBrush's own trajectory, never blended (ZONE.md section 1), computed here by hand."""
     image = smooth_image(64, 64)
     encoded = encode_instruction(tiny_models.tokenizer, tiny_models.text_encoder, INSTRUCTION)
     inputs = DenoiseInputs(encoded.context, encode_image_latents(tiny_models.vae, image, torch.float32),
                            initial_noise(1, (8, 8), torch.device("cpu"), torch.float32))
     denoiser = SequentialDenoiser(tiny_models.ip2p_unet, tiny_models.mb_unet, tiny_models.scheduler_config)
-    config = EditConfig(steps=2)
-    assert not torch.allclose(
-        denoiser(inputs, config, 0.0, AttentionAccumulator()), denoiser(inputs, config, 0.2, AttentionAccumulator())
-    )
+    config, beta = EditConfig(steps=2), 0.2
+    plain = denoiser(inputs, config, 0.0, AttentionAccumulator())
+    blended = denoiser(inputs, config, beta, AttentionAccumulator())
+    assert not torch.allclose(plain, blended)
+
+    ip2p_scheduler, mb_scheduler = (make_scheduler(tiny_models.scheduler_config) for _ in range(2))
+    for scheduler in (ip2p_scheduler, mb_scheduler):
+        set_timesteps(scheduler, config.steps, torch.device("cpu"))
+    z_ip = z_mb = inputs.noise * ip2p_scheduler.init_noise_sigma
+    with torch.inference_mode():
+        for t in ip2p_scheduler.timesteps:
+            z_mb = trajectory_step(tiny_models.mb_unet, mb_scheduler, z_mb, t, inputs, config)
+            z_ip = trajectory_step(tiny_models.ip2p_unet, ip2p_scheduler, z_ip, t, inputs, config)
+            z_ip = (z_ip + beta * z_mb) / (1 + beta)
+    assert torch.allclose(blended, z_ip, rtol=1e-6, atol=1e-4)  # the same arithmetic: equal on the CPU
+    # and towards MagicBrush's trajectory, not away from it
+    assert (blended - z_mb).abs().max().item() < (plain - z_mb).abs().max().item()

@@ -284,23 +284,30 @@ def test_fp16_vae_overflow_is_decoded_again_in_fp32(tiny_models, monkeypatch):
     assert (pixels - expected).abs().max().item() <= 1e-3  # fp16 latents in, fp32 decoder
 
 
-@pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="Triton runs only compiled on CUDA or under TRITON_INTERPRET=1 (as CI runs the suite)",
-)
-def test_triton_localization_kernels_give_the_same_edit(tiny_models):
+# These edits run on the CPU, where Triton runs only under TRITON_INTERPRET=1 (as CI runs the suite); compiled on
+# CUDA the kernels would fall back to torch here, and a test would compare torch with torch.
+TRITON_ON_THE_CPU = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="Triton runs on the CPU only under TRITON_INTERPRET=1")
+
+
+@TRITON_ON_THE_CPU
+def test_triton_localization_kernels_give_the_same_edit(tiny_models, monkeypatch):
+    import kernels.attn_accumulate as attn_module
+    import kernels.mask_binarize as binarize_module
+
+    assert attn_module.runs_on(torch.device("cpu"))  # kernel 2 shares its rule (kernels/runtime.py)
     image = smooth_image(64, 96, seed=6)
     config = EditConfig(steps=2, sam=SamConfig.for_random_weights())
     torch_path = ZonePipeline(tiny_models, device="cpu", kernels="torch").edit(image, INSTRUCTION, config)
+    launches = spy_calls(monkeypatch, attn_module, "_launch")
+    binarized = spy_calls(monkeypatch, binarize_module, "_launch")
     triton_path = ZonePipeline(tiny_models, device="cpu", kernels="triton").edit(image, INSTRUCTION, config)
+    assert launches and binarized == ["_launch"]  # the kernels ran, not their torch fallbacks
     assert np.array_equal(torch_path.mask_b, triton_path.mask_b)
     assert np.array_equal(torch_path.image, triton_path.image)
 
 
-@pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="Triton runs only compiled on CUDA or under TRITON_INTERPRET=1 (as CI runs the suite)",
-)
+@TRITON_ON_THE_CPU
 def test_the_group_norm_kernel_runs_every_unet_and_vae_norm_and_keeps_the_edit(tiny_models, monkeypatch):
     """--group-norm triton: each of the UNets' and the VAE's GroupNorms goes through kernel 3 (counted),
     and the edit is PyTorch's up to fp32 rounding: pixels within one level, the same M_b."""

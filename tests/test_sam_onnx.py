@@ -587,6 +587,10 @@ def test_pipeline_mask_f_is_identical_with_either_refinement_backend(tmp_path):
         ZonePipeline(models, device="cpu", **options).edit(image, "make the house golden", config)
         for options in ({"segmenter": "torch"}, {"segmenter": "onnx", "sam_onnx": folder})
     ]
+    # A SAM segment became M_f with each backend (with none overlapping M_b both would return M_b, and nothing of
+    # the segmenters would be compared): M_b covers this image at these seeds, so any segment overlaps it.
+    assert [result.used_fallback for result in results] == [False, False]
+    assert not np.array_equal(results[0].mask_f, results[0].mask_b)
     assert np.array_equal(results[0].mask_f, results[1].mask_f)
     assert np.array_equal(results[0].image, results[1].image)
 

@@ -128,6 +128,47 @@ def test_search_leaves_the_predictor_reset(sam):
     assert not segmenter.generator.predictor.is_image_set and segmenter.generator.predictor.features is None
 
 
+@pytest.mark.parametrize("config_name", ["filtered", "loose-nms"])  # both filters; NMS
+def test_segments_and_search_agree_with_stock_segment_anything(sam, config_name):
+    """The tests above compare the search with the engine's own segmenter, whose generator runs the engine's
+    TorchSamPredictor (its encoder through SDPA: sam_encoder.py). Here both against stock segment-anything:
+    `SamAutomaticMaskGenerator(sam, ...)` with its own `SamPredictor`.
+
+    Features within 1e-5 of their magnitude: the same weights and operations, SDPA's fused softmax and the
+    relative positions folded into q·k reordering fp32 sums (measured ~4e-7 of the magnitude, a few fp32 eps);
+    a wrong attention moves them by a sizable fraction of it. Segments in the same order, each within IoU 0.99 of
+    stock's (a pixel whose logit lies within rounding of the threshold may flip; measured identical), and the
+    search's choice that of `choose_segment` over stock's list."""
+    from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+
+    from zone_engine.sam_torch import TorchSamPredictor
+
+    config, size = CONFIGS[config_name], (80, 112)  # not square: height and width are not interchangeable
+    image = smooth_image(*size, seed=3)
+    stock_predictor, ours_predictor = SamPredictor(sam), TorchSamPredictor(sam)
+    with torch.inference_mode():
+        stock_predictor.set_image(image)
+        ours_predictor.set_image(image)
+        stock = [np.asarray(record["segmentation"], dtype=bool)
+                 for record in SamAutomaticMaskGenerator(sam, **dataclasses.asdict(config)).generate(image)]
+    torch.testing.assert_close(ours_predictor.features, stock_predictor.features, rtol=0,
+                               atol=1e-5 * float(stock_predictor.features.abs().max()))
+
+    def iou(a: np.ndarray, b: np.ndarray) -> float:
+        return (a & b).sum() / max((a | b).sum(), 1)
+
+    segmenter = TorchSamSegmenter(sam, config)
+    ours = segmenter.segment(image)
+    assert len(ours) == len(stock) > 0
+    assert min(iou(a, b) for a, b in zip(ours, stock, strict=True)) >= 0.99
+    for mask_b in masks_b_for(stock, size):
+        expected, found = choose_segment(mask_b, stock), segmenter.select(image, mask_b)
+        assert found.segment_count == expected.segment_count
+        assert (found.segment is None) == (expected.segment is None)
+        if expected.segment is not None:
+            assert iou(found.segment, expected.segment) >= 0.99 and abs(found.iou - expected.iou) <= 0.01
+
+
 # ---------------------------------------------------------------------------------------------------
 # TorchSamPredictor.predict_passing: the decoder with its image side shared, upscaling only what passes
 # ---------------------------------------------------------------------------------------------------

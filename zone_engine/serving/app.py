@@ -146,7 +146,7 @@ class EditService:
         self.pipeline: ZonePipeline | None = None
         self.ready = self.stopping = False
         self.load_error: str | None = None
-        # Decoding an upload and encoding an answer take CPU and memory (a 25 MP image: seconds, and 0.2 GB):
+        # Decoding an upload and encoding an answer take CPU and memory (a 25 MP image: seconds, and 0.3 GB):
         # at most `image_threads` at once, and uploads being decoded hold their place in the queue.
         self.image_threads = asyncio.Semaphore(settings.image_threads)
         self.decoding = 0
@@ -169,6 +169,7 @@ class EditService:
         then, at each of `warmup_sizes`, one batch of every size the denoiser pads batches to. Stopping the
         server ends the warm-up at the running batch's next step (else SIGTERM would wait for all of it)."""
         self.pipeline = self.build_pipeline()
+        self.settings.check_default_steps(self.edit_config().steps)  # the pipeline's own default, if not the server's
         first = (make_sample_image(128, 128), self.edit_config().replace(steps=2), 1)
         batches = [first] if self.settings.warmup else []
         batches += [(make_sample_image(height, width), self.edit_config(), batch)
