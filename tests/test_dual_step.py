@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import smooth_image
+from conftest import smooth_image, spy_calls
 from diffusers import DPMSolverMultistepScheduler
 
 from zone_engine import Action, ZonePipeline
@@ -237,25 +237,31 @@ class TestOnGPU:
         convolution algorithms (fp16 sums in another order). Bounds to be confirmed on the first GPU run."""
         image = smooth_image(64, 96, seed=12)
         config = EditConfig(steps=3, sam=SamConfig.for_random_weights())
-        results = [
-            ZonePipeline(_cuda_copy(tiny_models), device="cuda", dtype="fp16", denoiser="fused",
-                         channels_last=layout).edit(image, "add a hat", config)
-            for layout in (False, True)
-        ]
+        pipes = [ZonePipeline(_cuda_copy(tiny_models), device="cuda", dtype="fp16", denoiser="fused",
+                              channels_last=layout) for layout in (False, True)]
+        for pipe, layout in zip(pipes, (False, True), strict=True):  # else the test compares a layout with itself
+            for unet in (pipe.models.ip2p_unet, pipe.models.mb_unet):
+                assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) == layout
+        results = [pipe.edit(image, "add a hat", config) for pipe in pipes]
         assert np.abs(results[1].styled.astype(int) - results[0].styled.astype(int)).max() <= 4
         overlap = (results[0].mask_b & results[1].mask_b).sum() / max((results[0].mask_b | results[1].mask_b).sum(), 1)
         assert overlap >= 0.9
 
-    def test_group_norm_kernel_captured_edit_matches_pytorchs_norm(self, tiny_models):
+    def test_group_norm_kernel_captured_edit_matches_pytorchs_norm(self, tiny_models, monkeypatch):
         """Kernel 3 on the channels-last UNets and the VAE, captured, in fp16: PyTorch's norm up to fp32
         summation order and one fp16 rounding per norm. Bounds as for the layout test above."""
         image = smooth_image(64, 96, seed=12)
         config = EditConfig(steps=3, sam=SamConfig.for_random_weights())
-        results = [
-            ZonePipeline(_cuda_copy(tiny_models), device="cuda", dtype="fp16", denoiser="fused",
-                         group_norm=kind).edit(image, "add a hat", config)
-            for kind in ("torch", "triton")
-        ]
+        import kernels.group_norm as norm_module
+
+        launches = spy_calls(monkeypatch, norm_module, "_launch")
+        results = []
+        for kind in ("torch", "triton"):
+            pipe = ZonePipeline(_cuda_copy(tiny_models), device="cuda", dtype="fp16", denoiser="fused", group_norm=kind)
+            name = "kernel 3" if kind == "triton" else "pytorch"
+            assert pipe.group_norms == {"unets": name, "vae": name}
+            results.append(pipe.edit(image, "add a hat", config))
+            assert bool(launches) == (kind == "triton")  # kernel 3 ran (at capture), else the test compares torch
         assert np.abs(results[1].styled.astype(int) - results[0].styled.astype(int)).max() <= 4
         overlap = (results[0].mask_b & results[1].mask_b).sum() / max((results[0].mask_b | results[1].mask_b).sum(), 1)
         assert overlap >= 0.9
