@@ -5,11 +5,11 @@
 # triton, onnx/onnxruntime and transformers but not diffusers or segment-anything: they travel as wheels.
 #
 # Before a lease, on the development machine, in the repo root: `bash benchmarks/gpu_session.sh fetch-wheels`
-# (adds /.whl/ to .git/info/exclude and downloads diffusers, segment-anything and importlib_metadata into .whl;
+# (adds /.whl/ to .git/info/exclude and downloads diffusers and segment-anything into .whl;
 # `fetch-wheels serve` also the serving load test's: the image has prometheus-client, httpx, anyio, h11, click).
 # Then: device run with carry [".whl"] and command `bash benchmarks/gpu_session.sh [STAGE ...]`: stages
 # kernels bench-compile bench tests refine profile graph-memory dual (the default, in that order), refine-zero
-# (refine keeping every mask), dual (the dual-step variants), bench-cl (bench with channels-last UNets and VAE),
+# (refine keeping every mask), dual (the dual-step variants), bench-contiguous (bench with every network contiguous),
 # bench-compile (the compile backend beside fused, and the variant rows on compile's denoiser),
 # compile (the torch.compile test), breaks (compile's graph breaks), profile (one edit under torch.profiler: each
 # stage's device-busy share and launches), graph-memory (captured steps' memory, shared pool vs one each),
@@ -17,7 +17,7 @@
 # At most 8 files come back from $OUT: every stage's log goes into $OUT/logs.tar.gz (rewritten after each
 # stage, through a temporary file, so a call cut short still returns what ran), bench and bench-compile add their
 # JSON, markdown and PNG ($OUT and $OUT/compile: written there as they end, so they come back even from a call
-# killed after them), bench-cl its markdown. Each stage's output is shown as it runs (the reply's tail then shows
+# killed after them), bench-contiguous its markdown. Each stage's output is shown as it runs (the reply's tail then shows
 # a stage cut off with its call) and kept in its log. The output ends with a summary: how each stage ended, then
 # the benches' per-stage latency tables.
 # A lease now has 15 minutes of device time in all, a machine's start (a minute or two) included, and a call
@@ -25,20 +25,23 @@
 # timings), bench-compile (issue 4: the compile rows, compile+sam-bf16 the fastest, 4.93x on 2026-11-30: 264 s
 # there, 176 s of it compiling), bench (the batches' throughput), then tests and the rest. A stage starts only while
 # the call's budget (BUDGET, default 570 s from the script's start) still holds its whole limit, else it says it
-# was skipped; bench's and bench-compile's limits (BENCH_LIMIT, default 240; COMPILE_LIMIT, default 300) are cut
+# was skipped; bench's and bench-compile's limits (BENCH_LIMIT, default 240; COMPILE_LIMIT, default 330) are cut
 # to the budget left (a minute at least), their --time-limit 20 s under. A stage that reaches its limit is sent SIGTERM: a bench then
 # starts nothing more and writes its reports of the edits it timed. On the H200 (2026-11-30) the stages took:
-# tests 102 s, bench 116, kernels 13, refine 26, profile 55, graph-memory 51, dual 49. Run it with timeout_s 590;
+# tests 102 s, bench 116, kernels 13, refine 26, profile 55, graph-memory 51, dual 49 (the limits are about 1.5x
+# these and more where work joined since: kernel 3's tests and benchmarks). Run it with timeout_s 590;
 # then, at once (the machine stays warm 30 s; a fresh one needs 4 minutes of the lease left), the stages it
 # skipped, with BUDGET = the device seconds left - 20 and timeout_s = the seconds left, and give the machine back.
-# bench-cl, compile, breaks, refine-zero, suite and serve are for a lease with time left; a longer compile run:
+# bench-contiguous, compile, breaks, refine-zero, suite and serve are for a lease with time left; a longer compile run:
 # `BACKENDS=fused,compile BENCH_LIMIT=560 bash benchmarks/gpu_session.sh bench`.
 # DRY_RUN=1 prints each stage's command instead of running it, with nothing installed: the suite parses
 # them with their tools' own parsers (tests/test_gpu_session.py), so no lease is spent on a stale flag.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = fetch-wheels ]; then  # here, not on the device: the packages its image lacks, as wheels
-    wheels=(diffusers==0.42.1 segment-anything importlib_metadata)
+    # Not importlib_metadata (diffusers' metadata asks for it, its code takes the standard library's on Python 3.8+):
+    # its newest wheel needs a package the image lacks, and on PYTHONPATH it would shadow the image's own.
+    wheels=(diffusers==0.42.1 segment-anything)
     [ "${DRY_RUN:-0}" = 1 ] || rm -rf .whl  # a re-fetch must not leave two versions of a package to install
     [ "${2:-}" != serve ] || wheels+=(fastapi uvicorn python-multipart starlette pydantic pydantic-core
         annotated-types typing-inspection opentelemetry-api typing_extensions)
@@ -78,6 +81,10 @@ if [ "$DRY_RUN" != 1 ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOGS/gpu.txt"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
         | tee -a "$LOGS/gpu.txt"
+    # Said at once, not by every stage failing after its start-up: only `kernels` runs without them.
+    python3 -c "import diffusers, segment_anything" 2>&1 | tee -a "$LOGS/gpu.txt" \
+        || echo "!! diffusers or segment-anything cannot be imported (were the wheels carried: carry [\".whl\"]?):" \
+            "only the kernels stage can run" | tee -a "$LOGS/gpu.txt"
     pack_logs
 fi
 
@@ -106,8 +113,8 @@ run_stage() {
     tests)  # Correctness on the GPU: the GPU test classes (compiled Triton, bf16, fp16 vs fp32, CUDA graphs),
         # in this process (TRITON_INTERPRET=0: no interpreted copy that reruns itself compiled).
         # 150 s until kernel 3's GPU class (about 30 more compilations) joined them, 180 s until its fused and
-        # one-channel/one-group cases (about 16 more).
-        TRITON_INTERPRET=0 stage gpu_tests 200 python3 -m pytest -q -m gpu -rs --durations=8 -k "not compiled_step" \
+        # one-channel/one-group cases (about 16 more). -v: a run cut off at its limit still names what passed.
+        TRITON_INTERPRET=0 stage gpu_tests 200 python3 -m pytest -v -m gpu -rs --durations=8 -k "not compiled_step" \
             tests ;;
     compile)  # The torch.compile test alone, with dynamo's graph breaks and recompilations logged.
         TRITON_INTERPRET=0 TORCH_LOGS=graph_breaks,recompiles stage compile_test 150 python3 -m pytest -q -m gpu \
@@ -120,14 +127,14 @@ run_stage() {
         # encoder in bf16 (no ONNX: no CUDA provider there), the engine's search for M_b's segment vs the
         # generator's list, the search in its CUDA runs (prompts_per_run) vs runs of 64, and SAM's decoder
         # transformer vs the factored one (sam_decoder.py).
-        stage bench_refine 120 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 --no-onnx \
+        stage bench_refine 60 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 --no-onnx \
             --sam-precision bf16 --thresholds sam ;;
     refine-zero)  # The same with every mask kept (thresholds 0): post-processing exercised as real weights would.
         stage bench_refine_zero 150 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 \
             --no-onnx --sam-precision bf16 ;;
     dual)  # Two weight sets per step: one UNet call at batch 6 vs the dual-step variants, eager and graphed,
         # and on channels-last copies of the UNets, with PyTorch's GroupNorm (step-cl) and kernel 3's (step-cl-gn).
-        stage bench_dual_unet 130 python3 -m benchmarks.bench_dual_unet --resolution 512 --dtype fp16 --repeats 20 \
+        stage bench_dual_unet 100 python3 -m benchmarks.bench_dual_unet --resolution 512 --dtype fp16 --repeats 20 \
             --channels-last ;;
     breaks)  # torch.compile's graph breaks in the dual step, SD1.5 size, fp16 (none is the goal).
         stage graph_breaks 90 python3 -m benchmarks.graph_breaks --device cuda --dtype fp16 ;;
@@ -140,32 +147,37 @@ run_stage() {
             --time-limit $((limit - 20)) --out "$OUT" ;;
     graph-memory)  # Device memory of the captured dual steps of a server's shapes (4 sizes x batches 1, 2, 4):
         # one shared pool (the engine's) against a pool per graph; and that both give the same latents.
-        stage graph_memory 150 python3 -m benchmarks.graph_memory ;;
+        stage graph_memory 90 python3 -m benchmarks.graph_memory ;;
     profile)  # Why each stage of a gpu-512 edit takes its time: device-busy share, launches, longest kernels
         # (torch.profiler over one fused edit after a warm-up; a host-bound stage has a small busy share).
-        stage profile 150 python3 -m benchmarks.profile_edit --rows 30 ;;
-    bench-cl)  # The same with every engine row's UNets and VAE channels-last (fused rows only, no batches):
-        # decides `--channels-last`. Its markdown alone comes back (8 files at most return from $OUT).
-        stage bench_cl 200 python3 -m benchmarks --preset gpu-512 --backends fused --batch 1 \
-            --channels-last --time-limit 180 --out /tmp/zone-bench-cl
-        [ ! -f /tmp/zone-bench-cl/bench-gpu-512.md ] || cp /tmp/zone-bench-cl/bench-gpu-512.md "$OUT/bench_cl.md" ;;
+        stage profile 90 python3 -m benchmarks.profile_edit --rows 30 ;;
+    bench-contiguous)  # The same with every network contiguous (fused rows only, no batches): against bench's rows
+        # (the UNets channels-last, the default since 2026-11-30), the whole edit's gain from that default, which is
+        # unmeasured. Its markdown alone comes back (8 files at most return from $OUT).
+        stage bench_contiguous 200 python3 -m benchmarks --preset gpu-512 --backends fused --batch 1 \
+            --no-channels-last --time-limit 180 --out /tmp/zone-bench-contiguous
+        [ ! -f /tmp/zone-bench-contiguous/bench-gpu-512.md ] \
+            || cp /tmp/zone-bench-contiguous/bench-gpu-512.md "$OUT/bench_contiguous.md" ;;
     bench-compile)  # The compile backend beside fused (the variant rows, sam-bf16 among them, then on compile's
         # denoiser: the fastest combination); 3 timed edits, no batches (a batch is a second compilation). Cut
-        # short, it still reports what it timed, in $OUT/compile.
-        limit=$(fit "${COMPILE_LIMIT:-300}")
+        # short, it still reports what it timed, in $OUT/compile. Not the PyTorch-norm and ONNX rows: bench has the
+        # one, and the image has no CUDA provider for the other.
+        limit=$(fit "${COMPILE_LIMIT:-330}")
         stage bench_compile "$limit" python3 -m benchmarks --preset gpu-512 --backends fused,compile --batch 1 \
-            --repeats 3 --time-limit $((limit - 20)) --out "$OUT/compile" ;;
+            --repeats 3 --no-compare-group-norm --no-sam-onnx --time-limit $((limit - 20)) --out "$OUT/compile" ;;
     suite)  # The whole suite on the GPU machine, in parallel processes.
         stage tests 400 python3 -m pytest -q -n 8 -rf tests ;;
     serve)  # The HTTP service under load, batching on vs off: SD1.5-sized random weights, fp16, 512², 20 steps
         # (its load.json and load.png go into the logs archive).
         python3 -c "import fastapi, uvicorn, multipart, prometheus_client, httpx" || {
-            echo "the serving wheels are not carried (see the header)"; return 1; }
+            echo "the serving wheels are not carried (see the header)"; SUMMARY+=("load: not run (no serving wheels)")
+            return 1; }
         stage load 420 python3 -m benchmarks.load_test --no-tiny --device cuda \
             --server-arg=--random-weights=sd15 --server-arg=--dtype=fp16 --size 512x512 --steps 20 \
             --concurrency 1,2,4,8 --requests 16 --duration-s 100 --out "$LOGS/load" ;;
     *) echo "unknown stage $1: tests, compile, kernels, refine, refine-zero, dual, breaks, profile, graph-memory," \
-            "bench, bench-cl, bench-compile, suite, serve"
+            "bench, bench-contiguous, bench-compile, suite, serve"
+        SUMMARY+=("$1: unknown stage")
         return 1 ;;
     esac
 }
@@ -173,9 +185,12 @@ run_stage() {
 for name in "$@"; do run_stage "$name"; done
 # Last, as the reply carries the end of the output: how each stage ended, and the per-stage latency table.
 if [ "$DRY_RUN" != 1 ]; then
-    echo "== summary (${SECONDS}s of the budget of ${BUDGET}s; every log in logs.tar.gz)"
-    printf '%s\n' "${SUMMARY[@]}"
-    for table in "$OUT"/bench-*.md "$OUT"/compile/bench-*.md "$OUT"/bench_*.md; do
-        if [ -f "$table" ]; then sed -n '/^## Per-stage latency/,/^Speed-up/p' "$table"; fi
-    done
+    {  # kept in the logs too: a call killed now still returns the archive packed below
+        echo "== summary (${SECONDS}s of the budget of ${BUDGET}s; every log in logs.tar.gz)"
+        printf '%s\n' "${SUMMARY[@]}"
+        for table in "$OUT"/bench-*.md "$OUT"/compile/bench-*.md "$OUT"/bench_*.md; do
+            if [ -f "$table" ]; then sed -n '/^## Per-stage latency/,/^Speed-up/p' "$table"; fi
+        done
+    } | tee "$LOGS/summary.txt"
+    pack_logs
 fi
