@@ -31,6 +31,13 @@ def tiny_models(tiny_pipe):
     return tiny_pipe.models
 
 
+def rgb_profile() -> bytes:
+    """A real RGB ICC profile (littlecms' sRGB): the engine carries an input's profile only when it loads."""
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
 def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     """A smooth random RGB image (uint8): random low-resolution colours upsampled."""
     import cv2

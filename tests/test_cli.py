@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import smooth_image
+from conftest import rgb_profile, smooth_image
 from PIL import Image
 
 import zone_engine
@@ -237,7 +237,7 @@ def test_the_output_is_written_after_the_masks_so_its_presence_means_the_edit_is
     assert not out.exists()
 
 
-RGB_PROFILE = bytes(16) + b"RGB " + b"the camera's profile: carried, not parsed"  # bytes 16..20: its colour space
+RGB_PROFILE = rgb_profile()
 
 
 def test_edit_to_bmp_warns_that_the_colour_profile_is_lost(photo, tmp_path, capsys):

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import tempfile
 import types
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import damaged_image_files
-from PIL import Image
+from conftest import damaged_image_files, rgb_profile
+from PIL import Image, PngImagePlugin
 
 from zone_engine import image_io
 from zone_engine.errors import InputImageError, ZoneError
@@ -129,6 +131,75 @@ def test_rgb_and_gray_png_with_a_transparent_colour_warn_and_blacken_as_alpha_do
         loaded = load_image(tmp_path / "t.png")
     np.testing.assert_array_equal(loaded[:4], 0)
     assert (loaded[4:] == 200).all()
+
+
+def png_file(header: bytes, *chunks: tuple[bytes, bytes]) -> bytes:
+    """A PNG from its IHDR fields and its other chunks, as written by hand (what Pillow does not write)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + b"".join(chunk(kind, data) for kind, data in ((b"IHDR", header), *chunks,
+                                                                                 (b"IEND", b"")))
+
+
+def gray_png(bits: int, values: np.ndarray, transparent: int) -> bytes:
+    """A gray PNG of this bit depth (1, 2, 4 or 8), one value marked transparent (tRNS): Pillow writes no gray
+    PNG under 8 bits but 1-bit."""
+    height, width = values.shape
+    pixel_bits = np.unpackbits(values.astype(np.uint8)[..., None], axis=-1)[..., 8 - bits:]  # (H, W, bits)
+    rows = b"".join(b"\0" + np.packbits(row.ravel()).tobytes() for row in pixel_bits)  # filter 0, then the row
+    header = struct.pack(">IIBBBBB", width, height, bits, 0, 0, 0, 0)  # gray, no interlace
+    return png_file(header, (b"tRNS", struct.pack(">H", transparent)), (b"IDAT", zlib.compress(rows)))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_a_low_bit_gray_pngs_transparent_value_is_transparency_as_at_8_bits(bits):
+    """Pillow scales a 1-, 2- or 4-bit gray PNG's pixels to 0..255, not its tRNS value (white is 3 at 2 bits):
+    the transparent half was kept white, silently (and a 1-bit PNG's transparency was not looked for)."""
+    top = 2**bits - 1
+    values = np.full((8, 8), top // 2 if bits > 1 else 0)
+    values[:, 4:] = top  # white, the transparent value
+    rgb, notes = read_image(Image.open(io.BytesIO(gray_png(bits, values, top))))
+    assert (rgb[:, 4:] == 0).all() and (rgb[:, :4] == (top // 2 if bits > 1 else 0) * 255 // top).all()
+    assert any("has transparency" in note for note in notes)
+
+
+def test_a_palette_image_with_alpha_in_its_palette_is_composited_as_rgba():
+    """A PIL image quantized from RGBA holds its alpha in the palette, not in info: it was kept opaque, silently."""
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0], rgba[:, :4, 3] = 255, 255
+    rgb, notes = read_image(Image.fromarray(rgba).quantize())
+    assert (rgb[:, :4] == [255, 0, 0]).all() and (rgb[:, 4:] == 0).all()
+    assert any("has transparency" in note for note in notes)
+
+
+def test_colour_descriptions_the_engine_does_not_apply_or_carry_are_said():
+    """A CMYK or gray profile is not applied, a damaged one not carried, a PNG gamma not carried: each was silent
+    (the damaged profile went into the output, where viewers fail on it)."""
+    def noted(image: Image.Image, fmt: str, **save) -> tuple[tuple[str, ...], bytes | None]:
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **save)
+        with Image.open(buffer) as opened:
+            return read_image(opened)[1], image_io.icc_profile_of(opened)
+
+    srgb = rgb_profile()
+    cmyk_header = srgb[:16] + b"CMYK" + srgb[20:]
+    rgb = Image.fromarray(random_rgb(8, 8))
+    notes, carried = noted(rgb.convert("CMYK"), "JPEG", icc_profile=cmyk_header)
+    assert "has a CMYK colour profile, which is not applied" in " ".join(notes) and carried is None
+    damaged = srgb[:128] + b"\xff" * (len(srgb) - 128)  # the header says RGB; the tag table is garbage
+    notes, carried = noted(rgb, "PNG", icc_profile=damaged)
+    assert "has a damaged colour profile" in " ".join(notes) and carried is None
+    notes, carried = noted(rgb, "PNG", icc_profile=srgb)
+    assert notes == () and carried == srgb
+    assert "PNG gamma of 1 " in " ".join(noted(rgb, "PNG", pnginfo=png_gamma(1.0))[0])
+    assert noted(rgb, "PNG", pnginfo=png_gamma(1 / 2.2))[0] == ()
+
+
+def png_gamma(gamma: float) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add(b"gAMA", struct.pack(">I", round(gamma * 100000)))
+    return info
 
 
 def test_rgba_png_composites_over_black_and_warns(tmp_path):
@@ -899,7 +970,7 @@ def test_jpeg_is_written_at_high_quality_and_said_to_be_lossy(tmp_path):
 
 
 def test_the_input_colour_profile_is_carried_to_the_output(tmp_path):
-    profile = bytes(16) + b"RGB " + b"not parsed by Pillow, only carried"  # bytes 16..20: its colour space
+    profile = rgb_profile()
     Image.fromarray(random_rgb(8, 8)).save(tmp_path / "in.png", icc_profile=profile)
     assert image_io.colour_profile(tmp_path / "in.png") == profile
     for suffix in (".png", ".jpg", ".webp", ".tiff"):
@@ -939,13 +1010,32 @@ def test_saving_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_path)
 
 
 @pytest.mark.parametrize(("suffix", "words"), [(".xbm", "cannot write RGB pixels as XBM"),
-                                               (".h5", "HDF5 save handler not installed")])
+                                               (".h5", "HDF5 save handler not installed"),
+                                               (".pbm", "names a bitmap or graymap"), (".PGM", "use .ppm")])
 def test_a_format_pillow_lists_but_cannot_write_rgb_in_is_refused_up_front(tmp_path, suffix, words):
     """Pillow lists a writer for XBM (1-bit only) and HDF5 (a stub): zone edit ran the whole edit, then failed."""
     with pytest.raises(ZoneError, match=words):
         image_io.check_output_format(tmp_path / f"x{suffix}")
     image_io.check_output_format(tmp_path / "x.xbm", mode="1")  # what it does hold
+    image_io.check_output_format(tmp_path / "mask.pgm", mode="L")  # a mask is a graymap
     assert not list(tmp_path.iterdir())
+
+
+def test_a_header_past_pillows_own_limit_is_said_with_its_size(tmp_path):
+    """Pillow refuses it on opening, before its size can be read: the error said only "too large"."""
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)  # RGB; no pixel data needed
+    (tmp_path / "huge.png").write_bytes(png_file(header, (b"IDAT", zlib.compress(b""))))
+    assert "has 10,000,000,000 pixels; at most 100,000,000" in load_refused(tmp_path / "huge.png")
+
+
+def test_an_eps_file_without_ghostscript_is_said_to_need_it_not_to_be_corrupt(tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", False)  # as where Ghostscript is not installed
+    monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: False)
+    (tmp_path / "a.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n%%EOF\n")
+    said = load_refused(tmp_path / "a.eps")
+    assert "reading EPS needs Ghostscript" in said and "corrupt" not in said
 
 
 @pytest.mark.parametrize(("suffix", "largest"), [(".tga", 65535), (".pcx", 65534), (".pdf", 65500),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import struct
 import warnings
 from collections.abc import Iterator
@@ -110,8 +111,8 @@ def _load_file(path: Path) -> tuple[np.ndarray, list[str]]:
     try:
         with _opened(path) as img:
             return _pil_to_rgb(img, str(path))
-    except Image.DecompressionBombError:
-        raise InputImageError(_too_large_message(str(path), None)) from None
+    except Image.DecompressionBombError as error:
+        raise InputImageError(_too_large_message(str(path), _bomb_pixels(error))) from None
     except UnidentifiedImageError:
         raise InputImageError(
             f"cannot read {path}: not an image file in a format Pillow can read, or one whose header is "
@@ -148,12 +149,15 @@ def _decoded_upright(img: Image.Image, name: str) -> tuple[Image.Image, list[str
     except AssertionError:  # PIL's word for a file closed (its `with` block left) before its pixels were read
         raise InputImageError(f"{name} was closed before its pixels were read: pass it inside its `with "
                               "Image.open(...)` block, or call .load() before closing it") from None
-    except Image.DecompressionBombError:
-        raise InputImageError(_too_large_message(name, None)) from None
+    except Image.DecompressionBombError as error:
+        raise InputImageError(_too_large_message(name, _bomb_pixels(error))) from None
     except UNREADABLE_IMAGE as error:
         if "closed image" in str(error):  # .close() called before its pixels were read
             raise InputImageError(f"{name} was closed (.close()) before its pixels were read: pass it "
                                   "before closing it, or call .load() first") from None
+        if "Ghostscript" in str(error):  # a sound EPS file: Pillow reads it by running gs, which is not there
+            raise InputImageError(f"cannot read {name}: reading EPS needs Ghostscript (gs), which is not "
+                                  "installed; convert the file to PNG") from None
         raise InputImageError(
             f"cannot read {name}: the image data is corrupt or truncated ({_one_line(error)}); "
             "re-export or re-download it"
@@ -164,10 +168,16 @@ def _decoded_upright(img: Image.Image, name: str) -> tuple[Image.Image, list[str
 def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, list[str]]:
     """Decode a PIL image (its current frame: the first of a file), make it upright, convert to uint8 RGB
     (H, W, 3); with the notes on what was dropped or guessed."""
+    transparent_gray = _low_bit_gray_transparency(img)  # read before decoding: the file's bit depth goes with it
     img, notes = _decoded_upright(img, name)
+    notes += _colour_notes(img, name)
+    if transparent_gray is not None:
+        img = img.copy()  # not the caller's image changed
+        img.info["transparency"] = transparent_gray
     mode = img.mode
-    # A palette, RGB or L image can mark one colour transparent (PNG tRNS): as much transparency as alpha.
-    if mode in _ALPHA_MODES or (mode in ("P", "RGB", "L") and "transparency" in img.info):
+    # A palette, RGB, L or 1-bit image can mark one colour transparent (PNG tRNS), a palette hold alpha: as much
+    # transparency as an alpha channel (16-bit gray's below).
+    if mode in _ALPHA_MODES or (mode in ("P", "RGB", "L", "1") and img.has_transparency_data):
         straight = img.convert("LA") if mode == "La" else img  # Pillow has no La -> RGBA; LA un-premultiplies
         rgb, had_alpha = _composite_over_black(np.asarray(straight.convert("RGBA")))
         return rgb, notes + _alpha_notes(had_alpha, name)
@@ -189,6 +199,37 @@ def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, list[str]]:
             f"{name} has pixel mode {mode}, which cannot be converted to RGB ({_one_line(error)}); "
             "convert it to 8-bit RGB first"
         ) from None
+
+
+# Pillow reads a 1-, 2- or 4-bit gray PNG's pixels scaled to 0..255 but keeps its tRNS value as written (3 for
+# 2-bit white): no pixel would match it.
+_LOW_BIT_GRAY = {"L;1": 1, "L;2": 2, "L;4": 4}
+
+
+def _low_bit_gray_transparency(img: Image.Image) -> int | None:
+    """A low-bit gray PNG's transparent value scaled as its pixels are, else None."""
+    rawmode = img.tile[0].args if img.format == "PNG" and img.tile else None
+    value = img.info.get("transparency")
+    if not (isinstance(rawmode, str) and rawmode in _LOW_BIT_GRAY and isinstance(value, int)):
+        return None
+    return value * 255 // (2 ** _LOW_BIT_GRAY[rawmode] - 1)
+
+
+def _colour_notes(img: Image.Image, name: str) -> list[str]:
+    """What of the file's colour description the engine does not apply or carry: a CMYK or gray ICC profile (its
+    pixels are converted to RGB without it), a damaged one (left out), a PNG gamma other than sRGB's."""
+    notes, profile = [], img.info.get("icc_profile")
+    if profile and profile[16:20] != b"RGB ":
+        space = profile[16:20].decode("latin-1").strip() or "unknown"
+        notes.append(f"{name} has a {space} colour profile, which is not applied: its colours were converted to RGB "
+                     "without it and may differ; convert the image to sRGB first")
+    elif profile and icc_profile_of(img) is None:
+        notes.append(f"{name} has a damaged colour profile; it is left out of the output")
+    gamma = img.info.get("gamma")
+    if isinstance(gamma, float) and abs(gamma - 1 / 2.2) > 0.01:
+        notes.append(f"{name} has a PNG gamma of {gamma:g} (sRGB's is 0.455), which the output does not carry: "
+                     "viewers that apply it show the input's colours otherwise")
+    return notes
 
 
 def _frames_notes(img: Image.Image, name: str) -> list[str]:
@@ -299,12 +340,22 @@ def _check_size(height: int, width: int, *, name: str) -> None:
         raise InputImageError(_too_large_message(name, (height, width)))
 
 
-def _too_large_message(name: str, size: tuple[int, int] | None) -> str:
-    shown = f"is {size[1]}x{size[0]} ({size[0] * size[1]:,} pixels)" if size else "is too large"
+def _too_large_message(name: str, size: tuple[int, int] | int | None) -> str:
+    """`size`: (height, width), or the pixel count alone (all Pillow says of a decompression bomb)."""
+    if isinstance(size, tuple):
+        shown = f"is {size[1]}x{size[0]} ({size[0] * size[1]:,} pixels)"
+    else:
+        shown = f"has {size:,} pixels" if size else "is too large"
     return (
         f"{name}: image {shown}; at most {MAX_PIXELS:,} pixels are accepted "
         f"(the engine works at 512 px by default, {MAX_WORKING_SIDE} at most), so downscale it first"
     )
+
+
+def _bomb_pixels(error: Image.DecompressionBombError) -> int | None:
+    """The pixel count Pillow's refusal names ("Image size (10000000000 pixels) exceeds limit of ...")."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    return int(found[1]) if found else None
 
 
 def _one_line(error: BaseException) -> str:
@@ -469,6 +520,9 @@ def check_output_format(path: str | os.PathLike, mode: str = "RGB") -> str:
     if file_format is None:
         raise ZoneError(f"cannot write {path}: {path.suffix} is no image format's suffix Pillow writes; use .png, "
                         "say")
+    if file_format == "PPM" and mode == "RGB" and path.suffix.lower() in (".pbm", ".pgm"):
+        raise ZoneError(f"cannot write {path}: {path.suffix} names a bitmap or graymap, and the edit is in colour; "
+                        "use .ppm (or .png)")
     if file_format in _RESIZING_FORMATS:
         raise ZoneError(f"cannot write {path}: {file_format} icons come in fixed sizes, so the image would be "
                         "scaled; use .png, say")
@@ -504,7 +558,20 @@ def icc_profile_of(img: Image.Image) -> bytes | None:
     so the output keeps the input's profile to be shown in the input's colours. A CMYK, gray or Lab profile
     (bytes 16..20 of the header: the data colour space) does not describe the RGB output: left out."""
     profile = img.info.get("icc_profile")
-    return profile if profile and profile[16:20] == b"RGB " else None
+    return profile if profile and profile[16:20] == b"RGB " and _profile_loads(profile) else None
+
+
+def _profile_loads(profile: bytes) -> bool:
+    """Whether littlecms reads the profile (a damaged one, carried, would be the output's: left out instead)."""
+    try:
+        from PIL import ImageCms
+    except ImportError:  # a Pillow built without littlecms: nothing to check with
+        return True
+    try:
+        ImageCms.ImageCmsProfile(io.BytesIO(profile))
+    except (OSError, ImageCms.PyCMSError):
+        return False
+    return True
 
 
 def _writable_format(path: Path) -> str | None:
