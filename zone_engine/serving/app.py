@@ -786,7 +786,11 @@ def refused_unread(request: Request, service: EditService) -> ServeError | None:
 
 def same_origin(origin: str, request: Request) -> bool:
     """A page this server served itself (/docs) calling it: its origin names the host the request was sent to."""
-    return urllib.parse.urlsplit(origin).netloc.lower() == request.headers.get("host", "").lower()
+    try:
+        host = urllib.parse.urlsplit(origin).netloc
+    except ValueError:  # no origin a browser sends ("http://[::1"): not this server's
+        return False
+    return host.lower() == request.headers.get("host", "").lower()
 
 
 def _too_large(size: int | None, limit: int) -> ServeError:
