@@ -171,9 +171,7 @@ def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, list[str]]:
     transparent_gray = _low_bit_gray_transparency(img)  # read before decoding: the file's bit depth goes with it
     img, notes = _decoded_upright(img, name)
     notes += _colour_notes(img, name)
-    if transparent_gray is not None:
-        img = img.copy()  # not the caller's image changed
-        img.info["transparency"] = transparent_gray
+    img = _with_transparency(img, transparent_gray)
     mode = img.mode
     # A palette, RGB, L or 1-bit image can mark one colour transparent (PNG tRNS), a palette hold alpha: as much
     # transparency as an alpha channel (16-bit gray's below).
@@ -213,6 +211,15 @@ def _low_bit_gray_transparency(img: Image.Image) -> int | None:
     if not (isinstance(rawmode, str) and rawmode in _LOW_BIT_GRAY and isinstance(value, int)):
         return None
     return value * 255 // (2 ** _LOW_BIT_GRAY[rawmode] - 1)
+
+
+def _with_transparency(img: Image.Image, transparent: int | None) -> Image.Image:
+    """`img` with this transparent value (None: as it is), on a copy: not the caller's image changed."""
+    if transparent is None:
+        return img
+    img = img.copy()
+    img.info["transparency"] = transparent
+    return img
 
 
 def _colour_notes(img: Image.Image, name: str) -> list[str]:
