@@ -290,6 +290,25 @@ TRITON_ON_THE_CPU = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1"
                                        reason="Triton runs on the CPU only under TRITON_INTERPRET=1")
 
 
+def test_a_second_pipeline_may_not_change_the_models_another_one_holds():
+    """A pipeline moves, casts and lays out its models in place: a second one over the same models with other
+    settings silently changed the first one's layout (its output moved by a level; on CUDA its graphs would read
+    freed memory). Same settings, a deep copy, or the first one gone: allowed."""
+    import copy
+    import gc
+
+    first = ZonePipeline.tiny()
+    with pytest.raises(ConfigError, match=r"in use by another ZonePipeline \(cpu, torch.float32, UNets contiguous"):
+        ZonePipeline(first.models, device="cpu", channels_last=True)
+    assert first.models.ip2p_unet.conv_in.weight.is_contiguous()  # untouched
+    ZonePipeline(first.models, device="cpu")
+    ZonePipeline(copy.deepcopy(first.models), device="cpu", channels_last=True)
+    models = first.models
+    del first
+    gc.collect()
+    ZonePipeline(models, device="cpu", channels_last=True)
+
+
 @TRITON_ON_THE_CPU
 def test_triton_localization_kernels_give_the_same_edit(tiny_models, monkeypatch):
     import kernels.attn_accumulate as attn_module

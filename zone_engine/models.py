@@ -46,7 +46,7 @@ class ActionClassifier(nn.Module):
         return self.fc2(torch.relu(self.fc1(token_states)))
 
 
-@dataclass
+@dataclass(eq=False)  # one set of networks is itself: compared, and hashed, by identity
 class ZoneModels:
     """Every network of one ZONE pipeline. Text encoder and VAE are IP2P's, shared by both UNets."""
 

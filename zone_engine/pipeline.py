@@ -60,6 +60,7 @@ from .models import (
     checked_sam_type,
     load_pretrained,
     pytorch_norms,
+    unets_channels_last,
 )
 from .refine import Refinement, Segmenter, refine_with_sam
 from .text import TRUNCATED, EncodedInstruction, encode_instruction, encode_prompt
@@ -324,6 +325,24 @@ def _unknown_init_options_refused(init: Callable[..., None]) -> Callable[..., No
 CHECKPOINT_OPTIONS = ("ip2p", "magicbrush", "sam", "action_classifier", "sam_type")  # from_pretrained's own
 
 
+def _take_models(models: ZoneModels, pipeline: ZonePipeline, placement: tuple) -> None:
+    """A pipeline moves, casts and lays out its models in place (and sets their attention): a second pipeline over
+    the same models with another (device, dtype, VAE and UNet layouts, attention) would silently change the first
+    one's, whose CUDA graphs would then read freed memory. Refused while the first pipeline lives."""
+    holder, held = _MODEL_HOLDERS.get(models, (None, None))
+    if holder is not None and holder() is not None and held != placement:
+        device, dtype, vae_nhwc, unets_nhwc, attention = held
+        raise ConfigError(f"these models are in use by another ZonePipeline ({device}, {dtype}, UNets "
+                          f"{'channels-last' if unets_nhwc else 'contiguous'}, VAE "
+                          f"{'channels-last' if vae_nhwc else 'contiguous'}, {attention} attention), and a pipeline "
+                          "changes its models in place: give this one the same settings, or copy.deepcopy(models)")
+    _MODEL_HOLDERS[models] = (weakref.ref(pipeline), placement)
+
+
+# Which pipeline holds a ZoneModels, and how it placed them (not on the models: a deep copy would carry it).
+_MODEL_HOLDERS: weakref.WeakKeyDictionary[ZoneModels, tuple] = weakref.WeakKeyDictionary()
+
+
 def check_pretrained_present(ip2p: str, magicbrush: str, sam: str | Path | None,
                              action_classifier: str | Path | None, sam_type: str | None, segmenter: str) -> None:
     """CheckpointError naming every checkpoint `from_pretrained` would miss, none loaded (for a process that
@@ -397,6 +416,8 @@ class ZonePipeline:
         self.sam_dtype = DTYPES[sam_precision]
         # Checked before gigabytes move:
         self.default_config = EditConfig() if default_config is None else default_config
+        _take_models(models, self, (self.device, self.dtype, bool(channels_last),
+                                    unets_channels_last(self.device, self.dtype, channels_last), attention))
         configure_attention(models, attention, self.device)
         # channels_last: convolutions in NHWC, where GPUs have their fastest fp16/bf16 kernels; None: the
         # UNets' only, on CUDA in half precision (models.unets_channels_last). The models change in place.
