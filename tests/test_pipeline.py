@@ -12,7 +12,7 @@ import torch
 from conftest import smooth_image, spy_calls
 
 from zone_engine import Action, EditConfig, EditRequest, EditResult, SamConfig, ZonePipeline
-from zone_engine.errors import ConfigError, EditWarning
+from zone_engine.errors import ConfigError, EditCancelled, EditWarning
 from zone_engine.pipeline import STAGES
 from zone_engine.refine import ListSegmenter
 from zone_engine.timing import Stopwatch
@@ -288,6 +288,20 @@ def test_fp16_vae_overflow_is_decoded_again_in_fp32(tiny_models, monkeypatch):
 # CUDA the kernels would fall back to torch here, and a test would compare torch with torch.
 TRITON_ON_THE_CPU = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                        reason="Triton runs on the CPU only under TRITON_INTERPRET=1")
+
+
+def test_an_edit_denoised_before_is_refused_until_restarted(tiny_pipe):
+    """Denoised again after a stop, an edit's attention record mixed both runs (about 3% off), silently."""
+    config = tiny_pipe.default_config.replace(steps=3)
+    edit = tiny_pipe.prepare(smooth_image(64, 64, seed=3), INSTRUCTION, config)
+    with pytest.raises(EditCancelled):
+        tiny_pipe.denoise([edit], stop=lambda: True)
+    with pytest.raises(ConfigError, match=r"denoised before .* pass edit.restart\(\)"):
+        tiny_pipe.denoise([edit])
+    (again,) = tiny_pipe.denoise([restarted := edit.restart()])
+    clean = tiny_pipe.prepare(smooth_image(64, 64, seed=3), INSTRUCTION, config)
+    (expected,) = tiny_pipe.denoise([clean])
+    assert torch.equal(again, expected) and torch.equal(restarted.attention.total, clean.attention.total)
 
 
 def test_a_second_pipeline_may_not_change_the_models_another_one_holds():

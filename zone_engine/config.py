@@ -313,7 +313,8 @@ class SamConfig:
 @_unknown_fields_said
 @dataclass(frozen=True)
 class EditConfig:
-    """One edit's settings. Every field has the reference implementation's default."""
+    """One edit's settings. Every field has the reference implementation's default, but `action_rule`: "intended"
+    max-pools the classifier's logits where the reference took an argmax of token positions ("reference")."""
 
     # Denoising (ZONE.md sections 0 and 1).
     steps: int = 20

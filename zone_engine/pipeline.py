@@ -137,7 +137,9 @@ def batch_key(image_size: tuple[int, int], config: EditConfig) -> BatchKey:
 
 @dataclass(frozen=True, eq=False)  # equal and hashed by identity: == on arrays has no single truth value
 class EditRequest:
-    """One edit of `edit_batch`; setting `cancel` stops its work at the next step boundary."""
+    """One edit of `edit_batch`. Setting `cancel` stops its work at the next step boundary once every request of
+    its batch is cancelled; a cancelled request among live ones rides the loop to its end, then is dropped before
+    decoding and refinement."""
 
     image: image_io.ImageSource  # path, PIL image or array, as `edit` takes
     instruction: str
@@ -627,6 +629,9 @@ class ZonePipeline:
         if not isinstance(edits, Sequence) or not edits or not all(isinstance(e, PreparedEdit) for e in edits):
             raise ConfigError(f"denoise takes a non-empty list of the PreparedEdits prepare() returns, got "
                               f"{_type_names(edits)}")
+        if any(edit.attention.total is not None for edit in edits):  # its record would mix two runs' attention
+            raise ConfigError("an edit given to denoise was denoised before (or stopped part way): its attention "
+                              "record is not empty; pass edit.restart() to denoise it again")
         if len({edit.batch_key for edit in edits}) != 1:
             raise ConfigError("edits denoised together need one batch key (latent size, steps, guidance): "
                               "group them by PreparedEdit.batch_key, as edit_batch does")
