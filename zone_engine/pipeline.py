@@ -296,8 +296,8 @@ def to_uint8_image(pixels: torch.Tensor) -> np.ndarray:
 
 
 def _locked_on_device(method: Callable[..., T]) -> Callable[..., T]:
-    """Run a pipeline method (prepare, denoise, finish) holding the pipeline's lock, with its CUDA
-    device current. The lock: the stages' CUDA graphs (`graphs.py`), the denoiser's static buffers and
+    """Run a pipeline method (prepare, denoise, finish, empty_prompt, segmenter) holding the pipeline's lock, with
+    its CUDA device current. The lock: the stages' CUDA graphs (`graphs.py`), the denoiser's static buffers and
     CUDA graphs and SAM's predictor hold one edit's state at a time, so threads sharing a pipeline
     take turns. The device: CUDA streams, graphs and Triton launch on the current device, so a
     pipeline on cuda:1 would otherwise launch on cuda:0."""
@@ -438,7 +438,7 @@ class ZonePipeline:
         # Each edit's latents as denoise returned them, for finish to check it is given those.
         self._denoised: weakref.WeakKeyDictionary[PreparedEdit, torch.Tensor] = weakref.WeakKeyDictionary()
         self._empty_prompt: torch.Tensor | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered: prepare and finish call the public empty_prompt and segmenter
 
     @classmethod
     def from_pretrained(
@@ -487,12 +487,14 @@ class ZonePipeline:
     def default_config(self, config: EditConfig) -> None:
         self._default_config = _checked_edit_config(config, "default_config")  # checked now, not inside the next edit
 
+    @_locked_on_device
     def empty_prompt(self) -> torch.Tensor:
         """The empty prompt's text embedding (1, 77, C): the same for every edit, so encoded once."""
         if self._empty_prompt is None:
             self._empty_prompt = encode_prompt(self.models.tokenizer, self.models.text_encoder, "", self.run)
         return self._empty_prompt
 
+    @_locked_on_device
     def segmenter(self, config: SamConfig) -> Segmenter:
         """The refinement segmenter for `config`'s SAM settings, made on first use and kept."""
         if config not in self._segmenters:
