@@ -21,7 +21,7 @@ __all__ = [  # the errors too, so a caller can catch the one it means without kn
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     # The pipeline pulls in torch, diffusers and segment-anything: import it only when asked for,
     # so `zone --help` and the pure-numpy stages stay light.
     if name in _FROM_PIPELINE:

@@ -445,7 +445,7 @@ class ZonePipeline:
         cls, ip2p: str = IP2P_ID, magicbrush: str = MAGICBRUSH_ID,
         sam: str | Path | None = None, action_classifier: str | Path | None = None,
         device: str | torch.device = "auto", dtype: str | torch.dtype | None = None, sam_type: str | None = None,
-        **kwargs,
+        **kwargs: object,
     ) -> ZonePipeline:
         """Real checkpoints from local folders, the offline Hugging Face cache, and a SAM .pth file
         (`sam`, default `DEFAULT_SAM`); `action_classifier`: by default `DEFAULT_ACTION_CLASSIFIER` where that
@@ -467,7 +467,7 @@ class ZonePipeline:
         return cls(models, target, load_dtype, **kwargs)
 
     @classmethod
-    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", **kwargs) -> ZonePipeline:
+    def tiny(cls, seed: int = 0, device: str | torch.device = "cpu", **kwargs: object) -> ZonePipeline:
         """Tiny random models, built offline in seconds: for tests and the demo (the edit is meaningless).
         Their default config keeps SAM's masks of random weights (`SamConfig.for_random_weights()`), unless
         `default_config=` is given."""
