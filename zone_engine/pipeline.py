@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import inspect
 import os
 import threading
@@ -332,6 +333,8 @@ def _take_models(models: ZoneModels, pipeline: ZonePipeline, placement: tuple) -
     the same models with another (device, dtype, VAE and UNet layouts, attention) would silently change the first
     one's, whose CUDA graphs would then read freed memory. Refused while the first pipeline lives."""
     holder, held = _MODEL_HOLDERS.get(models, (None, None))
+    if holder is not None and holder() is not None and held != placement:
+        gc.collect()  # a pipeline that only a reference cycle keeps (a caught exception's frames, say) is no holder
     if holder is not None and holder() is not None and held != placement:
         device, dtype, vae_nhwc, unets_nhwc, attention = held
         raise ConfigError(f"these models are in use by another ZonePipeline ({device}, {dtype}, UNets "
