@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -37,7 +37,7 @@ def action_from_logits(logits: torch.Tensor, rule: Literal["intended", "referenc
 
 @torch.inference_mode()
 def classify_action(
-    instruction: str, tokenizer, text_encoder, classifier: ActionClassifier | None,
+    instruction: str, tokenizer: Any, text_encoder: torch.nn.Module, classifier: ActionClassifier | None,
     rule: Literal["intended", "reference"] = "intended", run: Run = eager,
 ) -> Action:
     """The action from the classifier's logits, or from keywords without a classifier. `run`: how the

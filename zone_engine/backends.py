@@ -111,7 +111,7 @@ def configure_attention(models: ZoneModels, kind: str, device: torch.device) -> 
         module.enable_xformers_memory_efficient_attention()
 
 
-def check_backends(device: torch.device, **options) -> None:
+def check_backends(device: torch.device, **options: object) -> None:
     """`config.check_backend_options` on the resolved device, and the `--sam-onnx` and `--engines` folders
     checked to be exports (a wrong folder is said now, not after the weights moved, nor as TensorRT missing)."""
     check_backend_options(device.type, **options)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
@@ -16,6 +16,9 @@ from .config import EditConfig
 from .localize import AttentionAccumulator, attention_grid, record_cross_attention
 from .models import pytorch_norms
 from .solver import set_timesteps
+
+if TYPE_CHECKING:
+    from diffusers import DPMSolverMultistepScheduler
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ REFERENCE_SCHEDULER = dict(algorithm_type="dpmsolver++", solver_order=2, timeste
                            final_sigmas_type="sigma_min")
 
 
-def make_scheduler(scheduler_config: dict):
+def make_scheduler(scheduler_config: dict) -> DPMSolverMultistepScheduler:
     """DPMSolverMultistep from IP2P's scheduler config; one instance per trajectory (it keeps history).
 
     diffusers 0.18, which the reference ran, used dpmsolver++ order 2 with linspace spacing
@@ -101,8 +104,8 @@ def blend_latents(z_ip: torch.Tensor, z_mb: torch.Tensor, beta: float | torch.Te
     return (z_ip + beta * z_mb) / (1 + beta)
 
 
-def trajectory_step(unet, scheduler, latents: torch.Tensor, t: torch.Tensor, inputs: DenoiseInputs,
-                    config: EditConfig) -> torch.Tensor:
+def trajectory_step(unet: torch.nn.Module, scheduler: DPMSolverMultistepScheduler, latents: torch.Tensor,
+                    t: torch.Tensor, inputs: DenoiseInputs, config: EditConfig) -> torch.Tensor:
     """One guided UNet evaluation and scheduler step of one trajectory, as diffusers' IP2P pipeline."""
     model_input = scheduler.scale_model_input(torch.cat([latents] * 3), t)
     model_input = torch.cat([model_input, inputs.image_latents], dim=1)
@@ -114,7 +117,7 @@ def trajectory_step(unet, scheduler, latents: torch.Tensor, t: torch.Tensor, inp
 class SequentialDenoiser:
     """The plain reference: MagicBrush's step, then IP2P's, then the blend, one UNet call each."""
 
-    def __init__(self, ip2p_unet, mb_unet, scheduler_config: dict) -> None:
+    def __init__(self, ip2p_unet: torch.nn.Module, mb_unet: torch.nn.Module, scheduler_config: dict) -> None:
         self.norms = pytorch_norms  # its UNets' GroupNorms, as FusedDualDenoiser says its own (reports read it)
         self.ip2p_unet = ip2p_unet
         self.mb_unet = mb_unet

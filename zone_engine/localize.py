@@ -25,6 +25,7 @@ from .masks import remove_small_regions
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import Attention
 
 # Rows of IP2P's UNet batch [c_T+image, empty+image, empty+zero] whose attention ZONE reads: the two
 # empty-prompt branches (the reference keeps P[heads:] of the (3*heads, N, 77) probabilities).
@@ -115,7 +116,9 @@ class RecordingAttnProcessor:
         self.accumulators = list(accumulators)
         self.kept_rows = kept_rows
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 **_: object) -> torch.Tensor:
         if hidden_states.ndim != 3 or attention_mask is not None or encoder_hidden_states is None:
             raise ValueError("RecordingAttnProcessor handles unmasked cross-attention on (B, N, C) states only")
         batch = hidden_states.shape[0]

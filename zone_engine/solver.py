@@ -13,8 +13,12 @@ from __future__ import annotations
 import threading
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from diffusers import DPMSolverMultistepScheduler
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ def _lambda(sigma: torch.Tensor) -> torch.Tensor:
 _FILTERS_LOCK = threading.Lock()  # catch_warnings swaps the process's filter list: one thread at a time here
 
 
-def set_timesteps(scheduler, steps: int, device: torch.device | None = None) -> None:
+def set_timesteps(scheduler: DPMSolverMultistepScheduler, steps: int, device: torch.device | None = None) -> None:
     """`scheduler.set_timesteps`, without the DeprecationWarning NumPy 2 raises at diffusers' `np.array(tensor)`
     (diffusers' to mend, not the caller's): under `-W error` or pytest's filterwarnings=error it failed the edit.
     Once a step count for the fused denoisers (their schedule is cached), every edit for the eager reference."""
@@ -60,7 +64,7 @@ def set_timesteps(scheduler, steps: int, device: torch.device | None = None) -> 
         scheduler.set_timesteps(steps, device=device)
 
 
-def solver_schedule(scheduler, steps: int) -> SolverSchedule:
+def solver_schedule(scheduler: DPMSolverMultistepScheduler, steps: int) -> SolverSchedule:
     """Coefficients of `scheduler` (a configured DPMSolverMultistepScheduler) for `steps` steps."""
     config = scheduler.config
     if (config.algorithm_type, config.solver_type, config.solver_order, config.prediction_type) != (
