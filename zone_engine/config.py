@@ -314,7 +314,21 @@ class SamConfig:
 @dataclass(frozen=True)
 class EditConfig:
     """One edit's settings. Every field has the reference implementation's default, but `action_rule`: "intended"
-    max-pools the classifier's logits where the reference took an argmax of token positions ("reference")."""
+    max-pools the classifier's logits where the reference took an argmax of token positions ("reference").
+
+    Attributes (ZONE.md's sections):
+        steps: denoising steps (DPM-Solver++ 2M). text_guidance, image_guidance: IP2P's two guidance scales.
+        seed: the initial noise's seed, 0..4294967295. beta_remove, beta_add_change: how far IP2P's latents are
+            pulled towards MagicBrush's each step, by action (`beta_for`).
+        action: None classifies the instruction; an Action (or its name) forces it. action_rule: see above.
+        max_side, size_multiple: the working size: the longest side shrunk to at most max_side, padded to a
+            multiple of size_multiple.
+        threshold_rule: "reference" (M_b where min(2d, 255) <= reference_threshold) or "paper" (d <
+            paper_threshold). min_region_area: M_b's components under this many pixels are dropped.
+        sam: SAM's automatic-mask settings (`SamConfig`). dilate_kernel, dilate_iterations: M_f's dilation D.
+        fft_radius, fft_threshold: the FFT low-pass disc and the energy threshold giving the region R.
+        close_kernel: R's morphological close. seam_alpha: the styled image's weight on the seam.
+    """
 
     # Denoising (ZONE.md sections 0 and 1).
     steps: int = 20
