@@ -65,7 +65,10 @@ class BatchDenoiser(Denoiser, Protocol):
     def denoise_batch(
         self, inputs: Sequence[DenoiseInputs], config: EditConfig, betas: Sequence[float],
         attention: Sequence[AttentionAccumulator], on_step: Callable[[int], None] | None = None,
-    ) -> list[torch.Tensor]: ...
+    ) -> list[torch.Tensor]:
+        """Each edit's final IP2P latents (1, 4, h, w), in order; IP2P's cross-attention recorded into its
+        accumulator every step; `on_step(i)` called after step i (it may raise to stop the loop)."""
+        ...
 
 
 # diffusers 0.18's DPMSolverMultistep as the reference ran it (make_scheduler).

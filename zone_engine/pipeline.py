@@ -161,7 +161,9 @@ class EditRequest:
 
 @dataclass(frozen=True, eq=False)  # equal and hashed by identity: == on arrays has no single truth value
 class PreparedEdit:
-    """An edit after steps 1-4, ready to be denoised (alone or in a batch) and finished."""
+    """An edit after steps 1-4, ready to be denoised (alone or in a batch) and finished. For callers: `batch_key`
+    (edits denoised together share it), `config`, `action`, `geometry`, `notes` and `restart()`; the rest is the
+    stages' own state (tensors, the attention record, timings)."""
 
     original: np.ndarray
     working: np.ndarray
