@@ -334,10 +334,10 @@ def _take_models(models: ZoneModels, pipeline: ZonePipeline, placement: tuple) -
     """A pipeline moves, casts and lays out its models in place (and sets their attention): a second pipeline over
     the same models with another (device, dtype, VAE and UNet layouts, attention) would silently change the first
     one's, whose CUDA graphs would then read freed memory. Refused while the first pipeline lives."""
-    holder, held = _MODEL_HOLDERS.get(models, (None, None))
-    if holder is not None and holder() is not None and held != placement:
+    holder, held = _MODEL_HOLDERS.get(models, (None, placement))
+    if held != placement and holder() is not None:
         gc.collect()  # a pipeline that only a reference cycle keeps (a caught exception's frames, say) is no holder
-    if holder is not None and holder() is not None and held != placement:
+    if held != placement and holder() is not None:
         device, dtype, vae_nhwc, unets_nhwc, attention = held
         raise ConfigError(f"these models are in use by another ZonePipeline ({device}, {dtype}, UNets "
                           f"{'channels-last' if unets_nhwc else 'contiguous'}, VAE "

@@ -727,9 +727,10 @@ class EditAdmission:
         service = getattr(scope["app"].state, "service", None) if edit else None
         if service is None:
             return await self.app(scope, receive, send)
-        if (refusal := refused_unread(Request(scope), service)) is not None:
+        request = Request(scope)  # its headers only: the body is read below, through `counted`
+        if (refusal := refused_unread(request, service)) is not None:
             service.metrics.count(outcome_of(refusal))
-            return await error_response(refusal, request_id_of(Request(scope)))(scope, receive, send)
+            return await error_response(refusal, request_id_of(request))(scope, receive, send)
         limit, received, arrived = service.settings.max_upload_bytes, 0, False
 
         async def counted() -> dict:
