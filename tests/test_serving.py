@@ -892,6 +892,8 @@ def test_an_edit_from_a_browser_page_of_an_origin_not_allowed_is_refused_before_
         assert head.startswith("HTTP/1.1 403 ") and "access-control-allow-origin" not in head.lower()
         error = json.loads(body)["error"]
         assert error["code"] == "origin_not_allowed" and "--allow-origin https://elsewhere.example" in error["message"]
+        # A page whose own name was pointed at this server (DNS rebinding): its origin names the Host it posts to
+        assert answer_before_the_body(base, b"Origin: http://x\r\n")[0].startswith("HTTP/1.1 403 ")
         allowed = httpx.post(f"{base}/v1/edit", headers={"Origin": page}, data={"instruction": "add a hat"},
                              files={"image": ("in.png", png(image), "image/png")}, timeout=120)
         assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == page
@@ -899,7 +901,24 @@ def test_an_edit_from_a_browser_page_of_an_origin_not_allowed_is_refused_before_
                          data={"instruction": "add a hat"}, files={"image": ("in.png", png(image), "image/png")},
                          timeout=120)
         assert own.status_code == 200
-        assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="bad_request"}') == 2
+        assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="bad_request"}') == 3
+
+
+@pytest.mark.parametrize("origin, host, same", [
+    ("http://127.0.0.1:8000", "127.0.0.1:8000", True),
+    ("http://localhost:8000", "LOCALHOST:8000", True),
+    ("http://[::1]:8000", "[::1]:8000", True),
+    ("http://10.0.0.5", "10.0.0.5", True),  # served to the network by its address
+    ("http://zone.example:8000", "zone.example:8000", False),  # a DNS name: rebinding could fake it
+    ("http://127.0.0.1:8001", "127.0.0.1:8000", False),  # another port: another origin
+    ("http://[::1", "[::1", False),  # no origin a browser sends
+])
+def test_only_an_address_or_localhost_makes_a_page_this_servers_own(origin, host, same):
+    from starlette.requests import Request
+
+    from zone_engine.serving.app import same_origin
+
+    assert same_origin(origin, Request({"type": "http", "headers": [(b"host", host.encode())]})) is same
 
 
 def test_a_wrong_path_or_method_names_what_the_api_takes():

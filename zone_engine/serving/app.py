@@ -13,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 import io
+import ipaddress
 import logging
 import os
 import re
@@ -787,12 +788,24 @@ def refused_unread(request: Request, service: EditService) -> ServeError | None:
 
 
 def same_origin(origin: str, request: Request) -> bool:
-    """A page this server served itself (/docs) calling it: its origin names the host the request was sent to."""
+    """A page this server served itself (/docs) calling it: its origin names the host the request was sent to, by
+    an address or as localhost. A DNS name is no proof: a page elsewhere can point its own name at this server
+    (DNS rebinding), and its origin then names the Host its posts go to; such a name needs --allow-origin."""
     try:
-        host = urllib.parse.urlsplit(origin).netloc
+        parts = urllib.parse.urlsplit(origin)
+        host, name = parts.netloc, parts.hostname
     except ValueError:  # no origin a browser sends ("http://[::1"): not this server's
         return False
-    return host.lower() == request.headers.get("host", "").lower()
+    return host.lower() == request.headers.get("host", "").lower() and _names_no_dns(name or "")
+
+
+def _names_no_dns(name: str) -> bool:
+    """An IP address or localhost: a name no page elsewhere can make resolve to this server."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name == "localhost"
+    return True
 
 
 def _too_large(size: int | None, limit: int) -> ServeError:
