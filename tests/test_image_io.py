@@ -17,7 +17,7 @@ from conftest import damaged_image_files, rgb_profile
 from PIL import Image, PngImagePlugin
 
 from zone_engine import image_io
-from zone_engine.errors import InputImageError, ZoneError
+from zone_engine.errors import InputImageError, OutputError
 from zone_engine.image_io import (
     Geometry,
     crop_padding,
@@ -532,7 +532,7 @@ def test_a_file_that_cannot_be_overwritten_is_said_before_the_edit(tmp_path, mon
     real_access = os.access
     monkeypatch.setattr(paths.os, "access", lambda path, mode: Path(path).name != "edited.png" and real_access(
         path, mode))  # read-only for this process (root may write anything, so the test says it)
-    with pytest.raises(ZoneError, match="edited.png: it exists and cannot be overwritten"):
+    with pytest.raises(OutputError, match="edited.png: it exists and cannot be overwritten"):
         check_output_file(tmp_path / "edited.png", "output")
 
 
@@ -869,7 +869,7 @@ def test_save_without_suffix_writes_png(tmp_path):
 @pytest.mark.parametrize("name", ["file.txt/out.png", "out.unknownext"])
 def test_unwritable_path_is_a_zone_error(tmp_path, name):
     (tmp_path / "file.txt").write_text("not a folder")
-    with pytest.raises(ZoneError, match="cannot write") as caught:
+    with pytest.raises(OutputError, match="cannot write") as caught:
         save_image(random_rgb(8, 8), tmp_path / name)
     assert not isinstance(caught.value, InputImageError)
 
@@ -890,7 +890,7 @@ def test_a_failed_write_keeps_the_old_file_whole_and_leaves_no_partial_one(tmp_p
         raise OSError(27, "File too large", str(path))
 
     monkeypatch.setattr(Image.Image, "save", write_half_then_fail)
-    with pytest.raises(ZoneError, match="cannot write .*File too large") as caught:
+    with pytest.raises(OutputError, match="cannot write .*File too large") as caught:
         save_image(random_rgb(16, 16), target)
     assert "partial" not in str(caught.value)  # the temporary file is ours, not the user's to hear of
     monkeypatch.undo()
@@ -901,7 +901,7 @@ def test_a_failed_write_keeps_the_old_file_whole_and_leaves_no_partial_one(tmp_p
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 def test_an_output_folder_that_refuses_files_is_refused_before_any_work():
     """/proc: os.access says root may write there, creating a file fails; found by trying, not after an edit."""
-    with pytest.raises(ZoneError, match="cannot write in /proc"):
+    with pytest.raises(OutputError, match="cannot write in /proc"):
         check_output_file(Path("/proc/edited.png"), "output")
 
 
@@ -912,7 +912,7 @@ def test_a_folder_that_permissions_allow_but_refuses_files_is_found_by_the_probe
 
     monkeypatch.setattr(os, "access", lambda *args: True)
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
-    with pytest.raises(ZoneError, match="cannot write in .*Read-only file system"):
+    with pytest.raises(OutputError, match="cannot write in .*Read-only file system"):
         check_output_file(tmp_path / "edited.png", "output")
 
 
@@ -926,7 +926,7 @@ def test_a_folder_that_permissions_allow_but_refuses_files_is_found_by_the_probe
     ids=["float", "rgba", "bool rgb", "none", "int", "result"],
 )
 def test_save_refuses_what_is_not_an_image_and_writes_nothing(tmp_path, array, words):
-    with pytest.raises(ZoneError, match="cannot save") as caught:
+    with pytest.raises(OutputError, match="cannot save") as caught:
         save_image(array, tmp_path / "x.png")
     assert words in str(caught.value) and not list(tmp_path.iterdir())
 
@@ -940,7 +940,7 @@ def test_save_refuses_what_is_not_an_image_and_writes_nothing(tmp_path, array, w
 def test_save_to_an_unusable_path_says_why(tmp_path, monkeypatch, name, words):
     monkeypatch.chdir(tmp_path)
     save_image(random_rgb(8, 8), "input.png")
-    with pytest.raises(ZoneError, match="no output path|cannot write") as caught:
+    with pytest.raises(OutputError, match="no output path|cannot write") as caught:
         save_image(random_rgb(8, 8), name)
     assert words in str(caught.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input.png"]
@@ -949,7 +949,7 @@ def test_save_to_an_unusable_path_says_why(tmp_path, monkeypatch, name, words):
 def test_save_under_a_dangling_link_says_where_it_points(tmp_path):
     """save_image checks its folder as the command line checks an output's: it said "File exists"."""
     (tmp_path / "masks").symlink_to(tmp_path / "gone")
-    with pytest.raises(ZoneError, match=r"cannot write .*masks is a symbolic link to .*gone, which is not there"):
+    with pytest.raises(OutputError, match=r"cannot write .*masks is a symbolic link to .*gone, which is not there"):
         save_image(random_rgb(8, 8), tmp_path / "masks" / "x.png")
 
 
@@ -1014,7 +1014,7 @@ def test_saving_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_path)
                                                (".pbm", "names a bitmap or graymap"), (".PGM", "use .ppm")])
 def test_a_format_pillow_lists_but_cannot_write_rgb_in_is_refused_up_front(tmp_path, suffix, words):
     """Pillow lists a writer for XBM (1-bit only) and HDF5 (a stub): zone edit ran the whole edit, then failed."""
-    with pytest.raises(ZoneError, match=words):
+    with pytest.raises(OutputError, match=words):
         image_io.check_output_format(tmp_path / f"x{suffix}")
     image_io.check_output_format(tmp_path / "x.xbm", mode="1")  # what it does hold
     image_io.check_output_format(tmp_path / "mask.pgm", mode="L")  # a mask is a graymap
@@ -1043,7 +1043,7 @@ def test_an_eps_file_without_ghostscript_is_said_to_need_it_not_to_be_corrupt(tm
 def test_each_formats_largest_side_is_said_before_the_edit(tmp_path, suffix, largest):
     """Measured with Pillow: one pixel more failed to encode (an OverflowError's traceback, for TGA and PCX)."""
     image_io.check_output_size(tmp_path / f"x{suffix}", 8, largest)
-    with pytest.raises(ZoneError, match=f"holds at most {largest} pixels a side"):
+    with pytest.raises(OutputError, match=f"holds at most {largest} pixels a side"):
         image_io.check_output_size(tmp_path / f"x{suffix}", 8, largest + 1)
 
 
@@ -1057,19 +1057,19 @@ def test_an_encoders_own_refusal_is_a_zone_error(tmp_path, monkeypatch):
         raise OverflowError("size does not fit in an unsigned short")
 
     monkeypatch.setattr(Image.Image, "save", overflow)
-    with pytest.raises(ZoneError, match="cannot write .*x.tga: size does not fit"):
+    with pytest.raises(OutputError, match="cannot write .*x.tga: size does not fit"):
         save_image(random_rgb(8, 8), tmp_path / "x.tga")
     assert not list(tmp_path.iterdir())
 
 
 def test_an_icon_is_refused_as_an_output_for_it_would_be_scaled(tmp_path):
-    with pytest.raises(ZoneError, match="ICO icons come in fixed sizes"):
+    with pytest.raises(OutputError, match="ICO icons come in fixed sizes"):
         save_image(random_rgb(300, 280), tmp_path / "x.ico")  # Pillow wrote a 239x256 icon
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_format_pillow_only_reads_is_refused_as_an_output(tmp_path):
-    with pytest.raises(ZoneError, match=r"\.psd is no image format's suffix Pillow writes"):
+    with pytest.raises(OutputError, match=r"\.psd is no image format's suffix Pillow writes"):
         save_image(random_rgb(8, 8), tmp_path / "x.psd")  # was Pillow's KeyError: 'PSD'
 
 

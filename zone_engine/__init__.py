@@ -9,6 +9,7 @@ from .errors import (
     EditWarning,
     InputImageError,
     InstructionError,
+    OutputError,
     ZoneError,
 )
 
@@ -16,7 +17,7 @@ from .errors import (
 _FROM_PIPELINE = ("EditRequest", "EditResult", "ZonePipeline", "PreparedEdit", "BatchKey")
 __all__ = [  # the errors too, so a caller can catch the one it means without knowing the module
     "Action", "EditConfig", "SamConfig", "ZoneError", "ConfigError", "CheckpointError", "DeviceError",
-    "InputImageError", "InstructionError", "EditCancelled", "EditWarning", *_FROM_PIPELINE,
+    "InputImageError", "InstructionError", "OutputError", "EditCancelled", "EditWarning", *_FROM_PIPELINE,
 ]
 __version__ = "0.1.0"
 

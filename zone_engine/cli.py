@@ -49,7 +49,7 @@ from .config import (
     parse_action,
     parse_hw,
 )
-from .errors import ConfigError, ZoneError, nearest
+from .errors import ConfigError, OutputError, ZoneError, nearest
 from .instruction import check_instruction
 from .paths import check_output_file, check_output_folder, file_argument, folder_argument, written_atomically
 from .serving.settings import ServeSettings
@@ -396,10 +396,10 @@ def _check_output_path(path: Path, image: Path) -> None:
 
     check_output_file(path, "output")  # first: a folder given as -o is said as one, not as a missing suffix
     if not path.suffix:  # save_image would write PNG to a name without one: say it, the user may have meant .jpg
-        raise ZoneError(f"output {path} has no suffix: name the format, such as {path}.png")
+        raise OutputError(f"output {path} has no suffix: name the format, such as {path}.png")
     check_output_format(path)
     if _same_file(path, image):
-        raise ZoneError(f"output {path} is the input image: write the edit to another file, the input stays as it is")
+        raise OutputError(f"output {path} is the input image: write the edit to another file, the input stays as it is")
 
 
 MASK_OUTPUTS = ("mask_b", "mask_f", "region", "styled", "heatmap")  # what --save-masks writes, as NAME.png
@@ -408,14 +408,14 @@ COLOUR_OUTPUTS = ("styled", "heatmap")  # those in the input's colours: they car
 
 
 def _check_masks_folder(folder: Path, others: dict[Path, str]) -> None:
-    """ZoneError unless --save-masks' files can be written in `folder` without writing over `others` (the
+    """OutputError unless --save-masks' files can be written in `folder` without writing over `others` (the
     command's other files, by what they are: "-o", "the input image"), each said before any work runs."""
     written = [folder / f"{name}.png" for name in MASK_OUTPUTS]
     for path, what in others.items():
         if folder.absolute() == path.absolute():
-            raise ZoneError(f"--save-masks {folder} is {what}: give the masks a folder of their own")
+            raise OutputError(f"--save-masks {folder} is {what}: give the masks a folder of their own")
         if any(mask.absolute() == path.absolute() or _same_file(mask, path) for mask in written):
-            raise ZoneError(f"--save-masks {folder} would write over {what} {path} (it writes "
+            raise OutputError(f"--save-masks {folder} would write over {what} {path} (it writes "
                             f"{', '.join(n + '.png' for n in MASK_OUTPUTS)}): choose another folder or file name")
     check_output_folder(folder, "--save-masks", [mask.name for mask in written])
 

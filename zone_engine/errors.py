@@ -48,6 +48,10 @@ class ConfigError(ZoneError):
     """An option has an impossible value."""
 
 
+class OutputError(ZoneError):
+    """A result cannot be written where asked: its path, its format, or what was given to write."""
+
+
 class EditCancelled(ZoneError):
     """The edit was cancelled (its caller gave up on it, e.g. a server request timed out)."""
 

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zone_engine.config import LATENT_SCALE, MAX_PIXELS, MAX_WORKING_SIDE, MIN_SIDE
-from zone_engine.errors import InputImageError, ZoneError, a_type, warn_caller
+from zone_engine.errors import InputImageError, OutputError, a_type, warn_caller
 from zone_engine.paths import folder_problem, name_problem, written_atomically
 
 # What Pillow raises for a file it cannot decode: besides OSError ("truncated", "broken data stream") and
@@ -497,14 +497,14 @@ def save_image(array: np.ndarray, path: str | os.PathLike, icc_profile: bytes | 
     """
     pixels = _savable_pixels(array)
     if not os.fspath(path):
-        raise ZoneError("no output path given: pass the file name to write, such as edited.png")
+        raise OutputError("no output path given: pass the file name to write, such as edited.png")
     path = Path(path)
     if problem := folder_problem(path.parent):  # a file where a folder goes, a dangling link, no permission
-        raise ZoneError(f"cannot write {path}: {problem}")
+        raise OutputError(f"cannot write {path}: {problem}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ZoneError(f"cannot write {path}: {_one_line(error)}") from None
+        raise OutputError(f"cannot write {path}: {_one_line(error)}") from None
     image = Image.fromarray(np.ascontiguousarray(pixels))
     file_format = check_output_format(path, image.mode)
     options = {**_SAVE_OPTIONS.get(file_format, {}), **({"icc_profile": icc_profile} if icc_profile else {})}
@@ -515,28 +515,28 @@ def save_image(array: np.ndarray, path: str | os.PathLike, icc_profile: bytes | 
     # is the image's, not a bug; an OSError's reason alone: the file it names is the temporary one.
     except (OSError, ValueError, OverflowError, RuntimeError, struct.error) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else _one_line(error)
-        raise ZoneError(f"cannot write {path}: {reason}") from None
+        raise OutputError(f"cannot write {path}: {reason}") from None
 
 
 def check_output_format(path: str | os.PathLike, mode: str = "RGB") -> str:
-    """The format Pillow writes for `path`'s suffix (PNG without one), else a ZoneError: a suffix no format
+    """The format Pillow writes for `path`'s suffix (PNG without one), else an OutputError: a suffix no format
     Pillow writes has, an icon's (scaled to the format's sizes), or a format that cannot hold a `mode` image
     here (XBM, Palm: not RGB; HDF5, WMF: listed, no writer installed). Said before an edit runs, not after it."""
     path = Path(path)
     file_format = _writable_format(path)
     if file_format is None:
-        raise ZoneError(f"cannot write {path}: {path.suffix} is no image format's suffix Pillow writes; use .png, "
+        raise OutputError(f"cannot write {path}: {path.suffix} is no image format's suffix Pillow writes; use .png, "
                         "say")
     if file_format == "PPM" and mode == "RGB" and path.suffix.lower() in (".pbm", ".pgm"):
-        raise ZoneError(f"cannot write {path}: {path.suffix} names a bitmap or graymap, and the edit is in colour; "
+        raise OutputError(f"cannot write {path}: {path.suffix} names a bitmap or graymap, and the edit is in colour; "
                         "use .ppm (or .png)")
     if file_format in _RESIZING_FORMATS:
-        raise ZoneError(f"cannot write {path}: {file_format} icons come in fixed sizes, so the image would be "
+        raise OutputError(f"cannot write {path}: {file_format} icons come in fixed sizes, so the image would be "
                         "scaled; use .png, say")
     try:  # one pixel, in memory: what Pillow's writer for the format takes, found by asking it
         Image.new(mode, (1, 1)).save(io.BytesIO(), format=file_format, **_SAVE_OPTIONS.get(file_format, {}))
     except Exception as error:  # each writer refuses in its own way (OSError, ValueError, KeyError, ...)
-        raise ZoneError(f"cannot write {path}: Pillow cannot write {mode} pixels as {file_format} here "
+        raise OutputError(f"cannot write {path}: Pillow cannot write {mode} pixels as {file_format} here "
                         f"({_one_line(error)}); use .png, say") from None
     return file_format
 
@@ -550,7 +550,7 @@ def _savable_pixels(array: object) -> np.ndarray:
     received = (f"an array of shape {array.shape} and dtype {array.dtype}" if isinstance(array, np.ndarray)
                 else a_type(array))
     hint = " (an edit's result: pass its .image)" if isinstance(getattr(array, "image", None), np.ndarray) else ""
-    raise ZoneError(f"cannot save {received} as an image{hint}: save_image writes uint8 RGB (H, W, 3) or a mask "
+    raise OutputError(f"cannot save {received} as an image{hint}: save_image writes uint8 RGB (H, W, 3) or a mask "
                     "(H, W) of bool or uint8")
 
 
@@ -603,12 +603,12 @@ def output_notes(path: str | os.PathLike, icc_profile: bytes | None = None) -> l
 
 
 def check_output_size(path: str | os.PathLike, height: int, width: int) -> None:
-    """ZoneError when `path`'s format cannot hold an image this large (WebP: 16383 a side): said before an edit
+    """OutputError when `path`'s format cannot hold an image this large (WebP: 16383 a side): said before an edit
     runs, not after it."""
     file_format = _writable_format(Path(path))
     largest = _LARGEST_SIDE.get(file_format)
     if largest is not None and max(height, width) > largest:
-        raise ZoneError(f"cannot write {path}: {file_format} holds at most {largest} pixels a side and the image is "
+        raise OutputError(f"cannot write {path}: {file_format} holds at most {largest} pixels a side and the image is "
                         f"{width}x{height}; write .png or .tif")
 
 

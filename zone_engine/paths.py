@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ZoneError
+from .errors import OutputError, ZoneError
 
 # What `zone export unet` and `zone export sam` write beside their graphs, each recognised by a key only its
 # own manifest has: so an export, an engine build or `--sam-onnx` can say it was handed the other one's folder.
@@ -106,14 +106,14 @@ def folder_problem(folder: Path) -> str | None:
 
 
 def check_output_folder(path: Path, what: str, files: Sequence[str] = ()) -> None:
-    """ZoneError unless `path` is a folder, or can be created as one, that this process may write into, with
+    """OutputError unless `path` is a folder, or can be created as one, that this process may write into, with
     `files` (names) writable in it: none a folder, none a read-only file."""
     problem = folder_problem(path)
     if problem:
-        raise ZoneError(f"{what} {path}: {problem}; choose another path")
+        raise OutputError(f"{what} {path}: {problem}; choose another path")
     for name in files:
         if (Path(path) / name).is_dir():
-            raise ZoneError(f"{what} {path} holds a folder named {name}, where the file {name} goes: move it or "
+            raise OutputError(f"{what} {path} holds a folder named {name}, where the file {name} goes: move it or "
                             "choose another folder")
         check_output_file(Path(path) / name, what)
 
@@ -135,22 +135,22 @@ def name_problem(path: Path) -> str | None:
 
 
 def check_output_file(path: Path, what: str) -> None:
-    """ZoneError unless a file can be written (or overwritten) at `path`."""
+    """OutputError unless a file can be written (or overwritten) at `path`."""
     path = Path(path)
     if problem := name_problem(path):
-        raise ZoneError(f"{what} {path}: {problem}; choose another path")
+        raise OutputError(f"{what} {path}: {problem}; choose another path")
     if path.is_symlink():  # its target is what gets written
         try:
             path = path.resolve()
         except (RuntimeError, OSError):  # Python 3.11 says a loop as a RuntimeError
-            raise ZoneError(f"{what} {path} is a symlink that loops: choose another path") from None
+            raise OutputError(f"{what} {path} is a symlink that loops: choose another path") from None
     if path.is_dir():
-        raise ZoneError(f"{what} {path} is a folder: give a file name inside it")
+        raise OutputError(f"{what} {path} is a folder: give a file name inside it")
     problem = folder_problem(path.parent)
     if problem is None and path.exists() and not os.access(path, os.W_OK):
         problem = "it exists and cannot be overwritten"
     if problem:
-        raise ZoneError(f"{what} {path}: {problem}; choose another path")
+        raise OutputError(f"{what} {path}: {problem}; choose another path")
 
 
 @contextmanager
