@@ -219,6 +219,85 @@ def test_edit_with_tiny_models_and_masks(photo, tmp_path):
     assert main(argv) == 0 and np.array_equal(first, np.asarray(Image.open(out)))  # same seed, same file
 
 
+def test_several_images_load_the_models_once_and_go_to_a_folder_under_their_names(photo, tmp_path, capsys,
+                                                                                monkeypatch):
+    """A bad image is said and skipped, the others edited (exit 2 at the end); each edit is the one `zone edit`
+    makes of its image alone, exactly at --batch-size 1 and up to float rounding in a batch."""
+    import zone_engine.pipeline as pipeline
+
+    other, unreadable = tmp_path / "other.jpg", tmp_path / "broken.png"
+    Image.fromarray(smooth_image(64, 96, seed=5)).save(other, quality=95)
+    unreadable.write_bytes(b"\x89PNG\r\n\x1a\nbroken" * 10)
+    builds = []
+    monkeypatch.setattr(pipeline.ZonePipeline, "tiny", _counted(pipeline.ZonePipeline.tiny, builds))
+    common = ["-i", "add a hat", "--tiny", "--steps", "2", "--no-progress"]
+    alone = tmp_path / "alone.png"
+    assert main(["edit", str(photo), "-o", str(alone), *common]) == 0
+    capsys.readouterr()
+    out, masks = tmp_path / "edited", tmp_path / "masks"
+    assert main(["edit", str(photo), str(unreadable), str(other), "-o", str(out), "--save-masks", str(masks),
+                 *common]) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot read" in err and "error: 1 of 3 images not edited (said above): " in err
+    assert {p.name for p in out.iterdir()} == {"photo.png", "other.jpg"} and len(builds) == 2
+    assert {p.name for p in masks.iterdir()} == {"photo", "other"}
+    assert {p.name for p in (masks / "other").iterdir()} == {f"{name}.png" for name in MASK_OUTPUTS}
+    assert np.array_equal(np.asarray(Image.open(out / "photo.png")), np.asarray(Image.open(alone)))
+    assert main(["edit", str(photo), str(other), "-o", str(tmp_path / "batched"), "--batch-size", "2",
+                 "--suffix", "png", *common]) == 0
+    batched = np.asarray(Image.open(tmp_path / "batched" / "photo.png")).astype(int)
+    assert np.abs(batched - np.asarray(Image.open(alone))).mean() < 0.5
+    assert (tmp_path / "batched" / "other.png").exists()
+
+
+def _counted(build, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return build(*args, **kwargs)
+
+    return counted
+
+
+def test_one_image_with_a_folder_as_output_keeps_its_name(photo, tmp_path):
+    (tmp_path / "out").mkdir()
+    assert main(["edit", str(photo), "-i", "add a hat", "-o", str(tmp_path / "out"), "--suffix", ".webp", "--tiny",
+                 "--steps", "1", "--no-progress"]) == 0
+    assert Image.open(tmp_path / "out" / "photo.webp").format == "WEBP"
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["-o", "edited.png"], ("with 2 images -o names the folder",)),
+    (["-o", "out", "--batch-size", "0"], ("--batch-size 0 must be 1..",)),
+    (["-o", "out", "--suffix", ".ico"], ("ICO icons come in fixed sizes",)),
+    (["-o", "."], ("holds the input", "give another folder")),
+])
+def test_several_images_with_impossible_outputs_fail_before_any_work(photo, tmp_path, capsys, monkeypatch, extra,
+                                                                     words):
+    monkeypatch.chdir(tmp_path)
+    Image.open(photo).save(tmp_path / "second.png")
+    _fails_cleanly(capsys, ["edit", "photo.png", "second.png", "-i", "add a hat", "--tiny", *extra], *words)
+
+
+def test_images_of_one_name_or_unreadable_all_are_refused_before_the_models_load(photo, tmp_path, capsys):
+    (tmp_path / "sub").mkdir()
+    Image.open(photo).save(tmp_path / "sub" / "photo.png")
+    _fails_cleanly(capsys, ["edit", str(photo), str(tmp_path / "sub" / "photo.png"), "-i", "x", "-o",
+                            str(tmp_path / "out"), "--tiny"], "the edits of ", " would both go to ",
+                   "photo.png: edit them")
+    _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", str(tmp_path / "one.png"), "--suffix", "png",
+                            "--tiny"], "--suffix is read when -o is a folder")
+    with pytest.raises(SystemExit):
+        main(["edit", str(photo), "-i", "x", "-o", str(tmp_path / "out"), "--suffix", "a b"])
+    assert "'a b' is not a file suffix, such as .png" in capsys.readouterr().err
+    _fails_cleanly(capsys, ["edit", str(photo), str(tmp_path / "gone.jpg"), "-i", "x", "-o", str(tmp_path / "out"),
+                            "--tiny"], "image not found: ", "gone.jpg")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    assert main(["edit", str(tmp_path / "broken.png"), str(tmp_path / "broken.jpg"), "-i", "x", "-o",
+                 str(tmp_path / "out"), "--batch-size", "2", "--ip2p", "no-such-model"]) == 2
+    assert "none of the 2 images could be read" in capsys.readouterr().err  # not a missing checkpoint
+
+
 def test_the_output_is_written_after_the_masks_so_its_presence_means_the_edit_is_whole(photo, tmp_path,
                                                                                      monkeypatch, capsys):
     import zone_engine.image_io as image_io
@@ -996,13 +1075,14 @@ def test_ctrl_c_ends_a_command_with_130(tmp_path, capsys, monkeypatch):
 def test_the_edit_options_reach_the_pipeline(photo, tmp_path, monkeypatch):
     """Parsing them was tested; passing them on was not (a dropped --threshold-rule edited by the default)."""
     seen = {}
-    real_edit = ZonePipeline.edit
+    real_edit_batch = ZonePipeline.edit_batch
 
-    def edit(self, image, instruction, config=None, *, progress=False):
-        seen.update(config=config, progress=progress, instruction=instruction)
-        return real_edit(self, image, instruction, config, progress=progress)
+    def edit_batch(self, requests, *, progress=False, return_exceptions=False):
+        (request,) = requests
+        seen.update(config=request.config, progress=progress, instruction=request.instruction)
+        return real_edit_batch(self, requests, progress=progress, return_exceptions=return_exceptions)
 
-    monkeypatch.setattr(ZonePipeline, "edit", edit)
+    monkeypatch.setattr(ZonePipeline, "edit_batch", edit_batch)
     assert main(["edit", str(photo), "-i", "add a hat", "-o", str(tmp_path / "o.png"), "--tiny", "--steps", "1",
                  "--seed", "5", "--action", "remove", "--threshold-rule", "paper", "--no-progress"]) == 0
     config = seen["config"]

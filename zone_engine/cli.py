@@ -16,7 +16,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from export.options import add_build_engine_arguments, add_export_sam_arguments, add_export_unet_arguments
 
@@ -53,6 +53,11 @@ from .errors import ConfigError, OutputError, ZoneError, nearest
 from .instruction import check_instruction
 from .paths import check_output_file, check_output_folder, file_argument, folder_argument, written_atomically
 from .serving.settings import ServeSettings
+
+if TYPE_CHECKING:  # imported where used: numpy, and torch with the pipeline, take seconds `zone --help` needs not
+    import numpy as np
+
+    from .pipeline import EditResult, ZonePipeline
 
 RANDOM_WEIGHTS_NOTICE = (
     "note: the demo runs tiny RANDOM models, so the edit itself is meaningless; it shows that every stage runs.\n"
@@ -213,12 +218,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     edit = commands.add_parser(
         "edit", help="edit an image with real checkpoints (or --tiny random models)",
-        description="Edit IMAGE as INSTRUCTION says and write the result to OUTPUT (-o). Models load from local "
-        "folders or the offline Hugging Face cache; nothing is downloaded.",
+        description="Edit IMAGE as INSTRUCTION says and write the result to OUTPUT (-o); several images load the "
+        "models once, and their edits go to the folder OUTPUT, each under its input's file name. Models load from "
+        "local folders or the offline Hugging Face cache; nothing is downloaded.",
     )
-    edit.add_argument("image", type=file_argument, help="input image (PNG, JPEG, WebP, TIFF, ...)")
+    edit.add_argument("image", type=file_argument, nargs="+",
+                      help="input image(s) (PNG, JPEG, WebP, TIFF, ...); one that cannot be read is said and skipped, "
+                      "the others edited (exit code 2 at the end)")
     edit.add_argument("-i", "--instruction", required=True, help='what to do, e.g. "make the dog a golden statue"')
-    edit.add_argument("-o", "--output", type=file_argument, required=True, help="where to write the edited image")
+    edit.add_argument("-o", "--output", type=file_argument, required=True,
+                      help="where to write the edited image; a folder (created if missing) for several images, or "
+                      "an existing one for one image: the edit keeps its input's file name there")
+    edit.add_argument("--suffix", type=_suffix_argument,
+                      help="with -o a folder: the edits' file suffix, which names their format, e.g. .png (default: "
+                      "each input's own)")
+    edit.add_argument("--batch-size", type=int, default=1,
+                      help=f"with several images: how many are edited at once, those of one size denoised as one "
+                      f"batch (faster on a GPU; results equal to one at a time up to float rounding); 1..{MAX_BATCH} "
+                      "(default: 1)")
     _add_model_options(edit)
     _add_edit_options(edit)
 
@@ -435,37 +452,156 @@ def _save_outputs(result, folder: Path, names: Sequence[str], icc_profile: bytes
                    icc_profile=icc_profile if name in COLOUR_OUTPUTS else None)
 
 
-def _print_summary(result) -> None:
+def _print_summary(result: EditResult, image: Path | None = None) -> None:
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-    print(f"action: {result.action.value}; edited pixels: {int(result.region.sum())}; {stages}", file=sys.stderr)
+    named = f"{image}: " if image is not None else ""
+    print(f"{named}action: {result.action.value}; edited pixels: {int(result.region.sum())}; {stages}",
+          file=sys.stderr)
     if result.used_fallback:
-        print("warning: no SAM segment overlapped the attention mask; the attention mask was used", file=sys.stderr)
+        print(f"warning: {named}no SAM segment overlapped the attention mask; the attention mask was used",
+              file=sys.stderr)
+
+
+class EditJob(NamedTuple):
+    """One image of `zone edit`: the file read, the file its edit goes to, the folder of its masks (if asked)."""
+
+    image: Path
+    output: Path
+    masks: Path | None
+
+
+class LoadedJob(NamedTuple):
+    job: EditJob
+    pixels: np.ndarray
+    profile: bytes | None  # the input's colour profile, given to its output
 
 
 def run_edit(args: argparse.Namespace) -> None:
-    from .image_io import check_output_size, colour_profile, load_image, output_notes, save_image
-
     # Every check that can fail runs before gigabytes of weights load; all that need no torch before its import
     # (seconds): the checkpoints' presence and what --device auto finds are checked once it is loaded.
     changes = _config_changes(args)
     _check_backend_arguments(args)
     spec = _pipeline_spec(args)
-    _check_output_path(args.output, args.image)
-    if args.save_masks:
-        _check_masks_folder(args.save_masks, {args.output: "the -o file", args.image: "the input image"})
-    image, profile = load_image(args.image), colour_profile(args.image)
-    check_output_size(args.output, *image.shape[:2])
+    jobs = _edit_jobs(args)
     instruction = check_instruction(args.instruction)
-    for note in output_notes(args.output, profile):
-        print(f"warning: {note}", file=sys.stderr)
+    chunks = [jobs[start:start + args.batch_size] for start in range(0, len(jobs), args.batch_size)]
+    # One image: its error is the command's. Several: an image that fails is said, the others go on.
+    failed: list[Path] | None = [] if len(jobs) > 1 else None
+    first = _load_jobs(chunks[0], failed)  # before the weights load: a bad image is said in seconds
+    if failed and len(failed) == len(jobs):
+        raise ZoneError(f"none of the {len(jobs)} images could be read (said above)")  # no model to load for them
     pipe = spec.build()
     config = pipe.default_config.replace(**changes)
-    result = pipe.edit(image, instruction, config, progress=not args.no_progress)
-    if args.save_masks:  # before -o, so that a finished -o means every file of the edit is there
-        _save_outputs(result, args.save_masks, MASK_OUTPUTS, profile)
-    save_image(result.image, args.output, icc_profile=profile)
-    _print_summary(result)
-    _print_path(args.output)
+    for index, chunk in enumerate(chunks):
+        loaded = first if index == 0 else _load_jobs(chunk, failed)
+        if failed is not None and loaded:
+            print(f"[{index * args.batch_size + 1}/{len(jobs)}] {', '.join(str(j.job.image) for j in loaded)}",
+                  file=sys.stderr)
+        _edit_loaded(pipe, loaded, instruction, config, not args.no_progress, failed)
+    if failed:
+        raise ZoneError(f"{len(failed)} of {len(jobs)} images not edited (said above): "
+                        f"{', '.join(map(str, failed))}")
+
+
+def _edit_jobs(args: argparse.Namespace) -> list[EditJob]:
+    """Each image's output: -o itself for one image (unless a folder), else its file name in the folder -o; each
+    checked writable, none over an input or another's output."""
+    from .image_io import check_image_file
+
+    images, output = args.image, args.output
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        raise ConfigError(f"--batch-size {args.batch_size} must be 1..{MAX_BATCH}")
+    if len(images) == 1 and not output.is_dir():
+        if args.suffix:
+            raise ConfigError(f"--suffix is read when -o is a folder; {output} names the file: write its suffix there")
+        _check_output_path(output, images[0])
+        if args.save_masks:
+            _check_masks_folder(args.save_masks, {output: "the -o file", images[0]: "the input image"})
+        return [EditJob(images[0], output, args.save_masks)]
+    for image in images:  # a missing one is likely a typo: said before any work, not after the others' edits
+        check_image_file(image)
+    if output.suffix and not output.is_dir():
+        raise OutputError(f"-o {output}: with {len(images)} images -o names the folder their edits go to, each "
+                          "under its input's file name; give a folder, such as edited/")
+    jobs = [EditJob(image, output / (image.stem + (args.suffix or image.suffix or ".png")),
+                    args.save_masks / image.stem if args.save_masks and len(images) > 1 else args.save_masks)
+            for image in images]
+    _check_distinct(jobs, "output", "edits")
+    if args.save_masks and len(images) > 1:
+        _check_distinct(jobs, "masks", "masks")
+    check_output_folder(output, "-o", [job.output.name for job in jobs])
+    for job in jobs:
+        if _same_file(job.output, job.image):
+            raise OutputError(f"-o {output} holds the input {job.image}: its edit would write over it; give another "
+                              "folder (or another --suffix)")
+        _check_output_path(job.output, job.image)
+        if job.masks:
+            _check_masks_folder(job.masks, {job.output: "its edit", job.image: "the input image"})
+    return jobs
+
+
+def _check_distinct(jobs: Sequence[EditJob], field: str, what: str) -> None:
+    """OutputError when two images' `field` (output, masks) is one path."""
+    seen: dict[Path, EditJob] = {}
+    for job in jobs:
+        path = getattr(job, field)
+        if path in seen:
+            raise OutputError(f"the {what} of {seen[path].image} and {job.image} would both go to {path}: edit them "
+                              "in separate runs, or rename one")
+        seen[path] = job
+
+
+def _suffix_argument(text: str) -> str:
+    """argparse type of --suffix: ".png" (or "png")."""
+    suffix = text if text.startswith(".") else f".{text}"
+    if not re.fullmatch(r"\.[A-Za-z0-9]+", suffix):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file suffix, such as .png or .jpg")
+    return suffix
+
+
+def _load_jobs(chunk: Sequence[EditJob], failed: list[Path] | None) -> list[LoadedJob]:
+    """The chunk's images read, each checked to fit its output's format. One that fails raises, or with `failed`
+    is said, added to it, and left out."""
+    from .image_io import check_output_size, colour_profile, load_image, output_notes
+
+    loaded = []
+    for job in chunk:
+        try:
+            pixels, profile = load_image(job.image), colour_profile(job.image)
+            check_output_size(job.output, *pixels.shape[:2])
+        except ZoneError as error:
+            if failed is None:
+                raise
+            print(error_line(error), file=sys.stderr)
+            failed.append(job.image)
+            continue
+        for note in output_notes(job.output, profile):
+            print(f"warning: {note}", file=sys.stderr)
+        loaded.append(LoadedJob(job, pixels, profile))
+    return loaded
+
+
+def _edit_loaded(pipe: ZonePipeline, loaded: Sequence[LoadedJob], instruction: str, config: EditConfig, progress: bool,
+                 failed: list[Path] | None) -> None:
+    """Edit the loaded images (those of one size as one batch) and write each edit, its masks first; an edit that
+    fails as `_load_jobs` says."""
+    from .image_io import save_image
+    from .pipeline import EditRequest
+
+    requests = [EditRequest(item.pixels, instruction, config) for item in loaded]
+    results = pipe.edit_batch(requests, progress=progress, return_exceptions=failed is not None)
+    for item, result in zip(loaded, results, strict=True):
+        if isinstance(result, ZoneError) and failed is not None:
+            print(f"error: {item.job.image}: {command_line_spelling(str(result))}", file=sys.stderr)
+            failed.append(item.job.image)
+            continue
+        if isinstance(result, Exception):  # not the user's: a bug, its traceback kept
+            raise result
+        if item.job.masks:  # before the edit, so that a finished edit means every file of it is there
+            _save_outputs(result, item.job.masks, MASK_OUTPUTS, item.profile)
+        save_image(result.image, item.job.output, icc_profile=item.profile)
+        _print_summary(result, item.job.image if failed is not None else None)
+        _print_path(item.job.output)
 
 
 def run_demo(args: argparse.Namespace) -> None:
