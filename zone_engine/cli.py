@@ -682,7 +682,8 @@ def run_serve(args: argparse.Namespace) -> None:
         spec.check_checkpoints()  # one `error:` line, as below: not a replica's traceback
         from .serving.ray_serve import run_ray
 
-        run_ray(spec, settings, host=args.host, port=args.port, replicas=args.replicas, log_level=args.log_level)
+        with terminated_as_interrupt():  # uvicorn handles the signals below; here SIGTERM ends run_ray as Ctrl-C does
+            run_ray(spec, settings, host=args.host, port=args.port, replicas=args.replicas, log_level=args.log_level)
     else:
         settings.check_local_batching()
         pipe = spec.build()  # before binding the port: a missing checkpoint is one `error:` line, exit 2

@@ -78,7 +78,7 @@ def deploy(spec: PipelineSpec, settings: ServeSettings, *, host: str, port: int,
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level="WARNING")
+        _init_keeping_sigterm(ray)
     resources = replica_resources(spec, replicas, ray.cluster_resources())
     serve.start(http_options={"host": host, "port": port})
     deployment = ZoneReplica.options(
@@ -91,6 +91,16 @@ def deploy(spec: PipelineSpec, settings: ServeSettings, *, host: str, port: int,
               logging_config={"log_level": log_level.upper(), "enable_access_log": False})
 
 
+def _init_keeping_sigterm(ray: Any) -> None:
+    """ray.init, the caller's SIGTERM handler kept: Ray's own exits with status 15 and a stack dump, where the
+    caller's (`zone serve --ray`: shut Serve and Ray down, exit 143) would go unused."""
+    main = threading.current_thread() is threading.main_thread()  # elsewhere no handler can be set or read
+    ours = signal.getsignal(signal.SIGTERM) if main else None
+    ray.init(include_dashboard=False, logging_level="WARNING")
+    if ours is not None:  # None: a handler not set from Python, which Python cannot put back
+        signal.signal(signal.SIGTERM, ours)
+
+
 def shutdown() -> None:
     import ray
 
@@ -100,14 +110,11 @@ def shutdown() -> None:
 
 def run_ray(spec: PipelineSpec, settings: ServeSettings, *, host: str, port: int, replicas: int,
             log_level: str = "warning") -> None:
-    """Deploy, serve until SIGINT/SIGTERM, then shut Serve and Ray down."""
-    deploy(spec, settings, host=host, port=port, replicas=replicas, log_level=log_level)
-    print(f"zone: serving on http://{host}:{port} with {replicas} Ray Serve replica(s); Ctrl-C stops")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    """Deploy and serve until interrupted (KeyboardInterrupt: Ctrl-C, or SIGTERM where the caller raises it so),
+    then shut Serve and Ray down, also when that comes while deploying."""
     try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
+        deploy(spec, settings, host=host, port=port, replicas=replicas, log_level=log_level)
+        print(f"zone: serving on http://{host}:{port} with {replicas} Ray Serve replica(s); Ctrl-C stops", flush=True)
+        threading.Event().wait()  # a signal's exception ends it
     finally:
         shutdown()
