@@ -26,8 +26,9 @@ from zone_engine.serving.ray_serve import deploy, replica_resources, shutdown
 
 def test_sigterm_stops_zone_serve_ray_as_the_help_says_also_while_it_deploys(tmp_path):
     """ray.init sets Ray's own SIGTERM handler: a SIGTERM while deploying (an orchestrator giving up on a slow
-    start) exited with status 15 and a stack dump, Serve and Ray never shut down. Now: `terminated`, exit 143,
-    after both are shut down, whenever it comes. (Before the module's cluster starts: its own.)"""
+    start) ended the process with a stack dump (status 15, or aborted), as no command's exit the help lists. Now:
+    `terminated`, exit 143, after Serve and Ray are shut down, whenever it comes. (Before the module's cluster
+    starts: its own.)"""
     port, log = free_port(), tmp_path / "serve.log"
     env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}  # a cluster of its own
     with log.open("w") as out:
