@@ -269,7 +269,7 @@ def test_one_image_with_a_folder_as_output_keeps_its_name(photo, tmp_path):
     (["-o", "edited.png"], ("with 2 images -o names the folder",)),
     (["-o", "out", "--batch-size", "0"], ("--batch-size 0 must be 1..",)),
     (["-o", "out", "--suffix", ".ico"], ("ICO icons come in fixed sizes",)),
-    (["-o", "."], ("holds the input", "give another folder")),
+    (["-o", "."], ("the edit of photo.png would go to photo.png, over the input itself",)),
 ])
 def test_several_images_with_impossible_outputs_fail_before_any_work(photo, tmp_path, capsys, monkeypatch, extra,
                                                                      words):
@@ -282,20 +282,61 @@ def test_images_of_one_name_or_unreadable_all_are_refused_before_the_models_load
     (tmp_path / "sub").mkdir()
     Image.open(photo).save(tmp_path / "sub" / "photo.png")
     _fails_cleanly(capsys, ["edit", str(photo), str(tmp_path / "sub" / "photo.png"), "-i", "x", "-o",
-                            str(tmp_path / "out"), "--tiny"], "the edits of ", " would both go to ",
-                   "photo.png: edit them")
+                            str(tmp_path / "out"), "--tiny"], "photo.png would be written for both ",
+                   "edit them in separate runs")
     _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", str(tmp_path / "one.png"), "--suffix", "png",
                             "--tiny"], "--suffix is read when -o is a folder")
     with pytest.raises(SystemExit):
         main(["edit", str(photo), "-i", "x", "-o", str(tmp_path / "out"), "--suffix", "a b"])
     assert "'a b' is not a file suffix, such as .png" in capsys.readouterr().err
     _fails_cleanly(capsys, ["edit", str(photo), str(tmp_path / "gone.jpg"), "-i", "x", "-o", str(tmp_path / "out"),
-                            "--tiny"], "image not found: ", "gone.jpg")
+                            "--tiny"], "image not found: ", "gone.jpg (nothing was edited)")
     (tmp_path / "broken.png").write_bytes(b"not a png")
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     assert main(["edit", str(tmp_path / "broken.png"), str(tmp_path / "broken.jpg"), "-i", "x", "-o",
                  str(tmp_path / "out"), "--batch-size", "2", "--ip2p", "no-such-model"]) == 2
     assert "none of the 2 images could be read" in capsys.readouterr().err  # not a missing checkpoint
+
+
+def test_no_image_writes_over_another_images_input_or_files_whatever_the_links_say(photo, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """The clash checks compared each image's files with its own input and output only: an input reached through a
+    link, another's mask or edit, a file where another's masks need a folder were written over (exit 0)."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("src", "X", "mm/a"):
+        (tmp_path / folder).mkdir(parents=True)
+    for name in ("src/a.png", "X/a.png", "mm/a/mask_b.png", "a.png.png"):
+        Image.open(photo).save(tmp_path / name)
+    (tmp_path / "link.png").symlink_to(tmp_path / "X" / "a.png")
+    common = ["-i", "x", "--tiny"]
+    _fails_cleanly(capsys, ["edit", "src/a.png", "link.png", "-o", "X", *common],
+                   "X/a.png, written for src/a.png, is the input link.png: it would be overwritten")
+    _fails_cleanly(capsys, ["edit", "src/a.png", "mm/a/mask_b.png", "-o", "e", "--save-masks", "mm", *common],
+                   "is the input mm/a/mask_b.png: it would be overwritten")
+    _fails_cleanly(capsys, ["edit", "src/a.png", "mm/a/mask_b.png", "-o", "M/a", "--save-masks", "M", *common],
+                   "M/a/mask_b.png would be written for both src/a.png and mm/a/mask_b.png")
+    _fails_cleanly(capsys, ["edit", "src/a.png", "a.png.png", "-o", "m5", "--save-masks", "m5", *common],
+                   "m5/a.png would be a file written for src/a.png and a folder of other files written")
+    _fails_cleanly(capsys, ["edit", "photo.png", "./photo.png", "-o", "twice", *common], "photo.png is given twice")
+    assert not any((tmp_path / name).exists() for name in ("e", "M", "m5", "twice"))  # nothing made either
+
+
+def test_folders_among_the_inputs_are_left_out_and_edits_keep_writable_formats(photo, tmp_path, capsys,
+                                                                               monkeypatch):
+    """A glob such as photos/* takes folders in, and files of formats Pillow reads but cannot write as they are;
+    a trailing slash makes -o a folder for one image too (and for a name with a dot). Each warning of an edit
+    names its image."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "thumbs").mkdir()
+    Image.open(photo).save(tmp_path / "icon.ico")
+    Image.fromarray(smooth_image(16, 64)).save(tmp_path / "thin.png")  # coarse: a warning of the edit's
+    common = ["-i", "add a hat", "--tiny", "--steps", "1", "--no-progress"]
+    assert main(["edit", "photo.png", "thumbs", "icon.ico", "thin.png", "-o", "results.v2/", *common]) == 0
+    out = capsys.readouterr()
+    assert "warning: thumbs is a folder: left out" in out.err and "warning: thin.png: the image is 64x16" in out.err
+    assert {p.name for p in (tmp_path / "results.v2").iterdir()} == {"photo.png", "icon.png", "thin.png"}
+    assert main(["edit", "photo.png", "-o", "single/", *common]) == 0
+    assert (tmp_path / "single" / "photo.png").exists()
 
 
 def test_the_output_is_written_after_the_masks_so_its_presence_means_the_edit_is_whole(photo, tmp_path,

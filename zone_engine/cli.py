@@ -221,14 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Edit IMAGE as INSTRUCTION says and write the result to OUTPUT (-o); several images load the "
         "models once, and their edits go to the folder OUTPUT, each under its input's file name. Models load from "
         "local folders or the offline Hugging Face cache; nothing is downloaded.",
+        epilog="Exit codes: 0 every image edited, 2 bad input or setup (one `error:` line says what to do; with "
+        "several images also: some not edited, each said, and the edited ones written), 130 interrupted (Ctrl-C), "
+        "143 stopped by SIGTERM; the edits written before either are whole.",
     )
     edit.add_argument("image", type=file_argument, nargs="+",
-                      help="input image(s) (PNG, JPEG, WebP, TIFF, ...); one that cannot be read is said and skipped, "
-                      "the others edited (exit code 2 at the end)")
+                      help="input image(s) (PNG, JPEG, WebP, TIFF, ...); of several, one that cannot be read is said "
+                      "and skipped, the others edited (exit code 2 at the end), and folders are left out")
     edit.add_argument("-i", "--instruction", required=True, help='what to do, e.g. "make the dog a golden statue"')
-    edit.add_argument("-o", "--output", type=file_argument, required=True,
+    edit.add_argument("-o", "--output", type=output_argument, required=True,
                       help="where to write the edited image; a folder (created if missing) for several images, or "
-                      "an existing one for one image: the edit keeps its input's file name there")
+                      "one that exists or ends in / for one: each edit keeps its input's file name there (its format "
+                      "too, where Pillow writes it; else .png)")
     edit.add_argument("--suffix", type=_suffix_argument,
                       help="with -o a folder: the edits' file suffix, which names their format, e.g. .png (default: "
                       "each input's own)")
@@ -469,11 +473,24 @@ class EditJob(NamedTuple):
     output: Path
     masks: Path | None
 
+    def written(self) -> list[Path]:
+        return [self.output, *((self.masks / f"{name}.png" for name in MASK_OUTPUTS) if self.masks else ())]
+
 
 class LoadedJob(NamedTuple):
     job: EditJob
     pixels: np.ndarray
     profile: bytes | None  # the input's colour profile, given to its output
+
+
+class OutputArgument(NamedTuple):
+    path: Path
+    folder: bool  # said with a trailing slash: a folder, also for one image and for a name with a dot
+
+
+def output_argument(text: str) -> OutputArgument:
+    """argparse type of `zone edit -o`."""
+    return OutputArgument(file_argument(text), text.endswith(("/", os.sep)))
 
 
 def run_edit(args: argparse.Namespace) -> None:
@@ -486,17 +503,14 @@ def run_edit(args: argparse.Namespace) -> None:
     instruction = check_instruction(args.instruction)
     chunks = [jobs[start:start + args.batch_size] for start in range(0, len(jobs), args.batch_size)]
     # One image: its error is the command's. Several: an image that fails is said, the others go on.
-    failed: list[Path] | None = [] if len(jobs) > 1 else None
-    first = _load_jobs(chunks[0], failed)  # before the weights load: a bad image is said in seconds
+    failed: list[Path] | None = [] if len(args.image) > 1 else None
+    first = _load_jobs(chunks[0], failed, 0, len(jobs))  # before the weights load: a bad image is said in seconds
     if failed and len(failed) == len(jobs):
         raise ZoneError(f"none of the {len(jobs)} images could be read (said above)")  # no model to load for them
     pipe = spec.build()
     config = pipe.default_config.replace(**changes)
     for index, chunk in enumerate(chunks):
-        loaded = first if index == 0 else _load_jobs(chunk, failed)
-        if failed is not None and loaded:
-            print(f"[{index * args.batch_size + 1}/{len(jobs)}] {', '.join(str(j.job.image) for j in loaded)}",
-                  file=sys.stderr)
+        loaded = first if index == 0 else _load_jobs(chunk, failed, index * args.batch_size, len(jobs))
         _edit_loaded(pipe, loaded, instruction, config, not args.no_progress, failed)
     if failed:
         raise ZoneError(f"{len(failed)} of {len(jobs)} images not edited (said above): "
@@ -505,50 +519,90 @@ def run_edit(args: argparse.Namespace) -> None:
 
 def _edit_jobs(args: argparse.Namespace) -> list[EditJob]:
     """Each image's output: -o itself for one image (unless a folder), else its file name in the folder -o; each
-    checked writable, none over an input or another's output."""
-    from .image_io import check_image_file
-
-    images, output = args.image, args.output
+    checked writable, none over an input or another's files."""
+    images, (output, said_folder) = args.image, args.output
     if not 1 <= args.batch_size <= MAX_BATCH:
         raise ConfigError(f"--batch-size {args.batch_size} must be 1..{MAX_BATCH}")
-    if len(images) == 1 and not output.is_dir():
+    if len(images) == 1 and not said_folder and not output.is_dir():
         if args.suffix:
             raise ConfigError(f"--suffix is read when -o is a folder; {output} names the file: write its suffix there")
         _check_output_path(output, images[0])
         if args.save_masks:
             _check_masks_folder(args.save_masks, {output: "the -o file", images[0]: "the input image"})
         return [EditJob(images[0], output, args.save_masks)]
-    for image in images:  # a missing one is likely a typo: said before any work, not after the others' edits
-        check_image_file(image)
-    if output.suffix and not output.is_dir():
+    if output.suffix and not said_folder and not output.is_dir():
         raise OutputError(f"-o {output}: with {len(images)} images -o names the folder their edits go to, each "
-                          "under its input's file name; give a folder, such as edited/")
-    jobs = [EditJob(image, output / (image.stem + (args.suffix or image.suffix or ".png")),
-                    args.save_masks / image.stem if args.save_masks and len(images) > 1 else args.save_masks)
+                          f"under its input's file name; give a folder, such as edited/ ({output}/ if its name is "
+                          "to have a dot)")
+    images = _image_files(images)
+    several = len(args.image) > 1
+    jobs = [EditJob(image, output / (image.stem + _output_suffix(image, args.suffix)),
+                    args.save_masks / image.stem if args.save_masks and several else args.save_masks)
             for image in images]
-    _check_distinct(jobs, "output", "edits")
-    if args.save_masks and len(images) > 1:
-        _check_distinct(jobs, "masks", "masks")
+    _check_no_clash(jobs)
     check_output_folder(output, "-o", [job.output.name for job in jobs])
     for job in jobs:
-        if _same_file(job.output, job.image):
-            raise OutputError(f"-o {output} holds the input {job.image}: its edit would write over it; give another "
-                              "folder (or another --suffix)")
         _check_output_path(job.output, job.image)
         if job.masks:
-            _check_masks_folder(job.masks, {job.output: "its edit", job.image: "the input image"})
+            check_output_folder(job.masks, "--save-masks", [path.name for path in job.written()[1:]])
     return jobs
 
 
-def _check_distinct(jobs: Sequence[EditJob], field: str, what: str) -> None:
-    """OutputError when two images' `field` (output, masks) is one path."""
-    seen: dict[Path, EditJob] = {}
+def _image_files(paths: Sequence[Path]) -> list[Path]:
+    """The paths less the folders (a glob such as photos/* takes them in), each said; a path that is not there
+    (likely a typo) is refused before any work."""
+    from .errors import InputImageError
+
+    for path in paths:
+        if not path.exists():
+            raise InputImageError(f"image not found: {path} (nothing was edited)")
+    for folder in (path for path in paths if path.is_dir()):
+        print(f"warning: {folder} is a folder: left out (its images: {folder / '*'})", file=sys.stderr)
+    files = [path for path in paths if not path.is_dir()]
+    if not files:
+        raise InputImageError("every input is a folder: give the images in them, such as photos/*.jpg")
+    return files
+
+
+def _output_suffix(image: Path, suffix: str | None) -> str:
+    """--suffix, else the input's own where Pillow writes its format (not an icon's, scaled), else .png."""
+    from .image_io import check_output_format
+
+    if suffix or not image.suffix:
+        return suffix or ".png"
+    try:
+        check_output_format(image)
+    except OutputError:
+        return ".png"
+    return image.suffix
+
+
+def _check_no_clash(jobs: Sequence[EditJob]) -> None:
+    """OutputError for an image given twice, a file written over an input, one written for two images, or one
+    where another's files need a folder; paths compared with their links resolved."""
+    inputs: dict[str, Path] = {}
     for job in jobs:
-        path = getattr(job, field)
-        if path in seen:
-            raise OutputError(f"the {what} of {seen[path].image} and {job.image} would both go to {path}: edit them "
-                              "in separate runs, or rename one")
-        seen[path] = job
+        if (key := os.path.realpath(job.image)) in inputs:
+            also = f" (also as {inputs[key]})" if inputs[key] != job.image else ""
+            raise OutputError(f"{job.image} is given twice{also}: give each image once")
+        inputs[key] = job.image
+    written: dict[str, Path] = {}  # each file written, resolved: the image it is written for
+    for job in jobs:
+        for path in job.written():
+            if (key := os.path.realpath(path)) in inputs:
+                if inputs[key] == job.image:
+                    raise OutputError(f"the edit of {job.image} would go to {path}, over the input itself: choose "
+                                      "another -o (or --suffix)")
+                raise OutputError(f"{path}, written for {job.image}, is the input {inputs[key]}: it would be "
+                                  "overwritten; choose another -o or --save-masks")
+            if key in written:
+                raise OutputError(f"{path} would be written for both {written[key]} and {job.image}: edit them in "
+                                  "separate runs, or rename one")
+            written[key] = job.image
+    folders = {str(parent) for key in written for parent in Path(key).parents}
+    if both := sorted(folders & written.keys()):
+        raise OutputError(f"{both[0]} would be a file written for {written[both[0]]} and a folder of other files "
+                          "written: choose another -o or --save-masks, or rename that image")
 
 
 def _suffix_argument(text: str) -> str:
@@ -559,11 +613,13 @@ def _suffix_argument(text: str) -> str:
     return suffix
 
 
-def _load_jobs(chunk: Sequence[EditJob], failed: list[Path] | None) -> list[LoadedJob]:
+def _load_jobs(chunk: Sequence[EditJob], failed: list[Path] | None, done: int, total: int) -> list[LoadedJob]:
     """The chunk's images read, each checked to fit its output's format. One that fails raises, or with `failed`
-    is said, added to it, and left out."""
+    is said, added to it, and left out. With several images, a line first says which these are."""
     from .image_io import check_output_size, colour_profile, load_image, output_notes
 
+    if failed is not None:
+        print(f"[{done + 1}/{total}] {', '.join(str(job.image) for job in chunk)}", file=sys.stderr)
     loaded = []
     for job in chunk:
         try:
@@ -584,12 +640,16 @@ def _load_jobs(chunk: Sequence[EditJob], failed: list[Path] | None) -> list[Load
 def _edit_loaded(pipe: ZonePipeline, loaded: Sequence[LoadedJob], instruction: str, config: EditConfig, progress: bool,
                  failed: list[Path] | None) -> None:
     """Edit the loaded images (those of one size as one batch) and write each edit, its masks first; an edit that
-    fails as `_load_jobs` says."""
+    fails as `_load_jobs` says. With several images, an edit's warnings are said with its image's name."""
+    from .errors import EditWarning
     from .image_io import save_image
     from .pipeline import EditRequest
 
     requests = [EditRequest(item.pixels, instruction, config) for item in loaded]
-    results = pipe.edit_batch(requests, progress=progress, return_exceptions=failed is not None)
+    with warnings.catch_warnings():
+        if failed is not None:  # said below, each with its image's name (a batch's would name none)
+            warnings.simplefilter("ignore", EditWarning)
+        results = pipe.edit_batch(requests, progress=progress, return_exceptions=failed is not None)
     for item, result in zip(loaded, results, strict=True):
         if isinstance(result, ZoneError) and failed is not None:
             print(f"error: {item.job.image}: {command_line_spelling(str(result))}", file=sys.stderr)
@@ -597,6 +657,8 @@ def _edit_loaded(pipe: ZonePipeline, loaded: Sequence[LoadedJob], instruction: s
             continue
         if isinstance(result, Exception):  # not the user's: a bug, its traceback kept
             raise result
+        for note in result.notes if failed is not None else ():
+            print(f"warning: {item.job.image}: {note}", file=sys.stderr)
         if item.job.masks:  # before the edit, so that a finished edit means every file of it is there
             _save_outputs(result, item.job.masks, MASK_OUTPUTS, item.profile)
         save_image(result.image, item.job.output, icc_profile=item.profile)

@@ -98,7 +98,16 @@ def _is_tensor(source: object) -> bool:
 
 
 def _load_file(path: Path) -> tuple[np.ndarray, list[str]]:
-    check_image_file(path)
+    if problem := name_problem(path):
+        raise InputImageError(f"cannot read {path}: {problem}")
+    if not path.exists():
+        raise InputImageError(f"image not found: {path}")
+    if path.is_dir():
+        raise InputImageError(f"{path} is a directory; pass the path of an image file")
+    if not path.is_file():  # a FIFO or a device: reading it could block, and it has no size to check
+        raise InputImageError(f"{path} is not a regular file; pass the path of an image file")
+    if path.stat().st_size == 0:  # e.g. an interrupted copy: say so, not "not an image"
+        raise InputImageError(f"{path} is empty (0 bytes): copy or export the image again")
     try:
         with _opened(path) as img:
             return _pil_to_rgb(img, str(path))
@@ -117,21 +126,6 @@ def _load_file(path: Path) -> tuple[np.ndarray, list[str]]:
             f"cannot read {path}: the file is unreadable, corrupt or truncated ({_one_line(error)}); "
             "re-export or re-download it"
         ) from None
-
-
-def check_image_file(path: Path) -> None:
-    """InputImageError unless `path` is a regular file with bytes in it (what `load_image` checks before reading
-    it): a typo among many paths is said before any work."""
-    if problem := name_problem(path):
-        raise InputImageError(f"cannot read {path}: {problem}")
-    if not path.exists():
-        raise InputImageError(f"image not found: {path}")
-    if path.is_dir():
-        raise InputImageError(f"{path} is a directory; pass the path of an image file")
-    if not path.is_file():  # a FIFO or a device: reading it could block, and it has no size to check
-        raise InputImageError(f"{path} is not a regular file; pass the path of an image file")
-    if path.stat().st_size == 0:  # e.g. an interrupted copy: say so, not "not an image"
-        raise InputImageError(f"{path} is empty (0 bytes): copy or export the image again")
 
 
 @contextlib.contextmanager
