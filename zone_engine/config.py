@@ -418,3 +418,9 @@ def parse_action(value: str | Action | None) -> Action | None:
         return Action(name)
     except ValueError:
         raise ConfigError(f"unknown action {value!r}: use auto (classify), add, change or remove") from None
+
+
+def error_line(error: BaseException | str) -> str:
+    """What a command prints for a user's mistake: one line, its options as the command line writes them (the
+    Python API's spelling beside them left out)."""
+    return f"error: {command_line_spelling(str(error))}"

@@ -7,6 +7,7 @@ import argparse
 import functools
 import hashlib
 import os
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -167,3 +168,18 @@ def written_atomically(path: Path) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def print_path(path: os.PathLike) -> None:
+    """A written file's path on stdout, for scripts: the bytes the file system has (a name that is not UTF-8
+    could not be printed as text)."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    try:
+        if buffer is None:  # a text-only stream (a caller's io.StringIO)
+            print(path)
+            return
+        sys.stdout.flush()
+        buffer.write(os.fsencode(path) + b"\n")
+        buffer.flush()
+    except BrokenPipeError:  # the reader went away (`| head -0`): the work is done, its path unread
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush raises nothing

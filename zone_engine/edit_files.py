@@ -1,0 +1,269 @@
+"""The files of `zone edit` (and `zone demo`'s masks): where each image's edit and masks go, all checked before
+any work, and the loop that reads, edits and writes them, several images at a time."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from .config import MAX_BATCH, EditConfig, command_line_spelling, error_line
+from .errors import ConfigError, InputImageError, OutputError, ZoneError
+from .paths import check_output_file, check_output_folder, file_argument, print_path
+
+if TYPE_CHECKING:  # imported where used: numpy, and torch with the pipeline, take seconds `zone --help` needs not
+    import numpy as np
+
+    from .pipeline import EditResult, ZonePipeline
+
+
+MASK_OUTPUTS = ("mask_b", "mask_f", "region", "styled", "heatmap")  # what --save-masks writes, as NAME.png
+COLOUR_OUTPUTS = ("styled", "heatmap")  # those in the input's colours: they carry its colour profile
+
+
+class EditJob(NamedTuple):
+    """One image of `zone edit`: the file read, the file its edit goes to, the folder of its masks (if asked)."""
+
+    image: Path
+    output: Path
+    masks: Path | None
+
+    def written(self) -> list[Path]:
+        return [self.output, *((self.masks / f"{name}.png" for name in MASK_OUTPUTS) if self.masks else ())]
+
+
+class LoadedJob(NamedTuple):
+    job: EditJob
+    pixels: np.ndarray
+    profile: bytes | None  # the input's colour profile, given to its output
+
+
+class OutputArgument(NamedTuple):
+    path: Path
+    folder: bool  # said with a trailing slash: a folder, also for one image and for a name with a dot
+
+
+def output_argument(text: str) -> OutputArgument:
+    """argparse type of `zone edit -o`."""
+    return OutputArgument(file_argument(text), text.endswith(("/", os.sep)))
+
+
+def suffix_argument(text: str) -> str:
+    """argparse type of --suffix: ".png" (or "png")."""
+    suffix = text if text.startswith(".") else f".{text}"
+    if not re.fullmatch(r"\.[A-Za-z0-9]+", suffix):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file suffix, such as .png or .jpg")
+    return suffix
+
+
+def plan_jobs(args: argparse.Namespace) -> list[EditJob]:
+    """Each image's output: -o itself for one image (unless a folder), else its file name in the folder -o; each
+    checked writable, none over an input or another's files."""
+    images, (output, said_folder) = args.image, args.output
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        raise ConfigError(f"--batch-size {args.batch_size} must be 1..{MAX_BATCH}")
+    if len(images) == 1 and not said_folder and not output.is_dir():
+        if args.suffix:
+            raise ConfigError(f"--suffix is read when -o is a folder; {output} names the file: write its suffix there")
+        check_output_path(output, images[0])
+        if args.save_masks:
+            check_masks_folder(args.save_masks, {output: "the -o file", images[0]: "the input image"})
+        return [EditJob(images[0], output, args.save_masks)]
+    if output.suffix and not said_folder and not output.is_dir():
+        raise OutputError(f"-o {output}: with {len(images)} images -o names the folder their edits go to, each "
+                          f"under its input's file name; give a folder, such as edited/ ({output}/ if its name is "
+                          "to have a dot)")
+    images = _image_files(images)
+    several = len(args.image) > 1
+    jobs = [EditJob(image, output / (image.stem + _output_suffix(image, args.suffix)),
+                    args.save_masks / image.stem if args.save_masks and several else args.save_masks)
+            for image in images]
+    _check_no_clash(jobs)
+    check_output_folder(output, "-o", [job.output.name for job in jobs])
+    for job in jobs:
+        check_output_path(job.output, job.image)
+        if job.masks:
+            check_output_folder(job.masks, "--save-masks", [path.name for path in job.written()[1:]])
+    return jobs
+
+
+def _image_files(paths: Sequence[Path]) -> list[Path]:
+    """The paths less the folders (a glob such as photos/* takes them in), each said; a path that is not there
+    (likely a typo) is refused before any work."""
+    for path in paths:
+        if not path.exists():
+            raise InputImageError(f"image not found: {path} (nothing was edited)")
+    for folder in (path for path in paths if path.is_dir()):
+        print(f"warning: {folder} is a folder: left out (its images: {folder / '*'})", file=sys.stderr)
+    files = [path for path in paths if not path.is_dir()]
+    if not files:
+        raise InputImageError("every input is a folder: give the images in them, such as photos/*.jpg")
+    return files
+
+
+def _output_suffix(image: Path, suffix: str | None) -> str:
+    """--suffix, else the input's own where Pillow writes its format (not an icon's, scaled), else .png."""
+    from .image_io import check_output_format
+
+    if suffix or not image.suffix:
+        return suffix or ".png"
+    try:
+        check_output_format(image)
+    except OutputError:
+        return ".png"
+    return image.suffix
+
+
+def _check_no_clash(jobs: Sequence[EditJob]) -> None:
+    """OutputError for an image given twice, a file written over an input, one written for two images, or one
+    where another's files need a folder; paths compared with their links resolved."""
+    inputs: dict[str, Path] = {}
+    for job in jobs:
+        if (key := os.path.realpath(job.image)) in inputs:
+            also = f" (also as {inputs[key]})" if inputs[key] != job.image else ""
+            raise OutputError(f"{job.image} is given twice{also}: give each image once")
+        inputs[key] = job.image
+    written: dict[str, Path] = {}  # each file written, resolved: the image it is written for
+    for job in jobs:
+        for path in job.written():
+            if (key := os.path.realpath(path)) in inputs:
+                if inputs[key] == job.image:
+                    raise OutputError(f"the edit of {job.image} would go to {path}, over the input itself: choose "
+                                      "another -o (or --suffix)")
+                raise OutputError(f"{path}, written for {job.image}, is the input {inputs[key]}: it would be "
+                                  "overwritten; choose another -o or --save-masks")
+            if key in written:
+                raise OutputError(f"{path} would be written for both {written[key]} and {job.image}: edit them in "
+                                  "separate runs, or rename one")
+            written[key] = job.image
+    folders = {str(parent) for key in written for parent in Path(key).parents}
+    if both := sorted(folders & written.keys()):
+        raise OutputError(f"{both[0]} would be a file written for {written[both[0]]} and a folder of other files "
+                          "written: choose another -o or --save-masks, or rename that image")
+
+
+def check_output_path(path: Path, image: Path) -> None:
+    from .image_io import check_output_format
+
+    check_output_file(path, "output")  # first: a folder given as -o is said as one, not as a missing suffix
+    if not path.suffix:  # save_image would write PNG to a name without one: say it, the user may have meant .jpg
+        raise OutputError(f"output {path} has no suffix: name the format, such as {path}.png")
+    check_output_format(path)
+    if same_file(path, image):
+        raise OutputError(f"output {path} is the input image: write the edit to another file, the input stays as it is")
+
+
+def check_masks_folder(folder: Path, others: dict[Path, str]) -> None:
+    """OutputError unless --save-masks' files can be written in `folder` without writing over `others` (the
+    command's other files, by what they are: "-o", "the input image"), each said before any work runs."""
+    written = [folder / f"{name}.png" for name in MASK_OUTPUTS]
+    for path, what in others.items():
+        if folder.absolute() == path.absolute():
+            raise OutputError(f"--save-masks {folder} is {what}: give the masks a folder of their own")
+        if any(mask.absolute() == path.absolute() or same_file(mask, path) for mask in written):
+            raise OutputError(f"--save-masks {folder} would write over {what} {path} (it writes "
+                            f"{', '.join(n + '.png' for n in MASK_OUTPUTS)}): choose another folder or file name")
+    check_output_folder(folder, "--save-masks", [mask.name for mask in written])
+
+
+def same_file(path: Path, other: Path) -> bool:
+    try:
+        return path.exists() and other.exists() and path.samefile(other)
+    except OSError:  # a name the system refuses (too long): no file, said where it is read or written
+        return False
+
+
+def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes: dict[str, Any], instruction: str,
+             batch_size: int, progress: bool, several: bool) -> None:
+    """Edit every job, `batch_size` at a time, with the pipeline `build` makes (called once the first batch is read:
+    a bad image is said in seconds, before the weights load). One image (not `several`): its error is the
+    command's. Several: an image that fails is said, the others go on, and a ZoneError lists those not edited."""
+    chunks = [jobs[start:start + batch_size] for start in range(0, len(jobs), batch_size)]
+    failed: list[Path] | None = [] if several else None
+    first = _load_jobs(chunks[0], failed, 0, len(jobs))
+    if failed and len(failed) == len(jobs):
+        raise ZoneError(f"none of the {len(jobs)} images could be read (said above)")  # no model to load for them
+    pipe = build()
+    config = pipe.default_config.replace(**changes)
+    for index, chunk in enumerate(chunks):
+        loaded = first if index == 0 else _load_jobs(chunk, failed, index * batch_size, len(jobs))
+        _edit_loaded(pipe, loaded, instruction, config, progress, failed)
+    if failed:
+        raise ZoneError(f"{len(failed)} of {len(jobs)} images not edited (said above): "
+                        f"{', '.join(map(str, failed))}")
+
+
+def _load_jobs(chunk: Sequence[EditJob], failed: list[Path] | None, done: int, total: int) -> list[LoadedJob]:
+    """The chunk's images read, each checked to fit its output's format. One that fails raises, or with `failed`
+    is said, added to it, and left out. With several images, a line first says which these are."""
+    from .image_io import check_output_size, colour_profile, load_image, output_notes
+
+    if failed is not None:
+        print(f"[{done + 1}/{total}] {', '.join(str(job.image) for job in chunk)}", file=sys.stderr)
+    loaded = []
+    for job in chunk:
+        try:
+            pixels, profile = load_image(job.image), colour_profile(job.image)
+            check_output_size(job.output, *pixels.shape[:2])
+        except ZoneError as error:
+            if failed is None:
+                raise
+            print(error_line(error), file=sys.stderr)
+            failed.append(job.image)
+            continue
+        for note in output_notes(job.output, profile):
+            print(f"warning: {note}", file=sys.stderr)
+        loaded.append(LoadedJob(job, pixels, profile))
+    return loaded
+
+
+def _edit_loaded(pipe: ZonePipeline, loaded: Sequence[LoadedJob], instruction: str, config: EditConfig, progress: bool,
+                 failed: list[Path] | None) -> None:
+    """Edit the loaded images (those of one size as one batch) and write each edit, its masks first; an edit that
+    fails as `_load_jobs` says. With several images, an edit's warnings are said with its image's name."""
+    from .errors import EditWarning
+    from .image_io import save_image
+    from .pipeline import EditRequest
+
+    requests = [EditRequest(item.pixels, instruction, config) for item in loaded]
+    with warnings.catch_warnings():
+        if failed is not None:  # said below, each with its image's name (a batch's would name none)
+            warnings.simplefilter("ignore", EditWarning)
+        results = pipe.edit_batch(requests, progress=progress, return_exceptions=failed is not None)
+    for item, result in zip(loaded, results, strict=True):
+        if isinstance(result, ZoneError) and failed is not None:
+            print(f"error: {item.job.image}: {command_line_spelling(str(result))}", file=sys.stderr)
+            failed.append(item.job.image)
+            continue
+        if isinstance(result, Exception):  # not the user's: a bug, its traceback kept
+            raise result
+        for note in result.notes if failed is not None else ():
+            print(f"warning: {item.job.image}: {note}", file=sys.stderr)
+        if item.job.masks:  # before the edit, so that a finished edit means every file of it is there
+            save_outputs(result, item.job.masks, MASK_OUTPUTS, item.profile)
+        save_image(result.image, item.job.output, icc_profile=item.profile)
+        print_summary(result, item.job.image if failed is not None else None)
+        print_path(item.job.output)
+
+
+def save_outputs(result: EditResult, folder: Path, names: Sequence[str], icc_profile: bytes | None = None) -> None:
+    from .image_io import save_image
+
+    for name in names:
+        save_image(getattr(result, name), folder / f"{name}.png",
+                   icc_profile=icc_profile if name in COLOUR_OUTPUTS else None)
+
+
+def print_summary(result: EditResult, image: Path | None = None) -> None:
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+    named = f"{image}: " if image is not None else ""
+    print(f"{named}action: {result.action.value}; edited pixels: {int(result.region.sum())}; {stages}",
+          file=sys.stderr)
+    if result.used_fallback:
+        print(f"warning: {named}no SAM segment overlapped the attention mask; the attention mask was used",
+              file=sys.stderr)
