@@ -238,7 +238,7 @@ def test_several_images_load_the_models_once_and_go_to_a_folder_under_their_name
     assert main(["edit", str(photo), str(unreadable), str(other), "-o", str(out), "--save-masks", str(masks),
                  *common]) == 2
     err = capsys.readouterr().err
-    assert "error: cannot read" in err and "error: 1 of 3 images not edited (said above): " in err
+    assert "error: cannot read" in err and "error: 1 of 3 edits not done (said above): " in err
     assert {p.name for p in out.iterdir()} == {"photo.png", "other.jpg"} and len(builds) == 2
     assert {p.name for p in masks.iterdir()} == {"photo", "other"}
     assert {p.name for p in (masks / "other").iterdir()} == {f"{name}.png" for name in MASK_OUTPUTS}
@@ -337,6 +337,53 @@ def test_folders_among_the_inputs_are_left_out_and_edits_keep_writable_formats(p
     assert {p.name for p in (tmp_path / "results.v2").iterdir()} == {"photo.png", "icon.png", "thin.png"}
     assert main(["edit", "photo.png", "-o", "single/", *common]) == 0
     assert (tmp_path / "single" / "photo.png").exists()
+
+
+def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_its_number(photo, tmp_path, capsys):
+    """One image edited two ways, a line's seed, steps and action over the command's; the edit equals `zone edit`'s
+    of the same settings; an unreadable image is said and skipped (exit 2)."""
+    Image.open(photo).save(tmp_path / "second.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken" * 10)
+    lines = [{"image": "photo.png", "instruction": "add a hat", "seed": 3},
+             {"image": "photo.png", "instruction": "remove the hat", "output": "sub/removed.webp", "action": "remove"},
+             {"image": "broken.png", "instruction": "add a hat"},
+             {"image": "second.png", "instruction": "add a hat", "steps": 1}]
+    manifest = tmp_path / "edits.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in lines[:2]) + "\n\n"
+                        + "\n".join(json.dumps(line) for line in lines[2:]) + "\n")
+    common = ["--tiny", "--steps", "2", "--no-progress"]
+    assert main(["batch", str(manifest), "-o", str(tmp_path / "out"), "--save-masks", str(tmp_path / "masks"),
+                 *common]) == 2
+    err = capsys.readouterr().err
+    assert "error: line 4 (broken.png): cannot read" in err and "1 of 4 edits not done (said above): line 4" in err
+    assert "line 2 (photo.png): action: remove" in err
+    out = tmp_path / "out"
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.*")) == ["photo.png", "second.png", "sub/removed.webp"]
+    assert {p.name for p in (tmp_path / "masks" / "sub" / "removed").iterdir()} == {f"{m}.png" for m in MASK_OUTPUTS}
+    assert main(["edit", str(photo), "-i", "add a hat", "-o", str(tmp_path / "alone.png"), "--seed", "3",
+                 *common]) == 0
+    assert np.array_equal(np.asarray(Image.open(out / "photo.png")), np.asarray(Image.open(tmp_path / "alone.png")))
+
+
+@pytest.mark.parametrize("line, words", [
+    ('{"image": "photo.png"}', "line 1: no instruction: each line names both"),
+    ('{"image": "photo.png", "instruction": "x", "sed": 3}', "line 1: a line has no field 'sed': did you mean seed?"),
+    ('{"image": "photo.png", "instruction": "x", "steps": "3"}', "line 1: steps must be a whole number"),
+    ('{"image": "photo.png", "instruction": "x", "action": "paint"}', "line 1: unknown action 'paint'"),
+    ('{"image": "photo.png", "instruction": "  "}', "line 1: the instruction is empty"),
+    ('{"image": "gone.png", "instruction": "x"}', "line 1: image not found"),
+    ('{"image": "photo.png", "instruction": "x", "output": "../x.png"}', "must stay inside -o"),
+    ('{"image": "photo.png", "instruction": "x", "output": "x.ico"}', "line 1 (photo.png): cannot write"),
+    ('["photo.png", "x"]', "line 1: a list, not an object such as"),
+    ('{"image": "photo.png"', "line 1: not JSON"),
+    ("", "lists no edit"),
+    ('{"image": "photo.png", "instruction": "x"}\n{"image": "photo.png", "instruction": "y"}',
+     'give each its own "output"'),
+])
+def test_a_batch_line_that_cannot_run_is_refused_before_any_work(photo, tmp_path, capsys, line, words):
+    (tmp_path / "edits.jsonl").write_text(line + "\n")
+    _fails_cleanly(capsys, ["batch", str(tmp_path / "edits.jsonl"), "-o", str(tmp_path / "out"), "--tiny"], words)
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_output_is_written_after_the_masks_so_its_presence_means_the_edit_is_whole(photo, tmp_path,
@@ -1143,8 +1190,9 @@ def test_an_os_error_without_a_path_is_a_bug_and_keeps_its_traceback(monkeypatch
             main(["demo", "--out", "d"])
 
 
-HELP_PAGES = [["zone", *command] for command in ([], ["edit"], ["demo"], ["serve"], ["export"], ["export", "unet"],
-                                                  ["export", "sam"], ["build-engine"], ["bench"], ["profile"])] + [
+HELP_PAGES = [["zone", *command] for command in (
+    [], ["edit"], ["batch"], ["demo"], ["serve"], ["export"], ["export", "unet"], ["export", "sam"], ["build-engine"],
+    ["bench"], ["profile"])] + [
     ["benchmarks", tool] for tool in ("bench_dual_unet", "bench_kernels", "bench_refine", "graph_breaks",
                                       "graph_memory", "load_test")]
 

@@ -50,11 +50,13 @@ from .config import (
     parse_hw,
 )
 from .edit_files import (
+    MANIFEST_EXAMPLE,
     MASK_OUTPUTS,
     check_masks_folder,
     edit_all,
     output_argument,
     plan_jobs,
+    plan_manifest,
     print_summary,
     save_outputs,
     suffix_argument,
@@ -127,6 +129,15 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save-masks", type=folder_argument, metavar="DIR",
                        help="also write mask_b.png, mask_f.png, region.png, styled.png and heatmap.png to DIR")
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _add_many_options(parser: argparse.ArgumentParser, suffix_when: str) -> None:
+    parser.add_argument("--suffix", type=suffix_argument,
+                        help=f"{suffix_when}: the edits' file suffix, which names their format, e.g. .png (default: "
+                        "each input's own where Pillow writes it, else .png)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help=f"how many edits run at once, those of one size denoised as one batch (faster on a GPU; "
+                        f"results equal to one at a time up to float rounding); 1..{MAX_BATCH} (default: 1)")
 
 
 def _add_edit_options(parser: argparse.ArgumentParser) -> None:
@@ -232,15 +243,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where to write the edited image; a folder (created if missing) for several images, or "
                       "one that exists or ends in / for one: each edit keeps its input's file name there (its format "
                       "too, where Pillow writes it; else .png)")
-    edit.add_argument("--suffix", type=suffix_argument,
-                      help="with -o a folder: the edits' file suffix, which names their format, e.g. .png (default: "
-                      "each input's own)")
-    edit.add_argument("--batch-size", type=int, default=1,
-                      help=f"with several images: how many are edited at once, those of one size denoised as one "
-                      f"batch (faster on a GPU; results equal to one at a time up to float rounding); 1..{MAX_BATCH} "
-                      "(default: 1)")
+    _add_many_options(edit, "with -o a folder")
     _add_model_options(edit)
     _add_edit_options(edit)
+
+    batch = commands.add_parser(
+        "batch", help="run the edits a JSON Lines file lists, each its own image and instruction",
+        description="Run every edit MANIFEST lists, the models loaded once: a JSON Lines file, one object a line, "
+        f"such as {MANIFEST_EXAMPLE}. Fields: image (relative to MANIFEST's folder) and instruction, required; "
+        "output (a path inside -o; default: the image's file name), action, steps and seed, each over the options "
+        "below. One image may be edited several ways (give each its own output). Every line is checked before any "
+        "model loads, a mistake said with its line's number.",
+        epilog="Exit codes: 0 every edit done, 2 bad input or setup (one `error:` line says what to do; or some "
+        "edits not done, each said, the others written), 130 interrupted (Ctrl-C), 143 stopped by SIGTERM.",
+    )
+    batch.add_argument("manifest", type=file_argument, metavar="MANIFEST", help="the JSON Lines file of edits")
+    batch.add_argument("-o", "--output", type=output_argument, required=True,
+                       help="the folder the edits go to (created if missing)")
+    _add_many_options(batch, "for an edit without an output")
+    _add_model_options(batch)
+    _add_edit_options(batch)
 
     demo = commands.add_parser(
         "demo", help="run every stage on tiny random models and a built-in image (no checkpoints needed)",
@@ -402,9 +424,16 @@ def run_edit(args: argparse.Namespace) -> None:
     changes = _config_changes(args)
     _check_backend_arguments(args)
     spec = _pipeline_spec(args)
-    jobs = plan_jobs(args)
-    instruction = check_instruction(args.instruction)
-    edit_all(jobs, spec.build, changes, instruction, args.batch_size, not args.no_progress, len(args.image) > 1)
+    jobs = plan_jobs(args, check_instruction(args.instruction))
+    edit_all(jobs, spec.build, changes, args.batch_size, not args.no_progress, several=len(args.image) > 1)
+
+
+def run_batch(args: argparse.Namespace) -> None:
+    changes = _config_changes(args)  # checked before any weights load, as run_edit's
+    _check_backend_arguments(args)
+    spec = _pipeline_spec(args)
+    jobs = plan_manifest(args, changes)
+    edit_all(jobs, spec.build, changes, args.batch_size, not args.no_progress, several=True)
 
 
 DEMO_OUTPUTS = ("input.png", "output.png", "timings.json")  # what zone demo writes in --out besides the masks
@@ -540,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return getattr(importlib.import_module("benchmarks.options"), TOOLS[argv[0]])(argv[1:])
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    commands = {"edit": run_edit, "demo": run_demo, "serve": run_serve, "export": run_export,
+    commands = {"edit": run_edit, "batch": run_batch, "demo": run_demo, "serve": run_serve, "export": run_export,
                 "build-engine": run_build_engine}
     try:
         with contextlib.nullcontext() if args.command == "serve" else terminated_as_interrupt():  # serve: uvicorn's

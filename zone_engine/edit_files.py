@@ -4,6 +4,7 @@ any work, and the loop that reads, edits and writes them, several images at a ti
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -12,8 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .config import MAX_BATCH, EditConfig, command_line_spelling, error_line
-from .errors import ConfigError, InputImageError, OutputError, ZoneError
+from .config import MAX_BATCH, EditConfig, error_line, parse_action
+from .errors import ConfigError, InputImageError, OutputError, ZoneError, a_type, refuse_unknown
 from .paths import check_output_file, check_output_folder, file_argument, print_path
 
 if TYPE_CHECKING:  # imported where used: numpy, and torch with the pipeline, take seconds `zone --help` needs not
@@ -27,11 +28,18 @@ COLOUR_OUTPUTS = ("styled", "heatmap")  # those in the input's colours: they car
 
 
 class EditJob(NamedTuple):
-    """One image of `zone edit`: the file read, the file its edit goes to, the folder of its masks (if asked)."""
+    """One edit of `zone edit` or `zone batch`: the file read, the file its edit goes to, the folder of its masks
+    (if asked), its instruction, the EditConfig fields it sets over the command's, how messages name it."""
 
     image: Path
     output: Path
     masks: Path | None
+    instruction: str
+    changes: tuple[tuple[str, Any], ...] = ()
+    label: str = ""  # "" for the image's path
+
+    def name(self) -> str:
+        return self.label or str(self.image)
 
     def written(self) -> list[Path]:
         return [self.output, *((self.masks / f"{name}.png" for name in MASK_OUTPUTS) if self.masks else ())]
@@ -61,34 +69,119 @@ def suffix_argument(text: str) -> str:
     return suffix
 
 
-def plan_jobs(args: argparse.Namespace) -> list[EditJob]:
-    """Each image's output: -o itself for one image (unless a folder), else its file name in the folder -o; each
-    checked writable, none over an input or another's files."""
+def plan_jobs(args: argparse.Namespace, instruction: str) -> list[EditJob]:
+    """`zone edit`'s: -o itself for one image (unless a folder), else each image's file name in the folder -o;
+    each checked writable, none over an input or another's files."""
     images, (output, said_folder) = args.image, args.output
-    if not 1 <= args.batch_size <= MAX_BATCH:
-        raise ConfigError(f"--batch-size {args.batch_size} must be 1..{MAX_BATCH}")
+    _check_batch_size(args.batch_size)
     if len(images) == 1 and not said_folder and not output.is_dir():
         if args.suffix:
             raise ConfigError(f"--suffix is read when -o is a folder; {output} names the file: write its suffix there")
         check_output_path(output, images[0])
         if args.save_masks:
             check_masks_folder(args.save_masks, {output: "the -o file", images[0]: "the input image"})
-        return [EditJob(images[0], output, args.save_masks)]
+        return [EditJob(images[0], output, args.save_masks, instruction)]
+    _check_folder(output, said_folder, f"with {len(images)} images")
+    jobs = []
+    for image in _image_files(images):
+        name = image.stem + _output_suffix(image, args.suffix)
+        # One image into a folder: its masks where --save-masks says, as for one into a file.
+        masks = _masks_folder(args.save_masks, name) if len(args.image) > 1 else args.save_masks
+        jobs.append(EditJob(image, output / name, masks, instruction))
+    return _checked(jobs, output, repeats=False)
+
+
+def plan_manifest(args: argparse.Namespace, defaults: dict[str, Any]) -> list[EditJob]:
+    """`zone batch`'s: one edit a line of the JSON Lines file `args.manifest`, its image read relative to the
+    file's folder, its edit written under its "output" name (default: the image's) in the folder -o. Every line
+    checked before any work (`defaults`: the command's EditConfig fields, each line's own over them), a mistake
+    said with the line's number."""
+    output, said_folder = args.output
+    _check_batch_size(args.batch_size)
+    _check_folder(output, said_folder, "for a batch")
+    try:
+        lines = args.manifest.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise ConfigError(f"cannot read the list of edits {args.manifest}: {reason}") from None
+    jobs = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            where = f"{args.manifest} line {number}"
+            try:
+                jobs.append(_manifest_job(json.loads(line), args, defaults, f"line {number}"))
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"{where}: not JSON ({error.msg}, column {error.colno}); each line is one object "
+                                  f"such as {MANIFEST_EXAMPLE}") from None
+            except ZoneError as error:
+                raise type(error)(f"{where}: {error}") from None
+    if not jobs:
+        raise ConfigError(f"{args.manifest} lists no edit: write one JSON object a line, such as {MANIFEST_EXAMPLE}")
+    return _checked(jobs, output, repeats=True)
+
+
+MANIFEST_FIELDS = ("image", "instruction", "output", "action", "steps", "seed")
+MANIFEST_EXAMPLE = '{"image": "dog.jpg", "instruction": "make the dog a golden statue", "seed": 7}'
+
+
+def _manifest_job(entry: object, args: argparse.Namespace, defaults: dict[str, Any], line: str) -> EditJob:
+    from .instruction import check_instruction
+
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{a_type(entry)}, not an object such as {MANIFEST_EXAMPLE}")
+    refuse_unknown("a line", entry, MANIFEST_FIELDS, noun="field")
+    missing = [name for name in ("image", "instruction") if name not in entry]
+    if missing:
+        raise ConfigError(f"no {' and no '.join(missing)}: each line names both, such as {MANIFEST_EXAMPLE}")
+    image = args.manifest.parent / _path_field(entry["image"], "image")  # an absolute one as it is
+    if not image.exists():
+        raise InputImageError(f"image not found: {image} (nothing was edited)")
+    changes = {name: entry[name] for name in ("steps", "seed") if name in entry}
+    if "action" in entry:
+        changes["action"] = parse_action(entry["action"])
+    EditConfig(**{**defaults, **changes})  # each field's mistake said now, not after the edits before it
+    name = _path_field(entry.get("output", image.stem + _output_suffix(image, args.suffix)), "output")
+    return EditJob(image, args.output.path / name, _masks_folder(args.save_masks, name),
+                   check_instruction(entry["instruction"]), tuple(changes.items()), f"{line} ({entry['image']})")
+
+
+def _path_field(value: object, field: str) -> str:
+    """A path a manifest gives: text; an output's relative and without `..` (it stays inside -o)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{field} must be a path (text), got {value!r}")
+    if field == "output" and (Path(value).is_absolute() or ".." in Path(value).parts):
+        raise ConfigError(f"output {value!r} must stay inside -o: a relative path without ..")
+    return value
+
+
+def _masks_folder(save_masks: Path | None, name: str) -> Path | None:
+    """Where --save-masks puts the masks of the edit written as `name`: a folder of that name less its suffix."""
+    return save_masks / Path(name).with_suffix("") if save_masks else None
+
+
+def _check_batch_size(size: int) -> None:
+    if not 1 <= size <= MAX_BATCH:
+        raise ConfigError(f"--batch-size {size} must be 1..{MAX_BATCH}")
+
+
+def _check_folder(output: Path, said_folder: bool, why: str) -> None:
     if output.suffix and not said_folder and not output.is_dir():
-        raise OutputError(f"-o {output}: with {len(images)} images -o names the folder their edits go to, each "
-                          f"under its input's file name; give a folder, such as edited/ ({output}/ if its name is "
-                          "to have a dot)")
-    images = _image_files(images)
-    several = len(args.image) > 1
-    jobs = [EditJob(image, output / (image.stem + _output_suffix(image, args.suffix)),
-                    args.save_masks / image.stem if args.save_masks and several else args.save_masks)
-            for image in images]
-    _check_no_clash(jobs)
-    check_output_folder(output, "-o", [job.output.name for job in jobs])
+        raise OutputError(f"-o {output}: {why} -o names the folder the edits go to, each under its input's file "
+                          f"name; give a folder, such as edited/ ({output}/ if its name is to have a dot)")
+
+
+def _checked(jobs: list[EditJob], output: Path, repeats: bool) -> list[EditJob]:
+    """`jobs`, once no file of one is written over an input or another's (`_check_no_clash`) and every one can
+    be written (format, folders, permissions)."""
+    _check_no_clash(jobs, repeats)
+    check_output_folder(output, "-o", [str(job.output.relative_to(output)) for job in jobs])
     for job in jobs:
-        check_output_path(job.output, job.image)
-        if job.masks:
-            check_output_folder(job.masks, "--save-masks", [path.name for path in job.written()[1:]])
+        try:
+            check_output_path(job.output, job.image)
+            if job.masks:
+                check_output_folder(job.masks, "--save-masks", [path.name for path in job.written()[1:]])
+        except ZoneError as error:  # a batch's line named: its output is one of many
+            raise type(error)(f"{job.label}: {error}" if job.label else str(error)) from None
     return jobs
 
 
@@ -119,12 +212,13 @@ def _output_suffix(image: Path, suffix: str | None) -> str:
     return image.suffix
 
 
-def _check_no_clash(jobs: Sequence[EditJob]) -> None:
-    """OutputError for an image given twice, a file written over an input, one written for two images, or one
-    where another's files need a folder; paths compared with their links resolved."""
+def _check_no_clash(jobs: Sequence[EditJob], repeats: bool) -> None:
+    """OutputError for an image given twice (unless `repeats`: a batch may edit one image several ways), a file
+    written over an input, one written for two edits, or one where another's files need a folder; paths compared
+    with their links resolved."""
     inputs: dict[str, Path] = {}
     for job in jobs:
-        if (key := os.path.realpath(job.image)) in inputs:
+        if (key := os.path.realpath(job.image)) in inputs and not repeats:
             also = f" (also as {inputs[key]})" if inputs[key] != job.image else ""
             raise OutputError(f"{job.image} is given twice{also}: give each image once")
         inputs[key] = job.image
@@ -138,9 +232,9 @@ def _check_no_clash(jobs: Sequence[EditJob]) -> None:
                 raise OutputError(f"{path}, written for {job.image}, is the input {inputs[key]}: it would be "
                                   "overwritten; choose another -o or --save-masks")
             if key in written:
-                raise OutputError(f"{path} would be written for both {written[key]} and {job.image}: edit them in "
-                                  "separate runs, or rename one")
-            written[key] = job.image
+                raise OutputError(f"{path} would be written for both {written[key]} and {job.name()}: edit them in "
+                                  "separate runs, or rename one (in a batch: give each its own \"output\")")
+            written[key] = job.name()
     folders = {str(parent) for key in written for parent in Path(key).parents}
     if both := sorted(folders & written.keys()):
         raise OutputError(f"{both[0]} would be a file written for {written[both[0]]} and a folder of other files "
@@ -178,13 +272,14 @@ def same_file(path: Path, other: Path) -> bool:
         return False
 
 
-def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes: dict[str, Any], instruction: str,
-             batch_size: int, progress: bool, several: bool) -> None:
+def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes: dict[str, Any], batch_size: int,
+             progress: bool, several: bool) -> None:
     """Edit every job, `batch_size` at a time, with the pipeline `build` makes (called once the first batch is read:
-    a bad image is said in seconds, before the weights load). One image (not `several`): its error is the
-    command's. Several: an image that fails is said, the others go on, and a ZoneError lists those not edited."""
+    a bad image is said in seconds, before the weights load) and the EditConfig fields `changes` (each job's own
+    over them). One edit (not `several`): its error is the command's. Several: an edit that fails is said, the
+    others go on, and a ZoneError lists those not edited."""
     chunks = [jobs[start:start + batch_size] for start in range(0, len(jobs), batch_size)]
-    failed: list[Path] | None = [] if several else None
+    failed: list[str] | None = [] if several else None
     first = _load_jobs(chunks[0], failed, 0, len(jobs))
     if failed and len(failed) == len(jobs):
         raise ZoneError(f"none of the {len(jobs)} images could be read (said above)")  # no model to load for them
@@ -192,19 +287,18 @@ def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes
     config = pipe.default_config.replace(**changes)
     for index, chunk in enumerate(chunks):
         loaded = first if index == 0 else _load_jobs(chunk, failed, index * batch_size, len(jobs))
-        _edit_loaded(pipe, loaded, instruction, config, progress, failed)
+        _edit_loaded(pipe, loaded, config, progress, failed)
     if failed:
-        raise ZoneError(f"{len(failed)} of {len(jobs)} images not edited (said above): "
-                        f"{', '.join(map(str, failed))}")
+        raise ZoneError(f"{len(failed)} of {len(jobs)} edits not done (said above): {', '.join(failed)}")
 
 
-def _load_jobs(chunk: Sequence[EditJob], failed: list[Path] | None, done: int, total: int) -> list[LoadedJob]:
+def _load_jobs(chunk: Sequence[EditJob], failed: list[str] | None, done: int, total: int) -> list[LoadedJob]:
     """The chunk's images read, each checked to fit its output's format. One that fails raises, or with `failed`
     is said, added to it, and left out. With several images, a line first says which these are."""
     from .image_io import check_output_size, colour_profile, load_image, output_notes
 
     if failed is not None:
-        print(f"[{done + 1}/{total}] {', '.join(str(job.image) for job in chunk)}", file=sys.stderr)
+        print(f"[{done + 1}/{total}] {', '.join(job.name() for job in chunk)}", file=sys.stderr)
     loaded = []
     for job in chunk:
         try:
@@ -213,8 +307,8 @@ def _load_jobs(chunk: Sequence[EditJob], failed: list[Path] | None, done: int, t
         except ZoneError as error:
             if failed is None:
                 raise
-            print(error_line(error), file=sys.stderr)
-            failed.append(job.image)
+            print(error_line(f"{job.label}: {error}" if job.label else error), file=sys.stderr)  # it names the file
+            failed.append(job.name())
             continue
         for note in output_notes(job.output, profile):
             print(f"warning: {note}", file=sys.stderr)
@@ -222,32 +316,33 @@ def _load_jobs(chunk: Sequence[EditJob], failed: list[Path] | None, done: int, t
     return loaded
 
 
-def _edit_loaded(pipe: ZonePipeline, loaded: Sequence[LoadedJob], instruction: str, config: EditConfig, progress: bool,
-                 failed: list[Path] | None) -> None:
+def _edit_loaded(pipe: ZonePipeline, loaded: Sequence[LoadedJob], config: EditConfig, progress: bool,
+                 failed: list[str] | None) -> None:
     """Edit the loaded images (those of one size as one batch) and write each edit, its masks first; an edit that
     fails as `_load_jobs` says. With several images, an edit's warnings are said with its image's name."""
     from .errors import EditWarning
     from .image_io import save_image
     from .pipeline import EditRequest
 
-    requests = [EditRequest(item.pixels, instruction, config) for item in loaded]
+    requests = [EditRequest(item.pixels, item.job.instruction, config.replace(**dict(item.job.changes)))
+                for item in loaded]
     with warnings.catch_warnings():
         if failed is not None:  # said below, each with its image's name (a batch's would name none)
             warnings.simplefilter("ignore", EditWarning)
         results = pipe.edit_batch(requests, progress=progress, return_exceptions=failed is not None)
     for item, result in zip(loaded, results, strict=True):
         if isinstance(result, ZoneError) and failed is not None:
-            print(f"error: {item.job.image}: {command_line_spelling(str(result))}", file=sys.stderr)
-            failed.append(item.job.image)
+            print(error_line(f"{item.job.name()}: {result}"), file=sys.stderr)
+            failed.append(item.job.name())
             continue
         if isinstance(result, Exception):  # not the user's: a bug, its traceback kept
             raise result
         for note in result.notes if failed is not None else ():
-            print(f"warning: {item.job.image}: {note}", file=sys.stderr)
+            print(f"warning: {item.job.name()}: {note}", file=sys.stderr)
         if item.job.masks:  # before the edit, so that a finished edit means every file of it is there
             save_outputs(result, item.job.masks, MASK_OUTPUTS, item.profile)
         save_image(result.image, item.job.output, icc_profile=item.profile)
-        print_summary(result, item.job.image if failed is not None else None)
+        print_summary(result, item.job.name() if failed is not None else None)
         print_path(item.job.output)
 
 
@@ -259,9 +354,9 @@ def save_outputs(result: EditResult, folder: Path, names: Sequence[str], icc_pro
                    icc_profile=icc_profile if name in COLOUR_OUTPUTS else None)
 
 
-def print_summary(result: EditResult, image: Path | None = None) -> None:
+def print_summary(result: EditResult, name: str | None = None) -> None:
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-    named = f"{image}: " if image is not None else ""
+    named = f"{name}: " if name is not None else ""
     print(f"{named}action: {result.action.value}; edited pixels: {int(result.region.sum())}; {stages}",
           file=sys.stderr)
     if result.used_fallback:
