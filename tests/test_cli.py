@@ -248,6 +248,9 @@ def test_several_images_load_the_models_once_and_go_to_a_folder_under_their_name
     batched = np.asarray(Image.open(tmp_path / "batched" / "photo.png")).astype(int)
     assert np.abs(batched - np.asarray(Image.open(alone))).mean() < 0.5
     assert (tmp_path / "batched" / "other.png").exists()
+    capsys.readouterr()
+    assert main(["edit", str(other), str(photo), "-o", str(tmp_path / "jpegs"), "--suffix", "jpg", *common]) == 0
+    assert capsys.readouterr().err.count("JPEG is lossy") == 1  # said once for the run, not once an image
 
 
 def _counted(build, calls: list):

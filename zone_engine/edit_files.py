@@ -10,6 +10,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -279,39 +280,51 @@ def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes
     over them). One edit (not `several`): its error is the command's. Several: an edit that fails is said, the
     others go on, and a ZoneError lists those not edited."""
     chunks = [jobs[start:start + batch_size] for start in range(0, len(jobs), batch_size)]
-    failed: list[str] | None = [] if several else None
-    first = _load_jobs(chunks[0], failed, 0, len(jobs))
-    if failed and len(failed) == len(jobs):
+    run = _Run(len(jobs), [] if several else None)
+    first = _load_jobs(chunks[0], 0, run)
+    if run.failed and len(run.failed) == len(jobs):
         raise ZoneError(f"none of the {len(jobs)} images could be read (said above)")  # no model to load for them
     pipe = build()
     config = pipe.default_config.replace(**changes)
     for index, chunk in enumerate(chunks):
-        loaded = first if index == 0 else _load_jobs(chunk, failed, index * batch_size, len(jobs))
-        _edit_loaded(pipe, loaded, config, progress, failed)
-    if failed:
-        raise ZoneError(f"{len(failed)} of {len(jobs)} edits not done (said above): {', '.join(failed)}")
+        loaded = first if index == 0 else _load_jobs(chunk, index * batch_size, run)
+        _edit_loaded(pipe, loaded, config, progress, run.failed)
+    if run.failed:
+        raise ZoneError(f"{len(run.failed)} of {len(jobs)} edits not done (said above): {', '.join(run.failed)}")
 
 
-def _load_jobs(chunk: Sequence[EditJob], failed: list[str] | None, done: int, total: int) -> list[LoadedJob]:
-    """The chunk's images read, each checked to fit its output's format. One that fails raises, or with `failed`
-    is said, added to it, and left out. With several images, a line first says which these are."""
+@dataclass
+class _Run:
+    """What `edit_all` keeps across its batches."""
+
+    total: int  # edits in all
+    failed: list[str] | None  # the edits that failed, by name; None: one edit, whose error is the command's
+    said: set[str] = field(default_factory=set)  # the output warnings said, less their paths: once each in a run
+
+
+def _load_jobs(chunk: Sequence[EditJob], done: int, run: _Run) -> list[LoadedJob]:
+    """The chunk's images read, each checked to fit its output's format. One that fails raises, or with
+    `run.failed` is said, added to it, and left out. With several edits, a line first says which these are."""
     from .image_io import check_output_size, colour_profile, load_image, output_notes
 
-    if failed is not None:
-        print(f"[{done + 1}/{total}] {', '.join(job.name() for job in chunk)}", file=sys.stderr)
+    if run.failed is not None:
+        print(f"[{done + 1}/{run.total}] {', '.join(job.name() for job in chunk)}", file=sys.stderr)
     loaded = []
     for job in chunk:
         try:
             pixels, profile = load_image(job.image), colour_profile(job.image)
             check_output_size(job.output, *pixels.shape[:2])
         except ZoneError as error:
-            if failed is None:
+            if run.failed is None:
                 raise
             print(error_line(f"{job.label}: {error}" if job.label else error), file=sys.stderr)  # it names the file
-            failed.append(job.name())
+            run.failed.append(job.name())
             continue
         for note in output_notes(job.output, profile):
-            print(f"warning: {note}", file=sys.stderr)
+            if (kind := note.replace(str(job.output), "")) not in run.said:  # 80 JPEGs: one lossy warning
+                run.said.add(kind)
+                more = " (said once for every such edit)" if run.failed is not None else ""
+                print(f"warning: {note}{more}", file=sys.stderr)
         loaded.append(LoadedJob(job, pixels, profile))
     return loaded
 
