@@ -533,9 +533,15 @@ def test_baseline_gives_the_engines_masks_and_image(pipe, baseline, action, thre
     # same fp32 function with other rounding, so a pixel may land one uint8 level apart where the
     # value straddles a .5 boundary (the engine's own parity test with diffusers allows the same).
     assert np.abs(engine.styled.astype(int) - reference.styled.astype(int)).max() <= 1
-    assert np.abs(engine.image.astype(int) - reference.image.astype(int)).max() <= 1
-    assert np.array_equal(engine.mask_f, reference.mask_f)
-    assert np.array_equal(engine.region, reference.region)
+    # Such a level may tip one of SAM's thresholds (README, "Batching never changes a result"): M_f and R then
+    # differ by a pixel or a few, and the output there. Seen at 64x128, seed 7, on a 2-core AMD EPYC with 2
+    # threads: one pixel of M_f, the output 35 levels apart there; the other CPUs here gave identical masks.
+    tipped = (engine.mask_f != reference.mask_f) | (engine.region != reference.region)
+    assert tipped.sum() <= 4
+    near_tipped = np.pad(tipped, 1)
+    near_tipped = np.any([near_tipped[1 + dy:1 + dy + tipped.shape[0], 1 + dx:1 + dx + tipped.shape[1]]
+                          for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+    assert np.abs(engine.image.astype(int) - reference.image.astype(int))[~near_tipped].max() <= 1
     assert engine.used_fallback == reference.used_fallback
 
 
