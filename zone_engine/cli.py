@@ -50,19 +50,20 @@ from .config import (
     parse_hw,
 )
 from .edit_files import (
-    MANIFEST_EXAMPLE,
     MASK_OUTPUTS,
+    EditJob,
     check_masks_folder,
     edit_all,
     output_argument,
     plan_jobs,
-    plan_manifest,
     print_summary,
     save_outputs,
     suffix_argument,
 )
 from .errors import ConfigError, ZoneError, nearest
 from .instruction import check_instruction
+from .manifest import EXAMPLE as MANIFEST_EXAMPLE
+from .manifest import plan_manifest
 from .paths import check_output_folder, file_argument, folder_argument, print_path, written_atomically
 from .serving.settings import ServeSettings
 
@@ -135,6 +136,9 @@ def _add_many_options(parser: argparse.ArgumentParser, suffix_when: str) -> None
     parser.add_argument("--suffix", type=suffix_argument,
                         help=f"{suffix_when}: the edits' file suffix, which names their format, e.g. .png (default: "
                         "each input's own where Pillow writes it, else .png)")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="leave out the edits whose output file is there already, as after an interrupted run "
+                        "(an edit's output is written last, whole, so it being there means the edit is done)")
     parser.add_argument("--batch-size", type=int, default=1,
                         help=f"how many edits run at once, those of one size denoised as one batch (faster on a GPU; "
                         f"results equal to one at a time up to float rounding); 1..{MAX_BATCH} (default: 1)")
@@ -425,7 +429,8 @@ def run_edit(args: argparse.Namespace) -> None:
     _check_backend_arguments(args)
     spec = _pipeline_spec(args)
     jobs = plan_jobs(args, check_instruction(args.instruction))
-    edit_all(jobs, spec.build, changes, args.batch_size, not args.no_progress, several=len(args.image) > 1)
+    edit_all(_not_done(jobs, args.skip_existing), spec.build, changes, args.batch_size, not args.no_progress,
+             several=len(args.image) > 1)
 
 
 def run_batch(args: argparse.Namespace) -> None:
@@ -433,7 +438,19 @@ def run_batch(args: argparse.Namespace) -> None:
     _check_backend_arguments(args)
     spec = _pipeline_spec(args)
     jobs = plan_manifest(args, changes)
-    edit_all(jobs, spec.build, changes, args.batch_size, not args.no_progress, several=True)
+    edit_all(_not_done(jobs, args.skip_existing), spec.build, changes, args.batch_size, not args.no_progress,
+             several=True)
+
+
+def _not_done(jobs: list[EditJob], skip_existing: bool) -> list[EditJob]:
+    """The jobs, less (with --skip-existing) those whose output is there, said in a line."""
+    if not skip_existing:
+        return jobs
+    left = [job for job in jobs if not job.output.exists()]
+    if len(left) < len(jobs):
+        print(f"--skip-existing: {len(jobs) - len(left)} of {len(jobs)} edits left out, their outputs there",
+              file=sys.stderr)
+    return left
 
 
 DEMO_OUTPUTS = ("input.png", "output.png", "timings.json")  # what zone demo writes in --out besides the masks

@@ -4,7 +4,6 @@ any work, and the loop that reads, edits and writes them, several images at a ti
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -14,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .config import MAX_BATCH, EditConfig, error_line, parse_action
-from .errors import ConfigError, InputImageError, OutputError, ZoneError, a_type, refuse_unknown
+from .config import MAX_BATCH, EditConfig, error_line
+from .errors import ConfigError, InputImageError, OutputError, ZoneError
 from .paths import check_output_file, check_output_folder, file_argument, print_path
 
 if TYPE_CHECKING:  # imported where used: numpy, and torch with the pipeline, take seconds `zone --help` needs not
@@ -74,7 +73,7 @@ def plan_jobs(args: argparse.Namespace, instruction: str) -> list[EditJob]:
     """`zone edit`'s: -o itself for one image (unless a folder), else each image's file name in the folder -o;
     each checked writable, none over an input or another's files."""
     images, (output, said_folder) = args.image, args.output
-    _check_batch_size(args.batch_size)
+    check_batch_size(args.batch_size)
     if len(images) == 1 and not said_folder and not output.is_dir():
         if args.suffix:
             raise ConfigError(f"--suffix is read when -o is a folder; {output} names the file: write its suffix there")
@@ -82,96 +81,33 @@ def plan_jobs(args: argparse.Namespace, instruction: str) -> list[EditJob]:
         if args.save_masks:
             check_masks_folder(args.save_masks, {output: "the -o file", images[0]: "the input image"})
         return [EditJob(images[0], output, args.save_masks, instruction)]
-    _check_folder(output, said_folder, f"with {len(images)} images")
+    check_folder_output(output, said_folder, f"with {len(images)} images")
     jobs = []
     for image in _image_files(images):
-        name = image.stem + _output_suffix(image, args.suffix)
+        name = image.stem + output_suffix(image, args.suffix)
         # One image into a folder: its masks where --save-masks says, as for one into a file.
-        masks = _masks_folder(args.save_masks, name) if len(args.image) > 1 else args.save_masks
+        masks = masks_folder_of(args.save_masks, name) if len(args.image) > 1 else args.save_masks
         jobs.append(EditJob(image, output / name, masks, instruction))
-    return _checked(jobs, output, repeats=False)
+    return checked_jobs(jobs, output, repeats=False)
 
 
-def plan_manifest(args: argparse.Namespace, defaults: dict[str, Any]) -> list[EditJob]:
-    """`zone batch`'s: one edit a line of the JSON Lines file `args.manifest`, its image read relative to the
-    file's folder, its edit written under its "output" name (default: the image's) in the folder -o. Every line
-    checked before any work (`defaults`: the command's EditConfig fields, each line's own over them), a mistake
-    said with the line's number."""
-    output, said_folder = args.output
-    _check_batch_size(args.batch_size)
-    _check_folder(output, said_folder, "for a batch")
-    try:
-        lines = args.manifest.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
-        raise ConfigError(f"cannot read the list of edits {args.manifest}: {reason}") from None
-    jobs = []
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            where = f"{args.manifest} line {number}"
-            try:
-                jobs.append(_manifest_job(json.loads(line), args, defaults, f"line {number}"))
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"{where}: not JSON ({error.msg}, column {error.colno}); each line is one object "
-                                  f"such as {MANIFEST_EXAMPLE}") from None
-            except ZoneError as error:
-                raise type(error)(f"{where}: {error}") from None
-    if not jobs:
-        raise ConfigError(f"{args.manifest} lists no edit: write one JSON object a line, such as {MANIFEST_EXAMPLE}")
-    return _checked(jobs, output, repeats=True)
-
-
-MANIFEST_FIELDS = ("image", "instruction", "output", "action", "steps", "seed")
-MANIFEST_EXAMPLE = '{"image": "dog.jpg", "instruction": "make the dog a golden statue", "seed": 7}'
-
-
-def _manifest_job(entry: object, args: argparse.Namespace, defaults: dict[str, Any], line: str) -> EditJob:
-    from .instruction import check_instruction
-
-    if not isinstance(entry, dict):
-        raise ConfigError(f"{a_type(entry)}, not an object such as {MANIFEST_EXAMPLE}")
-    refuse_unknown("a line", entry, MANIFEST_FIELDS, noun="field")
-    missing = [name for name in ("image", "instruction") if name not in entry]
-    if missing:
-        raise ConfigError(f"no {' and no '.join(missing)}: each line names both, such as {MANIFEST_EXAMPLE}")
-    image = args.manifest.parent / _path_field(entry["image"], "image")  # an absolute one as it is
-    if not image.exists():
-        raise InputImageError(f"image not found: {image} (nothing was edited)")
-    changes = {name: entry[name] for name in ("steps", "seed") if name in entry}
-    if "action" in entry:
-        changes["action"] = parse_action(entry["action"])
-    EditConfig(**{**defaults, **changes})  # each field's mistake said now, not after the edits before it
-    name = _path_field(entry.get("output", image.stem + _output_suffix(image, args.suffix)), "output")
-    return EditJob(image, args.output.path / name, _masks_folder(args.save_masks, name),
-                   check_instruction(entry["instruction"]), tuple(changes.items()), f"{line} ({entry['image']})")
-
-
-def _path_field(value: object, field: str) -> str:
-    """A path a manifest gives: text; an output's relative and without `..` (it stays inside -o)."""
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{field} must be a path (text), got {value!r}")
-    if field == "output" and (Path(value).is_absolute() or ".." in Path(value).parts):
-        raise ConfigError(f"output {value!r} must stay inside -o: a relative path without ..")
-    return value
-
-
-def _masks_folder(save_masks: Path | None, name: str) -> Path | None:
+def masks_folder_of(save_masks: Path | None, name: str) -> Path | None:
     """Where --save-masks puts the masks of the edit written as `name`: a folder of that name less its suffix."""
     return save_masks / Path(name).with_suffix("") if save_masks else None
 
 
-def _check_batch_size(size: int) -> None:
+def check_batch_size(size: int) -> None:
     if not 1 <= size <= MAX_BATCH:
         raise ConfigError(f"--batch-size {size} must be 1..{MAX_BATCH}")
 
 
-def _check_folder(output: Path, said_folder: bool, why: str) -> None:
+def check_folder_output(output: Path, said_folder: bool, why: str) -> None:
     if output.suffix and not said_folder and not output.is_dir():
         raise OutputError(f"-o {output}: {why} -o names the folder the edits go to, each under its input's file "
                           f"name; give a folder, such as edited/ ({output}/ if its name is to have a dot)")
 
 
-def _checked(jobs: list[EditJob], output: Path, repeats: bool) -> list[EditJob]:
+def checked_jobs(jobs: list[EditJob], output: Path, repeats: bool) -> list[EditJob]:
     """`jobs`, once no file of one is written over an input or another's (`_check_no_clash`) and every one can
     be written (format, folders, permissions)."""
     _check_no_clash(jobs, repeats)
@@ -200,7 +136,7 @@ def _image_files(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
-def _output_suffix(image: Path, suffix: str | None) -> str:
+def output_suffix(image: Path, suffix: str | None) -> str:
     """--suffix, else the input's own where Pillow writes its format (not an icon's, scaled), else .png."""
     from .image_io import check_output_format
 
@@ -223,23 +159,26 @@ def _check_no_clash(jobs: Sequence[EditJob], repeats: bool) -> None:
             also = f" (also as {inputs[key]})" if inputs[key] != job.image else ""
             raise OutputError(f"{job.image} is given twice{also}: give each image once")
         inputs[key] = job.image
-    written: dict[str, Path] = {}  # each file written, resolved: the image it is written for
+    # A batch's edit is renamed by its "output" (its masks' folder too); another command's by its image's name.
+    rename = 'give it another "output"' if jobs[0].label else "rename that image"
+    written: dict[str, tuple[Path, str]] = {}  # each file written, resolved: as given, and the edit it is of
     for job in jobs:
         for path in job.written():
             if (key := os.path.realpath(path)) in inputs:
                 if inputs[key] == job.image:
-                    raise OutputError(f"the edit of {job.image} would go to {path}, over the input itself: choose "
-                                      "another -o (or --suffix)")
-                raise OutputError(f"{path}, written for {job.image}, is the input {inputs[key]}: it would be "
+                    raise OutputError(f"the edit of {job.name()} would go to {path}, over the input itself: choose "
+                                      f"another -o, or --suffix, or {rename}")
+                raise OutputError(f"{path}, written for {job.name()}, is the input {inputs[key]}: it would be "
                                   "overwritten; choose another -o or --save-masks")
             if key in written:
-                raise OutputError(f"{path} would be written for both {written[key]} and {job.name()}: edit them in "
-                                  "separate runs, or rename one (in a batch: give each its own \"output\")")
-            written[key] = job.name()
+                raise OutputError(f"{path} would be written for both {written[key][1]} and {job.name()}: edit them in "
+                                  f"separate runs, or {rename}")
+            written[key] = path, job.name()
     folders = {str(parent) for key in written for parent in Path(key).parents}
     if both := sorted(folders & written.keys()):
-        raise OutputError(f"{both[0]} would be a file written for {written[both[0]]} and a folder of other files "
-                          "written: choose another -o or --save-masks, or rename that image")
+        path, name = written[both[0]]
+        raise OutputError(f"{path} would be a file written for {name} and a folder of other files written: choose "
+                          f"another -o or --save-masks, or {rename}")
 
 
 def check_output_path(path: Path, image: Path) -> None:
@@ -278,12 +217,14 @@ def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes
     """Edit every job, `batch_size` at a time, with the pipeline `build` makes (called once the first batch is read:
     a bad image is said in seconds, before the weights load) and the EditConfig fields `changes` (each job's own
     over them). One edit (not `several`): its error is the command's. Several: an edit that fails is said, the
-    others go on, and a ZoneError lists those not edited."""
+    others go on, and a ZoneError lists those not edited. No job: nothing loads."""
+    if not jobs:
+        return
     chunks = [jobs[start:start + batch_size] for start in range(0, len(jobs), batch_size)]
     run = _Run(len(jobs), [] if several else None)
     first = _load_jobs(chunks[0], 0, run)
     if run.failed and len(run.failed) == len(jobs):
-        raise ZoneError(f"none of the {len(jobs)} images could be read (said above)")  # no model to load for them
+        raise ZoneError("no image could be read (said above): nothing was edited")  # no model to load for them
     pipe = build()
     config = pipe.default_config.replace(**changes)
     for index, chunk in enumerate(chunks):

@@ -1,0 +1,130 @@
+"""`zone batch`'s list of edits: a JSON Lines file, one object a line, each line read into an EditJob and every
+mistake said with its line's number before any model loads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import EditConfig, parse_action
+from .edit_files import EditJob, check_batch_size, check_folder_output, checked_jobs, masks_folder_of, output_suffix
+from .errors import ConfigError, InputImageError, ZoneError, refuse_unknown
+from .instruction import check_instruction
+from .paths import name_problem
+
+FIELDS = ("image", "instruction", "output", "action", "steps", "seed")
+EXAMPLE = '{"image": "dog.jpg", "instruction": "make the dog a golden statue", "seed": 7}'
+STDIN = "-"
+LONGEST_SAID = 2000  # characters of a message: a line's value can be megabytes
+
+
+def plan_manifest(args: argparse.Namespace, defaults: dict[str, Any]) -> list[EditJob]:
+    """One edit a line of `args.manifest` (`-`: standard input), its image read relative to the file's folder (the
+    current one for standard input or a pipe), its edit written under its "output" name (default: the image's) in
+    the folder -o. `defaults`: the command's EditConfig fields, each line's own over them."""
+    output, said_folder = args.output
+    check_batch_size(args.batch_size)
+    check_folder_output(output, said_folder, "for a batch")
+    source = str(args.manifest)
+    root = Path.cwd() if source == STDIN or source.startswith(("/dev/", "/proc/")) else args.manifest.parent
+    jobs = []
+    for number, line in enumerate(_lines(args.manifest), 1):
+        if line.strip():
+            try:
+                jobs.append(_job(_parsed(line), args, defaults, root, f"line {number}"))
+            except ZoneError as error:
+                said = str(error) if len(str(error)) <= LONGEST_SAID else f"{str(error)[:LONGEST_SAID]}..."
+                raise type(error)(f"{source} line {number}: {said}") from None
+    if not jobs:
+        raise ConfigError(f"{source} lists no edit: write one JSON object a line, such as {EXAMPLE}")
+    return checked_jobs(jobs, output, repeats=True)
+
+
+def _lines(manifest: Path) -> list[str]:
+    """The file's lines, split at line feeds only: a JSON string may hold U+2028 and the like unescaped, where
+    str.splitlines would cut it. A byte-order mark (some Windows editors write one) is dropped."""
+    try:
+        text = sys.stdin.read() if str(manifest) == STDIN else manifest.read_bytes().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise ConfigError(f"cannot read the list of edits {manifest}: {reason}") from None
+    return text.split("\n")
+
+
+def _parsed(line: str) -> dict[str, Any]:
+    try:
+        entry = json.loads(line, object_pairs_hook=_without_repeats)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, a number past Python's 4300 digits, nesting
+        detail = f"{error.msg}, column {error.colno}" if isinstance(error, json.JSONDecodeError) else error
+        raise ConfigError(f"not JSON ({detail}); each line is one object such as {EXAMPLE}") from None
+    if not isinstance(entry, dict):
+        hint = " (a JSON array of edits is written one object a line: JSON Lines)" if isinstance(entry, list) else ""
+        raise ConfigError(f"{_json_kind(entry)}, not an object such as {EXAMPLE}{hint}")
+    return entry
+
+
+def _without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, a field given twice refused (json keeps the last, silently)."""
+    entry: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in entry:
+            raise ConfigError(f"the field {name!r} is given twice")
+        entry[name] = value
+    return entry
+
+
+def _job(entry: dict[str, Any], args: argparse.Namespace, defaults: dict[str, Any], root: Path, line: str) -> EditJob:
+    refuse_unknown("a line", entry, FIELDS, noun="field")
+    if missing := [name for name in ("image", "instruction") if name not in entry]:
+        raise ConfigError(f"no {' and no '.join(missing)}: each line names both, such as {EXAMPLE}")
+    if nulls := [name for name, value in entry.items() if value is None]:
+        raise ConfigError(f"{', '.join(nulls)}: null; leave a field out for the command's value")
+    image = root / _path(entry["image"], "image")  # an absolute one as it is
+    _check_image(image)
+    changes = {name: entry[name] for name in ("steps", "seed") if name in entry}
+    if "action" in entry:
+        if entry["action"] == "":
+            raise ConfigError('action "": write auto (classify), add, change or remove, or leave it out')
+        changes["action"] = parse_action(entry["action"])
+    EditConfig(**{**defaults, **changes})  # each field's mistake said now, not after the edits before it
+    name = _path(entry.get("output", image.stem + output_suffix(image, args.suffix)), "output")
+    return EditJob(image, args.output.path / name, masks_folder_of(args.save_masks, name),
+                   check_instruction(entry["instruction"]), tuple(changes.items()), f"{line} ({entry['image']})")
+
+
+def _path(value: object, field: str) -> str:
+    """A path a line gives: a string a file system can hold; an output's relative and without `..` (it stays
+    inside -o)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{field} must be a path, a string, not {_json_kind(value)}")
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:  # a lone surrogate (\ud800): no file name holds it
+        raise ConfigError(f"{field} {value!r} holds a character no file name can (a lone surrogate)") from None
+    if "\0" in value:
+        raise ConfigError(f"{field} {value!r} holds a NUL character, which no file name can")
+    if field == "output" and (Path(value).is_absolute() or ".." in Path(value).parts):
+        raise ConfigError(f"output {value!r} must stay inside -o: a relative path without ..")
+    return value
+
+
+def _check_image(image: Path) -> None:
+    """A line's image there as a file (a typo or a folder said before any work; its bytes are read later)."""
+    if problem := name_problem(image):
+        raise InputImageError(f"cannot read {image}: {problem}")
+    if not image.exists():
+        raise InputImageError(f"image not found: {image} (nothing was edited)")
+    if image.is_dir():
+        raise InputImageError(f"{image} is a folder; name an image file")
+
+
+def _json_kind(value: object) -> str:
+    """A value as JSON names it: "an array", "a string", ..."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    kinds = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}
+    return kinds.get(type(value), type(value).__name__)
