@@ -1,5 +1,5 @@
-"""The files of `zone edit` (and `zone demo`'s masks): where each image's edit and masks go, all checked before
-any work, and the loop that reads, edits and writes them, several images at a time."""
+"""The files of `zone edit` and `zone batch` (and `zone demo`'s masks): where each edit and its masks go, all
+checked before any work, and the loop that reads, edits and writes them, several at a time."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class OutputArgument(NamedTuple):
 
 
 def output_argument(text: str) -> OutputArgument:
-    """argparse type of `zone edit -o`."""
+    """argparse type of `zone edit -o` and `zone batch -o`."""
     return OutputArgument(file_argument(text), text.endswith(("/", os.sep)))
 
 
