@@ -293,7 +293,7 @@ def test_images_of_one_name_or_unreadable_all_are_refused_before_the_models_load
         main(["edit", str(photo), "-i", "x", "-o", str(tmp_path / "out"), "--suffix", "a b"])
     assert "'a b' is not a file suffix, such as .png" in capsys.readouterr().err
     _fails_cleanly(capsys, ["edit", str(photo), str(tmp_path / "gone.jpg"), "-i", "x", "-o", str(tmp_path / "out"),
-                            "--tiny"], "image not found: ", "gone.jpg (nothing was edited)")
+                            "--tiny"], "image not found: ", "gone.jpg")
     (tmp_path / "broken.png").write_bytes(b"not a png")
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     assert main(["edit", str(tmp_path / "broken.png"), str(tmp_path / "broken.jpg"), "-i", "x", "-o",
@@ -384,7 +384,7 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
     ('{"image": "photo.png", "instruction": "x", "output": "a\\u0000.png"}', "holds a NUL character"),
     ('{"image": "photo.png", "instruction": "x", "output": "\\ud800.png"}', "a lone surrogate"),
     ('{"image": "' + "d" * 300 + '.png", "instruction": "x"}', "over the 255 a file system takes"),
-    ('{"image": ".", "instruction": "x"}', "is a folder; name an image file"),
+    ('{"image": ".", "instruction": "x"}', "is a directory; pass the path of an image file"),
     ('{"image": "photo.png", "instruction": "x", "action": null}', "line 1: action: null; leave a field out"),
     ('{"image": "photo.png", "instruction": "x", "action": ""}', 'action "": write auto'),
     ('{"image": "photo.png", "image": "other.png", "instruction": "x"}', "the field 'image' is given twice"),

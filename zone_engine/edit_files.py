@@ -125,9 +125,11 @@ def checked_jobs(jobs: list[EditJob], output: Path, repeats: bool) -> list[EditJ
 def _image_files(paths: Sequence[Path]) -> list[Path]:
     """The paths less the folders (a glob such as photos/* takes them in), each said; a path that is not there
     (likely a typo) is refused before any work."""
+    from .image_io import check_image_path
+
     for path in paths:
-        if not path.exists():
-            raise InputImageError(f"image not found: {path} (nothing was edited)")
+        if not path.is_dir():
+            check_image_path(path)
     for folder in (path for path in paths if path.is_dir()):
         print(f"warning: {folder} is a folder: left out (its images: {folder / '*'})", file=sys.stderr)
     files = [path for path in paths if not path.is_dir()]

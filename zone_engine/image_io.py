@@ -97,13 +97,19 @@ def _is_tensor(source: object) -> bool:
     return type(source).__module__.split(".")[0] == "torch"  # without importing torch
 
 
-def _load_file(path: Path) -> tuple[np.ndarray, list[str]]:
+def check_image_path(path: Path) -> None:
+    """InputImageError unless `path` names something there that is not a folder: what reading it checks first, so
+    that a typo among many paths can be said before any work."""
     if problem := name_problem(path):
         raise InputImageError(f"cannot read {path}: {problem}")
     if not path.exists():
         raise InputImageError(f"image not found: {path}")
     if path.is_dir():
         raise InputImageError(f"{path} is a directory; pass the path of an image file")
+
+
+def _load_file(path: Path) -> tuple[np.ndarray, list[str]]:
+    check_image_path(path)
     if not path.is_file():  # a FIFO or a device: reading it could block, and it has no size to check
         raise InputImageError(f"{path} is not a regular file; pass the path of an image file")
     if path.stat().st_size == 0:  # e.g. an interrupted copy: say so, not "not an image"

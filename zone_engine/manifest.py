@@ -12,9 +12,8 @@ from typing import Any
 
 from .config import EditConfig, parse_action
 from .edit_files import EditJob, check_batch_size, check_folder_output, checked_jobs, masks_folder_of, output_suffix
-from .errors import ConfigError, InputImageError, ZoneError, refuse_unknown
+from .errors import ConfigError, ZoneError, refuse_unknown
 from .instruction import check_instruction
-from .paths import name_problem
 
 FIELDS = ("image", "instruction", "output", "action", "steps", "seed")
 EXAMPLE = '{"image": "dog.jpg", "instruction": "make the dog a golden statue", "seed": 7}'
@@ -78,13 +77,15 @@ def _without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _job(entry: dict[str, Any], args: argparse.Namespace, defaults: dict[str, Any], root: Path, line: str) -> EditJob:
+    from .image_io import check_image_path  # numpy and Pillow: not for `zone --help`
+
     refuse_unknown("a line", entry, FIELDS, noun="field")
     if missing := [name for name in ("image", "instruction") if name not in entry]:
         raise ConfigError(f"no {' and no '.join(missing)}: each line names both, such as {EXAMPLE}")
     if nulls := [name for name, value in entry.items() if value is None]:
         raise ConfigError(f"{', '.join(nulls)}: null; leave a field out for the command's value")
     image = root / _path(entry["image"], "image")  # an absolute one as it is
-    _check_image(image)
+    check_image_path(image)  # a typo or a folder said before any work; its bytes are read later
     changes = {name: entry[name] for name in ("steps", "seed") if name in entry}
     if "action" in entry:
         if entry["action"] == "":
@@ -110,16 +111,6 @@ def _path(value: object, field: str) -> str:
     if field == "output" and (Path(value).is_absolute() or ".." in Path(value).parts):
         raise ConfigError(f"output {value!r} must stay inside -o: a relative path without ..")
     return value
-
-
-def _check_image(image: Path) -> None:
-    """A line's image there as a file (a typo or a folder said before any work; its bytes are read later)."""
-    if problem := name_problem(image):
-        raise InputImageError(f"cannot read {image}: {problem}")
-    if not image.exists():
-        raise InputImageError(f"image not found: {image} (nothing was edited)")
-    if image.is_dir():
-        raise InputImageError(f"{image} is a folder; name an image file")
 
 
 def _json_kind(value: object) -> str:
