@@ -415,6 +415,22 @@ def test_a_batch_reads_what_json_writers_write_and_standard_input(photo, tmp_pat
     assert (tmp_path / "piped" / "photo.png").exists()
 
 
+def test_a_librarys_warning_on_reading_an_image_is_said_once_with_its_name(photo, tmp_path, capsys):
+    """Pillow warns "Corrupt EXIF data" twice, naming no file: among many images, which one was it?"""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # an orientation, so there is an IFD to damage
+    buffer = io.BytesIO()
+    Image.open(photo).save(buffer, "JPEG", exif=exif.tobytes())
+    data = bytearray(buffer.getvalue())
+    start = data.find(b"Exif\x00\x00") + 6
+    data[start + 8:start + 10] = b"\xff\xff"  # the IFD's entry count, past the data
+    (tmp_path / "damaged.jpg").write_bytes(bytes(data))
+    assert main(["edit", str(tmp_path / "damaged.jpg"), str(photo), "-i", "add a hat", "-o", str(tmp_path / "out"),
+                 "--tiny", "--steps", "1", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("Corrupt EXIF data") == 1 and f"warning: {tmp_path / 'damaged.jpg'}: Corrupt EXIF data" in err
+
+
 def test_skip_existing_resumes_a_run_without_loading_the_models_for_what_is_done(photo, tmp_path, capsys,
                                                                                  monkeypatch):
     import zone_engine.pipeline as pipeline

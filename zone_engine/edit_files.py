@@ -255,7 +255,7 @@ def _load_jobs(chunk: Sequence[EditJob], done: int, run: _Run) -> list[LoadedJob
     loaded = []
     for job in chunk:
         try:
-            pixels, profile = load_image(job.image), colour_profile(job.image)
+            pixels, profile = _read_naming_warnings(job.image, load_image, colour_profile)
             check_output_size(job.output, *pixels.shape[:2])
         except ZoneError as error:
             if run.failed is None:
@@ -270,6 +270,24 @@ def _load_jobs(chunk: Sequence[EditJob], done: int, run: _Run) -> list[LoadedJob
                 print(f"warning: {note}{more}", file=sys.stderr)
         loaded.append(LoadedJob(job, pixels, profile))
     return loaded
+
+
+def _read_naming_warnings(image: Path, *readers: Callable[[Path], Any]) -> list[Any]:
+    """What each reader returns for `image`, a library's warnings on the way (Pillow's "Corrupt EXIF data", said
+    once per field it cannot read) said once each with the image's name; the engine's own name it already.
+    Warnings are caught for the whole process: the command line's main thread only, never a server's threads."""
+    from .errors import EditWarning
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            return [read(image) for read in readers]
+    finally:  # out of the block: the command's own way of saying a warning back
+        for message in dict.fromkeys(str(w.message).strip() for w in caught if w.category is not EditWarning):
+            print(f"warning: {image}: {message}", file=sys.stderr)
+        for said in caught:
+            if said.category is EditWarning:
+                warnings.showwarning(said.message, said.category, said.filename, said.lineno)
 
 
 def _edit_loaded(pipe: ZonePipeline, loaded: Sequence[LoadedJob], config: EditConfig, progress: bool,
