@@ -297,8 +297,9 @@ def test_images_of_one_name_or_unreadable_all_are_refused_before_the_models_load
     (tmp_path / "broken.png").write_bytes(b"not a png")
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     assert main(["edit", str(tmp_path / "broken.png"), str(tmp_path / "broken.jpg"), "-i", "x", "-o",
-                 str(tmp_path / "out"), "--batch-size", "2", "--ip2p", "no-such-model"]) == 2
-    assert "no image could be read (said above)" in capsys.readouterr().err  # not a missing checkpoint
+                 str(tmp_path / "out"), "--ip2p", "no-such-model"]) == 2
+    err = capsys.readouterr().err  # the models load once an image is read: none here, at any batch size
+    assert "2 of 2 edits not done (said above)" in err and "checkpoint" not in err
 
 
 def test_no_image_writes_over_another_images_input_or_files_whatever_the_links_say(photo, tmp_path, capsys,
@@ -321,6 +322,8 @@ def test_no_image_writes_over_another_images_input_or_files_whatever_the_links_s
     _fails_cleanly(capsys, ["edit", "src/a.png", "a.png.png", "-o", "m5", "--save-masks", "m5", *common],
                    "m5/a.png would be a file written for src/a.png and a folder of other files written")
     _fails_cleanly(capsys, ["edit", "photo.png", "./photo.png", "-o", "twice", *common], "photo.png is given twice")
+    _fails_cleanly(capsys, ["edit", "photo.png", "-o", "m/../m/mask_b.png", "--save-masks", "m", *common],
+                   "m/mask_b.png would be both the edit of photo.png and one of its masks")  # one image too
     assert not any((tmp_path / name).exists() for name in ("e", "M", "m5", "twice"))  # nothing made either
 
 
@@ -410,9 +413,12 @@ def test_a_batch_reads_what_json_writers_write_and_standard_input(photo, tmp_pat
     assert main(["batch", str(tmp_path / "edits.jsonl"), "-o", str(tmp_path / "out"), *common]) == 0
     assert (tmp_path / "out" / "photo.png").exists()
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "stdin", io.StringIO('{"image": "photo.png", "instruction": "add a hat"}\n'))
+    piped = b"\xef\xbb\xbf" + '{"image": "photo.png", "instruction": "add a café hat"}\n'.encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(piped), encoding="latin-1"))  # not the locale's
     assert main(["batch", "-", "-o", "piped", *common]) == 0
     assert (tmp_path / "piped" / "photo.png").exists()
+    monkeypatch.setattr(sys, "stdin", None)  # `zone batch - <&-`
+    _fails_cleanly(capsys, ["batch", "-", "-o", "piped", *common], "standard input, which is closed here")
 
 
 def test_a_librarys_warning_on_reading_an_image_is_said_once_with_its_name(photo, tmp_path, capsys):
@@ -429,6 +435,26 @@ def test_a_librarys_warning_on_reading_an_image_is_said_once_with_its_name(photo
                  "--tiny", "--steps", "1", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert err.count("Corrupt EXIF data") == 1 and f"warning: {tmp_path / 'damaged.jpg'}: Corrupt EXIF data" in err
+
+
+def test_a_result_that_cannot_be_written_stops_a_run_saying_how_to_go_on(photo, tmp_path, capsys, monkeypatch):
+    """A full disk fails every edit after it: the run stops there, saying how many are not written."""
+    import zone_engine.image_io as image_io
+    from zone_engine.errors import OutputError
+
+    Image.open(photo).save(tmp_path / "second.png")
+    save_image = image_io.save_image
+
+    def full_at_the_second(array, path, **kwargs):
+        if Path(path).name == "second.png":
+            raise OutputError(f"cannot write {path}: No space left on device")
+        return save_image(array, path, **kwargs)
+
+    monkeypatch.setattr(image_io, "save_image", full_at_the_second)
+    _fails_cleanly(capsys, ["edit", str(photo), str(tmp_path / "second.png"), "-i", "x", "-o", str(tmp_path / "o"),
+                            "--tiny", "--steps", "1", "--no-progress"],
+                   "No space left on device (the run stopped: 1 of 2 edits not written", "--skip-existing")
+    assert (tmp_path / "o" / "photo.png").exists()
 
 
 def test_skip_existing_resumes_a_run_without_loading_the_models_for_what_is_done(photo, tmp_path, capsys,

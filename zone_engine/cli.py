@@ -261,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 every edit done, 2 bad input or setup (one `error:` line says what to do; or some "
         "edits not done, each said, the others written), 130 interrupted (Ctrl-C), 143 stopped by SIGTERM.",
     )
-    batch.add_argument("manifest", type=file_argument, metavar="MANIFEST", help="the JSON Lines file of edits")
+    batch.add_argument("manifest", type=file_argument, metavar="MANIFEST",
+                       help="the JSON Lines file of edits; - reads it from standard input, its images relative to the "
+                       "current folder")
     batch.add_argument("-o", "--output", type=output_argument, required=True,
                        help="the folder the edits go to (created if missing)")
     _add_many_options(batch, "for an edit without an output")

@@ -42,7 +42,12 @@ class EditJob(NamedTuple):
         return self.label or str(self.image)
 
     def written(self) -> list[Path]:
-        return [self.output, *((self.masks / f"{name}.png" for name in MASK_OUTPUTS) if self.masks else ())]
+        return [self.output, *(mask_files(self.masks) if self.masks else ())]
+
+
+def mask_files(folder: Path) -> list[Path]:
+    """What --save-masks writes in `folder`."""
+    return [folder / f"{name}.png" for name in MASK_OUTPUTS]
 
 
 class LoadedJob(NamedTuple):
@@ -80,13 +85,16 @@ def plan_jobs(args: argparse.Namespace, instruction: str) -> list[EditJob]:
         check_output_path(output, images[0])
         if args.save_masks:
             check_masks_folder(args.save_masks, {output: "the -o file", images[0]: "the input image"})
-        return [EditJob(images[0], output, args.save_masks, instruction)]
-    check_folder_output(output, said_folder, f"with {len(images)} images")
+        job = EditJob(images[0], output, args.save_masks, instruction)
+        _check_no_clash([job], repeats=False)  # the masks' files over -o by a link or a `..`
+        return [job]
+    files = _image_files(images)
+    refuse_file_output(output, said_folder, f"with {len(files)} images")
     jobs = []
-    for image in _image_files(images):
+    for image in files:
         name = image.stem + output_suffix(image, args.suffix)
         # One image into a folder: its masks where --save-masks says, as for one into a file.
-        masks = masks_folder_of(args.save_masks, name) if len(args.image) > 1 else args.save_masks
+        masks = masks_folder_of(args.save_masks, name) if len(files) > 1 else args.save_masks
         jobs.append(EditJob(image, output / name, masks, instruction))
     return checked_jobs(jobs, output, repeats=False)
 
@@ -101,7 +109,8 @@ def check_batch_size(size: int) -> None:
         raise ConfigError(f"--batch-size {size} must be 1..{MAX_BATCH}")
 
 
-def check_folder_output(output: Path, said_folder: bool, why: str) -> None:
+def refuse_file_output(output: Path, said_folder: bool, why: str) -> None:
+    """OutputError when -o names a file (a suffix, not a folder there, no trailing slash) where a folder goes."""
     if output.suffix and not said_folder and not output.is_dir():
         raise OutputError(f"-o {output}: {why} -o names the folder the edits go to, each under its input's file "
                           f"name; give a folder, such as edited/ ({output}/ if its name is to have a dot)")
@@ -111,12 +120,13 @@ def checked_jobs(jobs: list[EditJob], output: Path, repeats: bool) -> list[EditJ
     """`jobs`, once no file of one is written over an input or another's (`_check_no_clash`) and every one can
     be written (format, folders, permissions)."""
     _check_no_clash(jobs, repeats)
-    check_output_folder(output, "-o", [str(job.output.relative_to(output)) for job in jobs])
+    probed: set[Path] = set()  # each folder a file is made in once: thousands of edits, a few probe files
+    check_output_folder(output, "-o", [str(job.output.relative_to(output)) for job in jobs], probed)
     for job in jobs:
         try:
-            check_output_path(job.output, job.image)
+            check_output_path(job.output, job.image, probed)
             if job.masks:
-                check_output_folder(job.masks, "--save-masks", [path.name for path in job.written()[1:]])
+                check_output_folder(job.masks, "--save-masks", [path.name for path in mask_files(job.masks)], probed)
         except ZoneError as error:  # a batch's line named: its output is one of many
             raise type(error)(f"{job.label}: {error}" if job.label else str(error)) from None
     return jobs
@@ -152,18 +162,18 @@ def output_suffix(image: Path, suffix: str | None) -> str:
 
 
 def _check_no_clash(jobs: Sequence[EditJob], repeats: bool) -> None:
-    """OutputError for an image given twice (unless `repeats`: a batch may edit one image several ways), a file
-    written over an input, one written for two edits, or one where another's files need a folder; paths compared
-    with their links resolved."""
+    """InputImageError for an image given twice (unless `repeats`: a batch may edit one image several ways);
+    OutputError for a file written over an input, one written for two edits, or one where another's files need a
+    folder; paths compared with their links resolved."""
     inputs: dict[str, Path] = {}
     for job in jobs:
         if (key := os.path.realpath(job.image)) in inputs and not repeats:
             also = f" (also as {inputs[key]})" if inputs[key] != job.image else ""
-            raise OutputError(f"{job.image} is given twice{also}: give each image once")
+            raise InputImageError(f"{job.image} is given twice{also}: give each image once")
         inputs[key] = job.image
     # A batch's edit is renamed by its "output" (its masks' folder too); another command's by its image's name.
     rename = 'give it another "output"' if jobs[0].label else "rename that image"
-    written: dict[str, tuple[Path, str]] = {}  # each file written, resolved: as given, and the edit it is of
+    written: dict[str, tuple[Path, EditJob]] = {}  # each file written, resolved: as given, and the edit it is of
     for job in jobs:
         for path in job.written():
             if (key := os.path.realpath(path)) in inputs:
@@ -172,21 +182,26 @@ def _check_no_clash(jobs: Sequence[EditJob], repeats: bool) -> None:
                                       f"another -o, or --suffix, or {rename}")
                 raise OutputError(f"{path}, written for {job.name()}, is the input {inputs[key]}: it would be "
                                   "overwritten; choose another -o or --save-masks")
+            if key in written and written[key][1] is job:
+                raise OutputError(f"{path} would be both the edit of {job.name()} and one of its masks: choose another "
+                                  "-o or --save-masks")
             if key in written:
-                raise OutputError(f"{path} would be written for both {written[key][1]} and {job.name()}: edit them in "
-                                  f"separate runs, or {rename}")
-            written[key] = path, job.name()
+                raise OutputError(f"{path} would be written for both {written[key][1].name()} and {job.name()}: edit "
+                                  f"them in separate runs, or {rename}")
+            written[key] = path, job
     folders = {str(parent) for key in written for parent in Path(key).parents}
     if both := sorted(folders & written.keys()):
-        path, name = written[both[0]]
-        raise OutputError(f"{path} would be a file written for {name} and a folder of other files written: choose "
-                          f"another -o or --save-masks, or {rename}")
+        path, job = written[both[0]]
+        raise OutputError(f"{path} would be a file written for {job.name()} and a folder of other files written: "
+                          f"choose another -o or --save-masks, or {rename}")
 
 
-def check_output_path(path: Path, image: Path) -> None:
+def check_output_path(path: Path, image: Path, probed: set[Path] | None = None) -> None:
+    """OutputError unless the edit of `image` can be written at `path` (as check_output_file, `probed` too): a
+    suffix of a format Pillow writes, not the input."""
     from .image_io import check_output_format
 
-    check_output_file(path, "output")  # first: a folder given as -o is said as one, not as a missing suffix
+    check_output_file(path, "output", probed)  # first: a folder given as -o is said as one, not as a missing suffix
     if not path.suffix:  # save_image would write PNG to a name without one: say it, the user may have meant .jpg
         raise OutputError(f"output {path} has no suffix: name the format, such as {path}.png")
     check_output_format(path)
@@ -197,7 +212,7 @@ def check_output_path(path: Path, image: Path) -> None:
 def check_masks_folder(folder: Path, others: dict[Path, str]) -> None:
     """OutputError unless --save-masks' files can be written in `folder` without writing over `others` (the
     command's other files, by what they are: "-o", "the input image"), each said before any work runs."""
-    written = [folder / f"{name}.png" for name in MASK_OUTPUTS]
+    written = mask_files(folder)
     for path, what in others.items():
         if folder.absolute() == path.absolute():
             raise OutputError(f"--save-masks {folder} is {what}: give the masks a folder of their own")
@@ -216,60 +231,107 @@ def same_file(path: Path, other: Path) -> bool:
 
 def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes: dict[str, Any], batch_size: int,
              progress: bool, several: bool) -> None:
-    """Edit every job, `batch_size` at a time, with the pipeline `build` makes (called once the first batch is read:
-    a bad image is said in seconds, before the weights load) and the EditConfig fields `changes` (each job's own
-    over them). One edit (not `several`): its error is the command's. Several: an edit that fails is said, the
-    others go on, and a ZoneError lists those not edited. No job: nothing loads."""
-    if not jobs:
-        return
-    chunks = [jobs[start:start + batch_size] for start in range(0, len(jobs), batch_size)]
-    run = _Run(len(jobs), [] if several else None)
-    first = _load_jobs(chunks[0], 0, run)
-    if run.failed and len(run.failed) == len(jobs):
-        raise ZoneError("no image could be read (said above): nothing was edited")  # no model to load for them
-    pipe = build()
-    config = pipe.default_config.replace(**changes)
-    for index, chunk in enumerate(chunks):
-        loaded = first if index == 0 else _load_jobs(chunk, index * batch_size, run)
-        _edit_loaded(pipe, loaded, config, progress, run.failed)
+    """Edit every job, `batch_size` at a time, with the pipeline `build` makes once an image is read (a bad one is
+    said in seconds, before the weights load; none read, none load) and the EditConfig fields `changes` (each
+    job's own over them). One edit (not `several`): its error is the command's. Several: an edit that fails is
+    said, the others go on, and a ZoneError lists those not done; a result that cannot be written stops the run."""
+    run = _Run(len(jobs), several)
+    pipe, config = None, None
+    for start in range(0, len(jobs), batch_size):
+        loaded = run.load(jobs[start:start + batch_size], start)
+        if loaded and pipe is None:
+            pipe = build()
+            config = pipe.default_config.replace(**changes)
+        if loaded:
+            run.edit(pipe, loaded, config, progress)
     if run.failed:
         raise ZoneError(f"{len(run.failed)} of {len(jobs)} edits not done (said above): {', '.join(run.failed)}")
 
 
 @dataclass
 class _Run:
-    """What `edit_all` keeps across its batches."""
+    """`edit_all`'s work across its batches: reading, editing and writing, and what it has said."""
 
     total: int  # edits in all
-    failed: list[str] | None  # the edits that failed, by name; None: one edit, whose error is the command's
+    several: bool  # False: one edit, whose error is the command's
+    failed: list[str] = field(default_factory=list)  # the edits not done, by name
+    written: int = 0
     said: set[str] = field(default_factory=set)  # the output warnings said, less their paths: once each in a run
 
+    def load(self, chunk: Sequence[EditJob], done: int) -> list[LoadedJob]:
+        """The chunk's images read, each checked to fit its output's format; one that cannot be is said and left
+        out (or raises, for one edit). With several, a line first says which these are."""
+        from .image_io import check_output_size, colour_profile, load_image
 
-def _load_jobs(chunk: Sequence[EditJob], done: int, run: _Run) -> list[LoadedJob]:
-    """The chunk's images read, each checked to fit its output's format. One that fails raises, or with
-    `run.failed` is said, added to it, and left out. With several edits, a line first says which these are."""
-    from .image_io import check_output_size, colour_profile, load_image, output_notes
+        if self.several:
+            print(f"[{done + 1}/{self.total}] {', '.join(job.name() for job in chunk)}", file=sys.stderr)
+        loaded = []
+        for job in chunk:
+            try:
+                pixels, profile = _read_naming_warnings(job.image, load_image, colour_profile)
+                check_output_size(job.output, *pixels.shape[:2])
+            except ZoneError as error:
+                self._fail(job, error, named=bool(job.label))  # the image's own errors name its file
+                continue
+            self._say_output_notes(job.output, profile)
+            loaded.append(LoadedJob(job, pixels, profile))
+        return loaded
 
-    if run.failed is not None:
-        print(f"[{done + 1}/{run.total}] {', '.join(job.name() for job in chunk)}", file=sys.stderr)
-    loaded = []
-    for job in chunk:
-        try:
-            pixels, profile = _read_naming_warnings(job.image, load_image, colour_profile)
-            check_output_size(job.output, *pixels.shape[:2])
-        except ZoneError as error:
-            if run.failed is None:
-                raise
-            print(error_line(f"{job.label}: {error}" if job.label else error), file=sys.stderr)  # it names the file
-            run.failed.append(job.name())
-            continue
-        for note in output_notes(job.output, profile):
-            if (kind := note.replace(str(job.output), "")) not in run.said:  # 80 JPEGs: one lossy warning
-                run.said.add(kind)
-                more = " (said once for every such edit)" if run.failed is not None else ""
+    def edit(self, pipe: ZonePipeline, loaded: Sequence[LoadedJob], config: EditConfig, progress: bool) -> None:
+        """Edit the loaded images (those of one size as one batch) and write each edit, its masks first. With
+        several, an edit's warnings are said with its name (a batch's would name none)."""
+        from .errors import EditWarning
+        from .pipeline import EditRequest
+
+        requests = [EditRequest(item.pixels, item.job.instruction, config.replace(**dict(item.job.changes)))
+                    for item in loaded]
+        with warnings.catch_warnings():
+            if self.several:
+                warnings.simplefilter("ignore", EditWarning)
+            results = pipe.edit_batch(requests, progress=progress, return_exceptions=self.several)
+        for item, result in zip(loaded, results, strict=True):
+            if isinstance(result, ZoneError):
+                self._fail(item.job, result, named=True)
+            elif isinstance(result, Exception):  # not the user's: a bug, its traceback kept
+                raise result
+            else:
+                for note in result.notes if self.several else ():
+                    print(f"warning: {item.job.name()}: {note}", file=sys.stderr)
+                self._write(item, result)
+
+    def _fail(self, job: EditJob, error: ZoneError, named: bool) -> None:
+        if not self.several:
+            raise error
+        print(error_line(f"{job.name()}: {error}" if named else error), file=sys.stderr)
+        self.failed.append(job.name())
+
+    def _say_output_notes(self, output: Path, profile: bytes | None) -> None:
+        from .image_io import output_notes
+
+        for note in output_notes(output, profile):
+            if (kind := note.replace(str(output), "")) not in self.said:  # 80 JPEGs: one lossy warning
+                self.said.add(kind)
+                more = " (said once for every such edit)" if self.several else ""
                 print(f"warning: {note}{more}", file=sys.stderr)
-        loaded.append(LoadedJob(job, pixels, profile))
-    return loaded
+
+    def _write(self, item: LoadedJob, result: EditResult) -> None:
+        """The edit's masks, then the edit (so a finished edit means every file of it is there). A write that
+        fails stops the run (a full disk would fail every edit after it), saying how to go on."""
+        from .image_io import save_image
+
+        try:
+            if item.job.masks:
+                save_outputs(result, item.job.masks, MASK_OUTPUTS, item.profile)
+            save_image(result.image, item.job.output, icc_profile=item.profile)
+        except ZoneError as error:
+            if not self.several:
+                raise
+            left = self.total - self.written
+            raise type(error)(f"{error} (the run stopped: {left} of {self.total} edits not written; mend it, then "
+                              "run the same command with --skip-existing)") from None
+        self.written += 1
+        print_summary(result, item.job.name() if self.several else None)
+        print_path(item.job.output)
 
 
 def _read_naming_warnings(image: Path, *readers: Callable[[Path], Any]) -> list[Any]:
@@ -280,7 +342,9 @@ def _read_naming_warnings(image: Path, *readers: Callable[[Path], Any]) -> list[
 
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            warnings.simplefilter("always")  # each image's, not the first's alone
+            for quiet in (DeprecationWarning, FutureWarning):  # as the command line keeps them (cli._quiet_libraries)
+                warnings.simplefilter("ignore", quiet)
             return [read(image) for read in readers]
     finally:  # out of the block: the command's own way of saying a warning back
         for message in dict.fromkeys(str(w.message).strip() for w in caught if w.category is not EditWarning):
@@ -288,36 +352,6 @@ def _read_naming_warnings(image: Path, *readers: Callable[[Path], Any]) -> list[
         for said in caught:
             if said.category is EditWarning:
                 warnings.showwarning(said.message, said.category, said.filename, said.lineno)
-
-
-def _edit_loaded(pipe: ZonePipeline, loaded: Sequence[LoadedJob], config: EditConfig, progress: bool,
-                 failed: list[str] | None) -> None:
-    """Edit the loaded images (those of one size as one batch) and write each edit, its masks first; an edit that
-    fails as `_load_jobs` says. With several images, an edit's warnings are said with its image's name."""
-    from .errors import EditWarning
-    from .image_io import save_image
-    from .pipeline import EditRequest
-
-    requests = [EditRequest(item.pixels, item.job.instruction, config.replace(**dict(item.job.changes)))
-                for item in loaded]
-    with warnings.catch_warnings():
-        if failed is not None:  # said below, each with its image's name (a batch's would name none)
-            warnings.simplefilter("ignore", EditWarning)
-        results = pipe.edit_batch(requests, progress=progress, return_exceptions=failed is not None)
-    for item, result in zip(loaded, results, strict=True):
-        if isinstance(result, ZoneError) and failed is not None:
-            print(error_line(f"{item.job.name()}: {result}"), file=sys.stderr)
-            failed.append(item.job.name())
-            continue
-        if isinstance(result, Exception):  # not the user's: a bug, its traceback kept
-            raise result
-        for note in result.notes if failed is not None else ():
-            print(f"warning: {item.job.name()}: {note}", file=sys.stderr)
-        if item.job.masks:  # before the edit, so that a finished edit means every file of it is there
-            save_outputs(result, item.job.masks, MASK_OUTPUTS, item.profile)
-        save_image(result.image, item.job.output, icc_profile=item.profile)
-        print_summary(result, item.job.name() if failed is not None else None)
-        print_path(item.job.output)
 
 
 def save_outputs(result: EditResult, folder: Path, names: Sequence[str], icc_profile: bytes | None = None) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import EditConfig, parse_action
-from .edit_files import EditJob, check_batch_size, check_folder_output, checked_jobs, masks_folder_of, output_suffix
+from .edit_files import EditJob, check_batch_size, checked_jobs, masks_folder_of, output_suffix, refuse_file_output
 from .errors import ConfigError, ZoneError, refuse_unknown
 from .instruction import check_instruction
 
@@ -27,7 +27,7 @@ def plan_manifest(args: argparse.Namespace, defaults: dict[str, Any]) -> list[Ed
     the folder -o. `defaults`: the command's EditConfig fields, each line's own over them."""
     output, said_folder = args.output
     check_batch_size(args.batch_size)
-    check_folder_output(output, said_folder, "for a batch")
+    refuse_file_output(output, said_folder, "for a batch")
     source = str(args.manifest)
     root = Path.cwd() if source == STDIN or source.startswith(("/dev/", "/proc/")) else args.manifest.parent
     jobs = []
@@ -46,8 +46,11 @@ def plan_manifest(args: argparse.Namespace, defaults: dict[str, Any]) -> list[Ed
 def _lines(manifest: Path) -> list[str]:
     """The file's lines, split at line feeds only: a JSON string may hold U+2028 and the like unescaped, where
     str.splitlines would cut it. A byte-order mark (some Windows editors write one) is dropped."""
-    try:
-        text = sys.stdin.read() if str(manifest) == STDIN else manifest.read_bytes().decode("utf-8-sig")
+    if str(manifest) == STDIN and sys.stdin is None:  # `zone batch - <&-`
+        raise ConfigError("- reads the list of edits from standard input, which is closed here")
+    try:  # standard input's bytes too: UTF-8 whatever the locale says
+        data = sys.stdin.buffer.read() if str(manifest) == STDIN else manifest.read_bytes()
+        text = data.decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         raise ConfigError(f"cannot read the list of edits {manifest}: {reason}") from None

@@ -85,8 +85,9 @@ def file_argument(text: str) -> Path:
     return Path(text).expanduser()
 
 
-def folder_problem(folder: Path) -> str | None:
-    """Why nothing could be written in `folder` (created if missing), or None if it could."""
+def folder_problem(folder: Path, probed: set[Path] | None = None) -> str | None:
+    """Why nothing could be written in `folder` (created if missing), or None if it could. `probed`: folders a
+    file was made in already (filled in here), so that a caller checking thousands of files probes each once."""
     folder = Path(folder).absolute()
     if problem := name_problem(folder):
         return problem
@@ -98,25 +99,28 @@ def folder_problem(folder: Path) -> str | None:
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"cannot write in {existing} (read-only or not yours)"
+    if probed is not None and existing in probed:
+        return None
     try:  # os.access answers yes to root everywhere, also on a read-only mount or in /proc: try it
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".zone-probe-"):
             pass
     except OSError as error:
         return f"cannot write in {existing} ({error.strerror or error})"
+    if probed is not None:
+        probed.add(existing)
     return None
 
 
-def check_output_folder(path: Path, what: str, files: Sequence[str] = ()) -> None:
+def check_output_folder(path: Path, what: str, files: Sequence[str] = (), probed: set[Path] | None = None) -> None:
     """OutputError unless `path` is a folder, or can be created as one, that this process may write into, with
-    `files` (names) writable in it: none a folder, none a read-only file."""
-    problem = folder_problem(path)
-    if problem:
+    `files` (names) writable in it: none a folder, none a read-only file (`probed`: as folder_problem's)."""
+    if problem := folder_problem(path, probed):
         raise OutputError(f"{what} {path}: {problem}; choose another path")
     for name in files:
         if (Path(path) / name).is_dir():
             raise OutputError(f"{what} {path} holds a folder named {name}, where the file {name} goes: move it or "
                             "choose another folder")
-        check_output_file(Path(path) / name, what)
+        check_output_file(Path(path) / name, what, probed)
 
 
 NAME_MAX = 255  # the bytes a file or folder name may have on Linux's file systems (ext4, xfs, btrfs, tmpfs)
@@ -135,8 +139,8 @@ def name_problem(path: Path) -> str | None:
     return None
 
 
-def check_output_file(path: Path, what: str) -> None:
-    """OutputError unless a file can be written (or overwritten) at `path`."""
+def check_output_file(path: Path, what: str, probed: set[Path] | None = None) -> None:
+    """OutputError unless a file can be written (or overwritten) at `path` (`probed`: as folder_problem's)."""
     path = Path(path)
     if problem := name_problem(path):
         raise OutputError(f"{what} {path}: {problem}; choose another path")
@@ -147,7 +151,7 @@ def check_output_file(path: Path, what: str) -> None:
             raise OutputError(f"{what} {path} is a symlink that loops: choose another path") from None
     if path.is_dir():
         raise OutputError(f"{what} {path} is a folder: give a file name inside it")
-    problem = folder_problem(path.parent)
+    problem = folder_problem(path.parent, probed)
     if problem is None and path.exists() and not os.access(path, os.W_OK):
         problem = "it exists and cannot be overwritten"
     if problem:

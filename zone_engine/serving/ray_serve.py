@@ -117,4 +117,6 @@ def run_ray(spec: PipelineSpec, settings: ServeSettings, *, host: str, port: int
         print(f"zone: serving on http://{host}:{port} with {replicas} Ray Serve replica(s); Ctrl-C stops", flush=True)
         threading.Event().wait()  # a signal's exception ends it
     finally:
+        if threading.current_thread() is threading.main_thread():  # a second SIGTERM must not cut the shutdown short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         shutdown()
