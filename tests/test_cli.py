@@ -269,7 +269,7 @@ def test_one_image_with_a_folder_as_output_keeps_its_name(photo, tmp_path):
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["-o", "edited.png"], ("with 2 images -o names the folder",)),
+    (["-o", "edited.png"], ("with 2 images given -o names the folder",)),
     (["-o", "out", "--batch-size", "0"], ("--batch-size 0 must be 1..",)),
     (["-o", "out", "--suffix", ".ico"], ("ICO icons come in fixed sizes",)),
     (["-o", "."], ("the edit of photo.png would go to photo.png, over the input itself",)),

@@ -89,7 +89,7 @@ def plan_jobs(args: argparse.Namespace, instruction: str) -> list[EditJob]:
         _check_no_clash([job], repeats=False)  # the masks' files over -o by a link or a `..`
         return [job]
     files = _image_files(images)
-    refuse_file_output(output, said_folder, f"with {len(files)} images")
+    refuse_file_output(output, said_folder, f"with {len(files)} image{'s' * (len(files) > 1)} given")
     jobs = []
     for image in files:
         name = image.stem + output_suffix(image, args.suffix)
