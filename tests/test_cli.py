@@ -273,6 +273,7 @@ def test_one_image_with_a_folder_as_output_keeps_its_name(photo, tmp_path):
     (["-o", "out", "--batch-size", "0"], ("--batch-size 0 must be 1..",)),
     (["-o", "out", "--suffix", ".ico"], ("ICO icons come in fixed sizes",)),
     (["-o", "."], ("the edit of photo.png would go to photo.png, over the input itself",)),
+    (["-o", "out", "--report", "second.png"], ("--report second.png is a file of the edit of second.png",)),
 ])
 def test_several_images_with_impossible_outputs_fail_before_any_work(photo, tmp_path, capsys, monkeypatch, extra,
                                                                      words):
@@ -358,8 +359,15 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
     manifest.write_text("\n".join(json.dumps(line) for line in lines[:2]) + "\n\n"
                         + "\n".join(json.dumps(line) for line in lines[2:]) + "\n")
     common = ["--tiny", "--steps", "2", "--no-progress"]
+    report = tmp_path / "report.jsonl"
     assert main(["batch", str(manifest), "-o", str(tmp_path / "out"), "--save-masks", str(tmp_path / "masks"),
-                 *common]) == 2
+                 "--report", str(report), *common]) == 2
+    records = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [record["name"] for record in records] == ["line 1 (photo.png)", "line 2 (photo.png)",
+                                                      "line 4 (broken.png)", "line 5 (second.png)"]
+    assert [(r.get("seed"), r.get("steps"), r.get("action")) for r in records] == [
+        (3, 2, "add"), (42, 2, "remove"), (None, None, None), (42, 1, "add")]
+    assert records[2]["error"].startswith("cannot read") and set(records[0]["seconds"]) >= {"denoise", "total"}
     err = capsys.readouterr().err
     assert "error: line 4 (broken.png): cannot read" in err and "1 of 4 edits not done (said above): line 4" in err
     assert "line 2 (photo.png): action: remove" in err

@@ -53,6 +53,7 @@ from .edit_files import (
     MASK_OUTPUTS,
     EditJob,
     check_masks_folder,
+    check_report_path,
     edit_all,
     output_argument,
     plan_jobs,
@@ -65,7 +66,7 @@ from .instruction import check_instruction
 from .manifest import EXAMPLE as MANIFEST_EXAMPLE
 from .manifest import plan_manifest
 from .paths import check_output_folder, file_argument, folder_argument, print_path, written_atomically
-from .serving.settings import ServeSettings
+from .serving.settings import PipelineSpec, ServeSettings
 
 RANDOM_WEIGHTS_NOTICE = (
     "note: the demo runs tiny RANDOM models, so the edit itself is meaningless; it shows that every stage runs.\n"
@@ -139,6 +140,10 @@ def _add_many_options(parser: argparse.ArgumentParser, suffix_when: str) -> None
     parser.add_argument("--skip-existing", action="store_true",
                         help="leave out the edits whose output file is there already, as after an interrupted run "
                         "(an edit's output is written last, whole, so it being there means the edit is done)")
+    parser.add_argument("--report", type=file_argument, metavar="FILE",
+                        help="also write FILE, one JSON line per edit as it ends: its name, image, output, "
+                        "instruction, action, seed, steps, seconds per stage, edited pixels, fallback and warnings, or "
+                        "its error (a run cut short keeps the lines of the edits it ended)")
     parser.add_argument("--batch-size", type=int, default=1,
                         help=f"how many edits run at once, those of one size denoised as one batch (faster on a GPU; "
                         f"results equal to one at a time up to float rounding); 1..{MAX_BATCH} (default: 1)")
@@ -431,17 +436,22 @@ def run_edit(args: argparse.Namespace) -> None:
     _check_backend_arguments(args)
     spec = _pipeline_spec(args)
     jobs = plan_jobs(args, check_instruction(args.instruction))
-    edit_all(_not_done(jobs, args.skip_existing), spec.build, changes, args.batch_size, not args.no_progress,
-             several=len(args.image) > 1)
+    _edit_all(args, jobs, spec, changes, several=len(args.image) > 1)
 
 
 def run_batch(args: argparse.Namespace) -> None:
     changes = _config_changes(args)  # checked before any weights load, as run_edit's
     _check_backend_arguments(args)
     spec = _pipeline_spec(args)
-    jobs = plan_manifest(args, changes)
+    _edit_all(args, plan_manifest(args, changes), spec, changes, several=True)
+
+
+def _edit_all(args: argparse.Namespace, jobs: list[EditJob], spec: PipelineSpec, changes: dict, several: bool) -> None:
+    """edit_all as `zone edit` and `zone batch` ask: --report checked first, --skip-existing's done left out."""
+    if args.report:
+        check_report_path(args.report, jobs)
     edit_all(_not_done(jobs, args.skip_existing), spec.build, changes, args.batch_size, not args.no_progress,
-             several=True)
+             several, args.report)
 
 
 def _not_done(jobs: list[EditJob], skip_existing: bool) -> list[EditJob]:

@@ -4,6 +4,8 @@ checked before any work, and the loop that reads, edits and writes them, several
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import re
 import sys
@@ -11,9 +13,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
-from .config import MAX_BATCH, EditConfig, error_line
+from .config import MAX_BATCH, EditConfig, command_line_spelling, error_line
 from .errors import ConfigError, InputImageError, OutputError, ZoneError
 from .paths import check_output_file, check_output_folder, file_argument, print_path
 
@@ -196,6 +198,14 @@ def _check_no_clash(jobs: Sequence[EditJob], repeats: bool) -> None:
                           f"choose another -o or --save-masks, or {rename}")
 
 
+def check_report_path(report: Path, jobs: Sequence[EditJob]) -> None:
+    """OutputError unless --report's file can be written, over no input and no edit's file."""
+    check_output_file(report, "--report")
+    files = {os.path.realpath(path): job for job in jobs for path in (job.image, *job.written())}
+    if (job := files.get(os.path.realpath(report))) is not None:
+        raise OutputError(f"--report {report} is a file of the edit of {job.name()}: choose another name")
+
+
 def check_output_path(path: Path, image: Path, probed: set[Path] | None = None) -> None:
     """OutputError unless the edit of `image` can be written at `path` (as check_output_file, `probed` too): a
     suffix of a format Pillow writes, not the input."""
@@ -230,20 +240,23 @@ def same_file(path: Path, other: Path) -> bool:
 
 
 def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes: dict[str, Any], batch_size: int,
-             progress: bool, several: bool) -> None:
+             progress: bool, several: bool, report: Path | None = None) -> None:
     """Edit every job, `batch_size` at a time, with the pipeline `build` makes once an image is read (a bad one is
     said in seconds, before the weights load; none read, none load) and the EditConfig fields `changes` (each
     job's own over them). One edit (not `several`): its error is the command's. Several: an edit that fails is
-    said, the others go on, and a ZoneError lists those not done; a result that cannot be written stops the run."""
+    said, the others go on, and a ZoneError lists those not done; a result that cannot be written stops the run.
+    `report`: a JSON Lines file written as the edits end, one line each (`_Run.record`)."""
     run = _Run(len(jobs), several)
     pipe, config = None, None
-    for start in range(0, len(jobs), batch_size):
-        loaded = run.load(jobs[start:start + batch_size], start)
-        if loaded and pipe is None:
-            pipe = build()
-            config = pipe.default_config.replace(**changes)
-        if loaded:
-            run.edit(pipe, loaded, config, progress)
+    with open(report, "w", encoding="utf-8") if report else contextlib.nullcontext() as out:
+        run.report = out
+        for start in range(0, len(jobs), batch_size):
+            loaded = run.load(jobs[start:start + batch_size], start)
+            if loaded and pipe is None:
+                pipe = build()
+                config = pipe.default_config.replace(**changes)
+            if loaded:
+                run.edit(pipe, loaded, config, progress)
     if run.failed:
         raise ZoneError(f"{len(run.failed)} of {len(jobs)} edits not done (said above): {', '.join(run.failed)}")
 
@@ -257,6 +270,7 @@ class _Run:
     failed: list[str] = field(default_factory=list)  # the edits not done, by name
     written: int = 0
     said: set[str] = field(default_factory=set)  # the output warnings said, less their paths: once each in a run
+    report: TextIO | None = None  # --report's file
 
     def load(self, chunk: Sequence[EditJob], done: int) -> list[LoadedJob]:
         """The chunk's images read, each checked to fit its output's format; one that cannot be is said and left
@@ -289,7 +303,7 @@ class _Run:
             if self.several:
                 warnings.simplefilter("ignore", EditWarning)
             results = pipe.edit_batch(requests, progress=progress, return_exceptions=self.several)
-        for item, result in zip(loaded, results, strict=True):
+        for item, request, result in zip(loaded, requests, results, strict=True):
             if isinstance(result, ZoneError):
                 self._fail(item.job, result, named=True)
             elif isinstance(result, Exception):  # not the user's: a bug, its traceback kept
@@ -298,12 +312,25 @@ class _Run:
                 for note in result.notes if self.several else ():
                     print(f"warning: {item.job.name()}: {note}", file=sys.stderr)
                 self._write(item, result)
+                self.record(item.job, action=result.action.value, seed=request.config.seed,
+                            steps=request.config.steps, seconds=result.timings, edited_pixels=int(result.region.sum()),
+                            used_fallback=result.used_fallback, warnings=list(result.notes))
+
+    def record(self, job: EditJob, **outcome: Any) -> None:
+        """One line of --report, written at once (a run cut short keeps the lines of the edits it ended): the
+        edit's name, image, output and instruction, then its outcome (or its error)."""
+        if self.report is not None:
+            line = {"name": job.name(), "image": str(job.image), "output": str(job.output),
+                    "instruction": job.instruction, **outcome}
+            self.report.write(json.dumps(line, ensure_ascii=False) + "\n")
+            self.report.flush()
 
     def _fail(self, job: EditJob, error: ZoneError, named: bool) -> None:
         if not self.several:
             raise error
         print(error_line(f"{job.name()}: {error}" if named else error), file=sys.stderr)
         self.failed.append(job.name())
+        self.record(job, error=command_line_spelling(str(error)))
 
     def _say_output_notes(self, output: Path, profile: bytes | None) -> None:
         from .image_io import output_notes
