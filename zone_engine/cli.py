@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     edit = commands.add_parser(
-        "edit", help="edit an image with real checkpoints (or --tiny random models)",
+        "edit", help="edit an image, or several, with real checkpoints (or --tiny random models)",
         description="Edit IMAGE as INSTRUCTION says and write the result to OUTPUT (-o); several images load the "
         "models once, and their edits go to the folder OUTPUT, each under its input's file name. Models load from "
         "local folders or the offline Hugging Face cache; nothing is downloaded.",
