@@ -274,6 +274,7 @@ def test_one_image_with_a_folder_as_output_keeps_its_name(photo, tmp_path):
     (["-o", "out", "--suffix", ".ico"], ("ICO icons come in fixed sizes",)),
     (["-o", "."], ("the edit of photo.png would go to photo.png, over the input itself",)),
     (["-o", "out", "--report", "second.png"], ("--report second.png is a file of the edit of second.png",)),
+    (["-o", "out/edits", "--report", "out/edits"], ("--report out/edits is a folder the edits' files go in",)),
 ])
 def test_several_images_with_impossible_outputs_fail_before_any_work(photo, tmp_path, capsys, monkeypatch, extra,
                                                                      words):
@@ -359,7 +360,7 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
     manifest.write_text("\n".join(json.dumps(line) for line in lines[:2]) + "\n\n"
                         + "\n".join(json.dumps(line) for line in lines[2:]) + "\n")
     common = ["--tiny", "--steps", "2", "--no-progress"]
-    report = tmp_path / "report.jsonl"
+    report = tmp_path / "reports" / "report.jsonl"  # its folder made, as -o's
     assert main(["batch", str(manifest), "-o", str(tmp_path / "out"), "--save-masks", str(tmp_path / "masks"),
                  "--report", str(report), *common]) == 2
     records = [json.loads(line) for line in report.read_text().splitlines()]

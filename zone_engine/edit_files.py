@@ -202,8 +202,10 @@ def check_report_path(report: Path, jobs: Sequence[EditJob]) -> None:
     """OutputError unless --report's file can be written, over no input and no edit's file."""
     check_output_file(report, "--report")
     files = {os.path.realpath(path): job for job in jobs for path in (job.image, *job.written())}
-    if (job := files.get(os.path.realpath(report))) is not None:
+    if (job := files.get(key := os.path.realpath(report))) is not None:
         raise OutputError(f"--report {report} is a file of the edit of {job.name()}: choose another name")
+    if any(key in map(str, Path(path).parents) for path in files):
+        raise OutputError(f"--report {report} is a folder the edits' files go in: name a file beside them")
 
 
 def check_output_path(path: Path, image: Path, probed: set[Path] | None = None) -> None:
@@ -248,6 +250,8 @@ def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes
     `report`: a JSON Lines file written as the edits end, one line each (`_Run.record`)."""
     run = _Run(len(jobs), several)
     pipe, config = None, None
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)  # checked creatable (check_report_path), as -o's folders
     with open(report, "w", encoding="utf-8") if report else contextlib.nullcontext() as out:
         run.report = out
         for start in range(0, len(jobs), batch_size):
