@@ -382,6 +382,7 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
 
 @pytest.mark.parametrize("line, words", [
     ('{"image": "photo.png"}', "line 1: no instruction: each line names both"),
+    ('{"image": "  ", "instruction": "x"}', "line 1: image is empty: name a file"),  # not "not a string"
     ('{"image": "photo.png", "instruction": "x", "sed": 3}', "line 1: a line has no field 'sed': did you mean seed?"),
     ('{"image": "photo.png", "instruction": "x", "steps": "3"}', "line 1: steps must be a whole number"),
     ('{"image": "photo.png", "instruction": "x", "action": "paint"}', "line 1: unknown action 'paint'"),

@@ -58,7 +58,7 @@ from .edit_files import (
     output_argument,
     plan_jobs,
     print_summary,
-    save_outputs,
+    save_masks,
     suffix_argument,
 )
 from .errors import ConfigError, ZoneError, nearest
@@ -488,7 +488,7 @@ def run_demo(args: argparse.Namespace) -> None:
     save_image(image, args.out / "input.png")
     save_image(result.image, args.out / "output.png")
     for folder in {args.out, args.save_masks or args.out}:
-        save_outputs(result, folder, MASK_OUTPUTS)
+        save_masks(result, folder)
     summary = {"instruction": instruction, "steps": config.steps, "seed": config.seed, "action": result.action.value,
                "used_fallback": result.used_fallback, "timings": result.timings, "random_weights": True}
     with written_atomically(args.out / "timings.json") as temporary:

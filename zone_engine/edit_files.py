@@ -230,7 +230,7 @@ def check_masks_folder(folder: Path, others: dict[Path, str]) -> None:
             raise OutputError(f"--save-masks {folder} is {what}: give the masks a folder of their own")
         if any(mask.absolute() == path.absolute() or same_file(mask, path) for mask in written):
             raise OutputError(f"--save-masks {folder} would write over {what} {path} (it writes "
-                            f"{', '.join(n + '.png' for n in MASK_OUTPUTS)}): choose another folder or file name")
+                              f"{', '.join(n + '.png' for n in MASK_OUTPUTS)}): choose another folder or file name")
     check_output_folder(folder, "--save-masks", [mask.name for mask in written])
 
 
@@ -352,7 +352,7 @@ class _Run:
 
         try:
             if item.job.masks:
-                save_outputs(result, item.job.masks, MASK_OUTPUTS, item.profile)
+                save_masks(result, item.job.masks, item.profile)
             save_image(result.image, item.job.output, icc_profile=item.profile)
         except ZoneError as error:
             if not self.several:
@@ -385,12 +385,12 @@ def _read_naming_warnings(image: Path, *readers: Callable[[Path], Any]) -> list[
                 warnings.showwarning(said.message, said.category, said.filename, said.lineno)
 
 
-def save_outputs(result: EditResult, folder: Path, names: Sequence[str], icc_profile: bytes | None = None) -> None:
+def save_masks(result: EditResult, folder: Path, icc_profile: bytes | None = None) -> None:
+    """What --save-masks writes (`mask_files`), those in the input's colours with its profile."""
     from .image_io import save_image
 
-    for name in names:
-        save_image(getattr(result, name), folder / f"{name}.png",
-                   icc_profile=icc_profile if name in COLOUR_OUTPUTS else None)
+    for name, path in zip(MASK_OUTPUTS, mask_files(folder), strict=True):
+        save_image(getattr(result, name), path, icc_profile=icc_profile if name in COLOUR_OUTPUTS else None)
 
 
 def print_summary(result: EditResult, name: str | None = None) -> None:

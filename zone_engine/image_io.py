@@ -532,18 +532,18 @@ def check_output_format(path: str | os.PathLike, mode: str = "RGB") -> str:
     file_format = _writable_format(path)
     if file_format is None:
         raise OutputError(f"cannot write {path}: {path.suffix} is no image format's suffix Pillow writes; use .png, "
-                        "say")
+                          "say")
     if file_format == "PPM" and mode == "RGB" and path.suffix.lower() in (".pbm", ".pgm"):
         raise OutputError(f"cannot write {path}: {path.suffix} names a bitmap or graymap, and the edit is in colour; "
-                        "use .ppm (or .png)")
+                          "use .ppm (or .png)")
     if file_format in _RESIZING_FORMATS:
         raise OutputError(f"cannot write {path}: {file_format} icons come in fixed sizes, so the image would be "
-                        "scaled; use .png, say")
+                          "scaled; use .png, say")
     try:  # one pixel, in memory: what Pillow's writer for the format takes, found by asking it
         Image.new(mode, (1, 1)).save(io.BytesIO(), format=file_format, **_SAVE_OPTIONS.get(file_format, {}))
     except Exception as error:  # each writer refuses in its own way (OSError, ValueError, KeyError, ...)
         raise OutputError(f"cannot write {path}: Pillow cannot write {mode} pixels as {file_format} here "
-                        f"({_one_line(error)}); use .png, say") from None
+                          f"({_one_line(error)}); use .png, say") from None
     return file_format
 
 
@@ -557,7 +557,7 @@ def _savable_pixels(array: object) -> np.ndarray:
                 else a_type(array))
     hint = " (an edit's result: pass its .image)" if isinstance(getattr(array, "image", None), np.ndarray) else ""
     raise OutputError(f"cannot save {received} as an image{hint}: save_image writes uint8 RGB (H, W, 3) or a mask "
-                    "(H, W) of bool or uint8")
+                      "(H, W) of bool or uint8")
 
 
 def colour_profile(path: str | os.PathLike) -> bytes | None:
@@ -615,7 +615,7 @@ def check_output_size(path: str | os.PathLike, height: int, width: int) -> None:
     largest = _LARGEST_SIDE.get(file_format)
     if largest is not None and max(height, width) > largest:
         raise OutputError(f"cannot write {path}: {file_format} holds at most {largest} pixels a side and the image is "
-                        f"{width}x{height}; write .png or .tif")
+                          f"{width}x{height}; write .png or .tif")
 
 
 def make_sample_image(height: int = 256, width: int = 256) -> np.ndarray:

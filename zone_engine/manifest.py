@@ -103,8 +103,10 @@ def _job(entry: dict[str, Any], args: argparse.Namespace, defaults: dict[str, An
 def _path(value: object, field: str) -> str:
     """A path a line gives: a string a file system can hold; an output's relative and without `..` (it stays
     inside -o)."""
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str):
         raise ConfigError(f"{field} must be a path, a string, not {_json_kind(value)}")
+    if not value.strip():
+        raise ConfigError(f"{field} is empty: name a file")
     try:
         os.fsencode(value)
     except UnicodeEncodeError:  # a lone surrogate (\ud800): no file name holds it

@@ -119,7 +119,7 @@ def check_output_folder(path: Path, what: str, files: Sequence[str] = (), probed
     for name in files:
         if (Path(path) / name).is_dir():
             raise OutputError(f"{what} {path} holds a folder named {name}, where the file {name} goes: move it or "
-                            "choose another folder")
+                              "choose another folder")
         check_output_file(Path(path) / name, what, probed)
 
 
