@@ -202,6 +202,98 @@ def png_gamma(gamma: float) -> PngImagePlugin.PngInfo:
     return info
 
 
+def test_a_png_gamma_is_not_said_when_a_profile_stands_in_for_it():
+    """Viewers that manage colour take the profile over the gamma: with the profile carried, nothing is lost."""
+    buffer = io.BytesIO()
+    Image.fromarray(random_rgb(8, 8)).save(buffer, format="PNG", icc_profile=rgb_profile(), pnginfo=png_gamma(1.0))
+    with Image.open(buffer) as opened:
+        assert read_image(opened)[1] == ()
+
+
+# ICC v2 profiles built byte by byte (ICC.1:2001-04): littlecms makes only RGB, Lab and XYZ ones, and a real
+# press or gray profile is megabytes that no machine here has.
+_D50 = (0.9642, 1.0, 0.8249)
+
+
+def _s15fixed16(*values: float) -> bytes:
+    return b"".join(struct.pack(">i", round(value * 65536)) for value in values)
+
+
+def icc_profile(device_class: bytes, space: bytes, pcs: bytes, tags: dict[bytes, bytes]) -> bytes:
+    description = b"a test profile\0"
+    tags = {b"desc": b"desc" + bytes(4) + struct.pack(">I", len(description)) + description + bytes(78),
+            b"wtpt": b"XYZ " + bytes(4) + _s15fixed16(*_D50), **tags}
+    start = 128 + 4 + 12 * len(tags)
+    table, data = struct.pack(">I", len(tags)), b""
+    for signature, body in tags.items():
+        body += bytes(-len(body) % 4)
+        table += signature + struct.pack(">II", start + len(data), len(body))
+        data += body
+    header = (struct.pack(">I", start + len(data)) + bytes(4) + bytes([2, 0x10, 0, 0]) + device_class + space + pcs
+              + bytes(12) + b"acsp" + bytes(28) + _s15fixed16(*_D50))
+    return header + bytes(128 - len(header)) + table + data
+
+
+def linear_gray_profile() -> bytes:
+    """A gray profile of gamma 1: its values are linear light."""
+    return icc_profile(b"mntr", b"GRAY", b"XYZ ", {b"kTRC": b"curv" + bytes(4) + struct.pack(">IH", 1, 256)})
+
+
+def neutral_press_profile() -> bytes:
+    """A CMYK profile (an 8-bit lookup table to Lab) under which every ink mix is a gray, lighter the less black."""
+    identity, matrix = bytes(range(256)), _s15fixed16(1, 0, 0, 0, 1, 0, 0, 0, 1)
+    grid = b"".join(bytes([255 if black == 0 else 0, 128, 128]) for _ in range(8) for black in (0, 1))  # L, a, b
+    table = b"mft1" + bytes(4) + bytes([4, 3, 2, 0]) + matrix + identity * 4 + grid + identity * 3
+    return icc_profile(b"prtr", b"CMYK", b"Lab ", {b"A2B0": table})
+
+
+def srgb_encoded(linear: np.ndarray) -> np.ndarray:
+    return np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055) * 255
+
+
+def test_a_gray_image_is_converted_to_srgb_by_its_profile():
+    """Read as they are, linear gray values would show far too dark: each is sRGB-encoded (littlecms keeps 8-bit
+    precision: within 1)."""
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    buffer = io.BytesIO()
+    Image.fromarray(levels).save(buffer, format="PNG", icc_profile=linear_gray_profile())
+    with Image.open(buffer) as opened:
+        rgb, notes = read_image(opened)
+        assert image_io.icc_profile_of(opened) is None  # the output is sRGB: it carries no gray profile
+    assert notes == ()
+    assert (rgb == rgb[..., :1]).all()
+    assert np.abs(rgb[..., 0] - srgb_encoded(levels / 255)).max() <= 1
+
+
+@pytest.mark.parametrize("file_format", ["JPEG", "TIFF"])
+def test_a_cmyk_image_is_converted_to_srgb_by_its_profile(file_format):
+    """Under this profile, pure magenta without black is white and any ink with full black is black; converted
+    without it, they would be magenta and black."""
+    inks = np.zeros((8, 8, 4), dtype=np.uint8)
+    inks[:, :, 1] = 255
+    inks[4:, :, 3] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(inks, "CMYK").save(buffer, format=file_format, icc_profile=neutral_press_profile())
+    rgb, notes = read_image(Image.open(buffer))
+    assert notes == ()
+    assert (rgb[:4] >= 250).all() and (rgb[4:] <= 5).all()
+
+
+def test_a_gray_profile_keeps_the_transparency():
+    """Gray with alpha, and gray with a transparent value (PNG tRNS): converted, then composited over black."""
+    gray = np.full((8, 8), 64, dtype=np.uint8)
+    alpha = np.full((8, 8), 255, dtype=np.uint8)
+    alpha[:, 4:] = 0
+    gray_alpha, gray_transparent = io.BytesIO(), io.BytesIO()
+    Image.fromarray(np.dstack([gray, alpha]), "LA").save(gray_alpha, format="PNG", icc_profile=linear_gray_profile())
+    gray[:, 4:] = 10
+    Image.fromarray(gray).save(gray_transparent, format="PNG", icc_profile=linear_gray_profile(), transparency=10)
+    for buffer in (gray_alpha, gray_transparent):
+        rgb, notes = read_image(Image.open(buffer))
+        assert any("has transparency" in note for note in notes)
+        assert abs(int(rgb[0, 0, 0]) - srgb_encoded(64 / 255)) <= 1 and (rgb[:, 4:] == 0).all()
+
+
 def test_rgba_png_composites_over_black_and_warns(tmp_path):
     rgba = np.zeros((8, 8, 4), dtype=np.uint8)
     rgba[..., :3] = (200, 100, 50)
