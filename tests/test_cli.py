@@ -389,6 +389,7 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
     ('{"image": "photo.png", "instruction": "  "}', "line 1: the instruction is empty"),
     ('{"image": "gone.png", "instruction": "x"}', "line 1: image not found"),
     ('{"image": "photo.png", "instruction": "x", "output": "../x.png"}', "must stay inside -o"),
+    ('{"image": "photo.png", "instruction": "x", "output": "~/x.png"}', "not under ~"),
     ('{"image": "photo.png", "instruction": "x", "output": "x.ico"}', "line 1 (photo.png): cannot write"),
     ('"photo.png"', "line 1: a string, not an object such as"),
     ('[{"image": "photo.png", "instruction": "x"}]', "a JSON array of edits is written one object a line"),
@@ -412,6 +413,15 @@ def test_a_batch_line_that_cannot_run_is_refused_before_any_work(photo, tmp_path
     (tmp_path / "edits.jsonl").write_text(line + "\n")
     _fails_cleanly(capsys, ["batch", str(tmp_path / "edits.jsonl"), "-o", str(tmp_path / "out"), "--tiny"], words)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_line_reads_an_image_under_the_home_folder_as_a_shell_would(photo, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(photo.parent))
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "edits.jsonl").write_text(json.dumps({"image": f"~/{photo.name}", "instruction": "x"}))
+    assert main(["batch", str(tmp_path / "lists" / "edits.jsonl"), "-o", str(tmp_path / "out"), "--tiny",
+                 "--steps", "1", "--no-progress"]) == 0
+    assert (tmp_path / "out" / photo.name).exists()
 
 
 def test_a_batch_reads_what_json_writers_write_and_standard_input(photo, tmp_path, capsys, monkeypatch):
