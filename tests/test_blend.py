@@ -379,6 +379,21 @@ def test_composite_of_flipped_views_as_of_the_arrays_themselves():
         composite(original.astype(np.float32), styled, region, fine_mask)
 
 
+@pytest.mark.parametrize("corner", [np.s_[0:5, 0:7], np.s_[9:12, 12:17], np.s_[0:12, 16:17]])
+def test_composite_works_in_the_box_of_r_wherever_it_lies(corner):
+    """The composite is made in R's bounding box: an R on the image's edges, or none at all, gives the same."""
+    rng = np.random.default_rng(12)
+    original = rng.integers(0, 256, size=(12, 17, 3), dtype=np.uint8)
+    styled = rng.integers(0, 256, size=(12, 17, 3), dtype=np.uint8)
+    region, fine_mask = np.zeros((12, 17), bool), rng.random((12, 17)) < 0.5
+    out = composite(original, styled, region, fine_mask)
+    np.testing.assert_array_equal(out, original)
+    assert out is not original
+    region[corner] = rng.random(region[corner].shape) < 0.7
+    np.testing.assert_array_equal(composite(original, styled, region, fine_mask),
+                                  reference_composite(original, styled, region, fine_mask))
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.35, 0.6, 1.0])
 def test_composite_alpha(alpha):
     rng = np.random.default_rng(11)

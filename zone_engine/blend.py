@@ -185,14 +185,28 @@ def composite(
     if original.dtype != np.uint8 or styled.dtype != np.uint8:  # OpenCV's copy would otherwise skip the paste
         raise ValueError(f"original and styled must be uint8 images, got {original.dtype} and {styled.dtype}")
 
-    # Styled inside R: OpenCV's masked copy, 0.08 ms at 512² against numpy's where 2.3 ms (2-core AMD CPU).
     out = np.ascontiguousarray(original).copy()
-    cv2.copyTo(np.ascontiguousarray(styled), np.ascontiguousarray(region).view(np.uint8), out)
+    # Only R changes: the work is done in its bounding box (on a 12 MP photo the whole-image masks took 0.17 s).
+    if (box := _bounding_box(region)) is None:
+        return out
+    original, styled, region, fine_mask = original[box], styled[box], region[box], fine_mask[box]
+    # Styled inside R: OpenCV's masked copy, 0.08 ms at 512² against numpy's where 2.3 ms (2-core AMD CPU).
+    changed = np.ascontiguousarray(original).copy()
+    cv2.copyTo(np.ascontiguousarray(styled), np.ascontiguousarray(region).view(np.uint8), changed)
     border = seam(region, fine_mask)
     mix = alpha * styled[border].astype(np.float64) + (1.0 - alpha) * original[border].astype(np.float64)
     # Truncate toward zero, as the reference's float64 -> uint8 assignment did.
-    out[border] = mix.astype(np.uint8)
+    changed[border] = mix.astype(np.uint8)
+    out[box] = changed
     return out
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """The rows and columns holding every True pixel of a bool (H, W) mask; None when it has none."""
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not rows.size:
+        return None
+    return slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)
 
 
 def plain_composite(
