@@ -634,6 +634,19 @@ def test_refine_benchmark_rows_and_their_agreement(capsys):
         assert float(line.split("max |difference| ")[1].split()[0]) < bound and line.count(" ms") == 2
 
 
+def test_photo_benchmark_times_each_host_step_and_the_png_levels(capsys):
+    from benchmarks.bench_photo import main as bench_photo
+
+    assert bench_photo(["--size", "64x96", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for what in ("read (JPEG", "shrink to the working size", "blend stage", "write PNG", "write WEBP", "write JPEG"):
+        assert f"| {what}" in out, what
+    assert "Pillow's default level 6" in out
+    with pytest.raises(SystemExit):
+        bench_photo(["--size", "10x4000"])
+    assert "each side at least 64" in capsys.readouterr().err
+
+
 def test_a_refine_benchmark_part_that_fails_costs_its_own_rows(capsys, monkeypatch):
     from benchmarks import bench_refine
 

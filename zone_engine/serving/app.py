@@ -54,7 +54,7 @@ from ..errors import (
     ZoneError,
     first_line,
 )
-from ..image_io import UNREADABLE_IMAGE, icc_profile_of, make_sample_image, read_image
+from ..image_io import UNREADABLE_IMAGE, encoded, icc_profile_of, make_sample_image, read_image
 from ..instruction import check_instruction
 from ..pipeline import BatchKey, EditRequest, EditResult, ZonePipeline, batch_key
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
@@ -437,11 +437,9 @@ def check_request_fields(instruction: str, action: str | None, steps: int | None
 
 
 def png_bytes(array: np.ndarray, icc_profile: bytes | None = None) -> bytes:
-    """PNG of an image or a bool mask; `icc_profile`: the upload's, so the untouched pixels look as they did."""
-    image = Image.fromarray(array.astype(np.uint8) * 255 if array.dtype == bool else array)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", **({"icc_profile": icc_profile} if icc_profile else {}))
-    return buffer.getvalue()
+    """PNG of an image or a bool mask, as `zone edit` writes it; `icc_profile`: the upload's, so the untouched
+    pixels look as they did."""
+    return encoded(array, "PNG", icc_profile)
 
 
 def png_base64(array: np.ndarray, icc_profile: bytes | None = None) -> str:
