@@ -477,6 +477,61 @@ def test_a_result_that_cannot_be_written_stops_a_run_saying_how_to_go_on(photo, 
     assert (tmp_path / "o" / "photo.png").exists()
 
 
+def test_an_edits_files_are_written_while_the_next_is_edited_and_said_in_order(photo, tmp_path, capsys,
+                                                                              monkeypatch):
+    """A 12 MP PNG takes seconds of a core to write: the first edit's write waits here until the second edit has
+    begun, which it can only do if the write runs beside it (else the wait times out, and the test fails)."""
+    import threading
+
+    import zone_engine.image_io as image_io
+    import zone_engine.pipeline as pipeline
+
+    second_begun, begun_while_writing = threading.Event(), []
+    edit_batch, save_image = pipeline.ZonePipeline.edit_batch, image_io.save_image
+
+    def edit_marked(self, requests, **kwargs):
+        if requests[0].image.shape[0] == 72:  # the second image
+            second_begun.set()
+        return edit_batch(self, requests, **kwargs)
+
+    def slow_save(array, path, **kwargs):
+        if Path(path).name == "photo.png":
+            begun_while_writing.append(second_begun.wait(timeout=20))
+        return save_image(array, path, **kwargs)
+
+    monkeypatch.setattr(pipeline.ZonePipeline, "edit_batch", edit_marked)
+    monkeypatch.setattr(image_io, "save_image", slow_save)
+    Image.fromarray(smooth_image(72, 96, seed=1)).save(tmp_path / "second.png")
+    report = tmp_path / "report.jsonl"
+    assert main(["edit", str(photo), str(tmp_path / "second.png"), "-i", "x", "-o", str(tmp_path / "o"), "--tiny",
+                 "--steps", "1", "--no-progress", "--report", str(report)]) == 0
+    assert begun_while_writing == [True]
+    err = capsys.readouterr().err
+    assert err.index("photo.png: action") < err.index("second.png: action")
+    names = [Path(json.loads(line)["name"]).name for line in report.read_text().splitlines()]
+    assert names == ["photo.png", "second.png"]
+
+
+def test_after_a_write_fails_no_later_edit_is_written(photo, tmp_path, capsys, monkeypatch):
+    """A batch of two: both edits' writes are queued at once; the second is not tried after the first fails."""
+    import zone_engine.image_io as image_io
+    from zone_engine.errors import OutputError
+
+    tried = []
+
+    def full(array, path, **kwargs):
+        tried.append(Path(path).name)
+        raise OutputError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(image_io, "save_image", full)
+    for name in ("second.png", "third.png"):
+        Image.open(photo).save(tmp_path / name)
+    images = [str(photo), str(tmp_path / "second.png"), str(tmp_path / "third.png")]
+    _fails_cleanly(capsys, ["edit", *images, "-i", "x", "-o", str(tmp_path / "o"), "--tiny", "--steps", "1",
+                            "--no-progress", "--batch-size", "2"], "(the run stopped: 3 of 3 edits not written")
+    assert tried == ["photo.png"]
+
+
 def test_skip_existing_resumes_a_run_without_loading_the_models_for_what_is_done(photo, tmp_path, capsys,
                                                                                  monkeypatch):
     import zone_engine.pipeline as pipeline
