@@ -306,8 +306,8 @@ class _Run:
         return loaded
 
     def edit(self, pipe: ZonePipeline, loaded: Sequence[LoadedJob], config: EditConfig, progress: bool) -> None:
-        """Edit the loaded images (those of one size as one batch) and write each edit, its masks first. With
-        several, an edit's warnings are said with its name (a batch's would name none)."""
+        """Edit the loaded images (those of one size as one batch) and queue each edit's files for the writer
+        thread (`_write`). With several, an edit's warnings are said with its name (a batch's would name none)."""
         from .errors import EditWarning
         from .pipeline import EditRequest
 
