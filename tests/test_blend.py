@@ -16,10 +16,8 @@ from zone_engine.blend import (
     low_pass_energy_torch,
     luma,
     luma_torch,
-    plain_composite,
     seam,
 )
-from zone_engine.config import Action
 
 SIZES = [(64, 96), (80, 48), (64, 64)]  # (H, W), non-square both ways
 
@@ -405,23 +403,6 @@ def test_composite_alpha(alpha):
     np.testing.assert_array_equal(out, reference_composite(original, styled, region, fine_mask, alpha))
 
 
-@pytest.mark.parametrize("action", list(Action))
-@pytest.mark.parametrize("size", SIZES[:2])
-def test_plain_composite(action, size):
-    original, _, box = edited_pair(*size, seed=2)
-    # Styled differs from the original everywhere, so taking D where M_f was due (or back) shows.
-    styled = np.random.default_rng(3).integers(0, 256, size=original.shape, dtype=np.uint8)
-    fine_mask = box
-    dilated = grow(box, 4)
-    out = plain_composite(original, styled, fine_mask, dilated, action)
-    taken = dilated if action is Action.REMOVE else fine_mask
-    expected = original.copy()
-    for r, c in zip(*np.nonzero(taken), strict=True):
-        expected[r, c] = styled[r, c]
-    np.testing.assert_array_equal(out, expected)
-    assert out.dtype == np.uint8
-
-
 # ---------------------------------------------------------------------------------------------------
 # Input checks
 # ---------------------------------------------------------------------------------------------------
@@ -440,8 +421,6 @@ def test_shape_mismatch_raises():
         composite(image, image, mask, wrong_mask)
     with pytest.raises(ValueError, match="same height and width"):
         composite(image, other, mask, mask)
-    with pytest.raises(ValueError, match="same height and width"):
-        plain_composite(image, image, mask, wrong_mask, Action.REMOVE)
     with pytest.raises(ValueError, match="same height and width"):
         seam(mask, wrong_mask)
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):

@@ -14,8 +14,6 @@ import cv2
 import numpy as np
 import torch
 
-from .config import Action
-
 # The reference's gray image is OpenCV's 8-bit RGB->gray: ITU-R BT.601 weights for R, G, B in 15-bit
 # fixed point, rounded to uint8 (round(0.299 * 2**15), ...); the torch path does the same integer sums.
 LUMA_WEIGHTS_Q15 = (9798, 19235, 3735)
@@ -207,25 +205,3 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, slice] | None:
     if not rows.size:
         return None
     return slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)
-
-
-def plain_composite(
-    original: np.ndarray,
-    styled: np.ndarray,
-    fine_mask: np.ndarray,
-    dilated: np.ndarray,
-    action: Action,
-) -> np.ndarray:
-    """The reference's plain composite (`composite/NAME.png`): styled where M_f, or where D for REMOVE.
-
-    original, styled: uint8 (H, W, 3) RGB; fine_mask (M_f), dilated (D): bool (H, W).
-    Returns uint8 (H, W, 3).
-    """
-    original, styled = np.asarray(original), np.asarray(styled)
-    fine_mask, dilated = np.asarray(fine_mask, dtype=bool), np.asarray(dilated, dtype=bool)
-    _check_same_size({"original": original, "styled": styled}, {"fine_mask": fine_mask, "dilated": dilated})
-
-    taken = dilated if Action(action) is Action.REMOVE else fine_mask
-    out = original.copy()
-    out[taken] = styled[taken]
-    return out
