@@ -2,12 +2,14 @@
 
     python -m benchmarks.bench_photo                    # a 12 MP photo (3000x4000), 3 repeats
     python -m benchmarks.bench_photo --size 2160x3840 --repeats 5
+    python -m benchmarks.bench_photo --device cuda      # the pipeline on a GPU: its blend stage there
 
 `zone bench` edits a 512² image, so none of this shows there: reading the file, shrinking it to the
 working size, and after the edit the resizes back to the input size, the composite (the `blend` stage,
 with the heatmap) and writing the result. The image is the built-in picture with sensor-like noise
 (Gaussian, sigma 4 levels: flat areas compress as no photo does), saved as JPEG quality 95; the edit is
-the tiny test models' at 1 step (its denoising is not what is measured). Each figure is the median of
+the tiny test models' at 1 step (its denoising is not what is measured) on `--device` (on CUDA the styled
+image and heatmap are enlarged on the device: pillow_resize.py). Each figure is the median of
 `--repeats` after one warm-up. Writing is timed for each format `zone edit -o` writes as the engine
 writes it (PNG at zlib level 1, WebP lossless, JPEG quality 95 without chroma subsampling), and PNG at
 Pillow's default level 6 beside it: the ratio says what level 1 saves, the size what it costs.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,8 +29,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from zone_engine.cli import CommandParser
+from zone_engine.cli import CommandParser, error_line
 from zone_engine.config import MAX_PIXELS
+from zone_engine.errors import ZoneError
 from zone_engine.image_io import encoded, load_image, make_sample_image, to_working, working_geometry
 
 
@@ -35,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CommandParser(prog="python -m benchmarks.bench_photo", description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=_size, default=(3000, 4000), metavar="HxW",
                         help="the photo's height x width (default 3000x4000: 12 MP)")
+    parser.add_argument("--device", default="cpu", help="where the pipeline runs: cpu (default) or cuda[:N]")
     parser.add_argument("--repeats", type=int, default=3, choices=range(1, 101), metavar="N",
                         help="timed runs of each figure after a warm-up, their median reported (1..100; default 3)")
     return parser.parse_args(argv)
@@ -66,7 +71,7 @@ def median_seconds(work: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def rows(size: tuple[int, int], repeats: int) -> list[tuple[str, float, str]]:
+def rows(size: tuple[int, int], repeats: int, device: str = "cpu") -> list[tuple[str, float, str]]:
     """(what, median seconds, note) for each figure."""
     from zone_engine import ZonePipeline
 
@@ -78,10 +83,10 @@ def rows(size: tuple[int, int], repeats: int) -> list[tuple[str, float, str]]:
     geometry = working_geometry(*size)
     measured.append(("shrink to the working size", median_seconds(lambda: to_working(pixels, geometry), repeats),
                      f"{size[1]}x{size[0]} -> {geometry.padded_size[1]}x{geometry.padded_size[0]}"))
-    pipe = ZonePipeline.tiny(seed=0)
+    pipe = ZonePipeline.tiny(seed=0, device=device)
     config = pipe.default_config.replace(steps=1)
     blend = [pipe.edit(pixels, "add a hat", config).timings["blend"] for _ in range(repeats + 1)][1:]
-    measured.append(("blend stage (resizes back, composite, heatmap)", statistics.median(blend), ""))
+    measured.append(("blend stage (resizes back, composite, heatmap)", statistics.median(blend), f"on {device}"))
     image = Image.fromarray(pixels)
     default_png = median_seconds(lambda: image.save(io.BytesIO(), format="PNG"), repeats)
     default_bytes = _length(lambda buffer: image.save(buffer, format="PNG"))
@@ -105,9 +110,14 @@ def _length(save: Callable[[io.BytesIO], None]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     height, width = args.size
+    try:
+        measured = rows(args.size, args.repeats, args.device)
+    except ZoneError as error:  # a device this machine lacks
+        print(error_line(error), file=sys.stderr)
+        return 2
     print(f"A {width}x{height} photo, median of {args.repeats}:\n")
     print("| work | seconds | note |\n|---|---|---|")
-    for what, seconds, note in rows(args.size, args.repeats):
+    for what, seconds, note in measured:
         print(f"| {what} | {seconds:.3f} | {note} |")
     return 0
 

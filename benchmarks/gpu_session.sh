@@ -13,7 +13,7 @@
 # bench-compile (the compile backend beside fused, and the variant rows on compile's denoiser),
 # compile (the torch.compile test), breaks (compile's graph breaks), profile (one edit under torch.profiler: each
 # stage's device-busy share and launches), graph-memory (captured steps' memory, shared pool vs one each),
-# suite (the whole suite), serve (the load test).
+# photo (a 12 MP photo's host work and blend stage), suite (the whole suite), serve (the load test).
 # At most 8 files come back from $OUT: every stage's log goes into $OUT/logs.tar.gz (rewritten after each
 # stage, through a temporary file, so a call cut short still returns what ran), bench and bench-compile add their
 # JSON, markdown and PNG ($OUT and $OUT/compile: written there as they end, so they come back even from a call
@@ -32,7 +32,7 @@
 # these and more where work joined since: kernel 3's tests and benchmarks). Run it with timeout_s 590;
 # then, at once (the machine stays warm 30 s; a fresh one needs 4 minutes of the lease left), the stages it
 # skipped, with BUDGET = the device seconds left - 20 and timeout_s = the seconds left, and give the machine back.
-# bench-contiguous, compile, breaks, refine-zero, suite and serve are for a lease with time left; a longer compile run:
+# bench-contiguous, compile, breaks, refine-zero, photo, suite and serve are for a lease with time left; a longer compile run:
 # `BACKENDS=fused,compile BENCH_LIMIT=560 bash benchmarks/gpu_session.sh bench`.
 # DRY_RUN=1 prints each stage's command instead of running it, with nothing installed: the suite parses
 # them with their tools' own parsers (tests/test_gpu_session.py), so no lease is spent on a stale flag.
@@ -145,6 +145,8 @@ run_stage() {
         limit=$(fit "${BENCH_LIMIT:-240}")
         stage bench "$limit" python3 -m benchmarks --preset gpu-512 --backends "${BACKENDS:-fused}" \
             --time-limit $((limit - 20)) --out "$OUT" ;;
+    photo)  # A 12 MP photo's work at its own size with the pipeline on the GPU (its blend stage enlarges there).
+        stage bench_photo 90 python3 -m benchmarks.bench_photo --device cuda ;;
     graph-memory)  # Device memory of the captured dual steps of a server's shapes (4 sizes x batches 1, 2, 4):
         # one shared pool (the engine's) against a pool per graph; and that both give the same latents.
         stage graph_memory 90 python3 -m benchmarks.graph_memory ;;
@@ -176,7 +178,7 @@ run_stage() {
             --server-arg=--random-weights=sd15 --server-arg=--dtype=fp16 --size 512x512 --steps 20 \
             --concurrency 1,2,4,8 --requests 16 --duration-s 100 --out "$LOGS/load" ;;
     *) echo "unknown stage $1: tests, compile, kernels, refine, refine-zero, dual, breaks, profile, graph-memory," \
-            "bench, bench-contiguous, bench-compile, suite, serve"
+            "bench, bench-contiguous, bench-compile, photo, suite, serve"
         SUMMARY+=("$1: unknown stage")
         return 1 ;;
     esac

@@ -20,6 +20,7 @@ import pytest
 from benchmarks import (
     bench_dual_unet,
     bench_kernels,
+    bench_photo,
     bench_refine,
     graph_breaks,
     graph_memory,
@@ -30,11 +31,12 @@ from zone_engine.config import DENOISERS
 
 ROOT = Path(__file__).parents[1]
 STAGES = ("tests", "compile", "kernels", "refine", "refine-zero", "dual", "breaks", "profile", "graph-memory", "bench",
-          "bench-contiguous", "bench-compile", "suite", "serve")
+          "bench-contiguous", "bench-compile", "photo", "suite", "serve")
 PARSERS = {"benchmarks": options.parse_bench_args, "benchmarks.bench_refine": bench_refine.parse_args,
            "benchmarks.bench_dual_unet": bench_dual_unet.parse_args, "benchmarks.graph_breaks": graph_breaks.parse_args,
            "benchmarks.bench_kernels": bench_kernels.parse_args, "benchmarks.load_test": load_test.parse_args,
-           "benchmarks.profile_edit": options.parse_profile_args, "benchmarks.graph_memory": graph_memory.parse_args}
+           "benchmarks.profile_edit": options.parse_profile_args, "benchmarks.graph_memory": graph_memory.parse_args,
+           "benchmarks.bench_photo": bench_photo.parse_args}
 
 
 def dry_run(*stages: str, **env: str) -> subprocess.CompletedProcess:
@@ -111,7 +113,7 @@ def test_the_benchmark_stages_pass_their_tools_parsers(every_stage):
         assert module in PARSERS, f"stage {name} runs {module}, which this test does not know"
         PARSERS[module](arguments)  # argparse exits (SystemExit 2) on an unknown flag or a bad value
         parsed += 1
-    assert parsed == 11
+    assert parsed == 12
     bench = options.parse_bench_args(every_stage["bench"][3:])
     assert bench.backends == ("fused", "compile") and set(bench.backends) <= set(DENOISERS)
     compiled = options.parse_bench_args(every_stage["bench_compile"][3:])
