@@ -416,12 +416,15 @@ def test_a_batch_line_that_cannot_run_is_refused_before_any_work(photo, tmp_path
 
 
 def test_a_batch_line_reads_an_image_under_the_home_folder_as_a_shell_would(photo, tmp_path, monkeypatch):
+    """~/ is the home folder; ~draft.png is a file's own name, beside the list (expanduser raised on it)."""
     monkeypatch.setenv("HOME", str(photo.parent))
     (tmp_path / "lists").mkdir()
-    (tmp_path / "lists" / "edits.jsonl").write_text(json.dumps({"image": f"~/{photo.name}", "instruction": "x"}))
+    Image.open(photo).save(tmp_path / "lists" / "~draft.png")
+    lines = [{"image": f"~/{photo.name}", "instruction": "x"}, {"image": "~draft.png", "instruction": "x"}]
+    (tmp_path / "lists" / "edits.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
     assert main(["batch", str(tmp_path / "lists" / "edits.jsonl"), "-o", str(tmp_path / "out"), "--tiny",
                  "--steps", "1", "--no-progress"]) == 0
-    assert (tmp_path / "out" / photo.name).exists()
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {photo.name, "~draft.png"}
 
 
 def test_a_batch_reads_what_json_writers_write_and_standard_input(photo, tmp_path, capsys, monkeypatch):
@@ -510,6 +513,41 @@ def test_an_edits_files_are_written_while_the_next_is_edited_and_said_in_order(p
     assert err.index("photo.png: action") < err.index("second.png: action")
     names = [Path(json.loads(line)["name"]).name for line in report.read_text().splitlines()]
     assert names == ["photo.png", "second.png"]
+
+
+def test_a_run_cut_short_says_and_reports_the_edits_whose_files_were_written(photo, tmp_path, capsys,
+                                                                            monkeypatch):
+    """Ctrl-C while the second image is edited, the first's write under way: it finishes and is said and
+    reported (its line was lost with the queue); the third is not written."""
+    import time
+
+    import zone_engine.image_io as image_io
+    import zone_engine.pipeline as pipeline
+
+    edit_batch, save_image, edits = pipeline.ZonePipeline.edit_batch, image_io.save_image, []
+
+    def interrupted_at_the_second(self, requests, **kwargs):
+        edits.append(1)
+        if len(edits) == 2:
+            raise KeyboardInterrupt
+        return edit_batch(self, requests, **kwargs)
+
+    def slow_save(array, path, **kwargs):
+        time.sleep(0.5)  # still writing when the interrupt comes
+        return save_image(array, path, **kwargs)
+
+    monkeypatch.setattr(pipeline.ZonePipeline, "edit_batch", interrupted_at_the_second)
+    monkeypatch.setattr(image_io, "save_image", slow_save)
+    images = []
+    for name in ("a.png", "b.png", "c.png"):
+        Image.open(photo).save(tmp_path / name)
+        images.append(str(tmp_path / name))
+    report = tmp_path / "report.jsonl"
+    assert main(["edit", *images, "-i", "x", "-o", str(tmp_path / "o"), "--tiny", "--steps", "1", "--no-progress",
+                 "--report", str(report)]) == 130
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["a.png"]
+    assert [Path(json.loads(line)["name"]).name for line in report.read_text().splitlines()] == ["a.png"]
+    assert str(tmp_path / "o" / "a.png") in capsys.readouterr().out
 
 
 def test_after_a_write_fails_no_later_edit_is_written(photo, tmp_path, capsys, monkeypatch):

@@ -620,7 +620,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what `timeout`, `kill` and orchestrators send), raised where the work is, so that what Ctrl-C
-    cleans up is cleaned up: an export's scratch files and the folder it created, an output's temporary file."""
+    cleans up is cleaned up: an export's scratch files and the folder it created, an output's temporary file (an
+    edit's write under way in `zone edit`'s writer thread finishes, whole, and is said: edit_files.cut_short)."""
 
 
 @contextlib.contextmanager

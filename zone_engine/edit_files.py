@@ -251,7 +251,9 @@ def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes
     job's own over them). One edit (not `several`): its error is the command's. Several: an edit that fails is
     said, the others go on, and a ZoneError lists those not done; a result that cannot be written stops the run.
     `report`: a JSON Lines file written as the edits end, one line each (`_Run.record`). A batch's files are
-    written in a second thread while the next batch is read and edited (a 12 MP PNG takes 2 s of a core)."""
+    written in a second thread while the next batch is read and edited (a 12 MP PNG takes 2 s of a core); a run
+    cut short (Ctrl-C, SIGTERM, an error) lets the write under way finish, drops those queued, and says and
+    reports the edits whose files were written."""
     run = _Run(len(jobs), several, batch_size)
     pipe, config = None, None
     if report:
@@ -259,14 +261,18 @@ def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes
     with (open(report, "w", encoding="utf-8") if report else contextlib.nullcontext() as out,
           ThreadPoolExecutor(1, thread_name_prefix="zone-write") as run.writer):
         run.report = out
-        for start in range(0, len(jobs), batch_size):
-            loaded = run.load(jobs[start:start + batch_size], start)
-            if loaded and pipe is None:
-                pipe = build()
-                config = pipe.default_config.replace(**changes)
-            if loaded:
-                run.edit(pipe, loaded, config, progress)
-        run.settle(keep=0)
+        try:
+            for start in range(0, len(jobs), batch_size):
+                loaded = run.load(jobs[start:start + batch_size], start)
+                if loaded and pipe is None:
+                    pipe = build()
+                    config = pipe.default_config.replace(**changes)
+                if loaded:
+                    run.edit(pipe, loaded, config, progress)
+            run.settle()
+        except BaseException:
+            run.cut_short()
+            raise
     if run.failed:
         raise ZoneError(f"{len(run.failed)} of {len(jobs)} edits not done (said above): {', '.join(run.failed)}")
 
@@ -284,13 +290,14 @@ class _Run:
     report: TextIO | None = None  # --report's file
     writer: ThreadPoolExecutor | None = None  # writes the files, in order
     writing: deque[tuple[Future, LoadedJob, dict[str, Any]]] = field(default_factory=deque)  # and what to say of each
-    write_failed: threading.Event = field(default_factory=threading.Event)  # the writes queued after it: not made
+    stop_writing: threading.Event = field(default_factory=threading.Event)  # a write failed, or the run was cut short
 
     def load(self, chunk: Sequence[EditJob], done: int) -> list[LoadedJob]:
         """The chunk's images read, each checked to fit its output's format; one that cannot be is said and left
         out (or raises, for one edit). With several, a line first says which these are."""
         from .image_io import check_output_size, colour_profile, load_image
 
+        self.settle(wait=False)  # the edits written by now said before this batch's lines; a failed write stops here
         if self.several:
             print(f"[{done + 1}/{self.total}] {', '.join(job.name() for job in chunk)}", file=sys.stderr)
         loaded = []
@@ -325,17 +332,17 @@ class _Run:
             else:
                 for note in result.notes if self.several else ():
                     print(f"warning: {item.job.name()}: {note}", file=sys.stderr)
-                self.settle(keep=self.in_flight - 1)
+                self.settle(keep=self.in_flight - 1)  # a batch's results in hand at most, while the next is edited
                 outcome = dict(action=result.action.value, seed=request.config.seed, steps=request.config.steps,
                                seconds=result.timings, edited_pixels=int(result.region.sum()),
                                used_fallback=result.used_fallback, warnings=list(result.notes))
                 self.writing.append((self.writer.submit(self._write, item, result), item, outcome))
 
-    def settle(self, keep: int) -> None:
-        """Wait for the queued writes until `keep` are left, saying each edit once its files are written, in order;
-        a write that failed stops the run, saying how to go on."""
-        while len(self.writing) > keep:
-            written, item, outcome = self.writing.popleft()
+    def settle(self, keep: int = 0, *, wait: bool = True) -> None:
+        """Say each edit whose files are written, in order: waiting for the queued writes until `keep` are left
+        (without `wait`, none: those done so far). A write that failed stops the run, saying how to go on."""
+        while self.writing and ((wait and len(self.writing) > keep) or self.writing[0][0].done()):
+            written, item, outcome = self.writing[0]
             try:
                 result = written.result()
             except ZoneError as error:
@@ -344,10 +351,24 @@ class _Run:
                 left = self.total - self.written
                 raise type(error)(f"{error} (the run stopped: {left} of {self.total} edits not written; mend it, "
                                   "then run the same command with --skip-existing)") from None
-            self.written += 1
-            print_summary(result, item.job.name() if self.several else None)
-            print_path(item.job.output)
-            self.record(item.job, **outcome)
+            self.writing.popleft()  # after its result: an interrupt in the wait leaves it to `cut_short`
+            self._say_written(result, item, outcome)
+
+    def cut_short(self) -> None:
+        """The run stops (Ctrl-C, SIGTERM, an error): the write under way finishes, those queued are dropped, and
+        the edits whose files were written are said and reported, as a run that ended would."""
+        self.stop_writing.set()
+        self.writer.shutdown(wait=True, cancel_futures=True)
+        for written, item, outcome in self.writing:
+            if not written.cancelled() and written.exception() is None:
+                self._say_written(written.result(), item, outcome)
+        self.writing.clear()
+
+    def _say_written(self, result: EditResult, item: LoadedJob, outcome: dict[str, Any]) -> None:
+        self.written += 1
+        print_summary(result, item.job.name() if self.several else None)
+        print_path(item.job.output)
+        self.record(item.job, **outcome)
 
     def record(self, job: EditJob, **outcome: Any) -> None:
         """One line of --report, written at once (a run cut short keeps the lines of the edits it ended): the
@@ -361,7 +382,7 @@ class _Run:
     def _fail(self, job: EditJob, error: ZoneError, named: bool) -> None:
         if not self.several:
             raise error
-        self.settle(keep=0)  # the edits before it said first, as they came
+        self.settle()  # the edits before it said first, as they came
         print(error_line(f"{job.name()}: {error}" if named else error), file=sys.stderr)
         self.failed.append(job.name())
         self.record(job, error=command_line_spelling(str(error)))
@@ -380,14 +401,14 @@ class _Run:
         there); none after a write that failed (a full disk would fail every edit after it)."""
         from .image_io import save_image
 
-        if self.write_failed.is_set():
-            raise ZoneError("not written: a write before it failed")  # never said: the run stops at that one
+        if self.stop_writing.is_set():
+            raise ZoneError("not written: the run stopped before it")  # never said: the run stops with its reason
         try:
             if item.job.masks:
                 save_masks(result, item.job.masks, item.profile)
             save_image(result.image, item.job.output, icc_profile=item.profile)
         except BaseException:
-            self.write_failed.set()
+            self.stop_writing.set()
             raise
         return result
 

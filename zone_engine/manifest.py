@@ -23,7 +23,7 @@ LONGEST_SAID = 2000  # characters of a message: a line's value can be megabytes
 
 def plan_manifest(args: argparse.Namespace, defaults: dict[str, Any]) -> list[EditJob]:
     """One edit a line of `args.manifest` (`-`: standard input), its image read relative to the file's folder (the
-    current one for standard input or a pipe; ~ is the home folder), its edit written under its "output" name
+    current one for standard input or a pipe; ~/ is the home folder), its edit written under its "output" name
     (default: the image's) in the folder -o. `defaults`: the command's EditConfig fields, each line's own over them."""
     output, said_folder = args.output
     check_batch_size(args.batch_size)
@@ -87,7 +87,7 @@ def _job(entry: dict[str, Any], args: argparse.Namespace, defaults: dict[str, An
         raise ConfigError(f"no {' and no '.join(missing)}: each line names both, such as {EXAMPLE}")
     if nulls := [name for name, value in entry.items() if value is None]:
         raise ConfigError(f"{', '.join(nulls)}: null; leave a field out for the command's value")
-    image = root / Path(_path(entry["image"], "image")).expanduser()  # an absolute one (~ too) as it is, as a shell's
+    image = root / _home_expanded(_path(entry["image"], "image"))  # an absolute one (~/ too) as it is
     check_image_path(image)  # a typo or a folder said before any work; its bytes are read later
     changes = {name: entry[name] for name in ("steps", "seed") if name in entry}
     if "action" in entry:
@@ -115,9 +115,24 @@ def _path(value: object, field: str) -> str:
         raise ConfigError(f"{field} {value!r} holds a NUL character, which no file name can")
     if field == "output" and (Path(value).is_absolute() or ".." in Path(value).parts):
         raise ConfigError(f"output {value!r} must stay inside -o: a relative path without ..")
-    if field == "output" and value.startswith("~"):  # a folder named ~ in -o, waiting for an `rm -rf ~`
+    if field == "output" and _under_home(value):  # a folder named ~ in -o, waiting for an `rm -rf ~`
         raise ConfigError(f"output {value!r} must stay inside -o: a relative path, not under ~")
     return value
+
+
+def _under_home(value: str) -> bool:
+    """`~` or `~/...`: what a shell expands to the home folder (`~name` is another user's, or a file's name)."""
+    return value == "~" or value.startswith("~/")
+
+
+def _home_expanded(value: str) -> Path:
+    if not _under_home(value):
+        return Path(value)
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # no HOME and no password entry
+        raise ConfigError(f"image {value!r}: the home folder is not known here (HOME is not set); write the path "
+                          "in full") from None
 
 
 def _json_kind(value: object) -> str:
