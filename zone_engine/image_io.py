@@ -525,8 +525,8 @@ def _scaled_region(geometry: Geometry) -> tuple[slice, slice]:
 
 # Options per format: JPEG (and MPO, JPEG inside) as near lossless as it goes (no chroma subsampling), WebP
 # lossless, so the pixels outside the edit stay the input's (JPEG's still move a little: `output_notes`). PNG at
-# zlib's fastest level, as OpenCV writes it: a 12 MP photo in half the time of Pillow's default level 6, the file
-# some 14% larger (benchmarks/bench_photo.py; RESULTS.md).
+# zlib's fastest level, as OpenCV writes it: a 12 MP photo 1.7 times as fast as at Pillow's default level 6, the
+# file some 14% larger (benchmarks/bench_photo.py; RESULTS.md).
 _NEAR_LOSSLESS_JPEG = {"quality": 95, "subsampling": 0}
 _SAVE_OPTIONS = {"JPEG": _NEAR_LOSSLESS_JPEG, "MPO": _NEAR_LOSSLESS_JPEG, "WEBP": {"lossless": True},
                  "PNG": {"compress_level": 1}}
