@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -33,6 +34,8 @@ from zone_engine.cli import CommandParser, error_line
 from zone_engine.config import MAX_PIXELS
 from zone_engine.errors import ZoneError
 from zone_engine.image_io import encoded, load_image, make_sample_image, to_working, working_geometry
+
+T = TypeVar("T")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,14 +64,16 @@ def photo(height: int, width: int) -> np.ndarray:
     return np.clip(make_sample_image(height, width) + noise, 0, 255).astype(np.uint8)
 
 
-def median_seconds(work: Callable[[], object], repeats: int) -> float:
-    work()  # warm-up: first-call costs (allocation, a thread pool) are not the steady state
+def median_seconds(work: Callable[[], T], repeats: int) -> tuple[float, T]:
+    """The median seconds of `work()` over `repeats` calls after a warm-up (first-call costs: allocation, a thread
+    pool), and what its last call returned (an encoding's bytes: their size, without encoding once more)."""
+    work()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        work()
+        result = work()
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return statistics.median(times), result
 
 
 def rows(size: tuple[int, int], repeats: int, device: str = "cpu") -> list[tuple[str, float, str]]:
@@ -79,32 +84,29 @@ def rows(size: tuple[int, int], repeats: int, device: str = "cpu") -> list[tuple
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "photo.jpg"
         Image.fromarray(pixels).save(path, quality=95)
-        measured = [("read (JPEG q95 decode, checks)", median_seconds(lambda: load_image(path), repeats), "")]
+        measured = [("read (JPEG q95 decode, checks)", median_seconds(lambda: load_image(path), repeats)[0], "")]
     geometry = working_geometry(*size)
-    measured.append(("shrink to the working size", median_seconds(lambda: to_working(pixels, geometry), repeats),
+    measured.append(("shrink to the working size", median_seconds(lambda: to_working(pixels, geometry), repeats)[0],
                      f"{size[1]}x{size[0]} -> {geometry.padded_size[1]}x{geometry.padded_size[0]}"))
     pipe = ZonePipeline.tiny(seed=0, device=device)
     config = pipe.default_config.replace(steps=1)
     blend = [pipe.edit(pixels, "add a hat", config).timings["blend"] for _ in range(repeats + 1)][1:]
     measured.append(("blend stage (resizes back, composite, heatmap)", statistics.median(blend), f"on {device}"))
-    image = Image.fromarray(pixels)
-    default_png = median_seconds(lambda: image.save(io.BytesIO(), format="PNG"), repeats)
-    default_bytes = _length(lambda buffer: image.save(buffer, format="PNG"))
+    default_png, default_bytes = median_seconds(lambda: _png_at_pillows_default(pixels), repeats)
     for file_format in ("PNG", "WEBP", "JPEG"):
-        seconds = median_seconds(lambda: encoded(pixels, file_format), repeats)  # noqa: B023 (called at once)
-        megabytes = len(encoded(pixels, file_format)) / 1e6
-        note = f"{megabytes:.1f} MB"
+        seconds, data = median_seconds(lambda: encoded(pixels, file_format), repeats)  # noqa: B023 (called at once)
+        note = f"{len(data) / 1e6:.1f} MB"
         if file_format == "PNG":
             note += (f"; Pillow's default level 6: {default_png:.3f} s ({default_png / seconds:.2f}x level 1's), "
-                     f"{default_bytes / 1e6:.1f} MB")
+                     f"{len(default_bytes) / 1e6:.1f} MB")
         measured.append((f"write {file_format} as the engine does", seconds, note))
     return measured
 
 
-def _length(save: Callable[[io.BytesIO], None]) -> int:
+def _png_at_pillows_default(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    save(buffer)
-    return len(buffer.getvalue())
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:
