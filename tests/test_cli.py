@@ -87,6 +87,10 @@ def test_a_folder_option_left_blank_or_a_dangling_link_is_said(capsys, tmp_path)
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2 and f"{option}: empty: name a file" in capsys.readouterr().err
+    # A home folder not known (a shell leaves ~nobody as it is): Path.expanduser's RuntimeError was a traceback.
+    with pytest.raises(SystemExit) as stop:
+        main(["edit", "in.png", "-i", "x", "-o", "~no-such-user-zone/out.png", "--tiny"])
+    assert stop.value.code == 2 and "the home folder of ~no-such-user-zone is not known" in capsys.readouterr().err
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     for out in (tmp_path / "dangling", tmp_path / "dangling" / "sub"):  # the link itself, or a folder above
         _fails_cleanly(capsys, ["export", "unet", "--tiny", "--out", str(out)], "--out",
@@ -390,6 +394,7 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
     ('{"image": "gone.png", "instruction": "x"}', "line 1: image not found"),
     ('{"image": "photo.png", "instruction": "x", "output": "../x.png"}', "must stay inside -o"),
     ('{"image": "photo.png", "instruction": "x", "output": "~/x.png"}', "not under ~"),
+    ('{"image": "photo.png", "instruction": "x", "output": "./~/x.png"}', "not under ~"),  # pathlib: ~/x.png
     ('{"image": "photo.png", "instruction": "x", "output": "x.ico"}', "line 1 (photo.png): cannot write"),
     ('"photo.png"', "line 1: a string, not an object such as"),
     ('[{"image": "photo.png", "instruction": "x"}]', "a JSON array of edits is written one object a line"),
@@ -416,15 +421,20 @@ def test_a_batch_line_that_cannot_run_is_refused_before_any_work(photo, tmp_path
 
 
 def test_a_batch_line_reads_an_image_under_the_home_folder_as_a_shell_would(photo, tmp_path, monkeypatch):
-    """~/ is the home folder; ~draft.png is a file's own name, beside the list (expanduser raised on it)."""
+    """~/ is the home folder; ~draft.png and ~nobody-zone/ are names beside the list, here the current folder
+    (expanduser raised on the first; the reader took the second for a user's home, and raised)."""
     monkeypatch.setenv("HOME", str(photo.parent))
-    (tmp_path / "lists").mkdir()
-    Image.open(photo).save(tmp_path / "lists" / "~draft.png")
-    lines = [{"image": f"~/{photo.name}", "instruction": "x"}, {"image": "~draft.png", "instruction": "x"}]
-    (tmp_path / "lists" / "edits.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
-    assert main(["batch", str(tmp_path / "lists" / "edits.jsonl"), "-o", str(tmp_path / "out"), "--tiny",
-                 "--steps", "1", "--no-progress"]) == 0
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {photo.name, "~draft.png"}
+    lists = tmp_path / "lists"
+    (lists / "~nobody-zone").mkdir(parents=True)
+    Image.open(photo).save(lists / "~draft.png")
+    Image.open(photo).save(lists / "~nobody-zone" / "kept.png")
+    lines = [{"image": f"~/{photo.name}", "instruction": "x"}, {"image": "~draft.png", "instruction": "x"},
+             {"image": "~nobody-zone/kept.png", "instruction": "x"}]
+    (lists / "edits.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    monkeypatch.chdir(lists)
+    assert main(["batch", "edits.jsonl", "-o", str(tmp_path / "out"), "--tiny", "--steps", "1",
+                 "--no-progress"]) == 0
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {photo.name, "~draft.png", "kept.png"}
 
 
 def test_a_batch_reads_what_json_writers_write_and_standard_input(photo, tmp_path, capsys, monkeypatch):

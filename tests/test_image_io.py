@@ -265,6 +265,27 @@ def test_a_gray_image_is_converted_to_srgb_by_its_profile():
     assert np.abs(rgb[..., 0] - srgb_encoded(levels / 255)).max() <= 1
 
 
+def test_a_16_bit_gray_image_is_converted_by_its_profile_at_16_bits():
+    """Each 16-bit value converted, not its high byte: 225 of 65535 in linear light is 11 of 255 in sRGB, 0 once
+    cut to 8 bits (a 16-bit gray PNG or TIFF opens as mode I;16, which was read without its profile). Values all at
+    most 255 are 8-bit ones, as without a profile."""
+    def read(values: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+        buffer = io.BytesIO()
+        Image.fromarray(values).save(buffer, format="PNG", icc_profile=linear_gray_profile())
+        with Image.open(buffer) as opened:
+            assert opened.mode.startswith("I")
+            return read_image(opened)
+
+    squares = (np.arange(256, dtype=np.uint16) ** 2).reshape(16, 16)  # dense in the shadows: 0, 1, 4, 9, ...
+    rgb, notes = read(squares)
+    assert notes == () and (rgb == rgb[..., :1]).all()
+    assert np.abs(rgb[..., 0] - srgb_encoded(squares / 65535)).max() <= 1
+    eight_bit = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    rgb, notes = read(eight_bit)
+    assert np.abs(rgb[..., 0] - srgb_encoded(eight_bit / 255)).max() <= 1
+    assert notes == ("the given PIL image has 16-bit pixels all at most 255: read as 8-bit values",)
+
+
 @pytest.mark.parametrize("file_format", ["JPEG", "TIFF"])
 def test_a_cmyk_image_is_converted_to_srgb_by_its_profile(file_format):
     """Under this profile, pure magenta without black is white and any ink with full black is black; converted
@@ -580,6 +601,10 @@ def test_a_path_from_the_home_folder_is_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     Image.new("RGB", (40, 30), (1, 2, 3)).save(tmp_path / "photo.png")
     assert load_image("~/photo.png").shape == (30, 40, 3) and load_image(Path("~/photo.png")).shape == (30, 40, 3)
+    # Path.expanduser's RuntimeError was a traceback.
+    assert load_refused("~no-such-user-zone/photo.png") == ("~no-such-user-zone/photo.png: the home folder of "
+                                                             "~no-such-user-zone is not known here (no such user, or "
+                                                             "HOME is not set); write the path in full")
 
 
 # ---------------------------------------------------------------------------------------------------

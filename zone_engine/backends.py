@@ -23,6 +23,7 @@ from .dual_step import FusedDualDenoiser
 from .errors import ConfigError, DeviceError, warn_caller
 from .localize import Accumulate, Binarize, accumulate_attention_probabilities, binarize_reference
 from .models import NormScope, ZoneModels, pytorch_norms
+from .paths import expanded
 from .refine import Segmenter
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -129,7 +130,7 @@ def check_onnx_segmenter(sam_onnx: str | Path | None) -> None:
     check_backend_options("auto", segmenter="onnx", sam_onnx=sam_onnx)
     from .sam_onnx import read_manifest
 
-    read_manifest(Path(sam_onnx).expanduser())
+    read_manifest(expanded(sam_onnx, ConfigError))
 
 
 def make_segmenter(

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zone_engine.config import LATENT_SCALE, MAX_PIXELS, MAX_WORKING_SIDE, MIN_SIDE
 from zone_engine.errors import InputImageError, OutputError, a_type, warn_caller
-from zone_engine.paths import folder_problem, name_problem, written_atomically
+from zone_engine.paths import expanded, folder_problem, name_problem, written_atomically
 
 # What Pillow raises for a file it cannot decode: besides OSError ("truncated", "broken data stream") and
 # SyntaxError ("not a TIFF file"), its plugins' own parsers fail on a corrupt or cut-off header or frame table with
@@ -77,7 +77,7 @@ def read_image(source: ImageSource, name: str | None = None) -> tuple[np.ndarray
             raise InputImageError("no image path given: pass the path of an image file")
         if isinstance(source, str) and "://" in source:  # Path() would fold it into "https:/host/x.png: not found"
             raise InputImageError(f"{source} is a URL: the engine reads local files only; download it first")
-        rgb, notes = _load_file(Path(source).expanduser())
+        rgb, notes = _load_file(expanded(source, InputImageError))
     else:
         raise InputImageError(f"cannot use {a_type(source)} as an image; pass a file path, a PIL image "
                               f"or a numpy array{_tensor_hint(source) if _is_tensor(source) else ''}")
@@ -179,7 +179,9 @@ def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, list[str]]:
     img, notes = _decoded_upright(img, name)
     img = _with_transparency(img, transparent_gray)
     in_srgb = _in_srgb(img)
-    notes += _colour_notes(img, name, profile_applied=in_srgb is not None)
+    integer_gray = img.mode in _INTEGER_GRAY
+    levels = _gray_levels(img) if integer_gray else None
+    notes += _colour_notes(img, name, profile_applied=in_srgb is not None or levels is not None)
     img = img if in_srgb is None else in_srgb
     mode = img.mode
     # A palette, RGB, L or 1-bit image can mark one colour transparent (PNG tRNS), a palette hold alpha: as much
@@ -195,9 +197,9 @@ def _pil_to_rgb(img: Image.Image, name: str) -> tuple[np.ndarray, list[str]]:
             f"{name} has floating-point pixels (mode F), which have no standard 8-bit meaning; "
             "convert it to 8-bit RGB first"
         )
-    if mode == "I" or mode.startswith("I;16"):  # Pillow opens a 16-bit gray PNG as one or the other by version
+    if integer_gray:
         rgb, gray_notes = _integer_gray_to_rgb(np.asarray(img), img.info.get("transparency"), name,
-                                               sixteen_bit=mode != "I")
+                                               sixteen_bit=mode != "I", levels=levels)
         return rgb, notes + gray_notes
     try:
         return np.array(img.convert("RGB"), dtype=np.uint8, order="C"), notes
@@ -231,15 +233,47 @@ def _with_transparency(img: Image.Image, transparent: int | None) -> Image.Image
     return img
 
 
+# Pillow opens a 16-bit gray PNG or TIFF as one or another of these by version and byte order.
+_INTEGER_GRAY = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 # An ICC profile's data colour space (bytes 16..20 of its header) -> the PIL modes whose pixels it describes and
-# `_in_srgb` converts by it.
-_CONVERTED_BY_PROFILE = {b"CMYK": ("CMYK",), b"GRAY": ("L", "LA")}
+# the engine converts by it (`_in_srgb`, `_gray_levels`).
+_CONVERTED_BY_PROFILE = {b"CMYK": ("CMYK",), b"GRAY": ("L", "LA", *_INTEGER_GRAY)}
 
 
 def _in_srgb(img: Image.Image) -> Image.Image | None:
-    """A CMYK or gray image converted to sRGB (RGB, or RGBA from LA or a transparent gray) by its embedded ICC
-    profile, as a colour-managed viewer shows it; None when it has no such profile, or littlecms is missing or
-    cannot use the profile. Why: converted without it, a press CMYK photo's colours come out far too saturated."""
+    """A CMYK or 8-bit gray image converted to sRGB (RGB, or RGBA from LA or a transparent gray) by its embedded
+    ICC profile, as a colour-managed viewer shows it; None as `_by_profile`. Why: converted without it, a press
+    CMYK photo's colours come out far too saturated."""
+    if img.mode == "CMYK":
+        # littlecms' optimised transform, as viewers convert: a few levels from the unoptimised one for smooth
+        # profiles, more for steep curves; each of 2^32 inks once, as gray's levels below, is out of reach.
+        return _by_profile(img, img, exact=False)
+    if img.mode not in ("L", "LA") or (levels := _gray_levels(img)) is None:
+        return None
+    if img.mode == "L" and img.has_transparency_data:  # a transparent gray value becomes alpha, kept below
+        img = img.convert("LA")
+    rgb = Image.fromarray(levels[np.asarray(img.getchannel("L"))])
+    if img.mode == "LA":
+        rgb.putalpha(img.getchannel("A"))
+    return rgb
+
+
+def _gray_levels(img: Image.Image) -> np.ndarray | None:
+    """(N, 3) uint8: the sRGB colour of each value a gray image holds (N = 256; 65536 for 16-bit) by its gray ICC
+    profile; None as `_by_profile`. Each value converted once, unoptimised: exact and fast (littlecms' optimised
+    8-bit transform is off by up to 10 levels in the shadows; unoptimised on every pixel, 3.6 s for 12 MP)."""
+    if img.mode in _INTEGER_GRAY:
+        ramp = Image.frombytes("I;16", (256, 256), np.arange(65536, dtype="<u2").tobytes())
+    else:
+        ramp = Image.frombytes("L", (256, 1), bytes(range(256)))
+    levels = _by_profile(img, ramp, exact=True)
+    return None if levels is None else np.asarray(levels).reshape(-1, 3)
+
+
+def _by_profile(img: Image.Image, pixels: Image.Image, *, exact: bool) -> Image.Image | None:
+    """`pixels` (`img`'s, or values of its mode) converted to sRGB RGB by `img`'s embedded ICC profile, by the
+    profile's own intent as viewers do (`exact`: unoptimised); None when `img` has no profile of its colour space
+    (`_CONVERTED_BY_PROFILE`), or littlecms is missing or cannot use the profile."""
     profile = img.info.get("icc_profile")
     if not profile or img.mode not in _CONVERTED_BY_PROFILE.get(profile[16:20], ()):
         return None
@@ -249,37 +283,24 @@ def _in_srgb(img: Image.Image) -> Image.Image | None:
         return None
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
-
-        def converted(pixels: Image.Image, flags: int) -> Image.Image:  # by the profile's own intent, as viewers do
-            return ImageCms.profileToProfile(pixels, source, ImageCms.createProfile("sRGB"), outputMode="RGB",
-                                             renderingIntent=ImageCms.getDefaultIntent(source), flags=flags)
-
-        if img.mode == "CMYK":
-            return converted(img, ImageCms.Flags.NONE)
-        # Gray has 256 values: each converted once, unoptimised, is exact and fast (littlecms' optimised 8-bit
-        # transform is off by up to 10 levels in the shadows; unoptimised on every pixel, 3.6 s for 12 MP).
-        levels = np.asarray(converted(Image.frombytes("L", (256, 1), bytes(range(256))), ImageCms.Flags.NOOPTIMIZE))
+        flags = ImageCms.Flags.NOOPTIMIZE if exact else ImageCms.Flags.NONE
+        return ImageCms.profileToProfile(pixels, source, ImageCms.createProfile("sRGB"), outputMode="RGB",
+                                         renderingIntent=ImageCms.getDefaultIntent(source), flags=flags)
     except (OSError, ValueError, ImageCms.PyCMSError):  # a damaged profile, or one without the tables this needs
         return None
-    if img.mode == "L" and img.has_transparency_data:  # a transparent gray value becomes alpha, kept below
-        img = img.convert("LA")
-    rgb = Image.fromarray(levels[0][np.asarray(img.getchannel("L"))])
-    if img.mode == "LA":
-        rgb.putalpha(img.getchannel("A"))
-    return rgb
 
 
 def _colour_notes(img: Image.Image, name: str, *, profile_applied: bool) -> list[str]:
     """What of the file's colour description the engine does not apply or carry: a CMYK, gray or Lab ICC profile
-    not applied by `_in_srgb` (its pixels are converted to RGB without it), a damaged RGB one (left out), a PNG
+    not applied (`_by_profile`: its pixels are read without it), a damaged RGB one (left out), a PNG
     gamma other than sRGB's when no profile stands in for it."""
     notes, profile, carried = [], img.info.get("icc_profile"), icc_profile_of(img)
     if profile and profile[16:20] == b"RGB " and carried is None:
         notes.append(f"{name} has a damaged colour profile; it is left out of the output")
     elif profile and profile[16:20] != b"RGB " and not profile_applied:
         space = profile[16:20].decode("latin-1").strip() or "unknown"
-        notes.append(f"{name} has a {space} colour profile, which is not applied: its colours were converted to RGB "
-                     "without it and may differ; convert the image to sRGB first")
+        notes.append(f"{name} has a {space} colour profile, which is not applied: its colours may differ from what a "
+                     "colour-managed viewer shows; convert the image to sRGB first")
     gamma = img.info.get("gamma")
     # Viewers that manage colour take a PNG's profile over its gamma (PNG spec, iCCP): with one carried or
     # applied, the gamma changes nothing.
@@ -299,20 +320,33 @@ def _frames_notes(img: Image.Image, name: str) -> list[str]:
     return [f"{name} has several frames (an animation or a multi-page file); only {edited}"]
 
 
-def _integer_gray_to_rgb(values: np.ndarray, transparent: object, name: str, *,
-                         sixteen_bit: bool) -> tuple[np.ndarray, list[str]]:
-    """A PIL mode I or I;16 image's (H, W) values -> uint8 RGB, its transparent value (PNG tRNS) made black."""
-    gray, notes = _integers_to_uint8(values, name, sixteen_bit=sixteen_bit)
+def _integer_gray_to_rgb(values: np.ndarray, transparent: object, name: str, *, sixteen_bit: bool,
+                         levels: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
+    """A PIL mode I or I;16 image's (H, W) values -> uint8 RGB, its transparent value (PNG tRNS) made black.
+    `levels`: each 16-bit value's sRGB colour by the image's gray profile (`_gray_levels`), else gray as read."""
+    if levels is None:
+        gray, notes = _integers_to_uint8(values, name, sixteen_bit=sixteen_bit)
+        rgb = _gray_to_rgb(gray)
+    else:  # 8-bit values (as `_integers_to_uint8` reads them) are the 16-bit values v * 257
+        wide, notes = _integer_depth(values, name, sixteen_bit=sixteen_bit)
+        rgb = levels[values if wide else values * 257]
     if isinstance(transparent, int) and (hidden := values == transparent).any():
-        gray[hidden] = 0
+        rgb[hidden] = 0
         notes += _alpha_notes(True, name)
-    return _gray_to_rgb(gray), notes
+    return rgb, notes
 
 
 def _integers_to_uint8(values: np.ndarray, name: str, *, sixteen_bit: bool) -> tuple[np.ndarray, list[str]]:
-    """Integer pixels in 0..65535 -> new uint8 by the depth they use: all at most 255, as 8-bit values; else
-    as 16-bit ones (the high byte). One rule for numpy arrays and PIL's I and I;16 modes, so one 16-bit PNG
-    reads the same whichever mode a Pillow version opens it in. `sixteen_bit`: their type says 16 bits."""
+    """Integer pixels in 0..65535 -> new uint8 by the depth they use (`_integer_depth`): 8-bit values as they are,
+    16-bit ones by their high byte."""
+    wide, notes = _integer_depth(values, name, sixteen_bit=sixteen_bit)
+    return ((values >> 8) if wide else values).astype(np.uint8), notes
+
+
+def _integer_depth(values: np.ndarray, name: str, *, sixteen_bit: bool) -> tuple[bool, list[str]]:
+    """Whether integer pixels in 0..65535 are 16-bit values: not when all are at most 255 (8-bit ones), with the
+    notes on that guess. One rule for numpy arrays and PIL's I and I;16 modes, so one 16-bit PNG reads the same
+    whichever mode a Pillow version opens it in. `sixteen_bit`: their type says 16 bits."""
     low, high = int(values.min()), int(values.max())
     if low < 0 or high > 65535:
         raise InputImageError(
@@ -322,11 +356,11 @@ def _integers_to_uint8(values: np.ndarray, name: str, *, sixteen_bit: bool) -> t
     if high <= 255:
         if sixteen_bit and high > 0:  # 8-bit values kept in 16 bits, or a 16-bit image all but black: a guess
             notes.append(f"{name} has 16-bit pixels all at most 255: read as 8-bit values")
-        return values.astype(np.uint8), notes
+        return False, notes
     if high < 4096:  # e.g. 12-bit sensor data: at most 15 of 255 once read as 16-bit
         notes.append(f"{name} has 16-bit pixels all at most {high}: read as 16-bit values, the image is nearly "
                      "black; scale them to 0..65535 first")
-    return (values >> 8).astype(np.uint8), notes
+    return True, notes
 
 
 def _array_to_rgb(array: np.ndarray, name: str) -> tuple[np.ndarray, list[str]]:
@@ -526,7 +560,7 @@ def _scaled_region(geometry: Geometry) -> tuple[slice, slice]:
 # Options per format: JPEG (and MPO, JPEG inside) as near lossless as it goes (no chroma subsampling), WebP
 # lossless, so the pixels outside the edit stay the input's (JPEG's still move a little: `output_notes`). PNG at
 # zlib's fastest level, as OpenCV writes it: a 12 MP photo 1.7 times as fast as at Pillow's default level 6, the
-# file some 14% larger (benchmarks/bench_photo.py; RESULTS.md).
+# file larger by what the content allows: a noisy photo's some 14%, a smooth picture's 60% (RESULTS.md).
 _NEAR_LOSSLESS_JPEG = {"quality": 95, "subsampling": 0}
 _SAVE_OPTIONS = {"JPEG": _NEAR_LOSSLESS_JPEG, "MPO": _NEAR_LOSSLESS_JPEG, "WEBP": {"lossless": True},
                  "PNG": {"compress_level": 1}}

@@ -14,6 +14,7 @@ from .config import EditConfig, parse_action
 from .edit_files import EditJob, check_batch_size, checked_jobs, masks_folder_of, output_suffix, refuse_file_output
 from .errors import ConfigError, ZoneError, refuse_unknown
 from .instruction import check_instruction
+from .paths import expanded
 
 FIELDS = ("image", "instruction", "output", "action", "steps", "seed")
 EXAMPLE = '{"image": "dog.jpg", "instruction": "make the dog a golden statue", "seed": 7}'
@@ -87,7 +88,7 @@ def _job(entry: dict[str, Any], args: argparse.Namespace, defaults: dict[str, An
         raise ConfigError(f"no {' and no '.join(missing)}: each line names both, such as {EXAMPLE}")
     if nulls := [name for name, value in entry.items() if value is None]:
         raise ConfigError(f"{', '.join(nulls)}: null; leave a field out for the command's value")
-    image = root / _home_expanded(_path(entry["image"], "image"))  # an absolute one (~/ too) as it is
+    image = _image_path(root, _path(entry["image"], "image"))
     check_image_path(image)  # a typo or a folder said before any work; its bytes are read later
     changes = {name: entry[name] for name in ("steps", "seed") if name in entry}
     if "action" in entry:
@@ -121,18 +122,18 @@ def _path(value: object, field: str) -> str:
 
 
 def _under_home(value: str) -> bool:
-    """`~` or `~/...`: what a shell expands to the home folder (`~name` is another user's, or a file's name)."""
-    return value == "~" or value.startswith("~/")
+    """A path in a folder named `~`: `~`, `~/...`, also `./~/...` (pathlib drops the `./`, and a shell given the
+    output's path would read it as the home folder)."""
+    return Path(value).parts[:1] == ("~",)
 
 
-def _home_expanded(value: str) -> Path:
-    if not _under_home(value):
-        return Path(value)
-    try:
-        return Path(value).expanduser()
-    except RuntimeError:  # no HOME and no password entry
-        raise ConfigError(f"image {value!r}: the home folder is not known here (HOME is not set); write the path "
-                          "in full") from None
+def _image_path(root: Path, value: str) -> Path:
+    """A line's image: `~` and `~/...` in the home folder, as a shell reads them (`~name`, `./~/` are names
+    here), an absolute path as it is, else in `root`. Made absolute when it would begin with `~` (`~name/x.png`
+    in the current folder): the reader expands a leading `~name` to that user's home."""
+    home = value == "~" or value.startswith("~/")
+    path = root / (expanded(value, ConfigError) if home else Path(value))
+    return path.absolute() if path.parts[0].startswith("~") else path
 
 
 def _json_kind(value: object) -> str:

@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import DEFAULT_ACTION_CLASSIFIER, IP2P_ID, MAGICBRUSH_ID, SAM_TYPES, check_seed, option
 from .errors import CheckpointError, ConfigError, first_line, warn_caller
+from .paths import expanded
 
 SAM_URLS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
@@ -377,7 +378,7 @@ def load_sam(checkpoint: str | Path, model_type: str | None = None, *,
 
 def sam_checkpoint_path(checkpoint: str | Path, flag: str = SAM_OPTIONS[0]) -> Path:
     """The SAM .pth file, checked to be there (before anything heavier loads)."""
-    path = Path(checkpoint).expanduser()
+    path = expanded(checkpoint, CheckpointError)
     if path.is_dir():  # there, but not what is asked for: not "not found"
         raise CheckpointError(f"{path} is a folder: pass the SAM checkpoint file itself with {flag}, such as "
                               f"{path / 'sam_vit_h_4b8939.pth'}")
@@ -404,7 +405,7 @@ def _model_load_error(what: str, source: str, hub_id: str, flag: str, error: Exc
     # A missing file says itself; a KeyError's text alone ('_class_name') would not say what is wrong.
     missing = isinstance(error, OSError | ValueError)
     said = first_line(error) if missing else f"{type(error).__name__}: {first_line(error)}"
-    if Path(source).expanduser().is_dir():
+    if expanded(source, CheckpointError).is_dir():
         return CheckpointError(
             f"cannot load {what} from the folder '{source}': {said.rstrip('.')}. Download it "
             f"again (`hf download {hub_id}`) and pass the folder with {flag}."
@@ -502,7 +503,7 @@ def load_action_classifier(checkpoint: str | Path | None, hidden_size: int) -> A
 
 def action_classifier_path(checkpoint: str | Path) -> Path:
     """The classifier's file, checked to be there (before anything heavier loads)."""
-    path = Path(checkpoint).expanduser()
+    path = expanded(checkpoint, CheckpointError)
     if not path.is_file():
         raise CheckpointError(f"action classifier not found: {path}. Get {ACTION_CLASSIFIER_SOURCE}.")
     return path
@@ -512,7 +513,7 @@ def locate_model(what: str, source: str, hub_id: str, flag: str) -> None:
     """CheckpointError unless `source` is a folder or a model in the offline Hugging Face cache: found in
     milliseconds, where loading it takes seconds to minutes. A folder must hold diffusers' model_index.json: an empty
     one (an interrupted download) passed here and failed only once the models before it had loaded."""
-    folder = Path(source).expanduser()
+    folder = expanded(source, CheckpointError)
     if folder.is_dir():
         if not (folder / "model_index.json").is_file():
             raise CheckpointError(f"the {what} folder '{source}' has no model_index.json: not a diffusers pipeline "

@@ -69,12 +69,22 @@ def _sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
         return digest.hexdigest()
 
 
+def expanded(path: str | os.PathLike, error: type[Exception] = ZoneError) -> Path:
+    """`path` with a leading `~` or `~user` expanded, as a shell does; `error` when that home folder is not known here
+    (no such user, no HOME), where Path.expanduser raises a RuntimeError: a traceback for a typo."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise error(f"{os.fspath(path)}: the home folder of {Path(path).parts[0]} is not known here (no such user, "
+                    "or HOME is not set); write the path in full") from None
+
+
 def folder_argument(text: str) -> Path:
     """argparse type of a folder option: a blank one is refused (pathlib reads "" as the current folder, where
     `--out ""` wrote an export's files), `~` expanded."""
     if not text.strip():
         raise argparse.ArgumentTypeError("empty: name a folder (. for the current one)")
-    return Path(text).expanduser()
+    return expanded(text, argparse.ArgumentTypeError)
 
 
 def file_argument(text: str) -> Path:
@@ -82,7 +92,7 @@ def file_argument(text: str) -> Path:
     was called a folder the user never named), `~` expanded."""
     if not text.strip():
         raise argparse.ArgumentTypeError("empty: name a file")
-    return Path(text).expanduser()
+    return expanded(text, argparse.ArgumentTypeError)
 
 
 def folder_problem(folder: Path, probed: set[Path] | None = None) -> str | None:

@@ -28,7 +28,7 @@ from segment_anything.modeling import Sam
 
 from .config import SamConfig
 from .errors import CheckpointError, ConfigError, DeviceError, first_line, warn_caller
-from .paths import MANIFEST_FILE, export_kind, export_manifest_path, listed_file_problem
+from .paths import MANIFEST_FILE, expanded, export_kind, export_manifest_path, listed_file_problem
 from .sam_torch import TorchSamSegmenter, passing_masks
 
 ENCODER_FILE = "image_encoder.onnx"
@@ -60,7 +60,7 @@ class OnnxSamSegmenter(TorchSamSegmenter):
                  device_index: int = 0) -> None:
         # TorchSamSegmenter.__init__ would want a torch Sam: only `segment` and `select` are inherited.
         ort = _import_onnxruntime()
-        self.folder, self.device_index = Path(folder).expanduser(), device_index
+        self.folder, self.device_index = expanded(folder, ConfigError), device_index
         self.manifest = read_manifest(self.folder)
         requested = choose_providers(ort, providers)
         encoder = self._session(ort, ENCODER_FILE, requested, config)
