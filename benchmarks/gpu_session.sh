@@ -78,6 +78,9 @@ fit() {  # fit SECONDS: a bench stage's limit, cut to the call's budget left (le
 if [ "$DRY_RUN" != 1 ]; then
     export TRITON_INTERPRET=0  # compiled kernels: a CUDA machine never interprets (bench_kernels refuses it)
     mkdir -p "$LOGS"
+fi
+machine_once() {  # before the first stage that runs (none: nothing to say of the machine): gpu.txt
+    [ -f "$LOGS/gpu.txt" ] && return 0
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOGS/gpu.txt"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
         | tee -a "$LOGS/gpu.txt"
@@ -86,7 +89,7 @@ if [ "$DRY_RUN" != 1 ]; then
         || echo "!! diffusers or segment-anything cannot be imported (were the wheels carried: carry [\".whl\"]?):" \
             "only the kernels stage can run" | tee -a "$LOGS/gpu.txt"
     pack_logs
-fi
+}
 
 # Each stage is bounded (the device allows 10 minutes a command): a stage that runs over is cut off,
 # its log kept, and the next one runs; one whose limit the call's budget no longer holds does not start.
@@ -99,6 +102,7 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, its output i
         SUMMARY+=("$name: skipped (${left}s left, limit ${limit}s)")
         return 0
     fi
+    machine_once
     echo "== $name (limit ${limit}s)"
     local started=$SECONDS rc
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"

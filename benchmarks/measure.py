@@ -348,13 +348,14 @@ def unet_flops_per_row(unet_config: dict, latent_size: tuple[int, int], context_
     return float(counter.get_total_flops())
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> dict:
-    """Measured dense matmul rate in `dtype` on random data: the best and the median of `repeats` products.
+def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 10, size: int | None = None) -> dict:
+    """Measured dense matmul rate in `dtype` on random data: the best and the median of `repeats` products of
+    `size`² operands (8192² on CUDA, 2048² elsewhere: large enough to reach the peak).
 
     A ceiling is the best the machine did: the floor uses `flops_per_s` (best); the median is kept
     beside it, and a large gap between the two says the machine was busy.
     """
-    n = 8192 if device.type == "cuda" else 2048
+    n = size or (8192 if device.type == "cuda" else 2048)
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)

@@ -130,6 +130,7 @@ def test_a_benchs_limit_is_cut_to_the_budget_left_and_a_minute_short_of_it_skips
     assert "--time-limit" in commands(dry_run("bench").stdout)["bench"]
     skipped = dry_run("bench", DRY_RUN="0", BUDGET="50", OUT=str(tmp_path / "out"), LOGS=str(tmp_path / "logs")).stdout
     assert "== bench: skipped," in skipped and "its limit is 240s" in skipped
+    assert not (tmp_path / "logs" / "gpu.txt").exists()  # no stage ran: the machine's versions are not read
 
 
 def test_the_pytest_stages_name_paths_markers_and_tests_that_exist(every_stage, pytestconfig):
