@@ -10,9 +10,10 @@ with the heatmap) and writing the result. The image is the built-in picture with
 (Gaussian, sigma 4 levels: flat areas compress as no photo does), saved as JPEG quality 95; the edit is
 the tiny test models' at 1 step (its denoising is not what is measured) on `--device` (on CUDA the styled
 image and heatmap are enlarged on the device: pillow_resize.py). Each figure is the median of
-`--repeats` after one warm-up. Writing is timed for each format `zone edit -o` writes as the engine
-writes it (PNG at zlib level 1, WebP lossless, JPEG quality 95 without chroma subsampling), and PNG at
-Pillow's default level 6 beside it: the ratio says what level 1 saves, the size what it costs.
+`--repeats` after one warm-up. Writing the edit's result (the decoded photo outside the edit) is timed
+for each format `zone edit -o` writes as the engine writes it (PNG at zlib level 1, WebP lossless, JPEG
+quality 95 without chroma subsampling), and PNG at Pillow's default level 6 beside it: the ratio says what
+level 1 saves, the size what it costs.
 """
 
 from __future__ import annotations
@@ -80,21 +81,23 @@ def rows(size: tuple[int, int], repeats: int, device: str = "cpu") -> list[tuple
     """(what, median seconds, note) for each figure."""
     from zone_engine import ZonePipeline
 
-    pixels = photo(*size)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "photo.jpg"
-        Image.fromarray(pixels).save(path, quality=95)
-        measured = [("read (JPEG q95 decode, checks)", median_seconds(lambda: load_image(path), repeats)[0], "")]
+        Image.fromarray(photo(*size)).save(path, quality=95)
+        read, pixels = median_seconds(lambda: load_image(path), repeats)  # what an edit of the file works on
+    measured = [("read (JPEG q95 decode, checks)", read, "")]
     geometry = working_geometry(*size)
     measured.append(("shrink to the working size", median_seconds(lambda: to_working(pixels, geometry), repeats)[0],
                      f"{size[1]}x{size[0]} -> {geometry.padded_size[1]}x{geometry.padded_size[0]}"))
     pipe = ZonePipeline.tiny(seed=0, device=device)
     config = pipe.default_config.replace(steps=1)
-    blend = [pipe.edit(pixels, "add a hat", config).timings["blend"] for _ in range(repeats + 1)][1:]
-    measured.append(("blend stage (resizes back, composite, heatmap)", statistics.median(blend), f"on {device}"))
-    default_png, default_bytes = median_seconds(lambda: _png_at_pillows_default(pixels), repeats)
+    edits = [pipe.edit(pixels, "add a hat", config) for _ in range(repeats + 1)]
+    blend = statistics.median(edit.timings["blend"] for edit in edits[1:])
+    measured.append(("blend stage (resizes back, composite, heatmap)", blend, f"on {device}"))
+    result = edits[-1].image  # what is written: the decoded photo outside the edit
+    default_png, default_bytes = median_seconds(lambda: _png_at_pillows_default(result), repeats)
     for file_format in ("PNG", "WEBP", "JPEG"):
-        seconds, data = median_seconds(lambda: encoded(pixels, file_format), repeats)  # noqa: B023 (called at once)
+        seconds, data = median_seconds(lambda: encoded(result, file_format), repeats)  # noqa: B023 (called at once)
         note = f"{len(data) / 1e6:.1f} MB"
         if file_format == "PNG":
             note += (f"; Pillow's default level 6: {default_png:.3f} s ({default_png / seconds:.2f}x level 1's), "
