@@ -79,8 +79,10 @@ if [ "$DRY_RUN" != 1 ]; then
     export TRITON_INTERPRET=0  # compiled kernels: a CUDA machine never interprets (bench_kernels refuses it)
     mkdir -p "$LOGS"
 fi
-machine_once() {  # before the first stage that runs (none: nothing to say of the machine): gpu.txt
-    [ -f "$LOGS/gpu.txt" ] && return 0
+MACHINE_SAID=0
+machine_once() {  # before this call's first stage that runs (none: nothing to say of the machine): gpu.txt
+    [ "$MACHINE_SAID" = 1 ] && return 0
+    MACHINE_SAID=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOGS/gpu.txt"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
         | tee -a "$LOGS/gpu.txt"
@@ -96,13 +98,9 @@ machine_once() {  # before the first stage that runs (none: nothing to say of th
 stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, its output in $LOGS/NAME.log
     local name=$1 limit=$2; shift 2
     if [ "$DRY_RUN" = 1 ]; then printf 'DRY-RUN %s:' "$name"; printf ' %q' "$@"; echo; return 0; fi
-    local left=$((BUDGET - SECONDS))
-    if [ "$left" -lt "$limit" ]; then
-        echo "== $name: skipped, ${left}s of the call's budget of ${BUDGET}s left and its limit is ${limit}s"
-        SUMMARY+=("$name: skipped (${left}s left, limit ${limit}s)")
-        return 0
-    fi
+    skipped_for_budget "$name" "$limit" && return 0
     machine_once
+    skipped_for_budget "$name" "$limit" && return 0  # the machine's check took its seconds too
     echo "== $name (limit ${limit}s)"
     local started=$SECONDS rc
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
@@ -110,6 +108,12 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, its output i
     echo "== $name: rc $rc after $((SECONDS - started))s"
     SUMMARY+=("$name: rc $rc after $((SECONDS - started))s$(case $rc in 124|137) echo ' (cut off at its limit)';; esac)")
     pack_logs
+}
+skipped_for_budget() {  # skipped_for_budget NAME SECONDS: said and summed up when the budget left is short of it
+    local left=$((BUDGET - SECONDS))
+    [ "$left" -lt "$2" ] || return 1
+    echo "== $1: skipped, ${left}s of the call's budget of ${BUDGET}s left and its limit is ${2}s"
+    SUMMARY+=("$1: skipped (${left}s left, limit ${2}s)")
 }
 SUMMARY=()
 run_stage() {

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from zone_engine import __version__
-from zone_engine.errors import DeviceError, ZoneError
-from zone_engine.paths import check_output_folder, file_sha256, listed_file_problem
+from zone_engine.errors import ConfigError, DeviceError, ZoneError
+from zone_engine.paths import check_output_folder, expanded, file_sha256, listed_file_problem
 from zone_engine.tensorrt_denoiser import TENSORRT_MISSING, import_tensorrt  # noqa: F401  (re-exported)
 
 from .unet import read_manifest
@@ -89,7 +89,7 @@ class EngineCache:
     """
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root).expanduser()
+        self.root = expanded(root, ConfigError)
 
     def engine_path(self, name: str, key: str) -> Path:
         return self.root / f"{name}.{key[:24]}.plan"
@@ -213,7 +213,7 @@ def ensure_engine(folder: Path, graph: str, cache_root: Path | None = None, *, f
     Returns (engine path, the graph's manifest entry, why it was built or None when the cache had it).
     """
     trt = import_tensorrt()
-    folder = Path(folder).expanduser()
+    folder = expanded(folder, ConfigError)
     manifest = read_manifest(folder)
     if graph not in manifest["graphs"]:
         raise _no_such_graphs(folder, manifest, [graph])

@@ -29,7 +29,7 @@ from torch import nn
 
 from zone_engine import __version__
 from zone_engine.errors import ConfigError
-from zone_engine.paths import MANIFEST_FILE, check_output_folder, file_sha256
+from zone_engine.paths import MANIFEST_FILE, check_output_folder, expanded, file_sha256
 from zone_engine.sam_onnx import DECODER_FILE, ENCODER_FILE, MANIFEST_FORMAT, TRT_CACHE
 from zone_engine.sam_torch import decode_masks, decode_tokens
 
@@ -256,7 +256,7 @@ def run_export_sam(args: argparse.Namespace) -> Path:
     else:
         if args.checkpoint is None:
             raise ConfigError("zone export sam needs --checkpoint SAM.pth (or --tiny for a random test model)")
-        checkpoint = Path(args.checkpoint).expanduser()
+        checkpoint = expanded(args.checkpoint, ConfigError)
         sam = load_sam(checkpoint, args.model_type, flags=("--checkpoint PATH", "--model-type TYPE"))
         model_type = args.model_type or sam_type_from_path(checkpoint)
     return export_sam(sam, model_type, args.out, fp16=args.fp16, opset=args.opset, checkpoint=checkpoint)

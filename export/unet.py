@@ -46,7 +46,14 @@ from zone_engine.dual_step import DualUNet
 from zone_engine.errors import ConfigError, ZoneError
 from zone_engine.localize import EMPTY_PROMPT_ROWS, attention_grid, record_cross_attention, recorded_layers
 from zone_engine.models import ZoneModels
-from zone_engine.paths import MANIFEST_FILE, check_output_folder, export_kind, export_manifest_path, file_sha256
+from zone_engine.paths import (
+    MANIFEST_FILE,
+    check_output_folder,
+    expanded,
+    export_kind,
+    export_manifest_path,
+    file_sha256,
+)
 
 from .onnx_graph import check_export_target, check_opset, compare, export_graph, require, session, staging_folder
 from .options import DEFAULT_SIZE, TINY_SEED
@@ -499,7 +506,7 @@ def _read_manifest_for_update(out_dir: Path) -> dict[str, Any]:
 
 def read_manifest(folder: Path) -> dict[str, Any]:
     """A `zone export unet` folder's manifest (format checked; files are checked before an engine is built)."""
-    folder = Path(folder).expanduser()
+    folder = expanded(folder, ConfigError)
     again = f"write one with `zone export unet --out {folder}`"
     path = export_manifest_path(folder, "unet", str(folder), again)
     try:

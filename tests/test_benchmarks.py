@@ -34,11 +34,14 @@ from zone_engine.pipeline import STAGES
 INSTRUCTION = "make the dog a golden statue"
 
 
-@pytest.fixture(autouse=True)
-def small_matmul_ceiling(monkeypatch):
+@pytest.fixture(scope="module", autouse=True)
+def small_matmul_ceiling():
     """The harness's ceiling from 256² products: 2048² ones, 13 at the start and 13 at the end, are 5 s of each
-    run on 2 cores, and what the floor makes of a ceiling does not depend on its size."""
-    monkeypatch.setattr(harness, "matmul_peak", lambda device, dtype: measure.matmul_peak(device, dtype, size=256))
+    run on 2 cores, and what the floor makes of a ceiling does not depend on its size. Module-wide: before the
+    module's own fixtures' runs (batched_record)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(harness, "matmul_peak", lambda device, dtype: measure.matmul_peak(device, dtype, size=256))
+        yield
 
 
 @pytest.fixture(scope="module")

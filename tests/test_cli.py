@@ -420,7 +420,7 @@ def test_a_batch_line_that_cannot_run_is_refused_before_any_work(photo, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_a_batch_line_reads_an_image_under_the_home_folder_as_a_shell_would(photo, tmp_path, monkeypatch):
+def test_a_batch_line_reads_an_image_under_the_home_folder_as_a_shell_would(photo, tmp_path, monkeypatch, capsys):
     """~/ is the home folder; ~draft.png and ~nobody-zone/ are names beside the list, here the current folder
     (expanduser raised on the first; the reader took the second for a user's home, and raised)."""
     monkeypatch.setenv("HOME", str(photo.parent))
@@ -435,6 +435,8 @@ def test_a_batch_line_reads_an_image_under_the_home_folder_as_a_shell_would(phot
     assert main(["batch", "edits.jsonl", "-o", str(tmp_path / "out"), "--tiny", "--steps", "1",
                  "--no-progress"]) == 0
     assert {p.name for p in (tmp_path / "out").iterdir()} == {photo.name, "~draft.png", "kept.png"}
+    (lists / "edits.jsonl").write_text('{"image": ".", "instruction": "x"}\n')  # no part to begin with ~: IndexError
+    _fails_cleanly(capsys, ["batch", "edits.jsonl", "-o", str(tmp_path / "out"), "--tiny"], "line 1", "directory")
 
 
 def test_a_batch_reads_what_json_writers_write_and_standard_input(photo, tmp_path, capsys, monkeypatch):

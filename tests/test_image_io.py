@@ -29,7 +29,7 @@ from zone_engine.image_io import (
     to_working,
     working_geometry,
 )
-from zone_engine.paths import check_output_file
+from zone_engine.paths import check_output_file, file_argument
 
 RNG = np.random.default_rng(0)
 
@@ -601,6 +601,12 @@ def test_a_path_from_the_home_folder_is_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     Image.new("RGB", (40, 30), (1, 2, 3)).save(tmp_path / "photo.png")
     assert load_image("~/photo.png").shape == (30, 40, 3) and load_image(Path("~/photo.png")).shape == (30, 40, 3)
+    # A folder named ~ here, as a shell reads ./~/: pathlib writes it ~/, which expanduser took for the home folder.
+    (tmp_path / "here" / "~").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (4, 5, 6)).save(tmp_path / "here" / "~" / "photo.png")
+    monkeypatch.chdir(tmp_path / "here")
+    assert load_image("./~/photo.png")[0, 0].tolist() == [4, 5, 6]
+    assert file_argument("./~/out.png") == tmp_path / "here" / "~" / "out.png"
     # Path.expanduser's RuntimeError was a traceback.
     assert load_refused("~no-such-user-zone/photo.png") == ("~no-such-user-zone/photo.png: the home folder of "
                                                              "~no-such-user-zone is not known here (no such user, or "

@@ -62,10 +62,12 @@ def saved(tmp_path_factory):
     return root, models
 
 
-def test_ip2p_and_magicbrush_load_from_folders(saved):
+def test_ip2p_and_magicbrush_load_from_folders(saved, monkeypatch):
+    """From folders under ~ too (`--ip2p=~/x`, where bash leaves the ~): diffusers took `~/ip2p` for a hub id."""
     root, models = saved
-    ip2p = load_ip2p(str(root / "ip2p"))
-    unet = load_magicbrush_unet(str(root / "magicbrush"), ip2p)
+    monkeypatch.setenv("HOME", str(root))
+    ip2p = load_ip2p("~/ip2p")
+    unet = load_magicbrush_unet("~/magicbrush", ip2p)
     assert_unets_in_place(ip2p.unet, unet, models)
     assert_same_weights(ip2p.vae, models.vae)
     assert_same_weights(ip2p.text_encoder, models.text_encoder)

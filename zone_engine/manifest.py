@@ -14,7 +14,7 @@ from .config import EditConfig, parse_action
 from .edit_files import EditJob, check_batch_size, checked_jobs, masks_folder_of, output_suffix, refuse_file_output
 from .errors import ConfigError, ZoneError, refuse_unknown
 from .instruction import check_instruction
-from .paths import expanded
+from .paths import expanded, literal
 
 FIELDS = ("image", "instruction", "output", "action", "steps", "seed")
 EXAMPLE = '{"image": "dog.jpg", "instruction": "make the dog a golden statue", "seed": 7}'
@@ -132,8 +132,7 @@ def _image_path(root: Path, value: str) -> Path:
     here), an absolute path as it is, else in `root`. Made absolute when it would begin with `~` (`~name/x.png`
     in the current folder): the reader expands a leading `~name` to that user's home."""
     home = value == "~" or value.startswith("~/")
-    path = root / (expanded(value, ConfigError) if home else Path(value))
-    return path.absolute() if path.parts[0].startswith("~") else path
+    return expanded(value, ConfigError) if home else literal(root / value)
 
 
 def _json_kind(value: object) -> str:

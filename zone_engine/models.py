@@ -422,13 +422,21 @@ def _model_load_error(what: str, source: str, hub_id: str, flag: str, error: Exc
     )
 
 
+def _folder_or_hub_id(source: str) -> str:
+    """A model's folder with `~` expanded (`locate_model` found it so; diffusers would take `~/ip2p` for a hub id),
+    else the hub id as given."""
+    folder = expanded(source, CheckpointError)
+    return str(folder) if folder.is_dir() else source
+
+
 def load_ip2p(source: str, dtype: torch.dtype = torch.float32) -> Any:
     """IP2P's diffusers pipeline (tokenizer, text encoder, VAE, UNet, scheduler), from disk only."""
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     try:
         return StableDiffusionInstructPix2PixPipeline.from_pretrained(
-            source, safety_checker=None, requires_safety_checker=False, local_files_only=True, torch_dtype=dtype
+            _folder_or_hub_id(source), safety_checker=None, requires_safety_checker=False, local_files_only=True,
+            torch_dtype=dtype,
         )
     except MODEL_FOLDER_ERRORS as error:
         raise _model_load_error("InstructPix2Pix", source, IP2P_ID, option("ip2p", "DIR"), error) from error
@@ -445,7 +453,7 @@ def load_magicbrush_unet(source: str, ip2p: Any, dtype: torch.dtype = torch.floa
 
     try:
         pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-            source,
+            _folder_or_hub_id(source),
             text_encoder=ip2p.text_encoder,
             tokenizer=ip2p.tokenizer,
             vae=ip2p.vae,

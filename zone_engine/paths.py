@@ -70,13 +70,23 @@ def _sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
 
 
 def expanded(path: str | os.PathLike, error: type[Exception] = ZoneError) -> Path:
-    """`path` with a leading `~` or `~user` expanded, as a shell does; `error` when that home folder is not known here
-    (no such user, no HOME), where Path.expanduser raises a RuntimeError: a traceback for a typo."""
+    """`path` with a leading `~` or `~user` expanded, as a shell does (not `./~/`, which pathlib would shorten to
+    `~/`); `error` when that home folder is not known here (no such user, no HOME), where Path.expanduser raises a
+    RuntimeError: a traceback for a typo."""
+    text = os.fspath(path)
+    if not text.startswith("~"):
+        return literal(Path(text))
     try:
-        return Path(path).expanduser()
-    except RuntimeError:
-        raise error(f"{os.fspath(path)}: the home folder of {Path(path).parts[0]} is not known here (no such user, "
-                    "or HOME is not set); write the path in full") from None
+        return Path(text).expanduser()
+    except (RuntimeError, ValueError):  # ValueError: a NUL in the user's name
+        raise error(f"{text}: the home folder of {Path(text).parts[0]} is not known here (no such user, or HOME is "
+                    "not set); write the path in full") from None
+
+
+def literal(path: Path) -> Path:
+    """`path`, absolute when its first part begins with `~` (`./~/x` or `~name` meant as a folder here, which pathlib
+    writes `~/x`, `~name`): no later expanduser takes it for a home folder."""
+    return path.absolute() if path.parts[:1] and path.parts[0].startswith("~") else path
 
 
 def folder_argument(text: str) -> Path:
