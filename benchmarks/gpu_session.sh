@@ -41,7 +41,7 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = fetch-wheels ]; then  # here, not on the device: the packages its image lacks, as wheels
     # Not importlib_metadata (diffusers' metadata asks for it, its code takes the standard library's on Python 3.8+):
     # its newest wheel needs a package the image lacks, and on PYTHONPATH it would shadow the image's own.
-    wheels=(diffusers==0.42.1 segment-anything)
+    wheels=(diffusers==0.42.1 segment-anything ftfy wcwidth)  # ftfy: the instruction as CLIP reads it
     [ "${DRY_RUN:-0}" = 1 ] || rm -rf .whl  # a re-fetch must not leave two versions of a package to install
     [ "${2:-}" != serve ] || wheels+=(fastapi uvicorn python-multipart starlette pydantic pydantic-core
         annotated-types typing-inspection opentelemetry-api typing_extensions)

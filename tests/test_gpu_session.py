@@ -78,7 +78,7 @@ def test_fetch_wheels_downloads_what_the_device_image_lacks():
     before = exclude.read_text() if exclude.exists() else None
     words = commands(dry_run("fetch-wheels", "serve").stdout)["fetch-wheels"]
     assert words[:4] == ["python3", "-m", "pip", "download"] and "--no-deps" in words and ".whl" in words
-    assert {"diffusers==0.42.1", "segment-anything", "fastapi", "uvicorn"} <= set(words)
+    assert {"diffusers==0.42.1", "segment-anything", "ftfy", "wcwidth", "fastapi", "uvicorn"} <= set(words)
     assert "fastapi" not in commands(dry_run("fetch-wheels").stdout)["fetch-wheels"]
     assert (exclude.read_text() if exclude.exists() else None) == before  # a dry run writes nothing
 

@@ -21,7 +21,7 @@ from zone_engine.localize import (
     threshold_difference,
 )
 from zone_engine.models import build_tiny_unet
-from zone_engine.text import encode_instruction
+from zone_engine.text import count_tokens, encode_instruction
 
 
 class StoreEverything:
@@ -209,6 +209,16 @@ def test_l_counts_the_instructions_tokens_with_start_and_end_up_to_77(tiny_model
     assert encode_instruction(tokenizer, encoder, "dog " * 75).token_count == 77  # 75 words: exactly full
     with pytest.warns(EditWarning):
         assert encode_instruction(tokenizer, encoder, "dog " * 76).token_count == 77  # one over: truncated
+
+
+def test_an_instruction_is_tokenized_as_the_references_clip_tokenizer_read_it(tiny_models):
+    """Its transformers 4.27 fixed the text with ftfy first: a curly apostrophe (typed on phones), a ligature and
+    full-width letters read as their plain forms, for L and the prompt alike; transformers 5 read them as they are."""
+    tokenizer, encoder = tiny_models.tokenizer, tiny_models.text_encoder
+    plain = encode_instruction(tokenizer, encoder, "make the cat's fish blue")
+    typed = encode_instruction(tokenizer, encoder, "make the cat\u2019s \ufb01sh \uff42\uff4c\uff55\uff45")
+    assert typed.token_count == plain.token_count and torch.equal(typed.context, plain.context)
+    assert count_tokens(tokenizer, "the cat\u2019s") == count_tokens(tokenizer, "the cat's")
 
 
 def test_difference_is_saturating_and_uses_token_l_minus_1():

@@ -24,17 +24,28 @@ class EncodedInstruction:
     truncated: bool
 
 
+def as_clip_reads(text: str) -> str:
+    """`text` as the reference's tokenizer read it: its transformers 4.27 ran ftfy.fix_text first (ftfy pinned
+    beside it), which straightens curly quotes and mends mojibake, ligatures and full-width letters; transformers 5
+    dropped that, and "the cat’s fur" took two tokens more than "the cat's fur", moving L. Idempotent: a
+    transformers 4 with ftfy that fixes the text again changes nothing."""
+    import ftfy
+
+    return ftfy.fix_text(text)
+
+
 def count_tokens(tokenizer: CLIPTokenizer, text: str) -> tuple[int, bool]:
-    """(L, truncated): tokens of `text` with start and end, capped at 77 as CLIP truncates."""
+    """(L, truncated): tokens of `text` (`as_clip_reads`) with start and end, capped at 77 as CLIP truncates."""
     # verbose=False: transformers would print that the ids are too long for the model, which never sees them
     # (padded_ids truncates); the truncation is said once, as EditWarning's TRUNCATED.
-    full = len(tokenizer(text, truncation=False, verbose=False).input_ids)
+    full = len(tokenizer(as_clip_reads(text), truncation=False, verbose=False).input_ids)
     return min(full, MAX_TOKENS), full > MAX_TOKENS
 
 
 def padded_ids(tokenizer: CLIPTokenizer, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), each (len(texts), 77)."""
-    batch = tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+    """(input_ids, attention_mask), each (len(texts), 77), of the texts `as_clip_reads`."""
+    batch = tokenizer([as_clip_reads(text) for text in texts], padding="max_length", max_length=MAX_TOKENS,
+                      truncation=True, return_tensors="pt")
     return batch.input_ids.to(device), batch.attention_mask.to(device)
 
 
