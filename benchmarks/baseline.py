@@ -53,6 +53,7 @@ from zone_engine.denoise import REFERENCE_SCHEDULER
 from zone_engine.models import ZoneModels
 from zone_engine.pipeline import STAGES, EditResult
 from zone_engine.solver import set_timesteps
+from zone_engine.text import as_clip_reads
 from zone_engine.timing import Stopwatch
 
 # Reference attention store: maps with more queries than this are not kept ("avoid memory overhead").
@@ -381,6 +382,7 @@ class ReferenceStyleZone:
         geometry = image_io.working_geometry(*original.shape[:2], config.max_side, config.size_multiple)
         working = image_io.to_working(original, geometry)
         padded_h, padded_w = geometry.padded_size
+        instruction = as_clip_reads(instruction)  # the reference's transformers 4.27 + ftfy did it in its tokenizer
         tokens = self.ip2p_pipe.tokenizer.encode(instruction)[:77]
 
         with watch("text"):
