@@ -1111,7 +1111,7 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path, monke
     monkeypatch.setattr("zone_engine.serving.run_server", started)
     out = subprocess.run([sys.executable, "-m", "zone_engine.cli", "serve", "--help"], capture_output=True, text=True)
     for option in ("--port", "--max-batch", "--max-wait-ms", "--queue-size", "--timeout-s", "--ray", "--replicas",
-                   "--tiny", "--ip2p"):
+                   "--tiny", "--ip2p", "--allow-host"):
         assert option in out.stdout
     # Each option as the command line writes it, its Python spelling left out.
     _fails_cleanly(capsys, ["serve", "--tiny", "--max-batch", "0"], "--max-batch 0 must be at least 1")
@@ -1137,6 +1137,8 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path, monke
                    "--max-pixels 200000000 must be at most 100,000,000")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--allow-origin", "https://app.example.com/ui"],
                    "allowed origin 'https://app.example.com/ui' (--allow-origin, allow_origins) is not an origin")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--allow-host", "zone.example.com:8000"],
+                   "allowed host 'zone.example.com:8000' (--allow-host, allow_hosts) is not a host name")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "70000"], "port")
     _fails_cleanly(capsys, ["serve", "--tiny", "--host", "999.1.1.1"], "--host 999.1.1.1")
     with socket.socket() as taken:
@@ -1147,6 +1149,15 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path, monke
     _fails_cleanly(capsys, ["serve", "--tiny", "--device", "cuda"], "no CUDA")
     _fails_cleanly(capsys, ["serve", "--ip2p", str(tmp_path / "no-ip2p"), "--sam", str(tmp_path / "no-sam.pth")],
                    "not found")
+
+
+def test_serve_answers_requests_addressed_to_the_name_it_listens_on(monkeypatch):
+    """--host NAME: clients address the server by that name, so it is an allowed host beside --allow-host's."""
+    served = []
+    monkeypatch.setattr("zone_engine.serving.run_server", lambda service, *_: served.append(service.settings))
+    for host, names in (("localhost", ("zone.example.com", "localhost")), ("127.0.0.1", ("zone.example.com",))):
+        assert main(["serve", "--tiny", "--port", "0", "--host", host, "--allow-host", "zone.example.com"]) == 0
+        assert served.pop().allow_hosts == names
 
 
 @requires_serve

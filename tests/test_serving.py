@@ -126,8 +126,8 @@ def raw_answer(base: str, request: bytes) -> str:
 def answer_before_the_body(base: str, header: bytes = b"") -> tuple[str, str]:
     """Head and body of the answer to an edit whose upload never comes (`header` added): what the server says
     before reading it (waiting for the body would time out)."""
-    request = (b"POST /v1/edit HTTP/1.1\r\nHost: x\r\n" + header + b"Content-Type: multipart/form-data; boundary=b"
-               b"\r\nContent-Length: 100000\r\n\r\n")
+    request = (b"POST /v1/edit HTTP/1.1\r\nHost: 127.0.0.1\r\n" + header
+               + b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n")
     head, _, body = raw_answer(base, request).partition("\r\n\r\n")
     return head, body
 
@@ -546,7 +546,8 @@ def test_bad_requests_get_the_right_4xx_and_a_json_error_and_the_server_keeps_se
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
         # The upload limit guards the edit endpoint only: neither a 413 elsewhere nor counted as an edit.
         for path, status in (("/nope", "404"), ("/healthz", "405")):  # 413 both, counted bad_request
-            answer = raw_answer(base, f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n".encode())
+            request = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 99999999\r\n\r\n"
+            answer = raw_answer(base, request.encode())
             assert answer.split()[1] == status, answer
         wrong_method = httpx.post(f"{base}/healthz")
         assert wrong_method.status_code == 405 and wrong_method.headers["Allow"] == "GET, HEAD"  # HEAD was left out
@@ -652,7 +653,7 @@ def test_a_stalled_upload_is_answered_503_as_soon_as_the_server_stops(pipe, monk
 
     monkeypatch.setattr(app_module, "_unless_stopping", reading_the_upload)
     service = LocalEditService(lambda: pipe, ServeSettings(warmup=False))
-    stalled = (b"POST /v1/edit HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    stalled = (b"POST /v1/edit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"instruction\"\r\n\r\n"
                b"add a hat\r\n")  # and no more
     with serving_service(service) as (base, server), ThreadPoolExecutor(1) as pool:
@@ -791,7 +792,7 @@ def test_a_client_that_goes_away_cancels_its_edit(pipe):
     body = upload.read()
     with serving(gated, timeout_s=120) as (base, _):
         with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=30) as client:
-            client.sendall(b"POST /v1/edit HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            client.sendall(b"POST /v1/edit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                            + upload.headers["content-type"].encode()
                            + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
             # The client goes away once its edit runs (not after a fixed wait it might reach the model thread in).
@@ -815,8 +816,9 @@ def test_a_client_that_goes_away_during_its_upload_is_counted_cancelled_not_a_ba
     with serving(pipe) as (base, _):
         host, port = base.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port))) as client:
-            client.sendall(b"POST /v1/edit HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                           b"Content-Length: 100000\r\n\r\n" + head + png(smooth_image(64, 64))[:200])
+            client.sendall(b"POST /v1/edit HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                           b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+                           + head + png(smooth_image(64, 64))[:200])
             time.sleep(0.3)  # the server is reading the body
         deadline = time.monotonic() + 30
         while (text := httpx.get(f"{base}/metrics").text) and not parse_metrics(text).get(
@@ -862,11 +864,10 @@ def test_a_server_side_fault_is_a_500_not_the_clients_fault(pipe, caplog):
 def test_browser_pages_of_the_allowed_origins_only_may_call_the_api():
     """--allow-origin: preflight answered and every answer (errors too) readable by those pages' scripts, with
     the X-Zone-* headers; without it no CORS header at all (a browser then refuses cross-origin calls)."""
-    from fastapi.testclient import TestClient
 
     page, other = "https://app.example.com", "https://elsewhere.example"
     preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "X-Request-Id"}
-    with TestClient(create_app(settings=ServeSettings(allow_origins=(page,)))) as client:
+    with local_client(allow_origins=(page,)) as client:
         answer = client.options("/v1/edit", headers={"Origin": page, **preflight})
         assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == page
         assert "POST" in answer.headers["access-control-allow-methods"]
@@ -875,7 +876,7 @@ def test_browser_pages_of_the_allowed_origins_only_may_call_the_api():
         assert {"X-Zone-Warnings", "Retry-After"} <= set(refused.headers["access-control-expose-headers"].split(", "))
         assert client.options("/v1/edit", headers={"Origin": other, **preflight}).status_code == 400
         assert "access-control-allow-origin" not in client.post("/v1/edit", headers={"Origin": other}).headers
-    with TestClient(create_app(settings=ServeSettings())) as client:
+    with local_client() as client:
         assert "access-control-allow-origin" not in client.post("/v1/edit", headers={"Origin": page}).headers
         assert client.options("/v1/edit", headers={"Origin": page, **preflight}).status_code == 405
     with pytest.raises(ConfigError, match="is not an origin"):
@@ -923,12 +924,60 @@ def test_only_an_address_or_localhost_makes_a_page_this_servers_own(origin, host
     assert same_origin(origin, Request({"type": "http", "headers": [(b"host", host.encode())]})) is same
 
 
+def local_client(**settings):
+    """A test client of the app with no service, addressing it as 127.0.0.1 (TestClient's own "testserver" is a
+    DNS name, which the Host check refuses)."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(create_app(settings=ServeSettings(**settings)), base_url="http://127.0.0.1")
+
+
+@pytest.mark.parametrize("host, answered", [
+    ("127.0.0.1:8000", True), ("[::1]:8000", True), ("10.0.0.5", True), ("LOCALHOST.:8000", True),
+    ("", True),  # HTTP/1.0: no browser
+    ("zone.example.com", True), ("Zone.Example.COM.:443", True),  # --allow-host zone.example.com
+    ("app.example.com:8000", True),  # the allowed origin's name: a page there may be served by this server
+    ("evil.example:8000", False),  # a page there whose name was pointed at this server (DNS rebinding)
+    ("zone.example.com.evil.example", False), ("127.0.0.1.nip.io", False),
+    ("x@127.0.0.1", False), ("[::1", False), ("a b", False),  # no host a browser sends
+])
+def test_requests_addressed_to_a_dns_name_not_allowed_get_421_on_every_route(host, answered):
+    """A page whose name was made to resolve to this server is of the same origin as its answers: it could
+    read /metrics and /readyz without CORS. IP addresses and localhost name no DNS."""
+    allowed = {"allow_hosts": ("zone.example.com",), "allow_origins": ("https://app.example.com",)}
+    with local_client(**allowed) as client:
+        for method, path in (("GET", "/openapi.json"), ("GET", "/docs"), ("POST", "/nowhere")):  # need no service
+            answer = client.request(method, path, headers={"Host": host, "X-Request-Id": "r1"})
+            assert (answer.status_code != 421) == answered, (method, path, answer.text)
+        if not answered:
+            assert answer.json()["error"]["code"] == "host_not_allowed" and answer.headers["X-Request-Id"] == "r1"
+            if host.startswith("evil"):
+                assert "--allow-host evil.example" in answer.json()["error"]["message"]
+
+
+def test_allowed_hosts_are_host_names_and_any_star_allows_every_name():
+    assert ServeSettings(allow_hosts=("*",)).host_names() is None
+    assert ServeSettings(allow_origins=("*",)).host_names() is None  # any page may read every answer anyway
+    assert ServeSettings(allow_hosts=("Zone.Example.",)).host_names() == {"zone.example"}
+    for host in ("zone.example.com:8000", "https://zone.example.com", "zone example", ""):
+        with pytest.raises(ConfigError, match="is not a host name: write the name clients put in the address"):
+            ServeSettings(allow_hosts=(host,))
+    with pytest.raises(ConfigError, match="is not an origin"):
+        ServeSettings(allow_origins=("http://[::1",))
+    with local_client() as client:  # refused without a name allowed, readable by no page
+        answer = client.get("/readyz", headers={"Host": "zone.example.com:8000", "Origin": "http://x"})
+        assert answer.status_code == 421 and "access-control-allow-origin" not in answer.headers
+        assert "--allow-host zone.example.com" in answer.json()["error"]["message"]
+    with local_client(allow_origins=("https://app.example.com",)) as client:  # the allowed page may read why
+        answer = client.get("/readyz", headers={"Host": "zone.example.com", "Origin": "https://app.example.com"})
+        assert answer.status_code == 421 and answer.headers["access-control-allow-origin"] == "https://app.example.com"
+
+
 def test_a_wrong_path_or_method_names_what_the_api_takes():
     """A trailing slash was a bare 307 to a Location built from the client's Host header; 404 and 405 said only
     "Not Found" and "Method Not Allowed"."""
-    from fastapi.testclient import TestClient
 
-    with TestClient(create_app(settings=ServeSettings())) as client:
+    with local_client() as client:
         slash = client.post("/v1/edit/", follow_redirects=False)
         assert slash.status_code == 404 and "location" not in slash.headers
         assert "the routes are POST /v1/edit, GET /healthz, GET /readyz, GET /metrics" in \
@@ -1063,9 +1112,8 @@ def test_a_dead_batching_worker_fails_readiness_and_liveness_so_the_server_is_re
 def test_a_sane_request_id_is_kept_and_any_other_replaced():
     """A caller's X-Request-Id joins its logs across proxies; one that could forge log lines (spaces, newlines)
     or bloat them is replaced by a fresh one."""
-    from fastapi.testclient import TestClient
 
-    with TestClient(create_app(settings=ServeSettings())) as client:
+    with local_client() as client:
         for given, kept in (("trace-1.a:b_C", True), ("x" * 128, True), ("x" * 129, False), ("a b", False),
                             ("", False)):
             answer = client.get("/nowhere", headers={"X-Request-Id": given})

@@ -341,6 +341,11 @@ def _add_serve_command(commands) -> None:
                         "headers readable), e.g. https://app.example.com, or * for any page; repeatable (default: "
                         "none: edits posted by pages of other origins get 403; clients that are not browsers need "
                         "none)")
+    server.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="answer requests addressed to this DNS name (as clients write it in the URL, no port), "
+                        "e.g. zone.example.com, or * for any; repeatable (default: none beyond IP addresses, "
+                        "localhost, a name given as --host and the --allow-origin names; others get 421, as a page "
+                        "elsewhere could point its own name at this server and read its answers)")
     server.add_argument("--log-level", type=str.lower, default="info", choices=["debug", "info", "warning", "error"],
                         help="the server's log: requests, readiness, warm-up, failed edits (default: info)")
     scale = serve.add_argument_group("Ray Serve")
@@ -541,6 +546,7 @@ def run_serve(args: argparse.Namespace) -> None:
         max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, max_steps=args.max_steps,
         image_threads=args.image_threads, warmup=not args.no_warmup, warmup_sizes=tuple(args.warmup_size),
         edit_changes=tuple(changes.items()), allow_origins=tuple(args.allow_origin),
+        allow_hosts=(*args.allow_host, *_dns_name_of(args.host)),
     )
     if args.ray:
         spec.check_checkpoints()  # one `error:` line, as below: not a replica's traceback
@@ -572,7 +578,16 @@ def _check_listen_address(host: str, port: int) -> None:
     if not ipaddress.ip_address(address[0]).is_loopback:
         print(f"warning: --host {host} takes requests from other machines, and the API has no authentication: put "
               "it behind a reverse proxy that authenticates callers, limits connections and times out slow clients "
-              "(README, Serving)", file=sys.stderr)
+              "(README, Serving); requests addressed to a DNS name need --allow-host NAME", file=sys.stderr)
+
+
+def _dns_name_of(host: str) -> tuple[str, ...]:
+    """(host,) when --host is a DNS name (clients then address the server by it), else ()."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return (host,)
+    return ()
 
 
 def _quiet_libraries() -> None:

@@ -59,7 +59,7 @@ from ..instruction import check_instruction
 from ..pipeline import BatchKey, EditRequest, EditResult, ZonePipeline, batch_key
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
 from .metrics import ServeMetrics
-from .settings import ServeSettings
+from .settings import ServeSettings, dns_name
 
 log = logging.getLogger("zone_engine.serving")
 REPLICA = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (several under Ray)
@@ -477,6 +477,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
         400: "unreadable image", 403: "a browser page of an origin not allowed (--allow-origin)",
+        421: "addressed to a host name not allowed (--allow-host)",
         413: "upload or image too large", 415: "not multipart/form-data",
         422: "missing or invalid field", 500: "engine fault", 503: "queue full or shutting down (Retry-After)",
         504: "timed out (the edit was cancelled)",
@@ -517,8 +518,9 @@ def create_app(service: LocalEditService | None = None, settings: ServeSettings 
         "the instruction is about changes. Concurrent edits of one size are denoised together.",
     )
     add_routes(app)
-    origins = (service.settings if service is not None else settings or ServeSettings()).allow_origins
-    if origins:
+    settings = service.settings if service is not None else settings or ServeSettings()
+    app.add_middleware(HostCheck, names=settings.host_names())
+    if origins := settings.allow_origins:  # outside HostCheck: its refusals readable by the allowed pages too
         app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "HEAD", "POST"],
                            allow_headers=["X-Request-Id"], expose_headers=list(EXPOSED_HEADERS), max_age=600)
     return app
@@ -804,6 +806,37 @@ def _names_no_dns(name: str) -> bool:
     except ValueError:
         return name == "localhost"
     return True
+
+
+class HostCheck:
+    """A request addressed (its Host header) to a DNS name not among `names` gets 421, on every route: a page
+    elsewhere can point its own name at this server (DNS rebinding), and being then of the same origin, read its
+    answers (/metrics, /readyz) without CORS. IP addresses and localhost name no DNS; a request without a Host
+    (HTTP/1.0) comes from no browser. `names` None: any name."""
+
+    def __init__(self, app: Callable, names: frozenset[str] | None) -> None:
+        self.app, self.names = app, names
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and self.names is not None:
+            request = Request(scope)
+            if (refusal := self.refusal(request.headers.get("host", ""))) is not None:
+                return await error_response(refusal, request_id_of(request))(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def refusal(self, host: str) -> ServeError | None:
+        if not host:
+            return None
+        if (match := _HOST.fullmatch(host)) is None:
+            return ServeError(421, "host_not_allowed", f"the Host header {host[:100]!r} names no host")
+        name = dns_name(match[1].removeprefix("[").removesuffix("]"))
+        if _names_no_dns(name) or name in self.names:
+            return None
+        return ServeError(421, "host_not_allowed", f"this server answers no requests addressed to {name!r}; to let "
+                          f"it, start it with --allow-host {name}")
+
+
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:/@\[\]]+)(:[0-9]*)?")  # name or [IPv6 address], then a port
 
 
 def _too_large(size: int | None, limit: int) -> ServeError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,6 +79,7 @@ class PipelineSpec:
 
 
 _ORIGIN = re.compile(r"https?://[^\s/?#]+")  # what a browser sends as Origin: scheme, host, port; no path
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")  # a DNS name as a Host header writes it, no port
 MIN_UPLOAD_BYTES = 1024  # below it hardly the smallest image and its form fit: every edit would be a 413
 
 
@@ -102,6 +104,9 @@ class ServeSettings:
     # Origins whose browser pages may call the API (CORS), e.g. ("https://app.example.com",); "*" any. None: a
     # page's cross-origin requests are refused by its browser (a server-side client needs no CORS).
     allow_origins: tuple[str, ...] = ()
+    # DNS names requests may be addressed to (their Host header), e.g. ("zone.example.com",); "*" any. IP
+    # addresses, localhost and the allowed origins' names always may; any other gets 421 (app.HostCheck).
+    allow_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Each option said as `zone serve` and Python both write it ("--max-batch 0 (max_batch=0)"; the command
@@ -110,6 +115,7 @@ class ServeSettings:
         self._check_request_defaults()
         self._check_durations_and_upload()
         self._check_origins()
+        self._check_hosts()
 
     def _check_counts(self) -> None:
         for name in ("max_batch", "queue_size", "max_instruction_chars", "max_steps", "image_threads"):
@@ -151,10 +157,26 @@ class ServeSettings:
 
     def _check_origins(self) -> None:
         for origin in self.allow_origins:
-            if origin != "*" and not _ORIGIN.fullmatch(origin):
+            if origin != "*" and not (_ORIGIN.fullmatch(origin) and _host_of(origin) is not None):
                 raise ConfigError(f"allowed origin {origin!r} (--allow-origin, allow_origins) is not an origin: "
                                   "write scheme://host[:port] with no path "
                                   "(e.g. https://app.example.com or http://localhost:3000), or * for any")
+
+    def _check_hosts(self) -> None:
+        for host in self.allow_hosts:
+            if host != "*" and not _HOST_NAME.fullmatch(host):
+                raise ConfigError(f"allowed host {host!r} (--allow-host, allow_hosts) is not a host name: write the "
+                                  "name clients put in the address, without scheme or port (e.g. zone.example.com), "
+                                  "or * for any")
+
+    def host_names(self) -> frozenset[str] | None:
+        """The DNS names requests may be addressed to, beyond IP addresses and localhost (lower case, no final
+        dot): --allow-host's and those of the allowed origins (a page the operator lets call the API may be
+        served from this server's own name). None: any, as with "*" either way (a page of any origin may then
+        read every answer through CORS: checking the Host would protect nothing)."""
+        if "*" in self.allow_hosts or "*" in self.allow_origins:
+            return None
+        return frozenset(dns_name(host) for host in (*self.allow_hosts, *map(_host_of, self.allow_origins)))
 
     def check_default_steps(self, steps: int) -> None:
         """A request that asks for no steps gets the server's default: refused if above --max-steps."""
@@ -173,3 +195,17 @@ class ServeSettings:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+
+def dns_name(host: str) -> str:
+    """A host name as compared: lower case, without the final dot ("Zone.Example.com." is "zone.example.com")."""
+    return host.lower().removesuffix(".")
+
+
+def _host_of(origin: str) -> str | None:
+    """The host an origin names ("https://app.example.com:8443": "app.example.com"); None for one that does
+    not parse ("http://[::1")."""
+    try:
+        return urllib.parse.urlsplit(origin).hostname
+    except ValueError:
+        return None
