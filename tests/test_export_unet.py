@@ -541,7 +541,9 @@ class StandInContext:
 
 @pytest.fixture
 def stand_in_tensorrt(monkeypatch):
-    """TensorRT and the GPU replaced by ONNX Runtime and the CPU, for everything around the engine calls."""
+    """TensorRT and the GPU replaced by ONNX Runtime and the CPU, for everything around the engine calls.
+    Returns the log of stream waits ("wait", waiting stream, stream waited for) and engine runs ("run", stream):
+    torch's current stream is 0, the one made for TensorRT 7."""
     import contextlib
     from types import SimpleNamespace
 
@@ -555,7 +557,21 @@ def stand_in_tensorrt(monkeypatch):
     monkeypatch.setattr(engine_module, "gpu_name", lambda device=None: "stand-in GPU sm_00")
     monkeypatch.setattr(engine_module, "build_engine", build)
     monkeypatch.setattr(torch.cuda, "device", contextlib.nullcontext)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
+    log = []
+
+    def stream(handle: int) -> SimpleNamespace:
+        return SimpleNamespace(cuda_stream=handle, wait_stream=lambda other: log.append(("wait", handle,
+                                                                                         other.cuda_stream)))
+
+    def logged_run(context, handle: int) -> bool:
+        log.append(("run", handle))
+        return run(context, handle)
+
+    run, current, own = StandInContext.execute_async_v3, stream(0), stream(7)
+    monkeypatch.setattr(StandInContext, "execute_async_v3", logged_run)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: own)
+    return log
 
 
 def test_tensorrt_denoiser_loop_equals_the_fused_denoiser(models, exported, stand_in_tensorrt, tmp_path):
@@ -583,6 +599,9 @@ def test_tensorrt_denoiser_loop_equals_the_fused_denoiser(models, exported, stan
     latents = denoiser(inputs, config, beta, engine_attention, on_step=steps.append)
 
     assert steps == [0, 1, 2, 3]
+    # Each step on TensorRT's own stream (the default one would synchronise the device), between the inputs'
+    # copies and the solver's reads on the caller's.
+    assert stand_in_tensorrt == [("wait", 7, 0), ("run", 7), ("wait", 0, 7)] * 4
     assert engine_attention.rows == eager_attention.rows == 4 * 20
     # ONNX Runtime vs torch, both fp32: ~1e-5 on the guided noise per step, carried through 4 solver steps.
     assert_close(latents, eager, 1e-4, 1e-4)

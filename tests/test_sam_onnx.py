@@ -477,6 +477,21 @@ def test_a_gpu_provider_that_cannot_start_drops_out_with_a_warning_the_others_ke
     assert segmenter.providers == ["CPUExecutionProvider"] and segmenter.segment(smooth_image(64, 64))
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider")  # ORT's own, for the providers this build lacks
+def test_a_gpu_provider_that_onnx_runtime_leaves_out_without_an_error_is_said(exported, monkeypatch):
+    """On Linux ORT mostly logs a GPU provider whose libraries do not load and builds the session without it:
+    no exception for the loop above to see. The real ORT here (a CPU build) does that with providers it lacks."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(PROVIDER_ORDER))
+    with pytest.warns(EditWarning) as said:
+        segmenter = OnnxSamSegmenter(exported, CONFIGS["random-weights"])
+    assert [str(warning.message) for warning in said if warning.category is EditWarning] == [
+        "ONNX Runtime could not start TensorrtExecutionProvider (left out by ONNX Runtime, whose log says why: its "
+        "libraries may be missing) or CUDAExecutionProvider (left out by ONNX Runtime, whose log says why: its "
+        f"libraries may be missing) for {name}: it runs on CPUExecutionProvider" for name in (ENCODER_FILE,
+                                                                                              DECODER_FILE)]
+    assert segmenter.providers == ["CPUExecutionProvider"]
+
+
 def test_manifest_records_the_checkpoint_checksum(sam, tmp_path):
     checkpoint = tmp_path / "sam_tiny.pth"
     torch.save(sam.state_dict(), checkpoint)

@@ -83,6 +83,8 @@ class OnnxSamSegmenter(TorchSamSegmenter):
         path, tried, failed = self.folder / name, list(providers), []
         # A provider that cannot start (TensorRT's or CUDA's libraries) drops out here, not in ORT's own fallback
         # (enable_fallback=0): that one retries CUDA and CPU without their options, on GPU 0 whatever device_id.
+        # Where ORT does not raise (on Linux it mostly logs and builds the session without it), its absence from
+        # the session's providers says so.
         while True:
             try:
                 session = ort.InferenceSession(
@@ -96,8 +98,11 @@ class OnnxSamSegmenter(TorchSamSegmenter):
                 failed.append(f"{tried[0]} ({first_line(error)[:200]})")
                 tried = tried[1:]
                 continue
+            kept = session.get_providers()
+            failed += [f"{provider} (left out by ONNX Runtime, whose log says why: its libraries may be missing)"
+                       for provider in tried if provider in GPU_PROVIDERS and provider not in kept]
             if failed:
-                warn_caller(f"ONNX Runtime could not start {' or '.join(failed)} for {name}: it runs on {tried[0]}")
+                warn_caller(f"ONNX Runtime could not start {' or '.join(failed)} for {name}: it runs on {kept[0]}")
             return session
 
     def _provider_options(self, provider: str, name: str, config: SamConfig) -> dict[str, Any]:

@@ -96,6 +96,9 @@ class TensorRTDenoiser:
         self.logger = trt.Logger(trt.Logger.WARNING)  # TensorRT needs the logger and runtime to outlive the engine
         self.runtime = trt.Runtime(self.logger)
         with torch.cuda.device(self.device):
+            # TensorRT's own stream: on the default one (torch's current outside a capture) TensorRT synchronises
+            # the whole device around each enqueue (its execute_async_v3 documentation).
+            self.stream = torch.cuda.Stream(self.device)
             self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
             if self.engine is None:
                 raise DeviceError(f"TensorRT cannot load {engine_path}: built by another TensorRT version or for "
@@ -157,8 +160,11 @@ class TensorRTDenoiser:
         buffers["sample"][:3, :4].copy_(state.z_mb.expand(3, -1, -1, -1))
         buffers["sample"][3:, :4].copy_(state.z_ip.expand(3, -1, -1, -1))
         buffers["timestep"].copy_(schedule.timesteps.index_select(0, state.step))
-        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)  # the inputs just copied (in a capture: the fork the graph records)
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise ZoneError("TensorRT could not run the dual-step engine (see TensorRT's messages above)")
+        caller.wait_stream(self.stream)  # the outputs, read below (in a capture: the join)
         advance(schedule, state, buffers["eps_mb"], buffers["eps_ip2p"], beta)
         attention_total.add_(buffers["attention"])
 
