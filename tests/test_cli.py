@@ -333,6 +333,29 @@ def test_no_image_writes_over_another_images_input_or_files_whatever_the_links_s
     assert not any((tmp_path / name).exists() for name in ("e", "M", "m5", "twice"))  # nothing made either
 
 
+def test_files_whose_names_differ_only_in_case_clash_where_the_file_system_ignores_case(photo, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """On macOS's or Windows' file systems out/Dog.png and out/dog.png are one file: the second edit replaced the
+    first, or an input. Refused there (case blindness stood in for here); where case counts they are two files."""
+    from zone_engine import edit_files
+    from zone_engine.cli import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("a/Dog.png", "b/dog.png", "m/Dog/Mask_B.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.open(photo).save(tmp_path / name)
+    two_dogs = ["edit", "a/Dog.png", "b/dog.png", "-o", "out", "-i", "x", "--tiny"]
+    mask_over_input = ["edit", "a/Dog.png", "m/Dog/Mask_B.png", "-o", "out", "--save-masks", "m", "-i", "x", "--tiny"]
+    assert not edit_files.ignores_case(tmp_path)  # Linux: these run (the edits themselves are not needed here)
+    assert [job.output.name for job in edit_files.plan_jobs(build_parser().parse_args(two_dogs), "x")] == [
+        "Dog.png", "dog.png"]
+    monkeypatch.setattr(edit_files, "ignores_case", lambda folder: True)
+    _fails_cleanly(capsys, two_dogs, "out/dog.png and out/Dog.png, written for b/dog.png and a/Dog.png, are one "
+                   "file on this file system, which ignores case")
+    _fails_cleanly(capsys, mask_over_input, "m/Dog/mask_b.png, written for a/Dog.png, is the input m/Dog/Mask_B.png "
+                   "on this file system, which ignores case: it would be overwritten")
+
+
 def test_folders_among_the_inputs_are_left_out_and_edits_keep_writable_formats(photo, tmp_path, capsys,
                                                                                monkeypatch):
     """A glob such as photos/* takes folders in, and files of formats Pillow reads but cannot write as they are;

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import threading
 import warnings
 from collections import deque
@@ -194,11 +195,40 @@ def _check_no_clash(jobs: Sequence[EditJob], repeats: bool) -> None:
                 raise OutputError(f"{path} would be written for both {written[key][1].name()} and {job.name()}: edit "
                                   f"them in separate runs, or {rename}")
             written[key] = path, job
+    _check_case_clash(inputs, written, rename)
     folders = {str(parent) for key in written for parent in Path(key).parents}
     if both := sorted(folders & written.keys()):
         path, job = written[both[0]]
         raise OutputError(f"{path} would be a file written for {job.name()} and a folder of other files written: "
                           f"choose another -o or --save-masks, or {rename}")
+
+
+def _check_case_clash(inputs: dict[str, Path], written: dict[str, tuple[Path, EditJob]], rename: str) -> None:
+    """OutputError for a file written whose path differs from an input's or another written file's only in case,
+    where the file system ignores case (macOS's and Windows' do by default): both name one file, which the later
+    write would replace. Keys as _check_no_clash's: paths with their links resolved."""
+    seen: dict[str, str] = {key.casefold(): key for key in inputs}
+    for key, (path, job) in written.items():
+        other = seen.setdefault(key.casefold(), key)
+        if other == key or not ignores_case(Path(key).parent):
+            continue
+        if other in inputs:
+            raise OutputError(f"{path}, written for {job.name()}, is the input {inputs[other]} on this file system, "
+                              "which ignores case: it would be overwritten; choose another -o or --save-masks")
+        raise OutputError(f"{path} and {written[other][0]}, written for {job.name()} and {written[other][1].name()}, "
+                          f"are one file on this file system, which ignores case: edit them in separate runs, or "
+                          f"{rename}")
+
+
+def ignores_case(folder: Path) -> bool:
+    """Whether the file system `folder` is on (its nearest existing folder's) takes names differing only in case
+    for one file: a file made there is looked up by its name in upper case. False where nothing can be made."""
+    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), Path.cwd())
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".zone-case-") as probe:
+            return os.path.exists(os.path.join(existing, os.path.basename(probe.name).upper()))
+    except OSError:
+        return False
 
 
 def check_report_path(report: Path, jobs: Sequence[EditJob]) -> None:
