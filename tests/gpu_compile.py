@@ -4,7 +4,8 @@ no GPU needed.
 The launchers run as they would on a GPU (this process does not interpret), on meta tensors; their kernels are
 replaced by recorders, and each recorded launch is compiled as Triton's JIT would specialise it (an int equal to
 1 becomes the constant 1, None a constant None; aligned pointers and ints divisible by 16 are marked so). What a
-GPU would compile at an edit's first step, checked on the CPU: tests/test_kernels_compile_for_gpus.py runs it. Prints
+GPU would compile at an edit's first step, checked on the CPU: tests/test_kernels_compile_for_gpus.py runs it
+(`python tests/gpu_compile.py [90 89 80]`: the compute capabilities, all three by default). Prints
 each kernel's stack/local bytes where not 0. Exit 0; 1 with the reason when a kernel fails to compile, kernel 3
 reads x or writes y 2 bytes at a time at SD1.5's channel counts (no vector access), or kernel 1's sum across
 programs lost the order of its stores, barrier, ticket and reads; 77 where Triton has no ptxas.
@@ -189,7 +190,8 @@ def check_ticket_order(name: str, constexprs: dict, ptx: str) -> None:
 CAPABILITIES = (90, 89, 80)
 
 
-def main() -> None:
+def main(capabilities: tuple[int, ...]) -> None:
+    """Compile for `capabilities` (compute capabilities as 90 for sm_90): the test runs one process each, at once."""
     modules = {attn_accumulate: ["_attn_accumulate_kernel"], mask_binarize: ["_binarize_kernel"],
                group_norm: ["_channel_stats_kernel", "_group_moments_kernel", "_group_norm_apply_kernel"]}
     recorders = [(module, name, Recorder(getattr(module, name))) for module, names in modules.items() for name in names]
@@ -206,7 +208,7 @@ def main() -> None:
             compiled.add(key)
             source = ASTSource(recorder.kernel, signature, constexprs=constants, attrs=attrs)
             named = dict(zip(recorder.kernel.arg_names, args, strict=False))
-            for capability in CAPABILITIES:
+            for capability in capabilities:
                 kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32))
                 if stack := local_bytes(kernel.asm["cubin"]):  # reported, not failed: a call frame counts too
                     print(f"sm_{capability} {name} {constants}: {stack} bytes of stack/local memory")
@@ -215,8 +217,8 @@ def main() -> None:
     launched = {name for _, name, recorder in recorders if recorder.launches}
     if len(launched) < len(recorders):
         raise SystemExit(f"no launch recorded for {sorted({name for _, name, _ in recorders} - launched)}")
-    print(f"{len(compiled)} kernels compiled for {', '.join(f'sm_{c}' for c in CAPABILITIES)}")
+    print(f"{len(compiled)} kernels compiled for {', '.join(f'sm_{c}' for c in capabilities)}")
 
 
 if __name__ == "__main__":
-    main()
+    main(tuple(map(int, sys.argv[1:])) or CAPABILITIES)
