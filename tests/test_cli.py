@@ -354,6 +354,28 @@ def test_files_whose_names_differ_only_in_case_clash_where_the_file_system_ignor
                    "file on this file system, which ignores case")
     _fails_cleanly(capsys, mask_over_input, "m/Dog/mask_b.png, written for a/Dog.png, is the input m/Dog/Mask_B.png "
                    "on this file system, which ignores case: it would be overwritten")
+    _fails_cleanly(capsys, ["edit", "a/Dog.png", "-o", "m/Dog/Mask_B.png", "--save-masks", "m/Dog", "-i", "x",
+                            "--tiny"], "m/Dog/mask_b.png and m/Dog/Mask_B.png would be both the edit of a/Dog.png and "
+                   "one of its masks on this file system, which ignores case")
+    (tmp_path / "s").mkdir()
+    for name in ("s/Straße.png", "s/STRASSE.png"):  # casefold makes them one; the file systems keep them two
+        Image.open(photo).save(tmp_path / name)
+    assert len(edit_files.plan_jobs(build_parser().parse_args(["edit", "s/Straße.png", "s/STRASSE.png", "-o", "ß",
+                                                               "-i", "x"]), "x")) == 2
+
+
+def test_the_case_probe_looks_its_file_up_in_upper_case_and_leaves_nothing(tmp_path, monkeypatch):
+    from zone_engine import edit_files
+
+    real, looked_up = os.path.exists, []
+
+    def case_blind(path):
+        looked_up.append(os.path.basename(path))
+        return real(path) or real(os.path.join(os.path.dirname(path), os.path.basename(path).lower()))
+
+    monkeypatch.setattr(os.path, "exists", case_blind)
+    assert edit_files.ignores_case(tmp_path / "not" / "yet")  # probed in the nearest folder there
+    assert looked_up[-1].startswith(".ZONE-CASE-") and not list(tmp_path.iterdir())
 
 
 def test_folders_among_the_inputs_are_left_out_and_edits_keep_writable_formats(photo, tmp_path, capsys,

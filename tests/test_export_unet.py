@@ -602,6 +602,11 @@ def test_tensorrt_denoiser_loop_equals_the_fused_denoiser(models, exported, stan
     # Each step on TensorRT's own stream (the default one would synchronise the device), between the inputs'
     # copies and the solver's reads on the caller's.
     assert stand_in_tensorrt == [("wait", 7, 0), ("run", 7), ("wait", 0, 7)] * 4
+    stand_in_tensorrt.clear()
+    denoiser.context.execute_async_v3 = lambda stream: False  # a failed enqueue: the streams joined all the same
+    with pytest.raises(ZoneError, match="TensorRT could not run the dual-step engine"):
+        denoiser(inputs, config, beta, AttentionAccumulator())
+    assert stand_in_tensorrt == [("wait", 7, 0), ("wait", 0, 7)]
     assert engine_attention.rows == eager_attention.rows == 4 * 20
     # ONNX Runtime vs torch, both fp32: ~1e-5 on the guided noise per step, carried through 4 solver steps.
     assert_close(latents, eager, 1e-4, 1e-4)

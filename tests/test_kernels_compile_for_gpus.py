@@ -34,6 +34,7 @@ def test_every_kernel_launch_at_sd15_shapes_compiles_for_hopper_ada_and_ampere()
     finally:
         for run in runs.values():
             run.kill()  # nothing once it has ended; else a hung one does not outlive the test
+            run.wait()
     for capability, ((out, err), code) in said.items():
         if code == 77:
             pytest.skip(out.strip())

@@ -955,7 +955,25 @@ def test_requests_addressed_to_a_dns_name_not_allowed_get_421_on_every_route(hos
                 assert "--allow-host evil.example" in answer.json()["error"]["message"]
 
 
+def test_a_served_edit_addressed_to_a_name_not_allowed_is_refused_and_counted_but_healthz_answers_any(pipe):
+    """/healthz says only "up": a liveness check by a DNS name (docker compose's) refused would restart the
+    server in a loop. /readyz and /metrics say more: refused."""
+    with serving(pipe) as (base, _):
+        elsewhere = {"Host": "evil.example:8000"}
+        assert httpx.get(f"{base}/healthz", headers=elsewhere).status_code == 200
+        assert httpx.head(f"{base}/healthz", headers=elsewhere).status_code == 200
+        assert httpx.get(f"{base}/readyz", headers=elsewhere).status_code == 421
+        assert httpx.get(f"{base}/metrics", headers=elsewhere).status_code == 421
+        refused = httpx.post(f"{base}/v1/edit", headers=elsewhere, data={"instruction": "add a hat"},
+                             files={"image": ("in.png", png(smooth_image(64, 64)), "image/png")}, timeout=120)
+        assert refused.status_code == 421 and refused.json()["error"]["code"] == "host_not_allowed"
+        assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="bad_request"}') == 1
+
+
 def test_allowed_hosts_are_host_names_and_any_star_allows_every_name():
+    for name in ("allow_hosts", "allow_origins"):  # a string's letters would be the names
+        with pytest.raises(ConfigError, match=f"{name}='gpu-box' is one string: give a tuple"):
+            ServeSettings(**{name: "gpu-box"})
     assert ServeSettings(allow_hosts=("*",)).host_names() is None
     assert ServeSettings(allow_origins=("*",)).host_names() is None  # any page may read every answer anyway
     assert ServeSettings(allow_hosts=("Zone.Example.",)).host_names() == {"zone.example"}

@@ -206,15 +206,19 @@ def _check_no_clash(jobs: Sequence[EditJob], repeats: bool) -> None:
 def _check_case_clash(inputs: dict[str, Path], written: dict[str, tuple[Path, EditJob]], rename: str) -> None:
     """OutputError for a file written whose path differs from an input's or another written file's only in case,
     where the file system ignores case (macOS's and Windows' do by default): both name one file, which the later
-    write would replace. Keys as _check_no_clash's: paths with their links resolved."""
-    seen: dict[str, str] = {key.casefold(): key for key in inputs}
+    write would replace. Keys as _check_no_clash's: paths with their links resolved. Names compared in lower case
+    (as those file systems fold them; casefold's ß = ss they do not)."""
+    seen: dict[str, str] = {key.lower(): key for key in inputs}
     for key, (path, job) in written.items():
-        other = seen.setdefault(key.casefold(), key)
+        other = seen.setdefault(key.lower(), key)
         if other == key or not ignores_case(Path(key).parent):
             continue
         if other in inputs:
             raise OutputError(f"{path}, written for {job.name()}, is the input {inputs[other]} on this file system, "
                               "which ignores case: it would be overwritten; choose another -o or --save-masks")
+        if written[other][1] is job:
+            raise OutputError(f"{path} and {written[other][0]} would be both the edit of {job.name()} and one of its "
+                              "masks on this file system, which ignores case: choose another -o or --save-masks")
         raise OutputError(f"{path} and {written[other][0]}, written for {job.name()} and {written[other][1].name()}, "
                           f"are one file on this file system, which ignores case: edit them in separate runs, or "
                           f"{rename}")

@@ -162,9 +162,12 @@ class TensorRTDenoiser:
         buffers["timestep"].copy_(schedule.timesteps.index_select(0, state.step))
         caller = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(caller)  # the inputs just copied (in a capture: the fork the graph records)
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
+        try:
+            enqueued = self.context.execute_async_v3(self.stream.cuda_stream)
+        finally:  # joined even when it fails: a capture left forked would end in a CUDA error, not this one
+            caller.wait_stream(self.stream)  # the outputs, read below (in a capture: the join)
+        if not enqueued:
             raise ZoneError("TensorRT could not run the dual-step engine (see TensorRT's messages above)")
-        caller.wait_stream(self.stream)  # the outputs, read below (in a capture: the join)
         advance(schedule, state, buffers["eps_mb"], buffers["eps_ip2p"], beta)
         attention_total.add_(buffers["attention"])
 

@@ -373,6 +373,7 @@ def decode_upload(data: bytes, settings: ServeSettings) -> Upload:
 
 
 EDIT_PATH = "/v1/edit"
+LIVENESS_PATH = "/healthz"
 FORM_FIELDS = ("image", "instruction", "action", "steps", "seed", "return")
 OPTIONAL_FIELDS = ("action", "steps", "seed", "return")  # an empty instruction is said by FastAPI's check
 INTEGER_FIELDS = ("steps", "seed")
@@ -629,7 +630,7 @@ WORKER_STOPPED = "the batching worker stopped; restart the server"
 def _add_probe_routes(app: FastAPI) -> None:
     """Liveness, readiness and metrics: what an orchestrator and Prometheus poll."""
 
-    @app.get("/healthz", summary="The process is up and can serve (loading counts as up)",
+    @app.get(LIVENESS_PATH, summary="The process is up and can serve (loading counts as up)",
              responses={503: {"model": ErrorResponse}})
     async def healthz(request: Request) -> Response:
         # 503 only for what a restart may mend: a failed load or a dead worker (a liveness probe's cue).
@@ -652,7 +653,7 @@ def _add_probe_routes(app: FastAPI) -> None:
             return error_response(ServeError(503, "unavailable", message), request_id_of(request))
         return JSONResponse({"status": "ready"})
 
-    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # some load balancers' checks send HEAD
+    for path, probe in ((LIVENESS_PATH, healthz), ("/readyz", readyz)):  # some load balancers' checks send HEAD
         app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
@@ -812,15 +813,20 @@ class HostCheck:
     """A request addressed (its Host header) to a DNS name not among `names` gets 421, on every route: a page
     elsewhere can point its own name at this server (DNS rebinding), and being then of the same origin, read its
     answers (/metrics, /readyz) without CORS. IP addresses and localhost name no DNS; a request without a Host
-    (HTTP/1.0) comes from no browser. `names` None: any name."""
+    (HTTP/1.0) comes from no browser. /healthz answers any name: it says only "up", and a liveness check by a
+    DNS name (docker compose's `curl http://zone:8000/healthz`) refused would restart the server in a loop. A
+    refused edit counts in the requests' metrics as the origin rule's do. `names` None: any name."""
 
     def __init__(self, app: Callable, names: frozenset[str] | None) -> None:
         self.app, self.names = app, names
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and self.names is not None:
+        if scope["type"] == "http" and self.names is not None and scope["path"] != LIVENESS_PATH:
             request = Request(scope)
             if (refusal := self.refusal(request.headers.get("host", ""))) is not None:
+                edit = scope["path"] == EDIT_PATH and scope["method"] == "POST"
+                if edit and (service := getattr(scope["app"].state, "service", None)):
+                    service.metrics.count(outcome_of(refusal))
                 return await error_response(refusal, request_id_of(request))(scope, receive, send)
         await self.app(scope, receive, send)
 

@@ -156,6 +156,9 @@ class ServeSettings:
                               "in; the default is 20")
 
     def _check_origins(self) -> None:
+        for name in ("allow_origins", "allow_hosts"):  # a string is iterable too: its letters would be the names
+            if isinstance(value := getattr(self, name), str):
+                raise ConfigError(f"{name}={value!r} is one string: give a tuple, {name}=({value!r},)")
         for origin in self.allow_origins:
             if origin != "*" and not (_ORIGIN.fullmatch(origin) and _host_of(origin) is not None):
                 raise ConfigError(f"allowed origin {origin!r} (--allow-origin, allow_origins) is not an origin: "
