@@ -915,13 +915,19 @@ def test_an_edit_from_a_browser_page_of_an_origin_not_allowed_is_refused_before_
     ("http://zone.example:8000", "zone.example:8000", False),  # a DNS name: rebinding could fake it
     ("http://127.0.0.1:8001", "127.0.0.1:8000", False),  # another port: another origin
     ("http://[::1", "[::1", False),  # no origin a browser sends
+    ("http://gpu-box:8000", "gpu-box:8000", True),  # --allow-host gpu-box: the operator's own name
+    ("http://gpu-box.:8000", "gpu-box.:8000", True),
+    ("http://zone.example:8000", "gpu-box:8000", False),
 ])
-def test_only_an_address_or_localhost_makes_a_page_this_servers_own(origin, host, same):
+def test_only_an_address_localhost_or_an_allowed_host_makes_a_page_this_servers_own(origin, host, same):
     from starlette.requests import Request
 
     from zone_engine.serving.app import same_origin
 
-    assert same_origin(origin, Request({"type": "http", "headers": [(b"host", host.encode())]})) is same
+    request = Request({"type": "http", "headers": [(b"host", host.encode())]})
+    assert same_origin(origin, request, frozenset({"gpu-box"})) is same
+    for no_names in (None, frozenset()):  # --allow-host * proves no name; none allowed, none
+        assert same_origin(origin, request, no_names) is (same and "gpu-box" not in host)
 
 
 def local_client(**settings):

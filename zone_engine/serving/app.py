@@ -772,7 +772,8 @@ def refused_unread(request: Request, service: EditService) -> ServeError | None:
     page elsewhere could make its visitors' browsers post edits to this server, unseen), the service not ready,
     the queue full, a Content-Length over the upload limit."""
     origin, allowed = request.headers.get("origin"), service.settings.allow_origins
-    if origin is not None and "*" not in allowed and origin not in allowed and not same_origin(origin, request):
+    if origin is not None and "*" not in allowed and origin not in allowed and \
+            not same_origin(origin, request, service.settings.host_names()):
         return ServeError(403, "origin_not_allowed", f"browser pages of {origin} may not call this API; "
                           f"to let them, start the server with --allow-origin {origin}")
     if service.not_ready_because:
@@ -788,16 +789,18 @@ def refused_unread(request: Request, service: EditService) -> ServeError | None:
     return None
 
 
-def same_origin(origin: str, request: Request) -> bool:
+def same_origin(origin: str, request: Request, names: frozenset[str] | None = frozenset()) -> bool:
     """A page this server served itself (/docs) calling it: its origin names the host the request was sent to, by
-    an address or as localhost. A DNS name is no proof: a page elsewhere can point its own name at this server
-    (DNS rebinding), and its origin then names the Host its posts go to; such a name needs --allow-origin."""
+    an address, as localhost or as one of the DNS `names` allowed (--allow-host: the operator's own). Any other
+    DNS name is no proof: a page elsewhere can point its own name at this server (DNS rebinding), and its origin
+    then names the Host its posts go to (with --allow-host *, `names` None, too)."""
     try:
         parts = urllib.parse.urlsplit(origin)
-        host, name = parts.netloc, parts.hostname
+        host, name = parts.netloc, dns_name(parts.hostname or "")
     except ValueError:  # no origin a browser sends ("http://[::1"): not this server's
         return False
-    return host.lower() == request.headers.get("host", "").lower() and _names_no_dns(name or "")
+    named = _names_no_dns(name) or (names is not None and name in names)
+    return host.lower() == request.headers.get("host", "").lower() and named
 
 
 def _names_no_dns(name: str) -> bool:
