@@ -9,7 +9,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import threading
 import warnings
 from collections import deque
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 from .config import MAX_BATCH, EditConfig, command_line_spelling, error_line
 from .errors import ConfigError, InputImageError, OutputError, ZoneError
-from .paths import check_output_file, check_output_folder, file_argument, print_path
+from .paths import check_output_file, check_output_folder, file_argument, ignores_case, print_path
 
 if TYPE_CHECKING:  # imported where used: numpy, and torch with the pipeline, take seconds `zone --help` needs not
     import numpy as np
@@ -222,17 +221,6 @@ def _check_case_clash(inputs: dict[str, Path], written: dict[str, tuple[Path, Ed
         raise OutputError(f"{path} and {written[other][0]}, written for {job.name()} and {written[other][1].name()}, "
                           f"are one file on this file system, which ignores case: edit them in separate runs, or "
                           f"{rename}")
-
-
-def ignores_case(folder: Path) -> bool:
-    """Whether the file system `folder` is on (its nearest existing folder's) takes names differing only in case
-    for one file: a file made there is looked up by its name in upper case. False where nothing can be made."""
-    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), Path.cwd())
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".zone-case-") as probe:
-            return os.path.exists(os.path.join(existing, os.path.basename(probe.name).upper()))
-    except OSError:
-        return False
 
 
 def check_report_path(report: Path, jobs: Sequence[EditJob]) -> None:

@@ -114,7 +114,7 @@ def folder_problem(folder: Path, probed: set[Path] | None = None) -> str | None:
     dangling = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)
     if dangling is not None:  # mkdir would say "[Errno 17] File exists"
         return f"{dangling} is a symbolic link to {os.readlink(dangling)}, which is not there"
-    existing = next((candidate for candidate in (folder, *folder.parents) if candidate.exists()), Path.cwd())
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -176,6 +176,22 @@ def check_output_file(path: Path, what: str, probed: set[Path] | None = None) ->
         problem = "it exists and cannot be overwritten"
     if problem:
         raise OutputError(f"{what} {path}: {problem}; choose another path")
+
+
+def nearest_existing(folder: Path) -> Path:
+    """`folder`, or the nearest of its parents that exists (the current folder when none does)."""
+    return next((candidate for candidate in (folder, *folder.parents) if candidate.exists()), Path.cwd())
+
+
+def ignores_case(folder: Path) -> bool:
+    """Whether the file system `folder` is on (its nearest existing folder's) takes names differing only in case
+    for one file: a file made there is looked up by its name in upper case. False where nothing can be made."""
+    existing = nearest_existing(folder)
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".zone-case-") as probe:
+            return os.path.exists(os.path.join(existing, os.path.basename(probe.name).upper()))
+    except OSError:  # not a folder, not writable: said by check_output_folder
+        return False
 
 
 @contextmanager

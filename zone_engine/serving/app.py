@@ -799,8 +799,12 @@ def same_origin(origin: str, request: Request, names: frozenset[str] | None = fr
         host, name = parts.netloc, dns_name(parts.hostname or "")
     except ValueError:  # no origin a browser sends ("http://[::1"): not this server's
         return False
-    named = _names_no_dns(name) or (names is not None and name in names)
-    return host.lower() == request.headers.get("host", "").lower() and named
+    return host.lower() == request.headers.get("host", "").lower() and _named_by_operator(name, names)
+
+
+def _named_by_operator(name: str, names: frozenset[str] | None) -> bool:
+    """An IP address, localhost or one of the DNS `names` allowed (None: none proven, any being allowed)."""
+    return _names_no_dns(name) or (names is not None and name in names)
 
 
 def _names_no_dns(name: str) -> bool:
@@ -839,7 +843,7 @@ class HostCheck:
         if (match := _HOST.fullmatch(host)) is None:
             return ServeError(421, "host_not_allowed", f"the Host header {host[:100]!r} names no host")
         name = dns_name(match[1].removeprefix("[").removesuffix("]"))
-        if _names_no_dns(name) or name in self.names:
+        if _named_by_operator(name, self.names):
             return None
         return ServeError(421, "host_not_allowed", f"this server answers no requests addressed to {name!r}; to let "
                           f"it, start it with --allow-host {name}")

@@ -114,6 +114,7 @@ class ServeSettings:
         self._check_counts()
         self._check_request_defaults()
         self._check_durations_and_upload()
+        self._check_name_tuples()
         self._check_origins()
         self._check_hosts()
 
@@ -155,10 +156,12 @@ class ServeSettings:
             raise ConfigError(f"{option('max_upload_mb', self.max_upload_mb)} is under 1 KiB, which no image fits "
                               "in; the default is 20")
 
-    def _check_origins(self) -> None:
+    def _check_name_tuples(self) -> None:
         for name in ("allow_origins", "allow_hosts"):  # a string is iterable too: its letters would be the names
             if isinstance(value := getattr(self, name), str):
                 raise ConfigError(f"{name}={value!r} is one string: give a tuple, {name}=({value!r},)")
+
+    def _check_origins(self) -> None:
         for origin in self.allow_origins:
             if origin != "*" and not (_ORIGIN.fullmatch(origin) and _host_of(origin) is not None):
                 raise ConfigError(f"allowed origin {origin!r} (--allow-origin, allow_origins) is not an origin: "
