@@ -1,4 +1,4 @@
-"""`python -m benchmarks --preset cpu-smoke`: see README.md in this folder."""
+"""`python -m zone_benchmarks --preset cpu-smoke`: see README.md in this folder."""
 
 from .options import bench_main
 

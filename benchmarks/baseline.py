@@ -268,7 +268,7 @@ def paste_region(original: np.ndarray, working: np.ndarray, style_image: np.ndar
 
 
 class StepClock(Protocol):
-    """What the harness hands in to time each denoising step (benchmarks.measure.StepClock)."""
+    """What the harness hands in to time each denoising step (zone_benchmarks.measure.StepClock)."""
 
     def start(self) -> None: ...
 

@@ -1,7 +1,7 @@
 """Two weight sets per step: the ways to evaluate the dual UNet, timed in one run on the same inputs.
 
-    python -m benchmarks.bench_dual_unet                       # SD1.5-sized random UNets, 256², fp32, CPU
-    python -m benchmarks.bench_dual_unet --resolution 512 --dtype fp16 --batch 1   # on a GPU
+    python -m zone_benchmarks.bench_dual_unet                       # SD1.5-sized random UNets, 256², fp32, CPU
+    python -m zone_benchmarks.bench_dual_unet --resolution 512 --dtype fp16 --batch 1   # on a GPU
 
 For B edits each model gets 3B rows (IP2P's guidance triple). Variants:
 - single:    ONE plain UNet call on all 6B rows — the yardstick of the issue's target ("the dual step
@@ -120,7 +120,7 @@ def channels_last_variants(mb_unet: nn.Module, ip2p_unet: nn.Module, sample: tor
     engine_unet = DualUNet(mb_copy, ip2p_copy, streams=streams)
     variants = {"two-calls-cl": nhwc(two_calls), "step-cl": step_variant(engine_unet, sample, context)}
     if sample.is_cuda:  # the kernel under the CPU's interpreter would take minutes a step
-        from kernels.group_norm import triton_group_norms
+        from zone_kernels.group_norm import triton_group_norms
 
         variants["step-cl-gn"] = step_variant(engine_unet, sample, context, triton_group_norms)
     return variants
@@ -163,7 +163,7 @@ def time_variant(run: Variant, inputs: tuple, device: torch.device, repeats: int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = CommandParser(prog="python -m benchmarks.bench_dual_unet", description=__doc__.split("\n")[0])
+    parser = CommandParser(prog="python -m zone_benchmarks.bench_dual_unet", description=__doc__.split("\n")[0])
     add_unet_arguments(parser, resolution=256)
     parser.add_argument("--batch", type=int, default=1, help="edits B: each model gets 3B rows (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per variant (default 3)")

@@ -1,6 +1,6 @@
 """The Triton kernels against (a) the reference-style path and (b) the torch reference.
 
-    python -m benchmarks.bench_kernels
+    python -m zone_benchmarks.bench_kernels
 
 SD1.5 shapes at 512x512: kernel 1 with 5 layers of 2 kept rows x 8 heads, N = 256, d = 160, 77
 keys (fp16 on CUDA); kernel 2 from a 16x16 map to a 512x512 mask; kernel 3 (GroupNorm) on the
@@ -69,7 +69,7 @@ def floor_line(rows: list[dict], bandwidth: float) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """No options: the shapes are SD1.5's at 512x512 (`--help` says so rather than running)."""
-    parser = CommandParser(prog="python -m benchmarks.bench_kernels", description=__doc__.split("\n")[0],
+    parser = CommandParser(prog="python -m zone_benchmarks.bench_kernels", description=__doc__.split("\n")[0],
                            epilog="SD1.5 shapes at 512x512; timings need a CUDA GPU, the CPU checks correctness under "
                                   "TRITON_INTERPRET=1")
     return parser.parse_args(argv)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     elif os.environ.get("TRITON_INTERPRET") == "1":
         print("TRITON_INTERPRET=1 on a CUDA machine would time the interpreter: unset it", file=sys.stderr)
         return 2
-    from kernels import attn_accumulate, group_norm, mask_binarize
+    from zone_kernels import attn_accumulate, group_norm, mask_binarize
 
     device = torch.device("cuda" if cuda else "cpu")
     if not (attn_accumulate.runs_on(device) and group_norm.runs_on(device)):  # kernel 2 shares kernel 1's rule

@@ -1,8 +1,8 @@
 """What an edit of a photo costs the host at the photo's own size, beside the models' work at 512.
 
-    python -m benchmarks.bench_photo                    # a 12 MP photo (3000x4000), 3 repeats
-    python -m benchmarks.bench_photo --size 2160x3840 --repeats 5
-    python -m benchmarks.bench_photo --device cuda      # the pipeline on a GPU: its blend stage there
+    python -m zone_benchmarks.bench_photo                    # a 12 MP photo (3000x4000), 3 repeats
+    python -m zone_benchmarks.bench_photo --size 2160x3840 --repeats 5
+    python -m zone_benchmarks.bench_photo --device cuda      # the pipeline on a GPU: its blend stage there
 
 `zone bench` edits a 512² image, so none of this shows there: reading the file, shrinking it to the
 working size, and after the edit the resizes back to the input size, the composite (the `blend` stage,
@@ -40,7 +40,7 @@ T = TypeVar("T")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = CommandParser(prog="python -m benchmarks.bench_photo", description=__doc__.split("\n")[0])
+    parser = CommandParser(prog="python -m zone_benchmarks.bench_photo", description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=_size, default=(3000, 4000), metavar="HxW",
                         help="the photo's height x width (default 3000x4000: 12 MP)")
     parser.add_argument("--device", default="cpu", help="where the pipeline runs: cpu (default) or cuda[:N]")

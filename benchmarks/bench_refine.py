@@ -1,8 +1,8 @@
 """Refinement latency: segment-anything's `SamAutomaticMaskGenerator` in PyTorch vs the ONNX Runtime backend.
 
-    python -m benchmarks.bench_refine [--model-type vit_b] [--size 512] [--points-per-side 32]
-    python -m benchmarks.bench_refine --model-type vit_h --fp16    # on a GPU: TensorRT / CUDA providers
-    python -m benchmarks.bench_refine --model-type vit_h --no-onnx --sam-precision bf16   # PyTorch only
+    python -m zone_benchmarks.bench_refine [--model-type vit_b] [--size 512] [--points-per-side 32]
+    python -m zone_benchmarks.bench_refine --model-type vit_h --fp16    # on a GPU: TensorRT / CUDA providers
+    python -m zone_benchmarks.bench_refine --model-type vit_h --no-onnx --sam-precision bf16   # PyTorch only
 
 Builds a SAM of the given size with random weights, exports it to a temporary folder, and times both
 backends on the same image in the same run (one warm-up, then the median of --repeats); with
@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.sam import export_sam
 from zone_engine.backends import DTYPES
 from zone_engine.cli import CommandParser
 from zone_engine.config import MAX_POINTS_PER_SIDE, MAX_WORKING_SIDE, SamConfig, check_backend_options, device_kind
@@ -50,13 +49,14 @@ from zone_engine.sam_decoder import two_way_transformer
 from zone_engine.sam_encoder import encode_image
 from zone_engine.sam_onnx import OnnxSamSegmenter, check_providers
 from zone_engine.sam_torch import TorchSamSegmenter
+from zone_export.sam import export_sam
 
 from .measure import guarded, on_named_device
 from .options import device_name, refuse_first
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = CommandParser(prog="python -m benchmarks.bench_refine", description=__doc__.split("\n")[0])
+    parser = CommandParser(prog="python -m zone_benchmarks.bench_refine", description=__doc__.split("\n")[0])
     parser.add_argument("--model-type", type=str.lower, default="vit_b", choices=list(SAM_SIZES),
                         help="SAM size (default: vit_b)")
     parser.add_argument("--size", type=int, default=512, help="square image side in pixels (default: 512)")

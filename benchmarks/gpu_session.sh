@@ -58,15 +58,18 @@ BUDGET="${BUDGET:-570}"  # seconds this call may spend on its stages (the device
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 DRY_RUN="${DRY_RUN:-0}"
-if [ "$DRY_RUN" = 1 ]; then
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-elif [ -d .whl ]; then  # a failure here costs the stages that import diffusers or segment-anything, not kernels
+# The checkout runs uninstalled: zone_engine from its root, and the folders that install under other names
+# (pyproject.toml's package-dir: kernels/ as zone_kernels, ...) through links of those names.
+SRC="${SRC:-/tmp/zone-src}"
+mkdir -p "$SRC"
+for folder in kernels export benchmarks; do ln -sfn "$PWD/$folder" "$SRC/zone_$folder"; done
+PYTHONPATH="$SRC:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ "$DRY_RUN" != 1 ] && [ -d .whl ]; then  # a failure costs the stages that import diffusers or segment-anything
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
         || echo "installing the carried wheels failed: stages that need diffusers or segment-anything will fail"
-    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-else
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
+export PYTHONPATH
 pack_logs() {  # through a temporary file: a call killed while packing keeps the last whole archive
     tar czf "$OUT/logs.tar.gz.tmp" -C "$LOGS" . && mv -f "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"
 }
@@ -130,41 +133,41 @@ run_stage() {
     kernels)  # Kernel benchmarks: do_bench medians against the reference-style store and the torch references,
         # and kernel 3 (GroupNorm) against PyTorch's norm on the same NHWC activation and on its NCHW copy, and
         # fused (a ResNet block's second norm) against PyTorch's sum, norm and SiLU.
-        stage bench_kernels 60 python3 -m benchmarks.bench_kernels ;;
+        stage bench_kernels 60 python3 -m zone_benchmarks.bench_kernels ;;
     refine)  # PyTorch SAM vit_h refinement at ZONE's settings (1,024 prompts, SAM's thresholds): fp32 vs the image
         # encoder in bf16 (no ONNX: no CUDA provider there), the engine's search for M_b's segment vs the
         # generator's list, the search in its CUDA runs (prompts_per_run) vs runs of 64, and SAM's decoder
         # transformer vs the factored one (sam_decoder.py).
-        stage bench_refine 60 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 --no-onnx \
+        stage bench_refine 60 python3 -m zone_benchmarks.bench_refine --model-type vit_h --size 512 --no-onnx \
             --sam-precision bf16 --thresholds sam ;;
     refine-zero)  # The same with every mask kept (thresholds 0): post-processing exercised as real weights would.
-        stage bench_refine_zero 150 python3 -m benchmarks.bench_refine --model-type vit_h --size 512 \
+        stage bench_refine_zero 150 python3 -m zone_benchmarks.bench_refine --model-type vit_h --size 512 \
             --no-onnx --sam-precision bf16 ;;
     dual)  # Two weight sets per step: one UNet call at batch 6 vs the dual-step variants, eager and graphed,
         # and on channels-last copies of the UNets, with PyTorch's GroupNorm (step-cl) and kernel 3's (step-cl-gn).
-        stage bench_dual_unet 100 python3 -m benchmarks.bench_dual_unet --resolution 512 --dtype fp16 --repeats 20 \
+        stage bench_dual_unet 100 python3 -m zone_benchmarks.bench_dual_unet --resolution 512 --dtype fp16 --repeats 20 \
             --channels-last ;;
     breaks)  # torch.compile's graph breaks in the dual step, SD1.5 size, fp16 (none is the goal).
-        stage graph_breaks 90 python3 -m benchmarks.graph_breaks --device cuda --dtype fp16 ;;
+        stage graph_breaks 90 python3 -m zone_benchmarks.graph_breaks --device cuda --dtype fp16 ;;
     bench)  # Per-stage latency, baseline vs engine backends, 512², 20 steps, fp16 (gpu-512 adds engine:fused+gn-torch,
         # the fused row with PyTorch's GroupNorm: kernel 3's gain in the same run). BACKENDS: the engine rows
         # (default fused; eager,fused took 111 s in all on the H100; compile's warm-up took 149 s there when it compiled
         # once per warm-up step and capture, 4 times a shape: once since 3173f92, and again for the batch of 4).
         limit=$(fit "${BENCH_LIMIT:-240}")
-        stage bench "$limit" python3 -m benchmarks --preset gpu-512 --backends "${BACKENDS:-fused}" \
+        stage bench "$limit" python3 -m zone_benchmarks --preset gpu-512 --backends "${BACKENDS:-fused}" \
             --time-limit $((limit - 20)) --out "$OUT" ;;
     photo)  # A 12 MP photo's work at its own size with the pipeline on the GPU (its blend stage enlarges there).
-        stage bench_photo 90 python3 -m benchmarks.bench_photo --device cuda ;;
+        stage bench_photo 90 python3 -m zone_benchmarks.bench_photo --device cuda ;;
     graph-memory)  # Device memory of the captured dual steps of a server's shapes (4 sizes x batches 1, 2, 4):
         # one shared pool (the engine's) against a pool per graph; and that both give the same latents.
-        stage graph_memory 90 python3 -m benchmarks.graph_memory ;;
+        stage graph_memory 90 python3 -m zone_benchmarks.graph_memory ;;
     profile)  # Why each stage of a gpu-512 edit takes its time: device-busy share, launches, longest kernels
         # (torch.profiler over one fused edit after a warm-up; a host-bound stage has a small busy share).
-        stage profile 90 python3 -m benchmarks.profile_edit --rows 30 ;;
+        stage profile 90 python3 -m zone_benchmarks.profile_edit --rows 30 ;;
     bench-contiguous)  # The same with every network contiguous (fused rows only, no batches): against bench's rows
         # (the UNets channels-last, the default since 2026-11-30), the whole edit's gain from that default, which is
         # unmeasured. Its markdown alone comes back (8 files at most return from $OUT).
-        stage bench_contiguous 200 python3 -m benchmarks --preset gpu-512 --backends fused --batch 1 \
+        stage bench_contiguous 200 python3 -m zone_benchmarks --preset gpu-512 --backends fused --batch 1 \
             --no-channels-last --time-limit 180 --out /tmp/zone-bench-contiguous
         [ ! -f /tmp/zone-bench-contiguous/bench-gpu-512.md ] \
             || cp /tmp/zone-bench-contiguous/bench-gpu-512.md "$OUT/bench_contiguous.md" ;;
@@ -173,7 +176,7 @@ run_stage() {
         # short, it still reports what it timed, in $OUT/compile. Not the PyTorch-norm and ONNX rows: bench has the
         # one, and the image has no CUDA provider for the other.
         limit=$(fit "${COMPILE_LIMIT:-330}")
-        stage bench_compile "$limit" python3 -m benchmarks --preset gpu-512 --backends fused,compile --batch 1 \
+        stage bench_compile "$limit" python3 -m zone_benchmarks --preset gpu-512 --backends fused,compile --batch 1 \
             --repeats 3 --no-compare-group-norm --no-sam-onnx --time-limit $((limit - 20)) --out "$OUT/compile" ;;
     suite)  # The whole suite on the GPU machine, in parallel processes.
         stage tests 400 python3 -m pytest -q -n 8 -rf tests ;;
@@ -182,7 +185,7 @@ run_stage() {
         python3 -c "import fastapi, uvicorn, multipart, prometheus_client, httpx" || {
             echo "the serving wheels are not carried (see the header)"; SUMMARY+=("load: not run (no serving wheels)")
             return 1; }
-        stage load 420 python3 -m benchmarks.load_test --no-tiny --device cuda \
+        stage load 420 python3 -m zone_benchmarks.load_test --no-tiny --device cuda \
             --server-arg=--random-weights=sd15 --server-arg=--dtype=fp16 --size 512x512 --steps 20 \
             --concurrency 1,2,4,8 --requests 16 --duration-s 100 --out "$LOGS/load" ;;
     *) echo "unknown stage $1: tests, compile, kernels, refine, refine-zero, dual, breaks, profile, graph-memory," \

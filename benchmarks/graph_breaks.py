@@ -1,7 +1,7 @@
 """Where torch.compile breaks the engine's dual step into pieces: `torch._dynamo.explain` of one step.
 
-    python -m benchmarks.graph_breaks                         # SD1.5-sized random UNets, CPU, fp32
-    python -m benchmarks.graph_breaks --device cuda --dtype fp16
+    python -m zone_benchmarks.graph_breaks                         # SD1.5-sized random UNets, CPU, fp32
+    python -m zone_benchmarks.graph_breaks --device cuda --dtype fp16
 
 One graph and no breaks is what the compile backend needs: every break is a Python frame that
 dynamo traces and guards on its own (and recompiles per shape: a UNet's blocks all differ).
@@ -15,9 +15,9 @@ import sys
 
 import torch
 
-from benchmarks.bench_dual_unet import step_arguments
-from benchmarks.measure import on_named_device
-from benchmarks.options import add_unet_arguments, refuse_first, unet_resolution_check
+from zone_benchmarks.bench_dual_unet import step_arguments
+from zone_benchmarks.measure import on_named_device
+from zone_benchmarks.options import add_unet_arguments, refuse_first, unet_resolution_check
 from zone_engine.backends import DTYPES, make_localization_kernels
 from zone_engine.cli import CommandParser
 from zone_engine.config import LOCALIZATION_KERNELS, check_precision
@@ -32,7 +32,7 @@ from zone_engine.models import PRESETS, build_unet
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = CommandParser(prog="python -m benchmarks.graph_breaks", description=__doc__.split("\n")[0])
+    parser = CommandParser(prog="python -m zone_benchmarks.graph_breaks", description=__doc__.split("\n")[0])
     add_unet_arguments(parser, resolution=512)
     parser.add_argument("--kernels", type=str.lower, choices=LOCALIZATION_KERNELS, default="auto",
                         help="attention recording (default auto: Triton on CUDA)")
@@ -78,7 +78,7 @@ def _recording(accumulate: object, device: torch.device) -> str:
     """What recorded the attention: the torch reference, or kernel 1 through its custom op (where it can run)."""
     if accumulate is accumulate_attention_probabilities:
         return "the torch reference"
-    from kernels.attn_accumulate import runs_on
+    from zone_kernels.attn_accumulate import runs_on
 
     return "kernel 1 (Triton, its custom op)" if runs_on(device) else "the torch reference (Triton cannot run here)"
 

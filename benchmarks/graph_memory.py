@@ -1,7 +1,7 @@
 """Device memory of the fused denoiser's captured steps: one pool shared by every shape, or one pool each.
 
-    python -m benchmarks.graph_memory                      # SD1.5-sized random UNets, fp16, on CUDA
-    python -m benchmarks.graph_memory --sizes 512x512,512x256 --batches 1,2
+    python -m zone_benchmarks.graph_memory                      # SD1.5-sized random UNets, fp16, on CUDA
+    python -m zone_benchmarks.graph_memory --sizes 512x512,512x256 --batches 1,2
 
 A server captures one dual step per (padded batch, latent size, steps): each image size it sees, by
 each padded batch size. For each pool policy a fresh `FusedDualDenoiser(cuda_graphs=True)` denoises
@@ -33,7 +33,7 @@ Shape = tuple[int, int, int]  # (edits in the batch, image height, image width)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = CommandParser(prog="python -m benchmarks.graph_memory",
+    parser = CommandParser(prog="python -m zone_benchmarks.graph_memory",
                            description=__doc__.split("\n")[0] + " CUDA only: graphs need a GPU.")
     parser.add_argument("--models", type=str.lower, choices=PRESETS, default="sd15",
                         help="UNet size (default sd15: real size)")

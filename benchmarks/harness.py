@@ -1,4 +1,4 @@
-"""`zone bench` / `python -m benchmarks`: the reference-style baseline and every engine backend, one run.
+"""`zone bench` / `python -m zone_benchmarks`: the reference-style baseline and every engine backend, one run.
 
 One process builds the random-weight models once, then times (a) the baseline (benchmarks/baseline.py)
 and (b) the engine with each backend the config names (`--backends`, of `zone_engine.config.DENOISERS`,
@@ -25,7 +25,6 @@ from typing import NoReturn, TypeVar
 import numpy as np
 import torch
 
-from export.sam import export_sam
 from zone_engine.action import classify_action
 from zone_engine.backends import DTYPES, current_device, resolve_device, resolve_dtype
 from zone_engine.cli import error_line
@@ -37,6 +36,7 @@ from zone_engine.image_io import make_sample_image, working_geometry
 from zone_engine.models import ZoneModels, build_random_components, pytorch_norms, unets_channels_last
 from zone_engine.pipeline import STAGES, EditRequest, EditResult, ZonePipeline
 from zone_engine.timing import Stopwatch
+from zone_export.sam import export_sam
 
 from .baseline import ReferenceStyleZone
 from .measure import (
@@ -58,7 +58,7 @@ from .report import NO_MATPLOTLIB, markdown, write_reports
 ROWS_PER_STEP = 6  # 2 UNets x 3 guidance branches (ZONE.md cost model)
 THROUGHPUT_LABEL = ("sequential: the timed edits run one after another, edits ÷ wall time (batches of "
                     "concurrent edits: batched_throughput, --batch N; batched serving over HTTP: "
-                    "python -m benchmarks.load_test)")
+                    "python -m zone_benchmarks.load_test)")
 BATCHED_THROUGHPUT_LABEL = ("batched: rounds of one ZonePipeline.edit_batch of B concurrent requests (same image "
                             "and instruction, seeds seed..seed+B-1; each request's classification paid for, as in a "
                             "sequential edit), their denoising one batched dual-UNet loop; edits ÷ wall time")
@@ -770,7 +770,7 @@ def run_and_report(config: BenchConfig, argv: list[str] | None = None) -> int:
         except ZoneError as error:
             print(error_line(error), file=sys.stderr)
             return 2
-        record["command"] = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
+        record["command"] = " ".join(["python -m zone_benchmarks", *(sys.argv[1:] if argv is None else argv)])
         paths = write_reports(record, config.out)
     print(markdown(record))
     for kind, path in paths.items():

@@ -1,8 +1,8 @@
-"""`python -m benchmarks.load_test`: throughput and latency of `zone serve` under concurrent load, with and
+"""`python -m zone_benchmarks.load_test`: throughput and latency of `zone serve` under concurrent load, with and
 without dynamic batching, over loopback HTTP.
 
-    python -m benchmarks.load_test --out /tmp/loadrun                  # two tiny-model CPU servers, ~2 min
-    python -m benchmarks.load_test --url http://127.0.0.1:8000 --out results/   # a server already running
+    python -m zone_benchmarks.load_test --out /tmp/loadrun                  # two tiny-model CPU servers, ~2 min
+    python -m zone_benchmarks.load_test --url http://127.0.0.1:8000 --out results/   # a server already running
 
 By default it starts `zone serve` as a child process twice, one after the other, on a free loopback
 port: "batching" (--max-batch 8 --max-wait-ms 20) and "no-batching" (--max-batch 1 --max-wait-ms 0).
@@ -512,7 +512,7 @@ def parse_args(argv: list[str] | None) -> LoadConfig:
 
 def _load_test_parser(defaults: LoadConfig) -> CommandParser:
     parser = CommandParser(
-        prog="python -m benchmarks.load_test",
+        prog="python -m zone_benchmarks.load_test",
         description="Throughput and latency of `zone serve` under concurrent load, with dynamic batching and "
                     "without: starts two servers (tiny models on the CPU by default), or measures --url.",
         epilog="Real checkpoints on a GPU: --no-tiny --device cuda --server-arg=--ip2p=DIR "
@@ -589,7 +589,7 @@ def _check_load_args(parser: CommandParser, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m benchmarks.load_test`; returns the exit status."""
+    """Entry point of `python -m zone_benchmarks.load_test`; returns the exit status."""
     config = parse_args(argv)
 
     def progress(message: str) -> None:
@@ -607,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("load test: interrupted", file=sys.stderr)
         return 130
-    record["command"] = " ".join(["python -m benchmarks.load_test", *(sys.argv[1:] if argv is None else argv)])
+    record["command"] = " ".join(["python -m zone_benchmarks.load_test", *(sys.argv[1:] if argv is None else argv)])
     (config.out / "load.json").write_text(json.dumps(record, indent=2) + "\n")
     print(table(record))
     print(f"json: {config.out / 'load.json'}")

@@ -1,4 +1,4 @@
-"""The options of `zone bench` (`python -m benchmarks`) and `zone profile`: the presets, their parsing and
+"""The options of `zone bench` (`python -m zone_benchmarks`) and `zone profile`: the presets, their parsing and
 checks, and the entry points that run the tools once the options are good.
 
 argparse and zone_engine's torch-free modules only: `--help` and a mistyped option answer at once, not after
@@ -108,7 +108,7 @@ PRESETS: dict[str, BenchConfig] = {
 
 
 def bench_main(argv: list[str] | None = None) -> int:
-    """`zone bench` and `python -m benchmarks`: the options checked, then the run (benchmarks/harness.py)."""
+    """`zone bench` and `python -m zone_benchmarks`: the options checked, then the run (benchmarks/harness.py)."""
     config = parse_bench_args(argv)
     from .harness import run_and_report
 

@@ -2,7 +2,7 @@
 
     zone profile                      # CUDA: SD1.5 + SAM vit_h, 512², 20 steps, fp16, the fused denoiser
     zone profile --models tiny --device cpu --resolution 64 --steps 2
-    python -m benchmarks.profile_edit ...   # the same
+    python -m zone_benchmarks.profile_edit ...   # the same
 
 `zone bench` says how long each stage takes; this says why. After warm-up edits (CUDA-graph capture,
 SAM's first call), one edit runs under `torch.profiler`. The engine's stopwatch marks each stage

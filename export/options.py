@@ -1,8 +1,8 @@
 """The command-line options of `zone export unet`, `zone export sam` and `zone build-engine`.
 
 argparse only: no torch, so `zone --help` (whose parser holds these) answers at once. The commands
-themselves are `export.unet.run_export_unet`, `export.sam.run_export_sam` and
-`export.engine.run_build_engine`.
+themselves are `zone_export.unet.run_export_unet`, `zone_export.sam.run_export_sam` and
+`zone_export.engine.run_build_engine`.
 """
 
 from __future__ import annotations

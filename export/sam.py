@@ -44,7 +44,7 @@ from .options import TINY_SEED
 # - fp16: weights and activations rounded to fp16 (eps 1e-3) through every block. Measured: tiny
 #   2e-3 / 3e-4, vit_b 3e-3 / 5e-4. On the CPU, ONNX Runtime lacks most fp16 kernels and inserts casts
 #   to fp32, so this checks the graph and its rounded weights, not a GPU's fp16 arithmetic: check fp16
-#   masks on the GPU with `python -m benchmarks.bench_refine --fp16` (it reports mask agreement).
+#   masks on the GPU with `python -m zone_benchmarks.bench_refine --fp16` (it reports mask agreement).
 TOLERANCES = {"fp32": dict(atol=1e-4, rtol=1e-4), "fp16": dict(atol=2e-2, rtol=2e-2)}
 ENCODER_OUTPUTS = ["image_embeddings"]
 DECODER_OUTPUTS = ["low_res_logits", "iou_predictions"]

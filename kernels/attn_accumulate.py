@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import benchmark_rows, can_launch, is_interpreted, traced
 from zone_engine.localize import accumulate_attention_probabilities
+from zone_kernels.runtime import benchmark_rows, can_launch, is_interpreted, traced
 
 MAX_KEYS = 128  # keys are padded to one BLOCK_K tile; CLIP's 77 tokens fit
 LOG2E = 1.4426950408889634

@@ -53,7 +53,7 @@ import triton.language as tl
 from torch import nn
 from torch.nn import functional as F
 
-from kernels.runtime import benchmark_rows, can_launch, is_interpreted, traced
+from zone_kernels.runtime import benchmark_rows, can_launch, is_interpreted, traced
 
 TILE_ELEMENTS = 4096  # a program's tile on a GPU: 8 KB of fp16, enough loads in flight to hide the latency
 

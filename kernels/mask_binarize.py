@@ -52,9 +52,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import benchmark_rows, can_launch, is_interpreted, traced
 from zone_engine.localize import binarize_reference
 from zone_engine.pillow_resize import PRECISION_BITS, device_coefficients, pillow_coefficients
+from zone_kernels.runtime import benchmark_rows, can_launch, is_interpreted, traced
 
 
 @triton.jit

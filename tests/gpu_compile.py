@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import attn_accumulate, group_norm, mask_binarize
+from zone_kernels import attn_accumulate, group_norm, mask_binarize
 
 try:
     from triton.backends.nvidia.compiler import get_ptxas

@@ -18,14 +18,14 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
-from benchmarks import harness, measure
-from benchmarks.baseline import STORED_MAX_QUERIES, ReferenceStyleZone
-from benchmarks.harness import run_benchmark
-from benchmarks.measure import Deadline, OutOfTime
-from benchmarks.options import PRESETS
-from benchmarks.options import bench_main as main
-from benchmarks.options import parse_bench_args as parse_args
-from benchmarks.report import REST_OF_TOTAL, chart_segments, layout, markdown, write_reports
+from zone_benchmarks import harness, measure
+from zone_benchmarks.baseline import STORED_MAX_QUERIES, ReferenceStyleZone
+from zone_benchmarks.harness import run_benchmark
+from zone_benchmarks.measure import Deadline, OutOfTime
+from zone_benchmarks.options import PRESETS
+from zone_benchmarks.options import bench_main as main
+from zone_benchmarks.options import parse_bench_args as parse_args
+from zone_benchmarks.report import REST_OF_TOTAL, chart_segments, layout, markdown, write_reports
 from zone_engine import Action, EditConfig, SamConfig, ZonePipeline, backends, pipeline
 from zone_engine.denoise import BatchDenoiser
 from zone_engine.image_io import make_sample_image, working_geometry
@@ -297,7 +297,7 @@ def test_each_rows_segmenter_is_made_untimed_before_its_first_edit(tiny_models, 
 def test_the_group_norm_comparison_row_is_the_fused_row_with_pytorchs_norm(tiny_models, monkeypatch):
     """gpu-512's "+gn-torch" row: a fused denoiser of its own with PyTorch's norms, beside the fused row's
     with the kernel (its captured steps hold the norms); skipped where it would compare nothing."""
-    import kernels.group_norm as norm_module
+    import zone_kernels.group_norm as norm_module
     from zone_engine.models import pytorch_norms
 
     monkeypatch.setattr(norm_module, "runs_on", lambda device: True)  # as under the interpreter (no edit runs here)
@@ -579,7 +579,7 @@ def test_baseline_store_holds_every_attention_layer_every_step(pipe, baseline):
 
 
 def test_dual_unet_techniques_agree_and_are_all_timed(capsys):
-    from benchmarks.bench_dual_unet import main as bench_dual_unet
+    from zone_benchmarks.bench_dual_unet import main as bench_dual_unet
 
     assert bench_dual_unet(["--models", "tiny", "--resolution", "64", "--repeats", "1", "--device", "cpu",
                             "--channels-last"]) == 0
@@ -595,21 +595,21 @@ def test_dual_unet_techniques_agree_and_are_all_timed(capsys):
 
 
 def test_refinement_variants_run_on_the_fastest_fused_family_denoiser():
-    from benchmarks.harness import variant_denoiser
+    from zone_benchmarks.harness import variant_denoiser
 
     assert variant_denoiser(("eager", "fused", "compile")) == "compile"
     assert variant_denoiser(("eager", "fused")) == "fused" and variant_denoiser(("eager",)) == "eager"
 
 
 def test_dual_unet_benchmark_refuses_half_precision_on_the_cpu_in_one_line(capsys):
-    from benchmarks.bench_dual_unet import main as bench_dual_unet
+    from zone_benchmarks.bench_dual_unet import main as bench_dual_unet
 
     assert bench_dual_unet(["--models", "tiny", "--dtype", "fp16", "--device", "cpu"]) == 2
     assert capsys.readouterr().err == "error: fp16/bf16 need CUDA: use --dtype fp32 on the CPU\n"
 
 
 def test_kernel_benchmark_help_explains_instead_of_running(capsys):
-    from benchmarks.bench_kernels import main as bench_kernels
+    from zone_benchmarks.bench_kernels import main as bench_kernels
 
     with pytest.raises(SystemExit) as exit_info:
         bench_kernels(["--help"])
@@ -619,7 +619,7 @@ def test_kernel_benchmark_help_explains_instead_of_running(capsys):
 def test_refine_benchmark_rows_and_their_agreement(capsys):
     """bench_refine on a tiny SAM: fp32 torch first (the reference), the bf16-encoder row with its IoU,
     and the search table."""
-    from benchmarks.bench_refine import main as bench_refine
+    from zone_benchmarks.bench_refine import main as bench_refine
 
     bench_refine(["--model-type", "tiny", "--size", "96", "--points-per-side", "8", "--repeats", "1",
                   "--device", "cpu", "--no-onnx", "--sam-precision", "bf16"])
@@ -646,7 +646,7 @@ def test_refine_benchmark_rows_and_their_agreement(capsys):
 
 
 def test_photo_benchmark_times_each_host_step_and_the_png_levels(capsys):
-    from benchmarks.bench_photo import main as bench_photo
+    from zone_benchmarks.bench_photo import main as bench_photo
 
     assert bench_photo(["--size", "64x96", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
@@ -659,7 +659,7 @@ def test_photo_benchmark_times_each_host_step_and_the_png_levels(capsys):
 
 
 def test_a_refine_benchmark_part_that_fails_costs_its_own_rows(capsys, monkeypatch):
-    from benchmarks import bench_refine
+    from zone_benchmarks import bench_refine
 
     def broken(*args):
         raise RuntimeError("CUDA error: device-side assert triggered")
@@ -674,10 +674,10 @@ def test_a_refine_benchmark_part_that_fails_costs_its_own_rows(capsys, monkeypat
 
 
 def test_graph_breaks_counts_each_break_and_shows_where_it_is(capsys, monkeypatch):
-    """benchmarks.graph_breaks, dynamo's real explain, on a stand-in for the dual step with one break: that the
+    """zone_benchmarks.graph_breaks, dynamo's real explain, on a stand-in for the dual step with one break: that the
     real step is one graph, tests/test_dual_step.py shows (a counting backend traces it once); tracing it here too
     took 20 s of the suite for no other claim."""
-    import benchmarks.graph_breaks as graph_breaks_module
+    import zone_benchmarks.graph_breaks as graph_breaks_module
 
     def broken_step(unets, schedule, state, *_):
         doubled = state.z_mb * 2
@@ -699,7 +699,7 @@ def test_graph_breaks_counts_each_break_and_shows_where_it_is(capsys, monkeypatc
 
 
 def test_kernel_floor_line_puts_the_graph_replay_against_the_modelled_bytes():
-    from benchmarks.bench_kernels import floor_line
+    from zone_benchmarks.bench_kernels import floor_line
 
     rows = [{"name": "c: fused Triton kernel", "time_ms": 0.2, "bytes": 3e6},
             {"name": "c: the same, replayed from a CUDA graph", "time_ms": 0.012, "bytes": 3e6}]
@@ -711,7 +711,7 @@ def test_the_kernel_benchmark_refuses_to_measure_where_the_kernels_cannot_run():
     """With ZONE_DISABLE_TRITON=1 (or TRITON_INTERPRET=0 on a CPU) each launcher ran its reference: the "fused
     Triton kernel" rows were the reference under the kernel's name, checked against itself."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "ZONE_DISABLE_TRITON": "1"}
-    run = subprocess.run([sys.executable, "-m", "benchmarks.bench_kernels"], env=env, capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "zone_benchmarks.bench_kernels"], env=env, capture_output=True,
                          text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert run.returncode == 2 and "the Triton kernels cannot run on cpu here" in run.stderr
     assert "fused Triton kernel" not in run.stdout
@@ -723,7 +723,7 @@ def test_kernel_benchmark_on_the_cpu_checks_correctness():
     kernel 3, plain and fused with the time embedding and SiLU: fp32 outputs of magnitude ~5 against float64's,
     within 1e-5)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([sys.executable, "-m", "benchmarks.bench_kernels"], env=env, capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "zone_benchmarks.bench_kernels"], env=env, capture_output=True,
                          text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stderr
     rows = [line.split() for line in run.stdout.splitlines() if line.strip()[:2] in ("a:", "b:", "c:")]
@@ -739,7 +739,7 @@ def test_benchmark_rows_time_each_variant_after_its_checked_first_call(monkeypat
     default or a given timer, then the last variant's (the kernel's) launch-cost rows; elsewhere no times."""
     import triton.testing
 
-    from kernels.runtime import benchmark_rows
+    from zone_kernels.runtime import benchmark_rows
 
     calls = []
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: calls.append(("bench", fn())) or 2.0)
@@ -765,8 +765,8 @@ def test_benchmark_rows_time_each_variant_after_its_checked_first_call(monkeypat
 def test_a_kernel_benchmark_that_fails_spares_the_others(capsys, monkeypatch):
     import functools
 
-    from benchmarks.bench_kernels import main as bench_kernels
-    from kernels import attn_accumulate, group_norm
+    from zone_benchmarks.bench_kernels import main as bench_kernels
+    from zone_kernels import attn_accumulate, group_norm
 
     def broken(device):
         raise RuntimeError("triton compilation failed")
@@ -781,7 +781,7 @@ def test_a_kernel_benchmark_that_fails_spares_the_others(capsys, monkeypatch):
 
 
 def test_graph_memory_reads_its_shapes_and_needs_a_gpu(capsys):
-    from benchmarks import graph_memory
+    from zone_benchmarks import graph_memory
 
     args = graph_memory.parse_args(["--sizes", "512x384,256x512", "--batches", "1,4"])
     assert args.shapes == [(1, 512, 384), (1, 256, 512), (4, 512, 384), (4, 256, 512)]
@@ -795,7 +795,7 @@ def test_graph_memory_reads_its_shapes_and_needs_a_gpu(capsys):
 
 
 def test_selection_agreement_names_the_same_choice_or_measures_the_difference():
-    from benchmarks.bench_refine import selection_agreement
+    from zone_benchmarks.bench_refine import selection_agreement
     from zone_engine.refine import Selection
 
     square = np.zeros((8, 8), bool)
@@ -831,7 +831,7 @@ def test_the_micro_benchmarks_say_a_bad_option_in_one_line(capsys, module, argv,
 def test_the_micro_benchmarks_check_what_auto_found_and_the_options_their_help_names(capsys):
     """bench_refine with --device auto ran fp16 SAM on the CPU; graph_memory took a batch of 3, bench_dual_unet's
     median of an even count was its upper middle."""
-    from benchmarks import bench_dual_unet, bench_refine, graph_memory
+    from zone_benchmarks import bench_dual_unet, bench_refine, graph_memory
 
     if not torch.cuda.is_available():  # auto finds the CPU
         assert bench_refine.main(["--model-type", "tiny", "--size", "64", "--sam-precision", "fp16", "--no-onnx"]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import inspect
 import io
@@ -128,6 +129,14 @@ for argv in (["bench", "--resolution", "100000"], ["profile", "--steps", "0"]):
         raise AssertionError(f"{argv} was not refused")
 print("torch imported:", "torch" in sys.modules)
 """
+
+
+def test_the_distribution_installs_no_top_level_name_of_another_project():
+    """kernels/, export/ and benchmarks/ install as zone_kernels, zone_export and zone_benchmarks: as `kernels`
+    the wheel overwrote Hugging Face's `kernels` package (which transformers imports when it is installed) and,
+    uninstalled, deleted its __init__.py; PyPI's `export` would have fared the same."""
+    top_level = importlib.metadata.distribution("zone-engine").read_text("top_level.txt").split()
+    assert sorted(top_level) == ["zone_benchmarks", "zone_engine", "zone_export", "zone_kernels"]
 
 
 def test_help_and_input_errors_answer_without_importing_torch(tmp_path):

@@ -266,7 +266,7 @@ class TestOnGPU:
         summation order and one fp16 rounding per norm. Bounds as for the layout test above."""
         image = smooth_image(64, 96, seed=12)
         config = EditConfig(steps=3, sam=SamConfig.for_random_weights())
-        import kernels.group_norm as norm_module
+        import zone_kernels.group_norm as norm_module
 
         launches = spy_calls(monkeypatch, norm_module, "_launch")
         results = []

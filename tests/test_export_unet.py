@@ -34,17 +34,24 @@ ort = pytest.importorskip("onnxruntime")
 
 from conftest import smooth_image  # noqa: E402
 
-from export import engine as engine_module  # noqa: E402
-from export import unet as export_module  # noqa: E402
-from export.engine import (  # noqa: E402
+from zone_engine import __version__  # noqa: E402
+from zone_engine.config import EditConfig  # noqa: E402
+from zone_engine.denoise import DenoiseInputs, guided_noise, initial_noise  # noqa: E402
+from zone_engine.dual_step import DualUNet, FusedDualDenoiser  # noqa: E402
+from zone_engine.errors import CheckpointError, ConfigError, DeviceError, ZoneError  # noqa: E402
+from zone_engine.localize import AttentionAccumulator, attention_grid, localize, record_cross_attention  # noqa: E402
+from zone_engine.models import build_tiny_components  # noqa: E402
+from zone_export import engine as engine_module  # noqa: E402
+from zone_export import unet as export_module  # noqa: E402
+from zone_export.engine import (  # noqa: E402
     EngineCache,
     build_engine,
     engine_cache_key,
     named_graphs,
     run_build_engine,
 )
-from export.options import TINY_SEED, add_build_engine_arguments, add_export_unet_arguments  # noqa: E402
-from export.unet import (  # noqa: E402
+from zone_export.options import TINY_SEED, add_build_engine_arguments, add_export_unet_arguments  # noqa: E402
+from zone_export.unet import (  # noqa: E402
     MANIFEST_FILE,
     DualStepForExport,
     ShapeProfile,
@@ -57,13 +64,6 @@ from export.unet import (  # noqa: E402
     run_export_unet,
     weights_sha256,
 )
-from zone_engine import __version__  # noqa: E402
-from zone_engine.config import EditConfig  # noqa: E402
-from zone_engine.denoise import DenoiseInputs, guided_noise, initial_noise  # noqa: E402
-from zone_engine.dual_step import DualUNet, FusedDualDenoiser  # noqa: E402
-from zone_engine.errors import CheckpointError, ConfigError, DeviceError, ZoneError  # noqa: E402
-from zone_engine.localize import AttentionAccumulator, attention_grid, localize, record_cross_attention  # noqa: E402
-from zone_engine.models import build_tiny_components  # noqa: E402
 
 PROFILE = "32x32:64x64:96x64"
 SIZES = [(64, 64), (96, 64), (32, 32)]  # opt (the export size), then the other sizes of the profile
@@ -463,7 +463,7 @@ def test_tensorrt_denoiser_without_tensorrt_is_a_clear_device_error(no_tensorrt,
 
 def test_zone_engine_imports_without_tensorrt():
     code = ("import sys; sys.modules['tensorrt'] = None; import zone_engine, zone_engine.tensorrt_denoiser, "
-            "zone_engine.backends, zone_engine.cli, export.engine; print('ok')")
+            "zone_engine.backends, zone_engine.cli, zone_export.engine; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=Path(__file__).parents[1])
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
@@ -708,7 +708,7 @@ class TestTensorRT:
 
 
 def test_the_opset_range_includes_both_ends():
-    from export.onnx_graph import LAST_OPSET, check_opset
+    from zone_export.onnx_graph import LAST_OPSET, check_opset
 
     assert check_opset(14, 14, "the UNets") == 14 and check_opset(LAST_OPSET, 14, "the UNets") == LAST_OPSET
     for outside in (13, LAST_OPSET + 1):
@@ -720,7 +720,7 @@ def test_a_re_export_without_external_data_removes_the_old_data_files(models, ex
     """Weights past 2 GB go to `<graph>.onnx.data`; a later export of smaller graphs writes none, and the old
     ones (gigabytes, no longer listed) are removed, not left beside the new graphs. The VAE's graphs stand for
     all three (the same export_graph writes each; the dual step's would add 12 s)."""
-    from export import onnx_graph
+    from zone_export import onnx_graph
 
     monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_BYTES", 0)
     out = export_vae(models, tmp_path / "unet", height=32, width=32)

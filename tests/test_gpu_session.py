@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import (
+from zone_benchmarks import (
     bench_dual_unet,
     bench_kernels,
     bench_photo,
@@ -32,11 +32,11 @@ from zone_engine.config import DENOISERS
 ROOT = Path(__file__).parents[1]
 STAGES = ("tests", "compile", "kernels", "refine", "refine-zero", "dual", "breaks", "profile", "graph-memory", "bench",
           "bench-contiguous", "bench-compile", "photo", "suite", "serve")
-PARSERS = {"benchmarks": options.parse_bench_args, "benchmarks.bench_refine": bench_refine.parse_args,
-           "benchmarks.bench_dual_unet": bench_dual_unet.parse_args, "benchmarks.graph_breaks": graph_breaks.parse_args,
-           "benchmarks.bench_kernels": bench_kernels.parse_args, "benchmarks.load_test": load_test.parse_args,
-           "benchmarks.profile_edit": options.parse_profile_args, "benchmarks.graph_memory": graph_memory.parse_args,
-           "benchmarks.bench_photo": bench_photo.parse_args}
+PARSERS = {"zone_benchmarks": options.parse_bench_args, **{f"zone_benchmarks.{tool}": parse for tool, parse in {
+    "bench_refine": bench_refine.parse_args, "bench_dual_unet": bench_dual_unet.parse_args,
+    "graph_breaks": graph_breaks.parse_args, "bench_kernels": bench_kernels.parse_args,
+    "load_test": load_test.parse_args, "profile_edit": options.parse_profile_args,
+    "graph_memory": graph_memory.parse_args, "bench_photo": bench_photo.parse_args}.items()}}
 
 
 def dry_run(*stages: str, **env: str) -> subprocess.CompletedProcess:
@@ -146,3 +146,17 @@ def test_the_pytest_stages_name_paths_markers_and_tests_that_exist(every_stage, 
         assert "-m" not in values or values["-m"] in markers, name
         names = set(re.findall(r"\w+", values.get("-k", ""))) - {"not", "and", "or"}
         assert all(re.search(rf"def test_\w*{word}", test_source) for word in names), name
+
+
+def test_the_uninstalled_checkout_imports_the_folders_under_their_installed_names(tmp_path):
+    """The device runs the checkout without installing it: the script links kernels/, export/ and benchmarks/ as
+    zone_kernels, zone_export and zone_benchmarks. Python without site-packages (-S: no editable install to
+    find them) imports each from its folder."""
+    dry_run("kernels", SRC=str(tmp_path))
+    script = ("import zone_kernels, zone_export, zone_benchmarks\n"
+              "print('\\n'.join(module.__file__ for module in (zone_kernels, zone_export, zone_benchmarks)))")
+    out = subprocess.run([sys.executable, "-S", "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    found = [Path(line).resolve() for line in out.stdout.split()]
+    assert found == [ROOT / folder / "__init__.py" for folder in ("kernels", "export", "benchmarks")]

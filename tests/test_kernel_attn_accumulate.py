@@ -21,15 +21,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from conftest import compiled_graph, dispatched_ops, spy_calls  # noqa: E402
 
-import kernels.attn_accumulate as attn_module  # noqa: E402
-from kernels.attn_accumulate import (  # noqa: E402
+import zone_kernels.attn_accumulate as attn_module  # noqa: E402
+from zone_engine.localize import AttentionAccumulator  # noqa: E402
+from zone_kernels.attn_accumulate import (  # noqa: E402
     attention_sum_fp64,
     attn_accumulate_,
     attn_accumulate_reference,
     attn_accumulate_triton,
 )
-from kernels.runtime import DISABLE_ENV, is_interpreted  # noqa: E402
-from zone_engine.localize import AttentionAccumulator  # noqa: E402
+from zone_kernels.runtime import DISABLE_ENV, is_interpreted  # noqa: E402
 
 INTERPRETED = is_interpreted(attn_module._attn_accumulate_kernel)
 # The dispatcher's tests check that it launched the kernel: where it cannot (ZONE_DISABLE_TRITON=1, or Triton
@@ -274,9 +274,9 @@ def test_traceable_by_torch_compile():
 def test_capture_on_a_tiny_unet_gives_the_same_mask_b():
     """Recording through the kernel (strided views of real projections) and binarizing with kernel 2
     give the torch path's attention map and the identical M_b."""
-    from kernels.mask_binarize import binarize_mask
     from zone_engine.localize import localize, record_cross_attention
     from zone_engine.models import build_tiny_unet
+    from zone_kernels.mask_binarize import binarize_mask
 
     torch.manual_seed(0)
     unet = build_tiny_unet().eval()

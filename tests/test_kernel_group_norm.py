@@ -25,15 +25,15 @@ from conftest import compiled_graph, dispatched_ops, spy_calls  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-import kernels.group_norm as norm_module  # noqa: E402
-from kernels.group_norm import (  # noqa: E402
+import zone_kernels.group_norm as norm_module  # noqa: E402
+from zone_kernels.group_norm import (  # noqa: E402
     group_norm,
     group_norm_reference,
     group_norm_triton,
     spatial_stride,
     triton_group_norms,
 )
-from kernels.runtime import DISABLE_ENV, is_interpreted  # noqa: E402
+from zone_kernels.runtime import DISABLE_ENV, is_interpreted  # noqa: E402
 
 INTERPRETED = is_interpreted(norm_module._channel_stats_kernel)
 ATOL = {torch.float32: 1e-5, torch.float16: 8 * 2**-10, torch.bfloat16: 8 * 2**-7}
@@ -130,7 +130,7 @@ def test_tiles_stay_within_budget_for_every_sd_shape():
     """The launcher's tiles at SD1.5's UNet and VAE norm shapes, NHWC and NCHW, up to 2048² images: never
     above TILE_ELEMENTS (a larger map gets more chunks, not larger tiles); on NHWC blocks of 64 channels,
     each dividing C (vector loads, no masked lanes)."""
-    from kernels.group_norm import TILE_ELEMENTS, tile_shape
+    from zone_kernels.group_norm import TILE_ELEMENTS, tile_shape
 
     for channels in (128, 256, 320, 512, 640, 960, 1280, 1920, 2560):
         for side in (1, 8, 64, 512, 2048):

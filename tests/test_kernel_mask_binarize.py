@@ -18,17 +18,17 @@ import torch  # noqa: E402
 from conftest import compiled_graph, dispatched_ops  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import kernels.mask_binarize as binarize_module  # noqa: E402
-from kernels.mask_binarize import (  # noqa: E402
+import zone_kernels.mask_binarize as binarize_module  # noqa: E402
+from zone_engine.localize import binarize_reference, localize  # noqa: E402
+from zone_engine.pillow_resize import pillow_coefficients  # noqa: E402
+from zone_kernels.mask_binarize import (  # noqa: E402
     PRECISION_BITS,
     binarize_mask,
     mask_binarize_,
     mask_binarize_reference_,
     mask_binarize_triton,
 )
-from kernels.runtime import DISABLE_ENV, is_interpreted  # noqa: E402
-from zone_engine.localize import binarize_reference, localize  # noqa: E402
-from zone_engine.pillow_resize import pillow_coefficients  # noqa: E402
+from zone_kernels.runtime import DISABLE_ENV, is_interpreted  # noqa: E402
 
 INTERPRETED = is_interpreted(binarize_module._binarize_kernel)
 

@@ -18,7 +18,7 @@ import time
 import httpx
 from test_serving import serving
 
-from benchmarks.load_test import (
+from zone_benchmarks.load_test import (
     LoadConfig,
     LoadTestError,
     free_port,
@@ -68,7 +68,7 @@ def test_against_a_running_server_the_record_adds_up(pipe, tmp_path):
 def test_an_interrupted_run_reports_the_levels_that_finished(pipe, tmp_path, monkeypatch, capsys):
     """Ctrl-C (or SIGTERM) during the second level: the first is written and printed, the exit status is 130;
     during the first, nothing was measured and nothing is written."""
-    import benchmarks.load_test as load_test
+    import zone_benchmarks.load_test as load_test
 
     def interrupting_at(call: int):
         calls, measure = [], load_test.measure_level
@@ -175,7 +175,7 @@ def test_the_servers_queue_holds_a_whole_batch_and_every_client():
 
 def test_latency_percentiles_and_the_batching_ratio_by_their_definitions():
     """p50 <= p95 <= p99 held for any increasing percentiles; a ratio inverted passed "> 0"."""
-    from benchmarks.load_test import _percentiles_ms, throughput_ratio
+    from zone_benchmarks.load_test import _percentiles_ms, throughput_ratio
 
     percentiles = _percentiles_ms([0.001 * i for i in range(1, 101)])  # 1..100 ms
     assert percentiles == pytest.approx({"p50": 50.5, "p95": 95.05, "p99": 99.01, "mean": 50.5, "max": 100.0})
@@ -210,7 +210,7 @@ def test_requests_a_level_gave_up_on_are_counted_in_that_level_not_the_next(pipe
 
 def test_a_level_with_failed_requests_is_said_in_the_table_and_marked_on_the_chart(tmp_path):
     """Its edits/s and p95 (of the successes alone) were drawn and ratioed as if every request had succeeded."""
-    from benchmarks.load_test import table, write_plot
+    from zone_benchmarks.load_test import table, write_plot
 
     def level(concurrency, ok):
         return {"concurrency": concurrency, "sent": 8, "ok": ok, "errors": {"ReadTimeout": 8 - ok} if ok < 8 else {},

@@ -324,8 +324,8 @@ def test_a_second_pipeline_may_not_change_the_models_another_one_holds():
 
 @TRITON_ON_THE_CPU
 def test_triton_localization_kernels_give_the_same_edit(tiny_models, monkeypatch):
-    import kernels.attn_accumulate as attn_module
-    import kernels.mask_binarize as binarize_module
+    import zone_kernels.attn_accumulate as attn_module
+    import zone_kernels.mask_binarize as binarize_module
 
     assert attn_module.runs_on(torch.device("cpu"))  # kernel 2 shares its rule (kernels/runtime.py)
     image = smooth_image(64, 96, seed=6)
@@ -343,7 +343,7 @@ def test_triton_localization_kernels_give_the_same_edit(tiny_models, monkeypatch
 def test_the_group_norm_kernel_runs_every_unet_and_vae_norm_and_keeps_the_edit(tiny_models, monkeypatch):
     """--group-norm triton: each of the UNets' and the VAE's GroupNorms goes through kernel 3 (counted),
     and the edit is PyTorch's up to fp32 rounding: pixels within one level, the same M_b."""
-    import kernels.group_norm as norm_module
+    import zone_kernels.group_norm as norm_module
 
     image = smooth_image(64, 64, seed=6)
     config = EditConfig(steps=1, sam=SamConfig.for_random_weights())
@@ -373,7 +373,7 @@ def test_the_group_norm_kernel_runs_every_unet_and_vae_norm_and_keeps_the_edit(t
     ("torch", "cuda", "fused", False, False),
 ])
 def test_group_norm_option_decides_where_the_kernel_runs(kind, device, denoiser, unets, vae, monkeypatch):
-    import kernels.group_norm as norm_module
+    import zone_kernels.group_norm as norm_module
     from zone_engine.backends import make_group_norms
 
     monkeypatch.setattr(norm_module, "runs_on", lambda device: True)  # as on a GPU machine
@@ -388,7 +388,7 @@ def test_group_norm_option_errors(tiny_models, monkeypatch):
     with pytest.raises(ConfigError, match="unknown GroupNorm implementation 'apex': available auto, torch, triton"):
         ZonePipeline(tiny_models, device="cpu", group_norm="apex")
     denoiser = make_denoiser(tiny_models, "fused", torch.device("cpu"))
-    from kernels.group_norm import triton_group_norms
+    from zone_kernels.group_norm import triton_group_norms
 
     with pytest.raises(ConfigError, match="a Denoiser instance comes configured"):
         make_denoiser(tiny_models, denoiser, torch.device("cpu"), norms=triton_group_norms)

@@ -9,8 +9,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 
-from benchmarks import options, profile_edit
-from benchmarks.profile_edit import all_stages, covered, layout_said, stage_profiles, stage_table
+from zone_benchmarks import options, profile_edit
+from zone_benchmarks.profile_edit import all_stages, covered, layout_said, stage_profiles, stage_table
 from zone_engine.pipeline import STAGES
 from zone_engine.timing import RANGE_PREFIX
 

@@ -249,7 +249,7 @@ def test_bf16_image_encoder_runs_in_bf16_and_keeps_the_masks():
 
     from conftest import smooth_image
 
-    from benchmarks.bench_refine import mask_agreement
+    from zone_benchmarks.bench_refine import mask_agreement
 
     torch.manual_seed(0)
     sam = tiny_random_sam()

@@ -30,10 +30,6 @@ ort = pytest.importorskip("onnxruntime")
 
 from conftest import assert_same_selection, smooth_image  # noqa: E402
 
-from export import onnx_graph  # noqa: E402
-from export import sam as export_module  # noqa: E402
-from export.options import add_export_sam_arguments  # noqa: E402
-from export.sam import export_sam, run_export_sam  # noqa: E402
 from zone_engine import __version__  # noqa: E402
 from zone_engine.config import SamConfig  # noqa: E402
 from zone_engine.errors import CheckpointError, ConfigError, DeviceError, EditWarning, ZoneError  # noqa: E402
@@ -51,6 +47,10 @@ from zone_engine.sam_onnx import (  # noqa: E402
     engine_cache_folder,
 )
 from zone_engine.sam_torch import TorchSamSegmenter  # noqa: E402
+from zone_export import onnx_graph  # noqa: E402
+from zone_export import sam as export_module  # noqa: E402
+from zone_export.options import add_export_sam_arguments  # noqa: E402
+from zone_export.sam import export_sam, run_export_sam  # noqa: E402
 
 CONFIGS = {
     "random-weights": SamConfig.for_random_weights(),

@@ -31,7 +31,7 @@ from conftest import damaged_image_files, rgb_profile, smooth_image
 from PIL import Image
 
 import zone_engine
-from benchmarks.load_test import parse_metrics
+from zone_benchmarks.load_test import parse_metrics
 from zone_engine import ZonePipeline
 from zone_engine.config import EditConfig, SamConfig
 from zone_engine.errors import CheckpointError, ConfigError, EditCancelled, InputImageError, InstructionError

@@ -119,7 +119,7 @@ def check_backends(device: torch.device, **options: object) -> None:
     if options.get("segmenter") == "onnx":
         check_onnx_segmenter(options.get("sam_onnx"))
     if options.get("denoiser") == "tensorrt":
-        from export.unet import read_manifest
+        from zone_export.unet import read_manifest
 
         read_manifest(options["engines"])
 
@@ -162,8 +162,8 @@ def make_localization_kernels(kind: str, device: torch.device) -> tuple[Accumula
     check_backend_options(device.type, kernels=kind)
     if kind == "torch" or (kind == "auto" and device.type != "cuda"):
         return accumulate_attention_probabilities, binarize_reference
-    from kernels.attn_accumulate import attn_accumulate_, runs_on
-    from kernels.mask_binarize import binarize_mask
+    from zone_kernels.attn_accumulate import attn_accumulate_, runs_on
+    from zone_kernels.mask_binarize import binarize_mask
 
     if kind == "triton" and not runs_on(device):  # both kernels share the rule (kernels/runtime.py)
         _say_triton_cannot_run("kernels", device, "the torch reference")
@@ -190,7 +190,7 @@ def make_group_norms(kind: str, device: torch.device, denoiser: str | Denoiser) 
     check_backend_options(device.type, group_norm=kind)
     if kind == "torch" or (kind == "auto" and (device.type != "cuda" or denoiser == "eager")):
         return pytorch_norms, pytorch_norms
-    from kernels.group_norm import runs_on, triton_group_norms
+    from zone_kernels.group_norm import runs_on, triton_group_norms
 
     if not runs_on(device):
         if kind == "triton":

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
-from export.options import add_build_engine_arguments, add_export_sam_arguments, add_export_unet_arguments
+from zone_export.options import add_build_engine_arguments, add_export_sam_arguments, add_export_unet_arguments
 
 from . import __version__
 from .config import (
@@ -380,14 +380,14 @@ def _add_export_commands(commands) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from export.sam import run_export_sam
-    from export.unet import run_export_unet
+    from zone_export.sam import run_export_sam
+    from zone_export.unet import run_export_unet
 
     print_path({"unet": run_export_unet, "sam": run_export_sam}[args.target](args))
 
 
 def run_build_engine(args: argparse.Namespace) -> None:
-    from export.engine import run_build_engine as build
+    from zone_export.engine import run_build_engine as build
 
     for path in build(args):
         print_path(path)
@@ -604,13 +604,13 @@ def _quiet_libraries() -> None:
             sys.modules[library].utils.logging.set_verbosity_error()
 
 
-TOOLS = {"bench": "bench_main", "profile": "profile_main"}  # `zone NAME`: benchmarks.options' function
+TOOLS = {"bench": "bench_main", "profile": "profile_main"}  # `zone NAME`: zone_benchmarks.options' function
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] and argv[0] in TOOLS:  # the benchmark tools own their options
-        return getattr(importlib.import_module("benchmarks.options"), TOOLS[argv[0]])(argv[1:])
+        return getattr(importlib.import_module("zone_benchmarks.options"), TOOLS[argv[0]])(argv[1:])
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     commands = {"edit": run_edit, "batch": run_batch, "demo": run_demo, "serve": run_serve, "export": run_export,

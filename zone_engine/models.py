@@ -84,7 +84,7 @@ NormScope = Callable[..., contextlib.AbstractContextManager]
 
 def pytorch_norms(*modules: nn.Module) -> contextlib.AbstractContextManager:
     """The `NormScope` that changes nothing: the modules' own (PyTorch's) GroupNorm. The other one is
-    kernels.group_norm.triton_group_norms, chosen by backends.make_group_norms."""
+    zone_kernels.group_norm.triton_group_norms, chosen by backends.make_group_norms."""
     return contextlib.nullcontext()
 
 

@@ -116,7 +116,7 @@ class TensorRTDenoiser:
                     cache_root: Path | None = None, cuda_graph: bool = False) -> TensorRTDenoiser:
         """The denoiser for a `zone export unet` folder; builds the engine first when the cache has none that fits."""
         require_tensorrt_runtime(torch.device(device))
-        from export.engine import ensure_engine
+        from zone_export.engine import ensure_engine
 
         path, graph, _ = ensure_engine(folder, "dual_step", cache_root, device=torch.device(device))
         return cls(path, graph, scheduler_config, device, cuda_graph)
