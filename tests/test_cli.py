@@ -474,6 +474,18 @@ def test_a_batch_line_that_cannot_run_is_refused_before_any_work(photo, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("report", ["edits.jsonl", "sub/../edits.jsonl", "link.jsonl"])
+def test_a_batch_report_is_not_written_over_its_list_of_edits(photo, tmp_path, capsys, monkeypatch, report):
+    monkeypatch.chdir(tmp_path)
+    listed = '{"image": "photo.png", "instruction": "add a hat"}\n'
+    (tmp_path / "edits.jsonl").write_text(listed)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "edits.jsonl")
+    _fails_cleanly(capsys, ["batch", "edits.jsonl", "-o", "out", "--tiny", "--report", report],
+                   f"--report {report} is the list of edits edits.jsonl: write the report to another file")
+    assert (tmp_path / "edits.jsonl").read_text() == listed and not (tmp_path / "out").exists()
+
+
 def test_a_batch_line_reads_an_image_under_the_home_folder_as_a_shell_would(photo, tmp_path, monkeypatch, capsys):
     """~/ is the home folder; ~draft.png and ~nobody-zone/ are names beside the list, here the current folder
     (expanduser raised on the first; the reader took the second for a user's home, and raised)."""
@@ -643,15 +655,24 @@ def test_skip_existing_resumes_a_run_without_loading_the_models_for_what_is_done
     Image.open(photo).save(tmp_path / "second.png")
     out, images = tmp_path / "out", [str(photo), str(tmp_path / "second.png")]
     common = ["-i", "add a hat", "-o", str(out), "--tiny", "--steps", "1", "--no-progress"]
-    assert main(["edit", images[0], "-o", f"{out}/", *common[:2], *common[4:]]) == 0  # an interrupted run's
+    report = ["--report", str(tmp_path / "report.jsonl")]  # the resumed run's lines added to the first's
+
+    def reported() -> list[str]:
+        return [Path(json.loads(line)["name"]).name for line in Path(report[1]).read_text().splitlines()]
+
+    assert main(["edit", images[0], "-o", f"{out}/", *common[:2], *common[4:], *report]) == 0  # an interrupted run's
     before = (out / "photo.png").stat().st_mtime_ns
     builds = []
     monkeypatch.setattr(pipeline.ZonePipeline, "tiny", _counted(pipeline.ZonePipeline.tiny, builds))
     capsys.readouterr()
-    assert main(["edit", *images, *common, "--skip-existing"]) == 0
+    assert main(["edit", *images, *common, "--skip-existing", *report]) == 0
     assert "--skip-existing: 1 of 2 edits left out" in capsys.readouterr().err and len(builds) == 1
     assert (out / "photo.png").stat().st_mtime_ns == before and (out / "second.png").exists()
-    assert main(["edit", *images, *common, "--skip-existing"]) == 0 and len(builds) == 1  # all done: no model
+    assert reported() == ["photo.png", "second.png"]
+    assert main(["edit", *images, *common, "--skip-existing", *report]) == 0 and len(builds) == 1  # all done: no model
+    assert reported() == ["photo.png", "second.png"]
+    assert main(["edit", images[1], "-o", str(tmp_path / "again.png"), *common[:2], *common[4:], *report]) == 0
+    assert reported() == ["second.png"]  # without --skip-existing a report starts anew
 
 
 def test_the_output_is_written_after_the_masks_so_its_presence_means_the_edit_is_whole(photo, tmp_path,

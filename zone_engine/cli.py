@@ -15,6 +15,7 @@ import textwrap
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from zone_export.options import add_build_engine_arguments, add_export_sam_arguments, add_export_unet_arguments
@@ -143,7 +144,8 @@ def _add_many_options(parser: argparse.ArgumentParser, suffix_when: str) -> None
     parser.add_argument("--report", type=file_argument, metavar="FILE",
                         help="also write FILE, one JSON line per edit as it ends: its name, image, output, "
                         "instruction, action, seed, steps, seconds per stage, edited pixels, fallback and warnings, or "
-                        "its error (a run cut short keeps the lines of the edits it ended)")
+                        "its error (a run cut short keeps the lines of the edits it ended; with --skip-existing the "
+                        "lines are added to FILE's, those of the edits done before kept)")
     parser.add_argument("--batch-size", type=int, default=1,
                         help=f"how many edits run at once, those of one size denoised as one batch (faster on a GPU; "
                         f"results equal to one at a time up to float rounding); 1..{MAX_BATCH} (default: 1)")
@@ -448,15 +450,17 @@ def run_batch(args: argparse.Namespace) -> None:
     changes = _config_changes(args)  # checked before any weights load, as run_edit's
     _check_backend_arguments(args)
     spec = _pipeline_spec(args)
-    _edit_all(args, plan_manifest(args, changes), spec, changes, several=True)
+    _edit_all(args, plan_manifest(args, changes), spec, changes, several=True, list_file=args.manifest)
 
 
-def _edit_all(args: argparse.Namespace, jobs: list[EditJob], spec: PipelineSpec, changes: dict, several: bool) -> None:
-    """edit_all as `zone edit` and `zone batch` ask: --report checked first, --skip-existing's done left out."""
+def _edit_all(args: argparse.Namespace, jobs: list[EditJob], spec: PipelineSpec, changes: dict, several: bool,
+              list_file: Path | None = None) -> None:
+    """edit_all as `zone edit` and `zone batch` ask: --report checked first (not over `list_file`, zone batch's
+    list of edits), --skip-existing's done left out and their lines of --report kept."""
     if args.report:
-        check_report_path(args.report, jobs)
+        check_report_path(args.report, jobs, list_file)
     edit_all(_not_done(jobs, args.skip_existing), spec.build, changes, args.batch_size, not args.no_progress,
-             several, args.report)
+             several, args.report, append=args.skip_existing)
 
 
 def _not_done(jobs: list[EditJob], skip_existing: bool) -> list[EditJob]:

@@ -223,9 +223,12 @@ def _check_case_clash(inputs: dict[str, Path], written: dict[str, tuple[Path, Ed
                           f"{rename}")
 
 
-def check_report_path(report: Path, jobs: Sequence[EditJob]) -> None:
-    """OutputError unless --report's file can be written, over no input and no edit's file."""
+def check_report_path(report: Path, jobs: Sequence[EditJob], list_file: Path | None = None) -> None:
+    """OutputError unless --report's file can be written, over no input (nor `list_file`, zone batch's list of
+    edits) and no edit's file."""
     check_output_file(report, "--report")
+    if list_file is not None and (same_file(report, list_file) or report.absolute() == list_file.absolute()):
+        raise OutputError(f"--report {report} is the list of edits {list_file}: write the report to another file")
     files = {os.path.realpath(path): job for job in jobs for path in (job.image, *job.written())}
     if (job := files.get(key := os.path.realpath(report))) is not None:
         raise OutputError(f"--report {report} is a file of the edit of {job.name()}: choose another name")
@@ -267,12 +270,13 @@ def same_file(path: Path, other: Path) -> bool:
 
 
 def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes: dict[str, Any], batch_size: int,
-             progress: bool, several: bool, report: Path | None = None) -> None:
+             progress: bool, several: bool, report: Path | None = None, append: bool = False) -> None:
     """Edit every job, `batch_size` at a time, with the pipeline `build` makes once an image is read (a bad one is
     said in seconds, before the weights load; none read, none load) and the EditConfig fields `changes` (each
     job's own over them). One edit (not `several`): its error is the command's. Several: an edit that fails is
     said, the others go on, and a ZoneError lists those not done; a result that cannot be written stops the run.
-    `report`: a JSON Lines file written as the edits end, one line each (`_Run.record`). A batch's files are
+    `report`: a JSON Lines file written as the edits end, one line each (`_Run.record`), added to its lines if
+    `append` (a run resumed with --skip-existing keeps those of the edits done before). A batch's files are
     written in a second thread while the next batch is read and edited (a 12 MP PNG takes 2 s of a core); a run
     cut short (Ctrl-C, SIGTERM, an error) lets the write under way finish, drops those queued, and says and
     reports the edits whose files were written."""
@@ -280,7 +284,7 @@ def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes
     pipe, config = None, None
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)  # checked creatable (check_report_path), as -o's folders
-    with (open(report, "w", encoding="utf-8") if report else contextlib.nullcontext() as out,
+    with (open(report, "a" if append else "w", encoding="utf-8") if report else contextlib.nullcontext() as out,
           ThreadPoolExecutor(1, thread_name_prefix="zone-write") as run.writer):
         run.report = out
         try:
