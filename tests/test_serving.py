@@ -884,6 +884,37 @@ def test_browser_pages_of_the_allowed_origins_only_may_call_the_api():
     assert ServeSettings(allow_origins=("*", "http://localhost:3000")).allow_origins[0] == "*"
 
 
+@pytest.mark.parametrize("origin, sent", [
+    ("https://App.Example.com", "https://app.example.com"), ("https://app.example.com:443", "https://app.example.com"),
+    ("http://app.example.com:80", "http://app.example.com"), ("http://localhost:", "http://localhost"),
+    ("http://localhost:03000", "http://localhost:3000"), ("http://[0:0::1]:8080", "http://[::1]:8080"),
+    ("http://café.example", "http://xn--caf-dma.example"),
+])
+def test_an_allowed_origin_not_written_as_browsers_send_it_is_refused_with_their_spelling(origin, sent):
+    """The Origin header is compared as text: another spelling started the server, then failed every call of the
+    page (a preflight 400, an edit 403)."""
+    said = f"is not written as browsers send it (lower case, no default port, a name in ASCII), so no page would " \
+        f"match it: write {sent}"
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        ServeSettings(allow_origins=(origin,))
+    assert ServeSettings(allow_origins=(sent,)).allow_origins == (sent,)
+
+
+@pytest.mark.parametrize("origin", ["http://*.example.com", "https://user@app.example.com", "http://x:pw@host",
+                                    "http://host:99999", "http://host:abc", "http://host:0", "http://[fe80::1%25eth0]",
+                                    "http://a..example", "http://[::1"])
+def test_an_allowed_origin_no_browser_sends_is_refused(origin):
+    with pytest.raises(ConfigError, match=re.escape("is not an origin: write scheme://host[:port] with no path, user "
+                                                    "name or wildcard")):
+        ServeSettings(allow_origins=(origin,))
+
+
+def test_origins_as_browsers_send_them_are_allowed():
+    origins = ("https://app.example.com", "http://localhost:3000", "http://127.0.0.1:8000", "http://[::1]:8080",
+               "https://app.example.com.", "http://xn--caf-dma.example")
+    assert ServeSettings(allow_origins=origins).allow_origins == origins
+
+
 def test_an_edit_from_a_browser_page_of_an_origin_not_allowed_is_refused_before_its_upload_is_read(pipe):
     """A page elsewhere could make its visitors' browsers post edits to a local server (a form post needs no CORS
     preflight): 403, said before the body is read. Pages of allowed origins, this server's own (/docs) and

@@ -340,9 +340,9 @@ def _add_serve_command(commands) -> None:
                         "capture or compilation (minutes with --denoiser compile); repeatable (default: none)")
     server.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                         help="let browser pages of this origin call the API (CORS: preflight answered, the X-Zone-* "
-                        "headers readable), e.g. https://app.example.com, or * for any page; repeatable (default: "
-                        "none: edits posted by pages of other origins get 403; clients that are not browsers need "
-                        "none)")
+                        "headers readable), e.g. https://app.example.com (as browsers write it: lower case, no "
+                        "default port), or * for any page; repeatable (default: none: edits posted by pages of "
+                        "other origins get 403; clients that are not browsers need none)")
     server.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                         help="answer requests addressed to this DNS name (as clients write it in the URL, no port), "
                         "e.g. zone.example.com, or * for any; repeatable (default: none beyond IP addresses, "

@@ -3,6 +3,7 @@ so a Ray Serve replica can rebuild the same service in its own process."""
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import urllib.parse
@@ -162,11 +163,19 @@ class ServeSettings:
                 raise ConfigError(f"{name}={value!r} is one string: give a tuple, {name}=({value!r},)")
 
     def _check_origins(self) -> None:
+        """Each origin as a browser sends it in its Origin header, which a request's is compared with as text: any
+        other spelling ("https://App.Example.com:443") would start the server, then fail every call of the page."""
         for origin in self.allow_origins:
-            if origin != "*" and not (_ORIGIN.fullmatch(origin) and _host_of(origin) is not None):
-                raise ConfigError(f"allowed origin {origin!r} (--allow-origin, allow_origins) is not an origin: "
-                                  "write scheme://host[:port] with no path "
-                                  "(e.g. https://app.example.com or http://localhost:3000), or * for any")
+            if origin == "*":
+                continue
+            said = f"allowed origin {origin!r} (--allow-origin, allow_origins)"
+            sent = _origin_as_sent(origin) if _ORIGIN.fullmatch(origin) else None
+            if sent is None:
+                raise ConfigError(f"{said} is not an origin: write scheme://host[:port] with no path, user name or "
+                                  "wildcard (e.g. https://app.example.com or http://localhost:3000), or * for any")
+            if sent != origin:
+                raise ConfigError(f"{said} is not written as browsers send it (lower case, no default port, "
+                                  f"a name in ASCII), so no page would match it: write {sent}")
 
     def _check_hosts(self) -> None:
         for host in self.allow_hosts:
@@ -206,6 +215,36 @@ class ServeSettings:
 def dns_name(host: str) -> str:
     """A host name as compared: lower case, without the final dot ("Zone.Example.com." is "zone.example.com")."""
     return host.lower().removesuffix(".")
+
+
+def _origin_as_sent(origin: str) -> str | None:
+    """`origin` as a browser writes it in an Origin header ("https://App.Example.com:443":
+    "https://app.example.com"); None for what no browser sends: a user name, a port out of 1..65535, a host
+    that is no DNS name or IP address ("*.example.com")."""
+    try:
+        parts = urllib.parse.urlsplit(origin)
+        port = parts.port
+    except ValueError:  # "http://[::1", "http://host:99999", "http://host:abc"
+        return None
+    host = parts.hostname
+    if host is None or "@" in parts.netloc or port == 0:
+        return None
+    if ":" in host:  # urlsplit took it from brackets: an IPv6 address, with no zone ("%eth0") in an Origin
+        try:
+            host = f"[{ipaddress.IPv6Address(host).compressed}]"
+        except ValueError:
+            return None
+        if "%" in host:
+            return None
+    else:
+        try:  # a name in other letters goes in its ASCII form ("café.example": "xn--caf-dma.example")
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+        if not _HOST_NAME.fullmatch(host):
+            return None
+    default_port = {"http": 80, "https": 443}[parts.scheme]
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default_port) else "")
 
 
 def _host_of(origin: str) -> str | None:
