@@ -920,7 +920,7 @@ def test_an_edit_from_a_browser_page_of_an_origin_not_allowed_is_refused_before_
     preflight): 403, said before the body is read. Pages of allowed origins, this server's own (/docs) and
     clients that send no Origin are served."""
     image, page = smooth_image(64, 64, seed=8), "https://app.example.com"
-    with serving(pipe, allow_origins=(page,)) as (base, service):
+    with serving(pipe, allow_origins=(page,), allow_hosts=("zone.example.com",)) as (base, service):
         assert answer_before_the_body(base, b"Origin: http://[::1\r\n")[0].startswith("HTTP/1.1 403 ")  # no 500
         head, body = answer_before_the_body(base, b"Origin: https://elsewhere.example\r\n")
         assert head.startswith("HTTP/1.1 403 ") and "access-control-allow-origin" not in head.lower()
@@ -935,7 +935,17 @@ def test_an_edit_from_a_browser_page_of_an_origin_not_allowed_is_refused_before_
                          data={"instruction": "add a hat"}, files={"image": ("in.png", png(image), "image/png")},
                          timeout=120)
         assert own.status_code == 200
+        # Served under the operator's own name (--allow-host), a page is this server's own: no --allow-origin needed
+        named = httpx.post(f"{base}/v1/edit", headers={"Host": "zone.example.com", "Origin": "http://zone.example.com"},
+                           data={"instruction": "add a hat"}, files={"image": ("in.png", png(image), "image/png")},
+                           timeout=120)
+        assert named.status_code == 200, named.text
         assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="bad_request"}') == 3
+    with serving(pipe, allow_origins=("*",)) as (base, _):  # pages of any origin may call it
+        anyone = httpx.post(f"{base}/v1/edit", headers={"Origin": "https://elsewhere.example"},
+                            data={"instruction": "add a hat"}, files={"image": ("in.png", png(image), "image/png")},
+                            timeout=120)
+        assert anyone.status_code == 200 and anyone.headers["access-control-allow-origin"] == "*"
 
 
 @pytest.mark.parametrize("origin, host, same", [
@@ -971,12 +981,19 @@ def local_client(**settings):
 
 @pytest.mark.parametrize("host, answered", [
     ("127.0.0.1:8000", True), ("[::1]:8000", True), ("10.0.0.5", True), ("LOCALHOST.:8000", True),
+    ("127.0.0.1:", True),  # an empty port is the default one (RFC 3986)
     ("", True),  # HTTP/1.0: no browser
     ("zone.example.com", True), ("Zone.Example.COM.:443", True),  # --allow-host zone.example.com
     ("app.example.com:8000", True),  # the allowed origin's name: a page there may be served by this server
     ("evil.example:8000", False),  # a page there whose name was pointed at this server (DNS rebinding)
     ("zone.example.com.evil.example", False), ("127.0.0.1.nip.io", False),
+    # Names only beginning or ending as an allowed one, localhost or an address does
+    ("localhost.evil.example:8000", False), ("notlocalhost", False), ("evilzone.example.com", False),
+    ("www.127.0.0.1", False), ("gpu-box:8000", False),  # a name without dots is a DNS name too
     ("x@127.0.0.1", False), ("[::1", False), ("a b", False),  # no host a browser sends
+    ("127.0.0.1@evil.example", False), ("localhost:8000@evil.example", False), ("127.0.0.1:x", False),
+    ("[localhost]", False), ("[fe80::1%251]", False),  # brackets hold an IPv6 address, with no zone in a Host
+    ("café.example".encode(), False),  # a name not in ASCII (its IDN, xn--caf-dma.example, is the name to allow)
 ])
 def test_requests_addressed_to_a_dns_name_not_allowed_get_421_on_every_route(host, answered):
     """A page whose name was made to resolve to this server is of the same origin as its answers: it could
@@ -988,8 +1005,8 @@ def test_requests_addressed_to_a_dns_name_not_allowed_get_421_on_every_route(hos
             assert (answer.status_code != 421) == answered, (method, path, answer.text)
         if not answered:
             assert answer.json()["error"]["code"] == "host_not_allowed" and answer.headers["X-Request-Id"] == "r1"
-            if host.startswith("evil"):
-                assert "--allow-host evil.example" in answer.json()["error"]["message"]
+            if host == "evil.example:8000":  # the name to allow, without the port (which --allow-host refuses)
+                assert answer.json()["error"]["message"].endswith("start it with --allow-host evil.example")
 
 
 def test_a_served_edit_addressed_to_a_name_not_allowed_is_refused_and_counted_but_healthz_answers_any(pipe):
@@ -1001,6 +1018,7 @@ def test_a_served_edit_addressed_to_a_name_not_allowed_is_refused_and_counted_bu
         assert httpx.head(f"{base}/healthz", headers=elsewhere).status_code == 200
         assert httpx.get(f"{base}/readyz", headers=elsewhere).status_code == 421
         assert httpx.get(f"{base}/metrics", headers=elsewhere).status_code == 421
+        assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="bad_request"}') == 0  # no edits
         refused = httpx.post(f"{base}/v1/edit", headers=elsewhere, data={"instruction": "add a hat"},
                              files={"image": ("in.png", png(smooth_image(64, 64)), "image/png")}, timeout=120)
         assert refused.status_code == 421 and refused.json()["error"]["code"] == "host_not_allowed"
@@ -1014,7 +1032,13 @@ def test_allowed_hosts_are_host_names_and_any_star_allows_every_name():
     assert ServeSettings(allow_hosts=("*",)).host_names() is None
     assert ServeSettings(allow_origins=("*",)).host_names() is None  # any page may read every answer anyway
     assert ServeSettings(allow_hosts=("Zone.Example.",)).host_names() == {"zone.example"}
-    for host in ("zone.example.com:8000", "https://zone.example.com", "zone example", ""):
+    assert ServeSettings(allow_hosts=("zone_engine",)).host_names() == {"zone_engine"}  # a docker compose service
+    # An allowed origin's name, not its port: a page there may be served by this server
+    assert ServeSettings(allow_origins=("https://app.example.com:8443",)).host_names() == {"app.example.com"}
+    for star in ({"allow_hosts": ("*",)}, {"allow_origins": ("*",)}):
+        with local_client(**star) as client:
+            assert client.get("/openapi.json", headers={"Host": "evil.example:8000"}).status_code == 200, star
+    for host in ("zone.example.com:8000", "gpu-box:8000", "https://zone.example.com", "zone example", ""):
         with pytest.raises(ConfigError, match="is not a host name: write the name clients put in the address"):
             ServeSettings(allow_hosts=(host,))
     with pytest.raises(ConfigError, match="is not an origin"):
