@@ -994,6 +994,7 @@ def local_client(**settings):
     ("127.0.0.1@evil.example", False), ("localhost:8000@evil.example", False), ("127.0.0.1:x", False),
     ("[localhost]", False), ("[fe80::1%251]", False),  # brackets hold an IPv6 address, with no zone in a Host
     ("café.example".encode(), False),  # a name not in ASCII (its IDN, xn--caf-dma.example, is the name to allow)
+    ("*", False), ("a..b", False), (".", False), ("a!b:80", False),  # no name --allow-host takes
 ])
 def test_requests_addressed_to_a_dns_name_not_allowed_get_421_on_every_route(host, answered):
     """A page whose name was made to resolve to this server is of the same origin as its answers: it could
@@ -1005,8 +1006,11 @@ def test_requests_addressed_to_a_dns_name_not_allowed_get_421_on_every_route(hos
             assert (answer.status_code != 421) == answered, (method, path, answer.text)
         if not answered:
             assert answer.json()["error"]["code"] == "host_not_allowed" and answer.headers["X-Request-Id"] == "r1"
+            said = answer.json()["error"]["message"]
             if host == "evil.example:8000":  # the name to allow, without the port (which --allow-host refuses)
-                assert answer.json()["error"]["message"].endswith("start it with --allow-host evil.example")
+                assert said.endswith("start it with --allow-host evil.example")
+            if (advised := re.search(r"--allow-host (.*)", said)) is not None:  # one it takes, not * (any name)
+                assert advised[1] != "*" and ServeSettings(allow_hosts=(advised[1],)), said
 
 
 def test_a_served_edit_addressed_to_a_name_not_allowed_is_refused_and_counted_but_healthz_answers_any(pipe):

@@ -59,7 +59,7 @@ from ..instruction import check_instruction
 from ..pipeline import BatchKey, EditRequest, EditResult, ZonePipeline, batch_key
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
 from .metrics import ServeMetrics
-from .settings import ServeSettings, dns_name
+from .settings import ServeSettings, dns_name, is_host_name
 
 log = logging.getLogger("zone_engine.serving")
 REPLICA = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (several under Ray)
@@ -845,6 +845,9 @@ class HostCheck:
         name = dns_name(match[1].removeprefix("[").removesuffix("]"))
         if _named_by_operator(name, self.names):
             return None
+        if not is_host_name(name):  # "*", "a..b", "café.example" (browsers send "xn--caf-dma.example"): none to allow
+            return ServeError(421, "host_not_allowed", f"this server answers no requests addressed to {name!r}, "
+                              "which is no DNS name: address it by an allowed name, an IP address or localhost")
         return ServeError(421, "host_not_allowed", f"this server answers no requests addressed to {name!r}; to let "
                           f"it, start it with --allow-host {name}")
 

@@ -179,7 +179,7 @@ class ServeSettings:
 
     def _check_hosts(self) -> None:
         for host in self.allow_hosts:
-            if host != "*" and not _HOST_NAME.fullmatch(host):
+            if host != "*" and not is_host_name(host):
                 raise ConfigError(f"allowed host {host!r} (--allow-host, allow_hosts) is not a host name: write the "
                                   "name clients put in the address, without scheme or port (e.g. zone.example.com), "
                                   "or * for any")
@@ -210,6 +210,11 @@ class ServeSettings:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+
+def is_host_name(host: str) -> bool:
+    """Whether `host` is a DNS name as --allow-host takes it: ASCII letters, digits, "-" and "_" in dotted labels."""
+    return _HOST_NAME.fullmatch(host) is not None
 
 
 def dns_name(host: str) -> str:
