@@ -288,12 +288,39 @@ def test_one_image_with_a_folder_as_output_keeps_its_name(photo, tmp_path):
     (["-o", "."], ("the edit of photo.png would go to photo.png, over the input itself",)),
     (["-o", "out", "--report", "second.png"], ("--report second.png is a file of the edit of second.png",)),
     (["-o", "out/edits", "--report", "out/edits"], ("--report out/edits is a folder the edits' files go in",)),
+    (["-o", "out", "--report", "."], ("--report . is a folder: give a file name inside it",)),
+    (["-o", "out", "--report", "photo.png/report.jsonl"], ("--report photo.png/report.jsonl: ",
+                                                            "photo.png is a file, not a folder")),
 ])
 def test_several_images_with_impossible_outputs_fail_before_any_work(photo, tmp_path, capsys, monkeypatch, extra,
                                                                      words):
     monkeypatch.chdir(tmp_path)
     Image.open(photo).save(tmp_path / "second.png")
     _fails_cleanly(capsys, ["edit", "photo.png", "second.png", "-i", "add a hat", "--tiny", *extra], *words)
+
+
+def test_the_largest_batch_size_is_taken_and_one_more_refused(photo, capsys, monkeypatch):
+    """1..256, as --help says: the limit itself is a batch size."""
+    from zone_engine.cli import build_parser
+    from zone_engine.edit_files import plan_jobs
+
+    monkeypatch.chdir(photo.parent)
+    Image.open(photo).save("second.png")
+    argv = ["edit", "photo.png", "second.png", "-i", "x", "-o", "out", "--tiny"]
+    assert len(plan_jobs(build_parser().parse_args([*argv, "--batch-size", "256"]), "x")) == 2
+    _fails_cleanly(capsys, [*argv, "--batch-size", "257"], "--batch-size 257 must be 1..256")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+def test_a_folder_the_system_refuses_files_in_is_said_before_any_work_also_to_root(photo, capsys, monkeypatch):
+    """os.access answers yes to root everywhere, in /proc too (pretended here, whoever runs the tests): a file
+    made there says it cannot be, before the models load (not the write after the edit)."""
+    import zone_engine.pipeline as pipeline
+
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)
+    monkeypatch.setattr(pipeline.ZonePipeline, "tiny", lambda *args, **kwargs: pytest.fail("the models were built"))
+    _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", "/proc/zone-edit/o.png", "--tiny"],
+                   "output /proc/zone-edit/o.png: cannot write in /proc (")
 
 
 def test_images_of_one_name_or_unreadable_all_are_refused_before_the_models_load(photo, tmp_path, capsys):
@@ -304,9 +331,10 @@ def test_images_of_one_name_or_unreadable_all_are_refused_before_the_models_load
                    "edit them in separate runs")
     _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", str(tmp_path / "one.png"), "--suffix", "png",
                             "--tiny"], "--suffix is read when -o is a folder")
-    with pytest.raises(SystemExit):
-        main(["edit", str(photo), "-i", "x", "-o", str(tmp_path / "out"), "--suffix", "a b"])
-    assert "'a b' is not a file suffix, such as .png" in capsys.readouterr().err
+    for suffix in ("a b", "."):  # "." would name every edit `photo.`: a file without a suffix
+        with pytest.raises(SystemExit):
+            main(["edit", str(photo), "-i", "x", "-o", str(tmp_path / "out"), "--suffix", suffix])
+        assert f"{suffix!r} is not a file suffix, such as .png" in capsys.readouterr().err
     _fails_cleanly(capsys, ["edit", str(photo), str(tmp_path / "gone.jpg"), "-i", "x", "-o", str(tmp_path / "out"),
                             "--tiny"], "image not found: ", "gone.jpg")
     (tmp_path / "broken.png").write_bytes(b"not a png")
@@ -332,6 +360,9 @@ def test_no_image_writes_over_another_images_input_or_files_whatever_the_links_s
                    "X/a.png, written for src/a.png, is the input link.png: it would be overwritten")
     _fails_cleanly(capsys, ["edit", "src/a.png", "mm/a/mask_b.png", "-o", "e", "--save-masks", "mm", *common],
                    "is the input mm/a/mask_b.png: it would be overwritten")
+    (tmp_path / "ml").symlink_to(tmp_path / "mm")  # the masks' folder a link: their files compared as resolved
+    _fails_cleanly(capsys, ["edit", "src/a.png", "mm/a/mask_b.png", "-o", "e", "--save-masks", "ml", *common],
+                   "ml/a/mask_b.png, written for src/a.png, is the input mm/a/mask_b.png: it would be overwritten")
     _fails_cleanly(capsys, ["edit", "src/a.png", "mm/a/mask_b.png", "-o", "M/a", "--save-masks", "M", *common],
                    "M/a/mask_b.png would be written for both src/a.png and mm/a/mask_b.png")
     _fails_cleanly(capsys, ["edit", "src/a.png", "a.png.png", "-o", "m5", "--save-masks", "m5", *common],
@@ -389,20 +420,27 @@ def test_the_case_probe_looks_its_file_up_in_upper_case_and_leaves_nothing(tmp_p
 
 def test_folders_among_the_inputs_are_left_out_and_edits_keep_writable_formats(photo, tmp_path, capsys,
                                                                                monkeypatch):
-    """A glob such as photos/* takes folders in, and files of formats Pillow reads but cannot write as they are;
-    a trailing slash makes -o a folder for one image too (and for a name with a dot). Each warning of an edit
-    names its image."""
+    """A glob such as photos/* takes folders in, and files of formats Pillow reads but cannot write as they are
+    (or without a suffix: PNG); a trailing slash makes -o a folder for one image too (and for a name with a dot),
+    as a folder there is without one. Each warning of an edit names its image."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "thumbs").mkdir()
     Image.open(photo).save(tmp_path / "icon.ico")
+    Image.open(photo).save(tmp_path / "scan", format="PNG")
     Image.fromarray(smooth_image(16, 64)).save(tmp_path / "thin.png")  # coarse: a warning of the edit's
     common = ["-i", "add a hat", "--tiny", "--steps", "1", "--no-progress"]
-    assert main(["edit", "photo.png", "thumbs", "icon.ico", "thin.png", "-o", "results.v2/", *common]) == 0
+    assert main(["edit", "photo.png", "thumbs", "icon.ico", "scan", "thin.png", "-o", "results.v2/", *common]) == 0
     out = capsys.readouterr()
     assert "warning: thumbs is a folder: left out" in out.err and "warning: thin.png: the image is 64x16" in out.err
-    assert {p.name for p in (tmp_path / "results.v2").iterdir()} == {"photo.png", "icon.png", "thin.png"}
-    assert main(["edit", "photo.png", "-o", "single/", *common]) == 0
+    assert {p.name for p in (tmp_path / "results.v2").iterdir()} == {"photo.png", "icon.png", "scan.png", "thin.png"}
+    # results.v2 is there now: a folder without its slash too (its edits there, so none runs again).
+    assert main(["edit", "photo.png", "scan", "-o", "results.v2", "--skip-existing", *common]) == 0
+    assert "--skip-existing: 2 of 2 edits left out" in capsys.readouterr().err
+    # One image into a folder: its masks in --save-masks itself, not in a folder of its name; ~ is the home folder.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert main(["edit", "photo.png", "-o", "single/", "--save-masks", "~/masks", *common]) == 0
     assert (tmp_path / "single" / "photo.png").exists()
+    assert {p.name for p in (tmp_path / "home" / "masks").iterdir()} == {f"{name}.png" for name in MASK_OUTPUTS}
 
 
 def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_its_number(photo, tmp_path, capsys):
@@ -427,6 +465,15 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
     assert [(r.get("seed"), r.get("steps"), r.get("action")) for r in records] == [
         (3, 2, "add"), (42, 2, "remove"), (None, None, None), (42, 1, "add")]
     assert records[2]["error"].startswith("cannot read") and set(records[0]["seconds"]) >= {"denoise", "total"}
+    # Every line names its edit as the list gave it; a done one says its outcome, one not done its error alone.
+    assert set(records[0]) == {"name", "image", "output", "instruction", "action", "seed", "steps", "seconds",
+                               "edited_pixels", "used_fallback", "warnings"}
+    assert set(records[2]) == {"name", "image", "output", "instruction", "error"}
+    assert [(r["image"], r["output"], r["instruction"]) for r in records[1:3]] == [
+        (str(photo), str(tmp_path / "out" / "sub" / "removed.webp"), "remove the hat"),
+        (str(tmp_path / "broken.png"), str(tmp_path / "out" / "broken.png"), "add a hat")]
+    assert type(records[0]["edited_pixels"]) is int and type(records[0]["used_fallback"]) is bool
+    assert records[0]["warnings"] == []
     err = capsys.readouterr().err
     assert "error: line 4 (broken.png): cannot read" in err and "1 of 4 edits not done (said above): line 4" in err
     assert "line 2 (photo.png): action: remove" in err
@@ -447,6 +494,7 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
     ('{"image": "photo.png", "instruction": "  "}', "line 1: the instruction is empty"),
     ('{"image": "gone.png", "instruction": "x"}', "line 1: image not found"),
     ('{"image": "photo.png", "instruction": "x", "output": "../x.png"}', "must stay inside -o"),
+    ('{"image": "photo.png", "instruction": "x", "output": "/tmp/x.png"}', "must stay inside -o"),
     ('{"image": "photo.png", "instruction": "x", "output": "~/x.png"}', "not under ~"),
     ('{"image": "photo.png", "instruction": "x", "output": "./~/x.png"}', "not under ~"),  # pathlib: ~/x.png
     ('{"image": "photo.png", "instruction": "x", "output": "x.ico"}', "line 1 (photo.png): cannot write"),
@@ -520,6 +568,32 @@ def test_a_batch_reads_what_json_writers_write_and_standard_input(photo, tmp_pat
     assert (tmp_path / "piped" / "photo.png").exists()
     monkeypatch.setattr(sys, "stdin", None)  # `zone batch - <&-`
     _fails_cleanly(capsys, ["batch", "-", "-o", "piped", *common], "standard input, which is closed here")
+
+
+def test_a_batch_skips_blank_lines_of_any_kind_and_takes_a_suffix_without_its_dot(photo, tmp_path):
+    """A list saved on Windows has CRLF blank lines, one edited by hand lines of spaces: each skipped, not "not JSON".
+    --suffix jpg is --suffix .jpg, for the edits without an "output" (a line's own output keeps its suffix)."""
+    lines = [json.dumps({"image": "photo.png", "instruction": "add a hat"}), "", "   ",
+             json.dumps({"image": "photo.png", "instruction": "add a hat", "output": "kept.png"}), ""]
+    (tmp_path / "edits.jsonl").write_bytes("\r\n".join(lines).encode())
+    assert main(["batch", str(tmp_path / "edits.jsonl"), "-o", str(tmp_path / "out"), "--suffix", "jpg", "--tiny",
+                 "--steps", "1", "--no-progress"]) == 0
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"photo.jpg", "kept.png"}
+    assert Image.open(tmp_path / "out" / "photo.jpg").format == "JPEG"
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="needs /dev/fd")
+def test_an_image_or_a_list_of_edits_given_as_an_open_file_is_read(photo, tmp_path, monkeypatch):
+    """/dev/fd/N, as a caller's open file or a shell's <(...) passes it: the image read through the link; the list's
+    images found in the current folder (as for standard input), not in /dev/fd."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "edits.jsonl").write_text('{"image": "photo.png", "instruction": "add a hat"}\n')
+    common = ["--tiny", "--steps", "1", "--no-progress"]
+    with open(photo, "rb") as image, open(tmp_path / "lists" / "edits.jsonl", "rb") as listed:
+        assert main(["edit", f"/dev/fd/{image.fileno()}", "-i", "add a hat", "-o", "edited.png", *common]) == 0
+        assert main(["batch", f"/dev/fd/{listed.fileno()}", "-o", "out", *common]) == 0
+    assert Image.open(tmp_path / "edited.png").size == (96, 64) and (tmp_path / "out" / "photo.png").exists()
 
 
 def test_a_librarys_warning_on_reading_an_image_is_said_once_with_its_name(photo, tmp_path, capsys):
@@ -629,23 +703,99 @@ def test_a_run_cut_short_says_and_reports_the_edits_whose_files_were_written(pho
 
 
 def test_after_a_write_fails_no_later_edit_is_written(photo, tmp_path, capsys, monkeypatch):
-    """A batch of two: both edits' writes are queued at once; the second is not tried after the first fails."""
+    """A batch of two: both edits' writes are queued at once; the second is not tried after the first fails. The
+    first fails only once the second is queued (else the run could stop before queueing it, the check untried)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import zone_engine.edit_files as edit_files
     import zone_engine.image_io as image_io
     from zone_engine.errors import OutputError
 
-    tried = []
+    tried, queued, held = [], threading.Event(), []
+
+    class Writer(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, *args, **kwargs):
+            future = super().submit(*args, **kwargs)
+            Writer.submitted += 1
+            if Writer.submitted == 2:
+                queued.set()
+            return future
 
     def full(array, path, **kwargs):
         tried.append(Path(path).name)
+        held.append(queued.wait(timeout=20))
         raise OutputError(f"cannot write {path}: No space left on device")
 
+    monkeypatch.setattr(edit_files, "ThreadPoolExecutor", Writer)
     monkeypatch.setattr(image_io, "save_image", full)
     for name in ("second.png", "third.png"):
         Image.open(photo).save(tmp_path / name)
     images = [str(photo), str(tmp_path / "second.png"), str(tmp_path / "third.png")]
     _fails_cleanly(capsys, ["edit", *images, "-i", "x", "-o", str(tmp_path / "o"), "--tiny", "--steps", "1",
                             "--no-progress", "--batch-size", "2"], "(the run stopped: 3 of 3 edits not written")
-    assert tried == ["photo.png"]
+    assert tried == ["photo.png"] and held == [True]
+
+
+def test_each_batch_is_said_as_it_is_read_and_none_after_a_write_failed(photo, tmp_path, capsys, monkeypatch):
+    """Several images: a line `[n/N] names` says which are read now, the progress bars on too. A write that failed
+    is noticed before the next image is read: the run stops there, the next image's line not said."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    import zone_engine.edit_files as edit_files
+    import zone_engine.image_io as image_io
+    from zone_engine.errors import OutputError
+
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(smooth_image(64, 96, seed=5)).save("second.png")
+    argv = ["edit", "photo.png", "second.png", "-i", "add a hat", "--tiny", "--steps", "1"]  # no --no-progress
+    assert main([*argv, "-o", "out"]) == 0
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")] == [
+        "[1/2] photo.png", "[2/2] second.png"]
+
+    class Writer(ThreadPoolExecutor):  # each write over before the run goes on, as on a disk that fails at once
+        def submit(self, *args, **kwargs):
+            future = super().submit(*args, **kwargs)
+            wait([future])
+            return future
+
+    def full(array, path, **kwargs):
+        raise OutputError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(edit_files, "ThreadPoolExecutor", Writer)
+    monkeypatch.setattr(image_io, "save_image", full)
+    assert main([*argv, "-o", "full"]) == 2
+    err = capsys.readouterr().err
+    assert "[1/2] photo.png" in err and "[2/2]" not in err and "(the run stopped: 2 of 2 edits not written" in err
+
+
+def test_an_edit_that_fell_back_to_the_attention_mask_is_warned_of_by_name_and_reported(photo, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """No SAM segment overlapped M_b (here the first edit's segmenter finds none): M_b was used, which the summary
+    says with the edit's name and the report records; the edit that found one says nothing of it."""
+    import zone_engine.pipeline as pipeline
+    from zone_engine import refine
+
+    refined, calls = pipeline.refine_with_sam, []
+
+    def none_found_first(segmenter, image, mask_b, config, *, progress=False):
+        calls.append(1)
+        if len(calls) > 1:
+            return refined(segmenter, image, mask_b, config, progress=progress)
+        return refine.refine_mask(mask_b, refine.Selection(None, 0.0, 0), min_area=config.min_region_area,
+                                  dilate_kernel=config.dilate_kernel, dilate_iterations=config.dilate_iterations)
+
+    monkeypatch.setattr(pipeline, "refine_with_sam", none_found_first)
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(smooth_image(64, 96, seed=5)).save("second.png")
+    assert main(["edit", "photo.png", "second.png", "-i", "add a hat", "-o", "out", "--tiny", "--steps", "1",
+                 "--no-progress", "--report", "report.jsonl"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "no SAM segment" in line]
+    assert warned == ["warning: photo.png: no SAM segment overlapped the attention mask; the attention mask was used"]
+    assert [json.loads(line)["used_fallback"] for line in Path("report.jsonl").read_text().splitlines()] == [
+        True, False]
 
 
 def test_skip_existing_resumes_a_run_without_loading_the_models_for_what_is_done(photo, tmp_path, capsys,
@@ -1224,6 +1374,21 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path, monke
     _fails_cleanly(capsys, ["serve", "--tiny", "--device", "cuda"], "no CUDA")
     _fails_cleanly(capsys, ["serve", "--ip2p", str(tmp_path / "no-ip2p"), "--sam", str(tmp_path / "no-sam.pth")],
                    "not found")
+
+
+def test_serve_passes_every_allowed_host_and_origin_to_the_server(monkeypatch):
+    """--allow-host and --allow-origin are repeatable: every one given reaches the server, not the first (or last)
+    alone, else requests addressed to the other names get 421 and edits from the other origins' pages 403."""
+    served = []
+    monkeypatch.setattr("zone_engine.serving.run_server", lambda service, *_: served.append(service.settings))
+    hosts = ("zone.example.com", "gpu-box", "zone_engine")
+    origins = ("https://app.example.com", "http://localhost:3000", "https://admin.example.com:8443")
+    options = [*(arg for host in hosts for arg in ("--allow-host", host)),
+               *(arg for origin in origins for arg in ("--allow-origin", origin))]
+    assert main(["serve", "--tiny", "--port", "0", *options]) == 0
+    settings = served.pop()
+    assert settings.allow_hosts == hosts and settings.allow_origins == origins
+    assert settings.host_names() == {*hosts, "app.example.com", "localhost", "admin.example.com"}
 
 
 def test_serve_answers_requests_addressed_to_the_name_it_listens_on(monkeypatch):
