@@ -360,6 +360,9 @@ def test_no_image_writes_over_another_images_input_or_files_whatever_the_links_s
                    "X/a.png, written for src/a.png, is the input link.png: it would be overwritten")
     _fails_cleanly(capsys, ["edit", "src/a.png", "mm/a/mask_b.png", "-o", "e", "--save-masks", "mm", *common],
                    "is the input mm/a/mask_b.png: it would be overwritten")
+    _fails_cleanly(capsys, ["edit", "mm/a/mask_b.png", "-o", "e/", "--save-masks", "mm/a", *common],
+                   "mm/a/mask_b.png, written for mm/a/mask_b.png, is the input mm/a/mask_b.png: it would be "
+                   "overwritten; choose another -o or --save-masks")  # a mask over its own input, not the edit
     (tmp_path / "ml").symlink_to(tmp_path / "mm")  # the masks' folder a link: their files compared as resolved
     _fails_cleanly(capsys, ["edit", "src/a.png", "mm/a/mask_b.png", "-o", "e", "--save-masks", "ml", *common],
                    "ml/a/mask_b.png, written for src/a.png, is the input mm/a/mask_b.png: it would be overwritten")

@@ -182,7 +182,7 @@ def _check_no_clash(jobs: Sequence[EditJob], repeats: bool) -> None:
     for job in jobs:
         for path in job.written():
             if (key := os.path.realpath(path)) in inputs:
-                if inputs[key] == job.image:
+                if inputs[key] == job.image and path is job.output:  # a mask over its own input: said below
                     raise OutputError(f"the edit of {job.name()} would go to {path}, over the input itself: choose "
                                       f"another -o, or --suffix, or {rename}")
                 raise OutputError(f"{path}, written for {job.name()}, is the input {inputs[key]}: it would be "
