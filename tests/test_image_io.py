@@ -193,6 +193,7 @@ def test_colour_descriptions_the_engine_does_not_apply_or_carry_are_said():
     notes, carried = noted(rgb, "PNG", icc_profile=srgb)
     assert notes == () and carried == srgb
     assert "PNG gamma of 1 " in " ".join(noted(rgb, "PNG", pnginfo=png_gamma(1.0))[0])
+    assert "PNG gamma of 0.55556 " in " ".join(noted(rgb, "PNG", pnginfo=png_gamma(1 / 1.8))[0])  # old Macs'
     assert noted(rgb, "PNG", pnginfo=png_gamma(1 / 2.2))[0] == ()
 
 
@@ -203,11 +204,13 @@ def png_gamma(gamma: float) -> PngImagePlugin.PngInfo:
 
 
 def test_a_png_gamma_is_not_said_when_a_profile_stands_in_for_it():
-    """Viewers that manage colour take the profile over the gamma: with the profile carried, nothing is lost."""
-    buffer = io.BytesIO()
-    Image.fromarray(random_rgb(8, 8)).save(buffer, format="PNG", icc_profile=rgb_profile(), pnginfo=png_gamma(1.0))
-    with Image.open(buffer) as opened:
-        assert read_image(opened)[1] == ()
+    """Viewers that manage colour take the profile over the gamma: with the profile carried (RGB) or applied (gray),
+    nothing is lost."""
+    for pixels, profile in ((random_rgb(8, 8), rgb_profile()), (random_rgb(8, 8)[..., 0], linear_gray_profile())):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", icc_profile=profile, pnginfo=png_gamma(1.0))
+        with Image.open(buffer) as opened:
+            assert read_image(opened)[1] == ()
 
 
 # ICC v2 profiles built byte by byte (ICC.1:2001-04): littlecms makes only RGB, Lab and XYZ ones, and a real
@@ -241,10 +244,16 @@ def linear_gray_profile() -> bytes:
 
 def neutral_press_profile() -> bytes:
     """A CMYK profile (an 8-bit lookup table to Lab) under which every ink mix is a gray, lighter the less black."""
+    return icc_profile(b"prtr", b"CMYK", b"Lab ", {b"A2B0": neutral_press_table(lighter_with_black=False)})
+
+
+def neutral_press_table(*, lighter_with_black: bool) -> bytes:
+    """A CMYK -> Lab lookup table (mft1) under which every ink mix is a gray, white or black by the black ink."""
     identity, matrix = bytes(range(256)), _s15fixed16(1, 0, 0, 0, 1, 0, 0, 0, 1)
-    grid = b"".join(bytes([255 if black == 0 else 0, 128, 128]) for _ in range(8) for black in (0, 1))  # L, a, b
-    table = b"mft1" + bytes(4) + bytes([4, 3, 2, 0]) + matrix + identity * 4 + grid + identity * 3
-    return icc_profile(b"prtr", b"CMYK", b"Lab ", {b"A2B0": table})
+    without_black, with_black = (0, 255) if lighter_with_black else (255, 0)
+    grid = b"".join(bytes([without_black if black == 0 else with_black, 128, 128])  # L, a, b
+                    for _ in range(8) for black in (0, 1))
+    return b"mft1" + bytes(4) + bytes([4, 3, 2, 0]) + matrix + identity * 4 + grid + identity * 3
 
 
 def srgb_encoded(linear: np.ndarray) -> np.ndarray:
@@ -284,6 +293,9 @@ def test_a_16_bit_gray_image_is_converted_by_its_profile_at_16_bits():
     rgb, notes = read(eight_bit)
     assert np.abs(rgb[..., 0] - srgb_encoded(eight_bit / 255)).max() <= 1
     assert notes == ("the given PIL image has 16-bit pixels all at most 255: read as 8-bit values",)
+    buffer = io.BytesIO()  # exactly as the same values in an 8-bit file: one reading of 8-bit values, either way
+    Image.fromarray(eight_bit.astype(np.uint8)).save(buffer, format="PNG", icc_profile=linear_gray_profile())
+    np.testing.assert_array_equal(rgb, read_image(Image.open(buffer))[0])
 
 
 @pytest.mark.parametrize("file_format", ["JPEG", "TIFF"])
@@ -298,6 +310,23 @@ def test_a_cmyk_image_is_converted_to_srgb_by_its_profile(file_format):
     rgb, notes = read_image(Image.open(buffer))
     assert notes == ()
     assert (rgb[:4] >= 250).all() and (rgb[4:] <= 5).all()
+
+
+def test_a_cmyk_profile_is_applied_by_the_rendering_intent_it_declares():
+    """A profile's header names the intent viewers convert by: relative colorimetric here, its A2B1 table. By its
+    perceptual table (A2B0) instead, this image's white and black would come out swapped."""
+    tables = {b"A2B0": neutral_press_table(lighter_with_black=False),
+              b"A2B1": neutral_press_table(lighter_with_black=True)}
+    profile = bytearray(icc_profile(b"prtr", b"CMYK", b"Lab ", tables))
+    profile[64:68] = struct.pack(">I", 1)  # the header's rendering intent: relative colorimetric
+    inks = np.zeros((8, 8, 4), dtype=np.uint8)
+    inks[:, :, 1] = 255
+    inks[4:, :, 3] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(inks, "CMYK").save(buffer, format="TIFF", icc_profile=bytes(profile))
+    rgb, notes = read_image(Image.open(buffer))
+    assert notes == ()
+    assert (rgb[:4] <= 5).all() and (rgb[4:] >= 250).all()
 
 
 def test_a_gray_profile_keeps_the_transparency():
@@ -513,6 +542,8 @@ def test_missing_file(tmp_path):
 
 def test_directory(tmp_path):
     assert "is a directory" in load_refused(tmp_path)
+    # An empty path would be the current folder, "is a directory": not what went wrong.
+    assert load_refused("") == "no image path given: pass the path of an image file"
 
 
 def test_empty_file(tmp_path):
@@ -557,6 +588,17 @@ def test_corrupt_pixel_data_in_a_valid_header(tmp_path):
     data[60:200] = bytes(140)  # inside the compressed IDAT stream
     (tmp_path / "bad.png").write_bytes(bytes(data))
     assert "cannot read" in load_refused(tmp_path / "bad.png")
+
+
+def test_a_decoder_error_without_a_message_is_said_by_its_kind():
+    """Some of Pillow's plugins raise a bare EOFError: its kind is said where the reason goes, not an empty "()"."""
+    image = Image.fromarray(random_rgb(8, 8))
+
+    def cut_off():
+        raise EOFError
+
+    image.load = cut_off
+    assert "the image data is corrupt or truncated (EOFError); re-export" in load_refused(image)
 
 
 def test_an_animation_closed_by_its_with_block_says_so(tmp_path):
@@ -715,6 +757,9 @@ def test_uint8_gray_array(shape):
 def test_uint8_rgba_array_composites():
     rgba = np.dstack([np.full((8, 8, 3), 200, dtype=np.uint8), np.full((8, 8), 255, dtype=np.uint8)])
     np.testing.assert_array_equal(load_quietly(rgba), 200)
+    rgba[0, 0, 3] = 254  # the least transparency there is: still some
+    with pytest.warns(UserWarning, match="transparency"):
+        load_image(rgba)
     rgba[..., 3] = 0
     with pytest.warns(UserWarning, match="transparency"):
         np.testing.assert_array_equal(load_image(rgba), 0)
@@ -737,6 +782,7 @@ def test_uint16_array_of_eight_bit_values_is_read_as_such_and_says_so(dtype):
     values = RNG.integers(0, 256, size=(8, 8, 3)).astype(dtype)  # e.g. np.array(img, dtype=np.uint16)
     with pytest.warns(UserWarning, match="16-bit pixels all at most 255: read as 8-bit values"):
         np.testing.assert_array_equal(load_image(values), values)
+    np.testing.assert_array_equal(load_quietly(np.zeros((8, 8, 3), dtype)), 0)  # black at any depth: no guess
 
 
 @pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint32])
@@ -787,9 +833,11 @@ def test_sixteen_bit_gray_png_with_a_transparent_value_drops_it(tmp_path):
 @pytest.mark.parametrize(
     ("array", "hint"),
     [(np.zeros((3, 16, 16), dtype=np.uint8), "array.transpose(1, 2, 0)"),
+     (np.zeros((3, 16, 5), dtype=np.uint8), "array.transpose(1, 2, 0)"),
+     (np.zeros((1, 16, 16), dtype=np.uint8), "array.transpose(1, 2, 0)"),
      (np.zeros((1, 16, 16, 3), dtype=np.uint8), "array[0]"),
      (np.zeros((16, 16), dtype=bool), "mask.astype(np.uint8) * 255")],
-    ids=["channels first", "batch of one", "bool mask"],
+    ids=["channels first", "channels first, 5 wide", "one channel first", "batch of one", "bool mask"],
 )
 def test_arrays_in_other_libraries_layouts_are_refused_with_what_to_do(array, hint):
     assert hint in load_refused(array)
@@ -799,6 +847,7 @@ def test_a_torch_tensor_is_refused_with_how_to_convert_it():
     """The conversion for its own layout: following the (3, H, W) one for another layout was another error."""
     torch = pytest.importorskip("torch")
     for shape, conversion in (((3, 16, 16), "tensor.permute(1, 2, 0).cpu().numpy()"),
+                              ((1, 16, 16), "tensor.permute(1, 2, 0).cpu().numpy()"),
                               ((16, 16, 3), "tensor.cpu().numpy()"), ((1, 3, 16, 16), "tensor[0].permute(1, 2, 0)")):
         tensor = torch.rand(shape)
         said = load_refused(tensor)
@@ -865,6 +914,7 @@ GEOMETRY_CASES = [
     ((1000, 8), (512, 4), (512, 32), 0, 14),
     ((300, 500), (300, 500), (320, 512), 10, 6),
     ((8, 8), (8, 8), (32, 32), 12, 12),
+    ((8, 10000), (1, 512), (32, 512), 15, 0),  # 8 * 512 / 10000 truncates to 0 rows: kept at 1
 ]
 GEOMETRY_IDS = [f"{h}x{w}" for (h, w), *_ in GEOMETRY_CASES]
 
@@ -960,6 +1010,8 @@ def test_shape_mismatches_are_bugs():
         to_working(random_rgb(100, 37).astype(np.float32), geometry)
     with pytest.raises(ValueError):
         crop_padding(np.zeros((100, 37)), geometry)
+    with pytest.raises(ValueError, match="expected a uint8 image"):
+        to_input_size(np.zeros((128, 64, 3), np.float32), geometry, is_mask=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -982,6 +1034,14 @@ def test_save_masks(tmp_path):
     np.testing.assert_array_equal(np.asarray(saved), mask.astype(np.uint8) * 255)
     save_image(mask.astype(np.uint8) * 7, tmp_path / "labels.png")
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "labels.png")), mask * 7)
+
+
+def test_png_is_written_at_zlibs_fastest_level(tmp_path):
+    """Level 1, not Pillow's default 6: a 12 MP photo's edit is written several times as fast (RESULTS.md)."""
+    save_image(random_rgb(8, 8), tmp_path / "x.png")
+    data = (tmp_path / "x.png").read_bytes()
+    zlib_header = data[data.index(b"IDAT") + 4 :][:2]
+    assert zlib_header[1] >> 6 == 0  # FLEVEL (RFC 1950): 0 for zlib's levels 0 and 1, 2 for its default 6
 
 
 def test_save_without_suffix_writes_png(tmp_path):
