@@ -20,6 +20,15 @@ def test_intended_rule_max_pools_logits_over_tokens():
     assert action_from_logits(logits, "reference") is Action.ADD
 
 
+def test_intended_rule_is_a_max_not_a_sum_or_mean_over_tokens():
+    """ZONE.md: max-pool over the 77 tokens. REMOVE's single token at 4.0 beats ADD's ten tokens at 1.0 each,
+    though ADD's sum (10) and mean (10/77) are larger than REMOVE's (4, 4/77)."""
+    logits = torch.zeros(77, 3)
+    logits[2, 2] = 4.0
+    logits[5:15, 1] = 1.0
+    assert action_from_logits(logits, "intended") is Action.REMOVE
+
+
 def test_class_order_is_change_add_remove():
     for index, action in enumerate((Action.CHANGE, Action.ADD, Action.REMOVE)):
         logits = torch.full((77, 3), -1.0)

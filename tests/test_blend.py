@@ -222,6 +222,21 @@ def test_the_default_disc_and_closing_are_the_references_where_they_matter(fft_d
     assert region[130:200, 145:150].all()  # the gap between the two edits is inside R
 
 
+def test_default_threshold_is_e_over_30_and_default_close_bridges_a_20_px_gap(fft_device):
+    """ZONE.md step 3 on gray blocks, where the disc keeps every frequency so E = |S - G| (a gray's luma is its
+    level): two blocks 31 levels up (E = 31 > 30) 20 px apart are closed into one box by the 21x21 square (a
+    19x19 bridges 18 px at most); a block 30 levels up (E = 30) is not an edit."""
+    height, width = 64, 136
+    left, right = rectangle(height, width, 20, 16, 44, 36), rectangle(height, width, 20, 56, 44, 76)
+    faint = rectangle(height, width, 20, 100, 44, 120)
+    original = np.full((height, width, 3), 100, np.uint8)
+    styled = original.copy()
+    styled[left | right] = 131
+    styled[faint] = 130
+    region = fft_edit_region(styled, original, np.ones((height, width), bool), device=fft_device)
+    np.testing.assert_array_equal(region, rectangle(height, width, 20, 16, 44, 76))
+
+
 @pytest.mark.parametrize("size", [(64, 96), (96, 64)])
 def test_low_pass_disc_is_centred_on_non_square_images(size, fft_device):
     """A small disc at the spectrum's true centre; the reference's (row, col) centre gives another R."""

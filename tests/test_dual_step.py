@@ -323,3 +323,7 @@ def test_the_blend_and_the_guidance_by_hand():
     # Rows (c_T, image), (empty, image), (empty, zero image): eps_u + s_T (eps_T - eps_I) + s_I (eps_I - eps_u).
     eps = torch.tensor([3.0, 2.0, 1.0]).view(3, 1, 1, 1)
     assert guided_noise(eps, 7.5, 1.5).item() == 1.0 + 7.5 * (3.0 - 2.0) + 1.5 * (2.0 - 1.0)
+    # Unequal differences, so swapping s_T and s_I shows (1 + 7.5 * 2 + 1.5 * 1 = 17.5, not 11.5); two edits'
+    # groups of 3 rows in turn: the second is (8, 4, 2) -> 2 + 7.5 * 4 + 1.5 * 2 = 35.
+    eps = torch.tensor([4.0, 2.0, 1.0, 8.0, 4.0, 2.0]).view(6, 1, 1, 1)
+    assert guided_noise(eps, 7.5, 1.5).view(-1).tolist() == [17.5, 35.0]

@@ -12,6 +12,7 @@ from PIL import Image
 
 from zone_engine.errors import EditWarning
 from zone_engine.localize import (
+    attention_grid,
     attention_probability_sum,
     binarize_reference,
     difference_map,
@@ -95,6 +96,13 @@ def test_capture_records_exactly_zone_layers_and_rows(unet, latent_size):
     assert {n.removesuffix(".processor") for n in matching} == set(recorded_layers(unet, latent_size, grid))
     assert accumulator.rows == 2 * 5 * 2 * heads  # steps x layers x kept batch rows x heads
     assert (accumulator.average() - expected).abs().max().item() <= 1e-6
+
+
+def test_the_attention_grid_is_the_image_at_1_32():
+    """ZONE.md: the layers read have ceil(H/32) x ceil(W/32) queries; latents are H/8 x W/8, so 512x512 gives
+    16x16 and 512x768 gives 16x24 (the latent halved twice)."""
+    assert attention_grid((64, 64)) == (16, 16)
+    assert attention_grid((64, 96)) == (16, 24)
 
 
 def test_attention_probability_sum_matches_softmax():
@@ -199,6 +207,46 @@ def test_the_thresholds_defaults_are_the_papers_and_the_references():
     """paper: d < T = 128; reference: min(2d, 255) <= 108, so d = 54 is in M_b and 55 is not."""
     assert threshold_difference(np.array([[127, 128]], np.uint8), "paper").tolist() == [[True, False]]
     assert threshold_difference(np.array([[54, 55, 200]], np.uint8), "reference").tolist() == [[True, False, False]]
+
+
+def test_the_reference_rule_doubles_d_with_saturation_at_255():
+    """The reference doubles d with cv2.convertScaleAbs, which saturates: 2 * 200 is 255, not 400, so at the
+    highest threshold a config allows (255) every d is in M_b, and at 254 none from 128 up is."""
+    d = np.array([[0, 127, 128, 200, 255]], np.uint8)
+    assert threshold_difference(d, "reference", reference_threshold=255).tolist() == [[True] * 5]
+    assert threshold_difference(d, "reference", reference_threshold=254).tolist() == [[True, True, False, False, False]]
+
+
+def test_binarize_and_localize_default_to_the_reference_rule_on_a_hand_worked_map():
+    """ZONE.md section 3 on a 1x5 map (the working size, so no resize): token 0 is flat, so a1 = 255 everywhere;
+    token L-1 is scaled so that uint8(255 aL / max) truncates to 255, 201, 200, 128, 127, giving d = 0, 54, 55,
+    127, 128. The default rule is the reference's (d <= 54), the paper's is d < 128; nothing else may shift it."""
+    last_token = 4
+    average = torch.full((5, 77), 0.5)
+    average[:, 0] = 1.0
+    average[:, last_token] = torch.tensor([255.0, 201.5, 200.5, 128.5, 127.5]) / 255
+    mask, difference = binarize_reference(average, (1, 5), last_token, (1, 5))
+    assert difference.tolist() == [[0, 54, 55, 127, 128]]
+    assert mask.tolist() == [[True, True, False, False, False]]
+    paper, _ = binarize_reference(average, (1, 5), last_token, (1, 5), rule="paper")
+    assert paper.tolist() == [[True, True, True, True, False]]
+    assert localize(average, (1, 5), last_token, (1, 5), min_area=0).mask_b.tolist() == mask.tolist()
+
+
+def test_localize_drops_components_under_64_pixels_by_default():
+    """ZONE.md: M_b's 4-connected components under 64 pixels are dropped: a 63 px one goes, a 64 px one stays
+    (the binarization is stubbed so that the components' sizes are exact)."""
+    mask = np.zeros((32, 32), bool)
+    mask[1:8, 1:10] = True  # 7 x 9 = 63 px
+    mask[16:24, 16:24] = True  # 8 x 8 = 64 px
+
+    def binarize(average, grid, last_token, size, **_):
+        return mask, np.zeros(size, np.uint8)
+
+    mask_b = localize(torch.zeros(4, 77), (2, 2), 1, (32, 32), binarize=binarize).mask_b
+    expected = np.zeros_like(mask)
+    expected[16:24, 16:24] = True
+    assert np.array_equal(mask_b, expected)
 
 
 def test_l_counts_the_instructions_tokens_with_start_and_end_up_to_77(tiny_models):

@@ -157,6 +157,16 @@ def test_dilation_grows_a_pixel_to_a_9x9_square(size):
     np.testing.assert_array_equal(refined.dilated, square)
 
 
+def test_refine_defaults_are_zones_64_pixels_and_four_3x3_dilations():
+    """ZONE.md section 4 with refine_mask's defaults: a 63 px component is dropped, a 64 px one kept, and D is
+    the kept 8x8 block dilated 4 times by a 3x3 square: grown by 4 on every side, a 16x16 square."""
+    segment = rectangle(48, 48, 2, 2, 9, 11)  # 7 x 9 = 63 px
+    segment |= rectangle(48, 48, 20, 20, 28, 28)  # 8 x 8 = 64 px
+    refined = refine_mask(segment, choose_segment(segment, [segment]))
+    np.testing.assert_array_equal(refined.mask_f, rectangle(48, 48, 20, 20, 28, 28))
+    np.testing.assert_array_equal(refined.dilated, rectangle(48, 48, 16, 16, 32, 32))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Segmenter backends
 # ---------------------------------------------------------------------------------------------------
