@@ -16,11 +16,13 @@ import json
 import logging
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -34,7 +36,15 @@ import zone_engine
 from zone_benchmarks.load_test import parse_metrics
 from zone_engine import ZonePipeline
 from zone_engine.config import EditConfig, SamConfig
-from zone_engine.errors import CheckpointError, ConfigError, EditCancelled, InputImageError, InstructionError
+from zone_engine.errors import (
+    CheckpointError,
+    ConfigError,
+    DeviceError,
+    EditCancelled,
+    InputImageError,
+    InstructionError,
+    ZoneError,
+)
 from zone_engine.pipeline import EditRequest
 from zone_engine.serving import LocalEditService, ServeSettings, create_app
 from zone_engine.serving.app import (
@@ -46,6 +56,7 @@ from zone_engine.serving.app import (
     ServeError,
     ZoneServer,
     as_serve_error,
+    check_form_fields,
     check_request_fields,
     decode_upload,
     outcome_of,
@@ -302,6 +313,7 @@ def test_not_ready_until_loaded_and_warmed_up(pipe):
         refused = post_edit(base, smooth_image(64, 64))
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
         assert refused.headers["Retry-After"] == "5"  # loading ends: worth coming back
+        assert httpx.get(f"{base}/v1/edit").status_code == 405  # no edit: a wrong method whatever the state
         gate.set()
         deadline = time.monotonic() + 60
         while httpx.get(f"{base}/readyz").status_code != 200:
@@ -450,6 +462,31 @@ def test_a_forced_quit_answers_the_running_edit_503_in_json_and_cancels_its_work
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
+def test_a_service_stopped_while_loading_is_never_ready(pipe):
+    """From a mutation audit: a load that ended after the stop could set the service ready (and log it so) while
+    it shut down."""
+    loading, release = threading.Event(), threading.Event()
+
+    def slow_build() -> ZonePipeline:
+        loading.set()
+        assert release.wait(30)
+        return pipe
+
+    service = LocalEditService(slow_build, ServeSettings(warmup=False))
+
+    async def scenario():
+        started = asyncio.ensure_future(service.start())
+        await asyncio.get_running_loop().run_in_executor(None, loading.wait)
+        await service.stop()
+        release.set()
+        await started
+        ready = service.ready
+        await service.close()
+        return ready
+
+    assert run_batcher(scenario) is False
+
+
 def test_why_edits_are_not_taken_says_shutting_down_not_loading(pipe):
     """During a drain, an edit still arriving on an open connection, and /readyz, hear the truth."""
     service = LocalEditService(lambda: pipe, ServeSettings(warmup=False))
@@ -458,6 +495,10 @@ def test_why_edits_are_not_taken_says_shutting_down_not_loading(pipe):
     assert service.not_ready_because is None
     asyncio.run(service.stop())
     assert "shutting down" in service.not_ready_because and not service.ready
+    with local_client() as client:  # its worker not running (never started here, or stopped): still the truth
+        client.app.state.service = service
+        readiness = client.get("/readyz")
+    assert readiness.status_code == 503 and "shutting down" in readiness.json()["error"]["message"]
     service.load_error = "no such checkpoint"
     assert "loading the models failed: no such checkpoint" in service.not_ready_because
 
@@ -525,7 +566,9 @@ def test_bad_requests_get_the_right_4xx_and_a_json_error_and_the_server_keeps_se
                                                      files={"image": (None, "dog.png")}), 422, "a file"),
             "image too small": (post_edit(base, png(smooth_image(4, 64))), 400, "the uploaded image"),
             # Read by FastAPI as left out: edited at the default steps (seed, action, return) with a 200.
-            "empty steps and seed": (post_edit(base, image, steps="", seed=""), 422, "steps, seed: empty"),
+            # A blank action too (from a mutation audit: only "" was tried).
+            "empty steps and seed": (post_edit(base, image, steps="", seed="", action=" "), 422,
+                                     "steps, seed, action: empty"),
             # Read by pydantic as 10 and 7: a client that wrote them so meant something else, or made a slip.
             "steps and seed not in decimal digits": (post_edit(base, image, steps="1_0", seed="7.0"), 422,
                                                      "steps '1_0', seed '7.0': not a whole number in decimal digits"),
@@ -629,9 +672,35 @@ def test_an_edit_over_its_timeout_is_cancelled_by_the_service_itself(pipe):
     with pytest.raises(EditTimedOut):
         asyncio.run(service.edit(smooth_image(64, 64), "add a hat", {}))
     assert submitted[0].cancel.is_set()
+    # Given a deadline (the request's, its upload's decoding already spent), not a fresh timeout from now: from a
+    # mutation audit, an edit that restarted the timeout after decoding went unseen.
+    service.settings = ServeSettings(timeout_s=600, warmup=False)
+
+    async def by_its_deadline():
+        deadline = asyncio.get_running_loop().time() + 0.2
+        return await asyncio.wait_for(service.edit(smooth_image(64, 64), "add a hat", {}, deadline), 20)
+
+    with pytest.raises(EditTimedOut):
+        asyncio.run(by_its_deadline())
+    assert submitted[1].cancel.is_set()
 
 
 # ---------------------------------------------------------------------------------------- backpressure
+
+
+def test_an_upload_of_exactly_the_limit_is_edited_with_or_without_a_content_length(pipe):
+    """The limit is "at most": from a mutation audit, either check (the Content-Length, the bytes of a chunked
+    body counted as they arrive) could refuse an upload of exactly that size unseen."""
+    body = (b'--b\r\nContent-Disposition: form-data; name="instruction"\r\n\r\nadd a hat\r\n--b\r\n'
+            b'Content-Disposition: form-data; name="image"; filename="in.png"\r\nContent-Type: image/png\r\n\r\n'
+            + png(smooth_image(64, 64, seed=3)) + b"\r\n--b--\r\n")
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    with serving(pipe, max_upload_mb=len(body) / 2**20) as (base, service):
+        assert service.settings.max_upload_bytes == len(body)
+        sized = httpx.post(f"{base}/v1/edit", content=body, headers=headers, timeout=120)
+        chunked = httpx.post(f"{base}/v1/edit", content=iter([body]), headers=headers, timeout=120)
+        assert "content-length" in sized.request.headers and "content-length" not in chunked.request.headers
+        assert sized.status_code == chunked.status_code == 200, (sized.text, chunked.text)
 
 
 def test_an_instruction_over_a_mebibyte_is_said_to_be_too_long(pipe):
@@ -734,6 +803,49 @@ def test_uploads_being_decoded_hold_their_place_in_the_queue(pipe, monkeypatch):
         held.release.set()
         gated.release.set()
         assert running.result().status_code == 200 and decoding.result().status_code == 200
+
+
+def test_an_upload_admitted_before_the_queue_filled_is_refused_undecoded(pipe, monkeypatch):
+    """Room is checked again once the upload has arrived, before decoding it: from a mutation audit, an upload
+    admitted while there was room, then finished arriving into a full queue, was decoded (CPU, memory) first."""
+    import zone_engine.serving.app as app_module
+
+    gated, image, reading, decoded = GatedPipeline(pipe), smooth_image(64, 64, seed=5), threading.Event(), []
+    read, decode = app_module._unless_stopping, app_module.decode_upload
+
+    async def reading_the_upload(receive, service):
+        reading.set()
+        return await read(receive, service)
+
+    upload = httpx.Request("POST", "http://x/v1/edit", data={"instruction": "add a hat"},
+                           files={"image": ("in.png", png(image), "image/png")})
+    body = upload.read()
+    with (serving(gated, max_batch=1, max_wait_ms=0, queue_size=1) as (base, service),
+          ThreadPoolExecutor(2) as pool):
+        running = pool.submit(post_edit, base, image)
+        assert gated.entered.wait(30)
+        monkeypatch.setattr(app_module, "_unless_stopping", reading_the_upload)
+        with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=30) as client:
+            client.sendall(b"POST /v1/edit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                           + upload.headers["content-type"].encode()
+                           + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+            assert reading.wait(30)  # admitted: the queue was empty
+            queued = pool.submit(post_edit, base, image, seed=2)
+            while service.batcher.queued < 1:
+                time.sleep(0.01)
+            monkeypatch.setattr(app_module, "decode_upload", lambda data, settings: decoded.append(1) or decode(
+                data, settings))
+            client.sendall(body[100:])
+            answer = b""
+            while b"}" not in answer:
+                chunk = client.recv(65536)
+                assert chunk, answer
+                answer += chunk
+        gated.release.set()
+        head, _, answer_body = answer.decode().partition("\r\n\r\n")
+        assert head.startswith("HTTP/1.1 503 ") and json.loads(answer_body)["error"]["code"] == "queue_full", answer
+        assert decoded == []
+        assert running.result().status_code == 200 and queued.result().status_code == 200
 
 
 def test_uploads_wait_for_an_image_thread_within_their_timeout(pipe, monkeypatch):
@@ -850,6 +962,47 @@ def test_an_edit_whose_handler_is_cancelled_cancels_its_work(pipe):
     assert submitted[0].cancelled()
 
 
+def test_an_edit_route_cancelled_mid_edit_is_counted_cancelled(pipe):
+    """Ray Serve cancels the handler of a client that went away: from a mutation audit, that edit went uncounted
+    in zone_requests_total unseen."""
+    gated = GatedPipeline(pipe)
+    service = LocalEditService(lambda: gated, ServeSettings(warmup=False, max_batch=1, max_wait_ms=0))
+    app = create_app(settings=service.settings)
+    upload = httpx.Request("POST", "http://127.0.0.1/v1/edit", data={"instruction": "add a hat"},
+                           files={"image": ("in.png", png(smooth_image(64, 64)), "image/png")})
+    body = upload.read()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/edit", "raw_path": b"/v1/edit", "query_string": b"", "root_path": "", "app": app,
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", upload.headers["content-type"].encode()),
+                         (b"content-length", str(len(body)).encode())]}
+
+    async def scenario():
+        app.state.service = service
+        await service.start()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if messages:
+                return messages.pop()
+            await asyncio.Event().wait()  # connected, silent
+
+        async def send(message):
+            pass
+
+        handler = asyncio.ensure_future(app(scope, receive, send))
+        await asyncio.get_running_loop().run_in_executor(None, gated.entered.wait, 30)
+        handler.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        gated.release.set()
+        await service.close()
+
+    run_batcher(scenario)
+    assert gated.seen[0].cancelled()
+    assert service.metrics.registry.get_sample_value("zone_requests_total", {"outcome": "cancelled"}) == 1
+
+
 def test_a_server_side_fault_is_a_500_not_the_clients_fault(pipe, caplog):
     """A checkpoint or device fault at edit time (e.g. an ONNX export that fails to load) is the server's."""
     broken_export = CheckpointError("the SAM export in sam_onnx/ cannot be read: re-run `zone export sam`")
@@ -858,6 +1011,9 @@ def test_a_server_side_fault_is_a_500_not_the_clients_fault(pipe, caplog):
         assert response.status_code == 500 and response.json()["error"]["code"] == "server_error"
         assert "zone export sam" in response.json()["error"]["message"]
         assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="error"}') == 1
+    # Logged once, by the model thread, as failing in the edit (from a mutation audit: also "before its edit").
+    logged = [record.getMessage() for record in caplog.records if record.name == "zone_engine.serving"]
+    assert logged == ["edit failed"], logged
     assert any("edit failed" in record.message for record in caplog.records)
 
 
@@ -1074,7 +1230,9 @@ def test_request_limits_hold_at_their_exact_values():
     """From a mutation audit: --max-steps was unguarded (a client could ask for 999 steps), and every "at most"
     limit could move by one unseen."""
     settings = ServeSettings(max_instruction_chars=20, max_steps=7)
+    check_form_fields([("steps", " 7 "), ("seed", "+0")])  # decimal digits, spaced or signed: read as pydantic does
     assert check_request_fields("x" * 20, None, 7, 4294967295, settings) == ("x" * 20, {"steps": 7, "seed": 4294967295})
+    assert check_request_fields("x", None, 1, 0, settings) == ("x", {"steps": 1, "seed": 0})  # the lower ends too
     for fields, words in (((("x" * 21), None, None, None), "instruction: 21 characters"),
                           (("x", None, 8, None), "steps: 8 is outside 1..7"),
                           (("x", None, None, 2**32), "seed: 4294967296 is outside")):
@@ -1082,21 +1240,39 @@ def test_request_limits_hold_at_their_exact_values():
             check_request_fields(*fields, settings)
         assert refused.value.status == 422 and words in refused.value.message
     assert ServeSettings().max_upload_bytes == 20 * 2**20 and ServeSettings(max_upload_mb=1).max_upload_bytes == 2**20
+    for size, answer in ((2**20 + 1, (413, "upload_too_large")), (2**20, (400, "bad_image"))):  # at the limit: read
+        with pytest.raises(ServeError) as refused:
+            decode_upload(b"x" * size, ServeSettings(max_upload_mb=1))
+        assert (refused.value.status, refused.value.code) == answer, size
+    assert decode_upload(png(smooth_image(100, 100)), ServeSettings(max_pixels=100 * 100)).pixels.shape == (100, 100, 3)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    huge = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)) + chunk(
+        b"IEND", b"")  # past Pillow's own bomb limit, met as it opens the header
     with pytest.raises(ServeError) as refused:
-        decode_upload(b"x" * (2**20 + 1), ServeSettings(max_upload_mb=1))
-    assert (refused.value.status, refused.value.code) == (413, "upload_too_large")
+        decode_upload(huge, ServeSettings())
+    assert (refused.value.status, refused.value.code) == (413, "image_too_large")
 
 
 def test_each_engine_error_maps_to_its_status_code_and_outcome():
-    for error, status, code in ((EditCancelled("stopped"), 503, "cancelled"),
-                                (InstructionError("empty"), 422, "invalid_request"),
-                                (ConfigError("steps"), 422, "invalid_request"),
-                                (InputImageError("corrupt"), 400, "bad_image"),
-                                (RuntimeError("a bug"), 500, "internal_error")):
+    """From a mutation audit: the outcomes counted in zone_requests_total, and a ZoneError of no closer kind
+    (a client's 400, not the server's 500), were not pinned."""
+    for error, status, code, outcome in ((EditCancelled("stopped"), 503, "cancelled", "cancelled"),
+                                         (InstructionError("empty"), 422, "invalid_request", "bad_request"),
+                                         (ConfigError("steps"), 422, "invalid_request", "bad_request"),
+                                         (InputImageError("corrupt"), 400, "bad_image", "bad_request"),
+                                         (ZoneError("refused"), 400, "bad_request", "bad_request"),
+                                         (DeviceError("out of memory"), 500, "server_error", "error"),
+                                         (ShuttingDown("stopping"), 503, "unavailable", "unavailable"),
+                                         (QueueFull(7), 503, "queue_full", "queue_full"),
+                                         (RuntimeError("a bug"), 500, "internal_error", "error")):
         answer = as_serve_error(error, None)
-        assert (answer.status, answer.code) == (status, code), error
+        assert (answer.status, answer.code, outcome_of(answer)) == (status, code, outcome), error
     cancelled = as_serve_error(EditCancelled("stopped"), None)
     assert cancelled.headers["Retry-After"] and outcome_of(cancelled) == "cancelled"
+    assert as_serve_error(QueueFull(7), None).headers["Retry-After"] == "7"
 
 
 def test_a_damaged_upload_of_any_format_is_a_400_bad_image():
@@ -1128,13 +1304,17 @@ def test_an_upload_in_a_format_outside_the_served_ones_is_refused_unopened():
     assert decode_upload(bmp.getvalue(), ServeSettings()).pixels.shape == (16, 16, 3)  # a served one still is
 
 
-def test_a_jpeg_of_a_hundred_scans_or_more_is_refused_before_decoding():
-    """Its last scan repeated: 246 KB took 11 s of CPU to decode (every scan is a pass over the whole image)."""
+def test_a_jpeg_of_over_a_hundred_scans_is_refused_before_decoding():
+    """Its last scan repeated: 246 KB took 11 s of CPU to decode (every scan is a pass over the whole image). One of
+    exactly a hundred is decoded (from a mutation audit: the bound could move by one unseen)."""
     progressive = io.BytesIO()
     Image.fromarray(smooth_image(16, 16)).save(progressive, format="JPEG", progressive=True)
     data = progressive.getvalue()
     last_scan = data[data.rindex(b"\xff\xda"):-2]  # up to the end-of-image marker
     assert decode_upload(data, ServeSettings()).pixels.shape == (16, 16, 3)
+    at_most = data[:-2] + last_scan * (MAX_JPEG_SCANS - data.count(b"\xff\xda")) + data[-2:]
+    assert at_most.count(b"\xff\xda") == MAX_JPEG_SCANS and decode_upload(at_most, ServeSettings()).pixels.shape == (
+        16, 16, 3)
     repeated = data[:-2] + last_scan * (MAX_JPEG_SCANS - data.count(b"\xff\xda") + 1) + data[-2:]
     with pytest.raises(ServeError, match=f"the JPEG has {MAX_JPEG_SCANS + 1} scans; this server decodes at most"):
         decode_upload(repeated, ServeSettings())
@@ -1280,6 +1460,36 @@ def test_batcher_survives_a_runner_that_raises_and_frees_a_withdrawn_edits_slot(
     assert queued_after == 0 and gone.cancelled()  # out of the queue, or its work stopped
 
 
+def test_an_edit_withdrawn_behind_a_running_batch_frees_its_queue_slot_at_once():
+    """From a mutation audit: a caller that gave up while queued behind a running batch could keep counting in
+    the queue (refusing others QueueFull) and in zone_queue_depth until the worker reached it."""
+    calls: list[str] = []
+    run_batch, started, release = held_first_batch(calls)
+    metrics = ServeMetrics()
+
+    async def scenario():
+        batcher = DynamicBatcher(run_batch, max_batch=1, max_wait_s=0, queue_size=1, metrics=metrics)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(EditRequest(None, "first"), "k"))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        gone = asyncio.ensure_future(batcher.submit(EditRequest(None, "gone"), "k"))
+        await asyncio.sleep(0.05)
+        assert batcher.queued == 1
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        freed = batcher.queued, metrics.registry.get_sample_value("zone_queue_depth")
+        after = asyncio.ensure_future(batcher.submit(EditRequest(None, "after"), "k"))  # the slot is free
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(first, after)
+        await batcher.close()
+        return freed
+
+    assert run_batcher(scenario) == (0, 0)
+    assert calls == ["first", "after"]
+
+
 def test_batcher_serves_the_bucket_whose_oldest_request_waited_longest():
     calls: list[str] = []
     run_batch, started, release = held_first_batch(calls)
@@ -1325,6 +1535,35 @@ def test_batcher_close_rejects_queued_jobs_and_finishes_the_running_one():
     assert metrics.registry.get_sample_value("zone_queue_depth") == 0  # what was queued was answered
 
 
+def test_an_abandoned_batch_is_answered_at_once_and_close_does_not_wait_for_its_work():
+    """A forced quit: the running edit hears ShuttingDown and `close` returns while its work still runs (from a
+    mutation audit: close waiting for the abandoned batch, and a second abandon failing the answered edits again,
+    InvalidStateError out of the server's shutdown, went unseen)."""
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def run_batch(requests):
+        started.set()
+        release.wait(10)
+        finished.set()
+        return ["ok"] * len(requests)
+
+    async def scenario():
+        batcher = DynamicBatcher(run_batch, max_batch=1, max_wait_s=0, queue_size=10)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(EditRequest(None, "first"), "k"))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        batcher.abandon()
+        batcher.abandon()  # again, harmless: a forced quit's watch and ZoneServer.shutdown both abandon
+        await batcher.close()
+        return finished.is_set(), (await asyncio.gather(running, return_exceptions=True))[0]
+
+    try:
+        finished_before_close, outcome = run_batcher(scenario)
+    finally:
+        release.set()
+    assert not finished_before_close and isinstance(outcome, ShuttingDown)
+
+
 class ManualClock:
     """A batcher clock the test moves, for exact batch and queue times."""
 
@@ -1345,10 +1584,11 @@ def test_batcher_metrics_show_the_running_batch_and_each_edits_queue_wait():
         batcher.start()
         jobs = [asyncio.ensure_future(batcher.submit(EditRequest(None, name), "k")) for name in ("first", "second")]
         await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        clock.now = 1.0  # queued at 1 s: a wait is from then, not from the clock's zero
         jobs += [asyncio.ensure_future(batcher.submit(EditRequest(None, f"w{i}"), "k")) for i in range(4)]
         await asyncio.sleep(0)  # queued behind the running batch
         during = sample("zone_running"), sample("zone_queue_depth")
-        clock.now = 7.0  # the four waited 7 s
+        clock.now = 8.0  # the four waited 7 s
         release.set()
         await asyncio.gather(*jobs)
         await batcher.close()
@@ -1363,7 +1603,8 @@ def test_batcher_metrics_show_the_running_batch_and_each_edits_queue_wait():
 def test_retry_after_is_the_batches_ahead_times_a_batchs_time_or_the_running_ones_if_longer():
     """Batches ahead: the queued ones (3 edits, 2 a batch: 1.5, not rounded down) and the running one; a batch's
     time: a moving average (0.8 old, 0.2 new) of the batches run, or the running batch's time so far when longer;
-    at least 1 s, before any batch has run too."""
+    at least 1 s, before any batch has run too. An idle batcher's estimate does not grow with the time since its
+    last batch (from a mutation audit: none ran, so no running batch's time counts)."""
     clock = ManualClock()
     started, release = threading.Event(), threading.Event()
 
@@ -1390,10 +1631,12 @@ def test_retry_after_is_the_batches_ahead_times_a_batchs_time_or_the_running_one
         release.set()
         await asyncio.gather(*jobs)  # batches of 40, 0 and 0 s: 0.8 x (0.8 x (0.8 x 10 + 0.2 x 40)) = 10.24 s
         estimates.append(batcher.retry_after_s())
+        clock.now += 100.0  # idle since
+        estimates.append(batcher.retry_after_s())
         await batcher.close()
         return estimates
 
-    assert run_batcher(scenario) == [1, 25, 100, 11]
+    assert run_batcher(scenario) == [1, 25, 100, 11, 11]
 
 
 def test_a_full_bucket_starts_at_once_and_a_lone_edit_when_its_wait_is_up():
@@ -1418,11 +1661,15 @@ def test_a_full_bucket_starts_at_once_and_a_lone_edit_when_its_wait_is_up():
     assert sizes == [2, 1]
 
 
-def test_batcher_refuses_beyond_its_queue_bound():
+def test_batcher_refuses_beyond_its_queue_bound_and_before_it_starts():
+    """Before `start` there is no worker to run an edit: ShuttingDown, nothing queued (from a mutation audit)."""
     release = threading.Event()
 
     async def scenario():
         batcher = DynamicBatcher(lambda rs: [release.wait(10)] * len(rs), max_batch=1, max_wait_s=0, queue_size=1)
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(EditRequest(None, "early"), "k")
+        assert batcher.queued == 0
         batcher.start()
         first = asyncio.ensure_future(batcher.submit(EditRequest(None, "1"), "k"))
         await asyncio.sleep(0.05)  # the first is running, so the queue is empty again
