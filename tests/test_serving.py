@@ -314,6 +314,10 @@ def test_not_ready_until_loaded_and_warmed_up(pipe):
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
         assert refused.headers["Retry-After"] == "5"  # loading ends: worth coming back
         assert httpx.get(f"{base}/v1/edit").status_code == 405  # no edit: a wrong method whatever the state
+        assert httpx.delete(f"{base}/v1/edit").status_code == 405
+        counted = parse_metrics(httpx.get(f"{base}/metrics").text)  # not counted as edits: only the 503 is
+        assert {name: value for name, value in counted.items() if name.startswith("zone_requests_total") and value} == {
+            'zone_requests_total{outcome="unavailable"}': 1}
         gate.set()
         deadline = time.monotonic() + 60
         while httpx.get(f"{base}/readyz").status_code != 200:

@@ -889,7 +889,7 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
             message = (f"no route {request.url.path}: the routes are {', '.join(_route_list(request))} (the API's "
                        "documentation at /docs)")
         problem = ServeError(error.status_code, code, message, headers)
-    if service is not None and request.url.path == EDIT_PATH:
+    if service is not None and request.url.path == EDIT_PATH and request.method == "POST":  # edits alone, as HostCheck
         service.metrics.count(outcome_of(problem))
     return error_response(problem, request_id_of(request))
 
