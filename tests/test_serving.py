@@ -426,9 +426,8 @@ def test_shutdown_finishes_the_running_batch_answers_the_queue_503_at_once_and_t
     assert len(gated.seen) == 1  # the queued edit never ran
 
 
-def test_a_server_stopped_while_loading_waits_for_the_load_then_closes_its_service(pipe):
-    """The app's lifespan: the load under way ends (the model thread cannot be stopped mid-load), the service is
-    never ready, and its batching worker and model thread are shut down."""
+def held_load(pipe: ZonePipeline):
+    """A service's build that returns `pipe` once `release` is set; `loading` says it has begun."""
     loading, release = threading.Event(), threading.Event()
 
     def slow_build() -> ZonePipeline:
@@ -436,6 +435,13 @@ def test_a_server_stopped_while_loading_waits_for_the_load_then_closes_its_servi
         assert release.wait(30)
         return pipe
 
+    return slow_build, loading, release
+
+
+def test_a_server_stopped_while_loading_waits_for_the_load_then_closes_its_service(pipe):
+    """The app's lifespan: the load under way ends (the model thread cannot be stopped mid-load), the service is
+    never ready, and its batching worker and model thread are shut down."""
+    slow_build, loading, release = held_load(pipe)
     service = LocalEditService(slow_build, ServeSettings(warmup=False))
     with serving_service(service) as (_, server):
         assert loading.wait(30)
@@ -469,13 +475,7 @@ def test_a_forced_quit_answers_the_running_edit_503_in_json_and_cancels_its_work
 def test_a_service_stopped_while_loading_is_never_ready(pipe):
     """From a mutation audit: a load that ended after the stop could set the service ready (and log it so) while
     it shut down."""
-    loading, release = threading.Event(), threading.Event()
-
-    def slow_build() -> ZonePipeline:
-        loading.set()
-        assert release.wait(30)
-        return pipe
-
+    slow_build, loading, release = held_load(pipe)
     service = LocalEditService(slow_build, ServeSettings(warmup=False))
 
     async def scenario():
@@ -1433,6 +1433,16 @@ def held_first_batch(calls: list[str]):
     return run_batch, started, release
 
 
+async def batcher_running_first(run_batch, started: threading.Event, **options):
+    """A started DynamicBatcher of one edit a batch, none waited for, running its held batch "first" (see
+    held_first_batch); returns it and the first edit's future."""
+    batcher = DynamicBatcher(run_batch, max_batch=1, max_wait_s=0, **options)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit(EditRequest(None, "first"), "k"))
+    await asyncio.get_running_loop().run_in_executor(None, started.wait)
+    return batcher, first
+
+
 def test_batcher_survives_a_runner_that_raises_and_frees_a_withdrawn_edits_slot():
     """From a mutation audit: without its guard a raising run_batch killed the worker (every later edit a 503
     until a restart); a caller that gave up while queued kept its queue slot and still reached the model."""
@@ -1472,10 +1482,7 @@ def test_an_edit_withdrawn_behind_a_running_batch_frees_its_queue_slot_at_once()
     metrics = ServeMetrics()
 
     async def scenario():
-        batcher = DynamicBatcher(run_batch, max_batch=1, max_wait_s=0, queue_size=1, metrics=metrics)
-        batcher.start()
-        first = asyncio.ensure_future(batcher.submit(EditRequest(None, "first"), "k"))
-        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        batcher, first = await batcher_running_first(run_batch, started, queue_size=1, metrics=metrics)
         gone = asyncio.ensure_future(batcher.submit(EditRequest(None, "gone"), "k"))
         await asyncio.sleep(0.05)
         assert batcher.queued == 1
@@ -1499,10 +1506,7 @@ def test_batcher_serves_the_bucket_whose_oldest_request_waited_longest():
     run_batch, started, release = held_first_batch(calls)
 
     async def scenario():
-        batcher = DynamicBatcher(run_batch, max_batch=1, max_wait_s=0, queue_size=10)
-        batcher.start()
-        first = asyncio.ensure_future(batcher.submit(EditRequest(None, "first"), "k"))
-        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        batcher, first = await batcher_running_first(run_batch, started, queue_size=10)
         queued = []
         for name, key in (("a1", "a"), ("b1", "b"), ("a2", "a")):  # queued in this order while "first" runs
             queued.append(asyncio.ensure_future(batcher.submit(EditRequest(None, name), key)))
@@ -1520,10 +1524,7 @@ def test_batcher_close_rejects_queued_jobs_and_finishes_the_running_one():
     metrics = ServeMetrics()
 
     async def scenario():
-        batcher = DynamicBatcher(run_batch, max_batch=1, max_wait_s=0, queue_size=10, metrics=metrics)
-        batcher.start()
-        running = asyncio.ensure_future(batcher.submit(EditRequest(None, "first"), "k"))
-        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        batcher, running = await batcher_running_first(run_batch, started, queue_size=10, metrics=metrics)
         waiting = asyncio.ensure_future(batcher.submit(EditRequest(None, "second"), "k"))
         await asyncio.sleep(0.05)
         closing = asyncio.ensure_future(batcher.close())
@@ -1552,10 +1553,7 @@ def test_an_abandoned_batch_is_answered_at_once_and_close_does_not_wait_for_its_
         return ["ok"] * len(requests)
 
     async def scenario():
-        batcher = DynamicBatcher(run_batch, max_batch=1, max_wait_s=0, queue_size=10)
-        batcher.start()
-        running = asyncio.ensure_future(batcher.submit(EditRequest(None, "first"), "k"))
-        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        batcher, running = await batcher_running_first(run_batch, started, queue_size=10)
         batcher.abandon()
         batcher.abandon()  # again, harmless: a forced quit's watch and ZoneServer.shutdown both abandon
         await batcher.close()
