@@ -246,7 +246,7 @@ def _origin_as_sent(origin: str) -> str | None:
             host = host.encode("idna").decode("ascii")
         except UnicodeError:
             return None
-        if not _HOST_NAME.fullmatch(host):
+        if not is_host_name(host):
             return None
     default_port = {"http": 80, "https": 443}[parts.scheme]
     return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default_port) else "")
