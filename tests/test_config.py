@@ -6,11 +6,25 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
+import numpy as np
 import pytest
 from segment_anything import SamAutomaticMaskGenerator
 
-from zone_engine.config import Action, EditConfig, SamConfig, command_line_spelling, option, parse_hw
-from zone_engine.errors import ConfigError
+from zone_engine.config import (
+    Action,
+    EditConfig,
+    SamConfig,
+    check_backend_options,
+    check_precision,
+    check_seed,
+    check_switch,
+    command_line_spelling,
+    option,
+    parse_action,
+    parse_hw,
+)
+from zone_engine.errors import ConfigError, DeviceError, InstructionError
+from zone_engine.instruction import check_instruction
 from zone_engine.localize import localize
 from zone_engine.refine import refine_mask
 
@@ -111,3 +125,130 @@ def test_a_generator_as_seed_says_how_to_get_its_seed():
 
     with pytest.raises(ConfigError, match=r"whole number \(a generator's seed: generator.initial_seed\(\)\)"):
         EditConfig(seed=torch.Generator().manual_seed(1))
+
+
+# Each limit just past its edge, against the ranges ZONE.md's settings and README's "Settings" give (steps 1..999,
+# seeds 0..2**32 - 1, beta 0..1000, max_side up to 2048 and at least size_multiple, a multiple of 32, 8-bit levels).
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"steps": 0}, "steps must be between 1 and 999"), ({"steps": 1000}, "steps must be between 1 and 999"),
+    ({"seed": -1}, "seed must be between 0 and 4294967295"),
+    ({"text_guidance": -0.5}, "text_guidance and image_guidance must be >= 0"),
+    ({"image_guidance": -0.5}, "text_guidance and image_guidance must be >= 0"),
+    ({"beta_remove": 1000.5}, "beta_remove and beta_add_change must be between 0 and 1000$"),
+    ({"beta_add_change": 1000.5}, "beta_remove and beta_add_change must be between 0 and 1000$"),
+    ({"max_side": 2049}, "max_side must be at least size_multiple and at most 2048"),
+    ({"max_side": 16}, "max_side must be at least size_multiple"),
+    ({"size_multiple": 48}, "size_multiple must be a multiple of 32"),
+    ({"size_multiple": 0}, "size_multiple must be a multiple of 32"),
+    ({"seam_alpha": 1.01}, "seam_alpha must be between 0 and 1"),
+    ({"seam_alpha": -0.01}, "seam_alpha must be between 0 and 1"),
+    ({"min_region_area": -1}, "min_region_area must be >= 0"),
+    ({"dilate_kernel": 0}, "kernel sizes must be between 1 and 1023"),
+    ({"dilate_kernel": 1024}, "kernel sizes must be between 1 and 1023"),
+    ({"close_kernel": 0}, "kernel sizes must be between 1 and 1023"),
+    ({"close_kernel": 1024}, "kernel sizes must be between 1 and 1023"),
+    ({"dilate_iterations": 1024}, "dilate_iterations must be at most 1023"),
+    ({"reference_threshold": -1}, "8-bit levels"), ({"paper_threshold": 256}, "8-bit levels"),
+    ({"fft_threshold": 256}, "8-bit levels"),
+    ({"threshold_rule": "papers"}, "threshold_rule must be 'reference' or 'paper'"),
+    ({"seam_alpha": True}, "seam_alpha must be a finite number"),  # a bool is no weight, as it is no count
+])
+def test_a_setting_just_past_its_limit_is_refused_by_name(changes, words):
+    """A limit off by one either way is a value an edit silently runs with (a negative seed, a zero kernel)."""
+    with pytest.raises(ConfigError, match=words):
+        EditConfig(**changes)
+
+
+def test_every_limit_itself_is_accepted():
+    """The ends of each documented range are values a user may pass: an edge refused is a limit off by one."""
+    for changes in ({"steps": 1}, {"steps": 999}, {"seed": 0}, {"seed": 2**32 - 1},
+                    {"text_guidance": 0, "image_guidance": 0}, {"beta_remove": 0, "beta_add_change": 0},
+                    {"beta_remove": 1000, "beta_add_change": 1000}, {"max_side": 2048}, {"max_side": 32},
+                    {"max_side": 64, "size_multiple": 64}, {"seam_alpha": 0}, {"seam_alpha": 1},
+                    {"min_region_area": 0}, {"dilate_kernel": 1, "close_kernel": 1},
+                    {"dilate_kernel": 1023, "close_kernel": 1023}, {"dilate_iterations": 0, "fft_radius": 0},
+                    {"dilate_iterations": 1023},
+                    {"reference_threshold": 0, "paper_threshold": 0, "fft_threshold": 0},
+                    {"reference_threshold": 255, "paper_threshold": 255, "fft_threshold": 255}):
+        config = EditConfig(**changes)
+        assert {name: getattr(config, name) for name in changes} == changes
+
+
+def test_whole_and_finite_numbers_are_stored_as_plain_int_and_float():
+    """A float field given an int holds a float, as the dataclass says (JSON, reprs and comparisons read it)."""
+    config = EditConfig(seam_alpha=1, text_guidance=7)
+    assert type(config.seam_alpha) is float and type(config.text_guidance) is float
+
+
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"points_per_side": 257}, "points_per_side must be at most 256"),
+    ({"points_per_batch": 0}, "points_per_side and points_per_batch must be >= 1"),
+    ({"min_mask_region_area": -1}, "crop_n_layers and min_mask_region_area must be >= 0"),
+    ({"crop_n_layers": 4}, "crop_n_layers must be at most 3"),
+    ({"crop_nms_thresh": 1.01}, "NMS thresholds"), ({"box_nms_thresh": -0.01}, "NMS thresholds"),
+    ({"box_nms_thresh": 1.01}, "NMS thresholds"), ({"stability_score_offset": -0.5}, "stability_score_offset"),
+])
+def test_a_sam_setting_just_past_its_limit_is_refused_by_name(changes, words):
+    """The limits, not only values far past them: 4 crop layers are 341 encoder runs."""
+    with pytest.raises(ConfigError, match=words):
+        SamConfig(**changes)
+
+
+def test_sam_limits_themselves_are_accepted():
+    config = SamConfig(points_per_side=256, points_per_batch=1, crop_n_layers=3, min_mask_region_area=0,
+                       box_nms_thresh=1.0, crop_nms_thresh=0.0, stability_score_offset=0.0)
+    assert (config.points_per_side, config.crop_n_layers, config.stability_score_offset) == (256, 3, 0.0)
+
+
+def test_a_seed_is_a_whole_number_of_32_bits_named_as_its_caller_calls_it():
+    """check_seed guards ZonePipeline.tiny and the server's seeds: 2**32 - 1 is the last one torch keeps whole."""
+    assert check_seed(2**32 - 1) == 4294967295 and check_seed(0) == 0
+    assert type(check_seed(np.int64(7))) is int
+    for bad in (True, -1, 2**32, 1.0):
+        with pytest.raises(ConfigError, match=r"^seed must be a whole number between 0 and 4294967295"):
+            check_seed(bad)
+    with pytest.raises(ConfigError, match=r"^--seed must be a whole number"):
+        check_seed(2**32, name="--seed")
+
+
+def test_actions_read_by_name_with_spaces_and_any_case_and_empty_means_classify():
+    assert parse_action(" Add ") is Action.ADD and parse_action("") is None and parse_action(" AUTO ") is None
+    assert parse_action(None) is None and parse_action(Action.CHANGE) is Action.CHANGE
+    assert EditConfig(action="remove").action is Action.REMOVE  # the name, stored as the Action
+
+
+def test_half_precision_of_either_kind_is_refused_on_the_cpu():
+    """bf16 as fp16: the engine's half precision runs on CUDA only (check_precision's own rule)."""
+    for dtype in ("fp16", "bf16"):
+        with pytest.raises(DeviceError, match=f"--dtype {dtype}"):
+            check_precision(dtype, "cpu")
+        check_precision(dtype, "auto")
+    check_precision("fp32", "cpu")
+
+
+def test_fp16_sam_is_refused_on_the_cpu_and_bf16_sam_is_not():
+    """SAM in fp16 needs CUDA; bf16 runs on the CPU (README's --sam-precision), so only fp16 is a DeviceError."""
+    with pytest.raises(DeviceError, match=r"--sam-precision fp16 \(sam_precision='fp16'\) runs only on CUDA"):
+        check_backend_options("cpu", sam_precision="fp16")
+    check_backend_options("cpu", sam_precision="bf16")
+    check_backend_options("auto", sam_precision="fp16")
+
+
+def test_a_switch_without_a_meaning_for_none_refuses_none():
+    """progress=None is no switch: only the options whose None means "the engine's choice" take it."""
+    with pytest.raises(ConfigError, match=r"^progress must be True or False, got None$"):
+        check_switch("progress", None)
+    check_switch("cuda_graphs", None, none_means="the engine's choice")
+
+
+def test_an_instruction_over_the_length_limit_says_its_stripped_length():
+    """The length said is what was checked: the text without the spaces around it."""
+    with pytest.raises(InstructionError, match=r"is 10,001 characters long, over 10,000"):
+        check_instruction("  " + "a" * 10_001 + "\n")
+    assert check_instruction("\t make it red \n") == "make it red"
+
+
+def test_an_instruction_with_a_lone_surrogate_is_refused_as_not_unicode():
+    """Bytes the terminal could not decode arrive as lone surrogates: refused here, not as an encode error later."""
+    with pytest.raises(InstructionError, match="not valid Unicode text"):
+        check_instruction("make it \udc80red")
