@@ -113,10 +113,11 @@ def png(image: np.ndarray) -> bytes:
 
 
 def post_edit(base: str, image: np.ndarray | bytes, instruction: str = "add a red hat", timeout: float = 120,
-              **fields) -> httpx.Response:
+              headers: dict[str, str] | None = None, **fields) -> httpx.Response:
     data = image if isinstance(image, bytes) else png(image)
     form = {"instruction": instruction, **{k: str(v) for k, v in fields.items()}}
-    return httpx.post(f"{base}/v1/edit", files={"image": ("in.png", data, "image/png")}, data=form, timeout=timeout)
+    return httpx.post(f"{base}/v1/edit", files={"image": ("in.png", data, "image/png")}, data=form, timeout=timeout,
+                      headers=headers)
 
 
 def raw_answer(base: str, request: bytes) -> str:
@@ -1088,23 +1089,17 @@ def test_an_edit_from_a_browser_page_of_an_origin_not_allowed_is_refused_before_
         assert error["code"] == "origin_not_allowed" and "--allow-origin https://elsewhere.example" in error["message"]
         # A page whose own name was pointed at this server (DNS rebinding): its origin names the Host it posts to
         assert answer_before_the_body(base, b"Origin: http://x\r\n")[0].startswith("HTTP/1.1 403 ")
-        allowed = httpx.post(f"{base}/v1/edit", headers={"Origin": page}, data={"instruction": "add a hat"},
-                             files={"image": ("in.png", png(image), "image/png")}, timeout=120)
+        allowed = post_edit(base, image, "add a hat", headers={"Origin": page})
         assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == page
-        own = httpx.post(f"{base}/v1/edit", headers={"Origin": base.upper().replace("HTTP", "http")},
-                         data={"instruction": "add a hat"}, files={"image": ("in.png", png(image), "image/png")},
-                         timeout=120)
+        own = post_edit(base, image, "add a hat", headers={"Origin": base.upper().replace("HTTP", "http")})
         assert own.status_code == 200
         # Served under the operator's own name (--allow-host), a page is this server's own: no --allow-origin needed
-        named = httpx.post(f"{base}/v1/edit", headers={"Host": "zone.example.com", "Origin": "http://zone.example.com"},
-                           data={"instruction": "add a hat"}, files={"image": ("in.png", png(image), "image/png")},
-                           timeout=120)
+        named = post_edit(base, image, "add a hat",
+                          headers={"Host": "zone.example.com", "Origin": "http://zone.example.com"})
         assert named.status_code == 200, named.text
         assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="bad_request"}') == 3
     with serving(pipe, allow_origins=("*",)) as (base, _):  # pages of any origin may call it
-        anyone = httpx.post(f"{base}/v1/edit", headers={"Origin": "https://elsewhere.example"},
-                            data={"instruction": "add a hat"}, files={"image": ("in.png", png(image), "image/png")},
-                            timeout=120)
+        anyone = post_edit(base, image, "add a hat", headers={"Origin": "https://elsewhere.example"})
         assert anyone.status_code == 200 and anyone.headers["access-control-allow-origin"] == "*"
 
 
@@ -1183,8 +1178,7 @@ def test_a_served_edit_addressed_to_a_name_not_allowed_is_refused_and_counted_bu
         assert httpx.get(f"{base}/readyz", headers=elsewhere).status_code == 421
         assert httpx.get(f"{base}/metrics", headers=elsewhere).status_code == 421
         assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="bad_request"}') == 0  # no edits
-        refused = httpx.post(f"{base}/v1/edit", headers=elsewhere, data={"instruction": "add a hat"},
-                             files={"image": ("in.png", png(smooth_image(64, 64)), "image/png")}, timeout=120)
+        refused = post_edit(base, smooth_image(64, 64), "add a hat", headers=elsewhere)
         assert refused.status_code == 421 and refused.json()["error"]["code"] == "host_not_allowed"
         assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="bad_request"}') == 1
 
