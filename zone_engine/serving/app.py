@@ -725,8 +725,7 @@ class EditAdmission:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        edit = scope["type"] == "http" and scope["path"] == EDIT_PATH and scope["method"] == "POST"
-        service = getattr(scope["app"].state, "service", None) if edit else None
+        service = getattr(scope["app"].state, "service", None) if is_edit(scope) else None
         if service is None:
             return await self.app(scope, receive, send)
         request = Request(scope)  # its headers only: the body is read below, through `counted`
@@ -831,8 +830,7 @@ class HostCheck:
         if scope["type"] == "http" and self.names is not None and scope["path"] != LIVENESS_PATH:
             request = Request(scope)
             if (refusal := self.refusal(request.headers.get("host", ""))) is not None:
-                edit = scope["path"] == EDIT_PATH and scope["method"] == "POST"
-                if edit and (service := getattr(scope["app"].state, "service", None)):
+                if is_edit(scope) and (service := getattr(scope["app"].state, "service", None)):
                     service.metrics.count(outcome_of(refusal))
                 return await error_response(refusal, request_id_of(request))(scope, receive, send)
         await self.app(scope, receive, send)
@@ -889,9 +887,14 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
             message = (f"no route {request.url.path}: the routes are {', '.join(_route_list(request))} (the API's "
                        "documentation at /docs)")
         problem = ServeError(error.status_code, code, message, headers)
-    if service is not None and request.url.path == EDIT_PATH and request.method == "POST":  # edits alone, as HostCheck
+    if service is not None and is_edit(request.scope):
         service.metrics.count(outcome_of(problem))
     return error_response(problem, request_id_of(request))
+
+
+def is_edit(scope: dict) -> bool:
+    """Whether an ASGI request is an edit (POST /v1/edit): those alone count in zone_requests_total."""
+    return scope["type"] == "http" and scope["path"] == EDIT_PATH and scope["method"] == "POST"
 
 
 def _route_list(request: Request) -> list[str]:
