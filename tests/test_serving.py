@@ -1050,12 +1050,16 @@ def test_browser_pages_of_the_allowed_origins_only_may_call_the_api():
     ("http://app.example.com:80", "http://app.example.com"), ("http://localhost:", "http://localhost"),
     ("http://localhost:03000", "http://localhost:3000"), ("http://[0:0::1]:8080", "http://[::1]:8080"),
     ("http://café.example", "http://xn--caf-dma.example"),
+    # A browser reads a host ending in a number as IPv4 in inet_aton's forms, and sends it in dotted decimal.
+    ("http://127.000.000.001", "http://127.0.0.1"), ("http://127.1:8000", "http://127.0.0.1:8000"),
+    ("http://0x7F.1", "http://127.0.0.1"), ("http://2130706433", "http://127.0.0.1"),
+    ("http://127.0.0.1.", "http://127.0.0.1"), ("http://010.0xff.0", "http://8.255.0.0"),
 ])
 def test_an_allowed_origin_not_written_as_browsers_send_it_is_refused_with_their_spelling(origin, sent):
     """The Origin header is compared as text: another spelling started the server, then failed every call of the
     page (a preflight 400, an edit 403)."""
-    said = f"is not written as browsers send it (lower case, no default port, a name in ASCII), so no page would " \
-        f"match it: write {sent}"
+    said = "is not written as browsers send it (lower case, no default port, a name in ASCII, IPv4 in dotted " \
+        f"decimal), so no page would match it: write {sent}"
     with pytest.raises(ConfigError, match=re.escape(said)):
         ServeSettings(allow_origins=(origin,))
     assert ServeSettings(allow_origins=(sent,)).allow_origins == (sent,)
@@ -1063,7 +1067,8 @@ def test_an_allowed_origin_not_written_as_browsers_send_it_is_refused_with_their
 
 @pytest.mark.parametrize("origin", ["http://*.example.com", "https://user@app.example.com", "http://x:pw@host",
                                     "http://host:99999", "http://host:abc", "http://host:0", "http://[fe80::1%25eth0]",
-                                    "http://a..example", "http://[::1"])
+                                    "http://a..example", "http://[::1", "http://1.2.3.08", "http://256.0.0.1",
+                                    "http://1.2.3.4.5", "http://example.123", "http://1.2.3.256"])
 def test_an_allowed_origin_no_browser_sends_is_refused(origin):
     with pytest.raises(ConfigError, match=re.escape("is not an origin: write scheme://host[:port] with no path, user "
                                                     "name or wildcard")):
@@ -1072,7 +1077,7 @@ def test_an_allowed_origin_no_browser_sends_is_refused(origin):
 
 def test_origins_as_browsers_send_them_are_allowed():
     origins = ("https://app.example.com", "http://localhost:3000", "http://127.0.0.1:8000", "http://[::1]:8080",
-               "https://app.example.com.", "http://xn--caf-dma.example")
+               "https://app.example.com.", "http://xn--caf-dma.example", "http://10.0.0.255", "http://1.example")
     assert ServeSettings(allow_origins=origins).allow_origins == origins
 
 

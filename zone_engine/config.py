@@ -381,9 +381,10 @@ class EditConfig:
              f"beta_remove and beta_add_change must be between 0 and {MAX_BETA:g}"),
             (self.action_rule in ("intended", "reference"), "action_rule must be 'intended' or 'reference'"),
             (self.threshold_rule in ("reference", "paper"), "threshold_rule must be 'reference' or 'paper'"),
-            (self.size_multiple <= self.max_side <= MAX_WORKING_SIDE,
-             f"max_side must be at least size_multiple and at most {MAX_WORKING_SIDE}"),
-            (self.size_multiple > 0 and self.size_multiple % 32 == 0, "size_multiple must be a multiple of 32"),
+            (self.size_multiple > 0 and self.size_multiple % 32 == 0,  # said first: max_side's range rests on it
+             f"size_multiple must be a positive multiple of 32 (the UNet's down-sampling), got {self.size_multiple}"),
+            (self.size_multiple <= self.max_side <= MAX_WORKING_SIDE, f"max_side must be at least size_multiple "
+             f"({self.size_multiple}) and at most {MAX_WORKING_SIDE}, got {self.max_side}"),
             (0.0 <= self.seam_alpha <= 1.0, "seam_alpha must be between 0 and 1"),
             (self.min_region_area >= 0, "min_region_area must be >= 0"),
             (1 <= self.dilate_kernel <= MAX_KERNEL and 1 <= self.close_kernel <= MAX_KERNEL,

@@ -81,6 +81,7 @@ class PipelineSpec:
 
 _ORIGIN = re.compile(r"https?://[^\s/?#]+")  # what a browser sends as Origin: scheme, host, port; no path
 _HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")  # a DNS name as a Host header writes it, no port
+_IPV4_PART = re.compile(r"0[xX][0-9A-Fa-f]*|[0-9]+")  # a number in a URL's IPv4 host: hex, octal (0...) or decimal
 MIN_UPLOAD_BYTES = 1024  # below it hardly the smallest image and its form fit: every edit would be a 413
 
 
@@ -175,7 +176,7 @@ class ServeSettings:
                                   "wildcard (e.g. https://app.example.com or http://localhost:3000), or * for any")
             if sent != origin:
                 raise ConfigError(f"{said} is not written as browsers send it (lower case, no default port, "
-                                  f"a name in ASCII), so no page would match it: write {sent}")
+                                  f"a name in ASCII, IPv4 in dotted decimal), so no page would match it: write {sent}")
 
     def _check_hosts(self) -> None:
         for host in self.allow_hosts:
@@ -246,10 +247,33 @@ def _origin_as_sent(origin: str) -> str | None:
             host = host.encode("idna").decode("ascii")
         except UnicodeError:
             return None
-        if not is_host_name(host):
+        host = _ipv4_as_browsers_read(host)
+        if host is None or not is_host_name(host):
             return None
     default_port = {"http": 80, "https": 443}[parts.scheme]
     return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default_port) else "")
+
+
+def _ipv4_as_browsers_read(host: str) -> str | None:
+    """`host` as a browser's URL parser (WHATWG) leaves it: a name whose last label is a number is an IPv4
+    address, its parts in decimal, octal or hex as inet_aton reads them ("127.000.000.001", "127.1", "0x7f.1":
+    "127.0.0.1"); other names as they are. None for such an address no browser accepts ("1.2.3.08")."""
+    parts = host.split(".")
+    if len(parts) > 1 and parts[-1] == "":  # "127.0.0.1." is 127.0.0.1; a name's final dot stays
+        parts.pop()
+    if not _IPV4_PART.fullmatch(parts[-1]):
+        return host
+    if len(parts) > 4 or not all(_IPV4_PART.fullmatch(part) for part in parts):
+        return None
+    try:
+        numbers = [int(part[2:] or "0", 16) if part[:2] in ("0x", "0X") else int(part, 8 if part[0] == "0" else 10)
+                   for part in parts]
+    except ValueError:  # "08": not octal
+        return None
+    *leading, last = numbers
+    if any(number > 255 for number in leading) or last >= 256 ** (5 - len(numbers)):
+        return None
+    return str(ipaddress.IPv4Address(sum(n << 8 * (3 - i) for i, n in enumerate(leading)) + last))
 
 
 def _host_of(origin: str) -> str | None:
