@@ -24,6 +24,7 @@ from . import __version__
 from .config import (
     ATTENTION,
     BACKEND_OPTIONS,
+    DECIMAL_INTEGER,
     DEFAULT_ACTION_CLASSIFIER,
     DEFAULT_SAM,
     DENOISERS,
@@ -189,6 +190,14 @@ class WrapAtSpaces(argparse.HelpFormatter):
                              subsequent_indent=indent, break_on_hyphens=False)
 
 
+def whole_number(text: str) -> int:
+    """An integer option's value, in decimal digits: int() also reads "4_2" and "４２" as 42 (a typo passed as a
+    number), which the server's form fields refuse; one spelling for both."""
+    if not DECIMAL_INTEGER.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: write a whole number in decimal digits")
+    return int(text)
+
+
 class CommandParser(argparse.ArgumentParser):
     """argparse's parser with one-line errors that point to the command's --help (not a 20-line usage block
     first), an unknown option said by the command it was given to, and no abbreviated options (a script's
@@ -196,6 +205,7 @@ class CommandParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **{"allow_abbrev": False, "formatter_class": WrapAtSpaces, **kwargs})
+        self.register("type", int, whole_number)  # every `type=int` option, of every command and subcommand
         self._given: list[str] = []
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:

@@ -33,6 +33,9 @@ MAX_STEPS = 999
 # torch's CPU generator (the initial noise's, and the random weights') keeps a seed's low 32 bits: 2**32 would
 # repeat seed 0.
 MAX_SEED = 2**32 - 1
+# A whole number as people write it, for the command line and the server's form fields alike: not Python's
+# "4_2" and "４２" or pydantic's "10.0", each read as a number the user may not have meant.
+DECIMAL_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")
 # The largest working size a side (EditConfig.max_side, an export's image size, a benchmark's resolution): four
 # times SD1.5's 512 a side. Larger is a typo more likely than a use (an export at 1000000 px died allocating).
 MAX_WORKING_SIDE = 2048

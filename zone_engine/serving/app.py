@@ -41,7 +41,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from .. import __version__
-from ..config import MAX_SEED, SAMPLE_INSTRUCTION, EditConfig, parse_action
+from ..config import DECIMAL_INTEGER, MAX_SEED, SAMPLE_INSTRUCTION, EditConfig, parse_action
 from ..dual_step import padded_batch
 from ..errors import (
     CheckpointError,
@@ -377,7 +377,6 @@ LIVENESS_PATH = "/healthz"
 FORM_FIELDS = ("image", "instruction", "action", "steps", "seed", "return")
 OPTIONAL_FIELDS = ("action", "steps", "seed", "return")  # an empty instruction is said by FastAPI's check
 INTEGER_FIELDS = ("steps", "seed")
-DECIMAL_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")  # what a client means by a number; not pydantic's 1_0 or 10.0
 
 
 def check_form_fields(fields: Sequence[tuple[str, object]], query: Sequence[str] = ()) -> None:
