@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import huggingface_hub.constants
@@ -9,12 +10,18 @@ import pytest
 import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline
 
+import zone_engine.models
 from zone_engine.errors import CheckpointError, ConfigError
 from zone_engine.models import (
+    SAM_URLS,
     ActionClassifier,
+    build_random_components,
     build_sam,
     build_tiny_components,
+    build_tiny_tokenizer,
     build_tiny_unet,
+    check_same_unet,
+    checked_sam_type,
     load_action_classifier,
     load_ip2p,
     load_magicbrush_unet,
@@ -259,3 +266,178 @@ def test_the_torch_free_name_lists_match_the_models():
     from zone_engine.models import PRESETS, SAM_SIZES
 
     assert set(MODEL_SIZES) == set(PRESETS) and set(SAM_SIZES) == {*SAM_TYPES, "tiny"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and building, each test below shown to fail on a one-line change to models.py (a mutation audit).
+
+
+def test_sam_sizes_build_segment_anythings_own_architectures():
+    """A real SAM checkpoint loads only into the architecture it was trained as, and the tests' own checkpoints
+    come from build_sam itself, so a wrong number in SAM_SIZES or build_sam (window size, global layers, norm
+    eps, pixel statistics) passed every other test. Built on the meta device: no weights are allocated."""
+    from segment_anything import sam_model_registry
+
+    for name in ("vit_h", "vit_l", "vit_b"):
+        with torch.device("meta"):
+            ours, theirs = build_sam(name), sam_model_registry[name]()
+        assert str(ours) == str(theirs), name
+        shapes = [{key: value.shape for key, value in sam.state_dict().items()} for sam in (ours, theirs)]
+        assert shapes[0] == shapes[1], name
+        assert torch.equal(ours.pixel_mean.cpu(), theirs.pixel_mean.cpu())
+        assert torch.equal(ours.pixel_std.cpu(), theirs.pixel_std.cpu())
+
+
+class _RunsCode:
+    """A pickle payload that creates a file when unpickled: what a tampered checkpoint could run instead."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (self.marker.touch, ())
+
+
+def test_checkpoints_are_read_without_running_pickled_code(tmp_path):
+    """SAM and the action classifier come from downloaded .pth files: torch.load must keep weights_only=True,
+    so a checkpoint that carries code is refused as unreadable instead of run."""
+    marker = tmp_path / "code-ran"
+    loaders = (("sam_vit_b_tampered.pth", load_sam), ("classifier.pth", lambda path: load_action_classifier(path, 32)))
+    for name, load in loaders:
+        torch.save({"weight": _RunsCode(marker)}, tmp_path / name)
+        with pytest.raises(CheckpointError, match="cannot read"):
+            load(tmp_path / name)
+        assert not marker.exists(), name
+
+
+def test_an_unreadable_sam_checkpoint_points_to_its_own_types_download(tmp_path):
+    """A corrupt vit_l file must be downloaded again from vit_l's address, not vit_h's (the default's)."""
+    corrupt = tmp_path / "sam_vit_l_partial.pth"
+    corrupt.write_bytes(b"cut off")
+    with pytest.raises(CheckpointError, match="download it again from " + re.escape(SAM_URLS["vit_l"])):
+        load_sam(corrupt)
+
+
+def test_a_sam_checkpoint_of_the_wrong_shape_is_said_in_one_line(tmp_path, monkeypatch):
+    """Missing keys (RuntimeError) and a checkpoint that is not a state dict at all (TypeError) are both
+    CheckpointErrors of one line, naming the type and the option; the tiny SAM stands in for vit_b."""
+    build = zone_engine.models.build_sam
+    monkeypatch.setattr(zone_engine.models, "build_sam", lambda model_type: build("tiny"))
+    state = build("tiny").state_dict()
+    state.pop("mask_decoder.iou_token.weight")
+    for name, contents in (("sam_vit_b_partial.pth", state), ("sam_vit_b_list.pth", [1, 2, 3])):
+        torch.save(contents, tmp_path / name)
+        with pytest.raises(CheckpointError, match=f"{name} is not a SAM vit_b checkpoint .*check --sam-type") as caught:
+            load_sam(tmp_path / name)
+        assert "\n" not in str(caught.value)
+
+
+def test_the_sam_type_is_read_from_the_option_or_the_file_name_alone(tmp_path):
+    """The option is read as typed in a config file (spaces, any case; empty means "from the name"); the name of
+    the folder holding the file says nothing; an unknown type names the caller's own option."""
+    assert sam_type_from_path(tmp_path / "vit_l" / "weights.pth") is None
+    assert sam_type_from_path(tmp_path / "vit_l" / "sam_vit_b_01ec64.pth") == "vit_b"
+    assert checked_sam_type(" Vit_B\n") == "vit_b"
+    assert checked_sam_type("") is None and checked_sam_type("  ") is None and checked_sam_type(None) is None
+    with pytest.raises(ConfigError, match="unknown SAM type 'vit_x': --model-type TYPE takes vit_h"):
+        checked_sam_type("vit_x", "--model-type TYPE")
+
+
+def test_a_magicbrush_unet_must_match_in_config_and_in_weight_shapes():
+    """transformer_layers_per_block is not among the compared config keys but changes the weights' shapes: the
+    shape comparison must catch it; a compared key that differs is named."""
+    from diffusers import UNet2DConditionModel
+
+    reference = build_tiny_unet()
+    deeper = UNet2DConditionModel(**{**reference.config, "transformer_layers_per_block": 2})
+    with pytest.raises(CheckpointError, match=r"at 'mb' does not match .*\(state-dict shapes differ\)"):
+        check_same_unet(reference, deeper, "mb")
+    wider = UNet2DConditionModel(**{**reference.config, "cross_attention_dim": 48})
+    with pytest.raises(CheckpointError, match=r"\(config differs in cross_attention_dim\)"):
+        check_same_unet(reference, wider, "mb")
+
+
+def test_moving_the_models_casts_the_diffusion_networks_only_and_keeps_the_vae_contiguous(tiny_models, monkeypatch):
+    """to(device, dtype): text encoder, VAE and UNets in `dtype`; SAM and the action classifier stay fp32 (the mask
+    generator's thresholds are tuned on fp32 scores); by default the VAE stays contiguous even where the UNets go
+    channels-last (as on CUDA in half precision, stood in for here)."""
+    import copy
+
+    models = copy.deepcopy(tiny_models)
+    monkeypatch.setattr(zone_engine.models, "unets_channels_last", lambda *args: True)
+    models.to(torch.device("cpu"), torch.bfloat16)
+    for name in ("text_encoder", "vae", "ip2p_unet", "mb_unet"):
+        assert {p.dtype for p in getattr(models, name).parameters()} == {torch.bfloat16}, name
+    for net in (models.sam, models.action_classifier):
+        assert {p.dtype for p in net.parameters()} == {torch.float32}
+    conv = {name: next(m for m in getattr(models, name).modules() if isinstance(m, torch.nn.Conv2d))
+            for name in ("vae", "ip2p_unet", "mb_unet")}
+    assert conv["ip2p_unet"].weight.is_contiguous(memory_format=torch.channels_last)
+    assert conv["mb_unet"].weight.is_contiguous(memory_format=torch.channels_last)
+    assert conv["vae"].weight.is_contiguous()
+
+
+def test_random_components_check_their_names_and_build_the_sam_asked_for(monkeypatch):
+    """The benchmarks' builder: unknown names are ConfigErrors (not KeyErrors), and sam_type is the SAM built."""
+    with pytest.raises(ConfigError, match="unknown model preset 'sd14'"):
+        build_random_components("sd14")
+    with pytest.raises(ConfigError, match="unknown SAM type 'vit_x'"):
+        build_random_components("tiny", sam_type="vit_x")
+    build, built = zone_engine.models.build_sam, []
+    monkeypatch.setattr(zone_engine.models, "build_sam", lambda model_type: built.append(model_type) or build("tiny"))
+    build_random_components("tiny", sam_type="vit_l")
+    assert built == ["vit_l"]
+
+
+def test_a_damaged_model_folder_under_home_is_said_as_a_folder(tmp_path, monkeypatch):
+    """`--ip2p=~/ip2p` (bash leaves the ~): a damaged folder there is "cannot load from the folder", not "not
+    found"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ip2p").mkdir()
+    (tmp_path / "ip2p" / "model_index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="cannot load InstructPix2Pix from the folder '~/ip2p'"):
+        load_ip2p("~/ip2p")
+
+
+def test_magicbrush_loads_without_its_own_text_encoder_and_vae(saved, tmp_path):
+    """ZONE uses IP2P's text encoder and VAE for both trajectories, so MagicBrush's copies are never loaded: a
+    MagicBrush folder without them (downloaded with only its UNet) loads."""
+    root, models = saved
+    partial = tmp_path / "magicbrush"
+    shutil.copytree(root / "magicbrush", partial, ignore=shutil.ignore_patterns("text_encoder", "vae"))
+    unet = load_magicbrush_unet(str(partial), load_ip2p(str(root / "ip2p")))
+    assert_same_weights(unet, models.mb_unet)
+
+
+def test_locating_a_hub_id_never_downloads(monkeypatch):
+    """Nothing here downloads: the presence check asks the local cache only, whatever HF_HUB_OFFLINE says."""
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: calls.append(kwargs) or "/x")
+    locate_model("InstructPix2Pix", "someone/model", "timbrooks/instruct-pix2pix", "--ip2p")
+    assert calls == [{"local_files_only": True}]
+
+
+def test_load_pretrained_loads_the_diffusion_networks_in_the_dtype_asked(saved):
+    """Both pipelines are read in `dtype` (a fp16 load holds half the memory), MagicBrush's UNet too."""
+    root, _ = saved
+    with pytest.warns(UserWarning, match="keyword rule"):
+        models = load_pretrained(str(root / "ip2p"), str(root / "magicbrush"), None, dtype=torch.bfloat16)
+    for name in ("text_encoder", "vae", "ip2p_unet", "mb_unet"):
+        assert next(getattr(models, name).parameters()).dtype == torch.bfloat16, name
+
+
+def test_a_folder_given_as_the_action_classifier_is_not_found_before_anything_loads(tmp_path):
+    """A folder is not the classifier's file: said by the presence check, before the models load."""
+    with pytest.raises(CheckpointError, match="action classifier not found"):
+        load_action_classifier(tmp_path, 32)
+
+
+def test_the_tiny_tokenizer_knows_every_printable_character():
+    """Its vocabulary is CLIP's byte alphabet: any instruction tokenizes without unknown tokens (CLIP's unknown
+    token is its end token)."""
+    tokenizer = build_tiny_tokenizer()
+    text = "".join(map(chr, range(ord("!"), ord("~") + 1))) + " é¡ÿ"
+    ids = tokenizer(text).input_ids
+    assert tokenizer.eos_token_id not in ids[1:-1]

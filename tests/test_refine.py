@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from zone_engine.config import EditConfig, SamConfig
+from zone_engine.masks import iou
 from zone_engine.refine import (
     ListSegmenter,
     Refinement,
@@ -107,6 +108,14 @@ def test_refine_picks_best_segment_and_drops_small_components(size):
     assert refined.mask_f.dtype == bool
     np.testing.assert_array_equal(refined.mask_f, best)
     assert refined.iou == pytest.approx(brute_force_best(mask_b, segments)[1])
+
+
+def test_an_empty_segment_is_no_match_for_an_empty_mask_b():
+    """Two empty masks have IoU 0 here (the benchmark's comparison counts them as agreeing; a selection must
+    not): an empty M_b would otherwise 'match' an empty segment and paste nothing, instead of falling back."""
+    empty = np.zeros((16, 24), dtype=bool)
+    assert iou(empty, empty) == 0.0
+    assert best_segment_index(empty, [empty.copy(), rectangle(16, 24, 2, 2, 8, 8)]) == (None, 0.0)
 
 
 @pytest.mark.parametrize("segments", [[], "disjoint"], ids=["empty", "no-overlap"])
