@@ -3,6 +3,7 @@ computes what the engine computes (ZONE.md), by the reference's road."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -19,17 +20,37 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from zone_benchmarks import harness, measure
-from zone_benchmarks.baseline import STORED_MAX_QUERIES, ReferenceStyleZone
+from zone_benchmarks.baseline import (
+    STORED_MAX_QUERIES,
+    AttentionStore,
+    ReferenceStyleZone,
+    drop_small_components,
+    get_finemask_everything,
+    subtract_fft_images,
+)
 from zone_benchmarks.harness import run_benchmark
 from zone_benchmarks.measure import Deadline, OutOfTime
 from zone_benchmarks.options import PRESETS
 from zone_benchmarks.options import bench_main as main
 from zone_benchmarks.options import parse_bench_args as parse_args
-from zone_benchmarks.report import REST_OF_TOTAL, chart_segments, layout, markdown, write_reports
+from zone_benchmarks.report import (
+    REST_OF_TOTAL,
+    agreement_table,
+    batched_table,
+    chart_segments,
+    floor_lines,
+    format_bytes,
+    format_seconds,
+    layout,
+    markdown,
+    stage_table,
+    write_reports,
+)
 from zone_engine import Action, EditConfig, SamConfig, ZonePipeline, backends, pipeline
 from zone_engine.denoise import BatchDenoiser
 from zone_engine.image_io import make_sample_image, working_geometry
 from zone_engine.pipeline import STAGES
+from zone_engine.timing import Stopwatch
 
 INSTRUCTION = "make the dog a golden statue"
 
@@ -889,3 +910,276 @@ def test_a_summary_is_the_median_and_quartiles_of_its_samples():
     assert (summary["median"], summary["q1"], summary["q3"], summary["min"], summary["max"], summary["n"]) == (
         2.0, 1.5, 6.0, 1.0, 10.0, 3)
     assert measure.summarize([])["median"] is None
+
+
+# ------------------------------------------------------------------ the measured figures, by their definitions
+
+
+def test_step_clock_gives_each_steps_own_seconds_and_each_loop_its_own_marks(monkeypatch):
+    """per_step is the median of each step's own seconds: seconds counted from the loop's start, or marks left
+    over from the previous edit's loop, would report a slower step (and a wrong step count) for every row."""
+    clock = measure.StepClock(torch.device("cpu"))
+    now = iter([10.0, 11.0, 13.0, 50.0, 54.0])
+    with monkeypatch.context() as patched:
+        patched.setattr(measure.time, "perf_counter", lambda: next(now))
+        clock.start()
+        clock.tick(0)
+        clock.tick(1)
+        first = clock.seconds()
+        clock.start()  # the next edit's loop
+        clock.tick(0)
+    assert first == [1.0, 2.0] and clock.seconds() == [4.0]
+
+
+def test_peak_memory_is_the_largest_resident_set_sampled(monkeypatch):
+    """The CPU's peak memory column: the largest sample, not the last; of the resident set (statm's second field),
+    which stays within the process's peak (getrusage's KiB, as bytes), not of the address space."""
+    # The kernel's peak may lag the live count by a few pages; the address space is several times the resident set.
+    assert 0 < measure._current_rss_bytes() <= 1.25 * measure.process_peak_rss_bytes()
+    samples, done = iter([300, 900, 200]), []
+
+    def rss() -> int:
+        value = next(samples, None)
+        if value is None:
+            done.append(True)
+            return 100
+        return value
+
+    monkeypatch.setattr(measure, "_current_rss_bytes", rss)
+    with measure.PeakMemory(torch.device("cpu"), interval_s=0.001) as peak:
+        for _ in range(5000):  # until the sampler has seen every sample (a few ms)
+            if done:
+                break
+            time.sleep(0.001)
+    assert done and peak.peak_bytes == 900 and peak.report()["kind"] == "process_rss_sampled"
+
+
+def test_the_matmul_ceiling_is_the_best_products_rate_after_untimed_warm_up(monkeypatch):
+    """The floor divides by this ceiling: 2 n³ FLOPs over the fastest product (the median beside it), timed only
+    after three warm-up products (a first product's one-off costs would lower the ceiling)."""
+    events, mm = [], torch.mm
+    now = iter([0.0, 1.0, 10.0, 14.0, 20.0, 22.0])  # products of 1 s, 4 s and 2 s
+    with monkeypatch.context() as patched:
+        patched.setattr(measure.torch, "mm", lambda a, b: events.append("mm") or mm(a, b))
+        patched.setattr(measure.time, "perf_counter", lambda: events.append("clock") or next(now))
+        ceiling = measure.matmul_peak(torch.device("cpu"), torch.float32, repeats=3, size=2)
+    assert ceiling == {"dtype": "float32", "n": 2, "flops_per_s": 16.0, "median_flops_per_s": 8.0}
+    assert events[:4] == ["mm", "mm", "mm", "clock"]
+
+
+def test_engine_and_baseline_outputs_are_compared_pixel_for_pixel():
+    """The agreement columns: uint8 differences taken without wrapping (1 - 2 is 1 level, not 255) and two empty
+    masks agreeing fully."""
+    a, b = np.array([[1, 200]], np.uint8), np.array([[2, 190]], np.uint8)
+    assert harness._max_diff(a, b) == 10 and harness._max_diff(a, a) == 0
+    assert harness._max_diff(np.array([1], np.uint8), np.array([2], np.uint8)) == 1
+    empty = np.zeros((2, 2), bool)
+    assert harness._iou(empty, empty) == 1.0
+    assert harness._iou(np.array([1, 1, 0, 0], bool), np.array([0, 1, 1, 0], bool)) == pytest.approx(1 / 3)
+
+
+# ----------------------------------------------------------------------------------------------- the report
+
+
+def _summary(median: float, low: float, high: float, n: int = 2) -> dict:
+    return {"n": n, "median": median, "min": low, "max": high, "q1": (low + median) / 2, "q3": (median + high) / 2}
+
+
+def test_the_report_says_each_figure_in_its_unit_and_its_own_column():
+    """The markdown is what people read: a median's spread as min–max (not the quartiles), a speed-up as the
+    record's ratio, seconds, GiB and TFLOP/s in their units, and every agreement figure under its own header."""
+    assert (format_seconds(12.34), format_seconds(1.5), format_seconds(0.0123), format_seconds(2e-5)) == (
+        "12.3 s", "1.50 s", "12.3 ms", "20 µs")
+    assert format_bytes(3 * 2**30) == "3.00 GiB"
+    stages = {column: _summary(0.5, 0.25, 1.0) for column in (*STAGES, "total")}
+    stages["total"] = _summary(2.0, 1.0, 4.0)
+    run = {"name": "engine:fused", "dtype": "fp32", "stages": stages, "per_step": _summary(0.1, 0.05, 0.2, n=4),
+           "per_step_source": "marks", "peak_memory": {"bytes": 2**31, "label": "peak"},
+           "throughput": {"edits_per_s": 0.5, "label": "edits"}}
+    row = next(line for line in stage_table({"runs": [run], "speedup": {"engine:fused": 2.0}})
+               if line.startswith("| engine:fused"))
+    assert "| 2.00 s [1.00 s–4.00 s] | 2.00× | 2.00 GiB | 0.5 |" in row
+    assert "| 100.0 ms [50.0 ms–200.0 ms] |" in row  # per_step's over all the steps
+    single = {**run, "stages": {**stages, "total": _summary(2.0, 2.0, 2.0, n=1)}}
+    assert "| 2.00 s | 2.00× |" in next(line for line in stage_table({"runs": [single], "speedup": {
+        "engine:fused": 2.0}}) if line.startswith("| engine:fused"))
+
+    quality = {"dtype": "fp32", "max_pixel_diff_image": 7, "max_pixel_diff_styled": 1, "iou_mask_b": 0.5,
+               "mask_b_identical": False, "iou_mask_f": 0.25, "iou_region": 0.125, "used_fallback": False,
+               "baseline_used_fallback": True}
+    lines = agreement_table({"quality": {"engine:fused": quality}, "parity": {"name": "engine:fused", **quality}})
+    assert "| engine:fused | fp32 | 7 | 1 | 0.5000 | False | 0.2500 | 0.1250 | False / True |" in lines
+    assert lines[-1] == ("fp32 parity (engine:fused): max pixel difference 7 (image), 1 (styled); IoU M_b 0.5000, "
+                         "M_f 0.2500.")
+
+    ceiling = {"dtype": "float32", "flops_per_s": 2e12, "measured_flops_per_s": {"before": 2e12, "after": 1e12},
+               "denoise_floor_s": 4.0, "step_floor_s": 0.2, "gap": {"engine:fused": 1.5}}
+    floor = {"unet_gflop_per_row": 800.0, "rows_per_step": 6, "denoise_tflop": 96.0, "ceilings": [ceiling]}
+    (line,) = floor_lines({"floor": floor, "config": {"steps": 20}})[-1:]
+    assert line.startswith("- measured float32 matmul 2 TFLOP/s (best of 2 before the edits and 1 after) → floor "
+                           "4.00 s per edit (200.0 ms per step); denoise measured / floor: engine:fused 1.5×")
+
+    batched = {"batch": 4, "edits_per_s": 2.5, "wall_s_per_batch": _summary(1.6, 1.5, 1.7), "per_step": None,
+               "peak_memory": None, "speedup_vs_sequential": 5.0, "denoised_as_one_batch": True,
+               "first_vs_sequential": {"max_pixel_diff_image": 0, "max_pixel_diff_styled": 1}, "label": "batched: x"}
+    (row,) = [line for line in batched_table({"runs": [{**run, "batched_throughput": batched}]})
+              if line.startswith("| engine:fused")]
+    assert row.startswith("| engine:fused (fp32) | 0.5 | 2.5 | 1.60 s [1.50 s–1.70 s] | – | 5.00× |")
+
+
+# ---------------------------------------------------------------------------- the baseline's pieces, alone
+
+
+def test_the_attention_store_keeps_maps_up_to_32_squared_queries_and_the_empty_prompt_rows():
+    """The reference keeps every map with at most 32² queries (its cost at 512², where one level has exactly
+    32²): `<` would drop that level and make the baseline cheaper than the reference; P[heads:] are the
+    empty-prompt rows the localisation reads."""
+    heads, store = 2, AttentionStore()
+    store.num_att_layers = 2
+    first, second = torch.rand(3 * heads, STORED_MAX_QUERIES, 5), torch.rand(3 * heads, STORED_MAX_QUERIES, 5)
+    kept, mean = first[heads:].clone(), (first[heads:] + second[heads:]) / 2
+    store(first, True, "up", heads)
+    store(torch.rand(3 * heads, STORED_MAX_QUERIES + 1, 5), False, "down", heads)
+    assert store.cur_step == 1 and store.stored_layer_count() == 1
+    assert torch.equal(store.attention_store["up_cross"][0], kept)
+    store(second, True, "up", heads)
+    store(torch.rand(3 * heads, STORED_MAX_QUERIES + 1, 5), False, "down", heads)
+    assert torch.allclose(store.average()["up_cross"][0], mean)  # the running sum over the steps, averaged
+
+
+def test_small_components_are_those_under_the_area_by_4_connectivity():
+    """ZONE.md's fixed rule the engine implements: a 4-connected component of fewer than 64 pixels goes, one of
+    64 stays; two blocks touching at a corner are two components."""
+    mask = np.zeros((40, 40), np.uint8)
+    mask[0:8, 0:8] = 255  # 64 pixels: kept
+    mask[20:27, 0:9] = 255  # 63 pixels: dropped
+    mask[20:26, 20:26] = 255  # 36 + 36 pixels meeting at a corner: dropped, each under 64
+    mask[26:32, 26:32] = 255
+    expected = np.zeros_like(mask)
+    expected[0:8, 0:8] = 255
+    assert np.array_equal(drop_small_components(mask), expected)
+
+
+def test_the_fine_mask_is_the_first_best_segment_or_the_rough_mask_when_none_overlaps(monkeypatch):
+    """As the engine: the segment with the best IoU with M_b (the first of equals), else M_b itself, flagged."""
+    import segment_anything
+
+    rough = np.zeros((16, 16), np.uint8)
+    rough[0:8, 0:16] = 255
+    first, second, apart = (np.zeros((16, 16), bool) for _ in range(3))
+    first[0:8, 0:8] = True  # IoU 0.5
+    second[0:8, 8:16] = True  # IoU 0.5 too
+    apart[8:16, :] = True
+    segments = []
+
+    class Generator:
+        def __init__(self, sam, **settings):
+            pass
+
+        def generate(self, image):
+            return [{"segmentation": segmentation} for segmentation in segments]
+
+    monkeypatch.setattr(segment_anything, "SamAutomaticMaskGenerator", Generator)
+    config = EditConfig(min_region_area=0)
+    segments[:] = [apart, first, second]
+    fine, fell_back = get_finemask_everything(rough, rough, None, config)
+    assert np.array_equal(fine, first.astype(np.uint8) * 255) and not fell_back
+    segments[:] = [apart]
+    fine, fell_back = get_finemask_everything(rough, rough, None, config)
+    assert np.array_equal(fine, rough) and fell_back
+
+
+def test_the_fft_region_is_where_the_lumas_differ_by_more_than_the_threshold():
+    """With the disc keeping every frequency (default radius, small images) E = |S - G|: R is where it is above
+    30, not where it equals it. A small disc is centred on the zero frequency (rows/2, cols/2): on a wide image a
+    disc at (cols/2, rows/2) misses it, and a uniform difference gives no region."""
+    config = EditConfig(close_kernel=1)
+    styled, original = np.zeros((40, 60, 3), np.uint8), np.zeros((40, 60, 3), np.uint8)
+    styled[5:15, 5:15] = config.fft_threshold + 1
+    styled[25:35, 40:50] = config.fft_threshold
+    expected = np.zeros((40, 60), np.uint8)
+    expected[5:15, 5:15] = 255
+    assert np.array_equal(subtract_fft_images(styled, original, config), expected)
+    uniform = np.full((20, 60, 3), 100, np.uint8)
+    region = subtract_fft_images(uniform, np.zeros_like(uniform), config.replace(fft_radius=2))
+    assert (region == 255).all()
+
+
+def test_baseline_times_each_stage_around_its_own_work(pipe, baseline, monkeypatch):
+    """The speed-ups divide these times: the VAE decode timed as refinement, the classifier's cost skipped, a
+    step clock never started, the per-step cache frees left out or a total that is the stages' sum (not the
+    edit's wall time) would each change a ratio and no output. SAM is stubbed: its cost is not the point here."""
+    from types import SimpleNamespace
+
+    import zone_benchmarks.baseline as reference_style
+
+    running, seen = [], []
+
+    class Watch(Stopwatch):  # one second a stage; records which stage is running
+        @contextlib.contextmanager
+        def __call__(self, stage):
+            running.append(stage)
+            try:
+                yield
+            finally:
+                running.pop()
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + 1.0
+
+    def spy(name, work):
+        def called(*args, **kwargs):
+            seen.append((name, running[-1] if running else None))
+            return work(*args, **kwargs)
+        return called
+
+    vae, unet = type(baseline.ip2p_pipe.vae), type(baseline.ip2p_pipe.unet)
+    monkeypatch.setattr(reference_style, "Stopwatch", Watch)
+    monkeypatch.setattr(reference_style, "time", SimpleNamespace(perf_counter=iter([100.0, 130.0]).__next__))
+    monkeypatch.setattr(reference_style, "get_finemask_everything", spy("sam", lambda rough, *_: (rough, False)))
+    for module, name in ((reference_style, "show_diff_cross_attention"), (reference_style, "paste_region"),
+                         (vae, "encode"), (vae, "decode"), (unet, "forward"), (ReferenceStyleZone, "encode_prompt"),
+                         (ReferenceStyleZone, "classify"), (torch.cuda, "empty_cache")):
+        monkeypatch.setattr(module, name, spy(name, getattr(module, name)))
+    ticks = []
+    clock = SimpleNamespace(start=lambda: ticks.append("start"), tick=ticks.append)
+    config = pipe.default_config.replace(steps=1, action=Action.CHANGE)
+    result = baseline.edit(make_sample_image(32, 32), INSTRUCTION, config, step_clock=clock)
+
+    assert result.timings == {**{stage: 1.0 for stage in STAGES}, "total": 30.0}
+    assert ticks == ["start", 0]
+    assert sorted(set(seen)) == sorted({
+        ("encode_prompt", "text"), ("classify", "action"), ("encode", "vae_encode"), ("forward", "denoise"),
+        ("empty_cache", "denoise"), ("show_diff_cross_attention", "localize"), ("decode", "vae_decode"),
+        ("sam", "refine"), ("paste_region", "blend")})
+    assert seen.count(("forward", "denoise")) == 2 and seen.count(("empty_cache", "denoise")) == 1  # both UNets
+
+
+def test_the_presets_measure_what_the_recorded_results_say():
+    """README and RESULTS.md quote runs of these presets (cpu-256: 256², 20 steps, fp32, SAM vit_b at 32² points,
+    two rounds; gpu-512: 512², 20 steps, fp16, vit_h): a preset changed silently makes a new run incomparable
+    with them, and CPU presets must leave out the backends whose first edit builds for minutes."""
+    def settings(name):
+        preset = PRESETS[name]
+        return (preset.models, preset.resolution, preset.steps, preset.dtype, preset.sam_type,
+                preset.sam.points_per_side, preset.repeats, preset.warmup, preset.device, preset.batch, preset.seed)
+
+    assert settings("tiny-smoke") == ("tiny", 64, 2, "fp32", "tiny", 8, 1, 0, "cpu", 2, 42)
+    assert settings("cpu-smoke") == ("sd15", 128, 2, "fp32", "vit_b", 4, 1, 0, "cpu", 1, 42)
+    assert settings("cpu-256") == ("sd15", 256, 20, "fp32", "vit_b", 32, 2, 0, "cpu", 1, 42)
+    assert settings("gpu-512") == ("sd15", 512, 20, "fp16", "vit_h", 32, 5, 1, "cuda", 4, 42)
+    assert settings("gpu-throughput") == ("sd15", 512, 20, "fp16", "vit_h", 32, 16, 2, "cuda", 8, 42)
+    for name in ("tiny-smoke", "cpu-smoke", "cpu-256"):
+        assert not {"compile", "tensorrt"} & set(PRESETS[name].backends)
+
+
+def test_each_option_changes_its_own_setting():
+    """Options that were read but never reached the config would leave the preset's value in the run, and the
+    report would say what was asked, not what ran."""
+    config = parse_args(["--models", "tiny", "--sam-points", "8", "--sam-precision", "none", "--seed", "7",
+                         "--compare-group-norm", "--steps", "3", "--warmup", "2"])
+    assert (config.models, config.sam_type, config.sam.points_per_side, config.sam_precision, config.seed,
+            config.compare_group_norm, config.steps, config.warmup) == ("tiny", "tiny", 8, None, 7, True, 3, 2)
+    assert config.sam.pred_iou_thresh == PRESETS["cpu-smoke"].sam.pred_iou_thresh  # only the points changed
+    assert parse_args(["--models", "tiny", "--sam-type", "vit_b"]).sam_type == "vit_b"
+    assert not parse_args(["--preset", "gpu-512", "--no-compare-group-norm"]).compare_group_norm
+    assert parse_args(["--preset", "gpu-512", "--sam-precision", "fp16"]).sam_precision == "fp16"
+    assert parse_args(["--preset", "gpu-512", "--channels-last"]).channels_last  # half precision: allowed
