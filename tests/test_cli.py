@@ -1679,3 +1679,207 @@ def test_help_wraps_at_spaces_so_a_wrapped_option_or_command_can_be_copied(page,
     out = capsys.readouterr().out
     assert stop.value.code == 0 and "usage:" in out
     assert not [line for line in out.splitlines() if re.search(r"[A-Za-z]-$", line)], out
+
+
+# --- What a command line means beyond parsing: defaults, values passed on, exit codes (found by mutation testing) ---
+
+
+def _edits_asked(monkeypatch, argv) -> dict:
+    """main(argv) with edit_all replaced: what `zone edit` / `zone batch` would run, no model built."""
+    from zone_engine import cli
+
+    asked = {}
+
+    def edit_all(jobs, build, changes, batch_size, progress, several, report=None, append=False):
+        asked.update(outputs=[job.output.name for job in jobs], changes=changes, batch_size=batch_size,
+                     progress=progress, several=several, report=report, append=append)
+
+    monkeypatch.setattr(cli, "edit_all", edit_all)
+    assert main(argv) == 0
+    return asked
+
+
+def test_edit_defaults_are_those_its_help_names(photo, tmp_path, monkeypatch):
+    """No option given: the engine's own steps and seed, the classified action, the reference M_b rule, one edit
+    at a time with a progress bar, and a pipeline of PipelineSpec's defaults (a default drifting in argparse alone,
+    e.g. --cuda-graphs off or --sam-precision bf16, would change every edit without a word)."""
+    from zone_engine.cli import _pipeline_spec, build_parser
+    from zone_engine.serving.settings import PipelineSpec
+
+    asked = _edits_asked(monkeypatch, ["edit", str(photo), "-i", "add a hat", "-o", str(tmp_path / "o.png"), "--tiny"])
+    assert asked == {"outputs": ["o.png"], "changes": {"action": None, "threshold_rule": "reference"},
+                     "batch_size": 1, "progress": True, "several": False, "report": None, "append": False}
+    for command in (["edit", "x.png", "-i", "x", "-o", "y.png"], ["serve"]):
+        assert _pipeline_spec(build_parser().parse_args(command)) == PipelineSpec(), command
+
+
+def test_edit_options_given_reach_the_run_and_the_pipeline(photo, tmp_path, monkeypatch):
+    """--seed 0 is a seed (not "none given": the default 42 ran instead); two images are several edits (each one's
+    failure said, the others written); --device, --dtype and --sam-type reach the pipeline built."""
+    from zone_engine.cli import _pipeline_spec, build_parser
+
+    Image.open(photo).save(tmp_path / "second.png")
+    asked = _edits_asked(monkeypatch, ["edit", str(photo), str(tmp_path / "second.png"), "-i", "add a hat", "-o",
+                                       str(tmp_path / "out"), "--tiny", "--seed", "0", "--steps", "3", "--action",
+                                       "remove", "--batch-size", "2", "--no-progress"])
+    assert asked["changes"] == {"action": Action.REMOVE, "threshold_rule": "reference", "steps": 3, "seed": 0}
+    assert (asked["outputs"], asked["batch_size"], asked["progress"], asked["several"]) == (
+        ["photo.png", "second.png"], 2, False, True)
+    spec = _pipeline_spec(build_parser().parse_args(["edit", "x.png", "-i", "x", "-o", "y.png", "--device", "cuda:1",
+                                                     "--dtype", "fp16", "--random-weights", "sd15", "--sam-type",
+                                                     "vit_h"]))
+    assert (spec.device, spec.dtype, spec.random_weights, spec.sam_type) == ("cuda:1", "fp16", "sd15", "vit_h")
+
+
+def test_skip_existing_says_what_it_left_out_and_keeps_the_reports_lines(photo, tmp_path, monkeypatch, capsys):
+    """The edits whose output is there are left out and said in one line (none said when none is there); the
+    report is added to, not written over, so the lines of the edits done before stay."""
+    names = ["photo.png", "second.png", "third.png"]
+    for name in names[1:]:
+        Image.open(photo).save(tmp_path / name)
+    argv = ["edit", *(str(tmp_path / name) for name in names), "-i", "add a hat", "-o", str(tmp_path / "out"),
+            "--tiny", "--skip-existing"]
+    assert _edits_asked(monkeypatch, argv)["outputs"] == names
+    assert "--skip-existing" not in capsys.readouterr().err
+    (tmp_path / "out").mkdir(exist_ok=True)
+    for name in names[1:]:
+        Image.open(photo).save(tmp_path / "out" / name)
+    asked = _edits_asked(monkeypatch, argv)
+    assert asked["outputs"] == ["photo.png"] and asked["append"] is True
+    assert capsys.readouterr().err.strip() == "--skip-existing: 2 of 3 edits left out, their outputs there"
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["export", "unet", "--tiny", "--out", "x", "--bogus"], "unrecognized arguments: --bogus (see zone export unet "
+     "--help)"),
+    ([], "required: COMMAND (see zone --help)"),
+    (["edit", "x.png", "-i", "a", "-o", "y.png", "--random-weights", "tiny"], "invalid choice: 'tiny'"),
+    (["serve", "--warmup-size", "0x512"], "height and width must be positive, got '0x512'"),
+    (["serve", "--warmup-size", "big"], "cannot read size 'big'"),
+    (["edit", "x.png", "-i", "a", "-o", "y.png", "--seed", "4_2"], "--seed: invalid value '4_2': write a whole number"),
+    (["serve", "--port", "\uff18\uff10"], "--port: invalid value '\uff18\uff10': write a whole number"),
+])
+def test_more_argument_errors_are_one_line_naming_the_help_to_read(capsys, argv, words):
+    """An export's unknown option points to `zone export unet --help`, not `zone export`'s; no command at all is
+    argparse's error, not an IndexError; --random-weights takes no `tiny` (that is --tiny); a --warmup-size that is
+    no size is said at parsing, not as a traceback or a zero-pixel warm-up; an integer in other than decimal digits
+    (int() reads "4_2" and full-width digits) is refused, as the server's form fields refuse it."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, err
+
+
+def test_a_required_option_missing_names_no_stdin_dash_as_an_option(capsys):
+    """`zone batch -` reads the list of edits from standard input: `-` is no misspelt option."""
+    with pytest.raises(SystemExit):
+        main(["batch", "-", "--tiny"])
+    err = capsys.readouterr().err
+    assert "required: -o/--output (see zone batch --help)" in err and "not an option" not in err, err
+
+
+def _served(monkeypatch, argv):
+    """main(argv) for `zone serve`, the server replaced: what it would listen on and serve with."""
+    from zone_engine import cli
+    from zone_engine.serving.settings import PipelineSpec
+
+    served = []
+    monkeypatch.setattr(cli, "_check_listen_address", lambda host, port: None)  # binds nothing
+    monkeypatch.setattr(PipelineSpec, "build", lambda spec: None)  # no model built
+    monkeypatch.setattr("zone_engine.serving.run_server", lambda service, *where: served.append((service.settings,
+                                                                                                 where)))
+    assert main(argv) == 0
+    return served.pop()
+
+
+def test_serve_defaults_listen_on_this_machine_only(monkeypatch):
+    """--host's default is the loopback address (an unauthenticated API opened to the network by default would be
+    a hole), port 8000 and log level info as --help says; the limits are ServeSettings' defaults, the edits the
+    engine's default steps."""
+    from zone_engine.serving.settings import ServeSettings
+
+    settings, where = _served(monkeypatch, ["serve", "--tiny"])
+    assert where == ("127.0.0.1", 8000, "info")
+    assert settings == ServeSettings(edit_changes=(("action", None), ("threshold_rule", "reference"),
+                                                   ("steps", EditConfig.steps)))
+
+
+def test_serve_options_reach_the_server(monkeypatch):
+    """Each limit and edit default given to `zone serve` is the server's (a dropped one served the default)."""
+    settings, where = _served(monkeypatch, [
+        "serve", "--tiny", "--host", "127.0.0.2", "--port", "8123", "--log-level", "warning", "--max-batch", "2",
+        "--max-wait-ms", "5", "--queue-size", "8", "--timeout-s", "30", "--max-upload-mb", "2", "--max-pixels",
+        "1000000", "--max-steps", "50", "--image-threads", "3", "--no-warmup", "--warmup-size", "64x96",
+        "--warmup-size", "32X32", "--steps", "7", "--seed", "0", "--action", "add", "--threshold-rule", "paper",
+        "--allow-origin", "https://app.example.com"])
+    assert where == ("127.0.0.2", 8123, "warning")
+    assert (settings.max_batch, settings.max_wait_ms, settings.queue_size, settings.timeout_s, settings.max_upload_mb,
+            settings.max_pixels, settings.max_steps, settings.image_threads) == (2, 5.0, 8, 30.0, 2.0, 1000000, 50, 3)
+    assert settings.warmup is False and settings.warmup_sizes == ((64, 96), (32, 32))
+    assert settings.allow_origins == ("https://app.example.com",)
+    assert dict(settings.edit_changes) == {"action": Action.ADD, "threshold_rule": "paper", "steps": 7, "seed": 0}
+
+
+def test_serve_refuses_a_port_past_the_last_and_replicas_without_ray(capsys, monkeypatch):
+    monkeypatch.setattr("zone_engine.serving.run_server", lambda *_: pytest.fail("the server started"))
+    _fails_cleanly(capsys, ["serve", "--tiny", "--port", "65536"], "--port 65536 is not a TCP port (0..65535)")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--replicas", "0"], "--replicas is read with --ray only")
+
+
+@pytest.mark.parametrize(("module", "argv", "extra"), [
+    ("prometheus_client", ["serve", "--tiny"], "serve"), ("ray", ["serve", "--tiny", "--ray"], "ray")])
+def test_serve_without_its_extra_names_the_install_command(capsys, monkeypatch, module, argv, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # as on an install without it: find_spec finds nothing
+    monkeypatch.setattr("zone_engine.serving.run_server", lambda *_: pytest.fail("the server started"))
+    _fails_cleanly(capsys, argv, f"`zone serve` needs {module}: pip install 'zone-engine[{extra}]'")
+
+
+def test_serve_leaves_sigterm_to_the_server_and_demo_ends_on_it_with_143(capsys, monkeypatch):
+    """uvicorn handles SIGTERM itself (a graceful shutdown): `zone serve` must not have replaced its handler;
+    every other command, `zone demo` too, unwinds on it as on Ctrl-C (exit 128 + 15)."""
+    import signal
+    import time
+
+    from zone_engine import cli
+    from zone_engine.serving.settings import PipelineSpec
+
+    def unhandled(*_args):  # stands for the default action, which would end the test run itself
+        raise AssertionError("SIGTERM reached the handler from before the command")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        handlers = []
+        monkeypatch.setattr(cli, "_check_listen_address", lambda host, port: None)
+        monkeypatch.setattr(PipelineSpec, "build", lambda spec: None)
+        monkeypatch.setattr("zone_engine.serving.run_server",
+                            lambda *_: handlers.append(signal.getsignal(signal.SIGTERM)))
+        assert main(["serve", "--tiny"]) == 0 and handlers == [unhandled]
+
+        def terminated(args):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler's exception ends it at once
+
+        monkeypatch.setattr(cli, "run_demo", terminated)
+        assert main(["demo", "--out", "d"]) == 143 and capsys.readouterr().err.strip() == "terminated"
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_path_the_system_refuses_past_the_checks_is_one_error_line_and_exit_2(capsys, monkeypatch):
+    from zone_engine import cli
+
+    def refused(args):
+        raise OSError(36, "File name too long", "d/" + "a" * 300)
+
+    monkeypatch.setattr(cli, "run_demo", refused)
+    assert main(["demo", "--out", "d"]) == 2
+    assert capsys.readouterr().err == f"error: [Errno 36] File name too long: 'd/{'a' * 300}'\n"
+
+
+def test_the_libraries_log_level_set_by_the_user_is_kept(monkeypatch, capsys, tmp_path):
+    """DIFFUSERS_VERBOSITY / TRANSFORMERS_VERBOSITY given: kept (the user asked for that log); else errors only."""
+    monkeypatch.setenv("DIFFUSERS_VERBOSITY", "info")
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "0"]) == 2  # a command that stops at its checks
+    assert "--steps must be between" in capsys.readouterr().err
+    assert (os.environ["DIFFUSERS_VERBOSITY"], os.environ["TRANSFORMERS_VERBOSITY"]) == ("info", "error")
