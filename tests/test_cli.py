@@ -1826,6 +1826,15 @@ def test_serve_refuses_a_port_past_the_last_and_replicas_without_ray(capsys, mon
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--replicas", "0"], "--replicas is read with --ray only")
 
 
+def test_serve_refuses_a_batch_its_queue_cannot_fill_before_the_models_load(capsys, monkeypatch):
+    """Said at once, not after minutes of loading checkpoints (the service checks it again when made)."""
+    from zone_engine.serving.settings import PipelineSpec
+
+    monkeypatch.setattr(PipelineSpec, "build", lambda spec: pytest.fail("the models were loaded"))
+    _fails_cleanly(capsys, ["serve", "--tiny", "--max-batch", "16", "--queue-size", "8"],
+                   "--max-batch 16 is above --queue-size 8: such a batch could never fill")
+
+
 @pytest.mark.parametrize(("module", "argv", "extra"), [
     ("prometheus_client", ["serve", "--tiny"], "serve"), ("ray", ["serve", "--tiny", "--ray"], "ray")])
 def test_serve_without_its_extra_names_the_install_command(capsys, monkeypatch, module, argv, extra):
