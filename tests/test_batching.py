@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -300,3 +301,16 @@ def test_padded_batches_run_a_power_of_two_and_return_only_the_real_edits(tiny_m
         assert (g - e).abs().max() <= LATENT_TOLERANCE * e.abs().max()
     for g, e in zip(padded_attention, alone_attention, strict=True):
         assert g.rows == e.rows and torch.allclose(g.total, e.total, rtol=LATENT_TOLERANCE, atol=0)
+
+
+def test_denoise_refuses_any_used_edit_and_a_batch_of_two_keys(fused_pipe):
+    """A batch holding one edit denoised before (beside a fresh one) would mix that edit's two attention
+    records; edits of two batch keys (here two step counts) would all run the first one's steps."""
+    config = fused_pipe.default_config.replace(steps=1)
+    used = fused_pipe.prepare(smooth_image(64, 64, seed=3), "add a hat", config)
+    with pytest.raises(EditCancelled):
+        fused_pipe.denoise([used], stop=lambda: True)
+    with pytest.raises(ConfigError, match="denoised before"):
+        fused_pipe.denoise([used.restart(), used])
+    with pytest.raises(ConfigError, match="need one batch key"):
+        fused_pipe.denoise([used.restart(), replace(used.restart(), config=config.replace(steps=2))])

@@ -327,3 +327,42 @@ def test_the_blend_and_the_guidance_by_hand():
     # groups of 3 rows in turn: the second is (8, 4, 2) -> 2 + 7.5 * 4 + 1.5 * 2 = 35.
     eps = torch.tensor([4.0, 2.0, 1.0, 8.0, 4.0, 2.0]).view(6, 1, 1, 1)
     assert guided_noise(eps, 7.5, 1.5).view(-1).tolist() == [17.5, 35.0]
+
+
+def _solver_config(**changes):
+    defaults = {key: value for key, value in DPMSolverMultistepScheduler().config.items() if not key.startswith("_")}
+    return dict(defaults, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **changes)
+
+
+def test_the_fused_solver_refuses_a_scheduler_it_does_not_implement():
+    """The fused denoisers' solver is DPM-Solver++ 2M (midpoint, epsilon) without thresholding: a checkpoint
+    whose scheduler config asks for more is refused, not solved as if it had asked for none."""
+    assert solver_schedule(make_scheduler(_solver_config()), 4).steps == 4
+    for changes in ({"thresholding": True}, {"solver_type": "heun"}, {"prediction_type": "v_prediction"}):
+        with pytest.raises(ValueError, match=r"DPM-Solver\+\+ 2M"):
+            solver_schedule(make_scheduler(_solver_config(**changes)), 4)
+
+
+@pytest.mark.parametrize("last_step", ["euler_at_final", "final_sigma_zero"])
+def test_the_fused_solver_takes_a_first_order_last_step_where_the_scheduler_does(last_step):
+    """A scheduler config with euler_at_final (make_scheduler reads it from the checkpoint's config), or a
+    scheduler ending at sigma 0 (newer diffusers' default), ends on a first-order step even at 20 steps, as
+    diffusers' step() does: the fused solver follows it bit for bit (second order there, it ran off to inf)."""
+    def scheduler():
+        if last_step == "euler_at_final":
+            return make_scheduler(_solver_config(euler_at_final=True))
+        return DPMSolverMultistepScheduler.from_config(_solver_config(), final_sigmas_type="zero")
+
+    reference = scheduler()
+    reference.set_timesteps(20)
+    schedule = solver_schedule(scheduler(), 20)
+    assert schedule.correction_scale[-1].item() == 0 and schedule.correction_scale[-2].item() != 0
+    generator = torch.Generator().manual_seed(0)
+    z = z_reference = torch.randn(1, 4, 6, 5, generator=generator)
+    x0_previous = torch.zeros_like(z)
+    for i, t in enumerate(reference.timesteps):
+        eps = torch.randn(1, 4, 6, 5, generator=generator)
+        z_reference = reference.step(eps, t, z_reference, return_dict=False)[0]
+        x0 = data_prediction(schedule, torch.tensor([i]), z, eps)
+        z, x0_previous = solver_update(schedule, torch.tensor([i]), z, x0, x0_previous), x0
+    assert torch.equal(z, z_reference)

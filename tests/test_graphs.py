@@ -71,3 +71,14 @@ class TestOnGPU:
             union = (got.mask_b | expected.mask_b).sum()
             assert (got.mask_b & expected.mask_b).sum() >= 0.95 * union
         assert graphed.run.captures == 4  # text (with "" the same shape), masked text, VAE encode, decode
+
+
+def test_cuda_graphs_false_turns_them_off_even_on_cuda():
+    """cuda_graphs=False runs a CUDA pipeline's stages eagerly (a capture that misbehaves, a profiler that needs
+    the kernels): it must win over the CUDA default, which None keeps."""
+    from zone_engine.backends import uses_cuda_graphs
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert uses_cuda_graphs(cuda, None) and not uses_cuda_graphs(cpu, None)
+    assert not uses_cuda_graphs(cuda, False) and not uses_cuda_graphs(cpu, False)
+    assert uses_cuda_graphs(cuda, True)

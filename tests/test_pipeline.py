@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -523,3 +524,138 @@ def test_a_stopwatch_adds_up_a_stage_timed_twice_and_its_copy_goes_on_apart(monk
     with later("denoise"):
         pass
     assert watch.seconds == {"denoise": 5.0} and later.seconds == {"denoise": 9.0}
+
+
+def test_a_short_side_of_exactly_one_attention_cell_is_not_coarse():
+    """The note is for a short side *under* one 32-pixel cell (ZONE locates the edit on those cells): 32 pixels
+    is one whole cell, and an image of that size must not be told its edit will be coarse."""
+    from zone_engine.image_io import working_geometry
+    from zone_engine.localize import ATTENTION_CELL
+    from zone_engine.pipeline import _coarse_grid_note
+
+    config = EditConfig()
+
+    def note(height, width):
+        return _coarse_grid_note(working_geometry(height, width, config.max_side, config.size_multiple))
+
+    assert note(ATTENTION_CELL, 200) is None and note(200, ATTENTION_CELL) is None
+    assert note(ATTENTION_CELL - 1, 200).startswith("the image is 200x31")
+
+
+def test_the_configs_localization_settings_reach_m_b(tiny_pipe, monkeypatch):
+    """threshold_rule, reference_threshold and paper_threshold reach the binarization, and min_region_area the
+    small-region removal, each the edit's own: set to values whose M_b is known (every pixel, or none). The
+    tiny models' attention is flat (d = 0), so the thresholds are also checked where they are handed on."""
+    edit = tiny_pipe.prepare(smooth_image(64, 64, seed=2), INSTRUCTION, tiny_pipe.default_config.replace(steps=1))
+    tiny_pipe.denoise([edit])
+    handed, real_binarize = [], tiny_pipe.binarize
+
+    def binarize(*args, **kwargs):
+        handed.append(kwargs)
+        return real_binarize(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe, "binarize", binarize)
+
+    def mask_b(**changes):
+        return tiny_pipe._localize(replace(edit, config=edit.config.replace(**changes))).mask_b
+
+    assert mask_b(reference_threshold=255).all()  # min(2d, 255) <= 255 everywhere
+    assert not mask_b(reference_threshold=255, min_region_area=64 * 64 + 1).any()  # its one region is too small
+    assert not mask_b(threshold_rule="paper", paper_threshold=0).any()  # d < 0 nowhere
+    assert [(given["rule"], given["reference_threshold"], given["paper_threshold"]) for given in handed] == [
+        ("reference", 255, 128), ("reference", 255, 128), ("paper", 108, 0)]
+
+
+def test_the_configs_blend_settings_and_d_reach_the_blend(tiny_pipe):
+    """R is found inside D (M_f dilated, not M_f) with the config's fft_radius, fft_threshold and close_kernel,
+    and the seam is mixed with its seam_alpha: each value is chosen so that a default in its place shows."""
+    from zone_engine import blend
+    from zone_engine.localize import Localization
+    from zone_engine.refine import Refinement
+
+    working = smooth_image(64, 64, seed=2)
+    edit = tiny_pipe.prepare(working, INSTRUCTION, tiny_pipe.default_config.replace(steps=1))
+    styled = working.copy()
+    styled[16:48, 16:48] = 255 - styled[16:48, 16:48]
+    fine, dilated = np.zeros((64, 64), bool), np.zeros((64, 64), bool)
+    fine[22:42, 22:42], dilated[12:52, 12:52] = True, True
+    located = Localization(mask_b=fine, difference=np.zeros((64, 64), np.uint8))
+    refined = Refinement(mask_f=fine, dilated=dilated, iou=1.0, used_fallback=False, segment_count=1)
+
+    def blended(**changes):
+        return tiny_pipe._blend(replace(edit, config=edit.config.replace(**changes)), styled, located, refined)
+
+    def region(inside=dilated, **settings):
+        return blend.fft_edit_region(styled, working, inside, device=tiny_pipe.device, **settings)
+
+    assert np.array_equal(blended()["region"], region())
+    assert not np.array_equal(region(inside=fine), region())
+    for name, setting, value in (("fft_radius", "radius", 3), ("fft_threshold", "threshold", 120),
+                                 ("close_kernel", "close_kernel", 41)):
+        expected = region(**{setting: value})
+        assert not np.array_equal(expected, region()), name  # the value matters for this image
+        assert np.array_equal(blended(**{name: value})["region"], expected), name
+    whole = blended(seam_alpha=1.0)
+    assert whole["seam"].any() and np.array_equal(whole["image"][whole["seam"]], styled[whole["seam"]])
+
+
+def test_a_decoder_overflow_to_inf_comes_back_nan_not_a_plausible_pixel(tiny_models, monkeypatch):
+    """decode_latents keeps a value that overflowed NaN: clamped, an inf became a plausible white pixel, and
+    finish could not tell a diverged decode ("latents too large to decode") from an image."""
+    from zone_engine.pipeline import decode_latents
+
+    vae = tiny_models.vae
+    original = type(vae).decode
+
+    def overflowing(self, latents, return_dict=False):
+        out = original(self, latents, return_dict=False)[0].clone()
+        out[..., 0, 0], out[..., 0, 1] = float("inf"), -float("inf")
+        return (out,)
+
+    monkeypatch.setattr(type(vae), "decode", overflowing)
+    pixels = decode_latents(vae, torch.zeros(1, 4, 8, 8))
+    assert pixels[..., 0, :2].isnan().all() and torch.isfinite(pixels[..., 1:, :]).all()
+
+
+def test_auto_localization_kernels_are_the_torch_reference_off_cuda():
+    """kernels="auto" means Triton on CUDA only: elsewhere the plain torch reference runs (interpreted Triton on
+    the CPU gives the same masks, far slower)."""
+    from zone_engine.backends import make_localization_kernels
+    from zone_engine.localize import accumulate_attention_probabilities, binarize_reference
+
+    assert make_localization_kernels("auto", torch.device("cpu")) == (accumulate_attention_probabilities,
+                                                                      binarize_reference)
+
+
+def test_a_pipelines_segmenter_is_made_once_per_sam_config(tiny_pipe):
+    """SAM's generator (its predictor and buffers) is built on first use and kept: one per SamConfig."""
+    config = tiny_pipe.default_config.sam
+    first = tiny_pipe.segmenter(config)
+    assert tiny_pipe.segmenter(config) is first
+    assert tiny_pipe.segmenter(config.replace(points_per_side=4)) is not first
+
+
+def test_a_pipeline_kept_only_by_a_reference_cycle_holds_no_models_before_the_collector_runs(tiny_models):
+    """The models' holder is looked up after collecting garbage: with automatic collection off (or simply not
+    due yet), a dead pipeline that only a reference cycle keeps refused a second pipeline its models."""
+    import gc
+
+    first = ZonePipeline(copy.deepcopy(tiny_models), device="cpu")
+    models = first.models
+    first.itself = first
+    gc.disable()
+    try:
+        del first
+        ZonePipeline(models, device="cpu", channels_last=True)
+    finally:
+        gc.enable()
+
+
+def test_auto_device_is_cuda_where_there_is_one(monkeypatch):
+    """device="auto", every builder's default, runs on the GPU when CUDA is there and on the CPU otherwise."""
+    from zone_engine.backends import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device(" AUTO ") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
