@@ -82,3 +82,9 @@ def test_cuda_graphs_false_turns_them_off_even_on_cuda():
     assert uses_cuda_graphs(cuda, None) and not uses_cuda_graphs(cpu, None)
     assert not uses_cuda_graphs(cuda, False) and not uses_cuda_graphs(cpu, False)
     assert uses_cuda_graphs(cuda, True)
+
+
+def test_eager_calls_the_stage_with_every_input():
+    """The plain path every stage's capture is compared with: all inputs reach it (today's stages take one)."""
+    a, b = torch.arange(3.0), torch.full((3,), 10.0)
+    assert torch.equal(eager("sum", torch.add, a, b), a + b)
