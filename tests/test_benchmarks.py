@@ -1183,3 +1183,14 @@ def test_each_option_changes_its_own_setting():
     assert not parse_args(["--preset", "gpu-512", "--no-compare-group-norm"]).compare_group_norm
     assert parse_args(["--preset", "gpu-512", "--sam-precision", "fp16"]).sam_precision == "fp16"
     assert parse_args(["--preset", "gpu-512", "--channels-last"]).channels_last  # half precision: allowed
+
+
+def test_the_floors_unet_count_is_zone_mds_for_sd15():
+    """The floor (issue #4: UNet FLOPs per step x 6 rows / matmul peak) rests on this count: ZONE.md's cost model
+    gives 803.4 GFLOP a row for SD1.5 at a 64x64 latent, its 77-token context included. Counted on the meta
+    device: no weights, no compute."""
+    from zone_engine.models import PRESETS, build_unet
+
+    with torch.device("meta"):
+        unet = build_unet(PRESETS["sd15"])
+    assert measure.unet_flops_per_row(dict(unet.config), (64, 64), 768) / 1e9 == pytest.approx(803.37, abs=0.01)
