@@ -111,3 +111,14 @@ def check_upscaling_against_float64(name: str, device: str) -> None:
     if prompts:
         error, plain_error = (fast.double() - exact).abs().max(), (plain.double() - exact).abs().max()
         assert error <= 2 * plain_error + 1e-6 * exact.abs().max(), (float(error), float(plain_error))
+
+
+@pytest.mark.parametrize("conv", [dict(kernel_size=2, stride=2, padding=1), dict(kernel_size=4, stride=4)],
+                         ids=["padded", "4x4"])
+def test_upscaling_refuses_what_is_not_sams_2x2_stride_2_convolution(conv):
+    """decode_masks reads each transposed convolution as one matmul into a 2x2 block per pixel; another
+    kernel, stride or padding would give wrong logits (or a shape error far from the cause): refused by name."""
+    decoder = MaskDecoder(transformer_dim=32, transformer=torch.nn.Identity()).eval()
+    decoder.output_upscaling[0] = torch.nn.ConvTranspose2d(32, 8, **conv)
+    with torch.inference_mode(), pytest.raises(ValueError, match="2x2 stride-2 output upscaling"):
+        decode_masks(decoder, torch.randn(2, 7, 32), torch.randn(2, 16, 32), torch.Size((32, 4, 4)))

@@ -432,3 +432,76 @@ def test_equal_ious_go_to_the_first_segment_in_the_generators_order(sam, monkeyp
                    for i in (int(scores.argmax()), int(scores.argmin())))
     assert not torch.equal(first, last)  # the choice shows
     np.testing.assert_array_equal(selection.segment, first.cpu().numpy())
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 32, 48), (1, 3, 64, 96), (1, 1, 64, 48), (3, 64, 48)])
+def test_set_torch_image_takes_only_sams_input_size(sam, shape):
+    """SAM's input is the image resized to a long side of the encoder's img_size (64 here); any other
+    size would be encoded into a wrong-sized embedding and its masks mapped back to the wrong pixels."""
+    from zone_engine.sam_torch import TorchSamPredictor
+
+    with torch.inference_mode(), pytest.raises(ValueError, match="long side 64"):
+        TorchSamPredictor(sam).set_torch_image(torch.zeros(shape, dtype=torch.uint8), (32, 48))
+
+
+def test_predict_passing_drops_a_mask_scored_exactly_at_the_threshold(sam):
+    """The generator keeps predicted IoUs strictly over pred_iou_thresh (`iou_preds > thresh`): a mask
+    scored exactly at it is dropped. The thresholds above sit between predictions, which hides `>=`."""
+    predictor, coords, labels = decoder_inputs(sam, "cpu")
+    with torch.inference_mode():
+        _, scores = predictor.predict_passing(coords, labels, 0.0)
+        min_score = float(scores.median())  # a float32 prediction, exactly
+        _, kept = predictor.predict_passing(coords, labels, min_score)
+    assert min_score > 0.0 and min_score not in kept.tolist()
+    assert torch.equal(kept, scores[scores > min_score])
+
+
+@pytest.mark.parametrize("start", [1, 3, 8])
+def test_count_true_counts_a_view_that_starts_between_words(start):
+    """Masks with rows of whole words (8 x 16 pixels here) can still start mid-word in their storage (a
+    contiguous slice of a larger bool buffer): they are copied to whole, aligned words, not read in place."""
+    from zone_engine.sam_torch import count_true
+
+    buffer = torch.rand(start + 3 * 8 * 16, generator=torch.Generator().manual_seed(start)) < 0.5
+    masks = buffer[start:].view(3, 8, 16)
+    within = buffer[:8 * 16].view(8, 16)
+    assert masks.is_contiguous() and masks.storage_offset() == start
+    assert torch.equal(count_true(masks), masks.flatten(1).sum(1))
+    assert torch.equal(count_true(masks, within=within), (masks & within).flatten(1).sum(1))
+
+
+def test_a_mask_scored_exactly_at_the_stability_threshold_is_kept(sam, monkeypatch):
+    """The generator keeps stability scores at or over stability_score_thresh (`>=`, unlike the predicted-IoU
+    filter's `>`). The threshold is set to one mask's own score, so that mask sits exactly on it."""
+    from zone_engine import sam_torch
+
+    seen, real = [], sam_torch.stability_score
+    monkeypatch.setattr(sam_torch, "stability_score", lambda *args: seen.append(score := real(*args)) or score)
+    image, mask_b = smooth_image(80, 112, seed=3), rectangle(80, 112, 10, 10, 50, 40)
+    TorchSamSegmenter(sam, CONFIGS["filtered"]).select(image, mask_b)
+    scores = torch.cat(seen)
+    threshold = float(scores[scores.isfinite()].median())
+    segmenter = TorchSamSegmenter(sam, dataclasses.replace(CONFIGS["filtered"], stability_score_thresh=threshold))
+    segments = segmenter.segment(image)
+    assert threshold > 0.0 and len(segments) == int((scores >= threshold).sum())  # NMS keeps all: box_nms_thresh 1
+    assert_same_selection(segmenter.select(image, mask_b), choose_segment(mask_b, segments))
+
+
+def test_masks_empty_at_every_threshold_are_segments_without_the_stability_filter(sam, monkeypatch):
+    """A mask with no pixel over the threshold minus the offset has stability 0/0 (NaN); with the filter off
+    (stability_score_thresh 0: the generator skips it) it is still a segment, counted, never chosen."""
+    monkeypatch.setattr(sam, "mask_threshold", 1e9)  # every mask empty
+    segmenter = TorchSamSegmenter(sam, dataclasses.replace(BASE, box_nms_thresh=1.0, points_per_side=4))
+    image = smooth_image(80, 112, seed=3)
+    segments = segmenter.segment(image)
+    assert len(segments) == 3 * 4**2 and not any(segment.any() for segment in segments)
+    for mask_b in (np.ones((80, 112), bool), np.zeros((80, 112), bool)):
+        assert_same_selection(segmenter.select(image, mask_b), choose_segment(mask_b, segments))
+
+
+def test_no_mask_passing_the_filters_gives_no_segment(sam):
+    """With a predicted-IoU threshold no mask reaches, the generator's list is empty: no segment, none counted."""
+    segmenter = TorchSamSegmenter(sam, dataclasses.replace(CONFIGS["filtered"], pred_iou_thresh=1.0))
+    image, mask_b = smooth_image(80, 112, seed=3), rectangle(80, 112, 10, 10, 50, 40)
+    assert segmenter.segment(image) == []
+    assert_same_selection(segmenter.select(image, mask_b), choose_segment(mask_b, []))
