@@ -233,6 +233,35 @@ def test_an_export_that_fails_validation_writes_nothing(models, tmp_path, monkey
     assert not (tmp_path / "new").exists()  # the folder this call created goes with its files
 
 
+def test_sizes_that_record_no_or_different_layers_are_refused(models, monkeypatch):
+    """One dual_step graph serves the whole profile only if every size records the same layers; recording none
+    would export an attention output that is always zero, so the mask would be empty."""
+    profile = parse_dynamic_shapes(PROFILE)
+    assert len(export_module.check_recorded_layers(models.ip2p_unet, profile)) == 5
+    for layers in (lambda unet, latent, grid: [], lambda unet, latent, grid: [f"layer {latent[0]}"]):
+        monkeypatch.setattr(export_module, "recorded_layers", layers)
+        with pytest.raises(ConfigError, match="recorded cross-attention layers differ across 32x32:64x64:96x64"):
+            export_module.check_recorded_layers(models.ip2p_unet, profile)
+
+
+@pytest.mark.parametrize(("got", "words"), [
+    (np.array([[1.0, float("nan")]], np.float32), "differs from PyTorch on out by nan"),
+    (np.array([1.0, 2.0], np.float32), r"gives out of shape \(2,\), PyTorch \(1, 2\)"),  # broadcasts to it
+])
+def test_validation_refuses_a_nan_output_and_one_of_another_shape(got, words):
+    """An exported graph is kept only if each output is within tolerance of PyTorch's: a NaN compares false
+    with every bound, and an output of another shape that broadcasts to PyTorch's would compare fine."""
+    from types import SimpleNamespace
+
+    from zone_export.onnx_graph import compare
+
+    graph = SimpleNamespace(run=lambda names, feed: [got])
+    with pytest.raises(ZoneError, match=words):
+        compare(graph, "g.onnx", {}, [torch.tensor([[1.0, 2.0]])], ["out"], {"atol": 1e-3, "rtol": 0.0})
+    assert compare(SimpleNamespace(run=lambda names, feed: [np.array([[1.0, 2.0005]], np.float32)]), "g.onnx", {},
+                   [torch.tensor([[1.0, 2.0]])], ["out"], {"atol": 1e-3, "rtol": 0.0})["out"] < 1e-3
+
+
 def test_bf16_is_refused_with_the_reason(models, tmp_path):
     with pytest.raises(ConfigError, match="opset 22.*--fp16"):
         export_dual_step(models, tmp_path, height=32, width=32, dtype="bf16")
@@ -257,11 +286,47 @@ def test_dynamic_shapes_parse():
     ("0x256:256x256:256x256", "multiple of 32"),
     ("512x512:256x256:768x768", "min <= opt <= max"),
     ("256x256:512x512:768xabc", "HEIGHTxWIDTH"),
+    ("256x256:512x512:768x768:1024x1024", "three sizes MIN:OPT:MAX"),  # not a TypeError from ShapeProfile
+    ("256x256:768x768:512x512", "min <= opt <= max"),  # opt above max: TensorRT refuses such a profile
+    ("256x256:512x512:2080x512", "over 2048 pixels"),
 ])
 def test_bad_dynamic_shapes_are_clear_errors(text, words):
     with pytest.raises(ConfigError, match=words) as caught:
         parse_dynamic_shapes(text)
     assert str(caught.value).startswith(f"--dynamic-shapes {text!r}")  # "cannot read size '256'" named no option
+
+
+def test_profile_bounds_and_which_profiles_are_dynamic():
+    """2048 a side is the largest working size and allowed; a profile is dynamic whenever min and max differ,
+    opt equal to min included (a static graph there would fail at every other size of the profile)."""
+    assert ShapeProfile.static(2048, 32).max == (2048, 32)
+    assert ShapeProfile((32, 32), (32, 32), (64, 32)).dynamic and ShapeProfile((32, 32), (64, 32), (64, 32)).dynamic
+    assert not ShapeProfile.static(64, 32).dynamic
+
+
+def test_every_size_option_and_tiny_conflict_is_checked(tmp_path):
+    """--width conflicts with --dynamic-shapes as --height does; one side given keeps the other's default;
+    --tiny refuses --magicbrush as it does --ip2p; --opset's both ends are refused before checkpoints are looked
+    for (a real export would load gigabytes first)."""
+    with pytest.raises(ConfigError, match="either --height/--width or --dynamic-shapes"):
+        run_export_unet(export_args(tmp_path, "--width", "256", "--dynamic-shapes", "256x256:512x512:512x512"))
+    assert export_module.profile_from_args(export_args(tmp_path, "--height", "256")) == ShapeProfile.static(256, 512)
+    assert export_module.profile_from_args(export_args(tmp_path, "--width", "256")) == ShapeProfile.static(512, 256)
+    with pytest.raises(ConfigError, match="--tiny exports random weights"):
+        run_export_unet(export_args(tmp_path, "--tiny", "--magicbrush", "some/model"))
+    for opset in ("13", "21"):
+        with pytest.raises(ConfigError, match="opsets 14 to 20"):
+            run_export_unet(export_args(tmp_path / "out", "--opset", opset, "--ip2p", str(tmp_path / "none")))
+
+
+def test_an_unreadable_manifest_is_not_replaced(tmp_path):
+    """Not knowing whose export an unreadable manifest.json is, an export must not replace it (it could orphan
+    another export's graphs): check_export_target, which both exports run, says so."""
+    from zone_export.onnx_graph import check_export_target
+
+    (tmp_path / MANIFEST_FILE).mkdir()
+    with pytest.raises(ZoneError, match="cannot read its manifest.json .*choose another folder"):
+        check_export_target(tmp_path, "unet")
 
 
 def test_command_line_checks_run_before_any_model_loads(tmp_path):
@@ -459,6 +524,12 @@ def test_tensorrt_denoiser_without_tensorrt_is_a_clear_device_error(no_tensorrt,
         assert "no CUDA GPU" in str(error.value)
     with pytest.raises(DeviceError, match="TensorRT is not installed"):
         TensorRTDenoiser.from_export(tmp_path, models.scheduler_config)
+
+
+def test_build_engine_refuses_an_unknown_precision_first(no_tensorrt, tmp_path):
+    """The precision is checked before TensorRT is looked for: a typo is said as such, not as a missing install."""
+    with pytest.raises(ZoneError, match="unknown engine precision 'int8': use one of fp32, fp16, bf16"):
+        build_engine(tmp_path / "dual_step.onnx", tmp_path / "x.plan", {}, "int8")
 
 
 def test_zone_engine_imports_without_tensorrt():

@@ -560,6 +560,17 @@ def test_run_export_sam_argument_errors(tmp_path):
                                           fp16=False, opset=17))
 
 
+def test_run_export_sam_refuses_tiny_with_a_model_type_and_opsets_below_13(tmp_path):
+    """--tiny builds its own SAM, so --model-type is refused as --checkpoint is; opset 12 lacks an op SAM's graphs
+    use (unflatten), said before a checkpoint of gigabytes loads."""
+    with pytest.raises(ConfigError, match="leave out --checkpoint and --model-type"):
+        run_export_sam(argparse.Namespace(tiny=True, checkpoint=None, model_type="vit_b", out=tmp_path / "a",
+                                          fp16=False, opset=17))
+    with pytest.raises(ConfigError, match="opsets 13 to 20"):
+        run_export_sam(argparse.Namespace(tiny=False, checkpoint=None, model_type=None, out=tmp_path / "b",
+                                          fp16=False, opset=12))
+
+
 def test_weights_in_external_data_files(sam, tmp_path, monkeypatch):
     """As vit_h's 2.5 GB fp32 encoder is written: weights in `<graph>.onnx.data`, checksummed too."""
     monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_BYTES", 0)
