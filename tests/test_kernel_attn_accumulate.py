@@ -29,7 +29,7 @@ from zone_kernels.attn_accumulate import (  # noqa: E402
     attn_accumulate_reference,
     attn_accumulate_triton,
 )
-from zone_kernels.runtime import DISABLE_ENV, is_interpreted  # noqa: E402
+from zone_kernels.runtime import DISABLE_ENV, is_interpreted, triton_disabled  # noqa: E402
 
 INTERPRETED = is_interpreted(attn_module._attn_accumulate_kernel)
 # The dispatcher's tests check that it launched the kernel: where it cannot (ZONE_DISABLE_TRITON=1, or Triton
@@ -175,6 +175,8 @@ def test_accumulator_with_the_kernel_matches_the_default(monkeypatch):
     "change,message",
     [
         (lambda t, q, k: (t, q[0], k), "must be \\(R, heads, N, d\\)"),
+        (lambda t, q, k: (t, q, k[0]), "must be \\(R, heads, N, d\\)"),  # key's rank too, not an IndexError
+        (lambda t, q, k: (t, q, k[:1]), "does not match query"),  # fewer key rows: the kernel would read past k
         (lambda t, q, k: (t, q, k[:, :1]), "does not match query"),
         (lambda t, q, k: (t, q, k[..., :8]), "does not match query"),
         (lambda t, q, k: (torch.zeros(37, 129), q, torch.zeros(2, 5, 129, 40)), "1 to 128 keys"),
@@ -184,7 +186,9 @@ def test_accumulator_with_the_kernel_matches_the_default(monkeypatch):
         (lambda t, q, k: (t[:, :77].t().contiguous().t(), q, k), "contiguous float32"),
         (lambda t, q, k: (torch.zeros(36, 77), q, k), "contiguous float32"),
         (lambda t, q, k: (t, q.transpose(2, 3).contiguous().transpose(2, 3), k), "contiguous last"),
+        (lambda t, q, k: (t, q, k.transpose(2, 3).contiguous().transpose(2, 3)), "contiguous last"),
         (lambda t, q, k: (t.to("meta"), q, k), "one device"),
+        (lambda t, q, k: (t, q, k.to("meta")), "one device"),
     ],
 )
 def test_clear_errors(change, message):
@@ -194,6 +198,18 @@ def test_clear_errors(change, message):
     for function in (attn_accumulate_, attn_accumulate_triton):
         with pytest.raises(ValueError, match=message):
             function(*args, 0.1)
+
+
+def test_no_rows_or_no_queries_add_nothing():
+    """Empty inputs (no kept rows, or an empty map) leave the accumulator as it was, with no launch: a grid
+    of zero rows has no split into row groups (the launcher's early return protects it)."""
+    query, key = _inputs(2, 5, 6, 40, 77, torch.float32)
+    total = torch.full((6, 77), 0.5)
+    attn_accumulate_triton(total, query[:0], key[:0], 0.1)
+    assert torch.equal(total, torch.full((6, 77), 0.5))
+    empty = torch.zeros(0, 77)
+    attn_accumulate_triton(empty, query[:, :, :0], key, 0.1)
+    assert empty.shape == (0, 77)
 
 
 def test_environment_variable_switches_the_kernel_off(monkeypatch):
@@ -207,6 +223,14 @@ def test_environment_variable_switches_the_kernel_off(monkeypatch):
     attn_accumulate_(total, query, key, 0.1)
     assert calls == ["attn_accumulate_reference"]
     _assert_within_rule(query, key, 0.1, total)
+
+
+def test_the_switch_takes_the_usual_spellings_of_yes(monkeypatch):
+    """ZONE_DISABLE_TRITON: 1, true, yes, on in any case and with spaces turn the kernels off; others do not."""
+    for value, off in (("1", True), ("TRUE", True), (" yes ", True), ("On", True), ("0", False), ("", False),
+                       ("no", False)):
+        monkeypatch.setenv(DISABLE_ENV, value)
+        assert triton_disabled() is off, value
 
 
 def test_asking_for_triton_where_it_cannot_run_says_so(monkeypatch):

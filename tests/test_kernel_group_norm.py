@@ -118,6 +118,27 @@ def test_size_one_dims_take_no_step_and_other_layouts_are_copied():
     _assert_within_rule(gapped, 4, weight, bias, group_norm_triton(gapped, 4, weight, bias, 1e-5))
 
 
+def test_a_strided_input_with_one_spatial_stride_gets_a_contiguous_output():
+    """Every other position, or every other channel: one stride still walks x's spatial dims, so x is read in
+    place, but empty_like gives a dense y with strides of its own: y must be addressed by those, not x's."""
+    x, weight, bias = _inputs((2, 8, 14), "nchw", torch.float32)
+    wide, _, _ = _inputs((2, 16, 7), "nchw", torch.float32)
+    for strided in (x[:, :, ::2], wide[:, ::2]):
+        assert spatial_stride(strided) is not None and not strided.is_contiguous()
+        y = group_norm_triton(strided, 4, weight, bias, 1e-5)
+        assert y.is_contiguous()
+        _assert_within_rule(strided, 4, weight, bias, y)
+
+
+def test_inputs_spanning_2_31_elements_are_refused():
+    """The kernels' offsets are 32-bit: a view of few elements whose strides span 2^31 goes to PyTorch (meta
+    tensors: no memory behind them)."""
+    x = torch.empty_strided((1, 2, 2), (4, 2**31, 1), device="meta")
+    weight, bias = torch.empty(2, device="meta"), torch.empty(2, device="meta")
+    with pytest.raises(ValueError, match="offsets are 32-bit"):
+        group_norm_triton(x, 1, weight, bias, 1e-5)
+
+
 def test_strided_weights_and_many_blocks_of_chunk_statistics(monkeypatch):
     x, _, _ = _inputs((2, 6, 5, 7), "nchw", torch.float32)
     weight, bias = torch.randn(12)[::2], torch.randn(18)[::3]  # not contiguous: read as such
@@ -173,10 +194,24 @@ def test_the_time_embeddings_sum_and_silu_inside_the_kernel(case):
     _assert_within_rule(x, groups, weight, bias, got, addend=addend, silu=True)
 
 
+def test_the_reference_adds_the_time_embedding_in_xs_dtype():
+    """As diffusers' ResnetBlock2D: an fp32 time embedding is cast to an fp16 x's dtype before the sum, so the
+    fallback's output stays fp16 (no promotion to fp32 where the kernel cannot run)."""
+    x, weight, bias = _inputs((2, 8, 3, 3), "nchw", torch.float16)
+    addend = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    y = group_norm_reference(x, 4, weight, bias, 1e-5, addend, silu=True)
+    assert y.dtype == torch.float16
+    assert torch.equal(y, F.silu(F.group_norm(x + addend.half()[:, :, None, None], 4, weight, bias, 1e-5)))
+
+
 def test_addend_errors():
     x, weight, bias = _inputs((2, 8, 3, 3), "nchw", torch.float32)
     with pytest.raises(ValueError, match=r"addend must be a floating \(2, 8\) tensor"):
         group_norm(x, 4, weight, bias, addend=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"addend must be a floating \(2, 8\) tensor on cpu"):
+        group_norm(x, 4, weight, bias, addend=torch.zeros(2, 8, device="meta"))  # read as host memory otherwise
+    with pytest.raises(ValueError, match="addend must be a floating"):
+        group_norm(x, 4, weight, bias, addend=torch.zeros(2, 8, dtype=torch.int32))
 
 
 def test_eps_and_repeats_bit_for_bit():
@@ -190,9 +225,12 @@ def test_eps_and_repeats_bit_for_bit():
     "change, message",
     [
         (lambda x, w, b: (x, 3, w, b), "do not split into 3 groups"),
+        (lambda x, w, b: (x, 0, w, b), "do not split into 0 groups"),  # not a ZeroDivisionError
+        (lambda x, w, b: (x, -4, w, b), "do not split into -4 groups"),  # 8 % -4 == 0 all the same
         (lambda x, w, b: (x.int(), 4, w, b), "x must be a floating tensor"),
         (lambda x, w, b: (x, 4, w[:6], b), r"weight must be a floating \(8,\) tensor"),
         (lambda x, w, b: (x, 4, w, b.int()), "bias must be a floating"),
+        (lambda x, w, b: (x, 4, w.to("meta"), b), "weight is on meta, x on cpu"),
         (lambda x, w, b: (x[0, 0, 0], 4, w, b), r"\(N, C, \*spatial\)"),
     ],
 )
@@ -244,6 +282,7 @@ def test_custom_op_opcheck_and_fake_tensors():
         fake = torch.empty(2, 8, 5, 3).to(memory_format=torch.channels_last)
         y = group_norm(fake, 4, torch.empty(8), torch.empty(8))  # the fake implementation: no kernel
         assert y.shape == fake.shape and y.stride() == fake.stride()
+        assert group_norm(fake.half(), 4, torch.empty(8), torch.empty(8)).dtype == torch.float16  # x's dtype
         with pytest.raises(ValueError, match="do not split"):
             torch.ops.zone.group_norm(fake, 3, torch.empty(8), torch.empty(8), 1e-5, None, False)
         gapped = torch.empty(2, 8, 6, 10)[..., :7]  # no single spatial stride: the real op's output is contiguous
@@ -255,7 +294,9 @@ def test_only_traced_calls_go_through_the_custom_op():
     x, weight, bias = _inputs((2, 8, 3, 3), "nhwc", torch.float32)
     norm = nn.GroupNorm(4, 8)  # a module's weights are Parameters: an eager call all the same
     assert not any(op.startswith("zone.") for op in dispatched_ops(lambda: group_norm(x, 4, weight, bias)))
-    assert not any(op.startswith("zone.") for op in dispatched_ops(lambda: group_norm(x, 4, norm.weight, norm.bias)))
+    with torch.no_grad():  # with grad, weights that require it go to PyTorch before the question arises
+        params = dispatched_ops(lambda: group_norm(x, 4, norm.weight, norm.bias))
+    assert not any(op.startswith("zone.") for op in params)
     graph = compiled_graph(lambda x, w, b: group_norm(x, 4, w, b) * 2, x, weight, bias)
     assert "zone.group_norm" in graph
     compiled = torch.compile(lambda x, w, b: group_norm(x, 4, w, b) * 2, backend="aot_eager", fullgraph=True)

@@ -15,7 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or the kernels a
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import compiled_graph, dispatched_ops  # noqa: E402
+from conftest import compiled_graph, dispatched_ops, spy_calls  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import zone_kernels.mask_binarize as binarize_module  # noqa: E402
@@ -119,6 +119,21 @@ def test_thresholds_are_passed_through():
         assert np.array_equal(mask.numpy().astype(bool), expected)
 
 
+def test_the_reference_rule_saturates_2d_at_255_in_the_kernel():
+    """min(2d, 255) <= T, not 2d <= T: they differ only at T >= 255 (d >= 128 then kept), which the default 108
+    and the random maps' thresholds never reach. Token 0 peaks where token 5 is 0: d = 255 there."""
+    grid, size = (3, 2), (12, 8)
+    average = torch.full((6, 77), 0.5)
+    average[:, 0] = torch.tensor([1.0, 0.1, 0.1, 0.1, 0.1, 0.1])
+    average[0, 5] = 0.0
+    for threshold in (254, 255):
+        mask, difference = torch.empty(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)
+        mask_binarize_triton(average, grid, 5, mask, reference_threshold=threshold, difference=difference)
+        expected, _ = binarize_reference(average, grid, 5, size, reference_threshold=threshold)
+        assert difference.max() == 255 and np.array_equal(mask.numpy().astype(bool), expected)
+    assert mask.all()  # at 255 every pixel, d = 255 included
+
+
 def test_coefficient_tables_reproduce_pillow_on_images():
     # The host tables alone, applied in numpy, against PIL on random uint8 images (incl. shrinking widths).
     rng = np.random.default_rng(0)
@@ -175,11 +190,14 @@ def test_shrinking_height_falls_back_to_the_reference(monkeypatch):
         (lambda a, m: dict(average=a.double()), "float32 \\(N, K\\)"),
         (lambda a, m: dict(average=a[0]), "float32 \\(N, K\\)"),
         (lambda a, m: dict(grid=(2, 2)), "does not hold"),
+        (lambda a, m: dict(grid=(-3, -2)), "does not hold"),  # the right product, but no grid
         (lambda a, m: dict(last_token=77), "outside the map"),
         (lambda a, m: dict(last_token=-1), "outside the map"),
         (lambda a, m: dict(mask=m.bool()), "uint8 \\(H, W\\)"),
         (lambda a, m: dict(mask=m.t()), "uint8 \\(H, W\\)"),
         (lambda a, m: dict(mask=m[None]), "uint8 \\(H, W\\)"),
+        (lambda a, m: dict(mask=m[:0]), "non-empty uint8"),
+        (lambda a, m: dict(difference=torch.empty(96, 64, dtype=torch.int16)), "difference must be a contiguous"),
         (lambda a, m: dict(mask=m.to("meta")), "is on meta"),
         (lambda a, m: dict(difference=torch.empty(5, 5, dtype=torch.uint8)), "differ in shape"),
         (lambda a, m: dict(rule="median"), "unknown threshold rule"),
@@ -191,6 +209,16 @@ def test_clear_errors(change, message):
     for function in (mask_binarize_, mask_binarize_triton):
         with pytest.raises(ValueError, match=message):
             function(**arguments)
+
+
+def test_an_unchanged_height_runs_the_kernel(monkeypatch):
+    """Only a shrinking height falls back to the reference: an equal one (4x4 -> 4x4, 3x5 -> 3x40) is fused."""
+    calls = spy_calls(monkeypatch, binarize_module, "_launch", "mask_binarize_reference_")
+    for grid, size in (((4, 4), (4, 4)), ((3, 5), (3, 40))):
+        mask = torch.empty(size, dtype=torch.uint8)
+        mask_binarize_(_map(grid, "random", 2), grid, 5, mask)
+        assert np.array_equal(mask.numpy().astype(bool), binarize_reference(_map(grid, "random", 2), grid, 5, size)[0])
+    assert calls == ["_launch", "_launch"]
 
 
 def test_environment_variable_switches_the_kernels_off(monkeypatch):
@@ -247,16 +275,18 @@ def test_only_traced_calls_go_through_the_custom_op():
     assert "zone.mask_binarize_" in graph
 
 
-def test_traceable_by_torch_compile():
+@pytest.mark.parametrize("rule", ["reference", "paper"])
+def test_traceable_by_torch_compile(rule):
+    """Traced, the rule reaches the custom op as its `paper` flag: both rules, not just the default."""
     average = _map((3, 2), "random", 10)
 
     def step(average, mask):
-        mask_binarize_(average, (3, 2), 5, mask)
+        mask_binarize_(average, (3, 2), 5, mask, rule=rule)
         return mask.sum()
 
     mask = torch.empty(96, 64, dtype=torch.uint8)
     count = torch.compile(step, backend="aot_eager", fullgraph=True)(average, mask)
-    expected, _ = binarize_reference(average, (3, 2), 5, (96, 64))
+    expected, _ = binarize_reference(average, (3, 2), 5, (96, 64), rule=rule)
     assert np.array_equal(mask.numpy().astype(bool), expected) and count.item() == expected.sum()
 
 
