@@ -1208,6 +1208,14 @@ def test_a_cuda_index_past_the_machines_devices_is_said_before_any_work(monkeypa
         resolve_device("cuda:1")
 
 
+def test_auto_device_is_cuda_where_there_is_one(monkeypatch):
+    """device="auto", every builder's default, runs on the GPU when CUDA is there and on the CPU otherwise."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device(" AUTO ") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+
+
 @pytest.mark.parametrize("option", ["attention", "group_norm", "kernels", "sam_precision", "segmenter"])
 def test_a_backend_option_that_is_no_name_is_refused(option):
     """Python callers pass anything: None is no attention backend (not 'xformers on the CPU')."""
@@ -1359,6 +1367,7 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path, monke
                    "--max-steps 1000 must be at most 999")
     # Options that would be silently ignored or contradict each other.
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--replicas", "2"], "--replicas is read with --ray only")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--replicas", "0"], "--replicas is read with --ray only")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--steps", "500"], "default --steps 500 is above "
                    "--max-steps 100, which")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--max-pixels", "200000000"],
@@ -1368,6 +1377,7 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path, monke
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--allow-host", "zone.example.com:8000"],
                    "allowed host 'zone.example.com:8000' (--allow-host, allow_hosts) is not a host name")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "70000"], "port")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--port", "65536"], "--port 65536 is not a TCP port (0..65535)")
     _fails_cleanly(capsys, ["serve", "--tiny", "--host", "999.1.1.1"], "--host 999.1.1.1")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -1382,25 +1392,20 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path, monke
 def test_serve_passes_every_allowed_host_and_origin_to_the_server(monkeypatch):
     """--allow-host and --allow-origin are repeatable: every one given reaches the server, not the first (or last)
     alone, else requests addressed to the other names get 421 and edits from the other origins' pages 403."""
-    served = []
-    monkeypatch.setattr("zone_engine.serving.run_server", lambda service, *_: served.append(service.settings))
     hosts = ("zone.example.com", "gpu-box", "zone_engine")
     origins = ("https://app.example.com", "http://localhost:3000", "https://admin.example.com:8443")
     options = [*(arg for host in hosts for arg in ("--allow-host", host)),
                *(arg for origin in origins for arg in ("--allow-origin", origin))]
-    assert main(["serve", "--tiny", "--port", "0", *options]) == 0
-    settings = served.pop()
+    settings, _ = _served(monkeypatch, ["serve", "--tiny", "--port", "0", *options])
     assert settings.allow_hosts == hosts and settings.allow_origins == origins
     assert settings.host_names() == {*hosts, "app.example.com", "localhost", "admin.example.com"}
 
 
 def test_serve_answers_requests_addressed_to_the_name_it_listens_on(monkeypatch):
     """--host NAME: clients address the server by that name, so it is an allowed host beside --allow-host's."""
-    served = []
-    monkeypatch.setattr("zone_engine.serving.run_server", lambda service, *_: served.append(service.settings))
     for host, names in (("localhost", ("zone.example.com", "localhost")), ("127.0.0.1", ("zone.example.com",))):
-        assert main(["serve", "--tiny", "--port", "0", "--host", host, "--allow-host", "zone.example.com"]) == 0
-        assert served.pop().allow_hosts == names
+        settings, _ = _served(monkeypatch, ["serve", "--tiny", "--host", host, "--allow-host", "zone.example.com"])
+        assert settings.allow_hosts == names
 
 
 @requires_serve
@@ -1818,12 +1823,6 @@ def test_serve_options_reach_the_server(monkeypatch):
     assert settings.warmup is False and settings.warmup_sizes == ((64, 96), (32, 32))
     assert settings.allow_origins == ("https://app.example.com",)
     assert dict(settings.edit_changes) == {"action": Action.ADD, "threshold_rule": "paper", "steps": 7, "seed": 0}
-
-
-def test_serve_refuses_a_port_past_the_last_and_replicas_without_ray(capsys, monkeypatch):
-    monkeypatch.setattr("zone_engine.serving.run_server", lambda *_: pytest.fail("the server started"))
-    _fails_cleanly(capsys, ["serve", "--tiny", "--port", "65536"], "--port 65536 is not a TCP port (0..65535)")
-    _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--replicas", "0"], "--replicas is read with --ray only")
 
 
 def test_serve_refuses_a_batch_its_queue_cannot_fill_before_the_models_load(capsys, monkeypatch):

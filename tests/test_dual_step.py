@@ -36,7 +36,12 @@ def test_solver_matches_diffusers_scheduler_bit_for_bit(config, steps):
     reference.set_timesteps(steps)
     schedule = solver_schedule(make_scheduler(config), steps)
     assert torch.equal(schedule.timesteps, reference.timesteps)
-    generator = torch.Generator().manual_seed(steps)
+    assert_solver_follows(reference, schedule, seed=steps)
+
+
+def assert_solver_follows(reference: DPMSolverMultistepScheduler, schedule, seed: int) -> None:
+    """The fused solver's latents equal diffusers' step() at every step, on random noise predictions."""
+    generator = torch.Generator().manual_seed(seed)
     z = z_reference = torch.randn(1, 4, 6, 5, generator=generator)
     x0_previous = torch.zeros_like(z)
     for i, t in enumerate(reference.timesteps):
@@ -329,18 +334,13 @@ def test_the_blend_and_the_guidance_by_hand():
     assert guided_noise(eps, 7.5, 1.5).view(-1).tolist() == [17.5, 35.0]
 
 
-def _solver_config(**changes):
-    defaults = {key: value for key, value in DPMSolverMultistepScheduler().config.items() if not key.startswith("_")}
-    return dict(defaults, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **changes)
-
-
 def test_the_fused_solver_refuses_a_scheduler_it_does_not_implement():
     """The fused denoisers' solver is DPM-Solver++ 2M (midpoint, epsilon) without thresholding: a checkpoint
     whose scheduler config asks for more is refused, not solved as if it had asked for none."""
-    assert solver_schedule(make_scheduler(_solver_config()), 4).steps == 4
+    assert solver_schedule(make_scheduler(SCALED_LINEAR), 4).steps == 4
     for changes in ({"thresholding": True}, {"solver_type": "heun"}, {"prediction_type": "v_prediction"}):
         with pytest.raises(ValueError, match=r"DPM-Solver\+\+ 2M"):
-            solver_schedule(make_scheduler(_solver_config(**changes)), 4)
+            solver_schedule(make_scheduler({**SCALED_LINEAR, **changes}), 4)
 
 
 @pytest.mark.parametrize("last_step", ["euler_at_final", "final_sigma_zero"])
@@ -350,19 +350,11 @@ def test_the_fused_solver_takes_a_first_order_last_step_where_the_scheduler_does
     diffusers' step() does: the fused solver follows it bit for bit (second order there, it ran off to inf)."""
     def scheduler():
         if last_step == "euler_at_final":
-            return make_scheduler(_solver_config(euler_at_final=True))
-        return DPMSolverMultistepScheduler.from_config(_solver_config(), final_sigmas_type="zero")
+            return make_scheduler({**SCALED_LINEAR, "euler_at_final": True})
+        return DPMSolverMultistepScheduler.from_config(SCALED_LINEAR, final_sigmas_type="zero")
 
     reference = scheduler()
     reference.set_timesteps(20)
     schedule = solver_schedule(scheduler(), 20)
     assert schedule.correction_scale[-1].item() == 0 and schedule.correction_scale[-2].item() != 0
-    generator = torch.Generator().manual_seed(0)
-    z = z_reference = torch.randn(1, 4, 6, 5, generator=generator)
-    x0_previous = torch.zeros_like(z)
-    for i, t in enumerate(reference.timesteps):
-        eps = torch.randn(1, 4, 6, 5, generator=generator)
-        z_reference = reference.step(eps, t, z_reference, return_dict=False)[0]
-        x0 = data_prediction(schedule, torch.tensor([i]), z, eps)
-        z, x0_previous = solver_update(schedule, torch.tensor([i]), z, x0, x0_previous), x0
-    assert torch.equal(z, z_reference)
+    assert_solver_follows(reference, schedule, seed=0)

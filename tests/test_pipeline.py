@@ -649,13 +649,3 @@ def test_a_pipeline_kept_only_by_a_reference_cycle_holds_no_models_before_the_co
         ZonePipeline(models, device="cpu", channels_last=True)
     finally:
         gc.enable()
-
-
-def test_auto_device_is_cuda_where_there_is_one(monkeypatch):
-    """device="auto", every builder's default, runs on the GPU when CUDA is there and on the CPU otherwise."""
-    from zone_engine.backends import resolve_device
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_device("auto") == torch.device("cuda") and resolve_device(" AUTO ") == torch.device("cuda")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device("auto") == torch.device("cpu")
