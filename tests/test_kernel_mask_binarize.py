@@ -222,15 +222,7 @@ def test_an_unchanged_height_runs_the_kernel(monkeypatch):
 
 
 def test_environment_variable_switches_the_kernels_off(monkeypatch):
-    calls = []
-    for name in ("_launch", "mask_binarize_reference_"):
-        original = getattr(binarize_module, name)
-
-        def spy(*args, _name=name, _original=original, **kwargs):
-            calls.append(_name)
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(binarize_module, name, spy)
+    calls = spy_calls(monkeypatch, binarize_module, "_launch", "mask_binarize_reference_")
     grid, size, average = (3, 2), (96, 64), _map((3, 2), "random", 7)
     mask = torch.empty(size, dtype=torch.uint8)
     mask_binarize_(average, grid, 5, mask)
