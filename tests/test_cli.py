@@ -500,7 +500,7 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
     ('{"image": "photo.png", "instruction": "x", "output": "/tmp/x.png"}', "must stay inside -o"),
     ('{"image": "photo.png", "instruction": "x", "output": "~/x.png"}', "not under ~"),
     ('{"image": "photo.png", "instruction": "x", "output": "./~/x.png"}', "not under ~"),  # pathlib: ~/x.png
-    ('{"image": "photo.png", "instruction": "x", "output": "x.ico"}', "line 1 (photo.png): cannot write"),
+    ('{"image": "photo.png", "instruction": "x", "output": "x.ico"}', "edits.jsonl: line 1 (photo.png): cannot write"),
     ('"photo.png"', "line 1: a string, not an object such as"),
     ('[{"image": "photo.png", "instruction": "x"}]', "a JSON array of edits is written one object a line"),
     ('{"image": "photo.png", "instruction": "x", "seed": ' + "9" * 5000 + "}", "line 1: not JSON (Exceeds"),
@@ -516,7 +516,8 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
     ('{"image": "photo.png"', "line 1: not JSON"),
     ("", "lists no edit"),
     ('{"image": "photo.png", "instruction": "x"}\n{"image": "photo.png", "instruction": "y"}',
-     'or give it another "output"'),
+     'out/photo.png would be written for both line 1 (photo.png) and line 2 (photo.png): edit them in '
+     'separate runs, or give it another "output"'),
 ])
 def test_a_batch_line_that_cannot_run_is_refused_before_any_work(photo, tmp_path, capsys, monkeypatch, line, words):
     monkeypatch.chdir(tmp_path)  # the folder image "." is the manifest's

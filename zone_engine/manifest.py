@@ -41,7 +41,10 @@ def plan_manifest(args: argparse.Namespace, defaults: dict[str, Any]) -> list[Ed
                 raise type(error)(f"{source} line {number}: {said}") from None
     if not jobs:
         raise ConfigError(f"{source} lists no edit: write one JSON object a line, such as {EXAMPLE}")
-    return checked_jobs(jobs, output, repeats=True)
+    try:
+        return checked_jobs(jobs, output, repeats=True)
+    except ZoneError as error:  # lines' clashes and outputs: the list named, as each line's own mistakes name it
+        raise type(error)(f"{source}: {error}") from None
 
 
 def _lines(manifest: Path) -> list[str]:
