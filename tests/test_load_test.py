@@ -11,13 +11,18 @@ for _module in (*SERVE_MODULES, "httpx"):
     pytest.importorskip(_module, reason="the service needs the serve extra: pip install -e '.[serve]'")
 
 import asyncio
+import io
 import json
+import signal
+import subprocess
 import sys
 import time
 
 import httpx
+from PIL import Image
 from test_serving import serving
 
+import zone_benchmarks.load_test as load_test
 from zone_benchmarks.load_test import (
     LoadConfig,
     LoadTestError,
@@ -26,12 +31,17 @@ from zone_benchmarks.load_test import (
     main,
     measure_level,
     parse_args,
+    parse_metrics,
+    run_load_test,
     scrape,
     seeded_png,
     server_command,
+    server_side,
+    settled,
+    stop,
 )
 from zone_engine import ZonePipeline
-from zone_engine.config import EditConfig, SamConfig
+from zone_engine.config import MAX_SEED, EditConfig, SamConfig
 from zone_engine.serving.settings import ServeSettings
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -150,6 +160,9 @@ def test_options_parse_and_help_exits_cleanly(tmp_path, capsys):
     (["--size", "7x7"], "--size 7x7: at least 8 pixels a side"),  # was said once a server had started
     (["--url", "notaurl"], "--url 'notaurl' is not an http:// or https:// address"),  # was "no answer"
     (["--seed", "-1"], "--seed must be between 0 and"),  # were tracebacks, once a server had started
+    (["--concurrency", "0,2"], "every concurrency must be at least 1"),
+    (["--requests", "0"], "--requests must be at least 1"),
+    (["--timeout-s", "0"], "--timeout-s must be a finite number of seconds above 0"),
     (["--out", "/etc/passwd"], "--out /etc/passwd: /etc/passwd is a file"),
 ])
 def test_a_value_the_servers_would_refuse_is_said_by_its_option_first(tmp_path, capsys, option, words):
@@ -158,15 +171,19 @@ def test_a_value_the_servers_would_refuse_is_said_by_its_option_first(tmp_path, 
     assert exit_.value.code == 2 and words in capsys.readouterr().err
 
 
+def option_value(command: list[str], flag: str) -> str:
+    return command[command.index(flag) + 1]
+
+
 def test_the_servers_queue_holds_a_whole_batch_and_every_client():
     """The server's default queue (32) refuses a larger --max-batch at start, and 503s clients beyond it."""
     config = parse_args(["--out", "x", "--max-batch", "64", "--concurrency", "80,1,80", "--requests", "80"])
     assert config.concurrency == (1, 80)  # the report and chart are keyed by concurrency: in order, each once
     command = server_command(config, "batching", 8000)
-    assert command[command.index("--queue-size") + 1] == "80" and command[command.index("--max-batch") + 1] == "64"
+    assert option_value(command, "--queue-size") == "80" and option_value(command, "--max-batch") == "64"
     # Warmed up at the load test's size and steps (every padded batch size) before ready; its steps admitted.
     many_steps = server_command(parse_args(["--out", "x", "--size", "96x64", "--steps", "150"]), "batching", 8000)
-    assert [many_steps[many_steps.index(flag) + 1] for flag in ("--warmup-size", "--steps", "--max-steps")] == \
+    assert [option_value(many_steps, flag) for flag in ("--warmup-size", "--steps", "--max-steps")] == \
         ["96x64", "150", "150"]
     ServeSettings(max_batch=64, queue_size=80).check_local_batching()  # what that server builds: valid
     override = parse_args(["--out", "x", "--server-arg=--queue-size=100"])
@@ -184,6 +201,10 @@ def test_latency_percentiles_and_the_batching_ratio_by_their_definitions():
                {"mode": "no-batching", "levels": [{"concurrency": 1, "edits_per_s": 2.0},
                                                   {"concurrency": 4, "edits_per_s": 2.0}]}]
     assert throughput_ratio(results) == {"1": 1.0, "4": 4.0}
+    # No edit succeeded without batching: no ratio, not a ZeroDivisionError that loses the whole record.
+    results[0]["levels"].append({"concurrency": 8, "edits_per_s": 1.0})
+    results[1]["levels"].append({"concurrency": 8, "edits_per_s": 0.0})
+    assert throughput_ratio(results)["8"] is None
 
 
 def test_requests_a_level_gave_up_on_are_counted_in_that_level_not_the_next(pipe, tmp_path):
@@ -225,3 +246,162 @@ def test_a_level_with_failed_requests_is_said_in_the_table_and_marked_on_the_cha
     assert "**Requests failed**: no-batching at 4 (6 of 8); edits/s, latencies and ratios there count the " \
         "successful edits only." in table(record)
     assert write_plot(record, tmp_path / "load.png") and (tmp_path / "load.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_each_server_runs_its_mode_with_the_load_tests_options():
+    """Only the batching command was checked: a no-batching server that batched, a --device or --no-tiny not
+    passed on, or a --max-batch above every level and the server's 32 (a server that refuses to start) passed."""
+    config = parse_args(["--out", "x", "--max-batch", "64", "--concurrency", "1,2", "--no-tiny", "--device", "cuda:1"])
+    batching, alone = server_command(config, "batching", 8000), server_command(config, "no-batching", 8000)
+    assert (option_value(alone, "--max-batch"), option_value(alone, "--max-wait-ms")) == ("1", "0")
+    assert option_value(batching, "--queue-size") == "64" and option_value(batching, "--device") == "cuda:1"
+    assert "--tiny" not in batching and "--tiny" in server_command(parse_args(["--out", "x"]), "batching", 8000)
+    # The server's own --max-steps is kept: a --server-arg=--steps up to it still starts.
+    assert option_value(batching, "--max-steps") == str(ServeSettings.max_steps)
+
+
+def test_a_server_answering_but_not_200_is_not_ready_and_has_no_metrics(tmp_path):
+    """A loading server answers /readyz 503: only a 200 is ready. A /metrics that is not 200 gives no server-side
+    figures (None), not figures of zero."""
+    (tmp_path / "readyz").write_text("ready")  # http.server: /readyz 200, /metrics 404
+    port = free_port()
+    command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)]
+
+    async def scraped(base: str) -> dict[str, float] | None:
+        async with httpx.AsyncClient() as client:
+            return await scrape(client, base)
+
+    with local_server(command, port, tmp_path / "server.log", ready_timeout_s=30) as base:
+        assert asyncio.run(scraped(base)) is None
+    (tmp_path / "readyz").unlink()  # /readyz 404 now
+    with (pytest.raises(LoadTestError, match="not ready within 1 s"),
+          local_server(command, port, tmp_path / "server.log", ready_timeout_s=1)):
+        pass
+
+
+def test_a_server_is_asked_to_stop_and_killed_only_when_it_does_not():
+    """SIGTERM first (uvicorn finishes the open requests); SIGKILL once the grace period is over."""
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stop(polite)
+    assert polite.returncode == -signal.SIGTERM
+    ignoring = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ignoring', flush=True); " \
+               "time.sleep(60)"
+    stubborn = subprocess.Popen([sys.executable, "-c", ignoring], stdout=subprocess.PIPE)
+    try:
+        stubborn.stdout.readline()  # its SIGTERM is ignored from here on
+        stop(stubborn, grace_s=0.5)
+        assert stubborn.returncode == -signal.SIGKILL
+    finally:
+        stubborn.kill()
+        stubborn.wait()
+        stubborn.stdout.close()
+
+
+def test_metrics_comment_lines_are_not_samples():
+    """A # HELP text ending in a number would otherwise be read as a sample of that value."""
+    text = ("# HELP zone_running Edits in the batch being run, up to 2\n# TYPE zone_running gauge\nzone_running 1.0\n"
+            'zone_requests_total{outcome="ok"} 4.0\n')
+    assert parse_metrics(text) == {"zone_running": 1.0, 'zone_requests_total{outcome="ok"}': 4.0}
+
+
+def scrapes_in_turn(monkeypatch, states: list[tuple[int, int]]) -> None:
+    """The server's metrics, one (running, queued) state a scrape, each numbered ("scrape")."""
+    metrics = iter([{"zone_running": running, "zone_queue_depth": queued, "scrape": number}
+                    for number, (running, queued) in enumerate(states)])
+
+    async def scrape(client, base) -> dict[str, float]:
+        return next(metrics)
+    monkeypatch.setattr(load_test, "scrape", scrape)
+
+
+def test_a_server_has_settled_after_two_idle_scrapes_in_a_row(monkeypatch):
+    """A queued edit keeps it busy as a running one does; an idle scrape between busy ones is not settled."""
+    scrapes_in_turn(monkeypatch, [(0, 0), (1, 0), (0, 0), (0, 1), (0, 0), (0, 0), (1, 0)])
+    assert asyncio.run(settled(None, "http://server", limit_s=60))["scrape"] == 5
+    scrapes_in_turn(monkeypatch, [(1, 0), (1, 0)])  # never idle: the limit ends the wait
+    assert asyncio.run(settled(None, "http://server", limit_s=0))["scrape"] == 0
+
+
+def test_server_side_figures_are_the_difference_between_the_scrapes():
+    """An outcome first counted in the level is new in its second scrape; a level without batches has no mean."""
+    before = {"zone_batch_size_count": 2.0, "zone_batch_size_sum": 5.0}
+    after = {**before, 'zone_requests_total{outcome="queue_full"}': 3.0}
+    assert server_side(before, after) == {"batches": 0, "mean_batch_size": None, "server_outcomes": {"queue_full": 3}}
+
+
+def answering(monkeypatch, status: int) -> list[int]:
+    """Every edit answered with `status` and no server: the seeds the edits were sent with, in order."""
+    seeds = []
+
+    async def post_edit(client, base, image, config, seed) -> httpx.Response:
+        seeds.append(seed)
+        return httpx.Response(status)
+    monkeypatch.setattr(load_test, "post_edit", post_edit)
+    return seeds
+
+
+def test_each_edit_has_a_seed_of_its_own_and_the_warm_up_none_of_the_measured_ones(monkeypatch, tmp_path):
+    """One seed for all would measure the same edit over and over; the --seed check bounds seeds
+    seed..seed+requests+warmup-1, the warm-up's after the measured ones."""
+    seeds = answering(monkeypatch, 200)
+    config, base = LoadConfig(out=tmp_path, requests=3, warmup=2, seed=10), f"http://127.0.0.1:{free_port()}"
+    asyncio.run(load_test.warm_up(base, config, b""))
+    assert asyncio.run(measure_level(base, 1, config, b""))["ok"] == 3
+    assert seeds == [13, 14, 10, 11, 12]
+
+
+def test_an_answer_other_than_200_is_an_error_named_by_its_status(monkeypatch, tmp_path):
+    answering(monkeypatch, 400)
+    level = asyncio.run(measure_level(f"http://127.0.0.1:{free_port()}", 1, LoadConfig(out=tmp_path, requests=2), b""))
+    assert level["ok"] == 0 and level["errors"] == {"HTTP 400": 2} and level["latency_ms"]["p50"] is None
+
+
+def test_no_server_or_a_failed_warm_up_exits_2_saying_why(monkeypatch, tmp_path, capsys):
+    """Exit 2, as the help says, with the reason; not a traceback, nor levels measured against a broken server."""
+    base = f"http://127.0.0.1:{free_port()}"
+    argv = ["--url", base, "--concurrency", "1", "--requests", "1", "--out", str(tmp_path)]
+    assert main(argv) == 2 and "no answer from the server (ConnectError" in capsys.readouterr().err
+    answering(monkeypatch, 500)
+    assert main(argv) == 2 and f"the warm-up edit at {base} failed: HTTP 500" in capsys.readouterr().err
+    assert not (tmp_path / "load.json").exists()
+
+
+def test_a_run_stopped_between_its_servers_reports_the_first_with_its_server_options(monkeypatch, tmp_path):
+    """The server that never started is left out (no empty result), and the options it was started with are
+    recorded, as they were this run's to set."""
+    def measure_local(config: LoadConfig, result: dict, progress) -> None:
+        if result["mode"] == "no-batching":
+            raise KeyboardInterrupt
+        result["levels"].append({"concurrency": 1, "edits_per_s": 1.0})
+    monkeypatch.setattr(load_test, "measure_local", measure_local)
+    record = run_load_test(LoadConfig(out=tmp_path, max_batch=16))
+    assert [result["mode"] for result in record["results"]] == ["batching"] and record["interrupted"]
+    assert record["settings"]["max_batch"] == 16 and record["throughput_ratio"] == {}
+
+
+def test_a_url_ending_in_a_slash_is_measured_at_its_own_paths(monkeypatch, tmp_path):
+    """http://host:8000/ + /v1/edit was //v1/edit: every edit a 404."""
+    bases = []
+
+    async def measure_server(base: str, result: dict, config: LoadConfig, progress) -> None:
+        bases.append(base)
+        result["levels"].append({"concurrency": 1, "edits_per_s": 1.0})
+    monkeypatch.setattr(load_test, "measure_server", measure_server)
+    run_load_test(LoadConfig(out=tmp_path, url="http://127.0.0.1:8000/"))
+    assert bases == ["http://127.0.0.1:8000"]
+
+
+def test_every_limit_itself_is_accepted(tmp_path, capsys):
+    """Each check's bound is the server's own: 8x8 images, --max-batch 256, --max-wait-ms 0, and the last --seed
+    whose edits (32 measured, 2 warm-up) all have seeds."""
+    last_seed = MAX_SEED - 32 - 2 + 1
+    config = parse_args(["--out", str(tmp_path), "--size", "8x8", "--max-batch", "256", "--max-wait-ms", "0",
+                         "--seed", str(last_seed)])
+    assert (config.size, config.max_batch, config.max_wait_ms, config.seed) == ((8, 8), 256, 0.0, last_seed)
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path), "--seed", str(last_seed + 1)])
+    assert f"--seed must be between 0 and {last_seed}" in capsys.readouterr().err
+
+
+def test_the_image_is_height_by_width():
+    assert Image.open(io.BytesIO(seeded_png(16, 24, 0))).size == (24, 16)  # PIL's size: width, height

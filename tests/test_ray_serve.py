@@ -13,15 +13,17 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
 from conftest import smooth_image
 from test_serving import decode_png, post_concurrently, post_edit
 
-from zone_engine.errors import ConfigError
-from zone_engine.serving import PipelineSpec, ServeSettings
-from zone_engine.serving.ray_serve import deploy, replica_resources, shutdown
+from zone_engine.errors import ConfigError, ZoneError
+from zone_engine.pipeline import EditRequest
+from zone_engine.serving import PipelineSpec, ServeSettings, ray_serve
+from zone_engine.serving.ray_serve import ZoneDeployment, ZoneReplica, replica_resources, run_ray
 
 
 def test_sigterm_stops_zone_serve_ray_as_the_help_says_also_while_it_deploys(tmp_path):
@@ -63,13 +65,13 @@ def ray_base():
 
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    application = ZoneDeployment()
     try:
-        deploy(PipelineSpec(tiny=True, device="cpu"), ServeSettings(max_batch=4, max_wait_ms=200, warmup=False,
-                                                                    edit_changes=(("steps", 3),)),
-               host="127.0.0.1", port=port, replicas=2)
+        settings = ServeSettings(max_batch=4, max_wait_ms=200, warmup=False, edit_changes=(("steps", 3),))
+        application.deploy(PipelineSpec(tiny=True, device="cpu"), settings, host="127.0.0.1", port=port, replicas=2)
         yield f"http://127.0.0.1:{port}"
     finally:
-        shutdown()
+        application.shutdown()
 
 
 def test_two_replicas_answer_the_same_contract(ray_base):
@@ -106,5 +108,122 @@ def test_replicas_get_one_gpu_each_where_the_cluster_has_them():
     assert replica_resources(cpu, 2, {"CPU": 2.0, "GPU": 4.0}) == {"num_cpus": 1, "num_gpus": 0}
     assert replica_resources(PipelineSpec(device="auto"), 2, {"CPU": 2.0}) == {"num_cpus": 1, "num_gpus": 0}
     assert replica_resources(gpu, 4, {"CPU": 64.0, "GPU": 4.0}) == {"num_cpus": 1, "num_gpus": 1}
-    with pytest.raises(ConfigError, match="needs 5 GPUs"):
+    # "auto" means CUDA where there is a GPU: its replicas need one each, as "cuda"'s do.
+    assert replica_resources(PipelineSpec(device="auto"), 1, {"CPU": 2.0, "GPU": 1.0}) == {"num_cpus": 1, "num_gpus": 1}
+    with pytest.raises(ConfigError, match="needs 5 GPUs \\(one each\\); the Ray cluster has 4$"):
         replica_resources(gpu, 5, {"CPU": 64.0, "GPU": 4.0})
+
+
+def test_a_replica_batches_as_the_settings_say_and_is_ready_once_loaded(tiny_pipe):
+    """Built as Serve builds it, without a cluster: `@serve.batch`'s own size and wait (4, 10 ms) were the
+    replica's whatever --max-batch and --max-wait-ms said, and its batches must reach `zone_batch_size`."""
+    replica = ZoneReplica.func_or_class.__wrapped__(SimpleNamespace(build=lambda: tiny_pipe),
+                                                   ServeSettings(max_batch=8, max_wait_ms=50, warmup=False))
+    assert (replica._edit_batch._get_max_batch_size(), replica._edit_batch._get_batch_wait_timeout_s()) == (8, 0.05)
+    assert replica.service.ready and replica.__serve_build_asgi_app__().state.service is replica.service
+    # A batch Serve gathered (its batching needs a replica's context: the method under it, called as Serve does).
+    image, config = smooth_image(32, 32), tiny_pipe.default_config.replace(steps=2)
+    batch = [EditRequest(image, "add a red hat", config), EditRequest(smooth_image(4, 4), "add a red hat", config)]
+    edited, refused = asyncio.run(type(replica)._edit_batch.__wrapped__(replica, batch))
+    assert edited.image.shape == image.shape and isinstance(refused, ZoneError)  # too small: it fails alone
+    sample = replica.service.metrics.registry.get_sample_value
+    assert (sample("zone_batch_size_count"), sample("zone_batch_size_sum")) == (1, 2)
+
+
+class FakeServe:
+    """What ZoneDeployment asks of Ray Serve, recorded (and Ray's shutdown): no cluster is started."""
+
+    def __init__(self) -> None:
+        self.started: dict | None = None
+        self.options: dict | None = None
+        self.ran: dict | None = None
+        self.deleted: list[str] = []
+        self.ray_shut_down = False
+
+    def start(self, **options) -> None:
+        self.started = options
+
+    def run(self, bound, **options) -> None:
+        self.ran = options
+
+    def delete(self, name: str) -> None:
+        self.deleted.append(name)
+
+    def shutdown(self) -> None:
+        raise AssertionError("serve.shutdown deletes every application of the cluster, not only zone")
+
+
+@pytest.fixture
+def fake_serve(monkeypatch) -> FakeServe:
+    fake = FakeServe()
+    monkeypatch.setattr(ray_serve, "serve", fake)
+    monkeypatch.setattr("ray.is_initialized", lambda: True)
+    monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
+    monkeypatch.setattr("ray.shutdown", lambda: setattr(fake, "ray_shut_down", True))
+
+    def options(**chosen):
+        fake.options = chosen
+        return SimpleNamespace(bind=lambda *args: args)
+    monkeypatch.setattr(ray_serve.ZoneReplica, "options", options)
+    return fake
+
+
+def test_deploy_bounds_the_queue_and_lets_edits_finish_as_the_settings_say(fake_serve, monkeypatch):
+    """--queue-size is Serve's queue (503 beyond it), a replica holds two batches under way, and a redeploy
+    waits out --timeout-s; Serve listens where --host says (not every interface), logs at --log-level."""
+    monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
+    settings = ServeSettings(max_batch=4, queue_size=40, timeout_s=30)
+    application = ZoneDeployment()
+    application.deploy(PipelineSpec(tiny=True, device="cpu"), settings, host="127.0.0.1", port=8123, replicas=3,
+                       log_level="info")
+    assert fake_serve.started == {"http_options": {"host": "127.0.0.1", "port": 8123}}
+    assert fake_serve.options == {"num_replicas": 3, "ray_actor_options": {"num_cpus": 1, "num_gpus": 0},
+                                  "max_ongoing_requests": 8, "max_queued_requests": 40,
+                                  "graceful_shutdown_timeout_s": 31}
+    assert fake_serve.ran["route_prefix"] == "/" and fake_serve.ran["logging_config"]["log_level"] == "INFO"
+    assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"  # no usage report sent from a server by default
+    application.shutdown()
+    assert fake_serve.deleted == [fake_serve.ran["name"]] == ["zone"] and fake_serve.ray_shut_down
+
+
+@pytest.mark.parametrize(("device", "replicas", "words"), [
+    ("cpu", 0, "--replicas must be at least 1, got 0"), ("cuda", 2, "--replicas 2 needs 2 GPUs"),
+])
+def test_replicas_that_cannot_run_are_refused_before_serve_starts(fake_serve, device, replicas, words):
+    """...and the shutdown after deletes no application: on a cluster joined through RAY_ADDRESS, serve.shutdown
+    deleted every application there, a zone one another process serves too."""
+    application = ZoneDeployment()
+    with pytest.raises(ConfigError, match=words):
+        application.deploy(PipelineSpec(device=device), ServeSettings(), host="127.0.0.1", port=8123,
+                           replicas=replicas)
+    application.shutdown()
+    assert fake_serve.started is None and fake_serve.deleted == [] and fake_serve.ray_shut_down
+
+
+def test_a_usage_mistake_said_before_ray_starts_starts_no_ray(fake_serve, monkeypatch):
+    """`zone serve --ray --replicas 0`: serve.shutdown, on the way out, started a local Ray (41 s here) to find
+    nothing to shut down, before the error was said."""
+    monkeypatch.setattr("ray.is_initialized", lambda: False)
+    application = ZoneDeployment()
+    with pytest.raises(ConfigError, match="--replicas must be at least 1"):
+        application.deploy(PipelineSpec(device="cpu"), ServeSettings(), host="127.0.0.1", port=8123, replicas=0)
+    application.shutdown()
+    assert fake_serve.deleted == [] and not fake_serve.ray_shut_down
+
+
+def test_an_interrupted_deploy_still_shuts_down_and_a_second_sigterm_cannot_cut_it_short(monkeypatch):
+    """Ctrl-C or SIGTERM while deploying: Serve and Ray are shut down, with SIGTERM ignored meanwhile."""
+    def interrupted(*args, **kwargs) -> None:
+        raise KeyboardInterrupt
+
+    during_shutdown = []
+    monkeypatch.setattr(ZoneDeployment, "deploy", interrupted)
+    monkeypatch.setattr(ZoneDeployment, "shutdown",
+                        lambda self: during_shutdown.append(signal.getsignal(signal.SIGTERM)))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_ray(PipelineSpec(tiny=True, device="cpu"), ServeSettings(), host="127.0.0.1", port=8123, replicas=1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert during_shutdown == [signal.SIG_IGN]

@@ -69,26 +69,49 @@ def replica_resources(spec: PipelineSpec, replicas: int, cluster: dict[str, floa
     return {"num_cpus": 1, "num_gpus": 1}
 
 
-def deploy(spec: PipelineSpec, settings: ServeSettings, *, host: str, port: int, replicas: int,
-           log_level: str = "warning") -> None:
-    """Start Ray (or join the cluster in RAY_ADDRESS) and Serve, and deploy; returns once replicas are up."""
-    import ray
+APPLICATION = "zone"  # the Serve application's name
 
-    if replicas < 1:
-        raise ConfigError(f"--replicas must be at least 1, got {replicas}")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not ray.is_initialized():
-        _init_keeping_sigterm(ray)
-    resources = replica_resources(spec, replicas, ray.cluster_resources())
-    serve.start(http_options={"host": host, "port": port})
-    deployment = ZoneReplica.options(
-        num_replicas=replicas, ray_actor_options=resources,
-        max_ongoing_requests=2 * settings.max_batch, max_queued_requests=settings.queue_size,
-        # Serve's default (20 s) would kill edits under way on a redeploy or scale-down: let them finish.
-        graceful_shutdown_timeout_s=settings.timeout_s + 1,
-    )
-    serve.run(deployment.bind(spec, settings), name="zone", route_prefix="/",
-              logging_config={"log_level": log_level.upper(), "enable_access_log": False})
+
+class ZoneDeployment:
+    """`zone serve --ray`'s Serve application: `deploy` brings it up, `shutdown` takes down only what this process
+    brought up. On a cluster joined through RAY_ADDRESS, Serve's other applications stay (serve.shutdown would
+    delete them all), and so does a zone application another process serves when this one is refused first."""
+
+    def __init__(self) -> None:
+        self.deployed = False  # serve.run under way or done: the zone application is this process's
+
+    def deploy(self, spec: PipelineSpec, settings: ServeSettings, *, host: str, port: int, replicas: int,
+               log_level: str = "warning") -> None:
+        """Start Ray (or join the cluster in RAY_ADDRESS) and Serve, and deploy; returns once replicas are up."""
+        import ray
+
+        if replicas < 1:
+            raise ConfigError(f"--replicas must be at least 1, got {replicas}")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if not ray.is_initialized():
+            _init_keeping_sigterm(ray)
+        resources = replica_resources(spec, replicas, ray.cluster_resources())
+        serve.start(http_options={"host": host, "port": port})
+        deployment = ZoneReplica.options(
+            num_replicas=replicas, ray_actor_options=resources,
+            max_ongoing_requests=2 * settings.max_batch, max_queued_requests=settings.queue_size,
+            # Serve's default (20 s) would kill edits under way on a redeploy or scale-down: let them finish.
+            graceful_shutdown_timeout_s=settings.timeout_s + 1,
+        )
+        self.deployed = True
+        serve.run(deployment.bind(spec, settings), name=APPLICATION, route_prefix="/",
+                  logging_config={"log_level": log_level.upper(), "enable_access_log": False})
+
+    def shutdown(self) -> None:
+        """Delete the application if this process deployed it (its edits under way finish first), then leave Ray:
+        a local cluster ray.init started ends with it, a joined one goes on."""
+        import ray
+
+        if not ray.is_initialized():  # refused before Ray started: serve.shutdown would start it to find nothing
+            return
+        if self.deployed:
+            serve.delete(APPLICATION)
+        ray.shutdown()
 
 
 def _init_keeping_sigterm(ray: Any) -> None:
@@ -101,22 +124,16 @@ def _init_keeping_sigterm(ray: Any) -> None:
         signal.signal(signal.SIGTERM, ours)
 
 
-def shutdown() -> None:
-    import ray
-
-    serve.shutdown()
-    ray.shutdown()
-
-
 def run_ray(spec: PipelineSpec, settings: ServeSettings, *, host: str, port: int, replicas: int,
             log_level: str = "warning") -> None:
     """Deploy and serve until interrupted (KeyboardInterrupt: Ctrl-C, or SIGTERM where the caller raises it so),
-    then shut Serve and Ray down, also when that comes while deploying."""
+    then take the application down and leave Ray (ZoneDeployment.shutdown), also when that comes while deploying."""
+    application = ZoneDeployment()
     try:
-        deploy(spec, settings, host=host, port=port, replicas=replicas, log_level=log_level)
+        application.deploy(spec, settings, host=host, port=port, replicas=replicas, log_level=log_level)
         print(f"zone: serving on http://{host}:{port} with {replicas} Ray Serve replica(s); Ctrl-C stops", flush=True)
         threading.Event().wait()  # a signal's exception ends it
     finally:
         if threading.current_thread() is threading.main_thread():  # a second SIGTERM must not cut the shutdown short
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        shutdown()
+        application.shutdown()
