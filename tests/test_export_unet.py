@@ -211,13 +211,16 @@ def test_fp16_export_keeps_float32_io_and_half_weights(models, tmp_path):
     out = export_vae(models, tmp_path / "fp16", height=64, width=64, dtype="fp16")
     model = onnx.load(str(out / "vae_decoder.onnx"))
     assert {i.type.tensor_type.elem_type for i in model.graph.input} == {onnx.TensorProto.FLOAT}
+    assert {o.type.tensor_type.elem_type for o in model.graph.output} == {onnx.TensorProto.FLOAT}
+    assert {p.key: p.value for p in model.metadata_props}["zone.precision"] == "fp16"
     assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer) > 10
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = models.vae.decode(latent / models.vae.config.scaling_factor, return_dict=False)[0]
     assert_close(session(out / "vae_decoder.onnx").run(None, {"latent": latent.numpy()})[0], want, **FP16_TOLERANCE)
     assert next(models.vae.parameters()).dtype == torch.float32  # the caller's model is left as it was
-    assert json.loads((out / MANIFEST_FILE).read_text())["graphs"]["vae_encoder"]["precision"] == "fp16"
+    entry = json.loads((out / MANIFEST_FILE).read_text())["graphs"]["vae_encoder"]
+    assert entry["precision"] == "fp16" and entry["validation"]["tolerance"] == FP16_TOLERANCE
 
 
 def test_an_export_that_fails_validation_writes_nothing(models, tmp_path, monkeypatch):
@@ -242,6 +245,12 @@ def test_sizes_that_record_no_or_different_layers_are_refused(models, monkeypatc
         monkeypatch.setattr(export_module, "recorded_layers", layers)
         with pytest.raises(ConfigError, match="recorded cross-attention layers differ across 32x32:64x64:96x64"):
             export_module.check_recorded_layers(models.ip2p_unet, profile)
+    # The graph is traced at none of min, opt and max here (96x96, see ShapeProfile.trace_size): its layers count.
+    profile = parse_dynamic_shapes("64x64:128x128:192x192")
+    assert profile.trace_size() not in profile.sizes()
+    monkeypatch.setattr(export_module, "recorded_layers", lambda unet, latent, grid: [f"layer {latent == (12, 12)}"])
+    with pytest.raises(ConfigError, match="differ across 64x64:128x128:192x192"):
+        export_module.check_recorded_layers(models.ip2p_unet, profile)
 
 
 @pytest.mark.parametrize(("got", "words"), [
@@ -260,11 +269,28 @@ def test_validation_refuses_a_nan_output_and_one_of_another_shape(got, words):
         compare(graph, "g.onnx", {}, [torch.tensor([[1.0, 2.0]])], ["out"], {"atol": 1e-3, "rtol": 0.0})
     assert compare(SimpleNamespace(run=lambda names, feed: [np.array([[1.0, 2.0005]], np.float32)]), "g.onnx", {},
                    [torch.tensor([[1.0, 2.0]])], ["out"], {"atol": 1e-3, "rtol": 0.0})["out"] < 1e-3
+    # The relative term scales with max|torch|: negative outputs get the same room as positive ones.
+    assert compare(SimpleNamespace(run=lambda names, feed: [np.array([[-1.0, -2.0015]], np.float32)]), "g.onnx", {},
+                   [torch.tensor([[-1.0, -2.0]])], ["out"], {"atol": 0.0, "rtol": 1e-3})["out"] < 2e-3
 
 
 def test_bf16_is_refused_with_the_reason(models, tmp_path):
     with pytest.raises(ConfigError, match="opset 22.*--fp16"):
         export_dual_step(models, tmp_path, height=32, width=32, dtype="bf16")
+
+
+def test_export_precisions_are_read_from_names_and_torch_dtypes():
+    """`dtype` may be a torch dtype or a name in any case: each reaches the same fp32/fp16/bf16 (bf16 with
+    its reason, not as an unknown precision); anything else is refused."""
+    precision = export_module._precision
+    assert precision(torch.float16) == precision(" FP16 ") == precision("float16") == precision("fp16") == "fp16"
+    assert precision(torch.float32) == precision("Float32") == "fp32"
+    for bf16 in (torch.bfloat16, "bfloat16", "BF16"):
+        with pytest.raises(ConfigError, match="bf16 ONNX export is not supported"):
+            precision(bf16)
+    for other in ("int8", torch.float64):
+        with pytest.raises(ConfigError, match="unknown export precision"):
+            precision(other)
 
 
 # ------------------------------------------------------------------------------------------------ shapes
@@ -692,6 +718,22 @@ def test_tensorrt_denoiser_loop_equals_the_fused_denoiser(models, exported, stan
         denoiser.buffers(latent_size(size), 32)
 
 
+def test_build_engine_command_builds_into_the_folders_engines_once(exported, stand_in_tensorrt, tmp_path, capsys):
+    """`zone build-engine FOLDER` builds into FOLDER/engines (where `zone edit --engines FOLDER` looks), says
+    that an fp32 graph gives an fp32 engine, reuses what it built, and rebuilds with --force."""
+    folder = shutil.copytree(exported, tmp_path / "unet")
+    parser = argparse.ArgumentParser()
+    add_build_engine_arguments(parser)
+    said = []
+    for extra in ([], [], ["--force"]):
+        paths = run_build_engine(parser.parse_args([str(folder), "--graph", "vae_decoder", *extra]))
+        assert [path.parent for path in paths] == [folder / "engines"] and paths[0].is_file()
+        said.append(capsys.readouterr().err)
+    assert all("note: vae_decoder is an fp32 graph, so its engine is fp32" in text for text in said)
+    assert [text.splitlines()[-1].split(": ")[1] for text in said] == [
+        "built (no engine built yet)", "up to date", "built (rebuild asked for)"]
+
+
 # ------------------------------------------------------------------------------------------------ TensorRT
 
 
@@ -776,6 +818,42 @@ class TestTensorRT:
             masks = [localize(acc.average(), grid_of(self.SIZE), encoded.token_count - 1, self.SIZE).mask_b
                      for acc in (eager_attention, engine_attention)]
             assert np.array_equal(*masks)
+
+
+def test_an_export_writes_and_records_the_opset_asked_for_and_a_static_one_has_fixed_shapes(models, tmp_path):
+    """The manifest's opset (part of the engine key) is the one the file holds, at a non-default opset; an
+    opset outside the range is refused by the export functions too, before anything is written. A static
+    export (no --dynamic-shapes) has no symbolic input dimension, for which TensorRT would need a profile."""
+    out = export_vae(models, tmp_path / "unet", height=32, width=64, opset=17)
+    for name, entry in read_manifest(out)["graphs"].items():
+        model = onnx.load(str(out / entry["onnx"]))
+        assert entry["opset"] == 17
+        assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+        dims = [d for value in model.graph.input for d in value.type.tensor_type.shape.dim]
+        assert dims and all(d.HasField("dim_value") for d in dims), name
+    with pytest.raises(ConfigError, match="opsets 14 to 20"):
+        export_vae(models, tmp_path / "other", height=32, width=32, opset=21)
+    assert not (tmp_path / "other").exists()
+
+
+def test_dynamic_exports_keep_every_size_dependent_axis_symbolic(exported, manifest):
+    """With --dynamic-shapes, the spatial axes of every input and output (and the attention's query axis) are
+    symbolic in the file, not the traced size, and the inputs' other axes fixed: TensorRT and ONNX Runtime then
+    serve the whole profile. (The exporter may leave more output axes symbolic.) The manifest's input and
+    output names are the file's."""
+    expected = {"dual_step": {"sample": {2, 3}, "timestep": set(), "context": set(), "guidance": set(),
+                              "eps_mb": {2, 3}, "eps_ip2p": {2, 3}, "attention": {0}},
+                "vae_encoder": {"image": {2, 3}, "latent": {2, 3}},
+                "vae_decoder": {"latent": {2, 3}, "image": {2, 3}}}
+    for graph, axes in expected.items():
+        model = onnx.load(str(exported / f"{graph}.onnx"))
+        symbolic = {value.name: {axis for axis, d in enumerate(value.type.tensor_type.shape.dim)
+                                 if not d.HasField("dim_value")} for value in (*model.graph.input, *model.graph.output)}
+        assert set(symbolic) == set(axes) and all(axes[name] <= symbolic[name] for name in axes), graph
+        assert all(symbolic[value.name] == axes[value.name] for value in model.graph.input), graph
+        entry = manifest["graphs"][graph]
+        assert (entry["inputs"], entry["outputs"]) == ([v.name for v in model.graph.input],
+                                                       [v.name for v in model.graph.output])
 
 
 def test_the_opset_range_includes_both_ends():

@@ -158,6 +158,9 @@ def test_fp16_export_stays_within_its_tolerance(sam, tmp_path):
 
     weights = onnx.load(str(folder / ENCODER_FILE)).graph.initializer
     assert sum(w.data_type == onnx.TensorProto.FLOAT16 for w in weights) > len(weights) // 2
+    decoder = onnx.load(str(folder / DECODER_FILE)).graph  # the mask decoder in fp16 too, fp32 in and out
+    assert sum(w.data_type == onnx.TensorProto.FLOAT16 for w in decoder.initializer) > len(decoder.initializer) // 2
+    assert {value.type.tensor_type.elem_type for value in (*decoder.input, *decoder.output)} == {onnx.TensorProto.FLOAT}
     assert OnnxSamSegmenter(folder, CONFIGS["random-weights"]).segment(smooth_image(64, 96))
 
 
@@ -415,6 +418,8 @@ def test_manifest_records_the_export(exported):
     assert manifest["onnxruntime_version"] == ort.__version__
     validation = manifest["validation"]
     assert validation["tolerance"] == {"atol": 1e-4, "rtol": 1e-4}
+    # The decoder is checked at batch and point counts other than traced with (2 prompts of 1 point).
+    assert set(validation) == {"tolerance", ENCODER_FILE, f"{DECODER_FILE} B=5 P=1", f"{DECODER_FILE} B=3 P=3"}
     assert all(value <= 1e-4 for key, value in validation.items() if key != "tolerance")
     assert sorted(path.name for path in exported.iterdir()) == sorted([ENCODER_FILE, DECODER_FILE, MANIFEST_FILE])
 
@@ -492,6 +497,25 @@ def test_a_gpu_provider_that_onnx_runtime_leaves_out_without_an_error_is_said(ex
     assert segmenter.providers == ["CPUExecutionProvider"]
 
 
+def test_graph_files_hold_the_manifests_opset_and_dynamic_prompt_axes(exported):
+    """What the manifest says is what the files hold: the opset; the decoder's prompt count B (inputs and both
+    outputs) and point count P symbolic, so one graph runs every batch; the inputs' other axes fixed. (The
+    exporter may leave more output axes symbolic.)"""
+    import onnx
+
+    manifest = read_manifest(exported)
+    dynamic = {"image": [], "image_embeddings": [], "point_coords": [0, 1], "point_labels": [0, 1],
+               "low_res_logits": [0], "iou_predictions": [0]}
+    for name in (ENCODER_FILE, DECODER_FILE):
+        model = onnx.load(str(exported / name))
+        assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [manifest["opset"]]
+        for value in (*model.graph.input, *model.graph.output):
+            symbolic = [axis for axis, d in enumerate(value.type.tensor_type.shape.dim) if not d.HasField("dim_value")]
+            if value in model.graph.input:
+                assert symbolic == dynamic[value.name], (name, value.name)
+            assert set(dynamic[value.name]) <= set(symbolic), (name, value.name)
+
+
 def test_manifest_records_the_checkpoint_checksum(sam, tmp_path):
     checkpoint = tmp_path / "sam_tiny.pth"
     torch.save(sam.state_dict(), checkpoint)
@@ -508,6 +532,10 @@ def test_manifest_records_the_checkpoint_checksum(sam, tmp_path):
     assert manifest["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert manifest["checkpoint"] == "sam_tiny.pth"
     assert manifest["opset"] == 18
+    import onnx
+
+    for name in (ENCODER_FILE, DECODER_FILE):
+        assert [o.version for o in onnx.load(str(folder / name)).opset_import if o.domain in ("", "ai.onnx")] == [18]
 
 
 def test_run_export_sam_tiny_from_the_command_line(tmp_path):
@@ -560,7 +588,7 @@ def test_run_export_sam_argument_errors(tmp_path):
                                           fp16=False, opset=17))
 
 
-def test_run_export_sam_refuses_tiny_with_a_model_type_and_opsets_below_13(tmp_path):
+def test_run_export_sam_refuses_tiny_with_a_model_type_and_opsets_below_13(sam, tmp_path):
     """--tiny builds its own SAM, so --model-type is refused as --checkpoint is; opset 12 lacks an op SAM's graphs
     use (unflatten), said before a checkpoint of gigabytes loads."""
     with pytest.raises(ConfigError, match="leave out --checkpoint and --model-type"):
@@ -569,6 +597,9 @@ def test_run_export_sam_refuses_tiny_with_a_model_type_and_opsets_below_13(tmp_p
     with pytest.raises(ConfigError, match="opsets 13 to 20"):
         run_export_sam(argparse.Namespace(tiny=False, checkpoint=None, model_type=None, out=tmp_path / "b",
                                           fp16=False, opset=12))
+    with pytest.raises(ConfigError, match="opsets 13 to 20"):  # export_sam itself, as a library call
+        export_sam(sam, "tiny", tmp_path / "c", opset=21)
+    assert not (tmp_path / "c").exists()
 
 
 def test_weights_in_external_data_files(sam, tmp_path, monkeypatch):
