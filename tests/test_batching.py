@@ -258,7 +258,7 @@ def test_cancelled_edits_stop_and_say_so(fused_pipe):
     assert steps_run == [0]
 
 
-def test_a_denoiser_that_cannot_batch_runs_the_edits_one_by_one(tiny_models):
+def test_a_denoiser_that_cannot_batch_runs_the_edits_one_by_one(tiny_models, capsys):
     eager_pipe = ZonePipeline(tiny_models, device="cpu", denoiser="eager")  # the sequential reference
     image, config = smooth_image(64, 64, seed=4), eager_pipe.default_config.replace(steps=2)
     requests = [EditRequest(image, "add a hat", config.replace(seed=seed)) for seed in (1, 2)]
@@ -272,8 +272,18 @@ def test_a_denoiser_that_cannot_batch_runs_the_edits_one_by_one(tiny_models):
         polls.append(1)
         return False
 
-    eager_pipe.denoise([eager_pipe.prepare(image, "add a hat", config) for _ in range(2)], stop=stop)
+    eager_pipe.denoise([eager_pipe.prepare(image, "add a hat", config) for _ in range(2)], stop=stop, progress=True)
     assert len(polls) == 2 * config.steps  # one loop per edit, polled after every step
+    assert f" {2 * config.steps}/{2 * config.steps} " in capsys.readouterr().err  # the bar counts both loops' steps
+
+
+def test_edits_of_one_key_share_one_denoising_loop(fused_pipe):
+    """A batching denoiser runs the edits of one batch key as one loop (polled once a step), not one loop an edit:
+    the batched results equal the edits alone, so they could not tell."""
+    config, image, polls = fused_pipe.default_config.replace(steps=2), smooth_image(64, 64, seed=4), []
+    edits = [fused_pipe.prepare(image, "add a hat", config.replace(seed=seed)) for seed in (1, 2)]
+    fused_pipe.denoise(edits, stop=lambda: polls.append(1) and False)
+    assert len(polls) == config.steps
 
 
 def test_padded_batches_run_a_power_of_two_and_return_only_the_real_edits(tiny_models):

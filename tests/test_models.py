@@ -441,3 +441,80 @@ def test_the_tiny_tokenizer_knows_every_printable_character():
     text = "".join(map(chr, range(ord("!"), ord("~") + 1))) + " é¡ÿ"
     ids = tokenizer(text).input_ids
     assert tokenizer.eos_token_id not in ids[1:-1]
+
+
+def test_both_pipelines_are_read_from_local_files_only(monkeypatch):
+    """Nothing here downloads: IP2P's and MagicBrush's loads ask diffusers for local files only, whatever
+    HF_HUB_OFFLINE says (conftest sets it, so a dropped local_files_only passed every other test)."""
+    from types import SimpleNamespace
+
+    asked = []
+
+    def from_pretrained(source, **kwargs):
+        asked.append(kwargs.get("local_files_only"))
+        raise OSError(f"{source} is not here")
+
+    monkeypatch.setattr(StableDiffusionInstructPix2PixPipeline, "from_pretrained", from_pretrained)
+    with pytest.raises(CheckpointError, match="InstructPix2Pix weights not found"):
+        load_ip2p("someone/model")
+    with pytest.raises(CheckpointError, match="MagicBrush weights not found"):
+        load_magicbrush_unet("someone/model", SimpleNamespace(text_encoder=None, tokenizer=None, vae=None))
+    assert asked == [True, True]
+
+
+def test_a_magicbrush_unet_with_other_attention_heads_is_refused():
+    """attention_head_dim (SD1.5's key for the number of heads) changes no weight's shape, only how attention
+    splits them: the config comparison alone can catch it."""
+    from diffusers import UNet2DConditionModel
+
+    reference = build_tiny_unet()
+    other = UNet2DConditionModel(**{**reference.config, "attention_head_dim": 4})
+    with pytest.raises(CheckpointError, match=r"\(config differs in attention_head_dim\)"):
+        check_same_unet(reference, other, "mb")
+
+
+def test_the_scheduler_settings_are_the_checkpoints_not_the_class_defaults(saved, tmp_path):
+    """SD's scheduler uses scaled_linear betas where diffusers' default is linear: the saved folders' own config
+    (here the class defaults) would pass a loader that ignored it."""
+    root, _ = saved
+    ip2p = tmp_path / "ip2p"
+    shutil.copytree(root / "ip2p", ip2p)
+    scheduler = ip2p / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(scheduler.read_text().replace('"beta_schedule": "linear"', '"beta_schedule": "scaled_linear"'))
+    with pytest.warns(UserWarning, match="keyword rule"):
+        models = load_pretrained(str(ip2p), str(root / "magicbrush"), None)
+    assert models.scheduler_config["beta_schedule"] == "scaled_linear"
+
+
+def test_the_sd15_preset_builds_clip_vit_l14s_text_tower(monkeypatch):
+    """The benchmarks' text encoder has CLIP's full 49408-token vocabulary, not the tiny tokenizer's length (the
+    tiny preset's choice): the embedding table is part of the measured model. Its config is read, nothing built."""
+    import transformers
+
+    configs = []
+
+    class Recorded(Exception):
+        pass
+
+    def record(config):
+        configs.append(config)
+        raise Recorded
+
+    monkeypatch.setattr(transformers, "CLIPTextModel", record)
+    with pytest.raises(Recorded):
+        build_random_components("sd15")
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
+    assert [getattr(configs[0], name) for name in sizes] == [49408, 768, 3072, 12, 12]
+
+
+def test_moving_the_models_leaves_every_network_in_inference_mode(tiny_models):
+    """Built networks start in training mode (dropout on, gradients kept): `to` turns every one to eval without
+    gradients, as an edit runs them (the tiny and SD configs have no dropout, so the edits alone cannot tell)."""
+    import copy
+
+    models = copy.deepcopy(tiny_models)
+    nets = [models.text_encoder, models.vae, models.ip2p_unet, models.mb_unet, models.sam, models.action_classifier]
+    for net in nets:
+        net.train().requires_grad_(True)
+    models.to(torch.device("cpu"), torch.float32)
+    assert not [net for net in nets if net.training or any(p.requires_grad for p in net.parameters())]

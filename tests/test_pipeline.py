@@ -257,8 +257,6 @@ def test_an_image_under_one_attention_cell_is_edited_with_a_warning(tiny_pipe, s
 def test_fp16_vae_overflow_is_decoded_again_in_fp32(tiny_models, monkeypatch):
     """SD's VAE overflows in fp16; the decode must come back finite (simulated: fp16 decode returns inf),
     and the VAE itself stays as it was, weights and all (its CUDA graphs point at them)."""
-    import torch
-
     from zone_engine.pipeline import decode_latents
 
     vae = tiny_models.vae
@@ -309,8 +307,6 @@ def test_a_second_pipeline_may_not_change_the_models_another_one_holds():
     """A pipeline moves, casts and lays out its models in place: a second one over the same models with other
     settings silently changed the first one's layout (its output moved by a level; on CUDA its graphs would read
     freed memory). Same settings, a deep copy, or the first one gone: allowed."""
-    import copy
-
     first = ZonePipeline.tiny()
     with pytest.raises(ConfigError, match=r"in use by another ZonePipeline \(cpu, torch.float32, UNets contiguous"):
         ZonePipeline(first.models, device="cpu", channels_last=True)
@@ -649,3 +645,77 @@ def test_a_pipeline_kept_only_by_a_reference_cycle_holds_no_models_before_the_co
         ZonePipeline(models, device="cpu", channels_last=True)
     finally:
         gc.enable()
+
+
+# --------------------------------------------------------------------------------------------------
+# Each test below shown to fail on a one-line change to pipeline.py (a mutation audit).
+
+
+def test_the_total_is_the_wall_time_from_prepare_to_finish(tiny_pipe, monkeypatch):
+    """An edit's total counts from prepare to finish, waiting included (a batch's queue, the work between stages),
+    not the sum of its stages: a stand-in clock says 1000 s passed."""
+    from types import SimpleNamespace
+
+    import zone_engine.pipeline
+
+    clock = iter([0.0, 1000.0])
+    monkeypatch.setattr(zone_engine.pipeline, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert _edit(tiny_pipe, smooth_image(64, 64)).timings["total"] == 1000.0
+
+
+def test_the_eager_reference_replays_no_stage_from_a_cuda_graph(tiny_models, monkeypatch):
+    """denoiser="eager" is the plain reference throughout: its text encoder and VAE run eagerly even where CUDA
+    graphs are on (stood in for on the CPU), where the other denoisers' pipelines capture them."""
+    import zone_engine.pipeline
+    from zone_engine.graphs import CapturedCalls, eager
+
+    monkeypatch.setattr(zone_engine.pipeline, "uses_cuda_graphs", lambda device, cuda_graphs: True)
+    assert ZonePipeline(tiny_models, device="cpu", denoiser="eager").run is eager
+    assert isinstance(ZonePipeline(tiny_models, device="cpu").run, CapturedCalls)
+
+
+def test_prepare_makes_the_denoisers_inputs_in_the_pipelines_dtype(tiny_models, monkeypatch):
+    """In half precision the image latents and the initial noise are made in the pipeline's dtype, as the UNets
+    take them (bf16 stood in for on the CPU, where the engine offers fp32 only)."""
+    import zone_engine.pipeline
+
+    monkeypatch.setattr(zone_engine.pipeline, "resolve_dtype", lambda dtype, device: torch.bfloat16)
+    pipe = ZonePipeline(copy.deepcopy(tiny_models), device="cpu", denoiser="eager")
+    edit = pipe.prepare(smooth_image(64, 64), INSTRUCTION, pipe.default_config.replace(action=Action.CHANGE))
+    inputs = edit.inputs
+    assert inputs.noise.dtype == inputs.image_latents.dtype == inputs.context.dtype == torch.bfloat16
+
+
+def test_from_pretrained_refuses_an_unknown_backend_before_any_checkpoint_loads(monkeypatch):
+    """Loading the real checkpoints takes minutes: a misspelt backend is said before, not by the constructor after."""
+    monkeypatch.setattr("zone_engine.pipeline.load_pretrained", lambda *a, **k: pytest.fail("loaded checkpoints"))
+    with pytest.raises(ConfigError, match="unknown localization kernels 'cuda'"):
+        ZonePipeline.from_pretrained(device="cpu", kernels="CUDA")
+
+
+def test_finishing_an_edit_again_times_that_finish_alone(tiny_pipe):
+    """finish times its stages on a copy of the edit's stopwatch: a second finish of one edit (as a caller retrying
+    it does) reported both finishes' seconds added up."""
+    edit = tiny_pipe.prepare(smooth_image(64, 64), INSTRUCTION, tiny_pipe.default_config.replace(steps=1))
+    (latents,) = tiny_pipe.denoise([edit])
+    prepared = dict(edit.watch.seconds)
+    tiny_pipe.finish(edit, latents)
+    assert edit.watch.seconds == prepared
+
+
+def test_a_cpu_pipeline_enlarges_its_images_with_pillow_on_the_host(tiny_pipe, monkeypatch):
+    """The device resize (pillow_resize.py) is CUDA's; on the CPU Pillow itself is the faster, and gives the same
+    bytes, so only the path taken tells."""
+    import zone_engine.pipeline
+
+    calls = spy_calls(monkeypatch, zone_engine.pipeline, "to_input_size_on")
+    _edit(tiny_pipe, smooth_image(77, 51))
+    assert calls == []
+
+
+def test_from_pretrained_with_the_onnx_segmenter_refuses_a_sam_checkpoint_it_would_not_read(monkeypatch):
+    """segmenter="onnx" runs the SAM export: a SAM checkpoint given beside it would go unread, so it is refused
+    before anything loads, as `check_pretrained_present` refuses it."""
+    monkeypatch.setattr("zone_engine.pipeline.load_pretrained", lambda *a, **k: pytest.fail("loaded checkpoints"))
+    with pytest.raises(ConfigError, match="reads no SAM checkpoint: drop --sam PATH"):
+        ZonePipeline.from_pretrained(device="cpu", segmenter="onnx", sam="sam_vit_b_01ec64.pth")
