@@ -19,7 +19,7 @@ from zone_engine.denoise import (
     initial_noise,
     make_scheduler,
 )
-from zone_engine.dual_step import FusedDualDenoiser
+from zone_engine.dual_step import DualState, DualUNet, FusedDualDenoiser, advance, dual_step
 from zone_engine.errors import ConfigError
 from zone_engine.localize import AttentionAccumulator
 from zone_engine.pipeline import encode_image_latents
@@ -358,3 +358,42 @@ def test_the_fused_solver_takes_a_first_order_last_step_where_the_scheduler_does
     schedule = solver_schedule(scheduler(), 20)
     assert schedule.correction_scale[-1].item() == 0 and schedule.correction_scale[-2].item() != 0
     assert_solver_follows(reference, schedule, seed=0)
+
+
+def test_a_half_precision_step_guides_and_solves_in_float32():
+    """fp16 UNets (as on a GPU): the trajectories and history stay float32 buffers and the guidance is taken
+    of the noise cast to float32, as the eager denoiser does; fp16 guidance (7.5x differences) would round."""
+    generator = torch.Generator().manual_seed(0)
+    noise, eps = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(6, 4, 8, 8, generator=generator).half()
+    unet = DualUNet(lambda *args, **kwargs: (eps[:3],), lambda *args, **kwargs: (eps[3:],))
+    schedule, beta = solver_schedule(make_scheduler(SCALED_LINEAR), 4), torch.tensor([0.2]).view(-1, 1, 1, 1)
+    state, expected = DualState.start(noise.half()), DualState.start(noise.half())
+    assert all(buffer.dtype == torch.float32 for buffer in (state.z_mb, state.z_ip, state.x0_mb, state.x0_ip))
+    dual_step(unet, schedule, state, torch.zeros(3, 4, 8, 8, dtype=torch.float16), torch.zeros(3, 77, 32),
+              torch.tensor([7.5, 1.5]), beta)
+    advance(schedule, expected, guided_noise(eps[:3].float(), 7.5, 1.5), guided_noise(eps[3:].float(), 7.5, 1.5), beta)
+    assert torch.equal(state.z_ip, expected.z_ip) and torch.equal(state.z_mb, expected.z_mb)
+
+
+def test_reset_starts_a_fresh_edit_in_buffers_a_previous_one_used():
+    """A captured step's buffers are reused edit after edit (load_static): reset_ must clear the history the
+    second-order update reads and the step index, not only the trajectories."""
+    state = DualState.start(torch.zeros(1, 4, 2, 2))
+    for buffer in (state.x0_mb, state.x0_ip):
+        buffer.fill_(float("nan"))
+    state.step.fill_(5)
+    noise = torch.randn(1, 4, 2, 2)
+    state.reset_(noise)
+    assert torch.equal(state.z_mb, noise) and torch.equal(state.z_ip, noise) and state.step.tolist() == [0]
+    assert not state.x0_mb.any() and not state.x0_ip.any()
+
+
+def test_compiled_or_graphed_denoisers_pad_batches_unless_told_not_to(tiny_models, monkeypatch):
+    """Compilation and capture are keyed by shape: either one pads batches to powers of two by default."""
+    monkeypatch.setattr(torch, "compile", lambda function, **options: function)  # nothing is run here
+    models = tiny_models.ip2p_unet, tiny_models.mb_unet, tiny_models.scheduler_config
+    with torch._dynamo.config.patch(recompile_limit=8):  # compile=True raises it: leave the process's as it was
+        assert FusedDualDenoiser(*models, compile=True).pad_batches
+        assert not FusedDualDenoiser(*models, compile=True, pad_batches=False).pad_batches
+    assert FusedDualDenoiser(*models, cuda_graphs=True).pad_batches
+    assert not FusedDualDenoiser(*models).pad_batches

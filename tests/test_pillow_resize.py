@@ -53,6 +53,8 @@ def test_resize_refuses_what_it_cannot_reproduce():
         resize_uint8(torch.zeros(4, 4, dtype=torch.uint8), (8, 8))
     with pytest.raises(ValueError, match="only enlarging the height"):
         resize_uint8(torch.zeros(8, 4, 3, dtype=torch.uint8), (4, 8))
+    with pytest.raises(ValueError, match="at least 1x1, got 8x0"):  # not a ZeroDivisionError from the weights
+        resize_uint8(torch.zeros(4, 4, 3, dtype=torch.uint8), (8, 0))
 
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(

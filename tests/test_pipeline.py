@@ -522,6 +522,17 @@ def test_a_stopwatch_adds_up_a_stage_timed_twice_and_its_copy_goes_on_apart(monk
     assert watch.seconds == {"denoise": 5.0} and later.seconds == {"denoise": 9.0}
 
 
+def test_a_stage_that_raises_is_still_timed(monkeypatch):
+    """A failed or cancelled edit's timings still say where its time went: the stage counts its seconds on the
+    way out of an exception too."""
+    ticks = iter([0.0, 3.0])
+    monkeypatch.setattr("zone_engine.timing.time.perf_counter", lambda: next(ticks))
+    watch = Stopwatch(torch.device("cpu"))
+    with pytest.raises(EditCancelled), watch("denoise"):
+        raise EditCancelled("stopped")
+    assert watch.seconds == {"denoise": 3.0}
+
+
 def test_a_short_side_of_exactly_one_attention_cell_is_not_coarse():
     """The note is for a short side *under* one 32-pixel cell (ZONE locates the edit on those cells): 32 pixels
     is one whole cell, and an image of that size must not be told its edit will be coarse."""

@@ -97,7 +97,9 @@ def resize_uint8(image: torch.Tensor, size: tuple[int, int], filter: Filter = "b
     if image.dtype != torch.uint8 or image.ndim != 3:
         raise ValueError(f"expected a uint8 (H, W, C) image, got {image.dtype} {tuple(image.shape)}")
     height, width = size
-    if height < image.shape[0] or min(height, width) < 1:
+    if min(height, width) < 1:
+        raise ValueError(f"the size must be at least 1x1, got {height}x{width}")
+    if height < image.shape[0]:
         raise ValueError(f"only enlarging the height is reproduced exactly: {image.shape[0]} -> {height}")
     rows = _resample(image.to(torch.int32), width, axis=1, filter=filter)  # Pillow's horizontal pass first
     return _resample(rows, height, axis=0, filter=filter).to(torch.uint8)
