@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -716,6 +717,81 @@ def test_tensorrt_denoiser_loop_equals_the_fused_denoiser(models, exported, stan
     denoiser.context.get_tensor_shape = lambda name: (1, 4, 8, 8)  # an engine from another export's shapes
     with pytest.raises(ZoneError, match=r"writes eps_mb as \(1, 4, 8, 8\), not \(1, 4, 12, 8\)"):
         denoiser.buffers(latent_size(size), 32)
+
+
+@pytest.mark.parametrize(("version", "too_old"), [("9.3.0", True), ("unknown", True), ("10.0.1", False)])
+def test_tensorrt_before_10_is_refused_by_its_version(monkeypatch, version, too_old):
+    """The denoiser is written for TensorRT 10's name-based tensor API: an older one is said, not an AttributeError."""
+    from zone_engine.tensorrt_denoiser import import_tensorrt
+
+    module = SimpleNamespace(__version__=version)
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    if too_old:
+        with pytest.raises(DeviceError, match=f"TensorRT {version} is too old: zone-engine needs TensorRT 10"):
+            import_tensorrt()
+    else:
+        assert import_tensorrt() is module
+
+
+def test_the_tensorrt_denoiser_on_a_cuda_machine_refuses_another_device(monkeypatch):
+    """TensorRT and a GPU present, --device cpu: said as such (the stand-in fixture skips this check)."""
+    from zone_engine.tensorrt_denoiser import require_tensorrt_runtime
+
+    monkeypatch.setitem(sys.modules, "tensorrt", StandInTensorRT)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(DeviceError, match="runs on CUDA, not on cpu: use --device cuda"):
+        require_tensorrt_runtime(torch.device("cpu"))
+    assert require_tensorrt_runtime(torch.device("cuda")) is StandInTensorRT
+
+
+def _engine_file(onnx_path: Path, folder: Path) -> Path:
+    """A stand-in engine "built" from `onnx_path` (StandInTensorRT reads the path back)."""
+    path = folder / f"{onnx_path.stem}.plan"
+    path.write_bytes(str(onnx_path).encode())
+    return path
+
+
+def test_an_engine_that_is_not_a_float32_dual_step_is_refused(models, exported, manifest, stand_in_tensorrt,
+                                                               tmp_path, monkeypatch):
+    """Another graph's engine, one with a half-precision tensor, one TensorRT cannot load: each said when the
+    denoiser is made, not as wrong numbers or a crash inside an engine run."""
+    from zone_engine.tensorrt_denoiser import TensorRTDenoiser
+
+    graph, dual_step = manifest["graphs"]["dual_step"], _engine_file(exported / "dual_step.onnx", tmp_path)
+    with pytest.raises(ZoneError, match=r"vae_decoder.plan is not a dual-step engine: tensors \["):
+        TensorRTDenoiser(_engine_file(exported / "vae_decoder.onnx", tmp_path), graph, models.scheduler_config, "cpu")
+    monkeypatch.setattr(StandInEngine, "get_tensor_dtype",
+                        lambda self, name: "float16" if name == "attention" else "float32")
+    with pytest.raises(ZoneError, match="attention is float16, expected float32"):
+        TensorRTDenoiser(dual_step, graph, models.scheduler_config, "cpu")
+    monkeypatch.setattr(StandInTensorRT.Runtime, "deserialize_cuda_engine", lambda self, data: None)
+    with pytest.raises(DeviceError, match="TensorRT cannot load .*rebuild it with `zone build-engine FOLDER`"):
+        TensorRTDenoiser(dual_step, graph, models.scheduler_config, "cpu")
+
+
+def test_engine_buffers_serve_the_profiles_smallest_size_and_the_engines_refusals_are_said(
+        models, exported, manifest, stand_in_tensorrt, tmp_path):
+    """The profile's bounds are inclusive at both ends; an input shape or address TensorRT refuses, and inputs on
+    another device than the engine's, are ZoneErrors before the engine runs."""
+    from zone_engine.tensorrt_denoiser import TensorRTDenoiser
+
+    denoiser = TensorRTDenoiser(_engine_file(exported / "dual_step.onnx", tmp_path), manifest["graphs"]["dual_step"],
+                                models.scheduler_config, "cpu")
+    smallest = latent_size((32, 32))
+    assert denoiser.buffers(smallest, 32)["attention"].shape == (1, 77)
+    with pytest.raises(ConfigError, match="serves images from 32x32 to 96x64, not 24x32"):
+        denoiser.buffers((3, 4), 32)
+    denoiser.context.set_input_shape = lambda name, shape: False
+    with pytest.raises(ZoneError, match=r"refuses sample of shape \(6, 8, 4, 4\)"):
+        denoiser.buffers(smallest, 32)
+    del denoiser.context.set_input_shape
+    denoiser.context.set_tensor_address = lambda name, address: False
+    with pytest.raises(ZoneError, match="TensorRT refused the address of the dual-step engine's sample"):
+        denoiser.buffers(smallest, 32)
+    elsewhere = torch.zeros(1, 4, *smallest, device="meta")
+    with pytest.raises(DeviceError, match="runs on cpu; the inputs are on meta"):
+        denoiser(DenoiseInputs(context=elsewhere, image_latents=elsewhere, noise=elsewhere), EditConfig(steps=2), 0.2,
+                 AttentionAccumulator())
 
 
 def test_build_engine_command_builds_into_the_folders_engines_once(exported, stand_in_tensorrt, tmp_path, capsys):

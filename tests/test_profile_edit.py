@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,16 @@ from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 
 from zone_benchmarks import options, profile_edit
-from zone_benchmarks.profile_edit import all_stages, covered, layout_said, stage_profiles, stage_table
+from zone_benchmarks.profile_edit import (
+    StageProfile,
+    all_stages,
+    covered,
+    layout_said,
+    stage_profiles,
+    stage_table,
+)
+from zone_engine.config import SamConfig
+from zone_engine.errors import ZoneError
 from zone_engine.pipeline import STAGES
 from zone_engine.timing import RANGE_PREFIX
 
@@ -70,6 +80,21 @@ def test_a_cpu_run_has_no_device_busy_time_and_ranks_its_torch_ops():
     assert blend.device_busy_us is None and blend.busy_share is None
     assert blend.longest == (("aten::fft_fft2", 5), ("aten::abs", 1))
     assert blend.torch_ops_share == pytest.approx(0.6)
+
+
+def test_an_op_starting_as_a_stage_ends_is_not_that_stages():
+    """A range's span is half-open: what starts at its end (the next stage's first op) is not in it."""
+    events = [_event(RANGE_PREFIX + "blend", 0, 10, annotation=True), _event("aten::abs", 2, 4),
+              _event("aten::add", 10, 12)]
+    (blend,) = stage_profiles(events)
+    assert (blend.torch_ops, blend.longest) == (1, (("aten::abs", 2),))
+
+
+def test_a_cpu_runs_all_stages_row_has_no_device_busy_time():
+    """Summing stages without device activity gives no busy time, not 0 ms (which would read as an idle GPU)."""
+    (blend,) = stage_profiles([_event(RANGE_PREFIX + "blend", 0, 10, annotation=True), _event("aten::abs", 2, 4)])
+    assert all_stages([blend]).device_busy_us is None
+    assert "| all stages | 0.01 ms | — | — |" in stage_table([blend])
 
 
 def test_profiling_a_tiny_edit_reports_every_stage(capsys, tmp_path):
@@ -144,11 +169,93 @@ def test_the_group_norm_option_reaches_the_pipeline(monkeypatch):
         raise InterruptedError("stop before any edit")
 
     monkeypatch.setattr(profile_edit, "ZonePipeline", pipeline)
+    monkeypatch.setattr(profile_edit, "build_random_components", lambda *args: SimpleNamespace(to=lambda *a: "models"))
     with pytest.raises(InterruptedError):
         profile_edit.profile_edit(options.parse_profile_args(["--models", "tiny", "--device", "cpu", "--group-norm",
                                                             "triton"]))
     assert built[0]["group_norm"] == "triton" and built[0]["engines"] is None
     assert options.parse_profile_args([]).group_norm == "auto"
+
+
+def test_the_op_table_leaves_out_the_stages_ranges():
+    """A stage's range is not an op: its self time is the Python between the ops, and would top a CPU table."""
+    with (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler,
+          torch.profiler.record_function(RANGE_PREFIX + "blend")):
+        torch.ones(3).add(1)
+    table = profile_edit._op_table(profiler, 100, torch.device("cpu"))
+    assert "aten::add" in table and RANGE_PREFIX not in table
+
+
+class _StopEdit(Exception):
+    pass
+
+
+def _recording_pipeline(monkeypatch, built: list, edits: list, stop_after: int):
+    """ZonePipeline replaced: records its arguments and each edit's config; the `stop_after`th edit stops the run
+    (0: building the pipeline does). The models are not built."""
+    def pipeline(*args, **kwargs):
+        built.append((args, kwargs))
+        if not stop_after:
+            raise _StopEdit
+        return SimpleNamespace(edit=edit)
+
+    def edit(image, instruction, config):
+        edits.append(config)
+        if len(edits) == stop_after:
+            raise _StopEdit
+
+    monkeypatch.setattr(profile_edit, "ZonePipeline", pipeline)
+    monkeypatch.setattr(profile_edit, "build_random_components", lambda *args: SimpleNamespace(to=lambda *a: "models"))
+
+
+def test_the_profiled_edit_follows_the_warm_ups_with_the_tiny_sams_settings_at_the_resolution(monkeypatch, capsys):
+    """--warmup N edits before the one profiled; the random tiny SAM gets the tests' settings; the edit is worked
+    on at --resolution, not shrunk to max_side's default 512."""
+    built, edits = [], []
+    _recording_pipeline(monkeypatch, built, edits, stop_after=3)
+    args = options.parse_profile_args(["--models", "tiny", "--device", "cpu", "--resolution", "640", "--steps", "2",
+                                       "--warmup", "2"])
+    with pytest.raises(_StopEdit):
+        profile_edit.profile_edit(args)
+    assert len(edits) == 3 and "[profile] profiled edit" in capsys.readouterr().err
+    assert {(config.max_side, config.steps) for config in edits} == {(640, 2)}
+    assert edits[0].sam == SamConfig.for_random_weights()
+
+
+def test_a_cuda_profile_defaults_to_fp16(monkeypatch):
+    """Without --dtype a CUDA profile runs the GPU's edit in fp16 (the CPU's in fp32): checked without a GPU."""
+    built = []
+    _recording_pipeline(monkeypatch, built, [], stop_after=0)
+    monkeypatch.setattr(profile_edit, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(profile_edit, "resolve_dtype", lambda name, device: name)
+    with pytest.raises(_StopEdit):
+        profile_edit.profile_edit(options.parse_profile_args(["--models", "tiny", "--device", "cpu"]))
+    assert built[0][0] == ("models", torch.device("cuda"), "fp16")
+
+
+def _stage(stage: str, device_ops: int, graph_launches: int) -> StageProfile:
+    return StageProfile(stage=stage, wall_us=100.0, device_busy_us=10.0 * device_ops, device_ops=device_ops,
+                        graph_launches=graph_launches, torch_ops=1, in_torch_ops_us=1.0, longest=())
+
+
+def test_the_report_names_only_the_stages_whose_graph_kernels_were_not_traced(monkeypatch, capsys):
+    """A stage that launched CUDA graphs but shows no device work has busy times that are not real: named; a stage
+    with both is not."""
+    profiles = [_stage("denoise", 0, 3), _stage("blend", 5, 1), _stage("refine", 4, 0)]
+    monkeypatch.setattr(profile_edit, "profile_edit", lambda args: (torch.device("cuda"), "One edit", profiles, ""))
+    assert profile_edit.profile_and_report(options.parse_profile_args(["--device", "cpu", "--rows", "0"])) == 0
+    out = capsys.readouterr().out
+    assert "No device work was traced in denoise although CUDA graphs were launched there" in out
+
+
+def test_a_zone_error_while_profiling_is_one_line_and_exit_2(monkeypatch, capsys):
+    def failing(args):
+        raise ZoneError("the models cannot be built")
+
+    monkeypatch.setattr(profile_edit, "profile_edit", failing)
+    assert profile_edit.profile_and_report(options.parse_profile_args(["--device", "cpu"])) == 2
+    said = capsys.readouterr()
+    assert said.out == "" and "the models cannot be built" in said.err.strip().splitlines()[-1]
 
 
 @pytest.mark.gpu

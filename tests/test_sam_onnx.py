@@ -226,6 +226,15 @@ def test_sessions_are_created_once(exported, monkeypatch):
     assert sorted(Path(path).name for path in created) == [ENCODER_FILE, DECODER_FILE]
 
 
+def test_the_onnx_predictor_refuses_single_mask_output(exported):
+    """The decoder graph gives the three multimask outputs only: a single-mask request is refused, not answered
+    with the first of the three."""
+    predictor = OnnxSamSegmenter(exported, CONFIGS["random-weights"]).generator.predictor
+    predictor.set_image(smooth_image(64, 64))
+    with pytest.raises(NotImplementedError, match="multimask output only"):
+        predictor.predict_torch(torch.full((1, 1, 2), 32.0), torch.ones(1, 1), multimask_output=False)
+
+
 def test_segment_rejects_non_rgb(exported):
     segmenter = OnnxSamSegmenter(exported, CONFIGS["random-weights"])
     with pytest.raises(ValueError, match="uint8 RGB"):
@@ -299,6 +308,7 @@ def test_a_manifest_of_another_format_is_refused(folder_copy):
 @pytest.mark.parametrize("changes, words", [
     ({"input_size": 72, "embedding_shape": [32, 4, 4], "low_res_size": 18}, "multiple of 16"),
     ({"low_res_size": 32}, "low_res_size must be input_size/4"),  # was ONNX Runtime's "invalid dimensions"
+    ({"embedding_shape": [True, 4, 4]}, "embedding_shape must be [channels"),  # a bool is no channel count
     ({"pixel_mean": [1, 2]}, "pixel_mean must be 3 numbers"),  # was a RuntimeError inside segment-anything
     ({"pixel_std": [0, 0, 0]}, "pixel_std must be 3 positive numbers"),  # ran, every segment dropped
     ({"mask_threshold": "x"}, "mask_threshold must be a finite number"),  # was a ValueError at float()
@@ -309,6 +319,24 @@ def test_manifest_values_the_segmenter_could_not_use_are_said(folder_copy, chang
     write_manifest(folder_copy, {**read_manifest(folder_copy), **changes})
     with pytest.raises(CheckpointError, match=f"the SAM export .*{re.escape(words)}"):
         OnnxSamSegmenter(folder_copy, SamConfig())
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"embedding_shape": [48, 4, 4]}, "the graphs' embeddings [1, 32, 4, 4] differ from manifest.json's [48, 4, 4]"),
+    ({"input_size": 128, "embedding_shape": [32, 8, 8], "low_res_size": 32},
+     f"{ENCODER_FILE} takes [1, 3, 64, 64], not a (1, 3, 128, 128) image"),
+])
+def test_manifest_sizes_the_graphs_disagree_with_are_said(folder_copy, changes, words):
+    """Consistent among themselves but not the graphs': the predictor would bind buffers of the manifest's sizes."""
+    write_manifest(folder_copy, {**read_manifest(folder_copy), **changes})
+    with pytest.raises(CheckpointError, match=f"not one matching SAM export: .*{re.escape(words)}"):
+        OnnxSamSegmenter(folder_copy, SamConfig())
+
+
+def test_a_bgr_export_is_accepted(folder_copy):
+    """image_format is RGB or BGR (segment-anything's two): a BGR export reaches SamPredictor's channel flip."""
+    write_manifest(folder_copy, {**read_manifest(folder_copy), "image_format": "BGR"})
+    assert OnnxSamSegmenter(folder_copy, CONFIGS["random-weights"]).generator.predictor.model.image_format == "BGR"
 
 
 def test_a_broken_export_is_said_when_the_pipeline_is_built_not_after_denoising(folder_copy, tiny_models):
@@ -480,6 +508,36 @@ def test_a_gpu_provider_that_cannot_start_drops_out_with_a_warning_the_others_ke
                                                                  ["CPUExecutionProvider"]]
     assert encoder_tries[1][1] == [{"device_id": 1}, {}] and {fallback for _, _, fallback in encoder_tries} == {0}
     assert segmenter.providers == ["CPUExecutionProvider"] and segmenter.segment(smooth_image(64, 64))
+
+
+def test_a_lone_gpu_provider_that_cannot_start_is_an_error_not_a_session_without_providers(exported, monkeypatch):
+    """Asked for CUDA only, its libraries missing: nothing is left to fall back on, so ORT's reason is raised, as
+    the machine's (a DeviceError), not as the export's, which re-exporting would not mend."""
+    def cuda_libraries_missing(path, options, providers, provider_options, enable_fallback):
+        raise RuntimeError(f"{providers[0]} could not be created: libcudnn.so.9 not found")
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(PROVIDER_ORDER))
+    monkeypatch.setattr(ort, "InferenceSession", cuda_libraries_missing)
+    said = (f"could start none of CUDAExecutionProvider \\(CUDAExecutionProvider could not be created: "
+            f"libcudnn.so.9 not found\\) for {ENCODER_FILE}: install the libraries")
+    with pytest.raises(DeviceError, match=said) as raised:
+        OnnxSamSegmenter(exported, SamConfig(), providers=["CUDAExecutionProvider"])
+    assert "zone export sam" not in str(raised.value)
+
+
+def test_the_tensorrt_decoder_profile_spans_one_prompt_to_a_full_batch(folder_copy):
+    """The generator's last batch may be a single point, the others `points_per_batch`: one profile for all, of
+    the export's embedding shape with its batch axis; the encoder (a fixed shape) gets none."""
+    config = CONFIGS["random-weights"]
+    segmenter, batch = OnnxSamSegmenter(folder_copy, config), config.points_per_batch
+    decoder = segmenter._provider_options("TensorrtExecutionProvider", DECODER_FILE, config)
+    assert {key: value for key, value in decoder.items() if key.startswith("trt_profile")} == {
+        "trt_profile_min_shapes": "image_embeddings:1x32x4x4,point_coords:1x1x2,point_labels:1x1",
+        "trt_profile_opt_shapes": f"image_embeddings:1x32x4x4,point_coords:{batch}x1x2,point_labels:{batch}x1",
+        "trt_profile_max_shapes": f"image_embeddings:1x32x4x4,point_coords:{batch}x1x2,point_labels:{batch}x1",
+    }
+    encoder = segmenter._provider_options("TensorrtExecutionProvider", ENCODER_FILE, config)
+    assert not [key for key in encoder if key.startswith("trt_profile")]
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider")  # ORT's own, for the providers this build lacks

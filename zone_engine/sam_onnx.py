@@ -92,11 +92,15 @@ class OnnxSamSegmenter(TorchSamSegmenter):
                     provider_options=[self._provider_options(provider, name, config) for provider in tried],
                 )
             except Exception as error:  # ORT raises its own Fail/InvalidProtobuf/... types
-                if tried[0] not in GPU_PROVIDERS or len(tried) == 1:
+                if tried[0] not in GPU_PROVIDERS:  # the checksums passed: the CPU's failure is the graph's
                     raise export_error(self.folder, f"ONNX Runtime cannot load {name}: "
                                        f"{str(error).strip()[:300]}") from None
                 failed.append(f"{tried[0]} ({first_line(error)[:200]})")
                 tried = tried[1:]
+                if not tried:  # GPU providers only, none started: the machine's libraries, not the export
+                    raise DeviceError(f"ONNX Runtime could start none of {' or '.join(failed)} for {name}: install "
+                                      "the libraries onnxruntime-gpu needs (CUDA and cuDNN; TensorRT for its "
+                                      "provider), or add CPUExecutionProvider to the providers") from None
                 continue
             kept = session.get_providers()
             failed += [f"{provider} (left out by ONNX Runtime, whose log says why: its libraries may be missing)"
