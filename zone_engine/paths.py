@@ -4,6 +4,7 @@ benchmark or export."""
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import hashlib
 import os
@@ -124,8 +125,9 @@ def folder_problem(folder: Path, probed: set[Path] | None = None) -> str | None:
     try:  # os.access answers yes to root everywhere, also on a read-only mount or in /proc: try it
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".zone-probe-"):
             pass
-    except OSError as error:
-        return f"cannot write in {existing} ({error.strerror or error})"
+    except OSError as error:  # ENOENT in a folder that is there: /proc, sysfs and the like make no files
+        reason = "no new file can be made there" if error.errno == errno.ENOENT else error.strerror or error
+        return f"cannot write in {existing} ({reason})"
     if probed is not None:
         probed.add(existing)
     return None
