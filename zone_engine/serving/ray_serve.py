@@ -116,7 +116,7 @@ class ZoneDeployment:
 
 def _init_keeping_sigterm(ray: Any) -> None:
     """ray.init, the caller's SIGTERM handler kept: Ray's own exits with status 15 and a stack dump, where the
-    caller's (`zone serve --ray`: shut Serve and Ray down, exit 143) would go unused."""
+    caller's (`zone serve --ray`: take its application down, leave Ray, exit 143) would go unused."""
     main = threading.current_thread() is threading.main_thread()  # elsewhere no handler can be set or read
     ours = signal.getsignal(signal.SIGTERM) if main else None
     ray.init(include_dashboard=False, logging_level="WARNING")
