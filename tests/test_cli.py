@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -1411,8 +1412,6 @@ def test_serve_answers_requests_addressed_to_the_name_it_listens_on(monkeypatch)
 
 @requires_serve
 def test_serve_runs_answers_and_stops_on_sigterm(tmp_path):
-    import signal
-    import socket
     import time
 
     import httpx
@@ -1605,19 +1604,20 @@ def _png_bytes() -> bytes:
     return buffer.getvalue()
 
 
+def _terminated_midway(args) -> None:
+    """A command's work that SIGTERM (`timeout`'s) interrupts: the command's handler raises at once."""
+    import time
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)  # the handler's exception ends it at once
+
+
 def test_sigterm_ends_a_command_as_ctrl_c_does_running_its_cleanups(tmp_path, capsys, monkeypatch):
     """`timeout`'s SIGTERM killed the process where it was: an export's scratch files and the folder it had
     created stayed. Now it unwinds as Ctrl-C does (staging_folder's cleanup runs), exit 128 + 15."""
-    import signal
-    import time
-
     from zone_engine import cli
 
-    def terminated_mid_export(args):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(30)  # the handler's exception ends it at once
-
-    monkeypatch.setattr(cli, "run_export", terminated_mid_export)
+    monkeypatch.setattr(cli, "run_export", _terminated_midway)
     before = signal.getsignal(signal.SIGTERM)
     assert main(["export", "unet", "--tiny", "--out", str(tmp_path / "x")]) == 143
     assert capsys.readouterr().err.strip() == "terminated" and signal.getsignal(signal.SIGTERM) is before
@@ -1846,9 +1846,6 @@ def test_serve_without_its_extra_names_the_install_command(capsys, monkeypatch, 
 def test_serve_leaves_sigterm_to_the_server_and_demo_ends_on_it_with_143(capsys, monkeypatch):
     """uvicorn handles SIGTERM itself (a graceful shutdown): `zone serve` must not have replaced its handler;
     every other command, `zone demo` too, unwinds on it as on Ctrl-C (exit 128 + 15)."""
-    import signal
-    import time
-
     from zone_engine import cli
     from zone_engine.serving.settings import PipelineSpec
 
@@ -1863,12 +1860,7 @@ def test_serve_leaves_sigterm_to_the_server_and_demo_ends_on_it_with_143(capsys,
         monkeypatch.setattr("zone_engine.serving.run_server",
                             lambda *_: handlers.append(signal.getsignal(signal.SIGTERM)))
         assert main(["serve", "--tiny"]) == 0 and handlers == [unhandled]
-
-        def terminated(args):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(30)  # the handler's exception ends it at once
-
-        monkeypatch.setattr(cli, "run_demo", terminated)
+        monkeypatch.setattr(cli, "run_demo", _terminated_midway)
         assert main(["demo", "--out", "d"]) == 143 and capsys.readouterr().err.strip() == "terminated"
     finally:
         signal.signal(signal.SIGTERM, before)
