@@ -637,6 +637,11 @@ class StandInContext:
         return True
 
 
+def _build_stand_in_engine(onnx_path, engine_path, profile=None, precision=None) -> None:
+    """build_engine's stand-in: the "engine" is the graph's path, which StandInTensorRT reads back."""
+    Path(engine_path).write_bytes(str(onnx_path).encode())
+
+
 @pytest.fixture
 def stand_in_tensorrt(monkeypatch):
     """TensorRT and the GPU replaced by ONNX Runtime and the CPU, for everything around the engine calls.
@@ -647,13 +652,10 @@ def stand_in_tensorrt(monkeypatch):
 
     from zone_engine import tensorrt_denoiser
 
-    def build(onnx_path, engine_path, profile, precision):
-        Path(engine_path).write_bytes(str(onnx_path).encode())
-
     monkeypatch.setattr(tensorrt_denoiser, "require_tensorrt_runtime", lambda device: StandInTensorRT)
     monkeypatch.setattr(engine_module, "import_tensorrt", lambda: StandInTensorRT)
     monkeypatch.setattr(engine_module, "gpu_name", lambda device=None: "stand-in GPU sm_00")
-    monkeypatch.setattr(engine_module, "build_engine", build)
+    monkeypatch.setattr(engine_module, "build_engine", _build_stand_in_engine)
     monkeypatch.setattr(torch.cuda, "device", contextlib.nullcontext)
     log = []
 
@@ -745,9 +747,9 @@ def test_the_tensorrt_denoiser_on_a_cuda_machine_refuses_another_device(monkeypa
 
 
 def _engine_file(onnx_path: Path, folder: Path) -> Path:
-    """A stand-in engine "built" from `onnx_path` (StandInTensorRT reads the path back)."""
+    """A stand-in engine "built" from `onnx_path` into `folder`."""
     path = folder / f"{onnx_path.stem}.plan"
-    path.write_bytes(str(onnx_path).encode())
+    _build_stand_in_engine(onnx_path, path)
     return path
 
 
