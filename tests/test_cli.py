@@ -1386,6 +1386,11 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path, monke
         taken.listen()
         port = taken.getsockname()[1]
         _fails_cleanly(capsys, ["serve", "--tiny", "--port", str(port)], f"cannot listen on 127.0.0.1:{port}")
+        # The options' mistakes before the port: a busy port said first hid them until it was freed.
+        _fails_cleanly(capsys, ["serve", "--tiny", "--port", str(port), "--max-pixels", "10"],
+                       "--max-pixels 10 is under")
+        _fails_cleanly(capsys, ["serve", "--tiny", "--port", str(port), "--max-batch", "16", "--queue-size", "8"],
+                       "--max-batch 16 is above --queue-size 8")
     _fails_cleanly(capsys, ["serve", "--tiny", "--device", "cuda"], "no CUDA")
     _fails_cleanly(capsys, ["serve", "--ip2p", str(tmp_path / "no-ip2p"), "--sam", str(tmp_path / "no-sam.pth")],
                    "not found")

@@ -1257,6 +1257,8 @@ def test_request_limits_hold_at_their_exact_values():
     with pytest.raises(ServeError) as refused:
         decode_upload(huge, ServeSettings())
     assert (refused.value.status, refused.value.code) == (413, "image_too_large")
+    # The image's own count, as `zone edit` says it: not Pillow's limit, which a client would read as the size.
+    assert refused.value.message.startswith("the image has 400,000,000 pixels; this server takes at most 25,000,000")
 
 
 def test_each_engine_error_maps_to_its_status_code_and_outcome():

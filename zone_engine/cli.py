@@ -550,7 +550,6 @@ def run_serve(args: argparse.Namespace) -> None:
     _check_backend_arguments(args)
     if args.port < 0 or args.port > 65535:
         raise ZoneError(f"--port {args.port} is not a TCP port (0..65535)")
-    _check_listen_address(args.host, args.port)
     if args.replicas != 1 and not args.ray:
         raise ConfigError("--replicas is read with --ray only (one process serves one pipeline): add --ray")
     spec = _pipeline_spec(args)
@@ -562,6 +561,10 @@ def run_serve(args: argparse.Namespace) -> None:
         edit_changes=tuple(changes.items()), allow_origins=tuple(args.allow_origin),
         allow_hosts=(*args.allow_host, *_dns_name_of(args.host)),
     )
+    if not args.ray:
+        settings.check_local_batching()
+    # After every option's check: a busy port would otherwise hide the options' mistakes until it is freed.
+    _check_listen_address(args.host, args.port)
     if args.ray:
         spec.check_checkpoints()  # one `error:` line, as below: not a replica's traceback
         from .serving.ray_serve import run_ray
@@ -569,7 +572,6 @@ def run_serve(args: argparse.Namespace) -> None:
         with terminated_as_interrupt():  # uvicorn handles the signals below; here SIGTERM ends run_ray as Ctrl-C does
             run_ray(spec, settings, host=args.host, port=args.port, replicas=args.replicas, log_level=args.log_level)
     else:
-        settings.check_local_batching()
         pipe = spec.build()  # before binding the port: a missing checkpoint is one `error:` line, exit 2
         run_server(LocalEditService(lambda: pipe, settings), args.host, args.port, args.log_level)
 

@@ -119,7 +119,7 @@ def _load_file(path: Path) -> tuple[np.ndarray, list[str]]:
         with _opened(path) as img:
             return _pil_to_rgb(img, str(path))
     except Image.DecompressionBombError as error:
-        raise InputImageError(_too_large_message(str(path), _bomb_pixels(error))) from None
+        raise InputImageError(_too_large_message(str(path), decompression_bomb_pixels(error))) from None
     except UnidentifiedImageError:
         raise InputImageError(
             f"cannot read {path}: not an image file in a format Pillow can read, or one whose header is "
@@ -157,7 +157,7 @@ def _decoded_upright(img: Image.Image, name: str) -> tuple[Image.Image, list[str
         raise InputImageError(f"{name} was closed before its pixels were read: pass it inside its `with "
                               "Image.open(...)` block, or call .load() before closing it") from None
     except Image.DecompressionBombError as error:
-        raise InputImageError(_too_large_message(name, _bomb_pixels(error))) from None
+        raise InputImageError(_too_large_message(name, decompression_bomb_pixels(error))) from None
     except UNREADABLE_IMAGE as error:
         if "closed image" in str(error):  # .close() called before its pixels were read
             raise InputImageError(f"{name} was closed (.close()) before its pixels were read: pass it "
@@ -443,7 +443,7 @@ def _too_large_message(name: str, size: tuple[int, int] | int | None) -> str:
     )
 
 
-def _bomb_pixels(error: Image.DecompressionBombError) -> int | None:
+def decompression_bomb_pixels(error: Image.DecompressionBombError) -> int | None:
     """The pixel count Pillow's refusal names ("Image size (10000000000 pixels) exceeds limit of ...")."""
     found = re.search(r"\((\d+) pixels\)", str(error))
     return int(found[1]) if found else None

@@ -54,7 +54,14 @@ from ..errors import (
     ZoneError,
     first_line,
 )
-from ..image_io import UNREADABLE_IMAGE, encoded, icc_profile_of, make_sample_image, read_image
+from ..image_io import (
+    UNREADABLE_IMAGE,
+    decompression_bomb_pixels,
+    encoded,
+    icc_profile_of,
+    make_sample_image,
+    read_image,
+)
 from ..instruction import check_instruction
 from ..pipeline import BatchKey, EditRequest, EditResult, ZonePipeline, batch_key
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
@@ -364,9 +371,11 @@ def decode_upload(data: bytes, settings: ServeSettings) -> Upload:
     except UnidentifiedImageError:
         raise ServeError(400, "bad_image", "the upload is not an image in a format this server reads ("
                          f"{', '.join(served_formats())}); send a PNG, JPEG or WebP file") from None
-    except Image.DecompressionBombError:  # Pillow's own limit, met before the header's size could be read here
-        raise ServeError(413, "image_too_large", f"the image has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels; "
-                         f"this server takes at most {settings.max_pixels:,}: downscale it first") from None
+    except Image.DecompressionBombError as error:  # Pillow's own limit, met before the header's size is read here
+        pixels = decompression_bomb_pixels(error)
+        counted = f"{pixels:,}" if pixels else f"more than {2 * Image.MAX_IMAGE_PIXELS:,}"
+        raise ServeError(413, "image_too_large", f"the image has {counted} pixels; this server takes at most "
+                         f"{settings.max_pixels:,}: downscale it first") from None
     except UNREADABLE_IMAGE as error:
         raise ServeError(400, "bad_image", f"the image data is corrupt or truncated ({first_line(error)}); "
                          "re-export it as PNG or JPEG") from None
