@@ -518,3 +518,18 @@ def test_moving_the_models_leaves_every_network_in_inference_mode(tiny_models):
         net.train().requires_grad_(True)
     models.to(torch.device("cpu"), torch.float32)
     assert not [net for net in nets if net.training or any(p.requires_grad for p in net.parameters())]
+
+
+def test_a_torch_cache_folder_that_cannot_be_made_is_said_naming_the_variable(saved, tmp_path, monkeypatch):
+    """Diffusers imports torch._dynamo, which makes TORCHINDUCTOR_CACHE_DIR's folder as it loads: a path where
+    none can be made failed deep in torch (FileNotFoundError), for every denoiser. Both ways to models say it."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "a_file" / "cache"))
+    said = r"TORCHINDUCTOR_CACHE_DIR='.*a_file/cache': .* \(Not a directory\); set it to a folder you can write"
+    with pytest.raises(ConfigError, match=said):
+        build_tiny_components()
+    with pytest.raises(ConfigError, match=said):
+        load_pretrained(str(saved[0] / "ip2p"), str(saved[0] / "magicbrush"), None)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "new" / "cache"))  # made, as PyTorch would
+    zone_engine.models.check_torch_cache_folder()
+    assert (tmp_path / "new" / "cache").is_dir()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -203,6 +204,20 @@ def build_vae(preset: ModelPreset) -> nn.Module:
     )
 
 
+def check_torch_cache_folder() -> None:
+    """A ConfigError unless PyTorch can make the folder TORCHINDUCTOR_CACHE_DIR names. Diffusers imports
+    torch._dynamo, which makes that folder as it loads, for every denoiser (not only `compile`): a path where none
+    can be made failed there, deep in torch, naming neither the variable nor what to do."""
+    path = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if path is None:  # PyTorch's default, in the temporary folder
+        return
+    try:
+        os.makedirs(os.path.abspath(path), exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"TORCHINDUCTOR_CACHE_DIR={path!r}: PyTorch cannot make its cache folder there "
+                          f"({error.strerror}); set it to a folder you can write, or unset it") from None
+
+
 def build_tiny_unet() -> nn.Module:
     return build_unet(PRESETS["tiny"])
 
@@ -214,6 +229,7 @@ def build_components(preset: ModelPreset, seed: int = 0, sam_type: str | None = 
     costs nothing next to the networks. Default initialisation: cost does not depend on weight values.
     """
     seed = check_seed(seed)
+    check_torch_cache_folder()
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.default_generator.manual_seed(seed)  # the CPU's only: torch.manual_seed would reseed CUDA's too
         return _build_seeded_components(preset, sam_type)
@@ -564,6 +580,7 @@ def load_pretrained(
 ) -> ZoneModels:
     """sam None: no PyTorch SAM (refinement then runs on an exported SAM, `zone export sam`)."""
     check_checkpoints_present(ip2p, magicbrush, sam, action_classifier)
+    check_torch_cache_folder()
     sam_model = None if sam is None else load_sam(sam, sam_type)
     ip2p_pipe = load_ip2p(ip2p, dtype)
     return ZoneModels(
