@@ -245,16 +245,19 @@ def best_segment(
     image: uint8 RGB (H, W, 3); mask_b: bool (H, W). The generator's predictor must offer
     `predict_passing` and `prompts_per_run` (TorchSamPredictor, OnnxSamPredictor); `searchable(generator)`
     must hold.
-    `progress`: a bar over the prompt batches, named for the image encoder until it is done (a minute or more on
-    a CPU).
+    `progress`: "SAM image encoder: running" until the encoder is done (a minute or more on a CPU), then a bar
+    over the prompt batches.
     """
     predictor = generator.predictor
     size = image.shape[:2]
     points = generator.point_grids[0] * np.array(size)[None, ::-1]  # (x, y) in pixels, as the generator
     per_run = predictor.prompts_per_run(generator.points_per_batch, len(points), size)
-    with tqdm(total=len(points), desc="SAM image encoder", unit="prompt", disable=not progress) as bar:
+    # The encoder is one call with nothing to count: a "0/64 prompts" shown through it read as a stall.
+    with tqdm(desc="SAM image encoder", bar_format="{desc}: running", unit="prompt", disable=not progress) as bar:
         predictor.set_image(image)
-        bar.set_description("segmenting")  # then the prompts, counted
+        bar.bar_format = None  # then the prompts, counted from here (the rate without the encoder's time)
+        bar.set_description("segmenting", refresh=False)
+        bar.reset(total=len(points))
         try:
             return _search(generator, points, size, mask_b, per_run, bar)
         finally:
