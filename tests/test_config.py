@@ -99,6 +99,10 @@ def test_errors_name_an_option_as_the_command_line_and_python_write_it():
     assert option("denoiser", "fused") == "--denoiser fused (denoiser='fused')"
     assert option("sam_onnx", "DIR") == "--sam-onnx DIR (sam_onnx=DIR)"  # a placeholder stays bare
     assert option("cuda_graphs", True) == "--cuda-graphs (cuda_graphs=True)"  # a switch takes no value
+    # A whole float as typed on the command line ("--timeout-s 0", not "0.0"), Python's own spelling beside it.
+    assert option("timeout_s", 0.0) == "--timeout-s 0 (timeout_s=0.0)"
+    assert option("max_upload_mb", 0.5) == "--max-upload-mb 0.5 (max_upload_mb=0.5)"
+    assert option("timeout_s", float("inf")) == "--timeout-s inf (timeout_s=inf)"
 
 
 def test_the_command_line_prints_its_own_spelling_alone():

@@ -120,12 +120,14 @@ BACKEND_NAME_OPTIONS = ("denoiser", "segmenter", "kernels", "attention", "sam_pr
 def option(name: str, value: object) -> str:
     """An option as the command line and the Python API each write it, for the errors both reach:
     option("denoiser", "fused") -> "--denoiser fused (denoiser='fused')"; a placeholder in capitals stays bare,
-    option("engines", "DIR") -> "--engines DIR (engines=DIR)"; True is a switch: "--cuda-graphs (cuda_graphs=True)"."""
+    option("engines", "DIR") -> "--engines DIR (engines=DIR)"; True is a switch: "--cuda-graphs (cuda_graphs=True)";
+    a whole float as it is typed, option("timeout_s", 5.0) -> "--timeout-s 5 (timeout_s=5.0)"."""
     flag = "--" + name.replace("_", "-")
     if value is True:
         return f"{flag} ({name}=True)"
     keyword_value = value if isinstance(value, str) and value.isupper() else repr(value)
-    return f"{flag} {value} ({name}={keyword_value})"
+    typed = int(value) if isinstance(value, float) and value.is_integer() else value  # "--timeout-s 5" as typed
+    return f"{flag} {typed} ({name}={keyword_value})"
 
 
 _BOTH_SPELLINGS = re.compile(r"(--(?P<flag>[a-z][a-z0-9-]*)(?: [^\s()]+)?) \((?P<keyword>[a-z][a-z0-9_]*)=[^()]*\)")
