@@ -1889,3 +1889,13 @@ def test_the_libraries_log_level_set_by_the_user_is_kept(monkeypatch, capsys, tm
     assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "0"]) == 2  # a command that stops at its checks
     assert "--steps must be between" in capsys.readouterr().err
     assert (os.environ["DIFFUSERS_VERBOSITY"], os.environ["TRANSFORMERS_VERBOSITY"]) == ("info", "error")
+
+
+def test_a_file_name_that_is_not_utf8_is_said_on_stderr_as_its_bytes(capsysbinary, tmp_path):
+    """As stdout prints paths: Python's default for stderr wrote "caf\\udce9.png", a name that is nowhere."""
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes, as an old archive's names are
+    assert main(["edit", str(tmp_path / name), "-i", "x", "-o", str(tmp_path / "out.png"), "--tiny"]) == 2
+    err = capsysbinary.readouterr().err
+    assert err == b"error: image not found: " + os.fsencode(tmp_path / name) + b"\n"
+    # A lone surrogate that no byte decoded to (text from elsewhere) is escaped, as Python's default does.
+    assert "x\udce9\ud800\u00e9".encode("ascii", "zone_file_names") == b"x\xe9\\ud800\\xe9"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import importlib
 import ipaddress
@@ -606,6 +607,23 @@ def _dns_name_of(host: str) -> tuple[str, ...]:
     return ()
 
 
+def _undecodable_as_bytes(error: UnicodeEncodeError) -> tuple[bytes, int]:
+    """An encoding-error handler: the bytes of a file name that were not UTF-8 (which Python holds as U+DC80..U+DCFF,
+    PEP 383) written back as those bytes; any other character escaped, as Python's default for stderr does."""
+    written = (bytes([ord(character) - 0xDC00]) if 0xDC80 <= ord(character) <= 0xDCFF
+               else character.encode("ascii", "backslashreplace") for character in error.object[error.start:error.end])
+    return b"".join(written), error.end
+
+
+def _file_names_on_stderr_as_their_bytes() -> None:
+    """The progress lines and errors name a file as stdout's paths do (its bytes, as `cat` shows them): Python's
+    default wrote "caf\\udce9.png", a name that is nowhere."""
+    codecs.register_error("zone_file_names", _undecodable_as_bytes)
+    reconfigure = getattr(sys.stderr, "reconfigure", None)  # a caller's io.StringIO has none, and needs none
+    if reconfigure is not None:
+        reconfigure(errors="zone_file_names")
+
+
 def _quiet_libraries() -> None:
     """Our own warnings as one line each; the libraries' deprecation chatter hidden, and their logging below
     errors (unless DIFFUSERS_VERBOSITY / TRANSFORMERS_VERBOSITY says otherwise before they are imported)."""
@@ -625,6 +643,7 @@ TOOLS = {"bench": "bench_main", "profile": "profile_main"}  # `zone NAME`: zone_
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _file_names_on_stderr_as_their_bytes()
     if argv[:1] and argv[0] in TOOLS:  # the benchmark tools own their options
         return getattr(importlib.import_module("zone_benchmarks.options"), TOOLS[argv[0]])(argv[1:])
     args = build_parser().parse_args(argv)
