@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import importlib
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -48,6 +50,7 @@ from zone_benchmarks.report import (
 )
 from zone_engine import Action, EditConfig, SamConfig, ZonePipeline, backends, pipeline
 from zone_engine.denoise import BatchDenoiser
+from zone_engine.errors import ZoneError
 from zone_engine.image_io import make_sample_image, working_geometry
 from zone_engine.pipeline import STAGES
 from zone_engine.timing import Stopwatch
@@ -870,8 +873,6 @@ def test_the_micro_benchmarks_check_what_auto_found_and_the_options_their_help_n
 def test_rows_that_build_on_their_first_edit_are_always_warmed_up():
     """With --warmup 0 a fused row on CUDA timed its CUDA graphs' capture in its first edit: the rule knew
     backend names that no longer exist ("cuda-graphs") and missed the row whose pipeline captures."""
-    from types import SimpleNamespace
-
     from zone_engine.graphs import CapturedCalls, eager
 
     def row(name, run=None):
@@ -893,7 +894,8 @@ def test_the_benchmark_edits_at_the_resolution_it_is_given(monkeypatch):
         pass
 
     def engine_rows(config, models, device, image, edit_config, **kwargs):
-        seen.update(image=image.shape[:2], geometry=working_geometry(*image.shape[:2], edit_config.max_side))
+        seen.update(image=image.shape[:2], geometry=working_geometry(*image.shape[:2], edit_config.max_side),
+                    frozen=gc.get_freeze_count())
         raise Stop
 
     monkeypatch.setattr(harness, "EngineRows", engine_rows)
@@ -903,6 +905,8 @@ def test_the_benchmark_edits_at_the_resolution_it_is_given(monkeypatch):
         run_benchmark(config, progress=lambda message: None)
     assert seen["image"] == (640, 640)
     assert seen["geometry"].scaled_size == (640, 640) and seen["geometry"].latent_size == (80, 80)
+    # The models were frozen out of the collections between rows, and the run gave them back to the collector.
+    assert seen["frozen"] > 0 and gc.get_freeze_count() == 0
 
 
 def test_a_summary_is_the_median_and_quartiles_of_its_samples():
@@ -976,6 +980,215 @@ def test_engine_and_baseline_outputs_are_compared_pixel_for_pixel():
     empty = np.zeros((2, 2), bool)
     assert harness._iou(empty, empty) == 1.0
     assert harness._iou(np.array([1, 1, 0, 0], bool), np.array([0, 1, 1, 0], bool)) == pytest.approx(1 / 3)
+    half, full = np.array([1, 1, 0, 0], bool), np.ones(4, bool)
+    engine = SimpleNamespace(image=a, styled=a, mask_b=half, mask_f=full, region=half, used_fallback=True)
+    reference = SimpleNamespace(image=b, styled=a, mask_b=full, mask_f=full, region=~half, used_fallback=False)
+    assert harness.compare(engine, reference, "fp16") == {
+        "dtype": "fp16", "max_pixel_diff_image": 10, "max_pixel_diff_styled": 0, "iou_mask_b": 0.5,
+        "mask_b_identical": False, "iou_mask_f": 1.0, "mask_f_identical": True, "iou_region": 0.0,
+        "used_fallback": True, "baseline_used_fallback": False}
+    assert harness.agreement(engine, reference) == {"max_pixel_diff_image": 10, "max_pixel_diff_styled": 0,
+                                                    "mask_b_identical": False, "mask_f_identical": True}
+    assert harness.Parity("engine:eager", engine).report(reference) == {
+        "name": "engine:eager", **harness.compare(engine, reference, "fp32")}
+    assert harness.Parity(None).report(reference) is None  # every engine row failed: the report has no parity line
+
+
+# What classify_action is given, in tests that stub it.
+STUBBED_CLASSIFIER_MODELS = SimpleNamespace(tokenizer=None, text_encoder=None, action_classifier=None)
+
+
+def stand_in_row(name: str, calls: list[str], fails_at: int | None = None,
+                 stop: Deadline | None = None) -> harness.Implementation:
+    """A report row whose edit only says it ran (in `calls`): its `fails_at`-th edit raises, or with `stop` is
+    where SIGTERM came."""
+    def edit():
+        calls.append(name)
+        if calls.count(name) == fails_at:
+            if stop is not None:
+                stop.stop("it was sent SIGTERM")
+            raise RuntimeError("boom")
+        return None, {"total": 1.0}, [0.5]
+    return harness.Implementation(name, "fp32", edit)
+
+
+def test_the_rounds_warm_each_row_up_before_its_first_timed_edit_and_drop_a_row_that_failed(monkeypatch):
+    """fp32 rounds with stand-in edits: an engine row first, then the baseline, then the others; warm-up only in
+    the first round (a row that builds on its first edit warmed up even without --warmup); a row that raised
+    leaves the rounds and the parity edit is the first engine row that did not; a row the deadline stopped before
+    its first timed edit is skipped with why, and with the baseline's (or before the rows are built) there is
+    nothing to compare."""
+    monkeypatch.setattr(harness, "_release", lambda device: None)  # a full collection after each edit: seconds here
+    config = dataclasses.replace(PRESETS["tiny-smoke"], warmup=0, repeats=2)
+    calls = []
+
+    def rounds(engines: list[harness.Implementation], deadline: Deadline):
+        calls.clear()
+        rows = SimpleNamespace(config=config, device=torch.device("cpu"), skipped=[],
+                               build=lambda dtype: calls.append("build") or engines)
+        timed, parity = harness.timed_rows(stand_in_row("baseline", calls), rows, torch.float32,
+                                           lambda message: None, deadline)
+        return timed, parity, rows.skipped
+
+    engines = [stand_in_row("engine:broken", calls, fails_at=1), stand_in_row("engine:compile", calls),
+               stand_in_row("engine:eager", calls)]
+    timed, parity, skipped = rounds(engines, Deadline(None))
+    assert calls == ["build", "engine:broken", "baseline", "engine:compile", "engine:compile", "engine:eager",
+                     "baseline", "engine:compile", "engine:eager"]
+    assert [row.name for row in timed] == ["baseline", "engine:compile", "engine:eager"]
+    assert [len(row.walls) for row in timed] == [2, 2, 2] and len(engines[1].warmup_s) == 1
+    assert parity.name == "engine:compile"
+    assert skipped == [{"name": "engine:broken", "skipped": "timed edit 1 failed: RuntimeError: boom"}]
+
+    deadline = Deadline(None)  # SIGTERM inside eager's first timed edit: no round after it, eager skipped
+    timed, _, skipped = rounds([stand_in_row("engine:fused", calls),
+                                stand_in_row("engine:eager", calls, fails_at=1, stop=deadline)], deadline)
+    assert calls == ["build", "engine:fused", "baseline", "engine:eager"]
+    assert [row.name for row in timed] == ["engine:fused", "baseline"]
+    assert skipped == [{"name": "engine:eager", "skipped": "no timed edit: the run was cut short (it was sent "
+                                                           "SIGTERM)"}]
+    deadline = Deadline(None)  # SIGTERM inside the first row's first edit: the baseline never ran
+    with pytest.raises(ZoneError, match=r"cut short before the baseline's first timed edit \(it was sent SIGTERM\)"):
+        rounds([stand_in_row("engine:eager", calls, fails_at=1, stop=deadline)], deadline)
+    with pytest.raises(ZoneError, match="cut short before the baseline's first timed edit"):
+        rounds([], deadline)  # the time up before the rounds (in the models' build): no row is built for nothing
+    assert calls == []
+
+
+def test_a_rows_record_holds_its_figures_by_their_definitions():
+    """summarize_run and summarize_batched on set figures: unless every edit marked each step (the second edit's
+    marks stop at one here) the step is denoise ÷ steps; the peak memory is the largest sampled; throughput is
+    edits ÷ wall time; a batched step only when every batch marked each step, "denoised as one batch" only when
+    every batch was."""
+    config = dataclasses.replace(PRESETS["tiny-smoke"], steps=2, batch=2)
+    memory = [{"bytes": 3, "label": "during the timed edits"}, {"bytes": 7, "label": "during the timed edits"}]
+    result = SimpleNamespace(used_fallback=False, mask_b=np.ones((2, 2)), mask_f=np.zeros((2, 2)),
+                             region=np.eye(2))
+    row = harness.Implementation(
+        "engine:tensorrt", "fp16", edit=lambda: None, result=result, walls=[1.0, 3.0], peak_memory=memory,
+        timings=[{**dict.fromkeys(STAGES, 0.1), "denoise": 0.8, "total": 2.0}] * 2, steps=[[0.1, 0.2], [0.3]],
+        batched=harness.BatchedRun(2, walls=[0.5, 1.5], steps=[[0.1, 0.2], [0.3]], peak_memory=memory,
+                                   denoise_runs=[[2], [1, 1]]))
+    record = harness.summarize_run(row, config, torch.device("cpu"))
+    assert record["per_step"]["median"] == pytest.approx(0.4) and record["per_step_source"].startswith("denoise ÷")
+    assert record["peak_memory"]["bytes"] == 7
+    assert (record["throughput"]["edits_per_s"], record["throughput"]["requests"]) == (0.5, 2)
+    assert (record["mask_b_fraction"], record["mask_f_fraction"], record["region_fraction"]) == (1.0, 0.0, 0.5)
+    batched = record["batched_throughput"]
+    assert batched["edits_per_s"] == 2.0 and batched["speedup_vs_sequential"] == 4.0
+    assert batched["per_step"] is None and batched["denoised_as_one_batch"] is False  # the second batch: [1, 1]
+    assert batched["peak_memory"] == {"bytes": 7, "label": "during the timed batches"}
+
+
+def test_batches_are_measured_only_with_batch_over_1_each_request_on_its_own_seed():
+    config, edit_config = dataclasses.replace(PRESETS["tiny-smoke"], batch=3, seed=7), EditConfig(seed=0)
+    image = np.zeros((8, 8, 3), np.uint8)
+    assert [request.config.seed for request in harness.batch_requests(image, config, edit_config)] == [7, 8, 9]
+    row = harness.Implementation("baseline", "fp32", edit=lambda: None)
+    harness.measure_batched([row], dataclasses.replace(config, batch=1), image, edit_config, torch.device("cpu"),
+                            print, Deadline(None))
+    assert row.batched_skip is None  # batch 1: no batched_throughput at all, not "not applicable"
+
+
+def test_batched_rounds_warm_up_once_with_warm_up_edits_and_a_failed_batch_leaves_them(monkeypatch):
+    """measure_batched with stand-in pipelines: one untimed batch each (the run has warm-up edits), then one
+    timed batch a round, each its own denoising loop of B; a row whose batch raised is tried no more."""
+    monkeypatch.setattr(harness, "_release", lambda device: None)
+    monkeypatch.setattr(harness, "classify_action", lambda *args: None)
+    masks = np.ones((2, 2), bool)
+    result = SimpleNamespace(image=np.zeros((2, 2, 3), np.uint8), styled=np.zeros((2, 2, 3), np.uint8),
+                             mask_b=masks, mask_f=masks, region=masks, used_fallback=False)
+    other = SimpleNamespace(**{**vars(result), "image": np.ones((2, 2, 3), np.uint8)})  # another seed's edit
+    batches = []
+
+    def batching_row(name: str, fails: bool = False) -> harness.Implementation:
+        denoiser = measure.BatchStepTimedDenoiser(None, measure.StepClock(torch.device("cpu")))
+
+        def edit_batch(requests):
+            batches.append(name)
+            if fails:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            denoiser.runs.append(len(requests))
+            return [result] + [other] * (len(requests) - 1)
+        pipe = SimpleNamespace(denoiser=denoiser, edit_batch=edit_batch, models=STUBBED_CLASSIFIER_MODELS)
+        return harness.Implementation(name, "fp32", edit=lambda: None, result=result, pipe=pipe)
+
+    fused, broken = batching_row("engine:fused"), batching_row("engine:broken", fails=True)
+    config = dataclasses.replace(PRESETS["tiny-smoke"], batch=2, warmup=1, repeats=2)
+    harness.measure_batched([fused, broken], config, np.zeros((8, 8, 3), np.uint8), EditConfig(),
+                            torch.device("cpu"), lambda message: None, Deadline(None))
+    assert batches == ["engine:fused", "engine:broken", "engine:fused", "engine:fused"]
+    assert len(fused.batched.warmup_s) == 1 and len(fused.batched.walls) == 2 and fused.batched.error is None
+    assert fused.batched.denoise_runs == [[2], [2]]  # the warm-up batch's loop not counted in the first
+    assert fused.batched.first_vs_sequential["max_pixel_diff_image"] == 0  # the first request against the row's edit
+    assert broken.batched.error == "batch of 2 failed: OutOfMemoryError: CUDA out of memory"
+
+
+def test_the_floor_takes_the_better_ceiling_and_the_cuda_floor_is_dense_bf16(monkeypatch):
+    """A busy moment can only slow a matmul: of the rates before and after the edits (after: unless the run was cut
+    short), the faster is the ceiling; on CUDA a dense bf16 one too, ZONE.md's floor."""
+    monkeypatch.setattr(harness, "unet_flops_per_row", lambda unet_config, latent_size, context_dim: 2e9)
+    monkeypatch.setattr(harness, "matmul_peak", lambda device, dtype: {"dtype": "float32", "flops_per_s": 4e9})
+    models = SimpleNamespace(ip2p_unet=SimpleNamespace(config={}),
+                             text_encoder=SimpleNamespace(config=SimpleNamespace(hidden_size=32)))
+    before = {"dtype": "float32", "flops_per_s": 1e9}
+    runs = [{"name": "engine:eager", "stages": {"denoise": {"median": 18.0}}},
+            {"name": "engine:compile", "skipped": "no timed edit"}]
+    config = dataclasses.replace(PRESETS["tiny-smoke"], steps=3)
+    floor = harness.cost_floor(models, (8, 8), config, torch.device("cpu"), [before], runs)
+    assert floor["denoise_tflop"] == pytest.approx(2e9 * 6 * 3 / 1e12)
+    (ceiling,) = floor["ceilings"]
+    assert ceiling["flops_per_s"] == 4e9 and ceiling["measured_flops_per_s"] == {"before": 1e9, "after": 4e9}
+    assert (ceiling["step_floor_s"], ceiling["denoise_floor_s"]) == (3.0, 9.0)  # 6 rows of 2 GFLOP at 4 TFLOP/s
+    assert ceiling["gap"] == {"engine:eager": 2.0}
+    (ceiling,) = harness.cost_floor(models, (8, 8), config, torch.device("cpu"), [before], runs,
+                                    remeasure=False)["ceilings"]
+    assert ceiling["flops_per_s"] == 1e9 and ceiling["measured_flops_per_s"]["after"] is None
+    # The run's floor: remeasured, unless the run was cut short (then no new work starts).
+    monkeypatch.setattr(harness, "cost_floor", lambda *args, remeasure: {"remeasured": remeasure})
+    cut_short = Deadline(None)
+    cut_short.stop("it was sent SIGTERM")
+    for deadline, remeasured in ((Deadline(None), True), (cut_short, False)):
+        floor = harness._floor(models, (8, 8), config, torch.device("cpu"), [before], runs, deadline, print)
+        assert floor == ({"remeasured": remeasured}, None)
+    cuda = torch.device("cuda")
+    assert harness.ceiling_dtypes(cuda, torch.float16) == [torch.float16, torch.bfloat16]
+    assert harness.ceiling_dtypes(cuda, torch.bfloat16) == [torch.bfloat16]
+    assert harness.ceiling_dtypes(torch.device("cpu"), torch.float32) == [torch.float32]
+
+
+def test_without_warm_up_edits_each_network_is_called_once_untimed_first(monkeypatch):
+    """First calls allocate and pick kernels: with --warmup 0 nothing else keeps that cost out of the first timed
+    edit, and the report says which was done."""
+    primed, cpu = [], torch.device("cpu")
+    monkeypatch.setattr(harness, "prime", lambda *args: primed.append(args))
+    with_warm_up = dataclasses.replace(PRESETS["tiny-smoke"], warmup=1)
+    assert harness._prime_unless_warming_up(with_warm_up, None, (8, 8), cpu) == "none: warm-up edits instead"
+    assert not primed
+    priming = harness._prime_unless_warming_up(dataclasses.replace(with_warm_up, warmup=0), None, (8, 8), cpu)
+    assert priming.startswith("no warm-up edit; each network called once untimed first") and len(primed) == 1
+
+
+def test_an_engine_edit_counts_its_classification_in_the_action_stage_and_the_total(monkeypatch):
+    """The engine edit is given its action (as the baseline is): the classification it skipped is timed beside it
+    and added to both figures."""
+    class FixedStopwatch(Stopwatch):
+        @contextlib.contextmanager
+        def __call__(self, stage: str):
+            yield
+            self.seconds[stage] = 0.25
+
+    classified = []
+    monkeypatch.setattr(harness, "Stopwatch", FixedStopwatch)
+    monkeypatch.setattr(harness, "classify_action", lambda instruction, *models_and_rule: classified.append(
+        instruction))
+    result = SimpleNamespace(timings={"action": 0.5, "denoise": 1.0, "total": 2.0})
+    pipe = SimpleNamespace(device=torch.device("cpu"), denoiser=object(), models=STUBBED_CLASSIFIER_MODELS,
+                           edit=lambda *args: result)
+    config = PRESETS["tiny-smoke"]
+    _, timings, _ = harness.engine_edit(pipe, None, config, EditConfig())()
+    assert timings == {"action": 0.75, "denoise": 1.0, "total": 2.25} and classified == [config.instruction]
+    assert result.timings["total"] == 2.0  # the pipeline's own record left as it was
 
 
 # ----------------------------------------------------------------------------------------------- the report
@@ -1109,8 +1322,6 @@ def test_baseline_times_each_stage_around_its_own_work(pipe, baseline, monkeypat
     """The speed-ups divide these times: the VAE decode timed as refinement, the classifier's cost skipped, a
     step clock never started, the per-step cache frees left out or a total that is the stages' sum (not the
     edit's wall time) would each change a ratio and no output. SAM is stubbed: its cost is not the point here."""
-    from types import SimpleNamespace
-
     import zone_benchmarks.baseline as reference_style
 
     running, seen = [], []
