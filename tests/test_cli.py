@@ -490,7 +490,9 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
 
 
 @pytest.mark.parametrize("line, words", [
-    ('{"image": "photo.png"}', "line 1: no instruction: each line names both"),
+    ('{"image": "photo.png"}', "edits.jsonl line 1: no instruction: each line names both"),
+    ('{"seed": 3}', "line 1: no image and no instruction: each line names both"),
+    ('{"image": true, "instruction": "x"}', "line 1: image must be a path, a string, not true"),  # not "an int"
     ('{"image": "  ", "instruction": "x"}', "line 1: image is empty: name a file"),  # not "not a string"
     ('{"image": "photo.png", "instruction": "x", "sed": 3}', "line 1: a line has no field 'sed': did you mean seed?"),
     ('{"image": "photo.png", "instruction": "x", "steps": "3"}', "line 1: steps must be a whole number"),
@@ -515,6 +517,7 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
     ('{"image": "photo.png", "image": "other.png", "instruction": "x"}', "the field 'image' is given twice"),
     ('{"image": "photo.png", "instruction": "x", "' + "x" * 5000 + '": 1}', "xxx..."),
     ('{"image": "photo.png"', "line 1: not JSON"),
+    ('{"image": "photo.png" "instruction": "x"}', "line 1: not JSON (Expecting ',' delimiter, column 23)"),
     ("", "lists no edit"),
     ('{"image": "photo.png", "instruction": "x"}\n{"image": "photo.png", "instruction": "y"}',
      'out/photo.png would be written for both line 1 (photo.png) and line 2 (photo.png): edit them in '
@@ -524,6 +527,21 @@ def test_a_batch_line_that_cannot_run_is_refused_before_any_work(photo, tmp_path
     monkeypatch.chdir(tmp_path)  # the folder image "." is the manifest's
     (tmp_path / "edits.jsonl").write_text(line + "\n")
     _fails_cleanly(capsys, ["batch", str(tmp_path / "edits.jsonl"), "-o", str(tmp_path / "out"), "--tiny"], words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_refuses_a_file_as_o_a_bad_batch_size_and_a_list_it_cannot_read_before_any_work(photo, tmp_path,
+                                                                                              capsys, monkeypatch):
+    """From a mutation audit: `zone batch`'s own checks of the command (not of a line) were never run; a line's
+    field is checked over the command's, not hidden by it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "edits.jsonl").write_text('{"image": "photo.png", "instruction": "x", "steps": "3"}\n')
+    for extra, words in ((["-o", "edited.png"], "-o edited.png: for a batch -o names the folder the edits go to"),
+                         (["-o", "out", "--batch-size", "0"], "--batch-size 0 must be 1.."),
+                         (["-o", "out", "--steps", "2"], "edits.jsonl line 1: steps must be a whole number")):
+        _fails_cleanly(capsys, ["batch", "edits.jsonl", *extra, "--tiny"], *words)
+    _fails_cleanly(capsys, ["batch", "gone.jsonl", "-o", "out", "--tiny"],
+                   "cannot read the list of edits gone.jsonl: No such file or directory")
     assert not (tmp_path / "out").exists()
 
 
@@ -1357,8 +1375,10 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path, monke
     _fails_cleanly(capsys, ["serve", "--tiny", "--max-steps", "10"],
                    "the server's default --steps 20 is above --max-steps 10")
     _fails_cleanly(capsys, ["serve", "--tiny", "--timeout-s", "0"], "timeout-s")
-    _fails_cleanly(capsys, ["serve", "--tiny", "--timeout-s", "inf"], "--timeout-s inf must be a finite number")
-    _fails_cleanly(capsys, ["serve", "--tiny", "--max-wait-ms", "inf"], "--max-wait-ms inf must be a finite number")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--timeout-s", "inf"], "--timeout-s inf must be a finite number, more "
+                   "than 0")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--max-wait-ms", "inf"], "--max-wait-ms inf must be a finite number, "
+                   "0 or more")
     _fails_cleanly(capsys, ["serve", "--tiny", "--max-upload-mb", "1e-9"], "--max-upload-mb 1e-09 is under 1 KiB")
     _fails_cleanly(capsys, ["serve", "--tiny", "--max-wait-ms", "5000", "--timeout-s", "5"],
                    "--max-wait-ms 5000 must be shorter than --timeout-s 5: ")  # as typed, not 5000.0
@@ -1473,8 +1493,10 @@ def test_random_weights_build_real_size_architectures_with_the_reference_setting
     monkeypatch.setattr(zone_engine.models, "build_random_components", fake_build)
     pipe = PipelineSpec(random_weights="sd15", device="cpu", denoiser="fused").build()
     assert calls == [("sd15", 0, "vit_b")]
+    PipelineSpec(random_weights="sd15", ip2p="/nonexistent/ip2p").check_checkpoints()  # reads none: looks for none
     assert pipe.default_config == EditConfig()  # the reference SAM settings: a load test pays real costs
     if not SERVE_MISSING:
+        monkeypatch.setattr("zone_engine.serving.run_server", lambda *_: pytest.fail("the server started"))
         _fails_cleanly(capsys, ["serve", "--tiny", "--random-weights", "sd15"], "exclude each other")
 
 

@@ -23,7 +23,7 @@ from zone_engine.config import (
     parse_action,
     parse_hw,
 )
-from zone_engine.errors import ConfigError, DeviceError, InstructionError
+from zone_engine.errors import ConfigError, DeviceError, InstructionError, first_line
 from zone_engine.instruction import check_instruction
 from zone_engine.localize import localize
 from zone_engine.refine import refine_mask
@@ -121,6 +121,14 @@ def test_the_errors_a_caller_catches_import_from_the_package():
     for name in ("ZoneError", "ConfigError", "CheckpointError", "DeviceError", "InputImageError", "InstructionError",
                  "EditCancelled", "EditWarning"):
         assert getattr(zone_engine, name) is getattr(errors, name) and name in zone_engine.__all__
+
+
+def test_a_librarys_error_is_said_by_its_first_line_or_else_by_its_kind():
+    """From a mutation audit: torch's missing-keys error runs to a list of keys (its first line says what failed),
+    a bare EOFError says nothing; neither was pinned (the serving 400s and checkpoint errors quote them)."""
+    assert first_line(RuntimeError("Error(s) in loading state_dict for Sam:\n\tMissing key(s)")) == (
+        "Error(s) in loading state_dict for Sam:")
+    assert first_line(EOFError()) == "EOFError" and first_line(ValueError(" \n ")) == "ValueError"
 
 
 def test_a_generator_as_seed_says_how_to_get_its_seed():

@@ -35,7 +35,7 @@ from PIL import Image
 import zone_engine
 from zone_benchmarks.load_test import parse_metrics
 from zone_engine import ZonePipeline
-from zone_engine.config import EditConfig, SamConfig
+from zone_engine.config import MAX_BATCH, MAX_PIXELS, MAX_STEPS, EditConfig, SamConfig
 from zone_engine.errors import (
     CheckpointError,
     ConfigError,
@@ -45,7 +45,7 @@ from zone_engine.errors import (
     InstructionError,
     ZoneError,
 )
-from zone_engine.pipeline import EditRequest
+from zone_engine.pipeline import STAGES, EditRequest
 from zone_engine.serving import LocalEditService, ServeSettings, create_app
 from zone_engine.serving.app import (
     FORM_FIELDS,
@@ -364,6 +364,17 @@ def test_every_count_setting_is_at_least_one():
     with pytest.raises(ConfigError, match=r"--max-pixels 63 \(max_pixels=63\) is under 64 \(8x8, the smallest"):
         ServeSettings(max_pixels=63)
     ServeSettings(max_pixels=64, warmup_sizes=((8, 8),))
+
+
+def test_every_serve_limit_itself_is_accepted():
+    """From a mutation audit: each "at most" and "under" check could move by one unseen (--max-steps 999 refused
+    as over 999, a 1 KiB upload limit as under 1 KiB, a wait a breath short of the timeout as too long)."""
+    settings = ServeSettings(max_steps=MAX_STEPS, max_pixels=MAX_PIXELS, max_batch=MAX_BATCH, queue_size=MAX_BATCH,
+                             edit_changes=(("steps", MAX_STEPS),), max_upload_mb=1 / 1024, timeout_s=5,
+                             max_wait_ms=4999.5)
+    settings.check_default_steps(MAX_STEPS)  # a default of --max-steps itself is one a request may ask for
+    settings.check_local_batching()
+    assert settings.max_upload_bytes == 1024
 
 
 def test_stopping_ends_the_warm_up_at_its_running_batchs_next_step(pipe, monkeypatch):
@@ -1601,6 +1612,17 @@ def test_batcher_metrics_show_the_running_batch_and_each_edits_queue_wait():
     assert sample("zone_running") == sample("zone_queue_depth") == 0
     assert (sample("zone_queue_wait_seconds_count"), sample("zone_queue_wait_seconds_sum")) == (6, 4 * 7.0)
     assert (sample("zone_batch_size_count"), sample("zone_batch_size_sum")) == (3, 6)
+
+
+def test_every_pipeline_stage_is_observed_with_its_own_seconds():
+    """From a mutation audit: one stage's count alone was pinned (refine), never the seconds observed, so a stage
+    left out or another's time recorded passed; a timing that is no stage (the total) is not one."""
+    metrics = ServeMetrics()
+    metrics.observe_stages({**{stage: 0.25 * (i + 1) for i, stage in enumerate(STAGES)}, "total": 99.0})
+    sample = metrics.registry.get_sample_value
+    assert [sample("zone_stage_seconds_sum", {"stage": stage}) for stage in STAGES] == [
+        0.25 * (i + 1) for i in range(len(STAGES))]
+    assert sample("zone_stage_seconds_count", {"stage": "total"}) is None
 
 
 def test_retry_after_is_the_batches_ahead_times_a_batchs_time_or_the_running_ones_if_longer():
