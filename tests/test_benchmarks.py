@@ -611,11 +611,29 @@ def test_dual_unet_techniques_agree_and_are_all_timed(capsys):
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in labels}
     assert set(rows) == set(labels)  # no CUDA: no streams and no graph rows
+    assert "64² (8² latent), 6 rows (B = 1), fp32, median of 1" in out
     assert "x single+graph" not in out  # nor the column of ratios to one: it would repeat "x single"
     assert float(rows["vmap"][3]) <= 1e-5  # the stacked-weights call computes the same eps as two calls
     # Channels-last copies compute the same eps up to the convolutions' summation order.
     assert float(rows["two-calls-cl"][3]) <= 1e-4 and float(rows["step-cl"][2]) > 0
     assert float(rows["single"][2]) == 1.0 and float(rows["two-calls"][2]) > 0 and float(rows["step"][2]) > 0
+
+
+def test_dual_unet_table_puts_each_variant_against_one_unet_call_and_the_two_calls_eps(capsys):
+    from zone_benchmarks.bench_dual_unet import print_results
+
+    eps = torch.zeros(2)
+    results = {"single": (0.010, eps + 5, None), "two-calls": (0.020, eps, None), "vmap": (0.030, eps + 0.25, 1.5),
+               "step": (0.040, eps + 9, None)}
+    print_results(results)
+    header, *lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines}
+    assert "x single+graph" not in header
+    assert rows["vmap"] == ["30.00ms", "3.00", "0.25", "1.50"] and rows["two-calls"] == ["20.00ms", "2.00", "0", "n/a"]
+    assert rows["single"][2:] == ["n/a", "(other", "rows)", "n/a"] and rows["step"][2:5] == ["n/a", "(whole", "step)"]
+    print_results({**results, "single+graph": (0.005, eps + 5, None)})  # on CUDA: against the graphed call too
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert "x single+graph" in header and lines[2].split()[:4] == ["vmap", "30.00ms", "3.00", "6.00"]
 
 
 def test_refinement_variants_run_on_the_fastest_fused_family_denoiser():
@@ -682,6 +700,126 @@ def test_photo_benchmark_times_each_host_step_and_the_png_levels(capsys):
     assert "each side at least 64" in capsys.readouterr().err
 
 
+def test_photo_benchmark_figures_are_medians_after_a_warm_up_and_its_table_says_whose(capsys, monkeypatch):
+    """bench_photo with a stand-in pipeline and stand-in figures (1 s, 2 s, ... in the order measured): each
+    figure in its row, the blend stage's median without the warm-up edit, PNG level 6 against level 1."""
+    from zone_benchmarks import bench_photo
+    from zone_engine.errors import DeviceError
+
+    clock = iter([0.0, 0.01, 1.0, 1.02, 2.0, 2.06])  # three timed calls of 10, 20 and 60 ms
+    calls = []
+    with monkeypatch.context() as patch:
+        patch.setattr(bench_photo.time, "perf_counter", lambda: next(clock))
+        seconds, last = bench_photo.median_seconds(lambda: calls.append("call") or len(calls), repeats=3)
+    assert seconds == pytest.approx(0.02) and calls == ["call"] * 4 and last == 4  # a warm-up, then 3 timed
+
+    def no_such_device(seed, device):
+        raise DeviceError(f"device {device!r} is not available")
+    monkeypatch.setattr(ZonePipeline, "tiny", no_such_device)
+    assert bench_photo.main(["--size", "64x96", "--device", "cuda:7"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+    blend_seconds, devices = iter([9.0, 0.1, 0.3, 0.2]), []  # the warm-up edit's blend was slow
+
+    def tiny(seed, device):
+        devices.append(device)
+        return SimpleNamespace(default_config=EditConfig(),
+                               edit=lambda pixels, *_: SimpleNamespace(image=pixels,
+                                                                       timings={"blend": next(blend_seconds)}))
+    monkeypatch.setattr(ZonePipeline, "tiny", tiny)
+    figures = iter(range(1, 7))
+    monkeypatch.setattr(bench_photo, "median_seconds", lambda work, repeats: (float(next(figures)), work()))
+    assert bench_photo.main(["--size", "64x96", "--repeats", "3", "--device", "cuda:1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("A 96x64 photo, median of 3:") and devices == ["cuda:1"]
+    # | what | seconds | note |, after the table's header
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [figure for _, figure, _ in rows] == ["1.000", "2.000", "0.200", "4.000", "5.000", "6.000"]
+    shrink, blend, png = rows[1][2], rows[2][2], rows[3][2]
+    assert shrink.startswith("96x64 -> ") and blend == "on cuda:1 |"
+    assert "Pillow's default level 6: 3.000 s (0.75x level 1's)" in png
+
+
+def test_refine_benchmark_defaults_on_the_cpu_and_how_a_run_is_timed(capsys, monkeypatch):
+    """On the CPU: 8 points a side, 1 repeat, every mask kept (thresholds 0), the networks timed 3 times at least;
+    a timed run: one warm-up, then each run's total and the image encoder inside it (not the warm-up's), and the
+    predictor's own set_image back afterwards (the search rows time the same predictor again)."""
+    from zone_benchmarks import bench_refine
+
+    timed_runs, configs, reported, networks = bench_refine.timed_runs, [], [], []
+    monkeypatch.setattr(bench_refine, "TorchSamSegmenter", lambda sam, config, *_: configs.append(config) or
+                        SimpleNamespace(segment=None, generator=SimpleNamespace(predictor=None)))
+    monkeypatch.setattr(bench_refine, "timed_runs", lambda *_: ([], 1.0, 0.5))
+    monkeypatch.setattr(bench_refine, "search_rows", lambda *_: [])
+    monkeypatch.setattr(bench_refine, "print_report", lambda args, *_: reported.append(args))
+    monkeypatch.setattr(bench_refine, "print_network_rows", lambda sam, prompts, repeats, half: networks.append(
+        (prompts, repeats, half)))
+    assert bench_refine.main(["--model-type", "tiny", "--size", "64", "--device", "cpu", "--no-onnx"]) == 0
+    (args,), (config,) = reported, configs
+    assert (args.points_per_side, args.repeats) == (8, 1) and networks == [(64, 3, None)]
+    assert (config.points_per_side, config.pred_iou_thresh, config.stability_score_thresh) == (8, 0.0, 0.0)
+
+    class Predictor:
+        features = torch.zeros(1)
+
+        def set_image(self, image):
+            pass
+
+    predictor = Predictor()
+
+    def segment(image):
+        predictor.set_image(image)
+        return [image]
+    # The warm-up's encoder takes 100 s; then runs of 3 s and 4 s, their encoder 1 s and 2 s.
+    clock = iter([0, 100, 200, 200, 201, 203, 300, 300, 302, 304])
+    with monkeypatch.context() as patch:
+        patch.setattr(bench_refine.time, "perf_counter", lambda: next(clock))
+        masks, total, encoder = timed_runs("stand-in", segment, predictor, "image", repeats=2)
+    assert (masks, total, encoder) == (["image"], 3.5, 1.5) and "set_image" not in vars(predictor)  # the class's again
+    assert capsys.readouterr().err.count("[refine] stand-in: run") == 2
+
+
+def test_refine_report_gives_each_rows_speed_up_over_the_first_and_says_when_the_choices_differ(capsys):
+    from zone_benchmarks.bench_refine import compare, parse_args, print_report
+
+    args = parse_args(["--points-per-side", "8", "--repeats", "1", "--no-onnx"])
+    sam = SimpleNamespace(image_encoder=SimpleNamespace(img_size=1024))
+    rows = [("torch fp32", [], 4.0, 1.0), ("torch bf16", [], 2.0, 0.25)]  # decoding: 3 s, then 1.75 s
+    searches = [("torch fp32", 4.5, 1.5, 1.0, "same"), ("torch bf16", 2.5, 0.5, 0.25, 0.75)]
+    print_report(args, sam, rows, None, searches)
+    out = capsys.readouterr().out
+    assert "speed-up torch bf16 vs torch fp32: 2.00x total, 4.00x image encoder, 1.71x decoding" in out
+    listed_and_searched = [line.split()[2:5] for line in out.splitlines() if line.startswith("torch")][2:]
+    assert listed_and_searched == [["4500.0", "1500.0", "3.00x"], ["2500.0", "500.0", "5.00x"]]
+    assert out.rstrip().endswith("IoU 0.7500\nthe chosen segments differ: the two decoders round differently (the "
+                                 "factored transformer; on CUDA also batch-size dependent kernels, TF32 convolutions), "
+                                 "moving masks that sit at a threshold")
+    print_report(args, sam, rows, None, searches[:1])
+    assert "the chosen segments differ" not in capsys.readouterr().out
+    # The networks' rows: SAM's module against the engine's form, the difference relative to the output's size.
+    compare("stand-in", 1, torch.device("cpu"), ("SAM's", lambda: torch.tensor([200.0, -200.0])),
+            ("the engine's", lambda: torch.tensor([200.0, -198.0])))
+    assert capsys.readouterr().out.endswith("max |difference| 1.0e-02 of the output's magnitude\n")
+
+
+def test_refine_search_row_gives_the_worst_disagreement_of_its_runs(monkeypatch):
+    """The search's runs against listing every segment and choosing (the centre quarter, here): one run chose half
+    of it (IoU 0.5), the other 13 of its 16 pixels (IoU 0.8125); the row gives the worse."""
+    from zone_benchmarks import bench_refine
+    from zone_engine.refine import Selection
+
+    centre = bench_refine.centre_mask((8, 8))
+    half, most = centre.copy(), centre.copy()
+    half[4:], most[2, 2:5] = False, False
+    found = iter([Selection(half, 0.5, 1), Selection(most, 0.8, 1)])
+    segmenter = SimpleNamespace(select=lambda image, mask_b: next(found), generator=SimpleNamespace(predictor=None))
+    monkeypatch.setattr(bench_refine, "timed_runs", lambda name, run, predictor, image, repeats: (
+        [run(image) for _ in range(repeats)][-1], 0.5, 0.25))
+    rows = [("torch fp32", [centre], 2.0, 1.0)]
+    (search,) = bench_refine.search_rows({"torch fp32": segmenter}, rows, np.zeros((8, 8, 3), np.uint8), repeats=2)
+    assert search[0] == "torch fp32" and search[2:] == (0.5, 0.25, 0.5)
+
+
 def test_a_refine_benchmark_part_that_fails_costs_its_own_rows(capsys, monkeypatch):
     from zone_benchmarks import bench_refine
 
@@ -698,28 +836,63 @@ def test_a_refine_benchmark_part_that_fails_costs_its_own_rows(capsys, monkeypat
 
 
 def test_graph_breaks_counts_each_break_and_shows_where_it_is(capsys, monkeypatch):
-    """zone_benchmarks.graph_breaks, dynamo's real explain, on a stand-in for the dual step with one break: that the
+    """zone_benchmarks.graph_breaks, dynamo's real explain, on a stand-in for the dual step that breaks: that the
     real step is one graph, tests/test_dual_step.py shows (a counting backend traces it once); tracing it here too
     took 20 s of the suite for no other claim."""
     import zone_benchmarks.graph_breaks as graph_breaks_module
 
-    def broken_step(unets, schedule, state, *_):
-        doubled = state.z_mb * 2
+    def halve_then_break(latents):
         torch._dynamo.graph_break()
-        return doubled + 1
+        return latents / 2
+
+    step_shapes = []
+
+    def broken_step(unets, schedule, state, image_latents, *_):
+        step_shapes.append((tuple(state.z_mb.shape), tuple(image_latents.shape)))
+        # Two breaks, one frame below the step: where each is shows the step's frame and the helper's.
+        return halve_then_break(halve_then_break(state.z_mb * 2)) + 1
 
     monkeypatch.setattr(graph_breaks_module, "dual_step", broken_step)
     graph_breaks = graph_breaks_module.main
     assert graph_breaks(["--models", "tiny", "--resolution", "64", "--device", "cpu"]) == 1
     out = capsys.readouterr().out
-    assert "cpu, fp32, recording by the torch reference: 2 graph(s), 1 break(s)" in out
-    assert "- Call to `torch._dynamo.graph_break()`" in out and "in broken_step>" in out
+    assert "cpu, fp32, recording by the torch reference: 3 graph(s), 2 break(s)" in out
+    assert out.count("- Call to `torch._dynamo.graph_break()`") == 1
+    assert "in broken_step>" in out and "in halve_then_break>" in out
+    assert step_shapes == [((1, 4, 8, 8), (3, 4, 8, 8))]  # one edit at 64 px: an 8x8 latent
     # Its options checked as the other tools' are: one line each, not a traceback from inside dynamo.
     with pytest.raises(SystemExit):
         graph_breaks(["--resolution", "0"])
     assert "--resolution must be a multiple of 8 between 32 and 2048" in capsys.readouterr().err
     assert graph_breaks(["--models", "tiny", "--resolution", "64", "--device", "cpu", "--dtype", "fp16"]) == 2
     assert capsys.readouterr().err.strip() == "error: --dtype fp16 runs only on CUDA here; on the CPU use fp32"
+    # Kernel 1 is named only where it can launch: elsewhere its launcher ran the reference.
+    from zone_kernels import attn_accumulate
+
+    for launches, words in ((True, "kernel 1 (Triton, its custom op)"), (False, "the torch reference (Triton cannot")):
+        monkeypatch.setattr(attn_accumulate, "runs_on", lambda device, launches=launches: launches)
+        assert graph_breaks_module._recording(attn_accumulate.attn_accumulate_, torch.device("cpu")).startswith(words)
+
+
+def test_graph_breaks_fails_on_a_break_that_dynamo_does_not_count(capsys, monkeypatch):
+    """A break inside a function the step calls in a loop: dynamo's explain lists its reason but counts 1 graph
+    and 0 breaks; the tool exited 0, "no breaks", under the break it printed."""
+    import zone_benchmarks.graph_breaks as graph_breaks_module
+
+    def halve_then_break(latents):
+        latents = latents / 2
+        torch._dynamo.graph_break()
+        return latents
+
+    def step_breaking_in_a_loop(unets, schedule, state, *_):
+        latents = state.z_mb * 2
+        for _ in range(2):
+            latents = halve_then_break(latents)
+        return latents + 1
+
+    monkeypatch.setattr(graph_breaks_module, "dual_step", step_breaking_in_a_loop)
+    assert graph_breaks_module.main(["--models", "tiny", "--resolution", "64", "--device", "cpu"]) == 1
+    assert "- Call to `torch._dynamo.graph_break()`" in capsys.readouterr().out
 
 
 def test_kernel_floor_line_puts_the_graph_replay_against_the_modelled_bytes():
@@ -807,8 +980,9 @@ def test_a_kernel_benchmark_that_fails_spares_the_others(capsys, monkeypatch):
 def test_graph_memory_reads_its_shapes_and_needs_a_gpu(capsys):
     from zone_benchmarks import graph_memory
 
-    args = graph_memory.parse_args(["--sizes", "512x384,256x512", "--batches", "1,4"])
+    args = graph_memory.parse_args(["--sizes", "512X384,256x512", "--batches", "1,4"])
     assert args.shapes == [(1, 512, 384), (1, 256, 512), (4, 512, 384), (4, 256, 512)]
+    assert args.dtype == "fp16"  # what a server's graphs hold
     for bad in (["--sizes", "500x512"], ["--sizes", "512"], ["--batches", "0"], ["--steps", "0"]):
         with pytest.raises(SystemExit):
             graph_memory.parse_args(bad)
@@ -819,7 +993,7 @@ def test_graph_memory_reads_its_shapes_and_needs_a_gpu(capsys):
 
 
 def test_selection_agreement_names_the_same_choice_or_measures_the_difference():
-    from zone_benchmarks.bench_refine import selection_agreement
+    from zone_benchmarks.bench_refine import centre_mask, selection_agreement
     from zone_engine.refine import Selection
 
     square = np.zeros((8, 8), bool)
@@ -831,6 +1005,18 @@ def test_selection_agreement_names_the_same_choice_or_measures_the_difference():
     assert selection_agreement(Selection(square, 0.5, 3), Selection(wider, 0.4, 3)) == 16 / 20
     assert selection_agreement(Selection(square, 0.5, 3), Selection(None, 0.0, 3)) == 0.0
     assert selection_agreement(Selection(square, 0.5, 3), Selection(square, 0.5, 4)) == 1.0  # counts differ
+    assert selection_agreement(Selection(square, 0.5, 3), Selection(square, 0.6, 3)) == 1.0  # scores differ
+    assert selection_agreement(Selection(None, 0.0, 3), Selection(None, 0.0, 4)) == 0.0
+    assert np.array_equal(centre_mask((8, 8)), square)  # M_b of the search rows: the central quarter
+
+
+def test_mask_agreement_takes_each_reference_masks_best_match():
+    from zone_benchmarks.bench_refine import mask_agreement
+
+    left, right, top = (np.zeros((4, 4), bool) for _ in range(3))
+    left[:, :2], right[:, 2:], top[:2] = True, True, True
+    assert mask_agreement([left, right], [top, right]) == pytest.approx((2 / 3, 1 / 3))  # left's best: top, 1/3
+    assert mask_agreement([], []) == (1.0, 1.0) and mask_agreement([left], []) == (0.0, 0.0)
 
 
 @pytest.mark.parametrize(("module", "argv", "words"), [
@@ -844,6 +1030,21 @@ def test_selection_agreement_names_the_same_choice_or_measures_the_difference():
     ("bench_refine", ["--device", "cpu", "--sam-precision", "fp16"], "fp16 runs only on CUDA"),
     ("bench_dual_unet", ["--repeats", "0"], "--repeats must be at least 1"),  # was an IndexError
     ("bench_dual_unet", ["--batch", "0"], "--batch must be between 1 and 256"),  # was a reshape's RuntimeError
+    # Each bound, not only the first that broke.
+    ("bench_refine", ["--size", "31"], "--size must be between 32 and 2048"),
+    ("bench_refine", ["--size", "2049"], "--size must be between 32 and 2048"),
+    ("bench_refine", ["--repeats", "0"], "--repeats must be at least 1"),
+    ("bench_refine", ["--points-per-side", "257"], "--points-per-side must be between 1 and 256"),
+    ("bench_dual_unet", ["--batch", "257"], "--batch must be between 1 and 256"),
+    ("bench_dual_unet", ["--resolution", "0"], "--resolution must be a multiple of 8 between 32 and 2048"),
+    ("bench_photo", ["--size", "63x4000"], "63x4000: each side at least 64"),
+    ("bench_photo", ["--size", "10001x10000"], "at most 100,000,000 pixels"),  # before a 100 MP photo is made
+    ("bench_photo", ["--size", "3000"], "'3000' is not HxW"),
+    ("bench_photo", ["--repeats", "0"], "--repeats: invalid choice: 0"),
+    ("graph_memory", ["--sizes", "496x512"], "sizes must be multiples of 32"),
+    ("graph_memory", ["--sizes", "512x496"], "sizes must be multiples of 32"),
+    ("graph_memory", ["--sizes", "0x512"], "sizes must be multiples of 32"),
+    ("graph_memory", ["--sizes", "512xabc"], "--sizes takes HxW,HxW,... and --batches N,N,..."),
 ])
 def test_the_micro_benchmarks_say_a_bad_option_in_one_line(capsys, module, argv, words):
     parse = importlib.import_module(f"benchmarks.{module}").parse_args
@@ -864,10 +1065,11 @@ def test_the_micro_benchmarks_check_what_auto_found_and_the_options_their_help_n
         graph_memory.parse_args(["--batches", "1,3"])
     assert "--batches 1,3: each a power of two" in capsys.readouterr().err
     clock = iter([0.0, 0.010, 1.0, 1.030])  # two timed calls of 10 and 30 ms (after the untimed one)
+    calls = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bench_dual_unet.time, "perf_counter", lambda: next(clock))
-        seconds, _ = bench_dual_unet.time_variant(lambda: None, (), torch.device("cpu"), repeats=2)
-    assert seconds == pytest.approx(0.020)
+        seconds, _ = bench_dual_unet.time_variant(lambda: calls.append("call"), (), torch.device("cpu"), repeats=2)
+    assert seconds == pytest.approx(0.020) and len(calls) == 3
 
 
 def test_rows_that_build_on_their_first_edit_are_always_warmed_up():
