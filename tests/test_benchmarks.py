@@ -712,6 +712,7 @@ def test_photo_benchmark_figures_are_medians_after_a_warm_up_and_its_table_says_
         patch.setattr(bench_photo.time, "perf_counter", lambda: next(clock))
         seconds, last = bench_photo.median_seconds(lambda: calls.append("call") or len(calls), repeats=3)
     assert seconds == pytest.approx(0.02) and calls == ["call"] * 4 and last == 4  # a warm-up, then 3 timed
+    assert [bench_photo.parse_args(["--repeats", n]).repeats for n in ("1", "100")] == [1, 100]  # the edges taken
 
     def no_such_device(seed, device):
         raise DeviceError(f"device {device!r} is not available")
@@ -1040,7 +1041,8 @@ def test_mask_agreement_takes_each_reference_masks_best_match():
     ("bench_photo", ["--size", "63x4000"], "63x4000: each side at least 64"),
     ("bench_photo", ["--size", "10001x10000"], "at most 100,000,000 pixels"),  # before a 100 MP photo is made
     ("bench_photo", ["--size", "3000"], "'3000' is not HxW"),
-    ("bench_photo", ["--repeats", "0"], "--repeats: invalid choice: 0"),
+    ("bench_photo", ["--repeats", "0"], "--repeats must be between 1 and 100"),  # not the 100 choices listed
+    ("bench_photo", ["--repeats", "101"], "--repeats must be between 1 and 100"),
     ("graph_memory", ["--sizes", "496x512"], "sizes must be multiples of 32"),
     ("graph_memory", ["--sizes", "512x496"], "sizes must be multiples of 32"),
     ("graph_memory", ["--sizes", "0x512"], "sizes must be multiples of 32"),
