@@ -835,6 +835,20 @@ def test_a_refine_benchmark_part_that_fails_costs_its_own_rows(capsys, monkeypat
     assert any(line.endswith("reference") for line in lists.splitlines())  # printed after the failure
     assert any(line.startswith("image encoder") for line in networks.splitlines())
 
+    timed_runs = bench_refine.timed_runs
+
+    def variant_fails(name, *args):
+        if name.startswith("torch, image encoder"):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return timed_runs(name, *args)
+    monkeypatch.setattr(bench_refine, "timed_runs", variant_fails)  # a --sam-precision variant loses its rows only
+    assert bench_refine.main(["--model-type", "tiny", "--size", "64", "--points-per-side", "4", "--repeats", "1",
+                              "--device", "cpu", "--no-onnx", "--sam-precision", "bf16"]) == 0
+    output = capsys.readouterr().out
+    assert "torch, image encoder bf16 (autocast): its runs failed:" in output
+    lists = output.split("the engine's question")[0].split("its runs failed:")[1]
+    assert any(line.endswith("reference") for line in lists.splitlines()) and "(autocast)" not in lists
+
 
 def test_graph_breaks_counts_each_break_and_shows_where_it_is(capsys, monkeypatch):
     """zone_benchmarks.graph_breaks, dynamo's real explain, on a stand-in for the dual step that breaks: that the
