@@ -34,7 +34,7 @@ from zone_engine.config import (
     device_kind,
     parse_action,
 )
-from zone_engine.errors import ZoneError
+from zone_engine.errors import ConfigError, ZoneError
 from zone_engine.paths import check_output_file, check_output_folder, file_argument, folder_argument
 
 # Backends whose first edit builds something (torch.compile, TensorRT engines): they always get at least
@@ -315,7 +315,8 @@ def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed edits before the profiled one (default 1)")
     parser.add_argument("--rows", type=int, default=25, help="rows of the whole edit's op table (default 25)")
     parser.add_argument("--trace", type=file_argument,
-                        help="also write the profiled edit as a Chrome trace (JSON) here")
+                        help="also write the profiled edit as a Chrome trace here: a FILE.json, or FILE.json.gz "
+                        "compressed")
     args = parser.parse_args(argv)
     refuse_first(parser, [
         (32 <= args.resolution <= MAX_WORKING_SIDE, f"--resolution must be between 32 and {MAX_WORKING_SIDE}"),
@@ -325,6 +326,9 @@ def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:  # the profiler's writer would replace a folder by the file, and only log what it cannot write
         if args.trace is not None:
             check_output_file(args.trace, "--trace")  # its folder is made, as `zone edit -o`'s
+            if not args.trace.name.endswith((".json", ".json.gz")):  # x.png, the input image, was written over
+                raise ConfigError(f"--trace {args.trace}: a Chrome trace is JSON: name it FILE.json (or "
+                                  "FILE.json.gz, compressed)")
         # Now, not after minutes of building SD1.5 and SAM: a backend or precision that cannot run on the device.
         check_precision(args.dtype or "fp32", device_kind(args.device))
         check_backend_options(device_kind(args.device), args.denoiser, args.engines, sam_precision=args.sam_precision,

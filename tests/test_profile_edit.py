@@ -148,6 +148,13 @@ def test_a_trace_path_that_cannot_be_written_is_refused_before_any_work(tmp_path
     assert "afile is a file, not a folder" in capsys.readouterr().err
     new = tmp_path / "new" / "t.json"
     assert options.parse_profile_args(["--trace", str(new)]).trace == new
+    assert options.parse_profile_args(["--trace", str(tmp_path / "t.json.gz")]).trace.name == "t.json.gz"
+    # Any other name is refused: `--trace photo.png` wrote the trace over the photo.
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG")
+    with pytest.raises(SystemExit):
+        options.parse_profile_args(["--trace", str(tmp_path / "photo.png")])
+    assert "photo.png: a Chrome trace is JSON: name it FILE.json" in capsys.readouterr().err
+    assert (tmp_path / "photo.png").read_bytes() == b"\x89PNG"
 
 
 def test_a_backend_the_device_cannot_run_is_refused_before_the_models_are_built(capsys):
