@@ -293,6 +293,9 @@ def test_an_edit_denoised_before_is_refused_until_restarted(tiny_pipe):
     """Denoised again after a stop, an edit's attention record mixed both runs (about 3% off), silently."""
     config = tiny_pipe.default_config.replace(steps=3)
     edit = tiny_pipe.prepare(smooth_image(64, 64, seed=3), INSTRUCTION, config)
+    # A stop that cannot be called is refused before any step (it was a TypeError after the first), edit untouched.
+    with pytest.raises(ConfigError, match=r"stop must be a function of no arguments .* got str: e.g. stop=event"):
+        tiny_pipe.denoise([edit], stop="x")
     with pytest.raises(EditCancelled):
         tiny_pipe.denoise([edit], stop=lambda: True)
     with pytest.raises(ConfigError, match=r"denoised before .* pass edit.restart\(\)"):

@@ -635,6 +635,9 @@ class ZonePipeline:
         each edit's accumulator. One batched loop if the denoiser can batch, else one loop an edit.
         `stop` is polled after every step; when it says so, the loop ends with `EditCancelled`."""
         check_switch("progress", progress)
+        if stop is not None and not callable(stop):  # else a TypeError after the first step's work
+            raise ConfigError(f"stop must be a function of no arguments that says whether to stop (or None), got "
+                              f"{type(stop).__name__}: e.g. stop=event.is_set")
         if not isinstance(edits, Sequence) or not edits or not all(isinstance(e, PreparedEdit) for e in edits):
             raise ConfigError(f"denoise takes a non-empty list of the PreparedEdits prepare() returns, got "
                               f"{_type_names(edits)}")
