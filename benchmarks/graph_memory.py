@@ -29,6 +29,8 @@ from zone_engine.dual_step import FusedDualDenoiser
 from zone_engine.localize import AttentionAccumulator
 from zone_engine.models import PRESETS, build_unet
 
+from .options import refuse_first
+
 Shape = tuple[int, int, int]  # (edits in the batch, image height, image width)
 
 
@@ -52,8 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--sizes takes HxW,HxW,... and --batches N,N,...")
     if any(len(size) != 2 for size in sizes):
         parser.error("--sizes takes HxW,HxW,... (height x width each)")
-    if any(h % 32 or w % 32 or h < 32 or w < 32 or b < 1 for b, h, w in args.shapes) or args.steps < 1:
-        parser.error("sizes must be multiples of 32, batches and --steps at least 1")
+    refuse_first(parser, [
+        (not any(h % 32 or w % 32 or h < 32 or w < 32 for h, w in sizes),
+         f"--sizes {args.sizes}: each side a multiple of 32, at least 32"),
+        (all(b >= 1 for b, _, _ in args.shapes), f"--batches {args.batches}: each at least 1"),
+        (args.steps >= 1, "--steps must be at least 1"),
+    ])
     if any(b & (b - 1) for b, _, _ in args.shapes):  # the fused denoiser pads a batch to a power of two
         parser.error(f"--batches {args.batches}: each a power of two (what a server's batches are padded to)")
     return args

@@ -1057,9 +1057,11 @@ def test_mask_agreement_takes_each_reference_masks_best_match():
     ("bench_photo", ["--size", "3000"], "'3000' is not HxW"),
     ("bench_photo", ["--repeats", "0"], "--repeats must be between 1 and 100"),  # not the 100 choices listed
     ("bench_photo", ["--repeats", "101"], "--repeats must be between 1 and 100"),
-    ("graph_memory", ["--sizes", "496x512"], "sizes must be multiples of 32"),
-    ("graph_memory", ["--sizes", "512x496"], "sizes must be multiples of 32"),
-    ("graph_memory", ["--sizes", "0x512"], "sizes must be multiples of 32"),
+    ("graph_memory", ["--sizes", "512x512,496x512"], "--sizes 512x512,496x512: each side a multiple of 32, at "),
+    ("graph_memory", ["--sizes", "512x496"], "--sizes 512x496: each side a multiple of 32, at least 32"),
+    ("graph_memory", ["--sizes", "0x512"], "--sizes 0x512: each side a multiple of 32, at least 32"),
+    ("graph_memory", ["--batches", "1,0"], "--batches 1,0: each at least 1"),
+    ("graph_memory", ["--steps", "0"], "--steps must be at least 1"),
     ("graph_memory", ["--sizes", "512xabc"], "--sizes takes HxW,HxW,... and --batches N,N,..."),
 ])
 def test_the_micro_benchmarks_say_a_bad_option_in_one_line(capsys, module, argv, words):
