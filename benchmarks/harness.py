@@ -28,7 +28,7 @@ import torch
 from zone_engine.action import classify_action
 from zone_engine.backends import DTYPES, current_device, resolve_device, resolve_dtype
 from zone_engine.cli import error_line
-from zone_engine.config import DENOISERS, LATENT_SCALE, EditConfig
+from zone_engine.config import DENOISERS, LATENT_SCALE, EditConfig, command_line_spelling
 from zone_engine.denoise import BatchDenoiser, Denoiser
 from zone_engine.errors import ZoneError, first_line
 from zone_engine.graphs import CapturedCalls
@@ -511,7 +511,8 @@ class EngineRows:
             # SAM's reduced-precision copy), a one-time cost that landed in the row's first timed edit.
             pipe.segmenter(self.edit_config.sam)
         except (ZoneError, ImportError, RuntimeError) as error:  # a backend or provider this machine lacks
-            self.skipped.append({"name": name, "skipped": first_line(error)})
+            # The report is read from the command line: the option's name alone, not beside its Python spelling.
+            self.skipped.append({"name": name, "skipped": command_line_spelling(first_line(error))})
             return None
         if isinstance(denoiser, str):
             self.denoisers.setdefault(denoiser, pipe.denoiser)  # the backend's own row's, for its variants
@@ -660,9 +661,10 @@ def _measure_and_record(config: BenchConfig, device: torch.device, deadline: Dea
     priming = _prime_unless_warming_up(config, models, latent_size, device)
     baseline = Implementation("baseline", "fp32",
                               baseline_edit(ReferenceStyleZone(models, device), image, config, edit_config, device))
+    left_out = [kind for kind in DENOISERS if kind not in config.backends]
     rows = EngineRows(config, models, device, image, edit_config,
-                      skipped=[{"name": f"engine:{kind}", "skipped": f"not in this preset's backends (add --backends "
-                                f"...,{kind})"} for kind in DENOISERS if kind not in config.backends])
+                      skipped=[{"name": f"engine:{kind}", "skipped": f"not in this run's --backends (add ...,{kind})"}
+                               for kind in left_out])
     timed, parity = timed_rows(baseline, rows, engine_dtype, progress, deadline)
     # Batches of concurrent edits, after the per-stage rounds (each row's sequential result is its check).
     measure_batched(timed, config, image, edit_config, device, progress, deadline)

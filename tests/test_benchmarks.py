@@ -318,6 +318,36 @@ def test_each_rows_segmenter_is_made_untimed_before_its_first_edit(tiny_models, 
     assert {"name": "engine:fused+sam-bf16", "skipped": "the provider failed to start"} in rows.skipped
 
 
+def test_a_row_this_machine_cannot_run_is_skipped_in_the_command_lines_words(tiny_models):
+    """The report is read from `zone bench`: a skip said "--denoiser tensorrt (denoiser='tensorrt') needs ...",
+    and a backend left out of the user's own --backends was blamed on "this preset's backends"."""
+    config = dataclasses.replace(PRESETS["tiny-smoke"], backends=("tensorrt",), sam_onnx=False, sam_precision=None)
+    rows = harness.EngineRows(config, tiny_models, torch.device("cpu"), make_sample_image(64, 64), EditConfig())
+    assert rows.build(torch.float32) == []
+    (skipped,) = rows.skipped
+    assert skipped["name"] == "engine:tensorrt" and skipped["skipped"].startswith("--denoiser tensorrt needs ")
+    assert "denoiser='tensorrt'" not in skipped["skipped"]
+
+
+def test_a_backend_left_out_of_backends_is_said_as_the_runs_choice(monkeypatch):
+    """The report said "not in this preset's backends" also of a backend the user's own --backends left out."""
+    class Stop(Exception):
+        pass
+
+    def engine_rows(*args, skipped):
+        seen.extend(skipped)
+        raise Stop
+
+    seen = []
+    monkeypatch.setattr(harness, "EngineRows", engine_rows)
+    monkeypatch.setattr(harness, "ReferenceStyleZone", lambda *args: None)
+    config = dataclasses.replace(PRESETS["tiny-smoke"], backends=("fused",), warmup=1)
+    with pytest.raises(Stop):
+        run_benchmark(config, progress=lambda message: None)
+    assert {"name": "engine:eager", "skipped": "not in this run's --backends (add ...,eager)"} in seen
+    assert [row["name"] for row in seen] == [f"engine:{kind}" for kind in backends.DENOISERS if kind != "fused"]
+
+
 def test_the_group_norm_comparison_row_is_the_fused_row_with_pytorchs_norm(tiny_models, monkeypatch):
     """gpu-512's "+gn-torch" row: a fused denoiser of its own with PyTorch's norms, beside the fused row's
     with the kernel (its captured steps hold the norms); skipped where it would compare nothing."""
