@@ -363,8 +363,11 @@ def test_a_files_checksum_is_computed_once_per_version_of_it(tmp_path, monkeypat
 
 def test_missing_onnx_file(folder_copy):
     (folder_copy / DECODER_FILE).unlink()
-    with pytest.raises(CheckpointError, match=f"{DECODER_FILE} is missing.*zone export sam"):
+    with pytest.raises(CheckpointError, match=f"{DECODER_FILE} is missing.*zone export sam") as said:
         OnnxSamSegmenter(folder_copy, SamConfig())
+    # The command to run, its folder filled in (it was FOLDER), and the tiny models' way too.
+    assert f"re-run `zone export sam --checkpoint SAM.pth --out {folder_copy}` (`--tiny` in place of --checkpoint " \
+           "for the tiny models) to write it afresh" in str(said.value)
 
 
 def test_corrupt_onnx_file_fails_its_checksum(folder_copy):

@@ -39,12 +39,11 @@ MANIFEST_KEYS = ("format", "model_type", "input_size", "embedding_shape", "low_r
                  "pixel_mean", "pixel_std", "mask_threshold", "image_format", "files")
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-RE_EXPORT = "re-run `zone export sam --checkpoint SAM.pth --out FOLDER` to write a fresh folder"
-
-
 def export_error(folder: Path, problem: str) -> CheckpointError:
-    """What is wrong with a `zone export sam` folder (--sam-onnx, sam_onnx=), the folder named first."""
-    return CheckpointError(f"the SAM export {folder}: {problem}; {RE_EXPORT}")
+    """What is wrong with a `zone export sam` folder (--sam-onnx, sam_onnx=), the folder named first, and the
+    command that writes it afresh (the folder in it: a placeholder there was one more thing to fill in)."""
+    return CheckpointError(f"the SAM export {folder}: {problem}; re-run `zone export sam --checkpoint SAM.pth --out "
+                           f"{folder}` (`--tiny` in place of --checkpoint for the tiny models) to write it afresh")
 
 
 class OnnxSamSegmenter(TorchSamSegmenter):
