@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import itertools
 import os
+import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
@@ -34,6 +36,7 @@ from zone_engine.errors import ZoneError, first_line
 from zone_engine.graphs import CapturedCalls
 from zone_engine.image_io import make_sample_image, working_geometry
 from zone_engine.models import ZoneModels, build_random_components, pytorch_norms, unets_channels_last
+from zone_engine.paths import nearest_existing
 from zone_engine.pipeline import STAGES, EditRequest, EditResult, ZonePipeline
 from zone_engine.timing import Stopwatch
 from zone_export.sam import export_sam
@@ -548,8 +551,8 @@ class EngineRows:
                             "comparable (install onnxruntime-gpu)")
         if "folder" not in self.sam_export:
             started = time.perf_counter()
-            folder = self.config.out / f"sam-onnx-{self.config.sam_type}"
-            self.sam_export["folder"] = export_sam(self.models.sam, self.config.sam_type, folder)
+            self.sam_export["folder"] = export_sam(self.models.sam, self.config.sam_type,
+                                                   self.config.sam_export_folder)
             self.sam_export["seconds"] = time.perf_counter() - started
         return {"segmenter": "onnx", "sam_onnx": self.sam_export["folder"]}
 
@@ -757,6 +760,24 @@ def _config_record(config: BenchConfig, priming: str, engine_dtype: torch.dtype,
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+@contextlib.contextmanager
+def _made_folders_removed_unless_done(config: BenchConfig) -> Iterator[None]:
+    """A run that ends before its reports (an error, nothing to compare, Ctrl-C) leaves no folder it made: the SAM
+    export it wrote into --out (of use to no report) and --out's folders that were not there, as `mkdir -p` made
+    them. A folder that was there stays, whatever the run wrote in it."""
+    out = config.out.absolute()
+    existing, export_existed = nearest_existing(out), config.sam_export_folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not export_existed:
+            shutil.rmtree(config.sam_export_folder, ignore_errors=True)
+        for folder in itertools.takewhile(lambda folder: folder != existing, (out, *out.parents)):
+            with contextlib.suppress(OSError):  # only while empty
+                folder.rmdir()
+        raise
+
+
 def run_and_report(config: BenchConfig, argv: list[str] | None = None) -> int:
     """`zone bench` once its options are checked (benchmarks/options.py): the run, its reports; the exit status."""
 
@@ -768,7 +789,8 @@ def run_and_report(config: BenchConfig, argv: list[str] | None = None) -> int:
     # reports half written).
     with deadline.stopping_on_signals():
         try:
-            record = run_benchmark(config, progress, deadline)
+            with _made_folders_removed_unless_done(config):
+                record = run_benchmark(config, progress, deadline)
         except ZoneError as error:
             print(error_line(error), file=sys.stderr)
             return 2

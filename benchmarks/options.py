@@ -79,6 +79,11 @@ class BenchConfig:
     time_limit_s: float | None = None  # no edit or batch starts after this many seconds; the rest is reported
     out: Path = Path("benchmarks/out")
 
+    @property
+    def sam_export_folder(self) -> Path:
+        """Where the `+sam-onnx` row's SAM export is written, in --out."""
+        return self.out / f"sam-onnx-{self.sam_type}"
+
 
 PRESETS: dict[str, BenchConfig] = {
     # Tests: tiny models, seconds. SAM thresholds at zero so random weights still give segments.
@@ -250,7 +255,7 @@ def _check(parser: CommandParser, config: BenchConfig) -> None:
         reports = report_paths(config.out, config.preset).values()
         check_output_folder(config.out, "--out", [path.name for path in reports])
         if config.sam_onnx:
-            check_output_folder(config.out / f"sam-onnx-{config.sam_type}", "--out's SAM export folder")
+            check_output_folder(config.sam_export_folder, "--out's SAM export folder")
     except ZoneError as error:
         parser.error(str(error))
     try:  # a GPU preset's fp16 with --device cpu, say: the preset's value named, which the user may not have typed

@@ -558,6 +558,25 @@ def test_a_ctrl_c_during_the_models_build_quits_with_130_and_builds_no_row(capsy
     assert not finished and not (tmp_path / "sam-onnx-tiny").exists()
 
 
+def test_a_run_that_ends_without_its_reports_leaves_no_folder_it_made(capsys, tmp_path, monkeypatch):
+    """A run cut short after its rows were built (the SAM export written into --out) left that export, and --out's
+    new folders, with no report: the README says a run that fails before writing leaves no folder it made."""
+    def export_then_stop(baseline, rows, dtype, *args):
+        rows.build(dtype)  # the +sam-onnx row's export, into --out
+        assert rows.sam_export["folder"].is_dir()
+        raise ZoneError("the run was cut short before the baseline's first timed edit: nothing to compare")
+
+    monkeypatch.setattr(harness, "timed_rows", export_then_stop)
+    argv = ["--preset", "tiny-smoke", "--backends", "eager", "--sam-onnx", "--sam-precision", "none"]
+    assert main([*argv, "--out", str(tmp_path / "new" / "bench")]) == 2
+    assert "nothing to compare" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+    kept = tmp_path / "kept"  # a folder that was there stays, and what else is in it
+    (kept / "sam-onnx-tiny").mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine")
+    assert main([*argv, "--out", str(kept)]) == 2
+    assert sorted(path.name for path in kept.iterdir()) == ["notes.txt", "sam-onnx-tiny"]
+
+
 def test_sigterm_stops_a_real_run_which_reports_what_it_timed(tmp_path):
     """The whole path, as `timeout` on the device machine drives it: a run asked for 200 rounds, sent
     SIGTERM once the baseline finished its first, exits 0 with its reports written (a Ctrl-C does the same:
