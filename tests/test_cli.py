@@ -182,6 +182,8 @@ print(type(_pipeline_spec(args)).__name__)
      "option: did you mean --instruction?) (see zone edit --help)"),
     (["edit", "x.png", "-i", "a", "--out=y.png", "--zzz"], "required: -o/--output (--out is not an option: did you "
      "mean --output?; --zzz is not an option)"),
+    # Named by the words alone: the shared "--" made --bogus "near" --out.
+    (["export", "sam", "--bogus"], "required: --out (--bogus is not an option) (see zone export sam --help)"),
 ])
 def test_argument_errors_are_one_line_from_the_command_they_were_given_to(capsys, argv, words):
     """argparse printed a 20-line usage block first, and an unknown option under `zone`'s usage, not the command's."""

@@ -222,10 +222,11 @@ class CommandParser(argparse.ArgumentParser):
         """The options given that this command does not have: argparse says a required one missing first, so
         `--instrucion "..."` was reported as a missing --instruction alone, its typo never named."""
         given = [token.partition("=")[0] for token in self._given if token.startswith("--")]
+        options = {option.lstrip("-"): option for option in self._option_string_actions}
         said = []
         for name in (name for name in given if name not in self._option_string_actions):
-            meant = nearest(name, self._option_string_actions)
-            said.append(f"{name} is not an option" + (f": did you mean {meant}?" if meant else ""))
+            meant = nearest(name.lstrip("-"), options)  # compared with the dashes, --bogus was near --out
+            said.append(f"{name} is not an option" + (f": did you mean {options[meant]}?" if meant else ""))
         return f" ({'; '.join(said)})" if said else ""
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:
