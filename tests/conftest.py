@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+# Before a test module imports diffusers: zone_engine takes this checkout's root off sys.path (`python -m pytest`
+# puts it there), where kernels/ would shadow Hugging Face's `kernels`, which transformers imports.
+import zone_engine  # noqa: F401
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():
     # Without CUDA, Triton runs only interpreted: set before any test module imports the kernels, so a bare

@@ -1114,7 +1114,7 @@ def test_mask_agreement_takes_each_reference_masks_best_match():
     ("graph_memory", ["--sizes", "512xabc"], "--sizes takes HxW,HxW,... and --batches N,N,..."),
 ])
 def test_the_micro_benchmarks_say_a_bad_option_in_one_line(capsys, module, argv, words):
-    parse = importlib.import_module(f"benchmarks.{module}").parse_args
+    parse = importlib.import_module(f"zone_benchmarks.{module}").parse_args
     with pytest.raises(SystemExit) as stop:
         parse(argv)
     assert stop.value.code == 2 and words in capsys.readouterr().err

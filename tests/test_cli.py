@@ -1708,7 +1708,7 @@ def test_help_wraps_at_spaces_so_a_wrapped_option_or_command_can_be_copied(page,
     if kind == "zone":
         run = functools.partial(main, [*command, "--help"])
     else:
-        run = functools.partial(importlib.import_module(f"benchmarks.{command[0]}").parse_args, ["--help"])
+        run = functools.partial(importlib.import_module(f"zone_benchmarks.{command[0]}").parse_args, ["--help"])
     with pytest.raises(SystemExit) as stop:
         run()
     out = capsys.readouterr().out

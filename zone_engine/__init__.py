@@ -1,5 +1,8 @@
 """zone-engine: a fast, faithful inference engine for ZONE (zero-shot instruction-guided local editing)."""
 
+import sys
+from pathlib import Path
+
 from .config import Action, EditConfig, SamConfig
 from .errors import (
     CheckpointError,
@@ -20,6 +23,19 @@ __all__ = [  # the errors too, so a caller can catch the one it means without kn
     "InputImageError", "InstructionError", "OutputError", "EditCancelled", "EditWarning", *_FROM_PIPELINE,
 ]
 __version__ = "0.1.0"
+
+
+def _leave_the_checkout_root_off_sys_path() -> None:
+    """`python -m ...` (pytest, the benchmark tools) run in this checkout puts its root first on sys.path, where the
+    folder kernels/ (installed as zone_kernels) shadows Hugging Face's `kernels`, which transformers imports when it
+    is installed: "cannot import name 'CUDAProperties' from 'kernels'". Nothing is imported from the root itself:
+    the packages are installed (`pip install -e .`) under their own names."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "kernels" / "__init__.py").is_file() and (root / "pyproject.toml").is_file():  # a checkout
+        sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
+
+
+_leave_the_checkout_root_off_sys_path()
 
 
 def __getattr__(name: str) -> object:
