@@ -1,8 +1,5 @@
 """zone-engine: a fast, faithful inference engine for ZONE (zero-shot instruction-guided local editing)."""
 
-import sys
-from pathlib import Path
-
 from .config import Action, EditConfig, SamConfig
 from .errors import (
     CheckpointError,
@@ -30,6 +27,9 @@ def _leave_the_checkout_root_off_sys_path() -> None:
     folder kernels/ (installed as zone_kernels) shadows Hugging Face's `kernels`, which transformers imports when it
     is installed: "cannot import name 'CUDAProperties' from 'kernels'". Nothing is imported from the root itself:
     the packages are installed (`pip install -e .`) under their own names."""
+    import sys  # here: the package's namespace is its API (dir(zone_engine))
+    from pathlib import Path
+
     root = Path(__file__).resolve().parent.parent
     if (root / "kernels" / "__init__.py").is_file() and (root / "pyproject.toml").is_file():  # a checkout
         sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
