@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-# Before a test module imports diffusers: zone_engine takes this checkout's root off sys.path (`python -m pytest`
-# puts it there), where kernels/ would shadow Hugging Face's `kernels`, which transformers imports.
+# Before a test module imports diffusers: zone_engine moves this checkout's root (`python -m pytest` puts it first
+# on sys.path) after the installed packages, where kernels/ no longer shadows Hugging Face's `kernels`.
 import zone_engine  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

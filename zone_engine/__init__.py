@@ -22,20 +22,21 @@ __all__ = [  # the errors too, so a caller can catch the one it means without kn
 __version__ = "0.1.0"
 
 
-def _leave_the_checkout_root_off_sys_path() -> None:
+def _put_the_checkout_root_after_the_installed_packages() -> None:
     """`python -m ...` (pytest, the benchmark tools) run in this checkout puts its root first on sys.path, where the
     folder kernels/ (installed as zone_kernels) shadows Hugging Face's `kernels`, which transformers imports when it
-    is installed: "cannot import name 'CUDAProperties' from 'kernels'". Nothing is imported from the root itself:
-    the packages are installed (`pip install -e .`) under their own names."""
+    is installed: "cannot import name 'CUDAProperties' from 'kernels'". Moved last, the root still serves a module
+    of the caller's there; the packages are installed (`pip install -e .`) under their own names."""
     import sys  # here: the package's namespace is its API (dir(zone_engine))
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     if (root / "kernels" / "__init__.py").is_file() and (root / "pyproject.toml").is_file():  # a checkout
-        sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
+        at_root = [entry for entry in sys.path if Path(entry or ".").resolve() == root]
+        sys.path[:] = [entry for entry in sys.path if entry not in at_root] + at_root
 
 
-_leave_the_checkout_root_off_sys_path()
+_put_the_checkout_root_after_the_installed_packages()
 
 
 def __getattr__(name: str) -> object:
