@@ -39,6 +39,8 @@ MANIFEST_KEYS = ("format", "model_type", "input_size", "embedding_shape", "low_r
                  "pixel_mean", "pixel_std", "mask_threshold", "image_format", "files")
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
 def export_error(folder: Path, problem: str) -> CheckpointError:
     """What is wrong with a `zone export sam` folder (--sam-onnx, sam_onnx=), the folder named first, and the
     command that writes it afresh (the folder in it: a placeholder there was one more thing to fill in)."""
