@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zone_engine.cli import CommandParser
+from zone_engine.cli import CommandParser, Terminated, terminated_as_interrupt
 from zone_engine.config import (
     DENOISERS,
     GROUP_NORMS,
@@ -115,19 +115,26 @@ PRESETS: dict[str, BenchConfig] = {
 def bench_main(argv: list[str] | None = None) -> int:
     """`zone bench` and `python -m zone_benchmarks`: the options checked, then the run (benchmarks/harness.py)."""
     config = parse_bench_args(argv)
-    from .harness import run_and_report
 
-    return quitting_on_ctrl_c(lambda: run_and_report(config, argv))
+    def run() -> int:
+        from .harness import run_and_report  # imports torch (seconds): a signal meanwhile is said as below
+
+        return run_and_report(config, argv)
+
+    return quitting_on_ctrl_c(run)
 
 
 def quitting_on_ctrl_c(run: Callable[[], int]) -> int:
     """`run()`'s exit status; a Ctrl-C that reaches here (a bench's second, a profile's first) is one line and
-    130, as zone's own commands say it, not a traceback."""
+    130, and a SIGTERM (a profile's; a bench's before its run installs its own handler) `terminated` and 143, as
+    zone's own commands say them, not a traceback or a silent death."""
     try:
-        return run()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        with terminated_as_interrupt():
+            return run()
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 143 if terminated else 130
 
 
 def _preset_summary(config: BenchConfig) -> str:
@@ -285,9 +292,13 @@ PROFILE_DESCRIPTION = (
 def profile_main(argv: list[str] | None = None) -> int:
     """`zone profile`: the options checked, then the profiled edit (benchmarks/profile_edit.py)."""
     args = parse_profile_args(argv)
-    from .profile_edit import profile_and_report
 
-    return quitting_on_ctrl_c(lambda: profile_and_report(args))
+    def run() -> int:
+        from .profile_edit import profile_and_report  # imports torch (seconds): a signal meanwhile is said too
+
+        return profile_and_report(args)
+
+    return quitting_on_ctrl_c(run)
 
 
 def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -33,6 +33,7 @@ from zone_engine.config import SAMPLE_INSTRUCTION, EditConfig, SamConfig
 from zone_engine.errors import ZoneError
 from zone_engine.image_io import make_sample_image, working_geometry
 from zone_engine.models import build_random_components, unets_channels_last
+from zone_engine.paths import written_atomically
 from zone_engine.pipeline import STAGES, ZonePipeline
 from zone_engine.timing import RANGE_PREFIX
 
@@ -191,7 +192,9 @@ def profile_edit(args: argparse.Namespace) -> tuple[torch.device, str, list[Stag
         pipe.edit(image, SAMPLE_INSTRUCTION, config)
     if args.trace is not None:
         args.trace.parent.mkdir(parents=True, exist_ok=True)
-        profiler.export_chrome_trace(str(args.trace))
+        # Whole or not at all: a Ctrl-C or SIGTERM while a large trace is written (gzip'd in Python) left it cut off.
+        with written_atomically(args.trace) as temporary:
+            profiler.export_chrome_trace(str(temporary))
     what_ran = _what_ran(args, pipe, config, dtype_name)
     return device, what_ran, stage_profiles(profiler.events()), _op_table(profiler, args.rows, device)
 

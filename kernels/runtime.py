@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -19,8 +20,16 @@ import torch
 DISABLE_ENV = "ZONE_DISABLE_TRITON"
 
 
+SWITCHED_OFF = {"1", "true", "yes", "on"}  # ZONE_DISABLE_TRITON's spellings of yes, and below of no
+LEFT_ON = {"", "0", "false", "no", "off"}
+
+
 def triton_disabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+    value = os.environ.get(DISABLE_ENV, "").strip().lower()
+    if value not in SWITCHED_OFF | LEFT_ON:  # a typo (`ture`) silently left the kernels on
+        warnings.warn(f"{DISABLE_ENV}={value!r} is neither yes (1, true, yes, on) nor no (0, false, no, off): the "
+                      "Triton kernels stay on", UserWarning, stacklevel=2)
+    return value in SWITCHED_OFF
 
 
 def is_interpreted(kernel) -> bool:

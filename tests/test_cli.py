@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.metadata
 import importlib.util
 import inspect
@@ -1923,3 +1924,28 @@ def test_a_file_name_that_is_not_utf8_is_said_on_stderr_as_its_bytes(capsysbinar
     assert err == b"error: image not found: " + os.fsencode(tmp_path / name) + b"\n"
     # A lone surrogate that no byte decoded to (text from elsewhere) is escaped, as Python's default does.
     assert "x\udce9\ud800\u00e9".encode("ascii", "zone_file_names") == b"x\xe9\\ud800\\xe9"
+
+
+def test_no_progress_hides_the_libraries_loading_bars_too(monkeypatch, tmp_path):
+    """diffusers' `Loading pipeline components...` and transformers' `Loading weights` bars still showed."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from zone_engine.serving.settings import PipelineSpec
+
+    for library in (diffusers_logging, transformers_logging):
+        monkeypatch.setattr(library, "_tqdm_active", True)  # put back after the test, as is the hub's state
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module: the package's `tqdm` is a class
+    monkeypatch.setattr(hub_tqdm, "progress_bar_states", dict(hub_tqdm.progress_bar_states))
+    shown = []
+
+    def build(spec):
+        shown.append((diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()))
+        raise ZoneError("stopped where the models would load")
+
+    monkeypatch.setattr(PipelineSpec, "build", build)
+    Image.fromarray(smooth_image(32, 32)).save(tmp_path / "in.png")
+    for flags in ([], ["--no-progress"]):
+        assert main(["edit", str(tmp_path / "in.png"), "-i", "make it red", "-o", str(tmp_path / "out.png"), "--tiny",
+                     *flags]) == 2
+    assert shown == [(True, True), (False, False)]

@@ -12,6 +12,7 @@ SD1.5 shapes). atol = 1e-6 per summed row covers fp32 rounding (~6e-8 relative p
 from __future__ import annotations
 
 import os
+import warnings
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or the kernels are imported
 
@@ -227,10 +228,14 @@ def test_environment_variable_switches_the_kernel_off(monkeypatch):
 
 def test_the_switch_takes_the_usual_spellings_of_yes(monkeypatch):
     """ZONE_DISABLE_TRITON: 1, true, yes, on in any case and with spaces turn the kernels off; others do not."""
+    warnings.simplefilter("error")  # the spellings of yes and no warn of nothing (pytest restores the filters)
     for value, off in (("1", True), ("TRUE", True), (" yes ", True), ("On", True), ("0", False), ("", False),
                        ("no", False)):
         monkeypatch.setenv(DISABLE_ENV, value)
         assert triton_disabled() is off, value
+    monkeypatch.setenv(DISABLE_ENV, "maybe")  # a typo leaves the kernels on, and says so
+    with pytest.warns(UserWarning, match="ZONE_DISABLE_TRITON='maybe' is neither yes .* the Triton kernels stay on"):
+        assert triton_disabled() is False
 
 
 def test_asking_for_triton_where_it_cannot_run_says_so(monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -135,6 +136,21 @@ def test_a_model_in_the_offline_hugging_face_cache_is_found_without_loading_it(t
     locate_model("InstructPix2Pix", "someone/cached-model", "timbrooks/instruct-pix2pix", "--ip2p")
     with pytest.raises(CheckpointError, match="not found at 'someone/other-model'"):
         locate_model("InstructPix2Pix", "someone/other-model", "timbrooks/instruct-pix2pix", "--ip2p")
+
+
+def test_a_model_the_offline_cache_holds_in_part_is_said_damaged_not_missing(tmp_path, monkeypatch):
+    """A snapshot a download left without a component's files was reported "weights not found at ...", as if
+    the cache had no such model; the missing file is named."""
+    snapshot = tmp_path / "hub" / "models--someone--cut-short" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    (snapshot / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionInstructPix2PixPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match=r"^cannot load InstructPix2Pix 'someone/cut-short' from the offline "
+                       r"Hugging Face cache \(.*no file named config\.json.*\): download it again"):
+        load_ip2p("someone/cut-short")
 
 
 def test_sam_loads_and_checks_its_type(saved, tmp_path):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +24,7 @@ from zone_benchmarks.profile_edit import (
     stage_profiles,
     stage_table,
 )
+from zone_engine.cli import signals_handled
 from zone_engine.config import SamConfig
 from zone_engine.errors import ZoneError
 from zone_engine.pipeline import STAGES
@@ -227,6 +233,41 @@ def test_the_profiled_edit_follows_the_warm_ups_with_the_tiny_sams_settings_at_t
     assert len(edits) == 3 and "[profile] profiled edit" in capsys.readouterr().err
     assert {(config.max_side, config.steps) for config in edits} == {(640, 2)}
     assert edits[0].sam == SamConfig.for_random_weights()
+
+
+def test_a_sigterm_during_a_profile_is_one_line_and_exit_143(monkeypatch, capsys):
+    """As zone's own commands: SIGTERM killed `zone profile` silently (the default action), whatever it was doing."""
+    def terminated(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs at once; without one installed, the test's below raises instead
+
+    def unhandled(_signum, _frame):
+        raise AssertionError("zone profile left SIGTERM to its default action, which kills the process")
+
+    monkeypatch.setattr(profile_edit, "build_random_components", terminated)
+    with signals_handled({signal.SIGTERM: unhandled}):
+        assert options.profile_main(["--models", "tiny", "--device", "cpu"]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "terminated"
+
+
+def test_a_trace_cut_off_by_ctrl_c_leaves_the_last_one_and_no_partial_file(monkeypatch, tmp_path, capsys):
+    """The trace went straight to --trace: a large one, gzip'd in Python, was left cut off by a Ctrl-C."""
+    _recording_pipeline(monkeypatch, [], [], stop_after=99)
+    trace = tmp_path / "trace.json.gz"
+    trace.write_bytes(b"the last run's trace")
+
+    class CutOffProfile(contextlib.nullcontext):  # torch's profiler, whose trace writing is cut off
+        def __init__(self, activities):
+            super().__init__(self)
+
+        def export_chrome_trace(self, path):
+            Path(path).write_bytes(b"half a tr")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(profile_edit, "profile", CutOffProfile)
+    assert options.profile_main(["--models", "tiny", "--device", "cpu", "--warmup", "0", "--trace", str(trace)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+    assert trace.read_bytes() == b"the last run's trace" and os.listdir(tmp_path) == ["trace.json.gz"]
 
 
 def test_a_cuda_profile_defaults_to_fp16(monkeypatch):

@@ -471,8 +471,20 @@ def _edit_all(args: argparse.Namespace, jobs: list[EditJob], spec: PipelineSpec,
     list of edits), --skip-existing's done left out and their lines of --report kept."""
     if args.report:
         check_report_path(args.report, jobs, list_file)
-    edit_all(_not_done(jobs, args.skip_existing), spec.build, changes, args.batch_size, not args.no_progress,
+    build = spec.build if not args.no_progress else lambda: _without_library_progress_bars(spec.build)
+    edit_all(_not_done(jobs, args.skip_existing), build, changes, args.batch_size, not args.no_progress,
              several, args.report, append=args.skip_existing)
+
+
+def _without_library_progress_bars(build: Callable[[], Any]) -> Any:
+    """`build()` with diffusers' and transformers' own bars hidden (`Loading pipeline components...`, `Loading
+    weights`): --no-progress hid only ours, and a log read by a script still got theirs."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    return build()
 
 
 def _not_done(jobs: list[EditJob], skip_existing: bool) -> list[EditJob]:

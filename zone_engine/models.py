@@ -426,7 +426,9 @@ def _model_load_error(what: str, source: str, hub_id: str, flag: str, error: Exc
             f"cannot load {what} from the folder '{source}': {said.rstrip('.')}. Download it "
             f"again (`hf download {hub_id}`) and pass the folder with {flag}."
         )
-    if not missing:  # there in the cache, but it loads wrong (a damaged snapshot, another library version)
+    # There in the cache, but it loads wrong: a file missing from the snapshot (an interrupted download), a damaged
+    # one, another library version. "not found" sent the user looking for a model the cache has.
+    if not missing or _in_offline_cache(source):
         return CheckpointError(
             f"cannot load {what} '{source}' from the offline Hugging Face cache ({said.rstrip('.')}): download it "
             f"again (`hf download {hub_id}`), or pass a folder with {flag}."
@@ -436,6 +438,17 @@ def _model_load_error(what: str, source: str, hub_id: str, flag: str, error: Exc
         f"On a machine with internet run `hf download {hub_id}` (or `git clone` the "
         f"model repo) and pass the folder with {flag}."
     )
+
+
+def _in_offline_cache(source: str) -> bool:
+    """Whether the offline Hugging Face cache has a snapshot of the model id `source`, whole or not."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(source, local_files_only=True)
+    except Exception:  # not cached, or not even a model id
+        return False
+    return True
 
 
 def _folder_or_hub_id(source: str) -> str:
