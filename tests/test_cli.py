@@ -548,6 +548,19 @@ def test_a_batch_refuses_a_file_as_o_a_bad_batch_size_and_a_list_it_cannot_read_
     assert not (tmp_path / "out").exists()
 
 
+def test_a_batch_list_not_in_utf8_is_said_with_what_to_do(tmp_path, capsys, monkeypatch):
+    """Windows PowerShell 5's `>` writes UTF-16: that was "'utf-8' codec can't decode byte 0xff in position 0"."""
+    monkeypatch.chdir(tmp_path)
+    line = '{"image": "photo.png", "instruction": "x"}\n'
+    (tmp_path / "utf16.jsonl").write_bytes(line.encode("utf-16"))  # with its byte-order mark
+    (tmp_path / "latin1.jsonl").write_bytes(line.replace("x", "café").encode("latin-1"))
+    _fails_cleanly(capsys, ["batch", "utf16.jsonl", "-o", "out", "--tiny"],
+                   "cannot read the list of edits utf16.jsonl: it is UTF-16; save it as UTF-8")
+    _fails_cleanly(capsys, ["batch", "latin1.jsonl", "-o", "out", "--tiny"],
+                   "byte 0xe9 at offset 42 is not UTF-8; save it as UTF-8")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("report", ["edits.jsonl", "sub/../edits.jsonl", "link.jsonl"])
 def test_a_batch_report_is_not_written_over_its_list_of_edits(photo, tmp_path, capsys, monkeypatch, report):
     monkeypatch.chdir(tmp_path)
@@ -725,7 +738,11 @@ def test_a_run_cut_short_says_and_reports_the_edits_whose_files_were_written(pho
                  "--report", str(report)]) == 130
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["a.png"]
     assert [Path(json.loads(line)["name"]).name for line in report.read_text().splitlines()] == ["a.png"]
-    assert str(tmp_path / "o" / "a.png") in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert str(tmp_path / "o" / "a.png") in said.out
+    # how to go on: a run cut short said only "interrupted"
+    assert said.err.strip().splitlines()[-2:] == [
+        "2 of 3 edits not done; to do them, run the same command with --skip-existing", "interrupted"]
 
 
 def test_after_a_write_fails_no_later_edit_is_written(photo, tmp_path, capsys, monkeypatch):

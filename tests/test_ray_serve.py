@@ -211,6 +211,20 @@ def test_a_usage_mistake_said_before_ray_starts_starts_no_ray(fake_serve, monkey
     assert fake_serve.deleted == [] and not fake_serve.ray_shut_down
 
 
+def test_rays_processes_start_with_sigterm_blocked_and_the_callers_handler_is_kept():
+    """A SIGTERM to the process group (`timeout`, systemd) killed the GCS and raylet under `zone serve --ray`,
+    whose shutdown then hung 60 s and exited 1; they start as Ray starts them for SIGINT: with it blocked."""
+    seen = []
+    fake_ray = SimpleNamespace(init=lambda **kwargs: seen.append(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        ray_serve._init_keeping_sigterm(fake_ray)
+        assert signal.SIGTERM in seen[0] and signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_an_interrupted_deploy_still_shuts_down_and_a_second_sigterm_cannot_cut_it_short(monkeypatch):
     """Ctrl-C or SIGTERM while deploying: Serve and Ray are shut down, with SIGTERM ignored meanwhile."""
     def interrupted(*args, **kwargs) -> None:

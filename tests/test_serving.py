@@ -580,6 +580,11 @@ def test_bad_requests_get_the_right_4xx_and_a_json_error_and_the_server_keeps_se
                                              data={"instruction": ["add a hat", "add a cat"]}), 422, "more than once"),
             "text where the image goes": (httpx.post(f"{base}/v1/edit", data={"instruction": "add a hat"},
                                                      files={"image": (None, "dog.png")}), 422, "a file"),
+            # Was "Input should be a valid string": a client that sent its instruction as a file did not see why.
+            "a file where the instruction goes": (
+                httpx.post(f"{base}/v1/edit", files={"image": ("in.png", png(image), "image/png"),
+                                                     "instruction": ("i.txt", b"add a hat", "text/plain")}),
+                422, "instruction: must be a text field"),
             "image too small": (post_edit(base, png(smooth_image(4, 64))), 400, "the uploaded image"),
             # Read by FastAPI as left out: edited at the default steps (seed, action, return) with a 200.
             # A blank action too (from a mutation audit: only "" was tried).

@@ -296,8 +296,11 @@ def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes
                 if loaded:
                     run.edit(pipe, loaded, config, progress)
             run.settle()
-        except BaseException:
+        except BaseException as stop:
             run.cut_short()
+            if run.several and isinstance(stop, KeyboardInterrupt) and run.written < len(jobs):  # Ctrl-C, SIGTERM
+                print(f"{len(jobs) - run.written} of {len(jobs)} edits not done; to do them, run the same command "
+                      "with --skip-existing", file=sys.stderr)
             raise
     if run.failed:
         raise ZoneError(f"{len(run.failed)} of {len(jobs)} edits not done (said above): {', '.join(run.failed)}")

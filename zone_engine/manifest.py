@@ -54,11 +54,15 @@ def _lines(manifest: Path) -> list[str]:
         raise ConfigError("- reads the list of edits from standard input, which is closed here")
     try:  # standard input's bytes too: UTF-8 whatever the locale says
         data = sys.stdin.buffer.read() if str(manifest) == STDIN else manifest.read_bytes()
-        text = data.decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
-        raise ConfigError(f"cannot read the list of edits {manifest}: {reason}") from None
-    return text.split("\n")
+    except OSError as error:
+        raise ConfigError(f"cannot read the list of edits {manifest}: {error.strerror or error}") from None
+    try:
+        return data.decode("utf-8-sig").split("\n")
+    except UnicodeDecodeError as error:
+        # Windows PowerShell 5's `>` and Notepad's "Unicode" write UTF-16, with its byte-order mark
+        found = "it is UTF-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else \
+            f"byte {data[error.start]:#04x} at offset {error.start} is not UTF-8"
+        raise ConfigError(f"cannot read the list of edits {manifest}: {found}; save it as UTF-8") from None
 
 
 def _parsed(line: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile as StarletteUploadFile  # what a form holds (FastAPI's subclasses it)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
@@ -715,6 +716,8 @@ def _field_problem(item: dict[str, Any]) -> str:
         return "missing or empty"
     if "UploadFile" in item["msg"]:  # pydantic's words for a text field where a file belongs
         return "must be a file (a multipart part with a filename), not a text field"
+    if isinstance(item.get("input"), StarletteUploadFile):  # a file where text belongs (pydantic: "a valid string")
+        return "must be a text field (a multipart part without a filename), not a file"
     return item["msg"]
 
 

@@ -116,12 +116,20 @@ class ZoneDeployment:
 
 def _init_keeping_sigterm(ray: Any) -> None:
     """ray.init, the caller's SIGTERM handler kept: Ray's own exits with status 15 and a stack dump, where the
-    caller's (`zone serve --ray`: take its application down, leave Ray, exit 143) would go unused."""
+    caller's (`zone serve --ray`: take its application down, leave Ray, exit 143) would go unused. Ray's processes
+    (GCS, raylet, and the workers the raylet starts) inherit SIGTERM blocked, as Ray starts them with SIGINT
+    blocked: a SIGTERM to the whole process group (`timeout`, systemd's default KillMode=control-group) killed
+    them under this process, whose shutdown then hung 60 s on the lost GCS and exited 1. ray.shutdown kills them
+    with SIGKILL."""
     main = threading.current_thread() is threading.main_thread()  # elsewhere no handler can be set or read
     ours = signal.getsignal(signal.SIGTERM) if main else None
-    ray.init(include_dashboard=False, logging_level="WARNING")
-    if ours is not None:  # None: a handler not set from Python, which Python cannot put back
-        signal.signal(signal.SIGTERM, ours)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # this thread's, which starts them
+    try:
+        ray.init(include_dashboard=False, logging_level="WARNING")
+    finally:  # a SIGTERM that came meanwhile is delivered now, to the handler below
+        if ours is not None:  # None: a handler not set from Python, which Python cannot put back
+            signal.signal(signal.SIGTERM, ours)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def run_ray(spec: PipelineSpec, settings: ServeSettings, *, host: str, port: int, replicas: int,
