@@ -498,7 +498,13 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
     ('{"image": true, "instruction": "x"}', "line 1: image must be a path, a string, not true"),  # not "an int"
     ('{"image": "  ", "instruction": "x"}', "line 1: image is empty: name a file"),  # not "not a string"
     ('{"image": "photo.png", "instruction": "x", "sed": 3}', "line 1: a line has no field 'sed': did you mean seed?"),
-    ('{"image": "photo.png", "instruction": "x", "steps": "3"}', "line 1: steps must be a whole number"),
+    # Said in JSON's words: "got '3'", "got True", "got int" were Python's.
+    ('{"image": "photo.png", "instruction": "x", "steps": "3"}', 'line 1: steps must be a whole number, got "3"'),
+    ('{"image": "photo.png", "instruction": "x", "seed": true}', "line 1: seed must be a whole number, got true"),
+    ('{"image": "photo.png", "instruction": "x", "steps": [3]}', "line 1: steps must be a whole number, got an array"),
+    ('{"image": "photo.png", "instruction": "x", "steps": 2.5}', "line 1: steps must be a whole number, got 2.5"),
+    ('{"image": "photo.png", "instruction": 5}', "line 1: instruction must be text, got 5"),
+    ('{"image": "photo.png", "instruction": "x", "action": false}', "line 1: action must be text, got false"),
     ('{"image": "photo.png", "instruction": "x", "action": "paint"}', "line 1: unknown action 'paint'"),
     ('{"image": "photo.png", "instruction": "  "}', "line 1: the instruction is empty"),
     ('{"image": "gone.png", "instruction": "x"}', "line 1: image not found"),

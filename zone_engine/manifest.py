@@ -95,6 +95,7 @@ def _job(entry: dict[str, Any], args: argparse.Namespace, defaults: dict[str, An
         raise ConfigError(f"no {' and no '.join(missing)}: each line names both, such as {EXAMPLE}")
     if nulls := [name for name, value in entry.items() if value is None]:
         raise ConfigError(f"{', '.join(nulls)}: null; leave a field out for the command's value")
+    _check_json_types(entry)
     image = _image_path(root, _path(entry["image"], "image"))
     check_image_path(image)  # a typo or a folder said before any work; its bytes are read later
     changes = {name: entry[name] for name in ("steps", "seed") if name in entry}
@@ -106,6 +107,18 @@ def _job(entry: dict[str, Any], args: argparse.Namespace, defaults: dict[str, An
     name = _path(entry.get("output", image.stem + output_suffix(image, args.suffix)), "output")
     return EditJob(image, args.output.path / name, masks_folder_of(args.save_masks, name),
                    check_instruction(entry["instruction"]), tuple(changes.items()), f"{line} ({entry['image']})")
+
+
+def _check_json_types(entry: dict[str, Any]) -> None:
+    """A value of the wrong JSON type said in JSON's words: the checks the Python API shares said Python's (`got
+    True`, `got '3'`, `got int`). A number that is not whole is left to them (`got 2.5`)."""
+    for name, wanted, kind in (("instruction", str, "text"), ("action", str, "text"),
+                               ("steps", int | float, "a whole number"), ("seed", int | float, "a whole number")):
+        value = entry.get(name)
+        if name not in entry or (isinstance(value, wanted) and not isinstance(value, bool)):
+            continue
+        shown = json.dumps(value) if isinstance(value, str | bool | int | float) else _json_kind(value)
+        raise ConfigError(f"{name} must be {kind}, got {shown}")
 
 
 def _path(value: object, field: str) -> str:
