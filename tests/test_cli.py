@@ -59,6 +59,16 @@ def _symlink_loop(path: Path) -> str:
     return str(path)
 
 
+def _symlink_to(path: Path, target: Path) -> str:
+    path.symlink_to(target)
+    return str(path)
+
+
+def _fifo(path: Path) -> str:
+    os.mkfifo(path)
+    return str(path)
+
+
 def _wide_image(path: Path) -> str:
     Image.new("RGB", (20000, 40)).save(path)
     return str(path)
@@ -192,6 +202,25 @@ def test_argument_errors_are_one_line_from_the_command_they_were_given_to(capsys
         main(argv)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["edit", "-1.png", "-i", "a", "-o", "y.png"], "required: image (-1.png is read as an option: for the file, "
+     "write ./-1.png) (see zone edit --help)"),
+    (["edit", "x.png", "-1.png", "-i", "a", "-o", "y.png"], "unrecognized arguments: -1.png (-1.png is read as an "
+     "option: for the file, write ./-1.png) (see zone edit --help)"),
+    (["edit", "x.png", "-i", "a", "-o", "-1.png"], "expected one argument (-1.png is read as an option"),
+    # After `--` every token is an argument: -i and -o went with the images, and `--` is no mistyped option.
+    (["edit", "--", "x.png", "-i", "a", "-o", "y.png"], "required: -i/--instruction, -o/--output (see zone edit"),
+])
+def test_a_file_whose_name_begins_with_a_dash_is_named(tmp_path, monkeypatch, capsys, argv, words):
+    """`zone edit -1.png ...` was told that no image was given (`--` called "not an option"), never why."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-1.png").touch()
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and words in err, err
 
 
 def test_names_from_a_list_take_any_case():
@@ -1088,6 +1117,12 @@ def test_a_warning_names_the_option_as_the_command_line_writes_it(photo, tmp_pat
          ["is the demo's mask_b.png"]),
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", _symlink_loop(t / "loop.png"), "--tiny"],
          ["is a symlink that loops"]),
+        # Written through to a folder that is not there: "No such file or directory", once the edit had run.
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", _symlink_to(t / "link.png", t / "gone" / "o.png"),
+                       "--tiny"], ["link.png is a symbolic link to", "gone", "in a folder that is not there"]),
+        # Moved into place over it as root: a named pipe (or a device node) became a regular file, exit 0.
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", _fifo(t / "pipe.png"), "--tiny"],
+         ["pipe.png is a pipe or a device, not a file"]),
     ],
     ids=["missing-image", "empty-instruction", "bad-output", "output-without-suffix", "output-is-an-icon",
          "output-format-without-rgb", "zero-steps",
@@ -1099,7 +1134,7 @@ def test_a_warning_names_the_option_as_the_command_line_writes_it(photo, tmp_pat
          "classifier-missing", "masks-over-the-output", "masks-over-the-input",
          "masks-folder-is-the-output", "output-name-too-long", "image-name-too-long", "mask-name-is-a-folder",
          "demo-file-is-a-folder", "demo-masks-over-its-output", "webp-too-wide", "demo-masks-over-its-mask",
-         "output-symlink-loop"],
+         "output-symlink-loop", "output-symlink-into-a-missing-folder", "output-is-a-pipe"],
 )
 def test_cli_bad_input(capsys, photo, tmp_path, make_argv, words):
     _fails_cleanly(capsys, make_argv(photo, tmp_path), *words)

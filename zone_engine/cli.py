@@ -216,12 +216,25 @@ class CommandParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         if message.startswith("the following arguments are required"):
             message += self._misspelt()
-        self.exit(2, f"{error_line(message)} (see {self.prog} --help)\n")
+        self.exit(2, f"{error_line(message + self._dash_files())} (see {self.prog} --help)\n")
+
+    def _options_given(self) -> list[str]:
+        """The tokens given before a `--`: after it every one is an argument, `--` itself none of the options."""
+        return self._given[:self._given.index("--")] if "--" in self._given else self._given
+
+    def _dash_files(self, tokens: Sequence[str] | None = None) -> str:
+        """The files among `tokens` (default: those given, but this command's options) whose names begin with a
+        dash, which argparse reads as options: `zone edit -1.png ...` was told "required: image", not why."""
+        if tokens is None:
+            tokens = [token for token in self._options_given() if token not in self._option_string_actions]
+        return "".join(f" ({name} is read as an option: for the file, write ./{name})" for name in tokens
+                       if _is_dash_file(name))
 
     def _misspelt(self) -> str:
         """The options given that this command does not have: argparse says a required one missing first, so
         `--instrucion "..."` was reported as a missing --instruction alone, its typo never named."""
-        given = [token.partition("=")[0] for token in self._given if token.startswith("--")]
+        given = [token.partition("=")[0] for token in self._options_given()
+                 if token.startswith("--") and not _is_dash_file(token)]
         options = {option.lstrip("-"): option for option in self._option_string_actions}
         said = []
         for name in (name for name in given if name not in self._option_string_actions):
@@ -234,8 +247,14 @@ class CommandParser(argparse.ArgumentParser):
         if unknown:  # argparse says these as the top level's ("zone: ... unrecognized"), whichever command had them
             command = " ".join([self.prog, *(getattr(parsed, name) for name in ("command", "target")
                                              if getattr(parsed, name, None))])
-            self.exit(2, f"error: unrecognized arguments: {' '.join(unknown)} (see {command} --help)\n")
+            hint = self._dash_files(unknown)
+            self.exit(2, f"error: unrecognized arguments: {' '.join(unknown)}{hint} (see {command} --help)\n")
         return parsed
+
+
+def _is_dash_file(token: str) -> bool:
+    """Whether `token` begins with a dash and names something there (a file given as `-photo.png`)."""
+    return token.startswith("-") and token != "-" and os.path.lexists(token)
 
 
 def build_parser() -> argparse.ArgumentParser:

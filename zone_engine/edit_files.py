@@ -226,7 +226,7 @@ def _check_case_clash(inputs: dict[str, Path], written: dict[str, tuple[Path, Ed
 def check_report_path(report: Path, jobs: Sequence[EditJob], list_file: Path | None = None) -> None:
     """OutputError unless --report's file can be written, over no input (nor `list_file`, zone batch's list of
     edits) and no edit's file."""
-    check_output_file(report, "--report")
+    check_output_file(report, "--report", replaced=False)  # written as the edits end: a named pipe takes it
     if list_file is not None and (same_file(report, list_file) or report.absolute() == list_file.absolute()):
         raise OutputError(f"--report {report} is the list of edits {list_file}: write the report to another file")
     files = {os.path.realpath(path): job for job in jobs for path in (job.image, *job.written())}

@@ -161,16 +161,25 @@ def name_problem(path: Path) -> str | None:
     return None
 
 
-def check_output_file(path: Path, what: str, probed: set[Path] | None = None) -> None:
-    """OutputError unless a file can be written (or overwritten) at `path` (`probed`: as folder_problem's)."""
+def check_output_file(path: Path, what: str, probed: set[Path] | None = None, *, replaced: bool = True) -> None:
+    """OutputError unless a file can be written (or overwritten) at `path` (`probed`: as folder_problem's).
+    `replaced`: the file is written beside `path` and moved into place (`written_atomically`), so a named pipe or a
+    device there would be replaced; else (a report written as it goes) one is written into."""
     path = Path(path)
     if problem := name_problem(path):
         raise OutputError(f"{what} {path}: {problem}; choose another path")
+    if replaced and path.exists() and not path.is_file() and not path.is_dir():  # through links: /dev/stdout too
+        raise OutputError(f"{what} {path} is a pipe or a device, not a file: the result, written beside it and moved "
+                          "into place, would replace it; choose another path")
     if path.is_symlink():  # its target is what gets written
         try:
-            path = path.resolve()
+            target = path.resolve()
         except (RuntimeError, OSError):  # Python 3.11 says a loop as a RuntimeError
             raise OutputError(f"{what} {path} is a symlink that loops: choose another path") from None
+        if not target.parent.exists():  # written through, as a shell's `>`: the folder made would be -o's own
+            raise OutputError(f"{what} {path} is a symbolic link to {os.readlink(path)}, in a folder that is not "
+                              "there; choose another path")
+        path = target
     if path.is_dir():
         raise OutputError(f"{what} {path} is a folder: give a file name inside it")
     problem = folder_problem(path.parent, probed)
