@@ -1123,6 +1123,11 @@ def test_a_warning_names_the_option_as_the_command_line_writes_it(photo, tmp_pat
         # Moved into place over it as root: a named pipe (or a device node) became a regular file, exit 0.
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", _fifo(t / "pipe.png"), "--tiny"],
          ["pipe.png is a pipe or a device, not a file"]),
+        # A shell's "-" for standard input and output was "image not found: -" and "output - has no suffix".
+        (lambda p, t: ["edit", "-", "-i", "x", "-o", str(t / "o.png"), "--tiny"],
+         ["image not found: - (images are read from files, not standard input"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", "-", "--tiny"],
+         ["output -: edits are written to files, not standard output"]),
     ],
     ids=["missing-image", "empty-instruction", "bad-output", "output-without-suffix", "output-is-an-icon",
          "output-format-without-rgb", "zero-steps",
@@ -1134,7 +1139,8 @@ def test_a_warning_names_the_option_as_the_command_line_writes_it(photo, tmp_pat
          "classifier-missing", "masks-over-the-output", "masks-over-the-input",
          "masks-folder-is-the-output", "output-name-too-long", "image-name-too-long", "mask-name-is-a-folder",
          "demo-file-is-a-folder", "demo-masks-over-its-output", "webp-too-wide", "demo-masks-over-its-mask",
-         "output-symlink-loop", "output-symlink-into-a-missing-folder", "output-is-a-pipe"],
+         "output-symlink-loop", "output-symlink-into-a-missing-folder", "output-is-a-pipe",
+         "image-from-standard-input", "output-to-standard-output"],
 )
 def test_cli_bad_input(capsys, photo, tmp_path, make_argv, words):
     _fails_cleanly(capsys, make_argv(photo, tmp_path), *words)

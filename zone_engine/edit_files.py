@@ -242,6 +242,8 @@ def check_output_path(path: Path, image: Path, probed: set[Path] | None = None) 
     from .image_io import check_output_format
 
     check_output_file(path, "output", probed)  # first: a folder given as -o is said as one, not as a missing suffix
+    if str(path) == "-":  # a shell's "standard output": `-o -`
+        raise OutputError("output -: edits are written to files, not standard output: name one, such as out.png")
     if not path.suffix:  # save_image would write PNG to a name without one: say it, the user may have meant .jpg
         raise OutputError(f"output {path} has no suffix: name the format, such as {path}.png")
     check_output_format(path)

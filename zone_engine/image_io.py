@@ -104,7 +104,8 @@ def check_image_path(path: Path) -> None:
     if problem := name_problem(path):
         raise InputImageError(f"cannot read {path}: {problem}")
     if not path.exists():
-        raise InputImageError(f"image not found: {path}")
+        stdin = " (images are read from files, not standard input: give the image's path)" if str(path) == "-" else ""
+        raise InputImageError(f"image not found: {path}{stdin}")
     if path.is_dir():
         raise InputImageError(f"{path} is a directory; pass the path of an image file")
 
