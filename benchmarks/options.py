@@ -112,6 +112,9 @@ PRESETS: dict[str, BenchConfig] = {
 # ---------------------------------------------------------------------------------------------- zone bench
 
 
+TINY_MODELS_HERE = {"--tiny": "--models tiny"}  # zone edit's switch, as the benchmark tools write it
+
+
 def bench_main(argv: list[str] | None = None) -> int:
     """`zone bench` and `python -m zone_benchmarks`: the options checked, then the run (benchmarks/harness.py)."""
     config = parse_bench_args(argv)
@@ -160,7 +163,7 @@ def parse_bench_args(argv: list[str] | None = None) -> BenchConfig:
 
 def _bench_parser() -> CommandParser:
     parser = CommandParser(
-        prog="zone bench",
+        prog="zone bench", written_here=TINY_MODELS_HERE,
         description="Per-stage latency of the ZONE engine against a reference-style baseline, in one run "
                     "on random-weight models of real size. Writes JSON, markdown and a PNG chart.",
     )
@@ -302,7 +305,7 @@ def profile_main(argv: list[str] | None = None) -> int:
 
 
 def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = CommandParser(prog="zone profile", description=PROFILE_DESCRIPTION,
+    parser = CommandParser(prog="zone profile", description=PROFILE_DESCRIPTION, written_here=TINY_MODELS_HERE,
                            epilog="The walls are inflated by the profiler; zone bench measures latency.")
     parser.add_argument("--models", type=str.lower, choices=MODEL_SIZES, default="sd15",
                         help="architecture sizes (default sd15)")

@@ -186,6 +186,14 @@ print(type(_pipeline_spec(args)).__name__)
 @pytest.mark.parametrize(("argv", "words"), [
     (["edit", "x.png", "-i", "a", "-o", "y.png", "--bogus"], "unrecognized arguments: --bogus (see zone edit --help)"),
     (["edit", "x.png", "-i", "a", "-o", "y.png", "--ste", "2"], "unrecognized arguments: --ste 2"),  # no abbreviation
+    # Unrecognized ones named with the nearest option of the command they were given to (a subcommand's too).
+    (["edit", "x.png", "-i", "a", "-o", "y.png", "--tinny"], "unrecognized arguments: --tinny (did you mean --tiny?) "
+     "(see zone edit --help)"),
+    (["export", "unet", "--tiny", "--out", "x", "--heigth", "64", "--widht=64"], "unrecognized arguments: --heigth 64 "
+     "--widht=64 (--heigth: did you mean --height?; --widht: did you mean --width?) (see zone export unet --help)"),
+    # zone edit's switch, as the benchmark tools write it
+    (["profile", "--tiny"], "unrecognized arguments: --tiny (did you mean --models tiny?) (see zone profile --help)"),
+    (["bench", "--tiny"], "unrecognized arguments: --tiny (did you mean --models tiny?) (see zone bench --help)"),
     (["export", "sam", "--out", "x", "--opset"], "--opset: expected one argument (see zone export sam --help)"),
     (["serve", "--log-level", "loud"], "invalid choice: 'loud'"),
     # argparse says the missing -i first: the typo that left it missing went unnamed.

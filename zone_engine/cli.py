@@ -204,10 +204,12 @@ class CommandParser(argparse.ArgumentParser):
     first), an unknown option said by the command it was given to, and no abbreviated options (a script's
     `--ste 1` would break the day another option began with --ste)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, written_here: dict[str, str] | None = None, **kwargs: Any) -> None:
+        """`written_here`: another command's option and this one's way to say it (`--tiny`: `--models tiny`)."""
         super().__init__(*args, **{"allow_abbrev": False, "formatter_class": WrapAtSpaces, **kwargs})
         self.register("type", int, whole_number)  # every `type=int` option, of every command and subcommand
         self._given: list[str] = []
+        self._written_here = written_here or {}
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
         self._given = list(sys.argv[1:] if args is None else args)  # a subcommand's: what follows its name
@@ -233,21 +235,37 @@ class CommandParser(argparse.ArgumentParser):
     def _misspelt(self) -> str:
         """The options given that this command does not have: argparse says a required one missing first, so
         `--instrucion "..."` was reported as a missing --instruction alone, its typo never named."""
-        given = [token.partition("=")[0] for token in self._options_given()
-                 if token.startswith("--") and not _is_dash_file(token)]
-        options = {option.lstrip("-"): option for option in self._option_string_actions}
-        said = []
-        for name in (name for name in given if name not in self._option_string_actions):
-            meant = nearest(name.lstrip("-"), options)  # compared with the dashes, --bogus was near --out
-            said.append(f"{name} is not an option" + (f": did you mean {options[meant]}?" if meant else ""))
+        said = [f"{name} is not an option" + (f": did you mean {meant}?" if meant else "")
+                for name, meant in self._meant(self._options_given())]
         return f" ({'; '.join(said)})" if said else ""
+
+    def _meant(self, tokens: Sequence[str]) -> list[tuple[str, str | None]]:
+        """The `--options` among `tokens` that this command does not have, each with the one it likely meant."""
+        given = [token.partition("=")[0] for token in tokens if token.startswith("--") and not _is_dash_file(token)]
+        options = {option.lstrip("-"): option for option in self._option_string_actions}
+        # Compared without the dashes: with them, --bogus was near --out.
+        return [(name, self._written_here.get(name) or options.get(nearest(name.lstrip("-"), options) or ""))
+                for name in given if name not in self._option_string_actions]
+
+    def _command_parser(self, parsed: argparse.Namespace) -> CommandParser:
+        """The parser of the (sub)command `parsed` names (`zone export unet`'s), whose options a mistake is near."""
+        parser = self
+        for name in ("command", "target"):
+            chosen = getattr(parsed, name, None)
+            commands = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+            if not chosen or not commands:
+                break
+            parser = commands[0].choices[chosen]
+        return parser
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:  # argparse says these as the top level's ("zone: ... unrecognized"), whichever command had them
             command = " ".join([self.prog, *(getattr(parsed, name) for name in ("command", "target")
                                              if getattr(parsed, name, None))])
-            hint = self._dash_files(unknown)
+            meant = [(name, meant) for name, meant in self._command_parser(parsed)._meant(unknown) if meant]
+            guesses = [f"{name + ': ' if len(meant) > 1 else ''}did you mean {option}?" for name, option in meant]
+            hint = (f" ({'; '.join(guesses)})" if guesses else "") + self._dash_files(unknown)
             self.exit(2, f"error: unrecognized arguments: {' '.join(unknown)}{hint} (see {command} --help)\n")
         return parsed
 
