@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zone_engine.cli import CommandParser, Terminated, terminated_as_interrupt
+from zone_engine.cli import EXIT_CODES, CommandParser, Terminated, terminated_as_interrupt
 from zone_engine.config import (
     DENOISERS,
     GROUP_NORMS,
@@ -164,6 +164,9 @@ def parse_bench_args(argv: list[str] | None = None) -> BenchConfig:
 def _bench_parser() -> CommandParser:
     parser = CommandParser(
         prog="zone bench", written_here=TINY_MODELS_HERE,
+        epilog="Exit codes: 0 reports written (after --time-limit, SIGTERM or Ctrl-C: of what was timed by then), 2 "
+        "bad input or setup, or SIGTERM or --time-limit before the baseline's first timed edit (nothing to compare), "
+        "130 Ctrl-C before it, 143 SIGTERM before the measuring starts.",
         description="Per-stage latency of the ZONE engine against a reference-style baseline, in one run "
                     "on random-weight models of real size. Writes JSON, markdown and a PNG chart.",
     )
@@ -306,7 +309,7 @@ def profile_main(argv: list[str] | None = None) -> int:
 
 def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = CommandParser(prog="zone profile", description=PROFILE_DESCRIPTION, written_here=TINY_MODELS_HERE,
-                           epilog="The walls are inflated by the profiler; zone bench measures latency.")
+                           epilog=f"{EXIT_CODES} The walls are inflated by the profiler; zone bench measures latency.")
     parser.add_argument("--models", type=str.lower, choices=MODEL_SIZES, default="sd15",
                         help="architecture sizes (default sd15)")
     parser.add_argument("--sam-type", type=str.lower, choices=(*SAM_TYPES, "tiny"),

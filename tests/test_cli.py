@@ -1787,6 +1787,8 @@ def test_help_wraps_at_spaces_so_a_wrapped_option_or_command_can_be_copied(page,
     out = capsys.readouterr().out
     assert stop.value.code == 0 and "usage:" in out
     assert not [line for line in out.splitlines() if re.search(r"[A-Za-z]-$", line)], out
+    # Every zone command says its exit codes (export, build-engine, demo, bench and profile did not).
+    assert kind != "zone" or "Exit codes: " in out, out
 
 
 # --- What a command line means beyond parsing: defaults, values passed on, exit codes (found by mutation testing) ---

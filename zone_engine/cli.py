@@ -275,13 +275,16 @@ def _is_dash_file(token: str) -> bool:
     return token.startswith("-") and token != "-" and os.path.lexists(token)
 
 
+EXIT_CODES = ("Exit codes: 0 success, 2 bad input or setup (one line on stderr says what to do), 130 interrupted "
+              "(Ctrl-C), 143 stopped by SIGTERM.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(
         prog="zone",
         description="ZONE: zero-shot instruction-guided local image editing. Give an image and an "
         "instruction; only the region the instruction is about changes, every other pixel stays as it was.",
-        epilog="Exit codes: 0 success, 2 bad input or setup (one line on stderr says what to do), 130 interrupted "
-               "(Ctrl-C), 143 stopped by SIGTERM.",
+        epilog=EXIT_CODES,
     )
     parser.add_argument("--version", action="version", version=f"zone-engine {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -330,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="run every stage on tiny random models and a built-in image (no checkpoints needed)",
         description="Zero-setup run: tiny random models and a sample image generated in code. Writes "
         "input.png, output.png, mask_b.png, mask_f.png, region.png, styled.png, heatmap.png and timings.json.",
+        epilog=EXIT_CODES,
     )
     demo.add_argument("--out", type=folder_argument, required=True, help="folder to write the results to")
     demo.add_argument("-i", "--instruction", default=SAMPLE_INSTRUCTION,
@@ -354,6 +358,9 @@ def _add_serve_command(commands) -> None:
         "GET /healthz, /readyz, /metrics and /docs. Concurrent edits of one image size are denoised as one "
         "batch (up to --max-batch, waiting at most --max-wait-ms). A full queue answers 503 with Retry-After; "
         "an edit over --timeout-s answers 504 and is cancelled. Edit options below set the server's defaults.",
+        epilog="Exit codes: 2 bad options or setup (one line on stderr says what to do), 130 interrupted (Ctrl-C), "
+        "143 stopped by SIGTERM (after the running batch: uvicorn's way, the process ended by the signal; with "
+        "--ray, said `terminated`).",
     )
     server = serve.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -412,21 +419,25 @@ def _add_export_commands(commands) -> None:
     export = commands.add_parser(
         "export", help="export networks to ONNX for TensorRT / ONNX Runtime",
         description="Export networks to ONNX, validated against PyTorch with ONNX Runtime before they are kept.",
+        epilog=EXIT_CODES,
     )
     targets = export.add_subparsers(dest="target", required=True, metavar="TARGET")
     add_export_unet_arguments(targets.add_parser(
         "unet", help="the dual-UNet step (both weight sets, guidance, attention output) and the VAE",
         description="Export the dual-UNet step and the VAE encoder/decoder to ONNX, with a manifest.",
+        epilog=EXIT_CODES,
     ))
     add_export_sam_arguments(targets.add_parser(
         "sam", help="SAM's image encoder and batched prompt decoder (for --segmenter onnx)",
         description="Export SAM to ONNX: the image encoder and a prompt decoder that takes a whole batch of "
         "points per call, with a manifest (model type, input size, opset, precision, checksums).",
+        epilog=EXIT_CODES,
     ))
     add_build_engine_arguments(commands.add_parser(
         "build-engine", help="build TensorRT engines from a `zone export unet` folder (needs TensorRT and a GPU)",
         description="Build (or reuse from the cache) TensorRT engines for an export folder. Engines are keyed by "
         "model checksums, shapes, precision, TensorRT version and GPU; a stale or foreign engine is rebuilt.",
+        epilog=EXIT_CODES,
     ))
 
 
