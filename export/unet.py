@@ -117,8 +117,8 @@ class ShapeProfile:
             raise ConfigError(f"dynamic shapes need min <= opt <= max on each side, got {self.describe()}")
 
     @classmethod
-    def static(cls, height: int, width: int) -> ShapeProfile:
-        size = check_size((height, width))
+    def static(cls, height: int, width: int, what: str = "size") -> ShapeProfile:
+        size = check_size((height, width), what)
         return cls(size, size, size)
 
     @property
@@ -531,7 +531,7 @@ def profile_from_args(args: argparse.Namespace) -> ShapeProfile:
             raise ConfigError("give either --height/--width or --dynamic-shapes, not both")
         return parse_dynamic_shapes(args.dynamic_shapes)
     return ShapeProfile.static(*(DEFAULT_SIZE[side] if given is None else given
-                                 for side, given in enumerate((args.height, args.width))))
+                                 for side, given in enumerate((args.height, args.width))), "--height/--width size")
 
 
 def run_export_unet(args: argparse.Namespace) -> Path:

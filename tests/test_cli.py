@@ -1385,8 +1385,9 @@ def test_sam_config_refuses_what_would_fail_inside_segment_anything():
 def test_export_and_build_engine_commands_fail_cleanly(capsys, tmp_path, photo):
     _fails_cleanly(capsys, ["export", "unet", "--tiny", "--bf16", "--out", str(tmp_path / "x")], "bf16")
     _fails_cleanly(capsys, ["export", "unet", "--tiny", "--height", "50", "--out", str(tmp_path / "x")], "32")
+    # 0 was taken as "not given": a 512x512 export; the options are named (it said "size 0x512")
     _fails_cleanly(capsys, ["export", "unet", "--tiny", "--height", "0", "--out", str(tmp_path / "x")],
-                   "0x512 is not a positive multiple of 32")  # was taken as "not given": a 512x512 export
+                   "--height/--width size 0x512 is not a positive multiple of 32")
     _fails_cleanly(capsys, ["export", "unet", "--tiny", "--height", "1000000", "--out", str(tmp_path / "x")],
                    "over 2048 pixels a side")  # was an allocator's traceback, or the process killed
     _fails_cleanly(capsys, ["export", "sam", "--tiny", "--opset", "5", "--out", str(tmp_path / "x")],
