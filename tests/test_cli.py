@@ -1114,6 +1114,16 @@ def test_a_warning_names_the_option_as_the_command_line_writes_it(photo, tmp_pat
          ["output", "260 bytes long, over the 255 a file system takes"]),
         (lambda p, t: ["edit", str(t / ("a" * 256 + ".png")), "-i", "x", "-o", str(t / "o.png"), "--tiny"],
          ["cannot read", "over the 255"]),
+        # In a folder that is there the system says ENAMETOOLONG, not ENOENT: pathlib's is_dir() raised it raw
+        # ("[Errno 36] File name too long: ..."), with no word of what to do.
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / ("a" * 256 + ".png")), "--tiny"],
+         ["output", "260 bytes long, over the 255 a file system takes; choose another path"]),
+        (lambda p, t: ["edit", str(p), str(t / ("a" * 256 + ".png")), "-i", "x", "-o", str(t / "out"), "--tiny"],
+         ["cannot read", "260 bytes long, over the 255"]),
+        (lambda p, t: ["edit", str(p), _copied(p, t / "b.png"), "-i", "x", "-o", str(t / ("a" * 256 + ".png")),
+                       "--tiny"], ["-o", "names the folder the edits go to"]),
+        (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--sam", str(t / ("a" * 256 + ".pth"))],
+         ["a name in it is 260 bytes long, over the 255 a file system takes; shorten it"]),
         (lambda p, t: ["edit", str(p), "-i", "x", "-o", str(t / "o.png"), "--tiny", "--save-masks",
                        _folder(t / "m" / "heatmap.png")], ["--save-masks", "holds a folder named heatmap.png"]),
         (lambda p, t: ["demo", "--out", _folder(t / "d" / "timings.json")], ["--out", "a folder named timings.json"]),
@@ -1145,7 +1155,9 @@ def test_a_warning_names_the_option_as_the_command_line_writes_it(photo, tmp_pat
          "tiny-with-checkpoints", "random-weights-with-classifier", "seed-too-large", "tiny-with-sam-type",
          "engines-without-tensorrt", "sam-onnx-without-onnx", "onnx-with-sam-checkpoint",
          "classifier-missing", "masks-over-the-output", "masks-over-the-input",
-         "masks-folder-is-the-output", "output-name-too-long", "image-name-too-long", "mask-name-is-a-folder",
+         "masks-folder-is-the-output", "output-name-too-long", "image-name-too-long",
+         "output-name-too-long-in-a-folder-there", "image-name-too-long-among-several",
+         "several-into-a-file-name-too-long", "checkpoint-name-too-long", "mask-name-is-a-folder",
          "demo-file-is-a-folder", "demo-masks-over-its-output", "webp-too-wide", "demo-masks-over-its-mask",
          "output-symlink-loop", "output-symlink-into-a-missing-folder", "output-is-a-pipe",
          "image-from-standard-input", "output-to-standard-output"],
@@ -1487,9 +1499,11 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path, monke
                        "--max-pixels 10 is under")
         _fails_cleanly(capsys, ["serve", "--tiny", "--port", str(port), "--max-batch", "16", "--queue-size", "8"],
                        "--max-batch 16 is above --queue-size 8")
-    _fails_cleanly(capsys, ["serve", "--tiny", "--device", "cuda"], "no CUDA")
-    _fails_cleanly(capsys, ["serve", "--ip2p", str(tmp_path / "no-ip2p"), "--sam", str(tmp_path / "no-sam.pth")],
-                   "not found")
+        # So are a missing GPU and missing checkpoints (a busy port 8000 failed the tests below that gave none).
+        _fails_cleanly(capsys, ["serve", "--tiny", "--port", str(port), "--device", "cuda"], "no CUDA")
+        for ray in ([], ["--ray"]):
+            _fails_cleanly(capsys, ["serve", "--port", str(port), *ray, "--ip2p", str(tmp_path / "no-ip2p"), "--sam",
+                                    str(tmp_path / "no-sam.pth")], "not found")
 
 
 def test_serve_passes_every_allowed_host_and_origin_to_the_server(monkeypatch):
@@ -1974,12 +1988,19 @@ def test_serve_leaves_sigterm_to_the_server_and_demo_ends_on_it_with_143(capsys,
 def test_a_path_the_system_refuses_past_the_checks_is_one_error_line_and_exit_2(capsys, monkeypatch):
     from zone_engine import cli
 
-    def refused(args):
-        raise OSError(36, "File name too long", "d/" + "a" * 300)
+    def refused(error):
+        def run(args):
+            raise error
+        return run
 
-    monkeypatch.setattr(cli, "run_demo", refused)
+    # A name over 255 bytes said as the checks say it, with what to do; another refusal as the system words it.
+    monkeypatch.setattr(cli, "run_demo", refused(OSError(36, "File name too long", "d/" + "a" * 300)))
     assert main(["demo", "--out", "d"]) == 2
-    assert capsys.readouterr().err == f"error: [Errno 36] File name too long: 'd/{'a' * 300}'\n"
+    assert capsys.readouterr().err == (f"error: d/{'a' * 300}: a name in it is 300 bytes long, over the 255 a file "
+                                       "system takes; shorten it\n")
+    monkeypatch.setattr(cli, "run_demo", refused(OSError(13, "Permission denied", "d/x")))
+    assert main(["demo", "--out", "d"]) == 2
+    assert capsys.readouterr().err == "error: [Errno 13] Permission denied: 'd/x'\n"
 
 
 def test_the_libraries_log_level_set_by_the_user_is_kept(monkeypatch, capsys, tmp_path):

@@ -68,7 +68,14 @@ from .errors import ConfigError, ZoneError, nearest
 from .instruction import check_instruction
 from .manifest import EXAMPLE as MANIFEST_EXAMPLE
 from .manifest import plan_manifest
-from .paths import check_output_folder, file_argument, folder_argument, print_path, written_atomically
+from .paths import (
+    check_output_folder,
+    file_argument,
+    folder_argument,
+    print_path,
+    refused_path_line,
+    written_atomically,
+)
 from .serving.settings import PipelineSpec, ServeSettings
 
 RANDOM_WEIGHTS_NOTICE = (
@@ -615,7 +622,8 @@ def run_serve(args: argparse.Namespace) -> None:
     if args.replicas != 1 and not args.ray:
         raise ConfigError("--replicas is read with --ray only (one process serves one pipeline): add --ray")
     spec = _pipeline_spec(args)
-    from .serving import LocalEditService, ServeSettings, run_server  # after the checks: it imports torch
+    from .backends import resolve_device  # after the checks: torch's import takes seconds
+    from .serving import LocalEditService, ServeSettings, run_server
     settings = ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, timeout_s=args.timeout_s,
         max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, max_steps=args.max_steps,
@@ -623,12 +631,14 @@ def run_serve(args: argparse.Namespace) -> None:
         edit_changes=tuple(changes.items()), allow_origins=tuple(args.allow_origin),
         allow_hosts=(*args.allow_host, *_dns_name_of(args.host)),
     )
-    if not args.ray:
+    if not args.ray:  # a replica's device is its own machine's
         settings.check_local_batching()
-    # After every option's check: a busy port would otherwise hide the options' mistakes until it is freed.
+        resolve_device(args.device)
+    spec.check_checkpoints()  # located, not loaded: one `error:` line (under Ray, not a replica's traceback)
+    # After every option's, the device's and the checkpoints' checks: a busy port would otherwise hide their
+    # mistakes until it is freed.
     _check_listen_address(args.host, args.port)
     if args.ray:
-        spec.check_checkpoints()  # one `error:` line, as below: not a replica's traceback
         from .serving.ray_serve import run_ray
 
         with terminated_as_interrupt():  # uvicorn handles the signals below; here SIGTERM ends run_ray as Ctrl-C does
@@ -720,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         if error.filename is None:  # not a path the system refused: a bug, its traceback kept
             raise
-        print(f"error: {error}", file=sys.stderr)  # a path refused past the checks (a name too long, ...)
+        print(f"error: {refused_path_line(error)}", file=sys.stderr)  # a path refused past the checks
         return 2
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated)

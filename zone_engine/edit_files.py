@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 from .config import MAX_BATCH, EditConfig, command_line_spelling, error_line
 from .errors import ConfigError, InputImageError, OutputError, ZoneError
-from .paths import check_output_file, check_output_folder, file_argument, ignores_case, print_path
+from .paths import check_output_file, check_output_folder, file_argument, ignores_case, is_folder, print_path
 
 if TYPE_CHECKING:  # imported where used: numpy, and torch with the pipeline, take seconds `zone --help` needs not
     import numpy as np
@@ -84,7 +84,7 @@ def plan_jobs(args: argparse.Namespace, instruction: str) -> list[EditJob]:
     each checked writable, none over an input or another's files."""
     images, (output, said_folder) = args.image, args.output
     check_batch_size(args.batch_size)
-    if len(images) == 1 and not said_folder and not output.is_dir():
+    if len(images) == 1 and not said_folder and not is_folder(output):
         if args.suffix:
             raise ConfigError(f"--suffix is read when -o is a folder; {output} names the file: write its suffix there")
         check_output_path(output, images[0])
@@ -116,7 +116,7 @@ def check_batch_size(size: int) -> None:
 
 def refuse_file_output(output: Path, said_folder: bool, why: str) -> None:
     """OutputError when -o names a file (a suffix, not a folder there, no trailing slash) where a folder goes."""
-    if output.suffix and not said_folder and not output.is_dir():
+    if output.suffix and not said_folder and not is_folder(output):
         raise OutputError(f"-o {output}: {why} -o names the folder the edits go to, each under its input's file "
                           f"name; give a folder, such as edited/ ({output}/ if its name is to have a dot)")
 
@@ -143,11 +143,11 @@ def _image_files(paths: Sequence[Path]) -> list[Path]:
     from .image_io import check_image_path
 
     for path in paths:
-        if not path.is_dir():
+        if not is_folder(path):
             check_image_path(path)
-    for folder in (path for path in paths if path.is_dir()):
+    for folder in (path for path in paths if is_folder(path)):
         print(f"warning: {folder} is a folder: left out (its images: {folder / '*'})", file=sys.stderr)
-    files = [path for path in paths if not path.is_dir()]
+    files = [path for path in paths if not is_folder(path)]
     if not files:
         raise InputImageError("every input is a folder: give the images in them, such as photos/*.jpg")
     return files

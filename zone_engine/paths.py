@@ -161,6 +161,26 @@ def name_problem(path: Path) -> str | None:
     return None
 
 
+def refused_path_line(error: OSError) -> str:
+    """The line for a path the system refused past the checks: a name over NAME_MAX bytes (a checkpoint's, an
+    export folder's) said as the checks say it, with what to do, not as "[Errno 36] File name too long"."""
+    if error.errno == errno.ENAMETOOLONG and error.filename is not None:
+        path = Path(os.fsdecode(error.filename))
+        longest = max((len(os.fsencode(part)) for part in path.parts), default=0)
+        if longest > NAME_MAX:
+            return f"{path}: a name in it is {longest} bytes long, over the {NAME_MAX} a file system takes; shorten it"
+    return str(error)
+
+
+def is_folder(path: Path) -> bool:
+    """`path.is_dir()`, False where the system refuses the name (over 255 bytes: ENAMETOOLONG, which pathlib
+    raises when the folder above is there), so the checks after it say why."""
+    try:
+        return Path(path).is_dir()
+    except OSError:
+        return False
+
+
 def check_output_file(path: Path, what: str, probed: set[Path] | None = None, *, replaced: bool = True) -> None:
     """OutputError unless a file can be written (or overwritten) at `path` (`probed`: as folder_problem's).
     `replaced`: the file is written beside `path` and moved into place (`written_atomically`), so a named pipe or a
