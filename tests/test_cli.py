@@ -83,6 +83,7 @@ def _fails_cleanly(capsys, argv, *words):
     said = "\n".join(err[err.index(errors[0]):])  # one error; several missing checkpoints get a line each
     for word in words:
         assert word in said, said
+    return err
 
 
 def test_a_folder_option_left_blank_or_a_dangling_link_is_said(capsys, tmp_path):
@@ -218,17 +219,32 @@ def test_argument_errors_are_one_line_from_the_command_they_were_given_to(capsys
     (["edit", "x.png", "-1.png", "-i", "a", "-o", "y.png"], "unrecognized arguments: -1.png (-1.png is read as an "
      "option: for the file, write ./-1.png) (see zone edit --help)"),
     (["edit", "x.png", "-i", "a", "-o", "-1.png"], "expected one argument (-1.png is read as an option"),
+    # A link to an output not made yet (a shell's `>` writes through it): a file given, though it is not there.
+    (["edit", "x.png", "-i", "a", "-o", "-latest.png"], "expected one argument (-latest.png is read as an option"),
+    # Two dashes: a file, not a misspelt option.
+    (["edit", "--1.png", "-i", "a", "-o", "y.png"], "required: image (--1.png is read as an option: for the file, "
+     "write ./--1.png) (see zone edit --help)"),
     # After `--` every token is an argument: -i and -o went with the images, and `--` is no mistyped option.
     (["edit", "--", "x.png", "-i", "a", "-o", "y.png"], "required: -i/--instruction, -o/--output (see zone edit"),
 ])
 def test_a_file_whose_name_begins_with_a_dash_is_named(tmp_path, monkeypatch, capsys, argv, words):
     """`zone edit -1.png ...` was told that no image was given (`--` called "not an option"), never why."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "-1.png").touch()
+    for name in ("-1.png", "--1.png", "-i"):  # -i: where a file has an option's name, the option is meant
+        (tmp_path / name).touch()
+    (tmp_path / "-latest.png").symlink_to("results/latest.png")
     with pytest.raises(SystemExit) as stop:
         main(argv)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and words in err, err
+
+
+def test_a_missing_image_whose_name_begins_with_a_dash_is_not_taken_for_standard_input(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """`./-gone.png`, as the test above says to write such a file, is the path -gone.png: only `-` is stdin's."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["edit", "./-gone.png", "-i", "x", "-o", "o.png", "--tiny"]) == 2
+    assert capsys.readouterr().err == "error: image not found: -gone.png\n"
 
 
 def test_names_from_a_list_take_any_case():
@@ -540,6 +556,7 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
     ('{"image": "photo.png", "instruction": "x", "seed": true}', "line 1: seed must be a whole number, got true"),
     ('{"image": "photo.png", "instruction": "x", "steps": [3]}', "line 1: steps must be a whole number, got an array"),
     ('{"image": "photo.png", "instruction": "x", "steps": 2.5}', "line 1: steps must be a whole number, got 2.5"),
+    ('{"image": "photo.png", "instruction": "x", "seed": -Infinity}', "seed must be a whole number, got -Infinity"),
     ('{"image": "photo.png", "instruction": 5}', "line 1: instruction must be text, got 5"),
     ('{"image": "photo.png", "instruction": "x", "action": false}', "line 1: action must be text, got false"),
     ('{"image": "photo.png", "instruction": "x", "action": "paint"}', "line 1: unknown action 'paint'"),
@@ -596,9 +613,11 @@ def test_a_batch_list_not_in_utf8_is_said_with_what_to_do(tmp_path, capsys, monk
     monkeypatch.chdir(tmp_path)
     line = '{"image": "photo.png", "instruction": "x"}\n'
     (tmp_path / "utf16.jsonl").write_bytes(line.encode("utf-16"))  # with its byte-order mark
+    (tmp_path / "utf16be.jsonl").write_bytes(b"\xfe\xff" + line.encode("utf-16-be"))  # the other byte order's mark
     (tmp_path / "latin1.jsonl").write_bytes(line.replace("x", "café").encode("latin-1"))
     _fails_cleanly(capsys, ["batch", "utf16.jsonl", "-o", "out", "--tiny"],
                    "cannot read the list of edits utf16.jsonl: it is UTF-16; save it as UTF-8")
+    _fails_cleanly(capsys, ["batch", "utf16be.jsonl", "-o", "out", "--tiny"], "utf16be.jsonl: it is UTF-16")
     _fails_cleanly(capsys, ["batch", "latin1.jsonl", "-o", "out", "--tiny"],
                    "byte 0xe9 at offset 42 is not UTF-8; save it as UTF-8")
     assert not (tmp_path / "out").exists()
@@ -614,6 +633,14 @@ def test_a_batch_report_is_not_written_over_its_list_of_edits(photo, tmp_path, c
     _fails_cleanly(capsys, ["batch", "edits.jsonl", "-o", "out", "--tiny", "--report", report],
                    f"--report {report} is the list of edits edits.jsonl: write the report to another file")
     assert (tmp_path / "edits.jsonl").read_text() == listed and not (tmp_path / "out").exists()
+
+
+def test_a_report_may_be_a_named_pipe(tmp_path):
+    """--report is written into as the edits end, not moved into place as an output is (a pipe as -o is refused):
+    a named pipe a script reads takes it."""
+    from zone_engine.edit_files import check_report_path
+
+    check_report_path(Path(_fifo(tmp_path / "report.jsonl")), [])
 
 
 def test_a_batch_line_reads_an_image_under_the_home_folder_as_a_shell_would(photo, tmp_path, monkeypatch, capsys):
@@ -788,6 +815,31 @@ def test_a_run_cut_short_says_and_reports_the_edits_whose_files_were_written(pho
         "2 of 3 edits not done; to do them, run the same command with --skip-existing", "interrupted"]
 
 
+@pytest.mark.parametrize("images", [1, 2])
+def test_a_run_cut_short_with_no_edit_left_says_none_to_resume(photo, tmp_path, capsys, monkeypatch, images):
+    """One edit (its models loading) has nothing to resume, and several cut short as the last file written is
+    said have none left: only "interrupted", no "1 of 1" or "0 of 2 edits not done" line to run again."""
+    import zone_engine.edit_files as edit_files
+    from zone_engine.serving.settings import PipelineSpec
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def said_until_the_last(path):
+        if path.name == f"{images}.png":
+            interrupted()
+
+    monkeypatch.setattr(*(PipelineSpec, "build", interrupted) if images == 1 else
+                        (edit_files, "print_path", said_until_the_last))
+    names = [f"{number}.png" for number in range(1, images + 1)]
+    for name in names:
+        Image.open(photo).save(tmp_path / name)
+    output = tmp_path / ("o.png" if images == 1 else "o")
+    assert main(["edit", *(str(tmp_path / name) for name in names), "-i", "x", "-o", str(output), "--tiny",
+                 "--steps", "1", "--no-progress"]) == 130
+    assert "not done" not in capsys.readouterr().err
+
+
 def test_after_a_write_fails_no_later_edit_is_written(photo, tmp_path, capsys, monkeypatch):
     """A batch of two: both edits' writes are queued at once; the second is not tried after the first fails. The
     first fails only once the second is queued (else the run could stop before queueing it, the check untried)."""
@@ -820,9 +872,10 @@ def test_after_a_write_fails_no_later_edit_is_written(photo, tmp_path, capsys, m
     for name in ("second.png", "third.png"):
         Image.open(photo).save(tmp_path / name)
     images = [str(photo), str(tmp_path / "second.png"), str(tmp_path / "third.png")]
-    _fails_cleanly(capsys, ["edit", *images, "-i", "x", "-o", str(tmp_path / "o"), "--tiny", "--steps", "1",
-                            "--no-progress", "--batch-size", "2"], "(the run stopped: 3 of 3 edits not written")
+    err = _fails_cleanly(capsys, ["edit", *images, "-i", "x", "-o", str(tmp_path / "o"), "--tiny", "--steps", "1",
+                                  "--no-progress", "--batch-size", "2"], "(the run stopped: 3 of 3 edits not written")
     assert tried == ["photo.png"] and held == [True]
+    assert not [line for line in err if "edits not done" in line], err  # the error says how to go on, not Ctrl-C's
 
 
 def test_each_batch_is_said_as_it_is_read_and_none_after_a_write_failed(photo, tmp_path, capsys, monkeypatch):
@@ -1895,8 +1948,11 @@ def test_more_argument_errors_are_one_line_naming_the_help_to_read(capsys, argv,
     assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, err
 
 
-def test_a_required_option_missing_names_no_stdin_dash_as_an_option(capsys):
-    """`zone batch -` reads the list of edits from standard input: `-` is no misspelt option."""
+def test_a_required_option_missing_names_no_stdin_dash_as_an_option(capsys, tmp_path, monkeypatch):
+    """`zone batch -` reads the list of edits from standard input: `-` is no misspelt option, nor a file read as
+    one where a file is named `-`."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-").touch()
     with pytest.raises(SystemExit):
         main(["batch", "-", "--tiny"])
     err = capsys.readouterr().err

@@ -230,7 +230,7 @@ def test_the_switch_takes_the_usual_spellings_of_yes(monkeypatch):
     """ZONE_DISABLE_TRITON: 1, true, yes, on in any case and with spaces turn the kernels off; others do not."""
     warnings.simplefilter("error")  # the spellings of yes and no warn of nothing (pytest restores the filters)
     for value, off in (("1", True), ("TRUE", True), (" yes ", True), ("On", True), ("0", False), ("", False),
-                       ("no", False)):
+                       ("no", False), ("False", False), (" off", False)):
         monkeypatch.setenv(DISABLE_ENV, value)
         assert triton_disabled() is off, value
     monkeypatch.setenv(DISABLE_ENV, "maybe")  # a typo leaves the kernels on, and says so

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 
+import huggingface_hub
 import huggingface_hub.constants
 import pytest
 import torch
@@ -136,6 +137,22 @@ def test_a_model_in_the_offline_hugging_face_cache_is_found_without_loading_it(t
     locate_model("InstructPix2Pix", "someone/cached-model", "timbrooks/instruct-pix2pix", "--ip2p")
     with pytest.raises(CheckpointError, match="not found at 'someone/other-model'"):
         locate_model("InstructPix2Pix", "someone/other-model", "timbrooks/instruct-pix2pix", "--ip2p")
+
+
+def test_a_model_not_in_the_cache_is_said_missing_without_asking_the_hub(monkeypatch):
+    """Telling a missing model from a damaged one looks in the cache only: online, asking the hub would download
+    the model (gigabytes) to word an error."""
+    asked = []
+    cache_only = huggingface_hub.snapshot_download
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.append(kwargs.get("local_files_only", False))
+        return cache_only(repo_id, **{**kwargs, "local_files_only": True})  # never the network, from this test
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(CheckpointError, match="not found at 'someone/not-in-the-cache'"):
+        load_ip2p("someone/not-in-the-cache")
+    assert asked == [True]
 
 
 def test_a_model_the_offline_cache_holds_in_part_is_said_damaged_not_missing(tmp_path, monkeypatch):

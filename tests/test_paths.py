@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from zone_engine.errors import ZoneError
-from zone_engine.paths import expanded, export_kind
+from zone_engine.errors import OutputError, ZoneError
+from zone_engine.paths import check_output_file, expanded, export_kind
 
 
 def test_export_kind_reads_only_a_manifest_object():
@@ -20,3 +20,14 @@ def test_a_nul_in_a_home_folders_user_name_is_said_not_raised():
     """Path.expanduser raises ValueError for a NUL in `~user`: told as the error asked for, not a traceback."""
     with pytest.raises(ZoneError, match="the home folder of .* is not known here"):
         expanded("~no\0user/out.png")
+
+
+def test_an_output_symlink_is_checked_where_it_points(tmp_path):
+    """Its target is what gets written: one not made yet, in a folder that is there, is fine (a shell's `>` writes
+    it); one inside a file, which no folder can be made at, is said before any work."""
+    (tmp_path / "to-new.png").symlink_to("new.png")
+    check_output_file(tmp_path / "to-new.png", "output")
+    (tmp_path / "notes.txt").touch()
+    (tmp_path / "into-a-file.png").symlink_to("notes.txt/o.png")
+    with pytest.raises(OutputError, match=r"output .*notes\.txt/o\.png: .*notes\.txt is a file, not a folder"):
+        check_output_file(tmp_path / "into-a-file.png", "output")

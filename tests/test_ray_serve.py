@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install -e '.[ray]'")
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -211,18 +212,28 @@ def test_a_usage_mistake_said_before_ray_starts_starts_no_ray(fake_serve, monkey
     assert fake_serve.deleted == [] and not fake_serve.ray_shut_down
 
 
-def test_rays_processes_start_with_sigterm_blocked_and_the_callers_handler_is_kept():
+@pytest.mark.parametrize("starts", [True, False], ids=["ray-starts", "ray-fails-to-start"])
+def test_rays_processes_start_with_sigterm_blocked_and_the_callers_handler_is_kept(starts):
     """A SIGTERM to the process group (`timeout`, systemd) killed the GCS and raylet under `zone serve --ray`,
-    whose shutdown then hung 60 s and exited 1; they start as Ray starts them for SIGINT: with it blocked."""
+    whose shutdown then hung 60 s and exited 1; they start as Ray starts them for SIGINT: with it blocked. A
+    ray.init that raises leaves neither SIGTERM blocked nor the caller's handler lost."""
     seen = []
-    fake_ray = SimpleNamespace(init=lambda **kwargs: seen.append(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+    def init(**kwargs):
+        seen.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        if not starts:
+            raise ConnectionError("could not start Ray")
+
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     try:
-        ray_serve._init_keeping_sigterm(fake_ray)
+        with contextlib.nullcontext() if starts else pytest.raises(ConnectionError):
+            ray_serve._init_keeping_sigterm(SimpleNamespace(init=init))
         assert signal.SIGTERM in seen[0] and signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
         assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def test_an_interrupted_deploy_still_shuts_down_and_a_second_sigterm_cannot_cut_it_short(monkeypatch):

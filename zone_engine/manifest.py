@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -115,7 +116,8 @@ def _check_json_types(entry: dict[str, Any]) -> None:
     for name, wanted, kind in (("instruction", str, "text"), ("action", str, "text"),
                                ("steps", int | float, "a whole number"), ("seed", int | float, "a whole number")):
         value = entry.get(name)
-        if name not in entry or (isinstance(value, wanted) and not isinstance(value, bool)):
+        finite = not isinstance(value, float) or math.isfinite(value)  # json reads NaN and Infinity
+        if name not in entry or (isinstance(value, wanted) and not isinstance(value, bool) and finite):
             continue
         shown = json.dumps(value) if isinstance(value, str | bool | int | float) else _json_kind(value)
         raise ConfigError(f"{name} must be {kind}, got {shown}")
