@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable
@@ -27,9 +28,14 @@ LEFT_ON = {"", "0", "false", "no", "off"}
 def triton_disabled() -> bool:
     value = os.environ.get(DISABLE_ENV, "").strip().lower()
     if value not in SWITCHED_OFF | LEFT_ON:  # a typo (`ture`) silently left the kernels on
-        warnings.warn(f"{DISABLE_ENV}={value!r} is neither yes (1, true, yes, on) nor no (0, false, no, off): the "
-                      "Triton kernels stay on", UserWarning, stacklevel=2)
+        _warn_neither_yes_nor_no(value)
     return value in SWITCHED_OFF
+
+
+@functools.cache  # once a value: every kernel's caller asks, and warnings' own once-only was reset between them
+def _warn_neither_yes_nor_no(value: str) -> None:
+    warnings.warn(f"{DISABLE_ENV}={value!r} is neither yes (1, true, yes, on) nor no (0, false, no, off): the "
+                  "Triton kernels stay on", UserWarning, stacklevel=3)
 
 
 def is_interpreted(kernel) -> bool:

@@ -139,7 +139,8 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("output")
     group.add_argument("--save-masks", type=folder_argument, metavar="DIR",
-                       help="also write mask_b.png, mask_f.png, region.png, styled.png and heatmap.png to DIR")
+                       help="also write mask_b.png, mask_f.png, region.png, styled.png and heatmap.png to DIR (of "
+                       "several edits, each's to DIR/NAME/, NAME its output's file name without the suffix)")
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
