@@ -271,8 +271,8 @@ class CommandParser(argparse.ArgumentParser):
         if unknown:  # argparse says these as the top level's ("zone: ... unrecognized"), whichever command had them
             command = " ".join([self.prog, *(getattr(parsed, name) for name in ("command", "target")
                                              if getattr(parsed, name, None))])
-            meant = [(name, meant) for name, meant in self._command_parser(parsed)._meant(unknown) if meant]
-            guesses = [f"{name + ': ' if len(meant) > 1 else ''}did you mean {option}?" for name, option in meant]
+            guessed = [(name, option) for name, option in self._command_parser(parsed)._meant(unknown) if option]
+            guesses = [f"{name + ': ' if len(guessed) > 1 else ''}did you mean {option}?" for name, option in guessed]
             hint = (f" ({'; '.join(guesses)})" if guesses else "") + self._dash_files(unknown)
             self.exit(2, f"error: unrecognized arguments: {' '.join(unknown)}{hint} (see {command} --help)\n")
         return parsed

@@ -61,8 +61,8 @@ def _lines(manifest: Path) -> list[str]:
         return data.decode("utf-8-sig").split("\n")
     except UnicodeDecodeError as error:
         # Windows PowerShell 5's `>` and Notepad's "Unicode" write UTF-16, with its byte-order mark
-        found = "it is UTF-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else \
-            f"byte {data[error.start]:#04x} at offset {error.start} is not UTF-8"
+        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
+        found = "it is UTF-16" if utf16 else f"byte {data[error.start]:#04x} at offset {error.start} is not UTF-8"
         raise ConfigError(f"cannot read the list of edits {manifest}: {found}; save it as UTF-8") from None
 
 
