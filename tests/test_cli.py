@@ -1536,9 +1536,9 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path, monke
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--max-pixels", "200000000"],
                    "--max-pixels 200000000 must be at most 100,000,000")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--allow-origin", "https://app.example.com/ui"],
-                   "allowed origin 'https://app.example.com/ui' (--allow-origin, allow_origins) is not an origin")
+                   "allowed origin 'https://app.example.com/ui' (--allow-origin) is not an origin")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0", "--allow-host", "zone.example.com:8000"],
-                   "allowed host 'zone.example.com:8000' (--allow-host, allow_hosts) is not a host name")
+                   "allowed host 'zone.example.com:8000' (--allow-host) is not a host name")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "70000"], "port")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "65536"], "--port 65536 is not a TCP port (0..65535)")
     _fails_cleanly(capsys, ["serve", "--tiny", "--host", "999.1.1.1"], "--host 999.1.1.1")

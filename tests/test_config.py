@@ -114,6 +114,14 @@ def test_the_command_line_prints_its_own_spelling_alone():
     assert command_line_spelling(f"pass the folder with {option('ip2p', 'DIR')}") == "pass the folder with --ip2p DIR"
 
 
+def test_the_command_line_leaves_out_a_python_field_named_beside_its_option():
+    """`zone serve --allow-origin https://App.Example.com:443` said "(--allow-origin, allow_origins)"."""
+    said = "allowed origin 'x' (--allow-origin, allow_origins) and warm-up size 1x1 (--warmup-size, warmup_sizes)"
+    assert command_line_spelling(said) == "allowed origin 'x' (--allow-origin) and warm-up size 1x1 (--warmup-size)"
+    other = "a size (--max-pixels, steps)"  # a parenthesis naming another field: kept
+    assert command_line_spelling(other) == other
+
+
 def test_the_errors_a_caller_catches_import_from_the_package():
     import zone_engine
     from zone_engine import errors

@@ -131,6 +131,8 @@ def option(name: str, value: object) -> str:
 
 
 _BOTH_SPELLINGS = re.compile(r"(--(?P<flag>[a-z][a-z0-9-]*)(?: [^\s()]+)?) \((?P<keyword>[a-z][a-z0-9_]*)=[^()]*\)")
+# "(--allow-origin, allow_origins)": an option named beside its Python field, with no value.
+_NAMED_BOTH_WAYS = re.compile(r"\((?P<flag>--[a-z][a-z0-9-]*), (?P<keyword>[a-z][a-z0-9_]*)\)")
 
 
 def command_line_spelling(message: str) -> str:
@@ -139,7 +141,11 @@ def command_line_spelling(message: str) -> str:
         same = match["flag"].replace("-", "_") == match["keyword"]
         return match[1] if same else match[0]
 
-    return _BOTH_SPELLINGS.sub(one, message)
+    def named(match: re.Match) -> str:
+        field = match["flag"][2:].replace("-", "_")
+        return f"({match['flag']})" if match["keyword"] in (field, field + "s") else match[0]
+
+    return _NAMED_BOTH_WAYS.sub(named, _BOTH_SPELLINGS.sub(one, message))
 
 
 def lowered_name(value: object) -> object:
