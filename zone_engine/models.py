@@ -433,6 +433,10 @@ def _model_load_error(what: str, source: str, hub_id: str, flag: str, error: Exc
             f"cannot load {what} '{source}' from the offline Hugging Face cache ({said.rstrip('.')}): download it "
             f"again (`hf download {hub_id}`), or pass a folder with {flag}."
         )
+    return _not_found(what, source, hub_id, flag)
+
+
+def _not_found(what: str, source: str, hub_id: str, flag: str) -> CheckpointError:
     return CheckpointError(
         f"{what} weights not found at '{source}' (local folder or offline Hugging Face cache). "
         f"On a machine with internet run `hf download {hub_id}` (or `git clone` the "
@@ -557,12 +561,8 @@ def locate_model(what: str, source: str, hub_id: str, flag: str) -> None:
                                   f"folder, or an unfinished download. Run `hf download {hub_id}` and "
                                   f"pass the folder with {flag}.")
         return
-    from huggingface_hub import snapshot_download
-
-    try:
-        snapshot_download(source, local_files_only=True)
-    except Exception as error:  # not cached, or not even a model id: either way not there
-        raise _model_load_error(what, source, hub_id, flag, error) from None
+    if not _in_offline_cache(source):
+        raise _not_found(what, source, hub_id, flag)
 
 
 def check_checkpoints_present(ip2p: str, magicbrush: str, sam: str | Path | None,
