@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zone_engine.cli import EXIT_CODES, CommandParser, Terminated, terminated_as_interrupt
+from zone_engine.cli import EXIT_CODES, CommandParser, said_stopped, terminated_as_interrupt
 from zone_engine.config import (
     DENOISERS,
     GROUP_NORMS,
@@ -124,10 +123,10 @@ def bench_main(argv: list[str] | None = None) -> int:
 
         return run_and_report(config, argv)
 
-    return quitting_on_ctrl_c(run)
+    return quitting_on_a_signal(run)
 
 
-def quitting_on_ctrl_c(run: Callable[[], int]) -> int:
+def quitting_on_a_signal(run: Callable[[], int]) -> int:
     """`run()`'s exit status; a Ctrl-C that reaches here (a bench's second, a profile's first) is one line and
     130, and a SIGTERM (a profile's; a bench's before its run installs its own handler) `terminated` and 143, as
     zone's own commands say them, not a traceback or a silent death."""
@@ -135,9 +134,7 @@ def quitting_on_ctrl_c(run: Callable[[], int]) -> int:
         with terminated_as_interrupt():
             return run()
     except KeyboardInterrupt as stop:
-        terminated = isinstance(stop, Terminated)
-        print("terminated" if terminated else "interrupted", file=sys.stderr)
-        return 143 if terminated else 130
+        return said_stopped(stop)
 
 
 def _preset_summary(config: BenchConfig) -> str:
@@ -304,7 +301,7 @@ def profile_main(argv: list[str] | None = None) -> int:
 
         return profile_and_report(args)
 
-    return quitting_on_ctrl_c(run)
+    return quitting_on_a_signal(run)
 
 
 def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -734,10 +734,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {refused_path_line(error)}", file=sys.stderr)  # a path refused past the checks
         return 2
     except KeyboardInterrupt as stop:
-        terminated = isinstance(stop, Terminated)
-        print("terminated" if terminated else "interrupted", file=sys.stderr)
-        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+        return said_stopped(stop)
     return 0
+
+
+def said_stopped(stop: KeyboardInterrupt) -> int:
+    """The exit status of a run `stop` ended, said in a line: `interrupted` (Ctrl-C, 130) or `terminated`
+    (SIGTERM, 143)."""
+    terminated = isinstance(stop, Terminated)
+    print("terminated" if terminated else "interrupted", file=sys.stderr)
+    return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
 
 
 class Terminated(KeyboardInterrupt):
