@@ -151,9 +151,8 @@ NAME_MAX = 255  # the bytes a file or folder name may have on Linux's file syste
 def name_problem(path: Path) -> str | None:
     """Why the system refuses `path` as a name, or None. Lengths are counted (a folder not yet there would hide
     them from the lookup); the lookup says the rest, where pathlib would raise it from deep inside."""
-    longest = max((len(os.fsencode(part)) for part in Path(path).parts), default=0)
-    if longest > NAME_MAX:
-        return f"a name in it is {longest} bytes long, over the {NAME_MAX} a file system takes"
+    if too_long := _name_too_long(path):
+        return too_long
     try:
         Path(path).exists()
     except OSError as error:
@@ -166,10 +165,17 @@ def refused_path_line(error: OSError) -> str:
     export folder's) said as the checks say it, with what to do, not as "[Errno 36] File name too long"."""
     if error.errno == errno.ENAMETOOLONG and error.filename is not None:
         path = Path(os.fsdecode(error.filename))
-        longest = max((len(os.fsencode(part)) for part in path.parts), default=0)
-        if longest > NAME_MAX:
-            return f"{path}: a name in it is {longest} bytes long, over the {NAME_MAX} a file system takes; shorten it"
+        if too_long := _name_too_long(path):
+            return f"{path}: {too_long}; shorten it"
     return str(error)
+
+
+def _name_too_long(path: Path) -> str | None:
+    """That a name in `path` is over NAME_MAX bytes, or None."""
+    longest = max((len(os.fsencode(part)) for part in Path(path).parts), default=0)
+    if longest <= NAME_MAX:
+        return None
+    return f"a name in it is {longest} bytes long, over the {NAME_MAX} a file system takes"
 
 
 def is_folder(path: Path) -> bool:
