@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import itertools
 import os
+import re
 import shutil
 import sys
 import time
@@ -470,6 +471,12 @@ def variant_denoiser(backends: Sequence[str]) -> str:
     return next((kind for kind in ("compile", "fused") if kind in backends), backends[0])
 
 
+def bench_words(reason: str) -> str:
+    """A pipeline's refusal as `zone bench`'s report says it: the command line's option names alone, not beside
+    their Python spelling, and a backend by its name, as `--backends` gives it, not as `zone edit`'s --denoiser."""
+    return re.sub(r"--denoiser (\w+)", r"the \1 backend", command_line_spelling(reason))
+
+
 @dataclass
 class EngineRows:
     """Builds the engine rows of one run, on the run's shared models, image and settings. A backend (or
@@ -514,8 +521,7 @@ class EngineRows:
             # SAM's reduced-precision copy), a one-time cost that landed in the row's first timed edit.
             pipe.segmenter(self.edit_config.sam)
         except (ZoneError, ImportError, RuntimeError) as error:  # a backend or provider this machine lacks
-            # The report is read from the command line: the option's name alone, not beside its Python spelling.
-            self.skipped.append({"name": name, "skipped": command_line_spelling(first_line(error))})
+            self.skipped.append({"name": name, "skipped": bench_words(first_line(error))})
             return None
         if isinstance(denoiser, str):
             self.denoisers.setdefault(denoiser, pipe.denoiser)  # the backend's own row's, for its variants

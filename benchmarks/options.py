@@ -65,7 +65,7 @@ class BenchConfig:
     instruction: str = "make the dog a golden statue"
     action: Action = Action.CHANGE
     backends: tuple[str, ...] = DENOISERS
-    engines: Path | None = None  # the tensorrt row's engine folder (zone build-engine); none: that row is skipped
+    engines: Path | None = None  # the tensorrt row's `zone export unet` folder; none: that row is skipped
     batch: int = 1  # > 1: also time batches of this many concurrent edits (edit_batch); 1: sequential only
     sam_onnx: bool = False  # also an engine row refining with SAM exported to ONNX and run on ONNX Runtime
     sam_precision: str | None = None  # bf16/fp16: also an engine row with SAM's image encoder in that precision
@@ -187,8 +187,9 @@ def _bench_parser() -> CommandParser:
     parser.add_argument("--backends", help=f"comma-separated engine denoisers, of {','.join(DENOISERS)} (default: "
                         "the preset's)")
     parser.add_argument("--engines", type=folder_argument, metavar="DIR",
-                        help="the tensorrt row's engines: a folder `zone build-engine` wrote for this --resolution "
-                        "and --dtype (default: none, so that row is skipped)")
+                        help="the tensorrt row's engines: a folder `zone export unet` wrote for this --resolution "
+                        "and --dtype, its engines built by `zone build-engine` or at the row's first edit "
+                        "(default: none, so that row is skipped)")
     parser.add_argument("--action", type=str.lower, choices=("add", "change", "remove"),
                         help=f"forced action (default {BenchConfig.action.value})")
     parser.add_argument("--seed", type=int, help=f"edit seed (default {BenchConfig.seed})")
@@ -322,7 +323,7 @@ def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--denoiser", type=str.lower, choices=DENOISERS, default="fused",
                         help="denoiser backend (default fused; tensorrt needs --engines)")
     parser.add_argument("--engines", type=folder_argument, metavar="DIR",
-                        help="with --denoiser tensorrt: the folder `zone build-engine` wrote")
+                        help="with --denoiser tensorrt: the folder `zone export unet` wrote")
     parser.add_argument("--sam-precision", type=str.lower, choices=SAM_PRECISIONS, default="fp32",
                         help="SAM image encoder precision: fp32 (default), bf16, fp16 (CUDA only)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
