@@ -1192,6 +1192,18 @@ def test_saving_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_path)
     assert link.is_symlink() and np.array_equal(load_quietly(target), pixels)
 
 
+def test_a_symlinks_format_is_its_targets(tmp_path):
+    """`-o latest.png` linked to a .jpg wrote PNG bytes into the .jpg; its notes and checks now say the JPEG's."""
+    link = tmp_path / "latest.png"
+    link.symlink_to("shot.jpg")
+    save_image(random_rgb(8, 8), link)
+    assert Image.open(tmp_path / "shot.jpg").format == "JPEG" and link.is_symlink()
+    assert "JPEG is lossy" in image_io.output_notes(link)[0]
+    (tmp_path / "mask.png").symlink_to("mask.pbm")
+    with pytest.raises(OutputError, match=r"mask.png: \.pbm names a bitmap"):
+        image_io.check_output_format(tmp_path / "mask.png")
+
+
 @pytest.mark.parametrize(("suffix", "words"), [(".xbm", "cannot write RGB pixels as XBM"),
                                                (".h5", "HDF5 save handler not installed"),
                                                (".pbm", "names a bitmap or graymap"), (".PGM", "use .ppm")])

@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 from .config import MAX_BATCH, EditConfig, command_line_spelling, error_line
 from .errors import ConfigError, InputImageError, OutputError, ZoneError
-from .paths import check_output_file, check_output_folder, file_argument, ignores_case, is_folder, print_path
+from .paths import (
+    check_output_file,
+    check_output_folder,
+    file_argument,
+    ignores_case,
+    is_folder,
+    print_path,
+    written_file,
+)
 
 if TYPE_CHECKING:  # imported where used: numpy, and torch with the pipeline, take seconds `zone --help` needs not
     import numpy as np
@@ -244,7 +252,8 @@ def check_output_path(path: Path, image: Path, probed: set[Path] | None = None) 
     check_output_file(path, "output", probed)  # first: a folder given as -o is said as one, not as a missing suffix
     if str(path) == "-":  # a shell's "standard output": `-o -`
         raise OutputError("output -: edits are written to files, not standard output: name one, such as out.png")
-    if not path.suffix:  # save_image would write PNG to a name without one: say it, the user may have meant .jpg
+    # save_image would write PNG to a name without one (a link's target's): say it, the user may have meant .jpg
+    if not written_file(path).suffix:
         raise OutputError(f"output {path} has no suffix: name the format, such as {path}.png")
     check_output_format(path)
     if same_file(path, image):

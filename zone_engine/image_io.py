@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zone_engine.config import LATENT_SCALE, MAX_PIXELS, MAX_WORKING_SIDE, MIN_SIDE
 from zone_engine.errors import InputImageError, OutputError, a_type, warn_caller
-from zone_engine.paths import expanded, folder_problem, name_problem, written_atomically
+from zone_engine.paths import expanded, folder_problem, name_problem, written_atomically, written_file
 
 # What Pillow raises for a file it cannot decode: besides OSError ("truncated", "broken data stream") and
 # SyntaxError ("not a TIFF file"), its plugins' own parsers fail on a corrupt or cut-off header or frame table with
@@ -580,8 +580,9 @@ _RESIZING_FORMATS = ("ICO", "ICNS")
 def save_image(array: np.ndarray, path: str | os.PathLike, icc_profile: bytes | None = None) -> None:
     """Write uint8 RGB (H, W, 3), a bool mask (H, W) as 0/255, or a uint8 (H, W) mask as is.
 
-    The format follows the file's suffix (PNG when it has none); parent folders are created. `icc_profile`:
-    the input's colour profile (`colour_profile`), so the output's untouched pixels look as the input's did.
+    The format follows the file's suffix (a symlink's target's; PNG when it has none); parent folders are
+    created. `icc_profile`: the input's colour profile (`colour_profile`), so the output's untouched pixels look
+    as the input's did.
     """
     pixels = _savable_pixels(array)
     if not os.fspath(path):
@@ -610,12 +611,11 @@ def check_output_format(path: str | os.PathLike, mode: str = "RGB") -> str:
     Pillow writes has, an icon's (scaled to the format's sizes), or a format that cannot hold a `mode` image
     here (XBM, Palm: not RGB; HDF5, WMF: listed, no writer installed). Said before an edit runs, not after it."""
     path = Path(path)
-    file_format = _writable_format(path)
+    file_format, suffix = _writable_format(path), written_file(path).suffix
     if file_format is None:
-        raise OutputError(f"cannot write {path}: {path.suffix} is no image format's suffix Pillow writes; use .png, "
-                          "say")
-    if file_format == "PPM" and mode == "RGB" and path.suffix.lower() in (".pbm", ".pgm"):
-        raise OutputError(f"cannot write {path}: {path.suffix} names a bitmap or graymap, and the edit is in colour; "
+        raise OutputError(f"cannot write {path}: {suffix} is no image format's suffix Pillow writes; use .png, say")
+    if file_format == "PPM" and mode == "RGB" and suffix.lower() in (".pbm", ".pgm"):
+        raise OutputError(f"cannot write {path}: {suffix} names a bitmap or graymap, and the edit is in colour; "
                           "use .ppm (or .png)")
     if file_format in _RESIZING_FORMATS:
         raise OutputError(f"cannot write {path}: {file_format} icons come in fixed sizes, so the image would be "
@@ -681,7 +681,9 @@ def _profile_loads(profile: bytes) -> bool:
 
 
 def _writable_format(path: Path) -> str | None:
-    """The format Pillow writes for `path`'s suffix (PNG without one), or None (unknown, or read-only: PSD)."""
+    """The format Pillow writes for `path`'s suffix (PNG without one), or None (unknown, or read-only: PSD). A
+    symlink's target's suffix: the file written is the target."""
+    path = written_file(path)
     if not path.suffix:
         return "PNG"
     file_format = Image.registered_extensions().get(path.suffix.lower())

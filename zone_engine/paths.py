@@ -231,14 +231,19 @@ def ignores_case(folder: Path) -> bool:
         return False
 
 
+def written_file(path: Path) -> Path:
+    """The file a write to `path` changes: a symlink's target (written through, as a shell's `>` does: replacing
+    the link would leave its target as it was), else `path`. A loop stays as it is, and its write fails as an
+    OSError."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 @contextmanager
 def written_atomically(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` (same suffix: writers that go by it pick the same format) to
     write to, moved over `path` only once the writing succeeded: a failed or interrupted write (a
     full disk, a size limit) leaves the old file as it was, never a truncated one."""
-    path = Path(path)
-    if path.is_symlink():  # written through, as a shell's `>` does: replacing the link would leave its target as it was
-        path = Path(os.path.realpath(path))  # a loop stays as it is, and its write fails as an OSError
+    path = written_file(Path(path))
     temporary = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
     try:
         yield temporary
