@@ -635,6 +635,16 @@ def test_a_batch_report_is_not_written_over_its_list_of_edits(photo, tmp_path, c
     assert (tmp_path / "edits.jsonl").read_text() == listed and not (tmp_path / "out").exists()
 
 
+def test_a_batch_edit_is_not_written_over_its_list_of_edits(photo, tmp_path, capsys, monkeypatch):
+    """A list named like an image (a line's "output" may name any file): the list was overwritten by the edit."""
+    monkeypatch.chdir(tmp_path)
+    listed = '{"image": "photo.png", "instruction": "add a hat", "output": "edits.png"}\n'
+    (tmp_path / "edits.png").write_text(listed)
+    _fails_cleanly(capsys, ["batch", "edits.png", "-o", ".", "--tiny"], "is the list of edits edits.png: it would be "
+                   'overwritten; give that edit another "output"')
+    assert (tmp_path / "edits.png").read_text() == listed
+
+
 def test_a_report_may_be_a_named_pipe(tmp_path):
     """--report is written into as the edits end, not moved into place as an output is (a pipe as -o is refused):
     a named pipe a script reads takes it."""

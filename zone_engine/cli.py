@@ -55,6 +55,7 @@ from .config import (
 from .edit_files import (
     MASK_OUTPUTS,
     EditJob,
+    check_list_kept,
     check_masks_folder,
     check_report_path,
     edit_all,
@@ -523,8 +524,11 @@ def run_batch(args: argparse.Namespace) -> None:
 
 def _edit_all(args: argparse.Namespace, jobs: list[EditJob], spec: PipelineSpec, changes: dict, several: bool,
               list_file: Path | None = None) -> None:
-    """edit_all as `zone edit` and `zone batch` ask: --report checked first (not over `list_file`, zone batch's
-    list of edits), --skip-existing's done left out and their lines of --report kept."""
+    """edit_all as `zone edit` and `zone batch` ask: checked first, no edit's file over `list_file` (zone batch's
+    list of edits) and --report's file (not over it either); --skip-existing's done left out and their lines of
+    --report kept."""
+    if list_file is not None:
+        check_list_kept(jobs, list_file)
     if args.report:
         check_report_path(args.report, jobs, list_file)
     build = spec.build if not args.no_progress else lambda: _without_library_progress_bars(spec.build)

@@ -231,6 +231,15 @@ def _check_case_clash(inputs: dict[str, Path], written: dict[str, tuple[Path, Ed
                           f"{rename}")
 
 
+def check_list_kept(jobs: Sequence[EditJob], list_file: Path) -> None:
+    """OutputError for an edit's file written over `list_file`, zone batch's list of edits (a list named like an
+    image, which a line's "output" can name)."""
+    for job in jobs:
+        if path := next((path for path in job.written() if same_file(path, list_file)), None):
+            raise OutputError(f"{path}, written for {job.name()}, is the list of edits {list_file}: it would be "
+                              'overwritten; give that edit another "output"')
+
+
 def check_report_path(report: Path, jobs: Sequence[EditJob], list_file: Path | None = None) -> None:
     """OutputError unless --report's file can be written, over no input (nor `list_file`, zone batch's list of
     edits) and no edit's file."""
