@@ -8,7 +8,9 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,6 +105,26 @@ def staging_folder(out_dir: Path) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held off for a block (main thread only), then delivered to the handlers of before it:
+    installing an export is a few moves that all happen or none. A signal between two of them left the old
+    manifest with a new graph beside it, the folder's previous export lost (refused as corrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {number: signal.signal(number, lambda number, _frame: held.append(number))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if held:
+            signal.raise_signal(held[0])  # as it would have been: KeyboardInterrupt, the CLI's Terminated, ...
 
 
 def export_graph(module: nn.Module, args: tuple, path: Path, opset: int, *, input_names: list[str],

@@ -33,7 +33,16 @@ from zone_engine.paths import MANIFEST_FILE, check_output_folder, expanded, file
 from zone_engine.sam_onnx import DECODER_FILE, ENCODER_FILE, MANIFEST_FORMAT, TRT_CACHE
 from zone_engine.sam_torch import decode_masks, decode_tokens
 
-from .onnx_graph import check_export_target, check_opset, compare, export_graph, require, session, staging_folder
+from .onnx_graph import (
+    check_export_target,
+    check_opset,
+    compare,
+    export_graph,
+    require,
+    session,
+    signals_held,
+    staging_folder,
+)
 from .options import TINY_SEED
 
 # Export check, |onnxruntime - torch| <= atol + rtol * max|torch| on every output, against the fp32 model:
@@ -144,9 +153,10 @@ def export_sam(
         manifest = {**_manifest(sam, model_type, precision, opset, embeddings, checkpoint),
                     "files": {name: file_sha256(staging / name) for name in files}, "validation": report}
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        shutil.rmtree(out_dir / TRT_CACHE, ignore_errors=True)  # engines of the graphs replaced: never read again
-        for name in [*files, MANIFEST_FILE]:  # the manifest last: it vouches for the files before it
-            os.replace(staging / name, out_dir / name)
+        with signals_held():  # the moves all done, or none
+            shutil.rmtree(out_dir / TRT_CACHE, ignore_errors=True)  # engines of the graphs replaced: never read again
+            for name in [*files, MANIFEST_FILE]:  # the manifest last: it vouches for the files before it
+                os.replace(staging / name, out_dir / name)
         for name in (f"{ENCODER_FILE}.data", f"{DECODER_FILE}.data"):  # a vit_h export's weights, under vit_b's
             if name not in files:
                 try:

@@ -55,7 +55,16 @@ from zone_engine.paths import (
     file_sha256,
 )
 
-from .onnx_graph import check_export_target, check_opset, compare, export_graph, require, session, staging_folder
+from .onnx_graph import (
+    check_export_target,
+    check_opset,
+    compare,
+    export_graph,
+    require,
+    session,
+    signals_held,
+    staging_folder,
+)
 from .options import DEFAULT_SIZE, TINY_SEED
 
 DUAL_STEP = "dual_step"
@@ -428,7 +437,8 @@ def _export(out_dir: Path, specs: list[GraphSpec], profile: ShapeProfile, precis
     out_dir = Path(out_dir)
     with staging_folder(out_dir) as staging:
         entries = {spec.name: _export_spec(spec, staging, profile, precision, opset, sources) for spec in specs}
-        _install(entries, staging, out_dir)
+        with signals_held():  # the three graphs and the manifest all installed, or none
+            _install(entries, staging, out_dir)
     return out_dir
 
 
@@ -509,15 +519,19 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     folder = expanded(folder, ConfigError)
     again = f"write one with `zone export unet --out {folder}`"
     path = export_manifest_path(folder, "unet", str(folder), again)
+    # `zone export unet` refuses to replace another export's manifest, or one it cannot read: another folder, then.
+    elsewhere = ("which `zone export unet` will not replace: pass the folder it wrote, or write one into another "
+                 "with `zone export unet --out NEW_FOLDER`")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ZoneError(f"cannot read {path} ({error}); {again}") from None
+        raise ZoneError(f"cannot read {path} ({error}), {elsewhere}") from None
     if export_kind(manifest) == "sam":
         raise ZoneError(f"{folder} is a `zone export sam` folder (SAM's graphs, for --sam-onnx), not a `zone export "
-                        f"unet` one; {again}")
+                        f"unet` one, {elsewhere}")
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not manifest.get("graphs"):
-        raise ZoneError(f"{path} is not a format-{MANIFEST_FORMAT} `zone export unet` manifest; {again}")
+        then = f"; {again}" if export_kind(manifest) == "unet" else f", {elsewhere}"
+        raise ZoneError(f"{path} is not a format-{MANIFEST_FORMAT} `zone export unet` manifest{then}")
     return manifest
 
 

@@ -21,6 +21,7 @@ import copy
 import importlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -405,6 +406,37 @@ def test_an_export_cut_off_after_its_first_graph_installs_none(models, tmp_path,
     assert traced == ["dual_step"] and not (tmp_path / "new").exists()  # removed: this export created it
 
 
+def test_ctrl_c_while_a_re_export_installs_waits_for_the_moves(models, tmp_path, monkeypatch):
+    """A signal between two moves left a new dual_step beside the old VAE graphs and manifest: the folder's
+    working export lost, refused as corrupt. It is held off until every file is in, then delivered."""
+    graphs = ["dual_step", "vae_encoder", "vae_decoder"]
+    for name in graphs:
+        (tmp_path / f"{name}.onnx").write_bytes(b"old")
+    old = {"format": 1, "graphs": {name: {"files": {f"{name}.onnx": "1" * 64}} for name in graphs}}
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+
+    def traced(spec, staging, *_):
+        (staging / spec.file).write_bytes(b"new")  # its file in staging, as a real trace leaves it (10 s)
+        return {"files": {spec.file: "0" * 64}}
+
+    moves, real_replace = [], export_module.os.replace
+
+    def ctrl_c_at_the_second_move(source, target):
+        moves.append(Path(target).name)
+        if len(moves) == 2:
+            signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, as the terminal sends it
+        return real_replace(source, target)
+
+    monkeypatch.setattr(export_module, "_export_spec", traced)
+    monkeypatch.setattr(export_module.os, "replace", ctrl_c_at_the_second_move)
+    with pytest.raises(KeyboardInterrupt):
+        export_unet_graphs(models, tmp_path, height=32, width=32)
+    assert moves == [f"{name}.onnx" for name in graphs] + ["manifest.json"]
+    assert all((tmp_path / f"{name}.onnx").read_bytes() == b"new" for name in graphs)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [entry["files"] for entry in manifest["graphs"].values()] == [{f"{name}.onnx": "0" * 64} for name in graphs]
+
+
 # ------------------------------------------------------------------------------------------------ engine cache
 
 
@@ -538,7 +570,12 @@ def test_build_engine_without_tensorrt_says_what_to_install(no_tensorrt, exporte
     sam_folder = tmp_path / "sam"
     sam_folder.mkdir()
     (sam_folder / "manifest.json").write_text('{"format": 1, "model_type": "vit_b", "files": {}}')
-    with pytest.raises(ZoneError, match="is a `zone export sam` folder .*, not a `zone export unet` one"):
+    with pytest.raises(ZoneError, match="is a `zone export sam` folder .*, not a `zone export unet` one") as said:
+        run_build_engine(parser.parse_args([str(sam_folder)]))
+    # Not `zone export unet --out` that folder, which refuses to replace SAM's manifest: another folder.
+    assert f"--out {sam_folder}" not in str(said.value) and "--out NEW_FOLDER" in str(said.value)
+    (sam_folder / "manifest.json").write_text("{not json")
+    with pytest.raises(ZoneError, match="cannot read .*will not replace.*--out NEW_FOLDER"):
         run_build_engine(parser.parse_args([str(sam_folder)]))
 
 

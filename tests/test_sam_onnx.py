@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -348,6 +349,19 @@ def test_a_broken_export_is_said_when_the_pipeline_is_built_not_after_denoising(
         ZonePipeline(tiny_models, device="cpu", segmenter="onnx", sam_onnx=folder_copy)
 
 
+@pytest.mark.parametrize("manifest", ['{"format": 1, "graphs": {"dual_step": {}}}', "{not json", '{"a": 1}'])
+def test_a_folder_the_export_will_not_replace_is_not_the_one_it_is_told_to_write(folder_copy, manifest):
+    """A UNet export's folder, or an unreadable or foreign manifest.json: the error said to re-run `zone export sam
+    --out` that folder, which the export refuses (it would replace the manifest). Another folder is named."""
+    (folder_copy / MANIFEST_FILE).write_text(manifest)
+    with pytest.raises(CheckpointError, match="which `zone export sam` will not replace.*--out NEW_FOLDER") as said:
+        OnnxSamSegmenter(folder_copy, SamConfig())
+    assert f"--out {folder_copy}" not in str(said.value)
+    with pytest.raises(ZoneError, match="`zone export sam` would replace its manifest"):  # as the error says
+        run_export_sam(argparse.Namespace(tiny=True, checkpoint=None, model_type=None, out=folder_copy,
+                                          fp16=False, opset=17))
+
+
 def test_a_files_checksum_is_computed_once_per_version_of_it(tmp_path, monkeypatch):
     """A server hashed its 2.5 GB export at start and again for each segmenter: now once, until the file changes."""
     path = tmp_path / "graph.onnx"
@@ -386,6 +400,21 @@ def test_unloadable_onnx_file_with_matching_checksum(folder_copy):
     manifest["files"][DECODER_FILE] = file_sha256(path)
     write_manifest(folder_copy, manifest)
     with pytest.raises(CheckpointError, match=f"cannot load .*{DECODER_FILE}.*zone export sam"):
+        OnnxSamSegmenter(folder_copy, SamConfig())
+
+
+def test_an_export_too_new_for_this_onnx_runtime_says_why(folder_copy):
+    """As from a newer onnx than this onnxruntime reads: ORT's reason comes after its source file and C++ signature,
+    and cutting its message at 300 characters cut the reason off."""
+    onnx = pytest.importorskip("onnx")
+    path = folder_copy / DECODER_FILE
+    graph = onnx.load(path)
+    graph.ir_version = 99
+    onnx.save(graph, path)
+    manifest = read_manifest(folder_copy)
+    manifest["files"][DECODER_FILE] = file_sha256(path)
+    write_manifest(folder_copy, manifest)
+    with pytest.raises(CheckpointError, match=f"cannot load {DECODER_FILE}: .*IR version: 99.*zone export sam"):
         OnnxSamSegmenter(folder_copy, SamConfig())
 
 
@@ -711,6 +740,27 @@ def test_pipeline_mask_f_is_identical_with_either_refinement_backend(tmp_path):
     assert not np.array_equal(results[0].mask_f, results[0].mask_b)
     assert np.array_equal(results[0].mask_f, results[1].mask_f)
     assert np.array_equal(results[0].image, results[1].image)
+
+
+def test_ctrl_c_while_a_re_export_installs_waits_for_the_moves(exported, folder_copy, monkeypatch):
+    """A signal between two moves left the new encoder beside the old decoder and manifest: the folder's
+    working export lost, refused as corrupt. It is held off until every file is in, then delivered."""
+    moves, real_replace = [], os.replace
+
+    def ctrl_c_at_the_second_move(source, target):
+        moves.append(Path(target).name)
+        if len(moves) == 2:
+            signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, as the terminal sends it
+        return real_replace(source, target)
+
+    monkeypatch.setattr(export_module.os, "replace", ctrl_c_at_the_second_move)
+    with pytest.raises(KeyboardInterrupt):
+        export_sam(tiny_sam(seed=3), "tiny", folder_copy)  # other weights than the export in the folder
+    monkeypatch.undo()
+    assert moves == [ENCODER_FILE, DECODER_FILE, MANIFEST_FILE]
+    assert read_manifest(folder_copy)["files"] != read_manifest(exported)["files"]  # the new export, whole
+    assert OnnxSamSegmenter(folder_copy, SamConfig()).manifest == read_manifest(folder_copy)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_an_export_cut_off_while_installing_leaves_no_manifest_vouching_for_missing_graphs(sam, tmp_path, monkeypatch):

@@ -41,11 +41,18 @@ PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExec
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
-def export_error(folder: Path, problem: str) -> CheckpointError:
+def export_error(folder: Path, problem: str, ours: bool = True) -> CheckpointError:
     """What is wrong with a `zone export sam` folder (--sam-onnx, sam_onnx=), the folder named first, and the
-    command that writes it afresh (the folder in it: a placeholder there was one more thing to fill in)."""
-    return CheckpointError(f"the SAM export {folder}: {problem}; re-run `zone export sam --checkpoint SAM.pth --out "
-                           f"{folder}` (`--tiny` in place of --checkpoint for the tiny models) to write it afresh")
+    command that writes it afresh (the folder in it: a placeholder there was one more thing to fill in). `ours`:
+    whether its manifest.json is a `zone export sam` one; the export refuses to replace any other (a `zone export
+    unet` one, an unreadable one), where the command it was told to run then failed: another folder is named."""
+    tiny = "(`--tiny` in place of --checkpoint for the tiny models)"
+    if ours:
+        return CheckpointError(f"the SAM export {folder}: {problem}; re-run `zone export sam --checkpoint SAM.pth "
+                               f"--out {folder}` {tiny} to write it afresh")
+    return CheckpointError(f"the SAM export {folder}: {problem}, which `zone export sam` will not replace: pass the "
+                           "folder it wrote, or write one into another with `zone export sam --checkpoint SAM.pth "
+                           f"--out NEW_FOLDER` {tiny}")
 
 
 class OnnxSamSegmenter(TorchSamSegmenter):
@@ -94,8 +101,8 @@ class OnnxSamSegmenter(TorchSamSegmenter):
                 )
             except Exception as error:  # ORT raises its own Fail/InvalidProtobuf/... types
                 if tried[0] not in GPU_PROVIDERS:  # the checksums passed: the CPU's failure is the graph's
-                    raise export_error(self.folder, f"ONNX Runtime cannot load {name}: "
-                                       f"{str(error).strip()[:300]}") from None
+                    reason = onnx_runtime_reason(error)
+                    raise export_error(self.folder, f"ONNX Runtime cannot load {name}: {reason}") from None
                 failed.append(f"{tried[0]} ({first_line(error)[:200]})")
                 tried = tried[1:]
                 if not tried:  # GPU providers only, none started: the machine's libraries, not the export
@@ -134,6 +141,14 @@ class OnnxSamSegmenter(TorchSamSegmenter):
                     f"image_embeddings:{embedding},point_coords:{batch}x1x2,point_labels:{batch}x1"
                 )
         return options
+
+
+def onnx_runtime_reason(error: Exception, limit: int = 300) -> str:
+    """ONNX Runtime's error on one line, shortened in its middle: its reason comes last, after the source file and
+    C++ signature it names first (cut at 300 characters, "Unsupported model IR version: 99, max supported IR
+    version: 14" was lost)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else f"{text[:100]} ... {text[100 - limit:]}"
 
 
 class SamFrame:
@@ -265,12 +280,13 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise export_error(folder, f"cannot read {MANIFEST_FILE} ({error})") from None
+        raise export_error(folder, f"cannot read {MANIFEST_FILE} ({error})", ours=False) from None
     if export_kind(manifest) == "unet":
-        raise export_error(folder, "a `zone export unet` folder (the UNets' graphs), not a `zone export sam` one")
+        raise export_error(folder, "a `zone export unet` folder (the UNets' graphs), not a `zone export sam` one",
+                           ours=False)
     missing = [key for key in MANIFEST_KEYS if not isinstance(manifest, dict) or key not in manifest]
     if missing:
-        raise export_error(folder, f"{MANIFEST_FILE} lacks {', '.join(missing)}")
+        raise export_error(folder, f"{MANIFEST_FILE} lacks {', '.join(missing)}", ours=export_kind(manifest) == "sam")
     if manifest["format"] != MANIFEST_FORMAT:
         raise export_error(folder, f"{MANIFEST_FILE} has format {manifest['format']}, this zone-engine reads "
                                    f"format {MANIFEST_FORMAT}")
