@@ -36,6 +36,7 @@ def add_export_unet_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=19, help="ONNX opset, 14 to 20 (default: 19)")
     parser.add_argument("--tiny", action="store_true",
                         help=f"export tiny random models (seed {TINY_SEED}) instead of checkpoints: tests and demos")
+    _add_no_progress(parser)
 
 
 def add_export_sam_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +51,12 @@ def add_export_sam_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true",
                         help=f"export the tiny random SAM of `zone edit --tiny` (seed {TINY_SEED}) instead of a "
                         "checkpoint: tests and demos")
+    _add_no_progress(parser)
+
+
+def _add_no_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true",
+                        help="hide the progress lines on stderr (a line as each graph is traced and checked)")
 
 
 def add_build_engine_arguments(parser: argparse.ArgumentParser) -> None:

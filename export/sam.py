@@ -38,6 +38,7 @@ from .onnx_graph import (
     check_opset,
     compare,
     export_graph,
+    log,
     require,
     session,
     signals_held,
@@ -267,6 +268,7 @@ def run_export_sam(args: argparse.Namespace) -> Path:
         if args.checkpoint is None:
             raise ConfigError("zone export sam needs --checkpoint SAM.pth (or --tiny for a random test model)")
         checkpoint = expanded(args.checkpoint, ConfigError)
+        log.info("loading SAM from %s", checkpoint)
         sam = load_sam(checkpoint, args.model_type, flags=("--checkpoint PATH", "--model-type TYPE"))
         model_type = args.model_type or sam_type_from_path(checkpoint)
     return export_sam(sam, model_type, args.out, fp16=args.fp16, opset=args.opset, checkpoint=checkpoint)

@@ -60,6 +60,7 @@ from .onnx_graph import (
     check_opset,
     compare,
     export_graph,
+    log,
     require,
     session,
     signals_held,
@@ -566,6 +567,7 @@ def run_export_unet(args: argparse.Namespace) -> Path:
     else:
         sources = {"ip2p": args.ip2p or IP2P_ID, "magicbrush": args.magicbrush or MAGICBRUSH_ID}
         check_checkpoints_present(sources["ip2p"], sources["magicbrush"], None, None)  # each one missing, at once
+        log.info("loading the UNets and the VAE: %s, %s", sources["ip2p"], sources["magicbrush"])
         ip2p = load_ip2p(sources["ip2p"], torch.float32)  # fp32: the reference the graphs are checked against
         models = ZoneModels(
             tokenizer=ip2p.tokenizer, text_encoder=ip2p.text_encoder, vae=ip2p.vae, ip2p_unet=ip2p.unet,

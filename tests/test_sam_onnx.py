@@ -742,6 +742,19 @@ def test_pipeline_mask_f_is_identical_with_either_refinement_backend(tmp_path):
     assert np.array_equal(results[0].image, results[1].image)
 
 
+def test_zone_export_shows_each_graph_traced_and_checked_unless_told_not_to(tmp_path, capsys):
+    """An export ran minutes silent with real weights (`zone export unet` 1m21s even with --tiny on 2 cores)."""
+    from zone_engine.cli import main
+
+    assert main(["export", "sam", "--tiny", "--out", str(tmp_path / "shown")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:2] == [f"{ENCODER_FILE}: tracing to ONNX (opset 17)", f"{DECODER_FILE}: tracing to ONNX (opset 17)"]
+    assert any(line.startswith(f"{ENCODER_FILE}: matches PyTorch (largest difference ") for line in lines)
+    assert main(["export", "sam", "--tiny", "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+    assert not onnx_graph.log.handlers  # the command's own, gone with it
+
+
 def test_ctrl_c_while_a_re_export_installs_waits_for_the_moves(exported, folder_copy, monkeypatch):
     """A signal between two moves left the new encoder beside the old decoder and manifest: the folder's
     working export lost, refused as corrupt. It is held off until every file is in, then delivered."""

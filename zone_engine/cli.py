@@ -8,6 +8,7 @@ import contextlib
 import importlib
 import ipaddress
 import json
+import logging
 import os
 import re
 import signal
@@ -454,7 +455,27 @@ def run_export(args: argparse.Namespace) -> None:
     from zone_export.sam import run_export_sam
     from zone_export.unet import run_export_unet
 
-    print_path({"unet": run_export_unet, "sam": run_export_sam}[args.target](args))
+    with _progress_lines("zone_export", shown=not args.no_progress):
+        print_path({"unet": run_export_unet, "sam": run_export_sam}[args.target](args))
+
+
+@contextlib.contextmanager
+def _progress_lines(logger_name: str, shown: bool) -> Iterator[None]:
+    """A library's INFO log lines on stderr, bare, as a command's progress, for the block's length (a handler
+    left on would write to the stderr of before, in a caller that swaps it)."""
+    if not shown:
+        yield
+        return
+    logger, handler = logging.getLogger(logger_name), logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def run_build_engine(args: argparse.Namespace) -> None:
