@@ -30,7 +30,7 @@ from zone_engine import ZonePipeline
 from zone_engine.backends import check_backends, resolve_device
 from zone_engine.cli import MASK_OUTPUTS, SERVE_MODULES, main
 from zone_engine.config import Action, EditConfig, SamConfig, check_backend_options, device_kind
-from zone_engine.errors import ConfigError, DeviceError, InputImageError, InstructionError, ZoneError
+from zone_engine.errors import ConfigError, DeviceError, InputImageError, InstructionError, OutputError, ZoneError
 from zone_engine.instruction import check_instruction
 from zone_engine.pipeline import EditRequest
 
@@ -84,6 +84,66 @@ def _fails_cleanly(capsys, argv, *words):
     for word in words:
         assert word in said, said
     return err
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_a_run_from_a_deleted_folder_is_said(photo, tmp_path, capsys, monkeypatch, relative):
+    """A cron job or a shell left in a folder removed under it: os.getcwd() in the output checks was a traceback,
+    exit 1, even for absolute paths only."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    image, output = ("photo.png", "out.png") if relative else (str(photo), str(tmp_path / "out.png"))
+    _fails_cleanly(capsys, ["edit", image, "-i", "make it gold", "-o", output, "--tiny"],
+                   "the current folder was deleted", "cd to a folder that exists")
+
+
+def test_no_progress_checks_the_torch_cache_folder_before_diffusers_loads(tmp_path, monkeypatch):
+    """--no-progress imported diffusers (to hide its bars) before the models' check of TORCHINDUCTOR_CACHE_DIR: in a
+    fresh process the import made the folder and failed as "error: [Errno 2] No such file or directory: ...",
+    naming no variable. (Here diffusers is loaded already: the check must come before the build.)"""
+    from zone_engine.cli import _without_library_progress_bars
+
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "a_file" / "cache"))
+    with pytest.raises(ConfigError, match="TORCHINDUCTOR_CACHE_DIR=.*set it to a folder you can write"):
+        _without_library_progress_bars(lambda: pytest.fail("built before the check"))
+
+
+def test_a_closed_stderr_sends_nothing_to_stdout(tmp_path, capsys, monkeypatch):
+    """`2>&-`: Python's sys.stderr is None, and print(..., file=None) writes to stdout: the error line was on stdout,
+    where a script reads the written paths."""
+    monkeypatch.setattr(sys, "stderr", None)
+    assert main(["edit", str(tmp_path / "missing.png"), "-i", "make it gold", "-o", str(tmp_path / "out.png")]) == 2
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc")
+def test_a_closed_standard_descriptor_gets_dev_null_so_no_file_takes_it():
+    """`>&-`: the next file opened took descriptor 1 (--report's, seen), where a child process writes its output."""
+    from zone_engine.cli import _null_on_closed
+
+    reader, writer = os.pipe()
+    os.close(writer)
+    try:
+        _null_on_closed(writer)
+        assert os.readlink(f"/proc/self/fd/{writer}") == os.devnull
+    finally:
+        os.close(reader)
+        os.close(writer)
+
+
+def test_a_reader_gone_from_stderr_stops_no_run(tmp_path, monkeypatch):
+    """`2>&1 | head`: the next line on stderr raised BrokenPipeError, a run of edits stopped with exit 1 and no word
+    (a traceback to nowhere). Its lines go nowhere instead and the command ends as it would."""
+    (tmp_path / "photos").mkdir()
+    reader, writer = os.pipe()
+    os.close(reader)
+    with open(writer, "w", buffering=1, encoding="utf-8") as gone:  # line-buffered, as sys.stderr
+        monkeypatch.setattr(sys, "stderr", gone)
+        code = main(["edit", str(tmp_path / "photos"), "-i", "make it gold", "-o", str(tmp_path / "out")])
+    assert code == 2  # "warning: ... is a folder: left out", then "error: every input is a folder"
 
 
 def test_a_folder_option_left_blank_or_a_dangling_link_is_said(capsys, tmp_path):
@@ -651,6 +711,33 @@ def test_a_report_may_be_a_named_pipe(tmp_path):
     from zone_engine.edit_files import check_report_path
 
     check_report_path(Path(_fifo(tmp_path / "report.jsonl")), [])
+
+
+@pytest.mark.parametrize("several", [True, False])
+def test_a_report_line_that_cannot_be_written_is_said_and_taken_back(tmp_path, several):
+    """A full disk under --report: the buffered line's flush was a traceback, exit 1, and the file's close raised
+    again. Now an OutputError saying what was done and how to go on; the line's part written taken back."""
+    import errno
+
+    from zone_engine.edit_files import EditJob, _Run
+
+    class FillsUp(io.FileIO):
+        def write(self, data):  # one byte fits, then the disk is full
+            if self.tell() > len(b"earlier\n"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(bytes(data[:1]))
+
+    report = tmp_path / "report.jsonl"
+    report.write_bytes(b"earlier\n")
+    job = EditJob(Path("a.png"), Path("out/a.png"), None, "make it gold")
+    with FillsUp(report, "ab") as opened:
+        run = _Run(total=3, several=several, in_flight=1, written=1, report=opened)
+        with pytest.raises(OutputError, match="cannot write --report .*report.jsonl: No space left on dev") as said:
+            run.record(job, action="add")
+        run.record(job, action="add")  # the run stops: no more lines tried
+    assert ("2 of 3 edits not done; mend it, then run the same command with --skip-existing" in str(said.value)
+            if several else str(said.value).endswith("the edit was written to out/a.png"))
+    assert report.read_bytes() == b"earlier\n"
 
 
 def test_a_batch_line_reads_an_image_under_the_home_folder_as_a_shell_would(photo, tmp_path, monkeypatch, capsys):

@@ -1081,6 +1081,16 @@ def test_a_failed_write_keeps_the_old_file_whole_and_leaves_no_partial_one(tmp_p
     assert sorted(path.name for path in tmp_path.iterdir()) == ["edited.png"]
 
 
+@pytest.mark.parametrize("stem", ["a" * 251, "é" * 125])
+def test_an_output_named_up_to_255_bytes_is_written(tmp_path, stem):
+    """The checks pass a name of 255 bytes; its temporary file, 15 bytes longer, was "File name too long" after
+    the edit. Its stem is shortened (whole characters), the file written under the name asked."""
+    target = tmp_path / f"{stem}.png"
+    assert len(os.fsencode(target.name)) in (254, 255)
+    save_image(random_rgb(8, 8), target)
+    assert [path.name for path in tmp_path.iterdir()] == [target.name]
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 def test_an_output_folder_that_refuses_files_is_refused_before_any_work():
     """/proc: os.access says root may write there, creating a file fails; found by trying, not after an edit."""

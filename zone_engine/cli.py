@@ -76,6 +76,7 @@ from .paths import (
     folder_argument,
     print_path,
     refused_path_line,
+    to_dev_null,
     written_atomically,
 )
 from .serving.settings import PipelineSpec, ServeSettings
@@ -559,7 +560,11 @@ def _edit_all(args: argparse.Namespace, jobs: list[EditJob], spec: PipelineSpec,
 
 def _without_library_progress_bars(build: Callable[[], Any]) -> Any:
     """`build()` with diffusers' and transformers' own bars hidden (`Loading pipeline components...`, `Loading
-    weights`): --no-progress hid only ours, and a log read by a script still got theirs."""
+    weights`): --no-progress hid only ours, and a log read by a script still got theirs. TORCHINDUCTOR_CACHE_DIR
+    checked first, as `build()` would: importing diffusers makes its folder (a bare "[Errno 2]" where it cannot)."""
+    from .models import check_torch_cache_folder
+
+    check_torch_cache_folder()
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -735,15 +740,92 @@ def _quiet_libraries() -> None:
             sys.modules[library].utils.logging.set_verbosity_error()
 
 
+def _current_folder_exists() -> bool:
+    """False in a folder deleted under the shell: relative paths name nothing there, and the checks' os.getcwd()
+    was a traceback (FileNotFoundError, no file named), exit 1, even for a command of absolute paths."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 TOOLS = {"bench": "bench_main", "profile": "profile_main"}  # `zone NAME`: zone_benchmarks.options' function
 
 
+class _StderrOutlivingItsReader:
+    """sys.stderr whose reader may leave (`2>&1 | head`, a log pipe closed): the next progress line raised
+    BrokenPipeError, and the run stopped unsaid with exit 1, its edits undone. As stdout's paths (print_path): the
+    lines go to /dev/null from then on, and the work goes on."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        to_dev_null(self.stream.fileno())  # what the stream still holds is flushed there
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _null_on_closed(descriptor: int) -> None:
+    """/dev/null on `descriptor` if it was closed (`>&-`, `2>&-`, a daemon's), so that no file this process opens
+    takes it: a closed stdout's descriptor was --report's file, where a child process's output would go."""
+    try:
+        os.fstat(descriptor)
+    except OSError:
+        to_dev_null(descriptor)
+
+
+@contextlib.contextmanager
+def _stderr_kept() -> Iterator[None]:
+    """stderr for a command, outliving its reader (`_StderrOutlivingItsReader`); /dev/null where it was closed
+    (`2>&-`: Python's None made print(..., file=sys.stderr) write the errors and progress lines to stdout, among the
+    paths a script reads), and on a closed stdout's descriptor. The caller's streams back after."""
+    _null_on_closed(1)
+    previous = stream = sys.stderr
+    if stream is None:
+        _null_on_closed(2)
+        stream = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 -- this process's stderr from now on
+    try:
+        stream.fileno()  # a caller's io.StringIO has none, and no reader to lose
+        sys.stderr = _StderrOutlivingItsReader(stream)
+    except (OSError, ValueError):
+        sys.stderr = stream
+    try:
+        yield
+    finally:
+        sys.stderr = previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with _stderr_kept():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _file_names_on_stderr_as_their_bytes()
     if argv[:1] and argv[0] in TOOLS:  # the benchmark tools own their options
         return getattr(importlib.import_module("zone_benchmarks.options"), TOOLS[argv[0]])(argv[1:])
     args = build_parser().parse_args(argv)
+    if not _current_folder_exists():
+        print("error: the current folder was deleted (after this shell went into it): cd to a folder "
+              "that exists and run the command again", file=sys.stderr)
+        return 2
     _quiet_libraries()
     commands = {"edit": run_edit, "batch": run_batch, "demo": run_demo, "serve": run_serve, "export": run_export,
                 "build-engine": run_build_engine}

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, NoReturn
 
 from .config import MAX_BATCH, EditConfig, command_line_spelling, error_line
 from .errors import ConfigError, InputImageError, OutputError, ZoneError
@@ -304,7 +304,8 @@ def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes
     pipe, config = None, None
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)  # checked creatable (check_report_path), as -o's folders
-    with (open(report, "a" if append else "w", encoding="utf-8") if report else contextlib.nullcontext() as out,
+    # Unbuffered: a line that cannot be written (a full disk) is said at once, none left for the close to raise.
+    with (open(report, "ab" if append else "wb", buffering=0) if report else contextlib.nullcontext() as out,
           ThreadPoolExecutor(1, thread_name_prefix="zone-write") as run.writer):
         run.report = out
         try:
@@ -336,7 +337,7 @@ class _Run:
     failed: list[str] = field(default_factory=list)  # the edits not done, by name
     written: int = 0
     said: set[str] = field(default_factory=set)  # the output warnings said, less their paths: once each in a run
-    report: TextIO | None = None  # --report's file
+    report: BinaryIO | None = None  # --report's file, unbuffered
     writer: ThreadPoolExecutor | None = None  # writes the files, in order
     writing: deque[tuple[Future, LoadedJob, dict[str, Any]]] = field(default_factory=deque)  # and what to say of each
     stop_writing: threading.Event = field(default_factory=threading.Event)  # a write failed, or the run was cut short
@@ -425,8 +426,26 @@ class _Run:
         if self.report is not None:
             line = {"name": job.name(), "image": str(job.image), "output": str(job.output),
                     "instruction": job.instruction, **outcome}
-            self.report.write(json.dumps(line, ensure_ascii=False) + "\n")
-            self.report.flush()
+            data = memoryview((json.dumps(line, ensure_ascii=False) + "\n").encode())
+            end = self.report.seek(0, os.SEEK_END) if self.report.seekable() else None  # a named pipe: not
+            try:
+                while data:  # a raw write may take part of it
+                    data = data[self.report.write(data):]
+            except OSError as error:  # a traceback, exit 1, was said on a full disk
+                self._report_failed(job, end, error)
+
+    def _report_failed(self, job: EditJob, end: int | None, error: OSError) -> NoReturn:
+        """An OutputError for --report's line of `job` that could not be written, its part written taken back (to
+        `end`, in a file)."""
+        report, self.report = self.report, None  # no more lines: the run stops
+        with contextlib.suppress(OSError):
+            if end is not None:
+                report.truncate(end)
+        said = f"cannot write --report {report.name}: {error.strerror or error}"
+        if not self.several:
+            raise OutputError(f"{said}; the edit was written to {job.output}")
+        raise OutputError(f"{said} (the run stopped, {job.name()}'s line missing: {self.total - self.written} of "
+                          f"{self.total} edits not done; mend it, then run the same command with --skip-existing)")
 
     def _fail(self, job: EditJob, error: ZoneError, named: bool) -> None:
         if not self.several:

@@ -217,7 +217,8 @@ def check_output_file(path: Path, what: str, probed: set[Path] | None = None, *,
 
 def nearest_existing(folder: Path) -> Path:
     """`folder`, or the nearest of its parents that exists (the current folder when none does)."""
-    return next((candidate for candidate in (folder, *folder.parents) if candidate.exists()), Path.cwd())
+    found = next((candidate for candidate in (folder, *folder.parents) if candidate.exists()), None)
+    return Path.cwd() if found is None else found  # not asked for the current folder (gone?) unless needed
 
 
 def ignores_case(folder: Path) -> bool:
@@ -244,12 +245,30 @@ def written_atomically(path: Path) -> Iterator[Path]:
     write to, moved over `path` only once the writing succeeded: a failed or interrupted write (a
     full disk, a size limit) leaves the old file as it was, never a truncated one."""
     path = written_file(Path(path))
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    temporary = path.with_name(_temporary_name(path))
     try:
         yield temporary
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _temporary_name(path: Path) -> str:
+    """`.STEM.PID.partial.SUFFIX`, its stem shortened to fit NAME_MAX bytes: a name the checks passed (up to 255
+    bytes) failed its write after the edit, as "File name too long", the temporary name being 15 bytes longer."""
+    stem, tail = path.stem, f".{os.getpid()}.partial{path.suffix}"
+    while len(os.fsencode(f".{stem}{tail}")) > NAME_MAX:
+        stem = stem[:-1]
+    return f".{stem}{tail}"
+
+
+def to_dev_null(descriptor: int) -> None:
+    """/dev/null on `descriptor`: what is written there from now on goes nowhere (its reader gone, or it was
+    closed and a file opened later would take it)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    if null != descriptor:
+        os.dup2(null, descriptor)
+        os.close(null)
 
 
 def print_path(path: os.PathLike) -> None:
@@ -264,4 +283,4 @@ def print_path(path: os.PathLike) -> None:
         buffer.write(os.fsencode(path) + b"\n")
         buffer.flush()
     except BrokenPipeError:  # the reader went away (`| head -0`): the work is done, its path unread
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush raises nothing
+        to_dev_null(sys.stdout.fileno())  # so the exit's flush raises nothing
