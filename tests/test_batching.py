@@ -115,6 +115,18 @@ def test_batch_key_groups_what_can_share_a_denoising_loop():
     assert batch_key((1024, 768), config) == batch_key((512, 384), config)  # both shrink to the same canvas
 
 
+@pytest.mark.parametrize(
+    ("keywords", "said"),
+    [({"cfg": EditConfig()}, r"EditRequest has no field 'cfg': did you mean config\?"),
+     ({"steps": 10}, r"steps is a field of EditConfig, not of EditRequest: pass config=pipe.default_config.replace"),
+     ({"cancel": 1}, r"cancel must be a threading.Event or None, not an int")],
+    ids=["misspelt", "a config field", "cancel"],
+)
+def test_a_request_says_a_keyword_it_has_no_field_for(keywords, said):
+    """EditConfig and ZonePipeline say a misspelt keyword as a ConfigError; EditRequest raised a TypeError."""
+    with pytest.raises(ConfigError, match=said):
+        EditRequest(smooth_image(8, 8), "add a hat", **keywords)
+
 def test_a_bad_request_fails_alone_and_the_others_finish(fused_pipe):
     good = EditRequest(smooth_image(64, 64, seed=1), "add a hat")
     requests = [good, EditRequest(np.zeros((2, 2, 3), np.uint8), "add a hat"), EditRequest(good.image, "  "), good]

@@ -856,6 +856,15 @@ def test_a_torch_tensor_is_refused_with_how_to_convert_it():
         load_image(eval(conversion, {"tensor": tensor}))  # what it says works
 
 
+def test_bytes_are_refused_with_how_to_pass_a_path_or_a_files_contents(tmp_path):
+    """b"photo.png" (a path, as os functions take it) and a file's bytes were both told to "pass a file path"."""
+    save_image(random_rgb(8, 8), tmp_path / "x.png")
+    for source in (os.fsencode(tmp_path / "x.png"), (tmp_path / "x.png").read_bytes()):
+        said = load_refused(source)
+        assert "os.fsdecode(path)" in said and "PIL.Image.open(io.BytesIO(data))" in said
+    load_image(os.fsdecode(os.fsencode(tmp_path / "x.png")))
+    load_image(Image.open(io.BytesIO((tmp_path / "x.png").read_bytes())))  # what it says works
+
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # numpy's about np.matrix itself
 def test_numpy_matrix_is_read_as_a_plain_array():
     gray = RNG.integers(0, 256, size=(8, 8)).astype(np.uint8)
@@ -1127,16 +1136,27 @@ def test_save_refuses_what_is_not_an_image_and_writes_nothing(tmp_path, array, w
 @pytest.mark.parametrize(
     ("name", "words"),
     [("", "no output path given"), ("input.png/x.png", "input.png is a file, not a folder"),
-     ("x.xyz", ".xyz is no image format's suffix")],
-    ids=["empty", "under a file", "unknown suffix"],
+     ("x.xyz", ".xyz is no image format's suffix"), (b"x.png", "a str or pathlib.Path, not a bytes"),
+     (None, "not a NoneType"), (".", "names a folder; name the file to write in it, such as edited.png"),
+     ("new/", "new/: it names a folder")],
+    ids=["empty", "under a file", "unknown suffix", "bytes", "none", "a folder", "trailing slash"],
 )
 def test_save_to_an_unusable_path_says_why(tmp_path, monkeypatch, name, words):
+    """A bytes or None path was a TypeError from pathlib, "." an OSError's "empty name", and "new/" a file `new`."""
     monkeypatch.chdir(tmp_path)
     save_image(random_rgb(8, 8), "input.png")
-    with pytest.raises(OutputError, match="no output path|cannot write") as caught:
+    with pytest.raises(OutputError, match="no output path|cannot write|save_image writes") as caught:
         save_image(random_rgb(8, 8), name)
     assert words in str(caught.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input.png"]
+
+
+def test_save_expands_the_home_folder_as_reading_does(tmp_path, monkeypatch):
+    """edit() reads `~/x.png` from the home folder; save_image wrote it into a new folder named `~` here."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    save_image(random_rgb(8, 8), "~/out/x.png")
+    assert (tmp_path / "home" / "out" / "x.png").is_file() and not (tmp_path / "~").exists()
 
 
 def test_save_under_a_dangling_link_says_where_it_points(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 import warnings
 from dataclasses import replace
 
@@ -301,10 +302,24 @@ def test_an_edit_denoised_before_is_refused_until_restarted(tiny_pipe):
     with pytest.raises(ConfigError, match=r"denoised before .* pass edit.restart\(\)"):
         tiny_pipe.denoise([edit])
     (again,) = tiny_pipe.denoise([restarted := edit.restart()])
+    # The stopped edit with its restart's latents: "not denoised by this pipeline", which had denoised it.
+    with pytest.raises(ConfigError, match=r"did not end \(it stopped part way.* finish the edit you denoised"):
+        tiny_pipe.finish(edit, again)
     clean = tiny_pipe.prepare(smooth_image(64, 64, seed=3), INSTRUCTION, config)
     (expected,) = tiny_pipe.denoise([clean])
     assert torch.equal(again, expected) and torch.equal(restarted.attention.total, clean.attention.total)
 
+
+def test_a_stop_that_needs_arguments_or_answers_no_bool_is_refused(tiny_pipe):
+    """One that needs arguments was a TypeError after the first step's work; `lambda: event` for `event.is_set`, an
+    unset Event, truthy, stopped every edit at its first step as if cancelled."""
+    edit = tiny_pipe.prepare(smooth_image(64, 64), INSTRUCTION, tiny_pipe.default_config.replace(steps=1))
+    with pytest.raises(ConfigError, match=r"stop is called with no arguments, and .*lambda.* needs some"):
+        tiny_pipe.denoise([edit], stop=lambda request: False)
+    assert edit.attention.total is None  # refused before any step
+    with pytest.raises(ConfigError, match=r"stop must return True or False, got an Event: .*not lambda: event"):
+        tiny_pipe.denoise([edit], stop=lambda: threading.Event())
+    tiny_pipe.denoise([edit.restart()], stop=lambda: None)  # None: go on
 
 def test_a_second_pipeline_may_not_change_the_models_another_one_holds():
     """A pipeline moves, casts and lays out its models in place: a second one over the same models with other
@@ -321,6 +336,19 @@ def test_a_second_pipeline_may_not_change_the_models_another_one_holds():
     del first
     ZonePipeline(models, device="cpu", channels_last=True)
 
+
+
+def test_an_edit_prepared_over_other_models_is_refused(tiny_pipe):
+    """Another pipeline's UNets denoised an edit's text embedding and image latents silently (a wrong edit; on
+    another device a torch error); a pipeline over the same models may take it."""
+    config = tiny_pipe.default_config.replace(steps=1)
+    edit = tiny_pipe.prepare(smooth_image(64, 64), INSTRUCTION, config)
+    with pytest.raises(ConfigError, match=r"prepared by a pipeline over other models: .* prepare it with this"):
+        ZonePipeline(copy.deepcopy(tiny_pipe.models), default_config=config).denoise([edit])
+    assert edit.attention.total is None  # untouched: refused before any step
+    same_models = ZonePipeline(tiny_pipe.models, denoiser=tiny_pipe.denoiser, default_config=config)
+    (latents,) = same_models.denoise([edit.restart()])
+    assert latents.shape == edit.inputs.noise.shape
 
 @TRITON_ON_THE_CPU
 def test_triton_localization_kernels_give_the_same_edit(tiny_models, monkeypatch):

@@ -227,6 +227,26 @@ def test_sessions_are_created_once(exported, monkeypatch):
     assert sorted(Path(path).name for path in created) == [ENCODER_FILE, DECODER_FILE]
 
 
+
+def test_a_pipeline_loads_the_sessions_once_for_configs_that_differ_in_thresholds(exported, tiny_models, monkeypatch):
+    """Each SamConfig an edit passed made (and kept) two new sessions, each a copy of SAM's image encoder: a service
+    passing per-request thresholds grew without bound. Another points_per_batch (TensorRT's profiles) makes its own."""
+    from zone_engine import ZonePipeline
+
+    created, real = [], ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession",
+                        lambda *args, **kwargs: created.append(args[0]) or real(*args, **kwargs))
+    pipe = ZonePipeline(tiny_models, device="cpu", segmenter="onnx", sam_onnx=exported)
+    first, second = CONFIGS["random-weights"], CONFIGS["loose-nms"]
+    pipe.segmenter(first)
+    reused = pipe.segmenter(second)
+    assert len(created) == 2
+    image = IMAGES["noise-96x64"]()
+    segments, expected = reused.segment(image), OnnxSamSegmenter(exported, second).segment(image)
+    assert len(segments) == len(expected) > 0 and all(map(np.array_equal, segments, expected))
+    pipe.segmenter(dataclasses.replace(first, points_per_batch=16))
+    assert len(created) == 6
+
 def test_the_onnx_predictor_refuses_single_mask_output(exported):
     """The decoder graph gives the three multimask outputs only: a single-mask request is refused, not answered
     with the first of the three."""

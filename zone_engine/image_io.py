@@ -80,8 +80,15 @@ def read_image(source: ImageSource, name: str | None = None) -> tuple[np.ndarray
         rgb, notes = _load_file(expanded(source, InputImageError))
     else:
         raise InputImageError(f"cannot use {a_type(source)} as an image; pass a file path, a PIL image "
-                              f"or a numpy array{_tensor_hint(source) if _is_tensor(source) else ''}")
+                              f"or a numpy array{_tensor_hint(source) if _is_tensor(source) else _bytes_hint(source)}")
     return rgb, tuple(notes)
+
+
+def _bytes_hint(source: object) -> str:
+    """Bytes are a path or a file's contents, neither read as such: which to pass instead."""
+    if not isinstance(source, bytes | bytearray):
+        return ""
+    return " (a path in bytes as str: os.fsdecode(path); a file's contents: PIL.Image.open(io.BytesIO(data)))"
 
 
 def _tensor_hint(tensor: Any) -> str:
@@ -585,9 +592,14 @@ def save_image(array: np.ndarray, path: str | os.PathLike, icc_profile: bytes | 
     as the input's did.
     """
     pixels = _savable_pixels(array)
+    if not isinstance(path, str | os.PathLike) or not isinstance(os.fspath(path), str):  # pathlib: a TypeError
+        raise OutputError(f"save_image writes to a path given as a str or pathlib.Path, not {a_type(path)}")
     if not os.fspath(path):
         raise OutputError("no output path given: pass the file name to write, such as edited.png")
-    path = Path(path)
+    given, path = path, expanded(path, OutputError)  # `~/x.png` as edit() reads it, not a folder named ~ here
+    if os.fspath(given).endswith(("/", os.sep)) or path.is_dir():  # a file named as the folder, or rename's error
+        raise OutputError(f"cannot write {given}: it names a folder; name the file to write in it, such as "
+                          f"{path / 'edited.png'}")
     if problem := folder_problem(path.parent):  # a file where a folder goes, a dangling link, no permission
         raise OutputError(f"cannot write {path}: {problem}")
     try:

@@ -151,14 +151,31 @@ class EditRequest:
 
     def __post_init__(self) -> None:
         if self.cancel is not None and not isinstance(self.cancel, threading.Event):
-            raise ConfigError(f"EditRequest's cancel must be a threading.Event or None, not a "
-                              f"{type(self.cancel).__name__}")
+            raise ConfigError(f"EditRequest's cancel must be a threading.Event or None, not {a_type(self.cancel)}")
 
     def cancelled(self) -> bool:
         """Whether `cancel` is set (False without one)."""
         return self.cancel is not None and self.cancel.is_set()
 
     __repr__ = _brief_repr
+
+
+def _request_keywords_refused(init: Callable[..., None]) -> Callable[..., None]:
+    """EditRequest's unknown keyword as a ConfigError, as EditConfig's is (it was a TypeError), saying where an
+    EditConfig field goes: EditRequest(image, text, steps=10)."""
+    refusing = unknown_keywords_refused(init, "EditRequest", [item.name for item in fields(EditRequest)], "field")
+
+    @functools.wraps(init)
+    def checked(self: EditRequest, *args: object, **kwargs: object) -> None:
+        if setting := next((name for name in kwargs if name in EditConfig.__dataclass_fields__), None):
+            raise ConfigError(f"{setting} is a field of EditConfig, not of EditRequest: pass "
+                              f"config=pipe.default_config.replace({setting}=...) (or EditConfig({setting}=...))")
+        refusing(self, *args, **kwargs)
+
+    return checked
+
+
+EditRequest.__init__ = _request_keywords_refused(EditRequest.__init__)
 
 
 @dataclass(frozen=True, eq=False)  # equal and hashed by identity: == on arrays has no single truth value
@@ -178,6 +195,9 @@ class PreparedEdit:
     watch: Stopwatch = field(repr=False)
     started: float = field(repr=False)
     notes: tuple[str, ...]  # EditResult.notes
+    # The models that made its inputs (a weak reference: an edit kept by a caller does not keep them alive): another
+    # pipeline's UNets would denoise them silently into a wrong edit (or fail deep in torch on another device).
+    models: Callable[[], ZoneModels | None] = field(default=lambda: None, repr=False)
 
     __repr__ = _brief_repr
 
@@ -277,6 +297,10 @@ def _check_denoised(edit: object, latents: object, denoised: Mapping[PreparedEdi
         raise ConfigError(f"finish takes the latents denoise() returned for this edit, a tensor of shape {expected}; "
                           f"got {given}")
     returned = denoised.get(edit)
+    if returned is None and edit.attention.total is not None:  # stopped: its restart() has the latents
+        raise ConfigError("this edit's denoising by this pipeline did not end (it stopped part way, or another "
+                          "pipeline denoised it): finish the edit you denoised (after a stop, its restart()) with the "
+                          "latents denoise returned for it")
     if returned is None:
         raise ConfigError("this edit was not denoised by this pipeline: finish it with the latents denoise([edit]) "
                           "returns for it")
@@ -284,6 +308,35 @@ def _check_denoised(edit: object, latents: object, denoised: Mapping[PreparedEdi
         # Another edit's latents gave a plausible image: this edit's masks over another's styled image.
         raise ConfigError("these are not the latents denoise() returned for this edit (another edit's?): pass each "
                           "edit with the latents at its place in denoise's list")
+
+
+_STOP_EXAMPLE = "e.g. stop=event.is_set"
+
+
+def _check_stop(stop: object) -> None:
+    """ConfigError unless `stop` is None or callable with no arguments: else a TypeError after the first step's
+    work, the edit's attention record no longer empty."""
+    if stop is None:
+        return
+    if not callable(stop):
+        raise ConfigError(f"stop must be a function of no arguments that says whether to stop (or None), got "
+                          f"{type(stop).__name__}: {_STOP_EXAMPLE}")
+    try:
+        inspect.signature(stop).bind()
+    except TypeError:
+        name = getattr(stop, "__qualname__", type(stop).__name__)
+        raise ConfigError(f"stop is called with no arguments, and {name} needs some: {_STOP_EXAMPLE}, or "
+                          "functools.partial(check, request)") from None
+    except ValueError:  # a builtin without a signature: called as it is
+        pass
+
+
+def _stop_says(answer: object) -> bool:
+    """stop()'s answer, True or False (None: go on); anything else (`lambda: event` for `event.is_set`) is a
+    ConfigError, not taken as a request to stop every edit at its first step."""
+    if answer is not None and not isinstance(answer, bool | np.bool_):
+        raise ConfigError(f"stop must return True or False, got {a_type(answer)}: {_STOP_EXAMPLE}, not lambda: event")
+    return bool(answer)
 
 
 def _checked_edit_config(config: object, what: str) -> EditConfig:
@@ -503,9 +556,14 @@ class ZonePipeline:
 
     @_locked_on_device
     def segmenter(self, config: SamConfig) -> Segmenter:
-        """The refinement segmenter for `config`'s SAM settings, made on first use and kept."""
+        """The refinement segmenter for `config`'s SAM settings, made on first use and kept; configs of one
+        `points_per_batch` share its networks (SAM, or ONNX Runtime's sessions)."""
         if config not in self._segmenters:
-            self._segmenters[config] = make_segmenter(
+            # One made for other thresholds lends its networks: ONNX Runtime's sessions were loaded anew for every
+            # config an edit passed, and kept (a service's per-request thresholds grew memory without bound).
+            twin = next((made for known, made in self._segmenters.items()
+                         if known.points_per_batch == config.points_per_batch and hasattr(made, "with_config")), None)
+            self._segmenters[config] = twin.with_config(config) if twin is not None else make_segmenter(
                 self.models, config, self.segmenter_kind, self.device, self.sam_onnx, self.sam_dtype
             )
         return self._segmenters[config]
@@ -624,7 +682,7 @@ class ZonePipeline:
             notes += (TRUNCATED,)
         return PreparedEdit(
             original, working, geometry, config, encoded, action, inputs, AttentionAccumulator(self.accumulate),
-            watch, started, notes,
+            watch, started, notes, models=weakref.ref(models),
         )
 
     @_locked_on_device
@@ -635,12 +693,13 @@ class ZonePipeline:
         each edit's accumulator. One batched loop if the denoiser can batch, else one loop an edit.
         `stop` is polled after every step; when it says so, the loop ends with `EditCancelled`."""
         check_switch("progress", progress)
-        if stop is not None and not callable(stop):  # else a TypeError after the first step's work
-            raise ConfigError(f"stop must be a function of no arguments that says whether to stop (or None), got "
-                              f"{type(stop).__name__}: e.g. stop=event.is_set")
+        _check_stop(stop)
         if not isinstance(edits, Sequence) or not edits or not all(isinstance(e, PreparedEdit) for e in edits):
             raise ConfigError(f"denoise takes a non-empty list of the PreparedEdits prepare() returns, got "
                               f"{_type_names(edits)}")
+        if any(edit.models() is not self.models for edit in edits):  # another pipeline's encoders made its inputs
+            raise ConfigError("an edit given to denoise was prepared by a pipeline over other models: its text "
+                              "embedding and image latents are theirs; prepare it with this pipeline")
         if any(edit.attention.total is not None for edit in edits):  # its record would mix two runs' attention
             raise ConfigError("an edit given to denoise was denoised before (or stopped part way): its attention "
                               "record is not empty; pass edit.restart() to denoise it again")
@@ -655,7 +714,7 @@ class ZonePipeline:
         ) as bar:
             def on_step(_: int) -> None:
                 bar.update(1)
-                if stop is not None and stop():
+                if stop is not None and _stop_says(stop()):
                     raise EditCancelled("the edit was cancelled while denoising")
 
             for run in runs:

@@ -30,6 +30,7 @@ segment-anything's defaults and ZONE's. Other settings go through the generator 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 
@@ -215,6 +216,15 @@ class TorchSamSegmenter(ListSegmenter):
     def __init__(self, sam: torch.nn.Module, config: SamConfig, encoder_dtype: torch.dtype = torch.float32) -> None:
         self.generator = SamAutomaticMaskGenerator(sam, **dataclasses.asdict(config))
         self.generator.predictor = TorchSamPredictor(sam, encoder_dtype)
+
+    def with_config(self, config: SamConfig) -> TorchSamSegmenter:
+        """This segmenter's networks (its predictor: SAM, or ONNX Runtime's sessions) under `config`'s generator
+        settings, for a config that differs in thresholds and grids only (the same `points_per_batch`, which
+        TensorRT's profiles are built for): a new config made new sessions, each a copy of SAM's image encoder."""
+        twin = copy.copy(self)
+        twin.generator = SamAutomaticMaskGenerator(self.generator.predictor.model, **dataclasses.asdict(config))
+        twin.generator.predictor = self.generator.predictor
+        return twin
 
     def segment(self, image: np.ndarray) -> list[np.ndarray]:
         """uint8 RGB (H, W, 3) -> list of bool (H, W) segment masks, in the generator's order."""
