@@ -249,14 +249,18 @@ def test_edit_returns_a_png_of_the_input_size_and_json_has_every_field(pipe):
 
 def test_what_an_edit_did_not_take_as_given_goes_back_with_its_request(pipe):
     """Transparency dropped (found while decoding the upload) and a coarse region (found by the pipeline): in
-    the JSON body and the PNG's header, not only as unattributed warnings in the server's log."""
-    rgba = np.dstack([smooth_image(16, 200), np.full((16, 200), 128, np.uint8)])
+    the JSON body and the PNG's header, not only as unattributed warnings in the server's log. A note quoting the
+    file's own bytes (its profile's colour space) too: a CR there had broken the finished edit's answer."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.dstack([smooth_image(16, 200), np.full((16, 200), 128, np.uint8)])).save(
+        buffer, format="PNG", icc_profile=P3_PROFILE[:16] + b"a\r\nb" + P3_PROFILE[20:])
     with serving(pipe) as (base, _):
-        body = post_edit(base, rgba, steps=1, **{"return": "json"}).json()
-        assert len(body["warnings"]) == 2
-        assert body["warnings"][0].startswith("the uploaded image has transparency")
-        assert "32-pixel cell" in body["warnings"][1]
-        header = post_edit(base, rgba, steps=1).headers["X-Zone-Warnings"]
+        body = post_edit(base, buffer.getvalue(), steps=1, **{"return": "json"}).json()
+        assert len(body["warnings"]) == 3
+        assert body["warnings"][0].startswith("the uploaded image has a unknown colour profile")
+        assert body["warnings"][1].startswith("the uploaded image has transparency")
+        assert "32-pixel cell" in body["warnings"][2]
+        header = post_edit(base, buffer.getvalue(), steps=1).headers["X-Zone-Warnings"]
         assert header == " | ".join(body["warnings"])
 
 
@@ -939,6 +943,35 @@ def test_a_client_that_goes_away_cancels_its_edit(pipe):
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert isinstance(gated.outcomes[0], EditCancelled)
+        assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="cancelled"}') == 1
+
+
+def test_a_client_that_goes_away_while_its_upload_waits_for_a_decode_frees_its_slot_undecoded(pipe, monkeypatch):
+    """An upload waiting for an image thread, abandoned, had held its queue slot until its turn, then been
+    decoded (CPU, memory) for nobody, ahead of the clients still waiting."""
+    import zone_engine.serving.app as app_module
+
+    held, image = HeldDecode(), smooth_image(64, 64, seed=5)
+    upload = httpx.Request("POST", "http://x/v1/edit", data={"instruction": "add a hat"},
+                           files={"image": ("in.png", png(image), "image/png")})
+    body = upload.read()
+    monkeypatch.setattr(app_module, "decode_upload", held)
+    with serving(pipe, image_threads=1) as (base, service), ThreadPoolExecutor(1) as pool:
+        decoding = pool.submit(post_edit, base, image)
+        assert held.started.wait(30)
+        with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=30) as client:
+            client.sendall(b"POST /v1/edit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                           + upload.headers["content-type"].encode()
+                           + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            deadline = time.monotonic() + 30
+            while service.decoding < 2:  # its upload arrived and waits for the image thread
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        while service.decoding > 1:
+            assert time.monotonic() < deadline, "the slot of an upload abandoned before its decode was held"
+            time.sleep(0.01)
+        held.release.set()
+        assert decoding.result().status_code == 200 and held.calls == 1
         assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="cancelled"}') == 1
 
 

@@ -306,7 +306,10 @@ def _colour_notes(img: Image.Image, name: str, *, profile_applied: bool) -> list
     if profile and profile[16:20] == b"RGB " and carried is None:
         notes.append(f"{name} has a damaged colour profile; it is left out of the output")
     elif profile and profile[16:20] != b"RGB " and not profile_applied:
-        space = profile[16:20].decode("latin-1").strip() or "unknown"
+        # The file's own bytes: printable ASCII (an ICC colour space is "CMYK", "GRAY", "Lab ") or not said, as a
+        # note goes into a log line and the server's X-Zone-Warnings header, where a CR or NUL breaks the answer.
+        space = profile[16:20].decode("latin-1").strip()
+        space = space if space.isascii() and space.isprintable() and space else "unknown"
         notes.append(f"{name} has a {space} colour profile, which is not applied: its colours may differ from what a "
                      "colour-managed viewer shows; convert the image to sRGB first")
     gamma = img.info.get("gamma")

@@ -25,7 +25,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import uvicorn
@@ -567,7 +567,9 @@ def _add_edit_route(app: FastAPI) -> None:
             check_form_fields((await request.form()).multi_items(), list(request.query_params))
             text, changes = check_request_fields(instruction, action, steps, seed, service.settings)
             deadline = asyncio.get_running_loop().time() + service.settings.timeout_s
-            upload = await service.decode(await image.read(), deadline)
+            # Watched too: an upload waiting for an image thread, abandoned, had held its queue slot, then been decoded
+            upload = await unless_disconnected(request, asyncio.ensure_future(service.decode(await image.read(),
+                                                                                             deadline)))
             editing = True
             result = await unless_disconnected(request, asyncio.ensure_future(service.edit(upload.pixels, text,
                                                                                           changes, deadline)))
@@ -611,14 +613,18 @@ async def answer(result: EditResult, icc_profile: bytes | None, request_id: str,
 DISCONNECT_POLL_S = 0.25
 
 
+T = TypeVar("T")
+
+
 class ClientGone(Exception):
     """The client closed its connection before its edit finished."""
 
 
-async def unless_disconnected(request: Request, edit: asyncio.Future) -> EditResult:
+async def unless_disconnected(request: Request, edit: asyncio.Future[T]) -> T:
     """`edit`'s result; cancelled, its work with it (EditService.edit), once the client disconnects:
     nobody would read the answer, and an abandoned edit would hold its queue slot and the GPU until
-    its timeout (a client or load balancer that gives up first and retries would pile edits up)."""
+    its timeout (a client or load balancer that gives up first and retries would pile edits up). The same
+    for an upload's decoding (EditService.decode): one waiting for an image thread is never decoded."""
     try:
         while True:
             done, _ = await asyncio.wait({edit}, timeout=DISCONNECT_POLL_S)
