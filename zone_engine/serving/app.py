@@ -846,7 +846,7 @@ class HostCheck:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "http" and self.names is not None and scope["path"] != LIVENESS_PATH:
             request = Request(scope)
-            if (refusal := self.refusal(request.headers.get("host", ""))) is not None:
+            if (refusal := self.refusal(as_sent(request.headers.get("host", "")))) is not None:
                 if is_edit(scope) and (service := getattr(scope["app"].state, "service", None)):
                     service.metrics.count(outcome_of(refusal))
                 return await error_response(refusal, request_id_of(request))(scope, receive, send)
@@ -865,6 +865,15 @@ class HostCheck:
                               "which is no DNS name: address it by an allowed name, an IP address or localhost")
         return ServeError(421, "host_not_allowed", f"this server answers no requests addressed to {name!r}; to let "
                           f"it, start it with --allow-host {name}")
+
+
+def as_sent(header: str) -> str:
+    """A header's text as its client wrote it: Starlette reads the bytes as Latin-1, and a name sent in UTF-8
+    ("café.example") was said back as "cafã©.example"; bytes that are not UTF-8 stay as Latin-1 read them."""
+    try:
+        return header.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return header
 
 
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:/@\[\]]+)(:[0-9]*)?")  # name or [IPv6 address], then a port
