@@ -367,6 +367,13 @@ def test_a_broken_export_is_said_when_the_pipeline_is_built_not_after_denoising(
     (folder_copy / DECODER_FILE).unlink()
     with pytest.raises(CheckpointError, match=f"{DECODER_FILE} is missing"):
         ZonePipeline(tiny_models, device="cpu", segmenter="onnx", sam_onnx=folder_copy)
+    # Checksums matching, but a graph ONNX Runtime cannot load: said when the sessions open, now at the build too.
+    (folder_copy / DECODER_FILE).write_text("not a graph")
+    manifest = read_manifest(folder_copy)
+    manifest["files"][DECODER_FILE] = file_sha256(folder_copy / DECODER_FILE)
+    write_manifest(folder_copy, manifest)
+    with pytest.raises(CheckpointError, match=f"ONNX Runtime cannot load {DECODER_FILE}"):
+        ZonePipeline(tiny_models, device="cpu", segmenter="onnx", sam_onnx=folder_copy)
 
 
 @pytest.mark.parametrize("manifest", ['{"format": 1, "graphs": {"dual_step": {}}}', "{not json", '{"a": 1}'])

@@ -499,6 +499,8 @@ class ZonePipeline:
         self._denoised: weakref.WeakKeyDictionary[PreparedEdit, torch.Tensor] = weakref.WeakKeyDictionary()
         self._empty_prompt: torch.Tensor | None = None
         self._lock = threading.RLock()  # re-entered: prepare and finish call the public empty_prompt and segmenter
+        if segmenter == "onnx":  # its sessions opened now: a graph ONNX Runtime cannot load, or an encoder and
+            self.segmenter(self.default_config.sam)  # decoder of two SAMs, was said after an edit's denoising
 
     @classmethod
     def from_pretrained(
