@@ -2154,6 +2154,11 @@ def test_a_path_the_system_refuses_past_the_checks_is_one_error_line_and_exit_2(
     monkeypatch.setattr(cli, "run_demo", refused(OSError(13, "Permission denied", "d/x")))
     assert main(["demo", "--out", "d"]) == 2
     assert capsys.readouterr().err == "error: [Errno 13] Permission denied: 'd/x'\n"
+    # The open files limit (`ulimit -n`), reached at a library's file or at a pipe (no file named): how to raise it.
+    for error in (OSError(24, "Too many open files", "site-packages/x.py"), OSError(24, "Too many open files")):
+        monkeypatch.setattr(cli, "run_demo", refused(error))
+        assert main(["demo", "--out", "d"]) == 2
+        assert "error: too many open files: this process may have" in capsys.readouterr().err
 
 
 def test_the_libraries_log_level_set_by_the_user_is_kept(monkeypatch, capsys, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import errno
 import importlib
 import ipaddress
 import json
@@ -836,7 +837,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(error_line(error), file=sys.stderr)
         return 2
     except OSError as error:
-        if error.filename is None:  # not a path the system refused: a bug, its traceback kept
+        if error.filename is None and error.errno != errno.EMFILE:  # no path the system refused: a bug, its traceback
             raise
         print(f"error: {refused_path_line(error)}", file=sys.stderr)  # a path refused past the checks
         return 2

@@ -162,11 +162,18 @@ def name_problem(path: Path) -> str | None:
 
 def refused_path_line(error: OSError) -> str:
     """The line for a path the system refused past the checks: a name over NAME_MAX bytes (a checkpoint's, an
-    export folder's) said as the checks say it, with what to do, not as "[Errno 36] File name too long"."""
+    export folder's) said as the checks say it, with what to do, not as "[Errno 36] File name too long"; the open
+    files limit reached, with how to raise it."""
     if error.errno == errno.ENAMETOOLONG and error.filename is not None:
         path = Path(os.fsdecode(error.filename))
         if too_long := _name_too_long(path):
             return f"{path}: {too_long}; shorten it"
+    if error.errno == errno.EMFILE:  # `ulimit -n` set low: "[Errno 24]" and a library's file, nothing to do said
+        import resource
+
+        allowed = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return (f"too many open files: this process may have {allowed} open at once (ulimit -n); raise the limit, "
+                "such as ulimit -n 1024, and run the command again")
     return str(error)
 
 
