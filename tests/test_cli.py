@@ -134,6 +134,20 @@ def test_a_closed_standard_descriptor_gets_dev_null_so_no_file_takes_it():
         os.close(writer)
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc")
+def test_a_command_started_with_stdout_closed_puts_dev_null_there(tmp_path):
+    """`>&-`: main() fills the closed descriptor itself, before any file it opens (--report's) could take it."""
+    kept = os.dup(1)
+    os.close(1)
+    try:
+        code = main(["edit", str(tmp_path / "missing.png"), "-i", "make it gold", "-o", str(tmp_path / "out.png")])
+        assert os.readlink("/proc/self/fd/1") == os.devnull
+    finally:
+        os.dup2(kept, 1)
+        os.close(kept)
+    assert code == 2
+
+
 def test_a_reader_gone_from_stderr_stops_no_run(tmp_path, monkeypatch):
     """`2>&1 | head`: the next line on stderr raised BrokenPipeError, a run of edits stopped with exit 1 and no word
     (a traceback to nowhere). Its lines go nowhere instead and the command ends as it would."""
@@ -143,7 +157,21 @@ def test_a_reader_gone_from_stderr_stops_no_run(tmp_path, monkeypatch):
     with open(writer, "w", buffering=1, encoding="utf-8") as gone:  # line-buffered, as sys.stderr
         monkeypatch.setattr(sys, "stderr", gone)
         code = main(["edit", str(tmp_path / "photos"), "-i", "make it gold", "-o", str(tmp_path / "out")])
+        assert sys.stderr is gone  # the caller's own stream back after the command
     assert code == 2  # "warning: ... is a folder: left out", then "error: every input is a folder"
+
+
+def test_a_line_part_flushed_to_a_gone_reader_raises_nothing():
+    """Text with no line end is sent by the flush, not the write (line buffering): the flush met the closed pipe.
+    Closing the stream afterwards sends nothing more into it either."""
+    from zone_engine.cli import _StderrOutlivingItsReader
+
+    reader, writer = os.pipe()
+    os.close(reader)
+    with open(writer, "w", buffering=1, encoding="utf-8") as gone:
+        stderr = _StderrOutlivingItsReader(gone)
+        stderr.write("loading the models... ")
+        stderr.flush()
 
 
 def test_a_folder_option_left_blank_or_a_dangling_link_is_said(capsys, tmp_path):
@@ -695,12 +723,15 @@ def test_a_batch_report_is_not_written_over_its_list_of_edits(photo, tmp_path, c
     assert (tmp_path / "edits.jsonl").read_text() == listed and not (tmp_path / "out").exists()
 
 
-def test_a_batch_edit_is_not_written_over_its_list_of_edits(photo, tmp_path, capsys, monkeypatch):
-    """A list named like an image (a line's "output" may name any file): the list was overwritten by the edit."""
+@pytest.mark.parametrize("absolute", [False, True])
+def test_a_batch_edit_is_not_written_over_its_list_of_edits(photo, tmp_path, capsys, monkeypatch, absolute):
+    """A list named like an image (a line's "output" may name any file): the list was overwritten by the edit. The
+    same file however spelt: the list given as edits.png, the output in -o's full path."""
     monkeypatch.chdir(tmp_path)
     listed = '{"image": "photo.png", "instruction": "add a hat", "output": "edits.png"}\n'
     (tmp_path / "edits.png").write_text(listed)
-    _fails_cleanly(capsys, ["batch", "edits.png", "-o", ".", "--tiny"], "is the list of edits edits.png: it would be "
+    out = str(tmp_path) if absolute else "."
+    _fails_cleanly(capsys, ["batch", "edits.png", "-o", out, "--tiny"], "is the list of edits edits.png: it would be "
                    'overwritten; give that edit another "output"')
     assert (tmp_path / "edits.png").read_text() == listed
 

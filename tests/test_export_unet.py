@@ -37,6 +37,7 @@ ort = pytest.importorskip("onnxruntime")
 from conftest import smooth_image  # noqa: E402
 
 from zone_engine import __version__  # noqa: E402
+from zone_engine.cli import Terminated, terminated_as_interrupt  # noqa: E402
 from zone_engine.config import EditConfig  # noqa: E402
 from zone_engine.denoise import DenoiseInputs, guided_noise, initial_noise  # noqa: E402
 from zone_engine.dual_step import DualUNet, FusedDualDenoiser  # noqa: E402
@@ -406,9 +407,11 @@ def test_an_export_cut_off_after_its_first_graph_installs_none(models, tmp_path,
     assert traced == ["dual_step"] and not (tmp_path / "new").exists()  # removed: this export created it
 
 
-def test_ctrl_c_while_a_re_export_installs_waits_for_the_moves(models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_while_a_re_export_installs_waits_for_the_moves(models, tmp_path, monkeypatch, number):
     """A signal between two moves left a new dual_step beside the old VAE graphs and manifest: the folder's
-    working export lost, refused as corrupt. It is held off until every file is in, then delivered."""
+    working export lost, refused as corrupt. It is held off until every file is in, then delivered. SIGTERM (what
+    `timeout` and orchestrators send) too, raised by the handler the CLI installs for it."""
     graphs = ["dual_step", "vae_encoder", "vae_decoder"]
     for name in graphs:
         (tmp_path / f"{name}.onnx").write_bytes(b"old")
@@ -424,13 +427,14 @@ def test_ctrl_c_while_a_re_export_installs_waits_for_the_moves(models, tmp_path,
     def ctrl_c_at_the_second_move(source, target):
         moves.append(Path(target).name)
         if len(moves) == 2:
-            signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, as the terminal sends it
+            signal.raise_signal(number)  # a real one, as the terminal (Ctrl-C) or `kill` sends it
         return real_replace(source, target)
 
     monkeypatch.setattr(export_module, "_export_spec", traced)
     monkeypatch.setattr(export_module.os, "replace", ctrl_c_at_the_second_move)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped, terminated_as_interrupt():
         export_unet_graphs(models, tmp_path, height=32, width=32)
+    assert isinstance(stopped.value, Terminated) == (number == signal.SIGTERM)
     assert moves == [f"{name}.onnx" for name in graphs] + ["manifest.json"]
     assert all((tmp_path / f"{name}.onnx").read_bytes() == b"new" for name in graphs)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -576,6 +580,14 @@ def test_build_engine_without_tensorrt_says_what_to_install(no_tensorrt, exporte
     assert f"--out {sam_folder}" not in str(said.value) and "--out NEW_FOLDER" in str(said.value)
     (sam_folder / "manifest.json").write_text("{not json")
     with pytest.raises(ZoneError, match="cannot read .*will not replace.*--out NEW_FOLDER"):
+        run_build_engine(parser.parse_args([str(sam_folder)]))
+    # A manifest no export wrote is not replaced either; an older `zone export unet` one is, by the command said.
+    (sam_folder / "manifest.json").write_text('{"a": 1}')
+    with pytest.raises(ZoneError, match="not a format-1 `zone export unet` manifest, which .*will not replace"):
+        run_build_engine(parser.parse_args([str(sam_folder)]))
+    (sam_folder / "manifest.json").write_text('{"format": 0, "graphs": {"dual_step": {}}}')
+    with pytest.raises(ZoneError, match=f"not a format-1 `zone export unet` manifest; write one with `zone export "
+                                        f"unet --out {sam_folder}`"):
         run_build_engine(parser.parse_args([str(sam_folder)]))
 
 

@@ -1135,13 +1135,21 @@ def test_save_refuses_what_is_not_an_image_and_writes_nothing(tmp_path, array, w
     assert words in str(caught.value) and not list(tmp_path.iterdir())
 
 
+class _BytesPath:
+    """A path-like whose os.fspath is bytes, as the entries of os.scandir(b".") are."""
+
+    def __fspath__(self) -> bytes:
+        return b"x.png"
+
+
 @pytest.mark.parametrize(
     ("name", "words"),
     [("", "no output path given"), ("input.png/x.png", "input.png is a file, not a folder"),
      ("x.xyz", ".xyz is no image format's suffix"), (b"x.png", "a str or pathlib.Path, not a bytes"),
+     (_BytesPath(), "a str or pathlib.Path, not a _BytesPath"),
      (None, "not a NoneType"), (".", "names a folder; name the file to write in it, such as edited.png"),
      ("new/", "new/: it names a folder")],
-    ids=["empty", "under a file", "unknown suffix", "bytes", "none", "a folder", "trailing slash"],
+    ids=["empty", "under a file", "unknown suffix", "bytes", "bytes path-like", "none", "a folder", "trailing slash"],
 )
 def test_save_to_an_unusable_path_says_why(tmp_path, monkeypatch, name, words):
     """A bytes or None path was a TypeError from pathlib, "." an OSError's "empty name", and "new/" a file `new`."""

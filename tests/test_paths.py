@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
+from zone_engine.edit_files import check_output_path
 from zone_engine.errors import OutputError, ZoneError
-from zone_engine.paths import check_output_file, expanded, export_kind
+from zone_engine.paths import check_output_file, expanded, export_kind, to_dev_null
 
 
 def test_export_kind_reads_only_a_manifest_object():
@@ -27,7 +31,22 @@ def test_an_output_symlink_is_checked_where_it_points(tmp_path):
     it); one inside a file, which no folder can be made at, is said before any work."""
     (tmp_path / "to-new.png").symlink_to("new.png")
     check_output_file(tmp_path / "to-new.png", "output")
+    (tmp_path / "latest").symlink_to("shot.jpg")  # no suffix of its own: its target's names the format written
+    check_output_path(tmp_path / "latest", tmp_path / "photo.png")
     (tmp_path / "notes.txt").touch()
     (tmp_path / "into-a-file.png").symlink_to("notes.txt/o.png")
     with pytest.raises(OutputError, match=r"output .*notes\.txt/o\.png: .*notes\.txt is a file, not a folder"):
         check_output_file(tmp_path / "into-a-file.png", "output")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc")
+def test_to_dev_null_points_the_descriptor_there_and_leaves_no_other_open():
+    """A stdout whose reader went away, put on /dev/null: the /dev/null opened to copy from is closed again."""
+    reader, writer = os.pipe()
+    try:
+        before = sorted(os.listdir("/proc/self/fd"))
+        to_dev_null(writer)
+        assert os.readlink(f"/proc/self/fd/{writer}") == os.devnull and sorted(os.listdir("/proc/self/fd")) == before
+    finally:
+        os.close(reader)
+        os.close(writer)

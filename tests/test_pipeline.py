@@ -320,6 +320,9 @@ def test_a_stop_that_needs_arguments_or_answers_no_bool_is_refused(tiny_pipe):
     with pytest.raises(ConfigError, match=r"stop must return True or False, got an Event: .*not lambda: event"):
         tiny_pipe.denoise([edit], stop=lambda: threading.Event())
     tiny_pipe.denoise([edit.restart()], stop=lambda: None)  # None: go on
+    with pytest.raises(EditCancelled):  # numpy's bool (`(mask > 0).any()` answers one) is a bool too
+        tiny_pipe.denoise([edit.restart()], stop=lambda: np.bool_(True))
+    tiny_pipe.denoise([edit.restart()], stop=bool)  # a builtin without a signature is called as it is: bool() is False
 
 def test_a_second_pipeline_may_not_change_the_models_another_one_holds():
     """A pipeline moves, casts and lays out its models in place: a second one over the same models with other
@@ -335,7 +338,6 @@ def test_a_second_pipeline_may_not_change_the_models_another_one_holds():
     first.itself = first  # now only a reference cycle keeps it: no holder (the check collects it)
     del first
     ZonePipeline(models, device="cpu", channels_last=True)
-
 
 
 def test_an_edit_prepared_over_other_models_is_refused(tiny_pipe):

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -46,6 +47,7 @@ from zone_engine.sam_onnx import (  # noqa: E402
     OnnxSamSegmenter,
     choose_providers,
     engine_cache_folder,
+    onnx_runtime_reason,
 )
 from zone_engine.sam_torch import TorchSamSegmenter  # noqa: E402
 from zone_export import onnx_graph  # noqa: E402
@@ -225,7 +227,6 @@ def test_sessions_are_created_once(exported, monkeypatch):
     for name in IMAGES:
         segmenter.segment(IMAGES[name]())
     assert sorted(Path(path).name for path in created) == [ENCODER_FILE, DECODER_FILE]
-
 
 
 def test_a_pipeline_loads_the_sessions_once_for_configs_that_differ_in_thresholds(exported, tiny_models, monkeypatch):
@@ -443,6 +444,15 @@ def test_an_export_too_new_for_this_onnx_runtime_says_why(folder_copy):
     write_manifest(folder_copy, manifest)
     with pytest.raises(CheckpointError, match=f"cannot load {DECODER_FILE}: .*IR version: 99.*zone export sam"):
         OnnxSamSegmenter(folder_copy, SamConfig())
+
+
+def test_onnx_runtimes_reason_is_one_line_with_its_start_and_end():
+    """ORT's messages span lines (its source file, then the reason): the error is one line, a long one cut in its
+    middle, not at its end where the reason is."""
+    said = onnx_runtime_reason(RuntimeError("[ONNXRuntimeError] : 1 : FAIL :\n  " + "x" * 400 + "\n  IR version: 99\n"))
+    assert said.startswith("[ONNXRuntimeError] : 1 : FAIL : xxx") and said.endswith("xxx IR version: 99")
+    assert len(said) == 300 + len(" ... ") and "\n" not in said
+    assert onnx_runtime_reason(RuntimeError(" a\n b ")) == "a b"
 
 
 def test_manifest_model_type_disagreeing_with_the_graphs(folder_copy):
@@ -779,7 +789,7 @@ def test_zone_export_shows_each_graph_traced_and_checked_unless_told_not_to(tmp_
     assert any(line.startswith(f"{ENCODER_FILE}: matches PyTorch (largest difference ") for line in lines)
     assert main(["export", "sam", "--tiny", "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
     assert capsys.readouterr().err == ""
-    assert not onnx_graph.log.handlers  # the command's own, gone with it
+    assert not onnx_graph.log.handlers and onnx_graph.log.level == logging.NOTSET  # the command's, gone with it
 
 
 def test_ctrl_c_while_a_re_export_installs_waits_for_the_moves(exported, folder_copy, monkeypatch):
