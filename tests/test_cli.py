@@ -122,12 +122,12 @@ def test_a_closed_stderr_sends_nothing_to_stdout(tmp_path, capsys, monkeypatch):
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc")
 def test_a_closed_standard_descriptor_gets_dev_null_so_no_file_takes_it():
     """`>&-`: the next file opened took descriptor 1 (--report's, seen), where a child process writes its output."""
-    from zone_engine.cli import _null_on_closed
+    from zone_engine.streams import null_on_closed
 
     reader, writer = os.pipe()
     os.close(writer)
     try:
-        _null_on_closed(writer)
+        null_on_closed(writer)
         assert os.readlink(f"/proc/self/fd/{writer}") == os.devnull
     finally:
         os.close(reader)
@@ -164,12 +164,12 @@ def test_a_reader_gone_from_stderr_stops_no_run(tmp_path, monkeypatch):
 def test_a_line_part_flushed_to_a_gone_reader_raises_nothing():
     """Text with no line end is sent by the flush, not the write (line buffering): the flush met the closed pipe.
     Closing the stream afterwards sends nothing more into it either."""
-    from zone_engine.cli import _StderrOutlivingItsReader
+    from zone_engine.streams import StderrOutlivingItsReader
 
     reader, writer = os.pipe()
     os.close(reader)
     with open(writer, "w", buffering=1, encoding="utf-8") as gone:
-        stderr = _StderrOutlivingItsReader(gone)
+        stderr = StderrOutlivingItsReader(gone)
         stderr.write("loading the models... ")
         stderr.flush()
 

@@ -9,7 +9,8 @@ import pytest
 
 from zone_engine.edit_files import check_output_path
 from zone_engine.errors import OutputError, ZoneError
-from zone_engine.paths import check_output_file, expanded, export_kind, to_dev_null
+from zone_engine.paths import check_output_file, expanded, export_kind
+from zone_engine.streams import to_dev_null
 
 
 def test_export_kind_reads_only_a_manifest_object():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import codecs
 import contextlib
 import errno
 import importlib
@@ -75,12 +74,11 @@ from .paths import (
     check_output_folder,
     file_argument,
     folder_argument,
-    print_path,
     refused_path_line,
-    to_dev_null,
     written_atomically,
 )
 from .serving.settings import PipelineSpec, ServeSettings
+from .streams import file_names_on_stderr_as_their_bytes, print_path, stderr_kept
 
 RANDOM_WEIGHTS_NOTICE = (
     "note: the demo runs tiny RANDOM models, so the edit itself is meaningless; it shows that every stage runs.\n"
@@ -710,23 +708,6 @@ def _dns_name_of(host: str) -> tuple[str, ...]:
     return ()
 
 
-def _undecodable_as_bytes(error: UnicodeEncodeError) -> tuple[bytes, int]:
-    """An encoding-error handler: the bytes of a file name that were not UTF-8 (which Python holds as U+DC80..U+DCFF,
-    PEP 383) written back as those bytes; any other character escaped, as Python's default for stderr does."""
-    written = (bytes([ord(character) - 0xDC00]) if 0xDC80 <= ord(character) <= 0xDCFF
-               else character.encode("ascii", "backslashreplace") for character in error.object[error.start:error.end])
-    return b"".join(written), error.end
-
-
-def _file_names_on_stderr_as_their_bytes() -> None:
-    """The progress lines and errors name a file as stdout's paths do (its bytes, as `cat` shows them): Python's
-    default wrote "caf\\udce9.png", a name that is nowhere."""
-    codecs.register_error("zone_file_names", _undecodable_as_bytes)
-    reconfigure = getattr(sys.stderr, "reconfigure", None)  # a caller's io.StringIO has none, and needs none
-    if reconfigure is not None:
-        reconfigure(errors="zone_file_names")
-
-
 def _quiet_libraries() -> None:
     """Our own warnings as one line each; the libraries' deprecation chatter hidden, and their logging below
     errors (unless DIFFUSERS_VERBOSITY / TRANSFORMERS_VERBOSITY says otherwise before they are imported)."""
@@ -754,72 +735,14 @@ def _current_folder_exists() -> bool:
 TOOLS = {"bench": "bench_main", "profile": "profile_main"}  # `zone NAME`: zone_benchmarks.options' function
 
 
-class _StderrOutlivingItsReader:
-    """sys.stderr whose reader may leave (`2>&1 | head`, a log pipe closed): the next progress line raised
-    BrokenPipeError, and the run stopped unsaid with exit 1, its edits undone. As stdout's paths (print_path): the
-    lines go to /dev/null from then on, and the work goes on."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-
-    def write(self, text: str) -> int:
-        try:
-            return self.stream.write(text)
-        except BrokenPipeError:
-            self._reader_gone()
-            return len(text)
-
-    def flush(self) -> None:
-        try:
-            self.stream.flush()
-        except BrokenPipeError:
-            self._reader_gone()
-
-    def _reader_gone(self) -> None:
-        to_dev_null(self.stream.fileno())  # what the stream still holds is flushed there
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.stream, name)
-
-
-def _null_on_closed(descriptor: int) -> None:
-    """/dev/null on `descriptor` if it was closed (`>&-`, `2>&-`, a daemon's), so that no file this process opens
-    takes it: a closed stdout's descriptor was --report's file, where a child process's output would go."""
-    try:
-        os.fstat(descriptor)
-    except OSError:
-        to_dev_null(descriptor)
-
-
-@contextlib.contextmanager
-def _stderr_kept() -> Iterator[None]:
-    """stderr for a command, outliving its reader (`_StderrOutlivingItsReader`); /dev/null where it was closed
-    (`2>&-`: Python's None made print(..., file=sys.stderr) write the errors and progress lines to stdout, among the
-    paths a script reads), and on a closed stdout's descriptor. The caller's streams back after."""
-    _null_on_closed(1)
-    previous = stream = sys.stderr
-    if stream is None:
-        _null_on_closed(2)
-        stream = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 -- this process's stderr from now on
-    try:
-        stream.fileno()  # a caller's io.StringIO has none, and no reader to lose
-        sys.stderr = _StderrOutlivingItsReader(stream)
-    except (OSError, ValueError):
-        sys.stderr = stream
-    try:
-        yield
-    finally:
-        sys.stderr = previous
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    with _stderr_kept():
+    with stderr_kept():
         return _main(argv)
 
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _file_names_on_stderr_as_their_bytes()
+    file_names_on_stderr_as_their_bytes()
     if argv[:1] and argv[0] in TOOLS:  # the benchmark tools own their options
         return getattr(importlib.import_module("zone_benchmarks.options"), TOOLS[argv[0]])(argv[1:])
     args = build_parser().parse_args(argv)

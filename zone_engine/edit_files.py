@@ -26,9 +26,9 @@ from .paths import (
     file_argument,
     ignores_case,
     is_folder,
-    print_path,
     written_file,
 )
+from .streams import print_path
 
 if TYPE_CHECKING:  # imported where used: numpy, and torch with the pipeline, take seconds `zone --help` needs not
     import numpy as np

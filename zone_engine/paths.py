@@ -8,7 +8,6 @@ import errno
 import functools
 import hashlib
 import os
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -267,27 +266,3 @@ def _temporary_name(path: Path) -> str:
     while len(os.fsencode(f".{stem}{tail}")) > NAME_MAX:
         stem = stem[:-1]
     return f".{stem}{tail}"
-
-
-def to_dev_null(descriptor: int) -> None:
-    """/dev/null on `descriptor`: what is written there from now on goes nowhere (its reader gone, or it was
-    closed and a file opened later would take it)."""
-    null = os.open(os.devnull, os.O_WRONLY)
-    if null != descriptor:
-        os.dup2(null, descriptor)
-        os.close(null)
-
-
-def print_path(path: os.PathLike) -> None:
-    """A written file's path on stdout, for scripts: the bytes the file system has (a name that is not UTF-8
-    could not be printed as text)."""
-    buffer = getattr(sys.stdout, "buffer", None)
-    try:
-        if buffer is None:  # a text-only stream (a caller's io.StringIO)
-            print(path)
-            return
-        sys.stdout.flush()
-        buffer.write(os.fsencode(path) + b"\n")
-        buffer.flush()
-    except BrokenPipeError:  # the reader went away (`| head -0`): the work is done, its path unread
-        to_dev_null(sys.stdout.fileno())  # so the exit's flush raises nothing

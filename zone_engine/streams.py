@@ -1,0 +1,110 @@
+"""The standard streams as a `zone` command uses them: written paths on stdout as the file system's bytes, progress
+lines and errors on stderr, and both outliving a reader that goes away or a descriptor closed before the start."""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+
+def to_dev_null(descriptor: int) -> None:
+    """/dev/null on `descriptor`: what is written there from now on goes nowhere (its reader gone, or it was
+    closed and a file opened later would take it)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    if null != descriptor:
+        os.dup2(null, descriptor)
+        os.close(null)
+
+
+def print_path(path: os.PathLike) -> None:
+    """A written file's path on stdout, for scripts: the bytes the file system has (a name that is not UTF-8
+    could not be printed as text)."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    try:
+        if buffer is None:  # a text-only stream (a caller's io.StringIO)
+            print(path)
+            return
+        sys.stdout.flush()
+        buffer.write(os.fsencode(path) + b"\n")
+        buffer.flush()
+    except BrokenPipeError:  # the reader went away (`| head -0`): the work is done, its path unread
+        to_dev_null(sys.stdout.fileno())  # so the exit's flush raises nothing
+
+
+def _undecodable_as_bytes(error: UnicodeEncodeError) -> tuple[bytes, int]:
+    """An encoding-error handler: the bytes of a file name that were not UTF-8 (which Python holds as U+DC80..U+DCFF,
+    PEP 383) written back as those bytes; any other character escaped, as Python's default for stderr does."""
+    written = (bytes([ord(character) - 0xDC00]) if 0xDC80 <= ord(character) <= 0xDCFF
+               else character.encode("ascii", "backslashreplace") for character in error.object[error.start:error.end])
+    return b"".join(written), error.end
+
+
+def file_names_on_stderr_as_their_bytes() -> None:
+    """The progress lines and errors name a file as stdout's paths do (its bytes, as `cat` shows them): Python's
+    default wrote "caf\\udce9.png", a name that is nowhere."""
+    codecs.register_error("zone_file_names", _undecodable_as_bytes)
+    reconfigure = getattr(sys.stderr, "reconfigure", None)  # a caller's io.StringIO has none, and needs none
+    if reconfigure is not None:
+        reconfigure(errors="zone_file_names")
+
+
+class StderrOutlivingItsReader:
+    """sys.stderr whose reader may leave (`2>&1 | head`, a log pipe closed): the next progress line raised
+    BrokenPipeError, and the run stopped unsaid with exit 1, its edits undone. As stdout's paths (print_path): the
+    lines go to /dev/null from then on, and the work goes on."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        to_dev_null(self.stream.fileno())  # what the stream still holds is flushed there
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def null_on_closed(descriptor: int) -> None:
+    """/dev/null on `descriptor` if it was closed (`>&-`, `2>&-`, a daemon's), so that no file this process opens
+    takes it: a closed stdout's descriptor was --report's file, where a child process's output would go."""
+    try:
+        os.fstat(descriptor)
+    except OSError:
+        to_dev_null(descriptor)
+
+
+@contextlib.contextmanager
+def stderr_kept() -> Iterator[None]:
+    """stderr for a command, outliving its reader (`StderrOutlivingItsReader`); /dev/null where it was closed
+    (`2>&-`: Python's None made print(..., file=sys.stderr) write the errors and progress lines to stdout, among the
+    paths a script reads), and on a closed stdout's descriptor. The caller's streams back after."""
+    null_on_closed(1)
+    previous = stream = sys.stderr
+    if stream is None:
+        null_on_closed(2)
+        stream = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 -- this process's stderr from now on
+    try:
+        stream.fileno()  # a caller's io.StringIO has none, and no reader to lose
+        sys.stderr = StderrOutlivingItsReader(stream)
+    except (OSError, ValueError):
+        sys.stderr = stream
+    try:
+        yield
+    finally:
+        sys.stderr = previous
