@@ -441,6 +441,29 @@ def test_ctrl_c_while_a_re_export_installs_waits_for_the_moves(models, tmp_path,
     assert [entry["files"] for entry in manifest["graphs"].values()] == [{f"{name}.onnx": "0" * 64} for name in graphs]
 
 
+def test_ctrl_c_while_a_new_folder_installs_removes_it(models, tmp_path, monkeypatch):
+    """The held signal is delivered inside the scratch folder's block: a folder this export created goes, as at any
+    interrupt (README: a folder that was there holds the new export; one the export created is removed)."""
+
+    def traced(spec, staging, *_):
+        (staging / spec.file).write_bytes(b"new")
+        return {"files": {spec.file: "0" * 64}}
+
+    moves, real_replace = [], export_module.os.replace
+
+    def ctrl_c_at_the_second_move(source, target):
+        moves.append(Path(target).name)
+        if len(moves) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return real_replace(source, target)
+
+    monkeypatch.setattr(export_module, "_export_spec", traced)
+    monkeypatch.setattr(export_module.os, "replace", ctrl_c_at_the_second_move)
+    with pytest.raises(KeyboardInterrupt):
+        export_unet_graphs(models, tmp_path / "new", height=32, width=32)
+    assert len(moves) == 4 and not (tmp_path / "new").exists()  # every move made, then the folder removed
+
+
 # ------------------------------------------------------------------------------------------------ engine cache
 
 

@@ -299,7 +299,7 @@ def test_missing_onnxruntime_says_what_to_install(exported, monkeypatch):
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(CheckpointError, match="the SAM export .*nowhere: no such folder.*zone export sam"):
+    with pytest.raises(CheckpointError, match="the SAM export .*nowhere: no such folder.*zone export sam.*`--tiny` in"):
         OnnxSamSegmenter(tmp_path / "nowhere", SamConfig())
 
 

@@ -275,7 +275,8 @@ class OnnxSamPredictor(SamPredictor):
 
 def read_manifest(folder: Path) -> dict[str, Any]:
     """The folder's manifest, after checking that every file it lists is there with its checksum."""
-    write_one = f"write one with `zone export sam --checkpoint SAM.pth --out {folder}`"
+    write_one = (f"write one with `zone export sam --checkpoint SAM.pth --out {folder}` "
+                 "(`--tiny` in place of --checkpoint for the tiny models)")
     path = export_manifest_path(folder, "sam", f"the SAM export {folder}", write_one, CheckpointError)
     try:
         manifest = json.loads(path.read_text())
