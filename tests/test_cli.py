@@ -645,6 +645,11 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
     ('{"image": "photo.png", "instruction": "x", "steps": [3]}', "line 1: steps must be a whole number, got an array"),
     ('{"image": "photo.png", "instruction": "x", "steps": 2.5}', "line 1: steps must be a whole number, got 2.5"),
     ('{"image": "photo.png", "instruction": "x", "seed": -Infinity}', "seed must be a whole number, got -Infinity"),
+    # 1e30 is whole: out of range, not "must be a whole number, got 1e+30"
+    ('{"image": "photo.png", "instruction": "x", "seed": 1e30}', "line 1: seed must be between 0 and 4294967295"),
+    ('{"image": "photo.png", "instruction": "x", "output": "./"}', "line 1: output './' names -o itself, a folder"),
+    ('{"image": "photo.png", "instruction": "x"}\n\ufeff{"image": "gone.png", "instruction": "x"}',
+     "line 2: image not found"),  # two lists joined with cat: the second's mark was "Unexpected UTF-8 BOM"
     ('{"image": "photo.png", "instruction": 5}', "line 1: instruction must be text, got 5"),
     ('{"image": "photo.png", "instruction": "x", "action": false}', "line 1: action must be text, got false"),
     ('{"image": "photo.png", "instruction": "x", "action": "paint"}', "line 1: unknown action 'paint'"),
@@ -679,6 +684,29 @@ def test_a_batch_line_that_cannot_run_is_refused_before_any_work(photo, tmp_path
     (tmp_path / "edits.jsonl").write_text(line + "\n")
     _fails_cleanly(capsys, ["batch", str(tmp_path / "edits.jsonl"), "-o", str(tmp_path / "out"), "--tiny"], words)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_line_takes_a_whole_number_written_as_json_floats_write_it(photo, tmp_path):
+    """JSON has one kind of number: pandas' float column writes a seed as 7.0, which was refused as "seed must be a
+    whole number, got 7.0"."""
+    from zone_engine.cli import build_parser
+    from zone_engine.manifest import plan_manifest
+
+    (tmp_path / "edits.jsonl").write_text('{"image": "photo.png", "instruction": "x", "seed": 7.0, "steps": 1e1}\n')
+    args = build_parser().parse_args(["batch", str(tmp_path / "edits.jsonl"), "-o", str(tmp_path / "out"), "--tiny"])
+    [job] = plan_manifest(args, {})
+    assert job.changes == (("steps", 10), ("seed", 7)) and all(type(value) is int for _, value in job.changes)
+
+
+def test_a_report_is_refused_where_it_is_the_commands_own_output(tmp_path, capfd):
+    """--report /dev/stdout with stdout a file (`> out.txt`): the report, opened again from the file's start, and the
+    written paths overwrote each other; a pipe was refused as "/proc/N/fd/pipe:[...]: cannot write in ..."."""
+    from zone_engine.edit_files import check_report_path
+
+    for stream, name in (("/dev/stdout", "standard output"), ("/dev/stderr", "standard error")):
+        with pytest.raises(OutputError, match=f"--report {stream} is the command's {name}, where its own lines go"):
+            check_report_path(Path(stream), [])
+    check_report_path(tmp_path / "report.jsonl", [])  # a file of its own
 
 
 def test_a_batch_refuses_a_file_as_o_a_bad_batch_size_and_a_list_it_cannot_read_before_any_work(photo, tmp_path,
@@ -1930,6 +1958,30 @@ def test_ctrl_c_ends_a_command_with_130(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "run_export", interrupted)
     assert main(["export", "unet", "--tiny", "--out", str(tmp_path / "x")]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+@pytest.mark.parametrize(("stop", "status"), [("KeyboardInterrupt", 130), ("Terminated", 143)])
+def test_a_stopped_console_command_ignores_the_ctrl_c_that_follow(tmp_path, capsys, monkeypatch, stop, status):
+    """Ctrl-C hammered on a `zone batch` cut short: after `interrupted`, the next ones were KeyboardInterrupt
+    tracebacks (restoring the streams, torch's atexit finalizers). The console script's process now ignores them as
+    it ends; main() called with its arguments, from Python, leaves the caller's handlers."""
+    from zone_engine import cli
+
+    error = cli.Terminated if stop == "Terminated" else KeyboardInterrupt
+
+    def stopped(args):
+        raise error
+
+    monkeypatch.setattr(cli, "run_export", stopped)
+    monkeypatch.setattr(sys, "argv", ["zone", "export", "unet", "--tiny", "--out", str(tmp_path / "x")])
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert main(sys.argv[1:]) == status and signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+        assert main() == status
+        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
 
 
 def test_the_edit_options_reach_the_pipeline(photo, tmp_path, monkeypatch):

@@ -737,7 +737,13 @@ TOOLS = {"bench": "bench_main", "profile": "profile_main"}  # `zone NAME`: zone_
 
 def main(argv: Sequence[str] | None = None) -> int:
     with stderr_kept():
-        return _main(argv)
+        status = _main(argv)
+        if argv is None and status in (130, 143) and threading.current_thread() is threading.main_thread():
+            # The process ends (the console script's): a Ctrl-C hammered on was a KeyboardInterrupt's traceback in
+            # the streams' restoring and torch's atexit finalizers, after `interrupted`.
+            for number in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(number, signal.SIG_IGN)
+        return status
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import sys
 import threading
 import warnings
@@ -243,6 +244,9 @@ def check_list_kept(jobs: Sequence[EditJob], list_file: Path) -> None:
 def check_report_path(report: Path, jobs: Sequence[EditJob], list_file: Path | None = None) -> None:
     """OutputError unless --report's file can be written, over no input (nor `list_file`, zone batch's list of
     edits) and no edit's file."""
+    if stream := _standard_stream(report):  # /dev/stdout: a file `>` made was overwritten, a pipe refused obscurely
+        raise OutputError(f"--report {report} is the command's {stream}, where its own lines go: write the report to "
+                          "a file of its own (a script can read it after the run, or from a named pipe)")
     check_output_file(report, "--report", replaced=False)  # written as the edits end: a named pipe takes it
     if list_file is not None and (same_file(report, list_file) or report.absolute() == list_file.absolute()):
         raise OutputError(f"--report {report} is the list of edits {list_file}: write the report to another file")
@@ -251,6 +255,19 @@ def check_report_path(report: Path, jobs: Sequence[EditJob], list_file: Path | N
         raise OutputError(f"--report {report} is a file of the edit of {job.name()}: choose another name")
     if any(key in map(str, Path(path).parents) for path in files):
         raise OutputError(f"--report {report} is a folder the edits' files go in: name a file beside them")
+
+
+def _standard_stream(path: Path) -> str | None:
+    """"standard output" or "standard error" where `path` is the file or pipe one of them goes to (a terminal or
+    /dev/null may take both): opened again, a file is written from its start, over the other's lines."""
+    for descriptor, stream in ((1, "standard output"), (2, "standard error")):
+        try:
+            found, opened = os.stat(path), os.fstat(descriptor)
+        except (OSError, ValueError):  # no such path, or the stream closed
+            continue
+        if os.path.samestat(found, opened) and (stat.S_ISREG(found.st_mode) or stat.S_ISFIFO(found.st_mode)):
+            return stream
+    return None
 
 
 def check_output_path(path: Path, image: Path, probed: set[Path] | None = None) -> None:

@@ -50,7 +50,7 @@ def plan_manifest(args: argparse.Namespace, defaults: dict[str, Any]) -> list[Ed
 
 def _lines(manifest: Path) -> list[str]:
     """The file's lines, split at line feeds only: a JSON string may hold U+2028 and the like unescaped, where
-    str.splitlines would cut it. A byte-order mark (some Windows editors write one) is dropped."""
+    str.splitlines would cut it. A byte-order mark (some Windows editors write one) is dropped, a line's too."""
     if str(manifest) == STDIN and sys.stdin is None:  # `zone batch - <&-`
         raise ConfigError("- reads the list of edits from standard input, which is closed here")
     try:  # standard input's bytes too: UTF-8 whatever the locale says
@@ -58,7 +58,8 @@ def _lines(manifest: Path) -> list[str]:
     except OSError as error:
         raise ConfigError(f"cannot read the list of edits {manifest}: {error.strerror or error}") from None
     try:
-        return data.decode("utf-8-sig").split("\n")
+        # a line's own mark too: lists saved by such an editor and joined with `cat` ("Unexpected UTF-8 BOM")
+        return [line.removeprefix("\ufeff") for line in data.decode("utf-8-sig").split("\n")]
     except UnicodeDecodeError as error:
         # Windows PowerShell 5's `>` and Notepad's "Unicode" write UTF-16, with its byte-order mark
         utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
@@ -99,7 +100,8 @@ def _job(entry: dict[str, Any], args: argparse.Namespace, defaults: dict[str, An
     _check_json_types(entry)
     image = _image_path(root, _path(entry["image"], "image"))
     check_image_path(image)  # a typo or a folder said before any work; its bytes are read later
-    changes = {name: entry[name] for name in ("steps", "seed") if name in entry}
+    # JSON has one kind of number: 7.0 (pandas' float columns, JavaScript's 1e3) is 7, not "not a whole number"
+    changes = {name: _whole(entry[name]) for name in ("steps", "seed") if name in entry}
     if "action" in entry:
         if entry["action"] == "":
             raise ConfigError('action "": write auto (classify), add, change or remove, or leave it out')
@@ -123,6 +125,11 @@ def _check_json_types(entry: dict[str, Any]) -> None:
         raise ConfigError(f"{name} must be {kind}, got {shown}")
 
 
+def _whole(value: int | float) -> int | float:
+    """A JSON number written with a fraction or exponent that is whole (7.0, 1e3) as the int it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _path(value: object, field: str) -> str:
     """A path a line gives: a string a file system can hold; an output's relative and without `..` (it stays
     inside -o)."""
@@ -138,6 +145,8 @@ def _path(value: object, field: str) -> str:
         raise ConfigError(f"{field} {value!r} holds a NUL character, which no file name can")
     if field == "output" and (Path(value).is_absolute() or ".." in Path(value).parts):
         raise ConfigError(f"output {value!r} must stay inside -o: a relative path without ..")
+    if field == "output" and not Path(value).name:  # "." or "./": was "-o out holds a folder named ., where ..."
+        raise ConfigError(f"output {value!r} names -o itself, a folder: name a file inside it, such as edit.png")
     if field == "output" and _under_home(value):  # a folder named ~ in -o, waiting for an `rm -rf ~`
         raise ConfigError(f"output {value!r} must stay inside -o: a relative path, not under ~")
     return value
