@@ -1148,8 +1148,9 @@ class _BytesPath:
      ("x.xyz", ".xyz is no image format's suffix"), (b"x.png", "a str or pathlib.Path, not a bytes"),
      (_BytesPath(), "a str or pathlib.Path, not a _BytesPath"),
      (None, "not a NoneType"), (".", "names a folder; name the file to write in it, such as edited.png"),
-     ("new/", "new/: it names a folder")],
-    ids=["empty", "under a file", "unknown suffix", "bytes", "bytes path-like", "none", "a folder", "trailing slash"],
+     ("new/", "new/: it names a folder"), ("a" * 300 + ".png", "a name in it is 304 bytes long")],
+    ids=["empty", "under a file", "unknown suffix", "bytes", "bytes path-like", "none", "a folder", "trailing slash",
+         "name over 255 bytes"],
 )
 def test_save_to_an_unusable_path_says_why(tmp_path, monkeypatch, name, words):
     """A bytes or None path was a TypeError from pathlib, "." an OSError's "empty name", and "new/" a file `new`."""
@@ -1239,6 +1240,8 @@ def test_a_symlinks_format_is_its_targets(tmp_path):
     save_image(random_rgb(8, 8), link)
     assert Image.open(tmp_path / "shot.jpg").format == "JPEG" and link.is_symlink()
     assert "JPEG is lossy" in image_io.output_notes(link)[0]
+    # A name the system refuses is no link (pathlib's is_symlink raised ENAMETOOLONG): its notes are its suffix's.
+    assert "JPEG is lossy" in image_io.output_notes(tmp_path / ("a" * 300 + ".jpg"))[0]
     (tmp_path / "mask.png").symlink_to("mask.pbm")
     with pytest.raises(OutputError, match=r"mask.png: \.pbm names a bitmap"):
         image_io.check_output_format(tmp_path / "mask.png")

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zone_engine.config import LATENT_SCALE, MAX_PIXELS, MAX_WORKING_SIDE, MIN_SIDE
 from zone_engine.errors import InputImageError, OutputError, a_type, warn_caller
-from zone_engine.paths import expanded, folder_problem, name_problem, written_atomically, written_file
+from zone_engine.paths import expanded, folder_problem, is_folder, name_problem, written_atomically, written_file
 
 # What Pillow raises for a file it cannot decode: besides OSError ("truncated", "broken data stream") and
 # SyntaxError ("not a TIFF file"), its plugins' own parsers fail on a corrupt or cut-off header or frame table with
@@ -600,7 +600,9 @@ def save_image(array: np.ndarray, path: str | os.PathLike, icc_profile: bytes | 
     if not os.fspath(path):
         raise OutputError("no output path given: pass the file name to write, such as edited.png")
     given, path = path, expanded(path, OutputError)  # `~/x.png` as edit() reads it, not a folder named ~ here
-    if os.fspath(given).endswith(("/", os.sep)) or path.is_dir():  # a file named as the folder, or rename's error
+    if problem := name_problem(path):  # a name over 255 bytes, said as the command line's checks say it
+        raise OutputError(f"cannot write {path}: {problem}")
+    if os.fspath(given).endswith(("/", os.sep)) or is_folder(path):  # a file named as the folder, or rename's error
         raise OutputError(f"cannot write {given}: it names a folder; name the file to write in it, such as "
                           f"{path / 'edited.png'}")
     if problem := folder_problem(path.parent):  # a file where a folder goes, a dangling link, no permission

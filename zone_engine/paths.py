@@ -242,7 +242,11 @@ def written_file(path: Path) -> Path:
     """The file a write to `path` changes: a symlink's target (written through, as a shell's `>` does: replacing
     the link would leave its target as it was), else `path`. A loop stays as it is, and its write fails as an
     OSError."""
-    return Path(os.path.realpath(path)) if path.is_symlink() else path
+    try:
+        linked = path.is_symlink()
+    except OSError:  # a name the system refuses (over 255 bytes; pathlib raises it): no link, said where written
+        linked = False
+    return Path(os.path.realpath(path)) if linked else path
 
 
 @contextmanager
