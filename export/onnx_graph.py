@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zone_engine.cli import signals_handled
 from zone_engine.errors import ConfigError, ZoneError
 from zone_engine.paths import MANIFEST_FILE, export_kind
 
@@ -122,13 +123,10 @@ def signals_held() -> Iterator[None]:
         yield
         return
     held: list[int] = []
-    previous = {number: signal.signal(number, lambda number, _frame: held.append(number))
-                for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        with signals_handled(dict.fromkeys((signal.SIGINT, signal.SIGTERM), lambda number, _: held.append(number))):
+            yield
+    finally:  # the handlers of before back first: the held signal reaches them
         if held:
             signal.raise_signal(held[0])  # as it would have been: KeyboardInterrupt, the CLI's Terminated, ...
 

@@ -41,18 +41,20 @@ PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExec
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
+TINY_EXPORT = "(`--tiny` in place of --checkpoint for the tiny models)"  # the export command's other source
+
+
 def export_error(folder: Path, problem: str, ours: bool = True) -> CheckpointError:
     """What is wrong with a `zone export sam` folder (--sam-onnx, sam_onnx=), the folder named first, and the
     command that writes it afresh (the folder in it: a placeholder there was one more thing to fill in). `ours`:
     whether its manifest.json is a `zone export sam` one; the export refuses to replace any other (a `zone export
     unet` one, an unreadable one), where the command it was told to run then failed: another folder is named."""
-    tiny = "(`--tiny` in place of --checkpoint for the tiny models)"
     if ours:
         return CheckpointError(f"the SAM export {folder}: {problem}; re-run `zone export sam --checkpoint SAM.pth "
-                               f"--out {folder}` {tiny} to write it afresh")
+                               f"--out {folder}` {TINY_EXPORT} to write it afresh")
     return CheckpointError(f"the SAM export {folder}: {problem}, which `zone export sam` will not replace: pass the "
                            "folder it wrote, or write one into another with `zone export sam --checkpoint SAM.pth "
-                           f"--out NEW_FOLDER` {tiny}")
+                           f"--out NEW_FOLDER` {TINY_EXPORT}")
 
 
 class OnnxSamSegmenter(TorchSamSegmenter):
@@ -275,8 +277,7 @@ class OnnxSamPredictor(SamPredictor):
 
 def read_manifest(folder: Path) -> dict[str, Any]:
     """The folder's manifest, after checking that every file it lists is there with its checksum."""
-    write_one = (f"write one with `zone export sam --checkpoint SAM.pth --out {folder}` "
-                 "(`--tiny` in place of --checkpoint for the tiny models)")
+    write_one = f"write one with `zone export sam --checkpoint SAM.pth --out {folder}` {TINY_EXPORT}"
     path = export_manifest_path(folder, "sam", f"the SAM export {folder}", write_one, CheckpointError)
     try:
         manifest = json.loads(path.read_text())
