@@ -365,6 +365,51 @@ def test_demo_writes_every_file(tmp_path, capsys):
     assert Image.open(tmp_path / "demo" / "output.png").size == Image.open(tmp_path / "demo" / "input.png").size
 
 
+def _full_disk_at(name: str, monkeypatch) -> None:
+    """save_image fails as a full disk would at the file called `name`, after the files before it were written."""
+    import zone_engine.image_io as image_io
+    from zone_engine.errors import OutputError
+
+    save_image = image_io.save_image
+
+    def full_there(array, path, **kwargs):
+        if Path(path).name == name:
+            raise OutputError(f"cannot write {path}: No space left on device")
+        return save_image(array, path, **kwargs)
+
+    monkeypatch.setattr(image_io, "save_image", full_there)
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+def test_a_demo_that_cannot_write_every_file_leaves_the_earlier_demo_whole(tmp_path, capsys, monkeypatch):
+    """A full disk at the demo's last mask left its input, output and first masks over an earlier demo's others:
+    a folder of two runs. Now every file is the earlier run's, and no temporary file is left."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "1", "--no-progress"]) == 0
+    earlier = _contents(out)
+    _full_disk_at("heatmap.png", monkeypatch)
+    _fails_cleanly(capsys, ["demo", "--out", str(out), "--steps", "1", "--no-progress", "-i", "make it red",
+                            "--seed", "7"], "No space left on device")
+    assert _contents(out) == earlier
+
+
+def test_an_edit_whose_mask_cannot_be_written_keeps_the_earlier_output(photo, tmp_path, capsys, monkeypatch):
+    """The masks are written before the edit: a full disk at one left an earlier run's edit beside this run's
+    first masks. Now the edit and its masks are written all or none."""
+    out, masks = tmp_path / "run" / "edited.png", tmp_path / "run" / "masks"
+    argv = ["edit", str(photo), "-i", "add a hat", "-o", str(out), "--tiny", "--steps", "1", "--save-masks",
+            str(masks), "--no-progress"]
+    assert main(argv) == 0
+    earlier = _contents(masks) | {"edit": out.read_bytes()}
+    _full_disk_at("styled.png", monkeypatch)
+    _fails_cleanly(capsys, [*argv, "--seed", "9"], "No space left on device")
+    assert _contents(masks) | {"edit": out.read_bytes()} == earlier
+    assert sorted(path.name for path in out.parent.iterdir()) == ["edited.png", "masks"]
+
+
 def test_edit_with_tiny_models_and_masks(photo, tmp_path):
     out, masks = tmp_path / "out" / "edited.png", tmp_path / "masks"
     argv = ["edit", str(photo), "-i", "add a hat", "-o", str(out), "--tiny", "--steps", "2", "--seed", "3",
@@ -879,18 +924,8 @@ def test_a_librarys_warning_on_reading_an_image_is_said_once_with_its_name(photo
 
 def test_a_result_that_cannot_be_written_stops_a_run_saying_how_to_go_on(photo, tmp_path, capsys, monkeypatch):
     """A full disk fails every edit after it: the run stops there, saying how many are not written."""
-    import zone_engine.image_io as image_io
-    from zone_engine.errors import OutputError
-
     Image.open(photo).save(tmp_path / "second.png")
-    save_image = image_io.save_image
-
-    def full_at_the_second(array, path, **kwargs):
-        if Path(path).name == "second.png":
-            raise OutputError(f"cannot write {path}: No space left on device")
-        return save_image(array, path, **kwargs)
-
-    monkeypatch.setattr(image_io, "save_image", full_at_the_second)
+    _full_disk_at("second.png", monkeypatch)
     _fails_cleanly(capsys, ["edit", str(photo), str(tmp_path / "second.png"), "-i", "x", "-o", str(tmp_path / "o"),
                             "--tiny", "--steps", "1", "--no-progress"],
                    "No space left on device (the run stopped: 1 of 2 edits not written", "--skip-existing")

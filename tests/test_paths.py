@@ -9,7 +9,7 @@ import pytest
 
 from zone_engine.edit_files import check_output_path
 from zone_engine.errors import OutputError, ZoneError
-from zone_engine.paths import check_output_file, expanded, export_kind
+from zone_engine.paths import check_output_file, expanded, export_kind, written_atomically, written_together
 from zone_engine.streams import to_dev_null
 
 
@@ -51,3 +51,29 @@ def test_to_dev_null_points_the_descriptor_there_and_leaves_no_other_open():
     finally:
         os.close(reader)
         os.close(writer)
+
+
+def _write(path: Path, text: str) -> None:
+    with written_atomically(path) as temporary:
+        temporary.write_text(text)
+
+
+def test_files_written_together_move_over_the_old_ones_only_when_all_are_written(tmp_path):
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    _write(first, "old first")
+    _write(second, "old second")
+    with pytest.raises(OSError, match="full"), written_together():
+        _write(first, "new first")
+        assert first.read_text() == "old first"  # held back until the block ends
+        with written_atomically(second):
+            raise OSError("full")
+    assert (first.read_text(), second.read_text()) == ("old first", "old second")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["first.txt", "second.txt"]
+    with written_together():
+        _write(first, "new first")
+        _write(second, "a draft")
+        _write(second, "new second")  # the same path twice: the last write, as without the block
+    assert (first.read_text(), second.read_text()) == ("new first", "new second")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["first.txt", "second.txt"]
+    _write(first, "after")  # outside the block, moved at once
+    assert first.read_text() == "after"

@@ -76,6 +76,7 @@ from .paths import (
     folder_argument,
     refused_path_line,
     written_atomically,
+    written_together,
 )
 from .serving.settings import PipelineSpec, ServeSettings
 from .streams import file_names_on_stderr_as_their_bytes, print_path, stderr_kept
@@ -603,14 +604,15 @@ def run_demo(args: argparse.Namespace) -> None:
     image = make_sample_image()
     config = pipe.default_config.replace(**changes)
     result = pipe.edit(image, instruction, config, progress=not args.no_progress)
-    save_image(image, args.out / "input.png")
-    save_image(result.image, args.out / "output.png")
-    for folder in {args.out, args.save_masks or args.out}:
-        save_masks(result, folder)
     summary = {"instruction": instruction, "steps": config.steps, "seed": config.seed, "action": result.action.value,
                "used_fallback": result.used_fallback, "timings": result.timings, "random_weights": True}
-    with written_atomically(args.out / "timings.json") as temporary:
-        temporary.write_text(json.dumps(summary, indent=2) + "\n")
+    with written_together():  # a write that fails (a full disk) leaves an earlier demo's files, not a mix
+        save_image(image, args.out / "input.png")
+        save_image(result.image, args.out / "output.png")
+        for folder in {args.out, args.save_masks or args.out}:
+            save_masks(result, folder)
+        with written_atomically(args.out / "timings.json") as temporary:
+            temporary.write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(result)
     print_path(args.out)
 

@@ -28,6 +28,7 @@ from .paths import (
     ignores_case,
     is_folder,
     written_file,
+    written_together,
 )
 from .streams import print_path
 
@@ -482,16 +483,18 @@ class _Run:
                 print(f"warning: {note}{more}", file=sys.stderr)
 
     def _write(self, item: LoadedJob, result: EditResult) -> EditResult:
-        """In the writer thread: the edit's masks, then the edit (so a finished edit means every file of it is
-        there); none after a write that failed (a full disk would fail every edit after it)."""
+        """In the writer thread: the edit's masks and the edit, all or none (an earlier run's files stay whole
+        when one fails: a file there is always its run's); none after a write that failed (a full disk would fail
+        every edit after it)."""
         from .image_io import save_image
 
         if self.stop_writing.is_set():
             raise ZoneError("not written: the run stopped before it")  # never said: the run stops with its reason
         try:
-            if item.job.masks:
-                save_masks(result, item.job.masks, item.profile)
-            save_image(result.image, item.job.output, icc_profile=item.profile)
+            with written_together():
+                if item.job.masks:
+                    save_masks(result, item.job.masks, item.profile)
+                save_image(result.image, item.job.output, icc_profile=item.profile)
         except BaseException:
             self.stop_writing.set()
             raise

@@ -11,6 +11,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from .errors import OutputError, ZoneError
@@ -249,18 +250,48 @@ def written_file(path: Path) -> Path:
     return Path(os.path.realpath(path)) if linked else path
 
 
+# The files written_atomically wrote inside written_together, by the path each moves over once all are written.
+_held_back: ContextVar[dict[Path, Path] | None] = ContextVar("_held_back", default=None)
+
+
 @contextmanager
 def written_atomically(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` (same suffix: writers that go by it pick the same format) to
     write to, moved over `path` only once the writing succeeded: a failed or interrupted write (a
-    full disk, a size limit) leaves the old file as it was, never a truncated one."""
+    full disk, a size limit) leaves the old file as it was, never a truncated one. Inside
+    `written_together`, moved when that block ends."""
     path = written_file(Path(path))
-    temporary = path.with_name(_temporary_name(path))
+    temporary, held = path.with_name(_temporary_name(path)), _held_back.get()
+    written = False
     try:
         yield temporary
-        os.replace(temporary, path)
+        if held is None:
+            os.replace(temporary, path)
+        else:
+            held[path] = temporary  # a second write of the path: the same temporary, rewritten
+            written = True
     finally:
-        temporary.unlink(missing_ok=True)
+        if not written:
+            temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def written_together() -> Iterator[None]:
+    """The files written_atomically writes in this block move over their paths only once the block ends without
+    an error: a failed write of one (a full disk at the third of a demo's eight files, an edit's mask) leaves
+    every older file as it was, not a mix of this run's files and an earlier one's."""
+    held: dict[Path, Path] = {}
+    token = _held_back.set(held)
+    try:
+        try:
+            yield
+        finally:
+            _held_back.reset(token)
+        for path, temporary in held.items():
+            os.replace(temporary, path)
+    finally:  # the temporaries of a block that failed (or of a move that did)
+        for temporary in held.values():
+            temporary.unlink(missing_ok=True)
 
 
 def _temporary_name(path: Path) -> str:
