@@ -865,7 +865,8 @@ def test_a_batch_line_reads_an_image_under_the_home_folder_as_a_shell_would(phot
 
 def test_a_batch_reads_what_json_writers_write_and_standard_input(photo, tmp_path, capsys, monkeypatch):
     """json.dumps(ensure_ascii=False) leaves U+2028 unescaped (str.splitlines cut the line there); Windows editors
-    write a byte-order mark; `-` reads standard input, its images relative to the current folder."""
+    write a byte-order mark; `-` reads standard input, its images relative to the current folder (and so named).
+    """
     line = json.dumps({"image": "photo.png", "instruction": "add a hat\u2028please"}, ensure_ascii=False)
     (tmp_path / "edits.jsonl").write_bytes(b"\xef\xbb\xbf" + line.encode() + b"\r\n")
     common = ["--tiny", "--steps", "1", "--no-progress"]
@@ -874,8 +875,10 @@ def test_a_batch_reads_what_json_writers_write_and_standard_input(photo, tmp_pat
     monkeypatch.chdir(tmp_path)
     piped = b"\xef\xbb\xbf" + '{"image": "photo.png", "instruction": "add a café hat"}\n'.encode()
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(piped), encoding="latin-1"))  # not the locale's
-    assert main(["batch", "-", "-o", "piped", *common]) == 0
+    assert main(["batch", "-", "-o", "piped", "--report", "piped.jsonl", *common]) == 0
     assert (tmp_path / "piped" / "photo.png").exists()
+    # named as the line gives it, as from a list in this folder (it was the current folder's absolute path)
+    assert json.loads((tmp_path / "piped.jsonl").read_text())["image"] == "photo.png"
     monkeypatch.setattr(sys, "stdin", None)  # `zone batch - <&-`
     _fails_cleanly(capsys, ["batch", "-", "-o", "piped", *common], "standard input, which is closed here")
 

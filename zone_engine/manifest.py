@@ -31,7 +31,9 @@ def plan_manifest(args: argparse.Namespace, defaults: dict[str, Any]) -> list[Ed
     check_batch_size(args.batch_size)
     refuse_file_output(output, said_folder, "for a batch")
     source = str(args.manifest)
-    root = Path.cwd() if source == STDIN or source.startswith(("/dev/", "/proc/")) else args.manifest.parent
+    # The current folder as "", not its absolute path: a report names the images as the lines give them, read from
+    # standard input or from a list in the current folder alike.
+    root = Path() if source == STDIN or source.startswith(("/dev/", "/proc/")) else args.manifest.parent
     jobs = []
     for number, line in enumerate(_lines(args.manifest), 1):
         if line.strip():
