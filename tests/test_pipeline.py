@@ -298,7 +298,7 @@ def test_an_edit_denoised_before_is_refused_until_restarted(tiny_pipe):
     with pytest.raises(ConfigError, match=r"stop must be a function of no arguments .* got str: e.g. stop=event"):
         tiny_pipe.denoise([edit], stop="x")
     with pytest.raises(EditCancelled):
-        tiny_pipe.denoise([edit], stop=lambda: True)
+        tiny_pipe.denoise([edit], stop=iter([False, True]).__next__)  # after the first step
     with pytest.raises(ConfigError, match=r"denoised before .* pass edit.restart\(\)"):
         tiny_pipe.denoise([edit])
     (again,) = tiny_pipe.denoise([restarted := edit.restart()])
@@ -319,10 +319,14 @@ def test_a_stop_that_needs_arguments_or_answers_no_bool_is_refused(tiny_pipe):
     assert edit.attention.total is None  # refused before any step
     with pytest.raises(ConfigError, match=r"stop must return True or False, got an Event: .*not lambda: event"):
         tiny_pipe.denoise([edit], stop=lambda: threading.Event())
-    tiny_pipe.denoise([edit.restart()], stop=lambda: None)  # None: go on
-    with pytest.raises(EditCancelled):  # numpy's bool (`(mask > 0).any()` answers one) is a bool too
-        tiny_pipe.denoise([edit.restart()], stop=lambda: np.bool_(True))
+    assert edit.attention.total is None  # its answer asked before any step: said then, the edit untouched
+    with pytest.raises(EditCancelled, match="before denoising"):  # numpy's bool (`(mask > 0).any()`) is a bool too
+        tiny_pipe.denoise([edit], stop=lambda: np.bool_(True))
+    assert edit.attention.total is None  # a stop already set: no step done, no restart() needed
+    tiny_pipe.denoise([edit], stop=lambda: None)  # None: go on
     tiny_pipe.denoise([edit.restart()], stop=bool)  # a builtin without a signature is called as it is: bool() is False
+
+
 
 def test_a_second_pipeline_may_not_change_the_models_another_one_holds():
     """A pipeline moves, casts and lays out its models in place: a second one over the same models with other

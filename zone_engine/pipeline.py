@@ -693,7 +693,8 @@ class ZonePipeline:
     ) -> list[torch.Tensor]:
         """Step 5 for edits of one batch key: dual denoising, recording IP2P's cross-attention into
         each edit's accumulator. One batched loop if the denoiser can batch, else one loop an edit.
-        `stop` is polled after every step; when it says so, the loop ends with `EditCancelled`."""
+        `stop` is polled before the first step and after every step; when it says so, the loop ends with
+        `EditCancelled` (before the first: the edits untouched, no restart() needed)."""
         check_switch("progress", progress)
         _check_stop(stop)
         if not isinstance(edits, Sequence) or not edits or not all(isinstance(e, PreparedEdit) for e in edits):
@@ -708,6 +709,9 @@ class ZonePipeline:
         if len({edit.batch_key for edit in edits}) != 1:
             raise ConfigError("edits denoised together need one batch key (latent size, steps, guidance): "
                               "group them by PreparedEdit.batch_key, as edit_batch does")
+        # Asked once before any work: a stop already set costs no step, and one answering no bool is said at once.
+        if stop is not None and _stop_says(stop()):
+            raise EditCancelled("the edit was cancelled before denoising")
         config = edits[0].config
         runs = [list(edits)] if isinstance(self.denoiser, BatchDenoiser) and len(edits) > 1 else [[e] for e in edits]
         watch, latents = Stopwatch(self.device), []
