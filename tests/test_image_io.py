@@ -1285,6 +1285,19 @@ def test_each_formats_largest_side_is_said_before_the_edit(tmp_path, suffix, lar
         image_io.check_output_size(tmp_path / f"x{suffix}", 8, largest + 1)
 
 
+def test_the_small_helpers_say_an_argument_of_the_wrong_type(tmp_path):
+    """A profile's name for its bytes and a size read as text were Pillow's and Python's TypeErrors ("a bytes-like
+    object is required", "'>' not supported between 'int' and 'str'"); numpy's ints, as shapes give them, are ints."""
+    with pytest.raises(OutputError, match="icc_profile is a colour profile's bytes .* not a str"):
+        save_image(random_rgb(8, 8), tmp_path / "x.png", icc_profile="srgb")
+    assert not (tmp_path / "x.png").exists()
+    with pytest.raises(OutputError, match="takes the height and width as ints, got a str and an int"):
+        image_io.check_output_size(tmp_path / "x.webp", "512", 512)
+    image_io.check_output_size(tmp_path / "x.webp", np.int64(512), 512)
+    with pytest.raises(OutputError, match="holds at most"):
+        image_io.check_output_size(tmp_path / "x.webp", np.int64(16384), 512)
+
+
 def test_an_encoders_own_refusal_is_a_zone_error(tmp_path, monkeypatch):
     """A limit the checks do not know: the encoder's error (OverflowError here), said as the image's, no traceback."""
     real_save = Image.Image.save

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import numbers
 import os
 import re
 import struct
@@ -595,6 +596,9 @@ def save_image(array: np.ndarray, path: str | os.PathLike, icc_profile: bytes | 
     as the input's did.
     """
     pixels = _savable_pixels(array)
+    if icc_profile is not None and not isinstance(icc_profile, bytes):  # Pillow's TypeError, after the checks
+        raise OutputError(f"icc_profile is a colour profile's bytes (colour_profile(path) reads an image's) or None, "
+                          f"not {a_type(icc_profile)}")
     if not isinstance(path, str | os.PathLike) or not isinstance(os.fspath(path), str):  # pathlib: a TypeError
         raise OutputError(f"save_image writes to a path given as a str or pathlib.Path, not {a_type(path)}")
     if not os.fspath(path):
@@ -723,6 +727,9 @@ def output_notes(path: str | os.PathLike, icc_profile: bytes | None = None) -> l
 def check_output_size(path: str | os.PathLike, height: int, width: int) -> None:
     """OutputError when `path`'s format cannot hold an image this large (WebP: 16383 a side): said before an edit
     runs, not after it."""
+    if not all(isinstance(side, numbers.Integral) and not isinstance(side, bool) for side in (height, width)):
+        raise OutputError(f"check_output_size takes the height and width as ints, got {a_type(height)} and "
+                          f"{a_type(width)}")
     file_format = _writable_format(Path(path))
     largest = _LARGEST_SIDE.get(file_format)
     if largest is not None and max(height, width) > largest:
