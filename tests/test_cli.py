@@ -1892,6 +1892,8 @@ def test_from_pretrained_checks_its_own_arguments_before_any_checkpoint_loads(mo
     for arguments, words in (({"ip2p": None}, "ip2p must be a model id or a path, got None"),
                              ({"magicbrush": 3}, "magicbrush must be a model id or a path, got 3"),
                              ({"sam": 1.0}, "sam must be a model id or a path"),
+                             ({"ip2p": ""}, "ip2p is empty: pass a model id or a path, or leave it out"),
+                             ({"sam": " "}, "sam is empty"),
                              ({"sam_type": "vit_x"}, "unknown SAM type 'vit_x'")):
         with pytest.raises(ZoneError, match=words):
             ZonePipeline.from_pretrained(device="cpu", **arguments)

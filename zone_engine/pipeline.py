@@ -520,6 +520,9 @@ class ZonePipeline:
                             ("action_classifier", action_classifier)):
             if not isinstance(value, str | os.PathLike) and (value is not None or name in ("ip2p", "magicbrush")):
                 raise ConfigError(f"from_pretrained: {name} must be a model id or a path, got {value!r}")
+            if isinstance(value, str) and not value.strip():  # '' read as the current folder: "no model_index.json"
+                raise ConfigError(f"from_pretrained: {name} is empty: pass a model id or a path, or leave it out "
+                                  "for its default")
         sam_type = checked_sam_type(sam_type)
         sam, action_classifier = _checkpoint_files(sam, sam_type, kwargs.get("segmenter", "torch"), action_classifier)
         target = resolve_device(device)
