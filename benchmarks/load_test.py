@@ -236,7 +236,18 @@ async def post_edit(client: httpx.AsyncClient, base: str, image: bytes, config: 
 class Tally:
     sent: int = 0
     latencies_s: list[float] = field(default_factory=list)  # successful edits only
-    errors: Counter = field(default_factory=Counter)  # "HTTP 503", or the exception's name when no answer came
+    errors: Counter = field(default_factory=Counter)  # "HTTP 503 queue_full", or the exception's name when no answer
+
+
+def error_kind(response: httpx.Response) -> str:
+    """An answer other than 200 as its status and the server's error code ("HTTP 503 queue_full"): the code tells a
+    refusal (a full queue) from a failure (a 503 `unavailable` while stopping, `cancelled`, `internal_error`), which
+    share a status; the status alone for a body without one (a proxy's)."""
+    try:
+        code = response.json()["error"]["code"]
+    except (ValueError, LookupError, TypeError):  # not JSON, or not the service's error shape
+        code = None
+    return f"HTTP {response.status_code}" + (f" {code}" if isinstance(code, str) else "")
 
 
 async def send_one(client: httpx.AsyncClient, base: str, image: bytes, config: LoadConfig, seed: int,
@@ -250,7 +261,7 @@ async def send_one(client: httpx.AsyncClient, base: str, image: bytes, config: L
     if response.status_code == 200:
         tally.latencies_s.append(time.perf_counter() - started)
     else:
-        tally.errors[f"HTTP {response.status_code}"] += 1
+        tally.errors[error_kind(response)] += 1
 
 
 def _percentiles_ms(latencies_s: list[float]) -> dict[str, float | None]:
@@ -517,8 +528,9 @@ def _load_test_parser(defaults: LoadConfig) -> CommandParser:
                     "without: starts two servers (tiny models on the CPU by default), or measures --url.",
         epilog="Real checkpoints on a GPU: --no-tiny --device cuda --server-arg=--ip2p=DIR "
                "--server-arg=--magicbrush=DIR --server-arg=--sam=FILE.pth (write --server-arg=VALUE when the value "
-               "starts with a dash). Exit codes: 0 done, 2 a server did not start or a warm-up edit failed, 130 "
-               "interrupted (Ctrl-C or SIGTERM; the levels that finished are still reported).",
+               "starts with a dash). Exit codes: 0 done, 1 a level had no successful edit (the server down, or every "
+               "request refused or failed; the report is still written), 2 a server did not start or a warm-up edit "
+               "failed, 130 interrupted (Ctrl-C or SIGTERM; the levels that finished are still reported).",
     )
     parser.add_argument("--out", type=folder_argument, required=True, metavar="DIR",
                         help="folder for load.json, load.png and server logs")
@@ -618,7 +630,18 @@ def main(argv: list[str] | None = None) -> int:
     if record["interrupted"]:
         print(f"load test: {record['interrupted']}", file=sys.stderr)
         return 130
+    if empty := no_edit_succeeded(record):
+        print(f"load test: no edit succeeded at {', '.join(empty)} (see the errors column): those levels measured "
+              "nothing", file=sys.stderr)
+        return 1
     return 0
+
+
+def no_edit_succeeded(record: dict) -> list[str]:
+    """The levels ("external at 2") without one successful edit: the server down, or every request refused or
+    failed. Their 0 edits/s is no measurement; a script or CI job must not take the run for one."""
+    return [f"{result['mode']} at {level['concurrency']}" for result in record["results"]
+            for level in result["levels"] if level["ok"] == 0]
 
 
 if __name__ == "__main__":

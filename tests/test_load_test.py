@@ -356,6 +356,32 @@ def test_an_answer_other_than_200_is_an_error_named_by_its_status(monkeypatch, t
     assert level["ok"] == 0 and level["errors"] == {"HTTP 400": 2} and level["latency_ms"]["p50"] is None
 
 
+def test_a_refusal_is_told_from_a_failure_by_the_servers_error_code(monkeypatch, tmp_path):
+    """A full queue's 503 (backpressure working) and a stopping server's 503 were both "HTTP 503"; an answer
+    without the service's error body (a proxy's) keeps its status alone."""
+    answers = iter([httpx.Response(503, json={"error": {"code": "queue_full", "message": "..."}}),
+                    httpx.Response(503, json={"error": {"code": "unavailable", "message": "..."}}),
+                    httpx.Response(502, text="Bad Gateway"), httpx.Response(503, json=["no", "error", "shape"])])
+
+    async def post_edit(client, base, image, config, seed) -> httpx.Response:
+        return next(answers)
+    monkeypatch.setattr(load_test, "post_edit", post_edit)
+    level = asyncio.run(measure_level(f"http://127.0.0.1:{free_port()}", 1, LoadConfig(out=tmp_path, requests=4), b""))
+    assert level["errors"] == {"HTTP 503 queue_full": 1, "HTTP 503 unavailable": 1, "HTTP 502": 1, "HTTP 503": 1}
+
+
+def test_a_level_without_a_successful_edit_exits_1_after_its_report(tmp_path, capsys):
+    """The server down (no warm-up to find it so) or every edit refused exited 0 with a table of 0 edits/s: a
+    script or CI job took that for a measurement."""
+    argv = ["--url", f"http://127.0.0.1:{free_port()}", "--concurrency", "1", "--requests", "2", "--warmup", "0",
+            "--out", str(tmp_path)]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "| external | 1 | 2 | 0 | ConnectError: 2 |" in captured.out
+    assert "load test: no edit succeeded at external at 1" in captured.err
+    assert json.loads((tmp_path / "load.json").read_text())["results"][0]["levels"][0]["ok"] == 0
+
+
 def test_no_server_or_a_failed_warm_up_exits_2_saying_why(monkeypatch, tmp_path, capsys):
     """Exit 2, as the help says, with the reason; not a traceback, nor levels measured against a broken server."""
     base = f"http://127.0.0.1:{free_port()}"

@@ -19,7 +19,6 @@ INSTRUCTION = "make the dog a golden statue"
 STEPS = 4
 
 
-
 def _reference(tiny_models, image, output_type):
     pipe = StableDiffusionInstructPix2PixPipeline(
         vae=tiny_models.vae, text_encoder=tiny_models.text_encoder, tokenizer=tiny_models.tokenizer,

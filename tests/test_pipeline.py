@@ -327,7 +327,6 @@ def test_a_stop_that_needs_arguments_or_answers_no_bool_is_refused(tiny_pipe):
     tiny_pipe.denoise([edit.restart()], stop=bool)  # a builtin without a signature is called as it is: bool() is False
 
 
-
 def test_a_second_pipeline_may_not_change_the_models_another_one_holds():
     """A pipeline moves, casts and lays out its models in place: a second one over the same models with other
     settings silently changed the first one's layout (its output moved by a level; on CUDA its graphs would read

@@ -1704,6 +1704,18 @@ def test_retry_after_is_the_batches_ahead_times_a_batchs_time_or_the_running_one
     assert run_batcher(scenario) == [1, 25, 100, 11, 11]
 
 
+def test_retry_after_counts_the_uploads_being_decoded_among_the_edits_ahead():
+    """They fill the queue (it is said full for them) and are queued next: a client refused for them was told to come
+    back after one batch's time, into the same full queue (a burst of 12 against --queue-size 4: 41 s where the
+    edits ahead took 91 s)."""
+    service = LocalEditService(lambda: None, ServeSettings(warmup=False, max_batch=2, queue_size=4))
+    service.batcher._batch_seconds = 10.0  # as if the batches run so far took 10 s
+    service.decoding = 4
+    with pytest.raises(QueueFull) as refused:
+        service.check_room()
+    assert refused.value.retry_after_s == 30  # 4 uploads in 2 batches, and the one running: 3 x 10 s
+
+
 def test_a_full_bucket_starts_at_once_and_a_lone_edit_when_its_wait_is_up():
     sizes: list[int] = []
 

@@ -320,7 +320,7 @@ class LocalEditService(EditService):
 
     def check_room(self) -> None:
         if self.batcher.queued + self.decoding >= self.settings.queue_size:
-            raise QueueFull(self.batcher.retry_after_s())
+            raise QueueFull(self.batcher.retry_after_s(arriving=self.decoding))
 
 
 # ---------------------------------------------------------------------------------------- inputs

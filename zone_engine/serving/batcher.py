@@ -125,12 +125,12 @@ class DynamicBatcher:
     def queued(self) -> int:
         return sum(len(bucket) for bucket in self._buckets.values())
 
-    def retry_after_s(self) -> int:
-        """About how long the edits ahead take to run: the batches queued and running times a batch's duration (at
-        least as long as the running batch has run so far: before the first batch ends, the only figure there is).
-        Longer than until the first slot frees, on purpose: clients told to come back then would meet a full queue
-        again."""
-        batches_ahead = self.queued / self.max_batch + 1
+    def retry_after_s(self, arriving: int = 0) -> int:
+        """About how long the edits ahead take to run: the batches queued (with `arriving` edits about to be: uploads
+        being decoded, which hold their queue places) and running times a batch's duration (at least as long as the
+        running batch has run so far: before the first batch ends, the only figure there is). Longer than until the
+        first slot frees, on purpose: clients told to come back then would meet a full queue again."""
+        batches_ahead = (self.queued + arriving) / self.max_batch + 1
         running_s = self.clock() - self._running_since if self._running else 0.0
         return max(1, math.ceil(batches_ahead * max(self._batch_seconds, running_s)))
 
