@@ -427,6 +427,7 @@ class ReferenceStyleZone:
             image=canvas,
             **at_input,
             heatmap=image_io.to_input_size(heatmap, geometry, is_mask=False),
+            difference=image_io.levels_to_input_size(difference, geometry),
             action=action,
             used_fallback=used_fallback,
             instruction_truncated=len(self.ip2p_pipe.tokenizer.encode(instruction)) > 77,

@@ -410,14 +410,29 @@ def test_an_edit_whose_mask_cannot_be_written_keeps_the_earlier_output(photo, tm
     assert sorted(path.name for path in out.parent.iterdir()) == ["edited.png", "masks"]
 
 
+def test_the_report_and_the_demo_record_the_threshold_rule_and_beta_the_edit_used(photo, tmp_path):
+    """Edits that differ only by --threshold-rule had identical report lines: nothing said which M_b rule made them."""
+    common = ["--steps", "1", "--no-progress", "--action", "remove"]
+    for rule in ("reference", "paper"):
+        report = tmp_path / f"{rule}.jsonl"
+        assert main(["edit", str(photo), "-i", "x", "-o", str(tmp_path / f"{rule}.png"), "--threshold-rule", rule,
+                     "--report", str(report), "--tiny", *common]) == 0
+        (record,) = [json.loads(line) for line in report.read_text().splitlines()]
+        assert (record["threshold_rule"], record["beta"], record["action"]) == (rule, 0.2, "remove")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--threshold-rule", "paper", *common]) == 0
+    summary = json.loads((tmp_path / "demo" / "timings.json").read_text())
+    assert (summary["threshold_rule"], summary["beta"], summary["action"]) == ("paper", 0.2, "remove")
+
+
 def test_edit_with_tiny_models_and_masks(photo, tmp_path):
     out, masks = tmp_path / "out" / "edited.png", tmp_path / "masks"
     argv = ["edit", str(photo), "-i", "add a hat", "-o", str(out), "--tiny", "--steps", "2", "--seed", "3",
             "--save-masks", str(masks), "--no-progress"]
     assert main(argv) == 0
     assert Image.open(out).size == (96, 64)
-    expected = {f"{n}.png" for n in ("mask_b", "mask_f", "region", "styled", "heatmap")}
+    expected = {f"{n}.png" for n in ("mask_b", "mask_f", "region", "styled", "heatmap", "difference")}
     assert {p.name for p in masks.iterdir()} == expected
+    assert Image.open(masks / "difference.png").mode == "L" and Image.open(masks / "mask_b.png").mode == "L"
     first = np.asarray(Image.open(out))
     assert main(argv) == 0 and np.array_equal(first, np.asarray(Image.open(out)))  # same seed, same file
 
@@ -659,8 +674,10 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
         (3, 2, "add"), (42, 2, "remove"), (None, None, None), (42, 1, "add")]
     assert records[2]["error"].startswith("cannot read") and set(records[0]["seconds"]) >= {"denoise", "total"}
     # Every line names its edit as the list gave it; a done one says its outcome, one not done its error alone.
-    assert set(records[0]) == {"name", "image", "output", "instruction", "action", "seed", "steps", "seconds",
-                               "edited_pixels", "used_fallback", "warnings"}
+    assert set(records[0]) == {"name", "image", "output", "instruction", "action", "seed", "steps", "beta",
+                               "threshold_rule", "seconds", "edited_pixels", "used_fallback", "warnings"}
+    assert [(r.get("beta"), r.get("threshold_rule")) for r in records] == [
+        (0.01, "reference"), (0.2, "reference"), (None, None), (0.01, "reference")]  # remove's beta, ZONE.md
     assert set(records[2]) == {"name", "image", "output", "instruction", "error"}
     assert [(r["image"], r["output"], r["instruction"]) for r in records[1:3]] == [
         (str(photo), str(tmp_path / "out" / "sub" / "removed.webp"), "remove the hat"),
@@ -1211,7 +1228,8 @@ def test_edit_to_jpeg_warns_that_it_is_lossy_and_keeps_the_colour_profile(photo,
     assert Image.open(out).info["icc_profile"] == RGB_PROFILE
     # The colour images beside it are in the input's colours too; the masks are not colours.
     profiles = {path.stem: Image.open(path).info.get("icc_profile") for path in masks.iterdir()}
-    assert profiles == {"styled": RGB_PROFILE, "heatmap": RGB_PROFILE, "mask_b": None, "mask_f": None, "region": None}
+    assert profiles == {"styled": RGB_PROFILE, "heatmap": RGB_PROFILE, "mask_b": None, "mask_f": None, "region": None,
+                        "difference": None}
 
 
 def test_edit_writes_every_format_pillow_writes_saying_what_it_loses(photo, tmp_path, capsys):

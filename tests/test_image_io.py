@@ -21,6 +21,7 @@ from zone_engine.errors import InputImageError, OutputError
 from zone_engine.image_io import (
     Geometry,
     crop_padding,
+    levels_to_input_size,
     load_image,
     make_sample_image,
     read_image,
@@ -943,6 +944,19 @@ def test_geometry_invariants(size, scaled, padded, top, left):
         total = geometry.padded_size[axis] - geometry.scaled_size[axis]
         assert geometry.padded_size[axis] % 32 == 0 and 0 <= total < 32
         assert pad_before == total // 2  # an odd pixel goes after
+
+
+@pytest.mark.parametrize(("size", "scaled", "padded", "top", "left"), GEOMETRY_CASES, ids=GEOMETRY_IDS)
+def test_a_threshold_of_the_levels_at_the_input_size_is_the_mask_at_the_input_size(size, scaled, padded, top, left):
+    """EditResult.difference: thresholding it at the input size gives what thresholding at the working size and
+    enlarging the mask gives (M_b), for every threshold -- a bicubic enlargement would not."""
+    geometry = working_geometry(*size)
+    levels = np.random.default_rng(1).integers(0, 256, size=padded, dtype=np.uint8)
+    at_input = levels_to_input_size(levels, geometry)
+    assert at_input.shape == size and at_input.dtype == np.uint8
+    for threshold in (1, 54, 128, 255):
+        np.testing.assert_array_equal(at_input < threshold,
+                                      to_input_size(levels < threshold, geometry, is_mask=True))
 
 
 def test_geometry_options():

@@ -31,6 +31,7 @@ def test_outputs_have_the_input_size(tiny_pipe, size):
     result = _edit(tiny_pipe, smooth_image(*size))
     assert result.image.shape == (*size, 3) and result.image.dtype == np.uint8
     assert result.styled.shape == result.heatmap.shape == (*size, 3)
+    assert result.difference.shape == size and result.difference.dtype == np.uint8
     for mask in (result.mask_b, result.mask_f, result.region, result.seam):
         assert mask.shape == size and mask.dtype == bool
 
@@ -260,7 +261,8 @@ def test_fp16_vae_overflow_is_decoded_again_in_fp32(tiny_models, monkeypatch):
     and the VAE itself stays as it was, weights and all (its CUDA graphs point at them)."""
     from zone_engine.pipeline import decode_latents
 
-    vae = tiny_models.vae
+    # A copy: the session's VAE, rounded to fp16 and back, changed the edits of every test after this one.
+    vae = copy.deepcopy(tiny_models.vae)
     original = type(vae).decode
 
     def overflowing(self, latents, return_dict=False):  # on the class: the fp32 copy runs it too
@@ -543,6 +545,27 @@ def test_the_heatmap_is_drawn_over_the_input(tiny_pipe, monkeypatch):
     result = _edit(tiny_pipe, image)
     np.testing.assert_array_equal(drawn_over[0], image)
     assert not np.array_equal(result.styled, image)  # so drawing over I_sty would show
+
+
+@pytest.mark.parametrize("size", [(64, 96), (1000, 90)])
+@pytest.mark.parametrize("rule", ["reference", "paper"])
+def test_the_difference_thresholded_is_m_b(tiny_pipe, size, rule):
+    """d, the levels M_b thresholds (the reference's crossattn_diff.png), at the input size: the heatmap alone
+    (d blended with the image) did not let a researcher see or re-threshold it. Random weights' d is low
+    everywhere, so the thresholds are d's own levels (the defaults would make M_b the whole image); 1000x90 is shrunk
+    to the working size and enlarged back."""
+    from zone_engine.localize import threshold_difference
+
+    image = smooth_image(*size, seed=3)
+    levels = np.unique(_edit(tiny_pipe, image, seed=3).difference)  # the thresholds leave d as it is
+    assert len(levels) > 1
+    # d <= the second highest level (reference: min(2d, 255) <= 2 of it), d < the second lowest (paper).
+    threshold = min(2 * int(levels[-2]), 255) if rule == "reference" else int(levels[1])
+    config = {"reference_threshold" if rule == "reference" else "paper_threshold": threshold}
+    result = _edit(tiny_pipe, image, seed=3, threshold_rule=rule, min_region_area=0, **config)
+    assert result.difference.shape == size and result.difference.dtype == np.uint8
+    assert 0 < result.mask_b.mean() < 1
+    np.testing.assert_array_equal(threshold_difference(result.difference, rule, threshold, threshold), result.mask_b)
 
 
 def test_a_stopwatch_adds_up_a_stage_timed_twice_and_its_copy_goes_on_apart(monkeypatch):

@@ -142,8 +142,9 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("output")
     group.add_argument("--save-masks", type=folder_argument, metavar="DIR",
-                       help="also write mask_b.png, mask_f.png, region.png, styled.png and heatmap.png to DIR (of "
-                       "several edits, each's to DIR/NAME/, NAME its output's file name without the suffix)")
+                       help="also write mask_b.png, mask_f.png, region.png (white: in the mask), styled.png (I_sty), "
+                       "heatmap.png and difference.png (d, the gray levels M_b thresholds) to DIR (of several edits, "
+                       "each's to DIR/NAME/, NAME its output's file name without the suffix)")
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -156,8 +157,9 @@ def _add_many_options(parser: argparse.ArgumentParser, suffix_when: str) -> None
                         "(an edit's output is written last, whole, so it being there means the edit is done)")
     parser.add_argument("--report", type=file_argument, metavar="FILE",
                         help="also write FILE, one JSON line per edit as it ends: its name, image, output, "
-                        "instruction, action, seed, steps, seconds per stage, edited pixels, fallback and warnings, or "
-                        "its error (a run cut short keeps the lines of the edits it ended; with --skip-existing the "
+                        "instruction, action, seed, steps, beta, threshold rule, seconds per stage, edited pixels, "
+                        "fallback and warnings, or its error: the record to reproduce it by (a run cut short keeps "
+                        "the lines of the edits it ended; with --skip-existing the "
                         "lines are added to FILE's, those of the edits done before kept)")
     parser.add_argument("--batch-size", type=int, default=1,
                         help=f"how many edits run at once, those of one size denoised as one batch (faster on a GPU; "
@@ -343,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="run every stage on tiny random models and a built-in image (no checkpoints needed)",
         description="Zero-setup run: tiny random models and a sample image generated in code. Writes "
-        "input.png, output.png, mask_b.png, mask_f.png, region.png, styled.png, heatmap.png and timings.json.",
+        "input.png, output.png, mask_b.png, mask_f.png, region.png, styled.png, heatmap.png, difference.png and "
+        "timings.json.",
         epilog=EXIT_CODES,
     )
     demo.add_argument("--out", type=folder_argument, required=True, help="folder to write the results to")
@@ -605,6 +608,7 @@ def run_demo(args: argparse.Namespace) -> None:
     config = pipe.default_config.replace(**changes)
     result = pipe.edit(image, instruction, config, progress=not args.no_progress)
     summary = {"instruction": instruction, "steps": config.steps, "seed": config.seed, "action": result.action.value,
+               "beta": config.beta_for(result.action), "threshold_rule": config.threshold_rule,
                "used_fallback": result.used_fallback, "timings": result.timings, "random_weights": True}
     with written_together():  # a write that fails (a full disk) leaves an earlier demo's files, not a mix
         save_image(image, args.out / "input.png")

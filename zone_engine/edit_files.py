@@ -38,7 +38,8 @@ if TYPE_CHECKING:  # imported where used: numpy, and torch with the pipeline, ta
     from .pipeline import EditResult, ZonePipeline
 
 
-MASK_OUTPUTS = ("mask_b", "mask_f", "region", "styled", "heatmap")  # what --save-masks writes, as NAME.png
+# What --save-masks writes, as NAME.png.
+MASK_OUTPUTS = ("mask_b", "mask_f", "region", "styled", "heatmap", "difference")
 COLOUR_OUTPUTS = ("styled", "heatmap")  # those in the input's colours: they carry its colour profile
 
 
@@ -402,8 +403,10 @@ class _Run:
                     print(f"warning: {item.job.name()}: {note}", file=sys.stderr)
                 self.settle(keep=self.in_flight - 1)  # a batch's results in hand at most, while the next is edited
                 outcome = dict(action=result.action.value, seed=request.config.seed, steps=request.config.steps,
-                               seconds=result.timings, edited_pixels=int(result.region.sum()),
-                               used_fallback=result.used_fallback, warnings=list(result.notes))
+                               beta=request.config.beta_for(result.action),
+                               threshold_rule=request.config.threshold_rule, seconds=result.timings,
+                               edited_pixels=int(result.region.sum()), used_fallback=result.used_fallback,
+                               warnings=list(result.notes))
                 self.writing.append((self.writer.submit(self._write, item, result), item, outcome))
 
     def settle(self, keep: int = 0, *, wait: bool = True) -> None:

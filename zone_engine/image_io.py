@@ -538,22 +538,26 @@ def to_input_size(array: np.ndarray, geometry: Geometry, *, is_mask: bool) -> np
     Masks (padded_h, padded_w), nonzero = True -> bool (H, W), resized with NEAREST.
     Images uint8 (padded_h, padded_w, 3) -> uint8 (H, W, 3), resized with BICUBIC.
     """
+    if is_mask:  # NEAREST keeps every level, a mask's 0 and 1 as they are
+        return levels_to_input_size((array != 0).astype(np.uint8), geometry).astype(bool)
     cropped = crop_padding(array, geometry)
     height, width = geometry.input_size
-    if is_mask:
-        mask = cropped.astype(bool)
-        if geometry.scaled_size == geometry.input_size:
-            return mask
-        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize(
-            (width, height), resample=Image.Resampling.NEAREST
-        )
-        return np.asarray(resized) > 127
     if cropped.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image, got {cropped.dtype}")
     if geometry.scaled_size == geometry.input_size:
         return cropped
     resized = Image.fromarray(cropped).resize((width, height), resample=Image.Resampling.BICUBIC)
     return np.asarray(resized).copy()
+
+
+def levels_to_input_size(levels: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """A uint8 (padded_h, padded_w) map of levels -> uint8 (H, W): cropped, then resized with NEAREST as masks are,
+    so a threshold of the result is the threshold, resized (the attention difference d against M_b)."""
+    cropped = crop_padding(levels, geometry)
+    if geometry.scaled_size == geometry.input_size:
+        return cropped.copy()
+    height, width = geometry.input_size
+    return np.asarray(Image.fromarray(cropped).resize((width, height), resample=Image.Resampling.NEAREST)).copy()
 
 
 def _scaled_region(geometry: Geometry) -> tuple[slice, slice]:

@@ -98,7 +98,9 @@ class EditResult:
     region: bool (H, W), R, where the FFT edge smoother found a real change.
     seam: bool (H, W), R without M_f, where styled and input are mixed.
     styled: uint8 (H, W, 3), I_sty, the whole denoised image.
-    heatmap: uint8 (H, W, 3), the attention difference map over the input.
+    heatmap: uint8 (H, W, 3), `difference` as a JET colour map over the input (blue low, red high: M_b is blue).
+    difference: uint8 (H, W), d = max(a1 - aL, 0), the levels M_b thresholds (reference rule: min(2d, 255) <= 108;
+    paper: d < 128), resized as the masks are, so thresholding it gives M_b before its small regions are dropped.
     action: the Action the edit ran with (given, or classified from the instruction).
     used_fallback: no SAM segment overlapped M_b, so M_f = M_b.
     instruction_truncated: the instruction was over CLIP's 77 tokens; its tail was not read.
@@ -114,6 +116,7 @@ class EditResult:
     seam: np.ndarray
     styled: np.ndarray
     heatmap: np.ndarray
+    difference: np.ndarray
     action: Action
     used_fallback: bool
     instruction_truncated: bool
@@ -803,5 +806,6 @@ class ZonePipeline:
                      for name, mask in (("mask_b", located.mask_b), ("mask_f", refined.mask_f), ("region", region))}
             styled = self._enlarged(styled, geometry)
             image = blend.composite(edit.original, styled, masks["region"], masks["mask_f"], alpha=config.seam_alpha)
+            difference = image_io.levels_to_input_size(located.difference, geometry)
             return dict(image=image, styled=styled, seam=blend.seam(masks["region"], masks["mask_f"]),
-                        heatmap=heatmap.result(), **masks)
+                        heatmap=heatmap.result(), difference=difference, **masks)
