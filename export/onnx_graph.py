@@ -4,6 +4,8 @@ onnxruntime only when an export runs (they are the `[onnx]` extra)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import json
 import logging
@@ -80,7 +82,22 @@ def require(module: str) -> ModuleType:
 
 
 def _exporting(scratch: Path) -> bool:
-    """Whether the process whose scratch folder this is (`.export-PID-...`) still runs on this machine."""
+    """Whether the export whose scratch folder this is (`.export-PID-...`) still runs on this machine: it holds
+    the folder's lock (`_locked`), which a process in another PID namespace (a container sharing the folder) sees
+    too, where its PID names no process or another one (the running export's scratch was swept, and it failed as
+    "No such file or directory"); else its PID runs (an older engine's export, or a file system without locks)."""
+    try:
+        folder = os.open(scratch, os.O_RDONLY)
+    except OSError:  # gone since, or not ours to open (another user's): not ours to sweep either
+        return True
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no locks here (some network file systems): its PID says
+        pass
+    finally:
+        os.close(folder)
     pid = scratch.name.split("-")[1]
     if not pid.isdigit():  # an older engine's name, without its pid
         return False
@@ -94,24 +111,58 @@ def _exporting(scratch: Path) -> bool:
 
 
 @contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on `folder` while the block runs, released by the system when the process dies (SIGKILL,
+    out of memory): how another export tells a running export's scratch folder from a killed one's. None where
+    the file system has no locks."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+# The files each export (by its scratch folder) has moved into its output folder: what it takes back when cut short
+# in a folder it created, where another export may have put its own files meanwhile.
+_installed: dict[Path, list[str]] = {}
+
+
+@contextmanager
 def staging_folder(out_dir: Path) -> Iterator[Path]:
     """A scratch folder inside `out_dir` for the files of one export, removed on exit. Inside `out_dir`, so
-    on its filesystem: os.replace then moves each finished file in at once, and a failed export leaves
-    `out_dir` as it was (removed, when this call created it)."""
+    on its filesystem: os.replace (`install`) then moves each finished file in at once, and a failed export leaves
+    `out_dir` as it was (removed, when this call created it; with what another export, run at the same time into
+    the same new folder, put there kept: its scratch folder, or its files)."""
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     for scratch in out_dir.glob(".export-*"):  # a killed export's (SIGKILL, out of memory): gigabytes for vit_h
         if not _exporting(scratch):
             shutil.rmtree(scratch, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=out_dir))
+    _installed[staging] = []
     try:
-        yield staging
+        with _locked(staging):
+            yield staging
     except BaseException:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:  # the whole folder went, the other export's files with it (its scratch: a FileNotFoundError)
+            for name in _installed[staging]:
+                (out_dir / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # only while empty
+                out_dir.rmdir()
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        del _installed[staging]
+
+
+def install(staging: Path, out_dir: Path, name: str) -> None:
+    """Move the finished file `name` from `staging` (a `staging_folder`) into `out_dir`, over the file there."""
+    os.replace(staging / name, out_dir / name)
+    if (installed := _installed.get(staging)) is not None:  # None: a folder of the caller's, not staging_folder's
+        installed.append(name)
 
 
 @contextmanager

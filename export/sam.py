@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -38,6 +37,7 @@ from .onnx_graph import (
     check_opset,
     compare,
     export_graph,
+    install,
     log,
     require,
     session,
@@ -157,7 +157,7 @@ def export_sam(
         with signals_held():  # the moves all done, or none
             shutil.rmtree(out_dir / TRT_CACHE, ignore_errors=True)  # engines of the graphs replaced: never read again
             for name in [*files, MANIFEST_FILE]:  # the manifest last: it vouches for the files before it
-                os.replace(staging / name, out_dir / name)
+                install(staging, out_dir, name)
         for name in (f"{ENCODER_FILE}.data", f"{DECODER_FILE}.data"):  # a vit_h export's weights, under vit_b's
             if name not in files:
                 try:

@@ -30,7 +30,6 @@ import argparse
 import copy
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +59,7 @@ from .onnx_graph import (
     check_opset,
     compare,
     export_graph,
+    install,
     log,
     require,
     session,
@@ -497,10 +497,10 @@ def _install(entries: dict[str, dict[str, Any]], staging: Path, out_dir: Path) -
             if old not in entry["files"] and (out_dir / old).is_file():
                 (out_dir / old).unlink()
         for file in entry["files"]:
-            os.replace(staging / file, out_dir / file)
+            install(staging, out_dir, file)
         manifest["graphs"][name] = entry
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(staging / MANIFEST_FILE, out_dir / MANIFEST_FILE)
+    install(staging, out_dir, MANIFEST_FILE)
 
 
 def _read_manifest_for_update(out_dir: Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import argparse
 import copy
 import importlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -407,6 +408,52 @@ def test_an_export_cut_off_after_its_first_graph_installs_none(models, tmp_path,
     assert traced == ["dual_step"] and not (tmp_path / "new").exists()  # removed: this export created it
 
 
+def test_an_export_cut_off_in_the_folder_it_created_keeps_another_exports_files(models, tmp_path, monkeypatch):
+    """Two exports into one new folder at once (two shells, a CI farm): Ctrl-C or SIGTERM of the one that made the
+    folder removed the whole folder, the other export's finished files with it (exit 0, its folder gone) or, while
+    it ran, its scratch folder (`error: [Errno 2] No such file or directory: 'out/.export-PID-.../raw-...'`)."""
+    out = tmp_path / "new"
+    theirs = [".export-1-running/raw-image_encoder/image_encoder.onnx", "mask_decoder.onnx", "manifest.json"]
+
+    def the_other_export_meanwhile(spec, staging, *_):
+        (staging / spec.file).write_bytes(b"graph")
+        for name in theirs:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(b"theirs")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "_export_spec", the_other_export_meanwhile)
+    with pytest.raises(KeyboardInterrupt):
+        export_unet_graphs(models, out, height=32, width=32)
+    assert sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file()) == sorted(theirs)
+
+
+def test_a_running_exports_scratch_folder_is_not_swept_whatever_its_pid_names(tmp_path):
+    """An export in another PID namespace (a container sharing the folder) read a running export's PID as no
+    process and swept its scratch folder: that export failed, `error: [Errno 2] No such file or directory:
+    'out/.export-PID-.../raw-image_encoder'`. The lock a running export holds on it says; a killed one's goes."""
+    import fcntl
+
+    from zone_export.onnx_graph import staging_folder
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    running, killed = (tmp_path / f".export-{dead.stdout.strip()}-{name}" for name in ("running", "killed"))
+    for scratch in (running, killed):
+        (scratch / "raw-image_encoder").mkdir(parents=True)
+    held = os.open(running, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the running export holds it
+        with staging_folder(tmp_path) as staging:
+            assert sorted(path.name for path in tmp_path.iterdir()) == sorted([running.name, staging.name])
+            ours = os.open(staging, os.O_RDONLY)  # this export's own scratch is locked as it runs
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(ours, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.close(ours)
+    finally:
+        os.close(held)
+    assert [path.name for path in tmp_path.iterdir()] == [running.name]
+
+
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_while_a_re_export_installs_waits_for_the_moves(models, tmp_path, monkeypatch, number):
     """A signal between two moves left a new dual_step beside the old VAE graphs and manifest: the folder's
@@ -422,7 +469,7 @@ def test_ctrl_c_while_a_re_export_installs_waits_for_the_moves(models, tmp_path,
         (staging / spec.file).write_bytes(b"new")  # its file in staging, as a real trace leaves it (10 s)
         return {"files": {spec.file: "0" * 64}}
 
-    moves, real_replace = [], export_module.os.replace
+    moves, real_replace = [], os.replace
 
     def ctrl_c_at_the_second_move(source, target):
         moves.append(Path(target).name)
@@ -431,7 +478,7 @@ def test_ctrl_c_while_a_re_export_installs_waits_for_the_moves(models, tmp_path,
         return real_replace(source, target)
 
     monkeypatch.setattr(export_module, "_export_spec", traced)
-    monkeypatch.setattr(export_module.os, "replace", ctrl_c_at_the_second_move)
+    monkeypatch.setattr(os, "replace", ctrl_c_at_the_second_move)
     with pytest.raises(KeyboardInterrupt) as stopped, terminated_as_interrupt():
         export_unet_graphs(models, tmp_path, height=32, width=32)
     assert isinstance(stopped.value, Terminated) == (number == signal.SIGTERM)
@@ -449,7 +496,7 @@ def test_ctrl_c_while_a_new_folder_installs_removes_it(models, tmp_path, monkeyp
         (staging / spec.file).write_bytes(b"new")
         return {"files": {spec.file: "0" * 64}}
 
-    moves, real_replace = [], export_module.os.replace
+    moves, real_replace = [], os.replace
 
     def ctrl_c_at_the_second_move(source, target):
         moves.append(Path(target).name)
@@ -458,7 +505,7 @@ def test_ctrl_c_while_a_new_folder_installs_removes_it(models, tmp_path, monkeyp
         return real_replace(source, target)
 
     monkeypatch.setattr(export_module, "_export_spec", traced)
-    monkeypatch.setattr(export_module.os, "replace", ctrl_c_at_the_second_move)
+    monkeypatch.setattr(os, "replace", ctrl_c_at_the_second_move)
     with pytest.raises(KeyboardInterrupt):
         export_unet_graphs(models, tmp_path / "new", height=32, width=32)
     assert len(moves) == 4 and not (tmp_path / "new").exists()  # every move made, then the folder removed

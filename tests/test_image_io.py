@@ -6,6 +6,7 @@ import io
 import os
 import struct
 import tempfile
+import threading
 import types
 import warnings
 import zlib
@@ -1382,3 +1383,33 @@ def test_a_damaged_file_of_any_format_is_an_input_image_error_never_pillows_own(
         except Exception as error:
             pytest.fail(f"{name}: {type(error).__name__}: {error}")
     assert refused > len(damaged_image_files()) // 2  # most are refused: the damage is real
+
+
+def test_two_threads_writing_one_path_at_once_both_succeed(tmp_path, monkeypatch):
+    """save_image from two threads of one process (a service's "latest.png"): both wrote the same temporary file
+    (named by the process alone), one's image in the other's file, and the later move failed, `cannot write
+    latest.png: No such file or directory`. Each thread has its own temporary now."""
+    target, meeting, real_save = tmp_path / "latest.png", threading.Barrier(2), Image.Image.save
+    temporaries, failures = [], []
+
+    def both_writing_at_once(image, path, format=None, **options):
+        if not isinstance(path, io.BytesIO):  # not check_output_format's one-pixel probe
+            temporaries.append(Path(path).name)
+            meeting.wait(timeout=60)
+        return real_save(image, path, format=format, **options)
+
+    def write(pixels):
+        try:
+            save_image(pixels, target)
+        except OutputError as error:
+            failures.append(str(error))
+
+    monkeypatch.setattr(Image.Image, "save", both_writing_at_once)
+    threads = [threading.Thread(target=write, args=(np.full((8, 8, 3), value, np.uint8),)) for value in (10, 200)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == [] and len(set(temporaries)) == 2
+    assert np.unique(np.asarray(Image.open(target))).tolist() in ([10], [200])  # one image, whole
+    assert [path.name for path in tmp_path.iterdir()] == ["latest.png"]

@@ -803,7 +803,7 @@ def test_ctrl_c_while_a_re_export_installs_waits_for_the_moves(exported, folder_
             signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, as the terminal sends it
         return real_replace(source, target)
 
-    monkeypatch.setattr(export_module.os, "replace", ctrl_c_at_the_second_move)
+    monkeypatch.setattr(os, "replace", ctrl_c_at_the_second_move)
     with pytest.raises(KeyboardInterrupt):
         export_sam(tiny_sam(seed=3), "tiny", folder_copy)  # other weights than the export in the folder
     monkeypatch.undo()
@@ -824,7 +824,7 @@ def test_an_export_cut_off_while_installing_leaves_no_manifest_vouching_for_miss
             raise KeyboardInterrupt  # Ctrl-C between two moves
         return real_replace(source, target)
 
-    monkeypatch.setattr(export_module.os, "replace", replace_once_then_fail)
+    monkeypatch.setattr(os, "replace", replace_once_then_fail)
     (tmp_path / "out").mkdir()  # the user's folder (one the export creates, it removes when cut off)
     with pytest.raises(KeyboardInterrupt):
         export_sam(sam, "tiny", tmp_path / "out")

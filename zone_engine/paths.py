@@ -9,6 +9,7 @@ import functools
 import hashlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -295,9 +296,11 @@ def written_together() -> Iterator[None]:
 
 
 def _temporary_name(path: Path) -> str:
-    """`.STEM.PID.partial.SUFFIX`, its stem shortened to fit NAME_MAX bytes: a name the checks passed (up to 255
-    bytes) failed its write after the edit, as "File name too long", the temporary name being 15 bytes longer."""
-    stem, tail = path.stem, f".{os.getpid()}.partial{path.suffix}"
+    """`.STEM.TID.partial.SUFFIX`, TID the writing thread's system-wide id (its process's id for the main thread:
+    two threads of one process writing one path shared a temporary, one's edit in the other's file, and the later
+    move failed as "No such file or directory"), its stem shortened to fit NAME_MAX bytes: a name the checks passed
+    (up to 255 bytes) failed its write after the edit, as "File name too long", the temporary name being longer."""
+    stem, tail = path.stem, f".{threading.get_native_id()}.partial{path.suffix}"
     while len(os.fsencode(f".{stem}{tail}")) > NAME_MAX:
         stem = stem[:-1]
     return f".{stem}{tail}"
