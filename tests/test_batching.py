@@ -285,17 +285,17 @@ def test_a_denoiser_that_cannot_batch_runs_the_edits_one_by_one(tiny_models, cap
         return False
 
     eager_pipe.denoise([eager_pipe.prepare(image, "add a hat", config) for _ in range(2)], stop=stop, progress=True)
-    assert len(polls) == 2 * config.steps  # one loop per edit, polled after every step
+    assert len(polls) == 1 + 2 * config.steps  # once before any step, then one loop per edit, after every step
     assert f" {2 * config.steps}/{2 * config.steps} " in capsys.readouterr().err  # the bar counts both loops' steps
 
 
 def test_edits_of_one_key_share_one_denoising_loop(fused_pipe):
-    """A batching denoiser runs the edits of one batch key as one loop (polled once a step), not one loop an edit:
-    the batched results equal the edits alone, so they could not tell."""
+    """A batching denoiser runs the edits of one batch key as one loop (polled once a step, and once before it),
+    not one loop an edit: the batched results equal the edits alone, so they could not tell."""
     config, image, polls = fused_pipe.default_config.replace(steps=2), smooth_image(64, 64, seed=4), []
     edits = [fused_pipe.prepare(image, "add a hat", config.replace(seed=seed)) for seed in (1, 2)]
     fused_pipe.denoise(edits, stop=lambda: polls.append(1) and False)
-    assert len(polls) == config.steps
+    assert len(polls) == 1 + config.steps
 
 
 def test_padded_batches_run_a_power_of_two_and_return_only_the_real_edits(tiny_models):
@@ -331,7 +331,7 @@ def test_denoise_refuses_any_used_edit_and_a_batch_of_two_keys(fused_pipe):
     config = fused_pipe.default_config.replace(steps=1)
     used = fused_pipe.prepare(smooth_image(64, 64, seed=3), "add a hat", config)
     with pytest.raises(EditCancelled):
-        fused_pipe.denoise([used], stop=lambda: True)
+        fused_pipe.denoise([used], stop=iter([False, True]).__next__)  # stopped after its one step: used
     with pytest.raises(ConfigError, match="denoised before"):
         fused_pipe.denoise([used.restart(), used])
     with pytest.raises(ConfigError, match="need one batch key"):
