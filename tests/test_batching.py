@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 from dataclasses import replace
@@ -119,8 +120,9 @@ def test_batch_key_groups_what_can_share_a_denoising_loop():
     ("keywords", "said"),
     [({"cfg": EditConfig()}, r"EditRequest has no field 'cfg': did you mean config\?"),
      ({"steps": 10}, r"steps is a field of EditConfig, not of EditRequest: pass config=pipe.default_config.replace"),
-     ({"cancel": 1}, r"cancel must be a threading.Event or None, not an int")],
-    ids=["misspelt", "a config field", "cancel"],
+     ({"cancel": 1}, r"cancel must be a threading.Event or None, not an int"),
+     ({"cancel": asyncio.Event()}, r"not an asyncio.Event, .* pass a threading.Event and set\(\) it where your task")],
+    ids=["misspelt", "a config field", "cancel", "an asyncio Event"],
 )
 def test_a_request_says_a_keyword_it_has_no_field_for(keywords, said):
     """EditConfig and ZonePipeline say a misspelt keyword as a ConfigError; EditRequest raised a TypeError."""

@@ -339,6 +339,9 @@ def test_a_second_pipeline_may_not_change_the_models_another_one_holds():
     assert first.models.ip2p_unet.conv_in.weight.is_contiguous()  # untouched
     ZonePipeline(first.models, device="cpu")
     ZonePipeline(copy.deepcopy(first.models), device="cpu", channels_last=True)
+    with pytest.raises(ConfigError, match="in use by another ZonePipeline"):  # the second one, gone, was the latest
+        ZonePipeline(first.models, device="cpu", channels_last=True)
+    assert first.models.ip2p_unet.conv_in.weight.is_contiguous()
     models = first.models
     first.itself = first  # now only a reference cycle keeps it: no holder (the check collects it)
     del first
@@ -446,6 +449,27 @@ def test_threads_sharing_a_pipeline_get_the_edits_they_would_get_alone(tiny_pipe
         together = list(pool.map(lambda image: tiny_pipe.edit(image, INSTRUCTION, config), images))
     for expected, result in zip(alone, together, strict=True):
         assert np.array_equal(expected.mask_f, result.mask_f) and np.array_equal(expected.image, result.image)
+
+
+def test_pipelines_over_the_same_models_take_turns(tiny_pipe):
+    """An edit swaps its recording processors into the shared UNet while it denoises: two pipelines over the same
+    models editing from two threads mixed their attention records (every run, wrong masks). They share the lock:
+    the second one's stages wait while the first one denoises."""
+    other = ZonePipeline(tiny_pipe.models, denoiser=tiny_pipe.denoiser, default_config=tiny_pipe.default_config)
+    edit = tiny_pipe.prepare(smooth_image(64, 64), INSTRUCTION, tiny_pipe.default_config.replace(steps=1))
+    waiting = threading.Thread(target=other.empty_prompt)  # a stage, at once when the lock is free
+    finished_while_denoising = []
+
+    def stop() -> bool:
+        if not finished_while_denoising:  # asked before the first step
+            waiting.start()
+            waiting.join(timeout=2)
+            finished_while_denoising.append(not waiting.is_alive())
+        return False
+
+    tiny_pipe.denoise([edit], stop=stop)
+    waiting.join()
+    assert finished_while_denoising == [False]
 
 
 @pytest.mark.gpu

@@ -154,7 +154,11 @@ class EditRequest:
 
     def __post_init__(self) -> None:
         if self.cancel is not None and not isinstance(self.cancel, threading.Event):
-            raise ConfigError(f"EditRequest's cancel must be a threading.Event or None, not {a_type(self.cancel)}")
+            # "not an Event" said nothing to an asyncio app whose Event is named so.
+            given = ("an asyncio.Event, which is not safe to use across threads: pass a threading.Event and "
+                     "set() it where your task is cancelled" if type(self.cancel).__module__ == "asyncio.locks"
+                     else a_type(self.cancel))
+            raise ConfigError(f"EditRequest's cancel must be a threading.Event or None, not {given}")
 
     def cancelled(self) -> bool:
         """Whether `cancel` is set (False without one)."""
@@ -360,8 +364,8 @@ def _locked_on_device(method: Callable[..., T]) -> Callable[..., T]:
     """Run a pipeline method (prepare, denoise, finish, empty_prompt, segmenter) holding the pipeline's lock, with
     its CUDA device current. The lock: the stages' CUDA graphs (`graphs.py`), the denoiser's static buffers and
     CUDA graphs and SAM's predictor hold one edit's state at a time, so threads sharing a pipeline
-    take turns. The device: CUDA streams, graphs and Triton launch on the current device, so a
-    pipeline on cuda:1 would otherwise launch on cuda:0."""
+    take turns; the pipelines over one ZoneModels share it (`_ModelHolders`). The device: CUDA streams, graphs
+    and Triton launch on the current device, so a pipeline on cuda:1 would otherwise launch on cuda:0."""
     @functools.wraps(method)
     def stage(self: ZonePipeline, *args, **kwargs) -> T:
         with self._lock, current_device(self.device):
@@ -388,24 +392,40 @@ def _unknown_init_options_refused(init: Callable[..., None]) -> Callable[..., No
 CHECKPOINT_OPTIONS = ("ip2p", "magicbrush", "sam", "action_classifier", "sam_type")  # from_pretrained's own
 
 
-def _take_models(models: ZoneModels, pipeline: ZonePipeline, placement: tuple) -> None:
+@dataclass(eq=False)
+class _ModelHolders:
+    """The live pipelines over one ZoneModels, how they placed the models, and the lock their stages share: an
+    edit swaps its recording processors into the shared UNet while it denoises, so two pipelines over the same
+    models editing at once from two threads mixed their attention records (wrong masks, without a word)."""
+
+    placement: tuple
+    pipelines: weakref.WeakSet[ZonePipeline] = field(default_factory=weakref.WeakSet)
+    # Re-entered: prepare and finish call the public empty_prompt and segmenter.
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+
+# Which pipelines hold a ZoneModels, and how they placed them (not on the models: a deep copy would carry it).
+_MODEL_HOLDERS: weakref.WeakKeyDictionary[ZoneModels, _ModelHolders] = weakref.WeakKeyDictionary()
+
+
+def _take_models(models: ZoneModels, pipeline: ZonePipeline, placement: tuple) -> threading.RLock:
     """A pipeline moves, casts and lays out its models in place (and sets their attention): a second pipeline over
     the same models with another (device, dtype, VAE and UNet layouts, attention) would silently change the first
-    one's, whose CUDA graphs would then read freed memory. Refused while the first pipeline lives."""
-    holder, held = _MODEL_HOLDERS.get(models, (None, placement))
-    if held != placement and holder() is not None:
+    one's, whose CUDA graphs would then read freed memory. Refused while any pipeline over them lives (not only the
+    latest: once a second one with the same settings was gone, a third could change the first one's models).
+    Returns the lock the pipelines over these models share."""
+    holders = _MODEL_HOLDERS.setdefault(models, _ModelHolders(placement))
+    if holders.placement != placement and holders.pipelines:
         gc.collect()  # a pipeline that only a reference cycle keeps (a caught exception's frames, say) is no holder
-    if held != placement and holder() is not None:
-        device, dtype, vae_nhwc, unets_nhwc, attention = held
+    if holders.placement != placement and holders.pipelines:
+        device, dtype, vae_nhwc, unets_nhwc, attention = holders.placement
         raise ConfigError(f"these models are in use by another ZonePipeline ({device}, {dtype}, UNets "
                           f"{'channels-last' if unets_nhwc else 'contiguous'}, VAE "
                           f"{'channels-last' if vae_nhwc else 'contiguous'}, {attention} attention), and a pipeline "
                           "changes its models in place: give this one the same settings, or copy.deepcopy(models)")
-    _MODEL_HOLDERS[models] = (weakref.ref(pipeline), placement)
-
-
-# Which pipeline holds a ZoneModels, and how it placed them (not on the models: a deep copy would carry it).
-_MODEL_HOLDERS: weakref.WeakKeyDictionary[ZoneModels, tuple] = weakref.WeakKeyDictionary()
+    holders.placement = placement
+    holders.pipelines.add(pipeline)
+    return holders.lock
 
 
 def check_pretrained_present(ip2p: str, magicbrush: str, sam: str | Path | None,
@@ -481,12 +501,15 @@ class ZonePipeline:
         self.sam_dtype = DTYPES[sam_precision]
         # Checked before gigabytes move:
         self.default_config = EditConfig() if default_config is None else default_config
-        _take_models(models, self, (self.device, self.dtype, bool(channels_last),
-                                    unets_channels_last(self.device, self.dtype, channels_last), attention))
-        configure_attention(models, attention, self.device)
-        # channels_last: convolutions in NHWC, where GPUs have their fastest fp16/bf16 kernels; None: the
-        # UNets' only, on CUDA in half precision (models.unets_channels_last). The models change in place.
-        self.models = models.to(self.device, self.dtype, channels_last)
+        # Shared by every pipeline over these models: their stages run the same modules.
+        placement = (self.device, self.dtype, bool(channels_last),
+                     unets_channels_last(self.device, self.dtype, channels_last), attention)
+        self._lock = _take_models(models, self, placement)
+        with self._lock:  # not under another pipeline's edit: xformers would replace its recording processors
+            configure_attention(models, attention, self.device)
+            # channels_last: convolutions in NHWC, where GPUs have their fastest fp16/bf16 kernels; None: the
+            # UNets' only, on CUDA in half precision (models.unets_channels_last). The models change in place.
+            self.models = models.to(self.device, self.dtype, channels_last)
         # group_norm: the UNets' and VAE's GroupNorms by kernel 3 or PyTorch (make_group_norms says where).
         unet_norms, self.vae_norms = make_group_norms(group_norm, self.device, denoiser)
         self.denoiser = make_denoiser(self.models, denoiser, self.device, engines, cuda_graphs, unet_norms)
@@ -501,7 +524,6 @@ class ZonePipeline:
         # Each edit's latents as denoise returned them, for finish to check it is given those.
         self._denoised: weakref.WeakKeyDictionary[PreparedEdit, torch.Tensor] = weakref.WeakKeyDictionary()
         self._empty_prompt: torch.Tensor | None = None
-        self._lock = threading.RLock()  # re-entered: prepare and finish call the public empty_prompt and segmenter
         if segmenter == "onnx":  # its sessions opened now: a graph ONNX Runtime cannot load, or an encoder and
             self.segmenter(self.default_config.sam)  # decoder of two SAMs, was said after an edit's denoising
 
