@@ -603,15 +603,18 @@ def test_sigterm_stops_a_real_run_which_reports_what_it_timed(tmp_path):
 
 
 # A wide image and another seed too: the baseline reads the attention grid and takes the seed itself, so a
-# square image at the default seed could not show it swapping the grid's sides or ignoring the seed.
+# square image at the default seed could not show it swapping the grid's sides or ignoring the seed. 1000x90 is
+# shrunk and padded to 512x64: its d (EditResult.difference) is cropped and enlarged back as the masks are.
 @pytest.mark.parametrize(("action", "threshold", "size", "seed"), [
-    (Action.CHANGE, 2, (64, 64), 42), (Action.REMOVE, 0, (64, 64), 42), (Action.CHANGE, 2, (64, 128), 7)])
+    (Action.CHANGE, 2, (64, 64), 42), (Action.REMOVE, 0, (64, 64), 42), (Action.CHANGE, 2, (64, 128), 7),
+    (Action.CHANGE, 2, (1000, 90), 7)])
 def test_baseline_gives_the_engines_masks_and_image(pipe, baseline, action, threshold, size, seed):
     image = make_sample_image(*size)
     config = pipe.default_config.replace(steps=2, action=action, reference_threshold=threshold, seed=seed)
     engine, reference = pipe.edit(image, INSTRUCTION, config), baseline.edit(image, INSTRUCTION, config)
 
     assert np.array_equal(engine.mask_b, reference.mask_b)
+    assert np.array_equal(engine.difference, reference.difference)  # the levels M_b thresholds, at the input size
     if threshold < 108:
         assert 0.0 < engine.mask_b.mean() < 1.0
     # The baseline's IP2P UNet runs attention as baddbmm + softmax + bmm, the engine's as SDPA: the
@@ -628,6 +631,23 @@ def test_baseline_gives_the_engines_masks_and_image(pipe, baseline, action, thre
                           for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
     assert np.abs(engine.image.astype(int) - reference.image.astype(int))[~near_tipped].max() <= 1
     assert engine.used_fallback == reference.used_fallback
+
+
+def test_the_baselines_difference_is_enlarged_as_its_masks_are(pipe, baseline, monkeypatch):
+    """Random weights' d changes by a level from pixel to pixel, where a bicubic enlargement gives the nearest
+    pixel's level too (from a mutation audit: it passed the parity test above). Stripes a pixel wide: the levels at
+    the input size are d's own."""
+    import zone_benchmarks.baseline as reference_style
+
+    def stripes(store, token_count, grid, size, config):
+        difference = np.zeros(size, np.uint8)
+        difference[:, ::2] = 200
+        return np.where(difference < 128, 255, 0).astype(np.uint8), difference
+
+    monkeypatch.setattr(reference_style, "show_diff_cross_attention", stripes)
+    config = pipe.default_config.replace(steps=1, action=Action.CHANGE)
+    result = baseline.edit(make_sample_image(1000, 90), INSTRUCTION, config)
+    assert result.difference.shape == (1000, 90) and np.unique(result.difference).tolist() == [0, 200]
 
 
 def test_baseline_store_holds_every_attention_layer_every_step(pipe, baseline):

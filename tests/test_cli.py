@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import importlib.metadata
@@ -366,31 +367,40 @@ def test_demo_writes_every_file(tmp_path, capsys):
 
 
 def _full_disk_at(name: str, monkeypatch) -> None:
-    """save_image fails as a full disk would at the file called `name`, after the files before it were written."""
+    """save_image, or a text file's write (timings.json's), fails as a full disk would at the file called `name`,
+    after the files before it were written."""
     import zone_engine.image_io as image_io
     from zone_engine.errors import OutputError
 
-    save_image = image_io.save_image
+    save_image, write_text = image_io.save_image, Path.write_text
 
     def full_there(array, path, **kwargs):
         if Path(path).name == name:
             raise OutputError(f"cannot write {path}: No space left on device")
         return save_image(array, path, **kwargs)
 
+    def text_full_there(path: Path, *args, **kwargs):
+        if path.name.startswith(f".{Path(name).stem}.") and path.suffix == Path(name).suffix:  # its temporary
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write_text(path, *args, **kwargs)
+
     monkeypatch.setattr(image_io, "save_image", full_there)
+    monkeypatch.setattr(Path, "write_text", text_full_there)
 
 
 def _contents(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in folder.iterdir()}
 
 
-def test_a_demo_that_cannot_write_every_file_leaves_the_earlier_demo_whole(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("full_at", ["heatmap.png", "timings.json"])
+def test_a_demo_that_cannot_write_every_file_leaves_the_earlier_demo_whole(tmp_path, capsys, monkeypatch, full_at):
     """A full disk at the demo's last mask left its input, output and first masks over an earlier demo's others:
-    a folder of two runs. Now every file is the earlier run's, and no temporary file is left."""
+    a folder of two runs. Now every file is the earlier run's, and no temporary file is left; at timings.json,
+    written last, too (from a mutation audit: written after the images moved, it would describe the earlier run)."""
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "1", "--no-progress"]) == 0
     earlier = _contents(out)
-    _full_disk_at("heatmap.png", monkeypatch)
+    _full_disk_at(full_at, monkeypatch)
     _fails_cleanly(capsys, ["demo", "--out", str(out), "--steps", "1", "--no-progress", "-i", "make it red",
                             "--seed", "7"], "No space left on device")
     assert _contents(out) == earlier
@@ -411,17 +421,19 @@ def test_an_edit_whose_mask_cannot_be_written_keeps_the_earlier_output(photo, tm
 
 
 def test_the_report_and_the_demo_record_the_threshold_rule_and_beta_the_edit_used(photo, tmp_path):
-    """Edits that differ only by --threshold-rule had identical report lines: nothing said which M_b rule made them."""
-    common = ["--steps", "1", "--no-progress", "--action", "remove"]
-    for rule in ("reference", "paper"):
+    """Edits that differ only by --threshold-rule had identical report lines: nothing said which M_b rule made them.
+    The beta is the action's own (from a mutation audit: remove's alone passed for every action)."""
+    common = ["--steps", "1", "--no-progress"]
+    for rule, action, beta in (("reference", "remove", 0.2), ("paper", "add", 0.01)):
         report = tmp_path / f"{rule}.jsonl"
         assert main(["edit", str(photo), "-i", "x", "-o", str(tmp_path / f"{rule}.png"), "--threshold-rule", rule,
-                     "--report", str(report), "--tiny", *common]) == 0
+                     "--action", action, "--report", str(report), "--tiny", *common]) == 0
         (record,) = [json.loads(line) for line in report.read_text().splitlines()]
-        assert (record["threshold_rule"], record["beta"], record["action"]) == (rule, 0.2, "remove")
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--threshold-rule", "paper", *common]) == 0
+        assert (record["threshold_rule"], record["beta"], record["action"]) == (rule, beta, action)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--threshold-rule", "paper", "--action", "add",
+                 *common]) == 0
     summary = json.loads((tmp_path / "demo" / "timings.json").read_text())
-    assert (summary["threshold_rule"], summary["beta"], summary["action"]) == ("paper", 0.2, "remove")
+    assert (summary["threshold_rule"], summary["beta"], summary["action"]) == ("paper", 0.01, "add")
 
 
 def test_edit_with_tiny_models_and_masks(photo, tmp_path):
@@ -1912,6 +1924,8 @@ def test_from_pretrained_checks_its_own_arguments_before_any_checkpoint_loads(mo
                              ({"sam": 1.0}, "sam must be a model id or a path"),
                              ({"ip2p": ""}, "ip2p is empty: pass a model id or a path, or leave it out"),
                              ({"sam": " "}, "sam is empty"),
+                             ({"magicbrush": ""}, "magicbrush is empty"),
+                             ({"action_classifier": ""}, "action_classifier is empty"),
                              ({"sam_type": "vit_x"}, "unknown SAM type 'vit_x'")):
         with pytest.raises(ZoneError, match=words):
             ZonePipeline.from_pretrained(device="cpu", **arguments)

@@ -454,6 +454,42 @@ def test_a_running_exports_scratch_folder_is_not_swept_whatever_its_pid_names(tm
     assert [path.name for path in tmp_path.iterdir()] == [running.name]
 
 
+def test_without_locks_the_sweep_goes_by_the_pid_and_keeps_a_scratch_folder_it_cannot_open(tmp_path, monkeypatch):
+    """A file system without locks (some network ones: flock fails, ENOLCK): the sweep goes by the PID, and the
+    export runs unlocked. A scratch folder the sweep cannot open (out of descriptors here, or another user's) is not
+    its to sweep, whatever its PID says. Each folder the sweep opened is closed, and the export forgets the files it
+    installed (from a mutation audit: none of these was tried)."""
+    import errno
+    import fcntl
+
+    from zone_export import onnx_graph
+    from zone_export.onnx_graph import staging_folder
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    running = tmp_path / f".export-{os.getpid()}-running"
+    killed, unopened = (tmp_path / f".export-{dead.stdout.strip()}-{name}" for name in ("killed", "unopened"))
+    for scratch in (running, killed, unopened):
+        (scratch / "raw-image_encoder").mkdir(parents=True)
+    real_open, refused = os.open, []
+
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    def refused_once_there(path, *args, **kwargs):  # the sweep's open; a removal's after it would succeed
+        if Path(path) == unopened and not refused:
+            refused.append(path)
+            raise OSError(errno.EMFILE, "Too many open files", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(os, "open", refused_once_there)
+    open_before = len(os.listdir("/dev/fd"))
+    with staging_folder(tmp_path) as staging:
+        assert sorted(path.name for path in tmp_path.iterdir()) == sorted([running.name, unopened.name, staging.name])
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([running.name, unopened.name])
+    assert len(os.listdir("/dev/fd")) == open_before and onnx_graph._installed == {}
+
+
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_while_a_re_export_installs_waits_for_the_moves(models, tmp_path, monkeypatch, number):
     """A signal between two moves left a new dual_step beside the old VAE graphs and manifest: the folder's

@@ -955,6 +955,7 @@ def test_a_threshold_of_the_levels_at_the_input_size_is_the_mask_at_the_input_si
     levels = np.random.default_rng(1).integers(0, 256, size=padded, dtype=np.uint8)
     at_input = levels_to_input_size(levels, geometry)
     assert at_input.shape == size and at_input.dtype == np.uint8
+    assert at_input.flags.writeable  # an array of its own, as to_input_size's (numpy's view of a Pillow image is not)
     for threshold in (1, 54, 128, 255):
         np.testing.assert_array_equal(at_input < threshold,
                                       to_input_size(levels < threshold, geometry, is_mask=True))
@@ -1026,6 +1027,9 @@ def test_uint8_mask_counts_nonzero_as_true():
     mask[5, 6] = 1
     back = to_input_size(mask, geometry, is_mask=True)
     assert back.dtype == bool and back.sum() == 2
+    # Any dtype's nonzero: a float mask's 0.5 and 256 in 16 bits too (a cast to uint8 made them 0).
+    for other in (mask * 0.5 / 255, mask.astype(np.uint16) * 256):
+        assert to_input_size(other, geometry, is_mask=True).sum() == 2
 
 
 def test_shape_mismatches_are_bugs():
@@ -1303,11 +1307,16 @@ def test_each_formats_largest_side_is_said_before_the_edit(tmp_path, suffix, lar
 def test_the_small_helpers_say_an_argument_of_the_wrong_type(tmp_path):
     """A profile's name for its bytes and a size read as text were Pillow's and Python's TypeErrors ("a bytes-like
     object is required", "'>' not supported between 'int' and 'str'"); numpy's ints, as shapes give them, are ints."""
-    with pytest.raises(OutputError, match="icc_profile is a colour profile's bytes .* not a str"):
-        save_image(random_rgb(8, 8), tmp_path / "x.png", icc_profile="srgb")
+    for profile, named in (("srgb", "a str"), (tmp_path / "srgb.icc", "a PosixPath")):  # its file's path too
+        with pytest.raises(OutputError, match=f"icc_profile is a colour profile's bytes .* not {named}"):
+            save_image(random_rgb(8, 8), tmp_path / "x.png", icc_profile=profile)
     assert not (tmp_path / "x.png").exists()
     with pytest.raises(OutputError, match="takes the height and width as ints, got a str and an int"):
         image_io.check_output_size(tmp_path / "x.webp", "512", 512)
+    # Each side, and a bool is no size (from a mutation audit: the height alone was checked, True taken for 1).
+    for sides, named in (((512, "512"), "an int and a str"), ((True, 512), "a bool and an int")):
+        with pytest.raises(OutputError, match=f"takes the height and width as ints, got {named}"):
+            image_io.check_output_size(tmp_path / "x.webp", *sides)
     image_io.check_output_size(tmp_path / "x.webp", np.int64(512), 512)
     with pytest.raises(OutputError, match="holds at most"):
         image_io.check_output_size(tmp_path / "x.webp", np.int64(16384), 512)

@@ -358,16 +358,20 @@ def test_an_answer_other_than_200_is_an_error_named_by_its_status(monkeypatch, t
 
 def test_a_refusal_is_told_from_a_failure_by_the_servers_error_code(monkeypatch, tmp_path):
     """A full queue's 503 (backpressure working) and a stopping server's 503 were both "HTTP 503"; an answer
-    without the service's error body (a proxy's) keeps its status alone."""
+    without the service's error body (a proxy's, FastAPI's own 404, a code that is no string) keeps its status
+    alone."""
     answers = iter([httpx.Response(503, json={"error": {"code": "queue_full", "message": "..."}}),
                     httpx.Response(503, json={"error": {"code": "unavailable", "message": "..."}}),
-                    httpx.Response(502, text="Bad Gateway"), httpx.Response(503, json=["no", "error", "shape"])])
+                    httpx.Response(502, text="Bad Gateway"), httpx.Response(503, json=["no", "error", "shape"]),
+                    httpx.Response(404, json={"detail": "Not Found"}),
+                    httpx.Response(500, json={"error": {"code": 7}})])
 
     async def post_edit(client, base, image, config, seed) -> httpx.Response:
         return next(answers)
     monkeypatch.setattr(load_test, "post_edit", post_edit)
-    level = asyncio.run(measure_level(f"http://127.0.0.1:{free_port()}", 1, LoadConfig(out=tmp_path, requests=4), b""))
-    assert level["errors"] == {"HTTP 503 queue_full": 1, "HTTP 503 unavailable": 1, "HTTP 502": 1, "HTTP 503": 1}
+    level = asyncio.run(measure_level(f"http://127.0.0.1:{free_port()}", 1, LoadConfig(out=tmp_path, requests=6), b""))
+    assert level["errors"] == {"HTTP 503 queue_full": 1, "HTTP 503 unavailable": 1, "HTTP 502": 1, "HTTP 503": 1,
+                               "HTTP 404": 1, "HTTP 500": 1}
 
 
 def test_a_level_without_a_successful_edit_exits_1_after_its_report(tmp_path, capsys):
@@ -380,6 +384,32 @@ def test_a_level_without_a_successful_edit_exits_1_after_its_report(tmp_path, ca
     assert "| external | 1 | 2 | 0 | ConnectError: 2 |" in captured.out
     assert "load test: no edit succeeded at external at 1" in captured.err
     assert json.loads((tmp_path / "load.json").read_text())["results"][0]["levels"][0]["ok"] == 0
+
+
+def test_every_level_without_a_successful_edit_is_named_and_an_interrupt_still_exits_130(monkeypatch, tmp_path,
+                                                                                          capsys):
+    """Levels 1 and 3 refused every edit, level 2 two of its three: the first and the third are named, not the second
+    (from a mutation audit: naming the first level alone, or a level of one success, passed). Ctrl-C after such a
+    level exits 130, as any interrupted run does."""
+    statuses, seen = [503] * 3 + [200, 503, 503] + [503] * 3, []
+
+    async def post_edit(client, base, image, config, seed) -> httpx.Response:
+        return httpx.Response(statuses.pop(0))
+    monkeypatch.setattr(load_test, "post_edit", post_edit)
+    argv = ["--url", f"http://127.0.0.1:{free_port()}", "--concurrency", "1,2,3", "--requests", "3", "--warmup", "0"]
+    assert main([*argv, "--out", str(tmp_path / "refused")]) == 1
+    assert "no edit succeeded at external at 1, external at 3 (see" in capsys.readouterr().err
+    measure = load_test.measure_level
+
+    async def interrupted_at_the_second(*args):
+        seen.append(args)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return await measure(*args)
+    statuses += [503] * 3
+    monkeypatch.setattr(load_test, "measure_level", interrupted_at_the_second)
+    assert main([*argv, "--out", str(tmp_path / "interrupted")]) == 130
+    assert "no edit succeeded" not in capsys.readouterr().err
 
 
 def test_no_server_or_a_failed_warm_up_exits_2_saying_why(monkeypatch, tmp_path, capsys):

@@ -345,7 +345,11 @@ def test_a_second_pipeline_may_not_change_the_models_another_one_holds():
     models = first.models
     first.itself = first  # now only a reference cycle keeps it: no holder (the check collects it)
     del first
-    ZonePipeline(models, device="cpu", channels_last=True)
+    second = ZonePipeline(models, device="cpu", channels_last=True)
+    # Checked against the live one's settings, not the first's (from a mutation audit: they were never updated).
+    with pytest.raises(ConfigError, match=r"in use by another ZonePipeline \(cpu, torch.float32, UNets channels-last"):
+        ZonePipeline(models, device="cpu")
+    assert second.models is models
 
 
 def test_an_edit_prepared_over_other_models_is_refused(tiny_pipe):
@@ -590,6 +594,22 @@ def test_the_difference_thresholded_is_m_b(tiny_pipe, size, rule):
     assert result.difference.shape == size and result.difference.dtype == np.uint8
     assert 0 < result.mask_b.mean() < 1
     np.testing.assert_array_equal(threshold_difference(result.difference, rule, threshold, threshold), result.mask_b)
+
+
+def test_the_difference_is_enlarged_as_the_masks_are(tiny_pipe, monkeypatch):
+    """Random weights' d changes by a level from pixel to pixel, where a bicubic enlargement rounds to the nearest
+    one's level too (from a mutation audit: it passed the test above). Stripes a pixel wide at the working size: the
+    levels at the input size are d's own, and the threshold of them is M_b."""
+
+    def stripes(average, grid, last_token, size, **thresholds):
+        difference = np.zeros(size, np.uint8)
+        difference[:, ::2] = 200
+        return difference < 128, difference
+
+    monkeypatch.setattr(tiny_pipe, "binarize", stripes)
+    result = _edit(tiny_pipe, smooth_image(1000, 90, seed=3), min_region_area=0)  # shrunk, enlarged back
+    assert result.difference.shape == (1000, 90) and np.unique(result.difference).tolist() == [0, 200]
+    np.testing.assert_array_equal(result.difference < 128, result.mask_b)
 
 
 def test_a_stopwatch_adds_up_a_stage_timed_twice_and_its_copy_goes_on_apart(monkeypatch):

@@ -23,6 +23,7 @@ import threading
 import time
 import warnings
 import zlib
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -1714,6 +1715,12 @@ def test_retry_after_counts_the_uploads_being_decoded_among_the_edits_ahead():
     with pytest.raises(QueueFull) as refused:
         service.check_room()
     assert refused.value.retry_after_s == 30  # 4 uploads in 2 batches, and the one running: 3 x 10 s
+    # 2 queued and 2 decoding: each counted once (from a mutation audit: the queued twice passed the above).
+    service.batcher._buckets["k"] = deque([None, None])
+    service.decoding = 2
+    with pytest.raises(QueueFull) as refused:
+        service.check_room()
+    assert refused.value.retry_after_s == 30
 
 
 def test_a_full_bucket_starts_at_once_and_a_lone_edit_when_its_wait_is_up():
