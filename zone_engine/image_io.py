@@ -553,9 +553,9 @@ def to_input_size(array: np.ndarray, geometry: Geometry, *, is_mask: bool) -> np
 def levels_to_input_size(levels: np.ndarray, geometry: Geometry) -> np.ndarray:
     """A uint8 (padded_h, padded_w) map of levels -> uint8 (H, W): cropped, then resized with NEAREST as masks are,
     so a threshold of the result is the threshold, resized (the attention difference d against M_b)."""
-    cropped = crop_padding(levels, geometry)
+    cropped = crop_padding(levels, geometry)  # a copy already
     if geometry.scaled_size == geometry.input_size:
-        return cropped.copy()
+        return cropped
     height, width = geometry.input_size
     return np.asarray(Image.fromarray(cropped).resize((width, height), resample=Image.Resampling.NEAREST)).copy()
 
