@@ -846,6 +846,21 @@ def test_a_report_may_be_a_named_pipe(tmp_path):
     check_report_path(Path(_fifo(tmp_path / "report.jsonl")), [])
 
 
+@pytest.mark.parametrize("append", [True, False])
+def test_a_reports_lines_land_after_those_another_run_writes_meanwhile(tmp_path, append):
+    """Two runs writing one --report: the one started over wrote from its own offset, over the other's lines (seen
+    with two processes). Opened with O_APPEND, each line lands at the end; started over, the file is emptied once."""
+    from zone_engine.edit_files import open_report
+
+    report = tmp_path / "report.jsonl"
+    report.write_bytes(b"before\n")
+    with open_report(report, append) as ours, open(report, "ab", buffering=0) as other:
+        other.write(b"other 1\n")
+        ours.write(b"ours\n")
+        other.write(b"other 2\n")
+    assert report.read_bytes() == (b"before\n" if append else b"") + b"other 1\nours\nother 2\n"
+
+
 @pytest.mark.parametrize("several", [True, False])
 def test_a_report_line_that_cannot_be_written_is_said_and_taken_back(tmp_path, several):
     """A full disk under --report: the buffered line's flush was a traceback, exit 1, and the file's close raised

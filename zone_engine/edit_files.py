@@ -323,8 +323,7 @@ def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes
     pipe, config = None, None
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)  # checked creatable (check_report_path), as -o's folders
-    # Unbuffered: a line that cannot be written (a full disk) is said at once, none left for the close to raise.
-    with (open(report, "ab" if append else "wb", buffering=0) if report else contextlib.nullcontext() as out,
+    with (open_report(report, append) if report else contextlib.nullcontext() as out,
           ThreadPoolExecutor(1, thread_name_prefix="zone-write") as run.writer):
         run.report = out
         try:
@@ -344,6 +343,14 @@ def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes
             raise
     if run.failed:
         raise ZoneError(f"{len(run.failed)} of {len(jobs)} edits not done (said above): {', '.join(run.failed)}")
+
+
+def open_report(report: Path, append: bool) -> BinaryIO:
+    """--report's file, unbuffered (a line that cannot be written, on a full disk, is said at once, none left for
+    the close to raise), emptied unless `append`. O_APPEND either way: each line lands at the file's end even while
+    another run writes it too (a run from the file's start wrote over the other's lines)."""
+    emptied = 0 if append else os.O_TRUNC  # the kernel ignores it for a named pipe
+    return open(report, "ab", buffering=0, opener=lambda path, flags: os.open(path, flags | emptied, 0o666))
 
 
 @dataclass
@@ -448,7 +455,7 @@ class _Run:
             line = {"name": job.name(), "image": str(job.image), "output": str(job.output),
                     "instruction": job.instruction, **outcome}
             data = memoryview((json.dumps(line, ensure_ascii=False) + "\n").encode())
-            end = self.report.seek(0, os.SEEK_END) if self.report.seekable() else None  # a named pipe: not
+            end = self.report.seek(0, os.SEEK_END) if self.report.seekable() else None  # where a failed line began
             try:
                 while data:  # a raw write may take part of it
                     data = data[self.report.write(data):]
