@@ -420,9 +420,12 @@ def test_an_edit_whose_mask_cannot_be_written_keeps_the_earlier_output(photo, tm
     assert sorted(path.name for path in out.parent.iterdir()) == ["edited.png", "masks"]
 
 
-def test_the_report_and_the_demo_record_the_threshold_rule_and_beta_the_edit_used(photo, tmp_path):
+def test_the_report_and_the_demo_record_the_threshold_rule_beta_and_version_the_edit_used(photo, tmp_path):
     """Edits that differ only by --threshold-rule had identical report lines: nothing said which M_b rule made them.
-    The beta is the action's own (from a mutation audit: remove's alone passed for every action)."""
+    The beta is the action's own (from a mutation audit: remove's alone passed for every action). The version
+    names the defaults of the settings the command line does not set."""
+    from zone_engine import __version__
+
     common = ["--steps", "1", "--no-progress"]
     for rule, action, beta in (("reference", "remove", 0.2), ("paper", "add", 0.01)):
         report = tmp_path / f"{rule}.jsonl"
@@ -430,10 +433,12 @@ def test_the_report_and_the_demo_record_the_threshold_rule_and_beta_the_edit_use
                      "--action", action, "--report", str(report), "--tiny", *common]) == 0
         (record,) = [json.loads(line) for line in report.read_text().splitlines()]
         assert (record["threshold_rule"], record["beta"], record["action"]) == (rule, beta, action)
+        assert record["version"] == __version__
     assert main(["demo", "--out", str(tmp_path / "demo"), "--threshold-rule", "paper", "--action", "add",
                  *common]) == 0
     summary = json.loads((tmp_path / "demo" / "timings.json").read_text())
     assert (summary["threshold_rule"], summary["beta"], summary["action"]) == ("paper", 0.01, "add")
+    assert (summary["version"], summary["steps"], summary["seed"]) == (__version__, 1, 42)
 
 
 def test_edit_with_tiny_models_and_masks(photo, tmp_path):
@@ -687,7 +692,7 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
     assert records[2]["error"].startswith("cannot read") and set(records[0]["seconds"]) >= {"denoise", "total"}
     # Every line names its edit as the list gave it; a done one says its outcome, one not done its error alone.
     assert set(records[0]) == {"name", "image", "output", "instruction", "action", "seed", "steps", "beta",
-                               "threshold_rule", "seconds", "edited_pixels", "used_fallback", "warnings"}
+                               "threshold_rule", "version", "seconds", "edited_pixels", "used_fallback", "warnings"}
     assert [(r.get("beta"), r.get("threshold_rule")) for r in records] == [
         (0.01, "reference"), (0.2, "reference"), (None, None), (0.01, "reference")]  # remove's beta, ZONE.md
     assert set(records[2]) == {"name", "image", "output", "instruction", "error"}

@@ -64,6 +64,7 @@ from .edit_files import (
     plan_jobs,
     print_summary,
     save_masks,
+    settings_record,
     suffix_argument,
 )
 from .errors import ConfigError, ZoneError, nearest
@@ -607,8 +608,7 @@ def run_demo(args: argparse.Namespace) -> None:
     image = make_sample_image()
     config = pipe.default_config.replace(**changes)
     result = pipe.edit(image, instruction, config, progress=not args.no_progress)
-    summary = {"instruction": instruction, "steps": config.steps, "seed": config.seed, "action": result.action.value,
-               "beta": config.beta_for(result.action), "threshold_rule": config.threshold_rule,
+    summary = {"instruction": instruction, **settings_record(config, result.action),
                "used_fallback": result.used_fallback, "timings": result.timings, "random_weights": True}
     with written_together():  # a write that fails (a full disk) leaves an earlier demo's files, not a mix
         save_image(image, args.out / "input.png")

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, NoReturn
 
-from .config import MAX_BATCH, EditConfig, command_line_spelling, error_line
+from . import __version__
+from .config import MAX_BATCH, Action, EditConfig, command_line_spelling, error_line
 from .errors import ConfigError, InputImageError, OutputError, ZoneError
 from .paths import (
     check_output_file,
@@ -353,6 +354,13 @@ def open_report(report: Path, append: bool) -> BinaryIO:
     return open(report, "ab", buffering=0, opener=lambda path, flags: os.open(path, flags | emptied, 0o666))
 
 
+def settings_record(config: EditConfig, action: Action) -> dict[str, Any]:
+    """What a report line and the demo's timings.json keep of an edit's settings to reproduce it: those the
+    command line sets, the β its action blended with, and the engine's version (whose defaults are the rest)."""
+    return {"action": action.value, "seed": config.seed, "steps": config.steps, "beta": config.beta_for(action),
+            "threshold_rule": config.threshold_rule, "version": __version__}
+
+
 @dataclass
 class _Run:
     """`edit_all`'s work across its batches: reading, editing and writing, and what it has said."""
@@ -409,9 +417,7 @@ class _Run:
                 for note in result.notes if self.several else ():
                     print(f"warning: {item.job.name()}: {note}", file=sys.stderr)
                 self.settle(keep=self.in_flight - 1)  # a batch's results in hand at most, while the next is edited
-                outcome = dict(action=result.action.value, seed=request.config.seed, steps=request.config.steps,
-                               beta=request.config.beta_for(result.action),
-                               threshold_rule=request.config.threshold_rule, seconds=result.timings,
+                outcome = dict(settings_record(request.config, result.action), seconds=result.timings,
                                edited_pixels=int(result.region.sum()), used_fallback=result.used_fallback,
                                warnings=list(result.notes))
                 self.writing.append((self.writer.submit(self._write, item, result), item, outcome))
