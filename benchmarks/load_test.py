@@ -35,7 +35,13 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-import httpx
+try:
+    import httpx
+except ModuleNotFoundError:  # the [bench] extra's: said in a line (--help too), not as an import's traceback
+    if __name__ != "__main__":
+        raise
+    print("load test: needs httpx: pip install 'zone-engine[bench]'", file=sys.stderr)
+    sys.exit(2)
 import numpy as np
 from PIL import Image
 

@@ -78,7 +78,7 @@ def require(module: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ZoneError("exporting needs onnx and onnxruntime: pip install -e '.[onnx]'") from None
+        raise ZoneError("exporting needs onnx and onnxruntime: pip install 'zone-engine[onnx]'") from None
 
 
 def _exporting(scratch: Path) -> bool:

@@ -171,6 +171,16 @@ def test_without_matplotlib_the_reports_are_written_and_the_chart_said_skipped(b
     assert not list(tmp_path.glob("*.png"))
 
 
+def test_the_load_test_without_httpx_says_which_extra_to_install():
+    """Its --help too was an import's traceback (ModuleNotFoundError: No module named 'httpx') on an install
+    without the [bench] extra."""
+    script = ("import runpy, sys; sys.modules['httpx'] = None; sys.argv = ['load_test', '--help']; "
+              "runpy.run_module('zone_benchmarks.load_test', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stdout) == (2, ""), out.stderr
+    assert out.stderr == "load test: needs httpx: pip install 'zone-engine[bench]'\n"
+
+
 @pytest.fixture(scope="module")
 def batched_record():
     """tiny-smoke at 128² with the fused backend only (no SAM rows: the end-to-end test has them) and batches of 3."""

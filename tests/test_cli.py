@@ -241,6 +241,14 @@ def test_the_distribution_installs_no_top_level_name_of_another_project():
     assert sorted(top_level) == ["zone_benchmarks", "zone_engine", "zone_export", "zone_kernels"]
 
 
+def test_python_m_zone_engine_is_the_zone_command():
+    """For an environment whose scripts folder is not on PATH: it said "No module named zone_engine.__main__"."""
+    out = subprocess.run([sys.executable, "-m", "zone_engine", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"zone-engine {zone_engine.__version__}", out.stderr
+    out = subprocess.run([sys.executable, "-m", "zone_engine", "edit", "--tinny"], capture_output=True, text=True)
+    assert out.returncode == 2 and "did you mean --tiny?" in out.stderr and "(see zone edit --help)" in out.stderr
+
+
 def test_help_and_input_errors_answer_without_importing_torch(tmp_path):
     """Every command's --help answers at once: nothing behind the parser imports torch (3 s on this machine),
     diffusers or segment-anything's torchvision (3 s more); the benchmark tools' too (`zone bench --help` took 6 s
@@ -2283,11 +2291,33 @@ def test_serve_refuses_a_batch_its_queue_cannot_fill_before_the_models_load(caps
 
 
 @pytest.mark.parametrize(("module", "argv", "extra"), [
-    ("prometheus_client", ["serve", "--tiny"], "serve"), ("ray", ["serve", "--tiny", "--ray"], "ray")])
+    ("prometheus_client", ["serve", "--tiny"], "serve"), ("ray", ["serve", "--tiny", "--ray"], "ray"),
+    ("fastapi", ["serve", "--tiny", "--ray"], "ray")])
 def test_serve_without_its_extra_names_the_install_command(capsys, monkeypatch, module, argv, extra):
-    monkeypatch.setitem(sys.modules, module, None)  # as on an install without it: find_spec finds nothing
+    # The app imported first (the setattr does), as it needs the modules: alone, this test failed in the import.
     monkeypatch.setattr("zone_engine.serving.run_server", lambda *_: pytest.fail("the server started"))
+    monkeypatch.setitem(sys.modules, module, None)  # as on an install without it: find_spec finds nothing
     _fails_cleanly(capsys, argv, f"`zone serve` needs {module}: pip install 'zone-engine[{extra}]'")
+
+
+def test_the_python_servings_app_without_its_extra_names_the_install_command(monkeypatch):
+    """`from zone_engine.serving import create_app` was a ModuleNotFoundError from inside serving/app.py."""
+    import zone_engine.serving
+
+    monkeypatch.delitem(sys.modules, "zone_engine.serving.app", raising=False)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as on an install without it
+    with pytest.raises(ModuleNotFoundError, match=r"^zone_engine.serving.create_app needs uvicorn: pip install "
+                                                  r"'zone-engine\[serve\]'$"):
+        zone_engine.serving.create_app  # noqa: B018 -- the lazy attribute's import is the test
+
+
+@pytest.mark.parametrize("kind", ["sam", "unet"])
+def test_export_without_onnx_names_an_install_command_that_works_outside_the_checkout(capsys, monkeypatch, tmp_path,
+                                                                                     kind):
+    """It said `pip install -e '.[onnx]'`, which a wheel's user, in a folder of their own, is refused by pip."""
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as on an install without it
+    _fails_cleanly(capsys, ["export", kind, "--tiny", "--out", str(tmp_path / "x"), "--no-progress"],
+                   "exporting needs onnx and onnxruntime: pip install 'zone-engine[onnx]'")
 
 
 def test_serve_leaves_sigterm_to_the_server_and_demo_ends_on_it_with_143(capsys, monkeypatch):
@@ -2353,6 +2383,21 @@ def test_a_file_name_that_is_not_utf8_is_said_on_stderr_as_its_bytes(capsysbinar
     assert err == b"error: image not found: " + os.fsencode(tmp_path / name) + b"\n"
     # A lone surrogate that no byte decoded to (text from elsewhere) is escaped, as Python's default does.
     assert "x\udce9\ud800\u00e9".encode("ascii", "zone_file_names") == b"x\xe9\\ud800\\xe9"
+    # A stream given the handler that is read back as well (pytest's capture of `main`'s stderr): those bytes as
+    # Python holds them, not a TypeError in the handler at the capture's next read.
+    assert b"caf\xe9.png".decode("utf-8", "zone_file_names") == name
+
+
+def test_a_report_names_a_file_that_is_not_utf8_by_its_bytes(photo, tmp_path, capsysbinary):
+    """Its line was an encode error's traceback, exit 1, after the first edit: the other images were never edited."""
+    name = os.fsdecode(b"caf\xe9.png")
+    shutil.copy(photo, tmp_path / name)
+    report, out = tmp_path / "report.jsonl", tmp_path / "out"
+    assert main(["edit", str(tmp_path / name), str(photo), "-i", "x", "-o", str(out), "--report", str(report),
+                 "--tiny", "--steps", "1", "--no-progress"]) == 0
+    records = [json.loads(line) for line in report.read_text().splitlines()]
+    outputs = [os.fsencode(record["output"]) for record in records]
+    assert outputs == [os.fsencode(out / name), os.fsencode(out / photo.name)]
 
 
 def test_no_progress_hides_the_libraries_loading_bars_too(monkeypatch, tmp_path):

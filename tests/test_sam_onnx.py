@@ -289,7 +289,7 @@ def test_providers_follow_tensorrt_cuda_cpu_order():
 
 def test_missing_onnxruntime_says_what_to_install(exported, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(DeviceError, match=r"pip install -e '\.\[onnx\]'"):
+    with pytest.raises(DeviceError, match=r"pip install 'zone-engine\[onnx\]'"):
         OnnxSamSegmenter(exported, SamConfig())
 
 

@@ -79,6 +79,7 @@ from .paths import (
     written_atomically,
     written_together,
 )
+from .serving import SERVE_MODULES
 from .serving.settings import PipelineSpec, ServeSettings
 from .streams import file_names_on_stderr_as_their_bytes, print_path, stderr_kept
 
@@ -621,10 +622,6 @@ def run_demo(args: argparse.Namespace) -> None:
     print_path(args.out)
 
 
-# What `zone serve` imports (module names, not package names); the tests skip without them.
-SERVE_MODULES = ("fastapi", "uvicorn", "multipart", "prometheus_client")
-
-
 def parse_size(text: str) -> tuple[int, int]:
     """An image size `HxW` (e.g. 512x768) as (height, width), for argparse."""
     try:
@@ -644,10 +641,8 @@ def _require(module: str, extra: str) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    for module in SERVE_MODULES:
-        _require(module, "serve")
-    if args.ray:
-        _require("ray", "ray")
+    for module in (*SERVE_MODULES, "ray") if args.ray else SERVE_MODULES:
+        _require(module, "ray" if args.ray else "serve")  # [ray] holds [serve]: one install, not two in turn
     changes = _config_changes(args)
     # Said whether given or not: a --max-steps under the engine's default steps would otherwise show only at
     # the first request that asks for none.

@@ -460,7 +460,11 @@ class _Run:
         if self.report is not None:
             line = {"name": job.name(), "image": str(job.image), "output": str(job.output),
                     "instruction": job.instruction, **outcome}
-            data = memoryview((json.dumps(line, ensure_ascii=False) + "\n").encode())
+            try:
+                encoded = json.dumps(line, ensure_ascii=False).encode()
+            except UnicodeEncodeError:  # a file name not in UTF-8 (caf\xe9.png) is text with lone surrogates:
+                encoded = json.dumps(line).encode()  # as \u escapes, which os.fsencode turns back into its bytes
+            data = memoryview(encoded + b"\n")
             end = self.report.seek(0, os.SEEK_END) if self.report.seekable() else None  # where a failed line began
             try:
                 while data:  # a raw write may take part of it

@@ -404,6 +404,6 @@ def _import_onnxruntime() -> Any:
     try:
         import onnxruntime
     except ImportError:
-        raise DeviceError("the onnx refinement backend needs onnxruntime: pip install -e '.[onnx]' "
+        raise DeviceError("the onnx refinement backend needs onnxruntime: pip install 'zone-engine[onnx]' "
                           "(onnxruntime-gpu for CUDA and TensorRT)") from None
     return onnxruntime
