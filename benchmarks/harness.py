@@ -39,8 +39,9 @@ from zone_engine.image_io import make_sample_image, working_geometry
 from zone_engine.models import ZoneModels, build_random_components, pytorch_norms, unets_channels_last
 from zone_engine.paths import nearest_existing
 from zone_engine.pipeline import STAGES, EditRequest, EditResult, ZonePipeline
+from zone_engine.sam_onnx import TRT_CACHE
 from zone_engine.timing import Stopwatch
-from zone_export.sam import export_sam
+from zone_export.sam import EXPORT_FILES, export_sam
 
 from .baseline import ReferenceStyleZone
 from .measure import (
@@ -148,6 +149,8 @@ def measure(implementations: list[Implementation], config: BenchConfig, device: 
     def warm_up(impl: Implementation) -> None:
         warmup = max(config.warmup, 1) if builds_on_first_edit(impl) else config.warmup
         for index in range(warmup):
+            if deadline.expired():  # a warm-up edit is an edit: none starts past --time-limit either
+                return
             started = time.perf_counter()
             impl.edit()
             impl.warmup_s.append(time.perf_counter() - started)
@@ -165,6 +168,8 @@ def measure(implementations: list[Implementation], config: BenchConfig, device: 
         progress(f"{impl.name}: edit {index + 1}/{config.repeats} {timings['total']:.2f} s")
 
     for index in range(config.repeats):
+        if deadline.expired():  # no round left starts an edit: a --repeats the time cannot hold ends here, at once
+            break
         for impl in implementations:
             if index == 0:
                 deadline.run(partial(_isolated, impl, "warm-up", partial(warm_up, impl), device, progress))
@@ -272,6 +277,8 @@ def measure_batched(implementations: list[Implementation], config: BenchConfig, 
         if config.warmup > 0 or builds_on_first_edit(impl):
             attempt_batch(impl, partial(warm_up, impl))
     for index in range(config.repeats):
+        if deadline.expired():  # as in `measure`'s rounds
+            break
         for impl in list(batchers):
             if not deadline.expired():
                 attempt_batch(impl, partial(timed_batch, impl, index))
@@ -488,7 +495,8 @@ class EngineRows:
     image: np.ndarray
     edit_config: EditConfig
     skipped: list[dict] = dataclasses.field(default_factory=list)
-    sam_export: dict = dataclasses.field(default_factory=dict)  # SAM's ONNX export, made on first use
+    # SAM's ONNX export, made on first use: its folder, seconds, and whether it created the folder
+    sam_export: dict = dataclasses.field(default_factory=dict)
     denoisers: dict[str, Denoiser] = dataclasses.field(default_factory=dict)  # shared by the variant rows
 
     def build(self, dtype: torch.dtype) -> list[Implementation]:
@@ -556,10 +564,11 @@ class EngineRows:
             raise ZoneError("this onnxruntime has no CUDA provider: SAM on its CPU provider would not be "
                             "comparable (install onnxruntime-gpu)")
         if "folder" not in self.sam_export:
-            started = time.perf_counter()
-            self.sam_export["folder"] = export_sam(self.models.sam, self.config.sam_type,
-                                                   self.config.sam_export_folder)
+            started, folder = time.perf_counter(), self.config.sam_export_folder
+            created = not folder.exists()  # else a folder of before, or another run's into the same --out
+            self.sam_export["folder"] = export_sam(self.models.sam, self.config.sam_type, folder)
             self.sam_export["seconds"] = time.perf_counter() - started
+            self.sam_export["created"] = created
         return {"segmenter": "onnx", "sam_onnx": self.sam_export["folder"]}
 
 
@@ -601,8 +610,18 @@ def timed_rows(baseline: Implementation, rows: EngineRows, engine_dtype: torch.d
     config, device = rows.config, rows.device
     if deadline.expired():  # during the models' build: no row is built (SAM's ONNX export, compilation) for nothing
         _stop_untimed(deadline)
+
+    def built_rows() -> list[Implementation]:
+        """The engine rows; none when the time is up first or a signal comes while they are built (SAM's ONNX
+        export, a minute for vit_b on a CPU, went on to its end after a first Ctrl-C): no edit of theirs starts."""
+        built = deadline.run(partial(rows.build, engine_dtype))
+        if built is None:
+            rows.skipped.append({"name": "engine rows", "skipped": f"not built: the run was cut short "
+                                 f"({deadline.reason})"})
+        return built or []
+
     if engine_dtype == torch.float32:
-        engines = rows.build(engine_dtype)
+        engines = built_rows()
         timed = [*engines[:1], baseline, *engines[1:]]
         measure(timed, config, device, progress, deadline)
         first = next((impl for impl in timed if impl is not baseline and impl.failure is None), None)
@@ -617,7 +636,7 @@ def timed_rows(baseline: Implementation, rows: EngineRows, engine_dtype: torch.d
 
         parity.result, parity.failure = deadline.run(partial(_attempt, parity.name, "edit", parity_edit, progress)) \
             or (None, f"not run: the run was cut short ({deadline.reason})")
-        timed = [baseline, *rows.build(engine_dtype)]
+        timed = [baseline, *built_rows()]
         measure(timed[1:], config, device, progress, deadline)
     if not baseline.walls:
         _stop_untimed(deadline)
@@ -626,26 +645,29 @@ def timed_rows(baseline: Implementation, rows: EngineRows, engine_dtype: torch.d
     return [impl for impl in timed if impl.failure is None and impl.walls], parity
 
 
-def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None, deadline: Deadline | None = None) -> dict:
+def run_benchmark(config: BenchConfig, progress: Progress = lambda _: None, deadline: Deadline | None = None,
+                  sam_export: dict | None = None) -> dict:
     """Run the whole benchmark in this process and return its record (what the JSON file holds).
     Past `config.time_limit_s`, or on SIGTERM (the `timeout` around a device stage) or Ctrl-C, no more
     edits start and what was timed by then is reported (the record's `cut_short` says why). A caller's
-    `deadline` comes with its signal handlers installed by the caller (`run_and_report`)."""
+    `deadline` comes with its signal handlers installed by the caller (`run_and_report`); its `sam_export`, a
+    dict, gets where the +sam-onnx row's export went and whether it created that folder (`EngineRows.sam_export`)."""
     if deadline is None:
         deadline = Deadline(config.time_limit_s)
         with deadline.stopping_on_signals():
-            return run_benchmark(config, progress, deadline)
+            return run_benchmark(config, progress, deadline, sam_export)
     device = resolve_device(config.device)
     # The device current for the whole run: the baseline, the clocks' events and the matmul ceiling
     # use the current device's stream, so a run on cuda:1 would otherwise time cuda:0.
     try:
         with current_device(device):
-            return _measure_and_record(config, device, deadline, progress)
+            return _measure_and_record(config, device, deadline, progress, {} if sam_export is None else sam_export)
     finally:
         gc.unfreeze()  # what the build froze (below) is the collector's again
 
 
-def _measure_and_record(config: BenchConfig, device: torch.device, deadline: Deadline, progress: Progress) -> dict:
+def _measure_and_record(config: BenchConfig, device: torch.device, deadline: Deadline, progress: Progress,
+                        sam_export: dict) -> dict:
     started = time.perf_counter()
     load_before = os.getloadavg()
     engine_dtype = resolve_dtype(config.dtype, device)
@@ -673,7 +695,7 @@ def _measure_and_record(config: BenchConfig, device: torch.device, deadline: Dea
     left_out = [kind for kind in DENOISERS if kind not in config.backends]
     rows = EngineRows(config, models, device, image, edit_config,
                       skipped=[{"name": f"engine:{kind}", "skipped": f"not in this run's --backends (add ...,{kind})"}
-                               for kind in left_out])
+                               for kind in left_out], sam_export=sam_export)
     timed, parity = timed_rows(baseline, rows, engine_dtype, progress, deadline)
     # Batches of concurrent edits, after the per-stage rounds (each row's sequential result is its check).
     measure_batched(timed, config, image, edit_config, device, progress, deadline)
@@ -766,18 +788,34 @@ def _config_record(config: BenchConfig, priming: str, engine_dtype: torch.dtype,
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def _remove_sam_export(sam_export: dict) -> None:
+    """The SAM export of a run that ends without its reports (of use to none), when its folder is one the export
+    created: the export's files (and ONNX Runtime's engines of them), then the folder while empty. Only these:
+    another run into the same --out may use the folder too (its scratch folder or files in it), or have made it
+    before this run's export started; a folder that was there keeps whatever the run wrote in it."""
+    if not sam_export.get("created"):
+        return
+    folder = sam_export["folder"]
+    for name in EXPORT_FILES:
+        with contextlib.suppress(OSError):
+            (folder / name).unlink(missing_ok=True)
+    shutil.rmtree(folder / TRT_CACHE, ignore_errors=True)
+    with contextlib.suppress(OSError):  # only while empty
+        folder.rmdir()
+
+
 @contextlib.contextmanager
-def _made_folders_removed_unless_done(config: BenchConfig) -> Iterator[None]:
+def _made_folders_removed_unless_done(config: BenchConfig) -> Iterator[dict]:
     """A run that ends before its reports (an error, nothing to compare, Ctrl-C) leaves no folder it made: the SAM
-    export it wrote into --out (of use to no report) and --out's folders that were not there, as `mkdir -p` made
-    them. A folder that was there stays, whatever the run wrote in it."""
+    export it wrote into --out (`_remove_sam_export`: the run gives `run_benchmark` the dict this yields) and
+    --out's folders that were not there, as `mkdir -p` made them, while empty. A folder that was there stays,
+    whatever the run wrote in it."""
     out = config.out.absolute()
-    existing, export_existed = nearest_existing(out), config.sam_export_folder.exists()
+    existing, sam_export = nearest_existing(out), {}
     try:
-        yield
+        yield sam_export
     except BaseException:
-        if not export_existed:
-            shutil.rmtree(config.sam_export_folder, ignore_errors=True)
+        _remove_sam_export(sam_export)
         for folder in itertools.takewhile(lambda folder: folder != existing, (out, *out.parents)):
             with contextlib.suppress(OSError):  # only while empty
                 folder.rmdir()
@@ -795,8 +833,8 @@ def run_and_report(config: BenchConfig, argv: list[str] | None = None) -> int:
     # reports half written).
     with deadline.stopping_on_signals():
         try:
-            with _made_folders_removed_unless_done(config):
-                record = run_benchmark(config, progress, deadline)
+            with _made_folders_removed_unless_done(config) as sam_export:
+                record = run_benchmark(config, progress, deadline, sam_export)
         except ZoneError as error:
             print(error_line(error), file=sys.stderr)
             return 2

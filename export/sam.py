@@ -56,6 +56,9 @@ from .options import TINY_SEED
 #   to fp32, so this checks the graph and its rounded weights, not a GPU's fp16 arithmetic: check fp16
 #   masks on the GPU with `python -m zone_benchmarks.bench_refine --fp16` (it reports mask agreement).
 TOLERANCES = {"fp32": dict(atol=1e-4, rtol=1e-4), "fp16": dict(atol=2e-2, rtol=2e-2)}
+# What an export writes into its folder: each graph with the weights it may write beside it
+# (onnx_graph.export_graph: a model over 2 GB's), the manifest last.
+EXPORT_FILES = (ENCODER_FILE, f"{ENCODER_FILE}.data", DECODER_FILE, f"{DECODER_FILE}.data", MANIFEST_FILE)
 ENCODER_OUTPUTS = ["image_embeddings"]
 DECODER_OUTPUTS = ["low_res_logits", "iou_predictions"]
 SAM_FIRST_OPSET, SAM_GRAPHS = 13, "SAM's graphs"  # 13: the first with every op SAM's graphs use (unflatten)
@@ -252,8 +255,7 @@ def run_export_sam(args: argparse.Namespace) -> Path:
     """`zone export sam`: load (or build, with --tiny) SAM and export it; returns the output folder."""
     from zone_engine.models import build_tiny_components, load_sam, sam_type_from_path
 
-    graphs = [ENCODER_FILE, DECODER_FILE]  # each with the weights it may write beside it (onnx_graph.export_graph)
-    check_output_folder(args.out, "--out", [*graphs, *(f"{graph}.data" for graph in graphs), MANIFEST_FILE])
+    check_output_folder(args.out, "--out", list(EXPORT_FILES))
     check_export_target(args.out, "sam")
     check_opset(args.opset, SAM_FIRST_OPSET, SAM_GRAPHS)  # before a checkpoint of gigabytes loads
     if args.tiny:

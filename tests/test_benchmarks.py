@@ -345,7 +345,7 @@ def test_a_backend_left_out_of_backends_is_said_as_the_runs_choice(monkeypatch):
     class Stop(Exception):
         pass
 
-    def engine_rows(*args, skipped):
+    def engine_rows(*args, skipped, sam_export):
         seen.extend(skipped)
         raise Stop
 
@@ -569,6 +569,22 @@ def test_a_ctrl_c_during_the_models_build_quits_with_130_and_builds_no_row(capsy
     assert not finished and not (tmp_path / "sam-onnx-tiny").exists()
 
 
+def test_a_ctrl_c_while_the_rows_are_built_stops_the_sam_export_and_quits_with_130(capsys, tmp_path, monkeypatch):
+    """A first Ctrl-C during SAM's ONNX export (a minute for vit_b on 2 cores) waited for the export to end."""
+    finished = []
+
+    def interrupted_export(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)  # the handler's OutOfTime ends the sleep at once
+        finished.append(True)
+
+    monkeypatch.setattr(harness, "export_sam", interrupted_export)
+    argv = ["--preset", "tiny-smoke", "--backends", "eager", "--sam-onnx", "--sam-precision", "none"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+    assert not finished and list(tmp_path.iterdir()) == []
+
+
 def test_a_run_that_ends_without_its_reports_leaves_no_folder_it_made(capsys, tmp_path, monkeypatch):
     """A run cut short after its rows were built (the SAM export written into --out) left that export, and --out's
     new folders, with no report: the README says a run that fails before writing leaves no folder it made."""
@@ -586,6 +602,30 @@ def test_a_run_that_ends_without_its_reports_leaves_no_folder_it_made(capsys, tm
     (kept / "notes.txt").write_text("mine")
     assert main([*argv, "--out", str(kept)]) == 2
     assert sorted(path.name for path in kept.iterdir()) == ["notes.txt", "sam-onnx-tiny"]
+
+
+def test_a_run_that_ends_without_its_reports_removes_only_the_sam_export_it_made(capsys, tmp_path, monkeypatch):
+    """It removed --out's SAM export folder whole whenever the folder was not there when the run started: a run
+    into the same --out at the same time lost the export it had made meanwhile, or its scratch folder mid-export."""
+    def stop_after(make_other_run_first: bool):
+        def export_then_stop(baseline, rows, dtype, *args):
+            other = rows.config.sam_export_folder / f".export-{os.getpid()}-other"  # a running export's scratch
+            if make_other_run_first:  # the other run's export, made after this run started, before its own
+                other.mkdir(parents=True)
+            rows.build(dtype)
+            other.mkdir(parents=True, exist_ok=True)
+            raise ZoneError("the run was cut short before the baseline's first timed edit: nothing to compare")
+        return export_then_stop
+
+    argv = ["--preset", "tiny-smoke", "--backends", "eager", "--sam-onnx", "--sam-precision", "none"]
+    for other_run_first, left in ((True, [".export-other", "image_encoder.onnx", "manifest.json", "mask_decoder.onnx"]),
+                                  (False, [".export-other"])):  # this run's files go, the other's stay
+        out = tmp_path / str(other_run_first)
+        monkeypatch.setattr(harness, "timed_rows", stop_after(other_run_first))
+        assert main([*argv, "--out", str(out)]) == 2
+        assert "nothing to compare" in capsys.readouterr().err
+        names = sorted(path.name.replace(f"-{os.getpid()}", "") for path in (out / "sam-onnx-tiny").iterdir())
+        assert names == left
 
 
 def test_sigterm_stops_a_real_run_which_reports_what_it_timed(tmp_path):
@@ -1312,6 +1352,24 @@ def stand_in_row(name: str, calls: list[str], fails_at: int | None = None,
     return harness.Implementation(name, "fp32", edit)
 
 
+def test_no_edit_starts_past_the_time_limit_warm_ups_included_however_many_repeats_are_asked(monkeypatch):
+    """The warm-up edits went on past --time-limit (--warmup 6 --time-limit 8: all six ran, 16 s), and once the
+    time was up the rounds still counted to --repeats doing nothing (--repeats 10**20: a run that never ended,
+    SIGTERM included)."""
+    monkeypatch.setattr(harness, "_release", lambda device: None)
+    config = dataclasses.replace(PRESETS["tiny-smoke"], warmup=6, repeats=1000)
+    now, calls, checks = [0.0], [], []
+    row = stand_in_row("engine:eager", calls)
+    row.edit = lambda edit=row.edit: now.__setitem__(0, now[0] + 2.0) or edit()  # each edit 2 s
+    with monkeypatch.context() as patched:  # the clock of the time module itself: undone at once
+        patched.setattr(measure.time, "monotonic", lambda: now[0])
+        deadline = Deadline(8)
+        patched.setattr(deadline, "expired", lambda expired=deadline.expired: checks.append(1) or expired())
+        harness.measure([row], config, torch.device("cpu"), lambda message: None, deadline)
+    assert calls == ["engine:eager"] * 4 and not row.walls  # the fifth warm-up would start at 8 s
+    assert deadline.reason == "its --time-limit of 8 s ran out" and len(checks) < 10
+
+
 def test_the_rounds_warm_each_row_up_before_its_first_timed_edit_and_drop_a_row_that_failed(monkeypatch):
     """fp32 rounds with stand-in edits: an engine row first, then the baseline, then the others; warm-up only in
     the first round (a row that builds on its first edit warmed up even without --warmup); a row that raised
@@ -1422,6 +1480,13 @@ def test_batched_rounds_warm_up_once_with_warm_up_edits_and_a_failed_batch_leave
     assert fused.batched.denoise_runs == [[2], [2]]  # the warm-up batch's loop not counted in the first
     assert fused.batched.first_vs_sequential["max_pixel_diff_image"] == 0  # the first request against the row's edit
     assert broken.batched.error == "batch of 2 failed: OutOfMemoryError: CUDA out of memory"
+    # Once the time is up no batch starts, and the rounds end there (they counted to --repeats doing nothing).
+    stopped, checks, late = Deadline(None), [], batching_row("engine:fused")
+    stopped.stop("it was sent SIGTERM")
+    monkeypatch.setattr(stopped, "expired", lambda expired=stopped.expired: checks.append(1) or expired())
+    harness.measure_batched([late], dataclasses.replace(config, repeats=1000), np.zeros((8, 8, 3), np.uint8),
+                            EditConfig(), torch.device("cpu"), lambda message: None, stopped)
+    assert not late.batched.walls and "cut short" in late.batched.error and len(checks) < 10
 
 
 def test_the_floor_takes_the_better_ceiling_and_the_cuda_floor_is_dense_bf16(monkeypatch):
