@@ -129,6 +129,26 @@ def test_a_request_says_a_keyword_it_has_no_field_for(keywords, said):
     with pytest.raises(ConfigError, match=said):
         EditRequest(smooth_image(8, 8), "add a hat", **keywords)
 
+@pytest.mark.parametrize(
+    ("call", "said"),
+    [(lambda pipe: pipe.edit(smooth_image(8, 8), "add a hat", steps=3),
+      r"^steps is a field of EditConfig, not an option of edit\(\): pass config=pipe.default_config.replace"),
+     (lambda pipe: pipe.prepare(smooth_image(8, 8), "add a hat", num_inference_steps=3),
+      r"^num_inference_steps is called steps here, and is a field of EditConfig, not an option of prepare\(\)"),
+     (lambda pipe: pipe.edit(smooth_image(8, 8), prompt="add a hat"),
+      r"^edit\(\) has no option 'prompt': did you mean instruction\? its options: image, instruction, config, "),
+     (lambda pipe: pipe.edit_batch([], return_exception=True),
+      r"^edit_batch\(\) has no option 'return_exception': did you mean return_exceptions\?"),
+     (lambda pipe: pipe.denoise([], stp=None), r"^denoise\(\) has no option 'stp': did you mean stop\?"),
+     (lambda pipe: pipe.finish(None, None, progess=True), r"^finish\(\) has no option 'progess'")],
+    ids=["edit: a config field", "prepare: diffusers' name", "edit: misspelt", "edit_batch", "denoise", "finish"],
+)
+def test_a_stage_says_a_keyword_it_has_no_option_for(tiny_pipe, call, said):
+    """As EditRequest and the constructors do: `pipe.edit(image, text, steps=3)` was a TypeError."""
+    with pytest.raises(ConfigError, match=said):
+        call(tiny_pipe)
+
+
 def test_a_bad_request_fails_alone_and_the_others_finish(fused_pipe):
     good = EditRequest(smooth_image(64, 64, seed=1), "add a hat")
     requests = [good, EditRequest(np.zeros((2, 2, 3), np.uint8), "add a hat"), EditRequest(good.image, "  "), good]

@@ -65,6 +65,30 @@ def test_beta_follows_the_action(action, beta):
     assert EditConfig().beta_for(action.value.upper()) == beta  # by name too: "remove" had add/change's 0.01
 
 
+@pytest.mark.parametrize(("change", "said"), [
+    (lambda: EditConfig(guidance_scale=7.0), r"has no field 'guidance_scale': did you mean text_guidance\? "),
+    (lambda: EditConfig().replace(num_inference_steps=10), r"no field 'num_inference_steps': did you mean steps\? "),
+    (lambda: EditConfig(points_per_side=16), r"^points_per_side is a field of SamConfig, EditConfig's sam: pass "
+                                             r"sam=config.sam.replace\(points_per_side=...\)"),
+    (lambda: EditConfig().replace(pred_iou_thresh=0.5), r"^pred_iou_thresh is a field of SamConfig"),
+])
+def test_a_config_says_where_a_field_it_lacks_is(change, said):
+    """Diffusers' names and SamConfig's fields matched no field closely enough to be guessed: "its fields: ..."."""
+    with pytest.raises(ConfigError, match=said):
+        change()
+
+
+@pytest.mark.parametrize("config", [EditConfig(), SamConfig()], ids=["EditConfig", "SamConfig"])
+def test_assigning_a_configs_field_says_to_replace_it(config):
+    """It was dataclasses' FrozenInstanceError, "cannot assign to field 'steps'", not a ConfigError saying what to do;
+    still one, for a caller that catches it."""
+    for caught in (ConfigError, dataclasses.FrozenInstanceError):
+        with pytest.raises(caught, match=r"fields cannot be assigned .*: make a changed copy, config.replace\(seed"):
+            config.seed = 3
+    assert config == type(config)()  # unchanged, and copies as before
+    assert dataclasses.replace(config) == config and config.replace() == config
+
+
 def test_beta_needs_an_action():
     with pytest.raises(ConfigError, match="beta_for takes an action"):
         EditConfig().beta_for("auto")

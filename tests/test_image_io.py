@@ -869,6 +869,16 @@ def test_bytes_are_refused_with_how_to_pass_a_path_or_a_files_contents(tmp_path)
     load_image(os.fsdecode(os.fsencode(tmp_path / "x.png")))
     load_image(Image.open(io.BytesIO((tmp_path / "x.png").read_bytes())))  # what it says works
 
+
+def test_an_open_file_is_refused_with_how_to_read_it(tmp_path):
+    """A download's BytesIO or an open() file: told only to "pass a file path, a PIL image or a numpy array"."""
+    save_image(random_rgb(8, 8), tmp_path / "x.png")
+    with open(tmp_path / "x.png", "rb") as file:
+        for source in (file, io.BytesIO(file.read())):
+            assert "(an open file's image: PIL.Image.open(file))" in load_refused(source)
+            source.seek(0)
+            load_image(Image.open(source))  # what it says works
+
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # numpy's about np.matrix itself
 def test_numpy_matrix_is_read_as_a_plain_array():
     gray = RNG.integers(0, 256, size=(8, 8)).astype(np.uint8)

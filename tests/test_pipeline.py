@@ -242,6 +242,21 @@ def test_what_an_edit_did_not_take_as_given_is_in_its_notes_and_each_warned_once
     assert plain.notes == ()
 
 
+@pytest.mark.parametrize(("changes", "why"), [
+    ({"min_region_area": 64 * 64 + 1}, "M_b, the edit mask, is empty"),  # the tiny models' M_b is one region
+    ({"fft_threshold": 255}, "the styled image differs from the input nowhere past fft_threshold"),
+])
+def test_an_edit_that_changed_nothing_says_so(tiny_pipe, changes, why):
+    """The input came back as it was, with nothing in the result saying why."""
+    image = smooth_image(64, 64, seed=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _edit(tiny_pipe, image, **changes)
+    assert np.array_equal(result.image, image) and not result.region.any()
+    assert len(result.notes) == 1 and result.notes[0].startswith(f"nothing was edited, the output is the input: {why}")
+    assert [str(warning.message) for warning in caught if warning.category is EditWarning] == list(result.notes)
+
+
 @pytest.mark.parametrize("size, coarse", [((8, 3000), True), ((20, 20), True), ((33, 130), False), ((64, 64), False)])
 def test_an_image_under_one_attention_cell_is_edited_with_a_warning(tiny_pipe, size, coarse):
     """ZONE locates the edit on 32-pixel cells: a short side under one at the working size (8 x 3000 becomes

@@ -7,10 +7,12 @@ documented option (`threshold_rule="paper"`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import numbers
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -270,11 +272,22 @@ def _raise_first_failing(checks: list[tuple[bool, str]]) -> None:
             raise ConfigError(message)
 
 
+class FrozenConfigError(ConfigError, dataclasses.FrozenInstanceError):
+    """A field of a config assigned: a ConfigError that is still the FrozenInstanceError dataclasses raise."""
+
+
 def _unknown_fields_said(cls: type) -> type:
     """The dataclass's constructor (and so `replace`) says an unknown field name as a ConfigError, not a
-    TypeError: EditConfig(strength=0.5)."""
+    TypeError: EditConfig(strength=0.5); and an assignment, `config.steps = 10`, says how to change a frozen
+    config (dataclasses said only "cannot assign to field 'steps'")."""
     fields = [item.name for item in dataclasses.fields(cls)]
     cls.__init__ = unknown_keywords_refused(cls.__init__, cls.__name__, fields, noun="field")
+
+    def refuse_assignment(self: object, name: str, value: object) -> None:
+        raise FrozenConfigError(f"{cls.__name__}'s fields cannot be assigned (one config may serve many edits): "
+                                f"make a changed copy, config.replace({name}=...)")
+
+    cls.__setattr__ = refuse_assignment
     return cls
 
 
@@ -417,6 +430,23 @@ class EditConfig:
     def replace(self, **changes: object) -> EditConfig:
         """A copy with `changes` (field=value), checked as a new EditConfig is (a ConfigError names a bad one)."""
         return dataclasses.replace(self, **changes)
+
+
+def _sam_fields_said(init: Callable[..., None]) -> Callable[..., None]:
+    """A SamConfig field given to EditConfig as a ConfigError saying it goes in `sam` (it named no field and
+    guessed none: EditConfig(points_per_side=16))."""
+    @functools.wraps(init)
+    def checked(self: EditConfig, *args: object, **kwargs: object) -> None:
+        if setting := next((name for name in kwargs if name in SamConfig.__dataclass_fields__), None):
+            raise ConfigError(f"{setting} is a field of SamConfig, EditConfig's sam: pass "
+                              f"sam=config.sam.replace({setting}=...), config the EditConfig you start from "
+                              "(pipe.default_config, say)")
+        init(self, *args, **kwargs)
+
+    return checked
+
+
+EditConfig.__init__ = _sam_fields_said(EditConfig.__init__)
 
 
 def parse_action(value: str | Action | None) -> Action | None:

@@ -77,9 +77,18 @@ def warn_caller(message: str, category: type[Warning] = EditWarning) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
+# Diffusers' InstructPix2Pix pipeline's names for what the engine calls otherwise: a caller coming from it types
+# them, and none is close enough in spelling to be guessed (`EditConfig(guidance_scale=7)` named no field).
+DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "text_guidance",
+                   "image_guidance_scale": "image_guidance", "generator": "seed", "prompt": "instruction"}
+
+
 def nearest(name: str, known: Iterable[str]) -> str | None:
-    """The known name `name` most likely misspells, if any is close."""
-    near = difflib.get_close_matches(name, list(known), n=1)
+    """The known name `name` most likely misspells (or diffusers' name of), if any is close."""
+    known = list(known)
+    if DIFFUSERS_NAMES.get(name) in known:
+        return DIFFUSERS_NAMES[name]
+    near = difflib.get_close_matches(name, known, n=1)
     return near[0] if near else None
 
 

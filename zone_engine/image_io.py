@@ -86,7 +86,10 @@ def read_image(source: ImageSource, name: str | None = None) -> tuple[np.ndarray
 
 
 def _bytes_hint(source: object) -> str:
-    """Bytes are a path or a file's contents, neither read as such: which to pass instead."""
+    """Bytes are a path or a file's contents, and an open file (a BytesIO of a download, say) holds the contents,
+    none read as such: which to pass instead."""
+    if isinstance(source, io.IOBase):
+        return " (an open file's image: PIL.Image.open(file))"
     if not isinstance(source, bytes | bytearray):
         return ""
     return " (a path in bytes as str: os.fsdecode(path); a file's contents: PIL.Image.open(io.BytesIO(data)))"

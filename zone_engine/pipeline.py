@@ -10,7 +10,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -50,7 +50,15 @@ from .config import (
     option,
 )
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
-from .errors import ConfigError, EditCancelled, a_type, refuse_unknown, unknown_keywords_refused, warn_caller
+from .errors import (
+    DIFFUSERS_NAMES,
+    ConfigError,
+    EditCancelled,
+    a_type,
+    refuse_unknown,
+    unknown_keywords_refused,
+    warn_caller,
+)
 from .graphs import CapturedCalls, Run, eager
 from .instruction import check_instruction
 from .localize import ATTENTION_CELL, AttentionAccumulator, Localization, attention_grid, heatmap_overlay, localize
@@ -106,7 +114,8 @@ class EditResult:
     instruction_truncated: the instruction was over CLIP's 77 tokens; its tail was not read.
     timings: seconds per stage ("text", "action", "vae_encode", "denoise", ...), plus "total".
     notes: what the edit did not take as given, each also an EditWarning: transparency dropped, frames after
-    the first skipped, the instruction truncated, an image under one cell of the attention grid.
+    the first skipped, the instruction truncated, an image under one cell of the attention grid, nothing edited
+    (`region` empty: `image` is the input).
     """
 
     image: np.ndarray
@@ -167,6 +176,17 @@ class EditRequest:
     __repr__ = _brief_repr
 
 
+def _refuse_config_fields(names: Iterable[str], not_of: str) -> None:
+    """An EditConfig field (or diffusers' name of one) given beside `config=` as a ConfigError saying where it goes:
+    EditRequest(image, text, steps=10), pipe.edit(image, text, num_inference_steps=10)."""
+    for name in names:
+        setting = name if name in EditConfig.__dataclass_fields__ else DIFFUSERS_NAMES.get(name)
+        if setting in EditConfig.__dataclass_fields__:
+            called = "" if setting == name else f" is called {setting} here, and"
+            raise ConfigError(f"{name}{called} is a field of EditConfig, not {not_of}: pass "
+                              f"config=pipe.default_config.replace({setting}=...) (or EditConfig({setting}=...))")
+
+
 def _request_keywords_refused(init: Callable[..., None]) -> Callable[..., None]:
     """EditRequest's unknown keyword as a ConfigError, as EditConfig's is (it was a TypeError), saying where an
     EditConfig field goes: EditRequest(image, text, steps=10)."""
@@ -174,9 +194,7 @@ def _request_keywords_refused(init: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(init)
     def checked(self: EditRequest, *args: object, **kwargs: object) -> None:
-        if setting := next((name for name in kwargs if name in EditConfig.__dataclass_fields__), None):
-            raise ConfigError(f"{setting} is a field of EditConfig, not of EditRequest: pass "
-                              f"config=pipe.default_config.replace({setting}=...) (or EditConfig({setting}=...))")
+        _refuse_config_fields(kwargs, "of EditRequest")
         refusing(self, *args, **kwargs)
 
     return checked
@@ -279,6 +297,17 @@ def _coarse_grid_note(geometry: image_io.Geometry) -> str | None:
             "a larger or less elongated (cropped) image edits better")
 
 
+def _unedited_note(located: Localization, region: np.ndarray) -> str | None:
+    """An edit whose region R is empty returns the input as it was: said, as nothing in the result said why (a
+    threshold or min_region_area that left M_b empty, say)."""
+    if region.any():
+        return None
+    why = ("M_b, the edit mask, is empty: no region of the attention difference passed the threshold rule with "
+           "min_region_area pixels" if not located.mask_b.any() else
+           "the styled image differs from the input nowhere past fft_threshold inside M_f's dilation")
+    return f"nothing was edited, the output is the input: {why}"
+
+
 def _raise_for_request(error: Exception, index: int) -> NoReturn:
     if hasattr(error, "add_note"):  # Python 3.11+: the traceback says which request failed
         error.add_note(f"(edit_batch: request {index})")
@@ -372,6 +401,23 @@ def _locked_on_device(method: Callable[..., T]) -> Callable[..., T]:
             return method(self, *args, **kwargs)
 
     return stage
+
+
+def _unknown_keywords_said(method: Callable[..., T]) -> Callable[..., T]:
+    """A stage's unknown keyword as a ConfigError, as the constructors' are (it was a TypeError): an EditConfig field
+    beside `config=` (pipe.edit(image, text, steps=10)) said to go in it, a misspelt one with its nearest option."""
+    known = [name for name in inspect.signature(method).parameters if name != "self"]
+    owner = f"{method.__name__}()"
+
+    @functools.wraps(method)
+    def checked(self: ZonePipeline, *args, **kwargs) -> T:
+        unknown = [name for name in kwargs if name not in known]
+        if "config" in known:
+            _refuse_config_fields(unknown, f"an option of {owner}")
+        refuse_unknown(owner, unknown, known)
+        return method(self, *args, **kwargs)
+
+    return checked
 
 
 def _refuse_unknown_builder_options(cls: type, caller: str, options: dict[str, object],
@@ -598,6 +644,7 @@ class ZonePipeline:
             )
         return self._segmenters[config]
 
+    @_unknown_keywords_said
     def edit(
         self, image: image_io.ImageSource, instruction: str, config: EditConfig | None = None, *, progress: bool = False
     ) -> EditResult:
@@ -607,6 +654,7 @@ class ZonePipeline:
         (latents,) = self.denoise([prepared], progress=progress)
         return self.finish(prepared, latents, progress=progress)
 
+    @_unknown_keywords_said
     def edit_batch(
         self, requests: Sequence[EditRequest], *, progress: bool = False, return_exceptions: bool = False
     ) -> list[EditResult | Exception]:
@@ -671,6 +719,7 @@ class ZonePipeline:
         except Exception as error:  # one request's fault stays with that request
             return error
 
+    @_unknown_keywords_said
     @_locked_on_device
     def prepare(self, image: image_io.ImageSource, instruction: str, config: EditConfig | None = None) -> PreparedEdit:
         """Steps 1-4 of one edit: check the inputs, encode the instruction, pick the action, encode the image."""
@@ -715,6 +764,7 @@ class ZonePipeline:
             watch, started, notes, models=weakref.ref(models),
         )
 
+    @_unknown_keywords_said
     @_locked_on_device
     def denoise(
         self, edits: Sequence[PreparedEdit], *, progress: bool = False, stop: Callable[[], bool] | None = None
@@ -767,6 +817,7 @@ class ZonePipeline:
         return self.denoiser.denoise_batch([e.inputs for e in run], run[0].config, betas, [e.attention for e in run],
                                            on_step=on_step)
 
+    @_unknown_keywords_said
     @_locked_on_device
     def finish(self, edit: PreparedEdit, latents: torch.Tensor, *, progress: bool = False) -> EditResult:
         """Steps 6-9 of one edit: localize, decode, refine, blend; results at the input size."""
@@ -787,12 +838,15 @@ class ZonePipeline:
             refined = refine_with_sam(self.segmenter(config.sam), segmented, located.mask_b, config, progress=progress)
         with watch("blend"):  # 9. Find R at the working size, composite at the input size; the heatmap.
             blended = self._blend(edit, styled, located, refined)
+        unedited = _unedited_note(located, blended["region"])
+        if unedited:
+            warn_caller(unedited)
         timings = {stage: watch.seconds.get(stage, 0.0) for stage in STAGES}
         timings["total"] = time.perf_counter() - edit.started
         return EditResult(
             **blended, action=edit.action,
             used_fallback=refined.used_fallback, instruction_truncated=edit.encoded.truncated, timings=timings,
-            notes=edit.notes,
+            notes=edit.notes + ((unedited,) if unedited else ()),
         )
 
     def _localize(self, edit: PreparedEdit) -> Localization:
