@@ -161,6 +161,8 @@ def test_the_stages_say_what_they_take_instead_of_failing_inside_torch(tiny_pipe
     assert "original=<ndarray uint8 (64, 64, 3)>" in repr(prepared) and "tensor(" not in repr(prepared)
     assert repr(EditRequest(prepared.original, "x")) == ("EditRequest(image=<ndarray uint8 (64, 64, 3)>, "
                                                          "instruction='x', config=None, cancel=None)")
+    assert repr(tiny_pipe) == ("ZonePipeline(device=cpu, dtype=torch.float32, denoiser=FusedDualDenoiser, "
+                               "segmenter='torch', sam_dtype=torch.float32)")
     assert np.array_equal(first.image, again.image) and first.image.shape == (64, 64, 3)
     # Each finish times its own stages: they were added into the PreparedEdit's stopwatch, the second's doubled.
     assert set(prepared.watch.seconds) == {"text", "action", "vae_encode", "denoise"}

@@ -644,6 +644,10 @@ class ZonePipeline:
             )
         return self._segmenters[config]
 
+    def __repr__(self) -> str:  # a REPL shows where and how it edits, not an address
+        return (f"ZonePipeline(device={self.device}, dtype={self.dtype}, denoiser={type(self.denoiser).__name__}, "
+                f"segmenter={self.segmenter_kind!r}, sam_dtype={self.sam_dtype})")
+
     @_unknown_keywords_said
     def edit(
         self, image: image_io.ImageSource, instruction: str, config: EditConfig | None = None, *, progress: bool = False
