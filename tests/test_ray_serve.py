@@ -8,6 +8,7 @@ pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -33,7 +34,7 @@ def test_sigterm_stops_zone_serve_ray_as_the_help_says_also_while_it_deploys(tmp
     `terminated`, exit 143, after Serve and Ray are shut down, whenever it comes. (Before the module's cluster
     starts: its own.)"""
     port, log = free_port(), tmp_path / "serve.log"
-    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}  # a cluster of its own
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # a cluster of its own, also beside one `ray start` started
     with log.open("w") as out:
         server = subprocess.Popen([sys.executable, "-m", "zone_engine.cli", "serve", "--ray", "--tiny", "--device",
                                    "cpu", "--no-warmup", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
@@ -65,7 +66,7 @@ def ray_base():
     import ray
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     application = ZoneDeployment()
     try:
         settings = ServeSettings(max_batch=4, max_wait_ms=200, warmup=False, edit_changes=(("steps", 3),))
@@ -113,6 +114,9 @@ def test_replicas_get_one_gpu_each_where_the_cluster_has_them():
     assert replica_resources(PipelineSpec(device="auto"), 1, {"CPU": 2.0, "GPU": 1.0}) == {"num_cpus": 1, "num_gpus": 1}
     with pytest.raises(ConfigError, match="needs 5 GPUs \\(one each\\); the Ray cluster has 4$"):
         replica_resources(gpu, 5, {"CPU": 64.0, "GPU": 4.0})
+    # On the CPU too: Serve waited for the missing CPUs forever (a warning every 30 s), never serving.
+    with pytest.raises(ConfigError, match="--replicas 3 needs 3 CPUs \\(one each\\); the Ray cluster has 2$"):
+        replica_resources(cpu, 3, {"CPU": 2.0})
 
 
 def test_a_replica_batches_as_the_settings_say_and_is_ready_once_loaded(tiny_pipe):
@@ -131,6 +135,26 @@ def test_a_replica_batches_as_the_settings_say_and_is_ready_once_loaded(tiny_pip
     assert (sample("zone_batch_size_count"), sample("zone_batch_size_sum")) == (1, 2)
 
 
+def test_a_replicas_own_log_lines_go_to_serves_log_at_its_level(monkeypatch):
+    """Under --ray the warm-up lines and a request's warnings were nowhere (the service's logger had no handler,
+    Python's default level hid them), though the README says the log shows them at --log-level."""
+    seen: list[str] = []
+    serve_log, service_log = logging.getLogger("ray.serve"), ray_serve.log
+    saved = [(logger, logger.handlers, logger.level, logger.propagate) for logger in (serve_log, service_log)]
+    monkeypatch.setattr(ray_serve.serve, "get_replica_context", lambda: SimpleNamespace(replica_tag="r1"))
+    try:
+        serve_log.handlers = [SimpleNamespace(level=0, handle=lambda record: seen.append(record.getMessage()))]
+        serve_log.setLevel(logging.INFO)
+        ray_serve._log_through_serve()
+        service_log.info("warming up at %dx%d, batch of %d", 64, 64, 2)
+        service_log.debug("not at info")
+    finally:
+        for logger, handlers, level, propagate in saved:
+            logger.handlers, logger.propagate = handlers, propagate
+            logger.setLevel(level)  # also clears the loggers' cached levels
+    assert seen == ["warming up at 64x64, batch of 2"]
+
+
 class FakeServe:
     """What ZoneDeployment asks of Ray Serve, recorded (and Ray's shutdown): no cluster is started."""
 
@@ -140,6 +164,9 @@ class FakeServe:
         self.ran: dict | None = None
         self.deleted: list[str] = []
         self.ray_shut_down = False
+        self.listening: tuple[str, int] | None = None  # the Serve already running on the cluster: its address
+        self.applications: dict[str, SimpleNamespace] = {}  # serve.status()'s, as the shutdown finds them
+        self.serve_shut_down = False
 
     def start(self, **options) -> None:
         self.started = options
@@ -150,8 +177,13 @@ class FakeServe:
     def delete(self, name: str) -> None:
         self.deleted.append(name)
 
+    def status(self) -> SimpleNamespace:
+        return SimpleNamespace(applications=self.applications)
+
     def shutdown(self) -> None:
-        raise AssertionError("serve.shutdown deletes every application of the cluster, not only zone")
+        if self.applications:
+            raise AssertionError("serve.shutdown deletes every application of the cluster, not only zone")
+        self.serve_shut_down = True
 
 
 @pytest.fixture
@@ -161,6 +193,7 @@ def fake_serve(monkeypatch) -> FakeServe:
     monkeypatch.setattr("ray.is_initialized", lambda: True)
     monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
     monkeypatch.setattr("ray.shutdown", lambda: setattr(fake, "ray_shut_down", True))
+    monkeypatch.setattr(ray_serve, "_serve_listening", lambda: fake.listening)
 
     def options(**chosen):
         fake.options = chosen
@@ -185,6 +218,54 @@ def test_deploy_bounds_the_queue_and_lets_edits_finish_as_the_settings_say(fake_
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"  # no usage report sent from a server by default
     application.shutdown()
     assert fake_serve.deleted == [fake_serve.ran["name"]] == ["zone"] and fake_serve.ray_shut_down
+    assert fake_serve.serve_shut_down  # the Serve it started, with no application left
+
+
+@pytest.mark.parametrize("others", [False, True], ids=["alone", "other-applications"])
+def test_a_serve_already_running_stays_and_one_this_process_started_goes(fake_serve, others):
+    """On a cluster joined (`ray start`, RAY_ADDRESS), the Serve `zone serve --ray` started outlived it, its proxy
+    holding the port: the next `zone serve --ray --port P` printed P but served on the old port (Serve only
+    warned). Now Serve goes with the zone application unless others use it; one already running stays, and one
+    listening elsewhere is refused before anything is deployed."""
+    application = ZoneDeployment()
+    application.deploy(PipelineSpec(tiny=True, device="cpu"), ServeSettings(), host="127.0.0.1", port=8123, replicas=1)
+    fake_serve.applications = {"ops": SimpleNamespace()} if others else {}
+    application.shutdown()
+    assert fake_serve.serve_shut_down is not others
+
+    fake_serve.serve_shut_down, fake_serve.started, fake_serve.deleted = False, None, []
+    fake_serve.listening = ("127.0.0.1", 8123)  # already running where asked: used, and left running
+    application = ZoneDeployment()
+    application.deploy(PipelineSpec(tiny=True, device="cpu"), ServeSettings(), host="127.0.0.1", port=8123, replicas=1)
+    application.shutdown()
+    assert fake_serve.deleted == ["zone"] and not fake_serve.serve_shut_down
+
+    fake_serve.started, fake_serve.deleted, fake_serve.listening = None, [], ("127.0.0.1", 8000)
+    application = ZoneDeployment()
+    with pytest.raises(ConfigError, match="already runs on this Ray cluster, listening on 127.0.0.1:8000, and "
+                                          "cannot move to 127.0.0.1:8123"):
+        application.deploy(PipelineSpec(tiny=True, device="cpu"), ServeSettings(), host="127.0.0.1", port=8123,
+                           replicas=1)
+    application.shutdown()
+    assert fake_serve.started is None and fake_serve.deleted == [] and not fake_serve.serve_shut_down
+
+
+def test_a_replica_that_fails_to_load_is_said_as_its_own_error(fake_serve):
+    """A corrupt checkpoint under --ray: each replica's traceback in the log, then Serve's RuntimeError ("Deploying
+    application zone failed: Failed to update the deployments ['ZoneReplica'].") as a traceback, exit 1. Now the
+    replicas' own error, which `zone` says in one `error:` line, exit 2."""
+    said = ("The deployment failed to start 3 times in a row. Error:\nTraceback (most recent call last):\n"
+            '  File "models.py", line 380, in load_sam\n'
+            "zone_engine.errors.CheckpointError: cannot read the SAM checkpoint sam.pth: not a PyTorch checkpoint\n")
+
+    def failed(bound, **options) -> None:
+        fake_serve.applications = {"zone": SimpleNamespace(deployments={"ZoneReplica": SimpleNamespace(message=said)})}
+        raise RuntimeError("Deploying application zone failed: Failed to update the deployments ['ZoneReplica'].")
+
+    fake_serve.run = failed
+    application = ZoneDeployment()
+    with pytest.raises(ZoneError, match="^cannot read the SAM checkpoint sam.pth: not a PyTorch checkpoint$"):
+        application.deploy(PipelineSpec(device="cpu"), ServeSettings(), host="127.0.0.1", port=8123, replicas=1)
 
 
 @pytest.mark.parametrize(("device", "replicas", "words"), [

@@ -9,17 +9,20 @@ routes, limits, errors and metrics are the single-process ones. Batching is Ray 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import signal
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ZoneError
 from ..pipeline import BatchKey, EditRequest, ZonePipeline
-from .app import EditService, create_app
+from .app import EditService, create_app, log
 from .settings import PipelineSpec, ServeSettings
 
 
@@ -40,6 +43,7 @@ class RayEditService(EditService):
 @serve.ingress()
 class ZoneReplica:
     def __init__(self, spec: PipelineSpec, settings: ServeSettings) -> None:
+        _log_through_serve()
         self._edit_batch.set_max_batch_size(settings.max_batch)
         self._edit_batch.set_batch_wait_timeout_s(settings.max_wait_ms / 1000)
         self.service = RayEditService(spec.build, settings, self._edit_batch)
@@ -58,11 +62,34 @@ class ZoneReplica:
         return await asyncio.to_thread(self.service.run_batch, requests)
 
 
+class _ToServeLog(logging.Handler):
+    """Hands a record to the replica's Serve logger, whose handlers Serve sets (and resets on a redeploy)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("ray.serve").handle(record)
+
+
+def _log_through_serve() -> None:
+    """The service's own lines (warm-up, a request's warnings, failed edits) at Serve's level (--log-level), in
+    the replica's Serve log and the terminal of `zone serve --ray`: Python's defaults had dropped all but warnings
+    and errors, those printed bare. Outside a replica (built by hand, in tests) the logger stays as it was."""
+    try:
+        serve.get_replica_context()
+    except RayServeException:
+        return
+    log.setLevel(logging.getLogger("ray.serve").level)
+    log.handlers = [_ToServeLog()]
+    log.propagate = False
+
+
 def replica_resources(spec: PipelineSpec, replicas: int, cluster: dict[str, float]) -> dict[str, float]:
     """One GPU per replica when the pipeline runs on CUDA, else one CPU. `cluster`: Ray's resource
     totals (this machine's, or the cluster's in RAY_ADDRESS), so GPUs on other nodes count too."""
     gpus = int(cluster.get("GPU", 0))
     if spec.device == "cpu" or (spec.device == "auto" and gpus == 0):
+        cpus = int(cluster.get("CPU", 0))
+        if replicas > cpus:  # Serve would wait for the missing CPUs forever, saying only a warning every 30 s
+            raise ConfigError(f"--replicas {replicas} needs {replicas} CPUs (one each); the Ray cluster has {cpus}")
         return {"num_cpus": 1, "num_gpus": 0}
     if replicas > gpus:
         raise ConfigError(f"--replicas {replicas} needs {replicas} GPUs (one each); the Ray cluster has {gpus}")
@@ -79,6 +106,7 @@ class ZoneDeployment:
 
     def __init__(self) -> None:
         self.deployed = False  # serve.run under way or done: the zone application is this process's
+        self.started_serve = False  # Serve (its controller, and the HTTP proxy holding the port) is this process's
 
     def deploy(self, spec: PipelineSpec, settings: ServeSettings, *, host: str, port: int, replicas: int,
                log_level: str = "warning") -> None:
@@ -91,6 +119,14 @@ class ZoneDeployment:
         if not ray.is_initialized():
             _init_keeping_sigterm(ray)
         resources = replica_resources(spec, replicas, ray.cluster_resources())
+        listening = _serve_listening()
+        if listening is None:
+            self.started_serve = True
+        elif listening != (host, port):  # serve.start would only warn, and the application answer there
+            raise ConfigError(f"Ray Serve already runs on this Ray cluster, listening on {listening[0]}:"
+                              f"{listening[1]}, and cannot move to {host}:{port} while it runs: stop it (`serve "
+                              "shutdown`, which deletes its applications) or start zone on a Ray of its own "
+                              "(RAY_ADDRESS=local)")
         serve.start(http_options={"host": host, "port": port})
         deployment = ZoneReplica.options(
             num_replicas=replicas, ray_actor_options=resources,
@@ -99,19 +135,43 @@ class ZoneDeployment:
             graceful_shutdown_timeout_s=settings.timeout_s + 1,
         )
         self.deployed = True
-        serve.run(deployment.bind(spec, settings), name=APPLICATION, route_prefix="/",
-                  logging_config={"log_level": log_level.upper(), "enable_access_log": False})
+        try:
+            serve.run(deployment.bind(spec, settings), name=APPLICATION, route_prefix="/",
+                      logging_config={"log_level": log_level.upper(), "enable_access_log": False})
+        except RuntimeError as error:  # Serve's "Deploying application zone failed", its cause only in the log
+            raise _replica_error() or error from None
 
     def shutdown(self) -> None:
-        """Delete the application if this process deployed it (its edits under way finish first), then leave Ray:
-        a local cluster ray.init started ends with it, a joined one goes on."""
+        """Delete the application if this process deployed it (its edits under way finish first), and Serve if this
+        process started it and no application is left, then leave Ray: a local cluster ray.init started ends with
+        it, a joined one goes on as it was."""
         import ray
 
         if not ray.is_initialized():  # refused before Ray started: serve.shutdown would start it to find nothing
             return
         if self.deployed:
             serve.delete(APPLICATION)
+        if self.started_serve and not serve.status().applications:  # else its proxy held the port after exit
+            serve.shutdown()
         ray.shutdown()
+
+
+def _serve_listening() -> tuple[str, int] | None:
+    """The host and port of the Serve already running on the Ray cluster, or None where none runs (Serve has no
+    public call for its HTTP options)."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else (client.http_config.host, client.http_config.port)
+
+
+def _replica_error() -> ZoneError | None:
+    """The error that kept the zone application's replicas from starting (a checkpoint that fails to load), as
+    raised in them: Serve's own says only that the deployment failed, the replicas' tracebacks are in the log."""
+    application = serve.status().applications.get(APPLICATION)
+    messages = [] if application is None else [status.message for status in application.deployments.values()]
+    said = re.findall(r"^zone_engine\.errors\.\w+: (.*)$", "\n".join(messages), re.MULTILINE)
+    return ZoneError(said[-1]) if said else None
 
 
 def _init_keeping_sigterm(ray: Any) -> None:
