@@ -129,6 +129,7 @@ def test_a_request_says_a_keyword_it_has_no_field_for(keywords, said):
     with pytest.raises(ConfigError, match=said):
         EditRequest(smooth_image(8, 8), "add a hat", **keywords)
 
+
 @pytest.mark.parametrize(
     ("call", "said"),
     [(lambda pipe: pipe.edit(smooth_image(8, 8), "add a hat", steps=3),
@@ -140,8 +141,10 @@ def test_a_request_says_a_keyword_it_has_no_field_for(keywords, said):
      (lambda pipe: pipe.edit_batch([], return_exception=True),
       r"^edit_batch\(\) has no option 'return_exception': did you mean return_exceptions\?"),
      (lambda pipe: pipe.denoise([], stp=None), r"^denoise\(\) has no option 'stp': did you mean stop\?"),
-     (lambda pipe: pipe.finish(None, None, progess=True), r"^finish\(\) has no option 'progess'")],
-    ids=["edit: a config field", "prepare: diffusers' name", "edit: misspelt", "edit_batch", "denoise", "finish"],
+     (lambda pipe: pipe.finish(None, None, progess=True), r"^finish\(\) has no option 'progess'"),
+     (lambda pipe: pipe.edit_batch([], steps=3), r"^edit_batch\(\) has no option 'steps'")],  # it takes no config=
+    ids=["edit: a config field", "prepare: diffusers' name", "edit: misspelt", "edit_batch", "denoise", "finish",
+         "edit_batch: a config field"],
 )
 def test_a_stage_says_a_keyword_it_has_no_option_for(tiny_pipe, call, said):
     """As EditRequest and the constructors do: `pipe.edit(image, text, steps=3)` was a TypeError."""

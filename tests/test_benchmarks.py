@@ -53,6 +53,7 @@ from zone_engine.denoise import BatchDenoiser
 from zone_engine.errors import ZoneError
 from zone_engine.image_io import make_sample_image, working_geometry
 from zone_engine.pipeline import STAGES
+from zone_engine.sam_onnx import TRT_CACHE
 from zone_engine.timing import Stopwatch
 
 INSTRUCTION = "make the dog a golden statue"
@@ -179,6 +180,15 @@ def test_the_load_test_without_httpx_says_which_extra_to_install():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert (out.returncode, out.stdout) == (2, ""), out.stderr
     assert out.stderr == "load test: needs httpx: pip install 'zone-engine[bench]'\n"
+
+
+def test_the_load_test_imported_without_httpx_raises_the_import_error(monkeypatch):
+    """Imported (pytest.importorskip, a tool of the user's), not run: an ImportError to handle, not a SystemExit
+    that ends the importer's process."""
+    monkeypatch.setitem(sys.modules, "httpx", None)  # as on an install without it
+    monkeypatch.delitem(sys.modules, "zone_benchmarks.load_test", raising=False)
+    with pytest.raises(ModuleNotFoundError, match="httpx"):
+        importlib.import_module("zone_benchmarks.load_test")
 
 
 @pytest.fixture(scope="module")
@@ -457,6 +467,26 @@ def test_a_half_precision_run_times_the_fp32_baseline_first_then_checks_fp32_par
     assert "| engine:fused (bf16) |" in markdown(record)
 
 
+def test_a_half_precision_run_stopped_while_its_rows_are_built_keeps_the_baseline_and_says_why(monkeypatch):
+    """The gpu-512 flow builds the engine rows after the baseline's edits and the parity edit: SIGTERM during that
+    build (SAM's ONNX export, a minute for vit_b) went on building, and the report said nothing of the rows."""
+    monkeypatch.setattr(harness, "_release", lambda device: None)
+    monkeypatch.setattr(harness, "ZonePipeline", lambda *args, **kwargs: SimpleNamespace(edit=lambda *_: "parity"))
+    calls, deadline = [], Deadline(None)
+
+    def build(dtype):
+        deadline.stop("it was sent SIGTERM")  # as its handler does, mid-export
+        pytest.fail("the build went on")
+
+    rows = SimpleNamespace(config=dataclasses.replace(PRESETS["tiny-smoke"], warmup=0, repeats=2), models=None,
+                           device=torch.device("cpu"), image=None, edit_config=None, skipped=[], build=build)
+    baseline = stand_in_row("baseline", calls)
+    timed, parity = harness.timed_rows(baseline, rows, torch.bfloat16, lambda message: None, deadline)
+    assert timed == [baseline] and calls == ["baseline", "baseline"] and parity.result == "parity"
+    assert rows.skipped == [{"name": "engine rows", "skipped": "not built: the run was cut short (it was sent "
+                                                               "SIGTERM)"}]
+
+
 def test_a_baseline_that_fails_ends_the_run(monkeypatch):
     monkeypatch.setattr(ReferenceStyleZone, "edit", lambda *args, **kwargs: (_ for _ in ()).throw(ValueError("x")))
     with pytest.raises(ValueError):
@@ -591,6 +621,9 @@ def test_a_run_that_ends_without_its_reports_leaves_no_folder_it_made(capsys, tm
     def export_then_stop(baseline, rows, dtype, *args):
         rows.build(dtype)  # the +sam-onnx row's export, into --out
         assert rows.sam_export["folder"].is_dir()
+        engines = rows.sam_export["folder"] / TRT_CACHE  # ONNX Runtime's TensorRT engines of it, on a GPU
+        engines.mkdir()
+        (engines / "encoder.engine").write_bytes(b"an engine")
         raise ZoneError("the run was cut short before the baseline's first timed edit: nothing to compare")
 
     monkeypatch.setattr(harness, "timed_rows", export_then_stop)
@@ -602,6 +635,12 @@ def test_a_run_that_ends_without_its_reports_leaves_no_folder_it_made(capsys, tm
     (kept / "notes.txt").write_text("mine")
     assert main([*argv, "--out", str(kept)]) == 2
     assert sorted(path.name for path in kept.iterdir()) == ["notes.txt", "sam-onnx-tiny"]
+    # run_benchmark's own caller is told the same: where the export went, and that the run made its folder.
+    exported, config = {}, dataclasses.replace(PRESETS["tiny-smoke"], backends=("eager",), sam_onnx=True,
+                                               sam_precision=None, out=tmp_path / "api")
+    with pytest.raises(ZoneError, match="nothing to compare"):
+        run_benchmark(config, sam_export=exported)
+    assert exported["folder"] == config.sam_export_folder and exported["created"]
 
 
 def test_a_run_that_ends_without_its_reports_removes_only_the_sam_export_it_made(capsys, tmp_path, monkeypatch):

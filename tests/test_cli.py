@@ -241,12 +241,16 @@ def test_the_distribution_installs_no_top_level_name_of_another_project():
     assert sorted(top_level) == ["zone_benchmarks", "zone_engine", "zone_export", "zone_kernels"]
 
 
-def test_python_m_zone_engine_is_the_zone_command():
+def test_python_m_zone_engine_is_the_zone_command(tmp_path):
     """For an environment whose scripts folder is not on PATH: it said "No module named zone_engine.__main__"."""
     out = subprocess.run([sys.executable, "-m", "zone_engine", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == f"zone-engine {zone_engine.__version__}", out.stderr
     out = subprocess.run([sys.executable, "-m", "zone_engine", "edit", "--tinny"], capture_output=True, text=True)
     assert out.returncode == 2 and "did you mean --tiny?" in out.stderr and "(see zone edit --help)" in out.stderr
+    # A run's own failure, past the parser, keeps its exit status too (a shell's `&&` went on after it).
+    out = subprocess.run([sys.executable, "-m", "zone_engine", "edit", str(tmp_path / "missing.png"), "-i", "x", "-o",
+                          str(tmp_path / "o.png")], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.startswith("error: image not found: "), out.stderr
 
 
 def test_help_and_input_errors_answer_without_importing_torch(tmp_path):
@@ -872,6 +876,10 @@ def test_a_reports_lines_land_after_those_another_run_writes_meanwhile(tmp_path,
         ours.write(b"ours\n")
         other.write(b"other 2\n")
     assert report.read_bytes() == (b"before\n" if append else b"") + b"other 1\nours\nother 2\n"
+    # A new report is made as open() makes a file (0o666 less the umask): readable by whom the user's files are.
+    open_report(tmp_path / "new.jsonl", append).close()
+    (tmp_path / "plain").touch()
+    assert (tmp_path / "new.jsonl").stat().st_mode == (tmp_path / "plain").stat().st_mode
 
 
 @pytest.mark.parametrize("several", [True, False])
@@ -883,22 +891,27 @@ def test_a_report_line_that_cannot_be_written_is_said_and_taken_back(tmp_path, s
     from zone_engine.edit_files import EditJob, _Run
 
     class FillsUp(io.FileIO):
+        fits = 1
+
         def write(self, data):  # one byte fits, then the disk is full
-            if self.tell() > len(b"earlier\n"):
+            if not self.fits:
                 raise OSError(errno.ENOSPC, "No space left on device")
+            self.fits -= 1
             return super().write(bytes(data[:1]))
 
     report = tmp_path / "report.jsonl"
     report.write_bytes(b"earlier\n")
     job = EditJob(Path("a.png"), Path("out/a.png"), None, "make it gold")
     with FillsUp(report, "ab") as opened:
+        with open(report, "ab") as other:  # another run's line, after ours began: taking ours back keeps it
+            other.write(b"another run's\n")
         run = _Run(total=3, several=several, in_flight=1, written=1, report=opened)
         with pytest.raises(OutputError, match="cannot write --report .*report.jsonl: No space left on dev") as said:
             run.record(job, action="add")
         run.record(job, action="add")  # the run stops: no more lines tried
     assert ("2 of 3 edits not done; mend it, then run the same command with --skip-existing" in str(said.value)
             if several else str(said.value).endswith("the edit was written to out/a.png"))
-    assert report.read_bytes() == b"earlier\n"
+    assert report.read_bytes() == b"earlier\nanother run's\n"
 
 
 def test_a_batch_line_reads_an_image_under_the_home_folder_as_a_shell_would(photo, tmp_path, monkeypatch, capsys):
@@ -2292,7 +2305,7 @@ def test_serve_refuses_a_batch_its_queue_cannot_fill_before_the_models_load(caps
 
 @pytest.mark.parametrize(("module", "argv", "extra"), [
     ("prometheus_client", ["serve", "--tiny"], "serve"), ("ray", ["serve", "--tiny", "--ray"], "ray"),
-    ("fastapi", ["serve", "--tiny", "--ray"], "ray")])
+    ("fastapi", ["serve", "--tiny", "--ray"], "ray"), ("multipart", ["serve", "--tiny"], "serve")])
 def test_serve_without_its_extra_names_the_install_command(capsys, monkeypatch, module, argv, extra):
     # The app imported first (the setattr does), as it needs the modules: alone, this test failed in the import.
     monkeypatch.setattr("zone_engine.serving.run_server", lambda *_: pytest.fail("the server started"))
@@ -2300,15 +2313,21 @@ def test_serve_without_its_extra_names_the_install_command(capsys, monkeypatch, 
     _fails_cleanly(capsys, argv, f"`zone serve` needs {module}: pip install 'zone-engine[{extra}]'")
 
 
-def test_the_python_servings_app_without_its_extra_names_the_install_command(monkeypatch):
+@pytest.mark.parametrize(("module", "said"), [
+    ("uvicorn", r"^zone_engine.serving.create_app needs uvicorn: pip install 'zone-engine\[serve\]'$"),
+    ("fastapi.responses", r"^zone_engine.serving.create_app needs fastapi.responses: pip install 'zone-engine\[serve"),
+    ("PIL", r"^import of PIL halted")])  # not the extra's: said as Python says it, no install command
+def test_the_python_servings_app_without_its_extra_names_the_install_command(monkeypatch, module, said):
     """`from zone_engine.serving import create_app` was a ModuleNotFoundError from inside serving/app.py."""
     import zone_engine.serving
 
     monkeypatch.delitem(sys.modules, "zone_engine.serving.app", raising=False)
-    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as on an install without it
-    with pytest.raises(ModuleNotFoundError, match=r"^zone_engine.serving.create_app needs uvicorn: pip install "
-                                                  r"'zone-engine\[serve\]'$"):
+    monkeypatch.setitem(sys.modules, module, None)  # as on an install without it
+    with pytest.raises(ModuleNotFoundError, match=said) as missing:
         zone_engine.serving.create_app  # noqa: B018 -- the lazy attribute's import is the test
+    assert missing.value.name == module  # for a caller that asks which, as of Python's own
+    if "pip install" in said:  # one error said, not the import's inside it as well
+        assert missing.value.__suppress_context__ and missing.value.__cause__ is None
 
 
 @pytest.mark.parametrize("kind", ["sam", "unet"])
@@ -2393,11 +2412,12 @@ def test_a_report_names_a_file_that_is_not_utf8_by_its_bytes(photo, tmp_path, ca
     name = os.fsdecode(b"caf\xe9.png")
     shutil.copy(photo, tmp_path / name)
     report, out = tmp_path / "report.jsonl", tmp_path / "out"
-    assert main(["edit", str(tmp_path / name), str(photo), "-i", "x", "-o", str(out), "--report", str(report),
-                 "--tiny", "--steps", "1", "--no-progress"]) == 0
+    assert main(["edit", str(tmp_path / name), str(photo), "-i", "a café hat", "-o", str(out), "--report",
+                 str(report), "--tiny", "--steps", "1", "--no-progress"]) == 0
     records = [json.loads(line) for line in report.read_text().splitlines()]
     outputs = [os.fsencode(record["output"]) for record in records]
     assert outputs == [os.fsencode(out / name), os.fsencode(out / photo.name)]
+    assert '"instruction": "a café hat"'.encode() in report.read_bytes().splitlines()[1]  # the others as UTF-8 still
 
 
 def test_no_progress_hides_the_libraries_loading_bars_too(monkeypatch, tmp_path):

@@ -68,6 +68,8 @@ def test_beta_follows_the_action(action, beta):
 @pytest.mark.parametrize(("change", "said"), [
     (lambda: EditConfig(guidance_scale=7.0), r"has no field 'guidance_scale': did you mean text_guidance\? "),
     (lambda: EditConfig().replace(num_inference_steps=10), r"no field 'num_inference_steps': did you mean steps\? "),
+    (lambda: EditConfig(generator=1), r"has no field 'generator': did you mean seed\? "),
+    (lambda: EditConfig(image_guidance_scale=1.5), r"no field 'image_guidance_scale': did you mean image_guidance\? "),
     (lambda: EditConfig(points_per_side=16), r"^points_per_side is a field of SamConfig, EditConfig's sam: pass "
                                              r"sam=config.sam.replace\(points_per_side=...\)"),
     (lambda: EditConfig().replace(pred_iou_thresh=0.5), r"^pred_iou_thresh is a field of SamConfig"),
@@ -78,12 +80,18 @@ def test_a_config_says_where_a_field_it_lacks_is(change, said):
         change()
 
 
+def test_a_config_takes_its_fields_by_position_too():
+    """EditConfig's constructor is wrapped (a SamConfig field said): the values given by position still reach it."""
+    assert EditConfig(7, 5.0) == EditConfig(steps=7, text_guidance=5.0)
+
+
 @pytest.mark.parametrize("config", [EditConfig(), SamConfig()], ids=["EditConfig", "SamConfig"])
 def test_assigning_a_configs_field_says_to_replace_it(config):
     """It was dataclasses' FrozenInstanceError, "cannot assign to field 'steps'", not a ConfigError saying what to do;
     still one, for a caller that catches it."""
     for caught in (ConfigError, dataclasses.FrozenInstanceError):
-        with pytest.raises(caught, match=r"fields cannot be assigned .*: make a changed copy, config.replace\(seed"):
+        with pytest.raises(caught, match=rf"^{type(config).__name__}'s fields cannot be assigned .*: make a changed "
+                                         r"copy, config.replace\(seed"):
             config.seed = 3
     assert config == type(config)()  # unchanged, and copies as before
     assert dataclasses.replace(config) == config and config.replace() == config

@@ -879,6 +879,7 @@ def test_an_open_file_is_refused_with_how_to_read_it(tmp_path):
             source.seek(0)
             load_image(Image.open(source))  # what it says works
 
+
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # numpy's about np.matrix itself
 def test_numpy_matrix_is_read_as_a_plain_array():
     gray = RNG.integers(0, 256, size=(8, 8)).astype(np.uint8)

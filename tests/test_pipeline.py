@@ -163,6 +163,9 @@ def test_the_stages_say_what_they_take_instead_of_failing_inside_torch(tiny_pipe
                                                          "instruction='x', config=None, cancel=None)")
     assert repr(tiny_pipe) == ("ZonePipeline(device=cpu, dtype=torch.float32, denoiser=FusedDualDenoiser, "
                                "segmenter='torch', sam_dtype=torch.float32)")
+    assert repr(ZonePipeline(tiny_pipe.models, "cpu", denoiser="eager", sam_precision="bf16")) == (
+        "ZonePipeline(device=cpu, dtype=torch.float32, denoiser=SequentialDenoiser, segmenter='torch', "
+        "sam_dtype=torch.bfloat16)")  # SAM's own precision, not the UNets'
     assert np.array_equal(first.image, again.image) and first.image.shape == (64, 64, 3)
     # Each finish times its own stages: they were added into the PreparedEdit's stopwatch, the second's doubled.
     assert set(prepared.watch.seconds) == {"text", "action", "vae_encode", "denoise"}
@@ -257,6 +260,13 @@ def test_an_edit_that_changed_nothing_says_so(tiny_pipe, changes, why):
     assert np.array_equal(result.image, image) and not result.region.any()
     assert len(result.notes) == 1 and result.notes[0].startswith(f"nothing was edited, the output is the input: {why}")
     assert [str(warning.message) for warning in caught if warning.category is EditWarning] == list(result.notes)
+
+
+def test_an_edit_of_part_of_the_image_says_nothing_of_it(tiny_pipe):
+    """The note is for an empty region alone: one that covers part of the image (the tiny models' edit, past a
+    high fft_threshold) is a plain edit."""
+    result = _edit(tiny_pipe, smooth_image(64, 64, seed=4), fft_threshold=120)
+    assert 0 < result.region.mean() < 1 and result.notes == ()
 
 
 @pytest.mark.parametrize("size, coarse", [((8, 3000), True), ((20, 20), True), ((33, 130), False), ((64, 64), False)])
