@@ -12,7 +12,6 @@ import importlib.util
 import math
 import numbers
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -334,6 +333,24 @@ class SamConfig:
         return cls(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
 
 
+def _sam_fields_said(cls: type) -> type:
+    """A SamConfig field given to EditConfig (and so its `replace`) as a ConfigError saying it goes in `sam` (it
+    named no field and guessed none: EditConfig(points_per_side=16))."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def checked(self: object, *args: object, **kwargs: object) -> None:
+        if setting := next((name for name in kwargs if name in SamConfig.__dataclass_fields__), None):
+            raise ConfigError(f"{setting} is a field of SamConfig, EditConfig's sam: pass "
+                              f"sam=config.sam.replace({setting}=...), config the EditConfig you start from "
+                              "(pipe.default_config, say)")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = checked
+    return cls
+
+
+@_sam_fields_said
 @_unknown_fields_said
 @dataclass(frozen=True)
 class EditConfig:
@@ -430,23 +447,6 @@ class EditConfig:
     def replace(self, **changes: object) -> EditConfig:
         """A copy with `changes` (field=value), checked as a new EditConfig is (a ConfigError names a bad one)."""
         return dataclasses.replace(self, **changes)
-
-
-def _sam_fields_said(init: Callable[..., None]) -> Callable[..., None]:
-    """A SamConfig field given to EditConfig as a ConfigError saying it goes in `sam` (it named no field and
-    guessed none: EditConfig(points_per_side=16))."""
-    @functools.wraps(init)
-    def checked(self: EditConfig, *args: object, **kwargs: object) -> None:
-        if setting := next((name for name in kwargs if name in SamConfig.__dataclass_fields__), None):
-            raise ConfigError(f"{setting} is a field of SamConfig, EditConfig's sam: pass "
-                              f"sam=config.sam.replace({setting}=...), config the EditConfig you start from "
-                              "(pipe.default_config, say)")
-        init(self, *args, **kwargs)
-
-    return checked
-
-
-EditConfig.__init__ = _sam_fields_said(EditConfig.__init__)
 
 
 def parse_action(value: str | Action | None) -> Action | None:
