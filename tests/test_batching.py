@@ -119,7 +119,8 @@ def test_batch_key_groups_what_can_share_a_denoising_loop():
 @pytest.mark.parametrize(
     ("keywords", "said"),
     [({"cfg": EditConfig()}, r"EditRequest has no field 'cfg': did you mean config\?"),
-     ({"steps": 10}, r"steps is a field of EditConfig, not of EditRequest: pass config=pipe.default_config.replace"),
+     ({"steps": 10},
+      r"steps is a field of EditConfig, not one of EditRequest's fields: pass config=pipe.default_config.replace"),
      ({"cancel": 1}, r"cancel must be a threading.Event or None, not an int"),
      ({"cancel": asyncio.Event()}, r"not an asyncio.Event, .* pass a threading.Event and set\(\) it where your task")],
     ids=["misspelt", "a config field", "cancel", "an asyncio Event"],
@@ -133,9 +134,9 @@ def test_a_request_says_a_keyword_it_has_no_field_for(keywords, said):
 @pytest.mark.parametrize(
     ("call", "said"),
     [(lambda pipe: pipe.edit(smooth_image(8, 8), "add a hat", steps=3),
-      r"^steps is a field of EditConfig, not an option of edit\(\): pass config=pipe.default_config.replace"),
+      r"^steps is a field of EditConfig, not one of edit\(\)'s options: pass config=pipe.default_config.replace"),
      (lambda pipe: pipe.prepare(smooth_image(8, 8), "add a hat", num_inference_steps=3),
-      r"^num_inference_steps is called steps here, and is a field of EditConfig, not an option of prepare\(\)"),
+      r"^num_inference_steps is called steps here, and is a field of EditConfig, not one of prepare\(\)'s options"),
      (lambda pipe: pipe.edit(smooth_image(8, 8), prompt="add a hat"),
       r"^edit\(\) has no option 'prompt': did you mean instruction\? its options: image, instruction, config, "),
      (lambda pipe: pipe.edit_batch([], return_exception=True),

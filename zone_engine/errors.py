@@ -10,6 +10,9 @@ import functools
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def first_line(error: BaseException) -> str:
@@ -102,12 +105,12 @@ def refuse_unknown(owner: str, names: Iterable[str], known: Sequence[str], noun:
             raise ConfigError(f"{owner} has no {noun} {name!r}: {guess}its {noun}s: {', '.join(known)}")
 
 
-def unknown_keywords_refused(init: Callable[..., None], owner: str, known: Sequence[str],
-                             noun: str = "option") -> Callable[..., None]:
-    """The constructor `init`, saying a misspelt keyword as `refuse_unknown` does before it runs."""
-    @functools.wraps(init)
-    def checked(self: object, *args: object, **kwargs: object) -> None:
+def unknown_keywords_refused(method: Callable[..., T], owner: str, known: Sequence[str],
+                             noun: str = "option") -> Callable[..., T]:
+    """The method (a constructor) `method`, saying a misspelt keyword as `refuse_unknown` does before it runs."""
+    @functools.wraps(method)
+    def checked(self: object, *args: object, **kwargs: object) -> T:
         refuse_unknown(owner, kwargs, known, noun)
-        init(self, *args, **kwargs)
+        return method(self, *args, **kwargs)
 
     return checked

@@ -187,20 +187,24 @@ def _refuse_config_fields(names: Iterable[str], not_of: str) -> None:
                               f"config=pipe.default_config.replace({setting}=...) (or EditConfig({setting}=...))")
 
 
-def _request_keywords_refused(init: Callable[..., None]) -> Callable[..., None]:
-    """EditRequest's unknown keyword as a ConfigError, as EditConfig's is (it was a TypeError), saying where an
-    EditConfig field goes: EditRequest(image, text, steps=10)."""
-    refusing = unknown_keywords_refused(init, "EditRequest", [item.name for item in fields(EditRequest)], "field")
+def _keywords_said(method: Callable[..., T], owner: str, known: Sequence[str], noun: str) -> Callable[..., T]:
+    """`method` (EditRequest's constructor, a stage) saying an unknown keyword as a ConfigError before it runs, as
+    EditConfig's are (it was a TypeError): where it takes `config`, an EditConfig field (or diffusers' name of one)
+    said to go in it (EditRequest(image, text, steps=10), pipe.edit(image, text, num_inference_steps=10)); else the
+    nearest `noun`."""
+    refusing = unknown_keywords_refused(method, owner, known, noun)
 
-    @functools.wraps(init)
-    def checked(self: EditRequest, *args: object, **kwargs: object) -> None:
-        _refuse_config_fields(kwargs, "of EditRequest")
-        refusing(self, *args, **kwargs)
+    @functools.wraps(method)
+    def checked(self: object, *args: object, **kwargs: object) -> T:
+        if "config" in known:
+            _refuse_config_fields([name for name in kwargs if name not in known], f"one of {owner}'s {noun}s")
+        return refusing(self, *args, **kwargs)
 
     return checked
 
 
-EditRequest.__init__ = _request_keywords_refused(EditRequest.__init__)
+EditRequest.__init__ = _keywords_said(EditRequest.__init__, "EditRequest", [item.name for item in fields(EditRequest)],
+                                      "field")
 
 
 @dataclass(frozen=True, eq=False)  # equal and hashed by identity: == on arrays has no single truth value
@@ -404,20 +408,9 @@ def _locked_on_device(method: Callable[..., T]) -> Callable[..., T]:
 
 
 def _unknown_keywords_said(method: Callable[..., T]) -> Callable[..., T]:
-    """A stage's unknown keyword as a ConfigError, as the constructors' are (it was a TypeError): an EditConfig field
-    beside `config=` (pipe.edit(image, text, steps=10)) said to go in it, a misspelt one with its nearest option."""
+    """The stage `method` saying an unknown keyword (`_keywords_said`) with its own options."""
     known = [name for name in inspect.signature(method).parameters if name != "self"]
-    owner = f"{method.__name__}()"
-
-    @functools.wraps(method)
-    def checked(self: ZonePipeline, *args, **kwargs) -> T:
-        unknown = [name for name in kwargs if name not in known]
-        if "config" in known:
-            _refuse_config_fields(unknown, f"an option of {owner}")
-        refuse_unknown(owner, unknown, known)
-        return method(self, *args, **kwargs)
-
-    return checked
+    return _keywords_said(method, f"{method.__name__}()", known, "option")
 
 
 def _refuse_unknown_builder_options(cls: type, caller: str, options: dict[str, object],
