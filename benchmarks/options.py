@@ -27,6 +27,7 @@ from zone_engine.config import (
     SAM_PRECISIONS,
     SAM_TYPES,
     Action,
+    EditConfig,
     SamConfig,
     check_backend_options,
     check_precision,
@@ -173,8 +174,8 @@ def _bench_parser() -> CommandParser:
     parser.add_argument("--models", type=str.lower, choices=MODEL_SIZES,
                         help="architecture sizes: sd15 (real) or tiny (tests)")
     parser.add_argument("--resolution", type=int,
-                        help=f"side of the square test image, 32..{MAX_WORKING_SIDE} pixels: the edit works at this "
-                        "size (its max_side)")
+                        help=f"side of the square test image, a multiple of 32 from 32 to {MAX_WORKING_SIDE} "
+                        "pixels: the edit works at this size (its max_side)")
     parser.add_argument("--steps", type=int, help=f"denoising steps, 1..{MAX_STEPS}")
     parser.add_argument("--dtype", type=str.lower, choices=("fp32", "fp16", "bf16"),
                         help="engine precision (baseline: fp32)")
@@ -250,7 +251,7 @@ def _check(parser: CommandParser, config: BenchConfig) -> None:
     refuse_first(parser, [
         (config.repeats >= 1, "--repeats must be at least 1"), (config.warmup >= 0, "--warmup must be 0 or more"),
         (1 <= config.steps <= MAX_STEPS, f"--steps must be between 1 and {MAX_STEPS}"),
-        (32 <= config.resolution <= MAX_WORKING_SIDE, f"--resolution must be between 32 and {MAX_WORKING_SIDE}"),
+        edit_resolution_check(config.resolution),
         (1 <= config.batch <= MAX_BATCH, f"--batch must be between 1 and {MAX_BATCH}"),
         # Checked here, not after the models are built: a batch's edits take seeds seed..seed+batch-1.
         (0 <= config.seed <= MAX_SEED - config.batch + 1, f"--seed must be between 0 and "
@@ -313,8 +314,8 @@ def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sam-type", type=str.lower, choices=(*SAM_TYPES, "tiny"),
                         help="SAM size (default vit_h; tiny with --models tiny)")
     parser.add_argument("--resolution", type=int, default=512,
-                        help=f"side of the square test image, 32..{MAX_WORKING_SIDE} pixels, worked on at this size "
-                        "(default 512)")
+                        help=f"side of the square test image, a multiple of 32 from 32 to {MAX_WORKING_SIDE} "
+                        "pixels, worked on at this size (default 512)")
     parser.add_argument("--steps", type=int, default=20, help=f"denoising steps, 1..{MAX_STEPS} (default 20)")
     parser.add_argument("--device", type=device_name, default="auto",
                         help="where to run (default auto: CUDA when there is one)")
@@ -339,7 +340,7 @@ def parse_profile_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "compressed")
     args = parser.parse_args(argv)
     refuse_first(parser, [
-        (32 <= args.resolution <= MAX_WORKING_SIDE, f"--resolution must be between 32 and {MAX_WORKING_SIDE}"),
+        edit_resolution_check(args.resolution),
         (1 <= args.steps <= MAX_STEPS, f"--steps must be between 1 and {MAX_STEPS}"),
         (args.warmup >= 0, "--warmup must be 0 or more"), (args.rows >= 0, "--rows must be 0 or more"),
     ])
@@ -371,6 +372,15 @@ def add_unet_arguments(parser: argparse.ArgumentParser, *, resolution: int) -> N
     parser.add_argument("--dtype", type=str.lower, choices=("fp32", "fp16", "bf16"), default="fp32",
                         help="the UNets' precision (default fp32; fp16 and bf16 on CUDA)")
     parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+
+
+def edit_resolution_check(resolution: int) -> tuple[bool, str]:
+    """`refuse_first`'s check of zone bench's and zone profile's --resolution: the edit pads its image to
+    multiples of 32 (EditConfig.size_multiple), so 33 would be reported as 33 and worked on at 64."""
+    multiple = EditConfig.size_multiple
+    return (resolution % multiple == 0 and multiple <= resolution <= MAX_WORKING_SIDE,
+            f"--resolution must be a multiple of {multiple} between {multiple} and {MAX_WORKING_SIDE} (the edit "
+            "pads its image to such multiples, so another side would be worked on at a larger one)")
 
 
 def unet_resolution_check(resolution: int) -> tuple[bool, str]:

@@ -211,7 +211,8 @@ def test_batched_first_edit_is_the_sequential_edit(batched_record):
 @pytest.mark.parametrize(("argv", "words"), [
     (["--repeats", "0"], "--repeats must be at least 1"), (["--warmup", "-1"], "--warmup must be 0 or more"),
     (["--steps", "5000"], "--steps must be between 1 and 999"),
-    (["--resolution", "100000"], "--resolution must be between 32 and 2048"),  # was numpy asking for 149 GiB
+    (["--resolution", "100000"], "--resolution must be a multiple of 32 between 32 and 2048"),  # numpy: 149 GiB
+    (["--resolution", "33"], "--resolution must be a multiple of 32"),  # was reported as 33, worked on at 64
     (["--batch", "1000"], "--batch must be between 1 and 256"),
     (["--seed", str(2**32)], "--seed must be between 0 and 4294967295"),  # was said after the models' build
     (["--preset", "tiny-smoke", "--seed", str(2**32 - 1)], "--seed must be between 0 and 4294967294"),

@@ -137,7 +137,8 @@ def test_half_precision_on_the_cpu_is_a_one_line_error_naming_the_option(capsys)
 
 
 @pytest.mark.parametrize(("argv", "words"), [
-    (["--resolution", "100000"], "--resolution must be between 32 and 2048"),
+    (["--resolution", "100000"], "--resolution must be a multiple of 32 between 32 and 2048"),
+    (["--resolution", "100"], "--resolution must be a multiple of 32"),  # was worked on at 128
     (["--steps", "0"], "--steps must be between 1 and 999"), (["--rows", "-1"], "--rows must be 0 or more"),
 ])
 def test_a_value_out_of_range_is_said_by_its_option(capsys, argv, words):
