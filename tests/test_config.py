@@ -85,16 +85,25 @@ def test_a_config_takes_its_fields_by_position_too():
     assert EditConfig(7, 5.0) == EditConfig(steps=7, text_guidance=5.0)
 
 
-@pytest.mark.parametrize("config", [EditConfig(), SamConfig()], ids=["EditConfig", "SamConfig"])
-def test_assigning_a_configs_field_says_to_replace_it(config):
+@pytest.mark.parametrize(("config", "name"), [(EditConfig(), "seed"), (SamConfig(), "points_per_side")],
+                         ids=["EditConfig", "SamConfig"])
+def test_assigning_a_configs_field_says_to_replace_it(config, name):
     """It was dataclasses' FrozenInstanceError, "cannot assign to field 'steps'", not a ConfigError saying what to do;
     still one, for a caller that catches it."""
     for caught in (ConfigError, dataclasses.FrozenInstanceError):
         with pytest.raises(caught, match=rf"^{type(config).__name__}'s fields cannot be assigned .*: make a changed "
-                                         r"copy, config.replace\(seed"):
-            config.seed = 3
+                                         rf"copy, config.replace\({name}=\.\.\.\)$"):
+            setattr(config, name, 3)
     assert config == type(config)()  # unchanged, and copies as before
     assert dataclasses.replace(config) == config and config.replace() == config
+
+
+@pytest.mark.parametrize(("name", "replace_with"), [("stpes", "steps"), ("strength", "FIELD")])
+def test_assigning_a_misspelt_field_names_the_field_to_replace(name, replace_with):
+    """config.stpes = 3 was told to config.replace(stpes=...), a second mistake; a name near no field, FIELD."""
+    with pytest.raises(dataclasses.FrozenInstanceError, match=rf"^EditConfig has no field '{name}'; EditConfig's "
+                       rf"fields cannot be assigned .*config.replace\({replace_with}=\.\.\.\)$"):
+        setattr(EditConfig(), name, 3)
 
 
 def test_beta_needs_an_action():

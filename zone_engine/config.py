@@ -17,7 +17,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from .errors import ConfigError, DeviceError, unknown_keywords_refused
+from .errors import ConfigError, DeviceError, nearest, unknown_keywords_refused
 
 
 class Action(str, Enum):
@@ -283,8 +283,11 @@ def _unknown_fields_said(cls: type) -> type:
     cls.__init__ = unknown_keywords_refused(cls.__init__, cls.__name__, fields, noun="field")
 
     def refuse_assignment(self: object, name: str, value: object) -> None:
-        raise FrozenConfigError(f"{cls.__name__}'s fields cannot be assigned (one config may serve many edits): "
-                                f"make a changed copy, config.replace({name}=...)")
+        unknown = ""
+        if name not in fields:  # config.stpes = 3 was told to replace(stpes=...), a second mistake
+            unknown, name = f"{cls.__name__} has no field {name!r}; ", nearest(name, fields) or "FIELD"
+        raise FrozenConfigError(f"{unknown}{cls.__name__}'s fields cannot be assigned (one config may serve many "
+                                f"edits): make a changed copy, config.replace({name}=...)")
 
     cls.__setattr__ = refuse_assignment
     return cls
