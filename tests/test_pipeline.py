@@ -14,6 +14,7 @@ import torch
 from conftest import smooth_image, spy_calls
 
 from zone_engine import Action, EditConfig, EditRequest, EditResult, SamConfig, ZonePipeline
+from zone_engine.denoise import SequentialDenoiser
 from zone_engine.errors import ConfigError, EditCancelled, EditWarning
 from zone_engine.pipeline import STAGES
 from zone_engine.refine import ListSegmenter
@@ -161,11 +162,16 @@ def test_the_stages_say_what_they_take_instead_of_failing_inside_torch(tiny_pipe
     assert "original=<ndarray uint8 (64, 64, 3)>" in repr(prepared) and "tensor(" not in repr(prepared)
     assert repr(EditRequest(prepared.original, "x")) == ("EditRequest(image=<ndarray uint8 (64, 64, 3)>, "
                                                          "instruction='x', config=None, cancel=None)")
-    assert repr(tiny_pipe) == ("ZonePipeline(device=cpu, dtype=torch.float32, denoiser=FusedDualDenoiser, "
+    assert repr(tiny_pipe) == ("ZonePipeline(device=cpu, dtype=torch.float32, denoiser='fused', "
                                "segmenter='torch', sam_dtype=torch.float32)")
     assert repr(ZonePipeline(tiny_pipe.models, "cpu", denoiser="eager", sam_precision="bf16")) == (
-        "ZonePipeline(device=cpu, dtype=torch.float32, denoiser=SequentialDenoiser, segmenter='torch', "
+        "ZonePipeline(device=cpu, dtype=torch.float32, denoiser='eager', segmenter='torch', "
         "sam_dtype=torch.bfloat16)")  # SAM's own precision, not the UNets'
+    # compile is fused's class, compiled: its name was said as FusedDualDenoiser; an instance by its class.
+    assert "denoiser='compile'," in repr(ZonePipeline(tiny_pipe.models, "cpu", denoiser="COMPILE"))
+    models = tiny_pipe.models
+    instance = SequentialDenoiser(models.ip2p_unet, models.mb_unet, models.scheduler_config)
+    assert "denoiser='SequentialDenoiser'," in repr(ZonePipeline(models, "cpu", denoiser=instance))
     assert np.array_equal(first.image, again.image) and first.image.shape == (64, 64, 3)
     # Each finish times its own stages: they were added into the PreparedEdit's stopwatch, the second's doubled.
     assert set(prepared.watch.seconds) == {"text", "action", "vae_encode", "denoise"}

@@ -552,6 +552,8 @@ class ZonePipeline:
         # group_norm: the UNets' and VAE's GroupNorms by kernel 3 or PyTorch (make_group_norms says where).
         unet_norms, self.vae_norms = make_group_norms(group_norm, self.device, denoiser)
         self.denoiser = make_denoiser(self.models, denoiser, self.device, engines, cuda_graphs, unet_norms)
+        # The backend's name (fused and compile are one class), or a Denoiser instance's class, for repr.
+        self.denoiser_kind = denoiser if isinstance(denoiser, str) else type(denoiser).__name__
         self.group_norms = group_norm_names(self.denoiser, self.vae_norms)  # what runs, for reports
         # The text encoder and VAE replayed from CUDA graphs wherever the denoiser's steps are: on CUDA,
         # unless graphs are turned off or the plain reference (eager) is asked for.
@@ -638,7 +640,7 @@ class ZonePipeline:
         return self._segmenters[config]
 
     def __repr__(self) -> str:  # a REPL shows where and how it edits, not an address
-        return (f"ZonePipeline(device={self.device}, dtype={self.dtype}, denoiser={type(self.denoiser).__name__}, "
+        return (f"ZonePipeline(device={self.device}, dtype={self.dtype}, denoiser={self.denoiser_kind!r}, "
                 f"segmenter={self.segmenter_kind!r}, sam_dtype={self.sam_dtype})")
 
     @_unknown_keywords_said
