@@ -914,6 +914,35 @@ def test_a_report_line_that_cannot_be_written_is_said_and_taken_back(tmp_path, s
     assert report.read_bytes() == b"earlier\nanother run's\n"
 
 
+def test_a_report_line_is_written_under_an_exclusive_lock(tmp_path):
+    """Another run writing the same report waits while a line is written: its line could land between the start of
+    ours and our take-back of it on a full disk, and be cut with it."""
+    import fcntl
+
+    from zone_engine.edit_files import EditJob, _Run
+
+    report = tmp_path / "report.jsonl"
+    held = []
+
+    class Watched(io.FileIO):
+        def write(self, data):
+            with open(report, "ab") as other:  # another run's open of the same file
+                try:
+                    fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    held.append(True)
+                else:
+                    held.append(False)
+            return super().write(data)
+
+    with Watched(report, "ab") as opened:
+        _Run(total=1, several=False, in_flight=1, written=1, report=opened).record(
+            EditJob(Path("a.png"), Path("out/a.png"), None, "make it gold"), action="add")
+        with open(report, "ab") as other:  # released after the line
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert held == [True] and json.loads(report.read_text())["action"] == "add"
+
+
 def test_a_batch_line_reads_an_image_under_the_home_folder_as_a_shell_would(photo, tmp_path, monkeypatch, capsys):
     """~/ is the home folder; ~draft.png and ~nobody-zone/ are names beside the list, here the current folder
     (expanduser raised on the first; the reader took the second for a user's home, and raised)."""
