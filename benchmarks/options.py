@@ -36,6 +36,7 @@ from zone_engine.config import (
 )
 from zone_engine.errors import ConfigError, ZoneError
 from zone_engine.paths import check_output_file, check_output_folder, file_argument, folder_argument
+from zone_engine.streams import stdout_kept
 
 # Backends whose first edit builds something (torch.compile, TensorRT engines): they always get at least
 # one warm-up edit (as does a row that captures CUDA graphs: harness.builds_on_first_edit), so the build
@@ -130,9 +131,10 @@ def bench_main(argv: list[str] | None = None) -> int:
 def quitting_on_a_signal(run: Callable[[], int]) -> int:
     """`run()`'s exit status; a Ctrl-C that reaches here (a bench's second, a profile's first) is one line and
     130, and a SIGTERM (a profile's; a bench's before its run installs its own handler) `terminated` and 143, as
-    zone's own commands say them, not a traceback or a silent death."""
+    zone's own commands say them, not a traceback or a silent death. A reader gone from the report on stdout
+    (`| head -1`) is no error either, as for zone's own commands."""
     try:
-        with terminated_as_interrupt():
+        with terminated_as_interrupt(), stdout_kept():
             return run()
     except KeyboardInterrupt as stop:
         return said_stopped(stop)

@@ -37,7 +37,7 @@ from zone_engine.errors import ConfigError, DeviceError, ZoneError
 from zone_engine.paths import check_output_folder, expanded, file_sha256, listed_file_problem
 from zone_engine.tensorrt_denoiser import TENSORRT_MISSING, import_tensorrt  # noqa: F401  (re-exported)
 
-from .unet import read_manifest
+from .unet import ENGINE_CACHE, read_manifest
 
 ENGINE_FORMAT = 1  # bump when what goes into a key, or how an engine is built, changes
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -196,7 +196,7 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: Profile, precision
 
 
 def default_cache_root(folder: Path) -> Path:
-    return Path(folder) / "engines"
+    return Path(folder) / ENGINE_CACHE
 
 
 def check_graph_files(folder: Path, entry: dict[str, Any]) -> None:

@@ -111,14 +111,14 @@ def _exporting(scratch: Path) -> bool:
 
 
 @contextmanager
-def _locked(folder: Path) -> Iterator[None]:
+def _locked(folder: Path, wait: bool = False) -> Iterator[None]:
     """An exclusive lock on `folder` while the block runs, released by the system when the process dies (SIGKILL,
-    out of memory): how another export tells a running export's scratch folder from a killed one's. None where
-    the file system has no locks."""
+    out of memory): how another export tells a running export's scratch folder from a killed one's. `wait`: until
+    another process's lock on it is released. None where the file system has no locks."""
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         with contextlib.suppress(OSError):
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(descriptor, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield
     finally:
         os.close(descriptor)
@@ -135,7 +135,7 @@ def staging_folder(out_dir: Path) -> Iterator[Path]:
     on its filesystem: os.replace (`install`) then moves each finished file in at once, and a failed export leaves
     `out_dir` as it was (removed, when this call created it; with what another export, run at the same time into
     the same new folder, put there kept: its scratch folder, or its files)."""
-    created = not out_dir.exists()
+    created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # the deepest first
     out_dir.mkdir(parents=True, exist_ok=True)
     for scratch in out_dir.glob(".export-*"):  # a killed export's (SIGKILL, out of memory): gigabytes for vit_h
         if not _exporting(scratch):
@@ -150,8 +150,9 @@ def staging_folder(out_dir: Path) -> Iterator[Path]:
         if created:  # the whole folder went, the other export's files with it (its scratch: a FileNotFoundError)
             for name in _installed[staging]:
                 (out_dir / name).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # only while empty
-                out_dir.rmdir()
+            for folder in created:  # `--out a/b/c` made a and b too: they go with it
+                with contextlib.suppress(OSError):  # only while empty
+                    folder.rmdir()
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -180,6 +181,17 @@ def signals_held() -> Iterator[None]:
     finally:  # the handlers of before back first: the held signal reaches them
         if held:
             signal.raise_signal(held[0])  # as it would have been: KeyboardInterrupt, the CLI's Terminated, ...
+
+
+@contextmanager
+def installing(out_dir: Path, kind: str) -> Iterator[None]:
+    """The block that moves a `zone export {kind}`'s finished files into `out_dir`: Ctrl-C and SIGTERM held off
+    (`signals_held`), the folder locked against other exports' installs and checked again under the lock
+    (`check_export_target`). Another kind of export run into the same folder meanwhile had its manifest replaced,
+    both exports saying they succeeded."""
+    with signals_held(), _locked(out_dir, wait=True):
+        check_export_target(out_dir, kind)
+        yield
 
 
 def export_graph(module: nn.Module, args: tuple, path: Path, opset: int, *, input_names: list[str],

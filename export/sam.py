@@ -38,10 +38,10 @@ from .onnx_graph import (
     compare,
     export_graph,
     install,
+    installing,
     log,
     require,
     session,
-    signals_held,
     staging_folder,
 )
 from .options import TINY_SEED
@@ -140,6 +140,7 @@ def export_sam(
     """
     check_opset(opset, SAM_FIRST_OPSET, SAM_GRAPHS)
     out_dir = Path(out_dir)
+    check_export_target(out_dir, "sam")  # before the tracing; again as the files are moved in (`installing`)
     precision = "fp16" if fp16 else "fp32"
     reference = sam.eval()
     if fp16:
@@ -157,7 +158,7 @@ def export_sam(
         manifest = {**_manifest(sam, model_type, precision, opset, embeddings, checkpoint),
                     "files": {name: file_sha256(staging / name) for name in files}, "validation": report}
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        with signals_held():  # the moves all done, or none
+        with installing(out_dir, "sam"):  # the moves all done, or none
             shutil.rmtree(out_dir / TRT_CACHE, ignore_errors=True)  # engines of the graphs replaced: never read again
             for name in [*files, MANIFEST_FILE]:  # the manifest last: it vouches for the files before it
                 install(staging, out_dir, name)

@@ -30,6 +30,7 @@ import argparse
 import copy
 import hashlib
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,10 +61,10 @@ from .onnx_graph import (
     compare,
     export_graph,
     install,
+    installing,
     log,
     require,
     session,
-    signals_held,
     staging_folder,
 )
 from .options import DEFAULT_SIZE, TINY_SEED
@@ -73,6 +74,7 @@ VAE_ENCODER = "vae_encoder"
 VAE_DECODER = "vae_decoder"
 GRAPHS = (DUAL_STEP, VAE_ENCODER, VAE_DECODER)  # what `zone export unet` writes, as NAME.onnx
 MANIFEST_FORMAT = 1
+ENGINE_CACHE = "engines"  # `zone build-engine`'s default cache inside the folder, where `zone edit --engines` looks
 SIZE_MULTIPLE = 32  # the pipeline pads to multiples of 32 (ZONE.md section 0); attention is read at 1/32
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 # Validation, |onnxruntime - torch| <= atol + rtol * max|torch| on every output, against PyTorch in the
@@ -436,11 +438,33 @@ def _export(out_dir: Path, specs: list[GraphSpec], profile: ShapeProfile, precis
     """Trace, validate at every profile size, then move the files and the manifest entries into `out_dir`."""
     require("onnx"), require("onnxruntime")  # before any tracing: both are needed, and the [onnx] extra
     out_dir = Path(out_dir)
+    check_export_target(out_dir, "unet")  # before the tracing; again as the files are moved in (`installing`)
     with staging_folder(out_dir) as staging:
         entries = {spec.name: _export_spec(spec, staging, profile, precision, opset, sources) for spec in specs}
-        with signals_held():  # the three graphs and the manifest all installed, or none
+        with installing(out_dir, "unet"):  # the three graphs and the manifest all installed, or none
             _install(entries, staging, out_dir)
+    _drop_engines_of_replaced_graphs(out_dir, entries)
     return out_dir
+
+
+def _drop_engines_of_replaced_graphs(out_dir: Path, entries: dict[str, dict[str, Any]]) -> None:
+    """Remove the engines in the folder's engine cache built from graph files this export replaced: their keys
+    name the old files, so they are never loaded again (each re-export left a dual-step engine behind: both
+    SD1.5 UNets, 3.4 GB in fp16). An engine built from the very files now installed (the same bytes) stays."""
+    for sidecar in (out_dir / ENGINE_CACHE).glob("*.plan.json"):
+        try:
+            built = json.loads(sidecar.read_text())
+        except (OSError, ValueError):  # not the cache's: not ours to judge
+            continue
+        entry = entries.get(built.get("graph")) if isinstance(built, dict) else None
+        if entry is None or built.get("onnx_files") == entry["files"]:
+            continue
+        try:
+            sidecar.with_suffix("").unlink(missing_ok=True)  # the engine, then its sidecar
+            sidecar.unlink()
+        except OSError as error:  # the export is whole and installed: said, not failed
+            warnings.warn(f"{sidecar.with_suffix('')} was built from the graph this export replaced but could not "
+                          f"be removed ({error})", stacklevel=2)
 
 
 def _export_spec(spec: GraphSpec, staging: Path, profile: ShapeProfile, precision: str, opset: int,

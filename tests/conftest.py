@@ -15,10 +15,13 @@ import torch
 import zone_engine  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A ZONE_DISABLE_TRITON=1 left in a contributor's shell failed 12 kernel tests (the tests that need it set it).
+os.environ.pop("ZONE_DISABLE_TRITON", None)
 if not torch.cuda.is_available():
     # Without CUDA, Triton runs only interpreted: set before any test module imports the kernels, so a bare
-    # `pytest` runs them as the README's command does (test modules collected early import them too).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    # `pytest` runs them as the README's command does (test modules collected early import them too). Set, not
+    # defaulted: under a TRITON_INTERPRET=0 left in the shell 85 kernel tests failed with Triton's "0 active drivers".
+    os.environ["TRITON_INTERPRET"] = "1"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -165,12 +165,12 @@ def test_a_reader_gone_from_stderr_stops_no_run(tmp_path, monkeypatch):
 def test_a_line_part_flushed_to_a_gone_reader_raises_nothing():
     """Text with no line end is sent by the flush, not the write (line buffering): the flush met the closed pipe.
     Closing the stream afterwards sends nothing more into it either."""
-    from zone_engine.streams import StderrOutlivingItsReader
+    from zone_engine.streams import OutlivingItsReader
 
     reader, writer = os.pipe()
     os.close(reader)
     with open(writer, "w", buffering=1, encoding="utf-8") as gone:
-        stderr = StderrOutlivingItsReader(gone)
+        stderr = OutlivingItsReader(gone)
         stderr.write("loading the models... ")
         stderr.flush()
 
@@ -798,6 +798,15 @@ def test_a_report_is_refused_where_it_is_the_commands_own_output(tmp_path, capfd
         with pytest.raises(OutputError, match=f"--report {stream} is the command's {name}, where its own lines go"):
             check_report_path(Path(stream), [])
     check_report_path(tmp_path / "report.jsonl", [])  # a file of its own
+
+
+def test_a_report_to_a_dash_is_refused_not_written_to_a_file_named_dash(photo, tmp_path, capsys, monkeypatch):
+    """`--report -`, as `zone batch -` reads standard input, wrote the report to a file named `-` in the current
+    folder, unsaid; `-o -` was refused already."""
+    monkeypatch.chdir(tmp_path)
+    _fails_cleanly(capsys, ["edit", str(photo), "-i", "add a hat", "-o", "out.png", "--tiny", "--report", "-"],
+                   "--report -: the report is written to a file, not standard output")
+    assert not (tmp_path / "-").exists() and not (tmp_path / "out.png").exists()
 
 
 def test_a_batch_refuses_a_file_as_o_a_bad_batch_size_and_a_list_it_cannot_read_before_any_work(photo, tmp_path,
@@ -1836,6 +1845,9 @@ def test_serve_help_and_bad_settings_fail_before_loading(capsys, tmp_path, monke
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "70000"], "port")
     _fails_cleanly(capsys, ["serve", "--tiny", "--port", "65536"], "--port 65536 is not a TCP port (0..65535)")
     _fails_cleanly(capsys, ["serve", "--tiny", "--host", "999.1.1.1"], "--host 999.1.1.1")
+    _fails_cleanly(capsys, ["serve", "--tiny", "--host", "[::1]"], "--host [::1]: write the IPv6 address without "
+                   "brackets, --host ::1")  # was an --allow-host '[::1]' "is not a host name", none being given
+    _fails_cleanly(capsys, ["serve", "--tiny", "--host", ""], "--host '' is neither an IP address nor a host name")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -2179,6 +2191,16 @@ def test_help_wraps_at_spaces_so_a_wrapped_option_or_command_can_be_copied(page,
     assert not [line for line in out.splitlines() if re.search(r"[A-Za-z]-$", line)], out
     # Every zone command says its exit codes (export, build-engine, demo, bench and profile did not).
     assert kind != "zone" or "Exit codes: " in out, out
+
+
+@pytest.mark.parametrize("command", [["edit"], ["build-engine"]])
+def test_help_says_the_tensorrt_paths_have_not_run(command, capsys, monkeypatch):
+    """The README says TensorRT's build and denoiser have run on no machine of ours; --help said nothing of it."""
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    out = " ".join(capsys.readouterr().out.split()).lower()  # unwrapped
+    assert "written for tensorrt 10" in out and "not yet run on a gpu" in out
 
 
 # --- What a command line means beyond parsing: defaults, values passed on, exit codes (found by mutation testing) ---

@@ -1123,3 +1123,38 @@ def test_exporting_without_the_checkpoints_names_each_missing_one_at_once(tmp_pa
     with pytest.raises(CheckpointError, match="^2 checkpoints are missing") as caught:
         run_export_unet(export_args(tmp_path / "out", "--ip2p", str(tmp_path / "none"), "--magicbrush", "nobody/none"))
     assert "InstructPix2Pix" in str(caught.value) and "MagicBrush" in str(caught.value)
+
+
+def test_a_failed_export_removes_the_parent_folders_it_created(models, tmp_path, monkeypatch):
+    """`--out a/b/c` cut off (Ctrl-C, a failed check) removed c and left the empty a/b it had made."""
+    (tmp_path / "a").mkdir()
+    monkeypatch.setattr(export_module, "_export_spec", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        export_unet_graphs(models, tmp_path / "a" / "b" / "c" / "d", height=32, width=32)
+    assert [path.name for path in tmp_path.iterdir()] == ["a"] and not any((tmp_path / "a").iterdir())
+
+
+def test_export_unet_graphs_refuses_a_sam_exports_folder_before_tracing(models, tmp_path, monkeypatch):
+    """From Python the check was the command line's alone: the SAM export's manifest was replaced."""
+    sam_manifest = '{"format": 1, "model_type": "tiny", "files": {}}'
+    (tmp_path / "manifest.json").write_text(sam_manifest)
+    monkeypatch.setattr(export_module, "_export_spec", lambda *_: pytest.fail("traced into a SAM export's folder"))
+    with pytest.raises(ZoneError, match="holds a `zone export sam` folder: `zone export unet` would replace"):
+        export_unet_graphs(models, tmp_path, height=32, width=32)
+    assert (tmp_path / "manifest.json").read_text() == sam_manifest
+
+
+def test_a_re_export_drops_the_engines_built_from_the_graphs_it_replaced(models, exported, stand_in_tensorrt,
+                                                                           tmp_path):
+    """`zone export sam` deletes its TensorRT cache on a re-export; `zone export unet` left FOLDER/engines as it
+    was, engines never loaded again (keyed by the old files): 3.4 GB a re-export for SD1.5's fp16 dual step."""
+    folder = shutil.copytree(exported, tmp_path / "unet")
+    built = {graph: engine_module.ensure_engine(folder, graph)[0] for graph in ("dual_step", "vae_decoder")}
+    export_dual_step(models, folder, height=32, width=32)  # another size: the dual step's engine is stale
+    assert not built["dual_step"].exists() and not EngineCache.sidecar_path(built["dual_step"]).exists()
+    assert built["vae_decoder"].exists()  # its graph was not re-exported
+    rebuilt, _, reason = engine_module.ensure_engine(folder, "dual_step")
+    assert reason == "no engine built yet"
+    export_vae(models, folder, height=32, width=32)
+    assert rebuilt.exists() and EngineCache.sidecar_path(rebuilt).exists()  # built from the graph still there
+    assert not built["vae_decoder"].exists()

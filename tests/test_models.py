@@ -566,3 +566,15 @@ def test_a_torch_cache_folder_that_cannot_be_made_is_said_naming_the_variable(sa
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "new" / "cache"))  # made, as PyTorch would
     zone_engine.models.check_torch_cache_folder()
     assert (tmp_path / "new" / "cache").is_dir()
+
+
+def test_no_temporary_folder_to_write_is_said_before_torch_fails_on_it(tmp_path, monkeypatch):
+    """A read-only filesystem (a locked-down server) with TMPDIR unset: torch._dynamo's import, which puts
+    TORCHINDUCTOR_CACHE_DIR's default in the temporary folder, ended `zone serve` with tempfile's traceback."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr("tempfile.tempdir", None)  # looked for again, among these folders only: none writable
+    monkeypatch.setattr("tempfile._candidate_tempdir_list", lambda: [str(tmp_path / "a_file")])
+    with pytest.raises(ConfigError, match=r"No usable temporary directory found in .*a_file.*: PyTorch keeps its "
+                       r"cache in the temporary folder .* set TMPDIR \(or TORCHINDUCTOR_CACHE_DIR\) to a folder"):
+        zone_engine.models.check_torch_cache_folder()

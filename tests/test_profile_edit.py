@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -319,3 +320,20 @@ def test_a_cuda_profile_sees_the_kernels_of_the_replayed_denoising_graph():
     assert denoise.graph_launches == 3  # one replay a step, captured in the warm-up edit
     assert denoise.device_ops > 0 and 0 < denoise.busy_share <= 1
     assert all(p.device_busy_us is not None for p in profiles)
+
+
+def test_a_reader_gone_from_the_report_is_no_error(monkeypatch):
+    """`zone profile ... | head -1`: the stage table's print met the closed pipe, a BrokenPipeError's traceback and
+    exit 1 once the edit was profiled; `zone bench`'s report alike. The rest goes nowhere, and the tool's status."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    with open(writer, "w", buffering=1, encoding="utf-8") as gone:  # line by line, as a terminal's or a flush's
+        monkeypatch.setattr(sys, "stdout", gone)
+
+        def report() -> int:
+            for row in range(3):
+                print(f"| stage {row} |")
+            return 0
+
+        assert options.quitting_on_a_signal(report) == 0
+        assert sys.stdout is gone  # the caller's own stream back after the run

@@ -832,3 +832,27 @@ def test_an_export_cut_off_while_installing_leaves_no_manifest_vouching_for_miss
     assert moves[0] != MANIFEST_FILE and not (tmp_path / "out" / MANIFEST_FILE).exists()
     with pytest.raises(CheckpointError, match="no manifest.json: not a `zone export sam` folder, or the export"):
         OnnxSamSegmenter(tmp_path / "out", SamConfig())
+
+
+def test_an_export_into_another_exports_folder_is_refused_from_python_and_when_made_meanwhile(sam, tmp_path,
+                                                                                             monkeypatch):
+    """export_sam replaced a `zone export unet` folder's manifest without a word from Python (the command line
+    alone checked), and on the command line when `zone export unet` ran into the same new folder at the same
+    time: both exit 0, the export that finished first left with graphs and no manifest."""
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    write_manifest(unet, {"format": 1, "graphs": {"dual_step": {}}})
+    with pytest.raises(ZoneError, match="holds a `zone export unet` folder: `zone export sam` would replace"):
+        export_sam(sam, "tiny", unet)
+    assert sorted(path.name for path in unet.iterdir()) == [MANIFEST_FILE]
+    out, validate = tmp_path / "shared", export_module._validate
+
+    def unet_export_finishes_meanwhile(*args):
+        write_manifest(out, {"format": 1, "graphs": {"dual_step": {}}})
+        return validate(*args)
+
+    monkeypatch.setattr(export_module, "_validate", unet_export_finishes_meanwhile)
+    with pytest.raises(ZoneError, match="holds a `zone export unet` folder: `zone export sam` would replace"):
+        export_sam(sam, "tiny", out)
+    assert read_manifest(out) == {"format": 1, "graphs": {"dual_step": {}}}
+    assert sorted(path.name for path in out.iterdir()) == [MANIFEST_FILE]

@@ -11,10 +11,12 @@ for _module in (*SERVE_MODULES, "httpx"):
 
 import asyncio
 import base64
+import importlib
 import io
 import json
 import logging
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -469,6 +471,23 @@ def test_a_server_stopped_while_loading_waits_for_the_load_then_closes_its_servi
         asyncio.run(service.batcher.run_in_model_thread(lambda: None))
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on Windows")
+def test_a_hangup_stops_the_server_as_sigterm_does_unless_it_is_ignored(pipe):
+    """SIGHUP (the terminal that started the server closed: an SSH session ended) killed the server at once, its
+    queued and running edits cut off with empty replies. Under nohup it is ignored, and stays so."""
+    server = ZoneServer(uvicorn.Config(create_app()), LocalEditService(lambda: pipe, ServeSettings(warmup=False)))
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        with server.capture_signals():
+            assert signal.getsignal(signal.SIGHUP) == server.handle_exit == signal.getsignal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with server.capture_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_a_forced_quit_answers_the_running_edit_503_in_json_and_cancels_its_work(pipe, caplog):
     """uvicorn alone would answer it a bare 500 and log tracebacks (the app's shutdown cancelled mid-way)."""
     gated = GatedPipeline(pipe)
@@ -542,6 +561,41 @@ def test_the_servers_log_shows_the_services_own_lines_at_its_level_and_not_the_m
 
 
 # ---------------------------------------------------------------------------------------- bad requests
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def coloured(config: dict, formatter: str) -> bool:
+    """Whether the log line `formatter` of uvicorn's log configuration `config` writes carries ANSI colours."""
+    settings = dict(config["formatters"][formatter])
+    module, _, name = settings.pop("()").rpartition(".")
+    made = getattr(importlib.import_module(module), name)(**settings)
+    message, args = ('%s - "%s %s HTTP/%s" %d', ("127.0.0.1:5", "GET", "/healthz", "1.1", 200)) if (
+        formatter == "access") else ("zone service ready", None)
+    return "\x1b[" in made.format(logging.LogRecord("uvicorn", logging.INFO, __file__, 1, message, args, None))
+
+
+def test_the_servers_log_is_in_colour_only_on_a_terminal_that_allows_it(monkeypatch):
+    """uvicorn coloured stderr's lines when stdout was a terminal: `zone serve 2> serve.log` typed in one wrote escape
+    codes into the log (and `> access.log` left the terminal's lines plain); NO_COLOR and TERM=dumb were not read."""
+    from zone_engine.serving.app import server_log_config
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    for out, err in ((Terminal(), io.StringIO()), (io.StringIO(), Terminal())):
+        monkeypatch.setattr(sys, "stdout", out)
+        monkeypatch.setattr(sys, "stderr", err)
+        config = server_log_config("info")
+        assert (coloured(config, "default"), coloured(config, "access")) == (err.isatty(), out.isatty())
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    for variable, value, colours in (("NO_COLOR", "1", False), ("NO_COLOR", "", True), ("TERM", "dumb", False)):
+        with monkeypatch.context() as inside:
+            inside.setenv(variable, value)
+            config = server_log_config("info")
+            assert (coloured(config, "default"), coloured(config, "access")) == (colours, colours), (variable, value)
 
 
 def test_bad_requests_get_the_right_4xx_and_a_json_error_and_the_server_keeps_serving(pipe):
@@ -1389,6 +1443,25 @@ def test_a_fault_before_the_edit_is_logged_as_its_500_says(pipe, monkeypatch, ca
     request_id = response.json()["request_id"]
     logged = [record for record in caplog.records if "failed before its edit" in record.getMessage()]
     assert len(logged) == 1 and request_id in logged[0].getMessage() and logged[0].exc_info is not None
+
+
+def test_an_upload_the_servers_temporary_folder_cannot_hold_is_a_logged_500_not_the_clients_fault(
+        pipe, monkeypatch, tmp_path, caplog):
+    """Starlette keeps an upload over 1 MiB in a file of the temporary folder while it arrives: that folder full (a
+    small tmpfs on an edge box) was a 400 bad_request, "send multipart/form-data", counted against the client and
+    logged nowhere."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "a_file"))  # no file can be made there, as on a full disk
+    with serving(pipe) as (base, service):
+        response = post_edit(base, b"\x89PNG" + bytes(2**20 + 1))
+        metrics = httpx.get(f"{base}/metrics").text
+    error = response.json()["error"]
+    assert response.status_code == 500 and error["code"] == "server_error", response.text
+    assert "could not store the upload (Not a directory)" in error["message"]
+    assert metric(metrics, 'zone_requests_total{outcome="error"}') == 1
+    assert metric(metrics, 'zone_requests_total{outcome="bad_request"}') == 0
+    logged = [record for record in caplog.records if "could not be stored" in record.getMessage()]
+    assert len(logged) == 1 and response.json()["request_id"] in logged[0].getMessage()
 
 
 def test_a_timeout_error_inside_the_engine_is_a_500_not_the_requests_timeout(pipe):

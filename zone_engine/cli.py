@@ -108,7 +108,8 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--denoiser", type=str.lower, default="fused", choices=DENOISERS,
                        help="fused (default): one fused dual step of tensor ops, the same edit as eager on the "
                        "CPU, CUDA graphs on a GPU, batches several edits; eager: the sequential reference; "
-                       "compile: fused + torch.compile (slow first edit); tensorrt: exported engine (see --engines)")
+                       "compile: fused + torch.compile (slow first edit); tensorrt: exported engine (see --engines; "
+                       "written for TensorRT 10, not yet run on a GPU)")
     group.add_argument("--engines", type=folder_argument, metavar="DIR",
                        help="with --denoiser tensorrt: the folder written by `zone export unet`")
     group.add_argument("--attention", type=str.lower, default="sdpa", choices=ATTENTION,
@@ -452,7 +453,8 @@ def _add_export_commands(commands) -> None:
     add_build_engine_arguments(commands.add_parser(
         "build-engine", help="build TensorRT engines from a `zone export unet` folder (needs TensorRT and a GPU)",
         description="Build (or reuse from the cache) TensorRT engines for an export folder. Engines are keyed by "
-        "model checksums, shapes, precision, TensorRT version and GPU; a stale or foreign engine is rebuilt.",
+        "model checksums, shapes, precision, TensorRT version and GPU; a stale or foreign engine is rebuilt. "
+        "Written for TensorRT 10 and not yet run on a GPU: TensorRT is not installable on the project's machines.",
         epilog=EXIT_CODES,
     ))
 
@@ -701,11 +703,19 @@ def _check_listen_address(host: str, port: int) -> None:
 
 
 def _dns_name_of(host: str) -> tuple[str, ...]:
-    """(host,) when --host is a DNS name (clients then address the server by it), else ()."""
+    """(host,) when --host is a DNS name (clients then address the server by it), else (); a ZoneError naming
+    --host when it is neither a name nor an address (it had been blamed on an --allow-host never given)."""
+    from .serving.settings import dns_name, is_host_name
+
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return (host,)
+        if is_host_name(dns_name(host)):
+            return (host,)
+        if host.startswith("[") and host.endswith("]"):  # as a URL writes an IPv6 address
+            raise ZoneError(f"--host {host}: write the IPv6 address without brackets, --host {host[1:-1]}") from None
+        raise ZoneError(f"--host {host!r} is neither an IP address nor a host name: give an address of this "
+                        "machine, e.g. 127.0.0.1, 0.0.0.0 (every IPv4 interface) or :: (every IPv6 one)") from None
     return ()
 
 

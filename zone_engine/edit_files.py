@@ -247,6 +247,10 @@ def check_list_kept(jobs: Sequence[EditJob], list_file: Path) -> None:
 def check_report_path(report: Path, jobs: Sequence[EditJob], list_file: Path | None = None) -> None:
     """OutputError unless --report's file can be written, over no input (nor `list_file`, zone batch's list of
     edits) and no edit's file."""
+    if str(report) == "-":  # a shell's "standard output", as zone batch's - is its input: it made a file named -
+        raise OutputError("--report -: the report is written to a file, not standard output, where the command's own "
+                          "lines go: name one, such as report.jsonl (a script can read it after the run, or from a "
+                          "named pipe)")
     if stream := _standard_stream(report):  # /dev/stdout: a file `>` made was overwritten, a pipe refused obscurely
         raise OutputError(f"--report {report} is the command's {stream}, where its own lines go: write the report to "
                           "a file of its own (a script can read it after the run, or from a named pipe)")

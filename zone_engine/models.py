@@ -205,11 +205,18 @@ def build_vae(preset: ModelPreset) -> nn.Module:
 
 
 def check_torch_cache_folder() -> None:
-    """A ConfigError unless PyTorch can make the folder TORCHINDUCTOR_CACHE_DIR names. Diffusers imports
+    """A ConfigError unless PyTorch can make the folder TORCHINDUCTOR_CACHE_DIR names (unset: unless there is a
+    temporary folder to write, where its default is). Diffusers imports
     torch._dynamo, which makes that folder as it loads, for every denoiser (not only `compile`): a path where none
     can be made failed there, deep in torch, naming neither the variable nor what to do."""
     path = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if path is None:  # PyTorch's default, in the temporary folder
+        try:
+            tempfile.gettempdir()
+        except FileNotFoundError as error:  # none writable (a read-only filesystem): was torch's traceback
+            raise ConfigError(f"{error.strerror}: PyTorch keeps its cache in the temporary folder (and the server its "
+                              "uploads over 1 MiB); set TMPDIR (or TORCHINDUCTOR_CACHE_DIR) to a folder you can "
+                              "write") from None
         return
     try:
         os.makedirs(os.path.abspath(path), exist_ok=True)

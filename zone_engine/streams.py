@@ -35,6 +35,18 @@ def print_path(path: os.PathLike) -> None:
         to_dev_null(sys.stdout.fileno())  # so the exit's flush raises nothing
 
 
+def in_colour(stream: Any) -> bool:
+    """Whether log lines written to `stream` may carry ANSI colours: a terminal's, unless NO_COLOR (no-color.org,
+    any value but empty) or TERM=dumb says otherwise. uvicorn asked stdout alone, for stderr's lines too: `zone
+    serve 2> serve.log` from a terminal wrote escape codes into the log, and NO_COLOR was not read."""
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):  # no such method (a caller's stream), or closed
+        return False
+
+
 def _undecodable_as_bytes(error: UnicodeError) -> tuple[bytes | str, int]:
     """An encoding-error handler: the bytes of a file name that were not UTF-8 (which Python holds as U+DC80..U+DCFF,
     PEP 383) written back as those bytes; any other character escaped, as Python's default for stderr does."""
@@ -54,10 +66,10 @@ def file_names_on_stderr_as_their_bytes() -> None:
         reconfigure(errors="zone_file_names")
 
 
-class StderrOutlivingItsReader:
-    """sys.stderr whose reader may leave (`2>&1 | head`, a log pipe closed): the next progress line raised
-    BrokenPipeError, and the run stopped unsaid with exit 1, its edits undone. As stdout's paths (print_path): the
-    lines go to /dev/null from then on, and the work goes on."""
+class OutlivingItsReader:
+    """sys.stderr (or a report's sys.stdout) whose reader may leave (`2>&1 | head`, a log pipe closed): the next
+    progress line raised BrokenPipeError, and the run stopped unsaid with exit 1, its edits undone. As stdout's
+    paths (print_path): the lines go to /dev/null from then on, and the work goes on."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
@@ -93,7 +105,7 @@ def null_on_closed(descriptor: int) -> None:
 
 @contextlib.contextmanager
 def stderr_kept() -> Iterator[None]:
-    """stderr for a command, outliving its reader (`StderrOutlivingItsReader`); /dev/null where it was closed
+    """stderr for a command, outliving its reader (`OutlivingItsReader`); /dev/null where it was closed
     (`2>&-`: Python's None made print(..., file=sys.stderr) write the errors and progress lines to stdout, among the
     paths a script reads), and on a closed stdout's descriptor. The caller's streams back after."""
     null_on_closed(1)
@@ -103,10 +115,26 @@ def stderr_kept() -> Iterator[None]:
         stream = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 -- this process's stderr from now on
     try:
         stream.fileno()  # a caller's io.StringIO has none, and no reader to lose
-        sys.stderr = StderrOutlivingItsReader(stream)
+        sys.stderr = OutlivingItsReader(stream)
     except (OSError, ValueError):
         sys.stderr = stream
     try:
         yield
     finally:
         sys.stderr = previous
+
+
+@contextlib.contextmanager
+def stdout_kept() -> Iterator[None]:
+    """stdout outliving its reader (`OutlivingItsReader`), for a command that prints its report there: `zone profile
+    | head -1` was a BrokenPipeError's traceback, exit 1, once the edit was profiled. The caller's stream back after."""
+    previous = sys.stdout
+    try:
+        previous.fileno()  # a caller's io.StringIO has none, and no reader to lose
+        sys.stdout = OutlivingItsReader(previous)
+    except (AttributeError, OSError, ValueError):
+        pass
+    try:
+        yield
+    finally:
+        sys.stdout = previous

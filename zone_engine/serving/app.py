@@ -17,13 +17,15 @@ import ipaddress
 import logging
 import os
 import re
+import signal
 import socket
+import sys
 import threading
 import time
 import urllib.parse
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
@@ -65,6 +67,7 @@ from ..image_io import (
 )
 from ..instruction import check_instruction
 from ..pipeline import BatchKey, EditRequest, EditResult, ZonePipeline, batch_key
+from ..streams import in_colour
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
 from .metrics import ServeMetrics
 from .settings import ServeSettings, dns_name, is_host_name
@@ -887,7 +890,7 @@ def _too_large(size: int | None, limit: int) -> ServeError:
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     """Starlette's and FastAPI's own errors (an unknown path, a body that does not parse, one cut off
     at the upload limit while parsed) in this API's error shape, with the request id, counted."""
-    service = getattr(request.app.state, "service", None)
+    service, request_id = getattr(request.app.state, "service", None), request_id_of(request)
     if isinstance(error.__cause__, UploadTooLarge):
         problem = _too_large(None, service.settings.max_upload_bytes)
     elif isinstance(error.__cause__, ShuttingDown):
@@ -898,6 +901,8 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
                              "as a file: a part with a filename)")
     elif isinstance(error.__cause__, ClientDisconnect):  # gone during the upload: as a disconnect during the edit
         problem = ServeError(499, "client_closed_request", "the client went away during the upload")
+    elif isinstance(error.__cause__, OSError):  # the server's temporary folder, where uploads over 1 MiB are kept
+        problem = _upload_not_stored(error.__cause__, request_id)
     elif error.status_code == 400:  # the body did not parse
         cause = f": {error.__cause__}" if error.__cause__ is not None else ""
         problem = ServeError(400, "bad_request", f"the request body could not be read ({error.detail}{cause}); "
@@ -915,7 +920,16 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
         problem = ServeError(error.status_code, code, message, headers)
     if service is not None and is_edit(request.scope):
         service.metrics.count(outcome_of(problem))
-    return error_response(problem, request_id_of(request))
+    return error_response(problem, request_id)
+
+
+def _upload_not_stored(error: OSError, request_id: str) -> ServeError:
+    """An upload the server could not keep while it arrived (its temporary folder full, not writable, or no file
+    left to open): the server's own fault, logged, not a body that "could not be read" blamed on the client."""
+    log.error("request %s: its upload could not be stored in the temporary folder (TMPDIR, else /tmp)", request_id,
+              exc_info=error)
+    return ServeError(500, "server_error", f"the server could not store the upload ({error.strerror or error}); "
+                      "retry later or elsewhere: the server log has the details")
 
 
 def is_edit(scope: dict) -> bool:
@@ -950,6 +964,23 @@ class ZoneServer(uvicorn.Server):
         super().__init__(config)
         self.service = service
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's SIGINT and SIGTERM, and SIGHUP taken as SIGTERM: the terminal that started the server closing
+        (an SSH session ended) killed it at once, its queued and running edits cut off with empty replies. A
+        SIGHUP ignored (nohup) stays ignored."""
+        hangup = getattr(signal, "SIGHUP", None)  # none on Windows
+        with super().capture_signals():
+            if hangup is None or threading.current_thread() is not threading.main_thread() or \
+                    signal.getsignal(hangup) is not signal.SIG_DFL:
+                yield
+                return
+            signal.signal(hangup, self.handle_exit)  # re-raised once shut down, as uvicorn does its own signals
+            try:
+                yield
+            finally:
+                signal.signal(hangup, signal.SIG_DFL)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await self.service.stop()
         watch = asyncio.create_task(self._abandon_on_forced_quit())
@@ -978,9 +1009,13 @@ class ZoneServer(uvicorn.Server):
 
 def server_log_config(log_level: str) -> dict[str, Any]:
     """uvicorn's log configuration, with this package's log (readiness, warm-up, failed edits) beside its own at
-    the same level, and python-multipart's complaints about a malformed body (answered 400) left out."""
+    the same level, python-multipart's complaints about a malformed body (answered 400) left out, and colours only
+    where the stream is a terminal and NO_COLOR or TERM=dumb does not forbid them."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     config["loggers"]["zone_engine"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
+    # Each handler's colours as its own stream is (uvicorn's default formatter asked stdout, writing to stderr).
+    config["formatters"]["default"]["use_colors"] = in_colour(sys.stderr)
+    config["formatters"]["access"]["use_colors"] = in_colour(sys.stdout)
     for parser in ("python_multipart", "multipart"):  # its logger's name since 0.0.13, and before
         config["loggers"][parser] = {"level": "ERROR"}
     return config
