@@ -204,8 +204,9 @@ def _what_ran(args: argparse.Namespace, pipe: ZonePipeline, config: EditConfig, 
     working = working_geometry(args.resolution, args.resolution, config.max_side, config.size_multiple).padded_size
     layout = layout_said(args.channels_last, pipe.device, pipe.dtype)
     norms = ", ".join(f"{nets} {kind}" for nets, kind in pipe.group_norms.items())
+    steps = f"{args.steps} step{'s' if args.steps != 1 else ''}"
     return (f"One edit, {args.models} (SAM {args.sam_type}, its encoder in {args.sam_precision}), image "
-            f"{args.resolution}² worked on at {working[0]}×{working[1]}, {args.steps} steps, denoiser {args.denoiser} "
+            f"{args.resolution}² worked on at {working[0]}×{working[1]}, {steps}, denoiser {args.denoiser} "
             f"in {dtype_name} ({layout}; GroupNorms: {norms}), {_device_name(pipe.device)}, torch {torch.__version__}")
 
 

@@ -991,6 +991,19 @@ def test_a_batch_reads_what_json_writers_write_and_standard_input(photo, tmp_pat
     _fails_cleanly(capsys, ["batch", "-", "-o", "piped", *common], "standard input, which is closed here")
 
 
+def test_a_batch_read_from_a_terminal_says_how_to_end_the_list(tmp_path, monkeypatch, capsys):
+    """`zone batch -` typed at a terminal waited there for the list, saying nothing."""
+    class Typed(io.TextIOWrapper):
+        def isatty(self):
+            return True
+
+    typed = json.dumps({"image": "missing.png", "instruction": "add a hat"}).encode() + b"\n"
+    for stream, said in ((Typed(io.BytesIO(typed)), True), (io.TextIOWrapper(io.BytesIO(typed)), False)):
+        monkeypatch.setattr(sys, "stdin", stream)
+        main(["batch", "-", "-o", str(tmp_path / "out"), "--tiny", "--no-progress"])
+        assert ("one JSON line per edit, then Ctrl-D" in capsys.readouterr().err) is said
+
+
 def test_a_batch_skips_blank_lines_of_any_kind_and_takes_a_suffix_without_its_dot(photo, tmp_path):
     """A list saved on Windows has CRLF blank lines, one edited by hand lines of spaces: each skipped, not "not JSON".
     --suffix jpg is --suffix .jpg, for the edits without an "output" (a line's own output keeps its suffix)."""

@@ -26,7 +26,7 @@ from zone_benchmarks.profile_edit import (
     stage_table,
 )
 from zone_engine.cli import signals_handled
-from zone_engine.config import SamConfig
+from zone_engine.config import EditConfig, SamConfig
 from zone_engine.errors import ZoneError
 from zone_engine.pipeline import STAGES
 from zone_engine.timing import RANGE_PREFIX
@@ -120,6 +120,12 @@ def test_profiling_a_tiny_edit_reports_every_stage(capsys, tmp_path):
     # What ran, as the pipeline resolved it: the working size padded to a multiple of 32, the precision, layout.
     assert "image 64² worked on at 64×64, 2 steps, denoiser fused in fp32 (contiguous; GroupNorms: unets pytorch" \
         in table
+
+
+def test_the_header_says_one_step_in_the_singular():
+    args = options.parse_profile_args(["--models", "tiny", "--device", "cpu", "--resolution", "64", "--steps", "1"])
+    pipe = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, group_norms={"unets": "pytorch"})
+    assert ", 1 step, denoiser fused" in profile_edit._what_ran(args, pipe, EditConfig(max_side=64), "fp32")
 
 
 def test_the_header_says_which_nets_ran_channels_last():

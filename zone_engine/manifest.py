@@ -16,6 +16,7 @@ from .edit_files import EditJob, check_batch_size, checked_jobs, masks_folder_of
 from .errors import ConfigError, ZoneError, refuse_unknown
 from .instruction import check_instruction
 from .paths import expanded, literal
+from .streams import is_terminal
 
 FIELDS = ("image", "instruction", "output", "action", "steps", "seed")
 EXAMPLE = '{"image": "dog.jpg", "instruction": "make the dog a golden statue", "seed": 7}'
@@ -55,6 +56,9 @@ def _lines(manifest: Path) -> list[str]:
     str.splitlines would cut it. A byte-order mark (some Windows editors write one) is dropped, a line's too."""
     if str(manifest) == STDIN and sys.stdin is None:  # `zone batch - <&-`
         raise ConfigError("- reads the list of edits from standard input, which is closed here")
+    if str(manifest) == STDIN and is_terminal(sys.stdin):  # it waited there, saying nothing
+        print("reading the list of edits from the terminal: one JSON line per edit, then Ctrl-D (Ctrl-C stops)",
+              file=sys.stderr)
     try:  # standard input's bytes too: UTF-8 whatever the locale says
         data = sys.stdin.buffer.read() if str(manifest) == STDIN else manifest.read_bytes()
     except OSError as error:

@@ -39,11 +39,14 @@ def in_colour(stream: Any) -> bool:
     """Whether log lines written to `stream` may carry ANSI colours: a terminal's, unless NO_COLOR (no-color.org,
     any value but empty) or TERM=dumb says otherwise. uvicorn asked stdout alone, for stderr's lines too: `zone
     serve 2> serve.log` from a terminal wrote escape codes into the log, and NO_COLOR was not read."""
-    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
-        return False
+    return not (os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb") and is_terminal(stream)
+
+
+def is_terminal(stream: Any) -> bool:
+    """Whether `stream` is a terminal's; False for a caller's stream without isatty, or a closed one."""
     try:
         return bool(stream.isatty())
-    except (AttributeError, OSError, ValueError):  # no such method (a caller's stream), or closed
+    except (AttributeError, OSError, ValueError):
         return False
 
 
