@@ -26,7 +26,7 @@ from torch import nn
 
 from zone_engine.cli import signals_handled
 from zone_engine.errors import ConfigError, ZoneError
-from zone_engine.paths import MANIFEST_FILE, export_kind
+from zone_engine.paths import MANIFEST_FILE, exclusive_lock, export_kind
 
 # A protobuf message cannot pass 2 GiB: larger weights (two SD1.5 UNets, 3.4 GB in fp16; vit_h's fp32
 # encoder, 2.5 GB) go to one `<graph>.onnx.data` file beside the graph, where TensorRT's parse_from_file
@@ -117,9 +117,8 @@ def _locked(folder: Path, wait: bool = False) -> Iterator[None]:
     another process's lock on it is released. None where the file system has no locks."""
     descriptor = os.open(folder, os.O_RDONLY)
     try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(descriptor, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        yield
+        with exclusive_lock(descriptor, wait):
+            yield
     finally:
         os.close(descriptor)
 

@@ -13,7 +13,7 @@ import sys
 import threading
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ from .errors import ConfigError, InputImageError, OutputError, ZoneError
 from .paths import (
     check_output_file,
     check_output_folder,
+    exclusive_lock,
     file_argument,
     ignores_case,
     is_folder,
@@ -358,24 +359,6 @@ def open_report(report: Path, append: bool) -> BinaryIO:
     return open(report, "ab", buffering=0, opener=lambda path, flags: os.open(path, flags | emptied, 0o666))
 
 
-@contextlib.contextmanager
-def _held_alone(report: BinaryIO) -> Iterator[None]:
-    """An exclusive flock on --report's file while a line is written (another zone run writing the same report
-    waits for it); none where there are no such locks (Windows, a file system without them)."""
-    locked = False
-    with contextlib.suppress(ImportError, OSError):
-        import fcntl
-
-        fcntl.flock(report.fileno(), fcntl.LOCK_EX)
-        locked = True
-    try:
-        yield
-    finally:
-        if locked:
-            with contextlib.suppress(OSError):
-                fcntl.flock(report.fileno(), fcntl.LOCK_UN)
-
-
 def settings_record(config: EditConfig, action: Action) -> dict[str, Any]:
     """What a report line and the demo's timings.json keep of an edit's settings to reproduce it: those the
     command line sets, the β its action blended with, and the engine's version (whose defaults are the rest)."""
@@ -487,7 +470,8 @@ class _Run:
             except UnicodeEncodeError:  # a file name not in UTF-8 (caf\xe9.png) is text with lone surrogates:
                 encoded = json.dumps(line).encode()  # as \u escapes, which os.fsencode turns back into its bytes
             data = memoryview(encoded + b"\n")
-            with _held_alone(self.report):  # no other run's line lands between ours' start and its take-back
+            # Another run writing the report waits: its line cannot land between ours' start and its take-back.
+            with exclusive_lock(self.report.fileno()):
                 end = self.report.seek(0, os.SEEK_END) if self.report.seekable() else None  # a failed line's start
                 try:
                     while data:  # a raw write may take part of it

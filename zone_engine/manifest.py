@@ -54,11 +54,12 @@ def plan_manifest(args: argparse.Namespace, defaults: dict[str, Any]) -> list[Ed
 def _lines(manifest: Path) -> list[str]:
     """The file's lines, split at line feeds only: a JSON string may hold U+2028 and the like unescaped, where
     str.splitlines would cut it. A byte-order mark (some Windows editors write one) is dropped, a line's too."""
-    if str(manifest) == STDIN and sys.stdin is None:  # `zone batch - <&-`
-        raise ConfigError("- reads the list of edits from standard input, which is closed here")
-    if str(manifest) == STDIN and is_terminal(sys.stdin):  # it waited there, saying nothing
-        print("reading the list of edits from the terminal: one JSON line per edit, then Ctrl-D (Ctrl-C stops)",
-              file=sys.stderr)
+    if str(manifest) == STDIN:
+        if sys.stdin is None:  # `zone batch - <&-`
+            raise ConfigError("- reads the list of edits from standard input, which is closed here")
+        if is_terminal(sys.stdin):  # it waited there, saying nothing
+            print("reading the list of edits from the terminal: one JSON line per edit, then Ctrl-D (Ctrl-C stops)",
+                  file=sys.stderr)
     try:  # standard input's bytes too: UTF-8 whatever the locale says
         data = sys.stdin.buffer.read() if str(manifest) == STDIN else manifest.read_bytes()
     except OSError as error:

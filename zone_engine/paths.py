@@ -11,7 +11,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -304,3 +304,22 @@ def _temporary_name(path: Path) -> str:
     while len(os.fsencode(f".{stem}{tail}")) > NAME_MAX:
         stem = stem[:-1]
     return f".{stem}{tail}"
+
+
+@contextmanager
+def exclusive_lock(descriptor: int, wait: bool = True) -> Iterator[None]:
+    """An exclusive flock on the open file or folder `descriptor` while the block runs (the system releases it when
+    the process dies); `wait`: until another process's is released, else none taken while another holds it. None
+    where there are no such locks (Windows, some network file systems)."""
+    locked = False
+    with suppress(ImportError, OSError):
+        import fcntl
+
+        fcntl.flock(descriptor, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        locked = True
+    try:
+        yield
+    finally:
+        if locked:  # before a close: a descriptor kept open (--report's) would hold it between lines
+            with suppress(OSError):
+                fcntl.flock(descriptor, fcntl.LOCK_UN)

@@ -106,6 +106,16 @@ def null_on_closed(descriptor: int) -> None:
         to_dev_null(descriptor)
 
 
+def _outliving_its_reader(stream: Any) -> Any:
+    """`stream` as an `OutlivingItsReader`; itself where it has no descriptor (a caller's io.StringIO: no reader to
+    lose)."""
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return stream
+    return OutlivingItsReader(stream)
+
+
 @contextlib.contextmanager
 def stderr_kept() -> Iterator[None]:
     """stderr for a command, outliving its reader (`OutlivingItsReader`); /dev/null where it was closed
@@ -116,11 +126,7 @@ def stderr_kept() -> Iterator[None]:
     if stream is None:
         null_on_closed(2)
         stream = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 -- this process's stderr from now on
-    try:
-        stream.fileno()  # a caller's io.StringIO has none, and no reader to lose
-        sys.stderr = OutlivingItsReader(stream)
-    except (OSError, ValueError):
-        sys.stderr = stream
+    sys.stderr = _outliving_its_reader(stream)
     try:
         yield
     finally:
@@ -132,11 +138,7 @@ def stdout_kept() -> Iterator[None]:
     """stdout outliving its reader (`OutlivingItsReader`), for a command that prints its report there: `zone profile
     | head -1` was a BrokenPipeError's traceback, exit 1, once the edit was profiled. The caller's stream back after."""
     previous = sys.stdout
-    try:
-        previous.fileno()  # a caller's io.StringIO has none, and no reader to lose
-        sys.stdout = OutlivingItsReader(previous)
-    except (AttributeError, OSError, ValueError):
-        pass
+    sys.stdout = _outliving_its_reader(previous)
     try:
         yield
     finally:
