@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from zone_engine.errors import ConfigError, DeviceError, ZoneError
 from zone_engine.paths import check_output_folder, expanded, file_sha256, listed_file_problem
 from zone_engine.tensorrt_denoiser import TENSORRT_MISSING, import_tensorrt  # noqa: F401  (re-exported)
 
-from .unet import ENGINE_CACHE, read_manifest
+from .unet import read_manifest
 
 ENGINE_FORMAT = 1  # bump when what goes into a key, or how an engine is built, changes
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -141,6 +142,27 @@ class EngineCache:
         return path, reason
 
 
+    def drop_built_from_other_files(self, files_of: dict[str, dict[str, str]]) -> None:
+        """Remove the engines of the graphs in `files_of` (graph name -> its files' checksums now) built from other
+        files: a re-export's, never loaded again. One built from these very files stays, as do the other graphs'
+        and what is not this cache's; an engine that cannot be removed is warned of, not failed on."""
+        for sidecar in self.root.glob("*.plan.json"):
+            try:
+                built = json.loads(sidecar.read_text())
+            except (OSError, ValueError):  # not the cache's: not ours to judge
+                continue
+            files = files_of.get(built.get("graph")) if isinstance(built, dict) else None
+            if files is None or built.get("onnx_files") == files:
+                continue
+            engine = sidecar.with_suffix("")
+            try:
+                engine.unlink(missing_ok=True)  # the engine, then its sidecar
+                sidecar.unlink()
+            except OSError as error:
+                warnings.warn(f"{engine} was built from the graph this export replaced but could not be removed "
+                              f"({error})", stacklevel=3)
+
+
 def _identity(description: dict[str, Any]) -> dict[str, Any]:
     return {field: description[field] for field in ("graph", "precision", "tensorrt_version", "gpu_name")
             if field in description}
@@ -196,7 +218,7 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: Profile, precision
 
 
 def default_cache_root(folder: Path) -> Path:
-    return Path(folder) / ENGINE_CACHE
+    return Path(folder) / "engines"
 
 
 def check_graph_files(folder: Path, entry: dict[str, Any]) -> None:

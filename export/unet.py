@@ -30,7 +30,6 @@ import argparse
 import copy
 import hashlib
 import json
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +73,6 @@ VAE_ENCODER = "vae_encoder"
 VAE_DECODER = "vae_decoder"
 GRAPHS = (DUAL_STEP, VAE_ENCODER, VAE_DECODER)  # what `zone export unet` writes, as NAME.onnx
 MANIFEST_FORMAT = 1
-ENGINE_CACHE = "engines"  # `zone build-engine`'s default cache inside the folder, where `zone edit --engines` looks
 SIZE_MULTIPLE = 32  # the pipeline pads to multiples of 32 (ZONE.md section 0); attention is read at 1/32
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 # Validation, |onnxruntime - torch| <= atol + rtol * max|torch| on every output, against PyTorch in the
@@ -448,23 +446,13 @@ def _export(out_dir: Path, specs: list[GraphSpec], profile: ShapeProfile, precis
 
 
 def _drop_engines_of_replaced_graphs(out_dir: Path, entries: dict[str, dict[str, Any]]) -> None:
-    """Remove the engines in the folder's engine cache built from graph files this export replaced: their keys
-    name the old files, so they are never loaded again (each re-export left a dual-step engine behind: both
-    SD1.5 UNets, 3.4 GB in fp16). An engine built from the very files now installed (the same bytes) stays."""
-    for sidecar in (out_dir / ENGINE_CACHE).glob("*.plan.json"):
-        try:
-            built = json.loads(sidecar.read_text())
-        except (OSError, ValueError):  # not the cache's: not ours to judge
-            continue
-        entry = entries.get(built.get("graph")) if isinstance(built, dict) else None
-        if entry is None or built.get("onnx_files") == entry["files"]:
-            continue
-        try:
-            sidecar.with_suffix("").unlink(missing_ok=True)  # the engine, then its sidecar
-            sidecar.unlink()
-        except OSError as error:  # the export is whole and installed: said, not failed
-            warnings.warn(f"{sidecar.with_suffix('')} was built from the graph this export replaced but could not "
-                          f"be removed ({error})", stacklevel=2)
+    """The engines in the folder's default cache built from graph files this export replaced, removed: their keys
+    name the old files, so they are never loaded again (each re-export left a dual-step engine behind: both SD1.5
+    UNets, 3.4 GB in fp16)."""
+    from .engine import EngineCache, default_cache_root  # which imports this module
+
+    EngineCache(default_cache_root(out_dir)).drop_built_from_other_files(
+        {name: entry["files"] for name, entry in entries.items()})
 
 
 def _export_spec(spec: GraphSpec, staging: Path, profile: ShapeProfile, precision: str, opset: int,
