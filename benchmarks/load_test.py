@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -57,6 +58,7 @@ from .report import NO_MATPLOTLIB, has_matplotlib
 MODES = ("batching", "no-batching")
 SETTLE_S = 10.0  # longest wait, after a level, for the server to finish what its clients gave up on
 SCRAPE_TIMEOUT_S = 10.0  # a /metrics scrape's own: --timeout-s is the edits', and may be far shorter
+MAX_RETRY_AFTER_S = 60.0  # longest a client heeds a Retry-After (a server's estimate for a long queue: minutes)
 SERVER_OPTIONS = ("max_batch", "max_wait_ms", "tiny", "device", "server_args", "ready_timeout_s")  # LoadConfig's
 _HTTP_URL = re.compile(r"https?://[^\s/?#]+(/\S*)?", re.IGNORECASE)  # a server to measure: scheme and host
 
@@ -243,6 +245,7 @@ class Tally:
     sent: int = 0
     latencies_s: list[float] = field(default_factory=list)  # successful edits only
     errors: Counter = field(default_factory=Counter)  # "HTTP 503 queue_full", or the exception's name when no answer
+    waited_s: float = 0.0  # the clients' waits on Retry-After, together
 
 
 def error_kind(response: httpx.Response) -> str:
@@ -256,18 +259,34 @@ def error_kind(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}" + (f" {code}" if isinstance(code, str) else "")
 
 
+def retry_after_s(response: httpx.Response) -> float:
+    """How long a 503 or 429 asks its client to wait before the next request (its Retry-After, in seconds or as an
+    HTTP date); 0 for another answer, or one without a Retry-After this reads."""
+    said = response.headers.get("retry-after", "").strip()
+    if response.status_code not in (429, 503) or not said:
+        return 0.0
+    if said.isdigit():
+        return float(said)
+    try:
+        return max(0.0, (parsedate_to_datetime(said) - datetime.now(timezone.utc)).total_seconds())
+    except (TypeError, ValueError):  # not a date, or one without a time zone
+        return 0.0
+
+
 async def send_one(client: httpx.AsyncClient, base: str, image: bytes, config: LoadConfig, seed: int,
-                   tally: Tally) -> None:
+                   tally: Tally) -> float:
+    """One edit, counted in `tally`; returns the wait its answer asks for before the next request (Retry-After)."""
     started = time.perf_counter()
     try:
         response = await post_edit(client, base, image, config, seed)
     except httpx.HTTPError as error:  # refused, reset, or over --timeout-s
         tally.errors[type(error).__name__] += 1
-        return
+        return 0.0
     if response.status_code == 200:
         tally.latencies_s.append(time.perf_counter() - started)
     else:
         tally.errors[error_kind(response)] += 1
+    return retry_after_s(response)
 
 
 def _percentiles_ms(latencies_s: list[float]) -> dict[str, float | None]:
@@ -292,7 +311,13 @@ async def measure_level(base: str, concurrency: int, config: LoadConfig, image: 
             while tally.sent < config.requests and time.perf_counter() < deadline:
                 seed = config.seed + tally.sent  # the same seeds at every level and mode: the same work
                 tally.sent += 1
-                await send_one(client, base, image, config, seed, tally)
+                advised_s = await send_one(client, base, image, config, seed, tally)
+                # A refused client waits as told before its next edit, as a well-behaved one would: sent at once, it
+                # is refused again, and the level's requests go in refusals of an overloaded server in a blink.
+                wait_s = min(advised_s, MAX_RETRY_AFTER_S, deadline - time.perf_counter())
+                if wait_s > 0 and tally.sent < config.requests:
+                    tally.waited_s += wait_s
+                    await asyncio.sleep(wait_s)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall_s = time.perf_counter() - started
@@ -302,6 +327,7 @@ async def measure_level(base: str, concurrency: int, config: LoadConfig, image: 
         "sent": tally.sent,
         "ok": len(tally.latencies_s),
         "errors": dict(sorted(tally.errors.items())),
+        "waited_s": tally.waited_s,
         "stopped_by": "requests" if tally.sent >= config.requests else "duration",
         "wall_s": wall_s,
         "edits_per_s": len(tally.latencies_s) / wall_s,

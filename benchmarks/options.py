@@ -187,8 +187,8 @@ def _bench_parser() -> CommandParser:
     parser.add_argument("--repeats", type=int, help="timed edits per implementation")
     parser.add_argument("--warmup", type=int, help="untimed edits before them")
     parser.add_argument("--device", type=device_name, help="where to run: auto, cpu, cuda or cuda:N")
-    parser.add_argument("--backends", help=f"comma-separated engine denoisers, of {','.join(DENOISERS)} (default: "
-                        "the preset's)")
+    parser.add_argument("--backends", help="comma-separated engine denoisers, each once, of "
+                        f"{','.join(DENOISERS)} (default: the preset's)")
     parser.add_argument("--engines", type=folder_argument, metavar="DIR",
                         help="the tensorrt row's engines: a folder `zone export unet` wrote for this --resolution "
                         "and --dtype, its engines built by `zone build-engine` or at the row's first edit "
@@ -237,15 +237,28 @@ def _changes(parser: CommandParser, args: argparse.Namespace) -> dict[str, Any]:
                                f"--sam-points must be between 1 and {MAX_POINTS_PER_SIDE}")])
         changes["sam"] = config.sam.replace(points_per_side=args.sam_points)
     if args.backends is not None:
-        named = [kind.strip().lower() for kind in args.backends.split(",") if kind.strip()]
-        if unknown := [kind for kind in named if kind not in DENOISERS]:
-            parser.error(f"--backends: unknown {', '.join(unknown)}; the denoisers are {','.join(DENOISERS)}")
-        changes["backends"] = tuple(dict.fromkeys(named))  # each once: a row's name keys its results
+        changes["backends"] = _backends(parser, args.backends)
     if args.action is not None:
         changes["action"] = parse_action(args.action)
     if args.sam_precision is not None:
         changes["sam_precision"] = None if args.sam_precision == "none" else args.sam_precision
     return changes
+
+
+def _backends(parser: CommandParser, text: str) -> tuple[str, ...]:
+    """--backends' denoisers, in any case; an empty entry (`fused,,eager`), a repeated one or an unknown one
+    refused, not left out or collapsed: a typo there had dropped a row unsaid. None named: () (`_check` says it)."""
+    named = [kind.strip().lower() for kind in text.split(",")]
+    if not any(named):
+        return ()
+    if "" in named:
+        parser.error(f"--backends {text!r}: entry {named.index('') + 1} is empty (a comma too many?); name the "
+                     "denoisers between commas, e.g. fused,eager")
+    if unknown := [kind for kind in named if kind not in DENOISERS]:
+        parser.error(f"--backends: unknown {', '.join(unknown)}; the denoisers are {','.join(DENOISERS)}")
+    if repeated := [kind for kind in dict.fromkeys(named) if named.count(kind) > 1]:  # a row's name keys its results
+        parser.error(f"--backends {text!r} names {', '.join(repeated)} more than once: name each denoiser once")
+    return tuple(named)
 
 
 def _check(parser: CommandParser, config: BenchConfig) -> None:

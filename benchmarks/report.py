@@ -281,7 +281,7 @@ def write_reports(record: dict, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = report_paths(out, record["config"]["preset"])
     writers = {"json": lambda path: path.write_text(json.dumps(record, indent=2) + "\n"),
-               "markdown": lambda path: path.write_text(markdown(record))}
+               "markdown": lambda path: path.write_text(markdown(record), encoding="utf-8")}  # its ² and ×: LC_ALL=C
     if has_matplotlib():
         writers["chart"] = lambda path: write_chart(record, path)
     for kind, write in writers.items():

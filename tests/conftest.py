@@ -45,6 +45,15 @@ def rgb_profile() -> bytes:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
+def image_header(path: str | os.PathLike):
+    """The image file at `path` opened and closed again: its size, mode, format and info, read without its pixels
+    (a bare `Image.open(path).size` left the file open, a ResourceWarning)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image
+
+
 def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     """A smooth random RGB image (uint8): random low-resolution colours upsampled."""
     import cv2
@@ -132,15 +141,18 @@ def compiled_graph(function: Callable, *args) -> str:
 def rerun_compiled(test_file: str, class_name: str):
     """Run `class_name` of `test_file` again in a process with TRITON_INTERPRET=0 (kernels compiled).
 
-    Under the interpreter a kernel module cannot also compile; the GPU classes check this run.
+    Under the interpreter a kernel module cannot also compile; the GPU classes check this run. The shell's
+    PYTEST_ADDOPTS is not passed on: a `-k` there (meant for the session) deselected the class, and the rerun failed
+    with "no tests ran"; a path there ran more than the class, a `--junitxml` replaced the session's report.
     """
     import subprocess
     import sys
     from pathlib import Path
 
+    inherited = {name: value for name, value in os.environ.items() if name != "PYTEST_ADDOPTS"}
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{test_file}::{class_name}"],
-        env={**os.environ, "TRITON_INTERPRET": "0"}, cwd=Path(test_file).parents[1], capture_output=True, text=True,
+        env={**inherited, "TRITON_INTERPRET": "0"}, cwd=Path(test_file).parents[1], capture_output=True, text=True,
     )
 
 

@@ -100,3 +100,16 @@ def test_forced_action(tiny_pipe):
     assert parse_action("auto") is None
     with pytest.raises(ConfigError, match="unknown action"):
         parse_action("explode")
+
+
+@pytest.mark.parametrize(("name", "expected"), [("REMOVE", Action.REMOVE), (" Add\n", Action.ADD),
+                                                ("change", Action.CHANGE)])
+def test_an_action_is_named_in_any_case_as_editconfig_takes_it(name, expected):
+    """Action("REMOVE") was a bare ValueError while EditConfig(action="REMOVE") and --action REMOVE took it."""
+    assert Action(name) is expected is EditConfig(action=name).action
+
+
+@pytest.mark.parametrize("value", ["explode", "", 3, ["remove"]])
+def test_an_unknown_action_is_a_value_error_naming_the_actions(value):
+    with pytest.raises(ValueError, match=r"is not an action: use change, add, remove$"):
+        Action(value)

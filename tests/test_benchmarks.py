@@ -125,7 +125,7 @@ def test_harness_runs_end_to_end_and_writes_reports(tmp_path):
         assert ceiling["step_floor_s"] == pytest.approx(floor["unet_gflop_per_row"] * 1e9 * 6 / ceiling["flops_per_s"])
         assert ceiling["gap"]["engine:eager"] == pytest.approx(
             eager["stages"]["denoise"]["median"] / (ceiling["step_floor_s"] * steps))
-    table = (tmp_path / "bench-tiny-smoke.md").read_text()
+    table = (tmp_path / "bench-tiny-smoke.md").read_text(encoding="utf-8")  # as written, whatever LC_ALL says
     assert "| baseline (fp32) |" in table and "engine:eager" in table
     assert "- GroupNorms (--group-norm auto): engine:eager UNets pytorch, VAE pytorch; " in table
     assert record["config"]["unets_channels_last"] is False and "fp32 (default layout: contiguous)" in table
@@ -170,6 +170,22 @@ def test_without_matplotlib_the_reports_are_written_and_the_chart_said_skipped(b
     paths = write_reports(batched_record, tmp_path)
     assert set(paths) == {"json", "markdown"} and all(path.exists() for path in paths.values())
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_the_markdown_report_is_utf8_whatever_the_locale(batched_record, tmp_path):
+    """Under LC_ALL=C with PYTHONUTF8=0 its "128²" was an encode error's traceback at the end of the run (the
+    locale's ASCII), the run's minutes lost."""
+    record = json.loads(json.dumps(batched_record))
+    (tmp_path / "record.json").write_text(json.dumps(record), encoding="utf-8")
+    script = ("import json, sys; from pathlib import Path; sys.modules['matplotlib'] = None; "
+              "from zone_benchmarks.report import write_reports; "
+              "write_reports(json.loads(Path('record.json').read_text(encoding='utf-8')), Path('out'))")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (written,) = (tmp_path / "out").glob("*.md")
+    assert "²" in markdown(record) and written.read_text(encoding="utf-8") == markdown(record)
 
 
 def test_the_load_test_without_httpx_says_which_extra_to_install():
@@ -225,12 +241,25 @@ def test_a_value_out_of_range_is_said_by_its_option_before_any_work(capsys, argv
     assert stop.value.code == 2 and words in capsys.readouterr().err
 
 
-def test_backends_are_read_in_any_case_each_once_and_an_unknown_one_is_said(capsys):
-    # Twice the same was two rows of one name, whose speed-up and quality entries overwrote each other.
-    assert parse_args(["--backends", "Fused, fused,EAGER"]).backends == ("fused", "eager")
+def test_backends_are_read_in_any_case_and_an_unknown_one_is_said(capsys):
+    assert parse_args(["--backends", "Fused, EAGER"]).backends == ("fused", "eager")
     with pytest.raises(SystemExit):
         parse_args(["--backends", "fused,tensorrtt"])
     assert "--backends: unknown tensorrtt; the denoisers are" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("backends", "words"), [
+    ("fused,,eager", "--backends 'fused,,eager': entry 2 is empty (a comma too many?)"),
+    ("fused,", "--backends 'fused,': entry 2 is empty"),
+    # Twice the same was two rows of one name, whose speed-up and quality entries overwrote each other; then
+    # collapsed into one, unsaid: a typo for another backend dropped its row.
+    ("Fused, fused,EAGER", "--backends 'Fused, fused,EAGER' names fused more than once: name each denoiser once"),
+])
+def test_an_empty_or_repeated_backend_is_refused_not_left_out(capsys, backends, words):
+    """`--backends fused,,eager` ran fused and eager, the empty entry (a name left out?) skipped unsaid."""
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--backends", backends])
+    assert stop.value.code == 2 and words in capsys.readouterr().err
 
 
 def test_the_tensorrt_row_reads_its_engines_from_the_engines_option(capsys):
@@ -421,7 +450,7 @@ def test_an_engine_row_that_fails_is_reported_and_the_run_goes_on(tmp_path, monk
     assert runs["engine:fused"] == {"name": "engine:fused", "skipped": failure}
     assert runs["engine:eager"]["stages"]["total"]["n"] == 1 and set(record["quality"]) == {"engine:eager"}
     assert record["parity"]["name"] == "engine:eager" and "engine:fused" not in record["speedup"]
-    table = (tmp_path / "bench-tiny-smoke.md").read_text()
+    table = (tmp_path / "bench-tiny-smoke.md").read_text(encoding="utf-8")  # as written, whatever LC_ALL says
     assert "| engine:fused | skipped: timed edit 1 failed: RuntimeError: CUDA error" in table
     failed = "measurement failed: ZeroDivisionError: division by zero"
     assert record["floor"] is None and record["floor_error"] == failed and f"Not computed: {failed}." in table

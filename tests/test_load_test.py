@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 
 import httpx
 from PIL import Image
@@ -372,6 +374,32 @@ def test_a_refusal_is_told_from_a_failure_by_the_servers_error_code(monkeypatch,
     level = asyncio.run(measure_level(f"http://127.0.0.1:{free_port()}", 1, LoadConfig(out=tmp_path, requests=6), b""))
     assert level["errors"] == {"HTTP 503 queue_full": 1, "HTTP 503 unavailable": 1, "HTTP 502": 1, "HTTP 503": 1,
                                "HTTP 404": 1, "HTTP 500": 1}
+
+
+def test_a_refused_client_waits_as_its_retry_after_says_before_its_next_edit(monkeypatch, tmp_path):
+    """Each client sent its next edit at once after a 503 or 429, whatever its Retry-After: an overloaded server's
+    level was over in a blink of refusals. The wait is capped (MAX_RETRY_AFTER_S), read as seconds or an HTTP date,
+    and not taken after the level's last request."""
+    in_30_s = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    answers = iter([httpx.Response(503, headers={"Retry-After": "2"}), httpx.Response(429, headers={"Retry-After":
+                    "3600"}), httpx.Response(503, headers={"Retry-After": in_30_s}), httpx.Response(503),
+                    httpx.Response(500, headers={"Retry-After": "9"}), httpx.Response(200),
+                    httpx.Response(503, headers={"Retry-After": "7"})])
+    waits = []
+
+    async def post_edit(client, base, image, config, seed) -> httpx.Response:
+        return next(answers)
+
+    async def sleep(seconds, *args):
+        waits.append(seconds)
+    monkeypatch.setattr(load_test, "post_edit", post_edit)
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    config = LoadConfig(out=tmp_path, requests=7, duration_s=1000)
+    level = asyncio.run(measure_level(f"http://127.0.0.1:{free_port()}", 1, config, b""))
+    assert level["sent"] == 7 and level["ok"] == 1
+    assert len(waits) == 3 and waits[0] == 2 and 25 < waits[2] <= 30, waits
+    assert waits[1] == load_test.MAX_RETRY_AFTER_S  # 3600 s asked
+    assert level["waited_s"] == sum(waits)
 
 
 def test_a_level_without_a_successful_edit_exits_1_after_its_report(tmp_path, capsys):

@@ -55,6 +55,36 @@ def test_sigterm_stops_zone_serve_ray_as_the_help_says_also_while_it_deploys(tmp
     assert "SIGTERM received" not in said and "Traceback" not in said, said
 
 
+def test_a_full_queue_is_answered_503_with_retry_after_as_the_single_process_does(tmp_path):
+    """Serve's own 503 beyond its queue said no Retry-After: clients had no cue when to come back. (Its body stays
+    Serve's plain text.) Its own cluster, as the test above."""
+    port, log = free_port(), tmp_path / "serve.log"
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    with log.open("w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "zone_engine.cli", "serve", "--ray", "--tiny", "--device",
+                                   "cpu", "--no-warmup", "--port", str(port), "--queue-size", "1", "--max-batch", "1",
+                                   "--max-wait-ms", "0", "--steps", "10"], stdout=out, stderr=subprocess.STDOUT,
+                                  env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while "zone: serving on" not in log.read_text():
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        image = smooth_image(64, 64)
+        jobs = [{"image": image, "instruction": "add a red hat", "seed": seed} for seed in range(12)]
+        responses = asyncio.run(post_concurrently(f"http://127.0.0.1:{port}", jobs))  # 2 under way, 1 queued
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(90)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    refused = [response for response in responses if response.status_code == 503]
+    assert refused and len(refused) + sum(response.status_code == 200 for response in responses) == len(jobs)
+    assert {response.headers.get("Retry-After") for response in refused} == {str(ray_serve.QUEUE_FULL_RETRY_AFTER_S)}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -207,13 +237,16 @@ def test_deploy_bounds_the_queue_and_lets_edits_finish_as_the_settings_say(fake_
     waits out --timeout-s; Serve listens where --host says (not every interface), logs at --log-level."""
     monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
     settings = ServeSettings(max_batch=4, queue_size=40, timeout_s=30)
+    # Serve's 503 beyond the queue says Retry-After, where this Ray can say it
+    queue_full_answer = {} if ray_serve.BackpressureConfig is None else {
+        "backpressure_config": ray_serve.BackpressureConfig(retry_after_s=5)}
     application = ZoneDeployment()
     application.deploy(PipelineSpec(tiny=True, device="cpu"), settings, host="127.0.0.1", port=8123, replicas=3,
                        log_level="info")
     assert fake_serve.started == {"http_options": {"host": "127.0.0.1", "port": 8123}}
     assert fake_serve.options == {"num_replicas": 3, "ray_actor_options": {"num_cpus": 1, "num_gpus": 0},
                                   "max_ongoing_requests": 8, "max_queued_requests": 40,
-                                  "graceful_shutdown_timeout_s": 31}
+                                  "graceful_shutdown_timeout_s": 31, **queue_full_answer}
     assert fake_serve.ran["route_prefix"] == "/" and fake_serve.ran["logging_config"]["log_level"] == "INFO"
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"  # no usage report sent from a server by default
     application.shutdown()

@@ -60,8 +60,10 @@ from zone_engine.serving.app import (
     ZoneServer,
     as_serve_error,
     check_form_fields,
+    check_open_file_limit,
     check_request_fields,
     decode_upload,
+    open_files_needed,
     outcome_of,
 )
 from zone_engine.serving.batcher import DynamicBatcher, QueueFull, ShuttingDown
@@ -334,6 +336,29 @@ def test_not_ready_until_loaded_and_warmed_up(pipe):
         assert post_edit(base, smooth_image(64, 64)).status_code == 200
 
 
+def test_readiness_says_warming_up_once_the_models_are_loaded(pipe):
+    """During the warm-up /readyz and a refused edit said "the models are still loading"."""
+    warming, release = threading.Event(), threading.Event()
+
+    class HeldWarmUp:
+        default_config = pipe.default_config
+
+        def edit_batch(self, requests, **kwargs):
+            warming.set()
+            assert release.wait(60)
+            return pipe.edit_batch(requests, **kwargs)
+
+    with serving_service(LocalEditService(HeldWarmUp, ServeSettings(warmup=True))) as (base, _):
+        try:
+            assert warming.wait(60)
+            readiness, refused = httpx.get(f"{base}/readyz"), post_edit(base, smooth_image(64, 64))
+        finally:
+            release.set()
+    said = "the models are loaded and warming up (1 of 1: a batch of 1 at 128x128); retry shortly"
+    assert readiness.status_code == refused.status_code == 503
+    assert readiness.json()["error"]["message"] == refused.json()["error"]["message"] == said
+
+
 def test_warmup_sizes_run_every_padded_batch_size_at_the_servers_steps_before_ready(pipe):
     """So the first requests of a warmed size pay no CUDA-graph capture or compilation."""
     warmed = []
@@ -506,6 +531,46 @@ def test_a_forced_quit_answers_the_running_edit_503_in_json_and_cancels_its_work
         gated.release.set()
     logging.getLogger("uvicorn.error").removeHandler(caplog.handler)
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+def open_file_limits(monkeypatch, soft: int, hard: int) -> list[tuple[int, int]]:
+    """The process's open-file limits said to be (soft, hard), the real ones untouched: the limits set, in turn."""
+    import resource
+
+    set_to = []
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, hard))
+    monkeypatch.setattr(resource, "setrlimit", lambda which, limits: set_to.append(limits))
+    return set_to
+
+
+def test_an_open_file_limit_too_low_for_the_queue_is_raised_to_the_hard_one(monkeypatch, caplog):
+    """Under `ulimit -n 64` the server dropped connections under load, silently (uvicorn cannot accept them)."""
+    caplog.set_level(logging.INFO, logger="zone_engine.serving")
+    settings = ServeSettings(queue_size=32, max_batch=4)
+    assert open_files_needed(ServeSettings(queue_size=1000, max_batch=4)) >= open_files_needed(settings) + 2 * 968
+    set_to = open_file_limits(monkeypatch, 64, 100_000)
+    check_open_file_limit(settings)
+    assert set_to == [(100_000, 100_000)]
+    assert "raised the open-file limit from 64 to 100000" in caplog.text and "ulimit" not in caplog.text
+    set_to = open_file_limits(monkeypatch, 100_000, 100_000)  # enough: left as it is
+    check_open_file_limit(settings)
+    assert set_to == []
+
+
+def test_an_open_file_limit_too_low_even_at_its_hard_one_is_said_at_start_with_the_ulimit_to_set(pipe, monkeypatch,
+                                                                                                  caplog):
+    set_to = open_file_limits(monkeypatch, 64, 100)
+    service = LocalEditService(lambda: pipe, ServeSettings(warmup=False, queue_size=32))
+
+    async def started_and_closed():
+        await service.start()
+        await service.close()
+
+    run_batcher(started_and_closed)
+    assert service.load_error is None and set_to == []  # started all the same
+    said = [record.getMessage() for record in caplog.records if "open-file limit" in record.getMessage()]
+    assert len(said) == 1 and "the open-file limit is 64 (hard limit 100)" in said[0], said
+    assert int(re.search(r"`ulimit -n (\d+)`", said[0])[1]) > 2 * 32 + 64
 
 
 def test_a_service_stopped_while_loading_is_never_ready(pipe):

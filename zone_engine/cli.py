@@ -142,12 +142,15 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
                        "torch elsewhere")
 
 
-def _add_output_options(parser: argparse.ArgumentParser) -> None:
+MASKS_WRITTEN = ("mask_b.png, mask_f.png, region.png (white: in the mask), styled.png (I_sty), heatmap.png and "
+                 "difference.png (d, the gray levels M_b thresholds)")
+SAVE_MASKS_HELP = (f"also write {MASKS_WRITTEN} to DIR (of several edits, each's to DIR/NAME/, NAME its output's file "
+                   "name without the suffix)")
+
+
+def _add_output_options(parser: argparse.ArgumentParser, save_masks_help: str) -> None:
     group = parser.add_argument_group("output")
-    group.add_argument("--save-masks", type=folder_argument, metavar="DIR",
-                       help="also write mask_b.png, mask_f.png, region.png (white: in the mask), styled.png (I_sty), "
-                       "heatmap.png and difference.png (d, the gray levels M_b thresholds) to DIR (of several edits, "
-                       "each's to DIR/NAME/, NAME its output's file name without the suffix)")
+    group.add_argument("--save-masks", type=folder_argument, metavar="DIR", help=save_masks_help)
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -161,18 +164,18 @@ def _add_many_options(parser: argparse.ArgumentParser, suffix_when: str) -> None
     parser.add_argument("--report", type=file_argument, metavar="FILE",
                         help="also write FILE, one JSON line per edit as it ends: its name, image, output, "
                         "instruction, action, seed, steps, beta, threshold rule, seconds per stage, edited pixels, "
-                        "fallback and warnings, or its error: the record to reproduce it by (a run cut short keeps "
-                        "the lines of the edits it ended; with --skip-existing the "
-                        "lines are added to FILE's, those of the edits done before kept)")
+                        "fallback and warnings, or its error and the settings it ran with: the record to reproduce it "
+                        "by (a run cut short keeps the lines of the edits it ended; with --skip-existing the lines are "
+                        "added to FILE's, those of the edits done before kept)")
     parser.add_argument("--batch-size", type=int, default=1,
                         help=f"how many edits run at once, those of one size denoised as one batch (faster on a GPU; "
                         f"results equal to one at a time up to float rounding); 1..{MAX_BATCH} (default: 1)")
 
 
-def _add_edit_options(parser: argparse.ArgumentParser) -> None:
+def _add_edit_options(parser: argparse.ArgumentParser, save_masks_help: str = SAVE_MASKS_HELP) -> None:
     _add_request_options(parser)
     _add_backend_options(parser)
-    _add_output_options(parser)
+    _add_output_options(parser, save_masks_help)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -235,6 +238,17 @@ class CommandParser(argparse.ArgumentParser):
         if message.startswith("the following arguments are required"):
             message += self._misspelt()
         self.exit(2, f"{error_line(message + self._dash_files())} (see {self.prog} --help)\n")
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        """argparse's check of a value among choices, a mistyped command's error naming the one it likely meant:
+        `zone edti` was told the list of commands alone."""
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as error:
+            meant = isinstance(action, argparse._SubParsersAction) and nearest(str(value), action.choices)
+            if not meant:
+                raise
+            raise argparse.ArgumentError(action, f"{error.message}; did you mean {meant!r}?") from None
 
     def _options_given(self) -> list[str]:
         """The tokens given before a `--`: after it every one is an argument, `--` itself none of the options."""
@@ -300,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zone",
         description="ZONE: zero-shot instruction-guided local image editing. Give an image and an "
         "instruction; only the region the instruction is about changes, every other pixel stays as it was.",
-        epilog=EXIT_CODES,
+        epilog=f"{EXIT_CODES} A command's options: `zone COMMAND --help`, or `zone help COMMAND`.",
     )
     parser.add_argument("--version", action="version", version=f"zone-engine {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -355,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=folder_argument, required=True, help="folder to write the results to")
     demo.add_argument("-i", "--instruction", default=SAMPLE_INSTRUCTION,
                       help="instruction to run (default: %(default)r, for the built-in picture's house)")
-    _add_edit_options(demo)
+    # zone edit's wording spoke of several edits, and of masks written nowhere else: the demo's one edit has them
+    # in --out already.
+    _add_edit_options(demo, f"write {MASKS_WRITTEN}, which --out gets in any case, to DIR as well")
     _add_serve_command(commands)
     _add_export_commands(commands)
     commands.add_parser(
@@ -760,6 +776,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     file_names_on_stderr_as_their_bytes()
+    if argv[:1] == ["help"]:  # `zone help edit` is `zone edit --help`, `zone help` zone's own; exit 0 either way
+        argv = [*argv[1:], "--help"]
     if argv[:1] and argv[0] in TOOLS:  # the benchmark tools own their options
         return getattr(importlib.import_module("zone_benchmarks.options"), TOOLS[argv[0]])(argv[1:])
     args = build_parser().parse_args(argv)

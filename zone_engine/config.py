@@ -27,6 +27,15 @@ class Action(str, Enum):
     ADD = "add"
     REMOVE = "remove"
 
+    @classmethod
+    def _missing_(cls, value: object) -> Action:
+        """A name in any case, with spaces around ("REMOVE", " remove "), as EditConfig and the command line take
+        it (Action("REMOVE") was a bare "is not a valid Action"); an unknown one a ValueError naming the actions."""
+        name = value.strip().lower() if isinstance(value, str) else value
+        if member := next((action for action in cls if action.value == name), None):
+            return member
+        raise ValueError(f"{value!r} is not an action: use {', '.join(action.value for action in cls)}")
+
 
 # Below the scheduler's 1000 training timesteps: at 1000 its linspace spacing (999/1000 apart) rounds two
 # timesteps to the same one, a zero step size, and the solver (diffusers' own as well) divides by it: NaN.

@@ -325,8 +325,8 @@ def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes
     written in a second thread while the next batch is read and edited (a 12 MP PNG takes 2 s of a core); a run
     cut short (Ctrl-C, SIGTERM, an error) lets the write under way finish, drops those queued, and says and
     reports the edits whose files were written."""
-    run = _Run(len(jobs), several, batch_size)
-    pipe, config = None, None
+    run = _Run(len(jobs), several, batch_size, config=EditConfig().replace(**changes))
+    pipe = None
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)  # checked creatable (check_report_path), as -o's folders
     with (open_report(report, append) if report else contextlib.nullcontext() as out,
@@ -337,9 +337,9 @@ def edit_all(jobs: Sequence[EditJob], build: Callable[[], ZonePipeline], changes
                 loaded = run.load(jobs[start:start + batch_size], start)
                 if loaded and pipe is None:
                     pipe = build()
-                    config = pipe.default_config.replace(**changes)
+                    run.config = pipe.default_config.replace(**changes)
                 if loaded:
-                    run.edit(pipe, loaded, config, progress)
+                    run.edit(pipe, loaded, run.config, progress)
             run.settle()
         except BaseException as stop:
             run.cut_short()
@@ -359,11 +359,14 @@ def open_report(report: Path, append: bool) -> BinaryIO:
     return open(report, "ab", buffering=0, opener=lambda path, flags: os.open(path, flags | emptied, 0o666))
 
 
-def settings_record(config: EditConfig, action: Action) -> dict[str, Any]:
+def settings_record(config: EditConfig, action: Action | None) -> dict[str, Any]:
     """What a report line and the demo's timings.json keep of an edit's settings to reproduce it: those the
-    command line sets, the β its action blended with, and the engine's version (whose defaults are the rest)."""
-    return {"action": action.value, "seed": config.seed, "steps": config.steps, "beta": config.beta_for(action),
-            "threshold_rule": config.threshold_rule, "version": __version__}
+    command line sets, the β its action blended with, and the engine's version (whose defaults are the rest).
+    `action` None (an edit not done, its action left to the classifier): neither the action nor its β."""
+    record = {"action": None if action is None else action.value, "seed": config.seed, "steps": config.steps,
+              "beta": None if action is None else config.beta_for(action), "threshold_rule": config.threshold_rule,
+              "version": __version__}
+    return {name: value for name, value in record.items() if value is not None}
 
 
 @dataclass
@@ -377,6 +380,9 @@ class _Run:
     written: int = 0
     said: set[str] = field(default_factory=set)  # the output warnings said, less their paths: once each in a run
     report: BinaryIO | None = None  # --report's file, unbuffered
+    # The command's settings, each job's own over them in its report line: EditConfig()'s defaults until the
+    # pipeline is built (an image that cannot be read fails before), then its default_config's.
+    config: EditConfig = field(default_factory=EditConfig)
     writer: ThreadPoolExecutor | None = None  # writes the files, in order
     writing: deque[tuple[Future, LoadedJob, dict[str, Any]]] = field(default_factory=deque)  # and what to say of each
     stop_writing: threading.Event = field(default_factory=threading.Event)  # a write failed, or the run was cut short
@@ -493,12 +499,15 @@ class _Run:
                           f"{self.total} edits not done; mend it, then run the same command with --skip-existing)")
 
     def _fail(self, job: EditJob, error: ZoneError, named: bool) -> None:
+        """`job` not done, said and reported with its settings (the command's, the job's own over them), as a done
+        one's line has them: its action and β where forced; left to the classifier, they are unknown."""
         if not self.several:
             raise error
         self.settle()  # the edits before it said first, as they came
         print(error_line(f"{job.name()}: {error}" if named else error), file=sys.stderr)
         self.failed.append(job.name())
-        self.record(job, error=command_line_spelling(str(error)))
+        config = self.config.replace(**dict(job.changes))
+        self.record(job, **settings_record(config, config.action), error=command_line_spelling(str(error)))
 
     def _say_output_notes(self, output: Path, profile: bytes | None) -> None:
         from .image_io import output_notes

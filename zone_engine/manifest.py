@@ -146,8 +146,11 @@ def _path(value: object, field: str) -> str:
         raise ConfigError(f"{field} is empty: name a file")
     try:
         os.fsencode(value)
-    except UnicodeEncodeError:  # a lone surrogate (\ud800): no file name holds it
-        raise ConfigError(f"{field} {value!r} holds a character no file name can (a lone surrogate)") from None
+    except UnicodeEncodeError:
+        try:  # a file system encoding that cannot hold it (LC_ALL=C with PYTHONUTF8=0: ASCII): the list is UTF-8,
+            value = os.fsdecode(value.encode("utf-8"))  # and so are the names, as a UTF-8 shell's argv gives them
+        except UnicodeEncodeError:  # a lone surrogate (\ud800): no file name holds it
+            raise ConfigError(f"{field} {value!r} holds a character no file name can (a lone surrogate)") from None
     if "\0" in value:
         raise ConfigError(f"{field} {value!r} holds a NUL character, which no file name can")
     if field == "output" and (Path(value).is_absolute() or ".." in Path(value).parts):

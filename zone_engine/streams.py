@@ -123,23 +123,41 @@ def stderr_kept() -> Iterator[None]:
     paths a script reads), and on a closed stdout's descriptor. The caller's streams back after."""
     null_on_closed(1)
     previous = stream = sys.stderr
+    opened = None
     if stream is None:
         null_on_closed(2)
-        stream = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 -- this process's stderr from now on
+        stream = opened = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 -- closed after the command
     sys.stderr = _outliving_its_reader(stream)
     try:
         yield
     finally:
         sys.stderr = previous
+        if opened is not None:  # left to the collector, an in-process caller's ResourceWarning per command
+            opened.close()
 
 
 @contextlib.contextmanager
 def stdout_kept() -> Iterator[None]:
     """stdout outliving its reader (`OutlivingItsReader`), for a command that prints its report there: `zone profile
-    | head -1` was a BrokenPipeError's traceback, exit 1, once the edit was profiled. The caller's stream back after."""
+    | head -1` was a BrokenPipeError's traceback, exit 1, once the edit was profiled. The caller's stream back after.
+    A character its encoding lacks is escaped, as on stderr: under LC_ALL=C (ASCII) `zone bench`'s "64²" was an
+    encode error's traceback once its reports were written."""
     previous = sys.stdout
+    errors = getattr(previous, "errors", None)
+    codecs.register_error("zone_file_names", _undecodable_as_bytes)
+    _set_errors(previous, "zone_file_names")
     sys.stdout = _outliving_its_reader(previous)
     try:
         yield
     finally:
         sys.stdout = previous
+        _set_errors(previous, errors)
+
+
+def _set_errors(stream: Any, errors: str | None) -> None:
+    """`stream`'s encoding-error handler set to `errors`; nothing for a stream without one (a caller's io.StringIO) or
+    one closed (its reconfigure flushes)."""
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None and errors is not None:
+        with contextlib.suppress(OSError, ValueError):
+            reconfigure(errors=errors)

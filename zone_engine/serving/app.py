@@ -158,6 +158,7 @@ class EditService:
         self.pipeline: ZonePipeline | None = None
         self.ready = self.stopping = False
         self.load_error: str | None = None
+        self.starting = "the models are still loading"  # what `load` is doing, said by /readyz until ready
         # Decoding an upload and encoding an answer take CPU and memory (a 25 MP image: seconds, and 0.3 GB):
         # at most `image_threads` at once, and uploads being decoded hold their place in the queue.
         self.image_threads = asyncio.Semaphore(settings.image_threads)
@@ -169,12 +170,13 @@ class EditService:
 
     @property
     def not_ready_because(self) -> str | None:
-        """Why edits are not taken now (loading failed, shutting down, still loading), or None when they are."""
+        """Why edits are not taken now (loading failed, shutting down, still loading or warming up), or None when
+        they are."""
         if self.load_failure:
             return self.load_failure
         if self.stopping:
             return "the server is shutting down; retry (another replica will answer)"
-        return None if self.ready else "the models are still loading; retry shortly"
+        return None if self.ready else f"{self.starting}; retry shortly"
 
     def load(self) -> None:
         """Build the pipeline and run one warm-up edit (first-call costs: allocations, compilation),
@@ -187,8 +189,10 @@ class EditService:
         batches += [(make_sample_image(height, width), self.edit_config(), batch)
                     for height, width in self.settings.warmup_sizes
                     for batch in warmup_batch_sizes(self.settings.max_batch)]
-        for image, config, batch in batches:
+        for number, (image, config, batch) in enumerate(batches, 1):
             log.info("warming up at %dx%d, batch of %d", *image.shape[:2], batch)
+            self.starting = (f"the models are loaded and warming up ({number} of {len(batches)}: a batch of {batch} "
+                             f"at {image.shape[0]}x{image.shape[1]})")
             request = EditRequest(image, SAMPLE_INSTRUCTION, config, cancel=self.warmup_cancel)
             try:
                 self.pipeline.edit_batch([request] * batch)
@@ -291,6 +295,7 @@ class LocalEditService(EditService):
 
     async def start(self) -> None:
         """Start batching, load and warm up in the model thread, then be ready (or record why not)."""
+        check_open_file_limit(self.settings)
         self.batcher.start()
         try:
             await self.batcher.run_in_model_thread(self.load)
@@ -324,6 +329,59 @@ class LocalEditService(EditService):
     def check_room(self) -> None:
         if self.batcher.queued + self.decoding >= self.settings.queue_size:
             raise QueueFull(self.batcher.retry_after_s(arriving=self.decoding))
+
+
+# Descriptors an edit the server holds may take: its connection, and its upload's temporary file (Starlette keeps
+# one over 1 MiB on disk while the form is open).
+FILES_PER_EDIT = 2
+# Beyond those and the ones open at start: probes, refused requests' and idle keep-alive connections, files the
+# libraries open as they go.
+SPARE_FILES = 64
+
+
+def open_files_needed(settings: ServeSettings) -> int:
+    """File descriptors the server may hold at once: those open now, each edit it holds (queued, the running batch,
+    and the batch before it whose answers are being sent) times FILES_PER_EDIT, and SPARE_FILES."""
+    held = settings.queue_size + 2 * settings.max_batch
+    return _open_files_now() + FILES_PER_EDIT * held + SPARE_FILES
+
+
+def _open_files_now() -> int:
+    for folder in ("/proc/self/fd", "/dev/fd"):  # Linux's, and macOS's (the listing's own counted: one spare)
+        with contextlib.suppress(OSError):
+            return len(os.listdir(folder))
+    return 0  # nowhere to count them: SPARE_FILES stands for them
+
+
+def check_open_file_limit(settings: ServeSettings) -> None:
+    """Raise the process's soft limit on open files to its hard one when the queue needs more than it allows
+    (`open_files_needed`), else warn saying what to raise it to: past the limit uvicorn cannot accept a connection
+    and clients are dropped, reset without an answer, and nothing is logged. Nothing where there is no such
+    limit (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = open_files_needed(settings)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= needed:
+        raised = needed if hard == resource.RLIM_INFINITY else hard  # an infinite soft one is refused (macOS)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        except (ValueError, OSError):  # the system's own ceiling below the hard limit (macOS's kern.maxfilesperproc)
+            pass
+        else:
+            log.info("raised the open-file limit from %d to %d (the queue of %d needs about %d)", soft, raised,
+                     settings.queue_size, needed)
+            return
+    log.warning("the open-file limit is %d (hard limit %s) and this server needs about %d (--queue-size %d, "
+                "--max-batch %d): under load, connections past the limit are dropped without an answer; raise it "
+                "before starting, e.g. `ulimit -n %d` (above the hard limit: as root, or LimitNOFILE= in a systemd "
+                "unit, --ulimit nofile= in docker run), or lower --queue-size", soft,
+                "unlimited" if hard == resource.RLIM_INFINITY else hard, needed, settings.queue_size,
+                settings.max_batch, needed)
 
 
 # ---------------------------------------------------------------------------------------- inputs

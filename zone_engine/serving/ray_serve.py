@@ -25,6 +25,15 @@ from ..pipeline import BatchKey, EditRequest, ZonePipeline
 from .app import EditService, create_app, log
 from .settings import PipelineSpec, ServeSettings
 
+try:  # how Serve answers beyond its queue (a Retry-After); not in every Ray this runs on
+    from ray.serve.config import BackpressureConfig
+except ImportError:
+    BackpressureConfig = None
+
+# Serve's proxy refuses knowing no batch's duration, so no estimate as the single process's: the wait of the
+# server's other retry-later answers.
+QUEUE_FULL_RETRY_AFTER_S = 5
+
 
 class RayEditService(EditService):
     """Requests go through the replica's `@serve.batch` method; Serve gathers them into batches."""
@@ -132,7 +141,7 @@ class ZoneDeployment:
             num_replicas=replicas, ray_actor_options=resources,
             max_ongoing_requests=2 * settings.max_batch, max_queued_requests=settings.queue_size,
             # Serve's default (20 s) would kill edits under way on a redeploy or scale-down: let them finish.
-            graceful_shutdown_timeout_s=settings.timeout_s + 1,
+            graceful_shutdown_timeout_s=settings.timeout_s + 1, **_queue_full_answer(),
         )
         self.deployed = True
         try:
@@ -154,6 +163,15 @@ class ZoneDeployment:
         if self.started_serve and not serve.status().applications:  # else its proxy held the port after exit
             serve.shutdown()
         ray.shutdown()
+
+
+def _queue_full_answer() -> dict[str, Any]:
+    """The deployment option that makes Serve's 503 for a full queue say when to retry, as the single process's
+    does (its body stays Serve's plain text: Serve's proxy answers before the app sees the request); none where
+    this Ray has no such option."""
+    if BackpressureConfig is None:
+        return {}
+    return {"backpressure_config": BackpressureConfig(retry_after_s=QUEUE_FULL_RETRY_AFTER_S)}
 
 
 def _serve_listening() -> tuple[str, int] | None:
