@@ -47,6 +47,7 @@ from zone_engine.dual_step import DualState, DualUNet, dual_step
 from zone_engine.localize import AttentionAccumulator, attention_grid, record_cross_attention
 from zone_engine.models import PRESETS, NormScope, build_unet, pytorch_norms
 from zone_engine.solver import solver_schedule
+from zone_engine.streams import stdout_kept
 
 from .measure import on_named_device
 from .options import add_unet_arguments, refuse_first, unet_resolution_check
@@ -266,4 +267,5 @@ def print_results(results: dict[str, tuple[float, torch.Tensor, float | None]]) 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with stdout_kept():  # its "256²" under LC_ALL=C: escaped, not a traceback after the timings
+        sys.exit(main())

@@ -25,6 +25,7 @@ import sys
 import torch
 
 from zone_engine.cli import CommandParser
+from zone_engine.streams import stdout_kept
 
 from .measure import guarded  # neither imports a kernel module: TRITON_INTERPRET is still set below in time
 
@@ -115,4 +116,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with stdout_kept():  # a closed pipe (`| head`) or an ASCII locale: the tables go on, not a traceback
+        sys.exit(main())

@@ -35,6 +35,7 @@ from zone_engine.cli import CommandParser, error_line
 from zone_engine.config import MAX_PIXELS
 from zone_engine.errors import ZoneError
 from zone_engine.image_io import encoded, load_image, make_sample_image, to_working, working_geometry
+from zone_engine.streams import stdout_kept
 
 T = TypeVar("T")
 
@@ -133,4 +134,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with stdout_kept():  # a closed pipe (`| head`) or an ASCII locale: the table goes on, not a traceback
+        raise SystemExit(main())

@@ -49,6 +49,7 @@ from zone_engine.sam_decoder import two_way_transformer
 from zone_engine.sam_encoder import encode_image
 from zone_engine.sam_onnx import OnnxSamSegmenter, check_providers
 from zone_engine.sam_torch import TorchSamSegmenter
+from zone_engine.streams import stdout_kept
 from zone_export.sam import export_sam
 
 from .measure import guarded, on_named_device
@@ -366,4 +367,5 @@ def compare(what: str, repeats: int, device: torch.device, *variants: tuple[str,
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with stdout_kept():  # a closed pipe (`| head`) or an ASCII locale: the tables go on, not a traceback
+        sys.exit(main())

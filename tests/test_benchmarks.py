@@ -188,6 +188,16 @@ def test_the_markdown_report_is_utf8_whatever_the_locale(batched_record, tmp_pat
     assert "²" in markdown(record) and written.read_text(encoding="utf-8") == markdown(record)
 
 
+def test_the_dual_unet_benchmark_under_an_ascii_locale_escapes_its_table_not_a_traceback():
+    """Run as a script under LC_ALL=C with PYTHONUTF8=0, its header's "64²" was an encode error's traceback (the
+    locale's ASCII) once the UNets had been timed, exit 1 and no table."""
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}
+    run = subprocess.run([sys.executable, "-m", "zone_benchmarks.bench_dual_unet", "--models", "tiny", "--resolution",
+                          "64", "--repeats", "1", "--device", "cpu"], env=env, capture_output=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert b"64\\xb2 (8\\xb2 latent)" in run.stdout and b"two-calls" in run.stdout
+
+
 def test_the_load_test_without_httpx_says_which_extra_to_install():
     """Its --help too was an import's traceback (ModuleNotFoundError: No module named 'httpx') on an install
     without the [bench] extra."""
