@@ -60,13 +60,13 @@ def _undecodable_as_bytes(error: UnicodeError) -> tuple[bytes | str, int]:
     return b"".join(written), error.end
 
 
+codecs.register_error("zone_file_names", _undecodable_as_bytes)
+
+
 def file_names_on_stderr_as_their_bytes() -> None:
     """The progress lines and errors name a file as stdout's paths do (its bytes, as `cat` shows them): Python's
     default wrote "caf\\udce9.png", a name that is nowhere."""
-    codecs.register_error("zone_file_names", _undecodable_as_bytes)
-    reconfigure = getattr(sys.stderr, "reconfigure", None)  # a caller's io.StringIO has none, and needs none
-    if reconfigure is not None:
-        reconfigure(errors="zone_file_names")
+    _set_errors(sys.stderr, "zone_file_names")
 
 
 class OutlivingItsReader:
@@ -144,7 +144,6 @@ def stdout_kept() -> Iterator[None]:
     encode error's traceback once its reports were written."""
     previous = sys.stdout
     errors = getattr(previous, "errors", None)
-    codecs.register_error("zone_file_names", _undecodable_as_bytes)
     _set_errors(previous, "zone_file_names")
     sys.stdout = _outliving_its_reader(previous)
     try:
