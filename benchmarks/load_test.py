@@ -59,7 +59,7 @@ MODES = ("batching", "no-batching")
 SETTLE_S = 10.0  # longest wait, after a level, for the server to finish what its clients gave up on
 SCRAPE_TIMEOUT_S = 10.0  # a /metrics scrape's own: --timeout-s is the edits', and may be far shorter
 MAX_RETRY_AFTER_S = 60.0  # longest a client heeds a Retry-After (a server's estimate for a long queue: minutes)
-SERVER_OPTIONS = ("max_batch", "max_wait_ms", "tiny", "device", "server_args", "ready_timeout_s")  # LoadConfig's
+SERVER_OPTIONS = ("max_batch", "max_wait_ms", "tiny", "device", "server_args")  # LoadConfig's
 _HTTP_URL = re.compile(r"https?://[^\s/?#]+(/\S*)?", re.IGNORECASE)  # a server to measure: scheme and host
 
 Progress = Callable[[str], None]
@@ -336,14 +336,39 @@ async def measure_level(base: str, concurrency: int, config: LoadConfig, image: 
     }
 
 
-async def warm_up(base: str, config: LoadConfig, image: bytes) -> None:
-    """Untimed edits at the measured size and steps, so first-call costs land on no level."""
+async def warm_up(base: str, config: LoadConfig, image: bytes, progress: Progress = lambda _: None) -> None:
+    """Untimed edits at the measured size and steps, so first-call costs land on no level. One refused with a
+    Retry-After (a 503 of a server still loading or with its queue full, a 429) is sent again after that wait, as
+    the levels' clients do, for --ready-timeout-s in all (the first such answer had ended the run); the first
+    refusal said, so the wait is not taken for a hang."""
+    deadline, said_waiting = time.monotonic() + config.ready_timeout_s, False
     async with httpx.AsyncClient(timeout=config.timeout_s) as client:
         for index in range(config.warmup):
-            response = await post_edit(client, base, image, config, seed=config.seed + config.requests + index)
-            if response.status_code != 200:
-                raise LoadTestError(f"the warm-up edit at {base} failed: HTTP {response.status_code} "
-                                    f"{response.text[:500]}")
+            while (response := await _warm_up_edit(client, base, image, config, index)).status_code != 200:
+                wait_s = min(retry_after_s(response), MAX_RETRY_AFTER_S)
+                said = f"HTTP {response.status_code} {response.text[:500]}"
+                if wait_s <= 0:  # no cue to retry: a failure, not a refusal
+                    raise LoadTestError(f"the warm-up edit at {base} failed: {said}")
+                if time.monotonic() + wait_s > deadline:
+                    raise LoadTestError(f"the server at {base} still refused the warm-up edit after "
+                                        f"{config.ready_timeout_s:g} s (--ready-timeout-s; raise it for a server that "
+                                        f"takes longer to be ready): {said}")
+                if not said_waiting:
+                    progress(f"the warm-up edit was refused ({error_kind(response)}): sending it again as its "
+                             f"Retry-After says, for up to {config.ready_timeout_s:g} s (--ready-timeout-s)")
+                    said_waiting = True
+                await asyncio.sleep(wait_s)
+
+
+async def _warm_up_edit(client: httpx.AsyncClient, base: str, image: bytes, config: LoadConfig,
+                        index: int) -> httpx.Response:
+    """One warm-up edit; one not answered within --timeout-s said so, with what to change: it had ended the run as
+    "no answer from the server (ReadTimeout: )"."""
+    try:
+        return await post_edit(client, base, image, config, seed=config.seed + config.requests + index)
+    except httpx.TimeoutException as error:
+        raise LoadTestError(f"the warm-up edit at {base} got no answer within --timeout-s {config.timeout_s:g} s "
+                            f"({type(error).__name__}): raise --timeout-s, or lower --steps or --size") from None
 
 
 async def measure_server(base: str, result: dict, config: LoadConfig, progress: Progress) -> None:
@@ -351,7 +376,7 @@ async def measure_server(base: str, result: dict, config: LoadConfig, progress: 
     result["levels"] as it finishes (an interrupted run keeps the finished ones)."""
     image = seeded_png(*config.size, config.seed)
     result["url"] = base
-    await warm_up(base, config, image)
+    await warm_up(base, config, image, progress)
     for concurrency in config.concurrency:
         level = await measure_level(base, concurrency, config, image)
         progress(f"{result['mode']} concurrency {concurrency}: {level['ok']}/{level['sent']} ok, "
@@ -531,14 +556,22 @@ def _mark_failures(axes, levels: list[dict], values: list[float]) -> None:
 
 
 def _levels(text: str) -> tuple[int, ...]:
-    """Concurrency levels, in increasing order, each once (the report and chart are keyed by them)."""
+    """Concurrency levels, in increasing order (the report and chart are keyed by them); an empty entry (`1,,4`) or
+    a repeated one refused, as `zone bench --backends` refuses them, not left out or collapsed unsaid."""
+    parts = [part.strip() for part in text.split(",")]
+    if "" in parts:
+        raise argparse.ArgumentTypeError(f"{text!r}: entry {parts.index('') + 1} is empty (a comma too many?); give "
+                                         "the numbers of clients between commas, e.g. 1,2,4,8")
     try:
-        levels = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+        named = [int(part) for part in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 1,2,4,8, got {text!r}") from None
-    if not levels or min(levels) < 1:
+    if min(named) < 1:
         raise argparse.ArgumentTypeError(f"every concurrency must be at least 1, got {text!r}")
-    return levels
+    if repeated := [level for level in dict.fromkeys(named) if named.count(level) > 1]:
+        raise argparse.ArgumentTypeError(f"{text!r} names {', '.join(map(str, repeated))} more than once: name each "
+                                         "level once, e.g. 1,2,4,8")
+    return tuple(sorted(named))
 
 
 def parse_args(argv: list[str] | None) -> LoadConfig:
@@ -583,6 +616,9 @@ def _load_test_parser(defaults: LoadConfig) -> CommandParser:
                         help="client limit per request (default: %(default)g)")
     parser.add_argument("--warmup", type=int, default=defaults.warmup,
                         help="untimed edits per server first (default: %(default)s)")
+    parser.add_argument("--ready-timeout-s", type=float, default=defaults.ready_timeout_s,
+                        help="longest wait for a server to be ready: a started one's /readyz, then warm-up edits "
+                        "refused with a Retry-After (still loading, queue full), sent again (default: %(default)g)")
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help="image seed and first edit seed (default: %(default)s)")
     parser.add_argument("--instruction", default=defaults.instruction,
@@ -598,8 +634,6 @@ def _load_test_parser(defaults: LoadConfig) -> CommandParser:
                         help="the servers' --device: auto, cpu, cuda or cuda:N (default: %(default)s)")
     server.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="one more `zone serve` argument, repeatable, after the load test's own")
-    server.add_argument("--ready-timeout-s", type=float, default=defaults.ready_timeout_s,
-                        help="longest wait for a server's /readyz (default: %(default)g)")
     return parser
 
 

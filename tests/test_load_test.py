@@ -163,6 +163,11 @@ def test_options_parse_and_help_exits_cleanly(tmp_path, capsys):
     (["--url", "notaurl"], "--url 'notaurl' is not an http:// or https:// address"),  # was "no answer"
     (["--seed", "-1"], "--seed must be between 0 and"),  # were tracebacks, once a server had started
     (["--concurrency", "0,2"], "every concurrency must be at least 1"),
+    # Were measured as 1,4 and 1,2, the typo unsaid, as `zone bench --backends` refuses them.
+    (["--concurrency", "1,,4"], "'1,,4': entry 2 is empty (a comma too many?); give the numbers of clients between "
+                                "commas, e.g. 1,2,4,8"),
+    (["--concurrency", ","], "entry 1 is empty"),  # was "every concurrency must be at least 1"
+    (["--concurrency", "2,1,2"], "'2,1,2' names 2 more than once: name each level once"),
     (["--requests", "0"], "--requests must be at least 1"),
     (["--timeout-s", "0"], "--timeout-s must be a finite number of seconds above 0"),
     (["--out", "/etc/passwd"], "--out /etc/passwd: /etc/passwd is a file"),
@@ -179,8 +184,8 @@ def option_value(command: list[str], flag: str) -> str:
 
 def test_the_servers_queue_holds_a_whole_batch_and_every_client():
     """The server's default queue (32) refuses a larger --max-batch at start, and 503s clients beyond it."""
-    config = parse_args(["--out", "x", "--max-batch", "64", "--concurrency", "80,1,80", "--requests", "80"])
-    assert config.concurrency == (1, 80)  # the report and chart are keyed by concurrency: in order, each once
+    config = parse_args(["--out", "x", "--max-batch", "64", "--concurrency", "80,1", "--requests", "80"])
+    assert config.concurrency == (1, 80)  # the report and chart are keyed by concurrency: in order
     command = server_command(config, "batching", 8000)
     assert option_value(command, "--queue-size") == "80" and option_value(command, "--max-batch") == "64"
     # Warmed up at the load test's size and steps (every padded batch size) before ready; its steps admitted.
@@ -448,6 +453,50 @@ def test_no_server_or_a_failed_warm_up_exits_2_saying_why(monkeypatch, tmp_path,
     answering(monkeypatch, 500)
     assert main(argv) == 2 and f"the warm-up edit at {base} failed: HTTP 500" in capsys.readouterr().err
     assert not (tmp_path / "load.json").exists()
+
+
+def test_a_warm_up_edit_refused_with_retry_after_is_sent_again_after_that_wait(monkeypatch, tmp_path, capsys):
+    """A server still loading (503 `unavailable`, Retry-After 5) or with a full queue failed the run at its first
+    warm-up edit (exit 2), where the levels' clients wait and retry. Waits as told, capped; within
+    --ready-timeout-s in all, then said with the option to raise; a 503 without Retry-After (a failed load) still
+    fails at once."""
+    refused = httpx.Response(503, headers={"Retry-After": "5"}, json={"error": {"code": "unavailable"}})
+    answers, waits = [refused, httpx.Response(429, headers={"Retry-After": "3600"}), httpx.Response(200),
+                      httpx.Response(200)], []
+
+    async def post_edit(client, base, image, config, seed) -> httpx.Response:
+        return answers.pop(0)
+
+    async def sleep(seconds, *args):
+        waits.append(seconds)
+    monkeypatch.setattr(load_test, "post_edit", post_edit)
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    base = f"http://127.0.0.1:{free_port()}"
+    said = []
+    asyncio.run(load_test.warm_up(base, LoadConfig(out=tmp_path, warmup=2), b"", said.append))
+    assert waits == [5, load_test.MAX_RETRY_AFTER_S] and answers == []
+    # said once, not at every retry: a silent wait of minutes looks like a hang
+    assert said == ["the warm-up edit was refused (HTTP 503 unavailable): sending it again as its Retry-After says, "
+                    "for up to 300 s (--ready-timeout-s)"]
+    answers[:] = [refused] * 3
+    with pytest.raises(LoadTestError, match=r"still refused the warm-up edit after 4 s \(--ready-timeout-s; raise"):
+        asyncio.run(load_test.warm_up(base, LoadConfig(out=tmp_path, warmup=1, ready_timeout_s=4), b""))
+    answers[:] = [httpx.Response(503, json={"error": {"code": "unavailable"}})]
+    with pytest.raises(LoadTestError, match="the warm-up edit at .* failed: HTTP 503"):
+        asyncio.run(load_test.warm_up(base, LoadConfig(out=tmp_path, warmup=1), b""))
+    assert len(waits) == 2  # neither of those waited
+
+
+def test_a_warm_up_edit_past_timeout_s_says_to_raise_it(monkeypatch, tmp_path, capsys):
+    """`--steps 20 --timeout-s 0.5` on a CPU ended as "no answer from the server (ReadTimeout: )", exit 2: as if the
+    server were down, and nothing said which option to change."""
+    async def post_edit(client, base, image, config, seed) -> httpx.Response:
+        raise httpx.ReadTimeout("")
+    monkeypatch.setattr(load_test, "post_edit", post_edit)
+    argv = ["--url", f"http://127.0.0.1:{free_port()}", "--concurrency", "1", "--requests", "1", "--timeout-s", "0.5",
+            "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "got no answer within --timeout-s 0.5 s (ReadTimeout): raise --timeout-s" in capsys.readouterr().err
 
 
 def test_a_run_stopped_between_its_servers_reports_the_first_with_its_server_options(monkeypatch, tmp_path):

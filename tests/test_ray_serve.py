@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 from conftest import smooth_image
-from test_serving import decode_png, post_concurrently, post_edit
+from test_serving import decode_png, open_file_limits, post_concurrently, post_edit
 
 from zone_engine.errors import ConfigError, ZoneError
 from zone_engine.pipeline import EditRequest
@@ -299,6 +299,19 @@ def test_a_replica_that_fails_to_load_is_said_as_its_own_error(fake_serve):
     application = ZoneDeployment()
     with pytest.raises(ZoneError, match="^cannot read the SAM checkpoint sam.pth: not a PyTorch checkpoint$"):
         application.deploy(PipelineSpec(device="cpu"), ServeSettings(), host="127.0.0.1", port=8123, replicas=1)
+
+
+def test_each_replica_checks_its_own_open_file_limit(monkeypatch, caplog, tiny_pipe):
+    """`zone serve` checks its open-file limit against its queue at start (raised to the hard one, else a warning
+    naming the `ulimit -n` to set); a replica did not: under `ulimit -n 300` and --queue-size 500 only Ray's own
+    warning (below 4096, whatever the queue) was said. Now each replica, as the single process."""
+    set_to = open_file_limits(monkeypatch, 64, 100_000)
+    ZoneReplica.func_or_class.__wrapped__(SimpleNamespace(build=lambda: tiny_pipe), ServeSettings(warmup=False))
+    assert set_to == [(100_000, 100_000)]
+    set_to = open_file_limits(monkeypatch, 64, 100)  # the hard one too low: said, with the ulimit to set
+    with caplog.at_level(logging.WARNING, logger=ray_serve.log.name):
+        ZoneReplica.func_or_class.__wrapped__(SimpleNamespace(build=lambda: tiny_pipe), ServeSettings(warmup=False))
+    assert set_to == [] and "the open-file limit is 64 (hard limit 100)" in caplog.text
 
 
 @pytest.mark.parametrize(("device", "replicas", "words"), [
