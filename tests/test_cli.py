@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -665,6 +666,91 @@ def test_a_report_line_of_an_edit_not_done_keeps_its_settings(photo, tmp_path, m
                                      for record in records)
 
 
+def test_one_edit_not_done_is_reported_as_one_of_several_is(photo, tmp_path, capsys, monkeypatch):
+    """`zone edit IMAGE --report FILE`: an edit done wrote its line, one not done none at all (several images, or
+    `zone batch`, wrote its error line): a script reading the report saw no failure. Exit code as before."""
+    from zone_engine import __version__, pipeline
+
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    report = tmp_path / "report.jsonl"
+    common = ["-i", "add a hat", "-o", str(tmp_path / "out.png"), "--seed", "5", "--report", str(report), "--tiny"]
+    _fails_cleanly(capsys, ["edit", str(tmp_path / "broken.png"), *common], "cannot read")
+    (unread,) = [json.loads(line) for line in report.read_text().splitlines()]
+    assert unread == {"name": str(tmp_path / "broken.png"), "image": str(tmp_path / "broken.png"),
+                      "output": str(tmp_path / "out.png"), "instruction": "add a hat", "seed": 5,
+                      "steps": EditConfig.steps, "threshold_rule": "reference", "version": __version__,
+                      "error": unread["error"]} and unread["error"].startswith("cannot read")
+
+    def failed(self, requests, return_exceptions=False, **kwargs):  # as the engine fails: raised, or in its place
+        if not return_exceptions:
+            raise InputImageError("too dark to edit")
+        return [InputImageError("too dark to edit") for _ in requests]
+
+    monkeypatch.setattr(pipeline.ZonePipeline, "edit_batch", failed)
+    _fails_cleanly(capsys, ["edit", str(photo), *common, "--action", "remove"], "too dark to edit")
+    (dark,) = [json.loads(line) for line in report.read_text().splitlines()]
+    assert dark["error"] == "too dark to edit" and (dark["action"], dark["beta"], dark["seed"]) == ("remove", 0.2, 5)
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("several", [False, True])
+def test_an_edit_whose_file_cannot_be_written_is_reported(photo, tmp_path, capsys, monkeypatch, several):
+    """A full disk under -o: the edit that could not be written got no --report line (the run stopped), a script
+    reading the report saw nothing fail. Its line has the settings it was edited with, and the error."""
+    from zone_engine import __version__
+
+    Image.open(photo).save(tmp_path / "second.png")
+    _full_disk_at("second.png", monkeypatch)
+    report = tmp_path / "report.jsonl"
+    images = [str(photo), str(tmp_path / "second.png")] if several else [str(tmp_path / "second.png")]
+    output = str(tmp_path / "o") if several else str(tmp_path / "o" / "second.png")
+    _fails_cleanly(capsys, ["edit", *images, "-i", "x", "-o", output, "--tiny", "--steps", "1", "--no-progress",
+                            "--report", str(report)], "No space left on device")
+    *done, failed = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [Path(record["output"]).name for record in done] == (["photo.png"] if several else [])
+    assert failed == {"name": str(tmp_path / "second.png"), "image": str(tmp_path / "second.png"),
+                      "output": str(tmp_path / "o" / "second.png"), "instruction": "x", "action": "add", "seed": 42,
+                      "steps": 1, "beta": 0.01, "threshold_rule": "reference", "version": __version__,
+                      "error": f"cannot write {tmp_path / 'o' / 'second.png'}: No space left on device"}
+
+
+@pytest.mark.parametrize("append", [[], ["--skip-existing"]])
+def test_a_report_that_is_a_hard_link_of_an_input_is_refused_the_input_kept(photo, tmp_path, capsys, append):
+    """`--report copy.png`, copy.png a hard link of the input (another name of the file, which realpath does not
+    resolve): the report was opened over it, the image emptied (or a JSON line added to it) before it was read."""
+    os.link(photo, tmp_path / "copy.png")
+    data = photo.read_bytes()
+    _fails_cleanly(capsys, ["edit", str(photo), "-i", "x", "-o", str(tmp_path / "out.png"), "--tiny",
+                            "--report", str(tmp_path / "copy.png"), *append],
+                   f"--report {tmp_path / 'copy.png'} is the input {photo} of the edit of {photo} (a hard link")
+    assert photo.read_bytes() == data
+
+
+@pytest.mark.parametrize("command", ["edit", "batch"])
+def test_a_report_named_as_a_folder_is_refused_not_made_a_file(photo, tmp_path, capsys, monkeypatch, command):
+    """`--report logs/`, a folder not there yet as -o would take it: the report was written to a file named logs,
+    where a later step of the job put its files (exit 0)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "edits.jsonl").write_text('{"image": "photo.png", "instruction": "x"}\n')
+    given = ["photo.png", "-i", "x"] if command == "edit" else ["edits.jsonl"]
+    with pytest.raises(SystemExit) as stop:
+        main([command, *given, "-o", "out", "--tiny", "--report", "logs/"])
+    assert stop.value.code == 2 and ("--report: logs/ names a folder: give the report a file name in it, such as "
+                                     "logs/report.jsonl") in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()
+
+
+def test_main_leaves_a_python_callers_warnings_as_they_were(tmp_path, capsys):
+    """main() set the command's warning printer (`warning: ...` lines) and hid deprecations for the whole process:
+    a program that ran a command in-process had its own warnings printed the command's way ever after."""
+    printer, filters = warnings.showwarning, list(warnings.filters)
+    assert main(["edit", str(tmp_path / "missing.png"), "-i", "x", "-o", str(tmp_path / "out.png")]) == 2
+    assert warnings.showwarning is printer and warnings.filters == filters
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert warnings.showwarning is printer and warnings.filters == filters
+
+
 def test_no_image_writes_over_another_images_input_or_files_whatever_the_links_say(photo, tmp_path, capsys,
                                                                                  monkeypatch):
     """The clash checks compared each image's files with its own input and output only: an input reached through a
@@ -1012,6 +1098,10 @@ def test_a_report_line_that_cannot_be_written_is_said_and_taken_back(tmp_path, s
     assert ("2 of 3 edits not done; mend it, then run the same command with --skip-existing" in str(said.value)
             if several else str(said.value).endswith("the edit was written to out/a.png"))
     assert report.read_bytes() == b"earlier\nanother run's\n"
+    if not several:  # one edit not done: its line could not say so, nor may this say it written
+        with FillsUp(report, "ab") as opened, pytest.raises(OutputError) as said:
+            _Run(total=1, several=False, in_flight=1, report=opened).record(job, error="cannot read a.png")
+        assert str(said.value).endswith("; the edit was not done: cannot read a.png")
 
 
 def test_a_report_line_is_written_under_an_exclusive_lock(tmp_path):

@@ -63,6 +63,7 @@ from .edit_files import (
     output_argument,
     plan_jobs,
     print_summary,
+    report_argument,
     save_masks,
     settings_record,
     suffix_argument,
@@ -161,7 +162,7 @@ def _add_many_options(parser: argparse.ArgumentParser, suffix_when: str) -> None
     parser.add_argument("--skip-existing", action="store_true",
                         help="leave out the edits whose output file is there already, as after an interrupted run "
                         "(an edit's output is written last, whole, so it being there means the edit is done)")
-    parser.add_argument("--report", type=file_argument, metavar="FILE",
+    parser.add_argument("--report", type=report_argument, metavar="FILE",
                         help="also write FILE, one JSON line per edit as it ends: its name, image, output, "
                         "instruction, action, seed, steps, beta, threshold rule, seconds per stage, edited pixels, "
                         "fallback and warnings, or its error and the settings it ran with: the record to reproduce it "
@@ -763,7 +764,9 @@ TOOLS = {"bench": "bench_main", "profile": "profile_main"}  # `zone NAME`: zone_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    with stderr_kept():
+    # The warning filters and printer _quiet_libraries sets are the command's: a Python program that calls main
+    # got its own warnings as `warning: ...` lines, its deprecations hidden, ever after.
+    with stderr_kept(), warnings.catch_warnings():
         status = _main(argv)
         if argv is None and status in (130, 143) and threading.current_thread() is threading.main_thread():
             # The process ends (the console script's): a Ctrl-C hammered on was a KeyboardInterrupt's traceback in

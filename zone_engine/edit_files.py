@@ -84,6 +84,14 @@ def output_argument(text: str) -> OutputArgument:
     return OutputArgument(file_argument(text), text.endswith(("/", os.sep)))
 
 
+def report_argument(text: str) -> Path:
+    """argparse type of --report: a file's name. `--report logs/` (as -o names a folder) made a file named logs."""
+    if text.endswith(("/", os.sep)) and text.strip("/" + os.sep):
+        raise argparse.ArgumentTypeError(f"{text} names a folder: give the report a file name in it, such as "
+                                         f"{text}report.jsonl")
+    return file_argument(text)
+
+
 def suffix_argument(text: str) -> str:
     """argparse type of --suffix: ".png" (or "png")."""
     suffix = text if text.startswith(".") else f".{text}"
@@ -261,6 +269,11 @@ def check_report_path(report: Path, jobs: Sequence[EditJob], list_file: Path | N
     files = {os.path.realpath(path): job for job in jobs for path in (job.image, *job.written())}
     if (job := files.get(key := os.path.realpath(report))) is not None:
         raise OutputError(f"--report {report} is a file of the edit of {job.name()}: choose another name")
+    # A hard link of an input is the input under another name, which realpath does not show: the report, written
+    # in place (an edit's files replace theirs), emptied the image. Only a report there already can be one.
+    if report.exists() and (job := next((job for job in jobs if same_file(job.image, report)), None)):
+        raise OutputError(f"--report {report} is the input {job.image} of the edit of {job.name()} (a hard link of "
+                          "it): choose another name")
     if any(key in map(str, Path(path).parents) for path in files):
         raise OutputError(f"--report {report} is a folder the edits' files go in: name a file beside them")
 
@@ -359,6 +372,9 @@ def open_report(report: Path, append: bool) -> BinaryIO:
     return open(report, "ab", buffering=0, opener=lambda path, flags: os.open(path, flags | emptied, 0o666))
 
 
+RESULT_FIELDS = ("seconds", "edited_pixels", "used_fallback", "warnings")  # a report line's of an edit written
+
+
 def settings_record(config: EditConfig, action: Action | None) -> dict[str, Any]:
     """What a report line and the demo's timings.json keep of an edit's settings to reproduce it: those the
     command line sets, the β its action blended with, and the engine's version (whose defaults are the rest).
@@ -418,7 +434,8 @@ class _Run:
         with warnings.catch_warnings():
             if self.several:
                 warnings.simplefilter("ignore", EditWarning)
-            results = pipe.edit_batch(requests, progress=progress, return_exceptions=self.several)
+            # One edit's error too comes back, not raised: `_fail` reports it before it becomes the command's.
+            results = pipe.edit_batch(requests, progress=progress, return_exceptions=True)
         for item, request, result in zip(loaded, requests, results, strict=True):
             if isinstance(result, ZoneError):
                 self._fail(item.job, result, named=True)
@@ -441,6 +458,9 @@ class _Run:
             try:
                 result = written.result()
             except ZoneError as error:
+                with contextlib.suppress(OutputError):  # the report on the same full disk: the write's error said
+                    self.record(item.job, **{name: value for name, value in outcome.items()
+                                             if name not in RESULT_FIELDS}, error=command_line_spelling(str(error)))
                 if not self.several:
                     raise
                 left = self.total - self.written
@@ -483,31 +503,34 @@ class _Run:
                     while data:  # a raw write may take part of it
                         data = data[self.report.write(data):]
                 except OSError as error:  # a traceback, exit 1, was said on a full disk
-                    self._report_failed(job, end, error)
+                    self._report_failed(job, end, error, outcome.get("error"))
 
-    def _report_failed(self, job: EditJob, end: int | None, error: OSError) -> NoReturn:
+    def _report_failed(self, job: EditJob, end: int | None, error: OSError, failed: str | None = None) -> NoReturn:
         """An OutputError for --report's line of `job` that could not be written, its part written taken back (to
-        `end`, in a file)."""
+        `end`, in a file); `failed`: the error of the edit the line was of, not done."""
         report, self.report = self.report, None  # no more lines: the run stops
         with contextlib.suppress(OSError):
             if end is not None:
                 report.truncate(end)
         said = f"cannot write --report {report.name}: {error.strerror or error}"
         if not self.several:
-            raise OutputError(f"{said}; the edit was written to {job.output}")
+            raise OutputError(f"{said}; " + (f"the edit was not done: {failed}" if failed else
+                                             f"the edit was written to {job.output}"))
         raise OutputError(f"{said} (the run stopped, {job.name()}'s line missing: {self.total - self.written} of "
                           f"{self.total} edits not done; mend it, then run the same command with --skip-existing)")
 
     def _fail(self, job: EditJob, error: ZoneError, named: bool) -> None:
         """`job` not done, said and reported with its settings (the command's, the job's own over them), as a done
-        one's line has them: its action and β where forced; left to the classifier, they are unknown."""
-        if not self.several:
-            raise error
-        self.settle()  # the edits before it said first, as they came
-        print(error_line(f"{job.name()}: {error}" if named else error), file=sys.stderr)
-        self.failed.append(job.name())
+        one's line has them: its action and β where forced; left to the classifier, they are unknown. One edit's
+        error is reported too (a script reading --report saw no line of it), then raised: the command's."""
+        if self.several:
+            self.settle()  # the edits before it said first, as they came
+            print(error_line(f"{job.name()}: {error}" if named else error), file=sys.stderr)
+            self.failed.append(job.name())
         config = self.config.replace(**dict(job.changes))
         self.record(job, **settings_record(config, config.action), error=command_line_spelling(str(error)))
+        if not self.several:
+            raise error
 
     def _say_output_notes(self, output: Path, profile: bytes | None) -> None:
         from .image_io import output_notes
