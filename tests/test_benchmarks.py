@@ -198,6 +198,29 @@ def test_the_dual_unet_benchmark_under_an_ascii_locale_escapes_its_table_not_a_t
     assert b"64\\xb2 (8\\xb2 latent)" in run.stdout and b"two-calls" in run.stdout
 
 
+def test_the_refine_benchmark_under_an_ascii_locale_escapes_its_table_not_a_traceback():
+    """From a mutation audit: of the four scripts' stdout_kept only bench_dual_unet's was tested; bench_refine's
+    "64² image" line was an encode error's traceback under LC_ALL=C with PYTHONUTF8=0 without it."""
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}
+    env.pop("PYTHONIOENCODING", None)
+    run = subprocess.run([sys.executable, "-m", "zone_benchmarks.bench_refine", "--model-type", "tiny", "--size", "96",
+                          "--points-per-side", "8", "--repeats", "1", "--device", "cpu", "--no-onnx"], env=env,
+                         capture_output=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert b"image encoder, one 64\\xb2 image" in run.stdout
+
+
+def test_the_photo_benchmark_goes_on_past_a_reader_gone_from_its_stdout():
+    """From a mutation audit: bench_photo's stdout_kept went untested; without it `bench_photo | head -0` (its
+    reader gone) was a BrokenPipeError's traceback, exit 1, once the photo had been edited."""
+    run = subprocess.Popen([sys.executable, "-m", "zone_benchmarks.bench_photo", "--size", "64x96", "--repeats", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run.stdout.close()  # the reader gone before the table
+    with run.stderr:
+        said = run.stderr.read().decode(errors="replace")
+    assert run.wait(300) == 0 and "Traceback" not in said, said[-2000:]
+
+
 def test_the_load_test_without_httpx_says_which_extra_to_install():
     """Its --help too was an import's traceback (ModuleNotFoundError: No module named 'httpx') on an install
     without the [bench] extra."""
@@ -261,6 +284,8 @@ def test_backends_are_read_in_any_case_and_an_unknown_one_is_said(capsys):
 @pytest.mark.parametrize(("backends", "words"), [
     ("fused,,eager", "--backends 'fused,,eager': entry 2 is empty (a comma too many?)"),
     ("fused,", "--backends 'fused,': entry 2 is empty"),
+    # Naming none at all is said as such (from a mutation audit: it went untested), not as an empty first entry.
+    ("", "--backends names no denoiser: give one or more of"), (" , ", "--backends names no denoiser"),
     # Twice the same was two rows of one name, whose speed-up and quality entries overwrote each other; then
     # collapsed into one, unsaid: a typo for another backend dropped its row.
     ("Fused, fused,EAGER", "--backends 'Fused, fused,EAGER' names fused more than once: name each denoiser once"),

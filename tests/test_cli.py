@@ -322,6 +322,14 @@ def test_zone_help_prints_the_help_of_the_command_named(capsys, argv, usage):
     assert stop.value.code == 0 and capsys.readouterr().out.startswith(usage)
 
 
+def test_zones_own_help_says_where_a_commands_options_are(capsys):
+    """From a mutation audit: the epilog's pointer to `zone COMMAND --help` and `zone help COMMAND` went untested."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "A command's options: `zone COMMAND --help`, or `zone help COMMAND`." in text
+
+
 def test_demo_help_says_its_masks_are_in_out_and_save_masks_writes_them_again(capsys):
     """zone demo --help had zone edit's --save-masks words: "also write" masks it writes to --out anyway, and where
     those "of several edits" go, of a command that makes one."""

@@ -407,6 +407,47 @@ def test_a_refused_client_waits_as_its_retry_after_says_before_its_next_edit(mon
     assert level["waited_s"] == sum(waits)
 
 
+def test_a_retry_after_past_the_levels_end_is_waited_until_its_end_only(monkeypatch, tmp_path):
+    """From a mutation audit: the wait's cap at the level's deadline went untested; without it a Retry-After of 30 s
+    held a level of --duration-s 5 half a minute past its end."""
+    waits = []
+
+    async def post_edit(client, base, image, config, seed) -> httpx.Response:
+        return httpx.Response(503, headers={"Retry-After": "30"})
+
+    async def sleep(seconds, *args):
+        waits.append(seconds)
+    monkeypatch.setattr(load_test, "post_edit", post_edit)
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    level = asyncio.run(measure_level(f"http://127.0.0.1:{free_port()}", 1, LoadConfig(out=tmp_path, requests=2,
+                                                                                          duration_s=5), b""))
+    assert level["sent"] == 2 and len(waits) == 1 and 0 < waits[0] <= 5, waits
+
+
+def test_a_request_without_an_answer_is_counted_and_no_wait_follows(monkeypatch, tmp_path):
+    """From a mutation audit: a refused connection (the server down or restarting) has no Retry-After to heed, and
+    the client goes on at once; a wait there went unseen."""
+    waits = []
+
+    async def post_edit(client, base, image, config, seed) -> httpx.Response:
+        raise httpx.ConnectError("refused")
+
+    async def sleep(seconds, *args):
+        waits.append(seconds)
+    monkeypatch.setattr(load_test, "post_edit", post_edit)
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    level = asyncio.run(measure_level(f"http://127.0.0.1:{free_port()}", 1, LoadConfig(out=tmp_path, requests=3,
+                                                                                          duration_s=1000), b""))
+    assert level["errors"] == {"ConnectError": 3} and level["waited_s"] == 0 and waits == []
+
+
+@pytest.mark.parametrize("said", ["soon", "1.5", "-3", "Wed, 21 Oct 2015 07:28:00 -0000"])
+def test_a_retry_after_the_client_cannot_read_is_no_wait_not_an_error(said):
+    """From a mutation audit: a Retry-After neither whole seconds nor an HTTP date with its time zone (a ValueError,
+    or a TypeError for the naive date) was caught untested; uncaught, it ended the client's worker and the level."""
+    assert load_test.retry_after_s(httpx.Response(503, headers={"Retry-After": said})) == 0.0
+
+
 def test_a_level_without_a_successful_edit_exits_1_after_its_report(tmp_path, capsys):
     """The server down (no warm-up to find it so) or every edit refused exited 0 with a table of 0 edits/s: a
     script or CI job took that for a measurement."""

@@ -11,10 +11,12 @@ for _module in (*SERVE_MODULES, "httpx"):
 
 import asyncio
 import base64
+import contextlib
 import importlib
 import io
 import json
 import logging
+import os
 import re
 import signal
 import socket
@@ -571,6 +573,49 @@ def test_an_open_file_limit_too_low_even_at_its_hard_one_is_said_at_start_with_t
     said = [record.getMessage() for record in caplog.records if "open-file limit" in record.getMessage()]
     assert len(said) == 1 and "the open-file limit is 64 (hard limit 100)" in said[0], said
     assert int(re.search(r"`ulimit -n (\d+)`", said[0])[1]) > 2 * 32 + 64
+
+
+def test_an_unlimited_open_file_limit_is_kept_and_an_unlimited_hard_one_is_not_asked_for(monkeypatch):
+    """From a mutation audit: neither RLIM_INFINITY case was tested. An unlimited soft limit (RLIM_INFINITY is -1 on
+    Linux, below any count) would be lowered to the count needed; an unlimited hard one is not asked for as the soft
+    one (macOS refuses that), the count needed is."""
+    import resource
+
+    settings = ServeSettings(queue_size=32, max_batch=4)
+    set_to = open_file_limits(monkeypatch, resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    check_open_file_limit(settings)
+    assert set_to == []
+    set_to = open_file_limits(monkeypatch, 64, resource.RLIM_INFINITY)
+    check_open_file_limit(settings)
+    assert len(set_to) == 1 and set_to[0][1] == resource.RLIM_INFINITY and 2 * 32 < set_to[0][0] < 100_000, set_to
+
+
+def test_an_open_file_limit_the_system_refuses_to_raise_is_said_and_the_server_starts(monkeypatch, caplog):
+    """From a mutation audit: setrlimit refused (macOS's kern.maxfilesperproc below the hard limit) was caught
+    untested; uncaught, the server failed to start over a limit it only meant to raise."""
+    import resource
+
+    open_file_limits(monkeypatch, 64, 100_000)
+
+    def refused(which, limits):
+        raise ValueError("not allowed to raise maximum limit")
+    monkeypatch.setattr(resource, "setrlimit", refused)
+    check_open_file_limit(ServeSettings(queue_size=32, max_batch=4))
+    assert "the open-file limit is 64 (hard limit 100000)" in caplog.text and "`ulimit -n " in caplog.text
+
+
+@pytest.mark.skipif(not any(os.path.isdir(folder) for folder in ("/proc/self/fd", "/dev/fd")),
+                    reason="counts the open files in /proc/self/fd or /dev/fd")
+def test_the_open_files_needed_count_those_open_and_two_batches_beside_the_queue(tmp_path):
+    """From a mutation audit: the files open at start and the batches' edits (the running one, the one whose answers
+    are sent) went uncounted untested."""
+    settings = ServeSettings(queue_size=32, max_batch=4)
+    assert open_files_needed(ServeSettings(queue_size=32, max_batch=8)) >= open_files_needed(settings) + 2 * 4
+    before = open_files_needed(settings)
+    with contextlib.ExitStack() as files:
+        for number in range(20):
+            files.enter_context(open(tmp_path / str(number), "w"))  # noqa: SIM115 -- closed by the ExitStack
+        assert open_files_needed(settings) > before
 
 
 def test_a_service_stopped_while_loading_is_never_ready(pipe):

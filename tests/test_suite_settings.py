@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -62,30 +63,73 @@ def test_the_kernel_tests_run_the_kernels_whatever_the_shell_left_set():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
 
 
+# A step with a child of its own, which on TERM waits for that child (its TERM came with the step's, as its process
+# group's) and takes a moment before it says it stopped: the script must signal the group and wait for the step.
+_STEP = """import os, signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+def stop(*_):
+    child.wait()
+    time.sleep(0.5)
+    open(sys.argv[2], "w").write("stopped")
+    sys.exit(0)
+
+
+signal.signal(signal.SIGTERM, stop)
+open(sys.argv[1], "w").write(f"{os.getpid()} {child.pid}")
+time.sleep(120)
+"""
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason=".ci/run is a bash script")
-def test_ci_stopped_by_a_signal_stops_its_running_step(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_ci_stopped_by_a_signal_stops_its_running_step(tmp_path, stop):
     """A CI timeout's TERM to .ci/run left its `zone bench` step running ~30 s after the script had gone: a step
-    (.ci/steps.sh) is stopped, with its own children, and waited for before the script exits."""
-    pid_file = tmp_path / "step.pid"
-    sleeper = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
-    script = f"set -euo pipefail\nsource .ci/steps.sh\nstep {shlex.quote(sys.executable)} -c {shlex.quote(sleeper)}\n"
-    ci = subprocess.Popen(["bash", "-c", script], cwd=ROOT)
+    (.ci/steps.sh) is stopped, with its own children, and waited for before the script exits; INT (Ctrl-C) too.
+    From a mutation audit: the step's own child and the wait for the step went untested."""
+    pid_file, stopped = tmp_path / "step.pid", tmp_path / "stopped"
+    (tmp_path / "step.py").write_text(_STEP)
+    step = shlex.join([sys.executable, str(tmp_path / "step.py"), str(pid_file), str(stopped)])
+    ci = subprocess.Popen(["bash", "-c", f"set -euo pipefail\nsource .ci/steps.sh\nstep {step}\n"], cwd=ROOT)
     try:
         while not pid_file.exists() or not pid_file.read_text():
             assert ci.poll() is None, "the script ended before its step started"
             time.sleep(0.05)
-        step_pid = int(pid_file.read_text())
-        ci.send_signal(signal.SIGTERM)
+        pids = [int(pid) for pid in pid_file.read_text().split()]
+        ci.send_signal(stop)
         code = ci.wait(60)
-        with pytest.raises(ProcessLookupError):  # stopped and reaped by the script, not left to run on
-            os.kill(step_pid, 0)
-        assert code == 128 + signal.SIGTERM  # as bash killed by TERM exits (the EXIT trap, if any, has run)
+        assert stopped.exists()  # the step had ended when the script did
+        for pid in pids:  # the step and its child stopped and reaped, not left to run on
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        assert code == 128 + stop  # as bash killed by the signal exits (the EXIT trap, if any, has run)
     finally:
         ci.kill()
         ci.wait()
-        if pid_file.exists() and pid_file.read_text():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        if pid_file.exists():
+            for pid in pid_file.read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason=".ci/run is a bash script")
+def test_a_step_that_fails_fails_the_ci_script_with_its_status():
+    """From a mutation audit: `step` returning 0 whatever its command's status left every failing step (the lint,
+    the tests) a green CI, and no test said so."""
+    run = subprocess.run(["bash", "-c", "set -euo pipefail\nsource .ci/steps.sh\nstep sh -c 'exit 3'\necho after\n"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 3 and "after" not in run.stdout
+
+
+def test_every_command_of_the_ci_script_runs_as_a_step():
+    """From a mutation audit: no test read .ci/run; a command of it outside `step` (its pytest, say) runs in the
+    script's own process group, and a CI timeout's TERM leaves it running after the script has gone."""
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    assignment = re.compile(r'\w+=("[^"]*"|\S*)')  # a line that only sets a variable (not `NAME=1 command`)
+    commands = [line for line in lines[lines.index("source .ci/steps.sh") + 1:]
+                if line and not line.startswith(("#", "source ", "trap ")) and not assignment.fullmatch(line)]
+    assert len(commands) >= 5 and all(line.startswith("step ") for line in commands), commands
 
 
 def test_a_file_a_test_leaves_open_fails_it(tmp_path):
