@@ -10,6 +10,11 @@ stop_step() {
     if [[ -n $step_group ]]; then
         kill -TERM -- "-$step_group" 2>/dev/null || true
         wait "$step_group" 2>/dev/null || true
+        # `wait` is for the step's own process: a child it left still stopping outlived the script by seconds.
+        # Wait for the whole group (30 s at most), then kill what is left of it.
+        local tenths=0
+        while kill -0 -- "-$step_group" 2>/dev/null && ((tenths++ < 300)); do sleep 0.1; done
+        kill -KILL -- "-$step_group" 2>/dev/null || true
     fi
     exit "$1"
 }

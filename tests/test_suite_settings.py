@@ -113,6 +113,50 @@ def test_ci_stopped_by_a_signal_stops_its_running_step(tmp_path, stop):
                     os.kill(int(pid), signal.SIGKILL)
 
 
+# A step that exits at once on TERM, its child taking a second to stop; the child writes the pids once its own
+# TERM handler is set (a TERM before it would end it at once, and the test prove nothing).
+_STEP_LEAVING_ITS_CHILD = """import subprocess, sys
+child = '''import os, signal, sys, time
+
+
+def stop(*_):
+    time.sleep(1)
+    open(sys.argv[2], "w").write("stopped")
+    sys.exit(0)
+
+
+signal.signal(signal.SIGTERM, stop)
+open(sys.argv[1], "w").write(f"{os.getppid()} {os.getpid()}")
+time.sleep(120)
+'''
+subprocess.Popen([sys.executable, "-c", child, *sys.argv[1:]]).wait()
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason=".ci/run is a bash script")
+def test_ci_stopped_by_a_signal_waits_for_a_child_its_step_left_stopping(tmp_path):
+    """A step gone at TERM while its child was still stopping: the script had exited before the child ended (the
+    wait was for the step's own process only); now the whole process group is waited for."""
+    pid_file, stopped = tmp_path / "step.pid", tmp_path / "stopped"
+    (tmp_path / "step.py").write_text(_STEP_LEAVING_ITS_CHILD)
+    step = shlex.join([sys.executable, str(tmp_path / "step.py"), str(pid_file), str(stopped)])
+    ci = subprocess.Popen(["bash", "-c", f"set -euo pipefail\nsource .ci/steps.sh\nstep {step}\n"], cwd=ROOT)
+    try:
+        while not pid_file.exists() or not pid_file.read_text():
+            assert ci.poll() is None, "the script ended before its step started"
+            time.sleep(0.05)
+        ci.send_signal(signal.SIGTERM)
+        assert ci.wait(60) == 143
+        assert stopped.exists()  # the step's child had ended when the script did
+    finally:
+        ci.kill()
+        ci.wait()
+        if pid_file.exists():
+            for pid in pid_file.read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason=".ci/run is a bash script")
 def test_a_step_that_fails_fails_the_ci_script_with_its_status():
     """From a mutation audit: `step` returning 0 whatever its command's status left every failing step (the lint,
