@@ -296,7 +296,10 @@ def test_cancelled_edits_stop_and_say_so(fused_pipe):
     assert steps_run == [0]
 
 
-def test_a_denoiser_that_cannot_batch_runs_the_edits_one_by_one(tiny_models, capsys):
+def test_a_denoiser_that_cannot_batch_runs_the_edits_one_by_one(tiny_models, capsys, monkeypatch):
+    from zone_engine import progress
+
+    monkeypatch.setattr(progress, "is_terminal", lambda stream: True)  # tqdm's bar, as on a terminal
     eager_pipe = ZonePipeline(tiny_models, device="cpu", denoiser="eager")  # the sequential reference
     image, config = smooth_image(64, 64, seed=4), eager_pipe.default_config.replace(steps=2)
     requests = [EditRequest(image, "add a hat", config.replace(seed=seed)) for seed in (1, 2)]

@@ -188,6 +188,22 @@ def test_a_reader_gone_from_stderr_stops_no_run(tmp_path, monkeypatch):
     assert code == 2  # "warning: ... is a folder: left out", then "error: every input is a folder"
 
 
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="no pseudo-terminals here")
+def test_a_terminal_hung_up_under_a_run_stops_it_not(photo, tmp_path, monkeypatch):
+    """`zone batch ... &` disowned (or under setsid) and the SSH session ended: its terminal hung up, the next
+    written path or progress line raised EIO, and the run stopped with exit 1, the edit just written missing from
+    its --report. As for a reader gone from a pipe, its lines go nowhere and the edits go on."""
+    controller, terminal = os.openpty()
+    os.close(controller)  # the terminal hangs up: a write to it is EIO from now on
+    report = tmp_path / "report.jsonl"
+    with open(terminal, "w", buffering=1, encoding="utf-8") as gone:
+        monkeypatch.setattr(sys, "stdout", gone)
+        monkeypatch.setattr(sys, "stderr", gone)
+        code = main(["edit", str(photo), "-i", "add a hat", "-o", f"{tmp_path}/out/", "--tiny", "--steps", "1",
+                     "--report", str(report)])
+    assert code == 0 and (tmp_path / "out" / "photo.png").exists() and len(report.read_text().splitlines()) == 1
+
+
 def test_a_line_part_flushed_to_a_gone_reader_raises_nothing():
     """Text with no line end is sent by the flush, not the write (line buffering): the flush met the closed pipe.
     Closing the stream afterwards sends nothing more into it either."""
@@ -1427,6 +1443,65 @@ def test_each_batch_is_said_as_it_is_read_and_none_after_a_write_failed(photo, t
     assert "[1/2] photo.png" in err and "[2/2]" not in err and "(the run stopped: 2 of 2 edits not written" in err
 
 
+def test_progress_written_to_a_log_is_whole_lines_not_redrawn_bars(photo, tmp_path, capsys, monkeypatch):
+    """stderr not a terminal (`2> log`, nohup, systemd): tqdm's bars were redrawn there with carriage returns, a
+    few KB of CR-joined redraws an edit; now whole lines (every LOG_INTERVAL_S, here every step), and diffusers' and
+    transformers' loading bars hidden as with --no-progress."""
+    import zone_engine.cli as cli
+    import zone_engine.progress as progress
+
+    hidden = []
+    monkeypatch.setattr(cli, "_without_library_progress_bars", lambda build: hidden.append(True) or build())
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    assert main(["edit", str(photo), "-i", "add a hat", "-o", str(tmp_path / "out.png"), "--tiny", "--steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    lines = err.splitlines()
+    assert [line.split(" in ")[0] for line in lines if line.startswith("denoising")] == [
+        "denoising: 50% (1/2 steps)", "denoising: 100% (2/2 steps)"]
+    assert any(line.startswith("segmenting: 100% (") for line in lines)
+    assert hidden == [True]
+
+
+def test_a_progress_bar_ended_within_the_interval_writes_no_line_to_a_log_and_a_terminal_keeps_tqdms():
+    """A log gets no line of a bar that ended within LOG_INTERVAL_S (an edit on a GPU: its [k/N] and summary lines
+    say it); a terminal keeps tqdm's bar, redrawn in place."""
+    from zone_engine.progress import progress_bar
+
+    log = io.StringIO()
+    with progress_bar(total=3, desc="denoising", unit="step", file=log) as bar:
+        bar.update(3)
+    assert log.getvalue() == ""
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    with progress_bar(total=3, desc="denoising", unit="step", file=terminal) as bar:
+        bar.update(3)
+    assert "\rdenoising: 100%|" in terminal.getvalue()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's id is a process id kill can ask about on Linux only")
+def test_a_rerun_removes_the_partial_file_a_killed_run_left_and_says_so(photo, tmp_path, capsys):
+    """`kill -9` of `zone batch` while it wrote left `.photo.TID.partial.png` beside the outputs for good; the rerun
+    (--skip-existing or not) removes it, in a line, before any model loads."""
+    from zone_engine.paths import _temporary_name
+
+    killed = subprocess.Popen([sys.executable, "-c", ""])  # its main thread's id: a thread that is gone
+    killed.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    partial = out / _temporary_name(out / "photo.png", killed.pid)
+    partial.write_bytes(b"\x89PNG half")
+    assert main(["edit", str(photo), "-i", "add a hat", "-o", f"{out}/", "--tiny", "--steps", "1", "--no-progress",
+                 "--skip-existing"]) == 0
+    assert not partial.exists() and (out / "photo.png").exists()
+    assert f"removed 1 partial file(s) left by an earlier run killed while writing them: {partial}" in (
+        capsys.readouterr().err)
+
+
 def test_an_edit_that_fell_back_to_the_attention_mask_is_warned_of_by_name_and_reported(photo, tmp_path, capsys,
                                                                                       monkeypatch):
     """No SAM segment overlapped M_b (here the first edit's segmenter finds none): M_b was used, which the summary
@@ -2318,6 +2393,33 @@ def test_sigterm_ends_a_command_as_ctrl_c_does_running_its_cleanups(tmp_path, ca
     assert capsys.readouterr().err.strip() == "terminated" and signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP here")
+def test_sighup_ends_a_command_as_sigterm_does_and_stays_ignored_under_nohup(tmp_path, capsys, monkeypatch):
+    """The terminal that started `zone batch ... 2> log &` closing (an SSH session ended) killed it at once: the
+    write under way left as a partial file, the log silent on the edits not done. Now SIGHUP unwinds as SIGTERM
+    does, `hung up`, exit 128 + 1; a SIGHUP ignored (nohup) stays ignored."""
+    import time
+
+    from zone_engine import cli
+
+    def hung_up_midway(args):
+        assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, None)  # else the signal would end pytest
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(30)  # the handler's exception ends it at once
+
+    monkeypatch.setattr(cli, "run_export", hung_up_midway)
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        assert main(["export", "unet", "--tiny", "--out", str(tmp_path / "x")]) == 129
+        assert capsys.readouterr().err.strip() == "hung up" and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup's
+        monkeypatch.setattr(cli, "run_export", lambda args: print(signal.getsignal(signal.SIGHUP), file=sys.stderr))
+        assert main(["export", "unet", "--tiny", "--out", str(tmp_path / "y")]) == 0
+        assert capsys.readouterr().err.strip() == str(signal.SIG_IGN)
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_ctrl_c_ends_a_command_with_130(tmp_path, capsys, monkeypatch):
     from zone_engine import cli
 
@@ -2687,14 +2789,14 @@ def test_a_report_names_a_file_that_is_not_utf8_by_its_bytes(photo, tmp_path, ca
 
 
 def test_no_progress_hides_the_libraries_loading_bars_too(monkeypatch, tmp_path):
-    """diffusers' `Loading pipeline components...` and transformers' `Loading weights` bars still showed."""
+    """diffusers' `Loading pipeline components...` and transformers' `Loading weights` bars still showed; with
+    --no-progress, and where stderr is no terminal (a log, where they were redrawn with carriage returns)."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    import zone_engine.cli as cli
     from zone_engine.serving.settings import PipelineSpec
 
-    for library in (diffusers_logging, transformers_logging):
-        monkeypatch.setattr(library, "_tqdm_active", True)  # put back after the test, as is the hub's state
     hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module: the package's `tqdm` is a class
     monkeypatch.setattr(hub_tqdm, "progress_bar_states", dict(hub_tqdm.progress_bar_states))
     shown = []
@@ -2705,7 +2807,10 @@ def test_no_progress_hides_the_libraries_loading_bars_too(monkeypatch, tmp_path)
 
     monkeypatch.setattr(PipelineSpec, "build", build)
     Image.fromarray(smooth_image(32, 32)).save(tmp_path / "in.png")
-    for flags in ([], ["--no-progress"]):
+    for terminal, flags in ((True, []), (True, ["--no-progress"]), (False, [])):
+        for library in (diffusers_logging, transformers_logging):
+            monkeypatch.setattr(library, "_tqdm_active", True)  # put back after the test, as is the hub's state
+        monkeypatch.setattr(cli, "is_terminal", lambda stream, terminal=terminal: terminal)
         assert main(["edit", str(tmp_path / "in.png"), "-i", "make it red", "-o", str(tmp_path / "out.png"), "--tiny",
                      *flags]) == 2
-    assert shown == [(True, True), (False, False)]
+    assert shown == [(True, True), (False, False), (False, False)]

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from zone_engine.edit_files import check_output_path
 from zone_engine.errors import OutputError, ZoneError
-from zone_engine.paths import check_output_file, expanded, export_kind, written_atomically, written_together
+from zone_engine.paths import (
+    _temporary_name,
+    check_output_file,
+    expanded,
+    export_kind,
+    remove_stale_partials,
+    written_atomically,
+    written_together,
+)
 from zone_engine.streams import to_dev_null
 
 
@@ -77,3 +88,29 @@ def test_files_written_together_move_over_the_old_ones_only_when_all_are_written
     assert sorted(path.name for path in tmp_path.iterdir()) == ["first.txt", "second.txt"]
     _write(first, "after")  # outside the block, moved at once
     assert first.read_text() == "after"
+
+
+def _gone_thread_id() -> int:
+    """The system-wide id of a thread that ran and is gone: an ended process's main thread (a thread of this one,
+    once joined, may not have left the system yet)."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's id is a process id kill can ask about on Linux only")
+def test_the_partials_a_killed_run_left_beside_its_outputs_are_removed_and_nothing_else(tmp_path):
+    """`kill -9` of a run mid-write left `.a.TID.partial.png` beside its outputs for good: a rerun removes those of
+    the files it writes whose thread is gone; a live thread's (a run writing them now), another file's and a
+    look-alike stay."""
+    gone, alive = _gone_thread_id(), threading.get_native_id()
+    long_name = tmp_path / ("x" * 250 + ".png")  # its temporary's stem shortened to fit 255 bytes
+    planned = [tmp_path / "a.png", tmp_path / "masks" / "mask_b.png", long_name]
+    (tmp_path / "masks").mkdir()
+    stale = [path.with_name(_temporary_name(path, gone)) for path in planned]
+    kept = [tmp_path / f".a.{alive}.partial.png", tmp_path / f".b.{gone}.partial.png",
+            tmp_path / f".a.{gone}.partial.jpg", tmp_path / ".a.png.partial", tmp_path / "a.png"]
+    for path in stale + kept:
+        path.write_bytes(b"")
+    assert sorted(remove_stale_partials([*planned, tmp_path / "missing" / "c.png"])) == sorted(stale)
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)

@@ -251,7 +251,10 @@ def test_predict_passing_on_cuda_agrees_with_sams_decoder():
     torch.testing.assert_close(low_res, expected_low_res, rtol=0, atol=2e-3)
 
 
-def test_search_shows_a_progress_bar_when_asked(sam, capsys):
+def test_search_shows_a_progress_bar_when_asked(sam, capsys, monkeypatch):
+    from zone_engine import progress
+
+    monkeypatch.setattr(progress, "is_terminal", lambda stream: True)  # tqdm's bar, as on a terminal
     segmenter = TorchSamSegmenter(sam, CONFIGS["filtered"])  # 64 prompts in batches of 20: 4 batches
     image, mask_b = smooth_image(80, 112, seed=3), rectangle(80, 112, 10, 10, 50, 40)
     quiet = segmenter.select(image, mask_b)

@@ -77,12 +77,13 @@ from .paths import (
     file_argument,
     folder_argument,
     refused_path_line,
+    remove_stale_partials,
     written_atomically,
     written_together,
 )
 from .serving import SERVE_MODULES
 from .serving.settings import PipelineSpec, ServeSettings
-from .streams import file_names_on_stderr_as_their_bytes, print_path, stderr_kept
+from .streams import file_names_on_stderr_as_their_bytes, is_terminal, print_path, stderr_kept
 
 RANDOM_WEIGHTS_NOTICE = (
     "note: the demo runs tiny RANDOM models, so the edit itself is meaningless; it shows that every stage runs.\n"
@@ -307,7 +308,7 @@ def _is_dash_file(token: str) -> bool:
 
 
 EXIT_CODES = ("Exit codes: 0 success, 2 bad input or setup (one line on stderr says what to do), 130 interrupted "
-              "(Ctrl-C), 143 stopped by SIGTERM.")
+              "(Ctrl-C), 143 stopped by SIGTERM, 129 hung up (SIGHUP: its terminal closed; ignored under nohup).")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
         "local folders or the offline Hugging Face cache; nothing is downloaded.",
         epilog="Exit codes: 0 every image edited, 2 bad input or setup (one `error:` line says what to do; with "
         "several images also: some not edited, each said, and the edited ones written), 130 interrupted (Ctrl-C), "
-        "143 stopped by SIGTERM; the edits written before either are whole.",
+        "143 stopped by SIGTERM, 129 hung up (SIGHUP: its terminal closed; ignored under nohup); the edits written "
+        "before any of these are whole.",
     )
     edit.add_argument("image", type=file_argument, nargs="+",
                       help="input image(s) (PNG, JPEG, WebP, TIFF, ...); of several, one that cannot be read is said "
@@ -349,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
         "below. One image may be edited several ways (give each its own output). Every line is checked before any "
         "model loads, a mistake said with its line's number.",
         epilog="Exit codes: 0 every edit done, 2 bad input or setup (one `error:` line says what to do; or some "
-        "edits not done, each said, the others written), 130 interrupted (Ctrl-C), 143 stopped by SIGTERM.",
+        "edits not done, each said, the others written), 130 interrupted (Ctrl-C), 143 stopped by SIGTERM, 129 hung "
+        "up (SIGHUP: its terminal closed; ignored under nohup).",
     )
     batch.add_argument("manifest", type=file_argument, metavar="MANIFEST",
                        help="the JSON Lines file of edits; - reads it from standard input, its images relative to the "
@@ -577,9 +580,20 @@ def _edit_all(args: argparse.Namespace, jobs: list[EditJob], spec: PipelineSpec,
         check_list_kept(jobs, list_file)
     if args.report:
         check_report_path(args.report, jobs, list_file)
-    build = spec.build if not args.no_progress else lambda: _without_library_progress_bars(spec.build)
+    _say_removed_partials(remove_stale_partials(path for job in jobs for path in job.written()))
+    # Their bars (redrawn with carriage returns, and cursor moves) only where ours are bars too: on a terminal.
+    shown = not args.no_progress and is_terminal(sys.stderr)
+    build = spec.build if shown else lambda: _without_library_progress_bars(spec.build)
     edit_all(_not_done(jobs, args.skip_existing), build, changes, args.batch_size, not args.no_progress,
              several, args.report, append=args.skip_existing)
+
+
+def _say_removed_partials(removed: list[Path]) -> None:
+    """A line for the partial files an earlier run left as it was killed mid-write, now removed (a few named)."""
+    if removed:
+        named = ", ".join(str(path) for path in removed[:3]) + (", ..." if len(removed) > 3 else "")
+        print(f"removed {len(removed)} partial file(s) left by an earlier run killed while writing them: {named}",
+              file=sys.stderr)
 
 
 def _without_library_progress_bars(build: Callable[[], Any]) -> Any:
@@ -768,10 +782,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # got its own warnings as `warning: ...` lines, its deprecations hidden, ever after.
     with stderr_kept(), warnings.catch_warnings():
         status = _main(argv)
-        if argv is None and status in (130, 143) and threading.current_thread() is threading.main_thread():
+        if argv is None and status in (130, 143, 128 + HANGUP) and \
+                threading.current_thread() is threading.main_thread():
             # The process ends (the console script's): a Ctrl-C hammered on was a KeyboardInterrupt's traceback in
             # the streams' restoring and torch's atexit finalizers, after `interrupted`.
-            for number in (signal.SIGINT, signal.SIGTERM):
+            for number in (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])):
                 signal.signal(number, signal.SIG_IGN)
         return status
 
@@ -808,8 +823,11 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def said_stopped(stop: KeyboardInterrupt) -> int:
-    """The exit status of a run `stop` ended, said in a line: `interrupted` (Ctrl-C, 130) or `terminated`
-    (SIGTERM, 143)."""
+    """The exit status of a run `stop` ended, said in a line: `interrupted` (Ctrl-C, 130), `terminated`
+    (SIGTERM, 143) or `hung up` (SIGHUP, 129)."""
+    if isinstance(stop, HungUp):
+        print("hung up", file=sys.stderr)
+        return 128 + HANGUP
     terminated = isinstance(stop, Terminated)
     print("terminated" if terminated else "interrupted", file=sys.stderr)
     return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
@@ -821,9 +839,19 @@ class Terminated(KeyboardInterrupt):
     edit's write under way in `zone edit`'s writer thread finishes, whole, and is said: edit_files.cut_short)."""
 
 
+class HungUp(Terminated):
+    """SIGHUP, the terminal that started the command closing (an SSH session ended), taken as SIGTERM: it killed
+    a `zone batch ... 2> log &` at once, its write under way left as a partial file and the log silent on the
+    edits not done."""
+
+
+HANGUP = getattr(signal, "SIGHUP", 1)  # none on Windows, where no handler is set for it
+
+
 @contextlib.contextmanager
 def terminated_as_interrupt() -> Iterator[None]:
-    """Inside, SIGTERM raises Terminated (in the main thread; elsewhere signals cannot be caught)."""
+    """Inside, SIGTERM raises Terminated and SIGHUP HungUp (in the main thread; elsewhere signals cannot be
+    caught); a SIGHUP ignored (nohup) stays ignored, as `zone serve` keeps it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -831,7 +859,13 @@ def terminated_as_interrupt() -> Iterator[None]:
     def terminate(_signum: int, _frame: object) -> None:
         raise Terminated
 
-    with signals_handled({signal.SIGTERM: terminate}):
+    def hang_up(_signum: int, _frame: object) -> None:
+        raise HungUp
+
+    handlers = {signal.SIGTERM: terminate}
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        handlers[signal.SIGHUP] = hang_up
+    with signals_handled(handlers):
         yield
 
 

@@ -8,9 +8,11 @@ import errno
 import functools
 import hashlib
 import os
+import re
+import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from pathlib import Path
@@ -295,15 +297,62 @@ def written_together() -> Iterator[None]:
             temporary.unlink(missing_ok=True)
 
 
-def _temporary_name(path: Path) -> str:
+def _temporary_name(path: Path, thread: int | None = None) -> str:
     """`.STEM.TID.partial.SUFFIX`, TID the writing thread's system-wide id (its process's id for the main thread:
     two threads of one process writing one path shared a temporary, one's edit in the other's file, and the later
     move failed as "No such file or directory"), its stem shortened to fit NAME_MAX bytes: a name the checks passed
-    (up to 255 bytes) failed its write after the edit, as "File name too long", the temporary name being longer."""
-    stem, tail = path.stem, f".{threading.get_native_id()}.partial{path.suffix}"
+    (up to 255 bytes) failed its write after the edit, as "File name too long", the temporary name being longer.
+    `thread`: another thread's id than the caller's."""
+    thread = threading.get_native_id() if thread is None else thread
+    stem, tail = path.stem, f".{thread}.partial{path.suffix}"
     while len(os.fsencode(f".{stem}{tail}")) > NAME_MAX:
         stem = stem[:-1]
     return f".{stem}{tail}"
+
+
+_TEMPORARY = re.compile(r"\.(?P<stem>.*)\.(?P<thread>[0-9]+)\.partial(?P<suffix>.*)")
+
+
+def remove_stale_partials(paths: Iterable[Path]) -> list[Path]:
+    """The temporaries `written_atomically` left beside `paths` (the files a run is about to write) where a process
+    died writing them (`kill -9`, the OOM killer, a power cut: no `finally` ran), removed; returned. Only a name
+    this engine gives a temporary of one of `paths`, and only where the thread that wrote it is gone: a live
+    run's, writing the same files, stays. Only on Linux, where a thread's id is one `kill` can ask about."""
+    if sys.platform != "linux":
+        return []
+    by_folder: dict[Path, list[Path]] = {}
+    for path in paths:
+        path = written_file(Path(path))
+        by_folder.setdefault(path.parent, []).append(path)
+    removed = []
+    for folder, planned in by_folder.items():
+        try:
+            names = [entry.name for entry in os.scandir(folder)]
+        except OSError:  # not made yet (or not readable): nothing of ours left there
+            continue
+        for name in names:
+            if (match := _TEMPORARY.fullmatch(name)) and _is_stale(name, int(match["thread"]), planned, match):
+                with suppress(FileNotFoundError):  # another rerun removed it first
+                    (folder / name).unlink()
+                    removed.append(folder / name)
+    return removed
+
+
+def _is_stale(name: str, thread: int, planned: list[Path], match: re.Match) -> bool:
+    """Whether `name` is the temporary of one of `planned` by `thread`, and that thread is gone."""
+    candidates = (path for path in planned if path.stem.startswith(match["stem"]) and path.suffix == match["suffix"])
+    return any(_temporary_name(path, thread) == name for path in candidates) and not _thread_alive(thread)
+
+
+def _thread_alive(thread: int) -> bool:
+    """Whether a thread of that system-wide id runs (Linux's kill takes a thread's id as its process's)."""
+    try:
+        os.kill(thread, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's (PermissionError): alive
+        return True
+    return True
 
 
 @contextmanager

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, NamedTuple, NoReturn, TypeVar
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import blend, image_io
 from .action import classify_action
@@ -73,6 +72,7 @@ from .models import (
     unets_channels_last,
 )
 from .pillow_resize import to_input_size_on
+from .progress import progress_bar
 from .refine import Refinement, Segmenter, refine_with_sam
 from .text import TRUNCATED, EncodedInstruction, encode_instruction, encode_prompt
 from .timing import Stopwatch
@@ -792,7 +792,7 @@ class ZonePipeline:
         config = edits[0].config
         runs = [list(edits)] if isinstance(self.denoiser, BatchDenoiser) and len(edits) > 1 else [[e] for e in edits]
         watch, latents = Stopwatch(self.device), []
-        with watch("denoise"), tqdm(
+        with watch("denoise"), progress_bar(
             total=config.steps * len(runs), desc="denoising", unit="step", disable=not progress
         ) as bar:
             def on_step(_: int) -> None:

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from .config import SamConfig
 from .pillow_resize import resize_uint8
+from .progress import progress_bar
 from .refine import ListSegmenter, Selection, check_segment_inputs
 from .sam_decoder import two_way_transformer
 from .sam_encoder import encode_image
@@ -263,7 +264,8 @@ def best_segment(
     points = generator.point_grids[0] * np.array(size)[None, ::-1]  # (x, y) in pixels, as the generator
     per_run = predictor.prompts_per_run(generator.points_per_batch, len(points), size)
     # The encoder is one call with nothing to count: a "0/64 prompts" shown through it read as a stall.
-    with tqdm(desc="SAM image encoder", bar_format="{desc}: running", unit="prompt", disable=not progress) as bar:
+    with progress_bar(desc="SAM image encoder", bar_format="{desc}: running", unit="prompt",
+                      disable=not progress) as bar:
         predictor.set_image(image)
         bar.bar_format = None  # then the prompts, counted from here (the rate without the encoder's time)
         bar.set_description("segmenting", refresh=False)

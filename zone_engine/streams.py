@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import os
 import sys
 from collections.abc import Iterator
@@ -31,7 +32,9 @@ def print_path(path: os.PathLike) -> None:
         sys.stdout.flush()
         buffer.write(os.fsencode(path) + b"\n")
         buffer.flush()
-    except BrokenPipeError:  # the reader went away (`| head -0`): the work is done, its path unread
+    except OSError as error:  # the reader went away (`| head -0`, a terminal hung up): the work is done, its path
+        if not _is_reader_gone(error):  # unread
+            raise
         to_dev_null(sys.stdout.fileno())  # so the exit's flush raises nothing
 
 
@@ -80,14 +83,18 @@ class OutlivingItsReader:
     def write(self, text: str) -> int:
         try:
             return self.stream.write(text)
-        except BrokenPipeError:
+        except OSError as error:
+            if not _is_reader_gone(error):
+                raise
             self._reader_gone()
             return len(text)
 
     def flush(self) -> None:
         try:
             self.stream.flush()
-        except BrokenPipeError:
+        except OSError as error:
+            if not _is_reader_gone(error):
+                raise
             self._reader_gone()
 
     def _reader_gone(self) -> None:
@@ -95,6 +102,13 @@ class OutlivingItsReader:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
+
+
+def _is_reader_gone(error: OSError) -> bool:
+    """Whether a write failed as its reader is gone: a pipe's (EPIPE), or a terminal's that hung up (EIO: a run
+    disowned or under setsid outliving its SSH session; its next path or line was a traceback, exit 1, the edit just
+    written missing from --report)."""
+    return isinstance(error, BrokenPipeError) or error.errno == errno.EIO
 
 
 def null_on_closed(descriptor: int) -> None:
