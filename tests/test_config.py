@@ -333,3 +333,22 @@ def test_importing_the_engine_puts_this_checkouts_root_after_the_installed_packa
     paths = [str(Path(entry or root).resolve()) for entry in found.stdout.splitlines()]
     packages = str(Path(sysconfig.get_paths()["purelib"]).resolve())
     assert paths.index(str(root)) > paths.index(packages)  # it was first: `python -c` puts the current folder there
+
+
+def test_the_package_is_typed_and_its_lazy_names_are_typed_as_their_classes():
+    """For a type checker: without py.typed an installed package's hints are not read, and the names imported
+    lazily through the module's __getattr__ were typed as its `object` (`ZonePipeline.tiny()`: "object" has no
+    attribute "tiny"). Each is imported for type checkers alone, under TYPE_CHECKING."""
+    import ast
+    from pathlib import Path
+
+    import zone_engine
+
+    package = Path(zone_engine.__file__).parent
+    assert (package / "py.typed").is_file()
+    tree = ast.parse((package / "__init__.py").read_text())
+    for_checkers = {alias.asname or alias.name for node in ast.walk(tree)
+                    if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+                    for statement in node.body if isinstance(statement, ast.ImportFrom) for alias in statement.names}
+    assert for_checkers == set(zone_engine._FROM_PIPELINE)
+    assert "TYPE_CHECKING" not in dir(zone_engine)  # its namespace is its API

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import threading
 import warnings
@@ -866,3 +867,38 @@ def test_from_pretrained_with_the_onnx_segmenter_refuses_a_sam_checkpoint_it_wou
     monkeypatch.setattr("zone_engine.pipeline.load_pretrained", lambda *a, **k: pytest.fail("loaded checkpoints"))
     with pytest.raises(ConfigError, match="reads no SAM checkpoint: drop --sam PATH"):
         ZonePipeline.from_pretrained(device="cpu", segmenter="onnx", sam="sam_vit_b_01ec64.pth")
+
+
+def test_a_pipeline_said_not_picklable_with_what_to_send_another_process_instead(tiny_pipe):
+    """pool.map(pipe.edit, images) pickles the pipeline: it failed with "cannot pickle '_thread.RLock' object"."""
+    import pickle
+
+    for attempt in (lambda: pickle.dumps(tiny_pipe.edit), lambda: copy.deepcopy(tiny_pipe)):
+        with pytest.raises(ConfigError, match="cannot be pickled or deep-copied.*Pool's initializer.*EditRequests"):
+            attempt()
+    shallow = copy.copy(tiny_pipe)  # as before: the same models and lock, its own default config
+    shallow.default_config = tiny_pipe.default_config.replace(steps=2)
+    assert shallow._lock is tiny_pipe._lock and tiny_pipe.default_config.steps != 2
+    # What the message says to send does pickle.
+    request = EditRequest(smooth_image(16, 16), INSTRUCTION, tiny_pipe.default_config)
+    assert pickle.loads(pickle.dumps(request)).config == tiny_pipe.default_config
+
+
+def test_the_public_methods_keep_their_signatures_for_type_checkers():
+    """The stages' decorators were typed Callable[..., T]: a type checker saw pipe.edit(...) and ZonePipeline(...)
+    take anything, and an editor showed no parameter. And edit_batch is typed by return_exceptions: without it,
+    each item an EditResult (`results[0].image` was no attribute of Exception)."""
+    import typing
+
+    from zone_engine import errors, pipeline
+
+    for decorator in (pipeline._unknown_keywords_said, pipeline._locked_on_device,
+                      pipeline._unknown_init_options_refused, pipeline._keywords_said, errors.unknown_keywords_refused):
+        hints = typing.get_type_hints(decorator)
+        taken = hints[next(iter(inspect.signature(decorator).parameters))]
+        assert hints["return"] == taken and typing.get_args(taken)[0] is not Ellipsis, decorator.__name__
+    if not hasattr(typing, "get_overloads"):  # Python 3.10
+        return
+    returns = [typing.get_type_hints(item, vars(pipeline))["return"]
+               for item in typing.get_overloads(ZonePipeline.edit_batch)]
+    assert returns == [list[EditResult], list[EditResult | Exception]]

@@ -1,5 +1,7 @@
 """zone-engine: a fast, faithful inference engine for ZONE (zero-shot instruction-guided local editing)."""
 
+from typing import TYPE_CHECKING
+
 from .config import Action, EditConfig, SamConfig
 from .errors import (
     CheckpointError,
@@ -15,6 +17,14 @@ from .errors import (
 
 # PreparedEdit and BatchKey: the types of prepare / denoise / finish, for a caller's own scheduling.
 _FROM_PIPELINE = ("EditRequest", "EditResult", "ZonePipeline", "PreparedEdit", "BatchKey")
+if TYPE_CHECKING:  # imported lazily (__getattr__ below), whose `object` type checkers took for these names:
+    # `ZonePipeline.tiny()` was '"object" has no attribute "tiny"'. `X as X`: re-exported, as __all__ says.
+    from .pipeline import BatchKey as BatchKey
+    from .pipeline import EditRequest as EditRequest
+    from .pipeline import EditResult as EditResult
+    from .pipeline import PreparedEdit as PreparedEdit
+    from .pipeline import ZonePipeline as ZonePipeline
+del TYPE_CHECKING  # the package's namespace is its API (dir(zone_engine))
 __all__ = [  # the errors too, so a caller can catch the one it means without knowing the module
     "Action", "EditConfig", "SamConfig", "ZoneError", "ConfigError", "CheckpointError", "DeviceError",
     "InputImageError", "InstructionError", "OutputError", "EditCancelled", "EditWarning", *_FROM_PIPELINE,

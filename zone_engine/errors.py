@@ -10,9 +10,10 @@ import functools
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def first_line(error: BaseException) -> str:
@@ -105,12 +106,13 @@ def refuse_unknown(owner: str, names: Iterable[str], known: Sequence[str], noun:
             raise ConfigError(f"{owner} has no {noun} {name!r}: {guess}its {noun}s: {', '.join(known)}")
 
 
-def unknown_keywords_refused(method: Callable[..., T], owner: str, known: Sequence[str],
-                             noun: str = "option") -> Callable[..., T]:
-    """The method (a constructor) `method`, saying a misspelt keyword as `refuse_unknown` does before it runs."""
+def unknown_keywords_refused(method: Callable[P, T], owner: str, known: Sequence[str],
+                             noun: str = "option") -> Callable[P, T]:
+    """The method (a constructor) `method`, saying a misspelt keyword as `refuse_unknown` does before it runs. Its
+    signature kept (P), for type checkers and editors (`Callable[..., T]` left them no parameter to check)."""
     @functools.wraps(method)
-    def checked(self: object, *args: object, **kwargs: object) -> T:
+    def checked(*args: P.args, **kwargs: P.kwargs) -> T:
         refuse_unknown(owner, kwargs, known, noun)
-        return method(self, *args, **kwargs)
+        return method(*args, **kwargs)
 
     return checked

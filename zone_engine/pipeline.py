@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Concatenate, Literal, NamedTuple, NoReturn, ParamSpec, TypeVar, overload
 
 import numpy as np
 import torch
@@ -81,6 +81,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
 T = TypeVar("T")
+P = ParamSpec("P")  # a decorated method's parameters, kept for type checkers
 
 STAGES = ("text", "action", "vae_encode", "denoise", "localize", "vae_decode", "refine", "blend")
 
@@ -187,7 +188,7 @@ def _refuse_config_fields(names: Iterable[str], not_of: str) -> None:
                               f"config=pipe.default_config.replace({setting}=...) (or EditConfig({setting}=...))")
 
 
-def _keywords_said(method: Callable[..., T], owner: str, known: Sequence[str], noun: str) -> Callable[..., T]:
+def _keywords_said(method: Callable[P, T], owner: str, known: Sequence[str], noun: str) -> Callable[P, T]:
     """`method` (EditRequest's constructor, a stage) saying an unknown keyword as a ConfigError before it runs, as
     EditConfig's are (it was a TypeError): where it takes `config`, an EditConfig field (or diffusers' name of one)
     said to go in it (EditRequest(image, text, steps=10), pipe.edit(image, text, num_inference_steps=10)); else the
@@ -195,10 +196,10 @@ def _keywords_said(method: Callable[..., T], owner: str, known: Sequence[str], n
     refusing = unknown_keywords_refused(method, owner, known, noun)
 
     @functools.wraps(method)
-    def checked(self: object, *args: object, **kwargs: object) -> T:
+    def checked(*args: P.args, **kwargs: P.kwargs) -> T:
         if "config" in known:
             _refuse_config_fields([name for name in kwargs if name not in known], f"one of {owner}'s {noun}s")
-        return refusing(self, *args, **kwargs)
+        return refusing(*args, **kwargs)
 
     return checked
 
@@ -393,21 +394,21 @@ def to_uint8_image(pixels: torch.Tensor) -> np.ndarray:
     return (pixels[0] * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy()
 
 
-def _locked_on_device(method: Callable[..., T]) -> Callable[..., T]:
+def _locked_on_device(method: Callable[Concatenate[ZonePipeline, P], T]) -> Callable[Concatenate[ZonePipeline, P], T]:
     """Run a pipeline method (prepare, denoise, finish, empty_prompt, segmenter) holding the pipeline's lock, with
     its CUDA device current. The lock: the stages' CUDA graphs (`graphs.py`), the denoiser's static buffers and
     CUDA graphs and SAM's predictor hold one edit's state at a time, so threads sharing a pipeline
     take turns; the pipelines over one ZoneModels share it (`_ModelHolders`). The device: CUDA streams, graphs
     and Triton launch on the current device, so a pipeline on cuda:1 would otherwise launch on cuda:0."""
     @functools.wraps(method)
-    def stage(self: ZonePipeline, *args, **kwargs) -> T:
+    def stage(self: ZonePipeline, *args: P.args, **kwargs: P.kwargs) -> T:
         with self._lock, current_device(self.device):
             return method(self, *args, **kwargs)
 
     return stage
 
 
-def _unknown_keywords_said(method: Callable[..., T]) -> Callable[..., T]:
+def _unknown_keywords_said(method: Callable[P, T]) -> Callable[P, T]:
     """The stage `method` saying an unknown keyword (`_keywords_said`) with its own options."""
     known = [name for name in inspect.signature(method).parameters if name != "self"]
     return _keywords_said(method, f"{method.__name__}()", known, "option")
@@ -423,7 +424,7 @@ def _refuse_unknown_builder_options(cls: type, caller: str, options: dict[str, o
     refuse_unknown(f"{caller}()", options, known)
 
 
-def _unknown_init_options_refused(init: Callable[..., None]) -> Callable[..., None]:
+def _unknown_init_options_refused(init: Callable[P, None]) -> Callable[P, None]:
     """The constructor's misspelt keyword option as the same ConfigError as tiny()'s, not a TypeError."""
     return unknown_keywords_refused(init, "ZonePipeline()", list(inspect.signature(init).parameters)[1:])  # no self
 
@@ -639,6 +640,21 @@ class ZonePipeline:
             )
         return self._segmenters[config]
 
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        # pool.map(pipe.edit, images) pickles the pipeline: "cannot pickle '_thread.RLock' object" said not what to do.
+        raise ConfigError("a ZonePipeline cannot be pickled or deep-copied (it holds loaded models on its device and "
+                          "a lock): build one in each process that edits (say in a multiprocessing Pool's initializer) "
+                          "and send it images, EditConfigs and EditRequests without cancel, which pickle, as "
+                          "EditResults do; for another pipeline here, ZonePipeline(copy.deepcopy(pipe.models), ...)")
+
+    def __copy__(self) -> ZonePipeline:
+        """copy.copy(pipe), as before __reduce_ex__ refused pickling: the same models, lock and state (another
+        default_config, say), and a holder of the models as the pipeline is."""
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        _MODEL_HOLDERS[self.models].pipelines.add(twin)
+        return twin
+
     def __repr__(self) -> str:  # a REPL shows where and how it edits, not an address
         return (f"ZonePipeline(device={self.device}, dtype={self.dtype}, denoiser={self.denoiser_kind!r}, "
                 f"segmenter={self.segmenter_kind!r}, sam_dtype={self.sam_dtype})")
@@ -653,10 +669,20 @@ class ZonePipeline:
         (latents,) = self.denoise([prepared], progress=progress)
         return self.finish(prepared, latents, progress=progress)
 
+    # Typed by return_exceptions: without it every item is an EditResult (a type checker said
+    # `results[0].image` was no attribute of Exception).
+    @overload
+    def edit_batch(self, requests: Sequence[EditRequest], *, progress: bool = ...,
+                   return_exceptions: Literal[False] = ...) -> list[EditResult]: ...
+
+    @overload
+    def edit_batch(self, requests: Sequence[EditRequest], *, progress: bool = ...,
+                   return_exceptions: bool) -> list[EditResult | Exception]: ...
+
     @_unknown_keywords_said
     def edit_batch(
         self, requests: Sequence[EditRequest], *, progress: bool = False, return_exceptions: bool = False
-    ) -> list[EditResult | Exception]:
+    ) -> list[EditResult] | list[EditResult | Exception]:
         """Several edits, those of one batch key denoised together; results in the order of `requests`.
 
         Each edit gets the result it would get from `edit` alone, up to float rounding of a larger
