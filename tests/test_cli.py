@@ -2762,6 +2762,19 @@ def test_the_libraries_log_level_set_by_the_user_is_kept(monkeypatch, capsys, tm
     assert (os.environ["DIFFUSERS_VERBOSITY"], os.environ["TRANSFORMERS_VERBOSITY"]) == ("info", "error")
 
 
+def test_onnxruntime_telemetry_is_off_unless_the_user_says(monkeypatch, capsys, tmp_path):
+    """onnxruntime 1.32, imported by diffusers as a checkpoint loads, wrote a device id and a telemetry database
+    under ~/.cache/Microsoft, and with a read-only home (a container) printed, coloured, on every `zone edit`:
+    `[W:onnxruntime:Default, telemetry_1ds.cc:613 operator()] Failed to persist telemetry device ID`."""
+    monkeypatch.delenv("ORT_DISABLE_TELEMETRY", raising=False)
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "0"]) == 2  # a command that stops at its checks
+    assert os.environ["ORT_DISABLE_TELEMETRY"] == "1"
+    monkeypatch.setenv("ORT_DISABLE_TELEMETRY", "0")
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "0"]) == 2
+    assert os.environ["ORT_DISABLE_TELEMETRY"] == "0"
+    assert capsys.readouterr().err.count("--steps must be between") == 2
+
+
 def test_a_file_name_that_is_not_utf8_is_said_on_stderr_as_its_bytes(capsysbinary, tmp_path):
     """As stdout prints paths: Python's default for stderr wrote "caf\\udce9.png", a name that is nowhere."""
     name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes, as an old archive's names are

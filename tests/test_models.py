@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+from pathlib import Path
 
 import huggingface_hub
 import huggingface_hub.constants
@@ -136,6 +138,15 @@ def test_a_model_in_the_offline_hugging_face_cache_is_found_without_loading_it(t
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     locate_model("InstructPix2Pix", "someone/cached-model", "timbrooks/instruct-pix2pix", "--ip2p")
     with pytest.raises(CheckpointError, match="not found at 'someone/other-model'"):
+        locate_model("InstructPix2Pix", "someone/other-model", "timbrooks/instruct-pix2pix", "--ip2p")
+
+
+def test_a_model_not_found_names_the_cache_folder_looked_in(tmp_path, monkeypatch):
+    """A cache copied into a container whose HOME is elsewhere, or unset, is looked for under that home: "not
+    found (local folder or offline Hugging Face cache)" said neither where it looked nor what moves it."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match=re.escape(f"offline Hugging Face cache, here {tmp_path / 'hub'}: "
+                                                        "HF_HUB_CACHE or HF_HOME name another)")):
         locate_model("InstructPix2Pix", "someone/other-model", "timbrooks/instruct-pix2pix", "--ip2p")
 
 
@@ -578,3 +589,33 @@ def test_no_temporary_folder_to_write_is_said_before_torch_fails_on_it(tmp_path,
     with pytest.raises(ConfigError, match=r"No usable temporary directory found in .*a_file.*: PyTorch keeps its "
                        r"cache in the temporary folder .* set TMPDIR \(or TORCHINDUCTOR_CACHE_DIR\) to a folder"):
         zone_engine.models.check_torch_cache_folder()
+
+
+def test_random_models_without_a_temporary_folder_say_to_set_tmpdir(tmp_path, monkeypatch):
+    """Their tokenizer is written in a temporary folder: with TORCHINDUCTOR_CACHE_DIR set, as the README advises,
+    and a read-only filesystem, `zone demo` and `zone serve --tiny` ended in tempfile's traceback (exit 1)."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("tempfile.tempdir", None)  # looked for again, among these folders only: none writable
+    monkeypatch.setattr("tempfile._candidate_tempdir_list", lambda: [str(tmp_path / "a_file")])
+    with pytest.raises(ConfigError, match=r"No usable temporary directory found in .*: the tokenizer of "
+                       r"random-weight models is written .* set TMPDIR to a folder you can write"):
+        build_tiny_components()
+
+
+def test_compile_with_a_torch_cache_folder_it_cannot_write_is_said_before_any_edit(tmp_path, monkeypatch):
+    """A read-only image's pre-warmed cache (or another user's /tmp/torchinductor_NAME) passes the check that the
+    folder can be made; `--denoiser compile` then failed at its first edit, after the models loaded, with
+    inductor's 120-line traceback: `InductorError: OSError: [Errno 30] Read-only file system: '.../hp'`."""
+    from zone_engine import ZonePipeline
+
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o500)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    if os.access(cache, os.W_OK):  # root writes anywhere: denied here as a read-only mount would
+        monkeypatch.setattr("os.access", lambda path, mode: Path(path) != cache)
+    with pytest.raises(ConfigError, match=r"--denoiser compile \(denoiser='compile'\) keeps the kernels it compiles "
+                       r"in PyTorch's cache folder \(TORCHINDUCTOR_CACHE_DIR, here .*cache\), but cannot write in "
+                       r".*cache \(read-only or not yours\): set TORCHINDUCTOR_CACHE_DIR to a folder you can write"):
+        ZonePipeline(build_tiny_components(), denoiser="Compile")
+    ZonePipeline(build_tiny_components(), denoiser="fused")  # writes nothing there

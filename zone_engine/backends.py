@@ -16,13 +16,14 @@ from .config import (
     check_backend_options,
     check_precision,
     device_kind,
+    lowered_name,
     option,
 )
 from .denoise import Denoiser, SequentialDenoiser
 from .dual_step import FusedDualDenoiser
 from .errors import ConfigError, DeviceError, warn_caller
 from .localize import Accumulate, Binarize, accumulate_attention_probabilities, binarize_reference
-from .models import NormScope, ZoneModels, pytorch_norms
+from .models import NormScope, ZoneModels, check_compile_cache_writable, pytorch_norms
 from .paths import expanded
 from .refine import Segmenter
 
@@ -114,8 +115,11 @@ def configure_attention(models: ZoneModels, kind: str, device: torch.device) -> 
 
 def check_backends(device: torch.device, **options: object) -> None:
     """`config.check_backend_options` on the resolved device, and the `--sam-onnx` and `--engines` folders
-    checked to be exports (a wrong folder is said now, not after the weights moved, nor as TensorRT missing)."""
+    checked to be exports (a wrong folder is said now, not after the weights moved, nor as TensorRT missing), and
+    for compile the folder PyTorch writes its kernels in."""
     check_backend_options(device.type, **options)
+    if lowered_name(options.get("denoiser")) == "compile":
+        check_compile_cache_writable()
     if options.get("segmenter") == "onnx":
         check_onnx_segmenter(options.get("sam_onnx"))
     if options.get("denoiser") == "tensorrt":

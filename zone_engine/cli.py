@@ -752,7 +752,8 @@ def _dns_name_of(host: str) -> tuple[str, ...]:
 
 def _quiet_libraries() -> None:
     """Our own warnings as one line each; the libraries' deprecation chatter hidden, and their logging below
-    errors (unless DIFFUSERS_VERBOSITY / TRANSFORMERS_VERBOSITY says otherwise before they are imported)."""
+    errors (unless DIFFUSERS_VERBOSITY / TRANSFORMERS_VERBOSITY says otherwise before they are imported), and
+    onnxruntime's telemetry off (unless ORT_DISABLE_TELEMETRY says otherwise)."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.showwarning = lambda message, *_args, **_kw: print(f"warning: {command_line_spelling(str(message))}",
@@ -762,6 +763,10 @@ def _quiet_libraries() -> None:
         os.environ.setdefault(f"{library.upper()}_VERBOSITY", "error")
         if library in sys.modules:  # already imported (main called from Python)
             sys.modules[library].utils.logging.set_verbosity_error()
+    # onnxruntime, which diffusers imports as a checkpoint loads, otherwise writes a device id and a telemetry store
+    # in XDG_CACHE_HOME (~/.cache/Microsoft), and prints a coloured warning on every run where that cannot be written
+    # (a container's read-only or missing home). Read as it is imported; ORT_DISABLE_TELEMETRY=0 given is kept.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
 def _current_folder_exists() -> bool:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import DEFAULT_ACTION_CLASSIFIER, IP2P_ID, MAGICBRUSH_ID, SAM_TYPES, check_seed, option
 from .errors import CheckpointError, ConfigError, first_line, warn_caller
-from .paths import expanded
+from .paths import expanded, folder_problem
 
 SAM_URLS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
@@ -211,18 +211,41 @@ def check_torch_cache_folder() -> None:
     can be made failed there, deep in torch, naming neither the variable nor what to do."""
     path = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if path is None:  # PyTorch's default, in the temporary folder
-        try:
-            tempfile.gettempdir()
-        except FileNotFoundError as error:  # none writable (a read-only filesystem): was torch's traceback
-            raise ConfigError(f"{error.strerror}: PyTorch keeps its cache in the temporary folder (and the server its "
-                              "uploads over 1 MiB); set TMPDIR (or TORCHINDUCTOR_CACHE_DIR) to a folder you can "
-                              "write") from None
+        check_temporary_folder("PyTorch keeps its cache in the temporary folder (and the server its uploads over 1 "
+                               "MiB); set TMPDIR (or TORCHINDUCTOR_CACHE_DIR) to a folder you can write")
         return
     try:
         os.makedirs(os.path.abspath(path), exist_ok=True)
     except OSError as error:
         raise ConfigError(f"TORCHINDUCTOR_CACHE_DIR={path!r}: PyTorch cannot make its cache folder there "
                           f"({error.strerror}); set it to a folder you can write, or unset it") from None
+
+
+def check_compile_cache_writable() -> None:
+    """A ConfigError unless PyTorch can write in its inductor cache folder, where `--denoiser compile` keeps the
+    kernels it compiles: one that can be made but not written (a read-only image's pre-warmed cache, another user's
+    /tmp/torchinductor_NAME) failed at the first edit, after the models loaded, with inductor's long traceback."""
+    path = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if path is None:
+        try:
+            from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        except ImportError:  # an older torch keeps its default elsewhere: left to it
+            return
+        path = default_cache_dir()
+    if problem := folder_problem(Path(path)):
+        raise ConfigError(f"{option('denoiser', 'compile')} keeps the kernels it compiles in PyTorch's cache folder "
+                          f"(TORCHINDUCTOR_CACHE_DIR, here {path}), but {problem}: set TORCHINDUCTOR_CACHE_DIR to a "
+                          "folder you can write (a cache compiled elsewhere can be copied there), or use "
+                          f"{option('denoiser', 'fused')}")
+
+
+def check_temporary_folder(why_and_what_to_do: str) -> None:
+    """A ConfigError saying `why_and_what_to_do` unless there is a temporary folder to write (a read-only
+    filesystem with TMPDIR unset has none: tempfile's traceback)."""
+    try:
+        tempfile.gettempdir()
+    except FileNotFoundError as error:
+        raise ConfigError(f"{error.strerror}: {why_and_what_to_do}") from None
 
 
 def build_tiny_unet() -> nn.Module:
@@ -236,6 +259,10 @@ def build_components(preset: ModelPreset, seed: int = 0, sam_type: str | None = 
     costs nothing next to the networks. Default initialisation: cost does not depend on weight values.
     """
     seed = check_seed(seed)
+    # First: its advice covers the cache folder's too (TORCHINDUCTOR_CACHE_DIR set, the tokenizer still needs it).
+    check_temporary_folder("the tokenizer of random-weight models is written in the temporary folder as they are "
+                           "built (and PyTorch keeps its cache there unless TORCHINDUCTOR_CACHE_DIR says otherwise); "
+                           "set TMPDIR to a folder you can write")
     check_torch_cache_folder()
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.default_generator.manual_seed(seed)  # the CPU's only: torch.manual_seed would reseed CUDA's too
@@ -444,8 +471,13 @@ def _model_load_error(what: str, source: str, hub_id: str, flag: str, error: Exc
 
 
 def _not_found(what: str, source: str, hub_id: str, flag: str) -> CheckpointError:
+    # The cache's folder named: a cache copied into a container whose home is elsewhere (or unset) is looked for
+    # under that home, and "not found" alone did not say where, nor which variable moves it.
+    from huggingface_hub import constants
+
     return CheckpointError(
-        f"{what} weights not found at '{source}' (local folder or offline Hugging Face cache). "
+        f"{what} weights not found at '{source}' (local folder or offline Hugging Face cache, here "
+        f"{os.path.abspath(constants.HF_HUB_CACHE)}: HF_HUB_CACHE or HF_HOME name another). "
         f"On a machine with internet run `hf download {hub_id}` (or `git clone` the "
         f"model repo) and pass the folder with {flag}."
     )

@@ -296,6 +296,7 @@ class LocalEditService(EditService):
     async def start(self) -> None:
         """Start batching, load and warm up in the model thread, then be ready (or record why not)."""
         check_open_file_limit(self.settings)
+        warn_if_no_temporary_folder()
         self.batcher.start()
         try:
             await self.batcher.run_in_model_thread(self.load)
@@ -382,6 +383,18 @@ def check_open_file_limit(settings: ServeSettings) -> None:
                 "unit, --ulimit nofile= in docker run), or lower --queue-size", soft,
                 "unlimited" if hard == resource.RLIM_INFINITY else hard, needed, settings.queue_size,
                 settings.max_batch, needed)
+
+
+def warn_if_no_temporary_folder() -> None:
+    """A warning at start where no temporary folder can be written (a read-only filesystem, TMPDIR unset): the
+    server started and was ready, then answered every upload over 1 MiB 500, which Starlette keeps in a file there."""
+    from ..models import check_temporary_folder
+
+    try:
+        check_temporary_folder("uploads over 1 MiB, which are kept in a temporary file as they arrive, will be "
+                               "answered 500; set TMPDIR to a folder you can write (a small tmpfs will do)")
+    except ConfigError as error:
+        log.warning("%s", error)
 
 
 # ---------------------------------------------------------------------------------------- inputs
