@@ -285,6 +285,13 @@ def test_providers_follow_tensorrt_cuda_cpu_order():
     # A short name was dropped without a word from a list (or said unavailable, as if it were a provider).
     with pytest.raises(ConfigError, match="unknown ONNX Runtime provider 'cuda': did you mean CUDAExecutionProvider"):
         choose_providers(FakeOrt, ["cuda", "CPUExecutionProvider"])
+    # A misspelt full name got no hint, as if nothing resembled it.
+    with pytest.raises(ConfigError, match="'CUDAExecutionProvidr': did you mean CUDAExecutionProvider"):
+        choose_providers(FakeOrt, ["CUDAExecutionProvidr"])
+    with pytest.raises(ConfigError, match="'cpuexecutionprovidor': did you mean CPUExecutionProvider"):
+        choose_providers(FakeOrt, ["cpuexecutionprovidor"])
+    with pytest.raises(ConfigError, match="'bogus': ONNX Runtime names them"):
+        choose_providers(FakeOrt, ["bogus"])
 
 
 def test_missing_onnxruntime_says_what_to_install(exported, monkeypatch):

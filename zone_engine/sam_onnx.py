@@ -27,7 +27,7 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 
 from .config import SamConfig
-from .errors import CheckpointError, ConfigError, DeviceError, first_line, warn_caller
+from .errors import CheckpointError, ConfigError, DeviceError, first_line, nearest, warn_caller
 from .paths import MANIFEST_FILE, expanded, export_kind, export_manifest_path, listed_file_problem
 from .sam_torch import TorchSamSegmenter, passing_masks
 
@@ -384,8 +384,11 @@ def choose_providers(ort: Any, requested: list[str] | None) -> list[str]:
     known = ort.get_all_providers()
     for name in wanted:
         if name not in known:
-            meant = [full for full in known if full.lower().startswith(name.lower())]
-            hint = f"did you mean {meant[0]}? " if meant else ""
+            meant = next((full for full in known if full.lower().startswith(name.lower())), None)
+            if meant is None:  # a misspelt full name (CUDAExecutionProvidr), in any case
+                by_lower = {full.lower(): full for full in known}
+                meant = by_lower.get(nearest(name.lower(), by_lower) or "")
+            hint = f"did you mean {meant}? " if meant else ""
             raise ConfigError(f"unknown ONNX Runtime provider {name!r}: {hint}ONNX Runtime names them in full, "
                               f"e.g. {' '.join(PROVIDER_ORDER)}")
     chosen = [provider for provider in wanted if provider in available]
