@@ -217,6 +217,39 @@ def test_a_line_part_flushed_to_a_gone_reader_raises_nothing():
         stderr.flush()
 
 
+class _FullDisk:
+    """A stream on a full disk: each write and flush is ENOSPC (its descriptor a file of the test's own)."""
+
+    def __init__(self, descriptor: int) -> None:
+        self.descriptor, self.buffer = descriptor, self
+
+    def write(self, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self) -> None:
+        self.write(b"")
+
+    def fileno(self) -> int:
+        return self.descriptor
+
+
+def test_a_full_disk_under_stdout_or_stderr_is_said_not_taken_for_a_reader_gone(tmp_path, monkeypatch):
+    """From a mutation audit: only a reader gone (EPIPE, a hung-up terminal's EIO) sends the lines to /dev/null;
+    a full disk under `> paths.txt` or `2> log` is an error, not a run that says it wrote paths nobody kept."""
+    from zone_engine.streams import OutlivingItsReader, print_path
+
+    with open(tmp_path / "log", "wb") as file:
+        stream = _FullDisk(file.fileno())
+        for write in (lambda: OutlivingItsReader(stream).write("a line\n"), OutlivingItsReader(stream).flush):
+            with pytest.raises(OSError) as said:
+                write()
+            assert said.value.errno == errno.ENOSPC
+        monkeypatch.setattr(sys, "stdout", stream)
+        with pytest.raises(OSError) as said:
+            print_path(tmp_path / "out.png")
+        assert said.value.errno == errno.ENOSPC
+
+
 def test_a_folder_option_left_blank_or_a_dangling_link_is_said(capsys, tmp_path):
     """pathlib reads "" as the current folder: `zone export unet --tiny --out ""` wrote its graphs there, exit 0.
     A link to nowhere was mkdir's "[Errno 17] File exists", after the models were built."""
@@ -2393,6 +2426,17 @@ def test_sigterm_ends_a_command_as_ctrl_c_does_running_its_cleanups(tmp_path, ca
     assert capsys.readouterr().err.strip() == "terminated" and signal.getsignal(signal.SIGTERM) is before
 
 
+def test_the_partials_removed_are_counted_and_the_first_three_named(capsys):
+    """From a mutation audit: past three, the line named three and said nothing of the others."""
+    from zone_engine.cli import _say_removed_partials
+
+    _say_removed_partials([])
+    assert capsys.readouterr().err == ""
+    _say_removed_partials([Path(f".p{index}.1.partial.png") for index in range(4)])
+    assert capsys.readouterr().err == ("removed 4 partial file(s) left by an earlier run killed while writing them: "
+                                       ".p0.1.partial.png, .p1.1.partial.png, .p2.1.partial.png, ...\n")
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP here")
 def test_sighup_ends_a_command_as_sigterm_does_and_stays_ignored_under_nohup(tmp_path, capsys, monkeypatch):
     """The terminal that started `zone batch ... 2> log &` closing (an SSH session ended) killed it at once: the
@@ -2431,25 +2475,27 @@ def test_ctrl_c_ends_a_command_with_130(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err.strip() == "interrupted"
 
 
-@pytest.mark.parametrize(("stop", "status"), [("KeyboardInterrupt", 130), ("Terminated", 143)])
+@pytest.mark.parametrize(("stop", "status"), [("KeyboardInterrupt", 130), ("Terminated", 143), ("HungUp", 129)])
 def test_a_stopped_console_command_ignores_the_ctrl_c_that_follow(tmp_path, capsys, monkeypatch, stop, status):
     """Ctrl-C hammered on a `zone batch` cut short: after `interrupted`, the next ones were KeyboardInterrupt
     tracebacks (restoring the streams, torch's atexit finalizers). The console script's process now ignores them as
-    it ends; main() called with its arguments, from Python, leaves the caller's handlers."""
+    it ends; main() called with its arguments, from Python, leaves the caller's handlers. A run hung up too (from a
+    mutation audit: its 129 was left out, and a second SIGHUP as it ended was a traceback)."""
     from zone_engine import cli
 
-    error = cli.Terminated if stop == "Terminated" else KeyboardInterrupt
+    error = getattr(cli, stop, KeyboardInterrupt)
 
     def stopped(args):
         raise error
 
     monkeypatch.setattr(cli, "run_export", stopped)
     monkeypatch.setattr(sys, "argv", ["zone", "export", "unet", "--tiny", "--out", str(tmp_path / "x")])
-    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    numbers = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
+    before = {number: signal.getsignal(number) for number in numbers}
     try:
         assert main(sys.argv[1:]) == status and signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
         assert main() == status
-        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert all(signal.getsignal(number) is signal.SIG_IGN for number in numbers)
     finally:
         for number, handler in before.items():
             signal.signal(number, handler)

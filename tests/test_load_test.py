@@ -528,6 +528,26 @@ def test_a_warm_up_edit_refused_with_retry_after_is_sent_again_after_that_wait(m
     assert len(waits) == 2  # neither of those waited
 
 
+def test_a_measured_servers_refused_warm_up_is_said_and_its_ready_timeout_kept_with_url(monkeypatch, tmp_path,
+                                                                                        capsys):
+    """From a mutation audit: the run itself (not warm_up called alone) says the wait for a refused warm-up edit,
+    and with --url keeps --ready-timeout-s among its settings, as that wait is now this run's to set."""
+    answers = [httpx.Response(503, headers={"Retry-After": "1"}, json={"error": {"code": "unavailable"}})]
+
+    async def post_edit(client, base, image, config, seed) -> httpx.Response:
+        return answers.pop(0) if answers else httpx.Response(200, content=b"edited")
+
+    async def sleep(seconds, *args):
+        pass
+    monkeypatch.setattr(load_test, "post_edit", post_edit)
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    argv = ["--url", f"http://127.0.0.1:{free_port()}", "--concurrency", "1", "--requests", "1", "--warmup", "1",
+            "--ready-timeout-s", "7", "--out", str(tmp_path)]
+    assert main(argv) == 0 and answers == []
+    assert "the warm-up edit was refused (HTTP 503 unavailable): sending it again" in capsys.readouterr().err
+    assert json.loads((tmp_path / "load.json").read_text())["settings"]["ready_timeout_s"] == 7
+
+
 def test_a_warm_up_edit_past_timeout_s_says_to_raise_it(monkeypatch, tmp_path, capsys):
     """`--steps 20 --timeout-s 0.5` on a CPU ended as "no answer from the server (ReadTimeout: )", exit 2: as if the
     server were down, and nothing said which option to change."""

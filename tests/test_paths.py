@@ -114,3 +114,25 @@ def test_the_partials_a_killed_run_left_beside_its_outputs_are_removed_and_nothi
         path.write_bytes(b"")
     assert sorted(remove_stale_partials([*planned, tmp_path / "missing" / "c.png"])) == sorted(stale)
     assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's id is a process id kill can ask about on Linux only")
+def test_the_partial_of_another_users_live_run_and_one_written_through_a_link_are_told_apart(tmp_path, monkeypatch):
+    """From a mutation audit: a thread `kill` may not ask about (PermissionError: another user's run, writing the
+    same shared folder) is alive, its partial kept; an output that is a symlink has its partial beside the link's
+    target, where `written_atomically` writes it, and that one is found there and removed."""
+    target_folder, gone = tmp_path / "real", _gone_thread_id()
+    target_folder.mkdir()
+    link = tmp_path / "out.png"
+    link.symlink_to(target_folder / "edit.png")
+    linked_partial = target_folder / _temporary_name(target_folder / "edit.png", gone)
+    others = tmp_path / _temporary_name(tmp_path / "b.png", 4242)
+    for path in (linked_partial, others):
+        path.write_bytes(b"")
+    assert remove_stale_partials([link]) == [linked_partial] and not linked_partial.exists()
+
+    def not_permitted(pid: int, signal_number: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", not_permitted)
+    assert remove_stale_partials([tmp_path / "b.png"]) == [] and others.exists()

@@ -884,6 +884,17 @@ def test_a_pipeline_said_not_picklable_with_what_to_send_another_process_instead
     assert pickle.loads(pickle.dumps(request)).config == tiny_pipe.default_config
 
 
+def test_a_shallow_copy_holds_its_models_as_the_pipeline_it_copies_does():
+    """From a mutation audit: a copy.copy(pipe) that outlived `pipe` was no holder of the models, and a pipeline
+    with other settings over them changed its layout in place, unsaid."""
+    first = ZonePipeline.tiny()
+    shallow, models = copy.copy(first), first.models
+    del first
+    with pytest.raises(ConfigError, match=r"in use by another ZonePipeline \(cpu, torch.float32, UNets contiguous"):
+        ZonePipeline(models, device="cpu", channels_last=True)
+    assert shallow.models.ip2p_unet.conv_in.weight.is_contiguous()
+
+
 def test_the_public_methods_keep_their_signatures_for_type_checkers():
     """The stages' decorators were typed Callable[..., T]: a type checker saw pipe.edit(...) and ZonePipeline(...)
     take anything, and an editor showed no parameter. And edit_batch is typed by return_exceptions: without it,
