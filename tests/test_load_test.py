@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
@@ -381,6 +382,21 @@ def test_a_refusal_is_told_from_a_failure_by_the_servers_error_code(monkeypatch,
                                "HTTP 404": 1, "HTTP 500": 1}
 
 
+def _served(monkeypatch, answer: Callable[[], httpx.Response]) -> list[float]:
+    """The load test's edits answered `answer()`, and its asyncio.sleep not waiting but recording the waits asked
+    for, in the list returned."""
+    waits = []
+
+    async def post_edit(client, base, image, config, seed) -> httpx.Response:
+        return answer()
+
+    async def sleep(seconds, *args):
+        waits.append(seconds)
+    monkeypatch.setattr(load_test, "post_edit", post_edit)
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    return waits
+
+
 def test_a_refused_client_waits_as_its_retry_after_says_before_its_next_edit(monkeypatch, tmp_path):
     """Each client sent its next edit at once after a 503 or 429, whatever its Retry-After: an overloaded server's
     level was over in a blink of refusals. The wait is capped (MAX_RETRY_AFTER_S), read as seconds or an HTTP date,
@@ -390,15 +406,7 @@ def test_a_refused_client_waits_as_its_retry_after_says_before_its_next_edit(mon
                     "3600"}), httpx.Response(503, headers={"Retry-After": in_30_s}), httpx.Response(503),
                     httpx.Response(500, headers={"Retry-After": "9"}), httpx.Response(200),
                     httpx.Response(503, headers={"Retry-After": "7"})])
-    waits = []
-
-    async def post_edit(client, base, image, config, seed) -> httpx.Response:
-        return next(answers)
-
-    async def sleep(seconds, *args):
-        waits.append(seconds)
-    monkeypatch.setattr(load_test, "post_edit", post_edit)
-    monkeypatch.setattr(asyncio, "sleep", sleep)
+    waits = _served(monkeypatch, lambda: next(answers))
     config = LoadConfig(out=tmp_path, requests=7, duration_s=1000)
     level = asyncio.run(measure_level(f"http://127.0.0.1:{free_port()}", 1, config, b""))
     assert level["sent"] == 7 and level["ok"] == 1
@@ -410,15 +418,7 @@ def test_a_refused_client_waits_as_its_retry_after_says_before_its_next_edit(mon
 def test_a_retry_after_past_the_levels_end_is_waited_until_its_end_only(monkeypatch, tmp_path):
     """From a mutation audit: the wait's cap at the level's deadline went untested; without it a Retry-After of 30 s
     held a level of --duration-s 5 half a minute past its end."""
-    waits = []
-
-    async def post_edit(client, base, image, config, seed) -> httpx.Response:
-        return httpx.Response(503, headers={"Retry-After": "30"})
-
-    async def sleep(seconds, *args):
-        waits.append(seconds)
-    monkeypatch.setattr(load_test, "post_edit", post_edit)
-    monkeypatch.setattr(asyncio, "sleep", sleep)
+    waits = _served(monkeypatch, lambda: httpx.Response(503, headers={"Retry-After": "30"}))
     level = asyncio.run(measure_level(f"http://127.0.0.1:{free_port()}", 1, LoadConfig(out=tmp_path, requests=2,
                                                                                           duration_s=5), b""))
     assert level["sent"] == 2 and len(waits) == 1 and 0 < waits[0] <= 5, waits
@@ -429,13 +429,10 @@ def test_a_request_without_an_answer_is_counted_and_no_wait_follows(monkeypatch,
     the client goes on at once; a wait there went unseen."""
     waits = []
 
-    async def post_edit(client, base, image, config, seed) -> httpx.Response:
+    def refused() -> httpx.Response:
         raise httpx.ConnectError("refused")
 
-    async def sleep(seconds, *args):
-        waits.append(seconds)
-    monkeypatch.setattr(load_test, "post_edit", post_edit)
-    monkeypatch.setattr(asyncio, "sleep", sleep)
+    waits = _served(monkeypatch, refused)
     level = asyncio.run(measure_level(f"http://127.0.0.1:{free_port()}", 1, LoadConfig(out=tmp_path, requests=3,
                                                                                           duration_s=1000), b""))
     assert level["errors"] == {"ConnectError": 3} and level["waited_s"] == 0 and waits == []
@@ -502,16 +499,9 @@ def test_a_warm_up_edit_refused_with_retry_after_is_sent_again_after_that_wait(m
     --ready-timeout-s in all, then said with the option to raise; a 503 without Retry-After (a failed load) still
     fails at once."""
     refused = httpx.Response(503, headers={"Retry-After": "5"}, json={"error": {"code": "unavailable"}})
-    answers, waits = [refused, httpx.Response(429, headers={"Retry-After": "3600"}), httpx.Response(200),
-                      httpx.Response(200)], []
-
-    async def post_edit(client, base, image, config, seed) -> httpx.Response:
-        return answers.pop(0)
-
-    async def sleep(seconds, *args):
-        waits.append(seconds)
-    monkeypatch.setattr(load_test, "post_edit", post_edit)
-    monkeypatch.setattr(asyncio, "sleep", sleep)
+    answers = [refused, httpx.Response(429, headers={"Retry-After": "3600"}), httpx.Response(200),
+               httpx.Response(200)]
+    waits = _served(monkeypatch, lambda: answers.pop(0))
     base = f"http://127.0.0.1:{free_port()}"
     said = []
     asyncio.run(load_test.warm_up(base, LoadConfig(out=tmp_path, warmup=2), b"", said.append))
@@ -533,19 +523,13 @@ def test_a_measured_servers_refused_warm_up_is_said_and_its_ready_timeout_kept_w
     """From a mutation audit: the run itself (not warm_up called alone) says the wait for a refused warm-up edit,
     and with --url keeps --ready-timeout-s among its settings, as that wait is now this run's to set."""
     answers = [httpx.Response(503, headers={"Retry-After": "1"}, json={"error": {"code": "unavailable"}})]
-
-    async def post_edit(client, base, image, config, seed) -> httpx.Response:
-        return answers.pop(0) if answers else httpx.Response(200, content=b"edited")
-
-    async def sleep(seconds, *args):
-        pass
-    monkeypatch.setattr(load_test, "post_edit", post_edit)
-    monkeypatch.setattr(asyncio, "sleep", sleep)
+    waits = _served(monkeypatch, lambda: answers.pop(0) if answers else httpx.Response(200, content=b"edited"))
     argv = ["--url", f"http://127.0.0.1:{free_port()}", "--concurrency", "1", "--requests", "1", "--warmup", "1",
             "--ready-timeout-s", "7", "--out", str(tmp_path)]
     assert main(argv) == 0 and answers == []
     assert "the warm-up edit was refused (HTTP 503 unavailable): sending it again" in capsys.readouterr().err
     assert json.loads((tmp_path / "load.json").read_text())["settings"]["ready_timeout_s"] == 7
+    assert waits == [1]
 
 
 def test_a_warm_up_edit_past_timeout_s_says_to_raise_it(monkeypatch, tmp_path, capsys):

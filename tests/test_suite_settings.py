@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -82,21 +83,35 @@ time.sleep(120)
 """
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason=".ci/run is a bash script")
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
-def test_ci_stopped_by_a_signal_stops_its_running_step(tmp_path, stop):
-    """A CI timeout's TERM to .ci/run left its `zone bench` step running ~30 s after the script had gone: a step
-    (.ci/steps.sh) is stopped, with its own children, and waited for before the script exits; INT (Ctrl-C) too.
-    From a mutation audit: the step's own child and the wait for the step went untested."""
+@contextlib.contextmanager
+def _ci_running_step(tmp_path: Path, script: str) -> Iterator[tuple[subprocess.Popen, list[int], Path]]:
+    """`script` (given a file to write its pids in, then one to write as it stops) run as a .ci/steps.sh step under
+    bash: yields the script's process once the step has written its pids, those pids and the file it writes as it
+    stops; every process of it killed after."""
     pid_file, stopped = tmp_path / "step.pid", tmp_path / "stopped"
-    (tmp_path / "step.py").write_text(_STEP)
+    (tmp_path / "step.py").write_text(script)
     step = shlex.join([sys.executable, str(tmp_path / "step.py"), str(pid_file), str(stopped)])
     ci = subprocess.Popen(["bash", "-c", f"set -euo pipefail\nsource .ci/steps.sh\nstep {step}\n"], cwd=ROOT)
     try:
         while not pid_file.exists() or not pid_file.read_text():
             assert ci.poll() is None, "the script ended before its step started"
             time.sleep(0.05)
-        pids = [int(pid) for pid in pid_file.read_text().split()]
+        yield ci, [int(pid) for pid in pid_file.read_text().split()], stopped
+    finally:
+        ci.kill()
+        ci.wait()
+        for pid in pid_file.read_text().split() if pid_file.exists() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason=".ci/run is a bash script")
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_ci_stopped_by_a_signal_stops_its_running_step(tmp_path, stop):
+    """A CI timeout's TERM to .ci/run left its `zone bench` step running ~30 s after the script had gone: a step
+    (.ci/steps.sh) is stopped, with its own children, and waited for before the script exits; INT (Ctrl-C) too.
+    From a mutation audit: the step's own child and the wait for the step went untested."""
+    with _ci_running_step(tmp_path, _STEP) as (ci, pids, stopped):
         ci.send_signal(stop)
         code = ci.wait(60)
         assert stopped.exists()  # the step had ended when the script did
@@ -104,13 +119,6 @@ def test_ci_stopped_by_a_signal_stops_its_running_step(tmp_path, stop):
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
         assert code == 128 + stop  # as bash killed by the signal exits (the EXIT trap, if any, has run)
-    finally:
-        ci.kill()
-        ci.wait()
-        if pid_file.exists():
-            for pid in pid_file.read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
 
 
 # A step that exits at once on TERM, its child taking a second to stop; the child writes the pids once its own
@@ -137,24 +145,10 @@ subprocess.Popen([sys.executable, "-c", child, *sys.argv[1:]]).wait()
 def test_ci_stopped_by_a_signal_waits_for_a_child_its_step_left_stopping(tmp_path):
     """A step gone at TERM while its child was still stopping: the script had exited before the child ended (the
     wait was for the step's own process only); now the whole process group is waited for."""
-    pid_file, stopped = tmp_path / "step.pid", tmp_path / "stopped"
-    (tmp_path / "step.py").write_text(_STEP_LEAVING_ITS_CHILD)
-    step = shlex.join([sys.executable, str(tmp_path / "step.py"), str(pid_file), str(stopped)])
-    ci = subprocess.Popen(["bash", "-c", f"set -euo pipefail\nsource .ci/steps.sh\nstep {step}\n"], cwd=ROOT)
-    try:
-        while not pid_file.exists() or not pid_file.read_text():
-            assert ci.poll() is None, "the script ended before its step started"
-            time.sleep(0.05)
+    with _ci_running_step(tmp_path, _STEP_LEAVING_ITS_CHILD) as (ci, _, stopped):
         ci.send_signal(signal.SIGTERM)
         assert ci.wait(60) == 143
         assert stopped.exists()  # the step's child had ended when the script did
-    finally:
-        ci.kill()
-        ci.wait()
-        if pid_file.exists():
-            for pid in pid_file.read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason=".ci/run is a bash script")
