@@ -331,17 +331,19 @@ def remove_stale_partials(paths: Iterable[Path]) -> list[Path]:
         except OSError:  # not made yet (or not readable): nothing of ours left there
             continue
         for name in names:
-            if (match := _TEMPORARY.fullmatch(name)) and _is_stale(name, int(match["thread"]), planned, match):
+            if (match := _TEMPORARY.fullmatch(name)) and _is_stale(match, planned):
                 with suppress(FileNotFoundError):  # another rerun removed it first
                     (folder / name).unlink()
                     removed.append(folder / name)
     return removed
 
 
-def _is_stale(name: str, thread: int, planned: list[Path], match: re.Match) -> bool:
-    """Whether `name` is the temporary of one of `planned` by `thread`, and that thread is gone."""
-    candidates = (path for path in planned if path.stem.startswith(match["stem"]) and path.suffix == match["suffix"])
-    return any(_temporary_name(path, thread) == name for path in candidates) and not _thread_alive(thread)
+def _is_stale(temporary: re.Match, planned: list[Path]) -> bool:
+    """Whether the file name `temporary` matched is the temporary of one of `planned` by a thread that is gone."""
+    thread = int(temporary["thread"])
+    candidates = (path for path in planned if path.stem.startswith(temporary["stem"])
+                  and path.suffix == temporary["suffix"])
+    return any(_temporary_name(path, thread) == temporary.string for path in candidates) and not _thread_alive(thread)
 
 
 def _thread_alive(thread: int) -> bool:
