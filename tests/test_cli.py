@@ -2873,3 +2873,39 @@ def test_no_progress_hides_the_libraries_loading_bars_too(monkeypatch, tmp_path)
         assert main(["edit", str(tmp_path / "in.png"), "-i", "make it red", "-o", str(tmp_path / "out.png"), "--tiny",
                      *flags]) == 2
     assert shown == [(True, True), (False, False), (False, False)]
+
+
+@requires_serve
+def test_serve_hides_the_libraries_loading_bars_where_its_log_is_no_terminal(monkeypatch):
+    """`zone serve`'s log (a file under systemd or docker) got diffusers' and transformers' loading bars, redrawn with
+    carriage returns, as the checkpoints loaded: `zone edit` hid them there, the server did not."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    import zone_engine.cli as cli
+    from zone_engine.serving.settings import PipelineSpec
+
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
+    monkeypatch.setattr(hub_tqdm, "progress_bar_states", dict(hub_tqdm.progress_bar_states))
+    shown = []
+
+    def build(spec):
+        shown.append((diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()))
+        raise ZoneError("stopped where the models would load")
+
+    monkeypatch.setattr(PipelineSpec, "build", build)
+    for terminal in (True, False):
+        for library in (diffusers_logging, transformers_logging):
+            monkeypatch.setattr(library, "_tqdm_active", True)
+        monkeypatch.setattr(cli, "is_terminal", lambda stream, terminal=terminal: terminal)
+        assert main(["serve", "--tiny", "--port", "0", "--device", "cpu"]) == 2
+    assert shown == [(True, True), (False, False)]
+
+
+def test_demo_says_its_random_models_note_only_once_its_setup_passed(tmp_path, monkeypatch, capsys):
+    """The note on random weights came first, then the setup's `error:` line (a cache folder, a device)."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "a_file" / "cache"))
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith("error: TORCHINDUCTOR_CACHE_DIR=") and "RANDOM" not in said

@@ -619,3 +619,56 @@ def test_compile_with_a_torch_cache_folder_it_cannot_write_is_said_before_any_ed
                        r".*cache \(read-only or not yours\): set TORCHINDUCTOR_CACHE_DIR to a folder you can write"):
         ZonePipeline(build_tiny_components(), denoiser="Compile")
     ZonePipeline(build_tiny_components(), denoiser="fused")  # writes nothing there
+
+
+def test_a_custom_hub_id_not_found_says_to_download_that_id():
+    """`--ip2p some/fine-tune` not in the cache was told to `hf download timbrooks/instruct-pix2pix`."""
+    with pytest.raises(CheckpointError, match=r"run `hf download someone/not-in-the-cache`") as caught:
+        locate_model("InstructPix2Pix", "someone/not-in-the-cache", "timbrooks/instruct-pix2pix", "--ip2p DIR")
+    assert "timbrooks" not in str(caught.value)
+    for folder in ("/models/ip2p", "./ip2p", "~/ip2p", "ip2p"):  # folders' paths: the default model to get
+        with pytest.raises(CheckpointError, match=r"run `hf download timbrooks/instruct-pix2pix`"):
+            locate_model("InstructPix2Pix", folder, "timbrooks/instruct-pix2pix", "--ip2p DIR")
+
+
+def test_a_triton_cache_folder_that_cannot_be_written_names_the_variable(tmp_path, monkeypatch):
+    """With a read-only or missing home, Triton's first compiled launch on a GPU failed deep in Triton, after the
+    models loaded; its folder: TRITON_CACHE_DIR, else TRITON_HOME/.triton/cache, else ~/.triton/cache."""
+    from zone_engine.models import check_triton_cache_writable, triton_cache_dir
+
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_HOME", str(tmp_path / "a_file"))
+    assert triton_cache_dir() == str(tmp_path / "a_file" / ".triton" / "cache")
+    with pytest.raises(ConfigError, match=r"Triton's cache folder .*here .*a_file/.triton/cache\), but .*a_file is a "
+                       r"file, not a folder: set TRITON_CACHE_DIR to a folder you can write, or use --kernels torch"):
+        check_triton_cache_writable()
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o500)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(read_only))  # over TRITON_HOME
+    if os.access(read_only, os.W_OK):  # root writes anywhere: denied here as a read-only mount would
+        monkeypatch.setattr("os.access", lambda path, mode: Path(path) != read_only)
+    with pytest.raises(ConfigError, match=r"here .*read-only\), but cannot write in .*read-only \(read-only or not"):
+        check_triton_cache_writable()
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "new" / "cache"))  # made by Triton: nothing to say
+    check_triton_cache_writable()
+
+
+def test_the_triton_cache_is_checked_only_where_triton_kernels_compile_on_a_gpu(monkeypatch):
+    """On CUDA with the kernels chosen (the default there); never on the CPU, where no Triton cache is written."""
+    import zone_kernels.attn_accumulate
+    from zone_engine.backends import check_backends, triton_compiles_kernels
+
+    checked = []
+    monkeypatch.setattr("zone_engine.backends.check_triton_cache_writable", lambda: checked.append(True))
+    monkeypatch.setattr(zone_kernels.attn_accumulate, "runs_on", lambda device: device.type == "cuda")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert triton_compiles_kernels(cuda) and triton_compiles_kernels(cuda, kernels="torch")  # kernel 3's norm
+    assert triton_compiles_kernels(cuda, kernels="Torch", group_norm="triton", denoiser="eager")
+    assert not triton_compiles_kernels(cuda, kernels="torch", denoiser="eager")
+    assert not triton_compiles_kernels(cuda, kernels="torch", group_norm="torch")
+    assert not triton_compiles_kernels(cpu, kernels="triton", group_norm="triton")
+    check_backends(cpu, kernels="auto", group_norm="auto")
+    assert not checked
+    check_backends(cuda, kernels="auto", group_norm="auto")
+    assert checked

@@ -23,7 +23,7 @@ from .denoise import Denoiser, SequentialDenoiser
 from .dual_step import FusedDualDenoiser
 from .errors import ConfigError, DeviceError, warn_caller
 from .localize import Accumulate, Binarize, accumulate_attention_probabilities, binarize_reference
-from .models import NormScope, ZoneModels, check_compile_cache_writable, pytorch_norms
+from .models import NormScope, ZoneModels, check_compile_cache_writable, check_triton_cache_writable, pytorch_norms
 from .paths import expanded
 from .refine import Segmenter
 
@@ -120,12 +120,30 @@ def check_backends(device: torch.device, **options: object) -> None:
     check_backend_options(device.type, **options)
     if lowered_name(options.get("denoiser")) == "compile":
         check_compile_cache_writable()
+    if triton_compiles_kernels(device, **options):
+        check_triton_cache_writable()
     if options.get("segmenter") == "onnx":
         check_onnx_segmenter(options.get("sam_onnx"))
     if options.get("denoiser") == "tensorrt":
         from zone_export.unet import read_manifest
 
         read_manifest(options["engines"])
+
+
+def triton_compiles_kernels(device: torch.device, kernels: object = "auto", group_norm: object = "auto",
+                            denoiser: object = "fused", **_others: object) -> bool:
+    """Whether a pipeline of these options launches compiled Triton kernels (which Triton writes to its cache
+    folder): on CUDA, where Triton runs, with the localization kernels or kernel 3's GroupNorm chosen (as
+    make_localization_kernels and make_group_norms choose them)."""
+    if device.type != "cuda":
+        return False
+    norms = lowered_name(group_norm)
+    norm_kernel = norms == "triton" or (norms == "auto" and lowered_name(denoiser) != "eager")
+    if lowered_name(kernels) == "torch" and not norm_kernel:
+        return False
+    from zone_kernels.attn_accumulate import runs_on  # the rule every kernel shares (kernels/runtime.py)
+
+    return runs_on(device)
 
 
 def check_onnx_segmenter(sam_onnx: str | Path | None) -> None:

@@ -635,10 +635,11 @@ def run_demo(args: argparse.Namespace) -> None:
     changes = _config_changes(args)
     _check_backend_arguments(args)
     instruction = check_instruction(args.instruction)
-    print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
     from .pipeline import ZonePipeline  # after the checks: torch's import takes seconds
 
     pipe = ZonePipeline.tiny(device=args.device, **_backend_options(args))
+    # Once the setup passed (device, caches, temporary folder): it came before their `error:` line.
+    print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
     image = make_sample_image()
     config = pipe.default_config.replace(**changes)
     result = pipe.edit(image, instruction, config, progress=not args.no_progress)
@@ -708,7 +709,9 @@ def run_serve(args: argparse.Namespace) -> None:
         with terminated_as_interrupt():  # uvicorn handles the signals below; here SIGTERM ends run_ray as Ctrl-C does
             run_ray(spec, settings, host=args.host, port=args.port, replicas=args.replicas, log_level=args.log_level)
     else:
-        pipe = spec.build()  # before binding the port: a missing checkpoint is one `error:` line, exit 2
+        # Before binding the port: a missing checkpoint is one `error:` line, exit 2. The libraries' loading bars
+        # only on a terminal: a log (systemd, docker, `2> log`) got them redrawn with carriage returns.
+        pipe = spec.build() if is_terminal(sys.stderr) else _without_library_progress_bars(spec.build)
         run_server(LocalEditService(lambda: pipe, settings), args.host, args.port, args.log_level)
 
 

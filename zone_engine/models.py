@@ -239,6 +239,30 @@ def check_compile_cache_writable() -> None:
                           f"{option('denoiser', 'fused')}")
 
 
+def check_triton_cache_writable() -> None:
+    """A ConfigError unless Triton can write in its kernel cache folder, for a pipeline whose Triton kernels run
+    on a GPU: their first launch compiles them and keeps them there, and with a read-only or missing home (a
+    container's) the first edit failed deep in Triton, after the models loaded, naming no variable."""
+    path = triton_cache_dir()
+    if problem := folder_problem(Path(path)):
+        raise ConfigError(f"the Triton kernels (--kernels, --group-norm) keep their compiled code in Triton's cache "
+                          f"folder (TRITON_CACHE_DIR, else TRITON_HOME/.triton/cache, else ~/.triton/cache; here "
+                          f"{path}), but {problem}: set TRITON_CACHE_DIR to a folder you can write, or use "
+                          f"{option('kernels', 'torch')} and {option('group_norm', 'torch')}")
+
+
+def triton_cache_dir() -> str:
+    """The folder Triton compiles its kernels into, as the installed Triton reads it (its `knobs`); else (no
+    Triton, or an older one) TRITON_CACHE_DIR, else TRITON_HOME/.triton/cache, else ~/.triton/cache."""
+    try:
+        from triton import knobs
+
+        return knobs.cache.dir
+    except (ImportError, AttributeError):  # no Triton, or one without knobs
+        home = os.environ.get("TRITON_HOME") or os.path.expanduser("~")
+        return os.environ.get("TRITON_CACHE_DIR") or os.path.join(home, ".triton", "cache")
+
+
 def check_temporary_folder(why_and_what_to_do: str) -> None:
     """A ConfigError saying `why_and_what_to_do` unless there is a temporary folder to write (a read-only
     filesystem with TMPDIR unset has none: tempfile's traceback)."""
@@ -465,7 +489,7 @@ def _model_load_error(what: str, source: str, hub_id: str, flag: str, error: Exc
     if not missing or _in_offline_cache(source):
         return CheckpointError(
             f"cannot load {what} '{source}' from the offline Hugging Face cache ({said.rstrip('.')}): download it "
-            f"again (`hf download {hub_id}`), or pass a folder with {flag}."
+            f"again (`hf download {_download_id(source, hub_id)}`), or pass a folder with {flag}."
         )
     return _not_found(what, source, hub_id, flag)
 
@@ -478,9 +502,21 @@ def _not_found(what: str, source: str, hub_id: str, flag: str) -> CheckpointErro
     return CheckpointError(
         f"{what} weights not found at '{source}' (local folder or offline Hugging Face cache, here "
         f"{os.path.abspath(constants.HF_HUB_CACHE)}: HF_HUB_CACHE or HF_HOME name another). "
-        f"On a machine with internet run `hf download {hub_id}` (or `git clone` the "
+        f"On a machine with internet run `hf download {_download_id(source, hub_id)}` (or `git clone` the "
         f"model repo) and pass the folder with {flag}."
     )
+
+
+def _download_id(source: str, hub_id: str) -> str:
+    """The hub id to download for `source`: itself where it is one (`owner/name`: `--ip2p some/fine-tune` was told
+    to download the default model), else the default `hub_id` (a folder's path)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:  # a path: /models/ip2p, ./ip2p, ~/ip2p
+        return hub_id
+    return source if "/" in source else hub_id
 
 
 def _in_offline_cache(source: str) -> bool:
