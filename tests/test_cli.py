@@ -34,6 +34,7 @@ from zone_engine.cli import MASK_OUTPUTS, SERVE_MODULES, main
 from zone_engine.config import Action, EditConfig, SamConfig, check_backend_options, device_kind
 from zone_engine.errors import ConfigError, DeviceError, InputImageError, InstructionError, OutputError, ZoneError
 from zone_engine.instruction import check_instruction
+from zone_engine.manifest import EXAMPLE as MANIFEST_EXAMPLE
 from zone_engine.pipeline import EditRequest
 
 
@@ -904,7 +905,7 @@ def test_folders_among_the_inputs_are_left_out_and_edits_keep_writable_formats(p
     assert {p.name for p in (tmp_path / "results.v2").iterdir()} == {"photo.png", "icon.png", "scan.png", "thin.png"}
     # results.v2 is there now: a folder without its slash too (its edits there, so none runs again).
     assert main(["edit", "photo.png", "scan", "-o", "results.v2", "--skip-existing", *common]) == 0
-    assert "--skip-existing: 2 of 2 edits left out" in capsys.readouterr().err
+    assert "--skip-existing: all 2 edits done already" in capsys.readouterr().err
     # One image into a folder: its masks in --save-masks itself, not in a folder of its name; ~ is the home folder.
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert main(["edit", "photo.png", "-o", "single/", "--save-masks", "~/masks", *common]) == 0
@@ -981,12 +982,21 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
     ('{"image": "photo.png", "instruction": "  "}', "line 1: the instruction is empty"),
     ('{"image": "gone.png", "instruction": "x"}', "line 1: image not found"),
     ('{"image": "photo.png", "instruction": "x", "output": "../x.png"}', "must stay inside -o"),
+    ('{"image": "photo.png", "instruction": "x", "output": "sub/../../x.png"}', "output 'sub/../../x.png' must stay"),
+    ('{"image": "photo.png", "instruction": "x", "output": "sub/.."}', "output 'sub/..' names -o itself"),
+    ('{"image": "photo.png", "instruction": "x", "output": "sub/../~/x.png"}', "not under ~"),
     ('{"image": "photo.png", "instruction": "x", "output": "/tmp/x.png"}', "must stay inside -o"),
     ('{"image": "photo.png", "instruction": "x", "output": "~/x.png"}', "not under ~"),
     ('{"image": "photo.png", "instruction": "x", "output": "./~/x.png"}', "not under ~"),  # pathlib: ~/x.png
     ('{"image": "photo.png", "instruction": "x", "output": "x.ico"}', "edits.jsonl: line 1 (photo.png): cannot write"),
     ('"photo.png"', "line 1: a string, not an object such as"),
     ('[{"image": "photo.png", "instruction": "x"}]', "a JSON array of edits is written one object a line"),
+    # json.dump(edits, f, indent=2): was a bare "not JSON (Expecting value, column 2)"
+    ('[\n  {\n    "image": "photo.png",\n    "instruction": "x"\n  }\n]', "line 1: not JSON (Expecting value, "
+     "column 2); each line is one object such as " + MANIFEST_EXAMPLE + " (this looks like JSON spread over lines"),
+    ('{\n  "image": "photo.png"\n}', "(this looks like JSON spread over lines: write one object a line"),
+    ('[{"image": "photo.png", "instruction": "x"},\n{"image": "photo.png", "instruction": "y"}]',
+     "(this looks like JSON spread over lines"),
     ('{"image": "photo.png", "instruction": "x", "seed": ' + "9" * 5000 + "}", "line 1: not JSON (Exceeds"),
     ('{"image": ' + "[" * 100000 + "]" * 100000 + "}", "line 1: not JSON (maximum recursion depth"),
     ('{"image": "photo.png", "instruction": "x", "output": "a\\u0000.png"}', "holds a NUL character"),
@@ -1021,6 +1031,22 @@ def test_a_batch_line_takes_a_whole_number_written_as_json_floats_write_it(photo
     args = build_parser().parse_args(["batch", str(tmp_path / "edits.jsonl"), "-o", str(tmp_path / "out"), "--tiny"])
     [job] = plan_manifest(args, {})
     assert job.changes == (("steps", 10), ("seed", 7)) and all(type(value) is int for _, value in job.changes)
+
+
+def test_a_batch_output_whose_dots_stay_inside_o_is_taken_by_name(photo, tmp_path):
+    """An output a script joined, "./sub/../a.png", is a.png in -o (its masks' folder too), "sub/b/../c.png" is
+    sub/c.png: it was refused as leaving -o ("a relative path without .."); one that leaves -o still is (above)."""
+    from zone_engine.cli import build_parser
+    from zone_engine.manifest import plan_manifest
+
+    (tmp_path / "edits.jsonl").write_text('{"image": "photo.png", "instruction": "x", "output": "./sub/../a.png"}\n'
+                                          '{"image": "photo.png", "instruction": "y", "output": "sub/b/../c.png"}\n')
+    out = tmp_path / "out"
+    args = build_parser().parse_args(["batch", str(tmp_path / "edits.jsonl"), "-o", str(out), "--tiny",
+                                      "--save-masks", str(tmp_path / "masks")])
+    first, second = plan_manifest(args, {})
+    assert (first.output, first.masks) == (out / "a.png", tmp_path / "masks" / "a")
+    assert second.output == out / "sub" / "c.png"
 
 
 def test_a_report_is_refused_where_it_is_the_commands_own_output(tmp_path, capfd):
@@ -2632,6 +2658,60 @@ def test_skip_existing_says_what_it_left_out_and_keeps_the_reports_lines(photo, 
     asked = _edits_asked(monkeypatch, argv)
     assert asked["outputs"] == ["photo.png"] and asked["append"] is True
     assert capsys.readouterr().err.strip() == "--skip-existing: 2 of 3 edits left out, their outputs there"
+
+
+def test_skip_existing_with_a_report_does_again_an_edit_written_but_not_reported(photo, tmp_path, monkeypatch, capsys):
+    """A run killed (`kill -9`) after writing an edit's file but before its report line: the resumed run left it
+    out as done, and the report, the evaluation's record, lacked that edit, unsaid. Now only an output with its
+    line (not an error's) is done; a cut line is no line; without the report there, the outputs alone say it."""
+    names = ["photo.png", "second.png", "third.png"]
+    for name in names[1:]:
+        Image.open(photo).save(tmp_path / name)
+    out, report = tmp_path / "out", tmp_path / "report.jsonl"
+    out.mkdir()
+    for name in names:
+        Image.open(photo).save(out / name)
+    # a line's relative output read from the report's folder too: a run resumed from another folder
+    report.write_text(json.dumps({"name": "photo.png", "output": "out/photo.png", "seconds": {}}) + "\n" +
+                      json.dumps({"name": "second.png", "output": str(out / "second.png"), "error": "x"}) + "\n" +
+                      '{"name": "third.png", "output": "' + str(out / "third.png"))
+    argv = ["edit", *(str(tmp_path / name) for name in names), "-i", "add a hat", "-o", str(out), "--tiny",
+            "--skip-existing"]
+    assert _edits_asked(monkeypatch, [*argv, "--report", str(report)])["outputs"] == ["second.png", "third.png"]
+    assert capsys.readouterr().err.splitlines() == [
+        "--skip-existing: 1 of 3 edits left out, their outputs there",
+        f"--skip-existing: 2 edit(s) done again, their outputs there but no line of them in {report} (a run killed "
+        f"between the two): {tmp_path / 'second.png'}, ..."]
+    assert _edits_asked(monkeypatch, [*argv, "--report", str(tmp_path / "new.jsonl")])["outputs"] == []
+
+
+def test_skip_existing_with_every_output_there_writes_nothing_so_a_read_only_folder_is_done(photo, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """With --skip-existing, an -o that holds every output (a finished run's folder, made read-only or mounted so)
+    is done: said, exit 0; one output missing, the folder is refused as before. It said "cannot write in" (exit 2):
+    the write checks ran before the skip."""
+    from zone_engine import paths
+
+    out = tmp_path / "out"
+    out.mkdir()
+    Image.open(photo).save(out / "photo.png")
+    Image.open(photo).save(tmp_path / "second.png")
+    Image.open(photo).save(out / "second.png")
+    # root writes anywhere, also where chmod says no: the folder read-only as a read-only mount is to the probe
+    folder_problem = paths.folder_problem
+    monkeypatch.setattr(paths, "folder_problem", lambda folder, probed=None: "read-only" if Path(folder).absolute()
+                        == out else folder_problem(folder, probed))
+    (tmp_path / "edits.jsonl").write_text('{"image": "photo.png", "instruction": "add a hat"}\n'
+                                          '{"image": "second.png", "instruction": "add a hat"}\n')
+    for command in (["edit", str(photo), str(tmp_path / "second.png"), "-i", "add a hat"],
+                    ["batch", str(tmp_path / "edits.jsonl")]):
+        argv = [*command, "-o", str(out), "--tiny", "--skip-existing"]
+        assert _edits_asked(monkeypatch, argv)["outputs"] == []
+        assert capsys.readouterr().err.strip() == ("--skip-existing: all 2 edits done already, their outputs there: "
+                                                   "nothing to do")
+    (out / "second.png").unlink()
+    assert main(argv) == 2
+    assert f"-o {out}: read-only; choose another path" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("argv", "words"), [

@@ -64,6 +64,7 @@ from .edit_files import (
     plan_jobs,
     print_summary,
     report_argument,
+    reported_outputs,
     save_masks,
     settings_record,
     suffix_argument,
@@ -584,7 +585,7 @@ def _edit_all(args: argparse.Namespace, jobs: list[EditJob], spec: PipelineSpec,
     # Their bars (redrawn with carriage returns, and cursor moves) only where ours are bars too: on a terminal.
     shown = not args.no_progress and is_terminal(sys.stderr)
     build = spec.build if shown else lambda: _without_library_progress_bars(spec.build)
-    edit_all(_not_done(jobs, args.skip_existing), build, changes, args.batch_size, not args.no_progress,
+    edit_all(_not_done(jobs, args.skip_existing, args.report), build, changes, args.batch_size, not args.no_progress,
              several, args.report, append=args.skip_existing)
 
 
@@ -611,13 +612,26 @@ def _without_library_progress_bars(build: Callable[[], Any]) -> Any:
     return build()
 
 
-def _not_done(jobs: list[EditJob], skip_existing: bool) -> list[EditJob]:
-    """The jobs, less (with --skip-existing) those whose output is there, said in a line."""
+def _not_done(jobs: list[EditJob], skip_existing: bool, report: Path | None = None) -> list[EditJob]:
+    """The jobs, less (with --skip-existing) those whose output is there, said in a line. With a report that is
+    there, an output is done only with its line: a run killed (`kill -9`) between writing an edit's file and its
+    line left it, and the resumed report lacked that edit, unsaid; such an edit is done again."""
     if not skip_existing:
         return jobs
-    left = [job for job in jobs if not job.output.exists()]
-    if len(left) < len(jobs):
+    reported = reported_outputs(report) if report else None
+    there = [job.output.exists() for job in jobs]
+    unreported = [job for job, done in zip(jobs, there, strict=True)
+                  if done and reported is not None and os.path.realpath(job.output) not in reported]
+    left = [job for job, done in zip(jobs, there, strict=True) if not done or job in unreported]
+    if not left:
+        print(f"--skip-existing: all {len(jobs)} edits done already, their outputs there: nothing to do",
+              file=sys.stderr)
+    elif len(left) < len(jobs):
         print(f"--skip-existing: {len(jobs) - len(left)} of {len(jobs)} edits left out, their outputs there",
+              file=sys.stderr)
+    if unreported:
+        print(f"--skip-existing: {len(unreported)} edit(s) done again, their outputs there but no line of them in "
+              f"{report} (a run killed between the two): {unreported[0].name()}{', ...' * (len(unreported) > 1)}",
               file=sys.stderr)
     return left
 

@@ -122,7 +122,7 @@ def plan_jobs(args: argparse.Namespace, instruction: str) -> list[EditJob]:
         # One image into a folder: its masks where --save-masks says, as for one into a file.
         masks = masks_folder_of(args.save_masks, name) if len(files) > 1 else args.save_masks
         jobs.append(EditJob(image, output / name, masks, instruction))
-    return checked_jobs(jobs, output, repeats=False)
+    return checked_jobs(jobs, output, repeats=False, skip_existing=args.skip_existing)
 
 
 def masks_folder_of(save_masks: Path | None, name: str) -> Path | None:
@@ -142,13 +142,17 @@ def refuse_file_output(output: Path, said_folder: bool, why: str) -> None:
                           f"name; give a folder, such as edited/ ({output}/ if its name is to have a dot)")
 
 
-def checked_jobs(jobs: list[EditJob], output: Path, repeats: bool) -> list[EditJob]:
+def checked_jobs(jobs: list[EditJob], output: Path, repeats: bool, skip_existing: bool = False) -> list[EditJob]:
     """`jobs`, once no file of one is written over an input or another's (`_check_no_clash`) and every one can
-    be written (format, folders, permissions)."""
+    be written (format, folders, permissions); with `skip_existing`, every one whose output is there is left out
+    of the latter: it is not written (a read-only -o that holds them all is done, not unwritable)."""
     _check_no_clash(jobs, repeats)
+    written = [job for job in jobs if not (skip_existing and job.output.is_file())]
+    if not written:
+        return jobs
     probed: set[Path] = set()  # each folder a file is made in once: thousands of edits, a few probe files
-    check_output_folder(output, "-o", [str(job.output.relative_to(output)) for job in jobs], probed)
-    for job in jobs:
+    check_output_folder(output, "-o", [str(job.output.relative_to(output)) for job in written], probed)
+    for job in written:
         try:
             check_output_path(job.output, job.image, probed)
             if job.masks:
@@ -370,6 +374,28 @@ def open_report(report: Path, append: bool) -> BinaryIO:
     another run writes it too (a run from the file's start wrote over the other's lines)."""
     emptied = 0 if append else os.O_TRUNC  # the kernel ignores it for a named pipe
     return open(report, "ab", buffering=0, opener=lambda path, flags: os.open(path, flags | emptied, 0o666))
+
+
+def reported_outputs(report: Path) -> set[str] | None:
+    """The outputs (links resolved) of the edits --report's file has a line of, done; None where it is not a file
+    that can be read (not there: a first report; a named pipe: reading it would wait). A relative one is read from
+    the current folder and from the report's (a run resumed from another folder: `-o mb/out --report mb/r.jsonl`
+    after `cd mb`'s `-o out --report r.jsonl`)."""
+    try:
+        if not report.is_file():
+            return None
+        lines = report.read_bytes().splitlines()
+    except OSError:
+        return None
+    outputs = set()
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut by a crash, or not ours
+            continue
+        if isinstance(record, dict) and isinstance(record.get("output"), str) and "error" not in record:
+            outputs.update({os.path.realpath(record["output"]), os.path.realpath(report.parent / record["output"])})
+    return outputs
 
 
 RESULT_FIELDS = ("seconds", "edited_pixels", "used_fallback", "warnings")  # a report line's of an edit written

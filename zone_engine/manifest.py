@@ -46,7 +46,7 @@ def plan_manifest(args: argparse.Namespace, defaults: dict[str, Any]) -> list[Ed
     if not jobs:
         raise ConfigError(f"{source} lists no edit: write one JSON object a line, such as {EXAMPLE}")
     try:
-        return checked_jobs(jobs, output, repeats=True)
+        return checked_jobs(jobs, output, repeats=True, skip_existing=args.skip_existing)
     except ZoneError as error:  # lines' clashes and outputs: the list named, as each line's own mistakes name it
         raise type(error)(f"{source}: {error}") from None
 
@@ -79,11 +79,21 @@ def _parsed(line: str) -> dict[str, Any]:
         entry = json.loads(line, object_pairs_hook=_without_repeats)
     except (ValueError, RecursionError) as error:  # JSONDecodeError, a number past Python's 4300 digits, nesting
         detail = f"{error.msg}, column {error.colno}" if isinstance(error, json.JSONDecodeError) else error
-        raise ConfigError(f"not JSON ({detail}); each line is one object such as {EXAMPLE}") from None
+        hint = _spread_hint(line)
+        raise ConfigError(f"not JSON ({detail}); each line is one object such as {EXAMPLE}{hint}") from None
     if not isinstance(entry, dict):
         hint = " (a JSON array of edits is written one object a line: JSON Lines)" if isinstance(entry, list) else ""
         raise ConfigError(f"{_json_kind(entry)}, not an object such as {EXAMPLE}{hint}")
     return entry
+
+
+def _spread_hint(line: str) -> str:
+    """What to do with a JSON file indented over lines (`json.dump(edits, f, indent=2)`), whose first line, `[` or
+    `{`, was said as bare "not JSON (Expecting value, column 2)"."""
+    if line.strip() in ("[", "{") or line.lstrip().startswith(("[{", "[ {")):
+        return (" (this looks like JSON spread over lines: write one object a line, JSON Lines, such as "
+                "pandas' to_json(orient=\"records\", lines=True) writes)")
+    return ""
 
 
 def _without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -138,8 +148,8 @@ def _whole(value: int | float) -> int | float:
 
 
 def _path(value: object, field: str) -> str:
-    """A path a line gives: a string a file system can hold; an output's relative and without `..` (it stays
-    inside -o)."""
+    """A path a line gives: a string a file system can hold; an output's relative, its `..` taken away by name
+    (`sub/../a.png` is `a.png`), refused where one would leave -o."""
     if not isinstance(value, str):
         raise ConfigError(f"{field} must be a path, a string, not {_json_kind(value)}")
     if not value.strip():
@@ -153,13 +163,17 @@ def _path(value: object, field: str) -> str:
             raise ConfigError(f"{field} {value!r} holds a character no file name can (a lone surrogate)") from None
     if "\0" in value:
         raise ConfigError(f"{field} {value!r} holds a NUL character, which no file name can")
-    if field == "output" and (Path(value).is_absolute() or ".." in Path(value).parts):
-        raise ConfigError(f"output {value!r} must stay inside -o: a relative path without ..")
-    if field == "output" and not Path(value).name:  # "." or "./": was "-o out holds a folder named ., where ..."
+    if field != "output":
+        return value
+    # "sub/../a.png" (a path joined by a script) is a.png, its .. taken away by name, not through a link named sub
+    normal = os.path.normpath(value) if ".." in Path(value).parts else value
+    if Path(normal).is_absolute() or ".." in Path(normal).parts:
+        raise ConfigError(f"output {value!r} must stay inside -o: a relative path whose .. leave no folder of it")
+    if not Path(normal).name:  # "." or "./": was "-o out holds a folder named ., where ..."
         raise ConfigError(f"output {value!r} names -o itself, a folder: name a file inside it, such as edit.png")
-    if field == "output" and _under_home(value):  # a folder named ~ in -o, waiting for an `rm -rf ~`
+    if _under_home(normal):  # a folder named ~ in -o, waiting for an `rm -rf ~`
         raise ConfigError(f"output {value!r} must stay inside -o: a relative path, not under ~")
-    return value
+    return normal
 
 
 def _under_home(value: str) -> bool:
