@@ -19,6 +19,7 @@ import subprocess
 import sys
 import types
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -2927,9 +2928,10 @@ def test_a_report_names_a_file_that_is_not_utf8_by_its_bytes(photo, tmp_path, ca
     assert '"instruction": "a café hat"'.encode() in report.read_bytes().splitlines()[1]  # the others as UTF-8 still
 
 
-def test_no_progress_hides_the_libraries_loading_bars_too(monkeypatch, tmp_path):
-    """diffusers' `Loading pipeline components...` and transformers' `Loading weights` bars still showed; with
-    --no-progress, and where stderr is no terminal (a log, where they were redrawn with carriage returns)."""
+def _library_bars_at_build(monkeypatch) -> tuple[list[tuple[bool, bool]], Callable[[bool], None]]:
+    """PipelineSpec.build stopped where the models would load, recording whether diffusers' and transformers'
+    loading bars were on then, in the list returned; the function returned turns them on again and makes stderr
+    a terminal or not, before each command."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -2944,12 +2946,22 @@ def test_no_progress_hides_the_libraries_loading_bars_too(monkeypatch, tmp_path)
         shown.append((diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()))
         raise ZoneError("stopped where the models would load")
 
-    monkeypatch.setattr(PipelineSpec, "build", build)
-    Image.fromarray(smooth_image(32, 32)).save(tmp_path / "in.png")
-    for terminal, flags in ((True, []), (True, ["--no-progress"]), (False, [])):
+    def before_command(terminal: bool) -> None:
         for library in (diffusers_logging, transformers_logging):
             monkeypatch.setattr(library, "_tqdm_active", True)  # put back after the test, as is the hub's state
-        monkeypatch.setattr(cli, "is_terminal", lambda stream, terminal=terminal: terminal)
+        monkeypatch.setattr(cli, "is_terminal", lambda stream: terminal)
+
+    monkeypatch.setattr(PipelineSpec, "build", build)
+    return shown, before_command
+
+
+def test_no_progress_hides_the_libraries_loading_bars_too(monkeypatch, tmp_path):
+    """diffusers' `Loading pipeline components...` and transformers' `Loading weights` bars still showed; with
+    --no-progress, and where stderr is no terminal (a log, where they were redrawn with carriage returns)."""
+    shown, before_command = _library_bars_at_build(monkeypatch)
+    Image.fromarray(smooth_image(32, 32)).save(tmp_path / "in.png")
+    for terminal, flags in ((True, []), (True, ["--no-progress"]), (False, [])):
+        before_command(terminal)
         assert main(["edit", str(tmp_path / "in.png"), "-i", "make it red", "-o", str(tmp_path / "out.png"), "--tiny",
                      *flags]) == 2
     assert shown == [(True, True), (False, False), (False, False)]
@@ -2959,25 +2971,9 @@ def test_no_progress_hides_the_libraries_loading_bars_too(monkeypatch, tmp_path)
 def test_serve_hides_the_libraries_loading_bars_where_its_log_is_no_terminal(monkeypatch):
     """`zone serve`'s log (a file under systemd or docker) got diffusers' and transformers' loading bars, redrawn with
     carriage returns, as the checkpoints loaded: `zone edit` hid them there, the server did not."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    import zone_engine.cli as cli
-    from zone_engine.serving.settings import PipelineSpec
-
-    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
-    monkeypatch.setattr(hub_tqdm, "progress_bar_states", dict(hub_tqdm.progress_bar_states))
-    shown = []
-
-    def build(spec):
-        shown.append((diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()))
-        raise ZoneError("stopped where the models would load")
-
-    monkeypatch.setattr(PipelineSpec, "build", build)
+    shown, before_command = _library_bars_at_build(monkeypatch)
     for terminal in (True, False):
-        for library in (diffusers_logging, transformers_logging):
-            monkeypatch.setattr(library, "_tqdm_active", True)
-        monkeypatch.setattr(cli, "is_terminal", lambda stream, terminal=terminal: terminal)
+        before_command(terminal)
         assert main(["serve", "--tiny", "--port", "0", "--device", "cpu"]) == 2
     assert shown == [(True, True), (False, False)]
 
