@@ -619,10 +619,14 @@ def _not_done(jobs: list[EditJob], skip_existing: bool, report: Path | None = No
     if not skip_existing:
         return jobs
     reported = reported_outputs(report) if report else None
-    there = [job.output.exists() for job in jobs]
-    unreported = [job for job, done in zip(jobs, there, strict=True)
-                  if done and reported is not None and os.path.realpath(job.output) not in reported]
-    left = [job for job, done in zip(jobs, there, strict=True) if not done or job in unreported]
+    left, unreported = [], []  # in the list's order; one pass (`job in unreported` was a scan per job)
+    for job in jobs:
+        there = job.output.exists()
+        if there and (reported is None or os.path.realpath(job.output) in reported):
+            continue
+        left.append(job)
+        if there:  # its file written, its line not: done again
+            unreported.append(job)
     if not left:
         print(f"--skip-existing: all {len(jobs)} edits done already, their outputs there: nothing to do",
               file=sys.stderr)
