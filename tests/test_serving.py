@@ -2004,12 +2004,12 @@ def test_a_worker_that_dies_fails_waiting_and_new_jobs_at_once():
 def test_no_temporary_folder_is_warned_at_start(tmp_path, monkeypatch, caplog):
     """Uploads over 1 MiB are kept in a temporary file as they arrive: with none writable (a read-only filesystem,
     TMPDIR unset) the server started and said ready, then answered each such upload 500, with nothing said before."""
-    from zone_engine.serving.app import warn_if_no_temporary_folder
+    from zone_engine.serving.app import check_start_environment
 
     (tmp_path / "a_file").write_text("")
     monkeypatch.setattr("tempfile.tempdir", None)  # looked for again, among these folders only: none writable
     monkeypatch.setattr("tempfile._candidate_tempdir_list", lambda: [str(tmp_path / "a_file")])
-    warn_if_no_temporary_folder()
+    check_start_environment(ServeSettings())  # what the single process and each Ray replica run as they start
     assert "No usable temporary directory found in" in caplog.text
     assert "uploads over 1 MiB, which are kept in a temporary file as they arrive, will be answered 500" in caplog.text
     assert "set TMPDIR to a folder you can write" in caplog.text

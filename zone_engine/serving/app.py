@@ -295,8 +295,7 @@ class LocalEditService(EditService):
 
     async def start(self) -> None:
         """Start batching, load and warm up in the model thread, then be ready (or record why not)."""
-        check_open_file_limit(self.settings)
-        warn_if_no_temporary_folder()
+        check_start_environment(self.settings)
         self.batcher.start()
         try:
             await self.batcher.run_in_model_thread(self.load)
@@ -383,6 +382,13 @@ def check_open_file_limit(settings: ServeSettings) -> None:
                 "unit, --ulimit nofile= in docker run), or lower --queue-size", soft,
                 "unlimited" if hard == resource.RLIM_INFINITY else hard, needed, settings.queue_size,
                 settings.max_batch, needed)
+
+
+def check_start_environment(settings: ServeSettings) -> None:
+    """What a server process checks of its environment as it starts (the single process, each Ray replica): the
+    open-file limit its queue needs, and a temporary folder for the uploads."""
+    check_open_file_limit(settings)
+    warn_if_no_temporary_folder()
 
 
 def warn_if_no_temporary_folder() -> None:

@@ -22,7 +22,7 @@ from ray.serve.exceptions import RayServeException
 
 from ..errors import ConfigError, ZoneError
 from ..pipeline import BatchKey, EditRequest, ZonePipeline
-from .app import EditService, check_open_file_limit, create_app, log, warn_if_no_temporary_folder
+from .app import EditService, check_start_environment, create_app, log
 from .settings import PipelineSpec, ServeSettings
 
 try:  # how Serve answers beyond its queue (a Retry-After); not in every Ray this runs on
@@ -55,8 +55,7 @@ class ZoneReplica:
         _log_through_serve()
         # As the single process at start. ray.init raises the soft limit only to min(hard, 65536) and warns below
         # 4096 whatever the queue; this says the `ulimit -n` --queue-size needs, in each replica's own process.
-        check_open_file_limit(settings)
-        warn_if_no_temporary_folder()
+        check_start_environment(settings)
         self._edit_batch.set_max_batch_size(settings.max_batch)
         self._edit_batch.set_batch_wait_timeout_s(settings.max_wait_ms / 1000)
         self.service = RayEditService(spec.build, settings, self._edit_batch)
