@@ -319,7 +319,7 @@ def test_a_zone_error_while_profiling_is_one_line_and_exit_2(monkeypatch, capsys
 def test_a_cuda_profile_sees_the_kernels_of_the_replayed_denoising_graph():
     args = options.parse_profile_args(["--models", "tiny", "--device", "cuda", "--resolution", "64", "--steps", "3",
                                     "--rows", "0"])
-    _, profiles, _ = profile_edit.profile_edit(args)
+    _, _, profiles, _ = profile_edit.profile_edit(args)
     stages = {p.stage: p for p in profiles}
     assert set(STAGES) <= set(stages)
     denoise = stages["denoise"]
