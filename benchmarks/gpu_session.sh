@@ -22,14 +22,14 @@
 # the benches' per-stage latency tables.
 # A lease now has 15 minutes of device time in all, a machine's start (a minute or two) included, and a call
 # runs at most 600 s, so the default list puts what the open issues wait for first: kernels (issue 6's kernel
-# timings), bench-compile (issue 4: the compile rows, compile+sam-bf16 the fastest, 4.93x on 2026-11-30: 264 s
-# there, 176 s of it compiling), bench (the batches' throughput), then tests and the rest. A stage starts only while
+# timings), bench-compile (issue 4: the compile rows, compile+sam-bf16 the fastest, 5.71x on 2026-12-04: 202 s
+# there, 123 s of it compiling), bench (the batches' throughput), then tests and the rest. A stage starts only while
 # the call's budget (BUDGET, default 570 s from the script's start) still holds its whole limit, else it says it
 # was skipped; bench's and bench-compile's limits (BENCH_LIMIT, default 240; COMPILE_LIMIT, default 330) are cut
 # to the budget left (a minute at least), their --time-limit 20 s under. A stage that reaches its limit is sent SIGTERM: a bench then
-# starts nothing more and writes its reports of the edits it timed. On the H200 (2026-11-30) the stages took:
-# tests 102 s, bench 116, kernels 13, refine 26, profile 55, graph-memory 51, dual 49 (the limits are about 1.5x
-# these and more where work joined since: kernel 3's tests and benchmarks). Run it with timeout_s 590;
+# starts nothing more and writes its reports of the edits it timed. On the H200 (2026-12-04) the stages took:
+# kernels 14 s, bench-compile 202, bench 109, tests 127, refine 23 (the default call's 491 s: profile,
+# graph-memory and dual did not fit its budget), then dual 45, profile 47, graph-memory 46 in a second call. Run it with timeout_s 590;
 # then, at once (the machine stays warm 30 s; a fresh one needs 4 minutes of the lease left), the stages it
 # skipped, with BUDGET = the device seconds left - 20 and timeout_s = the seconds left, and give the machine back.
 # bench-contiguous, compile, breaks, refine-zero, photo, suite and serve are for a lease with time left; a longer compile run:

@@ -667,6 +667,8 @@ def test_the_triton_cache_is_checked_only_where_triton_kernels_compile_on_a_gpu(
     assert triton_compiles_kernels(cuda, kernels="Torch", group_norm="triton", denoiser="eager")
     assert not triton_compiles_kernels(cuda, kernels="torch", denoiser="eager")
     assert not triton_compiles_kernels(cuda, kernels="torch", group_norm="torch")
+    assert not triton_compiles_kernels(cuda, kernels="torch", cuda_graphs=False)  # auto: PyTorch's norm uncaptured
+    assert triton_compiles_kernels(cuda, kernels="torch", group_norm="triton", cuda_graphs=False)
     assert not triton_compiles_kernels(cpu, kernels="triton", group_norm="triton")
     check_backends(cpu, kernels="auto", group_norm="auto")
     assert not checked

@@ -437,24 +437,46 @@ def test_the_group_norm_kernel_runs_every_unet_and_vae_norm_and_keeps_the_edit(t
     assert not any("forward" in vars(m) for m in vae.modules())  # the scope ended with the edit
 
 
-@pytest.mark.parametrize("kind, device, denoiser, unets, vae", [
-    ("auto", "cpu", "fused", False, False),
-    ("auto", "cuda", "fused", True, True),
-    ("auto", "cuda", "compile", False, True),  # inductor generates its own fused norm for the step
-    ("auto", "cuda", "eager", False, False),  # the plain reference
-    ("auto", "cuda", "tensorrt", False, True),
-    ("triton", "cpu", "fused", True, True),
-    ("triton", "cpu", "compile", True, True),
-    ("triton", "cpu", "eager", False, True),
-    ("torch", "cuda", "fused", False, False),
+@pytest.mark.parametrize("kind, device, denoiser, captured, unets, vae", [
+    ("auto", "cpu", "fused", False, False, False),
+    ("auto", "cuda", "fused", True, True, True),
+    ("auto", "cuda", "compile", True, False, True),  # inductor generates its own fused norm for the step
+    ("auto", "cuda", "eager", False, False, False),  # the plain reference
+    ("auto", "cuda", "tensorrt", True, False, True),
+    # Uncaptured (--no-cuda-graphs), the kernel's launches cost more host time than its device time saves.
+    ("auto", "cuda", "fused", False, False, False),
+    ("auto", "cuda", "tensorrt", False, False, False),
+    ("triton", "cpu", "fused", False, True, True),
+    ("triton", "cpu", "compile", False, True, True),
+    ("triton", "cpu", "eager", False, False, True),
+    ("triton", "cuda", "fused", False, True, True),  # asked for: run even uncaptured
+    ("torch", "cuda", "fused", True, False, False),
 ])
-def test_group_norm_option_decides_where_the_kernel_runs(kind, device, denoiser, unets, vae, monkeypatch):
+def test_group_norm_option_decides_where_the_kernel_runs(kind, device, denoiser, captured, unets, vae, monkeypatch):
     import zone_kernels.group_norm as norm_module
     from zone_engine.backends import make_group_norms
 
     monkeypatch.setattr(norm_module, "runs_on", lambda device: True)  # as on a GPU machine
-    scopes = make_group_norms(kind, torch.device(device), denoiser)
+    scopes = make_group_norms(kind, torch.device(device), denoiser, captured)
     assert [scope is norm_module.triton_group_norms for scope in scopes] == [unets, vae]
+
+
+@pytest.mark.parametrize("cuda_graphs", [None, False])
+def test_the_pipeline_tells_make_group_norms_whether_it_captures(cuda_graphs, tiny_models, monkeypatch):
+    """Resolved (uses_cuda_graphs, as on CUDA: None is on), not the raw option: auto's kernel 3 rests on it."""
+    import zone_engine.pipeline as pipeline_module
+    from zone_engine.backends import make_group_norms
+
+    seen = []
+
+    def recording(kind, device, denoiser, captured):
+        seen.append(captured)
+        return make_group_norms(kind, torch.device("cpu"), denoiser, captured)
+
+    monkeypatch.setattr(pipeline_module, "make_group_norms", recording)
+    monkeypatch.setattr(pipeline_module, "uses_cuda_graphs", lambda device, option: option is not False)
+    pipeline_module.ZonePipeline(tiny_models, device="cpu", group_norm="triton", cuda_graphs=cuda_graphs)
+    assert seen == [cuda_graphs is not False]
 
 
 def test_group_norm_option_errors(tiny_models, monkeypatch):
@@ -470,10 +492,10 @@ def test_group_norm_option_errors(tiny_models, monkeypatch):
         make_denoiser(tiny_models, denoiser, torch.device("cpu"), norms=triton_group_norms)
     monkeypatch.setenv("ZONE_DISABLE_TRITON", "1")
     with pytest.warns(UserWarning, match="--group-norm triton .*cannot run on cpu here.*PyTorch's GroupNorm runs"):
-        make_group_norms("triton", torch.device("cpu"), "fused")
+        make_group_norms("triton", torch.device("cpu"), "fused", False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # auto where the kernel cannot run: PyTorch's, without a word
-        assert make_group_norms("auto", torch.device("cuda"), "fused") == (pytorch_norms, pytorch_norms)
+        assert make_group_norms("auto", torch.device("cuda"), "fused", True) == (pytorch_norms, pytorch_norms)
 
 
 def test_threads_sharing_a_pipeline_get_the_edits_they_would_get_alone(tiny_pipe):

@@ -131,14 +131,15 @@ def check_backends(device: torch.device, **options: object) -> None:
 
 
 def triton_compiles_kernels(device: torch.device, kernels: object = "auto", group_norm: object = "auto",
-                            denoiser: object = "fused", **_others: object) -> bool:
+                            denoiser: object = "fused", cuda_graphs: object = None, **_others: object) -> bool:
     """Whether a pipeline of these options launches compiled Triton kernels (which Triton writes to its cache
     folder): on CUDA, where Triton runs, with the localization kernels or kernel 3's GroupNorm chosen (as
     make_localization_kernels and make_group_norms choose them)."""
     if device.type != "cuda":
         return False
     norms = lowered_name(group_norm)
-    norm_kernel = norms == "triton" or (norms == "auto" and lowered_name(denoiser) != "eager")
+    captured = lowered_name(denoiser) != "eager" and cuda_graphs is not False  # auto's kernel 3 needs graphs
+    norm_kernel = norms == "triton" or (norms == "auto" and captured)
     if lowered_name(kernels) == "torch" and not norm_kernel:
         return False
     from zone_kernels.attn_accumulate import runs_on  # the rule every kernel shares (kernels/runtime.py)
@@ -199,18 +200,22 @@ def _say_triton_cannot_run(option_name: str, device: torch.device, instead: str)
                 f"TRITON_INTERPRET=1 on the CPU, and ZONE_DISABLE_TRITON unset): {instead} runs", UserWarning)
 
 
-def make_group_norms(kind: str, device: torch.device, denoiser: str | Denoiser) -> tuple[NormScope, NormScope]:
+def make_group_norms(kind: str, device: torch.device, denoiser: str | Denoiser,
+                     captured: bool) -> tuple[NormScope, NormScope]:
     """(the UNets' while denoising, the VAE's) GroupNorm: PyTorch's, or kernel 3 (kernels/group_norm.py),
     which keeps channels-last activations in their layout where PyTorch's CUDA norm converts them to NCHW.
 
-    auto: the kernel on CUDA, except where another path owns the norms: the eager denoiser (the plain
-    reference: PyTorch's everywhere), the compile backend's UNets (inductor generates its own fused
-    norm), TensorRT's and a Denoiser instance's (configured when built). triton: the kernel for the VAE
+    auto: the kernel on CUDA where the steps and the VAE are replayed from CUDA graphs (`captured`), except
+    where another path owns the norms: the eager denoiser (the plain reference: PyTorch's everywhere), the
+    compile backend's UNets (inductor generates its own fused norm), TensorRT's and a Denoiser instance's
+    (configured when built). Uncaptured, PyTorch's: the kernel's Triton launches cost the host more than its
+    device time saves (H200, 2026-12-04: the channels-last dual step 135.7 ms eager with the kernel against
+    59.2 ms with PyTorch's; captured 17.7 against 22.7 ms). triton: the kernel for the VAE
     and a fused or compiled step's UNets, whatever the device (it falls back to PyTorch's, with a warning, where Triton
     cannot run, and ZONE_DISABLE_TRITON=1 switches it off); torch: PyTorch's everywhere.
     """
     check_backend_options(device.type, group_norm=kind)
-    if kind == "torch" or (kind == "auto" and (device.type != "cuda" or denoiser == "eager")):
+    if kind == "torch" or (kind == "auto" and (device.type != "cuda" or denoiser == "eager" or not captured)):
         return pytorch_norms, pytorch_norms
     from zone_kernels.group_norm import runs_on, triton_group_norms
 

@@ -141,8 +141,9 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--group-norm", type=str.lower, default="auto", choices=GROUP_NORMS,
                        help="the UNets' and VAE's GroupNorm: triton (a kernel that keeps channels-last activations "
                        "in their layout), torch (PyTorch's, which converts them to NCHW on CUDA); default auto: triton "
-                       "on CUDA, but for --denoiser eager (the reference) and compile's UNets (inductor's own norm); "
-                       "torch elsewhere")
+                       "on CUDA where the steps and VAE are CUDA graphs, but for --denoiser eager (the reference) and "
+                       "compile's UNets (inductor's own norm); torch elsewhere and with --no-cuda-graphs (its "
+                       "launches would cost more than it saves)")
 
 
 MASKS_WRITTEN = ("mask_b.png, mask_f.png, region.png (white: in the mask), styled.png (I_sty), heatmap.png and "

@@ -550,15 +550,15 @@ class ZonePipeline:
             # channels_last: convolutions in NHWC, where GPUs have their fastest fp16/bf16 kernels; None: the
             # UNets' only, on CUDA in half precision (models.unets_channels_last). The models change in place.
             self.models = models.to(self.device, self.dtype, channels_last)
+        # The text encoder and VAE replayed from CUDA graphs wherever the denoiser's steps are: on CUDA,
+        # unless graphs are turned off or the plain reference (eager) is asked for.
+        graphed = uses_cuda_graphs(self.device, cuda_graphs) and denoiser != "eager"
         # group_norm: the UNets' and VAE's GroupNorms by kernel 3 or PyTorch (make_group_norms says where).
-        unet_norms, self.vae_norms = make_group_norms(group_norm, self.device, denoiser)
+        unet_norms, self.vae_norms = make_group_norms(group_norm, self.device, denoiser, graphed)
         self.denoiser = make_denoiser(self.models, denoiser, self.device, engines, cuda_graphs, unet_norms)
         # The backend's name (fused and compile are one class), or a Denoiser instance's class, for repr.
         self.denoiser_kind = denoiser if isinstance(denoiser, str) else type(denoiser).__name__
         self.group_norms = group_norm_names(self.denoiser, self.vae_norms)  # what runs, for reports
-        # The text encoder and VAE replayed from CUDA graphs wherever the denoiser's steps are: on CUDA,
-        # unless graphs are turned off or the plain reference (eager) is asked for.
-        graphed = uses_cuda_graphs(self.device, cuda_graphs) and denoiser != "eager"
         self.run: Run = CapturedCalls() if graphed else eager
         self.accumulate, self.binarize = make_localization_kernels(kernels, self.device)
         self.segmenter_kind, self.sam_onnx = segmenter, sam_onnx
