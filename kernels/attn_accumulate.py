@@ -308,9 +308,11 @@ def benchmark(
         return {"max_abs_diff": (out.double() - exact).abs().max().item()}
 
     results = benchmark_rows(variants, check, device, averaged(torch.ops.zone.attn_accumulate_))
-    if device.type == "cuda":
-        rows_in_turn = averaged(functools.partial(attn_accumulate_triton, row_groups=1))
-        results.append({  # the split of the rows across programs, against the kernel without it
-            **results[-1], "name": "c: one program per block, rows in turn, from a CUDA graph", **check(rows_in_turn()),
-            "time_ms": triton.testing.do_bench_cudagraph(rows_in_turn, return_mode="median")})
+    if device.type == "cuda":  # other splits of the rows across programs than the launcher's (one row each)
+        graphed = results[-1]
+        for groups in (1, 2, 4, 8):
+            split = averaged(functools.partial(attn_accumulate_triton, row_groups=groups))
+            name = "one program per block, rows in turn" if groups == 1 else f"rows in {groups} groups a block"
+            results.append({**graphed, "name": f"c: {name}, from a CUDA graph", **check(split()),
+                            "time_ms": triton.testing.do_bench_cudagraph(split, return_mode="median")})
     return results
