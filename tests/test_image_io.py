@@ -190,7 +190,7 @@ def test_colour_descriptions_the_engine_does_not_apply_or_carry_are_said():
     notes, carried = noted(rgb.convert("CMYK"), "JPEG", icc_profile=cmyk_header)
     assert "has a CMYK colour profile, which is not applied" in " ".join(notes) and carried is None
     notes, _ = noted(rgb, "PNG", icc_profile=srgb[:16] + b"a\r\n\x00" + srgb[20:])  # the file's own bytes, unprintable
-    assert "has a unknown colour profile" in " ".join(notes) and all(note.isprintable() for note in notes)
+    assert "has an unknown colour profile" in " ".join(notes) and all(note.isprintable() for note in notes)
     damaged = srgb[:128] + b"\xff" * (len(srgb) - 128)  # the header says RGB; the tag table is garbage
     notes, carried = noted(rgb, "PNG", icc_profile=damaged)
     assert "has a damaged colour profile" in " ".join(notes) and carried is None

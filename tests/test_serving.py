@@ -54,6 +54,7 @@ from zone_engine.pipeline import STAGES, EditRequest
 from zone_engine.serving import LocalEditService, ServeSettings, create_app
 from zone_engine.serving.app import (
     FORM_FIELDS,
+    HTTP_PARSER,
     MAX_JPEG_SCANS,
     WORKER_STOPPED,
     EditService,
@@ -84,7 +85,8 @@ def pipe(tiny_models):
 def serving_service(service: LocalEditService):
     """A real uvicorn server for `service` on a free loopback port, in a thread; yields (URL, server)
     once it accepts connections (the models may still be loading)."""
-    server = ZoneServer(uvicorn.Config(create_app(service), log_level="warning", timeout_graceful_shutdown=30), service)
+    config = uvicorn.Config(create_app(service), log_level="warning", timeout_graceful_shutdown=30, http=HTTP_PARSER)
+    server = ZoneServer(config, service)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -264,7 +266,7 @@ def test_what_an_edit_did_not_take_as_given_goes_back_with_its_request(pipe):
     with serving(pipe) as (base, _):
         body = post_edit(base, buffer.getvalue(), steps=1, **{"return": "json"}).json()
         assert len(body["warnings"]) == 3
-        assert body["warnings"][0].startswith("the uploaded image has a unknown colour profile")
+        assert body["warnings"][0].startswith("the uploaded image has an unknown colour profile")
         assert body["warnings"][1].startswith("the uploaded image has transparency")
         assert "32-pixel cell" in body["warnings"][2]
         header = post_edit(base, buffer.getvalue(), steps=1).headers["X-Zone-Warnings"]
@@ -1320,6 +1322,39 @@ def test_an_edit_from_a_browser_page_of_an_origin_not_allowed_is_refused_before_
     with serving(pipe, allow_origins=("*",)) as (base, _):  # pages of any origin may call it
         anyone = post_edit(base, image, "add a hat", headers={"Origin": "https://elsewhere.example"})
         assert anyone.status_code == 200 and anyone.headers["access-control-allow-origin"] == "*"
+
+
+def test_a_form_in_punycode_is_refused_before_its_upload_is_read(pipe):
+    """Starlette decodes a form's text fields on the event loop, and punycode's decoding is quadratic: a 1 MB field
+    held every request and probe for 12 s. 415 before the body is read, however the charset is written; a charset
+    Python decodes fast is read as before."""
+    with serving(pipe) as (base, service):
+        for charset in (b"punycode", b'"PunyCode"'):
+            request = (b"POST /v1/edit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b; "
+                       b"charset=" + charset + b"\r\nContent-Length: 100000\r\n\r\n")  # the body never comes
+            head, _, body = raw_answer(base, request).partition("\r\n\r\n")
+            assert head.startswith("HTTP/1.1 415 "), head
+            error = json.loads(body)["error"]
+            assert error["code"] == "unsupported_media_type" and "UTF-8" in error["message"]
+        assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="bad_request"}') == 2
+        form = (b'--b\r\nContent-Disposition: form-data; name="instruction"\r\n\r\nadd a hat\r\n--b\r\n'
+                b'Content-Disposition: form-data; name="image"; filename="in.png"\r\n\r\n'
+                + png(smooth_image(64, 64, seed=8)) + b"\r\n--b--\r\n")
+        for charset in ("shift_jis", "foo"):
+            answer = httpx.post(f"{base}/v1/edit", content=form, timeout=120, headers={
+                "Content-Type": f"multipart/form-data; boundary=b; charset={charset}"})
+            assert answer.status_code == 200, answer.text
+
+
+def test_request_headers_past_16_kib_are_refused_not_kept(pipe):
+    """httptools, uvicorn's parser where installed, kept a request's headers whatever their size (190 MiB on one
+    connection); h11 answers 400 once they pass 16 KiB unfinished (one read, at most 256 KiB, may hold more), and
+    the server goes on."""
+    with serving(pipe) as (base, _):
+        padding = b"".join(b"X-Pad-%d: %s\r\n" % (line, b"a" * 1000) for line in range(1000))
+        answer = raw_answer(base, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + padding + b"\r\n")
+        assert answer.startswith("HTTP/1.1 400 "), answer[:100]
+        assert httpx.get(f"{base}/healthz").status_code == 200
 
 
 @pytest.mark.parametrize("origin, host, same", [

@@ -24,7 +24,11 @@ def first_line(error: BaseException) -> str:
 
 def a_type(value: object) -> str:
     """A value's type with its article, for messages: "an int", "a str" (by its first letter)."""
-    name = type(value).__name__
+    return with_article(type(value).__name__)
+
+
+def with_article(name: str) -> str:
+    """`name` after "a" or "an", by its first letter: "an unknown", "a CMYK"."""
     return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 

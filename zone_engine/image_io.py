@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zone_engine.config import LATENT_SCALE, MAX_PIXELS, MAX_WORKING_SIDE, MIN_SIDE
-from zone_engine.errors import InputImageError, OutputError, a_type, warn_caller
+from zone_engine.errors import InputImageError, OutputError, a_type, warn_caller, with_article
 from zone_engine.paths import expanded, folder_problem, is_folder, name_problem, written_atomically, written_file
 
 # What Pillow raises for a file it cannot decode: besides OSError ("truncated", "broken data stream") and
@@ -314,8 +314,8 @@ def _colour_notes(img: Image.Image, name: str, *, profile_applied: bool) -> list
         # note goes into a log line and the server's X-Zone-Warnings header, where a CR or NUL breaks the answer.
         space = profile[16:20].decode("latin-1").strip()
         space = space if space.isascii() and space.isprintable() and space else "unknown"
-        notes.append(f"{name} has a {space} colour profile, which is not applied: its colours may differ from what a "
-                     "colour-managed viewer shows; convert the image to sRGB first")
+        notes.append(f"{name} has {with_article(space)} colour profile, which is not applied: its colours may differ "
+                     "from what a colour-managed viewer shows; convert the image to sRGB first")
     gamma = img.info.get("gamma")
     # Viewers that manage colour take a PNG's profile over its gamma (PNG spec, iCCP): with one carried or
     # applied, the gamma changes nothing.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import contextlib
 import copy
 import dataclasses
@@ -39,6 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile as StarletteUploadFile  # what a form holds (FastAPI's subclasses it)
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import parse_options_header  # as Starlette reads the form's charset
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
@@ -568,7 +570,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, description in {
         400: "unreadable image", 403: "a browser page of an origin not allowed (--allow-origin)",
         421: "addressed to a host name not allowed (--allow-host)",
-        413: "upload or image too large", 415: "not multipart/form-data",
+        413: "upload or image too large", 415: "not multipart/form-data, or in a charset not read",
         422: "missing or invalid field", 500: "engine fault", 503: "queue full or shutting down (Retry-After)",
         504: "timed out (the edit was cancelled)",
     }.items()
@@ -866,7 +868,7 @@ async def _unless_stopping(receive: Callable, service: EditService) -> dict:
 def refused_unread(request: Request, service: EditService) -> ServeError | None:
     """Why an edit is refused before its upload is read, if it is: a browser page of an origin not allowed (a
     page elsewhere could make its visitors' browsers post edits to this server, unseen), the service not ready,
-    the queue full, a Content-Length over the upload limit."""
+    the queue full, a Content-Length over the upload limit, a form charset too slow to decode (SLOW_CHARSETS)."""
     origin, allowed = request.headers.get("origin"), service.settings.allow_origins
     if origin is not None and "*" not in allowed and origin not in allowed and \
             not same_origin(origin, request, service.settings.host_names()):
@@ -882,7 +884,26 @@ def refused_unread(request: Request, service: EditService) -> ServeError | None:
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > service.settings.max_upload_bytes:
         return _too_large(int(length), service.settings.max_upload_bytes)
+    if (charset := form_charset(request.headers.get("content-type", ""))) in SLOW_CHARSETS:
+        return ServeError(415, "unsupported_media_type", f"charset={charset}: this server does not read form fields "
+                          "in it (decoding it takes time quadratic in a field's length); send them in UTF-8")
     return None
+
+
+# Charsets whose decoding is pure Python and quadratic: Starlette decodes the form's text fields on the event loop,
+# and one 1 MB field in punycode held it (every request and probe) for 12 s in a security review. The others
+# Python knows decode 200 KB in under 2 ms.
+SLOW_CHARSETS = ("punycode",)
+
+
+def form_charset(content_type: str) -> str | None:
+    """The codec Starlette reads a multipart form's text in, by its `charset` parameter (None: none named, or none
+    Python knows, which Starlette reads as Latin-1)."""
+    charset = parse_options_header(content_type)[1].get(b"charset")
+    try:
+        return codecs.lookup(charset.decode("latin-1")).name if charset else None
+    except (LookupError, ValueError):  # not a codec's name ("foo", a NUL in it)
+        return None
 
 
 def same_origin(origin: str, request: Request, names: frozenset[str] | None = frozenset()) -> bool:
@@ -1098,10 +1119,16 @@ def server_log_config(log_level: str) -> dict[str, Any]:
     return config
 
 
+# uvicorn's h11 parser, not httptools (its choice where installed): httptools keeps a request's headers whatever their
+# size (190 MiB on one connection in a security review, the server's memory growing with them); h11 answers 400 to
+# headers still unfinished past 16 KiB (one read, at most 256 KiB, may hold more).
+HTTP_PARSER = "h11"
+
+
 def run_server(service: LocalEditService, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Serve in this process until SIGINT/SIGTERM, then shut down as `ZoneServer` does: queued edits answered 503,
     the running batch finished (its edits end within the request timeout, so the grace period is that)."""
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level=log_level,
-                            log_config=server_log_config(log_level),
+                            log_config=server_log_config(log_level), http=HTTP_PARSER,
                             timeout_graceful_shutdown=int(service.settings.timeout_s) + 1)
     ZoneServer(config, service).run()
