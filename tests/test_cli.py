@@ -998,6 +998,8 @@ def test_a_batch_runs_each_lines_edit_as_zone_edit_would_and_says_a_bad_line_by_
     ('{\n  "image": "photo.png"\n}', "(this looks like JSON spread over lines: write one object a line"),
     ('[{"image": "photo.png", "instruction": "x"},\n{"image": "photo.png", "instruction": "y"}]',
      "(this looks like JSON spread over lines"),
+    ('[ {"image": "photo.png", "instruction": "x"},\n  {"image": "photo.png", "instruction": "y"} ]',
+     "(this looks like JSON spread over lines"),
     ('{"image": "photo.png", "instruction": "x", "seed": ' + "9" * 5000 + "}", "line 1: not JSON (Exceeds"),
     ('{"image": ' + "[" * 100000 + "]" * 100000 + "}", "line 1: not JSON (maximum recursion depth"),
     ('{"image": "photo.png", "instruction": "x", "output": "a\\u0000.png"}', "holds a NUL character"),
@@ -2684,6 +2686,57 @@ def test_skip_existing_with_a_report_does_again_an_edit_written_but_not_reported
         f"--skip-existing: 2 edit(s) done again, their outputs there but no line of them in {report} (a run killed "
         f"between the two): {tmp_path / 'second.png'}, ..."]
     assert _edits_asked(monkeypatch, [*argv, "--report", str(tmp_path / "new.jsonl")])["outputs"] == []
+
+
+def test_skip_existing_finds_a_reported_output_however_its_path_was_written(photo, tmp_path, monkeypatch, capsys):
+    """The report's output and -o compared as files, not as strings: a relative -o's lines say relative outputs,
+    read from the current folder too (not only the report's, here another)."""
+    monkeypatch.chdir(tmp_path)
+    Path("out").mkdir()
+    Path("runs").mkdir()
+    Image.open(photo).save("out/photo.png")
+    Path("runs/report.jsonl").write_text(json.dumps({"name": "photo.png", "output": "out/photo.png",
+                                                     "seconds": {}}) + "\n")
+    argv = ["edit", str(photo), "-i", "add a hat", "-o", "out", "--tiny", "--skip-existing", "--report",
+            "runs/report.jsonl"]
+    assert _edits_asked(monkeypatch, argv)["outputs"] == []
+    assert capsys.readouterr().err.strip() == ("--skip-existing: all 1 edits done already, their outputs there: "
+                                               "nothing to do")
+
+
+def test_skip_existing_reads_a_reports_lines_past_one_that_is_not_an_edits(photo, tmp_path, monkeypatch, capsys):
+    """A line cut by a kill, or one not ours (JSON but no object), is no line of an edit; the lines after it, a
+    resumed run's, still are."""
+    out, report = tmp_path / "out", tmp_path / "report.jsonl"
+    out.mkdir()
+    Image.open(photo).save(out / "photo.png")
+    report.write_text('{"name": "second.png", "output": "out/sec\n[1, 2]\n3\n{"output": null}\n' +
+                      json.dumps({"name": "photo.png", "output": str(out / "photo.png"), "seconds": {}}) + "\n")
+    argv = ["edit", str(photo), "-i", "add a hat", "-o", str(out), "--tiny", "--skip-existing", "--report",
+            str(report)]
+    assert _edits_asked(monkeypatch, argv)["outputs"] == []
+    assert "all 1 edits done already" in capsys.readouterr().err
+
+
+def test_skip_existing_checks_only_the_outputs_it_writes(photo, tmp_path, monkeypatch):
+    """An output there (left out) is not written: one made read-only (kept as it is) does not refuse the run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    Image.open(photo).save(out / "photo.png")
+    (out / "photo.png").chmod(0o444)
+    Image.open(photo).save(tmp_path / "second.png")
+    if os.access(out / "photo.png", os.W_OK):  # root writes anywhere: denied here as for another user
+        monkeypatch.setattr("os.access", lambda path, mode: Path(path) != out / "photo.png")
+    argv = ["edit", str(photo), str(tmp_path / "second.png"), "-i", "add a hat", "-o", str(out), "--tiny",
+            "--skip-existing"]
+    assert _edits_asked(monkeypatch, argv)["outputs"] == ["second.png"]
+
+
+def test_skip_existing_refuses_a_folder_where_an_output_goes(photo, tmp_path, capsys):
+    """A folder named as an output is no edit done: refused as without --skip-existing, not left out as done."""
+    (tmp_path / "out" / "photo.png").mkdir(parents=True)
+    _fails_cleanly(capsys, ["edit", str(photo), "-i", "add a hat", "-o", str(tmp_path / "out"), "--tiny",
+                            "--skip-existing"], "holds a folder named photo.png")
 
 
 def test_skip_existing_with_every_output_there_writes_nothing_so_a_read_only_folder_is_done(photo, tmp_path,

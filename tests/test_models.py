@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import huggingface_hub
@@ -177,7 +178,8 @@ def test_a_model_the_offline_cache_holds_in_part_is_said_damaged_not_missing(tmp
         "_class_name": "StableDiffusionInstructPix2PixPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(CheckpointError, match=r"^cannot load InstructPix2Pix 'someone/cut-short' from the offline "
-                       r"Hugging Face cache \(.*no file named config\.json.*\): download it again"):
+                       r"Hugging Face cache \(.*no file named config\.json.*\): download it again "
+                       r"\(`hf download someone/cut-short`\)"):  # that id, not the default model's
         load_ip2p("someone/cut-short")
 
 
@@ -654,17 +656,36 @@ def test_a_triton_cache_folder_that_cannot_be_written_names_the_variable(tmp_pat
     check_triton_cache_writable()
 
 
+def test_the_triton_cache_folder_without_triton_knobs_is_found_by_tritons_rule(tmp_path, monkeypatch):
+    """No Triton, or one without `knobs`: TRITON_CACHE_DIR, else TRITON_HOME/.triton/cache, else ~/.triton/cache."""
+    from zone_engine.models import triton_cache_dir
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # `from triton import knobs` is an ImportError
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert triton_cache_dir() == str(tmp_path / "home" / ".triton" / "cache")
+    monkeypatch.setenv("TRITON_HOME", str(tmp_path / "triton-home"))
+    assert triton_cache_dir() == str(tmp_path / "triton-home" / ".triton" / "cache")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))  # over TRITON_HOME
+    assert triton_cache_dir() == str(tmp_path / "cache")
+
+
 def test_the_triton_cache_is_checked_only_where_triton_kernels_compile_on_a_gpu(monkeypatch):
     """On CUDA with the kernels chosen (the default there); never on the CPU, where no Triton cache is written."""
     import zone_kernels.attn_accumulate
     from zone_engine.backends import check_backends, triton_compiles_kernels
 
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    # Interpreted on the CPU (TRITON_INTERPRET=1, as here) the kernels run, but nothing is compiled or kept.
+    assert zone_kernels.attn_accumulate.runs_on(cpu)
+    assert not triton_compiles_kernels(cpu, kernels="triton", group_norm="triton")
     checked = []
     monkeypatch.setattr("zone_engine.backends.check_triton_cache_writable", lambda: checked.append(True))
     monkeypatch.setattr(zone_kernels.attn_accumulate, "runs_on", lambda device: device.type == "cuda")
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert triton_compiles_kernels(cuda) and triton_compiles_kernels(cuda, kernels="torch")  # kernel 3's norm
-    assert triton_compiles_kernels(cuda, kernels="Torch", group_norm="triton", denoiser="eager")
+    assert triton_compiles_kernels(cuda, group_norm="torch")  # the localization kernels
+    assert triton_compiles_kernels(cuda, kernels="Torch", group_norm="Triton", denoiser="eager")
     assert not triton_compiles_kernels(cuda, kernels="torch", denoiser="eager")
     assert not triton_compiles_kernels(cuda, kernels="torch", group_norm="torch")
     assert not triton_compiles_kernels(cuda, kernels="torch", cuda_graphs=False)  # auto: PyTorch's norm uncaptured
@@ -674,3 +695,5 @@ def test_the_triton_cache_is_checked_only_where_triton_kernels_compile_on_a_gpu(
     assert not checked
     check_backends(cuda, kernels="auto", group_norm="auto")
     assert checked
+    monkeypatch.setattr(zone_kernels.attn_accumulate, "runs_on", lambda device: False)  # a GPU Triton cannot use
+    assert not triton_compiles_kernels(cuda, kernels="triton", group_norm="triton")
