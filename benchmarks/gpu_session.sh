@@ -8,7 +8,7 @@
 # (adds /.whl/ to .git/info/exclude and downloads diffusers and segment-anything into .whl;
 # `fetch-wheels serve` also the serving load test's: the image has prometheus-client, httpx, anyio, h11, click).
 # Then: device run with carry [".whl"] and command `bash benchmarks/gpu_session.sh [STAGE ...]`: stages
-# kernels bench-compile bench tests refine profile graph-memory dual (the default, in that order), refine-zero
+# kernels tests bench dual refine profile graph-memory (the default, in that order), refine-zero
 # (refine keeping every mask), dual (the dual-step variants), bench-contiguous (bench with every network contiguous),
 # bench-compile (the compile backend beside fused, and the variant rows on compile's denoiser),
 # compile (the torch.compile test), breaks (compile's graph breaks), profile (one edit under torch.profiler: each
@@ -21,9 +21,10 @@
 # a stage cut off with its call) and kept in its log. The output ends with a summary: how each stage ended, then
 # the benches' per-stage latency tables.
 # A lease now has 15 minutes of device time in all, a machine's start (a minute or two) included, and a call
-# runs at most 600 s, so the default list puts what the open issues wait for first: kernels (issue 6's kernel
-# timings), bench-compile (issue 4: the compile rows, compile+sam-bf16 the fastest, 5.71x on 2026-12-04: 202 s
-# there, 123 s of it compiling), bench (the batches' throughput), then tests and the rest. A stage starts only while
+# runs at most 600 s, so the default list puts what the open issue waits for first: kernels (issue 6's kernel
+# timings: kernel 1's row-group sweep), then the GPU tests, bench (gpu-512 and the batches' throughput) and the rest,
+# about 410 s on the H200 (2026-12-04). bench-compile (the compile rows, compile+sam-bf16 the fastest, 5.71x on
+# 2026-12-04: 202 s there, 123 s of it compiling) is for a second call. A stage starts only while
 # the call's budget (BUDGET, default 570 s from the script's start) still holds its whole limit, else it says it
 # was skipped; bench's and bench-compile's limits (BENCH_LIMIT, default 240; COMPILE_LIMIT, default 330) are cut
 # to the budget left (a minute at least), their --time-limit 20 s under. A stage that reaches its limit is sent SIGTERM: a bench then
@@ -194,7 +195,7 @@ run_stage() {
         return 1 ;;
     esac
 }
-[ $# -gt 0 ] || set -- kernels bench-compile bench tests refine profile graph-memory dual
+[ $# -gt 0 ] || set -- kernels tests bench dual refine profile graph-memory
 for name in "$@"; do run_stage "$name"; done
 # Last, as the reply carries the end of the output: how each stage ended, and the per-stage latency table.
 if [ "$DRY_RUN" != 1 ]; then
