@@ -15,6 +15,10 @@ import torch
 import zone_engine  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# onnxruntime writes a device id and a telemetry database under ~/.cache/Microsoft as it is imported (by the ONNX
+# tests, by diffusers as a model loads): the suite left them in the contributor's home. `zone` turns it off itself
+# (cli._quiet_libraries); set before any test module imports it. A 0 of yours is kept.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 # A ZONE_DISABLE_TRITON=1 left in a contributor's shell failed 12 kernel tests (the tests that need it set it).
 os.environ.pop("ZONE_DISABLE_TRITON", None)
 if not torch.cuda.is_available():

@@ -557,10 +557,12 @@ def test_tensorrt_engines_are_cached_per_export_and_a_re_export_drops_the_old_on
         "device_id": 1}
 
 
-def test_a_gpu_provider_that_cannot_start_drops_out_with_a_warning_the_others_keep_their_options(exported,
+def test_a_gpu_provider_that_cannot_start_drops_out_with_a_warning_the_others_keep_their_options(folder_copy,
                                                                                                 monkeypatch):
     """ORT's own fallback would retry CUDA and CPU without their options (on GPU 0 whatever device_id), and
-    print its error to stdout: here each failing GPU provider drops out in turn, said in one warning."""
+    print its error to stdout: here each failing GPU provider drops out in turn, said in one warning. On a copy:
+    TensorRT offered makes its engine cache folder in the export (the shared one failed test_manifest_records_the_export
+    run after it)."""
     real, created = ort.InferenceSession, []
 
     def gpu_libraries_missing(path, options, providers, provider_options, enable_fallback):
@@ -572,7 +574,7 @@ def test_a_gpu_provider_that_cannot_start_drops_out_with_a_warning_the_others_ke
     monkeypatch.setattr(ort, "get_available_providers", lambda: list(PROVIDER_ORDER))
     monkeypatch.setattr(ort, "InferenceSession", gpu_libraries_missing)
     with pytest.warns(EditWarning) as said:
-        segmenter = OnnxSamSegmenter(exported, CONFIGS["random-weights"], device_index=1)
+        segmenter = OnnxSamSegmenter(folder_copy, CONFIGS["random-weights"], device_index=1)
     assert [str(warning.message) for warning in said] == [
         "ONNX Runtime could not start TensorrtExecutionProvider (TensorrtExecutionProvider could not be created: "
         "libnvinfer.so.10 not found) or CUDAExecutionProvider (CUDAExecutionProvider could not be created: "
@@ -617,12 +619,13 @@ def test_the_tensorrt_decoder_profile_spans_one_prompt_to_a_full_batch(folder_co
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider")  # ORT's own, for the providers this build lacks
-def test_a_gpu_provider_that_onnx_runtime_leaves_out_without_an_error_is_said(exported, monkeypatch):
+def test_a_gpu_provider_that_onnx_runtime_leaves_out_without_an_error_is_said(folder_copy, monkeypatch):
     """On Linux ORT mostly logs a GPU provider whose libraries do not load and builds the session without it:
-    no exception for the loop above to see. The real ORT here (a CPU build) does that with providers it lacks."""
+    no exception for the loop above to see. The real ORT here (a CPU build) does that with providers it lacks.
+    On a copy, as above: TensorRT offered makes its engine cache folder in the export."""
     monkeypatch.setattr(ort, "get_available_providers", lambda: list(PROVIDER_ORDER))
     with pytest.warns(EditWarning) as said:
-        segmenter = OnnxSamSegmenter(exported, CONFIGS["random-weights"])
+        segmenter = OnnxSamSegmenter(folder_copy, CONFIGS["random-weights"])
     assert [str(warning.message) for warning in said if warning.category is EditWarning] == [
         "ONNX Runtime could not start TensorrtExecutionProvider (left out by ONNX Runtime, whose log says why: its "
         "libraries may be missing) or CUDAExecutionProvider (left out by ONNX Runtime, whose log says why: its "

@@ -20,9 +20,11 @@ import torch
 ROOT = Path(__file__).parents[1]
 
 
-def _pytest(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """pytest on `args` alone: a PYTEST_ADDOPTS naming this file would have it run itself, and so on."""
-    inherited = {name: value for name, value in os.environ.items() if name != "PYTEST_ADDOPTS"}
+def _pytest(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
+            unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """pytest on `args` alone: a PYTEST_ADDOPTS naming this file would have it run itself, and so on. `unset`: other
+    variables of this process left out."""
+    inherited = {name: value for name, value in os.environ.items() if name not in ("PYTEST_ADDOPTS", *unset)}
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
                           env={**inherited, **(env or {})}, cwd=cwd, capture_output=True, text=True, timeout=240)
 
@@ -62,6 +64,15 @@ def test_the_kernel_tests_run_the_kernels_whatever_the_shell_left_set():
     node = "tests/test_kernel_mask_binarize.py::test_environment_variable_switches_the_kernels_off"
     run = _pytest(node, env={"TRITON_INTERPRET": "0", "ZONE_DISABLE_TRITON": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+def test_the_suite_leaves_no_onnxruntime_telemetry_in_the_home_folder(tmp_path):
+    """Importing onnxruntime (test_sam_onnx.py, test_export_unet.py; diffusers as a model loads) wrote a device id and
+    a telemetry database under ~/.cache/Microsoft: the suite left them in the contributor's home."""
+    run = _pytest("--collect-only", "tests/test_sam_onnx.py", env={"HOME": str(tmp_path)},
+                  unset=("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME"))  # as in a shell that sets neither
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert not (tmp_path / ".cache" / "Microsoft").exists(), sorted(map(str, tmp_path.rglob("*")))
 
 
 # A step with a child of its own, which on TERM waits for that child (its TERM came with the step's, as its process
