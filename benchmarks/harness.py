@@ -773,11 +773,23 @@ def _prime_unless_warming_up(config: BenchConfig, models: ZoneModels, latent_siz
     return f"no warm-up edit; each network called once untimed first ({time.perf_counter() - started:.1f} s)"
 
 
+def round_order(engine_dtype: torch.dtype) -> str:
+    """How the timed edits were ordered (`timed_rows`), for the record: a reader of a half-precision speed-up must
+    not take it for one measured in interleaved rounds."""
+    if engine_dtype == torch.float32:
+        return ("interleaved: each round one timed edit of every row (an engine row, the baseline, the other "
+                "engine rows)")
+    return ("the fp32 baseline's rounds first, then the engine rows' rounds, interleaved among themselves only (the "
+            "engine casts the shared weights in place): a drift of the machine between the two blocks lands on one "
+            "side of the speed-up")
+
+
 def _config_record(config: BenchConfig, priming: str, engine_dtype: torch.dtype, device: torch.device) -> dict:
     """The run's settings as the JSON file keeps them; `unets_channels_last`: the UNets' layout the engine rows
     ran in (--channels-last, or the default for this device and dtype)."""
     return {
         **{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ("sam", "out")},
+        "rounds": round_order(engine_dtype),
         "unets_channels_last": unets_channels_last(device, engine_dtype, config.channels_last),
         "action": config.action.value, "backends": list(config.backends), "sam": dataclasses.asdict(config.sam),
         "priming": priming, "image": f"make_sample_image({config.resolution}, {config.resolution})",

@@ -84,6 +84,7 @@ def setup_lines(record: dict) -> list[str]:
         *_group_norm_lines(record),
         f"- warm-up edits {config['warmup']} ({config['priming']}), timed edits {config['repeats']}{batches}; "
         f"action forced to {config['action']} (classification timed beside each edit)",
+        *([f"- rounds: {config['rounds']}"] if "rounds" in config else []),  # records from before it: none
         *([f"- **cut short**: {record['cut_short']}; no edit or batch started after it, so rows may have fewer "
            "timed edits than asked (their count is `n` in the JSON) and rows without one are listed as skipped"]
           if record.get("cut_short") else []),
@@ -145,6 +146,12 @@ def agreement_table(record: dict) -> list[str]:
             f"| {quality['iou_mask_b']:.4f} | {quality['mask_b_identical']} | {quality['iou_mask_f']:.4f} "
             f"| {quality['iou_region']:.4f} | {quality['used_fallback']} / {quality['baseline_used_fallback']} |"
         )
+    fell_back = [name for name, quality in record["quality"].items()
+                 if quality["used_fallback"] and quality["baseline_used_fallback"]]
+    if fell_back:  # M_f = M_b on both sides: the IoU of 1 says nothing of SAM's segments
+        lines += ["", f"{', '.join(fell_back)} and the baseline all fell back to M_b (no SAM segment chosen): their "
+                  "IoU M_f compares M_b with M_b, so SAM's segments (a reduced-precision SAM's borders among them) "
+                  "were not compared."]
     return lines + ["", _parity_line(record["parity"])]
 
 

@@ -129,6 +129,7 @@ def test_harness_runs_end_to_end_and_writes_reports(tmp_path):
     assert "| baseline (fp32) |" in table and "engine:eager" in table
     assert "- GroupNorms (--group-norm auto): engine:eager UNets pytorch, VAE pytorch; " in table
     assert record["config"]["unets_channels_last"] is False and "fp32 (default layout: contiguous)" in table
+    assert f"- rounds: {harness.round_order(torch.float32)}" in table and "interleaved" in record["config"]["rounds"]
     assert (tmp_path / "bench-tiny-smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Batches of concurrent edits (the preset's batch of 2): measured where the denoiser batches.
@@ -530,6 +531,9 @@ def test_a_half_precision_run_times_the_fp32_baseline_first_then_checks_fp32_par
     assert parity["mask_b_identical"] and parity["max_pixel_diff_image"] <= 1  # fp32 against fp32
     assert record["quality"]["engine:fused"]["dtype"] == "bf16" and record["floor"]["unet_gflop_per_row"] > 0
     assert "| engine:fused (bf16) |" in markdown(record)
+    # Its rounds were not interleaved with the baseline's: the record and the report say so, not "interleaved".
+    rounds = record["config"]["rounds"]
+    assert rounds.startswith("the fp32 baseline's rounds first") and f"- rounds: {rounds}" in markdown(record)
 
 
 def test_a_half_precision_run_stopped_while_its_rows_are_built_keeps_the_baseline_and_says_why(monkeypatch):
@@ -1436,6 +1440,59 @@ def test_engine_and_baseline_outputs_are_compared_pixel_for_pixel():
     assert harness.Parity("engine:eager", engine).report(reference) == {
         "name": "engine:eager", **harness.compare(engine, reference, "fp32")}
     assert harness.Parity(None).report(reference) is None  # every engine row failed: the report has no parity line
+
+
+def test_the_agreement_table_says_when_both_sides_fell_back_so_sams_segments_were_not_compared():
+    """With random SAM weights at ZONE's thresholds every row and the baseline fall back to M_b: an IoU M_f of 1
+    there compares M_b with M_b (the H200's bf16-SAM rows "agreed" so), and the report must not let it pass for
+    agreement of SAM's segments."""
+    def quality(used_fallback: bool, baseline_used_fallback: bool) -> dict:
+        return {"dtype": "fp16", "max_pixel_diff_image": 1, "max_pixel_diff_styled": 1, "iou_mask_b": 1.0,
+                "mask_b_identical": True, "iou_mask_f": 1.0, "iou_region": 1.0, "used_fallback": used_fallback,
+                "baseline_used_fallback": baseline_used_fallback}
+    both = {"quality": {"engine:fused": quality(True, True), "engine:fused+sam-bf16": quality(True, True)},
+            "parity": None}
+    text = "\n".join(agreement_table(both))
+    assert "engine:fused, engine:fused+sam-bf16 and the baseline all fell back to M_b" in text
+    assert "SAM's segments (a reduced-precision SAM's borders among them) were not compared" in text
+    segmented = {"quality": {"engine:fused": quality(False, False), "engine:eager": quality(True, False)},
+                 "parity": None}
+    assert "fell back" not in "\n".join(agreement_table(segmented))
+
+
+def test_the_unet_flop_count_agrees_with_an_independent_count_of_its_layers():
+    """The floor's FLOPs (FlopCounterMode on a meta copy) against a count from the layers' shapes alone: 2 x MACs of
+    every Conv2d and Linear, and 2 x 2 x N x K x inner_dim for each attention's two products (SD1.5 at 64²:
+    803.4 GFLOP both ways, ZONE.md's figure)."""
+    from zone_engine.models import PRESETS as MODEL_PRESETS
+    from zone_engine.models import build_unet
+
+    with torch.device("meta"):
+        unet = build_unet(MODEL_PRESETS["tiny"])
+    counted = []
+
+    def convolution(module, _, out):
+        counted.append(2 * out.numel() * module.in_channels // module.groups * module.kernel_size[0]
+                       * module.kernel_size[1])
+
+    def attention(module, args, kwargs, _):
+        states, context = args[0] if args else kwargs["hidden_states"], kwargs.get("encoder_hidden_states")
+        queries = states.shape[2] * states.shape[3] if states.ndim == 4 else states.shape[1]
+        keys = queries if context is None else context.shape[1]
+        counted.append(4 * states.shape[0] * queries * keys * module.inner_dim)
+
+    for module in unet.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(convolution)
+        elif isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda module, _, out: counted.append(2 * out.numel() * module.in_features))
+        elif isinstance(module, Attention):
+            module.register_forward_hook(attention, with_kwargs=True)
+    latent, context_dim = (16, 16), unet.config.cross_attention_dim
+    with torch.no_grad():
+        unet(torch.empty(1, 8, *latent, device="meta"), torch.tensor(999),
+             encoder_hidden_states=torch.empty(1, 77, context_dim, device="meta"))
+    assert sum(counted) > 0 and measure.unet_flops_per_row(dict(unet.config), latent, context_dim) == sum(counted)
 
 
 # What classify_action is given, in tests that stub it.
