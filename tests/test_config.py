@@ -23,7 +23,7 @@ from zone_engine.config import (
     parse_action,
     parse_hw,
 )
-from zone_engine.errors import ConfigError, DeviceError, InstructionError, first_line
+from zone_engine.errors import ConfigError, DeviceError, InstructionError, a_type, first_line, with_article
 from zone_engine.instruction import check_instruction
 from zone_engine.localize import localize
 from zone_engine.refine import refine_mask
@@ -178,6 +178,20 @@ def test_a_librarys_error_is_said_by_its_first_line_or_else_by_its_kind():
     assert first_line(RuntimeError("Error(s) in loading state_dict for Sam:\n\tMissing key(s)")) == (
         "Error(s) in loading state_dict for Sam:")
     assert first_line(EOFError()) == "EOFError" and first_line(ValueError(" \n ")) == "ValueError"
+
+
+@pytest.mark.parametrize("name, said", [
+    ("array", "an array"), ("Event", "an Event"), ("int", "an int"), ("OSError", "an OSError"),
+    ("unknown", "an unknown"), ("CMYK", "a CMYK"), ("str", "a str"), ("YCbr", "a YCbr"),
+])
+def test_a_name_gets_the_article_its_first_letter_takes(name, said):
+    """From a mutation audit: each vowel, either case, was not pinned (the messages of a_type and of an image's
+    colour profile read "an unknown", "a CMYK")."""
+    assert with_article(name) == said
+
+
+def test_a_type_says_the_type_as_python_names_it():
+    assert (a_type(OSError()), a_type(3), a_type(None)) == ("an OSError", "an int", "a NoneType")
 
 
 def test_a_generator_as_seed_says_how_to_get_its_seed():

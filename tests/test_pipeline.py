@@ -442,6 +442,7 @@ def test_the_group_norm_kernel_runs_every_unet_and_vae_norm_and_keeps_the_edit(t
     ("auto", "cuda", "fused", True, True, True),
     ("auto", "cuda", "compile", True, False, True),  # inductor generates its own fused norm for the step
     ("auto", "cuda", "eager", False, False, False),  # the plain reference
+    ("auto", "cuda", "eager", True, False, False),  # the reference's, whatever a caller says of graphs
     ("auto", "cuda", "tensorrt", True, False, True),
     # Uncaptured (--no-cuda-graphs), the kernel's launches cost more host time than its device time saves.
     ("auto", "cuda", "fused", False, False, False),

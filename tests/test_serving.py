@@ -66,8 +66,10 @@ from zone_engine.serving.app import (
     check_open_file_limit,
     check_request_fields,
     decode_upload,
+    form_charset,
     open_files_needed,
     outcome_of,
+    run_server,
 )
 from zone_engine.serving.batcher import DynamicBatcher, QueueFull, ShuttingDown
 from zone_engine.serving.metrics import ServeMetrics
@@ -1326,17 +1328,19 @@ def test_an_edit_from_a_browser_page_of_an_origin_not_allowed_is_refused_before_
 
 def test_a_form_in_punycode_is_refused_before_its_upload_is_read(pipe):
     """Starlette decodes a form's text fields on the event loop, and punycode's decoding is quadratic: a 1 MB field
-    held every request and probe for 12 s. 415 before the body is read, however the charset is written; a charset
-    Python decodes fast is read as before."""
+    held every request and probe for 12 s. 415 before the body is read, however the charset is written (Python's
+    codec lookup, as Starlette's, ignores case, a trailing "_" and a Latin-1 letter at either end); a charset Python
+    decodes fast is read as before."""
+    charsets = (b"punycode", b'"PunyCode"', b"punycode_", b"punycode\xe9")
     with serving(pipe) as (base, service):
-        for charset in (b"punycode", b'"PunyCode"'):
+        for charset in charsets:
             request = (b"POST /v1/edit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b; "
                        b"charset=" + charset + b"\r\nContent-Length: 100000\r\n\r\n")  # the body never comes
             head, _, body = raw_answer(base, request).partition("\r\n\r\n")
             assert head.startswith("HTTP/1.1 415 "), head
             error = json.loads(body)["error"]
             assert error["code"] == "unsupported_media_type" and "UTF-8" in error["message"]
-        assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="bad_request"}') == 2
+        assert metric(httpx.get(f"{base}/metrics").text, 'zone_requests_total{outcome="bad_request"}') == len(charsets)
         form = (b'--b\r\nContent-Disposition: form-data; name="instruction"\r\n\r\nadd a hat\r\n--b\r\n'
                 b'Content-Disposition: form-data; name="image"; filename="in.png"\r\n\r\n'
                 + png(smooth_image(64, 64, seed=8)) + b"\r\n--b--\r\n")
@@ -1344,6 +1348,27 @@ def test_a_form_in_punycode_is_refused_before_its_upload_is_read(pipe):
             answer = httpx.post(f"{base}/v1/edit", content=form, timeout=120, headers={
                 "Content-Type": f"multipart/form-data; boundary=b; charset={charset}"})
             assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize("content_type, charset", [
+    ("multipart/form-data; boundary=b; charset=PUNYCODE", "punycode"),
+    ("multipart/form-data; boundary=b; charset=utf8", "utf-8"),
+    ("multipart/form-data; boundary=b", None),  # Starlette's default, UTF-8
+    ("multipart/form-data; boundary=b; charset=foo", None),  # not a codec: Starlette reads it as Latin-1
+    ("multipart/form-data; boundary=b; charset=puny\x00code", None),  # a NUL: codecs.lookup's ValueError
+])
+def test_form_charset_names_the_codec_starlette_decodes_the_form_in(content_type, charset):
+    assert form_charset(content_type) == charset
+
+
+def test_run_server_parses_requests_with_h11(pipe, monkeypatch):
+    """The served process's parser, not only the tests': httptools, uvicorn's choice where installed, keeps a
+    request's headers whatever their size."""
+    configs = []
+    monkeypatch.setattr(uvicorn.Config, "configure_logging", lambda config: None)  # this process's logging kept
+    monkeypatch.setattr(ZoneServer, "run", lambda server, *_: configs.append(server.config))
+    run_server(LocalEditService(lambda: pipe, ServeSettings(warmup=False)), port=0)
+    assert [config.http for config in configs] == ["h11"] == [HTTP_PARSER]
 
 
 def test_request_headers_past_16_kib_are_refused_not_kept(pipe):
