@@ -936,3 +936,26 @@ def test_the_public_methods_keep_their_signatures_for_type_checkers():
     returns = [typing.get_type_hints(item, vars(pipeline))["return"]
                for item in typing.get_overloads(ZonePipeline.edit_batch)]
     assert returns == [list[EditResult], list[EditResult | Exception]]
+
+
+def test_out_of_gpu_memory_is_said_with_what_to_try_and_fails_its_edit_alone(tiny_pipe, monkeypatch):
+    """A CUDA OOM (a 16 GB GPU) was a torch traceback that stopped `zone edit a.png b.png` at that image: now a
+    ZoneError (a line, exit 2) naming what to try, that edit's only."""
+    from zone_engine import pipeline
+    from zone_engine.errors import OutOfDeviceMemory
+
+    real_decode, calls = pipeline.decode_latents, []
+
+    def decode_latents(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "decode_latents", decode_latents)
+    config = tiny_pipe.default_config.replace(steps=1)
+    requests = [EditRequest(smooth_image(64, 64, seed), "make it red", config) for seed in (0, 1)]
+    failed, done = tiny_pipe.edit_batch(requests, return_exceptions=True)
+    assert isinstance(failed, OutOfDeviceMemory) and isinstance(done, EditResult)
+    assert "Tried to allocate 2.00 GiB" in str(failed) and "--dtype fp16" in str(failed)
+    assert isinstance(failed.__cause__, torch.OutOfMemoryError)

@@ -52,6 +52,15 @@ class DeviceError(ZoneError):
     """The requested device or dtype is not available on this machine."""
 
 
+class OutOfDeviceMemory(DeviceError):
+    """The device ran out of memory for an edit: the machine's limit, not a bug (the message says what to try)."""
+
+
+OUT_OF_MEMORY_HINT = ("edit fewer images at once (--batch-size, a server's --max-batch), in half precision (--dtype "
+                      "fp16, --sam-precision bf16), smaller images (a server's --max-pixels), or free the GPU's "
+                      "memory (other processes on it)")
+
+
 class ConfigError(ZoneError):
     """An option has an impossible value."""
 

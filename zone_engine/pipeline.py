@@ -51,9 +51,12 @@ from .config import (
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
 from .errors import (
     DIFFUSERS_NAMES,
+    OUT_OF_MEMORY_HINT,
     ConfigError,
     EditCancelled,
+    OutOfDeviceMemory,
     a_type,
+    first_line,
     refuse_unknown,
     unknown_keywords_refused,
     warn_caller,
@@ -403,7 +406,11 @@ def _locked_on_device(method: Callable[Concatenate[ZonePipeline, P], T]) -> Call
     @functools.wraps(method)
     def stage(self: ZonePipeline, *args: P.args, **kwargs: P.kwargs) -> T:
         with self._lock, current_device(self.device):
-            return method(self, *args, **kwargs)
+            try:
+                return method(self, *args, **kwargs)
+            except torch.OutOfMemoryError as error:  # the GPU's limit, not a bug: a line saying what to try
+                raise OutOfDeviceMemory(f"out of GPU memory in {method.__name__} ({first_line(error)}): "
+                                        f"{OUT_OF_MEMORY_HINT}") from error
 
     return stage
 
