@@ -55,6 +55,24 @@ class TestOnGPU:
             second = run("reads_a_value", reads_a_value, 2 * x)
         assert torch.equal(first, x * 6) and torch.equal(second, 2 * x * 12) and run.captures == 0
 
+    def test_a_capture_out_of_memory_is_raised_and_a_later_call_captures(self):
+        """Out of memory while capturing is the device's state, not the function's: the call fails (the pipeline
+        says it as OutOfDeviceMemory) and the next one captures, where a stage kept eager would stay slow."""
+        run, failed = CapturedCalls(), []
+
+        def squares(x):
+            if torch.cuda.is_current_stream_capturing() and not failed:
+                failed.append(True)
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return x * x
+
+        x = torch.arange(4.0, device="cuda")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "not captured" warning
+            with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+                run("squares", squares, x)
+            assert torch.equal(run("squares", squares, x), x * x) and run.captures == 1
+
     def test_an_edit_with_graphed_stages_matches_one_without(self, tiny_models):
         image = smooth_image(64, 96, seed=6)
         config = EditConfig(steps=2, sam=SamConfig.for_random_weights())

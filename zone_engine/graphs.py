@@ -88,6 +88,9 @@ class CapturedCalls:
                         output = fn(*static)
                 except RuntimeError as error:  # e.g. a host sync: "operation not permitted when stream is capturing"
                     cause = error.__context__ or error  # ending an invalidated capture raises over the real cause
+                    for oom in (error, cause):  # the device's memory now, not fn: raised, nothing kept, a later
+                        if isinstance(oom, torch.OutOfMemoryError):  # call captures again (not eager for good)
+                            raise oom from None  # the invalidated capture's own error said nothing more
                     warn_caller(f"{name}: not captured as a CUDA graph ({first_line(cause)}); it runs eagerly",
                                 UserWarning)
                     return None
