@@ -48,6 +48,7 @@ from zone_engine.errors import (
     EditCancelled,
     InputImageError,
     InstructionError,
+    OutOfDeviceMemory,
     ZoneError,
 )
 from zone_engine.pipeline import STAGES, EditRequest
@@ -1545,7 +1546,9 @@ def test_each_engine_error_maps_to_its_status_code_and_outcome():
                                          (ConfigError("steps"), 422, "invalid_request", "bad_request"),
                                          (InputImageError("corrupt"), 400, "bad_image", "bad_request"),
                                          (ZoneError("refused"), 400, "bad_request", "bad_request"),
-                                         (DeviceError("out of memory"), 500, "server_error", "error"),
+                                         (DeviceError("no CUDA"), 500, "server_error", "error"),
+                                         (OutOfDeviceMemory("out of GPU memory in finish"), 503, "out_of_memory",
+                                          "out_of_memory"),
                                          (ShuttingDown("stopping"), 503, "unavailable", "unavailable"),
                                          (QueueFull(7), 503, "queue_full", "queue_full"),
                                          (RuntimeError("a bug"), 500, "internal_error", "error")):
@@ -1554,6 +1557,7 @@ def test_each_engine_error_maps_to_its_status_code_and_outcome():
     cancelled = as_serve_error(EditCancelled("stopped"), None)
     assert cancelled.headers["Retry-After"] and outcome_of(cancelled) == "cancelled"
     assert as_serve_error(QueueFull(7), None).headers["Retry-After"] == "7"
+    assert as_serve_error(OutOfDeviceMemory("out of GPU memory"), None).headers["Retry-After"] == "5"
 
 
 def test_a_damaged_upload_of_any_format_is_a_400_bad_image():

@@ -56,6 +56,7 @@ from ..errors import (
     EditWarning,
     InputImageError,
     InstructionError,
+    OutOfDeviceMemory,
     ZoneError,
     first_line,
 )
@@ -119,6 +120,8 @@ def as_serve_error(error: BaseException, service: EditService) -> ServeError:
         return ServeError(503, "cancelled", str(error), {"Retry-After": "5"})
     if isinstance(error, InputImageError):
         return ServeError(400, "bad_image", str(error))
+    if isinstance(error, OutOfDeviceMemory):  # the GPU's memory at that moment (a large batch, another process)
+        return ServeError(503, "out_of_memory", str(error), {"Retry-After": "5"})
     if isinstance(error, InstructionError | ConfigError):
         return ServeError(422, "invalid_request", str(error))
     if isinstance(error, SERVER_SIDE):
@@ -132,7 +135,7 @@ OUTCOME_BY_STATUS = {503: "queue_full", 504: "timeout", 500: "error"}
 
 
 def outcome_of(error: ServeError) -> str:
-    if error.code in ("unavailable", "cancelled"):
+    if error.code in ("unavailable", "cancelled", "out_of_memory"):
         return error.code
     if error.code == "client_closed_request":  # not the client's mistake: it gave up (its load balancer did)
         return "cancelled"

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from ..pipeline import STAGES
 
-OUTCOMES = ("ok", "bad_request", "queue_full", "timeout", "cancelled", "unavailable", "error")
+OUTCOMES = ("ok", "bad_request", "queue_full", "timeout", "cancelled", "unavailable", "out_of_memory", "error")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
