@@ -475,7 +475,7 @@ def test_the_pipeline_tells_make_group_norms_whether_it_captures(cuda_graphs, ti
         return make_group_norms(kind, torch.device("cpu"), denoiser, captured)
 
     monkeypatch.setattr(pipeline_module, "make_group_norms", recording)
-    monkeypatch.setattr(pipeline_module, "uses_cuda_graphs", lambda device, option: option is not False)
+    monkeypatch.setattr("zone_engine.backends.uses_cuda_graphs", lambda device, option: option is not False)
     pipeline_module.ZonePipeline(tiny_models, device="cpu", group_norm="triton", cuda_graphs=cuda_graphs)
     assert seen == [cuda_graphs is not False]
 
@@ -837,10 +837,9 @@ def test_the_total_is_the_wall_time_from_prepare_to_finish(tiny_pipe, monkeypatc
 def test_the_eager_reference_replays_no_stage_from_a_cuda_graph(tiny_models, monkeypatch):
     """denoiser="eager" is the plain reference throughout: its text encoder and VAE run eagerly even where CUDA
     graphs are on (stood in for on the CPU), where the other denoisers' pipelines capture them."""
-    import zone_engine.pipeline
     from zone_engine.graphs import CapturedCalls, eager
 
-    monkeypatch.setattr(zone_engine.pipeline, "uses_cuda_graphs", lambda device, cuda_graphs: True)
+    monkeypatch.setattr("zone_engine.backends.uses_cuda_graphs", lambda device, cuda_graphs: True)
     assert ZonePipeline(tiny_models, device="cpu", denoiser="eager").run is eager
     assert isinstance(ZonePipeline(tiny_models, device="cpu").run, CapturedCalls)
 

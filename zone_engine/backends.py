@@ -72,6 +72,12 @@ def uses_cuda_graphs(device: torch.device, cuda_graphs: bool | None) -> bool:
     return device.type == "cuda" if cuda_graphs is None else cuda_graphs
 
 
+def captures_stages(device: torch.device, cuda_graphs: object, denoiser: object) -> bool:
+    """Whether a pipeline replays its steps, text encoder and VAE from CUDA graphs: where `cuda_graphs` resolves
+    on, but for the plain reference (eager) throughout; auto's kernel 3 rests on it (make_group_norms)."""
+    return bool(uses_cuda_graphs(device, cuda_graphs)) and lowered_name(denoiser) != "eager"
+
+
 def make_denoiser(
     models: ZoneModels, kind: str | Denoiser, device: torch.device, engines: Path | None = None,
     cuda_graphs: bool | None = None, norms: NormScope = pytorch_norms,
@@ -138,8 +144,7 @@ def triton_compiles_kernels(device: torch.device, kernels: object = "auto", grou
     if device.type != "cuda":
         return False
     norms = lowered_name(group_norm)
-    captured = lowered_name(denoiser) != "eager" and cuda_graphs is not False  # auto's kernel 3 needs graphs
-    norm_kernel = norms == "triton" or (norms == "auto" and captured)
+    norm_kernel = norms == "triton" or (norms == "auto" and captures_stages(device, cuda_graphs, denoiser))
     if lowered_name(kernels) == "torch" and not norm_kernel:
         return False
     from zone_kernels.attn_accumulate import runs_on  # the rule every kernel shares (kernels/runtime.py)

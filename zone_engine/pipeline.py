@@ -23,6 +23,7 @@ from . import blend, image_io
 from .action import classify_action
 from .backends import (
     DTYPES,
+    captures_stages,
     check_backends,
     configure_attention,
     current_device,
@@ -33,7 +34,6 @@ from .backends import (
     make_segmenter,
     resolve_device,
     resolve_dtype,
-    uses_cuda_graphs,
 )
 from .config import (
     DEFAULT_ACTION_CLASSIFIER,
@@ -559,7 +559,7 @@ class ZonePipeline:
             self.models = models.to(self.device, self.dtype, channels_last)
         # The text encoder and VAE replayed from CUDA graphs wherever the denoiser's steps are: on CUDA,
         # unless graphs are turned off or the plain reference (eager) is asked for.
-        graphed = uses_cuda_graphs(self.device, cuda_graphs) and denoiser != "eager"
+        graphed = captures_stages(self.device, cuda_graphs, denoiser)
         # group_norm: the UNets' and VAE's GroupNorms by kernel 3 or PyTorch (make_group_norms says where).
         unet_norms, self.vae_norms = make_group_norms(group_norm, self.device, denoiser, graphed)
         self.denoiser = make_denoiser(self.models, denoiser, self.device, engines, cuda_graphs, unet_norms)
