@@ -11,7 +11,8 @@ the do_bench median (ms), the modelled memory traffic, their ratios to the kerne
 rows time it through the custom op (as torch.compile calls it) and replayed from a CUDA graph
 (do_bench_cudagraph: the device's time without the host's launch cost), and a last line puts that
 against the kernel's memory floor: its modelled bytes at the rate of a 1 GiB device copy measured
-in the same run. On the CPU the kernels run under
+in the same run (kernel 1's also against a floor kernel making its launches and loads, nothing else:
+latency's floor beside DRAM's, and its row splits across programs). On the CPU the kernels run under
 TRITON_INTERPRET=1 and only the quality figures mean anything (timings need a GPU).
 """
 
@@ -42,8 +43,9 @@ def _table(title: str, rows: list[dict], quality: str) -> str:
         timed = row["time_ms"] is not None
         time_ms = f"{row['time_ms']:.4f}" if timed else "n/a"
         time_ratio = f"{row['time_ms'] / kernel['time_ms']:.1f}" if timed else "n/a"
+        measured = "-" if row[quality] is None else f"{row[quality]:.3g}"  # a floor row computes nothing to check
         lines.append(f"  {row['name']:<46} {time_ms:>9} {time_ratio:>9} {row['bytes'] / 1e6:>9.2f} "
-                     f"{row['bytes'] / kernel['bytes']:>9.1f}  {row[quality]:.3g}")
+                     f"{row['bytes'] / kernel['bytes']:>9.1f}  {measured}")
     return "\n".join(lines)
 
 
@@ -59,13 +61,18 @@ def copy_bandwidth() -> float:
 
 def floor_line(rows: list[dict], bandwidth: float) -> str:
     """The kernel's memory floor (its modelled bytes at the measured copy rate) and how far the
-    graph-replayed kernel (the device's time alone) is from it."""
+    graph-replayed kernel (the device's time alone) is from it; and, where a row measured one (kernel 1),
+    from a floor kernel making the same launches that only read the inputs (latency's floor as well)."""
     kernel = _eager_kernel(rows)
     replayed = next(row for row in rows if "CUDA graph" in row["name"])
     floor_us = kernel["bytes"] / bandwidth * 1e6
-    return (f"  memory floor: {floor_us:.2f} us ({kernel['bytes'] / 1e6:.2f} MB at {bandwidth / 1e9:.0f} GB/s "
+    line = (f"  memory floor: {floor_us:.2f} us ({kernel['bytes'] / 1e6:.2f} MB at {bandwidth / 1e9:.0f} GB/s "
             f"measured); replayed from a CUDA graph: {replayed['time_ms'] * 1e3:.2f} us = "
             f"{replayed['time_ms'] * 1e3 / floor_us:.1f}x the floor")
+    if measured := next((row for row in rows if row["name"].startswith("floor:")), None):
+        line += (f"; the same launches only reading their inputs: {measured['time_ms'] * 1e3:.2f} us, the kernel "
+                 f"{replayed['time_ms'] / measured['time_ms']:.1f}x that")
+    return line
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -23,7 +23,8 @@ Public API:
     attn_accumulate_triton(total, query, key, scale)     the launcher (always launches)
     attn_accumulate_reference(total, query, key, scale)  plain torch (zone_engine.localize)
     torch.ops.zone.attn_accumulate_                      the custom op (fake impl registered)
-    benchmark(...)                                       (a) store-all, (b) torch, (c) kernel
+    benchmark(...)                                       (a) store-all, (b) torch, (c) kernel; on a GPU a floor:
+    read_once(query, key)                                a launch reading Q and K once, nothing else
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _attn_accumulate_kernel(
         tl.debug_barrier()  # every thread's share of the sum stored before the ticket releases it
         if tl.atomic_add(ticket_ptr + block, 1, sem="acq_rel") == GROUPS - 1:  # the block's last program
             summed = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for group in range(GROUPS):  # group order, whichever program came last: deterministic
+            for group in tl.static_range(GROUPS):  # group order, whichever program came last: deterministic
                 # .cg: read from L2, where the other programs' stores are, past this SM's L1.
                 summed += tl.load(partials + group * (BLOCK_N * BLOCK_K) + tile, mask=inside, other=0.0,
                                   cache_modifier=".cg")
@@ -145,13 +146,9 @@ def _launch(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: 
     if rows * heads == 0 or queries == 0:
         return
     interpreted = is_interpreted(_attn_accumulate_kernel)
-    # 16 queries per program (tl.dot's smallest tile) and, on a GPU, a program per row: SD1.5's N = 256
-    # and 16 rows make 256 programs. The interpreter prefers fewer, larger programs (two groups keep its
-    # path the GPU's). d is walked in chunks of at most 64 so a 160-dim head wastes 17 % (3 x 64)
-    # instead of 37 % (256) and the K tile stays at 16 KB in fp16.
-    block_n = 64 if interpreted else 16
-    block_k = max(16, triton.next_power_of_2(keys))
-    block_d = min(64, triton.next_power_of_2(max(dim, 16)))
+    block_n, block_k, block_d = _tiles(keys, dim, interpreted)
+    # On a GPU a program per row: SD1.5's N = 256 and 16 rows make 256 programs. The interpreter prefers
+    # fewer, larger programs (two groups keep its path the GPU's).
     groups = row_groups or min(rows * heads, 2 if interpreted else MAX_ROW_GROUPS)
     group_rows = triton.cdiv(rows * heads, groups)
     groups = triton.cdiv(rows * heads, group_rows)  # no group left empty
@@ -168,6 +165,14 @@ def _launch(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: 
         # in the fp32 accumulator whatever the setting ("tf32" is Triton's default).
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )
+
+
+def _tiles(keys: int, dim: int, interpreted: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, BLOCK_D): 16 queries a program (tl.dot's smallest tile; the interpreter prefers fewer,
+    larger programs), the keys in one tile, and d walked in chunks of at most 64, so a 160-dim head wastes 17 %
+    (3 x 64) instead of 37 % (256) and the K tile stays at 16 KB in fp16."""
+    return (64 if interpreted else 16, max(16, triton.next_power_of_2(keys)),
+            min(64, triton.next_power_of_2(max(dim, 16))))
 
 
 MAX_ROW_GROUPS = 32  # programs per block of queries; more rows than this share programs
@@ -239,6 +244,46 @@ def attention_sum_fp64(query: torch.Tensor, key: torch.Tensor, scale: float) -> 
     """sum over (R, H) of softmax(q k^T * scale) in float64: the accuracy yardstick, (N, K)."""
     scores = torch.matmul(query.double(), key.double().transpose(-1, -2)) * scale
     return scores.softmax(dim=-1).sum(dim=(0, 1))
+
+
+@triton.jit
+def _read_once_kernel(
+    sums_ptr, q_ptr, k_ptr, N, K,
+    stride_qr, stride_qh, stride_qn, stride_kr, stride_kh, stride_kn,
+    D: tl.constexpr, HEADS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The floor kernel 1 is measured against: kernel 1's grid (blocks of queries x rows) reading a layer's Q and K
+    once (a row's keys by its first block only) with the same loads, and nothing else: one sum per program."""
+    block, row = tl.program_id(0), tl.program_id(1)
+    r = row // HEADS
+    h = row - r * HEADS
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    total = 0.0
+    for d0 in tl.static_range(0, D, BLOCK_D):
+        d_in = (d0 + offs_d) < D
+        q = tl.load(q_ptr + r * stride_qr + h * stride_qh + offs_n[:, None] * stride_qn + (d0 + offs_d)[None, :],
+                    mask=(offs_n < N)[:, None] & d_in[None, :], other=0.0)
+        kt = tl.load(k_ptr + r * stride_kr + h * stride_kh + offs_k[None, :] * stride_kn + (d0 + offs_d)[:, None],
+                     mask=((offs_k < K) & (block == 0))[None, :] & d_in[:, None], other=0.0)
+        total += tl.sum(q.to(tl.float32)) + tl.sum(kt.to(tl.float32))
+    tl.store(sums_ptr + row * tl.num_programs(0) + block, total)
+
+
+def read_once(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Launch the floor kernel on one layer: (R*H*blocks,) sums whose total is query's plus key's, each element
+    read once."""
+    rows, heads, queries, dim = query.shape
+    block_n, block_k, block_d = _tiles(key.shape[2], dim, is_interpreted(_read_once_kernel))
+    blocks = triton.cdiv(queries, block_n)
+    sums = torch.empty(rows * heads * blocks, device=query.device, dtype=torch.float32)
+    _read_once_kernel[(blocks, rows * heads)](
+        sums, query, key, queries, key.shape[2], query.stride(0), query.stride(1), query.stride(2),
+        key.stride(0), key.stride(1), key.stride(2),
+        D=dim, HEADS=heads, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
+    )
+    return sums
 
 
 def _store_all(layers: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> torch.Tensor:
@@ -315,4 +360,11 @@ def benchmark(
             name = "one program per block, rows in turn" if groups == 1 else f"rows in {groups} groups a block"
             results.append({**graphed, "name": f"c: {name}, from a CUDA graph", **check(split()),
                             "time_ms": triton.testing.do_bench_cudagraph(split, return_mode="median")})
+        # The same launches around the same zeros and division, only reading: what kernel 1 costs beyond that.
+        floor = averaged(lambda _total, query, key, _scale: read_once(query, key))
+        results.append({"name": READ_ONCE_ROW, "bytes": qk_bytes, "max_abs_diff": None,
+                        "time_ms": triton.testing.do_bench_cudagraph(floor, return_mode="median")})
     return results
+
+
+READ_ONCE_ROW = "floor: a launch a layer only reading Q, K, from a CUDA graph"

@@ -125,6 +125,16 @@ def test_any_split_of_the_rows_gives_the_sum_and_repeats_bit_for_bit(groups):
 
 
 @DISPATCHES_TO_KERNEL
+@pytest.mark.parametrize("queries, heads, dim, keys", [(256, 8, 160, 77), (70, 5, 40, 9), (1, 1, 16, 1)])
+def test_the_benchmarks_floor_kernel_reads_every_element_of_query_and_key_once(queries, heads, dim, keys):
+    """Its sums add up to query's plus key's: an element missed or read twice (a block past the first reading the
+    keys again) changes the total. Integer values 1 to 4 keep every sum exact in fp32."""
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randint(1, 5, (2, heads, queries, dim), generator=generator).float()
+    key = torch.randint(1, 5, (2, heads, keys, dim), generator=generator).float()
+    assert attn_module.read_once(query, key).sum().item() == query.sum().item() + key.sum().item()
+
+
 def test_accumulates_in_place_across_calls(monkeypatch):
     query, key = _inputs(2, 5, 37, 40, 77, torch.float32, seed=1)
     query2, key2 = _inputs(2, 5, 37, 40, 77, torch.float32, seed=2)
