@@ -2301,6 +2301,18 @@ def test_random_weights_build_real_size_architectures_with_the_reference_setting
         _fails_cleanly(capsys, ["serve", "--tiny", "--random-weights", "sd15"], "exclude each other")
 
 
+@pytest.mark.skipif(SERVE_MISSING, reason="the serve extra is not installed")
+def test_serve_says_models_too_large_for_the_gpu_in_a_line_before_the_port_opens(capsys, monkeypatch):
+    """Weights that do not fit the GPU (a 16 GB card, another process on it) were torch's traceback, exit 1."""
+    def out_of_memory(*_args, **_kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(zone_engine.models.ZoneModels, "to", out_of_memory)
+    monkeypatch.setattr("zone_engine.serving.run_server", lambda *_: pytest.fail("the server started"))
+    _fails_cleanly(capsys, ["serve", "--tiny", "--port", "0"], "out of GPU memory moving the models to cpu",
+                   "Tried to allocate 2.00 GiB", "--dtype fp16")
+
+
 def test_zone_profile_and_zone_bench_hand_their_options_to_the_benchmark_tools(capsys):
     assert main(["profile", "--models", "tiny", "--device", "cpu", "--resolution", "64", "--steps", "2",
                  "--warmup", "0", "--rows", "0"]) == 0

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 
 import httpx
 import numpy as np
+import torch
 import uvicorn
 from conftest import damaged_image_files, rgb_profile, smooth_image
 from PIL import Image
@@ -1657,6 +1658,56 @@ def test_a_failed_load_fails_liveness_and_every_edit_says_why():
         for response in (httpx.get(f"{base}/healthz"), httpx.get(f"{base}/readyz"), post_edit(base, b"x")):
             assert response.status_code == 503 and "weights not found" in response.json()["error"]["message"]
             assert "retry-after" not in response.headers  # retrying cannot mend missing weights
+
+
+def out_of_memory_in_decoding(monkeypatch, failing: set[int]) -> None:
+    """The VAE decoder's calls numbered in `failing` (from 1) raise CUDA's out-of-memory error."""
+    from zone_engine import pipeline
+
+    real_decode, calls = pipeline.decode_latents, []
+
+    def decode_latents(*args, **kwargs):
+        calls.append(1)
+        if len(calls) in failing:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "decode_latents", decode_latents)
+
+
+def test_a_warm_up_out_of_gpu_memory_names_its_batch_and_the_server_stays_up_not_ready(pipe, monkeypatch):
+    """Said as "loading the models failed: out of GPU memory in finish": the models had loaded, and the operator was
+    not told that the warm-up's shape (--warmup-size, --max-batch) was what did not fit. Liveness fails too, as
+    for any failed start: a restart may find the GPU's memory free."""
+    out_of_memory_in_decoding(monkeypatch, {2})  # the sample edit passes; the --warmup-size batch does not
+    service = LocalEditService(lambda: pipe, ServeSettings(warmup=True, warmup_sizes=((64, 96),), max_batch=1))
+    with serving_service(service) as (base, _):
+        deadline = time.monotonic() + 120
+        while service.load_error is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for response in (httpx.get(f"{base}/healthz"), httpx.get(f"{base}/readyz"), post_edit(base, b"x")):
+            message = response.json()["error"]["message"]
+            assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable"
+            assert message.startswith("loading the models failed: warming up with a batch of 1 at 64x96: out of GPU "
+                                      "memory in finish (CUDA out of memory. Tried to allocate 2.00 GiB)"), message
+            assert "--warmup-size" in message
+    assert not service.ready
+
+
+def test_an_edit_out_of_gpu_memory_leaves_the_server_ready_and_is_counted(pipe, monkeypatch):
+    """Out of memory is the moment's (a large batch, another process on the GPU), not the server's state."""
+    out_of_memory_in_decoding(monkeypatch, {1})
+    with serving(pipe) as (base, _):
+        refused = post_edit(base, smooth_image(64, 64))
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "out_of_memory"
+        assert refused.headers["Retry-After"] == "5"
+        assert httpx.get(f"{base}/readyz").status_code == httpx.get(f"{base}/healthz").status_code == 200
+        assert post_edit(base, smooth_image(64, 64)).status_code == 200
+        text = httpx.get(f"{base}/metrics").text
+    assert metric(text, 'zone_requests_total{outcome="out_of_memory"}') == 1
+    assert metric(text, 'zone_requests_total{outcome="ok"}') == 1
+    assert metric(text, 'zone_requests_total{outcome="error"}') == 0
 
 
 def test_a_pipeline_whose_own_default_steps_pass_max_steps_fails_to_load(pipe):

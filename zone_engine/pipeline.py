@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import gc
@@ -10,7 +11,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -51,6 +52,7 @@ from .config import (
 from .denoise import BatchDenoiser, DenoiseInputs, Denoiser, initial_noise
 from .errors import (
     DIFFUSERS_NAMES,
+    MODELS_OUT_OF_MEMORY_HINT,
     OUT_OF_MEMORY_HINT,
     ConfigError,
     EditCancelled,
@@ -405,14 +407,19 @@ def _locked_on_device(method: Callable[Concatenate[ZonePipeline, P], T]) -> Call
     and Triton launch on the current device, so a pipeline on cuda:1 would otherwise launch on cuda:0."""
     @functools.wraps(method)
     def stage(self: ZonePipeline, *args: P.args, **kwargs: P.kwargs) -> T:
-        with self._lock, current_device(self.device):
-            try:
-                return method(self, *args, **kwargs)
-            except torch.OutOfMemoryError as error:  # the GPU's limit, not a bug: a line saying what to try
-                raise OutOfDeviceMemory(f"out of GPU memory in {method.__name__} ({first_line(error)}): "
-                                        f"{OUT_OF_MEMORY_HINT}") from error
+        with self._lock, current_device(self.device), _out_of_memory_said(f"in {method.__name__}"):
+            return method(self, *args, **kwargs)
 
     return stage
+
+
+@contextlib.contextmanager
+def _out_of_memory_said(doing: str, hint: str = OUT_OF_MEMORY_HINT) -> Iterator[None]:
+    """A CUDA out-of-memory inside as OutOfDeviceMemory: the GPU's limit, not a bug, in a line saying what to try."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        raise OutOfDeviceMemory(f"out of GPU memory {doing} ({first_line(error)}): {hint}") from error
 
 
 def _unknown_keywords_said(method: Callable[P, T]) -> Callable[P, T]:
@@ -552,7 +559,9 @@ class ZonePipeline:
         placement = (self.device, self.dtype, bool(channels_last),
                      unets_channels_last(self.device, self.dtype, channels_last), attention)
         self._lock = _take_models(models, self, placement)
-        with self._lock:  # not under another pipeline's edit: xformers would replace its recording processors
+        # Not under another pipeline's edit: xformers would replace its recording processors. Weights that do not
+        # fit were torch's traceback (`zone serve`: exit 1), not a line saying what to try.
+        with self._lock, _out_of_memory_said(f"moving the models to {self.device}", MODELS_OUT_OF_MEMORY_HINT):
             configure_attention(models, attention, self.device)
             # channels_last: convolutions in NHWC, where GPUs have their fastest fp16/bf16 kernels; None: the
             # UNets' only, on CUDA in half precision (models.unets_channels_last). The models change in place.

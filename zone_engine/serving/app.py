@@ -204,6 +204,9 @@ class EditService:
             except EditCancelled:
                 log.info("warm-up cut short: the server is stopping")
                 return
+            except OutOfDeviceMemory as error:  # this batch's size, not the models, may be what does not fit
+                raise OutOfDeviceMemory(f"warming up with a batch of {batch} at {image.shape[0]}x{image.shape[1]}: "
+                                        f"{error}; --max-batch and --warmup-size set the warm-up's batches") from error
 
     @property
     def load_failure(self) -> str | None:
