@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 try:
     import httpx
@@ -435,7 +436,8 @@ def run_load_test(config: LoadConfig, progress: Progress = lambda _: None) -> di
     started, load_before = time.perf_counter(), os.getloadavg()
     config.out.mkdir(parents=True, exist_ok=True)
     modes = ["external"] if config.url is not None else list(MODES)
-    results = [{"mode": mode, "url": config.url and config.url.rstrip("/"), "levels": []} for mode in modes]
+    url = config.url and config.url.rstrip("/")
+    results: list[dict[str, Any]] = [{"mode": mode, "url": url, "levels": []} for mode in modes]
     interrupted = None
     try:
         for result in results:

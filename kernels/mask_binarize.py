@@ -202,7 +202,7 @@ def _mask_binarize_op(
     average: torch.Tensor, grid_h: int, grid_w: int, last_token: int, paper: bool, threshold: int,
     mask: torch.Tensor, difference: torch.Tensor | None,
 ) -> None:
-    rule = "paper" if paper else "reference"
+    rule: Literal["reference", "paper"] = "paper" if paper else "reference"
     if _fusable(average, (grid_h, grid_w), mask):
         mask_binarize_triton(average, (grid_h, grid_w), last_token, mask, rule=rule, reference_threshold=threshold,
                              paper_threshold=threshold, difference=difference)

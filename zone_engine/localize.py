@@ -74,7 +74,8 @@ class AttentionAccumulator:
 
     def add_sum(self, total: torch.Tensor, rows: int) -> None:
         """Add an already-summed map (N, 77) holding `rows` rows (from an engine or a CUDA-graph replay)."""
-        self.reserve(*total.shape, total.device)
+        queries, keys = total.shape
+        self.reserve(queries, keys, total.device)
         self.total.add_(total)
         self.count += rows
 

@@ -118,7 +118,7 @@ def _job(entry: dict[str, Any], args: argparse.Namespace, defaults: dict[str, An
     image = _image_path(root, _path(entry["image"], "image"))
     check_image_path(image)  # a typo or a folder said before any work; its bytes are read later
     # JSON has one kind of number: 7.0 (pandas' float columns, JavaScript's 1e3) is 7, not "not a whole number"
-    changes = {name: _whole(entry[name]) for name in ("steps", "seed") if name in entry}
+    changes: dict[str, object] = {name: _whole(entry[name]) for name in ("steps", "seed") if name in entry}
     if "action" in entry:
         if entry["action"] == "":
             raise ConfigError('action "": write auto (classify), add, change or remove, or leave it out')

@@ -644,8 +644,9 @@ def check_checkpoints_present(ip2p: str, magicbrush: str, sam: str | Path | None
                               action_classifier: str | Path | None) -> None:
     """Every checkpoint located before any loads, and all that are missing said at once: a first run learns
     the whole list (IP2P, MagicBrush, SAM), not one name a run."""
-    checks = [lambda: locate_model("InstructPix2Pix", ip2p, IP2P_ID, option("ip2p", "DIR")),
-              lambda: locate_model("MagicBrush", magicbrush, MAGICBRUSH_ID, option("magicbrush", "DIR"))]
+    checks: list[Callable[[], object]] = [
+        lambda: locate_model("InstructPix2Pix", ip2p, IP2P_ID, option("ip2p", "DIR")),
+        lambda: locate_model("MagicBrush", magicbrush, MAGICBRUSH_ID, option("magicbrush", "DIR"))]
     if sam is not None:
         checks.append(lambda: sam_checkpoint_path(sam))
     if action_classifier is not None:

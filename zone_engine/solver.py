@@ -74,7 +74,8 @@ def solver_schedule(scheduler: DPMSolverMultistepScheduler, steps: int) -> Solve
     set_timesteps(scheduler, steps)
     sigmas = scheduler.sigmas  # (steps + 1,) float32, last one the final sigma
     count = len(scheduler.timesteps)
-    rows = {name: [] for name in ("alpha", "sigma", "z_scale", "x0_scale", "correction_scale", "inverse_r0")}
+    names = ("alpha", "sigma", "z_scale", "x0_scale", "correction_scale", "inverse_r0")
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for i in range(count):
         # Which update diffusers' step() takes at index i (lower_order_nums counts earlier steps).
         lower_order_final = i == count - 1 and (
