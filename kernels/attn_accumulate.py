@@ -90,18 +90,21 @@ def _attn_accumulate_kernel(
     if GROUPS == 1:
         tl.store(ptrs, tl.load(ptrs, mask=inside, other=0.0) + acc, mask=inside)
     else:
+        # Whole tiles, unmasked, so 16-byte vectors: padded keys hold 0, padded queries finite values never added.
         tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + offs_k[None, :]
         partials = partial_ptr + block * (GROUPS * BLOCK_N * BLOCK_K)
-        tl.store(partials + tl.program_id(1) * (BLOCK_N * BLOCK_K) + tile, acc, mask=inside)
+        tl.store(partials + tl.program_id(1) * (BLOCK_N * BLOCK_K) + tile, acc)
         tl.debug_barrier()  # every thread's share of the sum stored before the ticket releases it
         if tl.atomic_add(ticket_ptr + block, 1, sem="acq_rel") == GROUPS - 1:  # the block's last program
             summed = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for group in tl.static_range(GROUPS):  # group order, whichever program came last: deterministic
+            # Unrolled, all the reads in flight at once; in group order, whichever program came last: deterministic.
+            for group in tl.static_range(GROUPS):
                 # .cg: read from L2, where the other programs' stores are, past this SM's L1.
-                summed += tl.load(partials + group * (BLOCK_N * BLOCK_K) + tile, mask=inside, other=0.0,
-                                  cache_modifier=".cg")
+                summed += tl.load(partials + group * (BLOCK_N * BLOCK_K) + tile, cache_modifier=".cg")
             tl.store(ptrs, tl.load(ptrs, mask=inside, other=0.0) + summed, mask=inside)
-            tl.atomic_xchg(ticket_ptr + block, 0)  # ready for the next launch
+            # Ready for the next launch: every program of the block has taken its ticket, and the launch's end
+            # publishes the store (an atomic's fence would only make this program wait).
+            tl.store(ticket_ptr + block, 0)
 
 
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
