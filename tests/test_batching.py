@@ -219,6 +219,26 @@ def test_a_fault_in_the_batched_loop_is_retried_alone_and_stays_with_its_edit(fu
     assert np.array_equal(outcomes[2].image, fused_pipe.edit(image, "add a hat", config.replace(seed=2)).image)
 
 
+def test_a_batch_out_of_gpu_memory_is_said_in_the_log_and_retried_alone(fused_pipe, monkeypatch, caplog):
+    """Without the line a server's batches could all be split, each edit rerun, with nothing said (its warm-up of
+    --max-batch passed through the same retries)."""
+    real_batch = fused_pipe.denoiser.denoise_batch
+
+    def too_large(inputs, *args, **kwargs):
+        if len(inputs) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return real_batch(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(fused_pipe.denoiser, "denoise_batch", too_large)
+    image, config = smooth_image(64, 64, seed=4), fused_pipe.default_config.replace(steps=1)
+    with caplog.at_level("WARNING", logger="zone_engine"):
+        outcomes = fused_pipe.edit_batch([EditRequest(image, "add a hat", config.replace(seed=s)) for s in (1, 2)])
+    assert len(outcomes) == 2
+    said = [record.getMessage() for record in caplog.records if record.name == "zone_engine.pipeline"]
+    assert said == ["a batch of 2 edits ran out of GPU memory in denoising: each is retried alone (a smaller batch, "
+                    "--max-batch or --batch-size, would fit)"]
+
+
 def test_a_batch_failing_after_a_step_retries_each_edit_from_the_start(fused_pipe, monkeypatch):
     """The retry restarts each edit (its attention and trajectory): a batch that failed after its first step
     left that step's attention in the accumulators, which the retried edit would count again."""

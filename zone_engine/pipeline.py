@@ -7,6 +7,7 @@ import copy
 import functools
 import gc
 import inspect
+import logging
 import os
 import threading
 import time
@@ -87,6 +88,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 P = ParamSpec("P")  # a decorated method's parameters, kept for type checkers
+log = logging.getLogger(__name__)  # under "zone_engine", which `zone serve` logs
 
 STAGES = ("text", "action", "vae_encode", "denoise", "localize", "vae_decode", "refine", "blend")
 
@@ -744,6 +746,9 @@ class ZonePipeline:
         except Exception as error:
             if len(prepared) == 1:
                 return [error]
+            if isinstance(error, OutOfDeviceMemory):  # said: the retries are slower, and a warm-up passes through them
+                log.warning("a batch of %d edits ran out of GPU memory in denoising: each is retried alone (a smaller "
+                            "batch, --max-batch or --batch-size, would fit)", len(prepared))
             return [outcome for request, edit in zip(requests, prepared, strict=True)
                     for outcome in self._denoise_and_finish([request], [edit.restart()], progress)]
         return [
