@@ -1695,10 +1695,11 @@ def test_a_warm_up_out_of_gpu_memory_names_its_batch_and_the_server_stays_up_not
     assert not service.ready
 
 
-def test_an_edit_out_of_gpu_memory_leaves_the_server_ready_and_is_counted(pipe, monkeypatch):
-    """Out of memory is the moment's (a large batch, another process on the GPU), not the server's state."""
+def test_an_edit_out_of_gpu_memory_leaves_the_server_ready_and_is_counted(pipe, monkeypatch, caplog):
+    """Out of memory is the moment's (a large batch, another process on the GPU), not the server's state: logged
+    in a line, not a traceback each (under memory pressure those flooded the log)."""
     out_of_memory_in_decoding(monkeypatch, {1})
-    with serving(pipe) as (base, _):
+    with caplog.at_level("WARNING", logger="zone_engine"), serving(pipe) as (base, _):
         refused = post_edit(base, smooth_image(64, 64))
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "out_of_memory"
         assert refused.headers["Retry-After"] == "5"
@@ -1708,6 +1709,10 @@ def test_an_edit_out_of_gpu_memory_leaves_the_server_ready_and_is_counted(pipe, 
     assert metric(text, 'zone_requests_total{outcome="out_of_memory"}') == 1
     assert metric(text, 'zone_requests_total{outcome="ok"}') == 1
     assert metric(text, 'zone_requests_total{outcome="error"}') == 0
+    said = [record for record in caplog.records if "out of GPU memory" in record.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING" and said[0].exc_info is None
+    assert said[0].getMessage().startswith("an edit ran out of GPU memory (answered 503 out_of_memory): out of GPU "
+                                           "memory in finish (CUDA out of memory.")
 
 
 def test_a_pipeline_whose_own_default_steps_pass_max_steps_fails_to_load(pipe):

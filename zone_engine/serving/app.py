@@ -220,8 +220,10 @@ class EditService:
         """Model thread: one batch through the pipeline; a failing request fails alone."""
         outcomes = self.pipeline.edit_batch(requests, return_exceptions=True)
         for outcome in outcomes:
-            if isinstance(outcome, Exception) and (isinstance(outcome, SERVER_SIDE) or
-                                                   not isinstance(outcome, ZoneError)):
+            if isinstance(outcome, OutOfDeviceMemory):  # the moment's memory, not a fault: a line, not a traceback each
+                log.warning("an edit ran out of GPU memory (answered 503 out_of_memory): %s", first_line(outcome))
+            elif isinstance(outcome, Exception) and (isinstance(outcome, SERVER_SIDE) or
+                                                     not isinstance(outcome, ZoneError)):
                 log.error("edit failed", exc_info=outcome)
         return outcomes
 
