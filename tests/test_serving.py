@@ -1645,16 +1645,20 @@ def test_a_timeout_error_inside_the_engine_is_a_500_not_the_requests_timeout(pip
         assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
 
 
+def wait_for_load_failure(service: LocalEditService, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while service.load_error is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def test_a_failed_load_fails_liveness_and_every_edit_says_why():
     def missing_weights():
         raise CheckpointError("InstructPix2Pix weights not found at 'ip2p/'")
 
     service = LocalEditService(missing_weights, ServeSettings(warmup=False))
     with serving_service(service) as (base, _):
-        deadline = time.monotonic() + 60
-        while service.load_error is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for_load_failure(service, 60)
         for response in (httpx.get(f"{base}/healthz"), httpx.get(f"{base}/readyz"), post_edit(base, b"x")):
             assert response.status_code == 503 and "weights not found" in response.json()["error"]["message"]
             assert "retry-after" not in response.headers  # retrying cannot mend missing weights
@@ -1682,10 +1686,7 @@ def test_a_warm_up_out_of_gpu_memory_names_its_batch_and_the_server_stays_up_not
     out_of_memory_in_decoding(monkeypatch, {2})  # the sample edit passes; the --warmup-size batch does not
     service = LocalEditService(lambda: pipe, ServeSettings(warmup=True, warmup_sizes=((64, 96),), max_batch=1))
     with serving_service(service) as (base, _):
-        deadline = time.monotonic() + 120
-        while service.load_error is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for_load_failure(service, 120)
         for response in (httpx.get(f"{base}/healthz"), httpx.get(f"{base}/readyz"), post_edit(base, b"x")):
             message = response.json()["error"]["message"]
             assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable"
