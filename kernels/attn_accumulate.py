@@ -55,6 +55,7 @@ def _attn_accumulate_kernel(
     # interpreter fails on a loop bound passed at run time (int() of a 1-element array, under NumPy 2.4).
     D: tl.constexpr, HEADS: tl.constexpr, ROWS: tl.constexpr, GROUPS: tl.constexpr, GROUP_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PARTIAL_K: tl.constexpr,
 ):
     block = tl.program_id(0)
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -90,17 +91,20 @@ def _attn_accumulate_kernel(
     if GROUPS == 1:
         tl.store(ptrs, tl.load(ptrs, mask=inside, other=0.0) + acc, mask=inside)
     else:
-        # Whole tiles, unmasked, so 16-byte vectors: padded keys hold 0, padded queries finite values never added.
-        tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + offs_k[None, :]
-        partials = partial_ptr + block * (GROUPS * BLOCK_N * BLOCK_K)
-        tl.store(partials + tl.program_id(1) * (BLOCK_N * BLOCK_K) + tile, acc)
+        # The partial sums keep PARTIAL_K keys (77 rounded up to 80 of the tile's 128), a mask constant over 16
+        # lanes, so 16-byte vectors: padded keys hold 0, padded queries finite values never added.
+        tile = tl.arange(0, BLOCK_N)[:, None] * PARTIAL_K + offs_k[None, :]
+        kept = (offs_k < PARTIAL_K)[None, :]
+        partials = partial_ptr + block * (GROUPS * BLOCK_N * PARTIAL_K)
+        tl.store(partials + tl.program_id(1) * (BLOCK_N * PARTIAL_K) + tile, acc, mask=kept)
         tl.debug_barrier()  # every thread's share of the sum stored before the ticket releases it
         if tl.atomic_add(ticket_ptr + block, 1, sem="acq_rel") == GROUPS - 1:  # the block's last program
             summed = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             # Unrolled, all the reads in flight at once; in group order, whichever program came last: deterministic.
             for group in tl.static_range(GROUPS):
                 # .cg: read from L2, where the other programs' stores are, past this SM's L1.
-                summed += tl.load(partials + group * (BLOCK_N * BLOCK_K) + tile, cache_modifier=".cg")
+                summed += tl.load(partials + group * (BLOCK_N * PARTIAL_K) + tile, mask=kept, other=0.0,
+                                  cache_modifier=".cg")
             tl.store(ptrs, tl.load(ptrs, mask=inside, other=0.0) + summed, mask=inside)
             # Ready for the next launch: every program of the block has taken its ticket, and the launch's end
             # publishes the store (an atomic's fence would only make this program wait).
@@ -156,14 +160,15 @@ def _launch(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: 
     group_rows = triton.cdiv(rows * heads, groups)
     groups = triton.cdiv(rows * heads, group_rows)  # no group left empty
     blocks = triton.cdiv(queries, block_n)
-    partials, tickets = _workspace(total.device, blocks, groups, block_n * block_k)
+    partial_k = triton.cdiv(keys, 16) * 16
+    partials, tickets = _workspace(total.device, blocks, groups, block_n * partial_k)
     _attn_accumulate_kernel[(blocks, groups)](
         total, query, key, partials, tickets,
         queries, keys, float(scale) * LOG2E,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
         D=dim, HEADS=heads, ROWS=rows * heads, GROUPS=groups, GROUP_ROWS=group_rows,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, PARTIAL_K=partial_k,
         # fp32 inputs: "ieee", no tf32 rounding, as the fp32 reference; fp16/bf16 products are exact
         # in the fp32 accumulator whatever the setting ("tf32" is Triton's default).
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
