@@ -22,7 +22,7 @@
 # the benches' per-stage latency tables.
 # A lease now has 15 minutes of device time in all, a machine's start (a minute or two) included, and a call
 # runs at most 600 s, so the default list puts what the open issue waits for first: kernels (issue 6's kernel
-# timings: kernel 1's row-group sweep), then the GPU tests, bench (gpu-512 and the batches' throughput) and the rest,
+# timings: kernel 1's row-group sweep and its read-only floor), then the GPU tests, bench (gpu-512 and the batches' throughput) and the rest,
 # about 410 s on the H200 (2026-12-04). bench-compile (the compile rows, compile+sam-bf16 the fastest, 5.71x on
 # 2026-12-04: 202 s there, 123 s of it compiling) is for a second call. A stage starts only while
 # the call's budget (BUDGET, default 570 s from the script's start) still holds its whole limit, else it says it
