@@ -260,6 +260,20 @@ def test_edit_returns_a_png_of_the_input_size_and_json_has_every_field(pipe):
         assert forced.json()["warnings"] == [] and "X-Zone-Warnings" not in forced.headers
 
 
+def test_the_answer_says_the_seed_and_steps_its_edit_used_so_it_can_be_asked_for_again(pipe):
+    """A request without a seed got the server's (`--seed`), which no answer said: a caller could not get that
+    edit again from another server, or after the server's default changed."""
+    image = smooth_image(48, 64, seed=2)
+    with serving(pipe, edit_changes=(("seed", 5),)) as (base, _):
+        unseeded = post_edit(base, image)
+        assert (unseeded.headers["X-Zone-Seed"], unseeded.headers["X-Zone-Steps"]) == ("5", str(STEPS))
+        body = post_edit(base, image, seed=9, steps=2, **{"return": "json"})
+        assert (body.json()["seed"], body.json()["steps"]) == (9, 2) and body.headers["X-Zone-Seed"] == "9"
+    with serving(pipe) as (base, _):  # another server's default: the seed said back gives the same edit
+        again = post_edit(base, image, seed=unseeded.headers["X-Zone-Seed"])
+        assert again.headers["X-Zone-Seed"] == "5" and again.content == unseeded.content
+
+
 def test_what_an_edit_did_not_take_as_given_goes_back_with_its_request(pipe):
     """Transparency dropped (found while decoding the upload) and a coarse region (found by the pipeline): in
     the JSON body and the PNG's header, not only as unattributed warnings in the server's log. A note quoting the

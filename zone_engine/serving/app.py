@@ -549,6 +549,9 @@ def png_base64(array: np.ndarray, icc_profile: bytes | None = None) -> str:
 class EditResponse(BaseModel):
     request_id: str
     action: Literal["change", "add", "remove"] = Field(description="the action the edit used (beta follows it)")
+    seed: int = Field(description="the seed the edit used (the request's, else the server's): send it to get this "
+                      "edit again; also in the header X-Zone-Seed")
+    steps: int = Field(description="the denoising steps the edit used; also in the header X-Zone-Steps")
     width: int
     height: int
     image: str = Field(description="the edited image, base64 PNG, the input's size")
@@ -588,7 +591,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 # ---------------------------------------------------------------------------------------- the app
 
 # What a browser page may read of an answer beyond the body (CORS hides other headers from its script).
-EXPOSED_HEADERS = ("X-Request-Id", "X-Zone-Action", "X-Zone-Warnings", "X-Zone-Replica", "Retry-After")
+EXPOSED_HEADERS = ("X-Request-Id", "X-Zone-Action", "X-Zone-Seed", "X-Zone-Steps", "X-Zone-Warnings", "X-Zone-Replica",
+                   "Retry-After")
 
 
 def create_app(service: LocalEditService | None = None, settings: ServeSettings | None = None) -> FastAPI:
@@ -664,6 +668,7 @@ def _add_edit_route(app: FastAPI) -> None:
             result = await unless_disconnected(request, asyncio.ensure_future(service.edit(upload.pixels, text,
                                                                                           changes, deadline)))
             result = dataclasses.replace(result, notes=upload.notes + result.notes)
+            config = service.edit_config().replace(**changes)  # the one service.edit ran: its seed said back
         except ClientGone:
             service.metrics.count("cancelled")
             return error_response(ServeError(499, "client_closed_request", "the client went away; the edit was "
@@ -680,15 +685,17 @@ def _add_edit_route(app: FastAPI) -> None:
         service.metrics.count("ok")
         service.metrics.latency.observe(time.perf_counter() - started)
         service.metrics.observe_stages(result.timings)
-        return await answer(result, upload.icc_profile, request_id, service, as_json=return_ == "json")
+        return await answer(result, config, upload.icc_profile, request_id, service, as_json=return_ == "json")
 
 
-async def answer(result: EditResult, icc_profile: bytes | None, request_id: str, service: EditService, *,
-                 as_json: bool) -> Response:
+async def answer(result: EditResult, config: EditConfig, icc_profile: bytes | None, request_id: str,
+                 service: EditService, *, as_json: bool) -> Response:
     """A finished edit's response: the PNG, or the JSON with its masks, encoded in one of the service's image
     threads (not cut off by the timeout: the edit is done); what it says in headers (the notes logged too, with
     the request's id)."""
-    headers = {"X-Request-Id": request_id, "X-Zone-Action": result.action.value, "X-Zone-Replica": REPLICA}
+    # The seed and steps said either way: a request that sent none got the server's, which a caller could not see.
+    headers = {"X-Request-Id": request_id, "X-Zone-Action": result.action.value, "X-Zone-Seed": str(config.seed),
+               "X-Zone-Steps": str(config.steps), "X-Zone-Replica": REPLICA}
     for note in result.notes:
         log.info("request %s: %s", request_id, note)
     if result.notes:
@@ -696,7 +703,7 @@ async def answer(result: EditResult, icc_profile: bytes | None, request_id: str,
     if not as_json:
         return Response(await service.in_image_thread(png_bytes, result.image, icc_profile), media_type="image/png",
                         headers=headers)
-    body = await service.in_image_thread(edit_response, result, request_id, icc_profile)
+    body = await service.in_image_thread(edit_response, result, config, request_id, icc_profile)
     return JSONResponse(body.model_dump(), headers=headers)
 
 
@@ -778,10 +785,12 @@ def request_id_of(request: Request) -> str:
     return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
-def edit_response(result: EditResult, request_id: str, icc_profile: bytes | None = None) -> EditResponse:
+def edit_response(result: EditResult, config: EditConfig, request_id: str,
+                  icc_profile: bytes | None = None) -> EditResponse:
     height, width = result.image.shape[:2]
     return EditResponse(
-        request_id=request_id, action=result.action.value, width=width, height=height,
+        request_id=request_id, action=result.action.value, seed=config.seed, steps=config.steps, width=width,
+        height=height,
         image=png_base64(result.image, icc_profile), mask_b=png_base64(result.mask_b), mask_f=png_base64(result.mask_f),
         region=png_base64(result.region), used_fallback=result.used_fallback,
         instruction_truncated=result.instruction_truncated, timings=result.timings, warnings=list(result.notes),
