@@ -8,8 +8,8 @@ GPU would compile at an edit's first step, checked on the CPU: tests/test_kernel
 (`python tests/gpu_compile.py [90 89 80]`: the compute capabilities, all three by default). Prints
 each kernel's stack/local bytes where not 0. Exit 0; 1 with the reason when a kernel fails to compile, kernel 3
 reads x or writes y 2 bytes at a time at SD1.5's channel counts (no vector access), or kernel 1's sum across
-programs lost the order of its stores, barrier, ticket and reads or reads the groups' sums in a loop; 77 where
-Triton has no ptxas.
+programs lost the order of its stores, barrier, ticket and reads, reads the groups' sums in a loop, or moves them
+in scalars, not 16-byte vectors; 77 where Triton has no ptxas.
 """
 
 import re
@@ -168,6 +168,7 @@ def check_vector_access(name: str, args: dict, ptx: str) -> None:
 # The order the PTX memory model needs for the last program to see every partial; the interpreter, running
 # programs one after another, cannot show it. And those reads unrolled: as a loop (its first form), the last
 # program waited out one L2 round trip per group, 16 in turn at SD1.5's shapes.
+# The partial sums stored and read back in 16-byte vectors: their rows of keys a multiple of 16 (80 for CLIP's 77).
 TICKET = re.compile(r"atom\.global\.gpu\.acq_rel\.add")
 LABEL, BRANCH = re.compile(r"^(\$L__\w+):"), re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
 
@@ -187,6 +188,9 @@ def check_ticket_order(name: str, constexprs: dict, ptx: str) -> None:
         raise SystemExit(f"{name}: no barrier between the partials' stores and the ticket")
     if not reads or not any("bar.sync" in line for line in lines[ticket:reads[0]]):
         raise SystemExit(f"{name}: the partials are not read from L2 (.cg) after the ticket's shared value")
+    if scalar := [lines[i].strip() for i in [*stores, *reads] if ".v4." not in lines[i]]:
+        raise SystemExit(f"{name}: the partial sums move in scalars ({scalar[0]}), not 16-byte vectors: their rows "
+                         f"of PARTIAL_K={constexprs['PARTIAL_K']} keys must be a multiple of 16")
     if loop := backward_branch(lines, ticket):
         raise SystemExit(f"{name}: the last program's sum loops ({loop}): each group's read waits for the one "
                          "before, where unrolled they are all in flight at once")
@@ -199,7 +203,6 @@ def backward_branch(lines: list[str], start: int) -> str | None:
         if (match := BRANCH.search(line)) and start < labels.get(match[1], -1) <= i:
             return line.strip()
     return None
-
 
 
 # Hopper (H100/H200: the lent devices), then what edge servers run: Ada (L4, L40S), Ampere (A100, A10; sm_86's

@@ -124,6 +124,22 @@ def test_any_split_of_the_rows_gives_the_sum_and_repeats_bit_for_bit(groups):
     assert torch.allclose(first, 2 * expected, rtol=0, atol=2e-5)
 
 
+def test_each_block_and_group_keeps_its_own_partial_sums_added_in_group_order():
+    """The workspace holds a (block, group)'s partial sums apart from every other's, its keys rounded up to 16, and the
+    last program adds them in group order. The interpreter runs a block's programs one after another, so blocks
+    sharing a region (or a sum in another order) still gave the right total here; on a GPU they run at once."""
+    query, key = _inputs(3, 1, 130, 16, 77, torch.float32, seed=8)  # 3 groups of a row; 130 queries: 3 blocks
+    total = torch.zeros(130, 77)
+    attn_accumulate_triton(total, query, key, 0.25, row_groups=3)
+    block_n = attn_module._tiles(77, 16, INTERPRETED)[0]
+    blocks = -(-130 // block_n)
+    partials, tickets = attn_module._workspace(total.device, blocks, 3, block_n * 80)
+    assert partials.numel() == blocks * 3 * block_n * 80
+    assert torch.equal(tickets, torch.zeros(blocks, dtype=torch.int32))  # reset for the next launch
+    groups = partials.view(blocks, 3, block_n, 80)[..., :77].transpose(0, 1).reshape(3, blocks * block_n, 77)[:, :130]
+    assert torch.equal(total, groups[0] + groups[1] + groups[2])
+
+
 @DISPATCHES_TO_KERNEL
 @pytest.mark.parametrize("queries, heads, dim, keys", [(256, 8, 160, 77), (70, 5, 40, 9), (1, 1, 16, 1)])
 def test_the_benchmarks_floor_kernel_reads_every_element_of_query_and_key_once(queries, heads, dim, keys):

@@ -40,3 +40,26 @@ def test_every_kernel_launch_at_sd15_shapes_compiles_for_hopper_ada_and_ampere()
             pytest.skip(out.strip())
         assert code == 0, out[-2000:] + err[-4000:]
         assert f"kernels compiled for sm_{capability}" in out
+
+
+def test_kernel_1s_order_check_passes_its_order_and_refuses_a_loop_among_the_last_programs_reads():
+    """gpu_compile's check on kernel 1's PTX, on PTX written here: the real kernel never makes it fire, so a check
+    that could no longer see a loop (its first form, the reads waiting one by one) would pass unnoticed."""
+    try:
+        import gpu_compile
+    except SystemExit:  # 77: no ptxas; the check itself needs none, but the module stops at import without it
+        pytest.skip("gpu_compile needs Triton's ptxas")
+    before = ["$L__BB0_1:", "st.global.v4.b32 [%rd1], {%r1, %r2, %r3, %r4};", "bar.sync 0;",
+              "atom.global.gpu.acq_rel.add.u32 %r5, [%rd2], 1;", "bar.sync 0;", "$L__BB0_2:",
+              "ld.global.cg.v4.b32 {%r6, %r7, %r8, %r9}, [%rd3];"]
+    after = ["$L__BB0_3:", "ret;"]
+    check = gpu_compile.check_ticket_order
+    for branch in ("@%p1 bra $L__BB0_3;", "@%p1 bra $L__BB0_1;"):  # forward; back to before the ticket: no loop there
+        assert check("_attn_accumulate_kernel", {"GROUPS": 2}, "\n".join([*before, branch, *after])) is None
+    looping = "\n".join([*before, "@%p1 bra \t$L__BB0_2;", *after])
+    with pytest.raises(SystemExit, match=r"sum loops \(@%p1 bra"):
+        check("_attn_accumulate_kernel", {"GROUPS": 2}, looping)
+    assert check("_attn_accumulate_kernel", {"GROUPS": 1}, looping) is None  # one group: no sum across programs
+    scalar = "\n".join([before[0], "st.global.b32 [%rd1], %r1;", *before[2:], *after])  # 77 keys a row
+    with pytest.raises(SystemExit, match=r"move in scalars \(st.global.b32 .*PARTIAL_K=77"):
+        check("_attn_accumulate_kernel", {"GROUPS": 2, "PARTIAL_K": 77}, scalar)

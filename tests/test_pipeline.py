@@ -958,3 +958,10 @@ def test_out_of_gpu_memory_is_said_with_what_to_try_and_fails_its_edit_alone(tin
     assert isinstance(failed, OutOfDeviceMemory) and isinstance(done, EditResult)
     assert "Tried to allocate 2.00 GiB" in str(failed) and "--dtype fp16" in str(failed)
     assert isinstance(failed.__cause__, torch.OutOfMemoryError)
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("a bug, not the GPU's memory")
+
+    monkeypatch.setattr(pipeline, "decode_latents", broken)
+    (bug,) = tiny_pipe.edit_batch(requests[:1], return_exceptions=True)
+    assert type(bug) is RuntimeError  # only CUDA's out-of-memory error is said as the GPU's limit
