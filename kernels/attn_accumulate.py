@@ -92,7 +92,7 @@ def _attn_accumulate_kernel(
         tl.store(ptrs, tl.load(ptrs, mask=inside, other=0.0) + acc, mask=inside)
     else:
         # The partial sums keep PARTIAL_K keys (77 rounded up to 80 of the tile's 128), a mask constant over 16
-        # lanes, so 16-byte vectors: padded keys hold 0, padded queries finite values never added.
+        # lanes, so 16-byte vectors: padded keys hold 0, padded queries' finite values are never added.
         tile = tl.arange(0, BLOCK_N)[:, None] * PARTIAL_K + offs_k[None, :]
         kept = (offs_k < PARTIAL_K)[None, :]
         partials = partial_ptr + block * (GROUPS * BLOCK_N * PARTIAL_K)

@@ -238,7 +238,7 @@ def test_a_batch_out_of_gpu_memory_is_said_in_the_log_and_retried_alone(fused_pi
     assert len(outcomes) == 2
     said = [record.getMessage() for record in caplog.records if record.name == "zone_engine.pipeline"]
     assert said == ["a batch of 2 edits ran out of GPU memory in denoising: each is retried alone (a smaller batch, "
-                    "--max-batch or --batch-size, would fit)"]
+                    "--max-batch or --batch-size, may fit)"]
 
 
 def test_a_batch_failing_after_a_step_retries_each_edit_from_the_start(fused_pipe, monkeypatch):

@@ -562,7 +562,7 @@ class ZonePipeline:
                      unets_channels_last(self.device, self.dtype, channels_last), attention)
         self._lock = _take_models(models, self, placement)
         # Not under another pipeline's edit: xformers would replace its recording processors. Weights that do not
-        # fit were torch's traceback (`zone serve`: exit 1), not a line saying what to try.
+        # fit the GPU: a line saying what to try, not torch's traceback.
         with self._lock, _out_of_memory_said(f"moving the models to {self.device}", MODELS_OUT_OF_MEMORY_HINT):
             configure_attention(models, attention, self.device)
             # channels_last: convolutions in NHWC, where GPUs have their fastest fp16/bf16 kernels; None: the
@@ -748,7 +748,7 @@ class ZonePipeline:
                 return [error]
             if isinstance(error, OutOfDeviceMemory):  # said: the retries are slower, and a warm-up passes through them
                 log.warning("a batch of %d edits ran out of GPU memory in denoising: each is retried alone (a smaller "
-                            "batch, --max-batch or --batch-size, would fit)", len(prepared))
+                            "batch, --max-batch or --batch-size, may fit)", len(prepared))
             return [outcome for request, edit in zip(requests, prepared, strict=True)
                     for outcome in self._denoise_and_finish([request], [edit.restart()], progress)]
         return [
