@@ -306,6 +306,21 @@ def test_the_default_layout_on_the_cpu_is_contiguous_and_true_converts_every_dif
     assert all(c.weight.is_contiguous() for c in conv.values())
 
 
+def test_weight_bytes_count_every_networks_weights_in_their_dtype_sam_and_the_classifier_kept_fp32(tiny_models):
+    """What `zone serve` logs at load: half precision halves the diffusion models' share only."""
+    import copy
+
+    def floats(*nets):
+        return sum(t.numel() for net in nets for t in net.state_dict().values() if t.is_floating_point())
+
+    models = copy.deepcopy(tiny_models)
+    diffusion = floats(models.text_encoder, models.vae, models.ip2p_unet, models.mb_unet)
+    in_fp32 = models.weight_bytes()
+    assert in_fp32 >= 4 * (diffusion + floats(models.sam, models.action_classifier))  # and integer buffers
+    models.to(torch.device("cpu"), torch.bfloat16)
+    assert in_fp32 - models.weight_bytes() == 2 * diffusion
+
+
 def test_the_torch_free_name_lists_match_the_models():
     """The command line offers config's names (no torch at --help); the models are keyed by models.py's."""
     from zone_engine.config import MODEL_SIZES, SAM_TYPES

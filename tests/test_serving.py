@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import warnings
 import zlib
 from collections import deque
@@ -69,6 +70,7 @@ from zone_engine.serving.app import (
     check_request_fields,
     decode_upload,
     form_charset,
+    models_memory_line,
     open_files_needed,
     outcome_of,
     run_server,
@@ -401,6 +403,22 @@ def test_warmup_sizes_run_every_padded_batch_size_at_the_servers_steps_before_re
         assert warmed == [((128, 128), 1, 2), ((64, 96), 1, 2), ((64, 96), 2, 2), ((64, 96), 4, 2)]
     with pytest.raises(ConfigError, match=r"warm-up size 4x4 \(--warmup-size, warmup_sizes\)"):
         ServeSettings(warmup_sizes=((4, 4),))
+
+
+def test_the_models_weights_and_the_gpus_free_memory_are_logged_as_they_load(pipe, monkeypatch, caplog):
+    """A small or shared GPU's operator sees at start what room the precision and SAM leave (the server picks
+    neither by the card)."""
+    caplog.set_level(logging.INFO, logger="zone_engine.serving")
+    LocalEditService(lambda: pipe, ServeSettings(warmup=False)).load()
+    weights = pipe.models.weight_bytes() / 2**30
+    assert weights > 0
+    said = f"models loaded on cpu (diffusion models in float32, SAM in float32): {weights:.2f} GiB of weights"
+    assert said in caplog.messages
+    on_a_gpu = types.SimpleNamespace(device=torch.device("cuda:0"), dtype=torch.float16,
+                                     models=types.SimpleNamespace(sam=None, weight_bytes=lambda: 6 * 2**30))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (12 * 2**30, 22 * 2**30))
+    assert models_memory_line(on_a_gpu) == ("models loaded on cuda:0 (diffusion models in float16): 6.00 GiB of "
+                                            "weights; 12.0 GiB of the GPU's 22.0 GiB free")
 
 
 def test_a_batch_that_could_never_fill_is_refused_by_the_local_service_only(pipe):

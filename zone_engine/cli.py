@@ -134,7 +134,7 @@ def _add_backend_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sam-precision", type=str.lower, default="fp32", choices=SAM_PRECISIONS,
                        help="with --segmenter torch: precision of SAM's image encoder (nearly all its FLOPs); "
                        "prompt decoding, scores and thresholds stay fp32. fp32 (default, the reference), bf16, "
-                       "fp16 (CUDA only): faster, masks may differ slightly")
+                       "fp16 (CUDA only): faster, masks may differ slightly; SAM's weights stay fp32 either way")
     group.add_argument("--kernels", type=str.lower, default="auto", choices=LOCALIZATION_KERNELS,
                        help="localization math: triton (fused kernels), torch (reference); default auto: triton on "
                        "CUDA, torch elsewhere")
@@ -190,12 +190,15 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--sam", type=file_argument,
                         help=f"SAM checkpoint .pth, for --segmenter torch (default: {DEFAULT_SAM})")
     models.add_argument("--sam-type", type=str.lower, choices=SAM_TYPES,
-                        help="SAM size, when the file name does not say it")
+                        help="SAM size, when the file name does not say it: vit_h (ZONE's; 2.4 GiB of fp32 "
+                        "weights), vit_l (1.2 GiB) or vit_b (0.35 GiB), whose segments differ")
     models.add_argument("--action-classifier", type=file_argument,
                         help=f"ZONE's action classifier (default: {DEFAULT_ACTION_CLASSIFIER} when that file is "
                              "there); without it a keyword rule decides the action")
     models.add_argument("--dtype", type=str.lower, default="fp32", choices=["fp32", "fp16", "bf16"],
-                        help="precision of the diffusion models (fp16/bf16 need CUDA; default fp32)")
+                        help="precision of the diffusion models (fp16/bf16 need CUDA; default fp32, the "
+                        "reference): their weights take 7.2 GiB in fp32, 3.6 GiB in fp16/bf16, beside SAM's; "
+                        "on a 16-24 GB GPU use fp16")
     models.add_argument("--tiny", action="store_true", help="use tiny random models instead (for trying the CLI)")
     models.add_argument("--random-weights", type=str.lower, choices=[size for size in MODEL_SIZES if size != "tiny"],
                         help="SD1.5-sized architectures (and SAM --sam-type, default vit_b) with random weights: "
@@ -407,7 +410,8 @@ def _add_serve_command(commands) -> None:
     limits = ServeSettings()  # the defaults: a server built in Python (PipelineSpec, ServeSettings) gets the same
     server.add_argument("--max-batch", type=int, default=limits.max_batch,
                         help=f"most edits denoised together, at most --queue-size and {MAX_BATCH} "
-                        "(default: %(default)s)")
+                        "(default: %(default)s; on a 16-24 GB GPU, --warmup-size 512x512 tries each batch size "
+                        "before ready)")
     server.add_argument("--max-wait-ms", type=float, default=limits.max_wait_ms,
                         help="longest a request waits for others to batch with; 0 or more, under --timeout-s "
                         "(default: %(default)g)")

@@ -78,6 +78,12 @@ class ZoneModels:
                 net.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
         return self
 
+    def weight_bytes(self) -> int:
+        """Bytes of every network's parameters and buffers, in the dtypes they have now (after `to`)."""
+        nets = (self.text_encoder, self.vae, self.ip2p_unet, self.mb_unet, self.sam, self.action_classifier)
+        return sum(tensor.numel() * tensor.element_size() for net in nets if net is not None
+                   for tensor in (*net.parameters(), *net.buffers()))
+
 
 # How a stage runs its models' GroupNorms: called with the models, entered around their calls.
 NormScope = Callable[..., contextlib.AbstractContextManager]

@@ -150,6 +150,24 @@ def warmup_batch_sizes(max_batch: int) -> list[int]:
     return sorted({padded_batch(edits) for edits in range(1, max_batch + 1)})
 
 
+GIB = 1 << 30
+
+
+def models_memory_line(pipeline: ZonePipeline) -> str:
+    """The loaded models' weights and, on CUDA, the GPU's memory left: the server picks no precision or batch size
+    by the card, so on a small or shared GPU this line says what room its defaults leave (README: GPU memory)."""
+    import torch
+
+    dtype = str(pipeline.dtype).removeprefix("torch.")
+    sam = "" if pipeline.models.sam is None else ", SAM in float32"  # None: an exported SAM, on ONNX Runtime
+    weights = pipeline.models.weight_bytes() / GIB
+    line = f"models loaded on {pipeline.device} (diffusion models in {dtype}{sam}): {weights:.2f} GiB of weights"
+    if pipeline.device.type != "cuda":
+        return line
+    free, total = torch.cuda.mem_get_info(pipeline.device)  # the device's: other processes' memory counted
+    return f"{line}; {free / GIB:.1f} GiB of the GPU's {total / GIB:.1f} GiB free"
+
+
 class EditService:
     """One model instance behind the routes: loads and warms the pipeline, runs edits in batches.
 
@@ -188,6 +206,8 @@ class EditService:
         then, at each of `warmup_sizes`, one batch of every size the denoiser pads batches to. Stopping the
         server ends the warm-up at the running batch's next step (else SIGTERM would wait for all of it)."""
         self.pipeline = self.build_pipeline()
+        if isinstance(self.pipeline, ZonePipeline):  # a stand-in (the tests') has no models to count
+            log.info("%s", models_memory_line(self.pipeline))
         self.settings.check_default_steps(self.edit_config().steps)  # the pipeline's own default, if not the server's
         first = (make_sample_image(128, 128), self.edit_config().replace(steps=2), 1)
         batches = [first] if self.settings.warmup else []
