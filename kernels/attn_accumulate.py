@@ -347,7 +347,7 @@ def benchmark(
     # in/out); the store then concatenates them (read, write) and reads them for the mean: 8 in all; the torch
     # reference reads them once for each layer's sum (6), writes that sum and adds it to the total (read both,
     # write one: 4 maps a layer). The kernel adds only the accumulator's read-modify-write (its groups' partial
-    # sums, written and read back within the launch, 16 x 256 x 77 x 4 B = 1.3 MB a layer on a GPU, stay in L2
+    # sums, written and read back within the launch, 16 x 256 x 80 x 4 B = 1.3 MB a layer on a GPU, stay in L2
     # and are not counted).
     upcast = 2 * qk_bytes * 4 // element
     variants = {

@@ -2607,6 +2607,26 @@ def test_help_says_the_tensorrt_paths_have_not_run(command, capsys, monkeypatch)
     assert "written for tensorrt 10" in out and "not yet run on a gpu" in out
 
 
+def _github_anchor(heading: str) -> str:
+    """The id GitHub gives a Markdown heading: lower case, punctuation (backquotes, dashes other than '-') dropped,
+    spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def test_the_readme_s_contents_and_in_page_links_name_its_headings():
+    """The table of contents lists the README's sections in order, and every `](#...)` link lands on a heading
+    (one added by hand, such as the GPU memory section's, could name an id GitHub does not give it)."""
+    text = re.sub(r"^```.*?^```", "", (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8"),
+                  flags=re.M | re.S)  # a `# comment` in a shell block is no heading
+    headings = [(len(marks), _github_anchor(title)) for marks, title in re.findall(r"^(##+) (.+)$", text, re.M)]
+    assert len({anchor for _, anchor in headings}) == len(headings)  # no -1 suffixes to follow
+    contents = [(len(indent) // 2 + 2, anchor) for indent, anchor in
+                re.findall(r"^( *)- \[.*\]\(#(.+)\)$", text.split("\n## ", 1)[0], re.M)]
+    assert contents == headings
+    links = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert links and links <= {anchor for _, anchor in headings}
+
+
 # --- What a command line means beyond parsing: defaults, values passed on, exit codes (found by mutation testing) ---
 
 
