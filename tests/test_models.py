@@ -309,6 +309,7 @@ def test_the_default_layout_on_the_cpu_is_contiguous_and_true_converts_every_dif
 def test_weight_bytes_count_every_networks_weights_in_their_dtype_sam_and_the_classifier_kept_fp32(tiny_models):
     """What `zone serve` logs at load: half precision halves the diffusion models' share only."""
     import copy
+    import dataclasses
 
     def floats(*nets):
         return sum(t.numel() for net in nets for t in net.state_dict().values() if t.is_floating_point())
@@ -319,6 +320,9 @@ def test_weight_bytes_count_every_networks_weights_in_their_dtype_sam_and_the_cl
     assert in_fp32 >= 4 * (diffusion + floats(models.sam, models.action_classifier))  # and integer buffers
     models.to(torch.device("cpu"), torch.bfloat16)
     assert in_fp32 - models.weight_bytes() == 2 * diffusion
+    # No classifier file (a keyword rule decides) or an exported SAM: counted as nothing, not an AttributeError
+    without, empty = (dataclasses.replace(models, sam=net, action_classifier=net) for net in (None, torch.nn.Module()))
+    assert without.weight_bytes() == empty.weight_bytes() < models.weight_bytes()
 
 
 def test_the_torch_free_name_lists_match_the_models():

@@ -56,6 +56,7 @@ from zone_engine.errors import (
 from zone_engine.pipeline import STAGES, EditRequest
 from zone_engine.serving import LocalEditService, ServeSettings, create_app
 from zone_engine.serving.app import (
+    EXPOSED_HEADERS,
     FORM_FIELDS,
     HTTP_PARSER,
     MAX_JPEG_SCANS,
@@ -269,6 +270,9 @@ def test_the_answer_says_the_seed_and_steps_its_edit_used_so_it_can_be_asked_for
     with serving(pipe, edit_changes=(("seed", 5),)) as (base, _):
         unseeded = post_edit(base, image)
         assert (unseeded.headers["X-Zone-Seed"], unseeded.headers["X-Zone-Steps"]) == ("5", str(STEPS))
+        # A page of an --allow-origin may read them too: CORS hides every header it does not expose
+        assert {name for name in unseeded.headers if name.startswith("x-")} <= {
+            name.lower() for name in EXPOSED_HEADERS}
         body = post_edit(base, image, seed=9, steps=2, **{"return": "json"})
         assert (body.json()["seed"], body.json()["steps"]) == (9, 2) and body.headers["X-Zone-Seed"] == "9"
     with serving(pipe) as (base, _):  # another server's default: the seed said back gives the same edit
