@@ -337,6 +337,77 @@ def test_health_readiness_metrics_and_openapi(pipe):
         assert {"413", "503", "504"} <= set(schema["paths"]["/v1/edit"]["post"]["responses"])
 
 
+def edit_operation(schema: dict) -> tuple[dict, dict]:
+    """POST /v1/edit in an OpenAPI document: its operation and its form's schema (what a generated client reads)."""
+    operation = schema["paths"]["/v1/edit"]["post"]
+    form = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    return operation, schema["components"]["schemas"][form]
+
+
+def field_schema(field: dict) -> dict:
+    """An optional field's values' schema (`anyOf` it or null), a required one's as it is."""
+    return next((choice for choice in field.get("anyOf", ()) if choice.get("type") != "null"), field)
+
+
+JSON_TYPES = {"string": str, "integer": int, "boolean": bool, "array": list, "object": dict}
+
+
+def test_a_request_built_from_the_openapi_document_alone_gets_the_answer_it_documents(pipe):
+    """A client generated from /openapi.json: its form's values taken from the schema's enums and bounds, and the
+    answer read by it (the headers a 200 and an error carry, the JSON's fields and types). The headers, the form's
+    values and bounds, and a 503's codes were in the README only."""
+    rgba = np.dstack([smooth_image(64, 64), np.linspace(0, 255, 64 * 64).astype(np.uint8).reshape(64, 64)])
+    with serving(pipe) as (base, _):
+        schema = httpx.get(f"{base}/openapi.json").json()
+        operation, form = edit_operation(schema)
+        fields = {name: field_schema(field) for name, field in form["properties"].items()}
+        assert fields["action"]["enum"] == ["auto", "change", "add", "remove"]
+        assert fields["seed"]["minimum"] == 0 and fields["seed"]["maximum"] == 2**32 - 1
+        values = {"action": fields["action"]["enum"][0], "steps": int(fields["steps"]["minimum"]),
+                  "seed": int(fields["seed"]["maximum"]), "return": "json"}
+        answer = post_edit(base, rgba, **values)  # transparency dropped: a warning
+        assert answer.status_code == 200, answer.text
+        documented = operation["responses"]["200"]
+        headers = documented["headers"]
+        assert set(headers) == set(EXPOSED_HEADERS) - {"Retry-After"}  # what a browser page may read, all said
+        for name, header in headers.items():
+            said, bounds = answer.headers[name], header["schema"]
+            if bounds["type"] == "integer":
+                assert bounds["minimum"] <= int(said) <= bounds.get("maximum", MAX_STEPS), name
+            assert said in bounds.get("enum", [said]), name
+        body = answer.json()
+        model = schema["components"]["schemas"][
+            documented["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]]
+        assert set(body) == set(model["properties"]) == set(model["required"])
+        for name, value in body.items():
+            assert isinstance(value, JSON_TYPES[model["properties"][name]["type"]]), name
+        assert (body["seed"], body["steps"]) == (values["seed"], values["steps"])
+        assert answer.headers["X-Zone-Warnings"].split(" | ") == body["warnings"] and body["warnings"]
+        refused = post_edit(base, rgba, steps=int(fields["steps"]["minimum"]) - 1)
+        assert refused.status_code == 422
+        assert all(name in refused.headers for name in operation["responses"]["422"]["headers"])
+
+
+def test_the_openapi_document_names_each_error_code_under_its_status():
+    """A client told by the schema which `error.code` values each status may carry, and when Retry-After comes:
+    the 503's description said "queue full or shutting down", not out_of_memory or cancelled; the 500's and 400's
+    named none of their codes."""
+    service = types.SimpleNamespace(settings=ServeSettings())  # what a timeout's message reads
+    answered = {(as_serve_error(error, service).status, as_serve_error(error, service).code) for error in (
+        QueueFull(7), ShuttingDown("stopping"), EditTimedOut(), EditCancelled("stopped"), InputImageError("corrupt"),
+        OutOfDeviceMemory("out of GPU memory"), InstructionError("empty"), DeviceError("no CUDA"),
+        ZoneError("refused"), RuntimeError("a bug"))}
+    answered |= {(403, "origin_not_allowed"), (413, "upload_too_large"), (413, "image_too_large"),
+                 (415, "unsupported_media_type"), (421, "host_not_allowed")}  # said before the endpoint runs
+    with local_client() as client:
+        responses = edit_operation(client.get("/openapi.json").json())[0]["responses"]
+    for status, code in answered:
+        assert re.search(rf"\b{code}\b", responses[str(status)]["description"]), (status, code)
+    for status, response in responses.items():
+        assert "X-Request-Id" in response["headers"], status
+        assert ("Retry-After" in response["headers"]) == (status == "503"), status
+
+
 def test_not_ready_until_loaded_and_warmed_up(pipe):
     gate = threading.Event()
 

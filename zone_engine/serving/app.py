@@ -46,7 +46,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from .. import __version__
-from ..config import DECIMAL_INTEGER, MAX_SEED, SAMPLE_INSTRUCTION, EditConfig, parse_action
+from ..config import DECIMAL_INTEGER, MAX_SEED, SAMPLE_INSTRUCTION, Action, EditConfig, parse_action
 from ..dual_step import padded_batch
 from ..errors import (
     CheckpointError,
@@ -69,7 +69,7 @@ from ..image_io import (
     read_image,
 )
 from ..instruction import check_instruction
-from ..pipeline import BatchKey, EditRequest, EditResult, ZonePipeline, batch_key
+from ..pipeline import STAGES, BatchKey, EditRequest, EditResult, ZonePipeline, batch_key
 from ..streams import in_colour
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
 from .metrics import ServeMetrics
@@ -567,13 +567,14 @@ def png_base64(array: np.ndarray, icc_profile: bytes | None = None) -> str:
 
 
 class EditResponse(BaseModel):
-    request_id: str
+    request_id: str = Field(description="this request's id (the caller's X-Request-Id when sane, else a new one); "
+                            "also in the header X-Request-Id")
     action: Literal["change", "add", "remove"] = Field(description="the action the edit used (beta follows it)")
     seed: int = Field(description="the seed the edit used (the request's, else the server's): send it to get this "
                       "edit again; also in the header X-Zone-Seed")
     steps: int = Field(description="the denoising steps the edit used; also in the header X-Zone-Steps")
-    width: int
-    height: int
+    width: int = Field(description="the edited image's width in pixels (the input's)")
+    height: int = Field(description="the edited image's height in pixels (the input's)")
     image: str = Field(description="the edited image, base64 PNG, the input's size")
     mask_b: str = Field(description="attention edit mask M_b, base64 PNG (white = edit)")
     mask_f: str = Field(description="SAM-refined mask M_f, base64 PNG")
@@ -583,28 +584,70 @@ class EditResponse(BaseModel):
     warnings: list[str] = Field(description="what the edit did not take as given: transparency dropped, frames "
                                 "after the first skipped, the instruction truncated, an image under one cell of "
                                 "the attention grid (a coarse region); also in the header X-Zone-Warnings")
-    timings: dict[str, float] = Field(description="seconds per pipeline stage, and total")
+    timings: dict[str, float] = Field(description=f"seconds per pipeline stage ({', '.join(STAGES)}), and total")
 
 
 class ErrorBody(BaseModel):
-    code: str
-    message: str
+    code: str = Field(description="a stable code for what went wrong (each status's description lists its codes)")
+    message: str = Field(description="what went wrong and what to do, for people: its wording may change")
 
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
-    request_id: str
+    request_id: str = Field(description="this request's id, also in the header X-Request-Id")
 
 
+def header(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An OpenAPI response header."""
+    return {"description": description, "schema": schema or {"type": "string"}}
+
+
+def optional_field(schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional form field's schema (json_schema_extra): its values' `schema`, or left out (null, never sent).
+    Its checks stay the endpoint's own (check_request_fields), which say them in this API's words."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+DEFAULTS = ServeSettings()  # the limits the schema names: a server's own options may set others
+ACTIONS = [action.value for action in Action]
+ACTION_NAMES = ["auto", *ACTIONS]  # what parse_action takes (in any case)
+REQUEST_ID_HEADER = {"X-Request-Id": header("this request's id: the caller's when it sent a sane one "
+                                            "([A-Za-z0-9._:-], at most 128), else a new one; in the logs too")}
+# What an edit's answer says beside its body, PNG or JSON alike (`answer`).
+EDIT_HEADERS = {
+    **REQUEST_ID_HEADER,
+    "X-Zone-Action": header("the action the edit used", {"type": "string", "enum": ACTIONS}),
+    "X-Zone-Seed": header("the seed the edit used (the request's, else the server's): send it to get this edit "
+                          "again", {"type": "integer", "minimum": 0, "maximum": MAX_SEED}),
+    "X-Zone-Steps": header("the denoising steps the edit used (the request's, else the server's)",
+                           {"type": "integer", "minimum": 1}),
+    "X-Zone-Warnings": header("only when there are any: what the edit did not take as given (the JSON's "
+                              "`warnings`), joined by ' | '"),
+    "X-Zone-Replica": header("which server process answered (host:pid)"),
+}
+# Each error status with the codes its body may hold (the JSON's `error.code`).
+ERROR_STATUSES = {
+    400: "bad_image: the image cannot be read (empty, not in a format served, corrupt or truncated, a JPEG of too "
+         "many scans); bad_request: the body does not parse as multipart (or another "
+         "fault of the request)",
+    403: "origin_not_allowed: a browser page of an origin not allowed (--allow-origin)",
+    413: "upload_too_large: the upload is over --max-upload-mb; image_too_large: the image is over --max-pixels",
+    415: "unsupported_media_type: not multipart/form-data, or a charset whose fields are not read (punycode)",
+    421: "host_not_allowed: addressed to a host name not allowed (--allow-host)",
+    422: "invalid_request: a field missing, unknown, repeated, empty, out of range or not valid",
+    500: "internal_error: the edit failed inside the engine; server_error: the server cannot run it (a model that "
+         "fails to load, a device fault, no room to store the upload); the server log has the details",
+    503: "retry later, after Retry-After seconds where it is sent. queue_full: too many edits waiting; unavailable: "
+         "not ready (loading, warming up), shutting down, or its batching worker stopped (no Retry-After once loading "
+         "failed: /readyz says why); cancelled: the edit was stopped before it finished; out_of_memory: the GPU's "
+         "memory ran out for this edit",
+    504: "timeout: the edit did not finish within --timeout-s of its upload; it was cancelled",
+}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        400: "unreadable image", 403: "a browser page of an origin not allowed (--allow-origin)",
-        421: "addressed to a host name not allowed (--allow-host)",
-        413: "upload or image too large", 415: "not multipart/form-data, or in a charset not read",
-        422: "missing or invalid field", 500: "engine fault", 503: "queue full or shutting down (Retry-After)",
-        504: "timed out (the edit was cancelled)",
-    }.items()
+    status: {"model": ErrorResponse, "description": description,
+             "headers": {**REQUEST_ID_HEADER, **({"Retry-After": header(
+                 "seconds to wait before retrying", {"type": "integer", "minimum": 1})} if status == 503 else {})}}
+    for status, description in ERROR_STATUSES.items()
 }
 
 
@@ -659,20 +702,35 @@ def add_routes(app: FastAPI) -> None:
 
 
 def _add_edit_route(app: FastAPI) -> None:
-    @app.post(EDIT_PATH, responses={200: {"content": {"image/png": {}, "application/json": {
-        "schema": EditResponse.model_json_schema()}}, "description": "the edit (PNG) or its details (JSON)"},
-        **ERROR_RESPONSES}, summary="Edit an image as an instruction says")
+    # `model` puts EditResponse in the schema's components (a generated client's named type) for application/json.
+    @app.post(EDIT_PATH, responses={200: {"model": EditResponse, "content": {"image/png": {}},
+                                          "description": "the edited image (return=png) or its details (return=json)",
+                                          "headers": EDIT_HEADERS},
+                                    **ERROR_RESPONSES}, summary="Edit an image as an instruction says")
     async def edit(
         request: Request,
-        image: Annotated[UploadFile, File(description="the image to edit (PNG, JPEG, WebP, ...)")],
-        instruction: Annotated[str, Form(description='what to do, e.g. "make the dog a golden statue"')],
-        action: Annotated[str | None, Form(description="force change, add or remove (default: classified)")] = None,
-        # Its range checked below, not by Form(ge=1): a 0 said as a 1000 is ("steps: 0 is outside 1..100").
-        steps: Annotated[int | None, Form(description="denoising steps, 1 to the server's --max-steps (default: "
-                                          "the server's)")] = None,
-        seed: Annotated[int | None, Form(description="seed of the initial noise (default: the server's)")] = None,
+        image: Annotated[UploadFile, File(description=f"the image to edit, a file ({', '.join(SERVED_FORMATS)}), "
+                                          f"at most --max-upload-mb (default {DEFAULTS.max_upload_mb:g} MiB) and "
+                                          f"--max-pixels (default {DEFAULTS.max_pixels:,}) pixels")],
+        instruction: Annotated[str, Form(description='what to do, e.g. "make the dog a golden statue"; at most '
+                                         f"{DEFAULTS.max_instruction_chars:,} characters "
+                                         "(ServeSettings.max_instruction_chars)",
+                                         json_schema_extra={"minLength": 1})],
+        action: Annotated[str | None, Form(description="auto: classified from the instruction (the default), or "
+                                           "force change, add or remove",
+                                           json_schema_extra=optional_field({"type": "string",
+                                                                             "enum": ACTION_NAMES}))] = None,
+        # The ranges checked below, not by Form(ge=1): a 0 said as a 1000 is ("steps: 0 is outside 1..100"); the
+        # schema says them all the same. Integers in decimal digits (check_form_fields).
+        steps: Annotated[int | None, Form(description="denoising steps, 1 to the server's --max-steps "
+                                          f"({DEFAULTS.max_steps} unless set) (default: the server's --steps)",
+                                          json_schema_extra=optional_field({"type": "integer", "minimum": 1}))] = None,
+        seed: Annotated[int | None, Form(description="seed of the initial noise (default: the server's --seed)",
+                                         json_schema_extra=optional_field(
+                                             {"type": "integer", "minimum": 0, "maximum": MAX_SEED}))] = None,
         return_: Annotated[Literal["png", "json"], Form(alias="return", description="png: the edited image; "
-                           "json: image and masks as base64 PNG, action and timings")] = "png",
+                           "json: EditResponse (image and masks as base64 PNG, action, seed, steps, timings, "
+                           "warnings)")] = "png",
     ) -> Response:
         service: EditService = request.app.state.service
         request_id, started = request_id_of(request), time.perf_counter()
