@@ -26,7 +26,7 @@ import time
 import urllib.parse
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
@@ -233,8 +233,10 @@ class EditService:
         """What clients and probes are told once loading or the warm-up failed, else None."""
         return f"loading the models failed: {self.load_error}" if self.load_error else None
 
-    def edit_config(self) -> EditConfig:
-        return self.pipeline.default_config.replace(**dict(self.settings.edit_changes))
+    def edit_config(self, changes: Mapping[str, Any] | None = None) -> EditConfig:
+        """The server's settings (--steps, --seed, ...) over the pipeline's defaults, and a request's `changes` over
+        those: what its edit runs with, and what its answer says it ran with."""
+        return self.pipeline.default_config.replace(**dict(self.settings.edit_changes)).replace(**(changes or {}))
 
     def run_batch(self, requests: Sequence[EditRequest]) -> list[EditResult | Exception]:
         """Model thread: one batch through the pipeline; a failing request fails alone."""
@@ -291,7 +293,7 @@ class EditService:
         work is cancelled and EditTimedOut raised."""
         loop = asyncio.get_running_loop()
         timeout_s = self.settings.timeout_s if deadline is None else deadline - loop.time()
-        config = self.edit_config().replace(**changes)
+        config = self.edit_config(changes)
         request = EditRequest(image, instruction, config, cancel=threading.Event())
 
         async def submitted() -> Any:  # the edit's own failure as its outcome: a TimeoutError below is the wait's
@@ -746,7 +748,7 @@ def _add_edit_route(app: FastAPI) -> None:
             result = await unless_disconnected(request, asyncio.ensure_future(service.edit(upload.pixels, text,
                                                                                           changes, deadline)))
             result = dataclasses.replace(result, notes=upload.notes + result.notes)
-            config = service.edit_config().replace(**changes)  # the one service.edit ran: its seed said back
+            config = service.edit_config(changes)  # the one service.edit ran: its seed said back
         except ClientGone:
             service.metrics.count("cancelled")
             return error_response(ServeError(499, "client_closed_request", "the client went away; the edit was "
