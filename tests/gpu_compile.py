@@ -1,11 +1,11 @@
-"""Compile every Triton kernel launch of SD1.5's shapes at 512² for sm_90, sm_89 and sm_80 with Triton's own ptxas,
-no GPU needed.
+"""Compile every Triton kernel launch of SD1.5's shapes at 512² for sm_90, sm_89, sm_80 and sm_75 with Triton's own
+ptxas, no GPU needed.
 
 The launchers run as they would on a GPU (this process does not interpret), on meta tensors; their kernels are
 replaced by recorders, and each recorded launch is compiled as Triton's JIT would specialise it (an int equal to
 1 becomes the constant 1, None a constant None; aligned pointers and ints divisible by 16 are marked so). What a
 GPU would compile at an edit's first step, checked on the CPU: tests/test_kernels_compile_for_gpus.py runs it
-(`python tests/gpu_compile.py [90 89 80]`: the compute capabilities, all three by default). Prints
+(`python tests/gpu_compile.py [90 89 80 75]`: the compute capabilities, all four by default). Prints
 each kernel's stack/local bytes where not 0. Exit 0; 1 with the reason when a kernel fails to compile, kernel 3
 reads x or writes y 2 bytes at a time at SD1.5's channel counts (no vector access), or kernel 1's sum across
 programs lost the order of its stores, barrier, ticket and reads, reads the groups' sums in a loop, or moves them
@@ -206,8 +206,9 @@ def backward_branch(lines: list[str], start: int) -> str | None:
 
 
 # Hopper (H100/H200: the lent devices), then what edge servers run: Ada (L4, L40S), Ampere (A100, A10; sm_86's
-# code is sm_80's with less shared memory, and no launch here takes over 18 KB of it).
-CAPABILITIES = (90, 89, 80)
+# code is sm_80's with less shared memory, and no launch here takes over 18 KB of it) and Turing (T4, fp16: it has no
+# bf16 units; kernel 1 takes 32 KB of shared memory there, of the 64 KB a T4's block may have).
+CAPABILITIES = (90, 89, 80, 75)
 
 
 def main(capabilities: tuple[int, ...]) -> None:

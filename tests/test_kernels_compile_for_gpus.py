@@ -1,5 +1,5 @@
-"""The Triton kernels compile for Hopper (sm_90), Ada (sm_89) and Ampere (sm_80) GPUs at SD1.5's shapes, checked
-on the CPU.
+"""The Triton kernels compile for Hopper (sm_90), Ada (sm_89), Ampere (sm_80) and Turing (sm_75) GPUs at SD1.5's
+shapes, checked on the CPU.
 
 A kernel that compiles under the interpreter can still fail to compile for a GPU (an int argument equal to 1
 becomes a compile-time constant there, a tile can outgrow the registers), or compile to slower code than
@@ -23,12 +23,12 @@ import pytest
 # in one process against 11 s with the cache; one process per GPU, at once, so both cores compile. Its own limit,
 # above the suite's 300 s, for a slower machine's cold cache.
 @pytest.mark.timeout(900)
-def test_every_kernel_launch_at_sd15_shapes_compiles_for_hopper_ada_and_ampere():
+def test_every_kernel_launch_at_sd15_shapes_compiles_for_hopper_ada_ampere_and_turing():
     script = Path(__file__).with_name("gpu_compile.py")
     env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}  # the launchers' GPU choices
     runs = {capability: subprocess.Popen([sys.executable, str(script), str(capability)], env=env,
                                          cwd=script.parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         text=True) for capability in (90, 89, 80)}
+                                         text=True) for capability in (90, 89, 80, 75)}
     try:
         said = {capability: (run.communicate(timeout=840), run.returncode) for capability, run in runs.items()}
     finally:
