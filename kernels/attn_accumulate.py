@@ -6,11 +6,13 @@ For one recorded layer and one step, with query (R, H, N, d) and key (R, H, K, d
 
 without ever writing the (R*H, N, K) probabilities. The grid is (blocks of BLOCK_N queries) x (groups
 of rows): each program computes the scores of its rows with tl.dot, the softmax in fp32, and sums
-them in registers. With one group the program adds that sum to the accumulator. With several (on a
-GPU: one row each, so a layer's 16 rows run on 16 programs at once instead of one after another, the
-latency of their loads overlapping), each program writes its sum to a workspace; the block's last
-program to finish (a ticket counts them) adds the groups' sums to the accumulator in group order. One
-launch per call; deterministic (the order of every addition is fixed; the ticket decides only who
+them in registers. A row's d is read in 64-wide chunks, copied asynchronously into shared memory as many at
+once as the GPU's shared memory allows with every program resident (all 3 of SD1.5's on an H100 or H200:
+one round trip to memory, not one a chunk; `_chunks_in_flight`). With one group the program adds that sum to
+the accumulator. With several (on a GPU: one row each, so a layer's 16 rows run on 16 programs at once instead
+of one after another, the latency of their loads overlapping), each program writes its sum to a workspace;
+the block's last program to finish (a ticket counts them) adds the groups' sums to the accumulator in group
+order. One launch per call; deterministic (the order of every addition is fixed; the ticket decides only who
 adds, not the order).
 
 The kernel adds the *sum* over rows; `AttentionAccumulator` counts the rows and divides by the total
@@ -55,7 +57,7 @@ def _attn_accumulate_kernel(
     # interpreter fails on a loop bound passed at run time (int() of a 1-element array, under NumPy 2.4).
     D: tl.constexpr, HEADS: tl.constexpr, ROWS: tl.constexpr, GROUPS: tl.constexpr, GROUP_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PARTIAL_K: tl.constexpr,
+    PARTIAL_K: tl.constexpr, CHUNKS_IN_FLIGHT: tl.constexpr,
 ):
     block = tl.program_id(0)
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -73,7 +75,10 @@ def _attn_accumulate_kernel(
         q_row = q_ptr + r * stride_qr + h * stride_qh
         k_row = k_ptr + r * stride_kr + h * stride_kh
         scores = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for d0 in tl.static_range(0, D, BLOCK_D):  # unrolled: every chunk's loads issued before the dots wait
+        # Pipelined (sm_80 on): CHUNKS_IN_FLIGHT chunks' asynchronous copies into shared memory issued before the
+        # first dot waits for its own. As plain loads (an unrolled loop) each chunk's waited behind the barrier
+        # that frees the one shared buffer: 3 round trips to memory in turn at d = 160 where 1 will do.
+        for d0 in tl.range(0, D, BLOCK_D, num_stages=CHUNKS_IN_FLIGHT + 1):
             d_in = (d0 + offs_d) < D
             q = tl.load(q_row + offs_n[:, None] * stride_qn + (d0 + offs_d)[None, :],
                         mask=n_in[:, None] & d_in[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
@@ -138,16 +143,17 @@ def _check_arguments(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor
 
 
 def attn_accumulate_triton(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float,
-                           row_groups: int | None = None) -> None:
+                           row_groups: int | None = None, chunks_in_flight: int | None = None) -> None:
     """Launch the kernel: total (N, K) fp32 += sum_{R, H} softmax(query key^T * scale), in place.
 
-    `row_groups`: programs per block of queries (None: the launcher's choice; tests pick others)."""
+    `row_groups`: programs per block of queries; `chunks_in_flight`: chunks of d a program loads at once (1 to
+    d / 64 rounded up). None: the launcher's choice; tests and the benchmark pick others."""
     _check_arguments(total, query, key)
-    _launch(total, query, key, scale, row_groups)
+    _launch(total, query, key, scale, row_groups, chunks_in_flight)
 
 
 def _launch(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float,
-            row_groups: int | None = None) -> None:
+            row_groups: int | None = None, chunks_in_flight: int | None = None) -> None:
     rows, heads, queries, dim = query.shape
     keys = key.shape[2]
     if rows * heads == 0 or queries == 0:
@@ -161,6 +167,13 @@ def _launch(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: 
     groups = triton.cdiv(rows * heads, group_rows)  # no group left empty
     blocks = triton.cdiv(queries, block_n)
     partial_k = triton.cdiv(keys, 16) * 16
+    chunks = triton.cdiv(dim, block_d)
+    if chunks_in_flight is None:
+        chunk_bytes = (block_n + block_k) * block_d * query.element_size()  # a chunk of Q's rows and of K^T
+        chunks_in_flight = _chunks_in_flight(_multiprocessors(query.device), chunks, chunk_bytes, blocks * groups)
+    elif not 1 <= chunks_in_flight <= chunks:
+        raise ValueError(f"chunks_in_flight must be 1 to {chunks} (d = {dim} in chunks of {block_d}), got "
+                         f"{chunks_in_flight}")
     partials, tickets = _workspace(total.device, blocks, groups, block_n * partial_k)
     _attn_accumulate_kernel[(blocks, groups)](
         total, query, key, partials, tickets,
@@ -168,7 +181,7 @@ def _launch(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: 
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
         D=dim, HEADS=heads, ROWS=rows * heads, GROUPS=groups, GROUP_ROWS=group_rows,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, PARTIAL_K=partial_k,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, PARTIAL_K=partial_k, CHUNKS_IN_FLIGHT=chunks_in_flight,
         # fp32 inputs: "ieee", no tf32 rounding, as the fp32 reference; fp16/bf16 products are exact
         # in the fp32 accumulator whatever the setting ("tf32" is Triton's default).
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
@@ -184,6 +197,36 @@ def _tiles(keys: int, dim: int, interpreted: bool) -> tuple[int, int, int]:
 
 
 MAX_ROW_GROUPS = 32  # programs per block of queries; more rows than this share programs
+RESERVED_SHARED = 1024  # bytes of shared memory CUDA keeps for itself in every block (sm_80 and later)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> tuple[int, int, int] | None:
+    """A CUDA GPU's (multiprocessors, shared memory bytes each, the most one block may take); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    properties = torch.cuda.get_device_properties(device)
+    return (properties.multi_processor_count, properties.shared_memory_per_multiprocessor,
+            properties.shared_memory_per_block_optin)
+
+
+def _chunks_in_flight(gpu: tuple[int, int, int] | None, chunks: int, chunk_bytes: int, programs: int) -> int:
+    """How many of a row's `chunks` of d a program loads at once: each takes `chunk_bytes` of shared memory.
+
+    All of them (one round trip to memory instead of one a chunk) while the launch's `programs` still fit on the
+    GPU's multiprocessors all at once (SD1.5: an H100 or H200, 3 chunks of 18 KB, 2 programs an SM); fewer where
+    that would leave programs waiting for a second wave, which costs a whole program's latency (an A100: 2; an L4,
+    58 multiprocessors of 100 KB: 1). Registers are not the limit at these tiles (78 a thread: 6 programs an SM).
+    `gpu` None (the interpreter, which ignores it; meta tensors): all of them."""
+    if gpu is None:
+        return chunks
+    multiprocessors, shared, per_block = gpu
+    resident = triton.cdiv(programs, multiprocessors)  # programs an SM holds at once for a single wave
+    for count in range(chunks, 1, -1):
+        used = count * chunk_bytes + RESERVED_SHARED
+        if used <= per_block and resident * used <= shared:
+            return count
+    return 1
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -361,13 +404,19 @@ def benchmark(
         return {"max_abs_diff": (out.double() - exact).abs().max().item()}
 
     results = benchmark_rows(variants, check, device, averaged(torch.ops.zone.attn_accumulate_))
-    if device.type == "cuda":  # other splits of the rows across programs than the launcher's (one row each)
+    if device.type == "cuda":  # other launches than the launcher's (on an H200: a row a program, all of d at once)
         graphed = results[-1]
+
+        def launched_as(name: str, **choice: int) -> dict:
+            run = averaged(functools.partial(attn_accumulate_triton, **choice))
+            return {**graphed, "name": f"c: {name}, from a CUDA graph", **check(run()),
+                    "time_ms": triton.testing.do_bench_cudagraph(run, return_mode="median")}
+
         for groups in (1, 2, 4, 8):
-            split = averaged(functools.partial(attn_accumulate_triton, row_groups=groups))
             name = "one program per block, rows in turn" if groups == 1 else f"rows in {groups} groups a block"
-            results.append({**graphed, "name": f"c: {name}, from a CUDA graph", **check(split()),
-                            "time_ms": triton.testing.do_bench_cudagraph(split, return_mode="median")})
+            results.append(launched_as(name, row_groups=groups))
+        for count in range(1, triton.cdiv(dim, _tiles(keys, dim, False)[2]) + 1):  # how deep the loads go
+            results.append(launched_as(f"{count} of d's chunks in flight", chunks_in_flight=count))
         # The same launches around the same zeros and division, only reading: what kernel 1 costs beyond that.
         floor = averaged(lambda _total, query, key, _scale: read_once(query, key))
         results.append({"name": READ_ONCE_ROW, "bytes": qk_bytes, "max_abs_diff": None,

@@ -1,15 +1,17 @@
 """Compile every Triton kernel launch of SD1.5's shapes at 512² for sm_90, sm_89, sm_80 and sm_75 with Triton's own
 ptxas, no GPU needed.
 
-The launchers run as they would on a GPU (this process does not interpret), on meta tensors; their kernels are
-replaced by recorders, and each recorded launch is compiled as Triton's JIT would specialise it (an int equal to
+The launchers run as they would on a GPU (this process does not interpret), on meta tensors, kernel 1's sized for
+one GPU of each capability (MODELLED_GPUS); their kernels are replaced by recorders, and each recorded launch is
+compiled as Triton's JIT would specialise it (an int equal to
 1 becomes the constant 1, None a constant None; aligned pointers and ints divisible by 16 are marked so). What a
 GPU would compile at an edit's first step, checked on the CPU: tests/test_kernels_compile_for_gpus.py runs it
 (`python tests/gpu_compile.py [90 89 80 75]`: the compute capabilities, all four by default). Prints
 each kernel's stack/local bytes where not 0. Exit 0; 1 with the reason when a kernel fails to compile, kernel 3
 reads x or writes y 2 bytes at a time at SD1.5's channel counts (no vector access), or kernel 1's sum across
 programs lost the order of its stores, barrier, ticket and reads, reads the groups' sums in a loop, or moves them
-in scalars, not 16-byte vectors; 77 where Triton has no ptxas.
+in scalars, not 16-byte vectors, or its d loop waits before it has requested the chunks it was launched to have in
+flight; 77 where Triton has no ptxas.
 """
 
 import re
@@ -205,10 +207,35 @@ def backward_branch(lines: list[str], start: int) -> str | None:
     return None
 
 
+# Kernel 1's d chunks in flight (CHUNKS_IN_FLIGHT): the pipelined loop's asynchronous copies of that many chunks
+# issued before its first wait. Were they issued one chunk at a time (Triton no longer pipelining the loop), each
+# chunk would wait out its own round trip to memory again.
+COPY, COPY_WAIT = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\b"), re.compile(r"\bcp\.async\.wait_group\b")
+
+
+def check_chunks_in_flight(name: str, capability: int, constexprs: dict, ptx: str) -> None:
+    """SystemExit when kernel 1's first wait comes before CHUNKS_IN_FLIGHT chunks' copies were issued (sm_80 on:
+    a T4 has no asynchronous copies)."""
+    if name != "_attn_accumulate_kernel" or capability < 80:
+        return
+    lines = ptx.splitlines()
+    waits = [i for i, line in enumerate(lines) if COPY_WAIT.search(line)]
+    loop_end = next((i for i, line in enumerate(lines) if i > waits[0] and BRANCH.search(line)), len(lines)) if waits \
+        else len(lines)
+    before = sum(bool(COPY.search(line)) for line in lines[:waits[0]]) if waits else 0
+    a_chunk = sum(bool(COPY.search(line)) for line in lines[waits[0]:loop_end]) if waits else 0
+    wanted = constexprs["CHUNKS_IN_FLIGHT"]
+    if not a_chunk or before != wanted * a_chunk:
+        raise SystemExit(f"{name} on sm_{capability}: {before} asynchronous copies before the first wait, {a_chunk} a "
+                         f"chunk in the loop: not the {wanted} chunks of d in flight it was launched with")
+
+
 # Hopper (H100/H200: the lent devices), then what edge servers run: Ada (L4, L40S), Ampere (A100, A10; sm_86's
-# code is sm_80's with less shared memory, and no launch here takes over 18 KB of it) and Turing (T4, fp16: it has no
-# bf16 units; kernel 1 takes 32 KB of shared memory there, of the 64 KB a T4's block may have).
+# code is sm_80's with less shared memory) and Turing (T4, fp16: it has no bf16 units). Kernel 1's launcher sizes its
+# loads by the GPU's multiprocessors: (count, shared memory bytes each, the most a block may take) of the GPU each
+# capability is compiled as, an H100 SXM, an L4, an A100 and a T4, from NVIDIA's data sheets.
 CAPABILITIES = (90, 89, 80, 75)
+MODELLED_GPUS = {90: (132, 233472, 232448), 89: (58, 102400, 101376), 80: (108, 167936, 166912), 75: (40, 65536, 65536)}
 
 
 def main(capabilities: tuple[int, ...]) -> None:
@@ -218,23 +245,30 @@ def main(capabilities: tuple[int, ...]) -> None:
     recorders = [(module, name, Recorder(getattr(module, name))) for module, names in modules.items() for name in names]
     for module, name, recorder in recorders:
         setattr(module, name, recorder)
-    sd15_launches()
     compiled = set()
-    for _, name, recorder in recorders:
-        for args, constexprs in recorder.launches:
-            signature, constants, attrs = signature_of(recorder.kernel, args, constexprs)
-            key = (name, tuple(signature.items()), tuple(sorted(constants.items(), key=str)), tuple(sorted(attrs)))
-            if key in compiled:
-                continue
-            compiled.add(key)
-            source = ASTSource(recorder.kernel, signature, constexprs=constants, attrs=attrs)
-            named = dict(zip(recorder.kernel.arg_names, args, strict=False))
-            for capability in capabilities:
+    for capability in capabilities:  # the launches as each GPU's launchers make them
+        attn_accumulate._multiprocessors = lambda _device, gpu=MODELLED_GPUS[capability]: gpu
+        for _, _, recorder in recorders:
+            recorder.launches.clear()
+        sd15_launches()
+        for _, name, recorder in recorders:
+            for args, constexprs in recorder.launches:
+                signature, constants, attrs = signature_of(recorder.kernel, args, constexprs)
+                key = (capability, name, tuple(signature.items()), tuple(sorted(constants.items(), key=str)),
+                       tuple(sorted(attrs)))
+                if key in compiled:
+                    continue
+                compiled.add(key)
+                source = ASTSource(recorder.kernel, signature, constexprs=constants, attrs=attrs)
                 kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32))
                 if stack := local_bytes(kernel.asm["cubin"]):  # reported, not failed: a call frame counts too
                     print(f"sm_{capability} {name} {constants}: {stack} bytes of stack/local memory")
-                check_vector_access(name, named, kernel.asm["ptx"])
+                check_vector_access(name, dict(zip(recorder.kernel.arg_names, args, strict=False)), kernel.asm["ptx"])
                 check_ticket_order(name, constexprs, kernel.asm["ptx"])
+                check_chunks_in_flight(name, capability, constexprs, kernel.asm["ptx"])
+                if name == "_attn_accumulate_kernel":
+                    print(f"sm_{capability} kernel 1: {constexprs['CHUNKS_IN_FLIGHT']} of d's chunks in flight, "
+                          f"{kernel.metadata.shared} bytes of shared memory a program")
     launched = {name for _, name, recorder in recorders if recorder.launches}
     if len(launched) < len(recorders):
         raise SystemExit(f"no launch recorded for {sorted({name for _, name, _ in recorders} - launched)}")

@@ -359,6 +359,32 @@ def test_capture_on_a_tiny_unet_gives_the_same_mask_b():
 # --------------------------------------------------------------------------------- compiled, on a GPU
 
 
+# (multiprocessors, shared memory bytes each, the most a block may take), from NVIDIA's data sheets.
+H100, A100, L4 = (132, 233472, 232448), (108, 167936, 166912), (58, 102400, 101376)
+SD15_CHUNK = (16 + 128) * 64 * 2  # a 64-wide chunk of d: 16 queries and the 128-key tile, fp16
+
+
+@pytest.mark.parametrize(("gpu", "programs", "chunk", "expected"), [
+    (H100, 256, SD15_CHUNK, 3),  # SD1.5 at 512²: 16 blocks x 16 rows, 2 programs an SM even with all 3 chunks
+    (A100, 256, SD15_CHUNK, 2),  # 3 programs an SM: 3 x 55 KB over its 164 KB
+    (L4, 256, SD15_CHUNK, 1),  # 5 programs an SM of 100 KB
+    (H100, 576, SD15_CHUNK, 2),  # 768²: 36 blocks, 5 programs an SM
+    (H100, 256, 2 * SD15_CHUNK, 3),  # fp32 inputs: 109 KB a program, 2 still fit
+    (H100, 132, 120_000, 1),  # two chunks would pass the most a block may take
+    (None, 10_000, SD15_CHUNK, 3),  # no GPU to size it by (the interpreter ignores it)
+])
+def test_a_program_loads_every_chunk_of_d_at_once_while_the_launch_fits_on_the_gpu_at_once(gpu, programs, chunk,
+                                                                                        expected):
+    assert attn_module._chunks_in_flight(gpu, 3, chunk, programs) == expected
+
+
+@pytest.mark.parametrize("count", [0, 4])
+def test_chunks_in_flight_outside_one_to_the_chunks_of_d_is_a_clear_error(count):
+    query, key = _inputs(2, 1, 20, 160, 77, torch.float32)
+    with pytest.raises(ValueError, match=rf"chunks_in_flight must be 1 to 3 \(d = 160 in chunks of 64\), got {count}"):
+        attn_accumulate_triton(torch.zeros(20, 77), query, key, 0.1, chunks_in_flight=count)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled Triton kernels need a CUDA GPU")
 @pytest.mark.usefixtures("skip_if_compiled_elsewhere")
@@ -383,6 +409,17 @@ class TestCompiledOnGPU:
         for _ in range(3):
             total = torch.zeros(256, 77, device="cuda")
             attn_accumulate_triton(total, query, key, 160**-0.5, row_groups=groups)
+            runs.append(total)
+        assert all(torch.equal(runs[0], run) for run in runs[1:])
+        _assert_within_rule(query, key, 160**-0.5, runs[0])
+
+    def test_every_depth_of_loads_gives_the_same_bits(self):
+        # Loading d's chunks one at a time or all at once changes when the copies arrive, not the dots' order.
+        query, key = _inputs(2, 8, 256, 160, 77, torch.float16, device="cuda", seed=9)
+        runs = []
+        for count in (1, 2, 3):
+            total = torch.zeros(256, 77, device="cuda")
+            attn_accumulate_triton(total, query, key, 160**-0.5, chunks_in_flight=count)
             runs.append(total)
         assert all(torch.equal(runs[0], run) for run in runs[1:])
         _assert_within_rule(query, key, 160**-0.5, runs[0])
