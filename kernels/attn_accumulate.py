@@ -142,18 +142,31 @@ def _check_arguments(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor
                          f"{key.device}")
 
 
-def attn_accumulate_triton(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float,
-                           row_groups: int | None = None, chunks_in_flight: int | None = None) -> None:
+# Warps a program: 8, not Triton's 4. The block's last program reads every group's partial sums (16 x 5 KB at
+# SD1.5's shapes); at 4 warps a thread made 64 masked 16-byte reads, which ptxas (Triton 3.8, sm_90) compiled
+# to one register reused, each read waiting for the add of the one before: 43 round trips to L2 in turn, read off
+# the SASS (so was its first form, a loop: 12.7 us a layer on the H200, 29x its DRAM floor). At 8 warps, 32 reads
+# a thread, 8 issued at once: 6 round trips (16 warps: 4, but 512-thread programs fit 3 to an Ada SM, where the
+# launcher wants 5 resident).
+WARPS = 8
+
+
+def attn_accumulate_triton(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float, *,
+                           row_groups: int | None = None, chunks_in_flight: int | None = None,
+                           warps: int = WARPS) -> None:
     """Launch the kernel: total (N, K) fp32 += sum_{R, H} softmax(query key^T * scale), in place.
 
     `row_groups`: programs per block of queries; `chunks_in_flight`: chunks of d a program loads at once (1 to
-    d / 64 rounded up). None: the launcher's choice; tests and the benchmark pick others."""
+    d / 64 rounded up); `warps`: a program's warps (a power of 2, 1 to 32). None: the launcher's choice; tests and
+    the benchmark pick others."""
     _check_arguments(total, query, key)
-    _launch(total, query, key, scale, row_groups, chunks_in_flight)
+    if warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"warps must be a power of 2 from 1 to 32, got {warps}")
+    _launch(total, query, key, scale, row_groups=row_groups, chunks_in_flight=chunks_in_flight, warps=warps)
 
 
-def _launch(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float,
-            row_groups: int | None = None, chunks_in_flight: int | None = None) -> None:
+def _launch(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: float, *,
+            row_groups: int | None = None, chunks_in_flight: int | None = None, warps: int = WARPS) -> None:
     rows, heads, queries, dim = query.shape
     keys = key.shape[2]
     if rows * heads == 0 or queries == 0:
@@ -184,7 +197,7 @@ def _launch(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor, scale: 
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, PARTIAL_K=partial_k, CHUNKS_IN_FLIGHT=chunks_in_flight,
         # fp32 inputs: "ieee", no tf32 rounding, as the fp32 reference; fp16/bf16 products are exact
         # in the fp32 accumulator whatever the setting ("tf32" is Triton's default).
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=warps,
     )
 
 
@@ -417,6 +430,8 @@ def benchmark(
             results.append(launched_as(name, row_groups=groups))
         for count in range(1, triton.cdiv(dim, _tiles(keys, dim, False)[2]) + 1):  # how deep the loads go
             results.append(launched_as(f"{count} of d's chunks in flight", chunks_in_flight=count))
+        for warps in (4, 8, 16):
+            results.append(launched_as(f"{warps} warps a program", warps=warps))
         # The same launches around the same zeros and division, only reading: what kernel 1 costs beyond that.
         floor = averaged(lambda _total, query, key, _scale: read_once(query, key))
         results.append({"name": READ_ONCE_ROW, "bytes": qk_bytes, "max_abs_diff": None,

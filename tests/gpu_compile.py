@@ -41,14 +41,22 @@ POINTEES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"
 META = torch.device("meta")
 
 
+LAUNCH_OPTIONS = ("num_warps", "num_stages")  # keywords of a launch that are compile options, not the kernel's
+
+
 class Recorder:
-    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **constexprs)` records the launch."""
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **constexprs)` records the launch (its constexprs and,
+    apart, the compile options it names)."""
 
     def __init__(self, kernel) -> None:
         self.kernel, self.launches = kernel, []
 
     def __getitem__(self, grid):
-        return lambda *args, **constexprs: self.launches.append((args, constexprs))
+        def record(*args, **keywords):
+            options = {name: keywords.pop(name) for name in LAUNCH_OPTIONS if name in keywords}
+            self.launches.append((args, keywords, options))
+
+        return record
 
 
 def signature_of(kernel, args: tuple, constexprs: dict) -> tuple[dict, dict, dict]:
@@ -230,6 +238,49 @@ def check_chunks_in_flight(name: str, capability: int, constexprs: dict, ptx: st
                          f"chunk in the loop: not the {wanted} chunks of d in flight it was launched with")
 
 
+# Kernel 1's last program reads every group's partial sums after its ticket. Compiled for 4 warps (Triton's default)
+# by Triton 3.8's ptxas for sm_90, its 64 reads a thread went into one register, each waiting for the add of the one
+# before: 43 round trips to L2 in turn. The SASS after the ticket is put through a model: a global load (or atomic)
+# takes one round trip, an instruction waits for the registers it reads, anything else is one issue slot.
+ROUND_TRIP = 1000  # issue slots
+INSTRUCTION = re.compile(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+NO_DESTINATION = ("ST", "RED", "BRA", "EXIT", "BAR", "ISETP", "FSETP", "MEMBAR", "ERRBAR", "CGAERRBAR", "CCTL")
+
+
+def round_trips(sass: list[str]) -> float:
+    """The modelled critical path of these SASS lines, in round trips to memory."""
+    ready: dict[int, int] = {}
+    now = 0
+    for line in sass:
+        if not (match := INSTRUCTION.search(line)):
+            continue
+        opcode, registers = match[1], [int(r) for r in re.findall(r"\bR(\d+)\b", match[2])]
+        loads = opcode.startswith(("LDG.", "ATOMG"))
+        written, read = ([], registers) if opcode.startswith(NO_DESTINATION) else (registers[:1], registers[1:])
+        now = max([now, *(ready.get(r, 0) for r in read)]) + 1
+        width = (4 if ".128" in opcode else 2 if ".64" in opcode else 1) if loads else 1
+        for first in written:
+            ready.update(dict.fromkeys(range(first, first + width), now + (ROUND_TRIP if loads else 0)))
+    return now / ROUND_TRIP
+
+
+def last_program_round_trips(name: str, constexprs: dict, cubin: bytes) -> float | None:
+    """Kernel 1's modelled round trips after its ticket; SystemExit beyond one per two groups (None: no ticket)."""
+    if name != "_attn_accumulate_kernel" or constexprs["GROUPS"] == 1:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        binary = Path(folder) / "kernel.cubin"
+        binary.write_bytes(cubin)
+        sass = subprocess.run([str(Path(PTXAS).with_name("nvdisasm")), "-c", str(binary)], capture_output=True,
+                              text=True, check=True).stdout.splitlines()
+    ticket = next(i for i, line in enumerate(sass) if "ATOMG" in line)
+    trips = round_trips(sass[ticket + 1:])
+    if trips > constexprs["GROUPS"] / 2:
+        raise SystemExit(f"{name}: its last program's sum of {constexprs['GROUPS']} groups takes {trips:.1f} round "
+                         "trips to L2 in turn (modelled on the SASS): its reads wait for one another")
+    return trips
+
+
 # Hopper (H100/H200: the lent devices), then what edge servers run: Ada (L4, L40S), Ampere (A100, A10; sm_86's
 # code is sm_80's with less shared memory) and Turing (T4, fp16: it has no bf16 units). Kernel 1's launcher sizes its
 # loads by the GPU's multiprocessors: (count, shared memory bytes each, the most a block may take) of the GPU each
@@ -252,23 +303,24 @@ def main(capabilities: tuple[int, ...]) -> None:
             recorder.launches.clear()
         sd15_launches()
         for _, name, recorder in recorders:
-            for args, constexprs in recorder.launches:
+            for args, constexprs, options in recorder.launches:
                 signature, constants, attrs = signature_of(recorder.kernel, args, constexprs)
                 key = (capability, name, tuple(signature.items()), tuple(sorted(constants.items(), key=str)),
-                       tuple(sorted(attrs)))
+                       tuple(sorted(attrs)), tuple(sorted(options.items())))
                 if key in compiled:
                     continue
                 compiled.add(key)
                 source = ASTSource(recorder.kernel, signature, constexprs=constants, attrs=attrs)
-                kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32))
+                kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
                 if stack := local_bytes(kernel.asm["cubin"]):  # reported, not failed: a call frame counts too
                     print(f"sm_{capability} {name} {constants}: {stack} bytes of stack/local memory")
                 check_vector_access(name, dict(zip(recorder.kernel.arg_names, args, strict=False)), kernel.asm["ptx"])
                 check_ticket_order(name, constexprs, kernel.asm["ptx"])
                 check_chunks_in_flight(name, capability, constexprs, kernel.asm["ptx"])
-                if name == "_attn_accumulate_kernel":
+                if (trips := last_program_round_trips(name, constexprs, kernel.asm["cubin"])) is not None:
                     print(f"sm_{capability} kernel 1: {constexprs['CHUNKS_IN_FLIGHT']} of d's chunks in flight, "
-                          f"{kernel.metadata.shared} bytes of shared memory a program")
+                          f"{kernel.metadata.shared} bytes of shared memory a program, {options['num_warps']} warps; "
+                          f"the last program's sum {trips:.1f} round trips to L2 in turn (modelled)")
     launched = {name for _, name, recorder in recorders if recorder.launches}
     if len(launched) < len(recorders):
         raise SystemExit(f"no launch recorded for {sorted({name for _, name, _ in recorders} - launched)}")

@@ -385,6 +385,13 @@ def test_chunks_in_flight_outside_one_to_the_chunks_of_d_is_a_clear_error(count)
         attn_accumulate_triton(torch.zeros(20, 77), query, key, 0.1, chunks_in_flight=count)
 
 
+@pytest.mark.parametrize("warps", [0, 3, 64])
+def test_warps_other_than_a_power_of_2_up_to_32_are_a_clear_error(warps):
+    query, key = _inputs(2, 1, 20, 16, 77, torch.float32)
+    with pytest.raises(ValueError, match=f"warps must be a power of 2 from 1 to 32, got {warps}"):
+        attn_accumulate_triton(torch.zeros(20, 77), query, key, 0.1, warps=warps)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled Triton kernels need a CUDA GPU")
 @pytest.mark.usefixtures("skip_if_compiled_elsewhere")
@@ -422,6 +429,18 @@ class TestCompiledOnGPU:
             attn_accumulate_triton(total, query, key, 160**-0.5, chunks_in_flight=count)
             runs.append(total)
         assert all(torch.equal(runs[0], run) for run in runs[1:])
+        _assert_within_rule(query, key, 160**-0.5, runs[0])
+
+    @pytest.mark.parametrize("warps", [4, 8, 16])
+    def test_every_count_of_warps_sums_alike_and_repeats_bit_for_bit(self, warps):
+        # The warps change how a row's softmax sum is reduced (its last bit), not what is summed.
+        query, key = _inputs(2, 8, 256, 160, 77, torch.float16, device="cuda", seed=10)
+        runs = []
+        for _ in range(2):
+            total = torch.zeros(256, 77, device="cuda")
+            attn_accumulate_triton(total, query, key, 160**-0.5, warps=warps)
+            runs.append(total)
+        assert torch.equal(runs[0], runs[1])
         _assert_within_rule(query, key, 160**-0.5, runs[0])
 
     def test_a_workspace_is_never_first_made_inside_a_capture(self):

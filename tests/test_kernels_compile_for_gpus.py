@@ -63,3 +63,20 @@ def test_kernel_1s_order_check_passes_its_order_and_refuses_a_loop_among_the_las
     scalar = "\n".join([before[0], "st.global.b32 [%rd1], %r1;", *before[2:], *after])  # 77 keys a row
     with pytest.raises(SystemExit, match=r"move in scalars \(st.global.b32 .*PARTIAL_K=77"):
         check("_attn_accumulate_kernel", {"GROUPS": 2, "PARTIAL_K": 77}, scalar)
+
+
+def test_the_round_trip_model_tells_reads_in_flight_together_from_reads_waiting_for_one_another():
+    """gpu_compile's model of kernel 1's last program, on SASS written here: 4 reads then their adds are one round
+    trip; each read into the register the add before it just read (the 4-warp kernel's tail) is one round trip each."""
+    try:
+        import gpu_compile
+    except SystemExit:  # 77: no ptxas
+        pytest.skip("gpu_compile needs Triton's ptxas")
+    reads = [f"/*00{i}0*/ @!P3 LDG.E.128.STRONG.GPU R{4 * i + 20}, desc[UR10][R52.64+0x{i}00] ;" for i in range(4)]
+    adds = [f"/*01{i}0*/ FADD R7, R7, R{4 * i + 20} ;" for i in range(4)]
+    assert 1 < gpu_compile.round_trips(reads + adds) < 1.1
+    chained = [line for i in range(4) for line in (
+        "/*0200*/ CS2R R24, SRZ ;", f"/*0210*/ @!P3 LDG.E.128.STRONG.GPU R24, desc[UR10][R52.64+0x{i}00] ;",
+        "/*0220*/ FADD R55, R55, R24 ;", "/*0230*/ FADD R28, R28, R25 ;")]
+    assert 4 < gpu_compile.round_trips(chained) < 4.1
+    assert gpu_compile.round_trips(["/*0300*/ STG.E.128 desc[UR10][R24.64], R12 ;", "/*0310*/ EXIT ;"]) < 0.01
