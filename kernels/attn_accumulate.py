@@ -105,7 +105,7 @@ def _attn_accumulate_kernel(
         tl.debug_barrier()  # every thread's share of the sum stored before the ticket releases it
         if tl.atomic_add(ticket_ptr + block, 1, sem="acq_rel") == GROUPS - 1:  # the block's last program
             summed = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            # Unrolled, all the reads in flight at once; in group order, whichever program came last: deterministic.
+            # Unrolled (at 8 warps ptxas keeps 8 reads in flight); in group order, whoever came last: deterministic.
             for group in tl.static_range(GROUPS):
                 # .cg: read from L2, where the other programs' stores are, past this SM's L1.
                 summed += tl.load(partials + group * (BLOCK_N * PARTIAL_K) + tile, mask=kept, other=0.0,

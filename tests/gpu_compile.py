@@ -203,7 +203,7 @@ def check_ticket_order(name: str, constexprs: dict, ptx: str) -> None:
                          f"of PARTIAL_K={constexprs['PARTIAL_K']} keys must be a multiple of 16")
     if loop := backward_branch(lines, ticket):
         raise SystemExit(f"{name}: the last program's sum loops ({loop}): each group's read waits for the one "
-                         "before, where unrolled they are all in flight at once")
+                         "before, where unrolled they can be in flight together")
 
 
 def backward_branch(lines: list[str], start: int) -> str | None:
