@@ -146,8 +146,9 @@ def _check_arguments(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor
 # SD1.5's shapes); at 4 warps a thread made 64 masked 16-byte reads, which ptxas (Triton 3.8, sm_90) compiled
 # to one register reused, each read waiting for the add of the one before: 43 round trips to L2 in turn, read off
 # the SASS (so was its first form, a loop: 12.7 us a layer on the H200, 29x its DRAM floor). At 8 warps, 32 reads
-# a thread, 8 issued at once: 6 round trips (16 warps: 4, but 512-thread programs fit 3 to an Ada SM, where the
-# launcher wants 5 resident).
+# a thread, 8 issued at once: 6 round trips (16 warps: 4, but 3 programs an SM where 8 warps fit 4). Not timed; on
+# an L4 the registers of 8 warps fit 4 programs an SM, not the 5 of 4 warps: SD1.5's 256 programs take 2 waves
+# there, which may cost more than the reads save (bench_kernels times 4, 8 and 16 warps on the GPU it runs on).
 WARPS = 8
 
 
@@ -229,8 +230,10 @@ def _chunks_in_flight(gpu: tuple[int, int, int] | None, chunks: int, chunk_bytes
     All of them (one round trip to memory instead of one a chunk) while the launch's `programs` still fit on the
     GPU's multiprocessors all at once (SD1.5: an H100 or H200, 3 chunks of 18 KB, 2 programs an SM); fewer where
     that would leave programs waiting for a second wave, which costs a whole program's latency (an A100: 2; an L4,
-    58 multiprocessors of 100 KB: 1). Registers are not the limit at these tiles (78 a thread: 6 programs an SM).
-    `gpu` None (the interpreter, which ignores it; meta tensors): all of them."""
+    58 multiprocessors of 100 KB: 1). Registers and threads are not counted: at 8 warps (52 to 64 registers a
+    thread) 4 programs fit an SM, enough on an H100 or H200 and an A100; an L4's 256 programs take 2 waves whatever
+    the depth (4 warps, 94 registers, would fit 5). `gpu` None (the interpreter, which ignores it; meta tensors):
+    all of them."""
     if gpu is None:
         return chunks
     multiprocessors, shared, per_block = gpu
