@@ -158,8 +158,8 @@ def attn_accumulate_triton(total: torch.Tensor, query: torch.Tensor, key: torch.
     """Launch the kernel: total (N, K) fp32 += sum_{R, H} softmax(query key^T * scale), in place.
 
     `row_groups`: programs per block of queries; `chunks_in_flight`: chunks of d a program loads at once (1 to
-    d / 64 rounded up); `warps`: a program's warps (a power of 2, 1 to 32). None: the launcher's choice; tests and
-    the benchmark pick others."""
+    d / 64 rounded up), None: the launcher's choice; `warps`: a program's warps (a power of 2, 1 to 32; WARPS
+    unless given). Tests and the benchmark pick others."""
     _check_arguments(total, query, key)
     if warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"warps must be a power of 2 from 1 to 32, got {warps}")
@@ -243,6 +243,8 @@ def _chunks_in_flight(gpu: tuple[int, int, int] | None, chunks: int, chunk_bytes
         if used <= per_block and resident * used <= shared:
             return count
     return 1
+
+
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
