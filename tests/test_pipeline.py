@@ -462,6 +462,38 @@ def test_group_norm_option_decides_where_the_kernel_runs(kind, device, denoiser,
     assert [scope is norm_module.triton_group_norms for scope in scopes] == [unets, vae]
 
 
+@pytest.mark.parametrize(("capability", "dtype", "sam", "said"), [
+    ((7, 5), torch.bfloat16, torch.float32, "--dtype bf16 (dtype='bf16') on Tesla T4 (compute capability 7.5)"),
+    ((7, 5), torch.float16, torch.bfloat16, "--sam-precision bf16 (sam_precision='bf16') on Tesla T4"),
+    ((7, 5), torch.bfloat16, torch.bfloat16, "--dtype bf16 (dtype='bf16') and --sam-precision bf16"),
+    ((7, 5), torch.float16, torch.float16, None),  # fp16: what a T4 runs natively
+    ((8, 0), torch.bfloat16, torch.bfloat16, None),  # an A100 has bf16 units
+])
+def test_bf16_asked_of_a_gpu_without_bf16_units_says_fp16_is_faster(capability, dtype, sam, said, monkeypatch):
+    from zone_engine.backends import warn_if_bf16_is_emulated
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla T4")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_bf16_is_emulated(torch.device("cuda"), dtype, sam)
+    messages = [str(warning.message) for warning in caught]
+    if said is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and said in messages[0]
+        assert messages[0].endswith("which has no bf16 units: it is emulated, slower than fp16 there; use fp16 instead")
+
+
+def test_the_pipeline_asks_whether_its_bf16_is_emulated(tiny_models, monkeypatch):
+    import zone_engine.pipeline as pipeline_module
+
+    seen = []
+    monkeypatch.setattr(pipeline_module, "warn_if_bf16_is_emulated", lambda *args: seen.append(args))
+    pipeline_module.ZonePipeline(tiny_models, device="cpu", sam_precision="bf16")
+    assert seen == [(torch.device("cpu"), torch.float32, torch.bfloat16)]
+
+
 @pytest.mark.parametrize("cuda_graphs", [None, False])
 def test_the_pipeline_tells_make_group_norms_whether_it_captures(cuda_graphs, tiny_models, monkeypatch):
     """Resolved (uses_cuda_graphs, as on CUDA: None is on), not the raw option: auto's kernel 3 rests on it."""

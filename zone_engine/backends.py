@@ -181,6 +181,20 @@ def make_segmenter(
     return OnnxSamSegmenter(Path(sam_onnx), config, device_index=index)
 
 
+def warn_if_bf16_is_emulated(device: torch.device, dtype: torch.dtype, sam_dtype: torch.dtype) -> None:
+    """A warning when bf16 is asked of a GPU without bf16 units (compute capability under 8.0: a T4, a V100):
+    PyTorch and Triton emulate it there in fp32 arithmetic, slower than fp16, which such a GPU runs natively."""
+    if device.type != "cuda" or torch.bfloat16 not in (dtype, sam_dtype):
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return
+    asked = [option(name, "bf16") for name, value in (("dtype", dtype), ("sam_precision", sam_dtype))
+             if value == torch.bfloat16]
+    warn_caller(f"{' and '.join(asked)} on {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}), "
+                "which has no bf16 units: it is emulated, slower than fp16 there; use fp16 instead", UserWarning)
+
+
 def make_localization_kernels(kind: str, device: torch.device) -> tuple[Accumulate, Binarize]:
     """(accumulate, binarize) for localization: the fused Triton kernels, or the plain-torch reference.
 

@@ -36,6 +36,7 @@ from .backends import (
     make_segmenter,
     resolve_device,
     resolve_dtype,
+    warn_if_bf16_is_emulated,
 )
 from .config import (
     DEFAULT_ACTION_CLASSIFIER,
@@ -555,6 +556,7 @@ class ZonePipeline:
                        sam_onnx=sam_onnx, sam_precision=sam_precision, group_norm=group_norm, attention=attention,
                        cuda_graphs=cuda_graphs, channels_last=channels_last)
         self.sam_dtype = DTYPES[sam_precision]
+        warn_if_bf16_is_emulated(self.device, self.dtype, self.sam_dtype)
         # Checked before gigabytes move:
         self.default_config = EditConfig() if default_config is None else default_config
         # Shared by every pipeline over these models: their stages run the same modules.
