@@ -57,8 +57,8 @@ class OutOfDeviceMemory(DeviceError):
 
 
 OUT_OF_MEMORY_HINT = ("edit fewer images at once (--batch-size, a server's --max-batch), in half precision (--dtype "
-                      "fp16, --sam-precision bf16), smaller images (a server's --max-pixels), or free the GPU's "
-                      "memory (other processes on it)")
+                      "fp16, --sam-precision bf16, or fp16 on a GPU without bf16 such as a T4), smaller images (a "
+                      "server's --max-pixels), or free the GPU's memory (other processes on it)")
 # Moving the models onto the GPU: no edit's size to lower yet.
 MODELS_OUT_OF_MEMORY_HINT = ("load them in half precision (--dtype fp16), free the GPU's memory (other processes on "
                              "it), or choose a GPU with more free memory (--device cuda:N)")
