@@ -144,11 +144,11 @@ def _check_arguments(total: torch.Tensor, query: torch.Tensor, key: torch.Tensor
 
 # Warps a program: 8, not Triton's 4. The block's last program reads every group's partial sums (16 x 5 KB at
 # SD1.5's shapes); at 4 warps a thread made 64 masked 16-byte reads, which ptxas (Triton 3.8, sm_90) compiled
-# to one register reused, each read waiting for the add of the one before: 43 round trips to L2 in turn, read off
-# the SASS (so was its first form, a loop: 12.7 us a layer on the H200, 29x its DRAM floor). At 8 warps, 32 reads
-# a thread, 8 issued at once: 6 round trips (16 warps: 4, but 3 programs an SM where 8 warps fit 4). Not timed; on
-# an L4 the registers of 8 warps fit 4 programs an SM, not the 5 of 4 warps: SD1.5's 256 programs take 2 waves
-# there, which may cost more than the reads save (bench_kernels times 4, 8 and 16 warps on the GPU it runs on).
+# to one register reused, most reads waiting for the add of the one before: 43 round trips to L2 in turn, read off
+# the SASS (its first form, a loop, also read in turn: 12.7 us a layer on the H200, 29x its DRAM floor). At 8
+# warps, 32 reads a thread, 8 issued at once: 6 round trips (16 warps: 4, but 3 programs an SM where 8 warps fit
+# 4). Not timed; on an L4 the registers of 8 warps fit 4 programs an SM, not the 5 of 4 warps: SD1.5's 256
+# programs take 2 waves there, which may cost more than the reads save (bench_kernels times 4, 8 and 16 warps).
 WARPS = 8
 
 
@@ -239,8 +239,8 @@ def _chunks_in_flight(gpu: tuple[int, int, int] | None, chunks: int, chunk_bytes
     multiprocessors, shared, per_block = gpu
     resident = triton.cdiv(programs, multiprocessors)  # programs an SM holds at once for a single wave
     for count in range(chunks, 1, -1):
-        used = count * chunk_bytes + RESERVED_SHARED
-        if used <= per_block and resident * used <= shared:
+        # A block may take `per_block` (CUDA's reservation already left out); each resident one also costs that.
+        if count * chunk_bytes <= per_block and resident * (count * chunk_bytes + RESERVED_SHARED) <= shared:
             return count
     return 1
 

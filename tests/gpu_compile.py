@@ -216,26 +216,31 @@ def backward_branch(lines: list[str], start: int) -> str | None:
 
 
 # Kernel 1's d chunks in flight (CHUNKS_IN_FLIGHT): the pipelined loop's asynchronous copies of that many chunks
-# issued before its first wait. Were they issued one chunk at a time (Triton no longer pipelining the loop), each
-# chunk would wait out its own round trip to memory again.
-COPY, COPY_WAIT = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\b"), re.compile(r"\bcp\.async\.wait_group\b")
+# committed before its first wait. Were they issued one chunk at a time (Triton no longer pipelining the loop), each
+# chunk would wait out its own round trip to memory again. The first `cp.async.wait_group N` lets N groups stay
+# pending: the groups committed before it, less N, are the first chunk's, which gives the groups a chunk.
+COMMIT, FIRST_WAIT = re.compile(r"\bcp\.async\.commit_group\b"), re.compile(r"\bcp\.async\.wait_group\s+(\d+)")
+
+
+def chunks_in_flight(ptx: str) -> float:
+    """How many chunks' copies the PTX commits before its first wait (0: no asynchronous copies)."""
+    lines = ptx.splitlines()
+    first = next((i for i, line in enumerate(lines) if FIRST_WAIT.search(line)), None)
+    if first is None:
+        return 0
+    committed = sum(bool(COMMIT.search(line)) for line in lines[:first])
+    a_chunk = committed - int(FIRST_WAIT.search(lines[first])[1])
+    return committed / a_chunk if a_chunk > 0 else 0
 
 
 def check_chunks_in_flight(name: str, capability: int, constexprs: dict, ptx: str) -> None:
-    """SystemExit when kernel 1's first wait comes before CHUNKS_IN_FLIGHT chunks' copies were issued (sm_80 on:
-    a T4 has no asynchronous copies)."""
-    if name != "_attn_accumulate_kernel" or capability < 80:
+    """SystemExit when kernel 1 commits other than CHUNKS_IN_FLIGHT chunks' copies before its first wait (on sm_80
+    and later, with more than one chunk of d: a T4 has no asynchronous copies, and a single pass is not pipelined)."""
+    if name != "_attn_accumulate_kernel" or capability < 80 or constexprs["D"] <= constexprs["BLOCK_D"]:
         return
-    lines = ptx.splitlines()
-    waits = [i for i, line in enumerate(lines) if COPY_WAIT.search(line)]
-    loop_end = next((i for i, line in enumerate(lines) if i > waits[0] and BRANCH.search(line)), len(lines)) if waits \
-        else len(lines)
-    before = sum(bool(COPY.search(line)) for line in lines[:waits[0]]) if waits else 0
-    a_chunk = sum(bool(COPY.search(line)) for line in lines[waits[0]:loop_end]) if waits else 0
-    wanted = constexprs["CHUNKS_IN_FLIGHT"]
-    if not a_chunk or before != wanted * a_chunk:
-        raise SystemExit(f"{name} on sm_{capability}: {before} asynchronous copies before the first wait, {a_chunk} a "
-                         f"chunk in the loop: not the {wanted} chunks of d in flight it was launched with")
+    if (found := chunks_in_flight(ptx)) != constexprs["CHUNKS_IN_FLIGHT"]:
+        raise SystemExit(f"{name} on sm_{capability}: {found:g} chunks of d in flight before the first wait, not the "
+                         f"{constexprs['CHUNKS_IN_FLIGHT']} it was launched with")
 
 
 # Kernel 1's last program reads every group's partial sums after its ticket. Compiled for 4 warps (Triton's default)
@@ -273,7 +278,9 @@ def last_program_round_trips(name: str, constexprs: dict, cubin: bytes) -> float
         binary.write_bytes(cubin)
         sass = subprocess.run([str(Path(PTXAS).with_name("nvdisasm")), "-c", str(binary)], capture_output=True,
                               text=True, check=True).stdout.splitlines()
-    ticket = next(i for i, line in enumerate(sass) if "ATOMG" in line)
+    ticket = next((i for i, line in enumerate(sass) if "ATOMG" in line), None)
+    if ticket is None:
+        raise SystemExit(f"{name}: no ATOMG (its ticket) in the SASS of a launch of {constexprs['GROUPS']} groups")
     trips = round_trips(sass[ticket + 1:])
     if trips > constexprs["GROUPS"] / 2:
         raise SystemExit(f"{name}: its last program's sum of {constexprs['GROUPS']} groups takes {trips:.1f} round "
@@ -286,13 +293,16 @@ def last_program_round_trips(name: str, constexprs: dict, cubin: bytes) -> float
 # loads by the GPU's multiprocessors: (count, shared memory bytes each, the most a block may take) of the GPU each
 # capability is compiled as, an H100 SXM, an L4, an A100 and a T4, from NVIDIA's data sheets.
 CAPABILITIES = (90, 89, 80, 75)
-MODELLED_GPUS = {90: (132, 233472, 232448), 89: (58, 102400, 101376), 80: (108, 167936, 166912), 75: (40, 65536, 65536)}
+MODELLED_GPUS = {90: (132, 233472, 232448), 89: (58, 102400, 101376), 86: (72, 102400, 101376),
+                 80: (108, 167936, 166912), 75: (40, 65536, 65536)}  # 86: an A10, on request
 
 
 def main(capabilities: tuple[int, ...]) -> None:
     """Compile for `capabilities` (compute capabilities as 90 for sm_90): the test runs one process each, at once."""
     modules = {attn_accumulate: ["_attn_accumulate_kernel", "_read_once_kernel"], mask_binarize: ["_binarize_kernel"],
                group_norm: ["_channel_stats_kernel", "_group_moments_kernel", "_group_norm_apply_kernel"]}
+    if unknown := sorted(set(capabilities) - set(MODELLED_GPUS)):
+        raise SystemExit(f"no GPU modelled for {unknown}: compute capabilities {sorted(MODELLED_GPUS)} (MODELLED_GPUS)")
     recorders = [(module, name, Recorder(getattr(module, name))) for module, names in modules.items() for name in names]
     for module, name, recorder in recorders:
         setattr(module, name, recorder)

@@ -80,3 +80,23 @@ def test_the_round_trip_model_tells_reads_in_flight_together_from_reads_waiting_
         "/*0220*/ FADD R55, R55, R24 ;", "/*0230*/ FADD R28, R28, R25 ;")]
     assert 4 < gpu_compile.round_trips(chained) < 4.1
     assert gpu_compile.round_trips(["/*0300*/ STG.E.128 desc[UR10][R24.64], R12 ;", "/*0310*/ EXIT ;"]) < 0.01
+
+
+def test_the_chunks_in_flight_are_the_groups_committed_before_the_first_wait_over_those_it_waits_for():
+    """gpu_compile's count on PTX written here: a chunk of Q and one of K^T are two groups; a first wait letting 4
+    stay pending after 6 were committed means 3 chunks in flight, one letting 2 stay pending 1.5 (not whole chunks:
+    the check fails), and a PTX without asynchronous copies none."""
+    try:
+        import gpu_compile
+    except SystemExit:  # 77: no ptxas
+        pytest.skip("gpu_compile needs Triton's ptxas")
+    copies = "cp.async.cg.shared.global [ %r1 + 0 ], [ %rd1 + 0 ], 0x10, %r2;\ncp.async.commit_group;"
+    three = "\n".join([copies] * 6 + ["cp.async.wait_group 4;", "bar.sync 0;", copies, "cp.async.wait_group 4;"])
+    assert gpu_compile.chunks_in_flight(three) == 3
+    assert gpu_compile.chunks_in_flight(three.replace("wait_group 4", "wait_group 2", 1)) == 1.5
+    assert gpu_compile.chunks_in_flight("ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];") == 0
+    launched = {"D": 160, "BLOCK_D": 64, "CHUNKS_IN_FLIGHT": 2}
+    with pytest.raises(SystemExit, match="3 chunks of d in flight before the first wait, not the 2 it was launched"):
+        gpu_compile.check_chunks_in_flight("_attn_accumulate_kernel", 90, launched, three)
+    gpu_compile.check_chunks_in_flight("_attn_accumulate_kernel", 75, launched, three)  # a T4: no such copies
+    gpu_compile.check_chunks_in_flight("_attn_accumulate_kernel", 90, {**launched, "D": 40}, "")  # one pass
