@@ -321,8 +321,8 @@ def _read_once_kernel(
     stride_qr, stride_qh, stride_qn, stride_kr, stride_kh, stride_kn,
     D: tl.constexpr, HEADS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """The floor kernel 1 is measured against: kernel 1's grid (blocks of queries x rows) reading a layer's Q and K
-    once (a row's keys by its first block only) with the same loads, and nothing else: one sum per program."""
+    """The floor kernel 1 is measured against: kernel 1's grid (blocks of queries x rows) and warps reading a layer's
+    Q and K once (a row's keys by its first block only) with the same tiles, and nothing else: one sum per program."""
     block, row = tl.program_id(0), tl.program_id(1)
     r = row // HEADS
     h = row - r * HEADS
@@ -350,7 +350,7 @@ def read_once(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     _read_once_kernel[(blocks, rows * heads)](
         sums, query, key, queries, key.shape[2], query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
-        D=dim, HEADS=heads, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
+        D=dim, HEADS=heads, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=WARPS,
     )
     return sums
 
