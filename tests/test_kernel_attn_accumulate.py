@@ -408,38 +408,33 @@ class TestCompiledOnGPU:
         attn_accumulate_(total, query, key, dim**-0.5)
         _assert_within_rule(query, key, dim**-0.5, total)
 
+    @staticmethod
+    def _sd15_totals(seed: int, launches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """query, key (SD1.5's 16 rows, fp16) and the total of a launch for each dict of the launcher's choices."""
+        query, key = _inputs(2, 8, 256, 160, 77, torch.float16, device="cuda", seed=seed)
+        totals = []
+        for choices in launches:
+            totals.append(torch.zeros(256, 77, device="cuda"))
+            attn_accumulate_triton(totals[-1], query, key, 160**-0.5, **choices)
+        return query, key, totals
+
     @pytest.mark.parametrize("groups", [1, 3, 16])
     def test_row_groups_on_the_device_sum_alike_and_repeat_bit_for_bit(self, groups):
         # Here the programs of a block run at once: the last to take its ticket must see every partial sum.
-        query, key = _inputs(2, 8, 256, 160, 77, torch.float16, device="cuda", seed=7)
-        runs = []
-        for _ in range(3):
-            total = torch.zeros(256, 77, device="cuda")
-            attn_accumulate_triton(total, query, key, 160**-0.5, row_groups=groups)
-            runs.append(total)
+        query, key, runs = self._sd15_totals(7, [{"row_groups": groups}] * 3)
         assert all(torch.equal(runs[0], run) for run in runs[1:])
         _assert_within_rule(query, key, 160**-0.5, runs[0])
 
     def test_every_depth_of_loads_gives_the_same_bits(self):
         # Loading d's chunks one at a time or all at once changes when the copies arrive, not the dots' order.
-        query, key = _inputs(2, 8, 256, 160, 77, torch.float16, device="cuda", seed=9)
-        runs = []
-        for count in (1, 2, 3):
-            total = torch.zeros(256, 77, device="cuda")
-            attn_accumulate_triton(total, query, key, 160**-0.5, chunks_in_flight=count)
-            runs.append(total)
+        query, key, runs = self._sd15_totals(9, [{"chunks_in_flight": count} for count in (1, 2, 3)])
         assert all(torch.equal(runs[0], run) for run in runs[1:])
         _assert_within_rule(query, key, 160**-0.5, runs[0])
 
     @pytest.mark.parametrize("warps", [4, 8, 16])
     def test_every_count_of_warps_sums_alike_and_repeats_bit_for_bit(self, warps):
         # The warps change how a row's softmax sum is reduced (its last bit), not what is summed.
-        query, key = _inputs(2, 8, 256, 160, 77, torch.float16, device="cuda", seed=10)
-        runs = []
-        for _ in range(2):
-            total = torch.zeros(256, 77, device="cuda")
-            attn_accumulate_triton(total, query, key, 160**-0.5, warps=warps)
-            runs.append(total)
+        query, key, runs = self._sd15_totals(10, [{"warps": warps}] * 2)
         assert torch.equal(runs[0], runs[1])
         _assert_within_rule(query, key, 160**-0.5, runs[0])
 
