@@ -86,16 +86,22 @@ def signature_of(kernel, args: tuple, constexprs: dict) -> tuple[dict, dict, dic
     return {name: signature[name] for name in kernel.arg_names}, constants, attrs
 
 
-def local_bytes(cubin: bytes) -> int:
-    """Stack and local memory of the cubin Triton built, as cuobjdump reports it: the build's own figure (ptxas
-    decides register spills; the PTX does not show them). A few bytes may be a call's frame (an IEEE division's
-    slow path) rather than spills, so the figure is printed, not failed on."""
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """The cubin's registers a thread (REG), stack and local bytes (STACK, LOCAL), ..., as cuobjdump reports them."""
     with tempfile.TemporaryDirectory() as folder:
         binary = Path(folder) / "kernel.cubin"
         binary.write_bytes(cubin)
         run = subprocess.run([str(Path(PTXAS).with_name("cuobjdump")), "--dump-resource-usage", str(binary)],
                              capture_output=True, text=True, check=True)
-    return sum(int(size) for size in re.findall(r"(?:STACK|LOCAL):(\d+)", run.stdout))
+    return {name: int(value) for name, value in re.findall(r"\b([A-Z]+):(\d+)", run.stdout.partition("Function")[2])}
+
+
+def local_bytes(cubin: bytes) -> int:
+    """Stack and local memory of the cubin Triton built: the build's own figure (ptxas decides register spills; the
+    PTX does not show them). A few bytes may be a call's frame (an IEEE division's slow path) rather than spills, so
+    the figure is printed, not failed on."""
+    usage = resource_usage(cubin)
+    return usage.get("STACK", 0) + usage.get("LOCAL", 0)
 
 
 def sd15_launches() -> None:
@@ -293,6 +299,15 @@ def last_program_round_trips(name: str, constexprs: dict, cubin: bytes) -> float
 # loads by the GPU's multiprocessors: (count, shared memory bytes each, the most a block may take) of the GPU each
 # capability is compiled as, an H100 SXM, an L4, an A100 and a T4, from NVIDIA's data sheets.
 CAPABILITIES = (90, 89, 80, 75)
+THREADS_A_MULTIPROCESSOR = {90: 2048, 89: 1536, 86: 1536, 80: 2048, 75: 1024}  # and 65,536 registers each
+
+
+def resident_programs(capability: int, registers: int, warps: int, shared: int) -> int:
+    """Programs of this many registers a thread, warps and shared bytes one multiprocessor of the modelled GPU holds
+    at once (registers are given a warp 256 at a time; CUDA keeps 1 KB of shared memory a block)."""
+    threads = warps * 32
+    return min(65536 // (threads * -(-registers // 8) * 8), THREADS_A_MULTIPROCESSOR[capability] // threads,
+               MODELLED_GPUS[capability][1] // (shared + 1024))
 MODELLED_GPUS = {90: (132, 233472, 232448), 89: (58, 102400, 101376), 86: (72, 102400, 101376),
                  80: (108, 167936, 166912), 75: (40, 65536, 65536)}  # 86: an A10, on request
 
@@ -328,9 +343,14 @@ def main(capabilities: tuple[int, ...]) -> None:
                 check_ticket_order(name, constexprs, kernel.asm["ptx"])
                 check_chunks_in_flight(name, capability, constexprs, kernel.asm["ptx"])
                 if (trips := last_program_round_trips(name, constexprs, kernel.asm["cubin"])) is not None:
+                    named = dict(zip(recorder.kernel.arg_names, args, strict=False))
+                    programs = triton.cdiv(named["N"], constexprs["BLOCK_N"]) * constexprs["GROUPS"]
+                    registers, warps = resource_usage(kernel.asm["cubin"])["REG"], options["num_warps"]
+                    fit = resident_programs(capability, registers, warps, kernel.metadata.shared)
                     print(f"sm_{capability} kernel 1: {constexprs['CHUNKS_IN_FLIGHT']} of d's chunks in flight, "
-                          f"{kernel.metadata.shared} bytes of shared memory a program, {options['num_warps']} warps; "
-                          f"the last program's sum {trips:.1f} round trips to L2 in turn (modelled)")
+                          f"{kernel.metadata.shared} bytes of shared memory, {warps} warps, {registers} registers a "
+                          f"program: {fit} an SM at once, {triton.cdiv(programs, MODELLED_GPUS[capability][0])} "
+                          f"needed for one wave; the last program's sum {trips:.1f} round trips to L2 (modelled)")
     launched = {name for _, name, recorder in recorders if recorder.launches}
     if len(launched) < len(recorders):
         raise SystemExit(f"no launch recorded for {sorted({name for _, name, _ in recorders} - launched)}")
