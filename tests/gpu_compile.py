@@ -86,21 +86,25 @@ def signature_of(kernel, args: tuple, constexprs: dict) -> tuple[dict, dict, dic
     return {name: signature[name] for name in kernel.arg_names}, constants, attrs
 
 
-def resource_usage(cubin: bytes) -> dict[str, int]:
-    """The cubin's registers a thread (REG), stack and local bytes (STACK, LOCAL), ..., as cuobjdump reports them."""
+def read_cubin(tool: str, option: str, cubin: bytes) -> str:
+    """What one of the CUDA tools beside Triton's ptxas (cuobjdump, nvdisasm) prints of a cubin."""
     with tempfile.TemporaryDirectory() as folder:
         binary = Path(folder) / "kernel.cubin"
         binary.write_bytes(cubin)
-        run = subprocess.run([str(Path(PTXAS).with_name("cuobjdump")), "--dump-resource-usage", str(binary)],
-                             capture_output=True, text=True, check=True)
-    return {name: int(value) for name, value in re.findall(r"\b([A-Z]+):(\d+)", run.stdout.partition("Function")[2])}
+        return subprocess.run([str(Path(PTXAS).with_name(tool)), option, str(binary)], capture_output=True, text=True,
+                              check=True).stdout
 
 
-def local_bytes(cubin: bytes) -> int:
-    """Stack and local memory of the cubin Triton built: the build's own figure (ptxas decides register spills; the
-    PTX does not show them). A few bytes may be a call's frame (an IEEE division's slow path) rather than spills, so
-    the figure is printed, not failed on."""
-    usage = resource_usage(cubin)
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """The cubin's registers a thread (REG), stack and local bytes (STACK, LOCAL), ..., as cuobjdump reports them."""
+    usage = read_cubin("cuobjdump", "--dump-resource-usage", cubin).partition("Function")[2]
+    return {name: int(value) for name, value in re.findall(r"\b([A-Z]+):(\d+)", usage)}
+
+
+def local_bytes(usage: dict[str, int]) -> int:
+    """Stack and local memory of the cubin Triton built (its `resource_usage`): the build's own figure (ptxas decides
+    register spills; the PTX does not show them). A few bytes may be a call's frame (an IEEE division's slow path)
+    rather than spills, so the figure is printed, not failed on."""
     return usage.get("STACK", 0) + usage.get("LOCAL", 0)
 
 
@@ -279,11 +283,7 @@ def last_program_round_trips(name: str, constexprs: dict, cubin: bytes) -> float
     """Kernel 1's modelled round trips after its ticket; SystemExit beyond one per two groups (None: no ticket)."""
     if name != "_attn_accumulate_kernel" or constexprs["GROUPS"] == 1:
         return None
-    with tempfile.TemporaryDirectory() as folder:
-        binary = Path(folder) / "kernel.cubin"
-        binary.write_bytes(cubin)
-        sass = subprocess.run([str(Path(PTXAS).with_name("nvdisasm")), "-c", str(binary)], capture_output=True,
-                              text=True, check=True).stdout.splitlines()
+    sass = read_cubin("nvdisasm", "-c", cubin).splitlines()
     ticket = next((i for i, line in enumerate(sass) if "ATOMG" in line), None)
     if ticket is None:
         raise SystemExit(f"{name}: no ATOMG (its ticket) in the SASS of a launch of {constexprs['GROUPS']} groups")
@@ -337,15 +337,16 @@ def main(capabilities: tuple[int, ...]) -> None:
                 compiled.add(key)
                 source = ASTSource(recorder.kernel, signature, constexprs=constants, attrs=attrs)
                 kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
-                if stack := local_bytes(kernel.asm["cubin"]):  # reported, not failed: a call frame counts too
+                usage = resource_usage(kernel.asm["cubin"])
+                named = dict(zip(recorder.kernel.arg_names, args, strict=False))
+                if stack := local_bytes(usage):  # reported, not failed: a call frame counts too
                     print(f"sm_{capability} {name} {constants}: {stack} bytes of stack/local memory")
-                check_vector_access(name, dict(zip(recorder.kernel.arg_names, args, strict=False)), kernel.asm["ptx"])
+                check_vector_access(name, named, kernel.asm["ptx"])
                 check_ticket_order(name, constexprs, kernel.asm["ptx"])
                 check_chunks_in_flight(name, capability, constexprs, kernel.asm["ptx"])
                 if (trips := last_program_round_trips(name, constexprs, kernel.asm["cubin"])) is not None:
-                    named = dict(zip(recorder.kernel.arg_names, args, strict=False))
                     programs = triton.cdiv(named["N"], constexprs["BLOCK_N"]) * constexprs["GROUPS"]
-                    registers, warps = resource_usage(kernel.asm["cubin"])["REG"], options["num_warps"]
+                    registers, warps = usage["REG"], options["num_warps"]
                     fit = resident_programs(capability, registers, warps, kernel.metadata.shared)
                     print(f"sm_{capability} kernel 1: {constexprs['CHUNKS_IN_FLIGHT']} of d's chunks in flight, "
                           f"{kernel.metadata.shared} bytes of shared memory, {warps} warps, {registers} registers a "
