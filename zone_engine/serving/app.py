@@ -656,8 +656,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 # ---------------------------------------------------------------------------------------- the app
 
 # What a browser page may read of an answer beyond the body (CORS hides other headers from its script).
-EXPOSED_HEADERS = ("X-Request-Id", "X-Zone-Action", "X-Zone-Seed", "X-Zone-Steps", "X-Zone-Warnings", "X-Zone-Replica",
-                   "Retry-After")
+EXPOSED_HEADERS = (*EDIT_HEADERS, "Retry-After")
 
 
 def create_app(service: LocalEditService | None = None, settings: ServeSettings | None = None) -> FastAPI:
