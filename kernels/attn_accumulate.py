@@ -430,13 +430,7 @@ def benchmark(
             return {**graphed, "name": f"c: {name}, from a CUDA graph", **check(run()),
                     "time_ms": triton.testing.do_bench_cudagraph(run, return_mode="median")}
 
-        for groups in (1, 2, 4, 8):
-            name = "one program per block, rows in turn" if groups == 1 else f"rows in {groups} groups a block"
-            results.append(launched_as(name, row_groups=groups))
-        for count in range(1, triton.cdiv(dim, _tiles(keys, dim, False)[2]) + 1):  # how deep the loads go
-            results.append(launched_as(f"{count} of d's chunks in flight", chunks_in_flight=count))
-        for warps in (4, 8, 16):
-            results.append(launched_as(f"{warps} warps a program", warps=warps))
+        results += [launched_as(name, **choice) for name, choice in launch_sweeps(dim, keys)]
         # The same launches around the same zeros and division, only reading: what kernel 1 costs beyond that.
         floor = averaged(lambda _total, query, key, _scale: read_once(query, key))
         results.append({"name": READ_ONCE_ROW, "bytes": qk_bytes, "max_abs_diff": None,
@@ -445,3 +439,14 @@ def benchmark(
 
 
 READ_ONCE_ROW = "floor: a launch a layer only reading Q, K, from a CUDA graph"
+
+
+def launch_sweeps(dim: int, keys: int) -> list[tuple[str, dict[str, int]]]:
+    """The launches the GPU benchmark times beside the launcher's own, as (the row's name, attn_accumulate_triton's
+    keywords): a block's rows in 1, 2, 4 or 8 programs, 1 to all of d's chunks in flight, 4, 8 or 16 warps. Apart
+    from the benchmark so that the suite launches each on the CPU: a stale choice fails there, not on a lease."""
+    groups = [("one program per block, rows in turn" if count == 1 else f"rows in {count} groups a block",
+               {"row_groups": count}) for count in (1, 2, 4, 8)]
+    depths = [(f"{count} of d's chunks in flight", {"chunks_in_flight": count})
+              for count in range(1, triton.cdiv(dim, _tiles(keys, dim, False)[2]) + 1)]
+    return groups + depths + [(f"{count} warps a program", {"warps": count}) for count in (4, 8, 16)]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import triton
+from gpu_datasheets import MODELLED_GPUS, THREADS_A_MULTIPROCESSOR
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -294,12 +295,10 @@ def last_program_round_trips(name: str, constexprs: dict, cubin: bytes) -> float
     return trips
 
 
-# Hopper (H100/H200: the lent devices), then what edge servers run: Ada (L4, L40S), Ampere (A100, A10; sm_86's
-# code is sm_80's with less shared memory) and Turing (T4, fp16: it has no bf16 units). Kernel 1's launcher sizes its
-# loads by the GPU's multiprocessors: (count, shared memory bytes each, the most a block may take) of the GPU each
-# capability is compiled as, an H100 SXM, an L4, an A100 and a T4, from NVIDIA's data sheets.
+# Hopper (H100/H200: the lent devices), then what edge servers run: Ada (L4, L40S), Ampere (A100; the A10's sm_86
+# on request) and Turing (T4, fp16: it has no bf16 units). Kernel 1's launcher sizes its loads by the GPU's
+# multiprocessors: those of the GPU each capability is compiled as (gpu_datasheets.MODELLED_GPUS).
 CAPABILITIES = (90, 89, 80, 75)
-THREADS_A_MULTIPROCESSOR = {90: 2048, 89: 1536, 86: 1536, 80: 2048, 75: 1024}  # and 65,536 registers each
 
 
 def resident_programs(capability: int, registers: int, warps: int, shared: int) -> int:
@@ -308,8 +307,6 @@ def resident_programs(capability: int, registers: int, warps: int, shared: int) 
     threads = warps * 32
     return min(65536 // (threads * -(-registers // 8) * 8), THREADS_A_MULTIPROCESSOR[capability] // threads,
                MODELLED_GPUS[capability][1] // (shared + 1024))
-MODELLED_GPUS = {90: (132, 233472, 232448), 89: (58, 102400, 101376), 86: (72, 102400, 101376),
-                 80: (108, 167936, 166912), 75: (40, 65536, 65536)}  # 86: an A10, on request
 
 
 def main(capabilities: tuple[int, ...]) -> None:

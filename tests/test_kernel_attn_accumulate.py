@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from conftest import compiled_graph, dispatched_ops, spy_calls  # noqa: E402
+from gpu_datasheets import A100, H100, L4  # noqa: E402
 
 import zone_kernels.attn_accumulate as attn_module  # noqa: E402
 from zone_engine.localize import AttentionAccumulator  # noqa: E402
@@ -359,8 +360,6 @@ def test_capture_on_a_tiny_unet_gives_the_same_mask_b():
 # --------------------------------------------------------------------------------- compiled, on a GPU
 
 
-# (multiprocessors, shared memory bytes each, the most a block may take), from NVIDIA's data sheets.
-H100, A100, L4 = (132, 233472, 232448), (108, 167936, 166912), (58, 102400, 101376)
 SD15_CHUNK = (16 + 128) * 64 * 2  # a 64-wide chunk of d: 16 queries and the 128-key tile, fp16
 
 
@@ -376,6 +375,24 @@ SD15_CHUNK = (16 + 128) * 64 * 2  # a 64-wide chunk of d: 16 queries and the 128
 def test_a_program_loads_every_chunk_of_d_at_once_while_the_launch_fits_on_the_gpu_at_once(gpu, programs, chunk,
                                                                                         expected):
     assert attn_module._chunks_in_flight(gpu, 3, chunk, programs) == expected
+
+
+def test_every_launch_the_gpu_benchmark_sweeps_gives_the_sum():
+    """bench_kernels times these on a GPU only (row splits, depths, warps): each launched here, at d = 160's 3
+    chunks, so that a choice the launcher refuses fails in the suite instead of costing a lease's kernel numbers.
+    The interpreter ignores depth and warps; the compiled ones are checked by TestCompiledOnGPU."""
+    sweeps = attn_module.launch_sweeps(160, 77)
+    assert [choice for _, choice in sweeps] == [
+        *({"row_groups": count} for count in (1, 2, 4, 8)), *({"chunks_in_flight": count} for count in (1, 2, 3)),
+        *({"warps": count} for count in (4, 8, 16))]
+    assert len({name for name, _ in sweeps}) == len(sweeps)
+    query, key = _inputs(2, 4, 20, 160, 77, torch.float32, seed=11)
+    expected = torch.zeros(20, 77)
+    attn_accumulate_reference(expected, query, key, 0.1)
+    for name, choice in sweeps:
+        total = torch.zeros(20, 77)
+        attn_accumulate_triton(total, query, key, 0.1, **choice)
+        assert torch.allclose(total, expected, rtol=0, atol=1e-5), name
 
 
 @pytest.mark.parametrize("count", [0, 4])
