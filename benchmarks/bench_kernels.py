@@ -59,6 +59,12 @@ def copy_bandwidth() -> float:
     return 2 * source.nbytes / seconds
 
 
+# Issue 6's kernel 1 target, "close to the memory floor (read Q, K once)", read as: within this factor of the same
+# launches doing nothing but reading Q and K once (the floor row). Stated on 2026-12-04 before that row was first
+# timed. The DRAM floor alone is out of reach: a layer's 1.9 MB take 0.4 us, under one launch's latency.
+CLOSE_TO_FLOOR = 2.0
+
+
 def floor_line(rows: list[dict], bandwidth: float) -> str:
     """The kernel's memory floor (its modelled bytes at the measured copy rate) and how far the
     graph-replayed kernel (the device's time alone) is from it; and, where a row measured one (kernel 1),
@@ -70,8 +76,10 @@ def floor_line(rows: list[dict], bandwidth: float) -> str:
             f"measured); replayed from a CUDA graph: {replayed['time_ms'] * 1e3:.2f} us = "
             f"{replayed['time_ms'] * 1e3 / floor_us:.1f}x the floor")
     if measured := next((row for row in rows if row["name"].startswith("floor:")), None):
+        ratio = replayed["time_ms"] / measured["time_ms"]
         line += (f"; the same launches only reading their inputs: {measured['time_ms'] * 1e3:.2f} us, the kernel "
-                 f"{replayed['time_ms'] / measured['time_ms']:.1f}x that")
+                 f"{ratio:.1f}x that (target: within {CLOSE_TO_FLOOR:g}x, "
+                 f"{'met' if ratio <= CLOSE_TO_FLOOR else 'not met'})")
     return line
 
 

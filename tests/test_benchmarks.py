@@ -1156,8 +1156,12 @@ def test_kernel_floor_line_puts_the_graph_replay_against_launches_only_reading_w
             {"name": "c: the same, replayed from a CUDA graph", "time_ms": 0.012, "bytes": 3e6, "max_abs_diff": 1e-9},
             {"name": READ_ONCE_ROW, "time_ms": 0.004, "bytes": 2e6, "max_abs_diff": None}]
     line = floor_line(rows, bandwidth=3e12)
-    assert line.endswith("the same launches only reading their inputs: 4.00 us, the kernel 3.0x that")
+    assert line.endswith("the same launches only reading their inputs: 4.00 us, the kernel 3.0x that (target: within "
+                         "2x, not met)")
     assert _table("kernel", rows, "max_abs_diff").splitlines()[-1].split()[-1] == "-"  # nothing to check
+    rows[-1]["time_ms"] = 0.006  # at the target's edge: 2.0x
+    assert floor_line(rows, bandwidth=3e12).endswith("6.00 us, the kernel 2.0x that (target: "
+                                                     "within 2x, met)")
 
 
 def test_the_kernel_benchmark_refuses_to_measure_where_the_kernels_cannot_run():
