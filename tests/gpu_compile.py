@@ -345,10 +345,13 @@ def main(capabilities: tuple[int, ...]) -> None:
                     programs = triton.cdiv(named["N"], constexprs["BLOCK_N"]) * constexprs["GROUPS"]
                     registers, warps = usage["REG"], options["num_warps"]
                     fit = resident_programs(capability, registers, warps, kernel.metadata.shared)
+                    # Triton 3.8 builds tl.dot for sm_75 from FMAs: the reason for its registers there.
+                    units = "tensor cores" if "mma." in kernel.asm["ptx"] else "FMAs, no tensor cores"
                     print(f"sm_{capability} kernel 1: {constexprs['CHUNKS_IN_FLIGHT']} of d's chunks in flight, "
                           f"{kernel.metadata.shared} bytes of shared memory, {warps} warps, {registers} registers a "
                           f"program: {fit} an SM at once, {triton.cdiv(programs, MODELLED_GPUS[capability][0])} "
-                          f"needed for one wave; the last program's sum {trips:.1f} round trips to L2 (modelled)")
+                          f"needed for one wave; dots on {units}; the last program's sum {trips:.1f} round trips to L2 "
+                          "(modelled)")
     launched = {name for _, name, recorder in recorders if recorder.launches}
     if len(launched) < len(recorders):
         raise SystemExit(f"no launch recorded for {sorted({name for _, name, _ in recorders} - launched)}")
