@@ -973,7 +973,7 @@ def test_an_edit_over_its_timeout_is_cancelled_by_the_service_itself(pipe):
     service = Stalled(lambda: pipe, ServeSettings(timeout_s=0.2, warmup=False))
     service.pipeline = pipe
     with pytest.raises(EditTimedOut):
-        asyncio.run(service.edit(smooth_image(64, 64), "add a hat", {}))
+        asyncio.run(service.edit(smooth_image(64, 64), "add a hat", service.edit_config()))
     assert submitted[0].cancel.is_set()
     # Given a deadline (the request's, its upload's decoding already spent), not a fresh timeout from now: from a
     # mutation audit, an edit that restarted the timeout after decoding went unseen.
@@ -981,7 +981,8 @@ def test_an_edit_over_its_timeout_is_cancelled_by_the_service_itself(pipe):
 
     async def by_its_deadline():
         deadline = asyncio.get_running_loop().time() + 0.2
-        return await asyncio.wait_for(service.edit(smooth_image(64, 64), "add a hat", {}, deadline), 20)
+        edit = service.edit(smooth_image(64, 64), "add a hat", service.edit_config(), deadline)
+        return await asyncio.wait_for(edit, 20)
 
     with pytest.raises(EditTimedOut):
         asyncio.run(by_its_deadline())
@@ -1283,7 +1284,7 @@ def test_an_edit_whose_handler_is_cancelled_cancels_its_work(pipe):
 
     async def scenario():
         service.submit = never_answered
-        task = asyncio.create_task(service.edit(smooth_image(64, 64), "add a hat", {}))
+        task = asyncio.create_task(service.edit(smooth_image(64, 64), "add a hat", service.edit_config()))
         while not submitted:
             await asyncio.sleep(0.01)
         task.cancel()

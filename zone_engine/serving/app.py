@@ -287,13 +287,12 @@ class EditService:
         finally:
             self.decoding -= 1
 
-    async def edit(self, image: np.ndarray, instruction: str, changes: dict[str, Any],
+    async def edit(self, image: np.ndarray, instruction: str, config: EditConfig,
                    deadline: float | None = None) -> EditResult:
-        """One edit, done by `deadline` (the event loop's time; default: the request timeout from now); else its
-        work is cancelled and EditTimedOut raised."""
+        """One edit with `config` (a request's: `edit_config(changes)`), done by `deadline` (the event loop's time;
+        default: the request timeout from now); else its work is cancelled and EditTimedOut raised."""
         loop = asyncio.get_running_loop()
         timeout_s = self.settings.timeout_s if deadline is None else deadline - loop.time()
-        config = self.edit_config(changes)
         request = EditRequest(image, instruction, config, cancel=threading.Event())
 
         async def submitted() -> Any:  # the edit's own failure as its outcome: a TimeoutError below is the wait's
@@ -739,15 +738,15 @@ def _add_edit_route(app: FastAPI) -> None:
         try:  # admitted before its upload was read (EditAdmission)
             check_form_fields((await request.form()).multi_items(), list(request.query_params))
             text, changes = check_request_fields(instruction, action, steps, seed, service.settings)
+            config = service.edit_config(changes)  # what the edit runs with, and what its answer says it ran with
             deadline = asyncio.get_running_loop().time() + service.settings.timeout_s
             # Watched too: an upload waiting for an image thread, abandoned, had held its queue slot, then been decoded
             upload = await unless_disconnected(request, asyncio.ensure_future(service.decode(await image.read(),
                                                                                              deadline)))
             editing = True
             result = await unless_disconnected(request, asyncio.ensure_future(service.edit(upload.pixels, text,
-                                                                                          changes, deadline)))
+                                                                                          config, deadline)))
             result = dataclasses.replace(result, notes=upload.notes + result.notes)
-            config = service.edit_config(changes)  # the one service.edit ran: its seed said back
         except ClientGone:
             service.metrics.count("cancelled")
             return error_response(ServeError(499, "client_closed_request", "the client went away; the edit was "
