@@ -303,10 +303,10 @@ CAPABILITIES = (90, 89, 80, 75)
 
 def resident_programs(capability: int, registers: int, warps: int, shared: int) -> int:
     """Programs of this many registers a thread, warps and shared bytes one multiprocessor of the modelled GPU holds
-    at once (registers are given a warp 256 at a time; CUDA keeps 1 KB of shared memory a block)."""
+    at once (registers are given a warp 256 at a time; CUDA keeps RESERVED_SHARED bytes of shared memory a block)."""
     threads = warps * 32
     return min(65536 // (threads * -(-registers // 8) * 8), THREADS_A_MULTIPROCESSOR[capability] // threads,
-               MODELLED_GPUS[capability][1] // (shared + 1024))
+               MODELLED_GPUS[capability][1] // (shared + attn_accumulate.RESERVED_SHARED))
 
 
 def main(capabilities: tuple[int, ...]) -> None:
