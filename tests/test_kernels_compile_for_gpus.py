@@ -42,13 +42,20 @@ def test_every_kernel_launch_at_sd15_shapes_compiles_for_hopper_ada_ampere_and_t
         assert f"kernels compiled for sm_{capability}" in out
 
 
-def test_kernel_1s_order_check_passes_its_order_and_refuses_a_loop_among_the_last_programs_reads():
-    """gpu_compile's check on kernel 1's PTX, on PTX written here: the real kernel never makes it fire, so a check
-    that could no longer see a loop (its first form, the reads waiting one by one) would pass unnoticed."""
+@pytest.fixture
+def gpu_compile():
+    """The script's checks, for tests on PTX and SASS written by hand: they need no ptxas, but the module stops at
+    import without one (exit 77)."""
     try:
         import gpu_compile
-    except SystemExit:  # 77: no ptxas; the check itself needs none, but the module stops at import without it
+    except SystemExit:
         pytest.skip("gpu_compile needs Triton's ptxas")
+    return gpu_compile
+
+
+def test_kernel_1s_order_check_passes_its_order_and_refuses_a_loop_among_the_last_programs_reads(gpu_compile):
+    """gpu_compile's check on kernel 1's PTX, on PTX written here: the real kernel never makes it fire, so a check
+    that could no longer see a loop (its first form, the reads waiting one by one) would pass unnoticed."""
     before = ["$L__BB0_1:", "st.global.v4.b32 [%rd1], {%r1, %r2, %r3, %r4};", "bar.sync 0;",
               "atom.global.gpu.acq_rel.add.u32 %r5, [%rd2], 1;", "bar.sync 0;", "$L__BB0_2:",
               "ld.global.cg.v4.b32 {%r6, %r7, %r8, %r9}, [%rd3];"]
@@ -65,13 +72,9 @@ def test_kernel_1s_order_check_passes_its_order_and_refuses_a_loop_among_the_las
         check("_attn_accumulate_kernel", {"GROUPS": 2, "PARTIAL_K": 77}, scalar)
 
 
-def test_the_round_trip_model_tells_reads_in_flight_together_from_reads_waiting_for_one_another():
+def test_the_round_trip_model_tells_reads_in_flight_together_from_reads_waiting_for_one_another(gpu_compile):
     """gpu_compile's model of kernel 1's last program, on SASS written here: 4 reads then their adds are one round
     trip; each read into the register the add before it just read (the 4-warp kernel's tail) is one round trip each."""
-    try:
-        import gpu_compile
-    except SystemExit:  # 77: no ptxas
-        pytest.skip("gpu_compile needs Triton's ptxas")
     reads = [f"/*00{i}0*/ @!P3 LDG.E.128.STRONG.GPU R{4 * i + 20}, desc[UR10][R52.64+0x{i}00] ;" for i in range(4)]
     adds = [f"/*01{i}0*/ FADD R7, R7, R{4 * i + 20} ;" for i in range(4)]
     assert 1 < gpu_compile.round_trips(reads + adds) < 1.1
@@ -82,14 +85,10 @@ def test_the_round_trip_model_tells_reads_in_flight_together_from_reads_waiting_
     assert gpu_compile.round_trips(["/*0300*/ STG.E.128 desc[UR10][R24.64], R12 ;", "/*0310*/ EXIT ;"]) < 0.01
 
 
-def test_the_chunks_in_flight_are_the_groups_committed_before_the_first_wait_over_those_it_waits_for():
+def test_the_chunks_in_flight_are_the_groups_committed_before_the_first_wait_over_those_it_waits_for(gpu_compile):
     """gpu_compile's count on PTX written here: a chunk of Q and one of K^T are two groups; a first wait letting 4
     stay pending after 6 were committed means 3 chunks in flight, one letting 2 stay pending 1.5 (not whole chunks:
     the check fails), and a PTX without asynchronous copies none."""
-    try:
-        import gpu_compile
-    except SystemExit:  # 77: no ptxas
-        pytest.skip("gpu_compile needs Triton's ptxas")
     copies = "cp.async.cg.shared.global [ %r1 + 0 ], [ %rd1 + 0 ], 0x10, %r2;\ncp.async.commit_group;"
     three = "\n".join([copies] * 6 + ["cp.async.wait_group 4;", "bar.sync 0;", copies, "cp.async.wait_group 4;"])
     assert gpu_compile.chunks_in_flight(three) == 3
