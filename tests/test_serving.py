@@ -29,6 +29,7 @@ import types
 import warnings
 import zlib
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -88,6 +89,14 @@ def pipe(tiny_models):
                         default_config=EditConfig(steps=STEPS, sam=SamConfig.for_random_weights()))
 
 
+def wait_until(condition: Callable[[], object], timeout_s: float, message: str = "", poll_s: float = 0.02) -> None:
+    """Poll `condition` until it is true; fail with `message` once `timeout_s` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(poll_s)
+
+
 @contextmanager
 def serving_service(service: LocalEditService):
     """A real uvicorn server for `service` on a free loopback port, in a thread; yields (URL, server)
@@ -115,10 +124,7 @@ def serving(pipeline, **settings):
     """`pipeline` served with these settings (no warm-up), once ready; yields (base URL, service)."""
     service = LocalEditService(lambda: pipeline, ServeSettings(**{"warmup": False, **settings}))
     with serving_service(service) as (base, _):
-        deadline = time.monotonic() + 60
-        while not service.ready:
-            assert time.monotonic() < deadline, "the service did not become ready"
-            time.sleep(0.02)
+        wait_until(lambda: service.ready, 60, "the service did not become ready")
         yield base, service
 
 
@@ -428,10 +434,7 @@ def test_not_ready_until_loaded_and_warmed_up(pipe):
         assert {name: value for name, value in counted.items() if name.startswith("zone_requests_total") and value} == {
             'zone_requests_total{outcome="unavailable"}': 1}
         gate.set()
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{base}/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: httpx.get(f"{base}/readyz").status_code == 200, 60, poll_s=0.05)
         assert post_edit(base, smooth_image(64, 64)).status_code == 200
 
 
@@ -471,10 +474,7 @@ def test_warmup_sizes_run_every_padded_batch_size_at_the_servers_steps_before_re
 
     settings = dict(warmup=True, warmup_sizes=((64, 96),), max_batch=3, edit_changes=(("steps", 2),))
     with serving_service(LocalEditService(Recording, ServeSettings(**settings))) as (base, _):
-        deadline = time.monotonic() + 120
-        while httpx.get(f"{base}/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: httpx.get(f"{base}/readyz").status_code == 200, 120, poll_s=0.05)
         assert warmed == [((128, 128), 1, 2), ((64, 96), 1, 2), ((64, 96), 2, 2), ((64, 96), 4, 2)]
     with pytest.raises(ConfigError, match=r"warm-up size 4x4 \(--warmup-size, warmup_sizes\)"):
         ServeSettings(warmup_sizes=((4, 4),))
@@ -1188,10 +1188,7 @@ def test_a_request_over_its_timeout_gets_504_and_its_work_is_cancelled(pipe):
                 continue
             assert gated.seen[0].cancelled()
             gated.release.set()
-            deadline = time.monotonic() + 60
-            while not gated.outcomes:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+            wait_until(lambda gated=gated: gated.outcomes, 60)
             assert isinstance(gated.outcomes[0], EditCancelled)  # the pipeline stopped it and did no more work
             text = httpx.get(f"{base}/metrics").text
             assert metric(text, 'zone_requests_total{outcome="timeout"}') == 1
@@ -1753,20 +1750,13 @@ def test_a_timeout_error_inside_the_engine_is_a_500_not_the_requests_timeout(pip
         assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
 
 
-def wait_for_load_failure(service: LocalEditService, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while service.load_error is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-
-
 def test_a_failed_load_fails_liveness_and_every_edit_says_why():
     def missing_weights():
         raise CheckpointError("InstructPix2Pix weights not found at 'ip2p/'")
 
     service = LocalEditService(missing_weights, ServeSettings(warmup=False))
     with serving_service(service) as (base, _):
-        wait_for_load_failure(service, 60)
+        wait_until(lambda: service.load_error is not None, 60)
         for response in (httpx.get(f"{base}/healthz"), httpx.get(f"{base}/readyz"), post_edit(base, b"x")):
             assert response.status_code == 503 and "weights not found" in response.json()["error"]["message"]
             assert "retry-after" not in response.headers  # retrying cannot mend missing weights
@@ -1794,7 +1784,7 @@ def test_a_warm_up_out_of_gpu_memory_names_its_batch_and_the_server_stays_up_not
     out_of_memory_in_decoding(monkeypatch, {2})  # the sample edit passes; the --warmup-size batch does not
     service = LocalEditService(lambda: pipe, ServeSettings(warmup=True, warmup_sizes=((64, 96),), max_batch=1))
     with serving_service(service) as (base, _):
-        wait_for_load_failure(service, 120)
+        wait_until(lambda: service.load_error is not None, 120)
         for response in (httpx.get(f"{base}/healthz"), httpx.get(f"{base}/readyz"), post_edit(base, b"x")):
             message = response.json()["error"]["message"]
             assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable"
